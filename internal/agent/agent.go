@@ -1,0 +1,320 @@
+// Package agent is segmap's mapping agent: it serves virtual disks to a host
+// and does their I/O straight to the storage containers, through volatile
+// copies of the disks' mapping tables. It asks the controller only when an
+// entry forbids an I/O (a map fault), and obeys the controller's commands.
+//
+// # Tables
+//
+// A table the agent has just opened, or that it forgot (a restart, a
+// re-attach to a controller), is all Invalid; entries are loaded by
+// faulting. The agent never changes an entry on its own: every change comes
+// from a command or a fault reply.
+//
+// # In-flight I/O and Blocking
+//
+// An I/O is in flight from the moment its entry let it through to the moment
+// its container call returned. A command that must not answer while an older
+// I/O is still running (Blocking set commands, DeleteTable, NewTable,
+// Quiesce) moves the disk to a new generation and waits until no I/O of an
+// older generation is in flight. An I/O waiting for a fault reply is not in
+// flight: it holds nothing, so a command never waits for a fault, and a
+// controller may hold a fault while it runs commands.
+//
+// A fault reply is installed only if no command reached the table while the
+// fault was out: otherwise the reply may predate the command (a snapshot's
+// NoWrite, say) and is dropped, and the I/O looks at the table again.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"segmap/internal/container"
+	"segmap/internal/mapping"
+	"segmap/internal/table"
+)
+
+// Config configures an Agent.
+type Config struct {
+	// Name is the agent's (host's) name, unique among agents.
+	Name string
+	// Controller is the controller to attach to.
+	Controller mapping.Controller
+	// OpenContainer opens a storage container. The agent closes what it
+	// opened on Close.
+	OpenContainer func(mapping.Container) (container.Container, error)
+}
+
+// Agent is a mapping agent. It implements mapping.Agent for its
+// controller; hosts use the *Disk values Open returns.
+type Agent struct {
+	name  string
+	openC func(mapping.Container) (container.Container, error)
+
+	mu struct {
+		sync.Mutex
+		ctrl   mapping.Controller
+		disks  map[mapping.DiskID]*Disk
+		closed bool
+	}
+
+	// conts holds opened containers. Reads take the read lock only.
+	conts struct {
+		sync.RWMutex
+		m map[uint32]*openContainer
+	}
+}
+
+type openContainer struct {
+	c     container.Container
+	// written is set after a write completes and cleared by the flush
+	// that covers it.
+	written atomic.Bool
+}
+
+// New returns an agent; Attach connects it to its controller.
+func New(cfg Config) *Agent {
+	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer}
+	a.mu.ctrl = cfg.Controller
+	a.mu.disks = make(map[mapping.DiskID]*Disk)
+	a.conts.m = make(map[uint32]*openContainer)
+	return a
+}
+
+// Name returns the agent's name.
+func (a *Agent) Name() string { return a.name }
+
+func (a *Agent) controller() mapping.Controller {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.mu.ctrl
+}
+
+// Attach attaches the agent to ctrl (its controller from now on). Every
+// table the agent holds is forgotten first: after a new attach, entries are
+// reloaded by faulting.
+func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
+	a.mu.Lock()
+	if a.mu.closed {
+		a.mu.Unlock()
+		return ErrClosed
+	}
+	a.mu.ctrl = ctrl
+	disks := make([]*Disk, 0, len(a.mu.disks))
+	ids := make([]mapping.DiskID, 0, len(a.mu.disks))
+	for id, d := range a.mu.disks {
+		disks = append(disks, d)
+		ids = append(ids, id)
+	}
+	a.mu.Unlock()
+	for _, d := range disks {
+		if err := d.reset(ctx, d.Info()); err != nil {
+			return err
+		}
+	}
+	return ctrl.Attach(ctx, a.name, a, ids)
+}
+
+// Open maps the disk called name and returns it. Opening a disk that is
+// already open returns the same *Disk.
+func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
+	info, err := a.controller().Open(ctx, a.name, name)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.mu.closed {
+		return nil, ErrClosed
+	}
+	if d := a.mu.disks[info.ID]; d != nil {
+		return d, nil
+	}
+	d := newDisk(a, info)
+	a.mu.disks[info.ID] = d
+	return d, nil
+}
+
+// Close stops the agent: it detaches from its controller and closes its
+// containers. I/O still running fails.
+func (a *Agent) Close() error {
+	a.mu.Lock()
+	if a.mu.closed {
+		a.mu.Unlock()
+		return nil
+	}
+	a.mu.closed = true
+	ctrl := a.mu.ctrl
+	disks := a.mu.disks
+	a.mu.disks = map[mapping.DiskID]*Disk{}
+	a.mu.Unlock()
+	for _, d := range disks {
+		d.forget(context.Background())
+	}
+	var errs []error
+	if ctrl != nil {
+		errs = append(errs, ctrl.Detach(context.Background(), a.name))
+	}
+	a.conts.Lock()
+	for _, oc := range a.conts.m {
+		errs = append(errs, oc.c.Close())
+	}
+	a.conts.m = map[uint32]*openContainer{}
+	a.conts.Unlock()
+	return errors.Join(errs...)
+}
+
+// container returns the opened container id, opening it if needed.
+func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error) {
+	a.conts.RLock()
+	oc := a.conts.m[id]
+	a.conts.RUnlock()
+	if oc != nil {
+		return oc, nil
+	}
+	cs, err := a.controller().Containers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a.conts.Lock()
+	defer a.conts.Unlock()
+	if oc := a.conts.m[id]; oc != nil {
+		return oc, nil
+	}
+	for _, info := range cs {
+		if info.ID != id {
+			continue
+		}
+		c, err := a.openC(info)
+		if err != nil {
+			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, ErrIO, err)
+		}
+		oc := &openContainer{c: c}
+		a.conts.m[id] = oc
+		return oc, nil
+	}
+	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, ErrIO)
+}
+
+// flushWritten flushes every container written since its last flush.
+func (a *Agent) flushWritten() error {
+	a.conts.RLock()
+	ocs := make([]*openContainer, 0, len(a.conts.m))
+	for _, oc := range a.conts.m {
+		ocs = append(ocs, oc)
+	}
+	a.conts.RUnlock()
+	var errs []error
+	for _, oc := range ocs {
+		if err := oc.flush(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// flush flushes oc if a write completed since its last flush. The flag is
+// cleared before the flush starts, so a write that completes during the
+// flush sets it again and the next flush covers it.
+func (oc *openContainer) flush() error {
+	if !oc.written.Swap(false) {
+		return nil
+	}
+	if err := oc.c.Flush(); err != nil {
+		oc.written.Store(true)
+		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), ErrIO, err)
+	}
+	return nil
+}
+
+func (a *Agent) disk(id mapping.DiskID) (*Disk, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	d := a.mu.disks[id]
+	if d == nil {
+		return nil, fmt.Errorf("disk %d: %w", id, ErrNoTable)
+	}
+	return d, nil
+}
+
+// --- mapping.Agent: commands from the controller ----------------------------
+
+// NewTable implements mapping.Agent: the table for d.ID becomes all Invalid
+// at d's size, once the I/O in flight has drained.
+func (a *Agent) NewTable(ctx context.Context, info mapping.Disk) error {
+	a.mu.Lock()
+	d := a.mu.disks[info.ID]
+	if d == nil {
+		d = newDisk(a, info)
+		a.mu.disks[info.ID] = d
+		a.mu.Unlock()
+		return nil
+	}
+	a.mu.Unlock()
+	return d.reset(ctx, info)
+}
+
+// DeleteTable implements mapping.Agent: I/O to the disk fails from now on,
+// and the answer comes once the I/O in flight has drained.
+func (a *Agent) DeleteTable(ctx context.Context, id mapping.DiskID) error {
+	a.mu.Lock()
+	d := a.mu.disks[id]
+	delete(a.mu.disks, id)
+	a.mu.Unlock()
+	if d == nil {
+		return nil
+	}
+	return d.forget(ctx)
+}
+
+// GetEntry implements mapping.Agent.
+func (a *Agent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64) ([]table.Entry, error) {
+	d, err := a.disk(id)
+	if err != nil {
+		return nil, err
+	}
+	return d.getEntry(first, n)
+}
+
+// SetEntry implements mapping.Agent.
+func (a *Agent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
+	d, err := a.disk(c.Disk)
+	if err != nil {
+		return err
+	}
+	return d.setEntry(ctx, c)
+}
+
+// SetEntryState implements mapping.Agent.
+func (a *Agent) SetEntryState(ctx context.Context, c mapping.SetEntryState) error {
+	d, err := a.disk(c.Disk)
+	if err != nil {
+		return err
+	}
+	return d.setEntryState(ctx, c)
+}
+
+// Quiesce implements mapping.Agent.
+func (a *Agent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Duration) error {
+	d, err := a.disk(id)
+	if err != nil {
+		return err
+	}
+	return d.quiesce(ctx, timeout)
+}
+
+// Activate implements mapping.Agent.
+func (a *Agent) Activate(ctx context.Context, id mapping.DiskID) error {
+	d, err := a.disk(id)
+	if err != nil {
+		return err
+	}
+	d.activate()
+	return nil
+}
+
+var _ mapping.Agent = (*Agent)(nil)

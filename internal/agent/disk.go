@@ -1,0 +1,477 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"segmap/internal/mapping"
+	"segmap/internal/table"
+)
+
+// maxRetries bounds how often one segment I/O may fault before it fails:
+// each fault is answered with entries that allow it unless a command keeps
+// racing it, so a few retries are plenty.
+const maxRetries = 64
+
+// Disk is an open virtual disk. Its methods are safe for concurrent use.
+type Disk struct {
+	a *Agent
+
+	mu struct {
+		sync.Mutex
+		info mapping.Disk
+		tab  *table.Table
+		// seq counts changes to the table by commands; a fault reply
+		// is installed only if seq did not move while it was out.
+		seq uint64
+		// gen is the current generation; inflight counts I/O in flight
+		// by the generation it started in.
+		gen      uint64
+		inflight map[uint64]int
+		quiesced bool
+		gone     bool
+		// wake is closed (and replaced) whenever inflight, quiesced or
+		// gone change.
+		wake chan struct{}
+	}
+}
+
+func newDisk(a *Agent, info mapping.Disk) *Disk {
+	d := &Disk{a: a}
+	d.mu.info = info
+	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
+	d.mu.inflight = make(map[uint64]int)
+	d.mu.wake = make(chan struct{})
+	return d
+}
+
+// Info returns what the agent knows of the disk.
+func (d *Disk) Info() mapping.Disk {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.mu.info
+}
+
+// Size returns the disk's size in bytes.
+func (d *Disk) Size() uint64 { return d.Info().Size }
+
+func (d *Disk) broadcastLocked() {
+	close(d.mu.wake)
+	d.mu.wake = make(chan struct{})
+}
+
+// bumpLocked starts a new generation and returns the previous one: I/O of
+// that generation or older was in flight before the caller's change.
+func (d *Disk) bumpLocked() uint64 {
+	g := d.mu.gen
+	d.mu.gen++
+	return g
+}
+
+// drainedLocked reports whether no I/O of generation g or older is in
+// flight.
+func (d *Disk) drainedLocked(g uint64) bool {
+	for k, n := range d.mu.inflight {
+		if k <= g && n > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// waitDrained waits until no I/O of generation g or older is in flight.
+func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
+	for {
+		d.mu.Lock()
+		if d.drainedLocked(g) {
+			d.mu.Unlock()
+			return nil
+		}
+		wake := d.mu.wake
+		d.mu.Unlock()
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// begin looks up segment seg for op. If the I/O may go to storage it is
+// counted in flight under the returned generation, and the caller must call
+// end(gen) when the container call returns.
+func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, gen, seq uint64, err error) {
+	d.mu.Lock()
+	for d.mu.quiesced && !d.mu.gone {
+		wake := d.mu.wake
+		d.mu.Unlock()
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return e, dec, 0, 0, ctx.Err()
+		}
+		d.mu.Lock()
+	}
+	defer d.mu.Unlock()
+	if d.mu.gone {
+		return e, dec, 0, 0, ErrGone
+	}
+	if seg >= uint64(d.mu.tab.Len()) {
+		return e, dec, 0, 0, fmt.Errorf("segment %d of %d: %w", seg, d.mu.tab.Len(), ErrRange)
+	}
+	e = d.mu.tab.Entry(int(seg))
+	dec = table.Decide(e, op)
+	if dec.Action == table.Proceed {
+		d.mu.inflight[d.mu.gen]++
+	}
+	return e, dec, d.mu.gen, d.mu.seq, nil
+}
+
+// end marks an I/O of generation gen finished.
+func (d *Disk) end(gen uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mu.inflight[gen]--; d.mu.inflight[gen] <= 0 {
+		delete(d.mu.inflight, gen)
+		d.broadcastLocked()
+	}
+}
+
+// install applies a fault reply if no command changed the table since seq.
+func (d *Disk) install(seq uint64, r mapping.Reply) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mu.seq != seq || d.mu.gone || r.First > uint64(d.mu.tab.Len()) {
+		return
+	}
+	// A reply that does not fit the table (it changed size) is dropped;
+	// the I/O looks again and faults again.
+	_ = d.mu.tab.SetEntry(int(r.First), r.Entries)
+}
+
+// fault sends a fault for segments [seg, seg+count) and installs the reply.
+func (d *Disk) fault(ctx context.Context, seg, count uint64, op mapping.FaultOp, reason table.State, whole bool, seq uint64) error {
+	r, err := d.a.controller().Fault(ctx, mapping.Fault{
+		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: count,
+		Op: op, Reason: reason, Whole: whole,
+	})
+	if err != nil {
+		return fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
+	}
+	d.install(seq, r)
+	return nil
+}
+
+// ioKind is what segIO does with a piece of a segment.
+type ioKind uint8
+
+const (
+	ioRead ioKind = iota
+	ioWrite
+	// ioZero writes zeros, but does nothing to a segment that is Zero.
+	ioZero
+)
+
+// segIO does one I/O within segment seg: bytes [off, off+len(p)) of it.
+func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte, segSize uint64) error {
+	op := table.Write
+	if kind == ioRead {
+		op = table.Read
+	}
+	whole := kind == ioWrite && off == 0 && uint64(len(p)) == segSize
+	for try := 0; ; try++ {
+		if try == maxRetries {
+			return fmt.Errorf("segment %d: still faulting after %d tries: %w", seg, try, ErrIO)
+		}
+		e, dec, gen, seq, err := d.begin(ctx, seg, op)
+		if err != nil {
+			return err
+		}
+		switch dec.Action {
+		case table.Proceed:
+			err := d.storageIO(ctx, kind, e.Loc, seg, off, p, segSize)
+			d.end(gen)
+			return err
+		case table.ReadZeros:
+			clear(p)
+			return nil
+		case table.Fail:
+			return fmt.Errorf("segment %d is %v: %w", seg, dec.Reason, ErrIO)
+		}
+		// Fault.
+		fop := mapping.FaultOp(op)
+		if kind == ioZero {
+			if dec.Reason == table.Zero {
+				return nil // already reads as zeros
+			}
+			if dec.Reason == table.Invalid {
+				fop = mapping.FaultRead // load it first: it may be Zero
+			}
+		}
+		if err := d.fault(ctx, seg, 1, fop, dec.Reason, whole, seq); err != nil {
+			return err
+		}
+	}
+}
+
+// zeros is a buffer of zeros for ioZero writes; never written to.
+var zeros = make([]byte, 1<<20)
+
+func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, seg, off uint64, p []byte, segSize uint64) error {
+	oc, err := d.a.container(ctx, loc.Container)
+	if err != nil {
+		return err
+	}
+	base := int64(uint64(loc.Slot)*segSize + off)
+	switch kind {
+	case ioRead:
+		if _, err := oc.c.ReadAt(p, base); err != nil {
+			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, ErrIO, err)
+		}
+		return nil
+	case ioWrite:
+		_, err = oc.c.WriteAt(p, base)
+	case ioZero:
+		for n := 0; n < len(p) && err == nil; {
+			m := min(len(p)-n, len(zeros))
+			_, err = oc.c.WriteAt(zeros[:m], base+int64(n))
+			n += m
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("write segment %d at %v: %w: %w", seg, loc, ErrIO, err)
+	}
+	oc.written.Store(true)
+	return nil
+}
+
+// span calls fn for each segment piece of [off, off+n), in order. It checks
+// the range first.
+func (d *Disk) span(off, n uint64, fn func(seg, segOff, pos, m uint64) error) error {
+	info := d.Info()
+	if off > info.Size || n > info.Size-off {
+		return fmt.Errorf("[%d, +%d) of a %d-byte disk: %w", off, n, info.Size, ErrRange)
+	}
+	ss := info.SegmentSize
+	for pos := uint64(0); pos < n; {
+		seg, segOff := (off+pos)/ss, (off+pos)%ss
+		m := min(ss-segOff, n-pos)
+		if err := fn(seg, segOff, pos, m); err != nil {
+			return err
+		}
+		pos += m
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at offset off.
+func (d *Disk) ReadAt(ctx context.Context, p []byte, off uint64) error {
+	ss := d.Info().SegmentSize
+	return d.span(off, uint64(len(p)), func(seg, segOff, pos, m uint64) error {
+		return d.segIO(ctx, ioRead, seg, segOff, p[pos:pos+m], ss)
+	})
+}
+
+// WriteAt writes p at offset off. With fua the data is durable when it
+// returns.
+func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
+	info := d.Info()
+	if info.ReadOnly {
+		return fmt.Errorf("write to %q: %w", info.Name, ErrReadOnly)
+	}
+	err := d.span(off, uint64(len(p)), func(seg, segOff, pos, m uint64) error {
+		return d.segIO(ctx, ioWrite, seg, segOff, p[pos:pos+m], info.SegmentSize)
+	})
+	if err == nil && fua {
+		err = d.Flush(ctx)
+	}
+	return err
+}
+
+// Flush makes every write that completed before it durable.
+func (d *Disk) Flush(ctx context.Context) error {
+	return d.a.flushWritten()
+}
+
+// WriteZeroes makes [off, off+n) read as zeros. Whole segments go back to
+// Zero and give their space back, unless noHole asks for the space to stay
+// allocated, in which case zeros are written.
+func (d *Disk) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error {
+	info := d.Info()
+	if info.ReadOnly {
+		return fmt.Errorf("write zeroes to %q: %w", info.Name, ErrReadOnly)
+	}
+	ss := info.SegmentSize
+	var run, runLen uint64 // a pending run of whole segments
+	flushRun := func() error {
+		for runLen > 0 {
+			k := min(runLen, maxDiscard)
+			if err := d.discard(ctx, run, k); err != nil {
+				return err
+			}
+			run, runLen = run+k, runLen-k
+		}
+		return nil
+	}
+	err := d.span(off, n, func(seg, segOff, pos, m uint64) error {
+		if !noHole && segOff == 0 && m == ss {
+			if runLen == 0 {
+				run = seg
+			}
+			runLen++
+			return nil
+		}
+		if err := flushRun(); err != nil {
+			return err
+		}
+		// A partial segment: write zeros into it.
+		var err error
+		for done := uint64(0); done < m && err == nil; {
+			k := min(m-done, uint64(len(zeros)))
+			err = d.segIO(ctx, ioZero, seg, segOff+done, zeros[:k], ss)
+			done += k
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return flushRun()
+}
+
+// Trim discards [off, off+n): whole segments give their space back. segmap
+// makes trimmed ranges read as zeros, so Trim is WriteZeroes.
+func (d *Disk) Trim(ctx context.Context, off, n uint64) error {
+	return d.WriteZeroes(ctx, off, n, false)
+}
+
+// maxDiscard is the most segments one discard fault asks for.
+const maxDiscard = 1 << 16
+
+// discard asks the controller to return segments [seg, seg+n) to Zero.
+func (d *Disk) discard(ctx context.Context, seg, n uint64) error {
+	d.mu.Lock()
+	seq, gone := d.mu.seq, d.mu.gone
+	d.mu.Unlock()
+	if gone {
+		return ErrGone
+	}
+	return d.fault(ctx, seg, n, mapping.FaultDiscard, 0, false, seq)
+}
+
+// Close unmaps the disk from this agent.
+func (d *Disk) Close(ctx context.Context) error {
+	id := d.Info().ID
+	d.a.mu.Lock()
+	if d.a.mu.disks[id] == d {
+		delete(d.a.mu.disks, id)
+	}
+	d.a.mu.Unlock()
+	err := d.forget(ctx)
+	return errors.Join(err, d.a.controller().CloseDisk(ctx, d.a.name, id))
+}
+
+// --- commands -------------------------------------------------------------------
+
+func (d *Disk) getEntry(first, n uint64) ([]table.Entry, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if first > uint64(d.mu.tab.Len()) || n > uint64(d.mu.tab.Len())-first {
+		return nil, fmt.Errorf("entries [%d,+%d): %w", first, n, table.ErrRange)
+	}
+	return d.mu.tab.GetEntry(int(first), int(n))
+}
+
+// command applies change to the table as one command and, if blocking,
+// waits until the I/O in flight before it has finished.
+func (d *Disk) command(ctx context.Context, blocking bool, change func(t *table.Table) error) error {
+	d.mu.Lock()
+	if d.mu.gone {
+		d.mu.Unlock()
+		return ErrGone
+	}
+	if err := change(d.mu.tab); err != nil {
+		d.mu.Unlock()
+		return err
+	}
+	d.mu.seq++
+	g := d.bumpLocked()
+	d.mu.Unlock()
+	if !blocking {
+		return nil
+	}
+	return d.waitDrained(ctx, g)
+}
+
+func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
+	return d.command(ctx, c.Blocking, func(t *table.Table) error {
+		if c.First > uint64(t.Len()) {
+			return fmt.Errorf("set_entry at %d: %w", c.First, table.ErrRange)
+		}
+		return t.SetEntry(int(c.First), c.Entries)
+	})
+}
+
+func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error {
+	return d.command(ctx, c.Blocking, func(t *table.Table) error {
+		if c.First > uint64(t.Len()) || c.Count > uint64(t.Len())-c.First {
+			return fmt.Errorf("set_entry_state [%d,+%d): %w", c.First, c.Count, table.ErrRange)
+		}
+		return t.SetEntryState(int(c.First), int(c.Count), c.State, c.On)
+	})
+}
+
+// reset makes the table all Invalid at info's size and waits for the I/O in
+// flight.
+func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
+	d.mu.Lock()
+	d.mu.info = info
+	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
+	d.mu.seq++
+	g := d.bumpLocked()
+	d.broadcastLocked()
+	d.mu.Unlock()
+	return d.waitDrained(ctx, g)
+}
+
+// forget makes every I/O fail from now on and waits for the I/O in flight.
+func (d *Disk) forget(ctx context.Context) error {
+	d.mu.Lock()
+	d.mu.gone = true
+	d.mu.seq++
+	g := d.bumpLocked()
+	d.broadcastLocked()
+	d.mu.Unlock()
+	return d.waitDrained(ctx, g)
+}
+
+func (d *Disk) quiesce(ctx context.Context, timeout time.Duration) error {
+	d.mu.Lock()
+	d.mu.quiesced = true
+	g := d.bumpLocked()
+	d.mu.Unlock()
+	wctx := ctx
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		wctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	if err := d.waitDrained(wctx, g); err != nil {
+		d.activate()
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			return fmt.Errorf("disk %d after %v: %w", d.Info().ID, timeout, ErrQuiesceTimeout)
+		}
+		return err
+	}
+	return nil
+}
+
+func (d *Disk) activate() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.mu.quiesced = false
+	d.broadcastLocked()
+}

@@ -1,0 +1,42 @@
+package container
+
+import "errors"
+
+// Errors returned by this package. They are always wrapped with context
+// (the path or container id and the offending values); compare them with
+// errors.Is, never by their text.
+var (
+	// ErrNotContainer means the file or device does not start with the
+	// segmap magic: it is some other file (a text file, a file system
+	// image, a blank device) and must not be touched as a container.
+	ErrNotContainer = errors.New("not a segmap container")
+
+	// ErrCorruptHeader means the magic is present but the rest of the
+	// header cannot be trusted: its checksum does not match, its format
+	// version is unknown, or its fields make no sense. The data area is
+	// left alone; recovering from this needs a human.
+	ErrCorruptHeader = errors.New("corrupt container header")
+
+	// ErrWrongContainer means the header is valid but describes a
+	// different container (id or slot size) than the caller expected,
+	// typically because devices were renamed or swapped.
+	ErrWrongContainer = errors.New("wrong container")
+
+	// ErrTruncated means the file or device is shorter than its header
+	// says it is (or shorter than the header itself), so some slots
+	// would be missing.
+	ErrTruncated = errors.New("container truncated")
+
+	// ErrInvalidHeader means a header passed to Create or Format is
+	// unacceptable: the slot size is not a power of two in
+	// [MinSlotSize, MaxSlotSize], there are no slots, or the container
+	// would be too large to address.
+	ErrInvalidHeader = errors.New("invalid container header")
+
+	// ErrOutOfRange means a read, write or punch reaches outside the
+	// slot data area [0, Size()). Nothing was read, written or punched.
+	ErrOutOfRange = errors.New("range outside container")
+
+	// ErrClosed means the container has been closed.
+	ErrClosed = errors.New("container closed")
+)

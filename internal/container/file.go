@@ -1,0 +1,366 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is a Container stored in a regular file or a block device.
+//
+// Reads and writes go straight to pread(2) and pwrite(2) (os.File's ReadAt
+// and WriteAt) with no lock of our own: the only shared state on the I/O
+// path is an atomic closed flag. A Close racing with I/O is safe because
+// os.File keeps the descriptor alive until in-flight calls return; those
+// calls fail with ErrClosed.
+//
+// Punch uses fallocate(2) with FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE, so
+// a punched slot gives its blocks back to the file system (or is discarded
+// or zeroed by the block device). Where that is not supported, Punch writes
+// zeros instead, which keeps the contract (the range reads as zero) without
+// releasing space.
+type File struct {
+	f    *os.File
+	raw  syscall.RawConn // f's descriptor, for fallocate
+	path string
+	h    Header
+
+	closed atomic.Bool
+	// noPunch is set once fallocate reported that punching is not supported
+	// at all, so later punches go straight to writing zeros.
+	noPunch atomic.Bool
+}
+
+var _ Container = (*File)(nil)
+
+// Create makes a new container file at path with header h. The file must not
+// exist (the error then wraps fs.ErrExist). The data area is sparse: the file
+// is extended with ftruncate, so it reads as zero and takes no space until
+// written. The file and its directory are fsynced before Create returns, so
+// the new container survives a crash. On failure nothing is left at path.
+func Create(path string, h Header) (*File, error) {
+	if err := h.validate(); err != nil {
+		return nil, fmt.Errorf("create container %s: %w: %v", path, ErrInvalidHeader, err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create container: %w", err)
+	}
+	fail := func(err error) (*File, error) {
+		f.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("create container %s: %w", path, err)
+	}
+	if _, err := f.WriteAt(h.encode(), 0); err != nil {
+		return fail(err)
+	}
+	if err := f.Truncate(HeaderSize + h.DataSize()); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fail(err)
+	}
+	c, err := newFile(f, path, h)
+	if err != nil {
+		return fail(err)
+	}
+	return c, nil
+}
+
+// Open opens an existing container file or block device for reading and
+// writing and checks that it is a whole, intact container. If want is not
+// nil, the container's id and slot size must equal want's (want.Slots is
+// ignored: a container may be opened without knowing its size); otherwise
+// Open fails with ErrWrongContainer.
+func Open(path string, want *Header) (*File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open container: %w", err)
+	}
+	h, err := readHeader(f)
+	if err == nil && want != nil && (h.ID != want.ID || h.SlotSize != want.SlotSize) {
+		err = fmt.Errorf("%w: found id %d with slot size %d, want id %d with slot size %d",
+			ErrWrongContainer, h.ID, h.SlotSize, want.ID, want.SlotSize)
+	}
+	if err == nil {
+		err = checkSize(f, h)
+	}
+	var c *File
+	if err == nil {
+		c, err = newFile(f, path, h)
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open container %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// ReadHeader reads and validates the header of the container at path,
+// without checking the rest of the file.
+func ReadHeader(path string) (Header, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Header{}, fmt.Errorf("read container header: %w", err)
+	}
+	defer f.Close()
+	h, err := readHeader(f)
+	if err != nil {
+		return Header{}, fmt.Errorf("read container header %s: %w", path, err)
+	}
+	return h, nil
+}
+
+// Format writes a new header onto an existing file or block device, which is
+// how containers on block devices are made. The container gets as many slots
+// of slotSize as fit after the header: (size - HeaderSize) / slotSize.
+//
+// Format overwrites any header already there, including another
+// container's, and does not clear the data area: slots hold whatever the
+// device held before until they are written or freed with FreeSlot.
+func Format(path string, id uint32, slotSize int64) (*File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("format container: %w", err)
+	}
+	c, err := format(f, path, id, slotSize)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("format container %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func format(f *os.File, path string, id uint32, slotSize int64) (*File, error) {
+	size, err := deviceSize(f)
+	if err != nil {
+		return nil, err
+	}
+	h := Header{ID: id, SlotSize: slotSize}
+	if slotSize > 0 && size > HeaderSize {
+		h.Slots = (size - HeaderSize) / slotSize
+	}
+	if err := h.validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v (device is %d bytes)", ErrInvalidHeader, err, size)
+	}
+	if _, err := f.WriteAt(h.encode(), 0); err != nil {
+		return nil, err
+	}
+	if err := f.Sync(); err != nil {
+		return nil, err
+	}
+	return newFile(f, path, h)
+}
+
+func newFile(f *os.File, path string, h Header) (*File, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	return &File{f: f, raw: raw, path: path, h: h}, nil
+}
+
+// readHeader reads and decodes the header at the start of f. A file shorter
+// than HeaderSize is decoded from what is there, so that a short foreign file
+// is reported as ErrNotContainer rather than ErrTruncated.
+func readHeader(f *os.File) (Header, error) {
+	b := make([]byte, HeaderSize)
+	n, err := f.ReadAt(b, 0)
+	if err != nil && err != io.EOF {
+		return Header{}, err
+	}
+	return decodeHeader(b[:n])
+}
+
+// checkSize fails with ErrTruncated if f is too short to hold h's data area.
+func checkSize(f *os.File, h Header) error {
+	size, err := deviceSize(f)
+	if err != nil {
+		return err
+	}
+	if want := HeaderSize + h.DataSize(); size < want {
+		return fmt.Errorf("%w: %d bytes, header (%v) needs %d", ErrTruncated, size, h, want)
+	}
+	return nil
+}
+
+// deviceSize returns the size of a regular file or block device. Seeking to
+// the end works for both, where Stat reports 0 for a block device.
+func deviceSize(f *os.File) (int64, error) {
+	return f.Seek(0, io.SeekEnd)
+}
+
+// syncDir fsyncs directory dir so that a file just created in it survives a
+// crash.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Path returns the path the container was opened with.
+func (c *File) Path() string { return c.path }
+
+// Header returns the container's header.
+func (c *File) Header() Header { return c.h }
+
+// ID implements Container.
+func (c *File) ID() uint32 { return c.h.ID }
+
+// SlotSize implements Container.
+func (c *File) SlotSize() int64 { return c.h.SlotSize }
+
+// Slots implements Container.
+func (c *File) Slots() int64 { return c.h.Slots }
+
+// Size implements Container.
+func (c *File) Size() int64 { return c.h.DataSize() }
+
+// ReadAt implements io.ReaderAt; see Container.
+func (c *File) ReadAt(p []byte, off int64) (int, error) {
+	if c.closed.Load() {
+		return 0, c.errClosed()
+	}
+	if err := checkRange(c.h.ID, "read", off, int64(len(p)), c.Size()); err != nil {
+		return 0, err
+	}
+	n, err := c.f.ReadAt(p, HeaderSize+off)
+	if err != nil {
+		if err == io.EOF {
+			// Open checked the size, so the file shrank under us.
+			err = ErrTruncated
+		}
+		return n, c.ioErr("read", off, len(p), err)
+	}
+	return n, nil
+}
+
+// WriteAt implements io.WriterAt; see Container.
+func (c *File) WriteAt(p []byte, off int64) (int, error) {
+	if c.closed.Load() {
+		return 0, c.errClosed()
+	}
+	if err := checkRange(c.h.ID, "write", off, int64(len(p)), c.Size()); err != nil {
+		return 0, err
+	}
+	n, err := c.f.WriteAt(p, HeaderSize+off)
+	if err != nil {
+		return n, c.ioErr("write", off, len(p), err)
+	}
+	return n, nil
+}
+
+// Flush implements Container with fsync(2).
+func (c *File) Flush() error {
+	if c.closed.Load() {
+		return c.errClosed()
+	}
+	if err := c.f.Sync(); err != nil {
+		if c.closed.Load() || errors.Is(err, os.ErrClosed) {
+			return c.errClosed()
+		}
+		return fmt.Errorf("container %s: flush: %w", c.path, err)
+	}
+	return nil
+}
+
+// Punch implements Container. See File for how.
+func (c *File) Punch(off, n int64) error {
+	if c.closed.Load() {
+		return c.errClosed()
+	}
+	if err := checkRange(c.h.ID, "punch", off, n, c.Size()); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if !c.noPunch.Load() {
+		err := c.fallocatePunch(HeaderSize+off, n)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOSYS):
+			// The file system or device cannot punch at all; stop asking.
+			c.noPunch.Store(true)
+		case errors.Is(err, unix.EINVAL):
+			// Block devices only punch whole logical blocks; an unaligned
+			// range falls back to zeros this once.
+		default:
+			return c.ioErr("punch", off, int(n), err)
+		}
+	}
+	if err := c.writeZeros(HeaderSize+off, n); err != nil {
+		return c.ioErr("punch", off, int(n), err)
+	}
+	return nil
+}
+
+func (c *File) fallocatePunch(off, n int64) error {
+	var errno error
+	err := c.raw.Control(func(fd uintptr) {
+		errno = unix.Fallocate(int(fd), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	})
+	if err != nil {
+		return err
+	}
+	return errno
+}
+
+// zeros is the source for writeZeros. It is never written, so sharing it
+// between goroutines is safe.
+var zeros [256 << 10]byte
+
+// writeZeros overwrites [off, off+n) of the underlying file (offsets include
+// the header) with zeros.
+func (c *File) writeZeros(off, n int64) error {
+	for n > 0 {
+		l := min(n, int64(len(zeros)))
+		if _, err := c.f.WriteAt(zeros[:l], off); err != nil {
+			return err
+		}
+		off += l
+		n -= l
+	}
+	return nil
+}
+
+// Close implements Container. It closes the descriptor without fsync; call
+// Flush first if durability matters.
+func (c *File) Close() error {
+	if !c.closed.CompareAndSwap(false, true) {
+		return c.errClosed()
+	}
+	if err := c.f.Close(); err != nil {
+		return fmt.Errorf("container %s: close: %w", c.path, err)
+	}
+	return nil
+}
+
+func (c *File) errClosed() error {
+	return fmt.Errorf("container %s: %w", c.path, ErrClosed)
+}
+
+// ioErr wraps an error from the file with the operation and range. An error
+// caused by a concurrent Close becomes ErrClosed.
+func (c *File) ioErr(op string, off int64, n int, err error) error {
+	if c.closed.Load() || errors.Is(err, os.ErrClosed) {
+		return c.errClosed()
+	}
+	return fmt.Errorf("container %s: %s of %d bytes at offset %d: %w", c.path, op, n, off, err)
+}

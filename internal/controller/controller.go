@@ -1,0 +1,430 @@
+// Package controller is segmap's controller: the only writer of persistent
+// state. It keeps the disk catalogue, every disk's mapping table, slot
+// allocation and reference counts in a meta.Store; it answers map faults
+// from mapping agents, and it drives agents with commands when a snapshot,
+// delete or copy-on-write changes what they may do.
+//
+// # Ordering rules
+//
+//   - Restrictive changes reach agents before the permissive changes that
+//     depend on them are persisted: a snapshot sets NoWrite on every agent
+//     (Blocking) before it commits the sharing; a discard or delete makes
+//     agents drop a slot (Blocking) before the slot is freed.
+//   - Data before the map: a copy-on-write copy is flushed in its
+//     container before the entry that points at it is committed.
+//   - A fault's map change is committed before the fault is answered.
+//   - A slot handed out for a Zero fault is punched first, so that it reads
+//     as zero whatever a crash left in it.
+//
+// State changes (faults that change the map, snapshots, creates, deletes,
+// resizes) are serialised by one mutex. That is what makes the "only this
+// table references the slot: just clear NoWrite" shortcut safe against a
+// concurrent snapshot, and it keeps each change one transaction.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sync"
+	"time"
+
+	"segmap/internal/container"
+	"segmap/internal/mapping"
+	"segmap/internal/meta"
+	"segmap/internal/table"
+)
+
+// Segment size limits and default.
+const (
+	MinSegmentSize     = 64 << 10
+	MaxSegmentSize     = 64 << 20
+	DefaultSegmentSize = 1 << 20
+	// MaxDiskSize bounds a disk so that its segment count fits a table
+	// index on every platform.
+	MaxDiskSize = 1 << 60
+)
+
+// Config configures a Controller.
+type Config struct {
+	// Store is the persistent store. The controller does not close it.
+	Store meta.Store
+	// OpenContainer opens a container for copies and punches, checking
+	// that its header matches the record (ID 0: any container, as when one
+	// is added). The controller closes what it opened on Close.
+	OpenContainer func(mapping.Container) (container.Container, error)
+	// Now returns the current time; time.Now if nil.
+	Now func() time.Time
+	// Logger receives events worth a line; slog.Default if nil.
+	Logger *slog.Logger
+}
+
+// Controller is the controller. Its methods are safe for concurrent use.
+type Controller struct {
+	store  meta.Store
+	openC  func(mapping.Container) (container.Container, error)
+	now    func() time.Time
+	logger *slog.Logger
+
+	// mu serialises state changes; it is held across agent commands.
+	mu struct {
+		sync.Mutex
+		closed bool
+		conts  map[uint32]container.Container
+		turn   uint64            // allocation round-robin counter
+		hint   map[uint32]uint32 // per container: where to search for a free slot
+	}
+
+	// agents is the registry of attached agents and what they map. It is
+	// taken after mu, never before.
+	agents struct {
+		sync.Mutex
+		byName map[string]*agentState
+	}
+}
+
+type agentState struct {
+	name  string
+	a     mapping.Agent
+	disks map[meta.DiskID]bool
+}
+
+// New returns a controller over cfg.Store.
+func New(cfg Config) *Controller {
+	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	if c.logger == nil {
+		c.logger = slog.Default()
+	}
+	c.mu.conts = make(map[uint32]container.Container)
+	c.mu.hint = make(map[uint32]uint32)
+	c.agents.byName = make(map[string]*agentState)
+	return c
+}
+
+// Close closes the containers the controller opened. It does not close the
+// store.
+func (c *Controller) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mu.closed = true
+	var errs []error
+	for _, ct := range c.mu.conts {
+		errs = append(errs, ct.Close())
+	}
+	c.mu.conts = nil
+	return errors.Join(errs...)
+}
+
+func (c *Controller) lock() error {
+	c.mu.Lock()
+	if c.mu.closed {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	return nil
+}
+
+// --- agents -----------------------------------------------------------------
+
+// Attach implements mapping.Controller. An agent attaching under a name that
+// is already attached replaces it: the old one is gone (restarted).
+func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
+	if name == "" || a == nil {
+		return fmt.Errorf("attach: agent without a name: %w", ErrBadRequest)
+	}
+	st := &agentState{name: name, a: a, disks: make(map[meta.DiskID]bool)}
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		for _, id := range open {
+			if _, err := tx.DiskByID(meta.DiskID(id)); err == nil {
+				st.disks[meta.DiskID(id)] = true
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.agents.Lock()
+	c.agents.byName[name] = st
+	c.agents.Unlock()
+	return nil
+}
+
+// Detach implements mapping.Controller.
+func (c *Controller) Detach(ctx context.Context, name string) error {
+	c.agents.Lock()
+	delete(c.agents.byName, name)
+	c.agents.Unlock()
+	return nil
+}
+
+// Open implements mapping.Controller.
+func (c *Controller) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
+	var d meta.Disk
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		d, err = tx.Disk(disk)
+		return err
+	})
+	if err != nil {
+		return mapping.Disk{}, wrapNotFound(err)
+	}
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	st := c.agents.byName[agent]
+	if st == nil {
+		return mapping.Disk{}, fmt.Errorf("open %q by %q: %w", disk, agent, ErrUnknownAgent)
+	}
+	st.disks[d.ID] = true
+	return toMapping(d), nil
+}
+
+// CloseDisk implements mapping.Controller: agent no longer maps disk id.
+func (c *Controller) CloseDisk(ctx context.Context, agent string, id mapping.DiskID) error {
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	if st := c.agents.byName[agent]; st != nil {
+		delete(st.disks, meta.DiskID(id))
+	}
+	return nil
+}
+
+// Containers implements mapping.Controller.
+func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error) {
+	var cs []meta.Container
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		cs, err = tx.Containers()
+		return err
+	})
+	out := make([]mapping.Container, len(cs))
+	for i, ct := range cs {
+		out[i] = mapping.Container{ID: ct.ID, URI: ct.URI, SlotSize: ct.SlotSize, Slots: ct.Slots}
+	}
+	return out, err
+}
+
+// mappers returns the agents that map disk id, except the one named skip.
+func (c *Controller) mappers(id meta.DiskID, skip string) []*agentState {
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	var out []*agentState
+	for _, st := range c.agents.byName {
+		if st.disks[id] && st.name != skip {
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
+// forget removes disk id from every agent's map.
+func (c *Controller) forget(id meta.DiskID) {
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	for _, st := range c.agents.byName {
+		delete(st.disks, id)
+	}
+}
+
+// broadcast runs cmd on every agent that maps disk id except skip, and
+// waits for all of them. An agent that fails the command is logged and
+// detached: it no longer maps anything, and it must re-attach (with every
+// entry Invalid) to be served again.
+//
+// TODO(distributed): with leases, an unreachable agent is waited for until
+// its lease has expired instead.
+func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, mapping.Agent) error) {
+	for _, st := range c.mappers(id, skip) {
+		if err := cmd(ctx, st.a); err != nil {
+			c.logger.Warn("agent failed a command; detaching it", "agent", st.name, "disk", id, "err", err)
+			c.agents.Lock()
+			if c.agents.byName[st.name] == st {
+				delete(c.agents.byName, st.name)
+			}
+			c.agents.Unlock()
+		}
+	}
+}
+
+// --- containers ---------------------------------------------------------------
+
+// AddContainer registers the storage container at uri. The container must
+// already exist with its header written; its id and geometry come from the
+// header, and an id that is already registered is refused.
+func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Container, error) {
+	if err := c.lock(); err != nil {
+		return meta.Container{}, err
+	}
+	defer c.mu.Unlock()
+	ct, err := c.openC(mapping.Container{URI: uri})
+	if err != nil {
+		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
+	}
+	rec := meta.Container{ID: ct.ID(), URI: uri, SlotSize: uint64(ct.SlotSize()), Slots: uint64(ct.Slots())}
+	err = c.store.Update(ctx, func(tx meta.Tx) error {
+		var err error
+		rec, err = tx.AddContainer(rec)
+		return err
+	})
+	if err != nil {
+		ct.Close()
+		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
+	}
+	if old := c.mu.conts[rec.ID]; old != nil {
+		old.Close()
+	}
+	c.mu.conts[rec.ID] = ct
+	return rec, nil
+}
+
+// ListContainers returns the container records.
+func (c *Controller) ListContainers(ctx context.Context) ([]meta.Container, error) {
+	var cs []meta.Container
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		cs, err = tx.Containers()
+		return err
+	})
+	return cs, err
+}
+
+// containerLocked returns the opened container id.
+func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.Container, error) {
+	if ct := c.mu.conts[id]; ct != nil {
+		return ct, nil
+	}
+	var rec meta.Container
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		rec, err = tx.Container(id)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	ct, err := c.openC(mapping.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
+	if err != nil {
+		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, ErrIO, err)
+	}
+	c.mu.conts[id] = ct
+	return ct, nil
+}
+
+// allocateLocked chooses a free slot for a disk with segments of slotSize
+// bytes. It does not mark it used: the caller's commit does, under mu.
+func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table.Location, error) {
+	var loc table.Location
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		cs, err := tx.Containers()
+		if err != nil {
+			return err
+		}
+		for range cs {
+			id, ok := pickContainer(cs, slotSize, c.mu.turn)
+			if !ok {
+				break
+			}
+			c.mu.turn++
+			slot, ok, err := tx.FindFree(id, c.mu.hint[id])
+			if err != nil {
+				return err
+			}
+			if ok {
+				c.mu.hint[id] = slot + 1
+				loc = table.Location{Container: id, Slot: slot}
+				return nil
+			}
+		}
+		return ErrNoSpace
+	})
+	return loc, err
+}
+
+// zeroSlotLocked punches loc so that it reads as zero.
+func (c *Controller) zeroSlotLocked(ctx context.Context, loc table.Location) error {
+	ct, err := c.containerLocked(ctx, loc.Container)
+	if err != nil {
+		return err
+	}
+	if err := container.FreeSlot(ct, int64(loc.Slot)); err != nil {
+		return fmt.Errorf("zero slot %v: %w: %w", loc, ErrIO, err)
+	}
+	return nil
+}
+
+// copySlotLocked copies slot from to slot to and flushes to's container.
+func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location, size uint64) error {
+	src, err := c.containerLocked(ctx, from.Container)
+	if err != nil {
+		return err
+	}
+	dst, err := c.containerLocked(ctx, to.Container)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, min(size, 1<<20))
+	for off := uint64(0); off < size; off += uint64(len(buf)) {
+		if _, err := src.ReadAt(buf, int64(uint64(from.Slot)*size+off)); err != nil {
+			return fmt.Errorf("copy-on-write read %v: %w: %w", from, ErrIO, err)
+		}
+		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
+			return fmt.Errorf("copy-on-write write %v: %w: %w", to, ErrIO, err)
+		}
+	}
+	if err := dst.Flush(); err != nil {
+		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, ErrIO, err)
+	}
+	return nil
+}
+
+// punchFreedLocked punches slots that a commit freed. A failure only leaves
+// stale bytes in a free slot, which is punched again before reuse.
+func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Location) {
+	for _, loc := range freed {
+		if err := c.zeroSlotLocked(ctx, loc); err != nil {
+			c.logger.Warn("punch freed slot", "slot", loc, "err", err)
+		}
+	}
+}
+
+func toMapping(d meta.Disk) mapping.Disk {
+	return mapping.Disk{ID: mapping.DiskID(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
+}
+
+func wrapNotFound(err error) error {
+	if errors.Is(err, meta.ErrNotFound) {
+		return fmt.Errorf("%w: %w", ErrNotFound, err)
+	}
+	return err
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$`)
+
+// ValidName reports whether name can name a disk: 1 to 128 letters, digits,
+// '.', '_' and '-', not starting with '.' or '-'.
+func ValidName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%q: %w (use 1-128 letters, digits, '.', '_', '-'; not starting with '.' or '-')", name, ErrInvalidName)
+	}
+	return nil
+}
+
+// ValidSegmentSize checks a segment size.
+func ValidSegmentSize(n uint64) error {
+	if n < MinSegmentSize || n > MaxSegmentSize || n&(n-1) != 0 {
+		return fmt.Errorf("%d bytes: %w (a power of two from 64 KiB to 64 MiB)", n, ErrInvalidSegmentSize)
+	}
+	return nil
+}
+
+// ValidSize checks a disk size.
+func ValidSize(n uint64) error {
+	if n == 0 || n%512 != 0 || n > MaxDiskSize {
+		return fmt.Errorf("%d bytes: %w (a non-zero multiple of 512 bytes, at most 1 EiB)", n, ErrInvalidSize)
+	}
+	return nil
+}

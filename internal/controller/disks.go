@@ -1,0 +1,360 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"segmap/internal/mapping"
+	"segmap/internal/meta"
+	"segmap/internal/table"
+)
+
+// CreateOptions describes a new disk.
+type CreateOptions struct {
+	Name        string
+	Size        uint64
+	SegmentSize uint64       // DefaultSegmentSize if 0
+	Policy      table.Policy // table.Forward if 0
+}
+
+// CreateDisk creates a disk whose every segment is Zero: nothing is
+// allocated, so it is instant at any size.
+func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk, error) {
+	if o.SegmentSize == 0 {
+		o.SegmentSize = DefaultSegmentSize
+	}
+	if o.Policy == 0 {
+		o.Policy = table.Forward
+	}
+	if err := ValidName(o.Name); err != nil {
+		return meta.Disk{}, err
+	}
+	if err := ValidSize(o.Size); err != nil {
+		return meta.Disk{}, err
+	}
+	if err := ValidSegmentSize(o.SegmentSize); err != nil {
+		return meta.Disk{}, err
+	}
+	if !o.Policy.Valid() {
+		return meta.Disk{}, fmt.Errorf("policy %d: %w", o.Policy, table.ErrBadPolicy)
+	}
+	if err := c.lock(); err != nil {
+		return meta.Disk{}, err
+	}
+	defer c.mu.Unlock()
+	var d meta.Disk
+	err := c.store.Update(ctx, func(tx meta.Tx) error {
+		cs, err := tx.Containers()
+		if err != nil {
+			return err
+		}
+		if !hasPool(cs, o.SegmentSize) {
+			return fmt.Errorf("segment size %d: %w; add a container with that slot size", o.SegmentSize, ErrNoPool)
+		}
+		d, err = tx.CreateDisk(meta.Disk{
+			Name: o.Name, Size: o.Size, SegmentSize: o.SegmentSize,
+			Policy: o.Policy, Created: c.now().UTC(),
+		})
+		return err
+	})
+	if errors.Is(err, meta.ErrExists) {
+		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
+	}
+	return d, err
+}
+
+// Disk returns the record of the disk called name.
+func (c *Controller) Disk(ctx context.Context, name string) (meta.Disk, error) {
+	var d meta.Disk
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		d, err = tx.Disk(name)
+		return err
+	})
+	return d, wrapNotFound(err)
+}
+
+// Disks returns every disk.
+func (c *Controller) Disks(ctx context.Context) ([]meta.Disk, error) {
+	var ds []meta.Disk
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		ds, err = tx.Disks()
+		return err
+	})
+	return ds, err
+}
+
+// Usage is how much storage a disk uses.
+type Usage struct {
+	// Allocated is the bytes of segments that hold a slot.
+	Allocated uint64
+	// Exclusive is the bytes of slots only this disk references;
+	// Shared, those it shares with other disks.
+	Exclusive, Shared uint64
+}
+
+// DiskUsage returns how much storage disk name uses.
+func (c *Controller) DiskUsage(ctx context.Context, name string) (Usage, error) {
+	var u Usage
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		d, err := tx.Disk(name)
+		if err != nil {
+			return err
+		}
+		return tx.ForEachMapped(d.ID, func(_ uint64, e table.Entry) error {
+			n, err := tx.Refs(e.Loc)
+			if err != nil {
+				return err
+			}
+			u.Allocated += d.SegmentSize
+			if n > 1 {
+				u.Shared += d.SegmentSize
+			} else {
+				u.Exclusive += d.SegmentSize
+			}
+			return nil
+		})
+	})
+	return u, wrapNotFound(err)
+}
+
+// SnapshotOptions describes a snapshot of one disk or a consistency group.
+type SnapshotOptions struct {
+	// Sources are the disks to copy; Names the new disks' names, one per
+	// source.
+	Sources, Names []string
+	// Writable makes the copies writable clones instead of read-only
+	// snapshots.
+	Writable bool
+	// QuiesceTimeout bounds how long a group snapshot waits for an agent
+	// to drain its I/O; 0 means 30 seconds.
+	QuiesceTimeout time.Duration
+}
+
+// Snapshot copies the tables of the source disks, at one point in time
+// across all of them:
+//
+//  1. if there are several sources, quiesce every agent that maps one;
+//  2. set NoWrite on every entry of each source on every agent that maps
+//     it, with Blocking, so no write made under the old entries is still
+//     on its way;
+//  3. in one transaction, persist NoWrite on the sources, create the copies
+//     with the same entries and count the sharing;
+//  4. activate.
+func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
+	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {
+		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), ErrBadRequest)
+	}
+	seen := map[string]bool{}
+	for _, n := range append(append([]string(nil), o.Sources...), o.Names...) {
+		if err := ValidName(n); err != nil {
+			return nil, err
+		}
+		if seen[n] {
+			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, ErrBadRequest)
+		}
+		seen[n] = true
+	}
+	if o.QuiesceTimeout == 0 {
+		o.QuiesceTimeout = 30 * time.Second
+	}
+	if err := c.lock(); err != nil {
+		return nil, err
+	}
+	defer c.mu.Unlock()
+
+	// Check everything that can be checked before any agent is touched.
+	srcs := make([]meta.Disk, len(o.Sources))
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		for i, n := range o.Sources {
+			d, err := tx.Disk(n)
+			if err != nil {
+				return wrapNotFound(err)
+			}
+			srcs[i] = d
+		}
+		for _, n := range o.Names {
+			if _, err := tx.Disk(n); err == nil {
+				return fmt.Errorf("%q: %w", n, ErrExists)
+			} else if !errors.Is(err, meta.ErrNotFound) {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	// 1. Quiesce.
+	if len(srcs) > 1 {
+		type q struct {
+			st *agentState
+			id meta.DiskID
+		}
+		var quiesced []q
+		defer func() {
+			for _, x := range quiesced {
+				if err := x.st.a.Activate(ctx, mapping.DiskID(x.id)); err != nil {
+					c.logger.Warn("activate after snapshot", "agent", x.st.name, "err", err)
+				}
+			}
+		}()
+		for _, d := range srcs {
+			for _, st := range c.mappers(d.ID, "") {
+				// Record before asking: a quiesce that fails half way
+				// still gets its activate.
+				quiesced = append(quiesced, q{st, d.ID})
+				if err := st.a.Quiesce(ctx, mapping.DiskID(d.ID), o.QuiesceTimeout); err != nil {
+					return nil, fmt.Errorf("snapshot: quiesce %q on agent %q: %w", d.Name, st.name, err)
+				}
+			}
+		}
+	}
+
+	// 2. NoWrite on every agent, Blocking.
+	for _, d := range srcs {
+		cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
+		c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) })
+	}
+
+	// 3. One transaction.
+	out := make([]meta.Disk, len(srcs))
+	err = c.store.Update(ctx, func(tx meta.Tx) error {
+		for i, src := range srcs {
+			// Persist NoWrite on the source and count the new
+			// references, one entry at a time (pages are cached).
+			err := tx.ForEachMapped(src.ID, func(seg uint64, e table.Entry) error {
+				if !e.Is(table.NoWrite) {
+					if err := tx.SetEntries(src.ID, seg, []table.Entry{table.At(e.Loc, true)}); err != nil {
+						return err
+					}
+				}
+				_, err := meta.AddRefs(tx, e.Loc, 1)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			nd, err := tx.CreateDisk(meta.Disk{
+				Name: o.Names[i], Size: src.Size, SegmentSize: src.SegmentSize, Policy: src.Policy,
+				Origin: src.ID, Family: src.Family, ReadOnly: !o.Writable, Created: c.now().UTC(),
+			})
+			if err != nil {
+				return err
+			}
+			if err := tx.CopyTable(src.ID, nd.ID); err != nil {
+				return err
+			}
+			out[i] = nd
+		}
+		return nil
+	})
+	if errors.Is(err, meta.ErrExists) {
+		err = fmt.Errorf("%w: %w", ErrExists, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// 4. Activate: deferred above.
+	return out, nil
+}
+
+// DeleteDisk deletes a disk. Agents that map it forget it first (waiting
+// for their I/O to it), then its references are dropped in one transaction;
+// slots no one references any more are freed and punched.
+func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
+	if err := c.lock(); err != nil {
+		return err
+	}
+	defer c.mu.Unlock()
+	d, err := c.Disk(ctx, name)
+	if err != nil {
+		return err
+	}
+	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+		return a.DeleteTable(ctx, mapping.DiskID(d.ID))
+	})
+	c.forget(d.ID)
+	var freed []table.Location
+	err = c.store.Update(ctx, func(tx meta.Tx) error {
+		freed = freed[:0]
+		if err := tx.ForEachMapped(d.ID, func(_ uint64, e table.Entry) error {
+			n, err := meta.AddRefs(tx, e.Loc, -1)
+			if n == 0 && err == nil {
+				freed = append(freed, e.Loc)
+			}
+			return err
+		}); err != nil {
+			return err
+		}
+		return tx.DeleteDisk(d.ID)
+	})
+	if err != nil {
+		return err
+	}
+	c.punchFreedLocked(ctx, freed)
+	return nil
+}
+
+// ResizeDisk changes a disk's size. New segments are Zero. Shrinking drops
+// the segments past the new end and is refused unless shrink is set.
+func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, shrink bool) (meta.Disk, error) {
+	if err := ValidSize(size); err != nil {
+		return meta.Disk{}, err
+	}
+	if err := c.lock(); err != nil {
+		return meta.Disk{}, err
+	}
+	defer c.mu.Unlock()
+	d, err := c.Disk(ctx, name)
+	if err != nil {
+		return meta.Disk{}, err
+	}
+	if size < d.Size && !shrink {
+		return meta.Disk{}, fmt.Errorf("%q from %d to %d bytes: %w", name, d.Size, size, ErrShrink)
+	}
+	if size < d.Size && size%d.SegmentSize != 0 {
+		// A segment cut in the middle would keep its tail, which a later
+		// grow would expose.
+		return meta.Disk{}, fmt.Errorf("shrink %q to %d bytes: %w (shrink to a multiple of the segment size, %d)", name, size, ErrInvalidSize, d.SegmentSize)
+	}
+	nd := d
+	nd.Size = size
+	// Agents reload the table at its new size; NewTable waits for I/O in
+	// flight, so nothing is still writing past a shrunk end.
+	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+		return a.NewTable(ctx, toMapping(nd))
+	})
+	var freed []table.Location
+	err = c.store.Update(ctx, func(tx meta.Tx) error {
+		freed = freed[:0]
+		if size < d.Size {
+			from := nd.Segments()
+			if err := tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
+				if seg < from {
+					return nil
+				}
+				if err := tx.SetEntries(d.ID, seg, []table.Entry{table.ZeroEntry}); err != nil {
+					return err
+				}
+				n, err := meta.AddRefs(tx, e.Loc, -1)
+				if n == 0 && err == nil {
+					freed = append(freed, e.Loc)
+				}
+				return err
+			}); err != nil {
+				return err
+			}
+		}
+		return tx.PutDisk(nd)
+	})
+	if err != nil {
+		return meta.Disk{}, err
+	}
+	c.punchFreedLocked(ctx, freed)
+	return nd, nil
+}

@@ -1,0 +1,48 @@
+package controller
+
+import (
+	"errors"
+
+	"segmap/internal/mapping"
+)
+
+var (
+	// ErrInvalidName is returned for a disk name that is empty, too long,
+	// or uses characters other than letters, digits, '.', '_' and '-'.
+	ErrInvalidName = errors.New("invalid disk name")
+	// ErrInvalidSize is returned for a disk size that is zero, not a
+	// multiple of 512 bytes, or too large.
+	ErrInvalidSize = errors.New("invalid disk size")
+	// ErrInvalidSegmentSize is returned for a segment size that is not a
+	// power of two between MinSegmentSize and MaxSegmentSize.
+	ErrInvalidSegmentSize = errors.New("invalid segment size")
+	// ErrNotFound is returned for a disk that does not exist.
+	ErrNotFound = mapping.ErrNotFound
+	// ErrExists is returned for a disk name that is taken.
+	ErrExists = errors.New("disk already exists")
+	// ErrReadOnly is returned for a write to a read-only disk (a snapshot).
+	ErrReadOnly = mapping.ErrReadOnly
+	// ErrShrink is returned when a resize would shrink a disk and shrinking
+	// was not asked for explicitly.
+	ErrShrink = errors.New("resize would shrink the disk (data past the new end is lost); ask for shrink explicitly")
+	// ErrNoSpace is returned when no container with the disk's slot size
+	// has a free slot. It fails the I/O that needed the slot, nothing else.
+	ErrNoSpace = mapping.ErrNoSpace
+	// ErrNoPool is returned when creating a disk whose segment size no
+	// container serves.
+	ErrNoPool = errors.New("no container with this slot size")
+	// ErrIO is returned for an I/O that cannot be done: an Error entry, a
+	// failed container.
+	ErrIO = mapping.ErrIO
+	// ErrNotMapped is returned for a fault or command about a disk the
+	// agent has not opened.
+	ErrNotMapped = errors.New("disk not mapped by this agent")
+	// ErrUnknownAgent is returned for a request from an agent that has not
+	// attached.
+	ErrUnknownAgent = errors.New("agent not attached")
+	// ErrBadRequest is returned for a malformed fault: a segment out of
+	// range, an unknown operation.
+	ErrBadRequest = errors.New("bad request")
+	// ErrClosed is returned after Close.
+	ErrClosed = errors.New("controller closed")
+)

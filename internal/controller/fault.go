@@ -1,0 +1,284 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+
+	"segmap/internal/mapping"
+	"segmap/internal/meta"
+	"segmap/internal/table"
+)
+
+// Fault implements mapping.Controller: it resolves a map fault from the
+// persistent table (never from what the agent reported, so a retried or
+// racing fault is resolved against what is true now) and answers with the
+// entries the agent installs before it retries.
+func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+	if err := c.lock(); err != nil {
+		return mapping.Reply{}, err
+	}
+	defer c.mu.Unlock()
+
+	id := meta.DiskID(f.Disk)
+	c.agents.Lock()
+	st := c.agents.byName[f.Agent]
+	mapped := st != nil && st.disks[id]
+	c.agents.Unlock()
+	if st == nil {
+		return mapping.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
+	}
+	if !mapped {
+		return mapping.Reply{}, fmt.Errorf("fault from %q on disk %d: %w", f.Agent, f.Disk, ErrNotMapped)
+	}
+	var d meta.Disk
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		d, err = tx.DiskByID(id)
+		return err
+	}); err != nil {
+		return mapping.Reply{}, wrapNotFound(err)
+	}
+	if f.Count == 0 {
+		f.Count = 1
+	}
+	if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
+		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), ErrBadRequest)
+	}
+	switch f.Op {
+	case mapping.FaultRead, mapping.FaultWrite:
+		if f.Count != 1 {
+			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, ErrBadRequest)
+		}
+		if f.Op == mapping.FaultWrite && d.ReadOnly {
+			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, ErrReadOnly)
+		}
+		return c.faultLocked(ctx, f, d)
+	case mapping.FaultDiscard:
+		if d.ReadOnly {
+			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, ErrReadOnly)
+		}
+		return c.discardLocked(ctx, d, f.Segment, f.Count)
+	}
+	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, ErrBadRequest)
+}
+
+// faultLocked resolves a read or write fault on one segment.
+func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Disk) (mapping.Reply, error) {
+	seg := f.Segment
+	var e table.Entry
+	var refs uint32
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		es, err := tx.Entries(d.ID, seg, 1)
+		if err != nil {
+			return err
+		}
+		e = es[0]
+		if e.Mapped() {
+			refs, err = tx.Refs(e.Loc)
+		}
+		return err
+	}); err != nil {
+		return mapping.Reply{}, err
+	}
+	reply := func(e table.Entry) (mapping.Reply, error) {
+		return mapping.Reply{First: seg, Entries: []table.Entry{e}}, nil
+	}
+
+	switch plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy); plan {
+	case table.Load:
+		return reply(e)
+
+	case table.Deny:
+		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, ErrIO)
+
+	case table.Allocate:
+		loc, err := c.allocateLocked(ctx, d.SegmentSize)
+		if err != nil {
+			return mapping.Reply{}, err
+		}
+		if err := c.zeroSlotLocked(ctx, loc); err != nil {
+			return mapping.Reply{}, err
+		}
+		ne := table.At(loc, false)
+		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
+				return err
+			}
+			_, err := meta.AddRefs(tx, loc, 1)
+			return err
+		}); err != nil {
+			return mapping.Reply{}, err
+		}
+		// Other agents that loaded the Zero entry would keep reading
+		// zeros after the faulting agent's write: move them too, before
+		// that write can be acknowledged.
+		cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
+		c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+		return reply(ne)
+
+	case table.ClearNoWrite:
+		ne := table.At(e.Loc, false)
+		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+			return tx.SetEntries(d.ID, seg, []table.Entry{ne})
+		}); err != nil {
+			return mapping.Reply{}, err
+		}
+		// Other agents keep their NoWrite entry: it is only more
+		// restrictive, and their next write faults and gets this one.
+		return reply(ne)
+
+	case table.MoveForward, table.CopyForward:
+		loc, err := c.allocateLocked(ctx, d.SegmentSize)
+		if err != nil {
+			return mapping.Reply{}, err
+		}
+		if plan == table.MoveForward {
+			err = c.zeroSlotLocked(ctx, loc)
+		} else {
+			err = c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize)
+		}
+		if err != nil {
+			return mapping.Reply{}, err
+		}
+		ne := table.At(loc, false)
+		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
+				return err
+			}
+			if _, err := meta.AddRefs(tx, e.Loc, -1); err != nil {
+				return err
+			}
+			_, err := meta.AddRefs(tx, loc, 1)
+			return err
+		}); err != nil {
+			return mapping.Reply{}, err
+		}
+		// Every other agent mapping this disk moves too, and answers
+		// before the faulting agent retries its write, so none of them
+		// reads the old slot after the new data lands in the new one.
+		cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
+		c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+		return reply(ne)
+
+	case table.CopyReverse:
+		return c.reverseLocked(ctx, f, d, e, refs)
+	}
+	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", ErrBadRequest)
+}
+
+// reverseLocked is the reverse-delta copy-on-write: the other sharers of
+// the slot move to a copy, and the faulting disk keeps the original slot.
+func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.Disk, e table.Entry, refs uint32) (mapping.Reply, error) {
+	seg := f.Segment
+	// Find the other sharers: only disks of the same family share slots,
+	// and always at the same segment index.
+	var sharers []meta.Disk
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		ds, err := tx.Disks()
+		if err != nil {
+			return err
+		}
+		for _, o := range ds {
+			if o.ID == d.ID || o.Family != d.Family || seg >= o.Segments() {
+				continue
+			}
+			es, err := tx.Entries(o.ID, seg, 1)
+			if err != nil {
+				return err
+			}
+			if es[0].Mapped() && es[0].Loc == e.Loc {
+				sharers = append(sharers, o)
+			}
+		}
+		return nil
+	}); err != nil {
+		return mapping.Reply{}, err
+	}
+	if uint32(len(sharers)) != refs-1 {
+		return mapping.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
+	}
+
+	loc, err := c.allocateLocked(ctx, d.SegmentSize)
+	if err != nil {
+		return mapping.Reply{}, err
+	}
+	if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
+		return mapping.Reply{}, err
+	}
+	// The sharers now point at the copy, NoWrite while it is still shared.
+	moved := table.At(loc, len(sharers) > 1)
+	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		for _, o := range sharers {
+			if err := tx.SetEntries(o.ID, seg, []table.Entry{moved}); err != nil {
+				return err
+			}
+		}
+		if err := tx.SetRefs(loc, uint32(len(sharers))); err != nil {
+			return err
+		}
+		return tx.SetRefs(e.Loc, 1)
+	}); err != nil {
+		return mapping.Reply{}, err
+	}
+	// Their agents move, Blocking: reads of the original slot made under
+	// the old entries finish before the faulting disk writes to it.
+	for _, o := range sharers {
+		cmd := mapping.SetEntry{Disk: mapping.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
+		c.broadcast(ctx, o.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+	}
+	// Only now may the faulting disk write in place.
+	ne := table.At(e.Loc, false)
+	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
+	}); err != nil {
+		return mapping.Reply{}, err
+	}
+	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
+	c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+	return mapping.Reply{First: seg, Entries: []table.Entry{ne}}, nil
+}
+
+// MaxDiscard is the most segments one discard fault may cover.
+const MaxDiscard = 1 << 16
+
+// discardLocked returns segments [first, first+n) of d to Zero, freeing
+// the slots no one else references.
+func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (mapping.Reply, error) {
+	if n > MaxDiscard {
+		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, ErrBadRequest)
+	}
+	// Every agent mapping the disk, the asking one included, drops the
+	// slots first, waiting for I/O to them.
+	cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: first, Count: n, State: table.Zero, On: true, Blocking: true}
+	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) })
+	zeros := make([]table.Entry, n)
+	for i := range zeros {
+		zeros[i] = table.ZeroEntry
+	}
+
+	var freed []table.Location
+	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		freed = freed[:0]
+		es, err := tx.Entries(d.ID, first, n)
+		if err != nil {
+			return err
+		}
+		for _, e := range es {
+			if !e.Mapped() {
+				continue
+			}
+			k, err := meta.AddRefs(tx, e.Loc, -1)
+			if err != nil {
+				return err
+			}
+			if k == 0 {
+				freed = append(freed, e.Loc)
+			}
+		}
+		return tx.SetEntries(d.ID, first, zeros)
+	}); err != nil {
+		return mapping.Reply{}, err
+	}
+	c.punchFreedLocked(ctx, freed)
+	return mapping.Reply{First: first, Entries: zeros}, nil
+}

@@ -1,0 +1,206 @@
+// Package local assembles a whole segmap in one process: a bbolt metadata
+// store, a pool of file containers in one data directory, a controller and
+// any number of mapping agents, connected by direct calls. It is the engine
+// of `segmap up` and the harness of the whole-system tests.
+//
+// A data directory holds:
+//
+//	meta.db            the bbolt store
+//	containers/c<N>    container files (sparse)
+package local
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"segmap/internal/agent"
+	"segmap/internal/container"
+	"segmap/internal/controller"
+	"segmap/internal/mapping"
+	"segmap/internal/meta"
+)
+
+// Options configures Open.
+type Options struct {
+	// Agents names the agents to start; one agent "local" if empty.
+	Agents []string
+	// Pool describes the containers to create when the data directory has
+	// none: Count files of Slots slots of SlotSize bytes.
+	Pool []PoolSpec
+	// Logger; slog.Default if nil.
+	Logger *slog.Logger
+}
+
+// PoolSpec is a group of containers with one slot size.
+type PoolSpec struct {
+	SlotSize uint64
+	Slots    uint64
+	Count    int
+}
+
+// Cluster is a running in-process segmap.
+type Cluster struct {
+	Dir    string
+	Store  *meta.Bolt
+	Ctrl   *controller.Controller
+	Agents []*agent.Agent
+	opts   Options
+}
+
+// OpenContainer opens a container by URI: file://PATH or a plain path. A
+// non-zero info.ID (with info.SlotSize) must match the container's header.
+func OpenContainer(info mapping.Container) (container.Container, error) {
+	path, err := FilePath(info.URI)
+	if err != nil {
+		return nil, err
+	}
+	var want *container.Header
+	if info.ID != 0 {
+		want = &container.Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
+	}
+	return container.Open(path, want)
+}
+
+// FilePath returns the path of a file:// URI (or of a plain path).
+func FilePath(uri string) (string, error) {
+	if !strings.Contains(uri, "://") {
+		return uri, nil
+	}
+	u, err := url.Parse(uri)
+	if err != nil || u.Scheme != "file" || u.Path == "" {
+		return "", fmt.Errorf("container %q: want file://PATH", uri)
+	}
+	return u.Path, nil
+}
+
+// FileURI returns the file:// URI of path.
+func FileURI(path string) string { return "file://" + path }
+
+// Open opens (creating if needed) the data directory dir and starts a
+// controller and the agents over it.
+func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
+	if len(opts.Agents) == 0 {
+		opts.Agents = []string{"local"}
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "containers"), 0o700); err != nil {
+		return nil, err
+	}
+	c := &Cluster{Dir: dir, opts: opts}
+	if err := c.startController(ctx); err != nil {
+		return nil, err
+	}
+	if err := c.ensurePool(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	for _, name := range opts.Agents {
+		a := agent.New(agent.Config{Name: name, Controller: c.Ctrl, OpenContainer: OpenContainer})
+		if err := a.Attach(ctx, c.Ctrl); err != nil {
+			c.Close()
+			return nil, err
+		}
+		c.Agents = append(c.Agents, a)
+	}
+	return c, nil
+}
+
+func (c *Cluster) startController(ctx context.Context) error {
+	st, err := meta.OpenBolt(filepath.Join(c.Dir, "meta.db"))
+	if err != nil {
+		return err
+	}
+	c.Store = st
+	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: OpenContainer, Logger: c.opts.Logger})
+	return nil
+}
+
+// ensurePool creates the pool's containers if the store has none.
+func (c *Cluster) ensurePool(ctx context.Context) error {
+	cs, err := c.Ctrl.ListContainers(ctx)
+	if err != nil || len(cs) > 0 {
+		return err
+	}
+	id := uint32(1)
+	for _, p := range c.opts.Pool {
+		for i := 0; i < p.Count; i++ {
+			if err := c.AddContainer(ctx, id, p.SlotSize, p.Slots); err != nil {
+				return err
+			}
+			id++
+		}
+	}
+	return nil
+}
+
+// AddContainer creates container file id in the data directory and adds it
+// to the pool.
+func (c *Cluster) AddContainer(ctx context.Context, id uint32, slotSize, slots uint64) error {
+	path := filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", id))
+	f, err := container.Create(path, container.Header{ID: id, SlotSize: int64(slotSize), Slots: int64(slots)})
+	if err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	_, err = c.Ctrl.AddContainer(ctx, FileURI(path))
+	return err
+}
+
+// RestartController stops the controller and its store as a crash would
+// (nothing is flushed that was not already committed), opens the store
+// again, starts a new controller, and re-attaches every agent to it; each
+// agent forgets its tables.
+func (c *Cluster) RestartController(ctx context.Context) error {
+	c.Ctrl.Close()
+	if err := c.Store.Close(); err != nil {
+		return err
+	}
+	if err := c.startController(ctx); err != nil {
+		return err
+	}
+	for _, a := range c.Agents {
+		if err := a.Attach(ctx, c.Ctrl); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// RestartAgent replaces agent i with a new one of the same name: every table
+// and open disk of the old one is lost.
+func (c *Cluster) RestartAgent(ctx context.Context, i int) error {
+	old := c.Agents[i]
+	old.Close()
+	a := agent.New(agent.Config{Name: old.Name(), Controller: c.Ctrl, OpenContainer: OpenContainer})
+	if err := a.Attach(ctx, c.Ctrl); err != nil {
+		return err
+	}
+	c.Agents[i] = a
+	return nil
+}
+
+// Close stops the agents, then the controller, then the store.
+func (c *Cluster) Close() error {
+	var errs []error
+	for _, a := range c.Agents {
+		errs = append(errs, a.Close())
+	}
+	if c.Ctrl != nil {
+		errs = append(errs, c.Ctrl.Close())
+	}
+	if c.Store != nil {
+		errs = append(errs, c.Store.Close())
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,99 @@
+package meta
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// bucket is the one bbolt bucket that holds every key.
+var bucket = []byte("segmap")
+
+// Bolt is the embedded store: one bbolt file, one writer at a time, every
+// Update one fsync'd bbolt transaction.
+type Bolt struct {
+	db *bolt.DB
+}
+
+// OpenBolt opens (creating if needed) the bbolt store at path. It fails
+// rather than waits if another process holds the file.
+func OpenBolt(path string) (*Bolt, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		if errors.Is(err, berrors.ErrTimeout) {
+			return nil, fmt.Errorf("open metadata %s: locked by another process", path)
+		}
+		return nil, fmt.Errorf("open metadata %s: %w", path, err)
+	}
+	if err := db.Update(func(btx *bolt.Tx) error {
+		_, err := btx.CreateBucketIfNotExists(bucket)
+		return err
+	}); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open metadata %s: %w", path, err)
+	}
+	return &Bolt{db: db}, nil
+}
+
+// Path returns the file the store lives in.
+func (b *Bolt) Path() string { return b.db.Path() }
+
+// View implements Store.
+func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	err := b.db.View(func(btx *bolt.Tx) error {
+		return fn(newTx(boltKV{btx.Bucket(bucket)}, false))
+	})
+	return mapBoltErr(err)
+}
+
+// Update implements Store.
+func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	err := b.db.Update(func(btx *bolt.Tx) error {
+		t := newTx(boltKV{btx.Bucket(bucket)}, true)
+		if err := fn(t); err != nil {
+			return err
+		}
+		return t.flush()
+	})
+	return mapBoltErr(err)
+}
+
+// Close implements Store.
+func (b *Bolt) Close() error { return b.db.Close() }
+
+func mapBoltErr(err error) error {
+	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		return ErrClosed
+	}
+	return err
+}
+
+// boltKV is a KV over one bbolt bucket.
+type boltKV struct{ b *bolt.Bucket }
+
+func (k boltKV) Get(key []byte) ([]byte, error) { return k.b.Get(key), nil }
+
+func (k boltKV) Put(key, value []byte) error { return k.b.Put(key, value) }
+
+func (k boltKV) Delete(key []byte) error { return k.b.Delete(key) }
+
+func (k boltKV) Scan(prefix []byte, fn func(key, value []byte) error) error {
+	c := k.b.Cursor()
+	for key, v := c.Seek(prefix); key != nil && bytes.HasPrefix(key, prefix); key, v = c.Next() {
+		if err := fn(key, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,164 @@
+// Package meta is the controller's persistent store: the disk catalogue, each
+// disk's mapping table, the storage containers, and per-slot reference
+// counts that say which slots are allocated and how many table entries share
+// them.
+//
+// Every change the controller makes is one transaction (Store.Update), so a
+// crash leaves the store as it was before or after the change, never between.
+// The records are built on a small ordered key-value interface so that each
+// backend (bbolt now, etcd later) only has to provide atomic transactions
+// over keys; the record layout, checksums and the page caching live here once.
+//
+// # Layout
+//
+//	n/<name>                 -> disk id
+//	d/<disk id>              -> Disk record
+//	t/<disk id>/<page>       -> table page: PageEntries entries
+//	c/<container id>         -> Container record
+//	r/<container id>/<page>  -> reference counts of PageSlots slots
+//	s/<sequence name>        -> last id handed out
+//
+// A table page that does not exist holds only Zero entries, so a disk of any
+// size is created by writing one record, and a reference page that does not
+// exist holds only free slots. Every value ends in a CRC-32C of the bytes
+// before it; a record that fails it, or that does not decode, is reported as
+// ErrCorrupt with its key.
+//
+// # Invariants (checked by the controller's Check)
+//
+//   - a slot's reference count equals the number of table entries, across
+//     all disks, that point at it; a count of zero means free;
+//   - Container.Used is the number of slots with a non-zero count.
+package meta
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"segmap/internal/table"
+)
+
+// PageEntries is the number of table entries in one stored table page.
+const PageEntries = 1024
+
+// PageSlots is the number of slot reference counts in one stored page.
+const PageSlots = 1024
+
+// DiskID identifies a disk for its lifetime; ids are never reused.
+type DiskID uint64
+
+// Disk is a virtual disk's catalogue record.
+type Disk struct {
+	ID          DiskID
+	Name        string
+	Size        uint64 // bytes; a multiple of 512
+	SegmentSize uint64 // bytes; a power of two
+	Policy      table.Policy
+	// Origin is the disk this one was snapshotted or cloned from, 0 if none.
+	// The origin may since have been deleted.
+	Origin DiskID
+	// Family is the id of the first disk of the snapshot tree this disk
+	// belongs to. Only disks of one family can share slots, and they share
+	// them at the same segment index, which is how the reverse-delta policy
+	// finds every sharer of a slot.
+	Family   DiskID
+	ReadOnly bool
+	Created  time.Time
+}
+
+// Segments returns the number of table entries of d.
+func (d Disk) Segments() uint64 { return (d.Size + d.SegmentSize - 1) / d.SegmentSize }
+
+// Container is a storage container's catalogue record.
+type Container struct {
+	ID       uint32
+	URI      string // where agents and the controller open it
+	SlotSize uint64
+	Slots    uint64
+	// Used is the number of slots whose reference count is not zero. It is
+	// maintained by Tx.SetRefs.
+	Used uint64
+}
+
+// Free returns the number of free slots.
+func (c Container) Free() uint64 { return c.Slots - c.Used }
+
+// Store is the persistent store. Its methods are safe for concurrent use;
+// transactions are serialisable.
+type Store interface {
+	// View runs fn in a read-only transaction.
+	View(ctx context.Context, fn func(Tx) error) error
+	// Update runs fn in a read-write transaction and commits it durably if
+	// fn returns nil; otherwise nothing fn did is kept. fn may be called
+	// more than once and must not have effects outside the transaction.
+	Update(ctx context.Context, fn func(Tx) error) error
+	// Close releases the store.
+	Close() error
+}
+
+// Tx is a transaction. It is not safe for concurrent use, and it is valid
+// only inside the function it was passed to. In a read-only transaction the
+// methods that write return ErrReadOnly.
+type Tx interface {
+	// Disk returns the disk called name, or ErrNotFound.
+	Disk(name string) (Disk, error)
+	// DiskByID returns disk id, or ErrNotFound.
+	DiskByID(id DiskID) (Disk, error)
+	// Disks returns every disk, ordered by id.
+	Disks() ([]Disk, error)
+	// CreateDisk stores a new disk, giving it a fresh id (and making it
+	// its own family if d.Family is 0). The name must be free
+	// (ErrExists). Its table is all Zero.
+	CreateDisk(d Disk) (Disk, error)
+	// PutDisk updates an existing disk's record; the name may change.
+	PutDisk(d Disk) error
+	// DeleteDisk removes the disk record and its table. It does not touch
+	// reference counts: the caller releases the disk's slots first.
+	DeleteDisk(id DiskID) error
+
+	// Entries returns entries [first, first+n) of disk id's table.
+	Entries(id DiskID, first, n uint64) ([]table.Entry, error)
+	// SetEntries replaces entries [first, first+len(es)) of disk id's table.
+	SetEntries(id DiskID, first uint64, es []table.Entry) error
+	// ForEachMapped calls fn for every entry of disk id's table that holds
+	// a location (neither Zero, Error nor Invalid), in segment order.
+	ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error
+	// CopyTable makes dst's table a copy of src's.
+	CopyTable(src, dst DiskID) error
+
+	// Containers returns every container, ordered by id.
+	Containers() ([]Container, error)
+	// Container returns container id, or ErrNotFound.
+	Container(id uint32) (Container, error)
+	// AddContainer stores a new container record, giving it a fresh id
+	// when c.ID is 0.
+	AddContainer(c Container) (Container, error)
+
+	// Refs returns the reference count of a slot.
+	Refs(loc table.Location) (uint32, error)
+	// SetRefs sets the reference count of a slot and keeps the container's
+	// Used count in step.
+	SetRefs(loc table.Location, n uint32) error
+	// FindFree returns a free slot of container cid, searching from slot
+	// from upward and wrapping around; ok is false if there is none.
+	FindFree(cid uint32, from uint32) (slot uint32, ok bool, err error)
+	// ForEachRef calls fn for every slot of container cid with a non-zero
+	// count, in slot order.
+	ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error
+}
+
+// AddRefs adds delta to a slot's reference count and returns the new count.
+// It refuses to go below zero (ErrCorrupt: the store already disagrees with
+// itself).
+func AddRefs(tx Tx, loc table.Location, delta int) (uint32, error) {
+	n, err := tx.Refs(loc)
+	if err != nil {
+		return 0, err
+	}
+	v := int64(n) + int64(delta)
+	if v < 0 {
+		return 0, fmt.Errorf("slot %v: reference count %d%+d: %w", loc, n, delta, ErrCorrupt)
+	}
+	return uint32(v), tx.SetRefs(loc, uint32(v))
+}

@@ -1,0 +1,254 @@
+package table
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+)
+
+var loc = Location{Container: 3, Slot: 7}
+
+func TestDecide(t *testing.T) {
+	tests := []struct {
+		e     Entry
+		op    Op
+		want  Action
+		cause State
+	}{
+		{InvalidEntry, Read, Fault, Invalid},
+		{InvalidEntry, Write, Fault, Invalid},
+		{Entry{Loc: loc, State: Invalid | NoWrite}, Read, Fault, Invalid},
+		{Entry{Loc: loc, State: Invalid | NoWrite}, Write, Fault, Invalid},
+		{Entry{State: Invalid | Zero}, Read, Fault, Invalid},
+		{ErrorEntry, Read, Fail, Error},
+		{ErrorEntry, Write, Fail, Error},
+		{Entry{State: Error | Zero}, Read, Fail, Error},
+		{ZeroEntry, Read, ReadZeros, 0},
+		{ZeroEntry, Write, Fault, Zero},
+		{Entry{State: Zero | NoWrite}, Read, ReadZeros, 0},
+		{Entry{State: Zero | NoWrite}, Write, Fault, Zero},
+		{At(loc, true), Read, Proceed, 0},
+		{At(loc, true), Write, Fault, NoWrite},
+		{At(loc, false), Read, Proceed, 0},
+		{At(loc, false), Write, Proceed, 0},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%v/%v", tt.e, tt.op), func(t *testing.T) {
+			got := Decide(tt.e, tt.op)
+			if got.Action != tt.want || got.Reason != tt.cause {
+				t.Fatalf("Decide(%v, %v) = %v/%v, want %v/%v", tt.e, tt.op, got.Action, got.Reason, tt.want, tt.cause)
+			}
+		})
+	}
+}
+
+// TestDecideEveryState checks that every combination of state bits and
+// operation gets a decision, and that only entries without voiding bits reach
+// storage.
+func TestDecideEveryState(t *testing.T) {
+	for s := State(0); s <= allStates; s++ {
+		for _, op := range []Op{Read, Write} {
+			d := Decide(Entry{Loc: loc, State: s}, op)
+			if d.Action == 0 {
+				t.Fatalf("no decision for %v %v", s, op)
+			}
+			if d.Action == Proceed && s&voiding != 0 {
+				t.Errorf("%v %v proceeds to a voided location", s, op)
+			}
+			if op == Write && d.Action == Proceed && s != 0 {
+				t.Errorf("write proceeds with %v", s)
+			}
+		}
+	}
+}
+
+func TestResolve(t *testing.T) {
+	mapped, nw := At(loc, false), At(loc, true)
+	tests := []struct {
+		e     Entry
+		op    Op
+		refs  uint32
+		whole bool
+		p     Policy
+		want  Plan
+	}{
+		{ErrorEntry, Read, 0, false, Forward, Deny},
+		{ErrorEntry, Write, 0, false, Forward, Deny},
+		{InvalidEntry, Write, 0, false, Forward, Deny},
+		{ZeroEntry, Read, 0, false, Forward, Load},
+		{ZeroEntry, Write, 0, false, Forward, Allocate},
+		{ZeroEntry, Write, 0, true, Reverse, Allocate},
+		{mapped, Read, 1, false, Forward, Load},
+		{mapped, Write, 1, false, Forward, Load},
+		{nw, Read, 2, false, Forward, Load},
+		{nw, Write, 1, false, Forward, ClearNoWrite},
+		{nw, Write, 1, false, Reverse, ClearNoWrite},
+		{nw, Write, 2, false, Forward, CopyForward},
+		{nw, Write, 5, false, Reverse, CopyReverse},
+		{nw, Write, 2, true, Forward, MoveForward},
+		{nw, Write, 2, true, Reverse, MoveForward},
+	}
+	for _, tt := range tests {
+		got := Resolve(tt.e, tt.op, tt.refs, tt.whole, tt.p)
+		if got != tt.want {
+			t.Errorf("Resolve(%v, %v, refs=%d, whole=%v, %v) = %v, want %v", tt.e, tt.op, tt.refs, tt.whole, tt.p, got, tt.want)
+		}
+	}
+}
+
+func TestSetEntryStateCannotLeaveVoidingStates(t *testing.T) {
+	for _, s := range []State{Invalid, Error, Zero, Invalid | NoWrite, Zero | Error} {
+		tb := New(4, Entry{Loc: loc, State: s})
+		err := tb.SetEntryState(0, 4, s, false)
+		if !errors.Is(err, ErrVoided) {
+			t.Fatalf("clear %v: err = %v, want ErrVoided", s, err)
+		}
+		for i := 0; i < 4; i++ {
+			if tb.Entry(i) != normal(Entry{Loc: loc, State: s}) {
+				t.Fatalf("refused clear changed entry %d to %v", i, tb.Entry(i))
+			}
+		}
+		// Replacing the entry whole works.
+		if err := tb.SetEntry(1, []Entry{At(loc, false)}); err != nil {
+			t.Fatal(err)
+		}
+		if got := tb.Entry(1); got != At(loc, false) {
+			t.Fatalf("after SetEntry: %v", got)
+		}
+	}
+}
+
+func TestSetEntryStateNoWrite(t *testing.T) {
+	tb := New(8, At(loc, false))
+	if err := tb.SetEntryState(2, 3, NoWrite, true); err != nil {
+		t.Fatal(err)
+	}
+	st, err := tb.GetStatus(0, 8, NoWrite)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []bool{false, false, true, true, true, false, false, false}
+	if fmt.Sprint(st) != fmt.Sprint(want) {
+		t.Fatalf("status %v, want %v", st, want)
+	}
+	if err := tb.SetEntryState(0, 8, NoWrite, false); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 8; i++ {
+		if tb.Entry(i) != At(loc, false) {
+			t.Fatalf("entry %d = %v", i, tb.Entry(i))
+		}
+	}
+	// Setting a voiding state is allowed (restrictive).
+	if err := tb.SetEntryState(0, 2, Invalid, true); err != nil {
+		t.Fatal(err)
+	}
+	if Decide(tb.Entry(0), Read).Action != Fault {
+		t.Fatal("invalidated entry does not fault")
+	}
+}
+
+func TestRanges(t *testing.T) {
+	tb := New(4, ZeroEntry)
+	bad := [][2]int{{-1, 1}, {0, 5}, {4, 1}, {5, 0}, {2, -1}, {3, 2}}
+	for _, r := range bad {
+		if _, err := tb.GetEntry(r[0], r[1]); !errors.Is(err, ErrRange) {
+			t.Errorf("GetEntry%v: %v", r, err)
+		}
+		if _, err := tb.GetStatus(r[0], r[1], Zero); !errors.Is(err, ErrRange) {
+			t.Errorf("GetStatus%v: %v", r, err)
+		}
+		if err := tb.SetEntryState(r[0], r[1], NoWrite, true); !errors.Is(err, ErrRange) {
+			t.Errorf("SetEntryState%v: %v", r, err)
+		}
+	}
+	if err := tb.SetEntry(3, []Entry{ZeroEntry, ZeroEntry}); !errors.Is(err, ErrRange) {
+		t.Errorf("SetEntry past end: %v", err)
+	}
+	if err := tb.SetEntry(0, []Entry{{State: 0x80}}); !errors.Is(err, ErrBadState) {
+		t.Errorf("SetEntry bad state: %v", err)
+	}
+	if err := tb.SetEntryState(0, 1, 0, true); !errors.Is(err, ErrBadState) {
+		t.Errorf("SetEntryState empty: %v", err)
+	}
+	es, err := tb.GetEntry(4, 0)
+	if err != nil || len(es) != 0 {
+		t.Errorf("empty range at end: %v %v", es, err)
+	}
+}
+
+func TestSparse(t *testing.T) {
+	const n = 1 << 24 // a 1 TiB disk of 64 KiB segments
+	tb := New(n, InvalidEntry)
+	if err := tb.SetEntryState(0, n, NoWrite, true); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Pages() != 0 {
+		t.Fatalf("NoWrite on an Invalid table allocated %d pages", tb.Pages())
+	}
+	if err := tb.SetEntry(n-1, []Entry{At(loc, false)}); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Pages() != 1 || tb.Entry(n-1) != At(loc, false) || tb.Entry(n-2) != InvalidEntry {
+		t.Fatalf("pages %d, last %v, before %v", tb.Pages(), tb.Entry(n-1), tb.Entry(n-2))
+	}
+	if err := tb.SetEntryState(0, n, NoWrite, true); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Entry(n-1) != At(loc, true) || tb.Pages() != 1 {
+		t.Fatalf("after NoWrite: %v, %d pages", tb.Entry(n-1), tb.Pages())
+	}
+	if err := tb.Fill(0, n, InvalidEntry); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Pages() != 0 {
+		t.Fatalf("Fill with the fill entry kept %d pages", tb.Pages())
+	}
+}
+
+func TestNormalised(t *testing.T) {
+	tb := New(4, At(loc, false))
+	// A voiding state drops the location.
+	if err := tb.SetEntryState(0, 1, Zero, true); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Entry(0) != ZeroEntry {
+		t.Fatalf("zeroed entry = %#v", tb.Entry(0))
+	}
+	// NoWrite does not stick to voided entries.
+	if err := tb.SetEntryState(0, 4, NoWrite, true); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Entry(0) != ZeroEntry || tb.Entry(1) != At(loc, true) {
+		t.Fatalf("after NoWrite: %v %v", tb.Entry(0), tb.Entry(1))
+	}
+	if err := tb.SetEntry(2, []Entry{{Loc: loc, State: Error | NoWrite}}); err != nil {
+		t.Fatal(err)
+	}
+	if tb.Entry(2) != ErrorEntry {
+		t.Fatalf("set voided entry kept %#v", tb.Entry(2))
+	}
+}
+
+func TestStrings(t *testing.T) {
+	for _, tt := range []struct {
+		got, want string
+	}{
+		{State(0).String(), "Mapped"},
+		{(Invalid | NoWrite).String(), "Invalid|NoWrite"},
+		{At(loc, true).String(), "c3/s7+NoWrite"},
+		{ZeroEntry.String(), "Zero"},
+		{CopyReverse.String(), "copy-reverse"},
+		{Forward.String(), "forward"},
+	} {
+		if tt.got != tt.want {
+			t.Errorf("got %q, want %q", tt.got, tt.want)
+		}
+	}
+	if p, err := ParsePolicy("reverse"); err != nil || p != Reverse {
+		t.Errorf("ParsePolicy: %v %v", p, err)
+	}
+	if _, err := ParsePolicy("sideways"); !errors.Is(err, ErrBadPolicy) {
+		t.Errorf("ParsePolicy(sideways): %v", err)
+	}
+}
