@@ -70,7 +70,7 @@ type Agent struct {
 }
 
 type openContainer struct {
-	c     container.Container
+	c container.Container
 	// written is set after a write completes and cleared by the flush
 	// that covers it.
 	written atomic.Bool

@@ -19,10 +19,10 @@
 // location means nothing, so they can only be left by replacing the entry
 // whole (SetEntry). SetEntryState may set any state but clear only NoWrite:
 //
-//	            SetEntryState(+Invalid|+Error|+Zero)
-//	 mapped ─────────────────────────────────────────▶ voided
-//	 (±Nw)  ◀───────────────────────────────────────── (I, E or Z)
-//	                    SetEntry (whole entry)
+//	           SetEntryState(+Invalid|+Error|+Zero)
+//	mapped ─────────────────────────────────────────▶ voided
+//	(±Nw)  ◀───────────────────────────────────────── (I, E or Z)
+//	                   SetEntry (whole entry)
 //
 // A new table is all Invalid (an agent that has not loaded anything); a new
 // disk's persistent table is all Zero (thin provisioning).
