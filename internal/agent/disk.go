@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"segmap/internal/mapping"
@@ -19,18 +20,23 @@ const maxRetries = 64
 // Disk is an open virtual disk. Its methods are safe for concurrent use.
 type Disk struct {
 	a *Agent
+	// info is what the agent knows of the disk; replaced (under mu) by
+	// reset, read without a lock on the data path.
+	info atomic.Pointer[mapping.Disk]
 
 	mu struct {
 		sync.Mutex
-		info mapping.Disk
-		tab  *table.Table
+		tab *table.Table
 		// seq counts changes to the table by commands; a fault reply
 		// is installed only if seq did not move while it was out.
 		seq uint64
-		// gen is the current generation; inflight counts I/O in flight
-		// by the generation it started in.
+		// gen is the current generation; cur counts the I/O in flight
+		// that started in it, and older those that started in earlier
+		// generations (only while a command waits for them).
 		gen      uint64
-		inflight map[uint64]int
+		cur      int
+		older    map[uint64]int
+		waiters  int // goroutines waiting on wake for I/O to drain
 		quiesced bool
 		gone     bool
 		// wake is closed (and replaced) whenever inflight, quiesced or
@@ -41,19 +47,15 @@ type Disk struct {
 
 func newDisk(a *Agent, info mapping.Disk) *Disk {
 	d := &Disk{a: a}
-	d.mu.info = info
+	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
-	d.mu.inflight = make(map[uint64]int)
+	d.mu.older = make(map[uint64]int)
 	d.mu.wake = make(chan struct{})
 	return d
 }
 
 // Info returns what the agent knows of the disk.
-func (d *Disk) Info() mapping.Disk {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.mu.info
-}
+func (d *Disk) Info() mapping.Disk { return *d.info.Load() }
 
 // Size returns the disk's size in bytes.
 func (d *Disk) Size() uint64 { return d.Info().Size }
@@ -67,6 +69,10 @@ func (d *Disk) broadcastLocked() {
 // that generation or older was in flight before the caller's change.
 func (d *Disk) bumpLocked() uint64 {
 	g := d.mu.gen
+	if d.mu.cur > 0 {
+		d.mu.older[g] = d.mu.cur
+		d.mu.cur = 0
+	}
 	d.mu.gen++
 	return g
 }
@@ -74,8 +80,11 @@ func (d *Disk) bumpLocked() uint64 {
 // drainedLocked reports whether no I/O of generation g or older is in
 // flight.
 func (d *Disk) drainedLocked(g uint64) bool {
-	for k, n := range d.mu.inflight {
-		if k <= g && n > 0 {
+	if g >= d.mu.gen && d.mu.cur > 0 {
+		return false
+	}
+	for k := range d.mu.older {
+		if k <= g {
 			return false
 		}
 	}
@@ -91,11 +100,19 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 			return nil
 		}
 		wake := d.mu.wake
+		d.mu.waiters++
 		d.mu.Unlock()
+		var err error
 		select {
 		case <-wake:
 		case <-ctx.Done():
-			return ctx.Err()
+			err = ctx.Err()
+		}
+		d.mu.Lock()
+		d.mu.waiters--
+		d.mu.Unlock()
+		if err != nil {
+			return err
 		}
 	}
 }
@@ -125,7 +142,7 @@ func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entr
 	e = d.mu.tab.Entry(int(seg))
 	dec = table.Decide(e, op)
 	if dec.Action == table.Proceed {
-		d.mu.inflight[d.mu.gen]++
+		d.mu.cur++
 	}
 	return e, dec, d.mu.gen, d.mu.seq, nil
 }
@@ -134,9 +151,15 @@ func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entr
 func (d *Disk) end(gen uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.inflight[gen]--; d.mu.inflight[gen] <= 0 {
-		delete(d.mu.inflight, gen)
-		d.broadcastLocked()
+	if gen == d.mu.gen {
+		d.mu.cur--
+		return // no command waits for the current generation
+	}
+	if d.mu.older[gen]--; d.mu.older[gen] <= 0 {
+		delete(d.mu.older, gen)
+		if d.mu.waiters > 0 {
+			d.broadcastLocked()
+		}
 	}
 }
 
@@ -428,7 +451,7 @@ func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error
 // flight.
 func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
 	d.mu.Lock()
-	d.mu.info = info
+	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
 	d.mu.seq++
 	g := d.bumpLocked()

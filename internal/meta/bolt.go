@@ -26,7 +26,7 @@ func OpenBolt(path string) (*Bolt, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		if errors.Is(err, berrors.ErrTimeout) {
-			return nil, fmt.Errorf("open metadata %s: locked by another process", path)
+			return nil, fmt.Errorf("open metadata %s: %w", path, ErrLocked)
 		}
 		return nil, fmt.Errorf("open metadata %s: %w", path, err)
 	}

@@ -129,7 +129,7 @@ func TestBoltSparse(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "meta.db")
 	s := openBolt(t, path)
 	err := s.Update(t.Context(), func(tx meta.Tx) error {
-		d, err := tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 60, SegmentSize: 1 << 20, Policy: table.Forward})
+		d, err := tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 60, SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()})
 		if err != nil {
 			return err
 		}
@@ -202,10 +202,10 @@ func writeCorruptFixture(t *testing.T, path string) corruptFixture {
 	s := openBolt(t, path)
 	err := s.Update(t.Context(), func(tx meta.Tx) error {
 		var err error
-		if f.disk, err = tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Forward}); err != nil {
+		if f.disk, err = tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}); err != nil {
 			return err
 		}
-		if f.disk2, err = tx.CreateDisk(meta.Disk{Name: "vol2", Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Reverse}); err != nil {
+		if f.disk2, err = tx.CreateDisk(meta.Disk{Name: "vol2", Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Reverse, Created: time.Unix(1700000000, 0).UTC()}); err != nil {
 			return err
 		}
 		if f.cont, err = tx.AddContainer(meta.Container{URI: "c", SlotSize: 1 << 20, Slots: 2 * meta.PageSlots}); err != nil {
@@ -324,7 +324,7 @@ var corruptReads = map[string][]corruptRead{
 	},
 	"s/": {
 		{"CreateDisk", true, func(tx meta.Tx, f corruptFixture) error {
-			return ignore2(tx.CreateDisk(meta.Disk{Name: "new", SegmentSize: 1 << 20, Policy: table.Forward}))
+			return ignore2(tx.CreateDisk(meta.Disk{Name: "new", SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}))
 		}},
 		{"AddContainer", true, func(tx meta.Tx, f corruptFixture) error {
 			return ignore2(tx.AddContainer(meta.Container{URI: "new", SlotSize: 1 << 20, Slots: 1}))

@@ -15,6 +15,12 @@ var (
 	// ErrRange is returned for table entries or slots outside their disk or
 	// container.
 	ErrRange = errors.New("out of range")
+	// ErrInvalid is returned when asked to store a record that breaks the
+	// record rules (no name, a segment size that is not a power of two,
+	// an unknown policy, no creation time, ...).
+	ErrInvalid = errors.New("invalid record")
+	// ErrLocked is returned when another process holds the store.
+	ErrLocked = errors.New("metadata store locked by another process")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("metadata store closed")
 )

@@ -34,6 +34,7 @@ package meta
 import (
 	"context"
 	"fmt"
+	"math"
 	"time"
 
 	"segmap/internal/table"
@@ -65,6 +66,37 @@ type Disk struct {
 	Family   DiskID
 	ReadOnly bool
 	Created  time.Time
+}
+
+// validate checks the rules every stored disk record keeps.
+func (d Disk) validate() error {
+	switch {
+	case d.Name == "" || len(d.Name) > maxName:
+		return fmt.Errorf("disk name %q: %w", d.Name, ErrInvalid)
+	case d.SegmentSize == 0 || d.SegmentSize&(d.SegmentSize-1) != 0:
+		return fmt.Errorf("disk %q: segment size %d: %w", d.Name, d.SegmentSize, ErrInvalid)
+	case !d.Policy.Valid():
+		return fmt.Errorf("disk %q: policy %d: %w", d.Name, d.Policy, ErrInvalid)
+	case d.Created.IsZero() || !time.Unix(0, d.Created.UnixNano()).Equal(d.Created):
+		// Stored as Unix nanoseconds: about 1678 to 2262.
+		return fmt.Errorf("disk %q: creation time %v: %w", d.Name, d.Created, ErrInvalid)
+	}
+	return nil
+}
+
+// validate checks the rules every stored container record keeps.
+func (c Container) validate() error {
+	switch {
+	case c.SlotSize == 0 || c.SlotSize&(c.SlotSize-1) != 0:
+		return fmt.Errorf("container %d: slot size %d: %w", c.ID, c.SlotSize, ErrInvalid)
+	case c.Slots == 0 || c.Slots > math.MaxUint32:
+		return fmt.Errorf("container %d: %d slots (1 to 2^32-1): %w", c.ID, c.Slots, ErrInvalid)
+	case c.Used > c.Slots:
+		return fmt.Errorf("container %d: %d of %d slots used: %w", c.ID, c.Used, c.Slots, ErrInvalid)
+	case len(c.URI) > maxName:
+		return fmt.Errorf("container %d: URI of %d bytes: %w", c.ID, len(c.URI), ErrInvalid)
+	}
+	return nil
 }
 
 // Segments returns the number of table entries of d.
@@ -157,7 +189,7 @@ func AddRefs(tx Tx, loc table.Location, delta int) (uint32, error) {
 		return 0, err
 	}
 	v := int64(n) + int64(delta)
-	if v < 0 {
+	if v < 0 || v > math.MaxUint32 {
 		return 0, fmt.Errorf("slot %v: reference count %d%+d: %w", loc, n, delta, ErrCorrupt)
 	}
 	return uint32(v), tx.SetRefs(loc, uint32(v))

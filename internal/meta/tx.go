@@ -2,7 +2,9 @@ package meta
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"math"
 	"sort"
 
 	"segmap/internal/table"
@@ -99,7 +101,13 @@ func (t *tx) Disk(name string) (Disk, error) {
 	if err != nil {
 		return Disk{}, err
 	}
-	return t.DiskByID(DiskID(id))
+	d, err := t.DiskByID(DiskID(id))
+	if err == nil && d.Name != name {
+		err = corrupt(nameKey(name), "names disk %d, which is called %q", id, d.Name)
+	} else if errors.Is(err, ErrNotFound) {
+		err = corrupt(nameKey(name), "names missing disk %d", id)
+	}
+	return d, err
 }
 
 func (t *tx) DiskByID(id DiskID) (Disk, error) {
@@ -124,6 +132,9 @@ func (t *tx) Disks() ([]Disk, error) {
 		d, err := decodeDisk(k, v)
 		if err != nil {
 			return err
+		}
+		if !bytes.Equal(k, diskKey(d.ID)) {
+			return corrupt(k, "holds disk %d", d.ID)
 		}
 		out = append(out, d)
 		return nil
@@ -151,6 +162,9 @@ func (t *tx) CreateDisk(d Disk) (Disk, error) {
 	if !t.writable {
 		return Disk{}, ErrReadOnly
 	}
+	if err := d.validate(); err != nil {
+		return Disk{}, err
+	}
 	if v, err := t.kv.Get(nameKey(d.Name)); err != nil {
 		return Disk{}, err
 	} else if v != nil {
@@ -171,6 +185,9 @@ func (t *tx) CreateDisk(d Disk) (Disk, error) {
 }
 
 func (t *tx) PutDisk(d Disk) error {
+	if err := d.validate(); err != nil {
+		return err
+	}
 	old, err := t.DiskByID(d.ID)
 	if err != nil {
 		return err
@@ -196,6 +213,17 @@ func (t *tx) DeleteDisk(id DiskID) error {
 	if err != nil {
 		return err
 	}
+	if err := t.dropTable(id); err != nil {
+		return err
+	}
+	if err := t.del(nameKey(d.Name)); err != nil {
+		return err
+	}
+	return t.del(diskKey(id))
+}
+
+// dropTable removes every page of disk id's table, stored or cached.
+func (t *tx) dropTable(id DiskID) error {
 	var keys [][]byte
 	if err := t.kv.Scan(tablePrefix(id), func(k, _ []byte) error {
 		keys = append(keys, bytes.Clone(k))
@@ -213,10 +241,7 @@ func (t *tx) DeleteDisk(id DiskID) error {
 			delete(t.pages, k)
 		}
 	}
-	if err := t.del(nameKey(d.Name)); err != nil {
-		return err
-	}
-	return t.del(diskKey(id))
+	return nil
 }
 
 // page returns table page pg of disk id, from the cache or the store.
@@ -244,6 +269,9 @@ func (t *tx) page(id DiskID, pg uint64) (*cachedPage, error) {
 }
 
 func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
+	if n > math.MaxUint64-first {
+		return nil, fmt.Errorf("entries [%d,+%d): %w", first, n, ErrRange)
+	}
 	out := make([]table.Entry, 0, min(n, 1<<16))
 	for s := first; s < first+n; {
 		c, err := t.page(id, s/PageEntries)
@@ -261,6 +289,9 @@ func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 func (t *tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 	if !t.writable {
 		return ErrReadOnly
+	}
+	if uint64(len(es)) > math.MaxUint64-first {
+		return fmt.Errorf("entries [%d,+%d): %w", first, len(es), ErrRange)
 	}
 	for _, e := range es {
 		if !e.State.Valid() || e.State&table.Invalid != 0 {
@@ -345,6 +376,12 @@ func (t *tx) CopyTable(src, dst DiskID) error {
 	if !t.writable {
 		return ErrReadOnly
 	}
+	if src == dst {
+		return nil
+	}
+	if err := t.dropTable(dst); err != nil {
+		return err
+	}
 	return t.ForEachPage(src, func(pg uint64, p *page) error {
 		c, err := t.page(dst, pg)
 		if err != nil {
@@ -362,6 +399,9 @@ func (t *tx) Containers() ([]Container, error) {
 		c, err := decodeContainer(k, v)
 		if err != nil {
 			return err
+		}
+		if !bytes.Equal(k, containerKey(c.ID)) {
+			return corrupt(k, "holds container %d", c.ID)
 		}
 		if d, ok := t.conts[c.ID]; ok {
 			c = *d
@@ -395,21 +435,33 @@ func (t *tx) AddContainer(c Container) (Container, error) {
 	if !t.writable {
 		return Container{}, ErrReadOnly
 	}
+	c.Used = 0
+	if err := c.validate(); err != nil {
+		return Container{}, err
+	}
 	if c.ID == 0 {
 		for {
 			id, err := t.nextID("container")
 			if err != nil {
 				return Container{}, err
 			}
-			if _, err := t.Container(uint32(id)); err != nil {
+			if id > math.MaxUint32 {
+				return Container{}, fmt.Errorf("container ids exhausted: %w", ErrInvalid)
+			}
+			_, err = t.Container(uint32(id))
+			if errors.Is(err, ErrNotFound) {
 				c.ID = uint32(id)
 				break
+			}
+			if err != nil {
+				return Container{}, err
 			}
 		}
 	} else if _, err := t.Container(c.ID); err == nil {
 		return Container{}, fmt.Errorf("container %d: %w", c.ID, ErrExists)
+	} else if !errors.Is(err, ErrNotFound) {
+		return Container{}, err
 	}
-	c.Used = 0
 	return c, t.put(containerKey(c.ID), encodeContainer(c))
 }
 

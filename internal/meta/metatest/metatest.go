@@ -455,7 +455,7 @@ func testNotFound(t *testing.T, s meta.Store) {
 		return nil
 	})
 	update(t, s, func(tx meta.Tx) error {
-		wantErr(t, "PutDisk of a missing disk", tx.PutDisk(meta.Disk{ID: 12345, Name: "x", SegmentSize: 1 << 20, Policy: table.Forward}), meta.ErrNotFound)
+		wantErr(t, "PutDisk of a missing disk", tx.PutDisk(meta.Disk{ID: 12345, Name: "x", SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}), meta.ErrNotFound)
 		wantErr(t, "DeleteDisk of a missing disk", tx.DeleteDisk(12345), meta.ErrNotFound)
 		wantErr(t, "SetRefs in a missing container", tx.SetRefs(loc(77, 0), 1), meta.ErrNotFound)
 		return nil
@@ -714,7 +714,7 @@ func testNewDiskIsZero(t *testing.T, s meta.Store) {
 		d, err = tx.CreateDisk(testDisk("vol"))
 		return err
 	})
-	check := func(tx meta.Tx) error {
+	verify := func(tx meta.Tx) error {
 		for _, r := range []struct{ first, n uint64 }{
 			{0, 5},
 			{meta.PageEntries - 1, 2},
@@ -739,9 +739,9 @@ func testNewDiskIsZero(t *testing.T, s meta.Store) {
 		}
 		return nil
 	}
-	view(t, s, check)
-	update(t, s, check) // reading in an Update stores nothing either
-	view(t, s, check)
+	view(t, s, verify)
+	update(t, s, verify) // reading in an Update stores nothing either
+	view(t, s, verify)
 
 	// A far segment is addressable without the pages before it.
 	far := uint64(1) << 40
@@ -989,7 +989,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 	})
 	var srcEntries [][]table.Entry
 	var srcMapped []segEntry
-	check := func(tx meta.Tx) error {
+	verify := func(tx meta.Tx) error {
 		for i, r := range ranges {
 			if err := checkEntries(t, tx, dst.ID, r.first, srcEntries[i]); err != nil {
 				return err
@@ -1031,9 +1031,9 @@ func testCopyTable(t *testing.T, s meta.Store) {
 		if err := tx.CopyTable(src.ID, dst.ID); err != nil {
 			return fmt.Errorf("CopyTable: %w", err)
 		}
-		return check(tx)
+		return verify(tx)
 	})
-	view(t, s, check)
+	view(t, s, verify)
 	// Spot checks that the fixture holds what the test is about: Error
 	// entries, which ForEachMapped does not show, were copied.
 	view(t, s, func(tx meta.Tx) error {
@@ -1073,7 +1073,7 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 		return nil
 	})
 	want := []segEntry{{1, at(1, 1)}}
-	check := func(tx meta.Tx) error {
+	verify := func(tx meta.Tx) error {
 		m, err := mappedOf(tx, dst.ID)
 		if err != nil {
 			return err
@@ -1087,9 +1087,9 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 		if err := tx.CopyTable(src.ID, dst.ID); err != nil {
 			return err
 		}
-		return check(tx)
+		return verify(tx)
 	})
-	view(t, s, check)
+	view(t, s, verify)
 }
 
 // Containers.
