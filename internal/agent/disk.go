@@ -24,32 +24,42 @@ type Disk struct {
 	// reset, read without a lock on the data path.
 	info atomic.Pointer[mapping.Disk]
 
+	// mu guards the table and the disk's state. The data path takes it
+	// shared, to look an entry up; commands take it exclusively.
 	mu struct {
-		sync.Mutex
+		sync.RWMutex
 		tab *table.Table
 		// seq counts changes to the table by commands; a fault reply
 		// is installed only if seq did not move while it was out.
 		seq uint64
-		// gen is the current generation; cur counts the I/O in flight
-		// that started in it, and older those that started in earlier
-		// generations (only while a command waits for them).
-		gen      uint64
-		cur      int
-		older    map[uint64]int
-		waiters  int // goroutines waiting on wake for I/O to drain
+		// cur is the current epoch: I/O let through now is counted in
+		// it. pending holds earlier epochs that still had I/O in
+		// flight when they were closed.
+		cur      *epoch
+		pending  []*epoch
+		waiters  int // goroutines waiting on wake
 		quiesced bool
 		gone     bool
-		// wake is closed (and replaced) whenever inflight, quiesced or
-		// gone change.
+		// wake is closed (and replaced) when an epoch drains or when
+		// quiesced or gone change.
 		wake chan struct{}
 	}
+}
+
+// epoch counts the I/O in flight that started while it was current.
+type epoch struct {
+	gen uint64
+	n   atomic.Int64
+	// closed is set when a command ended the epoch; only then does the
+	// I/O that drains it need to wake anyone.
+	closed atomic.Bool
 }
 
 func newDisk(a *Agent, info mapping.Disk) *Disk {
 	d := &Disk{a: a}
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
-	d.mu.older = make(map[uint64]int)
+	d.mu.cur = &epoch{}
 	d.mu.wake = make(chan struct{})
 	return d
 }
@@ -65,30 +75,35 @@ func (d *Disk) broadcastLocked() {
 	d.mu.wake = make(chan struct{})
 }
 
-// bumpLocked starts a new generation and returns the previous one: I/O of
-// that generation or older was in flight before the caller's change.
+// bumpLocked closes the current epoch and starts a new one. It returns the
+// closed epoch's generation: I/O of that generation or older was let through
+// before the caller's change.
 func (d *Disk) bumpLocked() uint64 {
-	g := d.mu.gen
-	if d.mu.cur > 0 {
-		d.mu.older[g] = d.mu.cur
-		d.mu.cur = 0
+	old := d.mu.cur
+	old.closed.Store(true)
+	if old.n.Load() > 0 {
+		d.mu.pending = append(d.mu.pending, old)
 	}
-	d.mu.gen++
-	return g
+	d.mu.cur = &epoch{gen: old.gen + 1}
+	return old.gen
 }
 
 // drainedLocked reports whether no I/O of generation g or older is in
-// flight.
+// flight, forgetting the epochs that have drained.
 func (d *Disk) drainedLocked(g uint64) bool {
-	if g >= d.mu.gen && d.mu.cur > 0 {
-		return false
-	}
-	for k := range d.mu.older {
-		if k <= g {
-			return false
+	live := d.mu.pending[:0]
+	drained := true
+	for _, ep := range d.mu.pending {
+		if ep.n.Load() > 0 {
+			live = append(live, ep)
+			if ep.gen <= g {
+				drained = false
+			}
 		}
 	}
-	return true
+	clear(d.mu.pending[len(live):])
+	d.mu.pending = live
+	return drained
 }
 
 // waitDrained waits until no I/O of generation g or older is in flight.
@@ -118,48 +133,47 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 }
 
 // begin looks up segment seg for op. If the I/O may go to storage it is
-// counted in flight under the returned generation, and the caller must call
-// end(gen) when the container call returns.
-func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, gen, seq uint64, err error) {
-	d.mu.Lock()
+// counted in flight in the returned epoch, and the caller must call end(ep)
+// when the container call returns.
+func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
+	d.mu.RLock()
 	for d.mu.quiesced && !d.mu.gone {
 		wake := d.mu.wake
-		d.mu.Unlock()
+		d.mu.RUnlock()
 		select {
 		case <-wake:
 		case <-ctx.Done():
-			return e, dec, 0, 0, ctx.Err()
+			return e, dec, nil, 0, ctx.Err()
 		}
-		d.mu.Lock()
+		d.mu.RLock()
 	}
-	defer d.mu.Unlock()
+	defer d.mu.RUnlock()
 	if d.mu.gone {
-		return e, dec, 0, 0, ErrGone
+		return e, dec, nil, 0, ErrGone
 	}
 	if seg >= uint64(d.mu.tab.Len()) {
-		return e, dec, 0, 0, fmt.Errorf("segment %d of %d: %w", seg, d.mu.tab.Len(), ErrRange)
+		return e, dec, nil, 0, fmt.Errorf("segment %d of %d: %w", seg, d.mu.tab.Len(), ErrRange)
 	}
 	e = d.mu.tab.Entry(int(seg))
 	dec = table.Decide(e, op)
 	if dec.Action == table.Proceed {
-		d.mu.cur++
+		// The epoch cannot be closed while the read lock is held, so
+		// the command that closes it will see this count.
+		ep = d.mu.cur
+		ep.n.Add(1)
 	}
-	return e, dec, d.mu.gen, d.mu.seq, nil
+	return e, dec, ep, d.mu.seq, nil
 }
 
-// end marks an I/O of generation gen finished.
-func (d *Disk) end(gen uint64) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if gen == d.mu.gen {
-		d.mu.cur--
-		return // no command waits for the current generation
-	}
-	if d.mu.older[gen]--; d.mu.older[gen] <= 0 {
-		delete(d.mu.older, gen)
+// end marks an I/O of epoch ep finished.
+func (d *Disk) end(ep *epoch) {
+	if ep.n.Add(-1) == 0 && ep.closed.Load() {
+		// The last I/O of a closed epoch: a command may be waiting.
+		d.mu.Lock()
 		if d.mu.waiters > 0 {
 			d.broadcastLocked()
 		}
+		d.mu.Unlock()
 	}
 }
 
@@ -209,14 +223,14 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		if try == maxRetries {
 			return fmt.Errorf("segment %d: still faulting after %d tries: %w", seg, try, ErrIO)
 		}
-		e, dec, gen, seq, err := d.begin(ctx, seg, op)
+		e, dec, ep, seq, err := d.begin(ctx, seg, op)
 		if err != nil {
 			return err
 		}
 		switch dec.Action {
 		case table.Proceed:
 			err := d.storageIO(ctx, kind, e.Loc, seg, off, p, segSize)
-			d.end(gen)
+			d.end(ep)
 			return err
 		case table.ReadZeros:
 			clear(p)
@@ -400,8 +414,8 @@ func (d *Disk) Close(ctx context.Context) error {
 // --- commands -------------------------------------------------------------------
 
 func (d *Disk) getEntry(first, n uint64) ([]table.Entry, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	if first > uint64(d.mu.tab.Len()) || n > uint64(d.mu.tab.Len())-first {
 		return nil, fmt.Errorf("entries [%d,+%d): %w", first, n, table.ErrRange)
 	}

@@ -10,7 +10,14 @@ import (
 
 // HeaderSize is the number of bytes reserved for the header at the start of
 // every container file or device. The slot data area starts right after it.
-const HeaderSize = 4096
+//
+// It is 1 MiB, not a page, so that every slot of 1 MiB or less is aligned in
+// the file to its own size: the page cache keeps file data in large folios,
+// and a 1 MiB read that straddles them was measured 14% slower than an
+// aligned one (BenchmarkDataPath/read-1m-seq, 0.86 of direct I/O with a
+// 4 KiB header, 1.00 with this one). The header itself uses the first bytes;
+// the rest is zero.
+const HeaderSize = 1 << 20
 
 // Slot size limits. A slot is the unit a virtual disk maps, so it must be at
 // least a page (punching smaller holes is pointless) and small enough that

@@ -35,6 +35,9 @@ type Options struct {
 	Pool []PoolSpec
 	// Logger; slog.Default if nil.
 	Logger *slog.Logger
+	// WrapAgentContainer, if set, wraps every container an agent opens
+	// (tests use it to slow or fail I/O below the agent).
+	WrapAgentContainer func(agent string, c container.Container) container.Container
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -104,7 +107,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	for _, name := range opts.Agents {
-		a := agent.New(agent.Config{Name: name, Controller: c.Ctrl, OpenContainer: OpenContainer})
+		a := agent.New(agent.Config{Name: name, Controller: c.Ctrl, OpenContainer: c.agentOpener(name)})
 		if err := a.Attach(ctx, c.Ctrl); err != nil {
 			c.Close()
 			return nil, err
@@ -112,6 +115,21 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		c.Agents = append(c.Agents, a)
 	}
 	return c, nil
+}
+
+// agentOpener returns how agent name opens containers.
+func (c *Cluster) agentOpener(name string) func(mapping.Container) (container.Container, error) {
+	wrap := c.opts.WrapAgentContainer
+	if wrap == nil {
+		return OpenContainer
+	}
+	return func(info mapping.Container) (container.Container, error) {
+		ct, err := OpenContainer(info)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(name, ct), nil
+	}
 }
 
 func (c *Cluster) startController(ctx context.Context) error {
@@ -182,7 +200,7 @@ func (c *Cluster) RestartController(ctx context.Context) error {
 func (c *Cluster) RestartAgent(ctx context.Context, i int) error {
 	old := c.Agents[i]
 	old.Close()
-	a := agent.New(agent.Config{Name: old.Name(), Controller: c.Ctrl, OpenContainer: OpenContainer})
+	a := agent.New(agent.Config{Name: old.Name(), Controller: c.Ctrl, OpenContainer: c.agentOpener(old.Name())})
 	if err := a.Attach(ctx, c.Ctrl); err != nil {
 		return err
 	}

@@ -13,10 +13,12 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"segmap/internal/agent"
+	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
 	"segmap/internal/table"
@@ -79,6 +81,30 @@ const (
 	maxDisks = 14
 )
 
+// slowContainer delays one I/O in eight by up to a millisecond.
+type slowContainer struct {
+	container.Container
+	seed uint64
+	n    atomic.Uint64
+}
+
+func (s *slowContainer) delay() {
+	x := s.n.Add(1) * (s.seed | 1) * 0x9e3779b97f4a7c15
+	if x>>61 == 0 {
+		time.Sleep(time.Duration(x>>40%1000) * time.Microsecond)
+	}
+}
+
+func (s *slowContainer) ReadAt(p []byte, off int64) (int, error) {
+	s.delay()
+	return s.Container.ReadAt(p, off)
+}
+
+func (s *slowContainer) WriteAt(p []byte, off int64) (int, error) {
+	s.delay()
+	return s.Container.WriteAt(p, off)
+}
+
 type mdisk struct {
 	name     string
 	data     []byte
@@ -107,6 +133,12 @@ func runModel(t *testing.T, seed uint64, ops int) int {
 		Pool: []local.PoolSpec{
 			{SlotSize: seg64, Slots: 512, Count: 2},
 			{SlotSize: seg128, Slots: 128, Count: 2},
+		},
+		// Some agent writes and reads take a while, so that commands
+		// really find I/O in flight and Blocking has something to
+		// wait for.
+		WrapAgentContainer: func(_ string, ct container.Container) container.Container {
+			return &slowContainer{Container: ct, seed: seed}
 		},
 	})
 	if err != nil {
@@ -532,12 +564,25 @@ func (m *model) concurrent() {
 			}
 		}()
 	}
+	// The snapshot is read as soon as it exists, while writes may still
+	// be landing: a snapshot must not change after it is taken.
+	early := make([]byte, len(old))
 	wg.Add(1)
+	delay := time.Duration(m.rng.IntN(300)) * time.Microsecond
+	reader := m.c.Agents[m.rng.IntN(2)]
 	go func() {
 		defer wg.Done()
-		time.Sleep(time.Duration(m.rng.IntN(200)) * time.Microsecond)
+		time.Sleep(delay)
 		if _, err := m.c.Ctrl.Snapshot(m.ctx, controller.SnapshotOptions{Sources: []string{d.name}, Names: []string{name}}); err != nil {
 			errs <- fmt.Errorf("snapshot: %w", err)
+			return
+		}
+		h, err := reader.Open(m.ctx, name)
+		if err == nil {
+			err = h.ReadAt(m.ctx, early, 0)
+		}
+		if err != nil {
+			errs <- fmt.Errorf("early read of the snapshot: %w", err)
 		}
 	}()
 	wg.Wait()
@@ -563,6 +608,9 @@ func (m *model) concurrent() {
 		default:
 			m.fatalf("snapshot %s piece [%d,+%d) is neither the old nor the new bytes", name, pc.off, len(pc.p))
 		}
+	}
+	if !bytes.Equal(early, got) {
+		m.fatalf("snapshot %s changed after it was taken", name)
 	}
 	m.disks[name] = snap
 	m.tracef("concurrent %s -> %s", d.name, name)
