@@ -231,6 +231,17 @@ func (oc *openContainer) flush() error {
 	return nil
 }
 
+// known returns the open disk id, or nil. Commands about a disk the agent
+// has no table for succeed without effect: such a disk has nothing cached
+// and nothing in flight, and a table made later starts all Invalid. (An
+// Open races with commands: the controller maps the disk to the agent
+// before the agent has made its table.)
+func (a *Agent) known(id mapping.DiskID) *Disk {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.mu.disks[id]
+}
+
 func (a *Agent) disk(id mapping.DiskID) (*Disk, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -282,36 +293,36 @@ func (a *Agent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64
 
 // SetEntry implements mapping.Agent.
 func (a *Agent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
-	d, err := a.disk(c.Disk)
-	if err != nil {
-		return err
+	d := a.known(c.Disk)
+	if d == nil {
+		return nil // no table: nothing of it can be in flight or cached
 	}
 	return d.setEntry(ctx, c)
 }
 
 // SetEntryState implements mapping.Agent.
 func (a *Agent) SetEntryState(ctx context.Context, c mapping.SetEntryState) error {
-	d, err := a.disk(c.Disk)
-	if err != nil {
-		return err
+	d := a.known(c.Disk)
+	if d == nil {
+		return nil // no table: nothing of it can be in flight or cached
 	}
 	return d.setEntryState(ctx, c)
 }
 
 // Quiesce implements mapping.Agent.
 func (a *Agent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Duration) error {
-	d, err := a.disk(id)
-	if err != nil {
-		return err
+	d := a.known(id)
+	if d == nil {
+		return nil // no table: nothing of it can be in flight or cached
 	}
 	return d.quiesce(ctx, timeout)
 }
 
 // Activate implements mapping.Agent.
 func (a *Agent) Activate(ctx context.Context, id mapping.DiskID) error {
-	d, err := a.disk(id)
-	if err != nil {
-		return err
+	d := a.known(id)
+	if d == nil {
+		return nil // no table: nothing of it can be in flight or cached
 	}
 	d.activate()
 	return nil

@@ -29,6 +29,7 @@ import (
 	"log/slog"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"segmap/internal/container"
@@ -77,6 +78,9 @@ type Controller struct {
 		hint   map[uint32]uint32 // per container: where to search for a free slot
 	}
 
+	// plans counts the faults resolved, by plan.
+	plans [table.CopyReverse + 1]atomic.Uint64
+
 	// agents is the registry of attached agents and what they map. It is
 	// taken after mu, never before.
 	agents struct {
@@ -104,6 +108,18 @@ func New(cfg Config) *Controller {
 	c.mu.hint = make(map[uint32]uint32)
 	c.agents.byName = make(map[string]*agentState)
 	return c
+}
+
+// FaultCounts returns how many faults were resolved by each plan since the
+// controller started.
+func (c *Controller) FaultCounts() map[table.Plan]uint64 {
+	out := map[table.Plan]uint64{}
+	for p := table.Load; p <= table.CopyReverse; p++ {
+		if n := c.plans[p].Load(); n > 0 {
+			out[p] = n
+		}
+	}
+	return out
 }
 
 // Close closes the containers the controller opened. It does not close the

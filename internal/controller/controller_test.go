@@ -8,9 +8,11 @@ import (
 	"io/fs"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 
 	"segmap/internal/agent"
@@ -453,6 +455,78 @@ func TestHugeDisk(t *testing.T) {
 	expect(t, h, size-seg, want)
 	// Through the other agent too.
 	expect(t, openDisk(t, c, 1, "huge"), size-seg, want)
+	checkClean(t, c)
+}
+
+// TestMaxSizeDiskCanBeServed creates the largest disk CreateDisk accepts
+// (MaxDiskSize bytes of 64 KiB segments: 2^44 segments) and serves it
+// through an agent. Opening it must not take memory in proportion to its
+// size. It runs in a child process under an address-space limit, since a
+// failure is a fatal out-of-memory error that would take down every other
+// test in the binary (or, without the limit, the machine).
+func TestMaxSizeDiskCanBeServed(t *testing.T) {
+	if os.Getenv("SEGMAP_TEST_MAX_DISK_CHILD") == "1" {
+		limitAddressSpace(t, 8<<30)
+		serveMaxDisk(t)
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestMaxSizeDiskCanBeServed$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), "SEGMAP_TEST_MAX_DISK_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		// The first lines say what failed; the segmap frames, where.
+		var show []string
+		for i, l := range strings.Split(string(out), "\n") {
+			if i < 4 || strings.Contains(l, "segmap/internal/") {
+				show = append(show, l)
+			}
+		}
+		t.Fatalf("serving a %d-byte disk of %d-byte segments: child test failed: %v\n%s",
+			uint64(controller.MaxDiskSize), seg, err, strings.Join(show[:min(len(show), 30)], "\n"))
+	}
+}
+
+// limitAddressSpace makes mappings fail once the process maps more than
+// extra bytes beyond what it maps now.
+func limitAddressSpace(t *testing.T, extra uint64) {
+	t.Helper()
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Skipf("no /proc/self/status to size the address-space limit: %v", err)
+	}
+	var vmKB uint64
+	for _, l := range strings.Split(string(status), "\n") {
+		if strings.HasPrefix(l, "VmSize:") {
+			fmt.Sscanf(strings.TrimSpace(strings.TrimPrefix(l, "VmSize:")), "%d", &vmKB)
+		}
+	}
+	if vmKB == 0 {
+		t.Fatalf("no VmSize in /proc/self/status")
+	}
+	lim := syscall.Rlimit{Cur: vmKB<<10 + extra, Max: vmKB<<10 + extra}
+	if err := syscall.Setrlimit(syscall.RLIMIT_AS, &lim); err != nil {
+		t.Fatalf("setrlimit: %v", err)
+	}
+}
+
+func serveMaxDisk(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	d := createDisk(t, c, "max", controller.MaxDiskSize/seg, table.Forward)
+	if d.Size != controller.MaxDiskSize {
+		t.Fatalf("size %d", d.Size)
+	}
+	h := openDisk(t, c, 0, "max")
+	write(t, h, []byte{0x5a}, controller.MaxDiskSize-1)
+	if got := read(t, h, controller.MaxDiskSize-2, 2); got[0] != 0 || got[1] != 0x5a {
+		t.Errorf("last bytes %x, want 005a", got)
+	}
+	if n := used(t, c); n != 1 {
+		t.Errorf("used %d slots, want 1", n)
+	}
+	if err := h.Close(ctx); err != nil {
+		t.Error(err)
+	}
 	checkClean(t, c)
 }
 

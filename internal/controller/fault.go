@@ -84,7 +84,9 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		return mapping.Reply{First: seg, Entries: []table.Entry{e}}, nil
 	}
 
-	switch plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy); plan {
+	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
+	c.plans[plan].Add(1)
+	switch plan {
 	case table.Load:
 		return reply(e)
 

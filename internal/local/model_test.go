@@ -64,13 +64,22 @@ func TestModel(t *testing.T) {
 		}
 	}
 	total := 0
+	plans := map[table.Plan]uint64{}
 	for _, seed := range seeds {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			n := runModel(t, seed, ops)
+			n := runModel(t, seed, ops, plans)
 			total += n
 		})
 	}
-	t.Logf("%d operations over seeds %v", total, seeds)
+	t.Logf("%d operations over seeds %v; faults resolved by plan: %v", total, seeds, plans)
+	// The run must have exercised every way of resolving a fault.
+	if !t.Failed() && total >= 1000 {
+		for p := table.Load; p <= table.CopyReverse; p++ {
+			if p != table.Deny && plans[p] == 0 {
+				t.Errorf("no fault was resolved by %v in %d operations", p, total)
+			}
+		}
+	}
 }
 
 // Geometry of the model: small segments so that disks are small.
@@ -106,6 +115,7 @@ func (s *slowContainer) WriteAt(p []byte, off int64) (int, error) {
 }
 
 type mdisk struct {
+	clone    bool // a writable copy of another disk
 	name     string
 	data     []byte
 	segSize  uint64
@@ -123,9 +133,10 @@ type model struct {
 	open  []map[string]*agent.Disk
 	seq   int
 	stats map[string]int
+	plans map[table.Plan]uint64
 }
 
-func runModel(t *testing.T, seed uint64, ops int) int {
+func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) int {
 	ctx := context.Background()
 	dir := t.TempDir()
 	c, err := local.Open(ctx, dir, local.Options{
@@ -147,9 +158,15 @@ func runModel(t *testing.T, seed uint64, ops int) int {
 	m := &model{
 		t: t, rng: rand.New(rand.NewPCG(seed, seed^0x5e9a)), ctx: ctx, c: c,
 		disks: map[string]*mdisk{}, open: []map[string]*agent.Disk{{}, {}},
-		stats: map[string]int{},
+		stats: map[string]int{}, plans: plans,
 	}
 	defer func() { m.c.Close() }()
+	defer func() {
+		// The controller restarts; count what the last one did.
+		for p, n := range m.c.Ctrl.FaultCounts() {
+			plans[p] += n
+		}
+	}()
 	defer func() {
 		if t.Failed() {
 			t.Logf("FAILED with seed %d after %d operations; rerun with -run 'TestModel/seed=%d$' -model.seed %d -model.ops %d", seed, m.seq, seed, seed, ops)
@@ -160,20 +177,20 @@ func runModel(t *testing.T, seed uint64, ops int) int {
 		w  int
 		fn func()
 	}
-	table := []op{
+	mix := []op{
 		{30, m.write}, {30, m.read}, {5, m.flush}, {6, m.zero},
 		{4, m.create}, {2, m.delete}, {4, m.snapshot}, {2, m.groupSnapshot},
 		{2, m.clone}, {1, m.resize}, {2, m.concurrent},
 		{1, m.restartAgent}, {1, m.restartController}, {2, m.readOnlyWrite},
 	}
 	sum := 0
-	for _, o := range table {
+	for _, o := range mix {
 		sum += o.w
 	}
 	m.create()
 	for m.seq = 0; m.seq < ops && !t.Failed(); m.seq++ {
 		r := m.rng.IntN(sum)
-		for _, o := range table {
+		for _, o := range mix {
 			if r < o.w {
 				if *modelTrace {
 					t.Logf("op %d: %s", m.seq, runtime.FuncForPC(reflect.ValueOf(o.fn).Pointer()).Name())
@@ -453,7 +470,10 @@ func (m *model) snapshotOf(srcs []*mdisk, writable bool) {
 		if out[i].Name != o.Names[i] || out[i].ReadOnly == writable {
 			m.fatalf("snapshot gave %+v", out[i])
 		}
-		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy}
+		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy, clone: writable}
+		if s.clone {
+			m.stats["snapshot-of-clone"]++
+		}
 	}
 }
 
@@ -628,6 +648,9 @@ func (m *model) restartAgent() {
 }
 
 func (m *model) restartController() {
+	for p, n := range m.c.Ctrl.FaultCounts() {
+		m.plans[p] += n
+	}
 	if err := m.c.RestartController(m.ctx); err != nil {
 		m.fatalf("restart controller: %v", err)
 	}
