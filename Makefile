@@ -5,7 +5,7 @@ GO       ?= go
 MODEL_OPS   ?= 700
 MODEL_SEEDS ?= 3
 
-.PHONY: all build test vet fmt-check model bench run clean
+.PHONY: all build test vet fmt-check model bench run clean proto
 
 all: build
 
@@ -37,3 +37,14 @@ run: build
 
 clean:
 	rm -rf bin
+
+# proto: regenerate api/ from the .proto files (generated code is committed).
+PROTOC_GEN_GO_VERSION      = v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION = v1.6.2
+GOBIN ?= $(shell $(GO) env GOPATH)/bin
+proto:
+	@command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler)
+	GOBIN=$(GOBIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(GOBIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	PATH=$(GOBIN):$$PATH protoc -I api --go_out=api --go_opt=paths=source_relative \
+		--go-grpc_out=api --go-grpc_opt=paths=source_relative api/segmapv1/*.proto

@@ -609,25 +609,38 @@ func TestQuiesce(t *testing.T) {
 }
 
 func TestDeleteTable(t *testing.T) {
-	// gone checks that every kind of I/O and command now fails.
+	// gone checks that every kind of I/O now fails, that get_entry finds
+	// no table, and that set commands about the forgotten disk are
+	// answered without effect (the agent has nothing of it cached or in
+	// flight) and bring no table back.
 	gone := func(t *testing.T, e *env) {
 		t.Helper()
+		if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, Entries: []table.Entry{table.ZeroEntry}, Blocking: true}); err != nil {
+			t.Errorf("set_entry after delete_table: %v", err)
+		}
+		if err := e.a.SetEntryState(e.ctx, mapping.SetEntryState{Disk: tDisk, Count: 1, State: table.NoWrite, On: true, Blocking: true}); err != nil {
+			t.Errorf("set_entry_state after delete_table: %v", err)
+		}
+		if err := await(t, async(func() error { return e.a.Quiesce(e.ctx, tDisk, 0) }), "quiesce after delete_table"); err != nil {
+			t.Errorf("quiesce after delete_table: %v", err)
+		}
 		for _, tc := range []struct {
 			name string
-			err  error
+			fn   func() error
 			want error
 		}{
-			{"read", e.d.ReadAt(e.ctx, make([]byte, 10), 0), ErrGone},
-			{"write", e.d.WriteAt(e.ctx, make([]byte, 10), tSeg, false), ErrGone},
-			{"trim", e.d.Trim(e.ctx, 0, tSeg), ErrGone},
-			{"write zeroes", e.d.WriteZeroes(e.ctx, 10, 10, true), ErrGone},
-			{"get_entry", func() error { _, err := e.a.GetEntry(e.ctx, tDisk, 0, 1); return err }(), ErrNoTable},
-			{"set_entry", e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, Entries: []table.Entry{table.ZeroEntry}}), ErrNoTable},
-			{"quiesce", e.a.Quiesce(e.ctx, tDisk, 0), ErrNoTable},
+			{"read", func() error { return e.d.ReadAt(e.ctx, make([]byte, 10), 0) }, ErrGone},
+			{"write", func() error { return e.d.WriteAt(e.ctx, make([]byte, 10), tSeg, false) }, ErrGone},
+			{"trim", func() error { return e.d.Trim(e.ctx, 0, tSeg) }, ErrGone},
+			{"write zeroes", func() error { return e.d.WriteZeroes(e.ctx, 10, 10, true) }, ErrGone},
+			{"get_entry", func() error { _, err := e.a.GetEntry(e.ctx, tDisk, 0, 1); return err }, ErrNoTable},
 		} {
-			if !errors.Is(tc.err, tc.want) {
-				t.Errorf("%s after delete_table: %v, want %v", tc.name, tc.err, tc.want)
+			if err := await(t, async(tc.fn), tc.name); !errors.Is(err, tc.want) {
+				t.Errorf("%s after delete_table: %v, want %v", tc.name, err, tc.want)
 			}
+		}
+		if err := e.a.Activate(e.ctx, tDisk); err != nil {
+			t.Errorf("activate after delete_table: %v", err)
 		}
 	}
 

@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,9 +44,12 @@ const (
 	MinSegmentSize     = 64 << 10
 	MaxSegmentSize     = 64 << 20
 	DefaultSegmentSize = 1 << 20
-	// MaxDiskSize bounds a disk so that its segment count fits a table
-	// index on every platform.
+	// MaxDiskSize bounds a disk's size.
 	MaxDiskSize = 1 << 60
+	// MaxSegments bounds a disk's segment count, so that an agent's table
+	// for it (sparse, but with an index of one pointer per 1024 entries)
+	// stays small: 16 TiB at 64 KiB segments, 256 TiB at 1 MiB.
+	MaxSegments = 1 << 28
 )
 
 // Config configures a Controller.
@@ -238,6 +242,24 @@ func (c *Controller) mappers(id meta.DiskID, skip string) []*agentState {
 	return out
 }
 
+// AgentInfo describes an attached agent.
+type AgentInfo struct {
+	Name  string
+	Disks int // disks it maps
+}
+
+// Agents lists the attached agents, by name.
+func (c *Controller) Agents() []AgentInfo {
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	out := make([]AgentInfo, 0, len(c.agents.byName))
+	for _, st := range c.agents.byName {
+		out = append(out, AgentInfo{Name: st.name, Disks: len(st.disks)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
 // forget removes disk id from every agent's map.
 func (c *Controller) forget(id meta.DiskID) {
 	c.agents.Lock()
@@ -418,13 +440,13 @@ func wrapNotFound(err error) error {
 	return err
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$`)
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}$`)
 
 // ValidName reports whether name can name a disk: 1 to 128 letters, digits,
-// '.', '_' and '-', not starting with '.' or '-'.
+// '.', '_', '@' and '-', not starting with '.', '@' or '-'.
 func ValidName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("%q: %w (use 1-128 letters, digits, '.', '_', '-'; not starting with '.' or '-')", name, ErrInvalidName)
+		return fmt.Errorf("%q: %w (use 1-128 letters, digits, '.', '_', '@', '-'; not starting with '.', '@' or '-')", name, ErrInvalidName)
 	}
 	return nil
 }
@@ -433,6 +455,20 @@ func ValidName(name string) error {
 func ValidSegmentSize(n uint64) error {
 	if n < MinSegmentSize || n > MaxSegmentSize || n&(n-1) != 0 {
 		return fmt.Errorf("%d bytes: %w (a power of two from 64 KiB to 64 MiB)", n, ErrInvalidSegmentSize)
+	}
+	return nil
+}
+
+// ValidGeometry checks a disk size against its segment size.
+func ValidGeometry(size, segmentSize uint64) error {
+	if err := ValidSize(size); err != nil {
+		return err
+	}
+	if err := ValidSegmentSize(segmentSize); err != nil {
+		return err
+	}
+	if (size+segmentSize-1)/segmentSize > MaxSegments {
+		return fmt.Errorf("%d bytes in %d-byte segments: %w (at most %d segments: use a larger segment size)", size, segmentSize, ErrInvalidSize, MaxSegments)
 	}
 	return nil
 }

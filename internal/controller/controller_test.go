@@ -340,7 +340,8 @@ func TestCreateDiskAccepts(t *testing.T) {
 		{controller.CreateOptions{Name: "_A-1.b", Size: 3 * seg, SegmentSize: seg, Policy: table.Reverse}, seg, table.Reverse, 3},
 		{controller.CreateOptions{Name: "0", Size: 3*seg + 512, SegmentSize: seg}, seg, table.Forward, 4},
 		{controller.CreateOptions{Name: strings.Repeat("n", 128), Size: seg, SegmentSize: seg}, seg, table.Forward, 1},
-		{controller.CreateOptions{Name: "huge", Size: controller.MaxDiskSize, SegmentSize: seg}, seg, table.Forward, controller.MaxDiskSize / seg},
+		{controller.CreateOptions{Name: "huge", Size: controller.MaxSegments * seg, SegmentSize: seg}, seg, table.Forward, controller.MaxSegments},
+		{controller.CreateOptions{Name: "huger", Size: controller.MaxSegments * controller.DefaultSegmentSize}, controller.DefaultSegmentSize, table.Forward, controller.MaxSegments},
 	} {
 		d, err := c.Ctrl.CreateDisk(ctx, tc.o)
 		if err != nil {
@@ -459,7 +460,7 @@ func TestHugeDisk(t *testing.T) {
 }
 
 // TestMaxSizeDiskCanBeServed creates the largest disk CreateDisk accepts
-// (MaxDiskSize bytes of 64 KiB segments: 2^44 segments) and serves it
+// at 64 KiB segments (MaxSegments of them, 16 TiB) and serves it
 // through an agent. Opening it must not take memory in proportion to its
 // size. It runs in a child process under an address-space limit, since a
 // failure is a fatal out-of-memory error that would take down every other
@@ -482,7 +483,7 @@ func TestMaxSizeDiskCanBeServed(t *testing.T) {
 			}
 		}
 		t.Fatalf("serving a %d-byte disk of %d-byte segments: child test failed: %v\n%s",
-			uint64(controller.MaxDiskSize), seg, err, strings.Join(show[:min(len(show), 30)], "\n"))
+			uint64(controller.MaxSegments*seg), seg, err, strings.Join(show[:min(len(show), 30)], "\n"))
 	}
 }
 
@@ -512,13 +513,21 @@ func limitAddressSpace(t *testing.T, extra uint64) {
 func serveMaxDisk(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t)
-	d := createDisk(t, c, "max", controller.MaxDiskSize/seg, table.Forward)
-	if d.Size != controller.MaxDiskSize {
+	const max = controller.MaxSegments * seg
+	// One segment more is refused, and so is the largest size at the
+	// smallest segment size.
+	for _, size := range []uint64{max + seg, controller.MaxDiskSize} {
+		if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "toobig", Size: size, SegmentSize: seg}); !errors.Is(err, controller.ErrInvalidSize) {
+			t.Fatalf("create %d bytes of %d-byte segments: %v, want ErrInvalidSize", size, seg, err)
+		}
+	}
+	d := createDisk(t, c, "max", controller.MaxSegments, table.Forward)
+	if d.Size != max {
 		t.Fatalf("size %d", d.Size)
 	}
 	h := openDisk(t, c, 0, "max")
-	write(t, h, []byte{0x5a}, controller.MaxDiskSize-1)
-	if got := read(t, h, controller.MaxDiskSize-2, 2); got[0] != 0 || got[1] != 0x5a {
+	write(t, h, []byte{0x5a}, max-1)
+	if got := read(t, h, max-2, 2); got[0] != 0 || got[1] != 0x5a {
 		t.Errorf("last bytes %x, want 005a", got)
 	}
 	if n := used(t, c); n != 1 {

@@ -31,10 +31,10 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	if err := ValidName(o.Name); err != nil {
 		return meta.Disk{}, err
 	}
-	if err := ValidSize(o.Size); err != nil {
+	if err := ValidSegmentSize(o.SegmentSize); err != nil {
 		return meta.Disk{}, err
 	}
-	if err := ValidSegmentSize(o.SegmentSize); err != nil {
+	if err := ValidGeometry(o.Size, o.SegmentSize); err != nil {
 		return meta.Disk{}, err
 	}
 	if !o.Policy.Valid() {
@@ -312,6 +312,9 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 	defer c.mu.Unlock()
 	d, err := c.Disk(ctx, name)
 	if err != nil {
+		return meta.Disk{}, err
+	}
+	if err := ValidGeometry(size, d.SegmentSize); err != nil {
 		return meta.Disk{}, err
 	}
 	if size < d.Size && !shrink {
