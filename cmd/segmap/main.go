@@ -1,49 +1,119 @@
-// Command segmap is the one segmap binary: `segmap up` runs controller,
-// agent and a file-backed container pool in one process; the other
-// subcommands administer a running segmap.
+// Command segmap is the one segmap binary.
 //
-// This build has the core engine only; `segmap up`, the NBD front end and
-// the CLI arrive next (see README.md).
+//	segmap up                       run controller, agent (NBD) and a file container pool in one process
+//	segmap disk create|list|info|resize|delete
+//	segmap snapshot SRC [--name N] [--writable] | --group D1 D2 ...
+//	segmap container list|add
+//	segmap check [--repair]
+//	segmap status
+//
+// The admin commands talk to a running segmap over its gRPC admin API
+// (--controller, default 127.0.0.1:10810 or $SEGMAP_CONTROLLER).
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc/status"
 )
-
-const usage = `segmap: a distributed virtual block store with instant snapshots
-
-usage:
-  segmap up        run controller, agent and a file container pool in one process
-  segmap version   print the version
-
-The NBD front end and the admin commands are not built yet: this build holds
-the core engine (mapping tables, controller, agent, bbolt metadata, file
-containers), exercised by 'make test'.
-`
 
 var version = "0.1.0-dev"
 
+// usageError marks errors in how a command was called (exit status 2).
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
 func main() {
-	os.Exit(run(os.Args[1:]))
+	root := newRoot()
+	err := root.Execute()
+	if err == nil {
+		return
+	}
+	msg := err.Error()
+	if st, ok := status.FromError(errors.Unwrap(err)); ok && st != nil {
+		msg = st.Message()
+	} else if st, ok := status.FromError(err); ok && st != nil {
+		msg = st.Message()
+	}
+	fmt.Fprintf(os.Stderr, "segmap: %s\n", msg)
+	var ue usageError
+	var ce codeError
+	switch {
+	case errors.As(err, &ue):
+		os.Exit(2)
+	case errors.As(err, &ce):
+		os.Exit(ce.code)
+	}
+	os.Exit(1)
 }
 
-func run(args []string) int {
-	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, usage)
-		return 2
+// codeError carries a specific exit status.
+type codeError struct {
+	code int
+	err  error
+}
+
+func (e codeError) Error() string { return e.err.Error() }
+func (e codeError) Unwrap() error { return e.err }
+
+// globals are the flags every admin command takes.
+type globals struct {
+	controller string
+	json       bool
+	timeout    string
+}
+
+func newRoot() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "segmap",
+		Short:         "segmap: a distributed virtual block store with instant snapshots",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version,
 	}
-	switch args[0] {
-	case "up":
-		fmt.Fprintln(os.Stderr, "segmap up: not implemented yet in this build (the NBD front end comes next); run 'make test' to exercise the engine")
-		return 1
-	case "version":
-		fmt.Println("segmap", version)
-		return 0
-	case "-h", "--help", "help":
-		fmt.Print(usage)
-		return 0
+	def := os.Getenv("SEGMAP_CONTROLLER")
+	if def == "" {
+		def = "127.0.0.1:10810"
 	}
-	fmt.Fprintf(os.Stderr, "segmap: unknown command %q\n\n%s", args[0], usage)
-	return 2
+	root.PersistentFlags().StringVar(&g.controller, "controller", def, "admin API address of the controller (host:port or unix:PATH; $SEGMAP_CONTROLLER)")
+	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON instead of tables")
+	root.PersistentFlags().StringVar(&g.timeout, "timeout", "60s", "how long an admin command may take")
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
+	})
+	root.AddCommand(newUp(), newDisk(g), newSnapshot(g), newContainer(g), newCheck(g), newStatus(g),
+		&cobra.Command{
+			Use:   "version",
+			Short: "print the version",
+			Args:  noArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				fmt.Fprintln(cmd.OutOrStdout(), "segmap", version)
+				return nil
+			},
+		})
+	return root
+}
+
+// noArgs refuses positional arguments with a usage error.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageError{fmt.Errorf("%s takes no arguments, got %q", cmd.CommandPath(), args)}
+	}
+	return nil
+}
+
+// exactArgs wants n positional arguments.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError{fmt.Errorf("%s wants %s", cmd.CommandPath(), what)}
+		}
+		return nil
+	}
 }

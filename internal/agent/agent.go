@@ -55,6 +55,11 @@ type Agent struct {
 	name  string
 	openC func(mapping.Container) (container.Container, error)
 
+	// openMu serialises Open and Disk.Close, so that a disk closed by
+	// its last user and opened again by a new one is unmapped and mapped
+	// in that order.
+	openMu sync.Mutex
+
 	mu struct {
 		sync.Mutex
 		ctrl   mapping.Controller
@@ -74,6 +79,10 @@ type openContainer struct {
 	// written is set after a write completes and cleared by the flush
 	// that covers it.
 	written atomic.Bool
+	// failed is set by the first failed flush: after an fsync error the
+	// kernel may have dropped the dirty pages, so no later flush can
+	// promise anything, and every one fails.
+	failed atomic.Bool
 }
 
 // New returns an agent; Attach connects it to its controller.
@@ -122,6 +131,8 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 // Open maps the disk called name and returns it. Opening a disk that is
 // already open returns the same *Disk.
 func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
+	a.openMu.Lock()
+	defer a.openMu.Unlock()
 	info, err := a.controller().Open(ctx, a.name, name)
 	if err != nil {
 		return nil, err
@@ -131,16 +142,18 @@ func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
 	if a.mu.closed {
 		return nil, ErrClosed
 	}
-	if d := a.mu.disks[info.ID]; d != nil {
-		return d, nil
+	d := a.mu.disks[info.ID]
+	if d == nil {
+		d = newDisk(a, info)
+		a.mu.disks[info.ID] = d
 	}
-	d := newDisk(a, info)
-	a.mu.disks[info.ID] = d
+	d.opens++
 	return d, nil
 }
 
-// Close stops the agent: it detaches from its controller and closes its
-// containers. I/O still running fails.
+// Close stops the agent: I/O to its disks fails from now on, the I/O in
+// flight is waited for, every container written to is flushed, and it
+// detaches from its controller.
 func (a *Agent) Close() error {
 	a.mu.Lock()
 	if a.mu.closed {
@@ -155,7 +168,8 @@ func (a *Agent) Close() error {
 	for _, d := range disks {
 		d.forget(context.Background())
 	}
-	var errs []error
+	// Nothing is in flight any more: make every completed write durable.
+	errs := []error{a.flushWritten()}
 	if ctrl != nil {
 		errs = append(errs, ctrl.Detach(context.Background(), a.name))
 	}
@@ -221,11 +235,14 @@ func (a *Agent) flushWritten() error {
 // cleared before the flush starts, so a write that completes during the
 // flush sets it again and the next flush covers it.
 func (oc *openContainer) flush() error {
+	if oc.failed.Load() {
+		return fmt.Errorf("flush container %d: an earlier flush failed: %w", oc.c.ID(), ErrIO)
+	}
 	if !oc.written.Swap(false) {
 		return nil
 	}
 	if err := oc.c.Flush(); err != nil {
-		oc.written.Store(true)
+		oc.failed.Store(true)
 		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), ErrIO, err)
 	}
 	return nil

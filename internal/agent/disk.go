@@ -20,6 +20,8 @@ const maxRetries = 64
 // Disk is an open virtual disk. Its methods are safe for concurrent use.
 type Disk struct {
 	a *Agent
+	// opens counts the Opens not yet Closed; guarded by a.mu.
+	opens int
 	// info is what the agent knows of the disk; replaced (under mu) by
 	// reset, read without a lock on the data path.
 	info atomic.Pointer[mapping.Disk]
@@ -69,6 +71,9 @@ func (d *Disk) Info() mapping.Disk { return *d.info.Load() }
 
 // Size returns the disk's size in bytes.
 func (d *Disk) Size() uint64 { return d.Info().Size }
+
+// ReadOnly reports whether the disk refuses writes (a snapshot).
+func (d *Disk) ReadOnly() bool { return d.Info().ReadOnly }
 
 func (d *Disk) broadcastLocked() {
 	close(d.mu.wake)
@@ -177,29 +182,29 @@ func (d *Disk) end(ep *epoch) {
 	}
 }
 
-// install applies a fault reply if no command changed the table since seq.
-func (d *Disk) install(seq uint64, r mapping.Reply) {
+// install applies a fault reply if no command changed the table since seq,
+// and reports whether it did.
+func (d *Disk) install(seq uint64, r mapping.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.mu.seq != seq || d.mu.gone || r.First > uint64(d.mu.tab.Len()) {
-		return
+		return false
 	}
 	// A reply that does not fit the table (it changed size) is dropped;
 	// the I/O looks again and faults again.
-	_ = d.mu.tab.SetEntry(int(r.First), r.Entries)
+	return d.mu.tab.SetEntry(int(r.First), r.Entries) == nil
 }
 
-// fault sends a fault for segments [seg, seg+count) and installs the reply.
-func (d *Disk) fault(ctx context.Context, seg, count uint64, op mapping.FaultOp, reason table.State, whole bool, seq uint64) error {
+// fault sends a fault for segments [seg, seg+count) and returns the reply.
+func (d *Disk) fault(ctx context.Context, seg, count uint64, op mapping.FaultOp, reason table.State, whole bool) (mapping.Reply, error) {
 	r, err := d.a.controller().Fault(ctx, mapping.Fault{
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: count,
 		Op: op, Reason: reason, Whole: whole,
 	})
 	if err != nil {
-		return fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
+		return r, fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
 	}
-	d.install(seq, r)
-	return nil
+	return r, nil
 }
 
 // ioKind is what segIO does with a piece of a segment.
@@ -219,9 +224,13 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		op = table.Read
 	}
 	whole := kind == ioWrite && off == 0 && uint64(len(p)) == segSize
-	for try := 0; ; try++ {
-		if try == maxRetries {
-			return fmt.Errorf("segment %d: still faulting after %d tries: %w", seg, try, ErrIO)
+	// faults counts replies that were installed and still did not let
+	// the I/O through; dropped (stale) replies are bounded separately,
+	// since they only mean that commands keep arriving.
+	faults, dropped := 0, 0
+	for {
+		if faults == maxRetries || dropped == 16*maxRetries {
+			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, ErrIO)
 		}
 		e, dec, ep, seq, err := d.begin(ctx, seg, op)
 		if err != nil {
@@ -248,10 +257,52 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 				fop = mapping.FaultRead // load it first: it may be Zero
 			}
 		}
-		if err := d.fault(ctx, seg, 1, fop, dec.Reason, whole, seq); err != nil {
+		r, err := d.fault(ctx, seg, 1, fop, dec.Reason, whole)
+		if err != nil {
 			return err
 		}
+		if r.Stage != nil {
+			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq)
+			if done || err != nil {
+				return err
+			}
+			dropped++
+			continue
+		}
+		if d.install(seq, r) {
+			faults++
+		} else {
+			dropped++
+		}
 	}
+}
+
+// staged does a staged whole-segment write: p goes to the staged slot,
+// which is flushed (the data must be durable before the map points at it),
+// then the controller is asked to commit the move. done is false if the
+// commit came too late and the write must start again.
+func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq uint64) (done bool, err error) {
+	oc, err := d.a.container(ctx, st.Loc.Container)
+	if err != nil {
+		return false, err
+	}
+	if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
+		return false, fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+	}
+	if err := oc.c.Flush(); err != nil {
+		return false, fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+	}
+	r, err := d.a.controller().Fault(ctx, mapping.Fault{
+		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: mapping.FaultCommit, Token: st.Token,
+	})
+	if errors.Is(err, mapping.ErrStale) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("commit staged segment %d: %w", seg, err)
+	}
+	d.install(seq, r)
+	return true, nil
 }
 
 // zeros is a buffer of zeros for ioZero writes; never written to.
@@ -389,26 +440,38 @@ func (d *Disk) Trim(ctx context.Context, off, n uint64) error {
 const maxDiscard = 1 << 16
 
 // discard asks the controller to return segments [seg, seg+n) to Zero.
+// The controller updates every agent's table itself.
 func (d *Disk) discard(ctx context.Context, seg, n uint64) error {
-	d.mu.Lock()
-	seq, gone := d.mu.seq, d.mu.gone
-	d.mu.Unlock()
+	d.mu.RLock()
+	gone := d.mu.gone
+	d.mu.RUnlock()
 	if gone {
 		return ErrGone
 	}
-	return d.fault(ctx, seg, n, mapping.FaultDiscard, 0, false, seq)
+	_, err := d.fault(ctx, seg, n, mapping.FaultDiscard, 0, false)
+	return err
 }
 
-// Close unmaps the disk from this agent.
+// Close gives back one Open of the disk. When the last is given back the
+// agent unmaps it: its I/O fails from then on.
 func (d *Disk) Close(ctx context.Context) error {
+	a := d.a
+	a.openMu.Lock()
+	defer a.openMu.Unlock()
 	id := d.Info().ID
-	d.a.mu.Lock()
-	if d.a.mu.disks[id] == d {
-		delete(d.a.mu.disks, id)
+	a.mu.Lock()
+	if a.mu.disks[id] != d {
+		a.mu.Unlock()
+		return nil // deleted or closed already
 	}
-	d.a.mu.Unlock()
+	if d.opens--; d.opens > 0 {
+		a.mu.Unlock()
+		return nil
+	}
+	delete(a.mu.disks, id)
+	a.mu.Unlock()
 	err := d.forget(ctx)
-	return errors.Join(err, d.a.controller().CloseDisk(ctx, d.a.name, id))
+	return errors.Join(err, a.controller().CloseDisk(ctx, a.name, id))
 }
 
 // --- commands -------------------------------------------------------------------
@@ -440,7 +503,12 @@ func (d *Disk) command(ctx context.Context, blocking bool, change func(t *table.
 	if !blocking {
 		return nil
 	}
-	return d.waitDrained(ctx, g)
+	if err := d.waitDrained(ctx, g); err != nil {
+		return err
+	}
+	// The writes made under the old entries are durable too: a snapshot
+	// taken after this never loses them to a power failure.
+	return d.a.flushWritten()
 }
 
 func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
@@ -467,6 +535,7 @@ func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
 	d.mu.Lock()
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
+	d.mu.quiesced = false // a quiesce does not outlive the table it was for
 	d.mu.seq++
 	g := d.bumpLocked()
 	d.broadcastLocked()

@@ -64,14 +64,18 @@ type Config struct {
 	Now func() time.Time
 	// Logger receives events worth a line; slog.Default if nil.
 	Logger *slog.Logger
+	// CommandTimeout bounds how long the controller waits for one agent
+	// to answer one command; DefaultCommandTimeout if 0.
+	CommandTimeout time.Duration
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
 type Controller struct {
-	store  meta.Store
-	openC  func(mapping.Container) (container.Container, error)
-	now    func() time.Time
-	logger *slog.Logger
+	store      meta.Store
+	openC      func(mapping.Container) (container.Container, error)
+	now        func() time.Time
+	logger     *slog.Logger
+	cmdTimeout time.Duration
 
 	// mu serialises state changes; it is held across agent commands.
 	mu struct {
@@ -80,6 +84,10 @@ type Controller struct {
 		conts  map[uint32]container.Container
 		turn   uint64            // allocation round-robin counter
 		hint   map[uint32]uint32 // per container: where to search for a free slot
+		// staged holds the whole-segment writes handed out and not yet
+		// committed, by token; their slots are reserved in memory only.
+		staged    map[uint64]stagedWrite
+		nextToken uint64
 	}
 
 	// plans counts the faults resolved, by plan.
@@ -101,7 +109,10 @@ type agentState struct {
 
 // New returns a controller over cfg.Store.
 func New(cfg Config) *Controller {
-	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger}
+	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout}
+	if c.cmdTimeout <= 0 {
+		c.cmdTimeout = DefaultCommandTimeout
+	}
 	if c.now == nil {
 		c.now = time.Now
 	}
@@ -110,6 +121,7 @@ func New(cfg Config) *Controller {
 	}
 	c.mu.conts = make(map[uint32]container.Container)
 	c.mu.hint = make(map[uint32]uint32)
+	c.mu.staged = make(map[uint64]stagedWrite)
 	c.agents.byName = make(map[string]*agentState)
 	return c
 }
@@ -172,6 +184,14 @@ func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, o
 	c.agents.Lock()
 	c.agents.byName[name] = st
 	c.agents.Unlock()
+	// A re-attaching agent lost the staged writes it had not committed.
+	c.mu.Lock()
+	for tok, sw := range c.mu.staged {
+		if sw.agent == name {
+			delete(c.mu.staged, tok)
+		}
+	}
+	c.mu.Unlock()
 	return nil
 }
 
@@ -269,24 +289,31 @@ func (c *Controller) forget(id meta.DiskID) {
 	}
 }
 
+// DefaultCommandTimeout bounds how long the controller waits for one agent
+// to answer one command.
+const DefaultCommandTimeout = 30 * time.Second
+
 // broadcast runs cmd on every agent that maps disk id except skip, and
-// waits for all of them. An agent that fails the command is logged and
-// detached: it no longer maps anything, and it must re-attach (with every
-// entry Invalid) to be served again.
+// waits for all of them. Commands run to completion even if the caller's
+// context is cancelled: an operation that has started to change agents
+// must not stop half way because an admin gave up waiting. The first
+// failure is returned, and the caller must not go on to commit anything
+// that depends on the command: an agent that did not confirm a
+// restrictive change may still be acting on the old entries.
 //
-// TODO(distributed): with leases, an unreachable agent is waited for until
-// its lease has expired instead.
-func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, mapping.Agent) error) {
+// TODO(distributed): an agent that does not answer is waited for until
+// its lease has expired, and then treated as stopped.
+func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, mapping.Agent) error) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cmdTimeout)
+	defer cancel()
+	var errs []error
 	for _, st := range c.mappers(id, skip) {
 		if err := cmd(ctx, st.a); err != nil {
-			c.logger.Warn("agent failed a command; detaching it", "agent", st.name, "disk", id, "err", err)
-			c.agents.Lock()
-			if c.agents.byName[st.name] == st {
-				delete(c.agents.byName, st.name)
-			}
-			c.agents.Unlock()
+			c.logger.Warn("agent failed a command", "agent", st.name, "disk", id, "err", err)
+			errs = append(errs, fmt.Errorf("agent %q: %w", st.name, err))
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // --- containers ---------------------------------------------------------------
@@ -367,13 +394,23 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 				break
 			}
 			c.mu.turn++
-			slot, ok, err := tx.FindFree(id, c.mu.hint[id])
-			if err != nil {
-				return err
-			}
-			if ok {
+			from := c.mu.hint[id]
+			// Skip the slots reserved for staged writes.
+			for tries := 0; tries <= len(c.mu.staged); tries++ {
+				slot, ok, err := tx.FindFree(id, from)
+				if err != nil {
+					return err
+				}
+				if !ok {
+					break
+				}
+				l := table.Location{Container: id, Slot: slot}
+				if c.reservedLocked(l) {
+					from = slot + 1
+					continue
+				}
 				c.mu.hint[id] = slot + 1
-				loc = table.Location{Container: id, Slot: slot}
+				loc = l
 				return nil
 			}
 		}
@@ -382,7 +419,19 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 	return loc, err
 }
 
-// zeroSlotLocked punches loc so that it reads as zero.
+// reservedLocked reports whether loc is reserved for a staged write.
+func (c *Controller) reservedLocked(loc table.Location) bool {
+	for _, sw := range c.mu.staged {
+		if sw.loc == loc {
+			return true
+		}
+	}
+	return false
+}
+
+// zeroSlotLocked punches loc so that it reads as zero, durably: the
+// commit that hands the slot out relies on it, and a punch lost to a crash
+// would show the slot's previous owner's data.
 func (c *Controller) zeroSlotLocked(ctx context.Context, loc table.Location) error {
 	ct, err := c.containerLocked(ctx, loc.Container)
 	if err != nil {
@@ -390,6 +439,9 @@ func (c *Controller) zeroSlotLocked(ctx context.Context, loc table.Location) err
 	}
 	if err := container.FreeSlot(ct, int64(loc.Slot)); err != nil {
 		return fmt.Errorf("zero slot %v: %w: %w", loc, ErrIO, err)
+	}
+	if err := ct.Flush(); err != nil {
+		return fmt.Errorf("zero slot %v: flush: %w: %w", loc, ErrIO, err)
 	}
 	return nil
 }
@@ -419,11 +471,17 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 	return nil
 }
 
-// punchFreedLocked punches slots that a commit freed. A failure only leaves
-// stale bytes in a free slot, which is punched again before reuse.
+// punchFreedLocked punches slots that a commit freed, so their space goes
+// back to the filesystem. It does not flush: a punch lost to a crash only
+// leaves stale bytes in a free slot, which is punched (and flushed) again
+// before it is handed out.
 func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Location) {
 	for _, loc := range freed {
-		if err := c.zeroSlotLocked(ctx, loc); err != nil {
+		ct, err := c.containerLocked(ctx, loc.Container)
+		if err == nil {
+			err = container.FreeSlot(ct, int64(loc.Slot))
+		}
+		if err != nil {
 			c.logger.Warn("punch freed slot", "slot", loc, "err", err)
 		}
 	}

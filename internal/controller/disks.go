@@ -215,10 +215,16 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 		}
 	}
 
-	// 2. NoWrite on every agent, Blocking.
+	// 2. NoWrite on every agent, Blocking: when it answers, no write
+	// made under the old entries is on its way, and those writes are
+	// durable.
 	for _, d := range srcs {
 		cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
-		c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) })
+		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+			// Nothing is committed; the extra NoWrite bits some agents
+			// got only cost a fault each.
+			return nil, fmt.Errorf("snapshot: set NoWrite on %q: %w", d.Name, err)
+		}
 	}
 
 	// 3. One transaction.
@@ -275,9 +281,11 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
 		return a.DeleteTable(ctx, mapping.DiskID(d.ID))
-	})
+	}); err != nil {
+		return fmt.Errorf("delete %q: %w", name, err)
+	}
 	c.forget(d.ID)
 	var freed []table.Location
 	err = c.store.Update(ctx, func(tx meta.Tx) error {
@@ -328,10 +336,19 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 	nd := d
 	nd.Size = size
 	// Agents reload the table at its new size; NewTable waits for I/O in
-	// flight, so nothing is still writing past a shrunk end.
-	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
-		return a.NewTable(ctx, toMapping(nd))
-	})
+	// flight, so nothing is still writing past a shrunk end. A shrink is
+	// restrictive, so agents hear of it before the commit; a grow is
+	// permissive, so after.
+	newTable := func() error {
+		return c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+			return a.NewTable(ctx, toMapping(nd))
+		})
+	}
+	if size < d.Size {
+		if err := newTable(); err != nil {
+			return meta.Disk{}, fmt.Errorf("shrink %q: %w", name, err)
+		}
+	}
 	var freed []table.Location
 	err = c.store.Update(ctx, func(tx meta.Tx) error {
 		freed = freed[:0]
@@ -359,5 +376,10 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		return meta.Disk{}, err
 	}
 	c.punchFreedLocked(ctx, freed)
+	if size > d.Size {
+		if err := newTable(); err != nil {
+			return meta.Disk{}, fmt.Errorf("grow %q: committed, but %w", name, err)
+		}
+	}
 	return nd, nil
 }

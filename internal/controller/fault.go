@@ -53,6 +53,8 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, ErrReadOnly)
 		}
 		return c.faultLocked(ctx, f, d)
+	case mapping.FaultCommit:
+		return c.commitLocked(ctx, f, d)
 	case mapping.FaultDiscard:
 		if d.ReadOnly {
 			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, ErrReadOnly)
@@ -114,8 +116,9 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		// Other agents that loaded the Zero entry would keep reading
 		// zeros after the faulting agent's write: move them too, before
 		// that write can be acknowledged.
-		cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
-		c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+			return mapping.Reply{}, err
+		}
 		return reply(ne)
 
 	case table.ClearNoWrite:
@@ -129,17 +132,27 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		// restrictive, and their next write faults and gets this one.
 		return reply(ne)
 
-	case table.MoveForward, table.CopyForward:
+	case table.MoveForward:
+		// Nothing to copy, but the map may move only once the new data
+		// is durable in the new slot: stage the write.
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
 		if err != nil {
 			return mapping.Reply{}, err
 		}
-		if plan == table.MoveForward {
-			err = c.zeroSlotLocked(ctx, loc)
-		} else {
-			err = c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize)
+		if err := c.zeroSlotLocked(ctx, loc); err != nil {
+			return mapping.Reply{}, err
 		}
+		c.mu.nextToken++
+		tok := c.mu.nextToken
+		c.mu.staged[tok] = stagedWrite{agent: f.Agent, disk: d.ID, seg: seg, loc: loc, old: e.Loc}
+		return mapping.Reply{First: seg, Stage: &mapping.Stage{Loc: loc, Token: tok}}, nil
+
+	case table.CopyForward:
+		loc, err := c.allocateLocked(ctx, d.SegmentSize)
 		if err != nil {
+			return mapping.Reply{}, err
+		}
+		if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
 			return mapping.Reply{}, err
 		}
 		ne := table.At(loc, false)
@@ -155,11 +168,9 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		}); err != nil {
 			return mapping.Reply{}, err
 		}
-		// Every other agent mapping this disk moves too, and answers
-		// before the faulting agent retries its write, so none of them
-		// reads the old slot after the new data lands in the new one.
-		cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
-		c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+			return mapping.Reply{}, err
+		}
 		return reply(ne)
 
 	case table.CopyReverse:
@@ -223,10 +234,15 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		return mapping.Reply{}, err
 	}
 	// Their agents move, Blocking: reads of the original slot made under
-	// the old entries finish before the faulting disk writes to it.
+	// the old entries finish before the faulting disk writes to it. If
+	// one does not confirm, the faulting disk stays NoWrite (its slot now
+	// has one reference, so a later fault would clear it: the agent that
+	// failed must be fenced first; see broadcast).
 	for _, o := range sharers {
 		cmd := mapping.SetEntry{Disk: mapping.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
-		c.broadcast(ctx, o.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+		if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+			return mapping.Reply{}, fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err)
+		}
 	}
 	// Only now may the faulting disk write in place.
 	ne := table.At(e.Loc, false)
@@ -235,9 +251,72 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	}); err != nil {
 		return mapping.Reply{}, err
 	}
-	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{ne}}
-	c.broadcast(ctx, d.ID, f.Agent, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) })
+	if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+		return mapping.Reply{}, err
+	}
 	return mapping.Reply{First: seg, Entries: []table.Entry{ne}}, nil
+}
+
+// moveOthersLocked sends a committed entry to every agent mapping d but
+// the faulting one, and waits for them: after a copy-on-write or an
+// allocation, none of them may read the old location (or zeros) once the
+// faulting agent's retried write has landed and been acknowledged. If one
+// fails, so does the fault: the write is not done, and what the others
+// read is what the disk held before it.
+func (c *Controller) moveOthersLocked(ctx context.Context, d meta.Disk, faulting string, seg uint64, e table.Entry) error {
+	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
+	if err := c.broadcast(ctx, d.ID, faulting, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, ErrIO, err)
+	}
+	return nil
+}
+
+// stagedWrite is a whole-segment write handed to an agent and not yet
+// committed: the agent writes the segment to loc and then commits.
+type stagedWrite struct {
+	agent string
+	disk  meta.DiskID
+	seg   uint64
+	loc   table.Location // the new slot, reserved, punched
+	old   table.Location // the shared slot the disk maps now
+}
+
+// commitLocked commits a staged write: the disk's entry moves from the
+// shared slot to the staged one, which the agent has written and flushed.
+// If the entry changed meanwhile (a discard, a delete, another write's
+// copy-on-write), the staged slot is given back and the agent is told to
+// start again.
+func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.Disk) (mapping.Reply, error) {
+	sw, ok := c.mu.staged[f.Token]
+	if !ok || sw.agent != f.Agent || sw.disk != d.ID || sw.seg != f.Segment {
+		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, mapping.ErrStale)
+	}
+	delete(c.mu.staged, f.Token)
+	ne := table.At(sw.loc, false)
+	err := c.store.Update(ctx, func(tx meta.Tx) error {
+		es, err := tx.Entries(d.ID, sw.seg, 1)
+		if err != nil {
+			return err
+		}
+		if !es[0].Mapped() || es[0].Loc != sw.old || !es[0].Is(table.NoWrite) {
+			return mapping.ErrStale
+		}
+		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {
+			return err
+		}
+		if _, err := meta.AddRefs(tx, sw.old, -1); err != nil {
+			return err
+		}
+		_, err = meta.AddRefs(tx, sw.loc, 1)
+		return err
+	})
+	if err != nil {
+		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
+	}
+	if err := c.moveOthersLocked(ctx, d, f.Agent, sw.seg, ne); err != nil {
+		return mapping.Reply{}, err
+	}
+	return mapping.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil
 }
 
 // MaxDiscard is the most segments one discard fault may cover.
@@ -250,9 +329,12 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, ErrBadRequest)
 	}
 	// Every agent mapping the disk, the asking one included, drops the
-	// slots first, waiting for I/O to them.
-	cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: first, Count: n, State: table.Zero, On: true, Blocking: true}
-	c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) })
+	// slots first (Invalid: restrictive, unlike Zero, which lets reads
+	// through), waiting for I/O to them.
+	inval := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: first, Count: n, State: table.Invalid, On: true, Blocking: true}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, inval) }); err != nil {
+		return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, err)
+	}
 	zeros := make([]table.Entry, n)
 	for i := range zeros {
 		zeros[i] = table.ZeroEntry
@@ -282,5 +364,9 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		return mapping.Reply{}, err
 	}
 	c.punchFreedLocked(ctx, freed)
+	// Now the agents may read zeros without asking. A failure here only
+	// costs them a fault each.
+	set := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: first, Entries: zeros}
+	_ = c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, set) })
 	return mapping.Reply{First: first, Entries: zeros}, nil
 }

@@ -18,6 +18,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"segmap/internal/agent"
 	"segmap/internal/container"
@@ -33,8 +35,13 @@ type Options struct {
 	// Pool describes the containers to create when the data directory has
 	// none: Count files of Slots slots of SlotSize bytes.
 	Pool []PoolSpec
+	// AutoPool, if set, is how Provision sizes the containers it creates
+	// for a slot size that has none: Count files of Bytes/Count bytes.
+	AutoPool *AutoPool
 	// Logger; slog.Default if nil.
 	Logger *slog.Logger
+	// CommandTimeout is the controller's; its default if 0.
+	CommandTimeout time.Duration
 	// WrapAgentContainer, if set, wraps every container an agent opens
 	// (tests use it to slow or fail I/O below the agent).
 	WrapAgentContainer func(agent string, c container.Container) container.Container
@@ -47,6 +54,12 @@ type PoolSpec struct {
 	Count    int
 }
 
+// AutoPool sizes the container files made on demand for a new slot size.
+type AutoPool struct {
+	Bytes uint64 // the pool's total size
+	Count int    // files it is split into
+}
+
 // Cluster is a running in-process segmap.
 type Cluster struct {
 	Dir    string
@@ -54,6 +67,8 @@ type Cluster struct {
 	Ctrl   *controller.Controller
 	Agents []*agent.Agent
 	opts   Options
+
+	provision sync.Mutex // serialises Provision
 }
 
 // OpenContainer opens a container by URI: file://PATH or a plain path. A
@@ -138,15 +153,19 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: OpenContainer, Logger: c.opts.Logger})
+	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: OpenContainer, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout})
 	return nil
 }
 
-// ensurePool creates the pool's containers if the store has none.
+// ensurePool creates the pool's containers if the store has none: the
+// Pool's, or else the AutoPool's for the default segment size.
 func (c *Cluster) ensurePool(ctx context.Context) error {
 	cs, err := c.Ctrl.ListContainers(ctx)
 	if err != nil || len(cs) > 0 {
 		return err
+	}
+	if len(c.opts.Pool) == 0 && c.opts.AutoPool != nil {
+		return c.Provision(ctx, controller.DefaultSegmentSize)
 	}
 	id := uint32(1)
 	for _, p := range c.opts.Pool {
@@ -164,15 +183,69 @@ func (c *Cluster) ensurePool(ctx context.Context) error {
 // to the pool.
 func (c *Cluster) AddContainer(ctx context.Context, id uint32, slotSize, slots uint64) error {
 	path := filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", id))
+	if err := CreateContainerFile(path, id, slotSize, slots); err != nil {
+		return err
+	}
+	_, err := c.Ctrl.AddContainer(ctx, FileURI(path))
+	return err
+}
+
+// CreateContainerFile creates a sparse container file at path.
+func CreateContainerFile(path string, id uint32, slotSize, slots uint64) error {
 	f, err := container.Create(path, container.Header{ID: id, SlotSize: int64(slotSize), Slots: int64(slots)})
 	if err != nil {
 		return err
 	}
-	if err := f.Close(); err != nil {
+	return f.Close()
+}
+
+// NextContainerID returns an id no registered container has.
+func (c *Cluster) NextContainerID(ctx context.Context) (uint32, error) {
+	cs, err := c.Ctrl.ListContainers(ctx)
+	if err != nil {
+		return 0, err
+	}
+	id := uint32(1)
+	for _, ct := range cs {
+		id = max(id, ct.ID+1)
+	}
+	return id, nil
+}
+
+// Provision makes sure some container serves slotSize, creating the
+// AutoPool's files in the data directory if none does. Without an AutoPool
+// it does nothing (creating the disk then fails with a clear error).
+func (c *Cluster) Provision(ctx context.Context, slotSize uint64) error {
+	c.provision.Lock()
+	defer c.provision.Unlock()
+	if c.opts.AutoPool == nil {
+		return nil
+	}
+	cs, err := c.Ctrl.ListContainers(ctx)
+	if err != nil {
 		return err
 	}
-	_, err = c.Ctrl.AddContainer(ctx, FileURI(path))
-	return err
+	for _, ct := range cs {
+		if ct.SlotSize == slotSize {
+			return nil
+		}
+	}
+	n := max(c.opts.AutoPool.Count, 1)
+	slots := c.opts.AutoPool.Bytes / uint64(n) / slotSize
+	if slots == 0 {
+		return fmt.Errorf("a pool of %d bytes in %d files has no room for %d-byte slots", c.opts.AutoPool.Bytes, n, slotSize)
+	}
+	slots = min(slots, 1<<32-1)
+	for i := 0; i < n; i++ {
+		id, err := c.NextContainerID(ctx)
+		if err != nil {
+			return err
+		}
+		if err := c.AddContainer(ctx, id, slotSize, slots); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // RestartController stops the controller and its store as a crash would

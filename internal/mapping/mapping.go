@@ -58,11 +58,17 @@ const (
 	FaultRead    FaultOp = FaultOp(table.Read)
 	FaultWrite   FaultOp = FaultOp(table.Write)
 	FaultDiscard FaultOp = 3
+	// FaultCommit confirms a staged write (see Reply.Stage): the data is
+	// in the staged slot and flushed; the controller may now map it.
+	FaultCommit FaultOp = 4
 )
 
 func (o FaultOp) String() string {
-	if o == FaultDiscard {
+	switch o {
+	case FaultDiscard:
 		return "discard"
+	case FaultCommit:
+		return "commit"
 	}
 	return table.Op(o).String()
 }
@@ -83,6 +89,8 @@ type Fault struct {
 	// Whole reports that a write covers its entire segment, so a
 	// copy-on-write need not copy the old data.
 	Whole bool
+	// Token names the staged write a FaultCommit confirms.
+	Token uint64
 }
 
 // Reply answers a fault with the current entries for [First,
@@ -90,6 +98,18 @@ type Fault struct {
 type Reply struct {
 	First   uint64
 	Entries []table.Entry
+	// Stage, instead of entries, answers a write fault that covers a
+	// whole shared segment: the agent writes the segment to the staged
+	// slot, flushes it, and confirms with a FaultCommit; only then does
+	// the controller map the slot. Nothing is copied, and a crash before
+	// the commit leaves the old data in place.
+	Stage *Stage
+}
+
+// Stage is a slot reserved for a staged write.
+type Stage struct {
+	Loc   table.Location
+	Token uint64
 }
 
 // Controller is what an agent needs of its controller.
@@ -161,4 +181,7 @@ var (
 	ErrIO = errors.New("i/o error")
 	// ErrNotFound: no such disk.
 	ErrNotFound = errors.New("no such disk")
+	// ErrStale: a staged write's commit came too late (the segment
+	// changed, or the controller restarted); the agent retries the write.
+	ErrStale = errors.New("staged write is stale")
 )

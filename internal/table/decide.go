@@ -175,8 +175,8 @@ func (p Plan) String() string {
 // The decision depends on the persistent state only, never on the state the
 // agent reported, so a fault that is retried, or that raced with another
 // agent's fault on the same segment, is resolved against what is true now.
-// A persistent entry is never Invalid; if it is, the store is corrupt and
-// Resolve answers Deny.
+// A persistent entry is never Invalid, and a mapped slot always has a
+// reference; otherwise the store is corrupt and Resolve answers Deny.
 func Resolve(e Entry, op Op, refs uint32, whole bool, p Policy) Plan {
 	switch {
 	case e.State&(Invalid|Error) != 0:
@@ -188,7 +188,10 @@ func Resolve(e Entry, op Op, refs uint32, whole bool, p Policy) Plan {
 		return Allocate
 	case e.State&NoWrite == 0 || op == Read:
 		return Load
-	case refs <= 1:
+	case refs == 0:
+		// A mapped slot nobody counts: the store contradicts itself.
+		return Deny
+	case refs == 1:
 		return ClearNoWrite
 	case whole:
 		return MoveForward

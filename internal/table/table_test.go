@@ -82,6 +82,7 @@ func TestResolve(t *testing.T) {
 		{mapped, Write, 1, false, Forward, Load},
 		{nw, Read, 2, false, Forward, Load},
 		{nw, Write, 1, false, Forward, ClearNoWrite},
+		{nw, Write, 0, false, Forward, Deny},
 		{nw, Write, 1, false, Reverse, ClearNoWrite},
 		{nw, Write, 2, false, Forward, CopyForward},
 		{nw, Write, 5, false, Reverse, CopyReverse},

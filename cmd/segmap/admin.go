@@ -1,0 +1,489 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	pb "segmap/api/segmapv1"
+	"segmap/internal/size"
+)
+
+// dial connects to the admin API and returns a client, a context bounded
+// by --timeout, and a function that releases both.
+func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
+	d, err := time.ParseDuration(g.timeout)
+	if err != nil || d <= 0 {
+		return nil, nil, nil, usageError{fmt.Errorf("--timeout %q: want a duration such as 30s", g.timeout)}
+	}
+	target := g.controller
+	if strings.HasPrefix(target, "unix:") && !strings.HasPrefix(target, "unix://") {
+		// grpc wants unix:ABSPATH or unix://ABSPATH.
+		p, err := filepath.Abs(strings.TrimPrefix(target, "unix:"))
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		target = "unix:" + p
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("controller %s: %w", g.controller, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	return pb.NewAdminClient(conn), ctx, func() { cancel(); conn.Close() }, nil
+}
+
+// call runs fn against the admin API, with the connection error made
+// readable.
+func (g *globals) call(fn func(ctx context.Context, c pb.AdminClient) error) error {
+	c, ctx, done, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	err = fn(ctx, c)
+	if err != nil && strings.Contains(err.Error(), "connection refused") {
+		return fmt.Errorf("no segmap controller at %s (start one with 'segmap up', or pass --controller)", g.controller)
+	}
+	return err
+}
+
+// printJSON writes messages as JSON: one object, or an array.
+func printJSON(w io.Writer, msgs ...proto.Message) error {
+	opts := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}
+	var raw []json.RawMessage
+	for _, m := range msgs {
+		b, err := opts.Marshal(m)
+		if err != nil {
+			return err
+		}
+		raw = append(raw, b)
+	}
+	var v any = raw
+	if len(raw) == 1 {
+		v = raw[0]
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(w, string(b))
+	return err
+}
+
+// table prints rows under a header, aligned.
+func table(w io.Writer, header []string, rows [][]string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.Join(header, "\t"))
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
+func policyName(p pb.Policy) string {
+	if p == pb.Policy_POLICY_REVERSE {
+		return "reverse"
+	}
+	return "forward"
+}
+
+func parsePolicy(s string) (pb.Policy, error) {
+	switch s {
+	case "forward", "forward-delta":
+		return pb.Policy_POLICY_FORWARD, nil
+	case "reverse", "reverse-delta":
+		return pb.Policy_POLICY_REVERSE, nil
+	}
+	return 0, usageError{fmt.Errorf("--policy %q: want forward or reverse", s)}
+}
+
+func parseSize(flag, s string) (uint64, error) {
+	n, err := size.Parse(s)
+	if err != nil {
+		return 0, usageError{fmt.Errorf("--%s: %w", flag, err)}
+	}
+	return n, nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func mode(ro bool) string {
+	if ro {
+		return "ro"
+	}
+	return "rw"
+}
+
+func diskRows(ds []*pb.Disk) [][]string {
+	var rows [][]string
+	for _, d := range ds {
+		rows = append(rows, []string{
+			d.Name, size.Format(d.Size), size.Format(d.SegmentSize), policyName(d.Policy), mode(d.ReadOnly),
+			size.Format(d.Allocated), size.Format(d.Exclusive), size.Format(d.Shared), orDash(d.Origin),
+		})
+	}
+	return rows
+}
+
+var diskHeader = []string{"NAME", "SIZE", "SEGMENT", "POLICY", "MODE", "ALLOCATED", "EXCLUSIVE", "SHARED", "ORIGIN"}
+
+func newDisk(g *globals) *cobra.Command {
+	disk := &cobra.Command{Use: "disk", Short: "create, list, inspect, resize and delete disks"}
+
+	var sizeS, segS, policy string
+	create := &cobra.Command{
+		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse]",
+		Short: "create a thin disk (instant at any size; nothing is allocated until written)",
+		Args:  exactArgs(1, "one disk name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if sizeS == "" {
+				return usageError{fmt.Errorf("--size is required (e.g. --size 10G)")}
+			}
+			n, err := parseSize("size", sizeS)
+			if err != nil {
+				return err
+			}
+			var seg uint64
+			if segS != "" {
+				if seg, err = parseSize("segment-size", segS); err != nil {
+					return err
+				}
+			}
+			pol, err := parsePolicy(policy)
+			if err != nil {
+				return err
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), d)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "created disk %s: %s in %s segments, %s copy-on-write\n", d.Name, size.Format(d.Size), size.Format(d.SegmentSize), policyName(d.Policy))
+				return nil
+			})
+		},
+	}
+	create.Flags().StringVar(&sizeS, "size", "", "disk size: 512M, 10G, 1T ... (a multiple of 512 bytes)")
+	create.Flags().StringVar(&segS, "segment-size", "", "segment size, a power of two from 64K to 64M (default 1M)")
+	create.Flags().StringVar(&policy, "policy", "forward", "copy-on-write policy for shared segments: forward or reverse")
+
+	list := &cobra.Command{
+		Use: "list", Short: "list disks with their space usage", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.ListDisks(ctx, &pb.ListDisksRequest{})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				return table(cmd.OutOrStdout(), diskHeader, diskRows(r.Disks))
+			})
+		},
+	}
+
+	info := &cobra.Command{
+		Use: "info NAME", Short: "show a disk: size, allocated, exclusive and shared bytes, origin", Args: exactArgs(1, "one disk name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				d, err := c.GetDisk(ctx, &pb.GetDiskRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), d)
+				}
+				w := cmd.OutOrStdout()
+				fmt.Fprintf(w, "name:         %s\n", d.Name)
+				fmt.Fprintf(w, "size:         %s (%d bytes)\n", size.Format(d.Size), d.Size)
+				fmt.Fprintf(w, "segment size: %s\n", size.Format(d.SegmentSize))
+				fmt.Fprintf(w, "policy:       %s\n", policyName(d.Policy))
+				fmt.Fprintf(w, "mode:         %s\n", map[bool]string{true: "read-only", false: "read-write"}[d.ReadOnly])
+				fmt.Fprintf(w, "allocated:    %s (%d bytes)\n", size.Format(d.Allocated), d.Allocated)
+				fmt.Fprintf(w, "exclusive:    %s (%d bytes)\n", size.Format(d.Exclusive), d.Exclusive)
+				fmt.Fprintf(w, "shared:       %s (%d bytes)\n", size.Format(d.Shared), d.Shared)
+				fmt.Fprintf(w, "origin:       %s\n", orDash(d.Origin))
+				fmt.Fprintf(w, "created:      %s\n", time.Unix(0, d.CreatedUnixNano).UTC().Format(time.RFC3339))
+				return nil
+			})
+		},
+	}
+
+	var newSize string
+	var shrink bool
+	resize := &cobra.Command{
+		Use: "resize NAME --size SIZE [--shrink]", Short: "grow a disk (new space reads as zeros); shrinking needs --shrink", Args: exactArgs(1, "one disk name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if newSize == "" {
+				return usageError{fmt.Errorf("--size is required")}
+			}
+			n, err := parseSize("size", newSize)
+			if err != nil {
+				return err
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				d, err := c.ResizeDisk(ctx, &pb.ResizeDiskRequest{Name: args[0], Size: n, Shrink: shrink})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), d)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "disk %s is now %s\n", d.Name, size.Format(d.Size))
+				return nil
+			})
+		},
+	}
+	resize.Flags().StringVar(&newSize, "size", "", "the new size")
+	resize.Flags().BoolVar(&shrink, "shrink", false, "allow making the disk smaller (data past the new end is lost)")
+
+	del := &cobra.Command{
+		Use: "delete NAME", Short: "delete a disk; its unshared space returns to the pool", Args: exactArgs(1, "one disk name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				if _, err := c.DeleteDisk(ctx, &pb.DeleteDiskRequest{Name: args[0]}); err != nil {
+					return err
+				}
+				if !g.json {
+					fmt.Fprintf(cmd.OutOrStdout(), "deleted disk %s\n", args[0])
+				}
+				return nil
+			})
+		},
+	}
+	disk.AddCommand(create, list, info, resize, del)
+	return disk
+}
+
+func newSnapshot(g *globals) *cobra.Command {
+	var name string
+	var writable, group bool
+	var quiesce time.Duration
+	cmd := &cobra.Command{
+		Use:   "snapshot SRC [--name NAME] [--writable] | snapshot --group D1 D2 ... [--name NAME]",
+		Short: "snapshot a disk, or several at one consistent point in time (--group)",
+		Long: `snapshot copies a disk's mapping table, not its data: it is instant and
+shares every segment with the source until one of them is written.
+
+  segmap snapshot vm1                    read-only snapshot vm1@YYYYMMDD-HHMMSS
+  segmap snapshot vm1 --name vm1-gold    named snapshot
+  segmap snapshot vm1-gold --name vm2 --writable   a writable clone
+  segmap snapshot --group db-data db-log --name nightly
+                                          db-data@nightly and db-log@nightly,
+                                          consistent with each other`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageError{fmt.Errorf("snapshot wants a source disk (or --group and several)")}
+			}
+			if !group && len(args) > 1 {
+				return usageError{fmt.Errorf("several sources need --group (one consistent point in time across all of them)")}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &pb.SnapshotRequest{Sources: args, Writable: writable, QuiesceTimeoutMs: uint32(quiesce / time.Millisecond)}
+			if name != "" {
+				if group {
+					for _, s := range args {
+						req.Names = append(req.Names, s+"@"+name)
+					}
+				} else {
+					req.Names = []string{name}
+				}
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.Snapshot(ctx, req)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				for _, d := range r.Disks {
+					kind := "snapshot"
+					if !d.ReadOnly {
+						kind = "clone"
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "%s %s of %s\n", kind, d.Name, d.Origin)
+				}
+				return nil
+			})
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "the snapshot's name (with --group: a suffix, giving SRC@NAME)")
+	cmd.Flags().BoolVar(&writable, "writable", false, "make a writable clone instead of a read-only snapshot")
+	cmd.Flags().BoolVar(&group, "group", false, "snapshot all the given disks at one consistent point in time")
+	cmd.Flags().DurationVar(&quiesce, "quiesce-timeout", 0, "how long a group snapshot waits for in-flight I/O (default 30s)")
+	return cmd
+}
+
+func newContainer(g *globals) *cobra.Command {
+	ctr := &cobra.Command{Use: "container", Short: "list and add storage containers"}
+	list := &cobra.Command{
+		Use: "list", Short: "list storage containers and their use", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.ListContainers(ctx, &pb.ListContainersRequest{})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				var rows [][]string
+				for _, ct := range r.Containers {
+					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
+						fmt.Sprint(ct.UsedSlots), size.Format(ct.Slots * ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize)})
+				}
+				return table(cmd.OutOrStdout(), []string{"ID", "URI", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES"}, rows)
+			})
+		},
+	}
+	var slotS, sizeS string
+	add := &cobra.Command{
+		Use:   "add PATH|URI [--size SIZE --slot-size SIZE]",
+		Short: "add a storage container (with --size: create a new container file there first)",
+		Args:  exactArgs(1, "one path or URI"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &pb.AddContainerRequest{Uri: args[0]}
+			if !strings.Contains(req.Uri, "://") {
+				p, err := filepath.Abs(req.Uri)
+				if err != nil {
+					return err
+				}
+				req.Uri = "file://" + p
+			}
+			if sizeS != "" {
+				total, err := parseSize("size", sizeS)
+				if err != nil {
+					return err
+				}
+				slot, err := parseSize("slot-size", slotS)
+				if err != nil {
+					return err
+				}
+				if slot == 0 || total < slot {
+					return usageError{fmt.Errorf("--size %s holds no %s slot", sizeS, slotS)}
+				}
+				req.SlotSize, req.Slots = slot, total/slot
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				ct, err := c.AddContainer(ctx, req)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), ct)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "added container %d: %s, %d slots of %s\n", ct.Id, ct.Uri, ct.Slots, size.Format(ct.SlotSize))
+				return nil
+			})
+		},
+	}
+	add.Flags().StringVar(&sizeS, "size", "", "create a new container file of this size")
+	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
+	ctr.AddCommand(list, add)
+	return ctr
+}
+
+func problemRows(ps []*pb.Problem) [][]string {
+	var rows [][]string
+	for _, p := range ps {
+		rows = append(rows, []string{p.Kind, fmt.Sprintf("c%d/s%d", p.Container, p.Slot), orDash(p.Disk), fmt.Sprint(p.Segment), p.Detail})
+	}
+	return rows
+}
+
+func newCheck(g *globals) *cobra.Command {
+	var repair bool
+	cmd := &cobra.Command{
+		Use:   "check [--repair]",
+		Short: "verify the metadata: reference counts, sharing, locations (--repair reclaims leaked slots only)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.Check(ctx, &pb.CheckRequest{Repair: repair})
+				if err != nil {
+					return err
+				}
+				w := cmd.OutOrStdout()
+				if g.json {
+					if err := printJSON(w, r); err != nil {
+						return err
+					}
+				} else {
+					if len(r.Repaired) > 0 {
+						fmt.Fprintf(w, "repaired %d problems:\n", len(r.Repaired))
+						table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
+					}
+					if len(r.Problems) == 0 {
+						fmt.Fprintln(w, "check: clean")
+					} else {
+						fmt.Fprintf(w, "check: %d problems:\n", len(r.Problems))
+						table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
+					}
+				}
+				if len(r.Problems) > 0 {
+					return codeError{3, fmt.Errorf("check found %d problems", len(r.Problems))}
+				}
+				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (nothing else is changed)")
+	return cmd
+}
+
+func newStatus(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "status", Short: "show agents, containers, used and free space", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.Status(ctx, &pb.StatusRequest{})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				w := cmd.OutOrStdout()
+				fmt.Fprintf(w, "segmap %s, NBD on %s\n", r.Version, orDash(r.NbdAddress))
+				fmt.Fprintf(w, "disks: %d\n", r.Disks)
+				fmt.Fprintf(w, "space: %s used of %s, %s free (%d bytes used)\n", size.Format(r.UsedBytes), size.Format(r.TotalBytes), size.Format(r.FreeBytes), r.UsedBytes)
+				var rows [][]string
+				for _, a := range r.Agents {
+					rows = append(rows, []string{a.Name, fmt.Sprint(a.Disks)})
+				}
+				fmt.Fprintln(w)
+				table(w, []string{"AGENT", "DISKS"}, rows)
+				rows = nil
+				for _, ct := range r.Containers {
+					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), size.Format(ct.Slots * ct.SlotSize)})
+				}
+				fmt.Fprintln(w)
+				return table(w, []string{"CONTAINER", "URI", "SLOT", "USED", "SIZE"}, rows)
+			})
+		},
+	}
+}

@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+
+	pb "segmap/api/segmapv1"
+	"segmap/internal/admin"
+	"segmap/internal/local"
+	"segmap/internal/nbd"
+	"segmap/internal/size"
+)
+
+type upFlags struct {
+	data, nbdListen, adminListen, poolSize string
+	poolFiles                              int
+	agent                                  string
+	drain                                  time.Duration
+}
+
+func newUp() *cobra.Command {
+	f := &upFlags{}
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "run segmap in one process: controller (bbolt), one agent serving NBD, a pool of file containers",
+		Long: `up runs the embedded segmap: the controller with its bbolt store at
+DATA/meta.db, a pool of sparse container files in DATA/containers, one
+mapping agent serving every disk over NBD, and the admin API that the
+other segmap commands use. SIGINT or SIGTERM stop it cleanly: I/O in
+flight is answered, containers are flushed, the store is closed. Start it
+again on the same data directory and every disk is as it was.
+
+The pool is created on first start (--pool-size split in --pool-files
+sparse files, 1 MiB slots); a disk with another segment size gets a pool
+of its own the same way. 'segmap container add' adds more.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runUp(cmd, f) },
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.data, "data", "./segmap-data", "data directory (metadata and container files)")
+	fl.StringVar(&f.nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
+	fl.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:10810", "address of the admin API (host:port or unix:PATH)")
+	fl.StringVar(&f.poolSize, "pool-size", "64G", "total size of the container pool created for each segment size (sparse: costs nothing until written)")
+	fl.IntVar(&f.poolFiles, "pool-files", 4, "number of container files the pool is split into")
+	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
+	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
+	return cmd
+}
+
+func listen(addr string) (net.Listener, error) {
+	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+		os.Remove(p) // a stale socket from a previous run
+		return net.Listen("unix", p)
+	}
+	return net.Listen("tcp", addr)
+}
+
+func runUp(cmd *cobra.Command, f *upFlags) error {
+	pool, err := parseSize("pool-size", f.poolSize)
+	if err != nil {
+		return err
+	}
+	if f.poolFiles < 1 || f.poolFiles > 1024 {
+		return usageError{fmt.Errorf("--pool-files %d: want 1 to 1024", f.poolFiles)}
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	// Bind first: a busy port is an error now, not later.
+	nbdL, err := listen(f.nbdListen)
+	if err != nil {
+		return fmt.Errorf("NBD listener: %w", err)
+	}
+	defer nbdL.Close()
+	adminL, err := listen(f.adminListen)
+	if err != nil {
+		return fmt.Errorf("admin listener: %w", err)
+	}
+	defer adminL.Close()
+
+	c, err := local.Open(ctx, f.data, local.Options{
+		Agents:   []string{f.agent},
+		AutoPool: &local.AutoPool{Bytes: pool, Count: f.poolFiles},
+		Logger:   logger,
+	})
+	if err != nil {
+		return err
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			c.Close()
+		}
+	}()
+
+	gs := grpc.NewServer()
+	pb.RegisterAdminServer(gs, admin.New(admin.Config{
+		Ctrl:       c.Ctrl,
+		Provision:  c.Provision,
+		NBDAddress: nbdL.Addr().String(),
+		Version:    version,
+		CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
+			path, err := local.FilePath(uri)
+			if err != nil {
+				return err
+			}
+			id, err := c.NextContainerID(ctx)
+			if err != nil {
+				return err
+			}
+			return local.CreateContainerFile(path, id, slotSize, slots)
+		},
+	}))
+	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c, c.Agents[0]), Errno: local.Errno, Logger: logger})
+
+	errc := make(chan error, 2)
+	go func() { errc <- gs.Serve(adminL) }()
+	go func() { errc <- ns.Serve(nbdL) }()
+
+	cs, _ := c.Ctrl.ListContainers(ctx)
+	var total uint64
+	for _, ct := range cs {
+		total += ct.Slots * ct.SlotSize
+	}
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "segmap %s up\n", version)
+	fmt.Fprintf(w, "  data:       %s (metadata %s, %d containers, %s)\n", c.Dir, filepath.Join(c.Dir, "meta.db"), len(cs), size.Format(total))
+	fmt.Fprintf(w, "  controller: admin API on %s   try: segmap disk create vm1 --size 10G\n", adminL.Addr())
+	fmt.Fprintf(w, "  agent:      %q, NBD on %s   try: nbdinfo --list nbd://%s\n", f.agent, nbdL.Addr(), nbdL.Addr())
+	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+	}
+	fmt.Fprintln(w, "stopping: draining I/O")
+	sctx, cancel := context.WithTimeout(context.Background(), f.drain)
+	defer cancel()
+	if err := ns.Shutdown(sctx); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+		logger.Warn("NBD shutdown", "err", err)
+	}
+	gs.GracefulStop()
+	closed = true
+	if err := c.Close(); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
+	fmt.Fprintln(w, "stopped")
+	if serveErr != nil && !errors.Is(serveErr, nbd.ErrServerClosed) && !errors.Is(serveErr, grpc.ErrServerStopped) {
+		return serveErr
+	}
+	return nil
+}

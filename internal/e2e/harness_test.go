@@ -1,0 +1,299 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// bin is the segmap binary built for the tests.
+var bin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "segmap-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = filepath.Join(dir, "segmap")
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/segmap")
+	if os.Getenv("SEGMAP_E2E_NORACE") != "" {
+		build = exec.Command("go", "build", "-o", bin, "./cmd/segmap")
+	}
+	build.Dir = root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build segmap:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// requireTools fails the test if a client it drives is missing: the tests
+// never skip for a missing tool; 'make deps' installs them.
+func requireTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing: run 'make deps' (scripts/deps.sh installs the Debian packages the tests drive)", tool)
+		}
+	}
+}
+
+// up is a running 'segmap up' process.
+type up struct {
+	t     *testing.T
+	dir   string
+	admin string // admin API address
+	nbd   string // NBD address
+	cmd   *exec.Cmd
+	out   *syncBuffer
+	done  chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startUp runs 'segmap up' on data directory dir with ports chosen by the
+// kernel, and waits until it is ready. It is stopped when the test ends.
+func startUp(t *testing.T, dir string, extra ...string) *up {
+	t.Helper()
+	args := append([]string{"up", "--data", dir, "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pool-size", "16G"}, extra...)
+	cmd := exec.Command(bin, args...)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &up{t: t, dir: dir, cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1)}
+	cmd.Stderr = u.out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		signalled := false
+		for sc.Scan() {
+			line := sc.Text()
+			u.out.Write([]byte(line + "\n"))
+			if f, ok := field(line, "admin API on "); ok {
+				u.admin = f
+			}
+			if f, ok := field(line, "NBD on "); ok {
+				u.nbd = f
+			}
+			if strings.HasPrefix(line, "ready") && !signalled {
+				signalled = true
+				close(ready)
+			}
+		}
+		u.done <- cmd.Wait()
+	}()
+	select {
+	case <-ready:
+	case err := <-u.done:
+		t.Fatalf("segmap up exited: %v\n%s", err, u.out)
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("segmap up not ready in 30s\n%s", u.out)
+	}
+	t.Cleanup(func() { u.stop() })
+	return u
+}
+
+// field returns the first word after prefix in line.
+func field(line, prefix string) (string, bool) {
+	i := strings.Index(line, prefix)
+	if i < 0 {
+		return "", false
+	}
+	f := strings.Fields(line[i+len(prefix):])
+	if len(f) == 0 {
+		return "", false
+	}
+	return f[0], true
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (u *up) stop() {
+	t := u.t
+	t.Helper()
+	if u.cmd.ProcessState != nil {
+		return
+	}
+	u.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-u.done:
+		if err != nil {
+			t.Errorf("segmap up did not stop cleanly: %v\n%s", err, u.out)
+		}
+		if !strings.Contains(u.out.String(), "stopped") {
+			t.Errorf("segmap up did not say it stopped:\n%s", u.out)
+		}
+	case <-time.After(60 * time.Second):
+		u.cmd.Process.Kill()
+		t.Errorf("segmap up did not stop within 60s\n%s", u.out)
+	}
+	if strings.Contains(u.out.String(), "DATA RACE") {
+		t.Errorf("segmap up reported a data race:\n%s", u.out)
+	}
+}
+
+func (u *up) uri(name string) string { return "nbd://" + u.nbd + "/" + name }
+
+// cli runs a segmap admin command against u and returns its output; the
+// test fails if it fails.
+func (u *up) cli(args ...string) string {
+	u.t.Helper()
+	out, errOut, code := u.cliResult(args...)
+	if code != 0 {
+		u.t.Fatalf("segmap %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// cliResult runs a segmap admin command and returns stdout, stderr and the
+// exit status.
+func (u *up) cliResult(args ...string) (string, string, int) {
+	u.t.Helper()
+	return runBin(u.t, append([]string{"--controller", u.admin}, args...)...)
+}
+
+func runBin(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("segmap %v: %v", args, err)
+	}
+	return out.String(), errOut.String(), code
+}
+
+// cliJSON runs a command with --json and decodes its output into v.
+func (u *up) cliJSON(v any, args ...string) {
+	u.t.Helper()
+	out := u.cli(append(args, "--json")...)
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		u.t.Fatalf("segmap %v --json: %v\n%s", args, err, out)
+	}
+}
+
+// diskInfo is the JSON of 'segmap disk info'.
+type diskInfo struct {
+	Name      string `json:"name"`
+	Size      string `json:"size"` // protojson writes uint64 as a string
+	Allocated string `json:"allocated"`
+	Exclusive string `json:"exclusive"`
+	Shared    string `json:"shared"`
+	Origin    string `json:"origin"`
+	ReadOnly  bool   `json:"read_only"`
+}
+
+type statusInfo struct {
+	UsedBytes  string `json:"used_bytes"`
+	FreeBytes  string `json:"free_bytes"`
+	TotalBytes string `json:"total_bytes"`
+}
+
+// run runs an external tool with a time limit and returns its combined
+// output; the test fails if it fails.
+func run(t *testing.T, timeout time.Duration, name string, args ...string) string {
+	t.Helper()
+	out, err := runErr(timeout, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func runErr(timeout time.Duration, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/usr/sbin:/bin:/sbin:"+os.Getenv("PATH"))
+	var b bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &b, &b
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("timed out after %v", timeout)
+	}
+	return b.String(), err
+}
+
+// python runs a Python 3 script with libnbd's binding (Debian's python,
+// where python3-libnbd lives) and returns its output.
+func python(t *testing.T, timeout time.Duration, script string, args ...string) string {
+	t.Helper()
+	return run(t, timeout, "/usr/bin/python3", append([]string{"-c", script}, args...)...)
+}
+
+// background starts a command and returns a function that waits for it.
+func background(t *testing.T, name string, args ...string) func() (string, error) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	var b syncBuffer
+	cmd.Stdout, cmd.Stderr = &b, &b
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+		}
+	})
+	return func() (string, error) {
+		err := <-done
+		return b.String(), err
+	}
+}
+
+func sha(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := newHash()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}

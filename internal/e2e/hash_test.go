@@ -1,0 +1,8 @@
+package e2e
+
+import (
+	"crypto/sha256"
+	"hash"
+)
+
+func newHash() hash.Hash { return sha256.New() }

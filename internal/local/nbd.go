@@ -1,0 +1,64 @@
+package local
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"segmap/internal/agent"
+	"segmap/internal/mapping"
+	"segmap/internal/nbd"
+)
+
+// NBDBackend serves agent a's disks over NBD: every disk of the cluster is
+// an export named after it; read-only snapshots are exported read-only.
+func NBDBackend(c *Cluster, a *agent.Agent) nbd.Backend { return &nbdBackend{c: c, a: a} }
+
+type nbdBackend struct {
+	c *Cluster
+	a *agent.Agent
+}
+
+func (b *nbdBackend) List(ctx context.Context) ([]nbd.ExportInfo, error) {
+	ds, err := b.c.Ctrl.Disks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]nbd.ExportInfo, 0, len(ds))
+	for _, d := range ds {
+		desc := "segmap disk"
+		if d.ReadOnly {
+			desc = "segmap snapshot (read-only)"
+		}
+		out = append(out, nbd.ExportInfo{Name: d.Name, Description: desc, Size: d.Size, ReadOnly: d.ReadOnly})
+	}
+	return out, nil
+}
+
+func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
+	d, err := b.a.Open(ctx, name)
+	if errors.Is(err, mapping.ErrNotFound) {
+		return nil, nil, fmt.Errorf("%w: %w", nbd.ErrUnknownExport, err)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	// The agent keeps the disk open for every connection that uses it.
+	return d, io.NopCloser(nil), nil
+}
+
+// Errno maps an agent error to the NBD error a host sees.
+func Errno(err error) uint32 {
+	switch {
+	case errors.Is(err, mapping.ErrNoSpace):
+		return nbd.ENOSPC
+	case errors.Is(err, mapping.ErrReadOnly):
+		return nbd.EPERM
+	case errors.Is(err, agent.ErrRange):
+		return nbd.EINVAL
+	case errors.Is(err, agent.ErrGone), errors.Is(err, agent.ErrClosed):
+		return nbd.ESHUTDOWN
+	}
+	return nbd.EIO
+}

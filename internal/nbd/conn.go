@@ -1,0 +1,187 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// connState is the phase of a connection; see the package doc.
+type connState uint8
+
+const (
+	stateHandshake    connState = iota // greeting and option haggling
+	stateTransmission                  // serving requests
+	stateDraining                      // not reading; answering requests in flight
+	stateClosed                        // socket closed, export released
+)
+
+func (s connState) String() string {
+	switch s {
+	case stateHandshake:
+		return "handshake"
+	case stateTransmission:
+		return "transmission"
+	case stateDraining:
+		return "draining"
+	case stateClosed:
+		return "closed"
+	}
+	return "connState(?)"
+}
+
+// readBufferSize is the size of a connection's read buffer: pipelined
+// request headers and small write payloads arrive in one read.
+const readBufferSize = 64 << 10
+
+// aLongTimeAgo is a deadline in the past, set to interrupt reads.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// conn is one client connection. Its goroutine (serve) runs the handshake
+// and then reads requests; workers answer them.
+type conn struct {
+	srv *Server
+	nc  net.Conn
+	rd  *bufio.Reader
+	log *slog.Logger
+	// ctx is passed to Backend and Export calls; cancelled by Server.Close
+	// and when the connection ends.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// Set by the handshake, before any worker starts; read-only after.
+	sess *session
+
+	tx transmission
+
+	// stopping is set by Server.Shutdown: the connection reads nothing
+	// more, answers what it had already received with ESHUTDOWN, and
+	// closes once the requests in flight are answered. It is set, and
+	// read together with a deadline change, under mu.
+	stopping atomic.Bool
+
+	mu struct {
+		sync.Mutex
+		state connState
+	}
+}
+
+// session is the export a connection selected and what it negotiated.
+type session struct {
+	params
+	name   string
+	exp    Export
+	closer io.Closer
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{srv: s, nc: nc}
+	c.ctx, c.cancel = context.WithCancel(s.ctx)
+	c.rd = bufio.NewReaderSize(nc, readBufferSize)
+	c.log = s.log.With("remote", remoteAddr(nc))
+	return c
+}
+
+func remoteAddr(nc net.Conn) string {
+	if a := nc.RemoteAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+// serve runs the connection to its end. The caller has tracked c.
+func (c *conn) serve() {
+	defer c.srv.untrack(c)
+	defer c.cancel()
+
+	c.startHandshake()
+	sess, err := c.safeHandshake()
+	if err != nil {
+		c.nc.Close()
+		c.setState(stateClosed)
+		c.logEnd("handshake", err)
+		return
+	}
+	c.sess = sess
+	c.log.Debug("nbd: transmission", "export", sess.name, "size", sess.size,
+		"flags", sess.flags, "structured", sess.structured)
+	c.enterTransmission()
+	err = c.transmit()
+	c.nc.Close()
+	if cerr := sess.closer.Close(); cerr != nil {
+		c.log.Warn("nbd: closing export", "export", sess.name, "err", cerr)
+	}
+	c.setState(stateClosed)
+	c.logEnd("transmission", err)
+}
+
+// logEnd logs why a connection ended: protocol violations at Warn, the
+// ordinary ends (client hung up or disconnected, server stopping) at Debug.
+func (c *conn) logEnd(phase string, err error) {
+	switch {
+	case errors.Is(err, errProtocol):
+		c.log.Warn("nbd: dropping client", "phase", phase, "err", err)
+	case errors.Is(err, errPanic):
+		c.log.Error("nbd: dropping client", "phase", phase, "err", err)
+	case errors.Is(err, os.ErrDeadlineExceeded) && phase == "handshake" && !c.stopping.Load():
+		c.log.Info("nbd: handshake timed out", "err", err)
+	default:
+		c.log.Debug("nbd: connection closed", "phase", phase, "err", err)
+	}
+}
+
+// safeHandshake runs the handshake; a panic in the Backend (or in an
+// Export's Size or ReadOnly) ends this connection, not the process.
+func (c *conn) safeHandshake() (s *session, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("nbd: panic in handshake", "panic", p, "stack", string(debug.Stack()))
+			s, err = nil, errPanic
+		}
+	}()
+	return c.handshake()
+}
+
+// startHandshake sets the handshake deadline, unless Shutdown already
+// asked this connection to stop.
+func (c *conn) startHandshake() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.stopping.Load() {
+		c.nc.SetDeadline(time.Now().Add(c.srv.handshakeTimeout))
+	}
+}
+
+// enterTransmission lifts the handshake deadline, unless Shutdown already
+// asked this connection to stop.
+func (c *conn) enterTransmission() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mu.state = stateTransmission
+	if !c.stopping.Load() {
+		c.nc.SetDeadline(time.Time{})
+	}
+}
+
+// stop makes the connection read nothing more (Server.Shutdown): its reads
+// fail at once; replies still go out.
+func (c *conn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopping.Store(true)
+	c.nc.SetReadDeadline(aLongTimeAgo)
+}
+
+func (c *conn) setState(s connState) {
+	c.mu.Lock()
+	c.mu.state = s
+	c.mu.Unlock()
+}

@@ -1,0 +1,62 @@
+// Package nbd serves block devices (Exports found by a Backend) over the
+// Network Block Device protocol, as specified in the NBD project's
+// doc/proto.md. It speaks the fixed newstyle handshake only, without TLS.
+//
+// # Connection states
+//
+// Every connection runs through these states (connState):
+//
+//	            accept
+//	              │
+//	              ▼
+//	  ┌────── handshake ───────┐  greeting, then option haggling:
+//	  │  INFO, LIST, STRUCTURED_REPLY, unknown options: answered, stay
+//	  │  GO (known export) / EXPORT_NAME (known export)
+//	  │           ▼
+//	  │     transmission        reader hands requests to workers
+//	  │           │ DISC, EOF, bad request magic, absurd length,
+//	  │           │ Shutdown, a reply that cannot be written
+//	  │           ▼
+//	  │       draining          no more reads; requests in flight are
+//	  │           │             answered
+//	  ▼           ▼
+//	closed ◄──────┘             socket closed, then the export's Closer
+//
+// The handshake ends in closed on ABORT, on EXPORT_NAME of an unknown
+// export (it cannot answer an error), on a bad option magic, unknown
+// client flags or absurd option data, when HandshakeTimeout passes, and
+// when Shutdown or Close begins.
+//
+// # Replies
+//
+// Requests are answered with simple replies unless the client negotiated
+// NBD_OPT_STRUCTURED_REPLY; then a READ is answered with one OFFSET_DATA
+// chunk, other successes with a NONE chunk and failures with an ERROR chunk
+// carrying a short message, each flagged DONE. Replies may go out in any
+// order. A request that fails (a bad range, a read-only export, an Export
+// error mapped by Config.Errno, a panic in the Export) fails alone; the
+// connection goes on. Only a client that breaks the stream's framing is
+// disconnected.
+//
+// # Concurrency
+//
+// One goroutine per connection runs the handshake and then reads requests,
+// handing each to a worker goroutine; at most Config.MaxInFlight requests
+// of a connection are in flight, and the reader waits when that many are.
+// Workers call the Export concurrently and write each reply as one write
+// (header and data together, with writev on TCP) under the connection's
+// write lock. The Server tracks its connections: Shutdown waits for them,
+// Close ends them and waits for their goroutines.
+//
+// # Limits
+//
+// The server advertises the spec's default block sizes: minimum 1,
+// preferred 4096, maximum payload 32 MiB. A READ or WRITE above the
+// maximum payload fails with EINVAL (EOVERFLOW for a structured READ);
+// the payload of such a WRITE is read and discarded up to 64 MiB, and a
+// longer one ends the connection. Option data above 64 KiB is discarded and
+// answered NBD_REP_ERR_TOO_BIG, above 1 MiB it ends the connection. Every
+// buffer is sized by a checked length; payload buffers come from pools by
+// power-of-two size class, and one connection holds at most 128 MiB of
+// payload at once.
+package nbd

@@ -1,0 +1,339 @@
+package nbd
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// handshaker runs the fixed newstyle negotiation of one connection.
+type handshaker struct {
+	c          *conn
+	w          *bufio.Writer
+	noZeroes   bool   // the client set NBD_FLAG_C_NO_ZEROES
+	structured bool   // NBD_OPT_STRUCTURED_REPLY was acknowledged
+	buf        []byte // option data, reused
+}
+
+// handshake greets the client and haggles options until the client selects
+// an export (the session to serve) or the connection must end (an error;
+// errAbort for NBD_OPT_ABORT).
+func (c *conn) handshake() (*session, error) {
+	h := &handshaker{c: c, w: bufio.NewWriterSize(c.nc, 4096)}
+	var greet [18]byte
+	be.PutUint64(greet[0:], magicNBD)
+	be.PutUint64(greet[8:], magicOpts)
+	be.PutUint16(greet[16:], hflagFixedNewstyle|hflagNoZeroes)
+	h.w.Write(greet[:])
+	if err := h.w.Flush(); err != nil {
+		return nil, err
+	}
+
+	var cf [4]byte
+	if _, err := io.ReadFull(c.rd, cf[:]); err != nil {
+		return nil, err
+	}
+	flags := be.Uint32(cf[:])
+	if flags&^(cflagFixedNewstyle|cflagNoZeroes) != 0 {
+		return nil, fmt.Errorf("%w: unknown client flags %#x", errProtocol, flags)
+	}
+	// A client without NBD_FLAG_C_FIXED_NEWSTYLE is served the same way
+	// (the spec allows it); all it can do is NBD_OPT_EXPORT_NAME.
+	h.noZeroes = flags&cflagNoZeroes != 0
+
+	for {
+		s, err := h.option()
+		if err == nil {
+			err = h.w.Flush()
+		}
+		if err != nil {
+			if s != nil {
+				s.closer.Close()
+			}
+			return nil, err
+		}
+		if s != nil {
+			return s, nil
+		}
+	}
+}
+
+// option reads and answers one option. It returns a session when the
+// option selected an export, and an error when the connection must end.
+func (h *handshaker) option() (*session, error) {
+	var hdr [16]byte
+	if _, err := io.ReadFull(h.c.rd, hdr[:]); err != nil {
+		return nil, err
+	}
+	if m := be.Uint64(hdr[0:]); m != magicOpts {
+		return nil, fmt.Errorf("%w: option magic %#x", errProtocol, m)
+	}
+	opt := option(be.Uint32(hdr[8:]))
+	n := be.Uint32(hdr[12:])
+	if n > maxOptionData {
+		// Never allocate what the client declared: skip a moderately
+		// oversized option, hang up on an absurd one.
+		if n > maxOptionDiscard {
+			return nil, fmt.Errorf("%w: %v with %d bytes of data", errProtocol, opt, n)
+		}
+		if _, err := h.c.rd.Discard(int(n)); err != nil {
+			return nil, err
+		}
+		if opt == optExportName {
+			return nil, fmt.Errorf("%w: export name of %d bytes", errProtocol, n)
+		}
+		return nil, h.replyErr(opt, repErrTooBig, "option data too large")
+	}
+	if cap(h.buf) < int(n) {
+		h.buf = make([]byte, n)
+	}
+	data := h.buf[:n]
+	if _, err := io.ReadFull(h.c.rd, data); err != nil {
+		return nil, err
+	}
+
+	if h.c.srv.isClosed() && opt != optAbort {
+		if opt == optExportName {
+			return nil, ErrServerClosed // it cannot be answered an error
+		}
+		return nil, h.replyErr(opt, repErrShutdown, "server shutting down")
+	}
+
+	switch opt {
+	case optExportName:
+		return h.exportName(data)
+	case optAbort:
+		// The client may hang up without reading the reply.
+		h.reply(opt, repAck)
+		h.w.Flush()
+		return nil, errAbort
+	case optList:
+		return nil, h.list(data)
+	case optInfo, optGo:
+		return h.infoGo(opt, data)
+	case optStructuredReply:
+		if len(data) != 0 {
+			return nil, h.replyErr(opt, repErrInvalid, "unexpected option data")
+		}
+		h.structured = true
+		return nil, h.reply(opt, repAck)
+	case optStartTLS:
+		if len(data) != 0 {
+			return nil, h.replyErr(opt, repErrInvalid, "unexpected option data")
+		}
+		return nil, h.replyErr(opt, repErrPolicy, "TLS is not available")
+	default:
+		// EXTENDED_HEADERS, LIST/SET_META_CONTEXT and anything unknown.
+		return nil, h.replyErr(opt, repErrUnsup, "unsupported option")
+	}
+}
+
+// exportName answers NBD_OPT_EXPORT_NAME. It cannot return an error to the
+// client: an unknown export ends the connection.
+func (h *handshaker) exportName(data []byte) (*session, error) {
+	name := string(data)
+	if name == "" || !validString(name) {
+		return nil, fmt.Errorf("%w: export %q", ErrUnknownExport, name)
+	}
+	s, err := h.open(name)
+	if err != nil {
+		return nil, err
+	}
+	var b [10 + zeroPadSize]byte
+	be.PutUint64(b[0:], s.size)
+	be.PutUint16(b[8:], s.flags)
+	n := len(b)
+	if h.noZeroes {
+		n = 10
+	}
+	h.w.Write(b[:n])
+	return s, nil
+}
+
+// list answers NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK. The
+// description follows the name in each reply, as the spec allows.
+func (h *handshaker) list(data []byte) error {
+	const opt = optList
+	if len(data) != 0 {
+		return h.replyErr(opt, repErrInvalid, "unexpected option data")
+	}
+	infos, err := h.c.srv.backend.List(h.c.ctx)
+	if err != nil {
+		h.c.log.Warn("nbd: listing exports", "err", err)
+		return h.replyErr(opt, repErrPolicy, "cannot list exports")
+	}
+	for _, e := range infos {
+		var n [4]byte
+		be.PutUint32(n[:], uint32(len(e.Name)))
+		if err := h.reply(opt, repServer, n[:], []byte(e.Name), []byte(e.Description)); err != nil {
+			return err
+		}
+	}
+	return h.reply(opt, repAck)
+}
+
+// infoGo answers NBD_OPT_INFO and NBD_OPT_GO. INFO looks the export up in
+// Backend.List and leaves it alone; GO opens it and, after the ACK, the
+// connection is in the transmission phase.
+func (h *handshaker) infoGo(opt option, data []byte) (*session, error) {
+	name, reqs, ok := parseInfoRequest(data)
+	if !ok {
+		return nil, h.replyErr(opt, repErrInvalid, "malformed information request")
+	}
+	if !validString(name) {
+		return nil, h.replyErr(opt, repErrInvalid, "invalid export name")
+	}
+	if name == "" {
+		return nil, h.replyErr(opt, repErrUnknown, "there is no default export")
+	}
+
+	var (
+		info ExportInfo
+		s    *session
+	)
+	if opt == optGo {
+		var err error
+		if s, err = h.open(name); err != nil {
+			return nil, h.replyOpenErr(opt, name, err)
+		}
+		info = ExportInfo{Name: name, Size: s.size, ReadOnly: s.flags&tflagReadOnly != 0}
+		if wantsInfo(reqs, infoDescription) {
+			if e, ok := h.lookup(name); ok {
+				info.Description = e.Description
+			}
+		}
+	} else {
+		e, ok := h.lookup(name)
+		if !ok {
+			return nil, h.replyErr(opt, repErrUnknown, "unknown export")
+		}
+		info = e
+	}
+
+	err := h.sendInfo(opt, info, reqs)
+	if err == nil {
+		err = h.reply(opt, repAck)
+	}
+	if err == nil && s != nil {
+		// Nothing may be left in the buffer once transmission starts.
+		err = h.w.Flush()
+	}
+	if err != nil && s != nil {
+		s.closer.Close()
+		s = nil
+	}
+	return s, err
+}
+
+// sendInfo sends the NBD_REP_INFO replies of INFO and GO: the export and
+// its block sizes always, name and description when asked.
+func (h *handshaker) sendInfo(opt option, info ExportInfo, reqs []byte) error {
+	var exp [12]byte
+	be.PutUint16(exp[0:], infoExport)
+	be.PutUint64(exp[2:], info.Size)
+	be.PutUint16(exp[10:], transmissionFlags(info.ReadOnly, h.structured))
+	h.reply(opt, repInfo, exp[:])
+
+	var bs [14]byte
+	be.PutUint16(bs[0:], infoBlockSize)
+	be.PutUint32(bs[2:], minBlockSize)
+	be.PutUint32(bs[6:], preferredBlockSize)
+	be.PutUint32(bs[10:], maxPayload)
+	h.reply(opt, repInfo, bs[:])
+
+	var t [2]byte
+	if wantsInfo(reqs, infoName) {
+		be.PutUint16(t[:], infoName)
+		h.reply(opt, repInfo, t[:], []byte(info.Name))
+	}
+	if wantsInfo(reqs, infoDescription) {
+		be.PutUint16(t[:], infoDescription)
+		return h.reply(opt, repInfo, t[:], []byte(info.Description))
+	}
+	return nil
+}
+
+// open opens an export for this connection.
+func (h *handshaker) open(name string) (*session, error) {
+	exp, closer, err := h.c.srv.backend.Open(h.c.ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("open export %q: %w", name, err)
+	}
+	if exp == nil {
+		if closer != nil {
+			closer.Close()
+		}
+		return nil, fmt.Errorf("open export %q: backend returned no export", name)
+	}
+	if closer == nil {
+		closer = nopCloser{}
+	}
+	return &session{
+		params: params{
+			size:       exp.Size(),
+			flags:      transmissionFlags(exp.ReadOnly(), h.structured),
+			structured: h.structured,
+		},
+		name:   name,
+		exp:    exp,
+		closer: closer,
+	}, nil
+}
+
+// lookup finds an export in Backend.List.
+func (h *handshaker) lookup(name string) (ExportInfo, bool) {
+	infos, err := h.c.srv.backend.List(h.c.ctx)
+	if err != nil {
+		h.c.log.Warn("nbd: listing exports", "err", err)
+		return ExportInfo{}, false
+	}
+	for _, e := range infos {
+		if e.Name == name {
+			return e, true
+		}
+	}
+	return ExportInfo{}, false
+}
+
+// replyOpenErr answers an option whose export could not be opened. The spec
+// has no error for a failing backend; NBD_REP_ERR_UNKNOWN ("the requested
+// export is not available") with a message is the closest.
+func (h *handshaker) replyOpenErr(opt option, name string, err error) error {
+	if !errors.Is(err, ErrUnknownExport) {
+		h.c.log.Warn("nbd: opening export", "export", name, "err", err)
+		return h.replyErr(opt, repErrUnknown, clipMessage(err.Error()))
+	}
+	return h.replyErr(opt, repErrUnknown, "unknown export")
+}
+
+// reply buffers one option reply; parts are its data. The caller flushes.
+func (h *handshaker) reply(opt option, typ repType, parts ...[]byte) error {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	var hdr [20]byte
+	be.PutUint64(hdr[0:], magicOptReply)
+	be.PutUint32(hdr[8:], uint32(opt))
+	be.PutUint32(hdr[12:], uint32(typ))
+	be.PutUint32(hdr[16:], uint32(n))
+	_, err := h.w.Write(hdr[:])
+	for _, p := range parts {
+		if err != nil {
+			break
+		}
+		_, err = h.w.Write(p)
+	}
+	return err
+}
+
+// replyErr buffers an error reply with a message for the user.
+func (h *handshaker) replyErr(opt option, typ repType, msg string) error {
+	h.c.log.Debug("nbd: option refused", "option", opt, "reply", typ, "msg", msg)
+	return h.reply(opt, typ, []byte(msg))
+}
+
+type nopCloser struct{}
+
+func (nopCloser) Close() error { return nil }

@@ -1,0 +1,295 @@
+package nbd
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// Export is one disk served over NBD.
+//
+// Methods are called concurrently, from many requests of one connection and
+// from many connections; ranges always lie inside [0, Size()) and are never
+// empty. The ctx is cancelled when the server is closed. An error fails
+// that request only: it is answered with Config.Errno(err) and the
+// connection goes on. A panic is recovered and answered with EIO.
+type Export interface {
+	// Size is the export's size in bytes. It is read once per connection.
+	Size() uint64
+	// ReadOnly reports whether writes are refused. It is read once per
+	// connection.
+	ReadOnly() bool
+	// ReadAt fills all of p from offset off, or returns an error. p is the
+	// server's buffer and is valid only during the call.
+	ReadAt(ctx context.Context, p []byte, off uint64) error
+	// WriteAt writes p at off. If fua is set the data must be durable when
+	// WriteAt returns. p is valid only during the call.
+	WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error
+	// Flush makes durable every write that returned before Flush was
+	// called, from every connection to this export (the server advertises
+	// NBD_FLAG_CAN_MULTI_CONN).
+	Flush(ctx context.Context) error
+	// Trim hints that [off, off+n) is no longer needed; its contents are
+	// undefined until written again.
+	Trim(ctx context.Context, off, n uint64) error
+	// WriteZeroes makes [off, off+n) read as zeroes. If noHole is set the
+	// range must stay allocated (no hole may be punched).
+	WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error
+}
+
+// ExportInfo describes an export for NBD_OPT_LIST and NBD_OPT_INFO.
+type ExportInfo struct {
+	Name, Description string
+	Size              uint64
+	ReadOnly          bool
+}
+
+// Backend finds exports by name. Its methods are called concurrently.
+type Backend interface {
+	// List returns every export a client may select.
+	List(ctx context.Context) ([]ExportInfo, error)
+	// Open is called once per connection that selects the export; the
+	// Closer returned is called when that connection ends, after its last
+	// Export call has returned. An unknown name returns an error wrapping
+	// ErrUnknownExport.
+	Open(ctx context.Context, name string) (Export, io.Closer, error)
+}
+
+// Config configures a Server. NewServer copies it.
+type Config struct {
+	Backend Backend
+	// Errno maps an Export error to an NBD error code; nil means every
+	// error is EIO, and so does a result of 0.
+	Errno func(error) uint32
+	// MaxInFlight is the number of requests served concurrently per
+	// connection; the connection stops reading requests while that many
+	// are in flight. Default 64, at most 4096.
+	MaxInFlight int
+	// Logger receives connection events; default slog.Default().
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the handshake: a client that has not entered
+	// the transmission phase in time is dropped. Default 10s.
+	HandshakeTimeout time.Duration
+}
+
+// Default values of Config fields.
+const (
+	DefaultMaxInFlight      = 64
+	maxMaxInFlight          = 4096
+	DefaultHandshakeTimeout = 10 * time.Second
+)
+
+// Server serves the exports of a Backend over NBD. Its methods may be
+// called concurrently.
+type Server struct {
+	backend          Backend
+	errnoFunc        func(error) uint32
+	maxInFlight      int
+	log              *slog.Logger
+	handshakeTimeout time.Duration
+
+	// ctx is the parent of every connection's context; Close cancels it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// closing is closed when Shutdown or Close begins.
+	closing chan struct{}
+	// conns counts the connection goroutines.
+	conns sync.WaitGroup
+
+	mu struct {
+		sync.Mutex
+		closed    bool // Shutdown or Close was called
+		listeners map[net.Listener]struct{}
+		conns     map[*conn]struct{}
+		// drained is closed when conns becomes empty after closed is set.
+		drained chan struct{}
+	}
+}
+
+// NewServer returns a server for cfg. It panics if cfg.Backend is nil.
+func NewServer(cfg Config) *Server {
+	if cfg.Backend == nil {
+		panic("nbd: Config.Backend is nil")
+	}
+	s := &Server{
+		backend:          cfg.Backend,
+		errnoFunc:        cfg.Errno,
+		maxInFlight:      cfg.MaxInFlight,
+		log:              cfg.Logger,
+		handshakeTimeout: cfg.HandshakeTimeout,
+		closing:          make(chan struct{}),
+	}
+	if s.maxInFlight <= 0 {
+		s.maxInFlight = DefaultMaxInFlight
+	}
+	s.maxInFlight = min(s.maxInFlight, maxMaxInFlight)
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.handshakeTimeout <= 0 {
+		s.handshakeTimeout = DefaultHandshakeTimeout
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.mu.listeners = make(map[net.Listener]struct{})
+	s.mu.conns = make(map[*conn]struct{})
+	return s
+}
+
+// Serve accepts connections on l and serves each in its own goroutine. It
+// closes l when it returns; after Shutdown or Close it returns
+// ErrServerClosed.
+func (s *Server) Serve(l net.Listener) error {
+	defer l.Close()
+	s.mu.Lock()
+	if s.mu.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.mu.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.mu.listeners, l)
+		s.mu.Unlock()
+	}()
+
+	var delay time.Duration // after a failed Accept
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like: retry after a pause.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.Warn("nbd: accept failed", "err", err, "retry_in", delay)
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-s.closing:
+				t.Stop()
+				return ErrServerClosed
+			}
+			continue
+		}
+		delay = 0
+		c := newConn(s, nc)
+		if !s.track(c) {
+			nc.Close()
+			return ErrServerClosed
+		}
+		go c.serve()
+	}
+}
+
+// Shutdown stops the server gracefully: it closes the listeners, stops
+// every connection from reading new requests, lets the requests in flight
+// finish and be answered, then closes the connections. Connections in the
+// handshake or without requests in flight are closed at once. If ctx ends
+// first, Shutdown returns its error; Close then ends what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	err := s.closeLocked()
+	for c := range s.mu.conns {
+		c.stop()
+	}
+	if len(s.mu.conns) == 0 {
+		s.mu.Unlock()
+		return err
+	}
+	if s.mu.drained == nil {
+		s.mu.drained = make(chan struct{})
+	}
+	drained := s.mu.drained
+	s.mu.Unlock()
+
+	select {
+	case <-drained:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close closes the listeners and every connection at once, cancels the
+// context of the Export calls in flight and waits for them to return.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	err := s.closeLocked()
+	for c := range s.mu.conns {
+		c.nc.Close()
+	}
+	s.mu.Unlock()
+	s.cancel()
+	s.conns.Wait()
+	return err
+}
+
+// closeLocked marks the server closed and closes its listeners.
+func (s *Server) closeLocked() error {
+	if !s.mu.closed {
+		s.mu.closed = true
+		close(s.closing)
+	}
+	var err error
+	for l := range s.mu.listeners {
+		if cerr := l.Close(); cerr != nil && err == nil && !errors.Is(cerr, net.ErrClosed) {
+			err = cerr
+		}
+		delete(s.mu.listeners, l)
+	}
+	return err
+}
+
+func (s *Server) isClosed() bool {
+	select {
+	case <-s.closing:
+		return true
+	default:
+		return false
+	}
+}
+
+// track registers a new connection; false if the server is closed.
+func (s *Server) track(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mu.closed {
+		return false
+	}
+	s.mu.conns[c] = struct{}{}
+	s.conns.Add(1)
+	return true
+}
+
+// untrack is called by a connection's goroutine as its last act.
+func (s *Server) untrack(c *conn) {
+	s.mu.Lock()
+	delete(s.mu.conns, c)
+	if len(s.mu.conns) == 0 && s.mu.drained != nil {
+		close(s.mu.drained)
+		s.mu.drained = nil
+	}
+	s.mu.Unlock()
+	s.conns.Done()
+}
+
+// errno maps an Export error to the NBD error to answer.
+func (s *Server) errno(err error) uint32 {
+	if errors.Is(err, errPanic) {
+		return EIO
+	}
+	if s.errnoFunc != nil {
+		if e := s.errnoFunc(err); e != 0 {
+			return e
+		}
+	}
+	return EIO
+}

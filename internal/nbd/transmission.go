@@ -1,0 +1,269 @@
+package nbd
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"runtime/debug"
+	"sync"
+)
+
+// transmission is the state of a connection in the transmission phase.
+// The connection's goroutine reads requests and hands each to a worker;
+// workers run the request and write its reply under wmu.
+type transmission struct {
+	// slots hold the requests in flight; free hands them to the reader,
+	// which blocks when all MaxInFlight are out.
+	slots []request
+	free  chan *request
+	work  chan *request
+	// workers is the number of worker goroutines started (reader only);
+	// wg waits for them.
+	workers int
+	wg      sync.WaitGroup
+	budget  budget
+
+	// wmu serialises replies: each is one locked write.
+	wmu      sync.Mutex
+	writeErr error // guarded by wmu: the first failed reply
+}
+
+// request is one request in flight, with everything its reply needs, so
+// serving it allocates nothing.
+type request struct {
+	requestHeader
+	raw [requestSize]byte
+	// errno, when set by checkRequest, is answered without calling the
+	// export; msg goes with it in a structured error chunk.
+	errno uint32
+	msg   string
+	buf   *[]byte // payload buffer from the pool, READ and WRITE
+	// charged is the budget this request holds.
+	charged int
+
+	out  [chunkHeaderSize + 6 + maxErrMsg]byte // reply header
+	iov  [2][]byte
+	bufs net.Buffers
+}
+
+// transmit serves requests until the client disconnects, the connection
+// breaks or Shutdown stops it; it returns once every request read has been
+// answered (or its reply failed).
+func (c *conn) transmit() error {
+	t := &c.tx
+	n := c.srv.maxInFlight
+	t.slots = make([]request, n)
+	t.free = make(chan *request, n)
+	for i := range t.slots {
+		t.free <- &t.slots[i]
+	}
+	t.work = make(chan *request)
+	t.budget.init(maxConnPayload)
+
+	err := c.readRequests()
+	c.setState(stateDraining)
+	close(t.work)
+	t.wg.Wait()
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	if t.writeErr != nil {
+		return t.writeErr
+	}
+	return err
+}
+
+// readRequests is the request reader: it returns why it stopped.
+func (c *conn) readRequests() error {
+	t := &c.tx
+	for {
+		r := <-t.free
+		if err := c.readRequest(r); err != nil {
+			t.free <- r
+			return err
+		}
+		if r.typ == cmdDisc {
+			t.free <- r
+			return errDisconnect
+		}
+		c.dispatch(r)
+	}
+}
+
+// readRequest reads one request, and the payload of a WRITE, into r.
+func (c *conn) readRequest(r *request) error {
+	if _, err := io.ReadFull(c.rd, r.raw[:]); err != nil {
+		return err
+	}
+	h, ok := decodeRequest(&r.raw)
+	if !ok {
+		return fmt.Errorf("%w: request magic %#x", errProtocol, be.Uint32(r.raw[:]))
+	}
+	r.requestHeader = h
+	r.errno, r.msg = checkRequest(h, c.sess.params)
+	if r.errno == 0 && c.stopping.Load() {
+		// Received, but after Shutdown began (spec "Terminating the
+		// transmission phase").
+		r.errno, r.msg = ESHUTDOWN, "server shutting down"
+	}
+	n := int(h.length)
+	switch {
+	case h.typ == cmdWrite && r.errno != 0:
+		// Keep the stream in step: the payload follows regardless.
+		if n > maxDiscard {
+			return fmt.Errorf("%w: write payload of %d bytes", errProtocol, n)
+		}
+		if _, err := c.rd.Discard(n); err != nil {
+			return err
+		}
+	case h.typ == cmdWrite:
+		c.tx.budget.acquire(n)
+		r.charged = n
+		r.buf = getBuf(n)
+		if _, err := io.ReadFull(c.rd, (*r.buf)[:n]); err != nil {
+			c.release(r)
+			return err
+		}
+	case h.typ == cmdRead && r.errno == 0:
+		c.tx.budget.acquire(n)
+		r.charged = n
+	}
+	return nil
+}
+
+// dispatch hands r to an idle worker, starting one if none is idle and
+// fewer than MaxInFlight run. There is always a worker to take r: at most
+// MaxInFlight-1 other requests are out.
+func (c *conn) dispatch(r *request) {
+	t := &c.tx
+	select {
+	case t.work <- r:
+		return
+	default:
+	}
+	if t.workers < len(t.slots) {
+		t.workers++
+		t.wg.Add(1)
+		go c.worker()
+	}
+	t.work <- r
+}
+
+func (c *conn) worker() {
+	defer c.tx.wg.Done()
+	for r := range c.tx.work {
+		errno, msg := r.errno, r.msg
+		var data []byte
+		if errno == 0 {
+			errno, msg, data = c.run(r)
+		}
+		c.reply(r, errno, msg, data)
+		c.release(r)
+		c.tx.free <- r
+	}
+}
+
+// release gives back r's buffer and budget.
+func (c *conn) release(r *request) {
+	if r.buf != nil {
+		putBuf(r.buf)
+		r.buf = nil
+	}
+	if r.charged > 0 {
+		c.tx.budget.release(r.charged)
+		r.charged = 0
+	}
+}
+
+// run calls the export for a checked request. data is the payload of a
+// successful READ. A panic in the export (or in Config.Errno) fails this
+// request with EIO and is logged; the connection goes on.
+func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("nbd: panic serving request", "cmd", r.typ, "offset", r.off,
+				"length", r.length, "panic", p, "stack", string(debug.Stack()))
+			errno, msg, data = c.srv.errno(errPanic), "internal server error", nil
+		}
+	}()
+	exp, ctx := c.sess.exp, c.ctx
+	fua := r.flags&cmdFlagFUA != 0
+	var err error
+	switch r.typ {
+	case cmdRead:
+		r.buf = getBuf(int(r.length))
+		data = (*r.buf)[:r.length]
+		err = exp.ReadAt(ctx, data, r.off)
+	case cmdWrite:
+		err = exp.WriteAt(ctx, (*r.buf)[:r.length], r.off, fua)
+	case cmdFlush:
+		err = exp.Flush(ctx)
+	case cmdTrim:
+		err = exp.Trim(ctx, r.off, uint64(r.length))
+		if err == nil && fua {
+			err = exp.Flush(ctx)
+		}
+	case cmdWriteZeroes:
+		err = exp.WriteZeroes(ctx, r.off, uint64(r.length), r.flags&cmdFlagNoHole != 0)
+		if err == nil && fua {
+			err = exp.Flush(ctx)
+		}
+	default:
+		// checkRequest lets no other command through.
+		return EINVAL, "unsupported command", nil
+	}
+	if err != nil {
+		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
+		return c.srv.errno(err), clipMessage(err.Error()), nil
+	}
+	return 0, "", data
+}
+
+// reply sends the reply to r in one locked write: a simple reply, or one
+// structured chunk with NBD_REPLY_FLAG_DONE (OFFSET_DATA for a READ, NONE
+// for other successes, ERROR with a message for failures).
+func (c *conn) reply(r *request, errno uint32, msg string, data []byte) {
+	h := r.out[:]
+	r.iov[0], r.iov[1] = nil, nil
+	switch {
+	case !c.sess.structured:
+		putSimpleReply(h, errno, r.cookie)
+		r.iov[0] = h[:simpleReplySize]
+		if errno == 0 && r.typ == cmdRead {
+			r.iov[1] = data
+		}
+	case errno != 0:
+		m := copy(h[chunkHeaderSize+6:], msg)
+		putChunk(h, replyFlagDone, chunkError, r.cookie, uint32(6+m))
+		be.PutUint32(h[chunkHeaderSize:], errno)
+		be.PutUint16(h[chunkHeaderSize+4:], uint16(m))
+		r.iov[0] = h[:chunkHeaderSize+6+m]
+	case r.typ == cmdRead:
+		putChunk(h, replyFlagDone, chunkOffsetData, r.cookie, uint32(8+len(data)))
+		be.PutUint64(h[chunkHeaderSize:], r.off)
+		r.iov[0] = h[:chunkHeaderSize+8]
+		r.iov[1] = data
+	default:
+		putChunk(h, replyFlagDone, chunkNone, r.cookie, 0)
+		r.iov[0] = h[:chunkHeaderSize]
+	}
+
+	t := &c.tx
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	if t.writeErr != nil {
+		return
+	}
+	var err error
+	if r.iov[1] == nil {
+		_, err = c.nc.Write(r.iov[0])
+	} else {
+		r.bufs = r.iov[:]
+		_, err = r.bufs.WriteTo(c.nc)
+	}
+	if err != nil {
+		// A reply cut short leaves the stream unusable: hang up, which
+		// also stops the reader.
+		t.writeErr = fmt.Errorf("write reply: %w", err)
+		c.nc.Close()
+	}
+}

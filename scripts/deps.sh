@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what segmap's tests need on a Debian machine, when it is missing:
+# the NBD clients the end-to-end tests drive (libnbd tools and the Python
+# binding, qemu-io/qemu-img/qemu-nbd, fio with its nbd engine, nbdkit,
+# nbdfuse + FUSE) and the tools to put a filesystem on a disk (e2fsprogs,
+# losetup). Exits non-zero if anything is still missing afterwards.
+set -euo pipefail
+
+# tool -> Debian package
+need=(
+  "qemu-io qemu-utils" "qemu-img qemu-utils" "qemu-nbd qemu-utils"
+  "nbdinfo libnbd-bin" "nbdcopy libnbd-bin" "/usr/bin/nbdsh python3-libnbd"
+  "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
+  "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "losetup mount"
+)
+
+missing=()
+for pair in "${need[@]}"; do
+  tool=${pair% *} pkg=${pair#* }
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  echo "deps: installing $pkgs"
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: need root to install: $pkgs" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+fi
+for pair in "${need[@]}"; do
+  tool=${pair% *}
+  command -v "$tool" >/dev/null 2>&1 || { echo "deps: $tool still missing" >&2; exit 1; }
+done
+# fio must have its nbd engine.
+fio --enghelp 2>/dev/null | grep -qw nbd || { echo "deps: fio lacks the nbd engine" >&2; exit 1; }
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+echo "deps: ok"
