@@ -5,17 +5,24 @@ GO       ?= go
 MODEL_OPS   ?= 700
 MODEL_SEEDS ?= 3
 
-.PHONY: all build test vet fmt-check model bench run clean proto
+.PHONY: all build test deps vet fmt-check model bench run clean proto
 
 all: build
 
 build:
 	$(GO) build -o bin/segmap ./cmd/segmap
 
-# test: formatting, vet, and every test under the race detector, the model
-# test included (MODEL_SEEDS seeds x MODEL_OPS operations).
-test: fmt-check vet
+# test: installs the NBD clients the end-to-end tests drive (if missing),
+# checks formatting and vet, and runs every test under the race detector:
+# unit tests, the model test (MODEL_SEEDS seeds x MODEL_OPS operations) and
+# the end-to-end tests against a real 'segmap up' process.
+test: deps fmt-check vet
 	SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
+
+# deps: the Debian packages the tests need (qemu-utils, libnbd-bin,
+# python3-libnbd, nbdkit, nbdfuse, fuse3, fio, e2fsprogs), installed when missing.
+deps:
+	./scripts/deps.sh
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -28,9 +35,12 @@ vet:
 model:
 	$(GO) test -count=1 -timeout 0 -run TestModel ./internal/local -model.ops $${OPS:-20000} -model.seeds $${SEEDS:-20}
 
-# bench: the in-process data path against direct file I/O.
+# bench: fio over NBD against segmap, qemu-nbd and nbdkit side by side
+# (bench/nbd.sh; REPS, RUNTIME), then the in-process data path against
+# direct file I/O (go test -bench).
 bench:
-	$(GO) test -run XXX -bench . -benchtime $${BENCHTIME:-2s} -count $${COUNT:-3} ./internal/agent ./internal/container
+	./bench/nbd.sh
+	$(GO) test -run XXX -bench . -benchtime $${BENCHTIME:-2s} -count $${COUNT:-3} ./internal/agent ./internal/container ./internal/nbd
 
 run: build
 	./bin/segmap up

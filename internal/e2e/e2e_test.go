@@ -31,9 +31,7 @@ func TestListAndThin(t *testing.T) {
 	requireTools(t, "nbdinfo")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "small", "--size", "100M")
-	start := time.Now()
 	u.cli("disk", "create", "big", "--size", "1T")
-	t.Logf("1 TiB disk created in %v", time.Since(start))
 	u.cli("disk", "create", "rev", "--size", "64M", "--segment-size", "64K", "--policy", "reverse")
 
 	var list struct {
@@ -93,6 +91,9 @@ func TestQemuIOSnapshot(t *testing.T) {
 			ranges := [][2]int{{65000, 3000}, {130000, 200000}, {1048575, 2}, {4194000, 70000}}
 			qio := func(name string, cmds ...string) string {
 				args := []string{"-f", "raw", u.uri(name)}
+				if strings.Contains(name, "@") {
+					args = append([]string{"-r"}, args...) // snapshots are exported read-only
+				}
 				for _, c := range cmds {
 					args = append(args, "-c", c)
 				}
@@ -364,11 +365,11 @@ else:
     try_("read-ok", lambda: h.pread(4096, 0))
 `
 	out = python(t, 30*time.Second, py, u.uri("good@ro"), "ro")
-	if !strings.Contains(out, "readonly True") || !strings.Contains(out, "write errno 1") {
+	if !strings.Contains(out, "readonly True") || !strings.Contains(out, "write errno EPERM") {
 		t.Errorf("write to read-only snapshot: want EPERM (1):\n%s", out)
 	}
 	out = python(t, 30*time.Second, py, u.uri("good"), "rw")
-	for _, want := range []string{"read-past-end errno 22", "read-straddling errno 22", "write-past-end errno 22", "read-ok ok"} {
+	for _, want := range []string{"read-past-end errno EINVAL", "read-straddling errno EINVAL", "write-past-end errno EINVAL", "read-ok ok"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("past the end: want %q in:\n%s", want, out)
 		}

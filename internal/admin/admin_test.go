@@ -1,0 +1,41 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	"segmap/internal/container"
+	"segmap/internal/controller"
+	"segmap/internal/meta"
+)
+
+func TestCode(t *testing.T) {
+	wrap := func(err error) error { return fmt.Errorf("context: %w", err) }
+	for _, tt := range []struct {
+		err  error
+		want codes.Code
+	}{
+		{nil, codes.OK},
+		{wrap(controller.ErrInvalidName), codes.InvalidArgument},
+		{wrap(controller.ErrInvalidSize), codes.InvalidArgument},
+		{wrap(controller.ErrInvalidSegmentSize), codes.InvalidArgument},
+		{wrap(container.ErrNotContainer), codes.InvalidArgument},
+		{wrap(controller.ErrNotFound), codes.NotFound},
+		{wrap(meta.ErrNotFound), codes.NotFound},
+		{wrap(controller.ErrExists), codes.AlreadyExists},
+		{wrap(controller.ErrShrink), codes.FailedPrecondition},
+		{wrap(controller.ErrNoPool), codes.FailedPrecondition},
+		{wrap(controller.ErrNoSpace), codes.ResourceExhausted},
+		{wrap(controller.ErrClosed), codes.Unavailable},
+		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},
+		{errors.New("disk on fire"), codes.Internal},
+	} {
+		if got := Code(tt.err); got != tt.want {
+			t.Errorf("Code(%v) = %v, want %v", tt.err, got, tt.want)
+		}
+	}
+}
