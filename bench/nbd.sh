@@ -77,7 +77,8 @@ for rep in $(seq "$REPS"); do
       $PY - "$s" "$name" "$rep" "$work/out.json" >>"$results" <<'PYEOF'
 import json, sys
 s, name, rep, path = sys.argv[1:5]
-j = json.load(open(path))["jobs"][0]
+text = open(path).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 op = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 print(json.dumps({"server": s, "job": name, "rep": int(rep), "iops": op["iops"],
                   "mbps": op["bw_bytes"] / 1e6, "lat_us": op["clat_ns"]["mean"] / 1e3,

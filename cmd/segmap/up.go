@@ -124,7 +124,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 			return local.CreateContainerFile(path, id, slotSize, slots)
 		},
 	}))
-	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c, c.Agents[0]), Errno: local.Errno, Logger: logger})
+	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c.Ctrl, c.Agents[0]), Errno: local.Errno, Logger: logger})
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()

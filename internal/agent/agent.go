@@ -128,6 +128,25 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 	return ctrl.Attach(ctx, a.name, a, ids)
 }
 
+// Fence stops the agent's I/O until its next Attach: every table goes
+// Invalid, new I/O waits, and Fence returns once the I/O in flight has
+// drained. An agent fences itself when it cannot renew its lease, before
+// the lease runs out, so that a controller that has given up on it can go
+// on without it.
+func (a *Agent) Fence(ctx context.Context) error {
+	a.mu.Lock()
+	disks := make([]*Disk, 0, len(a.mu.disks))
+	for _, d := range a.mu.disks {
+		disks = append(disks, d)
+	}
+	a.mu.Unlock()
+	var errs []error
+	for _, d := range disks {
+		errs = append(errs, d.fence(ctx))
+	}
+	return errors.Join(errs...)
+}
+
 // Open maps the disk called name and returns it. Opening a disk that is
 // already open returns the same *Disk.
 func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {

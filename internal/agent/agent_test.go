@@ -98,6 +98,9 @@ func (c *fakeCtrl) Attach(ctx context.Context, name string, a mapping.Agent, ope
 	return nil
 }
 func (c *fakeCtrl) Detach(ctx context.Context, name string) error { return nil }
+func (c *fakeCtrl) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
+	return []mapping.Disk{c.disk}, nil
+}
 func (c *fakeCtrl) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
 	if disk != c.disk.Name {
 		return mapping.Disk{}, fmt.Errorf("%q: %w", disk, mapping.ErrNotFound)

@@ -543,6 +543,19 @@ func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
 	return d.waitDrained(ctx, g)
 }
 
+// fence makes the table all Invalid and holds new I/O (until reset), and
+// waits for the I/O in flight.
+func (d *Disk) fence(ctx context.Context) error {
+	d.mu.Lock()
+	d.mu.tab = table.New(d.mu.tab.Len(), table.InvalidEntry)
+	d.mu.quiesced = true
+	d.mu.seq++
+	g := d.bumpLocked()
+	d.broadcastLocked()
+	d.mu.Unlock()
+	return d.waitDrained(ctx, g)
+}
+
 // forget makes every I/O fail from now on and waits for the I/O in flight.
 func (d *Disk) forget(ctx context.Context) error {
 	d.mu.Lock()

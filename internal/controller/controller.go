@@ -126,6 +126,19 @@ func New(cfg Config) *Controller {
 	return c
 }
 
+// NewEpoch persists and returns a new controller epoch, larger than any
+// earlier controller's on this store. A controller calls it once as it
+// starts; agents refuse commands from an older epoch.
+func (c *Controller) NewEpoch(ctx context.Context) (uint64, error) {
+	var e uint64
+	err := c.store.Update(ctx, func(tx meta.Tx) error {
+		var err error
+		e, err = tx.NextSeq("epoch")
+		return err
+	})
+	return e, err
+}
+
 // FaultCounts returns how many faults were resolved by each plan since the
 // controller started.
 func (c *Controller) FaultCounts() map[table.Plan]uint64 {
@@ -247,6 +260,20 @@ func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error
 		out[i] = mapping.Container{ID: ct.ID, URI: ct.URI, SlotSize: ct.SlotSize, Slots: ct.Slots}
 	}
 	return out, err
+}
+
+// Exports implements mapping.Controller: every disk (access control per
+// agent comes with the distributed controller).
+func (c *Controller) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
+	ds, err := c.Disks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]mapping.Disk, len(ds))
+	for i, d := range ds {
+		out[i] = toMapping(d)
+	}
+	return out, nil
 }
 
 // mappers returns the agents that map disk id, except the one named skip.

@@ -42,7 +42,7 @@ var (
 	ErrUnknownAgent = errors.New("agent not attached")
 	// ErrBadRequest is returned for a malformed fault: a segment out of
 	// range, an unknown operation.
-	ErrBadRequest = errors.New("bad request")
+	ErrBadRequest = mapping.ErrBadRequest
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

@@ -11,17 +11,20 @@ import (
 	"segmap/internal/nbd"
 )
 
-// NBDBackend serves agent a's disks over NBD: every disk of the cluster is
-// an export named after it; read-only snapshots are exported read-only.
-func NBDBackend(c *Cluster, a *agent.Agent) nbd.Backend { return &nbdBackend{c: c, a: a} }
+// NBDBackend serves agent a's disks over NBD: every disk its controller
+// lets it serve is an export named after it; read-only snapshots are
+// exported read-only.
+func NBDBackend(ctrl mapping.Controller, a *agent.Agent) nbd.Backend {
+	return &nbdBackend{ctrl: ctrl, a: a}
+}
 
 type nbdBackend struct {
-	c *Cluster
-	a *agent.Agent
+	ctrl mapping.Controller
+	a    *agent.Agent
 }
 
 func (b *nbdBackend) List(ctx context.Context) ([]nbd.ExportInfo, error) {
-	ds, err := b.c.Ctrl.Disks(ctx)
+	ds, err := b.ctrl.Exports(ctx, b.a.Name())
 	if err != nil {
 		return nil, err
 	}

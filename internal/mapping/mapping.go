@@ -125,6 +125,8 @@ type Controller interface {
 	CloseDisk(ctx context.Context, agent string, disk DiskID) error
 	// Containers lists the storage containers.
 	Containers(ctx context.Context) ([]Container, error)
+	// Exports lists the disks agent may serve.
+	Exports(ctx context.Context, agent string) ([]Disk, error)
 	// Fault resolves a map fault.
 	Fault(ctx context.Context, f Fault) (Reply, error)
 }
@@ -184,4 +186,12 @@ var (
 	// ErrStale: a staged write's commit came too late (the segment
 	// changed, or the controller restarted); the agent retries the write.
 	ErrStale = errors.New("staged write is stale")
+	// ErrFenced: a request from an agent the controller no longer
+	// counts on (its lease lapsed), or a command from a deposed
+	// controller (an older epoch). The agent re-attaches.
+	ErrFenced = errors.New("fenced: re-attach")
+	// ErrBadRequest: a malformed request or command.
+	ErrBadRequest = errors.New("bad request")
+	// ErrUnavailable: the controller (or agent) cannot be reached.
+	ErrUnavailable = errors.New("unavailable")
 )

@@ -178,6 +178,10 @@ type Tx interface {
 	// ForEachRef calls fn for every slot of container cid with a non-zero
 	// count, in slot order.
 	ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error
+
+	// NextSeq increments the named counter and returns its new value
+	// (the first is 1). The controller's epoch is one.
+	NextSeq(name string) (uint64, error)
 }
 
 // AddRefs adds delta to a slot's reference count and returns the new count.

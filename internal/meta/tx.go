@@ -142,6 +142,13 @@ func (t *tx) Disks() ([]Disk, error) {
 	return out, err
 }
 
+func (t *tx) NextSeq(name string) (uint64, error) {
+	if !t.writable {
+		return 0, ErrReadOnly
+	}
+	return t.nextID("user/" + name)
+}
+
 func (t *tx) nextID(name string) (uint64, error) {
 	k := seqKey(name)
 	v, err := t.kv.Get(k)

@@ -1,0 +1,77 @@
+package e2e
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestCLI covers the admin commands the other tests do not: resize,
+// container add (creating a file), check --repair, and --json output.
+func TestCLI(t *testing.T) {
+	requireTools(t, "qemu-io")
+	u := startUp(t, t.TempDir())
+	u.cli("disk", "create", "r", "--size", "8M", "--segment-size", "64K")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "write -P 9 0 8M")
+
+	// Grow: the old bytes stay, the new space reads as zeros.
+	u.cli("disk", "resize", "r", "--size", "16M")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 8M", "-c", "read -P 0 8M 8M")
+	// Shrink needs --shrink, then gives the space back.
+	if _, errOut, code := u.cliResult("disk", "resize", "r", "--size", "4M"); code == 0 || !strings.Contains(errOut, "shrink") {
+		t.Fatalf("shrink without --shrink: exit %d %q", code, errOut)
+	}
+	u.cli("disk", "resize", "r", "--size", "4M", "--shrink")
+	var d diskInfo
+	u.cliJSON(&d, "disk", "info", "r")
+	if mustUint(t, d.Size) != 4<<20 || mustUint(t, d.Allocated) != 4<<20 {
+		t.Errorf("after shrink: size %s allocated %s, want 4 MiB each", d.Size, d.Allocated)
+	}
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 4M")
+
+	// Add a container: a new file of 1 GiB in 64 KiB slots.
+	path := filepath.Join(t.TempDir(), "extra.ctr")
+	out := u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")
+	if !strings.Contains(out, "16384 slots") {
+		t.Errorf("container add: %s", out)
+	}
+	var cs struct {
+		Containers []struct {
+			URI      string `json:"uri"`
+			SlotSize string `json:"slot_size"`
+		} `json:"containers"`
+	}
+	u.cliJSON(&cs, "container", "list")
+	found := false
+	for _, c := range cs.Containers {
+		found = found || c.URI == "file://"+path && c.SlotSize == "65536"
+	}
+	if !found {
+		t.Errorf("container list does not show %s: %+v", path, cs)
+	}
+	// Adding it twice, or adding a file that is not a container, fails.
+	if _, errOut, code := u.cliResult("container", "add", path); code == 0 || !strings.Contains(errOut, "exists") {
+		t.Errorf("adding a container twice: exit %d %q", code, errOut)
+	}
+	if _, errOut, code := u.cliResult("container", "add", "/etc/hostname"); code == 0 || !strings.Contains(errOut, "not a segmap container") {
+		t.Errorf("adding a foreign file: exit %d %q", code, errOut)
+	}
+
+	// check and check --repair on a sound store.
+	var chk struct {
+		Problems []json.RawMessage `json:"problems"`
+		Repaired []json.RawMessage `json:"repaired"`
+	}
+	u.cliJSON(&chk, "check", "--repair")
+	if len(chk.Problems) != 0 || len(chk.Repaired) != 0 {
+		t.Errorf("check --repair on a sound store: %+v", chk)
+	}
+	if out := u.cli("status"); !strings.Contains(out, "AGENT") || !strings.Contains(out, "local") {
+		t.Errorf("status:\n%s", out)
+	}
+	if out := u.cli("version"); !strings.Contains(out, "segmap") {
+		t.Errorf("version: %s", out)
+	}
+}

@@ -1,0 +1,47 @@
+package remote
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"segmap/internal/agent"
+)
+
+// RunAgent keeps agent a attached to the controller behind c until ctx
+// ends: it attaches, and whenever the session ends (the stream broke, the
+// lease is about to lapse) it fences the agent (every entry Invalid, I/O
+// held) and attaches again, with backoff. I/O resumes after each attach,
+// reloading entries by faulting.
+func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logger) {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := a.Attach(actx, c)
+		cancel()
+		if err != nil {
+			logger.Warn("attach failed; retrying", "err", err, "in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		logger.Info("attached to the controller", "lease_end", c.LeaseEnd())
+		select {
+		case <-c.Done():
+			logger.Warn("session with the controller ended; fencing")
+			fctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			if err := a.Fence(fctx); err != nil {
+				logger.Warn("fence", "err", err)
+			}
+			cancel()
+		case <-ctx.Done():
+		}
+	}
+}

@@ -1,0 +1,399 @@
+package remote
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	pb "segmap/api/segmapv1"
+	"segmap/internal/mapping"
+	"segmap/internal/table"
+)
+
+// DefaultLease is how long an agent's lease runs from its last renewal.
+const DefaultLease = 6 * time.Second
+
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// Ctrl is the controller agents attach to.
+	Ctrl mapping.Controller
+	// Epoch is the controller's epoch: larger than any earlier
+	// controller's on the same store.
+	Epoch uint64
+	// Lease is the agents' lease; DefaultLease if 0.
+	Lease time.Duration
+	// CommandTimeout bounds how long a command waits for an agent that
+	// still holds its lease; 30 s if 0.
+	CommandTimeout time.Duration
+	Logger         *slog.Logger
+	// Now is the clock; time.Now if nil.
+	Now func() time.Time
+}
+
+// Server serves the Mapping service.
+type Server struct {
+	pb.UnimplementedMappingServer
+	cfg ServerConfig
+
+	mu     sync.Mutex
+	agents map[string]*remoteAgent
+}
+
+// NewServer returns a Server.
+func NewServer(cfg ServerConfig) *Server {
+	if cfg.Lease <= 0 {
+		cfg.Lease = DefaultLease
+	}
+	if cfg.CommandTimeout <= 0 {
+		cfg.CommandTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{cfg: cfg, agents: map[string]*remoteAgent{}}
+}
+
+// remoteAgent is a mapping.Agent at the other end of an Attach stream.
+type remoteAgent struct {
+	s    *Server
+	name string
+	send chan *pb.ControllerMessage // to the stream's sender
+
+	mu struct {
+		sync.Mutex
+		nextID  uint64
+		waiting map[uint64]chan *pb.CommandResult
+		// leaseEnd is when the agent's lease runs out: it has fenced
+		// itself by then if it could not renew.
+		leaseEnd time.Time
+		gone     bool // the stream ended
+		// faults remembers recent fault answers by request id, so that
+		// a retried fault is answered, not applied again.
+		faults     map[uint64]*faultAnswer
+		faultOrder []uint64
+	}
+	done chan struct{} // closed when the stream ends
+}
+
+type faultAnswer struct {
+	reply *pb.FaultReply
+	err   error
+}
+
+// maxRemembered bounds the fault answers remembered per agent.
+const maxRemembered = 1024
+
+// Attach implements pb.MappingServer.
+func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
+	ctx := stream.Context()
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil || hello.GetName() == "" {
+		return statusErr(fmt.Errorf("attach: the first message must be a Hello with a name: %w", mapping.ErrBadRequest))
+	}
+	ra := &remoteAgent{s: s, name: hello.GetName(), send: make(chan *pb.ControllerMessage, 64), done: make(chan struct{})}
+	ra.mu.waiting = map[uint64]chan *pb.CommandResult{}
+	ra.mu.faults = map[uint64]*faultAnswer{}
+	ra.mu.leaseEnd = s.cfg.Now().Add(s.cfg.Lease)
+
+	// A new attach under the same name replaces the old one, whose
+	// agent has restarted or reconnected with every entry forgotten.
+	s.mu.Lock()
+	if old := s.agents[ra.name]; old != nil {
+		old.end()
+	}
+	s.agents[ra.name] = ra
+	s.mu.Unlock()
+	defer func() {
+		ra.end()
+		s.mu.Lock()
+		if s.agents[ra.name] == ra {
+			delete(s.agents, ra.name)
+		}
+		s.mu.Unlock()
+	}()
+
+	if err := stream.Send(&pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Welcome{Welcome: &pb.Welcome{LeaseMs: s.cfg.Lease.Milliseconds()}}}); err != nil {
+		return err
+	}
+	open := make([]mapping.DiskID, len(hello.GetOpenDisks()))
+	for i, id := range hello.GetOpenDisks() {
+		open[i] = mapping.DiskID(id)
+	}
+	if err := s.cfg.Ctrl.Attach(ctx, ra.name, ra, open); err != nil {
+		return statusErr(err)
+	}
+	s.cfg.Logger.Info("agent attached", "agent", ra.name, "open", len(open))
+
+	// The sender: commands and lease grants, in order.
+	sendErr := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case m := <-ra.send:
+				if err := stream.Send(m); err != nil {
+					sendErr <- err
+					return
+				}
+			case <-ra.done:
+				sendErr <- nil
+				return
+			}
+		}
+	}()
+	defer func() { ra.end(); <-sendErr }()
+
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			s.cfg.Logger.Info("agent stream ended", "agent", ra.name, "err", err)
+			return nil
+		}
+		switch x := m.Msg.(type) {
+		case *pb.AgentMessage_Result:
+			ra.deliver(x.Result)
+		case *pb.AgentMessage_Renew:
+			// The lease runs from when the agent sent the renewal;
+			// receiving it now is later than that, so this end is
+			// never earlier than the agent's own.
+			ra.mu.Lock()
+			ra.mu.leaseEnd = s.cfg.Now().Add(s.cfg.Lease)
+			ra.mu.Unlock()
+			select {
+			case ra.send <- &pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Lease{Lease: &pb.Lease{Seq: x.Renew.GetSeq(), LeaseMs: s.cfg.Lease.Milliseconds()}}}:
+			case <-ra.done:
+			}
+		default:
+			s.cfg.Logger.Warn("unexpected message from agent", "agent", ra.name)
+		}
+	}
+}
+
+// end marks the stream ended: commands waiting for answers stop waiting
+// for them (and wait for the lease instead).
+func (ra *remoteAgent) end() {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	if ra.mu.gone {
+		return
+	}
+	ra.mu.gone = true
+	close(ra.done)
+}
+
+func (ra *remoteAgent) deliver(r *pb.CommandResult) {
+	ra.mu.Lock()
+	ch := ra.mu.waiting[r.GetId()]
+	delete(ra.mu.waiting, r.GetId())
+	ra.mu.Unlock()
+	if ch != nil {
+		ch <- r
+	}
+}
+
+// command sends c and waits for the agent's answer. If the agent cannot
+// be reached or does not answer in time, command waits until the agent's
+// lease has run out, by which time the agent has fenced itself (every
+// entry Invalid, I/O held), and then reports success: the restrictive
+// change the controller wanted holds a fortiori.
+func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandResult, error) {
+	ra.mu.Lock()
+	ra.mu.nextID++
+	c.Id = ra.mu.nextID
+	ch := make(chan *pb.CommandResult, 1)
+	ra.mu.waiting[c.Id] = ch
+	gone := ra.mu.gone
+	ra.mu.Unlock()
+	defer func() {
+		ra.mu.Lock()
+		delete(ra.mu.waiting, c.Id)
+		ra.mu.Unlock()
+	}()
+	s := ra.s
+	if !gone {
+		timer := time.NewTimer(s.cfg.CommandTimeout)
+		defer timer.Stop()
+		select {
+		case ra.send <- &pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Command{Command: c}}:
+			select {
+			case r := <-ch:
+				return r, errOf(r.GetStatus().GetCode(), r.GetStatus().GetMessage())
+			case <-ra.done:
+			case <-timer.C:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		case <-ra.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	// No answer: wait out the lease.
+	ra.mu.Lock()
+	end := ra.mu.leaseEnd
+	ra.mu.Unlock()
+	s.cfg.Logger.Warn("agent did not answer; waiting for its lease to run out", "agent", ra.name, "until", end)
+	if d := end.Sub(s.cfg.Now()); d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	ra.end() // it must re-attach, with everything forgotten
+	return nil, nil
+}
+
+func (ra *remoteAgent) NewTable(ctx context.Context, d mapping.Disk) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_NewTable{NewTable: &pb.NewTable{Disk: diskToPB(d)}}})
+	return err
+}
+
+func (ra *remoteAgent) DeleteTable(ctx context.Context, id mapping.DiskID) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_DeleteTable{DeleteTable: &pb.DeleteTable{Disk: uint64(id)}}})
+	return err
+}
+
+func (ra *remoteAgent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64) ([]table.Entry, error) {
+	r, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_GetEntry{GetEntry: &pb.GetEntry{Disk: uint64(id), First: first, Count: n}}})
+	if err != nil {
+		return nil, err
+	}
+	if r == nil {
+		return nil, fmt.Errorf("agent %q fenced: %w", ra.name, mapping.ErrFenced)
+	}
+	return entriesFromPB(r.GetEntries())
+}
+
+func (ra *remoteAgent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetEntry{SetEntry: &pb.SetEntry{
+		Disk: uint64(c.Disk), First: c.First, Entries: entriesToPB(c.Entries), Blocking: c.Blocking}}})
+	return err
+}
+
+func (ra *remoteAgent) SetEntryState(ctx context.Context, c mapping.SetEntryState) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetEntryState{SetEntryState: &pb.SetEntryState{
+		Disk: uint64(c.Disk), First: c.First, Count: c.Count, State: uint32(c.State), On: c.On, Blocking: c.Blocking}}})
+	return err
+}
+
+func (ra *remoteAgent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Duration) error {
+	r, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_Quiesce{Quiesce: &pb.Quiesce{Disk: uint64(id), TimeoutMs: timeout.Milliseconds()}}})
+	if err == nil && r == nil {
+		// Fenced agents have no I/O to drain, but a quiesce must
+		// not be reported as done for an agent that may come back
+		// mid-snapshot and write: fail it, the snapshot is retried.
+		return fmt.Errorf("quiesce: agent %q did not answer: %w", ra.name, mapping.ErrUnavailable)
+	}
+	return err
+}
+
+func (ra *remoteAgent) Activate(ctx context.Context, id mapping.DiskID) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_Activate{Activate: &pb.Activate{Disk: uint64(id)}}})
+	return err
+}
+
+var _ mapping.Agent = (*remoteAgent)(nil)
+
+// --- unary calls ------------------------------------------------------------
+
+// Open implements pb.MappingServer.
+func (s *Server) Open(ctx context.Context, r *pb.OpenRequest) (*pb.MappedDisk, error) {
+	d, err := s.cfg.Ctrl.Open(ctx, r.GetAgent(), r.GetDisk())
+	if err != nil {
+		return nil, statusErr(err)
+	}
+	return diskToPB(d), nil
+}
+
+// CloseDisk implements pb.MappingServer.
+func (s *Server) CloseDisk(ctx context.Context, r *pb.CloseDiskRequest) (*pb.CloseDiskResponse, error) {
+	return &pb.CloseDiskResponse{}, statusErr(s.cfg.Ctrl.CloseDisk(ctx, r.GetAgent(), mapping.DiskID(r.GetDisk())))
+}
+
+// Containers implements pb.MappingServer.
+func (s *Server) Containers(ctx context.Context, _ *pb.ContainersRequest) (*pb.ContainersResponse, error) {
+	cs, err := s.cfg.Ctrl.Containers(ctx)
+	if err != nil {
+		return nil, statusErr(err)
+	}
+	out := &pb.ContainersResponse{}
+	for _, c := range cs {
+		out.Containers = append(out.Containers, &pb.ContainerInfo{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots})
+	}
+	return out, nil
+}
+
+// Exports implements pb.MappingServer.
+func (s *Server) Exports(ctx context.Context, r *pb.ExportsRequest) (*pb.ExportsResponse, error) {
+	ds, err := s.cfg.Ctrl.Exports(ctx, r.GetAgent())
+	if err != nil {
+		return nil, statusErr(err)
+	}
+	out := &pb.ExportsResponse{}
+	for _, d := range ds {
+		out.Disks = append(out.Disks, diskToPB(d))
+	}
+	return out, nil
+}
+
+// Fault implements pb.MappingServer. A fault stamped with another epoch
+// comes from an agent attached to an earlier controller: it must
+// re-attach. A fault whose request id was seen is answered as it was.
+func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply, error) {
+	if r.GetEpoch() != s.cfg.Epoch {
+		return nil, statusErr(fmt.Errorf("fault stamped with epoch %d, controller is at %d: %w", r.GetEpoch(), s.cfg.Epoch, mapping.ErrFenced))
+	}
+	s.mu.Lock()
+	ra := s.agents[r.GetAgent()]
+	s.mu.Unlock()
+	if ra == nil {
+		return nil, statusErr(fmt.Errorf("fault from %q, which is not attached: %w", r.GetAgent(), mapping.ErrFenced))
+	}
+	if r.GetOp() == 0 || r.GetOp() > uint32(mapping.FaultCommit) || r.GetReason() > 0xff {
+		return nil, statusErr(fmt.Errorf("fault op %d reason %d: %w", r.GetOp(), r.GetReason(), mapping.ErrBadRequest))
+	}
+	id := r.GetRequestId()
+	ra.mu.Lock()
+	if a := ra.mu.faults[id]; a != nil && id != 0 {
+		ra.mu.Unlock()
+		return a.reply, statusErr(a.err)
+	}
+	ra.mu.Unlock()
+
+	rep, err := s.cfg.Ctrl.Fault(ctx, mapping.Fault{
+		Agent: r.GetAgent(), Disk: mapping.DiskID(r.GetDisk()), Segment: r.GetSegment(), Count: r.GetCount(),
+		Op: mapping.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(),
+	})
+	var out *pb.FaultReply
+	if err == nil {
+		out = &pb.FaultReply{First: rep.First, Entries: entriesToPB(rep.Entries)}
+		if rep.Stage != nil {
+			out.Staged = true
+			out.StageToken = rep.Stage.Token
+			out.Stage = &pb.Entry{Container: rep.Stage.Loc.Container, Slot: rep.Stage.Loc.Slot}
+		}
+	}
+	if id != 0 && !errors.Is(err, context.Canceled) {
+		ra.mu.Lock()
+		ra.mu.faults[id] = &faultAnswer{reply: out, err: err}
+		ra.mu.faultOrder = append(ra.mu.faultOrder, id)
+		if len(ra.mu.faultOrder) > maxRemembered {
+			delete(ra.mu.faults, ra.mu.faultOrder[0])
+			ra.mu.faultOrder = ra.mu.faultOrder[1:]
+		}
+		ra.mu.Unlock()
+	}
+	return out, statusErr(err)
+}
