@@ -76,7 +76,8 @@ func newController() *cobra.Command {
 					return local.CreateContainerFile(path, id, slotSize, slots)
 				},
 			}))
-			pb.RegisterMappingServer(gs, remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger}))
+			ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
+			pb.RegisterMappingServer(gs, ms)
 			errc := make(chan error, 1)
 			go func() { errc <- gs.Serve(l) }()
 			w := cmd.OutOrStdout()
@@ -88,6 +89,7 @@ func newController() *cobra.Command {
 			case <-ctx.Done():
 			case err = <-errc:
 			}
+			ms.Close()
 			gs.GracefulStop()
 			fmt.Fprintln(w, "stopped")
 			if err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -121,7 +123,7 @@ func newAgent() *cobra.Command {
 				return fmt.Errorf("NBD listener: %w", err)
 			}
 			defer l.Close()
-			conn, err := grpc.NewClient(ctrlAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			conn, err := grpc.NewClient(ctrlAddr, append(remote.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 			if err != nil {
 				return fmt.Errorf("controller %s: %w", ctrlAddr, err)
 			}

@@ -65,6 +65,8 @@ type up struct {
 	cmd   *exec.Cmd
 	out   *syncBuffer
 	done  chan error
+
+	wasKilled bool
 }
 
 type syncBuffer struct {
@@ -88,7 +90,14 @@ func (s *syncBuffer) String() string {
 // kernel, and waits until it is ready. It is stopped when the test ends.
 func startUp(t *testing.T, dir string, extra ...string) *up {
 	t.Helper()
-	args := append([]string{"up", "--data", dir, "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pool-size", "16G"}, extra...)
+	return start(t, dir, append([]string{"up", "--data", dir, "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pool-size", "16G"}, extra...)...)
+}
+
+// start runs a segmap server command (up, controller, agent) and waits
+// for its 'ready' line, taking the addresses it prints. It is stopped when
+// the test ends.
+func start(t *testing.T, dir string, args ...string) *up {
+	t.Helper()
 	cmd := exec.Command(bin, args...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -122,14 +131,27 @@ func startUp(t *testing.T, dir string, extra ...string) *up {
 	select {
 	case <-ready:
 	case err := <-u.done:
-		t.Fatalf("segmap up exited: %v\n%s", err, u.out)
+		t.Fatalf("segmap %s exited: %v\n%s", args[0], err, u.out)
 	case <-time.After(30 * time.Second):
 		cmd.Process.Kill()
-		t.Fatalf("segmap up not ready in 30s\n%s", u.out)
+		t.Fatalf("segmap %s not ready in 30s\n%s", args[0], u.out)
 	}
 	t.Cleanup(func() { u.stop() })
 	return u
 }
+
+// kill stops the process with SIGKILL, as a crash would.
+func (u *up) kill() {
+	u.t.Helper()
+	if u.cmd.ProcessState != nil || u.killed() {
+		return
+	}
+	u.cmd.Process.Kill()
+	<-u.done
+	u.wasKilled = true
+}
+
+func (u *up) killed() bool { return u.wasKilled }
 
 // field returns the first word after prefix in line.
 func field(line, prefix string) (string, bool) {
@@ -148,24 +170,24 @@ func field(line, prefix string) (string, bool) {
 func (u *up) stop() {
 	t := u.t
 	t.Helper()
-	if u.cmd.ProcessState != nil {
+	if u.cmd.ProcessState != nil || u.killed() {
 		return
 	}
 	u.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-u.done:
 		if err != nil {
-			t.Errorf("segmap up did not stop cleanly: %v\n%s", err, u.out)
+			t.Errorf("segmap %s did not stop cleanly: %v\n%s", u.cmd.Args[1], err, u.out)
 		}
 		if !strings.Contains(u.out.String(), "stopped") {
-			t.Errorf("segmap up did not say it stopped:\n%s", u.out)
+			t.Errorf("segmap %s did not say it stopped:\n%s", u.cmd.Args[1], u.out)
 		}
 	case <-time.After(60 * time.Second):
 		u.cmd.Process.Kill()
-		t.Errorf("segmap up did not stop within 60s\n%s", u.out)
+		t.Errorf("segmap %s did not stop within 60s\n%s", u.cmd.Args[1], u.out)
 	}
 	if strings.Contains(u.out.String(), "DATA RACE") {
-		t.Errorf("segmap up reported a data race:\n%s", u.out)
+		t.Errorf("segmap %s reported a data race:\n%s", u.cmd.Args[1], u.out)
 	}
 }
 

@@ -26,6 +26,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/nbd"
 )
 
 // Options configures Open.
@@ -71,16 +72,27 @@ type Cluster struct {
 	provision sync.Mutex // serialises Provision
 }
 
-// OpenContainer opens a container by URI: file://PATH or a plain path. A
-// non-zero info.ID (with info.SlotSize) must match the container's header.
+// NBDDialTimeout bounds connecting to an nbd:// container and reading its
+// header in OpenContainer.
+const NBDDialTimeout = 30 * time.Second
+
+// OpenContainer opens a container by URI: file://PATH or a plain path, or
+// nbd://HOST[:PORT]/EXPORT for a container on an NBD export (a `segmap
+// storage` node, qemu-nbd, nbdkit), over plaintext. A non-zero info.ID
+// (with info.SlotSize) must match the container's header.
 func OpenContainer(info mapping.Container) (container.Container, error) {
-	path, err := FilePath(info.URI)
-	if err != nil {
-		return nil, err
-	}
 	var want *container.Header
 	if info.ID != 0 {
 		want = &container.Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
+	}
+	if strings.HasPrefix(info.URI, "nbd://") {
+		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
+		defer cancel()
+		return container.OpenNBD(ctx, info.URI, want, nbd.ClientConfig{})
+	}
+	path, err := FilePath(info.URI)
+	if err != nil {
+		return nil, err
 	}
 	return container.Open(path, want)
 }

@@ -1012,6 +1012,9 @@ func (c *Client) run(ctx context.Context, ps []piece) error {
 // answered by the reader goroutine, also when the write fails (which
 // breaks the connection).
 func (c *Client) send(ctx context.Context, p piece) (*clientReq, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	select {
 	case c.wlock <- struct{}{}:
 	case <-ctx.Done():

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/mapping"
@@ -44,6 +45,20 @@ type session struct {
 }
 
 func (s *session) close() { s.once.Do(func() { s.cancel(); close(s.done) }) }
+
+// DialOptions are the gRPC options an agent's connection to its controller
+// wants: reconnect quickly after a controller restart (gRPC's default
+// backoff grows to two minutes), and let calls wait for the connection
+// instead of failing at once while it is down.
+func DialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
+			MinConnectTimeout: 2 * time.Second,
+		}),
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
+	}
+}
 
 // NewClient returns a Client over conn.
 func NewClient(conn grpc.ClientConnInterface, logger *slog.Logger) *Client {
@@ -99,7 +114,10 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 	}
 	c.mu.Unlock()
 
+	// The stream outlives this call (it is the session), but until the
+	// controller has welcomed us, ctx bounds it.
 	sctx, cancel := context.WithCancel(context.Background())
+	stop := context.AfterFunc(ctx, cancel)
 	stream, err := c.c.Attach(sctx)
 	if err != nil {
 		cancel()
@@ -118,6 +136,10 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 	if err != nil {
 		cancel()
 		return fromStatus(err)
+	}
+	if !stop() {
+		cancel()
+		return fmt.Errorf("attach: %w", ctx.Err())
 	}
 	w := first.GetWelcome()
 	if w == nil || w.GetLeaseMs() <= 0 {
@@ -351,28 +373,36 @@ func (c *Client) Exports(ctx context.Context, agent string) ([]mapping.Disk, err
 	return out, nil
 }
 
-// faultRetries is how often a fault whose answer was lost is sent again,
-// with the same request id.
-const faultRetries = 5
+// FaultPatience is how long a fault waits for an unreachable or restarted
+// controller before the I/O fails.
+const FaultPatience = 60 * time.Second
 
 // Fault implements mapping.Controller. A fault whose answer is lost is sent
 // again with the same request id, so the controller answers it from
 // memory instead of applying it twice.
 func (c *Client) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
 	req := &pb.FaultRequest{
-		Agent: f.Agent, RequestId: c.reqID.Add(1), Epoch: c.epoch(), Disk: uint64(f.Disk), Segment: f.Segment,
+		Agent: f.Agent, RequestId: c.reqID.Add(1), Disk: uint64(f.Disk), Segment: f.Segment,
 		Count: f.Count, Op: uint32(f.Op), Reason: uint32(f.Reason), Whole: f.Whole, Token: f.Token,
 	}
+	// While the controller is unreachable, or has restarted and not yet
+	// seen this agent re-attach, the I/O waits (up to FaultPatience)
+	// rather than fail: a controller failover is a pause, not an error.
 	var r *pb.FaultReply
 	var err error
-	for try := 0; try < faultRetries; try++ {
-		r, err = c.c.Fault(ctx, req)
+	deadline := time.Now().Add(FaultPatience)
+	for try := 0; ; try++ {
+		req.Epoch = c.epoch()
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		r, err = c.c.Fault(cctx, req)
+		cancel()
 		err = fromStatus(err)
-		if !errors.Is(err, mapping.ErrUnavailable) || ctx.Err() != nil {
+		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
 			break
 		}
 		select {
-		case <-time.After(time.Duration(50<<try) * time.Millisecond):
+		case <-time.After(min(time.Duration(20<<min(try, 6))*time.Millisecond, time.Second)):
 		case <-ctx.Done():
 		}
 	}

@@ -38,8 +38,16 @@ type Server struct {
 	pb.UnimplementedMappingServer
 	cfg ServerConfig
 
-	mu     sync.Mutex
-	agents map[string]*remoteAgent
+	mu      sync.Mutex
+	agents  map[string]*remoteAgent
+	closing chan struct{}
+	once    sync.Once
+}
+
+// Close ends every agent's stream (they re-attach to whichever controller
+// comes next); a gRPC server's GracefulStop can then finish.
+func (s *Server) Close() {
+	s.once.Do(func() { close(s.closing) })
 }
 
 // NewServer returns a Server.
@@ -56,7 +64,7 @@ func NewServer(cfg ServerConfig) *Server {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Server{cfg: cfg, agents: map[string]*remoteAgent{}}
+	return &Server{cfg: cfg, agents: map[string]*remoteAgent{}, closing: make(chan struct{})}
 }
 
 // remoteAgent is a mapping.Agent at the other end of an Attach stream.
@@ -152,10 +160,33 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 	}()
 	defer func() { ra.end(); <-sendErr }()
 
+	msgs := make(chan *pb.AgentMessage)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case msgs <- m:
+			case <-ra.done:
+				recvErr <- nil
+				return
+			}
+		}
+	}()
 	for {
-		m, err := stream.Recv()
-		if err != nil {
+		var m *pb.AgentMessage
+		select {
+		case m = <-msgs:
+		case err := <-recvErr:
 			s.cfg.Logger.Info("agent stream ended", "agent", ra.name, "err", err)
+			return nil
+		case <-s.closing:
+			return nil
+		case <-ra.done:
 			return nil
 		}
 		switch x := m.Msg.(type) {

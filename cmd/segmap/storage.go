@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"segmap/internal/nbd"
+	"segmap/internal/size"
+	"segmap/internal/storage"
+)
+
+// newStorage is `segmap storage`: a storage node serving the files of a
+// directory over NBD, and `segmap storage create` to add one.
+func newStorage() *cobra.Command {
+	var dir, addr, prefix string
+	var drain time.Duration
+	cmd := &cobra.Command{
+		Use:   "storage --listen ADDR --dir DIR [--export-prefix P]",
+		Short: "run a storage node: serve every regular file in DIR as an NBD export",
+		Long: `storage serves every regular file in DIR as a read-write NBD export named
+after the file (with --export-prefix in front). An export is the file's raw
+bytes: the node knows nothing of segmap, so a controller formats a container
+on an export over NBD and agents open it as nbd://HOST:PORT/NAME, as they
+would a qemu-nbd or nbdkit export. Files starting with '.', directories and
+symbolic links are not served. Files added while the node runs are served
+at once; 'segmap storage create' makes one.
+
+TRIM and WRITE_ZEROES punch holes (fallocate), FLUSH and FUA are fdatasync.
+SIGINT or SIGTERM stop the node cleanly: requests in flight are answered
+first.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usageError{errors.New("--dir is required")}
+			}
+			return runStorage(cmd, dir, addr, prefix, drain)
+		},
+	}
+	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports (required)")
+	fl := cmd.Flags()
+	fl.StringVar(&addr, "listen", "127.0.0.1:10809", "address to serve NBD on (host:port)")
+	fl.StringVar(&prefix, "export-prefix", "", "prefix of every export name")
+	fl.DurationVar(&drain, "drain-timeout", 30*time.Second, "how long a stop waits for requests in flight")
+
+	var sz string
+	create := &cobra.Command{
+		Use:   "create --dir DIR NAME --size SIZE",
+		Short: "create a sparse file NAME of SIZE bytes in DIR, to be served as an export",
+		Long: `create makes a sparse file in DIR that a running storage node serves at
+once. It has no header: the controller formats it as a container over NBD.
+An existing file is never replaced.`,
+		Args: exactArgs(1, "the file name: segmap storage create --dir DIR NAME --size SIZE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if dir == "" {
+				return usageError{errors.New("--dir is required")}
+			}
+			if sz == "" {
+				return usageError{errors.New("--size is required")}
+			}
+			n, err := parseSize("size", sz)
+			if err != nil {
+				return err
+			}
+			if err := storage.CheckName(args[0]); err != nil {
+				return usageError{err}
+			}
+			if err := storage.Create(dir, args[0], n); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created %s (%s, sparse)\n", filepath.Join(dir, args[0]), size.Format(n))
+			return nil
+		},
+	}
+	create.Flags().StringVar(&sz, "size", "", "size of the file (4096, 64M, 10G, ...)")
+	cmd.AddCommand(create)
+	return cmd
+}
+
+func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duration) error {
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	backend, err := storage.NewDir(dir, prefix)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	// Bind first: a busy port is an error now, not later.
+	l, err := listen(addr)
+	if err != nil {
+		return fmt.Errorf("NBD listener: %w", err)
+	}
+	defer l.Close()
+	srv := nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger})
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+
+	exports, _ := backend.List(ctx)
+	if abs, err := filepath.Abs(dir); err == nil {
+		dir = abs
+	}
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "segmap %s storage node\n", version)
+	fmt.Fprintf(w, "  dir:  %s (%d exports)\n", dir, len(exports))
+	fmt.Fprintf(w, "  NBD:  %s   try: nbdinfo --list nbd://%s\n", l.Addr(), l.Addr())
+	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+	}
+	fmt.Fprintln(w, "stopping: draining I/O")
+	sctx, cancel := context.WithTimeout(context.Background(), drain)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+		logger.Warn("NBD shutdown", "err", err)
+	}
+	srv.Close()
+	if serveErr == nil {
+		serveErr = <-errc
+	}
+	fmt.Fprintln(w, "stopped")
+	if !errors.Is(serveErr, nbd.ErrServerClosed) {
+		return serveErr
+	}
+	return nil
+}
