@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -132,7 +133,18 @@ func newAgent() *cobra.Command {
 			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.OpenContainer})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
-			go func() { remote.RunAgent(runCtx, a, client, logger); close(ran) }()
+			first := make(chan struct{})
+			var once sync.Once
+			go func() {
+				remote.RunAgent(runCtx, a, client, logger, func() { once.Do(func() { close(first) }) })
+				close(ran)
+			}()
+			// Serve hosts once attached: before that every export would
+			// only wait.
+			select {
+			case <-first:
+			case <-ctx.Done():
+			}
 
 			ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(client, a), Errno: local.Errno, Logger: logger})
 			errc := make(chan error, 1)

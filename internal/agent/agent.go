@@ -107,6 +107,10 @@ func (a *Agent) controller() mapping.Controller {
 // table the agent holds is forgotten first: after a new attach, entries are
 // reloaded by faulting.
 func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
+	// An Open racing with the attach either makes it into the list of
+	// open disks the controller is given, or happens after the attach.
+	a.openMu.Lock()
+	defer a.openMu.Unlock()
 	a.mu.Lock()
 	if a.mu.closed {
 		a.mu.Unlock()

@@ -18,8 +18,9 @@ import (
 	"time"
 )
 
-// bin is the segmap binary built for the tests.
-var bin string
+// bin is the segmap binary built for the tests; scratch, a directory the
+// external tools run in.
+var bin, scratch string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "segmap-e2e-")
@@ -28,6 +29,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = filepath.Join(dir, "segmap")
+	scratch = filepath.Join(dir, "scratch")
+	if err := os.Mkdir(scratch, 0o700); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
 	build := exec.Command("go", "build", "-race", "-o", bin, "./cmd/segmap")
@@ -136,6 +142,12 @@ func start(t *testing.T, dir string, args ...string) *up {
 		cmd.Process.Kill()
 		t.Fatalf("segmap %s not ready in 30s\n%s", args[0], u.out)
 	}
+	// Cleanups run last first: this one, after the process has stopped.
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("output of segmap %s:\n%s", strings.Join(args, " "), u.out)
+		}
+	})
 	t.Cleanup(func() { u.stop() })
 	return u
 }
@@ -267,6 +279,7 @@ func runErr(timeout time.Duration, name string, args ...string) (string, error) 
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = scratch // fio leaves verify state files in its working directory
 	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/usr/sbin:/bin:/sbin:"+os.Getenv("PATH"))
 	var b bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &b, &b
@@ -288,6 +301,7 @@ func python(t *testing.T, timeout time.Duration, script string, args ...string) 
 func background(t *testing.T, name string, args ...string) func() (string, error) {
 	t.Helper()
 	cmd := exec.Command(name, args...)
+	cmd.Dir = scratch
 	var b syncBuffer
 	cmd.Stdout, cmd.Stderr = &b, &b
 	if err := cmd.Start(); err != nil {

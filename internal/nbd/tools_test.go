@@ -223,7 +223,7 @@ func TestToolFio(t *testing.T) {
 	// fio's nbd engine takes the export from --uri (no --filename). Each of
 	// the two jobs (two connections) verifies its own 32 MiB half:
 	// jobs writing the same blocks would fail each other's verification.
-	out := mustRunTool(t, "fio", "--name=nbd", "--ioengine=nbd", "--uri="+uri+"/disk",
+	out := mustRunTool(t, "fio", "--name=nbd", "--ioengine=nbd", "--uri="+uri+"/disk", "--verify_state_save=0",
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32M", "--offset_increment=32M",
 		"--verify=crc32c", "--numjobs=2", "--output-format=terse", "--terse-version=3")
 	lines := strings.Split(strings.TrimSpace(out), "\n")

@@ -12,8 +12,9 @@ import (
 // ends: it attaches, and whenever the session ends (the stream broke, the
 // lease is about to lapse) it fences the agent (every entry Invalid, I/O
 // held) and attaches again, with backoff. I/O resumes after each attach,
-// reloading entries by faulting.
-func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logger) {
+// reloading entries by faulting. attached, if not nil, is called after
+// each successful attach.
+func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logger, attached func()) {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -33,6 +34,9 @@ func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logge
 		}
 		backoff = 100 * time.Millisecond
 		logger.Info("attached to the controller", "lease_end", c.LeaseEnd())
+		if attached != nil {
+			attached()
+		}
 		select {
 		case <-c.Done():
 			logger.Warn("session with the controller ended; fencing")
