@@ -67,11 +67,11 @@ type Agent struct {
 		closed bool
 	}
 
-	// conts holds opened containers. Reads take the read lock only.
-	conts struct {
-		sync.RWMutex
-		m map[uint32]*openContainer
-	}
+	// conts holds the opened containers: an immutable map, replaced
+	// whole (under contsMu) when a container is opened, so that the data
+	// path looks containers up without a lock.
+	conts   atomic.Pointer[map[uint32]*openContainer]
+	contsMu sync.Mutex
 }
 
 type openContainer struct {
@@ -90,7 +90,7 @@ func New(cfg Config) *Agent {
 	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer}
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[mapping.DiskID]*Disk)
-	a.conts.m = make(map[uint32]*openContainer)
+	a.conts.Store(&map[uint32]*openContainer{})
 	return a
 }
 
@@ -196,30 +196,28 @@ func (a *Agent) Close() error {
 	if ctrl != nil {
 		errs = append(errs, ctrl.Detach(context.Background(), a.name))
 	}
-	a.conts.Lock()
-	for _, oc := range a.conts.m {
+	a.contsMu.Lock()
+	for _, oc := range *a.conts.Load() {
 		errs = append(errs, oc.c.Close())
 	}
-	a.conts.m = map[uint32]*openContainer{}
-	a.conts.Unlock()
+	a.conts.Store(&map[uint32]*openContainer{})
+	a.contsMu.Unlock()
 	return errors.Join(errs...)
 }
 
 // container returns the opened container id, opening it if needed.
 func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error) {
-	a.conts.RLock()
-	oc := a.conts.m[id]
-	a.conts.RUnlock()
-	if oc != nil {
+	if oc := (*a.conts.Load())[id]; oc != nil {
 		return oc, nil
 	}
 	cs, err := a.controller().Containers(ctx)
 	if err != nil {
 		return nil, err
 	}
-	a.conts.Lock()
-	defer a.conts.Unlock()
-	if oc := a.conts.m[id]; oc != nil {
+	a.contsMu.Lock()
+	defer a.contsMu.Unlock()
+	old := *a.conts.Load()
+	if oc := old[id]; oc != nil {
 		return oc, nil
 	}
 	for _, info := range cs {
@@ -231,7 +229,12 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, ErrIO, err)
 		}
 		oc := &openContainer{c: c}
-		a.conts.m[id] = oc
+		m := make(map[uint32]*openContainer, len(old)+1)
+		for k, v := range old {
+			m[k] = v
+		}
+		m[id] = oc
+		a.conts.Store(&m)
 		return oc, nil
 	}
 	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, ErrIO)
@@ -239,12 +242,11 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 
 // flushWritten flushes every container written since its last flush.
 func (a *Agent) flushWritten() error {
-	a.conts.RLock()
-	ocs := make([]*openContainer, 0, len(a.conts.m))
-	for _, oc := range a.conts.m {
+	m := *a.conts.Load()
+	ocs := make([]*openContainer, 0, len(m))
+	for _, oc := range m {
 		ocs = append(ocs, oc)
 	}
-	a.conts.RUnlock()
 	var errs []error
 	for _, oc := range ocs {
 		if err := oc.flush(); err != nil {

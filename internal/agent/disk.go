@@ -339,7 +339,7 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 // span calls fn for each segment piece of [off, off+n), in order. It checks
 // the range first.
 func (d *Disk) span(off, n uint64, fn func(seg, segOff, pos, m uint64) error) error {
-	info := d.Info()
+	info := d.info.Load()
 	if off > info.Size || n > info.Size-off {
 		return fmt.Errorf("[%d, +%d) of a %d-byte disk: %w", off, n, info.Size, ErrRange)
 	}
@@ -357,7 +357,7 @@ func (d *Disk) span(off, n uint64, fn func(seg, segOff, pos, m uint64) error) er
 
 // ReadAt reads len(p) bytes at offset off.
 func (d *Disk) ReadAt(ctx context.Context, p []byte, off uint64) error {
-	ss := d.Info().SegmentSize
+	ss := d.info.Load().SegmentSize
 	return d.span(off, uint64(len(p)), func(seg, segOff, pos, m uint64) error {
 		return d.segIO(ctx, ioRead, seg, segOff, p[pos:pos+m], ss)
 	})
@@ -366,7 +366,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off uint64) error {
 // WriteAt writes p at offset off. With fua the data is durable when it
 // returns.
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
-	info := d.Info()
+	info := d.info.Load()
 	if info.ReadOnly {
 		return fmt.Errorf("write to %q: %w", info.Name, ErrReadOnly)
 	}
