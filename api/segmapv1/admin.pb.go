@@ -77,6 +77,67 @@ func (Policy) EnumDescriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
 }
 
+type GrantRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Agents []string               `protobuf:"bytes,2,rep,name=agents,proto3" json:"agents,omitempty"`
+	// all (Grant only) lets every agent map the disk.
+	All           bool `protobuf:"varint,3,opt,name=all,proto3" json:"all,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GrantRequest) Reset() {
+	*x = GrantRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GrantRequest) ProtoMessage() {}
+
+func (x *GrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GrantRequest.ProtoReflect.Descriptor instead.
+func (*GrantRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *GrantRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GrantRequest) GetAgents() []string {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+func (x *GrantRequest) GetAll() bool {
+	if x != nil {
+		return x.All
+	}
+	return false
+}
+
 type Disk struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -89,16 +150,19 @@ type Disk struct {
 	ReadOnly        bool   `protobuf:"varint,6,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
 	CreatedUnixNano int64  `protobuf:"varint,7,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
 	// Usage, filled by GetDisk and ListDisks.
-	Allocated     uint64 `protobuf:"varint,8,opt,name=allocated,proto3" json:"allocated,omitempty"`
-	Exclusive     uint64 `protobuf:"varint,9,opt,name=exclusive,proto3" json:"exclusive,omitempty"`
-	Shared        uint64 `protobuf:"varint,10,opt,name=shared,proto3" json:"shared,omitempty"`
+	Allocated uint64 `protobuf:"varint,8,opt,name=allocated,proto3" json:"allocated,omitempty"`
+	Exclusive uint64 `protobuf:"varint,9,opt,name=exclusive,proto3" json:"exclusive,omitempty"`
+	Shared    uint64 `protobuf:"varint,10,opt,name=shared,proto3" json:"shared,omitempty"`
+	// agents may map the disk; all_agents: any agent may.
+	Agents        []string `protobuf:"bytes,11,rep,name=agents,proto3" json:"agents,omitempty"`
+	AllAgents     bool     `protobuf:"varint,12,opt,name=all_agents,json=allAgents,proto3" json:"all_agents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -110,7 +174,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -123,7 +187,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *Disk) GetName() string {
@@ -196,19 +260,35 @@ func (x *Disk) GetShared() uint64 {
 	return 0
 }
 
+func (x *Disk) GetAgents() []string {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+func (x *Disk) GetAllAgents() bool {
+	if x != nil {
+		return x.AllAgents
+	}
+	return false
+}
+
 type CreateDiskRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
-	SegmentSize   uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"` // 0: the default (1 MiB)
-	Policy        Policy                 `protobuf:"varint,4,opt,name=policy,proto3,enum=segmap.v1.Policy" json:"policy,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Size        uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	SegmentSize uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"` // 0: the default (1 MiB)
+	Policy      Policy                 `protobuf:"varint,4,opt,name=policy,proto3,enum=segmap.v1.Policy" json:"policy,omitempty"`
+	// agents allowed to map it; empty: any agent.
+	Agents        []string `protobuf:"bytes,5,rep,name=agents,proto3" json:"agents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateDiskRequest) Reset() {
 	*x = CreateDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -220,7 +300,7 @@ func (x *CreateDiskRequest) String() string {
 func (*CreateDiskRequest) ProtoMessage() {}
 
 func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -233,7 +313,7 @@ func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDiskRequest.ProtoReflect.Descriptor instead.
 func (*CreateDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *CreateDiskRequest) GetName() string {
@@ -264,6 +344,13 @@ func (x *CreateDiskRequest) GetPolicy() Policy {
 	return Policy_POLICY_UNSPECIFIED
 }
 
+func (x *CreateDiskRequest) GetAgents() []string {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
 type ListDisksRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -272,7 +359,7 @@ type ListDisksRequest struct {
 
 func (x *ListDisksRequest) Reset() {
 	*x = ListDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -284,7 +371,7 @@ func (x *ListDisksRequest) String() string {
 func (*ListDisksRequest) ProtoMessage() {}
 
 func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -297,7 +384,7 @@ func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksRequest.ProtoReflect.Descriptor instead.
 func (*ListDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 type ListDisksResponse struct {
@@ -309,7 +396,7 @@ type ListDisksResponse struct {
 
 func (x *ListDisksResponse) Reset() {
 	*x = ListDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -321,7 +408,7 @@ func (x *ListDisksResponse) String() string {
 func (*ListDisksResponse) ProtoMessage() {}
 
 func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -334,7 +421,7 @@ func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksResponse.ProtoReflect.Descriptor instead.
 func (*ListDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ListDisksResponse) GetDisks() []*Disk {
@@ -353,7 +440,7 @@ type GetDiskRequest struct {
 
 func (x *GetDiskRequest) Reset() {
 	*x = GetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -365,7 +452,7 @@ func (x *GetDiskRequest) String() string {
 func (*GetDiskRequest) ProtoMessage() {}
 
 func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -378,7 +465,7 @@ func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDiskRequest.ProtoReflect.Descriptor instead.
 func (*GetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetDiskRequest) GetName() string {
@@ -400,7 +487,7 @@ type ResizeDiskRequest struct {
 
 func (x *ResizeDiskRequest) Reset() {
 	*x = ResizeDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -412,7 +499,7 @@ func (x *ResizeDiskRequest) String() string {
 func (*ResizeDiskRequest) ProtoMessage() {}
 
 func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -425,7 +512,7 @@ func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeDiskRequest.ProtoReflect.Descriptor instead.
 func (*ResizeDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ResizeDiskRequest) GetName() string {
@@ -458,7 +545,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -470,7 +557,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -483,7 +570,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -501,7 +588,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -513,7 +600,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -526,7 +613,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 type SnapshotRequest struct {
@@ -545,7 +632,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +644,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +657,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -610,7 +697,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +709,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +722,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -658,7 +745,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +757,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +770,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Container) GetId() uint32 {
@@ -729,7 +816,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +828,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +841,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type ListContainersResponse struct {
@@ -766,7 +853,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +865,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +878,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -815,7 +902,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +914,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +927,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -873,7 +960,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +972,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +985,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -922,7 +1009,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -934,7 +1021,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -947,7 +1034,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Problem) GetKind() string {
@@ -1003,7 +1090,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1102,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1115,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1053,7 +1140,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1152,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1165,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 type Agent struct {
@@ -1091,7 +1178,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1190,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1203,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Agent) GetName() string {
@@ -1149,7 +1236,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1248,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1261,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -1237,7 +1324,11 @@ var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"\xb1\x02\n" +
+	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"L\n" +
+	"\fGrantRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\xe8\x02\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
@@ -1249,12 +1340,16 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\tallocated\x18\b \x01(\x04R\tallocated\x12\x1c\n" +
 	"\texclusive\x18\t \x01(\x04R\texclusive\x12\x16\n" +
 	"\x06shared\x18\n" +
-	" \x01(\x04R\x06shared\"\x89\x01\n" +
+	" \x01(\x04R\x06shared\x12\x16\n" +
+	"\x06agents\x18\v \x03(\tR\x06agents\x12\x1d\n" +
+	"\n" +
+	"all_agents\x18\f \x01(\bR\tallAgents\"\xa1\x01\n" +
 	"\x11CreateDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
 	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\x12)\n" +
-	"\x06policy\x18\x04 \x01(\x0e2\x11.segmap.v1.PolicyR\x06policy\"\x12\n" +
+	"\x06policy\x18\x04 \x01(\x0e2\x11.segmap.v1.PolicyR\x06policy\x12\x16\n" +
+	"\x06agents\x18\x05 \x03(\tR\x06agents\"\x12\n" +
 	"\x10ListDisksRequest\":\n" +
 	"\x11ListDisksResponse\x12%\n" +
 	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"$\n" +
@@ -1324,7 +1419,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xa8\x05\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\x8f\x06\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -1338,7 +1433,9 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
-	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
+	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
+	"\x06Revoke\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.DiskB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_admin_proto_rawDescOnce sync.Once
@@ -1353,62 +1450,67 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                    // 0: segmap.v1.Policy
-	(*Disk)(nil),                   // 1: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),      // 2: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),       // 3: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),      // 4: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),         // 5: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),      // 6: segmap.v1.ResizeDiskRequest
-	(*DeleteDiskRequest)(nil),      // 7: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 8: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 9: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 10: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 11: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 12: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 13: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 14: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 15: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 16: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 17: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 18: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 19: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 20: segmap.v1.StatusResponse
+	(*GrantRequest)(nil),           // 1: segmap.v1.GrantRequest
+	(*Disk)(nil),                   // 2: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),      // 3: segmap.v1.CreateDiskRequest
+	(*ListDisksRequest)(nil),       // 4: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),      // 5: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),         // 6: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),      // 7: segmap.v1.ResizeDiskRequest
+	(*DeleteDiskRequest)(nil),      // 8: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),     // 9: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),        // 10: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),       // 11: segmap.v1.SnapshotResponse
+	(*Container)(nil),              // 12: segmap.v1.Container
+	(*ListContainersRequest)(nil),  // 13: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil), // 14: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),    // 15: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),           // 16: segmap.v1.CheckRequest
+	(*Problem)(nil),                // 17: segmap.v1.Problem
+	(*CheckResponse)(nil),          // 18: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),          // 19: segmap.v1.StatusRequest
+	(*Agent)(nil),                  // 20: segmap.v1.Agent
+	(*StatusResponse)(nil),         // 21: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	0,  // 0: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
 	0,  // 1: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
-	1,  // 2: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
-	1,  // 3: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	11, // 4: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	16, // 5: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	16, // 6: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	19, // 7: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	11, // 8: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	2,  // 9: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	3,  // 10: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	5,  // 11: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	6,  // 12: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	7,  // 13: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	9,  // 14: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	12, // 15: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	14, // 16: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	15, // 17: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	18, // 18: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	1,  // 19: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	4,  // 20: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	1,  // 21: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	1,  // 22: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	8,  // 23: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	10, // 24: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	13, // 25: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	11, // 26: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	17, // 27: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	20, // 28: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	19, // [19:29] is the sub-list for method output_type
-	9,  // [9:19] is the sub-list for method input_type
+	2,  // 2: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
+	2,  // 3: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
+	12, // 4: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	17, // 5: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	17, // 6: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	20, // 7: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	12, // 8: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	3,  // 9: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	4,  // 10: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	6,  // 11: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	7,  // 12: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	8,  // 13: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	10, // 14: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	13, // 15: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	15, // 16: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	16, // 17: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	19, // 18: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	1,  // 19: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	1,  // 20: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	2,  // 21: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	5,  // 22: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	2,  // 23: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	2,  // 24: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	9,  // 25: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	11, // 26: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	14, // 27: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	12, // 28: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	18, // 29: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	21, // 30: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	2,  // 31: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	2,  // 32: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	21, // [21:33] is the sub-list for method output_type
+	9,  // [9:21] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -1425,7 +1527,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,8 @@ const (
 	Admin_AddContainer_FullMethodName   = "/segmap.v1.Admin/AddContainer"
 	Admin_Check_FullMethodName          = "/segmap.v1.Admin/Check"
 	Admin_Status_FullMethodName         = "/segmap.v1.Admin/Status"
+	Admin_Grant_FullMethodName          = "/segmap.v1.Admin/Grant"
+	Admin_Revoke_FullMethodName         = "/segmap.v1.Admin/Revoke"
 )
 
 // AdminClient is the client API for Admin service.
@@ -57,6 +59,10 @@ type AdminClient interface {
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// Grant lets agents map a disk; Revoke takes it away (an agent that maps
+	// it forgets it first).
+	Grant(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
+	Revoke(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
 }
 
 type adminClient struct {
@@ -167,6 +173,26 @@ func (c *adminClient) Status(ctx context.Context, in *StatusRequest, opts ...grp
 	return out, nil
 }
 
+func (c *adminClient) Grant(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_Grant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_Revoke_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -186,6 +212,10 @@ type AdminServer interface {
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// Grant lets agents map a disk; Revoke takes it away (an agent that maps
+	// it forgets it first).
+	Grant(context.Context, *GrantRequest) (*Disk, error)
+	Revoke(context.Context, *GrantRequest) (*Disk, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -225,6 +255,12 @@ func (UnimplementedAdminServer) Check(context.Context, *CheckRequest) (*CheckRes
 }
 func (UnimplementedAdminServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAdminServer) Grant(context.Context, *GrantRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method Grant not implemented")
+}
+func (UnimplementedAdminServer) Revoke(context.Context, *GrantRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method Revoke not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -427,6 +463,42 @@ func _Admin_Status_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Grant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Grant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Grant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Grant(ctx, req.(*GrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Revoke(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Revoke_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Revoke(ctx, req.(*GrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -473,6 +545,14 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Admin_Status_Handler,
+		},
+		{
+			MethodName: "Grant",
+			Handler:    _Admin_Grant_Handler,
+		},
+		{
+			MethodName: "Revoke",
+			Handler:    _Admin_Revoke_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

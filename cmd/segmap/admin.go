@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -12,12 +13,13 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/size"
+	"segmap/internal/tlsconf"
 )
 
 // dial connects to the admin API and returns a client, a context bounded
@@ -36,7 +38,11 @@ func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
 		}
 		target = "unix:" + p
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds, err := g.tls.client(tlsconf.RoleAdmin, tlsconf.RoleAdmin, false)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("controller %s: %w", g.controller, err)
 	}
@@ -53,10 +59,21 @@ func (g *globals) call(fn func(ctx context.Context, c pb.AdminClient) error) err
 	}
 	defer done()
 	err = fn(ctx, c)
-	if err != nil && strings.Contains(err.Error(), "connection refused") {
-		return fmt.Errorf("no segmap controller at %s (start one with 'segmap up', or pass --controller)", g.controller)
+	var ce codeError
+	if err == nil || errors.As(err, &ce) {
+		return err
 	}
-	return err
+	msg := err.Error()
+	if st, ok := status.FromError(err); ok {
+		msg = st.Message()
+	}
+	switch {
+	case strings.Contains(msg, "connection refused"):
+		return fmt.Errorf("no segmap controller at %s (start one with 'segmap up', or pass --controller)", g.controller)
+	case g.tls.certs == "" && (strings.Contains(msg, "EOF") || strings.Contains(msg, "handshake") || strings.Contains(msg, "preface")):
+		return fmt.Errorf("%s (the controller at %s may require TLS: pass --certs DIR)", msg, g.controller)
+	}
+	return errors.New(msg)
 }
 
 // printJSON writes messages as JSON: one object, or an array.
@@ -148,6 +165,7 @@ func newDisk(g *globals) *cobra.Command {
 	disk := &cobra.Command{Use: "disk", Short: "create, list, inspect, resize and delete disks"}
 
 	var sizeS, segS, policy string
+	var agents []string
 	create := &cobra.Command{
 		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse]",
 		Short: "create a thin disk (instant at any size; nothing is allocated until written)",
@@ -171,7 +189,7 @@ func newDisk(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol})
+				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol, Agents: agents})
 				if err != nil {
 					return err
 				}
@@ -186,6 +204,7 @@ func newDisk(g *globals) *cobra.Command {
 	create.Flags().StringVar(&sizeS, "size", "", "disk size: 512M, 10G, 1T ... (a multiple of 512 bytes)")
 	create.Flags().StringVar(&segS, "segment-size", "", "segment size, a power of two from 64K to 64M (default 1M)")
 	create.Flags().StringVar(&policy, "policy", "forward", "copy-on-write policy for shared segments: forward or reverse")
+	create.Flags().StringSliceVar(&agents, "agent", nil, "agents (hosts) allowed to map the disk; repeat or comma-separate (default: any agent)")
 
 	list := &cobra.Command{
 		Use: "list", Short: "list disks with their space usage", Args: noArgs,
@@ -224,6 +243,11 @@ func newDisk(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "exclusive:    %s (%d bytes)\n", size.Format(d.Exclusive), d.Exclusive)
 				fmt.Fprintf(w, "shared:       %s (%d bytes)\n", size.Format(d.Shared), d.Shared)
 				fmt.Fprintf(w, "origin:       %s\n", orDash(d.Origin))
+				if d.AllAgents {
+					fmt.Fprintf(w, "agents:       any\n")
+				} else {
+					fmt.Fprintf(w, "agents:       %s\n", orDash(strings.Join(d.Agents, ", ")))
+				}
 				fmt.Fprintf(w, "created:      %s\n", time.Unix(0, d.CreatedUnixNano).UTC().Format(time.RFC3339))
 				return nil
 			})
@@ -272,8 +296,61 @@ func newDisk(g *globals) *cobra.Command {
 			})
 		},
 	}
-	disk.AddCommand(create, list, info, resize, del)
+	var all bool
+	grant := &cobra.Command{
+		Use: "grant NAME AGENT... | grant NAME --all", Short: "let agents (hosts) map a disk",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) == 1 && !all {
+				return usageError{fmt.Errorf("grant wants a disk and agents (or --all)")}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				d, err := c.Grant(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:], All: all})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), d)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "disk %s: agents %s\n", d.Name, agentList(d))
+				return nil
+			})
+		},
+	}
+	grant.Flags().BoolVar(&all, "all", false, "let any agent map the disk")
+	revoke := &cobra.Command{
+		Use: "revoke NAME AGENT...", Short: "take a disk away from agents (an agent that maps it forgets it at once)",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 2 {
+				return usageError{fmt.Errorf("revoke wants a disk and agents")}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				d, err := c.Revoke(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:]})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), d)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "disk %s: agents %s\n", d.Name, agentList(d))
+				return nil
+			})
+		},
+	}
+	disk.AddCommand(create, list, info, resize, del, grant, revoke)
 	return disk
+}
+
+func agentList(d *pb.Disk) string {
+	if d.AllAgents {
+		return "any"
+	}
+	return orDash(strings.Join(d.Agents, ", "))
 }
 
 func newSnapshot(g *globals) *cobra.Command {

@@ -14,7 +14,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/admin"
@@ -24,6 +23,7 @@ import (
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
 	"segmap/internal/remote"
+	"segmap/internal/tlsconf"
 )
 
 // newController is `segmap controller`: the controller alone, serving
@@ -31,12 +31,17 @@ import (
 func newController() *cobra.Command {
 	var addr, data string
 	var lease time.Duration
+	tf := &tlsFlags{}
 	cmd := &cobra.Command{
 		Use:   "controller --listen ADDR --data DIR",
 		Short: "run a controller: metadata (bbolt in DIR), the admin API and the agents' mapping protocol on ADDR",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			creds, err := tf.server(tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)
+			if err != nil {
+				return err
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			if err := os.MkdirAll(data, 0o700); err != nil {
@@ -58,7 +63,7 @@ func newController() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			gs := grpc.NewServer()
+			gs := grpc.NewServer(append(remote.ServerOptions(), grpc.Creds(creds))...)
 			pb.RegisterAdminServer(gs, admin.New(admin.Config{
 				Ctrl: ctrl, Version: version,
 				CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
@@ -102,12 +107,14 @@ func newController() *cobra.Command {
 	cmd.Flags().StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol")
 	cmd.Flags().StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata)")
 	cmd.Flags().DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
+	tf.add(cmd, "controller", false)
 	return cmd
 }
 
 // newAgent is `segmap agent`: a mapping agent serving NBD to hosts.
 func newAgent() *cobra.Command {
 	var ctrlAddr, name, nbdListen string
+	tf := &tlsFlags{serverName: "controller"}
 	cmd := &cobra.Command{
 		Use:   "agent --controller ADDR --name HOST --nbd-listen ADDR",
 		Short: "run a mapping agent: serves the controller's disks over NBD, doing the I/O straight to the containers",
@@ -117,6 +124,10 @@ func newAgent() *cobra.Command {
 				return usageError{fmt.Errorf("--name is required (the host's name, unique among agents)")}
 			}
 			logger := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("agent", name)
+			creds, err := tf.client(tlsconf.RoleAgent, name, true)
+			if err != nil {
+				return err
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			l, err := listen(nbdListen)
@@ -124,7 +135,7 @@ func newAgent() *cobra.Command {
 				return fmt.Errorf("NBD listener: %w", err)
 			}
 			defer l.Close()
-			conn, err := grpc.NewClient(ctrlAddr, append(remote.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+			conn, err := grpc.NewClient(ctrlAddr, append(remote.DialOptions(), grpc.WithTransportCredentials(creds))...)
 			if err != nil {
 				return fmt.Errorf("controller %s: %w", ctrlAddr, err)
 			}
@@ -175,5 +186,7 @@ func newAgent() *cobra.Command {
 	cmd.Flags().StringVar(&ctrlAddr, "controller", "127.0.0.1:10810", "the controller's address")
 	cmd.Flags().StringVar(&name, "name", "", "this agent's (host's) name")
 	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
+	tf.add(cmd, "", false)
+	cmd.Flags().StringVar(&tf.serverName, "controller-name", "controller", "the controller's certificate name")
 	return cmd
 }

@@ -17,7 +17,6 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc/status"
 )
 
 var version = "0.1.0-dev"
@@ -34,13 +33,7 @@ func main() {
 	if err == nil {
 		return
 	}
-	msg := err.Error()
-	if st, ok := status.FromError(errors.Unwrap(err)); ok && st != nil {
-		msg = st.Message()
-	} else if st, ok := status.FromError(err); ok && st != nil {
-		msg = st.Message()
-	}
-	fmt.Fprintf(os.Stderr, "segmap: %s\n", msg)
+	fmt.Fprintf(os.Stderr, "segmap: %s\n", err)
 	var ue usageError
 	var ce codeError
 	switch {
@@ -66,6 +59,7 @@ type globals struct {
 	controller string
 	json       bool
 	timeout    string
+	tls        tlsFlags
 }
 
 func newRoot() *cobra.Command {
@@ -84,6 +78,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.controller, "controller", def, "admin API address of the controller (host:port or unix:PATH; $SEGMAP_CONTROLLER)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON instead of tables")
 	root.PersistentFlags().StringVar(&g.timeout, "timeout", "60s", "how long an admin command may take")
+	g.tls.add(root, "", true)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
 	})

@@ -141,6 +141,9 @@ func (s *Server) withUsage(ctx context.Context, d meta.Disk, names map[meta.Disk
 		return nil, err
 	}
 	out.Allocated, out.Exclusive, out.Shared = u.Allocated, u.Exclusive, u.Shared
+	if out.Agents, out.AllAgents, err = s.cfg.Ctrl.Grants(ctx, d.Name); err != nil {
+		return nil, err
+	}
 	return out, nil
 }
 
@@ -151,6 +154,9 @@ func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.D
 		return nil, grpcErr(err)
 	}
 	o := controller.CreateOptions{Name: r.Name, Size: r.Size, SegmentSize: r.SegmentSize, Policy: pol}
+	if len(r.Agents) > 0 {
+		o.Agents = r.Agents
+	}
 	if o.SegmentSize == 0 {
 		o.SegmentSize = controller.DefaultSegmentSize
 	}
@@ -163,7 +169,31 @@ func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.D
 	if err != nil {
 		return nil, grpcErr(err)
 	}
-	return disk(d, nil), nil
+	out := disk(d, nil)
+	out.Agents, out.AllAgents = o.Agents, o.Agents == nil
+	return out, nil
+}
+
+// Grant implements pb.AdminServer.
+func (s *Server) Grant(ctx context.Context, r *pb.GrantRequest) (*pb.Disk, error) {
+	if !r.All && len(r.Agents) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "grant: name the agents, or all")
+	}
+	if err := s.cfg.Ctrl.Grant(ctx, r.Name, r.Agents, r.All); err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: r.Name})
+}
+
+// Revoke implements pb.AdminServer.
+func (s *Server) Revoke(ctx context.Context, r *pb.GrantRequest) (*pb.Disk, error) {
+	if r.All || len(r.Agents) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "revoke: name the agents")
+	}
+	if err := s.cfg.Ctrl.Revoke(ctx, r.Name, r.Agents); err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: r.Name})
 }
 
 // ListDisks implements pb.AdminServer.

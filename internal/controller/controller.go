@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -185,7 +186,10 @@ func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, o
 	st := &agentState{name: name, a: a, disks: make(map[meta.DiskID]bool)}
 	err := c.store.View(ctx, func(tx meta.Tx) error {
 		for _, id := range open {
-			if _, err := tx.DiskByID(meta.DiskID(id)); err == nil {
+			if _, err := tx.DiskByID(meta.DiskID(id)); err != nil {
+				continue
+			}
+			if ok, err := allowed(tx, meta.DiskID(id), name); err == nil && ok {
 				st.disks[meta.DiskID(id)] = true
 			}
 		}
@@ -221,7 +225,15 @@ func (c *Controller) Open(ctx context.Context, agent, disk string) (mapping.Disk
 	var d meta.Disk
 	err := c.store.View(ctx, func(tx meta.Tx) error {
 		var err error
-		d, err = tx.Disk(disk)
+		if d, err = tx.Disk(disk); err != nil {
+			return err
+		}
+		ok, err := allowed(tx, d.ID, agent)
+		if err == nil && !ok {
+			// Not even its existence is told: to this agent the disk
+			// does not exist.
+			err = fmt.Errorf("disk %q: %w", disk, meta.ErrNotFound)
+		}
 		return err
 	})
 	if err != nil {
@@ -262,18 +274,32 @@ func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error
 	return out, err
 }
 
-// Exports implements mapping.Controller: every disk (access control per
-// agent comes with the distributed controller).
+// Exports implements mapping.Controller: the disks agent may map.
 func (c *Controller) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
-	ds, err := c.Disks(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]mapping.Disk, len(ds))
-	for i, d := range ds {
-		out[i] = toMapping(d)
-	}
-	return out, nil
+	var out []mapping.Disk
+	err := c.store.View(ctx, func(tx meta.Tx) error {
+		ds, err := tx.Disks()
+		if err != nil {
+			return err
+		}
+		for _, d := range ds {
+			ok, err := allowed(tx, d.ID, agent)
+			if err != nil {
+				return err
+			}
+			if ok {
+				out = append(out, toMapping(d))
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// allowed reports whether agent may map disk id.
+func allowed(tx meta.Tx, id meta.DiskID, agent string) (bool, error) {
+	gs, all, err := tx.Grants(id)
+	return all || slices.Contains(gs, agent), err
 }
 
 // mappers returns the agents that map disk id, except the one named skip.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"segmap/internal/mapping"
@@ -17,6 +18,9 @@ type CreateOptions struct {
 	Size        uint64
 	SegmentSize uint64       // DefaultSegmentSize if 0
 	Policy      table.Policy // table.Forward if 0
+	// Agents are the agents (hosts) allowed to map the disk; nil lets
+	// every agent map it.
+	Agents []string
 }
 
 // CreateDisk creates a disk whose every segment is Zero: nothing is
@@ -57,7 +61,10 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 			Name: o.Name, Size: o.Size, SegmentSize: o.SegmentSize,
 			Policy: o.Policy, Created: c.now().UTC(),
 		})
-		return err
+		if err != nil || o.Agents == nil {
+			return err
+		}
+		return tx.SetGrants(d.ID, o.Agents, false)
 	})
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
@@ -255,6 +262,15 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			if err := tx.CopyTable(src.ID, nd.ID); err != nil {
 				return err
 			}
+			// A copy may be mapped by the agents that could map
+			// its source.
+			gs, all, err := tx.Grants(src.ID)
+			if err != nil {
+				return err
+			}
+			if err := tx.SetGrants(nd.ID, gs, all); err != nil {
+				return err
+			}
 			out[i] = nd
 		}
 		return nil
@@ -267,6 +283,89 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	}
 	// 4. Activate: deferred above.
 	return out, nil
+}
+
+// Grants returns the agents allowed to map disk name; all is true if any
+// agent may.
+func (c *Controller) Grants(ctx context.Context, name string) (agents []string, all bool, err error) {
+	err = c.store.View(ctx, func(tx meta.Tx) error {
+		d, err := tx.Disk(name)
+		if err != nil {
+			return err
+		}
+		agents, all, err = tx.Grants(d.ID)
+		return err
+	})
+	return agents, all, wrapNotFound(err)
+}
+
+// Grant lets agents map disk name; with all, any agent may.
+func (c *Controller) Grant(ctx context.Context, name string, agents []string, all bool) error {
+	if err := c.lock(); err != nil {
+		return err
+	}
+	defer c.mu.Unlock()
+	return wrapNotFound(c.store.Update(ctx, func(tx meta.Tx) error {
+		d, err := tx.Disk(name)
+		if err != nil {
+			return err
+		}
+		if all {
+			return tx.SetGrants(d.ID, nil, true)
+		}
+		gs, was, err := tx.Grants(d.ID)
+		if err != nil || was {
+			return err // any agent may already
+		}
+		for _, a := range agents {
+			if !slices.Contains(gs, a) {
+				gs = append(gs, a)
+			}
+		}
+		return tx.SetGrants(d.ID, gs, false)
+	}))
+}
+
+// Revoke takes disk name away from agents: an agent that maps it forgets
+// it first (waiting for its I/O), and cannot map it again. Revoking from a
+// disk any agent may map leaves it to every agent attached now but those.
+func (c *Controller) Revoke(ctx context.Context, name string, agents []string) error {
+	if err := c.lock(); err != nil {
+		return err
+	}
+	defer c.mu.Unlock()
+	d, err := c.Disk(ctx, name)
+	if err != nil {
+		return err
+	}
+	for _, st := range c.mappers(d.ID, "") {
+		if !slices.Contains(agents, st.name) {
+			continue
+		}
+		if err := st.a.DeleteTable(ctx, mapping.DiskID(d.ID)); err != nil {
+			return fmt.Errorf("revoke %q from %q: %w", name, st.name, err)
+		}
+		c.agents.Lock()
+		delete(st.disks, d.ID)
+		c.agents.Unlock()
+	}
+	return c.store.Update(ctx, func(tx meta.Tx) error {
+		gs, all, err := tx.Grants(d.ID)
+		if err != nil {
+			return err
+		}
+		if all {
+			gs = nil
+			for _, a := range c.Agents() {
+				gs = append(gs, a.Name)
+			}
+		}
+		gs = slices.DeleteFunc(gs, func(a string) bool { return slices.Contains(agents, a) })
+		if gs == nil {
+			gs = []string{}
+		}
+		return tx.SetGrants(d.ID, gs, false)
+	})
 }
 
 // DeleteDisk deletes a disk. Agents that map it forget it first (waiting

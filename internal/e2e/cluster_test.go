@@ -24,14 +24,22 @@ func freeAddr(t *testing.T) string {
 type cluster struct {
 	t        *testing.T
 	dir      string
+	certs    string // TLS certificates; "" for a plaintext cluster
 	ctlAddr  string
 	ctl      *up
 	agents   map[string]*up
 	nbdAddrs map[string]string
 }
 
+func (c *cluster) tlsArgs() []string {
+	if c.certs == "" {
+		return []string{"--insecure"}
+	}
+	return []string{"--certs", c.certs}
+}
+
 func (c *cluster) startController() {
-	c.ctl = start(c.t, c.dir, "controller", "--listen", c.ctlAddr, "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s")
+	c.ctl = start(c.t, c.dir, append([]string{"controller", "--listen", c.ctlAddr, "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s"}, c.tlsArgs()...)...)
 }
 
 func (c *cluster) startAgent(name string) *up {
@@ -40,7 +48,7 @@ func (c *cluster) startAgent(name string) *up {
 		addr = freeAddr(c.t)
 		c.nbdAddrs[name] = addr
 	}
-	a := start(c.t, c.dir, "agent", "--controller", c.ctlAddr, "--name", name, "--nbd-listen", addr)
+	a := start(c.t, c.dir, append([]string{"agent", "--controller", c.ctlAddr, "--name", name, "--nbd-listen", addr}, c.tlsArgs()...)...)
 	c.agents[name] = a
 	return a
 }
@@ -50,15 +58,29 @@ func (c *cluster) uri(agent, disk string) string { return "nbd://" + c.nbdAddrs[
 // cli runs an admin command against the controller.
 func (c *cluster) cli(args ...string) string {
 	c.t.Helper()
-	out, errOut, code := runBin(c.t, append([]string{"--controller", c.ctlAddr}, args...)...)
+	var tls []string
+	if c.certs != "" {
+		tls = []string{"--certs", c.certs}
+	}
+	out, errOut, code := runBin(c.t, append(append([]string{"--controller", c.ctlAddr}, tls...), args...)...)
 	if code != 0 {
 		c.t.Fatalf("segmap %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
 	}
 	return out
 }
 
+// newCluster starts a controller with mutual TLS (certificates from
+// 'segmap certs init'), two container files, and the named agents.
 func newCluster(t *testing.T, agents ...string) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), ctlAddr: freeAddr(t), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
+	c.certs = filepath.Join(c.dir, "certs")
+	args := []string{"certs", "init", c.certs}
+	for _, a := range agents {
+		args = append(args, "--agent", a)
+	}
+	if _, errOut, code := runBin(t, args...); code != 0 {
+		t.Fatalf("certs init: %s", errOut)
+	}
 	c.startController()
 	for i := 1; i <= 2; i++ {
 		c.cli("container", "add", filepath.Join(c.dir, fmt.Sprintf("store%d.ctr", i)), "--size", "2G", "--slot-size", "1M")

@@ -17,6 +17,7 @@
 //	c/<container id>         -> Container record
 //	r/<container id>/<page>  -> reference counts of PageSlots slots
 //	s/<sequence name>        -> last id handed out
+//	g/<disk id>              -> the agents allowed to map the disk (absent: any)
 //
 // A table page that does not exist holds only Zero entries, so a disk of any
 // size is created by writing one record, and a reference page that does not
@@ -178,6 +179,13 @@ type Tx interface {
 	// ForEachRef calls fn for every slot of container cid with a non-zero
 	// count, in slot order.
 	ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error
+
+	// Grants returns the agents allowed to map disk id; all is true
+	// when any agent may (no list was ever set).
+	Grants(id DiskID) (agents []string, all bool, err error)
+	// SetGrants sets the agents allowed to map disk id; all opens it to
+	// every agent (and agents is ignored).
+	SetGrants(id DiskID, agents []string, all bool) error
 
 	// NextSeq increments the named counter and returns its new value
 	// (the first is 1). The controller's epoch is one.

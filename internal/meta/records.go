@@ -273,6 +273,39 @@ func decodeRefs(key, v []byte) (*refs, error) {
 	return p, nil
 }
 
+const grantsVersion = 1
+
+// maxGrants bounds the agents a grant list may hold.
+const maxGrants = 4096
+
+func encodeGrants(agents []string) []byte {
+	e := &enc{}
+	e.u8(grantsVersion)
+	e.u32(uint32(len(agents)))
+	for _, a := range agents {
+		e.str(a)
+	}
+	return e.seal()
+}
+
+func decodeGrants(key, v []byte) ([]string, error) {
+	r := open(key, v, grantsVersion)
+	n := r.u32()
+	if r.err == nil && n > maxGrants {
+		return nil, corrupt(key, "%d grants", n)
+	}
+	out := make([]string, 0, min(n, 64))
+	for i := uint32(0); i < n && r.err == nil; i++ {
+		out = append(out, r.str())
+	}
+	if err := r.done(key); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func grantsKey(id DiskID) []byte { return binary.BigEndian.AppendUint64([]byte("g/"), uint64(id)) }
+
 func encodeU64(v uint64) []byte {
 	e := &enc{}
 	e.u8(1)

@@ -142,6 +142,34 @@ func (t *tx) Disks() ([]Disk, error) {
 	return out, err
 }
 
+func (t *tx) Grants(id DiskID) ([]string, bool, error) {
+	k := grantsKey(id)
+	v, err := t.kv.Get(k)
+	if err != nil || v == nil {
+		return nil, v == nil && err == nil, err
+	}
+	gs, err := decodeGrants(k, v)
+	return gs, false, err
+}
+
+func (t *tx) SetGrants(id DiskID, agents []string, all bool) error {
+	if !t.writable {
+		return ErrReadOnly
+	}
+	if all {
+		return t.del(grantsKey(id))
+	}
+	if len(agents) > maxGrants {
+		return fmt.Errorf("%d agents: %w", len(agents), ErrInvalid)
+	}
+	for _, a := range agents {
+		if a == "" || len(a) > maxName {
+			return fmt.Errorf("agent name %q: %w", a, ErrInvalid)
+		}
+	}
+	return t.put(grantsKey(id), encodeGrants(agents))
+}
+
 func (t *tx) NextSeq(name string) (uint64, error) {
 	if !t.writable {
 		return 0, ErrReadOnly
@@ -221,6 +249,9 @@ func (t *tx) DeleteDisk(id DiskID) error {
 		return err
 	}
 	if err := t.dropTable(id); err != nil {
+		return err
+	}
+	if err := t.del(grantsKey(id)); err != nil {
 		return err
 	}
 	if err := t.del(nameKey(d.Name)); err != nil {

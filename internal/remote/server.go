@@ -108,6 +108,9 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 	if hello == nil || hello.GetName() == "" {
 		return statusErr(fmt.Errorf("attach: the first message must be a Hello with a name: %w", mapping.ErrBadRequest))
 	}
+	if err := checkAgent(ctx, hello.GetName()); err != nil {
+		return err
+	}
 	ra := &remoteAgent{s: s, name: hello.GetName(), send: make(chan *pb.ControllerMessage, 64), done: make(chan struct{})}
 	ra.mu.waiting = map[uint64]chan *pb.CommandResult{}
 	ra.mu.faults = map[uint64]*faultAnswer{}
@@ -341,6 +344,9 @@ var _ mapping.Agent = (*remoteAgent)(nil)
 
 // Open implements pb.MappingServer.
 func (s *Server) Open(ctx context.Context, r *pb.OpenRequest) (*pb.MappedDisk, error) {
+	if err := checkAgent(ctx, r.GetAgent()); err != nil {
+		return nil, err
+	}
 	d, err := s.cfg.Ctrl.Open(ctx, r.GetAgent(), r.GetDisk())
 	if err != nil {
 		return nil, statusErr(err)
@@ -350,6 +356,9 @@ func (s *Server) Open(ctx context.Context, r *pb.OpenRequest) (*pb.MappedDisk, e
 
 // CloseDisk implements pb.MappingServer.
 func (s *Server) CloseDisk(ctx context.Context, r *pb.CloseDiskRequest) (*pb.CloseDiskResponse, error) {
+	if err := checkAgent(ctx, r.GetAgent()); err != nil {
+		return nil, err
+	}
 	return &pb.CloseDiskResponse{}, statusErr(s.cfg.Ctrl.CloseDisk(ctx, r.GetAgent(), mapping.DiskID(r.GetDisk())))
 }
 
@@ -368,6 +377,9 @@ func (s *Server) Containers(ctx context.Context, _ *pb.ContainersRequest) (*pb.C
 
 // Exports implements pb.MappingServer.
 func (s *Server) Exports(ctx context.Context, r *pb.ExportsRequest) (*pb.ExportsResponse, error) {
+	if err := checkAgent(ctx, r.GetAgent()); err != nil {
+		return nil, err
+	}
 	ds, err := s.cfg.Ctrl.Exports(ctx, r.GetAgent())
 	if err != nil {
 		return nil, statusErr(err)
@@ -383,6 +395,9 @@ func (s *Server) Exports(ctx context.Context, r *pb.ExportsRequest) (*pb.Exports
 // comes from an agent attached to an earlier controller: it must
 // re-attach. A fault whose request id was seen is answered as it was.
 func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply, error) {
+	if err := checkAgent(ctx, r.GetAgent()); err != nil {
+		return nil, err
+	}
 	if r.GetEpoch() != s.cfg.Epoch {
 		return nil, statusErr(fmt.Errorf("fault stamped with epoch %d, controller is at %d: %w", r.GetEpoch(), s.cfg.Epoch, mapping.ErrFenced))
 	}

@@ -1,0 +1,76 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"segmap/internal/tlsconf"
+)
+
+// tlsFlags are the TLS flags of the cluster commands: certificates from a
+// directory made by 'segmap certs init', or plaintext only when asked for.
+type tlsFlags struct {
+	certs      string // directory with ca.crt and ROLE-NAME.crt/.key
+	name       string // this component's certificate name
+	insecure   bool
+	serverName string // the controller's certificate name (clients)
+}
+
+func (f *tlsFlags) add(cmd *cobra.Command, defName string, client bool) {
+	fl := cmd.Flags()
+	if client {
+		fl = cmd.PersistentFlags()
+	}
+	fl.StringVar(&f.certs, "certs", "", "directory of TLS certificates made by 'segmap certs init' (ca.crt, ROLE-NAME.crt, ROLE-NAME.key)")
+	fl.BoolVar(&f.insecure, "insecure", false, "talk plaintext, without TLS (only on a trusted network)")
+	if defName != "" {
+		fl.StringVar(&f.name, "cert-name", defName, "name of this component's certificate in --certs")
+	}
+	if client {
+		fl.StringVar(&f.serverName, "controller-name", "controller", "the controller's certificate name")
+	}
+}
+
+func (f *tlsFlags) material(role, name string) (*tlsconf.Material, error) {
+	m, err := tlsconf.DirFiles(f.certs, role, name).Load()
+	if err != nil {
+		return nil, fmt.Errorf("TLS: %w", err)
+	}
+	return m, nil
+}
+
+// server returns the credentials of a controller that accepts the given
+// client roles. One of --certs or --insecure is required.
+func (f *tlsFlags) server(role string, clientRoles ...string) (credentials.TransportCredentials, error) {
+	if f.certs == "" {
+		if !f.insecure {
+			return nil, usageError{fmt.Errorf("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
+		}
+		return insecure.NewCredentials(), nil
+	}
+	m, err := f.material(role, f.name)
+	if err != nil {
+		return nil, err
+	}
+	return credentials.NewTLS(m.Server(clientRoles...)), nil
+}
+
+// client returns the credentials for connecting to the controller as role
+// name. required: --certs or --insecure must be given (agents); otherwise
+// no --certs means plaintext (the CLI against 'segmap up').
+func (f *tlsFlags) client(role, name string, required bool) (credentials.TransportCredentials, error) {
+	if f.certs == "" {
+		if required && !f.insecure {
+			return nil, usageError{fmt.Errorf("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
+		}
+		return insecure.NewCredentials(), nil
+	}
+	m, err := f.material(role, name)
+	if err != nil {
+		return nil, err
+	}
+	return credentials.NewTLS(m.Client(f.serverName, tlsconf.RoleController)), nil
+}
