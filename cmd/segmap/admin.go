@@ -438,9 +438,10 @@ func newContainer(g *globals) *cobra.Command {
 		},
 	}
 	var slotS, sizeS string
+	var format bool
 	add := &cobra.Command{
-		Use:   "add PATH|URI [--size SIZE --slot-size SIZE]",
-		Short: "add a storage container (with --size: create a new container file there first)",
+		Use:   "add PATH|URI [--size SIZE --slot-size SIZE] | add nbd://HOST:PORT/EXPORT [--format --slot-size SIZE]",
+		Short: "add a storage container (--size: create a new container file first; --format: write a container header onto an NBD export first)",
 		Args:  exactArgs(1, "one path or URI"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req := &pb.AddContainerRequest{Uri: args[0]}
@@ -451,7 +452,16 @@ func newContainer(g *globals) *cobra.Command {
 				}
 				req.Uri = "file://" + p
 			}
-			if sizeS != "" {
+			if format {
+				if !strings.HasPrefix(req.Uri, "nbd://") {
+					return usageError{fmt.Errorf("--format is for nbd:// exports; a file is created with --size")}
+				}
+				slot, err := parseSize("slot-size", slotS)
+				if err != nil {
+					return err
+				}
+				req.SlotSize = slot
+			} else if sizeS != "" {
 				total, err := parseSize("size", sizeS)
 				if err != nil {
 					return err
@@ -479,6 +489,7 @@ func newContainer(g *globals) *cobra.Command {
 		},
 	}
 	add.Flags().StringVar(&sizeS, "size", "", "create a new container file of this size")
+	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the NBD export (its contents are lost)")
 	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
 	ctr.AddCommand(list, add)
 	return ctr

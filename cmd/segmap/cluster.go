@@ -67,10 +67,6 @@ func newController() *cobra.Command {
 			pb.RegisterAdminServer(gs, admin.New(admin.Config{
 				Ctrl: ctrl, Version: version,
 				CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-					path, err := local.FilePath(uri)
-					if err != nil {
-						return err
-					}
 					cs, err := ctrl.ListContainers(ctx)
 					if err != nil {
 						return err
@@ -79,7 +75,7 @@ func newController() *cobra.Command {
 					for _, c := range cs {
 						id = max(id, c.ID+1)
 					}
-					return local.CreateContainerFile(path, id, slotSize, slots)
+					return local.CreateContainer(ctx, uri, id, slotSize, slots)
 				},
 			}))
 			ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})

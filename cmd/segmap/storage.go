@@ -73,6 +73,9 @@ An existing file is never replaced.`,
 			if err := storage.CheckName(args[0]); err != nil {
 				return usageError{err}
 			}
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return err
+			}
 			if err := storage.Create(dir, args[0], n); err != nil {
 				return err
 			}

@@ -113,15 +113,11 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
 		CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-			path, err := local.FilePath(uri)
-			if err != nil {
-				return err
-			}
 			id, err := c.NextContainerID(ctx)
 			if err != nil {
 				return err
 			}
-			return local.CreateContainerFile(path, id, slotSize, slots)
+			return local.CreateContainer(ctx, uri, id, slotSize, slots)
 		},
 	}))
 	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c.Ctrl, c.Agents[0]), Errno: local.Errno, Logger: logger})

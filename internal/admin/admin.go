@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -298,8 +299,9 @@ func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*
 		if s.cfg.CreateContainer == nil {
 			return nil, status.Error(codes.FailedPrecondition, "this controller does not create container files; create it where the agents can reach it and add it without --slots")
 		}
-		if r.Slots == 0 || r.SlotSize == 0 {
-			return nil, status.Error(codes.InvalidArgument, "add container: a new container needs both a slot size and a slot count")
+		nbdURI := strings.HasPrefix(r.Uri, "nbd://")
+		if r.SlotSize == 0 || r.Slots == 0 && !nbdURI {
+			return nil, status.Error(codes.InvalidArgument, "add container: a new container file needs both a slot size and a slot count (an NBD export, a slot size)")
 		}
 		if err := s.cfg.CreateContainer(ctx, r.Uri, r.SlotSize, r.Slots); err != nil {
 			return nil, grpcErr(err)

@@ -70,7 +70,8 @@ func (c *cluster) cli(args ...string) string {
 }
 
 // newCluster starts a controller with mutual TLS (certificates from
-// 'segmap certs init'), two container files, and the named agents.
+// 'segmap certs init'), two storage nodes whose exports are its
+// containers, and the named agents.
 func newCluster(t *testing.T, agents ...string) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), ctlAddr: freeAddr(t), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
 	c.certs = filepath.Join(c.dir, "certs")
@@ -82,8 +83,16 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 		t.Fatalf("certs init: %s", errOut)
 	}
 	c.startController()
+	// Two storage nodes, each serving one export, formatted as a
+	// container through NBD by the controller.
 	for i := 1; i <= 2; i++ {
-		c.cli("container", "add", filepath.Join(c.dir, fmt.Sprintf("store%d.ctr", i)), "--size", "2G", "--slot-size", "1M")
+		dir := filepath.Join(c.dir, fmt.Sprintf("store%d", i))
+		if _, errOut, code := runBin(t, "storage", "create", "--dir", dir, "s", "--size", "2G"); code != 0 {
+			t.Fatalf("storage create: %s", errOut)
+		}
+		addr := freeAddr(t)
+		start(t, dir, "storage", "--listen", addr, "--dir", dir)
+		c.cli("container", "add", "nbd://"+addr+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {
 		c.startAgent(a)

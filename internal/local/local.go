@@ -202,6 +202,26 @@ func (c *Cluster) AddContainer(ctx context.Context, id uint32, slotSize, slots u
 	return err
 }
 
+// CreateContainer makes a new container at uri with the given id: a sparse
+// file of slots slots (file:// or a path), or, for nbd://, the header
+// written onto the export (its size gives the slots; slots is ignored).
+func CreateContainer(ctx context.Context, uri string, id uint32, slotSize, slots uint64) error {
+	if strings.HasPrefix(uri, "nbd://") {
+		dctx, cancel := context.WithTimeout(ctx, NBDDialTimeout)
+		defer cancel()
+		c, err := container.FormatNBD(dctx, uri, id, int64(slotSize), nbd.ClientConfig{})
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}
+	path, err := FilePath(uri)
+	if err != nil {
+		return err
+	}
+	return CreateContainerFile(path, id, slotSize, slots)
+}
+
 // CreateContainerFile creates a sparse container file at path.
 func CreateContainerFile(path string, id uint32, slotSize, slots uint64) error {
 	f, err := container.Create(path, container.Header{ID: id, SlotSize: int64(slotSize), Slots: int64(slots)})
