@@ -5,6 +5,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -29,6 +30,7 @@ type cluster struct {
 	ctl      *up
 	agents   map[string]*up
 	nbdAddrs map[string]string
+	storage  []*up
 }
 
 func (c *cluster) tlsArgs() []string {
@@ -91,7 +93,7 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 			t.Fatalf("storage create: %s", errOut)
 		}
 		addr := freeAddr(t)
-		start(t, dir, "storage", "--listen", addr, "--dir", dir)
+		c.storage = append(c.storage, start(t, dir, "storage", "--listen", addr, "--dir", dir))
 		c.cli("container", "add", "nbd://"+addr+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {
@@ -193,5 +195,58 @@ func TestClusterKills(t *testing.T) {
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-a", "d"), "-c", "read -P 0x5a 0 32M")
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check after the controller kill:\n%s", out)
+	}
+}
+
+// TestClusterGroupSnapshotStuck: a group snapshot whose agent cannot drain
+// its I/O (the storage under it is frozen) fails within its time limit,
+// every agent is activated, and nothing stays suspended.
+func TestClusterGroupSnapshotStuck(t *testing.T) {
+	requireTools(t, "fio", "qemu-io")
+	c := newCluster(t, "host-a", "host-b")
+	c.cli("disk", "create", "g1", "--size", "64M")
+	c.cli("disk", "create", "g2", "--size", "64M")
+	// Map both disks on both agents.
+	for _, a := range []string{"host-a", "host-b"} {
+		for _, d := range []string{"g1", "g2"} {
+			run(t, time.Minute, "qemu-io", "-f", "raw", c.uri(a, d), "-c", "write -P 1 0 1M")
+		}
+	}
+	w := background(t, "fio", "--ioengine=nbd", "--uri="+c.uri("host-a", "g1"), "--name=w", "--rw=randwrite",
+		"--bs=4k", "--iodepth=4", "--size=64M", "--time_based", "--runtime=8")
+	time.Sleep(time.Second)
+	for _, s := range c.storage {
+		s.cmd.Process.Signal(syscall.SIGSTOP)
+	}
+	time.Sleep(300 * time.Millisecond) // writes are now stuck in flight
+	t0 := time.Now()
+	_, errOut, code := runBin(t, "--controller", c.ctlAddr, "--certs", c.certs, "snapshot", "--group", "g1", "g2", "--name", "x", "--quiesce-timeout", "2s")
+	took := time.Since(t0)
+	for _, s := range c.storage {
+		s.cmd.Process.Signal(syscall.SIGCONT)
+	}
+	t.Logf("group snapshot with a stuck agent: exit %d after %v: %s", code, took, errOut)
+	if code == 0 || !strings.Contains(errOut, "quiesce") {
+		t.Fatalf("group snapshot with a stuck agent: exit %d, %q; want a quiesce failure", code, errOut)
+	}
+	if took > 20*time.Second {
+		t.Errorf("the group snapshot failed only after %v (limit 2s)", took)
+	}
+	if out, err := w(); err != nil || !strings.Contains(out, "err= 0") {
+		t.Errorf("fio across the failed snapshot: %v\n%s", err, out)
+	}
+	// Nothing is suspended: both disks take I/O through both agents.
+	for _, a := range []string{"host-a", "host-b"} {
+		for _, d := range []string{"g1", "g2"} {
+			run(t, time.Minute, "qemu-io", "-f", "raw", c.uri(a, d), "-c", "write -P 2 1M 4k", "-c", "read -P 2 1M 4k")
+		}
+	}
+	if _, _, code := runBin(t, "--controller", c.ctlAddr, "--certs", c.certs, "disk", "info", "g1@x"); code == 0 {
+		t.Errorf("the failed group snapshot left g1@x behind")
+	}
+	// And a group snapshot now succeeds.
+	c.cli("snapshot", "--group", "g1", "g2", "--name", "y")
+	if out := c.cli("check"); !strings.Contains(out, "clean") {
+		t.Errorf("check:\n%s", out)
 	}
 }

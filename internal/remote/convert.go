@@ -24,6 +24,7 @@ package remote
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -123,8 +124,24 @@ func errOf(c pb.Code, msg string) error {
 	default:
 		base = mapping.ErrIO
 	}
-	return fmt.Errorf("%s: %w", msg, base)
+	return &remoteError{msg: msg, base: base}
 }
+
+// remoteError is an error that crossed the wire: the other side's message,
+// which already names its cause, and the sentinel that cause maps to.
+type remoteError struct {
+	msg  string
+	base error
+}
+
+func (e *remoteError) Error() string {
+	if strings.Contains(e.msg, e.base.Error()) {
+		return e.msg
+	}
+	return e.msg + ": " + e.base.Error()
+}
+
+func (e *remoteError) Unwrap() error { return e.base }
 
 // statusErr wraps an error as a gRPC status whose details carry its code.
 func statusErr(err error) error {
