@@ -256,15 +256,31 @@ func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandR
 	if !gone {
 		timer := time.NewTimer(s.cfg.CommandTimeout)
 		defer timer.Stop()
+		// The lease is checked while waiting: an agent that stops
+		// renewing has fenced itself by the time its lease ends.
+		tick := time.NewTicker(max(s.cfg.Lease/10, time.Millisecond))
+		defer tick.Stop()
 		select {
 		case ra.send <- &pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Command{Command: c}}:
-			select {
-			case r := <-ch:
-				return r, errOf(r.GetStatus().GetCode(), r.GetStatus().GetMessage())
-			case <-ra.done:
-			case <-timer.C:
-			case <-ctx.Done():
-				return nil, ctx.Err()
+		wait:
+			for {
+				select {
+				case r := <-ch:
+					return r, errOf(r.GetStatus().GetCode(), r.GetStatus().GetMessage())
+				case <-ra.done:
+					break wait
+				case <-tick.C:
+					if ra.leaseOver() {
+						break wait
+					}
+				case <-timer.C:
+					// The agent renews its lease but does not answer:
+					// it is alive, and may still be doing I/O under the
+					// old entries. That is a failure, not a fence.
+					return nil, fmt.Errorf("agent %q did not answer in %v: %w", ra.name, s.cfg.CommandTimeout, mapping.ErrUnavailable)
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				}
 			}
 		case <-ra.done:
 		case <-ctx.Done():
@@ -287,6 +303,13 @@ func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandR
 	}
 	ra.end() // it must re-attach, with everything forgotten
 	return nil, nil
+}
+
+// leaseOver reports whether the agent's lease has run out.
+func (ra *remoteAgent) leaseOver() bool {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	return !ra.s.cfg.Now().Before(ra.mu.leaseEnd)
 }
 
 func (ra *remoteAgent) NewTable(ctx context.Context, d mapping.Disk) error {
