@@ -38,10 +38,14 @@ func newController() *cobra.Command {
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			creds, err := tf.server(tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)
+			// The controller's certificate serves the admin API and the
+			// agents, and reaches storage nodes to open and format nbd://
+			// containers.
+			m, err := tf.identity(tlsconf.RoleController, tf.name, true)
 			if err != nil {
 				return err
 			}
+			creds := serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			if err := os.MkdirAll(data, 0o700); err != nil {
@@ -57,7 +61,7 @@ func newController() *cobra.Command {
 				return err
 			}
 			defer st.Close()
-			ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.OpenContainer, Logger: logger})
+			ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.ContainerOpener(m), Logger: logger})
 			defer ctrl.Close()
 			epoch, err := ctrl.NewEpoch(ctx)
 			if err != nil {
@@ -75,7 +79,7 @@ func newController() *cobra.Command {
 					for _, c := range cs {
 						id = max(id, c.ID+1)
 					}
-					return local.CreateContainer(ctx, uri, id, slotSize, slots)
+					return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
 				},
 			}))
 			ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
@@ -120,10 +124,13 @@ func newAgent() *cobra.Command {
 				return usageError{fmt.Errorf("--name is required (the host's name, unique among agents)")}
 			}
 			logger := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("agent", name)
-			creds, err := tf.client(tlsconf.RoleAgent, name, true)
+			// The agent's certificate reaches the controller and the
+			// storage nodes of nbd:// containers.
+			m, err := tf.identity(tlsconf.RoleAgent, name, true)
 			if err != nil {
 				return err
 			}
+			creds := tf.clientCreds(m)
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			l, err := listen(nbdListen)
@@ -137,7 +144,7 @@ func newAgent() *cobra.Command {
 			}
 			defer conn.Close()
 			client := remote.NewClient(conn, logger)
-			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.OpenContainer})
+			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.ContainerOpener(m)})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})

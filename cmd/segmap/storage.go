@@ -16,6 +16,7 @@ import (
 	"segmap/internal/nbd"
 	"segmap/internal/size"
 	"segmap/internal/storage"
+	"segmap/internal/tlsconf"
 )
 
 // newStorage is `segmap storage`: a storage node serving the files of a
@@ -23,8 +24,9 @@ import (
 func newStorage() *cobra.Command {
 	var dir, addr, prefix string
 	var drain time.Duration
+	tf := &tlsFlags{}
 	cmd := &cobra.Command{
-		Use:   "storage --listen ADDR --dir DIR [--export-prefix P]",
+		Use:   "storage --listen ADDR --dir DIR --certs DIR [--cert-name NAME] [--export-prefix P]",
 		Short: "run a storage node: serve every regular file in DIR as an NBD export",
 		Long: `storage serves every regular file in DIR as a read-write NBD export named
 after the file (with --export-prefix in front). An export is the file's raw
@@ -34,6 +36,14 @@ would a qemu-nbd or nbdkit export. Files starting with '.', directories and
 symbolic links are not served. Files added while the node runs are served
 at once; 'segmap storage create' makes one.
 
+With --certs (a directory made by 'segmap certs init --storage NAME'), the
+node requires TLS: a client must upgrade with NBD_OPT_STARTTLS before any
+other option and present an agent or controller certificate of the
+cluster CA; the node presents its certificate storage-NAME (--cert-name).
+Agents and controllers started with --certs reach every nbd:// container
+this way, naming the URI's host, which the node's certificate must carry.
+--insecure serves plaintext; so does giving neither, with a warning.
+
 TRIM and WRITE_ZEROES punch holes (fallocate), FLUSH and FUA are fdatasync.
 SIGINT or SIGTERM stop the node cleanly: requests in flight are answered
 first.`,
@@ -42,7 +52,15 @@ first.`,
 			if dir == "" {
 				return usageError{errors.New("--dir is required")}
 			}
-			return runStorage(cmd, dir, addr, prefix, drain)
+			// Not required yet: plaintext without either flag, warned.
+			m, err := tf.identity(tlsconf.RoleStorage, tf.name, false)
+			if err != nil {
+				return err
+			}
+			if m == nil && !tf.insecure {
+				fmt.Fprintln(cmd.ErrOrStderr(), "storage: serving plaintext NBD (pass --certs DIR)")
+			}
+			return runStorage(cmd, dir, addr, prefix, drain, m)
 		},
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports (required)")
@@ -50,6 +68,7 @@ first.`,
 	fl.StringVar(&addr, "listen", "127.0.0.1:10809", "address to serve NBD on (host:port)")
 	fl.StringVar(&prefix, "export-prefix", "", "prefix of every export name")
 	fl.DurationVar(&drain, "drain-timeout", 30*time.Second, "how long a stop waits for requests in flight")
+	tf.add(cmd, tlsconf.RoleStorage, false)
 
 	var sz string
 	create := &cobra.Command{
@@ -88,7 +107,9 @@ An existing file is never replaced.`,
 	return cmd
 }
 
-func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duration) error {
+// runStorage serves dir; with m, over TLS that clients must start and that
+// admits agents and controllers.
+func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duration, m *tlsconf.Material) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	backend, err := storage.NewDir(dir, prefix)
 	if err != nil {
@@ -103,7 +124,12 @@ func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duratio
 		return fmt.Errorf("NBD listener: %w", err)
 	}
 	defer l.Close()
-	srv := nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger})
+	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger}
+	if m != nil {
+		cfg.TLS = m.Server(tlsconf.RoleAgent, tlsconf.RoleController)
+		cfg.TLSRequired = true
+	}
+	srv := nbd.NewServer(cfg)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 
@@ -114,7 +140,11 @@ func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duratio
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "segmap %s storage node\n", version)
 	fmt.Fprintf(w, "  dir:  %s (%d exports)\n", dir, len(exports))
-	fmt.Fprintf(w, "  NBD:  %s   try: nbdinfo --list nbd://%s\n", l.Addr(), l.Addr())
+	if m != nil {
+		fmt.Fprintf(w, "  NBD:  %s, TLS required (certificate %s-%s; clients: agents, controllers)\n", l.Addr(), m.Role(), m.Name())
+	} else {
+		fmt.Fprintf(w, "  NBD:  %s, plaintext   try: nbdinfo --list nbd://%s\n", l.Addr(), l.Addr())
+	}
 	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
 
 	var serveErr error

@@ -42,35 +42,44 @@ func (f *tlsFlags) material(role, name string) (*tlsconf.Material, error) {
 	return m, nil
 }
 
-// server returns the credentials of a controller that accepts the given
-// client roles. One of --certs or --insecure is required.
-func (f *tlsFlags) server(role string, clientRoles ...string) (credentials.TransportCredentials, error) {
+// identity returns this component's TLS identity, role/name from --certs,
+// or nil for plaintext: with --insecure, or, unless required, with
+// neither flag.
+func (f *tlsFlags) identity(role, name string, required bool) (*tlsconf.Material, error) {
 	if f.certs == "" {
-		if !f.insecure {
+		if required && !f.insecure {
 			return nil, usageError{fmt.Errorf("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
 		}
-		return insecure.NewCredentials(), nil
+		return nil, nil
 	}
-	m, err := f.material(role, f.name)
-	if err != nil {
-		return nil, err
+	return f.material(role, name)
+}
+
+// serverCreds returns the gRPC credentials of a server holding m (nil:
+// plaintext) that accepts the given client roles.
+func serverCreds(m *tlsconf.Material, clientRoles ...string) credentials.TransportCredentials {
+	if m == nil {
+		return insecure.NewCredentials()
 	}
-	return credentials.NewTLS(m.Server(clientRoles...)), nil
+	return credentials.NewTLS(m.Server(clientRoles...))
 }
 
 // client returns the credentials for connecting to the controller as role
 // name. required: --certs or --insecure must be given (agents); otherwise
 // no --certs means plaintext (the CLI against 'segmap up').
 func (f *tlsFlags) client(role, name string, required bool) (credentials.TransportCredentials, error) {
-	if f.certs == "" {
-		if required && !f.insecure {
-			return nil, usageError{fmt.Errorf("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
-		}
-		return insecure.NewCredentials(), nil
-	}
-	m, err := f.material(role, name)
+	m, err := f.identity(role, name, required)
 	if err != nil {
 		return nil, err
 	}
-	return credentials.NewTLS(m.Client(f.serverName, tlsconf.RoleController)), nil
+	return f.clientCreds(m), nil
+}
+
+// clientCreds returns the gRPC credentials for connecting to the
+// controller holding m (nil: plaintext).
+func (f *tlsFlags) clientCreds(m *tlsconf.Material) credentials.TransportCredentials {
+	if m == nil {
+		return insecure.NewCredentials()
+	}
+	return credentials.NewTLS(m.Client(f.serverName, tlsconf.RoleController))
 }

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -27,6 +28,7 @@ import (
 	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/tlsconf"
 )
 
 // Options configures Open.
@@ -81,20 +83,60 @@ const NBDDialTimeout = 30 * time.Second
 // storage` node, qemu-nbd, nbdkit), over plaintext. A non-zero info.ID
 // (with info.SlotSize) must match the container's header.
 func OpenContainer(info mapping.Container) (container.Container, error) {
+	return openContainer(info, nil)
+}
+
+// ContainerOpener returns how a component holding m opens containers: as
+// OpenContainer, but nbd:// containers are reached over mutual TLS with
+// m's certificate, and the server must present a storage certificate of
+// the same CA valid for the URI's host (one from 'segmap certs init
+// --storage NAME' is valid for NAME and the --host names, by default
+// localhost and 127.0.0.1). There is no fallback to plaintext. A nil m is
+// plaintext: OpenContainer.
+func ContainerOpener(m *tlsconf.Material) func(mapping.Container) (container.Container, error) {
+	if m == nil {
+		return OpenContainer
+	}
+	return func(info mapping.Container) (container.Container, error) { return openContainer(info, m) }
+}
+
+func openContainer(info mapping.Container, m *tlsconf.Material) (container.Container, error) {
 	var want *container.Header
 	if info.ID != 0 {
 		want = &container.Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
 	}
 	if strings.HasPrefix(info.URI, "nbd://") {
+		cfg, err := nbdClientConfig(info.URI, m)
+		if err != nil {
+			return nil, err
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
 		defer cancel()
-		return container.OpenNBD(ctx, info.URI, want, nbd.ClientConfig{})
+		return container.OpenNBD(ctx, info.URI, want, cfg)
 	}
 	path, err := FilePath(info.URI)
 	if err != nil {
 		return nil, err
 	}
 	return container.Open(path, want)
+}
+
+// nbdClientConfig is how the holder of m (nil: plaintext) connects to the
+// storage node of an nbd:// URI: TLS with the URI's host, without its
+// port, as the name the node's certificate must carry.
+func nbdClientConfig(uri string, m *tlsconf.Material) (nbd.ClientConfig, error) {
+	if m == nil {
+		return nbd.ClientConfig{}, nil
+	}
+	addr, _, err := nbd.ParseURI(uri)
+	if err != nil {
+		return nbd.ClientConfig{}, err
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nbd.ClientConfig{}, fmt.Errorf("nbd URI %q: %w", uri, err)
+	}
+	return nbd.ClientConfig{TLS: m.Client(host, tlsconf.RoleStorage)}, nil
 }
 
 // FilePath returns the path of a file:// URI (or of a plain path).
@@ -204,12 +246,24 @@ func (c *Cluster) AddContainer(ctx context.Context, id uint32, slotSize, slots u
 
 // CreateContainer makes a new container at uri with the given id: a sparse
 // file of slots slots (file:// or a path), or, for nbd://, the header
-// written onto the export (its size gives the slots; slots is ignored).
+// written onto the export over plaintext (its size gives the slots; slots
+// is ignored).
 func CreateContainer(ctx context.Context, uri string, id uint32, slotSize, slots uint64) error {
+	return CreateContainerTLS(ctx, nil, uri, id, slotSize, slots)
+}
+
+// CreateContainerTLS is CreateContainer by the holder of m: an nbd://
+// export is formatted over mutual TLS, as ContainerOpener reaches it. A
+// nil m is plaintext.
+func CreateContainerTLS(ctx context.Context, m *tlsconf.Material, uri string, id uint32, slotSize, slots uint64) error {
 	if strings.HasPrefix(uri, "nbd://") {
+		cfg, err := nbdClientConfig(uri, m)
+		if err != nil {
+			return err
+		}
 		dctx, cancel := context.WithTimeout(ctx, NBDDialTimeout)
 		defer cancel()
-		c, err := container.FormatNBD(dctx, uri, id, int64(slotSize), nbd.ClientConfig{})
+		c, err := container.FormatNBD(dctx, uri, id, int64(slotSize), cfg)
 		if err != nil {
 			return err
 		}

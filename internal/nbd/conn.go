@@ -49,6 +49,12 @@ var aLongTimeAgo = time.Unix(1, 0)
 // and then reads requests; workers answer them.
 type conn struct {
 	srv *Server
+	// raw is the socket: deadlines are set and the connection is broken
+	// through it, from any goroutine. nc is what the protocol is spoken
+	// over: raw, or the TLS connection over it once NBD_OPT_STARTTLS
+	// succeeded. Only the connection's goroutine changes nc and rd, in the
+	// handshake, before any worker starts.
+	raw net.Conn
 	nc  net.Conn
 	rd  *bufio.Reader
 	log *slog.Logger
@@ -83,7 +89,7 @@ type session struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	c := &conn{srv: s, nc: nc}
+	c := &conn{srv: s, raw: nc, nc: nc}
 	c.ctx, c.cancel = context.WithCancel(s.ctx)
 	c.rd = bufio.NewReaderSize(nc, readBufferSize)
 	c.log = s.log.With("remote", remoteAddr(nc))
@@ -123,8 +129,9 @@ func (c *conn) serve() {
 	c.logEnd("transmission", err)
 }
 
-// logEnd logs why a connection ended: protocol violations at Warn, the
-// ordinary ends (client hung up or disconnected, server stopping) at Debug.
+// logEnd logs why a connection ended: protocol violations and clients
+// refused by the TLS policy at Warn, the ordinary ends (client hung up or
+// disconnected, server stopping) at Debug.
 func (c *conn) logEnd(phase string, err error) {
 	switch {
 	case errors.Is(err, errProtocol):
@@ -133,6 +140,9 @@ func (c *conn) logEnd(phase string, err error) {
 		c.log.Error("nbd: dropping client", "phase", phase, "err", err)
 	case errors.Is(err, os.ErrDeadlineExceeded) && phase == "handshake" && !c.stopping.Load():
 		c.log.Info("nbd: handshake timed out", "err", err)
+	case (errors.Is(err, errTLSHandshake) || errors.Is(err, errTLSRequired)) && !c.srv.isClosed():
+		// Not when the server's stop broke the handshake.
+		c.log.Warn("nbd: dropping client", "phase", phase, "err", err)
 	default:
 		c.log.Debug("nbd: connection closed", "phase", phase, "err", err)
 	}
@@ -156,7 +166,7 @@ func (c *conn) startHandshake() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.stopping.Load() {
-		c.nc.SetDeadline(time.Now().Add(c.srv.handshakeTimeout))
+		c.raw.SetDeadline(time.Now().Add(c.srv.handshakeTimeout))
 	}
 }
 
@@ -167,7 +177,7 @@ func (c *conn) enterTransmission() {
 	defer c.mu.Unlock()
 	c.mu.state = stateTransmission
 	if !c.stopping.Load() {
-		c.nc.SetDeadline(time.Time{})
+		c.raw.SetDeadline(time.Time{})
 	}
 }
 
@@ -177,7 +187,7 @@ func (c *conn) stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.stopping.Store(true)
-	c.nc.SetReadDeadline(aLongTimeAgo)
+	c.raw.SetReadDeadline(aLongTimeAgo)
 }
 
 func (c *conn) setState(s connState) {

@@ -1,6 +1,7 @@
 // Package nbd serves block devices (Exports found by a Backend) over the
 // Network Block Device protocol, as specified in the NBD project's
-// doc/proto.md. It speaks the fixed newstyle handshake only, without TLS.
+// doc/proto.md. It speaks the fixed newstyle handshake only, with TLS
+// (NBD_OPT_STARTTLS) when configured.
 //
 // # Connection states
 //
@@ -11,6 +12,8 @@
 //	              ▼
 //	  ┌────── handshake ───────┐  greeting, then option haggling:
 //	  │  INFO, LIST, STRUCTURED_REPLY, unknown options: answered, stay
+//	  │  STARTTLS (Config.TLS): ACK, TLS handshake, haggling starts
+//	  │    afresh over TLS, stay
 //	  │  GO (known export) / EXPORT_NAME (known export)
 //	  │           ▼
 //	  │     transmission        reader hands requests to workers
@@ -25,7 +28,21 @@
 // The handshake ends in closed on ABORT, on EXPORT_NAME of an unknown
 // export (it cannot answer an error), on a bad option magic, unknown
 // client flags or absurd option data, when HandshakeTimeout passes, and
-// when Shutdown or Close begins.
+// when Shutdown or Close begins; with TLS, also when the TLS handshake
+// fails, and, under Config.TLSRequired, on EXPORT_NAME before TLS and for
+// a client without fixed newstyle.
+//
+// # TLS
+//
+// The server runs in one of the spec's modes for all its connections:
+// NOTLS without Config.TLS (STARTTLS is answered NBD_REP_ERR_POLICY);
+// FORCEDTLS with Config.TLSRequired (before STARTTLS, every option but
+// STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD, so that no export
+// is named, listed or opened in plaintext); and otherwise SELECTIVETLS
+// with every export available either way. A second STARTTLS is
+// NBD_REP_ERR_INVALID. Who may connect is Config.TLS's business (client
+// certificates, VerifyConnection); this package does not look at
+// identities.
 //
 // # Replies
 //

@@ -2,16 +2,32 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+)
+
+// Reasons the TLS policy ends a connection; logged, never returned to
+// callers. (They belong with the others in errors.go.)
+var (
+	// errTLSRequired: the server requires TLS and the client went for an
+	// export without it (NBD_OPT_EXPORT_NAME, which cannot be answered an
+	// error) or cannot negotiate it (no fixed newstyle).
+	errTLSRequired = errors.New("client did not negotiate the TLS the server requires")
+	// errTLSHandshake: the TLS handshake after NBD_OPT_STARTTLS failed,
+	// e.g. the client's certificate was refused. The ACK is sent by then,
+	// so the connection cannot go on in plaintext.
+	errTLSHandshake = errors.New("TLS handshake failed")
 )
 
 // handshaker runs the fixed newstyle negotiation of one connection.
 type handshaker struct {
 	c          *conn
 	w          *bufio.Writer
+	fixed      bool   // the client set NBD_FLAG_C_FIXED_NEWSTYLE
 	noZeroes   bool   // the client set NBD_FLAG_C_NO_ZEROES
+	tls        bool   // NBD_OPT_STARTTLS succeeded: c.nc is a *tls.Conn
 	structured bool   // NBD_OPT_STRUCTURED_REPLY was acknowledged
 	buf        []byte // option data, reused
 }
@@ -39,8 +55,13 @@ func (c *conn) handshake() (*session, error) {
 		return nil, fmt.Errorf("%w: unknown client flags %#x", errProtocol, flags)
 	}
 	// A client without NBD_FLAG_C_FIXED_NEWSTYLE is served the same way
-	// (the spec allows it); all it can do is NBD_OPT_EXPORT_NAME.
+	// (the spec allows it); all it can do is NBD_OPT_EXPORT_NAME, and it
+	// may not start TLS.
+	h.fixed = flags&cflagFixedNewstyle != 0
 	h.noZeroes = flags&cflagNoZeroes != 0
+	if c.srv.tlsRequired && !h.fixed {
+		return nil, fmt.Errorf("%w: the client did not set NBD_FLAG_C_FIXED_NEWSTYLE", errTLSRequired)
+	}
 
 	for {
 		s, err := h.option()
@@ -83,6 +104,9 @@ func (h *handshaker) option() (*session, error) {
 		if opt == optExportName {
 			return nil, fmt.Errorf("%w: export name of %d bytes", errProtocol, n)
 		}
+		if h.needTLS(opt) {
+			return nil, h.replyTLSRequired(opt)
+		}
 		return nil, h.replyErr(opt, repErrTooBig, "option data too large")
 	}
 	if cap(h.buf) < int(n) {
@@ -98,6 +122,12 @@ func (h *handshaker) option() (*session, error) {
 			return nil, ErrServerClosed // it cannot be answered an error
 		}
 		return nil, h.replyErr(opt, repErrShutdown, "server shutting down")
+	}
+	if h.needTLS(opt) {
+		if opt == optExportName {
+			return nil, fmt.Errorf("%w: NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS", errTLSRequired)
+		}
+		return nil, h.replyTLSRequired(opt)
 	}
 
 	switch opt {
@@ -119,14 +149,69 @@ func (h *handshaker) option() (*session, error) {
 		h.structured = true
 		return nil, h.reply(opt, repAck)
 	case optStartTLS:
-		if len(data) != 0 {
-			return nil, h.replyErr(opt, repErrInvalid, "unexpected option data")
-		}
-		return nil, h.replyErr(opt, repErrPolicy, "TLS is not available")
+		return nil, h.startTLS(data)
 	default:
 		// EXTENDED_HEADERS, LIST/SET_META_CONTEXT and anything unknown.
 		return nil, h.replyErr(opt, repErrUnsup, "unsupported option")
 	}
+}
+
+// needTLS reports whether opt must be refused because the server requires
+// TLS and the client has not started it (FORCEDTLS: only STARTTLS and
+// ABORT are answered before TLS).
+func (h *handshaker) needTLS(opt option) bool {
+	return h.c.srv.tlsRequired && !h.tls && opt != optStartTLS && opt != optAbort
+}
+
+// replyTLSRequired refuses an option sent before TLS to a server that
+// requires it.
+func (h *handshaker) replyTLSRequired(opt option) error {
+	return h.replyErr(opt, repErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
+}
+
+// startTLS answers NBD_OPT_STARTTLS. On success the ACK goes out in
+// plaintext, the TLS handshake follows (bounded by the handshake deadline,
+// which is on the socket), and haggling starts afresh over TLS: what was
+// negotiated before (structured replies) is forgotten, as the spec
+// requires. A failed TLS handshake ends the connection.
+func (h *handshaker) startTLS(data []byte) error {
+	const opt = optStartTLS
+	switch {
+	case len(data) != 0:
+		return h.replyErr(opt, repErrInvalid, "unexpected option data")
+	case h.c.srv.tls == nil || !h.fixed:
+		// NOTLS, or a client that may not ask (no fixed newstyle).
+		return h.replyErr(opt, repErrPolicy, "TLS is not available")
+	case h.tls:
+		return h.replyErr(opt, repErrInvalid, "TLS is already on")
+	}
+	if err := h.reply(opt, repAck); err != nil {
+		return err
+	}
+	if err := h.w.Flush(); err != nil {
+		return err
+	}
+	// The client must wait for the ACK before its ClientHello; anything
+	// it sent before is neither an option nor TLS.
+	if n := h.c.rd.Buffered(); n > 0 {
+		return fmt.Errorf("%w: %d bytes after NBD_OPT_STARTTLS, before the ACK", errProtocol, n)
+	}
+	tc := tls.Server(h.c.raw, h.c.srv.tls)
+	if err := tc.HandshakeContext(h.c.ctx); err != nil {
+		return fmt.Errorf("%w: %w", errTLSHandshake, err)
+	}
+	h.c.nc = tc
+	h.c.rd.Reset(tc)
+	h.w.Reset(tc)
+	h.tls = true
+	h.structured = false
+	cs := tc.ConnectionState()
+	peer := ""
+	if len(cs.PeerCertificates) > 0 {
+		peer = cs.PeerCertificates[0].Subject.CommonName
+	}
+	h.c.log.Debug("nbd: TLS on", "version", tls.VersionName(cs.Version), "peer", peer)
+	return nil
 }
 
 // exportName answers NBD_OPT_EXPORT_NAME. It cannot return an error to the

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -71,9 +72,23 @@ type Config struct {
 	MaxInFlight int
 	// Logger receives connection events; default slog.Default().
 	Logger *slog.Logger
-	// HandshakeTimeout bounds the handshake: a client that has not entered
-	// the transmission phase in time is dropped. Default 10s.
+	// HandshakeTimeout bounds the handshake, the TLS handshake included: a
+	// client that has not entered the transmission phase in time is
+	// dropped. Default 10s.
 	HandshakeTimeout time.Duration
+	// TLS, if set, lets a client upgrade its connection with
+	// NBD_OPT_STARTTLS; it configures the server side of the TLS
+	// handshake (certificates, client authentication). Option haggling
+	// then starts afresh over TLS. Nil: STARTTLS is refused with
+	// NBD_REP_ERR_POLICY (the spec's NOTLS mode). NewServer keeps a
+	// clone.
+	TLS *tls.Config
+	// TLSRequired makes TLS mandatory (the spec's FORCEDTLS mode): until
+	// STARTTLS succeeds every option but STARTTLS and ABORT is answered
+	// NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME, which cannot be
+	// answered an error, ends the connection, as does a client without
+	// fixed newstyle (it cannot ask for TLS). It needs TLS.
+	TLSRequired bool
 }
 
 // Default values of Config fields.
@@ -91,6 +106,8 @@ type Server struct {
 	maxInFlight      int
 	log              *slog.Logger
 	handshakeTimeout time.Duration
+	tls              *tls.Config // nil: no STARTTLS
+	tlsRequired      bool
 
 	// ctx is the parent of every connection's context; Close cancels it.
 	ctx    context.Context
@@ -110,10 +127,14 @@ type Server struct {
 	}
 }
 
-// NewServer returns a server for cfg. It panics if cfg.Backend is nil.
+// NewServer returns a server for cfg. It panics if cfg.Backend is nil, and
+// if cfg.TLSRequired is set without cfg.TLS.
 func NewServer(cfg Config) *Server {
 	if cfg.Backend == nil {
 		panic("nbd: Config.Backend is nil")
+	}
+	if cfg.TLSRequired && cfg.TLS == nil {
+		panic("nbd: Config.TLSRequired without Config.TLS")
 	}
 	s := &Server{
 		backend:          cfg.Backend,
@@ -121,7 +142,11 @@ func NewServer(cfg Config) *Server {
 		maxInFlight:      cfg.MaxInFlight,
 		log:              cfg.Logger,
 		handshakeTimeout: cfg.HandshakeTimeout,
+		tlsRequired:      cfg.TLSRequired,
 		closing:          make(chan struct{}),
+	}
+	if cfg.TLS != nil {
+		s.tls = cfg.TLS.Clone()
 	}
 	if s.maxInFlight <= 0 {
 		s.maxInFlight = DefaultMaxInFlight
@@ -224,7 +249,7 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	err := s.closeLocked()
 	for c := range s.mu.conns {
-		c.nc.Close()
+		c.raw.Close()
 	}
 	s.mu.Unlock()
 	s.cancel()

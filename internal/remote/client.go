@@ -116,6 +116,9 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 
 	// The stream outlives this call (it is the session), but until the
 	// controller has welcomed us, ctx bounds it.
+	// The lease runs from before anything was sent: never later than the
+	// controller's idea of it.
+	sent := time.Now()
 	sctx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
 	stream, err := c.c.Attach(sctx)
@@ -131,7 +134,6 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 		cancel()
 		return fromStatus(err)
 	}
-	sent := time.Now()
 	first, err := recvCtx(ctx, stream)
 	if err != nil {
 		cancel()
@@ -279,7 +281,8 @@ func run(ctx context.Context, a mapping.Agent, cmd *pb.Command) *pb.CommandResul
 func (c *Client) renew(s *session, send func(*pb.AgentMessage) error) {
 	every := s.lease / 3
 	margin := s.lease / 6
-	tick := time.NewTicker(every / 2)
+	// Check often enough that the session ends well inside the margin.
+	tick := time.NewTicker(max(s.lease/24, time.Millisecond))
 	defer tick.Stop()
 	var seq uint64
 	last := time.Time{}

@@ -22,6 +22,7 @@
 package remote
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -82,15 +83,17 @@ func codeOf(err error) pb.Code {
 		return pb.Code_CODE_NOT_FOUND
 	case errors.Is(err, mapping.ErrStale):
 		return pb.Code_CODE_STALE
-	case errors.Is(err, mapping.ErrFenced):
+	case errors.Is(err, mapping.ErrFenced), errors.Is(err, controller.ErrUnknownAgent):
 		return pb.Code_CODE_FENCED
-	case errors.Is(err, mapping.ErrBadRequest), errors.Is(err, controller.ErrBadRequest):
+	case errors.Is(err, mapping.ErrBadRequest), errors.Is(err, table.ErrRange), errors.Is(err, table.ErrVoided),
+		errors.Is(err, table.ErrBadState):
 		return pb.Code_CODE_BAD_REQUEST
 	case errors.Is(err, agent.ErrNoTable):
 		return pb.Code_CODE_NO_TABLE
 	case errors.Is(err, agent.ErrQuiesceTimeout):
 		return pb.Code_CODE_QUIESCE_TIMEOUT
-	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, controller.ErrClosed):
+	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, controller.ErrClosed),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return pb.Code_CODE_UNAVAILABLE
 	}
 	return pb.Code_CODE_IO

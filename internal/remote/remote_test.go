@@ -131,7 +131,9 @@ func newStack(t testing.TB, o stackOptions) *stack {
 		o.lease = 600 * time.Millisecond
 	}
 	if o.commandTimeout == 0 {
-		o.commandTimeout = 300 * time.Millisecond
+		// Longer than the lease: a command to an agent that stops
+		// renewing ends with its lease, not with this.
+		o.commandTimeout = 10 * time.Second
 	}
 	if o.containers == 0 {
 		o.containers = 2
@@ -679,8 +681,23 @@ func TestTwoAgentsOneDisk(t *testing.T) {
 		t.Errorf("write to the snapshot: %v, want ErrReadOnly", err)
 	}
 
+	// Once the snapshot is gone, the segments it shared are the disk's
+	// alone: a write clears NoWrite without copying.
+	if err := s.ctrl.DeleteDisk(ctx, "d@1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.ReadAt(ctx, make([]byte, 1), 0); err == nil {
+		t.Error("an agent read a deleted snapshot")
+	}
+	before := s.usedSlots(ctx)
+	write(t, ctx, da, m, 2*segSize+1, randBytes(11, 10))
+	if got := s.usedSlots(ctx); got != before {
+		t.Errorf("a write to an exclusive NoWrite segment used %d slots, want none", got-before)
+	}
+	expect(t, ctx, "b after the snapshot was deleted", db, m, 0, segs*segSize)
+
 	counts := s.ctrl.FaultCounts()
-	for _, p := range []table.Plan{table.Load, table.Allocate, table.CopyForward, table.MoveForward} {
+	for _, p := range []table.Plan{table.Load, table.Allocate, table.CopyForward, table.MoveForward, table.ClearNoWrite} {
 		if counts[p] == 0 {
 			t.Errorf("no fault resolved by %v: %v", p, counts)
 		}
@@ -1054,6 +1071,7 @@ func TestFaultRefusesBadRequests(t *testing.T) {
 			continue
 		}
 		if tc.want == pb.Code_CODE_IO {
+			t.Logf("%s: %v", tc.name, err)
 			if code(err) < 0 {
 				t.Errorf("%s: %v carries no protocol code", tc.name, err)
 			}
@@ -1108,9 +1126,11 @@ func TestAgentRefusesBadCommands(t *testing.T) {
 		{"set_entry_state past the end", &pb.Command{Cmd: &pb.Command_SetEntryState{SetEntryState: &pb.SetEntryState{Disk: 7, First: 3, Count: 2, State: uint32(table.NoWrite), On: true}}}},
 		{"set_entry_state clearing Invalid", ses(uint32(table.Invalid), false)},
 	} {
-		if r := s.do(tc.cmd); r.GetStatus().GetCode() == pb.Code_CODE_OK {
+		r := s.do(tc.cmd)
+		if r.GetStatus().GetCode() == pb.Code_CODE_OK {
 			t.Errorf("%s: accepted", tc.name)
 		}
+		t.Logf("%s: %v", tc.name, r.GetStatus())
 	}
 	// Nothing was changed, and the session still works.
 	r := s.do(getEntries(7, 0, 4))
@@ -1135,7 +1155,7 @@ func TestLeaseLapse(t *testing.T) {
 	checkGoroutines(t)
 	ctx := testContext(t, time.Minute)
 	const lease = 600 * time.Millisecond
-	s := newStack(t, stackOptions{lease: lease, commandTimeout: 200 * time.Millisecond})
+	s := newStack(t, stackOptions{lease: lease})
 	p := newProxy(t, s.addr)
 	a := s.startAgent("a", p.addr())
 	b := s.startAgent("b", s.addr)
@@ -1176,6 +1196,9 @@ func TestLeaseLapse(t *testing.T) {
 	}
 	agentLeaseEnd := a.client.LeaseEnd()
 	t.Logf("session ended %v before the agent's lease end", agentLeaseEnd.Sub(fenced))
+	if !fenced.Before(agentLeaseEnd) {
+		t.Errorf("the agent's session ended %v after its lease did", fenced.Sub(agentLeaseEnd))
+	}
 	// RunAgent fences the agent once the session has ended: from then on
 	// (and at the latest when its lease ends) reads wait instead of being
 	// served from the entries it held.
@@ -1328,10 +1351,12 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 	checkGoroutines(t)
 	ctx := testContext(t, time.Minute)
 	const firstID = 1 << 62
-	started := make(chan context.Context, 4)
-	finished := make(chan error, 4)
+	// The interceptor reports the next fault call once watch is set.
+	var watch atomic.Bool
+	started := make(chan context.Context, 1)
+	finished := make(chan error, 1)
 	s := newStack(t, stackOptions{unary: func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		if r, ok := req.(*pb.FaultRequest); !ok || r.GetRequestId() < firstID {
+		if r, ok := req.(*pb.FaultRequest); !ok || r.GetRequestId() < firstID || !watch.CompareAndSwap(true, false) {
 			return h(ctx, req)
 		}
 		started <- ctx
@@ -1370,6 +1395,7 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 		// The first attempt times out (and the network loses the client's
 		// cancellation).
 		called := make(chan error, 1)
+		watch.Store(true)
 		go func() {
 			cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 			defer cancel()
@@ -1419,7 +1445,7 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 func TestReattachIsRegisteredBeforeWelcome(t *testing.T) {
 	checkGoroutines(t)
 	ctx := testContext(t, time.Minute)
-	s := newStack(t, stackOptions{lease: 600 * time.Millisecond, commandTimeout: 200 * time.Millisecond})
+	s := newStack(t, stackOptions{lease: 600 * time.Millisecond})
 	p := newProxy(t, s.addr)
 	a := s.startAgent("a", p.addr())
 	b := s.startAgent("b", s.addr)

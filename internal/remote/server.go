@@ -116,13 +116,21 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 	ra.mu.faults = map[uint64]*faultAnswer{}
 	ra.mu.leaseEnd = s.cfg.Now().Add(s.cfg.Lease)
 
-	// A new attach under the same name replaces the old one, whose
-	// agent has restarted or reconnected with every entry forgotten.
+	// The controller registers the agent first: from the Welcome on, the
+	// agent's faults and the controller's commands must concern this
+	// attach, not the one it replaces (whose agent has restarted or
+	// reconnected with every entry forgotten). Commands sent meanwhile
+	// wait in ra.send until the sender starts, after the Welcome.
+	open := make([]mapping.DiskID, len(hello.GetOpenDisks()))
+	for i, id := range hello.GetOpenDisks() {
+		open[i] = mapping.DiskID(id)
+	}
+	// The previous attach ends now (its faults are refused from here
+	// on), and this one is served only once the controller knows it.
 	s.mu.Lock()
 	if old := s.agents[ra.name]; old != nil {
 		old.end()
 	}
-	s.agents[ra.name] = ra
 	s.mu.Unlock()
 	defer func() {
 		ra.end()
@@ -132,16 +140,17 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 		}
 		s.mu.Unlock()
 	}()
-
-	if err := stream.Send(&pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Welcome{Welcome: &pb.Welcome{LeaseMs: s.cfg.Lease.Milliseconds()}}}); err != nil {
-		return err
-	}
-	open := make([]mapping.DiskID, len(hello.GetOpenDisks()))
-	for i, id := range hello.GetOpenDisks() {
-		open[i] = mapping.DiskID(id)
-	}
 	if err := s.cfg.Ctrl.Attach(ctx, ra.name, ra, open); err != nil {
 		return statusErr(err)
+	}
+	s.mu.Lock()
+	if old := s.agents[ra.name]; old != nil && old != ra {
+		old.end()
+	}
+	s.agents[ra.name] = ra
+	s.mu.Unlock()
+	if err := stream.Send(&pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Welcome{Welcome: &pb.Welcome{LeaseMs: s.cfg.Lease.Milliseconds()}}}); err != nil {
+		return err
 	}
 	s.cfg.Logger.Info("agent attached", "agent", ra.name, "open", len(open))
 
@@ -305,6 +314,13 @@ func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandR
 	return nil, nil
 }
 
+// ended reports whether the agent's stream has ended.
+func (ra *remoteAgent) ended() bool {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	return ra.mu.gone
+}
+
 // leaseOver reports whether the agent's lease has run out.
 func (ra *remoteAgent) leaseOver() bool {
 	ra.mu.Lock()
@@ -427,8 +443,8 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	s.mu.Lock()
 	ra := s.agents[r.GetAgent()]
 	s.mu.Unlock()
-	if ra == nil {
-		return nil, statusErr(fmt.Errorf("fault from %q, which is not attached: %w", r.GetAgent(), mapping.ErrFenced))
+	if ra == nil || ra.ended() || ra.leaseOver() {
+		return nil, statusErr(fmt.Errorf("fault from %q, which has no live session: %w", r.GetAgent(), mapping.ErrFenced))
 	}
 	if r.GetOp() == 0 || r.GetOp() > uint32(mapping.FaultCommit) || r.GetReason() > 0xff {
 		return nil, statusErr(fmt.Errorf("fault op %d reason %d: %w", r.GetOp(), r.GetReason(), mapping.ErrBadRequest))
@@ -454,7 +470,11 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 			out.Stage = &pb.Entry{Container: rep.Stage.Loc.Container, Slot: rep.Stage.Loc.Slot}
 		}
 	}
-	if id != 0 && !errors.Is(err, context.Canceled) {
+	// Remember answers, not failures to answer: a retry after a timeout
+	// or an outage must be tried again.
+	transient := ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+	if id != 0 && !transient {
 		ra.mu.Lock()
 		ra.mu.faults[id] = &faultAnswer{reply: out, err: err}
 		ra.mu.faultOrder = append(ra.mu.faultOrder, id)
