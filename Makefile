@@ -40,7 +40,7 @@ model:
 # direct file I/O (go test -bench).
 bench:
 	./bench/nbd.sh
-	$(GO) test -run XXX -bench . -benchtime $${BENCHTIME:-2s} -count $${COUNT:-3} ./internal/agent ./internal/container ./internal/nbd
+	$(GO) test -run XXX -bench . -benchtime $${BENCHTIME:-2s} -count $${COUNT:-3} ./internal/agent ./internal/container ./internal/nbd ./internal/remote
 
 run: build
 	./bin/segmap up
