@@ -42,7 +42,7 @@ other option and present an agent or controller certificate of the
 cluster CA; the node presents its certificate storage-NAME (--cert-name).
 Agents and controllers started with --certs reach every nbd:// container
 this way, naming the URI's host, which the node's certificate must carry.
---insecure serves plaintext; so does giving neither, with a warning.
+Plaintext only with an explicit --insecure.
 
 TRIM and WRITE_ZEROES punch holes (fallocate), FLUSH and FUA are fdatasync.
 SIGINT or SIGTERM stop the node cleanly: requests in flight are answered
@@ -52,13 +52,9 @@ first.`,
 			if dir == "" {
 				return usageError{errors.New("--dir is required")}
 			}
-			// Not required yet: plaintext without either flag, warned.
-			m, err := tf.identity(tlsconf.RoleStorage, tf.name, false)
+			m, err := tf.identity(tlsconf.RoleStorage, tf.name, true)
 			if err != nil {
 				return err
-			}
-			if m == nil && !tf.insecure {
-				fmt.Fprintln(cmd.ErrOrStderr(), "storage: serving plaintext NBD (pass --certs DIR)")
 			}
 			return runStorage(cmd, dir, addr, prefix, drain, m)
 		},

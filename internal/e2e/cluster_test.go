@@ -73,11 +73,11 @@ func (c *cluster) cli(args ...string) string {
 
 // newCluster starts a controller with mutual TLS (certificates from
 // 'segmap certs init'), two storage nodes whose exports are its
-// containers, and the named agents.
+// containers, serving NBD over TLS only, and the named agents.
 func newCluster(t *testing.T, agents ...string) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), ctlAddr: freeAddr(t), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
 	c.certs = filepath.Join(c.dir, "certs")
-	args := []string{"certs", "init", c.certs}
+	args := []string{"certs", "init", c.certs, "--storage", "s1,s2"}
 	for _, a := range agents {
 		args = append(args, "--agent", a)
 	}
@@ -93,7 +93,8 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 			t.Fatalf("storage create: %s", errOut)
 		}
 		addr := freeAddr(t)
-		c.storage = append(c.storage, start(t, dir, "storage", "--listen", addr, "--dir", dir))
+		c.storage = append(c.storage, start(t, dir, "storage", "--listen", addr, "--dir", dir,
+			"--certs", c.certs, "--cert-name", fmt.Sprintf("s%d", i)))
 		c.cli("container", "add", "nbd://"+addr+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {
