@@ -114,6 +114,7 @@ func newController() *cobra.Command {
 // newAgent is `segmap agent`: a mapping agent serving NBD to hosts.
 func newAgent() *cobra.Command {
 	var ctrlAddr, name, nbdListen string
+	var nbdTLS bool
 	tf := &tlsFlags{serverName: "controller"}
 	cmd := &cobra.Command{
 		Use:   "agent --controller ADDR --name HOST --nbd-listen ADDR",
@@ -131,6 +132,9 @@ func newAgent() *cobra.Command {
 				return err
 			}
 			creds := tf.clientCreds(m)
+			if nbdTLS && m == nil {
+				return usageError{fmt.Errorf("--nbd-tls needs --certs")}
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			l, err := listen(nbdListen)
@@ -160,7 +164,13 @@ func newAgent() *cobra.Command {
 			case <-ctx.Done():
 			}
 
-			ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(client, a), Errno: local.Errno, Logger: logger})
+			ncfg := nbd.Config{Backend: local.NBDBackend(client, a), Errno: local.Errno, Logger: logger}
+			if nbdTLS {
+				// Hosts must upgrade with STARTTLS and present a
+				// certificate of the cluster CA.
+				ncfg.TLS, ncfg.TLSRequired = m.Server(), true
+			}
+			ns := nbd.NewServer(ncfg)
 			errc := make(chan error, 1)
 			go func() { errc <- ns.Serve(l) }()
 			w := cmd.OutOrStdout()
@@ -189,6 +199,7 @@ func newAgent() *cobra.Command {
 	cmd.Flags().StringVar(&ctrlAddr, "controller", "127.0.0.1:10810", "the controller's address")
 	cmd.Flags().StringVar(&name, "name", "", "this agent's (host's) name")
 	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
+	cmd.Flags().BoolVar(&nbdTLS, "nbd-tls", false, "require TLS (NBD STARTTLS) from hosts, with a certificate of the cluster CA")
 	tf.add(cmd, "", false)
 	cmd.Flags().StringVar(&tf.serverName, "controller-name", "controller", "the controller's certificate name")
 	return cmd

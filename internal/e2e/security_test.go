@@ -87,3 +87,33 @@ func TestClusterSecurity(t *testing.T) {
 	// The real host-b still serves.
 	run(t, 30*time.Second, "nbdinfo", c.uri("host-b", "b-only"))
 }
+
+// TestClusterNBDTLS: an agent started with --nbd-tls serves hosts only over
+// TLS with a certificate of the cluster CA.
+func TestClusterNBDTLS(t *testing.T) {
+	requireTools(t, "nbdinfo")
+	c := newCluster(t, "host-a")
+	c.cli("disk", "create", "sec", "--size", "16M")
+	if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", "host-t"); code != 0 {
+		t.Fatal(errOut)
+	}
+	addr := freeAddr(t)
+	start(t, c.dir, "agent", "--controller", c.ctlAddr, "--name", "host-t", "--nbd-listen", addr, "--certs", c.certs, "--nbd-tls")
+	if out, err := runErr(30*time.Second, "nbdinfo", "nbd://"+addr+"/sec"); err == nil {
+		t.Errorf("plaintext NBD to a --nbd-tls agent succeeded:\n%s", out)
+	}
+	// libnbd wants ca-cert.pem, client-cert.pem and client-key.pem.
+	dir := filepath.Join(t.TempDir(), "host-certs")
+	os.MkdirAll(dir, 0o700)
+	for from, to := range map[string]string{"ca.crt": "ca-cert.pem", "agent-host-a.crt": "client-cert.pem", "agent-host-a.key": "client-key.pem"} {
+		b, err := os.ReadFile(filepath.Join(c.certs, from))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, to), b, 0o600)
+	}
+	out := run(t, 30*time.Second, "nbdinfo", "nbds://"+addr+"/sec?tls-certificates="+dir)
+	if !strings.Contains(out, "16777216") || !strings.Contains(out, "TLS") {
+		t.Errorf("nbdinfo over TLS:\n%s", out)
+	}
+}
