@@ -1,14 +1,19 @@
 // Command segmap is the one segmap binary.
 //
 //	segmap up                       run controller, agent (NBD) and a file container pool in one process
-//	segmap disk create|list|info|resize|delete
+//	segmap controller               a controller alone (admin API and the agents' mapping protocol)
+//	segmap agent                    a mapping agent serving NBD on a host
+//	segmap storage                  a storage node serving files as NBD exports
+//	segmap certs init|issue         the cluster CA and certificates
+//	segmap disk create|list|info|resize|delete|grant|revoke
 //	segmap snapshot SRC [--name N] [--writable] | --group D1 D2 ...
 //	segmap container list|add
 //	segmap check [--repair]
 //	segmap status
 //
-// The admin commands talk to a running segmap over its gRPC admin API
-// (--controller, default 127.0.0.1:10810 or $SEGMAP_CONTROLLER).
+// The admin commands talk to a controller over its gRPC admin API
+// (--controller, default 127.0.0.1:10810 or $SEGMAP_CONTROLLER; --certs
+// DIR for a controller with TLS).
 package main
 
 import (
