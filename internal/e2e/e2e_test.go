@@ -265,8 +265,13 @@ func TestGroupSnapshotLockstep(t *testing.T) {
 	for _, d := range []string{"db1", "db2"} {
 		u.cli("disk", "create", d, "--size", "1M", "--segment-size", "64K")
 	}
-	wait := background(t, "/usr/bin/python3", "-c", lockstep, u.uri("db1"), u.uri("db2"), "3000", strconv.Itoa(blocks))
-	time.Sleep(700 * time.Millisecond)
+	wait, progress := backgroundOut(t, "/usr/bin/python3", "-c", lockstep, u.uri("db1"), u.uri("db2"), "3000", strconv.Itoa(blocks))
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(progress.String(), "started"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the lock-step writer did not start:\n%s", progress)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
 	u.cli("snapshot", "--group", "db1", "db2", "--name", "g1")
 	time.Sleep(300 * time.Millisecond)
 	u.cli("snapshot", "--group", "db1", "db2", "--name", "g2")

@@ -300,10 +300,17 @@ func python(t *testing.T, timeout time.Duration, script string, args ...string) 
 // background starts a command and returns a function that waits for it.
 func background(t *testing.T, name string, args ...string) func() (string, error) {
 	t.Helper()
+	wait, _ := backgroundOut(t, name, args...)
+	return wait
+}
+
+// backgroundOut is background that also gives the output so far.
+func backgroundOut(t *testing.T, name string, args ...string) (func() (string, error), *syncBuffer) {
+	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Dir = scratch
-	var b syncBuffer
-	cmd.Stdout, cmd.Stderr = &b, &b
+	b := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = b, b
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -317,7 +324,7 @@ func background(t *testing.T, name string, args ...string) func() (string, error
 	return func() (string, error) {
 		err := <-done
 		return b.String(), err
-	}
+	}, b
 }
 
 func sha(t *testing.T, path string) string {
