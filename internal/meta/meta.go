@@ -6,7 +6,7 @@
 // Every change the controller makes is one transaction (Store.Update), so a
 // crash leaves the store as it was before or after the change, never between.
 // The records are built on a small ordered key-value interface so that each
-// backend (bbolt now, etcd later) only has to provide atomic transactions
+// backend (bbolt for one controller, etcd for several) only has to provide atomic transactions
 // over keys; the record layout, checksums and the page caching live here once.
 //
 // # Layout

@@ -1,0 +1,535 @@
+package meta_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+
+	"segmap/internal/meta"
+	"segmap/internal/meta/metatest"
+	"segmap/internal/table"
+)
+
+// Limits of the test server: well above etcd's defaults (128 ops, 1.5 MiB),
+// as a controller's etcd must be (see meta.Etcd).
+const (
+	testMaxTxnOps       = 4096
+	testMaxRequestBytes = 32 << 20
+)
+
+// Encoded record sizes the Etcd doc comment states.
+const (
+	tablePageBytes = 1 + meta.PageEntries*9 + 4
+	refsPageBytes  = 1 + meta.PageSlots*4 + 4
+)
+
+// TestEtcd runs everything against one embedded etcd server, which takes
+// about a second to start; each store lives under a prefix of its own.
+func TestEtcd(t *testing.T) {
+	checkEtcdGoroutines(t)
+	endpoint := startEtcd(t)
+	cli := newClient(t, endpoint)
+	var n atomic.Int64
+	prefix := func() string { return fmt.Sprintf("/segmap-test/%d/", n.Add(1)) }
+
+	t.Run("Conformance", func(t *testing.T) {
+		metatest.Run(t, func(t *testing.T) meta.Store {
+			s := openEtcd(t, cli, prefix())
+			t.Cleanup(func() {
+				if err := s.Close(); err != nil {
+					t.Errorf("Close: %v", err)
+				}
+			})
+			return s
+		})
+	})
+
+	t.Run("Persistence", func(t *testing.T) {
+		// The store "kept in dir" is the one under a prefix named after
+		// dir: reopening is a new Etcd over the same server and prefix.
+		metatest.RunPersistence(t, func(t *testing.T, dir string) meta.Store {
+			return openEtcd(t, cli, "/segmap-persist"+dir+"/")
+		})
+	})
+
+	t.Run("CloseLeavesClientOpen", func(t *testing.T) {
+		s := openEtcd(t, cli, prefix())
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cli.Get(t.Context(), "/any"); err != nil {
+			t.Errorf("client after the store's Close: %v", err)
+		}
+	})
+
+	t.Run("RecordSizes", func(t *testing.T) { testEtcdRecordSizes(t, cli, prefix()) })
+	t.Run("TwoStoresConflict", func(t *testing.T) {
+		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
+	})
+	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
+	t.Run("TooManyOps", func(t *testing.T) { testEtcdTooManyOps(t, cli, prefix()) })
+	t.Run("TooManyBytes", func(t *testing.T) { testEtcdTooManyBytes(t, cli, prefix()) })
+}
+
+// freeURL returns a loopback URL on a port that was free a moment ago:
+// embed does not report the port it bound for ":0" in every version.
+func freeURL(t *testing.T) url.URL {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return url.URL{Scheme: "http", Host: addr}
+}
+
+// startEtcd starts a one-member etcd in a temporary directory, stopped when
+// t ends, and returns its client URL.
+func startEtcd(t *testing.T) string {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "segmap-test"
+	cfg.Dir = t.TempDir()
+	cu, pu := freeURL(t), freeURL(t)
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	// Silent: even at level error, etcd logs its own orderly shutdown as
+	// failures. A failed start still shows, through StartEtcd and Err.
+	cfg.Logger, cfg.ZapLoggerBuilder = "zap", embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.MaxTxnOps, cfg.MaxRequestBytes = testMaxTxnOps, testMaxRequestBytes
+	// The tests reopen stores, never the server: they need no fsync.
+	cfg.UnsafeNoFsync = true
+
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(e.Close)
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		t.Fatalf("etcd: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("etcd not ready after 20s")
+	}
+	return cu.String()
+}
+
+// newClient returns a client of endpoint, closed when t ends, whose send
+// limit is above the server's request limit, so that the server's limit is
+// the one that refuses.
+func newClient(t *testing.T, endpoint string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:          []string{endpoint},
+		DialTimeout:        5 * time.Second,
+		MaxCallSendMsgSize: 2 * testMaxRequestBytes,
+		Logger:             zap.NewNop(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+func openEtcd(t *testing.T, cli *clientv3.Client, prefix string) *meta.Etcd {
+	t.Helper()
+	s, err := meta.OpenEtcd(t.Context(), cli, prefix)
+	if err != nil {
+		t.Fatalf("OpenEtcd: %v", err)
+	}
+	return s
+}
+
+// etcdGoroutines returns the stacks of goroutines running segmap, etcd or
+// gRPC code, other than the caller's.
+func etcdGoroutines() []string {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for i, g := range strings.Split(string(buf), "\n\n") {
+		if i > 0 && (strings.Contains(g, "segmap/internal/") || strings.Contains(g, "go.etcd.io/") || strings.Contains(g, "google.golang.org/grpc")) {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// checkEtcdGoroutines fails t if goroutines of the server, the clients or
+// the store outlive its cleanups. Call it first, so that its cleanup runs
+// last.
+func checkEtcdGoroutines(t *testing.T) {
+	t.Helper()
+	before := len(etcdGoroutines())
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			left := etcdGoroutines()
+			if len(left) <= before {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%d goroutines leaked (%d before):\n%s", len(left)-before, before, strings.Join(left, "\n\n"))
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+}
+
+var testCreated = time.Date(2025, 3, 14, 15, 9, 26, 0, time.UTC)
+
+func etcdTestDisk(name string) meta.Disk {
+	return meta.Disk{Name: name, Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Forward, Created: testCreated}
+}
+
+// testEtcdRecordSizes checks the page sizes that the limits in the Etcd doc
+// comment are computed from, as etcd stores them.
+func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
+	s := openEtcd(t, cli, prefix)
+	defer s.Close()
+	err := s.Update(t.Context(), func(tx meta.Tx) error {
+		d, err := tx.CreateDisk(etcdTestDisk("vol"))
+		if err != nil {
+			return err
+		}
+		c, err := tx.AddContainer(meta.Container{URI: "c", SlotSize: 1 << 20, Slots: 10})
+		if err != nil {
+			return err
+		}
+		l := table.Location{Container: c.ID, Slot: 1}
+		if err := tx.SetEntries(d.ID, 0, []table.Entry{table.At(l, false)}); err != nil {
+			return err
+		}
+		return tx.SetRefs(l, 1)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []struct {
+		sub  string
+		size int
+	}{{"t/", tablePageBytes}, {"r/", refsPageBytes}} {
+		resp, err := cli.Get(t.Context(), prefix+r.sub, clientv3.WithPrefix())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Kvs) != 1 {
+			t.Fatalf("%d keys under %q, want 1", len(resp.Kvs), r.sub)
+		}
+		if got := len(resp.Kvs[0].Value); got != r.size {
+			t.Errorf("page under %q is %d bytes, want %d", r.sub, got, r.size)
+		}
+	}
+}
+
+// testEtcdTwoStores runs conflicting Updates through two stores, each with
+// its own client, and checks that no increment is lost.
+func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
+	const rounds = 100
+	s1, s2 := openEtcd(t, cli1, prefix), openEtcd(t, cli2, prefix)
+	defer s1.Close()
+	defer s2.Close()
+	var c meta.Container
+	if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+		var err error
+		c, err = tx.AddContainer(meta.Container{URI: "c", SlotSize: 1 << 20, Slots: 10})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	shared := table.Location{Container: c.ID, Slot: 3}
+	var calls atomic.Int64
+	var wg sync.WaitGroup
+	for i, s := range []*meta.Etcd{s1, s2} {
+		wg.Go(func() {
+			for r := range rounds {
+				err := s.Update(t.Context(), func(tx meta.Tx) error {
+					calls.Add(1)
+					_, err := meta.AddRefs(tx, shared, 1)
+					return err
+				})
+				if err != nil {
+					t.Errorf("store %d round %d: %v", i+1, r, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d increments took %d runs of the transaction function", 2*rounds, calls.Load())
+	for i, s := range []*meta.Etcd{s1, s2} {
+		if err := s.View(t.Context(), func(tx meta.Tx) error {
+			n, err := tx.Refs(shared)
+			if err != nil {
+				return err
+			}
+			if n != 2*rounds {
+				t.Errorf("store %d: count %d, want %d", i+1, n, 2*rounds)
+			}
+			ct, err := tx.Container(c.ID)
+			if err == nil && ct.Used != 1 {
+				t.Errorf("store %d: Used %d, want 1", i+1, ct.Used)
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// testEtcdConflicts checks each kind of read a commit is conditional on:
+// between a transaction's read and its commit another store changes what
+// it read, and the transaction must run again and see the change.
+func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string) {
+	cases := []struct {
+		name string
+		// read is the first transaction's read; it returns what it saw.
+		read func(tx meta.Tx, ids []meta.DiskID) (string, error)
+		// change is the other store's transaction.
+		change func(tx meta.Tx, ids []meta.DiskID) error
+	}{
+		{
+			name: "KeyModified",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				d, err := tx.DiskByID(ids[0])
+				return fmt.Sprint(d.ReadOnly), err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error {
+				d, err := tx.DiskByID(ids[0])
+				if err != nil {
+					return err
+				}
+				d.ReadOnly = true
+				return tx.PutDisk(d)
+			},
+		},
+		{
+			name: "AbsentKeyCreated",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				_, err := tx.Disk("new")
+				if errors.Is(err, meta.ErrNotFound) {
+					return "absent", nil
+				}
+				return "present", err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error {
+				_, err := tx.CreateDisk(etcdTestDisk("new"))
+				return err
+			},
+		},
+		{
+			name: "KeyDeleted",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				_, err := tx.DiskByID(ids[1])
+				if errors.Is(err, meta.ErrNotFound) {
+					return "absent", nil
+				}
+				return "present", err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error { return tx.DeleteDisk(ids[1]) },
+		},
+		{
+			name: "ScanSeesCreate",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				ds, err := tx.Disks()
+				return fmt.Sprint(len(ds)), err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error {
+				_, err := tx.CreateDisk(etcdTestDisk("new"))
+				return err
+			},
+		},
+		{
+			// etcd's range compares see only keys that exist: this is the
+			// case the deletion markers are for.
+			name: "ScanSeesDelete",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				ds, err := tx.Disks()
+				return fmt.Sprint(len(ds)), err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error { return tx.DeleteDisk(ids[1]) },
+		},
+		{
+			name: "ScanSeesModify",
+			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+				var n int
+				err := tx.ForEachMapped(ids[0], func(uint64, table.Entry) error { n++; return nil })
+				return fmt.Sprint(n), err
+			},
+			change: func(tx meta.Tx, ids []meta.DiskID) error {
+				return tx.SetEntries(ids[0], 5, []table.Entry{table.At(table.Location{Container: 1, Slot: 9}, false)})
+			},
+		},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := prefix()
+			s1, s2 := openEtcd(t, cli, p), openEtcd(t, cli, p)
+			defer s1.Close()
+			defer s2.Close()
+			var ids []meta.DiskID
+			if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+				ids = ids[:0]
+				for _, name := range []string{"a", "b"} {
+					d, err := tx.CreateDisk(etcdTestDisk(name))
+					if err != nil {
+						return err
+					}
+					ids = append(ids, d.ID)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			var saw []string
+			err := s1.Update(t.Context(), func(tx meta.Tx) error {
+				v, err := c.read(tx, ids)
+				if err != nil {
+					return err
+				}
+				saw = append(saw, v)
+				if len(saw) == 1 {
+					if err := s2.Update(t.Context(), func(tx meta.Tx) error { return c.change(tx, ids) }); err != nil {
+						return fmt.Errorf("other store: %w", err)
+					}
+				}
+				// A write, so that the transaction commits.
+				_, err = tx.NextSeq("writes")
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(saw) != 2 || saw[0] == saw[1] {
+				t.Errorf("transaction saw %q, want two runs that differ", saw)
+			}
+			if err := s1.View(t.Context(), func(tx meta.Tx) error {
+				v, err := c.read(tx, ids)
+				if err == nil && len(saw) > 0 && v != saw[len(saw)-1] {
+					t.Errorf("after commit: read %q, the last run read %q", v, saw[len(saw)-1])
+				}
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// etcdKeys counts the keys under prefix, read with the client directly.
+func etcdKeys(t *testing.T, cli *clientv3.Client, prefix string) int64 {
+	t.Helper()
+	resp, err := cli.Get(t.Context(), prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
+}
+
+// testEtcdTooManyOps commits more writes than the server's --max-txn-ops.
+func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
+	s := openEtcd(t, cli, prefix)
+	defer s.Close()
+	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+		_, err := tx.CreateDisk(etcdTestDisk("vol"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	keys := etcdKeys(t, cli, prefix)
+	calls := 0
+	err := s.Update(t.Context(), func(tx meta.Tx) error {
+		calls++
+		if _, err := tx.NextSeq("counter"); err != nil {
+			return err
+		}
+		// SetGrants writes one small record without reading.
+		for id := range meta.DiskID(testMaxTxnOps) {
+			if err := tx.SetGrants(id+100, []string{"agent"}, false); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if !errors.Is(err, meta.ErrTxnTooLarge) {
+		t.Fatalf("Update of %d writes: %v, want ErrTxnTooLarge", testMaxTxnOps+1, err)
+	}
+	t.Logf("Update of %d writes: %v", testMaxTxnOps+1, err)
+	if calls != 1 {
+		t.Errorf("transaction function ran %d times, want 1 (a size error is not retried)", calls)
+	}
+	if got := etcdKeys(t, cli, prefix); got != keys {
+		t.Errorf("%d keys after the refused Update, %d before", got, keys)
+	}
+	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+		_, all, err := tx.Grants(100)
+		if err == nil && !all {
+			t.Error("grants of the refused Update were stored")
+		}
+		n, err := tx.NextSeq("counter")
+		if err == nil && n != 1 {
+			t.Errorf("counter after the refused Update: next is %d, want 1", n)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// testEtcdTooManyBytes commits fewer writes than --max-txn-ops but more
+// bytes than --max-request-bytes.
+func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
+	const pages = testMaxRequestBytes/tablePageBytes + 16
+	if pages >= testMaxTxnOps {
+		t.Fatalf("%d pages would exceed the op limit too", pages)
+	}
+	s := openEtcd(t, cli, prefix)
+	defer s.Close()
+	var d meta.Disk
+	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+		var err error
+		d, err = tx.CreateDisk(etcdTestDisk("vol"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	keys := etcdKeys(t, cli, prefix)
+	err := s.Update(t.Context(), func(tx meta.Tx) error {
+		// Scanning the (empty) table first lets the pages be read
+		// without a request each.
+		if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
+			return err
+		}
+		e := []table.Entry{table.At(table.Location{Container: 1, Slot: 1}, false)}
+		for pg := range uint64(pages) {
+			if err := tx.SetEntries(d.ID, pg*meta.PageEntries, e); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if !errors.Is(err, meta.ErrTxnTooLarge) {
+		t.Fatalf("Update of %d table pages: %v, want ErrTxnTooLarge", pages, err)
+	}
+	t.Logf("Update of %d table pages: %v", pages, err)
+	if got := etcdKeys(t, cli, prefix); got != keys {
+		t.Errorf("%d keys after the refused Update, %d before", got, keys)
+	}
+}
