@@ -67,6 +67,9 @@ func newController() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Agents of an earlier controller may still hold leases:
+			// change nothing until those have run out.
+			ctrl.Hold(time.Now().Add(lease))
 			gs := grpc.NewServer(append(remote.ServerOptions(), grpc.Creds(creds))...)
 			pb.RegisterAdminServer(gs, admin.New(admin.Config{
 				Ctrl: ctrl, Version: version,

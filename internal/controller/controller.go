@@ -89,6 +89,7 @@ type Controller struct {
 		// committed, by token; their slots are reserved in memory only.
 		staged    map[uint64]stagedWrite
 		nextToken uint64
+		holdUntil time.Time // see Hold
 	}
 
 	// plans counts the faults resolved, by plan.
@@ -166,13 +167,33 @@ func (c *Controller) Close() error {
 	return errors.Join(errs...)
 }
 
+// Hold makes every state change wait until t. A controller that starts
+// over a store that agents may still be serving from (it restarted, or
+// took over) holds for one agent lease: by then every agent of the old
+// controller has either re-attached (and forgotten its entries) or, cut
+// off, fenced itself. Without it a snapshot could commit while an agent
+// that has not noticed yet still writes under its old entries.
+func (c *Controller) Hold(t time.Time) {
+	c.mu.Lock()
+	c.mu.holdUntil = t
+	c.mu.Unlock()
+}
+
 func (c *Controller) lock() error {
 	c.mu.Lock()
-	if c.mu.closed {
+	for {
+		if c.mu.closed {
+			c.mu.Unlock()
+			return ErrClosed
+		}
+		d := time.Until(c.mu.holdUntil)
+		if d <= 0 {
+			return nil
+		}
 		c.mu.Unlock()
-		return ErrClosed
+		time.Sleep(d)
+		c.mu.Lock()
 	}
-	return nil
 }
 
 // --- agents -----------------------------------------------------------------

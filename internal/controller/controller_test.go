@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"segmap/internal/agent"
 	"segmap/internal/container"
@@ -1091,4 +1092,26 @@ func kinds(ps []controller.Problem) []controller.ProblemKind {
 		out = append(out, p.Kind)
 	}
 	return out
+}
+
+// TestHold: state changes wait for the hold a restarted controller places
+// (one agent lease), reads do not.
+func TestHold(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	const hold = 300 * time.Millisecond
+	start := time.Now()
+	c.Ctrl.Hold(start.Add(hold))
+	if _, err := c.Ctrl.Disks(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) >= hold {
+		t.Errorf("a read waited for the hold")
+	}
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "held", Size: seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) < hold {
+		t.Errorf("CreateDisk did not wait for the hold")
+	}
 }
