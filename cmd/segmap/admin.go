@@ -306,16 +306,8 @@ func newDisk(g *globals) *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				d, err := c.Grant(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:], All: all})
-				if err != nil {
-					return err
-				}
-				if g.json {
-					return printJSON(cmd.OutOrStdout(), d)
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "disk %s: agents %s\n", d.Name, agentList(d))
-				return nil
+			return g.changeGrants(cmd, func(ctx context.Context, c pb.AdminClient) (*pb.Disk, error) {
+				return c.Grant(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:], All: all})
 			})
 		},
 	}
@@ -329,21 +321,28 @@ func newDisk(g *globals) *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				d, err := c.Revoke(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:]})
-				if err != nil {
-					return err
-				}
-				if g.json {
-					return printJSON(cmd.OutOrStdout(), d)
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "disk %s: agents %s\n", d.Name, agentList(d))
-				return nil
+			return g.changeGrants(cmd, func(ctx context.Context, c pb.AdminClient) (*pb.Disk, error) {
+				return c.Revoke(ctx, &pb.GrantRequest{Name: args[0], Agents: args[1:]})
 			})
 		},
 	}
 	disk.AddCommand(create, list, info, resize, del, grant, revoke)
 	return disk
+}
+
+// changeGrants runs a grant or revoke and prints the disk's agents.
+func (g *globals) changeGrants(cmd *cobra.Command, fn func(context.Context, pb.AdminClient) (*pb.Disk, error)) error {
+	return g.call(func(ctx context.Context, c pb.AdminClient) error {
+		d, err := fn(ctx, c)
+		if err != nil {
+			return err
+		}
+		if g.json {
+			return printJSON(cmd.OutOrStdout(), d)
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "disk %s: agents %s\n", d.Name, agentList(d))
+		return nil
+	})
 }
 
 func agentList(d *pb.Disk) string {

@@ -74,13 +74,9 @@ func newController() *cobra.Command {
 			pb.RegisterAdminServer(gs, admin.New(admin.Config{
 				Ctrl: ctrl, Version: version,
 				CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-					cs, err := ctrl.ListContainers(ctx)
+					id, err := ctrl.NextContainerID(ctx)
 					if err != nil {
 						return err
-					}
-					id := uint32(1)
-					for _, c := range cs {
-						id = max(id, c.ID+1)
 					}
 					return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
 				},

@@ -113,7 +113,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
 		CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-			id, err := c.NextContainerID(ctx)
+			id, err := c.Ctrl.NextContainerID(ctx)
 			if err != nil {
 				return err
 			}

@@ -373,10 +373,9 @@ const DefaultCommandTimeout = 30 * time.Second
 // must not stop half way because an admin gave up waiting. The first
 // failure is returned, and the caller must not go on to commit anything
 // that depends on the command: an agent that did not confirm a
-// restrictive change may still be acting on the old entries.
-//
-// TODO(distributed): an agent that does not answer is waited for until
-// its lease has expired, and then treated as stopped.
+// restrictive change may still be acting on the old entries. (A remote
+// agent that cannot be reached is waited for until its lease has run
+// out, and then counts as done: see internal/remote.)
 func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, mapping.Agent) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cmdTimeout)
 	defer cancel()
@@ -419,6 +418,19 @@ func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Contain
 	}
 	c.mu.conts[rec.ID] = ct
 	return rec, nil
+}
+
+// NextContainerID returns an id no registered container has.
+func (c *Controller) NextContainerID(ctx context.Context) (uint32, error) {
+	cs, err := c.ListContainers(ctx)
+	if err != nil {
+		return 0, err
+	}
+	id := uint32(1)
+	for _, ct := range cs {
+		id = max(id, ct.ID+1)
+	}
+	return id, nil
 }
 
 // ListContainers returns the container records.

@@ -285,19 +285,6 @@ func CreateContainerFile(path string, id uint32, slotSize, slots uint64) error {
 	return f.Close()
 }
 
-// NextContainerID returns an id no registered container has.
-func (c *Cluster) NextContainerID(ctx context.Context) (uint32, error) {
-	cs, err := c.Ctrl.ListContainers(ctx)
-	if err != nil {
-		return 0, err
-	}
-	id := uint32(1)
-	for _, ct := range cs {
-		id = max(id, ct.ID+1)
-	}
-	return id, nil
-}
-
 // Provision makes sure some container serves slotSize, creating the
 // AutoPool's files in the data directory if none does. Without an AutoPool
 // it does nothing (creating the disk then fails with a clear error).
@@ -323,7 +310,7 @@ func (c *Cluster) Provision(ctx context.Context, slotSize uint64) error {
 	}
 	slots = min(slots, 1<<32-1)
 	for i := 0; i < n; i++ {
-		id, err := c.NextContainerID(ctx)
+		id, err := c.Ctrl.NextContainerID(ctx)
 		if err != nil {
 			return err
 		}
