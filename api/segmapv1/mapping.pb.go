@@ -1890,6 +1890,63 @@ func (x *FaultReply) GetStaged() bool {
 	return false
 }
 
+// NotLeader is the detail of the UNAVAILABLE status a standby controller
+// answers every call with: the caller should ask the leader instead.
+type NotLeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// controller is the standby's name.
+	Controller string `protobuf:"bytes,1,opt,name=controller,proto3" json:"controller,omitempty"`
+	// leader is the address the leader advertises; empty while no
+	// controller leads (an election is under way).
+	Leader        string `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NotLeader) Reset() {
+	*x = NotLeader{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NotLeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NotLeader) ProtoMessage() {}
+
+func (x *NotLeader) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
+func (*NotLeader) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *NotLeader) GetController() string {
+	if x != nil {
+		return x.Controller
+	}
+	return ""
+}
+
+func (x *NotLeader) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
 var File_segmapv1_mapping_proto protoreflect.FileDescriptor
 
 const file_segmapv1_mapping_proto_rawDesc = "" +
@@ -2012,7 +2069,12 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x05stage\x18\x03 \x01(\v2\x10.segmap.v1.EntryR\x05stage\x12\x1f\n" +
 	"\vstage_token\x18\x04 \x01(\x04R\n" +
 	"stageToken\x12\x16\n" +
-	"\x06staged\x18\x05 \x01(\bR\x06staged*\xd5\x01\n" +
+	"\x06staged\x18\x05 \x01(\bR\x06staged\"C\n" +
+	"\tNotLeader\x12\x1e\n" +
+	"\n" +
+	"controller\x18\x01 \x01(\tR\n" +
+	"controller\x12\x16\n" +
+	"\x06leader\x18\x02 \x01(\tR\x06leader*\xd5\x01\n" +
 	"\x04Code\x12\v\n" +
 	"\aCODE_OK\x10\x00\x12\v\n" +
 	"\aCODE_IO\x10\x01\x12\x11\n" +
@@ -2049,7 +2111,7 @@ func file_segmapv1_mapping_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_mapping_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_segmapv1_mapping_proto_goTypes = []any{
 	(Code)(0),                  // 0: segmap.v1.Code
 	(*ExportsRequest)(nil),     // 1: segmap.v1.ExportsRequest
@@ -2080,6 +2142,7 @@ var file_segmapv1_mapping_proto_goTypes = []any{
 	(*ContainersResponse)(nil), // 26: segmap.v1.ContainersResponse
 	(*FaultRequest)(nil),       // 27: segmap.v1.FaultRequest
 	(*FaultReply)(nil),         // 28: segmap.v1.FaultReply
+	(*NotLeader)(nil),          // 29: segmap.v1.NotLeader
 }
 var file_segmapv1_mapping_proto_depIdxs = []int32{
 	13, // 0: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
@@ -2153,7 +2216,7 @@ func file_segmapv1_mapping_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_mapping_proto_rawDesc), len(file_segmapv1_mapping_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   28,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

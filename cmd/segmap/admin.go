@@ -18,6 +18,10 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/admin"
+	"segmap/internal/controller"
+	"segmap/internal/ha"
+	"segmap/internal/meta"
 	"segmap/internal/size"
 	"segmap/internal/tlsconf"
 )
@@ -29,23 +33,31 @@ func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
 	if err != nil || d <= 0 {
 		return nil, nil, nil, usageError{fmt.Errorf("--timeout %q: want a duration such as 30s", g.timeout)}
 	}
-	target := g.controller
-	if strings.HasPrefix(target, "unix:") && !strings.HasPrefix(target, "unix://") {
-		// grpc wants unix:ABSPATH or unix://ABSPATH.
-		p, err := filepath.Abs(strings.TrimPrefix(target, "unix:"))
-		if err != nil {
-			return nil, nil, nil, err
+	addrs, err := ha.ParseAddrs(g.controller)
+	if err != nil {
+		return nil, nil, nil, usageError{fmt.Errorf("--controller: %w", err)}
+	}
+	for i, target := range addrs {
+		if strings.HasPrefix(target, "unix:") && !strings.HasPrefix(target, "unix://") {
+			// grpc wants unix:ABSPATH or unix://ABSPATH.
+			p, err := filepath.Abs(strings.TrimPrefix(target, "unix:"))
+			if err != nil {
+				return nil, nil, nil, err
+			}
+			addrs[i] = "unix:" + p
 		}
-		target = "unix:" + p
 	}
 	creds, err := g.tls.client(tlsconf.RoleAdmin, tlsconf.RoleAdmin, false)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
+	conn, err := ha.Dial(addrs, grpc.WithTransportCredentials(creds))
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("controller %s: %w", g.controller, err)
+		return nil, nil, nil, err
 	}
+	// Say soon that no controller is there; while standbys answer (an
+	// election), wait for the leader.
+	conn.GiveUp = 2 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	return pb.NewAdminClient(conn), ctx, func() { cancel(); conn.Close() }, nil
 }
@@ -504,42 +516,85 @@ func problemRows(ps []*pb.Problem) [][]string {
 
 func newCheck(g *globals) *cobra.Command {
 	var repair bool
+	ef := &etcdFlags{}
 	cmd := &cobra.Command{
-		Use:   "check [--repair]",
+		Use:   "check [--repair] [--etcd URLS]",
 		Short: "verify the metadata: reference counts, sharing, locations (--repair reclaims leaked slots only)",
-		Args:  noArgs,
+		Long: `check verifies the metadata through the controller (the leader, with
+several). With --etcd it reads the store in etcd directly, without a
+controller (read-only: --repair goes through the leader).`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ef.endpoints != "" {
+				if repair {
+					return usageError{fmt.Errorf("--repair changes the store: run it through the leading controller, without --etcd")}
+				}
+				r, err := checkEtcd(cmd.Context(), ef)
+				if err != nil {
+					return err
+				}
+				return printCheck(cmd.OutOrStdout(), g.json, r)
+			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.Check(ctx, &pb.CheckRequest{Repair: repair})
 				if err != nil {
 					return err
 				}
-				w := cmd.OutOrStdout()
-				if g.json {
-					if err := printJSON(w, r); err != nil {
-						return err
-					}
-				} else {
-					if len(r.Repaired) > 0 {
-						fmt.Fprintf(w, "repaired %d problems:\n", len(r.Repaired))
-						table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
-					}
-					if len(r.Problems) == 0 {
-						fmt.Fprintln(w, "check: clean")
-					} else {
-						fmt.Fprintf(w, "check: %d problems:\n", len(r.Problems))
-						table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
-					}
-				}
-				if len(r.Problems) > 0 {
-					return codeError{3, fmt.Errorf("check found %d problems", len(r.Problems))}
-				}
-				return nil
+				return printCheck(cmd.OutOrStdout(), g.json, r)
 			})
 		},
 	}
 	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (nothing else is changed)")
+	ef.add(cmd)
 	return cmd
+}
+
+// checkEtcd checks the store in etcd, read at one revision.
+func checkEtcd(ctx context.Context, ef *etcdFlags) (*pb.CheckResponse, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	cli, err := ef.client()
+	if err != nil {
+		return nil, err
+	}
+	defer cli.Close()
+	if err := ef.reachable(ctx, cli); err != nil {
+		return nil, err
+	}
+	st, err := meta.OpenEtcd(ctx, cli, ef.prefix+ha.MetaPrefix)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	ps, err := controller.New(controller.Config{Store: st}).Check(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &pb.CheckResponse{Problems: admin.Problems(ps)}, nil
+}
+
+func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
+	if asJSON {
+		if err := printJSON(w, r); err != nil {
+			return err
+		}
+	} else {
+		if len(r.Repaired) > 0 {
+			fmt.Fprintf(w, "repaired %d problems:\n", len(r.Repaired))
+			table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
+		}
+		if len(r.Problems) == 0 {
+			fmt.Fprintln(w, "check: clean")
+		} else {
+			fmt.Fprintf(w, "check: %d problems:\n", len(r.Problems))
+			table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
+		}
+	}
+	if len(r.Problems) > 0 {
+		return codeError{3, fmt.Errorf("check found %d problems", len(r.Problems))}
+	}
+	return nil
 }
 
 func newStatus(g *globals) *cobra.Command {

@@ -13,12 +13,14 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/admin"
 	"segmap/internal/agent"
 	"segmap/internal/controller"
+	"segmap/internal/ha"
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
@@ -27,15 +29,24 @@ import (
 )
 
 // newController is `segmap controller`: the controller alone, serving
-// the admin API and the mapping protocol to remote agents.
+// the admin API and the mapping protocol to remote agents; with --etcd, one
+// of several controllers sharing the metadata in etcd, of which one leads.
 func newController() *cobra.Command {
-	var addr, data string
+	var addr, data, advertise, name string
 	var lease time.Duration
 	tf := &tlsFlags{}
+	ef := &etcdFlags{}
 	cmd := &cobra.Command{
-		Use:   "controller --listen ADDR --data DIR",
-		Short: "run a controller: metadata (bbolt in DIR), the admin API and the agents' mapping protocol on ADDR",
-		Args:  noArgs,
+		Use:   "controller --listen ADDR (--data DIR | --etcd URLS)",
+		Short: "run a controller: metadata (bbolt in DIR, or etcd), the admin API and the agents' mapping protocol on ADDR",
+		Long: `controller runs a segmap controller. With --data it keeps the metadata in
+a bbolt file and is the only controller. With --etcd it keeps the metadata
+in etcd and is one of several: they elect a leader through etcd, the
+others stand by and answer every call with the leader's address (agents
+and the CLI given every controller's address follow it), and when the
+leader dies or loses etcd, a standby takes over after --etcd-ttl. See
+docs/cluster.md.`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 			// The controller's certificate serves the admin API and the
@@ -45,67 +56,124 @@ func newController() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			creds := serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)
+			opts := append(remote.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			var cli *clientv3.Client
+			if ef.endpoints != "" {
+				if cmd.Flags().Changed("data") {
+					return usageError{fmt.Errorf("--data and --etcd: the metadata is in one or the other")}
+				}
+				if cli, err = ef.client(); err != nil {
+					return err
+				}
+				defer cli.Close()
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			if err := os.MkdirAll(data, 0o700); err != nil {
-				return err
-			}
 			l, err := listen(addr)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
 			}
 			defer l.Close()
+			w := cmd.OutOrStdout()
+			var outMu sync.Mutex
+			say := func(format string, args ...any) {
+				outMu.Lock()
+				defer outMu.Unlock()
+				fmt.Fprintf(w, format+"\n", args...)
+			}
+			// lead starts the controller over st: what a leader serves.
+			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
+				ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.ContainerOpener(m), Logger: logger})
+				epoch, err := ctrl.NewEpoch(ctx)
+				if err != nil {
+					ctrl.Close()
+					return nil, nil, err
+				}
+				// Agents of an earlier controller may still hold leases:
+				// change nothing until those have run out.
+				ctrl.Hold(time.Now().Add(lease))
+				gs := grpc.NewServer(opts...)
+				pb.RegisterAdminServer(gs, admin.New(admin.Config{
+					Ctrl: ctrl, Version: version,
+					CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
+						id, err := ctrl.NextContainerID(ctx)
+						if err != nil {
+							return err
+						}
+						return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
+					},
+				}))
+				ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
+				pb.RegisterMappingServer(gs, ms)
+				say("%s: epoch %d (%s)", what, epoch, time.Now().UTC().Format(time.RFC3339Nano))
+				return gs, func() { ms.Close(); ctrl.Close() }, nil
+			}
+
+			say("segmap %s controller", version)
+			say("  admin API on %s (and the mapping protocol for agents)", l.Addr())
+			if cli != nil {
+				if advertise == "" {
+					advertise = l.Addr().String()
+				}
+				if name == "" {
+					name = advertise
+				}
+				say("  metadata: etcd %s under %s; %s advertises %s", ef.endpoints, ef.prefix, name, advertise)
+				say("ready: standing by")
+				err := ha.Run(ctx, ha.Config{
+					Client: cli, Prefix: ef.prefix, Name: name, Advertise: advertise, TTL: ef.ttl,
+					Listener: l, ServerOptions: opts, Logger: logger,
+					Lead: func(ctx context.Context, st meta.Store, t ha.Term) (*grpc.Server, func(), error) {
+						gs, stop, err := lead(ctx, st, fmt.Sprintf("leader (etcd revision %d)", t.Rev))
+						if err != nil {
+							return nil, nil, err
+						}
+						return gs, func() {
+							stop()
+							say("standby: stepped down (%s)", time.Now().UTC().Format(time.RFC3339Nano))
+						}, nil
+					},
+				})
+				say("stopped")
+				return err
+			}
+
+			if err := os.MkdirAll(data, 0o700); err != nil {
+				return err
+			}
 			st, err := meta.OpenBolt(filepath.Join(data, "meta.db"))
 			if err != nil {
 				return err
 			}
 			defer st.Close()
-			ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.ContainerOpener(m), Logger: logger})
-			defer ctrl.Close()
-			epoch, err := ctrl.NewEpoch(ctx)
+			gs, stopLead, err := lead(ctx, st, "leader")
 			if err != nil {
 				return err
 			}
-			// Agents of an earlier controller may still hold leases:
-			// change nothing until those have run out.
-			ctrl.Hold(time.Now().Add(lease))
-			gs := grpc.NewServer(append(remote.ServerOptions(), grpc.Creds(creds))...)
-			pb.RegisterAdminServer(gs, admin.New(admin.Config{
-				Ctrl: ctrl, Version: version,
-				CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-					id, err := ctrl.NextContainerID(ctx)
-					if err != nil {
-						return err
-					}
-					return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
-				},
-			}))
-			ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
-			pb.RegisterMappingServer(gs, ms)
 			errc := make(chan error, 1)
 			go func() { errc <- gs.Serve(l) }()
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "segmap %s controller, epoch %d\n", version, epoch)
-			fmt.Fprintf(w, "  data:     %s\n", data)
-			fmt.Fprintf(w, "  admin API on %s (and the mapping protocol for agents)\n", l.Addr())
-			fmt.Fprintln(w, "ready")
+			say("  data:     %s", data)
+			say("ready")
 			select {
 			case <-ctx.Done():
 			case err = <-errc:
 			}
-			ms.Close()
+			stopLead()
 			gs.GracefulStop()
-			fmt.Fprintln(w, "stopped")
+			say("stopped")
 			if err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 				return err
 			}
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol")
-	cmd.Flags().StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata)")
-	cmd.Flags().DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
+	fl := cmd.Flags()
+	fl.StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol")
+	fl.StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata), without --etcd")
+	fl.DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
+	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
+	fl.StringVar(&name, "name", "", "with --etcd: this controller's name in logs and etcd (default: its --advertise address)")
+	ef.add(cmd)
 	tf.add(cmd, "controller", false)
 	return cmd
 }
@@ -141,9 +209,13 @@ func newAgent() *cobra.Command {
 				return fmt.Errorf("NBD listener: %w", err)
 			}
 			defer l.Close()
-			conn, err := grpc.NewClient(ctrlAddr, append(remote.DialOptions(), grpc.WithTransportCredentials(creds))...)
+			addrs, err := ha.ParseAddrs(ctrlAddr)
 			if err != nil {
-				return fmt.Errorf("controller %s: %w", ctrlAddr, err)
+				return usageError{fmt.Errorf("--controller: %w", err)}
+			}
+			conn, err := ha.Dial(addrs, append(remote.DialOptions(), grpc.WithTransportCredentials(creds))...)
+			if err != nil {
+				return err
 			}
 			defer conn.Close()
 			client := remote.NewClient(conn, logger)
@@ -195,7 +267,7 @@ func newAgent() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&ctrlAddr, "controller", "127.0.0.1:10810", "the controller's address")
+	cmd.Flags().StringVar(&ctrlAddr, "controller", "127.0.0.1:10810", "the controller's address; with several controllers, every one's, comma-separated")
 	cmd.Flags().StringVar(&name, "name", "", "this agent's (host's) name")
 	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
 	cmd.Flags().BoolVar(&nbdTLS, "nbd-tls", false, "require TLS (NBD STARTTLS) from hosts, with a certificate of the cluster CA")

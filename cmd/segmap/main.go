@@ -80,7 +80,7 @@ func newRoot() *cobra.Command {
 	if def == "" {
 		def = "127.0.0.1:10810"
 	}
-	root.PersistentFlags().StringVar(&g.controller, "controller", def, "admin API address of the controller (host:port or unix:PATH; $SEGMAP_CONTROLLER)")
+	root.PersistentFlags().StringVar(&g.controller, "controller", def, "admin API address of the controller (host:port or unix:PATH), or of every controller, comma-separated ($SEGMAP_CONTROLLER)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON instead of tables")
 	root.PersistentFlags().StringVar(&g.timeout, "timeout", "60s", "how long an admin command may take")
 	g.tls.add(root, "", true)

@@ -18,8 +18,11 @@ import (
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/admin"
+	"segmap/internal/ha"
 	"segmap/internal/local"
+	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/remote"
 	"segmap/internal/size"
 )
 
@@ -28,6 +31,7 @@ type upFlags struct {
 	poolFiles                              int
 	agent                                  string
 	drain                                  time.Duration
+	etcd                                   etcdFlags
 }
 
 func newUp() *cobra.Command {
@@ -44,7 +48,12 @@ again on the same data directory and every disk is as it was.
 
 The pool is created on first start (--pool-size split in --pool-files
 sparse files, 1 MiB slots); a disk with another segment size gets a pool
-of its own the same way. 'segmap container add' adds more.`,
+of its own the same way. 'segmap container add' adds more.
+
+With --etcd the metadata is kept in etcd instead of DATA/meta.db (the
+container files stay in DATA): up campaigns for leadership of the
+controllers under --etcd-prefix, waits until it leads, and stops if it
+loses the leadership.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runUp(cmd, f) },
 	}
@@ -56,6 +65,7 @@ of its own the same way. 'segmap container add' adds more.`,
 	fl.IntVar(&f.poolFiles, "pool-files", 4, "number of container files the pool is split into")
 	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
 	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
+	f.etcd.add(cmd)
 	return cmd
 }
 
@@ -91,13 +101,43 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	defer adminL.Close()
 
-	c, err := local.Open(ctx, f.data, local.Options{
+	w := cmd.OutOrStdout()
+	opts := local.Options{
 		Agents:   []string{f.agent},
 		AutoPool: &local.AutoPool{Bytes: pool, Count: f.poolFiles},
 		Logger:   logger,
-	})
+	}
+	var lost <-chan struct{} // closed if the etcd leadership is lost
+	metaDesc := filepath.Join(f.data, "meta.db")
+	if f.etcd.endpoints != "" {
+		cli, err := f.etcd.client()
+		if err != nil {
+			return err
+		}
+		defer cli.Close()
+		if err := f.etcd.reachable(ctx, cli); err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "campaigning for the leadership of the controllers under %s in etcd %s\n", f.etcd.prefix, f.etcd.endpoints)
+		l, err := ha.Elect(ctx, ha.Config{Client: cli, Prefix: f.etcd.prefix, Name: "up/" + f.agent, Advertise: adminL.Addr().String(), TTL: f.etcd.ttl, Logger: logger})
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		defer l.Resign()
+		lost = l.Done()
+		opts.OpenStore = func(context.Context) (meta.Store, error) { return l.Store, nil }
+		metaDesc = fmt.Sprintf("etcd %s under %s", f.etcd.endpoints, f.etcd.prefix)
+	}
+	c, err := local.Open(ctx, f.data, opts)
 	if err != nil {
 		return err
+	}
+	if lost != nil {
+		// Agents of an earlier leader may still hold leases.
+		c.Ctrl.Hold(time.Now().Add(remote.DefaultLease))
 	}
 	closed := false
 	defer func() {
@@ -131,9 +171,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	for _, ct := range cs {
 		total += ct.Slots * ct.SlotSize
 	}
-	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "segmap %s up\n", version)
-	fmt.Fprintf(w, "  data:       %s (metadata %s, %d containers, %s)\n", c.Dir, filepath.Join(c.Dir, "meta.db"), len(cs), size.Format(total))
+	fmt.Fprintf(w, "  data:       %s (metadata %s, %d containers, %s)\n", c.Dir, metaDesc, len(cs), size.Format(total))
 	fmt.Fprintf(w, "  controller: admin API on %s   try: segmap disk create vm1 --size 10G\n", adminL.Addr())
 	fmt.Fprintf(w, "  agent:      %q, NBD on %s   try: nbdinfo --list nbd://%s\n", f.agent, nbdL.Addr(), nbdL.Addr())
 	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
@@ -142,6 +181,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	select {
 	case <-ctx.Done():
 	case serveErr = <-errc:
+	case <-lost:
+		serveErr = errors.New("lost the leadership in etcd: stopping (another controller leads now)")
 	}
 	fmt.Fprintln(w, "stopping: draining I/O")
 	sctx, cancel := context.WithTimeout(context.Background(), f.drain)

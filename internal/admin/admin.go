@@ -314,7 +314,8 @@ func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*
 	return containerMsg(c), nil
 }
 
-func problems(ps []controller.Problem) []*pb.Problem {
+// Problems converts problems found by Check to their messages.
+func Problems(ps []controller.Problem) []*pb.Problem {
 	out := make([]*pb.Problem, len(ps))
 	for i, p := range ps {
 		out[i] = &pb.Problem{Kind: p.Kind.String(), Container: p.Loc.Container, Slot: p.Loc.Slot, Disk: p.Disk, Segment: p.Segment, Detail: p.Detail}
@@ -330,13 +331,13 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 		if err != nil {
 			return nil, grpcErr(err)
 		}
-		out.Repaired = problems(fixed)
+		out.Repaired = Problems(fixed)
 	}
 	ps, err := s.cfg.Ctrl.Check(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
-	out.Problems = problems(ps)
+	out.Problems = Problems(ps)
 	return out, nil
 }
 

@@ -179,6 +179,20 @@ func (c *Controller) Hold(t time.Time) {
 	c.mu.Unlock()
 }
 
+// lockNoHold locks c.mu without waiting for a Hold: for what changes
+// nothing.
+func (c *Controller) lockNoHold() error {
+	c.mu.Lock()
+	if c.mu.closed {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	return nil
+}
+
+// held returns how long a Hold still has to run; c.mu held.
+func (c *Controller) held() time.Duration { return time.Until(c.mu.holdUntil) }
+
 func (c *Controller) lock() error {
 	c.mu.Lock()
 	for {

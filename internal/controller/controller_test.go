@@ -20,6 +20,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
+	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/table"
 )
@@ -1113,5 +1114,47 @@ func TestHold(t *testing.T) {
 	}
 	if time.Since(start) < hold {
 		t.Errorf("CreateDisk did not wait for the hold")
+	}
+}
+
+// TestHoldFaults: during a hold, a fault that only loads an entry is
+// answered at once; one that would allocate waits for the hold.
+func TestHoldFaults(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "d", Size: 4 * seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	a := c.Agents[0]
+	d, err := a.Open(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WriteAt(ctx, []byte("x"), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	const hold = 300 * time.Millisecond
+	start := time.Now()
+	c.Ctrl.Hold(start.Add(hold))
+	id := d.Info().ID
+	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 0, Op: mapping.FaultWrite}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultRead}); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) >= hold {
+		t.Errorf("faults that load waited for the hold")
+	}
+	short, cancel := context.WithTimeout(ctx, hold/3)
+	defer cancel()
+	if _, err := c.Ctrl.Fault(short, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultWrite}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("allocating fault during the hold: %v, want it to wait", err)
+	}
+	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultWrite}); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) < hold {
+		t.Errorf("allocating fault did not wait for the hold")
 	}
 }

@@ -2,7 +2,9 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"time"
 
 	"segmap/internal/mapping"
 	"segmap/internal/meta"
@@ -13,8 +15,38 @@ import (
 // persistent table (never from what the agent reported, so a retried or
 // racing fault is resolved against what is true now) and answers with the
 // entries the agent installs before it retries.
+//
+// During a Hold, faults that only load entries (the plan Load, or Deny) are
+// answered: they change nothing, and what they hand out is what every
+// agent of the previous controller may hold. The others wait for the Hold.
 func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
-	if err := c.lock(); err != nil {
+	for {
+		r, err := c.fault(ctx, f)
+		if !errors.Is(err, errHeld) {
+			return r, err
+		}
+		c.mu.Lock()
+		d := c.held()
+		c.mu.Unlock()
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return mapping.Reply{}, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// errHeld: the fault would change state during a Hold.
+var errHeld = errors.New("held")
+
+func (c *Controller) fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+	lock := c.lock
+	if f.Op == mapping.FaultRead || f.Op == mapping.FaultWrite {
+		lock = c.lockNoHold
+	}
+	if err := lock(); err != nil {
 		return mapping.Reply{}, err
 	}
 	defer c.mu.Unlock()
@@ -87,6 +119,9 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 	}
 
 	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
+	if plan != table.Load && plan != table.Deny && c.held() > 0 {
+		return mapping.Reply{}, errHeld
+	}
 	c.plans[plan].Add(1)
 	switch plan {
 	case table.Load:

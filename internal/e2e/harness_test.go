@@ -18,9 +18,10 @@ import (
 	"time"
 )
 
-// bin is the segmap binary built for the tests; scratch, a directory the
+// bin is the segmap binary built for the tests; etcdBin, the etcd member
+// of the HA tests (internal/e2e/etcdnode); scratch, a directory the
 // external tools run in.
-var bin, scratch string
+var bin, etcdBin, scratch string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "segmap-e2e-")
@@ -44,6 +45,14 @@ func TestMain(m *testing.M) {
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build segmap:", err)
+		os.Exit(1)
+	}
+	etcdBin = filepath.Join(dir, "etcdnode")
+	build = exec.Command("go", "build", "-o", etcdBin, "./internal/e2e/etcdnode")
+	build.Dir = root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build etcdnode:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
@@ -104,7 +113,13 @@ func startUp(t *testing.T, dir string, extra ...string) *up {
 // the test ends.
 func start(t *testing.T, dir string, args ...string) *up {
 	t.Helper()
-	cmd := exec.Command(bin, args...)
+	return startBin(t, bin, dir, args...)
+}
+
+// startBin is start for another binary.
+func startBin(t *testing.T, binary, dir string, args ...string) *up {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -79,7 +79,11 @@ func (p *proxy) pipe(dst, src net.Conn) {
 			}
 		}
 		if err != nil {
-			if err != io.EOF {
+			// Pass the end on: a FIN as a FIN (the other way may
+			// still carry data), anything else as a close.
+			if tc, ok := dst.(*net.TCPConn); ok && err == io.EOF {
+				tc.CloseWrite()
+			} else {
 				dst.Close()
 			}
 			return

@@ -45,6 +45,10 @@ type Options struct {
 	Logger *slog.Logger
 	// CommandTimeout is the controller's; its default if 0.
 	CommandTimeout time.Duration
+	// OpenStore, if set, opens the controller's metadata store instead of
+	// the bbolt file DIR/meta.db (segmap up --etcd). The cluster closes
+	// the store it returns.
+	OpenStore func(ctx context.Context) (meta.Store, error)
 	// WrapAgentContainer, if set, wraps every container an agent opens
 	// (tests use it to slow or fail I/O below the agent).
 	WrapAgentContainer func(agent string, c container.Container) container.Container
@@ -66,7 +70,7 @@ type AutoPool struct {
 // Cluster is a running in-process segmap.
 type Cluster struct {
 	Dir    string
-	Store  *meta.Bolt
+	Store  meta.Store
 	Ctrl   *controller.Controller
 	Agents []*agent.Agent
 	opts   Options
@@ -202,7 +206,13 @@ func (c *Cluster) agentOpener(name string) func(mapping.Container) (container.Co
 }
 
 func (c *Cluster) startController(ctx context.Context) error {
-	st, err := meta.OpenBolt(filepath.Join(c.Dir, "meta.db"))
+	var st meta.Store
+	var err error
+	if c.opts.OpenStore != nil {
+		st, err = c.opts.OpenStore(ctx)
+	} else {
+		st, err = meta.OpenBolt(filepath.Join(c.Dir, "meta.db"))
+	}
 	if err != nil {
 		return err
 	}

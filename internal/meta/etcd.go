@@ -29,6 +29,10 @@ var (
 	// lost to a concurrent transaction that changed what it had read.
 	// Nothing was written.
 	ErrConflict = errors.New("transaction kept conflicting with concurrent updates")
+	// ErrFenced is returned by Update on a store opened WithFence once
+	// the leadership it was opened under is gone: the commit wrote
+	// nothing, and no later one will.
+	ErrFenced = errors.New("leadership lost: write fenced")
 )
 
 // etcdAttempts bounds how often Update reruns a transaction that lost a
@@ -121,10 +125,44 @@ const deletedNS = "\x00deleted/"
 // per scanned prefix. Old revisions of every page stay in etcd until it
 // compacts them: run it with --auto-compaction-retention, or rewritten
 // pages fill --quota-backend-bytes.
+//
+// # Fencing
+//
+// A store opened WithFence belongs to one term of one elected leader: every
+// commit also compares the leader's election key with the creation
+// revision it had when the leader won, so that once the key is gone (the
+// leader's etcd lease ran out, or it resigned) no commit of that term can
+// land, however late it reaches etcd. Such a commit fails with ErrFenced.
+// Every commit of a fenced store also puts the term's writer name in
+// <prefix>\x00writer, so that etcd's history shows who wrote each revision.
+// The fence adds one compare and one write to every transaction.
 type Etcd struct {
 	cli    *clientv3.Client
 	prefix string
+	fence  *EtcdFence
 	closed atomic.Bool
+}
+
+// EtcdFence names the leadership a store's writes depend on.
+type EtcdFence struct {
+	// Key is the leader's election key and Rev its creation revision
+	// (concurrency.Election's Key and Rev after a won campaign).
+	Key string
+	Rev int64
+	// Writer is written with every commit: who wrote it, for audits.
+	Writer string
+}
+
+// WriterKey is the key, under a store's prefix, that every commit of a
+// fenced store writes its EtcdFence.Writer to.
+const WriterKey = "\x00writer"
+
+// EtcdOption configures OpenEtcd.
+type EtcdOption func(*Etcd)
+
+// WithFence makes every commit conditional on the leadership f names.
+func WithFence(f EtcdFence) EtcdOption {
+	return func(e *Etcd) { e.fence = &f }
 }
 
 // OpenEtcd returns the store kept under prefix in the cluster cli talks to.
@@ -133,11 +171,17 @@ type Etcd struct {
 // unreachable cluster fails here (when ctx ends) rather than at the first
 // transaction. The store does not own cli: Close leaves it open, and it
 // must outlive the store.
-func OpenEtcd(ctx context.Context, cli *clientv3.Client, prefix string) (*Etcd, error) {
+func OpenEtcd(ctx context.Context, cli *clientv3.Client, prefix string, opts ...EtcdOption) (*Etcd, error) {
 	if prefix == "" {
 		return nil, errors.New("open metadata in etcd: empty key prefix")
 	}
 	e := &Etcd{cli: cli, prefix: prefix}
+	for _, o := range opts {
+		o(e)
+	}
+	if e.fence != nil && (e.fence.Key == "" || e.fence.Rev <= 0) {
+		return nil, fmt.Errorf("open metadata in etcd: fence %q at revision %d: %w", e.fence.Key, e.fence.Rev, ErrInvalid)
+	}
 	if _, err := cli.Get(ctx, prefix+deletedNS, clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil {
 		return nil, fmt.Errorf("open metadata in etcd %v under %q: %w", cli.Endpoints(), prefix, err)
 	}
@@ -423,7 +467,19 @@ func (k *etcdKV) commit() error {
 		return ErrClosed
 	}
 	cmps := k.compares()
-	resp, err := k.e.cli.Txn(k.ctx).If(cmps...).Then(ops...).Commit()
+	var orElse []clientv3.Op
+	if f := k.e.fence; f != nil {
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(f.Key), "=", f.Rev))
+		ops = append(ops, clientv3.OpPut(k.e.prefix+WriterKey, f.Writer))
+		// On a failed compare, tell a lost leadership from a conflict.
+		orElse = append(orElse, clientv3.OpGet(f.Key, clientv3.WithKeysOnly()))
+	}
+	resp, err := k.e.cli.Txn(k.ctx).If(cmps...).Then(ops...).Else(orElse...).Commit()
+	if err == nil && !resp.Succeeded && k.e.fence != nil {
+		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 0 || kvs[0].CreateRevision != k.e.fence.Rev {
+			return fmt.Errorf("commit: election key %q of revision %d is gone: %w", k.e.fence.Key, k.e.fence.Rev, ErrFenced)
+		}
+	}
 	switch {
 	case err != nil && tooLarge(err):
 		return fmt.Errorf("commit %d writes of %d bytes with %d compares: %w (etcd: %w)", len(ops), size, len(cmps), ErrTxnTooLarge, err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
@@ -79,6 +80,28 @@ func TestEtcd(t *testing.T) {
 	})
 	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
 	t.Run("TooManyOps", func(t *testing.T) { testEtcdTooManyOps(t, cli, prefix()) })
+	t.Run("Fence", func(t *testing.T) { testEtcdFence(t, cli, newClient(t, endpoint), prefix()) })
+	t.Run("ConformanceFenced", func(t *testing.T) {
+		// The fence's extra compare and write change nothing a
+		// transaction sees.
+		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sess.Close()
+		el := concurrency.NewElection(sess, prefix()+"election/")
+		if err := el.Campaign(t.Context(), "conformance"); err != nil {
+			t.Fatal(err)
+		}
+		metatest.Run(t, func(t *testing.T) meta.Store {
+			s, err := meta.OpenEtcd(t.Context(), cli, prefix(), meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: "conformance"}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			return s
+		})
+	})
 	t.Run("TooManyBytes", func(t *testing.T) { testEtcdTooManyBytes(t, cli, prefix()) })
 }
 
@@ -531,5 +554,101 @@ func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
 	t.Logf("Update of %d table pages: %v", pages, err)
 	if got := etcdKeys(t, cli, prefix); got != keys {
 		t.Errorf("%d keys after the refused Update, %d before", got, keys)
+	}
+}
+
+// testEtcdFence: a leader's store writes while it leads, records who wrote,
+// and writes nothing once its election key is gone, however the next
+// leader's writes interleave; a second leader's store then writes.
+func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
+	ctx := t.Context()
+	campaign := func(cli *clientv3.Client, name string) (*concurrency.Session, *concurrency.Election) {
+		t.Helper()
+		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sess.Close() })
+		el := concurrency.NewElection(sess, prefix+"election/")
+		if err := el.Campaign(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+		return sess, el
+	}
+	open := func(cli *clientv3.Client, el *concurrency.Election, writer string) *meta.Etcd {
+		t.Helper()
+		s, err := meta.OpenEtcd(ctx, cli, prefix+"meta/", meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: writer}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	create := func(s *meta.Etcd, name string) error {
+		return s.Update(ctx, func(tx meta.Tx) error {
+			_, err := tx.CreateDisk(etcdTestDisk(name))
+			return err
+		})
+	}
+	writer := func() string {
+		t.Helper()
+		r, err := cli1.Get(ctx, prefix+"meta/"+meta.WriterKey)
+		if err != nil || len(r.Kvs) != 1 {
+			t.Fatalf("writer key: %v %v", r, err)
+		}
+		return string(r.Kvs[0].Value)
+	}
+
+	sess1, el1 := campaign(cli1, "one")
+	s1 := open(cli1, el1, "one/1")
+	if err := create(s1, "a"); err != nil {
+		t.Fatalf("leader's write: %v", err)
+	}
+	if w := writer(); w != "one/1" {
+		t.Errorf("writer %q, want one/1", w)
+	}
+	if _, err := meta.OpenEtcd(ctx, cli1, prefix+"x/", meta.WithFence(meta.EtcdFence{Key: el1.Key()})); !errors.Is(err, meta.ErrInvalid) {
+		t.Errorf("fence without a revision: %v, want ErrInvalid", err)
+	}
+
+	// The second campaigns; the first loses its lease (as when its etcd
+	// session expires), and the second wins.
+	won := make(chan *concurrency.Election, 1)
+	go func() {
+		_, el2 := campaign(cli2, "two")
+		won <- el2
+	}()
+	if _, err := cli1.Revoke(ctx, sess1.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	el2 := <-won
+	if err := create(s1, "b"); !errors.Is(err, meta.ErrFenced) {
+		t.Fatalf("deposed leader's write: %v, want ErrFenced", err)
+	}
+	s2 := open(cli2, el2, "two/2")
+	if err := create(s2, "c"); err != nil {
+		t.Fatalf("new leader's write: %v", err)
+	}
+	if err := create(s1, "d"); !errors.Is(err, meta.ErrFenced) {
+		t.Fatalf("deposed leader's write after the new leader's: %v, want ErrFenced", err)
+	}
+	if w := writer(); w != "two/2" {
+		t.Errorf("writer %q, want two/2", w)
+	}
+	if err := s2.View(ctx, func(tx meta.Tx) error {
+		ds, err := tx.Disks()
+		if err != nil {
+			return err
+		}
+		var names []string
+		for _, d := range ds {
+			names = append(names, d.Name)
+		}
+		if strings.Join(names, ",") != "a,c" {
+			t.Errorf("disks %v, want a and c", names)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -1,0 +1,82 @@
+package ha
+
+import (
+	"errors"
+	"net"
+	"sync"
+
+	"google.golang.org/grpc"
+)
+
+// mux hands the connections of one listener to whichever gRPC server is
+// current: the standby's or the leader's. Connections a server has taken
+// stay with it until it stops.
+type mux struct {
+	l net.Listener
+
+	mu  sync.Mutex
+	cur *chanListener
+}
+
+func newMux(l net.Listener) *mux { return &mux{l: l} }
+
+// serve makes gs the server of new connections; it serves until stopped.
+func (m *mux) serve(gs *grpc.Server) {
+	cl := &chanListener{addr: m.l.Addr(), c: make(chan net.Conn), done: make(chan struct{})}
+	m.mu.Lock()
+	m.cur = cl
+	m.mu.Unlock()
+	go gs.Serve(cl)
+}
+
+// run accepts until the listener closes.
+func (m *mux) run() {
+	for {
+		c, err := m.l.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return
+		}
+		m.mu.Lock()
+		cl := m.cur
+		m.mu.Unlock()
+		if cl == nil {
+			c.Close()
+			continue
+		}
+		select {
+		case cl.c <- c:
+		case <-cl.done:
+			c.Close() // its server stopped meanwhile: the client reconnects
+		}
+	}
+}
+
+func (m *mux) close() { m.l.Close() }
+
+// chanListener is a net.Listener fed by a mux.
+type chanListener struct {
+	addr net.Addr
+	c    chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.c:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }
