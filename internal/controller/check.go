@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 
@@ -22,8 +23,9 @@ const (
 	ReferencedFree
 	// WrongCount: a slot's count differs from the entries pointing at it.
 	WrongCount
-	// SharedWritable: a slot shared by several entries is writable in one
-	// of them, so a write would show through the others.
+	// SharedWritable is no longer found: No-write is derived from
+	// sharing (a slot counted by several table pages, or mapped by a
+	// shared page), so a shared slot cannot be writable.
 	SharedWritable
 	// OutOfRange: an entry points at a container that does not exist, past
 	// its last slot, or at one whose slot size is not the disk's segment
@@ -31,6 +33,14 @@ const (
 	OutOfRange
 	// WrongUsed: a container's used-slot count disagrees with its counts.
 	WrongUsed
+	// WrongPageCount: a table page's reference count differs from the
+	// number of disks whose tables hold it.
+	WrongPageCount
+	// LeakedPage: a table page (or its count) that no disk's table
+	// holds.
+	LeakedPage
+	// MissingPage: a disk's table holds a page that is not stored.
+	MissingPage
 )
 
 func (k ProblemKind) String() string {
@@ -47,6 +57,12 @@ func (k ProblemKind) String() string {
 		return "location-out-of-range"
 	case WrongUsed:
 		return "wrong-used-count"
+	case WrongPageCount:
+		return "wrong-page-reference-count"
+	case LeakedPage:
+		return "leaked-table-page"
+	case MissingPage:
+		return "missing-table-page"
 	}
 	return fmt.Sprintf("ProblemKind(%d)", uint8(k))
 }
@@ -74,8 +90,9 @@ func (p Problem) String() string {
 
 // Check recomputes every reference count from every table and reports each
 // violation of the invariants: leaked slots, referenced slots counted free,
-// wrong counts, shared slots without NoWrite, locations outside their
-// container. It changes nothing. A nil result means the store is sound.
+// wrong counts (of slots and of table pages), leaked or missing table
+// pages, locations outside their container. It changes nothing. A nil
+// result means the store is sound.
 func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
 	var out []Problem
 	err := c.store.View(ctx, func(tx meta.Tx) error {
@@ -87,11 +104,10 @@ func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
 }
 
 type use struct {
-	refs  uint32 // entries pointing at the slot
-	disk  string // one of them; the writable one if any
-	seg   uint64
-	write bool // some entry maps it writable
-	seen  bool // the slot has a count
+	refs uint32 // table pages pointing at the slot
+	disk string // one disk that maps it
+	seg  uint64
+	seen bool // the slot has a count
 }
 
 func check(tx meta.Tx) ([]Problem, error) {
@@ -109,36 +125,71 @@ func check(tx meta.Tx) ([]Problem, error) {
 		return nil, err
 	}
 	uses := map[table.Location]*use{}
+	holders := map[uint64]uint32{} // table page -> disks holding it
 	for _, d := range ds {
-		err := tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
-			ct, ok := conts[e.Loc.Container]
-			switch {
-			case !ok:
-				out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: "no such container"})
-				return nil
-			case uint64(e.Loc.Slot) >= ct.Slots:
-				out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("container has %d slots", ct.Slots)})
-				return nil
-			case ct.SlotSize != d.SegmentSize:
-				out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("slot size %d, segment size %d", ct.SlotSize, d.SegmentSize)})
-			case seg >= d.Segments():
-				out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("entry past the disk's %d segments", d.Segments())})
-			}
-			u := uses[e.Loc]
-			if u == nil {
-				u = &use{disk: d.Name, seg: seg}
-				uses[e.Loc] = u
-			}
-			u.refs++
-			if !e.Is(table.NoWrite) {
-				u.write = true
-				u.disk, u.seg = d.Name, seg
-			}
-			return nil
-		})
+		prs, err := tx.TablePages(d.ID)
 		if err != nil {
 			return nil, err
 		}
+		for _, pr := range prs {
+			holders[pr.ID]++
+			first := holders[pr.ID] == 1
+			es, err := tx.Page(pr.ID)
+			if errors.Is(err, meta.ErrCorrupt) {
+				if first {
+					out = append(out, Problem{Kind: MissingPage, Disk: d.Name, Segment: pr.Index * meta.PageEntries, Detail: fmt.Sprintf("table page %d: %v", pr.ID, err)})
+				}
+				continue
+			}
+			if err != nil {
+				return nil, err
+			}
+			for i, e := range es {
+				if !e.Mapped() {
+					continue
+				}
+				seg := pr.Index*meta.PageEntries + uint64(i)
+				ct, ok := conts[e.Loc.Container]
+				switch {
+				case !ok:
+					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: "no such container"})
+					continue
+				case uint64(e.Loc.Slot) >= ct.Slots:
+					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("container has %d slots", ct.Slots)})
+					continue
+				case ct.SlotSize != d.SegmentSize:
+					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("slot size %d, segment size %d", ct.SlotSize, d.SegmentSize)})
+				case seg >= d.Segments():
+					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("entry past the disk's %d segments", d.Segments())})
+				}
+				if !first {
+					continue // a shared page counts once
+				}
+				u := uses[e.Loc]
+				if u == nil {
+					u = &use{disk: d.Name, seg: seg}
+					uses[e.Loc] = u
+				}
+				u.refs++
+			}
+		}
+	}
+	err = tx.ForEachStoredPage(func(pid uint64, refs uint32, stored bool) error {
+		n := holders[pid]
+		switch {
+		case n == 0:
+			out = append(out, Problem{Kind: LeakedPage, Detail: fmt.Sprintf("table page %d: count %d, stored %v, in no disk's table", pid, refs, stored)})
+		case refs != n:
+			out = append(out, Problem{Kind: WrongPageCount, Detail: fmt.Sprintf("table page %d: count %d, in %d disks' tables", pid, refs, n)})
+		}
+		delete(holders, pid)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for pid, n := range holders {
+		out = append(out, Problem{Kind: WrongPageCount, Detail: fmt.Sprintf("table page %d: count 0, in %d disks' tables", pid, n)})
 	}
 	for _, ct := range cs {
 		var used uint64
@@ -152,7 +203,7 @@ func check(tx meta.Tx) ([]Problem, error) {
 			case u == nil:
 				out = append(out, Problem{Kind: Leaked, Loc: loc, Detail: fmt.Sprintf("count %d, no entry", n)})
 			case u.refs != n:
-				out = append(out, Problem{Kind: WrongCount, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count %d, %d entries", n, u.refs)})
+				out = append(out, Problem{Kind: WrongCount, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count %d, %d table pages map it", n, u.refs)})
 			}
 			if u != nil {
 				u.seen = true
@@ -168,10 +219,7 @@ func check(tx meta.Tx) ([]Problem, error) {
 	}
 	for loc, u := range uses {
 		if !u.seen {
-			out = append(out, Problem{Kind: ReferencedFree, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("%d entries, count 0", u.refs)})
-		}
-		if u.refs > 1 && u.write {
-			out = append(out, Problem{Kind: SharedWritable, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("%d entries, writable here", u.refs)})
+			out = append(out, Problem{Kind: ReferencedFree, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("%d table pages map it, count 0", u.refs)})
 		}
 	}
 	sortProblems(out)

@@ -111,8 +111,8 @@ func (c *Controller) DiskUsage(ctx context.Context, name string) (Usage, error) 
 		if err != nil {
 			return err
 		}
-		return tx.ForEachMapped(d.ID, func(_ uint64, e table.Entry) error {
-			n, err := tx.Refs(e.Loc)
+		return tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
+			n, err := sharers(tx, d.ID, seg, e)
 			if err != nil {
 				return err
 			}
@@ -238,20 +238,9 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	out := make([]meta.Disk, len(srcs))
 	err = c.store.Update(ctx, func(tx meta.Tx) error {
 		for i, src := range srcs {
-			// Persist NoWrite on the source and count the new
-			// references, one entry at a time (pages are cached).
-			err := tx.ForEachMapped(src.ID, func(seg uint64, e table.Entry) error {
-				if !e.Is(table.NoWrite) {
-					if err := tx.SetEntries(src.ID, seg, []table.Entry{table.At(e.Loc, true)}); err != nil {
-						return err
-					}
-				}
-				_, err := meta.AddRefs(tx, e.Loc, 1)
-				return err
-			})
-			if err != nil {
-				return err
-			}
+			// The copy shares the source's table pages: no entry
+			// is written, no slot count changes. No-write follows
+			// from the sharing (see effective).
 			nd, err := tx.CreateDisk(meta.Disk{
 				Name: o.Names[i], Size: src.Size, SegmentSize: src.SegmentSize, Policy: src.Policy,
 				Origin: src.ID, Family: src.Family, ReadOnly: !o.Writable, Created: c.now().UTC(),
@@ -388,17 +377,9 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	c.forget(d.ID)
 	var freed []table.Location
 	err = c.store.Update(ctx, func(tx meta.Tx) error {
-		freed = freed[:0]
-		if err := tx.ForEachMapped(d.ID, func(_ uint64, e table.Entry) error {
-			n, err := meta.AddRefs(tx, e.Loc, -1)
-			if n == 0 && err == nil {
-				freed = append(freed, e.Loc)
-			}
-			return err
-		}); err != nil {
-			return err
-		}
-		return tx.DeleteDisk(d.ID)
+		var err error
+		freed, err = tx.DeleteDisk(d.ID)
+		return err
 	})
 	if err != nil {
 		return err
@@ -453,6 +434,9 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		freed = freed[:0]
 		if size < d.Size {
 			from := nd.Segments()
+			if err := tx.Unshare(d.ID, from, d.Segments()-from); err != nil {
+				return err
+			}
 			if err := tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
 				if seg < from {
 					return nil

@@ -96,24 +96,79 @@ func (c *Controller) fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, ErrBadRequest)
 }
 
+// sharers returns how many holders share the slot entry e (seg of disk id)
+// maps, as far as a write needs to know: the slot's count, or at least 2
+// when the table page that holds the entry is shared.
+func sharers(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32, error) {
+	if !e.Mapped() {
+		return 0, nil
+	}
+	n, err := tx.Refs(e.Loc)
+	if err != nil {
+		return 0, err
+	}
+	if n < 2 {
+		shared, err := tx.PageShared(id, seg)
+		if err != nil {
+			return 0, err
+		}
+		if shared {
+			n = 2
+		}
+	}
+	return n, nil
+}
+
+// effective returns entry e as an agent must hold it: No-write when its
+// slot is shared (refs > 1). Snapshots do not write No-write into the
+// entries they share; it follows from the sharing.
+func effective(e table.Entry, refs uint32) table.Entry {
+	if e.Mapped() && refs > 1 && !e.Is(table.NoWrite) {
+		return table.At(e.Loc, true)
+	}
+	return e
+}
+
 // faultLocked resolves a read or write fault on one segment.
 func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Disk) (mapping.Reply, error) {
 	seg := f.Segment
 	var e table.Entry
 	var refs uint32
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	var pageShared bool
+	read := func(tx meta.Tx) error {
 		es, err := tx.Entries(d.ID, seg, 1)
 		if err != nil {
 			return err
 		}
 		e = es[0]
 		if e.Mapped() {
-			refs, err = tx.Refs(e.Loc)
+			if refs, err = tx.Refs(e.Loc); err != nil {
+				return err
+			}
 		}
+		pageShared, err = tx.PageShared(d.ID, seg)
 		return err
-	}); err != nil {
+	}
+	if err := c.store.View(ctx, read); err != nil {
 		return mapping.Reply{}, err
 	}
+	if f.Op == mapping.FaultWrite && pageShared {
+		// A write through a shared table page: give the disk a copy
+		// of its own first (no entry changes), so that the slot's
+		// count alone tells whether the entry is shared.
+		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+			if err := tx.Unshare(d.ID, seg, 1); err != nil {
+				return err
+			}
+			return read(tx)
+		}); err != nil {
+			return mapping.Reply{}, err
+		}
+	}
+	if pageShared && e.Mapped() && refs < 2 {
+		refs = 2
+	}
+	e = effective(e, refs)
 	reply := func(e table.Entry) (mapping.Reply, error) {
 		return mapping.Reply{First: seg, Entries: []table.Entry{e}}, nil
 	}
@@ -242,7 +297,10 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	}); err != nil {
 		return mapping.Reply{}, err
 	}
-	if uint32(len(sharers)) != refs-1 {
+	// refs counts table pages (the faulting disk's own, and the
+	// sharers'), and sharers may share pages among themselves: so at
+	// least refs-1 sharers, and at least one.
+	if len(sharers) == 0 || uint32(len(sharers)) < refs-1 {
 		return mapping.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
 	}
 
@@ -333,7 +391,7 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		if err != nil {
 			return err
 		}
-		if !es[0].Mapped() || es[0].Loc != sw.old || !es[0].Is(table.NoWrite) {
+		if !es[0].Mapped() || es[0].Loc != sw.old {
 			return mapping.ErrStale
 		}
 		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {
@@ -378,6 +436,11 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 	var freed []table.Location
 	if err := c.store.Update(ctx, func(tx meta.Tx) error {
 		freed = freed[:0]
+		// Shared pages first become the disk's own, so that each
+		// entry's slot count is the one to drop.
+		if err := tx.Unshare(d.ID, first, n); err != nil {
+			return err
+		}
 		es, err := tx.Entries(d.ID, first, n)
 		if err != nil {
 			return err

@@ -284,7 +284,7 @@ var corruptReads = map[string][]corruptRead{
 			d.Name = "renamed"
 			return tx.PutDisk(d)
 		}},
-		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return tx.DeleteDisk(f.disk.ID) }},
+		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
 	},
 	"n/": {
 		{"Disk", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Disk("vol")) }},
@@ -298,6 +298,29 @@ var corruptReads = map[string][]corruptRead{
 			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
 		}},
 		{"CopyTable", true, func(tx meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
+		{"TablePages", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.TablePages(f.disk.ID)) }},
+		{"PageShared", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
+	},
+	"p/": {
+		{"Entries", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Entries(f.disk.ID, 0, 5)) }},
+		{"ForEachMapped", false, func(tx meta.Tx, f corruptFixture) error {
+			return tx.ForEachMapped(f.disk.ID, func(uint64, table.Entry) error { return nil })
+		}},
+		{"SetEntries", true, func(tx meta.Tx, f corruptFixture) error {
+			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
+		}},
+		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
+	},
+	"q/": {
+		{"PageShared", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
+		{"SetEntries", true, func(tx meta.Tx, f corruptFixture) error {
+			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
+		}},
+		{"CopyTable", true, func(tx meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
+		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
+		{"ForEachStoredPage", false, func(tx meta.Tx, f corruptFixture) error {
+			return tx.ForEachStoredPage(func(uint64, uint32, bool) error { return nil })
+		}},
 	},
 	"r/": {
 		{"Refs", false, func(tx meta.Tx, f corruptFixture) error {

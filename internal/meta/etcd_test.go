@@ -35,6 +35,9 @@ const (
 	refsPageBytes  = 1 + meta.PageSlots*4 + 4
 )
 
+// dirBytes is the encoded size of a table directory of n pages.
+func dirBytes(n int) int { return 1 + 4 + n*12 + 4 }
+
 // TestEtcd runs everything against one embedded etcd server, which takes
 // about a second to start; each store lives under a prefix of its own.
 func TestEtcd(t *testing.T) {
@@ -248,7 +251,7 @@ func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
 	for _, r := range []struct {
 		sub  string
 		size int
-	}{{"t/", tablePageBytes}, {"r/", refsPageBytes}} {
+	}{{"p/", tablePageBytes}, {"r/", refsPageBytes}, {"q/", refsPageBytes}, {"t/", dirBytes(1)}} {
 		resp, err := cli.Get(t.Context(), prefix+r.sub, clientv3.WithPrefix())
 		if err != nil {
 			t.Fatal(err)
@@ -257,7 +260,7 @@ func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
 			t.Fatalf("%d keys under %q, want 1", len(resp.Kvs), r.sub)
 		}
 		if got := len(resp.Kvs[0].Value); got != r.size {
-			t.Errorf("page under %q is %d bytes, want %d", r.sub, got, r.size)
+			t.Errorf("record under %q is %d bytes, want %d", r.sub, got, r.size)
 		}
 	}
 }
@@ -366,7 +369,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 				}
 				return "present", err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { return tx.DeleteDisk(ids[1]) },
+			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesCreate",
@@ -387,7 +390,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 				ds, err := tx.Disks()
 				return fmt.Sprint(len(ds)), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { return tx.DeleteDisk(ids[1]) },
+			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesModify",

@@ -111,7 +111,7 @@ func FuzzDecodePage(f *testing.F) {
 		mixed[i] = table.Entry{Loc: table.Location{Container: uint32(i % 7), Slot: uint32(i * 2654435761)}, State: states[i%len(states)]}
 	}
 	addSeeds(f, encodePage(zeroPage), encodePage(mixed), encodePage(new(page)))
-	key := pageKey(1, 0)
+	key := pageKey(1)
 	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
 		v := fuzzInput(in, reseal)
 		orig := bytes.Clone(v)
@@ -124,6 +124,23 @@ func FuzzDecodePage(f *testing.F) {
 				}
 			}
 		}
+	})
+}
+
+func FuzzDecodeDir(f *testing.F) {
+	full := new(dir)
+	for i := range full {
+		full[i] = uint64(i)*2654435761 + 1
+	}
+	some := new(dir)
+	some[0], some[7], some[DirPages-1] = 1, math.MaxUint64, 42
+	addSeeds(f, encodeDir(new(dir)), encodeDir(some), encodeDir(full))
+	key := dirKey(1, 0)
+	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
+		v := fuzzInput(in, reseal)
+		orig := bytes.Clone(v)
+		d, err := decodeDir(key, v)
+		checkDecode(t, key, v, orig, err, func() []byte { return encodeDir(d) })
 	})
 }
 

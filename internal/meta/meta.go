@@ -13,22 +13,41 @@
 //
 //	n/<name>                 -> disk id
 //	d/<disk id>              -> Disk record
-//	t/<disk id>/<page>       -> table page: PageEntries entries
+//	t/<disk id>/<dir>        -> table directory: the ids of DirPages table pages
+//	p/<page id>              -> table page: PageEntries entries
+//	q/<page id / PageSlots>  -> reference counts of PageSlots table pages
 //	c/<container id>         -> Container record
 //	r/<container id>/<page>  -> reference counts of PageSlots slots
 //	s/<sequence name>        -> last id handed out
 //	g/<disk id>              -> the agents allowed to map the disk (absent: any)
 //
-// A table page that does not exist holds only Zero entries, so a disk of any
-// size is created by writing one record, and a reference page that does not
-// exist holds only free slots. Every value ends in a CRC-32C of the bytes
-// before it; a record that fails it, or that does not decode, is reported as
-// ErrCorrupt with its key.
+// A disk's table is a list of pages, held in directories. A page that does
+// not exist (id 0) holds only Zero entries, so a disk of any size is created
+// by writing one record, and a reference page that does not exist holds
+// only free slots. Every value ends in a CRC-32C of the bytes before it; a
+// record that fails it, or that does not decode, is reported as ErrCorrupt
+// with its key.
+//
+// # Shared pages
+//
+// Table pages are shared between disks: CopyTable (a snapshot, a clone)
+// copies the source's directories and counts one more reference on each of
+// its pages, whatever the number of entries. A page is written only by a
+// disk that holds its only reference: the first change to a shared page
+// through a disk (SetEntries, Unshare) first copies it for that disk (copy
+// on write, as dm-thin shares btree nodes), and the copy counts one more
+// reference on every slot it maps.
 //
 // # Invariants (checked by the controller's Check)
 //
-//   - a slot's reference count equals the number of table entries, across
-//     all disks, that point at it; a count of zero means free;
+//   - a table page's reference count equals the number of directory slots,
+//     across all disks, that hold its id; a page with none is not stored;
+//   - a slot's reference count equals the number of stored table pages
+//     with an entry that points at it (a page shared by several disks
+//     counts once); a count of zero means free;
+//   - so a slot is shared by several disks exactly when its count is above
+//     one or the page that maps it is shared: writes to it must not land
+//     in place, whether the entry says No-write or not;
 //   - Container.Used is the number of slots with a non-zero count.
 package meta
 
@@ -46,6 +65,15 @@ const PageEntries = 1024
 
 // PageSlots is the number of slot reference counts in one stored page.
 const PageSlots = 1024
+
+// DirPages is the number of table pages in one table directory.
+const DirPages = 1024
+
+// PageRef is one page of a disk's table: its index in the table (entries
+// [Index*PageEntries, (Index+1)*PageEntries)) and the stored page's id.
+type PageRef struct {
+	Index, ID uint64
+}
 
 // DiskID identifies a disk for its lifetime; ids are never reused.
 type DiskID uint64
@@ -146,19 +174,44 @@ type Tx interface {
 	CreateDisk(d Disk) (Disk, error)
 	// PutDisk updates an existing disk's record; the name may change.
 	PutDisk(d Disk) error
-	// DeleteDisk removes the disk record and its table. It does not touch
-	// reference counts: the caller releases the disk's slots first.
-	DeleteDisk(id DiskID) error
+	// DeleteDisk removes the disk record and its table: each of its
+	// pages loses a reference, and a page left with none is removed and
+	// releases its slots. It returns the slots whose count reached zero
+	// (the caller may punch them).
+	DeleteDisk(id DiskID) ([]table.Location, error)
 
 	// Entries returns entries [first, first+n) of disk id's table.
 	Entries(id DiskID, first, n uint64) ([]table.Entry, error)
-	// SetEntries replaces entries [first, first+len(es)) of disk id's table.
+	// SetEntries replaces entries [first, first+len(es)) of disk id's
+	// table, first unsharing the pages it changes (see Unshare). The
+	// caller keeps slot reference counts right for the entries it
+	// replaces.
 	SetEntries(id DiskID, first uint64, es []table.Entry) error
 	// ForEachMapped calls fn for every entry of disk id's table that holds
 	// a location (neither Zero, Error nor Invalid), in segment order.
 	ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error
-	// CopyTable makes dst's table a copy of src's.
+	// CopyTable makes dst's table a copy of src's by sharing its pages:
+	// its cost grows with the number of pages, not of entries, and no
+	// slot's count changes. dst's previous table is released as by
+	// DeleteDisk.
 	CopyTable(src, dst DiskID) error
+	// PageShared says whether the page holding entry seg of disk id is
+	// shared with another disk.
+	PageShared(id DiskID, seg uint64) (bool, error)
+	// Unshare gives disk id a page of its own for every shared page that
+	// holds entries [first, first+n): a copy, which counts one more
+	// reference on each slot it maps. Afterwards a slot's count tells
+	// whether one of those entries is shared.
+	Unshare(id DiskID, first, n uint64) error
+	// TablePages returns the stored pages of disk id's table, in order.
+	TablePages(id DiskID) ([]PageRef, error)
+	// Page returns the entries of the stored table page pid.
+	Page(pid uint64) ([]table.Entry, error)
+	// PageRefs returns the reference count of table page pid.
+	PageRefs(pid uint64) (uint32, error)
+	// ForEachStoredPage calls fn, in id order, for every table page that
+	// is stored or has a non-zero reference count, with that count.
+	ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) error) error
 
 	// Containers returns every container, ordered by id.
 	Containers() ([]Container, error)

@@ -17,6 +17,7 @@ const (
 	containerVersion = 1
 	pageVersion      = 1
 	refsVersion      = 1
+	dirVersion       = 2 // 1 was a table page stored under t/, before pages were shared
 )
 
 // entrySize is the encoded size of one table entry: container, slot, state.
@@ -246,6 +247,55 @@ var zeroPage = func() *page {
 	return p
 }()
 
+// dir is a decoded table directory: the ids of DirPages consecutive table
+// pages of one disk (0: a page not stored, all Zero).
+type dir [DirPages]uint64
+
+// encodeDir stores only the pages that exist: count, then (index, id).
+func encodeDir(d *dir) []byte {
+	e := &enc{b: make([]byte, 0, 64)}
+	e.u8(dirVersion)
+	n := 0
+	for _, id := range d {
+		if id != 0 {
+			n++
+		}
+	}
+	e.u32(uint32(n))
+	for i, id := range d {
+		if id != 0 {
+			e.u32(uint32(i))
+			e.u64(id)
+		}
+	}
+	return e.seal()
+}
+
+func decodeDir(key, v []byte) (*dir, error) {
+	r := open(key, v, dirVersion)
+	n := r.u32()
+	if r.err == nil && (n > DirPages || len(r.b) != int(n)*12) {
+		return nil, corrupt(key, "table directory of %d pages in %d bytes", n, len(r.b))
+	}
+	d := new(dir)
+	last := -1
+	for range n {
+		i, id := r.u32(), r.u64()
+		if r.err != nil {
+			break
+		}
+		if int(i) <= last || i >= DirPages || id == 0 {
+			return nil, corrupt(key, "table directory entry %d -> page %d", i, id)
+		}
+		d[i] = id
+		last = int(i)
+	}
+	if err := r.done(key); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
 // refs is a decoded page of reference counts.
 type refs [PageSlots]uint32
 
@@ -329,9 +379,17 @@ func tablePrefix(id DiskID) []byte {
 	return append(binary.BigEndian.AppendUint64([]byte("t/"), uint64(id)), '/')
 }
 
-func pageKey(id DiskID, pg uint64) []byte {
-	return binary.BigEndian.AppendUint64(tablePrefix(id), pg)
+// dirKey is the key of table directory dn of disk id.
+func dirKey(id DiskID, dn uint64) []byte {
+	return binary.BigEndian.AppendUint64(tablePrefix(id), dn)
 }
+
+// pageKey is the key of the table page with id pid.
+func pageKey(pid uint64) []byte { return binary.BigEndian.AppendUint64([]byte("p/"), pid) }
+
+// pageRefsKey is the key of the reference counts of pages [n*PageSlots,
+// (n+1)*PageSlots).
+func pageRefsKey(n uint64) []byte { return binary.BigEndian.AppendUint64([]byte("q/"), n) }
 
 func containerKey(id uint32) []byte { return binary.BigEndian.AppendUint32([]byte("c/"), id) }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 
 	"segmap/internal/table"
@@ -32,14 +33,22 @@ type KV interface {
 type tx struct {
 	kv       KV
 	writable bool
-	pages    map[string]*cachedPage
-	refs     map[string]*cachedRefs
-	conts    map[uint32]*Container // containers whose Used changed
+	dirs     map[string]*cachedDir  // by key
+	pages    map[uint64]*cachedPage // by page id
+	prefs    map[uint64]*cachedRefs // page reference counts, by page id / PageSlots
+	refs     map[string]*cachedRefs // slot reference counts, by key
+	conts    map[uint32]*Container  // containers whose Used changed
+}
+
+type cachedDir struct {
+	d     *dir
+	dirty bool
 }
 
 type cachedPage struct {
 	p     *page
 	dirty bool
+	gone  bool // released: deleted at flush
 }
 
 type cachedRefs struct {
@@ -65,13 +74,47 @@ func (t *tx) del(key []byte) error {
 	return t.kv.Delete(key)
 }
 
-// flush writes the cached dirty pages and containers.
+// flush writes the cached dirty directories, pages, reference counts and
+// containers, and deletes released pages and empty directories.
 func (t *tx) flush() error {
-	for k, c := range t.pages {
-		if c.dirty {
-			if err := t.kv.Put([]byte(k), encodePage(c.p)); err != nil {
-				return err
-			}
+	for k, c := range t.dirs {
+		if !c.dirty {
+			continue
+		}
+		var err error
+		if *c.d == (dir{}) {
+			err = t.kv.Delete([]byte(k))
+		} else {
+			err = t.kv.Put([]byte(k), encodeDir(c.d))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for pid, c := range t.pages {
+		var err error
+		switch {
+		case c.gone:
+			err = t.kv.Delete(pageKey(pid))
+		case c.dirty:
+			err = t.kv.Put(pageKey(pid), encodePage(c.p))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for n, c := range t.prefs {
+		if !c.dirty {
+			continue
+		}
+		var err error
+		if *c.p == (refs{}) {
+			err = t.kv.Delete(pageRefsKey(n))
+		} else {
+			err = t.kv.Put(pageRefsKey(n), encodeRefs(c.p))
+		}
+		if err != nil {
+			return err
 		}
 	}
 	for k, c := range t.refs {
@@ -243,67 +286,304 @@ func (t *tx) PutDisk(d Disk) error {
 	return t.put(diskKey(d.ID), encodeDisk(d))
 }
 
-func (t *tx) DeleteDisk(id DiskID) error {
+func (t *tx) DeleteDisk(id DiskID) ([]table.Location, error) {
 	d, err := t.DiskByID(id)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := t.dropTable(id); err != nil {
-		return err
+	freed, err := t.dropTable(id)
+	if err != nil {
+		return nil, err
 	}
 	if err := t.del(grantsKey(id)); err != nil {
-		return err
+		return nil, err
 	}
 	if err := t.del(nameKey(d.Name)); err != nil {
-		return err
+		return nil, err
 	}
-	return t.del(diskKey(id))
+	return freed, t.del(diskKey(id))
 }
 
-// dropTable removes every page of disk id's table, stored or cached.
-func (t *tx) dropTable(id DiskID) error {
-	var keys [][]byte
-	if err := t.kv.Scan(tablePrefix(id), func(k, _ []byte) error {
-		keys = append(keys, bytes.Clone(k))
+// dirNumbers returns, in order, the directory numbers of disk id that are
+// stored or cached (cached ones may be newer than the store's).
+func (t *tx) dirNumbers(id DiskID) ([]uint64, error) {
+	prefix := tablePrefix(id)
+	dns := map[uint64]bool{}
+	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
+		if len(k) != len(prefix)+8 {
+			return corrupt(k, "not a table directory key")
+		}
+		dns[pageNo(k)] = true
 		return nil
 	}); err != nil {
-		return err
+		return nil, err
 	}
-	for _, k := range keys {
-		if err := t.del(k); err != nil {
-			return err
+	pre := string(prefix)
+	for k := range t.dirs {
+		if len(k) == len(pre)+8 && k[:len(pre)] == pre {
+			dns[pageNo([]byte(k))] = true
 		}
 	}
-	for k := range t.pages {
-		if bytes.HasPrefix([]byte(k), tablePrefix(id)) {
-			delete(t.pages, k)
-		}
+	order := make([]uint64, 0, len(dns))
+	for dn := range dns {
+		order = append(order, dn)
 	}
-	return nil
+	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
+	return order, nil
 }
 
-// page returns table page pg of disk id, from the cache or the store.
-func (t *tx) page(id DiskID, pg uint64) (*cachedPage, error) {
-	k := pageKey(id, pg)
-	if c, ok := t.pages[string(k)]; ok {
+// dropTable releases every page of disk id's table and removes its
+// directories; it returns the slots freed.
+func (t *tx) dropTable(id DiskID) ([]table.Location, error) {
+	if !t.writable {
+		return nil, ErrReadOnly
+	}
+	dns, err := t.dirNumbers(id)
+	if err != nil {
+		return nil, err
+	}
+	var freed []table.Location
+	for _, dn := range dns {
+		c, err := t.dir(id, dn)
+		if err != nil {
+			return nil, err
+		}
+		for i, pid := range c.d {
+			if pid == 0 {
+				continue
+			}
+			f, err := t.releasePage(pid)
+			if err != nil {
+				return nil, err
+			}
+			freed = append(freed, f...)
+			c.d[i] = 0
+		}
+		c.dirty = true
+	}
+	return freed, nil
+}
+
+// dir returns table directory dn of disk id, from the cache or the store.
+func (t *tx) dir(id DiskID, dn uint64) (*cachedDir, error) {
+	k := dirKey(id, dn)
+	if c, ok := t.dirs[string(k)]; ok {
 		return c, nil
 	}
 	v, err := t.kv.Get(k)
 	if err != nil {
 		return nil, err
 	}
-	c := &cachedPage{}
-	if v == nil {
-		p := *zeroPage
-		c.p = &p
-	} else if c.p, err = decodePage(k, v); err != nil {
+	c := &cachedDir{d: new(dir)}
+	if v != nil {
+		if c.d, err = decodeDir(k, v); err != nil {
+			return nil, err
+		}
+	}
+	if t.dirs == nil {
+		t.dirs = make(map[string]*cachedDir)
+	}
+	t.dirs[string(k)] = c
+	return c, nil
+}
+
+// pageID returns the id of table page pg of disk id (0: not stored).
+func (t *tx) pageID(id DiskID, pg uint64) (uint64, error) {
+	c, err := t.dir(id, pg/DirPages)
+	if err != nil {
+		return 0, err
+	}
+	return c.d[pg%DirPages], nil
+}
+
+// pageByID returns stored table page pid.
+func (t *tx) pageByID(pid uint64) (*cachedPage, error) {
+	if c, ok := t.pages[pid]; ok {
+		if c.gone {
+			return nil, fmt.Errorf("table page %d: released: %w", pid, ErrCorrupt)
+		}
+		return c, nil
+	}
+	k := pageKey(pid)
+	v, err := t.kv.Get(k)
+	if err != nil {
 		return nil, err
 	}
-	if t.pages == nil {
-		t.pages = make(map[string]*cachedPage)
+	if v == nil {
+		return nil, corrupt(k, "table page %d is missing", pid)
 	}
-	t.pages[string(k)] = c
+	p, err := decodePage(k, v)
+	if err != nil {
+		return nil, err
+	}
+	c := &cachedPage{p: p}
+	if t.pages == nil {
+		t.pages = make(map[uint64]*cachedPage)
+	}
+	t.pages[pid] = c
 	return c, nil
+}
+
+// readPage returns table page pg of disk id, for reading only.
+func (t *tx) readPage(id DiskID, pg uint64) (*page, error) {
+	pid, err := t.pageID(id, pg)
+	if err != nil || pid == 0 {
+		return zeroPage, err
+	}
+	c, err := t.pageByID(pid)
+	if err != nil {
+		return nil, err
+	}
+	return c.p, nil
+}
+
+// pageRefPage returns the cached page of reference counts that holds pid's.
+func (t *tx) pageRefPage(pid uint64) (*cachedRefs, error) {
+	n := pid / PageSlots
+	if c, ok := t.prefs[n]; ok {
+		return c, nil
+	}
+	k := pageRefsKey(n)
+	v, err := t.kv.Get(k)
+	if err != nil {
+		return nil, err
+	}
+	c := &cachedRefs{p: new(refs)}
+	if v != nil {
+		if c.p, err = decodeRefs(k, v); err != nil {
+			return nil, err
+		}
+	}
+	if t.prefs == nil {
+		t.prefs = make(map[uint64]*cachedRefs)
+	}
+	t.prefs[n] = c
+	return c, nil
+}
+
+func (t *tx) PageRefs(pid uint64) (uint32, error) {
+	c, err := t.pageRefPage(pid)
+	if err != nil {
+		return 0, err
+	}
+	return c.p[pid%PageSlots], nil
+}
+
+func (t *tx) addPageRefs(pid uint64, delta int) (uint32, error) {
+	c, err := t.pageRefPage(pid)
+	if err != nil {
+		return 0, err
+	}
+	n := &c.p[pid%PageSlots]
+	v := int64(*n) + int64(delta)
+	if v < 0 || v > math.MaxUint32 {
+		return 0, fmt.Errorf("table page %d: reference count %d%+d: %w", pid, *n, delta, ErrCorrupt)
+	}
+	*n = uint32(v)
+	c.dirty = true
+	return *n, nil
+}
+
+// releasePage drops one reference to table page pid; with none left the
+// page is removed and each slot it maps loses a reference. It returns the
+// slots freed.
+func (t *tx) releasePage(pid uint64) ([]table.Location, error) {
+	n, err := t.addPageRefs(pid, -1)
+	if err != nil || n > 0 {
+		return nil, err
+	}
+	c, err := t.pageByID(pid)
+	if err != nil {
+		return nil, err
+	}
+	var freed []table.Location
+	for _, e := range c.p {
+		if !e.Mapped() {
+			continue
+		}
+		k, err := AddRefs(t, e.Loc, -1)
+		if err != nil {
+			return nil, err
+		}
+		if k == 0 {
+			freed = append(freed, e.Loc)
+		}
+	}
+	c.gone = true
+	return freed, nil
+}
+
+// ownPage returns table page pg of disk id for writing: a page of the
+// disk's own. A shared page is copied first (the copy counts a reference
+// on each slot it maps); a page not stored is created when create is set
+// (and nil is returned when it is not).
+func (t *tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
+	if !t.writable {
+		return nil, ErrReadOnly
+	}
+	dc, err := t.dir(id, pg/DirPages)
+	if err != nil {
+		return nil, err
+	}
+	slot := &dc.d[pg%DirPages]
+	if *slot == 0 {
+		if !create {
+			return nil, nil
+		}
+		pid, err := t.nextID("page")
+		if err != nil {
+			return nil, err
+		}
+		p := *zeroPage
+		c := &cachedPage{p: &p, dirty: true}
+		if t.pages == nil {
+			t.pages = make(map[uint64]*cachedPage)
+		}
+		t.pages[pid] = c
+		if _, err := t.addPageRefs(pid, 1); err != nil {
+			return nil, err
+		}
+		*slot, dc.dirty = pid, true
+		return c, nil
+	}
+	old := *slot
+	c, err := t.pageByID(old)
+	if err != nil {
+		return nil, err
+	}
+	n, err := t.PageRefs(old)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("table page %d of disk %d has no references: %w", old, id, ErrCorrupt)
+	}
+	if n == 1 {
+		return c, nil
+	}
+	// Copy on write.
+	pid, err := t.nextID("page")
+	if err != nil {
+		return nil, err
+	}
+	p := *c.p
+	for _, e := range p {
+		if e.Mapped() {
+			if _, err := AddRefs(t, e.Loc, 1); err != nil {
+				return nil, err
+			}
+		}
+	}
+	nc := &cachedPage{p: &p, dirty: true}
+	t.pages[pid] = nc
+	if _, err := t.addPageRefs(old, -1); err != nil {
+		return nil, err
+	}
+	if _, err := t.addPageRefs(pid, 1); err != nil {
+		return nil, err
+	}
+	*slot, dc.dirty = pid, true
+	return nc, nil
 }
 
 func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
@@ -312,13 +592,13 @@ func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 	}
 	out := make([]table.Entry, 0, min(n, 1<<16))
 	for s := first; s < first+n; {
-		c, err := t.page(id, s/PageEntries)
+		p, err := t.readPage(id, s/PageEntries)
 		if err != nil {
 			return nil, err
 		}
 		i := s % PageEntries
 		m := min(PageEntries-i, first+n-s)
-		out = append(out, c.p[i:i+m]...)
+		out = append(out, p[i:i+m]...)
 		s += m
 	}
 	return out, nil
@@ -337,21 +617,56 @@ func (t *tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 		}
 	}
 	for len(es) > 0 {
-		c, err := t.page(id, first/PageEntries)
+		i := first % PageEntries
+		m := min(uint64(len(es)), PageEntries-i)
+		// Zero entries into a page that is not stored change nothing.
+		create := false
+		for _, e := range es[:m] {
+			create = create || e != table.ZeroEntry
+		}
+		c, err := t.ownPage(id, first/PageEntries, create)
 		if err != nil {
 			return err
 		}
-		i := first % PageEntries
-		m := copy(c.p[i:], es)
-		c.dirty = true
+		if c != nil {
+			copy(c.p[i:], es[:m])
+			c.dirty = true
+		}
 		es = es[m:]
-		first += uint64(m)
+		first += m
+	}
+	return nil
+}
+
+func (t *tx) PageShared(id DiskID, seg uint64) (bool, error) {
+	pid, err := t.pageID(id, seg/PageEntries)
+	if err != nil || pid == 0 {
+		return false, err
+	}
+	n, err := t.PageRefs(pid)
+	return n > 1, err
+}
+
+func (t *tx) Unshare(id DiskID, first, n uint64) error {
+	if !t.writable {
+		return ErrReadOnly
+	}
+	if n == 0 {
+		return nil
+	}
+	if n > math.MaxUint64-first {
+		return fmt.Errorf("entries [%d,+%d): %w", first, n, ErrRange)
+	}
+	for pg := first / PageEntries; pg <= (first+n-1)/PageEntries; pg++ {
+		if _, err := t.ownPage(id, pg, false); err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
 func (t *tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error {
-	return t.ForEachPage(id, func(pg uint64, p *page) error {
+	return t.forEachPage(id, func(pg uint64, p *page) error {
 		for i, e := range p {
 			if e.Mapped() {
 				if err := fn(pg*PageEntries+uint64(i), e); err != nil {
@@ -363,47 +678,106 @@ func (t *tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) 
 	})
 }
 
-// pageNumbers returns, in order, the page numbers under prefix that are
-// stored or cached (cached pages may be newer than the store's).
-func (t *tx) pageNumbers(prefix []byte, cached []string) ([]uint64, error) {
-	pgs := map[uint64]bool{}
-	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
-		pgs[pageNo(k)] = true
-		return nil
-	}); err != nil {
+func (t *tx) TablePages(id DiskID) ([]PageRef, error) {
+	dns, err := t.dirNumbers(id)
+	if err != nil {
 		return nil, err
 	}
-	pre := string(prefix)
-	for _, k := range cached {
-		if len(k) == len(pre)+8 && k[:len(pre)] == pre {
-			pgs[pageNo([]byte(k))] = true
+	var out []PageRef
+	for _, dn := range dns {
+		c, err := t.dir(id, dn)
+		if err != nil {
+			return nil, err
+		}
+		for i, pid := range c.d {
+			if pid != 0 {
+				out = append(out, PageRef{Index: dn*DirPages + uint64(i), ID: pid})
+			}
 		}
 	}
-	order := make([]uint64, 0, len(pgs))
-	for pg := range pgs {
-		order = append(order, pg)
-	}
-	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
-	return order, nil
+	return out, nil
 }
 
-// ForEachPage calls fn with every stored (or cached) page of disk id, in
-// order. Pages not stored hold only Zero entries.
-func (t *tx) ForEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
-	keys := make([]string, 0, len(t.pages))
-	for k := range t.pages {
-		keys = append(keys, k)
-	}
-	order, err := t.pageNumbers(tablePrefix(id), keys)
+func (t *tx) Page(pid uint64) ([]table.Entry, error) {
+	c, err := t.pageByID(pid)
 	if err != nil {
+		return nil, err
+	}
+	return slices.Clone(c.p[:]), nil
+}
+
+func (t *tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) error) error {
+	ids := map[uint64]bool{}
+	if err := t.kv.Scan([]byte("p/"), func(k, _ []byte) error {
+		if len(k) != 2+8 {
+			return corrupt(k, "not a table page key")
+		}
+		ids[pageNo(k)] = true
+		return nil
+	}); err != nil {
 		return err
 	}
-	for _, pg := range order {
-		c, err := t.page(id, pg)
+	for pid, c := range t.pages {
+		ids[pid] = !c.gone
+	}
+	ns := map[uint64]bool{}
+	if err := t.kv.Scan([]byte("q/"), func(k, _ []byte) error {
+		if len(k) != 2+8 {
+			return corrupt(k, "not a page reference key")
+		}
+		ns[pageNo(k)] = true
+		return nil
+	}); err != nil {
+		return err
+	}
+	for n := range t.prefs {
+		ns[n] = true
+	}
+	for n := range ns {
+		c, err := t.pageRefPage(n * PageSlots)
 		if err != nil {
 			return err
 		}
-		if err := fn(pg, c.p); err != nil {
+		for i, r := range c.p {
+			if pid := n*PageSlots + uint64(i); r != 0 && !ids[pid] {
+				ids[pid] = false
+			}
+		}
+	}
+	order := make([]uint64, 0, len(ids))
+	for pid := range ids {
+		order = append(order, pid)
+	}
+	slices.Sort(order)
+	for _, pid := range order {
+		r, err := t.PageRefs(pid)
+		if err != nil {
+			return err
+		}
+		stored := ids[pid]
+		if c, ok := t.pages[pid]; ok {
+			stored = !c.gone
+		}
+		if err := fn(pid, r, stored); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// forEachPage calls fn with every stored page of disk id's table, in
+// order. Pages not stored hold only Zero entries.
+func (t *tx) forEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
+	prs, err := t.TablePages(id)
+	if err != nil {
+		return err
+	}
+	for _, pr := range prs {
+		c, err := t.pageByID(pr.ID)
+		if err != nil {
+			return err
+		}
+		if err := fn(pr.Index, c.p); err != nil {
 			return err
 		}
 	}
@@ -417,18 +791,33 @@ func (t *tx) CopyTable(src, dst DiskID) error {
 	if src == dst {
 		return nil
 	}
-	if err := t.dropTable(dst); err != nil {
+	if _, err := t.dropTable(dst); err != nil {
 		return err
 	}
-	return t.ForEachPage(src, func(pg uint64, p *page) error {
-		c, err := t.page(dst, pg)
+	dns, err := t.dirNumbers(src)
+	if err != nil {
+		return err
+	}
+	for _, dn := range dns {
+		sc, err := t.dir(src, dn)
 		if err != nil {
 			return err
 		}
-		*c.p = *p
-		c.dirty = true
-		return nil
-	})
+		dc, err := t.dir(dst, dn)
+		if err != nil {
+			return err
+		}
+		for _, pid := range sc.d {
+			if pid != 0 {
+				if _, err := t.addPageRefs(pid, 1); err != nil {
+					return err
+				}
+			}
+		}
+		*dc.d = *sc.d
+		dc.dirty = true
+	}
+	return nil
 }
 
 func (t *tx) Containers() ([]Container, error) {
@@ -618,4 +1007,28 @@ func (t *tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error 
 		}
 	}
 	return nil
+}
+
+// pageNumbers returns, in order, the page numbers under prefix that are
+// stored or cached (cached pages may be newer than the store's).
+func (t *tx) pageNumbers(prefix []byte, cached []string) ([]uint64, error) {
+	pgs := map[uint64]bool{}
+	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
+		pgs[pageNo(k)] = true
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	pre := string(prefix)
+	for _, k := range cached {
+		if len(k) == len(pre)+8 && k[:len(pre)] == pre {
+			pgs[pageNo([]byte(k))] = true
+		}
+	}
+	order := make([]uint64, 0, len(pgs))
+	for pg := range pgs {
+		order = append(order, pg)
+	}
+	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
+	return order, nil
 }

@@ -140,11 +140,18 @@ const pageSize = 1024
 // SetEntryState(NoWrite) leaves voided entries, and unallocated pages,
 // unchanged.
 //
+// Setting NoWrite on every entry (a snapshot of the disk) costs O(1): the
+// table counts such settings in gen, and a page applies the ones it has
+// not seen (pageGen) when it is next written; until then Entry reports its
+// mapped entries NoWrite.
+//
 // A Table is not safe for concurrent use; its owner serialises access.
 type Table struct {
-	n     int
-	fill  Entry
-	pages []*[pageSize]Entry
+	n       int
+	fill    Entry
+	pages   []*[pageSize]Entry
+	gen     uint32
+	pageGen []uint32
 }
 
 // normal returns e normalised: a voided entry keeps only its voiding bits.
@@ -157,7 +164,8 @@ func normal(e Entry) Entry {
 
 // New returns a table of n entries, each set to fill.
 func New(n int, fill Entry) *Table {
-	return &Table{n: n, fill: normal(fill), pages: make([]*[pageSize]Entry, (n+pageSize-1)/pageSize)}
+	np := (n + pageSize - 1) / pageSize
+	return &Table{n: n, fill: normal(fill), pages: make([]*[pageSize]Entry, np), pageGen: make([]uint32, np)}
 }
 
 // Len returns the number of entries.
@@ -169,8 +177,13 @@ func (t *Table) Entry(i int) Entry {
 	if uint(i) >= uint(t.n) {
 		panic(fmt.Sprintf("table: entry %d of %d", i, t.n))
 	}
-	if p := t.pages[i/pageSize]; p != nil {
-		return p[i%pageSize]
+	pi := i / pageSize
+	if p := t.pages[pi]; p != nil {
+		e := p[i%pageSize]
+		if t.pageGen[pi] != t.gen && !e.Voided() {
+			e.State |= NoWrite
+		}
+		return e
 	}
 	return t.fill
 }
@@ -189,7 +202,8 @@ func (t *Table) Pages() int {
 // PageBytes is the memory one allocated page takes.
 const PageBytes = pageSize * 12
 
-// page returns page pi, allocating it if needed.
+// page returns page pi for writing, allocating it if needed, with every
+// whole-table NoWrite applied.
 func (t *Table) page(pi int) *[pageSize]Entry {
 	p := t.pages[pi]
 	if p == nil {
@@ -200,6 +214,15 @@ func (t *Table) page(pi int) *[pageSize]Entry {
 			}
 		}
 		t.pages[pi] = p
+		t.pageGen[pi] = t.gen
+	}
+	if t.pageGen[pi] != t.gen {
+		for i := range p {
+			if !p[i].Voided() {
+				p[i].State |= NoWrite
+			}
+		}
+		t.pageGen[pi] = t.gen
 	}
 	return p
 }
@@ -279,10 +302,18 @@ func (t *Table) SetEntryState(first, n int, s State, on bool) error {
 	if !on && s&voiding != 0 {
 		return fmt.Errorf("clear %v: %w", s&voiding, ErrVoided)
 	}
+	if first == 0 && n == t.n && s == NoWrite && on && t.fill.Voided() {
+		// Every entry: O(1), applied to each page lazily.
+		t.gen++
+		return nil
+	}
 	for i := first; i < first+n; {
 		pi, off := i/pageSize, i%pageSize
 		m := min(pageSize-off, first+n-i)
 		p := t.pages[pi]
+		if p != nil {
+			p = t.page(pi)
+		}
 		if p == nil {
 			// Every entry of the page is the fill entry.
 			f := t.fill

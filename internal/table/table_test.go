@@ -253,3 +253,57 @@ func TestStrings(t *testing.T) {
 		t.Errorf("ParsePolicy(sideways): %v", err)
 	}
 }
+
+// TestWholeTableNoWrite: NoWrite on every entry (a snapshot) applies to
+// every mapped entry loaded before it, including entries written later to
+// the same pages, and not to entries set after it.
+func TestWholeTableNoWrite(t *testing.T) {
+	const n = 3*pageSize + 5
+	tb := New(n, InvalidEntry)
+	loc := func(i int) Location { return Location{Container: 1, Slot: uint32(i)} }
+	for _, i := range []int{0, 1, pageSize + 7, 3 * pageSize} {
+		if err := tb.SetEntry(i, []Entry{At(loc(i), false)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tb.SetEntry(2, []Entry{ZeroEntry}); err != nil {
+		t.Fatal(err)
+	}
+	gen := tb.gen
+	if err := tb.SetEntryState(0, n, NoWrite, true); err != nil {
+		t.Fatal(err)
+	}
+	if tb.gen == gen {
+		t.Fatal("whole-table NoWrite walked the entries instead of counting")
+	}
+	// A write to entry 1 after the snapshot must not lose entry 0's NoWrite.
+	if err := tb.SetEntry(1, []Entry{At(loc(99), false)}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[int]Entry{
+		0:            At(loc(0), true),
+		1:            At(loc(99), false),
+		2:            ZeroEntry,
+		3:            InvalidEntry,
+		pageSize + 7: At(loc(pageSize+7), true),
+		3 * pageSize: At(loc(3*pageSize), true),
+		2 * pageSize: InvalidEntry,
+	}
+	for i, w := range want {
+		if got := tb.Entry(i); got != w {
+			t.Errorf("entry %d = %v, want %v", i, got, w)
+		}
+	}
+	st, err := tb.GetStatus(pageSize+7, 1, NoWrite)
+	if err != nil || !st[0] {
+		t.Errorf("GetStatus NoWrite of a loaded entry after the snapshot = %v, %v", st, err)
+	}
+	// Clearing NoWrite on one entry (a copy-on-write resolved) works on
+	// a page not yet written since.
+	if err := tb.SetEntryState(3*pageSize, 1, NoWrite, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := tb.Entry(3 * pageSize); got != At(loc(3*pageSize), false) {
+		t.Errorf("entry after clearing NoWrite = %v", got)
+	}
+}

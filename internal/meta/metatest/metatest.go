@@ -64,6 +64,7 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"ForEachMapped", testForEachMapped},
 			{"CopyTable", testCopyTable},
 			{"CopyTableReplacesDestination", testCopyTableReplaces},
+			{"SharedPages", testSharedPages},
 		}},
 		{"Container", []check{
 			{"AddAssignsIDs", testAddContainer},
@@ -330,7 +331,7 @@ func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 	})
 
 	// Ids are never reused, not even the id of the newest disk once deleted.
-	update(t, s, func(tx meta.Tx) error { return tx.DeleteDisk(ds[2].ID) })
+	update(t, s, func(tx meta.Tx) error { return deleteDisk(tx, ds[2].ID) })
 	update(t, s, func(tx meta.Tx) error {
 		d, err := tx.CreateDisk(testDisk("d"))
 		if err != nil {
@@ -456,7 +457,7 @@ func testNotFound(t *testing.T, s meta.Store) {
 	})
 	update(t, s, func(tx meta.Tx) error {
 		wantErr(t, "PutDisk of a missing disk", tx.PutDisk(meta.Disk{ID: 12345, Name: "x", SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}), meta.ErrNotFound)
-		wantErr(t, "DeleteDisk of a missing disk", tx.DeleteDisk(12345), meta.ErrNotFound)
+		wantErr(t, "DeleteDisk of a missing disk", deleteDisk(tx, 12345), meta.ErrNotFound)
 		wantErr(t, "SetRefs in a missing container", tx.SetRefs(loc(77, 0), 1), meta.ErrNotFound)
 		return nil
 	})
@@ -606,17 +607,20 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 		if keep, err = tx.CreateDisk(testDisk("keep")); err != nil {
 			return err
 		}
+		if err := addContainers(tx, 1, 2); err != nil {
+			return err
+		}
 		for i, seg := range segs {
-			if err := tx.SetEntries(old.ID, seg, []table.Entry{at(1, uint32(i))}); err != nil {
+			if err := mapEntry(tx, old.ID, seg, at(1, uint32(i))); err != nil {
 				return err
 			}
-			if err := tx.SetEntries(keep.ID, seg, []table.Entry{at(2, uint32(i))}); err != nil {
+			if err := mapEntry(tx, keep.ID, seg, at(2, uint32(i))); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error { return tx.DeleteDisk(old.ID) })
+	update(t, s, func(tx meta.Tx) error { return deleteDisk(tx, old.ID) })
 
 	checkGone := func(tx meta.Tx, newID meta.DiskID) error {
 		_, err := tx.Disk("vol")
@@ -675,10 +679,13 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 	// Deleting a disk whose table was written in the same transaction drops
 	// the uncommitted pages too.
 	update(t, s, func(tx meta.Tx) error {
-		if err := tx.SetEntries(recreated.ID, 3*meta.PageEntries, []table.Entry{at(3, 3)}); err != nil {
+		if err := addContainers(tx, 3); err != nil {
 			return err
 		}
-		if err := tx.DeleteDisk(recreated.ID); err != nil {
+		if err := mapEntry(tx, recreated.ID, 3*meta.PageEntries, at(3, 3)); err != nil {
+			return err
+		}
+		if err := deleteDisk(tx, recreated.ID); err != nil {
 			return err
 		}
 		m, err := mappedOf(tx, recreated.ID)
@@ -980,8 +987,11 @@ func testCopyTable(t *testing.T, s meta.Store) {
 		if src, err = tx.CreateDisk(testDisk("src")); err != nil {
 			return err
 		}
+		if err := addContainers(tx, 1, 8); err != nil {
+			return err
+		}
 		for _, w := range set {
-			if err := tx.SetEntries(src.ID, w.seg, []table.Entry{w.e}); err != nil {
+			if err := mapEntry(tx, src.ID, w.seg, w.e); err != nil {
 				return err
 			}
 		}
@@ -1013,7 +1023,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 			return err
 		}
 		for _, w := range uncommitted {
-			if err := tx.SetEntries(src.ID, w.seg, []table.Entry{w.e}); err != nil {
+			if err := mapEntry(tx, src.ID, w.seg, w.e); err != nil {
 				return err
 			}
 		}
@@ -1061,12 +1071,15 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 		if dst, err = tx.CreateDisk(testDisk("dst")); err != nil {
 			return err
 		}
-		if err := tx.SetEntries(src.ID, 1, []table.Entry{at(1, 1)}); err != nil {
+		if err := addContainers(tx, 1, 2); err != nil {
+			return err
+		}
+		if err := mapEntry(tx, src.ID, 1, at(1, 1)); err != nil {
 			return err
 		}
 		// dst has entries on src's page and on pages src never stored.
 		for _, seg := range []uint64{2, 5 * meta.PageEntries, 1 << 40} {
-			if err := tx.SetEntries(dst.ID, seg, []table.Entry{at(2, 2)}); err != nil {
+			if err := mapEntry(tx, dst.ID, seg, at(2, 2)); err != nil {
 				return err
 			}
 		}
@@ -1639,7 +1652,7 @@ func testReadOnly(t *testing.T, s meta.Store) {
 		wantErr(t, "SetRefs in View", tx.SetRefs(loc(c.ID, 2), 1), meta.ErrReadOnly)
 		_, err = meta.AddRefs(tx, loc(c.ID, 1), 1)
 		wantErr(t, "AddRefs in View", err, meta.ErrReadOnly)
-		wantErr(t, "DeleteDisk in View", tx.DeleteDisk(d.ID), meta.ErrReadOnly)
+		wantErr(t, "DeleteDisk in View", deleteDisk(tx, d.ID), meta.ErrReadOnly)
 		return nil
 	})
 	view(t, s, func(tx meta.Tx) error {
@@ -2133,7 +2146,8 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 		if err := tx.SetEntries(a.ID, meta.PageEntries-3, long); err != nil {
 			return err
 		}
-		if err := tx.SetEntries(gone.ID, 0, long); err != nil {
+		// (Error entries: deleting a disk releases the slots it maps.)
+		if err := tx.SetEntries(gone.ID, 0, []table.Entry{table.ErrorEntry, table.ErrorEntry}); err != nil {
 			return err
 		}
 		if c, err = tx.AddContainer(testContainer("c", 2*meta.PageSlots+1)); err != nil {
@@ -2155,7 +2169,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 		if err := tx.PutDisk(renamed); err != nil {
 			return err
 		}
-		return tx.DeleteDisk(gone.ID)
+		return deleteDisk(tx, gone.ID)
 	})
 	a.Name = "a2"
 	wantRefs := []slotRef{{0, 1}, {meta.PageSlots + 1, meta.PageSlots + 2}, {2 * meta.PageSlots, 2*meta.PageSlots + 1}}
@@ -2325,5 +2339,168 @@ func testClosed(t *testing.T, r *reopener) {
 	view(t, s, func(tx meta.Tx) error {
 		_, err := tx.Disk("vol")
 		return err
+	})
+}
+
+// deleteDisk is DeleteDisk without the slots it freed.
+func deleteDisk(tx meta.Tx, id meta.DiskID) error {
+	_, err := tx.DeleteDisk(id)
+	return err
+}
+
+// addContainers adds containers with the given ids (of 2^20 slots) that
+// do not exist yet.
+func addContainers(tx meta.Tx, ids ...uint32) error {
+	for _, id := range ids {
+		if _, err := tx.Container(id); err == nil {
+			continue
+		} else if !errors.Is(err, meta.ErrNotFound) {
+			return err
+		}
+		if _, err := tx.AddContainer(meta.Container{ID: id, URI: fmt.Sprintf("c%d", id), SlotSize: 1 << 20, Slots: 1 << 20}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mapEntry sets entry seg of disk id to e, keeping reference counts right:
+// the slot e maps gains a reference, the one the entry mapped loses one.
+func mapEntry(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
+	if err := tx.Unshare(id, seg, 1); err != nil {
+		return err
+	}
+	old, err := tx.Entries(id, seg, 1)
+	if err != nil {
+		return err
+	}
+	if old[0].Mapped() {
+		if _, err := meta.AddRefs(tx, old[0].Loc, -1); err != nil {
+			return err
+		}
+	}
+	if e.Mapped() {
+		if _, err := meta.AddRefs(tx, e.Loc, 1); err != nil {
+			return err
+		}
+	}
+	return tx.SetEntries(id, seg, []table.Entry{e})
+}
+
+// testSharedPages checks the sharing of table pages: CopyTable shares pages
+// and changes no slot count; the first write through a sharer copies the
+// page, counting a reference on each slot the copy maps; deleting one
+// sharer frees nothing the other still maps, deleting the last frees.
+func testSharedPages(t *testing.T, s meta.Store) {
+	var a, b meta.Disk
+	const far = 5 * meta.PageEntries
+	update(t, s, func(tx meta.Tx) error {
+		var err error
+		if a, err = tx.CreateDisk(testDisk("a")); err != nil {
+			return err
+		}
+		if b, err = tx.CreateDisk(testDisk("b")); err != nil {
+			return err
+		}
+		if err := addContainers(tx, 1); err != nil {
+			return err
+		}
+		for i, seg := range []uint64{0, 1, far} {
+			if err := mapEntry(tx, a.ID, seg, at(1, uint32(i))); err != nil {
+				return err
+			}
+		}
+		return tx.CopyTable(a.ID, b.ID)
+	})
+	refsOf := func(tx meta.Tx, slots ...uint32) []uint32 {
+		var out []uint32
+		for _, sl := range slots {
+			n, err := tx.Refs(loc(1, sl))
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, n)
+		}
+		return out
+	}
+	view(t, s, func(tx meta.Tx) error {
+		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{1, 1, 1}) {
+			t.Errorf("slot counts after CopyTable %v, want 1 1 1 (pages are shared, not entries)", got)
+		}
+		for _, d := range []meta.Disk{a, b} {
+			for _, seg := range []uint64{0, far} {
+				if sh, err := tx.PageShared(d.ID, seg); err != nil || !sh {
+					t.Errorf("PageShared(%s, %d) = %v, %v; want true", d.Name, seg, sh, err)
+				}
+			}
+			if sh, err := tx.PageShared(d.ID, 3*meta.PageEntries); err != nil || sh {
+				t.Errorf("PageShared(%s) of a page not stored = %v, %v; want false", d.Name, sh, err)
+			}
+		}
+		pa, err := tx.TablePages(a.ID)
+		if err != nil {
+			return err
+		}
+		pb, err := tx.TablePages(b.ID)
+		if err != nil {
+			return err
+		}
+		if len(pa) != 2 || !slices.Equal(pa, pb) {
+			t.Errorf("TablePages: a %v, b %v; want the same two", pa, pb)
+		}
+		for _, p := range pa {
+			if n, err := tx.PageRefs(p.ID); err != nil || n != 2 {
+				t.Errorf("PageRefs(%d) = %d, %v; want 2", p.ID, n, err)
+			}
+		}
+		return nil
+	})
+	// A write through b copies b's first page: slots 0 and 1 gain a
+	// reference; a keeps its entries.
+	update(t, s, func(tx meta.Tx) error { return tx.SetEntries(b.ID, 5, []table.Entry{table.ErrorEntry}) })
+	view(t, s, func(tx meta.Tx) error {
+		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{2, 2, 1}) {
+			t.Errorf("slot counts after the copy on write %v, want 2 2 1", got)
+		}
+		if sh, _ := tx.PageShared(a.ID, 0); sh {
+			t.Error("a's first page still shared after b's write")
+		}
+		if sh, _ := tx.PageShared(a.ID, far); !sh {
+			t.Error("a's other page no longer shared")
+		}
+		return checkEntries(t, tx, a.ID, 5, []table.Entry{table.ZeroEntry})
+	})
+	// Unshare copies the other page without changing an entry.
+	update(t, s, func(tx meta.Tx) error { return tx.Unshare(a.ID, far, 1) })
+	view(t, s, func(tx meta.Tx) error {
+		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{2, 2, 2}) {
+			t.Errorf("slot counts after Unshare %v, want 2 2 2", got)
+		}
+		return checkEntries(t, tx, a.ID, far, []table.Entry{at(1, 2)})
+	})
+	// Deleting a frees nothing b maps; deleting b frees the rest.
+	var freed []table.Location
+	update(t, s, func(tx meta.Tx) error {
+		var err error
+		freed, err = tx.DeleteDisk(a.ID)
+		return err
+	})
+	if len(freed) != 0 {
+		t.Errorf("deleting a freed %v, which b maps", freed)
+	}
+	update(t, s, func(tx meta.Tx) error {
+		var err error
+		freed, err = tx.DeleteDisk(b.ID)
+		return err
+	})
+	slices.SortFunc(freed, func(x, y table.Location) int { return int(x.Slot) - int(y.Slot) })
+	if !slices.Equal(freed, []table.Location{loc(1, 0), loc(1, 1), loc(1, 2)}) {
+		t.Errorf("deleting b freed %v, want slots 0, 1, 2", freed)
+	}
+	view(t, s, func(tx meta.Tx) error {
+		return tx.ForEachStoredPage(func(pid uint64, refs uint32, stored bool) error {
+			t.Errorf("page %d left (%d references, stored %v) after both disks were deleted", pid, refs, stored)
+			return nil
+		})
 	})
 }
