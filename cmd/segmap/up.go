@@ -138,7 +138,10 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	if lost != nil {
 		// Agents of an earlier leader may still hold leases.
-		c.Ctrl.Hold(time.Now().Add(remote.DefaultLease))
+		if err := c.Ctrl.Hold(time.Now().Add(remote.DefaultLease)); err != nil {
+			c.Close()
+			return err
+		}
 	}
 	closed := false
 	defer func() {

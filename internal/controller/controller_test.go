@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -1102,8 +1103,11 @@ func TestHold(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t)
 	const hold = 300 * time.Millisecond
+	registerGone(t, c)
 	start := time.Now()
-	c.Ctrl.Hold(start.Add(hold))
+	if err := c.Ctrl.Hold(start.Add(hold)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := c.Ctrl.Disks(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -1135,8 +1139,11 @@ func TestHoldFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	const hold = 300 * time.Millisecond
+	registerGone(t, c)
 	start := time.Now()
-	c.Ctrl.Hold(start.Add(hold))
+	if err := c.Ctrl.Hold(start.Add(hold)); err != nil {
+		t.Fatal(err)
+	}
 	id := d.Info().ID
 	for _, seg := range []uint64{0, 1} { // allocated, Zero
 		if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultRead}); err != nil {
@@ -1158,4 +1165,90 @@ func TestHoldFaults(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// registerGone adds an agent "gone", which never attaches, to the agent
+// registry: a hold then lasts its full time.
+func registerGone(t *testing.T, c *local.Cluster) {
+	t.Helper()
+	err := c.Store.Update(t.Context(), func(tx meta.Tx) error {
+		reg, err := tx.Agents()
+		if err != nil {
+			return err
+		}
+		return tx.SetAgents(append(reg, "gone"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestHoldEndsEarly: a hold ends as soon as every registered agent has
+// attached (each has fenced itself first), and does not wait for the
+// registry at all when every registered agent is attached already; after
+// a full hold the registry is cut down to the agents attached.
+func TestHoldEndsEarly(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	// Every registered agent is attached: no wait.
+	start := time.Now()
+	if err := c.Ctrl.Hold(start.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "a", Size: seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) > 10*time.Second {
+		t.Fatalf("hold lasted %v with every registered agent attached", time.Since(start))
+	}
+	// "gone" is registered and not attached: the hold waits for it,
+	// and ends when it attaches.
+	registerGone(t, c)
+	if err := c.Ctrl.Hold(time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "b", Size: seg, SegmentSize: seg})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("CreateDisk during the hold returned %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	ag := agent.New(agent.Config{Name: "gone", Controller: c.Ctrl, OpenContainer: local.OpenContainer})
+	if err := ag.Attach(ctx, c.Ctrl); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the hold did not end when the last registered agent attached")
+	}
+	// A full hold cuts the registry down to the attached agents.
+	if err := c.Ctrl.Detach(ctx, "gone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ctrl.Hold(time.Now().Add(50 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "c", Size: seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, a := range c.Agents {
+		want = append(want, a.Name())
+	}
+	slices.Sort(want)
+	c.Store.View(ctx, func(tx meta.Tx) error {
+		reg, err := tx.Agents()
+		if err != nil || !slices.Equal(reg, want) {
+			t.Errorf("registry after a full hold: %v, %v; want %v", reg, err, want)
+		}
+		return nil
+	})
 }
