@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -51,7 +52,10 @@ func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	conn, err := ha.Dial(addrs, grpc.WithTransportCredentials(creds))
+	// A controller host that is down must not stall the command for
+	// gRPC's default 20 s connect timeout before the next is tried.
+	conn, err := ha.Dial(addrs, grpc.WithTransportCredentials(creds),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: 2 * time.Second}))
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -91,7 +91,10 @@ docs/cluster.md.`,
 				}
 				// Agents of an earlier controller may still hold leases:
 				// change nothing until those have run out.
-				ctrl.Hold(time.Now().Add(lease))
+				if err := ctrl.Hold(time.Now().Add(lease)); err != nil {
+					ctrl.Close()
+					return nil, nil, err
+				}
 				gs := grpc.NewServer(opts...)
 				pb.RegisterAdminServer(gs, admin.New(admin.Config{
 					Ctrl: ctrl, Version: version,

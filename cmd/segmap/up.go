@@ -51,9 +51,10 @@ sparse files, 1 MiB slots); a disk with another segment size gets a pool
 of its own the same way. 'segmap container add' adds more.
 
 With --etcd the metadata is kept in etcd instead of DATA/meta.db (the
-container files stay in DATA): up campaigns for leadership of the
-controllers under --etcd-prefix, waits until it leads, and stops if it
-loses the leadership.`,
+container files stay in DATA): up campaigns for the leadership of
+--etcd-prefix, waits until it leads, and stops (fencing its agent first)
+if it loses it. Do not share a prefix between 'segmap up' and 'segmap
+controller': up serves no remote agents.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runUp(cmd, f) },
 	}
@@ -137,7 +138,10 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	if lost != nil {
 		// Agents of an earlier leader may still hold leases.
-		c.Ctrl.Hold(time.Now().Add(remote.DefaultLease))
+		if err := c.Ctrl.Hold(time.Now().Add(remote.DefaultLease)); err != nil {
+			c.Close()
+			return err
+		}
 	}
 	closed := false
 	defer func() {
@@ -183,6 +187,17 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	case serveErr = <-errc:
 	case <-lost:
 		serveErr = errors.New("lost the leadership in etcd: stopping (another controller leads now)")
+		// Stop acting at once: no more commits, and the agent holds
+		// its I/O (every entry Invalid) instead of writing under
+		// entries the next leader may move.
+		c.Store.Close()
+		fctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		for _, a := range c.Agents {
+			if err := a.Fence(fctx); err != nil {
+				logger.Warn("fence", "err", err)
+			}
+		}
+		cancel()
 	}
 	fmt.Fprintln(w, "stopping: draining I/O")
 	sctx, cancel := context.WithTimeout(context.Background(), f.drain)

@@ -73,7 +73,8 @@ func Code(err error) codes.Code {
 		return codes.FailedPrecondition
 	case errors.Is(err, controller.ErrNoSpace):
 		return codes.ResourceExhausted
-	case errors.Is(err, controller.ErrClosed):
+	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrFenced):
+		// The controller is stopping or stepping down: ask the next.
 		return codes.Unavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded

@@ -31,6 +31,8 @@ func TestCode(t *testing.T) {
 		{wrap(controller.ErrNoPool), codes.FailedPrecondition},
 		{wrap(controller.ErrNoSpace), codes.ResourceExhausted},
 		{wrap(controller.ErrClosed), codes.Unavailable},
+		{wrap(meta.ErrFenced), codes.Unavailable},
+		{wrap(meta.ErrClosed), codes.Unavailable},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},
 		{errors.New("disk on fire"), codes.Internal},
 	} {

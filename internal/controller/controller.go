@@ -90,6 +90,13 @@ type Controller struct {
 		staged    map[uint64]stagedWrite
 		nextToken uint64
 		holdUntil time.Time // see Hold
+		// holdFor are the registered agents the hold still waits for
+		// (nil: none, or no early end); pruned is set once the
+		// registry has been cut down after a hold.
+		holdFor map[string]bool
+		pruned  bool
+		// registered caches the agent registry's names.
+		registered map[string]bool
 	}
 
 	// plans counts the faults resolved, by plan.
@@ -173,10 +180,109 @@ func (c *Controller) Close() error {
 // controller has either re-attached (and forgotten its entries) or, cut
 // off, fenced itself. Without it a snapshot could commit while an agent
 // that has not noticed yet still writes under its old entries.
-func (c *Controller) Hold(t time.Time) {
+//
+// The hold ends early once every agent in the store's agent registry has
+// attached to this controller: an agent is registered before any
+// controller grants it a lease, and one that attaches here has fenced
+// itself first, so then no lease of an earlier controller is left. When
+// the hold has run its course, the registry is cut down to the agents
+// attached here.
+func (c *Controller) Hold(t time.Time) error {
+	var reg []string
+	if err := c.store.View(context.Background(), func(tx meta.Tx) error {
+		var err error
+		reg, err = tx.Agents()
+		return err
+	}); err != nil {
+		return err
+	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.mu.holdUntil = t
+	c.mu.holdFor = map[string]bool{}
+	c.mu.pruned = false
+	c.mu.registered = map[string]bool{}
+	c.agents.Lock()
+	for _, a := range reg {
+		c.mu.registered[a] = true
+		if c.agents.byName[a] == nil {
+			c.mu.holdFor[a] = true
+		}
+	}
+	c.agents.Unlock()
+	if len(c.mu.holdFor) == 0 {
+		c.mu.holdUntil = time.Time{}
+	}
+	return nil
+}
+
+// attachedForHold notes that agent name has attached; c.mu held.
+func (c *Controller) attachedForHold(name string) {
+	if !c.mu.holdFor[name] {
+		return
+	}
+	delete(c.mu.holdFor, name)
+	if len(c.mu.holdFor) == 0 && time.Now().Before(c.mu.holdUntil) {
+		c.logger.Info("every registered agent has re-attached: hold ended early")
+		c.mu.holdUntil = time.Time{}
+	}
+}
+
+// register adds agent name to the store's agent registry, before it is
+// granted a lease.
+func (c *Controller) register(ctx context.Context, name string) error {
+	c.mu.Lock()
+	known := c.mu.registered[name]
 	c.mu.Unlock()
+	if known {
+		return nil
+	}
+	err := c.store.Update(ctx, func(tx meta.Tx) error {
+		reg, err := tx.Agents()
+		if err != nil || slices.Contains(reg, name) {
+			return err
+		}
+		return tx.SetAgents(append(reg, name))
+	})
+	if err != nil {
+		return fmt.Errorf("register agent %q: %w", name, err)
+	}
+	c.mu.Lock()
+	if c.mu.registered == nil {
+		c.mu.registered = map[string]bool{}
+	}
+	c.mu.registered[name] = true
+	c.mu.Unlock()
+	return nil
+}
+
+// prune cuts the agent registry down to the agents attached now, once a
+// hold is over; c.mu held. Failures are only logged: a longer registry
+// only makes the next hold last its full lease.
+func (c *Controller) pruneLocked() {
+	if c.mu.pruned || c.mu.registered == nil {
+		return
+	}
+	c.mu.pruned = true
+	c.agents.Lock()
+	var keep []string
+	for name := range c.agents.byName {
+		keep = append(keep, name)
+	}
+	c.agents.Unlock()
+	slices.Sort(keep)
+	if len(keep) == len(c.mu.registered) {
+		return
+	}
+	err := c.store.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents(keep) })
+	if err != nil {
+		c.logger.Warn("prune the agent registry", "err", err)
+		return
+	}
+	c.mu.registered = map[string]bool{}
+	for _, a := range keep {
+		c.mu.registered[a] = true
+	}
 }
 
 // lockNoHold locks c.mu without waiting for a Hold: for what changes
@@ -202,10 +308,11 @@ func (c *Controller) lock() error {
 		}
 		d := time.Until(c.mu.holdUntil)
 		if d <= 0 {
+			c.pruneLocked()
 			return nil
 		}
 		c.mu.Unlock()
-		time.Sleep(d)
+		time.Sleep(min(d, 50*time.Millisecond)) // the hold may end early
 		c.mu.Lock()
 	}
 }
@@ -217,6 +324,9 @@ func (c *Controller) lock() error {
 func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
 	if name == "" || a == nil {
 		return fmt.Errorf("attach: agent without a name: %w", ErrBadRequest)
+	}
+	if err := c.register(ctx, name); err != nil {
+		return err
 	}
 	st := &agentState{name: name, a: a, disks: make(map[meta.DiskID]bool)}
 	err := c.store.View(ctx, func(tx meta.Tx) error {
@@ -243,6 +353,7 @@ func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, o
 			delete(c.mu.staged, tok)
 		}
 	}
+	c.attachedForHold(name)
 	c.mu.Unlock()
 	return nil
 }

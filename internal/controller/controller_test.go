@@ -11,7 +11,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -1105,8 +1107,11 @@ func TestHold(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t)
 	const hold = 300 * time.Millisecond
+	registerGone(t, c)
 	start := time.Now()
-	c.Ctrl.Hold(start.Add(hold))
+	if err := c.Ctrl.Hold(start.Add(hold)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := c.Ctrl.Disks(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -1121,8 +1126,8 @@ func TestHold(t *testing.T) {
 	}
 }
 
-// TestHoldFaults: during a hold, a fault that only loads an entry is
-// answered at once; one that would allocate waits for the hold.
+// TestHoldFaults: during a hold, a read fault is answered at once; a write
+// fault waits for the hold, even one that would only load a writable entry.
 func TestHoldFaults(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t)
@@ -1138,27 +1143,116 @@ func TestHoldFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	const hold = 300 * time.Millisecond
+	registerGone(t, c)
 	start := time.Now()
-	c.Ctrl.Hold(start.Add(hold))
-	id := d.Info().ID
-	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 0, Op: mapping.FaultWrite}); err != nil {
+	if err := c.Ctrl.Hold(start.Add(hold)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultRead}); err != nil {
-		t.Fatal(err)
+	id := d.Info().ID
+	for _, seg := range []uint64{0, 1} { // allocated, Zero
+		if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultRead}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if time.Since(start) >= hold {
-		t.Errorf("faults that load waited for the hold")
+		t.Errorf("read faults waited for the hold")
 	}
-	short, cancel := context.WithTimeout(ctx, hold/3)
-	defer cancel()
-	if _, err := c.Ctrl.Fault(short, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultWrite}); !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("allocating fault during the hold: %v, want it to wait", err)
+	var wg sync.WaitGroup
+	for _, seg := range []uint64{0, 1} { // a writable entry to load; an allocation
+		wg.Go(func() {
+			if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultWrite}); err != nil {
+				t.Error(err)
+			}
+			if time.Since(start) < hold {
+				t.Errorf("write fault on segment %d did not wait for the hold", seg)
+			}
+		})
 	}
-	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: 1, Op: mapping.FaultWrite}); err != nil {
+	wg.Wait()
+}
+
+// registerGone adds an agent "gone", which never attaches, to the agent
+// registry: a hold then lasts its full time.
+func registerGone(t *testing.T, c *local.Cluster) {
+	t.Helper()
+	err := c.Store.Update(t.Context(), func(tx meta.Tx) error {
+		reg, err := tx.Agents()
+		if err != nil {
+			return err
+		}
+		return tx.SetAgents(append(reg, "gone"))
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if time.Since(start) < hold {
-		t.Errorf("allocating fault did not wait for the hold")
+}
+
+// TestHoldEndsEarly: a hold ends as soon as every registered agent has
+// attached (each has fenced itself first), and does not wait for the
+// registry at all when every registered agent is attached already; after
+// a full hold the registry is cut down to the agents attached.
+func TestHoldEndsEarly(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	// Every registered agent is attached: no wait.
+	start := time.Now()
+	if err := c.Ctrl.Hold(start.Add(time.Hour)); err != nil {
+		t.Fatal(err)
 	}
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "a", Size: seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) > 10*time.Second {
+		t.Fatalf("hold lasted %v with every registered agent attached", time.Since(start))
+	}
+	// "gone" is registered and not attached: the hold waits for it,
+	// and ends when it attaches.
+	registerGone(t, c)
+	if err := c.Ctrl.Hold(time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "b", Size: seg, SegmentSize: seg})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("CreateDisk during the hold returned %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	ag := agent.New(agent.Config{Name: "gone", Controller: c.Ctrl, OpenContainer: local.OpenContainer})
+	if err := ag.Attach(ctx, c.Ctrl); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the hold did not end when the last registered agent attached")
+	}
+	// A full hold cuts the registry down to the attached agents.
+	if err := c.Ctrl.Detach(ctx, "gone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ctrl.Hold(time.Now().Add(50 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "c", Size: seg, SegmentSize: seg}); err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, a := range c.Agents {
+		want = append(want, a.Name())
+	}
+	slices.Sort(want)
+	c.Store.View(ctx, func(tx meta.Tx) error {
+		reg, err := tx.Agents()
+		if err != nil || !slices.Equal(reg, want) {
+			t.Errorf("registry after a full hold: %v, %v; want %v", reg, err, want)
+		}
+		return nil
+	})
 }

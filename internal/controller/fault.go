@@ -16,9 +16,14 @@ import (
 // racing fault is resolved against what is true now) and answers with the
 // entries the agent installs before it retries.
 //
-// During a Hold, faults that only load entries (the plan Load, or Deny) are
-// answered: they change nothing, and what they hand out is what every
-// agent of the previous controller may hold. The others wait for the Hold.
+// During a Hold, read faults are answered: a read resolves to loading the
+// entry (or Deny), which changes nothing. Every other fault waits for the
+// Hold, write faults included even when they would only load a writable
+// entry: an agent of the previous controller that has not yet fenced
+// itself may still hold an older entry for the segment (the previous
+// controller may have died between committing a new location and telling
+// that agent), and a write acknowledged under the new entry would then be
+// invisible to its reads.
 func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
 	for {
 		r, err := c.fault(ctx, f)
@@ -43,7 +48,7 @@ var errHeld = errors.New("held")
 
 func (c *Controller) fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
 	lock := c.lock
-	if f.Op == mapping.FaultRead || f.Op == mapping.FaultWrite {
+	if f.Op == mapping.FaultRead {
 		lock = c.lockNoHold
 	}
 	if err := lock(); err != nil {

@@ -35,11 +35,6 @@ type haCluster struct {
 	nbdAddrs map[string]string
 }
 
-const (
-	haTTL   = "5s" // the controllers' etcd session TTL
-	haLease = "3s" // the agents' lease
-)
-
 func newHACluster(t *testing.T, agents ...string) *haCluster {
 	t.Helper()
 	c := &haCluster{t: t, dir: t.TempDir(), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
@@ -56,7 +51,7 @@ func newHACluster(t *testing.T, agents ...string) *haCluster {
 		addr := freeAddr(t)
 		c.ctlAddrs = append(c.ctlAddrs, addr)
 		c.ctls = append(c.ctls, start(t, c.dir, "controller", "--listen", addr, "--name", fmt.Sprintf("c%d", i+1),
-			"--etcd", strings.Join(eps, ","), "--etcd-ttl", haTTL, "--lease", haLease, "--insecure"))
+			"--etcd", strings.Join(eps, ","), "--insecure")) // default --etcd-ttl and --lease
 	}
 	for _, a := range agents {
 		addr := freeAddr(t)

@@ -83,11 +83,12 @@ type Conn struct {
 	// the first call.
 	GiveUp time.Duration
 
-	mu    sync.Mutex
-	addrs []string // the addresses given, then any leader named outside them
-	conns map[string]*grpc.ClientConn
-	down  map[string]time.Time // when each address last failed to answer
-	cur   int
+	mu     sync.Mutex
+	addrs  []string // the addresses given, then any leader named outside them
+	conns  map[string]*grpc.ClientConn
+	down   map[string]time.Time // when each address last failed to answer
+	cur    int
+	closed bool
 }
 
 // Dial returns a Conn over addrs, dialled with opts (which must include
@@ -114,6 +115,9 @@ func (c *Conn) conn(addr string) (*grpc.ClientConn, error) {
 	if cc := c.conns[addr]; cc != nil {
 		return cc, nil
 	}
+	if c.closed {
+		return nil, errors.New("connection closed")
+	}
 	cc, err := grpc.NewClient(addr, c.opts...)
 	if err != nil {
 		return nil, fmt.Errorf("controller %s: %w", addr, err)
@@ -132,6 +136,7 @@ func (c *Conn) Close() error {
 		errs = append(errs, cc.Close())
 	}
 	c.conns = map[string]*grpc.ClientConn{}
+	c.closed = true
 	return errors.Join(errs...)
 }
 

@@ -34,7 +34,7 @@ import (
 
 // DefaultTTL is the etcd session TTL: how long a dead leader keeps its
 // leadership before a standby can take over.
-const DefaultTTL = 5 * time.Second
+const DefaultTTL = 4 * time.Second
 
 // Key prefixes under Config.Prefix.
 const (
@@ -242,7 +242,17 @@ func Elect(ctx context.Context, cfg Config) (*Leadership, error) {
 		}
 		cancel()
 	}()
-	err = el.Campaign(cctx, cfg.Advertise)
+	// A cancelled Campaign resigns with the client's own context, which
+	// waits for etcd: while etcd is unreachable it would not return, and
+	// a standby could not be stopped. So wait for it here only until ctx
+	// ends; it returns once the client is closed.
+	errc := make(chan error, 1)
+	go func() { errc <- el.Campaign(cctx, cfg.Advertise) }()
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
 	cancel()
 	if err != nil {
 		sess.Close()
@@ -336,7 +346,7 @@ func newKeepalive(cfg Config, lease clientv3.LeaseID) *keepalive {
 // once renews the lease and moves until forward.
 func (k *keepalive) once(ctx context.Context) error {
 	sent := k.cfg.Now()
-	ctx, cancel := context.WithTimeout(ctx, k.cfg.TTL/3)
+	ctx, cancel := context.WithTimeout(ctx, k.cfg.TTL/2)
 	defer cancel()
 	resp, err := k.cfg.Client.KeepAliveOnce(ctx, k.lease)
 	if err != nil {
@@ -354,34 +364,50 @@ func (k *keepalive) err() error {
 	return k.fail
 }
 
-// run renews every TTL/6 and calls end once the lease is within TTL/6 of
-// a possible expiry: a leader that cannot reach etcd steps down after
-// 5/6 of the TTL since the last renewal etcd answered was sent.
+// run renews the lease every TTL/6, and calls end once it is within TTL/6
+// of a possible expiry: a leader that cannot reach etcd steps down 5/6 of
+// the TTL after the last renewal that etcd answered was sent. The deadline
+// is a timer of its own, so that a renewal hanging on a silent network
+// cannot delay it.
 func (k *keepalive) run(ctx context.Context, end func()) {
 	margin := k.cfg.TTL / 6
-	tick := time.NewTicker(margin / 2)
-	defer tick.Stop()
-	next := k.cfg.Now().Add(margin)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		now := k.cfg.Now()
-		if !now.Before(next) {
-			next = now.Add(margin)
+	renewed := make(chan struct{}, 1)
+	go func() {
+		tick := time.NewTicker(margin)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
 			if err := k.once(ctx); err != nil {
-				k.cfg.Logger.Warn("etcd lease not renewed", "err", err)
+				if ctx.Err() == nil {
+					k.cfg.Logger.Warn("etcd lease not renewed", "err", err)
+				}
+				continue
+			}
+			select {
+			case renewed <- struct{}{}:
+			default:
 			}
 		}
+	}()
+	for {
 		k.mu.Lock()
-		over := !k.cfg.Now().Before(k.until.Add(-margin))
-		if over {
-			k.fail = fmt.Errorf("%w (last confirmed until %s)", errLeaseUnsure, k.until.Format(time.RFC3339Nano))
-		}
+		deadline := k.until.Add(-margin)
 		k.mu.Unlock()
-		if over {
+		t := time.NewTimer(deadline.Sub(k.cfg.Now()))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-renewed:
+			t.Stop()
+		case <-t.C:
+			k.mu.Lock()
+			k.fail = fmt.Errorf("%w (last confirmed until %s)", errLeaseUnsure, k.until.Format(time.RFC3339Nano))
+			k.mu.Unlock()
 			end()
 			return
 		}

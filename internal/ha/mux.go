@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 )
@@ -31,15 +32,21 @@ func (m *mux) serve(gs *grpc.Server) {
 
 // run accepts until the listener closes.
 func (m *mux) run() {
+	var backoff time.Duration
 	for {
 		c, err := m.l.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			// Out of file descriptors, say: wait and go on, as
+			// net/http does; the controller must not stop
+			// accepting for good while it keeps its leadership.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			time.Sleep(backoff)
+			continue
 		}
+		backoff = 0
 		m.mu.Lock()
 		cl := m.cur
 		m.mu.Unlock()

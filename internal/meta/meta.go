@@ -20,6 +20,7 @@
 //	r/<container id>/<page>  -> reference counts of PageSlots slots
 //	s/<sequence name>        -> last id handed out
 //	g/<disk id>              -> the agents allowed to map the disk (absent: any)
+//	a/                       -> the agents that may hold a controller's lease
 //
 // A disk's table is a list of pages, held in directories. A page that does
 // not exist (id 0) holds only Zero entries, so a disk of any size is created
@@ -239,6 +240,12 @@ type Tx interface {
 	// SetGrants sets the agents allowed to map disk id; all opens it to
 	// every agent (and agents is ignored).
 	SetGrants(id DiskID, agents []string, all bool) error
+
+	// Agents returns the agents registered as possibly holding a lease
+	// from a controller (see the controller's Hold); SetAgents replaces
+	// the list.
+	Agents() ([]string, error)
+	SetAgents(agents []string) error
 
 	// NextSeq increments the named counter and returns its new value
 	// (the first is 1). The controller's epoch is one.

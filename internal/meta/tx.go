@@ -213,6 +213,35 @@ func (t *tx) SetGrants(id DiskID, agents []string, all bool) error {
 	return t.put(grantsKey(id), encodeGrants(agents))
 }
 
+func (t *tx) Agents() ([]string, error) {
+	v, err := t.kv.Get(agentsKey)
+	if err != nil || v == nil {
+		return nil, err
+	}
+	return decodeGrants(agentsKey, v)
+}
+
+func (t *tx) SetAgents(agents []string) error {
+	if !t.writable {
+		return ErrReadOnly
+	}
+	if len(agents) > maxGrants {
+		return fmt.Errorf("%d agents: %w", len(agents), ErrInvalid)
+	}
+	for _, a := range agents {
+		if a == "" || len(a) > maxName {
+			return fmt.Errorf("agent name %q: %w", a, ErrInvalid)
+		}
+	}
+	if len(agents) == 0 {
+		return t.del(agentsKey)
+	}
+	return t.put(agentsKey, encodeGrants(agents))
+}
+
+// agentsKey holds the agent registry.
+var agentsKey = []byte("a/")
+
 func (t *tx) NextSeq(name string) (uint64, error) {
 	if !t.writable {
 		return 0, ErrReadOnly

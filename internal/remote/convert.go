@@ -34,6 +34,7 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/controller"
 	"segmap/internal/mapping"
+	"segmap/internal/meta"
 	"segmap/internal/table"
 )
 
@@ -93,7 +94,10 @@ func codeOf(err error) pb.Code {
 	case errors.Is(err, agent.ErrQuiesceTimeout):
 		return pb.Code_CODE_QUIESCE_TIMEOUT
 	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, controller.ErrClosed),
-		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		// A controller stepping down: its store is closed or fenced,
+		// nothing was committed, and the next leader will answer.
+		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrFenced):
 		return pb.Code_CODE_UNAVAILABLE
 	}
 	return pb.Code_CODE_IO

@@ -29,7 +29,7 @@ func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logge
 			case <-time.After(backoff):
 			case <-ctx.Done():
 			}
-			backoff = min(2*backoff, time.Second)
+			backoff = min(2*backoff, 500*time.Millisecond)
 			continue
 		}
 		backoff = 100 * time.Millisecond

@@ -14,7 +14,7 @@ import (
 )
 
 // DefaultLease is how long an agent's lease runs from its last renewal.
-const DefaultLease = 6 * time.Second
+const DefaultLease = 4 * time.Second
 
 // ServerConfig configures a Server.
 type ServerConfig struct {

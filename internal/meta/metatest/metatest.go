@@ -78,6 +78,9 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"FindFree", testFindFree},
 			{"ForEachRef", testForEachRef},
 		}},
+		{"Agents", []check{
+			{"Registry", testAgents},
+		}},
 		{"Tx", []check{
 			{"FailedUpdateKeepsNothing", testRollback},
 			{"ViewIsReadOnly", testReadOnly},
@@ -2502,5 +2505,35 @@ func testSharedPages(t *testing.T, s meta.Store) {
 			t.Errorf("page %d left (%d references, stored %v) after both disks were deleted", pid, refs, stored)
 			return nil
 		})
+
+// testAgents checks the agent registry: empty at first, replaced whole,
+// emptied, refusing bad names, read-only in View.
+func testAgents(t *testing.T, s meta.Store) {
+	view(t, s, func(tx meta.Tx) error {
+		as, err := tx.Agents()
+		if err != nil || len(as) != 0 {
+			t.Errorf("Agents of a new store = %v, %v; want none", as, err)
+		}
+		wantErr(t, "SetAgents in View", tx.SetAgents([]string{"a"}), meta.ErrReadOnly)
+		return nil
+	})
+	update(t, s, func(tx meta.Tx) error { return tx.SetAgents([]string{"host-a", "host-b"}) })
+	view(t, s, func(tx meta.Tx) error {
+		as, err := tx.Agents()
+		if err != nil || !slices.Equal(as, []string{"host-a", "host-b"}) {
+			t.Errorf("Agents = %v, %v; want host-a host-b", as, err)
+		}
+		return nil
+	})
+	update(t, s, func(tx meta.Tx) error {
+		wantErr(t, "SetAgents with an empty name", tx.SetAgents([]string{"ok", ""}), meta.ErrInvalid)
+		return tx.SetAgents(nil)
+	})
+	view(t, s, func(tx meta.Tx) error {
+		as, err := tx.Agents()
+		if err != nil || len(as) != 0 {
+			t.Errorf("Agents after SetAgents(nil) = %v, %v; want none", as, err)
+		}
+		return nil
 	})
 }
