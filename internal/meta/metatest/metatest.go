@@ -2505,6 +2505,8 @@ func testSharedPages(t *testing.T, s meta.Store) {
 			t.Errorf("page %d left (%d references, stored %v) after both disks were deleted", pid, refs, stored)
 			return nil
 		})
+	})
+}
 
 // testAgents checks the agent registry: empty at first, replaced whole,
 // emptied, refusing bad names, read-only in View.
