@@ -219,7 +219,11 @@ func TestClusterGroupSnapshotStuck(t *testing.T) {
 	for _, s := range c.storage {
 		s.cmd.Process.Signal(syscall.SIGSTOP)
 	}
-	time.Sleep(300 * time.Millisecond) // writes are now stuck in flight
+	// A write that is surely in flight, whether or not fio has started
+	// writing yet on a loaded machine: it cannot complete while the
+	// storage is stopped.
+	stuck := background(t, "qemu-io", "-f", "raw", c.uri("host-a", "g1"), "-c", "write -P 3 2M 64k")
+	time.Sleep(500 * time.Millisecond) // writes are now stuck in flight
 	t0 := time.Now()
 	_, errOut, code := runBin(t, "--controller", c.ctlAddr, "--certs", c.certs, "snapshot", "--group", "g1", "g2", "--name", "x", "--quiesce-timeout", "2s")
 	took := time.Since(t0)
@@ -235,6 +239,9 @@ func TestClusterGroupSnapshotStuck(t *testing.T) {
 	}
 	if out, err := w(); err != nil || !strings.Contains(out, "err= 0") {
 		t.Errorf("fio across the failed snapshot: %v\n%s", err, out)
+	}
+	if out, err := stuck(); err != nil {
+		t.Errorf("the write held while the storage was stopped: %v\n%s", err, out)
 	}
 	// Nothing is suspended: both disks take I/O through both agents.
 	for _, a := range []string{"host-a", "host-b"} {
