@@ -94,35 +94,38 @@ const deletedNS = "\x00deleted/"
 // ErrTxnTooLarge and writes nothing.
 //
 // The large records are table pages, 9221 bytes (1 + PageEntries entries
-// of 9 bytes + 4), and reference pages, 4101 bytes (1 + PageSlots counts
-// of 4 bytes + 4); with its key (19 or 15 bytes plus the prefix) and
+// of 9 bytes + 4), and reference pages (of slots and of table pages), 4101
+// bytes (1 + PageSlots counts of 4 bytes + 4); a table directory is 9
+// bytes plus 12 per page it holds (at most 12.3 kB). With its key and
 // framing, a page write costs about 9.3 kB or 4.2 kB of the request.
 // Every other record is under 1 kB. A write or delete is one op (and a
 // commit that deletes adds one marker put per distinct first byte of the
-// keys it deletes: d, n, t or g).
+// keys it deletes).
 //
-// A snapshot of a disk of E entries writes its P = ceil(E/1024) table
-// pages twice (the source's entries become NoWrite, and the copy's pages),
-// plus R reference pages, those of the slots it maps (at most
-// ceil(slots/1024) per container), plus a few small records (disk, name,
-// sequence, containers: about 8). So the controller's etcd, and the
-// MaxCallSendMsgSize of its clients, must be sized for the largest
-// snapshot it will take:
+// Snapshots share table pages (see the package doc): a snapshot of a disk
+// of P table pages writes its ceil(P/1024) directories and the reference
+// counts of its P pages (ceil(P/1024) records when the pages' ids are
+// close, as a disk's pages are; at most P), plus about 8 small records. A
+// fully mapped 1 TiB disk at 1 MiB segments (P = 1024) takes about 4
+// records and 20 kB: every snapshot fits etcd's defaults (128 ops, 1.5
+// MiB) by far. The first write to a shared page afterwards copies that
+// page: one fault writes the copy, the directory, the page counts and
+// the reference pages of the slots the page maps (at most 1024 of them,
+// usually a handful of reference pages). What can still exceed the
+// defaults is an operation over many pages at once — deleting or
+// shrinking a disk of thousands of pages, or discarding across thousands
+// of shared pages: those fail with ErrTxnTooLarge and change nothing
+// unless the limits are raised:
 //
-//	--max-txn-ops       >= 2*P + R + 8
-//	--max-request-bytes >= 2*P*9.3 kB + R*4.2 kB + 8 kB
+//	--max-txn-ops       >= pages touched + reference pages + 8
+//	--max-request-bytes >= pages touched * 9.3 kB + reference pages * 4.2 kB
 //
-// With etcd's defaults the op limit binds first: 2*P + R <= 120 allows P
-// = 60 (61 440 entries, 60 GiB at 1 MiB segments) when few slots are
-// mapped and P = 40 (40 GiB) when all are, against the 1.5 MiB that would
-// hold about 170 page writes. A fully mapped 1 TiB disk at 1 MiB segments
-// (E = 2^20, P = R = 1024) needs 3080 ops and about 23 MB (22 MiB). etcd
-// recommends requests of at most 10 MiB, since every member logs and
-// applies each one whole: beyond that, use fewer, larger segments.
+// etcd recommends requests of at most 10 MiB, since every member logs and
+// applies each one whole.
 //
 // Compares are counted against the same --max-txn-ops: one per key read
-// outside a scanned prefix (a snapshot's R reference pages), one or two
-// per scanned prefix. Old revisions of every page stay in etcd until it
+// outside a scanned prefix (directories, pages and reference pages read),
+// one or two per scanned prefix. Old revisions of every page stay in etcd until it
 // compacts them: run it with --auto-compaction-retention, or rewritten
 // pages fill --quota-backend-bytes.
 //
