@@ -83,6 +83,9 @@ type Controller struct {
 		sync.Mutex
 		closed bool
 		conts  map[uint32]container.Container
+		// zeroed are the containers whose free slots are all durably
+		// zero (see zeroSlotLocked).
+		zeroed map[uint32]bool
 		turn   uint64            // allocation round-robin counter
 		hint   map[uint32]uint32 // per container: where to search for a free slot
 		// staged holds the whole-segment writes handed out and not yet
@@ -129,6 +132,7 @@ func New(cfg Config) *Controller {
 		c.logger = slog.Default()
 	}
 	c.mu.conts = make(map[uint32]container.Container)
+	c.mu.zeroed = make(map[uint32]bool)
 	c.mu.hint = make(map[uint32]uint32)
 	c.mu.staged = make(map[uint64]stagedWrite)
 	c.agents.byName = make(map[string]*agentState)
@@ -351,6 +355,8 @@ func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, o
 	for tok, sw := range c.mu.staged {
 		if sw.agent == name {
 			delete(c.mu.staged, tok)
+			// It may have written the slot: not zero any more.
+			delete(c.mu.zeroed, sw.loc.Container)
 		}
 	}
 	c.attachedForHold(name)
@@ -640,20 +646,61 @@ func (c *Controller) reservedLocked(loc table.Location) bool {
 	return false
 }
 
-// zeroSlotLocked punches loc so that it reads as zero, durably: the
-// commit that hands the slot out relies on it, and a punch lost to a crash
-// would show the slot's previous owner's data.
+// zeroSlotLocked makes sure loc, just allocated, reads as zero, durably:
+// the disk's entry is about to point at it, and reads of the parts not
+// written must not show an earlier disk's data. Every free slot of a
+// container is known to be durably zero once zeroFreeLocked has run for it
+// in this controller's life (and frees keep it so: punchFreedLocked), so
+// this costs nothing after the first allocation from each container.
 func (c *Controller) zeroSlotLocked(ctx context.Context, loc table.Location) error {
-	ct, err := c.containerLocked(ctx, loc.Container)
+	if c.mu.zeroed[loc.Container] {
+		return nil
+	}
+	return c.zeroFreeLocked(ctx, loc.Container)
+}
+
+// zeroFreeLocked punches every free slot of container cid, in runs, and
+// flushes: a crash may have left a slot freed in the store but not yet
+// punched.
+func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
+	ct, err := c.containerLocked(ctx, cid)
 	if err != nil {
 		return err
 	}
-	if err := container.FreeSlot(ct, int64(loc.Slot)); err != nil {
-		return fmt.Errorf("zero slot %v: %w: %w", loc, ErrIO, err)
+	var used []uint32
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		return tx.ForEachRef(cid, func(slot uint32, _ uint32) error {
+			used = append(used, slot)
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+	size := ct.SlotSize()
+	punch := func(from, to int64) error { // slots [from, to)
+		if from >= to {
+			return nil
+		}
+		if err := ct.Punch(from*size, (to-from)*size); err != nil {
+			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, ErrIO, err)
+		}
+		return nil
+	}
+	next := int64(0)
+	for _, s := range used {
+		if err := punch(next, int64(s)); err != nil {
+			return err
+		}
+		next = int64(s) + 1
+	}
+	if err := punch(next, ct.Slots()); err != nil {
+		return err
 	}
 	if err := ct.Flush(); err != nil {
-		return fmt.Errorf("zero slot %v: flush: %w: %w", loc, ErrIO, err)
+		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, ErrIO, err)
 	}
+	c.mu.zeroed[cid] = true
+	c.logger.Info("free slots zeroed", "container", cid, "used", len(used))
 	return nil
 }
 
@@ -673,20 +720,24 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 			return fmt.Errorf("copy-on-write read %v: %w: %w", from, ErrIO, err)
 		}
 		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
+			delete(c.mu.zeroed, to.Container) // to stays free, and is not zero
 			return fmt.Errorf("copy-on-write write %v: %w: %w", to, ErrIO, err)
 		}
 	}
 	if err := dst.Flush(); err != nil {
+		delete(c.mu.zeroed, to.Container)
 		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, ErrIO, err)
 	}
 	return nil
 }
 
 // punchFreedLocked punches slots that a commit freed, so their space goes
-// back to the filesystem. It does not flush: a punch lost to a crash only
-// leaves stale bytes in a free slot, which is punched (and flushed) again
-// before it is handed out.
+// back to the filesystem, and flushes them: free slots stay durably zero,
+// so allocation need not punch (see zeroSlotLocked). A punch lost to a
+// crash only leaves stale bytes in a free slot, which zeroFreeLocked
+// punches again before the container's next allocation after a restart.
 func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Location) {
+	flush := map[uint32]container.Container{}
 	for _, loc := range freed {
 		ct, err := c.containerLocked(ctx, loc.Container)
 		if err == nil {
@@ -694,6 +745,16 @@ func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Locatio
 		}
 		if err != nil {
 			c.logger.Warn("punch freed slot", "slot", loc, "err", err)
+			delete(c.mu.zeroed, loc.Container) // zero its free slots again before the next allocation
+			continue
+		}
+		flush[loc.Container] = ct
+	}
+	// Free slots are durably zero (see zeroSlotLocked).
+	for cid, ct := range flush {
+		if err := ct.Flush(); err != nil {
+			c.logger.Warn("flush punched slots", "container", cid, "err", err)
+			delete(c.mu.zeroed, cid)
 		}
 	}
 }

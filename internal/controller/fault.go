@@ -261,6 +261,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			_, err := meta.AddRefs(tx, loc, 1)
 			return err
 		}); err != nil {
+			delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
 			return mapping.Reply{}, err
 		}
 		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
@@ -329,6 +330,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		}
 		return tx.SetRefs(e.Loc, 1)
 	}); err != nil {
+		delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
 		return mapping.Reply{}, err
 	}
 	// Their agents move, Blocking: reads of the original slot made under
@@ -391,7 +393,9 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 	}
 	delete(c.mu.staged, f.Token)
 	ne := table.At(sw.loc, false)
+	var freed []table.Location
 	err := c.store.Update(ctx, func(tx meta.Tx) error {
+		freed = freed[:0]
 		es, err := tx.Entries(d.ID, sw.seg, 1)
 		if err != nil {
 			return err
@@ -402,15 +406,24 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {
 			return err
 		}
-		if _, err := meta.AddRefs(tx, sw.old, -1); err != nil {
+		// The old slot is freed if its other sharers went away
+		// while the write was staged.
+		if n, err := meta.AddRefs(tx, sw.old, -1); err != nil {
 			return err
+		} else if n == 0 {
+			freed = append(freed, sw.old)
 		}
 		_, err = meta.AddRefs(tx, sw.loc, 1)
 		return err
 	})
 	if err != nil {
+		// The staged slot goes back to the free slots with the
+		// agent's data in it: zero the container's free slots again
+		// before its next allocation.
+		delete(c.mu.zeroed, sw.loc.Container)
 		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
+	c.punchFreedLocked(ctx, freed)
 	if err := c.moveOthersLocked(ctx, d, f.Agent, sw.seg, ne); err != nil {
 		return mapping.Reply{}, err
 	}
