@@ -281,7 +281,10 @@ type CreateDiskRequest struct {
 	SegmentSize uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"` // 0: the default (1 MiB)
 	Policy      Policy                 `protobuf:"varint,4,opt,name=policy,proto3,enum=segmap.v1.Policy" json:"policy,omitempty"`
 	// agents allowed to map it; empty: any agent.
-	Agents        []string `protobuf:"bytes,5,rep,name=agents,proto3" json:"agents,omitempty"`
+	Agents []string `protobuf:"bytes,5,rep,name=agents,proto3" json:"agents,omitempty"`
+	// preallocate: a (zeroed) slot for every segment now, instead of on
+	// first write.
+	Preallocate   bool `protobuf:"varint,6,opt,name=preallocate,proto3" json:"preallocate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -349,6 +352,13 @@ func (x *CreateDiskRequest) GetAgents() []string {
 		return x.Agents
 	}
 	return nil
+}
+
+func (x *CreateDiskRequest) GetPreallocate() bool {
+	if x != nil {
+		return x.Preallocate
+	}
+	return false
 }
 
 type ListDisksRequest struct {
@@ -1343,13 +1353,14 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	" \x01(\x04R\x06shared\x12\x16\n" +
 	"\x06agents\x18\v \x03(\tR\x06agents\x12\x1d\n" +
 	"\n" +
-	"all_agents\x18\f \x01(\bR\tallAgents\"\xa1\x01\n" +
+	"all_agents\x18\f \x01(\bR\tallAgents\"\xc3\x01\n" +
 	"\x11CreateDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
 	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\x12)\n" +
 	"\x06policy\x18\x04 \x01(\x0e2\x11.segmap.v1.PolicyR\x06policy\x12\x16\n" +
-	"\x06agents\x18\x05 \x03(\tR\x06agents\"\x12\n" +
+	"\x06agents\x18\x05 \x03(\tR\x06agents\x12 \n" +
+	"\vpreallocate\x18\x06 \x01(\bR\vpreallocate\"\x12\n" +
 	"\x10ListDisksRequest\":\n" +
 	"\x11ListDisksResponse\x12%\n" +
 	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"$\n" +

@@ -182,8 +182,9 @@ func newDisk(g *globals) *cobra.Command {
 
 	var sizeS, segS, policy string
 	var agents []string
+	var prealloc bool
 	create := &cobra.Command{
-		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse]",
+		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse] [--preallocate]",
 		Short: "create a thin disk (instant at any size; nothing is allocated until written)",
 		Args:  exactArgs(1, "one disk name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -205,7 +206,7 @@ func newDisk(g *globals) *cobra.Command {
 				return err
 			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol, Agents: agents})
+				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol, Agents: agents, Preallocate: prealloc})
 				if err != nil {
 					return err
 				}
@@ -221,6 +222,7 @@ func newDisk(g *globals) *cobra.Command {
 	create.Flags().StringVar(&segS, "segment-size", "", "segment size, a power of two from 64K to 64M (default 1M)")
 	create.Flags().StringVar(&policy, "policy", "forward", "copy-on-write policy for shared segments: forward or reverse")
 	create.Flags().StringSliceVar(&agents, "agent", nil, "agents (hosts) allowed to map the disk; repeat or comma-separate (default: any agent)")
+	create.Flags().BoolVar(&prealloc, "preallocate", false, "allocate a zeroed slot for every segment now (a thick disk: no write faults to allocate)")
 
 	list := &cobra.Command{
 		Use: "list", Short: "list disks with their space usage", Args: noArgs,

@@ -155,7 +155,7 @@ func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.D
 	if err != nil {
 		return nil, grpcErr(err)
 	}
-	o := controller.CreateOptions{Name: r.Name, Size: r.Size, SegmentSize: r.SegmentSize, Policy: pol}
+	o := controller.CreateOptions{Name: r.Name, Size: r.Size, SegmentSize: r.SegmentSize, Policy: pol, Preallocate: r.Preallocate}
 	if len(r.Agents) > 0 {
 		o.Agents = r.Agents
 	}

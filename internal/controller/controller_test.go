@@ -1291,3 +1291,44 @@ func TestFreeSlotsZeroedAfterRestart(t *testing.T) {
 		expect(t, d, 0, append([]byte("x"), make([]byte, seg-1)...))
 	}
 }
+
+// TestPreallocate: a preallocated disk maps every segment at creation,
+// reads as zeros, takes writes without allocating, and one that does not
+// fit is refused and leaves nothing behind.
+func TestPreallocate(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 40, Count: 1})
+	// Dirty a slot and free it, so that preallocation must not expose it.
+	createDisk(t, c, "old", 1, table.Forward)
+	write(t, openDisk(t, c, 0, "old"), pattern(seg, 5), 0)
+	if err := c.Ctrl.DeleteDisk(ctx, "old"); err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "p", Size: 30 * seg, SegmentSize: seg, Preallocate: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := usage(t, c, "p"); u.Allocated != 30*seg {
+		t.Errorf("preallocated disk: allocated %d, want %d", u.Allocated, 30*seg)
+	}
+	h := openDisk(t, c, 0, "p")
+	expect(t, h, 0, make([]byte, 30*seg))
+	before := used(t, c)
+	write(t, h, pattern(3*seg, 6), 5*seg+7)
+	if n := used(t, c); n != before {
+		t.Errorf("writes to a preallocated disk allocated %d slots", n-before)
+	}
+	checkClean(t, c)
+	// 11 more segments do not fit in the 10 slots left.
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, controller.ErrNoSpace) {
+		t.Errorf("preallocating past the pool: %v, want ErrNoSpace", err)
+	}
+	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, controller.ErrNotFound) {
+		t.Errorf("the disk that did not fit: %v, want it gone", err)
+	}
+	if n := used(t, c); n != 30 {
+		t.Errorf("%d slots used after the failed preallocation, want 30", n)
+	}
+	checkClean(t, c)
+	_ = d
+}

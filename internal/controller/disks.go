@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -21,10 +22,15 @@ type CreateOptions struct {
 	// Agents are the agents (hosts) allowed to map the disk; nil lets
 	// every agent map it.
 	Agents []string
+	// Preallocate allocates a (zeroed) slot for every segment at once, so
+	// that no write to the disk ever faults to allocate.
+	Preallocate bool
 }
 
 // CreateDisk creates a disk whose every segment is Zero: nothing is
-// allocated, so it is instant at any size.
+// allocated, so it is instant at any size. With Preallocate every segment
+// gets its slot at once instead (in transactions of PreallocateChunk
+// segments; if one fails, the disk is deleted again).
 func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk, error) {
 	if o.SegmentSize == 0 {
 		o.SegmentSize = DefaultSegmentSize
@@ -69,7 +75,112 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}
-	return d, err
+	if err != nil || !o.Preallocate {
+		return d, err
+	}
+	if err := c.preallocateLocked(ctx, d); err != nil {
+		var freed []table.Location
+		if derr := c.store.Update(ctx, func(tx meta.Tx) error {
+			var err error
+			freed, err = tx.DeleteDisk(d.ID)
+			return err
+		}); derr != nil {
+			c.logger.Warn("delete a disk whose preallocation failed", "disk", d.Name, "err", derr)
+		}
+		c.punchFreedLocked(ctx, freed)
+		return meta.Disk{}, fmt.Errorf("preallocate %q: %w", d.Name, err)
+	}
+	return d, nil
+}
+
+// PreallocateChunk is how many segments one transaction of a
+// preallocation maps.
+const PreallocateChunk = 1 << 14
+
+// preallocateLocked maps every segment of the new disk d to a free slot.
+// Free slots are durably zero (see zeroSlotLocked), so the disk reads as
+// zeros.
+func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk) error {
+	var cs []meta.Container
+	if err := c.store.View(ctx, func(tx meta.Tx) error {
+		var err error
+		cs, err = tx.Containers()
+		return err
+	}); err != nil {
+		return err
+	}
+	for _, ct := range cs {
+		if ct.SlotSize == d.SegmentSize && !c.mu.zeroed[ct.ID] {
+			if err := c.zeroFreeLocked(ctx, ct.ID); err != nil {
+				return err
+			}
+		}
+	}
+	segs := d.Segments()
+	for first := uint64(0); first < segs; first += PreallocateChunk {
+		n := min(PreallocateChunk, segs-first)
+		err := c.store.Update(ctx, func(tx meta.Tx) error {
+			cs, err := tx.Containers()
+			if err != nil {
+				return err
+			}
+			es := make([]table.Entry, 0, n)
+			turn, hint := c.mu.turn, maps.Clone(c.mu.hint)
+			for len(es) < int(n) {
+				loc, ok, err := c.findFreeTx(tx, cs, d.SegmentSize, &turn, hint)
+				if err != nil {
+					return err
+				}
+				if !ok {
+					return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, ErrNoSpace)
+				}
+				if err := tx.SetRefs(loc, 1); err != nil {
+					return err
+				}
+				es = append(es, table.At(loc, false))
+			}
+			if err := tx.SetEntries(d.ID, first, es); err != nil {
+				return err
+			}
+			c.mu.turn, c.mu.hint = turn, hint
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// findFreeTx finds a free slot of the given size in tx, round robin over
+// the containers from *turn, skipping slots reserved for staged writes;
+// hint holds, per container, where to search from.
+func (c *Controller) findFreeTx(tx meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
+	for range cs {
+		id, ok := pickContainer(cs, slotSize, *turn)
+		if !ok {
+			return table.Location{}, false, nil
+		}
+		*turn++
+		from := hint[id]
+		for tries := 0; tries <= len(c.mu.staged); tries++ {
+			slot, ok, err := tx.FindFree(id, from)
+			if err != nil {
+				return table.Location{}, false, err
+			}
+			if !ok {
+				break
+			}
+			l := table.Location{Container: id, Slot: slot}
+			if c.reservedLocked(l) {
+				from = slot + 1
+				continue
+			}
+			hint[id] = slot + 1
+			return l, true, nil
+		}
+	}
+	return table.Location{}, false, nil
 }
 
 // Disk returns the record of the disk called name.
