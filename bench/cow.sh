@@ -60,7 +60,8 @@ qcow2() {
   rm -f "$work/overlay.qcow2"
   qemu-img create -q -f qcow2 -o cluster_size=64k -b "$work/base.raw" -F raw "$work/overlay.qcow2"
   local qp; qp=$(port)
-  qemu-nbd -f qcow2 -b 127.0.0.1 -p "$qp" -x cow --cache=writeback --aio=threads "$work/overlay.qcow2" &
+  # -t: fio connects twice (once for the size), a plain qemu-nbd exits after the first.
+  qemu-nbd -f qcow2 -t -b 127.0.0.1 -p "$qp" -x cow --cache=writeback --aio=threads "$work/overlay.qcow2" &
   local qpid=$!
   pids+=($qpid)
   wait_port "$qp"
