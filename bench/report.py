@@ -54,6 +54,11 @@ if env.get("note"):
     L += ["", f"**{env['note']}**"]
 L += ["", "Knobs of this run (environment variables of `make bench` / `bench/run.sh`): " +
       ", ".join(f"`{k}={env['knobs'][k]}`" for k in env["knobs"]) + ".", "",
+      "Rerun everything: `make bench` (knobs as environment variables, e.g. "
+      "`REPS=5 RUNTIME=10 SIZES=\"1000 1000000\" make bench`; quick look: "
+      "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 make bench`). Each part alone: "
+      "`bench/nbd.sh [SIZE_MB]`, `bench/cow.sh [COW_MB]`, `SIZES=... bench/snapshot.sh` (they print JSON lines "
+      "or a table), and the `go test` commands below. The raw results of this run are in `docs/bench-raw/`.", "",
       "Every server is on loopback TCP on the same machine and filesystem; jobs are interleaved "
       "between servers, each repeated `REPS` times; figures are medians. \"Target\" is the goal "
       "set in the issue; this run measures, it does not tune.", ""]
@@ -116,7 +121,9 @@ if cow:
           "qcow2 beside it: `qemu-img create -f qcow2 -o cluster_size=64k -b base.raw -F raw overlay.qcow2` "
           "over a filled raw base, served by `qemu-nbd -f qcow2 --cache=writeback --aio=threads`; a fresh "
           "overlay (and a fresh segmap snapshot) for every run. `qcow2-1m` writes the `segmap-1m` pattern "
-          "(one write per MiB) to a 64 KiB-cluster overlay.", "",
+          "(one write per MiB) to a 64 KiB-cluster overlay. Not the same work: qemu-nbd with cache=writeback "
+          "syncs nothing until the client flushes, while each segmap copy is a map fault whose copy is flushed and "
+          "whose map change is committed to bbolt (fsync) before the write is answered (README, Durability).", "",
           "| case | QD | writes per run | writes/s | mean lat (µs) | vs qcow2 same pattern | target | |",
           "|---|---:|---:|---:|---:|---:|---|---|"]
     cases = list(dict.fromkeys(r["case"] for r in cow))
