@@ -35,12 +35,19 @@ vet:
 model:
 	$(GO) test -count=1 -timeout 0 -run TestModel ./internal/local -model.ops $${OPS:-20000} -model.seeds $${SEEDS:-20}
 
-# bench: fio over NBD against segmap, qemu-nbd and nbdkit side by side
-# (bench/nbd.sh; REPS, RUNTIME), then the in-process data path against
-# direct file I/O (go test -bench).
+# bench: not part of 'test' (CI does not run it). One run (bench/run.sh)
+# measures side by side and writes docs/benchmarks.md, docs/bench-*.png and
+# the raw results in docs/bench-raw/: fio over NBD against segmap, qemu-nbd
+# and nbdkit (bench/nbd.sh), the first write after a snapshot beside a qcow2
+# overlay (bench/cow.sh), snapshot time and writer pause against allocated
+# segments (bench/snapshot.sh), memory per mapped entry, the map fault round
+# trip and the agent data path (go test -bench). Environment knobs: REPS=3,
+# RUNTIME=8 (s per fio job), SIZE_MB=1024, COW_MB=512,
+# SIZES="1000 10000 100000 1000000" (allocated segments), SNAPS=3, COUNT=3,
+# FAULT_N=2000, DATAPATH_N=40000, DOC=docs/benchmarks.md, NOTE="...".
+# Quick look: REPS=1 RUNTIME=2 SIZES="1000 10000" COUNT=1 make bench.
 bench:
-	./bench/nbd.sh
-	$(GO) test -run XXX -bench . -benchtime $${BENCHTIME:-2s} -count $${COUNT:-3} ./internal/agent ./internal/container ./internal/nbd ./internal/remote
+	./bench/run.sh
 
 run: build
 	./bin/segmap up

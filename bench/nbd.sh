@@ -6,17 +6,20 @@
 #   qemu-nbd a raw file of the same size (qemu-nbd -f raw, cache=writeback)
 #   nbdkit   the same kind of raw file (nbdkit file)
 #
-# Jobs: 4 KiB random read and write at queue depth 1 and 32, 1 MiB
+# Jobs: 4 KiB random read and write at queue depth 1 and 32, and with 4 jobs
+# of depth 16 (fio numjobs=4: each job its own NBD connection), 1 MiB
 # sequential read and write at depth 8. Each job runs REPS times (default 3)
 # per server, interleaved; the table shows medians and segmap's ratio to
 # qemu-nbd (IOPS or MB/s: above 1.0 is faster; latency: below 1.0 is
-# faster). Usage: bench/nbd.sh [SIZE_MB] ; env REPS, RUNTIME, OUT.
+# faster). Usage: bench/nbd.sh [SIZE_MB] ; env REPS, RUNTIME, OUT (the
+# table), RESULTS (append the raw per-run results there, JSON lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${1:-1024}
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-8}
 OUT=${OUT:-}
+RESULTS=${RESULTS:-}
 PY=/usr/bin/python3
 
 ./scripts/deps.sh >/dev/null
@@ -43,7 +46,8 @@ for _ in $(seq 100); do grep -q '^ready' "$work/up.log" && break; sleep 0.1; don
 # qemu-nbd and nbdkit on raw files
 truncate -s ${SIZE_MB}M "$work/q.raw" "$work/k.raw"
 qp=$(port); kp=$(port)
-qemu-nbd -f raw -t -b 127.0.0.1 -p $qp -x bench --cache=writeback --aio=threads "$work/q.raw" &
+# -e 8: up to 8 connections at once (the 4x16 job opens 4).
+qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p $qp -x bench --cache=writeback --aio=threads "$work/q.raw" &
 pids+=($!)
 nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p $kp file "$work/k.raw" >/dev/null 2>&1 &
 pids+=($!)
@@ -62,6 +66,8 @@ jobs=(
   "randread-4k-qd32  --rw=randread  --bs=4k --iodepth=32"
   "randwrite-4k-qd1  --rw=randwrite --bs=4k --iodepth=1"
   "randwrite-4k-qd32 --rw=randwrite --bs=4k --iodepth=32"
+  "randread-4k-4x16  --rw=randread  --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
+  "randwrite-4k-4x16 --rw=randwrite --bs=4k --iodepth=16 --numjobs=4 --group_reporting"
   "read-1m-seq       --rw=read      --bs=1M --iodepth=8"
   "write-1m-seq      --rw=write     --bs=1M --iodepth=8"
 )
@@ -80,13 +86,14 @@ s, name, rep, path = sys.argv[1:5]
 text = open(path).read()
 j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 op = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
-print(json.dumps({"server": s, "job": name, "rep": int(rep), "iops": op["iops"],
+print(json.dumps({"bench": "nbd", "server": s, "job": name, "rep": int(rep), "iops": op["iops"],
                   "mbps": op["bw_bytes"] / 1e6, "lat_us": op["clat_ns"]["mean"] / 1e3,
                   "p99_us": op["clat_ns"]["percentile"].get("99.000000", 0) / 1e3}))
 PYEOF
     done
   done
 done
+[ -z "$RESULTS" ] || cat "$results" >>"$RESULTS"
 
 $PY - "$results" "$REPS" "$RUNTIME" "$SIZE_MB" "$OUT" <<'PYEOF'
 import json, statistics, sys, platform, subprocess, datetime

@@ -3,7 +3,9 @@
 # the NBD clients the end-to-end tests drive (libnbd tools and the Python
 # binding, qemu-io/qemu-img/qemu-nbd, fio with its nbd engine, nbdkit,
 # nbdfuse + FUSE) and the tools to put a filesystem on a disk (e2fsprogs,
-# losetup). Exits non-zero if anything is still missing afterwards.
+# losetup). With the argument 'bench', also what 'make bench' needs on top
+# (gnuplot-nox, for the plots). Exits non-zero if anything is still missing
+# afterwards.
 set -euo pipefail
 
 # tool -> Debian package
@@ -13,6 +15,9 @@ need=(
   "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
   "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "losetup mount"
 )
+if [ "${1:-}" = bench ]; then
+  need+=("gnuplot gnuplot-nox")
+fi
 
 missing=()
 for pair in "${need[@]}"; do

@@ -1,0 +1,271 @@
+#!/usr/bin/python3
+"""bench/report.py: turns the raw results of one 'make bench' run into
+docs/benchmarks.md and its PNG plots (drawn with gnuplot).
+
+Inputs, in the directory given as the first argument: results.jsonl (the JSON
+lines of nbd.sh, cow.sh and snapshot.sh), mem.txt, fault.txt and
+datapath.txt (go test -bench output), env.json (the knobs and commands).
+Usage: bench/report.py RESULTS_DIR DOC_PATH PLOT_DIR
+"""
+import datetime, json, os, re, statistics, subprocess, sys
+
+rdir, doc, plotdir = sys.argv[1:4]
+env = json.load(open(os.path.join(rdir, "env.json")))
+rows = [json.loads(l) for l in open(os.path.join(rdir, "results.jsonl")) if l.strip()]
+med = statistics.median
+
+
+def p99(xs):
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(0.99 * len(s)))]
+
+
+def verdict(value, target, higher_is_better=True):
+    """'met' or 'missed', by how much relative to the target."""
+    if value is None:
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    by = abs(value - target) / target  # the margin, as a share of the target
+    return f"met (by {by * 100:.0f}%)" if ok else f"**missed by {by * 100:.0f}%**"
+
+
+def gobench(path):
+    """{(benchmark, sub): {metric: [values]}} from go test -bench output."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    for line in open(path):
+        m = re.match(r"^Benchmark(\w+)/(\S+?)(-\d+)?\s+\d+\s+(.*)$", line)
+        if not m:
+            continue
+        fields = m.group(4).split()
+        d = out.setdefault((m.group(1), m.group(2)), {})
+        for v, unit in zip(fields[0::2], fields[1::2]):
+            d.setdefault(unit, []).append(float(v))
+    return out
+
+
+L = []
+now = datetime.datetime.now(datetime.timezone.utc)
+L += ["# Benchmarks", ""]
+L += [f"Produced by `make bench` (`bench/run.sh`) on {now:%Y-%m-%d %H:%M} UTC, host `{env['host']}`, "
+      f"{env['cpus']} CPUs, {env['kernel']}; segmap at `{env['commit']}`."]
+if env.get("note"):
+    L += ["", f"**{env['note']}**"]
+L += ["", "Knobs of this run (environment variables of `make bench` / `bench/run.sh`): " +
+      ", ".join(f"`{k}={env['knobs'][k]}`" for k in env["knobs"]) + ".", "",
+      "Rerun everything: `make bench` (knobs as environment variables, e.g. "
+      "`REPS=5 RUNTIME=10 SIZES=\"1000 1000000\" make bench`; quick look: "
+      "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 make bench`). Each part alone: "
+      "`bench/nbd.sh [SIZE_MB]`, `bench/cow.sh [COW_MB]`, `SIZES=... bench/snapshot.sh` (they print JSON lines "
+      "or a table), and the `go test` commands below. The raw results of this run are in `docs/bench-raw/`.", "",
+      "Every server is on loopback TCP on the same machine and filesystem; jobs are interleaved "
+      "between servers, each repeated `REPS` times; figures are medians. \"Target\" is the goal "
+      "set in the issue; this run measures, it does not tune.", ""]
+
+# --- 1. fio over NBD ----------------------------------------------------------
+nbd = [r for r in rows if r.get("bench") == "nbd"]
+if nbd:
+    jobs = list(dict.fromkeys(r["job"] for r in nbd))
+
+    def m(server, job, key):
+        xs = [r[key] for r in nbd if r["server"] == server and r["job"] == job]
+        return med(xs) if xs else None
+
+    L += ["## 1. fio over NBD: segmap, qemu-nbd, nbdkit", "",
+          f"One {env['knobs']['SIZE_MB']} MiB disk per server, every block written first; segmap: `segmap up`, "
+          "1 MiB segments; qemu-nbd: `qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads FILE`; "
+          "nbdkit: `nbdkit file FILE`. Each run:", "",
+          "```",
+          f"fio --name=JOB --ioengine=nbd --uri=nbd://127.0.0.1:PORT/EXPORT ARGS --size={env['knobs']['SIZE_MB']}M "
+          f"--time_based --runtime={env['knobs']['RUNTIME']} --ramp_time=1 --output-format=json",
+          "```", "",
+          "| job | ARGS |", "|---|---|"]
+    for j in env["nbd_jobs"]:
+        name, args = j.split(None, 1)
+        L.append(f"| {name} | `{' '.join(args.split())}` |")
+    L += ["", "4x16: fio `numjobs=4`, each job its own NBD connection, depth 16 each (64 in flight).",
+          "Ratios are segmap / qemu-nbd (throughput: above 1.0 is faster; latency: below 1.0 is faster).", "",
+          "| job | segmap | qemu-nbd | nbdkit | segmap / qemu-nbd | target | | segmap lat (µs) | qemu-nbd lat (µs) | lat ratio | target | |",
+          "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|"]
+    plot = []
+    for job in jobs:
+        key, unit = ("mbps", "MB/s") if "1m" in job else ("iops", "IOPS")
+        s, q, k = (m(x, job, key) for x in ("segmap", "qemu-nbd", "nbdkit"))
+        ls, lq = m("segmap", job, "lat_us"), m("qemu-nbd", job, "lat_us")
+        ratio, lr = s / q, ls / lq
+        t, v = "", ""
+        if "qd32" in job or "1m" in job:
+            t, v = "≥ 1.0", verdict(ratio, 1.0)
+        lt, lv = "", ""
+        if "qd1" in job:
+            lt, lv = "≤ 1.1", verdict(lr, 1.1, higher_is_better=False)
+        L.append(f"| {job} | {s:,.0f} {unit} | {q:,.0f} {unit} | {k:,.0f} {unit} | {ratio:.2f} | {t} | {v} | "
+                 f"{ls:.1f} | {lq:.1f} | {lr:.2f} | {lt} | {lv} |")
+        plot.append((job, ratio, k / q))
+    L += ["", "Latency is fio's mean completion latency (clat).", "", "![fio over NBD](bench-nbd.png)", ""]
+    with open(os.path.join(rdir, "nbd.dat"), "w") as f:
+        for job, a, b in plot:
+            f.write(f"{job} {a:.4f} {b:.4f}\n")
+
+# --- 2. first write after a snapshot -------------------------------------------
+cow = [r for r in rows if r.get("bench") == "cow"]
+if cow:
+    L += ["## 2. First write after a snapshot", "",
+          f"A {env['knobs']['COW_MB']} MiB disk, every segment written, then snapshotted: every segment is shared. "
+          "Then exactly one 4 KiB write at the start of each segment (each one copies its segment):", "",
+          "```",
+          f"fio --name=cow --ioengine=nbd --uri=URI --rw=write --bs=4k --zonemode=strided --zonesize=4k "
+          f"--zonerange=SEG --size={env['knobs']['COW_MB']}M --io_size=<4k x segments> --iodepth=QD --output-format=json",
+          "```", "",
+          "qcow2 beside it: `qemu-img create -f qcow2 -o cluster_size=64k -b base.raw -F raw overlay.qcow2` "
+          "over a filled raw base, served by `qemu-nbd -f qcow2 --cache=writeback --aio=threads`; a fresh "
+          "overlay (and a fresh segmap snapshot) for every run. `qcow2-1m` writes the `segmap-1m` pattern "
+          "(one write per MiB) to a 64 KiB-cluster overlay. Not the same work: qemu-nbd with cache=writeback "
+          "syncs nothing until the client flushes, while each segmap copy is a map fault whose copy is flushed and "
+          "whose map change is committed to bbolt (fsync) before the write is answered (README, Durability).", "",
+          "| case | QD | writes per run | writes/s | mean lat (µs) | vs qcow2 same pattern | target | |",
+          "|---|---:|---:|---:|---:|---:|---|---|"]
+    cases = list(dict.fromkeys(r["case"] for r in cow))
+    plot = {}
+    for qd in sorted(set(r["qd"] for r in cow)):
+        for c in cases:
+            xs = [r for r in cow if r["case"] == c and r["qd"] == qd]
+            if not xs:
+                continue
+            w = med(r["wps"] for r in xs)
+            plot[(c, qd)] = w
+            peer = c.replace("segmap", "qcow2")
+            ratio, t, v = "", "", ""
+            if c.startswith("segmap"):
+                pw = med(r["wps"] for r in cow if r["case"] == peer and r["qd"] == qd)
+                ratio = f"{w / pw:.2f}"
+                if c == "segmap-64k":
+                    t, v = "≥ 1.0", verdict(w / pw, 1.0)
+            L.append(f"| {c} | {qd} | {xs[0]['writes']:,} | {w:,.0f} | {med(r['lat_us'] for r in xs):,.0f} | {ratio} | {t} | {v} |")
+    L += ["", "![first write after a snapshot](bench-cow.png)", ""]
+    with open(os.path.join(rdir, "cow.dat"), "w") as f:
+        for c in cases:
+            f.write(f"{c} " + " ".join(f"{plot.get((c, qd), 0):.1f}" for qd in (1, 32)) + "\n")
+
+# --- 3. snapshot time and writer pause ----------------------------------------
+snap = sorted((r for r in rows if r.get("bench") == "snap"), key=lambda r: r["segments"])
+if snap:
+    L += ["## 3. Snapshot time and the writer's pause", "",
+          "For each size a fresh `segmap up` and a disk of N segments of 64 KiB, each allocated by one 4 KiB write:", "",
+          "```",
+          "segmap disk create snap --size <N x 64K> --segment-size 64K",
+          "fio --name=alloc --ioengine=nbd --uri=nbd://127.0.0.1:PORT/snap --rw=write --bs=4k --zonemode=strided "
+          "--zonesize=4k --zonerange=64k --size=<N x 64K> --io_size=<N x 4k> --iodepth=32",
+          f"bench/snappause -disk snap -other other -snapshots {env['knobs']['SNAPS']} ...",
+          "```", "",
+          "`snappause` runs two writers (4 KiB writes at queue depth 1, one NBD connection each): *same* rewrites "
+          "block 0 of the disk being snapshotted (so its first write after each snapshot is also a copy-on-write "
+          "fault), *other* rewrites block 0 of a second disk. It takes `SNAPS` snapshots with the CLI "
+          "(`segmap snapshot snap --name ...`, a process round trip) then `SNAPS` with one admin gRPC `Snapshot` "
+          "call on an open connection (server time plus one loopback round trip: the CLI prints no server-side "
+          "time), 300 ms apart. *CLI − info* subtracts the median `segmap disk info` process round trip. "
+          "A snapshot's *pause* is the longest gap between two consecutive completions of a writer that overlaps "
+          "the snapshot; *pause p99* is the 99th percentile of those per-snapshot pauses (with a handful of "
+          "snapshots, their maximum); *gap p99* pools every completion gap overlapping a snapshot, *idle* every "
+          "gap overlapping none (the writer's normal rhythm).", "",
+          "| segments | allocation (segments/s) | CLI p50 (ms) | CLI − info p50 (ms) | gRPC p50 (ms) | target < 20 ms | |"
+          " pause same, p50 / p99 (ms) | target < 10 ms | | gap p99 same (ms) | pause other, p50 / p99 (ms) | gap p99 other (ms) | gap p99 idle (ms) |",
+          "|---:|---:|---:|---:|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in snap:
+        cli, rpc = med(r["cli_ms"]), med(r["grpc_ms"])
+        r["_rpc"] = rpc
+        L.append(f"| {r['segments']:,} | {r['alloc_per_s']:,.0f} | {cli:.1f} | {cli - r['info_cli_ms']:.1f} | {rpc:.1f} | < 20 | "
+                 f"{verdict(rpc, 20, False)} | {med(r['pause_same_ms']):.1f} / {p99(r['pause_same_ms']):.1f} | "
+                 f"< 10 | {verdict(p99(r['pause_same_ms']), 10, False)} | {r['gap_p99_same_ms']:.2f} | "
+                 f"{med(r['pause_other_ms']):.1f} / {p99(r['pause_other_ms']):.1f} | {r['gap_p99_other_ms']:.2f} | {r['gap_p99_idle_same_ms']:.2f} |")
+    lo, hi = snap[0], snap[-1]
+    if hi["segments"] > lo["segments"]:
+        g = hi["_rpc"] / lo["_rpc"]
+        L += ["", f"Scaling: gRPC snapshot p50 at {hi['segments']:,} segments / at {lo['segments']:,} = **{g:.1f}×** "
+                  f"(target ≤ 2×: {verdict(g, 2.0, False)})."]
+    L += ["", "Verdicts on the snapshot time use the gRPC p50; on the pause, the same-disk pause p99. "
+              "Every gap, pause and time comes from the same snapshots (CLI and gRPC together).", "",
+          "![snapshot time and writer pause](bench-snapshot.png)", ""]
+    with open(os.path.join(rdir, "snap.dat"), "w") as f:
+        for r in snap:
+            f.write(f"{r['segments']} {med(r['cli_ms']):.3f} {r['_rpc']:.3f} {p99(r['pause_same_ms']):.3f} {p99(r['pause_other_ms']):.3f}\n")
+
+# --- 4. memory per entry ------------------------------------------------------
+mem = gobench(os.path.join(rdir, "mem.txt"))
+if mem or snap:
+    L += ["## 4. Memory per mapped entry", "",
+          f"`go test -run XXX -bench MemoryPerEntry -benchtime 1x -count {env['knobs']['COUNT']} ./internal/table ./internal/agent`: "
+          "live heap growth (runtime.MemStats after GC) per loaded entry. The agent's figure loads a 1k- or "
+          "1M-entry table through its set_entry commands; the table's *sparse* case maps one entry in 16 "
+          "(a touched page of 1024 entries is allocated whole). At 1k entries the agent's per-disk fixed cost "
+          "(its Disk, epoch, page index) is spread over few entries.", "",
+          "| what | bytes/entry | target | |", "|---|---:|---|---|"]
+    pkg = {"table": [], "agent": []}
+    for (bench, sub), d in mem.items():
+        v = med(d["bytes/entry"])
+        # The agent's sub-benchmarks are named by size only.
+        who = "agent" if not sub.startswith(("dense", "sparse")) else "table"
+        t, vv = ("≤ 16", verdict(v, 16, False)) if who == "agent" else ("", "")
+        L.append(f"| {who}: {sub} | {v:.2f} | {t} | {vv} |")
+    if snap:
+        L += ["", "The controller keeps no table in memory: it reads them from bbolt (pages of 1024 entries) in each "
+                  "transaction. What it holds per entry is on disk, `meta.db` (allocated entries, their reference "
+                  "counts, free-slot state; bbolt grows the file in steps, so small sizes round up). Beside it, the "
+                  "whole `segmap up` process's resident memory growth over the allocation (agent table, bbolt's "
+                  "mmap pages touched, Go heap slack) per entry:", "",
+              "| segments | meta.db (bytes) | meta.db growth / entry | after the snapshots (bytes) | segmap up RSS growth / entry |",
+              "|---:|---:|---:|---:|---:|"]
+        for r in snap:
+            L.append(f"| {r['segments']:,} | {r['meta_bytes']:,} | {r['meta_bytes_per_entry']:.1f} | {r['meta_bytes_after_snaps']:,} | {r['rss_bytes_per_entry']:.1f} |")
+    L.append("")
+
+# --- 5. fault round trip --------------------------------------------------------
+fault = gobench(os.path.join(rdir, "fault.txt"))
+if fault:
+    L += ["## 5. Map fault round trip", "",
+          f"`go test -run XXX -bench FaultRoundTrip -benchtime {env['knobs']['FAULT_N']}x -count {env['knobs']['COUNT']} ./internal/remote`: "
+          "agent → controller → agent over loopback gRPC, controller on bbolt; medians over the runs:", "",
+          "| fault | p50 (µs) | p99 (µs) | what it costs |", "|---|---:|---:|---|"]
+    what = {"load": "read of a Zero segment: one gRPC round trip and a bbolt read",
+            "allocate": "first write to a Zero segment: a slot punched and flushed, one bbolt commit"}
+    for (bench, sub), d in fault.items():
+        L.append(f"| {sub} | {med(d['p50-us']):,.0f} | {med(d['p99-us']):,.0f} | {what.get(sub, '')} |")
+    L += ["", "Raw output:", "", "```"] + [l.rstrip() for l in open(os.path.join(rdir, "fault.txt")) if l.startswith("Benchmark")] + ["```", ""]
+
+# --- 6. agent data path -----------------------------------------------------------
+dp = gobench(os.path.join(rdir, "datapath.txt"))
+if dp:
+    L += ["## 6. Agent data path, in process", "",
+          f"`go test -run XXX -bench DataPath -benchtime {env['knobs']['DATAPATH_N']}x -count {env['knobs']['COUNT']} ./internal/agent`: "
+          "an agent on a file container beside pread/pwrite on a plain file, interleaved; direct time / agent time "
+          "(1.0 = as fast as direct):", "", "| job | direct / agent |", "|---|---:|"]
+    for (bench, sub), d in dp.items():
+        L.append(f"| {sub} | {med(d['direct/agent']):.2f} |")
+    L.append("")
+
+open(doc, "w").write("\n".join(L) + "\n")
+
+# --- plots ------------------------------------------------------------------------
+gp = []
+common = "set terminal pngcairo size 900,480 font 'sans,10'; set grid ytics; set key top left;"
+if nbd:
+    gp.append(common + f"""set output '{plotdir}/bench-nbd.png';
+set title 'fio over NBD: throughput relative to qemu-nbd (1.0 = qemu-nbd)';
+set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1;
+set xtics rotate by -30; set yrange [0:*]; set ylabel 'IOPS or MB/s / qemu-nbd';
+plot '{rdir}/nbd.dat' using 2:xtic(1) title 'segmap', '' using 3 title 'nbdkit', 1 with lines lt -1 dt 2 notitle""")
+if cow:
+    gp.append(common + f"""set output '{plotdir}/bench-cow.png';
+set title 'First write after a snapshot: one 4 KiB write per segment (writes/s)';
+set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1;
+set yrange [0:*]; set ylabel 'writes/s';
+plot '{rdir}/cow.dat' using 2:xtic(1) title 'QD 1', '' using 3 title 'QD 32'""")
+if snap:
+    gp.append(common + f"""set output '{plotdir}/bench-snapshot.png';
+set title 'Snapshot time and the writer pause against allocated segments (64 KiB)';
+set logscale xy; set xlabel 'allocated segments'; set ylabel 'ms'; set format x '10^{{%L}}';
+plot '{rdir}/snap.dat' using 1:2 with linespoints title 'snapshot, CLI p50', '' using 1:3 with linespoints title 'snapshot, gRPC p50', '' using 1:4 with linespoints title 'writer pause p99 (same disk)', '' using 1:5 with linespoints title 'writer pause p99 (other disk)', 20 with lines dt 2 title '20 ms target', 10 with lines dt 3 title '10 ms target'""")
+if gp:
+    subprocess.run(["gnuplot"], input="\n".join(gp) + "\n", text=True, check=True)
+print(open(doc).read())

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# bench/run.sh: what 'make bench' runs. One run measures everything side by
+# side and writes docs/benchmarks.md and its plots (docs/bench-*.png):
+#
+#   1. bench/nbd.sh       fio over NBD: segmap, qemu-nbd, nbdkit
+#   2. bench/cow.sh       first write after a snapshot, beside a qcow2 overlay
+#   3. bench/snapshot.sh  snapshot time and writer pause against allocated segments
+#   4. go test -bench MemoryPerEntry   table and agent bytes per mapped entry
+#   5. go test -bench FaultRoundTrip   the map fault round trip
+#   6. go test -bench DataPath         the agent data path beside pread/pwrite
+#
+# Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
+# per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
+# disks, SIZES ("1000 10000 100000 1000000") snapshot.sh's segment counts,
+# SNAPS (3) snapshots per path per size, COUNT (3) runs of each Go
+# benchmark, FAULT_N (2000) and DATAPATH_N (40000) their iterations, DOC
+# (docs/benchmarks.md) where the report goes (plots beside it), NOTE a line
+# printed in bold at the top (say when the machine was shared).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export REPS=${REPS:-3} RUNTIME=${RUNTIME:-8}
+SIZE_MB=${SIZE_MB:-1024}
+COW_MB=${COW_MB:-512}
+export SIZES=${SIZES:-1000 10000 100000 1000000}
+export SNAPS=${SNAPS:-3}
+COUNT=${COUNT:-3}
+FAULT_N=${FAULT_N:-2000}
+DATAPATH_N=${DATAPATH_N:-40000}
+DOC=${DOC:-docs/benchmarks.md}
+NOTE=${NOTE:-}
+
+# gnuplot draws the plots: installed here when missing, or this fails.
+./scripts/deps.sh bench
+work=$(mktemp -d /var/tmp/segmap-benchrun.XXXXXX)
+pids=()
+. bench/lib.sh
+trap bench_cleanup EXIT
+
+go build -o "$work/segmap" ./cmd/segmap
+export SEGMAP_BIN=$work/segmap
+export RESULTS=$work/results.jsonl
+: >"$RESULTS"
+
+$PY - >"$work/env.json" <<PYEOF
+import json, os, platform, subprocess
+jobs = []
+on = False
+for l in open("bench/nbd.sh"):
+    if l.startswith("jobs=("): on = True; continue
+    if on and l.startswith(")"): break
+    if on: jobs.append(l.strip().strip('"'))
+commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.platform(),
+    "commit": commit, "note": """$NOTE""", "nbd_jobs": jobs,
+    "knobs": {"REPS": "$REPS", "RUNTIME": "$RUNTIME", "SIZE_MB": "$SIZE_MB", "COW_MB": "$COW_MB",
+              "SIZES": "$SIZES", "SNAPS": "$SNAPS", "COUNT": "$COUNT", "FAULT_N": "$FAULT_N",
+              "DATAPATH_N": "$DATAPATH_N"}}))
+PYEOF
+
+step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
+step "1/6 fio over NBD (bench/nbd.sh $SIZE_MB)"
+bench/nbd.sh "$SIZE_MB" >&2
+step "2/6 first write after a snapshot (bench/cow.sh $COW_MB)"
+bench/cow.sh "$COW_MB"
+step "3/6 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
+bench/snapshot.sh
+step "4/6 memory per entry"
+go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
+step "5/6 fault round trip"
+go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/remote | tee "$work/fault.txt" >&2
+step "6/6 agent data path"
+go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
+# The raw results beside the report, for anyone who wants other figures.
+mkdir -p "$(dirname "$DOC")/bench-raw"
+cp "$RESULTS" "$work/env.json" "$work"/*.txt "$(dirname "$DOC")/bench-raw/"
+$PY bench/report.py "$work" "$DOC" "$(dirname "$DOC")"
