@@ -152,11 +152,10 @@ if cow:
 snap = sorted((r for r in rows if r.get("bench") == "snap"), key=lambda r: r["segments"])
 if snap:
     L += ["## 3. Snapshot time and the writer's pause", "",
-          "For each size a fresh `segmap up` and a disk of N segments of 64 KiB, each allocated by one 4 KiB write:", "",
+          "For each size a fresh `segmap up` and a disk of N segments of 64 KiB, every segment allocated at creation "
+          "(*allocation* is the rate of that preallocation):", "",
           "```",
-          "segmap disk create snap --size <N x 64K> --segment-size 64K",
-          "fio --name=alloc --ioengine=nbd --uri=nbd://127.0.0.1:PORT/snap --rw=write --bs=4k --zonemode=strided "
-          "--zonesize=4k --zonerange=64k --size=<N x 64K> --io_size=<N x 4k> --iodepth=32",
+          "segmap disk create snap --size <N x 64K> --segment-size 64K --preallocate",
           f"bench/snappause -disk snap -other other -snapshots {env['knobs']['SNAPS']} ...",
           "```", "",
           "`snappause` runs two writers (4 KiB writes at queue depth 1, one NBD connection each): *same* rewrites "
@@ -228,7 +227,7 @@ if fault:
           "agent → controller → agent over loopback gRPC, controller on bbolt; medians over the runs:", "",
           "| fault | p50 (µs) | p99 (µs) | what it costs |", "|---|---:|---:|---|"]
     what = {"load": "read of a Zero segment: one gRPC round trip and a bbolt read",
-            "allocate": "first write to a Zero segment: a slot punched and flushed, one bbolt commit"}
+            "allocate": "first write to a Zero segment: one bbolt commit (free slots are kept zero, so nothing is punched)"}
     for (bench, sub), d in fault.items():
         L.append(f"| {sub} | {med(d['p50-us']):,.0f} | {med(d['p99-us']):,.0f} | {what.get(sub, '')} |")
     L += ["", "Raw output:", "", "```"] + [l.rstrip() for l in open(os.path.join(rdir, "fault.txt")) if l.startswith("Benchmark")] + ["```", ""]
