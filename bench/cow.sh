@@ -10,6 +10,8 @@
 #   qcow2-64k    qcow2 overlay, 64 KiB clusters    (zonerange 64k)
 #   segmap-1m    segmap disk, 1 MiB segments (the default; zonerange 1m)
 #   qcow2-1m     qcow2 overlay, 64 KiB clusters, same pattern as segmap-1m
+#   qcow2-64k-writethrough  qcow2-64k with qemu-nbd --cache=writethrough
+#                (every write durable before it is answered; context only)
 #
 # At queue depth 1 and 32. Each rep takes a fresh snapshot of the segmap
 # disks (their segments all shared again) and a fresh overlay; cases are
@@ -55,13 +57,14 @@ print(json.dumps({"bench": "cow", "case": case, "server": server, "qd": int(qd),
 PYEOF
 }
 
-# qcow2 CASE ZONERANGE QD REP: a fresh overlay, served by a fresh qemu-nbd.
+# qcow2 CASE ZONERANGE QD REP [CACHE]: a fresh overlay, served by a fresh
+# qemu-nbd (cache=writeback unless CACHE says otherwise).
 qcow2() {
   rm -f "$work/overlay.qcow2"
   qemu-img create -q -f qcow2 -o cluster_size=64k -b "$work/base.raw" -F raw "$work/overlay.qcow2"
   local qp; qp=$(port)
   # -t: fio connects twice (once for the size), a plain qemu-nbd exits after the first.
-  qemu-nbd -f qcow2 -t -b 127.0.0.1 -p "$qp" -x cow --cache=writeback --aio=threads "$work/overlay.qcow2" &
+  qemu-nbd -f qcow2 -t -b 127.0.0.1 -p "$qp" -x cow --cache="${5:-writeback}" --aio=threads "$work/overlay.qcow2" &
   local qpid=$!
   pids+=($qpid)
   wait_port "$qp"
@@ -79,6 +82,8 @@ for rep in $(seq "$REPS"); do
   for qd in 1 32; do
     segmap segmap-64k cow64k 64 "$qd" "$rep"
     qcow2 qcow2-64k 64 "$qd" "$rep"
+    # Context: qcow2 when every write is durable before it is answered.
+    qcow2 qcow2-64k-writethrough 64 "$qd" "$rep" writethrough
     segmap segmap-1m cow1m 1024 "$qd" "$rep"
     qcow2 qcow2-1m 1024 "$qd" "$rep"
   done
