@@ -265,12 +265,13 @@ func (c *File) WriteAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
-// Flush implements Container with fsync(2).
+// Flush implements Container with fdatasync(2): the data, and the metadata
+// needed to read it back (block allocation, size), but not timestamps.
 func (c *File) Flush() error {
 	if c.closed.Load() {
 		return c.errClosed()
 	}
-	if err := c.f.Sync(); err != nil {
+	if err := fdatasync(c.f); err != nil {
 		if c.closed.Load() || errors.Is(err, os.ErrClosed) {
 			return c.errClosed()
 		}
@@ -363,4 +364,27 @@ func (c *File) ioErr(op string, off int64, n int, err error) error {
 		return c.errClosed()
 	}
 	return fmt.Errorf("container %s: %s of %d bytes at offset %d: %w", c.path, op, n, off, err)
+}
+
+// fdatasync syncs f's data, retrying when interrupted.
+func fdatasync(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for {
+			serr = syscall.Fdatasync(int(fd))
+			if serr != syscall.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: serr}
+	}
+	return nil
 }
