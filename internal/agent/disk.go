@@ -281,16 +281,41 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 // which is flushed (the data must be durable before the map points at it),
 // then the controller is asked to commit the move. done is false if the
 // commit came too late and the write must start again.
+//
+// The write to the staged slot is I/O in flight like any other: a command
+// (a fence, a re-attach, a Blocking change) waits for it. And it is not
+// made once the agent has been fenced (the segment's entry Invalid): the
+// controller forgets the stages of an agent that re-attaches, and the slot
+// is free again.
 func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq uint64) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	if err != nil {
 		return false, err
 	}
-	if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
-		return false, fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+	d.mu.RLock()
+	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)).Is(table.Invalid) {
+		gone := d.mu.gone
+		d.mu.RUnlock()
+		if gone {
+			return false, ErrGone
+		}
+		return false, nil // start again
 	}
-	if err := oc.c.Flush(); err != nil {
-		return false, fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+	ep := d.mu.cur
+	ep.n.Add(1)
+	d.mu.RUnlock()
+	werr := func() error {
+		defer d.end(ep)
+		if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
+			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+		}
+		if err := oc.c.Flush(); err != nil {
+			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+		}
+		return nil
+	}()
+	if werr != nil {
+		return false, werr
 	}
 	r, err := d.a.controller().Fault(ctx, mapping.Fault{
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: mapping.FaultCommit, Token: st.Token,

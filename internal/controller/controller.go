@@ -13,8 +13,10 @@
 //   - Data before the map: a copy-on-write copy is flushed in its
 //     container before the entry that points at it is committed.
 //   - A fault's map change is committed before the fault is answered.
-//   - A slot handed out for a Zero fault is punched first, so that it reads
-//     as zero whatever a crash left in it.
+//   - Free slots are durably zero: a freed slot is punched and flushed,
+//     and every free slot of a container is zeroed once after a start,
+//     before its first allocation (whatever a crash left in it), so a slot
+//     handed out for a Zero fault reads as zero.
 //
 // State changes (faults that change the map, snapshots, creates, deletes,
 // resizes) are serialised by one mutex. That is what makes the "only this
@@ -686,12 +688,21 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		}
 		return nil
 	}
+	// Slots handed out for staged writes are free in the store until
+	// their commit, and may already hold an agent's data: they count as
+	// used here.
+	for _, sw := range c.mu.staged {
+		if sw.loc.Container == cid {
+			used = append(used, sw.loc.Slot)
+		}
+	}
+	slices.Sort(used)
 	next := int64(0)
 	for _, s := range used {
 		if err := punch(next, int64(s)); err != nil {
 			return err
 		}
-		next = int64(s) + 1
+		next = max(next, int64(s)+1)
 	}
 	if err := punch(next, ct.Slots()); err != nil {
 		return err

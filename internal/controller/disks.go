@@ -259,8 +259,8 @@ type SnapshotOptions struct {
 //  2. set NoWrite on every entry of each source on every agent that maps
 //     it, with Blocking, so no write made under the old entries is still
 //     on its way;
-//  3. in one transaction, persist NoWrite on the sources, create the copies
-//     with the same entries and count the sharing;
+//  3. in one transaction, create the copies sharing the sources' table
+//     pages (no entry is written: No-write follows from the sharing);
 //  4. activate.
 func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
 	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {

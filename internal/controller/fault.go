@@ -377,7 +377,7 @@ type stagedWrite struct {
 	agent string
 	disk  meta.DiskID
 	seg   uint64
-	loc   table.Location // the new slot, reserved, punched
+	loc   table.Location // the new slot, reserved (free slots are zero)
 	old   table.Location // the shared slot the disk maps now
 }
 
@@ -400,7 +400,18 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		if err != nil {
 			return err
 		}
+		// The move is still wanted only while the old slot is shared:
+		// if it has become the disk's alone (its sharers moved off by
+		// a reverse copy, or deleted), another agent may already
+		// write it in place, and freeing it here would pull it from
+		// under that agent. The write starts again and finds the
+		// entry writable.
 		if !es[0].Mapped() || es[0].Loc != sw.old {
+			return mapping.ErrStale
+		}
+		if n, err := sharers(tx, d.ID, sw.seg, es[0]); err != nil {
+			return err
+		} else if n < 2 {
 			return mapping.ErrStale
 		}
 		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {

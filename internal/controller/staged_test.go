@@ -1,0 +1,185 @@
+package controller_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"segmap/internal/container"
+	"segmap/internal/controller"
+	"segmap/internal/local"
+	"segmap/internal/mapping"
+	"segmap/internal/table"
+)
+
+func writeSlot(t *testing.T, c *local.Cluster, loc table.Location, p []byte) {
+	t.Helper()
+	ct, err := container.Open(filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", loc.Container)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ct.Close()
+	if _, err := ct.WriteAt(p, int64(loc.Slot)*ct.SlotSize()); err != nil {
+		t.Fatal(err)
+	}
+	if err := ct.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStagedSlotNotZeroed: a slot handed out for a staged write is free in
+// the store until its commit; zeroing a container's free slots (after
+// something made them suspect: here another agent's re-attach dropped its
+// stage) must leave it alone, or the staged write's data is lost.
+func TestStagedSlotNotZeroed(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	d := createDisk(t, c, "d", 4, table.Forward)
+	h0 := openDisk(t, c, 0, "d")
+	openDisk(t, c, 1, "d")
+	write(t, h0, pattern(2*seg, 1), 0)
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	if err != nil || ra.Stage == nil {
+		t.Fatalf("stage a: %+v %v", ra, err)
+	}
+	data := pattern(seg, 9)
+	writeSlot(t, c, ra.Stage.Loc, data) // host-a writes its staged slot
+	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 1, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	if err != nil || rb.Stage == nil {
+		t.Fatalf("stage b: %+v %v", rb, err)
+	}
+	// host-b restarts: its staged write is dropped and zeroed cleared.
+	if err := c.RestartAgent(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	// Any allocation from the container: zeroFreeLocked.
+	write(t, h0, []byte("x"), 2*seg)
+	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token}); err != nil {
+		t.Fatalf("commit: %v", err)
+	}
+	// The agent re-faults; read seg 0 fresh on a new agent.
+	if err := c.RestartAgent(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	h1 := openDisk(t, c, 1, "d")
+	expect(t, h1, 0, data)
+}
+
+// fakeAgent is an attached agent that answers every command, or fails
+// SetEntry when told to.
+type fakeAgent struct {
+	failSet bool
+}
+
+func (f *fakeAgent) NewTable(context.Context, mapping.Disk) error                 { return nil }
+func (f *fakeAgent) DeleteTable(context.Context, mapping.DiskID) error            { return nil }
+func (f *fakeAgent) SetEntryState(context.Context, mapping.SetEntryState) error   { return nil }
+func (f *fakeAgent) Quiesce(context.Context, mapping.DiskID, time.Duration) error { return nil }
+func (f *fakeAgent) Activate(context.Context, mapping.DiskID) error               { return nil }
+func (f *fakeAgent) GetEntry(context.Context, mapping.DiskID, uint64, uint64) ([]table.Entry, error) {
+	return nil, nil
+}
+func (f *fakeAgent) SetEntry(context.Context, mapping.SetEntry) error {
+	if f.failSet {
+		return errors.New("unreachable")
+	}
+	return nil
+}
+
+// TestCommitNeverFreesMappedSlot: a staged move commits only while the old
+// slot is still shared. Once the snapshot is gone, another agent gets the
+// old slot writable; the commit must then be stale, and the old slot stay
+// mapped and counted, not be freed (and punched) under that agent.
+func TestCommitNeverFreesMappedSlot(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	d := createDisk(t, c, "d", 4, table.Forward)
+	h0 := openDisk(t, c, 0, "d")
+	write(t, h0, pattern(seg, 1), 0)
+	old := entry(t, c, "d", 0).Loc
+	fa := &fakeAgent{}
+	if err := c.Ctrl.Attach(ctx, "host-b", fa, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Open(ctx, "host-b", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	if err != nil || ra.Stage == nil {
+		t.Fatalf("stage a: %+v %v", ra, err)
+	}
+	writeSlot(t, c, ra.Stage.Loc, pattern(seg, 9))
+	if err := c.Ctrl.DeleteDisk(ctx, "s"); err != nil {
+		t.Fatal(err)
+	}
+	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rb.Entries) != 1 || rb.Entries[0] != table.At(old, false) {
+		t.Fatalf("host-b got %v, want %v writable", rb.Entries, old)
+	}
+	fa.failSet = true
+	_, err = c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token})
+	if !errors.Is(err, mapping.ErrStale) {
+		t.Errorf("commit once the old slot is the disk's alone: %v, want ErrStale", err)
+	}
+	if r := refs(t, c, old); r != 1 {
+		t.Errorf("refs of the old slot, which host-b writes: %d, want 1", r)
+	}
+	if e := entry(t, c, "d", 0); e.Loc != old {
+		t.Errorf("entry moved to %v", e)
+	}
+	checkClean(t, c)
+}
+
+// TestCommitAfterReverseIsStale: on a reverse-delta disk, another agent's
+// partial write moves the snapshot to a copy and gets the old slot
+// writable; a whole-segment write staged before it must not commit.
+func TestCommitAfterReverseIsStale(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	d := createDisk(t, c, "d", 4, table.Reverse)
+	h0 := openDisk(t, c, 0, "d")
+	write(t, h0, pattern(seg, 1), 0)
+	old := entry(t, c, "d", 0).Loc
+	fa := &fakeAgent{}
+	if err := c.Ctrl.Attach(ctx, "host-b", fa, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Open(ctx, "host-b", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	if err != nil || ra.Stage == nil {
+		t.Fatalf("stage a: %+v %v", ra, err)
+	}
+	writeSlot(t, c, ra.Stage.Loc, pattern(seg, 9))
+	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rb.Entries) != 1 || rb.Entries[0] != table.At(old, false) || entry(t, c, "s", 0).Loc == old {
+		t.Fatalf("host-b got %v, snapshot at %v; want host-b writable at %v and the snapshot moved", rb.Entries, entry(t, c, "s", 0), old)
+	}
+	_, err = c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token})
+	if !errors.Is(err, mapping.ErrStale) {
+		t.Errorf("commit after the reverse copy: %v, want ErrStale", err)
+	}
+	if r := refs(t, c, old); r != 1 {
+		t.Errorf("refs of the old slot: %d, want 1", r)
+	}
+	checkClean(t, c)
+}
