@@ -257,12 +257,15 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 				fop = mapping.FaultRead // load it first: it may be Zero
 			}
 		}
+		d.mu.RLock()
+		tab := d.mu.tab // replaced by a fence or a reset
+		d.mu.RUnlock()
 		r, err := d.fault(ctx, seg, 1, fop, dec.Reason, whole)
 		if err != nil {
 			return err
 		}
 		if r.Stage != nil {
-			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq)
+			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq, tab)
 			if done || err != nil {
 				return err
 			}
@@ -284,16 +287,16 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 //
 // The write to the staged slot is I/O in flight like any other: a command
 // (a fence, a re-attach, a Blocking change) waits for it. And it is not
-// made once the agent has been fenced (the segment's entry Invalid): the
-// controller forgets the stages of an agent that re-attaches, and the slot
-// is free again.
-func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq uint64) (done bool, err error) {
+// made if the disk was fenced or reset since the fault was sent (its table
+// is no longer tab): the controller forgets the stages of an agent that
+// re-attaches, and the slot is free again.
+func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	if err != nil {
 		return false, err
 	}
 	d.mu.RLock()
-	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)).Is(table.Invalid) {
+	if d.mu.gone || d.mu.tab != tab {
 		gone := d.mu.gone
 		d.mu.RUnlock()
 		if gone {

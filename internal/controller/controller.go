@@ -711,7 +711,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, ErrIO, err)
 	}
 	c.mu.zeroed[cid] = true
-	c.logger.Info("free slots zeroed", "container", cid, "used", len(used))
+	c.logger.Debug("free slots zeroed", "container", cid, "used", len(used))
 	return nil
 }
 
