@@ -43,9 +43,9 @@ type transmission struct {
 	// queued are replies waiting to be written; spare is the batch being
 	// written, reused.
 	queued, spare []*request
-	iovs          net.Buffers
-	writing       bool  // a goroutine is writing queued replies
-	writeErr      error // the first failed reply
+	iovs          net.Buffers // the writer's scratch (writing set)
+	writing       bool        // a goroutine is writing queued replies
+	writeErr      error       // the first failed reply
 }
 
 // Limits on the replies the reader keeps queued before writing them, and on
