@@ -43,7 +43,7 @@ type transmission struct {
 	// queued are replies waiting to be written; spare is the batch being
 	// written, reused.
 	queued, spare []*request
-	iovs          net.Buffers // the writer's scratch (writing set)
+	iovs, wbufs   net.Buffers // the writer's scratch (writing set)
 	writing       bool        // a goroutine is writing queued replies
 	writeErr      error       // the first failed reply
 }
@@ -408,7 +408,12 @@ func (c *conn) writeReplies(batch []*request) error {
 			iovs = append(iovs, r.iov[1])
 		}
 	}
-	_, err := iovs.WriteTo(c.nc) // consumes its copy of the slice
-	clear(t.iovs[:cap(t.iovs)])  // no references to pooled buffers
+	// WriteTo consumes the slice it is called on: a field of t, so that
+	// taking its address allocates nothing.
+	t.wbufs = iovs
+	_, err := t.wbufs.WriteTo(c.nc)
+	t.wbufs = nil
+	clear(iovs) // no references to pooled buffers
+	t.iovs = iovs[:0]
 	return err
 }
