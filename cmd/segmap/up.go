@@ -32,6 +32,7 @@ type upFlags struct {
 	agent                                  string
 	drain                                  time.Duration
 	etcd                                   etcdFlags
+	pprof                                  string
 }
 
 func newUp() *cobra.Command {
@@ -66,6 +67,7 @@ controller': up serves no remote agents.`,
 	fl.IntVar(&f.poolFiles, "pool-files", 4, "number of container files the pool is split into")
 	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
 	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
+	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
 	f.etcd.add(cmd)
 	return cmd
 }
@@ -101,6 +103,13 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		return fmt.Errorf("admin listener: %w", err)
 	}
 	defer adminL.Close()
+	if f.pprof != "" {
+		stopPprof, err := servePprof(f.pprof, logger)
+		if err != nil {
+			return err
+		}
+		defer stopPprof()
+	}
 
 	w := cmd.OutOrStdout()
 	opts := local.Options{

@@ -93,6 +93,18 @@ type Container interface {
 	Close() error
 }
 
+// NoWaitReader is an optional interface of a Container: a read that does
+// not wait for storage, for callers that would rather hand a slow read to
+// another goroutine than block on it.
+type NoWaitReader interface {
+	// ReadAtNoWait reads len(p) bytes at off, as ReadAt does, if it can
+	// without waiting for the storage (the bytes are cached in memory).
+	// Otherwise, and whenever it cannot tell, it returns ok false at once
+	// and the caller must use ReadAt; p may then have been written to.
+	// An out-of-range read returns ok false as well: ReadAt reports it.
+	ReadAtNoWait(p []byte, off int64) (ok bool)
+}
+
 // FreeSlot punches slot so that it reads as zero and its storage is released
 // where the backend can.
 func FreeSlot(c Container, slot int64) error {

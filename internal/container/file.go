@@ -6,8 +6,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync"
 	"sync/atomic"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,9 +38,15 @@ type File struct {
 	// noPunch is set once fallocate reported that punching is not supported
 	// at all, so later punches go straight to writing zeros.
 	noPunch atomic.Bool
+	// noNoWait is set once preadv2 refused RWF_NOWAIT (an old kernel, a
+	// file system without it): ReadAtNoWait stops trying.
+	noNoWait atomic.Bool
 }
 
-var _ Container = (*File)(nil)
+var (
+	_ Container    = (*File)(nil)
+	_ NoWaitReader = (*File)(nil)
+)
 
 // Create makes a new container file at path with header h. The file must not
 // exist (the error then wraps fs.ErrExist). The data area is sparse: the file
@@ -248,6 +257,61 @@ func (c *File) ReadAt(p []byte, off int64) (int, error) {
 		return n, c.ioErr("read", off, len(p), err)
 	}
 	return n, nil
+}
+
+// ReadAtNoWait implements NoWaitReader with preadv2(2) and RWF_NOWAIT,
+// which reads from the page cache only: data that is not all cached fails
+// with EAGAIN or comes back short, and the caller then reads with ReadAt.
+func (c *File) ReadAtNoWait(p []byte, off int64) bool {
+	if c.noNoWait.Load() || c.closed.Load() || len(p) == 0 || off < 0 ||
+		off > c.Size() || int64(len(p)) > c.Size()-off {
+		return false
+	}
+	r := noWaitReads.Get().(*noWaitRead)
+	r.p, r.off = p, HeaderSize+off
+	// Control holds the descriptor open during the call: a racing Close
+	// makes it fail instead of reading another file's descriptor.
+	err := c.raw.Control(r.fn)
+	n, errno := r.n, r.errno
+	*r = noWaitRead{fn: r.fn}
+	noWaitReads.Put(r)
+	if err != nil {
+		return false
+	}
+	if errno == unix.EOPNOTSUPP || errno == unix.EINVAL {
+		c.noNoWait.Store(true)
+	}
+	return errno == 0 && n == uintptr(len(p))
+}
+
+// noWaitRead is one ReadAtNoWait: its arguments and results, and fn, the
+// function given to RawConn.Control, bound once so that a read allocates
+// nothing.
+type noWaitRead struct {
+	p     []byte
+	off   int64
+	n     uintptr
+	errno syscall.Errno
+	fn    func(fd uintptr)
+}
+
+var noWaitReads = sync.Pool{New: func() any {
+	r := &noWaitRead{}
+	r.fn = func(fd uintptr) { r.n, r.errno = preadv2NoWait(fd, r.p, r.off) }
+	return r
+}}
+
+// preadv2NoWait is preadv2(fd, {p}, off, RWF_NOWAIT) without the
+// allocations of unix.Preadv2.
+func preadv2NoWait(fd uintptr, p []byte, off int64) (uintptr, syscall.Errno) {
+	var iov unix.Iovec
+	iov.Base = &p[0]
+	iov.SetLen(len(p))
+	const longBits = unsafe.Sizeof(uintptr(0)) * 8
+	lo, hi := uintptr(off), uintptr(uint64(off)>>(longBits-1)>>1)
+	n, _, errno := unix.Syscall6(unix.SYS_PREADV2, fd, uintptr(unsafe.Pointer(&iov)), 1, lo, hi, unix.RWF_NOWAIT)
+	runtime.KeepAlive(p)
+	return n, errno
 }
 
 // WriteAt implements io.WriterAt; see Container.

@@ -60,10 +60,14 @@
 // One goroutine per connection runs the handshake and then reads requests,
 // handing each to a worker goroutine; at most Config.MaxInFlight requests
 // of a connection are in flight, and the reader waits when that many are.
-// Workers call the Export concurrently and write each reply as one write
-// (header and data together, with writev on TCP) under the connection's
-// write lock. The Server tracks its connections: Shutdown waits for them,
-// Close ends them and waits for their goroutines.
+// Workers call the Export concurrently. A small READ of an Export that is
+// a NoWaitReader is first tried on the reader itself, which saves waking a
+// worker when the data is in memory. Replies are queued, and whichever
+// goroutine finds no one writing writes every queued reply in one writev
+// (header and data together); a reply the reader queued goes out at the
+// latest when it has no complete request buffered. The Server tracks its
+// connections: Shutdown waits for them, Close ends them and waits for
+// their goroutines.
 //
 // # Limits
 //

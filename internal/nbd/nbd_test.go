@@ -89,6 +89,9 @@ type memExport struct {
 	name, desc string
 	ro         bool
 	hook       func(ctx context.Context, op string, off, n uint64) error
+	// try, if set, answers TryReadAt; otherwise reads are served inline
+	// unless hook is set (a hook may block).
+	try func(p []byte, off uint64) (bool, error)
 
 	mu   sync.RWMutex
 	data []byte
@@ -118,6 +121,19 @@ func (m *memExport) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	defer m.mu.RUnlock()
 	copy(p, m.data[off:])
 	return nil
+}
+
+func (m *memExport) TryReadAt(ctx context.Context, p []byte, off uint64) (bool, error) {
+	if m.try != nil {
+		return m.try(p, off)
+	}
+	if m.hook != nil {
+		return false, nil
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	copy(p, m.data[off:])
+	return true, nil
 }
 
 func (m *memExport) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
@@ -1666,4 +1682,63 @@ func TestConfigDefaults(t *testing.T) {
 		}
 	}()
 	NewServer(Config{})
+}
+
+// TestNoWaitRead covers READs served on the reader (NoWaitReader): served,
+// refused (a worker serves them), failed, panicking; replies of both kinds
+// interleave on one connection.
+func TestNoWaitRead(t *testing.T) {
+	modes(t, func(t *testing.T, structured bool) {
+		checkGoroutines(t)
+		disk := newMem("disk", 1<<20)
+		copy(disk.data, pattern(1<<20, 7))
+		var inline, refused atomic.Int64
+		disk.try = func(p []byte, off uint64) (bool, error) {
+			switch off {
+			case 4096:
+				return true, errNoSpace
+			case 8192:
+				panic("try bug")
+			}
+			if off%(2*512) == 512 {
+				refused.Add(1)
+				return false, nil
+			}
+			inline.Add(1)
+			disk.mu.RLock()
+			defer disk.mu.RUnlock()
+			copy(p, disk.data[off:])
+			return true, nil
+		}
+		h := startServer(t, func(c *Config) {
+			c.Errno = func(err error) uint32 {
+				if errors.Is(err, errNoSpace) {
+					return ENOSPC
+				}
+				return EIO
+			}
+		}, disk)
+		tc := connect(t, h.addr, "disk", structured)
+		tc.expectErrno(tc.do(cmdRead, 0, 4096, 512, nil), ENOSPC)
+		tc.expectErrno(tc.do(cmdRead, 0, 8192, 512, nil), EIO)
+		// Pipelined: inline and worker replies, in any order.
+		var calls []*call
+		for i := range 64 {
+			calls = append(calls, tc.start(cmdRead, 0, uint64(16384+i*512), 512, nil))
+		}
+		for i, cl := range calls {
+			cl.wait(t)
+			tc.expectErrno(cl, 0)
+			off := 16384 + i*512
+			if !bytes.Equal(cl.data, disk.snapshot(off, 512)) {
+				t.Fatalf("read %d: wrong data", i)
+			}
+		}
+		if inline.Load() == 0 || refused.Load() == 0 {
+			t.Fatalf("inline %d, refused %d: want both", inline.Load(), refused.Load())
+		}
+		if !strings.Contains(h.logs.String(), "try bug") {
+			t.Fatal("panic not logged")
+		}
+	})
 }

@@ -42,6 +42,21 @@ type Export interface {
 	WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error
 }
 
+// NoWaitReader is an optional interface of an Export: a read that can be
+// tried without blocking, so that the server can serve it on the goroutine
+// that reads the connection, with no hand-off to a worker (reads from a
+// page cache are faster than waking a goroutine).
+//
+// TryReadAt either serves the READ as ReadAt would, reporting done with
+// ReadAt's error, or, if serving it would wait (for storage, for a lock,
+// for a remote answer), returns done false at once with no effect beyond
+// scribbling on p; the server then calls ReadAt from a worker. It must
+// never block: it runs on the connection's reading goroutine. p is the
+// server's buffer and is valid only during the call.
+type NoWaitReader interface {
+	TryReadAt(ctx context.Context, p []byte, off uint64) (done bool, err error)
+}
+
 // ExportInfo describes an export for NBD_OPT_LIST and NBD_OPT_INFO.
 type ExportInfo struct {
 	Name, Description string

@@ -10,7 +10,15 @@ import (
 
 // transmission is the state of a connection in the transmission phase.
 // The connection's goroutine reads requests and hands each to a worker;
-// workers run the request and write its reply under wmu.
+// workers run the request and queue its reply. A small READ that the export
+// can serve without blocking (NoWaitReader) is served by the reader itself.
+//
+// Replies are written by whoever finds the queue idle (flat combining):
+// it writes every queued reply in one writev, and goes on while more
+// arrive. At queue depth 1 that is one write per reply, as before; under
+// load replies go out in batches, with fewer syscalls and no goroutine
+// dedicated to writing. A slot goes back to the reader only after its reply
+// was written, since the reply points into the slot and its buffer.
 type transmission struct {
 	// slots hold the requests in flight; free hands them to the reader,
 	// which blocks when all MaxInFlight are out.
@@ -23,10 +31,30 @@ type transmission struct {
 	wg      sync.WaitGroup
 	budget  budget
 
-	// wmu serialises replies: each is one locked write.
-	wmu      sync.Mutex
-	writeErr error // guarded by wmu: the first failed reply
+	// tryRead is the export as a NoWaitReader, or nil.
+	tryRead NoWaitReader
+	// held are replies the reader queued without writing them yet, and
+	// heldBytes their payload: it writes them when it has no complete
+	// request buffered, or holds too much.
+	held, heldBytes int
+
+	// wmu guards the reply queue.
+	wmu sync.Mutex
+	// queued are replies waiting to be written; spare is the batch being
+	// written, reused.
+	queued, spare []*request
+	iovs, wbufs   net.Buffers // the writer's scratch (writing set)
+	writing       bool        // a goroutine is writing queued replies
+	writeErr      error       // the first failed reply
 }
+
+// Limits on the replies the reader keeps queued before writing them, and on
+// the READs it serves itself.
+const (
+	maxHeldReplies = 32
+	maxHeldBytes   = 1 << 20
+	maxInlineRead  = 128 << 10
+)
 
 // request is one request in flight, with everything its reply needs, so
 // serving it allocates nothing.
@@ -41,9 +69,8 @@ type request struct {
 	// charged is the budget this request holds.
 	charged int
 
-	out  [chunkHeaderSize + 6 + maxErrMsg]byte // reply header
-	iov  [2][]byte
-	bufs net.Buffers
+	out [chunkHeaderSize + 6 + maxErrMsg]byte // reply header
+	iov [2][]byte                             // the reply: header, payload
 }
 
 // transmit serves requests until the client disconnects, the connection
@@ -59,8 +86,13 @@ func (c *conn) transmit() error {
 	}
 	t.work = make(chan *request)
 	t.budget.init(maxConnPayload)
+	t.queued = make([]*request, 0, n)
+	t.spare = make([]*request, 0, n)
+	t.iovs = make(net.Buffers, 0, 2*n)
+	t.tryRead, _ = c.sess.exp.(NoWaitReader)
 
 	err := c.readRequests()
+	c.flushHeld()
 	c.setState(stateDraining)
 	close(t.work)
 	t.wg.Wait()
@@ -76,6 +108,12 @@ func (c *conn) transmit() error {
 func (c *conn) readRequests() error {
 	t := &c.tx
 	for {
+		if t.held > 0 && (c.rd.Buffered() < requestSize || t.held >= maxHeldReplies ||
+			t.heldBytes >= maxHeldBytes || len(t.free) == 0) {
+			// About to wait (for the client, or for a slot that a
+			// held reply would free), or holding enough.
+			c.flushHeld()
+		}
 		r := <-t.free
 		if err := c.readRequest(r); err != nil {
 			t.free <- r
@@ -85,8 +123,41 @@ func (c *conn) readRequests() error {
 			t.free <- r
 			return errDisconnect
 		}
+		if c.tryInline(r) {
+			continue
+		}
 		c.dispatch(r)
 	}
+}
+
+// tryInline serves r on the reader if it is a small READ the export can
+// serve without blocking, and queues its reply; false leaves r untouched
+// for a worker.
+func (c *conn) tryInline(r *request) bool {
+	t := &c.tx
+	if t.tryRead == nil || r.typ != cmdRead || r.errno != 0 || r.length > maxInlineRead {
+		return false
+	}
+	errno, msg, data, ok := c.runNoWait(r)
+	if !ok {
+		return false
+	}
+	c.prepareReply(r, errno, msg, data)
+	t.held++
+	t.heldBytes += len(data)
+	t.wmu.Lock()
+	t.queued = append(t.queued, r)
+	t.wmu.Unlock()
+	return true
+}
+
+// flushHeld writes the replies the reader queued, unless a worker is
+// writing already (it takes them along).
+func (c *conn) flushHeld() {
+	t := &c.tx
+	t.held, t.heldBytes = 0, 0
+	t.wmu.Lock()
+	c.writeQueuedLocked()
 }
 
 // readRequest reads one request, and the payload of a WRITE, into r.
@@ -156,9 +227,8 @@ func (c *conn) worker() {
 		if errno == 0 {
 			errno, msg, data = c.run(r)
 		}
-		c.reply(r, errno, msg, data)
-		c.release(r)
-		c.tx.free <- r
+		c.prepareReply(r, errno, msg, data)
+		c.sendReply(r)
 	}
 }
 
@@ -218,10 +288,36 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 	return 0, "", data
 }
 
-// reply sends the reply to r in one locked write: a simple reply, or one
+// runNoWait tries a checked READ with the export's NoWaitReader; ok is
+// false if the read would block and must go to a worker. A panic fails the
+// request, as in run.
+func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("nbd: panic serving request", "cmd", r.typ, "offset", r.off,
+				"length", r.length, "panic", p, "stack", string(debug.Stack()))
+			errno, msg, data, ok = c.srv.errno(errPanic), "internal server error", nil, true
+		}
+	}()
+	r.buf = getBuf(int(r.length))
+	data = (*r.buf)[:r.length]
+	done, err := c.tx.tryRead.TryReadAt(c.ctx, data, r.off)
+	if !done {
+		putBuf(r.buf)
+		r.buf = nil
+		return 0, "", nil, false
+	}
+	if err != nil {
+		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
+		return c.srv.errno(err), clipMessage(err.Error()), nil, true
+	}
+	return 0, "", data, true
+}
+
+// prepareReply encodes the reply to r into r.iov: a simple reply, or one
 // structured chunk with NBD_REPLY_FLAG_DONE (OFFSET_DATA for a READ, NONE
 // for other successes, ERROR with a message for failures).
-func (c *conn) reply(r *request, errno uint32, msg string, data []byte) {
+func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 	h := r.out[:]
 	r.iov[0], r.iov[1] = nil, nil
 	switch {
@@ -246,24 +342,78 @@ func (c *conn) reply(r *request, errno uint32, msg string, data []byte) {
 		putChunk(h, replyFlagDone, chunkNone, r.cookie, 0)
 		r.iov[0] = h[:chunkHeaderSize]
 	}
+}
 
+// sendReply queues r's reply and writes the queue unless another goroutine
+// is writing it already.
+func (c *conn) sendReply(r *request) {
 	t := &c.tx
 	t.wmu.Lock()
-	defer t.wmu.Unlock()
-	if t.writeErr != nil {
+	t.queued = append(t.queued, r)
+	c.writeQueuedLocked()
+}
+
+// writeQueuedLocked writes the queued replies, batch after batch, until the
+// queue is empty, then releases wmu; it returns at once if another
+// goroutine is writing. Written requests go back to the reader. Called
+// with wmu held.
+func (c *conn) writeQueuedLocked() {
+	t := &c.tx
+	if t.writing || len(t.queued) == 0 {
+		t.wmu.Unlock()
 		return
 	}
-	var err error
-	if r.iov[1] == nil {
-		_, err = c.nc.Write(r.iov[0])
-	} else {
-		r.bufs = r.iov[:]
-		_, err = r.bufs.WriteTo(c.nc)
+	t.writing = true
+	for len(t.queued) > 0 {
+		batch := t.queued
+		t.queued, t.spare = t.spare[:0], nil
+		failed := t.writeErr != nil
+		t.wmu.Unlock()
+
+		var err error
+		if !failed {
+			err = c.writeReplies(batch)
+		}
+		for i, r := range batch {
+			c.release(r)
+			t.free <- r
+			batch[i] = nil
+		}
+
+		t.wmu.Lock()
+		if err != nil && t.writeErr == nil {
+			// A reply cut short leaves the stream unusable: hang
+			// up, which also stops the reader.
+			t.writeErr = fmt.Errorf("write reply: %w", err)
+			c.nc.Close()
+		}
+		t.spare = batch[:0]
 	}
-	if err != nil {
-		// A reply cut short leaves the stream unusable: hang up, which
-		// also stops the reader.
-		t.writeErr = fmt.Errorf("write reply: %w", err)
-		c.nc.Close()
+	t.writing = false
+	t.wmu.Unlock()
+}
+
+// writeReplies writes the replies of batch: one write for a lone header,
+// one writev otherwise. Only the goroutine that set t.writing calls it.
+func (c *conn) writeReplies(batch []*request) error {
+	t := &c.tx
+	if len(batch) == 1 && batch[0].iov[1] == nil {
+		_, err := c.nc.Write(batch[0].iov[0])
+		return err
 	}
+	iovs := t.iovs[:0]
+	for _, r := range batch {
+		iovs = append(iovs, r.iov[0])
+		if r.iov[1] != nil {
+			iovs = append(iovs, r.iov[1])
+		}
+	}
+	// WriteTo consumes the slice it is called on: a field of t, so that
+	// taking its address allocates nothing.
+	t.wbufs = iovs
+	_, err := t.wbufs.WriteTo(c.nc)
+	t.wbufs = nil
+	clear(iovs) // no references to pooled buffers
+	t.iovs = iovs[:0]
+	return err
 }
