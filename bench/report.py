@@ -4,7 +4,8 @@ docs/benchmarks.md and its PNG plots (drawn with gnuplot).
 
 Inputs, in the directory given as the first argument: results.jsonl (the JSON
 lines of nbd.sh, cow.sh and snapshot.sh), mem.txt, fault.txt and
-datapath.txt (go test -bench output), env.json (the knobs and commands).
+datapath.txt, snapshot.txt (go test -bench output), env.json (the knobs and
+commands).
 Usage: bench/report.py RESULTS_DIR DOC_PATH PLOT_DIR
 """
 import datetime, json, os, re, statistics, subprocess, sys
@@ -244,6 +245,26 @@ if dp:
     for (bench, sub), d in dp.items():
         L.append(f"| {sub} | {med(d['direct/agent']):.2f} |")
     L.append("")
+
+# --- 7. snapshot in process ------------------------------------------------------
+sb = gobench(os.path.join(rdir, "snapshot.txt"))
+if sb:
+    L += ["## 7. Snapshot time in process", "",
+          f"`go test -run XXX -bench Snapshot -benchtime 20x -count {env['knobs']['COUNT']} ./internal/controller`: "
+          "a disk of N allocated 64 KiB segments (mapped in the store directly), two agents mapping it, 20 snapshots "
+          "per run through `Controller.Snapshot` (the No-write broadcast to both agents, one bbolt transaction); "
+          "median over the runs of each run's median:", "",
+          "| segments | snapshot p50 (ms) | vs 1,000 segments | target |", "|---:|---:|---:|---|"]
+    base = None
+    for (bench, sub), d in sorted(sb.items(), key=lambda kv: int(kv[0][1].split("=")[1])):
+        p50 = med(d["p50-ms"])
+        n = int(sub.split("=")[1])
+        base = base or p50
+        t = f"< 20 ms: {verdict(p50, 20, False)}"
+        if n == 1_000_000:
+            t += f"; ≤ 2× the 1,000-segment time: {verdict(p50 / base, 2, False)}"
+        L.append(f"| {n:,} | {p50:.2f} | {p50 / base:.2f}× | {t} |")
+    L += ["", "Raw output:", "", "```"] + [l.rstrip() for l in open(os.path.join(rdir, "snapshot.txt")) if l.startswith("Benchmark")] + ["```", ""]
 
 open(doc, "w").write("\n".join(L) + "\n")
 

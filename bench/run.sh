@@ -8,6 +8,7 @@
 #   4. go test -bench MemoryPerEntry   table and agent bytes per mapped entry
 #   5. go test -bench FaultRoundTrip   the map fault round trip
 #   6. go test -bench DataPath         the agent data path beside pread/pwrite
+#   7. go test -bench Snapshot         snapshot time in process, 1K to 1M segments
 #
 # Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
 # per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
@@ -58,18 +59,20 @@ print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": pla
 PYEOF
 
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
-step "1/6 fio over NBD (bench/nbd.sh $SIZE_MB)"
+step "1/7 fio over NBD (bench/nbd.sh $SIZE_MB)"
 bench/nbd.sh "$SIZE_MB" >&2
-step "2/6 first write after a snapshot (bench/cow.sh $COW_MB)"
+step "2/7 first write after a snapshot (bench/cow.sh $COW_MB)"
 bench/cow.sh "$COW_MB"
-step "3/6 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
+step "3/7 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
 bench/snapshot.sh
-step "4/6 memory per entry"
+step "4/7 memory per entry"
 go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
-step "5/6 fault round trip"
+step "5/7 fault round trip"
 go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/remote | tee "$work/fault.txt" >&2
-step "6/6 agent data path"
+step "6/7 agent data path"
 go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
+step "7/7 snapshot in process"
+go test -run XXX -bench Snapshot -benchtime 20x -count "$COUNT" ./internal/controller | tee "$work/snapshot.txt" >&2
 # The raw results beside the report, for anyone who wants other figures.
 mkdir -p "$(dirname "$DOC")/bench-raw"
 cp "$RESULTS" "$work/env.json" "$work"/*.txt "$(dirname "$DOC")/bench-raw/"
