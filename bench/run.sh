@@ -13,7 +13,7 @@
 # Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
 # per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
 # disks, SIZES ("1000 10000 100000 1000000") snapshot.sh's segment counts,
-# SNAPS (3) snapshots per path per size, COUNT (3) runs of each Go
+# SNAPS (20) snapshots per path per size, COUNT (3) runs of each Go
 # benchmark, FAULT_N (2000) and DATAPATH_N (40000) their iterations, DOC
 # (docs/benchmarks.md) where the report goes (plots beside it), NOTE a line
 # printed in bold at the top (say when the machine was shared).
@@ -23,7 +23,7 @@ export REPS=${REPS:-3} RUNTIME=${RUNTIME:-8}
 SIZE_MB=${SIZE_MB:-1024}
 COW_MB=${COW_MB:-512}
 export SIZES=${SIZES:-1000 10000 100000 1000000}
-export SNAPS=${SNAPS:-3}
+export SNAPS=${SNAPS:-20}
 COUNT=${COUNT:-3}
 FAULT_N=${FAULT_N:-2000}
 DATAPATH_N=${DATAPATH_N:-40000}

@@ -9,11 +9,11 @@
 # size and the process's resident memory after it (the controller caches no
 # table: meta.db is what it holds per entry).
 # Usage: bench/snapshot.sh ; env SIZES (default "1000 10000 100000 1000000"),
-# SNAPS (default 3), RESULTS (JSON lines appended), SEGMAP_BIN.
+# SNAPS (default 20), RESULTS (JSON lines appended), SEGMAP_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-1000 10000 100000 1000000}
-SNAPS=${SNAPS:-3}
+SNAPS=${SNAPS:-20}
 RESULTS=${RESULTS:-/dev/stdout}
 work=$(mktemp -d /var/tmp/segmap-snap.XXXXXX)
 pids=()
