@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -22,6 +23,7 @@ import (
 	"segmap/internal/admin"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
+	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/size"
 	"segmap/internal/tlsconf"
@@ -522,15 +524,34 @@ func problemRows(ps []*pb.Problem) [][]string {
 
 func newCheck(g *globals) *cobra.Command {
 	var repair bool
+	var data string
 	ef := &etcdFlags{}
 	cmd := &cobra.Command{
-		Use:   "check [--repair] [--etcd URLS]",
+		Use:   "check [--repair] [--data DIR | --etcd URLS]",
 		Short: "verify the metadata: reference counts, sharing, locations (--repair reclaims leaked slots only)",
 		Long: `check verifies the metadata through the controller (the leader, with
-several). With --etcd it reads the store in etcd directly, without a
-controller (read-only: --repair goes through the leader).`,
+several). With --data it opens the bbolt store of a stopped controller or
+'segmap up' (DIR/meta.db) directly; --repair then reclaims leaked slots in
+it. With --etcd it reads the store in etcd directly, without a controller
+(read-only: --repair goes through the leader).
+
+Each kind of damage has its own name (leaked-slot, referenced-free-slot,
+wrong-reference-count, location-out-of-range, wrong-used-count,
+wrong-page-reference-count, leaked-table-page, missing-table-page); a
+record that fails its checksum or does not decode is reported with its
+key. Exit status 3 when anything is found.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if data != "" {
+				if ef.endpoints != "" {
+					return usageError{fmt.Errorf("--data and --etcd: the metadata is in one or the other")}
+				}
+				r, err := checkData(cmd.Context(), data, repair)
+				if err != nil {
+					return err
+				}
+				return printCheck(cmd.OutOrStdout(), g.json, r)
+			}
 			if ef.endpoints != "" {
 				if repair {
 					return usageError{fmt.Errorf("--repair changes the store: run it through the leading controller, without --etcd")}
@@ -551,8 +572,53 @@ controller (read-only: --repair goes through the leader).`,
 		},
 	}
 	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (nothing else is changed)")
+	cmd.Flags().StringVar(&data, "data", "", "check the bbolt store in DIR/meta.db of a stopped controller or 'segmap up'")
 	ef.add(cmd)
 	return cmd
+}
+
+// checkData checks (and with repair, repairs) the bbolt store of a stopped
+// controller. A corrupt record is damage found, not a failure to check.
+func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse, error) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	path := filepath.Join(dir, "meta.db")
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("no metadata store at %s: %w", path, err)
+	}
+	st, err := meta.OpenBolt(path)
+	if errors.Is(err, meta.ErrLocked) {
+		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.OpenContainer})
+	defer ctrl.Close()
+	out := &pb.CheckResponse{}
+	if repair {
+		fixed, err := ctrl.Repair(ctx)
+		if err != nil {
+			return nil, corruptAsDamage(err)
+		}
+		out.Repaired = admin.Problems(fixed)
+	}
+	ps, err := ctrl.Check(ctx)
+	if err != nil {
+		return nil, corruptAsDamage(err)
+	}
+	out.Problems = admin.Problems(ps)
+	return out, nil
+}
+
+// corruptAsDamage gives a corrupt record check's exit status (3).
+func corruptAsDamage(err error) error {
+	if errors.Is(err, meta.ErrCorrupt) {
+		return codeError{3, fmt.Errorf("check: %w", err)}
+	}
+	return err
 }
 
 // checkEtcd checks the store in etcd, read at one revision.
