@@ -302,9 +302,6 @@ func (c *Controller) lockNoHold() error {
 	return nil
 }
 
-// held returns how long a Hold still has to run; c.mu held.
-func (c *Controller) held() time.Duration { return time.Until(c.mu.holdUntil) }
-
 func (c *Controller) lock() error {
 	c.mu.Lock()
 	for {
@@ -607,33 +604,15 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 		if err != nil {
 			return err
 		}
-		for range cs {
-			id, ok := pickContainer(cs, slotSize, c.mu.turn)
-			if !ok {
-				break
-			}
-			c.mu.turn++
-			from := c.mu.hint[id]
-			// Skip the slots reserved for staged writes.
-			for tries := 0; tries <= len(c.mu.staged); tries++ {
-				slot, ok, err := tx.FindFree(id, from)
-				if err != nil {
-					return err
-				}
-				if !ok {
-					break
-				}
-				l := table.Location{Container: id, Slot: slot}
-				if c.reservedLocked(l) {
-					from = slot + 1
-					continue
-				}
-				c.mu.hint[id] = slot + 1
-				loc = l
-				return nil
-			}
+		l, ok, err := c.findFreeTx(tx, cs, slotSize, &c.mu.turn, c.mu.hint)
+		if err != nil {
+			return err
 		}
-		return ErrNoSpace
+		if !ok {
+			return ErrNoSpace
+		}
+		loc = l
+		return nil
 	})
 	return loc, err
 }
@@ -646,6 +625,37 @@ func (c *Controller) reservedLocked(loc table.Location) bool {
 		}
 	}
 	return false
+}
+
+// findFreeTx finds a free slot of the given size in tx, round robin over
+// the containers from *turn, skipping slots reserved for staged writes;
+// hint holds, per container, where to search from.
+func (c *Controller) findFreeTx(tx meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
+	for range cs {
+		id, ok := pickContainer(cs, slotSize, *turn)
+		if !ok {
+			return table.Location{}, false, nil
+		}
+		*turn++
+		from := hint[id]
+		for tries := 0; tries <= len(c.mu.staged); tries++ {
+			slot, ok, err := tx.FindFree(id, from)
+			if err != nil {
+				return table.Location{}, false, err
+			}
+			if !ok {
+				break
+			}
+			l := table.Location{Container: id, Slot: slot}
+			if c.reservedLocked(l) {
+				from = slot + 1
+				continue
+			}
+			hint[id] = slot + 1
+			return l, true, nil
+		}
+	}
+	return table.Location{}, false, nil
 }
 
 // zeroSlotLocked makes sure loc, just allocated, reads as zero, durably:

@@ -152,37 +152,6 @@ func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk) error {
 	return nil
 }
 
-// findFreeTx finds a free slot of the given size in tx, round robin over
-// the containers from *turn, skipping slots reserved for staged writes;
-// hint holds, per container, where to search from.
-func (c *Controller) findFreeTx(tx meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
-	for range cs {
-		id, ok := pickContainer(cs, slotSize, *turn)
-		if !ok {
-			return table.Location{}, false, nil
-		}
-		*turn++
-		from := hint[id]
-		for tries := 0; tries <= len(c.mu.staged); tries++ {
-			slot, ok, err := tx.FindFree(id, from)
-			if err != nil {
-				return table.Location{}, false, err
-			}
-			if !ok {
-				break
-			}
-			l := table.Location{Container: id, Slot: slot}
-			if c.reservedLocked(l) {
-				from = slot + 1
-				continue
-			}
-			hint[id] = slot + 1
-			return l, true, nil
-		}
-	}
-	return table.Location{}, false, nil
-}
-
 // Disk returns the record of the disk called name.
 func (c *Controller) Disk(ctx context.Context, name string) (meta.Disk, error) {
 	var d meta.Disk
@@ -223,7 +192,7 @@ func (c *Controller) DiskUsage(ctx context.Context, name string) (Usage, error) 
 			return err
 		}
 		return tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
-			n, err := sharers(tx, d.ID, seg, e)
+			n, err := shareCount(tx, d.ID, seg, e)
 			if err != nil {
 				return err
 			}

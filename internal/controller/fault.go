@@ -2,9 +2,7 @@ package controller
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"time"
 
 	"segmap/internal/mapping"
 	"segmap/internal/meta"
@@ -25,28 +23,6 @@ import (
 // that agent), and a write acknowledged under the new entry would then be
 // invisible to its reads.
 func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
-	for {
-		r, err := c.fault(ctx, f)
-		if !errors.Is(err, errHeld) {
-			return r, err
-		}
-		c.mu.Lock()
-		d := c.held()
-		c.mu.Unlock()
-		t := time.NewTimer(d)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return mapping.Reply{}, ctx.Err()
-		case <-t.C:
-		}
-	}
-}
-
-// errHeld: the fault would change state during a Hold.
-var errHeld = errors.New("held")
-
-func (c *Controller) fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
 	lock := c.lock
 	if f.Op == mapping.FaultRead {
 		lock = c.lockNoHold
@@ -101,10 +77,10 @@ func (c *Controller) fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, ErrBadRequest)
 }
 
-// sharers returns how many holders share the slot entry e (seg of disk id)
+// shareCount returns how many holders share the slot entry e (seg of disk id)
 // maps, as far as a write needs to know: the slot's count, or at least 2
 // when the table page that holds the entry is shared.
-func sharers(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32, error) {
+func shareCount(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32, error) {
 	if !e.Mapped() {
 		return 0, nil
 	}
@@ -179,9 +155,6 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 	}
 
 	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
-	if plan != table.Load && plan != table.Deny && c.held() > 0 {
-		return mapping.Reply{}, errHeld
-	}
 	c.plans[plan].Add(1)
 	switch plan {
 	case table.Load:
@@ -409,7 +382,7 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		if !es[0].Mapped() || es[0].Loc != sw.old {
 			return mapping.ErrStale
 		}
-		if n, err := sharers(tx, d.ID, sw.seg, es[0]); err != nil {
+		if n, err := shareCount(tx, d.ID, sw.seg, es[0]); err != nil {
 			return err
 		} else if n < 2 {
 			return mapping.ErrStale

@@ -12,6 +12,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/local"
 	"segmap/internal/mapping"
+	"segmap/internal/meta"
 	"segmap/internal/table"
 )
 
@@ -98,26 +99,7 @@ func (f *fakeAgent) SetEntry(context.Context, mapping.SetEntry) error {
 // mapped and counted, not be freed (and punched) under that agent.
 func TestCommitNeverFreesMappedSlot(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
-	d := createDisk(t, c, "d", 4, table.Forward)
-	h0 := openDisk(t, c, 0, "d")
-	write(t, h0, pattern(seg, 1), 0)
-	old := entry(t, c, "d", 0).Loc
-	fa := &fakeAgent{}
-	if err := c.Ctrl.Attach(ctx, "host-b", fa, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Ctrl.Open(ctx, "host-b", "d"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
-		t.Fatal(err)
-	}
-	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
-	if err != nil || ra.Stage == nil {
-		t.Fatalf("stage a: %+v %v", ra, err)
-	}
-	writeSlot(t, c, ra.Stage.Loc, pattern(seg, 9))
+	c, d, fa, ra, old := stagedBesideFake(t, table.Forward)
 	if err := c.Ctrl.DeleteDisk(ctx, "s"); err != nil {
 		t.Fatal(err)
 	}
@@ -147,26 +129,7 @@ func TestCommitNeverFreesMappedSlot(t *testing.T) {
 // writable; a whole-segment write staged before it must not commit.
 func TestCommitAfterReverseIsStale(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
-	d := createDisk(t, c, "d", 4, table.Reverse)
-	h0 := openDisk(t, c, 0, "d")
-	write(t, h0, pattern(seg, 1), 0)
-	old := entry(t, c, "d", 0).Loc
-	fa := &fakeAgent{}
-	if err := c.Ctrl.Attach(ctx, "host-b", fa, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Ctrl.Open(ctx, "host-b", "d"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
-		t.Fatal(err)
-	}
-	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
-	if err != nil || ra.Stage == nil {
-		t.Fatalf("stage a: %+v %v", ra, err)
-	}
-	writeSlot(t, c, ra.Stage.Loc, pattern(seg, 9))
+	c, d, _, ra, old := stagedBesideFake(t, table.Reverse)
 	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite})
 	if err != nil {
 		t.Fatal(err)
@@ -182,4 +145,33 @@ func TestCommitAfterReverseIsStale(t *testing.T) {
 		t.Errorf("refs of the old slot: %d, want 1", r)
 	}
 	checkClean(t, c)
+}
+
+// stagedBesideFake sets up disk "d" of the given policy, written at
+// segment 0 (slot old), mapped by host-a and by a fake agent host-b,
+// snapshotted to "s"; host-a then stages a whole-segment write to segment
+// 0 (ra) and writes its slot.
+func stagedBesideFake(t *testing.T, p table.Policy) (c *local.Cluster, d meta.Disk, fa *fakeAgent, ra mapping.Reply, old table.Location) {
+	t.Helper()
+	ctx := context.Background()
+	c = newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	d = createDisk(t, c, "d", 4, p)
+	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
+	old = entry(t, c, "d", 0).Loc
+	fa = &fakeAgent{}
+	if err := c.Ctrl.Attach(ctx, "host-b", fa, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Open(ctx, "host-b", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	if err != nil || ra.Stage == nil {
+		t.Fatalf("stage a: %+v %v", ra, err)
+	}
+	writeSlot(t, c, ra.Stage.Loc, pattern(seg, 9))
+	return c, d, fa, ra, old
 }

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"sort"
+	"strings"
 
 	"segmap/internal/table"
 )
@@ -35,8 +37,7 @@ type tx struct {
 	writable bool
 	dirs     map[string]*cachedDir  // by key
 	pages    map[uint64]*cachedPage // by page id
-	prefs    map[uint64]*cachedRefs // page reference counts, by page id / PageSlots
-	refs     map[string]*cachedRefs // slot reference counts, by key
+	refs     map[string]*cachedRefs // counts of slots (r/) and of table pages (q/), by key
 	conts    map[uint32]*Container  // containers whose Used changed
 }
 
@@ -103,25 +104,19 @@ func (t *tx) flush() error {
 			return err
 		}
 	}
-	for n, c := range t.prefs {
+
+	for k, c := range t.refs {
 		if !c.dirty {
 			continue
 		}
 		var err error
 		if *c.p == (refs{}) {
-			err = t.kv.Delete(pageRefsKey(n))
+			err = t.kv.Delete([]byte(k)) // absent: all zero
 		} else {
-			err = t.kv.Put(pageRefsKey(n), encodeRefs(c.p))
+			err = t.kv.Put([]byte(k), encodeRefs(c.p))
 		}
 		if err != nil {
 			return err
-		}
-	}
-	for k, c := range t.refs {
-		if c.dirty {
-			if err := t.kv.Put([]byte(k), encodeRefs(c.p)); err != nil {
-				return err
-			}
 		}
 	}
 	for _, c := range t.conts {
@@ -336,29 +331,7 @@ func (t *tx) DeleteDisk(id DiskID) ([]table.Location, error) {
 // dirNumbers returns, in order, the directory numbers of disk id that are
 // stored or cached (cached ones may be newer than the store's).
 func (t *tx) dirNumbers(id DiskID) ([]uint64, error) {
-	prefix := tablePrefix(id)
-	dns := map[uint64]bool{}
-	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
-		if len(k) != len(prefix)+8 {
-			return corrupt(k, "not a table directory key")
-		}
-		dns[pageNo(k)] = true
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	pre := string(prefix)
-	for k := range t.dirs {
-		if len(k) == len(pre)+8 && k[:len(pre)] == pre {
-			dns[pageNo([]byte(k))] = true
-		}
-	}
-	order := make([]uint64, 0, len(dns))
-	for dn := range dns {
-		order = append(order, dn)
-	}
-	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
-	return order, nil
+	return t.pageNumbers(tablePrefix(id), slices.Collect(maps.Keys(t.dirs)))
 }
 
 // dropTable releases every page of disk id's table and removes its
@@ -467,27 +440,10 @@ func (t *tx) readPage(id DiskID, pg uint64) (*page, error) {
 }
 
 // pageRefPage returns the cached page of reference counts that holds pid's.
+// pageRefPage returns the cached record of reference counts that holds
+// table page pid's.
 func (t *tx) pageRefPage(pid uint64) (*cachedRefs, error) {
-	n := pid / PageSlots
-	if c, ok := t.prefs[n]; ok {
-		return c, nil
-	}
-	k := pageRefsKey(n)
-	v, err := t.kv.Get(k)
-	if err != nil {
-		return nil, err
-	}
-	c := &cachedRefs{p: new(refs)}
-	if v != nil {
-		if c.p, err = decodeRefs(k, v); err != nil {
-			return nil, err
-		}
-	}
-	if t.prefs == nil {
-		t.prefs = make(map[uint64]*cachedRefs)
-	}
-	t.prefs[n] = c
-	return c, nil
+	return t.refsAt(pageRefsKey(pid / PageSlots))
 }
 
 func (t *tx) PageRefs(pid uint64) (uint32, error) {
@@ -759,8 +715,10 @@ func (t *tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) err
 	}); err != nil {
 		return err
 	}
-	for n := range t.prefs {
-		ns[n] = true
+	for k := range t.refs {
+		if strings.HasPrefix(k, "q/") {
+			ns[pageNo([]byte(k))] = true
+		}
 	}
 	for n := range ns {
 		c, err := t.pageRefPage(n * PageSlots)
@@ -922,7 +880,13 @@ func (t *tx) AddContainer(c Container) (Container, error) {
 }
 
 func (t *tx) refPage(cid uint32, pg uint64) (*cachedRefs, error) {
-	k := refsKey(cid, pg)
+	return t.refsAt(refsKey(cid, pg))
+}
+
+// refsAt returns the record of reference counts (of slots or of table
+// pages) under key k, from the cache or the store; a record not stored
+// holds only zeros.
+func (t *tx) refsAt(k []byte) (*cachedRefs, error) {
 	if c, ok := t.refs[string(k)]; ok {
 		return c, nil
 	}
@@ -1014,11 +978,7 @@ func (t *tx) FindFree(cid uint32, from uint32) (uint32, bool, error) {
 }
 
 func (t *tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error {
-	keys := make([]string, 0, len(t.refs))
-	for k := range t.refs {
-		keys = append(keys, k)
-	}
-	order, err := t.pageNumbers(refsPrefix(cid), keys)
+	order, err := t.pageNumbers(refsPrefix(cid), slices.Collect(maps.Keys(t.refs)))
 	if err != nil {
 		return err
 	}
@@ -1043,6 +1003,9 @@ func (t *tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error 
 func (t *tx) pageNumbers(prefix []byte, cached []string) ([]uint64, error) {
 	pgs := map[uint64]bool{}
 	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
+		if len(k) != len(prefix)+8 {
+			return corrupt(k, "not a key under %q", prefix)
+		}
 		pgs[pageNo(k)] = true
 		return nil
 	}); err != nil {
