@@ -66,107 +66,135 @@ func checkDecode(t *testing.T, key, v, orig []byte, err error, encode func() []b
 	}
 }
 
-func FuzzDecodeDisk(f *testing.F) {
-	addSeeds(f,
-		encodeDisk(Disk{ID: 1, Name: "vol", Size: 1 << 30, SegmentSize: 1 << 20, Policy: table.Forward, Family: 1,
-			Created: time.Date(2025, 3, 14, 15, 9, 26, 535897932, time.UTC)}),
-		encodeDisk(Disk{ID: math.MaxUint64, Name: strings.Repeat("ü", maxName/2), Size: math.MaxUint64, SegmentSize: 1 << 63,
-			Policy: table.Reverse, Origin: 7, Family: 3, ReadOnly: true, Created: time.Unix(0, math.MinInt64)}),
-		encodeDisk(Disk{ID: 2, Name: "x", SegmentSize: 1, Policy: table.Forward, Created: time.Unix(0, 0)}),
-	)
-	key := diskKey(1)
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		d, err := decodeDisk(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodeDisk(d) })
-		if err == nil && (d.ID == 0 || d.Name == "" || !d.Policy.Valid() || d.SegmentSize&(d.SegmentSize-1) != 0 || d.Created.Location() != time.UTC) {
-			t.Fatalf("decoded an invalid disk %+v", d)
-		}
-	})
+// A recordKind is one kind of record: its seeds, and a check of one
+// decode of a fuzzed value under the kind's key.
+type recordKind struct {
+	name  string
+	seeds [][]byte
+	check func(t *testing.T, v []byte)
 }
 
-func FuzzDecodeContainer(f *testing.F) {
-	addSeeds(f,
-		encodeContainer(Container{ID: 1, URI: "file:///var/lib/segmap/c1", SlotSize: 1 << 20, Slots: 1000, Used: 10}),
-		encodeContainer(Container{ID: math.MaxUint32, URI: strings.Repeat("u", maxName), SlotSize: 1 << 63, Slots: math.MaxUint64, Used: math.MaxUint64}),
-		encodeContainer(Container{ID: 2, SlotSize: 1}),
-	)
-	key := containerKey(1)
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		c, err := decodeContainer(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodeContainer(c) })
-		if err == nil && (c.ID == 0 || c.Used > c.Slots) {
-			t.Fatalf("decoded an invalid container %+v", c)
-		}
-	})
-}
-
-func FuzzDecodePage(f *testing.F) {
+// recordKinds lists every record the store decodes.
+func recordKinds() []recordKind {
 	mixed := new(page)
 	states := []table.State{0, table.NoWrite, table.Zero, table.Error, table.Error | table.Zero | table.NoWrite}
 	for i := range mixed {
 		mixed[i] = table.Entry{Loc: table.Location{Container: uint32(i % 7), Slot: uint32(i * 2654435761)}, State: states[i%len(states)]}
 	}
-	addSeeds(f, encodePage(zeroPage), encodePage(mixed), encodePage(new(page)))
-	key := pageKey(1)
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		p, err := decodePage(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodePage(p) })
-		if err == nil {
-			for i, e := range p {
-				if !e.State.Valid() || e.State&table.Invalid != 0 {
-					t.Fatalf("decoded entry %d with state %v", i, e.State)
-				}
-			}
-		}
-	})
-}
-
-func FuzzDecodeDir(f *testing.F) {
 	full := new(dir)
 	for i := range full {
 		full[i] = uint64(i)*2654435761 + 1
 	}
 	some := new(dir)
 	some[0], some[7], some[DirPages-1] = 1, math.MaxUint64, 42
-	addSeeds(f, encodeDir(new(dir)), encodeDir(some), encodeDir(full))
-	key := dirKey(1, 0)
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		d, err := decodeDir(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodeDir(d) })
-	})
-}
-
-func FuzzDecodeRefs(f *testing.F) {
 	counts := new(refs)
 	for i := range counts {
 		counts[i] = uint32(i * i)
 	}
 	counts[PageSlots-1] = math.MaxUint32
-	addSeeds(f, encodeRefs(new(refs)), encodeRefs(counts))
-	key := refsKey(1, 0)
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		p, err := decodeRefs(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodeRefs(p) })
-	})
+
+	return []recordKind{
+		{"disk", [][]byte{
+			encodeDisk(Disk{ID: 1, Name: "vol", Size: 1 << 30, SegmentSize: 1 << 20, Policy: table.Forward, Family: 1,
+				Created: time.Date(2025, 3, 14, 15, 9, 26, 535897932, time.UTC)}),
+			encodeDisk(Disk{ID: math.MaxUint64, Name: strings.Repeat("ü", maxName/2), Size: math.MaxUint64, SegmentSize: 1 << 63,
+				Policy: table.Reverse, Origin: 7, Family: 3, ReadOnly: true, Created: time.Unix(0, math.MinInt64)}),
+			encodeDisk(Disk{ID: 2, Name: "x", SegmentSize: 1, Policy: table.Forward, Created: time.Unix(0, 0)}),
+		}, func(t *testing.T, v []byte) {
+			key := diskKey(1)
+			orig := bytes.Clone(v)
+			d, err := decodeDisk(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeDisk(d) })
+			if err == nil && (d.ID == 0 || d.Name == "" || !d.Policy.Valid() || d.SegmentSize&(d.SegmentSize-1) != 0 || d.Created.Location() != time.UTC) {
+				t.Fatalf("decoded an invalid disk %+v", d)
+			}
+		}},
+		{"container", [][]byte{
+			encodeContainer(Container{ID: 1, URI: "file:///var/lib/segmap/c1", SlotSize: 1 << 20, Slots: 1000, Used: 10}),
+			encodeContainer(Container{ID: math.MaxUint32, URI: strings.Repeat("u", maxName), SlotSize: 1 << 63, Slots: math.MaxUint64, Used: math.MaxUint64}),
+			encodeContainer(Container{ID: 2, SlotSize: 1}),
+		}, func(t *testing.T, v []byte) {
+			key := containerKey(1)
+			orig := bytes.Clone(v)
+			c, err := decodeContainer(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeContainer(c) })
+			if err == nil && (c.ID == 0 || c.Used > c.Slots) {
+				t.Fatalf("decoded an invalid container %+v", c)
+			}
+		}},
+		{"page", [][]byte{encodePage(zeroPage), encodePage(mixed), encodePage(new(page))}, func(t *testing.T, v []byte) {
+			key := pageKey(1)
+			orig := bytes.Clone(v)
+			p, err := decodePage(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodePage(p) })
+			if err == nil {
+				for i, e := range p {
+					if !e.State.Valid() || e.State&table.Invalid != 0 {
+						t.Fatalf("decoded entry %d with state %v", i, e.State)
+					}
+				}
+			}
+		}},
+		{"dir", [][]byte{encodeDir(new(dir)), encodeDir(some), encodeDir(full)}, func(t *testing.T, v []byte) {
+			key := dirKey(1, 0)
+			orig := bytes.Clone(v)
+			d, err := decodeDir(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeDir(d) })
+		}},
+		{"refs", [][]byte{encodeRefs(new(refs)), encodeRefs(counts)}, func(t *testing.T, v []byte) {
+			key := refsKey(1, 0)
+			orig := bytes.Clone(v)
+			p, err := decodeRefs(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeRefs(p) })
+		}},
+		{"grants", [][]byte{encodeGrants(nil), encodeGrants([]string{"host-a", "host-b"}), encodeGrants([]string{strings.Repeat("a", maxName), ""})}, func(t *testing.T, v []byte) {
+			key := grantsKey(1)
+			orig := bytes.Clone(v)
+			g, err := decodeGrants(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeGrants(g) })
+		}},
+		{"u64", [][]byte{encodeU64(0), encodeU64(1), encodeU64(math.MaxUint64)}, func(t *testing.T, v []byte) {
+			key := seqKey("disk")
+			orig := bytes.Clone(v)
+			n, err := decodeU64(key, v)
+			checkDecode(t, key, v, orig, err, func() []byte { return encodeU64(n) })
+		}},
+	}
 }
 
-func FuzzDecodeU64(f *testing.F) {
-	addSeeds(f, encodeU64(0), encodeU64(1), encodeU64(math.MaxUint64))
-	key := seqKey("disk")
-	f.Fuzz(func(t *testing.T, in []byte, reseal bool) {
-		v := fuzzInput(in, reseal)
-		orig := bytes.Clone(v)
-		n, err := decodeU64(key, v)
-		checkDecode(t, key, v, orig, err, func() []byte { return encodeU64(n) })
+// fuzzKind fuzzes the decoder of one kind of record.
+func fuzzKind(f *testing.F, name string) {
+	for _, k := range recordKinds() {
+		if k.name == name {
+			addSeeds(f, k.seeds...)
+			f.Fuzz(func(t *testing.T, in []byte, reseal bool) { k.check(t, fuzzInput(in, reseal)) })
+			return
+		}
+	}
+	f.Fatalf("no record kind %q", name)
+}
+
+func FuzzDecodeDisk(f *testing.F)      { fuzzKind(f, "disk") }
+func FuzzDecodeContainer(f *testing.F) { fuzzKind(f, "container") }
+func FuzzDecodePage(f *testing.F)      { fuzzKind(f, "page") }
+func FuzzDecodeDir(f *testing.F)       { fuzzKind(f, "dir") }
+func FuzzDecodeRefs(f *testing.F)      { fuzzKind(f, "refs") }
+func FuzzDecodeGrants(f *testing.F)    { fuzzKind(f, "grants") }
+func FuzzDecodeU64(f *testing.F)       { fuzzKind(f, "u64") }
+
+// FuzzRecord fuzzes every record decoder at once (the first argument
+// picks the kind), so that one long run covers them all; it is what `make
+// fuzz` runs for the metadata records.
+func FuzzRecord(f *testing.F) {
+	kinds := recordKinds()
+	for i, k := range kinds {
+		for _, v := range k.seeds {
+			f.Add(uint8(i), v, false)
+			f.Add(uint8(i), v[:len(v)-4], true)
+			f.Add(uint8(i), v[:len(v)/2], false)
+		}
+	}
+	f.Fuzz(func(t *testing.T, kind uint8, in []byte, reseal bool) {
+		kinds[int(kind)%len(kinds)].check(t, fuzzInput(in, reseal))
 	})
 }
