@@ -5,7 +5,7 @@ GO       ?= go
 MODEL_OPS   ?= 700
 MODEL_SEEDS ?= 3
 
-.PHONY: all build test deps vet fmt-check model bench run clean proto
+.PHONY: all build test deps vet fmt-check model bench soak fuzz run clean proto
 
 all: build
 
@@ -48,6 +48,21 @@ model:
 # Quick look: REPS=1 RUNTIME=2 SIZES="1000 10000" COUNT=1 make bench.
 bench:
 	./bench/run.sh
+
+# soak: the reliability tests (crash points, error injection, kill storms,
+# linearizability, the model test) in their long form and every fuzz target, for DURATION
+# in all (a Go duration, shared out between the parts; at least 5m):
+#   make soak DURATION=2h
+# Summary counts and any failure's seed go to soak-<time>.log.
+DURATION ?= 30m
+soak: deps
+	./scripts/soak.sh $(DURATION)
+
+# fuzz: every fuzz target for FUZZTIME each (default 10m), one after
+# another; new interesting inputs are kept as seeds in testdata/fuzz.
+FUZZTIME ?= 10m
+fuzz:
+	./scripts/fuzz.sh $(FUZZTIME)
 
 run: build
 	./bin/segmap up

@@ -63,15 +63,33 @@ func TestModel(t *testing.T) {
 			seeds = append(seeds, uint64(i)+1)
 		}
 	}
+	// Under `make soak` (SEGMAP_SOAK=DURATION) fresh seeds follow until
+	// the duration has passed.
+	var deadline time.Time
+	if d := os.Getenv("SEGMAP_SOAK"); d != "" && *modelSeed == 0 {
+		soak, err := time.ParseDuration(d)
+		if err != nil {
+			t.Fatalf("SEGMAP_SOAK=%q: %v", d, err)
+		}
+		deadline = time.Now().Add(soak)
+	}
 	total := 0
 	plans := map[table.Plan]uint64{}
-	for _, seed := range seeds {
+	next := uint64(time.Now().UnixNano())
+	for i := 0; i < len(seeds) || time.Now().Before(deadline); i++ {
+		if i >= len(seeds) {
+			seeds = append(seeds, next+uint64(i))
+		}
+		seed := seeds[i]
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
 			n := runModel(t, seed, ops, plans)
 			total += n
 		})
+		if t.Failed() {
+			break
+		}
 	}
-	t.Logf("%d operations over seeds %v; faults resolved by plan: %v", total, seeds, plans)
+	t.Logf("summary: model %d operations over %d seeds; faults resolved by plan: %v", total, len(seeds), plans)
 	// The run must have exercised every way of resolving a fault.
 	if !t.Failed() && total >= 1000 {
 		for p := table.Load; p <= table.CopyReverse; p++ {
