@@ -726,13 +726,13 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 		}
 	} else {
 		if len(r.Repaired) > 0 {
-			fmt.Fprintf(w, "repaired %d problems:\n", len(r.Repaired))
+			fmt.Fprintf(w, "repaired %s:\n", plural(len(r.Repaired), "problem"))
 			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
 		}
 		if len(r.Problems) == 0 {
 			fmt.Fprintln(w, "check: clean")
 		} else {
-			fmt.Fprintf(w, "check: %d problems:\n", len(r.Problems))
+			fmt.Fprintf(w, "check: %s:\n", plural(len(r.Problems), "problem"))
 			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
 			for _, p := range r.Problems {
 				if p.Kind == controller.CorruptRecord.String() || p.Kind == controller.TruncatedRecord.String() {
@@ -746,9 +746,17 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 		return codeError{exitRefused, fmt.Errorf("check --repair: %s", r.Refused)}
 	}
 	if len(r.Problems) > 0 {
-		return codeError{exitDamage, fmt.Errorf("check found %d problems", len(r.Problems))}
+		return codeError{exitDamage, fmt.Errorf("check found %s", plural(len(r.Problems), "problem"))}
 	}
 	return nil
+}
+
+// plural returns "1 problem", "2 problems".
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 func newStatus(g *globals) *cobra.Command {
