@@ -247,7 +247,7 @@ func checkCounts(tx meta.Tx) ([]Problem, error) {
 			d := holder[pid]
 			out = append(out, Problem{Kind: SharedWritable, Key: pageName(pid), Disk: d.Name, Detail: fmt.Sprintf("table page %d: count 1, but %d disks' tables hold it: a write through one of them would land in place, in slots the others share", pid, n)})
 		case refs != n:
-			out = append(out, Problem{Kind: WrongPageCount, Key: pageName(pid), Detail: fmt.Sprintf("table page %d: count %d, in %d disks' tables", pid, refs, n)})
+			out = append(out, Problem{Kind: WrongPageCount, Key: pageName(pid), Detail: fmt.Sprintf("table page %d: count %d, in the tables of %s", pid, refs, count(n, "disk"))})
 		}
 		delete(holders, pid)
 		return nil
@@ -256,7 +256,7 @@ func checkCounts(tx meta.Tx) ([]Problem, error) {
 		return nil, err
 	}
 	for pid, n := range holders {
-		out = append(out, Problem{Kind: WrongPageCount, Key: pageName(pid), Detail: fmt.Sprintf("table page %d: count 0, in %d disks' tables", pid, n)})
+		out = append(out, Problem{Kind: WrongPageCount, Key: pageName(pid), Detail: fmt.Sprintf("table page %d: count 0, in the tables of %s", pid, count(n, "disk"))})
 	}
 	for _, ct := range cs {
 		var used uint64
@@ -272,7 +272,7 @@ func checkCounts(tx meta.Tx) ([]Problem, error) {
 			case n == 1 && u.refs > 1:
 				out = append(out, Problem{Kind: SharedWritable, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count 1, but %d table pages map it: a write through one of them would land in place, in a slot the others share", u.refs)})
 			case u.refs != n:
-				out = append(out, Problem{Kind: WrongCount, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count %d, %d table pages map it", n, u.refs)})
+				out = append(out, Problem{Kind: WrongCount, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count %d, but %s", n, mapIt(u.refs))})
 			}
 			if u != nil {
 				u.seen = true
@@ -288,7 +288,7 @@ func checkCounts(tx meta.Tx) ([]Problem, error) {
 	}
 	for loc, u := range uses {
 		if !u.seen {
-			out = append(out, Problem{Kind: ReferencedFree, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("%d table pages map it, count 0: it could be handed out again while in use", u.refs)})
+			out = append(out, Problem{Kind: ReferencedFree, Loc: loc, Disk: u.disk, Segment: u.seg, Detail: fmt.Sprintf("count 0, but %s: it could be handed out again while in use", mapIt(u.refs))})
 		}
 	}
 	sortProblems(out)
@@ -368,6 +368,22 @@ func Repairable(ps []Problem) error {
 		list = append(list, fmt.Sprintf("%d %v", n[k], k))
 	}
 	return fmt.Errorf("%w: %s; nothing was changed", ErrRepairRefused, strings.Join(list, ", "))
+}
+
+// count returns "1 disk", "2 disks".
+func count(n uint32, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
+}
+
+// mapIt says how many table pages map a slot.
+func mapIt(n uint32) string {
+	if n == 1 {
+		return "1 table page maps it"
+	}
+	return fmt.Sprintf("%d table pages map it", n)
 }
 
 // sortProblems orders problems for stable output.
