@@ -516,9 +516,12 @@ func newContainer(g *globals) *cobra.Command {
 func problemRows(ps []*pb.Problem) [][]string {
 	var rows [][]string
 	for _, p := range ps {
-		where := fmt.Sprintf("c%d/s%d", p.Container, p.Slot)
-		if p.Key != "" {
+		where := "-" // container ids start at 1
+		switch {
+		case p.Key != "":
 			where = p.Key
+		case p.Container != 0:
+			where = fmt.Sprintf("c%d/s%d", p.Container, p.Slot)
 		}
 		seg := "-"
 		if p.Disk != "" {
@@ -636,15 +639,32 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 		ctx = context.Background()
 	}
 	path := filepath.Join(dir, "meta.db")
-	check := func(st meta.Store) ([]controller.Problem, error) {
-		ps, err := controller.New(controller.Config{Store: st}).Check(ctx)
+	check := func(st *meta.Bolt) (ps []controller.Problem, err error) {
+		// bbolt panics on some damage below the records; Check runs
+		// its own file check first, which reports that damage
+		// without panicking, but it may not see everything.
+		defer func() {
+			if r := recover(); r != nil {
+				ps, err = []controller.Problem{{Kind: controller.DamagedFile, Detail: fmt.Sprintf("bbolt: %v", r)}}, nil
+			}
+		}()
+		ps, err = controller.New(controller.Config{Store: st}).Check(ctx)
 		return ps, corruptAsDamage(err)
 	}
 	st, err := meta.OpenBoltReadOnly(path)
-	if errors.Is(err, meta.ErrLocked) {
+	switch {
+	case errors.Is(err, meta.ErrLocked):
 		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
-	}
-	if err != nil {
+	case errors.Is(err, meta.ErrCorrupt):
+		// Both of bbolt's meta pages fail, or the root does: nothing
+		// to read.
+		ps := []controller.Problem{{Kind: controller.DamagedFile, Detail: err.Error()}}
+		out := &pb.CheckResponse{Problems: admin.Problems(ps)}
+		if repair {
+			out.Refused = controller.Repairable(ps).Error()
+		}
+		return out, nil
+	case err != nil:
 		return nil, fmt.Errorf("no metadata store at %s: %w", path, err)
 	}
 	ps, err := check(st)
@@ -678,8 +698,8 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 		return nil, corruptAsDamage(err)
 	}
 	out.Repaired = admin.Problems(fixed)
-	if ps, err = check(rw); err != nil {
-		return nil, err
+	if ps, err = controller.New(controller.Config{Store: rw}).Check(ctx); err != nil {
+		return nil, corruptAsDamage(err)
 	}
 	out.Problems = admin.Problems(ps)
 	return out, nil

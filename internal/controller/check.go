@@ -53,6 +53,11 @@ const (
 	// TruncatedRecord: a record is shorter than its layout, so it
 	// cannot hold its fields or its checksum.
 	TruncatedRecord
+	// DamagedFile: the bbolt file itself is damaged, below the records
+	// (its pages, free list or meta pages), as bbolt's own check of the
+	// file finds. Check looks for it first, on a store that can check
+	// its file (meta.Bolt), and stops there if it finds any.
+	DamagedFile
 )
 
 func (k ProblemKind) String() string {
@@ -79,6 +84,8 @@ func (k ProblemKind) String() string {
 		return "corrupt-record"
 	case TruncatedRecord:
 		return "truncated-record"
+	case DamagedFile:
+		return "damaged-file"
 	}
 	return fmt.Sprintf("ProblemKind(%d)", uint8(k))
 }
@@ -126,6 +133,9 @@ func (p Problem) String() string {
 // outside their container and wrong used-slot counts. It changes nothing. A
 // nil result means the store is sound.
 func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
+	if ps := c.checkFile(); len(ps) > 0 {
+		return ps, nil
+	}
 	var out []Problem
 	err := c.store.View(ctx, func(tx meta.Tx) error {
 		var err error
@@ -133,6 +143,24 @@ func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
 		return err
 	})
 	return out, err
+}
+
+// fileChecker is a store that can check its file below the records
+// (meta.Bolt).
+type fileChecker interface{ CheckFile() []error }
+
+// checkFile returns a DamagedFile problem for each error the store's own
+// file check finds, if it has one.
+func (c *Controller) checkFile() []Problem {
+	fc, ok := c.store.(fileChecker)
+	if !ok {
+		return nil
+	}
+	var ps []Problem
+	for _, err := range fc.CheckFile() {
+		ps = append(ps, Problem{Kind: DamagedFile, Detail: err.Error()})
+	}
+	return ps
 }
 
 type use struct {
@@ -306,7 +334,10 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 	}
 	defer c.mu.Unlock()
 	// Look first, so that a refused or empty repair writes nothing.
-	var ps []Problem
+	ps := c.checkFile()
+	if len(ps) > 0 {
+		return nil, Repairable(ps)
+	}
 	err := c.store.View(ctx, func(tx meta.Tx) error {
 		var err error
 		ps, err = check(tx)
