@@ -544,13 +544,15 @@ several). With --data it opens the bbolt store of a stopped controller or
 reclaim. With --etcd it reads the store in etcd directly, without a
 controller (read-only: --repair goes through the leader).
 
-check first decodes every record; if any is damaged it reports each one and
+check first runs bbolt's own check of the file (a bbolt store), then
+decodes every record; if either finds damage it reports all of it and
 stops there (counting references without every record would report the
 slots of the unreadable ones as leaked). Otherwise it recounts every
 reference from every table. Each kind of damage has its own name; a row
 gives the kind, the slot (cC/sS) or the record key (p/17: table page 17,
 c/1: container 1, d/3: the record of disk 3, t/3/0, r/1/0, q/0, n/NAME),
-the disk and segment concerned, and what is wrong:
+the disk and segment concerned, and what is wrong (docs/check.md has an
+example of each):
 
   leaked-slot                 a slot is counted as used but no table maps it
                               (space lost, no data at risk); --repair frees it
@@ -575,6 +577,8 @@ the disk and segment concerned, and what is wrong:
                               contradicts its key or the record it names
   truncated-record            a record is shorter than its layout: it cannot
                               hold its fields or its checksum
+  damaged-file                the bbolt file is damaged below the records (its
+                              pages, free list or meta pages)
 
 --repair only ever reclaims leaked slots. If anything else is found it
 refuses and changes nothing (the file of --data stays byte for byte as it

@@ -41,11 +41,16 @@ type RecordError struct {
 	Truncated bool   // the record is shorter than its layout
 }
 
+// Error names the record readably (KeyName) and as stored (quoted).
 func (e *RecordError) Error() string {
-	if e.Truncated {
-		return fmt.Sprintf("record %q: %s: %v: %v", e.Key, e.Reason, ErrTruncated, ErrCorrupt)
+	name := fmt.Sprintf("%q", e.Key)
+	if n := KeyName(e.Key); n != name {
+		name = n + " (" + name + ")"
 	}
-	return fmt.Sprintf("record %q: %s: %v", e.Key, e.Reason, ErrCorrupt)
+	if e.Truncated {
+		return fmt.Sprintf("record %s: %s: %v: %v", name, e.Reason, ErrTruncated, ErrCorrupt)
+	}
+	return fmt.Sprintf("record %s: %s: %v", name, e.Reason, ErrCorrupt)
 }
 
 // Is reports whether e matches target: ErrCorrupt always, ErrTruncated when
