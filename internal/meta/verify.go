@@ -128,7 +128,7 @@ func (t *tx) Damaged() ([]*RecordError, error) {
 	badDisks := map[DiskID]bool{}
 	badNames := map[string]bool{}
 	err := t.kv.Scan(nil, func(k, v []byte) error {
-		err := verifyRecord(k, v, names, disks)
+		err := t.verifyRecord(k, v, names, disks)
 		var re *RecordError
 		switch {
 		case err == nil:
@@ -169,8 +169,11 @@ func (t *tx) Damaged() ([]*RecordError, error) {
 }
 
 // verifyRecord decodes the record under k and checks that it belongs under
-// k. It notes name and disk records in names and disks.
-func verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string) error {
+// k. It notes name and disk records in names and disks, and keeps the
+// table pages, directories and counts it decoded in the transaction's
+// caches (unless they are there already, maybe changed), so that reading
+// them again costs nothing.
+func (t *tx) verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string) error {
 	bad := func(what string) error { return corrupt(k, "not a key of %s", what) }
 	if len(k) < 2 || k[1] != '/' {
 		return corrupt(k, "not a key of any record")
@@ -202,20 +205,31 @@ func verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string)
 		if len(k) != 19 || k[10] != '/' {
 			return bad("a table directory")
 		}
-		_, err := decodeDir(k, v)
+		d, err := decodeDir(k, v)
+		if err == nil && t.dirs[string(k)] == nil {
+			if t.dirs == nil {
+				t.dirs = make(map[string]*cachedDir)
+			}
+			t.dirs[string(k)] = &cachedDir{d: d}
+		}
 		return err
 	case 'p':
 		if len(k) != 10 {
 			return bad("a table page")
 		}
-		_, err := decodePage(k, v)
+		p, err := decodePage(k, v)
+		if pid := pageNo(k); err == nil && t.pages[pid] == nil {
+			if t.pages == nil {
+				t.pages = make(map[uint64]*cachedPage)
+			}
+			t.pages[pid] = &cachedPage{p: p}
+		}
 		return err
 	case 'q':
 		if len(k) != 10 {
 			return bad("table page reference counts")
 		}
-		_, err := decodeRefs(k, v)
-		return err
+		return t.cacheRefs(k, v)
 	case 'c':
 		if len(k) != 6 {
 			return bad("a container")
@@ -229,8 +243,7 @@ func verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string)
 		if len(k) != 15 || k[6] != '/' {
 			return bad("slot reference counts")
 		}
-		_, err := decodeRefs(k, v)
-		return err
+		return t.cacheRefs(k, v)
 	case 'g':
 		if len(k) != 10 {
 			return bad("a grant list")
@@ -245,4 +258,16 @@ func verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string)
 		return err
 	}
 	return corrupt(k, "not a key of any record")
+}
+
+// cacheRefs decodes the counts under k and caches them if they are not.
+func (t *tx) cacheRefs(k, v []byte) error {
+	p, err := decodeRefs(k, v)
+	if err == nil && t.refs[string(k)] == nil {
+		if t.refs == nil {
+			t.refs = make(map[string]*cachedRefs)
+		}
+		t.refs[string(k)] = &cachedRefs{p: p}
+	}
+	return err
 }
