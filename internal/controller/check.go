@@ -35,7 +35,8 @@ const (
 	SharedWritable
 	// OutOfRange: an entry points at a container that does not exist, past
 	// its last slot, or at one whose slot size is not the disk's segment
-	// size.
+	// size, or lies past the end of its disk; or a slot past the end of
+	// its container has a count.
 	OutOfRange
 	// WrongUsed: a container's used-slot count disagrees with its counts.
 	WrongUsed
@@ -121,7 +122,9 @@ func (p Problem) String() string {
 	return s
 }
 
-// Check reports each violation of the store's invariants. First it decodes
+// Check reports each violation of the store's invariants. On a store that
+// can check its file (meta.Bolt) it runs that check first and stops there
+// if it finds damage (DamagedFile). Then it decodes
 // every record and reports each damaged one (corrupt-record,
 // truncated-record), with its key; if there is any, it stops there: counting
 // references without every table page, directory and count record would
