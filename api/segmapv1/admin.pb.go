@@ -1005,14 +1005,22 @@ func (x *CheckRequest) GetRepair() bool {
 	return false
 }
 
+// Problem is one kind of damage check found (kind: leaked-slot,
+// referenced-free-slot, wrong-reference-count, shared-slot-writable,
+// location-out-of-range, wrong-used-count, wrong-page-reference-count,
+// leaked-table-page, missing-table-page, corrupt-record, truncated-record).
 type Problem struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
-	Container     uint32                 `protobuf:"varint,2,opt,name=container,proto3" json:"container,omitempty"`
-	Slot          uint32                 `protobuf:"varint,3,opt,name=slot,proto3" json:"slot,omitempty"`
-	Disk          string                 `protobuf:"bytes,4,opt,name=disk,proto3" json:"disk,omitempty"`
-	Segment       uint64                 `protobuf:"varint,5,opt,name=segment,proto3" json:"segment,omitempty"`
-	Detail        string                 `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
+	// container and slot name the slot concerned, when key is empty.
+	Container uint32 `protobuf:"varint,2,opt,name=container,proto3" json:"container,omitempty"`
+	Slot      uint32 `protobuf:"varint,3,opt,name=slot,proto3" json:"slot,omitempty"`
+	Disk      string `protobuf:"bytes,4,opt,name=disk,proto3" json:"disk,omitempty"`
+	Segment   uint64 `protobuf:"varint,5,opt,name=segment,proto3" json:"segment,omitempty"`
+	Detail    string `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
+	// key names the record concerned: "p/17" (table page 17), "c/1"
+	// (container 1), "d/3" (the record of disk 3), ...
+	Key           string `protobuf:"bytes,7,opt,name=key,proto3" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1089,11 +1097,21 @@ func (x *Problem) GetDetail() string {
 	return ""
 }
 
+func (x *Problem) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
 type CheckResponse struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Problems []*Problem             `protobuf:"bytes,1,rep,name=problems,proto3" json:"problems,omitempty"`
 	// repaired lists what repair reclaimed (only leaked slots).
-	Repaired      []*Problem `protobuf:"bytes,2,rep,name=repaired,proto3" json:"repaired,omitempty"`
+	Repaired []*Problem `protobuf:"bytes,2,rep,name=repaired,proto3" json:"repaired,omitempty"`
+	// refused says why repair changed nothing: damage other than leaked
+	// slots. Empty if repair was not asked for or went ahead.
+	Refused       string `protobuf:"bytes,3,opt,name=refused,proto3" json:"refused,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1140,6 +1158,13 @@ func (x *CheckResponse) GetRepaired() []*Problem {
 		return x.Repaired
 	}
 	return nil
+}
+
+func (x *CheckResponse) GetRefused() string {
+	if x != nil {
+		return x.Refused
+	}
+	return ""
 }
 
 type StatusRequest struct {
@@ -1397,17 +1422,19 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\tslot_size\x18\x02 \x01(\x04R\bslotSize\x12\x14\n" +
 	"\x05slots\x18\x03 \x01(\x04R\x05slots\"&\n" +
 	"\fCheckRequest\x12\x16\n" +
-	"\x06repair\x18\x01 \x01(\bR\x06repair\"\x95\x01\n" +
+	"\x06repair\x18\x01 \x01(\bR\x06repair\"\xa7\x01\n" +
 	"\aProblem\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x1c\n" +
 	"\tcontainer\x18\x02 \x01(\rR\tcontainer\x12\x12\n" +
 	"\x04slot\x18\x03 \x01(\rR\x04slot\x12\x12\n" +
 	"\x04disk\x18\x04 \x01(\tR\x04disk\x12\x18\n" +
 	"\asegment\x18\x05 \x01(\x04R\asegment\x12\x16\n" +
-	"\x06detail\x18\x06 \x01(\tR\x06detail\"o\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\x12\x10\n" +
+	"\x03key\x18\a \x01(\tR\x03key\"\x89\x01\n" +
 	"\rCheckResponse\x12.\n" +
 	"\bproblems\x18\x01 \x03(\v2\x12.segmap.v1.ProblemR\bproblems\x12.\n" +
-	"\brepaired\x18\x02 \x03(\v2\x12.segmap.v1.ProblemR\brepaired\"\x0f\n" +
+	"\brepaired\x18\x02 \x03(\v2\x12.segmap.v1.ProblemR\brepaired\x12\x18\n" +
+	"\arefused\x18\x03 \x01(\tR\arefused\"\x0f\n" +
 	"\rStatusRequest\"1\n" +
 	"\x05Agent\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -517,10 +516,79 @@ func newContainer(g *globals) *cobra.Command {
 func problemRows(ps []*pb.Problem) [][]string {
 	var rows [][]string
 	for _, p := range ps {
-		rows = append(rows, []string{p.Kind, fmt.Sprintf("c%d/s%d", p.Container, p.Slot), orDash(p.Disk), fmt.Sprint(p.Segment), p.Detail})
+		where := "-" // container ids start at 1
+		switch {
+		case p.Key != "":
+			where = p.Key
+		case p.Container != 0:
+			where = fmt.Sprintf("c%d/s%d", p.Container, p.Slot)
+		}
+		seg := "-"
+		if p.Disk != "" {
+			seg = fmt.Sprint(p.Segment)
+		}
+		rows = append(rows, []string{p.Kind, where, orDash(p.Disk), seg, p.Detail})
 	}
 	return rows
 }
+
+// Exit statuses of check (0 clean, 1 could not check, 2 usage).
+const (
+	exitDamage  = 3 // damage found
+	exitRefused = 4 // --repair refused: damage other than leaked slots; nothing changed
+)
+
+const checkLong = `check verifies the metadata through the controller (the leader, with
+several). With --data it opens the bbolt store of a stopped controller or
+'segmap up' (DIR/meta.db) directly, read-only unless --repair has leaks to
+reclaim. With --etcd it reads the store in etcd directly, without a
+controller (read-only: --repair goes through the leader).
+
+check first runs bbolt's own check of the file (a bbolt store), then
+decodes every record; if either finds damage it reports all of it and
+stops there (counting references without every record would report the
+slots of the unreadable ones as leaked). Otherwise it recounts every
+reference from every table. Each kind of damage has its own name; a row
+gives the kind, the slot (cC/sS) or the record key (p/17: table page 17,
+c/1: container 1, d/3: the record of disk 3, t/3/0, r/1/0, q/0, n/NAME),
+the disk and segment concerned, and what is wrong (docs/check.md has an
+example of each):
+
+  leaked-slot                 a slot is counted as used but no table maps it
+                              (space lost, no data at risk); --repair frees it
+  referenced-free-slot        a table maps a slot whose count is 0: it could
+                              be handed out again while in use
+  wrong-reference-count       a slot's count differs from the number of table
+                              pages that map it
+  shared-slot-writable        a slot that several table pages map, or a table
+                              page that several disks hold, has count 1, so a
+                              write through one disk would land in place and
+                              change the others' data (shared without No-write)
+  location-out-of-range       an entry points at a missing container, past its
+                              last slot, at a slot size that is not the disk's
+                              segment size, or lies past the disk's end
+  wrong-used-count            a container's used-slot count disagrees with its
+                              slot counts
+  wrong-page-reference-count  a table page's count differs from the number of
+                              disks whose tables hold it
+  leaked-table-page           a table page (or its count) that no disk holds
+  missing-table-page          a disk's table holds a page that is not stored
+  corrupt-record              a record fails its checksum, does not decode, or
+                              contradicts its key or the record it names
+  truncated-record            a record is shorter than its layout: it cannot
+                              hold its fields or its checksum
+  damaged-file                the bbolt file is damaged below the records (its
+                              pages, free list or meta pages)
+
+--repair only ever reclaims leaked slots. If anything else is found it
+refuses and changes nothing (the file of --data stays byte for byte as it
+was): every other kind needs a person to decide, and with it present a slot
+that looks leaked may not be.
+
+Exit status: 0 clean (after --repair: clean once the leaks are reclaimed),
+3 damage found, 4 --repair refused (damage other than leaked slots, nothing
+changed), 1 the check could not run (store missing or in use, controller
+unreachable), 2 usage.`
 
 func newCheck(g *globals) *cobra.Command {
 	var repair bool
@@ -528,19 +596,9 @@ func newCheck(g *globals) *cobra.Command {
 	ef := &etcdFlags{}
 	cmd := &cobra.Command{
 		Use:   "check [--repair] [--data DIR | --etcd URLS]",
-		Short: "verify the metadata: reference counts, sharing, locations (--repair reclaims leaked slots only)",
-		Long: `check verifies the metadata through the controller (the leader, with
-several). With --data it opens the bbolt store of a stopped controller or
-'segmap up' (DIR/meta.db) directly; --repair then reclaims leaked slots in
-it. With --etcd it reads the store in etcd directly, without a controller
-(read-only: --repair goes through the leader).
-
-Each kind of damage has its own name (leaked-slot, referenced-free-slot,
-wrong-reference-count, location-out-of-range, wrong-used-count,
-wrong-page-reference-count, leaked-table-page, missing-table-page); a
-record that fails its checksum or does not decode is reported with its
-key. Exit status 3 when anything is found.`,
-		Args: noArgs,
+		Short: "verify the metadata: records, reference counts, sharing, locations (--repair reclaims leaked slots only)",
+		Long:  checkLong,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if data != "" {
 				if ef.endpoints != "" {
@@ -571,42 +629,80 @@ key. Exit status 3 when anything is found.`,
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (nothing else is changed)")
+	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (refused, changing nothing, if there is any other damage)")
 	cmd.Flags().StringVar(&data, "data", "", "check the bbolt store in DIR/meta.db of a stopped controller or 'segmap up'")
 	ef.add(cmd)
 	return cmd
 }
 
 // checkData checks (and with repair, repairs) the bbolt store of a stopped
-// controller. A corrupt record is damage found, not a failure to check.
+// controller. It opens the store read-only, and for writing only to reclaim
+// leaks when nothing else is wrong.
 func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
 	path := filepath.Join(dir, "meta.db")
-	if _, err := os.Stat(path); err != nil {
+	check := func(st *meta.Bolt) (ps []controller.Problem, err error) {
+		// bbolt panics on some damage below the records; Check runs
+		// its own file check first, which reports that damage
+		// without panicking, but it may not see everything.
+		defer func() {
+			if r := recover(); r != nil {
+				ps, err = []controller.Problem{{Kind: controller.DamagedFile, Detail: fmt.Sprintf("bbolt: %v", r)}}, nil
+			}
+		}()
+		ps, err = controller.New(controller.Config{Store: st}).Check(ctx)
+		return ps, corruptAsDamage(err)
+	}
+	st, err := meta.OpenBoltReadOnly(path)
+	switch {
+	case errors.Is(err, meta.ErrLocked):
+		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
+	case errors.Is(err, meta.ErrCorrupt):
+		// Both of bbolt's meta pages fail, or the root does: nothing
+		// to read.
+		ps := []controller.Problem{{Kind: controller.DamagedFile, Detail: err.Error()}}
+		out := &pb.CheckResponse{Problems: admin.Problems(ps)}
+		if repair {
+			out.Refused = controller.Repairable(ps).Error()
+		}
+		return out, nil
+	case err != nil:
 		return nil, fmt.Errorf("no metadata store at %s: %w", path, err)
 	}
-	st, err := meta.OpenBolt(path)
+	ps, err := check(st)
+	st.Close()
+	if err != nil {
+		return nil, err
+	}
+	out := &pb.CheckResponse{Problems: admin.Problems(ps)}
+	if !repair || len(ps) == 0 {
+		return out, nil
+	}
+	if err := controller.Repairable(ps); err != nil {
+		out.Refused = err.Error()
+		return out, nil
+	}
+	rw, err := meta.OpenBolt(path)
 	if errors.Is(err, meta.ErrLocked) {
 		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
 	}
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
-	ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.OpenContainer})
+	defer rw.Close()
+	ctrl := controller.New(controller.Config{Store: rw, OpenContainer: local.OpenContainer})
 	defer ctrl.Close()
-	out := &pb.CheckResponse{}
-	if repair {
-		fixed, err := ctrl.Repair(ctx)
-		if err != nil {
-			return nil, corruptAsDamage(err)
-		}
-		out.Repaired = admin.Problems(fixed)
+	fixed, err := ctrl.Repair(ctx)
+	switch {
+	case errors.Is(err, controller.ErrRepairRefused):
+		out.Refused = err.Error()
+	case err != nil:
+		return nil, corruptAsDamage(err)
 	}
-	ps, err := ctrl.Check(ctx)
-	if err != nil {
+	out.Repaired = admin.Problems(fixed)
+	if ps, err = controller.New(controller.Config{Store: rw}).Check(ctx); err != nil {
 		return nil, corruptAsDamage(err)
 	}
 	out.Problems = admin.Problems(ps)
@@ -616,7 +712,7 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 // corruptAsDamage gives a corrupt record check's exit status (3).
 func corruptAsDamage(err error) error {
 	if errors.Is(err, meta.ErrCorrupt) {
-		return codeError{3, fmt.Errorf("check: %w", err)}
+		return codeError{exitDamage, fmt.Errorf("check: %w", err)}
 	}
 	return err
 }
@@ -641,11 +737,12 @@ func checkEtcd(ctx context.Context, ef *etcdFlags) (*pb.CheckResponse, error) {
 	defer st.Close()
 	ps, err := controller.New(controller.Config{Store: st}).Check(ctx)
 	if err != nil {
-		return nil, err
+		return nil, corruptAsDamage(err)
 	}
 	return &pb.CheckResponse{Problems: admin.Problems(ps)}, nil
 }
 
+// printCheck prints r and returns check's exit status as an error.
 func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 	if asJSON {
 		if err := printJSON(w, r); err != nil {
@@ -653,20 +750,37 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 		}
 	} else {
 		if len(r.Repaired) > 0 {
-			fmt.Fprintf(w, "repaired %d problems:\n", len(r.Repaired))
-			table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
+			fmt.Fprintf(w, "repaired %s:\n", plural(len(r.Repaired), "problem"))
+			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
 		}
 		if len(r.Problems) == 0 {
 			fmt.Fprintln(w, "check: clean")
 		} else {
-			fmt.Fprintf(w, "check: %d problems:\n", len(r.Problems))
-			table(w, []string{"KIND", "SLOT", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
+			fmt.Fprintf(w, "check: %s:\n", plural(len(r.Problems), "problem"))
+			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
+			for _, p := range r.Problems {
+				if p.Kind == controller.CorruptRecord.String() || p.Kind == controller.TruncatedRecord.String() {
+					fmt.Fprintln(w, "check: reference counts not checked: they cannot be recounted while records are damaged")
+					break
+				}
+			}
 		}
 	}
+	if r.Refused != "" {
+		return codeError{exitRefused, fmt.Errorf("check --repair: %s", r.Refused)}
+	}
 	if len(r.Problems) > 0 {
-		return codeError{3, fmt.Errorf("check found %d problems", len(r.Problems))}
+		return codeError{exitDamage, fmt.Errorf("check found %s", plural(len(r.Problems), "problem"))}
 	}
 	return nil
+}
+
+// plural returns "1 problem", "2 problems".
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 func newStatus(g *globals) *cobra.Command {

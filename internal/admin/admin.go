@@ -69,13 +69,17 @@ func Code(err error) codes.Code {
 		return codes.NotFound
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
-	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, controller.ErrReadOnly):
+	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, controller.ErrReadOnly),
+		errors.Is(err, controller.ErrRepairRefused):
 		return codes.FailedPrecondition
 	case errors.Is(err, controller.ErrNoSpace):
 		return codes.ResourceExhausted
 	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrFenced):
 		// The controller is stopping or stepping down: ask the next.
 		return codes.Unavailable
+	case errors.Is(err, meta.ErrCorrupt):
+		// The metadata contradicts itself: 'segmap check' says where.
+		return codes.DataLoss
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):
@@ -319,17 +323,21 @@ func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*
 func Problems(ps []controller.Problem) []*pb.Problem {
 	out := make([]*pb.Problem, len(ps))
 	for i, p := range ps {
-		out[i] = &pb.Problem{Kind: p.Kind.String(), Container: p.Loc.Container, Slot: p.Loc.Slot, Disk: p.Disk, Segment: p.Segment, Detail: p.Detail}
+		out[i] = &pb.Problem{Kind: p.Kind.String(), Container: p.Loc.Container, Slot: p.Loc.Slot, Key: p.Key, Disk: p.Disk, Segment: p.Segment, Detail: p.Detail}
 	}
 	return out
 }
 
-// Check implements pb.AdminServer.
+// Check implements pb.AdminServer. A repair refused (damage other than
+// leaked slots) is not an error: the response says why, with the problems.
 func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckResponse, error) {
 	out := &pb.CheckResponse{}
 	if r.Repair {
 		fixed, err := s.cfg.Ctrl.Repair(ctx)
-		if err != nil {
+		switch {
+		case errors.Is(err, controller.ErrRepairRefused):
+			out.Refused = err.Error()
+		case err != nil:
 			return nil, grpcErr(err)
 		}
 		out.Repaired = Problems(fixed)

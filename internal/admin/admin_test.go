@@ -33,6 +33,9 @@ func TestCode(t *testing.T) {
 		{wrap(controller.ErrClosed), codes.Unavailable},
 		{wrap(meta.ErrFenced), codes.Unavailable},
 		{wrap(meta.ErrClosed), codes.Unavailable},
+		{wrap(controller.ErrRepairRefused), codes.FailedPrecondition},
+		{wrap(meta.ErrCorrupt), codes.DataLoss},
+		{wrap(&meta.RecordError{Key: []byte("p/1"), Reason: "record of 9 bytes", Truncated: true}), codes.DataLoss},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},
 		{errors.New("disk on fire"), codes.Internal},
 	} {

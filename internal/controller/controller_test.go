@@ -1029,12 +1029,19 @@ func TestCheckFindsDamage(t *testing.T) {
 		{"entry in a missing container", func(tx meta.Tx, s setup) error {
 			return tx.SetEntries(s.a.ID, 3, []table.Entry{table.At(table.Location{Container: 77, Slot: 0}, false)})
 		}, []controller.ProblemKind{controller.OutOfRange}, nil},
+		{"shared slot with count 1", func(tx meta.Tx, s setup) error {
+			return tx.SetRefs(s.l0, 1)
+		}, []controller.ProblemKind{controller.SharedWritable}, nil},
+		{"leak", func(tx meta.Tx, s setup) error {
+			_, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1)
+			return err
+		}, []controller.ProblemKind{controller.Leaked}, []controller.ProblemKind{controller.Leaked}},
 		{"leak and wrong count", func(tx meta.Tx, s setup) error {
 			if _, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1); err != nil {
 				return err
 			}
-			return tx.SetRefs(s.l0, 1)
-		}, []controller.ProblemKind{controller.Leaked, controller.WrongCount}, []controller.ProblemKind{controller.Leaked}},
+			return tx.SetRefs(s.l0, 3)
+		}, []controller.ProblemKind{controller.Leaked, controller.WrongCount}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -1064,9 +1071,11 @@ func TestCheckFindsDamage(t *testing.T) {
 			}
 			beforeRepair := stateOf(t, c)
 
+			// Repair reclaims leaks only when nothing else is wrong,
+			// and otherwise refuses, changing nothing.
 			fixed, err := c.Ctrl.Repair(ctx)
-			if err != nil {
-				t.Fatal(err)
+			if refuse := tc.fixed == nil; refuse != errors.Is(err, controller.ErrRepairRefused) || !refuse && err != nil {
+				t.Fatalf("repair: %v (refusal wanted: %v)", err, refuse)
 			}
 			if got := kinds(fixed); !reflect.DeepEqual(got, tc.fixed) {
 				t.Errorf("repair fixed %v, want kinds %v", fixed, tc.fixed)
@@ -1075,11 +1084,9 @@ func TestCheckFindsDamage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var remain []controller.Problem
-			for _, p := range ps {
-				if p.Kind != controller.Leaked {
-					remain = append(remain, p)
-				}
+			remain := ps
+			if tc.fixed != nil {
+				remain = nil
 			}
 			if !reflect.DeepEqual(after, remain) {
 				t.Errorf("after repair: %v, want %v", after, remain)

@@ -7,6 +7,9 @@ import (
 )
 
 var (
+	// ErrRepairRefused is returned by Repair when the store holds damage
+	// other than leaked slots: Repair then changes nothing.
+	ErrRepairRefused = errors.New("repair refused: damage other than leaked slots needs a person to decide")
 	// ErrInvalidName is returned for a disk name that is empty, too long,
 	// or uses characters other than letters, digits, '.', '_' and '-'.
 	ErrInvalidName = errors.New("invalid disk name")

@@ -17,7 +17,8 @@ import (
 // TestCheckData: 'segmap check --data DIR' on the store of a stopped
 // 'segmap up': clean after real use; refused while the process runs; a
 // leaked slot found (exit 3) and reclaimed by --repair; a record whose
-// bytes were damaged reported with its key (exit 3), nothing changed.
+// bytes were damaged reported with its key (exit 3), and --repair refused
+// (exit 4).
 func TestCheckData(t *testing.T) {
 	requireTools(t, "qemu-io")
 	dir := filepath.Join(t.TempDir(), "data")
@@ -91,11 +92,11 @@ func TestCheckData(t *testing.T) {
 		t.Fatalf("damage a disk record: %v", err)
 	}
 	out, code := check()
-	if code != 3 || !strings.Contains(out, "corrupt metadata") || !strings.Contains(out, "checksum") {
+	if code != 3 || !strings.Contains(out, "corrupt-record") || !strings.Contains(out, "d/1") || !strings.Contains(out, "checksum mismatch") {
 		t.Errorf("check --data with a damaged record: exit %d\n%s", code, out)
 	}
-	if out2, code2 := check("--repair"); code2 != 3 || !strings.Contains(out2, "corrupt metadata") {
-		t.Errorf("check --data --repair with a damaged record: exit %d (it must refuse)\n%s", code2, out2)
+	if out2, code2 := check("--repair"); code2 != 4 || !strings.Contains(out2, "corrupt-record") || !strings.Contains(out2, "repair refused") {
+		t.Errorf("check --data --repair with a damaged record: exit %d (it must refuse: 4)\n%s", code2, out2)
 	}
 	t.Logf("damaged %q: %s", damaged, strings.TrimSpace(out))
 }

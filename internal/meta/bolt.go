@@ -43,12 +43,14 @@ func OpenBolt(path string) (*Bolt, error) {
 // Path returns the file the store lives in.
 func (b *Bolt) Path() string { return b.db.Path() }
 
-// View implements Store.
+// View implements Store. bbolt panicking on a damaged page fails the View
+// with ErrCorrupt (see recoverBoltPanic).
 func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	err := b.db.View(func(btx *bolt.Tx) error {
+	err := b.db.View(func(btx *bolt.Tx) (err error) {
+		defer recoverBoltPanic(&err)
 		return fn(newTx(boltKV{btx.Bucket(bucket)}, false))
 	})
 	return mapBoltErr(err)

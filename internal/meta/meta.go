@@ -247,6 +247,14 @@ type Tx interface {
 	Agents() ([]string, error)
 	SetAgents(agents []string) error
 
+	// Damaged decodes every record in the store and returns, in key
+	// order, each one that fails its checksum, is too short for its
+	// layout, does not decode, or contradicts its key or the record it
+	// names (a name for a missing disk, a disk without its name). It
+	// sees the records as stored, not the transaction's own unflushed
+	// changes, and reads the whole store.
+	Damaged() ([]*RecordError, error)
+
 	// NextSeq increments the named counter and returns its new value
 	// (the first is 1). The controller's epoch is one.
 	NextSeq(name string) (uint64, error)

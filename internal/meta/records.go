@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
@@ -44,16 +45,22 @@ func (e *enc) seal() []byte {
 // error sticks; later reads return zero values.
 type dec struct {
 	b   []byte
-	err error
+	err *RecordError // its Key is filled in by done
 }
 
 // open verifies v's checksum and version and returns a decoder over its body.
+// A value too short for its checksum, or shorter than the layout its own
+// length fields describe (see layoutSize), is reported as truncated; any
+// other checksum failure as a checksum mismatch.
 func open(key []byte, v []byte, version uint8) *dec {
 	if len(v) < 5 {
-		return &dec{err: corrupt(key, "record of %d bytes", len(v))}
+		return &dec{err: truncated(key, "record of %d bytes, too short for a version and a checksum", len(v))}
 	}
 	body, sum := v[:len(v)-4], binary.LittleEndian.Uint32(v[len(v)-4:])
 	if crc32.Checksum(body, castagnoli) != sum {
+		if n, ok := layoutSize(key, v); ok && len(v) < n {
+			return &dec{err: truncated(key, "record of %d bytes, its layout needs %d", len(v), n)}
+		}
 		return &dec{err: corrupt(key, "checksum mismatch")}
 	}
 	if body[0] != version {
@@ -62,8 +69,14 @@ func open(key []byte, v []byte, version uint8) *dec {
 	return &dec{b: body[1:]}
 }
 
-func corrupt(key []byte, format string, args ...any) error {
-	return fmt.Errorf("record %q: %s: %w", key, fmt.Sprintf(format, args...), ErrCorrupt)
+// corrupt returns the error for the record under key that does not decode.
+func corrupt(key []byte, format string, args ...any) *RecordError {
+	return &RecordError{Key: bytes.Clone(key), Reason: fmt.Sprintf(format, args...)}
+}
+
+// truncated returns the error for the record under key that is too short.
+func truncated(key []byte, format string, args ...any) *RecordError {
+	return &RecordError{Key: bytes.Clone(key), Reason: fmt.Sprintf(format, args...), Truncated: true}
 }
 
 func (d *dec) need(n int) bool {
@@ -71,7 +84,7 @@ func (d *dec) need(n int) bool {
 		return false
 	}
 	if len(d.b) < n {
-		d.err = fmt.Errorf("record truncated: %w", ErrCorrupt)
+		d.err = truncated(nil, "fields run past the end of the record")
 		return false
 	}
 	return true
@@ -107,7 +120,7 @@ func (d *dec) u64() uint64 {
 func (d *dec) str() string {
 	n := d.u32()
 	if d.err == nil && n > maxName {
-		d.err = fmt.Errorf("string of %d bytes: %w", n, ErrCorrupt)
+		d.err = corrupt(nil, "string of %d bytes", n)
 	}
 	if !d.need(int(n)) {
 		return ""
@@ -120,7 +133,9 @@ func (d *dec) str() string {
 // done reports the decoder's error, or ErrCorrupt if bytes are left over.
 func (d *dec) done(key []byte) error {
 	if d.err != nil {
-		return fmt.Errorf("record %q: %w", key, d.err)
+		e := *d.err
+		e.Key = bytes.Clone(key)
+		return &e
 	}
 	if len(d.b) != 0 {
 		return corrupt(key, "%d trailing bytes", len(d.b))
@@ -221,7 +236,7 @@ func encodePage(p *page) []byte {
 func decodePage(key, v []byte) (*page, error) {
 	r := open(key, v, pageVersion)
 	if r.err == nil && len(r.b) != PageEntries*entrySize {
-		return nil, corrupt(key, "table page of %d bytes", len(r.b))
+		return nil, shortIf(len(r.b) < PageEntries*entrySize, key, "table page of %d bytes", len(r.b))
 	}
 	p := new(page)
 	for i := range p {
@@ -275,7 +290,7 @@ func decodeDir(key, v []byte) (*dir, error) {
 	r := open(key, v, dirVersion)
 	n := r.u32()
 	if r.err == nil && (n > DirPages || len(r.b) != int(n)*12) {
-		return nil, corrupt(key, "table directory of %d pages in %d bytes", n, len(r.b))
+		return nil, shortIf(n <= DirPages && len(r.b) < int(n)*12, key, "table directory of %d pages in %d bytes", n, len(r.b))
 	}
 	d := new(dir)
 	last := -1
@@ -311,7 +326,7 @@ func encodeRefs(p *refs) []byte {
 func decodeRefs(key, v []byte) (*refs, error) {
 	r := open(key, v, refsVersion)
 	if r.err == nil && len(r.b) != PageSlots*4 {
-		return nil, corrupt(key, "reference page of %d bytes", len(r.b))
+		return nil, shortIf(len(r.b) < PageSlots*4, key, "reference page of %d bytes", len(r.b))
 	}
 	p := new(refs)
 	for i := range p {

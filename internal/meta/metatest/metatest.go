@@ -86,6 +86,7 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"ViewIsReadOnly", testReadOnly},
 			{"Concurrent", testConcurrent},
 			{"CancelledContext", testCancelled},
+			{"NoneDamaged", testNoneDamaged},
 		}},
 		{"Model", []check{
 			{"Random", testModel},
