@@ -125,16 +125,17 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 		return res, err
 	}
 	var err error
-	if res.outcome, err = h.outcome(m0, after, opErr == nil); err != nil {
+	var m fxModel
+	if res.outcome, m, err = h.outcome(m0, after, opErr == nil, op.torn); err != nil {
 		return res, err
 	}
-	// The restarted controller works: a write that allocates, and a
-	// snapshot, and the store is still clean.
-	m := m0
-	if res.outcome == "after" {
-		m = after
+	// The restarted controller works: a create, a write that allocates
+	// and a snapshot, and the store is still clean.
+	live := []fxOp{
+		opCreate("live", false),
+		opWrite(0, "live", 3*seg64, pattern(99, 700)),
+		opSnapshot([]string{"live"}, []string{"live.s"}, false),
 	}
-	live := []fxOp{opWrite(0, "F", 3*seg64, pattern(99, 700)), opSnapshot([]string{"F"}, []string{"F.live"}, false)}
 	for _, o := range live {
 		if m, err = o.run(h, m); err != nil {
 			return res, fmt.Errorf("after the restart, %s: %w", o.name, err)
@@ -195,7 +196,7 @@ func TestCrashPoints(t *testing.T) {
 		}
 	}
 	if soak > 0 && !t.Failed() {
-		n, p := crashSoak(t, soak)
+		n, p := crashSoak(t, soak, outcomes)
 		runs += n
 		restarts += n
 		points += p
@@ -204,8 +205,9 @@ func TestCrashPoints(t *testing.T) {
 }
 
 // crashSoak runs random histories, each ended by an operation crashed at
-// a random step, until d has passed. It returns the runs and crash points.
-func crashSoak(t *testing.T, d time.Duration) (runs, points int64) {
+// a random step, until d has passed (or only the -crash.seed one). It
+// returns the runs and crash points, and counts outcomes.
+func crashSoak(t *testing.T, d time.Duration, outcomes map[string]int) (runs, points int64) {
 	deadline := time.Now().Add(d)
 	seeds := []uint64{*crashSeed}
 	if *crashSeed == 0 {
@@ -243,7 +245,9 @@ func crashSoak(t *testing.T, d time.Duration) (runs, points int64) {
 		if res.steps > 0 {
 			k := 1 + r.Int64N(res.steps)
 			keep := r.IntN(2) == 0
-			if _, err := crashRun(t, st, op, k, keep, seed); err != nil {
+			r, err := crashRun(t, st, op, k, keep, seed)
+			outcomes[r.outcome]++
+			if err != nil {
 				t.Fatalf("seed %d: %s crashed at step %d (%v), kept %v: %v (rerun with -crash.seed %d)", seed, op.name, k, res.log[k-1], keep, err, seed)
 			}
 			points++

@@ -126,6 +126,11 @@ func (m fxModel) names() []string {
 type fxOp struct {
 	name string
 	run  func(h *fx, m fxModel) (fxModel, error)
+	// torn: when not acknowledged, each segment may hold its bytes from
+	// before or from after independently (a write or trim of several
+	// segments, like one of several blocks of any block device, is not
+	// atomic).
+	torn bool
 }
 
 func opCreate(name string, prealloc bool) fxOp {
@@ -134,7 +139,7 @@ func opCreate(name string, prealloc bool) fxOp {
 		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Preallocate: prealloc})
 		return after, err
-	}}
+	}, false}
 }
 
 // opCreateReverse creates a disk with the reverse-delta policy.
@@ -144,7 +149,7 @@ func opCreateReverse(name string) fxOp {
 		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Policy: table.Reverse})
 		return after, err
-	}}
+	}, false}
 }
 
 func opSnapshot(srcs, names []string, writable bool) fxOp {
@@ -155,7 +160,7 @@ func opSnapshot(srcs, names []string, writable bool) fxOp {
 		}
 		_, err := h.c.Ctrl.Snapshot(h.ctx, controller.SnapshotOptions{Sources: srcs, Names: names, Writable: writable})
 		return after, err
-	}}
+	}, false}
 }
 
 // opWrite writes p at off of disk through agent i, with FUA.
@@ -168,7 +173,7 @@ func opWrite(i int, disk string, off int, p []byte) fxOp {
 			return after, err
 		}
 		return after, d.WriteAt(h.ctx, p, uint64(off), true)
-	}}
+	}, true}
 }
 
 func opTrim(i int, disk string, off, n int) fxOp {
@@ -180,7 +185,7 @@ func opTrim(i int, disk string, off, n int) fxOp {
 			return after, err
 		}
 		return after, d.Trim(h.ctx, uint64(off), uint64(n))
-	}}
+	}, true}
 }
 
 func opDelete(name string) fxOp {
@@ -188,7 +193,7 @@ func opDelete(name string) fxOp {
 		after := m.clone()
 		delete(after, name)
 		return after, h.c.Ctrl.DeleteDisk(h.ctx, name)
-	}}
+	}, false}
 }
 
 func opResize(name string, segs int) fxOp {
@@ -201,7 +206,7 @@ func opResize(name string, segs int) fxOp {
 		after[name] = d
 		_, err := h.c.Ctrl.ResizeDisk(h.ctx, name, uint64(segs*seg64), true)
 		return after, err
-	}}
+	}, false}
 }
 
 // pattern returns n bytes that name where they were written.
@@ -317,19 +322,58 @@ func (h *fx) matches(m fxModel) error {
 }
 
 // outcome checks that the cluster holds before or after, wholly: after if
-// the operation was acknowledged. It returns which.
-func (h *fx) outcome(before, after fxModel, acked bool) (string, error) {
+// the operation was acknowledged. It returns which. If torn, each segment
+// may come from either, independently ("torn").
+// The model returned is what the cluster holds.
+func (h *fx) outcome(before, after fxModel, acked, torn bool) (string, fxModel, error) {
 	errAfter := h.matches(after)
 	if errAfter == nil {
-		return "after", nil
+		return "after", after, nil
 	}
 	if acked {
-		return "", fmt.Errorf("acknowledged operation lost: %v", errAfter)
+		return "", nil, fmt.Errorf("acknowledged operation lost: %v", errAfter)
 	}
-	if errBefore := h.matches(before); errBefore != nil {
-		return "", fmt.Errorf("neither before (%v) nor after (%v)", errBefore, errAfter)
+	errBefore := h.matches(before)
+	if errBefore == nil {
+		return "before", before, nil
 	}
-	return "before", nil
+	if torn {
+		m, err := h.tornMatch(before, after)
+		if err != nil {
+			return "", nil, fmt.Errorf("neither before (%v) nor after (%v), nor segments of both: %v", errBefore, errAfter, err)
+		}
+		return "torn", m, nil
+	}
+	return "", nil, fmt.Errorf("neither before (%v) nor after (%v)", errBefore, errAfter)
+}
+
+// tornMatch checks that every segment of every disk holds its bytes of
+// before or of after (which have the same disks, of the same sizes), and
+// returns the model of what it holds.
+func (h *fx) tornMatch(before, after fxModel) (fxModel, error) {
+	if err := h.catalogue(after); err != nil {
+		return nil, err
+	}
+	a := h.c.Agents[0]
+	m := after.clone()
+	for _, name := range after.names() {
+		d, err := a.Open(h.ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		got := make([]byte, len(after[name].data))
+		if err := d.ReadAt(h.ctx, got, 0); err != nil {
+			return nil, err
+		}
+		for s := 0; s < len(got); s += seg64 {
+			g := got[s : s+seg64]
+			if !bytes.Equal(g, after[name].data[s:s+seg64]) && !bytes.Equal(g, before[name].data[s:s+seg64]) {
+				return nil, fmt.Errorf("disk %s segment %d holds neither its old nor its new bytes", name, s/seg64)
+			}
+		}
+		m[name] = fxDisk{data: got, readOnly: after[name].readOnly}
+	}
+	return m, nil
 }
 
 // checkClean requires Check to find nothing.
