@@ -240,14 +240,15 @@ func (in *Injector) KeepUnsynced(p float64) {
 	in.mu.keepFrac = p
 }
 
-// Record makes the injector keep the list of persistence steps (Log).
+// Record makes the injector keep the list of the calls it sees (Log).
 func (in *Injector) Record(on bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	in.mu.record = on
 }
 
-// Log returns the persistence steps seen since Record(true), in order.
+// Log returns the calls seen since Record(true), in order: persistence
+// steps carry their Step, reads and views have Step 0.
 func (in *Injector) Log() []Call {
 	in.mu.Lock()
 	defer in.mu.Unlock()
@@ -339,9 +340,11 @@ func (in *Injector) decide(c Call) verdict {
 	if c.Op&OpPersist != 0 {
 		in.mu.steps++
 		c.Step = in.mu.steps
-		if in.mu.record {
-			in.mu.log = append(in.mu.log, c)
-		}
+	}
+	if in.mu.record {
+		in.mu.log = append(in.mu.log, c)
+	}
+	if c.Op&OpPersist != 0 {
 		if c.Step == in.mu.crashAt {
 			in.mu.crashed = true
 			return verdict{err: fmt.Errorf("%v: %w", c, ErrCrashed), perform: in.mu.keep, crash: true}

@@ -196,7 +196,7 @@ func TestCrashAtStep(t *testing.T) {
 		if !errors.Is(err, faultinject.ErrCrashed) {
 			t.Fatalf("flush at the crash step: %v", err)
 		}
-		if in.Steps() != 5 || len(in.Log()) != 5 || in.Log()[2].Op != faultinject.OpUpdate {
+		if in.Steps() != 5 || len(in.Log()) != 5 || in.Log()[2].Op != faultinject.OpUpdate || in.Log()[4].Step != 5 {
 			t.Errorf("steps %d, log %v", in.Steps(), in.Log())
 		}
 		if err := st.Update(context.Background(), func(tx meta.Tx) error { return nil }); !errors.Is(err, faultinject.ErrCrashed) {
