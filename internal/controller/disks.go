@@ -468,6 +468,23 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	return nil
 }
 
+// resizeFailedLocked tells the agents that map d the size the store
+// holds after a resize's commit failed: a shrink was told before its
+// commit, and a failed commit may have landed all the same. A failure is
+// only logged.
+func (c *Controller) resizeFailedLocked(ctx context.Context, d meta.Disk) {
+	cur, err := c.Disk(ctx, d.Name)
+	if err != nil || cur.ID != d.ID {
+		c.logger.Warn("reload a disk after a failed resize", "disk", d.Name, "err", err)
+		return
+	}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+		return a.NewTable(ctx, toMapping(cur))
+	}); err != nil {
+		c.logger.Warn("restore the size after a failed resize", "disk", d.Name, "err", err)
+	}
+}
+
 // ResizeDisk changes a disk's size. New segments are Zero. Shrinking drops
 // the segments past the new end and is refused unless shrink is set.
 func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, shrink bool) (meta.Disk, error) {
@@ -536,6 +553,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		return tx.PutDisk(nd)
 	})
 	if err != nil {
+		c.resizeFailedLocked(ctx, d)
 		return meta.Disk{}, err
 	}
 	c.punchFreedLocked(ctx, freed)

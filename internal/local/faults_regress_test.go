@@ -5,6 +5,7 @@ package local_test
 
 import (
 	"errors"
+	"syscall"
 	"testing"
 
 	"segmap/internal/faultinject"
@@ -55,6 +56,51 @@ func TestRegressResizeCrashAgentSize(t *testing.T) {
 				if got := d.Size(); got != uint64(tt.want*seg64) {
 					t.Errorf("agent %s serves F at %d bytes after the restart, want %d", a.Name(), got, tt.want*seg64)
 				}
+			}
+		})
+	}
+}
+
+// A metadata commit that failed may have landed all the same (its fsync
+// failed after the pages reached the disk). The controller answered the
+// fault with the error and left every agent with the entries the commit
+// replaced: after a reverse-delta copy, an agent still reading the
+// original slot for E.s saw E's next writes (the snapshot changed); after
+// an allocation or a forward copy, an agent kept reading zeros or the old
+// slot while the other wrote the new one. And a resize whose commit failed
+// left the agents at the size they had been told (a shrink is told before
+// its commit).
+func TestRegressFailedCommitStaleEntries(t *testing.T) {
+	h := openFx(t, t.TempDir(), false)
+	st := fxSave(t, h, fxSetup(h))
+	ops := map[string]fxOp{}
+	for _, c := range errCases() {
+		ops[c.name] = c.op
+	}
+	update := func(nth int) *errPoint { return &errPoint{op: faultinject.OpUpdate, target: "meta", nth: nth} }
+	landed := errMode{"EIO after the fact", syscall.EIO, false, true}
+	failed := errMode{"EIO", syscall.EIO, false, false}
+	tests := []struct {
+		op string
+		p  *errPoint
+		md errMode
+	}{
+		{"cow-reverse", update(2), landed},
+		{"cow-reverse-whole", update(2), landed},
+		{"cow-forward", update(1), landed},
+		{"cow-forward-staged", update(1), landed},
+		{"allocate", update(1), landed},
+		{"resize-grow", update(1), landed},
+		{"resize-shrink", update(1), failed},
+	}
+	for _, tt := range tests {
+		t.Run(tt.op, func(t *testing.T) {
+			res, err := errRun(t, st, ops[tt.op], tt.p, tt.md)
+			if err != nil {
+				t.Fatalf("%s at %v: %v", tt.md.name, tt.p, err)
+			}
+			if !res.fired {
+				t.Fatalf("the fault at %v did not fire", tt.p)
 			}
 		})
 	}
