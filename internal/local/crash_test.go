@@ -16,8 +16,9 @@ var crashSeed = flag.Uint64("crash.seed", 0, "run only this seed of TestCrashPoi
 
 // crashCase is an operation whose every persistence step the test crashes.
 type crashCase struct {
-	name string
-	op   fxOp
+	name   string
+	op     fxOp
+	agents bool // the agents crash, not the controller
 }
 
 // crashCases are the operations of TestCrashPoints, each from the state
@@ -26,22 +27,22 @@ type crashCase struct {
 // segment 1 written; every disk has fxSegs segments.
 func crashCases() []crashCase {
 	return []crashCase{
-		{"create", opCreate("N", false)},
-		{"create-preallocated", opCreate("P", true)},
-		{"snapshot", opSnapshot([]string{"D"}, []string{"S1"}, false)},
-		{"group-snapshot", opSnapshot([]string{"D", "E", "F"}, []string{"G1", "G2", "G3"}, false)},
-		{"clone", opSnapshot([]string{"D"}, []string{"C1"}, true)},
-		{"cow-forward", opWrite(0, "D", 100, pattern(10, 1000))},
-		{"cow-forward-staged", opWrite(0, "D", seg64, pattern(11, seg64))},
-		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000))},
-		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64))},
-		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500))},
-		{"delete", opDelete("D.s")},
-		{"delete-shared", opDelete("E")},
-		{"trim", opTrim(0, "D", 2*seg64, seg64)},
-		{"trim-shared", opTrim(1, "D", 0, seg64)},
-		{"resize-grow", opResize("F", fxSegs+2)},
-		{"resize-shrink", opResize("D", 2)},
+		{"create", opCreate("N", false), false},
+		{"create-preallocated", opCreate("P", true), false},
+		{"snapshot", opSnapshot([]string{"D"}, []string{"S1"}, false), false},
+		{"group-snapshot", opSnapshot([]string{"D", "E", "F"}, []string{"G1", "G2", "G3"}, false), false},
+		{"clone", opSnapshot([]string{"D"}, []string{"C1"}, true), false},
+		{"cow-forward", opWrite(0, "D", 100, pattern(10, 1000)), false},
+		{"cow-forward-staged", opWrite(0, "D", seg64, pattern(11, seg64)), false},
+		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), false},
+		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), false},
+		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500)), false},
+		{"delete", opDelete("D.s"), false},
+		{"delete-shared", opDelete("E"), false},
+		{"trim", opTrim(0, "D", 2*seg64, seg64), false},
+		{"trim-shared", opTrim(1, "D", 0, seg64), false},
+		{"resize-grow", opResize("F", fxSegs+2), false},
+		{"resize-shrink", opResize("D", 2), false},
 	}
 }
 
@@ -78,29 +79,34 @@ func (s fxState) restore(t testing.TB) {
 	copyDir(t, s.saved, s.dir)
 }
 
-// crashRun restores state st, runs op with the controller crashing at its
+// crashRun restores state st, runs op with the controller (or, with
+// agents set, the agents: both run on one "machine") crashing at its
 // persistence step k (0: no crash; keep: the step itself is kept),
-// restarts the controller and checks what survived.
-func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64) (crashResult, error) {
+// restarts what crashed and checks what survived.
+func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64, agents bool) (crashResult, error) {
 	st.restore(t)
 	m0 := st.m
 	h := openFx(t, st.dir, true)
 	defer h.close()
+	h.agentVolatile.Store(agents)
 	if err := h.prepare(m0); err != nil {
 		return crashResult{}, fmt.Errorf("prepare: %w", err)
 	}
-	// The controller's injector wraps its store and containers from the
-	// start: count the operation's steps from where it stands now.
-	old := h.ctrl.Load()
-	start := old.Steps()
-	if k > 0 {
-		old.CrashAt(start+k, keep)
+	// The injector wraps the store and containers from the start: count
+	// the operation's steps from where it stands now.
+	in := h.ctrl.Load()
+	if agents {
+		in = h.agent.Load()
 	}
-	old.Record(true)
-	old.KeepUnsynced(0.5)
+	start := in.Steps()
+	if k > 0 {
+		in.CrashAt(start+k, keep)
+	}
+	in.Record(true)
+	in.KeepUnsynced(0.5)
 	after, opErr := op.run(h, m0)
-	res := crashResult{steps: old.Steps() - start}
-	for _, c := range old.Log() {
+	res := crashResult{steps: in.Steps() - start}
+	for _, c := range in.Log() {
 		if c.Step > start {
 			res.log = append(res.log, c)
 		}
@@ -108,7 +114,7 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	if k == 0 && opErr != nil {
 		return res, fmt.Errorf("operation without a crash: %w", opErr)
 	}
-	if k > 0 && !old.Crashed() {
+	if k > 0 && !in.Crashed() {
 		return res, fmt.Errorf("the operation made %d persistence steps; no crash at step %d", res.steps, k)
 	}
 	if k > 0 && opErr == nil {
@@ -117,9 +123,18 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	if opErr != nil && !errors.Is(opErr, faultinject.ErrCrashed) {
 		return res, fmt.Errorf("operation failed without naming the crash: %v", opErr)
 	}
-	h.ctrl.Store(faultinject.New(seed + 1))
-	if err := h.c.RestartController(h.ctx); err != nil {
-		return res, fmt.Errorf("restart: %w", err)
+	if agents {
+		h.agent.Store(faultinject.New(seed + 1))
+		for i := range h.c.Agents {
+			if err := h.c.RestartAgent(h.ctx, i); err != nil {
+				return res, fmt.Errorf("restart agent %d: %w", i, err)
+			}
+		}
+	} else {
+		h.ctrl.Store(faultinject.New(seed + 1))
+		if err := h.c.RestartController(h.ctx); err != nil {
+			return res, fmt.Errorf("restart: %w", err)
+		}
 	}
 	if err := h.checkClean(); err != nil {
 		return res, err
@@ -167,9 +182,23 @@ func TestCrashPoints(t *testing.T) {
 	if *crashSeed == 0 {
 		h := openFx(t, t.TempDir(), true)
 		st := fxSave(t, h, fxSetup(h))
+		var cases []crashCase
 		for _, c := range crashCases() {
+			c.agents = false
+			cases = append(cases, c)
+		}
+		// The agents' side: the writes (a trim writes nothing on an
+		// agent), and one in place.
+		for _, c := range crashCases() {
+			if c.op.name == "write" {
+				c.name, c.agents = "agent-"+c.name, true
+				cases = append(cases, c)
+			}
+		}
+		cases = append(cases, crashCase{"agent-write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), true})
+		for _, c := range cases {
 			t.Run(c.name, func(t *testing.T) {
-				res, err := crashRun(t, st, c.op, 0, false, 1)
+				res, err := crashRun(t, st, c.op, 0, false, 1, c.agents)
 				if err != nil {
 					t.Fatalf("%s without a crash: %v", c.name, err)
 				}
@@ -182,7 +211,7 @@ func TestCrashPoints(t *testing.T) {
 				restarts++
 				for k := int64(1); k <= res.steps; k++ {
 					for _, keep := range []bool{false, true} {
-						r, err := crashRun(t, st, c.op, k, keep, uint64(k))
+						r, err := crashRun(t, st, c.op, k, keep, uint64(k), c.agents)
 						runs++
 						restarts++
 						if err != nil {
@@ -238,17 +267,18 @@ func crashSoak(t *testing.T, d time.Duration, outcomes map[string]int) (runs, po
 		}
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
-		res, err := crashRun(t, st, op, 0, false, seed)
+		agents := op.name == "write" && r.IntN(3) == 0
+		res, err := crashRun(t, st, op, 0, false, seed, agents)
 		if err != nil {
 			t.Fatalf("seed %d: %s without a crash: %v (rerun with -crash.seed %d)", seed, op.name, err, seed)
 		}
 		if res.steps > 0 {
 			k := 1 + r.Int64N(res.steps)
 			keep := r.IntN(2) == 0
-			r, err := crashRun(t, st, op, k, keep, seed)
+			r, err := crashRun(t, st, op, k, keep, seed, agents)
 			outcomes[r.outcome]++
 			if err != nil {
-				t.Fatalf("seed %d: %s crashed at step %d (%v), kept %v: %v (rerun with -crash.seed %d)", seed, op.name, k, res.log[k-1], keep, err, seed)
+				t.Fatalf("seed %d: %s crashed (agents %v) at step %d (%v), kept %v: %v (rerun with -crash.seed %d)", seed, op.name, agents, k, res.log[k-1], keep, err, seed)
 			}
 			points++
 		}

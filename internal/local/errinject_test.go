@@ -67,8 +67,8 @@ func errPoints(ctrl, agent []faultinject.Call) []errPoint {
 
 func errCases() []crashCase {
 	return append(crashCases(),
-		crashCase{"read", opRead(0, "D")},
-		crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000))},
+		crashCase{"read", opRead(0, "D"), false},
+		crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), false},
 	)
 }
 

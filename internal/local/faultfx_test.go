@@ -46,8 +46,10 @@ type fx struct {
 	// swaps in new ones.
 	ctrl, agent atomic.Pointer[faultinject.Injector]
 	// volatile makes the controller's containers hold unsynced writes
-	// (a crash then keeps only what was flushed).
-	volatile bool
+	// (a crash then keeps only what was flushed); agentVolatile the
+	// agents' containers opened from then on.
+	volatile      bool
+	agentVolatile atomic.Bool
 }
 
 // openFx opens a cluster over dir (created if empty) with agents a and b.
@@ -76,7 +78,11 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 			return h.ctrl.Load().Container(name, ct)
 		},
 		WrapAgentContainer: func(agent string, ct container.Container) container.Container {
-			return h.agent.Load().Container(fmt.Sprintf("agent/%s/c%d", agent, ct.ID()), ct)
+			name := fmt.Sprintf("agent/%s/c%d", agent, ct.ID())
+			if h.agentVolatile.Load() {
+				return h.agent.Load().VolatileContainer(name, ct)
+			}
+			return h.agent.Load().Container(name, ct)
 		},
 	})
 	if err != nil {
