@@ -144,6 +144,11 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	if res.outcome, m, err = h.outcome(m0, after, opErr == nil, op.torn); err != nil {
 		return res, err
 	}
+	if res.outcome == "after" && op.settled != nil {
+		if err := op.settled(h); err != nil {
+			return res, err
+		}
+	}
 	// The restarted controller works: a create, a write that allocates
 	// and a snapshot, and the store is still clean.
 	live := []fxOp{

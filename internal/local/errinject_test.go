@@ -74,7 +74,7 @@ func errCases() []crashCase {
 
 // opRead reads disk whole through agent i and compares it with the model.
 func opRead(i int, disk string) fxOp {
-	return fxOp{"read", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "read", run: func(h *fx, m fxModel) (fxModel, error) {
 		d, err := h.c.Agents[i].Open(h.ctx, disk)
 		if err != nil {
 			return m, err
@@ -87,7 +87,7 @@ func opRead(i int, disk string) fxOp {
 			return m, fmt.Errorf("read %s: byte %d reads %#x, want %#x", disk, j, got[j], m[disk].data[j])
 		}
 		return m, nil
-	}, false}
+	}}
 }
 
 // errResult is what one run of errRun saw.
@@ -185,6 +185,11 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode) (errResu
 	var m fxModel
 	if res.outcome, m, err = h.outcome(m0, after, opErr == nil, op.torn); err != nil {
 		return res, err
+	}
+	if res.outcome == "after" && op.settled != nil {
+		if err := op.settled(h); err != nil {
+			return res, err
+		}
 	}
 	// Every segment of every writable disk takes a write through agent
 	// a, and agent b, which may hold entries from before the failure,

@@ -137,41 +137,58 @@ type fxOp struct {
 	// segments, like one of several blocks of any block device, is not
 	// atomic).
 	torn bool
+	// settled, if set, checks what the model does not hold once the
+	// operation has taken effect.
+	settled func(h *fx) error
 }
 
 func opCreate(name string, prealloc bool) fxOp {
-	return fxOp{"create", func(h *fx, m fxModel) (fxModel, error) {
+	op := fxOp{name: "create", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Preallocate: prealloc})
 		return after, err
-	}, false}
+	}}
+	if prealloc {
+		// A preallocated disk has every segment allocated.
+		op.settled = func(h *fx) error {
+			u, err := h.c.Ctrl.DiskUsage(h.ctx, name)
+			if err != nil {
+				return err
+			}
+			if u.Allocated != fxSegs*seg64 {
+				return fmt.Errorf("preallocated disk %s has %d of %d bytes allocated", name, u.Allocated, fxSegs*seg64)
+			}
+			return nil
+		}
+	}
+	return op
 }
 
 // opCreateReverse creates a disk with the reverse-delta policy.
 func opCreateReverse(name string) fxOp {
-	return fxOp{"create", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "create", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Policy: table.Reverse})
 		return after, err
-	}, false}
+	}}
 }
 
 func opSnapshot(srcs, names []string, writable bool) fxOp {
-	return fxOp{"snapshot", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "snapshot", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		for i, s := range srcs {
 			after[names[i]] = fxDisk{data: slices.Clone(m[s].data), readOnly: !writable}
 		}
 		_, err := h.c.Ctrl.Snapshot(h.ctx, controller.SnapshotOptions{Sources: srcs, Names: names, Writable: writable})
 		return after, err
-	}, false}
+	}}
 }
 
 // opWrite writes p at off of disk through agent i, with FUA.
 func opWrite(i int, disk string, off int, p []byte) fxOp {
-	return fxOp{"write", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "write", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		copy(after[disk].data[off:], p)
 		d, err := h.c.Agents[i].Open(h.ctx, disk)
@@ -179,11 +196,11 @@ func opWrite(i int, disk string, off int, p []byte) fxOp {
 			return after, err
 		}
 		return after, d.WriteAt(h.ctx, p, uint64(off), true)
-	}, true}
+	}, torn: true}
 }
 
 func opTrim(i int, disk string, off, n int) fxOp {
-	return fxOp{"trim", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "trim", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		clear(after[disk].data[off : off+n])
 		d, err := h.c.Agents[i].Open(h.ctx, disk)
@@ -191,19 +208,19 @@ func opTrim(i int, disk string, off, n int) fxOp {
 			return after, err
 		}
 		return after, d.Trim(h.ctx, uint64(off), uint64(n))
-	}, true}
+	}, torn: true}
 }
 
 func opDelete(name string) fxOp {
-	return fxOp{"delete", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "delete", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		delete(after, name)
 		return after, h.c.Ctrl.DeleteDisk(h.ctx, name)
-	}, false}
+	}}
 }
 
 func opResize(name string, segs int) fxOp {
-	return fxOp{"resize", func(h *fx, m fxModel) (fxModel, error) {
+	return fxOp{name: "resize", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		d := after[name]
 		nd := make([]byte, segs*seg64)
@@ -212,7 +229,7 @@ func opResize(name string, segs int) fxOp {
 		after[name] = d
 		_, err := h.c.Ctrl.ResizeDisk(h.ctx, name, uint64(segs*seg64), true)
 		return after, err
-	}, false}
+	}}
 }
 
 // pattern returns n bytes that name where they were written.

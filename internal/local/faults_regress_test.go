@@ -105,3 +105,23 @@ func TestRegressFailedCommitStaleEntries(t *testing.T) {
 		})
 	}
 }
+
+// A preallocated disk was created in one transaction and preallocated in
+// the next: a controller that died between them left the disk without a
+// single slot, where it must exist preallocated or not at all.
+func TestRegressPreallocateCrash(t *testing.T) {
+	h := openFx(t, t.TempDir(), true)
+	st := fxSave(t, h, fxModel{})
+	op := opCreate("P", true)
+	res, err := crashRun(t, st, op, 0, false, 1, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := int64(1); k <= res.steps; k++ {
+		for _, keep := range []bool{false, true} {
+			if _, err := crashRun(t, st, op, k, keep, 1, false); err != nil {
+				t.Errorf("crash at step %d of %d (%v), kept %v: %v", k, res.steps, res.log[k-1], keep, err)
+			}
+		}
+	}
+}
