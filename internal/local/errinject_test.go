@@ -44,17 +44,18 @@ type errPoint struct {
 
 func (p errPoint) String() string { return fmt.Sprintf("%v %s #%d", p.op, p.target, p.nth) }
 
-// errOps are the calls the test fails in turn.
-const errOps = faultinject.OpUpdate | faultinject.OpRead | faultinject.OpWrite | faultinject.OpPunch | faultinject.OpFlush
+// errOps are the calls the short form fails in turn: metadata commits
+// and container calls. The long form fails views (metadata reads) too.
+const errOps = faultinject.OpPersist | faultinject.OpRead
 
 // errPoints lists the calls a run of an operation made, from the logs of
 // both injectors.
-func errPoints(ctrl, agent []faultinject.Call) []errPoint {
+func errPoints(ctrl, agent []faultinject.Call, ops faultinject.Op) []errPoint {
 	var out []errPoint
 	for i, log := range [][]faultinject.Call{ctrl, agent} {
 		seen := map[string]int{}
 		for _, c := range log {
-			if c.Op&errOps == 0 {
+			if c.Op&ops == 0 {
 				continue
 			}
 			k := fmt.Sprintf("%v %s", c.Op, c.Target)
@@ -105,7 +106,7 @@ type errResult struct {
 // Repair reclaims; the disks hold the state before or after the operation
 // (after, if it was acknowledged); writes and reads still work through
 // both agents; a controller restart succeeds and changes nothing.
-func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode) (errResult, error) {
+func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faultinject.Op) (errResult, error) {
 	st.restore(t)
 	m0 := st.m
 	h := openFx(t, st.dir, false)
@@ -135,7 +136,7 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode) (errResu
 		if opErr != nil {
 			return res, fmt.Errorf("without a fault: %w", opErr)
 		}
-		res.points = errPoints(ctrl.Log(), agentIn.Log())
+		res.points = errPoints(ctrl.Log(), agentIn.Log(), ops)
 	} else {
 		res.fired = fault.Fired() > 0
 		if opErr != nil {
@@ -231,17 +232,17 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode) (errResu
 // the result.
 //
 // The short form gives each call one of the error modes, in rotation; with
-// SEGMAP_SOAK=<duration> every call gets every mode, and then random
-// histories get random faults until the duration has passed (-errinject.seed
-// N reruns one).
+// SEGMAP_SOAK=<duration> every call, metadata views included, gets every
+// mode, and then random histories get random faults until the duration
+// has passed (-errinject.seed N reruns one).
 func TestErrorInjection(t *testing.T) {
 	soak := soakDuration(t)
 	var points, injected, runs, restarts, leaks int64
 	outcomes := map[string]int{}
 	perOp := map[string]int{}
-	modes := 1
+	modes, ops := 1, errOps
 	if soak > 0 {
-		modes = len(errModes)
+		modes, ops = len(errModes), faultinject.OpAll
 	}
 	start := time.Now()
 	if *errSeed == 0 {
@@ -250,7 +251,7 @@ func TestErrorInjection(t *testing.T) {
 		rot := 0
 		for _, c := range errCases() {
 			t.Run(c.name, func(t *testing.T) {
-				res, err := errRun(t, st, c.op, nil, errMode{})
+				res, err := errRun(t, st, c.op, nil, errMode{}, ops)
 				if err != nil {
 					t.Fatalf("%s: %v", c.name, err)
 				}
@@ -261,7 +262,7 @@ func TestErrorInjection(t *testing.T) {
 				for _, p := range res.points {
 					for j := 0; j < modes; j++ {
 						md := errModes[(rot+j)%len(errModes)]
-						r, err := errRun(t, st, c.op, &p, md)
+						r, err := errRun(t, st, c.op, &p, md, ops)
 						runs++
 						restarts++
 						if err != nil {
@@ -279,7 +280,7 @@ func TestErrorInjection(t *testing.T) {
 		}
 	}
 	if soak > 0 && !t.Failed() {
-		n, f := errSoak(t, start.Add(soak), outcomes)
+		n, f := errSoak(t, start.Add(soak), outcomes, &leaks)
 		runs += n
 		restarts += n
 		injected += f
@@ -290,7 +291,7 @@ func TestErrorInjection(t *testing.T) {
 // errSoak runs random histories, each ended by an operation with a random
 // call failed in a random mode, until deadline. It returns the runs and
 // the faults that fired.
-func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs, fired int64) {
+func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int, leaks *int64) (runs, fired int64) {
 	for i := 0; ; i++ {
 		seed := *errSeed
 		switch {
@@ -314,7 +315,7 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs, f
 		}
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
-		res, err := errRun(t, st, op, nil, errMode{})
+		res, err := errRun(t, st, op, nil, errMode{}, faultinject.OpAll)
 		if err != nil {
 			t.Fatalf("seed %d: %s without a fault: %v (rerun with -errinject.seed %d)", seed, op.name, err, seed)
 		}
@@ -324,7 +325,7 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs, f
 		}
 		p := res.points[r.IntN(len(res.points))]
 		md := errModes[r.IntN(len(errModes))]
-		got, err := errRun(t, st, op, &p, md)
+		got, err := errRun(t, st, op, &p, md, faultinject.OpAll)
 		runs++
 		if err != nil {
 			t.Fatalf("seed %d: %s: %s at %v: %v (rerun with -errinject.seed %d)", seed, op.name, md.name, p, err, seed)
@@ -332,6 +333,7 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs, f
 		if got.fired {
 			fired++
 		}
+		*leaks += int64(got.leaked)
 		outcomes[got.outcome]++
 	}
 }

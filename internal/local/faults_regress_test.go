@@ -95,7 +95,7 @@ func TestRegressFailedCommitStaleEntries(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.op, func(t *testing.T) {
-			res, err := errRun(t, st, ops[tt.op], tt.p, tt.md)
+			res, err := errRun(t, st, ops[tt.op], tt.p, tt.md, errOps)
 			if err != nil {
 				t.Fatalf("%s at %v: %v", tt.md.name, tt.p, err)
 			}
