@@ -127,6 +127,10 @@ func (c *Container) stateErrLocked(op Op) error {
 // ReadAt implements container.Container.
 func (c *Container) ReadAt(p []byte, off int64) (int, error) {
 	v := c.in.decide(Call{Op: OpRead, Target: c.name, Off: off, Len: int64(len(p))})
+	if v.crash {
+		c.in.dropOverlays()
+		return 0, v.err
+	}
 	if v.err != nil && !v.perform {
 		return 0, v.err
 	}

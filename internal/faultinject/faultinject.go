@@ -28,7 +28,8 @@
 //
 // CrashAt(k, keep) crashes the injector at persistence step k: that step
 // is performed (keep) or not, and from then on every call of every wrapper
-// fails with ErrCrashed. A VolatileContainer holds the writes and punches
+// fails with ErrCrashed. A Fault with Crash set crashes it at the call the
+// fault selects instead (the Nth Update, say). A VolatileContainer holds the writes and punches
 // made since its last successful Flush in an overlay that reads see; a
 // crash discards the overlay (or, with KeepUnsynced, lets a random subset
 // of it reach the underlying container, as a disk's write cache may).
@@ -151,6 +152,11 @@ type Fault struct {
 	// commit that reached the disk, or a write that landed, whose
 	// caller is told it failed.
 	Durable bool
+	// Crash makes the fault crash the injector instead of failing the
+	// call (as CrashAt does, at the Nth matching call rather than at a
+	// step number); with Durable the call is performed first. The call
+	// returns ErrCrashed.
+	Crash bool
 
 	seen  int // matching calls so far
 	fired int // calls failed
@@ -353,6 +359,10 @@ func (in *Injector) decide(c Call) verdict {
 	for _, f := range in.mu.faults {
 		if f.match(c) {
 			in.mu.injected++
+			if f.Crash {
+				in.mu.crashed = true
+				return verdict{err: fmt.Errorf("%v: %w", c, ErrCrashed), perform: f.Durable, crash: true}
+			}
 			return verdict{err: &InjectedError{Call: c, Err: f.Err, Durable: f.Durable}, perform: f.Durable}
 		}
 	}

@@ -323,3 +323,29 @@ func TestStoreCrash(t *testing.T) {
 		}
 	}
 }
+
+// A Crash fault crashes the injector at the Nth matching call: here the
+// second Update, kept or not.
+func TestCrashFault(t *testing.T) {
+	for _, keep := range []bool{false, true} {
+		in := faultinject.New(1)
+		in.Inject(faultinject.Fault{Ops: faultinject.OpUpdate, Nth: 2, Crash: true, Durable: keep})
+		m := container.NewMemory(1, slot, 4)
+		c := in.VolatileContainer("c", m)
+		st := openStore(t, in)
+		put(t, st, "one")
+		mustWrite(t, c, fill('u', 10), 0) // unsynced: lost in the crash
+		err := st.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents([]string{"two"}) })
+		if !errors.Is(err, faultinject.ErrCrashed) || !in.Crashed() {
+			t.Fatalf("keep=%v: second update: %v, crashed %v", keep, err, in.Crashed())
+		}
+		if got := read(t, m, 0, 1)[0]; got != 0 {
+			t.Errorf("keep=%v: the crash kept an unsynced write: %q", keep, got)
+		}
+		got := agents(t, st.Inner())
+		want := map[bool]string{false: "one", true: "two"}[keep]
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("keep=%v: store holds %v, want [%s]", keep, got, want)
+		}
+	}
+}

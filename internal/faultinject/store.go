@@ -27,6 +27,10 @@ func (s *Store) Inner() meta.Store { return s.inner }
 // View implements meta.Store.
 func (s *Store) View(ctx context.Context, fn func(meta.Tx) error) error {
 	v := s.in.decide(Call{Op: OpView, Target: s.name})
+	if v.crash {
+		s.in.dropOverlays()
+		return v.err
+	}
 	if !v.perform {
 		return v.err
 	}
