@@ -161,7 +161,8 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 			return res, fmt.Errorf("after the restart, %s: %w", o.name, err)
 		}
 	}
-	if err := h.matches(m); err != nil {
+	fresh := fxModel{"live": m["live"], "live.s": m["live.s"]}
+	if err := h.contents(fresh, 1); err != nil {
 		return res, fmt.Errorf("after the restart and a write: %w", err)
 	}
 	return res, h.checkClean()
