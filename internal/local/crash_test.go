@@ -16,9 +16,22 @@ var crashSeed = flag.Uint64("crash.seed", 0, "run only this seed of TestCrashPoi
 
 // crashCase is an operation whose every persistence step the test crashes.
 type crashCase struct {
-	name   string
-	op     fxOp
-	agents bool // the agents crash, not the controller
+	name string
+	op   fxOp
+	side crashSide
+}
+
+// crashSide is what crashes.
+type crashSide uint8
+
+const (
+	ctrlCrash    crashSide = iota // the controller
+	agentsCrash                   // the agents (both, as one machine)
+	machineCrash                  // controller and agents, one machine (segmap up)
+)
+
+func (s crashSide) String() string {
+	return [...]string{"controller", "agents", "machine"}[s]
 }
 
 // crashCases are the operations of TestCrashPoints, each from the state
@@ -27,22 +40,22 @@ type crashCase struct {
 // segment 1 written; every disk has fxSegs segments.
 func crashCases() []crashCase {
 	return []crashCase{
-		{"create", opCreate("N", false), false},
-		{"create-preallocated", opCreate("P", true), false},
-		{"snapshot", opSnapshot([]string{"D"}, []string{"S1"}, false), false},
-		{"group-snapshot", opSnapshot([]string{"D", "E", "F"}, []string{"G1", "G2", "G3"}, false), false},
-		{"clone", opSnapshot([]string{"D"}, []string{"C1"}, true), false},
-		{"cow-forward", opWrite(0, "D", 100, pattern(10, 1000)), false},
-		{"cow-forward-staged", opWrite(0, "D", seg64, pattern(11, seg64)), false},
-		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), false},
-		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), false},
-		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500)), false},
-		{"delete", opDelete("D.s"), false},
-		{"delete-shared", opDelete("E"), false},
-		{"trim", opTrim(0, "D", 2*seg64, seg64), false},
-		{"trim-shared", opTrim(1, "D", 0, seg64), false},
-		{"resize-grow", opResize("F", fxSegs+2), false},
-		{"resize-shrink", opResize("D", 2), false},
+		{"create", opCreate("N", false), ctrlCrash},
+		{"create-preallocated", opCreate("P", true), ctrlCrash},
+		{"snapshot", opSnapshot([]string{"D"}, []string{"S1"}, false), ctrlCrash},
+		{"group-snapshot", opSnapshot([]string{"D", "E", "F"}, []string{"G1", "G2", "G3"}, false), ctrlCrash},
+		{"clone", opSnapshot([]string{"D"}, []string{"C1"}, true), ctrlCrash},
+		{"cow-forward", opWrite(0, "D", 100, pattern(10, 1000)), ctrlCrash},
+		{"cow-forward-staged", opWrite(0, "D", seg64, pattern(11, seg64)), ctrlCrash},
+		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), ctrlCrash},
+		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), ctrlCrash},
+		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500)), ctrlCrash},
+		{"delete", opDelete("D.s"), ctrlCrash},
+		{"delete-shared", opDelete("E"), ctrlCrash},
+		{"trim", opTrim(0, "D", 2*seg64, seg64), ctrlCrash},
+		{"trim-shared", opTrim(1, "D", 0, seg64), ctrlCrash},
+		{"resize-grow", opResize("F", fxSegs+2), ctrlCrash},
+		{"resize-shrink", opResize("D", 2), ctrlCrash},
 	}
 }
 
@@ -79,16 +92,17 @@ func (s fxState) restore(t testing.TB) {
 	copyDir(t, s.saved, s.dir)
 }
 
-// crashRun restores state st, runs op with the controller (or, with
-// agents set, the agents: both run on one "machine") crashing at its
+// crashRun restores state st, runs op with side crashing at its
 // persistence step k (0: no crash; keep: the step itself is kept),
 // restarts what crashed and checks what survived.
-func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64, agents bool) (crashResult, error) {
+func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64, side crashSide) (crashResult, error) {
 	st.restore(t)
 	m0 := st.m
 	h := openFx(t, st.dir, true)
 	defer h.close()
-	h.agentVolatile.Store(agents)
+	agents := side == agentsCrash
+	h.agentVolatile.Store(side != ctrlCrash)
+	h.oneMachine.Store(side == machineCrash)
 	if err := h.prepare(m0); err != nil {
 		return crashResult{}, fmt.Errorf("prepare: %w", err)
 	}
@@ -123,17 +137,18 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	if opErr != nil && !errors.Is(opErr, faultinject.ErrCrashed) {
 		return res, fmt.Errorf("operation failed without naming the crash: %v", opErr)
 	}
-	if agents {
-		h.agent.Store(faultinject.New(seed + 1))
+	if side != agentsCrash {
+		h.ctrl.Store(faultinject.New(seed + 1))
+		if err := h.c.RestartController(h.ctx); err != nil {
+			return res, fmt.Errorf("restart: %w", err)
+		}
+	}
+	if side != ctrlCrash {
+		h.agent.Store(faultinject.New(seed + 2))
 		for i := range h.c.Agents {
 			if err := h.c.RestartAgent(h.ctx, i); err != nil {
 				return res, fmt.Errorf("restart agent %d: %w", i, err)
 			}
-		}
-	} else {
-		h.ctrl.Store(faultinject.New(seed + 1))
-		if err := h.c.RestartController(h.ctx); err != nil {
-			return res, fmt.Errorf("restart: %w", err)
 		}
 	}
 	if err := h.checkClean(); err != nil {
@@ -177,9 +192,14 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 // what it holds after it (the operation wholly there or wholly absent,
 // and there if it was acknowledged), and a controller that works.
 //
-// With SEGMAP_SOAK=<duration> it then keeps crashing random steps of
-// random operations after random histories until the duration has passed;
-// a failure prints its seed, and -crash.seed N reruns it.
+// The agents crash too, at every step of the writes (they lose their
+// unsynced writes), and controller and agents together as one machine
+// (segmap up losing power).
+//
+// With SEGMAP_SOAK=<duration> it crashes the one machine at every step of
+// every write and trim, then keeps crashing random steps of random
+// operations after random histories, on a random side, until the duration
+// has passed; a failure prints its seed, and -crash.seed N reruns it.
 func TestCrashPoints(t *testing.T) {
 	soak := soakDuration(t)
 	perOp := map[string]int64{}
@@ -188,23 +208,24 @@ func TestCrashPoints(t *testing.T) {
 	if *crashSeed == 0 {
 		h := openFx(t, t.TempDir(), true)
 		st := fxSave(t, h, fxSetup(h))
-		var cases []crashCase
-		for _, c := range crashCases() {
-			c.agents = false
-			cases = append(cases, c)
-		}
+		cases := crashCases()
 		// The agents' side: the writes (a trim writes nothing on an
-		// agent), and one in place.
-		for _, c := range crashCases() {
+		// agent), and one in place; and the writes and trims with
+		// controller and agents on one machine that loses power (the
+		// short form takes three of those, the long form all).
+		inPlace := crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash}
+		short := map[string]bool{"cow-forward-staged": true, "cow-reverse": true, "trim": true}
+		for _, c := range append(crashCases(), inPlace) {
 			if c.op.name == "write" {
-				c.name, c.agents = "agent-"+c.name, true
-				cases = append(cases, c)
+				cases = append(cases, crashCase{"agents-" + c.name, c.op, agentsCrash})
+			}
+			if (c.op.name == "write" || c.op.name == "trim") && (soak > 0 || short[c.name]) {
+				cases = append(cases, crashCase{"machine-" + c.name, c.op, machineCrash})
 			}
 		}
-		cases = append(cases, crashCase{"agent-write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), true})
 		for _, c := range cases {
 			t.Run(c.name, func(t *testing.T) {
-				res, err := crashRun(t, st, c.op, 0, false, 1, c.agents)
+				res, err := crashRun(t, st, c.op, 0, false, 1, c.side)
 				if err != nil {
 					t.Fatalf("%s without a crash: %v", c.name, err)
 				}
@@ -217,7 +238,7 @@ func TestCrashPoints(t *testing.T) {
 				restarts++
 				for k := int64(1); k <= res.steps; k++ {
 					for _, keep := range []bool{false, true} {
-						r, err := crashRun(t, st, c.op, k, keep, uint64(k), c.agents)
+						r, err := crashRun(t, st, c.op, k, keep, uint64(k), c.side)
 						runs++
 						restarts++
 						if err != nil {
@@ -273,18 +294,24 @@ func crashSoak(t *testing.T, d time.Duration, outcomes map[string]int) (runs, po
 		}
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
-		agents := op.name == "write" && r.IntN(3) == 0
-		res, err := crashRun(t, st, op, 0, false, seed, agents)
+		side := ctrlCrash
+		if op.name == "write" || op.name == "trim" {
+			side = crashSide(r.IntN(3))
+		}
+		if side == agentsCrash && op.name == "trim" {
+			side = machineCrash
+		}
+		res, err := crashRun(t, st, op, 0, false, seed, side)
 		if err != nil {
 			t.Fatalf("seed %d: %s without a crash: %v (rerun with -crash.seed %d)", seed, op.name, err, seed)
 		}
 		if res.steps > 0 {
 			k := 1 + r.Int64N(res.steps)
 			keep := r.IntN(2) == 0
-			r, err := crashRun(t, st, op, k, keep, seed, agents)
+			r, err := crashRun(t, st, op, k, keep, seed, side)
 			outcomes[r.outcome]++
 			if err != nil {
-				t.Fatalf("seed %d: %s crashed (agents %v) at step %d (%v), kept %v: %v (rerun with -crash.seed %d)", seed, op.name, agents, k, res.log[k-1], keep, err, seed)
+				t.Fatalf("seed %d: %s crashed (%v) at step %d (%v), kept %v: %v (rerun with -crash.seed %d)", seed, op.name, side, k, res.log[k-1], keep, err, seed)
 			}
 			points++
 		}

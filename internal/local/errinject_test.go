@@ -68,8 +68,8 @@ func errPoints(ctrl, agent []faultinject.Call, ops faultinject.Op) []errPoint {
 
 func errCases() []crashCase {
 	return append(crashCases(),
-		crashCase{"read", opRead(0, "D"), false},
-		crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), false},
+		crashCase{"read", opRead(0, "D"), ctrlCrash},
+		crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash},
 	)
 }
 

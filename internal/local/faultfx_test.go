@@ -50,6 +50,10 @@ type fx struct {
 	// agents' containers opened from then on.
 	volatile      bool
 	agentVolatile atomic.Bool
+	// oneMachine wraps the agents' containers opened from then on in
+	// the controller's injector: controller and agents are one process
+	// on one machine (segmap up), and crash together.
+	oneMachine atomic.Bool
 }
 
 // openFx opens a cluster over dir (created if empty) with agents a and b.
@@ -79,10 +83,14 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 		},
 		WrapAgentContainer: func(agent string, ct container.Container) container.Container {
 			name := fmt.Sprintf("agent/%s/c%d", agent, ct.ID())
-			if h.agentVolatile.Load() {
-				return h.agent.Load().VolatileContainer(name, ct)
+			in := h.agent.Load()
+			if h.oneMachine.Load() {
+				in = h.ctrl.Load()
 			}
-			return h.agent.Load().Container(name, ct)
+			if h.agentVolatile.Load() {
+				return in.VolatileContainer(name, ct)
+			}
+			return in.Container(name, ct)
 		},
 	})
 	if err != nil {

@@ -113,13 +113,13 @@ func TestRegressPreallocateCrash(t *testing.T) {
 	h := openFx(t, t.TempDir(), true)
 	st := fxSave(t, h, fxModel{})
 	op := opCreate("P", true)
-	res, err := crashRun(t, st, op, 0, false, 1, false)
+	res, err := crashRun(t, st, op, 0, false, 1, ctrlCrash)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for k := int64(1); k <= res.steps; k++ {
 		for _, keep := range []bool{false, true} {
-			if _, err := crashRun(t, st, op, k, keep, 1, false); err != nil {
+			if _, err := crashRun(t, st, op, k, keep, 1, ctrlCrash); err != nil {
 				t.Errorf("crash at step %d of %d (%v), kept %v: %v", k, res.steps, res.log[k-1], keep, err)
 			}
 		}
