@@ -202,6 +202,7 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 // has passed; a failure prints its seed, and -crash.seed N reruns it.
 func TestCrashPoints(t *testing.T) {
 	soak := soakDuration(t)
+	deadline := time.Now().Add(soak)
 	perOp := map[string]int64{}
 	var points, runs, restarts int64
 	outcomes := map[string]int{}
@@ -252,7 +253,7 @@ func TestCrashPoints(t *testing.T) {
 		}
 	}
 	if soak > 0 && !t.Failed() {
-		n, p := crashSoak(t, soak, outcomes)
+		n, p := crashSoak(t, deadline, outcomes)
 		runs += n
 		restarts += n
 		points += p
@@ -261,10 +262,9 @@ func TestCrashPoints(t *testing.T) {
 }
 
 // crashSoak runs random histories, each ended by an operation crashed at
-// a random step, until d has passed (or only the -crash.seed one). It
+// a random step, until deadline (or only the -crash.seed one). It
 // returns the runs and crash points, and counts outcomes.
-func crashSoak(t *testing.T, d time.Duration, outcomes map[string]int) (runs, points int64) {
-	deadline := time.Now().Add(d)
+func crashSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs, points int64) {
 	seeds := []uint64{*crashSeed}
 	if *crashSeed == 0 {
 		seeds = nil
