@@ -100,7 +100,6 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	m0 := st.m
 	h := openFx(t, st.dir, true)
 	defer h.close()
-	agents := side == agentsCrash
 	h.agentVolatile.Store(side != ctrlCrash)
 	h.oneMachine.Store(side == machineCrash)
 	if err := h.prepare(m0); err != nil {
@@ -109,7 +108,7 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	// The injector wraps the store and containers from the start: count
 	// the operation's steps from where it stands now.
 	in := h.ctrl.Load()
-	if agents {
+	if side == agentsCrash {
 		in = h.agent.Load()
 	}
 	start := in.Steps()
