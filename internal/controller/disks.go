@@ -102,6 +102,7 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 			freed, err = tx.DeleteDisk(d.ID)
 			return err
 		}); derr != nil {
+			c.freeFailedLocked()
 			c.logger.Warn("delete a disk whose preallocation failed", "disk", d.Name, "err", derr)
 		}
 		c.punchFreedLocked(ctx, freed)
@@ -491,6 +492,7 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 		return err
 	})
 	if err != nil {
+		c.freeFailedLocked()
 		return err
 	}
 	c.punchFreedLocked(ctx, freed)
@@ -582,6 +584,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		return tx.PutDisk(nd)
 	})
 	if err != nil {
+		c.freeFailedLocked()
 		c.resizeFailedLocked(ctx, d)
 		return meta.Disk{}, err
 	}

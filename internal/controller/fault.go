@@ -368,6 +368,14 @@ func (c *Controller) unsettledLocked(ctx context.Context, seg uint64, disks ...m
 	}
 }
 
+// freeFailedLocked is called when an Update that frees slots has failed:
+// it may have committed all the same (see unsettledLocked), leaving the
+// slots it freed unpunched, with a disk's data in them. No container's
+// free slots are known to be zero any more: each is zeroed again before
+// its next allocation (see zeroSlotLocked), or a Zero fault could be
+// handed another disk's data.
+func (c *Controller) freeFailedLocked() { clear(c.mu.zeroed) }
+
 // stagedWrite is a whole-segment write handed to an agent and not yet
 // committed: the agent writes the segment to loc and then commits.
 type stagedWrite struct {
@@ -430,6 +438,7 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		// before its next allocation.
 		delete(c.mu.zeroed, sw.loc.Container)
 		if !errors.Is(err, mapping.ErrStale) {
+			c.freeFailedLocked() // it may have freed the old slot
 			c.unsettledLocked(ctx, sw.seg, d)
 		}
 		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
@@ -488,6 +497,7 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		}
 		return tx.SetEntries(d.ID, first, zeros)
 	}); err != nil {
+		c.freeFailedLocked()
 		return mapping.Reply{}, err
 	}
 	c.punchFreedLocked(ctx, freed)

@@ -66,11 +66,30 @@ func errPoints(ctrl, agent []faultinject.Call, ops faultinject.Op) []errPoint {
 	return out
 }
 
-func errCases() []crashCase {
-	return append(crashCases(),
-		crashCase{"read", opRead(0, "D"), ctrlCrash},
-		crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash},
-	)
+// errCase is an operation of TestErrorInjection.
+type errCase struct {
+	crashCase
+	// cold: the operation runs under a controller that has not zeroed
+	// its free slots yet (it will, before its first allocation); else
+	// it has, and trusts them to stay zero.
+	cold bool
+}
+
+func errCases() []errCase {
+	more := []crashCase{
+		{"read", opRead(0, "D"), ctrlCrash},
+		{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash},
+	}
+	// The operations that allocate, run cold too, fail the zeroing.
+	cold := map[string]bool{"allocate": true, "cow-forward-staged": true, "cow-reverse-whole": true, "create-preallocated": true}
+	var out []errCase
+	for _, c := range append(crashCases(), more...) {
+		out = append(out, errCase{crashCase: c})
+		if cold[c.name] {
+			out = append(out, errCase{crashCase{c.name + "-cold", c.op, c.side}, true})
+		}
+	}
+	return out
 }
 
 // opRead reads disk whole through agent i and compares it with the model.
@@ -106,13 +125,20 @@ type errResult struct {
 // Repair reclaims; the disks hold the state before or after the operation
 // (after, if it was acknowledged); writes and reads still work through
 // both agents; a controller restart succeeds and changes nothing.
-func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faultinject.Op) (errResult, error) {
+func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faultinject.Op, cold bool) (errResult, error) {
 	st.restore(t)
 	m0 := st.m
 	h := openFx(t, st.dir, false)
 	defer h.close()
 	if err := h.prepare(m0); err != nil {
 		return errResult{}, fmt.Errorf("prepare: %w", err)
+	}
+	// The controller zeroes its free slots: from now on it trusts them
+	// to stay zero.
+	if !cold {
+		if err := h.freeSlotsZero(); err != nil {
+			return errResult{}, fmt.Errorf("prepare: %w", err)
+		}
 	}
 	ctrl, agentIn := h.ctrl.Load(), h.agent.Load()
 	var fault *faultinject.Fault
@@ -211,6 +237,9 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faul
 			return res, fmt.Errorf("after the failure and a write to every disk: %w", err)
 		}
 	}
+	if err := h.freeSlotsZero(); err != nil {
+		return res, fmt.Errorf("after the failure: %w", err)
+	}
 	if err := h.restartController(); err != nil {
 		return res, fmt.Errorf("restart: %w", err)
 	}
@@ -251,7 +280,7 @@ func TestErrorInjection(t *testing.T) {
 		rot := 0
 		for _, c := range errCases() {
 			t.Run(c.name, func(t *testing.T) {
-				res, err := errRun(t, st, c.op, nil, errMode{}, ops)
+				res, err := errRun(t, st, c.op, nil, errMode{}, ops, c.cold)
 				if err != nil {
 					t.Fatalf("%s: %v", c.name, err)
 				}
@@ -262,7 +291,7 @@ func TestErrorInjection(t *testing.T) {
 				for _, p := range res.points {
 					for j := 0; j < modes; j++ {
 						md := errModes[(rot+j)%len(errModes)]
-						r, err := errRun(t, st, c.op, &p, md, ops)
+						r, err := errRun(t, st, c.op, &p, md, ops, c.cold)
 						runs++
 						restarts++
 						if err != nil {
@@ -315,7 +344,8 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int, leaks *i
 		}
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
-		res, err := errRun(t, st, op, nil, errMode{}, faultinject.OpAll)
+		cold := r.IntN(2) == 0
+		res, err := errRun(t, st, op, nil, errMode{}, faultinject.OpAll, cold)
 		if err != nil {
 			t.Fatalf("seed %d: %s without a fault: %v (rerun with -errinject.seed %d)", seed, op.name, err, seed)
 		}
@@ -325,7 +355,7 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int, leaks *i
 		}
 		p := res.points[r.IntN(len(res.points))]
 		md := errModes[r.IntN(len(errModes))]
-		got, err := errRun(t, st, op, &p, md, faultinject.OpAll)
+		got, err := errRun(t, st, op, &p, md, faultinject.OpAll, cold)
 		runs++
 		if err != nil {
 			t.Fatalf("seed %d: %s: %s at %v: %v (rerun with -errinject.seed %d)", seed, op.name, md.name, p, err, seed)

@@ -95,7 +95,7 @@ func TestRegressFailedCommitStaleEntries(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.op, func(t *testing.T) {
-			res, err := errRun(t, st, ops[tt.op], tt.p, tt.md, errOps)
+			res, err := errRun(t, st, ops[tt.op], tt.p, tt.md, errOps, true)
 			if err != nil {
 				t.Fatalf("%s at %v: %v", tt.md.name, tt.p, err)
 			}
@@ -123,5 +123,31 @@ func TestRegressPreallocateCrash(t *testing.T) {
 				t.Errorf("crash at step %d of %d (%v), kept %v: %v", k, res.steps, res.log[k-1], keep, err)
 			}
 		}
+	}
+}
+
+// A commit that frees slots and fails may have landed all the same,
+// leaving the slots it freed unpunched, with the deleted disk's data in
+// them, while the controller went on trusting its free slots to be zero:
+// the next Zero fault was handed a slot that read another disk's data.
+func TestRegressFailedFreeDirtySlots(t *testing.T) {
+	h := openFx(t, t.TempDir(), false)
+	st := fxSave(t, h, fxSetup(h))
+	cases := map[string]fxOp{}
+	for _, c := range crashCases() {
+		cases[c.name] = c.op
+	}
+	landed := errMode{"ENOSPC after the fact", syscall.ENOSPC, false, true}
+	for _, name := range []string{"delete", "trim", "resize-shrink"} {
+		t.Run(name, func(t *testing.T) {
+			p := &errPoint{op: faultinject.OpUpdate, target: "meta", nth: 1}
+			res, err := errRun(t, st, cases[name], p, landed, errOps, false)
+			if err != nil {
+				t.Fatalf("%s at %v: %v", landed.name, p, err)
+			}
+			if !res.fired {
+				t.Fatalf("the fault at %v did not fire", p)
+			}
+		})
 	}
 }
