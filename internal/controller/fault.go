@@ -32,6 +32,19 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		return mapping.Reply{}, err
 	}
 	defer c.mu.Unlock()
+	if f.Op == mapping.FaultCommit {
+		// A commit that fails before it reaches its stage (a store
+		// read failed, say) ends the stage all the same: the agent
+		// does not ask again, and the slot, reserved in memory only,
+		// would stay out of use until the agent re-attached. It goes
+		// back to the free slots, holding the agent's data.
+		defer func() {
+			if sw, ok := c.mu.staged[f.Token]; ok && sw.agent == f.Agent {
+				delete(c.mu.staged, f.Token)
+				delete(c.mu.zeroed, sw.loc.Container)
+			}
+		}()
+	}
 
 	id := meta.DiskID(f.Disk)
 	c.agents.Lock()

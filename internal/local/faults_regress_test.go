@@ -5,6 +5,7 @@ package local_test
 
 import (
 	"errors"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -149,5 +150,29 @@ func TestRegressFailedFreeDirtySlots(t *testing.T) {
 				t.Fatalf("the fault at %v did not fire", p)
 			}
 		})
+	}
+}
+
+// A staged write's commit that failed before it reached its stage (here:
+// a store read at the start of the fault) left the slot reserved in the
+// controller's memory until the agent re-attached: each such failure took
+// a slot out of use.
+func TestRegressFailedCommitKeepsReservation(t *testing.T) {
+	h := openFx(t, t.TempDir(), false)
+	st := fxSave(t, h, fxSetup(h))
+	var op fxOp
+	for _, c := range crashCases() {
+		if c.name == "cow-reverse-whole" {
+			op = c.op
+		}
+	}
+	md := errMode{"ENOSPC always after the fact", syscall.ENOSPC, true, true}
+	p := &errPoint{op: faultinject.OpView, target: "meta", nth: 5}
+	res, err := errRun(t, st, op, p, md, faultinject.OpAll, false)
+	if err != nil {
+		t.Fatalf("%s at %v: %v", md.name, p, err)
+	}
+	if !res.fired || !strings.Contains(res.errText, "commit") {
+		t.Fatalf("the fault at %v did not fail the commit: fired %v, %q", p, res.fired, res.errText)
 	}
 }
