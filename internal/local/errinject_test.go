@@ -136,7 +136,7 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faul
 	// The controller zeroes its free slots: from now on it trusts them
 	// to stay zero.
 	if !cold {
-		if err := h.freeSlotsZero(); err != nil {
+		if err := h.freeSlotsZero(false); err != nil {
 			return errResult{}, fmt.Errorf("prepare: %w", err)
 		}
 	}
@@ -212,7 +212,7 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faul
 	// Every free slot reads zero, as the controller trusts them to. (A
 	// staged write that failed on its agent keeps its slot reserved
 	// until that agent re-attaches: restarted above.)
-	if err := h.freeSlotsZero(); err != nil {
+	if err := h.freeSlotsZero(true); err != nil {
 		return res, fmt.Errorf("after the failure: %w", err)
 	}
 	var m fxModel
