@@ -129,7 +129,26 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 			return err
 		}
 	}
-	return ctrl.Attach(ctx, a.name, a, ids)
+	if err := ctrl.Attach(ctx, a.name, a, ids); err != nil {
+		return err
+	}
+	// What the agent knows of each disk may be stale: the previous
+	// controller may have died between committing a resize and telling
+	// the agents (or after telling them of a shrink it then did not
+	// commit). Take the size from the store again.
+	for _, d := range disks {
+		old := d.Info()
+		info, err := ctrl.Open(ctx, a.name, old.Name)
+		if err != nil || info.ID != old.ID {
+			continue // deleted (its faults fail), or no longer allowed here
+		}
+		if info != old {
+			if err := d.reset(ctx, info); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Fence stops the agent's I/O until its next Attach: every table goes

@@ -371,6 +371,7 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 		return nil
 	})
 	if err != nil {
+		c.freeFailedLocked()
 		return nil, err
 	}
 	locs := make([]table.Location, len(fixed))

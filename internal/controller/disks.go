@@ -29,8 +29,10 @@ type CreateOptions struct {
 
 // CreateDisk creates a disk whose every segment is Zero: nothing is
 // allocated, so it is instant at any size. With Preallocate every segment
-// gets its slot at once instead (in transactions of PreallocateChunk
-// segments; if one fails, the disk is deleted again).
+// gets its slot at once instead, in transactions of PreallocateChunk
+// segments, the first of which creates the disk (so a disk of up to
+// PreallocateChunk segments is created preallocated or not at all); if a
+// later one fails, the disk is deleted again.
 func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk, error) {
 	if o.SegmentSize == 0 {
 		o.SegmentSize = DefaultSegmentSize
@@ -54,6 +56,11 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 		return meta.Disk{}, err
 	}
 	defer c.mu.Unlock()
+	if o.Preallocate {
+		if err := c.zeroPoolLocked(ctx, o.SegmentSize); err != nil {
+			return meta.Disk{}, fmt.Errorf("preallocate %q: %w", o.Name, err)
+		}
+	}
 	var d meta.Disk
 	err := c.store.Update(ctx, func(tx meta.Tx) error {
 		cs, err := tx.Containers()
@@ -67,24 +74,35 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 			Name: o.Name, Size: o.Size, SegmentSize: o.SegmentSize,
 			Policy: o.Policy, Created: c.now().UTC(),
 		})
-		if err != nil || o.Agents == nil {
+		if err != nil {
 			return err
 		}
-		return tx.SetGrants(d.ID, o.Agents, false)
+		if o.Agents != nil {
+			if err := tx.SetGrants(d.ID, o.Agents, false); err != nil {
+				return err
+			}
+		}
+		if o.Preallocate {
+			if err := c.preallocateTx(tx, d, 0); err != nil {
+				return fmt.Errorf("preallocate %q: %w", o.Name, err)
+			}
+		}
+		return nil
 	})
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}
-	if err != nil || !o.Preallocate {
+	if err != nil || !o.Preallocate || d.Segments() <= PreallocateChunk {
 		return d, err
 	}
-	if err := c.preallocateLocked(ctx, d); err != nil {
+	if err := c.preallocateLocked(ctx, d, PreallocateChunk); err != nil {
 		var freed []table.Location
 		if derr := c.store.Update(ctx, func(tx meta.Tx) error {
 			var err error
 			freed, err = tx.DeleteDisk(d.ID)
 			return err
 		}); derr != nil {
+			c.freeFailedLocked()
 			c.logger.Warn("delete a disk whose preallocation failed", "disk", d.Name, "err", derr)
 		}
 		c.punchFreedLocked(ctx, freed)
@@ -97,10 +115,11 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 // preallocation maps.
 const PreallocateChunk = 1 << 14
 
-// preallocateLocked maps every segment of the new disk d to a free slot.
-// Free slots are durably zero (see zeroSlotLocked), so the disk reads as
+// zeroPoolLocked makes every free slot of the containers of slotSize
+// durably zero, once per controller life (see zeroSlotLocked), so that
+// slots taken without a punch, as a preallocation takes them, read as
 // zeros.
-func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk) error {
+func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error {
 	var cs []meta.Container
 	if err := c.store.View(ctx, func(tx meta.Tx) error {
 		var err error
@@ -110,45 +129,56 @@ func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk) error {
 		return err
 	}
 	for _, ct := range cs {
-		if ct.SlotSize == d.SegmentSize && !c.mu.zeroed[ct.ID] {
+		if ct.SlotSize == slotSize && !c.mu.zeroed[ct.ID] {
 			if err := c.zeroFreeLocked(ctx, ct.ID); err != nil {
 				return err
 			}
 		}
 	}
-	segs := d.Segments()
-	for first := uint64(0); first < segs; first += PreallocateChunk {
-		n := min(PreallocateChunk, segs-first)
-		err := c.store.Update(ctx, func(tx meta.Tx) error {
-			cs, err := tx.Containers()
-			if err != nil {
-				return err
-			}
-			es := make([]table.Entry, 0, n)
-			turn, hint := c.mu.turn, maps.Clone(c.mu.hint)
-			for len(es) < int(n) {
-				loc, ok, err := c.findFreeTx(tx, cs, d.SegmentSize, &turn, hint)
-				if err != nil {
-					return err
-				}
-				if !ok {
-					return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, ErrNoSpace)
-				}
-				if err := tx.SetRefs(loc, 1); err != nil {
-					return err
-				}
-				es = append(es, table.At(loc, false))
-			}
-			if err := tx.SetEntries(d.ID, first, es); err != nil {
-				return err
-			}
-			c.mu.turn, c.mu.hint = turn, hint
-			return nil
-		})
-		if err != nil {
+	return nil
+}
+
+// preallocateLocked maps segments from `from` on of the new disk d to free
+// slots, in transactions of PreallocateChunk segments. The pool must have
+// been zeroed (zeroPoolLocked).
+func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk, from uint64) error {
+	for first := from; first < d.Segments(); first += PreallocateChunk {
+		if err := c.store.Update(ctx, func(tx meta.Tx) error { return c.preallocateTx(tx, d, first) }); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// preallocateTx maps segments [first, first+PreallocateChunk) of d (up to
+// its end) to free slots in tx. Free slots are durably zero (see
+// zeroPoolLocked), so the disk reads as zeros.
+func (c *Controller) preallocateTx(tx meta.Tx, d meta.Disk, first uint64) error {
+	segs := d.Segments()
+	n := min(PreallocateChunk, segs-first)
+	cs, err := tx.Containers()
+	if err != nil {
+		return err
+	}
+	es := make([]table.Entry, 0, n)
+	turn, hint := c.mu.turn, maps.Clone(c.mu.hint)
+	for len(es) < int(n) {
+		loc, ok, err := c.findFreeTx(tx, cs, d.SegmentSize, &turn, hint)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, ErrNoSpace)
+		}
+		if err := tx.SetRefs(loc, 1); err != nil {
+			return err
+		}
+		es = append(es, table.At(loc, false))
+	}
+	if err := tx.SetEntries(d.ID, first, es); err != nil {
+		return err
+	}
+	c.mu.turn, c.mu.hint = turn, hint
 	return nil
 }
 
@@ -462,10 +492,28 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 		return err
 	})
 	if err != nil {
+		c.freeFailedLocked()
 		return err
 	}
 	c.punchFreedLocked(ctx, freed)
 	return nil
+}
+
+// resizeFailedLocked tells the agents that map d the size the store
+// holds after a resize's commit failed: a shrink was told before its
+// commit, and a failed commit may have landed all the same. A failure is
+// only logged.
+func (c *Controller) resizeFailedLocked(ctx context.Context, d meta.Disk) {
+	cur, err := c.Disk(ctx, d.Name)
+	if err != nil || cur.ID != d.ID {
+		c.logger.Warn("reload a disk after a failed resize", "disk", d.Name, "err", err)
+		return
+	}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+		return a.NewTable(ctx, toMapping(cur))
+	}); err != nil {
+		c.logger.Warn("restore the size after a failed resize", "disk", d.Name, "err", err)
+	}
 }
 
 // ResizeDisk changes a disk's size. New segments are Zero. Shrinking drops
@@ -536,6 +584,8 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		return tx.PutDisk(nd)
 	})
 	if err != nil {
+		c.freeFailedLocked()
+		c.resizeFailedLocked(ctx, d)
 		return meta.Disk{}, err
 	}
 	c.punchFreedLocked(ctx, freed)

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"segmap/internal/mapping"
@@ -31,6 +32,19 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		return mapping.Reply{}, err
 	}
 	defer c.mu.Unlock()
+	if f.Op == mapping.FaultCommit {
+		// A commit that fails before it reaches its stage (a store
+		// read failed, say) ends the stage all the same: the agent
+		// does not ask again, and the slot, reserved in memory only,
+		// would stay out of use until the agent re-attached. It goes
+		// back to the free slots, holding the agent's data.
+		defer func() {
+			if sw, ok := c.mu.staged[f.Token]; ok && sw.agent == f.Agent {
+				delete(c.mu.staged, f.Token)
+				delete(c.mu.zeroed, sw.loc.Container)
+			}
+		}()
+	}
 
 	id := meta.DiskID(f.Disk)
 	c.agents.Lock()
@@ -179,6 +193,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			_, err := meta.AddRefs(tx, loc, 1)
 			return err
 		}); err != nil {
+			c.unsettledLocked(ctx, seg, d)
 			return mapping.Reply{}, err
 		}
 		// Other agents that loaded the Zero entry would keep reading
@@ -235,6 +250,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			return err
 		}); err != nil {
 			delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
+			c.unsettledLocked(ctx, seg, d)
 			return mapping.Reply{}, err
 		}
 		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
@@ -304,6 +320,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		return tx.SetRefs(e.Loc, 1)
 	}); err != nil {
 		delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
+		c.unsettledLocked(ctx, seg, append(sharers, d)...)
 		return mapping.Reply{}, err
 	}
 	// Their agents move, Blocking: reads of the original slot made under
@@ -322,6 +339,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	if err := c.store.Update(ctx, func(tx meta.Tx) error {
 		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 	}); err != nil {
+		c.unsettledLocked(ctx, seg, d)
 		return mapping.Reply{}, err
 	}
 	if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
@@ -343,6 +361,33 @@ func (c *Controller) moveOthersLocked(ctx context.Context, d meta.Disk, faulting
 	}
 	return nil
 }
+
+// unsettledLocked makes every agent that maps one of disks drop its entry
+// for segment seg (Invalid, Blocking), after an Update of that entry
+// failed. A failed Update may have committed all the same (the fsync of a
+// commit can fail after its pages reached the disk), so the entries the
+// agents hold, which the commit would have replaced, cannot be trusted:
+// a sharer left reading a slot that the commit gave to the faulting disk
+// alone would see that disk's next writes, and an agent left with a Zero
+// entry would not see them. Dropped, they are loaded again from the store
+// by the next fault, whichever way the commit went. A failure to tell an
+// agent is only logged: the fault fails anyway.
+func (c *Controller) unsettledLocked(ctx context.Context, seg uint64, disks ...meta.Disk) {
+	for _, d := range disks {
+		cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+			c.logger.Warn("drop entries after a failed commit", "disk", d.Name, "segment", seg, "err", err)
+		}
+	}
+}
+
+// freeFailedLocked is called when an Update that frees slots has failed:
+// it may have committed all the same (see unsettledLocked), leaving the
+// slots it freed unpunched, with a disk's data in them. No container's
+// free slots are known to be zero any more: each is zeroed again before
+// its next allocation (see zeroSlotLocked), or a Zero fault could be
+// handed another disk's data.
+func (c *Controller) freeFailedLocked() { clear(c.mu.zeroed) }
 
 // stagedWrite is a whole-segment write handed to an agent and not yet
 // committed: the agent writes the segment to loc and then commits.
@@ -405,6 +450,10 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		// agent's data in it: zero the container's free slots again
 		// before its next allocation.
 		delete(c.mu.zeroed, sw.loc.Container)
+		if !errors.Is(err, mapping.ErrStale) {
+			c.freeFailedLocked() // it may have freed the old slot
+			c.unsettledLocked(ctx, sw.seg, d)
+		}
 		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
 	c.punchFreedLocked(ctx, freed)
@@ -461,6 +510,7 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		}
 		return tx.SetEntries(d.ID, first, zeros)
 	}); err != nil {
+		c.freeFailedLocked()
 		return mapping.Reply{}, err
 	}
 	c.punchFreedLocked(ctx, freed)

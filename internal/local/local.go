@@ -52,6 +52,10 @@ type Options struct {
 	// WrapAgentContainer, if set, wraps every container an agent opens
 	// (tests use it to slow or fail I/O below the agent).
 	WrapAgentContainer func(agent string, c container.Container) container.Container
+	// WrapControllerContainer, if set, wraps every container the
+	// controller opens (tests use it to fail or crash the controller's
+	// copies and punches).
+	WrapControllerContainer func(c container.Container) container.Container
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -217,7 +221,17 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: OpenContainer, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout})
+	open := OpenContainer
+	if wrap := c.opts.WrapControllerContainer; wrap != nil {
+		open = func(info mapping.Container) (container.Container, error) {
+			ct, err := OpenContainer(info)
+			if err != nil {
+				return nil, err
+			}
+			return wrap(ct), nil
+		}
+	}
+	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: open, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout})
 	return nil
 }
 
