@@ -51,7 +51,7 @@ bench:
 
 # soak: the reliability tests (crash points, error injection, kill storms,
 # linearizability, the model test) in their long form and every fuzz target, for DURATION
-# in all (a Go duration, shared out between the parts; at least 5m):
+# in all (a Go duration, shared out between the seven parts; at least 7m):
 #   make soak DURATION=2h
 # Summary counts and any failure's seed go to soak-<time>.log.
 DURATION ?= 30m
