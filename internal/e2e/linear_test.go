@@ -1,0 +1,610 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/anishathalye/porcupine"
+
+	"segmap/internal/nbd"
+)
+
+// Sizes of the linearizability test.
+const (
+	// linRegs registers, spread over linSegs segments of 1 MiB, so that a
+	// snapshot makes writes fault in several segments.
+	linRegs = 16
+	linSegs = 4
+	// linConns NBD connections, half through each agent, each used by
+	// linWorkers clients at once.
+	linConns   = 4
+	linWorkers = 2
+	// linMinOps: a history runs until its faults are done and it holds at
+	// least this many operations, or for linMaxRun.
+	linMinOps = 2000
+	linMaxRun = 40 * time.Second
+	// linShort histories in the short form.
+	linShort = 2
+	// linLease is the cluster's --lease (cluster.startController).
+	linLease = 3 * time.Second
+	// linOpTimeout bounds one operation; an operation of a fenced agent
+	// waits for the partition to heal, well within it.
+	linOpTimeout = 30 * time.Second
+	// linCheckTimeout bounds porcupine's check of one history.
+	linCheckTimeout = 2 * time.Minute
+)
+
+// linPending is the return time of an operation whose reply never came:
+// it may take effect at any time after its call.
+const linPending = math.MaxInt64
+
+// TestLinearizable checks that the blocks of a disk behave as
+// linearizable registers while agents crash and are cut off: a controller
+// and two agents run as real processes, four NBD connections (two per
+// agent, each through a TCP proxy that can cut it) read and write 4 KiB
+// blocks of one disk, each write a unique value, while the test kills
+// agents with SIGKILL and restarts them, cuts an agent from the controller
+// past its lease (so that it fences itself) and heals it, cuts and severs
+// client connections, and takes snapshots. Every history goes to
+// porcupine, together with the reads of each snapshot (as reads during
+// the snapshot command) and final reads through both agents; each must be
+// linearizable. A write whose reply never came (killed agent, severed
+// connection) may or may not have taken effect. Acknowledged writes are
+// durable across an agent kill: the containers outlive the agent.
+//
+// SEGMAP_LINEAR_SEED=N reruns a history's schedule of operations and
+// faults (timing still differs); SEGMAP_SOAK=DURATION keeps making
+// histories with fresh seeds until that much time has passed.
+func TestLinearizable(t *testing.T) {
+	soak := linSoak(t)
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("SEGMAP_LINEAR_SEED"); s != "" {
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("SEGMAP_LINEAR_SEED=%q: %v", s, err)
+		}
+		seed = n
+	}
+	start := time.Now()
+	c := newCluster(t)
+	var agents []*linAgent
+	for _, name := range []string{"host-a", "host-b"} {
+		if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", name); code != 0 {
+			t.Fatalf("certs issue %s: %s", name, errOut)
+		}
+		a := &linAgent{c: c, name: name, nbdAddr: freeAddr(t), ctl: newProxy(t, c.ctlAddr)}
+		a.start()
+		agents = append(agents, a)
+	}
+	conns := make([]*linConn, linConns)
+	for i := range conns {
+		a := agents[i%len(agents)]
+		conns[i] = &linConn{agent: a, link: newProxy(t, a.nbdAddr)}
+	}
+	t.Cleanup(func() {
+		for _, cn := range conns {
+			cn.close()
+		}
+	})
+
+	var total linCounts
+	for i := 0; ; i++ {
+		s := seed + uint64(i)
+		if soak == 0 && i == linShort || soak > 0 && i > 0 && time.Since(start) > soak {
+			break
+		}
+		h := &linHistory{t: t, c: c, agents: agents, conns: conns, index: i, seed: s,
+			rng: rand.New(rand.NewPCG(s, 7)), disk: fmt.Sprintf("lin%d", i)}
+		h.run()
+		total.add(&h.n)
+		if t.Failed() {
+			break
+		}
+	}
+	if out := c.cli("check"); !strings.Contains(out, "clean") {
+		t.Errorf("check:\n%s", out)
+	}
+	t.Logf("summary: histories checked %d, operations %d (reads %d, writes %d of which FUA %d, pending %d; flushes %d), "+
+		"agent restarts %d, agent partitions %d, client cuts %d (severed %d), snapshots %d (snapshot reads %d), not linearizable %d, in %v",
+		total.histories, total.reads+total.writes, total.reads, total.writes, total.fua, total.pending, total.flushes,
+		total.restarts, total.partitions, total.cuts, total.severed, total.snapshots, total.snapReads, total.illegal,
+		time.Since(start).Round(time.Second))
+}
+
+// linSoak returns the duration in SEGMAP_SOAK, 0 if unset.
+func linSoak(t *testing.T) time.Duration {
+	s := os.Getenv("SEGMAP_SOAK")
+	if s == "" {
+		return 0
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		t.Fatalf("SEGMAP_SOAK=%q: want a Go duration such as 30m", s)
+	}
+	return d
+}
+
+// linAgent is one agent process, reaching the controller through a proxy
+// that can cut it off.
+type linAgent struct {
+	c       *cluster
+	name    string
+	nbdAddr string
+	ctl     *proxy
+	proc    *up
+}
+
+func (a *linAgent) start() {
+	a.proc = start(a.c.t, a.c.dir, "agent", "--controller", a.ctl.addr(), "--name", a.name,
+		"--nbd-listen", a.nbdAddr, "--certs", a.c.certs)
+}
+
+// kill kills the agent with SIGKILL; the race detector must not have
+// spoken before.
+func (a *linAgent) kill() {
+	a.proc.kill()
+	if out := a.proc.out.String(); strings.Contains(out, "DATA RACE") {
+		a.c.t.Errorf("agent %s reported a data race:\n%s", a.name, out)
+	}
+}
+
+// linConn is one NBD connection of the test, to one agent through a
+// proxy; it is dialled again when it breaks.
+type linConn struct {
+	agent *linAgent
+	link  *proxy
+	mu    sync.Mutex
+	cl    *nbd.Client
+	wg    sync.WaitGroup // closing clients
+}
+
+// get returns the connection's client, dialling until it connects, stop
+// is closed (nil) or a minute has passed (an error).
+func (cn *linConn) get(stop <-chan struct{}, export string) (*nbd.Client, error) {
+	cn.mu.Lock()
+	defer cn.mu.Unlock()
+	if cn.cl != nil {
+		return cn.cl, nil
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		cl, err := nbd.Dial(ctx, cn.link.addr(), export, nbd.ClientConfig{HandshakeTimeout: 5 * time.Second})
+		cancel()
+		if err == nil {
+			cn.cl = cl
+			return cl, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no connection to agent %s for a minute: %w", cn.agent.name, err)
+		}
+		select {
+		case <-stop:
+			return nil, nil
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// drop closes cl if it is still the connection's client.
+func (cn *linConn) drop(cl *nbd.Client) {
+	cn.mu.Lock()
+	defer cn.mu.Unlock()
+	if cn.cl != cl {
+		return
+	}
+	cn.cl = nil
+	cn.wg.Go(func() { cl.Close() })
+}
+
+// close closes the client and waits for every close begun.
+func (cn *linConn) close() {
+	cn.mu.Lock()
+	if cn.cl != nil {
+		cl := cn.cl
+		cn.wg.Go(func() { cl.Close() })
+		cn.cl = nil
+	}
+	cn.mu.Unlock()
+	cn.wg.Wait()
+}
+
+// sever cuts every connection through p at once, as a crashed client
+// or a reset link would; requests held in the proxy are lost.
+func sever(p *proxy) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// linCounts are what the summary reports.
+type linCounts struct {
+	histories, reads, writes, fua, pending, flushes         int
+	restarts, partitions, cuts, severed, snapshots, illegal int
+	snapReads                                               int
+}
+
+func (n *linCounts) add(o *linCounts) {
+	n.histories += o.histories
+	n.reads += o.reads
+	n.writes += o.writes
+	n.fua += o.fua
+	n.pending += o.pending
+	n.flushes += o.flushes
+	n.restarts += o.restarts
+	n.partitions += o.partitions
+	n.cuts += o.cuts
+	n.severed += o.severed
+	n.snapshots += o.snapshots
+	n.illegal += o.illegal
+	n.snapReads += o.snapReads
+}
+
+// linHistory is one run of clients and faults against a fresh disk.
+type linHistory struct {
+	t      *testing.T
+	c      *cluster
+	agents []*linAgent
+	conns  []*linConn
+	index  int
+	seed   uint64
+	rng    *rand.Rand // the fault schedule's; workers have their own
+	disk   string
+	t0     time.Time
+
+	clients atomic.Int64 // porcupine client ids handed out
+	nops    atomic.Int64
+
+	mu    sync.Mutex
+	ops   []porcupine.Operation
+	n     linCounts
+	bad   int // bad reads logged
+	snaps []linSnap
+}
+
+// linSnap is a snapshot taken during a history, with the times its
+// command was called and returned: each of its blocks is a read at some
+// point in between.
+type linSnap struct {
+	name      string
+	call, ret int64
+}
+
+// linOffset is where register reg lives on the disk.
+func linOffset(reg int) uint64 {
+	return uint64(reg%linSegs)<<20 + uint64(reg/linSegs)*linBlock
+}
+
+func (h *linHistory) now() int64 { return int64(time.Since(h.t0)) }
+
+func (h *linHistory) record(op porcupine.Operation) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.ops = append(h.ops, op)
+	in := op.Input.(linInput)
+	switch {
+	case !in.write:
+		h.n.reads++
+	case op.Return == linPending:
+		h.n.writes++
+		h.n.pending++
+	default:
+		h.n.writes++
+	}
+	h.nops.Add(1)
+}
+
+// badRead logs what a read that is no whole write held (a few times).
+func (h *linHistory) badRead(who string, reg int, b []byte) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.bad++
+	if h.bad <= 3 {
+		h.t.Errorf("history %d (seed %d): %s read block %d as no whole write of it: %x ... %x", h.index, h.seed, who, reg, b[:32], b[len(b)-32:])
+	}
+}
+
+func (h *linHistory) run() {
+	t := h.t
+	t.Logf("history %d: seed %d (rerun with SEGMAP_LINEAR_SEED=%d)", h.index, h.seed, h.seed)
+	h.c.cli("disk", "create", h.disk, "--size", fmt.Sprintf("%dM", linSegs))
+	h.t0 = time.Now()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, cn := range h.conns {
+		for w := range linWorkers {
+			rng := rand.New(rand.NewPCG(h.seed, uint64(i*linWorkers+w+1)))
+			wg.Go(func() { h.worker(cn, rng, stop) })
+		}
+	}
+
+	// The faults, in a random order, each after a pause: one of each kind
+	// at least, more in a long run.
+	kinds := []string{"snapshot", "kill", "partition", "cut"}
+	for range h.rng.IntN(3) {
+		kinds = append(kinds, kinds[h.rng.IntN(4)])
+	}
+	h.rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
+	for _, k := range kinds {
+		time.Sleep(h.jitter(300*time.Millisecond, 1200*time.Millisecond))
+		switch k {
+		case "snapshot":
+			h.snapshot()
+		case "kill":
+			h.kill()
+		case "partition":
+			h.partition()
+		case "cut":
+			h.cut()
+		}
+	}
+	for h.nops.Load() < linMinOps && time.Since(h.t0) < linMaxRun && !t.Failed() {
+		time.Sleep(100 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	for _, cn := range h.conns {
+		cn.close()
+	}
+	h.finalReads()
+	h.n.histories = 1
+	h.check()
+	// Clean up, which exercises delete.
+	for _, s := range h.snaps {
+		h.c.cli("disk", "delete", s.name)
+	}
+	h.c.cli("disk", "delete", h.disk)
+}
+
+func (h *linHistory) jitter(lo, hi time.Duration) time.Duration {
+	return lo + time.Duration(h.rng.Int64N(int64(hi-lo)))
+}
+
+// worker is one client: random reads, writes (some FUA) and flushes of
+// the registers through cn until stop is closed. After an operation whose
+// outcome is unknown it goes on as a new porcupine client, since that
+// operation stays open for ever.
+func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
+	t := h.t
+	client := int(h.clients.Add(1) - 1)
+	var seq uint32
+	buf := make([]byte, linBlock)
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		cl, err := cn.get(stop, h.disk)
+		if err != nil {
+			t.Errorf("history %d (seed %d): %v", h.index, h.seed, err)
+			return
+		}
+		if cl == nil {
+			return
+		}
+		reg := rng.IntN(linRegs)
+		off := linOffset(reg)
+		ctx, cancel := context.WithTimeout(context.Background(), linOpTimeout)
+		switch p := rng.IntN(100); {
+		case p < 5:
+			err = cl.Flush(ctx)
+			if err == nil {
+				h.mu.Lock()
+				h.n.flushes++
+				h.mu.Unlock()
+			}
+		case p < 52:
+			seq++
+			v := linValue(client, seq)
+			linEncode(buf, h.index, reg, v)
+			fua := rng.IntN(5) == 0
+			op := porcupine.Operation{ClientId: client, Input: linInput{write: true, reg: reg, value: v}, Call: h.now()}
+			err = cl.WriteAt(ctx, buf, off, fua)
+			op.Return = h.now()
+			if err != nil {
+				op.Return = linPending
+			}
+			h.record(op)
+			if fua && err == nil {
+				h.mu.Lock()
+				h.n.fua++
+				h.mu.Unlock()
+			}
+		default:
+			op := porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Call: h.now()}
+			err = cl.ReadAt(ctx, buf, off)
+			op.Return = h.now()
+			if err == nil {
+				v := linDecode(buf, h.index, reg)
+				if v == linBad {
+					h.badRead(cn.agent.name, reg, buf)
+				}
+				op.Output = v
+				h.record(op) // a failed read took no effect: left out
+			}
+		}
+		cancel()
+		if err != nil {
+			client = int(h.clients.Add(1) - 1)
+			seq = 0
+			var re *nbd.RemoteError
+			if !errors.As(err, &re) {
+				cn.drop(cl)
+			}
+		}
+	}
+}
+
+// snapshot takes a snapshot of the disk, recording when its command ran.
+func (h *linHistory) snapshot() {
+	h.mu.Lock()
+	name := fmt.Sprintf("%s@s%d", h.disk, h.n.snapshots)
+	h.n.snapshots++ // names stay unique even if one fails
+	h.mu.Unlock()
+	call := h.now()
+	out, errOut, code := runBin(h.t, "--controller", h.c.ctlAddr, "--certs", h.c.certs, "snapshot", h.disk, "--name", name)
+	ret := h.now()
+	if code != 0 {
+		h.t.Errorf("history %d (seed %d): snapshot %s: exit %d: %s%s", h.index, h.seed, name, code, out, errOut)
+		return
+	}
+	h.mu.Lock()
+	h.snaps = append(h.snaps, linSnap{name: name, call: call, ret: ret})
+	h.mu.Unlock()
+}
+
+// kill kills an agent with SIGKILL and restarts it after a moment.
+func (h *linHistory) kill() {
+	a := h.agents[h.rng.IntN(len(h.agents))]
+	a.kill()
+	time.Sleep(h.jitter(0, 1500*time.Millisecond))
+	a.start()
+	h.n.restarts++
+}
+
+// partition cuts an agent from the controller until its lease has lapsed
+// and a little more, half the time with a snapshot taken meanwhile (it
+// must wait for the lease; writes through the other agent then copy on
+// write while the cut agent still holds the old entries).
+func (h *linHistory) partition() {
+	a := h.agents[h.rng.IntN(len(h.agents))]
+	a.ctl.cut.Store(true)
+	var snap sync.WaitGroup
+	if h.rng.IntN(2) == 0 {
+		snap.Go(func() {
+			time.Sleep(300 * time.Millisecond)
+			h.snapshot()
+		})
+	}
+	time.Sleep(linLease + h.jitter(500*time.Millisecond, 2*time.Second))
+	a.ctl.cut.Store(false)
+	snap.Wait()
+	h.n.partitions++
+}
+
+// cut stops the traffic of one client connection for a moment; half the
+// time the connection is then severed with requests in flight.
+func (h *linHistory) cut() {
+	cn := h.conns[h.rng.IntN(len(h.conns))]
+	cn.link.cut.Store(true)
+	time.Sleep(h.jitter(300*time.Millisecond, 1500*time.Millisecond))
+	if h.rng.IntN(2) == 0 {
+		sever(cn.link)
+		h.n.severed++
+	}
+	cn.link.cut.Store(false)
+	h.n.cuts++
+}
+
+// finalReads reads every register through both agents after the clients
+// stopped, and every snapshot's blocks, as reads during its command.
+func (h *linHistory) finalReads() {
+	t := h.t
+	buf := make([]byte, linBlock)
+	read := func(a *linAgent, export string, each func(reg int, v uint64, call, ret int64)) {
+		deadline := time.Now().Add(time.Minute)
+		var cl *nbd.Client
+		for {
+			var err error
+			cl, err = nbd.Dial(context.Background(), a.nbdAddr, export, nbd.ClientConfig{HandshakeTimeout: 5 * time.Second})
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("history %d (seed %d): final reads of %s through %s: %v", h.index, h.seed, export, a.name, err)
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		defer cl.Close()
+		for reg := range linRegs {
+			ctx, cancel := context.WithTimeout(context.Background(), linOpTimeout)
+			call := h.now()
+			err := cl.ReadAt(ctx, buf, linOffset(reg))
+			ret := h.now()
+			cancel()
+			if err != nil {
+				t.Errorf("history %d (seed %d): final read of %s block %d through %s: %v", h.index, h.seed, export, reg, a.name, err)
+				return
+			}
+			v := linDecode(buf, h.index, reg)
+			if v == linBad {
+				h.badRead(a.name+" "+export, reg, buf)
+			}
+			each(reg, v, call, ret)
+		}
+	}
+	for _, a := range h.agents {
+		client := int(h.clients.Add(1) - 1)
+		read(a, h.disk, func(reg int, v uint64, call, ret int64) {
+			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Call: call, Return: ret})
+		})
+	}
+	for i, s := range h.snaps {
+		// One agent's view goes into the history; the other must read
+		// the same.
+		var got [2][linRegs]uint64
+		for j, a := range h.agents {
+			read(a, s.name, func(reg int, v uint64, _, _ int64) { got[j][reg] = v })
+		}
+		if got[0] != got[1] {
+			t.Errorf("history %d (seed %d): snapshot %s reads differently through the two agents:\n%v\n%v", h.index, h.seed, s.name, got[0], got[1])
+		}
+		client := int(h.clients.Add(1) - 1)
+		for reg, v := range got[i%2] {
+			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Call: s.call, Return: s.ret})
+			h.n.snapReads++
+		}
+		// The snapshot reads are not client reads.
+		h.n.reads -= linRegs
+	}
+}
+
+// check requires the history to be linearizable; if it is not, the
+// visualization goes to the test's artifacts.
+func (h *linHistory) check() {
+	t := h.t
+	t0 := time.Now()
+	res, info := porcupine.CheckOperationsVerbose(linModel, h.ops, linCheckTimeout)
+	t.Logf("history %d (seed %d): %d operations (%d pending writes), %d snapshots, %d restarts, %d partitions, %d cuts: %s in %v",
+		h.index, h.seed, len(h.ops), h.n.pending, len(h.snaps), h.n.restarts, h.n.partitions, h.n.cuts, res, time.Since(t0).Round(time.Millisecond))
+	if res == porcupine.Ok {
+		return
+	}
+	h.n.illegal++
+	path := filepath.Join(linArtifacts(t), fmt.Sprintf("history-%d-seed-%d.html", h.index, h.seed))
+	if err := porcupine.VisualizePath(linModel, info, path); err != nil {
+		t.Errorf("visualize: %v", err)
+	}
+	t.Errorf("history %d (seed %d) is %s (not shown linearizable); visualization: %s", h.index, h.seed, res, path)
+}
+
+// linArtifacts is where a failed history's visualization goes: the test's
+// artifacts directory under -artifacts, otherwise a directory that
+// outlives the test.
+func linArtifacts(t *testing.T) string {
+	if f := flag.Lookup("test.artifacts"); f != nil && f.Value.String() == "true" {
+		return t.ArtifactDir()
+	}
+	dir, err := os.MkdirTemp("", "segmap-linear-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
