@@ -3,6 +3,8 @@ package e2e
 import (
 	"encoding/binary"
 	"fmt"
+	"testing"
+	"time"
 
 	"github.com/anishathalye/porcupine"
 )
@@ -126,4 +128,58 @@ var linModel = porcupine.Model{
 		return fmt.Sprintf("read(b%d) → %s", in.reg, linDescribe(output.(uint64)))
 	},
 	DescribeState: func(state any) string { return linDescribe(state.(uint64)) },
+}
+
+// TestLinearModel: the model and the block encoding tell linearizable
+// histories from the rest, so that TestLinearizable can fail.
+func TestLinearModel(t *testing.T) {
+	w := func(c int, reg int, v uint64, call, ret int64) porcupine.Operation {
+		return porcupine.Operation{ClientId: c, Input: linInput{write: true, reg: reg, value: v}, Call: call, Return: ret}
+	}
+	r := func(c int, reg int, v uint64, call, ret int64) porcupine.Operation {
+		return porcupine.Operation{ClientId: c, Input: linInput{reg: reg}, Output: v, Call: call, Return: ret}
+	}
+	a, b := linValue(0, 1), linValue(1, 1)
+	for _, tc := range []struct {
+		name string
+		ops  []porcupine.Operation
+		want porcupine.CheckResult
+	}{
+		{"zero at first", []porcupine.Operation{r(0, 0, linZero, 0, 1)}, porcupine.Ok},
+		{"read after write", []porcupine.Operation{w(0, 0, a, 0, 1), r(1, 0, a, 2, 3)}, porcupine.Ok},
+		{"stale read after write", []porcupine.Operation{w(0, 0, a, 0, 1), r(1, 0, linZero, 2, 3)}, porcupine.Illegal},
+		{"read overlapping write, old", []porcupine.Operation{w(0, 0, a, 0, 10), r(1, 0, linZero, 2, 3)}, porcupine.Ok},
+		{"read overlapping write, new", []porcupine.Operation{w(0, 0, a, 0, 10), r(1, 0, a, 2, 3)}, porcupine.Ok},
+		{"new then old", []porcupine.Operation{w(0, 0, a, 0, 10), r(1, 0, a, 2, 3), r(1, 0, linZero, 4, 5)}, porcupine.Illegal},
+		{"pending write seen late", []porcupine.Operation{w(0, 0, a, 0, linPending), r(1, 0, linZero, 2, 3), r(1, 0, a, 100, 101)}, porcupine.Ok},
+		{"lost write", []porcupine.Operation{w(0, 0, a, 0, 1), w(1, 0, b, 2, 3), r(0, 0, a, 4, 5)}, porcupine.Illegal},
+		{"registers apart", []porcupine.Operation{w(0, 0, a, 0, 1), r(1, 1, linZero, 2, 3), r(1, 0, a, 2, 3)}, porcupine.Ok},
+		{"bad block", []porcupine.Operation{r(0, 0, linBad, 0, 1)}, porcupine.Illegal},
+	} {
+		if got := porcupine.CheckOperationsTimeout(linModel, tc.ops, 10*time.Second); got != tc.want {
+			t.Errorf("%s: %s, want %s", tc.name, got, tc.want)
+		}
+	}
+
+	b1, b2 := make([]byte, linBlock), make([]byte, linBlock)
+	if got := linDecode(b1, 3, 5); got != linZero {
+		t.Errorf("zeros decode as %s", linDescribe(got))
+	}
+	linEncode(b1, 3, 5, a)
+	if got := linDecode(b1, 3, 5); got != a {
+		t.Errorf("a write decodes as %s, want %s", linDescribe(got), linDescribe(a))
+	}
+	for _, tc := range []struct {
+		name         string
+		history, reg int
+	}{{"another register", 3, 6}, {"another history", 4, 5}} {
+		if got := linDecode(b1, tc.history, tc.reg); got != linBad {
+			t.Errorf("%s: decodes as %s, want bad", tc.name, linDescribe(got))
+		}
+	}
+	linEncode(b2, 3, 5, b)
+	copy(b1[linBlock/2:], b2[linBlock/2:])
+	if got := linDecode(b1, 3, 5); got != linBad {
+		t.Errorf("a torn block decodes as %s, want bad", linDescribe(got))
+	}
 }

@@ -116,11 +116,12 @@ func TestLinearizable(t *testing.T) {
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check:\n%s", out)
 	}
-	t.Logf("summary: histories checked %d, operations %d (reads %d, writes %d of which FUA %d, pending %d; flushes %d), "+
-		"agent restarts %d, agent partitions %d, client cuts %d (severed %d), snapshots %d (snapshot reads %d), not linearizable %d, in %v",
-		total.histories, total.reads+total.writes, total.reads, total.writes, total.fua, total.pending, total.flushes,
-		total.restarts, total.partitions, total.cuts, total.severed, total.snapshots, total.snapReads, total.illegal,
-		time.Since(start).Round(time.Second))
+	t.Logf("summary: histories checked %d, operations %d (reads %d, writes %d of which FUA %d, in whole-segment writes %d, pending %d; flushes %d), "+
+		"agent restarts %d, agent partitions %d (fenced %d), blips under the lease %d, client cuts %d (severed %d), snapshots %d (snapshot reads %d), "+
+		"longest operation %v, not linearizable %d, in %v",
+		total.histories, total.reads+total.writes, total.reads, total.writes, total.fua, total.segWrites, total.pending, total.flushes,
+		total.restarts, total.partitions, total.fences, total.blips, total.cuts, total.severed, total.snapshots, total.snapReads,
+		total.maxWait.Round(time.Millisecond), total.illegal, time.Since(start).Round(time.Second))
 }
 
 // linSoak returns the duration in SEGMAP_SOAK, 0 if unset.
@@ -236,7 +237,8 @@ func sever(p *proxy) {
 type linCounts struct {
 	histories, reads, writes, fua, pending, flushes         int
 	restarts, partitions, cuts, severed, snapshots, illegal int
-	snapReads                                               int
+	snapReads, segWrites, fences, blips                     int
+	maxWait                                                 time.Duration
 }
 
 func (n *linCounts) add(o *linCounts) {
@@ -253,6 +255,10 @@ func (n *linCounts) add(o *linCounts) {
 	n.snapshots += o.snapshots
 	n.illegal += o.illegal
 	n.snapReads += o.snapReads
+	n.segWrites += o.segWrites
+	n.fences += o.fences
+	n.blips += o.blips
+	n.maxWait = max(n.maxWait, o.maxWait)
 }
 
 // linHistory is one run of clients and faults against a fresh disk.
@@ -309,6 +315,13 @@ func (h *linHistory) record(op porcupine.Operation) {
 	h.nops.Add(1)
 }
 
+// waited notes how long a client operation took that succeeded.
+func (h *linHistory) waited(call, ret int64) {
+	h.mu.Lock()
+	h.n.maxWait = max(h.n.maxWait, time.Duration(ret-call))
+	h.mu.Unlock()
+}
+
 // badRead logs what a read that is no whole write held (a few times).
 func (h *linHistory) badRead(who string, reg int, b []byte) {
 	h.mu.Lock()
@@ -322,7 +335,9 @@ func (h *linHistory) badRead(who string, reg int, b []byte) {
 func (h *linHistory) run() {
 	t := h.t
 	t.Logf("history %d: seed %d (rerun with SEGMAP_LINEAR_SEED=%d)", h.index, h.seed, h.seed)
-	h.c.cli("disk", "create", h.disk, "--size", fmt.Sprintf("%dM", linSegs))
+	// Both copy-on-write policies, by turns.
+	policy := []string{"forward", "reverse"}[h.index%2]
+	h.c.cli("disk", "create", h.disk, "--size", fmt.Sprintf("%dM", linSegs), "--policy", policy)
 	h.t0 = time.Now()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -402,7 +417,9 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 		off := linOffset(reg)
 		ctx, cancel := context.WithTimeout(context.Background(), linOpTimeout)
 		switch p := rng.IntN(100); {
-		case p < 5:
+		case p < 3:
+			err = h.segmentWrite(ctx, cl, rng, &client, &seq)
+		case p < 8:
 			err = cl.Flush(ctx)
 			if err == nil {
 				h.mu.Lock()
@@ -419,6 +436,8 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 			op.Return = h.now()
 			if err != nil {
 				op.Return = linPending
+			} else {
+				h.waited(op.Call, op.Return)
 			}
 			h.record(op)
 			if fua && err == nil {
@@ -436,6 +455,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 					h.badRead(cn.agent.name, reg, buf)
 				}
 				op.Output = v
+				h.waited(op.Call, op.Return)
 				h.record(op) // a failed read took no effect: left out
 			}
 		}
@@ -449,6 +469,42 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 			}
 		}
 	}
+}
+
+// segmentWrite writes one whole segment at once (which a shared segment
+// takes by a staged move, without copying): to the registers it holds,
+// one write each, all with the interval of the one request; the blocks
+// between them get values of no register.
+func (h *linHistory) segmentWrite(ctx context.Context, cl *nbd.Client, rng *rand.Rand, client *int, seq *uint32) error {
+	seg := rng.IntN(linSegs)
+	*seq++
+	v := linValue(*client, *seq)
+	buf := make([]byte, 1<<20)
+	for b := 0; b < len(buf)/linBlock; b++ {
+		linEncode(buf[b*linBlock:(b+1)*linBlock], h.index, 0xffff, v)
+	}
+	var ops []porcupine.Operation
+	for reg := seg; reg < linRegs; reg += linSegs {
+		at := linOffset(reg) - uint64(seg)<<20
+		linEncode(buf[at:at+linBlock], h.index, reg, v)
+		ops = append(ops, porcupine.Operation{ClientId: *client, Input: linInput{write: true, reg: reg, value: v}})
+	}
+	call := h.now()
+	err := cl.WriteAt(ctx, buf, uint64(seg)<<20, false)
+	ret := h.now()
+	if err != nil {
+		ret = linPending
+	} else {
+		h.waited(call, ret)
+	}
+	for _, op := range ops {
+		op.Call, op.Return = call, ret
+		h.record(op)
+	}
+	h.mu.Lock()
+	h.n.segWrites++
+	h.mu.Unlock()
+	return err
 }
 
 // snapshot takes a snapshot of the disk, recording when its command ran.
@@ -478,24 +534,43 @@ func (h *linHistory) kill() {
 	h.n.restarts++
 }
 
-// partition cuts an agent from the controller until its lease has lapsed
-// and a little more, half the time with a snapshot taken meanwhile (it
-// must wait for the lease; writes through the other agent then copy on
-// write while the cut agent still holds the old entries).
+// partition cuts an agent from the controller, most times until its
+// lease has lapsed and a little more (it must fence itself), otherwise for
+// less than its lease (a blip: the controller's commands wait); half the
+// time with a snapshot taken meanwhile (it must wait for the cut agent's
+// answer or its lease; writes through the other agent then copy on write
+// while the cut agent still holds the old entries).
 func (h *linHistory) partition() {
 	a := h.agents[h.rng.IntN(len(h.agents))]
+	blip := h.rng.IntN(4) == 0
+	d := linLease + h.jitter(500*time.Millisecond, 2*time.Second)
+	if blip {
+		d = h.jitter(300*time.Millisecond, linLease-time.Second)
+	}
+	fences := strings.Count(a.proc.out.String(), "fencing")
 	a.ctl.cut.Store(true)
 	var snap sync.WaitGroup
 	if h.rng.IntN(2) == 0 {
 		snap.Go(func() {
-			time.Sleep(300 * time.Millisecond)
+			time.Sleep(200 * time.Millisecond)
 			h.snapshot()
 		})
 	}
-	time.Sleep(linLease + h.jitter(500*time.Millisecond, 2*time.Second))
+	time.Sleep(d)
+	fenced := strings.Count(a.proc.out.String(), "fencing") > fences
 	a.ctl.cut.Store(false)
 	snap.Wait()
+	if blip {
+		h.n.blips++
+		return
+	}
 	h.n.partitions++
+	if !fenced {
+		h.t.Errorf("history %d (seed %d): agent %s, cut from the controller for %v (lease %v), did not fence itself:\n%s",
+			h.index, h.seed, a.name, d, linLease, a.proc.out)
+		return
+	}
+	h.n.fences++
 }
 
 // cut stops the traffic of one client connection for a moment; half the
@@ -582,8 +657,9 @@ func (h *linHistory) check() {
 	t := h.t
 	t0 := time.Now()
 	res, info := porcupine.CheckOperationsVerbose(linModel, h.ops, linCheckTimeout)
-	t.Logf("history %d (seed %d): %d operations (%d pending writes), %d snapshots, %d restarts, %d partitions, %d cuts: %s in %v",
-		h.index, h.seed, len(h.ops), h.n.pending, len(h.snaps), h.n.restarts, h.n.partitions, h.n.cuts, res, time.Since(t0).Round(time.Millisecond))
+	t.Logf("history %d (seed %d): %d operations (%d pending writes, longest %v), %d snapshots, %d restarts, %d partitions, %d blips, %d cuts: %s in %v",
+		h.index, h.seed, len(h.ops), h.n.pending, h.n.maxWait.Round(time.Millisecond), len(h.snaps), h.n.restarts, h.n.partitions, h.n.blips,
+		h.n.cuts, res, time.Since(t0).Round(time.Millisecond))
 	if res == porcupine.Ok {
 		return
 	}
