@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -91,7 +93,7 @@ func TestLinearizable(t *testing.T) {
 	conns := make([]*linConn, linConns)
 	for i := range conns {
 		a := agents[i%len(agents)]
-		conns[i] = &linConn{agent: a, link: newProxy(t, a.nbdAddr)}
+		conns[i] = &linConn{id: i, agent: a, link: newProxy(t, a.nbdAddr)}
 	}
 	t.Cleanup(func() {
 		for _, cn := range conns {
@@ -100,14 +102,19 @@ func TestLinearizable(t *testing.T) {
 	})
 
 	var total linCounts
+	var last time.Duration // how long the last history took
 	for i := 0; ; i++ {
 		s := seed + uint64(i)
-		if soak == 0 && i == linShort || soak > 0 && i > 0 && time.Since(start) > soak {
+		// The long form stops before a history that would end after
+		// the time asked for.
+		if soak == 0 && i == linShort || soak > 0 && i > 0 && time.Since(start)+last > soak {
 			break
 		}
+		began := time.Now()
 		h := &linHistory{t: t, c: c, agents: agents, conns: conns, index: i, seed: s,
 			rng: rand.New(rand.NewPCG(s, 7)), disk: fmt.Sprintf("lin%d", i)}
 		h.run()
+		last = time.Since(began)
 		total.add(&h.n)
 		if t.Failed() {
 			break
@@ -116,11 +123,11 @@ func TestLinearizable(t *testing.T) {
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check:\n%s", out)
 	}
-	t.Logf("summary: histories checked %d, operations %d (reads %d, writes %d of which FUA %d, in whole-segment writes %d, pending %d; flushes %d), "+
-		"agent restarts %d, agent partitions %d (fenced %d), blips under the lease %d, client cuts %d (severed %d), snapshots %d (snapshot reads %d), "+
+	t.Logf("summary: histories checked %d, operations %d (reads %d of which torn by a concurrent write %d, writes %d of which FUA %d, in whole-segment writes %d, pending %d; flushes %d), "+
+		"agent restarts %d, agent partitions %d (fenced %d), blips under the lease %d, agent pauses %d, client cuts %d (severed %d), snapshots %d (snapshot reads %d), "+
 		"longest operation %v, not linearizable %d, in %v",
-		total.histories, total.reads+total.writes, total.reads, total.writes, total.fua, total.segWrites, total.pending, total.flushes,
-		total.restarts, total.partitions, total.fences, total.blips, total.cuts, total.severed, total.snapshots, total.snapReads,
+		total.histories, total.reads+total.writes, total.reads, total.torn, total.writes, total.fua, total.segWrites, total.pending, total.flushes,
+		total.restarts, total.partitions, total.fences, total.blips, total.pauses, total.cuts, total.severed, total.snapshots, total.snapReads,
 		total.maxWait.Round(time.Millisecond), total.illegal, time.Since(start).Round(time.Second))
 }
 
@@ -164,6 +171,7 @@ func (a *linAgent) kill() {
 // linConn is one NBD connection of the test, to one agent through a
 // proxy; it is dialled again when it breaks.
 type linConn struct {
+	id    int
 	agent *linAgent
 	link  *proxy
 	mu    sync.Mutex
@@ -198,6 +206,8 @@ func (cn *linConn) get(stop <-chan struct{}, export string) (*nbd.Client, error)
 		}
 	}
 }
+
+func (cn *linConn) String() string { return fmt.Sprintf("conn %d via %s", cn.id, cn.agent.name) }
 
 // drop closes cl if it is still the connection's client.
 func (cn *linConn) drop(cl *nbd.Client) {
@@ -237,7 +247,7 @@ func sever(p *proxy) {
 type linCounts struct {
 	histories, reads, writes, fua, pending, flushes         int
 	restarts, partitions, cuts, severed, snapshots, illegal int
-	snapReads, segWrites, fences, blips                     int
+	snapReads, segWrites, fences, blips, pauses, torn       int
 	maxWait                                                 time.Duration
 }
 
@@ -258,6 +268,8 @@ func (n *linCounts) add(o *linCounts) {
 	n.segWrites += o.segWrites
 	n.fences += o.fences
 	n.blips += o.blips
+	n.pauses += o.pauses
+	n.torn += o.torn
 	n.maxWait = max(n.maxWait, o.maxWait)
 }
 
@@ -298,6 +310,11 @@ func linOffset(reg int) uint64 {
 
 func (h *linHistory) now() int64 { return int64(time.Since(h.t0)) }
 
+// event logs a fault with its time in the history.
+func (h *linHistory) event(format string, args ...any) {
+	h.t.Logf("history %d: %.4fs: %s", h.index, float64(h.now())/1e9, fmt.Sprintf(format, args...))
+}
+
 func (h *linHistory) record(op porcupine.Operation) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -322,14 +339,43 @@ func (h *linHistory) waited(call, ret int64) {
 	h.mu.Unlock()
 }
 
-// badRead logs what a read that is no whole write held (a few times).
-func (h *linHistory) badRead(who string, reg int, b []byte) {
+// badRead logs what a read that is no whole write held (a few times):
+// the runs of 16-byte units and, if again is not nil, what the block holds
+// when read again at once, which tells a torn read from a torn block.
+func (h *linHistory) badRead(who string, reg int, b []byte, again func() []byte) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	h.bad++
-	if h.bad <= 3 {
-		h.t.Errorf("history %d (seed %d): %s read block %d as no whole write of it: %x ... %x", h.index, h.seed, who, reg, b[:32], b[len(b)-32:])
+	n := h.bad
+	h.mu.Unlock()
+	if n > 3 {
+		return
 	}
+	msg := fmt.Sprintf("history %d (seed %d): %s read block %d as no whole write of it: %s", h.index, h.seed, who, reg, linRuns(b))
+	if again != nil {
+		if b2 := again(); b2 != nil {
+			msg += "; read again: " + linRuns(b2)
+		}
+	}
+	h.t.Error(msg)
+}
+
+// linRuns describes a block as runs of equal 16-byte units:
+// "[0,2048) c6#617/b2 [2048,4096) c7#658/b2".
+func linRuns(b []byte) string {
+	var out strings.Builder
+	desc := func(u []byte) string {
+		v, tag := binary.LittleEndian.Uint64(u), binary.LittleEndian.Uint64(u[8:])
+		return fmt.Sprintf("%s/%x", linDescribe(v), tag)
+	}
+	start := 0
+	for i := 16; i <= len(b); i += 16 {
+		if i < len(b) && string(b[i:i+16]) == string(b[start:start+16]) {
+			continue
+		}
+		fmt.Fprintf(&out, "[%d,%d) %s ", start, i, desc(b[start:start+16]))
+		start = i
+	}
+	return strings.TrimSpace(out.String())
 }
 
 func (h *linHistory) run() {
@@ -350,9 +396,9 @@ func (h *linHistory) run() {
 
 	// The faults, in a random order, each after a pause: one of each kind
 	// at least, more in a long run.
-	kinds := []string{"snapshot", "kill", "partition", "cut"}
+	kinds := []string{"snapshot", "kill", "partition", "blip", "cut", "pause"}
 	for range h.rng.IntN(3) {
-		kinds = append(kinds, kinds[h.rng.IntN(4)])
+		kinds = append(kinds, kinds[h.rng.IntN(len(kinds))])
 	}
 	h.rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
 	for _, k := range kinds {
@@ -363,7 +409,11 @@ func (h *linHistory) run() {
 		case "kill":
 			h.kill()
 		case "partition":
-			h.partition()
+			h.partition(false)
+		case "blip":
+			h.partition(true)
+		case "pause":
+			h.pause()
 		case "cut":
 			h.cut()
 		}
@@ -415,10 +465,17 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 		}
 		reg := rng.IntN(linRegs)
 		off := linOffset(reg)
-		ctx, cancel := context.WithTimeout(context.Background(), linOpTimeout)
+		// A quarter of the operations give up soon: while an agent is
+		// stopped or fenced, its clients go on sending requests (which
+		// it must not serve under stale entries when it wakes up).
+		timeout := linOpTimeout
+		if rng.IntN(4) == 0 {
+			timeout = 200*time.Millisecond + time.Duration(rng.Int64N(int64(800*time.Millisecond)))
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		switch p := rng.IntN(100); {
 		case p < 3:
-			err = h.segmentWrite(ctx, cl, rng, &client, &seq)
+			err = h.segmentWrite(ctx, cn, cl, rng, &client, &seq)
 		case p < 8:
 			err = cl.Flush(ctx)
 			if err == nil {
@@ -431,7 +488,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 			v := linValue(client, seq)
 			linEncode(buf, h.index, reg, v)
 			fua := rng.IntN(5) == 0
-			op := porcupine.Operation{ClientId: client, Input: linInput{write: true, reg: reg, value: v}, Call: h.now()}
+			op := porcupine.Operation{ClientId: client, Input: linInput{write: true, reg: reg, value: v}, Metadata: cn.String(), Call: h.now()}
 			err = cl.WriteAt(ctx, buf, off, fua)
 			op.Return = h.now()
 			if err != nil {
@@ -446,13 +503,24 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 				h.mu.Unlock()
 			}
 		default:
-			op := porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Call: h.now()}
+			op := porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Metadata: cn.String(), Call: h.now()}
 			err = cl.ReadAt(ctx, buf, off)
 			op.Return = h.now()
 			if err == nil {
 				v := linDecode(buf, h.index, reg)
+				if _, ok := v.(linMix); ok {
+					h.mu.Lock()
+					h.n.torn++
+					h.mu.Unlock()
+				}
 				if v == linBad {
-					h.badRead(cn.agent.name, reg, buf)
+					h.badRead(cn.agent.name, reg, buf, func() []byte {
+						b := make([]byte, linBlock)
+						if cl.ReadAt(ctx, b, off) != nil {
+							return nil
+						}
+						return b
+					})
 				}
 				op.Output = v
 				h.waited(op.Call, op.Return)
@@ -464,7 +532,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 			client = int(h.clients.Add(1) - 1)
 			seq = 0
 			var re *nbd.RemoteError
-			if !errors.As(err, &re) {
+			if !errors.As(err, &re) && !errors.Is(err, context.DeadlineExceeded) {
 				cn.drop(cl)
 			}
 		}
@@ -475,7 +543,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 // takes by a staged move, without copying): to the registers it holds,
 // one write each, all with the interval of the one request; the blocks
 // between them get values of no register.
-func (h *linHistory) segmentWrite(ctx context.Context, cl *nbd.Client, rng *rand.Rand, client *int, seq *uint32) error {
+func (h *linHistory) segmentWrite(ctx context.Context, cn *linConn, cl *nbd.Client, rng *rand.Rand, client *int, seq *uint32) error {
 	seg := rng.IntN(linSegs)
 	*seq++
 	v := linValue(*client, *seq)
@@ -487,7 +555,7 @@ func (h *linHistory) segmentWrite(ctx context.Context, cl *nbd.Client, rng *rand
 	for reg := seg; reg < linRegs; reg += linSegs {
 		at := linOffset(reg) - uint64(seg)<<20
 		linEncode(buf[at:at+linBlock], h.index, reg, v)
-		ops = append(ops, porcupine.Operation{ClientId: *client, Input: linInput{write: true, reg: reg, value: v}})
+		ops = append(ops, porcupine.Operation{ClientId: *client, Input: linInput{write: true, reg: reg, value: v}, Metadata: cn.String() + ", whole segment"})
 	}
 	call := h.now()
 	err := cl.WriteAt(ctx, buf, uint64(seg)<<20, false)
@@ -513,9 +581,11 @@ func (h *linHistory) snapshot() {
 	name := fmt.Sprintf("%s@s%d", h.disk, h.n.snapshots)
 	h.n.snapshots++ // names stay unique even if one fails
 	h.mu.Unlock()
+	h.event("snapshot %s begins", name)
 	call := h.now()
 	out, errOut, code := runBin(h.t, "--controller", h.c.ctlAddr, "--certs", h.c.certs, "snapshot", h.disk, "--name", name)
 	ret := h.now()
+	h.event("snapshot %s ends, exit %d", name, code)
 	if code != 0 {
 		h.t.Errorf("history %d (seed %d): snapshot %s: exit %d: %s%s", h.index, h.seed, name, code, out, errOut)
 		return
@@ -528,26 +598,28 @@ func (h *linHistory) snapshot() {
 // kill kills an agent with SIGKILL and restarts it after a moment.
 func (h *linHistory) kill() {
 	a := h.agents[h.rng.IntN(len(h.agents))]
+	h.event("kill -9 %s", a.name)
 	a.kill()
 	time.Sleep(h.jitter(0, 1500*time.Millisecond))
 	a.start()
+	h.event("%s restarted", a.name)
 	h.n.restarts++
 }
 
-// partition cuts an agent from the controller, most times until its
-// lease has lapsed and a little more (it must fence itself), otherwise for
-// less than its lease (a blip: the controller's commands wait); half the
+// partition cuts an agent from the controller until its lease has lapsed
+// and a little more (it must fence itself), or, if blip, for less than its
+// lease (the controller's commands to it wait, it goes on); half the
 // time with a snapshot taken meanwhile (it must wait for the cut agent's
 // answer or its lease; writes through the other agent then copy on write
 // while the cut agent still holds the old entries).
-func (h *linHistory) partition() {
+func (h *linHistory) partition(blip bool) {
 	a := h.agents[h.rng.IntN(len(h.agents))]
-	blip := h.rng.IntN(4) == 0
 	d := linLease + h.jitter(500*time.Millisecond, 2*time.Second)
 	if blip {
 		d = h.jitter(300*time.Millisecond, linLease-time.Second)
 	}
 	fences := strings.Count(a.proc.out.String(), "fencing")
+	h.event("cut %s from the controller for %v", a.name, d)
 	a.ctl.cut.Store(true)
 	var snap sync.WaitGroup
 	if h.rng.IntN(2) == 0 {
@@ -559,6 +631,7 @@ func (h *linHistory) partition() {
 	time.Sleep(d)
 	fenced := strings.Count(a.proc.out.String(), "fencing") > fences
 	a.ctl.cut.Store(false)
+	h.event("healed %s (fenced: %v)", a.name, fenced)
 	snap.Wait()
 	if blip {
 		h.n.blips++
@@ -573,17 +646,41 @@ func (h *linHistory) partition() {
 	h.n.fences++
 }
 
+// pause stops an agent process (SIGSTOP) for longer than its lease, as a
+// stalled VM or a long GC pause would, with a snapshot taken meanwhile,
+// and lets it go on (SIGCONT). The controller gives up on it when its
+// lease runs out; when it wakes up it must not serve I/O under the entries
+// it held before, which the snapshot and the copies on write made stale.
+func (h *linHistory) pause() {
+	a := h.agents[h.rng.IntN(len(h.agents))]
+	p := a.proc.cmd.Process
+	h.event("SIGSTOP %s", a.name)
+	if err := p.Signal(syscall.SIGSTOP); err != nil {
+		h.t.Fatalf("stop agent %s: %v", a.name, err)
+	}
+	defer p.Signal(syscall.SIGCONT)
+	time.Sleep(200 * time.Millisecond)
+	h.snapshot()
+	time.Sleep(h.jitter(200*time.Millisecond, time.Second))
+	p.Signal(syscall.SIGCONT)
+	h.event("SIGCONT %s", a.name)
+	h.n.pauses++
+}
+
 // cut stops the traffic of one client connection for a moment; half the
 // time the connection is then severed with requests in flight.
 func (h *linHistory) cut() {
 	cn := h.conns[h.rng.IntN(len(h.conns))]
+	h.event("cut %s", cn)
 	cn.link.cut.Store(true)
 	time.Sleep(h.jitter(300*time.Millisecond, 1500*time.Millisecond))
 	if h.rng.IntN(2) == 0 {
 		sever(cn.link)
 		h.n.severed++
+		h.event("severed %s", cn)
 	}
 	cn.link.cut.Store(false)
+	h.event("healed %s", cn)
 	h.n.cuts++
 }
 
@@ -592,6 +689,7 @@ func (h *linHistory) cut() {
 func (h *linHistory) finalReads() {
 	t := h.t
 	buf := make([]byte, linBlock)
+	// Nothing writes now: every block must be one whole write.
 	read := func(a *linAgent, export string, each func(reg int, v uint64, call, ret int64)) {
 		deadline := time.Now().Add(time.Minute)
 		var cl *nbd.Client
@@ -618,9 +716,10 @@ func (h *linHistory) finalReads() {
 				t.Errorf("history %d (seed %d): final read of %s block %d through %s: %v", h.index, h.seed, export, reg, a.name, err)
 				return
 			}
-			v := linDecode(buf, h.index, reg)
-			if v == linBad {
-				h.badRead(a.name+" "+export, reg, buf)
+			v, ok := linDecode(buf, h.index, reg).(uint64)
+			if !ok || v == linBad {
+				h.badRead(a.name+" "+export, reg, buf, nil)
+				v = linBad
 			}
 			each(reg, v, call, ret)
 		}
@@ -628,7 +727,7 @@ func (h *linHistory) finalReads() {
 	for _, a := range h.agents {
 		client := int(h.clients.Add(1) - 1)
 		read(a, h.disk, func(reg int, v uint64, call, ret int64) {
-			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Call: call, Return: ret})
+			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Metadata: "final read via " + a.name, Call: call, Return: ret})
 		})
 	}
 	for i, s := range h.snaps {
@@ -643,7 +742,7 @@ func (h *linHistory) finalReads() {
 		}
 		client := int(h.clients.Add(1) - 1)
 		for reg, v := range got[i%2] {
-			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Call: s.call, Return: s.ret})
+			h.record(porcupine.Operation{ClientId: client, Input: linInput{reg: reg}, Output: v, Metadata: "snapshot " + s.name, Call: s.call, Return: s.ret})
 			h.n.snapReads++
 		}
 		// The snapshot reads are not client reads.
@@ -655,11 +754,12 @@ func (h *linHistory) finalReads() {
 // visualization goes to the test's artifacts.
 func (h *linHistory) check() {
 	t := h.t
+	h.checkTorn()
 	t0 := time.Now()
 	res, info := porcupine.CheckOperationsVerbose(linModel, h.ops, linCheckTimeout)
-	t.Logf("history %d (seed %d): %d operations (%d pending writes, longest %v), %d snapshots, %d restarts, %d partitions, %d blips, %d cuts: %s in %v",
-		h.index, h.seed, len(h.ops), h.n.pending, h.n.maxWait.Round(time.Millisecond), len(h.snaps), h.n.restarts, h.n.partitions, h.n.blips,
-		h.n.cuts, res, time.Since(t0).Round(time.Millisecond))
+	t.Logf("history %d (seed %d): %d operations (%d pending writes, %d torn reads, longest %v), %d snapshots, %d restarts, %d partitions, %d blips, %d pauses, %d cuts: %s in %v",
+		h.index, h.seed, len(h.ops), h.n.pending, h.n.torn, h.n.maxWait.Round(time.Millisecond), len(h.snaps), h.n.restarts, h.n.partitions, h.n.blips,
+		h.n.pauses, h.n.cuts, res, time.Since(t0).Round(time.Millisecond))
 	if res == porcupine.Ok {
 		return
 	}
@@ -669,6 +769,37 @@ func (h *linHistory) check() {
 		t.Errorf("visualize: %v", err)
 	}
 	t.Errorf("history %d (seed %d) is %s (not shown linearizable); visualization: %s", h.index, h.seed, res, path)
+}
+
+// checkTorn requires every read that saw a write half done to have
+// overlapped a write of one of the two values it saw: a block that stays
+// torn is an error.
+func (h *linHistory) checkTorn() {
+	type key struct {
+		reg int
+		v   uint64
+	}
+	writes := map[key]porcupine.Operation{}
+	for _, op := range h.ops {
+		if in := op.Input.(linInput); in.write {
+			writes[key{in.reg, in.value}] = op
+		}
+	}
+	for _, op := range h.ops {
+		m, ok := op.Output.(linMix)
+		if !ok {
+			continue
+		}
+		reg := op.Input.(linInput).reg
+		overlaps := func(v uint64) bool {
+			w, ok := writes[key{reg, v}]
+			return ok && w.Call < op.Return && op.Call < w.Return
+		}
+		if !overlaps(m.a) && !overlaps(m.b) {
+			h.t.Errorf("history %d (seed %d): a read of block %d at [%d, %d] saw %s, but no write of either overlapped it: a torn block",
+				h.index, h.seed, reg, op.Call, op.Return, linOf(m))
+		}
+	}
 }
 
 // linArtifacts is where a failed history's visualization goes: the test's
