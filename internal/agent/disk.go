@@ -153,6 +153,9 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 // counted in flight in the returned epoch, and the caller must call end(ep)
 // when the container call returns.
 func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
+	if err := d.a.waitLease(ctx); err != nil {
+		return e, dec, nil, 0, err
+	}
 	d.mu.RLock()
 	for d.mu.quiesced && !d.mu.gone {
 		wake := d.mu.wake
@@ -303,6 +306,11 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		case table.Proceed:
 			err := d.storageIO(ctx, kind, e.Loc, seg, off, p, segSize)
 			d.end(ep)
+			if err == nil && kind == ioRead && !d.a.leaseHeld() {
+				// The lease lapsed while the read was out: what it
+				// read may be stale. Read again under a new one.
+				continue
+			}
 			return err
 		case table.ReadZeros:
 			clear(p)
@@ -364,7 +372,7 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 		return false, err
 	}
 	d.mu.RLock()
-	if d.mu.gone || d.mu.tab != tab {
+	if d.mu.gone || d.mu.tab != tab || !d.a.leaseHeld() {
 		gone := d.mu.gone
 		d.mu.RUnlock()
 		if gone {

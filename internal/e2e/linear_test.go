@@ -53,22 +53,33 @@ const (
 const linPending = math.MaxInt64
 
 // TestLinearizable checks that the blocks of a disk behave as
-// linearizable registers while agents crash and are cut off: a controller
-// and two agents run as real processes, four NBD connections (two per
-// agent, each through a TCP proxy that can cut it) read and write 4 KiB
-// blocks of one disk, each write a unique value, while the test kills
-// agents with SIGKILL and restarts them, cuts an agent from the controller
-// past its lease (so that it fences itself) and heals it, cuts and severs
-// client connections, and takes snapshots. Every history goes to
-// porcupine, together with the reads of each snapshot (as reads during
-// the snapshot command) and final reads through both agents; each must be
-// linearizable. A write whose reply never came (killed agent, severed
-// connection) may or may not have taken effect. Acknowledged writes are
-// durable across an agent kill: the containers outlive the agent.
+// linearizable registers while agents crash, stall and are cut off: a
+// controller and two agents run as real processes, four NBD connections
+// (two per agent, each through a TCP proxy that can cut it) read and write
+// 4 KiB blocks of one disk, each write a unique value (some FUA, some
+// whole-segment writes covering four registers at once, with flushes in
+// between), while the test kills agents with SIGKILL and restarts them,
+// cuts an agent from the controller past its lease (it must fence itself)
+// or for less than it, stops an agent with SIGSTOP past its lease, cuts
+// and severs client connections, and takes snapshots. A quarter of the
+// operations give up after a second, so that clients keep sending to an
+// agent that is stopped or fenced.
+//
+// Every history goes to porcupine, together with the reads of each
+// snapshot (as reads during the snapshot command) and final reads through
+// both agents; each must be linearizable. A write whose reply never came
+// (killed agent, severed connection, given up) may or may not have taken
+// effect. Acknowledged writes are durable across an agent kill: the
+// containers outlive the agent. A read that overlaps a write may see it
+// half done (the storage nodes' files give no atomicity between pread and
+// pwrite): it counts as a read of either value, and must overlap a write
+// of one of them.
 //
 // SEGMAP_LINEAR_SEED=N reruns a history's schedule of operations and
 // faults (timing still differs); SEGMAP_SOAK=DURATION keeps making
-// histories with fresh seeds until that much time has passed.
+// histories with fresh seeds until that much time has passed. A failed
+// history's visualization goes to the test's artifacts (go test
+// -artifacts), or else to a directory under $TMPDIR, named in the error.
 func TestLinearizable(t *testing.T) {
 	soak := linSoak(t)
 	seed := uint64(time.Now().UnixNano())
