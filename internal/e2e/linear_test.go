@@ -243,9 +243,9 @@ func (cn *linConn) close() {
 	cn.wg.Wait()
 }
 
-// sever cuts every connection through p at once, as a crashed client
+// linSever cuts every connection through p at once, as a crashed client
 // or a reset link would; requests held in the proxy are lost.
-func sever(p *proxy) {
+func linSever(p *proxy) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, c := range p.conns {
@@ -686,7 +686,7 @@ func (h *linHistory) cut() {
 	cn.link.cut.Store(true)
 	time.Sleep(h.jitter(300*time.Millisecond, 1500*time.Millisecond))
 	if h.rng.IntN(2) == 0 {
-		sever(cn.link)
+		linSever(cn.link)
 		h.n.severed++
 		h.event("severed %s", cn)
 	}
