@@ -248,11 +248,12 @@ func (d *Disk) install(seq, gen, seg uint64, r mapping.Reply) bool {
 }
 
 // invalidate makes seg's entry Invalid, so that the next I/O loads it
-// afresh, and drops the replies to faults on it that are still out.
-func (d *Disk) invalidate(seg uint64) {
+// afresh, and drops the replies to faults on it that are still out; an
+// entry that is already keep (a command brought it) stays.
+func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) {
+	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)) == keep {
 		return
 	}
 	d.mu.tab.SetEntry(int(seg), []table.Entry{table.InvalidEntry})
@@ -408,9 +409,14 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 	// The write is done and will be acknowledged: if the commit's entry
 	// cannot be installed (a command or another fault's reply came
 	// meanwhile, which may predate the commit), the entry is loaded
-	// afresh, lest reads go on to the old slot.
+	// afresh, lest reads go on to the old slot; unless a command brought
+	// the commit's entry already.
 	if !d.install(seq, gen, seg, r) {
-		d.invalidate(seg)
+		keep := table.InvalidEntry
+		if r.First == seg && len(r.Entries) == 1 {
+			keep = r.Entries[0]
+		}
+		d.invalidate(seg, keep)
 	}
 	return true, nil
 }
