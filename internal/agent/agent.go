@@ -22,7 +22,21 @@
 //
 // A fault reply is installed only if no command reached the table while the
 // fault was out: otherwise the reply may predate the command (a snapshot's
-// NoWrite, say) and is dropped, and the I/O looks at the table again.
+// NoWrite, say) and is dropped, and the I/O looks at the table again. Nor
+// is it installed over the reply to a later fault on the same segment.
+//
+// # Lease
+//
+// With a controller that grants leases (SetLease), I/O is let through only
+// while the lease holds, and a read's data is returned only if the lease
+// still held when it came back: once the lease may have lapsed, the
+// controller may have moved on without this agent (a snapshot, a copy on
+// write), and its entries may be stale. This matters when the agent's
+// process was stopped (a stalled VM, a long pause): when it runs again, the
+// requests that queued up meanwhile must not be served under the old
+// entries before the agent notices the lapse and fences itself. A write
+// let through just before the lease lapsed and delayed past it cannot be
+// called back; only storage that refuses a fenced agent's writes could.
 package agent
 
 import (
@@ -72,7 +86,19 @@ type Agent struct {
 	// path looks containers up without a lock.
 	conts   atomic.Pointer[map[uint32]*openContainer]
 	contsMu sync.Mutex
+
+	// leaseUntil is when I/O must stop, in monotonic time since base;
+	// noLease if the controller grants no lease.
+	leaseUntil atomic.Int64
+	base       time.Time
 }
+
+// noLease is leaseUntil without a lease.
+const noLease = int64(^uint64(0) >> 1)
+
+// leasePoll is how often I/O waiting for a lapsed lease looks again (the
+// agent fences itself meanwhile, and the I/O then waits for the re-attach).
+const leasePoll = 5 * time.Millisecond
 
 type openContainer struct {
 	c container.Container
@@ -87,7 +113,8 @@ type openContainer struct {
 
 // New returns an agent; Attach connects it to its controller.
 func New(cfg Config) *Agent {
-	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer}
+	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now()}
+	a.leaseUntil.Store(noLease)
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[mapping.DiskID]*Disk)
 	a.conts.Store(&map[uint32]*openContainer{})
@@ -96,6 +123,38 @@ func New(cfg Config) *Agent {
 
 // Name returns the agent's name.
 func (a *Agent) Name() string { return a.name }
+
+// SetLease tells the agent until when its controller's lease lets it do
+// I/O (a margin before the lease runs out); the zero time lifts the limit.
+// A controller client that holds a lease for the agent calls it whenever
+// the lease is granted or renewed.
+func (a *Agent) SetLease(until time.Time) {
+	if until.IsZero() {
+		a.leaseUntil.Store(noLease)
+		return
+	}
+	a.leaseUntil.Store(int64(until.Sub(a.base)))
+}
+
+// leaseHeld reports whether the agent's lease (if any) still holds.
+func (a *Agent) leaseHeld() bool {
+	u := a.leaseUntil.Load()
+	return u == noLease || int64(time.Since(a.base)) < u
+}
+
+// waitLease waits until the agent's lease holds.
+func (a *Agent) waitLease(ctx context.Context) error {
+	for !a.leaseHeld() {
+		t := time.NewTimer(leasePoll)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		}
+	}
+	return nil
+}
 
 func (a *Agent) controller() mapping.Controller {
 	a.mu.Lock()

@@ -42,10 +42,21 @@ type Disk struct {
 		waiters  int // goroutines waiting on wake
 		quiesced bool
 		gone     bool
+		// faults holds the segments with faults out, so that of two
+		// replies for one segment the one computed first, if it
+		// comes back last, is not installed over the other.
+		faults map[uint64]*segFaults
 		// wake is closed (and replaced) when an epoch drains or when
 		// quiesced or gone change.
 		wake chan struct{}
 	}
+}
+
+// segFaults counts the faults out on one segment and the fault replies
+// installed for it while any were out.
+type segFaults struct {
+	out int
+	gen uint64
 }
 
 // epoch counts the I/O in flight that started while it was current.
@@ -63,6 +74,7 @@ func newDisk(a *Agent, info mapping.Disk) *Disk {
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
 	d.mu.cur = &epoch{}
 	d.mu.wake = make(chan struct{})
+	d.mu.faults = make(map[uint64]*segFaults)
 	return d
 }
 
@@ -141,6 +153,9 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 // counted in flight in the returned epoch, and the caller must call end(ep)
 // when the container call returns.
 func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
+	if err := d.a.waitLease(ctx); err != nil {
+		return e, dec, nil, 0, err
+	}
 	d.mu.RLock()
 	for d.mu.quiesced && !d.mu.gone {
 		wake := d.mu.wake
@@ -182,17 +197,69 @@ func (d *Disk) end(ep *epoch) {
 	}
 }
 
-// install applies a fault reply if no command changed the table since seq,
-// and reports whether it did.
-func (d *Disk) install(seq uint64, r mapping.Reply) bool {
+// faultOut notes a fault on seg going out and returns the generation of
+// the segment's installed replies; faultIn notes its end.
+func (d *Disk) faultOut(seg uint64) uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	sf := d.mu.faults[seg]
+	if sf == nil {
+		sf = &segFaults{}
+		d.mu.faults[seg] = sf
+	}
+	sf.out++
+	return sf.gen
+}
+
+func (d *Disk) faultIn(seg uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if sf := d.mu.faults[seg]; sf != nil {
+		if sf.out--; sf.out <= 0 {
+			delete(d.mu.faults, seg)
+		}
+	}
+}
+
+// install applies the reply to a fault on segment seg if no command
+// changed the table since seq and no other fault's reply was installed
+// for seg since gen (faultOut), and reports whether it did. The controller
+// answers faults one at a time, but the replies may come back in any
+// order: a read fault answered before a write's copy on write, installed
+// after it, would send reads back to the old slot after the write had
+// been acknowledged.
+func (d *Disk) install(seq, gen, seg uint64, r mapping.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.mu.seq != seq || d.mu.gone || r.First > uint64(d.mu.tab.Len()) {
 		return false
 	}
+	sf := d.mu.faults[seg]
+	if sf == nil || sf.gen != gen {
+		return false
+	}
 	// A reply that does not fit the table (it changed size) is dropped;
 	// the I/O looks again and faults again.
-	return d.mu.tab.SetEntry(int(r.First), r.Entries) == nil
+	if d.mu.tab.SetEntry(int(r.First), r.Entries) != nil {
+		return false
+	}
+	sf.gen++
+	return true
+}
+
+// invalidate makes seg's entry Invalid, so that the next I/O loads it
+// afresh, and drops the replies to faults on it that are still out; an
+// entry that is already keep (a command brought it) stays.
+func (d *Disk) invalidate(seg uint64, keep table.Entry) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)) == keep {
+		return
+	}
+	d.mu.tab.SetEntry(int(seg), []table.Entry{table.InvalidEntry})
+	if sf := d.mu.faults[seg]; sf != nil {
+		sf.gen++
+	}
 }
 
 // fault sends a fault for segments [seg, seg+count) and returns the reply.
@@ -240,6 +307,11 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		case table.Proceed:
 			err := d.storageIO(ctx, kind, e.Loc, seg, off, p, segSize)
 			d.end(ep)
+			if err == nil && kind == ioRead && !d.a.leaseHeld() {
+				// The lease lapsed while the read was out: what it
+				// read may be stale. Read again under a new one.
+				continue
+			}
 			return err
 		case table.ReadZeros:
 			clear(p)
@@ -260,19 +332,24 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		d.mu.RLock()
 		tab := d.mu.tab // replaced by a fence or a reset
 		d.mu.RUnlock()
+		gen := d.faultOut(seg)
 		r, err := d.fault(ctx, seg, 1, fop, dec.Reason, whole)
 		if err != nil {
+			d.faultIn(seg)
 			return err
 		}
 		if r.Stage != nil {
-			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq, tab)
+			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq, gen, tab)
+			d.faultIn(seg)
 			if done || err != nil {
 				return err
 			}
 			dropped++
 			continue
 		}
-		if d.install(seq, r) {
+		installed := d.install(seq, gen, seg, r)
+		d.faultIn(seg)
+		if installed {
 			faults++
 		} else {
 			dropped++
@@ -290,13 +367,13 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 // made if the disk was fenced or reset since the fault was sent (its table
 // is no longer tab): the controller forgets the stages of an agent that
 // re-attaches, and the slot is free again.
-func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq uint64, tab *table.Table) (done bool, err error) {
+func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	if err != nil {
 		return false, err
 	}
 	d.mu.RLock()
-	if d.mu.gone || d.mu.tab != tab {
+	if d.mu.gone || d.mu.tab != tab || !d.a.leaseHeld() {
 		gone := d.mu.gone
 		d.mu.RUnlock()
 		if gone {
@@ -329,7 +406,18 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 	if err != nil {
 		return false, fmt.Errorf("commit staged segment %d: %w", seg, err)
 	}
-	d.install(seq, r)
+	// The write is done and will be acknowledged: if the commit's entry
+	// cannot be installed (a command or another fault's reply came
+	// meanwhile, which may predate the commit), the entry is loaded
+	// afresh, lest reads go on to the old slot; unless a command brought
+	// the commit's entry already.
+	if !d.install(seq, gen, seg, r) {
+		keep := table.InvalidEntry
+		if r.First == seg && len(r.Entries) == 1 {
+			keep = r.Entries[0]
+		}
+		d.invalidate(seg, keep)
+	}
 	return true, nil
 }
 

@@ -196,10 +196,10 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			c.unsettledLocked(ctx, seg, d)
 			return mapping.Reply{}, err
 		}
-		// Other agents that loaded the Zero entry would keep reading
-		// zeros after the faulting agent's write: move them too, before
-		// that write can be acknowledged.
-		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+		// Agents that loaded the Zero entry would keep reading zeros
+		// after the faulting agent's write: move them, before that
+		// write can be acknowledged.
+		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
 			return mapping.Reply{}, err
 		}
 		return reply(ne)
@@ -253,7 +253,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			c.unsettledLocked(ctx, seg, d)
 			return mapping.Reply{}, err
 		}
-		if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
 			return mapping.Reply{}, err
 		}
 		return reply(ne)
@@ -342,21 +342,26 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		c.unsettledLocked(ctx, seg, d)
 		return mapping.Reply{}, err
 	}
-	if err := c.moveOthersLocked(ctx, d, f.Agent, seg, ne); err != nil {
+	if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
 		return mapping.Reply{}, err
 	}
 	return mapping.Reply{First: seg, Entries: []table.Entry{ne}}, nil
 }
 
-// moveOthersLocked sends a committed entry to every agent mapping d but
-// the faulting one, and waits for them: after a copy-on-write or an
-// allocation, none of them may read the old location (or zeros) once the
-// faulting agent's retried write has landed and been acknowledged. If one
-// fails, so does the fault: the write is not done, and what the others
-// read is what the disk held before it.
-func (c *Controller) moveOthersLocked(ctx context.Context, d meta.Disk, faulting string, seg uint64, e table.Entry) error {
+// moveMappersLocked sends a committed entry to every agent mapping d and
+// waits for them: after a copy-on-write or an allocation, none of them may
+// read the old location (or zeros) once the faulting agent's retried write
+// has landed and been acknowledged. The faulting agent is told too: the
+// fault's reply alone would leave its other I/O on the segment (reads on
+// other connections) at the old location until the reply is installed, or
+// for longer if the agent drops it (a command reached the table while the
+// fault was out), while another agent's write to the new location may
+// already have been acknowledged. If one fails, so does the fault: the
+// write is not done, and what the others read is what the disk held before
+// it.
+func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
 	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
-	if err := c.broadcast(ctx, d.ID, faulting, func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
 		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, ErrIO, err)
 	}
 	return nil
@@ -457,7 +462,7 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
 	c.punchFreedLocked(ctx, freed)
-	if err := c.moveOthersLocked(ctx, d, f.Agent, sw.seg, ne); err != nil {
+	if err := c.moveMappersLocked(ctx, d, sw.seg, ne); err != nil {
 		return mapping.Reply{}, err
 	}
 	return mapping.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil

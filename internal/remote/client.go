@@ -42,6 +42,25 @@ type session struct {
 	mu       sync.Mutex
 	leaseEnd time.Time
 	sent     map[uint64]time.Time // renewal seq -> when it was sent
+
+	// holder, if the agent takes it, is told how long its lease lets it
+	// do I/O whenever leaseEnd moves.
+	holder leaseHolder
+}
+
+// leaseHolder is an agent that stops its I/O when its lease lapses
+// (*agent.Agent).
+type leaseHolder interface{ SetLease(until time.Time) }
+
+// leaseMargin is how long before its lease runs out an agent stops I/O and
+// fences itself.
+func leaseMargin(lease time.Duration) time.Duration { return lease / 6 }
+
+// grantedLocked tells the holder the lease (s.mu held).
+func (s *session) grantedLocked() {
+	if s.holder != nil {
+		s.holder.SetLease(s.leaseEnd.Add(-leaseMargin(s.lease)))
+	}
 }
 
 func (s *session) close() { s.once.Do(func() { s.cancel(); close(s.done) }) }
@@ -153,6 +172,10 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 	// The lease runs from before the Hello was sent: never later than
 	// the controller's idea of it.
 	s.leaseEnd = sent.Add(s.lease)
+	if h, ok := a.(leaseHolder); ok {
+		s.holder = h
+		s.grantedLocked()
+	}
 	c.mu.Lock()
 	c.mu.sess = s
 	c.mu.Unlock()
@@ -212,6 +235,7 @@ func (c *Client) receive(s *session, stream pb.Mapping_AttachClient, a mapping.A
 				delete(s.sent, x.Lease.GetSeq())
 				if end := t.Add(time.Duration(x.Lease.GetLeaseMs()) * time.Millisecond); end.After(s.leaseEnd) {
 					s.leaseEnd = end
+					s.grantedLocked()
 				}
 			}
 			s.mu.Unlock()
@@ -280,7 +304,7 @@ func run(ctx context.Context, a mapping.Agent, cmd *pb.Command) *pb.CommandResul
 // fenced itself by the time the controller gives up on it.
 func (c *Client) renew(s *session, send func(*pb.AgentMessage) error) {
 	every := s.lease / 3
-	margin := s.lease / 6
+	margin := leaseMargin(s.lease)
 	// Check often enough that the session ends well inside the margin.
 	tick := time.NewTicker(max(s.lease/24, time.Millisecond))
 	defer tick.Stop()

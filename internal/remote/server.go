@@ -205,6 +205,14 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 		case *pb.AgentMessage_Result:
 			ra.deliver(x.Result)
 		case *pb.AgentMessage_Renew:
+			// A renewal that comes after the lease ran out renews
+			// nothing: the controller may have gone on without the
+			// agent (waited out its lease), which must fence itself
+			// and attach again with its entries forgotten.
+			if ra.leaseOver() {
+				s.cfg.Logger.Warn("renewal after the lease ran out; ending the session", "agent", ra.name)
+				return nil
+			}
 			// The lease runs from when the agent sent the renewal;
 			// receiving it now is later than that, so this end is
 			// never earlier than the agent's own.
