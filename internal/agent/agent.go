@@ -151,9 +151,37 @@ func (a *Agent) Fence(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// OpenPatience is how long Open waits for a controller that cannot be
+// reached, or has restarted and not yet seen this agent re-attach.
+const OpenPatience = 60 * time.Second
+
 // Open maps the disk called name and returns it. Opening a disk that is
-// already open returns the same *Disk.
+// already open returns the same *Disk. While the controller is unreachable
+// or does not know this agent yet (ErrUnavailable, ErrFenced), Open waits,
+// up to OpenPatience, as a fault does: a host that connects during a
+// controller restart gets its disk once the controller is back.
 func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
+	deadline := time.Now().Add(OpenPatience)
+	for try := 0; ; try++ {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		d, err := a.open(actx, name)
+		cancel()
+		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
+			return d, err
+		}
+		// openMu is free between attempts: the re-attach that the
+		// controller waits for takes it.
+		select {
+		case <-time.After(min(time.Duration(20<<min(try, 6))*time.Millisecond, time.Second)):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+// open is one attempt of Open.
+func (a *Agent) open(ctx context.Context, name string) (*Disk, error) {
 	a.openMu.Lock()
 	defer a.openMu.Unlock()
 	info, err := a.controller().Open(ctx, a.name, name)
