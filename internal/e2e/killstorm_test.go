@@ -35,13 +35,19 @@ import (
 // taken). An operation whose CLI call fails (the kill cut its connection)
 // is resolved by reading the state back ('disk list --json'): found
 // applied, it must be applied whole (right size, mode, origin); not found,
-// it is retried. Afterwards the disks the controller lists are exactly the
+// it is retried; "not found" or "already exists" with no controller kill
+// during the call means the store lost or invented a disk. A fio round,
+// pattern write or read may fail only if its agent was killed meanwhile;
+// after an agent's restart, every chunk its earlier rounds flushed must
+// verify. Afterwards the disks the controller lists are exactly the
 // model's, every known byte reads back through either agent, fio's last
 // flushed rounds verify through the other agent, and 'segmap check' is
-// clean.
+// clean; then the controller is killed once more (not counted) and, after
+// its restart, the list and check are the same again.
 //
 // Short form (make test): one storm of each kind, until at least
-// stormShortOps operations and stormShortKills kills. Long form: with
+// stormShortOps operations and stormShortKills kills, or stormShortCap.
+// Long form: with
 // SEGMAP_SOAK=DURATION each test runs storms of stormSoakOps operations
 // with fresh seeds until half the duration has passed (the two tests
 // share it). SEGMAP_KILLSTORM_SEED=N reruns a storm with seed N.
@@ -216,9 +222,11 @@ type storm struct {
 	ctx    context.Context // cancelled when the test gives up: kills the tools
 	cancel context.CancelFunc
 	broken atomic.Bool // a hard failure: everything stops
-	// ctlGen counts controller kills and restarts: odd while the
-	// controller is down.
-	ctlGen atomic.Int64
+	// ctlGen counts controller kills and restarts, agentGen each
+	// agent's: odd while the process is down. A failure is excused only
+	// by a kill during it.
+	ctlGen   atomic.Int64
+	agentGen [2]atomic.Int64
 
 	mu    sync.Mutex
 	disks map[string]*stormDisk
@@ -226,8 +234,14 @@ type storm struct {
 	errs  map[string]int // distinct CLI failures
 }
 
-// failf records a failure that ends the storm.
 // Only the first is an error: what fails after it is mostly its echo.
+// agentKilled reports whether agent i was killed or down at any time
+// since its generation was g0.
+func (s *storm) agentKilled(i int, g0 int64) bool {
+	return s.agentGen[i].Load() != g0 || g0%2 == 1
+}
+
+// failf records a failure that ends the storm.
 func (s *storm) failf(format string, args ...any) {
 	s.t.Helper()
 	if s.broken.Swap(true) {
@@ -284,11 +298,11 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 
 	// fio through both agents, to two regions of one disk.
 	last := make([][]int64, 2) // per agent: the seed of each chunk's last flushed round, -1 unknown
-	for i, a := range s.names {
+	for i := range s.names {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			last[i] = s.fioLoop(a, uint64(i)*stormRegion, seed+uint64(i)*1_000_003, stop)
+			last[i] = s.fioLoop(i, uint64(i)*stormRegion, seed+uint64(i)*1_000_003, stop)
 		}()
 	}
 	// The operations driver.
@@ -312,6 +326,7 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 	if until.IsZero() {
 		until = t0.Add(stormShortCap)
 	}
+	next := t0 // the last kill
 	for i := 0; !s.broken.Load(); i++ {
 		s.mu.Lock()
 		ops, kills := s.st.ops, s.st.kills
@@ -319,8 +334,13 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		if ops >= minOps && kills >= minKills || time.Now().After(until) {
 			break
 		}
-		wait := time.Second + time.Duration(rng.Int64N(int64(4*time.Second)))
-		for end := time.Now().Add(wait); time.Now().Before(end) && !s.broken.Load(); {
+		// Kills 1-5 s apart, restart included (but at least 300 ms
+		// after a restart).
+		next = next.Add(time.Second + time.Duration(rng.Int64N(int64(4*time.Second))))
+		if soon := time.Now().Add(300 * time.Millisecond); next.Before(soon) {
+			next = soon
+		}
+		for time.Now().Before(next) && !s.broken.Load() {
 			time.Sleep(50 * time.Millisecond)
 		}
 		if s.broken.Load() {
@@ -332,22 +352,28 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		} else {
 			victim = c.agents[s.names[i%2]]
 		}
-		if kind == killController {
-			s.ctlGen.Add(1)
+		gen := &s.ctlGen
+		if kind == killAgents {
+			gen = &s.agentGen[i%2]
 		}
+		gen.Add(1)
 		victim.kill()
 		s.scanOutput(victim)
 		if kind == killAgents {
 			// Sometimes the controller notices before the agent is back.
 			time.Sleep(time.Duration(rng.Int64N(int64(1500 * time.Millisecond))))
+		} else if rng.IntN(4) == 0 {
+			// Down for longer than the CLI waits for a controller
+			// (2 s): the calls in flight fail, their outcome unknown.
+			time.Sleep(2200*time.Millisecond + time.Duration(rng.Int64N(int64(time.Second))))
 		}
 		r0 := time.Now()
 		if kind == killController {
 			c.startController()
-			s.ctlGen.Add(1)
 		} else {
 			c.startAgent(s.names[i%2])
 		}
+		gen.Add(1)
 		s.mu.Lock()
 		s.st.kills++
 		s.st.maxRestart = max(s.st.maxRestart, time.Since(r0))
@@ -519,12 +545,14 @@ func (s *storm) snapshot(rng *rand.Rand, kind, src, name string) {
 	if !s.run(stormOp{kind: kind, name: name, src: src, size: size}) || !hashIt {
 		return
 	}
-	sum, err := s.hash(name, s.names[rng.IntN(2)])
+	ai := rng.IntN(2)
+	g0 := s.agentGen[ai].Load()
+	sum, err := s.hash(name, s.names[ai])
 	if err != nil {
-		if s.kind == killController {
-			s.failf("read snapshot %s during the controller storm: %v", name, err)
+		if !s.agentKilled(ai, g0) {
+			s.failf("read snapshot %s through %s (not killed meanwhile): %v", name, s.names[ai], err)
 		}
-		return // an agent died under the read
+		return
 	}
 	s.mu.Lock()
 	if d := s.disks[name]; d != nil {
@@ -709,6 +737,7 @@ func (s *storm) write(rng *rand.Rand, name string) {
 	deadline := time.Now().Add(2 * time.Minute)
 	agent := rng.IntN(2)
 	for attempt := 0; ; attempt++ {
+		g0 := s.agentGen[agent].Load()
 		out, err := runCtx(s.ctx, time.Minute, "qemu-io", "-f", "raw", s.c.uri(s.names[agent], name),
 			"-c", fmt.Sprintf("write -P %d 0 1536k", k), "-c", fmt.Sprintf("write -P %d 1536k 2560k", k), "-c", "flush")
 		if err == nil && !qemuFailed(out) {
@@ -718,9 +747,9 @@ func (s *storm) write(rng *rand.Rand, name string) {
 			s.mu.Unlock()
 			return
 		}
-		if s.kind == killController || s.broken.Load() || time.Now().After(deadline) {
-			// The agents live through a controller storm: their I/O
-			// waits for the restart and goes on.
+		if !s.agentKilled(agent, g0) || s.broken.Load() || time.Now().After(deadline) {
+			// An agent that lives on serves its I/O through
+			// controller restarts and the other agent's death.
 			s.failf("pattern write to %s through %s (attempt %d): %v\n%s", name, s.names[agent], attempt+1, err, out)
 			return
 		}
@@ -820,13 +849,14 @@ func (s *storm) fio(agent, disk string, off, size, seed uint64, verifyOnly bool)
 	return res
 }
 
-// fioLoop writes rounds through agent to its region of "live" until stop,
-// and returns the seed of each chunk's last flushed round (-1: unknown).
-// In a controller storm a round covers the whole region and must never
-// fail. In an agent storm a round covers one quarter of the region; a kill
-// cuts it (its chunk becomes unknown), and once the agent is back every
-// chunk an earlier round flushed must verify.
-func (s *storm) fioLoop(agent string, base, seed uint64, stop <-chan struct{}) []int64 {
+// fioLoop writes rounds through agent ai to its region of "live" until
+// stop, and returns the seed of each chunk's last flushed round (-1:
+// unknown). In a controller storm a round covers the whole region and must
+// never fail. In an agent storm a round covers one quarter of the region;
+// only a kill of its agent may cut it (its chunk becomes unknown), and
+// once the agent is back every chunk an earlier round flushed must verify.
+func (s *storm) fioLoop(ai int, base, seed uint64, stop <-chan struct{}) []int64 {
+	agent := s.names[ai]
 	chunks, chunk := 1, uint64(stormRegion)
 	if s.kind == killAgents {
 		chunks, chunk = 4, stormRegion/4
@@ -841,6 +871,7 @@ func (s *storm) fioLoop(agent string, base, seed uint64, stop <-chan struct{}) [
 		ch := int(round % uint64(chunks))
 		rs := seed + round
 		last[ch] = -1
+		g0 := s.agentGen[ai].Load()
 		res := s.fio(agent, "live", base+uint64(ch)*chunk, chunk, rs, false)
 		s.mu.Lock()
 		s.st.maxIO = max(s.st.maxIO, res.maxLat)
@@ -852,7 +883,7 @@ func (s *storm) fioLoop(agent string, base, seed uint64, stop <-chan struct{}) [
 			s.mu.Unlock()
 			continue
 		}
-		if s.kind == killController || res.verify {
+		if res.verify || !s.agentKilled(ai, g0) {
 			s.failf("fio round %d through %s: %v\n%s", round, agent, res.err, res.out)
 			return last
 		}
@@ -861,7 +892,7 @@ func (s *storm) fioLoop(agent string, base, seed uint64, stop <-chan struct{}) [
 		s.mu.Unlock()
 		// The agent was killed: when it is back, what the earlier rounds
 		// flushed must all be there.
-		if err := s.verifyChunks(agent, base, chunk, last); err != nil {
+		if err := s.verifyChunks(ai, base, chunk, last); err != nil {
 			s.failf("after %s came back: %v", agent, err)
 			return last
 		}
@@ -869,15 +900,17 @@ func (s *storm) fioLoop(agent string, base, seed uint64, stop <-chan struct{}) [
 	return last
 }
 
-// verifyChunks verifies through agent every chunk whose last round is
+// verifyChunks verifies through agent ai every chunk whose last round is
 // known, waiting out the agent's restart (and further kills).
-func (s *storm) verifyChunks(agent string, base, chunk uint64, last []int64) error {
+func (s *storm) verifyChunks(ai int, base, chunk uint64, last []int64) error {
+	agent := s.names[ai]
 	deadline := time.Now().Add(2 * time.Minute)
 	for ch, rs := range last {
 		if rs < 0 {
 			continue
 		}
 		for {
+			g0 := s.agentGen[ai].Load()
 			res := s.fio(agent, "live", base+uint64(ch)*chunk, chunk, uint64(rs), true)
 			if res.err == nil {
 				s.mu.Lock()
@@ -885,7 +918,7 @@ func (s *storm) verifyChunks(agent string, base, chunk uint64, last []int64) err
 				s.mu.Unlock()
 				break
 			}
-			if res.verify {
+			if res.verify || !s.agentKilled(ai, g0) {
 				return fmt.Errorf("chunk %d (round seed %d) does not verify: %v\n%s", ch, rs, res.err, res.out)
 			}
 			if time.Now().After(deadline) || s.broken.Load() {
@@ -900,38 +933,11 @@ func (s *storm) verifyChunks(agent string, base, chunk uint64, last []int64) err
 // verify checks the cluster after the storm, every process up: the disks
 // listed are the model's, every known byte reads back through either
 // agent, fio's last rounds verify through the other agent, and check is
-// clean.
+// clean; and after one more kill -9 of the controller and a restart, the
+// disks listed are still the model's and check is still clean.
 func (s *storm) verify(rng *rand.Rand, last [][]int64) {
 	t := s.t
-	l, err := s.list(time.Now().Add(time.Minute))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for n := range s.disks {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		d := s.disks[n]
-		got, ok := l[n]
-		if !ok {
-			t.Errorf("disk %s (made by an acknowledged or applied operation) is missing", n)
-			continue
-		}
-		origin := d.origin
-		if origin != "" && s.disks[origin] == nil {
-			origin = "(deleted)"
-		}
-		if mustUintE(got.Size) != d.size || got.ReadOnly != d.readOnly || got.Origin != origin {
-			t.Errorf("disk %s: size %s, read-only %v, origin %q; want %d, %v, %q", n, got.Size, got.ReadOnly, got.Origin, d.size, d.readOnly, origin)
-		}
-	}
-	for n := range l {
-		if s.disks[n] == nil {
-			t.Errorf("disk %s is listed but was deleted (or never made)", n)
-		}
-	}
+	names := s.compareList("after the storm")
 	// Contents, through a random agent each.
 	for _, n := range names {
 		d := s.disks[n]
@@ -979,15 +985,67 @@ func (s *storm) verify(rng *rand.Rand, last [][]int64) {
 			s.st.fioVerifies++
 		}
 	}
-	out, errOut, code := s.cli("check")
-	if code != 0 || !strings.Contains(out, "clean") {
-		t.Errorf("check after the storm: exit %d\n%s%s", code, out, errOut)
-	}
-	s.st.checks++
+	s.checkClean("after the storm")
+
+	// Everything acknowledged was durable, not only in the controller's
+	// memory.
+	s.c.ctl.kill()
+	s.scanOutput(s.c.ctl)
+	s.c.startController()
+	s.compareList("after a last controller restart")
+	s.checkClean("after a last controller restart")
 	if s.kind == killController {
 		// The agents lived through it all: their logs show no race.
 		for _, a := range s.c.agents {
 			s.scanOutput(a)
 		}
 	}
+}
+
+// compareList fails the test unless the disks the controller lists are
+// the model's, with the model's sizes, modes and origins. It returns the
+// model's names, sorted.
+func (s *storm) compareList(when string) []string {
+	t := s.t
+	t.Helper()
+	l, err := s.list(time.Now().Add(time.Minute))
+	if err != nil {
+		t.Fatalf("%s: %v", when, err)
+	}
+	var names []string
+	for n := range s.disks {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		d := s.disks[n]
+		got, ok := l[n]
+		if !ok {
+			t.Errorf("%s: disk %s (made by an acknowledged or applied operation) is missing", when, n)
+			continue
+		}
+		origin := d.origin
+		if origin != "" && s.disks[origin] == nil {
+			origin = "(deleted)"
+		}
+		if mustUintE(got.Size) != d.size || got.ReadOnly != d.readOnly || got.Origin != origin {
+			t.Errorf("%s: disk %s: size %s, read-only %v, origin %q; want %d, %v, %q", when, n, got.Size, got.ReadOnly, got.Origin, d.size, d.readOnly, origin)
+		}
+	}
+	for n := range l {
+		if s.disks[n] == nil {
+			t.Errorf("%s: disk %s is listed but was deleted (or never made)", when, n)
+		}
+	}
+	return names
+}
+
+// checkClean fails the test unless 'segmap check' is clean.
+func (s *storm) checkClean(when string) {
+	s.t.Helper()
+	out, errOut, code := s.cli("check")
+	if code != 0 || !strings.Contains(out, "clean") {
+		s.t.Errorf("check %s: exit %d\n%s%s", when, code, out, errOut)
+	}
+	s.st.checks++
 }
