@@ -234,14 +234,14 @@ type storm struct {
 	errs  map[string]int // distinct CLI failures
 }
 
-// Only the first is an error: what fails after it is mostly its echo.
 // agentKilled reports whether agent i was killed or down at any time
 // since its generation was g0.
 func (s *storm) agentKilled(i int, g0 int64) bool {
 	return s.agentGen[i].Load() != g0 || g0%2 == 1
 }
 
-// failf records a failure that ends the storm.
+// failf records a failure that ends the storm. Only the first is an
+// error: what fails after it is mostly its echo.
 func (s *storm) failf(format string, args ...any) {
 	s.t.Helper()
 	if s.broken.Swap(true) {
@@ -395,9 +395,6 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		errs = []string{"none"}
 	}
 	t.Logf("storm of %v: CLI failures seen during the kills:\n  %s", storm.Round(time.Millisecond), strings.Join(errs, "\n  "))
-	if s.st.ops < minOps && time.Now().Before(until) {
-		t.Errorf("only %d operations in the storm", s.st.ops)
-	}
 	s.verify(rng, last)
 	t.Logf("storm done: %s", &s.st)
 	return s.st
