@@ -302,7 +302,8 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			last[i] = s.fioLoop(i, uint64(i)*stormRegion, seed+uint64(i)*1_000_003, stop)
+			// fio takes a seed below 2^63.
+			last[i] = s.fioLoop(i, uint64(i)*stormRegion, seed>>2+uint64(i)*1_000_003, stop)
 		}()
 	}
 	// The operations driver.
