@@ -129,7 +129,37 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 			return err
 		}
 	}
-	return ctrl.Attach(ctx, a.name, a, ids)
+	if err := ctrl.Attach(ctx, a.name, a, ids); err != nil {
+		return err
+	}
+	// A table change committed but never sent to this agent -- a grow,
+	// sent after its commit, by a controller that died in between, or to
+	// an agent that was cut off -- is learned now: the agent asks for
+	// every open disk as it is.
+	for _, d := range disks {
+		if err := a.refresh(ctx, ctrl, d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// refresh asks ctrl for disk d as it is now and, if its size or mode
+// changed, starts d on a new table of that geometry, unless a newer table
+// (a NewTable command) reached d meanwhile.
+func (a *Agent) refresh(ctx context.Context, ctrl mapping.Controller, d *Disk) error {
+	was := d.info.Load()
+	info, err := ctrl.Open(ctx, a.name, was.Name)
+	if errors.Is(err, mapping.ErrNotFound) {
+		return nil // deleted, or no longer granted: its faults say so
+	}
+	if err != nil {
+		return fmt.Errorf("refresh disk %q: %w", was.Name, err)
+	}
+	if info.ID != was.ID || info.Size == was.Size && info.ReadOnly == was.ReadOnly {
+		return nil
+	}
+	return d.resetIf(ctx, was, info)
 }
 
 // Fence stops the agent's I/O until its next Attach: every table goes
