@@ -46,11 +46,11 @@ import (
 // its restart, the list and check are the same again.
 //
 // Short form (make test): one storm of each kind, until at least
-// stormShortOps operations and stormShortKills kills, or stormShortCap.
-// Long form: with
-// SEGMAP_SOAK=DURATION each test runs storms of stormSoakOps operations
-// with fresh seeds until half the duration has passed (the two tests
-// share it). SEGMAP_KILLSTORM_SEED=N reruns a storm with seed N.
+// stormShortOps snapshot / clone / delete / resize operations and
+// stormShortKills kills, or stormShortCap. Long form: with
+// SEGMAP_SOAK=DURATION each test runs storms of stormSoakOps such
+// operations with fresh seeds until half the duration has passed (the two
+// tests share it). SEGMAP_KILLSTORM_SEED=N reruns a storm with seed N.
 
 const (
 	stormShortOps   = 50
@@ -264,9 +264,9 @@ func newStormCluster(t *testing.T) *cluster {
 	return c
 }
 
-// runStorm runs one storm until it has made minOps operations and
-// minKills kills, or until the time until (zero: stormShortCap from its
-// start), then verifies the cluster.
+// runStorm runs one storm until it has made minOps snapshot / clone /
+// delete / resize operations and minKills kills, or until the time until
+// (zero: stormShortCap from its start), then verifies the cluster.
 func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, until time.Time) stormStats {
 	s := &storm{t: t, kind: kind, c: newStormCluster(t), names: []string{"host-a", "host-b"},
 		disks: map[string]*stormDisk{}, errs: map[string]int{}}
@@ -330,7 +330,8 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 	next := t0 // the last kill
 	for i := 0; !s.broken.Load(); i++ {
 		s.mu.Lock()
-		ops, kills := s.st.ops, s.st.kills
+		ops := s.st.byKind["snapshot"] + s.st.byKind["clone"] + s.st.byKind["delete"] + s.st.byKind["resize"]
+		kills := s.st.kills
 		s.mu.Unlock()
 		if ops >= minOps && kills >= minKills || time.Now().After(until) {
 			break
