@@ -191,23 +191,37 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 	if err := ctrl.Attach(ctx, a.name, a, ids); err != nil {
 		return err
 	}
-	// What the agent knows of each disk may be stale: the previous
-	// controller may have died between committing a resize and telling
-	// the agents (or after telling them of a shrink it then did not
-	// commit). Take the size from the store again.
+	// A table change committed but never sent to this agent -- a grow,
+	// sent after its commit, by a controller that died in between, or to
+	// an agent that was cut off -- is learned now, and one sent but never
+	// committed (a shrink told before a commit that failed) is undone: the
+	// agent asks for every open disk as it is.
 	for _, d := range disks {
-		old := d.Info()
-		info, err := ctrl.Open(ctx, a.name, old.Name)
-		if err != nil || info.ID != old.ID {
-			continue // deleted (its faults fail), or no longer allowed here
-		}
-		if info != old {
-			if err := d.reset(ctx, info); err != nil {
-				return err
-			}
+		if err := a.refresh(ctx, ctrl, d); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// refresh asks ctrl for disk d as it is now and, if its size or mode
+// changed, starts d on a new table of that geometry, unless a newer table
+// (a NewTable command) reached d meanwhile.
+func (a *Agent) refresh(ctx context.Context, ctrl mapping.Controller, d *Disk) error {
+	was := d.info.Load()
+	info, err := ctrl.Open(ctx, a.name, was.Name)
+	switch {
+	case errors.Is(err, mapping.ErrNotFound):
+		return nil // deleted, or no longer granted: its faults say so
+	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, mapping.ErrFenced), ctx.Err() != nil:
+		return fmt.Errorf("refresh disk %q: %w", was.Name, err) // attach again
+	case err != nil:
+		return nil // the controller cannot read the disk: its faults fail too
+	}
+	if info.ID != was.ID || info.Size == was.Size && info.ReadOnly == was.ReadOnly {
+		return nil
+	}
+	return d.resetIf(ctx, was, info)
 }
 
 // Fence stops the agent's I/O until its next Attach: every table goes
@@ -229,9 +243,37 @@ func (a *Agent) Fence(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// OpenPatience is how long Open waits for a controller that cannot be
+// reached, or has restarted and not yet seen this agent re-attach.
+const OpenPatience = 60 * time.Second
+
 // Open maps the disk called name and returns it. Opening a disk that is
-// already open returns the same *Disk.
+// already open returns the same *Disk. While the controller is unreachable
+// or does not know this agent yet (ErrUnavailable, ErrFenced), Open waits,
+// up to OpenPatience, as a fault does: a host that connects during a
+// controller restart gets its disk once the controller is back.
 func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
+	deadline := time.Now().Add(OpenPatience)
+	for try := 0; ; try++ {
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		d, err := a.open(actx, name)
+		cancel()
+		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
+			return d, err
+		}
+		// openMu is free between attempts: the re-attach that the
+		// controller waits for takes it.
+		select {
+		case <-time.After(min(time.Duration(20<<min(try, 6))*time.Millisecond, time.Second)):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+// open is one attempt of Open.
+func (a *Agent) open(ctx context.Context, name string) (*Disk, error) {
 	a.openMu.Lock()
 	defer a.openMu.Unlock()
 	info, err := a.controller().Open(ctx, a.name, name)

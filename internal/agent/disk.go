@@ -648,7 +648,17 @@ func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error
 // reset makes the table all Invalid at info's size and waits for the I/O in
 // flight.
 func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
+	return d.resetIf(ctx, nil, info)
+}
+
+// resetIf is reset, done only while d's info is still was (nil: in any
+// case).
+func (d *Disk) resetIf(ctx context.Context, was *mapping.Disk, info mapping.Disk) error {
 	d.mu.Lock()
+	if was != nil && d.info.Load() != was {
+		d.mu.Unlock()
+		return nil
+	}
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
 	d.mu.quiesced = false // a quiesce does not outlive the table it was for

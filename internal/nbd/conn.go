@@ -77,6 +77,8 @@ type conn struct {
 	mu struct {
 		sync.Mutex
 		state connState
+		// deadline is the handshake's, while it runs; zero otherwise.
+		deadline time.Time
 	}
 }
 
@@ -166,7 +168,31 @@ func (c *conn) startHandshake() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.stopping.Load() {
-		c.raw.SetDeadline(time.Now().Add(c.srv.handshakeTimeout))
+		c.mu.deadline = time.Now().Add(c.srv.handshakeTimeout)
+		c.raw.SetDeadline(c.mu.deadline)
+	}
+}
+
+// waitBackend stops the handshake clock while the server waits on its
+// Backend (an Open that waits for a restarting controller, say), and
+// returns the function that starts it again with the time that was left:
+// the handshake deadline bounds the client's slowness, not the backend's.
+func (c *conn) waitBackend() (resume func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopping.Load() || c.mu.deadline.IsZero() {
+		return func() {}
+	}
+	left := time.Until(c.mu.deadline)
+	c.raw.SetDeadline(time.Time{})
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.stopping.Load() {
+			return
+		}
+		c.mu.deadline = time.Now().Add(left)
+		c.raw.SetDeadline(c.mu.deadline)
 	}
 }
 
@@ -176,18 +202,23 @@ func (c *conn) enterTransmission() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.mu.state = stateTransmission
+	c.mu.deadline = time.Time{}
 	if !c.stopping.Load() {
 		c.raw.SetDeadline(time.Time{})
 	}
 }
 
 // stop makes the connection read nothing more (Server.Shutdown): its reads
-// fail at once; replies still go out.
+// fail at once; replies still go out. A connection still in its handshake
+// has no requests to finish: its Backend call in flight is cancelled.
 func (c *conn) stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.stopping.Store(true)
 	c.raw.SetReadDeadline(aLongTimeAgo)
+	if c.mu.state == stateHandshake {
+		c.cancel()
+	}
 }
 
 func (c *conn) setState(s connState) {

@@ -341,7 +341,9 @@ func (h *handshaker) sendInfo(opt option, info ExportInfo, reqs []byte) error {
 
 // open opens an export for this connection.
 func (h *handshaker) open(name string) (*session, error) {
+	resume := h.c.waitBackend()
 	exp, closer, err := h.c.srv.backend.Open(h.c.ctx, name)
+	resume()
 	if err != nil {
 		return nil, fmt.Errorf("open export %q: %w", name, err)
 	}

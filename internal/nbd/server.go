@@ -89,7 +89,8 @@ type Config struct {
 	Logger *slog.Logger
 	// HandshakeTimeout bounds the handshake, the TLS handshake included: a
 	// client that has not entered the transmission phase in time is
-	// dropped. Default 10s.
+	// dropped. The time the server waits in Backend.Open does not count.
+	// Default 10s.
 	HandshakeTimeout time.Duration
 	// TLS, if set, lets a client upgrade its connection with
 	// NBD_OPT_STARTTLS; it configures the server side of the TLS
