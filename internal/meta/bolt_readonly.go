@@ -50,6 +50,9 @@ func OpenBoltReadOnly(path string) (*Bolt, error) {
 	return &Bolt{db: db}, nil
 }
 
+// errRollback ends CheckFile's transaction without committing it.
+var errRollback = errors.New("rollback")
+
 // maxFileErrors bounds the errors CheckFile returns.
 const maxFileErrors = 100
 
@@ -58,17 +61,29 @@ const maxFileErrors = 100
 // most maxFileErrors errors. On a store opened read-only it also verifies
 // both of bbolt's meta pages (see checkMetaPages). The records' own checks (Tx.Damaged) may
 // panic inside bbolt on a file that fails this one.
+//
+// On a writable store the check runs in a write transaction that it rolls
+// back: bbolt's check reads the free list, which a commit running beside a
+// read-only transaction changes (a running controller would see pages its
+// own later commits freed reported as damage, or crash on a concurrent map
+// write). Commits wait for the check meanwhile.
 func (b *Bolt) CheckFile() []error {
 	var errs []error
-	err := b.db.View(func(btx *bolt.Tx) error {
+	check := func(btx *bolt.Tx) error {
 		for err := range btx.Check() {
 			if len(errs) < maxFileErrors {
 				errs = append(errs, err)
 			}
 		}
-		return nil
-	})
-	if err != nil {
+		return errRollback
+	}
+	var err error
+	if b.db.IsReadOnly() {
+		err = b.db.View(check)
+	} else {
+		err = b.db.Update(check)
+	}
+	if err != nil && !errors.Is(err, errRollback) {
 		errs = append(errs, err)
 	}
 	if b.db.IsReadOnly() {

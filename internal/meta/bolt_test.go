@@ -470,3 +470,47 @@ func wantCorrupt(t *testing.T, what string, err error, keys []string) {
 	}
 	t.Errorf("%s: error %q names none of the damaged keys %q", what, err, keys)
 }
+
+// TestBoltCheckFileWhileWriting: the file check of a store in use (segmap
+// check through a running controller) meets commits: it must neither
+// report the pages they free as damage nor race with them (-race).
+func TestBoltCheckFileWhileWriting(t *testing.T) {
+	b, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := t.Context()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if err := b.Update(ctx, func(tx meta.Tx) error {
+				return tx.SetAgents([]string{fmt.Sprintf("agent-%d", i), "x" + strings.Repeat("y", i%100)})
+			}); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	deadline := time.Now().Add(500 * time.Millisecond)
+	checks := 0
+	for ; time.Now().Before(deadline); checks++ {
+		if errs := b.CheckFile(); len(errs) > 0 {
+			close(stop)
+			<-done
+			t.Fatalf("check %d of a sound store being written: %v", checks, errs)
+		}
+	}
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d file checks beside the commits", checks)
+}
