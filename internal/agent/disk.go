@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,9 +32,14 @@ type Disk struct {
 	mu struct {
 		sync.RWMutex
 		tab *table.Table
-		// seq counts changes to the table by commands; a fault reply
-		// is installed only if seq did not move while it was out.
-		seq uint64
+		// seq counts changes to the table by commands, and cmds holds
+		// the segments the last cmdLog of them changed (command s at
+		// cmds[s%cmdLog]); a fault reply is installed only if no
+		// command since the fault went out changed a segment the reply
+		// covers. A command to other segments (another fault's
+		// allocation, say) leaves the reply good.
+		seq  uint64
+		cmds [cmdLog]segRange
 		// cur is the current epoch: I/O let through now is counted in
 		// it. pending holds earlier epochs that still had I/O in
 		// flight when they were closed.
@@ -51,6 +57,16 @@ type Disk struct {
 		wake chan struct{}
 	}
 }
+
+// cmdLog is how many commands a Disk remembers the segments of: a fault
+// reply that was out across more commands than that is dropped.
+const cmdLog = 64
+
+// segRange is the segments [first, end) a command changed.
+type segRange struct{ first, end uint64 }
+
+// wholeTable is the range of a command that replaced the whole table.
+var wholeTable = segRange{0, math.MaxUint64}
 
 // segFaults counts the faults out on one segment and the fault replies
 // installed for it while any were out.
@@ -221,8 +237,28 @@ func (d *Disk) faultIn(seg uint64) {
 	}
 }
 
+// changedLocked reports whether a command since seq changed a segment in
+// rg (or may have: one too long ago to remember).
+func (d *Disk) changedLocked(seq uint64, rg segRange) bool {
+	if d.mu.seq-seq > cmdLog {
+		return true
+	}
+	for s := seq + 1; s <= d.mu.seq; s++ {
+		if c := d.mu.cmds[s%cmdLog]; c.first < rg.end && rg.first < c.end {
+			return true
+		}
+	}
+	return false
+}
+
+// recordLocked counts a command that changed the segments in rg.
+func (d *Disk) recordLocked(rg segRange) {
+	d.mu.seq++
+	d.mu.cmds[d.mu.seq%cmdLog] = rg
+}
+
 // install applies the reply to a fault on segment seg if no command
-// changed the table since seq and no other fault's reply was installed
+// changed the segments it covers since seq and no other fault's reply was installed
 // for seg since gen (faultOut), and reports whether it did. The controller
 // answers faults one at a time, but the replies may come back in any
 // order: a read fault answered before a write's copy on write, installed
@@ -231,7 +267,7 @@ func (d *Disk) faultIn(seg uint64) {
 func (d *Disk) install(seq, gen, seg uint64, r mapping.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.seq != seq || d.mu.gone || r.First > uint64(d.mu.tab.Len()) {
+	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) {
 		return false
 	}
 	sf := d.mu.faults[seg]
@@ -603,7 +639,7 @@ func (d *Disk) getEntry(first, n uint64) ([]table.Entry, error) {
 
 // command applies change to the table as one command and, if blocking,
 // waits until the I/O in flight before it has finished.
-func (d *Disk) command(ctx context.Context, blocking bool, change func(t *table.Table) error) error {
+func (d *Disk) command(ctx context.Context, blocking bool, rg segRange, change func(t *table.Table) error) error {
 	d.mu.Lock()
 	if d.mu.gone {
 		d.mu.Unlock()
@@ -613,7 +649,7 @@ func (d *Disk) command(ctx context.Context, blocking bool, change func(t *table.
 		d.mu.Unlock()
 		return err
 	}
-	d.mu.seq++
+	d.recordLocked(rg)
 	g := d.bumpLocked()
 	d.mu.Unlock()
 	if !blocking {
@@ -628,7 +664,7 @@ func (d *Disk) command(ctx context.Context, blocking bool, change func(t *table.
 }
 
 func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
-	return d.command(ctx, c.Blocking, func(t *table.Table) error {
+	return d.command(ctx, c.Blocking, segRange{c.First, c.First + uint64(len(c.Entries))}, func(t *table.Table) error {
 		if c.First > uint64(t.Len()) {
 			return fmt.Errorf("set_entry at %d: %w", c.First, table.ErrRange)
 		}
@@ -637,7 +673,7 @@ func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
 }
 
 func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error {
-	return d.command(ctx, c.Blocking, func(t *table.Table) error {
+	return d.command(ctx, c.Blocking, segRange{c.First, c.First + c.Count}, func(t *table.Table) error {
 		if c.First > uint64(t.Len()) || c.Count > uint64(t.Len())-c.First {
 			return fmt.Errorf("set_entry_state [%d,+%d): %w", c.First, c.Count, table.ErrRange)
 		}
@@ -662,7 +698,7 @@ func (d *Disk) resetIf(ctx context.Context, was *mapping.Disk, info mapping.Disk
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
 	d.mu.quiesced = false // a quiesce does not outlive the table it was for
-	d.mu.seq++
+	d.recordLocked(wholeTable)
 	g := d.bumpLocked()
 	d.broadcastLocked()
 	d.mu.Unlock()
@@ -675,7 +711,7 @@ func (d *Disk) fence(ctx context.Context) error {
 	d.mu.Lock()
 	d.mu.tab = table.New(d.mu.tab.Len(), table.InvalidEntry)
 	d.mu.quiesced = true
-	d.mu.seq++
+	d.recordLocked(wholeTable)
 	g := d.bumpLocked()
 	d.broadcastLocked()
 	d.mu.Unlock()
@@ -686,7 +722,7 @@ func (d *Disk) fence(ctx context.Context) error {
 func (d *Disk) forget(ctx context.Context) error {
 	d.mu.Lock()
 	d.mu.gone = true
-	d.mu.seq++
+	d.recordLocked(wholeTable)
 	g := d.bumpLocked()
 	d.broadcastLocked()
 	d.mu.Unlock()

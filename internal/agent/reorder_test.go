@@ -140,3 +140,65 @@ func TestStagedCommitAfterCommand(t *testing.T) {
 		t.Errorf("a read after the acknowledged staged write returned %x..., want the write's %x... (entry now %v)", got[:8], p[8192:8200], e.entry(0))
 	}
 }
+
+// TestReplyKeptAcrossOtherCommand: a command that changes other segments
+// while a fault is out (another segment's allocation, sent to every agent
+// mapping the disk) leaves the fault's reply good: it is installed, and
+// the I/O does not fault again. A command that changes the faulting
+// segment makes the reply stale: it is dropped, and the I/O faults again.
+// (Found in review: with one stream of allocating writes, reads on a disk
+// kept faulting again, up to a second each.)
+func TestReplyKeptAcrossOtherCommand(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		cmdSeg     uint64
+		wantFaults int
+	}{
+		{"other segment", 3, 1},
+		{"same segment", 0, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			loc := table.Location{Container: 1, Slot: 4}
+			want := bytesOf(4096, 7)
+			if _, err := e.mem.WriteAt(want, int64(loc.Slot)*tSeg); err != nil {
+				t.Fatal(err)
+			}
+			faulted := make(chan struct{})
+			release := make(chan struct{})
+			var faults int
+			e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+				faults++
+				if faults == 1 {
+					close(faulted)
+					select {
+					case <-release:
+					case <-ctx.Done():
+						return mapping.Reply{}, ctx.Err()
+					}
+				}
+				return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(loc, false)}}, nil
+			})
+			got := make([]byte, 4096)
+			read := async(func() error { return e.d.ReadAt(e.ctx, got, 0) })
+			select {
+			case <-faulted:
+			case <-time.After(mustFinish):
+				t.Fatal("the read did not fault")
+			}
+			if err := e.d.setEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: tc.cmdSeg, Entries: []table.Entry{table.InvalidEntry}}); err != nil {
+				t.Fatal(err)
+			}
+			close(release)
+			if err := await(t, read, "read"); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("read %x..., want %x...", got[:8], want[:8])
+			}
+			if faults != tc.wantFaults {
+				t.Errorf("%d faults, want %d", faults, tc.wantFaults)
+			}
+		})
+	}
+}
