@@ -209,16 +209,10 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 			// nothing: the controller may have gone on without the
 			// agent (waited out its lease), which must fence itself
 			// and attach again with its entries forgotten.
-			if ra.leaseOver() {
+			if !ra.renew() {
 				s.cfg.Logger.Warn("renewal after the lease ran out; ending the session", "agent", ra.name)
 				return nil
 			}
-			// The lease runs from when the agent sent the renewal;
-			// receiving it now is later than that, so this end is
-			// never earlier than the agent's own.
-			ra.mu.Lock()
-			ra.mu.leaseEnd = s.cfg.Now().Add(s.cfg.Lease)
-			ra.mu.Unlock()
 			select {
 			case ra.send <- &pb.ControllerMessage{Epoch: s.cfg.Epoch, Msg: &pb.ControllerMessage_Lease{Lease: &pb.Lease{Seq: x.Renew.GetSeq(), LeaseMs: s.cfg.Lease.Milliseconds()}}}:
 			case <-ra.done:
@@ -304,22 +298,56 @@ func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandR
 			return nil, ctx.Err()
 		}
 	}
-	// No answer: wait out the lease.
-	ra.mu.Lock()
-	end := ra.mu.leaseEnd
-	ra.mu.Unlock()
-	s.cfg.Logger.Warn("agent did not answer; waiting for its lease to run out", "agent", ra.name, "until", end)
-	if d := end.Sub(s.cfg.Now()); d > 0 {
-		t := time.NewTimer(d)
-		defer t.Stop()
+	// No answer: wait out the lease; the session ends with it (the agent
+	// must re-attach, with everything forgotten).
+	for logged := false; ; logged = true {
+		end, over := ra.endIfLeaseOver()
+		if over {
+			return nil, nil
+		}
+		if !logged {
+			s.cfg.Logger.Warn("agent did not answer; waiting for its lease to run out", "agent", ra.name, "until", end)
+		}
+		t := time.NewTimer(end.Sub(s.cfg.Now()))
 		select {
 		case <-t.C:
 		case <-ctx.Done():
+			t.Stop()
 			return nil, ctx.Err()
 		}
 	}
-	ra.end() // it must re-attach, with everything forgotten
-	return nil, nil
+}
+
+// renew extends the agent's lease from now, unless it has run out or the
+// session has ended, and reports whether it did. The check and the
+// extension are one step: a command that found the lease over and went on
+// without the agent is never followed by a renewal. The lease runs from
+// when the agent sent the renewal; receiving it now is later than that, so
+// the end set here is never earlier than the agent's own.
+func (ra *remoteAgent) renew() bool {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	now := ra.s.cfg.Now()
+	if ra.mu.gone || !now.Before(ra.mu.leaseEnd) {
+		return false
+	}
+	ra.mu.leaseEnd = now.Add(ra.s.cfg.Lease)
+	return true
+}
+
+// endIfLeaseOver ends the session if the agent's lease has run out, and
+// otherwise returns when it will.
+func (ra *remoteAgent) endIfLeaseOver() (until time.Time, over bool) {
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	if ra.s.cfg.Now().Before(ra.mu.leaseEnd) {
+		return ra.mu.leaseEnd, false
+	}
+	if !ra.mu.gone {
+		ra.mu.gone = true
+		close(ra.done)
+	}
+	return time.Time{}, true
 }
 
 // ended reports whether the agent's stream has ended.
