@@ -24,7 +24,9 @@ func recoverBoltPanic(err *error) {
 }
 
 // raisedInBolt says whether the panic being recovered was raised by a
-// function of bbolt: the first frame below runtime.gopanic.
+// function of bbolt: the first frame below runtime.gopanic that is not the
+// runtime's own (an index out of range or a nil dereference inside bbolt
+// goes through runtime.goPanicIndex or runtime.sigpanic first).
 func raisedInBolt() bool {
 	pcs := make([]uintptr, 64)
 	n := runtime.Callers(0, pcs)
@@ -32,7 +34,7 @@ func raisedInBolt() bool {
 	panicking := false
 	for {
 		f, more := frames.Next()
-		if panicking {
+		if panicking && !strings.HasPrefix(f.Function, "runtime.") {
 			return strings.HasPrefix(f.Function, "go.etcd.io/bbolt.") || strings.HasPrefix(f.Function, "go.etcd.io/bbolt/")
 		}
 		panicking = f.Function == "runtime.gopanic"

@@ -12,10 +12,6 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 )
 
-// ErrNotStore is returned by OpenBoltReadOnly for a bbolt file that holds no
-// segmap store.
-var ErrNotStore = errors.New("not a segmap metadata store")
-
 // OpenBoltReadOnly opens the existing bbolt store at path for reading only:
 // it writes nothing, so the file stays byte for byte as it was, and it shares
 // the file with other readers but not with a writer (ErrLocked while a

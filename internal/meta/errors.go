@@ -28,6 +28,9 @@ var (
 	ErrInvalid = errors.New("invalid record")
 	// ErrLocked is returned when another process holds the store.
 	ErrLocked = errors.New("metadata store locked by another process")
+	// ErrNotStore is returned by OpenBoltReadOnly for a bbolt file that
+	// holds no segmap store.
+	ErrNotStore = errors.New("not a segmap metadata store")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("metadata store closed")
 )
