@@ -326,7 +326,7 @@ func (h *fx) contents(m fxModel, i int) error {
 			return fmt.Errorf("agent %s: read %s: %w", a.Name(), name, err)
 		}
 		if j := firstDiff(got, m[name].data); j >= 0 {
-			return fmt.Errorf("disk %s: byte %d (segment %d) reads %#x, want %#x", name, j, j/seg64, got[j], m[name].data[j])
+			return fmt.Errorf("agent %s: disk %s: byte %d (segment %d) reads %#x, want %#x", a.Name(), name, j, j/seg64, got[j], m[name].data[j])
 		}
 	}
 	return nil
