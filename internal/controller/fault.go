@@ -327,12 +327,19 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	// the old entries finish before the faulting disk writes to it. If
 	// one does not confirm, the faulting disk stays NoWrite (its slot now
 	// has one reference, so a later fault would clear it: the agent that
-	// failed must be fenced first; see broadcast).
+	// failed must be fenced first; see broadcast). Every sharer's agents
+	// are told all the same, even after one failed: the move is
+	// committed, and an agent never told of a sharer's move would go on
+	// reading the original slot for it after that later fault's writes.
+	var errs []error
 	for _, o := range sharers {
 		cmd := mapping.SetEntry{Disk: mapping.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
 		if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-			return mapping.Reply{}, fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err)
+			errs = append(errs, fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err))
 		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return mapping.Reply{}, err
 	}
 	// Only now may the faulting disk write in place.
 	ne := table.At(e.Loc, false)

@@ -176,3 +176,68 @@ func TestRegressFailedCommitKeepsReservation(t *testing.T) {
 		t.Fatalf("the fault at %v did not fail the commit: fired %v, %q", p, res.fired, res.errText)
 	}
 }
+
+// A reverse-delta copy commits the move of every sharer of the slot and
+// then tells each sharer's agents, one sharer after the other. When an
+// agent failed the command for the first sharer (here agent b, whose
+// flush of its own earlier write failed), the fault returned at once, and
+// the agents of the other sharers were never told; yet the slot had one
+// reference left, so the next write fault on the origin, from any agent,
+// let it write in place, and agent a, still reading the original slot for
+// the second snapshot, saw the snapshot change. (Found by
+// TestErrorInjection, seed 1912215370762065660.)
+func TestRegressReverseFailedMoveOtherSharers(t *testing.T) {
+	h := openFx(t, t.TempDir(), false)
+	defer h.close()
+	m := fxModel{}
+	var err error
+	for _, op := range []fxOp{
+		opCreateReverse("R"),
+		opWrite(0, "R", 0, pattern(1, 2*seg64)),
+		opSnapshot([]string{"R"}, []string{"S1"}, false),
+		opSnapshot([]string{"R"}, []string{"S2"}, false),
+	} {
+		if m, err = op.run(h, m); err != nil {
+			t.Fatalf("%s: %v", op.name, err)
+		}
+	}
+	if err := h.prepare(m); err != nil {
+		t.Fatal(err)
+	}
+	// Agent b writes segments 0 and 1 of R: segment 0's copy goes well
+	// and b writes it in place; segment 1's copy moves S1 and S2, and
+	// b's first flush (for S1's Blocking move, covering its write to
+	// segment 0) fails after the fact.
+	f := h.agent.Load().Inject(faultinject.Fault{Ops: faultinject.OpFlush, Target: "agent/b/", Err: syscall.EIO, Durable: true})
+	_, err = opWrite(1, "R", seg64/2, pattern(2, seg64)).run(h, m)
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write through agent b: %v, want EIO", err)
+	}
+	if f.Fired() == 0 {
+		t.Fatal("the flush fault did not fire")
+	}
+	h.agent.Load().ClearFaults()
+	if err := h.c.RestartAgent(h.ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	// Agent a writes segment 1 of R in place; the snapshots keep what R
+	// held when they were taken, through both agents.
+	if _, err := opWrite(0, "R", seg64+100, pattern(3, 300)).run(h, m); err != nil {
+		t.Fatal(err)
+	}
+	for i := range h.c.Agents {
+		for _, name := range []string{"S1", "S2"} {
+			d, err := h.c.Agents[i].Open(h.ctx, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, len(m[name].data))
+			if err := d.ReadAt(h.ctx, got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if j := firstDiff(got, m[name].data); j >= 0 {
+				t.Errorf("agent %s: snapshot %s: byte %d (segment %d) reads %#x, want %#x", h.c.Agents[i].Name(), name, j, j/seg64, got[j], m[name].data[j])
+			}
+		}
+	}
+}
