@@ -158,10 +158,24 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
+	var gate *gateContainer
+	e := newEnvOver(t, func(mem *container.Memory) (container.Container, func()) {
+		gate = &gateContainer{Container: mem, entered: make(chan chan struct{}), stop: make(chan struct{})}
+		return gate, func() { close(gate.stop) }
+	})
+	e.gate = gate
+	return e
+}
+
+// newEnvOver is newEnv with the agent's one container made by wrap over
+// the memory container; stop, called at cleanup before the agent closes,
+// releases whatever the wrapper holds.
+func newEnvOver(t *testing.T, wrap func(mem *container.Memory) (c container.Container, stop func())) *env {
+	t.Helper()
 	checkGoroutines(t)
 	ctx := context.Background()
 	mem := container.NewMemory(1, tSeg, tSlots)
-	gate := &gateContainer{Container: mem, entered: make(chan chan struct{}), stop: make(chan struct{})}
+	c, stop := wrap(mem)
 	fc := &fakeCtrl{
 		disk: mapping.Disk{ID: tDisk, Name: "d", Size: tSegs * tSeg, SegmentSize: tSeg},
 		cont: mapping.Container{ID: 1, URI: "mem:1", SlotSize: tSeg, Slots: tSlots},
@@ -170,13 +184,13 @@ func newEnv(t *testing.T) *env {
 		if info.ID != 1 {
 			return nil, fmt.Errorf("container %d: %w", info.ID, container.ErrNotContainer)
 		}
-		return gate, nil
+		return c, nil
 	}})
 	if err := a.Attach(ctx, fc); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		close(gate.stop)
+		stop()
 		if err := a.Close(); err != nil {
 			t.Errorf("close agent: %v", err)
 		}
@@ -185,7 +199,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, ctx: ctx, fc: fc, mem: mem, gate: gate, a: a, d: d}
+	return &env{t: t, ctx: ctx, fc: fc, mem: mem, a: a, d: d}
 }
 
 // mapAll maps every segment i writable at slot i.

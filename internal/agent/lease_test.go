@@ -3,13 +3,11 @@ package agent
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"segmap/internal/container"
-	"segmap/internal/mapping"
 )
 
 // heldReads is a container whose reads can be held after they read: while
@@ -82,33 +80,12 @@ func TestLeaseHoldsIO(t *testing.T) {
 // from SIGSTOP served reads from a slot that a snapshot and a copy on write
 // had taken from its disk meanwhile.)
 func TestReadOutlivingLease(t *testing.T) {
-	checkGoroutines(t)
-	ctx := context.Background()
-	mem := container.NewMemory(1, tSeg, tSlots)
-	held := &heldReads{Container: mem, entered: make(chan chan struct{}), stop: make(chan struct{})}
-	fc := &fakeCtrl{
-		disk: mapping.Disk{ID: tDisk, Name: "d", Size: tSegs * tSeg, SegmentSize: tSeg},
-		cont: mapping.Container{ID: 1, URI: "mem:1", SlotSize: tSeg, Slots: tSlots},
-	}
-	a := New(Config{Name: "host", Controller: fc, OpenContainer: func(info mapping.Container) (container.Container, error) {
-		if info.ID != 1 {
-			return nil, fmt.Errorf("container %d: %w", info.ID, container.ErrNotContainer)
-		}
-		return held, nil
-	}})
-	if err := a.Attach(ctx, fc); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		close(held.stop)
-		if err := a.Close(); err != nil {
-			t.Errorf("close agent: %v", err)
-		}
+	var held *heldReads
+	e := newEnvOver(t, func(mem *container.Memory) (container.Container, func()) {
+		held = &heldReads{Container: mem, entered: make(chan chan struct{}), stop: make(chan struct{})}
+		return held, func() { close(held.stop) }
 	})
-	d, err := a.Open(ctx, "d")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, mem, a, d := e.ctx, e.mem, e.a, e.d
 	a.SetLease(time.Now().Add(time.Minute))
 	old, cur := bytesOf(4096, 1), bytesOf(4096, 2)
 	if _, err := mem.WriteAt(old, 0); err != nil {

@@ -282,15 +282,7 @@ func crashSoak(t *testing.T, deadline time.Time, outcomes map[string]int) (runs,
 		}
 		r := rand.New(rand.NewPCG(seed, 11))
 		h := openFx(t, t.TempDir(), true)
-		m := fxModel{}
-		var err error
-		for j, n := 0, 3+r.IntN(20); j < n; j++ {
-			op := randomOp(r, m)
-			if m, err = op.run(h, m); err != nil {
-				h.close()
-				t.Fatalf("seed %d: history op %d (%s): %v (rerun with -crash.seed %d)", seed, j, op.name, err, seed)
-			}
-		}
+		m := randomHistory(t, r, h, fxModel{}, seed, "-crash.seed")
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
 		side := ctrlCrash

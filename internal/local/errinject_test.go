@@ -336,15 +336,7 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int, leaks *i
 		}
 		r := rand.New(rand.NewPCG(seed, 13))
 		h := openFx(t, t.TempDir(), false)
-		m := fxModel{}
-		var err error
-		for j, n := 0, 3+r.IntN(20); j < n; j++ {
-			op := randomOp(r, m)
-			if m, err = op.run(h, m); err != nil {
-				h.close()
-				t.Fatalf("seed %d: history op %d (%s): %v (rerun with -errinject.seed %d)", seed, j, op.name, err, seed)
-			}
-		}
+		m := randomHistory(t, r, h, fxModel{}, seed, "-errinject.seed")
 		st := fxSave(t, h, m)
 		op := randomOp(r, m)
 		cold := r.IntN(2) == 0

@@ -539,3 +539,19 @@ func (h *fx) freeSlotsZero(check bool) error {
 	}
 	return h.c.Ctrl.DeleteDisk(h.ctx, name)
 }
+
+// randomHistory runs a random history of 3 to 22 operations on h, from
+// model m, and returns the model after it; a failure names the seed and
+// the flag (rerun) that replays it.
+func randomHistory(t *testing.T, r *rand.Rand, h *fx, m fxModel, seed uint64, rerun string) fxModel {
+	t.Helper()
+	var err error
+	for j, n := 0, 3+r.IntN(20); j < n; j++ {
+		op := randomOp(r, m)
+		if m, err = op.run(h, m); err != nil {
+			h.close()
+			t.Fatalf("seed %d: history op %d (%s): %v (rerun with %s %d)", seed, j, op.name, err, rerun, seed)
+		}
+	}
+	return m
+}
