@@ -214,20 +214,6 @@ func recordKind(got, want string) bool {
 		bytes.Equal(g[len("truncated-record "):], w[len("corrupt-record "):])
 }
 
-// soakDuration is how long the long form of a test runs ($SEGMAP_SOAK, a
-// Go duration), 0 for the short form.
-func soakDuration(t *testing.T) time.Duration {
-	s := os.Getenv("SEGMAP_SOAK")
-	if s == "" {
-		return 0
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		t.Fatalf("SEGMAP_SOAK=%q: %v", s, err)
-	}
-	return d
-}
-
 // TestCheckRandomDamage damages copies of a clean store at random (slot
 // and page counts, entries, used counts, record bytes), predicts from the
 // clean store's census exactly what check must report, and checks it in

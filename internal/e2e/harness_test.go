@@ -355,3 +355,18 @@ func sha(t *testing.T, path string) string {
 	}
 	return fmt.Sprintf("%x", h.Sum(nil))
 }
+
+// soakDuration is how long the long form of a test runs (`make soak` sets
+// SEGMAP_SOAK to a Go duration); 0 for the short form.
+func soakDuration(t *testing.T) time.Duration {
+	t.Helper()
+	v := os.Getenv("SEGMAP_SOAK")
+	if v == "" {
+		return 0
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		t.Fatalf("SEGMAP_SOAK=%q: want a Go duration such as 30m", v)
+	}
+	return d
+}

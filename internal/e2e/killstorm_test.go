@@ -148,20 +148,6 @@ func (a *stormStats) String() string {
 		a.maxOp.Round(time.Millisecond), a.maxOpKind, a.maxIO.Round(time.Millisecond), a.maxRestart.Round(time.Millisecond))
 }
 
-// stormSoak returns the long form's duration (SEGMAP_SOAK), or 0.
-func stormSoak(t *testing.T) time.Duration {
-	t.Helper()
-	v := os.Getenv("SEGMAP_SOAK")
-	if v == "" {
-		return 0
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil || d <= 0 {
-		t.Fatalf("SEGMAP_SOAK=%q: want a Go duration such as 30m", v)
-	}
-	return d
-}
-
 // TestKillStormController: kill -9 of the controller every 1-5 s during
 // snapshot / clone / delete / resize operations and fio through two
 // agents.
@@ -176,7 +162,7 @@ func TestKillStormAgent(t *testing.T) { runStorms(t, killAgents) }
 // half of SEGMAP_SOAK has passed, and logs the summary.
 func runStorms(t *testing.T, kind stormKind) {
 	requireTools(t, "fio", "qemu-io", "nbdcopy")
-	soak := stormSoak(t)
+	soak := soakDuration(t)
 	var seed uint64
 	if v := os.Getenv("SEGMAP_KILLSTORM_SEED"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)

@@ -81,7 +81,7 @@ const linPending = math.MaxInt64
 // history's visualization goes to the test's artifacts (go test
 // -artifacts), or else to a directory under $TMPDIR, named in the error.
 func TestLinearizable(t *testing.T) {
-	soak := linSoak(t)
+	soak := soakDuration(t)
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("SEGMAP_LINEAR_SEED"); s != "" {
 		n, err := strconv.ParseUint(s, 10, 64)
@@ -140,19 +140,6 @@ func TestLinearizable(t *testing.T) {
 		total.histories, total.reads+total.writes, total.reads, total.torn, total.writes, total.fua, total.segWrites, total.pending, total.flushes,
 		total.restarts, total.partitions, total.fences, total.blips, total.pauses, total.cuts, total.severed, total.snapshots, total.snapReads,
 		total.maxWait.Round(time.Millisecond), total.illegal, time.Since(start).Round(time.Second))
-}
-
-// linSoak returns the duration in SEGMAP_SOAK, 0 if unset.
-func linSoak(t *testing.T) time.Duration {
-	s := os.Getenv("SEGMAP_SOAK")
-	if s == "" {
-		return 0
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d <= 0 {
-		t.Fatalf("SEGMAP_SOAK=%q: want a Go duration such as 30m", s)
-	}
-	return d
 }
 
 // linAgent is one agent process, reaching the controller through a proxy

@@ -66,11 +66,7 @@ func TestModel(t *testing.T) {
 	// Under `make soak` (SEGMAP_SOAK=DURATION) fresh seeds follow until
 	// the duration has passed.
 	var deadline time.Time
-	if d := os.Getenv("SEGMAP_SOAK"); d != "" && *modelSeed == 0 {
-		soak, err := time.ParseDuration(d)
-		if err != nil {
-			t.Fatalf("SEGMAP_SOAK=%q: %v", d, err)
-		}
+	if soak := soakDuration(t); soak > 0 && *modelSeed == 0 {
 		deadline = time.Now().Add(soak)
 	}
 	total := 0
