@@ -21,6 +21,7 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
+	"segmap/internal/listen"
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
@@ -69,7 +70,7 @@ docs/cluster.md.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			l, err := listen(addr)
+			l, err := listen.Listen(addr)
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
 			}
@@ -171,7 +172,7 @@ docs/cluster.md.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol")
+	fl.StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol (host:port, unix:PATH or fd:N, an inherited socket)")
 	fl.StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata), without --etcd")
 	fl.DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
 	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
@@ -207,7 +208,7 @@ func newAgent() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			l, err := listen(nbdListen)
+			l, err := listen.Listen(nbdListen)
 			if err != nil {
 				return fmt.Errorf("NBD listener: %w", err)
 			}
@@ -272,7 +273,7 @@ func newAgent() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&ctrlAddr, "controller", "127.0.0.1:10810", "the controller's address; with several controllers, every one's, comma-separated")
 	cmd.Flags().StringVar(&name, "name", "", "this agent's (host's) name")
-	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
+	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD (host:port, unix:PATH or fd:N, an inherited socket)")
 	cmd.Flags().BoolVar(&nbdTLS, "nbd-tls", false, "require TLS (NBD STARTTLS) from hosts, with a certificate of the cluster CA")
 	tf.add(cmd, "", false)
 	cmd.Flags().StringVar(&tf.serverName, "controller-name", "controller", "the controller's certificate name")

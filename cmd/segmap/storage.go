@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"segmap/internal/listen"
 	"segmap/internal/nbd"
 	"segmap/internal/size"
 	"segmap/internal/storage"
@@ -61,7 +62,7 @@ first.`,
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports (required)")
 	fl := cmd.Flags()
-	fl.StringVar(&addr, "listen", "127.0.0.1:10809", "address to serve NBD on (host:port)")
+	fl.StringVar(&addr, "listen", "127.0.0.1:10809", "address to serve NBD on (host:port, unix:PATH or fd:N, an inherited socket)")
 	fl.StringVar(&prefix, "export-prefix", "", "prefix of every export name")
 	fl.DurationVar(&drain, "drain-timeout", 30*time.Second, "how long a stop waits for requests in flight")
 	tf.add(cmd, tlsconf.RoleStorage, false)
@@ -115,7 +116,7 @@ func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duratio
 	defer stop()
 
 	// Bind first: a busy port is an error now, not later.
-	l, err := listen(addr)
+	l, err := listen.Listen(addr)
 	if err != nil {
 		return fmt.Errorf("NBD listener: %w", err)
 	}

@@ -5,11 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -19,6 +17,7 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/admin"
 	"segmap/internal/ha"
+	"segmap/internal/listen"
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
@@ -61,8 +60,8 @@ controller': up serves no remote agents.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.data, "data", "./segmap-data", "data directory (metadata and container files)")
-	fl.StringVar(&f.nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD")
-	fl.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:10810", "address of the admin API (host:port or unix:PATH)")
+	fl.StringVar(&f.nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD (host:port, unix:PATH or fd:N, an inherited socket)")
+	fl.StringVar(&f.adminListen, "admin-listen", "127.0.0.1:10810", "address of the admin API (host:port, unix:PATH or fd:N, an inherited socket)")
 	fl.StringVar(&f.poolSize, "pool-size", "64G", "total size of the container pool created for each segment size (sparse: costs nothing until written)")
 	fl.IntVar(&f.poolFiles, "pool-files", 4, "number of container files the pool is split into")
 	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
@@ -70,14 +69,6 @@ controller': up serves no remote agents.`,
 	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
 	f.etcd.add(cmd)
 	return cmd
-}
-
-func listen(addr string) (net.Listener, error) {
-	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
-		os.Remove(p) // a stale socket from a previous run
-		return net.Listen("unix", p)
-	}
-	return net.Listen("tcp", addr)
 }
 
 func runUp(cmd *cobra.Command, f *upFlags) error {
@@ -93,12 +84,12 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	defer stop()
 
 	// Bind first: a busy port is an error now, not later.
-	nbdL, err := listen(f.nbdListen)
+	nbdL, err := listen.Listen(f.nbdListen)
 	if err != nil {
 		return fmt.Errorf("NBD listener: %w", err)
 	}
 	defer nbdL.Close()
-	adminL, err := listen(f.adminListen)
+	adminL, err := listen.Listen(f.adminListen)
 	if err != nil {
 		return fmt.Errorf("admin listener: %w", err)
 	}
