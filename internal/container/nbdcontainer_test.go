@@ -11,13 +11,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"segmap/internal/container"
 	"segmap/internal/container/containertest"
+	"segmap/internal/heldport"
 	"segmap/internal/nbd"
 	"segmap/internal/storage"
 )
@@ -344,51 +343,10 @@ func needTool(t *testing.T, name string) string {
 	return ""
 }
 
-// startQemuNBD serves file as export "disk" with qemu-nbd on a free
-// loopback port until cleanup, and returns the address.
+// startQemuNBD serves file as export "disk" with qemu-nbd on a loopback
+// port this test holds (socket activation) until cleanup, and returns the
+// address.
 func startQemuNBD(t *testing.T, qemu, file string) string {
 	t.Helper()
-	for range 4 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		cmd := exec.Command(qemu, "-f", "raw", "-t", "-e", "8", "--discard=unmap", "-b", "127.0.0.1",
-			"-p", strconv.Itoa(port), "-x", "disk", file)
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		deadline := time.Now().Add(10 * time.Second)
-		for time.Now().Before(deadline) {
-			select {
-			case err := <-exited:
-				t.Logf("qemu-nbd exited (%v):\n%s", err, out.String())
-				deadline = time.Time{}
-				continue
-			default:
-			}
-			if nc, err := net.Dial("tcp", addr); err == nil {
-				nc.Close()
-				t.Cleanup(func() {
-					cmd.Process.Kill()
-					<-exited
-				})
-				return addr
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		if !deadline.IsZero() {
-			cmd.Process.Kill()
-			<-exited
-		}
-	}
-	t.Fatal("qemu-nbd did not start")
-	return ""
+	return heldport.Serve(t, qemu, "-f", "raw", "-t", "-e", "8", "--discard=unmap", "-x", "disk", file)
 }

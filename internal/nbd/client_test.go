@@ -18,15 +18,15 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"segmap/internal/heldport"
 )
 
 // ---- helpers ----
@@ -1078,75 +1078,16 @@ func TestClientHandshakeErrors(t *testing.T) {
 
 // ---- against real servers ----
 
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// startTool starts a server tool with args (PORT in them is replaced by a
-// free port) and waits until it accepts connections. It is killed at
-// cleanup.
+// startTool starts a server tool with args on a port this test holds,
+// handed to it by socket activation (never a port found free and then
+// bound by the tool), and returns its address. It is killed at cleanup.
 func startTool(t *testing.T, name string, args ...string) (addr string) {
 	t.Helper()
-	path := needTool(t, name)
-	var out bytes.Buffer
-	for range 4 {
-		port := strconv.Itoa(freePort(t))
-		a := make([]string, len(args))
-		for i, s := range args {
-			a[i] = strings.ReplaceAll(s, "PORT", port)
-		}
-		cmd := exec.Command(path, a...)
-		out.Reset()
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
-		addr = net.JoinHostPort("127.0.0.1", port)
-		if waitListening(addr, exited) {
-			t.Cleanup(func() {
-				cmd.Process.Kill()
-				<-exited
-			})
-			return addr
-		}
-		cmd.Process.Kill()
-		t.Logf("%s exited or did not listen (%v), retrying:\n%s", name, <-exited, out.String())
-	}
-	t.Fatalf("%s did not start", name)
-	return ""
-}
-
-// waitListening waits up to 10s for addr to accept a connection; false if
-// the process exits first or time runs out.
-func waitListening(addr string, exited chan error) bool {
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-exited:
-			exited <- err
-			return false
-		default:
-		}
-		if nc, err := net.Dial("tcp", addr); err == nil {
-			nc.Close()
-			return true
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return false
+	return heldport.Serve(t, needTool(t, name), args...)
 }
 
 func startQemuNBD(t *testing.T, file string, extra ...string) string {
-	args := append([]string{"-f", "raw", "-t", "-e", "8", "-b", "127.0.0.1", "-p", "PORT", "-x", "disk"}, extra...)
+	args := append([]string{"-f", "raw", "-t", "-e", "8", "-x", "disk"}, extra...)
 	return startTool(t, "qemu-nbd", append(args, file)...)
 }
 
@@ -1216,7 +1157,7 @@ func TestClientNbdkit(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			checkGoroutines(t)
-			args := append([]string{"--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", "PORT"}, tt.args...)
+			args := append([]string{"--foreground", "--exit-with-parent"}, tt.args...)
 			args = append(args, "memory", "64M")
 			if tt.name == "block-size-policy" {
 				args = append(args, "blocksize-minimum=512", "blocksize-maximum=64K", "blocksize-error-policy=error")
@@ -1264,7 +1205,7 @@ func TestClientTLS(t *testing.T) {
 	needTool(t, "nbdkit")
 	dir := t.TempDir()
 	pool := writeTestPKI(t, dir)
-	addr := startTool(t, "nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", "PORT",
+	addr := startTool(t, "nbdkit", "--foreground", "--exit-with-parent",
 		"--tls=require", "--tls-certificates="+dir, "memory", "16M")
 	c := dialClient(t, addr, "", ClientConfig{TLS: &tls.Config{RootCAs: pool}})
 	roundTrip(t, c, 0, 1<<20)
