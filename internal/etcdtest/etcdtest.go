@@ -7,7 +7,6 @@ package etcdtest
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/url"
 	"testing"
 	"time"
@@ -85,36 +84,30 @@ func Start(m Member) (*embed.Etcd, error) {
 	}
 }
 
-// FreeURL returns a loopback http URL on a port that was free a moment ago:
-// embed does not report the port it bound for ":0" in every version.
-func FreeURL() (url.URL, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return url.URL{}, err
+// ClientURL returns the URL e serves clients on, with the port the kernel
+// chose if the member was started on port 0.
+func ClientURL(e *embed.Etcd) url.URL {
+	u := e.Config().ListenClientUrls[0]
+	if u.Scheme == "unix" || u.Scheme == "unixs" {
+		return u
 	}
-	addr := l.Addr().String()
-	if err := l.Close(); err != nil {
-		return url.URL{}, err
-	}
-	return url.URL{Scheme: "http", Host: addr}, nil
+	u.Host = e.Clients[0].Addr().String()
+	return u
 }
 
 // StartOne starts a one-member etcd in a temporary directory, stopped when
 // t ends, and returns its client URL.
 func StartOne(t testing.TB) string {
 	t.Helper()
-	cu, err := FreeURL()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pu, err := FreeURL()
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := Start(Member{Name: "segmap-test", Dir: t.TempDir(), Client: cu, Peer: pu, NoFsync: true})
+	// Port 0 for both: the kernel chooses, nothing can take the ports
+	// between a choice and a bind. A member alone never dials its peer
+	// URL, so that it names port 0 costs nothing.
+	port0 := url.URL{Scheme: "http", Host: "127.0.0.1:0"}
+	e, err := Start(Member{Name: "segmap-test", Dir: t.TempDir(), Client: port0, Peer: port0, NoFsync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	return cu.String()
+	u := ClientURL(e)
+	return u.String()
 }

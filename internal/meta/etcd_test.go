@@ -3,8 +3,6 @@ package meta_test
 import (
 	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"runtime"
 	"strings"
 	"sync"
@@ -14,9 +12,9 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"segmap/internal/etcdtest"
 	"segmap/internal/meta"
 	"segmap/internal/meta/metatest"
 	"segmap/internal/table"
@@ -25,8 +23,8 @@ import (
 // Limits of the test server: well above etcd's defaults (128 ops, 1.5 MiB),
 // as a controller's etcd must be (see meta.Etcd).
 const (
-	testMaxTxnOps       = 4096
-	testMaxRequestBytes = 32 << 20
+	testMaxTxnOps       = etcdtest.MaxTxnOps
+	testMaxRequestBytes = etcdtest.MaxRequestBytes
 )
 
 // Encoded record sizes the Etcd doc comment states.
@@ -108,53 +106,9 @@ func TestEtcd(t *testing.T) {
 	t.Run("TooManyBytes", func(t *testing.T) { testEtcdTooManyBytes(t, cli, prefix()) })
 }
 
-// freeURL returns a loopback URL on a port that was free a moment ago:
-// embed does not report the port it bound for ":0" in every version.
-func freeURL(t *testing.T) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	if err := l.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return url.URL{Scheme: "http", Host: addr}
-}
-
 // startEtcd starts a one-member etcd in a temporary directory, stopped when
 // t ends, and returns its client URL.
-func startEtcd(t *testing.T) string {
-	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "segmap-test"
-	cfg.Dir = t.TempDir()
-	cu, pu := freeURL(t), freeURL(t)
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	// Silent: even at level error, etcd logs its own orderly shutdown as
-	// failures. A failed start still shows, through StartEtcd and Err.
-	cfg.Logger, cfg.ZapLoggerBuilder = "zap", embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.MaxTxnOps, cfg.MaxRequestBytes = testMaxTxnOps, testMaxRequestBytes
-	// The tests reopen stores, never the server: they need no fsync.
-	cfg.UnsafeNoFsync = true
-
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case err := <-e.Err():
-		t.Fatalf("etcd: %v", err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("etcd not ready after 20s")
-	}
-	return cu.String()
-}
+func startEtcd(t *testing.T) string { return etcdtest.StartOne(t) }
 
 // newClient returns a client of endpoint, closed when t ends, whose send
 // limit is above the server's request limit, so that the server's limit is
