@@ -654,7 +654,7 @@ func TestCheckStoresOnline(t *testing.T) {
 			s := loadCheckStore(t, d.name)
 			// A short lease: a new controller holds off changes (here
 			// the repair) until agents of an earlier one have expired.
-			ctl := start(t, s.dir, "controller", "--listen", freeAddr(t), "--data", s.dir, "--insecure", "--lease", "500ms")
+			ctl := start(t, s.dir, "controller", "--listen", "127.0.0.1:0", "--data", s.dir, "--insecure", "--lease", "500ms")
 			out, errOut, code := ctl.cliResult("check")
 			if d.name == "damaged-file" {
 				// The controller's first commit (its epoch) rewrote

@@ -2,35 +2,35 @@ package e2e
 
 import (
 	"fmt"
-	"net"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-)
 
-// freeAddr returns a loopback address with a port nobody listens on, for a
-// process that must come back on the same address after a restart.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+	"segmap/internal/heldport"
+)
 
 type cluster struct {
 	t        *testing.T
 	dir      string
 	certs    string // TLS certificates; "" for a plaintext cluster
+	ctlPort  *heldport.Port
 	ctlAddr  string
 	ctl      *up
 	agents   map[string]*up
+	nbdPorts map[string]*heldport.Port
 	nbdAddrs map[string]string
 	storage  []*up
+}
+
+// newBareCluster returns a cluster with nothing started: the controller's
+// port is held by the test, so that a restarted controller comes back on
+// the address its agents know.
+func newBareCluster(t *testing.T) *cluster {
+	p := heldport.New(t)
+	return &cluster{t: t, dir: t.TempDir(), ctlPort: p, ctlAddr: p.Addr(), agents: map[string]*up{},
+		nbdPorts: map[string]*heldport.Port{}, nbdAddrs: map[string]string{}}
 }
 
 func (c *cluster) tlsArgs() []string {
@@ -41,16 +41,30 @@ func (c *cluster) tlsArgs() []string {
 }
 
 func (c *cluster) startController() {
-	c.ctl = start(c.t, c.dir, append([]string{"controller", "--listen", c.ctlAddr, "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s"}, c.tlsArgs()...)...)
+	c.ctl = startHeld(c.t, c.dir, []*heldport.Port{c.ctlPort},
+		append([]string{"controller", "--listen", fdArg(0), "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s"}, c.tlsArgs()...)...)
+}
+
+// nbdPort returns the NBD port of the named agent, the same for every
+// start of it.
+func (c *cluster) nbdPort(name string) *heldport.Port {
+	p := c.nbdPorts[name]
+	if p == nil {
+		p = heldport.New(c.t)
+		c.nbdPorts[name] = p
+		c.nbdAddrs[name] = p.Addr()
+	}
+	return p
 }
 
 func (c *cluster) startAgent(name string) *up {
-	addr := c.nbdAddrs[name]
-	if addr == "" {
-		addr = freeAddr(c.t)
-		c.nbdAddrs[name] = addr
-	}
-	a := start(c.t, c.dir, append([]string{"agent", "--controller", c.ctlAddr, "--name", name, "--nbd-listen", addr}, c.tlsArgs()...)...)
+	return c.startAgentVia(name, c.ctlAddr)
+}
+
+// startAgentVia starts the named agent, reaching the controller at ctl.
+func (c *cluster) startAgentVia(name, ctl string, extra ...string) *up {
+	args := append([]string{"agent", "--controller", ctl, "--name", name, "--nbd-listen", fdArg(0)}, c.tlsArgs()...)
+	a := startHeld(c.t, c.dir, []*heldport.Port{c.nbdPort(name)}, append(args, extra...)...)
 	c.agents[name] = a
 	return a
 }
@@ -75,7 +89,7 @@ func (c *cluster) cli(args ...string) string {
 // 'segmap certs init'), two storage nodes whose exports are its
 // containers, serving NBD over TLS only, and the named agents.
 func newCluster(t *testing.T, agents ...string) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), ctlAddr: freeAddr(t), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
+	c := newBareCluster(t)
 	c.certs = filepath.Join(c.dir, "certs")
 	args := []string{"certs", "init", c.certs, "--storage", "s1,s2"}
 	for _, a := range agents {
@@ -92,10 +106,12 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 		if _, errOut, code := runBin(t, "storage", "create", "--dir", dir, "s", "--size", "2G"); code != 0 {
 			t.Fatalf("storage create: %s", errOut)
 		}
-		addr := freeAddr(t)
-		c.storage = append(c.storage, start(t, dir, "storage", "--listen", addr, "--dir", dir,
+		// The container's URI names this address: it stays the
+		// storage node's across restarts.
+		p := heldport.New(t)
+		c.storage = append(c.storage, startHeld(t, dir, []*heldport.Port{p}, "storage", "--listen", fdArg(0), "--dir", dir,
 			"--certs", c.certs, "--cert-name", fmt.Sprintf("s%d", i)))
-		c.cli("container", "add", "nbd://"+addr+"/s", "--format", "--slot-size", "1M")
+		c.cli("container", "add", "nbd://"+p.Addr()+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {
 		c.startAgent(a)

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"segmap/internal/heldport"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
 )
@@ -48,28 +50,32 @@ func newHACluster(t *testing.T, agents ...string) *haCluster {
 			eps = append(eps, "http://"+p.addr())
 		}
 		c.proxies = append(c.proxies, ps)
-		addr := freeAddr(t)
-		c.ctlAddrs = append(c.ctlAddrs, addr)
-		c.ctls = append(c.ctls, start(t, c.dir, "controller", "--listen", addr, "--name", fmt.Sprintf("c%d", i+1),
+		// Held ports: a killed controller's address refuses, and is
+		// nobody else's, for the agents that still list it.
+		p := heldport.New(t)
+		c.ctlAddrs = append(c.ctlAddrs, p.Addr())
+		c.ctls = append(c.ctls, startHeld(t, c.dir, []*heldport.Port{p}, "controller", "--listen", fdArg(0), "--name", fmt.Sprintf("c%d", i+1),
 			"--etcd", strings.Join(eps, ","), "--insecure")) // default --etcd-ttl and --lease
 	}
 	for _, a := range agents {
-		addr := freeAddr(t)
-		c.nbdAddrs[a] = addr
 		c.agents[a] = start(t, c.dir, "agent", "--controller", strings.Join(c.ctlAddrs, ","), "--name", a,
-			"--nbd-listen", addr, "--insecure")
+			"--nbd-listen", "127.0.0.1:0", "--insecure")
+		c.nbdAddrs[a] = c.agents[a].nbd
 	}
 	return c
 }
 
 // startEtcd starts an etcd cluster of n members (processes) and returns
-// them and their client URLs.
+// them and their client URLs. The members reach each other over Unix
+// sockets in dir (etcd names a unix:// peer URL's socket by its host part,
+// relative to the working directory, which they share), and serve clients
+// on ports the kernel chose, which they report: no port is chosen free and
+// then handed over.
 func startEtcd(t *testing.T, dir string, n int) ([]*up, []string) {
 	t.Helper()
-	var peers, clients, members []string
+	var peers, members []string
 	for i := range n {
-		peers = append(peers, "http://"+freeAddr(t))
-		clients = append(clients, "http://"+freeAddr(t))
+		peers = append(peers, fmt.Sprintf("unix://e%d.peer:1", i+1))
 		members = append(members, fmt.Sprintf("e%d=%s", i+1, peers[i]))
 	}
 	// The members start together: each waits for a quorum.
@@ -78,13 +84,19 @@ func startEtcd(t *testing.T, dir string, n int) ([]*up, []string) {
 	for i := range n {
 		wg.Go(func() {
 			name := fmt.Sprintf("e%d", i+1)
-			procs[i] = startBin(t, etcdBin, dir, "--name", name, "--dir", filepath.Join(dir, name),
-				"--client", clients[i], "--peer", peers[i], "--cluster", strings.Join(members, ","))
+			cmd := exec.Command(etcdBin, "--name", name, "--dir", filepath.Join(dir, name),
+				"--client", "http://127.0.0.1:0", "--peer", peers[i], "--cluster", strings.Join(members, ","))
+			cmd.Dir = dir
+			procs[i] = startCmd(t, cmd, dir, nil)
 		})
 	}
 	wg.Wait()
 	if t.Failed() {
 		t.FailNow()
+	}
+	clients := make([]string, n)
+	for i, p := range procs {
+		clients[i] = p.clients
 	}
 	return procs, clients
 }
@@ -507,10 +519,10 @@ func TestUpEtcd(t *testing.T) {
 	if _, errOut, code := runBin(t, "certs", "init", certs, "--storage", "etcd1"); code != 0 {
 		t.Fatalf("certs init: %s", errOut)
 	}
-	url := "https://" + freeAddr(t)
-	startBin(t, etcdBin, dir, "--name", "etcd1", "--dir", filepath.Join(dir, "etcd1"), "--client", url,
-		"--peer", "http://"+freeAddr(t), "--cert", filepath.Join(certs, "storage-etcd1.crt"),
-		"--key", filepath.Join(certs, "storage-etcd1.key"), "--ca", filepath.Join(certs, "ca.crt"))
+	// A member alone never dials its peer URL: both on port 0.
+	url := startBin(t, etcdBin, dir, "--name", "etcd1", "--dir", filepath.Join(dir, "etcd1"), "--client", "https://127.0.0.1:0",
+		"--peer", "http://127.0.0.1:0", "--cert", filepath.Join(certs, "storage-etcd1.crt"),
+		"--key", filepath.Join(certs, "storage-etcd1.key"), "--ca", filepath.Join(certs, "ca.crt")).clients
 	etcdArgs := []string{"--etcd", url, "--etcd-prefix", "/up-test/", "--etcd-cacert", filepath.Join(certs, "ca.crt"),
 		"--etcd-cert", filepath.Join(certs, "controller-controller.crt"), "--etcd-key", filepath.Join(certs, "controller-controller.key")}
 	// Without a client certificate etcd refuses the controller.

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"segmap/internal/heldport"
 )
 
 // bin is the segmap binary built for the tests; etcdBin, the etcd member
@@ -77,9 +79,11 @@ type up struct {
 	dir   string
 	admin string // admin API address
 	nbd   string // NBD address
-	cmd   *exec.Cmd
-	out   *syncBuffer
-	done  chan error
+	// clients is an etcd member's client URL.
+	clients string
+	cmd     *exec.Cmd
+	out     *syncBuffer
+	done    chan error
 
 	wasKilled bool
 }
@@ -113,13 +117,40 @@ func startUp(t *testing.T, dir string, extra ...string) *up {
 // the test ends.
 func start(t *testing.T, dir string, args ...string) *up {
 	t.Helper()
-	return startBin(t, bin, dir, args...)
+	return startHeld(t, dir, nil, args...)
 }
+
+// startHeld is start for a server that listens on ports the test holds:
+// ports[i] is its descriptor fdArg(i), to name in its listen flags, so
+// that it comes back on the same address when started again after a kill.
+func startHeld(t *testing.T, dir string, ports []*heldport.Port, args ...string) *up {
+	t.Helper()
+	return startCmd(t, exec.Command(bin, args...), dir, ports)
+}
+
+// fdArg names the descriptor that startHeld hands ports[i] over as.
+func fdArg(i int) string { return fmt.Sprintf("fd:%d", 3+i) }
 
 // startBin is start for another binary.
 func startBin(t *testing.T, binary, dir string, args ...string) *up {
 	t.Helper()
-	cmd := exec.Command(binary, args...)
+	return startCmd(t, exec.Command(binary, args...), dir, nil)
+}
+
+// startCmd starts cmd, a server that prints a line starting with "ready"
+// once it serves, with ports as its descriptors 3, 4, ..., and waits for
+// that line. While the process is down, its ports refuse connections.
+func startCmd(t *testing.T, cmd *exec.Cmd, dir string, ports []*heldport.Port) *up {
+	t.Helper()
+	args := cmd.Args[1:]
+	for _, p := range ports {
+		f, err := p.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close() // the child has its own copy once started
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -142,12 +173,19 @@ func startBin(t *testing.T, binary, dir string, args ...string) *up {
 			if f, ok := field(line, "NBD on "); ok {
 				u.nbd = f
 			}
+			if f, ok := field(line, "clients on "); ok {
+				u.clients = f
+			}
 			if strings.HasPrefix(line, "ready") && !signalled {
 				signalled = true
 				close(ready)
 			}
 		}
-		u.done <- cmd.Wait()
+		err := cmd.Wait()
+		for _, p := range ports {
+			p.Refuse()
+		}
+		u.done <- err
 	}()
 	select {
 	case <-ready:

@@ -240,7 +240,7 @@ func (s *storm) failf(format string, args ...any) {
 // newStormCluster starts a plaintext controller (lease 3s) with two file
 // containers and two agents.
 func newStormCluster(t *testing.T) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), ctlAddr: freeAddr(t), agents: map[string]*up{}, nbdAddrs: map[string]string{}}
+	c := newBareCluster(t)
 	c.startController()
 	for i := 1; i <= 2; i++ {
 		c.cli("container", "add", filepath.Join(c.dir, fmt.Sprintf("c%d", i)), "--size", "768M", "--slot-size", "1M")

@@ -97,7 +97,7 @@ func TestLinearizable(t *testing.T) {
 		if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", name); code != 0 {
 			t.Fatalf("certs issue %s: %s", name, errOut)
 		}
-		a := &linAgent{c: c, name: name, nbdAddr: freeAddr(t), ctl: newProxy(t, c.ctlAddr)}
+		a := &linAgent{c: c, name: name, nbdAddr: c.nbdPort(name).Addr(), ctl: newProxy(t, c.ctlAddr)}
 		a.start()
 		agents = append(agents, a)
 	}
@@ -153,8 +153,7 @@ type linAgent struct {
 }
 
 func (a *linAgent) start() {
-	a.proc = start(a.c.t, a.c.dir, "agent", "--controller", a.ctl.addr(), "--name", a.name,
-		"--nbd-listen", a.nbdAddr, "--certs", a.c.certs)
+	a.proc = a.c.startAgentVia(a.name, a.ctl.addr())
 }
 
 // kill kills the agent with SIGKILL; the race detector must not have

@@ -100,12 +100,10 @@ func TestClusterPartition(t *testing.T) {
 	c := newCluster(t, "host-b")
 	p := newProxy(t, c.ctlAddr)
 	// host-a reaches the controller through the proxy.
-	addr := freeAddr(t)
-	c.nbdAddrs["host-a"] = addr
 	if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", "host-a"); code != 0 {
 		t.Fatal(errOut)
 	}
-	a := start(t, c.dir, "agent", "--controller", p.addr(), "--name", "host-a", "--nbd-listen", addr, "--certs", c.certs)
+	a := c.startAgentVia("host-a", p.addr())
 	c.cli("disk", "create", "d", "--size", "64M")
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-a", "d"), "-c", "write -P 0x0a 0 4M")
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-b", "d"), "-c", "read -P 0x0a 0 4M")

@@ -72,7 +72,7 @@ func TestClusterSecurity(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(c.certs, src))
 		os.WriteFile(filepath.Join(fake, dst), b, 0o600)
 	}
-	cmd := exec.Command(bin, "agent", "--controller", c.ctlAddr, "--name", "host-b", "--nbd-listen", freeAddr(t), "--certs", fake)
+	cmd := exec.Command(bin, "agent", "--controller", c.ctlAddr, "--name", "host-b", "--nbd-listen", "127.0.0.1:0", "--certs", fake)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -97,8 +97,8 @@ func TestClusterNBDTLS(t *testing.T) {
 	if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", "host-t"); code != 0 {
 		t.Fatal(errOut)
 	}
-	addr := freeAddr(t)
-	start(t, c.dir, "agent", "--controller", c.ctlAddr, "--name", "host-t", "--nbd-listen", addr, "--certs", c.certs, "--nbd-tls")
+	addr := start(t, c.dir, "agent", "--controller", c.ctlAddr, "--name", "host-t", "--nbd-listen", "127.0.0.1:0",
+		"--certs", c.certs, "--nbd-tls").nbd
 	if out, err := runErr(30*time.Second, "nbdinfo", "nbd://"+addr+"/sec"); err == nil {
 		t.Errorf("plaintext NBD to a --nbd-tls agent succeeded:\n%s", out)
 	}

@@ -2,11 +2,13 @@
 // go.etcd.io/etcd/server/v3/embed, at the version segmap's client uses),
 // for the end-to-end tests, which start three and kill them with SIGKILL.
 //
-//	etcdnode --name e1 --dir DIR --client http://127.0.0.1:2379 --peer http://127.0.0.1:2380 \
-//	    --cluster e1=http://127.0.0.1:2380,e2=...,e3=...
+//	etcdnode --name e1 --dir DIR --client http://127.0.0.1:0 --peer unix://e1.peer:1 \
+//	    --cluster e1=unix://e1.peer:1,e2=...,e3=...
 //
-// It prints "ready" once the member has joined a quorum, and stops on
-// SIGINT or SIGTERM.
+// It prints the client URL it serves on ("clients on URL", with the port
+// the kernel chose for port 0) and "ready" once the member has joined a
+// quorum, and stops on SIGINT or SIGTERM. A unix:// peer URL is a socket
+// named by its host part in the working directory.
 package main
 
 import (
@@ -58,7 +60,9 @@ func run(m etcdtest.Member, client, peer string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("etcd member %s: clients on %s\nready\n", m.Name, client)
+	// The URL it got: port 0 in --client is the kernel's choice.
+	got := etcdtest.ClientURL(e)
+	fmt.Printf("etcd member %s: clients on %s\nready\n", m.Name, got.String())
 	select {
 	case <-sig:
 		e.Close()
