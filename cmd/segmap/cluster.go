@@ -132,9 +132,15 @@ docs/cluster.md.`,
 						if err != nil {
 							return nil, nil, err
 						}
+						// ha.Run calls this once the term's store is
+						// closed and gs has stopped: the leader has
+						// stopped acting now. The time is taken before
+						// stop, which waits for the controller's lock
+						// (a fault may hold it in a commit that etcd,
+						// cut off, never answers).
 						return gs, func() {
-							stop()
 							say("standby: stepped down (%s)", time.Now().UTC().Format(time.RFC3339Nano))
+							stop()
 						}, nil
 					},
 				})

@@ -77,7 +77,10 @@ type Config struct {
 	// Lead is called once elected, with the store fenced by the term: it
 	// returns the server to serve (services registered, not yet serving)
 	// and a function that stops what it started (the server itself is
-	// stopped by Run). ctx ends when the term does.
+	// stopped by Run). ctx ends when the term does. Run calls the stop
+	// function once the term's store is closed and the server stopped:
+	// from then on the leader no longer acts, whatever the function
+	// still waits for.
 	Lead func(ctx context.Context, store meta.Store, t Term) (*grpc.Server, func(), error)
 	// Logger logs elections; slog.Default() if nil.
 	Logger *slog.Logger
@@ -195,8 +198,10 @@ func (r *runner) term(ctx context.Context) error {
 	l.Store.Close()
 	r.standby()
 	gs.Stop()
-	stop()
+	// It no longer acts: say so now, before stop, which may wait for
+	// work of the term that etcd never answers.
 	cfg.Logger.Warn("stepped down", "name", cfg.Name, "rev", l.Rev, "led_for", cfg.Now().Sub(l.Start).Round(time.Millisecond), "reason", l.Err())
+	stop()
 	return nil
 }
 
