@@ -50,9 +50,14 @@ for l in open("bench/nbd.sh"):
     if l.startswith("jobs=("): on = True; continue
     if on and l.startswith(")"): break
     if on: jobs.append(l.strip().strip('"'))
-commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+import datetime
+git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+# The commit measured (with -dirty if the tree had changes) and when it was made.
+commit = git("describe", "--always", "--dirty", "--abbrev=12")
 print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.platform(),
-    "commit": commit, "note": """$NOTE""", "nbd_jobs": jobs,
+    "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+    "commit": commit, "commit_date": git("show", "-s", "--format=%cI", "HEAD"),
+    "note": """$NOTE""", "nbd_jobs": jobs,
     "knobs": {"REPS": "$REPS", "RUNTIME": "$RUNTIME", "SIZE_MB": "$SIZE_MB", "COW_MB": "$COW_MB",
               "SIZES": "$SIZES", "SNAPS": "$SNAPS", "COUNT": "$COUNT", "FAULT_N": "$FAULT_N",
               "DATAPATH_N": "$DATAPATH_N"}}))

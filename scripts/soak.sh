@@ -66,8 +66,11 @@ for p in "${parts[@]}"; do
 done 2>&1 | tee -a "$log"
 status=$(grep -c '^== .*: exit [1-9]' "$log" || true)
 
-targets=6
+# As many slices as fuzz.sh finds targets, so that none is left out.
+targets=$(./scripts/fuzz.sh --list | wc -l)
+[ "$targets" -gt 0 ] || targets=1
 slice=$((share / targets))
+[ "$slice" -gt 0 ] || slice=1
 echo "== fuzzing: ${targets} targets x ${slice}s ($(date -u +%T))" | tee -a "$log"
 ./scripts/fuzz.sh "${slice}s" 2>&1 | tee -a "$log.full" | grep -E '^==|FAIL|panic' | tee -a "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=$((status + 1))

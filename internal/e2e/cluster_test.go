@@ -178,21 +178,92 @@ func TestClusterTwoAgents(t *testing.T) {
 // writes; after restarts, every flushed write is there, I/O resumes by
 // itself, and check is clean.
 func TestClusterKills(t *testing.T) {
-	requireTools(t, "fio", "qemu-io")
+	requireTools(t, "fio", "qemu-io", "/usr/bin/python3")
 	c := newCluster(t, "host-a", "host-b")
 	c.cli("disk", "create", "d", "--size", "128M")
 	// Flushed data first (qemu-io flushes before it exits).
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-a", "d"), "-c", "write -P 0x5a 0 32M", "-c", "flush")
 
-	// Agent kill during writes.
-	w := background(t, "fio", "--ioengine=nbd", "--uri="+c.uri("host-a", "d"), "--name=w", "--rw=randwrite",
-		"--bs=4k", "--iodepth=16", "--offset=64M", "--size=64M", "--time_based", "--runtime=20")
-	time.Sleep(1500 * time.Millisecond)
+	// Agent kill during writes. The writer fills 64 KiB regions of
+	// [64M, 128M), each with its own pattern, 16 writes in flight at a
+	// time, and flushes after every 16: "flushed N" means regions 0..N-1
+	// are durable. It is killed in the middle, once 64 regions are.
+	const (
+		base    = 64 << 20
+		region  = 64 << 10
+		regions = 1024
+	)
+	const writer = `
+import nbd, sys, struct
+uri, base, region, count, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+h = nbd.NBD()
+h.connect_uri(uri)
+i = 0
+while i < count:
+    batch = []
+    for j in range(i, min(i + depth, count)):
+        buf = nbd.Buffer.from_bytearray(bytearray(struct.pack("<Q", 0x5345474d41500000 + j) * (region // 8)))
+        batch.append((buf, h.aio_pwrite(buf, base + j * region)))
+    for _, c in batch:
+        while not h.aio_command_completed(c):
+            h.poll(-1)
+    h.flush()
+    i += len(batch)
+    print("flushed", i, flush=True)
+print("done", flush=True)
+`
+	// verify prints the regions among the first N that do not hold their
+	// pattern.
+	const verify = `
+import nbd, sys, struct
+uri, base, region, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+bad = [j for j in range(count)
+       if h.pread(region, base + j * region) != struct.pack("<Q", 0x5345474d41500000 + j) * (region // 8)]
+print("regions", count, "bad", " ".join(map(str, bad)) if bad else "none")
+`
+	flushed := func(out string) int {
+		n := 0
+		lines := strings.Split(out, "\n")
+		for _, l := range lines[:len(lines)-1] { // the last may be half written
+			if v, ok := strings.CutPrefix(l, "flushed "); ok {
+				var i int
+				if _, err := fmt.Sscan(v, &i); err == nil {
+					n = max(n, i)
+				}
+			}
+		}
+		return n
+	}
+	w, progress := backgroundOut(t, "/usr/bin/python3", "-c", writer, c.uri("host-a", "d"),
+		fmt.Sprint(base), fmt.Sprint(region), fmt.Sprint(regions), "16")
+	for deadline := time.Now().Add(2 * time.Minute); flushed(progress.String()) < 64; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the writer did not flush 64 regions:\n%s", progress)
+		}
+	}
 	c.agents["host-a"].kill()
-	w() // fio fails with the agent gone; that is expected
+	out, err := w()
+	if err == nil || strings.Contains(out, "done") {
+		t.Fatalf("the writer finished although its agent was killed under it: %v\n%s", err, out)
+	}
+	n := flushed(out)
+	t.Logf("agent killed with %d of %d regions flushed", n, regions)
 	c.startAgent("host-a")
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-a", "d"), "-c", "read -P 0x5a 0 32M")
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-b", "d"), "-c", "read -P 0x5a 0 32M")
+	// Every region flushed before the kill is there, through both agents.
+	verifyFlushed := func(when string, agents ...string) {
+		t.Helper()
+		for _, a := range agents {
+			got := python(t, time.Minute, verify, c.uri(a, "d"), fmt.Sprint(base), fmt.Sprint(region), fmt.Sprint(n))
+			if !strings.Contains(got, "bad none") {
+				t.Errorf("%s, through %s, regions flushed before the agent kill are lost: %s", when, a, got)
+			}
+		}
+	}
+	verifyFlushed("after the agent kill", "host-a", "host-b")
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check after the agent kill:\n%s", out)
 	}
@@ -205,11 +276,12 @@ func TestClusterKills(t *testing.T) {
 	c.ctl.kill()
 	time.Sleep(500 * time.Millisecond)
 	c.startController()
-	out, err := w()
+	out, err = w()
 	if err != nil || !strings.Contains(out, "err= 0") {
 		t.Fatalf("fio across a controller kill: %v\n%s", err, out)
 	}
 	run(t, time.Minute, "qemu-io", "-f", "raw", c.uri("host-a", "d"), "-c", "read -P 0x5a 0 32M")
+	verifyFlushed("after the controller kill", "host-a", "host-b")
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check after the controller kill:\n%s", out)
 	}

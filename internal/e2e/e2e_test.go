@@ -225,22 +225,27 @@ func TestSnapshotUnderFio(t *testing.T) {
 
 // lockstep writes generation after generation to two disks, each
 // generation first wholly to d1 and then wholly to d2, every 4 KiB block
-// filled with the generation number.
+// filled with the generation number, one write at a time (each answered
+// before the next is sent), until the file STOP exists. After each
+// generation it prints "gen G START END": the wall clock (ns) before its
+// first write was sent and after its last was answered.
 const lockstep = `
-import nbd, sys, struct
-uri1, uri2, gens, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import nbd, os, sys, struct, time
+uri1, uri2, blocks, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 h1, h2 = nbd.NBD(), nbd.NBD()
 h1.connect_uri(uri1); h2.connect_uri(uri2)
-for g in range(1, gens + 1):
+g = 0
+while not os.path.exists(stop):
+    g += 1
     buf = struct.pack("<I", g) * 1024
+    start = time.time_ns()
     for h in (h1, h2):
         for b in range(blocks):
             h.pwrite(buf, b * 4096)
-    if g == 1:
-        print("started", flush=True)
+    print("gen", g, start, time.time_ns(), flush=True)
 h1.flush(); h2.flush()
 h1.shutdown(); h2.shutdown()
-print("done")
+print("done", g, flush=True)
 `
 
 // readGens reads the generation in every 4 KiB block of an export.
@@ -255,52 +260,143 @@ for b in range(int(sys.argv[2])):
 print(" ".join(out))
 `
 
+// lockstepGen is one generation the lock-step writer reported: the wall
+// clock before its first write was sent and after its last was answered.
+type lockstepGen struct{ start, end int64 }
+
+// lockstepGens parses the writer's "gen G START END" lines.
+func lockstepGens(t *testing.T, out string) map[int]lockstepGen {
+	t.Helper()
+	gens := map[int]lockstepGen{}
+	lines := strings.Split(out, "\n")
+	for _, line := range lines[:len(lines)-1] { // the last may be half written
+		f := strings.Fields(line)
+		if len(f) != 4 || f[0] != "gen" {
+			continue
+		}
+		g, err1 := strconv.Atoi(f[1])
+		start, err2 := strconv.ParseInt(f[2], 10, 64)
+		end, err3 := strconv.ParseInt(f[3], 10, 64)
+		if err1 != nil || err2 != nil || err3 != nil {
+			t.Fatalf("lock-step writer: bad line %q", line)
+		}
+		gens[g] = lockstepGen{start, end}
+	}
+	return gens
+}
+
 // TestGroupSnapshotLockstep: a group snapshot of two disks written in
-// lock-step is one point in time: nothing in the second disk's snapshot is
-// newer than anything in the first's.
+// lock-step is one point in time, taken while the writer ran: what the two
+// snapshots hold together is exactly the first n writes of the writer's
+// sequence, for an n no smaller than the writes answered before the
+// snapshot was asked for and no larger than the writes sent before it was
+// answered.
 func TestGroupSnapshotLockstep(t *testing.T) {
 	requireTools(t, "/usr/bin/python3")
 	u := startUp(t, t.TempDir())
 	const blocks = 32
+	const perGen = 2 * blocks // writes per generation, over both disks
 	for _, d := range []string{"db1", "db2"} {
 		u.cli("disk", "create", d, "--size", "1M", "--segment-size", "64K")
 	}
-	wait, progress := backgroundOut(t, "/usr/bin/python3", "-c", lockstep, u.uri("db1"), u.uri("db2"), "3000", strconv.Itoa(blocks))
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(progress.String(), "started"); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the lock-step writer did not start:\n%s", progress)
+	stop := filepath.Join(t.TempDir(), "stop")
+	wait, progress := backgroundOut(t, "/usr/bin/python3", "-c", lockstep, u.uri("db1"), u.uri("db2"), strconv.Itoa(blocks), stop)
+	// waitGen waits until the writer has answered a whole generation that
+	// it started after the instant after (ns).
+	waitGen := func(after int64, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			for _, g := range lockstepGens(t, progress.String()) {
+				if g.start > after {
+					return
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the lock-step writer wrote no generation %s:\n%s", what, progress)
+			}
 		}
 	}
-	time.Sleep(300 * time.Millisecond)
-	u.cli("snapshot", "--group", "db1", "db2", "--name", "g1")
-	time.Sleep(300 * time.Millisecond)
-	u.cli("snapshot", "--group", "db1", "db2", "--name", "g2")
+	waitGen(0, "at all")
+
+	type snap struct {
+		name   string
+		t0, t1 int64 // the wall clock before the snapshot was asked for and after it was answered
+	}
+	var snaps []snap
+	for _, name := range []string{"g1", "g2"} {
+		t0 := time.Now().UnixNano()
+		u.cli("snapshot", "--group", "db1", "db2", "--name", name)
+		t1 := time.Now().UnixNano()
+		snaps = append(snaps, snap{name, t0, t1})
+		// The writer goes on past the snapshot: writes are answered after it.
+		waitGen(t1, "after snapshot "+name)
+	}
+	if err := os.WriteFile(stop, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	out, err := wait()
 	if err != nil || !strings.Contains(out, "done") {
 		t.Fatalf("lock-step writer: %v\n%s", err, out)
 	}
-	for _, name := range []string{"g1", "g2"} {
-		gens := func(disk string) (lo, hi int) {
-			f := strings.Fields(python(t, 60*time.Second, readGens, u.uri(disk+"@"+name), strconv.Itoa(blocks)))
-			lo, hi = 1<<30, -1
-			for _, s := range f {
+	gens := lockstepGens(t, out)
+	last := len(gens)
+	for g := 1; g <= last; g++ {
+		if _, ok := gens[g]; !ok {
+			t.Fatalf("lock-step writer: generation %d missing from its output:\n%s", g, out)
+		}
+	}
+
+	prev := -1
+	for _, sn := range snaps {
+		// The writer's sequence: db1's blocks, then db2's.
+		var seq []int
+		for _, disk := range []string{"db1", "db2"} {
+			for _, s := range strings.Fields(python(t, 60*time.Second, readGens, u.uri(disk+"@"+sn.name), strconv.Itoa(blocks))) {
 				g, err := strconv.Atoi(s)
 				if err != nil {
-					t.Fatalf("%s@%s has a torn block: %v", disk, name, f)
+					t.Fatalf("%s@%s has a torn block", disk, sn.name)
 				}
-				lo, hi = min(lo, g), max(hi, g)
+				seq = append(seq, g)
 			}
-			return lo, hi
 		}
-		lo1, hi1 := gens("db1")
-		lo2, hi2 := gens("db2")
-		t.Logf("snapshot %s: db1 generations %d..%d, db2 %d..%d", name, lo1, hi1, lo2, hi2)
-		if hi2 > lo1 {
-			t.Errorf("snapshot %s is not one point in time: db2 holds generation %d while db1 still has %d", name, hi2, lo1)
+		if len(seq) != perGen {
+			t.Fatalf("snapshot %s: %d blocks read, want %d", sn.name, len(seq), perGen)
 		}
-		if hi1 == 0 {
-			t.Errorf("snapshot %s was taken before the writer started", name)
+		// A prefix of the sequence of writes: generation G in the first k
+		// blocks, G-1 in the rest. Then n, the writes it holds, is the sum.
+		n := 0
+		for i, g := range seq {
+			if i > 0 && (g > seq[i-1] || seq[0]-g > 1) {
+				t.Fatalf("snapshot %s is not one point in time of the writer's sequence (db1's blocks, then db2's): %v", sn.name, seq)
+			}
+			n += g
 		}
+		newest := seq[0]
+		// Writes answered before the snapshot was asked for are in it.
+		var answered int
+		for g, w := range gens {
+			if w.end < sn.t0 {
+				answered = max(answered, g*perGen)
+			}
+		}
+		t.Logf("snapshot %s: the first %d writes (generation %d in %d of %d blocks); "+
+			"%d answered before it was asked for; the writer wrote %d", sn.name, n, newest, n-(newest-1)*perGen, perGen, answered, last*perGen)
+		if n < answered {
+			t.Errorf("snapshot %s holds the first %d writes, but %d were answered before it was asked for", sn.name, n, answered)
+		}
+		// No write sent after the snapshot was answered is in it.
+		if n > 0 && gens[newest].start >= sn.t1 {
+			t.Errorf("snapshot %s holds generation %d, whose first write was sent %v after the snapshot was answered",
+				sn.name, newest, time.Duration(gens[newest].start-sn.t1))
+		}
+		// It fell strictly between the writer's first and last write.
+		if n == 0 || n >= last*perGen {
+			t.Errorf("snapshot %s holds the first %d of %d writes: it was not taken while the writer ran", sn.name, n, last*perGen)
+		}
+		if n <= prev {
+			t.Errorf("snapshot %s holds the first %d writes, no more than the snapshot before it (%d)", sn.name, n, prev)
+		}
+		prev = n
 	}
 }
 
