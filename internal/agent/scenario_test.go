@@ -90,12 +90,12 @@ type scenario struct {
 		hold    bool
 	}
 
-	ops   map[string]*op
-	order []*op
+	ops   map[string]*scriptOp
+	order []*scriptOp
 }
 
-// op is an I/O or a command that the script started.
-type op struct {
+// scriptOp is an I/O or a command that the script started.
+type scriptOp struct {
 	name string
 	goid int64
 	// timed commands (a quiesce with a time limit) must answer by
@@ -128,7 +128,7 @@ type faultAnswer struct {
 
 func newScenario(t *testing.T) *scenario {
 	checkGoroutines(t)
-	s := &scenario{t: t, stop: make(chan struct{}), ops: map[string]*op{}}
+	s := &scenario{t: t, stop: make(chan struct{}), ops: map[string]*scriptOp{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.mu.held = map[int64]*heldIO{}
 	s.mu.faults = map[int64]*heldFault{}
@@ -292,7 +292,7 @@ func (s *scenario) start(t *testing.T, d *datadriven.TestData, name string, time
 	if o := s.ops[name]; o != nil && !o.finished {
 		d.Fatalf(t, "%s is still running", name)
 	}
-	o := &op{name: name, timed: timed, done: make(chan string, 1)}
+	o := &scriptOp{name: name, timed: timed, done: make(chan string, 1)}
 	ids := make(chan int64)
 	go func() {
 		ids <- goid()
@@ -340,10 +340,10 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		pos := seg*sSeg + off
 		s.start(t, d, name, false, func() string {
 			if write {
-				return result(s.d.WriteAt(s.ctx, p, pos, false))
+				return errName(s.d.WriteAt(s.ctx, p, pos, false))
 			}
 			if err := s.d.ReadAt(s.ctx, p, pos); err != nil {
-				return result(err)
+				return errName(err)
 			}
 			return "ok, read " + summary(p)
 		})
@@ -371,7 +371,7 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		c := mapping.SetEntry{Disk: sDisk, Blocking: d.HasArg("blocking")}
 		d.ScanArgs(t, "first", &c.First)
 		c.Entries = parseEntries(t, d)
-		s.start(t, d, name, false, func() string { return result(s.a.SetEntry(s.ctx, c)) })
+		s.start(t, d, name, false, func() string { return errName(s.a.SetEntry(s.ctx, c)) })
 
 	case "set-entry-state":
 		needName()
@@ -384,7 +384,7 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		d.ScanArgs(t, "n", &c.Count)
 		d.ScanArgs(t, "state", &st)
 		c.State = parseState(t, d, st)
-		s.start(t, d, name, false, func() string { return result(s.a.SetEntryState(s.ctx, c)) })
+		s.start(t, d, name, false, func() string { return errName(s.a.SetEntryState(s.ctx, c)) })
 
 	case "quiesce":
 		needName()
@@ -395,19 +395,19 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 				d.Fatalf(t, "timeout: %v", err)
 			}
 		}
-		s.start(t, d, name, timeout > 0, func() string { return result(s.a.Quiesce(s.ctx, sDisk, timeout)) })
+		s.start(t, d, name, timeout > 0, func() string { return errName(s.a.Quiesce(s.ctx, sDisk, timeout)) })
 
 	case "activate":
 		needName()
-		s.start(t, d, name, false, func() string { return result(s.a.Activate(s.ctx, sDisk)) })
+		s.start(t, d, name, false, func() string { return errName(s.a.Activate(s.ctx, sDisk)) })
 
 	case "fence":
 		needName()
-		s.start(t, d, name, false, func() string { return result(s.a.Fence(s.ctx)) })
+		s.start(t, d, name, false, func() string { return errName(s.a.Fence(s.ctx)) })
 
 	case "attach":
 		needName()
-		s.start(t, d, name, false, func() string { return result(s.a.Attach(s.ctx, s.ctrl)) })
+		s.start(t, d, name, false, func() string { return errName(s.a.Attach(s.ctx, s.ctrl)) })
 
 	case "lease":
 		if len(d.CmdArgs) != 1 {
@@ -526,7 +526,7 @@ func (s *scenario) settle(t *testing.T, d *datadriven.TestData) string {
 // held, fault out) are taken before and after the stacks, and the stacks
 // are trusted only if no op moved in between: every wake-up comes from an
 // op that moves on to a new mark, or from the script, which waits here.
-func (s *scenario) where() (map[*op]string, bool) {
+func (s *scenario) where() (map[*scriptOp]string, bool) {
 	before := s.marks()
 	stacks := goroutines()
 	s.d.mu.RLock()
@@ -567,10 +567,10 @@ func (s *scenario) where() (map[*op]string, bool) {
 
 // marks returns the state of each op that is done, or held in the
 // container, or has a fault out.
-func (s *scenario) marks() map[*op]string {
+func (s *scenario) marks() map[*scriptOp]string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	states := map[*op]string{}
+	states := map[*scriptOp]string{}
 	for _, o := range s.order {
 		if !o.finished {
 			select {
@@ -624,26 +624,24 @@ func goroutines() map[int64]gstack {
 	for _, blk := range strings.Split(string(buf), "\n\n") {
 		header, stack, _ := strings.Cut(blk, "\n")
 		// goroutine 18 [select, 2 minutes]:
-		rest, ok := strings.CutPrefix(header, "goroutine ")
-		if !ok {
+		// goroutine 18 gp=0xc000102a80 m=nil [select]: (GOTRACEBACK=system)
+		f := strings.Fields(header)
+		i, j := strings.Index(header, "["), strings.LastIndex(header, "]")
+		if len(f) < 3 || f[0] != "goroutine" || i < 0 || j < i {
 			continue
 		}
-		idStr, status, ok := strings.Cut(rest, " [")
-		if !ok {
-			continue
-		}
-		id, err := strconv.ParseInt(idStr, 10, 64)
+		id, err := strconv.ParseInt(f[1], 10, 64)
 		if err != nil {
 			continue
 		}
-		out[id] = gstack{status: strings.TrimSuffix(status, "]:"), stack: stack}
+		out[id] = gstack{status: header[i+1 : j], stack: stack}
 	}
 	return out
 }
 
-// result names err by the sentinel it wraps, so that the scripts do not
+// errName names err by the sentinel it wraps, so that the scripts do not
 // depend on the wording of messages.
-func result(err error) string {
+func errName(err error) string {
 	if err == nil {
 		return "ok"
 	}
