@@ -37,12 +37,15 @@ import (
 // Commands (<name> names an I/O or command, to refer to it later):
 //
 //	start-io <name> read|write seg=<i> [off=<o>] [len=<n>] [data=<c>]
+//	start-io <name> trim seg=<i> [count=<n>]
 //	finish-io <name>                  let its held container I/O go on
-//	fault-reply <name> [first=<i>] entries=(<entry>, ...) | error=<err>
+//	fault-reply <name> [first=<i>] entries=(<entry>, ...) | stage=<loc> | error=<err>
 //	set-entry <name> first=<i> entries=(<entry>, ...) [blocking]
 //	set-entry-state <name> first=<i> n=<n> state=<s> on|off [blocking]
 //	quiesce <name> [timeout=<d>]
 //	activate <name>
+//	new-table <name> [segs=<n>]       the new_table command
+//	delete-table <name>               the delete_table command
 //	fence <name>                      the agent fences itself
 //	attach <name>                     re-attach to the controller
 //	lease lapsed|held|none
@@ -320,13 +323,20 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		if len(d.CmdArgs) < 2 {
 			d.Fatalf(t, "start-io <name> read|write seg=<i>")
 		}
-		write := d.CmdArgs[1].Key == "write"
-		if !write && d.CmdArgs[1].Key != "read" {
-			d.Fatalf(t, "start-io: %q is neither read nor write", d.CmdArgs[1].Key)
-		}
+		kind := d.CmdArgs[1].Key
 		var seg, off uint64
-		n := 512
 		d.ScanArgs(t, "seg", &seg)
+		if kind == "trim" {
+			count := uint64(1)
+			d.MaybeScanArgs(t, "count", &count)
+			s.start(t, d, name, false, func() string { return errName(s.d.Trim(s.ctx, seg*sSeg, count*sSeg)) })
+			break
+		}
+		write := kind == "write"
+		if !write && kind != "read" {
+			d.Fatalf(t, "start-io: %q is not read, write or trim", kind)
+		}
+		n := 512
 		d.MaybeScanArgs(t, "off", &off)
 		d.MaybeScanArgs(t, "len", &n)
 		p := make([]byte, n)
@@ -359,6 +369,8 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		var a faultAnswer
 		if e, ok := d.Arg("error"); ok {
 			a.err = parseErr(t, d, e.SingleVal(t))
+		} else if st, ok := d.Arg("stage"); ok {
+			a.r.Stage = &mapping.Stage{Loc: parseEntry(t, d, st.SingleVal(t)).Loc, Token: 1}
 		} else {
 			a.r.First = h.f.Segment
 			d.MaybeScanArgs(t, "first", &a.r.First)
@@ -404,6 +416,18 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 	case "fence":
 		needName()
 		s.start(t, d, name, false, func() string { return errName(s.a.Fence(s.ctx)) })
+
+	case "new-table":
+		needName()
+		info := s.ctrl.disk
+		segs := uint64(sSegs)
+		d.MaybeScanArgs(t, "segs", &segs)
+		info.Size = segs * sSeg
+		s.start(t, d, name, false, func() string { return errName(s.a.NewTable(s.ctx, info)) })
+
+	case "delete-table":
+		needName()
+		s.start(t, d, name, false, func() string { return errName(s.a.DeleteTable(s.ctx, sDisk)) })
 
 	case "attach":
 		needName()
@@ -593,11 +617,17 @@ func (s *scenario) marks() map[*scriptOp]string {
 		}
 		if h := s.mu.faults[o.goid]; h != nil {
 			f := h.f
-			reason := ""
-			if f.Reason != 0 {
-				reason = fmt.Sprintf(" (%v)", f.Reason)
+			var more string
+			if f.Count != 1 {
+				more += fmt.Sprintf(" count %d", f.Count)
 			}
-			states[o] = fmt.Sprintf("fault %d out: %v seg %d%s", h.n, f.Op, f.Segment, reason)
+			if f.Whole {
+				more += " whole"
+			}
+			if f.Reason != 0 {
+				more += fmt.Sprintf(" (%v)", f.Reason)
+			}
+			states[o] = fmt.Sprintf("fault %d out: %v seg %d%s", h.n, f.Op, f.Segment, more)
 		}
 	}
 	return states
@@ -677,8 +707,10 @@ func parseErr(t *testing.T, d *datadriven.TestData, s string) error {
 		return mapping.ErrFenced
 	case "unavailable":
 		return mapping.ErrUnavailable
+	case "stale":
+		return mapping.ErrStale
 	}
-	d.Fatalf(t, "unknown error %q (want io, fenced or unavailable)", s)
+	d.Fatalf(t, "unknown error %q (want io, fenced, unavailable or stale)", s)
 	return nil
 }
 
