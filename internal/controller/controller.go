@@ -326,7 +326,7 @@ func (c *Controller) lock() error {
 // is already attached replaces it: the old one is gone (restarted).
 func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
 	if name == "" || a == nil {
-		return fmt.Errorf("attach: agent without a name: %w", ErrBadRequest)
+		return fmt.Errorf("attach: agent without a name: %w", mapping.ErrBadRequest)
 	}
 	if err := c.register(ctx, name); err != nil {
 		return err
@@ -589,7 +589,7 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 	}
 	ct, err := c.openC(mapping.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
 	if err != nil {
-		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, ErrIO, err)
+		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, mapping.ErrIO, err)
 	}
 	c.mu.conts[id] = ct
 	return ct, nil
@@ -609,7 +609,7 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 			return err
 		}
 		if !ok {
-			return ErrNoSpace
+			return mapping.ErrNoSpace
 		}
 		loc = l
 		return nil
@@ -694,7 +694,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 			return nil
 		}
 		if err := ct.Punch(from*size, (to-from)*size); err != nil {
-			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, ErrIO, err)
+			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, mapping.ErrIO, err)
 		}
 		return nil
 	}
@@ -718,7 +718,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		return err
 	}
 	if err := ct.Flush(); err != nil {
-		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, ErrIO, err)
+		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, mapping.ErrIO, err)
 	}
 	c.mu.zeroed[cid] = true
 	c.logger.Debug("free slots zeroed", "container", cid, "used", len(used))
@@ -738,16 +738,16 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 	buf := make([]byte, min(size, 1<<20))
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
 		if _, err := src.ReadAt(buf, int64(uint64(from.Slot)*size+off)); err != nil {
-			return fmt.Errorf("copy-on-write read %v: %w: %w", from, ErrIO, err)
+			return fmt.Errorf("copy-on-write read %v: %w: %w", from, mapping.ErrIO, err)
 		}
 		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
 			delete(c.mu.zeroed, to.Container) // to stays free, and is not zero
-			return fmt.Errorf("copy-on-write write %v: %w: %w", to, ErrIO, err)
+			return fmt.Errorf("copy-on-write write %v: %w: %w", to, mapping.ErrIO, err)
 		}
 	}
 	if err := dst.Flush(); err != nil {
 		delete(c.mu.zeroed, to.Container)
-		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, ErrIO, err)
+		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, mapping.ErrIO, err)
 	}
 	return nil
 }
@@ -786,7 +786,7 @@ func toMapping(d meta.Disk) mapping.Disk {
 
 func wrapNotFound(err error) error {
 	if errors.Is(err, meta.ErrNotFound) {
-		return fmt.Errorf("%w: %w", ErrNotFound, err)
+		return fmt.Errorf("%w: %w", mapping.ErrNotFound, err)
 	}
 	return err
 }

@@ -298,18 +298,18 @@ func TestBadInputChangesNothing(t *testing.T) {
 		}, table.ErrBadPolicy},
 		{"create duplicate", create("a", 4*seg, seg), controller.ErrExists},
 		{"create duplicate of snapshot", create("a-snap", 8*seg, seg), controller.ErrExists},
-		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), controller.ErrNotFound},
-		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), controller.ErrNotFound},
+		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), mapping.ErrNotFound},
+		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), mapping.ErrNotFound},
 		{"snapshot onto existing", snapshot([]string{"a"}, []string{"a-snap"}), controller.ErrExists},
-		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), controller.ErrBadRequest},
-		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), controller.ErrBadRequest},
-		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), controller.ErrBadRequest},
-		{"snapshot nothing", snapshot(nil, nil), controller.ErrBadRequest},
-		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), controller.ErrBadRequest},
-		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), controller.ErrBadRequest},
+		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), mapping.ErrBadRequest},
+		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
+		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), mapping.ErrBadRequest},
+		{"snapshot nothing", snapshot(nil, nil), mapping.ErrBadRequest},
+		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), mapping.ErrBadRequest},
+		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
 		{"snapshot invalid name", snapshot([]string{"a"}, []string{"-s"}), controller.ErrInvalidName},
-		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, controller.ErrNotFound},
-		{"resize missing", resize("nope", 8*seg, false), controller.ErrNotFound},
+		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, mapping.ErrNotFound},
+		{"resize missing", resize("nope", 8*seg, false), mapping.ErrNotFound},
 		{"resize shrink without flag", resize("a", 2*seg, false), controller.ErrShrink},
 		{"resize shrink to a partial segment", resize("a", 2*seg+512, true), controller.ErrInvalidSize},
 		{"resize to 0", resize("a", 0, true), controller.ErrInvalidSize},
@@ -653,11 +653,11 @@ func TestOutOfSpace(t *testing.T) {
 			}
 			// The fifth segment does not fit.
 			err := a.WriteAt(ctx, pat(3), 3*seg+off, false)
-			if !errors.Is(err, controller.ErrNoSpace) {
+			if !errors.Is(err, mapping.ErrNoSpace) {
 				t.Fatalf("write to a full pool: %v, want ErrNoSpace", err)
 			}
 			// So does a write through the other agent.
-			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, controller.ErrNoSpace) {
+			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, mapping.ErrNoSpace) {
 				t.Fatalf("write to a full pool on the other agent: %v, want ErrNoSpace", err)
 			}
 			if n := used(t, c); n != 4 {
@@ -882,7 +882,7 @@ func TestDeleteFreesSpace(t *testing.T) {
 		if n := used(t, c); n != used0 {
 			t.Errorf("used %d after delete, want %d", n, used0)
 		}
-		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, controller.ErrNotFound) {
+		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, mapping.ErrNotFound) {
 			t.Errorf("deleted disk: %v, want ErrNotFound", err)
 		}
 		for _, h := range []*agent.Disk{x, xOther} {
@@ -1327,10 +1327,10 @@ func TestPreallocate(t *testing.T) {
 	}
 	checkClean(t, c)
 	// 11 more segments do not fit in the 10 slots left.
-	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, controller.ErrNoSpace) {
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, mapping.ErrNoSpace) {
 		t.Errorf("preallocating past the pool: %v, want ErrNoSpace", err)
 	}
-	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, controller.ErrNotFound) {
+	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, mapping.ErrNotFound) {
 		t.Errorf("the disk that did not fit: %v, want it gone", err)
 	}
 	if n := used(t, c); n != 30 {

@@ -168,7 +168,7 @@ func (c *Controller) preallocateTx(tx meta.Tx, d meta.Disk, first uint64) error 
 			return err
 		}
 		if !ok {
-			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, ErrNoSpace)
+			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, mapping.ErrNoSpace)
 		}
 		if err := tx.SetRefs(loc, 1); err != nil {
 			return err
@@ -263,7 +263,7 @@ type SnapshotOptions struct {
 //  4. activate.
 func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
 	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {
-		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), ErrBadRequest)
+		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), mapping.ErrBadRequest)
 	}
 	seen := map[string]bool{}
 	for _, n := range append(append([]string(nil), o.Sources...), o.Names...) {
@@ -271,7 +271,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			return nil, err
 		}
 		if seen[n] {
-			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, ErrBadRequest)
+			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, mapping.ErrBadRequest)
 		}
 		seen[n] = true
 	}

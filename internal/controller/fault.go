@@ -69,26 +69,26 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		f.Count = 1
 	}
 	if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
-		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), ErrBadRequest)
+		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), mapping.ErrBadRequest)
 	}
 	switch f.Op {
 	case mapping.FaultRead, mapping.FaultWrite:
 		if f.Count != 1 {
-			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, ErrBadRequest)
+			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, mapping.ErrBadRequest)
 		}
 		if f.Op == mapping.FaultWrite && d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, ErrReadOnly)
+			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, mapping.ErrReadOnly)
 		}
 		return c.faultLocked(ctx, f, d)
 	case mapping.FaultCommit:
 		return c.commitLocked(ctx, f, d)
 	case mapping.FaultDiscard:
 		if d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, ErrReadOnly)
+			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, mapping.ErrReadOnly)
 		}
 		return c.discardLocked(ctx, d, f.Segment, f.Count)
 	}
-	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, ErrBadRequest)
+	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, mapping.ErrBadRequest)
 }
 
 // shareCount returns how many holders share the slot entry e (seg of disk id)
@@ -175,7 +175,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		return reply(e)
 
 	case table.Deny:
-		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, ErrIO)
+		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, mapping.ErrIO)
 
 	case table.Allocate:
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
@@ -261,7 +261,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 	case table.CopyReverse:
 		return c.reverseLocked(ctx, f, d, e, refs)
 	}
-	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", ErrBadRequest)
+	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", mapping.ErrBadRequest)
 }
 
 // reverseLocked is the reverse-delta copy-on-write: the other sharers of
@@ -369,7 +369,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
 	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, ErrIO, err)
+		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, mapping.ErrIO, err)
 	}
 	return nil
 }
@@ -482,7 +482,7 @@ const MaxDiscard = 1 << 16
 // the slots no one else references.
 func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (mapping.Reply, error) {
 	if n > MaxDiscard {
-		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, ErrBadRequest)
+		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, mapping.ErrBadRequest)
 	}
 	// Every agent mapping the disk, the asking one included, drops the
 	// slots first (Invalid: restrictive, unlike Zero, which lets reads

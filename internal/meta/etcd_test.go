@@ -625,15 +625,15 @@ func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
 		t.Fatal(err)
 	}
 	el2 := <-won
-	if err := create(s1, "b"); !errors.Is(err, meta.ErrFenced) {
-		t.Fatalf("deposed leader's write: %v, want ErrFenced", err)
+	if err := create(s1, "b"); !errors.Is(err, meta.ErrLeadershipLost) {
+		t.Fatalf("deposed leader's write: %v, want ErrLeadershipLost", err)
 	}
 	s2 := open(cli2, el2, "two/2")
 	if err := create(s2, "c"); err != nil {
 		t.Fatalf("new leader's write: %v", err)
 	}
-	if err := create(s1, "d"); !errors.Is(err, meta.ErrFenced) {
-		t.Fatalf("deposed leader's write after the new leader's: %v, want ErrFenced", err)
+	if err := create(s1, "d"); !errors.Is(err, meta.ErrLeadershipLost) {
+		t.Fatalf("deposed leader's write after the new leader's: %v, want ErrLeadershipLost", err)
 	}
 	if w := writer(); w != "two/2" {
 		t.Errorf("writer %q, want two/2", w)

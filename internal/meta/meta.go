@@ -161,7 +161,7 @@ type Store interface {
 
 // Tx is a transaction. It is not safe for concurrent use, and it is valid
 // only inside the function it was passed to. In a read-only transaction the
-// methods that write return ErrReadOnly.
+// methods that write return ErrReadOnlyTx.
 type Tx interface {
 	// Disk returns the disk called name, or ErrNotFound.
 	Disk(name string) (Disk, error)

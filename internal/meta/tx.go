@@ -63,14 +63,14 @@ func newTx(kv KV, writable bool) *tx {
 
 func (t *tx) put(key, v []byte) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	return t.kv.Put(key, v)
 }
 
 func (t *tx) del(key []byte) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	return t.kv.Delete(key)
 }
@@ -192,7 +192,7 @@ func (t *tx) Grants(id DiskID) ([]string, bool, error) {
 
 func (t *tx) SetGrants(id DiskID, agents []string, all bool) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if all {
 		return t.del(grantsKey(id))
@@ -218,7 +218,7 @@ func (t *tx) Agents() ([]string, error) {
 
 func (t *tx) SetAgents(agents []string) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if len(agents) > maxGrants {
 		return fmt.Errorf("%d agents: %w", len(agents), ErrInvalid)
@@ -239,7 +239,7 @@ var agentsKey = []byte("a/")
 
 func (t *tx) NextSeq(name string) (uint64, error) {
 	if !t.writable {
-		return 0, ErrReadOnly
+		return 0, ErrReadOnlyTx
 	}
 	return t.nextID("user/" + name)
 }
@@ -262,7 +262,7 @@ func (t *tx) nextID(name string) (uint64, error) {
 
 func (t *tx) CreateDisk(d Disk) (Disk, error) {
 	if !t.writable {
-		return Disk{}, ErrReadOnly
+		return Disk{}, ErrReadOnlyTx
 	}
 	if err := d.validate(); err != nil {
 		return Disk{}, err
@@ -338,7 +338,7 @@ func (t *tx) dirNumbers(id DiskID) ([]uint64, error) {
 // directories; it returns the slots freed.
 func (t *tx) dropTable(id DiskID) ([]table.Location, error) {
 	if !t.writable {
-		return nil, ErrReadOnly
+		return nil, ErrReadOnlyTx
 	}
 	dns, err := t.dirNumbers(id)
 	if err != nil {
@@ -504,7 +504,7 @@ func (t *tx) releasePage(pid uint64) ([]table.Location, error) {
 // (and nil is returned when it is not).
 func (t *tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
 	if !t.writable {
-		return nil, ErrReadOnly
+		return nil, ErrReadOnlyTx
 	}
 	dc, err := t.dir(id, pg/DirPages)
 	if err != nil {
@@ -591,7 +591,7 @@ func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 
 func (t *tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if uint64(len(es)) > math.MaxUint64-first {
 		return fmt.Errorf("entries [%d,+%d): %w", first, len(es), ErrRange)
@@ -634,7 +634,7 @@ func (t *tx) PageShared(id DiskID, seg uint64) (bool, error) {
 
 func (t *tx) Unshare(id DiskID, first, n uint64) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if n == 0 {
 		return nil
@@ -773,7 +773,7 @@ func (t *tx) forEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
 
 func (t *tx) CopyTable(src, dst DiskID) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if src == dst {
 		return nil
@@ -847,7 +847,7 @@ func (t *tx) Container(id uint32) (Container, error) {
 
 func (t *tx) AddContainer(c Container) (Container, error) {
 	if !t.writable {
-		return Container{}, ErrReadOnly
+		return Container{}, ErrReadOnlyTx
 	}
 	c.Used = 0
 	if err := c.validate(); err != nil {
@@ -917,7 +917,7 @@ func (t *tx) Refs(loc table.Location) (uint32, error) {
 
 func (t *tx) SetRefs(loc table.Location, n uint32) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	ct, err := t.Container(loc.Container)
 	if err != nil {

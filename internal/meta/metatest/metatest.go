@@ -1642,21 +1642,21 @@ func testReadOnly(t *testing.T, s meta.Store) {
 	})
 	view(t, s, func(tx meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("new"))
-		wantErr(t, "CreateDisk in View", err, meta.ErrReadOnly)
+		wantErr(t, "CreateDisk in View", err, meta.ErrReadOnlyTx)
 		renamed := d
 		renamed.Name = "renamed"
-		wantErr(t, "PutDisk (rename) in View", tx.PutDisk(renamed), meta.ErrReadOnly)
+		wantErr(t, "PutDisk (rename) in View", tx.PutDisk(renamed), meta.ErrReadOnlyTx)
 		changed := d
 		changed.ReadOnly = true
-		wantErr(t, "PutDisk in View", tx.PutDisk(changed), meta.ErrReadOnly)
-		wantErr(t, "SetEntries in View", tx.SetEntries(d.ID, 1, []table.Entry{at(1, 2)}), meta.ErrReadOnly)
-		wantErr(t, "CopyTable in View", tx.CopyTable(d.ID, d.ID+1), meta.ErrReadOnly)
+		wantErr(t, "PutDisk in View", tx.PutDisk(changed), meta.ErrReadOnlyTx)
+		wantErr(t, "SetEntries in View", tx.SetEntries(d.ID, 1, []table.Entry{at(1, 2)}), meta.ErrReadOnlyTx)
+		wantErr(t, "CopyTable in View", tx.CopyTable(d.ID, d.ID+1), meta.ErrReadOnlyTx)
 		_, err = tx.AddContainer(testContainer("new", 10))
-		wantErr(t, "AddContainer in View", err, meta.ErrReadOnly)
-		wantErr(t, "SetRefs in View", tx.SetRefs(loc(c.ID, 2), 1), meta.ErrReadOnly)
+		wantErr(t, "AddContainer in View", err, meta.ErrReadOnlyTx)
+		wantErr(t, "SetRefs in View", tx.SetRefs(loc(c.ID, 2), 1), meta.ErrReadOnlyTx)
 		_, err = meta.AddRefs(tx, loc(c.ID, 1), 1)
-		wantErr(t, "AddRefs in View", err, meta.ErrReadOnly)
-		wantErr(t, "DeleteDisk in View", deleteDisk(tx, d.ID), meta.ErrReadOnly)
+		wantErr(t, "AddRefs in View", err, meta.ErrReadOnlyTx)
+		wantErr(t, "DeleteDisk in View", deleteDisk(tx, d.ID), meta.ErrReadOnlyTx)
 		return nil
 	})
 	view(t, s, func(tx meta.Tx) error {
@@ -2517,7 +2517,7 @@ func testAgents(t *testing.T, s meta.Store) {
 		if err != nil || len(as) != 0 {
 			t.Errorf("Agents of a new store = %v, %v; want none", as, err)
 		}
-		wantErr(t, "SetAgents in View", tx.SetAgents([]string{"a"}), meta.ErrReadOnly)
+		wantErr(t, "SetAgents in View", tx.SetAgents([]string{"a"}), meta.ErrReadOnlyTx)
 		return nil
 	})
 	update(t, s, func(tx meta.Tx) error { return tx.SetAgents([]string{"host-a", "host-b"}) })
