@@ -149,7 +149,7 @@ func usage(t *testing.T, c *local.Cluster, name string) controller.Usage {
 func entry(t *testing.T, c *local.Cluster, name string, seg uint64) table.Entry {
 	t.Helper()
 	var e table.Entry
-	err := c.Store.View(context.Background(), func(tx meta.Tx) error {
+	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
 			return err
@@ -180,7 +180,7 @@ func agentEntry(t *testing.T, c *local.Cluster, i int, d *agent.Disk, seg uint64
 func refs(t *testing.T, c *local.Cluster, loc table.Location) uint32 {
 	t.Helper()
 	var n uint32
-	err := c.Store.View(context.Background(), func(tx meta.Tx) error {
+	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
 		n, err = tx.Refs(loc)
 		return err
@@ -963,7 +963,7 @@ func TestRepairLeak(t *testing.T) {
 		t.Fatalf("slot %v not free: %d", leak, r)
 	}
 	used0 := used(t, c)
-	if err := c.Store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
 		_, err := meta.AddRefs(tx, leak, 1)
 		return err
 	}); err != nil {
@@ -1008,35 +1008,35 @@ func TestCheckFindsDamage(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name   string
-		damage func(tx meta.Tx, s setup) error
+		damage func(tx *meta.Tx, s setup) error
 		// want are the kinds Check reports, in its order; fixed the
 		// kinds Repair reclaims.
 		want  []controller.ProblemKind
 		fixed []controller.ProblemKind
 	}{
-		{"wrong count on a shared slot", func(tx meta.Tx, s setup) error {
+		{"wrong count on a shared slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l0, 5)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
-		{"wrong count on an exclusive slot", func(tx meta.Tx, s setup) error {
+		{"wrong count on an exclusive slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.lonly, 2)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
-		{"referenced free slot", func(tx meta.Tx, s setup) error {
+		{"referenced free slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l1, 0)
 		}, []controller.ProblemKind{controller.ReferencedFree}, nil},
-		{"entry out of range", func(tx meta.Tx, s setup) error {
+		{"entry out of range", func(tx *meta.Tx, s setup) error {
 			return tx.SetEntries(s.a.ID, 3, []table.Entry{table.At(table.Location{Container: 1, Slot: 9999}, false)})
 		}, []controller.ProblemKind{controller.OutOfRange}, nil},
-		{"entry in a missing container", func(tx meta.Tx, s setup) error {
+		{"entry in a missing container", func(tx *meta.Tx, s setup) error {
 			return tx.SetEntries(s.a.ID, 3, []table.Entry{table.At(table.Location{Container: 77, Slot: 0}, false)})
 		}, []controller.ProblemKind{controller.OutOfRange}, nil},
-		{"shared slot with count 1", func(tx meta.Tx, s setup) error {
+		{"shared slot with count 1", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l0, 1)
 		}, []controller.ProblemKind{controller.SharedWritable}, nil},
-		{"leak", func(tx meta.Tx, s setup) error {
+		{"leak", func(tx *meta.Tx, s setup) error {
 			_, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1)
 			return err
 		}, []controller.ProblemKind{controller.Leaked}, []controller.ProblemKind{controller.Leaked}},
-		{"leak and wrong count", func(tx meta.Tx, s setup) error {
+		{"leak and wrong count", func(tx *meta.Tx, s setup) error {
 			if _, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1); err != nil {
 				return err
 			}
@@ -1059,7 +1059,7 @@ func TestCheckFindsDamage(t *testing.T) {
 				t.Fatalf("setup refs %d %d %d", r0, r1, r2)
 			}
 
-			if err := c.Store.Update(ctx, func(tx meta.Tx) error { return tc.damage(tx, st) }); err != nil {
+			if err := c.Store.Update(ctx, func(tx *meta.Tx) error { return tc.damage(tx, st) }); err != nil {
 				t.Fatal(err)
 			}
 			ps, err := c.Ctrl.Check(ctx)
@@ -1182,7 +1182,7 @@ func TestHoldFaults(t *testing.T) {
 // registry: a hold then lasts its full time.
 func registerGone(t *testing.T, c *local.Cluster) {
 	t.Helper()
-	err := c.Store.Update(t.Context(), func(tx meta.Tx) error {
+	err := c.Store.Update(t.Context(), func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil {
 			return err
@@ -1255,7 +1255,7 @@ func TestHoldEndsEarly(t *testing.T) {
 		want = append(want, a.Name())
 	}
 	slices.Sort(want)
-	c.Store.View(ctx, func(tx meta.Tx) error {
+	c.Store.View(ctx, func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil || !slices.Equal(reg, want) {
 			t.Errorf("registry after a full hold: %v, %v; want %v", reg, err, want)
@@ -1277,7 +1277,7 @@ func TestFreeSlotsZeroedAfterRestart(t *testing.T) {
 	write(t, h, pattern(seg, 21), 0)
 	e := entry(t, c, "a", 0)
 	// The crash: entry and count dropped, the slot not punched.
-	if err := c.Store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
 		if err := tx.SetEntries(meta.DiskID(h.Info().ID), 0, []table.Entry{table.ZeroEntry}); err != nil {
 			return err
 		}

@@ -184,7 +184,7 @@ func (e *Etcd) usable(ctx context.Context) error {
 }
 
 // View implements Store.
-func (e *Etcd) View(ctx context.Context, fn func(Tx) error) error {
+func (e *Etcd) View(ctx context.Context, fn func(*Tx) error) error {
 	if err := e.usable(ctx); err != nil {
 		return err
 	}
@@ -192,7 +192,7 @@ func (e *Etcd) View(ctx context.Context, fn func(Tx) error) error {
 }
 
 // Update implements Store.
-func (e *Etcd) Update(ctx context.Context, fn func(Tx) error) error {
+func (e *Etcd) Update(ctx context.Context, fn func(*Tx) error) error {
 	for attempt := 1; ; attempt++ {
 		if err := e.usable(ctx); err != nil {
 			return err

@@ -230,7 +230,7 @@ func etcdTestDisk(name string) meta.Disk {
 func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
 	s := openEtcd(t, cli, prefix)
 	defer s.Close()
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		d, err := tx.CreateDisk(etcdTestDisk("vol"))
 		if err != nil {
 			return err
@@ -273,7 +273,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	defer s1.Close()
 	defer s2.Close()
 	var c meta.Container
-	if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 		var err error
 		c, err = tx.AddContainer(meta.Container{URI: "c", SlotSize: 1 << 20, Slots: 10})
 		return err
@@ -286,7 +286,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	for i, s := range []*meta.Etcd{s1, s2} {
 		wg.Go(func() {
 			for r := range rounds {
-				err := s.Update(t.Context(), func(tx meta.Tx) error {
+				err := s.Update(t.Context(), func(tx *meta.Tx) error {
 					calls.Add(1)
 					_, err := meta.AddRefs(tx, shared, 1)
 					return err
@@ -301,7 +301,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	wg.Wait()
 	t.Logf("%d increments took %d runs of the transaction function", 2*rounds, calls.Load())
 	for i, s := range []*meta.Etcd{s1, s2} {
-		if err := s.View(t.Context(), func(tx meta.Tx) error {
+		if err := s.View(t.Context(), func(tx *meta.Tx) error {
 			n, err := tx.Refs(shared)
 			if err != nil {
 				return err
@@ -327,17 +327,17 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 	cases := []struct {
 		name string
 		// read is the first transaction's read; it returns what it saw.
-		read func(tx meta.Tx, ids []meta.DiskID) (string, error)
+		read func(tx *meta.Tx, ids []meta.DiskID) (string, error)
 		// change is the other store's transaction.
-		change func(tx meta.Tx, ids []meta.DiskID) error
+		change func(tx *meta.Tx, ids []meta.DiskID) error
 	}{
 		{
 			name: "KeyModified",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				d, err := tx.DiskByID(ids[0])
 				return fmt.Sprint(d.ReadOnly), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				d, err := tx.DiskByID(ids[0])
 				if err != nil {
 					return err
@@ -348,36 +348,36 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 		},
 		{
 			name: "AbsentKeyCreated",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				_, err := tx.Disk("new")
 				if errors.Is(err, meta.ErrNotFound) {
 					return "absent", nil
 				}
 				return "present", err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				_, err := tx.CreateDisk(etcdTestDisk("new"))
 				return err
 			},
 		},
 		{
 			name: "KeyDeleted",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				_, err := tx.DiskByID(ids[1])
 				if errors.Is(err, meta.ErrNotFound) {
 					return "absent", nil
 				}
 				return "present", err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
+			change: func(tx *meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesCreate",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				ds, err := tx.Disks()
 				return fmt.Sprint(len(ds)), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				_, err := tx.CreateDisk(etcdTestDisk("new"))
 				return err
 			},
@@ -386,20 +386,20 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			// etcd's range compares see only keys that exist: this is the
 			// case the deletion markers are for.
 			name: "ScanSeesDelete",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				ds, err := tx.Disks()
 				return fmt.Sprint(len(ds)), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
+			change: func(tx *meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesModify",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				var n int
 				err := tx.ForEachMapped(ids[0], func(uint64, table.Entry) error { n++; return nil })
 				return fmt.Sprint(n), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				return tx.SetEntries(ids[0], 5, []table.Entry{table.At(table.Location{Container: 1, Slot: 9}, false)})
 			},
 		},
@@ -411,7 +411,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			defer s1.Close()
 			defer s2.Close()
 			var ids []meta.DiskID
-			if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+			if err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 				ids = ids[:0]
 				for _, name := range []string{"a", "b"} {
 					d, err := tx.CreateDisk(etcdTestDisk(name))
@@ -425,14 +425,14 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 				t.Fatal(err)
 			}
 			var saw []string
-			err := s1.Update(t.Context(), func(tx meta.Tx) error {
+			err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 				v, err := c.read(tx, ids)
 				if err != nil {
 					return err
 				}
 				saw = append(saw, v)
 				if len(saw) == 1 {
-					if err := s2.Update(t.Context(), func(tx meta.Tx) error { return c.change(tx, ids) }); err != nil {
+					if err := s2.Update(t.Context(), func(tx *meta.Tx) error { return c.change(tx, ids) }); err != nil {
 						return fmt.Errorf("other store: %w", err)
 					}
 				}
@@ -446,7 +446,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			if len(saw) != 2 || saw[0] == saw[1] {
 				t.Errorf("transaction saw %q, want two runs that differ", saw)
 			}
-			if err := s1.View(t.Context(), func(tx meta.Tx) error {
+			if err := s1.View(t.Context(), func(tx *meta.Tx) error {
 				v, err := c.read(tx, ids)
 				if err == nil && len(saw) > 0 && v != saw[len(saw)-1] {
 					t.Errorf("after commit: read %q, the last run read %q", v, saw[len(saw)-1])
@@ -473,7 +473,7 @@ func etcdKeys(t *testing.T, cli *clientv3.Client, prefix string) int64 {
 func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
 	s := openEtcd(t, cli, prefix)
 	defer s.Close()
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(etcdTestDisk("vol"))
 		return err
 	}); err != nil {
@@ -481,7 +481,7 @@ func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
 	}
 	keys := etcdKeys(t, cli, prefix)
 	calls := 0
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		calls++
 		if _, err := tx.NextSeq("counter"); err != nil {
 			return err
@@ -504,7 +504,7 @@ func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
 	if got := etcdKeys(t, cli, prefix); got != keys {
 		t.Errorf("%d keys after the refused Update, %d before", got, keys)
 	}
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		_, all, err := tx.Grants(100)
 		if err == nil && !all {
 			t.Error("grants of the refused Update were stored")
@@ -529,7 +529,7 @@ func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
 	s := openEtcd(t, cli, prefix)
 	defer s.Close()
 	var d meta.Disk
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.CreateDisk(etcdTestDisk("vol"))
 		return err
@@ -537,7 +537,7 @@ func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
 		t.Fatal(err)
 	}
 	keys := etcdKeys(t, cli, prefix)
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		// Scanning the (empty) table first lets the pages be read
 		// without a request each.
 		if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
@@ -588,7 +588,7 @@ func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
 		return s
 	}
 	create := func(s *meta.Etcd, name string) error {
-		return s.Update(ctx, func(tx meta.Tx) error {
+		return s.Update(ctx, func(tx *meta.Tx) error {
 			_, err := tx.CreateDisk(etcdTestDisk(name))
 			return err
 		})
@@ -638,7 +638,7 @@ func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
 	if w := writer(); w != "two/2" {
 		t.Errorf("writer %q, want two/2", w)
 	}
-	if err := s2.View(ctx, func(tx meta.Tx) error {
+	if err := s2.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err

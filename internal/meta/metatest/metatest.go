@@ -4,7 +4,7 @@
 // with a constructor, and the suite checks the whole Store and Tx contract
 // against it.
 //
-// The suite goes through the meta.Store and meta.Tx interfaces only, so it
+// The suite goes through the meta.Store and *meta.Tx interfaces only, so it
 // holds for any backend: the disk catalogue and its name index, sparse
 // tables that read as Zero where nothing was written, entries and reference
 // counts across page boundaries, Container.Used kept in step with the
@@ -166,14 +166,14 @@ func zeros(n int) []table.Entry {
 
 // Transaction helpers.
 
-func update(t *testing.T, s meta.Store, fn func(tx meta.Tx) error) {
+func update(t *testing.T, s meta.Store, fn func(tx *meta.Tx) error) {
 	t.Helper()
 	if err := s.Update(t.Context(), fn); err != nil {
 		t.Fatalf("Update: %v", err)
 	}
 }
 
-func view(t *testing.T, s meta.Store, fn func(tx meta.Tx) error) {
+func view(t *testing.T, s meta.Store, fn func(tx *meta.Tx) error) {
 	t.Helper()
 	if err := s.View(t.Context(), fn); err != nil {
 		t.Fatalf("View: %v", err)
@@ -201,7 +201,7 @@ func diskDiff(got, want meta.Disk) string {
 }
 
 // checkEntries compares entries [first, first+len(want)) of disk id.
-func checkEntries(t *testing.T, tx meta.Tx, id meta.DiskID, first uint64, want []table.Entry) error {
+func checkEntries(t *testing.T, tx *meta.Tx, id meta.DiskID, first uint64, want []table.Entry) error {
 	t.Helper()
 	got, err := tx.Entries(id, first, uint64(len(want)))
 	if err != nil {
@@ -228,7 +228,7 @@ type segEntry struct {
 
 func (s segEntry) String() string { return fmt.Sprintf("%d:%v", s.seg, s.e) }
 
-func mappedOf(tx meta.Tx, id meta.DiskID) ([]segEntry, error) {
+func mappedOf(tx *meta.Tx, id meta.DiskID) ([]segEntry, error) {
 	var out []segEntry
 	err := tx.ForEachMapped(id, func(seg uint64, e table.Entry) error {
 		out = append(out, segEntry{seg, e})
@@ -245,7 +245,7 @@ type slotRef struct{ slot, n uint32 }
 
 func (r slotRef) String() string { return fmt.Sprintf("%d:%d", r.slot, r.n) }
 
-func refsOf(tx meta.Tx, cid uint32) ([]slotRef, error) {
+func refsOf(tx *meta.Tx, cid uint32) ([]slotRef, error) {
 	var out []slotRef
 	err := tx.ForEachRef(cid, func(slot, n uint32) error {
 		out = append(out, slotRef{slot, n})
@@ -259,7 +259,7 @@ func refsOf(tx meta.Tx, cid uint32) ([]slotRef, error) {
 
 // checkUsed checks container cid's Used through both Container and
 // Containers.
-func checkUsed(t *testing.T, tx meta.Tx, cid uint32, want uint64) error {
+func checkUsed(t *testing.T, tx *meta.Tx, cid uint32, want uint64) error {
 	t.Helper()
 	c, err := tx.Container(cid)
 	if err != nil {
@@ -286,7 +286,7 @@ func checkUsed(t *testing.T, tx meta.Tx, cid uint32, want uint64) error {
 
 func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 	var ds []meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		ds = ds[:0]
 		for _, name := range []string{"a", "b"} {
 			d := testDisk(name)
@@ -299,7 +299,7 @@ func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		ds = ds[:2]
 		d := testDisk("c")
 		d.Family, d.Origin = ds[0].ID, ds[0].ID
@@ -321,7 +321,7 @@ func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 	if ds[2].Family != ds[0].ID || ds[2].Origin != ds[0].ID {
 		t.Errorf("disk c: Family %d, Origin %d, want the given %d, %d", ds[2].Family, ds[2].Origin, ds[0].ID, ds[0].ID)
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for _, want := range ds {
 			got, err := tx.DiskByID(want.ID)
 			if err != nil {
@@ -335,8 +335,8 @@ func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 	})
 
 	// Ids are never reused, not even the id of the newest disk once deleted.
-	update(t, s, func(tx meta.Tx) error { return deleteDisk(tx, ds[2].ID) })
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return deleteDisk(tx, ds[2].ID) })
+	update(t, s, func(tx *meta.Tx) error {
 		d, err := tx.CreateDisk(testDisk("d"))
 		if err != nil {
 			return fmt.Errorf("CreateDisk(d): %w", err)
@@ -350,7 +350,7 @@ func testCreateAssignsIDs(t *testing.T, s meta.Store) {
 
 func testDuplicateName(t *testing.T, s meta.Store) {
 	var first meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if first, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return err
@@ -359,12 +359,12 @@ func testDuplicateName(t *testing.T, s meta.Store) {
 		wantErr(t, "CreateDisk(vol) twice in one transaction", err, meta.ErrExists)
 		return nil
 	})
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("vol"))
 		return err
 	})
 	wantErr(t, "CreateDisk(vol) in a later transaction", err, meta.ErrExists)
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
@@ -378,7 +378,7 @@ func testDuplicateName(t *testing.T, s meta.Store) {
 
 func testLookup(t *testing.T, s meta.Store) {
 	var want []meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		want = want[:0]
 		for i, name := range []string{"zeta", "alpha", "mid dle/ü", "x"} {
 			d := testDisk(name)
@@ -406,7 +406,7 @@ func testLookup(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for _, w := range want {
 			got, err := tx.Disk(w.Name)
 			if err != nil {
@@ -440,7 +440,7 @@ func testLookup(t *testing.T, s meta.Store) {
 }
 
 func testNotFound(t *testing.T, s meta.Store) {
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil || len(ds) != 0 {
 			t.Errorf("Disks() of an empty store = %v, %v", ds, err)
@@ -459,7 +459,7 @@ func testNotFound(t *testing.T, s meta.Store) {
 		wantErr(t, "FindFree(77)", err, meta.ErrNotFound)
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		wantErr(t, "PutDisk of a missing disk", tx.PutDisk(meta.Disk{ID: 12345, Name: "x", SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}), meta.ErrNotFound)
 		wantErr(t, "DeleteDisk of a missing disk", deleteDisk(tx, 12345), meta.ErrNotFound)
 		wantErr(t, "SetRefs in a missing container", tx.SetRefs(loc(77, 0), 1), meta.ErrNotFound)
@@ -469,7 +469,7 @@ func testNotFound(t *testing.T, s meta.Store) {
 
 func testRename(t *testing.T, s meta.Store) {
 	var a, b meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if a, err = tx.CreateDisk(testDisk("a")); err != nil {
 			return err
@@ -478,8 +478,8 @@ func testRename(t *testing.T, s meta.Store) {
 		return err
 	})
 	a.Name = "a2"
-	update(t, s, func(tx meta.Tx) error { return tx.PutDisk(a) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.PutDisk(a) })
+	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.Disk("a")
 		wantErr(t, "Disk(a) after renaming it to a2", err, meta.ErrNotFound)
 		got, err := tx.Disk("a2")
@@ -496,13 +496,13 @@ func testRename(t *testing.T, s meta.Store) {
 	})
 
 	// Renaming onto a taken name fails and changes nothing.
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		d := a
 		d.Name = "b"
 		return tx.PutDisk(d)
 	})
 	wantErr(t, "PutDisk renaming a2 onto b", err, meta.ErrExists)
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if got, err := tx.Disk("b"); err != nil || got.ID != b.ID {
 			t.Errorf("Disk(b) = %+v, %v after a refused rename onto it", got, err)
 		}
@@ -514,7 +514,7 @@ func testRename(t *testing.T, s meta.Store) {
 
 	// The old name is free again: a new disk may take it, and a rename back
 	// and forth in one transaction leaves the index right.
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		c, err := tx.CreateDisk(testDisk("a"))
 		if err != nil {
 			return fmt.Errorf("CreateDisk(a) after a was renamed: %w", err)
@@ -539,7 +539,7 @@ func testRename(t *testing.T, s meta.Store) {
 
 func testPutDiskFields(t *testing.T, s meta.Store) {
 	var d meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.CreateDisk(testDisk("vol"))
 		return err
@@ -549,8 +549,8 @@ func testPutDiskFields(t *testing.T, s meta.Store) {
 	d.Policy = table.Reverse
 	d.Origin = 42
 	d.Created = created.Add(time.Hour + 1)
-	update(t, s, func(tx meta.Tx) error { return tx.PutDisk(d) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.PutDisk(d) })
+	view(t, s, func(tx *meta.Tx) error {
 		got, err := tx.Disk("vol")
 		if err != nil {
 			return err
@@ -571,7 +571,7 @@ func testCreatedTime(t *testing.T, s meta.Store) {
 		time.Now(), // carries a monotonic reading
 	}
 	ids := make([]meta.DiskID, len(times))
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		for i, tm := range times {
 			d := testDisk(fmt.Sprintf("t%d", i))
 			d.Created = tm
@@ -583,7 +583,7 @@ func testCreatedTime(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for i, tm := range times {
 			d, err := tx.DiskByID(ids[i])
 			if err != nil {
@@ -603,7 +603,7 @@ func testCreatedTime(t *testing.T, s meta.Store) {
 func testDeleteDisk(t *testing.T, s meta.Store) {
 	var old, keep meta.Disk
 	segs := []uint64{0, 5, meta.PageEntries + 1, 1 << 40}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if old, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return err
@@ -624,9 +624,9 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error { return deleteDisk(tx, old.ID) })
+	update(t, s, func(tx *meta.Tx) error { return deleteDisk(tx, old.ID) })
 
-	checkGone := func(tx meta.Tx, newID meta.DiskID) error {
+	checkGone := func(tx *meta.Tx, newID meta.DiskID) error {
 		_, err := tx.Disk("vol")
 		if newID == 0 {
 			wantErr(t, "Disk(vol) after DeleteDisk", err, meta.ErrNotFound)
@@ -668,21 +668,21 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 		}
 		return nil
 	}
-	view(t, s, func(tx meta.Tx) error { return checkGone(tx, 0) })
+	view(t, s, func(tx *meta.Tx) error { return checkGone(tx, 0) })
 
 	var recreated meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if recreated, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return fmt.Errorf("CreateDisk(vol) after deleting vol: %w", err)
 		}
 		return checkGone(tx, recreated.ID)
 	})
-	view(t, s, func(tx meta.Tx) error { return checkGone(tx, recreated.ID) })
+	view(t, s, func(tx *meta.Tx) error { return checkGone(tx, recreated.ID) })
 
 	// Deleting a disk whose table was written in the same transaction drops
 	// the uncommitted pages too.
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := addContainers(tx, 3); err != nil {
 			return err
 		}
@@ -701,7 +701,7 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if _, err := tx.DiskByID(recreated.ID); !errors.Is(err, meta.ErrNotFound) {
 			t.Errorf("DiskByID(%d) after DeleteDisk: %v", recreated.ID, err)
 		}
@@ -720,12 +720,12 @@ func testDeleteDisk(t *testing.T, s meta.Store) {
 
 func testNewDiskIsZero(t *testing.T, s meta.Store) {
 	var d meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.CreateDisk(testDisk("vol"))
 		return err
 	})
-	verify := func(tx meta.Tx) error {
+	verify := func(tx *meta.Tx) error {
 		for _, r := range []struct{ first, n uint64 }{
 			{0, 5},
 			{meta.PageEntries - 1, 2},
@@ -756,8 +756,8 @@ func testNewDiskIsZero(t *testing.T, s meta.Store) {
 
 	// A far segment is addressable without the pages before it.
 	far := uint64(1) << 40
-	update(t, s, func(tx meta.Tx) error { return tx.SetEntries(d.ID, far+1, []table.Entry{at(1, 9)}) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.SetEntries(d.ID, far+1, []table.Entry{at(1, 9)}) })
+	view(t, s, func(tx *meta.Tx) error {
 		if err := checkEntries(t, tx, d.ID, far, []table.Entry{table.ZeroEntry, at(1, 9), table.ZeroEntry}); err != nil {
 			return err
 		}
@@ -789,7 +789,7 @@ func testEntriesAcrossPages(t *testing.T, s meta.Store) {
 	want := func() []table.Entry {
 		return slices.Concat(zeros(2), es, zeros(2))
 	}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return err
@@ -802,7 +802,7 @@ func testEntriesAcrossPages(t *testing.T, s meta.Store) {
 		}
 		return checkEntries(t, tx, d.ID, first-2, want())
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if err := checkEntries(t, tx, d.ID, first-2, want()); err != nil {
 			return err
 		}
@@ -819,16 +819,16 @@ func testEntriesAcrossPages(t *testing.T, s meta.Store) {
 	})
 
 	// Overwriting part of a stored page keeps the rest of it.
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		return tx.SetEntries(d.ID, meta.PageEntries, []table.Entry{table.ErrorEntry})
 	})
 	es[3] = table.ErrorEntry
-	view(t, s, func(tx meta.Tx) error { return checkEntries(t, tx, d.ID, first-2, want()) })
+	view(t, s, func(tx *meta.Tx) error { return checkEntries(t, tx, d.ID, first-2, want()) })
 }
 
 func testTablesSeparate(t *testing.T, s meta.Store) {
 	var ds []meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		ds = ds[:0]
 		for i := range 3 {
 			d, err := tx.CreateDisk(testDisk(fmt.Sprintf("d%d", i)))
@@ -842,7 +842,7 @@ func testTablesSeparate(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for i, d := range ds {
 			c := uint32(i + 1)
 			if err := checkEntries(t, tx, d.ID, meta.PageEntries-1, []table.Entry{at(c, 1), at(c, 2)}); err != nil {
@@ -862,7 +862,7 @@ func testTablesSeparate(t *testing.T, s meta.Store) {
 
 func testSetEntriesInvalid(t *testing.T, s meta.Store) {
 	var d meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.CreateDisk(testDisk("vol"))
 		return err
@@ -874,7 +874,7 @@ func testSetEntriesInvalid(t *testing.T, s meta.Store) {
 		{Loc: loc(1, 1), State: 0x80},
 		{State: table.Zero | 0x10},
 	} {
-		update(t, s, func(tx meta.Tx) error {
+		update(t, s, func(tx *meta.Tx) error {
 			// The bad entry is last, so a store that wrote as it checked
 			// would have written the first ones.
 			err := tx.SetEntries(d.ID, meta.PageEntries-1, []table.Entry{at(1, 1), at(1, 2), bad})
@@ -882,13 +882,13 @@ func testSetEntriesInvalid(t *testing.T, s meta.Store) {
 			return checkEntries(t, tx, d.ID, meta.PageEntries-1, zeros(3))
 		})
 	}
-	view(t, s, func(tx meta.Tx) error { return checkEntries(t, tx, d.ID, meta.PageEntries-1, zeros(3)) })
+	view(t, s, func(tx *meta.Tx) error { return checkEntries(t, tx, d.ID, meta.PageEntries-1, zeros(3)) })
 }
 
 func testForEachMapped(t *testing.T, s meta.Store) {
 	var d, other meta.Disk
 	far := uint64(1) << 40
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return err
@@ -918,7 +918,7 @@ func testForEachMapped(t *testing.T, s meta.Store) {
 		{5 * meta.PageEntries, at(1, 5)},
 		{far, at(1, 40)},
 	}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		// Uncommitted changes: a new entry on a stored page, a new page,
 		// and a mapped entry voided.
 		if err := tx.SetEntries(d.ID, 0, []table.Entry{at(2, 0), table.ZeroEntry}); err != nil {
@@ -936,7 +936,7 @@ func testForEachMapped(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		m, err := mappedOf(tx, d.ID)
 		if err != nil {
 			return err
@@ -986,7 +986,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 		{7*meta.PageEntries + 1, at(1, 7)},
 	}
 	ranges := []struct{ first, n uint64 }{{0, 2*meta.PageEntries + 1}, {7 * meta.PageEntries, 3}, {far - 1, 4}}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if src, err = tx.CreateDisk(testDisk("src")); err != nil {
 			return err
@@ -1003,7 +1003,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 	})
 	var srcEntries [][]table.Entry
 	var srcMapped []segEntry
-	verify := func(tx meta.Tx) error {
+	verify := func(tx *meta.Tx) error {
 		for i, r := range ranges {
 			if err := checkEntries(t, tx, dst.ID, r.first, srcEntries[i]); err != nil {
 				return err
@@ -1021,7 +1021,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 		}
 		return nil
 	}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if dst, err = tx.CreateDisk(testDisk("dst")); err != nil {
 			return err
@@ -1050,7 +1050,7 @@ func testCopyTable(t *testing.T, s meta.Store) {
 	view(t, s, verify)
 	// Spot checks that the fixture holds what the test is about: Error
 	// entries, which ForEachMapped does not show, were copied.
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for _, seg := range []uint64{1, meta.PageEntries - 1, far, 7 * meta.PageEntries} {
 			if err := checkEntries(t, tx, dst.ID, seg, []table.Entry{table.ErrorEntry}); err != nil {
 				return err
@@ -1059,15 +1059,15 @@ func testCopyTable(t *testing.T, s meta.Store) {
 		return checkEntries(t, tx, dst.ID, 3, []table.Entry{{Loc: loc(4, 4), State: table.Error | table.NoWrite}})
 	})
 	// The copy is independent of its source.
-	update(t, s, func(tx meta.Tx) error { return tx.SetEntries(src.ID, 0, []table.Entry{at(8, 8)}) })
-	view(t, s, func(tx meta.Tx) error { return checkEntries(t, tx, dst.ID, 0, []table.Entry{at(1, 0)}) })
+	update(t, s, func(tx *meta.Tx) error { return tx.SetEntries(src.ID, 0, []table.Entry{at(8, 8)}) })
+	view(t, s, func(tx *meta.Tx) error { return checkEntries(t, tx, dst.ID, 0, []table.Entry{at(1, 0)}) })
 }
 
 // testCopyTableReplaces checks that CopyTable makes dst a copy of src even
 // where dst had entries and src has none stored.
 func testCopyTableReplaces(t *testing.T, s meta.Store) {
 	var src, dst meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if src, err = tx.CreateDisk(testDisk("src")); err != nil {
 			return err
@@ -1090,7 +1090,7 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 		return nil
 	})
 	want := []segEntry{{1, at(1, 1)}}
-	verify := func(tx meta.Tx) error {
+	verify := func(tx *meta.Tx) error {
 		m, err := mappedOf(tx, dst.ID)
 		if err != nil {
 			return err
@@ -1100,7 +1100,7 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 		}
 		return nil
 	}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := tx.CopyTable(src.ID, dst.ID); err != nil {
 			return err
 		}
@@ -1113,7 +1113,7 @@ func testCopyTableReplaces(t *testing.T, s meta.Store) {
 
 func testAddContainer(t *testing.T, s meta.Store) {
 	var cs []meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		cs = cs[:0]
 		for i, uri := range []string{"file:///a", "nbd://host/b", ""} {
 			c := testContainer(uri, uint64(10*(i+1)))
@@ -1135,7 +1135,7 @@ func testAddContainer(t *testing.T, s meta.Store) {
 			t.Errorf("container %d of %+v: ids must be non-zero and increasing", i, cs)
 		}
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for _, want := range cs {
 			got, err := tx.Container(want.ID)
 			if err != nil {
@@ -1158,7 +1158,7 @@ func testAddContainer(t *testing.T, s meta.Store) {
 
 func testAddContainerExplicit(t *testing.T, s meta.Store) {
 	var auto meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if auto, err = tx.AddContainer(testContainer("a", 4)); err != nil {
 			return err
@@ -1172,7 +1172,7 @@ func testAddContainerExplicit(t *testing.T, s meta.Store) {
 		return nil
 	})
 	for _, id := range []uint32{auto.ID, 1000} {
-		err := s.Update(t.Context(), func(tx meta.Tx) error {
+		err := s.Update(t.Context(), func(tx *meta.Tx) error {
 			c := testContainer("dup", 4)
 			c.ID = id
 			_, err := tx.AddContainer(c)
@@ -1180,7 +1180,7 @@ func testAddContainerExplicit(t *testing.T, s meta.Store) {
 		})
 		wantErr(t, fmt.Sprintf("AddContainer with taken id %d", id), err, meta.ErrExists)
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -1193,7 +1193,7 @@ func testAddContainerExplicit(t *testing.T, s meta.Store) {
 }
 
 func testAddContainerSkipsTaken(t *testing.T, s meta.Store) {
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		for id := uint32(1); id <= 3; id++ {
 			c := testContainer("explicit", 4)
 			c.ID = id
@@ -1203,7 +1203,7 @@ func testAddContainerSkipsTaken(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		c, err := tx.AddContainer(testContainer("auto", 4))
 		if err != nil {
 			return fmt.Errorf("AddContainer after ids 1-3 were taken explicitly: %w", err)
@@ -1213,7 +1213,7 @@ func testAddContainerSkipsTaken(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -1229,7 +1229,7 @@ func testAddContainerSkipsTaken(t *testing.T, s meta.Store) {
 
 func testRefsUsed(t *testing.T, s meta.Store) {
 	var c, other meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if c, err = tx.AddContainer(testContainer("c", 3*meta.PageSlots+7)); err != nil {
 			return err
@@ -1252,7 +1252,7 @@ func testRefsUsed(t *testing.T, s meta.Store) {
 		{b, 1, 2},              // n -> n
 	}
 	counts := map[table.Location]uint32{}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		clear(counts)
 		for i, st := range steps {
 			if err := tx.SetRefs(st.at, st.n); err != nil {
@@ -1270,7 +1270,7 @@ func testRefsUsed(t *testing.T, s meta.Store) {
 		}
 		return checkUsed(t, tx, other.ID, 0)
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		for l, want := range counts {
 			if got, err := tx.Refs(l); err != nil || got != want {
 				t.Errorf("after commit: Refs(%v) = %d, %v, want %d", l, got, err, want)
@@ -1285,7 +1285,7 @@ func testRefsUsed(t *testing.T, s meta.Store) {
 		return checkUsed(t, tx, c.ID, 2)
 	})
 	// Changes in a later transaction start from the committed Used.
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := tx.SetRefs(b, 0); err != nil {
 			return err
 		}
@@ -1297,12 +1297,12 @@ func testRefsUsed(t *testing.T, s meta.Store) {
 		}
 		return checkUsed(t, tx, c.ID, 1)
 	})
-	view(t, s, func(tx meta.Tx) error { return checkUsed(t, tx, c.ID, 1) })
+	view(t, s, func(tx *meta.Tx) error { return checkUsed(t, tx, c.ID, 1) })
 }
 
 func testRefsRange(t *testing.T, s meta.Store) {
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if c, err = tx.AddContainer(testContainer("c", meta.PageSlots+2)); err != nil {
 			return err
@@ -1310,14 +1310,14 @@ func testRefsRange(t *testing.T, s meta.Store) {
 		return tx.SetRefs(loc(c.ID, meta.PageSlots+1), 1) // the last slot
 	})
 	for _, slot := range []uint32{meta.PageSlots + 2, 2 * meta.PageSlots, math.MaxUint32} {
-		update(t, s, func(tx meta.Tx) error {
+		update(t, s, func(tx *meta.Tx) error {
 			wantErr(t, fmt.Sprintf("SetRefs(slot %d of %d)", slot, c.Slots), tx.SetRefs(loc(c.ID, slot), 1), meta.ErrRange)
 			_, err := meta.AddRefs(tx, loc(c.ID, slot), 1)
 			wantErr(t, fmt.Sprintf("AddRefs(slot %d of %d)", slot, c.Slots), err, meta.ErrRange)
 			return checkUsed(t, tx, c.ID, 1)
 		})
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		rs, err := refsOf(tx, c.ID)
 		if err != nil {
 			return err
@@ -1331,13 +1331,13 @@ func testRefsRange(t *testing.T, s meta.Store) {
 
 func testAddRefs(t *testing.T, s meta.Store) {
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		c, err = tx.AddContainer(testContainer("c", 10))
 		return err
 	})
 	l := loc(c.ID, 3)
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		_, err := meta.AddRefs(tx, l, -1)
 		wantErr(t, "AddRefs(-1) of a free slot", err, meta.ErrCorrupt)
 		if n, err := meta.AddRefs(tx, l, 2); err != nil || n != 2 {
@@ -1353,13 +1353,13 @@ func testAddRefs(t *testing.T, s meta.Store) {
 		}
 		return checkUsed(t, tx, c.ID, 1)
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if n, err := meta.AddRefs(tx, l, -2); err != nil || n != 0 {
 			t.Errorf("AddRefs(-2) of 2 = %d, %v, want 0", n, err)
 		}
 		return checkUsed(t, tx, c.ID, 0)
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if n, err := tx.Refs(l); err != nil || n != 0 {
 			t.Errorf("Refs = %d, %v, want 0", n, err)
 		}
@@ -1370,12 +1370,12 @@ func testAddRefs(t *testing.T, s meta.Store) {
 func testFindFree(t *testing.T, s meta.Store) {
 	const slots = 3*meta.PageSlots + 7
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		c, err = tx.AddContainer(testContainer("c", slots))
 		return err
 	})
-	findFree := func(tx meta.Tx, from, want uint32, wantOK bool) error {
+	findFree := func(tx *meta.Tx, from, want uint32, wantOK bool) error {
 		t.Helper()
 		got, ok, err := tx.FindFree(c.ID, from)
 		if err != nil {
@@ -1386,7 +1386,7 @@ func testFindFree(t *testing.T, s meta.Store) {
 		}
 		return nil
 	}
-	fill := func(tx meta.Tx, lo, hi uint32, n uint32) error {
+	fill := func(tx *meta.Tx, lo, hi uint32, n uint32) error {
 		for s := lo; s < hi; s++ {
 			if err := tx.SetRefs(loc(c.ID, s), n); err != nil {
 				return err
@@ -1395,7 +1395,7 @@ func testFindFree(t *testing.T, s meta.Store) {
 		return nil
 	}
 	const last = slots - 1
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		for _, from := range []uint32{0, 1, meta.PageSlots - 1, meta.PageSlots + 5, last} {
 			if err := findFree(tx, from, from, true); err != nil {
 				return err
@@ -1417,7 +1417,7 @@ func testFindFree(t *testing.T, s meta.Store) {
 		}
 		return findFree(tx, 10, 2*meta.PageSlots+4, true)
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		// Only the last slot is free: found from anywhere.
 		if err := fill(tx, 2*meta.PageSlots+4, last, 3); err != nil {
 			return err
@@ -1450,25 +1450,25 @@ func testFindFree(t *testing.T, s meta.Store) {
 		}
 		return checkUsed(t, tx, c.ID, slots)
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if err := findFree(tx, 0, 0, false); err != nil {
 			return err
 		}
 		return checkUsed(t, tx, c.ID, slots)
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := tx.SetRefs(loc(c.ID, 3*meta.PageSlots+2), 0); err != nil {
 			return err
 		}
 		return findFree(tx, 0, 3*meta.PageSlots+2, true)
 	})
-	view(t, s, func(tx meta.Tx) error { return findFree(tx, 3*meta.PageSlots+3, 3*meta.PageSlots+2, true) })
+	view(t, s, func(tx *meta.Tx) error { return findFree(tx, 3*meta.PageSlots+3, 3*meta.PageSlots+2, true) })
 }
 
 func testForEachRef(t *testing.T, s meta.Store) {
 	const slots = 3*meta.PageSlots + 7
 	var c, other meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if c, err = tx.AddContainer(testContainer("c", slots)); err != nil {
 			return err
@@ -1484,7 +1484,7 @@ func testForEachRef(t *testing.T, s meta.Store) {
 		return tx.SetRefs(loc(other.ID, 8), 8)
 	})
 	want := []slotRef{{0, 1}, {meta.PageSlots, 2}, {meta.PageSlots + 1, 4}, {2*meta.PageSlots + 6, 9}, {slots - 1, 1}}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := tx.SetRefs(loc(c.ID, 7), 0); err != nil {
 			return err
 		}
@@ -1500,7 +1500,7 @@ func testForEachRef(t *testing.T, s meta.Store) {
 		}
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		rs, err := refsOf(tx, c.ID)
 		if err != nil {
 			return err
@@ -1534,7 +1534,7 @@ func testForEachRef(t *testing.T, s meta.Store) {
 func testRollback(t *testing.T, s meta.Store) {
 	var d meta.Disk
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.CreateDisk(testDisk("base")); err != nil {
 			return err
@@ -1547,7 +1547,7 @@ func testRollback(t *testing.T, s meta.Store) {
 		}
 		return tx.SetRefs(loc(c.ID, 1), 1)
 	})
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		nd, err := tx.CreateDisk(testDisk("new"))
 		if err != nil {
 			return err
@@ -1574,7 +1574,7 @@ func testRollback(t *testing.T, s meta.Store) {
 		return fmt.Errorf("give up: %w", errStop)
 	})
 	wantErr(t, "Update whose fn fails", err, errStop)
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.Disk("new")
 		wantErr(t, "Disk created in a failed Update", err, meta.ErrNotFound)
 		_, err = tx.Disk("renamed")
@@ -1627,7 +1627,7 @@ func testRollback(t *testing.T, s meta.Store) {
 func testReadOnly(t *testing.T, s meta.Store) {
 	var d meta.Disk
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.CreateDisk(testDisk("vol")); err != nil {
 			return err
@@ -1640,7 +1640,7 @@ func testReadOnly(t *testing.T, s meta.Store) {
 		}
 		return tx.SetRefs(loc(c.ID, 1), 1)
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("new"))
 		wantErr(t, "CreateDisk in View", err, meta.ErrReadOnlyTx)
 		renamed := d
@@ -1659,7 +1659,7 @@ func testReadOnly(t *testing.T, s meta.Store) {
 		wantErr(t, "DeleteDisk in View", deleteDisk(tx, d.ID), meta.ErrReadOnlyTx)
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		got, err := tx.Disk("vol")
 		if err != nil {
 			return fmt.Errorf("Disk(vol) after writes in View: %w", err)
@@ -1707,7 +1707,7 @@ func testConcurrent(t *testing.T, s meta.Store) {
 	const workers, rounds = 8, 8
 	var c meta.Container
 	var counter meta.Disk
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if c, err = tx.AddContainer(testContainer("shared", meta.PageSlots+workers)); err != nil {
 			return err
@@ -1723,7 +1723,7 @@ func testConcurrent(t *testing.T, s meta.Store) {
 	// snapshot checks one View: the shared count equals the number of
 	// worker disks, and equals the counter disk's Size.
 	snapshot := func() error {
-		return s.View(ctx, func(tx meta.Tx) error {
+		return s.View(ctx, func(tx *meta.Tx) error {
 			ds, err := tx.Disks()
 			if err != nil {
 				return err
@@ -1763,7 +1763,7 @@ func testConcurrent(t *testing.T, s meta.Store) {
 	for w := range workers {
 		writers.Go(func() {
 			for i := range rounds {
-				err := s.Update(ctx, func(tx meta.Tx) error {
+				err := s.Update(ctx, func(tx *meta.Tx) error {
 					if _, err := tx.CreateDisk(testDisk(fmt.Sprintf("w%d-%d", w, i))); err != nil {
 						return err
 					}
@@ -1792,7 +1792,7 @@ func testConcurrent(t *testing.T, s meta.Store) {
 	close(stop)
 	readers.Wait()
 
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
@@ -1828,20 +1828,20 @@ func testConcurrent(t *testing.T, s meta.Store) {
 func testCancelled(t *testing.T, s meta.Store) {
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	err := s.Update(ctx, func(tx meta.Tx) error {
+	err := s.Update(ctx, func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("vol"))
 		return err
 	})
 	wantErr(t, "Update with a cancelled context", err, context.Canceled)
-	err = s.View(ctx, func(meta.Tx) error { return nil })
+	err = s.View(ctx, func(*meta.Tx) error { return nil })
 	wantErr(t, "View with a cancelled context", err, context.Canceled)
 
 	dctx, dcancel := context.WithDeadline(t.Context(), time.Now().Add(-time.Second))
 	defer dcancel()
-	err = s.Update(dctx, func(meta.Tx) error { return nil })
+	err = s.Update(dctx, func(*meta.Tx) error { return nil })
 	wantErr(t, "Update past its deadline", err, context.DeadlineExceeded)
 
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.Disk("vol")
 		wantErr(t, "Disk created by an Update with a cancelled context", err, meta.ErrNotFound)
 		return nil
@@ -1900,7 +1900,7 @@ func runModel(t *testing.T, s meta.Store, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	var ids []meta.DiskID
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		ids = ids[:0]
 		for i := range modelDisks {
 			d, err := tx.CreateDisk(testDisk(fmt.Sprintf("model-%d-%d", seed, i)))
@@ -1960,7 +1960,7 @@ func runModel(t *testing.T, s meta.Store, seed uint64) {
 		commit := rng.IntN(4) != 0
 		fs := froms()
 		var next model
-		err := s.Update(t.Context(), func(tx meta.Tx) error {
+		err := s.Update(t.Context(), func(tx *meta.Tx) error {
 			next = m.clone()
 			for _, op := range ops {
 				if op.disk < 0 {
@@ -1998,7 +1998,7 @@ func runModel(t *testing.T, s meta.Store, seed uint64) {
 		if commit {
 			m = next
 		}
-		view(t, s, func(tx meta.Tx) error { return compareModel(t, tx, m, ids, c.ID, fs) })
+		view(t, s, func(tx *meta.Tx) error { return compareModel(t, tx, m, ids, c.ID, fs) })
 		if t.Failed() {
 			t.Fatalf("seed %d: store and model differ after round %d (ops %v, commit %v)", seed, round, ops, commit)
 		}
@@ -2018,7 +2018,7 @@ func nearBoundary(rng *rand.Rand, page, limit int) uint32 {
 	return uint32(min(max(v, 0), limit-1))
 }
 
-func compareModel(t *testing.T, tx meta.Tx, m model, ids []meta.DiskID, cid uint32, froms []uint32) error {
+func compareModel(t *testing.T, tx *meta.Tx, m model, ids []meta.DiskID, cid uint32, froms []uint32) error {
 	t.Helper()
 	for i, id := range ids {
 		want := zeros(modelPages*meta.PageEntries + 1)
@@ -2133,7 +2133,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 		long[i] = at(1, uint32(i))
 	}
 	long[3] = table.ErrorEntry
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if a, err = tx.CreateDisk(testDisk("a")); err != nil {
 			return err
@@ -2164,7 +2164,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		if err := tx.CopyTable(a.ID, b.ID); err != nil {
 			return err
 		}
@@ -2180,7 +2180,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 
 	for range 2 {
 		s = r.reopen()
-		view(t, s, func(tx meta.Tx) error {
+		view(t, s, func(tx *meta.Tx) error {
 			ds, err := tx.Disks()
 			if err != nil {
 				return err
@@ -2232,7 +2232,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 
 	// Id sequences continue after reopen: no id is handed out twice, not
 	// even that of a deleted disk.
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		d, err := tx.CreateDisk(testDisk("gone"))
 		if err != nil {
 			return err
@@ -2255,7 +2255,7 @@ func testFailedUpdateAfterReopen(t *testing.T, r *reopener) {
 	s := r.reopen()
 	var d meta.Disk
 	var c meta.Container
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.CreateDisk(testDisk("base")); err != nil {
 			return err
@@ -2263,7 +2263,7 @@ func testFailedUpdateAfterReopen(t *testing.T, r *reopener) {
 		c, err = tx.AddContainer(testContainer("c", 10))
 		return err
 	})
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		nd, err := tx.CreateDisk(testDisk("new"))
 		if err != nil {
 			return err
@@ -2285,7 +2285,7 @@ func testFailedUpdateAfterReopen(t *testing.T, r *reopener) {
 	wantErr(t, "failing Update", err, errStop)
 
 	s = r.reopen()
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
@@ -2325,36 +2325,36 @@ func testFailedUpdateAfterReopen(t *testing.T, r *reopener) {
 
 func testClosed(t *testing.T, r *reopener) {
 	s := r.reopen()
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("vol"))
 		return err
 	})
 	r.close()
 	called := false
-	err := s.View(t.Context(), func(meta.Tx) error { called = true; return nil })
+	err := s.View(t.Context(), func(*meta.Tx) error { called = true; return nil })
 	wantErr(t, "View after Close", err, meta.ErrClosed)
-	err = s.Update(t.Context(), func(meta.Tx) error { called = true; return nil })
+	err = s.Update(t.Context(), func(*meta.Tx) error { called = true; return nil })
 	wantErr(t, "Update after Close", err, meta.ErrClosed)
 	if called {
 		t.Error("a closed store ran a transaction function")
 	}
 	// The data is still there for the next opener.
 	s = r.reopen()
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.Disk("vol")
 		return err
 	})
 }
 
 // deleteDisk is DeleteDisk without the slots it freed.
-func deleteDisk(tx meta.Tx, id meta.DiskID) error {
+func deleteDisk(tx *meta.Tx, id meta.DiskID) error {
 	_, err := tx.DeleteDisk(id)
 	return err
 }
 
 // addContainers adds containers with the given ids (of 2^20 slots) that
 // do not exist yet.
-func addContainers(tx meta.Tx, ids ...uint32) error {
+func addContainers(tx *meta.Tx, ids ...uint32) error {
 	for _, id := range ids {
 		if _, err := tx.Container(id); err == nil {
 			continue
@@ -2370,7 +2370,7 @@ func addContainers(tx meta.Tx, ids ...uint32) error {
 
 // mapEntry sets entry seg of disk id to e, keeping reference counts right:
 // the slot e maps gains a reference, the one the entry mapped loses one.
-func mapEntry(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
+func mapEntry(tx *meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
 	if err := tx.Unshare(id, seg, 1); err != nil {
 		return err
 	}
@@ -2398,7 +2398,7 @@ func mapEntry(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
 func testSharedPages(t *testing.T, s meta.Store) {
 	var a, b meta.Disk
 	const far = 5 * meta.PageEntries
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		if a, err = tx.CreateDisk(testDisk("a")); err != nil {
 			return err
@@ -2416,7 +2416,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 		}
 		return tx.CopyTable(a.ID, b.ID)
 	})
-	refsOf := func(tx meta.Tx, slots ...uint32) []uint32 {
+	refsOf := func(tx *meta.Tx, slots ...uint32) []uint32 {
 		var out []uint32
 		for _, sl := range slots {
 			n, err := tx.Refs(loc(1, sl))
@@ -2427,7 +2427,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 		}
 		return out
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{1, 1, 1}) {
 			t.Errorf("slot counts after CopyTable %v, want 1 1 1 (pages are shared, not entries)", got)
 		}
@@ -2461,8 +2461,8 @@ func testSharedPages(t *testing.T, s meta.Store) {
 	})
 	// A write through b copies b's first page: slots 0 and 1 gain a
 	// reference; a keeps its entries.
-	update(t, s, func(tx meta.Tx) error { return tx.SetEntries(b.ID, 5, []table.Entry{table.ErrorEntry}) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.SetEntries(b.ID, 5, []table.Entry{table.ErrorEntry}) })
+	view(t, s, func(tx *meta.Tx) error {
 		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{2, 2, 1}) {
 			t.Errorf("slot counts after the copy on write %v, want 2 2 1", got)
 		}
@@ -2475,8 +2475,8 @@ func testSharedPages(t *testing.T, s meta.Store) {
 		return checkEntries(t, tx, a.ID, 5, []table.Entry{table.ZeroEntry})
 	})
 	// Unshare copies the other page without changing an entry.
-	update(t, s, func(tx meta.Tx) error { return tx.Unshare(a.ID, far, 1) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.Unshare(a.ID, far, 1) })
+	view(t, s, func(tx *meta.Tx) error {
 		if got := refsOf(tx, 0, 1, 2); !slices.Equal(got, []uint32{2, 2, 2}) {
 			t.Errorf("slot counts after Unshare %v, want 2 2 2", got)
 		}
@@ -2484,7 +2484,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 	})
 	// Deleting a frees nothing b maps; deleting b frees the rest.
 	var freed []table.Location
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		freed, err = tx.DeleteDisk(a.ID)
 		return err
@@ -2492,7 +2492,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 	if len(freed) != 0 {
 		t.Errorf("deleting a freed %v, which b maps", freed)
 	}
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		var err error
 		freed, err = tx.DeleteDisk(b.ID)
 		return err
@@ -2501,7 +2501,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 	if !slices.Equal(freed, []table.Location{loc(1, 0), loc(1, 1), loc(1, 2)}) {
 		t.Errorf("deleting b freed %v, want slots 0, 1, 2", freed)
 	}
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		return tx.ForEachStoredPage(func(pid uint64, refs uint32, stored bool) error {
 			t.Errorf("page %d left (%d references, stored %v) after both disks were deleted", pid, refs, stored)
 			return nil
@@ -2512,7 +2512,7 @@ func testSharedPages(t *testing.T, s meta.Store) {
 // testAgents checks the agent registry: empty at first, replaced whole,
 // emptied, refusing bad names, read-only in View.
 func testAgents(t *testing.T, s meta.Store) {
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		as, err := tx.Agents()
 		if err != nil || len(as) != 0 {
 			t.Errorf("Agents of a new store = %v, %v; want none", as, err)
@@ -2520,19 +2520,19 @@ func testAgents(t *testing.T, s meta.Store) {
 		wantErr(t, "SetAgents in View", tx.SetAgents([]string{"a"}), meta.ErrReadOnlyTx)
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error { return tx.SetAgents([]string{"host-a", "host-b"}) })
-	view(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error { return tx.SetAgents([]string{"host-a", "host-b"}) })
+	view(t, s, func(tx *meta.Tx) error {
 		as, err := tx.Agents()
 		if err != nil || !slices.Equal(as, []string{"host-a", "host-b"}) {
 			t.Errorf("Agents = %v, %v; want host-a host-b", as, err)
 		}
 		return nil
 	})
-	update(t, s, func(tx meta.Tx) error {
+	update(t, s, func(tx *meta.Tx) error {
 		wantErr(t, "SetAgents with an empty name", tx.SetAgents([]string{"ok", ""}), meta.ErrInvalid)
 		return tx.SetAgents(nil)
 	})
-	view(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error {
 		as, err := tx.Agents()
 		if err != nil || len(as) != 0 {
 			t.Errorf("Agents after SetAgents(nil) = %v, %v; want none", as, err)
