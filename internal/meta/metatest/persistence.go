@@ -172,76 +172,12 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 	})
 }
 
+// testFailedUpdateAfterReopen: a failed Update leaves nothing in the
+// store as reopened (see discarded).
 func testFailedUpdateAfterReopen(t *testing.T, r *reopener) {
-	s := r.reopen()
-	var d meta.Disk
-	var c meta.Container
-	update(t, s, func(tx *meta.Tx) error {
-		var err error
-		if d, err = tx.CreateDisk(testDisk("base")); err != nil {
-			return err
-		}
-		c, err = tx.AddContainer(testContainer("c", 10))
-		return err
-	})
-	err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		nd, err := tx.CreateDisk(testDisk("new"))
-		if err != nil {
-			return err
-		}
-		if err := tx.SetEntries(nd.ID, 0, []table.Entry{at(1, 1)}); err != nil {
-			return err
-		}
-		if err := tx.SetEntries(d.ID, meta.PageEntries, []table.Entry{at(1, 2)}); err != nil {
-			return err
-		}
-		if err := tx.SetRefs(loc(c.ID, 3), 1); err != nil {
-			return err
-		}
-		if _, err := tx.AddContainer(testContainer("new", 10)); err != nil {
-			return err
-		}
-		return errStop
-	})
-	wantErr(t, "failing Update", err, errStop)
-
-	s = r.reopen()
-	view(t, s, func(tx *meta.Tx) error {
-		ds, err := tx.Disks()
-		if err != nil {
-			return err
-		}
-		if len(ds) != 1 || ds[0].ID != d.ID {
-			t.Errorf("after reopen: Disks() = %+v, want only base", ds)
-		}
-		_, err = tx.Disk("new")
-		wantErr(t, "after reopen: Disk(new)", err, meta.ErrNotFound)
-		if err := checkEntries(t, tx, d.ID, meta.PageEntries, zeros(1)); err != nil {
-			return err
-		}
-		m, err := mappedOf(tx, d.ID+1)
-		if err != nil {
-			return err
-		}
-		if len(m) != 0 {
-			t.Errorf("after reopen: table of the disk from the failed Update maps %v", m)
-		}
-		cs, err := tx.Containers()
-		if err != nil {
-			return err
-		}
-		if len(cs) != 1 || cs[0].Used != 0 {
-			t.Errorf("after reopen: Containers() = %+v, want only c, unused", cs)
-		}
-		rs, err := refsOf(tx, c.ID)
-		if err != nil {
-			return err
-		}
-		if len(rs) != 0 {
-			t.Errorf("after reopen: ForEachRef = %v, want none", rs)
-		}
-		return nil
-	})
+	f := setupDiscard(t, r.reopen())
+	failedUpdate(t, r.cur, f)
+	checkNothingLanded(t, r.reopen(), f, "after a failed Update and a reopen")
 }
 
 func testClosed(t *testing.T, r *reopener) {

@@ -12,22 +12,53 @@ import (
 	"segmap/internal/table"
 )
 
-func testRollback(t *testing.T, s meta.Store) {
-	var d meta.Disk
-	var c meta.Container
+// Writes that must not land: an Update whose function fails (checked right
+// away, and across a reopen by RunPersistence) and writes inside a View.
+// The three checks are one scenario: the same store, writes that touch
+// every kind of record, and one check that the store is as it was.
+
+// discardFixture is what the store holds before the writes that must not
+// land: disk "base", whose entry 0 maps slot 1 of container c, the only
+// slot with a count.
+type discardFixture struct {
+	d meta.Disk
+	c meta.Container
+}
+
+func setupDiscard(t *testing.T, s meta.Store) discardFixture {
+	t.Helper()
+	var f discardFixture
 	update(t, s, func(tx *meta.Tx) error {
 		var err error
-		if d, err = tx.CreateDisk(testDisk("base")); err != nil {
+		if f.d, err = tx.CreateDisk(testDisk("base")); err != nil {
 			return err
 		}
-		if err := tx.SetEntries(d.ID, 0, []table.Entry{at(1, 1)}); err != nil {
+		if err := tx.SetEntries(f.d.ID, 0, []table.Entry{at(1, 1)}); err != nil {
 			return err
 		}
-		if c, err = tx.AddContainer(testContainer("base", 2*meta.PageSlots)); err != nil {
+		if f.c, err = tx.AddContainer(testContainer("base", 2*meta.PageSlots)); err != nil {
 			return err
 		}
-		return tx.SetRefs(loc(c.ID, 1), 1)
+		return tx.SetRefs(loc(f.c.ID, 1), 1)
 	})
+	return f
+}
+
+// discarded returns the check that the writes try makes leave the store as
+// it was; when says how they were made, for the messages.
+func discarded(try func(t *testing.T, s meta.Store, f discardFixture), when string) func(t *testing.T, s meta.Store) {
+	return func(t *testing.T, s meta.Store) {
+		f := setupDiscard(t, s)
+		try(t, s, f)
+		checkNothingLanded(t, s, f, when)
+	}
+}
+
+// failedUpdate writes a new disk and its table, entries of the base disk
+// across a page boundary, a rename, a container and counts on two pages,
+// then fails the Update.
+func failedUpdate(t *testing.T, s meta.Store, f discardFixture) {
+	t.Helper()
 	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		nd, err := tx.CreateDisk(testDisk("new"))
 		if err != nil {
@@ -36,10 +67,10 @@ func testRollback(t *testing.T, s meta.Store) {
 		if err := tx.SetEntries(nd.ID, 0, []table.Entry{at(1, 2)}); err != nil {
 			return err
 		}
-		if err := tx.SetEntries(d.ID, meta.PageEntries-1, []table.Entry{at(1, 3), at(1, 4)}); err != nil {
+		if err := tx.SetEntries(f.d.ID, meta.PageEntries-1, []table.Entry{at(1, 3), at(1, 4)}); err != nil {
 			return err
 		}
-		renamed := d
+		renamed := f.d
 		renamed.Name, renamed.ReadOnly = "renamed", true
 		if err := tx.PutDisk(renamed); err != nil {
 			return err
@@ -48,79 +79,20 @@ func testRollback(t *testing.T, s meta.Store) {
 			return err
 		}
 		for _, r := range []slotRef{{1, 0}, {2, 1}, {meta.PageSlots + 1, 1}} {
-			if err := tx.SetRefs(loc(c.ID, r.slot), r.n); err != nil {
+			if err := tx.SetRefs(loc(f.c.ID, r.slot), r.n); err != nil {
 				return err
 			}
 		}
 		return fmt.Errorf("give up: %w", errStop)
 	})
 	wantErr(t, "Update whose fn fails", err, errStop)
-	view(t, s, func(tx *meta.Tx) error {
-		_, err := tx.Disk("new")
-		wantErr(t, "Disk created in a failed Update", err, meta.ErrNotFound)
-		_, err = tx.Disk("renamed")
-		wantErr(t, "Disk renamed in a failed Update", err, meta.ErrNotFound)
-		got, err := tx.Disk("base")
-		if err != nil {
-			return fmt.Errorf("Disk(base) after a failed Update renamed it: %w", err)
-		}
-		if diff := diskDiff(got, d); diff != "" {
-			t.Errorf("Disk(base) after a failed Update = %s", diff)
-		}
-		ds, err := tx.Disks()
-		if err != nil {
-			return err
-		}
-		if len(ds) != 1 {
-			t.Errorf("Disks() after a failed Update = %+v", ds)
-		}
-		if err := checkEntries(t, tx, d.ID, 0, []table.Entry{at(1, 1)}); err != nil {
-			return err
-		}
-		if err := checkEntries(t, tx, d.ID, meta.PageEntries-1, zeros(2)); err != nil {
-			return err
-		}
-		m, err := mappedOf(tx, d.ID+1) // where the new disk would be
-		if err != nil {
-			return err
-		}
-		if len(m) != 0 {
-			t.Errorf("table of the disk created in a failed Update maps %v", m)
-		}
-		cs, err := tx.Containers()
-		if err != nil {
-			return err
-		}
-		if len(cs) != 1 {
-			t.Errorf("Containers() after a failed Update = %+v", cs)
-		}
-		rs, err := refsOf(tx, c.ID)
-		if err != nil {
-			return err
-		}
-		if want := []slotRef{{1, 1}}; !slices.Equal(rs, want) {
-			t.Errorf("ForEachRef after a failed Update = %v, want %v", rs, want)
-		}
-		return checkUsed(t, tx, c.ID, 1)
-	})
 }
 
-func testReadOnly(t *testing.T, s meta.Store) {
-	var d meta.Disk
-	var c meta.Container
-	update(t, s, func(tx *meta.Tx) error {
-		var err error
-		if d, err = tx.CreateDisk(testDisk("vol")); err != nil {
-			return err
-		}
-		if err := tx.SetEntries(d.ID, 0, []table.Entry{at(1, 1)}); err != nil {
-			return err
-		}
-		if c, err = tx.AddContainer(testContainer("c", 10)); err != nil {
-			return err
-		}
-		return tx.SetRefs(loc(c.ID, 1), 1)
-	})
+// writesInView tries every method that writes inside a View: each fails
+// with ErrReadOnlyTx.
+func writesInView(t *testing.T, s meta.Store, f discardFixture) {
+	t.Helper()
+	d, c := f.d, f.c
 	view(t, s, func(tx *meta.Tx) error {
 		_, err := tx.CreateDisk(testDisk("new"))
 		wantErr(t, "CreateDisk in View", err, meta.ErrReadOnlyTx)
@@ -140,41 +112,57 @@ func testReadOnly(t *testing.T, s meta.Store) {
 		wantErr(t, "DeleteDisk in View", deleteDisk(tx, d.ID), meta.ErrReadOnlyTx)
 		return nil
 	})
+}
+
+// checkNothingLanded checks that the store holds f and nothing else.
+func checkNothingLanded(t *testing.T, s meta.Store, f discardFixture, when string) {
+	t.Helper()
+	d, c := f.d, f.c
 	view(t, s, func(tx *meta.Tx) error {
-		got, err := tx.Disk("vol")
+		_, err := tx.Disk("new")
+		wantErr(t, "Disk(new) "+when, err, meta.ErrNotFound)
+		_, err = tx.Disk("renamed")
+		wantErr(t, "Disk(renamed) "+when, err, meta.ErrNotFound)
+		got, err := tx.Disk("base")
 		if err != nil {
-			return fmt.Errorf("Disk(vol) after writes in View: %w", err)
+			return fmt.Errorf("Disk(base) %s: %w", when, err)
 		}
 		if diff := diskDiff(got, d); diff != "" {
-			t.Errorf("Disk(vol) after writes in View = %s", diff)
+			t.Errorf("Disk(base) %s = %s", when, diff)
 		}
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
 		}
-		cs, err := tx.Containers()
-		if err != nil {
-			return err
-		}
-		if len(ds) != 1 || len(cs) != 1 {
-			t.Errorf("after writes in View: %d disks, %d containers, want 1, 1", len(ds), len(cs))
+		if len(ds) != 1 || ds[0].ID != d.ID {
+			t.Errorf("Disks() %s = %+v, want only base", when, ds)
 		}
 		if err := checkEntries(t, tx, d.ID, 0, []table.Entry{at(1, 1), table.ZeroEntry}); err != nil {
 			return err
 		}
-		m, err := mappedOf(tx, d.ID+1)
+		if err := checkEntries(t, tx, d.ID, meta.PageEntries-1, zeros(2)); err != nil {
+			return err
+		}
+		m, err := mappedOf(tx, d.ID+1) // where a new disk, or a copy, would be
 		if err != nil {
 			return err
 		}
 		if len(m) != 0 {
-			t.Errorf("CopyTable in View left %v", m)
+			t.Errorf("disk %d %s maps %v", d.ID+1, when, m)
+		}
+		cs, err := tx.Containers()
+		if err != nil {
+			return err
+		}
+		if len(cs) != 1 {
+			t.Errorf("Containers() %s = %+v, want only base", when, cs)
 		}
 		rs, err := refsOf(tx, c.ID)
 		if err != nil {
 			return err
 		}
 		if want := []slotRef{{1, 1}}; !slices.Equal(rs, want) {
-			t.Errorf("ForEachRef after writes in View = %v, want %v", rs, want)
+			t.Errorf("ForEachRef %s = %v, want %v", when, rs, want)
 		}
 		return checkUsed(t, tx, c.ID, 1)
 	})
