@@ -47,17 +47,41 @@ func TestEtcd(t *testing.T) {
 	var n atomic.Int64
 	prefix := func() string { return fmt.Sprintf("/segmap-test/%d/", n.Add(1)) }
 
-	t.Run("Conformance", func(t *testing.T) {
-		metatest.Run(t, func(t *testing.T) meta.Store {
-			s := openEtcd(t, cli, prefix())
-			t.Cleanup(func() {
-				if err := s.Close(); err != nil {
-					t.Errorf("Close: %v", err)
+	// The suite runs on a plain store and on one opened WithFence: the
+	// fence's extra compare and write change nothing a transaction sees.
+	for _, fenced := range []bool{false, true} {
+		name := "Conformance"
+		if fenced {
+			name = "ConformanceFenced"
+		}
+		t.Run(name, func(t *testing.T) {
+			var opts []meta.EtcdOption
+			if fenced {
+				sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+				if err != nil {
+					t.Fatal(err)
 				}
+				defer sess.Close()
+				el := concurrency.NewElection(sess, prefix()+"election/")
+				if err := el.Campaign(t.Context(), "conformance"); err != nil {
+					t.Fatal(err)
+				}
+				opts = append(opts, meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: "conformance"}))
+			}
+			metatest.Run(t, func(t *testing.T) meta.Store {
+				s, err := meta.OpenEtcd(t.Context(), cli, prefix(), opts...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() {
+					if err := s.Close(); err != nil {
+						t.Errorf("Close: %v", err)
+					}
+				})
+				return s
 			})
-			return s
 		})
-	})
+	}
 
 	t.Run("Persistence", func(t *testing.T) {
 		// The store "kept in dir" is the one under a prefix named after
@@ -82,30 +106,8 @@ func TestEtcd(t *testing.T) {
 		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
 	})
 	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
-	t.Run("TooManyOps", func(t *testing.T) { testEtcdTooManyOps(t, cli, prefix()) })
+	testEtcdTooLarge(t, cli, prefix)
 	t.Run("Fence", func(t *testing.T) { testEtcdFence(t, cli, newClient(t, endpoint), prefix()) })
-	t.Run("ConformanceFenced", func(t *testing.T) {
-		// The fence's extra compare and write change nothing a
-		// transaction sees.
-		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sess.Close()
-		el := concurrency.NewElection(sess, prefix()+"election/")
-		if err := el.Campaign(t.Context(), "conformance"); err != nil {
-			t.Fatal(err)
-		}
-		metatest.Run(t, func(t *testing.T) meta.Store {
-			s, err := meta.OpenEtcd(t.Context(), cli, prefix(), meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: "conformance"}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { s.Close() })
-			return s
-		})
-	})
-	t.Run("TooManyBytes", func(t *testing.T) { testEtcdTooManyBytes(t, cli, prefix()) })
 }
 
 // freeURL returns a loopback URL on a port that was free a moment ago:
@@ -469,94 +471,107 @@ func etcdKeys(t *testing.T, cli *clientv3.Client, prefix string) int64 {
 	return resp.Count
 }
 
-// testEtcdTooManyOps commits more writes than the server's --max-txn-ops.
-func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
-	s := openEtcd(t, cli, prefix)
-	defer s.Close()
-	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		_, err := tx.CreateDisk(etcdTestDisk("vol"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	keys := etcdKeys(t, cli, prefix)
-	calls := 0
-	err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		calls++
-		if _, err := tx.NextSeq("counter"); err != nil {
-			return err
-		}
-		// SetGrants writes one small record without reading.
-		for id := range meta.DiskID(testMaxTxnOps) {
-			if err := tx.SetGrants(id+100, []string{"agent"}, false); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if !errors.Is(err, meta.ErrTxnTooLarge) {
-		t.Fatalf("Update of %d writes: %v, want ErrTxnTooLarge", testMaxTxnOps+1, err)
-	}
-	t.Logf("Update of %d writes: %v", testMaxTxnOps+1, err)
-	if calls != 1 {
-		t.Errorf("transaction function ran %d times, want 1 (a size error is not retried)", calls)
-	}
-	if got := etcdKeys(t, cli, prefix); got != keys {
-		t.Errorf("%d keys after the refused Update, %d before", got, keys)
-	}
-	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		_, all, err := tx.Grants(100)
-		if err == nil && !all {
-			t.Error("grants of the refused Update were stored")
-		}
-		n, err := tx.NextSeq("counter")
-		if err == nil && n != 1 {
-			t.Errorf("counter after the refused Update: next is %d, want 1", n)
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// testEtcdTooManyBytes commits fewer writes than --max-txn-ops but more
-// bytes than --max-request-bytes.
-func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
+// testEtcdTooLarge commits Updates over each of the server's limits, more
+// writes than --max-txn-ops or fewer writes but more bytes than
+// --max-request-bytes: each fails with ErrTxnTooLarge, runs its function
+// once (a size error is not retried) and writes nothing.
+func testEtcdTooLarge(t *testing.T, cli *clientv3.Client, prefix func() string) {
 	const pages = testMaxRequestBytes/tablePageBytes + 16
 	if pages >= testMaxTxnOps {
 		t.Fatalf("%d pages would exceed the op limit too", pages)
 	}
-	s := openEtcd(t, cli, prefix)
-	defer s.Close()
-	var d meta.Disk
-	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		var err error
-		d, err = tx.CreateDisk(etcdTestDisk("vol"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	keys := etcdKeys(t, cli, prefix)
-	err := s.Update(t.Context(), func(tx *meta.Tx) error {
-		// Scanning the (empty) table first lets the pages be read
-		// without a request each.
-		if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
-			return err
-		}
-		e := []table.Entry{table.At(table.Location{Container: 1, Slot: 1}, false)}
-		for pg := range uint64(pages) {
-			if err := tx.SetEntries(d.ID, pg*meta.PageEntries, e); err != nil {
+	cases := []struct {
+		name, what string
+		// write makes the Update too large.
+		write func(tx *meta.Tx, d meta.Disk) error
+		// unwritten checks, in an Update, that nothing write did is there.
+		unwritten func(t *testing.T, tx *meta.Tx, d meta.Disk) error
+	}{
+		{
+			name: "TooManyOps",
+			what: fmt.Sprintf("%d writes", testMaxTxnOps+1),
+			write: func(tx *meta.Tx, _ meta.Disk) error {
+				if _, err := tx.NextSeq("counter"); err != nil {
+					return err
+				}
+				// SetGrants writes one small record without reading.
+				for id := range meta.DiskID(testMaxTxnOps) {
+					if err := tx.SetGrants(id+100, []string{"agent"}, false); err != nil {
+						return err
+					}
+				}
+				return nil
+			},
+			unwritten: func(t *testing.T, tx *meta.Tx, _ meta.Disk) error {
+				_, all, err := tx.Grants(100)
+				if err == nil && !all {
+					t.Error("grants of the refused Update were stored")
+				}
+				n, err := tx.NextSeq("counter")
+				if err == nil && n != 1 {
+					t.Errorf("counter after the refused Update: next is %d, want 1", n)
+				}
 				return err
-			}
-		}
-		return nil
-	})
-	if !errors.Is(err, meta.ErrTxnTooLarge) {
-		t.Fatalf("Update of %d table pages: %v, want ErrTxnTooLarge", pages, err)
+			},
+		},
+		{
+			name: "TooManyBytes",
+			what: fmt.Sprintf("%d table pages", pages),
+			write: func(tx *meta.Tx, d meta.Disk) error {
+				// Scanning the (empty) table first lets the pages be
+				// read without a request each.
+				if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
+					return err
+				}
+				e := []table.Entry{table.At(table.Location{Container: 1, Slot: 1}, false)}
+				for pg := range uint64(pages) {
+					if err := tx.SetEntries(d.ID, pg*meta.PageEntries, e); err != nil {
+						return err
+					}
+				}
+				return nil
+			},
+			unwritten: func(t *testing.T, tx *meta.Tx, d meta.Disk) error {
+				return tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
+					t.Errorf("entry %d of the refused Update was stored: %v", seg, e)
+					return nil
+				})
+			},
+		},
 	}
-	t.Logf("Update of %d table pages: %v", pages, err)
-	if got := etcdKeys(t, cli, prefix); got != keys {
-		t.Errorf("%d keys after the refused Update, %d before", got, keys)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := prefix()
+			s := openEtcd(t, cli, p)
+			defer s.Close()
+			var d meta.Disk
+			if err := s.Update(t.Context(), func(tx *meta.Tx) error {
+				var err error
+				d, err = tx.CreateDisk(etcdTestDisk("vol"))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			keys := etcdKeys(t, cli, p)
+			calls := 0
+			err := s.Update(t.Context(), func(tx *meta.Tx) error {
+				calls++
+				return c.write(tx, d)
+			})
+			if !errors.Is(err, meta.ErrTxnTooLarge) {
+				t.Fatalf("Update of %s: %v, want ErrTxnTooLarge", c.what, err)
+			}
+			t.Logf("Update of %s: %v", c.what, err)
+			if calls != 1 {
+				t.Errorf("transaction function ran %d times, want 1 (a size error is not retried)", calls)
+			}
+			if got := etcdKeys(t, cli, p); got != keys {
+				t.Errorf("%d keys after the refused Update, %d before", got, keys)
+			}
+			if err := s.Update(t.Context(), func(tx *meta.Tx) error { return c.unwritten(t, tx, d) }); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
 
