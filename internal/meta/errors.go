@@ -5,10 +5,14 @@ import (
 	"fmt"
 )
 
+// Errors of every backend. Each is returned wrapped, with the record it is
+// about; test them with errors.Is.
 var (
 	// ErrNotFound is returned for a disk or container that does not exist.
 	ErrNotFound = errors.New("not found")
-	// ErrExists is returned when creating a disk whose name is taken.
+	// ErrExists is returned when a disk would take a name another disk
+	// has (CreateDisk, a rename by PutDisk), or a container an id another
+	// container has (AddContainer).
 	ErrExists = errors.New("already exists")
 	// ErrCorrupt marks a record that fails its checksum or does not decode,
 	// or a store that contradicts itself. It is never retried.
