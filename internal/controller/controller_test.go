@@ -603,7 +603,7 @@ func TestAgentIOBadInput(t *testing.T) {
 		{"trim", func() error { return snap.Trim(ctx, 0, 2*seg) }},
 	} {
 		t.Run("read-only "+tc.name, func(t *testing.T) {
-			if err := tc.fn(); !errors.Is(err, agent.ErrReadOnly) {
+			if err := tc.fn(); !errors.Is(err, mapping.ErrReadOnly) {
 				t.Errorf("got %v, want ErrReadOnly", err)
 			}
 			expect(t, snap, 0, data)
