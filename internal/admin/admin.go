@@ -17,6 +17,7 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/container"
 	"segmap/internal/controller"
+	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/table"
 )
@@ -59,22 +60,22 @@ func Code(err error) codes.Code {
 	case err == nil:
 		return codes.OK
 	case errors.Is(err, controller.ErrInvalidName), errors.Is(err, controller.ErrInvalidSize),
-		errors.Is(err, controller.ErrInvalidSegmentSize), errors.Is(err, controller.ErrBadRequest),
+		errors.Is(err, controller.ErrInvalidSegmentSize), errors.Is(err, mapping.ErrBadRequest),
 		errors.Is(err, table.ErrBadPolicy), errors.Is(err, container.ErrNotContainer),
 		errors.Is(err, container.ErrCorruptHeader), errors.Is(err, container.ErrWrongContainer),
 		errors.Is(err, container.ErrTruncated), errors.Is(err, container.ErrInvalidHeader),
 		errors.Is(err, meta.ErrInvalid):
 		return codes.InvalidArgument
-	case errors.Is(err, controller.ErrNotFound), errors.Is(err, meta.ErrNotFound):
+	case errors.Is(err, mapping.ErrNotFound), errors.Is(err, meta.ErrNotFound):
 		return codes.NotFound
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
-	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, controller.ErrReadOnly),
+	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, mapping.ErrReadOnly),
 		errors.Is(err, controller.ErrRepairRefused):
 		return codes.FailedPrecondition
-	case errors.Is(err, controller.ErrNoSpace):
+	case errors.Is(err, mapping.ErrNoSpace):
 		return codes.ResourceExhausted
-	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrFenced):
+	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
 		// The controller is stopping or stepping down: ask the next.
 		return codes.Unavailable
 	case errors.Is(err, meta.ErrCorrupt):
@@ -211,7 +212,7 @@ func (s *Server) ListDisks(ctx context.Context, _ *pb.ListDisksRequest) (*pb.Lis
 	out := &pb.ListDisksResponse{}
 	for _, d := range ds {
 		pd, err := s.withUsage(ctx, d, names)
-		if errors.Is(err, controller.ErrNotFound) {
+		if errors.Is(err, mapping.ErrNotFound) {
 			continue // deleted meanwhile
 		}
 		if err != nil {

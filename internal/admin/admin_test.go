@@ -10,6 +10,7 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/controller"
+	"segmap/internal/mapping"
 	"segmap/internal/meta"
 )
 
@@ -24,14 +25,14 @@ func TestCode(t *testing.T) {
 		{wrap(controller.ErrInvalidSize), codes.InvalidArgument},
 		{wrap(controller.ErrInvalidSegmentSize), codes.InvalidArgument},
 		{wrap(container.ErrNotContainer), codes.InvalidArgument},
-		{wrap(controller.ErrNotFound), codes.NotFound},
+		{wrap(mapping.ErrNotFound), codes.NotFound},
 		{wrap(meta.ErrNotFound), codes.NotFound},
 		{wrap(controller.ErrExists), codes.AlreadyExists},
 		{wrap(controller.ErrShrink), codes.FailedPrecondition},
 		{wrap(controller.ErrNoPool), codes.FailedPrecondition},
-		{wrap(controller.ErrNoSpace), codes.ResourceExhausted},
+		{wrap(mapping.ErrNoSpace), codes.ResourceExhausted},
 		{wrap(controller.ErrClosed), codes.Unavailable},
-		{wrap(meta.ErrFenced), codes.Unavailable},
+		{wrap(meta.ErrLeadershipLost), codes.Unavailable},
 		{wrap(meta.ErrClosed), codes.Unavailable},
 		{wrap(controller.ErrRepairRefused), codes.FailedPrecondition},
 		{wrap(meta.ErrCorrupt), codes.DataLoss},

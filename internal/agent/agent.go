@@ -346,7 +346,7 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		}
 		c, err := a.openC(info)
 		if err != nil {
-			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, ErrIO, err)
+			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, mapping.ErrIO, err)
 		}
 		oc := &openContainer{c: c}
 		m := make(map[uint32]*openContainer, len(old)+1)
@@ -357,7 +357,7 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		a.conts.Store(&m)
 		return oc, nil
 	}
-	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, ErrIO)
+	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, mapping.ErrIO)
 }
 
 // flushWritten flushes every container written since its last flush.
@@ -381,14 +381,14 @@ func (a *Agent) flushWritten() error {
 // flush sets it again and the next flush covers it.
 func (oc *openContainer) flush() error {
 	if oc.failed.Load() {
-		return fmt.Errorf("flush container %d: an earlier flush failed: %w", oc.c.ID(), ErrIO)
+		return fmt.Errorf("flush container %d: an earlier flush failed: %w", oc.c.ID(), mapping.ErrIO)
 	}
 	if !oc.written.Swap(false) {
 		return nil
 	}
 	if err := oc.c.Flush(); err != nil {
 		oc.failed.Store(true)
-		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), ErrIO, err)
+		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), mapping.ErrIO, err)
 	}
 	return nil
 }

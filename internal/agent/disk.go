@@ -333,7 +333,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 	faults, dropped := 0, 0
 	for {
 		if faults == maxRetries || dropped == 16*maxRetries {
-			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, ErrIO)
+			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, mapping.ErrIO)
 		}
 		e, dec, ep, seq, err := d.begin(ctx, seg, op)
 		if err != nil {
@@ -353,7 +353,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			clear(p)
 			return nil
 		case table.Fail:
-			return fmt.Errorf("segment %d is %v: %w", seg, dec.Reason, ErrIO)
+			return fmt.Errorf("segment %d is %v: %w", seg, dec.Reason, mapping.ErrIO)
 		}
 		// Fault.
 		fop := mapping.FaultOp(op)
@@ -423,10 +423,10 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 	werr := func() error {
 		defer d.end(ep)
 		if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
-			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, mapping.ErrIO, err)
 		}
 		if err := oc.c.Flush(); err != nil {
-			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, ErrIO, err)
+			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, mapping.ErrIO, err)
 		}
 		return nil
 	}()
@@ -469,7 +469,7 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 	switch kind {
 	case ioRead:
 		if _, err := oc.c.ReadAt(p, base); err != nil {
-			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, ErrIO, err)
+			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, mapping.ErrIO, err)
 		}
 		return nil
 	case ioWrite:
@@ -482,7 +482,7 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("write segment %d at %v: %w: %w", seg, loc, ErrIO, err)
+		return fmt.Errorf("write segment %d at %v: %w: %w", seg, loc, mapping.ErrIO, err)
 	}
 	oc.written.Store(true)
 	return nil
@@ -520,7 +520,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off uint64) error {
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	info := d.info.Load()
 	if info.ReadOnly {
-		return fmt.Errorf("write to %q: %w", info.Name, ErrReadOnly)
+		return fmt.Errorf("write to %q: %w", info.Name, mapping.ErrReadOnly)
 	}
 	err := d.span(off, uint64(len(p)), func(seg, segOff, pos, m uint64) error {
 		return d.segIO(ctx, ioWrite, seg, segOff, p[pos:pos+m], info.SegmentSize)
@@ -542,7 +542,7 @@ func (d *Disk) Flush(ctx context.Context) error {
 func (d *Disk) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error {
 	info := d.Info()
 	if info.ReadOnly {
-		return fmt.Errorf("write zeroes to %q: %w", info.Name, ErrReadOnly)
+		return fmt.Errorf("write zeroes to %q: %w", info.Name, mapping.ErrReadOnly)
 	}
 	ss := info.SegmentSize
 	var run, runLen uint64 // a pending run of whole segments

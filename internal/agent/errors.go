@@ -1,19 +1,13 @@
 package agent
 
-import (
-	"errors"
+import "errors"
 
-	"segmap/internal/mapping"
-)
-
+// The agent's own errors. A write to a read-only disk and a failed I/O
+// are the protocol's ErrReadOnly and ErrIO, in package mapping, returned
+// wrapped but unrenamed.
 var (
 	// ErrRange is returned for I/O outside the disk.
 	ErrRange = errors.New("i/o outside the disk")
-	// ErrReadOnly is returned for a write to a read-only disk.
-	ErrReadOnly = mapping.ErrReadOnly
-	// ErrIO is returned when the I/O failed: an Error entry, a container
-	// error, or a fault the controller could not resolve.
-	ErrIO = mapping.ErrIO
 	// ErrNoTable is returned for a command about a disk the agent does not
 	// map.
 	ErrNoTable = errors.New("agent has no table for this disk")

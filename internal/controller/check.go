@@ -140,7 +140,7 @@ func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
 		return ps, nil
 	}
 	var out []Problem
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		out, err = check(tx)
 		return err
@@ -173,7 +173,7 @@ type use struct {
 	seen bool // the slot has a count
 }
 
-func check(tx meta.Tx) ([]Problem, error) {
+func check(tx *meta.Tx) ([]Problem, error) {
 	damaged, err := tx.Damaged()
 	if err != nil {
 		return nil, err
@@ -198,7 +198,7 @@ func pageName(pid uint64) string { return fmt.Sprintf("p/%d", pid) }
 
 // checkCounts recomputes the reference counts of a store whose records all
 // decode and compares them with the stored ones.
-func checkCounts(tx meta.Tx) ([]Problem, error) {
+func checkCounts(tx *meta.Tx) ([]Problem, error) {
 	var out []Problem
 	cs, err := tx.Containers()
 	if err != nil {
@@ -341,7 +341,7 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 	if len(ps) > 0 {
 		return nil, Repairable(ps)
 	}
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		ps, err = check(tx)
 		return err
@@ -353,7 +353,7 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 		return nil, err
 	}
 	var fixed []Problem
-	err = c.store.Update(ctx, func(tx meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		ps, err := check(tx)
 		if err != nil {
 			return err

@@ -146,7 +146,7 @@ func New(cfg Config) *Controller {
 // starts; agents refuse commands from an older epoch.
 func (c *Controller) NewEpoch(ctx context.Context) (uint64, error) {
 	var e uint64
-	err := c.store.Update(ctx, func(tx meta.Tx) error {
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		var err error
 		e, err = tx.NextSeq("epoch")
 		return err
@@ -195,7 +195,7 @@ func (c *Controller) Close() error {
 // attached here.
 func (c *Controller) Hold(t time.Time) error {
 	var reg []string
-	if err := c.store.View(context.Background(), func(tx meta.Tx) error {
+	if err := c.store.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
 		reg, err = tx.Agents()
 		return err
@@ -243,7 +243,7 @@ func (c *Controller) register(ctx context.Context, name string) error {
 	if known {
 		return nil
 	}
-	err := c.store.Update(ctx, func(tx meta.Tx) error {
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil || slices.Contains(reg, name) {
 			return err
@@ -280,7 +280,7 @@ func (c *Controller) pruneLocked() {
 	if len(keep) == len(c.mu.registered) {
 		return
 	}
-	err := c.store.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents(keep) })
+	err := c.store.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents(keep) })
 	if err != nil {
 		c.logger.Warn("prune the agent registry", "err", err)
 		return
@@ -326,13 +326,13 @@ func (c *Controller) lock() error {
 // is already attached replaces it: the old one is gone (restarted).
 func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
 	if name == "" || a == nil {
-		return fmt.Errorf("attach: agent without a name: %w", ErrBadRequest)
+		return fmt.Errorf("attach: agent without a name: %w", mapping.ErrBadRequest)
 	}
 	if err := c.register(ctx, name); err != nil {
 		return err
 	}
 	st := &agentState{name: name, a: a, disks: make(map[meta.DiskID]bool)}
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		for _, id := range open {
 			if _, err := tx.DiskByID(meta.DiskID(id)); err != nil {
 				continue
@@ -374,7 +374,7 @@ func (c *Controller) Detach(ctx context.Context, name string) error {
 // Open implements mapping.Controller.
 func (c *Controller) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
 	var d meta.Disk
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		if d, err = tx.Disk(disk); err != nil {
 			return err
@@ -413,7 +413,7 @@ func (c *Controller) CloseDisk(ctx context.Context, agent string, id mapping.Dis
 // Containers implements mapping.Controller.
 func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error) {
 	var cs []meta.Container
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		cs, err = tx.Containers()
 		return err
@@ -428,7 +428,7 @@ func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error
 // Exports implements mapping.Controller: the disks agent may map.
 func (c *Controller) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
 	var out []mapping.Disk
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
@@ -448,7 +448,7 @@ func (c *Controller) Exports(ctx context.Context, agent string) ([]mapping.Disk,
 }
 
 // allowed reports whether agent may map disk id.
-func allowed(tx meta.Tx, id meta.DiskID, agent string) (bool, error) {
+func allowed(tx *meta.Tx, id meta.DiskID, agent string) (bool, error) {
 	gs, all, err := tx.Grants(id)
 	return all || slices.Contains(gs, agent), err
 }
@@ -534,7 +534,7 @@ func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Contain
 		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
 	}
 	rec := meta.Container{ID: ct.ID(), URI: uri, SlotSize: uint64(ct.SlotSize()), Slots: uint64(ct.Slots())}
-	err = c.store.Update(ctx, func(tx meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		var err error
 		rec, err = tx.AddContainer(rec)
 		return err
@@ -566,7 +566,7 @@ func (c *Controller) NextContainerID(ctx context.Context) (uint32, error) {
 // ListContainers returns the container records.
 func (c *Controller) ListContainers(ctx context.Context) ([]meta.Container, error) {
 	var cs []meta.Container
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		cs, err = tx.Containers()
 		return err
@@ -580,7 +580,7 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 		return ct, nil
 	}
 	var rec meta.Container
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		rec, err = tx.Container(id)
 		return err
@@ -589,7 +589,7 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 	}
 	ct, err := c.openC(mapping.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
 	if err != nil {
-		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, ErrIO, err)
+		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, mapping.ErrIO, err)
 	}
 	c.mu.conts[id] = ct
 	return ct, nil
@@ -599,7 +599,7 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 // bytes. It does not mark it used: the caller's commit does, under mu.
 func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table.Location, error) {
 	var loc table.Location
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -609,7 +609,7 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 			return err
 		}
 		if !ok {
-			return ErrNoSpace
+			return mapping.ErrNoSpace
 		}
 		loc = l
 		return nil
@@ -630,7 +630,7 @@ func (c *Controller) reservedLocked(loc table.Location) bool {
 // findFreeTx finds a free slot of the given size in tx, round robin over
 // the containers from *turn, skipping slots reserved for staged writes;
 // hint holds, per container, where to search from.
-func (c *Controller) findFreeTx(tx meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
+func (c *Controller) findFreeTx(tx *meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
 	for range cs {
 		id, ok := pickContainer(cs, slotSize, *turn)
 		if !ok {
@@ -680,7 +680,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		return err
 	}
 	var used []uint32
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		return tx.ForEachRef(cid, func(slot uint32, _ uint32) error {
 			used = append(used, slot)
 			return nil
@@ -694,7 +694,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 			return nil
 		}
 		if err := ct.Punch(from*size, (to-from)*size); err != nil {
-			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, ErrIO, err)
+			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, mapping.ErrIO, err)
 		}
 		return nil
 	}
@@ -718,7 +718,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		return err
 	}
 	if err := ct.Flush(); err != nil {
-		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, ErrIO, err)
+		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, mapping.ErrIO, err)
 	}
 	c.mu.zeroed[cid] = true
 	c.logger.Debug("free slots zeroed", "container", cid, "used", len(used))
@@ -738,16 +738,16 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 	buf := make([]byte, min(size, 1<<20))
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
 		if _, err := src.ReadAt(buf, int64(uint64(from.Slot)*size+off)); err != nil {
-			return fmt.Errorf("copy-on-write read %v: %w: %w", from, ErrIO, err)
+			return fmt.Errorf("copy-on-write read %v: %w: %w", from, mapping.ErrIO, err)
 		}
 		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
 			delete(c.mu.zeroed, to.Container) // to stays free, and is not zero
-			return fmt.Errorf("copy-on-write write %v: %w: %w", to, ErrIO, err)
+			return fmt.Errorf("copy-on-write write %v: %w: %w", to, mapping.ErrIO, err)
 		}
 	}
 	if err := dst.Flush(); err != nil {
 		delete(c.mu.zeroed, to.Container)
-		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, ErrIO, err)
+		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, mapping.ErrIO, err)
 	}
 	return nil
 }
@@ -786,7 +786,7 @@ func toMapping(d meta.Disk) mapping.Disk {
 
 func wrapNotFound(err error) error {
 	if errors.Is(err, meta.ErrNotFound) {
-		return fmt.Errorf("%w: %w", ErrNotFound, err)
+		return fmt.Errorf("%w: %w", mapping.ErrNotFound, err)
 	}
 	return err
 }

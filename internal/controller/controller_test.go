@@ -149,7 +149,7 @@ func usage(t *testing.T, c *local.Cluster, name string) controller.Usage {
 func entry(t *testing.T, c *local.Cluster, name string, seg uint64) table.Entry {
 	t.Helper()
 	var e table.Entry
-	err := c.Store.View(context.Background(), func(tx meta.Tx) error {
+	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
 			return err
@@ -180,7 +180,7 @@ func agentEntry(t *testing.T, c *local.Cluster, i int, d *agent.Disk, seg uint64
 func refs(t *testing.T, c *local.Cluster, loc table.Location) uint32 {
 	t.Helper()
 	var n uint32
-	err := c.Store.View(context.Background(), func(tx meta.Tx) error {
+	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
 		n, err = tx.Refs(loc)
 		return err
@@ -298,18 +298,18 @@ func TestBadInputChangesNothing(t *testing.T) {
 		}, table.ErrBadPolicy},
 		{"create duplicate", create("a", 4*seg, seg), controller.ErrExists},
 		{"create duplicate of snapshot", create("a-snap", 8*seg, seg), controller.ErrExists},
-		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), controller.ErrNotFound},
-		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), controller.ErrNotFound},
+		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), mapping.ErrNotFound},
+		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), mapping.ErrNotFound},
 		{"snapshot onto existing", snapshot([]string{"a"}, []string{"a-snap"}), controller.ErrExists},
-		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), controller.ErrBadRequest},
-		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), controller.ErrBadRequest},
-		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), controller.ErrBadRequest},
-		{"snapshot nothing", snapshot(nil, nil), controller.ErrBadRequest},
-		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), controller.ErrBadRequest},
-		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), controller.ErrBadRequest},
+		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), mapping.ErrBadRequest},
+		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
+		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), mapping.ErrBadRequest},
+		{"snapshot nothing", snapshot(nil, nil), mapping.ErrBadRequest},
+		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), mapping.ErrBadRequest},
+		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
 		{"snapshot invalid name", snapshot([]string{"a"}, []string{"-s"}), controller.ErrInvalidName},
-		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, controller.ErrNotFound},
-		{"resize missing", resize("nope", 8*seg, false), controller.ErrNotFound},
+		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, mapping.ErrNotFound},
+		{"resize missing", resize("nope", 8*seg, false), mapping.ErrNotFound},
 		{"resize shrink without flag", resize("a", 2*seg, false), controller.ErrShrink},
 		{"resize shrink to a partial segment", resize("a", 2*seg+512, true), controller.ErrInvalidSize},
 		{"resize to 0", resize("a", 0, true), controller.ErrInvalidSize},
@@ -603,7 +603,7 @@ func TestAgentIOBadInput(t *testing.T) {
 		{"trim", func() error { return snap.Trim(ctx, 0, 2*seg) }},
 	} {
 		t.Run("read-only "+tc.name, func(t *testing.T) {
-			if err := tc.fn(); !errors.Is(err, agent.ErrReadOnly) {
+			if err := tc.fn(); !errors.Is(err, mapping.ErrReadOnly) {
 				t.Errorf("got %v, want ErrReadOnly", err)
 			}
 			expect(t, snap, 0, data)
@@ -653,11 +653,11 @@ func TestOutOfSpace(t *testing.T) {
 			}
 			// The fifth segment does not fit.
 			err := a.WriteAt(ctx, pat(3), 3*seg+off, false)
-			if !errors.Is(err, controller.ErrNoSpace) {
+			if !errors.Is(err, mapping.ErrNoSpace) {
 				t.Fatalf("write to a full pool: %v, want ErrNoSpace", err)
 			}
 			// So does a write through the other agent.
-			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, controller.ErrNoSpace) {
+			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, mapping.ErrNoSpace) {
 				t.Fatalf("write to a full pool on the other agent: %v, want ErrNoSpace", err)
 			}
 			if n := used(t, c); n != 4 {
@@ -882,7 +882,7 @@ func TestDeleteFreesSpace(t *testing.T) {
 		if n := used(t, c); n != used0 {
 			t.Errorf("used %d after delete, want %d", n, used0)
 		}
-		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, controller.ErrNotFound) {
+		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, mapping.ErrNotFound) {
 			t.Errorf("deleted disk: %v, want ErrNotFound", err)
 		}
 		for _, h := range []*agent.Disk{x, xOther} {
@@ -963,7 +963,7 @@ func TestRepairLeak(t *testing.T) {
 		t.Fatalf("slot %v not free: %d", leak, r)
 	}
 	used0 := used(t, c)
-	if err := c.Store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
 		_, err := meta.AddRefs(tx, leak, 1)
 		return err
 	}); err != nil {
@@ -1008,35 +1008,35 @@ func TestCheckFindsDamage(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name   string
-		damage func(tx meta.Tx, s setup) error
+		damage func(tx *meta.Tx, s setup) error
 		// want are the kinds Check reports, in its order; fixed the
 		// kinds Repair reclaims.
 		want  []controller.ProblemKind
 		fixed []controller.ProblemKind
 	}{
-		{"wrong count on a shared slot", func(tx meta.Tx, s setup) error {
+		{"wrong count on a shared slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l0, 5)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
-		{"wrong count on an exclusive slot", func(tx meta.Tx, s setup) error {
+		{"wrong count on an exclusive slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.lonly, 2)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
-		{"referenced free slot", func(tx meta.Tx, s setup) error {
+		{"referenced free slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l1, 0)
 		}, []controller.ProblemKind{controller.ReferencedFree}, nil},
-		{"entry out of range", func(tx meta.Tx, s setup) error {
+		{"entry out of range", func(tx *meta.Tx, s setup) error {
 			return tx.SetEntries(s.a.ID, 3, []table.Entry{table.At(table.Location{Container: 1, Slot: 9999}, false)})
 		}, []controller.ProblemKind{controller.OutOfRange}, nil},
-		{"entry in a missing container", func(tx meta.Tx, s setup) error {
+		{"entry in a missing container", func(tx *meta.Tx, s setup) error {
 			return tx.SetEntries(s.a.ID, 3, []table.Entry{table.At(table.Location{Container: 77, Slot: 0}, false)})
 		}, []controller.ProblemKind{controller.OutOfRange}, nil},
-		{"shared slot with count 1", func(tx meta.Tx, s setup) error {
+		{"shared slot with count 1", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l0, 1)
 		}, []controller.ProblemKind{controller.SharedWritable}, nil},
-		{"leak", func(tx meta.Tx, s setup) error {
+		{"leak", func(tx *meta.Tx, s setup) error {
 			_, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1)
 			return err
 		}, []controller.ProblemKind{controller.Leaked}, []controller.ProblemKind{controller.Leaked}},
-		{"leak and wrong count", func(tx meta.Tx, s setup) error {
+		{"leak and wrong count", func(tx *meta.Tx, s setup) error {
 			if _, err := meta.AddRefs(tx, table.Location{Container: 2, Slot: 20}, 1); err != nil {
 				return err
 			}
@@ -1059,7 +1059,7 @@ func TestCheckFindsDamage(t *testing.T) {
 				t.Fatalf("setup refs %d %d %d", r0, r1, r2)
 			}
 
-			if err := c.Store.Update(ctx, func(tx meta.Tx) error { return tc.damage(tx, st) }); err != nil {
+			if err := c.Store.Update(ctx, func(tx *meta.Tx) error { return tc.damage(tx, st) }); err != nil {
 				t.Fatal(err)
 			}
 			ps, err := c.Ctrl.Check(ctx)
@@ -1182,7 +1182,7 @@ func TestHoldFaults(t *testing.T) {
 // registry: a hold then lasts its full time.
 func registerGone(t *testing.T, c *local.Cluster) {
 	t.Helper()
-	err := c.Store.Update(t.Context(), func(tx meta.Tx) error {
+	err := c.Store.Update(t.Context(), func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil {
 			return err
@@ -1255,7 +1255,7 @@ func TestHoldEndsEarly(t *testing.T) {
 		want = append(want, a.Name())
 	}
 	slices.Sort(want)
-	c.Store.View(ctx, func(tx meta.Tx) error {
+	c.Store.View(ctx, func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil || !slices.Equal(reg, want) {
 			t.Errorf("registry after a full hold: %v, %v; want %v", reg, err, want)
@@ -1277,7 +1277,7 @@ func TestFreeSlotsZeroedAfterRestart(t *testing.T) {
 	write(t, h, pattern(seg, 21), 0)
 	e := entry(t, c, "a", 0)
 	// The crash: entry and count dropped, the slot not punched.
-	if err := c.Store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
 		if err := tx.SetEntries(meta.DiskID(h.Info().ID), 0, []table.Entry{table.ZeroEntry}); err != nil {
 			return err
 		}
@@ -1327,10 +1327,10 @@ func TestPreallocate(t *testing.T) {
 	}
 	checkClean(t, c)
 	// 11 more segments do not fit in the 10 slots left.
-	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, controller.ErrNoSpace) {
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, mapping.ErrNoSpace) {
 		t.Errorf("preallocating past the pool: %v, want ErrNoSpace", err)
 	}
-	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, controller.ErrNotFound) {
+	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, mapping.ErrNotFound) {
 		t.Errorf("the disk that did not fit: %v, want it gone", err)
 	}
 	if n := used(t, c); n != 30 {

@@ -62,7 +62,7 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 		}
 	}
 	var d meta.Disk
-	err := c.store.Update(ctx, func(tx meta.Tx) error {
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -97,7 +97,7 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	}
 	if err := c.preallocateLocked(ctx, d, PreallocateChunk); err != nil {
 		var freed []table.Location
-		if derr := c.store.Update(ctx, func(tx meta.Tx) error {
+		if derr := c.store.Update(ctx, func(tx *meta.Tx) error {
 			var err error
 			freed, err = tx.DeleteDisk(d.ID)
 			return err
@@ -121,7 +121,7 @@ const PreallocateChunk = 1 << 14
 // zeros.
 func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error {
 	var cs []meta.Container
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		cs, err = tx.Containers()
 		return err
@@ -143,7 +143,7 @@ func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error 
 // been zeroed (zeroPoolLocked).
 func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk, from uint64) error {
 	for first := from; first < d.Segments(); first += PreallocateChunk {
-		if err := c.store.Update(ctx, func(tx meta.Tx) error { return c.preallocateTx(tx, d, first) }); err != nil {
+		if err := c.store.Update(ctx, func(tx *meta.Tx) error { return c.preallocateTx(tx, d, first) }); err != nil {
 			return err
 		}
 	}
@@ -153,7 +153,7 @@ func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk, from ui
 // preallocateTx maps segments [first, first+PreallocateChunk) of d (up to
 // its end) to free slots in tx. Free slots are durably zero (see
 // zeroPoolLocked), so the disk reads as zeros.
-func (c *Controller) preallocateTx(tx meta.Tx, d meta.Disk, first uint64) error {
+func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64) error {
 	segs := d.Segments()
 	n := min(PreallocateChunk, segs-first)
 	cs, err := tx.Containers()
@@ -168,7 +168,7 @@ func (c *Controller) preallocateTx(tx meta.Tx, d meta.Disk, first uint64) error 
 			return err
 		}
 		if !ok {
-			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, ErrNoSpace)
+			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, mapping.ErrNoSpace)
 		}
 		if err := tx.SetRefs(loc, 1); err != nil {
 			return err
@@ -185,7 +185,7 @@ func (c *Controller) preallocateTx(tx meta.Tx, d meta.Disk, first uint64) error 
 // Disk returns the record of the disk called name.
 func (c *Controller) Disk(ctx context.Context, name string) (meta.Disk, error) {
 	var d meta.Disk
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.Disk(name)
 		return err
@@ -196,7 +196,7 @@ func (c *Controller) Disk(ctx context.Context, name string) (meta.Disk, error) {
 // Disks returns every disk.
 func (c *Controller) Disks(ctx context.Context) ([]meta.Disk, error) {
 	var ds []meta.Disk
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		ds, err = tx.Disks()
 		return err
@@ -216,7 +216,7 @@ type Usage struct {
 // DiskUsage returns how much storage disk name uses.
 func (c *Controller) DiskUsage(ctx context.Context, name string) (Usage, error) {
 	var u Usage
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
 			return err
@@ -263,7 +263,7 @@ type SnapshotOptions struct {
 //  4. activate.
 func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
 	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {
-		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), ErrBadRequest)
+		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), mapping.ErrBadRequest)
 	}
 	seen := map[string]bool{}
 	for _, n := range append(append([]string(nil), o.Sources...), o.Names...) {
@@ -271,7 +271,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			return nil, err
 		}
 		if seen[n] {
-			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, ErrBadRequest)
+			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, mapping.ErrBadRequest)
 		}
 		seen[n] = true
 	}
@@ -285,7 +285,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 
 	// Check everything that can be checked before any agent is touched.
 	srcs := make([]meta.Disk, len(o.Sources))
-	err := c.store.View(ctx, func(tx meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		for i, n := range o.Sources {
 			d, err := tx.Disk(n)
 			if err != nil {
@@ -346,7 +346,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 
 	// 3. One transaction.
 	out := make([]meta.Disk, len(srcs))
-	err = c.store.Update(ctx, func(tx meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		for i, src := range srcs {
 			// The copy shares the source's table pages: no entry
 			// is written, no slot count changes. No-write follows
@@ -387,7 +387,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 // Grants returns the agents allowed to map disk name; all is true if any
 // agent may.
 func (c *Controller) Grants(ctx context.Context, name string) (agents []string, all bool, err error) {
-	err = c.store.View(ctx, func(tx meta.Tx) error {
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
 			return err
@@ -404,7 +404,7 @@ func (c *Controller) Grant(ctx context.Context, name string, agents []string, al
 		return err
 	}
 	defer c.mu.Unlock()
-	return wrapNotFound(c.store.Update(ctx, func(tx meta.Tx) error {
+	return wrapNotFound(c.store.Update(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
 			return err
@@ -448,7 +448,7 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 		delete(st.disks, d.ID)
 		c.agents.Unlock()
 	}
-	return c.store.Update(ctx, func(tx meta.Tx) error {
+	return c.store.Update(ctx, func(tx *meta.Tx) error {
 		gs, all, err := tx.Grants(d.ID)
 		if err != nil {
 			return err
@@ -486,7 +486,7 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	}
 	c.forget(d.ID)
 	var freed []table.Location
-	err = c.store.Update(ctx, func(tx meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		var err error
 		freed, err = tx.DeleteDisk(d.ID)
 		return err
@@ -558,7 +558,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		}
 	}
 	var freed []table.Location
-	err = c.store.Update(ctx, func(tx meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		freed = freed[:0]
 		if size < d.Size {
 			from := nd.Segments()

@@ -1,11 +1,12 @@
 package controller
 
-import (
-	"errors"
+import "errors"
 
-	"segmap/internal/mapping"
-)
-
+// The controller's own errors. The errors a host or an agent acts on (no
+// such disk, a read-only disk, no space, an I/O error, a bad request) are
+// the protocol's, in package mapping: the controller returns them wrapped
+// but unrenamed, so that one name tests them on either side of the
+// transport.
 var (
 	// ErrRepairRefused is returned by Repair when the store holds damage
 	// other than leaked slots: Repair then changes nothing.
@@ -19,33 +20,20 @@ var (
 	// ErrInvalidSegmentSize is returned for a segment size that is not a
 	// power of two between MinSegmentSize and MaxSegmentSize.
 	ErrInvalidSegmentSize = errors.New("invalid segment size")
-	// ErrNotFound is returned for a disk that does not exist.
-	ErrNotFound = mapping.ErrNotFound
 	// ErrExists is returned for a disk name that is taken.
 	ErrExists = errors.New("disk already exists")
-	// ErrReadOnly is returned for a write to a read-only disk (a snapshot).
-	ErrReadOnly = mapping.ErrReadOnly
 	// ErrShrink is returned when a resize would shrink a disk and shrinking
 	// was not asked for explicitly.
 	ErrShrink = errors.New("resize would shrink the disk (data past the new end is lost); ask for shrink explicitly")
-	// ErrNoSpace is returned when no container with the disk's slot size
-	// has a free slot. It fails the I/O that needed the slot, nothing else.
-	ErrNoSpace = mapping.ErrNoSpace
 	// ErrNoPool is returned when creating a disk whose segment size no
 	// container serves.
 	ErrNoPool = errors.New("no container with this slot size")
-	// ErrIO is returned for an I/O that cannot be done: an Error entry, a
-	// failed container.
-	ErrIO = mapping.ErrIO
 	// ErrNotMapped is returned for a fault or command about a disk the
 	// agent has not opened.
 	ErrNotMapped = errors.New("disk not mapped by this agent")
 	// ErrUnknownAgent is returned for a request from an agent that has not
 	// attached.
 	ErrUnknownAgent = errors.New("agent not attached")
-	// ErrBadRequest is returned for a malformed fault: a segment out of
-	// range, an unknown operation.
-	ErrBadRequest = mapping.ErrBadRequest
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

@@ -58,7 +58,7 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		return mapping.Reply{}, fmt.Errorf("fault from %q on disk %d: %w", f.Agent, f.Disk, ErrNotMapped)
 	}
 	var d meta.Disk
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		d, err = tx.DiskByID(id)
 		return err
@@ -69,32 +69,32 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		f.Count = 1
 	}
 	if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
-		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), ErrBadRequest)
+		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), mapping.ErrBadRequest)
 	}
 	switch f.Op {
 	case mapping.FaultRead, mapping.FaultWrite:
 		if f.Count != 1 {
-			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, ErrBadRequest)
+			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, mapping.ErrBadRequest)
 		}
 		if f.Op == mapping.FaultWrite && d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, ErrReadOnly)
+			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, mapping.ErrReadOnly)
 		}
 		return c.faultLocked(ctx, f, d)
 	case mapping.FaultCommit:
 		return c.commitLocked(ctx, f, d)
 	case mapping.FaultDiscard:
 		if d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, ErrReadOnly)
+			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, mapping.ErrReadOnly)
 		}
 		return c.discardLocked(ctx, d, f.Segment, f.Count)
 	}
-	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, ErrBadRequest)
+	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, mapping.ErrBadRequest)
 }
 
 // shareCount returns how many holders share the slot entry e (seg of disk id)
 // maps, as far as a write needs to know: the slot's count, or at least 2
 // when the table page that holds the entry is shared.
-func shareCount(tx meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32, error) {
+func shareCount(tx *meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32, error) {
 	if !e.Mapped() {
 		return 0, nil
 	}
@@ -130,7 +130,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 	var e table.Entry
 	var refs uint32
 	var pageShared bool
-	read := func(tx meta.Tx) error {
+	read := func(tx *meta.Tx) error {
 		es, err := tx.Entries(d.ID, seg, 1)
 		if err != nil {
 			return err
@@ -151,7 +151,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		// A write through a shared table page: give the disk a copy
 		// of its own first (no entry changes), so that the slot's
 		// count alone tells whether the entry is shared.
-		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 			if err := tx.Unshare(d.ID, seg, 1); err != nil {
 				return err
 			}
@@ -175,7 +175,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		return reply(e)
 
 	case table.Deny:
-		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, ErrIO)
+		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, mapping.ErrIO)
 
 	case table.Allocate:
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
@@ -186,7 +186,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			return mapping.Reply{}, err
 		}
 		ne := table.At(loc, false)
-		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
 				return err
 			}
@@ -206,7 +206,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 
 	case table.ClearNoWrite:
 		ne := table.At(e.Loc, false)
-		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 			return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 		}); err != nil {
 			return mapping.Reply{}, err
@@ -239,7 +239,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			return mapping.Reply{}, err
 		}
 		ne := table.At(loc, false)
-		if err := c.store.Update(ctx, func(tx meta.Tx) error {
+		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
 				return err
 			}
@@ -261,7 +261,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 	case table.CopyReverse:
 		return c.reverseLocked(ctx, f, d, e, refs)
 	}
-	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", ErrBadRequest)
+	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", mapping.ErrBadRequest)
 }
 
 // reverseLocked is the reverse-delta copy-on-write: the other sharers of
@@ -271,7 +271,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	// Find the other sharers: only disks of the same family share slots,
 	// and always at the same segment index.
 	var sharers []meta.Disk
-	if err := c.store.View(ctx, func(tx meta.Tx) error {
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err
@@ -308,7 +308,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	}
 	// The sharers now point at the copy, NoWrite while it is still shared.
 	moved := table.At(loc, len(sharers) > 1)
-	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		for _, o := range sharers {
 			if err := tx.SetEntries(o.ID, seg, []table.Entry{moved}); err != nil {
 				return err
@@ -343,7 +343,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	}
 	// Only now may the faulting disk write in place.
 	ne := table.At(e.Loc, false)
-	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 	}); err != nil {
 		c.unsettledLocked(ctx, seg, d)
@@ -369,7 +369,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
 	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, ErrIO, err)
+		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, mapping.ErrIO, err)
 	}
 	return nil
 }
@@ -424,7 +424,7 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 	delete(c.mu.staged, f.Token)
 	ne := table.At(sw.loc, false)
 	var freed []table.Location
-	err := c.store.Update(ctx, func(tx meta.Tx) error {
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		freed = freed[:0]
 		es, err := tx.Entries(d.ID, sw.seg, 1)
 		if err != nil {
@@ -482,7 +482,7 @@ const MaxDiscard = 1 << 16
 // the slots no one else references.
 func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (mapping.Reply, error) {
 	if n > MaxDiscard {
-		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, ErrBadRequest)
+		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, mapping.ErrBadRequest)
 	}
 	// Every agent mapping the disk, the asking one included, drops the
 	// slots first (Invalid: restrictive, unlike Zero, which lets reads
@@ -497,7 +497,7 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 	}
 
 	var freed []table.Location
-	if err := c.store.Update(ctx, func(tx meta.Tx) error {
+	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		freed = freed[:0]
 		// Shared pages first become the disk's own, so that each
 		// entry's slot count is the one to drop.

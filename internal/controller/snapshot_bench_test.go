@@ -45,7 +45,7 @@ func BenchmarkSnapshot(b *testing.B) {
 			const chunk = 1 << 16
 			for first := uint64(0); first < n; first += chunk {
 				k := min(chunk, n-first)
-				err := c.Store.Update(ctx, func(tx meta.Tx) error {
+				err := c.Store.Update(ctx, func(tx *meta.Tx) error {
 					es := make([]table.Entry, k)
 					for i := range es {
 						loc := table.Location{Container: cs[0].ID, Slot: uint32(first) + uint32(i)}

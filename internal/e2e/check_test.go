@@ -46,7 +46,7 @@ func TestCheckData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = st.Update(context.Background(), func(tx meta.Tx) error {
+	err = st.Update(context.Background(), func(tx *meta.Tx) error {
 		cs, err := tx.Containers()
 		if err != nil {
 			return err

@@ -42,7 +42,7 @@ func takeCensus(t *testing.T, path string) census {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	err = st.View(context.Background(), func(tx meta.Tx) error {
+	err = st.View(context.Background(), func(tx *meta.Tx) error {
 		cts, err := tx.Containers()
 		if err != nil {
 			return err
@@ -133,7 +133,7 @@ var randomDamages = []randomDamage{
 		if v == n {
 			v = n + 1
 		}
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetRefs(l, v) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetRefs(l, v) })
 		return fmt.Sprintf("slot %s count %d -> %d", slotName(l), n, v), []string{slotCountWant(l, n, v)}
 	},
 	// A random table page's count (or that of a page never handed out)
@@ -162,7 +162,7 @@ var randomDamages = []randomDamage{
 		if rng.IntN(2) == 0 {
 			l = table.Location{Container: 50 + uint32(rng.IntN(50)), Slot: uint32(rng.IntN(64))}
 		}
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetEntries(c.vm.ID, seg, []table.Entry{table.At(l, false)}) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetEntries(c.vm.ID, seg, []table.Entry{table.At(l, false)}) })
 		return fmt.Sprintf("vm segment %d -> %s", seg, slotName(l)), []string{"location-out-of-range " + slotName(l)}
 	},
 	// The container's used count changed, checksum recomputed.

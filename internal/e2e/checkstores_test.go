@@ -125,7 +125,7 @@ func describe(t *testing.T, path string) cleanStore {
 	}
 	defer st.Close()
 	var cs cleanStore
-	err = st.View(context.Background(), func(tx meta.Tx) error {
+	err = st.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
 		if cs.vm, err = tx.Disk("vm"); err != nil {
 			return err
@@ -193,7 +193,7 @@ type checkDamage struct {
 }
 
 // metaUpdate runs fn in a transaction of the store at path.
-func metaUpdate(t *testing.T, path string, fn func(tx meta.Tx) error) {
+func metaUpdate(t *testing.T, path string, fn func(tx *meta.Tx) error) {
 	t.Helper()
 	st, err := meta.OpenBolt(path)
 	if err != nil {
@@ -268,7 +268,7 @@ func setPageCount(t *testing.T, path string, pid uint64, n uint32) {
 var checkDamages = []checkDamage{
 	{"leaked-slot", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
 		var l table.Location
-		metaUpdate(t, path, func(tx meta.Tx) error {
+		metaUpdate(t, path, func(tx *meta.Tx) error {
 			slot, ok, err := tx.FindFree(cs.container.ID, 40)
 			if err != nil || !ok {
 				return fmt.Errorf("no free slot: %v", err)
@@ -279,20 +279,20 @@ var checkDamages = []checkDamage{
 		return fmt.Sprintf("count of free slot %s set to 1 (Used kept in step): no entry maps it", slotName(l)), [][2]string{{"leaked-slot", slotName(l)}}
 	}},
 	{"referenced-free-slot", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetRefs(cs.own, 0) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetRefs(cs.own, 0) })
 		return fmt.Sprintf("count of slot %s, which vm segment 0 maps, set to 0 (Used kept in step)", slotName(cs.own)), [][2]string{{"referenced-free-slot", slotName(cs.own)}}
 	}},
 	{"wrong-reference-count", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetRefs(cs.shared, 3) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetRefs(cs.shared, 3) })
 		return fmt.Sprintf("count of slot %s, which two table pages map, set from 2 to 3", slotName(cs.shared)), [][2]string{{"wrong-reference-count", slotName(cs.shared)}}
 	}},
 	{"shared-slot-writable", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetRefs(cs.shared, 1) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetRefs(cs.shared, 1) })
 		return fmt.Sprintf("count of slot %s, which two table pages map, set from 2 to 1: the controller would hand out a writable entry for it", slotName(cs.shared)), [][2]string{{"shared-slot-writable", slotName(cs.shared)}}
 	}},
 	{"location-out-of-range", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
 		l := table.Location{Container: cs.container.ID, Slot: uint32(cs.container.Slots) + 100}
-		metaUpdate(t, path, func(tx meta.Tx) error { return tx.SetEntries(cs.vm.ID, 10, []table.Entry{table.At(l, false)}) })
+		metaUpdate(t, path, func(tx *meta.Tx) error { return tx.SetEntries(cs.vm.ID, 10, []table.Entry{table.At(l, false)}) })
 		return fmt.Sprintf("vm segment 10 set to slot %s, past the container's %d slots", slotName(l), cs.container.Slots), [][2]string{{"location-out-of-range", slotName(l)}}
 	}},
 	{"wrong-used-count", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
@@ -317,7 +317,7 @@ var checkDamages = []checkDamage{
 	{"missing-table-page", func(t *testing.T, path string, cs cleanStore) (string, [][2]string) {
 		var locs []table.Location
 		var counts []uint32
-		metaUpdate(t, path, func(tx meta.Tx) error {
+		metaUpdate(t, path, func(tx *meta.Tx) error {
 			es, err := tx.Page(cs.vmPage)
 			for _, e := range es {
 				if !e.Mapped() {

@@ -199,7 +199,7 @@ func TestCrashAtStep(t *testing.T) {
 		if in.Steps() != 5 || len(in.Log()) != 5 || in.Log()[2].Op != faultinject.OpUpdate || in.Log()[4].Step != 5 {
 			t.Errorf("steps %d, log %v", in.Steps(), in.Log())
 		}
-		if err := st.Update(context.Background(), func(tx meta.Tx) error { return nil }); !errors.Is(err, faultinject.ErrCrashed) {
+		if err := st.Update(context.Background(), func(tx *meta.Tx) error { return nil }); !errors.Is(err, faultinject.ErrCrashed) {
 			t.Errorf("update after crash: %v", err)
 		}
 		want := map[bool]byte{false: 'a', true: 'b'}[keep]
@@ -234,7 +234,7 @@ func openStore(t *testing.T, in *faultinject.Injector) *faultinject.Store {
 // put stores an agent registry of one name: a small committed change.
 func put(t *testing.T, st meta.Store, name string) {
 	t.Helper()
-	if err := st.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents([]string{name}) }); err != nil {
+	if err := st.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents([]string{name}) }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -242,7 +242,7 @@ func put(t *testing.T, st meta.Store, name string) {
 func agents(t *testing.T, st meta.Store) []string {
 	t.Helper()
 	var out []string
-	if err := st.View(context.Background(), func(tx meta.Tx) error {
+	if err := st.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
 		out, err = tx.Agents()
 		return err
@@ -268,7 +268,7 @@ func TestStoreFaults(t *testing.T) {
 			st := openStore(t, in)
 			put(t, st, "before")
 			f := in.Inject(tt.fault)
-			err := st.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents([]string{"failed"}) })
+			err := st.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents([]string{"failed"}) })
 			want := tt.fault.Err
 			if want == nil {
 				want = syscall.EIO
@@ -302,10 +302,10 @@ func TestStoreCrash(t *testing.T) {
 		st := in.Store("meta", b)
 		put(t, st, "one")
 		in.CrashAt(2, keep)
-		if err := st.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents([]string{"two"}) }); !errors.Is(err, faultinject.ErrCrashed) {
+		if err := st.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents([]string{"two"}) }); !errors.Is(err, faultinject.ErrCrashed) {
 			t.Fatalf("crashing update: %v", err)
 		}
-		if err := st.View(context.Background(), func(meta.Tx) error { return nil }); !errors.Is(err, faultinject.ErrCrashed) {
+		if err := st.View(context.Background(), func(*meta.Tx) error { return nil }); !errors.Is(err, faultinject.ErrCrashed) {
 			t.Errorf("view after crash: %v", err)
 		}
 		if err := st.Close(); err != nil {
@@ -335,7 +335,7 @@ func TestCrashFault(t *testing.T) {
 		st := openStore(t, in)
 		put(t, st, "one")
 		mustWrite(t, c, fill('u', 10), 0) // unsynced: lost in the crash
-		err := st.Update(context.Background(), func(tx meta.Tx) error { return tx.SetAgents([]string{"two"}) })
+		err := st.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents([]string{"two"}) })
 		if !errors.Is(err, faultinject.ErrCrashed) || !in.Crashed() {
 			t.Fatalf("keep=%v: second update: %v, crashed %v", keep, err, in.Crashed())
 		}

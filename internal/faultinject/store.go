@@ -25,7 +25,7 @@ func (in *Injector) Store(name string, st meta.Store) *Store {
 func (s *Store) Inner() meta.Store { return s.inner }
 
 // View implements meta.Store.
-func (s *Store) View(ctx context.Context, fn func(meta.Tx) error) error {
+func (s *Store) View(ctx context.Context, fn func(*meta.Tx) error) error {
 	v := s.in.decide(Call{Op: OpView, Target: s.name})
 	if v.crash {
 		s.in.dropOverlays()
@@ -43,7 +43,7 @@ func (s *Store) View(ctx context.Context, fn func(meta.Tx) error) error {
 // Update implements meta.Store. A failed Update (not Durable) keeps
 // nothing; a Durable one commits and reports the error; a crashing one
 // commits only if the crash keeps its step.
-func (s *Store) Update(ctx context.Context, fn func(meta.Tx) error) error {
+func (s *Store) Update(ctx context.Context, fn func(*meta.Tx) error) error {
 	v := s.in.decide(Call{Op: OpUpdate, Target: s.name})
 	if v.crash {
 		defer s.in.dropOverlays()

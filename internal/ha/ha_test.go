@@ -287,7 +287,7 @@ func TestPartitionedLeaderStepsDown(t *testing.T) {
 					time.Sleep(5 * time.Millisecond)
 					continue
 				}
-				err := st.Update(ctx, func(tx meta.Tx) error {
+				err := st.Update(ctx, func(tx *meta.Tx) error {
 					_, err := tx.CreateDisk(meta.Disk{Name: fmt.Sprintf("%s-%d", n.name, k), Size: 1 << 30, SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Now()})
 					return err
 				})

@@ -21,6 +21,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
+	"segmap/internal/mapping"
 	"segmap/internal/table"
 )
 
@@ -687,10 +688,10 @@ func (m *model) readOnlyWrite() {
 	i := m.rng.IntN(2)
 	off, n := m.span(d)
 	h := m.handle(i, d)
-	if err := h.WriteAt(m.ctx, make([]byte, n), off, false); !errors.Is(err, agent.ErrReadOnly) {
+	if err := h.WriteAt(m.ctx, make([]byte, n), off, false); !errors.Is(err, mapping.ErrReadOnly) {
 		m.fatalf("write to read-only %s: %v, want ErrReadOnly", d.name, err)
 	}
-	if err := h.Trim(m.ctx, off, n); !errors.Is(err, agent.ErrReadOnly) {
+	if err := h.Trim(m.ctx, off, n); !errors.Is(err, mapping.ErrReadOnly) {
 		m.fatalf("trim of read-only %s: %v, want ErrReadOnly", d.name, err)
 	}
 	m.verify(i, d, off, n)

@@ -45,7 +45,7 @@ func (b *Bolt) Path() string { return b.db.Path() }
 
 // View implements Store. bbolt panicking on a damaged page fails the View
 // with ErrCorrupt (see recoverBoltPanic).
-func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
+func (b *Bolt) View(ctx context.Context, fn func(*Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -57,7 +57,7 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 }
 
 // Update implements Store.
-func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
+func (b *Bolt) Update(ctx context.Context, fn func(*Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}

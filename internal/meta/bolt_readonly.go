@@ -46,9 +46,6 @@ func OpenBoltReadOnly(path string) (*Bolt, error) {
 	return &Bolt{db: db}, nil
 }
 
-// errRollback ends CheckFile's transaction without committing it.
-var errRollback = errors.New("rollback")
-
 // maxFileErrors bounds the errors CheckFile returns.
 const maxFileErrors = 100
 

@@ -88,7 +88,7 @@ func TestBoltLocked(t *testing.T) {
 	}
 
 	// The first store still works, and once it is closed the file opens.
-	if err := first.View(t.Context(), func(meta.Tx) error { return nil }); err != nil {
+	if err := first.View(t.Context(), func(*meta.Tx) error { return nil }); err != nil {
 		t.Errorf("first store after a refused second open: %v", err)
 	}
 	if err := first.Close(); err != nil {
@@ -128,7 +128,7 @@ func boltKeys(t *testing.T, path string) []string {
 func TestBoltSparse(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "meta.db")
 	s := openBolt(t, path)
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		d, err := tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 60, SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()})
 		if err != nil {
 			return err
@@ -200,7 +200,7 @@ func writeCorruptFixture(t *testing.T, path string) corruptFixture {
 	t.Helper()
 	var f corruptFixture
 	s := openBolt(t, path)
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		var err error
 		if f.disk, err = tx.CreateDisk(meta.Disk{Name: "vol", Size: 1 << 40, SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}); err != nil {
 			return err
@@ -266,7 +266,7 @@ func damage(t *testing.T, path, prefix string, fn func(k string, v []byte) []byt
 type corruptRead struct {
 	name  string
 	write bool
-	fn    func(tx meta.Tx, f corruptFixture) error
+	fn    func(tx *meta.Tx, f corruptFixture) error
 }
 
 func ignore2[A any](_ A, err error) error { return err }
@@ -276,80 +276,80 @@ func ignore3[A, B any](_ A, _ B, err error) error { return err }
 // corruptReads lists, per key prefix, the accesses that read those records.
 var corruptReads = map[string][]corruptRead{
 	"d/": {
-		{"DiskByID", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DiskByID(f.disk.ID)) }},
-		{"Disk", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Disk("vol")) }},
-		{"Disks", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Disks()) }},
-		{"PutDisk", true, func(tx meta.Tx, f corruptFixture) error {
+		{"DiskByID", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.DiskByID(f.disk.ID)) }},
+		{"Disk", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Disk("vol")) }},
+		{"Disks", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Disks()) }},
+		{"PutDisk", true, func(tx *meta.Tx, f corruptFixture) error {
 			d := f.disk
 			d.Name = "renamed"
 			return tx.PutDisk(d)
 		}},
-		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
+		{"DeleteDisk", true, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
 	},
 	"n/": {
-		{"Disk", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Disk("vol")) }},
+		{"Disk", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Disk("vol")) }},
 	},
 	"t/": {
-		{"Entries", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Entries(f.disk.ID, 0, 5)) }},
-		{"ForEachMapped", false, func(tx meta.Tx, f corruptFixture) error {
+		{"Entries", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Entries(f.disk.ID, 0, 5)) }},
+		{"ForEachMapped", false, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.ForEachMapped(f.disk.ID, func(uint64, table.Entry) error { return nil })
 		}},
-		{"SetEntries", true, func(tx meta.Tx, f corruptFixture) error {
+		{"SetEntries", true, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
 		}},
-		{"CopyTable", true, func(tx meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
-		{"TablePages", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.TablePages(f.disk.ID)) }},
-		{"PageShared", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
+		{"CopyTable", true, func(tx *meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
+		{"TablePages", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.TablePages(f.disk.ID)) }},
+		{"PageShared", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
 	},
 	"p/": {
-		{"Entries", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Entries(f.disk.ID, 0, 5)) }},
-		{"ForEachMapped", false, func(tx meta.Tx, f corruptFixture) error {
+		{"Entries", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Entries(f.disk.ID, 0, 5)) }},
+		{"ForEachMapped", false, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.ForEachMapped(f.disk.ID, func(uint64, table.Entry) error { return nil })
 		}},
-		{"SetEntries", true, func(tx meta.Tx, f corruptFixture) error {
+		{"SetEntries", true, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
 		}},
-		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
+		{"DeleteDisk", true, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
 	},
 	"q/": {
-		{"PageShared", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
-		{"SetEntries", true, func(tx meta.Tx, f corruptFixture) error {
+		{"PageShared", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.PageShared(f.disk.ID, 3)) }},
+		{"SetEntries", true, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.SetEntries(f.disk.ID, 7, []table.Entry{table.ErrorEntry})
 		}},
-		{"CopyTable", true, func(tx meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
-		{"DeleteDisk", true, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
-		{"ForEachStoredPage", false, func(tx meta.Tx, f corruptFixture) error {
+		{"CopyTable", true, func(tx *meta.Tx, f corruptFixture) error { return tx.CopyTable(f.disk.ID, f.disk2.ID) }},
+		{"DeleteDisk", true, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.DeleteDisk(f.disk.ID)) }},
+		{"ForEachStoredPage", false, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.ForEachStoredPage(func(uint64, uint32, bool) error { return nil })
 		}},
 	},
 	"r/": {
-		{"Refs", false, func(tx meta.Tx, f corruptFixture) error {
+		{"Refs", false, func(tx *meta.Tx, f corruptFixture) error {
 			return ignore2(tx.Refs(table.Location{Container: f.cont.ID, Slot: 3}))
 		}},
-		{"ForEachRef", false, func(tx meta.Tx, f corruptFixture) error {
+		{"ForEachRef", false, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.ForEachRef(f.cont.ID, func(uint32, uint32) error { return nil })
 		}},
-		{"FindFree", false, func(tx meta.Tx, f corruptFixture) error { return ignore3(tx.FindFree(f.cont.ID, 0)) }},
-		{"SetRefs", true, func(tx meta.Tx, f corruptFixture) error {
+		{"FindFree", false, func(tx *meta.Tx, f corruptFixture) error { return ignore3(tx.FindFree(f.cont.ID, 0)) }},
+		{"SetRefs", true, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.SetRefs(table.Location{Container: f.cont.ID, Slot: 4}, 1)
 		}},
-		{"AddRefs", true, func(tx meta.Tx, f corruptFixture) error {
+		{"AddRefs", true, func(tx *meta.Tx, f corruptFixture) error {
 			return ignore2(meta.AddRefs(tx, table.Location{Container: f.cont.ID, Slot: 3}, -1))
 		}},
 	},
 	"c/": {
-		{"Container", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Container(f.cont.ID)) }},
-		{"Containers", false, func(tx meta.Tx, f corruptFixture) error { return ignore2(tx.Containers()) }},
-		{"FindFree", false, func(tx meta.Tx, f corruptFixture) error { return ignore3(tx.FindFree(f.cont.ID, 0)) }},
-		{"SetRefs", true, func(tx meta.Tx, f corruptFixture) error {
+		{"Container", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Container(f.cont.ID)) }},
+		{"Containers", false, func(tx *meta.Tx, f corruptFixture) error { return ignore2(tx.Containers()) }},
+		{"FindFree", false, func(tx *meta.Tx, f corruptFixture) error { return ignore3(tx.FindFree(f.cont.ID, 0)) }},
+		{"SetRefs", true, func(tx *meta.Tx, f corruptFixture) error {
 			return tx.SetRefs(table.Location{Container: f.cont.ID, Slot: 4}, 1)
 		}},
 	},
 	"s/": {
-		{"CreateDisk", true, func(tx meta.Tx, f corruptFixture) error {
+		{"CreateDisk", true, func(tx *meta.Tx, f corruptFixture) error {
 			return ignore2(tx.CreateDisk(meta.Disk{Name: "new", SegmentSize: 1 << 20, Policy: table.Forward, Created: time.Unix(1700000000, 0).UTC()}))
 		}},
-		{"AddContainer", true, func(tx meta.Tx, f corruptFixture) error {
+		{"AddContainer", true, func(tx *meta.Tx, f corruptFixture) error {
 			return ignore2(tx.AddContainer(meta.Container{URI: "new", SlotSize: 1 << 20, Slots: 1}))
 		}},
 	},
@@ -378,7 +378,7 @@ func TestBoltCorruptSwapped(t *testing.T) {
 	f := writeCorruptFixture(t, path)
 	// A second container, so that there are two container records to swap.
 	s := openBolt(t, path)
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		_, err := tx.AddContainer(meta.Container{URI: "c2", SlotSize: 1 << 20, Slots: 1})
 		return err
 	}); err != nil {
@@ -407,7 +407,7 @@ func TestBoltCorruptSwapped(t *testing.T) {
 	}
 	s = openBolt(t, path)
 	defer s.Close()
-	err := s.View(t.Context(), func(tx meta.Tx) error {
+	err := s.View(t.Context(), func(tx *meta.Tx) error {
 		_, err := tx.DiskByID(f.disk.ID)
 		wantCorrupt(t, "DiskByID of a swapped record", err, []string{string(diskKeyOf(f.disk.ID))})
 		_, err = tx.Disk("vol")
@@ -437,7 +437,7 @@ func checkCorrupt(t *testing.T, path string, f corruptFixture, keys []string, re
 			run = s.Update
 		}
 		called := false
-		err := run(t.Context(), func(tx meta.Tx) error {
+		err := run(t.Context(), func(tx *meta.Tx) error {
 			called = true
 			return r.fn(tx, f)
 		})
@@ -451,7 +451,7 @@ func checkCorrupt(t *testing.T, path string, f corruptFixture, keys []string, re
 		if r.write {
 			continue
 		}
-		err := s.View(t.Context(), func(tx meta.Tx) error { return r.fn(tx, f) })
+		err := s.View(t.Context(), func(tx *meta.Tx) error { return r.fn(tx, f) })
 		wantCorrupt(t, r.name+" after the writes", err, keys)
 	}
 }
@@ -491,7 +491,7 @@ func TestBoltCheckFileWhileWriting(t *testing.T) {
 				return
 			default:
 			}
-			if err := b.Update(ctx, func(tx meta.Tx) error {
+			if err := b.Update(ctx, func(tx *meta.Tx) error {
 				return tx.SetAgents([]string{fmt.Sprintf("agent-%d", i), "x" + strings.Repeat("y", i%100)})
 			}); err != nil {
 				done <- err

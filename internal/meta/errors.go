@@ -5,10 +5,14 @@ import (
 	"fmt"
 )
 
+// Errors of every backend. Each is returned wrapped, with the record it is
+// about; test them with errors.Is.
 var (
 	// ErrNotFound is returned for a disk or container that does not exist.
 	ErrNotFound = errors.New("not found")
-	// ErrExists is returned when creating a disk whose name is taken.
+	// ErrExists is returned when a disk would take a name another disk
+	// has (CreateDisk, a rename by PutDisk), or a container an id another
+	// container has (AddContainer).
 	ErrExists = errors.New("already exists")
 	// ErrCorrupt marks a record that fails its checksum or does not decode,
 	// or a store that contradicts itself. It is never retried.
@@ -17,8 +21,10 @@ var (
 	// that it cannot hold its fields or its checksum. Every error that
 	// matches it matches ErrCorrupt too.
 	ErrTruncated = errors.New("truncated record")
-	// ErrReadOnly is returned by writes inside View.
-	ErrReadOnly = errors.New("write in a read-only transaction")
+	// ErrReadOnlyTx is returned by a Tx method that writes when the
+	// transaction is read-only (inside View). It says nothing of the
+	// disk: a write to a read-only disk is the protocol's ErrReadOnly.
+	ErrReadOnlyTx = errors.New("write in a read-only transaction")
 	// ErrRange is returned for table entries or slots outside their disk or
 	// container.
 	ErrRange = errors.New("out of range")
@@ -33,6 +39,36 @@ var (
 	ErrNotStore = errors.New("not a segmap metadata store")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("metadata store closed")
+)
+
+// Errors of the etcd backend (see Etcd).
+var (
+	// ErrTxnTooLarge is returned by Update when etcd refuses the commit
+	// because it has more operations than the server's --max-txn-ops or
+	// more bytes than its --max-request-bytes (or than the client's
+	// MaxCallSendMsgSize). Nothing was written; retrying cannot help: the
+	// limits must be raised (see Etcd).
+	ErrTxnTooLarge = errors.New("transaction too large for etcd")
+	// ErrConflict is returned by Update when every one of its attempts
+	// lost to a concurrent transaction that changed what it had read.
+	// Nothing was written.
+	ErrConflict = errors.New("transaction kept conflicting with concurrent updates")
+	// ErrLeadershipLost is returned by Update on a store opened WithFence
+	// once the leadership it was opened under is gone (the leader's
+	// election key was deleted or re-created): the commit wrote nothing,
+	// and no later one will. The controller is deposed and steps down;
+	// this is not the protocol's ErrFenced, which fences an agent or a
+	// command of an older epoch.
+	ErrLeadershipLost = errors.New("leadership lost: write fenced")
+)
+
+// Errors that never leave the package.
+var (
+	// errStale reports an etcd commit refused because something the
+	// transaction read has changed since; Update reruns it.
+	errStale = errors.New("read set changed")
+	// errRollback ends CheckFile's transaction without committing it.
+	errRollback = errors.New("rollback")
 )
 
 // RecordError is the error for one record that fails its checksum, does not

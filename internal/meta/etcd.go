@@ -16,25 +16,6 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Errors of the etcd backend. (They belong with the others in errors.go;
-// they sit here while that file has another owner.)
-var (
-	// ErrTxnTooLarge is returned by Update when etcd refuses the commit
-	// because it has more operations than the server's --max-txn-ops or
-	// more bytes than its --max-request-bytes (or than the client's
-	// MaxCallSendMsgSize). Nothing was written; retrying cannot help: the
-	// limits must be raised (see Etcd).
-	ErrTxnTooLarge = errors.New("transaction too large for etcd")
-	// ErrConflict is returned by Update when every one of its attempts
-	// lost to a concurrent transaction that changed what it had read.
-	// Nothing was written.
-	ErrConflict = errors.New("transaction kept conflicting with concurrent updates")
-	// ErrFenced is returned by Update on a store opened WithFence once
-	// the leadership it was opened under is gone: the commit wrote
-	// nothing, and no later one will.
-	ErrFenced = errors.New("leadership lost: write fenced")
-)
-
 // etcdAttempts bounds how often Update reruns a transaction that lost a
 // conflict; etcdScanBatch is how many keys one range read of a scan asks
 // for (about 2.3 MB of table pages).
@@ -80,7 +61,7 @@ const deletedNS = "\x00deleted/"
 // outcome is unknown (a timeout, a lost connection), Update returns the
 // error and does not rerun fn, which might apply the change twice.
 //
-// View reads at one revision and commits nothing; ErrReadOnly comes from
+// View reads at one revision and commits nothing; ErrReadOnlyTx comes from
 // the generic Tx. If etcd compacts the revision while a transaction is
 // reading, Update starts again and View fails.
 //
@@ -135,7 +116,7 @@ const deletedNS = "\x00deleted/"
 // commit also compares the leader's election key with the creation
 // revision it had when the leader won, so that once the key is gone (the
 // leader's etcd lease ran out, or it resigned) no commit of that term can
-// land, however late it reaches etcd. Such a commit fails with ErrFenced.
+// land, however late it reaches etcd. Such a commit fails with ErrLeadershipLost.
 // Every commit of a fenced store also puts the term's writer name in
 // <prefix>\x00writer, so that etcd's history shows who wrote each revision.
 // The fence adds one compare and one write to every transaction.
@@ -203,7 +184,7 @@ func (e *Etcd) usable(ctx context.Context) error {
 }
 
 // View implements Store.
-func (e *Etcd) View(ctx context.Context, fn func(Tx) error) error {
+func (e *Etcd) View(ctx context.Context, fn func(*Tx) error) error {
 	if err := e.usable(ctx); err != nil {
 		return err
 	}
@@ -211,7 +192,7 @@ func (e *Etcd) View(ctx context.Context, fn func(Tx) error) error {
 }
 
 // Update implements Store.
-func (e *Etcd) Update(ctx context.Context, fn func(Tx) error) error {
+func (e *Etcd) Update(ctx context.Context, fn func(*Tx) error) error {
 	for attempt := 1; ; attempt++ {
 		if err := e.usable(ctx); err != nil {
 			return err
@@ -259,10 +240,6 @@ func (e *Etcd) Close() error {
 	e.closed.Store(true)
 	return nil
 }
-
-// errStale reports a commit refused because something the transaction read
-// has changed since; Update reruns it.
-var errStale = errors.New("read set changed")
 
 // etcdKV is one transaction's KV: reads at one revision, buffered writes.
 type etcdKV struct {
@@ -354,7 +331,7 @@ func (k *etcdKV) Get(key []byte) ([]byte, error) {
 
 func (k *etcdKV) Put(key, value []byte) error {
 	if !k.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if value == nil {
 		value = []byte{}
@@ -365,7 +342,7 @@ func (k *etcdKV) Put(key, value []byte) error {
 
 func (k *etcdKV) Delete(key []byte) error {
 	if !k.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	k.writes[string(key)] = pending{del: true}
 	return nil
@@ -480,7 +457,7 @@ func (k *etcdKV) commit() error {
 	resp, err := k.e.cli.Txn(k.ctx).If(cmps...).Then(ops...).Else(orElse...).Commit()
 	if err == nil && !resp.Succeeded && k.e.fence != nil {
 		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) == 0 || kvs[0].CreateRevision != k.e.fence.Rev {
-			return fmt.Errorf("commit: election key %q of revision %d is gone: %w", k.e.fence.Key, k.e.fence.Rev, ErrFenced)
+			return fmt.Errorf("commit: election key %q of revision %d is gone: %w", k.e.fence.Key, k.e.fence.Rev, ErrLeadershipLost)
 		}
 	}
 	switch {

@@ -45,17 +45,41 @@ func TestEtcd(t *testing.T) {
 	var n atomic.Int64
 	prefix := func() string { return fmt.Sprintf("/segmap-test/%d/", n.Add(1)) }
 
-	t.Run("Conformance", func(t *testing.T) {
-		metatest.Run(t, func(t *testing.T) meta.Store {
-			s := openEtcd(t, cli, prefix())
-			t.Cleanup(func() {
-				if err := s.Close(); err != nil {
-					t.Errorf("Close: %v", err)
+	// The suite runs on a plain store and on one opened WithFence: the
+	// fence's extra compare and write change nothing a transaction sees.
+	for _, fenced := range []bool{false, true} {
+		name := "Conformance"
+		if fenced {
+			name = "ConformanceFenced"
+		}
+		t.Run(name, func(t *testing.T) {
+			var opts []meta.EtcdOption
+			if fenced {
+				sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
+				if err != nil {
+					t.Fatal(err)
 				}
+				defer sess.Close()
+				el := concurrency.NewElection(sess, prefix()+"election/")
+				if err := el.Campaign(t.Context(), "conformance"); err != nil {
+					t.Fatal(err)
+				}
+				opts = append(opts, meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: "conformance"}))
+			}
+			metatest.Run(t, func(t *testing.T) meta.Store {
+				s, err := meta.OpenEtcd(t.Context(), cli, prefix(), opts...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() {
+					if err := s.Close(); err != nil {
+						t.Errorf("Close: %v", err)
+					}
+				})
+				return s
 			})
-			return s
 		})
-	})
+	}
 
 	t.Run("Persistence", func(t *testing.T) {
 		// The store "kept in dir" is the one under a prefix named after
@@ -80,30 +104,8 @@ func TestEtcd(t *testing.T) {
 		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
 	})
 	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
-	t.Run("TooManyOps", func(t *testing.T) { testEtcdTooManyOps(t, cli, prefix()) })
+	testEtcdTooLarge(t, cli, prefix)
 	t.Run("Fence", func(t *testing.T) { testEtcdFence(t, cli, newClient(t, endpoint), prefix()) })
-	t.Run("ConformanceFenced", func(t *testing.T) {
-		// The fence's extra compare and write change nothing a
-		// transaction sees.
-		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(30))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sess.Close()
-		el := concurrency.NewElection(sess, prefix()+"election/")
-		if err := el.Campaign(t.Context(), "conformance"); err != nil {
-			t.Fatal(err)
-		}
-		metatest.Run(t, func(t *testing.T) meta.Store {
-			s, err := meta.OpenEtcd(t.Context(), cli, prefix(), meta.WithFence(meta.EtcdFence{Key: el.Key(), Rev: el.Rev(), Writer: "conformance"}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { s.Close() })
-			return s
-		})
-	})
-	t.Run("TooManyBytes", func(t *testing.T) { testEtcdTooManyBytes(t, cli, prefix()) })
 }
 
 // startEtcd starts a one-member etcd in a temporary directory, stopped when
@@ -184,7 +186,7 @@ func etcdTestDisk(name string) meta.Disk {
 func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
 	s := openEtcd(t, cli, prefix)
 	defer s.Close()
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
 		d, err := tx.CreateDisk(etcdTestDisk("vol"))
 		if err != nil {
 			return err
@@ -227,7 +229,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	defer s1.Close()
 	defer s2.Close()
 	var c meta.Container
-	if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+	if err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 		var err error
 		c, err = tx.AddContainer(meta.Container{URI: "c", SlotSize: 1 << 20, Slots: 10})
 		return err
@@ -240,7 +242,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	for i, s := range []*meta.Etcd{s1, s2} {
 		wg.Go(func() {
 			for r := range rounds {
-				err := s.Update(t.Context(), func(tx meta.Tx) error {
+				err := s.Update(t.Context(), func(tx *meta.Tx) error {
 					calls.Add(1)
 					_, err := meta.AddRefs(tx, shared, 1)
 					return err
@@ -255,7 +257,7 @@ func testEtcdTwoStores(t *testing.T, cli1, cli2 *clientv3.Client, prefix string)
 	wg.Wait()
 	t.Logf("%d increments took %d runs of the transaction function", 2*rounds, calls.Load())
 	for i, s := range []*meta.Etcd{s1, s2} {
-		if err := s.View(t.Context(), func(tx meta.Tx) error {
+		if err := s.View(t.Context(), func(tx *meta.Tx) error {
 			n, err := tx.Refs(shared)
 			if err != nil {
 				return err
@@ -281,17 +283,17 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 	cases := []struct {
 		name string
 		// read is the first transaction's read; it returns what it saw.
-		read func(tx meta.Tx, ids []meta.DiskID) (string, error)
+		read func(tx *meta.Tx, ids []meta.DiskID) (string, error)
 		// change is the other store's transaction.
-		change func(tx meta.Tx, ids []meta.DiskID) error
+		change func(tx *meta.Tx, ids []meta.DiskID) error
 	}{
 		{
 			name: "KeyModified",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				d, err := tx.DiskByID(ids[0])
 				return fmt.Sprint(d.ReadOnly), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				d, err := tx.DiskByID(ids[0])
 				if err != nil {
 					return err
@@ -302,36 +304,36 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 		},
 		{
 			name: "AbsentKeyCreated",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				_, err := tx.Disk("new")
 				if errors.Is(err, meta.ErrNotFound) {
 					return "absent", nil
 				}
 				return "present", err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				_, err := tx.CreateDisk(etcdTestDisk("new"))
 				return err
 			},
 		},
 		{
 			name: "KeyDeleted",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				_, err := tx.DiskByID(ids[1])
 				if errors.Is(err, meta.ErrNotFound) {
 					return "absent", nil
 				}
 				return "present", err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
+			change: func(tx *meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesCreate",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				ds, err := tx.Disks()
 				return fmt.Sprint(len(ds)), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				_, err := tx.CreateDisk(etcdTestDisk("new"))
 				return err
 			},
@@ -340,20 +342,20 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			// etcd's range compares see only keys that exist: this is the
 			// case the deletion markers are for.
 			name: "ScanSeesDelete",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				ds, err := tx.Disks()
 				return fmt.Sprint(len(ds)), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
+			change: func(tx *meta.Tx, ids []meta.DiskID) error { _, err := tx.DeleteDisk(ids[1]); return err },
 		},
 		{
 			name: "ScanSeesModify",
-			read: func(tx meta.Tx, ids []meta.DiskID) (string, error) {
+			read: func(tx *meta.Tx, ids []meta.DiskID) (string, error) {
 				var n int
 				err := tx.ForEachMapped(ids[0], func(uint64, table.Entry) error { n++; return nil })
 				return fmt.Sprint(n), err
 			},
-			change: func(tx meta.Tx, ids []meta.DiskID) error {
+			change: func(tx *meta.Tx, ids []meta.DiskID) error {
 				return tx.SetEntries(ids[0], 5, []table.Entry{table.At(table.Location{Container: 1, Slot: 9}, false)})
 			},
 		},
@@ -365,7 +367,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			defer s1.Close()
 			defer s2.Close()
 			var ids []meta.DiskID
-			if err := s1.Update(t.Context(), func(tx meta.Tx) error {
+			if err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 				ids = ids[:0]
 				for _, name := range []string{"a", "b"} {
 					d, err := tx.CreateDisk(etcdTestDisk(name))
@@ -379,14 +381,14 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 				t.Fatal(err)
 			}
 			var saw []string
-			err := s1.Update(t.Context(), func(tx meta.Tx) error {
+			err := s1.Update(t.Context(), func(tx *meta.Tx) error {
 				v, err := c.read(tx, ids)
 				if err != nil {
 					return err
 				}
 				saw = append(saw, v)
 				if len(saw) == 1 {
-					if err := s2.Update(t.Context(), func(tx meta.Tx) error { return c.change(tx, ids) }); err != nil {
+					if err := s2.Update(t.Context(), func(tx *meta.Tx) error { return c.change(tx, ids) }); err != nil {
 						return fmt.Errorf("other store: %w", err)
 					}
 				}
@@ -400,7 +402,7 @@ func testEtcdConflicts(t *testing.T, cli *clientv3.Client, prefix func() string)
 			if len(saw) != 2 || saw[0] == saw[1] {
 				t.Errorf("transaction saw %q, want two runs that differ", saw)
 			}
-			if err := s1.View(t.Context(), func(tx meta.Tx) error {
+			if err := s1.View(t.Context(), func(tx *meta.Tx) error {
 				v, err := c.read(tx, ids)
 				if err == nil && len(saw) > 0 && v != saw[len(saw)-1] {
 					t.Errorf("after commit: read %q, the last run read %q", v, saw[len(saw)-1])
@@ -423,94 +425,107 @@ func etcdKeys(t *testing.T, cli *clientv3.Client, prefix string) int64 {
 	return resp.Count
 }
 
-// testEtcdTooManyOps commits more writes than the server's --max-txn-ops.
-func testEtcdTooManyOps(t *testing.T, cli *clientv3.Client, prefix string) {
-	s := openEtcd(t, cli, prefix)
-	defer s.Close()
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
-		_, err := tx.CreateDisk(etcdTestDisk("vol"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	keys := etcdKeys(t, cli, prefix)
-	calls := 0
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
-		calls++
-		if _, err := tx.NextSeq("counter"); err != nil {
-			return err
-		}
-		// SetGrants writes one small record without reading.
-		for id := range meta.DiskID(testMaxTxnOps) {
-			if err := tx.SetGrants(id+100, []string{"agent"}, false); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if !errors.Is(err, meta.ErrTxnTooLarge) {
-		t.Fatalf("Update of %d writes: %v, want ErrTxnTooLarge", testMaxTxnOps+1, err)
-	}
-	t.Logf("Update of %d writes: %v", testMaxTxnOps+1, err)
-	if calls != 1 {
-		t.Errorf("transaction function ran %d times, want 1 (a size error is not retried)", calls)
-	}
-	if got := etcdKeys(t, cli, prefix); got != keys {
-		t.Errorf("%d keys after the refused Update, %d before", got, keys)
-	}
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
-		_, all, err := tx.Grants(100)
-		if err == nil && !all {
-			t.Error("grants of the refused Update were stored")
-		}
-		n, err := tx.NextSeq("counter")
-		if err == nil && n != 1 {
-			t.Errorf("counter after the refused Update: next is %d, want 1", n)
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// testEtcdTooManyBytes commits fewer writes than --max-txn-ops but more
-// bytes than --max-request-bytes.
-func testEtcdTooManyBytes(t *testing.T, cli *clientv3.Client, prefix string) {
+// testEtcdTooLarge commits Updates over each of the server's limits, more
+// writes than --max-txn-ops or fewer writes but more bytes than
+// --max-request-bytes: each fails with ErrTxnTooLarge, runs its function
+// once (a size error is not retried) and writes nothing.
+func testEtcdTooLarge(t *testing.T, cli *clientv3.Client, prefix func() string) {
 	const pages = testMaxRequestBytes/tablePageBytes + 16
 	if pages >= testMaxTxnOps {
 		t.Fatalf("%d pages would exceed the op limit too", pages)
 	}
-	s := openEtcd(t, cli, prefix)
-	defer s.Close()
-	var d meta.Disk
-	if err := s.Update(t.Context(), func(tx meta.Tx) error {
-		var err error
-		d, err = tx.CreateDisk(etcdTestDisk("vol"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	keys := etcdKeys(t, cli, prefix)
-	err := s.Update(t.Context(), func(tx meta.Tx) error {
-		// Scanning the (empty) table first lets the pages be read
-		// without a request each.
-		if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
-			return err
-		}
-		e := []table.Entry{table.At(table.Location{Container: 1, Slot: 1}, false)}
-		for pg := range uint64(pages) {
-			if err := tx.SetEntries(d.ID, pg*meta.PageEntries, e); err != nil {
+	cases := []struct {
+		name, what string
+		// write makes the Update too large.
+		write func(tx *meta.Tx, d meta.Disk) error
+		// unwritten checks, in an Update, that nothing write did is there.
+		unwritten func(t *testing.T, tx *meta.Tx, d meta.Disk) error
+	}{
+		{
+			name: "TooManyOps",
+			what: fmt.Sprintf("%d writes", testMaxTxnOps+1),
+			write: func(tx *meta.Tx, _ meta.Disk) error {
+				if _, err := tx.NextSeq("counter"); err != nil {
+					return err
+				}
+				// SetGrants writes one small record without reading.
+				for id := range meta.DiskID(testMaxTxnOps) {
+					if err := tx.SetGrants(id+100, []string{"agent"}, false); err != nil {
+						return err
+					}
+				}
+				return nil
+			},
+			unwritten: func(t *testing.T, tx *meta.Tx, _ meta.Disk) error {
+				_, all, err := tx.Grants(100)
+				if err == nil && !all {
+					t.Error("grants of the refused Update were stored")
+				}
+				n, err := tx.NextSeq("counter")
+				if err == nil && n != 1 {
+					t.Errorf("counter after the refused Update: next is %d, want 1", n)
+				}
 				return err
-			}
-		}
-		return nil
-	})
-	if !errors.Is(err, meta.ErrTxnTooLarge) {
-		t.Fatalf("Update of %d table pages: %v, want ErrTxnTooLarge", pages, err)
+			},
+		},
+		{
+			name: "TooManyBytes",
+			what: fmt.Sprintf("%d table pages", pages),
+			write: func(tx *meta.Tx, d meta.Disk) error {
+				// Scanning the (empty) table first lets the pages be
+				// read without a request each.
+				if err := tx.ForEachMapped(d.ID, func(uint64, table.Entry) error { return nil }); err != nil {
+					return err
+				}
+				e := []table.Entry{table.At(table.Location{Container: 1, Slot: 1}, false)}
+				for pg := range uint64(pages) {
+					if err := tx.SetEntries(d.ID, pg*meta.PageEntries, e); err != nil {
+						return err
+					}
+				}
+				return nil
+			},
+			unwritten: func(t *testing.T, tx *meta.Tx, d meta.Disk) error {
+				return tx.ForEachMapped(d.ID, func(seg uint64, e table.Entry) error {
+					t.Errorf("entry %d of the refused Update was stored: %v", seg, e)
+					return nil
+				})
+			},
+		},
 	}
-	t.Logf("Update of %d table pages: %v", pages, err)
-	if got := etcdKeys(t, cli, prefix); got != keys {
-		t.Errorf("%d keys after the refused Update, %d before", got, keys)
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := prefix()
+			s := openEtcd(t, cli, p)
+			defer s.Close()
+			var d meta.Disk
+			if err := s.Update(t.Context(), func(tx *meta.Tx) error {
+				var err error
+				d, err = tx.CreateDisk(etcdTestDisk("vol"))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			keys := etcdKeys(t, cli, p)
+			calls := 0
+			err := s.Update(t.Context(), func(tx *meta.Tx) error {
+				calls++
+				return c.write(tx, d)
+			})
+			if !errors.Is(err, meta.ErrTxnTooLarge) {
+				t.Fatalf("Update of %s: %v, want ErrTxnTooLarge", c.what, err)
+			}
+			t.Logf("Update of %s: %v", c.what, err)
+			if calls != 1 {
+				t.Errorf("transaction function ran %d times, want 1 (a size error is not retried)", calls)
+			}
+			if got := etcdKeys(t, cli, p); got != keys {
+				t.Errorf("%d keys after the refused Update, %d before", got, keys)
+			}
+			if err := s.Update(t.Context(), func(tx *meta.Tx) error { return c.unwritten(t, tx, d) }); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
 
@@ -542,7 +557,7 @@ func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
 		return s
 	}
 	create := func(s *meta.Etcd, name string) error {
-		return s.Update(ctx, func(tx meta.Tx) error {
+		return s.Update(ctx, func(tx *meta.Tx) error {
 			_, err := tx.CreateDisk(etcdTestDisk(name))
 			return err
 		})
@@ -579,20 +594,20 @@ func testEtcdFence(t *testing.T, cli1, cli2 *clientv3.Client, prefix string) {
 		t.Fatal(err)
 	}
 	el2 := <-won
-	if err := create(s1, "b"); !errors.Is(err, meta.ErrFenced) {
-		t.Fatalf("deposed leader's write: %v, want ErrFenced", err)
+	if err := create(s1, "b"); !errors.Is(err, meta.ErrLeadershipLost) {
+		t.Fatalf("deposed leader's write: %v, want ErrLeadershipLost", err)
 	}
 	s2 := open(cli2, el2, "two/2")
 	if err := create(s2, "c"); err != nil {
 		t.Fatalf("new leader's write: %v", err)
 	}
-	if err := create(s1, "d"); !errors.Is(err, meta.ErrFenced) {
-		t.Fatalf("deposed leader's write after the new leader's: %v, want ErrFenced", err)
+	if err := create(s1, "d"); !errors.Is(err, meta.ErrLeadershipLost) {
+		t.Fatalf("deposed leader's write after the new leader's: %v, want ErrLeadershipLost", err)
 	}
 	if w := writer(); w != "two/2" {
 		t.Errorf("writer %q, want two/2", w)
 	}
-	if err := s2.View(ctx, func(tx meta.Tx) error {
+	if err := s2.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
 			return err

@@ -150,120 +150,19 @@ func (c Container) Free() uint64 { return c.Slots - c.Used }
 // transactions are serialisable.
 type Store interface {
 	// View runs fn in a read-only transaction.
-	View(ctx context.Context, fn func(Tx) error) error
+	View(ctx context.Context, fn func(*Tx) error) error
 	// Update runs fn in a read-write transaction and commits it durably if
 	// fn returns nil; otherwise nothing fn did is kept. fn may be called
 	// more than once and must not have effects outside the transaction.
-	Update(ctx context.Context, fn func(Tx) error) error
+	Update(ctx context.Context, fn func(*Tx) error) error
 	// Close releases the store.
 	Close() error
-}
-
-// Tx is a transaction. It is not safe for concurrent use, and it is valid
-// only inside the function it was passed to. In a read-only transaction the
-// methods that write return ErrReadOnly.
-type Tx interface {
-	// Disk returns the disk called name, or ErrNotFound.
-	Disk(name string) (Disk, error)
-	// DiskByID returns disk id, or ErrNotFound.
-	DiskByID(id DiskID) (Disk, error)
-	// Disks returns every disk, ordered by id.
-	Disks() ([]Disk, error)
-	// CreateDisk stores a new disk, giving it a fresh id (and making it
-	// its own family if d.Family is 0). The name must be free
-	// (ErrExists). Its table is all Zero.
-	CreateDisk(d Disk) (Disk, error)
-	// PutDisk updates an existing disk's record; the name may change.
-	PutDisk(d Disk) error
-	// DeleteDisk removes the disk record and its table: each of its
-	// pages loses a reference, and a page left with none is removed and
-	// releases its slots. It returns the slots whose count reached zero
-	// (the caller may punch them).
-	DeleteDisk(id DiskID) ([]table.Location, error)
-
-	// Entries returns entries [first, first+n) of disk id's table.
-	Entries(id DiskID, first, n uint64) ([]table.Entry, error)
-	// SetEntries replaces entries [first, first+len(es)) of disk id's
-	// table, first unsharing the pages it changes (see Unshare). The
-	// caller keeps slot reference counts right for the entries it
-	// replaces.
-	SetEntries(id DiskID, first uint64, es []table.Entry) error
-	// ForEachMapped calls fn for every entry of disk id's table that holds
-	// a location (neither Zero, Error nor Invalid), in segment order.
-	ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error
-	// CopyTable makes dst's table a copy of src's by sharing its pages:
-	// its cost grows with the number of pages, not of entries, and no
-	// slot's count changes. dst's previous table is released as by
-	// DeleteDisk.
-	CopyTable(src, dst DiskID) error
-	// PageShared says whether the page holding entry seg of disk id is
-	// shared with another disk.
-	PageShared(id DiskID, seg uint64) (bool, error)
-	// Unshare gives disk id a page of its own for every shared page that
-	// holds entries [first, first+n): a copy, which counts one more
-	// reference on each slot it maps. Afterwards a slot's count tells
-	// whether one of those entries is shared.
-	Unshare(id DiskID, first, n uint64) error
-	// TablePages returns the stored pages of disk id's table, in order.
-	TablePages(id DiskID) ([]PageRef, error)
-	// Page returns the entries of the stored table page pid.
-	Page(pid uint64) ([]table.Entry, error)
-	// PageRefs returns the reference count of table page pid.
-	PageRefs(pid uint64) (uint32, error)
-	// ForEachStoredPage calls fn, in id order, for every table page that
-	// is stored or has a non-zero reference count, with that count.
-	ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) error) error
-
-	// Containers returns every container, ordered by id.
-	Containers() ([]Container, error)
-	// Container returns container id, or ErrNotFound.
-	Container(id uint32) (Container, error)
-	// AddContainer stores a new container record, giving it a fresh id
-	// when c.ID is 0.
-	AddContainer(c Container) (Container, error)
-
-	// Refs returns the reference count of a slot.
-	Refs(loc table.Location) (uint32, error)
-	// SetRefs sets the reference count of a slot and keeps the container's
-	// Used count in step.
-	SetRefs(loc table.Location, n uint32) error
-	// FindFree returns a free slot of container cid, searching from slot
-	// from upward and wrapping around; ok is false if there is none.
-	FindFree(cid uint32, from uint32) (slot uint32, ok bool, err error)
-	// ForEachRef calls fn for every slot of container cid with a non-zero
-	// count, in slot order.
-	ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error
-
-	// Grants returns the agents allowed to map disk id; all is true
-	// when any agent may (no list was ever set).
-	Grants(id DiskID) (agents []string, all bool, err error)
-	// SetGrants sets the agents allowed to map disk id; all opens it to
-	// every agent (and agents is ignored).
-	SetGrants(id DiskID, agents []string, all bool) error
-
-	// Agents returns the agents registered as possibly holding a lease
-	// from a controller (see the controller's Hold); SetAgents replaces
-	// the list.
-	Agents() ([]string, error)
-	SetAgents(agents []string) error
-
-	// Damaged decodes every record in the store and returns, in key
-	// order, each one that fails its checksum, is too short for its
-	// layout, does not decode, or contradicts its key or the record it
-	// names (a name for a missing disk, a disk without its name). It
-	// sees the records as stored, not the transaction's own unflushed
-	// changes, and reads the whole store.
-	Damaged() ([]*RecordError, error)
-
-	// NextSeq increments the named counter and returns its new value
-	// (the first is 1). The controller's epoch is one.
-	NextSeq(name string) (uint64, error)
 }
 
 // AddRefs adds delta to a slot's reference count and returns the new count.
 // It refuses to go below zero (ErrCorrupt: the store already disagrees with
 // itself).
-func AddRefs(tx Tx, loc table.Location, delta int) (uint32, error) {
+func AddRefs(tx *Tx, loc table.Location, delta int) (uint32, error) {
 	n, err := tx.Refs(loc)
 	if err != nil {
 		return 0, err

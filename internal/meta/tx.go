@@ -28,11 +28,19 @@ type KV interface {
 	Scan(prefix []byte, fn func(key, value []byte) error) error
 }
 
-// tx implements Tx over a backend's KV transaction. It caches decoded table
-// and reference pages, so that a transaction touching many entries of one
-// page decodes and encodes it once; dirty pages are written by flush, which
-// the backend calls before it commits.
-type tx struct {
+// Tx is a transaction: the record layout over one backend transaction (a
+// KV). It is not safe for concurrent use, and it is valid only inside the
+// function it was passed to (Store.View, Store.Update). In a read-only
+// transaction the methods that write return ErrReadOnlyTx.
+//
+// It is a concrete type because there is one implementation of the
+// records: a backend provides a KV, the small interface below it, and
+// every backend gets the same records, checksums and caching.
+//
+// Tx caches decoded table and reference pages, so that a transaction
+// touching many entries of one page decodes and encodes it once; dirty
+// pages are written by flush, which the backend calls before it commits.
+type Tx struct {
 	kv       KV
 	writable bool
 	dirs     map[string]*cachedDir  // by key
@@ -57,27 +65,27 @@ type cachedRefs struct {
 	dirty bool
 }
 
-func newTx(kv KV, writable bool) *tx {
-	return &tx{kv: kv, writable: writable}
+func newTx(kv KV, writable bool) *Tx {
+	return &Tx{kv: kv, writable: writable}
 }
 
-func (t *tx) put(key, v []byte) error {
+func (t *Tx) put(key, v []byte) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	return t.kv.Put(key, v)
 }
 
-func (t *tx) del(key []byte) error {
+func (t *Tx) del(key []byte) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	return t.kv.Delete(key)
 }
 
 // flush writes the cached dirty directories, pages, reference counts and
 // containers, and deletes released pages and empty directories.
-func (t *tx) flush() error {
+func (t *Tx) flush() error {
 	for k, c := range t.dirs {
 		if !c.dirty {
 			continue
@@ -127,7 +135,8 @@ func (t *tx) flush() error {
 	return nil
 }
 
-func (t *tx) Disk(name string) (Disk, error) {
+// Disk returns the disk called name, or ErrNotFound.
+func (t *Tx) Disk(name string) (Disk, error) {
 	v, err := t.kv.Get(nameKey(name))
 	if err != nil {
 		return Disk{}, err
@@ -148,7 +157,8 @@ func (t *tx) Disk(name string) (Disk, error) {
 	return d, err
 }
 
-func (t *tx) DiskByID(id DiskID) (Disk, error) {
+// DiskByID returns disk id, or ErrNotFound.
+func (t *Tx) DiskByID(id DiskID) (Disk, error) {
 	k := diskKey(id)
 	v, err := t.kv.Get(k)
 	if err != nil {
@@ -164,7 +174,8 @@ func (t *tx) DiskByID(id DiskID) (Disk, error) {
 	return d, err
 }
 
-func (t *tx) Disks() ([]Disk, error) {
+// Disks returns every disk, ordered by id.
+func (t *Tx) Disks() ([]Disk, error) {
 	var out []Disk
 	err := t.kv.Scan([]byte("d/"), func(k, v []byte) error {
 		d, err := decodeDisk(k, v)
@@ -180,7 +191,9 @@ func (t *tx) Disks() ([]Disk, error) {
 	return out, err
 }
 
-func (t *tx) Grants(id DiskID) ([]string, bool, error) {
+// Grants returns the agents allowed to map disk id; all is true
+// when any agent may (no list was ever set).
+func (t *Tx) Grants(id DiskID) ([]string, bool, error) {
 	k := grantsKey(id)
 	v, err := t.kv.Get(k)
 	if err != nil || v == nil {
@@ -190,9 +203,11 @@ func (t *tx) Grants(id DiskID) ([]string, bool, error) {
 	return gs, false, err
 }
 
-func (t *tx) SetGrants(id DiskID, agents []string, all bool) error {
+// SetGrants sets the agents allowed to map disk id; all opens it to
+// every agent (and agents is ignored).
+func (t *Tx) SetGrants(id DiskID, agents []string, all bool) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if all {
 		return t.del(grantsKey(id))
@@ -208,7 +223,9 @@ func (t *tx) SetGrants(id DiskID, agents []string, all bool) error {
 	return t.put(grantsKey(id), encodeGrants(agents))
 }
 
-func (t *tx) Agents() ([]string, error) {
+// Agents returns the agents registered as possibly holding a lease
+// from a controller (see the controller's Hold).
+func (t *Tx) Agents() ([]string, error) {
 	v, err := t.kv.Get(agentsKey)
 	if err != nil || v == nil {
 		return nil, err
@@ -216,9 +233,11 @@ func (t *tx) Agents() ([]string, error) {
 	return decodeGrants(agentsKey, v)
 }
 
-func (t *tx) SetAgents(agents []string) error {
+// SetAgents replaces the list of agents registered as possibly
+// holding a lease from a controller (see Agents).
+func (t *Tx) SetAgents(agents []string) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if len(agents) > maxGrants {
 		return fmt.Errorf("%d agents: %w", len(agents), ErrInvalid)
@@ -237,14 +256,16 @@ func (t *tx) SetAgents(agents []string) error {
 // agentsKey holds the agent registry.
 var agentsKey = []byte("a/")
 
-func (t *tx) NextSeq(name string) (uint64, error) {
+// NextSeq increments the named counter and returns its new value
+// (the first is 1). The controller's epoch is one.
+func (t *Tx) NextSeq(name string) (uint64, error) {
 	if !t.writable {
-		return 0, ErrReadOnly
+		return 0, ErrReadOnlyTx
 	}
 	return t.nextID("user/" + name)
 }
 
-func (t *tx) nextID(name string) (uint64, error) {
+func (t *Tx) nextID(name string) (uint64, error) {
 	k := seqKey(name)
 	v, err := t.kv.Get(k)
 	if err != nil {
@@ -260,9 +281,12 @@ func (t *tx) nextID(name string) (uint64, error) {
 	return n, t.put(k, encodeU64(n))
 }
 
-func (t *tx) CreateDisk(d Disk) (Disk, error) {
+// CreateDisk stores a new disk, giving it a fresh id (and making it
+// its own family if d.Family is 0). The name must be free
+// (ErrExists). Its table is all Zero.
+func (t *Tx) CreateDisk(d Disk) (Disk, error) {
 	if !t.writable {
-		return Disk{}, ErrReadOnly
+		return Disk{}, ErrReadOnlyTx
 	}
 	if err := d.validate(); err != nil {
 		return Disk{}, err
@@ -286,7 +310,8 @@ func (t *tx) CreateDisk(d Disk) (Disk, error) {
 	return d, t.put(diskKey(d.ID), encodeDisk(d))
 }
 
-func (t *tx) PutDisk(d Disk) error {
+// PutDisk updates an existing disk's record; the name may change.
+func (t *Tx) PutDisk(d Disk) error {
 	if err := d.validate(); err != nil {
 		return err
 	}
@@ -310,7 +335,11 @@ func (t *tx) PutDisk(d Disk) error {
 	return t.put(diskKey(d.ID), encodeDisk(d))
 }
 
-func (t *tx) DeleteDisk(id DiskID) ([]table.Location, error) {
+// DeleteDisk removes the disk record and its table: each of its
+// pages loses a reference, and a page left with none is removed and
+// releases its slots. It returns the slots whose count reached zero
+// (the caller may punch them).
+func (t *Tx) DeleteDisk(id DiskID) ([]table.Location, error) {
 	d, err := t.DiskByID(id)
 	if err != nil {
 		return nil, err
@@ -330,15 +359,15 @@ func (t *tx) DeleteDisk(id DiskID) ([]table.Location, error) {
 
 // dirNumbers returns, in order, the directory numbers of disk id that are
 // stored or cached (cached ones may be newer than the store's).
-func (t *tx) dirNumbers(id DiskID) ([]uint64, error) {
+func (t *Tx) dirNumbers(id DiskID) ([]uint64, error) {
 	return t.pageNumbers(tablePrefix(id), slices.Collect(maps.Keys(t.dirs)))
 }
 
 // dropTable releases every page of disk id's table and removes its
 // directories; it returns the slots freed.
-func (t *tx) dropTable(id DiskID) ([]table.Location, error) {
+func (t *Tx) dropTable(id DiskID) ([]table.Location, error) {
 	if !t.writable {
-		return nil, ErrReadOnly
+		return nil, ErrReadOnlyTx
 	}
 	dns, err := t.dirNumbers(id)
 	if err != nil {
@@ -367,7 +396,7 @@ func (t *tx) dropTable(id DiskID) ([]table.Location, error) {
 }
 
 // dir returns table directory dn of disk id, from the cache or the store.
-func (t *tx) dir(id DiskID, dn uint64) (*cachedDir, error) {
+func (t *Tx) dir(id DiskID, dn uint64) (*cachedDir, error) {
 	k := dirKey(id, dn)
 	if c, ok := t.dirs[string(k)]; ok {
 		return c, nil
@@ -390,7 +419,7 @@ func (t *tx) dir(id DiskID, dn uint64) (*cachedDir, error) {
 }
 
 // pageID returns the id of table page pg of disk id (0: not stored).
-func (t *tx) pageID(id DiskID, pg uint64) (uint64, error) {
+func (t *Tx) pageID(id DiskID, pg uint64) (uint64, error) {
 	c, err := t.dir(id, pg/DirPages)
 	if err != nil {
 		return 0, err
@@ -399,7 +428,7 @@ func (t *tx) pageID(id DiskID, pg uint64) (uint64, error) {
 }
 
 // pageByID returns stored table page pid.
-func (t *tx) pageByID(pid uint64) (*cachedPage, error) {
+func (t *Tx) pageByID(pid uint64) (*cachedPage, error) {
 	if c, ok := t.pages[pid]; ok {
 		if c.gone {
 			return nil, fmt.Errorf("table page %d: released: %w", pid, ErrCorrupt)
@@ -427,7 +456,7 @@ func (t *tx) pageByID(pid uint64) (*cachedPage, error) {
 }
 
 // readPage returns table page pg of disk id, for reading only.
-func (t *tx) readPage(id DiskID, pg uint64) (*page, error) {
+func (t *Tx) readPage(id DiskID, pg uint64) (*page, error) {
 	pid, err := t.pageID(id, pg)
 	if err != nil || pid == 0 {
 		return zeroPage, err
@@ -442,11 +471,12 @@ func (t *tx) readPage(id DiskID, pg uint64) (*page, error) {
 // pageRefPage returns the cached page of reference counts that holds pid's.
 // pageRefPage returns the cached record of reference counts that holds
 // table page pid's.
-func (t *tx) pageRefPage(pid uint64) (*cachedRefs, error) {
+func (t *Tx) pageRefPage(pid uint64) (*cachedRefs, error) {
 	return t.refsAt(pageRefsKey(pid / PageSlots))
 }
 
-func (t *tx) PageRefs(pid uint64) (uint32, error) {
+// PageRefs returns the reference count of table page pid.
+func (t *Tx) PageRefs(pid uint64) (uint32, error) {
 	c, err := t.pageRefPage(pid)
 	if err != nil {
 		return 0, err
@@ -454,7 +484,7 @@ func (t *tx) PageRefs(pid uint64) (uint32, error) {
 	return c.p[pid%PageSlots], nil
 }
 
-func (t *tx) addPageRefs(pid uint64, delta int) (uint32, error) {
+func (t *Tx) addPageRefs(pid uint64, delta int) (uint32, error) {
 	c, err := t.pageRefPage(pid)
 	if err != nil {
 		return 0, err
@@ -472,7 +502,7 @@ func (t *tx) addPageRefs(pid uint64, delta int) (uint32, error) {
 // releasePage drops one reference to table page pid; with none left the
 // page is removed and each slot it maps loses a reference. It returns the
 // slots freed.
-func (t *tx) releasePage(pid uint64) ([]table.Location, error) {
+func (t *Tx) releasePage(pid uint64) ([]table.Location, error) {
 	n, err := t.addPageRefs(pid, -1)
 	if err != nil || n > 0 {
 		return nil, err
@@ -502,9 +532,9 @@ func (t *tx) releasePage(pid uint64) ([]table.Location, error) {
 // disk's own. A shared page is copied first (the copy counts a reference
 // on each slot it maps); a page not stored is created when create is set
 // (and nil is returned when it is not).
-func (t *tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
+func (t *Tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
 	if !t.writable {
-		return nil, ErrReadOnly
+		return nil, ErrReadOnlyTx
 	}
 	dc, err := t.dir(id, pg/DirPages)
 	if err != nil {
@@ -571,7 +601,8 @@ func (t *tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
 	return nc, nil
 }
 
-func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
+// Entries returns entries [first, first+n) of disk id's table.
+func (t *Tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 	if n > math.MaxUint64-first {
 		return nil, fmt.Errorf("entries [%d,+%d): %w", first, n, ErrRange)
 	}
@@ -589,9 +620,13 @@ func (t *tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 	return out, nil
 }
 
-func (t *tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
+// SetEntries replaces entries [first, first+len(es)) of disk id's
+// table, first unsharing the pages it changes (see Unshare). The
+// caller keeps slot reference counts right for the entries it
+// replaces.
+func (t *Tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if uint64(len(es)) > math.MaxUint64-first {
 		return fmt.Errorf("entries [%d,+%d): %w", first, len(es), ErrRange)
@@ -623,7 +658,9 @@ func (t *tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 	return nil
 }
 
-func (t *tx) PageShared(id DiskID, seg uint64) (bool, error) {
+// PageShared says whether the page holding entry seg of disk id is
+// shared with another disk.
+func (t *Tx) PageShared(id DiskID, seg uint64) (bool, error) {
 	pid, err := t.pageID(id, seg/PageEntries)
 	if err != nil || pid == 0 {
 		return false, err
@@ -632,9 +669,13 @@ func (t *tx) PageShared(id DiskID, seg uint64) (bool, error) {
 	return n > 1, err
 }
 
-func (t *tx) Unshare(id DiskID, first, n uint64) error {
+// Unshare gives disk id a page of its own for every shared page that
+// holds entries [first, first+n): a copy, which counts one more
+// reference on each slot it maps. Afterwards a slot's count tells
+// whether one of those entries is shared.
+func (t *Tx) Unshare(id DiskID, first, n uint64) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if n == 0 {
 		return nil
@@ -650,7 +691,9 @@ func (t *tx) Unshare(id DiskID, first, n uint64) error {
 	return nil
 }
 
-func (t *tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error {
+// ForEachMapped calls fn for every entry of disk id's table that holds
+// a location (neither Zero, Error nor Invalid), in segment order.
+func (t *Tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) error {
 	return t.forEachPage(id, func(pg uint64, p *page) error {
 		for i, e := range p {
 			if e.Mapped() {
@@ -663,7 +706,8 @@ func (t *tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) 
 	})
 }
 
-func (t *tx) TablePages(id DiskID) ([]PageRef, error) {
+// TablePages returns the stored pages of disk id's table, in order.
+func (t *Tx) TablePages(id DiskID) ([]PageRef, error) {
 	dns, err := t.dirNumbers(id)
 	if err != nil {
 		return nil, err
@@ -683,7 +727,8 @@ func (t *tx) TablePages(id DiskID) ([]PageRef, error) {
 	return out, nil
 }
 
-func (t *tx) Page(pid uint64) ([]table.Entry, error) {
+// Page returns the entries of the stored table page pid.
+func (t *Tx) Page(pid uint64) ([]table.Entry, error) {
 	c, err := t.pageByID(pid)
 	if err != nil {
 		return nil, err
@@ -691,7 +736,9 @@ func (t *tx) Page(pid uint64) ([]table.Entry, error) {
 	return slices.Clone(c.p[:]), nil
 }
 
-func (t *tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) error) error {
+// ForEachStoredPage calls fn, in id order, for every table page that
+// is stored or has a non-zero reference count, with that count.
+func (t *Tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) error) error {
 	ids := map[uint64]bool{}
 	if err := t.kv.Scan([]byte("p/"), func(k, _ []byte) error {
 		if len(k) != 2+8 {
@@ -754,7 +801,7 @@ func (t *tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) err
 
 // forEachPage calls fn with every stored page of disk id's table, in
 // order. Pages not stored hold only Zero entries.
-func (t *tx) forEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
+func (t *Tx) forEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
 	prs, err := t.TablePages(id)
 	if err != nil {
 		return err
@@ -771,9 +818,13 @@ func (t *tx) forEachPage(id DiskID, fn func(pg uint64, p *page) error) error {
 	return nil
 }
 
-func (t *tx) CopyTable(src, dst DiskID) error {
+// CopyTable makes dst's table a copy of src's by sharing its pages:
+// its cost grows with the number of pages, not of entries, and no
+// slot's count changes. dst's previous table is released as by
+// DeleteDisk.
+func (t *Tx) CopyTable(src, dst DiskID) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	if src == dst {
 		return nil
@@ -807,7 +858,8 @@ func (t *tx) CopyTable(src, dst DiskID) error {
 	return nil
 }
 
-func (t *tx) Containers() ([]Container, error) {
+// Containers returns every container, ordered by id.
+func (t *Tx) Containers() ([]Container, error) {
 	var out []Container
 	err := t.kv.Scan([]byte("c/"), func(k, v []byte) error {
 		c, err := decodeContainer(k, v)
@@ -826,7 +878,8 @@ func (t *tx) Containers() ([]Container, error) {
 	return out, err
 }
 
-func (t *tx) Container(id uint32) (Container, error) {
+// Container returns container id, or ErrNotFound.
+func (t *Tx) Container(id uint32) (Container, error) {
 	if c, ok := t.conts[id]; ok {
 		return *c, nil
 	}
@@ -845,9 +898,11 @@ func (t *tx) Container(id uint32) (Container, error) {
 	return c, err
 }
 
-func (t *tx) AddContainer(c Container) (Container, error) {
+// AddContainer stores a new container record, giving it a fresh id
+// when c.ID is 0.
+func (t *Tx) AddContainer(c Container) (Container, error) {
 	if !t.writable {
-		return Container{}, ErrReadOnly
+		return Container{}, ErrReadOnlyTx
 	}
 	c.Used = 0
 	if err := c.validate(); err != nil {
@@ -879,14 +934,14 @@ func (t *tx) AddContainer(c Container) (Container, error) {
 	return c, t.put(containerKey(c.ID), encodeContainer(c))
 }
 
-func (t *tx) refPage(cid uint32, pg uint64) (*cachedRefs, error) {
+func (t *Tx) refPage(cid uint32, pg uint64) (*cachedRefs, error) {
 	return t.refsAt(refsKey(cid, pg))
 }
 
 // refsAt returns the record of reference counts (of slots or of table
 // pages) under key k, from the cache or the store; a record not stored
 // holds only zeros.
-func (t *tx) refsAt(k []byte) (*cachedRefs, error) {
+func (t *Tx) refsAt(k []byte) (*cachedRefs, error) {
 	if c, ok := t.refs[string(k)]; ok {
 		return c, nil
 	}
@@ -907,7 +962,8 @@ func (t *tx) refsAt(k []byte) (*cachedRefs, error) {
 	return c, nil
 }
 
-func (t *tx) Refs(loc table.Location) (uint32, error) {
+// Refs returns the reference count of a slot.
+func (t *Tx) Refs(loc table.Location) (uint32, error) {
 	c, err := t.refPage(loc.Container, uint64(loc.Slot)/PageSlots)
 	if err != nil {
 		return 0, err
@@ -915,9 +971,11 @@ func (t *tx) Refs(loc table.Location) (uint32, error) {
 	return c.p[loc.Slot%PageSlots], nil
 }
 
-func (t *tx) SetRefs(loc table.Location, n uint32) error {
+// SetRefs sets the reference count of a slot and keeps the container's
+// Used count in step.
+func (t *Tx) SetRefs(loc table.Location, n uint32) error {
 	if !t.writable {
-		return ErrReadOnly
+		return ErrReadOnlyTx
 	}
 	ct, err := t.Container(loc.Container)
 	if err != nil {
@@ -948,7 +1006,9 @@ func (t *tx) SetRefs(loc table.Location, n uint32) error {
 	return nil
 }
 
-func (t *tx) FindFree(cid uint32, from uint32) (uint32, bool, error) {
+// FindFree returns a free slot of container cid, searching from slot
+// from upward and wrapping around; ok is false if there is none.
+func (t *Tx) FindFree(cid uint32, from uint32) (uint32, bool, error) {
 	ct, err := t.Container(cid)
 	if err != nil {
 		return 0, false, err
@@ -977,7 +1037,9 @@ func (t *tx) FindFree(cid uint32, from uint32) (uint32, bool, error) {
 	return 0, false, nil
 }
 
-func (t *tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error {
+// ForEachRef calls fn for every slot of container cid with a non-zero
+// count, in slot order.
+func (t *Tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error {
 	order, err := t.pageNumbers(refsPrefix(cid), slices.Collect(maps.Keys(t.refs)))
 	if err != nil {
 		return err
@@ -1000,7 +1062,7 @@ func (t *tx) ForEachRef(cid uint32, fn func(slot uint32, n uint32) error) error 
 
 // pageNumbers returns, in order, the page numbers under prefix that are
 // stored or cached (cached pages may be newer than the store's).
-func (t *tx) pageNumbers(prefix []byte, cached []string) ([]uint64, error) {
+func (t *Tx) pageNumbers(prefix []byte, cached []string) ([]uint64, error) {
 	pgs := map[uint64]bool{}
 	if err := t.kv.Scan(prefix, func(k, _ []byte) error {
 		if len(k) != len(prefix)+8 {

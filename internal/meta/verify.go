@@ -120,8 +120,13 @@ func printable(b []byte) bool {
 	return true
 }
 
-// Damaged implements Tx.
-func (t *tx) Damaged() ([]*RecordError, error) {
+// Damaged decodes every record in the store and returns, in key
+// order, each one that fails its checksum, is too short for its
+// layout, does not decode, or contradicts its key or the record it
+// names (a name for a missing disk, a disk without its name). It
+// sees the records as stored, not the transaction's own unflushed
+// changes, and reads the whole store.
+func (t *Tx) Damaged() ([]*RecordError, error) {
 	var out []*RecordError
 	names := map[string]DiskID{} // n/ records that decode
 	disks := map[DiskID]string{} // d/ records that decode
@@ -173,7 +178,7 @@ func (t *tx) Damaged() ([]*RecordError, error) {
 // table pages, directories and counts it decoded in the transaction's
 // caches (unless they are there already, maybe changed), so that reading
 // them again costs nothing.
-func (t *tx) verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string) error {
+func (t *Tx) verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID]string) error {
 	bad := func(what string) error { return corrupt(k, "not a key of %s", what) }
 	if len(k) < 2 || k[1] != '/' {
 		return corrupt(k, "not a key of any record")
@@ -261,7 +266,7 @@ func (t *tx) verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID
 }
 
 // cacheRefs decodes the counts under k and caches them if they are not.
-func (t *tx) cacheRefs(k, v []byte) error {
+func (t *Tx) cacheRefs(k, v []byte) error {
 	p, err := decodeRefs(k, v)
 	if err == nil && t.refs[string(k)] == nil {
 		if t.refs == nil {

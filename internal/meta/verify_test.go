@@ -27,7 +27,7 @@ func TestDamaged(t *testing.T) {
 				s := openBolt(t, path)
 				defer s.Close()
 				var got []*meta.RecordError
-				if err := s.View(t.Context(), func(tx meta.Tx) error {
+				if err := s.View(t.Context(), func(tx *meta.Tx) error {
 					var err error
 					got, err = tx.Damaged()
 					return err
@@ -62,7 +62,7 @@ func TestDamagedClean(t *testing.T) {
 		s := openBolt(t, path)
 		defer s.Close()
 		var out []string
-		if err := s.View(t.Context(), func(tx meta.Tx) error {
+		if err := s.View(t.Context(), func(tx *meta.Tx) error {
 			es, err := tx.Damaged()
 			for _, e := range es {
 				out = append(out, meta.KeyName(e.Key)+": "+e.Reason)
@@ -141,7 +141,7 @@ func TestBoltDamagedPages(t *testing.T) {
 			failed++
 			continue
 		}
-		err = s.View(t.Context(), func(tx meta.Tx) error {
+		err = s.View(t.Context(), func(tx *meta.Tx) error {
 			if _, err := tx.Damaged(); err != nil {
 				return err
 			}
@@ -180,5 +180,5 @@ func TestBoltPanicNotBolt(t *testing.T) {
 			t.Errorf("recovered %v, want the function's own panic", r)
 		}
 	}()
-	s.View(t.Context(), func(meta.Tx) error { panic("mine") })
+	s.View(t.Context(), func(*meta.Tx) error { panic("mine") })
 }

@@ -97,7 +97,7 @@ func codeOf(err error) pb.Code {
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		// A controller stepping down: its store is closed or fenced,
 		// nothing was committed, and the next leader will answer.
-		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrFenced):
+		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
 		return pb.Code_CODE_UNAVAILABLE
 	}
 	return pb.Code_CODE_IO

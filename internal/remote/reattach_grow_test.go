@@ -33,7 +33,7 @@ func TestReattachLearnsGrow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = b.Update(ctx, func(tx meta.Tx) error {
+	err = b.Update(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk("d")
 		if err != nil {
 			return err

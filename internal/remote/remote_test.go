@@ -534,12 +534,12 @@ type gatedStore struct {
 	g *gate
 }
 
-func (s gatedStore) View(ctx context.Context, fn func(meta.Tx) error) error {
+func (s gatedStore) View(ctx context.Context, fn func(*meta.Tx) error) error {
 	s.g.pass(ctx, false)
 	return s.Store.View(ctx, fn)
 }
 
-func (s gatedStore) Update(ctx context.Context, fn func(meta.Tx) error) error {
+func (s gatedStore) Update(ctx context.Context, fn func(*meta.Tx) error) error {
 	s.g.pass(ctx, true)
 	return s.Store.Update(ctx, fn)
 }

@@ -11,15 +11,15 @@ import (
 // finds nothing in a store used in every way; and a record the transaction
 // has not yet committed is not looked at.
 func testNoneDamaged(t *testing.T, s meta.Store) {
-	damaged := func(tx meta.Tx) {
+	damaged := func(tx *meta.Tx) {
 		t.Helper()
 		es, err := tx.Damaged()
 		if err != nil || len(es) != 0 {
 			t.Errorf("Damaged = %v, %v; want none", es, err)
 		}
 	}
-	view(t, s, func(tx meta.Tx) error { damaged(tx); return nil })
-	update(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error { damaged(tx); return nil })
+	update(t, s, func(tx *meta.Tx) error {
 		a, err := tx.CreateDisk(testDisk("a"))
 		if err != nil {
 			return err
@@ -58,8 +58,8 @@ func testNoneDamaged(t *testing.T, s meta.Store) {
 		damaged(tx) // nothing committed yet
 		return nil
 	})
-	view(t, s, func(tx meta.Tx) error { damaged(tx); return nil })
-	update(t, s, func(tx meta.Tx) error {
+	view(t, s, func(tx *meta.Tx) error { damaged(tx); return nil })
+	update(t, s, func(tx *meta.Tx) error {
 		b, err := tx.Disk("b")
 		if err != nil {
 			return err
@@ -75,5 +75,5 @@ func testNoneDamaged(t *testing.T, s meta.Store) {
 		_, err = tx.DeleteDisk(a.ID)
 		return err
 	})
-	view(t, s, func(tx meta.Tx) error { damaged(tx); return nil })
+	view(t, s, func(tx *meta.Tx) error { damaged(tx); return nil })
 }

@@ -1,0 +1,7 @@
+package metatest
+
+import "errors"
+
+// errStop is returned by callbacks to stop an iteration, and by transaction
+// functions to abort an Update.
+var errStop = errors.New("metatest: stop")
