@@ -38,6 +38,11 @@ import (
 // error.
 var ErrGaveUp = errors.New("backoff: gave up")
 
+// Accept is the schedule of a server's accept loop after a temporary error
+// (out of file descriptors, say): 5 ms doubling to 1 s, as net/http's
+// Server.Serve waits. The loop Resets after each accepted connection.
+var Accept = Policy{Initial: 5 * time.Millisecond, Max: time.Second}
+
 // Policy is a schedule of delays between attempts. The zero Policy waits
 // nothing.
 type Policy struct {

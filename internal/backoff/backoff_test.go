@@ -26,7 +26,7 @@ func TestDelay(t *testing.T) {
 		},
 		{
 			// ha mux and nbd accept: min(max(2*d, 5ms), 1s) from d = 0.
-			name: "accept", p: Policy{Initial: 5 * ms, Max: time.Second},
+			name: "accept", p: Accept,
 			want: []time.Duration{5 * ms, 10 * ms, 20 * ms, 40 * ms, 80 * ms, 160 * ms, 320 * ms, 640 * ms, time.Second, time.Second},
 		},
 		{
