@@ -77,6 +77,12 @@ func (p Policy) Delay(n int) time.Duration {
 	return d
 }
 
+// Jittered returns Delay(n) shortened by the jitter, drawn from
+// math/rand/v2: for loops that keep their own count of attempts.
+func (p Policy) Jittered(n int) time.Duration {
+	return p.jittered(p.Delay(n), rand.Float64())
+}
+
 // jittered returns d shortened by the jitter, r being a uniform draw from
 // [0, 1).
 func (p Policy) jittered(d time.Duration, r float64) time.Duration {
@@ -170,10 +176,20 @@ func (b *Backoff) Wait(ctx context.Context) error {
 // Sleep waits for d on b's clock; it returns ctx.Err() if ctx ends first,
 // nil otherwise. It is for callers that take Next themselves, to log it.
 func (b *Backoff) Sleep(ctx context.Context, d time.Duration) error {
+	return sleep(ctx, b.clock, d)
+}
+
+// Sleep waits for d on the real clock; it returns ctx.Err() if ctx ends
+// first, nil otherwise.
+func Sleep(ctx context.Context, d time.Duration) error {
+	return sleep(ctx, Real, d)
+}
+
+func sleep(ctx context.Context, clock Clock, d time.Duration) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	c, stop := b.clock.NewTimer(d)
+	c, stop := clock.NewTimer(d)
 	defer stop()
 	select {
 	case <-c:

@@ -148,6 +148,40 @@ func TestJitter(t *testing.T) {
 	}
 }
 
+func TestJittered(t *testing.T) {
+	p := Policy{Initial: ms, Max: 32 * ms, Jitter: 1}
+	for n := range 10 {
+		want := p.Delay(n)
+		lo, hi := want, time.Duration(0)
+		for range 200 {
+			d := p.Jittered(n)
+			if d <= 0 || d > want {
+				t.Fatalf("Jittered(%d) = %v, want in (0, %v]", n, d, want)
+			}
+			lo, hi = min(lo, d), max(hi, d)
+		}
+		// 200 uniform draws: the range is almost surely covered.
+		if lo > want/4 || hi < want*3/4 {
+			t.Errorf("Jittered(%d) ranged over [%v, %v] of (0, %v]: not spread", n, lo, hi, want)
+		}
+	}
+}
+
+func TestSleep(t *testing.T) {
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	start := time.Now()
+	if err := Sleep(ctx, time.Hour); !errors.Is(err, context.Canceled) {
+		t.Errorf("Sleep on an ended context = %v", err)
+	}
+	if err := Sleep(t.Context(), ms); err != nil {
+		t.Errorf("Sleep = %v", err)
+	}
+	if d := time.Since(start); d < ms || d > time.Minute {
+		t.Errorf("Sleeps took %v", d)
+	}
+}
+
 // waitAsync runs b.Wait(ctx) in a goroutine, returning once it has made
 // its timer (or returned without one).
 func waitAsync(t *testing.T, ctx context.Context, b *Backoff, clock *ManualClock) <-chan error {
