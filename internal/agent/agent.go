@@ -47,6 +47,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"segmap/internal/backoff"
 	"segmap/internal/container"
 	"segmap/internal/mapping"
 	"segmap/internal/table"
@@ -247,26 +248,28 @@ func (a *Agent) Fence(ctx context.Context) error {
 // reached, or has restarted and not yet seen this agent re-attach.
 const OpenPatience = 60 * time.Second
 
+// openBackoff spaces Open's attempts: 20 ms doubling to 1 s, for
+// OpenPatience.
+var openBackoff = backoff.Policy{Initial: 20 * time.Millisecond, Max: time.Second, Limit: OpenPatience}
+
 // Open maps the disk called name and returns it. Opening a disk that is
 // already open returns the same *Disk. While the controller is unreachable
 // or does not know this agent yet (ErrUnavailable, ErrFenced), Open waits,
 // up to OpenPatience, as a fault does: a host that connects during a
 // controller restart gets its disk once the controller is back.
 func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
-	deadline := time.Now().Add(OpenPatience)
-	for try := 0; ; try++ {
+	b := backoff.New(openBackoff, nil)
+	for {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		d, err := a.open(actx, name)
 		cancel()
 		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
-		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
+		if !retry || ctx.Err() != nil {
 			return d, err
 		}
 		// openMu is free between attempts: the re-attach that the
 		// controller waits for takes it.
-		select {
-		case <-time.After(min(time.Duration(20<<min(try, 6))*time.Millisecond, time.Second)):
-		case <-ctx.Done():
+		if b.Wait(ctx) != nil { // OpenPatience is over, or ctx ended
 			return nil, err
 		}
 	}

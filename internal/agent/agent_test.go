@@ -5,13 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"segmap/internal/container"
+	"segmap/internal/leaktest"
 	"segmap/internal/mapping"
 	"segmap/internal/table"
 )
@@ -31,28 +31,12 @@ const (
 	mustFinish   = 5 * time.Second
 )
 
-// checkGoroutines fails t if, after its cleanups, the number of goroutines
-// does not return to what it is now within a second. Call it first, so its
-// cleanup runs last.
+// checkGoroutines fails t if, after its cleanups, goroutines it started
+// are still running a second later. Call it first, so its cleanup runs
+// last.
 func checkGoroutines(t *testing.T) {
 	t.Helper()
-	n := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(time.Second)
-		for {
-			m := runtime.NumGoroutine()
-			if m <= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("%d goroutines leaked (%d before, %d after):\n%s", m-n, n, m, buf)
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
+	leaktest.Check(t, leaktest.Within(time.Second))
 }
 
 // gateContainer is a container whose writes can be held: while hold is

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/backoff"
 )
 
 // NotLeader returns the error a standby answers every call with: gRPC
@@ -210,11 +211,15 @@ func indexOf(s []string, v string) int {
 	return 0
 }
 
+// connBackoff spaces Conn's rounds over the controllers: 50 ms doubling to
+// 1 s.
+var connBackoff = backoff.Policy{Initial: 50 * time.Millisecond, Max: time.Second}
+
 // retry runs call on the current controller until it succeeds, fails with
 // an error that is not about leadership or reachability, or ctx ends. After
 // every controller has been tried in a row it waits, 50 ms doubling to 1 s.
 func (c *Conn) retry(ctx context.Context, call func(addr string, cc *grpc.ClientConn) error) error {
-	wait := 50 * time.Millisecond
+	var b *backoff.Backoff // made on the first wait: most calls need none
 	answered := time.Now() // when a controller last answered
 	for tries := 1; ; tries++ {
 		addr, cc, err := c.current()
@@ -237,14 +242,12 @@ func (c *Conn) retry(ctx context.Context, call func(addr string, cc *grpc.Client
 		if c.GiveUp > 0 && time.Since(answered) >= c.GiveUp {
 			return err
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return err
-		case <-t.C:
+		if b == nil {
+			b = backoff.New(connBackoff, nil)
 		}
-		wait = min(2*wait, time.Second)
+		if b.Wait(ctx) != nil {
+			return err
+		}
 	}
 }
 

@@ -29,6 +29,7 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"google.golang.org/grpc"
 
+	"segmap/internal/backoff"
 	"segmap/internal/meta"
 )
 
@@ -88,6 +89,10 @@ type Config struct {
 	Now func() time.Time
 }
 
+// electionBackoff spaces the campaigns that failed: 100 ms doubling to
+// 2 s, from the start again after each term.
+var electionBackoff = backoff.Policy{Initial: 100 * time.Millisecond, Max: 2 * time.Second}
+
 // Run campaigns, leads, and stands by, until ctx ends; it then resigns if
 // it leads, so that a standby takes over at once, and returns nil. It fails
 // only for a configuration error.
@@ -112,19 +117,19 @@ func Run(ctx context.Context, cfg Config) error {
 	defer r.mux.close()
 	r.standby()
 	defer func() { r.stopStandby() }()
-	backoff := 100 * time.Millisecond
+	b := backoff.New(electionBackoff, nil)
 	for ctx.Err() == nil {
 		err := r.term(ctx)
 		if ctx.Err() != nil {
 			break
 		}
 		if err != nil {
-			cfg.Logger.Warn("election", "err", err, "retry_in", backoff)
-			sleep(ctx, backoff)
-			backoff = min(2*backoff, 2*time.Second)
+			d := b.Next()
+			cfg.Logger.Warn("election", "err", err, "retry_in", d)
+			_ = b.Sleep(ctx, d) // ends early with ctx, and so does the loop
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		b.Reset()
 	}
 	return nil
 }
@@ -416,14 +421,5 @@ func (k *keepalive) run(ctx context.Context, end func()) {
 			end()
 			return
 		}
-	}
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+
+	"segmap/internal/backoff"
 )
 
 // mux hands the connections of one listener to whichever gRPC server is
@@ -32,7 +34,7 @@ func (m *mux) serve(gs *grpc.Server) {
 
 // run accepts until the listener closes.
 func (m *mux) run() {
-	var backoff time.Duration
+	b := backoff.New(backoff.Accept, nil)
 	for {
 		c, err := m.l.Accept()
 		if err != nil {
@@ -42,11 +44,10 @@ func (m *mux) run() {
 			// Out of file descriptors, say: wait and go on, as
 			// net/http does; the controller must not stop
 			// accepting for good while it keeps its leadership.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			time.Sleep(backoff)
+			time.Sleep(b.Next())
 			continue
 		}
-		backoff = 0
+		b.Reset()
 		m.mu.Lock()
 		cl := m.cur
 		m.mu.Unlock()

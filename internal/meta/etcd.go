@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -14,6 +13,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"segmap/internal/backoff"
 )
 
 // etcdAttempts bounds how often Update reruns a transaction that lost a
@@ -218,19 +219,14 @@ func (e *Etcd) Update(ctx context.Context, fn func(*Tx) error) error {
 	}
 }
 
-// pause waits a random time before attempt+1, up to 1 ms doubling per
-// attempt to at most 32 ms, so that transactions that collided spread
-// out.
+// collisionBackoff is the schedule of pause: up to 1 ms doubling per
+// attempt to at most 32 ms, all of it random.
+var collisionBackoff = backoff.Policy{Initial: time.Millisecond, Max: 32 * time.Millisecond, Jitter: 1}
+
+// pause waits a random time before attempt+1, so that transactions that
+// collided spread out.
 func pause(ctx context.Context, attempt int) error {
-	limit := time.Millisecond << min(attempt-1, 5)
-	t := time.NewTimer(rand.N(limit) + 100*time.Microsecond)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	return backoff.Sleep(ctx, collisionBackoff.Jittered(attempt-1)+100*time.Microsecond)
 }
 
 // Close implements Store. It does not close the client. It does not wait

@@ -3,7 +3,6 @@ package meta_test
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"segmap/internal/etcdtest"
+	"segmap/internal/leaktest"
 	"segmap/internal/meta"
 	"segmap/internal/meta/metatest"
 	"segmap/internal/table"
@@ -139,40 +139,12 @@ func openEtcd(t *testing.T, cli *clientv3.Client, prefix string) *meta.Etcd {
 	return s
 }
 
-// etcdGoroutines returns the stacks of goroutines running segmap, etcd or
-// gRPC code, other than the caller's.
-func etcdGoroutines() []string {
-	buf := make([]byte, 8<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && (strings.Contains(g, "segmap/internal/") || strings.Contains(g, "go.etcd.io/") || strings.Contains(g, "google.golang.org/grpc")) {
-			out = append(out, g)
-		}
-	}
-	return out
-}
-
 // checkEtcdGoroutines fails t if goroutines of the server, the clients or
 // the store outlive its cleanups. Call it first, so that its cleanup runs
 // last.
 func checkEtcdGoroutines(t *testing.T) {
 	t.Helper()
-	before := len(etcdGoroutines())
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			left := etcdGoroutines()
-			if len(left) <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d goroutines leaked (%d before):\n%s", len(left)-before, before, strings.Join(left, "\n\n"))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
+	leaktest.Check(t, leaktest.Matching("segmap/internal/", "go.etcd.io/", "google.golang.org/grpc"))
 }
 
 var testCreated = time.Date(2025, 3, 14, 15, 9, 26, 0, time.UTC)

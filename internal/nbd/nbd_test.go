@@ -9,8 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -18,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"segmap/internal/leaktest"
 )
 
 // ---- leak checks ----
@@ -27,57 +27,14 @@ import (
 // package's functions on their stack count: the fuzzing engine starts
 // goroutines of its own.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		deadline := time.Now().Add(5 * time.Second)
-		leaked := ourGoroutines()
-		for len(leaked) > 0 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-			leaked = ourGoroutines()
-		}
-		if len(leaked) > 0 {
-			fmt.Fprintf(os.Stderr, "%d goroutines leaked:\n%s\n", len(leaked), strings.Join(leaked, "\n\n"))
-			code = 1
-		}
-	}
-	os.Exit(code)
+	leaktest.VerifyTestMain(m, leaktest.Matching("segmap/internal/nbd."))
 }
 
-// ourGoroutines returns the stacks of goroutines running this package's
-// code, other than the caller's.
-func ourGoroutines() []string {
-	buf := make([]byte, 4<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && strings.Contains(g, "segmap/internal/nbd.") {
-			out = append(out, g)
-		}
-	}
-	return out
-}
-
-// checkGoroutines fails t if, after its cleanups, the number of goroutines
-// does not return to what it is now. Call it first, so its cleanup runs
-// last.
+// checkGoroutines fails t if, after its cleanups, goroutines it started
+// are still running 2 s later. Call it first, so its cleanup runs last.
 func checkGoroutines(t testing.TB) {
 	t.Helper()
-	n := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(2 * time.Second)
-		for {
-			m := runtime.NumGoroutine()
-			if m <= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				t.Errorf("%d goroutines leaked (%d before, %d after):\n%s", m-n, n, m, buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
+	leaktest.Check(t, leaktest.Within(2*time.Second))
 }
 
 // ---- in-memory export and backend ----

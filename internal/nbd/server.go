@@ -9,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"segmap/internal/backoff"
 )
 
 // Export is one disk served over NBD.
@@ -198,7 +200,7 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	var delay time.Duration // after a failed Accept
+	b := backoff.New(backoff.Accept, nil) // after a failed Accept
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -209,7 +211,7 @@ func (s *Server) Serve(l net.Listener) error {
 				return err
 			}
 			// Out of file descriptors and the like: retry after a pause.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			delay := b.Next()
 			s.log.Warn("nbd: accept failed", "err", err, "retry_in", delay)
 			t := time.NewTimer(delay)
 			select {
@@ -220,7 +222,7 @@ func (s *Server) Serve(l net.Listener) error {
 			}
 			continue
 		}
-		delay = 0
+		b.Reset()
 		c := newConn(s, nc)
 		if !s.track(c) {
 			nc.Close()

@@ -10,9 +10,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
+	grpcbackoff "google.golang.org/grpc/backoff"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/backoff"
 	"segmap/internal/mapping"
 	"segmap/internal/table"
 )
@@ -72,7 +73,7 @@ func (s *session) close() { s.once.Do(func() { s.cancel(); close(s.done) }) }
 func DialOptions() []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
+			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
 			MinConnectTimeout: 2 * time.Second,
 		}),
 		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
@@ -404,6 +405,10 @@ func (c *Client) Exports(ctx context.Context, agent string) ([]mapping.Disk, err
 // controller before the I/O fails.
 const FaultPatience = 60 * time.Second
 
+// faultBackoff spaces the tries of a fault: 20 ms doubling to 1 s, for
+// FaultPatience.
+var faultBackoff = backoff.Policy{Initial: 20 * time.Millisecond, Max: time.Second, Limit: FaultPatience}
+
 // Fault implements mapping.Controller. A fault whose answer is lost is sent
 // again with the same request id, so the controller answers it from
 // memory instead of applying it twice.
@@ -417,20 +422,21 @@ func (c *Client) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, err
 	// rather than fail: a controller failover is a pause, not an error.
 	var r *pb.FaultReply
 	var err error
-	deadline := time.Now().Add(FaultPatience)
-	for try := 0; ; try++ {
+	b := backoff.New(faultBackoff, nil)
+	for {
 		req.Epoch = c.epoch()
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		r, err = c.c.Fault(cctx, req)
 		cancel()
 		err = fromStatus(err)
 		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
-		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
+		if !retry || ctx.Err() != nil {
 			break
 		}
-		select {
-		case <-time.After(min(time.Duration(20<<min(try, 6))*time.Millisecond, time.Second)):
-		case <-ctx.Done():
+		// If ctx ends meanwhile, the next try fails at once with its
+		// error, which is the one returned.
+		if errors.Is(b.Wait(ctx), backoff.ErrGaveUp) {
+			break
 		}
 	}
 	if err != nil {

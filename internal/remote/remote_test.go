@@ -8,11 +8,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -27,6 +24,7 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent"
 	"segmap/internal/controller"
+	"segmap/internal/leaktest"
 	"segmap/internal/local"
 	"segmap/internal/mapping"
 	"segmap/internal/meta"
@@ -41,58 +39,19 @@ var quiet = slog.New(slog.DiscardHandler)
 
 // ---- leak checks -------------------------------------------------------------
 
+// ours are the goroutines the leak checks count: those running segmap
+// code, or gRPC's.
+var ours = leaktest.Matching("segmap/internal/", "google.golang.org/grpc")
+
 // TestMain fails the package if goroutines running segmap code are still
 // alive a few seconds after the last test or benchmark.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if code == 0 {
-		deadline := time.Now().Add(5 * time.Second)
-		leaked := ourGoroutines()
-		for len(leaked) > 0 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-			leaked = ourGoroutines()
-		}
-		if len(leaked) > 0 {
-			fmt.Fprintf(os.Stderr, "%d goroutines leaked:\n%s\n", len(leaked), strings.Join(leaked, "\n\n"))
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// ourGoroutines returns the stacks of goroutines running segmap code (or
-// gRPC's), other than the caller's.
-func ourGoroutines() []string {
-	buf := make([]byte, 8<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && (strings.Contains(g, "segmap/internal/") || strings.Contains(g, "google.golang.org/grpc")) {
-			out = append(out, g)
-		}
-	}
-	return out
-}
+func TestMain(m *testing.M) { leaktest.VerifyTestMain(m, ours) }
 
 // checkGoroutines fails t if, after its cleanups, goroutines running segmap
 // code are left. Call it first, so that its cleanup runs last.
 func checkGoroutines(t *testing.T) {
 	t.Helper()
-	before := len(ourGoroutines())
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			left := ourGoroutines()
-			if len(left) <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d goroutines leaked (%d before):\n%s", len(left)-before, before, strings.Join(left, "\n\n"))
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
+	leaktest.Check(t, ours)
 }
 
 // ---- an in-process controller, served over loopback gRPC ---------------------

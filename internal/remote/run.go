@@ -6,7 +6,12 @@ import (
 	"time"
 
 	"segmap/internal/agent"
+	"segmap/internal/backoff"
 )
+
+// attachBackoff spaces RunAgent's failed attaches: 100 ms doubling to
+// 500 ms, from the start again after each attach.
+var attachBackoff = backoff.Policy{Initial: 100 * time.Millisecond, Max: 500 * time.Millisecond}
 
 // RunAgent keeps agent a attached to the controller behind c until ctx
 // ends: it attaches, and whenever the session ends (the stream broke, the
@@ -18,21 +23,18 @@ func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logge
 	if logger == nil {
 		logger = slog.Default()
 	}
-	backoff := 100 * time.Millisecond
+	b := backoff.New(attachBackoff, nil)
 	for ctx.Err() == nil {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := a.Attach(actx, c)
 		cancel()
 		if err != nil {
-			logger.Warn("attach failed; retrying", "err", err, "in", backoff)
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-			}
-			backoff = min(2*backoff, 500*time.Millisecond)
+			d := b.Next()
+			logger.Warn("attach failed; retrying", "err", err, "in", d)
+			_ = b.Sleep(ctx, d) // ends early with ctx, and so does the loop
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		b.Reset()
 		logger.Info("attached to the controller", "lease_end", c.LeaseEnd())
 		if attached != nil {
 			attached()
