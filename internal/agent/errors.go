@@ -3,17 +3,17 @@ package agent
 import (
 	"errors"
 
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 )
 
 var (
 	// ErrRange is returned for I/O outside the disk.
 	ErrRange = errors.New("i/o outside the disk")
 	// ErrReadOnly is returned for a write to a read-only disk.
-	ErrReadOnly = mapping.ErrReadOnly
+	ErrReadOnly = protocol.ErrReadOnly
 	// ErrIO is returned when the I/O failed: an Error entry, a container
 	// error, or a fault the controller could not resolve.
-	ErrIO = mapping.ErrIO
+	ErrIO = protocol.ErrIO
 	// ErrNoTable is returned for a command about a disk the agent does not
 	// map.
 	ErrNoTable = errors.New("agent has no table for this disk")

@@ -22,8 +22,8 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -1157,7 +1157,7 @@ func TestHoldFaults(t *testing.T) {
 	}
 	id := d.Info().ID
 	for _, seg := range []uint64{0, 1} { // allocated, Zero
-		if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultRead}); err != nil {
+		if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: protocol.FaultRead}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -1167,7 +1167,7 @@ func TestHoldFaults(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, seg := range []uint64{0, 1} { // a writable entry to load; an allocation
 		wg.Go(func() {
-			if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultWrite}); err != nil {
+			if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: protocol.FaultWrite}); err != nil {
 				t.Error(err)
 			}
 			if time.Since(start) < hold {

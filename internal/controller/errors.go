@@ -3,7 +3,7 @@ package controller
 import (
 	"errors"
 
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 )
 
 var (
@@ -20,23 +20,23 @@ var (
 	// power of two between MinSegmentSize and MaxSegmentSize.
 	ErrInvalidSegmentSize = errors.New("invalid segment size")
 	// ErrNotFound is returned for a disk that does not exist.
-	ErrNotFound = mapping.ErrNotFound
+	ErrNotFound = protocol.ErrNotFound
 	// ErrExists is returned for a disk name that is taken.
 	ErrExists = errors.New("disk already exists")
 	// ErrReadOnly is returned for a write to a read-only disk (a snapshot).
-	ErrReadOnly = mapping.ErrReadOnly
+	ErrReadOnly = protocol.ErrReadOnly
 	// ErrShrink is returned when a resize would shrink a disk and shrinking
 	// was not asked for explicitly.
 	ErrShrink = errors.New("resize would shrink the disk (data past the new end is lost); ask for shrink explicitly")
 	// ErrNoSpace is returned when no container with the disk's slot size
 	// has a free slot. It fails the I/O that needed the slot, nothing else.
-	ErrNoSpace = mapping.ErrNoSpace
+	ErrNoSpace = protocol.ErrNoSpace
 	// ErrNoPool is returned when creating a disk whose segment size no
 	// container serves.
 	ErrNoPool = errors.New("no container with this slot size")
 	// ErrIO is returned for an I/O that cannot be done: an Error entry, a
 	// failed container.
-	ErrIO = mapping.ErrIO
+	ErrIO = protocol.ErrIO
 	// ErrNotMapped is returned for a fault or command about a disk the
 	// agent has not opened.
 	ErrNotMapped = errors.New("disk not mapped by this agent")
@@ -45,7 +45,7 @@ var (
 	ErrUnknownAgent = errors.New("agent not attached")
 	// ErrBadRequest is returned for a malformed fault: a segment out of
 	// range, an unknown operation.
-	ErrBadRequest = mapping.ErrBadRequest
+	ErrBadRequest = protocol.ErrBadRequest
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

@@ -25,9 +25,9 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/tlsconf"
 )
 
@@ -90,7 +90,7 @@ const NBDDialTimeout = 30 * time.Second
 // nbd://HOST[:PORT]/EXPORT for a container on an NBD export (a `segmap
 // storage` node, qemu-nbd, nbdkit), over plaintext. A non-zero info.ID
 // (with info.SlotSize) must match the container's header.
-func OpenContainer(info mapping.Container) (container.Container, error) {
+func OpenContainer(info protocol.Container) (container.Container, error) {
 	return openContainer(info, nil)
 }
 
@@ -101,14 +101,14 @@ func OpenContainer(info mapping.Container) (container.Container, error) {
 // --storage NAME' is valid for NAME and the --host names, by default
 // localhost and 127.0.0.1). There is no fallback to plaintext. A nil m is
 // plaintext: OpenContainer.
-func ContainerOpener(m *tlsconf.Material) func(mapping.Container) (container.Container, error) {
+func ContainerOpener(m *tlsconf.Material) func(protocol.Container) (container.Container, error) {
 	if m == nil {
 		return OpenContainer
 	}
-	return func(info mapping.Container) (container.Container, error) { return openContainer(info, m) }
+	return func(info protocol.Container) (container.Container, error) { return openContainer(info, m) }
 }
 
-func openContainer(info mapping.Container, m *tlsconf.Material) (container.Container, error) {
+func openContainer(info protocol.Container, m *tlsconf.Material) (container.Container, error) {
 	var want *container.Header
 	if info.ID != 0 {
 		want = &container.Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
@@ -195,12 +195,12 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 }
 
 // agentOpener returns how agent name opens containers.
-func (c *Cluster) agentOpener(name string) func(mapping.Container) (container.Container, error) {
+func (c *Cluster) agentOpener(name string) func(protocol.Container) (container.Container, error) {
 	wrap := c.opts.WrapAgentContainer
 	if wrap == nil {
 		return OpenContainer
 	}
-	return func(info mapping.Container) (container.Container, error) {
+	return func(info protocol.Container) (container.Container, error) {
 		ct, err := OpenContainer(info)
 		if err != nil {
 			return nil, err
@@ -223,7 +223,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 	c.Store = st
 	open := OpenContainer
 	if wrap := c.opts.WrapControllerContainer; wrap != nil {
-		open = func(info mapping.Container) (container.Container, error) {
+		open = func(info protocol.Container) (container.Container, error) {
 			ct, err := OpenContainer(info)
 			if err != nil {
 				return nil, err

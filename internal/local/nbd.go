@@ -7,19 +7,19 @@ import (
 	"io"
 
 	"segmap/internal/agent"
-	"segmap/internal/mapping"
 	"segmap/internal/nbd"
+	"segmap/internal/rpc/protocol"
 )
 
 // NBDBackend serves agent a's disks over NBD: every disk its controller
 // lets it serve is an export named after it; read-only snapshots are
 // exported read-only.
-func NBDBackend(ctrl mapping.Controller, a *agent.Agent) nbd.Backend {
+func NBDBackend(ctrl protocol.Controller, a *agent.Agent) nbd.Backend {
 	return &nbdBackend{ctrl: ctrl, a: a}
 }
 
 type nbdBackend struct {
-	ctrl mapping.Controller
+	ctrl protocol.Controller
 	a    *agent.Agent
 }
 
@@ -41,7 +41,7 @@ func (b *nbdBackend) List(ctx context.Context) ([]nbd.ExportInfo, error) {
 
 func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
 	d, err := b.a.Open(ctx, name)
-	if errors.Is(err, mapping.ErrNotFound) {
+	if errors.Is(err, protocol.ErrNotFound) {
 		return nil, nil, fmt.Errorf("%w: %w", nbd.ErrUnknownExport, err)
 	}
 	if err != nil {
@@ -54,9 +54,9 @@ func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Clos
 // Errno maps an agent error to the NBD error a host sees.
 func Errno(err error) uint32 {
 	switch {
-	case errors.Is(err, mapping.ErrNoSpace):
+	case errors.Is(err, protocol.ErrNoSpace):
 		return nbd.ENOSPC
-	case errors.Is(err, mapping.ErrReadOnly):
+	case errors.Is(err, protocol.ErrReadOnly):
 		return nbd.EPERM
 	case errors.Is(err, agent.ErrRange):
 		return nbd.EINVAL

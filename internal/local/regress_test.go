@@ -16,7 +16,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -190,7 +190,7 @@ func TestRegressQuiesceSurvivesReattach(t *testing.T) {
 	d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "D", Size: 4 * seg64, SegmentSize: seg64})
 	must(t, err)
 	h, _ := c.Agents[0].Open(ctx, "D")
-	must(t, c.Agents[0].Quiesce(ctx, mapping.DiskID(d.ID), 0)) // controller "crashes" here
+	must(t, c.Agents[0].Quiesce(ctx, protocol.DiskID(d.ID), 0)) // controller "crashes" here
 	must(t, c.RestartController(ctx))
 	tctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
@@ -204,7 +204,7 @@ type slowClose struct {
 	hold chan struct{}
 }
 
-func (s *slowClose) CloseDisk(ctx context.Context, agent string, id mapping.DiskID) error {
+func (s *slowClose) CloseDisk(ctx context.Context, agent string, id protocol.DiskID) error {
 	<-s.hold
 	return s.Controller.CloseDisk(ctx, agent, id)
 }
@@ -268,7 +268,7 @@ func TestRegressMoveForwardLosesOld(t *testing.T) {
 	}
 	// The agent faults for a whole-segment write, gets the reply, and dies
 	// before writing.
-	r, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Reason: table.NoWrite, Whole: true})
+	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Reason: table.NoWrite, Whole: true})
 	t.Logf("fault reply %v %v", r, err)
 	must(t, c.RestartAgent(ctx, 0))
 	h, _ = c.Agents[0].Open(ctx, "D")

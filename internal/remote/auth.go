@@ -11,7 +11,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/tlsconf"
 )
 
@@ -40,7 +40,7 @@ func checkAgent(ctx context.Context, agent string) error {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("caller's certificate: %v: %w", err, mapping.ErrFenced)
+		return fmt.Errorf("caller's certificate: %v: %w", err, protocol.ErrFenced)
 	}
 	if role != tlsconf.RoleAgent || name != agent {
 		return status.Errorf(codes.PermissionDenied, "certificate %s %q may not act as agent %q", role, name, agent)

@@ -8,8 +8,8 @@ import (
 
 	"segmap/internal/agent"
 	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/remote"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -27,12 +27,12 @@ import (
 func BenchmarkFaultRoundTrip(b *testing.B) {
 	for _, bc := range []struct {
 		name string
-		op   mapping.FaultOp
+		op   protocol.FaultOp
 		why  table.State
 		plan table.Plan
 	}{
-		{"load", mapping.FaultRead, table.Invalid, table.Load},
-		{"allocate", mapping.FaultWrite, table.Zero, table.Allocate},
+		{"load", protocol.FaultRead, table.Invalid, table.Load},
+		{"allocate", protocol.FaultWrite, table.Zero, table.Allocate},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			ctx := context.Background()
@@ -54,7 +54,7 @@ func BenchmarkFaultRoundTrip(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			f := mapping.Fault{Agent: "bench", Disk: d.Info().ID, Count: 1, Op: bc.op, Reason: bc.why}
+			f := protocol.Fault{Agent: "bench", Disk: d.Info().ID, Count: 1, Op: bc.op, Reason: bc.why}
 			lat := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			for i := range b.N {

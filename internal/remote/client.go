@@ -13,11 +13,11 @@ import (
 	"google.golang.org/grpc/backoff"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
-// Client is an agent's mapping.Controller at the other end of a gRPC
+// Client is an agent's protocol.Controller at the other end of a gRPC
 // connection. Its Attach opens a session: the Attach stream, on which it
 // runs the controller's commands on the agent and renews the lease.
 type Client struct {
@@ -123,10 +123,10 @@ func (c *Client) epoch() uint64 {
 	return c.mu.sess.epoch
 }
 
-// Attach implements mapping.Controller: it opens the Attach stream, says
+// Attach implements protocol.Controller: it opens the Attach stream, says
 // Hello, waits for Welcome, and then serves commands for a until the
 // session ends (see Done).
-func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
+func (c *Client) Attach(ctx context.Context, name string, a protocol.Agent, open []protocol.DiskID) error {
 	c.mu.Lock()
 	if old := c.mu.sess; old != nil {
 		old.close()
@@ -165,7 +165,7 @@ func (c *Client) Attach(ctx context.Context, name string, a mapping.Agent, open 
 	w := first.GetWelcome()
 	if w == nil || w.GetLeaseMs() <= 0 {
 		cancel()
-		return fmt.Errorf("attach: the controller did not welcome us: %w", mapping.ErrBadRequest)
+		return fmt.Errorf("attach: the controller did not welcome us: %w", protocol.ErrBadRequest)
 	}
 	s := &session{epoch: first.GetEpoch(), lease: time.Duration(w.GetLeaseMs()) * time.Millisecond,
 		cancel: cancel, done: make(chan struct{}), sent: map[uint64]time.Time{}}
@@ -211,7 +211,7 @@ func recvCtx(ctx context.Context, stream pb.Mapping_AttachClient) (*pb.Controlle
 
 // receive runs the controller's commands, each in its own goroutine (a
 // Blocking one may wait for I/O; others must not queue behind it).
-func (c *Client) receive(s *session, stream pb.Mapping_AttachClient, a mapping.Agent, send func(*pb.AgentMessage) error) {
+func (c *Client) receive(s *session, stream pb.Mapping_AttachClient, a protocol.Agent, send func(*pb.AgentMessage) error) {
 	defer s.close()
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -254,44 +254,44 @@ func (c *Client) receive(s *session, stream pb.Mapping_AttachClient, a mapping.A
 }
 
 // run executes one command on the agent.
-func run(ctx context.Context, a mapping.Agent, cmd *pb.Command) *pb.CommandResult {
+func run(ctx context.Context, a protocol.Agent, cmd *pb.Command) *pb.CommandResult {
 	r := &pb.CommandResult{Id: cmd.GetId()}
 	var err error
 	switch x := cmd.Cmd.(type) {
 	case *pb.Command_NewTable:
-		var d mapping.Disk
+		var d protocol.Disk
 		if d, err = diskFromPB(x.NewTable.GetDisk()); err == nil {
 			err = a.NewTable(ctx, d)
 		}
 	case *pb.Command_DeleteTable:
-		err = a.DeleteTable(ctx, mapping.DiskID(x.DeleteTable.GetDisk()))
+		err = a.DeleteTable(ctx, protocol.DiskID(x.DeleteTable.GetDisk()))
 	case *pb.Command_GetEntry:
 		g := x.GetEntry
 		var es []table.Entry
-		if es, err = a.GetEntry(ctx, mapping.DiskID(g.GetDisk()), g.GetFirst(), g.GetCount()); err == nil {
+		if es, err = a.GetEntry(ctx, protocol.DiskID(g.GetDisk()), g.GetFirst(), g.GetCount()); err == nil {
 			r.Entries = entriesToPB(es)
 		}
 	case *pb.Command_SetEntry:
 		se := x.SetEntry
 		var es []table.Entry
 		if es, err = entriesFromPB(se.GetEntries()); err == nil {
-			err = a.SetEntry(ctx, mapping.SetEntry{Disk: mapping.DiskID(se.GetDisk()), First: se.GetFirst(), Entries: es, Blocking: se.GetBlocking()})
+			err = a.SetEntry(ctx, protocol.SetEntry{Disk: protocol.DiskID(se.GetDisk()), First: se.GetFirst(), Entries: es, Blocking: se.GetBlocking()})
 		}
 	case *pb.Command_SetEntryState:
 		ss := x.SetEntryState
 		st := table.State(ss.GetState())
 		if ss.GetState() > 0xff || st == 0 || !st.Valid() {
-			err = fmt.Errorf("set_entry_state %d: %w", ss.GetState(), mapping.ErrBadRequest)
+			err = fmt.Errorf("set_entry_state %d: %w", ss.GetState(), protocol.ErrBadRequest)
 			break
 		}
-		err = a.SetEntryState(ctx, mapping.SetEntryState{Disk: mapping.DiskID(ss.GetDisk()), First: ss.GetFirst(), Count: ss.GetCount(),
+		err = a.SetEntryState(ctx, protocol.SetEntryState{Disk: protocol.DiskID(ss.GetDisk()), First: ss.GetFirst(), Count: ss.GetCount(),
 			State: st, On: ss.GetOn(), Blocking: ss.GetBlocking()})
 	case *pb.Command_Quiesce:
-		err = a.Quiesce(ctx, mapping.DiskID(x.Quiesce.GetDisk()), time.Duration(x.Quiesce.GetTimeoutMs())*time.Millisecond)
+		err = a.Quiesce(ctx, protocol.DiskID(x.Quiesce.GetDisk()), time.Duration(x.Quiesce.GetTimeoutMs())*time.Millisecond)
 	case *pb.Command_Activate:
-		err = a.Activate(ctx, mapping.DiskID(x.Activate.GetDisk()))
+		err = a.Activate(ctx, protocol.DiskID(x.Activate.GetDisk()))
 	default:
-		err = fmt.Errorf("unknown command: %w", mapping.ErrBadRequest)
+		err = fmt.Errorf("unknown command: %w", protocol.ErrBadRequest)
 	}
 	if err != nil {
 		r.Status = &pb.Status{Code: codeOf(err), Message: err.Error()}
@@ -344,7 +344,7 @@ func (c *Client) renew(s *session, send func(*pb.AgentMessage) error) {
 	}
 }
 
-// Detach implements mapping.Controller: the session ends.
+// Detach implements protocol.Controller: the session ends.
 func (c *Client) Detach(ctx context.Context, name string) error {
 	c.mu.Lock()
 	s := c.mu.sess
@@ -355,41 +355,41 @@ func (c *Client) Detach(ctx context.Context, name string) error {
 	return nil
 }
 
-// Open implements mapping.Controller.
-func (c *Client) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
+// Open implements protocol.Controller.
+func (c *Client) Open(ctx context.Context, agent, disk string) (protocol.Disk, error) {
 	r, err := c.c.Open(ctx, &pb.OpenRequest{Agent: agent, Disk: disk})
 	if err != nil {
-		return mapping.Disk{}, fromStatus(err)
+		return protocol.Disk{}, fromStatus(err)
 	}
 	return diskFromPB(r)
 }
 
-// CloseDisk implements mapping.Controller.
-func (c *Client) CloseDisk(ctx context.Context, agent string, id mapping.DiskID) error {
+// CloseDisk implements protocol.Controller.
+func (c *Client) CloseDisk(ctx context.Context, agent string, id protocol.DiskID) error {
 	_, err := c.c.CloseDisk(ctx, &pb.CloseDiskRequest{Agent: agent, Disk: uint64(id)})
 	return fromStatus(err)
 }
 
-// Containers implements mapping.Controller.
-func (c *Client) Containers(ctx context.Context) ([]mapping.Container, error) {
+// Containers implements protocol.Controller.
+func (c *Client) Containers(ctx context.Context) ([]protocol.Container, error) {
 	r, err := c.c.Containers(ctx, &pb.ContainersRequest{})
 	if err != nil {
 		return nil, fromStatus(err)
 	}
-	out := make([]mapping.Container, len(r.GetContainers()))
+	out := make([]protocol.Container, len(r.GetContainers()))
 	for i, ct := range r.GetContainers() {
-		out[i] = mapping.Container{ID: ct.GetId(), URI: ct.GetUri(), SlotSize: ct.GetSlotSize(), Slots: ct.GetSlots()}
+		out[i] = protocol.Container{ID: ct.GetId(), URI: ct.GetUri(), SlotSize: ct.GetSlotSize(), Slots: ct.GetSlots()}
 	}
 	return out, nil
 }
 
-// Exports implements mapping.Controller.
-func (c *Client) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
+// Exports implements protocol.Controller.
+func (c *Client) Exports(ctx context.Context, agent string) ([]protocol.Disk, error) {
 	r, err := c.c.Exports(ctx, &pb.ExportsRequest{Agent: agent})
 	if err != nil {
 		return nil, fromStatus(err)
 	}
-	var out []mapping.Disk
+	var out []protocol.Disk
 	for _, d := range r.GetDisks() {
 		md, err := diskFromPB(d)
 		if err != nil {
@@ -404,10 +404,10 @@ func (c *Client) Exports(ctx context.Context, agent string) ([]mapping.Disk, err
 // controller before the I/O fails.
 const FaultPatience = 60 * time.Second
 
-// Fault implements mapping.Controller. A fault whose answer is lost is sent
+// Fault implements protocol.Controller. A fault whose answer is lost is sent
 // again with the same request id, so the controller answers it from
 // memory instead of applying it twice.
-func (c *Client) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	req := &pb.FaultRequest{
 		Agent: f.Agent, RequestId: c.reqID.Add(1), Disk: uint64(f.Disk), Segment: f.Segment,
 		Count: f.Count, Op: uint32(f.Op), Reason: uint32(f.Reason), Whole: f.Whole, Token: f.Token,
@@ -424,7 +424,7 @@ func (c *Client) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, err
 		r, err = c.c.Fault(cctx, req)
 		cancel()
 		err = fromStatus(err)
-		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 		if !retry || ctx.Err() != nil || time.Now().After(deadline) {
 			break
 		}
@@ -434,17 +434,17 @@ func (c *Client) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, err
 		}
 	}
 	if err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	es, err := entriesFromPB(r.GetEntries())
 	if err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
-	out := mapping.Reply{First: r.GetFirst(), Entries: es}
+	out := protocol.Reply{First: r.GetFirst(), Entries: es}
 	if r.GetStaged() {
-		out.Stage = &mapping.Stage{Loc: table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()}, Token: r.GetStageToken()}
+		out.Stage = &protocol.Stage{Loc: table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()}, Token: r.GetStageToken()}
 	}
 	return out, nil
 }
 
-var _ mapping.Controller = (*Client)(nil)
+var _ protocol.Controller = (*Client)(nil)

@@ -2,10 +2,10 @@
 // gRPC (api/segmapv1, service Mapping), so that the controller and the
 // agents can run as separate processes on separate machines.
 //
-// Server exposes a mapping.Controller to remote agents. Each agent holds
+// Server exposes a protocol.Controller to remote agents. Each agent holds
 // one Attach stream: the controller's commands go down it, the agent's
 // answers and lease renewals come up it. Client is the agent's side: a
-// mapping.Controller whose Attach opens that stream and executes the
+// protocol.Controller whose Attach opens that stream and executes the
 // commands on the local agent.
 //
 // # Leases
@@ -33,8 +33,8 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent"
 	"segmap/internal/controller"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -52,21 +52,21 @@ func entriesFromPB(es []*pb.Entry) ([]table.Entry, error) {
 	for i, e := range es {
 		st := table.State(e.GetState())
 		if e.GetState() > 0xff || !st.Valid() {
-			return nil, fmt.Errorf("entry state %d: %w", e.GetState(), mapping.ErrBadRequest)
+			return nil, fmt.Errorf("entry state %d: %w", e.GetState(), protocol.ErrBadRequest)
 		}
 		out[i] = table.Entry{Loc: table.Location{Container: e.GetContainer(), Slot: e.GetSlot()}, State: st}
 	}
 	return out, nil
 }
 
-func diskToPB(d mapping.Disk) *pb.MappedDisk {
+func diskToPB(d protocol.Disk) *pb.MappedDisk {
 	return &pb.MappedDisk{Id: uint64(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
 }
 
-func diskFromPB(d *pb.MappedDisk) (mapping.Disk, error) {
-	out := mapping.Disk{ID: mapping.DiskID(d.GetId()), Name: d.GetName(), Size: d.GetSize(), SegmentSize: d.GetSegmentSize(), ReadOnly: d.GetReadOnly()}
+func diskFromPB(d *pb.MappedDisk) (protocol.Disk, error) {
+	out := protocol.Disk{ID: protocol.DiskID(d.GetId()), Name: d.GetName(), Size: d.GetSize(), SegmentSize: d.GetSegmentSize(), ReadOnly: d.GetReadOnly()}
 	if err := controller.ValidGeometry(out.Size, out.SegmentSize); err != nil {
-		return mapping.Disk{}, fmt.Errorf("disk %q from the wire: %w: %w", out.Name, mapping.ErrBadRequest, err)
+		return protocol.Disk{}, fmt.Errorf("disk %q from the wire: %w: %w", out.Name, protocol.ErrBadRequest, err)
 	}
 	return out, nil
 }
@@ -76,24 +76,24 @@ func codeOf(err error) pb.Code {
 	switch {
 	case err == nil:
 		return pb.Code_CODE_OK
-	case errors.Is(err, mapping.ErrNoSpace):
+	case errors.Is(err, protocol.ErrNoSpace):
 		return pb.Code_CODE_NO_SPACE
-	case errors.Is(err, mapping.ErrReadOnly):
+	case errors.Is(err, protocol.ErrReadOnly):
 		return pb.Code_CODE_READ_ONLY
-	case errors.Is(err, mapping.ErrNotFound):
+	case errors.Is(err, protocol.ErrNotFound):
 		return pb.Code_CODE_NOT_FOUND
-	case errors.Is(err, mapping.ErrStale):
+	case errors.Is(err, protocol.ErrStale):
 		return pb.Code_CODE_STALE
-	case errors.Is(err, mapping.ErrFenced), errors.Is(err, controller.ErrUnknownAgent):
+	case errors.Is(err, protocol.ErrFenced), errors.Is(err, controller.ErrUnknownAgent):
 		return pb.Code_CODE_FENCED
-	case errors.Is(err, mapping.ErrBadRequest), errors.Is(err, table.ErrRange), errors.Is(err, table.ErrVoided),
+	case errors.Is(err, protocol.ErrBadRequest), errors.Is(err, table.ErrRange), errors.Is(err, table.ErrVoided),
 		errors.Is(err, table.ErrBadState):
 		return pb.Code_CODE_BAD_REQUEST
 	case errors.Is(err, agent.ErrNoTable):
 		return pb.Code_CODE_NO_TABLE
 	case errors.Is(err, agent.ErrQuiesceTimeout):
 		return pb.Code_CODE_QUIESCE_TIMEOUT
-	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, controller.ErrClosed),
+	case errors.Is(err, protocol.ErrUnavailable), errors.Is(err, controller.ErrClosed),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		// A controller stepping down: its store is closed or fenced,
 		// nothing was committed, and the next leader will answer.
@@ -111,25 +111,25 @@ func errOf(c pb.Code, msg string) error {
 	case pb.Code_CODE_OK:
 		return nil
 	case pb.Code_CODE_NO_SPACE:
-		base = mapping.ErrNoSpace
+		base = protocol.ErrNoSpace
 	case pb.Code_CODE_READ_ONLY:
-		base = mapping.ErrReadOnly
+		base = protocol.ErrReadOnly
 	case pb.Code_CODE_NOT_FOUND:
-		base = mapping.ErrNotFound
+		base = protocol.ErrNotFound
 	case pb.Code_CODE_STALE:
-		base = mapping.ErrStale
+		base = protocol.ErrStale
 	case pb.Code_CODE_FENCED:
-		base = mapping.ErrFenced
+		base = protocol.ErrFenced
 	case pb.Code_CODE_BAD_REQUEST:
-		base = mapping.ErrBadRequest
+		base = protocol.ErrBadRequest
 	case pb.Code_CODE_NO_TABLE:
 		base = agent.ErrNoTable
 	case pb.Code_CODE_QUIESCE_TIMEOUT:
 		base = agent.ErrQuiesceTimeout
 	case pb.Code_CODE_UNAVAILABLE:
-		base = mapping.ErrUnavailable
+		base = protocol.ErrUnavailable
 	default:
-		base = mapping.ErrIO
+		base = protocol.ErrIO
 	}
 	return &remoteError{msg: msg, base: base}
 }
@@ -165,14 +165,14 @@ func fromStatus(err error) error {
 	}
 	st, ok := status.FromError(err)
 	if !ok {
-		return fmt.Errorf("%v: %w", err, mapping.ErrUnavailable)
+		return fmt.Errorf("%v: %w", err, protocol.ErrUnavailable)
 	}
 	if c := int(st.Code()); c >= 1000 {
 		return errOf(pb.Code(c-1000), st.Message())
 	}
 	switch st.Code() {
 	case codes.Unavailable, codes.Canceled, codes.DeadlineExceeded:
-		return fmt.Errorf("%s: %w", st.Message(), mapping.ErrUnavailable)
+		return fmt.Errorf("%s: %w", st.Message(), protocol.ErrUnavailable)
 	}
-	return fmt.Errorf("%s: %w", st.Message(), mapping.ErrIO)
+	return fmt.Errorf("%s: %w", st.Message(), protocol.ErrIO)
 }

@@ -24,9 +24,9 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/remote"
+	"segmap/internal/rpc/protocol"
 )
 
 // FuzzRPC sends raw request bytes to every method of the controller's two
@@ -84,7 +84,7 @@ var rpcMethods = []rpcMethod{
 	{"/segmap.v1.Mapping/Open", &pb.OpenRequest{Agent: "a", Disk: "d"}},
 	{"/segmap.v1.Mapping/CloseDisk", &pb.CloseDiskRequest{Agent: "a", Disk: 1}},
 	{"/segmap.v1.Mapping/Containers", &pb.ContainersRequest{}},
-	{"/segmap.v1.Mapping/Fault", &pb.FaultRequest{Agent: "a", RequestId: 1, Epoch: 1, Disk: 1, Op: uint32(mapping.FaultWrite), Count: 1}},
+	{"/segmap.v1.Mapping/Fault", &pb.FaultRequest{Agent: "a", RequestId: 1, Epoch: 1, Disk: 1, Op: uint32(protocol.FaultWrite), Count: 1}},
 	{"/segmap.v1.Mapping/Exports", &pb.ExportsRequest{Agent: "a"}},
 	{"/segmap.v1.Mapping/Attach", nil},
 }
@@ -143,7 +143,7 @@ func rpcSeeds() [][]byte {
 	life = call(life, idx("CreateDisk"), marshal(&pb.CreateDiskRequest{Name: "d", Size: 4 << 20, SegmentSize: 64 << 10}))
 	life = call(life, attachMethod, attach(hello, renew, result))
 	life = call(life, idx("Open"), marshal(&pb.OpenRequest{Agent: "a", Disk: "d"}))
-	life = call(life, idx("Fault"), marshal(&pb.FaultRequest{Agent: "a", RequestId: 7, Epoch: 1, Disk: 1, Segment: 2, Count: 1, Op: uint32(mapping.FaultWrite), Whole: true}))
+	life = call(life, idx("Fault"), marshal(&pb.FaultRequest{Agent: "a", RequestId: 7, Epoch: 1, Disk: 1, Segment: 2, Count: 1, Op: uint32(protocol.FaultWrite), Whole: true}))
 	life = call(life, idx("Snapshot"), marshal(&pb.SnapshotRequest{Sources: []string{"d"}, Names: []string{"s"}, Writable: true}))
 	life = call(life, idx("ResizeDisk"), marshal(&pb.ResizeDiskRequest{Name: "d", Size: 1 << 20, Shrink: true}))
 	life = call(life, idx("DeleteDisk"), marshal(&pb.DeleteDiskRequest{Name: "s"}))
@@ -187,7 +187,7 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 	f.Cleanup(func() { store.Close() })
 	// The admin API may name any file as a container; the fuzzer must
 	// not open the machine's, so this controller only opens its own.
-	open := func(info mapping.Container) (container.Container, error) {
+	open := func(info protocol.Container) (container.Container, error) {
 		p, err := local.FilePath(info.URI)
 		if err != nil {
 			return nil, err

@@ -5,8 +5,8 @@ import (
 	"testing"
 	"time"
 
-	"segmap/internal/mapping"
 	"segmap/internal/remote"
+	"segmap/internal/rpc/protocol"
 )
 
 // TestOpenDuringControllerRestart: an agent asked to open a disk while its
@@ -62,7 +62,7 @@ func TestOpenDuringControllerRestart(t *testing.T) {
 	t.Logf("open completed %v after the controller came back", time.Since(start))
 
 	t0 := time.Now()
-	if _, err := a.agent.Open(ctx, "nope"); !errors.Is(err, mapping.ErrNotFound) {
+	if _, err := a.agent.Open(ctx, "nope"); !errors.Is(err, protocol.ErrNotFound) {
 		t.Errorf("open of a disk that does not exist: %v, want ErrNotFound", err)
 	}
 	if took := time.Since(t0); took > 5*time.Second {

@@ -28,9 +28,9 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/controller"
 	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
 	"segmap/internal/remote"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -677,7 +677,7 @@ func TestTwoAgentsOneDisk(t *testing.T) {
 	sa, sb := a.open(ctx, "d@1"), b.open(ctx, "d@1")
 	expect(t, ctx, "snapshot via a", sa, old, 0, segs*segSize)
 	expect(t, ctx, "snapshot via b", sb, old, 0, segs*segSize)
-	if err := sa.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, mapping.ErrReadOnly) {
+	if err := sa.WriteAt(ctx, []byte{1}, 0, false); !errors.Is(err, protocol.ErrReadOnly) {
 		t.Errorf("write to the snapshot: %v, want ErrReadOnly", err)
 	}
 
@@ -725,7 +725,7 @@ func TestFaultRequestID(t *testing.T) {
 	// Request ids far from the ones the agent's own client uses.
 	req := &pb.FaultRequest{
 		Agent: "a", RequestId: 1 << 62, Epoch: s.epoch, Disk: uint64(disk.ID), Segment: 2, Count: 1,
-		Op: uint32(mapping.FaultWrite), Reason: uint32(table.Zero),
+		Op: uint32(protocol.FaultWrite), Reason: uint32(table.Zero),
 	}
 	r1, err := c.Fault(ctx, req)
 	if err != nil {
@@ -798,7 +798,7 @@ func TestFaultEpoch(t *testing.T) {
 	c := pb.NewMappingClient(conn)
 	base := &pb.FaultRequest{
 		Agent: "a", RequestId: 1 << 62, Epoch: s.epoch, Disk: uint64(disk.ID), Segment: 0, Count: 1,
-		Op: uint32(mapping.FaultRead), Reason: uint32(table.Invalid),
+		Op: uint32(protocol.FaultRead), Reason: uint32(table.Invalid),
 	}
 	for _, tc := range []struct {
 		name string
@@ -1042,7 +1042,7 @@ func TestFaultRefusesBadRequests(t *testing.T) {
 	c := pb.NewMappingClient(conn)
 	base := &pb.FaultRequest{
 		Agent: "a", Epoch: s.epoch, Disk: uint64(disk.ID), Segment: 0, Count: 1,
-		Op: uint32(mapping.FaultWrite), Reason: uint32(table.Zero),
+		Op: uint32(protocol.FaultWrite), Reason: uint32(table.Zero),
 	}
 	id := uint64(1 << 62)
 	for _, tc := range []struct {
@@ -1051,17 +1051,17 @@ func TestFaultRefusesBadRequests(t *testing.T) {
 		want pb.Code
 	}{
 		{"op 0", func(r *pb.FaultRequest) { r.Op = 0 }, pb.Code_CODE_BAD_REQUEST},
-		{"op past commit", func(r *pb.FaultRequest) { r.Op = uint32(mapping.FaultCommit) + 1 }, pb.Code_CODE_BAD_REQUEST},
+		{"op past commit", func(r *pb.FaultRequest) { r.Op = uint32(protocol.FaultCommit) + 1 }, pb.Code_CODE_BAD_REQUEST},
 		{"huge op", func(r *pb.FaultRequest) { r.Op = 1 << 31 }, pb.Code_CODE_BAD_REQUEST},
 		{"reason past a byte", func(r *pb.FaultRequest) { r.Reason = 0x100 }, pb.Code_CODE_BAD_REQUEST},
 		{"segment past the end", func(r *pb.FaultRequest) { r.Segment = 4 }, pb.Code_CODE_BAD_REQUEST},
 		{"segment overflow", func(r *pb.FaultRequest) { r.Segment, r.Count = 3, 1<<63 }, pb.Code_CODE_BAD_REQUEST},
 		{"write of two segments", func(r *pb.FaultRequest) { r.Count = 2 }, pb.Code_CODE_BAD_REQUEST},
 		{"discard too long", func(r *pb.FaultRequest) {
-			r.Op, r.Count = uint32(mapping.FaultDiscard), controller.MaxDiscard+1
+			r.Op, r.Count = uint32(protocol.FaultDiscard), controller.MaxDiscard+1
 		}, pb.Code_CODE_BAD_REQUEST},
 		{"no such disk", func(r *pb.FaultRequest) { r.Disk = 999 }, pb.Code_CODE_IO},
-		{"commit of nothing", func(r *pb.FaultRequest) { r.Op, r.Token = uint32(mapping.FaultCommit), 42 }, pb.Code_CODE_STALE},
+		{"commit of nothing", func(r *pb.FaultRequest) { r.Op, r.Token = uint32(protocol.FaultCommit), 42 }, pb.Code_CODE_STALE},
 	} {
 		r := proto.Clone(base).(*pb.FaultRequest)
 		id++
@@ -1211,7 +1211,7 @@ func TestLeaseLapse(t *testing.T) {
 		err := da.ReadAt(rctx, buf, 0)
 		cancel()
 		if err != nil {
-			if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, mapping.ErrUnavailable) {
+			if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, protocol.ErrUnavailable) {
 				t.Errorf("a read on a fenced agent: %v, want it to wait (deadline exceeded or unavailable)", err)
 			}
 			break
@@ -1382,7 +1382,7 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 	for i := range uint64(segs) {
 		req := &pb.FaultRequest{
 			Agent: "a", RequestId: firstID + i, Epoch: s.epoch, Disk: uint64(disk.ID), Segment: i, Count: 1,
-			Op: uint32(mapping.FaultWrite), Reason: uint32(table.Zero),
+			Op: uint32(protocol.FaultWrite), Reason: uint32(table.Zero),
 		}
 		// The controller is busy: a disk creation holds its lock while
 		// its commit waits.

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -19,7 +19,7 @@ const DefaultLease = 4 * time.Second
 // ServerConfig configures a Server.
 type ServerConfig struct {
 	// Ctrl is the controller agents attach to.
-	Ctrl mapping.Controller
+	Ctrl protocol.Controller
 	// Epoch is the controller's epoch: larger than any earlier
 	// controller's on the same store.
 	Epoch uint64
@@ -67,7 +67,7 @@ func NewServer(cfg ServerConfig) *Server {
 	return &Server{cfg: cfg, agents: map[string]*remoteAgent{}, closing: make(chan struct{})}
 }
 
-// remoteAgent is a mapping.Agent at the other end of an Attach stream.
+// remoteAgent is a protocol.Agent at the other end of an Attach stream.
 type remoteAgent struct {
 	s    *Server
 	name string
@@ -106,7 +106,7 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 	}
 	hello := first.GetHello()
 	if hello == nil || hello.GetName() == "" {
-		return statusErr(fmt.Errorf("attach: the first message must be a Hello with a name: %w", mapping.ErrBadRequest))
+		return statusErr(fmt.Errorf("attach: the first message must be a Hello with a name: %w", protocol.ErrBadRequest))
 	}
 	if err := checkAgent(ctx, hello.GetName()); err != nil {
 		return err
@@ -121,9 +121,9 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 	// attach, not the one it replaces (whose agent has restarted or
 	// reconnected with every entry forgotten). Commands sent meanwhile
 	// wait in ra.send until the sender starts, after the Welcome.
-	open := make([]mapping.DiskID, len(hello.GetOpenDisks()))
+	open := make([]protocol.DiskID, len(hello.GetOpenDisks()))
 	for i, id := range hello.GetOpenDisks() {
-		open[i] = mapping.DiskID(id)
+		open[i] = protocol.DiskID(id)
 	}
 	// The previous attach ends now (its faults are refused from here
 	// on), and this one is served only once the controller knows it.
@@ -288,7 +288,7 @@ func (ra *remoteAgent) command(ctx context.Context, c *pb.Command) (*pb.CommandR
 					// The agent renews its lease but does not answer:
 					// it is alive, and may still be doing I/O under the
 					// old entries. That is a failure, not a fence.
-					return nil, fmt.Errorf("agent %q did not answer in %v: %w", ra.name, s.cfg.CommandTimeout, mapping.ErrUnavailable)
+					return nil, fmt.Errorf("agent %q did not answer in %v: %w", ra.name, s.cfg.CommandTimeout, protocol.ErrUnavailable)
 				case <-ctx.Done():
 					return nil, ctx.Err()
 				}
@@ -364,56 +364,56 @@ func (ra *remoteAgent) leaseOver() bool {
 	return !ra.s.cfg.Now().Before(ra.mu.leaseEnd)
 }
 
-func (ra *remoteAgent) NewTable(ctx context.Context, d mapping.Disk) error {
+func (ra *remoteAgent) NewTable(ctx context.Context, d protocol.Disk) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_NewTable{NewTable: &pb.NewTable{Disk: diskToPB(d)}}})
 	return err
 }
 
-func (ra *remoteAgent) DeleteTable(ctx context.Context, id mapping.DiskID) error {
+func (ra *remoteAgent) DeleteTable(ctx context.Context, id protocol.DiskID) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_DeleteTable{DeleteTable: &pb.DeleteTable{Disk: uint64(id)}}})
 	return err
 }
 
-func (ra *remoteAgent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64) ([]table.Entry, error) {
+func (ra *remoteAgent) GetEntry(ctx context.Context, id protocol.DiskID, first, n uint64) ([]table.Entry, error) {
 	r, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_GetEntry{GetEntry: &pb.GetEntry{Disk: uint64(id), First: first, Count: n}}})
 	if err != nil {
 		return nil, err
 	}
 	if r == nil {
-		return nil, fmt.Errorf("agent %q fenced: %w", ra.name, mapping.ErrFenced)
+		return nil, fmt.Errorf("agent %q fenced: %w", ra.name, protocol.ErrFenced)
 	}
 	return entriesFromPB(r.GetEntries())
 }
 
-func (ra *remoteAgent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
+func (ra *remoteAgent) SetEntry(ctx context.Context, c protocol.SetEntry) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetEntry{SetEntry: &pb.SetEntry{
 		Disk: uint64(c.Disk), First: c.First, Entries: entriesToPB(c.Entries), Blocking: c.Blocking}}})
 	return err
 }
 
-func (ra *remoteAgent) SetEntryState(ctx context.Context, c mapping.SetEntryState) error {
+func (ra *remoteAgent) SetEntryState(ctx context.Context, c protocol.SetEntryState) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetEntryState{SetEntryState: &pb.SetEntryState{
 		Disk: uint64(c.Disk), First: c.First, Count: c.Count, State: uint32(c.State), On: c.On, Blocking: c.Blocking}}})
 	return err
 }
 
-func (ra *remoteAgent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Duration) error {
+func (ra *remoteAgent) Quiesce(ctx context.Context, id protocol.DiskID, timeout time.Duration) error {
 	r, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_Quiesce{Quiesce: &pb.Quiesce{Disk: uint64(id), TimeoutMs: timeout.Milliseconds()}}})
 	if err == nil && r == nil {
 		// Fenced agents have no I/O to drain, but a quiesce must
 		// not be reported as done for an agent that may come back
 		// mid-snapshot and write: fail it, the snapshot is retried.
-		return fmt.Errorf("quiesce: agent %q did not answer: %w", ra.name, mapping.ErrUnavailable)
+		return fmt.Errorf("quiesce: agent %q did not answer: %w", ra.name, protocol.ErrUnavailable)
 	}
 	return err
 }
 
-func (ra *remoteAgent) Activate(ctx context.Context, id mapping.DiskID) error {
+func (ra *remoteAgent) Activate(ctx context.Context, id protocol.DiskID) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_Activate{Activate: &pb.Activate{Disk: uint64(id)}}})
 	return err
 }
 
-var _ mapping.Agent = (*remoteAgent)(nil)
+var _ protocol.Agent = (*remoteAgent)(nil)
 
 // --- unary calls ------------------------------------------------------------
 
@@ -434,7 +434,7 @@ func (s *Server) CloseDisk(ctx context.Context, r *pb.CloseDiskRequest) (*pb.Clo
 	if err := checkAgent(ctx, r.GetAgent()); err != nil {
 		return nil, err
 	}
-	return &pb.CloseDiskResponse{}, statusErr(s.cfg.Ctrl.CloseDisk(ctx, r.GetAgent(), mapping.DiskID(r.GetDisk())))
+	return &pb.CloseDiskResponse{}, statusErr(s.cfg.Ctrl.CloseDisk(ctx, r.GetAgent(), protocol.DiskID(r.GetDisk())))
 }
 
 // Containers implements pb.MappingServer.
@@ -474,16 +474,16 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 		return nil, err
 	}
 	if r.GetEpoch() != s.cfg.Epoch {
-		return nil, statusErr(fmt.Errorf("fault stamped with epoch %d, controller is at %d: %w", r.GetEpoch(), s.cfg.Epoch, mapping.ErrFenced))
+		return nil, statusErr(fmt.Errorf("fault stamped with epoch %d, controller is at %d: %w", r.GetEpoch(), s.cfg.Epoch, protocol.ErrFenced))
 	}
 	s.mu.Lock()
 	ra := s.agents[r.GetAgent()]
 	s.mu.Unlock()
 	if ra == nil || ra.ended() || ra.leaseOver() {
-		return nil, statusErr(fmt.Errorf("fault from %q, which has no live session: %w", r.GetAgent(), mapping.ErrFenced))
+		return nil, statusErr(fmt.Errorf("fault from %q, which has no live session: %w", r.GetAgent(), protocol.ErrFenced))
 	}
-	if r.GetOp() == 0 || r.GetOp() > uint32(mapping.FaultCommit) || r.GetReason() > 0xff {
-		return nil, statusErr(fmt.Errorf("fault op %d reason %d: %w", r.GetOp(), r.GetReason(), mapping.ErrBadRequest))
+	if r.GetOp() == 0 || r.GetOp() > uint32(protocol.FaultCommit) || r.GetReason() > 0xff {
+		return nil, statusErr(fmt.Errorf("fault op %d reason %d: %w", r.GetOp(), r.GetReason(), protocol.ErrBadRequest))
 	}
 	id := r.GetRequestId()
 	ra.mu.Lock()
@@ -493,9 +493,9 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	}
 	ra.mu.Unlock()
 
-	rep, err := s.cfg.Ctrl.Fault(ctx, mapping.Fault{
-		Agent: r.GetAgent(), Disk: mapping.DiskID(r.GetDisk()), Segment: r.GetSegment(), Count: r.GetCount(),
-		Op: mapping.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(),
+	rep, err := s.cfg.Ctrl.Fault(ctx, protocol.Fault{
+		Agent: r.GetAgent(), Disk: protocol.DiskID(r.GetDisk()), Segment: r.GetSegment(), Count: r.GetCount(),
+		Op: protocol.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(),
 	})
 	var out *pb.FaultReply
 	if err == nil {
@@ -509,7 +509,7 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	// Remember answers, not failures to answer: a retry after a timeout
 	// or an outage must be tried again.
 	transient := ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 	if id != 0 && !transient {
 		ra.mu.Lock()
 		ra.mu.faults[id] = &faultAnswer{reply: out, err: err}

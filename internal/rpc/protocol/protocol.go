@@ -1,8 +1,9 @@
-// Package mapping defines the protocol between a controller and its mapping
-// agents, as two small interfaces and the messages they carry. It has no
-// logic: the controller implements Controller, an agent implements Agent, and
-// a transport (a direct call in one process, gRPC between processes)
-// connects them.
+// Package protocol defines the protocol between a controller and its
+// mapping agents, as two small interfaces and the messages they carry:
+// faults and their replies, commands, and the errors both sides share. It
+// has no logic: the controller implements Controller, an agent implements
+// Agent, and a transport (a direct call in one process, gRPC between
+// processes: package transport) connects them.
 //
 // Two kinds of exchange, as in the patent this system follows:
 //
@@ -16,7 +17,7 @@
 // answers only after every I/O that passed its table before the command has
 // finished, so the controller knows no write made under the old entries is
 // still on its way.
-package mapping
+package protocol
 
 import (
 	"context"
