@@ -24,7 +24,7 @@ import (
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
-	"segmap/internal/remote"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/tlsconf"
 )
 
@@ -56,7 +56,7 @@ docs/cluster.md.`,
 			if err != nil {
 				return err
 			}
-			opts := append(remote.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			opts := append(transport.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
 			var cli *clientv3.Client
 			if ef.endpoints != "" {
 				if cmd.Flags().Changed("data") {
@@ -106,7 +106,7 @@ docs/cluster.md.`,
 						return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
 					},
 				}))
-				ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
+				ms := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
 				pb.RegisterMappingServer(gs, ms)
 				say("%s: epoch %d (%s)", what, epoch, time.Now().UTC().Format(time.RFC3339Nano))
 				return gs, func() { ms.Close(); ctrl.Close() }, nil
@@ -173,7 +173,7 @@ docs/cluster.md.`,
 	fl := cmd.Flags()
 	fl.StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol")
 	fl.StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata), without --etcd")
-	fl.DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
+	fl.DurationVar(&lease, "lease", transport.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
 	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
 	fl.StringVar(&name, "name", "", "with --etcd: this controller's name in logs and etcd (default: its --advertise address)")
 	ef.add(cmd)
@@ -216,19 +216,19 @@ func newAgent() *cobra.Command {
 			if err != nil {
 				return usageError{fmt.Errorf("--controller: %w", err)}
 			}
-			conn, err := ha.Dial(addrs, append(remote.DialOptions(), grpc.WithTransportCredentials(creds))...)
+			conn, err := ha.Dial(addrs, append(transport.DialOptions(), grpc.WithTransportCredentials(creds))...)
 			if err != nil {
 				return err
 			}
 			defer conn.Close()
-			client := remote.NewClient(conn, logger)
+			client := transport.NewClient(conn, logger)
 			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.ContainerOpener(m)})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})
 			var once sync.Once
 			go func() {
-				remote.RunAgent(runCtx, a, client, logger, func() { once.Do(func() { close(first) }) })
+				transport.RunAgent(runCtx, a, client, logger, func() { once.Do(func() { close(first) }) })
 				close(ran)
 			}()
 			// Serve hosts once attached: before that every export would

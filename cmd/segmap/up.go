@@ -22,7 +22,7 @@ import (
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
-	"segmap/internal/remote"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/size"
 )
 
@@ -147,7 +147,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	if lost != nil {
 		// Agents of an earlier leader may still hold leases.
-		if err := c.Ctrl.Hold(time.Now().Add(remote.DefaultLease)); err != nil {
+		if err := c.Ctrl.Hold(time.Now().Add(transport.DefaultLease)); err != nil {
 			c.Close()
 			return err
 		}

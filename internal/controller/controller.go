@@ -505,7 +505,7 @@ const DefaultCommandTimeout = 30 * time.Second
 // that depends on the command: an agent that did not confirm a
 // restrictive change may still be acting on the old entries. (A remote
 // agent that cannot be reached is waited for until its lease has run
-// out, and then counts as done: see internal/remote.)
+// out, and then counts as done: see internal/rpc/transport.)
 func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, protocol.Agent) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cmdTimeout)
 	defer cancel()

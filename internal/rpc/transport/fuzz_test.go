@@ -1,4 +1,4 @@
-package remote_test
+package transport_test
 
 import (
 	"context"
@@ -25,8 +25,8 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/local"
 	"segmap/internal/meta"
-	"segmap/internal/remote"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/rpc/transport"
 )
 
 // FuzzRPC sends raw request bytes to every method of the controller's two
@@ -222,8 +222,8 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 		}
 	}
 
-	gs := grpc.NewServer(remote.ServerOptions()...)
-	srv := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: 300 * time.Millisecond, CommandTimeout: time.Second, Logger: quiet})
+	gs := grpc.NewServer(transport.ServerOptions()...)
+	srv := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: 300 * time.Millisecond, CommandTimeout: time.Second, Logger: quiet})
 	pb.RegisterMappingServer(gs, srv)
 	pb.RegisterAdminServer(gs, admin.New(admin.Config{Ctrl: ctrl, Version: "fuzz"}))
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -1,4 +1,4 @@
-package remote_test
+package transport_test
 
 import (
 	"bytes"
@@ -29,8 +29,8 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/local"
 	"segmap/internal/meta"
-	"segmap/internal/remote"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/table"
 )
 
@@ -98,7 +98,7 @@ func checkGoroutines(t *testing.T) {
 // ---- an in-process controller, served over loopback gRPC ---------------------
 
 type stackOptions struct {
-	// lease and commandTimeout configure the remote.Server.
+	// lease and commandTimeout configure the transport.Server.
 	lease, commandTimeout time.Duration
 	// containers files of slots slots each make the pool.
 	containers int
@@ -108,7 +108,7 @@ type stackOptions struct {
 }
 
 // stack is a controller over bbolt in a temporary directory, served by a
-// remote.Server on 127.0.0.1. Its store passes through gate, so that a test
+// transport.Server on 127.0.0.1. Its store passes through gate, so that a test
 // can hold chosen store calls (and with them the controller).
 type stack struct {
 	t    testing.TB
@@ -120,7 +120,7 @@ type stack struct {
 	ctrl   *controller.Controller
 	epoch  uint64
 	addr   string
-	srv    *remote.Server
+	srv    *transport.Server
 	gs     *grpc.Server
 	served chan error
 }
@@ -184,7 +184,7 @@ func (s *stack) serve(addr string) {
 		opts = append(opts, grpc.UnaryInterceptor(s.opts.unary))
 	}
 	s.gs = grpc.NewServer(opts...)
-	s.srv = remote.NewServer(remote.ServerConfig{
+	s.srv = transport.NewServer(transport.ServerConfig{
 		Ctrl: s.ctrl, Epoch: s.epoch, Lease: s.opts.lease, CommandTimeout: s.opts.commandTimeout, Logger: quiet,
 	})
 	pb.RegisterMappingServer(s.gs, s.srv)
@@ -260,12 +260,12 @@ func (s *stack) checkClean(ctx context.Context) {
 // ---- remote agents -------------------------------------------------------------
 
 // node is a mapping agent connected to the controller over gRPC and kept
-// attached by remote.RunAgent.
+// attached by transport.RunAgent.
 type node struct {
 	t        testing.TB
 	name     string
 	conn     *grpc.ClientConn
-	client   *remote.Client
+	client   *transport.Client
 	agent    *agent.Agent
 	attaches atomic.Int64
 	attached chan struct{} // a token after each attach
@@ -275,7 +275,7 @@ type node struct {
 
 func dial(t testing.TB, target string) *grpc.ClientConn {
 	t.Helper()
-	conn, err := grpc.NewClient(target, append(remote.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	conn, err := grpc.NewClient(target, append(transport.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,13 +288,13 @@ func (s *stack) startAgent(name, target string) *node {
 	s.t.Helper()
 	n := &node{t: s.t, name: name, attached: make(chan struct{}, 1), done: make(chan struct{})}
 	n.conn = dial(s.t, target)
-	n.client = remote.NewClient(n.conn, quiet)
+	n.client = transport.NewClient(n.conn, quiet)
 	n.agent = agent.New(agent.Config{Name: name, Controller: n.client, OpenContainer: local.OpenContainer})
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
 	go func() {
 		defer close(n.done)
-		remote.RunAgent(ctx, n.agent, n.client, quiet, func() {
+		transport.RunAgent(ctx, n.agent, n.client, quiet, func() {
 			n.attaches.Add(1)
 			select {
 			case n.attached <- struct{}{}:
@@ -878,7 +878,7 @@ func newFakeSession(t *testing.T, epoch uint64) *fakeSession {
 	served := make(chan struct{})
 	go func() { defer close(served); gs.Serve(l) }()
 	conn := dial(t, l.Addr().String())
-	client := remote.NewClient(conn, quiet)
+	client := transport.NewClient(conn, quiet)
 	a := agent.New(agent.Config{Name: "a", Controller: client, OpenContainer: local.OpenContainer})
 	t.Cleanup(func() {
 		a.Close()
@@ -1170,7 +1170,7 @@ func TestLeaseLapse(t *testing.T) {
 	expect(t, ctx, "a", da, m, 0, segs*segSize) // a holds every entry now
 	expect(t, ctx, "b", db, m, 0, segs*segSize)
 
-	serverLeaseEnd := remote.LeaseEndOf(s.srv, "a")
+	serverLeaseEnd := transport.LeaseEndOf(s.srv, "a")
 	if serverLeaseEnd == nil {
 		t.Fatal("the server does not know agent a")
 	}
@@ -1270,7 +1270,7 @@ func TestLeaseLapse(t *testing.T) {
 // with the right data.
 func TestControllerRestart(t *testing.T) {
 	checkGoroutines(t)
-	ctx := testContext(t, remote.FaultPatience+30*time.Second)
+	ctx := testContext(t, transport.FaultPatience+30*time.Second)
 	s := newStack(t, stackOptions{})
 	a := s.startAgent("a", s.addr)
 	b := s.startAgent("b", s.addr)
@@ -1316,7 +1316,7 @@ func TestControllerRestart(t *testing.T) {
 			if r.err != nil {
 				t.Fatalf("%s during the outage: %v", r.what, r.err)
 			}
-		case <-time.After(remote.FaultPatience):
+		case <-time.After(transport.FaultPatience):
 			t.Fatal("I/O started during the outage did not complete")
 		}
 	}
@@ -1343,7 +1343,7 @@ func TestControllerRestart(t *testing.T) {
 
 // ---- regressions -------------------------------------------------------------------------
 
-// TestFaultRetryAfterDeadline: remote.Client gives each attempt of a fault
+// TestFaultRetryAfterDeadline: transport.Client gives each attempt of a fault
 // a deadline and, when it passes, sends the fault again with the same
 // request id. If the server resolved the first attempt only after its
 // deadline had passed (the controller was busy), the context error it got
@@ -1457,7 +1457,7 @@ func TestReattachIsRegisteredBeforeWelcome(t *testing.T) {
 
 	// a is cut off long enough for its lease to run out, on its side and
 	// on the controller's.
-	serverLeaseEnd := remote.LeaseEndOf(s.srv, "a")
+	serverLeaseEnd := transport.LeaseEndOf(s.srv, "a")
 	sessionDone := a.client.Done()
 	p.hold()
 	<-sessionDone

@@ -1,4 +1,4 @@
-package remote
+package transport
 
 import (
 	"time"
@@ -11,7 +11,7 @@ import (
 // so a test can read the lease end a command waited for.
 //
 // It is exported to the external test package only (this is a _test.go
-// file of package remote).
+// file of package transport).
 func LeaseEndOf(s *Server, name string) func() time.Time {
 	s.mu.Lock()
 	ra := s.agents[name]

@@ -1,4 +1,4 @@
-package remote_test
+package transport_test
 
 import (
 	"context"
@@ -8,13 +8,13 @@ import (
 
 	"segmap/internal/agent"
 	"segmap/internal/local"
-	"segmap/internal/remote"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/table"
 )
 
 // BenchmarkFaultRoundTrip measures a map fault's round trip from an agent's
-// remote.Client to a controller over bbolt, through loopback gRPC, and back:
+// transport.Client to a controller over bbolt, through loopback gRPC, and back:
 //
 //   - load: a read fault on a Zero segment (plan Load: one store read, no
 //     commit);
@@ -38,9 +38,9 @@ func BenchmarkFaultRoundTrip(b *testing.B) {
 			ctx := context.Background()
 			// One segment per fault, and a slot for each.
 			segs := uint64(max(b.N, 1))
-			s := newStack(b, stackOptions{lease: remote.DefaultLease, commandTimeout: 30 * time.Second, containers: 1, slots: segs + 16})
+			s := newStack(b, stackOptions{lease: transport.DefaultLease, commandTimeout: 30 * time.Second, containers: 1, slots: segs + 16})
 			conn := dial(b, s.addr)
-			client := remote.NewClient(conn, quiet)
+			client := transport.NewClient(conn, quiet)
 			a := agent.New(agent.Config{Name: "bench", Controller: client, OpenContainer: local.OpenContainer})
 			b.Cleanup(func() {
 				a.Close()

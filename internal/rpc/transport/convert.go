@@ -1,6 +1,7 @@
-// Package remote carries the mapping protocol (internal/mapping) over
-// gRPC (api/segmapv1, service Mapping), so that the controller and the
-// agents can run as separate processes on separate machines.
+// Package transport carries the controller-agent protocol (package
+// protocol) over gRPC (api/segmapv1, service Mapping), so that the
+// controller and the agents can run as separate processes on separate
+// machines.
 //
 // Server exposes a protocol.Controller to remote agents. Each agent holds
 // one Attach stream: the controller's commands go down it, the agent's
@@ -19,7 +20,7 @@
 // entries. The controller's epoch, which grows at every start, rides on
 // every message; an agent refuses commands from an older epoch, and the
 // controller refuses faults stamped with another epoch.
-package remote
+package transport
 
 import (
 	"context"

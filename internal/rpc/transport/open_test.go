@@ -1,12 +1,12 @@
-package remote_test
+package transport_test
 
 import (
 	"errors"
 	"testing"
 	"time"
 
-	"segmap/internal/remote"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/rpc/transport"
 )
 
 // TestOpenDuringControllerRestart: an agent asked to open a disk while its
@@ -18,7 +18,7 @@ import (
 // exist is still refused at once.
 func TestOpenDuringControllerRestart(t *testing.T) {
 	checkGoroutines(t)
-	ctx := testContext(t, remote.FaultPatience+30*time.Second)
+	ctx := testContext(t, transport.FaultPatience+30*time.Second)
 	s := newStack(t, stackOptions{})
 	a := s.startAgent("a", s.addr)
 	s.createDisk(ctx, "d", 4)
@@ -56,7 +56,7 @@ func TestOpenDuringControllerRestart(t *testing.T) {
 		if r.size != 4*segSize {
 			t.Errorf("opened d of %d bytes, want %d", r.size, 4*segSize)
 		}
-	case <-time.After(remote.FaultPatience):
+	case <-time.After(transport.FaultPatience):
 		t.Fatal("an open started during the outage did not complete")
 	}
 	t.Logf("open completed %v after the controller came back", time.Since(start))
