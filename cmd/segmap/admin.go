@@ -19,11 +19,11 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
 	"segmap/internal/local"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/size"
 	"segmap/internal/tlsconf"
 )
@@ -663,7 +663,7 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 		// Both of bbolt's meta pages fail, or the root does: nothing
 		// to read.
 		ps := []controller.Problem{{Kind: controller.DamagedFile, Detail: err.Error()}}
-		out := &pb.CheckResponse{Problems: admin.Problems(ps)}
+		out := &pb.CheckResponse{Problems: adminapi.Problems(ps)}
 		if repair {
 			out.Refused = controller.Repairable(ps).Error()
 		}
@@ -676,7 +676,7 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 	if err != nil {
 		return nil, err
 	}
-	out := &pb.CheckResponse{Problems: admin.Problems(ps)}
+	out := &pb.CheckResponse{Problems: adminapi.Problems(ps)}
 	if !repair || len(ps) == 0 {
 		return out, nil
 	}
@@ -701,11 +701,11 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 	case err != nil:
 		return nil, corruptAsDamage(err)
 	}
-	out.Repaired = admin.Problems(fixed)
+	out.Repaired = adminapi.Problems(fixed)
 	if ps, err = controller.New(controller.Config{Store: rw}).Check(ctx); err != nil {
 		return nil, corruptAsDamage(err)
 	}
-	out.Problems = admin.Problems(ps)
+	out.Problems = adminapi.Problems(ps)
 	return out, nil
 }
 
@@ -739,7 +739,7 @@ func checkEtcd(ctx context.Context, ef *etcdFlags) (*pb.CheckResponse, error) {
 	if err != nil {
 		return nil, corruptAsDamage(err)
 	}
-	return &pb.CheckResponse{Problems: admin.Problems(ps)}, nil
+	return &pb.CheckResponse{Problems: adminapi.Problems(ps)}, nil
 }
 
 // printCheck prints r and returns check's exit status as an error.

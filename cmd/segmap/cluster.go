@@ -17,13 +17,13 @@ import (
 	"google.golang.org/grpc"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/agent"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/tlsconf"
 )
@@ -96,7 +96,7 @@ docs/cluster.md.`,
 					return nil, nil, err
 				}
 				gs := grpc.NewServer(opts...)
-				pb.RegisterAdminServer(gs, admin.New(admin.Config{
+				pb.RegisterAdminServer(gs, adminapi.New(adminapi.Config{
 					Ctrl: ctrl, Version: version,
 					CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
 						id, err := ctrl.NextContainerID(ctx)

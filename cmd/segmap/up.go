@@ -17,11 +17,11 @@ import (
 	"google.golang.org/grpc"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/ha"
 	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/size"
 )
@@ -160,7 +160,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}()
 
 	gs := grpc.NewServer()
-	pb.RegisterAdminServer(gs, admin.New(admin.Config{
+	pb.RegisterAdminServer(gs, adminapi.New(adminapi.Config{
 		Ctrl:       c.Ctrl,
 		Provision:  c.Provision,
 		NBDAddress: nbdL.Addr().String(),

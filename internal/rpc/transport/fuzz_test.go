@@ -20,11 +20,11 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/local"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/rpc/transport"
 )
@@ -225,7 +225,7 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 	gs := grpc.NewServer(transport.ServerOptions()...)
 	srv := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: 300 * time.Millisecond, CommandTimeout: time.Second, Logger: quiet})
 	pb.RegisterMappingServer(gs, srv)
-	pb.RegisterAdminServer(gs, admin.New(admin.Config{Ctrl: ctrl, Version: "fuzz"}))
+	pb.RegisterAdminServer(gs, adminapi.New(adminapi.Config{Ctrl: ctrl, Version: "fuzz"}))
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		f.Fatal(err)

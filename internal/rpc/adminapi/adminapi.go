@@ -1,8 +1,8 @@
-// Package admin serves the controller's admin API (api/segmapv1) over
+// Package adminapi serves the controller's admin API (api/segmapv1) over
 // gRPC: it translates requests into controller calls and controller errors
 // into gRPC status codes, so that every bad request gets a clear message
 // and a code a script can test.
-package admin
+package adminapi
 
 import (
 	"context"
