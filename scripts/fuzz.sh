@@ -23,7 +23,7 @@ all=(
 	"./internal/nbd FuzzHandshake"
 	"./internal/nbd FuzzTransmission"
 	"./internal/nbd FuzzClient"
-	"./internal/remote FuzzRPC"
+	"./internal/rpc/transport FuzzRPC"
 	"./internal/meta FuzzRecord"
 	"./internal/container FuzzReadHeader"
 )

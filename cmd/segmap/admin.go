@@ -19,9 +19,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/size"
@@ -692,7 +692,7 @@ func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse,
 		return nil, err
 	}
 	defer rw.Close()
-	ctrl := controller.New(controller.Config{Store: rw, OpenContainer: local.OpenContainer})
+	ctrl := controller.New(controller.Config{Store: rw, OpenContainer: container.OpenURI})
 	defer ctrl.Close()
 	fixed, err := ctrl.Repair(ctx)
 	switch {

@@ -18,9 +18,10 @@ import (
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent"
+	"segmap/internal/agent/nbdexport"
+	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
 	"segmap/internal/rpc/adminapi"
@@ -83,7 +84,7 @@ docs/cluster.md.`,
 			}
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
-				ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.ContainerOpener(m), Logger: logger})
+				ctrl := controller.New(controller.Config{Store: st, OpenContainer: container.URIOpener(m), Logger: logger})
 				epoch, err := ctrl.NewEpoch(ctx)
 				if err != nil {
 					ctrl.Close()
@@ -103,7 +104,7 @@ docs/cluster.md.`,
 						if err != nil {
 							return err
 						}
-						return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
+						return container.CreateURI(ctx, m, uri, id, slotSize, slots)
 					},
 				}))
 				ms := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
@@ -222,7 +223,7 @@ func newAgent() *cobra.Command {
 			}
 			defer conn.Close()
 			client := transport.NewClient(conn, logger)
-			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.ContainerOpener(m)})
+			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: container.URIOpener(m)})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})
@@ -238,7 +239,7 @@ func newAgent() *cobra.Command {
 			case <-ctx.Done():
 			}
 
-			ncfg := nbd.Config{Backend: local.NBDBackend(client, a), Errno: local.Errno, Logger: logger}
+			ncfg := nbd.Config{Backend: nbdexport.Backend(client, a), Errno: nbdexport.Errno, Logger: logger}
 			if nbdTLS {
 				// Hosts must upgrade with STARTTLS and present a
 				// certificate of the cluster CA.

@@ -17,13 +17,15 @@ import (
 	"google.golang.org/grpc"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/agent/nbdexport"
+	"segmap/internal/container"
 	"segmap/internal/ha"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/size"
+	"segmap/internal/standalone"
 )
 
 type upFlags struct {
@@ -112,9 +114,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 
 	w := cmd.OutOrStdout()
-	opts := local.Options{
+	opts := standalone.Options{
 		Agents:   []string{f.agent},
-		AutoPool: &local.AutoPool{Bytes: pool, Count: f.poolFiles},
+		AutoPool: &standalone.AutoPool{Bytes: pool, Count: f.poolFiles},
 		Logger:   logger,
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
@@ -141,7 +143,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		opts.OpenStore = func(context.Context) (meta.Store, error) { return l.Store, nil }
 		metaDesc = fmt.Sprintf("etcd %s under %s", f.etcd.endpoints, f.etcd.prefix)
 	}
-	c, err := local.Open(ctx, f.data, opts)
+	c, err := standalone.Open(ctx, f.data, opts)
 	if err != nil {
 		return err
 	}
@@ -170,10 +172,10 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 			if err != nil {
 				return err
 			}
-			return local.CreateContainer(ctx, uri, id, slotSize, slots)
+			return container.CreateURI(ctx, nil, uri, id, slotSize, slots)
 		},
 	}))
-	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c.Ctrl, c.Agents[0]), Errno: local.Errno, Logger: logger})
+	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()

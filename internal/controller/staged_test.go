@@ -10,13 +10,13 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
-func writeSlot(t *testing.T, c *local.Cluster, loc table.Location, p []byte) {
+func writeSlot(t *testing.T, c *standalone.Cluster, loc table.Location, p []byte) {
 	t.Helper()
 	ct, err := container.Open(filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", loc.Container)), nil)
 	if err != nil {
@@ -37,7 +37,7 @@ func writeSlot(t *testing.T, c *local.Cluster, loc table.Location, p []byte) {
 // stage) must leave it alone, or the staged write's data is lost.
 func TestStagedSlotNotZeroed(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	c := newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
 	d := createDisk(t, c, "d", 4, table.Forward)
 	h0 := openDisk(t, c, 0, "d")
 	openDisk(t, c, 1, "d")
@@ -151,10 +151,10 @@ func TestCommitAfterReverseIsStale(t *testing.T) {
 // segment 0 (slot old), mapped by host-a and by a fake agent host-b,
 // snapshotted to "s"; host-a then stages a whole-segment write to segment
 // 0 (ra) and writes its slot.
-func stagedBesideFake(t *testing.T, p table.Policy) (c *local.Cluster, d meta.Disk, fa *fakeAgent, ra protocol.Reply, old table.Location) {
+func stagedBesideFake(t *testing.T, p table.Policy) (c *standalone.Cluster, d meta.Disk, fa *fakeAgent, ra protocol.Reply, old table.Location) {
 	t.Helper()
 	ctx := context.Background()
-	c = newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	c = newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
 	d = createDisk(t, c, "d", 4, p)
 	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
 	old = entry(t, c, "d", 0).Loc

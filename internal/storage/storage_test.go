@@ -21,8 +21,8 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/nbd"
+	"segmap/internal/standalone"
 	"segmap/internal/storage"
 )
 
@@ -430,7 +430,7 @@ func TestShrunkFile(t *testing.T) {
 
 // TestSegmapOverStorageNode runs a whole segmap (controller and agent in
 // this process) whose containers live on a storage node: they are
-// formatted over NBD, registered by nbd:// URI (local.OpenContainer), and a
+// formatted over NBD, registered by nbd:// URI (container.OpenURI), and a
 // disk written through the agent survives a restart of both the storage
 // node and segmap.
 func TestSegmapOverStorageNode(t *testing.T) {
@@ -446,7 +446,7 @@ func TestSegmapOverStorageNode(t *testing.T) {
 		c.Close()
 	}
 	data := t.TempDir()
-	cl, err := local.Open(bg, data, local.Options{})
+	cl, err := standalone.Open(bg, data, standalone.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -505,7 +505,7 @@ func TestSegmapOverStorageNode(t *testing.T) {
 		srv.Close()
 		<-served
 	}()
-	cl, err = local.Open(bg, data, local.Options{})
+	cl, err = standalone.Open(bg, data, standalone.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

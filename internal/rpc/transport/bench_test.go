@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"segmap/internal/agent"
-	"segmap/internal/local"
+	"segmap/internal/container"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/table"
@@ -41,7 +41,7 @@ func BenchmarkFaultRoundTrip(b *testing.B) {
 			s := newStack(b, stackOptions{lease: transport.DefaultLease, commandTimeout: 30 * time.Second, containers: 1, slots: segs + 16})
 			conn := dial(b, s.addr)
 			client := transport.NewClient(conn, quiet)
-			a := agent.New(agent.Config{Name: "bench", Controller: client, OpenContainer: local.OpenContainer})
+			a := agent.New(agent.Config{Name: "bench", Controller: client, OpenContainer: container.OpenURI})
 			b.Cleanup(func() {
 				a.Close()
 				conn.Close()

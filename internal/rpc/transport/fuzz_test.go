@@ -22,7 +22,6 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/protocol"
@@ -188,7 +187,7 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 	// The admin API may name any file as a container; the fuzzer must
 	// not open the machine's, so this controller only opens its own.
 	open := func(info protocol.Container) (container.Container, error) {
-		p, err := local.FilePath(info.URI)
+		p, err := container.FilePath(info.URI)
 		if err != nil {
 			return nil, err
 		}
@@ -198,8 +197,8 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 		if filepath.Dir(p) != dir {
 			return nil, fmt.Errorf("fuzz: container %q outside the test directory: %w", info.URI, container.ErrNotContainer)
 		}
-		info.URI = local.FileURI(p)
-		return local.OpenContainer(info)
+		info.URI = container.FileURI(p)
+		return container.OpenURI(info)
 	}
 	ctrl := controller.New(controller.Config{Store: store, OpenContainer: open, Logger: quiet, CommandTimeout: time.Second})
 	epoch, err := ctrl.NewEpoch(context.Background())
@@ -208,16 +207,16 @@ func newRPCEnv(f *testing.F) *rpcEnv {
 	}
 	for i, g := range []struct{ slot, slots uint64 }{{64 << 10, 256}, {64 << 10, 256}, {1 << 20, 64}} {
 		path := filepath.Join(dir, fmt.Sprintf("c%d", i+1))
-		if err := local.CreateContainerFile(path, uint32(i+1), g.slot, g.slots); err != nil {
+		if err := container.CreateFile(path, uint32(i+1), g.slot, g.slots); err != nil {
 			f.Fatal(err)
 		}
-		if _, err := ctrl.AddContainer(context.Background(), local.FileURI(path)); err != nil {
+		if _, err := ctrl.AddContainer(context.Background(), container.FileURI(path)); err != nil {
 			f.Fatal(err)
 		}
 	}
 	// Spare container files the script may add.
 	for i := 9; i < 12; i++ {
-		if err := local.CreateContainerFile(filepath.Join(dir, fmt.Sprintf("c%d", i)), uint32(i), 64<<10, 16); err != nil {
+		if err := container.CreateFile(filepath.Join(dir, fmt.Sprintf("c%d", i)), uint32(i), 64<<10, 16); err != nil {
 			f.Fatal(err)
 		}
 	}

@@ -26,8 +26,8 @@ import (
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent"
+	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/rpc/transport"
@@ -147,10 +147,10 @@ func newStack(t testing.TB, o stackOptions) *stack {
 	ctx := context.Background()
 	for i := 1; i <= o.containers; i++ {
 		path := filepath.Join(s.dir, fmt.Sprintf("c%d", i))
-		if err := local.CreateContainerFile(path, uint32(i), segSize, o.slots); err != nil {
+		if err := container.CreateFile(path, uint32(i), segSize, o.slots); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.ctrl.AddContainer(ctx, local.FileURI(path)); err != nil {
+		if _, err := s.ctrl.AddContainer(ctx, container.FileURI(path)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -166,7 +166,7 @@ func (s *stack) startController() {
 		s.t.Fatal(err)
 	}
 	s.bolt = b
-	s.ctrl = controller.New(controller.Config{Store: gatedStore{b, s.gate}, OpenContainer: local.OpenContainer, Logger: quiet})
+	s.ctrl = controller.New(controller.Config{Store: gatedStore{b, s.gate}, OpenContainer: container.OpenURI, Logger: quiet})
 	if s.epoch, err = s.ctrl.NewEpoch(context.Background()); err != nil {
 		s.t.Fatal(err)
 	}
@@ -289,7 +289,7 @@ func (s *stack) startAgent(name, target string) *node {
 	n := &node{t: s.t, name: name, attached: make(chan struct{}, 1), done: make(chan struct{})}
 	n.conn = dial(s.t, target)
 	n.client = transport.NewClient(n.conn, quiet)
-	n.agent = agent.New(agent.Config{Name: name, Controller: n.client, OpenContainer: local.OpenContainer})
+	n.agent = agent.New(agent.Config{Name: name, Controller: n.client, OpenContainer: container.OpenURI})
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
 	go func() {
@@ -879,7 +879,7 @@ func newFakeSession(t *testing.T, epoch uint64) *fakeSession {
 	go func() { defer close(served); gs.Serve(l) }()
 	conn := dial(t, l.Addr().String())
 	client := transport.NewClient(conn, quiet)
-	a := agent.New(agent.Config{Name: "a", Controller: client, OpenContainer: local.OpenContainer})
+	a := agent.New(agent.Config{Name: "a", Controller: client, OpenContainer: container.OpenURI})
 	t.Cleanup(func() {
 		a.Close()
 		close(f.release)

@@ -1,4 +1,4 @@
-package local_test
+package standalone_test
 
 import (
 	"bytes"
@@ -20,7 +20,7 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -43,7 +43,7 @@ func envInt(name string, def int) int {
 // model of every disk and snapshot. After every operation the store must
 // pass Check. Run a long one with
 //
-//	go test -run TestModel ./internal/local -model.ops 100000 -model.seeds 10
+//	go test -run TestModel ./internal/standalone -model.ops 100000 -model.seeds 10
 //
 // and reproduce a failure with -model.seed N.
 func TestModel(t *testing.T) {
@@ -141,7 +141,7 @@ type model struct {
 	t     *testing.T
 	rng   *rand.Rand
 	ctx   context.Context
-	c     *local.Cluster
+	c     *standalone.Cluster
 	disks map[string]*mdisk
 	// open[i] holds agent i's open disks.
 	open  []map[string]*agent.Disk
@@ -153,9 +153,9 @@ type model struct {
 func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) int {
 	ctx := context.Background()
 	dir := t.TempDir()
-	c, err := local.Open(ctx, dir, local.Options{
+	c, err := standalone.Open(ctx, dir, standalone.Options{
 		Agents: []string{"host-a", "host-b"},
-		Pool: []local.PoolSpec{
+		Pool: []standalone.PoolSpec{
 			{SlotSize: seg64, Slots: 512, Count: 2},
 			{SlotSize: seg128, Slots: 128, Count: 2},
 		},

@@ -1,4 +1,4 @@
-package local_test
+package standalone_test
 
 // Regression tests for bugs the crash-point and error-injection tests
 // found: each fails on the code before its fix.

@@ -1,4 +1,4 @@
-package local_test
+package standalone_test
 
 // Regression tests for bugs a review found: each fails on the code before
 // its fix.
@@ -15,8 +15,8 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -43,11 +43,11 @@ func (g *gated) ReadAt(p []byte, off int64) (int, error) {
 	return g.Container.ReadAt(p, off)
 }
 
-func open(t *testing.T, agents []string, g *gate, slots uint64) *local.Cluster {
+func open(t *testing.T, agents []string, g *gate, slots uint64) *standalone.Cluster {
 	t.Helper()
-	c, err := local.Open(context.Background(), t.TempDir(), local.Options{
+	c, err := standalone.Open(context.Background(), t.TempDir(), standalone.Options{
 		Agents:         agents,
-		Pool:           []local.PoolSpec{{SlotSize: seg64, Slots: slots, Count: 1}},
+		Pool:           []standalone.PoolSpec{{SlotSize: seg64, Slots: slots, Count: 1}},
 		CommandTimeout: time.Second,
 		WrapAgentContainer: func(name string, ct container.Container) container.Container {
 			if name == "b" || len(agents) == 1 {
@@ -218,7 +218,7 @@ func TestRegressCloseOpenRace(t *testing.T) {
 	_, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "D", Size: 4 * seg64, SegmentSize: seg64})
 	must(t, err)
 	w := &slowClose{c.Ctrl, make(chan struct{})}
-	ag := agent.New(agent.Config{Name: "w", Controller: w, OpenContainer: local.OpenContainer})
+	ag := agent.New(agent.Config{Name: "w", Controller: w, OpenContainer: container.OpenURI})
 	must(t, ag.Attach(ctx, w))
 	defer ag.Close()
 	h1, _ := ag.Open(ctx, "D")

@@ -1,4 +1,4 @@
-// Package local assembles a whole segmap in one process: a bbolt metadata
+// Package standalone assembles a whole segmap in one process: a bbolt metadata
 // store, a pool of file containers in one data directory, a controller and
 // any number of mapping agents, connected by direct calls. It is the engine
 // of `segmap up` and the harness of the whole-system tests.
@@ -7,18 +7,15 @@
 //
 //	meta.db            the bbolt store
 //	containers/c<N>    container files (sparse)
-package local
+package standalone
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/url"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -26,9 +23,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/meta"
-	"segmap/internal/nbd"
 	"segmap/internal/rpc/protocol"
-	"segmap/internal/tlsconf"
 )
 
 // Options configures Open.
@@ -82,86 +77,6 @@ type Cluster struct {
 	provision sync.Mutex // serialises Provision
 }
 
-// NBDDialTimeout bounds connecting to an nbd:// container and reading its
-// header in OpenContainer.
-const NBDDialTimeout = 30 * time.Second
-
-// OpenContainer opens a container by URI: file://PATH or a plain path, or
-// nbd://HOST[:PORT]/EXPORT for a container on an NBD export (a `segmap
-// storage` node, qemu-nbd, nbdkit), over plaintext. A non-zero info.ID
-// (with info.SlotSize) must match the container's header.
-func OpenContainer(info protocol.Container) (container.Container, error) {
-	return openContainer(info, nil)
-}
-
-// ContainerOpener returns how a component holding m opens containers: as
-// OpenContainer, but nbd:// containers are reached over mutual TLS with
-// m's certificate, and the server must present a storage certificate of
-// the same CA valid for the URI's host (one from 'segmap certs init
-// --storage NAME' is valid for NAME and the --host names, by default
-// localhost and 127.0.0.1). There is no fallback to plaintext. A nil m is
-// plaintext: OpenContainer.
-func ContainerOpener(m *tlsconf.Material) func(protocol.Container) (container.Container, error) {
-	if m == nil {
-		return OpenContainer
-	}
-	return func(info protocol.Container) (container.Container, error) { return openContainer(info, m) }
-}
-
-func openContainer(info protocol.Container, m *tlsconf.Material) (container.Container, error) {
-	var want *container.Header
-	if info.ID != 0 {
-		want = &container.Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
-	}
-	if strings.HasPrefix(info.URI, "nbd://") {
-		cfg, err := nbdClientConfig(info.URI, m)
-		if err != nil {
-			return nil, err
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
-		defer cancel()
-		return container.OpenNBD(ctx, info.URI, want, cfg)
-	}
-	path, err := FilePath(info.URI)
-	if err != nil {
-		return nil, err
-	}
-	return container.Open(path, want)
-}
-
-// nbdClientConfig is how the holder of m (nil: plaintext) connects to the
-// storage node of an nbd:// URI: TLS with the URI's host, without its
-// port, as the name the node's certificate must carry.
-func nbdClientConfig(uri string, m *tlsconf.Material) (nbd.ClientConfig, error) {
-	if m == nil {
-		return nbd.ClientConfig{}, nil
-	}
-	addr, _, err := nbd.ParseURI(uri)
-	if err != nil {
-		return nbd.ClientConfig{}, err
-	}
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nbd.ClientConfig{}, fmt.Errorf("nbd URI %q: %w", uri, err)
-	}
-	return nbd.ClientConfig{TLS: m.Client(host, tlsconf.RoleStorage)}, nil
-}
-
-// FilePath returns the path of a file:// URI (or of a plain path).
-func FilePath(uri string) (string, error) {
-	if !strings.Contains(uri, "://") {
-		return uri, nil
-	}
-	u, err := url.Parse(uri)
-	if err != nil || u.Scheme != "file" || u.Path == "" {
-		return "", fmt.Errorf("container %q: want file://PATH", uri)
-	}
-	return u.Path, nil
-}
-
-// FileURI returns the file:// URI of path.
-func FileURI(path string) string { return "file://" + path }
-
 // Open opens (creating if needed) the data directory dir and starts a
 // controller and the agents over it.
 func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
@@ -198,10 +113,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 func (c *Cluster) agentOpener(name string) func(protocol.Container) (container.Container, error) {
 	wrap := c.opts.WrapAgentContainer
 	if wrap == nil {
-		return OpenContainer
+		return container.OpenURI
 	}
 	return func(info protocol.Container) (container.Container, error) {
-		ct, err := OpenContainer(info)
+		ct, err := container.OpenURI(info)
 		if err != nil {
 			return nil, err
 		}
@@ -221,10 +136,10 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	open := OpenContainer
+	open := container.OpenURI
 	if wrap := c.opts.WrapControllerContainer; wrap != nil {
 		open = func(info protocol.Container) (container.Container, error) {
-			ct, err := OpenContainer(info)
+			ct, err := container.OpenURI(info)
 			if err != nil {
 				return nil, err
 			}
@@ -261,52 +176,11 @@ func (c *Cluster) ensurePool(ctx context.Context) error {
 // to the pool.
 func (c *Cluster) AddContainer(ctx context.Context, id uint32, slotSize, slots uint64) error {
 	path := filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", id))
-	if err := CreateContainerFile(path, id, slotSize, slots); err != nil {
+	if err := container.CreateFile(path, id, slotSize, slots); err != nil {
 		return err
 	}
-	_, err := c.Ctrl.AddContainer(ctx, FileURI(path))
+	_, err := c.Ctrl.AddContainer(ctx, container.FileURI(path))
 	return err
-}
-
-// CreateContainer makes a new container at uri with the given id: a sparse
-// file of slots slots (file:// or a path), or, for nbd://, the header
-// written onto the export over plaintext (its size gives the slots; slots
-// is ignored).
-func CreateContainer(ctx context.Context, uri string, id uint32, slotSize, slots uint64) error {
-	return CreateContainerTLS(ctx, nil, uri, id, slotSize, slots)
-}
-
-// CreateContainerTLS is CreateContainer by the holder of m: an nbd://
-// export is formatted over mutual TLS, as ContainerOpener reaches it. A
-// nil m is plaintext.
-func CreateContainerTLS(ctx context.Context, m *tlsconf.Material, uri string, id uint32, slotSize, slots uint64) error {
-	if strings.HasPrefix(uri, "nbd://") {
-		cfg, err := nbdClientConfig(uri, m)
-		if err != nil {
-			return err
-		}
-		dctx, cancel := context.WithTimeout(ctx, NBDDialTimeout)
-		defer cancel()
-		c, err := container.FormatNBD(dctx, uri, id, int64(slotSize), cfg)
-		if err != nil {
-			return err
-		}
-		return c.Close()
-	}
-	path, err := FilePath(uri)
-	if err != nil {
-		return err
-	}
-	return CreateContainerFile(path, id, slotSize, slots)
-}
-
-// CreateContainerFile creates a sparse container file at path.
-func CreateContainerFile(path string, id uint32, slotSize, slots uint64) error {
-	f, err := container.Create(path, container.Header{ID: id, SlotSize: int64(slotSize), Slots: int64(slots)})
-	if err != nil {
-		return err
-	}
-	return f.Close()
 }
 
 // Provision makes sure some container serves slotSize, creating the

@@ -1,4 +1,9 @@
-package local
+// Package nbdexport serves a mapping agent's disks over NBD: it is the
+// nbd.Backend of an agent (every disk its controller lets it serve is an
+// export named after the disk; read-only snapshots are exported read-only)
+// and the Errno that turns the agent's errors into the NBD error values a
+// host sees. Both `segmap agent` and the one-process `segmap up` use it.
+package nbdexport
 
 import (
 	"context"
@@ -11,10 +16,10 @@ import (
 	"segmap/internal/rpc/protocol"
 )
 
-// NBDBackend serves agent a's disks over NBD: every disk its controller
+// Backend serves agent a's disks over NBD: every disk its controller
 // lets it serve is an export named after it; read-only snapshots are
 // exported read-only.
-func NBDBackend(ctrl protocol.Controller, a *agent.Agent) nbd.Backend {
+func Backend(ctrl protocol.Controller, a *agent.Agent) nbd.Backend {
 	return &nbdBackend{ctrl: ctrl, a: a}
 }
 

@@ -1,4 +1,4 @@
-package local_test
+package standalone_test
 
 import (
 	"context"
@@ -9,9 +9,10 @@ import (
 	"sync"
 	"testing"
 
+	"segmap/internal/agent/nbdexport"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/nbd"
+	"segmap/internal/standalone"
 )
 
 const (
@@ -24,11 +25,11 @@ const (
 // file container, on a disk whose every segment is allocated. allocs/op
 // counts the client's allocations too (a few per request).
 //
-//	go test -run XXX -bench BenchmarkNBD -benchmem -count 5 ./internal/local
+//	go test -run XXX -bench BenchmarkNBD -benchmem -count 5 ./internal/standalone
 func BenchmarkNBD(b *testing.B) {
 	ctx := context.Background()
-	c, err := local.Open(ctx, b.TempDir(), local.Options{
-		Pool:   []local.PoolSpec{{SlotSize: benchSeg, Slots: benchSize / benchSeg, Count: 1}},
+	c, err := standalone.Open(ctx, b.TempDir(), standalone.Options{
+		Pool:   []standalone.PoolSpec{{SlotSize: benchSeg, Slots: benchSize / benchSeg, Count: 1}},
 		Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
@@ -42,7 +43,7 @@ func BenchmarkNBD(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c.Ctrl, c.Agents[0]), Errno: local.Errno,
+	srv := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno,
 		Logger: slog.New(slog.DiscardHandler)})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()

@@ -1,4 +1,4 @@
-package local_test
+package standalone_test
 
 // The harness of the crash-point and error-injection tests: an in-process
 // cluster whose controller persists through faultinject wrappers (its
@@ -27,8 +27,8 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/faultinject"
-	"segmap/internal/local"
 	"segmap/internal/meta"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -40,7 +40,7 @@ type fx struct {
 	t   testing.TB
 	ctx context.Context
 	dir string
-	c   *local.Cluster
+	c   *standalone.Cluster
 	// ctrl is the injector of the controller "process" (its store and
 	// containers); agent that of the agents' containers. A restart
 	// swaps in new ones.
@@ -62,9 +62,9 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 	h := &fx{t: t, ctx: context.Background(), dir: dir, volatile: volatile}
 	h.ctrl.Store(faultinject.New(1))
 	h.agent.Store(faultinject.New(2))
-	c, err := local.Open(h.ctx, dir, local.Options{
+	c, err := standalone.Open(h.ctx, dir, standalone.Options{
 		Agents:         []string{"a", "b"},
-		Pool:           []local.PoolSpec{{SlotSize: seg64, Slots: 40, Count: 2}},
+		Pool:           []standalone.PoolSpec{{SlotSize: seg64, Slots: 40, Count: 2}},
 		CommandTimeout: 2 * time.Second,
 		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
 		OpenStore: func(ctx context.Context) (meta.Store, error) {
