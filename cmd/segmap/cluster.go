@@ -16,15 +16,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
-	pb "segmap/api/segmapv1"
 	"segmap/internal/agent"
 	"segmap/internal/agent/nbdexport"
 	"segmap/internal/container"
-	"segmap/internal/controller"
+	"segmap/internal/ctlserver"
 	"segmap/internal/ha"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
-	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/tlsconf"
 )
@@ -84,33 +82,15 @@ docs/cluster.md.`,
 			}
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
-				ctrl := controller.New(controller.Config{Store: st, OpenContainer: container.URIOpener(m), Logger: logger})
-				epoch, err := ctrl.NewEpoch(ctx)
+				l, err := ctlserver.Lead(ctx, ctlserver.LeadConfig{
+					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger},
+					Lease:  lease, Version: version, ServerOptions: opts,
+				})
 				if err != nil {
-					ctrl.Close()
 					return nil, nil, err
 				}
-				// Agents of an earlier controller may still hold leases:
-				// change nothing until those have run out.
-				if err := ctrl.Hold(time.Now().Add(lease)); err != nil {
-					ctrl.Close()
-					return nil, nil, err
-				}
-				gs := grpc.NewServer(opts...)
-				pb.RegisterAdminServer(gs, adminapi.New(adminapi.Config{
-					Ctrl: ctrl, Version: version,
-					CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-						id, err := ctrl.NextContainerID(ctx)
-						if err != nil {
-							return err
-						}
-						return container.CreateURI(ctx, m, uri, id, slotSize, slots)
-					},
-				}))
-				ms := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
-				pb.RegisterMappingServer(gs, ms)
-				say("%s: epoch %d (%s)", what, epoch, time.Now().UTC().Format(time.RFC3339Nano))
-				return gs, func() { ms.Close(); ctrl.Close() }, nil
+				say("%s: epoch %d (%s)", what, l.Epoch, time.Now().UTC().Format(time.RFC3339Nano))
+				return l.Server, l.Close, nil
 			}
 
 			say("segmap %s controller", version)

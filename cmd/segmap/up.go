@@ -18,7 +18,7 @@ import (
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent/nbdexport"
-	"segmap/internal/container"
+	"segmap/internal/ctlserver"
 	"segmap/internal/ha"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
@@ -162,18 +162,10 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}()
 
 	gs := grpc.NewServer()
-	pb.RegisterAdminServer(gs, adminapi.New(adminapi.Config{
-		Ctrl:       c.Ctrl,
+	pb.RegisterAdminServer(gs, ctlserver.NewAdmin(c.Ctrl, nil, adminapi.Config{
 		Provision:  c.Provision,
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
-		CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-			id, err := c.Ctrl.NextContainerID(ctx)
-			if err != nil {
-				return err
-			}
-			return container.CreateURI(ctx, nil, uri, id, slotSize, slots)
-		},
 	}))
 	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
 

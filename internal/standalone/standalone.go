@@ -22,6 +22,7 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
+	"segmap/internal/ctlserver"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
 )
@@ -136,17 +137,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	open := container.OpenURI
-	if wrap := c.opts.WrapControllerContainer; wrap != nil {
-		open = func(info protocol.Container) (container.Container, error) {
-			ct, err := container.OpenURI(info)
-			if err != nil {
-				return nil, err
-			}
-			return wrap(ct), nil
-		}
-	}
-	c.Ctrl = controller.New(controller.Config{Store: st, OpenContainer: open, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer})
 	return nil
 }
 
