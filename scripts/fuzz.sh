@@ -22,7 +22,7 @@ keep=${KEEP:-40}
 all=(
 	"./internal/nbd FuzzHandshake"
 	"./internal/nbd FuzzTransmission"
-	"./internal/nbd FuzzClient"
+	"./internal/nbd/nbdclient FuzzClient"
 	"./internal/rpc/transport FuzzRPC"
 	"./internal/meta FuzzRecord"
 	"./internal/container FuzzReadHeader"

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/tlsconf"
 )
@@ -68,19 +68,19 @@ func openURI(info protocol.Container, m *tlsconf.Material) (Container, error) {
 // nbdClientConfig is how the holder of m (nil: plaintext) connects to the
 // storage node of an nbd:// URI: TLS with the URI's host, without its
 // port, as the name the node's certificate must carry.
-func nbdClientConfig(uri string, m *tlsconf.Material) (nbd.ClientConfig, error) {
+func nbdClientConfig(uri string, m *tlsconf.Material) (nbdclient.ClientConfig, error) {
 	if m == nil {
-		return nbd.ClientConfig{}, nil
+		return nbdclient.ClientConfig{}, nil
 	}
-	addr, _, err := nbd.ParseURI(uri)
+	addr, _, err := nbdclient.ParseURI(uri)
 	if err != nil {
-		return nbd.ClientConfig{}, err
+		return nbdclient.ClientConfig{}, err
 	}
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return nbd.ClientConfig{}, fmt.Errorf("nbd URI %q: %w", uri, err)
+		return nbdclient.ClientConfig{}, fmt.Errorf("nbd URI %q: %w", uri, err)
 	}
-	return nbd.ClientConfig{TLS: m.Client(host, tlsconf.RoleStorage)}, nil
+	return nbdclient.ClientConfig{TLS: m.Client(host, tlsconf.RoleStorage)}, nil
 }
 
 // FilePath returns the path of a file:// URI (or of a plain path).

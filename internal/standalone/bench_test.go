@@ -12,6 +12,7 @@ import (
 	"segmap/internal/agent/nbdexport"
 	"segmap/internal/controller"
 	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 	"segmap/internal/standalone"
 )
 
@@ -51,7 +52,7 @@ func BenchmarkNBD(b *testing.B) {
 		srv.Close()
 		<-served
 	}()
-	cl, err := nbd.Dial(ctx, l.Addr().String(), "bench", nbd.ClientConfig{})
+	cl, err := nbdclient.Dial(ctx, l.Addr().String(), "bench", nbdclient.ClientConfig{})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"segmap/internal/agent"
 	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdwire"
 	"segmap/internal/rpc/protocol"
 )
 
@@ -47,7 +48,7 @@ func (b *nbdBackend) List(ctx context.Context) ([]nbd.ExportInfo, error) {
 func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
 	d, err := b.a.Open(ctx, name)
 	if errors.Is(err, protocol.ErrNotFound) {
-		return nil, nil, fmt.Errorf("%w: %w", nbd.ErrUnknownExport, err)
+		return nil, nil, fmt.Errorf("%w: %w", nbdwire.ErrUnknownExport, err)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -60,13 +61,13 @@ func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Clos
 func Errno(err error) uint32 {
 	switch {
 	case errors.Is(err, protocol.ErrNoSpace):
-		return nbd.ENOSPC
+		return nbdwire.ENOSPC
 	case errors.Is(err, protocol.ErrReadOnly):
-		return nbd.EPERM
+		return nbdwire.EPERM
 	case errors.Is(err, agent.ErrRange):
-		return nbd.EINVAL
+		return nbdwire.EINVAL
 	case errors.Is(err, agent.ErrGone), errors.Is(err, agent.ErrClosed):
-		return nbd.ESHUTDOWN
+		return nbdwire.ESHUTDOWN
 	}
-	return nbd.EIO
+	return nbdwire.EIO
 }

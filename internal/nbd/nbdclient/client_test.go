@@ -1,4 +1,4 @@
-package nbd
+package nbdclient
 
 import (
 	"bufio"
@@ -27,6 +27,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // ---- helpers ----
@@ -181,8 +184,8 @@ func TestParseURI(t *testing.T) {
 
 func TestRemoteError(t *testing.T) {
 	for errno, want := range map[uint32]error{
-		EPERM: ErrEPERM, EIO: ErrEIO, ENOMEM: ErrENOMEM, EINVAL: ErrEINVAL, ENOSPC: ErrENOSPC,
-		EOVERFLOW: ErrEOVERFLOW, ENOTSUP: ErrENOTSUP, ESHUTDOWN: ErrESHUTDOWN, 4711: ErrEIO,
+		nbdwire.EPERM: ErrEPERM, nbdwire.EIO: ErrEIO, nbdwire.ENOMEM: ErrENOMEM, nbdwire.EINVAL: ErrEINVAL, nbdwire.ENOSPC: ErrENOSPC,
+		nbdwire.EOVERFLOW: ErrEOVERFLOW, nbdwire.ENOTSUP: ErrENOTSUP, nbdwire.ESHUTDOWN: ErrESHUTDOWN, 4711: ErrEIO,
 	} {
 		err := fmt.Errorf("wrapped: %w", &RemoteError{Errno: errno, Msg: "m"})
 		if !errors.Is(err, want) {
@@ -257,8 +260,8 @@ func TestClientSplitsLargeRequests(t *testing.T) {
 	if err := c.ReadAt(bg, got, 12345); err != nil || !bytes.Equal(got, p) {
 		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, p))
 	}
-	if l := largest.Load(); l != maxPayload {
-		t.Errorf("largest request %d bytes, want %d", l, maxPayload)
+	if l := largest.Load(); l != nbdwire.MaxPayload {
+		t.Errorf("largest request %d bytes, want %d", l, nbdwire.MaxPayload)
 	}
 	count.Store(0)
 	if err := c.ReadAt(bg, nil, size); err != nil {
@@ -376,10 +379,10 @@ func TestClientErrors(t *testing.T) {
 		}
 		ro := newMem("ro", 1<<20)
 		ro.ro = true
-		h := startServer(t, func(c *Config) {
+		h := startServer(t, func(c *nbd.Config) {
 			c.Errno = func(err error) uint32 {
 				if errors.Is(err, errNoSpaceClient) {
-					return ENOSPC
+					return nbdwire.ENOSPC
 				}
 				return 0
 			}
@@ -397,7 +400,7 @@ func TestClientErrors(t *testing.T) {
 		} {
 			err := op.do(4096)
 			var re *RemoteError
-			if !errors.Is(err, ErrENOSPC) || !errors.As(err, &re) || re.Errno != ENOSPC {
+			if !errors.Is(err, ErrENOSPC) || !errors.As(err, &re) || re.Errno != nbdwire.ENOSPC {
 				t.Errorf("%s: %v; want ENOSPC", op.name, err)
 			}
 			if c.structured && !strings.Contains(re.Msg, "container full") {
@@ -440,7 +443,7 @@ func TestClientErrors(t *testing.T) {
 		}
 
 		_, err := Dial(bg, h.addr, "nosuch", cfg)
-		if !errors.Is(err, ErrUnknownExport) {
+		if !errors.Is(err, nbdwire.ErrUnknownExport) {
 			t.Errorf("unknown export: %v", err)
 		}
 	})
@@ -688,21 +691,21 @@ func (f *fakeConn) read(n int) []byte {
 
 // greet sends the greeting and reads the client flags.
 func (f *fakeConn) greet(hflags uint16) uint32 {
-	f.send(be.AppendUint64(nil, magicNBD), be.AppendUint64(nil, magicOpts), be.AppendUint16(nil, hflags))
+	f.send(be.AppendUint64(nil, nbdwire.MagicNBD), be.AppendUint64(nil, nbdwire.MagicOpts), be.AppendUint16(nil, hflags))
 	return be.Uint32(f.read(4))
 }
 
-func (f *fakeConn) readOpt() (option, []byte) {
+func (f *fakeConn) readOpt() (nbdwire.Option, []byte) {
 	h := f.read(16)
-	if be.Uint64(h) != magicOpts {
+	if be.Uint64(h) != nbdwire.MagicOpts {
 		f.must(fmt.Errorf("option magic %#x", be.Uint64(h)))
 	}
-	return option(be.Uint32(h[8:])), f.read(int(be.Uint32(h[12:])))
+	return nbdwire.Option(be.Uint32(h[8:])), f.read(int(be.Uint32(h[12:])))
 }
 
-func (f *fakeConn) optReply(opt option, typ repType, data []byte) {
+func (f *fakeConn) optReply(opt nbdwire.Option, typ nbdwire.RepType, data []byte) {
 	var h [20]byte
-	be.PutUint64(h[0:], magicOptReply)
+	be.PutUint64(h[0:], nbdwire.MagicOptReply)
 	be.PutUint32(h[8:], uint32(opt))
 	be.PutUint32(h[12:], uint32(typ))
 	be.PutUint32(h[16:], uint32(len(data)))
@@ -712,25 +715,25 @@ func (f *fakeConn) optReply(opt option, typ repType, data []byte) {
 // negotiate answers STRUCTURED_REPLY and GO for an export of size bytes
 // with the given block sizes.
 func (f *fakeConn) negotiate(size uint64, tflags uint16, minB, prefB, maxB uint32) {
-	f.greet(hflagFixedNewstyle | hflagNoZeroes)
+	f.greet(nbdwire.HFlagFixedNewstyle | nbdwire.HFlagNoZeroes)
 	for {
 		opt, data := f.readOpt()
 		switch opt {
-		case optStructuredReply:
-			f.optReply(opt, repAck, nil)
-		case optGo:
-			f.optReply(opt, repInfo, fmt.Appendf(nil, "\x00\x01%s", "ignored")) // NBD_INFO_NAME
-			info := be.AppendUint16(nil, infoExport)
+		case nbdwire.OptStructuredReply:
+			f.optReply(opt, nbdwire.RepAck, nil)
+		case nbdwire.OptGo:
+			f.optReply(opt, nbdwire.RepInfo, fmt.Appendf(nil, "\x00\x01%s", "ignored")) // NBD_INFO_NAME
+			info := be.AppendUint16(nil, nbdwire.InfoExport)
 			info = be.AppendUint64(info, size)
-			f.optReply(opt, repInfo, be.AppendUint16(info, tflags))
-			bs := be.AppendUint16(nil, infoBlockSize)
+			f.optReply(opt, nbdwire.RepInfo, be.AppendUint16(info, tflags))
+			bs := be.AppendUint16(nil, nbdwire.InfoBlockSize)
 			bs = be.AppendUint32(bs, minB)
 			bs = be.AppendUint32(bs, prefB)
-			f.optReply(opt, repInfo, be.AppendUint32(bs, maxB))
-			f.optReply(opt, repAck, nil)
+			f.optReply(opt, nbdwire.RepInfo, be.AppendUint32(bs, maxB))
+			f.optReply(opt, nbdwire.RepAck, nil)
 			return
 		default:
-			f.optReply(opt, repErrUnsup, nil)
+			f.optReply(opt, nbdwire.RepErrUnsup, nil)
 			_ = data
 		}
 	}
@@ -738,7 +741,7 @@ func (f *fakeConn) negotiate(size uint64, tflags uint16, minB, prefB, maxB uint3
 
 // readReq reads a request and the payload of a WRITE; ok is false at EOF.
 func (f *fakeConn) readReq() (h requestHeader, payload []byte, ok bool) {
-	var b [requestSize]byte
+	var b [nbdwire.RequestSize]byte
 	if _, err := io.ReadFull(f.rd, b[:]); err != nil {
 		return h, nil, false
 	}
@@ -746,22 +749,22 @@ func (f *fakeConn) readReq() (h requestHeader, payload []byte, ok bool) {
 	if !good {
 		f.must(errors.New("bad request magic"))
 	}
-	if h.typ == cmdWrite {
+	if h.typ == nbdwire.CmdWrite {
 		payload = f.read(int(h.length))
 	}
-	return h, payload, h.typ != cmdDisc
+	return h, payload, h.typ != nbdwire.CmdDisc
 }
 
 func (f *fakeConn) chunk(flags, typ uint16, cookie uint64, payload ...[]byte) {
 	p := bytes.Join(payload, nil)
-	var h [chunkHeaderSize]byte
-	putChunk(h[:], flags, typ, cookie, uint32(len(p)))
+	var h [nbdwire.ChunkHeaderSize]byte
+	nbdwire.PutChunk(h[:], flags, typ, cookie, uint32(len(p)))
 	f.send(h[:], p)
 }
 
 func (f *fakeConn) simple(errno uint32, cookie uint64, data []byte) {
-	var h [simpleReplySize]byte
-	putSimpleReply(h[:], errno, cookie)
+	var h [nbdwire.SimpleReplySize]byte
+	nbdwire.PutSimpleReply(h[:], errno, cookie)
 	f.send(h[:], data)
 }
 
@@ -779,21 +782,21 @@ func TestClientBlockConstraints(t *testing.T) {
 	disk := make([]byte, size) // only the script's goroutine touches it
 	var requests atomic.Int64
 	addr := fakeServer(t, func(f *fakeConn) {
-		f.negotiate(size, tflagHasFlags|tflagSendFlush|tflagSendWriteZeroes|tflagSendTrim, 512, 4096, 4096)
+		f.negotiate(size, nbdwire.TFlagHasFlags|nbdwire.TFlagSendFlush|nbdwire.TFlagSendWriteZeroes|nbdwire.TFlagSendTrim, 512, 4096, 4096)
 		for {
 			h, payload, ok := f.readReq()
 			if !ok {
 				return
 			}
 			requests.Add(1)
-			if h.typ != cmdFlush && (h.off%512 != 0 || h.length%512 != 0 || h.length == 0 || h.off+uint64(h.length) > size) {
+			if h.typ != nbdwire.CmdFlush && (h.off%512 != 0 || h.length%512 != 0 || h.length == 0 || h.off+uint64(h.length) > size) {
 				f.t.Errorf("%v of %d bytes at %d breaks the constraints", h.typ, h.length, h.off)
 			}
-			if (h.typ == cmdRead || h.typ == cmdWrite) && h.length > 4096 {
+			if (h.typ == nbdwire.CmdRead || h.typ == nbdwire.CmdWrite) && h.length > 4096 {
 				f.t.Errorf("%v of %d bytes above the maximum payload", h.typ, h.length)
 			}
 			switch h.typ {
-			case cmdRead:
+			case nbdwire.CmdRead:
 				// Three pieces, last first; all-zero pieces as holes.
 				n := uint64(h.length)
 				cuts := []uint64{0, n / 3, 2 * n / 3, n}
@@ -803,20 +806,20 @@ func TestClientBlockConstraints(t *testing.T) {
 						continue
 					}
 					if bytes.Count(disk[lo:hi], []byte{0}) == int(hi-lo) {
-						f.chunk(0, chunkOffsetHole, h.cookie, u64(lo), u32(uint32(hi-lo)))
+						f.chunk(0, nbdwire.ChunkOffsetHole, h.cookie, u64(lo), u32(uint32(hi-lo)))
 					} else {
-						f.chunk(0, chunkOffsetData, h.cookie, u64(lo), disk[lo:hi])
+						f.chunk(0, nbdwire.ChunkOffsetData, h.cookie, u64(lo), disk[lo:hi])
 					}
 				}
-				f.chunk(replyFlagDone, chunkNone, h.cookie)
-			case cmdWrite:
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkNone, h.cookie)
+			case nbdwire.CmdWrite:
 				copy(disk[h.off:], payload)
 				f.simple(0, h.cookie, nil) // allowed for non-READ replies
-			case cmdWriteZeroes, cmdTrim:
+			case nbdwire.CmdWriteZeroes, nbdwire.CmdTrim:
 				clear(disk[h.off : h.off+uint64(h.length)])
-				f.chunk(replyFlagDone, chunkNone, h.cookie)
-			case cmdFlush:
-				f.chunk(replyFlagDone, chunkNone, h.cookie)
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkNone, h.cookie)
+			case nbdwire.CmdFlush:
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkNone, h.cookie)
 			}
 		}
 	})
@@ -873,31 +876,31 @@ func TestClientExportNameFallback(t *testing.T) {
 		t.Run(fmt.Sprintf("noZeroes=%v", noZeroes), func(t *testing.T) {
 			checkGoroutines(t)
 			addr := fakeServer(t, func(f *fakeConn) {
-				hf := hflagFixedNewstyle
+				hf := nbdwire.HFlagFixedNewstyle
 				if noZeroes {
-					hf |= hflagNoZeroes
+					hf |= nbdwire.HFlagNoZeroes
 				}
 				cf := f.greet(hf)
-				if (cf&cflagNoZeroes != 0) != noZeroes || cf&cflagFixedNewstyle == 0 {
+				if (cf&nbdwire.CFlagNoZeroes != 0) != noZeroes || cf&nbdwire.CFlagFixedNewstyle == 0 {
 					f.t.Errorf("client flags %#x", cf)
 				}
 				for {
 					opt, data := f.readOpt()
-					if opt == optExportName {
+					if opt == nbdwire.OptExportName {
 						if string(data) != "exp" {
 							f.t.Errorf("export name %q", data)
 						}
 						break
 					}
-					f.optReply(opt, repErrUnsup, []byte("old server"))
+					f.optReply(opt, nbdwire.RepErrUnsup, []byte("old server"))
 				}
-				b := append(u64(1<<20), be.AppendUint16(nil, tflagHasFlags|tflagReadOnly)...)
+				b := append(u64(1<<20), be.AppendUint16(nil, nbdwire.TFlagHasFlags|nbdwire.TFlagReadOnly)...)
 				if !noZeroes {
-					b = append(b, make([]byte, zeroPadSize)...)
+					b = append(b, make([]byte, nbdwire.ZeroPadSize)...)
 				}
 				f.send(b)
 				h, _, ok := f.readReq()
-				if !ok || h.typ != cmdRead {
+				if !ok || h.typ != nbdwire.CmdRead {
 					f.must(fmt.Errorf("request %v", h.typ))
 				}
 				f.simple(0, h.cookie, bytes.Repeat([]byte{7}, int(h.length)))
@@ -921,7 +924,7 @@ func TestClientExportNameFallback(t *testing.T) {
 func TestClientErrorChunks(t *testing.T) {
 	checkGoroutines(t)
 	addr := fakeServer(t, func(f *fakeConn) {
-		f.negotiate(1<<20, tflagHasFlags|tflagSendFlush, 1, 4096, 1<<20)
+		f.negotiate(1<<20, nbdwire.TFlagHasFlags|nbdwire.TFlagSendFlush, 1, 4096, 1<<20)
 		for i := 0; ; i++ {
 			h, _, ok := f.readReq()
 			if !ok {
@@ -929,27 +932,27 @@ func TestClientErrorChunks(t *testing.T) {
 			}
 			switch i {
 			case 0: // ERROR_OFFSET after some data
-				f.chunk(0, chunkOffsetData, h.cookie, u64(h.off), make([]byte, 10))
-				f.chunk(replyFlagDone, chunkErrorOffset, h.cookie, u32(ENOSPC), []byte{0, 4}, []byte("full"), u64(h.off+10))
+				f.chunk(0, nbdwire.ChunkOffsetData, h.cookie, u64(h.off), make([]byte, 10))
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkErrorOffset, h.cookie, u32(nbdwire.ENOSPC), []byte{0, 4}, []byte("full"), u64(h.off+10))
 			case 1: // an error type nobody knows yet, then NONE
-				f.chunk(0, 1<<15+77, h.cookie, u32(EPERM), []byte{0, 2}, []byte("no"), []byte("extra"))
-				f.chunk(replyFlagDone, chunkNone, h.cookie)
+				f.chunk(0, 1<<15+77, h.cookie, u32(nbdwire.EPERM), []byte{0, 2}, []byte("no"), []byte("extra"))
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkNone, h.cookie)
 			case 2: // error value 0 in an error chunk
-				f.chunk(replyFlagDone, chunkError, h.cookie, u32(0), []byte{0, 0})
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkError, h.cookie, u32(0), []byte{0, 0})
 			case 3: // a READ claimed done with half its data: fails alone
-				f.chunk(replyFlagDone, chunkOffsetData, h.cookie, u64(h.off), make([]byte, h.length/2))
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, h.cookie, u64(h.off), make([]byte, h.length/2))
 			default:
-				f.chunk(replyFlagDone, chunkOffsetData, h.cookie, u64(h.off), bytes.Repeat([]byte{1}, int(h.length)))
+				f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, h.cookie, u64(h.off), bytes.Repeat([]byte{1}, int(h.length)))
 			}
 		}
 	})
 	c := dialClient(t, addr, "x", ClientConfig{})
 	p := make([]byte, 100)
 	var re *RemoteError
-	if err := c.ReadAt(bg, p, 0); !errors.As(err, &re) || re.Errno != ENOSPC || re.Msg != "full" {
+	if err := c.ReadAt(bg, p, 0); !errors.As(err, &re) || re.Errno != nbdwire.ENOSPC || re.Msg != "full" {
 		t.Fatalf("ERROR_OFFSET: %v", err)
 	}
-	if err := c.ReadAt(bg, p, 0); !errors.As(err, &re) || re.Errno != EPERM || re.Msg != "no" {
+	if err := c.ReadAt(bg, p, 0); !errors.As(err, &re) || re.Errno != nbdwire.EPERM || re.Msg != "no" {
 		t.Fatalf("unknown error chunk: %v", err)
 	}
 	if err := c.Flush(bg); !errors.Is(err, ErrEIO) {
@@ -974,27 +977,29 @@ func TestClientProtocolViolations(t *testing.T) {
 		{"unknown cookie", func(f *fakeConn, h requestHeader) { f.simple(0, h.cookie+1000, nil) }},
 		{"bad magic", func(f *fakeConn, h requestHeader) { f.send(u32(0xdeadbeef), make([]byte, 12)) }},
 		{"data outside the request", func(f *fakeConn, h requestHeader) {
-			f.chunk(replyFlagDone, chunkOffsetData, h.cookie, u64(h.off+1), make([]byte, h.length))
+			f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, h.cookie, u64(h.off+1), make([]byte, h.length))
 		}},
 		{"overlapping data", func(f *fakeConn, h requestHeader) {
-			f.chunk(0, chunkOffsetData, h.cookie, u64(h.off), make([]byte, h.length))
-			f.chunk(replyFlagDone, chunkOffsetHole, h.cookie, u64(h.off), u32(1))
+			f.chunk(0, nbdwire.ChunkOffsetData, h.cookie, u64(h.off), make([]byte, h.length))
+			f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetHole, h.cookie, u64(h.off), u32(1))
 		}},
 		{"empty hole", func(f *fakeConn, h requestHeader) {
-			f.chunk(replyFlagDone, chunkOffsetHole, h.cookie, u64(h.off), u32(0))
+			f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetHole, h.cookie, u64(h.off), u32(0))
 		}},
-		{"NONE without DONE", func(f *fakeConn, h requestHeader) { f.chunk(0, chunkNone, h.cookie) }},
-		{"unknown chunk type", func(f *fakeConn, h requestHeader) { f.chunk(replyFlagDone, 9, h.cookie, u64(0)) }},
+		{"NONE without DONE", func(f *fakeConn, h requestHeader) { f.chunk(0, nbdwire.ChunkNone, h.cookie) }},
+		{"unknown chunk type", func(f *fakeConn, h requestHeader) { f.chunk(nbdwire.ReplyFlagDone, 9, h.cookie, u64(0)) }},
 		{"error message too long", func(f *fakeConn, h requestHeader) {
-			f.chunk(replyFlagDone, chunkError, h.cookie, u32(EIO), []byte{0, 9}, []byte("abc"))
+			f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkError, h.cookie, u32(nbdwire.EIO), []byte{0, 9}, []byte("abc"))
 		}},
-		{"short error chunk", func(f *fakeConn, h requestHeader) { f.chunk(replyFlagDone, chunkError, h.cookie, u32(EIO)) }},
+		{"short error chunk", func(f *fakeConn, h requestHeader) {
+			f.chunk(nbdwire.ReplyFlagDone, nbdwire.ChunkError, h.cookie, u32(nbdwire.EIO))
+		}},
 		{"hang up", func(f *fakeConn, h requestHeader) { f.nc.Close() }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			checkGoroutines(t)
 			addr := fakeServer(t, func(f *fakeConn) {
-				f.negotiate(1<<20, tflagHasFlags, 1, 4096, 1<<20)
+				f.negotiate(1<<20, nbdwire.TFlagHasFlags, 1, 4096, 1<<20)
 				h, _, ok := f.readReq()
 				if !ok {
 					return
@@ -1025,38 +1030,38 @@ func TestClientHandshakeErrors(t *testing.T) {
 		want   error
 	}{
 		{"not NBD", func(f *fakeConn) { f.send([]byte("SSH-2.0-OpenSSH_9.2\r\n")) }, ErrProtocol},
-		{"oldstyle", func(f *fakeConn) { f.send(u64(magicNBD), u64(magicOldstyle), make([]byte, 200)) }, ErrProtocol},
+		{"oldstyle", func(f *fakeConn) { f.send(u64(nbdwire.MagicNBD), u64(nbdwire.MagicOldstyle), make([]byte, 200)) }, ErrProtocol},
 		{"TLS required", func(f *fakeConn) {
-			f.greet(hflagFixedNewstyle)
+			f.greet(nbdwire.HFlagFixedNewstyle)
 			opt, _ := f.readOpt()
-			f.optReply(opt, repErrTLSReqd, []byte("TLS first"))
+			f.optReply(opt, nbdwire.RepErrTLSReqd, []byte("TLS first"))
 		}, ErrTLSRequired},
 		{"unknown export", func(f *fakeConn) {
-			f.greet(hflagFixedNewstyle)
+			f.greet(nbdwire.HFlagFixedNewstyle)
 			f.readOpt()
-			f.optReply(optStructuredReply, repAck, nil)
+			f.optReply(nbdwire.OptStructuredReply, nbdwire.RepAck, nil)
 			f.readOpt()
-			f.optReply(optGo, repErrUnknown, []byte("no such export"))
-		}, ErrUnknownExport},
+			f.optReply(nbdwire.OptGo, nbdwire.RepErrUnknown, []byte("no such export"))
+		}, nbdwire.ErrUnknownExport},
 		{"GO without export info", func(f *fakeConn) {
-			f.greet(hflagFixedNewstyle)
+			f.greet(nbdwire.HFlagFixedNewstyle)
 			f.readOpt()
-			f.optReply(optStructuredReply, repAck, nil)
+			f.optReply(nbdwire.OptStructuredReply, nbdwire.RepAck, nil)
 			f.readOpt()
-			f.optReply(optGo, repAck, nil)
+			f.optReply(nbdwire.OptGo, nbdwire.RepAck, nil)
 		}, ErrProtocol},
 		{"bad block size", func(f *fakeConn) {
-			f.negotiate(1<<20, tflagHasFlags, 3, 4096, 1<<20)
+			f.negotiate(1<<20, nbdwire.TFlagHasFlags, 3, 4096, 1<<20)
 		}, ErrProtocol},
 		{"reply to another option", func(f *fakeConn) {
-			f.greet(hflagFixedNewstyle)
+			f.greet(nbdwire.HFlagFixedNewstyle)
 			f.readOpt()
-			f.optReply(optList, repAck, nil)
+			f.optReply(nbdwire.OptList, nbdwire.RepAck, nil)
 		}, ErrProtocol},
 		{"EXPORT_NAME hang up", func(f *fakeConn) {
 			f.greet(0) // not fixed newstyle: straight to EXPORT_NAME
 			f.readOpt()
-		}, ErrUnknownExport},
+		}, nbdwire.ErrUnknownExport},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			checkGoroutines(t)
@@ -1198,7 +1203,7 @@ func TestClientQemuNBD(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if _, err := Dial(bg, addr, "other", ClientConfig{}); !errors.Is(err, ErrUnknownExport) {
+	if _, err := Dial(bg, addr, "other", ClientConfig{}); !errors.Is(err, nbdwire.ErrUnknownExport) {
 		t.Fatalf("unknown export on qemu-nbd: %v", err)
 	}
 }
@@ -1349,32 +1354,32 @@ func writeTestPKI(t *testing.T, dir string) *x509.CertPool {
 // clientScript builds what a server says: the greeting, the option replies
 // to STRUCTURED_REPLY and GO for an export of 1 MiB, then replies.
 func clientScript(replies ...[]byte) []byte {
-	opt := func(o option, typ repType, data []byte) []byte {
-		b := be.AppendUint64(nil, magicOptReply)
+	opt := func(o nbdwire.Option, typ nbdwire.RepType, data []byte) []byte {
+		b := be.AppendUint64(nil, nbdwire.MagicOptReply)
 		b = be.AppendUint32(b, uint32(o))
 		b = be.AppendUint32(b, uint32(typ))
 		b = be.AppendUint32(b, uint32(len(data)))
 		return append(b, data...)
 	}
-	info := be.AppendUint16(nil, infoExport)
+	info := be.AppendUint16(nil, nbdwire.InfoExport)
 	info = be.AppendUint64(info, 1<<20)
-	info = be.AppendUint16(info, tflagHasFlags|tflagSendFlush|tflagSendWriteZeroes)
-	bs := be.AppendUint16(nil, infoBlockSize)
+	info = be.AppendUint16(info, nbdwire.TFlagHasFlags|nbdwire.TFlagSendFlush|nbdwire.TFlagSendWriteZeroes)
+	bs := be.AppendUint16(nil, nbdwire.InfoBlockSize)
 	bs = be.AppendUint32(bs, 1)
 	bs = be.AppendUint32(bs, 4096)
 	bs = be.AppendUint32(bs, 1<<20)
 	parts := [][]byte{
-		u64(magicNBD), u64(magicOpts), be.AppendUint16(nil, hflagFixedNewstyle|hflagNoZeroes),
-		opt(optStructuredReply, repAck, nil),
-		opt(optGo, repInfo, info), opt(optGo, repInfo, bs), opt(optGo, repAck, nil),
+		u64(nbdwire.MagicNBD), u64(nbdwire.MagicOpts), be.AppendUint16(nil, nbdwire.HFlagFixedNewstyle|nbdwire.HFlagNoZeroes),
+		opt(nbdwire.OptStructuredReply, nbdwire.RepAck, nil),
+		opt(nbdwire.OptGo, nbdwire.RepInfo, info), opt(nbdwire.OptGo, nbdwire.RepInfo, bs), opt(nbdwire.OptGo, nbdwire.RepAck, nil),
 	}
 	return bytes.Join(append(parts, replies...), nil)
 }
 
 func chunkBytes(flags, typ uint16, cookie uint64, payload ...[]byte) []byte {
 	p := bytes.Join(payload, nil)
-	h := make([]byte, chunkHeaderSize)
-	putChunk(h, flags, typ, cookie, uint32(len(p)))
+	h := make([]byte, nbdwire.ChunkHeaderSize)
+	nbdwire.PutChunk(h, flags, typ, cookie, uint32(len(p)))
 	return append(h, p...)
 }
 
@@ -1385,16 +1390,16 @@ func chunkBytes(flags, typ uint16, cookie uint64, payload ...[]byte) []byte {
 func FuzzClient(f *testing.F) {
 	f.Add(clientScript())
 	f.Add(clientScript(
-		chunkBytes(0, chunkOffsetHole, 1, u64(2048), u32(2048)),
-		chunkBytes(replyFlagDone, chunkOffsetData, 1, u64(0), make([]byte, 2048)),
-		chunkBytes(replyFlagDone, chunkOffsetData, 2, u64(5000), make([]byte, 100)),
-		func() []byte { b := make([]byte, simpleReplySize); putSimpleReply(b, 0, 3); return b }(),
-		chunkBytes(replyFlagDone, chunkErrorOffset, 4, u32(EIO), []byte{0, 1}, []byte("x"), u64(0)),
+		chunkBytes(0, nbdwire.ChunkOffsetHole, 1, u64(2048), u32(2048)),
+		chunkBytes(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, 1, u64(0), make([]byte, 2048)),
+		chunkBytes(nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, 2, u64(5000), make([]byte, 100)),
+		func() []byte { b := make([]byte, nbdwire.SimpleReplySize); nbdwire.PutSimpleReply(b, 0, 3); return b }(),
+		chunkBytes(nbdwire.ReplyFlagDone, nbdwire.ChunkErrorOffset, 4, u32(nbdwire.EIO), []byte{0, 1}, []byte("x"), u64(0)),
 	))
 	f.Add(clientScript(
-		chunkBytes(replyFlagDone, chunkError, 2, u32(ENOSPC), []byte{0, 3}, []byte("abc")),
-		chunkBytes(0, 1<<15+9, 1, u32(EIO), []byte{0, 0}),
-		chunkBytes(replyFlagDone, chunkNone, 1),
+		chunkBytes(nbdwire.ReplyFlagDone, nbdwire.ChunkError, 2, u32(nbdwire.ENOSPC), []byte{0, 3}, []byte("abc")),
+		chunkBytes(0, 1<<15+9, 1, u32(nbdwire.EIO), []byte{0, 0}),
+		chunkBytes(nbdwire.ReplyFlagDone, nbdwire.ChunkNone, 1),
 	))
 	f.Fuzz(func(t *testing.T, script []byte) {
 		nc := newScriptConn(script)
@@ -1405,10 +1410,10 @@ func FuzzClient(f *testing.F) {
 		var calls []*clientReq
 		read1, read2 := make([]byte, 4096), make([]byte, 100)
 		for _, p := range []piece{
-			{typ: cmdRead, off: 0, n: 4096, buf: read1},
-			{typ: cmdRead, off: 5000, n: 100, buf: read2},
-			{typ: cmdWrite, off: 0, n: 10, payload: make([]byte, 10)},
-			{typ: cmdFlush},
+			{typ: nbdwire.CmdRead, off: 0, n: 4096, buf: read1},
+			{typ: nbdwire.CmdRead, off: 5000, n: 100, buf: read2},
+			{typ: nbdwire.CmdWrite, off: 0, n: 10, payload: make([]byte, 10)},
+			{typ: nbdwire.CmdFlush},
 		} {
 			cl, err := c.send(bg, p)
 			if err != nil {

@@ -1,22 +1,7 @@
-package nbd
-
-import (
-	"bufio"
-	"context"
-	"crypto/tls"
-	"errors"
-	"fmt"
-	"io"
-	"net"
-	"net/url"
-	"strconv"
-	"sync"
-	"time"
-)
-
-// This file is the NBD client: Dial negotiates an export with any fixed
-// newstyle server (this package's, qemu-nbd, nbdkit, nbd-server) and the
-// returned Client reads and writes it.
+// Package nbdclient is an NBD client: Dial negotiates an export with any
+// fixed newstyle server (package nbd's, qemu-nbd, nbdkit, nbd-server) and
+// the returned Client reads and writes it. The NBD-export container
+// (package container) and the tests use it.
 //
 // # Client states
 //
@@ -32,55 +17,23 @@ import (
 // answered. In broken every request in flight and every later one fails
 // with the error that broke the connection (wrapping ErrDisconnected). The
 // client never reconnects: a caller that wants to go on dials again.
+package nbdclient
 
-// Errors answered by an NBD server (spec "Error values"). A request the
-// server fails returns a *RemoteError, which errors.Is matches against the
-// sentinel of its error value. The client also returns these sentinels
-// for requests it refuses without asking, because the server would refuse
-// them the same way: a write to a read-only export (ErrEPERM), a range
-// beyond the end of the export (ErrEINVAL), WRITE_ZEROES on an export
-// that does not advertise it (ErrENOTSUP).
-var (
-	// ErrEPERM is NBD_EPERM: the operation is not permitted, typically a
-	// write to a read-only export.
-	ErrEPERM = errors.New("nbd: operation not permitted")
-	// ErrEIO is NBD_EIO, the generic failure; unknown error values count
-	// as EIO too.
-	ErrEIO = errors.New("nbd: input/output error")
-	// ErrENOMEM is NBD_ENOMEM: the server is out of memory.
-	ErrENOMEM = errors.New("nbd: cannot allocate memory")
-	// ErrEINVAL is NBD_EINVAL: a bad request, such as a range past the
-	// end of the export or one that breaks the block size constraints.
-	ErrEINVAL = errors.New("nbd: invalid argument")
-	// ErrENOSPC is NBD_ENOSPC: the storage behind the export is full.
-	ErrENOSPC = errors.New("nbd: no space left on device")
-	// ErrEOVERFLOW is NBD_EOVERFLOW: a request too large for the server.
-	ErrEOVERFLOW = errors.New("nbd: value too large")
-	// ErrENOTSUP is NBD_ENOTSUP: the operation is not supported.
-	ErrENOTSUP = errors.New("nbd: operation not supported")
-	// ErrESHUTDOWN is NBD_ESHUTDOWN: the server is shutting down and
-	// refuses new work; the connection is about to end.
-	ErrESHUTDOWN = errors.New("nbd: server is shutting down")
-)
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
 
-// Errors about the client and its connection.
-var (
-	// ErrClientClosed is returned by every request made after Close began,
-	// and by requests still in flight when Close gave up waiting.
-	ErrClientClosed = errors.New("nbd: client closed")
-	// ErrDisconnected is wrapped, together with the cause, by every request
-	// in flight when the connection broke (the server hung up, the network
-	// failed, the server broke the protocol) and by every later request.
-	// The client does not reconnect: dial again.
-	ErrDisconnected = errors.New("nbd: connection lost")
-	// ErrProtocol means the server sent something the protocol forbids. In
-	// the handshake it fails Dial; in a reply it breaks the connection
-	// (wrapped with ErrDisconnected), except for a read answered as a
-	// success without all its data, which fails that read alone.
-	ErrProtocol = errors.New("nbd: server broke the protocol")
-	// ErrTLSRequired means the server wants TLS and ClientConfig.TLS is
-	// not set.
-	ErrTLSRequired = errors.New("nbd: server requires TLS")
+	"segmap/internal/nbd/nbdwire"
 )
 
 // RemoteError is an error answered by the server for one request. Msg is
@@ -104,19 +57,19 @@ func (e *RemoteError) Is(target error) bool { return target == errnoSentinel(e.E
 
 func errnoSentinel(errno uint32) error {
 	switch errno {
-	case EPERM:
+	case nbdwire.EPERM:
 		return ErrEPERM
-	case ENOMEM:
+	case nbdwire.ENOMEM:
 		return ErrENOMEM
-	case EINVAL:
+	case nbdwire.EINVAL:
 		return ErrEINVAL
-	case ENOSPC:
+	case nbdwire.ENOSPC:
 		return ErrENOSPC
-	case EOVERFLOW:
+	case nbdwire.EOVERFLOW:
 		return ErrEOVERFLOW
-	case ENOTSUP:
+	case nbdwire.ENOTSUP:
 		return ErrENOTSUP
-	case ESHUTDOWN:
+	case nbdwire.ESHUTDOWN:
 		return ErrESHUTDOWN
 	}
 	return ErrEIO
@@ -124,35 +77,40 @@ func errnoSentinel(errno uint32) error {
 
 func errnoName(errno uint32) string {
 	switch errno {
-	case EPERM:
+	case nbdwire.EPERM:
 		return "EPERM"
-	case EIO:
+	case nbdwire.EIO:
 		return "EIO"
-	case ENOMEM:
+	case nbdwire.ENOMEM:
 		return "ENOMEM"
-	case EINVAL:
+	case nbdwire.EINVAL:
 		return "EINVAL"
-	case ENOSPC:
+	case nbdwire.ENOSPC:
 		return "ENOSPC"
-	case EOVERFLOW:
+	case nbdwire.EOVERFLOW:
 		return "EOVERFLOW"
-	case ENOTSUP:
+	case nbdwire.ENOTSUP:
 		return "ENOTSUP"
-	case ESHUTDOWN:
+	case nbdwire.ESHUTDOWN:
 		return "ESHUTDOWN"
 	}
 	return strconv.FormatUint(uint64(errno), 10)
 }
 
-// Wire values the server side does not use.
+// The client's own defaults.
 const (
-	magicOldstyle     uint64  = 0x00420281861253
-	chunkOffsetHole   uint16  = 2
-	chunkErrorOffset  uint16  = 1<<15 + 2
-	chunkErrorBit     uint16  = 1 << 15
-	repErrTLSReqd     repType = repErr + 5
-	repErrBlockSzReqd repType = repErr + 8
+	// DefaultHandshakeTimeout bounds the handshake when
+	// ClientConfig.HandshakeTimeout is 0.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// readBufferSize is the size of the connection's read buffer.
+	readBufferSize = 64 << 10
 )
+
+// aLongTimeAgo is a deadline in the past, set to interrupt reads and
+// writes.
+var aLongTimeAgo = time.Unix(1, 0)
+
+var be = binary.BigEndian
 
 // Client limits.
 const (
@@ -161,7 +119,7 @@ const (
 	// clientMaxRequest caps the payload of one READ or WRITE whatever the
 	// server advertises: the spec's default maximum, which every server
 	// accepts and no server treats as a denial of service.
-	clientMaxRequest = maxPayload
+	clientMaxRequest = nbdwire.MaxPayload
 	// clientMaxZero caps the length of one TRIM or WRITE_ZEROES; the
 	// field has 32 bits and 1 GiB keeps servers that apply their payload
 	// limit to these commands, too, within reason.
@@ -222,7 +180,7 @@ func ParseURI(uri string) (addr, export string, err error) {
 	if len(export) > 0 && export[0] == '/' {
 		export = export[1:]
 	}
-	if !validString(export) {
+	if !nbdwire.ValidString(export) {
 		return "", "", fmt.Errorf("nbd URI %q: export name is not a valid NBD string", uri)
 	}
 	return net.JoinHostPort(u.Hostname(), port), export, nil
@@ -289,7 +247,7 @@ type Client struct {
 
 // clientReq is one request in flight.
 type clientReq struct {
-	typ    command
+	typ    nbdwire.Command
 	off    uint64
 	length uint32
 	// done is closed when the reply is complete; err is set before.
@@ -317,7 +275,7 @@ type clientReq struct {
 // (EXPORT_NAME if the server does not know GO). An export the server does
 // not have fails with an error wrapping ErrUnknownExport.
 func Dial(ctx context.Context, addr, export string, cfg ClientConfig) (*Client, error) {
-	if !validString(export) {
+	if !nbdwire.ValidString(export) {
 		return nil, fmt.Errorf("nbd: dial %s: export name %q is not a valid NBD string", addr, export)
 	}
 	timeout := cfg.HandshakeTimeout
@@ -384,11 +342,11 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 	if _, err := io.ReadFull(h.rd, greet[:16]); err != nil {
 		return nil, fmt.Errorf("read greeting: %w", err)
 	}
-	if be.Uint64(greet[0:]) != magicNBD {
+	if be.Uint64(greet[0:]) != nbdwire.MagicNBD {
 		return nil, fmt.Errorf("%w: not an NBD server (greeting %#x)", ErrProtocol, be.Uint64(greet[0:]))
 	}
-	if m := be.Uint64(greet[8:]); m != magicOpts {
-		if m == magicOldstyle {
+	if m := be.Uint64(greet[8:]); m != nbdwire.MagicOpts {
+		if m == nbdwire.MagicOldstyle {
 			return nil, fmt.Errorf("%w: oldstyle negotiation is not supported", ErrProtocol)
 		}
 		return nil, fmt.Errorf("%w: greeting magic %#x", ErrProtocol, m)
@@ -397,14 +355,14 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 		return nil, fmt.Errorf("read greeting: %w", err)
 	}
 	hflags := be.Uint16(greet[16:])
-	fixed := hflags&hflagFixedNewstyle != 0
+	fixed := hflags&nbdwire.HFlagFixedNewstyle != 0
 	var cflags uint32
 	if fixed {
-		cflags |= cflagFixedNewstyle
+		cflags |= nbdwire.CFlagFixedNewstyle
 	}
-	noZeroes := hflags&hflagNoZeroes != 0
+	noZeroes := hflags&nbdwire.HFlagNoZeroes != 0
 	if noZeroes {
-		cflags |= cflagNoZeroes
+		cflags |= nbdwire.CFlagNoZeroes
 	}
 	if err := h.write(be.AppendUint32(nil, cflags)); err != nil {
 		return nil, err
@@ -413,8 +371,8 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 	c := &Client{
 		export:    export,
 		minBlock:  1,
-		prefBlock: preferredBlockSize,
-		maxBlock:  maxPayload,
+		prefBlock: nbdwire.PreferredBlockSize,
+		maxBlock:  nbdwire.MaxPayload,
 		wlock:     make(chan struct{}, 1),
 		dead:      make(chan struct{}),
 	}
@@ -459,27 +417,27 @@ func (h *clientHandshake) write(b []byte) error {
 }
 
 // sendOption sends one option with its data.
-func (h *clientHandshake) sendOption(opt option, data []byte) error {
+func (h *clientHandshake) sendOption(opt nbdwire.Option, data []byte) error {
 	b := make([]byte, 16, 16+len(data))
-	be.PutUint64(b[0:], magicOpts)
+	be.PutUint64(b[0:], nbdwire.MagicOpts)
 	be.PutUint32(b[8:], uint32(opt))
 	be.PutUint32(b[12:], uint32(len(data)))
 	return h.write(append(b, data...))
 }
 
 // optReply reads one option reply to opt.
-func (h *clientHandshake) optReply(opt option) (repType, []byte, error) {
+func (h *clientHandshake) optReply(opt nbdwire.Option) (nbdwire.RepType, []byte, error) {
 	var hdr [20]byte
 	if _, err := io.ReadFull(h.rd, hdr[:]); err != nil {
 		return 0, nil, fmt.Errorf("read reply to %v: %w", opt, err)
 	}
-	if m := be.Uint64(hdr[0:]); m != magicOptReply {
+	if m := be.Uint64(hdr[0:]); m != nbdwire.MagicOptReply {
 		return 0, nil, fmt.Errorf("%w: reply magic %#x to %v", ErrProtocol, m, opt)
 	}
-	if o := option(be.Uint32(hdr[8:])); o != opt {
+	if o := nbdwire.Option(be.Uint32(hdr[8:])); o != opt {
 		return 0, nil, fmt.Errorf("%w: reply to %v while waiting for %v", ErrProtocol, o, opt)
 	}
-	typ := repType(be.Uint32(hdr[12:]))
+	typ := nbdwire.RepType(be.Uint32(hdr[12:]))
 	n := be.Uint32(hdr[16:])
 	if n > maxOptReply {
 		return 0, nil, fmt.Errorf("%w: %v reply to %v of %d bytes", ErrProtocol, typ, opt, n)
@@ -493,18 +451,18 @@ func (h *clientHandshake) optReply(opt option) (repType, []byte, error) {
 
 // optError describes an error reply, wrapping ErrUnknownExport and
 // ErrTLSRequired where they apply.
-func optError(opt option, typ repType, data []byte) error {
+func optError(opt nbdwire.Option, typ nbdwire.RepType, data []byte) error {
 	msg := ""
-	if len(data) > 0 && validString(string(data)) {
+	if len(data) > 0 && nbdwire.ValidString(string(data)) {
 		msg = ": " + string(data)
 	}
 	switch typ {
-	case repErrUnknown:
-		return fmt.Errorf("%w (%v answered %v%s)", ErrUnknownExport, opt, typ, msg)
-	case repErrTLSReqd:
+	case nbdwire.RepErrUnknown:
+		return fmt.Errorf("%w (%v answered %v%s)", nbdwire.ErrUnknownExport, opt, typ, msg)
+	case nbdwire.RepErrTLSReqd:
 		return fmt.Errorf("%w (%v answered %v%s)", ErrTLSRequired, opt, typ, msg)
 	}
-	if typ&repErr == 0 {
+	if typ&nbdwire.RepErr == 0 {
 		return fmt.Errorf("%w: unexpected %v reply to %v", ErrProtocol, typ, opt)
 	}
 	return fmt.Errorf("nbd: server refused %v: %v%s", opt, typ, msg)
@@ -513,15 +471,15 @@ func optError(opt option, typ repType, data []byte) error {
 // startTLS upgrades the connection: STARTTLS, then a TLS handshake; every
 // later byte goes through TLS.
 func (h *clientHandshake) startTLS(addr string) error {
-	if err := h.sendOption(optStartTLS, nil); err != nil {
+	if err := h.sendOption(nbdwire.OptStartTLS, nil); err != nil {
 		return err
 	}
-	typ, data, err := h.optReply(optStartTLS)
+	typ, data, err := h.optReply(nbdwire.OptStartTLS)
 	if err != nil {
 		return err
 	}
-	if typ != repAck {
-		return fmt.Errorf("TLS refused: %w", optError(optStartTLS, typ, data))
+	if typ != nbdwire.RepAck {
+		return fmt.Errorf("TLS refused: %w", optError(nbdwire.OptStartTLS, typ, data))
 	}
 	if h.rd.Buffered() > 0 {
 		return fmt.Errorf("%w: data after the STARTTLS reply", ErrProtocol)
@@ -545,21 +503,21 @@ func (h *clientHandshake) startTLS(addr string) error {
 // structuredReply asks for structured replies; false if the server does
 // not offer them.
 func (h *clientHandshake) structuredReply() (bool, error) {
-	if err := h.sendOption(optStructuredReply, nil); err != nil {
+	if err := h.sendOption(nbdwire.OptStructuredReply, nil); err != nil {
 		return false, err
 	}
-	typ, data, err := h.optReply(optStructuredReply)
+	typ, data, err := h.optReply(nbdwire.OptStructuredReply)
 	switch {
 	case err != nil:
 		return false, err
-	case typ == repAck:
+	case typ == nbdwire.RepAck:
 		return true, nil
-	case typ == repErrTLSReqd:
-		return false, optError(optStructuredReply, typ, data)
-	case typ&repErr != 0:
+	case typ == nbdwire.RepErrTLSReqd:
+		return false, optError(nbdwire.OptStructuredReply, typ, data)
+	case typ&nbdwire.RepErr != 0:
 		return false, nil
 	}
-	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, optStructuredReply)
+	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptStructuredReply)
 }
 
 // goExport selects the export with NBD_OPT_GO. ok is false if the server
@@ -569,29 +527,29 @@ func (h *clientHandshake) goExport(c *Client) (ok bool, err error) {
 	data = be.AppendUint32(data, uint32(len(c.export)))
 	data = append(data, c.export...)
 	data = be.AppendUint16(data, 1)
-	data = be.AppendUint16(data, infoBlockSize)
-	if err := h.sendOption(optGo, data); err != nil {
+	data = be.AppendUint16(data, nbdwire.InfoBlockSize)
+	if err := h.sendOption(nbdwire.OptGo, data); err != nil {
 		return false, err
 	}
 	gotExport := false
 	for {
-		typ, data, err := h.optReply(optGo)
+		typ, data, err := h.optReply(nbdwire.OptGo)
 		if err != nil {
 			return false, err
 		}
 		switch {
-		case typ == repInfo:
+		case typ == nbdwire.RepInfo:
 			if len(data) < 2 {
 				return false, fmt.Errorf("%w: NBD_REP_INFO of %d bytes", ErrProtocol, len(data))
 			}
 			switch t := be.Uint16(data); {
-			case t == infoExport:
+			case t == nbdwire.InfoExport:
 				if len(data) != 12 {
 					return false, fmt.Errorf("%w: NBD_INFO_EXPORT of %d bytes", ErrProtocol, len(data))
 				}
 				c.size, c.flags = be.Uint64(data[2:]), be.Uint16(data[10:])
 				gotExport = true
-			case t == infoBlockSize:
+			case t == nbdwire.InfoBlockSize:
 				if len(data) != 14 {
 					return false, fmt.Errorf("%w: NBD_INFO_BLOCK_SIZE of %d bytes", ErrProtocol, len(data))
 				}
@@ -600,15 +558,15 @@ func (h *clientHandshake) goExport(c *Client) (ok bool, err error) {
 				c.maxBlock = uint64(be.Uint32(data[10:]))
 			}
 			// Other information is ignored, as the spec asks.
-		case typ == repAck:
+		case typ == nbdwire.RepAck:
 			if !gotExport {
 				return false, fmt.Errorf("%w: NBD_OPT_GO acknowledged without NBD_INFO_EXPORT", ErrProtocol)
 			}
 			return true, nil
-		case typ == repErrUnsup:
+		case typ == nbdwire.RepErrUnsup:
 			return false, nil
 		default:
-			return false, optError(optGo, typ, data)
+			return false, optError(nbdwire.OptGo, typ, data)
 		}
 	}
 }
@@ -616,18 +574,18 @@ func (h *clientHandshake) goExport(c *Client) (ok bool, err error) {
 // exportName selects the export with NBD_OPT_EXPORT_NAME, which a server
 // answers by hanging up if it does not have the export.
 func (h *clientHandshake) exportName(c *Client, noZeroes bool) error {
-	if err := h.sendOption(optExportName, []byte(c.export)); err != nil {
+	if err := h.sendOption(nbdwire.OptExportName, []byte(c.export)); err != nil {
 		return err
 	}
-	b := make([]byte, 10+zeroPadSize)
+	b := make([]byte, 10+nbdwire.ZeroPadSize)
 	if noZeroes {
 		b = b[:10]
 	}
 	if _, err := io.ReadFull(h.rd, b); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return fmt.Errorf("%w (the server hung up on NBD_OPT_EXPORT_NAME)", ErrUnknownExport)
+			return fmt.Errorf("%w (the server hung up on NBD_OPT_EXPORT_NAME)", nbdwire.ErrUnknownExport)
 		}
-		return fmt.Errorf("read reply to %v: %w", optExportName, err)
+		return fmt.Errorf("read reply to %v: %w", nbdwire.OptExportName, err)
 	}
 	c.size, c.flags = be.Uint64(b[0:]), be.Uint16(b[8:])
 	return nil
@@ -636,7 +594,7 @@ func (h *clientHandshake) exportName(c *Client, noZeroes bool) error {
 // setLimits checks the negotiated block sizes and derives the request
 // limits.
 func (c *Client) setLimits() error {
-	if c.flags&tflagHasFlags == 0 {
+	if c.flags&nbdwire.TFlagHasFlags == 0 {
 		c.flags = 0
 	}
 	pow2 := func(n uint64) bool { return n != 0 && n&(n-1) == 0 }
@@ -660,12 +618,12 @@ func (c *Client) Export() string { return c.export }
 func (c *Client) Size() uint64 { return c.size }
 
 // ReadOnly reports whether the server refuses writes to the export.
-func (c *Client) ReadOnly() bool { return c.flags&tflagReadOnly != 0 }
+func (c *Client) ReadOnly() bool { return c.flags&nbdwire.TFlagReadOnly != 0 }
 
 // CanMultiConn reports whether the server promises that a flush on one
 // connection covers writes answered on every connection to the export, so
 // that a caller may spread its requests over several Clients.
-func (c *Client) CanMultiConn() bool { return c.flags&tflagCanMultiConn != 0 }
+func (c *Client) CanMultiConn() bool { return c.flags&nbdwire.TFlagCanMultiConn != 0 }
 
 // BlockSize returns the server's block size constraints: the minimum
 // (requests are aligned to it), the preferred, and the maximum payload of
@@ -697,7 +655,7 @@ func (c *Client) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		return nil
 	}
 	if c.aligned(off, uint64(len(p))) {
-		return c.run(ctx, c.split(cmdRead, 0, off, uint64(len(p)), p, nil))
+		return c.run(ctx, c.split(nbdwire.CmdRead, 0, off, uint64(len(p)), p, nil))
 	}
 	return c.readUnaligned(ctx, p, off)
 }
@@ -719,7 +677,7 @@ func (c *Client) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 		return c.Flush(ctx)
 	}
 	c.rlockRMW()
-	err := c.run(ctx, c.split(cmdWrite, c.fuaFlag(fua), off, uint64(len(p)), nil, p))
+	err := c.run(ctx, c.split(nbdwire.CmdWrite, c.fuaFlag(fua), off, uint64(len(p)), nil, p))
 	c.runlockRMW()
 	if err != nil {
 		return err
@@ -730,10 +688,10 @@ func (c *Client) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 // Flush makes every write answered before it durable. Against a server
 // without a write cache (no NBD_FLAG_SEND_FLUSH) it does nothing.
 func (c *Client) Flush(ctx context.Context) error {
-	if c.flags&tflagSendFlush == 0 {
+	if c.flags&nbdwire.TFlagSendFlush == 0 {
 		return c.liveErr()
 	}
-	return c.run(ctx, []piece{{typ: cmdFlush}})
+	return c.run(ctx, []piece{{typ: nbdwire.CmdFlush}})
 }
 
 // Trim tells the server that [off, off+n) is no longer needed; its
@@ -748,12 +706,12 @@ func (c *Client) Trim(ctx context.Context, off, n uint64) error {
 	if off+n == c.size {
 		hi = c.size
 	}
-	if c.flags&tflagSendTrim == 0 || hi <= lo {
+	if c.flags&nbdwire.TFlagSendTrim == 0 || hi <= lo {
 		return c.liveErr()
 	}
 	c.rlockRMW()
 	defer c.runlockRMW()
-	return c.run(ctx, c.split(cmdTrim, 0, lo, hi-lo, nil, nil))
+	return c.run(ctx, c.split(nbdwire.CmdTrim, 0, lo, hi-lo, nil, nil))
 }
 
 // WriteZeroes makes [off, off+n) read as zeros. Without noHole the server
@@ -764,7 +722,7 @@ func (c *Client) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) er
 	if err := c.checkRange("write zeroes", off, n, true); err != nil {
 		return err
 	}
-	if c.flags&tflagSendWriteZeroes == 0 {
+	if c.flags&nbdwire.TFlagSendWriteZeroes == 0 {
 		return fmt.Errorf("nbd: write zeroes: export %q does not support it: %w", c.export, ErrENOTSUP)
 	}
 	if n == 0 {
@@ -772,14 +730,14 @@ func (c *Client) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) er
 	}
 	var flags uint16
 	if noHole {
-		flags |= cmdFlagNoHole
+		flags |= nbdwire.CmdFlagNoHole
 	}
 	if c.minBlock > 1 && !c.aligned(off, n) {
 		return c.writeUnaligned(ctx, off, n, nil, flags)
 	}
 	c.rlockRMW()
 	defer c.runlockRMW()
-	return c.run(ctx, c.split(cmdWriteZeroes, flags, off, n, nil, nil))
+	return c.run(ctx, c.split(nbdwire.CmdWriteZeroes, flags, off, n, nil, nil))
 }
 
 // liveErr returns the error that ended the client, if any: requests that
@@ -801,8 +759,8 @@ func (c *Client) errLocked() error {
 }
 
 func (c *Client) fuaFlag(fua bool) uint16 {
-	if fua && c.flags&tflagSendFUA != 0 {
-		return cmdFlagFUA
+	if fua && c.flags&nbdwire.TFlagSendFUA != 0 {
+		return nbdwire.CmdFlagFUA
 	}
 	return 0
 }
@@ -810,7 +768,7 @@ func (c *Client) fuaFlag(fua bool) uint16 {
 // emulateFUA flushes after a write that asked for FUA on a server that
 // does not offer it.
 func (c *Client) emulateFUA(ctx context.Context, fua bool) error {
-	if fua && c.flags&tflagSendFUA == 0 {
+	if fua && c.flags&nbdwire.TFlagSendFUA == 0 {
 		return c.Flush(ctx)
 	}
 	return nil
@@ -857,7 +815,7 @@ func (c *Client) readUnaligned(ctx context.Context, p []byte, off uint64) error 
 	first, last := alignDown(off, c.minBlock), alignDown(end-1, c.minBlock)
 	if first == last {
 		b := make([]byte, c.blockLen(first))
-		if err := c.run(ctx, []piece{{typ: cmdRead, off: first, n: uint64(len(b)), buf: b}}); err != nil {
+		if err := c.run(ctx, []piece{{typ: nbdwire.CmdRead, off: first, n: uint64(len(b)), buf: b}}); err != nil {
 			return err
 		}
 		copy(p, b[off-first:])
@@ -871,14 +829,14 @@ func (c *Client) readUnaligned(ctx context.Context, p []byte, off uint64) error 
 	var ps []piece
 	if lo > off {
 		head = make([]byte, c.minBlock)
-		ps = append(ps, piece{typ: cmdRead, off: first, n: c.minBlock, buf: head})
+		ps = append(ps, piece{typ: nbdwire.CmdRead, off: first, n: c.minBlock, buf: head})
 	}
 	if hi > lo {
-		ps = append(ps, c.split(cmdRead, 0, lo, hi-lo, p[lo-off:hi-off], nil)...)
+		ps = append(ps, c.split(nbdwire.CmdRead, 0, lo, hi-lo, p[lo-off:hi-off], nil)...)
 	}
 	if end > hi {
 		tail = make([]byte, c.blockLen(last))
-		ps = append(ps, piece{typ: cmdRead, off: last, n: uint64(len(tail)), buf: tail})
+		ps = append(ps, piece{typ: nbdwire.CmdRead, off: last, n: uint64(len(tail)), buf: tail})
 	}
 	if err := c.run(ctx, ps); err != nil {
 		return err
@@ -925,9 +883,9 @@ func (c *Client) writeUnaligned(ctx context.Context, off, n uint64, p []byte, fl
 		c.rlockRMW()
 		var err error
 		if p == nil {
-			err = c.run(ctx, c.split(cmdWriteZeroes, flags, lo, hi-lo, nil, nil))
+			err = c.run(ctx, c.split(nbdwire.CmdWriteZeroes, flags, lo, hi-lo, nil, nil))
 		} else {
-			err = c.run(ctx, c.split(cmdWrite, flags, lo, hi-lo, nil, p[lo-off:hi-off]))
+			err = c.run(ctx, c.split(nbdwire.CmdWrite, flags, lo, hi-lo, nil, p[lo-off:hi-off]))
 		}
 		c.runlockRMW()
 		if err != nil {
@@ -946,16 +904,16 @@ func (c *Client) readModifyWrite(ctx context.Context, blk uint64, patch func([]b
 	c.rmw.Lock()
 	defer c.rmw.Unlock()
 	b := make([]byte, c.blockLen(blk))
-	if err := c.run(ctx, []piece{{typ: cmdRead, off: blk, n: uint64(len(b)), buf: b}}); err != nil {
+	if err := c.run(ctx, []piece{{typ: nbdwire.CmdRead, off: blk, n: uint64(len(b)), buf: b}}); err != nil {
 		return err
 	}
 	patch(b)
-	return c.run(ctx, []piece{{typ: cmdWrite, off: blk, n: uint64(len(b)), payload: b}})
+	return c.run(ctx, []piece{{typ: nbdwire.CmdWrite, off: blk, n: uint64(len(b)), payload: b}})
 }
 
 // piece is one request to send.
 type piece struct {
-	typ     command
+	typ     nbdwire.Command
 	flags   uint16
 	off, n  uint64
 	buf     []byte // READ destination
@@ -965,9 +923,9 @@ type piece struct {
 // split cuts [off, off+n) into requests the server accepts: READ and WRITE
 // at most maxReq bytes, TRIM and WRITE_ZEROES at most maxZero. buf and
 // payload are cut along.
-func (c *Client) split(typ command, flags uint16, off, n uint64, buf, payload []byte) []piece {
+func (c *Client) split(typ nbdwire.Command, flags uint16, off, n uint64, buf, payload []byte) []piece {
 	limit := c.maxReq
-	if typ == cmdTrim || typ == cmdWriteZeroes {
+	if typ == nbdwire.CmdTrim || typ == nbdwire.CmdWriteZeroes {
 		limit = c.maxZero
 	}
 	ps := make([]piece, 0, (n+limit-1)/limit)
@@ -1035,8 +993,8 @@ func (c *Client) send(ctx context.Context, p piece) (*clientReq, error) {
 	c.mu.pending[cookie] = cl
 	c.mu.Unlock()
 
-	var hdr [requestSize]byte
-	be.PutUint32(hdr[0:], magicRequest)
+	var hdr [nbdwire.RequestSize]byte
+	be.PutUint32(hdr[0:], nbdwire.MagicRequest)
 	be.PutUint16(hdr[4:], p.flags)
 	be.PutUint16(hdr[6:], uint16(p.typ))
 	be.PutUint64(hdr[8:], cookie)
@@ -1178,24 +1136,24 @@ func (c *Client) lookup(cookie uint64, remove bool) *clientReq {
 // readReplies reads replies and completes their calls. It returns why the
 // connection can no longer be read.
 func (c *Client) readReplies() error {
-	var hdr [chunkHeaderSize]byte
+	var hdr [nbdwire.ChunkHeaderSize]byte
 	for {
 		if _, err := io.ReadFull(c.rd, hdr[:4]); err != nil {
 			return err
 		}
 		switch m := be.Uint32(hdr[:]); m {
-		case magicSimpleReply:
-			if _, err := io.ReadFull(c.rd, hdr[4:simpleReplySize]); err != nil {
+		case nbdwire.MagicSimpleReply:
+			if _, err := io.ReadFull(c.rd, hdr[4:nbdwire.SimpleReplySize]); err != nil {
 				return err
 			}
 			if err := c.simpleReply(be.Uint32(hdr[4:]), be.Uint64(hdr[8:])); err != nil {
 				return err
 			}
-		case magicChunk:
+		case nbdwire.MagicChunk:
 			if !c.structured {
 				return fmt.Errorf("%w: structured reply without negotiation", ErrProtocol)
 			}
-			if _, err := io.ReadFull(c.rd, hdr[4:chunkHeaderSize]); err != nil {
+			if _, err := io.ReadFull(c.rd, hdr[4:nbdwire.ChunkHeaderSize]); err != nil {
 				return err
 			}
 			flags, typ := be.Uint16(hdr[4:]), be.Uint16(hdr[6:])
@@ -1207,7 +1165,7 @@ func (c *Client) readReplies() error {
 			if err := c.chunk(cl, flags, typ, length); err != nil {
 				return err
 			}
-			if flags&replyFlagDone != 0 {
+			if flags&nbdwire.ReplyFlagDone != 0 {
 				c.lookup(cookie, true)
 				cl.finish(cl.result())
 			}
@@ -1227,7 +1185,7 @@ func (c *Client) simpleReply(errno uint32, cookie uint64) error {
 	var err error
 	if errno != 0 {
 		err = &RemoteError{Errno: errno}
-	} else if cl.typ == cmdRead {
+	} else if cl.typ == nbdwire.CmdRead {
 		// A structured server must not answer a READ this way, but the
 		// reply is unambiguous, so take it.
 		if rerr := cl.fill(c.rd, 0, uint64(cl.length)); rerr != nil {
@@ -1259,21 +1217,21 @@ func (c *Client) chunk(cl *clientReq, flags, typ uint16, length uint32) error {
 		return fmt.Errorf("%w: %v reply: %s", ErrProtocol, cl.typ, fmt.Sprintf(format, args...))
 	}
 	switch typ {
-	case chunkNone:
-		if length != 0 || flags&replyFlagDone == 0 {
+	case nbdwire.ChunkNone:
+		if length != 0 || flags&nbdwire.ReplyFlagDone == 0 {
 			return bad("NONE chunk with length %d, flags %#x", length, flags)
 		}
 		return nil
-	case chunkOffsetData, chunkOffsetHole:
-		if cl.typ != cmdRead {
+	case nbdwire.ChunkOffsetData, nbdwire.ChunkOffsetHole:
+		if cl.typ != nbdwire.CmdRead {
 			return bad("content chunk type %d", typ)
 		}
-		if (typ == chunkOffsetData && length < 9) || (typ == chunkOffsetHole && length != 12) {
+		if (typ == nbdwire.ChunkOffsetData && length < 9) || (typ == nbdwire.ChunkOffsetHole && length != 12) {
 			return bad("chunk type %d of %d bytes", typ, length)
 		}
 		var b [12]byte
 		hl := 8
-		if typ == chunkOffsetHole {
+		if typ == nbdwire.ChunkOffsetHole {
 			hl = 12
 		}
 		if _, err := io.ReadFull(c.rd, b[:hl]); err != nil {
@@ -1281,7 +1239,7 @@ func (c *Client) chunk(cl *clientReq, flags, typ uint16, length uint32) error {
 		}
 		off := be.Uint64(b[0:])
 		n := uint64(length) - 8
-		if typ == chunkOffsetHole {
+		if typ == nbdwire.ChunkOffsetHole {
 			n = uint64(be.Uint32(b[8:]))
 		}
 		if off < cl.off || off-cl.off > uint64(cl.length) || n > uint64(cl.length)-(off-cl.off) || n == 0 {
@@ -1292,7 +1250,7 @@ func (c *Client) chunk(cl *clientReq, flags, typ uint16, length uint32) error {
 			return bad("overlapping content chunks")
 		}
 		rel := off - cl.off
-		if typ == chunkOffsetData {
+		if typ == nbdwire.ChunkOffsetData {
 			return cl.fill(c.rd, rel, n)
 		}
 		cl.mu.Lock()
@@ -1302,13 +1260,13 @@ func (c *Client) chunk(cl *clientReq, flags, typ uint16, length uint32) error {
 		cl.mu.Unlock()
 		return nil
 	}
-	if typ&chunkErrorBit == 0 {
+	if typ&nbdwire.ChunkErrorBit == 0 {
 		return bad("unknown chunk type %d", typ)
 	}
 	// An error chunk, known or not: error, message length, message, and
 	// for ERROR_OFFSET an offset.
 	minLen := uint32(6)
-	if typ == chunkErrorOffset {
+	if typ == nbdwire.ChunkErrorOffset {
 		minLen = 14
 	}
 	if length < minLen || length > maxChunkMeta {
@@ -1323,12 +1281,12 @@ func (c *Client) chunk(cl *clientReq, flags, typ uint16, length uint32) error {
 		return bad("error message of %d bytes in a chunk of %d", msgLen, length)
 	}
 	if errno == 0 {
-		errno = EIO // an error chunk must carry an error
+		errno = nbdwire.EIO // an error chunk must carry an error
 	}
 	if cl.chunkErr == nil {
 		msg := string(b[6 : 6+msgLen])
-		if !validString(msg) {
-			msg = clipMessage(msg)
+		if !nbdwire.ValidString(msg) {
+			msg = nbdwire.ClipMessage(msg)
 		}
 		cl.chunkErr = &RemoteError{Errno: errno, Msg: msg}
 	}
@@ -1340,7 +1298,7 @@ func (cl *clientReq) result() error {
 	if cl.chunkErr != nil {
 		return cl.chunkErr
 	}
-	if cl.typ == cmdRead && cl.covered != uint64(cl.length) {
+	if cl.typ == nbdwire.CmdRead && cl.covered != uint64(cl.length) {
 		return fmt.Errorf("%w: read of %d bytes at offset %d answered with %d", ErrProtocol, cl.length, cl.off, cl.covered)
 	}
 	return nil
@@ -1379,9 +1337,9 @@ func (c *Client) Close() error {
 		// be finishing.
 		select {
 		case c.wlock <- struct{}{}:
-			var hdr [requestSize]byte
-			be.PutUint32(hdr[0:], magicRequest)
-			be.PutUint16(hdr[6:], uint16(cmdDisc))
+			var hdr [nbdwire.RequestSize]byte
+			be.PutUint32(hdr[0:], nbdwire.MagicRequest)
+			be.PutUint16(hdr[6:], uint16(nbdwire.CmdDisc))
 			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 			c.nc.Write(hdr[:])
 			<-c.wlock
