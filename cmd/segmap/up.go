@@ -190,15 +190,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	case serveErr = <-errc:
 	case <-lost:
 		serveErr = errors.New("lost the leadership in etcd: stopping (another controller leads now)")
-		// Stop acting at once: no more commits, and the agent holds
-		// its I/O (every entry Invalid) instead of writing under
-		// entries the next leader may move.
-		c.Store.Close()
 		fctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		for _, a := range c.Agents {
-			if err := a.Fence(fctx); err != nil {
-				logger.Warn("fence", "err", err)
-			}
+		if err := c.Fence(fctx); err != nil {
+			logger.Warn("fence", "err", err)
 		}
 		cancel()
 	}

@@ -243,6 +243,22 @@ func (c *Cluster) RestartAgent(ctx context.Context, i int) error {
 	return nil
 }
 
+// Fence stops the cluster acting at once, as a controller that lost its
+// leadership in etcd must: the store is closed (no more commits), and
+// every agent holds its I/O (every entry Invalid) instead of writing
+// under entries the next leader may move. Close still follows. It
+// returns the agents' errors.
+func (c *Cluster) Fence(ctx context.Context) error {
+	c.Store.Close()
+	var errs []error
+	for _, a := range c.Agents {
+		if err := a.Fence(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("agent %s: %w", a.Name(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Close stops the agents, then the controller, then the store.
 func (c *Cluster) Close() error {
 	var errs []error
