@@ -21,8 +21,8 @@ const (
 	benchSize = 128 << 20
 )
 
-// BenchmarkNBD measures the whole data path of 'segmap up': the nbd package's
-// client over loopback TCP, the NBD server, NBDBackend, the agent and a
+// BenchmarkNBD measures the whole data path of 'segmap up': package nbdclient's
+// client over loopback TCP, the NBD server, nbdexport.Backend, the agent and a
 // file container, on a disk whose every segment is allocated. allocs/op
 // counts the client's allocations too (a few per request).
 //
