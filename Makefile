@@ -33,7 +33,7 @@ vet:
 
 # model: a long run of the randomized model test.
 model:
-	$(GO) test -count=1 -timeout 0 -run TestModel ./internal/local -model.ops $${OPS:-20000} -model.seeds $${SEEDS:-20}
+	$(GO) test -count=1 -timeout 0 -run TestModel ./internal/standalone -model.ops $${OPS:-20000} -model.seeds $${SEEDS:-20}
 
 # bench: not part of 'test' (CI does not run it). One run (bench/run.sh)
 # measures side by side and writes docs/benchmarks.md, docs/bench-*.png and

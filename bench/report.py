@@ -236,7 +236,7 @@ if mem or snap:
 fault = gobench(os.path.join(rdir, "fault.txt"))
 if fault:
     L += ["## 5. Map fault round trip", "",
-          f"`go test -run XXX -bench FaultRoundTrip -benchtime {env['knobs']['FAULT_N']}x -count {env['knobs']['COUNT']} ./internal/remote`: "
+          f"`go test -run XXX -bench FaultRoundTrip -benchtime {env['knobs']['FAULT_N']}x -count {env['knobs']['COUNT']} ./internal/rpc/transport`: "
           "agent → controller → agent over loopback gRPC, controller on bbolt; medians over the runs:", "",
           "| fault | p50 (µs) | p99 (µs) | what it costs |", "|---|---:|---:|---|"]
     what = {"load": "read of a Zero segment: one gRPC round trip and a bbolt read",

@@ -73,7 +73,7 @@ bench/snapshot.sh
 step "4/7 memory per entry"
 go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
 step "5/7 fault round trip"
-go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/remote | tee "$work/fault.txt" >&2
+go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/rpc/transport | tee "$work/fault.txt" >&2
 step "6/7 agent data path"
 go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
 step "7/7 snapshot in process"

@@ -39,11 +39,11 @@ total=$(seconds "$duration")
 
 # name | package | -run pattern, for the test parts.
 parts=(
-	"crash-points|./internal/local|^TestCrashPoints$"
-	"error-injection|./internal/local|^TestErrorInjection$"
+	"crash-points|./internal/standalone|^TestCrashPoints$"
+	"error-injection|./internal/standalone|^TestErrorInjection$"
 	"kill-storms|./internal/e2e|^TestKillStorm"
 	"linearizability|./internal/e2e|^TestLinearizable"
-	"model|./internal/local|^TestModel$"
+	"model|./internal/standalone|^TestModel$"
 	"check-damage|./internal/e2e|^TestCheckRandomDamage$"
 )
 nparts=$((${#parts[@]} + 1)) # + fuzzing

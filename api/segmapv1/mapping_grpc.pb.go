@@ -1,5 +1,5 @@
-// The controller <-> mapping agent protocol (internal/mapping carried over
-// gRPC). See docs/protocol.md for the rules around it.
+// The controller <-> mapping agent protocol (internal/rpc/protocol carried
+// over gRPC). See docs/protocol.md for the rules around it.
 //
 // An agent attaches with the Attach stream: it sends Hello, the controller
 // answers Welcome (its epoch and the lease length), and from then on the

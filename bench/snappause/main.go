@@ -35,7 +35,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 )
 
 type result struct {
@@ -64,7 +64,7 @@ type window struct{ from, to time.Duration }
 
 // writer does 4 KiB writes at offset 0 of c until stop is closed or max
 // has passed, and returns the completion times since t0.
-func writer(ctx context.Context, c *nbd.Client, t0 time.Time, stop <-chan struct{}, max time.Duration) ([]time.Duration, error) {
+func writer(ctx context.Context, c *nbdclient.Client, t0 time.Time, stop <-chan struct{}, max time.Duration) ([]time.Duration, error) {
 	p := make([]byte, 4096)
 	for i := range p {
 		p[i] = byte(i)
@@ -183,7 +183,7 @@ func main() {
 		done *[]time.Duration
 		err  *error
 	}{{*disk, &doneSame, &errSame}, {*other, &doneOther, &errOther}} {
-		c, err := nbd.Dial(ctx, *nbdAddr, w.name, nbd.ClientConfig{})
+		c, err := nbdclient.Dial(ctx, *nbdAddr, w.name, nbdclient.ClientConfig{})
 		if err != nil {
 			log.Fatalf("snappause: dial %s: %v", w.name, err)
 		}

@@ -19,11 +19,10 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/controller"
 	"segmap/internal/ha"
-	"segmap/internal/local"
-	"segmap/internal/meta"
+	"segmap/internal/offlinecheck"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/size"
 	"segmap/internal/tlsconf"
 )
@@ -635,89 +634,13 @@ func newCheck(g *globals) *cobra.Command {
 	return cmd
 }
 
-// checkData checks (and with repair, repairs) the bbolt store of a stopped
-// controller. It opens the store read-only, and for writing only to reclaim
-// leaks when nothing else is wrong.
+// checkData is 'segmap check --data DIR [--repair]'.
 func checkData(ctx context.Context, dir string, repair bool) (*pb.CheckResponse, error) {
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	path := filepath.Join(dir, "meta.db")
-	check := func(st *meta.Bolt) (ps []controller.Problem, err error) {
-		// bbolt panics on some damage below the records; Check runs
-		// its own file check first, which reports that damage
-		// without panicking, but it may not see everything.
-		defer func() {
-			if r := recover(); r != nil {
-				ps, err = []controller.Problem{{Kind: controller.DamagedFile, Detail: fmt.Sprintf("bbolt: %v", r)}}, nil
-			}
-		}()
-		ps, err = controller.New(controller.Config{Store: st}).Check(ctx)
-		return ps, corruptAsDamage(err)
-	}
-	st, err := meta.OpenBoltReadOnly(path)
-	switch {
-	case errors.Is(err, meta.ErrLocked):
-		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
-	case errors.Is(err, meta.ErrCorrupt):
-		// Both of bbolt's meta pages fail, or the root does: nothing
-		// to read.
-		ps := []controller.Problem{{Kind: controller.DamagedFile, Detail: err.Error()}}
-		out := &pb.CheckResponse{Problems: admin.Problems(ps)}
-		if repair {
-			out.Refused = controller.Repairable(ps).Error()
-		}
-		return out, nil
-	case err != nil:
-		return nil, fmt.Errorf("no metadata store at %s: %w", path, err)
-	}
-	ps, err := check(st)
-	st.Close()
-	if err != nil {
-		return nil, err
-	}
-	out := &pb.CheckResponse{Problems: admin.Problems(ps)}
-	if !repair || len(ps) == 0 {
-		return out, nil
-	}
-	if err := controller.Repairable(ps); err != nil {
-		out.Refused = err.Error()
-		return out, nil
-	}
-	rw, err := meta.OpenBolt(path)
-	if errors.Is(err, meta.ErrLocked) {
-		return nil, fmt.Errorf("%s is in use by a running controller: stop it, or check through it (without --data)", path)
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer rw.Close()
-	ctrl := controller.New(controller.Config{Store: rw, OpenContainer: local.OpenContainer})
-	defer ctrl.Close()
-	fixed, err := ctrl.Repair(ctx)
-	switch {
-	case errors.Is(err, controller.ErrRepairRefused):
-		out.Refused = err.Error()
-	case err != nil:
-		return nil, corruptAsDamage(err)
-	}
-	out.Repaired = admin.Problems(fixed)
-	if ps, err = controller.New(controller.Config{Store: rw}).Check(ctx); err != nil {
-		return nil, corruptAsDamage(err)
-	}
-	out.Problems = admin.Problems(ps)
-	return out, nil
+	r, err := offlinecheck.Bolt(ctx, dir, repair)
+	return checkResponse(r, err)
 }
 
-// corruptAsDamage gives a corrupt record check's exit status (3).
-func corruptAsDamage(err error) error {
-	if errors.Is(err, meta.ErrCorrupt) {
-		return codeError{exitDamage, fmt.Errorf("check: %w", err)}
-	}
-	return err
-}
-
-// checkEtcd checks the store in etcd, read at one revision.
+// checkEtcd is 'segmap check --etcd URLS'.
 func checkEtcd(ctx context.Context, ef *etcdFlags) (*pb.CheckResponse, error) {
 	if ctx == nil {
 		ctx = context.Background()
@@ -730,16 +653,20 @@ func checkEtcd(ctx context.Context, ef *etcdFlags) (*pb.CheckResponse, error) {
 	if err := ef.reachable(ctx, cli); err != nil {
 		return nil, err
 	}
-	st, err := meta.OpenEtcd(ctx, cli, ef.prefix+ha.MetaPrefix)
+	r, err := offlinecheck.Etcd(ctx, cli, ef.prefix+ha.MetaPrefix)
+	return checkResponse(r, err)
+}
+
+// checkResponse is an offline check's result as the admin API's Check
+// answers it, and damage found as check's exit status (3).
+func checkResponse(r *offlinecheck.Result, err error) (*pb.CheckResponse, error) {
+	if errors.Is(err, offlinecheck.ErrDamaged) {
+		return nil, codeError{exitDamage, err}
+	}
 	if err != nil {
 		return nil, err
 	}
-	defer st.Close()
-	ps, err := controller.New(controller.Config{Store: st}).Check(ctx)
-	if err != nil {
-		return nil, corruptAsDamage(err)
-	}
-	return &pb.CheckResponse{Problems: admin.Problems(ps)}, nil
+	return &pb.CheckResponse{Problems: adminapi.Problems(r.Problems), Repaired: adminapi.Problems(r.Repaired), Refused: r.Refused}, nil
 }
 
 // printCheck prints r and returns check's exit status as an error.

@@ -16,16 +16,15 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
-	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
 	"segmap/internal/agent"
-	"segmap/internal/controller"
+	"segmap/internal/agent/nbdexport"
+	"segmap/internal/container"
+	"segmap/internal/ctlserver"
 	"segmap/internal/ha"
 	"segmap/internal/listen"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
-	"segmap/internal/remote"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/tlsconf"
 )
 
@@ -57,7 +56,7 @@ docs/cluster.md.`,
 			if err != nil {
 				return err
 			}
-			opts := append(remote.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			opts := append(transport.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
 			var cli *clientv3.Client
 			if ef.endpoints != "" {
 				if cmd.Flags().Changed("data") {
@@ -84,33 +83,15 @@ docs/cluster.md.`,
 			}
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
-				ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.ContainerOpener(m), Logger: logger})
-				epoch, err := ctrl.NewEpoch(ctx)
+				l, err := ctlserver.Lead(ctx, ctlserver.LeadConfig{
+					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger},
+					Lease:  lease, Version: version, ServerOptions: opts,
+				})
 				if err != nil {
-					ctrl.Close()
 					return nil, nil, err
 				}
-				// Agents of an earlier controller may still hold leases:
-				// change nothing until those have run out.
-				if err := ctrl.Hold(time.Now().Add(lease)); err != nil {
-					ctrl.Close()
-					return nil, nil, err
-				}
-				gs := grpc.NewServer(opts...)
-				pb.RegisterAdminServer(gs, admin.New(admin.Config{
-					Ctrl: ctrl, Version: version,
-					CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-						id, err := ctrl.NextContainerID(ctx)
-						if err != nil {
-							return err
-						}
-						return local.CreateContainerTLS(ctx, m, uri, id, slotSize, slots)
-					},
-				}))
-				ms := remote.NewServer(remote.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: lease, Logger: logger})
-				pb.RegisterMappingServer(gs, ms)
-				say("%s: epoch %d (%s)", what, epoch, time.Now().UTC().Format(time.RFC3339Nano))
-				return gs, func() { ms.Close(); ctrl.Close() }, nil
+				say("%s: epoch %d (%s)", what, l.Epoch, time.Now().UTC().Format(time.RFC3339Nano))
+				return l.Server, l.Close, nil
 			}
 
 			say("segmap %s controller", version)
@@ -180,7 +161,7 @@ docs/cluster.md.`,
 	fl := cmd.Flags()
 	fl.StringVar(&addr, "listen", "127.0.0.1:10810", "address of the admin API and the mapping protocol (host:port, unix:PATH or fd:N, an inherited socket)")
 	fl.StringVar(&data, "data", "./segmap-controller", "data directory (bbolt metadata), without --etcd")
-	fl.DurationVar(&lease, "lease", remote.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
+	fl.DurationVar(&lease, "lease", transport.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
 	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
 	fl.StringVar(&name, "name", "", "with --etcd: this controller's name in logs and etcd (default: its --advertise address)")
 	ef.add(cmd)
@@ -223,19 +204,19 @@ func newAgent() *cobra.Command {
 			if err != nil {
 				return usageError{fmt.Errorf("--controller: %w", err)}
 			}
-			conn, err := ha.Dial(addrs, append(remote.DialOptions(), grpc.WithTransportCredentials(creds))...)
+			conn, err := ha.Dial(addrs, append(transport.DialOptions(), grpc.WithTransportCredentials(creds))...)
 			if err != nil {
 				return err
 			}
 			defer conn.Close()
-			client := remote.NewClient(conn, logger)
-			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: local.ContainerOpener(m)})
+			client := transport.NewClient(conn, logger)
+			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: container.URIOpener(m)})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})
 			var once sync.Once
 			go func() {
-				remote.RunAgent(runCtx, a, client, logger, func() { once.Do(func() { close(first) }) })
+				transport.RunAgent(runCtx, a, client, logger, func() { once.Do(func() { close(first) }) })
 				close(ran)
 			}()
 			// Serve hosts once attached: before that every export would
@@ -245,7 +226,7 @@ func newAgent() *cobra.Command {
 			case <-ctx.Done():
 			}
 
-			ncfg := nbd.Config{Backend: local.NBDBackend(client, a), Errno: local.Errno, Logger: logger}
+			ncfg := nbd.Config{Backend: nbdexport.Backend(client, a), Errno: nbdexport.Errno, Logger: logger}
 			if nbdTLS {
 				// Hosts must upgrade with STARTTLS and present a
 				// certificate of the cluster CA.

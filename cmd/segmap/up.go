@@ -15,14 +15,16 @@ import (
 	"google.golang.org/grpc"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/admin"
+	"segmap/internal/agent/nbdexport"
+	"segmap/internal/ctlserver"
 	"segmap/internal/ha"
 	"segmap/internal/listen"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
-	"segmap/internal/remote"
+	"segmap/internal/rpc/adminapi"
+	"segmap/internal/rpc/transport"
 	"segmap/internal/size"
+	"segmap/internal/standalone"
 )
 
 type upFlags struct {
@@ -103,9 +105,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 
 	w := cmd.OutOrStdout()
-	opts := local.Options{
+	opts := standalone.Options{
 		Agents:   []string{f.agent},
-		AutoPool: &local.AutoPool{Bytes: pool, Count: f.poolFiles},
+		AutoPool: &standalone.AutoPool{Bytes: pool, Count: f.poolFiles},
 		Logger:   logger,
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
@@ -132,13 +134,13 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		opts.OpenStore = func(context.Context) (meta.Store, error) { return l.Store, nil }
 		metaDesc = fmt.Sprintf("etcd %s under %s", f.etcd.endpoints, f.etcd.prefix)
 	}
-	c, err := local.Open(ctx, f.data, opts)
+	c, err := standalone.Open(ctx, f.data, opts)
 	if err != nil {
 		return err
 	}
 	if lost != nil {
 		// Agents of an earlier leader may still hold leases.
-		if err := c.Ctrl.Hold(time.Now().Add(remote.DefaultLease)); err != nil {
+		if err := c.Ctrl.Hold(time.Now().Add(transport.DefaultLease)); err != nil {
 			c.Close()
 			return err
 		}
@@ -151,20 +153,12 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}()
 
 	gs := grpc.NewServer()
-	pb.RegisterAdminServer(gs, admin.New(admin.Config{
-		Ctrl:       c.Ctrl,
+	pb.RegisterAdminServer(gs, ctlserver.NewAdmin(c.Ctrl, nil, adminapi.Config{
 		Provision:  c.Provision,
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
-		CreateContainer: func(ctx context.Context, uri string, slotSize, slots uint64) error {
-			id, err := c.Ctrl.NextContainerID(ctx)
-			if err != nil {
-				return err
-			}
-			return local.CreateContainer(ctx, uri, id, slotSize, slots)
-		},
 	}))
-	ns := nbd.NewServer(nbd.Config{Backend: local.NBDBackend(c.Ctrl, c.Agents[0]), Errno: local.Errno, Logger: logger})
+	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()
@@ -187,15 +181,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	case serveErr = <-errc:
 	case <-lost:
 		serveErr = errors.New("lost the leadership in etcd: stopping (another controller leads now)")
-		// Stop acting at once: no more commits, and the agent holds
-		// its I/O (every entry Invalid) instead of writing under
-		// entries the next leader may move.
-		c.Store.Close()
 		fctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		for _, a := range c.Agents {
-			if err := a.Fence(fctx); err != nil {
-				logger.Warn("fence", "err", err)
-			}
+		if err := c.Fence(fctx); err != nil {
+			logger.Warn("fence", "err", err)
 		}
 		cancel()
 	}

@@ -49,7 +49,7 @@ import (
 
 	"segmap/internal/backoff"
 	"segmap/internal/container"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -58,17 +58,17 @@ type Config struct {
 	// Name is the agent's (host's) name, unique among agents.
 	Name string
 	// Controller is the controller to attach to.
-	Controller mapping.Controller
+	Controller protocol.Controller
 	// OpenContainer opens a storage container. The agent closes what it
 	// opened on Close.
-	OpenContainer func(mapping.Container) (container.Container, error)
+	OpenContainer func(protocol.Container) (container.Container, error)
 }
 
-// Agent is a mapping agent. It implements mapping.Agent for its
+// Agent is a mapping agent. It implements protocol.Agent for its
 // controller; hosts use the *Disk values Open returns.
 type Agent struct {
 	name  string
-	openC func(mapping.Container) (container.Container, error)
+	openC func(protocol.Container) (container.Container, error)
 
 	// openMu serialises Open and Disk.Close, so that a disk closed by
 	// its last user and opened again by a new one is unmapped and mapped
@@ -77,8 +77,8 @@ type Agent struct {
 
 	mu struct {
 		sync.Mutex
-		ctrl   mapping.Controller
-		disks  map[mapping.DiskID]*Disk
+		ctrl   protocol.Controller
+		disks  map[protocol.DiskID]*Disk
 		closed bool
 	}
 
@@ -117,7 +117,7 @@ func New(cfg Config) *Agent {
 	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now()}
 	a.leaseUntil.Store(noLease)
 	a.mu.ctrl = cfg.Controller
-	a.mu.disks = make(map[mapping.DiskID]*Disk)
+	a.mu.disks = make(map[protocol.DiskID]*Disk)
 	a.conts.Store(&map[uint32]*openContainer{})
 	return a
 }
@@ -157,7 +157,7 @@ func (a *Agent) waitLease(ctx context.Context) error {
 	return nil
 }
 
-func (a *Agent) controller() mapping.Controller {
+func (a *Agent) controller() protocol.Controller {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.mu.ctrl
@@ -166,7 +166,7 @@ func (a *Agent) controller() mapping.Controller {
 // Attach attaches the agent to ctrl (its controller from now on). Every
 // table the agent holds is forgotten first: after a new attach, entries are
 // reloaded by faulting.
-func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
+func (a *Agent) Attach(ctx context.Context, ctrl protocol.Controller) error {
 	// An Open racing with the attach either makes it into the list of
 	// open disks the controller is given, or happens after the attach.
 	a.openMu.Lock()
@@ -178,7 +178,7 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 	}
 	a.mu.ctrl = ctrl
 	disks := make([]*Disk, 0, len(a.mu.disks))
-	ids := make([]mapping.DiskID, 0, len(a.mu.disks))
+	ids := make([]protocol.DiskID, 0, len(a.mu.disks))
 	for id, d := range a.mu.disks {
 		disks = append(disks, d)
 		ids = append(ids, id)
@@ -208,13 +208,13 @@ func (a *Agent) Attach(ctx context.Context, ctrl mapping.Controller) error {
 // refresh asks ctrl for disk d as it is now and, if its size or mode
 // changed, starts d on a new table of that geometry, unless a newer table
 // (a NewTable command) reached d meanwhile.
-func (a *Agent) refresh(ctx context.Context, ctrl mapping.Controller, d *Disk) error {
+func (a *Agent) refresh(ctx context.Context, ctrl protocol.Controller, d *Disk) error {
 	was := d.info.Load()
 	info, err := ctrl.Open(ctx, a.name, was.Name)
 	switch {
-	case errors.Is(err, mapping.ErrNotFound):
+	case errors.Is(err, protocol.ErrNotFound):
 		return nil // deleted, or no longer granted: its faults say so
-	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, mapping.ErrFenced), ctx.Err() != nil:
+	case errors.Is(err, protocol.ErrUnavailable), errors.Is(err, protocol.ErrFenced), ctx.Err() != nil:
 		return fmt.Errorf("refresh disk %q: %w", was.Name, err) // attach again
 	case err != nil:
 		return nil // the controller cannot read the disk: its faults fail too
@@ -263,7 +263,7 @@ func (a *Agent) Open(ctx context.Context, name string) (*Disk, error) {
 		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		d, err := a.open(actx, name)
 		cancel()
-		retry := errors.Is(err, mapping.ErrUnavailable) || errors.Is(err, mapping.ErrFenced)
+		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 		if !retry || ctx.Err() != nil {
 			return d, err
 		}
@@ -309,7 +309,7 @@ func (a *Agent) Close() error {
 	a.mu.closed = true
 	ctrl := a.mu.ctrl
 	disks := a.mu.disks
-	a.mu.disks = map[mapping.DiskID]*Disk{}
+	a.mu.disks = map[protocol.DiskID]*Disk{}
 	a.mu.Unlock()
 	for _, d := range disks {
 		d.forget(context.Background())
@@ -349,7 +349,7 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		}
 		c, err := a.openC(info)
 		if err != nil {
-			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, mapping.ErrIO, err)
+			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, protocol.ErrIO, err)
 		}
 		oc := &openContainer{c: c}
 		m := make(map[uint32]*openContainer, len(old)+1)
@@ -360,7 +360,7 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		a.conts.Store(&m)
 		return oc, nil
 	}
-	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, mapping.ErrIO)
+	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, protocol.ErrIO)
 }
 
 // flushWritten flushes every container written since its last flush.
@@ -384,14 +384,14 @@ func (a *Agent) flushWritten() error {
 // flush sets it again and the next flush covers it.
 func (oc *openContainer) flush() error {
 	if oc.failed.Load() {
-		return fmt.Errorf("flush container %d: an earlier flush failed: %w", oc.c.ID(), mapping.ErrIO)
+		return fmt.Errorf("flush container %d: an earlier flush failed: %w", oc.c.ID(), protocol.ErrIO)
 	}
 	if !oc.written.Swap(false) {
 		return nil
 	}
 	if err := oc.c.Flush(); err != nil {
 		oc.failed.Store(true)
-		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), mapping.ErrIO, err)
+		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), protocol.ErrIO, err)
 	}
 	return nil
 }
@@ -401,13 +401,13 @@ func (oc *openContainer) flush() error {
 // and nothing in flight, and a table made later starts all Invalid. (An
 // Open races with commands: the controller maps the disk to the agent
 // before the agent has made its table.)
-func (a *Agent) known(id mapping.DiskID) *Disk {
+func (a *Agent) known(id protocol.DiskID) *Disk {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.mu.disks[id]
 }
 
-func (a *Agent) disk(id mapping.DiskID) (*Disk, error) {
+func (a *Agent) disk(id protocol.DiskID) (*Disk, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	d := a.mu.disks[id]
@@ -417,11 +417,11 @@ func (a *Agent) disk(id mapping.DiskID) (*Disk, error) {
 	return d, nil
 }
 
-// --- mapping.Agent: commands from the controller ----------------------------
+// --- protocol.Agent: commands from the controller ----------------------------
 
-// NewTable implements mapping.Agent: the table for d.ID becomes all Invalid
+// NewTable implements protocol.Agent: the table for d.ID becomes all Invalid
 // at d's size, once the I/O in flight has drained.
-func (a *Agent) NewTable(ctx context.Context, info mapping.Disk) error {
+func (a *Agent) NewTable(ctx context.Context, info protocol.Disk) error {
 	a.mu.Lock()
 	d := a.mu.disks[info.ID]
 	if d == nil {
@@ -434,9 +434,9 @@ func (a *Agent) NewTable(ctx context.Context, info mapping.Disk) error {
 	return d.reset(ctx, info)
 }
 
-// DeleteTable implements mapping.Agent: I/O to the disk fails from now on,
+// DeleteTable implements protocol.Agent: I/O to the disk fails from now on,
 // and the answer comes once the I/O in flight has drained.
-func (a *Agent) DeleteTable(ctx context.Context, id mapping.DiskID) error {
+func (a *Agent) DeleteTable(ctx context.Context, id protocol.DiskID) error {
 	a.mu.Lock()
 	d := a.mu.disks[id]
 	delete(a.mu.disks, id)
@@ -447,8 +447,8 @@ func (a *Agent) DeleteTable(ctx context.Context, id mapping.DiskID) error {
 	return d.forget(ctx)
 }
 
-// GetEntry implements mapping.Agent.
-func (a *Agent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64) ([]table.Entry, error) {
+// GetEntry implements protocol.Agent.
+func (a *Agent) GetEntry(ctx context.Context, id protocol.DiskID, first, n uint64) ([]table.Entry, error) {
 	d, err := a.disk(id)
 	if err != nil {
 		return nil, err
@@ -456,8 +456,8 @@ func (a *Agent) GetEntry(ctx context.Context, id mapping.DiskID, first, n uint64
 	return d.getEntry(first, n)
 }
 
-// SetEntry implements mapping.Agent.
-func (a *Agent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
+// SetEntry implements protocol.Agent.
+func (a *Agent) SetEntry(ctx context.Context, c protocol.SetEntry) error {
 	d := a.known(c.Disk)
 	if d == nil {
 		return nil // no table: nothing of it can be in flight or cached
@@ -465,8 +465,8 @@ func (a *Agent) SetEntry(ctx context.Context, c mapping.SetEntry) error {
 	return d.setEntry(ctx, c)
 }
 
-// SetEntryState implements mapping.Agent.
-func (a *Agent) SetEntryState(ctx context.Context, c mapping.SetEntryState) error {
+// SetEntryState implements protocol.Agent.
+func (a *Agent) SetEntryState(ctx context.Context, c protocol.SetEntryState) error {
 	d := a.known(c.Disk)
 	if d == nil {
 		return nil // no table: nothing of it can be in flight or cached
@@ -474,8 +474,8 @@ func (a *Agent) SetEntryState(ctx context.Context, c mapping.SetEntryState) erro
 	return d.setEntryState(ctx, c)
 }
 
-// Quiesce implements mapping.Agent.
-func (a *Agent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Duration) error {
+// Quiesce implements protocol.Agent.
+func (a *Agent) Quiesce(ctx context.Context, id protocol.DiskID, timeout time.Duration) error {
 	d := a.known(id)
 	if d == nil {
 		return nil // no table: nothing of it can be in flight or cached
@@ -483,8 +483,8 @@ func (a *Agent) Quiesce(ctx context.Context, id mapping.DiskID, timeout time.Dur
 	return d.quiesce(ctx, timeout)
 }
 
-// Activate implements mapping.Agent.
-func (a *Agent) Activate(ctx context.Context, id mapping.DiskID) error {
+// Activate implements protocol.Agent.
+func (a *Agent) Activate(ctx context.Context, id protocol.DiskID) error {
 	d := a.known(id)
 	if d == nil {
 		return nil // no table: nothing of it can be in flight or cached
@@ -493,4 +493,4 @@ func (a *Agent) Activate(ctx context.Context, id mapping.DiskID) error {
 	return nil
 }
 
-var _ mapping.Agent = (*Agent)(nil)
+var _ protocol.Agent = (*Agent)(nil)

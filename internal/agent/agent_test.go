@@ -12,7 +12,7 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/leaktest"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -21,7 +21,7 @@ const (
 	tSeg   = 64 << 10
 	tSegs  = 8
 	tSlots = 16
-	tDisk  = mapping.DiskID(7)
+	tDisk  = protocol.DiskID(7)
 )
 
 // Timeouts: how long a call that must not return is watched, and how long
@@ -64,41 +64,41 @@ func (g *gateContainer) WriteAt(p []byte, off int64) (int, error) {
 	return g.Container.WriteAt(p, off)
 }
 
-// fakeCtrl is a mapping.Controller that serves one disk and one container
+// fakeCtrl is a protocol.Controller that serves one disk and one container
 // and answers faults with fn. Without fn, a fault maps segment i writable
 // at slot i.
 type fakeCtrl struct {
-	disk mapping.Disk
-	cont mapping.Container
+	disk protocol.Disk
+	cont protocol.Container
 
 	mu struct {
 		sync.Mutex
-		fn     func(ctx context.Context, f mapping.Fault) (mapping.Reply, error)
-		faults []mapping.Fault
+		fn     func(ctx context.Context, f protocol.Fault) (protocol.Reply, error)
+		faults []protocol.Fault
 	}
 }
 
-func (c *fakeCtrl) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
+func (c *fakeCtrl) Attach(ctx context.Context, name string, a protocol.Agent, open []protocol.DiskID) error {
 	return nil
 }
 func (c *fakeCtrl) Detach(ctx context.Context, name string) error { return nil }
-func (c *fakeCtrl) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
-	return []mapping.Disk{c.disk}, nil
+func (c *fakeCtrl) Exports(ctx context.Context, agent string) ([]protocol.Disk, error) {
+	return []protocol.Disk{c.disk}, nil
 }
-func (c *fakeCtrl) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
+func (c *fakeCtrl) Open(ctx context.Context, agent, disk string) (protocol.Disk, error) {
 	if disk != c.disk.Name {
-		return mapping.Disk{}, fmt.Errorf("%q: %w", disk, mapping.ErrNotFound)
+		return protocol.Disk{}, fmt.Errorf("%q: %w", disk, protocol.ErrNotFound)
 	}
 	return c.disk, nil
 }
-func (c *fakeCtrl) CloseDisk(ctx context.Context, agent string, disk mapping.DiskID) error {
+func (c *fakeCtrl) CloseDisk(ctx context.Context, agent string, disk protocol.DiskID) error {
 	return nil
 }
-func (c *fakeCtrl) Containers(ctx context.Context) ([]mapping.Container, error) {
-	return []mapping.Container{c.cont}, nil
+func (c *fakeCtrl) Containers(ctx context.Context) ([]protocol.Container, error) {
+	return []protocol.Container{c.cont}, nil
 }
 
-func (c *fakeCtrl) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+func (c *fakeCtrl) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	c.mu.Lock()
 	c.mu.faults = append(c.mu.faults, f)
 	fn := c.mu.fn
@@ -110,11 +110,11 @@ func (c *fakeCtrl) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, e
 }
 
 // identity maps the faulting segment writable at the slot of the same number.
-func identity(f mapping.Fault) mapping.Reply {
-	return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: uint32(f.Segment)}, false)}}
+func identity(f protocol.Fault) protocol.Reply {
+	return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: uint32(f.Segment)}, false)}}
 }
 
-func (c *fakeCtrl) setFault(fn func(ctx context.Context, f mapping.Fault) (mapping.Reply, error)) {
+func (c *fakeCtrl) setFault(fn func(ctx context.Context, f protocol.Fault) (protocol.Reply, error)) {
 	c.mu.Lock()
 	c.mu.fn = fn
 	c.mu.Unlock()
@@ -126,7 +126,7 @@ func (c *fakeCtrl) faults() int {
 	return len(c.mu.faults)
 }
 
-var _ mapping.Controller = (*fakeCtrl)(nil)
+var _ protocol.Controller = (*fakeCtrl)(nil)
 
 // env is an agent serving one disk of tSegs segments from a memory
 // container behind a gate.
@@ -161,10 +161,10 @@ func newEnvOver(t *testing.T, wrap func(mem *container.Memory) (c container.Cont
 	mem := container.NewMemory(1, tSeg, tSlots)
 	c, stop := wrap(mem)
 	fc := &fakeCtrl{
-		disk: mapping.Disk{ID: tDisk, Name: "d", Size: tSegs * tSeg, SegmentSize: tSeg},
-		cont: mapping.Container{ID: 1, URI: "mem:1", SlotSize: tSeg, Slots: tSlots},
+		disk: protocol.Disk{ID: tDisk, Name: "d", Size: tSegs * tSeg, SegmentSize: tSeg},
+		cont: protocol.Container{ID: 1, URI: "mem:1", SlotSize: tSeg, Slots: tSlots},
 	}
-	a := New(Config{Name: "host", Controller: fc, OpenContainer: func(info mapping.Container) (container.Container, error) {
+	a := New(Config{Name: "host", Controller: fc, OpenContainer: func(info protocol.Container) (container.Container, error) {
 		if info.ID != 1 {
 			return nil, fmt.Errorf("container %d: %w", info.ID, container.ErrNotContainer)
 		}
@@ -193,7 +193,7 @@ func (e *env) mapAll() {
 	for i := range es {
 		es[i] = table.At(table.Location{Container: 1, Slot: uint32(i)}, false)
 	}
-	if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, Entries: es}); err != nil {
+	if err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, Entries: es}); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -274,10 +274,10 @@ func TestBlockingCommandWaitsForWrite(t *testing.T) {
 		cmd  func(e *env, blocking bool) error
 	}{
 		{"set_entry_state", func(e *env, blocking bool) error {
-			return e.a.SetEntryState(e.ctx, mapping.SetEntryState{Disk: tDisk, First: 0, Count: tSegs, State: table.NoWrite, On: true, Blocking: blocking})
+			return e.a.SetEntryState(e.ctx, protocol.SetEntryState{Disk: tDisk, First: 0, Count: tSegs, State: table.NoWrite, On: true, Blocking: blocking})
 		}},
 		{"set_entry", func(e *env, blocking bool) error {
-			return e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: 9}, true)}, Blocking: blocking})
+			return e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: 9}, true)}, Blocking: blocking})
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -324,14 +324,14 @@ func TestBlockingCommandIgnoresLaterIO(t *testing.T) {
 	w1 := async(func() error { return e.d.WriteAt(e.ctx, bytesOf(10, 2), 0, false) })
 	rel1 := e.entered()
 	b := async(func() error {
-		return e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 5, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: 12}, false)}, Blocking: true})
+		return e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 5, Entries: []table.Entry{table.At(table.Location{Container: 1, Slot: 12}, false)}, Blocking: true})
 	})
 	blocked(t, b, "blocking command")
 	w2 := async(func() error { return e.d.WriteAt(e.ctx, bytesOf(10, 3), tSeg, false) })
 	rel2 := e.entered()
 	// A later command ends the epoch w2 started in; the first command
 	// still must not wait for w2.
-	if err := e.a.SetEntryState(e.ctx, mapping.SetEntryState{Disk: tDisk, First: 6, Count: 1, State: table.NoWrite, On: true}); err != nil {
+	if err := e.a.SetEntryState(e.ctx, protocol.SetEntryState{Disk: tDisk, First: 6, Count: 1, State: table.NoWrite, On: true}); err != nil {
 		t.Fatal(err)
 	}
 	close(rel1)
@@ -354,7 +354,7 @@ func TestFaultDoesNotHoldCommands(t *testing.T) {
 	faulted := make(chan struct{})
 	release := make(chan struct{})
 	var first atomic.Bool
-	e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 		if first.CompareAndSwap(false, true) {
 			close(faulted)
 			<-release
@@ -377,10 +377,10 @@ func TestFaultDoesNotHoldCommands(t *testing.T) {
 		fn   func() error
 	}{
 		{"blocking set_entry_state", func() error {
-			return e.a.SetEntryState(e.ctx, mapping.SetEntryState{Disk: tDisk, First: 0, Count: tSegs, State: table.NoWrite, On: true, Blocking: true})
+			return e.a.SetEntryState(e.ctx, protocol.SetEntryState{Disk: tDisk, First: 0, Count: tSegs, State: table.NoWrite, On: true, Blocking: true})
 		}},
 		{"blocking set_entry", func() error {
-			return e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 3, Entries: []table.Entry{table.ZeroEntry}, Blocking: true})
+			return e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 3, Entries: []table.Entry{table.ZeroEntry}, Blocking: true})
 		}},
 		{"quiesce", func() error { return e.a.Quiesce(e.ctx, tDisk, 0) }},
 		{"activate", func() error { return e.a.Activate(e.ctx, tDisk) }},
@@ -434,13 +434,13 @@ func TestStaleFaultReplyDropped(t *testing.T) {
 			faulted := make(chan struct{})
 			release := make(chan struct{})
 			var calls atomic.Int32
-			e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+			e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 				if calls.Add(1) > 1 {
-					return mapping.Reply{}, fmt.Errorf("unexpected second fault %+v: %w", f, mapping.ErrIO)
+					return protocol.Reply{}, fmt.Errorf("unexpected second fault %+v: %w", f, protocol.ErrIO)
 				}
 				close(faulted)
 				<-release
-				return mapping.Reply{First: 0, Entries: []table.Entry{table.At(staleLoc, false)}}, nil
+				return protocol.Reply{First: 0, Entries: []table.Entry{table.At(staleLoc, false)}}, nil
 			})
 			const off, n = 300, 1000
 			p := make([]byte, n)
@@ -458,7 +458,7 @@ func TestStaleFaultReplyDropped(t *testing.T) {
 			case <-time.After(mustFinish):
 				t.Fatal("the I/O did not fault")
 			}
-			if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{tc.cmd}}); err != nil {
+			if err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{tc.cmd}}); err != nil {
 				t.Fatal(err)
 			}
 			close(release)
@@ -616,10 +616,10 @@ func TestDeleteTable(t *testing.T) {
 	// flight) and bring no table back.
 	gone := func(t *testing.T, e *env) {
 		t.Helper()
-		if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, Entries: []table.Entry{table.ZeroEntry}, Blocking: true}); err != nil {
+		if err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, Entries: []table.Entry{table.ZeroEntry}, Blocking: true}); err != nil {
 			t.Errorf("set_entry after delete_table: %v", err)
 		}
-		if err := e.a.SetEntryState(e.ctx, mapping.SetEntryState{Disk: tDisk, Count: 1, State: table.NoWrite, On: true, Blocking: true}); err != nil {
+		if err := e.a.SetEntryState(e.ctx, protocol.SetEntryState{Disk: tDisk, Count: 1, State: table.NoWrite, On: true, Blocking: true}); err != nil {
 			t.Errorf("set_entry_state after delete_table: %v", err)
 		}
 		if err := await(t, async(func() error { return e.a.Quiesce(e.ctx, tDisk, 0) }), "quiesce after delete_table"); err != nil {
@@ -676,7 +676,7 @@ func TestDeleteTable(t *testing.T) {
 		e := newEnv(t)
 		faulted := make(chan struct{})
 		release := make(chan struct{})
-		e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+		e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 			close(faulted)
 			<-release
 			return identity(f), nil

@@ -11,7 +11,7 @@ import (
 
 	"segmap/internal/agent"
 	"segmap/internal/controller"
-	"segmap/internal/local"
+	"segmap/internal/standalone"
 )
 
 const (
@@ -22,7 +22,7 @@ const (
 // benchEnv is a disk whose every segment is allocated, and a plain file of
 // the same size beside it: the direct pread/pwrite peer.
 type benchEnv struct {
-	c      *local.Cluster
+	c      *standalone.Cluster
 	d      *agent.Disk
 	direct *os.File
 }
@@ -31,7 +31,7 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	b.Helper()
 	ctx := context.Background()
 	dir := b.TempDir()
-	c, err := local.Open(ctx, dir, local.Options{Pool: []local.PoolSpec{{SlotSize: benchSeg, Slots: 2 * benchSize / benchSeg, Count: 1}}})
+	c, err := standalone.Open(ctx, dir, standalone.Options{Pool: []standalone.PoolSpec{{SlotSize: benchSeg, Slots: 2 * benchSize / benchSeg, Count: 1}}})
 	if err != nil {
 		b.Fatal(err)
 	}

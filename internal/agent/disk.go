@@ -9,7 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -25,7 +25,7 @@ type Disk struct {
 	opens int
 	// info is what the agent knows of the disk; replaced (under mu) by
 	// reset, read without a lock on the data path.
-	info atomic.Pointer[mapping.Disk]
+	info atomic.Pointer[protocol.Disk]
 
 	// mu guards the table and the disk's state. The data path takes it
 	// shared, to look an entry up; commands take it exclusively.
@@ -84,7 +84,7 @@ type epoch struct {
 	closed atomic.Bool
 }
 
-func newDisk(a *Agent, info mapping.Disk) *Disk {
+func newDisk(a *Agent, info protocol.Disk) *Disk {
 	d := &Disk{a: a}
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
@@ -95,7 +95,7 @@ func newDisk(a *Agent, info mapping.Disk) *Disk {
 }
 
 // Info returns what the agent knows of the disk.
-func (d *Disk) Info() mapping.Disk { return *d.info.Load() }
+func (d *Disk) Info() protocol.Disk { return *d.info.Load() }
 
 // Size returns the disk's size in bytes.
 func (d *Disk) Size() uint64 { return d.Info().Size }
@@ -264,7 +264,7 @@ func (d *Disk) recordLocked(rg segRange) {
 // order: a read fault answered before a write's copy on write, installed
 // after it, would send reads back to the old slot after the write had
 // been acknowledged.
-func (d *Disk) install(seq, gen, seg uint64, r mapping.Reply) bool {
+func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) {
@@ -299,8 +299,8 @@ func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 }
 
 // fault sends a fault for segments [seg, seg+count) and returns the reply.
-func (d *Disk) fault(ctx context.Context, seg, count uint64, op mapping.FaultOp, reason table.State, whole bool) (mapping.Reply, error) {
-	r, err := d.a.controller().Fault(ctx, mapping.Fault{
+func (d *Disk) fault(ctx context.Context, seg, count uint64, op protocol.FaultOp, reason table.State, whole bool) (protocol.Reply, error) {
+	r, err := d.a.controller().Fault(ctx, protocol.Fault{
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: count,
 		Op: op, Reason: reason, Whole: whole,
 	})
@@ -333,7 +333,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 	faults, dropped := 0, 0
 	for {
 		if faults == maxRetries || dropped == 16*maxRetries {
-			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, mapping.ErrIO)
+			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
 		}
 		e, dec, ep, seq, err := d.begin(ctx, seg, op)
 		if err != nil {
@@ -353,16 +353,16 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			clear(p)
 			return nil
 		case table.Fail:
-			return fmt.Errorf("segment %d is %v: %w", seg, dec.Reason, mapping.ErrIO)
+			return fmt.Errorf("segment %d is %v: %w", seg, dec.Reason, protocol.ErrIO)
 		}
 		// Fault.
-		fop := mapping.FaultOp(op)
+		fop := protocol.FaultOp(op)
 		if kind == ioZero {
 			if dec.Reason == table.Zero {
 				return nil // already reads as zeros
 			}
 			if dec.Reason == table.Invalid {
-				fop = mapping.FaultRead // load it first: it may be Zero
+				fop = protocol.FaultRead // load it first: it may be Zero
 			}
 		}
 		d.mu.RLock()
@@ -403,7 +403,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 // made if the disk was fenced or reset since the fault was sent (its table
 // is no longer tab): the controller forgets the stages of an agent that
 // re-attaches, and the slot is free again.
-func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *mapping.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
+func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *protocol.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	if err != nil {
 		return false, err
@@ -423,20 +423,20 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 	werr := func() error {
 		defer d.end(ep)
 		if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
-			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, mapping.ErrIO, err)
+			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
 		if err := oc.c.Flush(); err != nil {
-			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, mapping.ErrIO, err)
+			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
 		return nil
 	}()
 	if werr != nil {
 		return false, werr
 	}
-	r, err := d.a.controller().Fault(ctx, mapping.Fault{
-		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: mapping.FaultCommit, Token: st.Token,
+	r, err := d.a.controller().Fault(ctx, protocol.Fault{
+		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: protocol.FaultCommit, Token: st.Token,
 	})
-	if errors.Is(err, mapping.ErrStale) {
+	if errors.Is(err, protocol.ErrStale) {
 		return false, nil
 	}
 	if err != nil {
@@ -469,7 +469,7 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 	switch kind {
 	case ioRead:
 		if _, err := oc.c.ReadAt(p, base); err != nil {
-			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, mapping.ErrIO, err)
+			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, protocol.ErrIO, err)
 		}
 		return nil
 	case ioWrite:
@@ -482,7 +482,7 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("write segment %d at %v: %w: %w", seg, loc, mapping.ErrIO, err)
+		return fmt.Errorf("write segment %d at %v: %w: %w", seg, loc, protocol.ErrIO, err)
 	}
 	oc.written.Store(true)
 	return nil
@@ -520,7 +520,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off uint64) error {
 func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
 	info := d.info.Load()
 	if info.ReadOnly {
-		return fmt.Errorf("write to %q: %w", info.Name, mapping.ErrReadOnly)
+		return fmt.Errorf("write to %q: %w", info.Name, protocol.ErrReadOnly)
 	}
 	err := d.span(off, uint64(len(p)), func(seg, segOff, pos, m uint64) error {
 		return d.segIO(ctx, ioWrite, seg, segOff, p[pos:pos+m], info.SegmentSize)
@@ -542,7 +542,7 @@ func (d *Disk) Flush(ctx context.Context) error {
 func (d *Disk) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error {
 	info := d.Info()
 	if info.ReadOnly {
-		return fmt.Errorf("write zeroes to %q: %w", info.Name, mapping.ErrReadOnly)
+		return fmt.Errorf("write zeroes to %q: %w", info.Name, protocol.ErrReadOnly)
 	}
 	ss := info.SegmentSize
 	var run, runLen uint64 // a pending run of whole segments
@@ -600,7 +600,7 @@ func (d *Disk) discard(ctx context.Context, seg, n uint64) error {
 	if gone {
 		return ErrGone
 	}
-	_, err := d.fault(ctx, seg, n, mapping.FaultDiscard, 0, false)
+	_, err := d.fault(ctx, seg, n, protocol.FaultDiscard, 0, false)
 	return err
 }
 
@@ -663,7 +663,7 @@ func (d *Disk) command(ctx context.Context, blocking bool, rg segRange, change f
 	return d.a.flushWritten()
 }
 
-func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
+func (d *Disk) setEntry(ctx context.Context, c protocol.SetEntry) error {
 	return d.command(ctx, c.Blocking, segRange{c.First, c.First + uint64(len(c.Entries))}, func(t *table.Table) error {
 		if c.First > uint64(t.Len()) {
 			return fmt.Errorf("set_entry at %d: %w", c.First, table.ErrRange)
@@ -672,7 +672,7 @@ func (d *Disk) setEntry(ctx context.Context, c mapping.SetEntry) error {
 	})
 }
 
-func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error {
+func (d *Disk) setEntryState(ctx context.Context, c protocol.SetEntryState) error {
 	return d.command(ctx, c.Blocking, segRange{c.First, c.First + c.Count}, func(t *table.Table) error {
 		if c.First > uint64(t.Len()) || c.Count > uint64(t.Len())-c.First {
 			return fmt.Errorf("set_entry_state [%d,+%d): %w", c.First, c.Count, table.ErrRange)
@@ -683,13 +683,13 @@ func (d *Disk) setEntryState(ctx context.Context, c mapping.SetEntryState) error
 
 // reset makes the table all Invalid at info's size and waits for the I/O in
 // flight.
-func (d *Disk) reset(ctx context.Context, info mapping.Disk) error {
+func (d *Disk) reset(ctx context.Context, info protocol.Disk) error {
 	return d.resetIf(ctx, nil, info)
 }
 
 // resetIf is reset, done only while d's info is still was (nil: in any
 // case).
-func (d *Disk) resetIf(ctx context.Context, was *mapping.Disk, info mapping.Disk) error {
+func (d *Disk) resetIf(ctx context.Context, was *protocol.Disk, info protocol.Disk) error {
 	d.mu.Lock()
 	if was != nil && d.info.Load() != was {
 		d.mu.Unlock()

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"segmap/internal/agent"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -41,7 +41,7 @@ func BenchmarkMemoryPerEntry(b *testing.B) {
 				a := agent.New(agent.Config{Name: "mem"})
 				chunk := make([]table.Entry, 1024)
 				before := heapAlloc()
-				info := mapping.Disk{ID: 1, Name: "d", Size: bc.n << 16, SegmentSize: 1 << 16}
+				info := protocol.Disk{ID: 1, Name: "d", Size: bc.n << 16, SegmentSize: 1 << 16}
 				if err := a.NewTable(ctx, info); err != nil {
 					b.Fatal(err)
 				}
@@ -50,7 +50,7 @@ func BenchmarkMemoryPerEntry(b *testing.B) {
 					for i := range chunk[:m] {
 						chunk[i] = table.At(table.Location{Container: 1, Slot: uint32(first) + uint32(i)}, false)
 					}
-					if err := a.SetEntry(ctx, mapping.SetEntry{Disk: 1, First: first, Entries: chunk[:m]}); err != nil {
+					if err := a.SetEntry(ctx, protocol.SetEntry{Disk: 1, First: first, Entries: chunk[:m]}); err != nil {
 						b.Fatal(err)
 					}
 				}

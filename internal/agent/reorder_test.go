@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -39,11 +39,11 @@ func TestOlderFaultReplyDropped(t *testing.T) {
 			}
 			readFaulted := make(chan struct{})
 			release := make(chan struct{})
-			e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
-				if f.Op == mapping.FaultRead {
+			e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+				if f.Op == protocol.FaultRead {
 					select {
 					case <-readFaulted: // a later read fault: the entry of now
-						return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(newLoc, false)}}, nil
+						return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.At(newLoc, false)}}, nil
 					default:
 					}
 					// Answered with the entry of now, delivered late.
@@ -51,11 +51,11 @@ func TestOlderFaultReplyDropped(t *testing.T) {
 					select {
 					case <-release:
 					case <-ctx.Done():
-						return mapping.Reply{}, ctx.Err()
+						return protocol.Reply{}, ctx.Err()
 					}
-					return mapping.Reply{First: f.Segment, Entries: []table.Entry{tc.older}}, nil
+					return protocol.Reply{First: f.Segment, Entries: []table.Entry{tc.older}}, nil
 				}
-				return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(newLoc, false)}}, nil
+				return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.At(newLoc, false)}}, nil
 			})
 
 			const off, n = 4096, 4096
@@ -104,28 +104,28 @@ func TestOlderFaultReplyDropped(t *testing.T) {
 func TestStagedCommitAfterCommand(t *testing.T) {
 	e := newEnv(t)
 	oldLoc, stageLoc := table.Location{Container: 1, Slot: 5}, table.Location{Container: 1, Slot: 3}
-	if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(oldLoc, true)}}); err != nil {
+	if err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(oldLoc, true)}}); err != nil {
 		t.Fatal(err)
 	}
 	old := bytesOf(tSeg, 3)
 	if _, err := e.mem.WriteAt(old, int64(oldLoc.Slot)*tSeg); err != nil {
 		t.Fatal(err)
 	}
-	e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 		switch {
-		case f.Op == mapping.FaultWrite && f.Whole:
-			return mapping.Reply{First: f.Segment, Stage: &mapping.Stage{Loc: stageLoc, Token: 1}}, nil
-		case f.Op == mapping.FaultCommit, f.Op == mapping.FaultRead:
-			return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(stageLoc, false)}}, nil
+		case f.Op == protocol.FaultWrite && f.Whole:
+			return protocol.Reply{First: f.Segment, Stage: &protocol.Stage{Loc: stageLoc, Token: 1}}, nil
+		case f.Op == protocol.FaultCommit, f.Op == protocol.FaultRead:
+			return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.At(stageLoc, false)}}, nil
 		}
-		return mapping.Reply{}, fmt.Errorf("unexpected fault %+v: %w", f, mapping.ErrIO)
+		return protocol.Reply{}, fmt.Errorf("unexpected fault %+v: %w", f, protocol.ErrIO)
 	})
 	p := bytesOf(tSeg, 9)
 	e.gate.hold.Store(true)
 	write := async(func() error { return e.d.WriteAt(e.ctx, p, 0, false) })
 	rel := e.entered() // the staged write, held
 	e.gate.hold.Store(false)
-	if err := e.a.SetEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(oldLoc, true)}}); err != nil {
+	if err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 0, Entries: []table.Entry{table.At(oldLoc, true)}}); err != nil {
 		t.Fatal(err)
 	}
 	close(rel)
@@ -167,17 +167,17 @@ func TestReplyKeptAcrossOtherCommand(t *testing.T) {
 			faulted := make(chan struct{})
 			release := make(chan struct{})
 			var faults int
-			e.fc.setFault(func(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+			e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 				faults++
 				if faults == 1 {
 					close(faulted)
 					select {
 					case <-release:
 					case <-ctx.Done():
-						return mapping.Reply{}, ctx.Err()
+						return protocol.Reply{}, ctx.Err()
 					}
 				}
-				return mapping.Reply{First: f.Segment, Entries: []table.Entry{table.At(loc, false)}}, nil
+				return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.At(loc, false)}}, nil
 			})
 			got := make([]byte, 4096)
 			read := async(func() error { return e.d.ReadAt(e.ctx, got, 0) })
@@ -186,7 +186,7 @@ func TestReplyKeptAcrossOtherCommand(t *testing.T) {
 			case <-time.After(mustFinish):
 				t.Fatal("the read did not fault")
 			}
-			if err := e.d.setEntry(e.ctx, mapping.SetEntry{Disk: tDisk, First: tc.cmdSeg, Entries: []table.Entry{table.InvalidEntry}}); err != nil {
+			if err := e.d.setEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: tc.cmdSeg, Entries: []table.Entry{table.InvalidEntry}}); err != nil {
 				t.Fatal(err)
 			}
 			close(release)

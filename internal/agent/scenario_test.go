@@ -14,7 +14,7 @@ import (
 	"github.com/cockroachdb/datadriven"
 
 	"segmap/internal/container"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -68,7 +68,7 @@ const (
 	sSeg   = 4096
 	sSegs  = 8
 	sSlots = 16
-	sDisk  = mapping.DiskID(3)
+	sDisk  = protocol.DiskID(3)
 )
 
 // scenario is one script's agent and everything it started.
@@ -119,13 +119,13 @@ type heldIO struct {
 }
 
 type heldFault struct {
-	f     mapping.Fault
+	f     protocol.Fault
 	n     int
 	reply chan faultAnswer
 }
 
 type faultAnswer struct {
-	r   mapping.Reply
+	r   protocol.Reply
 	err error
 }
 
@@ -148,10 +148,10 @@ func newScenario(t *testing.T) *scenario {
 		}
 	}
 	s.ctrl = &scriptCtrl{s: s,
-		disk: mapping.Disk{ID: sDisk, Name: "d", Size: sSegs * sSeg, SegmentSize: sSeg},
-		cont: mapping.Container{ID: 1, URI: "mem:1", SlotSize: sSeg, Slots: sSlots},
+		disk: protocol.Disk{ID: sDisk, Name: "d", Size: sSegs * sSeg, SegmentSize: sSeg},
+		cont: protocol.Container{ID: 1, URI: "mem:1", SlotSize: sSeg, Slots: sSlots},
 	}
-	s.a = New(Config{Name: "host", Controller: s.ctrl, OpenContainer: func(info mapping.Container) (container.Container, error) {
+	s.a = New(Config{Name: "host", Controller: s.ctrl, OpenContainer: func(info protocol.Container) (container.Container, error) {
 		return &scriptContainer{Container: s.mem, s: s}, nil
 	}})
 	if err := s.a.Attach(s.ctx, s.ctrl); err != nil {
@@ -240,31 +240,31 @@ func (c *scriptContainer) WriteAt(p []byte, off int64) (int, error) {
 // holds every fault until the script answers it.
 type scriptCtrl struct {
 	s    *scenario
-	disk mapping.Disk
-	cont mapping.Container
+	disk protocol.Disk
+	cont protocol.Container
 }
 
-func (c *scriptCtrl) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
+func (c *scriptCtrl) Attach(ctx context.Context, name string, a protocol.Agent, open []protocol.DiskID) error {
 	return nil
 }
 func (c *scriptCtrl) Detach(ctx context.Context, name string) error { return nil }
-func (c *scriptCtrl) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
-	return []mapping.Disk{c.disk}, nil
+func (c *scriptCtrl) Exports(ctx context.Context, agent string) ([]protocol.Disk, error) {
+	return []protocol.Disk{c.disk}, nil
 }
-func (c *scriptCtrl) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
+func (c *scriptCtrl) Open(ctx context.Context, agent, disk string) (protocol.Disk, error) {
 	if disk != c.disk.Name {
-		return mapping.Disk{}, fmt.Errorf("%q: %w", disk, mapping.ErrNotFound)
+		return protocol.Disk{}, fmt.Errorf("%q: %w", disk, protocol.ErrNotFound)
 	}
 	return c.disk, nil
 }
-func (c *scriptCtrl) CloseDisk(ctx context.Context, agent string, disk mapping.DiskID) error {
+func (c *scriptCtrl) CloseDisk(ctx context.Context, agent string, disk protocol.DiskID) error {
 	return nil
 }
-func (c *scriptCtrl) Containers(ctx context.Context) ([]mapping.Container, error) {
-	return []mapping.Container{c.cont}, nil
+func (c *scriptCtrl) Containers(ctx context.Context) ([]protocol.Container, error) {
+	return []protocol.Container{c.cont}, nil
 }
 
-func (c *scriptCtrl) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+func (c *scriptCtrl) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	s := c.s
 	id := goid()
 	h := &heldFault{f: f, reply: make(chan faultAnswer, 1)}
@@ -282,13 +282,13 @@ func (c *scriptCtrl) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 	case a := <-h.reply:
 		return a.r, a.err
 	case <-ctx.Done():
-		return mapping.Reply{}, ctx.Err()
+		return protocol.Reply{}, ctx.Err()
 	case <-s.stop:
-		return mapping.Reply{}, mapping.ErrUnavailable
+		return protocol.Reply{}, protocol.ErrUnavailable
 	}
 }
 
-var _ mapping.Controller = (*scriptCtrl)(nil)
+var _ protocol.Controller = (*scriptCtrl)(nil)
 
 // start runs fn as op name in a goroutine of its own.
 func (s *scenario) start(t *testing.T, d *datadriven.TestData, name string, timed bool, fn func() string) {
@@ -370,7 +370,7 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 		if e, ok := d.Arg("error"); ok {
 			a.err = parseErr(t, d, e.SingleVal(t))
 		} else if st, ok := d.Arg("stage"); ok {
-			a.r.Stage = &mapping.Stage{Loc: parseEntry(t, d, st.SingleVal(t)).Loc, Token: 1}
+			a.r.Stage = &protocol.Stage{Loc: parseEntry(t, d, st.SingleVal(t)).Loc, Token: 1}
 		} else {
 			a.r.First = h.f.Segment
 			d.MaybeScanArgs(t, "first", &a.r.First)
@@ -380,14 +380,14 @@ func (s *scenario) step(t *testing.T, d *datadriven.TestData) string {
 
 	case "set-entry":
 		needName()
-		c := mapping.SetEntry{Disk: sDisk, Blocking: d.HasArg("blocking")}
+		c := protocol.SetEntry{Disk: sDisk, Blocking: d.HasArg("blocking")}
 		d.ScanArgs(t, "first", &c.First)
 		c.Entries = parseEntries(t, d)
 		s.start(t, d, name, false, func() string { return errName(s.a.SetEntry(s.ctx, c)) })
 
 	case "set-entry-state":
 		needName()
-		c := mapping.SetEntryState{Disk: sDisk, Blocking: d.HasArg("blocking"), On: d.HasArg("on")}
+		c := protocol.SetEntryState{Disk: sDisk, Blocking: d.HasArg("blocking"), On: d.HasArg("on")}
 		if c.On == d.HasArg("off") {
 			d.Fatalf(t, "set-entry-state needs one of on, off")
 		}
@@ -684,10 +684,10 @@ func errName(err error) string {
 		{ErrRange, "ErrRange"},
 		{ErrNoTable, "ErrNoTable"},
 		{ErrClosed, "ErrClosed"},
-		{mapping.ErrReadOnly, "ErrReadOnly"},
-		{mapping.ErrFenced, "ErrFenced"},
-		{mapping.ErrUnavailable, "ErrUnavailable"},
-		{mapping.ErrIO, "ErrIO"},
+		{protocol.ErrReadOnly, "ErrReadOnly"},
+		{protocol.ErrFenced, "ErrFenced"},
+		{protocol.ErrUnavailable, "ErrUnavailable"},
+		{protocol.ErrIO, "ErrIO"},
 		{table.ErrRange, "table.ErrRange"},
 		{table.ErrVoided, "table.ErrVoided"},
 		{context.Canceled, "context.Canceled"},
@@ -702,13 +702,13 @@ func errName(err error) string {
 func parseErr(t *testing.T, d *datadriven.TestData, s string) error {
 	switch s {
 	case "io":
-		return mapping.ErrIO
+		return protocol.ErrIO
 	case "fenced":
-		return mapping.ErrFenced
+		return protocol.ErrFenced
 	case "unavailable":
-		return mapping.ErrUnavailable
+		return protocol.ErrUnavailable
 	case "stale":
-		return mapping.ErrStale
+		return protocol.ErrStale
 	}
 	d.Fatalf(t, "unknown error %q (want io, fenced, unavailable or stale)", s)
 	return nil

@@ -1,7 +1,9 @@
 // Package container provides the storage backends of segmap: a storage
 // container is a file or block device cut into fixed-size segment slots
 // onto which virtual disks map their segments. The package only stores
-// bytes; which slot belongs to which disk is decided elsewhere.
+// bytes; which slot belongs to which disk is decided elsewhere. Backends:
+// a file or block device (File), an NBD export (NBD), memory (Memory);
+// OpenURI and CreateURI reach the first two by URI (file://, nbd://).
 //
 // # Layout
 //

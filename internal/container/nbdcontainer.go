@@ -7,7 +7,7 @@ import (
 	"math"
 	"sync/atomic"
 
-	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 )
 
 // NBD is a Container stored on an NBD export on another machine (served by
@@ -16,7 +16,7 @@ import (
 // after it. OpenNBD and FormatNBD fail with the same errors as Open and
 // Format.
 //
-// Reads and writes go to one nbd.Client, which keeps many requests in
+// Reads and writes go to one nbdclient.Client, which keeps many requests in
 // flight on its connection; the only state of our own is an atomic closed
 // flag. Flush is an NBD flush. Punch is WRITE_ZEROES without NO_HOLE, so
 // the server may release the storage; an export that cannot zero gets
@@ -25,10 +25,10 @@ import (
 // The Container interface has no context, so I/O waits for the server as
 // long as the connection lives (TCP keepalive notices a dead peer). A lost
 // connection fails every request with an error wrapping
-// nbd.ErrDisconnected, for good: the container does not reconnect; close
+// nbdclient.ErrDisconnected, for good: the container does not reconnect; close
 // it and open it again.
 type NBD struct {
-	c   *nbd.Client
+	c   *nbdclient.Client
 	uri string
 	h   Header
 
@@ -46,9 +46,9 @@ var _ Container = (*NBD)(nil)
 // damaged header with ErrCorruptHeader, an export shorter than its header
 // says with ErrTruncated, and, if want is not nil, a container whose id or
 // slot size differ from want's with ErrWrongContainer. A read-only export
-// is refused (nbd.ErrEPERM). ctx bounds connecting and reading the header;
+// is refused (nbdclient.ErrEPERM). ctx bounds connecting and reading the header;
 // it is not kept.
-func OpenNBD(ctx context.Context, uri string, want *Header, cfg nbd.ClientConfig) (*NBD, error) {
+func OpenNBD(ctx context.Context, uri string, want *Header, cfg nbdclient.ClientConfig) (*NBD, error) {
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open container %s: %w", uri, err)
@@ -75,7 +75,7 @@ func OpenNBD(ctx context.Context, uri string, want *Header, cfg nbd.ClientConfig
 // the header, (export size - HeaderSize) / slotSize. The header is written
 // with FUA, so it is durable when FormatNBD returns. Any header already
 // there is overwritten and the data area is left as it is.
-func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, cfg nbd.ClientConfig) (*NBD, error) {
+func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, cfg nbdclient.ClientConfig) (*NBD, error) {
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("format container %s: %w", uri, err)
@@ -99,18 +99,18 @@ func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, cfg n
 }
 
 // dialNBD connects to the export of uri, which must be writable.
-func dialNBD(ctx context.Context, uri string, cfg nbd.ClientConfig) (*nbd.Client, error) {
-	addr, export, err := nbd.ParseURI(uri)
+func dialNBD(ctx context.Context, uri string, cfg nbdclient.ClientConfig) (*nbdclient.Client, error) {
+	addr, export, err := nbdclient.ParseURI(uri)
 	if err != nil {
 		return nil, err
 	}
-	cl, err := nbd.Dial(ctx, addr, export, cfg)
+	cl, err := nbdclient.Dial(ctx, addr, export, cfg)
 	if err != nil {
 		return nil, err
 	}
 	if cl.ReadOnly() {
 		cl.Close()
-		return nil, fmt.Errorf("export is read-only: %w", nbd.ErrEPERM)
+		return nil, fmt.Errorf("export is read-only: %w", nbdclient.ErrEPERM)
 	}
 	return cl, nil
 }
@@ -118,7 +118,7 @@ func dialNBD(ctx context.Context, uri string, cfg nbd.ClientConfig) (*nbd.Client
 // readNBDHeader reads and decodes the header at the start of the export. An
 // export shorter than HeaderSize is decoded from what is there, so that a
 // small foreign export is reported as ErrNotContainer.
-func readNBDHeader(ctx context.Context, cl *nbd.Client) (Header, error) {
+func readNBDHeader(ctx context.Context, cl *nbdclient.Client) (Header, error) {
 	b := make([]byte, min(cl.Size(), HeaderSize))
 	if err := cl.ReadAt(ctx, b, 0); err != nil {
 		return Header{}, err
@@ -200,7 +200,7 @@ func (c *NBD) Punch(off, n int64) error {
 		switch {
 		case err == nil:
 			return nil
-		case errors.Is(err, nbd.ErrENOTSUP):
+		case errors.Is(err, nbdclient.ErrENOTSUP):
 			c.noZero.Store(true)
 		default:
 			return c.ioErr("punch", off, n, err)
@@ -222,7 +222,7 @@ func (c *NBD) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return c.errClosed()
 	}
-	if err := c.c.Close(); err != nil && !errors.Is(err, nbd.ErrClientClosed) {
+	if err := c.c.Close(); err != nil && !errors.Is(err, nbdclient.ErrClientClosed) {
 		return fmt.Errorf("container %s: close: %w", c.uri, err)
 	}
 	return nil
@@ -235,7 +235,7 @@ func (c *NBD) errClosed() error {
 // ioErr wraps an error of the client with the operation and range. An
 // error caused by a concurrent Close becomes ErrClosed.
 func (c *NBD) ioErr(op string, off, n int64, err error) error {
-	if c.closed.Load() || errors.Is(err, nbd.ErrClientClosed) {
+	if c.closed.Load() || errors.Is(err, nbdclient.ErrClientClosed) {
 		return c.errClosed()
 	}
 	return fmt.Errorf("container %s: %s of %d bytes at offset %d: %w", c.uri, op, n, off, err)

@@ -18,6 +18,8 @@ import (
 	"segmap/internal/container/containertest"
 	"segmap/internal/heldport"
 	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
 	"segmap/internal/storage"
 )
 
@@ -73,7 +75,7 @@ func newExport(t *testing.T, dir string, size int64) string {
 
 func formatNBD(t *testing.T, uri string, id uint32, slotSize int64) *container.NBD {
 	t.Helper()
-	c, err := container.FormatNBD(context.Background(), uri, id, slotSize, nbd.ClientConfig{})
+	c, err := container.FormatNBD(context.Background(), uri, id, slotSize, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +120,7 @@ func TestNBDPunchFallback(t *testing.T) {
 		cfg.Backend = noZeroBackend{cfg.Backend.(*storage.Dir)}
 		cfg.Errno = func(err error) uint32 {
 			if errors.Is(err, errNoZero) {
-				return nbd.ENOTSUP
+				return nbdwire.ENOTSUP
 			}
 			return storage.Errno(err)
 		}
@@ -168,7 +170,7 @@ func TestNBDReopen(t *testing.T) {
 		t.Fatalf("ReadHeader of the export file: %v, %v", h, err)
 	}
 	for _, want := range []*container.Header{nil, {ID: 7, SlotSize: 65536}} {
-		c, err := container.OpenNBD(context.Background(), uri, want, nbd.ClientConfig{})
+		c, err := container.OpenNBD(context.Background(), uri, want, nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -189,7 +191,7 @@ func TestOpenNBDErrors(t *testing.T) {
 	dir, prefix := storageServer(t, nil)
 	ctx := context.Background()
 	open := func(name string, want *container.Header) error {
-		c, err := container.OpenNBD(ctx, prefix+name, want, nbd.ClientConfig{})
+		c, err := container.OpenNBD(ctx, prefix+name, want, nbdclient.ClientConfig{})
 		if err == nil {
 			c.Close()
 		}
@@ -252,7 +254,7 @@ func TestOpenNBDErrors(t *testing.T) {
 		{size, 2048},
 	} {
 		name := newExport(t, dir, tt.size)
-		if c, err := container.FormatNBD(ctx, prefix+name, 1, tt.slotSize, nbd.ClientConfig{}); !errors.Is(err, container.ErrInvalidHeader) {
+		if c, err := container.FormatNBD(ctx, prefix+name, 1, tt.slotSize, nbdclient.ClientConfig{}); !errors.Is(err, container.ErrInvalidHeader) {
 			if err == nil {
 				c.Close()
 			}
@@ -261,10 +263,10 @@ func TestOpenNBDErrors(t *testing.T) {
 	}
 
 	// Not there at all, and a bad URI.
-	if err := open("nosuch", nil); !errors.Is(err, nbd.ErrUnknownExport) {
+	if err := open("nosuch", nil); !errors.Is(err, nbdwire.ErrUnknownExport) {
 		t.Errorf("unknown export: %v", err)
 	}
-	if _, err := container.OpenNBD(ctx, "file:///x", nil, nbd.ClientConfig{}); err == nil {
+	if _, err := container.OpenNBD(ctx, "file:///x", nil, nbdclient.ClientConfig{}); err == nil {
 		t.Error("file:// URI accepted")
 	}
 
@@ -275,14 +277,14 @@ func TestOpenNBDErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	if os.Geteuid() != 0 { // root writes anyway
-		if err := open(ro, nil); !errors.Is(err, nbd.ErrEPERM) {
-			t.Errorf("read-only export: %v; want nbd.ErrEPERM", err)
+		if err := open(ro, nil); !errors.Is(err, nbdclient.ErrEPERM) {
+			t.Errorf("read-only export: %v; want nbdclient.ErrEPERM", err)
 		}
 	}
 }
 
 // TestNBDConnectionLost: when the storage node goes away, I/O fails with
-// nbd.ErrDisconnected (not ErrClosed), and Close still works.
+// nbdclient.ErrDisconnected (not ErrClosed), and Close still works.
 func TestNBDConnectionLost(t *testing.T) {
 	dir := t.TempDir()
 	backend, err := storage.NewDir(dir, "")
@@ -300,7 +302,7 @@ func TestNBDConnectionLost(t *testing.T) {
 	c := formatNBD(t, "nbd://"+l.Addr().String()+"/"+name, 1, 4096)
 	srv.Close()
 	<-served
-	if _, err := c.ReadAt(make([]byte, 10), 0); !errors.Is(err, nbd.ErrDisconnected) || errors.Is(err, container.ErrClosed) {
+	if _, err := c.ReadAt(make([]byte, 10), 0); !errors.Is(err, nbdclient.ErrDisconnected) || errors.Is(err, container.ErrClosed) {
 		t.Fatalf("read after the server went away: %v", err)
 	}
 	if err := c.Close(); err != nil {

@@ -37,8 +37,8 @@ import (
 	"time"
 
 	"segmap/internal/container"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -62,7 +62,7 @@ type Config struct {
 	// OpenContainer opens a container for copies and punches, checking
 	// that its header matches the record (ID 0: any container, as when one
 	// is added). The controller closes what it opened on Close.
-	OpenContainer func(mapping.Container) (container.Container, error)
+	OpenContainer func(protocol.Container) (container.Container, error)
 	// Now returns the current time; time.Now if nil.
 	Now func() time.Time
 	// Logger receives events worth a line; slog.Default if nil.
@@ -75,7 +75,7 @@ type Config struct {
 // Controller is the controller. Its methods are safe for concurrent use.
 type Controller struct {
 	store      meta.Store
-	openC      func(mapping.Container) (container.Container, error)
+	openC      func(protocol.Container) (container.Container, error)
 	now        func() time.Time
 	logger     *slog.Logger
 	cmdTimeout time.Duration
@@ -117,7 +117,7 @@ type Controller struct {
 
 type agentState struct {
 	name  string
-	a     mapping.Agent
+	a     protocol.Agent
 	disks map[meta.DiskID]bool
 }
 
@@ -322,11 +322,11 @@ func (c *Controller) lock() error {
 
 // --- agents -----------------------------------------------------------------
 
-// Attach implements mapping.Controller. An agent attaching under a name that
+// Attach implements protocol.Controller. An agent attaching under a name that
 // is already attached replaces it: the old one is gone (restarted).
-func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, open []mapping.DiskID) error {
+func (c *Controller) Attach(ctx context.Context, name string, a protocol.Agent, open []protocol.DiskID) error {
 	if name == "" || a == nil {
-		return fmt.Errorf("attach: agent without a name: %w", mapping.ErrBadRequest)
+		return fmt.Errorf("attach: agent without a name: %w", protocol.ErrBadRequest)
 	}
 	if err := c.register(ctx, name); err != nil {
 		return err
@@ -363,7 +363,7 @@ func (c *Controller) Attach(ctx context.Context, name string, a mapping.Agent, o
 	return nil
 }
 
-// Detach implements mapping.Controller.
+// Detach implements protocol.Controller.
 func (c *Controller) Detach(ctx context.Context, name string) error {
 	c.agents.Lock()
 	delete(c.agents.byName, name)
@@ -371,8 +371,8 @@ func (c *Controller) Detach(ctx context.Context, name string) error {
 	return nil
 }
 
-// Open implements mapping.Controller.
-func (c *Controller) Open(ctx context.Context, agent, disk string) (mapping.Disk, error) {
+// Open implements protocol.Controller.
+func (c *Controller) Open(ctx context.Context, agent, disk string) (protocol.Disk, error) {
 	var d meta.Disk
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
@@ -388,20 +388,20 @@ func (c *Controller) Open(ctx context.Context, agent, disk string) (mapping.Disk
 		return err
 	})
 	if err != nil {
-		return mapping.Disk{}, wrapNotFound(err)
+		return protocol.Disk{}, wrapNotFound(err)
 	}
 	c.agents.Lock()
 	defer c.agents.Unlock()
 	st := c.agents.byName[agent]
 	if st == nil {
-		return mapping.Disk{}, fmt.Errorf("open %q by %q: %w", disk, agent, ErrUnknownAgent)
+		return protocol.Disk{}, fmt.Errorf("open %q by %q: %w", disk, agent, ErrUnknownAgent)
 	}
 	st.disks[d.ID] = true
 	return toMapping(d), nil
 }
 
-// CloseDisk implements mapping.Controller: agent no longer maps disk id.
-func (c *Controller) CloseDisk(ctx context.Context, agent string, id mapping.DiskID) error {
+// CloseDisk implements protocol.Controller: agent no longer maps disk id.
+func (c *Controller) CloseDisk(ctx context.Context, agent string, id protocol.DiskID) error {
 	c.agents.Lock()
 	defer c.agents.Unlock()
 	if st := c.agents.byName[agent]; st != nil {
@@ -410,24 +410,24 @@ func (c *Controller) CloseDisk(ctx context.Context, agent string, id mapping.Dis
 	return nil
 }
 
-// Containers implements mapping.Controller.
-func (c *Controller) Containers(ctx context.Context) ([]mapping.Container, error) {
+// Containers implements protocol.Controller.
+func (c *Controller) Containers(ctx context.Context) ([]protocol.Container, error) {
 	var cs []meta.Container
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		cs, err = tx.Containers()
 		return err
 	})
-	out := make([]mapping.Container, len(cs))
+	out := make([]protocol.Container, len(cs))
 	for i, ct := range cs {
-		out[i] = mapping.Container{ID: ct.ID, URI: ct.URI, SlotSize: ct.SlotSize, Slots: ct.Slots}
+		out[i] = protocol.Container{ID: ct.ID, URI: ct.URI, SlotSize: ct.SlotSize, Slots: ct.Slots}
 	}
 	return out, err
 }
 
-// Exports implements mapping.Controller: the disks agent may map.
-func (c *Controller) Exports(ctx context.Context, agent string) ([]mapping.Disk, error) {
-	var out []mapping.Disk
+// Exports implements protocol.Controller: the disks agent may map.
+func (c *Controller) Exports(ctx context.Context, agent string) ([]protocol.Disk, error) {
+	var out []protocol.Disk
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
 		if err != nil {
@@ -505,8 +505,8 @@ const DefaultCommandTimeout = 30 * time.Second
 // that depends on the command: an agent that did not confirm a
 // restrictive change may still be acting on the old entries. (A remote
 // agent that cannot be reached is waited for until its lease has run
-// out, and then counts as done: see internal/remote.)
-func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, mapping.Agent) error) error {
+// out, and then counts as done: see internal/rpc/transport.)
+func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, protocol.Agent) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cmdTimeout)
 	defer cancel()
 	var errs []error
@@ -529,7 +529,7 @@ func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Contain
 		return meta.Container{}, err
 	}
 	defer c.mu.Unlock()
-	ct, err := c.openC(mapping.Container{URI: uri})
+	ct, err := c.openC(protocol.Container{URI: uri})
 	if err != nil {
 		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
 	}
@@ -587,9 +587,9 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 	}); err != nil {
 		return nil, err
 	}
-	ct, err := c.openC(mapping.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
+	ct, err := c.openC(protocol.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
 	if err != nil {
-		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, mapping.ErrIO, err)
+		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, protocol.ErrIO, err)
 	}
 	c.mu.conts[id] = ct
 	return ct, nil
@@ -609,7 +609,7 @@ func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table
 			return err
 		}
 		if !ok {
-			return mapping.ErrNoSpace
+			return protocol.ErrNoSpace
 		}
 		loc = l
 		return nil
@@ -694,7 +694,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 			return nil
 		}
 		if err := ct.Punch(from*size, (to-from)*size); err != nil {
-			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, mapping.ErrIO, err)
+			return fmt.Errorf("zero free slots [%d, %d) of container %d: %w: %w", from, to, cid, protocol.ErrIO, err)
 		}
 		return nil
 	}
@@ -718,7 +718,7 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		return err
 	}
 	if err := ct.Flush(); err != nil {
-		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, mapping.ErrIO, err)
+		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, protocol.ErrIO, err)
 	}
 	c.mu.zeroed[cid] = true
 	c.logger.Debug("free slots zeroed", "container", cid, "used", len(used))
@@ -738,16 +738,16 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 	buf := make([]byte, min(size, 1<<20))
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
 		if _, err := src.ReadAt(buf, int64(uint64(from.Slot)*size+off)); err != nil {
-			return fmt.Errorf("copy-on-write read %v: %w: %w", from, mapping.ErrIO, err)
+			return fmt.Errorf("copy-on-write read %v: %w: %w", from, protocol.ErrIO, err)
 		}
 		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
 			delete(c.mu.zeroed, to.Container) // to stays free, and is not zero
-			return fmt.Errorf("copy-on-write write %v: %w: %w", to, mapping.ErrIO, err)
+			return fmt.Errorf("copy-on-write write %v: %w: %w", to, protocol.ErrIO, err)
 		}
 	}
 	if err := dst.Flush(); err != nil {
 		delete(c.mu.zeroed, to.Container)
-		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, mapping.ErrIO, err)
+		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, protocol.ErrIO, err)
 	}
 	return nil
 }
@@ -780,13 +780,13 @@ func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Locatio
 	}
 }
 
-func toMapping(d meta.Disk) mapping.Disk {
-	return mapping.Disk{ID: mapping.DiskID(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
+func toMapping(d meta.Disk) protocol.Disk {
+	return protocol.Disk{ID: protocol.DiskID(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
 }
 
 func wrapNotFound(err error) error {
 	if errors.Is(err, meta.ErrNotFound) {
-		return fmt.Errorf("%w: %w", mapping.ErrNotFound, err)
+		return fmt.Errorf("%w: %w", protocol.ErrNotFound, err)
 	}
 	return err
 }

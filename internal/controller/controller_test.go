@@ -21,9 +21,9 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -32,12 +32,12 @@ const seg = 64 << 10
 
 // newCluster starts an in-process segmap in a fresh directory with two
 // agents. The default pool is two containers of 64 slots of 64 KiB.
-func newCluster(t *testing.T, pool ...local.PoolSpec) *local.Cluster {
+func newCluster(t *testing.T, pool ...standalone.PoolSpec) *standalone.Cluster {
 	t.Helper()
 	if len(pool) == 0 {
-		pool = []local.PoolSpec{{SlotSize: seg, Slots: 64, Count: 2}}
+		pool = []standalone.PoolSpec{{SlotSize: seg, Slots: 64, Count: 2}}
 	}
-	c, err := local.Open(context.Background(), t.TempDir(), local.Options{
+	c, err := standalone.Open(context.Background(), t.TempDir(), standalone.Options{
 		Agents: []string{"host-a", "host-b"},
 		Pool:   pool,
 	})
@@ -52,7 +52,7 @@ func newCluster(t *testing.T, pool ...local.PoolSpec) *local.Cluster {
 	return c
 }
 
-func createDisk(t *testing.T, c *local.Cluster, name string, segs uint64, p table.Policy) meta.Disk {
+func createDisk(t *testing.T, c *standalone.Cluster, name string, segs uint64, p table.Policy) meta.Disk {
 	t.Helper()
 	d, err := c.Ctrl.CreateDisk(context.Background(), controller.CreateOptions{Name: name, Size: segs * seg, SegmentSize: seg, Policy: p})
 	if err != nil {
@@ -62,7 +62,7 @@ func createDisk(t *testing.T, c *local.Cluster, name string, segs uint64, p tabl
 }
 
 // openDisk opens name on agent i.
-func openDisk(t *testing.T, c *local.Cluster, i int, name string) *agent.Disk {
+func openDisk(t *testing.T, c *standalone.Cluster, i int, name string) *agent.Disk {
 	t.Helper()
 	d, err := c.Agents[i].Open(context.Background(), name)
 	if err != nil {
@@ -111,7 +111,7 @@ func expect(t *testing.T, d *agent.Disk, off uint64, want []byte) {
 }
 
 // checkClean fails the test if Check finds any problem.
-func checkClean(t *testing.T, c *local.Cluster) {
+func checkClean(t *testing.T, c *standalone.Cluster) {
 	t.Helper()
 	ps, err := c.Ctrl.Check(context.Background())
 	if err != nil {
@@ -123,7 +123,7 @@ func checkClean(t *testing.T, c *local.Cluster) {
 }
 
 // used returns the number of used slots over every container.
-func used(t *testing.T, c *local.Cluster) uint64 {
+func used(t *testing.T, c *standalone.Cluster) uint64 {
 	t.Helper()
 	cs, err := c.Ctrl.ListContainers(context.Background())
 	if err != nil {
@@ -136,7 +136,7 @@ func used(t *testing.T, c *local.Cluster) uint64 {
 	return n
 }
 
-func usage(t *testing.T, c *local.Cluster, name string) controller.Usage {
+func usage(t *testing.T, c *standalone.Cluster, name string) controller.Usage {
 	t.Helper()
 	u, err := c.Ctrl.DiskUsage(context.Background(), name)
 	if err != nil {
@@ -146,7 +146,7 @@ func usage(t *testing.T, c *local.Cluster, name string) controller.Usage {
 }
 
 // entry returns the persistent entry seg of disk name.
-func entry(t *testing.T, c *local.Cluster, name string, seg uint64) table.Entry {
+func entry(t *testing.T, c *standalone.Cluster, name string, seg uint64) table.Entry {
 	t.Helper()
 	var e table.Entry
 	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
@@ -168,7 +168,7 @@ func entry(t *testing.T, c *local.Cluster, name string, seg uint64) table.Entry 
 }
 
 // agentEntry returns entry seg of d's table on agent i.
-func agentEntry(t *testing.T, c *local.Cluster, i int, d *agent.Disk, seg uint64) table.Entry {
+func agentEntry(t *testing.T, c *standalone.Cluster, i int, d *agent.Disk, seg uint64) table.Entry {
 	t.Helper()
 	es, err := c.Agents[i].GetEntry(context.Background(), d.Info().ID, seg, 1)
 	if err != nil {
@@ -177,7 +177,7 @@ func agentEntry(t *testing.T, c *local.Cluster, i int, d *agent.Disk, seg uint64
 	return es[0]
 }
 
-func refs(t *testing.T, c *local.Cluster, loc table.Location) uint32 {
+func refs(t *testing.T, c *standalone.Cluster, loc table.Location) uint32 {
 	t.Helper()
 	var n uint32
 	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
@@ -192,7 +192,7 @@ func refs(t *testing.T, c *local.Cluster, loc table.Location) uint32 {
 }
 
 // readSlot reads slot loc straight from its container file.
-func readSlot(t *testing.T, c *local.Cluster, loc table.Location) []byte {
+func readSlot(t *testing.T, c *standalone.Cluster, loc table.Location) []byte {
 	t.Helper()
 	ct, err := container.Open(filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", loc.Container)), nil)
 	if err != nil {
@@ -212,7 +212,7 @@ type state struct {
 	Conts []meta.Container
 }
 
-func stateOf(t *testing.T, c *local.Cluster) state {
+func stateOf(t *testing.T, c *standalone.Cluster) state {
 	t.Helper()
 	ctx := context.Background()
 	ds, err := c.Ctrl.Disks(ctx)
@@ -226,7 +226,7 @@ func stateOf(t *testing.T, c *local.Cluster) state {
 	return state{ds, cs}
 }
 
-func assertUnchanged(t *testing.T, c *local.Cluster, before state) {
+func assertUnchanged(t *testing.T, c *standalone.Cluster, before state) {
 	t.Helper()
 	if after := stateOf(t, c); !reflect.DeepEqual(before, after) {
 		t.Errorf("state changed:\nbefore %+v\nafter  %+v", before, after)
@@ -298,18 +298,18 @@ func TestBadInputChangesNothing(t *testing.T) {
 		}, table.ErrBadPolicy},
 		{"create duplicate", create("a", 4*seg, seg), controller.ErrExists},
 		{"create duplicate of snapshot", create("a-snap", 8*seg, seg), controller.ErrExists},
-		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), mapping.ErrNotFound},
-		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), mapping.ErrNotFound},
+		{"snapshot missing", snapshot([]string{"nope"}, []string{"s"}), protocol.ErrNotFound},
+		{"snapshot one missing of a group", snapshot([]string{"a", "nope"}, []string{"s1", "s2"}), protocol.ErrNotFound},
 		{"snapshot onto existing", snapshot([]string{"a"}, []string{"a-snap"}), controller.ErrExists},
-		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), mapping.ErrBadRequest},
-		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
-		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), mapping.ErrBadRequest},
-		{"snapshot nothing", snapshot(nil, nil), mapping.ErrBadRequest},
-		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), mapping.ErrBadRequest},
-		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), mapping.ErrBadRequest},
+		{"snapshot onto itself", snapshot([]string{"a"}, []string{"a"}), protocol.ErrBadRequest},
+		{"snapshot more names", snapshot([]string{"a"}, []string{"s1", "s2"}), protocol.ErrBadRequest},
+		{"snapshot fewer names", snapshot([]string{"a", "a-snap"}, []string{"s1"}), protocol.ErrBadRequest},
+		{"snapshot nothing", snapshot(nil, nil), protocol.ErrBadRequest},
+		{"snapshot name repeated", snapshot([]string{"a", "a-snap"}, []string{"s", "s"}), protocol.ErrBadRequest},
+		{"snapshot source repeated", snapshot([]string{"a", "a"}, []string{"s1", "s2"}), protocol.ErrBadRequest},
 		{"snapshot invalid name", snapshot([]string{"a"}, []string{"-s"}), controller.ErrInvalidName},
-		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, mapping.ErrNotFound},
-		{"resize missing", resize("nope", 8*seg, false), mapping.ErrNotFound},
+		{"delete missing", func() error { return c.Ctrl.DeleteDisk(ctx, "nope") }, protocol.ErrNotFound},
+		{"resize missing", resize("nope", 8*seg, false), protocol.ErrNotFound},
 		{"resize shrink without flag", resize("a", 2*seg, false), controller.ErrShrink},
 		{"resize shrink to a partial segment", resize("a", 2*seg+512, true), controller.ErrInvalidSize},
 		{"resize to 0", resize("a", 0, true), controller.ErrInvalidSize},
@@ -390,11 +390,11 @@ func TestAddContainerBadInput(t *testing.T) {
 		uri  string
 		want error
 	}{
-		{"text file", local.FileURI(text), container.ErrNotContainer},
+		{"text file", container.FileURI(text), container.ErrNotContainer},
 		{"text file by plain path", text, container.ErrNotContainer},
-		{"empty file", local.FileURI(empty), container.ErrNotContainer},
-		{"missing file", local.FileURI(filepath.Join(dir, "missing")), fs.ErrNotExist},
-		{"same container twice", local.FileURI(filepath.Join(c.Dir, "containers", "c1")), meta.ErrExists},
+		{"empty file", container.FileURI(empty), container.ErrNotContainer},
+		{"missing file", container.FileURI(filepath.Join(dir, "missing")), fs.ErrNotExist},
+		{"same container twice", container.FileURI(filepath.Join(c.Dir, "containers", "c1")), meta.ErrExists},
 		{"same container twice by plain path", filepath.Join(c.Dir, "containers", "c2"), meta.ErrExists},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -603,7 +603,7 @@ func TestAgentIOBadInput(t *testing.T) {
 		{"trim", func() error { return snap.Trim(ctx, 0, 2*seg) }},
 	} {
 		t.Run("read-only "+tc.name, func(t *testing.T) {
-			if err := tc.fn(); !errors.Is(err, mapping.ErrReadOnly) {
+			if err := tc.fn(); !errors.Is(err, protocol.ErrReadOnly) {
 				t.Errorf("got %v, want ErrReadOnly", err)
 			}
 			expect(t, snap, 0, data)
@@ -619,16 +619,16 @@ func TestAgentIOBadInput(t *testing.T) {
 func TestOutOfSpace(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		free func(t *testing.T, c *local.Cluster, a *agent.Disk)
+		free func(t *testing.T, c *standalone.Cluster, a *agent.Disk)
 		// trimmed: free discarded disk a's segment 0.
 		trimmed bool
 	}{
-		{"delete another disk", func(t *testing.T, c *local.Cluster, a *agent.Disk) {
+		{"delete another disk", func(t *testing.T, c *standalone.Cluster, a *agent.Disk) {
 			if err := c.Ctrl.DeleteDisk(context.Background(), "b"); err != nil {
 				t.Fatal(err)
 			}
 		}, false},
-		{"trim a segment", func(t *testing.T, c *local.Cluster, a *agent.Disk) {
+		{"trim a segment", func(t *testing.T, c *standalone.Cluster, a *agent.Disk) {
 			if err := a.Trim(context.Background(), 0, seg); err != nil {
 				t.Fatal(err)
 			}
@@ -636,7 +636,7 @@ func TestOutOfSpace(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
-			c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 4, Count: 1})
+			c := newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 4, Count: 1})
 			createDisk(t, c, "a", 8, table.Forward)
 			createDisk(t, c, "b", 8, table.Forward)
 			a := openDisk(t, c, 0, "a")
@@ -653,11 +653,11 @@ func TestOutOfSpace(t *testing.T) {
 			}
 			// The fifth segment does not fit.
 			err := a.WriteAt(ctx, pat(3), 3*seg+off, false)
-			if !errors.Is(err, mapping.ErrNoSpace) {
+			if !errors.Is(err, protocol.ErrNoSpace) {
 				t.Fatalf("write to a full pool: %v, want ErrNoSpace", err)
 			}
 			// So does a write through the other agent.
-			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, mapping.ErrNoSpace) {
+			if err := b.WriteAt(ctx, pat(3), 5*seg, false); !errors.Is(err, protocol.ErrNoSpace) {
 				t.Fatalf("write to a full pool on the other agent: %v, want ErrNoSpace", err)
 			}
 			if n := used(t, c); n != 4 {
@@ -882,7 +882,7 @@ func TestDeleteFreesSpace(t *testing.T) {
 		if n := used(t, c); n != used0 {
 			t.Errorf("used %d after delete, want %d", n, used0)
 		}
-		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, mapping.ErrNotFound) {
+		if _, err := c.Ctrl.Disk(ctx, "x"); !errors.Is(err, protocol.ErrNotFound) {
 			t.Errorf("deleted disk: %v, want ErrNotFound", err)
 		}
 		for _, h := range []*agent.Disk{x, xOther} {
@@ -1157,7 +1157,7 @@ func TestHoldFaults(t *testing.T) {
 	}
 	id := d.Info().ID
 	for _, seg := range []uint64{0, 1} { // allocated, Zero
-		if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultRead}); err != nil {
+		if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: protocol.FaultRead}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -1167,7 +1167,7 @@ func TestHoldFaults(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, seg := range []uint64{0, 1} { // a writable entry to load; an allocation
 		wg.Go(func() {
-			if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: mapping.FaultWrite}); err != nil {
+			if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: a.Name(), Disk: id, Segment: seg, Op: protocol.FaultWrite}); err != nil {
 				t.Error(err)
 			}
 			if time.Since(start) < hold {
@@ -1180,7 +1180,7 @@ func TestHoldFaults(t *testing.T) {
 
 // registerGone adds an agent "gone", which never attaches, to the agent
 // registry: a hold then lasts its full time.
-func registerGone(t *testing.T, c *local.Cluster) {
+func registerGone(t *testing.T, c *standalone.Cluster) {
 	t.Helper()
 	err := c.Store.Update(t.Context(), func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
@@ -1228,7 +1228,7 @@ func TestHoldEndsEarly(t *testing.T) {
 		t.Fatalf("CreateDisk during the hold returned %v", err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	ag := agent.New(agent.Config{Name: "gone", Controller: c.Ctrl, OpenContainer: local.OpenContainer})
+	ag := agent.New(agent.Config{Name: "gone", Controller: c.Ctrl, OpenContainer: container.OpenURI})
 	if err := ag.Attach(ctx, c.Ctrl); err != nil {
 		t.Fatal(err)
 	}
@@ -1271,7 +1271,7 @@ func TestHoldEndsEarly(t *testing.T) {
 // allocation from it, and a new disk reads zeros.
 func TestFreeSlotsZeroedAfterRestart(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 4, Count: 1})
+	c := newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 4, Count: 1})
 	createDisk(t, c, "a", 1, table.Forward)
 	h := openDisk(t, c, 0, "a")
 	write(t, h, pattern(seg, 21), 0)
@@ -1304,7 +1304,7 @@ func TestFreeSlotsZeroedAfterRestart(t *testing.T) {
 // fit is refused and leaves nothing behind.
 func TestPreallocate(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 40, Count: 1})
+	c := newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 40, Count: 1})
 	// Dirty a slot and free it, so that preallocation must not expose it.
 	createDisk(t, c, "old", 1, table.Forward)
 	write(t, openDisk(t, c, 0, "old"), pattern(seg, 5), 0)
@@ -1327,10 +1327,10 @@ func TestPreallocate(t *testing.T) {
 	}
 	checkClean(t, c)
 	// 11 more segments do not fit in the 10 slots left.
-	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, mapping.ErrNoSpace) {
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "big", Size: 11 * seg, SegmentSize: seg, Preallocate: true}); !errors.Is(err, protocol.ErrNoSpace) {
 		t.Errorf("preallocating past the pool: %v, want ErrNoSpace", err)
 	}
-	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, mapping.ErrNotFound) {
+	if _, err := c.Ctrl.Disk(ctx, "big"); !errors.Is(err, protocol.ErrNotFound) {
 		t.Errorf("the disk that did not fit: %v, want it gone", err)
 	}
 	if n := used(t, c); n != 30 {

@@ -8,8 +8,8 @@ import (
 	"slices"
 	"time"
 
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
@@ -168,7 +168,7 @@ func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64) error
 			return err
 		}
 		if !ok {
-			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, mapping.ErrNoSpace)
+			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, protocol.ErrNoSpace)
 		}
 		if err := tx.SetRefs(loc, 1); err != nil {
 			return err
@@ -263,7 +263,7 @@ type SnapshotOptions struct {
 //  4. activate.
 func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
 	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {
-		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), mapping.ErrBadRequest)
+		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), protocol.ErrBadRequest)
 	}
 	seen := map[string]bool{}
 	for _, n := range append(append([]string(nil), o.Sources...), o.Names...) {
@@ -271,7 +271,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			return nil, err
 		}
 		if seen[n] {
-			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, mapping.ErrBadRequest)
+			return nil, fmt.Errorf("snapshot: %q named twice: %w", n, protocol.ErrBadRequest)
 		}
 		seen[n] = true
 	}
@@ -315,7 +315,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 		var quiesced []q
 		defer func() {
 			for _, x := range quiesced {
-				if err := x.st.a.Activate(ctx, mapping.DiskID(x.id)); err != nil {
+				if err := x.st.a.Activate(ctx, protocol.DiskID(x.id)); err != nil {
 					c.logger.Warn("activate after snapshot", "agent", x.st.name, "err", err)
 				}
 			}
@@ -325,7 +325,7 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 				// Record before asking: a quiesce that fails half way
 				// still gets its activate.
 				quiesced = append(quiesced, q{st, d.ID})
-				if err := st.a.Quiesce(ctx, mapping.DiskID(d.ID), o.QuiesceTimeout); err != nil {
+				if err := st.a.Quiesce(ctx, protocol.DiskID(d.ID), o.QuiesceTimeout); err != nil {
 					return nil, fmt.Errorf("snapshot: quiesce %q on agent %q: %w", d.Name, st.name, err)
 				}
 			}
@@ -336,8 +336,8 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	// made under the old entries is on its way, and those writes are
 	// durable.
 	for _, d := range srcs {
-		cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
-		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
+		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
 			// Nothing is committed; the extra NoWrite bits some agents
 			// got only cost a fault each.
 			return nil, fmt.Errorf("snapshot: set NoWrite on %q: %w", d.Name, err)
@@ -441,7 +441,7 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 		if !slices.Contains(agents, st.name) {
 			continue
 		}
-		if err := st.a.DeleteTable(ctx, mapping.DiskID(d.ID)); err != nil {
+		if err := st.a.DeleteTable(ctx, protocol.DiskID(d.ID)); err != nil {
 			return fmt.Errorf("revoke %q from %q: %w", name, st.name, err)
 		}
 		c.agents.Lock()
@@ -479,8 +479,8 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
-		return a.DeleteTable(ctx, mapping.DiskID(d.ID))
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
+		return a.DeleteTable(ctx, protocol.DiskID(d.ID))
 	}); err != nil {
 		return fmt.Errorf("delete %q: %w", name, err)
 	}
@@ -509,7 +509,7 @@ func (c *Controller) resizeFailedLocked(ctx context.Context, d meta.Disk) {
 		c.logger.Warn("reload a disk after a failed resize", "disk", d.Name, "err", err)
 		return
 	}
-	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 		return a.NewTable(ctx, toMapping(cur))
 	}); err != nil {
 		c.logger.Warn("restore the size after a failed resize", "disk", d.Name, "err", err)
@@ -548,7 +548,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 	// restrictive, so agents hear of it before the commit; a grow is
 	// permissive, so after.
 	newTable := func() error {
-		return c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error {
+		return c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 			return a.NewTable(ctx, toMapping(nd))
 		})
 	}

@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
-// Fault implements mapping.Controller: it resolves a map fault from the
+// Fault implements protocol.Controller: it resolves a map fault from the
 // persistent table (never from what the agent reported, so a retried or
 // racing fault is resolved against what is true now) and answers with the
 // entries the agent installs before it retries.
@@ -23,16 +23,16 @@ import (
 // controller may have died between committing a new location and telling
 // that agent), and a write acknowledged under the new entry would then be
 // invisible to its reads.
-func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply, error) {
+func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	lock := c.lock
-	if f.Op == mapping.FaultRead {
+	if f.Op == protocol.FaultRead {
 		lock = c.lockNoHold
 	}
 	if err := lock(); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	defer c.mu.Unlock()
-	if f.Op == mapping.FaultCommit {
+	if f.Op == protocol.FaultCommit {
 		// A commit that fails before it reaches its stage (a store
 		// read failed, say) ends the stage all the same: the agent
 		// does not ask again, and the slot, reserved in memory only,
@@ -52,10 +52,10 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 	mapped := st != nil && st.disks[id]
 	c.agents.Unlock()
 	if st == nil {
-		return mapping.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
+		return protocol.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
 	}
 	if !mapped {
-		return mapping.Reply{}, fmt.Errorf("fault from %q on disk %d: %w", f.Agent, f.Disk, ErrNotMapped)
+		return protocol.Reply{}, fmt.Errorf("fault from %q on disk %d: %w", f.Agent, f.Disk, ErrNotMapped)
 	}
 	var d meta.Disk
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
@@ -63,32 +63,32 @@ func (c *Controller) Fault(ctx context.Context, f mapping.Fault) (mapping.Reply,
 		d, err = tx.DiskByID(id)
 		return err
 	}); err != nil {
-		return mapping.Reply{}, wrapNotFound(err)
+		return protocol.Reply{}, wrapNotFound(err)
 	}
 	if f.Count == 0 {
 		f.Count = 1
 	}
 	if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
-		return mapping.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), mapping.ErrBadRequest)
+		return protocol.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), protocol.ErrBadRequest)
 	}
 	switch f.Op {
-	case mapping.FaultRead, mapping.FaultWrite:
+	case protocol.FaultRead, protocol.FaultWrite:
 		if f.Count != 1 {
-			return mapping.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, mapping.ErrBadRequest)
+			return protocol.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, protocol.ErrBadRequest)
 		}
-		if f.Op == mapping.FaultWrite && d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("write to %q: %w", d.Name, mapping.ErrReadOnly)
+		if f.Op == protocol.FaultWrite && d.ReadOnly {
+			return protocol.Reply{}, fmt.Errorf("write to %q: %w", d.Name, protocol.ErrReadOnly)
 		}
 		return c.faultLocked(ctx, f, d)
-	case mapping.FaultCommit:
+	case protocol.FaultCommit:
 		return c.commitLocked(ctx, f, d)
-	case mapping.FaultDiscard:
+	case protocol.FaultDiscard:
 		if d.ReadOnly {
-			return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, mapping.ErrReadOnly)
+			return protocol.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, protocol.ErrReadOnly)
 		}
 		return c.discardLocked(ctx, d, f.Segment, f.Count)
 	}
-	return mapping.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, mapping.ErrBadRequest)
+	return protocol.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, protocol.ErrBadRequest)
 }
 
 // shareCount returns how many holders share the slot entry e (seg of disk id)
@@ -125,7 +125,7 @@ func effective(e table.Entry, refs uint32) table.Entry {
 }
 
 // faultLocked resolves a read or write fault on one segment.
-func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Disk) (mapping.Reply, error) {
+func (c *Controller) faultLocked(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
 	seg := f.Segment
 	var e table.Entry
 	var refs uint32
@@ -145,9 +145,9 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		return err
 	}
 	if err := c.store.View(ctx, read); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
-	if f.Op == mapping.FaultWrite && pageShared {
+	if f.Op == protocol.FaultWrite && pageShared {
 		// A write through a shared table page: give the disk a copy
 		// of its own first (no entry changes), so that the slot's
 		// count alone tells whether the entry is shared.
@@ -157,15 +157,15 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			}
 			return read(tx)
 		}); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 	}
 	if pageShared && e.Mapped() && refs < 2 {
 		refs = 2
 	}
 	e = effective(e, refs)
-	reply := func(e table.Entry) (mapping.Reply, error) {
-		return mapping.Reply{First: seg, Entries: []table.Entry{e}}, nil
+	reply := func(e table.Entry) (protocol.Reply, error) {
+		return protocol.Reply{First: seg, Entries: []table.Entry{e}}, nil
 	}
 
 	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
@@ -175,15 +175,15 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		return reply(e)
 
 	case table.Deny:
-		return mapping.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, mapping.ErrIO)
+		return protocol.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, protocol.ErrIO)
 
 	case table.Allocate:
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
 		if err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		if err := c.zeroSlotLocked(ctx, loc); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		ne := table.At(loc, false)
 		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
@@ -194,13 +194,13 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 			return err
 		}); err != nil {
 			c.unsettledLocked(ctx, seg, d)
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		// Agents that loaded the Zero entry would keep reading zeros
 		// after the faulting agent's write: move them, before that
 		// write can be acknowledged.
 		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		return reply(ne)
 
@@ -209,7 +209,7 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 			return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 		}); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		// Other agents keep their NoWrite entry: it is only more
 		// restrictive, and their next write faults and gets this one.
@@ -220,23 +220,23 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		// is durable in the new slot: stage the write.
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
 		if err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		if err := c.zeroSlotLocked(ctx, loc); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		c.mu.nextToken++
 		tok := c.mu.nextToken
 		c.mu.staged[tok] = stagedWrite{agent: f.Agent, disk: d.ID, seg: seg, loc: loc, old: e.Loc}
-		return mapping.Reply{First: seg, Stage: &mapping.Stage{Loc: loc, Token: tok}}, nil
+		return protocol.Reply{First: seg, Stage: &protocol.Stage{Loc: loc, Token: tok}}, nil
 
 	case table.CopyForward:
 		loc, err := c.allocateLocked(ctx, d.SegmentSize)
 		if err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		ne := table.At(loc, false)
 		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
@@ -251,22 +251,22 @@ func (c *Controller) faultLocked(ctx context.Context, f mapping.Fault, d meta.Di
 		}); err != nil {
 			delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
 			c.unsettledLocked(ctx, seg, d)
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
-			return mapping.Reply{}, err
+			return protocol.Reply{}, err
 		}
 		return reply(ne)
 
 	case table.CopyReverse:
 		return c.reverseLocked(ctx, f, d, e, refs)
 	}
-	return mapping.Reply{}, fmt.Errorf("unhandled fault plan: %w", mapping.ErrBadRequest)
+	return protocol.Reply{}, fmt.Errorf("unhandled fault plan: %w", protocol.ErrBadRequest)
 }
 
 // reverseLocked is the reverse-delta copy-on-write: the other sharers of
 // the slot move to a copy, and the faulting disk keeps the original slot.
-func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.Disk, e table.Entry, refs uint32) (mapping.Reply, error) {
+func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta.Disk, e table.Entry, refs uint32) (protocol.Reply, error) {
 	seg := f.Segment
 	// Find the other sharers: only disks of the same family share slots,
 	// and always at the same segment index.
@@ -290,21 +290,21 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		}
 		return nil
 	}); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	// refs counts table pages (the faulting disk's own, and the
 	// sharers'), and sharers may share pages among themselves: so at
 	// least refs-1 sharers, and at least one.
 	if len(sharers) == 0 || uint32(len(sharers)) < refs-1 {
-		return mapping.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
+		return protocol.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
 	}
 
 	loc, err := c.allocateLocked(ctx, d.SegmentSize)
 	if err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	// The sharers now point at the copy, NoWrite while it is still shared.
 	moved := table.At(loc, len(sharers) > 1)
@@ -321,7 +321,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	}); err != nil {
 		delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
 		c.unsettledLocked(ctx, seg, append(sharers, d)...)
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	// Their agents move, Blocking: reads of the original slot made under
 	// the old entries finish before the faulting disk writes to it. If
@@ -333,13 +333,13 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 	// reading the original slot for it after that later fault's writes.
 	var errs []error
 	for _, o := range sharers {
-		cmd := mapping.SetEntry{Disk: mapping.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
-		if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+		cmd := protocol.SetEntry{Disk: protocol.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
+		if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
 			errs = append(errs, fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	// Only now may the faulting disk write in place.
 	ne := table.At(e.Loc, false)
@@ -347,12 +347,12 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 	}); err != nil {
 		c.unsettledLocked(ctx, seg, d)
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
-	return mapping.Reply{First: seg, Entries: []table.Entry{ne}}, nil
+	return protocol.Reply{First: seg, Entries: []table.Entry{ne}}, nil
 }
 
 // moveMappersLocked sends a committed entry to every agent mapping d and
@@ -367,9 +367,9 @@ func (c *Controller) reverseLocked(ctx context.Context, f mapping.Fault, d meta.
 // write is not done, and what the others read is what the disk held before
 // it.
 func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
-	cmd := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
-	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, mapping.ErrIO, err)
+	cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
 	}
 	return nil
 }
@@ -386,8 +386,8 @@ func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uin
 // agent is only logged: the fault fails anyway.
 func (c *Controller) unsettledLocked(ctx context.Context, seg uint64, disks ...meta.Disk) {
 	for _, d := range disks {
-		cmd := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
-		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
 			c.logger.Warn("drop entries after a failed commit", "disk", d.Name, "segment", seg, "err", err)
 		}
 	}
@@ -416,10 +416,10 @@ type stagedWrite struct {
 // If the entry changed meanwhile (a discard, a delete, another write's
 // copy-on-write), the staged slot is given back and the agent is told to
 // start again.
-func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.Disk) (mapping.Reply, error) {
+func (c *Controller) commitLocked(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
 	sw, ok := c.mu.staged[f.Token]
 	if !ok || sw.agent != f.Agent || sw.disk != d.ID || sw.seg != f.Segment {
-		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, mapping.ErrStale)
+		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)
 	}
 	delete(c.mu.staged, f.Token)
 	ne := table.At(sw.loc, false)
@@ -437,12 +437,12 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		// under that agent. The write starts again and finds the
 		// entry writable.
 		if !es[0].Mapped() || es[0].Loc != sw.old {
-			return mapping.ErrStale
+			return protocol.ErrStale
 		}
 		if n, err := shareCount(tx, d.ID, sw.seg, es[0]); err != nil {
 			return err
 		} else if n < 2 {
-			return mapping.ErrStale
+			return protocol.ErrStale
 		}
 		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {
 			return err
@@ -462,17 +462,17 @@ func (c *Controller) commitLocked(ctx context.Context, f mapping.Fault, d meta.D
 		// agent's data in it: zero the container's free slots again
 		// before its next allocation.
 		delete(c.mu.zeroed, sw.loc.Container)
-		if !errors.Is(err, mapping.ErrStale) {
+		if !errors.Is(err, protocol.ErrStale) {
 			c.freeFailedLocked() // it may have freed the old slot
 			c.unsettledLocked(ctx, sw.seg, d)
 		}
-		return mapping.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
+		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
 	c.punchFreedLocked(ctx, freed)
 	if err := c.moveMappersLocked(ctx, d, sw.seg, ne); err != nil {
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
-	return mapping.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil
+	return protocol.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil
 }
 
 // MaxDiscard is the most segments one discard fault may cover.
@@ -480,16 +480,16 @@ const MaxDiscard = 1 << 16
 
 // discardLocked returns segments [first, first+n) of d to Zero, freeing
 // the slots no one else references.
-func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (mapping.Reply, error) {
+func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (protocol.Reply, error) {
 	if n > MaxDiscard {
-		return mapping.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, mapping.ErrBadRequest)
+		return protocol.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, protocol.ErrBadRequest)
 	}
 	// Every agent mapping the disk, the asking one included, drops the
 	// slots first (Invalid: restrictive, unlike Zero, which lets reads
 	// through), waiting for I/O to them.
-	inval := mapping.SetEntryState{Disk: mapping.DiskID(d.ID), First: first, Count: n, State: table.Invalid, On: true, Blocking: true}
-	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntryState(ctx, inval) }); err != nil {
-		return mapping.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, err)
+	inval := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: first, Count: n, State: table.Invalid, On: true, Blocking: true}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, inval) }); err != nil {
+		return protocol.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, err)
 	}
 	zeros := make([]table.Entry, n)
 	for i := range zeros {
@@ -523,12 +523,12 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		return tx.SetEntries(d.ID, first, zeros)
 	}); err != nil {
 		c.freeFailedLocked()
-		return mapping.Reply{}, err
+		return protocol.Reply{}, err
 	}
 	c.punchFreedLocked(ctx, freed)
 	// Now the agents may read zeros without asking. A failure here only
 	// costs them a fault each.
-	set := mapping.SetEntry{Disk: mapping.DiskID(d.ID), First: first, Entries: zeros}
-	_ = c.broadcast(ctx, d.ID, "", func(ctx context.Context, a mapping.Agent) error { return a.SetEntry(ctx, set) })
-	return mapping.Reply{First: first, Entries: zeros}, nil
+	set := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: first, Entries: zeros}
+	_ = c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, set) })
+	return protocol.Reply{First: first, Entries: zeros}, nil
 }

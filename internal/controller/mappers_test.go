@@ -7,28 +7,28 @@ import (
 	"time"
 
 	"segmap/internal/controller"
-	"segmap/internal/mapping"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
 
-// probe is a mapping.Agent that only records the entries it is sent.
+// probe is a protocol.Agent that only records the entries it is sent.
 type probe struct {
 	mu  sync.Mutex
 	set map[uint64]table.Entry // segment -> last entry set
 }
 
-func (p *probe) NewTable(context.Context, mapping.Disk) error               { return nil }
-func (p *probe) DeleteTable(context.Context, mapping.DiskID) error          { return nil }
-func (p *probe) SetEntryState(context.Context, mapping.SetEntryState) error { return nil }
-func (p *probe) Quiesce(context.Context, mapping.DiskID, time.Duration) error {
+func (p *probe) NewTable(context.Context, protocol.Disk) error               { return nil }
+func (p *probe) DeleteTable(context.Context, protocol.DiskID) error          { return nil }
+func (p *probe) SetEntryState(context.Context, protocol.SetEntryState) error { return nil }
+func (p *probe) Quiesce(context.Context, protocol.DiskID, time.Duration) error {
 	return nil
 }
-func (p *probe) Activate(context.Context, mapping.DiskID) error { return nil }
-func (p *probe) GetEntry(_ context.Context, _ mapping.DiskID, first, n uint64) ([]table.Entry, error) {
+func (p *probe) Activate(context.Context, protocol.DiskID) error { return nil }
+func (p *probe) GetEntry(_ context.Context, _ protocol.DiskID, first, n uint64) ([]table.Entry, error) {
 	return make([]table.Entry, n), nil
 }
 
-func (p *probe) SetEntry(_ context.Context, c mapping.SetEntry) error {
+func (p *probe) SetEntry(_ context.Context, c protocol.SetEntry) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i, e := range c.Entries {
@@ -75,9 +75,9 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 			if _, err := c.Ctrl.Open(ctx, "probe", "d"); err != nil {
 				t.Fatal(err)
 			}
-			fault := func(f mapping.Fault) mapping.Reply {
+			fault := func(f protocol.Fault) protocol.Reply {
 				t.Helper()
-				f.Agent, f.Disk, f.Segment, f.Count = "probe", mapping.DiskID(d.ID), 1, 1
+				f.Agent, f.Disk, f.Segment, f.Count = "probe", protocol.DiskID(d.ID), 1, 1
 				r, err := c.Ctrl.Fault(ctx, f)
 				if err != nil {
 					t.Fatalf("fault %+v: %v", f, err)
@@ -86,7 +86,7 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 			}
 			reason := table.Zero
 			if tc.snapshot {
-				fault(mapping.Fault{Op: mapping.FaultWrite, Reason: table.Zero}) // allocate
+				fault(protocol.Fault{Op: protocol.FaultWrite, Reason: table.Zero}) // allocate
 				if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"d@1"}}); err != nil {
 					t.Fatal(err)
 				}
@@ -95,7 +95,7 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 				clear(p.set)
 				p.mu.Unlock()
 			}
-			r := fault(mapping.Fault{Op: mapping.FaultWrite, Reason: reason, Whole: tc.whole})
+			r := fault(protocol.Fault{Op: protocol.FaultWrite, Reason: reason, Whole: tc.whole})
 			if tc.whole {
 				if r.Stage == nil {
 					t.Fatalf("a whole-segment write to a shared segment was not staged: %+v", r)
@@ -103,7 +103,7 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 				if e, ok := p.entry(1); ok {
 					t.Fatalf("the probe was sent %v before the staged write was committed", e)
 				}
-				r = fault(mapping.Fault{Op: mapping.FaultCommit, Token: r.Stage.Token})
+				r = fault(protocol.Fault{Op: protocol.FaultCommit, Token: r.Stage.Token})
 			}
 			if len(r.Entries) != 1 {
 				t.Fatalf("reply %+v, want one entry", r)

@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -24,9 +24,9 @@ func BenchmarkSnapshot(b *testing.B) {
 	for _, n := range []uint64{1_000, 10_000, 100_000, 1_000_000} {
 		b.Run(fmt.Sprintf("segments=%d", n), func(b *testing.B) {
 			ctx := context.Background()
-			c, err := local.Open(ctx, b.TempDir(), local.Options{
+			c, err := standalone.Open(ctx, b.TempDir(), standalone.Options{
 				Agents: []string{"host-a", "host-b"},
-				Pool:   []local.PoolSpec{{SlotSize: seg, Slots: n, Count: 1}},
+				Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: n, Count: 1}},
 			})
 			if err != nil {
 				b.Fatal(err)

@@ -10,13 +10,13 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
-	"segmap/internal/mapping"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
-func writeSlot(t *testing.T, c *local.Cluster, loc table.Location, p []byte) {
+func writeSlot(t *testing.T, c *standalone.Cluster, loc table.Location, p []byte) {
 	t.Helper()
 	ct, err := container.Open(filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", loc.Container)), nil)
 	if err != nil {
@@ -37,7 +37,7 @@ func writeSlot(t *testing.T, c *local.Cluster, loc table.Location, p []byte) {
 // stage) must leave it alone, or the staged write's data is lost.
 func TestStagedSlotNotZeroed(t *testing.T) {
 	ctx := context.Background()
-	c := newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	c := newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
 	d := createDisk(t, c, "d", 4, table.Forward)
 	h0 := openDisk(t, c, 0, "d")
 	openDisk(t, c, 1, "d")
@@ -45,13 +45,13 @@ func TestStagedSlotNotZeroed(t *testing.T) {
 	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
 		t.Fatal(err)
 	}
-	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	ra, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true})
 	if err != nil || ra.Stage == nil {
 		t.Fatalf("stage a: %+v %v", ra, err)
 	}
 	data := pattern(seg, 9)
 	writeSlot(t, c, ra.Stage.Loc, data) // host-a writes its staged slot
-	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 1, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	rb, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-b", Disk: protocol.DiskID(d.ID), Segment: 1, Count: 1, Op: protocol.FaultWrite, Whole: true})
 	if err != nil || rb.Stage == nil {
 		t.Fatalf("stage b: %+v %v", rb, err)
 	}
@@ -61,7 +61,7 @@ func TestStagedSlotNotZeroed(t *testing.T) {
 	}
 	// Any allocation from the container: zeroFreeLocked.
 	write(t, h0, []byte("x"), 2*seg)
-	if _, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token}); err != nil {
+	if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token}); err != nil {
 		t.Fatalf("commit: %v", err)
 	}
 	// The agent re-faults; read seg 0 fresh on a new agent.
@@ -78,15 +78,15 @@ type fakeAgent struct {
 	failSet bool
 }
 
-func (f *fakeAgent) NewTable(context.Context, mapping.Disk) error                 { return nil }
-func (f *fakeAgent) DeleteTable(context.Context, mapping.DiskID) error            { return nil }
-func (f *fakeAgent) SetEntryState(context.Context, mapping.SetEntryState) error   { return nil }
-func (f *fakeAgent) Quiesce(context.Context, mapping.DiskID, time.Duration) error { return nil }
-func (f *fakeAgent) Activate(context.Context, mapping.DiskID) error               { return nil }
-func (f *fakeAgent) GetEntry(context.Context, mapping.DiskID, uint64, uint64) ([]table.Entry, error) {
+func (f *fakeAgent) NewTable(context.Context, protocol.Disk) error                 { return nil }
+func (f *fakeAgent) DeleteTable(context.Context, protocol.DiskID) error            { return nil }
+func (f *fakeAgent) SetEntryState(context.Context, protocol.SetEntryState) error   { return nil }
+func (f *fakeAgent) Quiesce(context.Context, protocol.DiskID, time.Duration) error { return nil }
+func (f *fakeAgent) Activate(context.Context, protocol.DiskID) error               { return nil }
+func (f *fakeAgent) GetEntry(context.Context, protocol.DiskID, uint64, uint64) ([]table.Entry, error) {
 	return nil, nil
 }
-func (f *fakeAgent) SetEntry(context.Context, mapping.SetEntry) error {
+func (f *fakeAgent) SetEntry(context.Context, protocol.SetEntry) error {
 	if f.failSet {
 		return errors.New("unreachable")
 	}
@@ -103,7 +103,7 @@ func TestCommitNeverFreesMappedSlot(t *testing.T) {
 	if err := c.Ctrl.DeleteDisk(ctx, "s"); err != nil {
 		t.Fatal(err)
 	}
-	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite})
+	rb, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-b", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,8 +111,8 @@ func TestCommitNeverFreesMappedSlot(t *testing.T) {
 		t.Fatalf("host-b got %v, want %v writable", rb.Entries, old)
 	}
 	fa.failSet = true
-	_, err = c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token})
-	if !errors.Is(err, mapping.ErrStale) {
+	_, err = c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token})
+	if !errors.Is(err, protocol.ErrStale) {
 		t.Errorf("commit once the old slot is the disk's alone: %v, want ErrStale", err)
 	}
 	if r := refs(t, c, old); r != 1 {
@@ -130,15 +130,15 @@ func TestCommitNeverFreesMappedSlot(t *testing.T) {
 func TestCommitAfterReverseIsStale(t *testing.T) {
 	ctx := context.Background()
 	c, d, _, ra, old := stagedBesideFake(t, table.Reverse)
-	rb, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-b", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite})
+	rb, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-b", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(rb.Entries) != 1 || rb.Entries[0] != table.At(old, false) || entry(t, c, "s", 0).Loc == old {
 		t.Fatalf("host-b got %v, snapshot at %v; want host-b writable at %v and the snapshot moved", rb.Entries, entry(t, c, "s", 0), old)
 	}
-	_, err = c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultCommit, Token: ra.Stage.Token})
-	if !errors.Is(err, mapping.ErrStale) {
+	_, err = c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token})
+	if !errors.Is(err, protocol.ErrStale) {
 		t.Errorf("commit after the reverse copy: %v, want ErrStale", err)
 	}
 	if r := refs(t, c, old); r != 1 {
@@ -151,10 +151,10 @@ func TestCommitAfterReverseIsStale(t *testing.T) {
 // segment 0 (slot old), mapped by host-a and by a fake agent host-b,
 // snapshotted to "s"; host-a then stages a whole-segment write to segment
 // 0 (ra) and writes its slot.
-func stagedBesideFake(t *testing.T, p table.Policy) (c *local.Cluster, d meta.Disk, fa *fakeAgent, ra mapping.Reply, old table.Location) {
+func stagedBesideFake(t *testing.T, p table.Policy) (c *standalone.Cluster, d meta.Disk, fa *fakeAgent, ra protocol.Reply, old table.Location) {
 	t.Helper()
 	ctx := context.Background()
-	c = newCluster(t, local.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
+	c = newCluster(t, standalone.PoolSpec{SlotSize: seg, Slots: 16, Count: 1})
 	d = createDisk(t, c, "d", 4, p)
 	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
 	old = entry(t, c, "d", 0).Loc
@@ -168,7 +168,7 @@ func stagedBesideFake(t *testing.T, p table.Policy) (c *local.Cluster, d meta.Di
 	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
 		t.Fatal(err)
 	}
-	ra, err := c.Ctrl.Fault(ctx, mapping.Fault{Agent: "host-a", Disk: mapping.DiskID(d.ID), Segment: 0, Count: 1, Op: mapping.FaultWrite, Whole: true})
+	ra, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true})
 	if err != nil || ra.Stage == nil {
 		t.Fatalf("stage a: %+v %v", ra, err)
 	}

@@ -19,8 +19,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
 	"segmap/internal/table"
 )
@@ -276,7 +276,7 @@ func TestCheckRandomDamage(t *testing.T) {
 			defer st.Close()
 			// The container files are gone: punching the reclaimed
 			// slot fails, and the controller only warns.
-			ctrl := controller.New(controller.Config{Store: st, OpenContainer: local.OpenContainer, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			ctrl := controller.New(controller.Config{Store: st, OpenContainer: container.OpenURI, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 			defer ctrl.Close()
 			fixed, err := ctrl.Repair(context.Background())
 			after, cerr := ctrl.Check(context.Background())

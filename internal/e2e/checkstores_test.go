@@ -43,8 +43,8 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/meta"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -76,7 +76,7 @@ type cleanStore struct {
 func makeCleanStore(t *testing.T, dir string) string {
 	t.Helper()
 	ctx := context.Background()
-	c, err := local.Open(ctx, dir, local.Options{Pool: []local.PoolSpec{{SlotSize: genSeg, Slots: 64, Count: 2}}, CommandTimeout: 10 * time.Second})
+	c, err := standalone.Open(ctx, dir, standalone.Options{Pool: []standalone.PoolSpec{{SlotSize: genSeg, Slots: 64, Count: 2}}, CommandTimeout: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,7 @@ import (
 
 	"segmap/internal/heldport"
 	"segmap/internal/meta"
-	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 )
 
 // haCluster is three etcd members, three controllers over them (each
@@ -180,7 +180,7 @@ func steppedDownAt(u *up) time.Time {
 // few segments.
 type prober struct {
 	name  string
-	c     *nbd.Client
+	c     *nbdclient.Client
 	fresh bool
 
 	mu    sync.Mutex
@@ -332,7 +332,7 @@ func TestHAFailover(t *testing.T) {
 		agent, disk string
 		fresh       bool
 	}{{"host-a", "pa", false}, {"host-b", "pb", true}} {
-		nc, err := nbd.Dial(t.Context(), c.nbdAddrs[pr.agent], pr.disk, nbd.ClientConfig{})
+		nc, err := nbdclient.Dial(t.Context(), c.nbdAddrs[pr.agent], pr.disk, nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}

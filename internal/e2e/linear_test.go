@@ -20,7 +20,7 @@ import (
 
 	"github.com/anishathalye/porcupine"
 
-	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
 )
 
 // Sizes of the linearizability test.
@@ -172,13 +172,13 @@ type linConn struct {
 	agent *linAgent
 	link  *proxy
 	mu    sync.Mutex
-	cl    *nbd.Client
+	cl    *nbdclient.Client
 	wg    sync.WaitGroup // closing clients
 }
 
 // get returns the connection's client, dialling until it connects, stop
 // is closed (nil) or a minute has passed (an error).
-func (cn *linConn) get(stop <-chan struct{}, export string) (*nbd.Client, error) {
+func (cn *linConn) get(stop <-chan struct{}, export string) (*nbdclient.Client, error) {
 	cn.mu.Lock()
 	defer cn.mu.Unlock()
 	if cn.cl != nil {
@@ -187,7 +187,7 @@ func (cn *linConn) get(stop <-chan struct{}, export string) (*nbd.Client, error)
 	deadline := time.Now().Add(time.Minute)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		cl, err := nbd.Dial(ctx, cn.link.addr(), export, nbd.ClientConfig{HandshakeTimeout: 5 * time.Second})
+		cl, err := nbdclient.Dial(ctx, cn.link.addr(), export, nbdclient.ClientConfig{HandshakeTimeout: 5 * time.Second})
 		cancel()
 		if err == nil {
 			cn.cl = cl
@@ -207,7 +207,7 @@ func (cn *linConn) get(stop <-chan struct{}, export string) (*nbd.Client, error)
 func (cn *linConn) String() string { return fmt.Sprintf("conn %d via %s", cn.id, cn.agent.name) }
 
 // drop closes cl if it is still the connection's client.
-func (cn *linConn) drop(cl *nbd.Client) {
+func (cn *linConn) drop(cl *nbdclient.Client) {
 	cn.mu.Lock()
 	defer cn.mu.Unlock()
 	if cn.cl != cl {
@@ -528,7 +528,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 		if err != nil {
 			client = int(h.clients.Add(1) - 1)
 			seq = 0
-			var re *nbd.RemoteError
+			var re *nbdclient.RemoteError
 			if !errors.As(err, &re) && !errors.Is(err, context.DeadlineExceeded) {
 				cn.drop(cl)
 			}
@@ -540,7 +540,7 @@ func (h *linHistory) worker(cn *linConn, rng *rand.Rand, stop <-chan struct{}) {
 // takes by a staged move, without copying): to the registers it holds,
 // one write each, all with the interval of the one request; the blocks
 // between them get values of no register.
-func (h *linHistory) segmentWrite(ctx context.Context, cn *linConn, cl *nbd.Client, rng *rand.Rand, client *int, seq *uint32) error {
+func (h *linHistory) segmentWrite(ctx context.Context, cn *linConn, cl *nbdclient.Client, rng *rand.Rand, client *int, seq *uint32) error {
 	seg := rng.IntN(linSegs)
 	*seq++
 	v := linValue(*client, *seq)
@@ -689,10 +689,10 @@ func (h *linHistory) finalReads() {
 	// Nothing writes now: every block must be one whole write.
 	read := func(a *linAgent, export string, each func(reg int, v uint64, call, ret int64)) {
 		deadline := time.Now().Add(time.Minute)
-		var cl *nbd.Client
+		var cl *nbdclient.Client
 		for {
 			var err error
-			cl, err = nbd.Dial(context.Background(), a.nbdAddr, export, nbd.ClientConfig{HandshakeTimeout: 5 * time.Second})
+			cl, err = nbdclient.Dial(context.Background(), a.nbdAddr, export, nbdclient.ClientConfig{HandshakeTimeout: 5 * time.Second})
 			if err == nil {
 				break
 			}

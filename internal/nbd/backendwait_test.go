@@ -7,6 +7,8 @@ import (
 	"io"
 	"testing"
 	"time"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 // gatedBackend is a memBackend whose Open waits until release is closed
@@ -52,7 +54,7 @@ func (c *client) finalReply() optReply {
 	c.t.Helper()
 	for {
 		r := c.readOptReply()
-		if r.typ == repAck || r.typ&repErr != 0 {
+		if r.typ == nbdwire.RepAck || r.typ&nbdwire.RepErr != 0 {
 			return r
 		}
 	}
@@ -68,12 +70,12 @@ func TestHandshakeClockStopsInOpen(t *testing.T) {
 	checkGoroutines(t)
 	const timeout = 300 * time.Millisecond
 	h, g := startGated(t, timeout, nil)
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
-	c.sendOpt(optGo, infoData("disk"))
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
+	c.sendOpt(nbdwire.OptGo, infoData("disk"))
 	<-g.waiting
 	time.Sleep(3 * timeout)
 	close(g.release)
-	if r := c.finalReply(); r.typ != repAck {
+	if r := c.finalReply(); r.typ != nbdwire.RepAck {
 		t.Fatalf("NBD_OPT_GO after a slow Open: %v (%q), want ACK", r.typ, r.data)
 	}
 	tc := c.transmission(4096, transmissionFlags(false, false), false)
@@ -87,12 +89,12 @@ func TestHandshakeClockResumesAfterOpen(t *testing.T) {
 	checkGoroutines(t)
 	const timeout = 300 * time.Millisecond
 	h, g := startGated(t, timeout, fmt.Errorf("controller away: %w", errors.ErrUnsupported))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
-	c.sendOpt(optGo, infoData("disk"))
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
+	c.sendOpt(nbdwire.OptGo, infoData("disk"))
 	<-g.waiting
 	time.Sleep(3 * timeout)
 	close(g.release)
-	if r := c.finalReply(); r.typ&repErr == 0 {
+	if r := c.finalReply(); r.typ&nbdwire.RepErr == 0 {
 		t.Fatalf("NBD_OPT_GO with a failing Open: %v, want an error", r.typ)
 	}
 	start := time.Now()
@@ -107,8 +109,8 @@ func TestHandshakeClockResumesAfterOpen(t *testing.T) {
 func TestShutdownCancelsOpen(t *testing.T) {
 	checkGoroutines(t)
 	h, g := startGated(t, 10*time.Second, nil)
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
-	c.sendOpt(optGo, infoData("disk"))
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
+	c.sendOpt(nbdwire.OptGo, infoData("disk"))
 	<-g.waiting
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

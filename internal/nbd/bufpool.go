@@ -3,6 +3,8 @@ package nbd
 import (
 	"math/bits"
 	"sync"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 // Payload buffers come from pools by size class: powers of two from
@@ -27,7 +29,7 @@ func sizeClass(n int) int {
 // getBuf returns a buffer with len >= n. n must not exceed maxPayload: the
 // callers check client lengths before asking.
 func getBuf(n int) *[]byte {
-	if n > maxPayload {
+	if n > nbdwire.MaxPayload {
 		panic("nbd: payload buffer above the maximum payload")
 	}
 	c := sizeClass(n)

@@ -1,7 +1,9 @@
 // Package nbd serves block devices (Exports found by a Backend) over the
 // Network Block Device protocol, as specified in the NBD project's
 // doc/proto.md. It speaks the fixed newstyle handshake only, with TLS
-// (NBD_OPT_STARTTLS) when configured.
+// (NBD_OPT_STARTTLS) when configured. The client is package nbdclient;
+// the wire format both share (codes, flags, error values, headers) is
+// package nbdwire.
 //
 // # Connection states
 //

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 // scriptConn is a net.Conn whose reads replay a script and then return
@@ -118,65 +120,65 @@ func serveScript(t *testing.T, srv *Server, script []byte) {
 
 func clientFlags(f uint32) []byte { return be.AppendUint32(nil, f) }
 
-func opt(o option, data []byte) []byte {
+func opt(o nbdwire.Option, data []byte) []byte {
 	return append(optHeader(o, uint32(len(data))), data...)
 }
 
 func cat(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 
-func req(typ command, flags uint16, off uint64, n uint32) []byte {
+func req(typ nbdwire.Command, flags uint16, off uint64, n uint32) []byte {
 	return requestBytes(typ, flags, uint64(typ)<<32|off, off, n)
 }
 
 // handshakeTo returns client bytes that enter transmission on name.
 func handshakeTo(name string, structured bool) []byte {
-	b := clientFlags(cflagFixedNewstyle | cflagNoZeroes)
+	b := clientFlags(nbdwire.CFlagFixedNewstyle | nbdwire.CFlagNoZeroes)
 	if structured {
-		b = append(b, opt(optStructuredReply, nil)...)
+		b = append(b, opt(nbdwire.OptStructuredReply, nil)...)
 	}
-	return append(b, opt(optGo, infoData(name, infoBlockSize))...)
+	return append(b, opt(nbdwire.OptGo, infoData(name, nbdwire.InfoBlockSize))...)
 }
 
 // transmissionSeeds are request streams for both fuzz targets.
 func transmissionSeeds() [][]byte {
 	return [][]byte{
-		req(cmdRead, 0, 0, 4096),
-		cat(req(cmdWrite, cmdFlagFUA, 100, 5), []byte("hello"), req(cmdRead, 0, 100, 5)),
-		cat(req(cmdFlush, 0, 0, 0), req(cmdTrim, 0, 0, 512), req(cmdWriteZeroes, cmdFlagNoHole, 0, 512)),
-		cat(req(cmdRead, 0, 0, 512), req(cmdDisc, 0, 0, 0), req(cmdRead, 0, 0, 512)),
-		req(cmdRead, cmdFlagDF, fuzzExportSize-1, 2),
-		req(cmdRead, 0, 0, maxPayload+1),
-		req(cmdRead, 0, 0, 0xffffffff),
-		cat(req(cmdWrite, 0, 0, maxPayload+1), make([]byte, 1024)),
-		req(cmdWrite, 0, 0, 0xffffffff),
-		cat(req(cmdWrite, 0, fuzzExportSize, 8), make([]byte, 8), req(cmdRead, 0, 0, 1)),
-		cat(req(cmdWrite, 0, 0, fuzzExportSize), make([]byte, 100)), // truncated payload
-		cat(req(cmdCache, 0, 0, 512), req(cmdBlockStatus, cmdFlagReqOne, 0, 512), req(99, 0xffff, 1<<63, 7)),
-		cat(req(cmdRead, 0, 0, 512)[:20]),
+		req(nbdwire.CmdRead, 0, 0, 4096),
+		cat(req(nbdwire.CmdWrite, nbdwire.CmdFlagFUA, 100, 5), []byte("hello"), req(nbdwire.CmdRead, 0, 100, 5)),
+		cat(req(nbdwire.CmdFlush, 0, 0, 0), req(nbdwire.CmdTrim, 0, 0, 512), req(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagNoHole, 0, 512)),
+		cat(req(nbdwire.CmdRead, 0, 0, 512), req(nbdwire.CmdDisc, 0, 0, 0), req(nbdwire.CmdRead, 0, 0, 512)),
+		req(nbdwire.CmdRead, nbdwire.CmdFlagDF, fuzzExportSize-1, 2),
+		req(nbdwire.CmdRead, 0, 0, nbdwire.MaxPayload+1),
+		req(nbdwire.CmdRead, 0, 0, 0xffffffff),
+		cat(req(nbdwire.CmdWrite, 0, 0, nbdwire.MaxPayload+1), make([]byte, 1024)),
+		req(nbdwire.CmdWrite, 0, 0, 0xffffffff),
+		cat(req(nbdwire.CmdWrite, 0, fuzzExportSize, 8), make([]byte, 8), req(nbdwire.CmdRead, 0, 0, 1)),
+		cat(req(nbdwire.CmdWrite, 0, 0, fuzzExportSize), make([]byte, 100)), // truncated payload
+		cat(req(nbdwire.CmdCache, 0, 0, 512), req(nbdwire.CmdBlockStatus, nbdwire.CmdFlagReqOne, 0, 512), req(99, 0xffff, 1<<63, 7)),
+		cat(req(nbdwire.CmdRead, 0, 0, 512)[:20]),
 		[]byte("NOTMAGICNOTMAGICNOTMAGICNOTM"),
-		bytes.Repeat(req(cmdRead, 0, 0, 64<<10), 20),
+		bytes.Repeat(req(nbdwire.CmdRead, 0, 0, 64<<10), 20),
 	}
 }
 
 func FuzzHandshake(f *testing.F) {
-	fixed := clientFlags(cflagFixedNewstyle)
+	fixed := clientFlags(nbdwire.CFlagFixedNewstyle)
 	for _, s := range [][]byte{
 		nil,
 		fixed,
 		clientFlags(0xffffffff),
-		cat(fixed, opt(optExportName, []byte("disk")), req(cmdRead, 0, 0, 512)),
-		cat(clientFlags(cflagFixedNewstyle|cflagNoZeroes), opt(optExportName, []byte("ro")), req(cmdWrite, 0, 0, 1), []byte{1}),
-		cat(fixed, opt(optExportName, []byte("nope"))),
-		cat(fixed, opt(optList, nil), opt(optList, []byte{1}), opt(optAbort, nil)),
-		cat(fixed, opt(optInfo, infoData("disk", infoName, infoDescription, infoBlockSize)), opt(optGo, infoData("disk"))),
-		cat(fixed, opt(optGo, infoData("nope")), opt(optGo, infoData("")), opt(optGo, infoData("disk")), req(cmdFlush, 0, 0, 0)),
-		cat(fixed, opt(optStartTLS, nil), opt(optStructuredReply, nil), opt(optGo, infoData("ro", infoExport)), req(cmdRead, 0, 0, 4096)),
-		cat(fixed, opt(optSetMetaContext, infoData("disk")[:8]), opt(optExtendedHeaders, nil), opt(0xdead, []byte("x"))),
-		cat(fixed, opt(optInfo, []byte{0, 0, 0, 9, 'd'}), opt(optGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})),
-		cat(fixed, optHeader(optInfo, maxOptionData+1), make([]byte, 100)),
-		cat(fixed, optHeader(optInfo, 0xffffffff)),
+		cat(fixed, opt(nbdwire.OptExportName, []byte("disk")), req(nbdwire.CmdRead, 0, 0, 512)),
+		cat(clientFlags(nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes), opt(nbdwire.OptExportName, []byte("ro")), req(nbdwire.CmdWrite, 0, 0, 1), []byte{1}),
+		cat(fixed, opt(nbdwire.OptExportName, []byte("nope"))),
+		cat(fixed, opt(nbdwire.OptList, nil), opt(nbdwire.OptList, []byte{1}), opt(nbdwire.OptAbort, nil)),
+		cat(fixed, opt(nbdwire.OptInfo, infoData("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize)), opt(nbdwire.OptGo, infoData("disk"))),
+		cat(fixed, opt(nbdwire.OptGo, infoData("nope")), opt(nbdwire.OptGo, infoData("")), opt(nbdwire.OptGo, infoData("disk")), req(nbdwire.CmdFlush, 0, 0, 0)),
+		cat(fixed, opt(nbdwire.OptStartTLS, nil), opt(nbdwire.OptStructuredReply, nil), opt(nbdwire.OptGo, infoData("ro", nbdwire.InfoExport)), req(nbdwire.CmdRead, 0, 0, 4096)),
+		cat(fixed, opt(nbdwire.OptSetMetaContext, infoData("disk")[:8]), opt(nbdwire.OptExtendedHeaders, nil), opt(0xdead, []byte("x"))),
+		cat(fixed, opt(nbdwire.OptInfo, []byte{0, 0, 0, 9, 'd'}), opt(nbdwire.OptGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})),
+		cat(fixed, optHeader(nbdwire.OptInfo, maxOptionData+1), make([]byte, 100)),
+		cat(fixed, optHeader(nbdwire.OptInfo, 0xffffffff)),
 		cat(fixed, []byte("IHAVEOPX"), []byte{0, 0, 0, 1, 0, 0, 0, 0}),
-		cat(fixed, opt(optGo, infoData("disk"))[:20]),
+		cat(fixed, opt(nbdwire.OptGo, infoData("disk"))[:20]),
 	} {
 		f.Add(s)
 	}
@@ -194,8 +196,8 @@ func FuzzTransmission(f *testing.F) {
 		f.Add(false, false, s)
 		f.Add(true, false, s)
 	}
-	f.Add(false, true, cat(req(cmdWrite, 0, 0, 4), []byte("nope"), req(cmdTrim, 0, 0, 1)))
-	f.Add(true, true, cat(req(cmdWriteZeroes, 0, 0, 1), req(cmdRead, 0, 4095, 1)))
+	f.Add(false, true, cat(req(nbdwire.CmdWrite, 0, 0, 4), []byte("nope"), req(nbdwire.CmdTrim, 0, 0, 1)))
+	f.Add(true, true, cat(req(nbdwire.CmdWriteZeroes, 0, 0, 1), req(nbdwire.CmdRead, 0, 4095, 1)))
 	srv := fuzzServer(f)
 	f.Fuzz(func(t *testing.T, structured, readOnly bool, requests []byte) {
 		name := "disk"
@@ -210,7 +212,7 @@ func FuzzTransmission(f *testing.F) {
 // connection is really served (the replies are written).
 func TestScriptConnReplies(t *testing.T) {
 	srv := fuzzServer(t)
-	nc := newScriptConn(cat(handshakeTo("disk", false), req(cmdRead, 0, 0, 4096)))
+	nc := newScriptConn(cat(handshakeTo("disk", false), req(nbdwire.CmdRead, 0, 0, 4096)))
 	c := newConn(srv, nc)
 	srv.track(c)
 	c.serve()

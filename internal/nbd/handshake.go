@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 // Reasons the TLS policy ends a connection; logged, never returned to
@@ -38,9 +40,9 @@ type handshaker struct {
 func (c *conn) handshake() (*session, error) {
 	h := &handshaker{c: c, w: bufio.NewWriterSize(c.nc, 4096)}
 	var greet [18]byte
-	be.PutUint64(greet[0:], magicNBD)
-	be.PutUint64(greet[8:], magicOpts)
-	be.PutUint16(greet[16:], hflagFixedNewstyle|hflagNoZeroes)
+	be.PutUint64(greet[0:], nbdwire.MagicNBD)
+	be.PutUint64(greet[8:], nbdwire.MagicOpts)
+	be.PutUint16(greet[16:], nbdwire.HFlagFixedNewstyle|nbdwire.HFlagNoZeroes)
 	h.w.Write(greet[:])
 	if err := h.w.Flush(); err != nil {
 		return nil, err
@@ -51,14 +53,14 @@ func (c *conn) handshake() (*session, error) {
 		return nil, err
 	}
 	flags := be.Uint32(cf[:])
-	if flags&^(cflagFixedNewstyle|cflagNoZeroes) != 0 {
+	if flags&^(nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes) != 0 {
 		return nil, fmt.Errorf("%w: unknown client flags %#x", errProtocol, flags)
 	}
 	// A client without NBD_FLAG_C_FIXED_NEWSTYLE is served the same way
 	// (the spec allows it); all it can do is NBD_OPT_EXPORT_NAME, and it
 	// may not start TLS.
-	h.fixed = flags&cflagFixedNewstyle != 0
-	h.noZeroes = flags&cflagNoZeroes != 0
+	h.fixed = flags&nbdwire.CFlagFixedNewstyle != 0
+	h.noZeroes = flags&nbdwire.CFlagNoZeroes != 0
 	if c.srv.tlsRequired && !h.fixed {
 		return nil, fmt.Errorf("%w: the client did not set NBD_FLAG_C_FIXED_NEWSTYLE", errTLSRequired)
 	}
@@ -87,10 +89,10 @@ func (h *handshaker) option() (*session, error) {
 	if _, err := io.ReadFull(h.c.rd, hdr[:]); err != nil {
 		return nil, err
 	}
-	if m := be.Uint64(hdr[0:]); m != magicOpts {
+	if m := be.Uint64(hdr[0:]); m != nbdwire.MagicOpts {
 		return nil, fmt.Errorf("%w: option magic %#x", errProtocol, m)
 	}
-	opt := option(be.Uint32(hdr[8:]))
+	opt := nbdwire.Option(be.Uint32(hdr[8:]))
 	n := be.Uint32(hdr[12:])
 	if n > maxOptionData {
 		// Never allocate what the client declared: skip a moderately
@@ -101,13 +103,13 @@ func (h *handshaker) option() (*session, error) {
 		if _, err := h.c.rd.Discard(int(n)); err != nil {
 			return nil, err
 		}
-		if opt == optExportName {
+		if opt == nbdwire.OptExportName {
 			return nil, fmt.Errorf("%w: export name of %d bytes", errProtocol, n)
 		}
 		if h.needTLS(opt) {
 			return nil, h.replyTLSRequired(opt)
 		}
-		return nil, h.replyErr(opt, repErrTooBig, "option data too large")
+		return nil, h.replyErr(opt, nbdwire.RepErrTooBig, "option data too large")
 	}
 	if cap(h.buf) < int(n) {
 		h.buf = make([]byte, n)
@@ -117,56 +119,56 @@ func (h *handshaker) option() (*session, error) {
 		return nil, err
 	}
 
-	if h.c.srv.isClosed() && opt != optAbort {
-		if opt == optExportName {
+	if h.c.srv.isClosed() && opt != nbdwire.OptAbort {
+		if opt == nbdwire.OptExportName {
 			return nil, ErrServerClosed // it cannot be answered an error
 		}
-		return nil, h.replyErr(opt, repErrShutdown, "server shutting down")
+		return nil, h.replyErr(opt, nbdwire.RepErrShutdown, "server shutting down")
 	}
 	if h.needTLS(opt) {
-		if opt == optExportName {
+		if opt == nbdwire.OptExportName {
 			return nil, fmt.Errorf("%w: NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS", errTLSRequired)
 		}
 		return nil, h.replyTLSRequired(opt)
 	}
 
 	switch opt {
-	case optExportName:
+	case nbdwire.OptExportName:
 		return h.exportName(data)
-	case optAbort:
+	case nbdwire.OptAbort:
 		// The client may hang up without reading the reply.
-		h.reply(opt, repAck)
+		h.reply(opt, nbdwire.RepAck)
 		h.w.Flush()
 		return nil, errAbort
-	case optList:
+	case nbdwire.OptList:
 		return nil, h.list(data)
-	case optInfo, optGo:
+	case nbdwire.OptInfo, nbdwire.OptGo:
 		return h.infoGo(opt, data)
-	case optStructuredReply:
+	case nbdwire.OptStructuredReply:
 		if len(data) != 0 {
-			return nil, h.replyErr(opt, repErrInvalid, "unexpected option data")
+			return nil, h.replyErr(opt, nbdwire.RepErrInvalid, "unexpected option data")
 		}
 		h.structured = true
-		return nil, h.reply(opt, repAck)
-	case optStartTLS:
+		return nil, h.reply(opt, nbdwire.RepAck)
+	case nbdwire.OptStartTLS:
 		return nil, h.startTLS(data)
 	default:
 		// EXTENDED_HEADERS, LIST/SET_META_CONTEXT and anything unknown.
-		return nil, h.replyErr(opt, repErrUnsup, "unsupported option")
+		return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")
 	}
 }
 
 // needTLS reports whether opt must be refused because the server requires
 // TLS and the client has not started it (FORCEDTLS: only STARTTLS and
 // ABORT are answered before TLS).
-func (h *handshaker) needTLS(opt option) bool {
-	return h.c.srv.tlsRequired && !h.tls && opt != optStartTLS && opt != optAbort
+func (h *handshaker) needTLS(opt nbdwire.Option) bool {
+	return h.c.srv.tlsRequired && !h.tls && opt != nbdwire.OptStartTLS && opt != nbdwire.OptAbort
 }
 
 // replyTLSRequired refuses an option sent before TLS to a server that
 // requires it.
-func (h *handshaker) replyTLSRequired(opt option) error {
-	return h.replyErr(opt, repErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
+func (h *handshaker) replyTLSRequired(opt nbdwire.Option) error {
+	return h.replyErr(opt, nbdwire.RepErrTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first")
 }
 
 // startTLS answers NBD_OPT_STARTTLS. On success the ACK goes out in
@@ -175,17 +177,17 @@ func (h *handshaker) replyTLSRequired(opt option) error {
 // negotiated before (structured replies) is forgotten, as the spec
 // requires. A failed TLS handshake ends the connection.
 func (h *handshaker) startTLS(data []byte) error {
-	const opt = optStartTLS
+	const opt = nbdwire.OptStartTLS
 	switch {
 	case len(data) != 0:
-		return h.replyErr(opt, repErrInvalid, "unexpected option data")
+		return h.replyErr(opt, nbdwire.RepErrInvalid, "unexpected option data")
 	case h.c.srv.tls == nil || !h.fixed:
 		// NOTLS, or a client that may not ask (no fixed newstyle).
-		return h.replyErr(opt, repErrPolicy, "TLS is not available")
+		return h.replyErr(opt, nbdwire.RepErrPolicy, "TLS is not available")
 	case h.tls:
-		return h.replyErr(opt, repErrInvalid, "TLS is already on")
+		return h.replyErr(opt, nbdwire.RepErrInvalid, "TLS is already on")
 	}
-	if err := h.reply(opt, repAck); err != nil {
+	if err := h.reply(opt, nbdwire.RepAck); err != nil {
 		return err
 	}
 	if err := h.w.Flush(); err != nil {
@@ -218,14 +220,14 @@ func (h *handshaker) startTLS(data []byte) error {
 // client: an unknown export ends the connection.
 func (h *handshaker) exportName(data []byte) (*session, error) {
 	name := string(data)
-	if name == "" || !validString(name) {
-		return nil, fmt.Errorf("%w: export %q", ErrUnknownExport, name)
+	if name == "" || !nbdwire.ValidString(name) {
+		return nil, fmt.Errorf("%w: export %q", nbdwire.ErrUnknownExport, name)
 	}
 	s, err := h.open(name)
 	if err != nil {
 		return nil, err
 	}
-	var b [10 + zeroPadSize]byte
+	var b [10 + nbdwire.ZeroPadSize]byte
 	be.PutUint64(b[0:], s.size)
 	be.PutUint16(b[8:], s.flags)
 	n := len(b)
@@ -239,51 +241,51 @@ func (h *handshaker) exportName(data []byte) (*session, error) {
 // list answers NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK. The
 // description follows the name in each reply, as the spec allows.
 func (h *handshaker) list(data []byte) error {
-	const opt = optList
+	const opt = nbdwire.OptList
 	if len(data) != 0 {
-		return h.replyErr(opt, repErrInvalid, "unexpected option data")
+		return h.replyErr(opt, nbdwire.RepErrInvalid, "unexpected option data")
 	}
 	infos, err := h.c.srv.backend.List(h.c.ctx)
 	if err != nil {
 		h.c.log.Warn("nbd: listing exports", "err", err)
-		return h.replyErr(opt, repErrPolicy, "cannot list exports")
+		return h.replyErr(opt, nbdwire.RepErrPolicy, "cannot list exports")
 	}
 	for _, e := range infos {
 		var n [4]byte
 		be.PutUint32(n[:], uint32(len(e.Name)))
-		if err := h.reply(opt, repServer, n[:], []byte(e.Name), []byte(e.Description)); err != nil {
+		if err := h.reply(opt, nbdwire.RepServer, n[:], []byte(e.Name), []byte(e.Description)); err != nil {
 			return err
 		}
 	}
-	return h.reply(opt, repAck)
+	return h.reply(opt, nbdwire.RepAck)
 }
 
 // infoGo answers NBD_OPT_INFO and NBD_OPT_GO. INFO looks the export up in
 // Backend.List and leaves it alone; GO opens it and, after the ACK, the
 // connection is in the transmission phase.
-func (h *handshaker) infoGo(opt option, data []byte) (*session, error) {
+func (h *handshaker) infoGo(opt nbdwire.Option, data []byte) (*session, error) {
 	name, reqs, ok := parseInfoRequest(data)
 	if !ok {
-		return nil, h.replyErr(opt, repErrInvalid, "malformed information request")
+		return nil, h.replyErr(opt, nbdwire.RepErrInvalid, "malformed information request")
 	}
-	if !validString(name) {
-		return nil, h.replyErr(opt, repErrInvalid, "invalid export name")
+	if !nbdwire.ValidString(name) {
+		return nil, h.replyErr(opt, nbdwire.RepErrInvalid, "invalid export name")
 	}
 	if name == "" {
-		return nil, h.replyErr(opt, repErrUnknown, "there is no default export")
+		return nil, h.replyErr(opt, nbdwire.RepErrUnknown, "there is no default export")
 	}
 
 	var (
 		info ExportInfo
 		s    *session
 	)
-	if opt == optGo {
+	if opt == nbdwire.OptGo {
 		var err error
 		if s, err = h.open(name); err != nil {
 			return nil, h.replyOpenErr(opt, name, err)
 		}
-		info = ExportInfo{Name: name, Size: s.size, ReadOnly: s.flags&tflagReadOnly != 0}
-		if wantsInfo(reqs, infoDescription) {
+		info = ExportInfo{Name: name, Size: s.size, ReadOnly: s.flags&nbdwire.TFlagReadOnly != 0}
+		if wantsInfo(reqs, nbdwire.InfoDescription) {
 			if e, ok := h.lookup(name); ok {
 				info.Description = e.Description
 			}
@@ -291,14 +293,14 @@ func (h *handshaker) infoGo(opt option, data []byte) (*session, error) {
 	} else {
 		e, ok := h.lookup(name)
 		if !ok {
-			return nil, h.replyErr(opt, repErrUnknown, "unknown export")
+			return nil, h.replyErr(opt, nbdwire.RepErrUnknown, "unknown export")
 		}
 		info = e
 	}
 
 	err := h.sendInfo(opt, info, reqs)
 	if err == nil {
-		err = h.reply(opt, repAck)
+		err = h.reply(opt, nbdwire.RepAck)
 	}
 	if err == nil && s != nil {
 		// Nothing may be left in the buffer once transmission starts.
@@ -313,28 +315,28 @@ func (h *handshaker) infoGo(opt option, data []byte) (*session, error) {
 
 // sendInfo sends the NBD_REP_INFO replies of INFO and GO: the export and
 // its block sizes always, name and description when asked.
-func (h *handshaker) sendInfo(opt option, info ExportInfo, reqs []byte) error {
+func (h *handshaker) sendInfo(opt nbdwire.Option, info ExportInfo, reqs []byte) error {
 	var exp [12]byte
-	be.PutUint16(exp[0:], infoExport)
+	be.PutUint16(exp[0:], nbdwire.InfoExport)
 	be.PutUint64(exp[2:], info.Size)
 	be.PutUint16(exp[10:], transmissionFlags(info.ReadOnly, h.structured))
-	h.reply(opt, repInfo, exp[:])
+	h.reply(opt, nbdwire.RepInfo, exp[:])
 
 	var bs [14]byte
-	be.PutUint16(bs[0:], infoBlockSize)
-	be.PutUint32(bs[2:], minBlockSize)
-	be.PutUint32(bs[6:], preferredBlockSize)
-	be.PutUint32(bs[10:], maxPayload)
-	h.reply(opt, repInfo, bs[:])
+	be.PutUint16(bs[0:], nbdwire.InfoBlockSize)
+	be.PutUint32(bs[2:], nbdwire.MinBlockSize)
+	be.PutUint32(bs[6:], nbdwire.PreferredBlockSize)
+	be.PutUint32(bs[10:], nbdwire.MaxPayload)
+	h.reply(opt, nbdwire.RepInfo, bs[:])
 
 	var t [2]byte
-	if wantsInfo(reqs, infoName) {
-		be.PutUint16(t[:], infoName)
-		h.reply(opt, repInfo, t[:], []byte(info.Name))
+	if wantsInfo(reqs, nbdwire.InfoName) {
+		be.PutUint16(t[:], nbdwire.InfoName)
+		h.reply(opt, nbdwire.RepInfo, t[:], []byte(info.Name))
 	}
-	if wantsInfo(reqs, infoDescription) {
-		be.PutUint16(t[:], infoDescription)
-		return h.reply(opt, repInfo, t[:], []byte(info.Description))
+	if wantsInfo(reqs, nbdwire.InfoDescription) {
+		be.PutUint16(t[:], nbdwire.InfoDescription)
+		return h.reply(opt, nbdwire.RepInfo, t[:], []byte(info.Description))
 	}
 	return nil
 }
@@ -386,22 +388,22 @@ func (h *handshaker) lookup(name string) (ExportInfo, bool) {
 // replyOpenErr answers an option whose export could not be opened. The spec
 // has no error for a failing backend; NBD_REP_ERR_UNKNOWN ("the requested
 // export is not available") with a message is the closest.
-func (h *handshaker) replyOpenErr(opt option, name string, err error) error {
-	if !errors.Is(err, ErrUnknownExport) {
+func (h *handshaker) replyOpenErr(opt nbdwire.Option, name string, err error) error {
+	if !errors.Is(err, nbdwire.ErrUnknownExport) {
 		h.c.log.Warn("nbd: opening export", "export", name, "err", err)
-		return h.replyErr(opt, repErrUnknown, clipMessage(err.Error()))
+		return h.replyErr(opt, nbdwire.RepErrUnknown, nbdwire.ClipMessage(err.Error()))
 	}
-	return h.replyErr(opt, repErrUnknown, "unknown export")
+	return h.replyErr(opt, nbdwire.RepErrUnknown, "unknown export")
 }
 
 // reply buffers one option reply; parts are its data. The caller flushes.
-func (h *handshaker) reply(opt option, typ repType, parts ...[]byte) error {
+func (h *handshaker) reply(opt nbdwire.Option, typ nbdwire.RepType, parts ...[]byte) error {
 	n := 0
 	for _, p := range parts {
 		n += len(p)
 	}
 	var hdr [20]byte
-	be.PutUint64(hdr[0:], magicOptReply)
+	be.PutUint64(hdr[0:], nbdwire.MagicOptReply)
 	be.PutUint32(hdr[8:], uint32(opt))
 	be.PutUint32(hdr[12:], uint32(typ))
 	be.PutUint32(hdr[16:], uint32(n))
@@ -416,7 +418,7 @@ func (h *handshaker) reply(opt option, typ repType, parts ...[]byte) error {
 }
 
 // replyErr buffers an error reply with a message for the user.
-func (h *handshaker) replyErr(opt option, typ repType, msg string) error {
+func (h *handshaker) replyErr(opt nbdwire.Option, typ nbdwire.RepType, msg string) error {
 	h.c.log.Debug("nbd: option refused", "option", opt, "reply", typ, "msg", msg)
 	return h.reply(opt, typ, []byte(msg))
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"segmap/internal/leaktest"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // ---- leak checks ----
@@ -174,7 +175,7 @@ func (b *memBackend) Open(ctx context.Context, name string) (Export, io.Closer, 
 			return e, closerFunc(func() error { b.closes.Add(1); return nil }), nil
 		}
 	}
-	return nil, nil, fmt.Errorf("export %q: %w", name, ErrUnknownExport)
+	return nil, nil, fmt.Errorf("export %q: %w", name, nbdwire.ErrUnknownExport)
 }
 
 type closerFunc func() error
@@ -282,10 +283,10 @@ func dial(t testing.TB, addr string) *client {
 	c := &client{t: t, nc: nc, rd: bufio.NewReader(nc)}
 	var g [18]byte
 	c.readFull(g[:])
-	if be.Uint64(g[0:]) != magicNBD || be.Uint64(g[8:]) != magicOpts {
+	if be.Uint64(g[0:]) != nbdwire.MagicNBD || be.Uint64(g[8:]) != nbdwire.MagicOpts {
 		t.Fatalf("bad greeting % x", g)
 	}
-	if f := be.Uint16(g[16:]); f != hflagFixedNewstyle|hflagNoZeroes {
+	if f := be.Uint16(g[16:]); f != nbdwire.HFlagFixedNewstyle|nbdwire.HFlagNoZeroes {
 		t.Fatalf("handshake flags %#x", f)
 	}
 	return c
@@ -323,20 +324,20 @@ func (c *client) expectClosed() {
 	}
 }
 
-func optHeader(opt option, n uint32) []byte {
-	b := be.AppendUint64(nil, magicOpts)
+func optHeader(opt nbdwire.Option, n uint32) []byte {
+	b := be.AppendUint64(nil, nbdwire.MagicOpts)
 	b = be.AppendUint32(b, uint32(opt))
 	return be.AppendUint32(b, n)
 }
 
-func (c *client) sendOpt(opt option, data []byte) {
+func (c *client) sendOpt(opt nbdwire.Option, data []byte) {
 	c.t.Helper()
 	c.write(append(optHeader(opt, uint32(len(data))), data...))
 }
 
 type optReply struct {
-	opt  option
-	typ  repType
+	opt  nbdwire.Option
+	typ  nbdwire.RepType
 	data []byte
 }
 
@@ -344,10 +345,10 @@ func (c *client) readOptReply() optReply {
 	c.t.Helper()
 	var h [20]byte
 	c.readFull(h[:])
-	if m := be.Uint64(h[0:]); m != magicOptReply {
+	if m := be.Uint64(h[0:]); m != nbdwire.MagicOptReply {
 		c.t.Fatalf("option reply magic %#x", m)
 	}
-	r := optReply{opt: option(be.Uint32(h[8:])), typ: repType(be.Uint32(h[12:]))}
+	r := optReply{opt: nbdwire.Option(be.Uint32(h[8:])), typ: nbdwire.RepType(be.Uint32(h[12:]))}
 	n := be.Uint32(h[16:])
 	if n > 1<<20 {
 		c.t.Fatalf("option reply of %d bytes", n)
@@ -359,7 +360,7 @@ func (c *client) readOptReply() optReply {
 
 // opt sends an option and reads its replies up to the final one (ACK or an
 // error); it checks that each reply names the option.
-func (c *client) opt(opt option, data []byte) (infos []optReply, final optReply) {
+func (c *client) opt(opt nbdwire.Option, data []byte) (infos []optReply, final optReply) {
 	c.t.Helper()
 	c.sendOpt(opt, data)
 	for {
@@ -367,7 +368,7 @@ func (c *client) opt(opt option, data []byte) (infos []optReply, final optReply)
 		if r.opt != opt {
 			c.t.Fatalf("reply to %v names %v", opt, r.opt)
 		}
-		if r.typ == repAck || r.typ&repErr != 0 {
+		if r.typ == nbdwire.RepAck || r.typ&nbdwire.RepErr != 0 {
 			return infos, r
 		}
 		infos = append(infos, r)
@@ -375,7 +376,7 @@ func (c *client) opt(opt option, data []byte) (infos []optReply, final optReply)
 }
 
 // expectFinal sends an option and checks its final reply type.
-func (c *client) expectFinal(opt option, data []byte, want repType) []optReply {
+func (c *client) expectFinal(opt nbdwire.Option, data []byte, want nbdwire.RepType) []optReply {
 	c.t.Helper()
 	infos, final := c.opt(opt, data)
 	if final.typ != want {
@@ -407,25 +408,25 @@ func parseInfos(t testing.TB, rs []optReply) exportInfo {
 	var ei exportInfo
 	seen := false
 	for _, r := range rs {
-		if r.typ != repInfo || len(r.data) < 2 {
+		if r.typ != nbdwire.RepInfo || len(r.data) < 2 {
 			t.Fatalf("unexpected reply %v % x", r.typ, r.data)
 		}
 		d := r.data[2:]
 		switch be.Uint16(r.data) {
-		case infoExport:
+		case nbdwire.InfoExport:
 			if len(d) != 10 {
 				t.Fatalf("NBD_INFO_EXPORT of %d bytes", len(d))
 			}
 			ei.size, ei.flags, seen = be.Uint64(d), be.Uint16(d[8:]), true
-		case infoBlockSize:
+		case nbdwire.InfoBlockSize:
 			if len(d) != 12 {
 				t.Fatalf("NBD_INFO_BLOCK_SIZE of %d bytes", len(d))
 			}
 			ei.minBS, ei.prefBS, ei.maxBS = be.Uint32(d), be.Uint32(d[4:]), be.Uint32(d[8:])
-		case infoName:
+		case nbdwire.InfoName:
 			s := string(d)
 			ei.name = &s
-		case infoDescription:
+		case nbdwire.InfoDescription:
 			s := string(d)
 			ei.desc = &s
 		}
@@ -441,16 +442,16 @@ func parseInfos(t testing.TB, rs []optReply) exportInfo {
 func (c *client) goExport(name string, structured bool) *txClient {
 	c.t.Helper()
 	if structured {
-		c.expectFinal(optStructuredReply, nil, repAck)
+		c.expectFinal(nbdwire.OptStructuredReply, nil, nbdwire.RepAck)
 	}
-	infos := c.expectFinal(optGo, infoData(name, infoBlockSize), repAck)
+	infos := c.expectFinal(nbdwire.OptGo, infoData(name, nbdwire.InfoBlockSize), nbdwire.RepAck)
 	ei := parseInfos(c.t, infos)
 	return c.transmission(ei.size, ei.flags, structured)
 }
 
 // connect dials and enters transmission on the export.
 func connect(t testing.TB, addr, name string, structured bool) *txClient {
-	return dialFlags(t, addr, cflagFixedNewstyle|cflagNoZeroes).goExport(name, structured)
+	return dialFlags(t, addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes).goExport(name, structured)
 }
 
 // ---- test client: transmission ----
@@ -479,7 +480,7 @@ type txClient struct {
 // call is one request and, once done is closed, its reply.
 type call struct {
 	cookie uint64
-	typ    command
+	typ    nbdwire.Command
 	off    uint64
 	length uint32
 	data   []byte // READ result
@@ -529,7 +530,7 @@ func (tc *txClient) readLoop() error {
 			return err
 		}
 		switch m := be.Uint32(h[:]); m {
-		case magicSimpleReply:
+		case nbdwire.MagicSimpleReply:
 			if _, err := io.ReadFull(tc.rd, h[4:16]); err != nil {
 				return err
 			}
@@ -537,18 +538,18 @@ func (tc *txClient) readLoop() error {
 			if cl == nil {
 				return nil
 			}
-			if tc.structured && cl.typ == cmdRead {
+			if tc.structured && cl.typ == nbdwire.CmdRead {
 				tc.protocolError("simple reply to a READ after structured replies")
 			}
 			cl.errno = be.Uint32(h[4:])
-			if cl.typ == cmdRead && cl.errno == 0 {
+			if cl.typ == nbdwire.CmdRead && cl.errno == 0 {
 				cl.data = make([]byte, cl.length)
 				if _, err := io.ReadFull(tc.rd, cl.data); err != nil {
 					return err
 				}
 			}
 			tc.complete(cl)
-		case magicChunk:
+		case nbdwire.MagicChunk:
 			if !tc.structured {
 				tc.protocolError("structured reply without negotiation")
 			}
@@ -560,7 +561,7 @@ func (tc *txClient) readLoop() error {
 			if cl == nil {
 				return nil
 			}
-			if n > maxPayload+8 {
+			if n > nbdwire.MaxPayload+8 {
 				tc.protocolError("chunk of %d bytes", n)
 				return nil
 			}
@@ -570,13 +571,13 @@ func (tc *txClient) readLoop() error {
 			}
 			cl.chunks++
 			switch typ {
-			case chunkNone:
-				if n != 0 || flags&replyFlagDone == 0 {
+			case nbdwire.ChunkNone:
+				if n != 0 || flags&nbdwire.ReplyFlagDone == 0 {
 					tc.protocolError("bad NONE chunk len %d flags %#x", n, flags)
 				}
-			case chunkOffsetData:
+			case nbdwire.ChunkOffsetData:
 				off := be.Uint64(p)
-				if cl.typ != cmdRead || n < 9 || off < cl.off || off-cl.off+uint64(n-8) > uint64(cl.length) {
+				if cl.typ != nbdwire.CmdRead || n < 9 || off < cl.off || off-cl.off+uint64(n-8) > uint64(cl.length) {
 					tc.protocolError("bad OFFSET_DATA chunk for %v", cl.typ)
 					return nil
 				}
@@ -584,7 +585,7 @@ func (tc *txClient) readLoop() error {
 					cl.data = make([]byte, cl.length)
 				}
 				copy(cl.data[off-cl.off:], p[8:])
-			case chunkError:
+			case nbdwire.ChunkError:
 				if n < 6 || int(be.Uint16(p[4:])) != int(n)-6 || be.Uint32(p) == 0 {
 					tc.protocolError("bad ERROR chunk % x", p)
 					return nil
@@ -594,7 +595,7 @@ func (tc *txClient) readLoop() error {
 				tc.protocolError("unexpected chunk type %d", typ)
 				return nil
 			}
-			if flags&replyFlagDone != 0 {
+			if flags&nbdwire.ReplyFlagDone != 0 {
 				tc.complete(cl)
 			}
 		default:
@@ -624,8 +625,8 @@ func (tc *txClient) complete(cl *call) {
 	close(cl.done)
 }
 
-func requestBytes(typ command, flags uint16, cookie, off uint64, length uint32) []byte {
-	b := be.AppendUint32(make([]byte, 0, requestSize), magicRequest)
+func requestBytes(typ nbdwire.Command, flags uint16, cookie, off uint64, length uint32) []byte {
+	b := be.AppendUint32(make([]byte, 0, nbdwire.RequestSize), nbdwire.MagicRequest)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, uint16(typ))
 	b = be.AppendUint64(b, cookie)
@@ -634,11 +635,11 @@ func requestBytes(typ command, flags uint16, cookie, off uint64, length uint32) 
 }
 
 // start sends a request (with payload for a WRITE) and returns its call.
-func (tc *txClient) start(typ command, flags uint16, off uint64, length uint32, payload []byte) *call {
+func (tc *txClient) start(typ nbdwire.Command, flags uint16, off uint64, length uint32, payload []byte) *call {
 	tc.mu.Lock()
 	tc.mu.next++
 	cl := &call{cookie: tc.mu.next<<8 | 0x5a, typ: typ, off: off, length: length, done: make(chan struct{})}
-	if typ != cmdDisc {
+	if typ != nbdwire.CmdDisc {
 		tc.mu.pending[cl.cookie] = cl
 	}
 	tc.mu.Unlock()
@@ -661,14 +662,14 @@ func (cl *call) wait(t testing.TB) *call {
 	return cl
 }
 
-func (tc *txClient) do(typ command, flags uint16, off uint64, length uint32, payload []byte) *call {
+func (tc *txClient) do(typ nbdwire.Command, flags uint16, off uint64, length uint32, payload []byte) *call {
 	tc.t.Helper()
 	return tc.start(typ, flags, off, length, payload).wait(tc.t)
 }
 
 func (tc *txClient) read(off uint64, n uint32) []byte {
 	tc.t.Helper()
-	cl := tc.do(cmdRead, 0, off, n, nil)
+	cl := tc.do(nbdwire.CmdRead, 0, off, n, nil)
 	if cl.errno != 0 {
 		tc.t.Fatalf("read %d+%d: errno %d (%s)", off, n, cl.errno, cl.msg)
 	}
@@ -677,7 +678,7 @@ func (tc *txClient) read(off uint64, n uint32) []byte {
 
 func (tc *txClient) write(off uint64, p []byte, flags uint16) {
 	tc.t.Helper()
-	if cl := tc.do(cmdWrite, flags, off, uint32(len(p)), p); cl.errno != 0 {
+	if cl := tc.do(nbdwire.CmdWrite, flags, off, uint32(len(p)), p); cl.errno != 0 {
 		tc.t.Fatalf("write %d+%d: errno %d (%s)", off, len(p), cl.errno, cl.msg)
 	}
 }
@@ -739,12 +740,12 @@ func TestHandshakeExportName(t *testing.T) {
 			checkGoroutines(t)
 			disk := newMem("disk", 1<<20)
 			h := startServer(t, nil, disk)
-			flags := cflagFixedNewstyle
+			flags := nbdwire.CFlagFixedNewstyle
 			if noZeroes {
-				flags |= cflagNoZeroes
+				flags |= nbdwire.CFlagNoZeroes
 			}
 			c := dialFlags(t, h.addr, flags)
-			c.sendOpt(optExportName, []byte("disk"))
+			c.sendOpt(nbdwire.OptExportName, []byte("disk"))
 			var b [10]byte
 			c.readFull(b[:])
 			size, tflags := be.Uint64(b[:]), be.Uint16(b[8:])
@@ -755,9 +756,9 @@ func TestHandshakeExportName(t *testing.T) {
 				t.Fatalf("flags %#x, want %#x", tflags, want)
 			}
 			if !noZeroes {
-				var z [zeroPadSize]byte
+				var z [nbdwire.ZeroPadSize]byte
 				c.readFull(z[:])
-				if z != [zeroPadSize]byte{} {
+				if z != [nbdwire.ZeroPadSize]byte{} {
 					t.Fatal("padding is not zero")
 				}
 			}
@@ -774,8 +775,8 @@ func TestHandshakeExportNameUnknownCloses(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
 	for _, name := range []string{"nope", ""} {
-		c := dialFlags(t, h.addr, cflagFixedNewstyle)
-		c.sendOpt(optExportName, []byte(name))
+		c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+		c.sendOpt(nbdwire.OptExportName, []byte(name))
 		c.expectClosed()
 	}
 	if n := h.backend.opens.Load(); n != 0 {
@@ -787,9 +788,9 @@ func TestHandshakeInfoThenGo(t *testing.T) {
 	checkGoroutines(t)
 	disk := newMem("disk", 3<<20)
 	h := startServer(t, nil, disk)
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
 
-	infos := c.expectFinal(optInfo, infoData("disk", infoName, infoDescription, infoBlockSize), repAck)
+	infos := c.expectFinal(nbdwire.OptInfo, infoData("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize), nbdwire.RepAck)
 	ei := parseInfos(t, infos)
 	if ei.size != 3<<20 || ei.flags != transmissionFlags(false, false) {
 		t.Fatalf("info %+v", ei)
@@ -805,15 +806,15 @@ func TestHandshakeInfoThenGo(t *testing.T) {
 	}
 
 	// Without requests: the export and block sizes, no name.
-	ei = parseInfos(t, c.expectFinal(optInfo, infoData("disk"), repAck))
-	if ei.name != nil || ei.desc != nil || ei.maxBS != maxPayload {
+	ei = parseInfos(t, c.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepAck))
+	if ei.name != nil || ei.desc != nil || ei.maxBS != nbdwire.MaxPayload {
 		t.Fatalf("unrequested info %+v", ei)
 	}
 
-	c.expectFinal(optStructuredReply, nil, repAck)
-	infos = c.expectFinal(optGo, infoData("disk", infoDescription), repAck)
+	c.expectFinal(nbdwire.OptStructuredReply, nil, nbdwire.RepAck)
+	infos = c.expectFinal(nbdwire.OptGo, infoData("disk", nbdwire.InfoDescription), nbdwire.RepAck)
 	ei = parseInfos(t, infos)
-	if ei.flags != transmissionFlags(false, true) || ei.flags&tflagSendDF == 0 {
+	if ei.flags != transmissionFlags(false, true) || ei.flags&nbdwire.TFlagSendDF == 0 {
 		t.Fatalf("GO flags %#x", ei.flags)
 	}
 	if ei.desc == nil || *ei.desc != disk.desc {
@@ -836,13 +837,13 @@ func TestHandshakeList(t *testing.T) {
 	exps := []*memExport{newMem("disk", 1<<20), newMem("ro", 4096), newMem("third", 512)}
 	exps[1].ro = true
 	h := startServer(t, nil, exps...)
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
-	replies := c.expectFinal(optList, nil, repAck)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
+	replies := c.expectFinal(nbdwire.OptList, nil, nbdwire.RepAck)
 	if len(replies) != len(exps) {
 		t.Fatalf("%d replies for %d exports", len(replies), len(exps))
 	}
 	for i, r := range replies {
-		if r.typ != repServer || len(r.data) < 4 {
+		if r.typ != nbdwire.RepServer || len(r.data) < 4 {
 			t.Fatalf("reply %v % x", r.typ, r.data)
 		}
 		n := be.Uint32(r.data)
@@ -870,9 +871,9 @@ func TestHandshakeListError(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
 	h.backend.listErr = errors.New("backend down")
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optList, nil, repErrPolicy)
-	c.expectFinal(optInfo, infoData("disk"), repErrUnknown)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptList, nil, nbdwire.RepErrPolicy)
+	c.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepErrUnknown)
 	connectOn(t, c, "disk")
 }
 
@@ -880,12 +881,12 @@ func TestHandshakeGoUnknownThenGood(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 1<<20))
 	h.backend.openErrForName = map[string]error{"broken": errors.New("disk offline")}
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
 	for _, name := range []string{"nope", "", "broken"} {
-		if infos := c.expectFinal(optGo, infoData(name, infoBlockSize), repErrUnknown); len(infos) != 0 {
+		if infos := c.expectFinal(nbdwire.OptGo, infoData(name, nbdwire.InfoBlockSize), nbdwire.RepErrUnknown); len(infos) != 0 {
 			t.Fatalf("GO %q: %d info replies before the error", name, len(infos))
 		}
-		c.expectFinal(optInfo, infoData(name), repErrUnknown)
+		c.expectFinal(nbdwire.OptInfo, infoData(name), nbdwire.RepErrUnknown)
 	}
 	connectOn(t, c, "disk")
 	if n := h.backend.opens.Load(); n != 1 {
@@ -896,13 +897,13 @@ func TestHandshakeGoUnknownThenGood(t *testing.T) {
 func TestHandshakeAbort(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optAbort, nil, repAck)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptAbort, nil, nbdwire.RepAck)
 	c.expectClosed()
 
 	// A client that aborts and hangs up without reading the reply.
-	c = dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.sendOpt(optAbort, []byte("ignored"))
+	c = dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.sendOpt(nbdwire.OptAbort, []byte("ignored"))
 	c.nc.Close()
 	waitFor(t, "connections to end", func() bool { return h.srv.numConns() == 0 })
 }
@@ -910,30 +911,30 @@ func TestHandshakeAbort(t *testing.T) {
 func TestHandshakeStartTLSRefused(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optStartTLS, nil, repErrPolicy)
-	c.expectFinal(optStartTLS, []byte{1}, repErrInvalid)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepErrPolicy)
+	c.expectFinal(nbdwire.OptStartTLS, []byte{1}, nbdwire.RepErrInvalid)
 	connectOn(t, c, "disk")
 }
 
 func TestHandshakeUnsupportedOptions(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
 	meta := infoData("disk")[:8] // name and a query count of 0
 	for _, o := range []struct {
-		opt  option
+		opt  nbdwire.Option
 		data []byte
 	}{
-		{optPeekExport, nil},
-		{optListMetaContext, meta},
-		{optSetMetaContext, meta},
-		{optExtendedHeaders, nil},
+		{nbdwire.OptPeekExport, nil},
+		{nbdwire.OptListMetaContext, meta},
+		{nbdwire.OptSetMetaContext, meta},
+		{nbdwire.OptExtendedHeaders, nil},
 		{0, nil},
 		{12, []byte("whatever data")},
 		{0xffffffff, nil},
 	} {
-		c.expectFinal(o.opt, o.data, repErrUnsup)
+		c.expectFinal(o.opt, o.data, nbdwire.RepErrUnsup)
 	}
 	connectOn(t, c, "disk")
 }
@@ -941,24 +942,24 @@ func TestHandshakeUnsupportedOptions(t *testing.T) {
 func TestHandshakeMalformedOptions(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	longName := strings.Repeat("n", maxString+1)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	longName := strings.Repeat("n", nbdwire.MaxString+1)
 	for _, tt := range []struct {
 		name string
-		opt  option
+		opt  nbdwire.Option
 		data []byte
-		want repType
+		want nbdwire.RepType
 	}{
-		{"list with data", optList, []byte{0}, repErrInvalid},
-		{"structured reply with data", optStructuredReply, []byte{1, 2}, repErrInvalid},
-		{"info too short", optInfo, []byte{0, 0, 0}, repErrInvalid},
-		{"info name past the end", optInfo, []byte{0, 0, 0, 9, 'd', 'i', 's', 'k', 0, 0}, repErrInvalid},
-		{"go name length huge", optGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0}, repErrInvalid},
-		{"info count too big", optGo, append(infoData("disk")[:8], 0, 2, 0, 1), repErrInvalid},
-		{"info trailing byte", optInfo, append(infoData("disk", infoName), 0), repErrInvalid},
-		{"name with NUL", optGo, infoData("di\x00sk"), repErrInvalid},
-		{"name not UTF-8", optInfo, infoData("\xff\xfe"), repErrInvalid},
-		{"name too long", optGo, infoData(longName), repErrInvalid},
+		{"list with data", nbdwire.OptList, []byte{0}, nbdwire.RepErrInvalid},
+		{"structured reply with data", nbdwire.OptStructuredReply, []byte{1, 2}, nbdwire.RepErrInvalid},
+		{"info too short", nbdwire.OptInfo, []byte{0, 0, 0}, nbdwire.RepErrInvalid},
+		{"info name past the end", nbdwire.OptInfo, []byte{0, 0, 0, 9, 'd', 'i', 's', 'k', 0, 0}, nbdwire.RepErrInvalid},
+		{"go name length huge", nbdwire.OptGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0}, nbdwire.RepErrInvalid},
+		{"info count too big", nbdwire.OptGo, append(infoData("disk")[:8], 0, 2, 0, 1), nbdwire.RepErrInvalid},
+		{"info trailing byte", nbdwire.OptInfo, append(infoData("disk", nbdwire.InfoName), 0), nbdwire.RepErrInvalid},
+		{"name with NUL", nbdwire.OptGo, infoData("di\x00sk"), nbdwire.RepErrInvalid},
+		{"name not UTF-8", nbdwire.OptInfo, infoData("\xff\xfe"), nbdwire.RepErrInvalid},
+		{"name too long", nbdwire.OptGo, infoData(longName), nbdwire.RepErrInvalid},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c.t = t
@@ -977,19 +978,19 @@ func TestHandshakeOversizedOption(t *testing.T) {
 	h := startServer(t, nil, newMem("disk", 4096))
 
 	// Above the bound: skipped and refused, the connection goes on.
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optInfo, make([]byte, maxOptionData+1), repErrTooBig)
-	c.expectFinal(optList, nil, repAck)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptInfo, make([]byte, maxOptionData+1), nbdwire.RepErrTooBig)
+	c.expectFinal(nbdwire.OptList, nil, nbdwire.RepAck)
 	connectOn(t, c, "disk")
 
 	// Absurd: the server hangs up without reading (or allocating) it.
-	c = dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.write(optHeader(optInfo, 0xfffffff0))
+	c = dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.write(optHeader(nbdwire.OptInfo, 0xfffffff0))
 	c.expectClosed()
 
 	// An export name too long to read cannot be refused: hang up.
-	c = dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.sendOpt(optExportName, make([]byte, maxOptionData+1))
+	c = dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.sendOpt(nbdwire.OptExportName, make([]byte, maxOptionData+1))
 	c.expectClosed()
 }
 
@@ -1001,10 +1002,10 @@ func TestHandshakeProtocolViolations(t *testing.T) {
 		send []byte
 	}{
 		{"unknown client flags", be.AppendUint32(nil, 1<<2)},
-		{"bad option magic", append(be.AppendUint32(nil, cflagFixedNewstyle), "NOTMAGIC\x00\x00\x00\x03\x00\x00\x00\x00"...)},
+		{"bad option magic", append(be.AppendUint32(nil, nbdwire.CFlagFixedNewstyle), "NOTMAGIC\x00\x00\x00\x03\x00\x00\x00\x00"...)},
 		// Truncated: the client hangs up mid-option.
-		{"truncated header", append(be.AppendUint32(nil, cflagFixedNewstyle), optHeader(optGo, 10)[:9]...)},
-		{"truncated data", append(append(be.AppendUint32(nil, cflagFixedNewstyle), optHeader(optGo, 10)...), 0, 0, 0)},
+		{"truncated header", append(be.AppendUint32(nil, nbdwire.CFlagFixedNewstyle), optHeader(nbdwire.OptGo, 10)[:9]...)},
+		{"truncated data", append(append(be.AppendUint32(nil, nbdwire.CFlagFixedNewstyle), optHeader(nbdwire.OptGo, 10)...), 0, 0, 0)},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := dial(t, h.addr)
@@ -1016,13 +1017,13 @@ func TestHandshakeProtocolViolations(t *testing.T) {
 		})
 	}
 	waitFor(t, "connections to end", func() bool { return h.srv.numConns() == 0 })
-	connectOn(t, dialFlags(t, h.addr, cflagFixedNewstyle), "disk")
+	connectOn(t, dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle), "disk")
 }
 
 func TestHandshakeTimeout(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, func(c *Config) { c.HandshakeTimeout = 100 * time.Millisecond }, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
 	start := time.Now()
 	c.expectClosed()
 	if d := time.Since(start); d > 3*time.Second {
@@ -1043,7 +1044,7 @@ func TestTransmissionIO(t *testing.T) {
 		h := startServer(t, nil, disk)
 		tc := connect(t, h.addr, "disk", structured)
 		want := transmissionFlags(false, structured)
-		if tc.flags != want || tc.flags&tflagReadOnly != 0 {
+		if tc.flags != want || tc.flags&nbdwire.TFlagReadOnly != 0 {
 			t.Fatalf("flags %#x, want %#x", tc.flags, want)
 		}
 
@@ -1062,40 +1063,40 @@ func TestTransmissionIO(t *testing.T) {
 			t.Fatal("4 MiB read back differs")
 		}
 
-		tc.write(8192, []byte("durable"), cmdFlagFUA)
+		tc.write(8192, []byte("durable"), nbdwire.CmdFlagFUA)
 		if disk.fuaWrites.Load() != 1 {
 			t.Fatal("FUA not passed to WriteAt")
 		}
-		tc.expectErrno(tc.do(cmdFlush, 0, 0, 0, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdFlush, 0, 0, 0, nil), 0)
 		if disk.flushes.Load() != 1 {
 			t.Fatal("no Flush")
 		}
 
-		tc.expectErrno(tc.do(cmdTrim, 0, 100, 50, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdTrim, 0, 100, 50, nil), 0)
 		if got := disk.snapshot(100, 50); !bytes.Equal(got, make([]byte, 50)) {
 			t.Fatal("trim (which zeroes in memExport) did not reach the export")
 		}
-		tc.expectErrno(tc.do(cmdWriteZeroes, cmdFlagNoHole, 1000, 3000, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagNoHole, 1000, 3000, nil), 0)
 		if got := tc.read(999, 3002); got[0] == 0 || got[3001] == 0 || !bytes.Equal(got[1:3001], make([]byte, 3000)) {
 			t.Fatal("write zeroes wrong")
 		}
 		if disk.noHoles.Load() != 1 {
 			t.Fatal("NO_HOLE not passed")
 		}
-		tc.expectErrno(tc.do(cmdWriteZeroes, cmdFlagFUA, 0, 10, nil), 0)
-		tc.expectErrno(tc.do(cmdTrim, cmdFlagFUA, 0, 10, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagFUA, 0, 10, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdTrim, nbdwire.CmdFlagFUA, 0, 10, nil), 0)
 		if disk.flushes.Load() != 3 {
 			t.Fatalf("FUA write zeroes/trim: %d flushes, want 3", disk.flushes.Load())
 		}
 		// FUA is accepted on any command once advertised.
-		tc.expectErrno(tc.do(cmdRead, cmdFlagFUA, 0, 10, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdRead, nbdwire.CmdFlagFUA, 0, 10, nil), 0)
 		// The last byte of the export.
 		tc.write(4<<20-1, []byte{0x77}, 0)
 		if got := tc.read(4<<20-1, 1); got[0] != 0x77 {
 			t.Fatal("last byte")
 		}
 		if structured {
-			tc.expectErrno(tc.do(cmdRead, cmdFlagDF, 0, 65536, nil), 0)
+			tc.expectErrno(tc.do(nbdwire.CmdRead, nbdwire.CmdFlagDF, 0, 65536, nil), 0)
 		}
 	})
 }
@@ -1117,7 +1118,7 @@ func TestOutOfOrderReplies(t *testing.T) {
 		tc := connect(t, h.addr, "disk", structured)
 		calls := make([]*call, n)
 		for i := range calls {
-			calls[i] = tc.start(cmdRead, 0, uint64(i)*4096, 4096, nil)
+			calls[i] = tc.start(nbdwire.CmdRead, 0, uint64(i)*4096, 4096, nil)
 		}
 		for i, cl := range calls {
 			cl.wait(t)
@@ -1156,7 +1157,7 @@ func TestMaxInFlight(t *testing.T) {
 	tc := connect(t, h.addr, "disk", true)
 	var calls []*call
 	for i := range 10 {
-		calls = append(calls, tc.start(cmdWrite, 0, uint64(i)*512, 512, make([]byte, 512)))
+		calls = append(calls, tc.start(nbdwire.CmdWrite, 0, uint64(i)*512, 512, make([]byte, 512)))
 	}
 	waitFor(t, "3 requests in the export", func() bool { return cur.Load() == 3 })
 	time.Sleep(50 * time.Millisecond)
@@ -1179,46 +1180,46 @@ func TestInvalidRequests(t *testing.T) {
 		disk := newMem("disk", size)
 		h := startServer(t, nil, disk)
 		tc := connect(t, h.addr, "disk", structured)
-		bigRead := EINVAL
+		bigRead := nbdwire.EINVAL
 		if structured {
-			bigRead = EOVERFLOW
+			bigRead = nbdwire.EOVERFLOW
 		}
-		dfRead := EINVAL
+		dfRead := nbdwire.EINVAL
 		if structured {
 			dfRead = 0
 		}
 		for _, tt := range []struct {
 			name    string
-			typ     command
+			typ     nbdwire.Command
 			flags   uint16
 			off     uint64
 			length  uint32
 			payload bool
 			want    uint32
 		}{
-			{"read past end", cmdRead, 0, size - 1, 2, false, EINVAL},
-			{"read at end", cmdRead, 0, size, 1, false, EINVAL},
-			{"read offset overflow", cmdRead, 0, 1<<64 - 1, 2, false, EINVAL},
-			{"write past end", cmdWrite, 0, size - 10, 11, true, EINVAL},
-			{"write far past end", cmdWrite, 0, 1 << 40, 512, true, EINVAL},
-			{"trim past end", cmdTrim, 0, size, 1, false, EINVAL},
-			{"write zeroes past end", cmdWriteZeroes, 0, 1<<64 - 512, 1024, false, EINVAL},
-			{"read zero length", cmdRead, 0, 0, 0, false, EINVAL},
-			{"write zero length", cmdWrite, 0, 0, 0, false, EINVAL},
-			{"trim zero length", cmdTrim, 0, 0, 0, false, EINVAL},
-			{"write zeroes zero length", cmdWriteZeroes, 0, 0, 0, false, EINVAL},
-			{"read above max payload", cmdRead, 0, 0, maxPayload + 1, false, bigRead},
-			{"unknown command", 99, 0, 0, 512, false, EINVAL},
-			{"cache", cmdCache, 0, 0, 512, false, EINVAL},
-			{"block status", cmdBlockStatus, 0, 0, 512, false, EINVAL},
-			{"resize", cmdResize, 0, 0, 0, false, EINVAL},
-			{"no hole on read", cmdRead, cmdFlagNoHole, 0, 512, false, EINVAL},
-			{"fast zero", cmdWriteZeroes, cmdFlagFastZero, 0, 512, false, EINVAL},
-			{"req one on read", cmdRead, cmdFlagReqOne, 0, 512, false, EINVAL},
-			{"unknown flag on write", cmdWrite, 1 << 12, 0, 512, true, EINVAL},
-			{"DF", cmdRead, cmdFlagDF, 0, 512, false, dfRead},
-			{"flush with offset", cmdFlush, 0, 512, 0, false, EINVAL},
-			{"flush with length", cmdFlush, 0, 0, 512, false, EINVAL},
+			{"read past end", nbdwire.CmdRead, 0, size - 1, 2, false, nbdwire.EINVAL},
+			{"read at end", nbdwire.CmdRead, 0, size, 1, false, nbdwire.EINVAL},
+			{"read offset overflow", nbdwire.CmdRead, 0, 1<<64 - 1, 2, false, nbdwire.EINVAL},
+			{"write past end", nbdwire.CmdWrite, 0, size - 10, 11, true, nbdwire.EINVAL},
+			{"write far past end", nbdwire.CmdWrite, 0, 1 << 40, 512, true, nbdwire.EINVAL},
+			{"trim past end", nbdwire.CmdTrim, 0, size, 1, false, nbdwire.EINVAL},
+			{"write zeroes past end", nbdwire.CmdWriteZeroes, 0, 1<<64 - 512, 1024, false, nbdwire.EINVAL},
+			{"read zero length", nbdwire.CmdRead, 0, 0, 0, false, nbdwire.EINVAL},
+			{"write zero length", nbdwire.CmdWrite, 0, 0, 0, false, nbdwire.EINVAL},
+			{"trim zero length", nbdwire.CmdTrim, 0, 0, 0, false, nbdwire.EINVAL},
+			{"write zeroes zero length", nbdwire.CmdWriteZeroes, 0, 0, 0, false, nbdwire.EINVAL},
+			{"read above max payload", nbdwire.CmdRead, 0, 0, nbdwire.MaxPayload + 1, false, bigRead},
+			{"unknown command", 99, 0, 0, 512, false, nbdwire.EINVAL},
+			{"cache", nbdwire.CmdCache, 0, 0, 512, false, nbdwire.EINVAL},
+			{"block status", nbdwire.CmdBlockStatus, 0, 0, 512, false, nbdwire.EINVAL},
+			{"resize", nbdwire.CmdResize, 0, 0, 0, false, nbdwire.EINVAL},
+			{"no hole on read", nbdwire.CmdRead, nbdwire.CmdFlagNoHole, 0, 512, false, nbdwire.EINVAL},
+			{"fast zero", nbdwire.CmdWriteZeroes, nbdwire.CmdFlagFastZero, 0, 512, false, nbdwire.EINVAL},
+			{"req one on read", nbdwire.CmdRead, nbdwire.CmdFlagReqOne, 0, 512, false, nbdwire.EINVAL},
+			{"unknown flag on write", nbdwire.CmdWrite, 1 << 12, 0, 512, true, nbdwire.EINVAL},
+			{"DF", nbdwire.CmdRead, nbdwire.CmdFlagDF, 0, 512, false, dfRead},
+			{"flush with offset", nbdwire.CmdFlush, 0, 512, 0, false, nbdwire.EINVAL},
+			{"flush with length", nbdwire.CmdFlush, 0, 0, 512, false, nbdwire.EINVAL},
 		} {
 			t.Run(tt.name, func(t *testing.T) {
 				tc.t = t
@@ -1249,20 +1250,20 @@ func TestReadOnlyExport(t *testing.T) {
 		copy(ro.data, "original")
 		h := startServer(t, nil, ro)
 		tc := connect(t, h.addr, "ro", structured)
-		if tc.flags&tflagReadOnly == 0 {
+		if tc.flags&nbdwire.TFlagReadOnly == 0 {
 			t.Fatal("READ_ONLY not set")
 		}
-		if tc.flags&(tflagSendTrim|tflagSendWriteZeroes|tflagSendFUA) != 0 {
+		if tc.flags&(nbdwire.TFlagSendTrim|nbdwire.TFlagSendWriteZeroes|nbdwire.TFlagSendFUA) != 0 {
 			t.Fatalf("read-only export advertises writing features: %#x", tc.flags)
 		}
-		tc.expectErrno(tc.do(cmdWrite, 0, 0, 8, []byte("modified")), EPERM)
-		tc.expectErrno(tc.do(cmdWrite, 0, 1<<30, 8, []byte("modified")), EPERM)
-		tc.expectErrno(tc.do(cmdTrim, 0, 0, 8, nil), EPERM)
-		tc.expectErrno(tc.do(cmdWriteZeroes, cmdFlagNoHole, 0, 8, nil), EPERM)
+		tc.expectErrno(tc.do(nbdwire.CmdWrite, 0, 0, 8, []byte("modified")), nbdwire.EPERM)
+		tc.expectErrno(tc.do(nbdwire.CmdWrite, 0, 1<<30, 8, []byte("modified")), nbdwire.EPERM)
+		tc.expectErrno(tc.do(nbdwire.CmdTrim, 0, 0, 8, nil), nbdwire.EPERM)
+		tc.expectErrno(tc.do(nbdwire.CmdWriteZeroes, nbdwire.CmdFlagNoHole, 0, 8, nil), nbdwire.EPERM)
 		if got := tc.read(0, 8); string(got) != "original" {
 			t.Fatalf("read %q", got)
 		}
-		tc.expectErrno(tc.do(cmdFlush, 0, 0, 0, nil), 0)
+		tc.expectErrno(tc.do(nbdwire.CmdFlush, 0, 0, 0, nil), 0)
 	})
 }
 
@@ -1276,12 +1277,12 @@ func TestExportErrors(t *testing.T) {
 	}{
 		{"mapped", func(err error) uint32 {
 			if errors.Is(err, errNoSpace) {
-				return ENOSPC
+				return nbdwire.ENOSPC
 			}
-			return EIO
-		}, ENOSPC},
-		{"nil Errno", nil, EIO},
-		{"Errno returns 0", func(error) uint32 { return 0 }, EIO},
+			return nbdwire.EIO
+		}, nbdwire.ENOSPC},
+		{"nil Errno", nil, nbdwire.EIO},
+		{"Errno returns 0", func(error) uint32 { return 0 }, nbdwire.EIO},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			modes(t, func(t *testing.T, structured bool) {
@@ -1295,9 +1296,9 @@ func TestExportErrors(t *testing.T) {
 				}
 				h := startServer(t, func(c *Config) { c.Errno = tt.errno }, disk)
 				tc := connect(t, h.addr, "disk", structured)
-				for _, typ := range []command{cmdWrite, cmdRead, cmdTrim, cmdWriteZeroes} {
+				for _, typ := range []nbdwire.Command{nbdwire.CmdWrite, nbdwire.CmdRead, nbdwire.CmdTrim, nbdwire.CmdWriteZeroes} {
 					var p []byte
-					if typ == cmdWrite {
+					if typ == nbdwire.CmdWrite {
 						p = make([]byte, 512)
 					}
 					cl := tc.do(typ, 0, 4096, 512, p)
@@ -1318,7 +1319,7 @@ func TestBadRequestMagicDisconnects(t *testing.T) {
 	h := startServer(t, nil, newMem("disk", 1<<20))
 	tc := connect(t, h.addr, "disk", false)
 	tc.read(0, 1)
-	bad := requestBytes(cmdRead, 0, 1, 0, 512)
+	bad := requestBytes(nbdwire.CmdRead, 0, 1, 0, 512)
 	bad[0] ^= 0xff
 	tc.nc.Write(bad)
 	tc.expectClosed()
@@ -1332,8 +1333,8 @@ func TestOversizedWrite(t *testing.T) {
 		h := startServer(t, nil, disk)
 		tc := connect(t, h.addr, "disk", structured)
 		// Above the maximum payload but not absurd: consumed, refused.
-		n := maxPayload + 1<<20
-		tc.expectErrno(tc.do(cmdWrite, 0, 0, uint32(n), pattern(n, 1)), EINVAL)
+		n := nbdwire.MaxPayload + 1<<20
+		tc.expectErrno(tc.do(nbdwire.CmdWrite, 0, 0, uint32(n), pattern(n, 1)), nbdwire.EINVAL)
 		tc.write(0, []byte("ok"), 0)
 		if got := tc.read(0, 2); string(got) != "ok" {
 			t.Fatalf("read %q", got)
@@ -1342,7 +1343,7 @@ func TestOversizedWrite(t *testing.T) {
 			t.Fatal("refused payload reached the export")
 		}
 		// Absurd: the server hangs up rather than read 100 MiB.
-		tc.start(cmdWrite, 0, 0, 100<<20, nil)
+		tc.start(nbdwire.CmdWrite, 0, 0, 100<<20, nil)
 		tc.expectClosed()
 	})
 }
@@ -1358,11 +1359,11 @@ func TestPanicInExport(t *testing.T) {
 	}
 	var mapped atomic.Int64
 	h := startServer(t, func(c *Config) {
-		c.Errno = func(err error) uint32 { mapped.Add(1); return ENOSPC }
+		c.Errno = func(err error) uint32 { mapped.Add(1); return nbdwire.ENOSPC }
 	}, disk)
 	modes(t, func(t *testing.T, structured bool) {
 		tc := connect(t, h.addr, "disk", structured)
-		tc.expectErrno(tc.do(cmdRead, 0, 0, 512, nil), EIO)
+		tc.expectErrno(tc.do(nbdwire.CmdRead, 0, 0, 512, nil), nbdwire.EIO)
 		tc.read(512, 512)
 	})
 	if !strings.Contains(h.logs.String(), "export bug") {
@@ -1377,8 +1378,8 @@ func TestPanicInExport(t *testing.T) {
 	disk2.hook = func(context.Context, string, uint64, uint64) error { return errNoSpace }
 	h2 := startServer(t, func(c *Config) { c.Errno = func(error) uint32 { panic("errno bug") } }, disk2)
 	tc := connect(t, h2.addr, "disk", true)
-	tc.expectErrno(tc.do(cmdFlush, 0, 0, 0, nil), EIO)
-	tc.expectErrno(tc.do(cmdFlush, 0, 0, 0, nil), EIO)
+	tc.expectErrno(tc.do(nbdwire.CmdFlush, 0, 0, 0, nil), nbdwire.EIO)
+	tc.expectErrno(tc.do(nbdwire.CmdFlush, 0, 0, 0, nil), nbdwire.EIO)
 }
 
 func TestDiscAnswersInFlight(t *testing.T) {
@@ -1392,9 +1393,9 @@ func TestDiscAnswersInFlight(t *testing.T) {
 	tc := connect(t, h.addr, "disk", true)
 	var calls []*call
 	for i := range 4 {
-		calls = append(calls, tc.start(cmdWrite, 0, uint64(i)*512, 512, pattern(512, byte(i))))
+		calls = append(calls, tc.start(nbdwire.CmdWrite, 0, uint64(i)*512, 512, pattern(512, byte(i))))
 	}
-	tc.start(cmdDisc, 0, 0, 0, nil)
+	tc.start(nbdwire.CmdDisc, 0, 0, 0, nil)
 	for _, cl := range calls {
 		tc.expectErrno(cl.wait(t), 0)
 	}
@@ -1449,8 +1450,8 @@ func TestShutdownWaitsForInFlight(t *testing.T) {
 	busy := connect(t, h.addr, "disk", true)
 	idle := connect(t, h.addr, "disk", false)
 	idle.read(512, 1) // surely in transmission
-	shaking := dialFlags(t, h.addr, cflagFixedNewstyle)
-	read := busy.start(cmdRead, 0, 0, 7, nil)
+	shaking := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	read := busy.start(nbdwire.CmdRead, 0, 0, 7, nil)
 	<-g.entered
 
 	done := make(chan error, 1)
@@ -1490,7 +1491,7 @@ func TestShutdownContextAndClose(t *testing.T) {
 	disk.hook = g.hook
 	h := startServer(t, nil, disk)
 	tc := connect(t, h.addr, "disk", false)
-	tc.start(cmdRead, 0, 0, 512, nil)
+	tc.start(nbdwire.CmdRead, 0, 0, 512, nil)
 	<-g.entered
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -1540,17 +1541,17 @@ func TestMultiConnModel(t *testing.T) {
 			for j := range p {
 				p[j] = byte(rnd.IntN(256))
 			}
-			tc.write(uint64(off), p, uint16(rnd.IntN(2))*cmdFlagFUA)
+			tc.write(uint64(off), p, uint16(rnd.IntN(2))*nbdwire.CmdFlagFUA)
 			copy(model[off:], p)
 		case 2:
 			if got := tc.read(uint64(off), uint32(n)); !bytes.Equal(got, model[off:off+n]) {
 				t.Fatalf("seed %d op %d: read %d+%d differs from the model", seed, i, off, n)
 			}
 		case 3:
-			tc.expectErrno(tc.do(cmdWriteZeroes, 0, uint64(off), uint32(n), nil), 0)
+			tc.expectErrno(tc.do(nbdwire.CmdWriteZeroes, 0, uint64(off), uint32(n), nil), 0)
 			clear(model[off : off+n])
 		case 4:
-			tc.expectErrno(tc.do(cmdFlush, 0, 0, 0, nil), 0)
+			tc.expectErrno(tc.do(nbdwire.CmdFlush, 0, 0, 0, nil), 0)
 		}
 	}
 	if !bytes.Equal(disk.snapshot(0, size), model) {
@@ -1565,8 +1566,8 @@ func TestShutdownRefusesReceivedRequests(t *testing.T) {
 	disk := newMem("disk", 1<<20)
 	srv := NewServer(Config{Backend: &memBackend{exports: []*memExport{disk}}, Logger: slog.New(slog.DiscardHandler)})
 	defer srv.Close()
-	script := cat(clientFlags(cflagFixedNewstyle|cflagNoZeroes), opt(optExportName, []byte("disk")),
-		req(cmdWrite, 0, 0, 4), []byte("data"), req(cmdRead, 0, 0, 512), req(cmdFlush, 0, 0, 0))
+	script := cat(clientFlags(nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes), opt(nbdwire.OptExportName, []byte("disk")),
+		req(nbdwire.CmdWrite, 0, 0, 4), []byte("data"), req(nbdwire.CmdRead, 0, 0, 512), req(nbdwire.CmdFlush, 0, 0, 0))
 	nc := newScriptConn(script)
 	nc.out = &bytes.Buffer{}
 	c := newConn(srv, nc)
@@ -1575,13 +1576,13 @@ func TestShutdownRefusesReceivedRequests(t *testing.T) {
 	c.serve()
 	out := nc.out.Bytes()
 	const head = 18 + 10 // greeting, size and flags
-	if len(out) != head+3*simpleReplySize {
+	if len(out) != head+3*nbdwire.SimpleReplySize {
 		t.Fatalf("server wrote %d bytes", len(out))
 	}
 	for i := range 3 {
-		r := out[head+i*simpleReplySize:]
-		if be.Uint32(r) != magicSimpleReply || be.Uint32(r[4:]) != ESHUTDOWN {
-			t.Fatalf("reply %d: % x", i, r[:simpleReplySize])
+		r := out[head+i*nbdwire.SimpleReplySize:]
+		if be.Uint32(r) != nbdwire.MagicSimpleReply || be.Uint32(r[4:]) != nbdwire.ESHUTDOWN {
+			t.Fatalf("reply %d: % x", i, r[:nbdwire.SimpleReplySize])
 		}
 	}
 	if disk.snapshot(0, 4)[0] != 0 || disk.flushes.Load() != 0 {
@@ -1607,14 +1608,14 @@ func TestBackendPanicsAndNilExport(t *testing.T) {
 	h := startServer(t, func(c *Config) {
 		c.Backend = panicBackend{c.Backend.(*memBackend)}
 	}, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optGo, infoData("nil"), repErrUnknown)
-	c.sendOpt(optGo, infoData("boom"))
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptGo, infoData("nil"), nbdwire.RepErrUnknown)
+	c.sendOpt(nbdwire.OptGo, infoData("boom"))
 	c.expectClosed()
 	if !strings.Contains(h.logs.String(), "backend bug") {
 		t.Fatal("panic not logged")
 	}
-	connectOn(t, dialFlags(t, h.addr, cflagFixedNewstyle), "disk")
+	connectOn(t, dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle), "disk")
 }
 
 func TestConfigDefaults(t *testing.T) {
@@ -1670,18 +1671,18 @@ func TestNoWaitRead(t *testing.T) {
 		h := startServer(t, func(c *Config) {
 			c.Errno = func(err error) uint32 {
 				if errors.Is(err, errNoSpace) {
-					return ENOSPC
+					return nbdwire.ENOSPC
 				}
-				return EIO
+				return nbdwire.EIO
 			}
 		}, disk)
 		tc := connect(t, h.addr, "disk", structured)
-		tc.expectErrno(tc.do(cmdRead, 0, 4096, 512, nil), ENOSPC)
-		tc.expectErrno(tc.do(cmdRead, 0, 8192, 512, nil), EIO)
+		tc.expectErrno(tc.do(nbdwire.CmdRead, 0, 4096, 512, nil), nbdwire.ENOSPC)
+		tc.expectErrno(tc.do(nbdwire.CmdRead, 0, 8192, 512, nil), nbdwire.EIO)
 		// Pipelined: inline and worker replies, in any order.
 		var calls []*call
 		for i := range 64 {
-			calls = append(calls, tc.start(cmdRead, 0, uint64(16384+i*512), 512, nil))
+			calls = append(calls, tc.start(nbdwire.CmdRead, 0, uint64(16384+i*512), 512, nil))
 		}
 		for i, cl := range calls {
 			cl.wait(t)

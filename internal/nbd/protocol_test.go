@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 func newRand(seed int64) *rand.Rand { return rand.New(rand.NewPCG(uint64(seed), 0x6e6264)) }
@@ -14,10 +16,10 @@ func TestTransmissionFlags(t *testing.T) {
 		ro, structured bool
 		want           uint16
 	}{
-		{false, false, tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes | tflagCanMultiConn},
-		{false, true, tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes | tflagCanMultiConn | tflagSendDF},
-		{true, false, tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagCanMultiConn},
-		{true, true, tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagCanMultiConn | tflagSendDF},
+		{false, false, nbdwire.TFlagHasFlags | nbdwire.TFlagSendFlush | nbdwire.TFlagSendFUA | nbdwire.TFlagSendTrim | nbdwire.TFlagSendWriteZeroes | nbdwire.TFlagCanMultiConn},
+		{false, true, nbdwire.TFlagHasFlags | nbdwire.TFlagSendFlush | nbdwire.TFlagSendFUA | nbdwire.TFlagSendTrim | nbdwire.TFlagSendWriteZeroes | nbdwire.TFlagCanMultiConn | nbdwire.TFlagSendDF},
+		{true, false, nbdwire.TFlagHasFlags | nbdwire.TFlagReadOnly | nbdwire.TFlagSendFlush | nbdwire.TFlagCanMultiConn},
+		{true, true, nbdwire.TFlagHasFlags | nbdwire.TFlagReadOnly | nbdwire.TFlagSendFlush | nbdwire.TFlagCanMultiConn | nbdwire.TFlagSendDF},
 	} {
 		if got := transmissionFlags(tt.ro, tt.structured); got != tt.want {
 			t.Errorf("transmissionFlags(%v, %v) = %#x, want %#x", tt.ro, tt.structured, got, tt.want)
@@ -35,33 +37,33 @@ func TestCheckRequest(t *testing.T) {
 		p    params
 		want uint32
 	}{
-		{"read", requestHeader{typ: cmdRead, off: 0, length: 1 << 20}, rw, 0},
-		{"read last byte", requestHeader{typ: cmdRead, off: 1<<20 - 1, length: 1}, rw, 0},
-		{"read past end", requestHeader{typ: cmdRead, off: 1<<20 - 1, length: 2}, rw, EINVAL},
-		{"write past end", requestHeader{typ: cmdWrite, off: 1 << 20, length: 1}, rw, EINVAL},
-		{"offset wraps", requestHeader{typ: cmdTrim, off: 1<<64 - 1, length: 2}, rw, EINVAL},
-		{"zero length", requestHeader{typ: cmdWriteZeroes}, rw, EINVAL},
-		{"big read simple", requestHeader{typ: cmdRead, length: maxPayload + 1}, rw, EINVAL},
-		{"big read structured", requestHeader{typ: cmdRead, length: maxPayload + 1}, rwS, EOVERFLOW},
-		{"big trim is fine", requestHeader{typ: cmdTrim, length: maxPayload + 1}, params{size: 1 << 30, flags: rw.flags}, 0},
-		{"fua write", requestHeader{typ: cmdWrite, flags: cmdFlagFUA, length: 1}, rw, 0},
-		{"fua read", requestHeader{typ: cmdRead, flags: cmdFlagFUA, length: 1}, rw, 0},
-		{"fua on read-only", requestHeader{typ: cmdRead, flags: cmdFlagFUA, length: 1}, ro, EINVAL},
-		{"df simple", requestHeader{typ: cmdRead, flags: cmdFlagDF, length: 1}, rw, EINVAL},
-		{"df structured", requestHeader{typ: cmdRead, flags: cmdFlagDF, length: 1}, rwS, 0},
-		{"no hole", requestHeader{typ: cmdWriteZeroes, flags: cmdFlagNoHole, length: 1}, rw, 0},
-		{"no hole on trim", requestHeader{typ: cmdTrim, flags: cmdFlagNoHole, length: 1}, rw, EINVAL},
-		{"fast zero", requestHeader{typ: cmdWriteZeroes, flags: cmdFlagFastZero, length: 1}, rw, EINVAL},
-		{"read-only write", requestHeader{typ: cmdWrite, flags: cmdFlagFUA, length: 1}, ro, EPERM},
-		{"read-only trim past end", requestHeader{typ: cmdTrim, off: 1 << 30, length: 1}, ro, EPERM},
-		{"read-only read", requestHeader{typ: cmdRead, length: 1}, ro, 0},
-		{"read-only flush", requestHeader{typ: cmdFlush}, ro, 0},
-		{"flush", requestHeader{typ: cmdFlush, flags: cmdFlagFUA}, rw, 0},
-		{"flush with length", requestHeader{typ: cmdFlush, length: 1}, rw, EINVAL},
-		{"disc", requestHeader{typ: cmdDisc, flags: 0xffff, off: 5}, ro, 0},
-		{"cache", requestHeader{typ: cmdCache, length: 1}, rw, EINVAL},
-		{"block status", requestHeader{typ: cmdBlockStatus, length: 1}, rwS, EINVAL},
-		{"unknown", requestHeader{typ: 0xffff}, rw, EINVAL},
+		{"read", requestHeader{typ: nbdwire.CmdRead, off: 0, length: 1 << 20}, rw, 0},
+		{"read last byte", requestHeader{typ: nbdwire.CmdRead, off: 1<<20 - 1, length: 1}, rw, 0},
+		{"read past end", requestHeader{typ: nbdwire.CmdRead, off: 1<<20 - 1, length: 2}, rw, nbdwire.EINVAL},
+		{"write past end", requestHeader{typ: nbdwire.CmdWrite, off: 1 << 20, length: 1}, rw, nbdwire.EINVAL},
+		{"offset wraps", requestHeader{typ: nbdwire.CmdTrim, off: 1<<64 - 1, length: 2}, rw, nbdwire.EINVAL},
+		{"zero length", requestHeader{typ: nbdwire.CmdWriteZeroes}, rw, nbdwire.EINVAL},
+		{"big read simple", requestHeader{typ: nbdwire.CmdRead, length: nbdwire.MaxPayload + 1}, rw, nbdwire.EINVAL},
+		{"big read structured", requestHeader{typ: nbdwire.CmdRead, length: nbdwire.MaxPayload + 1}, rwS, nbdwire.EOVERFLOW},
+		{"big trim is fine", requestHeader{typ: nbdwire.CmdTrim, length: nbdwire.MaxPayload + 1}, params{size: 1 << 30, flags: rw.flags}, 0},
+		{"fua write", requestHeader{typ: nbdwire.CmdWrite, flags: nbdwire.CmdFlagFUA, length: 1}, rw, 0},
+		{"fua read", requestHeader{typ: nbdwire.CmdRead, flags: nbdwire.CmdFlagFUA, length: 1}, rw, 0},
+		{"fua on read-only", requestHeader{typ: nbdwire.CmdRead, flags: nbdwire.CmdFlagFUA, length: 1}, ro, nbdwire.EINVAL},
+		{"df simple", requestHeader{typ: nbdwire.CmdRead, flags: nbdwire.CmdFlagDF, length: 1}, rw, nbdwire.EINVAL},
+		{"df structured", requestHeader{typ: nbdwire.CmdRead, flags: nbdwire.CmdFlagDF, length: 1}, rwS, 0},
+		{"no hole", requestHeader{typ: nbdwire.CmdWriteZeroes, flags: nbdwire.CmdFlagNoHole, length: 1}, rw, 0},
+		{"no hole on trim", requestHeader{typ: nbdwire.CmdTrim, flags: nbdwire.CmdFlagNoHole, length: 1}, rw, nbdwire.EINVAL},
+		{"fast zero", requestHeader{typ: nbdwire.CmdWriteZeroes, flags: nbdwire.CmdFlagFastZero, length: 1}, rw, nbdwire.EINVAL},
+		{"read-only write", requestHeader{typ: nbdwire.CmdWrite, flags: nbdwire.CmdFlagFUA, length: 1}, ro, nbdwire.EPERM},
+		{"read-only trim past end", requestHeader{typ: nbdwire.CmdTrim, off: 1 << 30, length: 1}, ro, nbdwire.EPERM},
+		{"read-only read", requestHeader{typ: nbdwire.CmdRead, length: 1}, ro, 0},
+		{"read-only flush", requestHeader{typ: nbdwire.CmdFlush}, ro, 0},
+		{"flush", requestHeader{typ: nbdwire.CmdFlush, flags: nbdwire.CmdFlagFUA}, rw, 0},
+		{"flush with length", requestHeader{typ: nbdwire.CmdFlush, length: 1}, rw, nbdwire.EINVAL},
+		{"disc", requestHeader{typ: nbdwire.CmdDisc, flags: 0xffff, off: 5}, ro, 0},
+		{"cache", requestHeader{typ: nbdwire.CmdCache, length: 1}, rw, nbdwire.EINVAL},
+		{"block status", requestHeader{typ: nbdwire.CmdBlockStatus, length: 1}, rwS, nbdwire.EINVAL},
+		{"unknown", requestHeader{typ: 0xffff}, rw, nbdwire.EINVAL},
 	} {
 		errno, msg := checkRequest(tt.h, tt.p)
 		if errno != tt.want {
@@ -81,7 +83,7 @@ func TestParseInfoRequest(t *testing.T) {
 		ok   bool
 	}{
 		{infoData("disk"), "disk", 0, true},
-		{infoData("", infoName, infoBlockSize), "", 2, true},
+		{infoData("", nbdwire.InfoName, nbdwire.InfoBlockSize), "", 2, true},
 		{infoData("disk")[:5], "", 0, false},
 		{append(infoData("disk"), 0), "", 0, false},
 		{[]byte{0xff, 0xff, 0xff, 0xff, 0, 0}, "", 0, false},
@@ -97,7 +99,7 @@ func TestParseInfoRequest(t *testing.T) {
 
 func TestSizeClass(t *testing.T) {
 	for _, tt := range []struct{ n, class int }{
-		{1, 0}, {512, 0}, {513, 1}, {4096, 3}, {4097, 4}, {maxPayload, maxClassShift - minClassShift},
+		{1, 0}, {512, 0}, {513, 1}, {4096, 3}, {4097, 4}, {nbdwire.MaxPayload, maxClassShift - minClassShift},
 	} {
 		if c := sizeClass(tt.n); c != tt.class {
 			t.Errorf("sizeClass(%d) = %d, want %d", tt.n, c, tt.class)
@@ -113,12 +115,12 @@ func TestSizeClass(t *testing.T) {
 func TestClipMessage(t *testing.T) {
 	long := strings.Repeat("é", 100) // 200 bytes
 	for _, in := range []string{"short", long, "nul\x00inside", "bad \xff utf8", ""} {
-		out := clipMessage(in)
-		if len(out) > maxErrMsg || !validString(out) {
+		out := nbdwire.ClipMessage(in)
+		if len(out) > nbdwire.MaxErrMsg || !nbdwire.ValidString(out) {
 			t.Errorf("clipMessage(%q) = %q", in, out)
 		}
 	}
-	if got := clipMessage(long); !utf8.ValidString(got) || len(got) != maxErrMsg {
+	if got := nbdwire.ClipMessage(long); !utf8.ValidString(got) || len(got) != nbdwire.MaxErrMsg {
 		t.Errorf("clipped to %d bytes", len(got))
 	}
 }
@@ -128,9 +130,9 @@ func TestStrings(t *testing.T) {
 		s    interface{ String() string }
 		want string
 	}{
-		{optGo, "NBD_OPT_GO"}, {option(99), "NBD_OPT_99"},
-		{repAck, "NBD_REP_ACK"}, {repErrTooBig, "NBD_REP_ERR_TOO_BIG"}, {repType(7), "NBD_REP_7"},
-		{cmdWriteZeroes, "NBD_CMD_WRITE_ZEROES"}, {command(42), "NBD_CMD_42"},
+		{nbdwire.OptGo, "NBD_OPT_GO"}, {nbdwire.Option(99), "NBD_OPT_99"},
+		{nbdwire.RepAck, "NBD_REP_ACK"}, {nbdwire.RepErrTooBig, "NBD_REP_ERR_TOO_BIG"}, {nbdwire.RepType(7), "NBD_REP_7"},
+		{nbdwire.CmdWriteZeroes, "NBD_CMD_WRITE_ZEROES"}, {nbdwire.Command(42), "NBD_CMD_42"},
 		{stateDraining, "draining"},
 	} {
 		if got := tt.s.String(); got != tt.want {

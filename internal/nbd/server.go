@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"segmap/internal/backoff"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // Export is one disk served over NBD.
@@ -73,7 +74,7 @@ type Backend interface {
 	// Open is called once per connection that selects the export; the
 	// Closer returned is called when that connection ends, after its last
 	// Export call has returned. An unknown name returns an error wrapping
-	// ErrUnknownExport.
+	// nbdwire.ErrUnknownExport.
 	Open(ctx context.Context, name string) (Export, io.Closer, error)
 }
 
@@ -327,12 +328,12 @@ func (s *Server) untrack(c *conn) {
 // errno maps an Export error to the NBD error to answer.
 func (s *Server) errno(err error) uint32 {
 	if errors.Is(err, errPanic) {
-		return EIO
+		return nbdwire.EIO
 	}
 	if s.errnoFunc != nil {
 		if e := s.errnoFunc(err); e != 0 {
 			return e
 		}
 	}
-	return EIO
+	return nbdwire.EIO
 }

@@ -2,15 +2,18 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
-	"errors"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
 	"segmap/internal/tlsconf"
 )
 
@@ -58,60 +61,16 @@ func (p *testPKI) serverTLS(required bool) func(*Config) {
 	}
 }
 
-// clientTLS is how m connects to the storage node on 127.0.0.1.
-func clientTLS(m *tlsconf.Material) ClientConfig {
-	return ClientConfig{TLS: m.Client("127.0.0.1", tlsconf.RoleStorage)}
-}
-
 // startTLS sends NBD_OPT_STARTTLS on c, runs the TLS handshake with cfg
 // and returns a client speaking over TLS.
 func (c *client) startTLS(cfg *tls.Config) *client {
 	c.t.Helper()
-	c.expectFinal(optStartTLS, nil, repAck)
+	c.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepAck)
 	tc := tls.Client(c.nc, cfg)
 	if err := tc.Handshake(); err != nil {
 		c.t.Fatalf("TLS handshake: %v", err)
 	}
 	return &client{t: c.t, nc: tc, rd: bufio.NewReader(tc)}
-}
-
-func TestTLSRequiredClients(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	h := startServer(t, p.serverTLS(true), newMem("disk", 4<<20))
-	for i, m := range []*tlsconf.Material{p.agent, p.controller} {
-		t.Run(m.Role(), func(t *testing.T) {
-			c := dialClient(t, h.addr, "disk", clientTLS(m))
-			if _, ok := c.nc.(*tls.Conn); !ok {
-				t.Fatalf("connection is a %T", c.nc)
-			}
-			if !c.structured {
-				t.Error("structured replies were not negotiated over TLS")
-			}
-			roundTrip(t, c, uint64(i)<<20, 1<<20)
-		})
-	}
-	// The certificate is valid for localhost too.
-	cfg := ClientConfig{TLS: p.agent.Client("localhost", tlsconf.RoleStorage)}
-	roundTrip(t, dialClient(t, h.addr, "disk", cfg), 2<<20, 1<<20)
-}
-
-func TestTLSRequiredPlaintextRefused(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	h := startServer(t, p.serverTLS(true), newMem("disk", 4096))
-	if _, err := Dial(bg, h.addr, "disk", ClientConfig{}); !errors.Is(err, ErrTLSRequired) {
-		t.Errorf("plaintext Dial: %v, want ErrTLSRequired", err)
-	}
-	if _, err := Dial(bg, h.addr, "disk", ClientConfig{noStructured: true}); !errors.Is(err, ErrTLSRequired) {
-		t.Errorf("plaintext Dial with GO: %v, want ErrTLSRequired", err)
-	}
-	if _, err := Dial(bg, h.addr, "disk", ClientConfig{noStructured: true, noGo: true}); err == nil {
-		t.Error("plaintext Dial with EXPORT_NAME succeeded")
-	}
-	if n := h.backend.opens.Load(); n != 0 {
-		t.Errorf("%d exports opened without TLS", n)
-	}
 }
 
 // TestTLSRequiredOptions walks FORCEDTLS option by option: everything but
@@ -120,34 +79,34 @@ func TestTLSRequiredOptions(t *testing.T) {
 	checkGoroutines(t)
 	p := newTestPKI(t)
 	h := startServer(t, p.serverTLS(true), newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle|cflagNoZeroes)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
 	meta := infoData("disk")[:8]
 	for _, o := range []struct {
-		opt  option
+		opt  nbdwire.Option
 		data []byte
 	}{
-		{optList, nil},
-		{optInfo, infoData("disk")},
-		{optGo, infoData("disk")},
-		{optGo, infoData("nope")},
-		{optStructuredReply, nil},
-		{optListMetaContext, meta},
-		{option(99), nil},
-		{optInfo, make([]byte, maxOptionData+1)}, // discarded, still TLS_REQD
+		{nbdwire.OptList, nil},
+		{nbdwire.OptInfo, infoData("disk")},
+		{nbdwire.OptGo, infoData("disk")},
+		{nbdwire.OptGo, infoData("nope")},
+		{nbdwire.OptStructuredReply, nil},
+		{nbdwire.OptListMetaContext, meta},
+		{nbdwire.Option(99), nil},
+		{nbdwire.OptInfo, make([]byte, maxOptionData+1)}, // discarded, still TLS_REQD
 	} {
-		if _, final := c.opt(o.opt, o.data); final.typ != repErrTLSReqd {
-			t.Errorf("%v before TLS: %v (%q), want %v", o.opt, final.typ, final.data, repErrTLSReqd)
+		if _, final := c.opt(o.opt, o.data); final.typ != nbdwire.RepErrTLSReqd {
+			t.Errorf("%v before TLS: %v (%q), want %v", o.opt, final.typ, final.data, nbdwire.RepErrTLSReqd)
 		}
 	}
-	c.expectFinal(optStartTLS, []byte{1}, repErrInvalid)
+	c.expectFinal(nbdwire.OptStartTLS, []byte{1}, nbdwire.RepErrInvalid)
 
 	s := c.startTLS(p.agent.Client("127.0.0.1", tlsconf.RoleStorage))
-	s.expectFinal(optStartTLS, nil, repErrInvalid)
-	if infos := s.expectFinal(optList, nil, repAck); len(infos) != 1 {
+	s.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepErrInvalid)
+	if infos := s.expectFinal(nbdwire.OptList, nil, nbdwire.RepAck); len(infos) != 1 {
 		t.Errorf("LIST over TLS: %d exports, want 1", len(infos))
 	}
-	s.expectFinal(optListMetaContext, meta, repErrUnsup)
-	s.expectFinal(optInfo, infoData("disk"), repAck)
+	s.expectFinal(nbdwire.OptListMetaContext, meta, nbdwire.RepErrUnsup)
+	s.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepAck)
 	connectOn(t, s, "disk")
 }
 
@@ -157,8 +116,8 @@ func TestTLSRequiredEndsConnection(t *testing.T) {
 	h := startServer(t, p.serverTLS(true), newMem("disk", 4096))
 
 	// EXPORT_NAME cannot be answered an error.
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.sendOpt(optExportName, []byte("disk"))
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.sendOpt(nbdwire.OptExportName, []byte("disk"))
 	c.expectClosed()
 
 	// A client without fixed newstyle cannot ask for TLS.
@@ -166,98 +125,14 @@ func TestTLSRequiredEndsConnection(t *testing.T) {
 	c.expectClosed()
 
 	// ABORT is answered.
-	c = dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optAbort, nil, repAck)
+	c = dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptAbort, nil, nbdwire.RepAck)
 	c.expectClosed()
 
 	if n := h.backend.opens.Load(); n != 0 {
 		t.Errorf("%d exports opened without TLS", n)
 	}
 	waitFor(t, "connections to end", func() bool { return h.srv.numConns() == 0 })
-}
-
-// TestTLSOptional is the SELECTIVETLS mode with every export open to both:
-// plaintext works, and STARTTLS forgets what was negotiated before it.
-func TestTLSOptional(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	h := startServer(t, p.serverTLS(false), newMem("disk", 2<<20))
-	connectOn(t, dialFlags(t, h.addr, cflagFixedNewstyle), "disk")
-
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optStructuredReply, nil, repAck)
-	if ei := parseInfos(t, c.expectFinal(optInfo, infoData("disk"), repAck)); ei.flags&tflagSendDF == 0 {
-		t.Fatalf("flags %#x lack DF after STRUCTURED_REPLY", ei.flags)
-	}
-	s := c.startTLS(p.controller.Client("127.0.0.1", tlsconf.RoleStorage))
-	if ei := parseInfos(t, s.expectFinal(optInfo, infoData("disk"), repAck)); ei.flags&tflagSendDF != 0 {
-		t.Errorf("flags %#x: structured replies survived STARTTLS", ei.flags)
-	}
-	s.expectFinal(optStartTLS, nil, repErrInvalid)
-	s.goExport("disk", true).read(0, 1)
-
-	roundTrip(t, dialClient(t, h.addr, "disk", clientTLS(p.agent)), 0, 1<<20)
-	roundTrip(t, dialClient(t, h.addr, "disk", ClientConfig{}), 1<<20, 1<<20)
-}
-
-// TestTLSNotConfigured: without Config.TLS a client that insists on TLS
-// is refused, and does not fall back to plaintext.
-func TestTLSNotConfigured(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	h := startServer(t, nil, newMem("disk", 4096))
-	if _, err := Dial(bg, h.addr, "disk", clientTLS(p.agent)); err == nil {
-		t.Fatal("TLS Dial to a plaintext server succeeded")
-	}
-	if n := h.backend.opens.Load(); n != 0 {
-		t.Errorf("%d exports opened", n)
-	}
-}
-
-func TestTLSBadClients(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	other := newTestPKI(t) // another cluster
-	h := startServer(t, p.serverTLS(true), newMem("disk", 4096))
-
-	// The other cluster's agent does not trust this server.
-	_, err := Dial(bg, h.addr, "disk", clientTLS(other.agent))
-	var uerr x509.UnknownAuthorityError
-	if !errors.As(err, &uerr) {
-		t.Errorf("Dial with another cluster's CA: %v, want x509.UnknownAuthorityError", err)
-	}
-
-	otherCert := other.agent.Client("127.0.0.1").Certificates
-	for _, tc := range []struct {
-		name string
-		edit func(*tls.Config)
-	}{
-		// Sent whatever CAs the server asks for (Go's client would
-		// otherwise send none).
-		{"certificate of another CA", func(c *tls.Config) {
-			c.Certificates = nil
-			c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-				return &otherCert[0], nil
-			}
-		}},
-		{"no certificate", func(c *tls.Config) { c.Certificates = nil }},
-		{"admin role", func(c *tls.Config) { *c = *p.adm.Client("127.0.0.1", tlsconf.RoleStorage) }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			cfg := clientTLS(p.agent)
-			tc.edit(cfg.TLS)
-			_, err := Dial(bg, h.addr, "disk", cfg)
-			if err == nil {
-				t.Fatal("Dial succeeded")
-			}
-			if errors.Is(err, ErrTLSRequired) {
-				t.Errorf("Dial: %v: the TLS handshake should fail, not the options", err)
-			}
-		})
-	}
-	if n := h.backend.opens.Load(); n != 0 {
-		t.Errorf("%d exports opened by refused clients", n)
-	}
 }
 
 // TestTLSHandshakeTimeout: a client that gets the ACK and never starts the
@@ -269,29 +144,10 @@ func TestTLSHandshakeTimeout(t *testing.T) {
 		p.serverTLS(true)(c)
 		c.HandshakeTimeout = 200 * time.Millisecond
 	}, newMem("disk", 4096))
-	c := dialFlags(t, h.addr, cflagFixedNewstyle)
-	c.expectFinal(optStartTLS, nil, repAck)
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepAck)
 	c.expectClosed()
 	waitFor(t, "connections to end", func() bool { return h.srv.numConns() == 0 })
-}
-
-// TestTLSShutdown: Shutdown ends connections in the TLS handshake at once
-// and lets a TLS connection's requests in flight finish.
-func TestTLSShutdown(t *testing.T) {
-	checkGoroutines(t)
-	p := newTestPKI(t)
-	h := startServer(t, p.serverTLS(true), newMem("disk", 1<<20))
-	stuck := dialFlags(t, h.addr, cflagFixedNewstyle)
-	stuck.expectFinal(optStartTLS, nil, repAck)
-	c := dialClient(t, h.addr, "disk", clientTLS(p.agent))
-	roundTrip(t, c, 0, 1<<20)
-	if err := h.srv.Shutdown(bg); err != nil {
-		t.Fatal(err)
-	}
-	stuck.expectClosed()
-	if err := c.ReadAt(bg, make([]byte, 1), 0); err == nil {
-		t.Error("read after Shutdown succeeded")
-	}
 }
 
 func TestNewServerTLSRequiredNeedsTLS(t *testing.T) {
@@ -338,4 +194,146 @@ func TestTLSNbdinfo(t *testing.T) {
 	if out, err := runTool(t, "nbdinfo", "nbd://"+h.addr+"/disk"); err == nil {
 		t.Errorf("nbdinfo without TLS succeeded:\n%s", out)
 	}
+}
+
+// TestTLSOptional is the SELECTIVETLS mode with every export open to both:
+// plaintext works, and STARTTLS forgets what was negotiated before it.
+func TestTLSOptional(t *testing.T) {
+	checkGoroutines(t)
+	p := newTestPKI(t)
+	h := startServer(t, p.serverTLS(false), newMem("disk", 2<<20))
+	connectOn(t, dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle), "disk")
+
+	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptStructuredReply, nil, nbdwire.RepAck)
+	if ei := parseInfos(t, c.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepAck)); ei.flags&nbdwire.TFlagSendDF == 0 {
+		t.Fatalf("flags %#x lack DF after STRUCTURED_REPLY", ei.flags)
+	}
+	s := c.startTLS(p.controller.Client("127.0.0.1", tlsconf.RoleStorage))
+	if ei := parseInfos(t, s.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepAck)); ei.flags&nbdwire.TFlagSendDF != 0 {
+		t.Errorf("flags %#x: structured replies survived STARTTLS", ei.flags)
+	}
+	s.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepErrInvalid)
+	s.goExport("disk", true).read(0, 1)
+
+	roundTrip(t, dialClient(t, h.addr, "disk", clientTLS(p.agent)), 0, 1<<20)
+	roundTrip(t, dialClient(t, h.addr, "disk", nbdclient.ClientConfig{}), 1<<20, 1<<20)
+}
+
+// TestTLSShutdown: Shutdown ends connections in the TLS handshake at once
+// and lets a TLS connection's requests in flight finish.
+func TestTLSShutdown(t *testing.T) {
+	checkGoroutines(t)
+	p := newTestPKI(t)
+	h := startServer(t, p.serverTLS(true), newMem("disk", 1<<20))
+	stuck := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
+	stuck.expectFinal(nbdwire.OptStartTLS, nil, nbdwire.RepAck)
+	c := dialClient(t, h.addr, "disk", clientTLS(p.agent))
+	roundTrip(t, c, 0, 1<<20)
+	if err := h.srv.Shutdown(bg); err != nil {
+		t.Fatal(err)
+	}
+	stuck.expectClosed()
+	if err := c.ReadAt(bg, make([]byte, 1), 0); err == nil {
+		t.Error("read after Shutdown succeeded")
+	}
+}
+
+// dialClient, roundTrip: the client (package nbdclient) against this server,
+// as in the client's own tests.
+
+// dialClient dials export name at addr, failing the test on error; the
+// client is closed at cleanup.
+func dialClient(t testing.TB, addr, name string, cfg nbdclient.ClientConfig) *nbdclient.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := nbdclient.Dial(ctx, addr, name, cfg)
+	if err != nil {
+		t.Fatalf("Dial(%s, %q): %v", addr, name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func randBytes(rng *mrand.Rand, n int) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(rng.Uint32())
+	}
+	return p
+}
+
+var bg = context.Background()
+
+// roundTrip exercises every command on c against a local model of the
+// export, which must start as zeros. It uses [base, base+span) only.
+func roundTrip(t *testing.T, c *nbdclient.Client, base, span uint64) {
+	t.Helper()
+	rng := mrand.New(mrand.NewPCG(1, 2))
+	model := make([]byte, span)
+	check := func(what string) {
+		t.Helper()
+		got := make([]byte, span)
+		if err := c.ReadAt(bg, got, base); err != nil {
+			t.Fatalf("%s: ReadAt: %v", what, err)
+		}
+		if i := firstMismatch(got, model); i >= 0 {
+			t.Fatalf("%s: byte %d is %#x, want %#x", what, base+uint64(i), got[i], model[i])
+		}
+	}
+	check("fresh")
+	for i, w := range []struct{ off, n uint64 }{
+		{0, 1}, {1, 4095}, {4096, 8192}, {777, 10000}, {span - 3, 3}, {span/2 - 1000, 70000},
+	} {
+		p := randBytes(rng, int(w.n))
+		if err := c.WriteAt(bg, p, base+w.off, i%2 == 0); err != nil {
+			t.Fatalf("WriteAt(%d, %d): %v", w.off, w.n, err)
+		}
+		copy(model[w.off:], p)
+		got := make([]byte, w.n)
+		if err := c.ReadAt(bg, got, base+w.off); err != nil || !bytes.Equal(got, p) {
+			t.Fatalf("read back %d bytes at %d: %v, equal %v", w.n, w.off, err, bytes.Equal(got, p))
+		}
+	}
+	check("after writes")
+	if err := c.Flush(bg); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	if err := c.WriteZeroes(bg, base+4096, 65536, false); err != nil {
+		t.Fatalf("WriteZeroes: %v", err)
+	}
+	clear(model[4096 : 4096+65536])
+	if err := c.WriteZeroes(bg, base+span/2, 3*4096, true); err != nil {
+		t.Fatalf("WriteZeroes(noHole): %v", err)
+	}
+	clear(model[span/2 : span/2+3*4096])
+	check("after write zeroes")
+	// Trim makes contents undefined; rewrite what it covered.
+	if err := c.Trim(bg, base+span-65536, 65536); err != nil {
+		t.Fatalf("Trim: %v", err)
+	}
+	p := randBytes(rng, 65536)
+	if err := c.WriteAt(bg, p, base+span-65536, false); err != nil {
+		t.Fatalf("WriteAt after trim: %v", err)
+	}
+	copy(model[span-65536:], p)
+	check("after trim and rewrite")
+	if err := c.Flush(bg); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+}
+
+func firstMismatch(a, b []byte) int {
+	for i := range a {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
+
+// clientTLS is how m connects to the storage node on 127.0.0.1.
+func clientTLS(m *tlsconf.Material) nbdclient.ClientConfig {
+	return nbdclient.ClientConfig{TLS: m.Client("127.0.0.1", tlsconf.RoleStorage)}
 }

@@ -6,6 +6,8 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+
+	"segmap/internal/nbd/nbdwire"
 )
 
 // transmission is the state of a connection in the transmission phase.
@@ -60,7 +62,7 @@ const (
 // serving it allocates nothing.
 type request struct {
 	requestHeader
-	raw [requestSize]byte
+	raw [nbdwire.RequestSize]byte
 	// errno, when set by checkRequest, is answered without calling the
 	// export; msg goes with it in a structured error chunk.
 	errno uint32
@@ -69,8 +71,8 @@ type request struct {
 	// charged is the budget this request holds.
 	charged int
 
-	out [chunkHeaderSize + 6 + maxErrMsg]byte // reply header
-	iov [2][]byte                             // the reply: header, payload
+	out [nbdwire.ChunkHeaderSize + 6 + nbdwire.MaxErrMsg]byte // reply header
+	iov [2][]byte                                             // the reply: header, payload
 }
 
 // transmit serves requests until the client disconnects, the connection
@@ -108,7 +110,7 @@ func (c *conn) transmit() error {
 func (c *conn) readRequests() error {
 	t := &c.tx
 	for {
-		if t.held > 0 && (c.rd.Buffered() < requestSize || t.held >= maxHeldReplies ||
+		if t.held > 0 && (c.rd.Buffered() < nbdwire.RequestSize || t.held >= maxHeldReplies ||
 			t.heldBytes >= maxHeldBytes || len(t.free) == 0) {
 			// About to wait (for the client, or for a slot that a
 			// held reply would free), or holding enough.
@@ -119,7 +121,7 @@ func (c *conn) readRequests() error {
 			t.free <- r
 			return err
 		}
-		if r.typ == cmdDisc {
+		if r.typ == nbdwire.CmdDisc {
 			t.free <- r
 			return errDisconnect
 		}
@@ -135,7 +137,7 @@ func (c *conn) readRequests() error {
 // for a worker.
 func (c *conn) tryInline(r *request) bool {
 	t := &c.tx
-	if t.tryRead == nil || r.typ != cmdRead || r.errno != 0 || r.length > maxInlineRead {
+	if t.tryRead == nil || r.typ != nbdwire.CmdRead || r.errno != 0 || r.length > maxInlineRead {
 		return false
 	}
 	errno, msg, data, ok := c.runNoWait(r)
@@ -174,11 +176,11 @@ func (c *conn) readRequest(r *request) error {
 	if r.errno == 0 && c.stopping.Load() {
 		// Received, but after Shutdown began (spec "Terminating the
 		// transmission phase").
-		r.errno, r.msg = ESHUTDOWN, "server shutting down"
+		r.errno, r.msg = nbdwire.ESHUTDOWN, "server shutting down"
 	}
 	n := int(h.length)
 	switch {
-	case h.typ == cmdWrite && r.errno != 0:
+	case h.typ == nbdwire.CmdWrite && r.errno != 0:
 		// Keep the stream in step: the payload follows regardless.
 		if n > maxDiscard {
 			return fmt.Errorf("%w: write payload of %d bytes", errProtocol, n)
@@ -186,7 +188,7 @@ func (c *conn) readRequest(r *request) error {
 		if _, err := c.rd.Discard(n); err != nil {
 			return err
 		}
-	case h.typ == cmdWrite:
+	case h.typ == nbdwire.CmdWrite:
 		c.tx.budget.acquire(n)
 		r.charged = n
 		r.buf = getBuf(n)
@@ -194,7 +196,7 @@ func (c *conn) readRequest(r *request) error {
 			c.release(r)
 			return err
 		}
-	case h.typ == cmdRead && r.errno == 0:
+	case h.typ == nbdwire.CmdRead && r.errno == 0:
 		c.tx.budget.acquire(n)
 		r.charged = n
 	}
@@ -256,34 +258,34 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 		}
 	}()
 	exp, ctx := c.sess.exp, c.ctx
-	fua := r.flags&cmdFlagFUA != 0
+	fua := r.flags&nbdwire.CmdFlagFUA != 0
 	var err error
 	switch r.typ {
-	case cmdRead:
+	case nbdwire.CmdRead:
 		r.buf = getBuf(int(r.length))
 		data = (*r.buf)[:r.length]
 		err = exp.ReadAt(ctx, data, r.off)
-	case cmdWrite:
+	case nbdwire.CmdWrite:
 		err = exp.WriteAt(ctx, (*r.buf)[:r.length], r.off, fua)
-	case cmdFlush:
+	case nbdwire.CmdFlush:
 		err = exp.Flush(ctx)
-	case cmdTrim:
+	case nbdwire.CmdTrim:
 		err = exp.Trim(ctx, r.off, uint64(r.length))
 		if err == nil && fua {
 			err = exp.Flush(ctx)
 		}
-	case cmdWriteZeroes:
-		err = exp.WriteZeroes(ctx, r.off, uint64(r.length), r.flags&cmdFlagNoHole != 0)
+	case nbdwire.CmdWriteZeroes:
+		err = exp.WriteZeroes(ctx, r.off, uint64(r.length), r.flags&nbdwire.CmdFlagNoHole != 0)
 		if err == nil && fua {
 			err = exp.Flush(ctx)
 		}
 	default:
 		// checkRequest lets no other command through.
-		return EINVAL, "unsupported command", nil
+		return nbdwire.EINVAL, "unsupported command", nil
 	}
 	if err != nil {
 		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
-		return c.srv.errno(err), clipMessage(err.Error()), nil
+		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil
 	}
 	return 0, "", data
 }
@@ -309,7 +311,7 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 	}
 	if err != nil {
 		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
-		return c.srv.errno(err), clipMessage(err.Error()), nil, true
+		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil, true
 	}
 	return 0, "", data, true
 }
@@ -322,25 +324,25 @@ func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 	r.iov[0], r.iov[1] = nil, nil
 	switch {
 	case !c.sess.structured:
-		putSimpleReply(h, errno, r.cookie)
-		r.iov[0] = h[:simpleReplySize]
-		if errno == 0 && r.typ == cmdRead {
+		nbdwire.PutSimpleReply(h, errno, r.cookie)
+		r.iov[0] = h[:nbdwire.SimpleReplySize]
+		if errno == 0 && r.typ == nbdwire.CmdRead {
 			r.iov[1] = data
 		}
 	case errno != 0:
-		m := copy(h[chunkHeaderSize+6:], msg)
-		putChunk(h, replyFlagDone, chunkError, r.cookie, uint32(6+m))
-		be.PutUint32(h[chunkHeaderSize:], errno)
-		be.PutUint16(h[chunkHeaderSize+4:], uint16(m))
-		r.iov[0] = h[:chunkHeaderSize+6+m]
-	case r.typ == cmdRead:
-		putChunk(h, replyFlagDone, chunkOffsetData, r.cookie, uint32(8+len(data)))
-		be.PutUint64(h[chunkHeaderSize:], r.off)
-		r.iov[0] = h[:chunkHeaderSize+8]
+		m := copy(h[nbdwire.ChunkHeaderSize+6:], msg)
+		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkError, r.cookie, uint32(6+m))
+		be.PutUint32(h[nbdwire.ChunkHeaderSize:], errno)
+		be.PutUint16(h[nbdwire.ChunkHeaderSize+4:], uint16(m))
+		r.iov[0] = h[:nbdwire.ChunkHeaderSize+6+m]
+	case r.typ == nbdwire.CmdRead:
+		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, r.cookie, uint32(8+len(data)))
+		be.PutUint64(h[nbdwire.ChunkHeaderSize:], r.off)
+		r.iov[0] = h[:nbdwire.ChunkHeaderSize+8]
 		r.iov[1] = data
 	default:
-		putChunk(h, replyFlagDone, chunkNone, r.cookie, 0)
-		r.iov[0] = h[:chunkHeaderSize]
+		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkNone, r.cookie, 0)
+		r.iov[0] = h[:nbdwire.ChunkHeaderSize]
 	}
 }
 

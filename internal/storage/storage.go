@@ -44,6 +44,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // Errors of this package, wrapped with the name or path.
@@ -131,11 +132,11 @@ func (d *Dir) List(ctx context.Context) ([]nbd.ExportInfo, error) {
 func (d *Dir) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
 	file, ok := strings.CutPrefix(name, d.prefix)
 	if !ok || CheckName(file) != nil {
-		return nil, nil, fmt.Errorf("export %q: %w", name, nbd.ErrUnknownExport)
+		return nil, nil, fmt.Errorf("export %q: %w", name, nbdwire.ErrUnknownExport)
 	}
 	f, err := OpenFile(filepath.Join(d.path, file))
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrNotRegular) || errors.Is(err, unix.ELOOP) {
-		return nil, nil, fmt.Errorf("export %q: %w: %w", name, nbd.ErrUnknownExport, err)
+		return nil, nil, fmt.Errorf("export %q: %w: %w", name, nbdwire.ErrUnknownExport, err)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -328,13 +329,13 @@ func (x *File) ioErr(op string, off, n uint64, err error) error {
 func Errno(err error) uint32 {
 	switch {
 	case errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT), errors.Is(err, unix.EFBIG):
-		return nbd.ENOSPC
+		return nbdwire.ENOSPC
 	case errors.Is(err, unix.EROFS), errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES):
-		return nbd.EPERM
+		return nbdwire.EPERM
 	case errors.Is(err, unix.ENOMEM):
-		return nbd.ENOMEM
+		return nbdwire.ENOMEM
 	}
-	return nbd.EIO
+	return nbdwire.EIO
 }
 
 // Create makes a sparse file of size bytes named name in dir, to be served

@@ -21,8 +21,10 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/controller"
-	"segmap/internal/local"
 	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
+	"segmap/internal/standalone"
 	"segmap/internal/storage"
 )
 
@@ -149,15 +151,15 @@ func TestOnlyRegularFiles(t *testing.T) {
 	os.Symlink("/etc/passwd", filepath.Join(dir, "passwd"))
 	n := startNode(t, dir, "p/")
 	for _, name := range []string{"p/.hidden", "p/subdir", "p/link", "p/passwd", "p/nosuch", "disk", "p/", "p/../disk", "p/subdir/../disk"} {
-		c, err := nbd.Dial(bg, n.addr, name, nbd.ClientConfig{})
+		c, err := nbdclient.Dial(bg, n.addr, name, nbdclient.ClientConfig{})
 		if err == nil {
 			c.Close()
 		}
-		if !errors.Is(err, nbd.ErrUnknownExport) {
+		if !errors.Is(err, nbdwire.ErrUnknownExport) {
 			t.Errorf("export %q: %v; want ErrUnknownExport", name, err)
 		}
 	}
-	c, err := nbd.Dial(bg, n.addr, "p/disk", nbd.ClientConfig{})
+	c, err := nbdclient.Dial(bg, n.addr, "p/disk", nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +171,7 @@ func TestRawBytes(t *testing.T) {
 	dir := t.TempDir()
 	create(t, dir, "raw", 4<<20)
 	n := startNode(t, dir, "")
-	c, err := nbd.Dial(bg, n.addr, "raw", nbd.ClientConfig{})
+	c, err := nbdclient.Dial(bg, n.addr, "raw", nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +222,7 @@ func TestContainerOverStorage(t *testing.T) {
 	n := startNode(t, dir, "node-")
 	uri := n.uri("c1")
 
-	c, err := container.FormatNBD(bg, uri, 42, slot, nbd.ClientConfig{})
+	c, err := container.FormatNBD(bg, uri, 42, slot, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +232,7 @@ func TestContainerOverStorage(t *testing.T) {
 	c.Close()
 
 	want := &container.Header{ID: 42, SlotSize: slot}
-	c, err = container.OpenNBD(bg, uri, want, nbd.ClientConfig{})
+	c, err = container.OpenNBD(bg, uri, want, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +250,7 @@ func TestContainerOverStorage(t *testing.T) {
 
 	n.stop(t)
 	n = startNode(t, dir, "node-")
-	c, err = container.OpenNBD(bg, n.uri("c1"), want, nbd.ClientConfig{})
+	c, err = container.OpenNBD(bg, n.uri("c1"), want, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -390,15 +392,15 @@ func TestErrno(t *testing.T) {
 		err  error
 		want uint32
 	}{
-		{fmt.Errorf("w: %w", unix.ENOSPC), nbd.ENOSPC},
-		{&os.PathError{Op: "write", Path: "x", Err: unix.EDQUOT}, nbd.ENOSPC},
-		{unix.EFBIG, nbd.ENOSPC},
-		{unix.EROFS, nbd.EPERM},
-		{unix.EACCES, nbd.EPERM},
-		{unix.ENOMEM, nbd.ENOMEM},
-		{unix.EIO, nbd.EIO},
-		{storage.ErrShortRead, nbd.EIO},
-		{errors.New("other"), nbd.EIO},
+		{fmt.Errorf("w: %w", unix.ENOSPC), nbdwire.ENOSPC},
+		{&os.PathError{Op: "write", Path: "x", Err: unix.EDQUOT}, nbdwire.ENOSPC},
+		{unix.EFBIG, nbdwire.ENOSPC},
+		{unix.EROFS, nbdwire.EPERM},
+		{unix.EACCES, nbdwire.EPERM},
+		{unix.ENOMEM, nbdwire.ENOMEM},
+		{unix.EIO, nbdwire.EIO},
+		{storage.ErrShortRead, nbdwire.EIO},
+		{errors.New("other"), nbdwire.EIO},
 	} {
 		if got := storage.Errno(tt.err); got != tt.want {
 			t.Errorf("Errno(%v) = %d, want %d", tt.err, got, tt.want)
@@ -412,7 +414,7 @@ func TestShrunkFile(t *testing.T) {
 	dir := t.TempDir()
 	create(t, dir, "f", 1<<20)
 	n := startNode(t, dir, "")
-	c, err := nbd.Dial(bg, n.addr, "f", nbd.ClientConfig{})
+	c, err := nbdclient.Dial(bg, n.addr, "f", nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -420,7 +422,7 @@ func TestShrunkFile(t *testing.T) {
 	if err := os.Truncate(filepath.Join(dir, "f"), 4096); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.ReadAt(bg, make([]byte, 8192), 0); !errors.Is(err, nbd.ErrEIO) {
+	if err := c.ReadAt(bg, make([]byte, 8192), 0); !errors.Is(err, nbdclient.ErrEIO) {
 		t.Fatalf("read past the new end: %v", err)
 	}
 	if err := c.ReadAt(bg, make([]byte, 4096), 0); err != nil {
@@ -430,7 +432,7 @@ func TestShrunkFile(t *testing.T) {
 
 // TestSegmapOverStorageNode runs a whole segmap (controller and agent in
 // this process) whose containers live on a storage node: they are
-// formatted over NBD, registered by nbd:// URI (local.OpenContainer), and a
+// formatted over NBD, registered by nbd:// URI (container.OpenURI), and a
 // disk written through the agent survives a restart of both the storage
 // node and segmap.
 func TestSegmapOverStorageNode(t *testing.T) {
@@ -439,14 +441,14 @@ func TestSegmapOverStorageNode(t *testing.T) {
 	n := startNode(t, sdir, "")
 	for i, name := range []string{"c1", "c2"} {
 		create(t, sdir, name, container.HeaderSize+32*slot)
-		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, nbd.ClientConfig{})
+		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.Close()
 	}
 	data := t.TempDir()
-	cl, err := local.Open(bg, data, local.Options{})
+	cl, err := standalone.Open(bg, data, standalone.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -505,7 +507,7 @@ func TestSegmapOverStorageNode(t *testing.T) {
 		srv.Close()
 		<-served
 	}()
-	cl, err = local.Open(bg, data, local.Options{})
+	cl, err = standalone.Open(bg, data, standalone.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,73 @@
+// Package nbdexport serves a mapping agent's disks over NBD: it is the
+// nbd.Backend of an agent (every disk its controller lets it serve is an
+// export named after the disk; read-only snapshots are exported read-only)
+// and the Errno that turns the agent's errors into the NBD error values a
+// host sees. Both `segmap agent` and the one-process `segmap up` use it.
+package nbdexport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"segmap/internal/agent"
+	"segmap/internal/nbd"
+	"segmap/internal/nbd/nbdwire"
+	"segmap/internal/rpc/protocol"
+)
+
+// Backend serves agent a's disks over NBD: every disk its controller
+// lets it serve is an export named after it; read-only snapshots are
+// exported read-only.
+func Backend(ctrl protocol.Controller, a *agent.Agent) nbd.Backend {
+	return &nbdBackend{ctrl: ctrl, a: a}
+}
+
+type nbdBackend struct {
+	ctrl protocol.Controller
+	a    *agent.Agent
+}
+
+func (b *nbdBackend) List(ctx context.Context) ([]nbd.ExportInfo, error) {
+	ds, err := b.ctrl.Exports(ctx, b.a.Name())
+	if err != nil {
+		return nil, err
+	}
+	out := make([]nbd.ExportInfo, 0, len(ds))
+	for _, d := range ds {
+		desc := "segmap disk"
+		if d.ReadOnly {
+			desc = "segmap snapshot (read-only)"
+		}
+		out = append(out, nbd.ExportInfo{Name: d.Name, Description: desc, Size: d.Size, ReadOnly: d.ReadOnly})
+	}
+	return out, nil
+}
+
+func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
+	d, err := b.a.Open(ctx, name)
+	if errors.Is(err, protocol.ErrNotFound) {
+		return nil, nil, fmt.Errorf("%w: %w", nbdwire.ErrUnknownExport, err)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	// The agent keeps the disk open for every connection that uses it.
+	return d, io.NopCloser(nil), nil
+}
+
+// Errno maps an agent error to the NBD error a host sees.
+func Errno(err error) uint32 {
+	switch {
+	case errors.Is(err, protocol.ErrNoSpace):
+		return nbdwire.ENOSPC
+	case errors.Is(err, protocol.ErrReadOnly):
+		return nbdwire.EPERM
+	case errors.Is(err, agent.ErrRange):
+		return nbdwire.EINVAL
+	case errors.Is(err, agent.ErrGone), errors.Is(err, agent.ErrClosed):
+		return nbdwire.ESHUTDOWN
+	}
+	return nbdwire.EIO
+}

@@ -1,0 +1,375 @@
+// Package adminapi serves the controller's admin API (api/segmapv1) over
+// gRPC: it translates requests into controller calls and controller errors
+// into gRPC status codes, so that every bad request gets a clear message
+// and a code a script can test.
+package adminapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	pb "segmap/api/segmapv1"
+	"segmap/internal/container"
+	"segmap/internal/controller"
+	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/table"
+)
+
+// Config configures a Server.
+type Config struct {
+	Ctrl *controller.Controller
+	// Provision, if set, is called before a disk is created with a
+	// segment size that no container serves yet: the embedded mode
+	// creates container files for it.
+	Provision func(ctx context.Context, slotSize uint64) error
+	// CreateContainer, if set, creates a new container file at uri with
+	// the given geometry (AddContainer with slots set).
+	CreateContainer func(ctx context.Context, uri string, slotSize, slots uint64) error
+	// NBDAddress is where hosts connect, for Status.
+	NBDAddress string
+	// Version is reported by Status.
+	Version string
+	// Now returns the time used to name snapshots; time.Now if nil.
+	Now func() time.Time
+}
+
+// Server implements pb.AdminServer.
+type Server struct {
+	pb.UnimplementedAdminServer
+	cfg Config
+}
+
+// New returns a Server.
+func New(cfg Config) *Server {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{cfg: cfg}
+}
+
+// Code returns the gRPC code for a controller error.
+func Code(err error) codes.Code {
+	switch {
+	case err == nil:
+		return codes.OK
+	case errors.Is(err, controller.ErrInvalidName), errors.Is(err, controller.ErrInvalidSize),
+		errors.Is(err, controller.ErrInvalidSegmentSize), errors.Is(err, protocol.ErrBadRequest),
+		errors.Is(err, table.ErrBadPolicy), errors.Is(err, container.ErrNotContainer),
+		errors.Is(err, container.ErrCorruptHeader), errors.Is(err, container.ErrWrongContainer),
+		errors.Is(err, container.ErrTruncated), errors.Is(err, container.ErrInvalidHeader),
+		errors.Is(err, meta.ErrInvalid):
+		return codes.InvalidArgument
+	case errors.Is(err, protocol.ErrNotFound), errors.Is(err, meta.ErrNotFound):
+		return codes.NotFound
+	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
+		return codes.AlreadyExists
+	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
+		errors.Is(err, controller.ErrRepairRefused):
+		return codes.FailedPrecondition
+	case errors.Is(err, protocol.ErrNoSpace):
+		return codes.ResourceExhausted
+	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
+		// The controller is stopping or stepping down: ask the next.
+		return codes.Unavailable
+	case errors.Is(err, meta.ErrCorrupt):
+		// The metadata contradicts itself: 'segmap check' says where.
+		return codes.DataLoss
+	case errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	}
+	return codes.Internal
+}
+
+func grpcErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return status.Error(Code(err), err.Error())
+}
+
+func toPolicy(p pb.Policy) (table.Policy, error) {
+	switch p {
+	case pb.Policy_POLICY_UNSPECIFIED, pb.Policy_POLICY_FORWARD:
+		return table.Forward, nil
+	case pb.Policy_POLICY_REVERSE:
+		return table.Reverse, nil
+	}
+	return 0, fmt.Errorf("policy %d: %w", p, table.ErrBadPolicy)
+}
+
+func fromPolicy(p table.Policy) pb.Policy {
+	if p == table.Reverse {
+		return pb.Policy_POLICY_REVERSE
+	}
+	return pb.Policy_POLICY_FORWARD
+}
+
+// disk converts a record; names maps disk ids to names for the origin.
+func disk(d meta.Disk, names map[meta.DiskID]string) *pb.Disk {
+	out := &pb.Disk{
+		Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, Policy: fromPolicy(d.Policy),
+		ReadOnly: d.ReadOnly, CreatedUnixNano: d.Created.UnixNano(),
+	}
+	if d.Origin != 0 {
+		if n, ok := names[d.Origin]; ok {
+			out.Origin = n
+		} else {
+			out.Origin = "(deleted)"
+		}
+	}
+	return out
+}
+
+func (s *Server) names(ctx context.Context) (map[meta.DiskID]string, []meta.Disk, error) {
+	ds, err := s.cfg.Ctrl.Disks(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	names := make(map[meta.DiskID]string, len(ds))
+	for _, d := range ds {
+		names[d.ID] = d.Name
+	}
+	return names, ds, nil
+}
+
+func (s *Server) withUsage(ctx context.Context, d meta.Disk, names map[meta.DiskID]string) (*pb.Disk, error) {
+	out := disk(d, names)
+	u, err := s.cfg.Ctrl.DiskUsage(ctx, d.Name)
+	if err != nil {
+		return nil, err
+	}
+	out.Allocated, out.Exclusive, out.Shared = u.Allocated, u.Exclusive, u.Shared
+	if out.Agents, out.AllAgents, err = s.cfg.Ctrl.Grants(ctx, d.Name); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// CreateDisk implements pb.AdminServer.
+func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.Disk, error) {
+	pol, err := toPolicy(r.Policy)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	o := controller.CreateOptions{Name: r.Name, Size: r.Size, SegmentSize: r.SegmentSize, Policy: pol, Preallocate: r.Preallocate}
+	if len(r.Agents) > 0 {
+		o.Agents = r.Agents
+	}
+	if o.SegmentSize == 0 {
+		o.SegmentSize = controller.DefaultSegmentSize
+	}
+	if s.cfg.Provision != nil && controller.ValidSegmentSize(o.SegmentSize) == nil && controller.ValidName(o.Name) == nil && controller.ValidSize(o.Size) == nil {
+		if err := s.cfg.Provision(ctx, o.SegmentSize); err != nil {
+			return nil, grpcErr(fmt.Errorf("provision containers for %d-byte segments: %w", o.SegmentSize, err))
+		}
+	}
+	d, err := s.cfg.Ctrl.CreateDisk(ctx, o)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := disk(d, nil)
+	out.Agents, out.AllAgents = o.Agents, o.Agents == nil
+	return out, nil
+}
+
+// Grant implements pb.AdminServer.
+func (s *Server) Grant(ctx context.Context, r *pb.GrantRequest) (*pb.Disk, error) {
+	if !r.All && len(r.Agents) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "grant: name the agents, or all")
+	}
+	if err := s.cfg.Ctrl.Grant(ctx, r.Name, r.Agents, r.All); err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: r.Name})
+}
+
+// Revoke implements pb.AdminServer.
+func (s *Server) Revoke(ctx context.Context, r *pb.GrantRequest) (*pb.Disk, error) {
+	if r.All || len(r.Agents) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "revoke: name the agents")
+	}
+	if err := s.cfg.Ctrl.Revoke(ctx, r.Name, r.Agents); err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: r.Name})
+}
+
+// ListDisks implements pb.AdminServer.
+func (s *Server) ListDisks(ctx context.Context, _ *pb.ListDisksRequest) (*pb.ListDisksResponse, error) {
+	names, ds, err := s.names(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.ListDisksResponse{}
+	for _, d := range ds {
+		pd, err := s.withUsage(ctx, d, names)
+		if errors.Is(err, protocol.ErrNotFound) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		out.Disks = append(out.Disks, pd)
+	}
+	return out, nil
+}
+
+// GetDisk implements pb.AdminServer.
+func (s *Server) GetDisk(ctx context.Context, r *pb.GetDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.Disk(ctx, r.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	names, _, err := s.names(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	pd, err := s.withUsage(ctx, d, names)
+	return pd, grpcErr(err)
+}
+
+// ResizeDisk implements pb.AdminServer.
+func (s *Server) ResizeDisk(ctx context.Context, r *pb.ResizeDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.ResizeDisk(ctx, r.Name, r.Size, r.Shrink)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// DeleteDisk implements pb.AdminServer.
+func (s *Server) DeleteDisk(ctx context.Context, r *pb.DeleteDiskRequest) (*pb.DeleteDiskResponse, error) {
+	return &pb.DeleteDiskResponse{}, grpcErr(s.cfg.Ctrl.DeleteDisk(ctx, r.Name))
+}
+
+// Snapshot implements pb.AdminServer. Names left empty are made from the
+// source and the time: SOURCE@20261126-063000.
+func (s *Server) Snapshot(ctx context.Context, r *pb.SnapshotRequest) (*pb.SnapshotResponse, error) {
+	names := r.Names
+	if len(names) == 0 {
+		stamp := s.cfg.Now().UTC().Format("20060102-150405")
+		for _, src := range r.Sources {
+			names = append(names, src+"@"+stamp)
+		}
+	}
+	ds, err := s.cfg.Ctrl.Snapshot(ctx, controller.SnapshotOptions{
+		Sources: r.Sources, Names: names, Writable: r.Writable,
+		QuiesceTimeout: time.Duration(r.QuiesceTimeoutMs) * time.Millisecond,
+	})
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	all, _, err := s.names(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.SnapshotResponse{}
+	for _, d := range ds {
+		out.Disks = append(out.Disks, disk(d, all))
+	}
+	return out, nil
+}
+
+func containerMsg(c meta.Container) *pb.Container {
+	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used}
+}
+
+// ListContainers implements pb.AdminServer.
+func (s *Server) ListContainers(ctx context.Context, _ *pb.ListContainersRequest) (*pb.ListContainersResponse, error) {
+	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.ListContainersResponse{}
+	for _, c := range cs {
+		out.Containers = append(out.Containers, containerMsg(c))
+	}
+	return out, nil
+}
+
+// AddContainer implements pb.AdminServer.
+func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*pb.Container, error) {
+	if r.Uri == "" {
+		return nil, status.Error(codes.InvalidArgument, "add container: no path or URI")
+	}
+	if r.Slots > 0 || r.SlotSize > 0 {
+		if s.cfg.CreateContainer == nil {
+			return nil, status.Error(codes.FailedPrecondition, "this controller does not create container files; create it where the agents can reach it and add it without --slots")
+		}
+		nbdURI := strings.HasPrefix(r.Uri, "nbd://")
+		if r.SlotSize == 0 || r.Slots == 0 && !nbdURI {
+			return nil, status.Error(codes.InvalidArgument, "add container: a new container file needs both a slot size and a slot count (an NBD export, a slot size)")
+		}
+		if err := s.cfg.CreateContainer(ctx, r.Uri, r.SlotSize, r.Slots); err != nil {
+			return nil, grpcErr(err)
+		}
+	}
+	c, err := s.cfg.Ctrl.AddContainer(ctx, r.Uri)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return containerMsg(c), nil
+}
+
+// Problems converts problems found by Check to their messages.
+func Problems(ps []controller.Problem) []*pb.Problem {
+	out := make([]*pb.Problem, len(ps))
+	for i, p := range ps {
+		out[i] = &pb.Problem{Kind: p.Kind.String(), Container: p.Loc.Container, Slot: p.Loc.Slot, Key: p.Key, Disk: p.Disk, Segment: p.Segment, Detail: p.Detail}
+	}
+	return out
+}
+
+// Check implements pb.AdminServer. A repair refused (damage other than
+// leaked slots) is not an error: the response says why, with the problems.
+func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckResponse, error) {
+	out := &pb.CheckResponse{}
+	if r.Repair {
+		fixed, err := s.cfg.Ctrl.Repair(ctx)
+		switch {
+		case errors.Is(err, controller.ErrRepairRefused):
+			out.Refused = err.Error()
+		case err != nil:
+			return nil, grpcErr(err)
+		}
+		out.Repaired = Problems(fixed)
+	}
+	ps, err := s.cfg.Ctrl.Check(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out.Problems = Problems(ps)
+	return out, nil
+}
+
+// Status implements pb.AdminServer.
+func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusResponse, error) {
+	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	ds, err := s.cfg.Ctrl.Disks(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.StatusResponse{Disks: uint64(len(ds)), NbdAddress: s.cfg.NBDAddress, Version: s.cfg.Version}
+	for _, a := range s.cfg.Ctrl.Agents() {
+		out.Agents = append(out.Agents, &pb.Agent{Name: a.Name, Disks: uint32(a.Disks)})
+	}
+	for _, c := range cs {
+		out.Containers = append(out.Containers, containerMsg(c))
+		out.TotalBytes += c.Slots * c.SlotSize
+		out.UsedBytes += c.Used * c.SlotSize
+	}
+	out.FreeBytes = out.TotalBytes - out.UsedBytes
+	return out, nil
+}

@@ -1,0 +1,198 @@
+// Package protocol defines the protocol between a controller and its
+// mapping agents, as two small interfaces and the messages they carry:
+// faults and their replies, commands, and the errors both sides share. It
+// has no logic: the controller implements Controller, an agent implements
+// Agent, and a transport (a direct call in one process, gRPC between
+// processes: package transport) connects them.
+//
+// Two kinds of exchange, as in the patent this system follows:
+//
+//   - fault/response, asked by the agent: an I/O hit an entry state that
+//     stops it (Controller.Fault); the controller answers with replacement
+//     entries, after which the agent retries, or with an error for that I/O;
+//   - command/response, asked by the controller: NewTable, DeleteTable,
+//     GetEntry, SetEntry, SetEntryState, Quiesce and Activate on an agent.
+//
+// Set commands may carry Blocking: the agent applies the change at once but
+// answers only after every I/O that passed its table before the command has
+// finished, so the controller knows no write made under the old entries is
+// still on its way.
+package protocol
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"segmap/internal/table"
+)
+
+// DiskID identifies a disk for its lifetime.
+type DiskID uint64
+
+// Disk is what an agent needs to serve a disk.
+type Disk struct {
+	ID          DiskID
+	Name        string
+	Size        uint64
+	SegmentSize uint64
+	ReadOnly    bool
+}
+
+// Segments returns the number of entries in d's table.
+func (d Disk) Segments() uint64 { return (d.Size + d.SegmentSize - 1) / d.SegmentSize }
+
+// Container is what an agent needs to open a storage container.
+type Container struct {
+	ID       uint32
+	URI      string
+	SlotSize uint64
+	Slots    uint64
+}
+
+// FaultOp is the operation that faulted.
+type FaultOp uint8
+
+// The fault operations. Read and Write are the table's; Discard asks the
+// controller to return whole segments to Zero (trim, write-zeroes).
+const (
+	FaultRead    FaultOp = FaultOp(table.Read)
+	FaultWrite   FaultOp = FaultOp(table.Write)
+	FaultDiscard FaultOp = 3
+	// FaultCommit confirms a staged write (see Reply.Stage): the data is
+	// in the staged slot and flushed; the controller may now map it.
+	FaultCommit FaultOp = 4
+)
+
+func (o FaultOp) String() string {
+	switch o {
+	case FaultDiscard:
+		return "discard"
+	case FaultCommit:
+		return "commit"
+	}
+	return table.Op(o).String()
+}
+
+// Fault is a map fault raised by an agent.
+type Fault struct {
+	// Agent is the faulting agent's name.
+	Agent string
+	// Disk and Segment say where; Count is the number of segments from
+	// Segment (1 for Read and Write, any for Discard).
+	Disk    DiskID
+	Segment uint64
+	Count   uint64
+	Op      FaultOp
+	// Reason is the state that stopped the I/O (informational: the
+	// controller decides from its persistent table).
+	Reason table.State
+	// Whole reports that a write covers its entire segment, so a
+	// copy-on-write need not copy the old data.
+	Whole bool
+	// Token names the staged write a FaultCommit confirms.
+	Token uint64
+}
+
+// Reply answers a fault with the current entries for [First,
+// First+len(Entries)), which the agent installs before it retries.
+type Reply struct {
+	First   uint64
+	Entries []table.Entry
+	// Stage, instead of entries, answers a write fault that covers a
+	// whole shared segment: the agent writes the segment to the staged
+	// slot, flushes it, and confirms with a FaultCommit; only then does
+	// the controller map the slot. Nothing is copied, and a crash before
+	// the commit leaves the old data in place.
+	Stage *Stage
+}
+
+// Stage is a slot reserved for a staged write.
+type Stage struct {
+	Loc   table.Location
+	Token uint64
+}
+
+// Controller is what an agent needs of its controller.
+type Controller interface {
+	// Attach registers agent a under name. A re-attaching agent has
+	// forgotten every entry; its open disks are given again in open.
+	Attach(ctx context.Context, name string, a Agent, open []DiskID) error
+	// Detach unregisters an agent.
+	Detach(ctx context.Context, name string) error
+	// Open maps the disk called disk for agent name.
+	Open(ctx context.Context, agent, disk string) (Disk, error)
+	// CloseDisk unmaps a disk for agent name.
+	CloseDisk(ctx context.Context, agent string, disk DiskID) error
+	// Containers lists the storage containers.
+	Containers(ctx context.Context) ([]Container, error)
+	// Exports lists the disks agent may serve.
+	Exports(ctx context.Context, agent string) ([]Disk, error)
+	// Fault resolves a map fault.
+	Fault(ctx context.Context, f Fault) (Reply, error)
+}
+
+// SetEntry is the set_entry command: replace entries [First,
+// First+len(Entries)).
+type SetEntry struct {
+	Disk     DiskID
+	First    uint64
+	Entries  []table.Entry
+	Blocking bool
+}
+
+// SetEntryState is the set_entry_state command: set (On) or clear the bits
+// State in entries [First, First+Count).
+type SetEntryState struct {
+	Disk     DiskID
+	First    uint64
+	Count    uint64
+	State    table.State
+	On       bool
+	Blocking bool
+}
+
+// Agent is what a controller needs of a mapping agent.
+type Agent interface {
+	// NewTable makes the agent's table for d all Invalid.
+	NewTable(ctx context.Context, d Disk) error
+	// DeleteTable forgets disk id: its I/O fails from now on.
+	DeleteTable(ctx context.Context, id DiskID) error
+	// GetEntry returns entries [first, first+n) of the agent's table.
+	GetEntry(ctx context.Context, id DiskID, first, n uint64) ([]table.Entry, error)
+	// SetEntry applies a set_entry command.
+	SetEntry(ctx context.Context, c SetEntry) error
+	// SetEntryState applies a set_entry_state command.
+	SetEntryState(ctx context.Context, c SetEntryState) error
+	// Quiesce queues new I/O to disk id and answers once the I/O in flight
+	// has drained, or fails after timeout (0: no limit), in which case the
+	// disk is active again.
+	Quiesce(ctx context.Context, id DiskID, timeout time.Duration) error
+	// Activate releases the I/O queued by Quiesce.
+	Activate(ctx context.Context, id DiskID) error
+}
+
+// Errors that cross the protocol: a transport carries them as codes, and
+// both sides test them with errors.Is. They decide the error a host sees.
+var (
+	// ErrNoSpace: no free slot for a write (the host sees ENOSPC).
+	ErrNoSpace = errors.New("no free space in the container pool")
+	// ErrReadOnly: a write to a read-only disk (EPERM).
+	ErrReadOnly = errors.New("disk is read-only")
+	// ErrIO: the I/O cannot be done: an Error entry, a failed container
+	// (EIO).
+	ErrIO = errors.New("i/o error")
+	// ErrNotFound: no such disk.
+	ErrNotFound = errors.New("no such disk")
+	// ErrStale: a staged write's commit came too late (the segment
+	// changed, or the controller restarted); the agent retries the write.
+	ErrStale = errors.New("staged write is stale")
+	// ErrFenced: a request from an agent the controller no longer
+	// counts on (its lease lapsed), or a command from a deposed
+	// controller (an older epoch). The agent re-attaches.
+	ErrFenced = errors.New("fenced: re-attach")
+	// ErrBadRequest: a malformed request or command.
+	ErrBadRequest = errors.New("bad request")
+	// ErrUnavailable: the controller (or agent) cannot be reached.
+	ErrUnavailable = errors.New("unavailable")
+)

@@ -1,0 +1,179 @@
+// Package transport carries the controller-agent protocol (package
+// protocol) over gRPC (api/segmapv1, service Mapping), so that the
+// controller and the agents can run as separate processes on separate
+// machines.
+//
+// Server exposes a protocol.Controller to remote agents. Each agent holds
+// one Attach stream: the controller's commands go down it, the agent's
+// answers and lease renewals come up it. Client is the agent's side: a
+// protocol.Controller whose Attach opens that stream and executes the
+// commands on the local agent.
+//
+// # Leases
+//
+// An agent's lease runs LeaseDuration from the moment it sent its last
+// renewal (it renews every third of that). An agent whose lease lapses
+// fences itself before the lapse: every table goes Invalid and I/O waits,
+// until it has re-attached. So when a command to an agent fails or gets
+// no answer, the controller waits until that agent's lease has run out
+// and then goes on without it: the agent can no longer be acting on old
+// entries. The controller's epoch, which grows at every start, rides on
+// every message; an agent refuses commands from an older epoch, and the
+// controller refuses faults stamped with another epoch.
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	pb "segmap/api/segmapv1"
+	"segmap/internal/agent"
+	"segmap/internal/controller"
+	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/table"
+)
+
+func entriesToPB(es []table.Entry) []*pb.Entry {
+	out := make([]*pb.Entry, len(es))
+	for i, e := range es {
+		out[i] = &pb.Entry{Container: e.Loc.Container, Slot: e.Loc.Slot, State: uint32(e.State)}
+	}
+	return out
+}
+
+// entriesFromPB converts entries from the wire, refusing undefined states.
+func entriesFromPB(es []*pb.Entry) ([]table.Entry, error) {
+	out := make([]table.Entry, len(es))
+	for i, e := range es {
+		st := table.State(e.GetState())
+		if e.GetState() > 0xff || !st.Valid() {
+			return nil, fmt.Errorf("entry state %d: %w", e.GetState(), protocol.ErrBadRequest)
+		}
+		out[i] = table.Entry{Loc: table.Location{Container: e.GetContainer(), Slot: e.GetSlot()}, State: st}
+	}
+	return out, nil
+}
+
+func diskToPB(d protocol.Disk) *pb.MappedDisk {
+	return &pb.MappedDisk{Id: uint64(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
+}
+
+func diskFromPB(d *pb.MappedDisk) (protocol.Disk, error) {
+	out := protocol.Disk{ID: protocol.DiskID(d.GetId()), Name: d.GetName(), Size: d.GetSize(), SegmentSize: d.GetSegmentSize(), ReadOnly: d.GetReadOnly()}
+	if err := controller.ValidGeometry(out.Size, out.SegmentSize); err != nil {
+		return protocol.Disk{}, fmt.Errorf("disk %q from the wire: %w: %w", out.Name, protocol.ErrBadRequest, err)
+	}
+	return out, nil
+}
+
+// codeOf classifies an error for the wire.
+func codeOf(err error) pb.Code {
+	switch {
+	case err == nil:
+		return pb.Code_CODE_OK
+	case errors.Is(err, protocol.ErrNoSpace):
+		return pb.Code_CODE_NO_SPACE
+	case errors.Is(err, protocol.ErrReadOnly):
+		return pb.Code_CODE_READ_ONLY
+	case errors.Is(err, protocol.ErrNotFound):
+		return pb.Code_CODE_NOT_FOUND
+	case errors.Is(err, protocol.ErrStale):
+		return pb.Code_CODE_STALE
+	case errors.Is(err, protocol.ErrFenced), errors.Is(err, controller.ErrUnknownAgent):
+		return pb.Code_CODE_FENCED
+	case errors.Is(err, protocol.ErrBadRequest), errors.Is(err, table.ErrRange), errors.Is(err, table.ErrVoided),
+		errors.Is(err, table.ErrBadState):
+		return pb.Code_CODE_BAD_REQUEST
+	case errors.Is(err, agent.ErrNoTable):
+		return pb.Code_CODE_NO_TABLE
+	case errors.Is(err, agent.ErrQuiesceTimeout):
+		return pb.Code_CODE_QUIESCE_TIMEOUT
+	case errors.Is(err, protocol.ErrUnavailable), errors.Is(err, controller.ErrClosed),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		// A controller stepping down: its store is closed or fenced,
+		// nothing was committed, and the next leader will answer.
+		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
+		return pb.Code_CODE_UNAVAILABLE
+	}
+	return pb.Code_CODE_IO
+}
+
+// errOf turns a code from the wire back into an error that errors.Is
+// recognises.
+func errOf(c pb.Code, msg string) error {
+	var base error
+	switch c {
+	case pb.Code_CODE_OK:
+		return nil
+	case pb.Code_CODE_NO_SPACE:
+		base = protocol.ErrNoSpace
+	case pb.Code_CODE_READ_ONLY:
+		base = protocol.ErrReadOnly
+	case pb.Code_CODE_NOT_FOUND:
+		base = protocol.ErrNotFound
+	case pb.Code_CODE_STALE:
+		base = protocol.ErrStale
+	case pb.Code_CODE_FENCED:
+		base = protocol.ErrFenced
+	case pb.Code_CODE_BAD_REQUEST:
+		base = protocol.ErrBadRequest
+	case pb.Code_CODE_NO_TABLE:
+		base = agent.ErrNoTable
+	case pb.Code_CODE_QUIESCE_TIMEOUT:
+		base = agent.ErrQuiesceTimeout
+	case pb.Code_CODE_UNAVAILABLE:
+		base = protocol.ErrUnavailable
+	default:
+		base = protocol.ErrIO
+	}
+	return &remoteError{msg: msg, base: base}
+}
+
+// remoteError is an error that crossed the wire: the other side's message,
+// which already names its cause, and the sentinel that cause maps to.
+type remoteError struct {
+	msg  string
+	base error
+}
+
+func (e *remoteError) Error() string {
+	if strings.Contains(e.msg, e.base.Error()) {
+		return e.msg
+	}
+	return e.msg + ": " + e.base.Error()
+}
+
+func (e *remoteError) Unwrap() error { return e.base }
+
+// statusErr wraps an error as a gRPC status whose details carry its code.
+func statusErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return status.Error(codes.Code(1000+int(codeOf(err))), err.Error())
+}
+
+// fromStatus undoes statusErr; transport errors become ErrUnavailable.
+func fromStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return fmt.Errorf("%v: %w", err, protocol.ErrUnavailable)
+	}
+	if c := int(st.Code()); c >= 1000 {
+		return errOf(pb.Code(c-1000), st.Message())
+	}
+	switch st.Code() {
+	case codes.Unavailable, codes.Canceled, codes.DeadlineExceeded:
+		return fmt.Errorf("%s: %w", st.Message(), protocol.ErrUnavailable)
+	}
+	return fmt.Errorf("%s: %w", st.Message(), protocol.ErrIO)
+}
