@@ -325,9 +325,6 @@ func (l *Leadership) Resign() {
 	l.sess.Close()
 }
 
-// errLeaseUnsure ends a term whose session may have expired in etcd.
-var errLeaseUnsure = errors.New("cannot confirm the etcd session: it may have expired")
-
 // keepalive confirms a lease periodically and knows until when it is
 // surely alive.
 type keepalive struct {
