@@ -216,7 +216,7 @@ func (a *Agent) refresh(ctx context.Context, ctrl mapping.Controller, d *Disk) e
 	case errors.Is(err, mapping.ErrUnavailable), errors.Is(err, mapping.ErrFenced), ctx.Err() != nil:
 		return fmt.Errorf("refresh disk %q: %w", was.Name, err) // attach again
 	case err != nil:
-		return nil // the controller cannot read the disk: its faults fail too
+		return nil //nolint:nilerr // the controller cannot read the disk: its faults fail too
 	}
 	if info.ID != was.ID || info.Size == was.Size && info.ReadOnly == was.ReadOnly {
 		return nil
@@ -309,7 +309,7 @@ func (a *Agent) Close() error {
 	a.mu.disks = map[mapping.DiskID]*Disk{}
 	a.mu.Unlock()
 	for _, d := range disks {
-		d.forget(context.Background())
+		_ = d.forget(context.Background()) // closing: the agent is gone either way
 	}
 	// Nothing is in flight any more: make every completed write durable.
 	errs := []error{a.flushWritten()}

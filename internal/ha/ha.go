@@ -320,7 +320,7 @@ func (l *Leadership) Resign() {
 		l.Store.Close()
 	}
 	rctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	l.el.Resign(rctx)
+	_ = l.el.Resign(rctx) // best effort: the session's lease ends the term anyway
 	cancel()
 	l.sess.Close()
 }

@@ -28,7 +28,7 @@ func (c *conn) handshake() (*session, error) {
 	be.PutUint64(greet[0:], magicNBD)
 	be.PutUint64(greet[8:], magicOpts)
 	be.PutUint16(greet[16:], hflagFixedNewstyle|hflagNoZeroes)
-	h.w.Write(greet[:])
+	_, _ = h.w.Write(greet[:]) // bufio: an error sticks, and Flush below reports it
 	if err := h.w.Flush(); err != nil {
 		return nil, err
 	}
@@ -122,7 +122,7 @@ func (h *handshaker) option() (*session, error) {
 		return h.exportName(data)
 	case optAbort:
 		// The client may hang up without reading the reply.
-		h.reply(opt, repAck)
+		_ = h.reply(opt, repAck)
 		h.w.Flush()
 		return nil, errAbort
 	case optList:
@@ -219,7 +219,7 @@ func (h *handshaker) exportName(data []byte) (*session, error) {
 	if h.noZeroes {
 		n = 10
 	}
-	h.w.Write(b[:n])
+	_, _ = h.w.Write(b[:n]) // bufio: an error sticks; the caller flushes
 	return s, nil
 }
 
@@ -305,19 +305,19 @@ func (h *handshaker) sendInfo(opt option, info ExportInfo, reqs []byte) error {
 	be.PutUint16(exp[0:], infoExport)
 	be.PutUint64(exp[2:], info.Size)
 	be.PutUint16(exp[10:], transmissionFlags(info.ReadOnly, h.structured))
-	h.reply(opt, repInfo, exp[:])
+	_ = h.reply(opt, repInfo, exp[:]) // buffered: an error sticks and the last reply reports it
 
 	var bs [14]byte
 	be.PutUint16(bs[0:], infoBlockSize)
 	be.PutUint32(bs[2:], minBlockSize)
 	be.PutUint32(bs[6:], preferredBlockSize)
 	be.PutUint32(bs[10:], maxPayload)
-	h.reply(opt, repInfo, bs[:])
+	_ = h.reply(opt, repInfo, bs[:]) // as above
 
 	var t [2]byte
 	if wantsInfo(reqs, infoName) {
 		be.PutUint16(t[:], infoName)
-		h.reply(opt, repInfo, t[:], []byte(info.Name))
+		_ = h.reply(opt, repInfo, t[:], []byte(info.Name)) // as above
 	}
 	if wantsInfo(reqs, infoDescription) {
 		be.PutUint16(t[:], infoDescription)
