@@ -52,6 +52,7 @@ proto-check: protoc
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(MAKE) --no-print-directory proto PROTO_OUT="$$tmp" >/dev/null && \
 	for f in $$(cd "$$tmp" && find . -name '*.pb.go') $$(cd api && find . -name '*.pb.go'); do \
+		f=$${f#./}; \
 		diff -u "api/$$f" "$$tmp/$$f" >/dev/null || { \
 			diff -u "api/$$f" "$$tmp/$$f" | head -40; \
 			echo "api/$$f is stale: run make proto and commit it"; exit 1; }; \
