@@ -130,8 +130,10 @@ type runner struct {
 	cfg Config
 	mux *mux
 
-	mu    sync.Mutex
-	stand *grpc.Server // the standby server, while standing by
+	mu struct {
+		sync.Mutex
+		stand *grpc.Server // the standby server, while standing by
+	}
 }
 
 // standby serves NotLeader to every new connection.
@@ -141,15 +143,15 @@ func (r *runner) standby() {
 			return NotLeader(r.cfg.Name, r.leaderAddr(ss.Context()))
 		}))...)
 	r.mu.Lock()
-	r.stand = gs
+	r.mu.stand = gs
 	r.mu.Unlock()
 	r.mux.serve(gs)
 }
 
 func (r *runner) stopStandby() {
 	r.mu.Lock()
-	gs := r.stand
-	r.stand = nil
+	gs := r.mu.stand
+	r.mu.stand = nil
 	r.mu.Unlock()
 	if gs != nil {
 		gs.Stop()
