@@ -24,10 +24,10 @@ test: deps verify
 deps:
 	./scripts/deps.sh
 
-# verify: the checks that need no test run, each failing on its own
+# verify: the static checks, run before the tests, each failing on its own
 # finding: gofmt -s, go vet, golangci-lint (.golangci.yml; pinned in go.mod's
-# tool block), go.mod/go.sum tidy, and api/*.pb.go current with the .proto
-# files. The house rules in internal/lint run with the tests.
+# tool block) and the house rules (internal/lint), go.mod/go.sum tidy, and
+# api/*.pb.go current with the .proto files.
 verify: fmt-check vet lint tidy-check proto-check
 
 fmt-check:
@@ -37,8 +37,11 @@ fmt-check:
 vet:
 	$(GO) vet ./...
 
+# lint: golangci-lint, then the house rules of internal/lint (a test, so
+# that 'go test ./...' runs them too).
 lint:
 	$(GO) tool golangci-lint run ./...
+	$(GO) test -count=1 ./internal/lint
 
 # tidy-check: go mod tidy would change nothing (-diff prints the change and
 # fails instead of writing it).
