@@ -5,7 +5,7 @@ GO       ?= go
 MODEL_OPS   ?= 700
 MODEL_SEEDS ?= 3
 
-.PHONY: all build test deps vet fmt-check model bench soak fuzz run clean proto
+.PHONY: all build test deps verify fmt-check vet lint tidy-check proto-check protoc model bench soak fuzz run clean proto
 
 all: build
 
@@ -13,10 +13,10 @@ build:
 	$(GO) build -o bin/segmap ./cmd/segmap
 
 # test: installs the NBD clients the end-to-end tests drive (if missing),
-# checks formatting and vet, and runs every test under the race detector:
-# unit tests, the model test (MODEL_SEEDS seeds x MODEL_OPS operations) and
-# the end-to-end tests against a real 'segmap up' process.
-test: deps fmt-check vet
+# runs 'verify', and runs every test under the race detector: unit tests,
+# the model test (MODEL_SEEDS seeds x MODEL_OPS operations) and the
+# end-to-end tests against a real 'segmap up' process.
+test: deps verify
 	SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
 
 # deps: the Debian packages the tests need (qemu-utils, libnbd-bin,
@@ -24,12 +24,46 @@ test: deps fmt-check vet
 deps:
 	./scripts/deps.sh
 
+# verify: the static checks, run before the tests, each failing on its own
+# finding: gofmt -s, go vet, golangci-lint (.golangci.yml; pinned in go.mod's
+# tool block) and the house rules (internal/lint), go.mod/go.sum tidy, and
+# api/*.pb.go current with the .proto files.
+verify: fmt-check vet lint tidy-check proto-check
+
 fmt-check:
-	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
-	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -s -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt -s needed (gofmt -s -w FILE):"; echo "$$out"; exit 1; fi
 
 vet:
 	$(GO) vet ./...
+
+# lint: golangci-lint, then the house rules of internal/lint (a test, so
+# that 'go test ./...' runs them too).
+lint:
+	$(GO) tool golangci-lint run ./...
+	$(GO) test -count=1 ./internal/lint
+
+# tidy-check: go mod tidy would change nothing (-diff prints the change and
+# fails instead of writing it).
+tidy-check:
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
+
+# proto-check: regenerates api/ into a temporary directory with the pinned
+# generators and Debian's protoc, and fails if any generated file differs
+# from the committed one (or is missing or extra).
+proto-check: protoc
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(MAKE) --no-print-directory proto PROTO_OUT="$$tmp" >/dev/null && \
+	for f in $$(cd "$$tmp" && find . -name '*.pb.go') $$(cd api && find . -name '*.pb.go'); do \
+		f=$${f#./}; \
+		diff -u "api/$$f" "$$tmp/$$f" >/dev/null || { \
+			diff -u "api/$$f" "$$tmp/$$f" | head -40; \
+			echo "api/$$f is stale: run make proto and commit it"; exit 1; }; \
+	done
+
+# protoc: Debian's protobuf-compiler, installed by scripts/deps.sh when missing.
+protoc:
+	@command -v protoc >/dev/null || ./scripts/deps.sh proto
 
 # model: a long run of the randomized model test.
 model:
@@ -70,13 +104,13 @@ run: build
 clean:
 	rm -rf bin
 
-# proto: regenerate api/ from the .proto files (generated code is committed).
-PROTOC_GEN_GO_VERSION      = v1.36.12
-PROTOC_GEN_GO_GRPC_VERSION = v1.6.2
-GOBIN ?= $(shell $(GO) env GOPATH)/bin
-proto:
-	@command -v protoc >/dev/null || (apt-get update -qq && apt-get install -y -qq protobuf-compiler)
-	GOBIN=$(GOBIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
-	GOBIN=$(GOBIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
-	PATH=$(GOBIN):$$PATH protoc -I api --go_out=api --go_opt=paths=source_relative \
-		--go-grpc_out=api --go-grpc_opt=paths=source_relative api/segmapv1/*.proto
+# proto: regenerate api/ from the .proto files (generated code is committed)
+# with Debian's protoc and the generators pinned in go.mod's tool block;
+# PROTO_OUT=dir writes elsewhere (proto-check does).
+PROTO_OUT ?= api
+proto: protoc
+	protoc -I api \
+		--plugin=protoc-gen-go="$$($(GO) tool -n protoc-gen-go)" \
+		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
+		--go_out=$(PROTO_OUT) --go_opt=paths=source_relative \
+		--go-grpc_out=$(PROTO_OUT) --go-grpc_opt=paths=source_relative api/segmapv1/*.proto

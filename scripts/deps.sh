@@ -3,9 +3,10 @@
 # the NBD clients the end-to-end tests drive (libnbd tools and the Python
 # binding, qemu-io/qemu-img/qemu-nbd, fio with its nbd engine, nbdkit,
 # nbdfuse + FUSE) and the tools to put a filesystem on a disk (e2fsprogs,
-# losetup). With the argument 'bench', also what 'make bench' needs on top
-# (gnuplot-nox, for the plots). Exits non-zero if anything is still missing
-# afterwards.
+# losetup) and protoc (protobuf-compiler, for 'make proto' and the check in
+# 'make verify' that api/ is current). With the argument 'bench', also what
+# 'make bench' needs on top (gnuplot-nox, for the plots); with 'proto', only
+# protoc. Exits non-zero if anything is still missing afterwards.
 set -euo pipefail
 
 # tool -> Debian package
@@ -14,10 +15,12 @@ need=(
   "nbdinfo libnbd-bin" "nbdcopy libnbd-bin" "/usr/bin/nbdsh python3-libnbd"
   "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
   "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "losetup mount"
+  "protoc protobuf-compiler"
 )
-if [ "${1:-}" = bench ]; then
-  need+=("gnuplot gnuplot-nox")
-fi
+case "${1:-}" in
+bench) need+=("gnuplot gnuplot-nox") ;;
+proto) need=("protoc protobuf-compiler") ;;
+esac
 
 missing=()
 for pair in "${need[@]}"; do
@@ -41,6 +44,6 @@ for pair in "${need[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || { echo "deps: $tool still missing" >&2; exit 1; }
 done
 # fio must have its nbd engine.
-fio --enghelp 2>/dev/null | grep -qw nbd || { echo "deps: fio lacks the nbd engine" >&2; exit 1; }
+[ "${1:-}" = proto ] || fio --enghelp 2>/dev/null | grep -qw nbd || { echo "deps: fio lacks the nbd engine" >&2; exit 1; }
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 echo "deps: ok"

@@ -62,9 +62,9 @@ type result struct {
 
 type window struct{ from, to time.Duration }
 
-// writer does 4 KiB writes at offset 0 of c until stop is closed or max
+// writer does 4 KiB writes at offset 0 of c until stop is closed or limit
 // has passed, and returns the completion times since t0.
-func writer(ctx context.Context, c *nbdclient.Client, t0 time.Time, stop <-chan struct{}, max time.Duration) ([]time.Duration, error) {
+func writer(ctx context.Context, c *nbdclient.Client, t0 time.Time, stop <-chan struct{}, limit time.Duration) ([]time.Duration, error) {
 	p := make([]byte, 4096)
 	for i := range p {
 		p[i] = byte(i)
@@ -81,8 +81,8 @@ func writer(ctx context.Context, c *nbdclient.Client, t0 time.Time, stop <-chan 
 		}
 		now := time.Since(t0)
 		done = append(done, now)
-		if now > max {
-			return done, fmt.Errorf("writer still running after %v", max)
+		if now > limit {
+			return done, fmt.Errorf("writer still running after %v", limit)
 		}
 	}
 }

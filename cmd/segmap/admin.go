@@ -678,13 +678,17 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 	} else {
 		if len(r.Repaired) > 0 {
 			fmt.Fprintf(w, "repaired %s:\n", plural(len(r.Repaired), "problem"))
-			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired))
+			if err := table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Repaired)); err != nil {
+				return err
+			}
 		}
 		if len(r.Problems) == 0 {
 			fmt.Fprintln(w, "check: clean")
 		} else {
 			fmt.Fprintf(w, "check: %s:\n", plural(len(r.Problems), "problem"))
-			table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems))
+			if err := table(w, []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}, problemRows(r.Problems)); err != nil {
+				return err
+			}
 			for _, p := range r.Problems {
 				if p.Kind == controller.CorruptRecord.String() || p.Kind == controller.TruncatedRecord.String() {
 					fmt.Fprintln(w, "check: reference counts not checked: they cannot be recounted while records are damaged")
@@ -731,7 +735,9 @@ func newStatus(g *globals) *cobra.Command {
 					rows = append(rows, []string{a.Name, fmt.Sprint(a.Disks)})
 				}
 				fmt.Fprintln(w)
-				table(w, []string{"AGENT", "DISKS"}, rows)
+				if err := table(w, []string{"AGENT", "DISKS"}, rows); err != nil {
+					return err
+				}
 				rows = nil
 				for _, ct := range r.Containers {
 					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), size.Format(ct.Slots * ct.SlotSize)})

@@ -245,7 +245,7 @@ func newAgent() *cobra.Command {
 			}
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			ns.Shutdown(sctx)
+			_ = ns.Shutdown(sctx) // the NBD server stops either way; the run's error is what counts
 			cancelRun()
 			<-ran
 			if cerr := a.Close(); cerr != nil {

@@ -217,7 +217,7 @@ func (a *Agent) refresh(ctx context.Context, ctrl protocol.Controller, d *Disk) 
 	case errors.Is(err, protocol.ErrUnavailable), errors.Is(err, protocol.ErrFenced), ctx.Err() != nil:
 		return fmt.Errorf("refresh disk %q: %w", was.Name, err) // attach again
 	case err != nil:
-		return nil // the controller cannot read the disk: its faults fail too
+		return nil //nolint:nilerr // the controller cannot read the disk: its faults fail too
 	}
 	if info.ID != was.ID || info.Size == was.Size && info.ReadOnly == was.ReadOnly {
 		return nil
@@ -312,7 +312,7 @@ func (a *Agent) Close() error {
 	a.mu.disks = map[protocol.DiskID]*Disk{}
 	a.mu.Unlock()
 	for _, d := range disks {
-		d.forget(context.Background())
+		_ = d.forget(context.Background()) // closing: the agent is gone either way
 	}
 	// Nothing is in flight any more: make every completed write durable.
 	errs := []error{a.flushWritten()}

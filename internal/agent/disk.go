@@ -292,7 +292,7 @@ func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)) == keep {
 		return
 	}
-	d.mu.tab.SetEntry(int(seg), []table.Entry{table.InvalidEntry})
+	_ = d.mu.tab.SetEntry(int(seg), []table.Entry{table.InvalidEntry}) // seg < Len, checked above
 	if sf := d.mu.faults[seg]; sf != nil {
 		sf.gen++
 	}

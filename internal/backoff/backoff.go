@@ -27,16 +27,10 @@ package backoff
 
 import (
 	"context"
-	"errors"
 	"math"
 	"math/rand/v2"
 	"time"
 )
-
-// ErrGaveUp is returned by Wait once Policy.Limit has passed since the
-// Backoff started: the caller should stop retrying and return its last
-// error.
-var ErrGaveUp = errors.New("backoff: gave up")
 
 // Accept is the schedule of a server's accept loop after a temporary error
 // (out of file descriptors, say): 5 ms doubling to 1 s, as net/http's

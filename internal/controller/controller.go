@@ -228,7 +228,7 @@ func (c *Controller) attachedForHold(name string) {
 		return
 	}
 	delete(c.mu.holdFor, name)
-	if len(c.mu.holdFor) == 0 && time.Now().Before(c.mu.holdUntil) {
+	if len(c.mu.holdFor) == 0 && c.now().Before(c.mu.holdUntil) {
 		c.logger.Info("every registered agent has re-attached: hold ended early")
 		c.mu.holdUntil = time.Time{}
 	}
@@ -309,7 +309,7 @@ func (c *Controller) lock() error {
 			c.mu.Unlock()
 			return ErrClosed
 		}
-		d := time.Until(c.mu.holdUntil)
+		d := c.mu.holdUntil.Sub(c.now())
 		if d <= 0 {
 			c.pruneLocked()
 			return nil

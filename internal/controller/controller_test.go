@@ -517,21 +517,21 @@ func limitAddressSpace(t *testing.T, extra uint64) {
 func serveMaxDisk(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t)
-	const max = controller.MaxSegments * seg
+	const largest = controller.MaxSegments * seg
 	// One segment more is refused, and so is the largest size at the
 	// smallest segment size.
-	for _, size := range []uint64{max + seg, controller.MaxDiskSize} {
+	for _, size := range []uint64{largest + seg, controller.MaxDiskSize} {
 		if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "toobig", Size: size, SegmentSize: seg}); !errors.Is(err, controller.ErrInvalidSize) {
 			t.Fatalf("create %d bytes of %d-byte segments: %v, want ErrInvalidSize", size, seg, err)
 		}
 	}
 	d := createDisk(t, c, "max", controller.MaxSegments, table.Forward)
-	if d.Size != max {
+	if d.Size != largest {
 		t.Fatalf("size %d", d.Size)
 	}
 	h := openDisk(t, c, 0, "max")
-	write(t, h, []byte{0x5a}, max-1)
-	if got := read(t, h, max-2, 2); got[0] != 0 || got[1] != 0x5a {
+	write(t, h, []byte{0x5a}, largest-1)
+	if got := read(t, h, largest-2, 2); got[0] != 0 || got[1] != 0x5a {
 		t.Errorf("last bytes %x, want 005a", got)
 	}
 	if n := used(t, c); n != 1 {
@@ -1001,10 +1001,10 @@ func TestRepairLeak(t *testing.T) {
 // names the damage and that Repair leaves everything but leaks alone.
 func TestCheckFindsDamage(t *testing.T) {
 	type setup struct {
-		a     meta.Disk
-		l0    table.Location // a's and s's segment 0 (2 references)
-		l1    table.Location // a's and s's segment 1 (2 references)
-		lonly table.Location // a's segment 2 after the snapshot (1 reference)
+		a      meta.Disk
+		l0     table.Location // a's and s's segment 0 (2 references)
+		l1     table.Location // a's and s's segment 1 (2 references)
+		lonely table.Location // a's segment 2 after the snapshot (1 reference)
 	}
 	for _, tc := range []struct {
 		name   string
@@ -1018,7 +1018,7 @@ func TestCheckFindsDamage(t *testing.T) {
 			return tx.SetRefs(s.l0, 5)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
 		{"wrong count on an exclusive slot", func(tx *meta.Tx, s setup) error {
-			return tx.SetRefs(s.lonly, 2)
+			return tx.SetRefs(s.lonely, 2)
 		}, []controller.ProblemKind{controller.WrongCount}, nil},
 		{"referenced free slot", func(tx *meta.Tx, s setup) error {
 			return tx.SetRefs(s.l1, 0)
@@ -1054,8 +1054,8 @@ func TestCheckFindsDamage(t *testing.T) {
 			}
 			write(t, h, pattern(10, 14), 2*seg)
 			checkClean(t, c)
-			st := setup{a: a, l0: entry(t, c, "a", 0).Loc, l1: entry(t, c, "a", 1).Loc, lonly: entry(t, c, "a", 2).Loc}
-			if r0, r1, r2 := refs(t, c, st.l0), refs(t, c, st.l1), refs(t, c, st.lonly); r0 != 2 || r1 != 2 || r2 != 1 {
+			st := setup{a: a, l0: entry(t, c, "a", 0).Loc, l1: entry(t, c, "a", 1).Loc, lonely: entry(t, c, "a", 2).Loc}
+			if r0, r1, r2 := refs(t, c, st.l0), refs(t, c, st.l1), refs(t, c, st.lonely); r0 != 2 || r1 != 2 || r2 != 1 {
 				t.Fatalf("setup refs %d %d %d", r0, r1, r2)
 			}
 

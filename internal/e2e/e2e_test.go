@@ -476,7 +476,7 @@ else:
 		}
 	}
 	// Garbage on the socket: the connection is dropped, others go on.
-	for _, junk := range [][]byte{[]byte("GET / HTTP/1.1\r\n\r\n"), make([]byte, 4096), []byte{0xff, 0xff, 0xff}} {
+	for _, junk := range [][]byte{[]byte("GET / HTTP/1.1\r\n\r\n"), make([]byte, 4096), {0xff, 0xff, 0xff}} {
 		c, err := net.Dial("tcp", u.nbd)
 		if err != nil {
 			t.Fatal(err)

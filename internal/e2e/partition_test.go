@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"io"
 	"net"
 	"strings"
@@ -81,7 +82,7 @@ func (p *proxy) pipe(dst, src net.Conn) {
 		if err != nil {
 			// Pass the end on: a FIN as a FIN (the other way may
 			// still carry data), anything else as a close.
-			if tc, ok := dst.(*net.TCPConn); ok && err == io.EOF {
+			if tc, ok := dst.(*net.TCPConn); ok && errors.Is(err, io.EOF) {
 				tc.CloseWrite()
 			} else {
 				dst.Close()

@@ -98,7 +98,7 @@ func (c *Container) crash(keep func() bool) {
 	c.mu.dead = true
 	for _, p := range c.mu.pending {
 		if keep() {
-			c.applyLocked(p) // best effort: a crash reports nothing
+			_ = c.applyLocked(p) // best effort: a crash reports nothing
 		}
 	}
 	c.mu.pending = nil

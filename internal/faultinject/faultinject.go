@@ -43,7 +43,6 @@
 package faultinject
 
 import (
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -81,13 +80,6 @@ func (o Op) String() string {
 	}
 	return strings.Join(parts, "|")
 }
-
-// Errors of this package.
-var (
-	// ErrCrashed is returned by every call of every wrapper of an
-	// injector that has crashed.
-	ErrCrashed = errors.New("faultinject: crashed")
-)
 
 // Call describes one operation reaching a wrapper.
 type Call struct {

@@ -170,7 +170,7 @@ func (c *Conn) failed(addr string, err error) bool {
 		return false
 	}
 	if standby && leader != "" && leader != addr {
-		c.conn(leader) // known from now on (if it can be dialled)
+		_, _ = c.conn(leader) // known from now on (if it can be dialled)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

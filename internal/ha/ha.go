@@ -138,8 +138,10 @@ type runner struct {
 	cfg Config
 	mux *mux
 
-	mu    sync.Mutex
-	stand *grpc.Server // the standby server, while standing by
+	mu struct {
+		sync.Mutex
+		stand *grpc.Server // the standby server, while standing by
+	}
 }
 
 // standby serves NotLeader to every new connection.
@@ -149,15 +151,15 @@ func (r *runner) standby() {
 			return NotLeader(r.cfg.Name, r.leaderAddr(ss.Context()))
 		}))...)
 	r.mu.Lock()
-	r.stand = gs
+	r.mu.stand = gs
 	r.mu.Unlock()
 	r.mux.serve(gs)
 }
 
 func (r *runner) stopStandby() {
 	r.mu.Lock()
-	gs := r.stand
-	r.stand = nil
+	gs := r.mu.stand
+	r.mu.stand = nil
 	r.mu.Unlock()
 	if gs != nil {
 		gs.Stop()
@@ -330,13 +332,10 @@ func (l *Leadership) Resign() {
 		l.Store.Close()
 	}
 	rctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	l.el.Resign(rctx)
+	_ = l.el.Resign(rctx) // best effort: the session's lease ends the term anyway
 	cancel()
 	l.sess.Close()
 }
-
-// errLeaseUnsure ends a term whose session may have expired in etcd.
-var errLeaseUnsure = errors.New("cannot confirm the etcd session: it may have expired")
 
 // keepalive confirms a lease periodically and knows until when it is
 // surely alive.

@@ -80,7 +80,7 @@ func (p *Port) Refuse() {
 	// (qemu-nbd does): a blocking accept here could not be woken by a
 	// deadline. Make it non-blocking again before accepting.
 	if rc, err := p.l.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) { syscall.SetNonblock(int(fd), true) })
+		_ = rc.Control(func(fd uintptr) { _ = syscall.SetNonblock(int(fd), true) }) // fails only on a closed socket, whose Accept fails at once
 	}
 	done := make(chan struct{})
 	p.mu.refusing = done
@@ -153,7 +153,7 @@ func Serve(t testing.TB, path string, args ...string) string {
 	}
 	exited := make(chan struct{})
 	go func() {
-		cmd.Wait()
+		_ = cmd.Wait() // the test judges the child by what it did, not how it exited
 		p.Refuse()
 		close(exited)
 	}()

@@ -48,30 +48,32 @@ func putBuf(p *[]byte) {
 // budget bounds the payload bytes a connection holds at once. Only the
 // connection's request reader acquires, so release wakes one waiter.
 type budget struct {
-	mu    sync.Mutex
-	cond  sync.Cond
-	avail int
+	mu struct {
+		sync.Mutex
+		avail int
+	}
+	cond sync.Cond // waits on mu
 }
 
 func (b *budget) init(n int) {
 	b.cond.L = &b.mu
-	b.avail = n
+	b.mu.avail = n
 }
 
 // acquire waits until n bytes are available and takes them. n must not
 // exceed the budget's total.
 func (b *budget) acquire(n int) {
 	b.mu.Lock()
-	for b.avail < n {
+	for b.mu.avail < n {
 		b.cond.Wait()
 	}
-	b.avail -= n
+	b.mu.avail -= n
 	b.mu.Unlock()
 }
 
 func (b *budget) release(n int) {
 	b.mu.Lock()
-	b.avail += n
+	b.mu.avail += n
 	b.mu.Unlock()
 	b.cond.Signal()
 }

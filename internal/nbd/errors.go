@@ -20,3 +20,16 @@ var (
 	// errPanic stands for a panic in an Export method or in Config.Errno.
 	errPanic = errors.New("export panicked")
 )
+
+// Reasons the TLS policy ends a connection; logged, never returned to
+// callers.
+var (
+	// errTLSRequired: the server requires TLS and the client went for an
+	// export without it (NBD_OPT_EXPORT_NAME, which cannot be answered an
+	// error) or cannot negotiate it (no fixed newstyle).
+	errTLSRequired = errors.New("client did not negotiate the TLS the server requires")
+	// errTLSHandshake: the TLS handshake after NBD_OPT_STARTTLS failed,
+	// e.g. the client's certificate was refused. The ACK is sent by then,
+	// so the connection cannot go on in plaintext.
+	errTLSHandshake = errors.New("TLS handshake failed")
+)

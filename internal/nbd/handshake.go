@@ -10,19 +10,6 @@ import (
 	"segmap/internal/nbd/nbdwire"
 )
 
-// Reasons the TLS policy ends a connection; logged, never returned to
-// callers. (They belong with the others in errors.go.)
-var (
-	// errTLSRequired: the server requires TLS and the client went for an
-	// export without it (NBD_OPT_EXPORT_NAME, which cannot be answered an
-	// error) or cannot negotiate it (no fixed newstyle).
-	errTLSRequired = errors.New("client did not negotiate the TLS the server requires")
-	// errTLSHandshake: the TLS handshake after NBD_OPT_STARTTLS failed,
-	// e.g. the client's certificate was refused. The ACK is sent by then,
-	// so the connection cannot go on in plaintext.
-	errTLSHandshake = errors.New("TLS handshake failed")
-)
-
 // handshaker runs the fixed newstyle negotiation of one connection.
 type handshaker struct {
 	c          *conn
@@ -43,7 +30,7 @@ func (c *conn) handshake() (*session, error) {
 	be.PutUint64(greet[0:], nbdwire.MagicNBD)
 	be.PutUint64(greet[8:], nbdwire.MagicOpts)
 	be.PutUint16(greet[16:], nbdwire.HFlagFixedNewstyle|nbdwire.HFlagNoZeroes)
-	h.w.Write(greet[:])
+	_, _ = h.w.Write(greet[:]) // bufio: an error sticks, and Flush below reports it
 	if err := h.w.Flush(); err != nil {
 		return nil, err
 	}
@@ -137,7 +124,7 @@ func (h *handshaker) option() (*session, error) {
 		return h.exportName(data)
 	case nbdwire.OptAbort:
 		// The client may hang up without reading the reply.
-		h.reply(opt, nbdwire.RepAck)
+		_ = h.reply(opt, nbdwire.RepAck)
 		h.w.Flush()
 		return nil, errAbort
 	case nbdwire.OptList:
@@ -234,7 +221,7 @@ func (h *handshaker) exportName(data []byte) (*session, error) {
 	if h.noZeroes {
 		n = 10
 	}
-	h.w.Write(b[:n])
+	_, _ = h.w.Write(b[:n]) // bufio: an error sticks; the caller flushes
 	return s, nil
 }
 
@@ -320,19 +307,19 @@ func (h *handshaker) sendInfo(opt nbdwire.Option, info ExportInfo, reqs []byte) 
 	be.PutUint16(exp[0:], nbdwire.InfoExport)
 	be.PutUint64(exp[2:], info.Size)
 	be.PutUint16(exp[10:], transmissionFlags(info.ReadOnly, h.structured))
-	h.reply(opt, nbdwire.RepInfo, exp[:])
+	_ = h.reply(opt, nbdwire.RepInfo, exp[:]) // buffered: an error sticks and the last reply reports it
 
 	var bs [14]byte
 	be.PutUint16(bs[0:], nbdwire.InfoBlockSize)
 	be.PutUint32(bs[2:], nbdwire.MinBlockSize)
 	be.PutUint32(bs[6:], nbdwire.PreferredBlockSize)
 	be.PutUint32(bs[10:], nbdwire.MaxPayload)
-	h.reply(opt, nbdwire.RepInfo, bs[:])
+	_ = h.reply(opt, nbdwire.RepInfo, bs[:]) // buffered: an error sticks and the last reply reports it
 
 	var t [2]byte
 	if wantsInfo(reqs, nbdwire.InfoName) {
 		be.PutUint16(t[:], nbdwire.InfoName)
-		h.reply(opt, nbdwire.RepInfo, t[:], []byte(info.Name))
+		_ = h.reply(opt, nbdwire.RepInfo, t[:], []byte(info.Name)) // buffered: an error sticks and the last reply reports it
 	}
 	if wantsInfo(reqs, nbdwire.InfoDescription) {
 		be.PutUint16(t[:], nbdwire.InfoDescription)

@@ -698,7 +698,7 @@ func (tc *txClient) expectClosed() {
 	tc.t.Helper()
 	select {
 	case <-tc.readerDone:
-		if tc.readErr != io.EOF && !errors.Is(tc.readErr, net.ErrClosed) && !isReset(tc.readErr) {
+		if tc.readErr != io.EOF && !errors.Is(tc.readErr, net.ErrClosed) && !isReset(tc.readErr) { //nolint:errorlint // the reader returns io.EOF itself, unwrapped
 			tc.t.Fatalf("reader ended with %v, want EOF", tc.readErr)
 		}
 	case <-time.After(5 * time.Second):

@@ -30,7 +30,6 @@ type gate struct {
 	hold    atomic.Bool
 	release chan struct{}
 	entered chan struct{}
-	once    sync.Once
 }
 
 func newGate() *gate { return &gate{release: make(chan struct{}), entered: make(chan struct{}, 100)} }

@@ -1341,7 +1341,7 @@ func (c *Client) Close() error {
 			be.PutUint32(hdr[0:], nbdwire.MagicRequest)
 			be.PutUint16(hdr[6:], uint16(nbdwire.CmdDisc))
 			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-			c.nc.Write(hdr[:])
+			_, _ = c.nc.Write(hdr[:]) // best effort: the connection closes next
 			<-c.wlock
 		case <-timer.C:
 		case <-c.dead:

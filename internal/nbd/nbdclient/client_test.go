@@ -190,7 +190,7 @@ func TestRemoteError(t *testing.T) {
 		if !errors.Is(err, want) {
 			t.Errorf("errno %d: errors.Is(%v, %v) = false", errno, err, want)
 		}
-		if want != ErrEIO && errors.Is(err, ErrEIO) {
+		if want != ErrEIO && errors.Is(err, ErrEIO) { //nolint:errorlint // want is one of the sentinels itself
 			t.Errorf("errno %d matches ErrEIO too", errno)
 		}
 		var re *RemoteError

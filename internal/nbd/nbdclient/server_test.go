@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,20 +24,6 @@ import (
 
 // The NBD server (package nbd) these tests run the client against, and
 // the test helpers around it, as the server's own tests have them.
-
-// ourGoroutines returns the stacks of goroutines running this package's
-// code, other than the caller's.
-func ourGoroutines() []string {
-	buf := make([]byte, 4<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && strings.Contains(g, "segmap/internal/nbd.") {
-			out = append(out, g)
-		}
-	}
-	return out
-}
 
 // checkGoroutines fails t if, after its cleanups, the number of goroutines
 // does not return to what it is now. Call it first, so its cleanup runs

@@ -170,7 +170,7 @@ func (s *Server) Attach(stream pb.Mapping_AttachServer) error {
 			}
 		}
 	}()
-	defer func() { ra.end(); <-sendErr }()
+	defer func() { ra.end(); <-sendErr }() //nolint:errcheck // waits for the sender; the stream's end is reported below
 
 	msgs := make(chan *pb.AgentMessage)
 	recvErr := make(chan error, 1)
