@@ -5,7 +5,7 @@ GO       ?= go
 MODEL_OPS   ?= 700
 MODEL_SEEDS ?= 3
 
-.PHONY: all build test deps verify fmt-check vet lint tidy-check proto-check protoc model bench soak fuzz run clean proto
+.PHONY: all build test deps tools verify fmt-check vet lint tidy-check proto-check packages-check protoc model bench soak fuzz run clean proto
 
 all: build
 
@@ -16,7 +16,11 @@ build:
 # runs 'verify', and runs every test under the race detector: unit tests,
 # the model test (MODEL_SEEDS seeds x MODEL_OPS operations) and the
 # end-to-end tests against a real 'segmap up' process.
-test: deps verify
+# The Debian packages (network-bound) and the build of the pinned linter
+# (CPU-bound, minutes on a fresh machine) go side by side.
+test:
+	$(MAKE) --no-print-directory -j2 deps tools
+	$(MAKE) --no-print-directory verify
 	SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
 
 # deps: the Debian packages the tests need (qemu-utils, libnbd-bin,
@@ -27,8 +31,18 @@ deps:
 # verify: the static checks, run before the tests, each failing on its own
 # finding: gofmt -s, go vet, golangci-lint (.golangci.yml; pinned in go.mod's
 # tool block) and the house rules (internal/lint), go.mod/go.sum tidy, and
-# api/*.pb.go current with the .proto files.
-verify: fmt-check vet lint tidy-check proto-check
+# api/*.pb.go current with the .proto files, docs/packages.md current.
+verify: fmt-check vet lint tidy-check proto-check packages-check
+
+# tools: builds the tools pinned in go.mod's tool block into the build
+# cache, so that 'go tool' finds them built.
+tools:
+	$(GO) tool -n golangci-lint >/dev/null
+
+# packages-check: docs/packages.md (every package, its job, its imports)
+# is what scripts/packages.sh prints for the tree as it is.
+packages-check:
+	@./scripts/packages.sh | diff -u docs/packages.md - || { echo "docs/packages.md is stale: run scripts/packages.sh > docs/packages.md"; exit 1; }
 
 fmt-check:
 	@out=$$(gofmt -s -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
