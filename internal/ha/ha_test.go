@@ -18,6 +18,7 @@ import (
 	pb "segmap/api/segmapv1"
 	"segmap/internal/etcdtest"
 	"segmap/internal/ha"
+	"segmap/internal/heldport"
 	"segmap/internal/meta"
 	"segmap/internal/table"
 )
@@ -372,14 +373,10 @@ func TestConnSkipsDeadLeader(t *testing.T) {
 		t.Cleanup(gs.Stop)
 		return l.Addr().String()
 	}
-	dead := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		l.Close()
-		return l.Addr().String()
-	}()
+	// A port the test holds with no server on it: it accepts and closes
+	// every connection, as a dead controller's would refuse them, and
+	// no server of the test can be given it.
+	dead := heldport.New(t).Addr()
 	standby := serve(grpc.NewServer(grpc.UnknownServiceHandler(func(any, grpc.ServerStream) error {
 		return ha.NotLeader("s", dead)
 	})))

@@ -47,7 +47,7 @@ func TestOpenDuringControllerRestart(t *testing.T) {
 
 	start := time.Now()
 	s.startController()
-	s.serve(s.addr)
+	s.serve()
 	select {
 	case r := <-opened:
 		if r.err != nil {

@@ -46,7 +46,7 @@ func TestReattachLearnsGrow(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.startController()
-	s.serve(s.addr)
+	s.serve()
 	// The agent may have re-attached to the old server as it stopped:
 	// wait for the size, not for an attach.
 	for deadline := time.Now().Add(10 * time.Second); da.Info().Size != 8*segSize; {

@@ -25,6 +25,7 @@ import (
 	"segmap/internal/agent"
 	"segmap/internal/container"
 	"segmap/internal/controller"
+	"segmap/internal/heldport"
 	"segmap/internal/leaktest"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -78,6 +79,7 @@ type stack struct {
 	bolt   *meta.Bolt
 	ctrl   *controller.Controller
 	epoch  uint64
+	port   *heldport.Port
 	addr   string
 	srv    *transport.Server
 	gs     *grpc.Server
@@ -113,7 +115,7 @@ func newStack(t testing.TB, o stackOptions) *stack {
 			t.Fatal(err)
 		}
 	}
-	s.serve("127.0.0.1:0")
+	s.serve()
 	return s
 }
 
@@ -131,10 +133,22 @@ func (s *stack) startController() {
 	}
 }
 
-// serve serves the mapping protocol for s.ctrl on addr.
-func (s *stack) serve(addr string) {
+// serve serves the mapping protocol for s.ctrl on the stack's port, the
+// same for every serve: the test holds it, so that a restarted server
+// comes back on the address its agents know and nobody can take the
+// port while it is down (it refuses connections then).
+func (s *stack) serve() {
 	s.t.Helper()
-	l, err := net.Listen("tcp", addr)
+	if s.port == nil {
+		s.port = heldport.New(s.t)
+		s.addr = s.port.Addr()
+	}
+	f, err := s.port.File()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	l, err := net.FileListener(f)
+	f.Close()
 	if err != nil {
 		s.t.Fatal(err)
 	}
@@ -147,7 +161,6 @@ func (s *stack) serve(addr string) {
 		Ctrl: s.ctrl, Epoch: s.epoch, Lease: s.opts.lease, CommandTimeout: s.opts.commandTimeout, Logger: quiet,
 	})
 	pb.RegisterMappingServer(s.gs, s.srv)
-	s.addr = l.Addr().String()
 	served := make(chan error, 1)
 	gs := s.gs
 	go func() { served <- gs.Serve(l) }()
@@ -163,6 +176,7 @@ func (s *stack) stopServer() {
 	s.gs.Stop()
 	<-s.served
 	s.gs = nil
+	s.port.Refuse()
 }
 
 // stopController stops the server, the controller and the store, as a
@@ -1265,7 +1279,7 @@ func TestControllerRestart(t *testing.T) {
 
 	start := time.Now()
 	s.startController()
-	s.serve(s.addr)
+	s.serve()
 	if s.epoch <= oldEpoch {
 		t.Fatalf("new epoch %d, old %d", s.epoch, oldEpoch)
 	}
@@ -1358,7 +1372,7 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 		_, err := s.ctrl.CreateDisk(context.Background(), controller.CreateOptions{Name: "e", Size: segSize, SegmentSize: segSize})
 		created <- err
 	}()
-	<-entered
+	await(t, ctx, entered, "the disk creation to hold the lock")
 
 	// The first attempt times out (and the network loses the client's
 	// cancellation).
@@ -1369,20 +1383,20 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 		_, err := c.Fault(cctx, req)
 		called <- err
 	}()
-	sctx := <-started
+	sctx := await(t, ctx, started, "the first attempt to reach the server")
 	p.hold()
-	<-sctx.Done()
+	await(t, ctx, sctx.Done(), "the first attempt's deadline")
 	if !errors.Is(sctx.Err(), context.DeadlineExceeded) {
 		t.Fatalf("the server's context for the first attempt ended with %v, want DeadlineExceeded", sctx.Err())
 	}
-	if err := <-called; status.Code(err) != codes.DeadlineExceeded {
+	if err := await(t, ctx, called, "the first attempt to fail"); status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("first attempt: %v, want DeadlineExceeded", err)
 	}
 	s.gate.open()
-	if err := <-created; err != nil {
+	if err := await(t, ctx, created, "the disk creation"); err != nil {
 		t.Fatal(err)
 	}
-	<-finished // the server has resolved the first attempt, late
+	await(t, ctx, finished, "the server to resolve the first attempt") // late
 	p.resume()
 
 	// The retry, with the same request id.
@@ -1396,6 +1410,19 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 	}
 	if got := s.usedSlots(ctx); got != 1 {
 		t.Errorf("%d slots used after one allocation, want 1", got)
+	}
+}
+
+// await receives from ch, or fails t when ctx ends first: a step that
+// never comes fails the test at once instead of hanging it.
+func await[T any](t *testing.T, ctx context.Context, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-ctx.Done():
+		t.Fatalf("waiting for %s: %v", what, ctx.Err())
+		panic("unreachable")
 	}
 }
 
