@@ -10,13 +10,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"segmap/internal/leaktest"
 	"segmap/internal/nbd"
 	"segmap/internal/nbd/nbdwire"
 	"segmap/internal/tlsconf"
@@ -25,27 +25,11 @@ import (
 // The NBD server (package nbd) these tests run the client against, and
 // the test helpers around it, as the server's own tests have them.
 
-// checkGoroutines fails t if, after its cleanups, the number of goroutines
-// does not return to what it is now. Call it first, so its cleanup runs
-// last.
+// checkGoroutines fails t if, after its cleanups, goroutines it started
+// are still running 2 s later. Call it first, so its cleanup runs last.
 func checkGoroutines(t testing.TB) {
 	t.Helper()
-	n := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(2 * time.Second)
-		for {
-			m := runtime.NumGoroutine()
-			if m <= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				t.Errorf("%d goroutines leaked (%d before, %d after):\n%s", m-n, n, m, buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
+	leaktest.Check(t, leaktest.Within(2*time.Second))
 }
 
 // memExport is an in-memory Export. hook, if set, runs first in every
