@@ -1255,13 +1255,15 @@ func TestHoldEndsEarly(t *testing.T) {
 		want = append(want, a.Name())
 	}
 	slices.Sort(want)
-	c.Store.View(ctx, func(tx *meta.Tx) error {
+	if err := c.Store.View(ctx, func(tx *meta.Tx) error {
 		reg, err := tx.Agents()
 		if err != nil || !slices.Equal(reg, want) {
 			t.Errorf("registry after a full hold: %v, %v; want %v", reg, err, want)
 		}
 		return nil
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestFreeSlotsZeroedAfterRestart: a slot freed in the store whose punch

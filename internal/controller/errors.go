@@ -4,7 +4,7 @@ import "errors"
 
 // The controller's own errors. The errors a host or an agent acts on (no
 // such disk, a read-only disk, no space, an I/O error, a bad request) are
-// the protocol's, in package mapping: the controller returns them wrapped
+// the protocol's, in package protocol: the controller returns them wrapped
 // but unrenamed, so that one name tests them on either side of the
 // transport.
 var (

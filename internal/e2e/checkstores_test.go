@@ -416,6 +416,8 @@ func generateCheckStores(t *testing.T, out string) {
 	}
 }
 
+// copyFile copies from to to (mode 0600), making to's directory; the test
+// fails if it cannot.
 func copyFile(t *testing.T, from, to string) {
 	t.Helper()
 	src, err := os.Open(from)
@@ -423,6 +425,9 @@ func copyFile(t *testing.T, from, to string) {
 		t.Fatal(err)
 	}
 	defer src.Close()
+	if err := os.MkdirAll(filepath.Dir(to), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	dst, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -55,10 +54,8 @@ func TestClusterSecurity(t *testing.T) {
 	refused("another CA's certificate", "certificate", "--certs", other, "disk", "list")
 	// An expired certificate (issued by the right CA).
 	expired := filepath.Join(t.TempDir(), "expired")
-	os.MkdirAll(expired, 0o700)
 	for _, f := range []string{"ca.crt", "ca.key"} {
-		b, _ := os.ReadFile(filepath.Join(c.certs, f))
-		os.WriteFile(filepath.Join(expired, f), b, 0o600)
+		copyFile(t, filepath.Join(c.certs, f), filepath.Join(expired, f))
 	}
 	if _, errOut, code := runBin(t, "certs", "issue", expired, "--role", "admin", "--name", "admin", "--validity", "-1h"); code != 0 {
 		t.Fatal(errOut)
@@ -67,10 +64,8 @@ func TestClusterSecurity(t *testing.T) {
 
 	// Agent A's certificate presented as agent B: the controller refuses.
 	fake := filepath.Join(t.TempDir(), "fake")
-	os.MkdirAll(fake, 0o700)
 	for src, dst := range map[string]string{"ca.crt": "ca.crt", "agent-host-a.crt": "agent-host-b.crt", "agent-host-a.key": "agent-host-b.key"} {
-		b, _ := os.ReadFile(filepath.Join(c.certs, src))
-		os.WriteFile(filepath.Join(fake, dst), b, 0o600)
+		copyFile(t, filepath.Join(c.certs, src), filepath.Join(fake, dst))
 	}
 	cmd := exec.Command(bin, "agent", "--controller", c.ctlAddr, "--name", "host-b", "--nbd-listen", "127.0.0.1:0", "--certs", fake)
 	var out syncBuffer
@@ -104,13 +99,8 @@ func TestClusterNBDTLS(t *testing.T) {
 	}
 	// libnbd wants ca-cert.pem, client-cert.pem and client-key.pem.
 	dir := filepath.Join(t.TempDir(), "host-certs")
-	os.MkdirAll(dir, 0o700)
 	for from, to := range map[string]string{"ca.crt": "ca-cert.pem", "agent-host-a.crt": "client-cert.pem", "agent-host-a.key": "client-key.pem"} {
-		b, err := os.ReadFile(filepath.Join(c.certs, from))
-		if err != nil {
-			t.Fatal(err)
-		}
-		os.WriteFile(filepath.Join(dir, to), b, 0o600)
+		copyFile(t, filepath.Join(c.certs, from), filepath.Join(dir, to))
 	}
 	out := run(t, 30*time.Second, "nbdinfo", "nbds://"+addr+"/sec?tls-certificates="+dir)
 	if !strings.Contains(out, "16777216") || !strings.Contains(out, "TLS") {

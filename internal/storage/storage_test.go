@@ -145,10 +145,16 @@ func TestListWithNbdinfo(t *testing.T) {
 func TestOnlyRegularFiles(t *testing.T) {
 	dir := t.TempDir()
 	create(t, dir, "disk", 1<<20)
-	os.WriteFile(filepath.Join(dir, ".hidden"), make([]byte, 4096), 0o600)
-	os.Mkdir(filepath.Join(dir, "subdir"), 0o700)
-	os.Symlink(filepath.Join(dir, "disk"), filepath.Join(dir, "link"))
-	os.Symlink("/etc/passwd", filepath.Join(dir, "passwd"))
+	for _, err := range []error{
+		os.WriteFile(filepath.Join(dir, ".hidden"), make([]byte, 4096), 0o600),
+		os.Mkdir(filepath.Join(dir, "subdir"), 0o700),
+		os.Symlink(filepath.Join(dir, "disk"), filepath.Join(dir, "link")),
+		os.Symlink("/etc/passwd", filepath.Join(dir, "passwd")),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 	n := startNode(t, dir, "p/")
 	for _, name := range []string{"p/.hidden", "p/subdir", "p/link", "p/passwd", "p/nosuch", "disk", "p/", "p/../disk", "p/subdir/../disk"} {
 		c, err := nbdclient.Dial(bg, n.addr, name, nbdclient.ClientConfig{})
