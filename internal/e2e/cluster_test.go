@@ -187,7 +187,9 @@ func TestClusterKills(t *testing.T) {
 	// Agent kill during writes. The writer fills 64 KiB regions of
 	// [64M, 128M), each with its own pattern, 16 writes in flight at a
 	// time, and flushes after every 16: "flushed N" means regions 0..N-1
-	// are durable. It is killed in the middle, once 64 regions are.
+	// are durable. It is killed in the middle, once 64 regions are; so
+	// that it is surely still writing then, however fast the machine,
+	// it writes the regions over and over (up to 64 passes).
 	const (
 		base    = 64 << 20
 		region  = 64 << 10
@@ -199,17 +201,18 @@ uri, base, region, count, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]
 h = nbd.NBD()
 h.connect_uri(uri)
 i = 0
-while i < count:
+while i < 64 * count:
     batch = []
-    for j in range(i, min(i + depth, count)):
-        buf = nbd.Buffer.from_bytearray(bytearray(struct.pack("<Q", 0x5345474d41500000 + j) * (region // 8)))
-        batch.append((buf, h.aio_pwrite(buf, base + j * region)))
+    for j in range(i, i + depth):
+        k = j % count
+        buf = nbd.Buffer.from_bytearray(bytearray(struct.pack("<Q", 0x5345474d41500000 + k) * (region // 8)))
+        batch.append((buf, h.aio_pwrite(buf, base + k * region)))
     for _, c in batch:
         while not h.aio_command_completed(c):
             h.poll(-1)
     h.flush()
     i += len(batch)
-    print("flushed", i, flush=True)
+    print("flushed", min(i, count), flush=True)
 print("done", flush=True)
 `
 	// verify prints the regions among the first N that do not hold their
