@@ -3,7 +3,7 @@ package agent
 import "errors"
 
 // The agent's own errors. A write to a read-only disk and a failed I/O
-// are the protocol's ErrReadOnly and ErrIO, in package mapping, returned
+// are the protocol's ErrReadOnly and ErrIO, in package protocol, returned
 // wrapped but unrenamed.
 var (
 	// ErrRange is returned for I/O outside the disk.

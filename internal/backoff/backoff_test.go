@@ -20,7 +20,7 @@ func TestDelay(t *testing.T) {
 		want []time.Duration
 	}{
 		{
-			// agent.Open and remote.Client.Fault: min(20ms<<min(try, 6), 1s).
+			// agent.Open and transport.Client.Fault: min(20ms<<min(try, 6), 1s).
 			name: "fault", p: Policy{Initial: 20 * ms, Max: time.Second},
 			want: []time.Duration{20 * ms, 40 * ms, 80 * ms, 160 * ms, 320 * ms, 640 * ms, time.Second, time.Second, time.Second},
 		},
@@ -30,7 +30,7 @@ func TestDelay(t *testing.T) {
 			want: []time.Duration{5 * ms, 10 * ms, 20 * ms, 40 * ms, 80 * ms, 160 * ms, 320 * ms, 640 * ms, time.Second, time.Second},
 		},
 		{
-			// remote.RunAgent: 100ms doubling to 500ms.
+			// transport.RunAgent: 100ms doubling to 500ms.
 			name: "attach", p: Policy{Initial: 100 * ms, Max: 500 * ms},
 			want: []time.Duration{100 * ms, 200 * ms, 400 * ms, 500 * ms, 500 * ms},
 		},
