@@ -140,7 +140,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	if lost != nil {
 		// Agents of an earlier leader may still hold leases.
-		if err := c.Ctrl.Hold(time.Now().Add(transport.DefaultLease)); err != nil {
+		if err := c.Ctrl.Hold(transport.DefaultLease); err != nil {
 			c.Close()
 			return err
 		}

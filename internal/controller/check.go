@@ -332,16 +332,17 @@ func checkCounts(tx *meta.Tx) ([]Problem, error) {
 // slot that looks leaked may not be): then it returns an error matching
 // ErrRepairRefused. A store with nothing to reclaim is not written.
 func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return nil, err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	// Look first, so that a refused or empty repair writes nothing.
 	ps := c.checkFile()
 	if len(ps) > 0 {
 		return nil, Repairable(ps)
 	}
-	err := c.store.View(ctx, func(tx *meta.Tx) error {
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
 		ps, err = check(tx)
 		return err
@@ -353,7 +354,9 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 		return nil, err
 	}
 	var fixed []Problem
+	fr := c.newFreeing()
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
+		fr.reset()
 		ps, err := check(tx)
 		if err != nil {
 			return err
@@ -366,19 +369,15 @@ func (c *Controller) Repair(ctx context.Context) ([]Problem, error) {
 			if err := tx.SetRefs(p.Loc, 0); err != nil {
 				return err
 			}
+			fr.add(p.Loc)
 			fixed = append(fixed, p)
 		}
 		return nil
 	})
+	fr.finish(ctx, err)
 	if err != nil {
-		c.freeFailedLocked()
 		return nil, err
 	}
-	locs := make([]table.Location, len(fixed))
-	for i, p := range fixed {
-		locs[i] = p.Loc
-	}
-	c.punchFreedLocked(ctx, locs)
 	return fixed, nil
 }
 

@@ -18,10 +18,21 @@
 //     before its first allocation (whatever a crash left in it), so a slot
 //     handed out for a Zero fault reads as zero.
 //
-// State changes (faults that change the map, snapshots, creates, deletes,
-// resizes) are serialised by one mutex. That is what makes the "only this
-// table references the slot: just clear NoWrite" shortcut safe against a
-// concurrent snapshot, and it keeps each change one transaction.
+// # Locks
+//
+// Faults run in parallel. A family (a disk, its snapshots and clones: the
+// disks that can share slots) has a read-write lock: a fault takes it
+// shared and then locks its segment index in the family, since sharers
+// share slots only at the same index; what changes the family as a whole
+// (a snapshot, a delete, a resize, a discard) takes it exclusively. That
+// is what makes the "only this table references the slot: just clear
+// NoWrite" shortcut safe against a concurrent snapshot. No other lock is
+// held across a store commit, a container call or an agent command: the
+// allocator's, the staged writes', the open containers' and the agent
+// registry's are leaves. Each change is still one transaction; concurrent
+// ones share a commit (see meta.Store).
+//
+// Lock order: state (shared), family, segment, then any leaf.
 package controller
 
 import (
@@ -80,35 +91,46 @@ type Controller struct {
 	logger     *slog.Logger
 	cmdTimeout time.Duration
 
-	// mu serialises state changes; it is held across agent commands.
-	mu struct {
-		sync.Mutex
-		closed bool
-		conts  map[uint32]container.Container
-		// zeroed are the containers whose free slots are all durably
-		// zero (see zeroSlotLocked).
-		zeroed map[uint32]bool
-		turn   uint64            // allocation round-robin counter
-		hint   map[uint32]uint32 // per container: where to search for a free slot
-		// staged holds the whole-segment writes handed out and not yet
-		// committed, by token; their slots are reserved in memory only.
-		staged    map[uint64]stagedWrite
-		nextToken uint64
-		holdUntil time.Time // see Hold
-		// holdFor are the registered agents the hold still waits for
-		// (nil: none, or no early end); pruned is set once the
-		// registry has been cut down after a hold.
-		holdFor map[string]bool
-		pruned  bool
-		// registered caches the agent registry's names.
-		registered map[string]bool
+	// state is taken shared by every state change and exclusively by
+	// Close: Close waits for the changes under way.
+	state  sync.RWMutex
+	closed atomic.Bool
+
+	// fams and segs are the family and segment locks (see lockFamily).
+	fams keyedLocks[meta.DiskID]
+	segs keyedLocks[famSeg]
+
+	alloc allocator
+	conts openContainers
+
+	// stage holds the whole-segment writes handed out and not yet
+	// committed, by token; their slots are reserved in the allocator.
+	stage struct {
+		mu struct {
+			sync.Mutex
+			writes map[uint64]stagedWrite
+			next   uint64
+		}
+	}
+
+	hold holdState
+
+	// reg caches the store's agent registry. Its lock is held across
+	// the registry's store updates, so that a prune never drops an agent
+	// registered meanwhile.
+	reg struct {
+		mu struct {
+			sync.Mutex
+			names  map[string]bool
+			pruned bool // the registry has been cut down after the last hold
+		}
 	}
 
 	// plans counts the faults resolved, by plan.
 	plans [table.CopyReverse + 1]atomic.Uint64
 
-	// agents is the registry of attached agents and what they map. It is
-	// taken after mu, never before.
+	// agents is the registry of attached agents and what they map. Its
+	// lock is a leaf.
 	agents struct {
 		sync.Mutex
 		byName map[string]*agentState
@@ -133,11 +155,11 @@ func New(cfg Config) *Controller {
 	if c.logger == nil {
 		c.logger = slog.Default()
 	}
-	c.mu.conts = make(map[uint32]container.Container)
-	c.mu.zeroed = make(map[uint32]bool)
-	c.mu.hint = make(map[uint32]uint32)
-	c.mu.staged = make(map[uint64]stagedWrite)
+	c.alloc.init()
+	c.conts.mu.m = make(map[uint32]*openContainer)
+	c.stage.mu.writes = make(map[uint64]stagedWrite)
 	c.agents.byName = make(map[string]*agentState)
+	c.hold.mu.ended = closedChan()
 	return c
 }
 
@@ -166,26 +188,53 @@ func (c *Controller) FaultCounts() map[table.Plan]uint64 {
 	return out
 }
 
-// Close closes the containers the controller opened. It does not close the
-// store.
+// Close waits for the state changes under way and closes the containers
+// the controller opened. It does not close the store.
 func (c *Controller) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.mu.closed = true
-	var errs []error
-	for _, ct := range c.mu.conts {
-		errs = append(errs, ct.Close())
-	}
-	c.mu.conts = nil
-	return errors.Join(errs...)
+	c.closed.Store(true)
+	c.hold.mu.Lock()
+	c.hold.closeOnce()
+	c.hold.mu.Unlock()
+	c.state.Lock()
+	defer c.state.Unlock()
+	return c.conts.closeAll()
 }
 
-// Hold makes every state change wait until t. A controller that starts
-// over a store that agents may still be serving from (it restarted, or
-// took over) holds for one agent lease: by then every agent of the old
-// controller has either re-attached (and forgotten its entries) or, cut
-// off, fenced itself. Without it a snapshot could commit while an agent
-// that has not noticed yet still writes under its old entries.
+// holdState is the hold a controller places as it starts (see Hold).
+type holdState struct {
+	mu struct {
+		sync.Mutex
+		until time.Time
+		// ended is closed when the hold ends early (or the
+		// controller closes): waiters need not wait for until.
+		ended chan struct{}
+		// waitFor are the registered agents the hold still waits for.
+		waitFor map[string]bool
+	}
+}
+
+func closedChan() chan struct{} {
+	ch := make(chan struct{})
+	close(ch)
+	return ch
+}
+
+// closeOnce closes ended if it is not closed yet; mu held.
+func (h *holdState) closeOnce() {
+	select {
+	case <-h.mu.ended:
+	default:
+		close(h.mu.ended)
+	}
+}
+
+// Hold makes every state change wait for d, on the controller's clock. A
+// controller that starts over a store that agents may still be serving
+// from (it restarted, or took over) holds for one agent lease: by then
+// every agent of the old controller has either re-attached (and
+// forgotten its entries) or, cut off, fenced itself. Without it a
+// snapshot could commit while an agent that has not noticed yet still
+// writes under its old entries.
 //
 // The hold ends early once every agent in the store's agent registry has
 // attached to this controller: an agent is registered before any
@@ -193,7 +242,7 @@ func (c *Controller) Close() error {
 // itself first, so then no lease of an earlier controller is left. When
 // the hold has run its course, the registry is cut down to the agents
 // attached here.
-func (c *Controller) Hold(t time.Time) error {
+func (c *Controller) Hold(d time.Duration) error {
 	var reg []string
 	if err := c.store.View(context.Background(), func(tx *meta.Tx) error {
 		var err error
@@ -202,45 +251,89 @@ func (c *Controller) Hold(t time.Time) error {
 	}); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.mu.holdUntil = t
-	c.mu.holdFor = map[string]bool{}
-	c.mu.pruned = false
-	c.mu.registered = map[string]bool{}
+	c.reg.mu.Lock()
+	c.reg.mu.names = map[string]bool{}
+	for _, a := range reg {
+		c.reg.mu.names[a] = true
+	}
+	c.reg.mu.pruned = false
+	c.reg.mu.Unlock()
+
+	h := &c.hold
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closeOnce()
+	h.mu.until = c.now().Add(d)
+	h.mu.ended = make(chan struct{})
+	h.mu.waitFor = map[string]bool{}
 	c.agents.Lock()
 	for _, a := range reg {
-		c.mu.registered[a] = true
 		if c.agents.byName[a] == nil {
-			c.mu.holdFor[a] = true
+			h.mu.waitFor[a] = true
 		}
 	}
 	c.agents.Unlock()
-	if len(c.mu.holdFor) == 0 {
-		c.mu.holdUntil = time.Time{}
+	if len(h.mu.waitFor) == 0 {
+		h.closeOnce()
 	}
 	return nil
 }
 
-// attachedForHold notes that agent name has attached; c.mu held.
+// attachedForHold notes that agent name has attached.
 func (c *Controller) attachedForHold(name string) {
-	if !c.mu.holdFor[name] {
+	h := &c.hold
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.mu.waitFor[name] {
 		return
 	}
-	delete(c.mu.holdFor, name)
-	if len(c.mu.holdFor) == 0 && c.now().Before(c.mu.holdUntil) {
-		c.logger.Info("every registered agent has re-attached: hold ended early")
-		c.mu.holdUntil = time.Time{}
+	delete(h.mu.waitFor, name)
+	if len(h.mu.waitFor) == 0 {
+		select {
+		case <-h.mu.ended:
+		default:
+			c.logger.Info("every registered agent has re-attached: hold ended early")
+			close(h.mu.ended)
+		}
+	}
+}
+
+// waitHold waits until the hold is over. The first state change after a
+// hold that ran its course prunes the agent registry.
+func (c *Controller) waitHold(ctx context.Context) error {
+	h := &c.hold
+	for {
+		h.mu.Lock()
+		ended, until := h.mu.ended, h.mu.until
+		h.mu.Unlock()
+		select {
+		case <-ended:
+			return nil
+		default:
+		}
+		d := until.Sub(c.now())
+		if d <= 0 {
+			c.prune()
+			return nil
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ended:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		}
+		t.Stop()
 	}
 }
 
 // register adds agent name to the store's agent registry, before it is
 // granted a lease.
 func (c *Controller) register(ctx context.Context, name string) error {
-	c.mu.Lock()
-	known := c.mu.registered[name]
-	c.mu.Unlock()
-	if known {
+	c.reg.mu.Lock()
+	defer c.reg.mu.Unlock()
+	if c.reg.mu.names[name] {
 		return nil
 	}
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
@@ -253,23 +346,23 @@ func (c *Controller) register(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("register agent %q: %w", name, err)
 	}
-	c.mu.Lock()
-	if c.mu.registered == nil {
-		c.mu.registered = map[string]bool{}
+	if c.reg.mu.names == nil {
+		c.reg.mu.names = map[string]bool{}
 	}
-	c.mu.registered[name] = true
-	c.mu.Unlock()
+	c.reg.mu.names[name] = true
 	return nil
 }
 
-// prune cuts the agent registry down to the agents attached now, once a
-// hold is over; c.mu held. Failures are only logged: a longer registry
-// only makes the next hold last its full lease.
-func (c *Controller) pruneLocked() {
-	if c.mu.pruned || c.mu.registered == nil {
+// prune cuts the agent registry down to the agents attached now, once
+// after a hold has run its course. Failures are only logged: a longer
+// registry only makes the next hold last its full lease.
+func (c *Controller) prune() {
+	c.reg.mu.Lock()
+	defer c.reg.mu.Unlock()
+	if c.reg.mu.pruned || c.reg.mu.names == nil {
 		return
 	}
-	c.mu.pruned = true
+	c.reg.mu.pruned = true
 	c.agents.Lock()
 	var keep []string
 	for name := range c.agents.byName {
@@ -277,7 +370,7 @@ func (c *Controller) pruneLocked() {
 	}
 	c.agents.Unlock()
 	slices.Sort(keep)
-	if len(keep) == len(c.mu.registered) {
+	if len(keep) == len(c.reg.mu.names) {
 		return
 	}
 	err := c.store.Update(context.Background(), func(tx *meta.Tx) error { return tx.SetAgents(keep) })
@@ -285,39 +378,30 @@ func (c *Controller) pruneLocked() {
 		c.logger.Warn("prune the agent registry", "err", err)
 		return
 	}
-	c.mu.registered = map[string]bool{}
+	c.reg.mu.names = map[string]bool{}
 	for _, a := range keep {
-		c.mu.registered[a] = true
+		c.reg.mu.names[a] = true
 	}
 }
 
-// lockNoHold locks c.mu without waiting for a Hold: for what changes
-// nothing.
-func (c *Controller) lockNoHold() error {
-	c.mu.Lock()
-	if c.mu.closed {
-		c.mu.Unlock()
-		return ErrClosed
+// begin starts a state change: it waits for the hold (unless noHold: for
+// what changes nothing) and takes c.state shared. The caller calls the
+// returned end when done.
+func (c *Controller) begin(ctx context.Context, noHold bool) (end func(), err error) {
+	if c.closed.Load() {
+		return nil, ErrClosed
 	}
-	return nil
-}
-
-func (c *Controller) lock() error {
-	c.mu.Lock()
-	for {
-		if c.mu.closed {
-			c.mu.Unlock()
-			return ErrClosed
+	if !noHold {
+		if err := c.waitHold(ctx); err != nil {
+			return nil, err
 		}
-		d := c.mu.holdUntil.Sub(c.now())
-		if d <= 0 {
-			c.pruneLocked()
-			return nil
-		}
-		c.mu.Unlock()
-		time.Sleep(min(d, 50*time.Millisecond)) // the hold may end early
-		c.mu.Lock()
 	}
+	c.state.RLock()
+	if c.closed.Load() {
+		c.state.RUnlock()
+		return nil, ErrClosed
+	}
+	return c.state.RUnlock, nil
 }
 
 // --- agents -----------------------------------------------------------------
@@ -350,16 +434,16 @@ func (c *Controller) Attach(ctx context.Context, name string, a protocol.Agent, 
 	c.agents.byName[name] = st
 	c.agents.Unlock()
 	// A re-attaching agent lost the staged writes it had not committed.
-	c.mu.Lock()
-	for tok, sw := range c.mu.staged {
+	c.stage.mu.Lock()
+	for tok, sw := range c.stage.mu.writes {
 		if sw.agent == name {
-			delete(c.mu.staged, tok)
+			delete(c.stage.mu.writes, tok)
 			// It may have written the slot: not zero any more.
-			delete(c.mu.zeroed, sw.loc.Container)
+			c.alloc.release(sw.loc, true)
 		}
 	}
+	c.stage.mu.Unlock()
 	c.attachedForHold(name)
-	c.mu.Unlock()
 	return nil
 }
 
@@ -497,8 +581,8 @@ func (c *Controller) forget(id meta.DiskID) {
 // to answer one command.
 const DefaultCommandTimeout = 30 * time.Second
 
-// broadcast runs cmd on every agent that maps disk id except skip, and
-// waits for all of them. Commands run to completion even if the caller's
+// broadcast runs cmd on every agent that maps disk id except skip, all at
+// once, and waits for all of them. Commands run to completion even if the caller's
 // context is cancelled: an operation that has started to change agents
 // must not stop half way because an admin gave up waiting. The first
 // failure is returned, and the caller must not go on to commit anything
@@ -509,12 +593,26 @@ const DefaultCommandTimeout = 30 * time.Second
 func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string, cmd func(context.Context, protocol.Agent) error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cmdTimeout)
 	defer cancel()
-	var errs []error
-	for _, st := range c.mappers(id, skip) {
+	ms := c.mappers(id, skip)
+	errs := make([]error, len(ms))
+	run := func(i int) {
+		st := ms[i]
 		if err := cmd(ctx, st.a); err != nil {
 			c.logger.Warn("agent failed a command", "agent", st.name, "disk", id, "err", err)
-			errs = append(errs, fmt.Errorf("agent %q: %w", st.name, err))
+			errs[i] = fmt.Errorf("agent %q: %w", st.name, err)
 		}
+	}
+	// Agents are told side by side: one that is slow to answer (or
+	// cut off, until its lease runs out) delays the change by its own
+	// time only.
+	if len(ms) == 1 {
+		run(0)
+	} else {
+		var wg sync.WaitGroup
+		for i := range ms {
+			wg.Go(func() { run(i) })
+		}
+		wg.Wait()
 	}
 	return errors.Join(errs...)
 }
@@ -525,10 +623,11 @@ func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string,
 // already exist with its header written; its id and geometry come from the
 // header, and an id that is already registered is refused.
 func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Container, error) {
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return meta.Container{}, err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	ct, err := c.openC(protocol.Container{URI: uri})
 	if err != nil {
 		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
@@ -543,10 +642,7 @@ func (c *Controller) AddContainer(ctx context.Context, uri string) (meta.Contain
 		ct.Close()
 		return meta.Container{}, fmt.Errorf("add container %s: %w", uri, err)
 	}
-	if old := c.mu.conts[rec.ID]; old != nil {
-		old.Close()
-	}
-	c.mu.conts[rec.ID] = ct
+	c.conts.put(rec.ID, ct)
 	return rec, nil
 }
 
@@ -574,11 +670,88 @@ func (c *Controller) ListContainers(ctx context.Context) ([]meta.Container, erro
 	return cs, err
 }
 
-// containerLocked returns the opened container id.
-func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.Container, error) {
-	if ct := c.mu.conts[id]; ct != nil {
-		return ct, nil
+// openContainers are the containers the controller has opened, each
+// opened once: a container whose open hangs (its storage node does not
+// answer) delays only the callers that need it.
+type openContainers struct {
+	mu struct {
+		sync.Mutex
+		m      map[uint32]*openContainer
+		closed bool
 	}
+}
+
+type openContainer struct {
+	ready chan struct{} // closed when the open has finished
+	c     container.Container
+	err   error
+}
+
+// put makes ct container id's opened container, closing one opened before.
+func (o *openContainers) put(id uint32, ct container.Container) {
+	o.mu.Lock()
+	old := o.mu.m[id]
+	oc := &openContainer{ready: closedChan(), c: ct}
+	o.mu.m[id] = oc
+	o.mu.Unlock()
+	if old != nil {
+		<-old.ready
+		if old.c != nil {
+			old.c.Close()
+		}
+	}
+}
+
+func (o *openContainers) closeAll() error {
+	o.mu.Lock()
+	all := o.mu.m
+	o.mu.m = nil
+	o.mu.closed = true
+	o.mu.Unlock()
+	var errs []error
+	for _, oc := range all {
+		<-oc.ready
+		if oc.c != nil {
+			errs = append(errs, oc.c.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// container returns the opened container id, opening it on first use.
+func (c *Controller) container(ctx context.Context, id uint32) (container.Container, error) {
+	o := &c.conts
+	o.mu.Lock()
+	if o.mu.closed {
+		o.mu.Unlock()
+		return nil, ErrClosed
+	}
+	oc := o.mu.m[id]
+	if oc == nil {
+		oc = &openContainer{ready: make(chan struct{})}
+		o.mu.m[id] = oc
+		o.mu.Unlock()
+		oc.c, oc.err = c.openContainer(ctx, id)
+		close(oc.ready)
+		if oc.err != nil {
+			o.mu.Lock()
+			if o.mu.m[id] == oc {
+				delete(o.mu.m, id) // try again next time
+			}
+			o.mu.Unlock()
+		}
+		return oc.c, oc.err
+	}
+	o.mu.Unlock()
+	select {
+	case <-oc.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return oc.c, oc.err
+}
+
+func (c *Controller) openContainer(ctx context.Context, id uint32) (container.Container, error) {
 	var rec meta.Container
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
@@ -591,95 +764,17 @@ func (c *Controller) containerLocked(ctx context.Context, id uint32) (container.
 	if err != nil {
 		return nil, fmt.Errorf("open container %d (%s): %w: %w", id, rec.URI, protocol.ErrIO, err)
 	}
-	c.mu.conts[id] = ct
 	return ct, nil
 }
 
-// allocateLocked chooses a free slot for a disk with segments of slotSize
-// bytes. It does not mark it used: the caller's commit does, under mu.
-func (c *Controller) allocateLocked(ctx context.Context, slotSize uint64) (table.Location, error) {
-	var loc table.Location
-	err := c.store.View(ctx, func(tx *meta.Tx) error {
-		cs, err := tx.Containers()
-		if err != nil {
-			return err
-		}
-		l, ok, err := c.findFreeTx(tx, cs, slotSize, &c.mu.turn, c.mu.hint)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return protocol.ErrNoSpace
-		}
-		loc = l
-		return nil
-	})
-	return loc, err
-}
-
-// reservedLocked reports whether loc is reserved for a staged write.
-func (c *Controller) reservedLocked(loc table.Location) bool {
-	for _, sw := range c.mu.staged {
-		if sw.loc == loc {
-			return true
-		}
-	}
-	return false
-}
-
-// findFreeTx finds a free slot of the given size in tx, round robin over
-// the containers from *turn, skipping slots reserved for staged writes;
-// hint holds, per container, where to search from.
-func (c *Controller) findFreeTx(tx *meta.Tx, cs []meta.Container, slotSize uint64, turn *uint64, hint map[uint32]uint32) (table.Location, bool, error) {
-	for range cs {
-		id, ok := pickContainer(cs, slotSize, *turn)
-		if !ok {
-			return table.Location{}, false, nil
-		}
-		*turn++
-		from := hint[id]
-		for tries := 0; tries <= len(c.mu.staged); tries++ {
-			slot, ok, err := tx.FindFree(id, from)
-			if err != nil {
-				return table.Location{}, false, err
-			}
-			if !ok {
-				break
-			}
-			l := table.Location{Container: id, Slot: slot}
-			if c.reservedLocked(l) {
-				from = slot + 1
-				continue
-			}
-			hint[id] = slot + 1
-			return l, true, nil
-		}
-	}
-	return table.Location{}, false, nil
-}
-
-// zeroSlotLocked makes sure loc, just allocated, reads as zero, durably:
-// the disk's entry is about to point at it, and reads of the parts not
-// written must not show an earlier disk's data. Every free slot of a
-// container is known to be durably zero once zeroFreeLocked has run for it
-// in this controller's life (and frees keep it so: punchFreedLocked), so
-// this costs nothing after the first allocation from each container.
-func (c *Controller) zeroSlotLocked(ctx context.Context, loc table.Location) error {
-	if c.mu.zeroed[loc.Container] {
-		return nil
-	}
-	return c.zeroFreeLocked(ctx, loc.Container)
-}
-
-// zeroFreeLocked punches every free slot of container cid, in runs, and
-// flushes: a crash may have left a slot freed in the store but not yet
-// punched.
-func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
-	ct, err := c.containerLocked(ctx, cid)
+// zeroFree punches every free slot of container cid but those in keep,
+// in runs, and flushes (see ensureZeroedLocked).
+func (c *Controller) zeroFree(ctx context.Context, cid uint32, keep []uint32) error {
+	ct, err := c.container(ctx, cid)
 	if err != nil {
 		return err
 	}
-	var used []uint32
+	used := keep
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		return tx.ForEachRef(cid, func(slot uint32, _ uint32) error {
 			used = append(used, slot)
@@ -698,14 +793,6 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 		}
 		return nil
 	}
-	// Slots handed out for staged writes are free in the store until
-	// their commit, and may already hold an agent's data: they count as
-	// used here.
-	for _, sw := range c.mu.staged {
-		if sw.loc.Container == cid {
-			used = append(used, sw.loc.Slot)
-		}
-	}
 	slices.Sort(used)
 	next := int64(0)
 	for _, s := range used {
@@ -720,18 +807,19 @@ func (c *Controller) zeroFreeLocked(ctx context.Context, cid uint32) error {
 	if err := ct.Flush(); err != nil {
 		return fmt.Errorf("zero free slots of container %d: flush: %w: %w", cid, protocol.ErrIO, err)
 	}
-	c.mu.zeroed[cid] = true
 	c.logger.Debug("free slots zeroed", "container", cid, "used", len(used))
 	return nil
 }
 
-// copySlotLocked copies slot from to slot to and flushes to's container.
-func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location, size uint64) error {
-	src, err := c.containerLocked(ctx, from.Container)
+// copySlot copies slot from to slot to and flushes to's container. It
+// holds no lock: the caller owns to (reserved) and holds the segment lock
+// that keeps from in place.
+func (c *Controller) copySlot(ctx context.Context, from, to table.Location, size uint64) error {
+	src, err := c.container(ctx, from.Container)
 	if err != nil {
 		return err
 	}
-	dst, err := c.containerLocked(ctx, to.Container)
+	dst, err := c.container(ctx, to.Container)
 	if err != nil {
 		return err
 	}
@@ -741,43 +829,46 @@ func (c *Controller) copySlotLocked(ctx context.Context, from, to table.Location
 			return fmt.Errorf("copy-on-write read %v: %w: %w", from, protocol.ErrIO, err)
 		}
 		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
-			delete(c.mu.zeroed, to.Container) // to stays free, and is not zero
 			return fmt.Errorf("copy-on-write write %v: %w: %w", to, protocol.ErrIO, err)
 		}
 	}
 	if err := dst.Flush(); err != nil {
-		delete(c.mu.zeroed, to.Container)
 		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, protocol.ErrIO, err)
 	}
 	return nil
 }
 
-// punchFreedLocked punches slots that a commit freed, so their space goes
-// back to the filesystem, and flushes them: free slots stay durably zero,
-// so allocation need not punch (see zeroSlotLocked). A punch lost to a
-// crash only leaves stale bytes in a free slot, which zeroFreeLocked
-// punches again before the container's next allocation after a restart.
-func (c *Controller) punchFreedLocked(ctx context.Context, freed []table.Location) {
+// punch punches slots that a commit freed, so their space goes back to
+// the filesystem, and flushes them: free slots stay durably zero, so
+// allocation need not punch (see takeSlot). It returns the containers
+// where that failed: their free slots are zeroed again before their next
+// allocation. A punch lost to a crash only leaves stale bytes in a free
+// slot, which ensureZeroedLocked punches again after a restart.
+func (c *Controller) punch(ctx context.Context, freed []table.Location) (failed map[uint32]bool) {
+	failed = map[uint32]bool{}
 	flush := map[uint32]container.Container{}
 	for _, loc := range freed {
-		ct, err := c.containerLocked(ctx, loc.Container)
+		ct, err := c.container(ctx, loc.Container)
 		if err == nil {
 			err = container.FreeSlot(ct, int64(loc.Slot))
 		}
 		if err != nil {
 			c.logger.Warn("punch freed slot", "slot", loc, "err", err)
-			delete(c.mu.zeroed, loc.Container) // zero its free slots again before the next allocation
+			failed[loc.Container] = true
 			continue
 		}
 		flush[loc.Container] = ct
 	}
-	// Free slots are durably zero (see zeroSlotLocked).
 	for cid, ct := range flush {
+		if failed[cid] {
+			continue
+		}
 		if err := ct.Flush(); err != nil {
 			c.logger.Warn("flush punched slots", "container", cid, "err", err)
-			delete(c.mu.zeroed, cid)
+			failed[cid] = true
 		}
 	}
+	return failed
 }
 
 func toMapping(d meta.Disk) protocol.Disk {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"segmap/internal/meta"
@@ -52,17 +53,20 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	if !o.Policy.Valid() {
 		return meta.Disk{}, fmt.Errorf("policy %d: %w", o.Policy, table.ErrBadPolicy)
 	}
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return meta.Disk{}, err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	if o.Preallocate {
-		if err := c.zeroPoolLocked(ctx, o.SegmentSize); err != nil {
+		if err := c.zeroPool(ctx, o.SegmentSize); err != nil {
 			return meta.Disk{}, fmt.Errorf("preallocate %q: %w", o.Name, err)
 		}
 	}
 	var d meta.Disk
-	err := c.store.Update(ctx, func(tx *meta.Tx) error {
+	pre := c.newTaking()
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
+		pre.reset()
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -83,29 +87,33 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 			}
 		}
 		if o.Preallocate {
-			if err := c.preallocateTx(tx, d, 0); err != nil {
+			if err := c.preallocateTx(tx, d, 0, pre); err != nil {
 				return fmt.Errorf("preallocate %q: %w", o.Name, err)
 			}
 		}
 		return nil
 	})
+	pre.finish()
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}
 	if err != nil || !o.Preallocate || d.Segments() <= PreallocateChunk {
 		return d, err
 	}
-	if err := c.preallocateLocked(ctx, d, PreallocateChunk); err != nil {
-		var freed []table.Location
-		if derr := c.store.Update(ctx, func(tx *meta.Tx) error {
-			var err error
-			freed, err = tx.DeleteDisk(d.ID)
+	if err := c.preallocate(ctx, d, PreallocateChunk); err != nil {
+		fr := c.newFreeing()
+		derr := c.store.Update(ctx, func(tx *meta.Tx) error {
+			fr.reset()
+			freed, err := tx.DeleteDisk(d.ID)
+			for _, loc := range freed {
+				fr.add(loc)
+			}
 			return err
-		}); derr != nil {
-			c.freeFailedLocked()
+		})
+		fr.finish(ctx, derr)
+		if derr != nil {
 			c.logger.Warn("delete a disk whose preallocation failed", "disk", d.Name, "err", derr)
 		}
-		c.punchFreedLocked(ctx, freed)
 		return meta.Disk{}, fmt.Errorf("preallocate %q: %w", d.Name, err)
 	}
 	return d, nil
@@ -115,11 +123,10 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 // preallocation maps.
 const PreallocateChunk = 1 << 14
 
-// zeroPoolLocked makes every free slot of the containers of slotSize
-// durably zero, once per controller life (see zeroSlotLocked), so that
-// slots taken without a punch, as a preallocation takes them, read as
-// zeros.
-func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error {
+// zeroPool makes every free slot of the containers of slotSize durably
+// zero (see ensureZeroedLocked), so that slots taken without a punch, as a
+// preallocation takes them, read as zeros.
+func (c *Controller) zeroPool(ctx context.Context, slotSize uint64) error {
 	var cs []meta.Container
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error
@@ -128,9 +135,11 @@ func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error 
 	}); err != nil {
 		return err
 	}
+	c.alloc.mu.Lock()
+	defer c.alloc.mu.Unlock()
 	for _, ct := range cs {
-		if ct.SlotSize == slotSize && !c.mu.zeroed[ct.ID] {
-			if err := c.zeroFreeLocked(ctx, ct.ID); err != nil {
+		if ct.SlotSize == slotSize {
+			if err := c.ensureZeroedLocked(ctx, ct.ID); err != nil {
 				return err
 			}
 		}
@@ -138,30 +147,68 @@ func (c *Controller) zeroPoolLocked(ctx context.Context, slotSize uint64) error 
 	return nil
 }
 
-// preallocateLocked maps segments from `from` on of the new disk d to free
+// preallocate maps segments from `from` on of the new disk d to free
 // slots, in transactions of PreallocateChunk segments. The pool must have
-// been zeroed (zeroPoolLocked).
-func (c *Controller) preallocateLocked(ctx context.Context, d meta.Disk, from uint64) error {
+// been zeroed (zeroPool).
+func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64) error {
 	for first := from; first < d.Segments(); first += PreallocateChunk {
-		if err := c.store.Update(ctx, func(tx *meta.Tx) error { return c.preallocateTx(tx, d, first) }); err != nil {
+		pre := c.newTaking()
+		err := c.store.Update(ctx, func(tx *meta.Tx) error {
+			pre.reset()
+			return c.preallocateTx(tx, d, first, pre)
+		})
+		pre.finish()
+		if errors.Is(err, errNotZeroed) {
+			// A container's free slots were left dirty meanwhile:
+			// zero them again and retry the chunk.
+			if err = c.zeroPool(ctx, d.SegmentSize); err == nil {
+				first -= PreallocateChunk
+				continue
+			}
+		}
+		if err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// taking holds the slots that one transaction takes for itself (a
+// preallocation), reserved from the moment its fn picks them until the
+// commit is over; fn may run more than once (reset at its start).
+type taking struct {
+	c   *Controller
+	all []table.Location
+}
+
+func (c *Controller) newTaking() *taking { return &taking{c: c} }
+
+func (t *taking) reset() {}
+
+// finish gives the reservations back: the slots are used now, or free and
+// still zero.
+func (t *taking) finish() {
+	for _, loc := range t.all {
+		t.c.alloc.release(loc, false)
+	}
+	t.all = nil
+}
+
 // preallocateTx maps segments [first, first+PreallocateChunk) of d (up to
 // its end) to free slots in tx. Free slots are durably zero (see
-// zeroPoolLocked), so the disk reads as zeros.
-func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64) error {
+// zeroPool), so the disk reads as zeros.
+func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64, pre *taking) error {
 	segs := d.Segments()
 	n := min(PreallocateChunk, segs-first)
 	cs, err := tx.Containers()
 	if err != nil {
 		return err
 	}
+	a := &c.alloc
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	es := make([]table.Entry, 0, n)
-	turn, hint := c.mu.turn, maps.Clone(c.mu.hint)
+	turn, hint := a.mu.turn, maps.Clone(a.mu.hint)
 	for len(es) < int(n) {
 		loc, ok, err := c.findFreeTx(tx, cs, d.SegmentSize, &turn, hint)
 		if err != nil {
@@ -170,15 +217,22 @@ func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64) error
 		if !ok {
 			return fmt.Errorf("%d of %d segments: %w", first+uint64(len(es)), segs, protocol.ErrNoSpace)
 		}
+		if !a.zs(loc.Container).done {
+			return fmt.Errorf("container %d: %w", loc.Container, errNotZeroed)
+		}
 		if err := tx.SetRefs(loc, 1); err != nil {
 			return err
 		}
+		// Reserved until the commit is over: an allocation meanwhile
+		// would find it free in the store.
+		a.mu.reserved[loc] = true
+		pre.all = append(pre.all, loc)
 		es = append(es, table.At(loc, false))
 	}
 	if err := tx.SetEntries(d.ID, first, es); err != nil {
 		return err
 	}
-	c.mu.turn, c.mu.hint = turn, hint
+	a.mu.turn, a.mu.hint = turn, hint
 	return nil
 }
 
@@ -278,14 +332,15 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	if o.QuiesceTimeout == 0 {
 		o.QuiesceTimeout = 30 * time.Second
 	}
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return nil, err
 	}
-	defer c.mu.Unlock()
+	defer end()
 
 	// Check everything that can be checked before any agent is touched.
 	srcs := make([]meta.Disk, len(o.Sources))
-	err := c.store.View(ctx, func(tx *meta.Tx) error {
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
 		for i, n := range o.Sources {
 			d, err := tx.Disk(n)
 			if err != nil {
@@ -305,6 +360,13 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	if err != nil {
 		return nil, err
 	}
+	// The sources' families stop faulting that could change them until
+	// the copies are committed.
+	fams := make([]meta.DiskID, len(srcs))
+	for i, d := range srcs {
+		fams[i] = d.Family
+	}
+	defer c.lockFamilies(fams)()
 
 	// 1. Quiesce.
 	if len(srcs) > 1 {
@@ -335,13 +397,21 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	// 2. NoWrite on every agent, Blocking: when it answers, no write
 	// made under the old entries is on its way, and those writes are
 	// durable.
-	for _, d := range srcs {
-		cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
-		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
-			// Nothing is committed; the extra NoWrite bits some agents
-			// got only cost a fault each.
-			return nil, fmt.Errorf("snapshot: set NoWrite on %q: %w", d.Name, err)
-		}
+	errs := make([]error, len(srcs))
+	var wg sync.WaitGroup
+	for i, d := range srcs {
+		wg.Go(func() {
+			cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: 0, Count: d.Segments(), State: table.NoWrite, On: true, Blocking: true}
+			if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+				// Nothing is committed; the extra NoWrite bits some
+				// agents got only cost a fault each.
+				errs[i] = fmt.Errorf("snapshot: set NoWrite on %q: %w", d.Name, err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
 	}
 
 	// 3. One transaction.
@@ -400,10 +470,11 @@ func (c *Controller) Grants(ctx context.Context, name string) (agents []string, 
 
 // Grant lets agents map disk name; with all, any agent may.
 func (c *Controller) Grant(ctx context.Context, name string, agents []string, all bool) error {
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	return wrapNotFound(c.store.Update(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
 		if err != nil {
@@ -429,14 +500,16 @@ func (c *Controller) Grant(ctx context.Context, name string, agents []string, al
 // it first (waiting for its I/O), and cannot map it again. Revoking from a
 // disk any agent may map leaves it to every agent attached now but those.
 func (c *Controller) Revoke(ctx context.Context, name string, agents []string) error {
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	d, err := c.Disk(ctx, name)
 	if err != nil {
 		return err
 	}
+	defer c.lockFamily(d.Family, true)()
 	for _, st := range c.mappers(d.ID, "") {
 		if !slices.Contains(agents, st.name) {
 			continue
@@ -471,39 +544,40 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 // for their I/O to it), then its references are dropped in one transaction;
 // slots no one references any more are freed and punched.
 func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	d, err := c.Disk(ctx, name)
 	if err != nil {
 		return err
 	}
+	defer c.lockFamily(d.Family, true)()
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 		return a.DeleteTable(ctx, protocol.DiskID(d.ID))
 	}); err != nil {
 		return fmt.Errorf("delete %q: %w", name, err)
 	}
 	c.forget(d.ID)
-	var freed []table.Location
+	fr := c.newFreeing()
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
-		var err error
-		freed, err = tx.DeleteDisk(d.ID)
+		fr.reset()
+		freed, err := tx.DeleteDisk(d.ID)
+		for _, loc := range freed {
+			fr.add(loc)
+		}
 		return err
 	})
-	if err != nil {
-		c.freeFailedLocked()
-		return err
-	}
-	c.punchFreedLocked(ctx, freed)
-	return nil
+	fr.finish(ctx, err)
+	return err
 }
 
-// resizeFailedLocked tells the agents that map d the size the store
+// resizeFailed tells the agents that map d the size the store
 // holds after a resize's commit failed: a shrink was told before its
 // commit, and a failed commit may have landed all the same. A failure is
 // only logged.
-func (c *Controller) resizeFailedLocked(ctx context.Context, d meta.Disk) {
+func (c *Controller) resizeFailed(ctx context.Context, d meta.Disk) {
 	cur, err := c.Disk(ctx, d.Name)
 	if err != nil || cur.ID != d.ID {
 		c.logger.Warn("reload a disk after a failed resize", "disk", d.Name, "err", err)
@@ -522,14 +596,16 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 	if err := ValidSize(size); err != nil {
 		return meta.Disk{}, err
 	}
-	if err := c.lock(); err != nil {
+	end, err := c.begin(ctx, false)
+	if err != nil {
 		return meta.Disk{}, err
 	}
-	defer c.mu.Unlock()
+	defer end()
 	d, err := c.Disk(ctx, name)
 	if err != nil {
 		return meta.Disk{}, err
 	}
+	defer c.lockFamily(d.Family, true)()
 	if err := ValidGeometry(size, d.SegmentSize); err != nil {
 		return meta.Disk{}, err
 	}
@@ -557,9 +633,9 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 			return meta.Disk{}, fmt.Errorf("shrink %q: %w", name, err)
 		}
 	}
-	var freed []table.Location
+	fr := c.newFreeing()
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
-		freed = freed[:0]
+		fr.reset()
 		if size < d.Size {
 			from := nd.Segments()
 			if err := tx.Unshare(d.ID, from, d.Segments()-from); err != nil {
@@ -574,7 +650,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 				}
 				n, err := meta.AddRefs(tx, e.Loc, -1)
 				if n == 0 && err == nil {
-					freed = append(freed, e.Loc)
+					fr.add(e.Loc)
 				}
 				return err
 			}); err != nil {
@@ -583,12 +659,11 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		}
 		return tx.PutDisk(nd)
 	})
+	fr.finish(ctx, err)
 	if err != nil {
-		c.freeFailedLocked()
-		c.resizeFailedLocked(ctx, d)
+		c.resizeFailed(ctx, d)
 		return meta.Disk{}, err
 	}
-	c.punchFreedLocked(ctx, freed)
 	if size > d.Size {
 		if err := newTable(); err != nil {
 			return meta.Disk{}, fmt.Errorf("grow %q: committed, but %w", name, err)

@@ -37,3 +37,7 @@ var (
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )
+
+// errNotZeroed is a preallocation that met a container whose free slots
+// are not known to be zero: the caller zeroes them and tries again.
+var errNotZeroed = errors.New("free slots not zeroed")

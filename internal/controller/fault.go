@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -24,33 +25,25 @@ import (
 // that agent), and a write acknowledged under the new entry would then be
 // invisible to its reads.
 func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
-	lock := c.lock
-	if f.Op == protocol.FaultRead {
-		lock = c.lockNoHold
-	}
-	if err := lock(); err != nil {
+	end, err := c.begin(ctx, f.Op == protocol.FaultRead)
+	if err != nil {
 		return protocol.Reply{}, err
 	}
-	defer c.mu.Unlock()
-	if f.Op == protocol.FaultCommit {
-		// A commit that fails before it reaches its stage (a store
-		// read failed, say) ends the stage all the same: the agent
-		// does not ask again, and the slot, reserved in memory only,
-		// would stay out of use until the agent re-attached. It goes
-		// back to the free slots, holding the agent's data.
-		defer func() {
-			if sw, ok := c.mu.staged[f.Token]; ok && sw.agent == f.Agent {
-				delete(c.mu.staged, f.Token)
-				delete(c.mu.zeroed, sw.loc.Container)
-			}
-		}()
-	}
+	defer end()
 
 	id := meta.DiskID(f.Disk)
 	c.agents.Lock()
 	st := c.agents.byName[f.Agent]
 	mapped := st != nil && st.disks[id]
 	c.agents.Unlock()
+	if f.Op == protocol.FaultCommit {
+		// A commit that fails before it reaches its stage (a store
+		// read failed, say) ends the stage all the same: the agent
+		// does not ask again, and the slot, reserved in memory only,
+		// would stay out of use until the agent re-attached. It goes
+		// back to the free slots, holding the agent's data.
+		defer c.dropStage(f.Token, f.Agent)
+	}
 	if st == nil {
 		return protocol.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
 	}
@@ -76,17 +69,30 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		if f.Count != 1 {
 			return protocol.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, protocol.ErrBadRequest)
 		}
-		if f.Op == protocol.FaultWrite && d.ReadOnly {
+		if f.Op == protocol.FaultRead {
+			// A read resolves to loading the entry (or Deny), which
+			// changes nothing: it takes no lock. A reply computed
+			// before a concurrent change and arriving after it is
+			// dropped by the agent (the change's command came in
+			// between).
+			return c.faultSeg(ctx, f, d)
+		}
+		if d.ReadOnly {
 			return protocol.Reply{}, fmt.Errorf("write to %q: %w", d.Name, protocol.ErrReadOnly)
 		}
-		return c.faultLocked(ctx, f, d)
+		defer c.lockFamily(d.Family, false)()
+		defer c.lockSegment(d.Family, f.Segment)()
+		return c.faultSeg(ctx, f, d)
 	case protocol.FaultCommit:
-		return c.commitLocked(ctx, f, d)
+		defer c.lockFamily(d.Family, false)()
+		defer c.lockSegment(d.Family, f.Segment)()
+		return c.commit(ctx, f, d)
 	case protocol.FaultDiscard:
 		if d.ReadOnly {
 			return protocol.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, protocol.ErrReadOnly)
 		}
-		return c.discardLocked(ctx, d, f.Segment, f.Count)
+		defer c.lockFamily(d.Family, true)()
+		return c.discard(ctx, d, f.Segment, f.Count)
 	}
 	return protocol.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, protocol.ErrBadRequest)
 }
@@ -124,8 +130,9 @@ func effective(e table.Entry, refs uint32) table.Entry {
 	return e
 }
 
-// faultLocked resolves a read or write fault on one segment.
-func (c *Controller) faultLocked(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
+// faultSeg resolves a read or write fault on one segment; for a write, the
+// caller holds the family lock shared and the segment's lock.
+func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
 	seg := f.Segment
 	var e table.Entry
 	var refs uint32
@@ -178,28 +185,27 @@ func (c *Controller) faultLocked(ctx context.Context, f protocol.Fault, d meta.D
 		return protocol.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, protocol.ErrIO)
 
 	case table.Allocate:
-		loc, err := c.allocateLocked(ctx, d.SegmentSize)
+		loc, err := c.takeSlot(ctx, d.SegmentSize)
 		if err != nil {
 			return protocol.Reply{}, err
 		}
-		if err := c.zeroSlotLocked(ctx, loc); err != nil {
-			return protocol.Reply{}, err
-		}
 		ne := table.At(loc, false)
-		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
+		err = c.store.Update(ctx, func(tx *meta.Tx) error {
 			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
 				return err
 			}
 			_, err := meta.AddRefs(tx, loc, 1)
 			return err
-		}); err != nil {
-			c.unsettledLocked(ctx, seg, d)
+		})
+		c.alloc.release(loc, false) // used, or free and still zero
+		if err != nil {
+			c.unsettled(ctx, seg, d)
 			return protocol.Reply{}, err
 		}
 		// Agents that loaded the Zero entry would keep reading zeros
 		// after the faulting agent's write: move them, before that
 		// write can be acknowledged.
-		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
+		if err := c.moveMappers(ctx, d, seg, ne); err != nil {
 			return protocol.Reply{}, err
 		}
 		return reply(ne)
@@ -218,55 +224,61 @@ func (c *Controller) faultLocked(ctx context.Context, f protocol.Fault, d meta.D
 	case table.MoveForward:
 		// Nothing to copy, but the map may move only once the new data
 		// is durable in the new slot: stage the write.
-		loc, err := c.allocateLocked(ctx, d.SegmentSize)
+		loc, err := c.takeSlot(ctx, d.SegmentSize)
 		if err != nil {
 			return protocol.Reply{}, err
 		}
-		if err := c.zeroSlotLocked(ctx, loc); err != nil {
-			return protocol.Reply{}, err
-		}
-		c.mu.nextToken++
-		tok := c.mu.nextToken
-		c.mu.staged[tok] = stagedWrite{agent: f.Agent, disk: d.ID, seg: seg, loc: loc, old: e.Loc}
+		c.stage.mu.Lock()
+		c.stage.mu.next++
+		tok := c.stage.mu.next
+		c.stage.mu.writes[tok] = stagedWrite{agent: f.Agent, disk: d.ID, seg: seg, loc: loc, old: e.Loc}
+		c.stage.mu.Unlock()
 		return protocol.Reply{First: seg, Stage: &protocol.Stage{Loc: loc, Token: tok}}, nil
 
 	case table.CopyForward:
-		loc, err := c.allocateLocked(ctx, d.SegmentSize)
+		loc, err := c.takeSlot(ctx, d.SegmentSize)
 		if err != nil {
 			return protocol.Reply{}, err
 		}
-		if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
+		if err := c.copySlot(ctx, e.Loc, loc, d.SegmentSize); err != nil {
+			c.alloc.release(loc, true) // it may hold part of the copy
 			return protocol.Reply{}, err
 		}
 		ne := table.At(loc, false)
-		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
+		fr := c.newFreeing()
+		err = c.store.Update(ctx, func(tx *meta.Tx) error {
+			fr.reset()
 			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
 				return err
 			}
-			if _, err := meta.AddRefs(tx, e.Loc, -1); err != nil {
+			if n, err := meta.AddRefs(tx, e.Loc, -1); err != nil {
 				return err
+			} else if n == 0 {
+				fr.add(e.Loc) // its other sharers went away meanwhile
 			}
 			_, err := meta.AddRefs(tx, loc, 1)
 			return err
-		}); err != nil {
-			delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
-			c.unsettledLocked(ctx, seg, d)
+		})
+		fr.finish(ctx, err)
+		c.alloc.release(loc, err != nil) // on failure the copy stays in a free slot
+		if err != nil {
+			c.unsettled(ctx, seg, d)
 			return protocol.Reply{}, err
 		}
-		if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
+		if err := c.moveMappers(ctx, d, seg, ne); err != nil {
 			return protocol.Reply{}, err
 		}
 		return reply(ne)
 
 	case table.CopyReverse:
-		return c.reverseLocked(ctx, f, d, e, refs)
+		return c.reverse(ctx, f, d, e, refs)
 	}
 	return protocol.Reply{}, fmt.Errorf("unhandled fault plan: %w", protocol.ErrBadRequest)
 }
 
-// reverseLocked is the reverse-delta copy-on-write: the other sharers of
-// the slot move to a copy, and the faulting disk keeps the original slot.
-func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta.Disk, e table.Entry, refs uint32) (protocol.Reply, error) {
+// reverse is the reverse-delta copy-on-write: the other sharers of the
+// slot move to a copy, and the faulting disk keeps the original slot.
+func (c *Controller) reverse(ctx context.Context, f protocol.Fault, d meta.Disk, e table.Entry, refs uint32) (protocol.Reply, error) {
 	seg := f.Segment
 	// Find the other sharers: only disks of the same family share slots,
 	// and always at the same segment index.
@@ -299,16 +311,17 @@ func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta
 		return protocol.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
 	}
 
-	loc, err := c.allocateLocked(ctx, d.SegmentSize)
+	loc, err := c.takeSlot(ctx, d.SegmentSize)
 	if err != nil {
 		return protocol.Reply{}, err
 	}
-	if err := c.copySlotLocked(ctx, e.Loc, loc, d.SegmentSize); err != nil {
+	if err := c.copySlot(ctx, e.Loc, loc, d.SegmentSize); err != nil {
+		c.alloc.release(loc, true)
 		return protocol.Reply{}, err
 	}
 	// The sharers now point at the copy, NoWrite while it is still shared.
 	moved := table.At(loc, len(sharers) > 1)
-	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
+	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		for _, o := range sharers {
 			if err := tx.SetEntries(o.ID, seg, []table.Entry{moved}); err != nil {
 				return err
@@ -318,9 +331,10 @@ func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta
 			return err
 		}
 		return tx.SetRefs(e.Loc, 1)
-	}); err != nil {
-		delete(c.mu.zeroed, loc.Container) // the copy stays in a free slot
-		c.unsettledLocked(ctx, seg, append(sharers, d)...)
+	})
+	c.alloc.release(loc, err != nil) // on failure the copy stays in a free slot
+	if err != nil {
+		c.unsettled(ctx, seg, append(sharers, d)...)
 		return protocol.Reply{}, err
 	}
 	// Their agents move, Blocking: reads of the original slot made under
@@ -331,13 +345,17 @@ func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta
 	// are told all the same, even after one failed: the move is
 	// committed, and an agent never told of a sharer's move would go on
 	// reading the original slot for it after that later fault's writes.
-	var errs []error
-	for _, o := range sharers {
-		cmd := protocol.SetEntry{Disk: protocol.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
-		if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-			errs = append(errs, fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err))
-		}
+	errs := make([]error, len(sharers))
+	var wg sync.WaitGroup
+	for i, o := range sharers {
+		wg.Go(func() {
+			cmd := protocol.SetEntry{Disk: protocol.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
+			if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+				errs[i] = fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err)
+			}
+		})
 	}
+	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return protocol.Reply{}, err
 	}
@@ -346,16 +364,16 @@ func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta
 	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
 	}); err != nil {
-		c.unsettledLocked(ctx, seg, d)
+		c.unsettled(ctx, seg, d)
 		return protocol.Reply{}, err
 	}
-	if err := c.moveMappersLocked(ctx, d, seg, ne); err != nil {
+	if err := c.moveMappers(ctx, d, seg, ne); err != nil {
 		return protocol.Reply{}, err
 	}
 	return protocol.Reply{First: seg, Entries: []table.Entry{ne}}, nil
 }
 
-// moveMappersLocked sends a committed entry to every agent mapping d and
+// moveMappers sends a committed entry to every agent mapping d and
 // waits for them: after a copy-on-write or an allocation, none of them may
 // read the old location (or zeros) once the faulting agent's retried write
 // has landed and been acknowledged. The faulting agent is told too: the
@@ -366,7 +384,7 @@ func (c *Controller) reverseLocked(ctx context.Context, f protocol.Fault, d meta
 // already have been acknowledged. If one fails, so does the fault: the
 // write is not done, and what the others read is what the disk held before
 // it.
-func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
+func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
 	cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
 		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
@@ -374,7 +392,7 @@ func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uin
 	return nil
 }
 
-// unsettledLocked makes every agent that maps one of disks drop its entry
+// unsettled makes every agent that maps one of disks drop its entry
 // for segment seg (Invalid, Blocking), after an Update of that entry
 // failed. A failed Update may have committed all the same (the fsync of a
 // commit can fail after its pages reached the disk), so the entries the
@@ -384,7 +402,7 @@ func (c *Controller) moveMappersLocked(ctx context.Context, d meta.Disk, seg uin
 // entry would not see them. Dropped, they are loaded again from the store
 // by the next fault, whichever way the commit went. A failure to tell an
 // agent is only logged: the fault fails anyway.
-func (c *Controller) unsettledLocked(ctx context.Context, seg uint64, disks ...meta.Disk) {
+func (c *Controller) unsettled(ctx context.Context, seg uint64, disks ...meta.Disk) {
 	for _, d := range disks {
 		cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
 		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
@@ -392,14 +410,6 @@ func (c *Controller) unsettledLocked(ctx context.Context, seg uint64, disks ...m
 		}
 	}
 }
-
-// freeFailedLocked is called when an Update that frees slots has failed:
-// it may have committed all the same (see unsettledLocked), leaving the
-// slots it freed unpunched, with a disk's data in them. No container's
-// free slots are known to be zero any more: each is zeroed again before
-// its next allocation (see zeroSlotLocked), or a Zero fault could be
-// handed another disk's data.
-func (c *Controller) freeFailedLocked() { clear(c.mu.zeroed) }
 
 // stagedWrite is a whole-segment write handed to an agent and not yet
 // committed: the agent writes the segment to loc and then commits.
@@ -411,21 +421,42 @@ type stagedWrite struct {
 	old   table.Location // the shared slot the disk maps now
 }
 
-// commitLocked commits a staged write: the disk's entry moves from the
-// shared slot to the staged one, which the agent has written and flushed.
-// If the entry changed meanwhile (a discard, a delete, another write's
+// dropStage ends the staged write of token tok if agent owns it: its slot
+// goes back to the free slots, with whatever the agent wrote in it.
+func (c *Controller) dropStage(tok uint64, agent string) {
+	c.stage.mu.Lock()
+	sw, ok := c.stage.mu.writes[tok]
+	if ok && sw.agent == agent {
+		delete(c.stage.mu.writes, tok)
+	}
+	c.stage.mu.Unlock()
+	if ok && sw.agent == agent {
+		c.alloc.release(sw.loc, true)
+	}
+}
+
+// commit commits a staged write: the disk's entry moves from the shared
+// slot to the staged one, which the agent has written and flushed. If the
+// entry changed meanwhile (a discard, a delete, another write's
 // copy-on-write), the staged slot is given back and the agent is told to
-// start again.
-func (c *Controller) commitLocked(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
-	sw, ok := c.mu.staged[f.Token]
-	if !ok || sw.agent != f.Agent || sw.disk != d.ID || sw.seg != f.Segment {
+// start again. The caller holds the family lock shared and the segment's
+// lock.
+func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
+	c.stage.mu.Lock()
+	sw, ok := c.stage.mu.writes[f.Token]
+	if ok && sw.agent == f.Agent && sw.disk == d.ID && sw.seg == f.Segment {
+		delete(c.stage.mu.writes, f.Token)
+	} else {
+		ok = false
+	}
+	c.stage.mu.Unlock()
+	if !ok {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)
 	}
-	delete(c.mu.staged, f.Token)
 	ne := table.At(sw.loc, false)
-	var freed []table.Location
+	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
-		freed = freed[:0]
+		fr.reset()
 		es, err := tx.Entries(d.ID, sw.seg, 1)
 		if err != nil {
 			return err
@@ -452,24 +483,24 @@ func (c *Controller) commitLocked(ctx context.Context, f protocol.Fault, d meta.
 		if n, err := meta.AddRefs(tx, sw.old, -1); err != nil {
 			return err
 		} else if n == 0 {
-			freed = append(freed, sw.old)
+			fr.add(sw.old)
 		}
 		_, err = meta.AddRefs(tx, sw.loc, 1)
 		return err
 	})
-	if err != nil {
-		// The staged slot goes back to the free slots with the
-		// agent's data in it: zero the container's free slots again
-		// before its next allocation.
-		delete(c.mu.zeroed, sw.loc.Container)
-		if !errors.Is(err, protocol.ErrStale) {
-			c.freeFailedLocked() // it may have freed the old slot
-			c.unsettledLocked(ctx, sw.seg, d)
-		}
+	// On failure the staged slot goes back to the free slots with the
+	// agent's data in it.
+	c.alloc.release(sw.loc, err != nil)
+	if errors.Is(err, protocol.ErrStale) {
+		fr.finish(ctx, nil) // nothing was freed
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
-	c.punchFreedLocked(ctx, freed)
-	if err := c.moveMappersLocked(ctx, d, sw.seg, ne); err != nil {
+	fr.finish(ctx, err)
+	if err != nil {
+		c.unsettled(ctx, sw.seg, d)
+		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
+	}
+	if err := c.moveMappers(ctx, d, sw.seg, ne); err != nil {
 		return protocol.Reply{}, err
 	}
 	return protocol.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil
@@ -478,9 +509,10 @@ func (c *Controller) commitLocked(ctx context.Context, f protocol.Fault, d meta.
 // MaxDiscard is the most segments one discard fault may cover.
 const MaxDiscard = 1 << 16
 
-// discardLocked returns segments [first, first+n) of d to Zero, freeing
-// the slots no one else references.
-func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n uint64) (protocol.Reply, error) {
+// discard returns segments [first, first+n) of d to Zero, freeing the
+// slots no one else references. The caller holds the family lock
+// exclusively.
+func (c *Controller) discard(ctx context.Context, d meta.Disk, first, n uint64) (protocol.Reply, error) {
 	if n > MaxDiscard {
 		return protocol.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, protocol.ErrBadRequest)
 	}
@@ -496,9 +528,9 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 		zeros[i] = table.ZeroEntry
 	}
 
-	var freed []table.Location
-	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
-		freed = freed[:0]
+	fr := c.newFreeing()
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
+		fr.reset()
 		// Shared pages first become the disk's own, so that each
 		// entry's slot count is the one to drop.
 		if err := tx.Unshare(d.ID, first, n); err != nil {
@@ -517,15 +549,15 @@ func (c *Controller) discardLocked(ctx context.Context, d meta.Disk, first, n ui
 				return err
 			}
 			if k == 0 {
-				freed = append(freed, e.Loc)
+				fr.add(e.Loc)
 			}
 		}
 		return tx.SetEntries(d.ID, first, zeros)
-	}); err != nil {
-		c.freeFailedLocked()
+	})
+	fr.finish(ctx, err)
+	if err != nil {
 		return protocol.Reply{}, err
 	}
-	c.punchFreedLocked(ctx, freed)
 	// Now the agents may read zeros without asking. A failure here only
 	// costs them a fault each.
 	set := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: first, Entries: zeros}

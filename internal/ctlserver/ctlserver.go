@@ -112,7 +112,7 @@ func Lead(ctx context.Context, cfg LeadConfig) (*Leader, error) {
 	}
 	// Agents of an earlier controller may still hold leases: change
 	// nothing until those have run out.
-	if err := ctrl.Hold(time.Now().Add(cfg.Lease)); err != nil {
+	if err := ctrl.Hold(cfg.Lease); err != nil {
 		ctrl.Close()
 		return nil, err
 	}

@@ -171,8 +171,9 @@ func TestNoWallClock(t *testing.T) {
 	// Key: "file func time.X".
 	allowed := map[string]string{
 		"internal/controller/controller.go New time.Now": "Config.Now's documented default: the one place the real clock enters",
-		"internal/controller/controller.go (*Controller).lock time.Sleep": "waits out a Hold (whose end is judged by c.now); " +
-			"a pause, not a reading of the clock: injecting a sleeper would add a Config field nothing sets",
+		"internal/controller/controller.go (*Controller).waitHold time.NewTimer": "waits out a Hold (whose end is judged by c.now, " +
+			"and which an attach can end early through a channel); a pause, not a reading of the clock: " +
+			"injecting a timer would add a Config field nothing sets",
 	}
 	found := map[string]string{}
 	for _, f := range parseTree(t, dirs...) {
@@ -265,8 +266,10 @@ func TestMutexInMuStruct(t *testing.T) {
 	// Key: "file Type.field" (nested struct fields joined with dots; an
 	// embedded mutex is named Mutex or RWMutex).
 	allowed := map[string]string{
-		"internal/controller/controller.go Controller.agents.Mutex": "a second lock, taken after mu and never before (documented on the field); " +
+		"internal/controller/controller.go Controller.agents.Mutex": "a leaf lock beside the others (documented on the field); " +
 			"it cannot also be called mu",
+		"internal/controller/controller.go Controller.state": "serialises Close against the state changes under way; guards no field",
+		"internal/controller/locks.go keyedLock.RWMutex":     "the lock keyedLocks hands out; guards no field of its own",
 		// Locks that serialise an operation and guard no field: there is
 		// nothing to group with them.
 		"internal/agent/agent.go Agent.openMu":                "serialises Open and Disk.Close; guards no field",

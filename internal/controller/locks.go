@@ -1,0 +1,103 @@
+package controller
+
+import (
+	"slices"
+	"sync"
+
+	"segmap/internal/meta"
+)
+
+// keyedLocks hands out one lock per key, made on first use and dropped
+// when no one holds or waits for it, so that a controller with millions of
+// segments keeps locks only for those being worked on.
+type keyedLocks[K comparable] struct {
+	mu struct {
+		sync.Mutex
+		m map[K]*keyedLock
+	}
+}
+
+type keyedLock struct {
+	sync.RWMutex
+	users int // holders and waiters; guarded by keyedLocks.mu
+}
+
+// get returns the lock of key, counted as used until put.
+func (k *keyedLocks[K]) get(key K) *keyedLock {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.mu.m == nil {
+		k.mu.m = make(map[K]*keyedLock)
+	}
+	l := k.mu.m[key]
+	if l == nil {
+		l = &keyedLock{}
+		k.mu.m[key] = l
+	}
+	l.users++
+	return l
+}
+
+// put gives back a lock got from get (after unlocking it).
+func (k *keyedLocks[K]) put(key K, l *keyedLock) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if l.users--; l.users == 0 {
+		delete(k.mu.m, key)
+	}
+}
+
+// famSeg names one segment index of one family: the unit of a fault's
+// lock. Disks of a family share slots only at the same segment index (see
+// meta.Disk.Family), so faults on different indexes never touch the same
+// entry or slot.
+type famSeg struct {
+	fam meta.DiskID
+	seg uint64
+}
+
+// lockFamily locks family fam: shared for faults, which lock their
+// segment too, exclusive for what changes the family as a whole
+// (snapshots, deletes, resizes, discards, revokes). It returns the
+// unlock.
+func (c *Controller) lockFamily(fam meta.DiskID, exclusive bool) (unlock func()) {
+	l := c.fams.get(fam)
+	if exclusive {
+		l.Lock()
+		return func() { l.Unlock(); c.fams.put(fam, l) }
+	}
+	l.RLock()
+	return func() { l.RUnlock(); c.fams.put(fam, l) }
+}
+
+// lockFamilies locks families exclusively, in ascending order so that two
+// group snapshots cannot deadlock.
+func (c *Controller) lockFamilies(fams []meta.DiskID) (unlock func()) {
+	seen := map[meta.DiskID]bool{}
+	var ids []meta.DiskID
+	for _, f := range fams {
+		if !seen[f] {
+			seen[f] = true
+			ids = append(ids, f)
+		}
+	}
+	slices.Sort(ids)
+	unlocks := make([]func(), 0, len(ids))
+	for _, f := range ids {
+		unlocks = append(unlocks, c.lockFamily(f, true))
+	}
+	return func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
+}
+
+// lockSegment locks segment index seg of family fam, whose lock the
+// caller holds shared.
+func (c *Controller) lockSegment(fam meta.DiskID, seg uint64) (unlock func()) {
+	k := famSeg{fam, seg}
+	l := c.segs.get(k)
+	l.Lock()
+	return func() { l.Unlock(); c.segs.put(k, l) }
+}
