@@ -5,7 +5,8 @@
 PY=/usr/bin/python3
 
 bench_cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # SIGCONT too: a server left stopped (SIGSTOP) would never act on the TERM.
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null && kill -CONT "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
