@@ -90,8 +90,17 @@ start_storage() {
 # only what is written).
 du_bytes() { du --block-size=1 -s -c "$@" | awk 'END {print $1}'; }
 
-# stop_pid PID: stop one server this script started and wait for it.
-stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# alive PID: whether PID runs (an exited child not yet waited for does not).
+alive() { case $(ps -o stat= -p "$1" 2>/dev/null) in '' | Z*) return 1 ;; esac; }
+
+# stop_pid PID: stop one server this script started and wait for it: a
+# minute for a clean stop (SIGTERM), then SIGKILL.
+stop_pid() {
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 600); do alive "$1" || break; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 
 # fio_summary FILE: reads fio's JSON output in FILE (past the line the nbd
 # engine prints first) and prints the first job's "read" or "write" side,

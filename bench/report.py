@@ -277,7 +277,7 @@ if stall:
           "container has 128 KiB slots and disk A (4 times B's size) 128 KiB segments, node B's 64 KiB slots "
           f"and disk B 64 KiB segments ({r0['segments']:,} of them). *calm*: B snapshotted, then one 4 KiB write "
           "per segment of B (the strided pattern of section 2, depth 1), each a copy-on-write fault. *stalled*: "
-          "A and B snapshotted, a writer starts the same pattern on A, node A is stopped (SIGSTOP) while that "
+          "A and B snapshotted, a writer starts the same pattern on A at depth 16, node A is stopped (SIGSTOP) while that "
           "writer faults on it, then B's pass as in calm; then node A is continued (SIGCONT). Latency is fio's "
           f"completion latency of B's writes. A pass not done within {r0['timeout_s']} s is killed and counted "
           "*stuck* (its figures are fio's last report before the kill). The verdict takes the worst run's p99 "

@@ -13,7 +13,7 @@
 #            strided first-write pattern of cow.sh, depth 1): every write a
 #            copy-on-write fault; nothing stalled
 #   stalled  disks A and B snapshotted; a writer starts the same pattern on
-#            A; after STALL_LEAD seconds node A is stopped (SIGSTOP) with
+#            A, at depth 16; after STALL_LEAD seconds node A is stopped (SIGSTOP) with
 #            A's writer faulting on it (the line says a_done_early if it had
 #            finished: then nothing was measured); then B's pass as in calm;
 #            then node A is continued (SIGCONT) and A's writer finishes
@@ -41,15 +41,16 @@ trap bench_cleanup EXIT
 
 if [ -n "${SEGMAP_BIN:-}" ]; then cp "$SEGMAP_BIN" "$work/segmap"; else go build -o "$work/segmap" ./cmd/segmap; fi
 
-# first DISK SEGKB MB OUT LIMIT: one 4 KiB write per segment of DISK (MB
-# MiB) at depth 1, killed after LIMIT seconds; fio JSON to OUT, a report every second (so
-# that a pass killed while hung still says how far it got). Its exit status
-# is the caller's.
+# first DISK SEGKB MB LIMIT QD: sets fa to the command of one 4 KiB write
+# per segment of DISK (MB MiB) at depth QD, killed after LIMIT seconds; fio JSON
+# to stdout, a report every second (so that a pass killed while hung still
+# says how far it got). The command is timeout itself: run in the
+# background, $! is the process to stop (timeout passes a TERM on to fio).
 first() {
   # --thread: a job process of its own would escape the kill.
-  timeout -k 5 "$5" fio --name="$1" --ioengine=nbd --uri="nbd://127.0.0.1:$sp/$1" --rw=write --bs=4k \
-    --zonemode=strided --zonesize=4k --zonerange="$2"k --size="$3"M \
-    --io_size=$(($3 * 1024 / $2 * 4))k --iodepth=1 --thread --output-format=json --status-interval=1 >"$4"
+  fa=(timeout -k 5 "$4" fio --name="$1" --ioengine=nbd --uri="nbd://127.0.0.1:$sp/$1" --rw=write --bs=4k
+    --zonemode=strided --zonesize=4k --zonerange="$2"k --size="$3"M
+    --io_size=$(($3 * 1024 / $2 * 4))k --iodepth="$5" --thread --output-format=json --status-interval=1)
 }
 
 # result CASE REP RC OUT [A_RC A_EARLY]: one line from B's pass (RC its
@@ -103,21 +104,25 @@ for rep in $(seq "$REPS"); do
 
   "${SEG[@]}" snapshot sb --name sb@calm >/dev/null
   rc=0
-  first sb 64 "$STALL_MB" "$d/calm.json" "$STALL_T" || rc=$?
+  first sb 64 "$STALL_MB" "$STALL_T" 1
+  "${fa[@]}" >"$d/calm.json" || rc=$?
   result calm "$rep" "$rc" "$d/calm.json"
 
   "${SEG[@]}" snapshot sa --name sa@stall >/dev/null
   "${SEG[@]}" snapshot sb --name sb@stall >/dev/null
-  # A's writer has time to finish once its node is continued.
-  first sa 128 $((STALL_MB * 4)) "$d/a.json" $((2 * STALL_T + 1)) &
+  # A's writer (depth 16: a busy disk, faults waiting behind faults) has
+  # time to finish once its node is continued.
+  first sa 128 $((STALL_MB * 4)) $((2 * STALL_T + 1)) 16
+  "${fa[@]}" >"$d/a.json" &
   apid=$!
   pids+=($apid)
   sleep "$STALL_LEAD"
   kill -STOP "$napid"
   early=0
-  kill -0 "$apid" 2>/dev/null || early=1
+  alive "$apid" || early=1
   rc=0
-  first sb 64 "$STALL_MB" "$d/stalled.json" "$STALL_T" || rc=$?
+  first sb 64 "$STALL_MB" "$STALL_T" 1
+  "${fa[@]}" >"$d/stalled.json" || rc=$?
   kill -CONT "$napid"
   arc=0
   wait "$apid" || arc=$?
