@@ -120,12 +120,11 @@ PYEOF
 serve_overlay() {
   rm -f "$work/overlay.qcow2"
   qemu-img create -q -f qcow2 -o "$1" -b "$2" -F raw "$work/overlay.qcow2"
-  qp=$(port)
-  # -t: fio connects twice (once for the size), a plain qemu-nbd exits after the first.
-  qemu-nbd -f qcow2 -t -b 127.0.0.1 -p "$qp" -x cow --cache="${CACHE:-writeback}" --aio=threads "$work/overlay.qcow2" &
-  qpid=$!
-  pids+=($qpid)
-  wait_port "$qp"
+  # -t: fio connects twice (once for the size), a plain qemu-nbd exits after
+  # the first. Its socket comes by socket activation (held).
+  held 1 "$work/q.ports" qemu-nbd -f qcow2 -t -x cow --cache="${CACHE:-writeback}" --aio=threads "$work/overlay.qcow2"
+  qpid=$held_pid
+  read -r qp <"$work/q.ports"
 }
 
 # qcow2 CASE OPTS ZONERANGE QD REP [CACHE]: a strided pass on a fresh overlay.

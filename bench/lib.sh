@@ -11,26 +11,13 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
-# port prints a free loopback TCP port.
-port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# wait_port PORT: wait (at most 10 s) until something listens on PORT. It
-# looks at the socket table rather than connecting: qemu-nbd without -t
-# would take a probe for its one client and exit.
-wait_port() {
-  for _ in $(seq 100); do
-    [ -n "$(ss -ltnH "sport = :$1")" ] && return 0
-    sleep 0.1
-  done
-  echo "bench: nothing listens on port $1" >&2
-  return 1
-}
-
 # held N PORTS_FILE CMD ARGS...: runs CMD in the background holding N
 # listening loopback sockets, bound before it starts, on fds 3, 4, ...
-# (pass them as fd:3, fd:4); their ports go to PORTS_FILE, space-separated,
-# once bound. The process is CMD itself (exec), so held_pid is its pid;
-# it is added to pids. No port is found free first and bound later.
+# (pass them as fd:3, fd:4; LISTEN_FDS and LISTEN_PID name them too, for a
+# server that takes systemd's socket activation); their ports go to
+# PORTS_FILE, space-separated, once bound. The process is CMD itself
+# (exec), so held_pid is its pid; it is added to pids. No port is found
+# free first and bound later.
 held() {
   local n=$1 pf=$2; shift 2
   rm -f "$pf"
@@ -55,6 +42,9 @@ for i, fd in enumerate(high):
 with open(pf + ".tmp", "w") as f:
     f.write(ports + "\n")
 os.rename(pf + ".tmp", pf)
+# For a server started by socket activation (qemu-nbd): the process that
+# execs stays this one.
+os.environ.update(LISTEN_FDS=str(n), LISTEN_PID=str(os.getpid()))
 os.execvp(sys.argv[3], sys.argv[3:])
 ' "$n" "$pf" "$@" &
   held_pid=$!
