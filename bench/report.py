@@ -65,7 +65,7 @@ L += ["", "Knobs of this run (environment variables of `make bench` / `bench/run
       ", ".join(f"`{k}={env['knobs'][k]}`" for k in env["knobs"]) + ".", "",
       "Rerun everything: `make bench` (knobs as environment variables, e.g. "
       "`REPS=5 RUNTIME=10 SIZES=\"1000 1000000\" make bench`; quick look: "
-      "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 make bench`). Each part alone: "
+      "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 SNAPLOOP_S=20 make bench`). Each part alone: "
       "`bench/nbd.sh [SIZE_MB]`, `bench/cow.sh [COW_MB]`, `bench/snaploop.sh`, `bench/stall.sh`, "
       "`SIZES=... bench/snapshot.sh` (they print JSON lines "
       "or a table), and the `go test` commands below. The raw results of this run are in `docs/bench-raw/`.", "",
