@@ -5,8 +5,14 @@
 PY=/usr/bin/python3
 
 bench_cleanup() {
-  # SIGCONT too: a server left stopped (SIGSTOP) would never act on the TERM.
+  # SIGCONT too: a server left stopped (SIGSTOP) would never act on the
+  # TERM. A minute for them all to stop, then SIGKILL.
+  local p
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null && kill -CONT "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 600); do alive "$p" || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
