@@ -86,14 +86,18 @@ model:
 # bench: not part of 'test' (CI does not run it). One run (bench/run.sh)
 # measures side by side and writes docs/benchmarks.md, docs/bench-*.png and
 # the raw results in docs/bench-raw/: fio over NBD against segmap, qemu-nbd
-# and nbdkit (bench/nbd.sh), the first write after a snapshot beside a qcow2
-# overlay (bench/cow.sh), snapshot time and writer pause against allocated
-# segments (bench/snapshot.sh), memory per mapped entry, the map fault round
-# trip and the agent data path (go test -bench). Environment knobs: REPS=3,
-# RUNTIME=8 (s per fio job), SIZE_MB=1024, COW_MB=512,
-# SIZES="1000 10000 100000 1000000" (allocated segments), SNAPS=3, COUNT=3,
-# FAULT_N=2000, DATAPATH_N=40000, DOC=docs/benchmarks.md, NOTE="...".
-# Quick look: REPS=1 RUNTIME=2 SIZES="1000 10000" COUNT=1 make bench.
+# and nbdkit (bench/nbd.sh), writes after a snapshot beside qcow2 overlays
+# (bench/cow.sh), a snapshot every few seconds under writes
+# (bench/snaploop.sh), faults beside a stopped storage node (bench/stall.sh),
+# snapshot time and writer pause against allocated segments
+# (bench/snapshot.sh), memory per mapped entry, the map fault round trip and
+# the agent data path (go test -bench). Environment knobs: REPS=3, RUNTIME=8
+# (s per fio job), SIZE_MB=1024, COW_MB=512, RND_MB=1024, RND_S=10,
+# PAR_MB=128, PAR_QD=1, SNAPLOOP_MB=2048, SNAPLOOP_S=120, SNAPLOOP_EVERY=5,
+# STALL_MB=256, STALL_T=60, SIZES="1000 10000 100000 1000000" (allocated
+# segments), SNAPS=20, COUNT=3, FAULT_N=2000, DATAPATH_N=40000,
+# DOC=docs/benchmarks.md, NOTE="...". Quick look: REPS=1 RUNTIME=2
+# SIZES="1000 10000" COUNT=1 SNAPLOOP_S=20 make bench.
 bench:
 	./bench/run.sh
 

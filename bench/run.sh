@@ -3,16 +3,26 @@
 # side and writes docs/benchmarks.md and its plots (docs/bench-*.png):
 #
 #   1. bench/nbd.sh       fio over NBD: segmap, qemu-nbd, nbdkit
-#   2. bench/cow.sh       first write after a snapshot, beside a qcow2 overlay
-#   3. bench/snapshot.sh  snapshot time and writer pause against allocated segments
-#   4. go test -bench MemoryPerEntry   table and agent bytes per mapped entry
-#   5. go test -bench FaultRoundTrip   the map fault round trip
-#   6. go test -bench DataPath         the agent data path beside pread/pwrite
-#   7. go test -bench Snapshot         snapshot time in process, 1K to 1M segments
+#   2. bench/cow.sh       writes after a snapshot, beside qcow2 overlays:
+#                         first writes, random writes, four disks at once
+#   3. bench/snaploop.sh  a snapshot every few seconds under random writes:
+#                         the writer's rate and the space the containers hold
+#   4. bench/stall.sh     first writes beside a stopped storage node
+#   5. bench/snapshot.sh  snapshot time and writer pause against allocated segments
+#   6. go test -bench MemoryPerEntry   table and agent bytes per mapped entry
+#   7. go test -bench FaultRoundTrip   the map fault round trip
+#   8. go test -bench DataPath         the agent data path beside pread/pwrite
+#   9. go test -bench Snapshot         snapshot time in process, 1K to 1M segments
 #
 # Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
 # per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
-# disks, SIZES ("1000 10000 100000 1000000") snapshot.sh's segment counts,
+# first-write disks, RND_MB (1024) and RND_S (10) its random-write disks and
+# seconds, PAR_MB (128) and PAR_QD (1) its four parallel disks and each
+# writer's depth, SNAPLOOP_MB (2048), SNAPLOOP_S (120) and SNAPLOOP_EVERY (5)
+# snaploop.sh's disk, run and snapshot interval (its pool may hold a copy of
+# the disk per snapshot: up to SNAPLOOP_MB x (SNAPLOOP_S / SNAPLOOP_EVERY + 1)
+# on /var/tmp), STALL_MB (256) and STALL_T (60) stall.sh's disk and time
+# limit, SIZES ("1000 10000 100000 1000000") snapshot.sh's segment counts,
 # SNAPS (20) snapshots per path per size, COUNT (3) runs of each Go
 # benchmark, FAULT_N (2000) and DATAPATH_N (40000) their iterations, DOC
 # (docs/benchmarks.md) where the report goes (plots beside it), NOTE a line
@@ -22,6 +32,9 @@ cd "$(dirname "$0")/.."
 export REPS=${REPS:-3} RUNTIME=${RUNTIME:-8}
 SIZE_MB=${SIZE_MB:-1024}
 COW_MB=${COW_MB:-512}
+export RND_MB=${RND_MB:-1024} RND_S=${RND_S:-10} PAR_MB=${PAR_MB:-128} PAR_QD=${PAR_QD:-1}
+export SNAPLOOP_MB=${SNAPLOOP_MB:-2048} SNAPLOOP_S=${SNAPLOOP_S:-120} SNAPLOOP_EVERY=${SNAPLOOP_EVERY:-5}
+export STALL_MB=${STALL_MB:-256} STALL_T=${STALL_T:-60}
 export SIZES=${SIZES:-1000 10000 100000 1000000}
 export SNAPS=${SNAPS:-20}
 COUNT=${COUNT:-3}
@@ -59,24 +72,31 @@ print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": pla
     "commit": commit, "commit_date": git("show", "-s", "--format=%cI", "HEAD"),
     "note": """$NOTE""", "nbd_jobs": jobs,
     "knobs": {"REPS": "$REPS", "RUNTIME": "$RUNTIME", "SIZE_MB": "$SIZE_MB", "COW_MB": "$COW_MB",
+              "RND_MB": "$RND_MB", "RND_S": "$RND_S", "PAR_MB": "$PAR_MB", "PAR_QD": "$PAR_QD",
+              "SNAPLOOP_MB": "$SNAPLOOP_MB", "SNAPLOOP_S": "$SNAPLOOP_S", "SNAPLOOP_EVERY": "$SNAPLOOP_EVERY",
+              "STALL_MB": "$STALL_MB", "STALL_T": "$STALL_T",
               "SIZES": "$SIZES", "SNAPS": "$SNAPS", "COUNT": "$COUNT", "FAULT_N": "$FAULT_N",
               "DATAPATH_N": "$DATAPATH_N"}}))
 PYEOF
 
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
-step "1/7 fio over NBD (bench/nbd.sh $SIZE_MB)"
+step "1/9 fio over NBD (bench/nbd.sh $SIZE_MB)"
 bench/nbd.sh "$SIZE_MB" >&2
-step "2/7 first write after a snapshot (bench/cow.sh $COW_MB)"
+step "2/9 writes after a snapshot (bench/cow.sh $COW_MB)"
 bench/cow.sh "$COW_MB"
-step "3/7 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
+step "3/9 a snapshot every ${SNAPLOOP_EVERY} s under writes (bench/snaploop.sh)"
+bench/snaploop.sh
+step "4/9 first writes beside a stalled container (bench/stall.sh)"
+bench/stall.sh
+step "5/9 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
 bench/snapshot.sh
-step "4/7 memory per entry"
+step "6/9 memory per entry"
 go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
-step "5/7 fault round trip"
+step "7/9 fault round trip"
 go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/rpc/transport | tee "$work/fault.txt" >&2
-step "6/7 agent data path"
+step "8/9 agent data path"
 go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
-step "7/7 snapshot in process"
+step "9/9 snapshot in process"
 go test -run XXX -bench Snapshot -benchtime 20x -count "$COUNT" ./internal/controller | tee "$work/snapshot.txt" >&2
 # The raw results beside the report, for anyone who wants other figures.
 mkdir -p "$(dirname "$DOC")/bench-raw"
