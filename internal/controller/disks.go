@@ -367,6 +367,23 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 		fams[i] = d.Family
 	}
 	defer c.lockFamilies(fams)()
+	// Read again under the locks: a source resized meanwhile must have
+	// every segment of its new size set NoWrite below.
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		for i, n := range o.Sources {
+			d, err := tx.Disk(n)
+			if err != nil {
+				return wrapNotFound(err)
+			}
+			if d.ID != srcs[i].ID {
+				return fmt.Errorf("snapshot: %q was deleted and created again meanwhile: %w", n, protocol.ErrStale)
+			}
+			srcs[i] = d
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
 
 	// 1. Quiesce.
 	if len(srcs) > 1 {
@@ -505,11 +522,11 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 		return err
 	}
 	defer end()
-	d, err := c.Disk(ctx, name)
+	d, unlock, err := c.lockDisk(ctx, name)
 	if err != nil {
 		return err
 	}
-	defer c.lockFamily(d.Family, true)()
+	defer unlock()
 	for _, st := range c.mappers(d.ID, "") {
 		if !slices.Contains(agents, st.name) {
 			continue
@@ -549,11 +566,11 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 		return err
 	}
 	defer end()
-	d, err := c.Disk(ctx, name)
+	d, unlock, err := c.lockDisk(ctx, name)
 	if err != nil {
 		return err
 	}
-	defer c.lockFamily(d.Family, true)()
+	defer unlock()
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 		return a.DeleteTable(ctx, protocol.DiskID(d.ID))
 	}); err != nil {
@@ -601,11 +618,11 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 		return meta.Disk{}, err
 	}
 	defer end()
-	d, err := c.Disk(ctx, name)
+	d, unlock, err := c.lockDisk(ctx, name)
 	if err != nil {
 		return meta.Disk{}, err
 	}
-	defer c.lockFamily(d.Family, true)()
+	defer unlock()
 	if err := ValidGeometry(size, d.SegmentSize); err != nil {
 		return meta.Disk{}, err
 	}

@@ -50,19 +50,29 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 	if !mapped {
 		return protocol.Reply{}, fmt.Errorf("fault from %q on disk %d: %w", f.Agent, f.Disk, ErrNotMapped)
 	}
-	var d meta.Disk
-	if err := c.store.View(ctx, func(tx *meta.Tx) error {
-		var err error
-		d, err = tx.DiskByID(id)
-		return err
-	}); err != nil {
-		return protocol.Reply{}, wrapNotFound(err)
-	}
 	if f.Count == 0 {
 		f.Count = 1
 	}
-	if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
-		return protocol.Reply{}, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), protocol.ErrBadRequest)
+	// load reads the disk's record and checks the fault's range against
+	// it; again once the family is locked, since a resize or a delete
+	// may have come first.
+	load := func() (meta.Disk, error) {
+		var d meta.Disk
+		if err := c.store.View(ctx, func(tx *meta.Tx) error {
+			var err error
+			d, err = tx.DiskByID(id)
+			return err
+		}); err != nil {
+			return d, wrapNotFound(err)
+		}
+		if f.Segment >= d.Segments() || f.Count > d.Segments()-f.Segment {
+			return d, fmt.Errorf("fault on segments [%d,+%d) of %q (%d segments): %w", f.Segment, f.Count, d.Name, d.Segments(), protocol.ErrBadRequest)
+		}
+		return d, nil
+	}
+	d, err := load()
+	if err != nil {
+		return protocol.Reply{}, err
 	}
 	switch f.Op {
 	case protocol.FaultRead, protocol.FaultWrite:
@@ -82,16 +92,25 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		}
 		defer c.lockFamily(d.Family, false)()
 		defer c.lockSegment(d.Family, f.Segment)()
+		if d, err = load(); err != nil {
+			return protocol.Reply{}, err
+		}
 		return c.faultSeg(ctx, f, d)
 	case protocol.FaultCommit:
 		defer c.lockFamily(d.Family, false)()
 		defer c.lockSegment(d.Family, f.Segment)()
+		if d, err = load(); err != nil {
+			return protocol.Reply{}, err
+		}
 		return c.commit(ctx, f, d)
 	case protocol.FaultDiscard:
 		if d.ReadOnly {
 			return protocol.Reply{}, fmt.Errorf("discard on %q: %w", d.Name, protocol.ErrReadOnly)
 		}
 		defer c.lockFamily(d.Family, true)()
+		if d, err = load(); err != nil {
+			return protocol.Reply{}, err
+		}
 		return c.discard(ctx, d, f.Segment, f.Count)
 	}
 	return protocol.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, protocol.ErrBadRequest)

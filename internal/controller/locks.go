@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"context"
 	"slices"
 	"sync"
 
@@ -100,4 +101,26 @@ func (c *Controller) lockSegment(fam meta.DiskID, seg uint64) (unlock func()) {
 	l := c.segs.get(k)
 	l.Lock()
 	return func() { l.Unlock(); c.segs.put(k, l) }
+}
+
+// lockDisk locks the family of disk name exclusively and returns the
+// disk's record as it is under the lock: one read before the lock could
+// be stale by the time the lock is held (a resize, a delete).
+func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func(), error) {
+	for {
+		d, err := c.Disk(ctx, name)
+		if err != nil {
+			return meta.Disk{}, nil, err
+		}
+		unlock := c.lockFamily(d.Family, true)
+		nd, err := c.Disk(ctx, name)
+		if err == nil && nd.ID == d.ID {
+			return nd, unlock, nil
+		}
+		unlock()
+		if err != nil {
+			return meta.Disk{}, nil, err
+		}
+		// Deleted and created again meanwhile: another family.
+	}
 }
