@@ -46,6 +46,7 @@ type File struct {
 var (
 	_ Container    = (*File)(nil)
 	_ NoWaitReader = (*File)(nil)
+	_ Allocator    = (*File)(nil)
 )
 
 // Create makes a new container file at path with header h. The file must not
@@ -403,6 +404,30 @@ func (c *File) writeZeros(off, n int64) error {
 		n -= l
 	}
 	return nil
+}
+
+// Allocated implements Allocator with fstat(2): st_blocks × 512 of a
+// regular file. A block device's blocks are not the file system's to
+// count: ErrAllocationUnknown.
+func (c *File) Allocated() (int64, error) {
+	if c.closed.Load() {
+		return 0, c.errClosed()
+	}
+	var st unix.Stat_t
+	var errno error
+	if err := c.raw.Control(func(fd uintptr) { errno = unix.Fstat(int(fd), &st) }); err != nil {
+		if c.closed.Load() || errors.Is(err, os.ErrClosed) {
+			return 0, c.errClosed()
+		}
+		return 0, fmt.Errorf("container %s: stat: %w", c.path, err)
+	}
+	if errno != nil {
+		return 0, fmt.Errorf("container %s: stat: %w", c.path, errno)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return 0, fmt.Errorf("container %s: not a regular file: %w", c.path, ErrAllocationUnknown)
+	}
+	return st.Blocks * 512, nil
 }
 
 // Close implements Container. It closes the descriptor without fsync; call
