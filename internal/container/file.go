@@ -49,6 +49,10 @@ var (
 	_ Allocator    = (*File)(nil)
 )
 
+// headerWritten is how much of the header Create writes: the fields and
+// their checksum fit in it, the rest is zero.
+const headerWritten = 4096
+
 // Create makes a new container file at path with header h. The file must not
 // exist (the error then wraps fs.ErrExist). The data area is sparse: the file
 // is extended with ftruncate, so it reads as zero and takes no space until
@@ -67,7 +71,10 @@ func Create(path string, h Header) (*File, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("create container %s: %w", path, err)
 	}
-	if _, err := f.WriteAt(h.encode(), 0); err != nil {
+	// Only the header's first page holds anything: the rest stays a hole
+	// of the new file (reading as zero), so a fresh container holds one
+	// page on storage, not HeaderSize.
+	if _, err := f.WriteAt(h.encode()[:headerWritten], 0); err != nil {
 		return fail(err)
 	}
 	if err := f.Truncate(HeaderSize + h.DataSize()); err != nil {
