@@ -49,7 +49,7 @@ func (c *Controller) ContainerSpaces(ctx context.Context) ([]ContainerSpace, err
 			return nil, errors.Join(err, ctx.Err())
 		}
 		if err != nil {
-			c.logger.Warn("container space: cannot open container", "container", rec.ID, "uri", rec.URI, "err", err)
+			c.logger.Debug("container space: cannot open container", "container", rec.ID, "uri", rec.URI, "err", err)
 			continue
 		}
 		a, ok := ct.(container.Allocator)
