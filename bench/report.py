@@ -259,6 +259,11 @@ if loop:
           f"| `meta.db` before / after the run with snapshots | {mm('meta_before') / 2**20:,.1f} / {mm('meta_after') / 2**20:,.1f} MiB | | |",
           f"| used by `segmap status`: before / after / after deleting | {gib(mm('used_before'))} / {gib(mm('used_after'))} / "
           f"{gib(mm('used_deleted'))} | | |"]
+    if all("stored_after" in r for r in loop):
+        L += [f"| on storage by `segmap status`: after / after deleting (du: {gib(mm('du_after'))} / {gib(mm('du_deleted'))}) | "
+              f"{gib(mm('stored_after'))} / {gib(mm('stored_deleted'))} | | |",
+              f"| held by snapshots by `segmap status`: after / after deleting | {gib(mm('held_after'))} / "
+              f"{gib(mm('held_deleted'))} | | |"]
     T.append((f"writer with a snapshot every {r0['every']} s vs none", f"{ri:.2f}×", "≥ 0.5×", verdict(ri, 0.5)))
     T.append(("space growth / bytes written, snapshots every few seconds", f"{med(growth):.2f}×", "≤ 2.0×",
               verdict(med(growth), 2.0, False)))

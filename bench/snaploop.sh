@@ -12,8 +12,9 @@
 # and the space the container files really hold (blocks allocated, du)
 # before the snap run, after it, and after every snapshot is deleted again,
 # beside the bytes the snap run wrote, the disk's own allocated bytes ('disk
-# info'), what 'segmap status' counts as used, and meta.db's size. 'segmap
-# status' and 'segmap disk list' are kept as printed after the snap run.
+# info'), what 'segmap status' counts as used, reports on storage and says
+# the snapshots hold, and meta.db's size. 'segmap status' and 'segmap disk
+# list' are kept as printed after the snap run.
 # One JSON line ("bench": "snaploop") per rep.
 # Usage: bench/snaploop.sh ; env REPS (3), SNAPLOOP_MB (2048), SNAPLOOP_S
 # (120), SNAPLOOP_EVERY (5), RESULTS (JSON lines appended), SEGMAP_BIN.
@@ -64,12 +65,14 @@ for rep in $(seq "$REPS"); do
   done
   wait "$fpid"
   du1=$(du_bytes "$data/containers"); meta1=$(stat -c %s "$data/meta.db"); used1=$(used)
+  "${SEG[@]}" --json status >"$work/status1.json"
   "${SEG[@]}" status >"$work/status.txt"
   "${SEG[@]}" disk list >"$work/list.txt"
   "${SEG[@]}" --json disk list >"$work/list.json"
 
   for i in $(seq 0 $((nsnaps - 1))); do "${SEG[@]}" disk delete "vm@l$i" >/dev/null; done
   du2=$(du_bytes "$data/containers"); used2=$(used)
+  "${SEG[@]}" --json status >"$work/status2.json"
   stop_pid "$segpid"
 
   $PY - "$rep" "$SNAPLOOP_MB" "$SNAPLOOP_S" "$SNAPLOOP_EVERY" "$own" "$du0" "$du1" "$du2" "$meta0" "$meta1" \
@@ -82,6 +85,7 @@ def job(name):
     return json.loads(text[text.index("{"):])["jobs"][0]["write"]
 ns, s = job("nosnap"), job("snap")
 disks = json.load(open(f"{w}/list.json"))["disks"]
+st1, st2 = (json.load(open(f"{w}/status{i}.json")) for i in (1, 2))
 print(json.dumps({
     "bench": "snaploop", "rep": rep, "mb": mb, "secs": secs, "every": every,
     "iops_nosnap": ns["iops"], "iops_snap": s["iops"], "p99_us_snap": s["clat_ns"]["percentile"]["99.000000"] / 1e3,
@@ -91,7 +95,9 @@ print(json.dumps({
     "du_before": du0, "du_after": du1, "du_deleted": du2,
     "meta_before": meta0, "meta_after": meta1,
     "used_before": used0, "used_after": used1, "used_deleted": used2,
-    "disks": [{k: d[k] for k in ("name", "allocated", "exclusive", "shared")} for d in disks],
+    "stored_after": int(st1["allocated_bytes"]), "stored_deleted": int(st2["allocated_bytes"]),
+    "held_after": int(st1["snapshots_hold_bytes"]), "held_deleted": int(st2["snapshots_hold_bytes"]),
+    "disks": [{k: d[k] for k in ("name", "allocated", "exclusive", "shared", "snapshots_hold")} for d in disks],
     "status_text": open(f"{w}/status.txt").read(), "list_text": open(f"{w}/list.txt").read()}))
 PYEOF
   rm -rf "$data"

@@ -154,8 +154,14 @@ type Disk struct {
 	Exclusive uint64 `protobuf:"varint,9,opt,name=exclusive,proto3" json:"exclusive,omitempty"`
 	Shared    uint64 `protobuf:"varint,10,opt,name=shared,proto3" json:"shared,omitempty"`
 	// agents may map the disk; all_agents: any agent may.
-	Agents        []string `protobuf:"bytes,11,rep,name=agents,proto3" json:"agents,omitempty"`
-	AllAgents     bool     `protobuf:"varint,12,opt,name=all_agents,json=allAgents,proto3" json:"all_agents,omitempty"`
+	Agents    []string `protobuf:"bytes,11,rep,name=agents,proto3" json:"agents,omitempty"`
+	AllAgents bool     `protobuf:"varint,12,opt,name=all_agents,json=allAgents,proto3" json:"all_agents,omitempty"`
+	// snapshots_hold, on a writable disk (0 on a snapshot): the bytes of
+	// slots that only the snapshots of its family (the disk, its snapshots
+	// and clones) reference, none of its writable disks: what deleting
+	// every snapshot of the family would give back. Like ZFS's usedsnap,
+	// but for the family: a clone shows the same figure as its origin.
+	SnapshotsHold uint64 `protobuf:"varint,13,opt,name=snapshots_hold,json=snapshotsHold,proto3" json:"snapshots_hold,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -272,6 +278,13 @@ func (x *Disk) GetAllAgents() bool {
 		return x.AllAgents
 	}
 	return false
+}
+
+func (x *Disk) GetSnapshotsHold() uint64 {
+	if x != nil {
+		return x.SnapshotsHold
+	}
+	return 0
 }
 
 type CreateDiskRequest struct {
@@ -743,14 +756,18 @@ func (x *SnapshotResponse) GetDisks() []*Disk {
 }
 
 type Container struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Uri           string                 `protobuf:"bytes,2,opt,name=uri,proto3" json:"uri,omitempty"`
-	SlotSize      uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
-	Slots         uint64                 `protobuf:"varint,4,opt,name=slots,proto3" json:"slots,omitempty"`
-	UsedSlots     uint64                 `protobuf:"varint,5,opt,name=used_slots,json=usedSlots,proto3" json:"used_slots,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Uri       string                 `protobuf:"bytes,2,opt,name=uri,proto3" json:"uri,omitempty"`
+	SlotSize  uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
+	Slots     uint64                 `protobuf:"varint,4,opt,name=slots,proto3" json:"slots,omitempty"`
+	UsedSlots uint64                 `protobuf:"varint,5,opt,name=used_slots,json=usedSlots,proto3" json:"used_slots,omitempty"`
+	// allocated_bytes is what the container's backing holds on storage,
+	// header included (a file's allocated blocks, what du counts); absent
+	// where the controller cannot tell (nbd://, a block device).
+	AllocatedBytes *uint64 `protobuf:"varint,6,opt,name=allocated_bytes,json=allocatedBytes,proto3,oneof" json:"allocated_bytes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
@@ -814,6 +831,13 @@ func (x *Container) GetSlots() uint64 {
 func (x *Container) GetUsedSlots() uint64 {
 	if x != nil {
 		return x.UsedSlots
+	}
+	return 0
+}
+
+func (x *Container) GetAllocatedBytes() uint64 {
+	if x != nil && x.AllocatedBytes != nil {
+		return *x.AllocatedBytes
 	}
 	return 0
 }
@@ -1256,17 +1280,25 @@ func (x *Agent) GetDisks() uint32 {
 }
 
 type StatusResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Agents        []*Agent               `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
-	Containers    []*Container           `protobuf:"bytes,2,rep,name=containers,proto3" json:"containers,omitempty"`
-	Disks         uint64                 `protobuf:"varint,3,opt,name=disks,proto3" json:"disks,omitempty"`
-	TotalBytes    uint64                 `protobuf:"varint,4,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
-	UsedBytes     uint64                 `protobuf:"varint,5,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
-	FreeBytes     uint64                 `protobuf:"varint,6,opt,name=free_bytes,json=freeBytes,proto3" json:"free_bytes,omitempty"`
-	NbdAddress    string                 `protobuf:"bytes,7,opt,name=nbd_address,json=nbdAddress,proto3" json:"nbd_address,omitempty"`
-	Version       string                 `protobuf:"bytes,8,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Agents     []*Agent               `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	Containers []*Container           `protobuf:"bytes,2,rep,name=containers,proto3" json:"containers,omitempty"`
+	Disks      uint64                 `protobuf:"varint,3,opt,name=disks,proto3" json:"disks,omitempty"`
+	TotalBytes uint64                 `protobuf:"varint,4,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
+	UsedBytes  uint64                 `protobuf:"varint,5,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	FreeBytes  uint64                 `protobuf:"varint,6,opt,name=free_bytes,json=freeBytes,proto3" json:"free_bytes,omitempty"`
+	NbdAddress string                 `protobuf:"bytes,7,opt,name=nbd_address,json=nbdAddress,proto3" json:"nbd_address,omitempty"`
+	Version    string                 `protobuf:"bytes,8,opt,name=version,proto3" json:"version,omitempty"`
+	// allocated_bytes is what the containers' backings hold on storage,
+	// over the containers where it is known; allocated_unknown counts
+	// those where it is not (see Container.allocated_bytes).
+	AllocatedBytes   uint64 `protobuf:"varint,9,opt,name=allocated_bytes,json=allocatedBytes,proto3" json:"allocated_bytes,omitempty"`
+	AllocatedUnknown uint32 `protobuf:"varint,10,opt,name=allocated_unknown,json=allocatedUnknown,proto3" json:"allocated_unknown,omitempty"`
+	// snapshots_hold_bytes is what deleting every snapshot would give
+	// back: the sum of Disk.snapshots_hold over the families.
+	SnapshotsHoldBytes uint64 `protobuf:"varint,11,opt,name=snapshots_hold_bytes,json=snapshotsHoldBytes,proto3" json:"snapshots_hold_bytes,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -1355,6 +1387,27 @@ func (x *StatusResponse) GetVersion() string {
 	return ""
 }
 
+func (x *StatusResponse) GetAllocatedBytes() uint64 {
+	if x != nil {
+		return x.AllocatedBytes
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetAllocatedUnknown() uint32 {
+	if x != nil {
+		return x.AllocatedUnknown
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetSnapshotsHoldBytes() uint64 {
+	if x != nil {
+		return x.SnapshotsHoldBytes
+	}
+	return 0
+}
+
 var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
@@ -1363,7 +1416,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all\"\xe8\x02\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\x8f\x03\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
@@ -1378,7 +1431,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	" \x01(\x04R\x06shared\x12\x16\n" +
 	"\x06agents\x18\v \x03(\tR\x06agents\x12\x1d\n" +
 	"\n" +
-	"all_agents\x18\f \x01(\bR\tallAgents\"\xc3\x01\n" +
+	"all_agents\x18\f \x01(\bR\tallAgents\x12%\n" +
+	"\x0esnapshots_hold\x18\r \x01(\x04R\rsnapshotsHold\"\xc3\x01\n" +
 	"\x11CreateDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
@@ -1404,14 +1458,16 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\bwritable\x18\x03 \x01(\bR\bwritable\x12,\n" +
 	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\"9\n" +
 	"\x10SnapshotResponse\x12%\n" +
-	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\x7f\n" +
+	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xc1\x01\n" +
 	"\tContainer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
 	"\x03uri\x18\x02 \x01(\tR\x03uri\x12\x1b\n" +
 	"\tslot_size\x18\x03 \x01(\x04R\bslotSize\x12\x14\n" +
 	"\x05slots\x18\x04 \x01(\x04R\x05slots\x12\x1d\n" +
 	"\n" +
-	"used_slots\x18\x05 \x01(\x04R\tusedSlots\"\x17\n" +
+	"used_slots\x18\x05 \x01(\x04R\tusedSlots\x12,\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01B\x12\n" +
+	"\x10_allocated_bytes\"\x17\n" +
 	"\x15ListContainersRequest\"N\n" +
 	"\x16ListContainersResponse\x124\n" +
 	"\n" +
@@ -1438,7 +1494,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\rStatusRequest\"1\n" +
 	"\x05Agent\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05disks\x18\x02 \x01(\rR\x05disks\"\xa0\x02\n" +
+	"\x05disks\x18\x02 \x01(\rR\x05disks\"\xa8\x03\n" +
 	"\x0eStatusResponse\x12(\n" +
 	"\x06agents\x18\x01 \x03(\v2\x10.segmap.v1.AgentR\x06agents\x124\n" +
 	"\n" +
@@ -1453,7 +1509,11 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\x12\x1f\n" +
 	"\vnbd_address\x18\a \x01(\tR\n" +
 	"nbdAddress\x12\x18\n" +
-	"\aversion\x18\b \x01(\tR\aversion*H\n" +
+	"\aversion\x18\b \x01(\tR\aversion\x12'\n" +
+	"\x0fallocated_bytes\x18\t \x01(\x04R\x0eallocatedBytes\x12+\n" +
+	"\x11allocated_unknown\x18\n" +
+	" \x01(\rR\x10allocatedUnknown\x120\n" +
+	"\x14snapshots_hold_bytes\x18\v \x01(\x04R\x12snapshotsHoldBytes*H\n" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
@@ -1559,6 +1619,7 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
+	file_segmapv1_admin_proto_msgTypes[11].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

@@ -167,15 +167,30 @@ func mode(ro bool) string {
 func diskRows(ds []*pb.Disk) [][]string {
 	var rows [][]string
 	for _, d := range ds {
+		held := "-" // a snapshot: what it holds alone is its EXCLUSIVE
+		if !d.ReadOnly {
+			held = size.Format(d.SnapshotsHold)
+		}
 		rows = append(rows, []string{
 			d.Name, size.Format(d.Size), size.Format(d.SegmentSize), policyName(d.Policy), mode(d.ReadOnly),
-			size.Format(d.Allocated), size.Format(d.Exclusive), size.Format(d.Shared), orDash(d.Origin),
+			size.Format(d.Allocated), size.Format(d.Exclusive), size.Format(d.Shared), held, orDash(d.Origin),
 		})
 	}
 	return rows
 }
 
-var diskHeader = []string{"NAME", "SIZE", "SEGMENT", "POLICY", "MODE", "ALLOCATED", "EXCLUSIVE", "SHARED", "ORIGIN"}
+// diskHeader: HELD-BY-SNAPS is, on a writable disk's row, what only the
+// snapshots of its family hold (what deleting them all gives back), as
+// ZFS's USEDSNAP.
+var diskHeader = []string{"NAME", "SIZE", "SEGMENT", "POLICY", "MODE", "ALLOCATED", "EXCLUSIVE", "SHARED", "HELD-BY-SNAPS", "ORIGIN"}
+
+// allocatedCell is a container's allocated bytes, or "unknown".
+func allocatedCell(ct *pb.Container) string {
+	if ct.AllocatedBytes == nil {
+		return "unknown"
+	}
+	return size.Format(*ct.AllocatedBytes)
+}
 
 func newDisk(g *globals) *cobra.Command {
 	disk := &cobra.Command{Use: "disk", Short: "create, list, inspect, resize and delete disks"}
@@ -226,6 +241,18 @@ func newDisk(g *globals) *cobra.Command {
 
 	list := &cobra.Command{
 		Use: "list", Short: "list disks with their space usage", Args: noArgs,
+		Long: `list shows every disk with its space usage, in bytes of segments:
+
+  ALLOCATED      segments that hold a slot
+  EXCLUSIVE      slots only this disk references (deleting it frees them)
+  SHARED         slots it shares with its snapshots or clones
+  HELD-BY-SNAPS  on a writable disk, the slots that only the snapshots of
+                 its family (the disk, its snapshots and clones) reference:
+                 what deleting every snapshot of the family gives back
+                 ("-" on a snapshot: what it alone holds is its EXCLUSIVE)
+
+With --json the same figures are snapshots_hold, allocated, exclusive and
+shared, in bytes.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.ListDisks(ctx, &pb.ListDisksRequest{})
@@ -260,6 +287,9 @@ func newDisk(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "allocated:    %s (%d bytes)\n", size.Format(d.Allocated), d.Allocated)
 				fmt.Fprintf(w, "exclusive:    %s (%d bytes)\n", size.Format(d.Exclusive), d.Exclusive)
 				fmt.Fprintf(w, "shared:       %s (%d bytes)\n", size.Format(d.Shared), d.Shared)
+				if !d.ReadOnly {
+					fmt.Fprintf(w, "held by snapshots of its family: %s (%d bytes)\n", size.Format(d.SnapshotsHold), d.SnapshotsHold)
+				}
 				fmt.Fprintf(w, "origin:       %s\n", orDash(d.Origin))
 				if d.AllAgents {
 					fmt.Fprintf(w, "agents:       any\n")
@@ -436,6 +466,11 @@ func newContainer(g *globals) *cobra.Command {
 	ctr := &cobra.Command{Use: "container", Short: "list and add storage containers"}
 	list := &cobra.Command{
 		Use: "list", Short: "list storage containers and their use", Args: noArgs,
+		Long: `list shows every container: its slots, the slots in use (USED, and
+USED-BYTES: USED x SLOT) and ALLOCATED, what its backing holds on storage,
+header included (a file's allocated blocks, what du counts): less than
+USED-BYTES where slots are sparse. ALLOCATED is "unknown" for an nbd://
+container or a block device (--json: allocated_bytes absent).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.ListContainers(ctx, &pb.ListContainersRequest{})
@@ -448,9 +483,9 @@ func newContainer(g *globals) *cobra.Command {
 				var rows [][]string
 				for _, ct := range r.Containers {
 					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
-						fmt.Sprint(ct.UsedSlots), size.Format(ct.Slots * ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize)})
+						fmt.Sprint(ct.UsedSlots), size.Format(ct.Slots * ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct)})
 				}
-				return table(cmd.OutOrStdout(), []string{"ID", "URI", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES"}, rows)
+				return table(cmd.OutOrStdout(), []string{"ID", "URI", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES", "ALLOCATED"}, rows)
 			})
 		},
 	}
@@ -717,6 +752,14 @@ func plural(n int, what string) string {
 func newStatus(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use: "status", Short: "show agents, containers, used and free space", Args: noArgs,
+		Long: `status shows the agents, the containers and the pool's space:
+
+  space              slots in use x slot size, of the pool's total
+  on storage         what the container files hold on storage (their
+                     allocated blocks, what du counts); nbd:// containers
+                     and block devices cannot tell and are not counted
+  held by snapshots  the slots only snapshots reference, no writable disk:
+                     what deleting every snapshot gives back`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.Status(ctx, &pb.StatusRequest{})
@@ -730,6 +773,12 @@ func newStatus(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "segmap %s, NBD on %s\n", r.Version, orDash(r.NbdAddress))
 				fmt.Fprintf(w, "disks: %d\n", r.Disks)
 				fmt.Fprintf(w, "space: %s used of %s, %s free (%d bytes used)\n", size.Format(r.UsedBytes), size.Format(r.TotalBytes), size.Format(r.FreeBytes), r.UsedBytes)
+				unknown := ""
+				if r.AllocatedUnknown > 0 {
+					unknown = fmt.Sprintf(", not counting %s that cannot tell", plural(int(r.AllocatedUnknown), "container"))
+				}
+				fmt.Fprintf(w, "on storage: %s allocated (%d bytes)%s\n", size.Format(r.AllocatedBytes), r.AllocatedBytes, unknown)
+				fmt.Fprintf(w, "held by snapshots: %s (%d bytes), given back when they are deleted\n", size.Format(r.SnapshotsHoldBytes), r.SnapshotsHoldBytes)
 				var rows [][]string
 				for _, a := range r.Agents {
 					rows = append(rows, []string{a.Name, fmt.Sprint(a.Disks)})
@@ -740,10 +789,10 @@ func newStatus(g *globals) *cobra.Command {
 				}
 				rows = nil
 				for _, ct := range r.Containers {
-					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), size.Format(ct.Slots * ct.SlotSize)})
+					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct), size.Format(ct.Slots * ct.SlotSize)})
 				}
 				fmt.Fprintln(w)
-				return table(w, []string{"CONTAINER", "URI", "SLOT", "USED", "SIZE"}, rows)
+				return table(w, []string{"CONTAINER", "URI", "SLOT", "USED", "ALLOCATED", "SIZE"}, rows)
 			})
 		},
 	}

@@ -107,6 +107,19 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (ok bool)
 }
 
+// Allocator is an optional interface of a Container: how much storage
+// its backing holds, as opposed to how much it could hold (Size). Slots
+// never written and ranges punched since take none where the backing is
+// sparse, so the figure is what a pool really costs on disk.
+type Allocator interface {
+	// Allocated returns the bytes of storage the container's backing
+	// holds, its header included: for a file, its allocated blocks
+	// (st_blocks × 512, what du(1) counts). It fails with an error
+	// wrapping ErrAllocationUnknown where the backing cannot tell (a
+	// block device), and with ErrClosed after Close.
+	Allocated() (int64, error)
+}
+
 // FreeSlot punches slot so that it reads as zero and its storage is released
 // where the backend can.
 func FreeSlot(c Container, slot int64) error {

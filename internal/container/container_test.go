@@ -388,3 +388,63 @@ func TestFormatInvalid(t *testing.T) {
 		t.Errorf("Format(missing) = %v; want fs.ErrNotExist", err)
 	}
 }
+
+// TestAllocated checks that a file container reports what du(1) would:
+// its allocated blocks, growing with writes and shrinking with punches.
+func TestAllocated(t *testing.T) {
+	const slotSize = 1 << 20
+	c, path := create(t, container.Header{ID: 1, SlotSize: slotSize, Slots: 4})
+	check := func(what string) int64 {
+		t.Helper()
+		got, err := c.Allocated()
+		if err != nil {
+			t.Fatalf("%s: Allocated: %v", what, err)
+		}
+		if want := stat(t, path).Blocks * 512; got != want {
+			t.Errorf("%s: Allocated %d, stat says %d", what, got, want)
+		}
+		return got
+	}
+	fresh := check("fresh")
+	if fresh > 64<<10 {
+		t.Errorf("fresh container holds %d bytes; want it sparse, its header too", fresh)
+	}
+	if _, err := c.WriteAt(bytes.Repeat([]byte{1}, 2*slotSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	written := check("two slots written")
+	if written < fresh+2*slotSize {
+		t.Errorf("two slots written: %d bytes allocated, want at least %d", written, fresh+2*slotSize)
+	}
+	if canPunch(t, filepath.Dir(path)) {
+		if err := container.FreeSlot(c, 1); err != nil {
+			t.Fatal(err)
+		}
+		if punched := check("one slot punched"); punched > written-slotSize {
+			t.Errorf("one slot punched: %d bytes allocated, want at most %d", punched, written-slotSize)
+		}
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Allocated(); !errors.Is(err, container.ErrClosed) {
+		t.Errorf("Allocated after Close: %v, want ErrClosed", err)
+	}
+
+	m := container.NewMemory(1, 64<<10, 4)
+	if _, err := m.WriteAt([]byte{1}, 64<<10+5); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := m.Allocated(); n != 64<<10 || err != nil {
+		t.Errorf("memory with one byte written: Allocated %d, %v; want one 64 KiB chunk", n, err)
+	}
+	if err := container.FreeSlot(m, 1); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := m.Allocated(); n != 0 || err != nil {
+		t.Errorf("memory punched: Allocated %d, %v; want 0", n, err)
+	}
+}

@@ -39,4 +39,9 @@ var (
 
 	// ErrClosed means the container has been closed.
 	ErrClosed = errors.New("container closed")
+
+	// ErrAllocationUnknown means the backing of a container cannot say
+	// how much storage it holds (Allocator): a block device, whose
+	// blocks belong to whatever provides it.
+	ErrAllocationUnknown = errors.New("allocated storage unknown")
 )

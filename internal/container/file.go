@@ -46,7 +46,12 @@ type File struct {
 var (
 	_ Container    = (*File)(nil)
 	_ NoWaitReader = (*File)(nil)
+	_ Allocator    = (*File)(nil)
 )
+
+// headerWritten is how much of the header Create writes: the fields and
+// their checksum fit in it, the rest is zero.
+const headerWritten = 4096
 
 // Create makes a new container file at path with header h. The file must not
 // exist (the error then wraps fs.ErrExist). The data area is sparse: the file
@@ -66,7 +71,10 @@ func Create(path string, h Header) (*File, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("create container %s: %w", path, err)
 	}
-	if _, err := f.WriteAt(h.encode(), 0); err != nil {
+	// Only the header's first page holds anything: the rest stays a hole
+	// of the new file (reading as zero), so a fresh container holds one
+	// page on storage, not HeaderSize.
+	if _, err := f.WriteAt(h.encode()[:headerWritten], 0); err != nil {
 		return fail(err)
 	}
 	if err := f.Truncate(HeaderSize + h.DataSize()); err != nil {
@@ -403,6 +411,30 @@ func (c *File) writeZeros(off, n int64) error {
 		n -= l
 	}
 	return nil
+}
+
+// Allocated implements Allocator with fstat(2): st_blocks × 512 of a
+// regular file. A block device's blocks are not the file system's to
+// count: ErrAllocationUnknown.
+func (c *File) Allocated() (int64, error) {
+	if c.closed.Load() {
+		return 0, c.errClosed()
+	}
+	var st unix.Stat_t
+	var errno error
+	if err := c.raw.Control(func(fd uintptr) { errno = unix.Fstat(int(fd), &st) }); err != nil {
+		if c.closed.Load() || errors.Is(err, os.ErrClosed) {
+			return 0, c.errClosed()
+		}
+		return 0, fmt.Errorf("container %s: stat: %w", c.path, err)
+	}
+	if errno != nil {
+		return 0, fmt.Errorf("container %s: stat: %w", c.path, errno)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return 0, fmt.Errorf("container %s: not a regular file: %w", c.path, ErrAllocationUnknown)
+	}
+	return st.Blocks * 512, nil
 }
 
 // Close implements Container. It closes the descriptor without fsync; call

@@ -31,7 +31,10 @@ type Memory struct {
 	}
 }
 
-var _ Container = (*Memory)(nil)
+var (
+	_ Container = (*Memory)(nil)
+	_ Allocator = (*Memory)(nil)
+)
 
 // NewMemory returns an empty in-memory container. Unlike Create it accepts
 // any positive slot size, so tests can use odd geometries; it panics if
@@ -129,6 +132,16 @@ func (m *Memory) Punch(off, n int64) error {
 		off += l
 	}
 	return nil
+}
+
+// Allocated implements Allocator: the chunks that hold data.
+func (m *Memory) Allocated() (int64, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.mu.closed {
+		return 0, m.errClosed()
+	}
+	return int64(len(m.mu.chunks)) * chunkSize, nil
 }
 
 // Flush implements Container. Memory has nothing to make durable.

@@ -141,13 +141,18 @@ func (s *Server) names(ctx context.Context) (map[meta.DiskID]string, []meta.Disk
 	return names, ds, nil
 }
 
-func (s *Server) withUsage(ctx context.Context, d meta.Disk, names map[meta.DiskID]string) (*pb.Disk, error) {
+// withUsage converts a record with its space usage; hold is what the
+// snapshots hold, by family (controller.SnapshotsHold).
+func (s *Server) withUsage(ctx context.Context, d meta.Disk, names map[meta.DiskID]string, hold map[meta.DiskID]uint64) (*pb.Disk, error) {
 	out := disk(d, names)
 	u, err := s.cfg.Ctrl.DiskUsage(ctx, d.Name)
 	if err != nil {
 		return nil, err
 	}
 	out.Allocated, out.Exclusive, out.Shared = u.Allocated, u.Exclusive, u.Shared
+	if !d.ReadOnly {
+		out.SnapshotsHold = hold[d.Family]
+	}
 	if out.Agents, out.AllAgents, err = s.cfg.Ctrl.Grants(ctx, d.Name); err != nil {
 		return nil, err
 	}
@@ -209,9 +214,13 @@ func (s *Server) ListDisks(ctx context.Context, _ *pb.ListDisksRequest) (*pb.Lis
 	if err != nil {
 		return nil, grpcErr(err)
 	}
+	hold, err := s.cfg.Ctrl.SnapshotsHold(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
 	out := &pb.ListDisksResponse{}
 	for _, d := range ds {
-		pd, err := s.withUsage(ctx, d, names)
+		pd, err := s.withUsage(ctx, d, names, hold)
 		if errors.Is(err, protocol.ErrNotFound) {
 			continue // deleted meanwhile
 		}
@@ -233,7 +242,11 @@ func (s *Server) GetDisk(ctx context.Context, r *pb.GetDiskRequest) (*pb.Disk, e
 	if err != nil {
 		return nil, grpcErr(err)
 	}
-	pd, err := s.withUsage(ctx, d, names)
+	held, err := s.cfg.Ctrl.FamilySnapshotsHold(ctx, d.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	pd, err := s.withUsage(ctx, d, names, map[meta.DiskID]uint64{d.Family: held})
 	return pd, grpcErr(err)
 }
 
@@ -283,15 +296,24 @@ func containerMsg(c meta.Container) *pb.Container {
 	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used}
 }
 
+// spaceMsg converts a container with what its backing holds.
+func spaceMsg(c controller.ContainerSpace) *pb.Container {
+	out := containerMsg(c.Container)
+	if c.Known {
+		out.AllocatedBytes = &c.Allocated
+	}
+	return out
+}
+
 // ListContainers implements pb.AdminServer.
 func (s *Server) ListContainers(ctx context.Context, _ *pb.ListContainersRequest) (*pb.ListContainersResponse, error) {
-	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	cs, err := s.cfg.Ctrl.ContainerSpaces(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
 	out := &pb.ListContainersResponse{}
 	for _, c := range cs {
-		out.Containers = append(out.Containers, containerMsg(c))
+		out.Containers = append(out.Containers, spaceMsg(c))
 	}
 	return out, nil
 }
@@ -353,11 +375,15 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 
 // Status implements pb.AdminServer.
 func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusResponse, error) {
-	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	cs, err := s.cfg.Ctrl.ContainerSpaces(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
 	ds, err := s.cfg.Ctrl.Disks(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	hold, err := s.cfg.Ctrl.SnapshotsHold(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
@@ -366,10 +392,18 @@ func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusRes
 		out.Agents = append(out.Agents, &pb.Agent{Name: a.Name, Disks: uint32(a.Disks)})
 	}
 	for _, c := range cs {
-		out.Containers = append(out.Containers, containerMsg(c))
+		out.Containers = append(out.Containers, spaceMsg(c))
 		out.TotalBytes += c.Slots * c.SlotSize
 		out.UsedBytes += c.Used * c.SlotSize
+		if c.Known {
+			out.AllocatedBytes += c.Allocated
+		} else {
+			out.AllocatedUnknown++
+		}
 	}
 	out.FreeBytes = out.TotalBytes - out.UsedBytes
+	for _, n := range hold {
+		out.SnapshotsHoldBytes += n
+	}
 	return out, nil
 }

@@ -1,0 +1,236 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"slices"
+
+	"segmap/internal/container"
+	"segmap/internal/meta"
+	"segmap/internal/table"
+)
+
+// This file answers "where did the space go": what each container's
+// backing really holds on storage, and what a family's snapshots hold
+// that no writable disk of the family needs.
+
+// ContainerSpace is a container's record and what its backing holds.
+type ContainerSpace struct {
+	meta.Container
+	// Allocated is the bytes the container's backing holds on storage,
+	// header included (for a file: its allocated blocks, what du(1)
+	// counts), when Known. Slots in use (Used × SlotSize) overstate it
+	// where slots are sparse.
+	Allocated uint64
+	// Known is false where the backing cannot tell: an nbd:// container
+	// (its storage node's file is not reachable from here), a block
+	// device, or a container that cannot be opened now.
+	Known bool
+}
+
+// ContainerSpaces returns every container with what its backing holds.
+// Only containers the controller reaches as local files are asked (opened
+// if they are not yet): an nbd:// container's storage node is not dialled
+// for a figure it cannot give, and one that does not answer must not stall
+// a status.
+func (c *Controller) ContainerSpaces(ctx context.Context) ([]ContainerSpace, error) {
+	cs, err := c.ListContainers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ContainerSpace, len(cs))
+	for i, rec := range cs {
+		out[i].Container = rec
+		if _, err := container.FilePath(rec.URI); err != nil {
+			continue // not a local file: unknown
+		}
+		ct, err := c.container(ctx, rec.ID)
+		if errors.Is(err, ErrClosed) || ctx.Err() != nil {
+			return nil, errors.Join(err, ctx.Err())
+		}
+		if err != nil {
+			c.logger.Debug("container space: cannot open container", "container", rec.ID, "uri", rec.URI, "err", err)
+			continue
+		}
+		a, ok := ct.(container.Allocator)
+		if !ok {
+			continue
+		}
+		n, err := a.Allocated()
+		if err != nil {
+			if !errors.Is(err, container.ErrAllocationUnknown) {
+				c.logger.Warn("container space: cannot tell what the container holds", "container", rec.ID, "uri", rec.URI, "err", err)
+			}
+			continue
+		}
+		out[i].Allocated, out[i].Known = uint64(n), true
+	}
+	return out, nil
+}
+
+// SnapshotsHold returns, by family (meta.Disk.Family), the bytes of the
+// slots that only the family's snapshots (its read-only disks) reference
+// and none of its writable disks: what deleting every snapshot of the
+// family would give back. Families whose snapshots hold nothing are
+// absent. It reads every table of every family in one read transaction:
+// its cost grows with the mapped entries, as DiskUsage's does.
+func (c *Controller) SnapshotsHold(ctx context.Context) (map[meta.DiskID]uint64, error) {
+	out := map[meta.DiskID]uint64{}
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
+		ds, err := tx.Disks()
+		if err != nil {
+			return err
+		}
+		fams := map[meta.DiskID][]meta.Disk{}
+		for _, d := range ds {
+			fams[d.Family] = append(fams[d.Family], d)
+		}
+		for f, members := range fams {
+			n, err := familySnapshotsHold(tx, members)
+			if err != nil {
+				return err
+			}
+			if n > 0 {
+				out[f] = n
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// FamilySnapshotsHold returns what SnapshotsHold returns for the family
+// of disk name.
+func (c *Controller) FamilySnapshotsHold(ctx context.Context, name string) (uint64, error) {
+	var n uint64
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
+		d, err := tx.Disk(name)
+		if err != nil {
+			return err
+		}
+		ds, err := tx.Disks()
+		if err != nil {
+			return err
+		}
+		var members []meta.Disk
+		for _, m := range ds {
+			if m.Family == d.Family {
+				members = append(members, m)
+			}
+		}
+		n, err = familySnapshotsHold(tx, members)
+		return err
+	})
+	return n, wrapNotFound(err)
+}
+
+// familySnapshotsHold reads the tables of one family's disks page by page
+// and counts, with snapshotOnly, the slots only its read-only disks map.
+// Disks of a family share slots only at the same segment index, so the
+// pages at one index are all that need comparing; a stored page held by
+// several disks (a table copied by a snapshot and not written since) is
+// read once.
+func familySnapshotsHold(tx *meta.Tx, members []meta.Disk) (uint64, error) {
+	type pages struct{ live, snaps []uint64 } // page ids at one index
+	byIndex := map[uint64]*pages{}
+	var segSize uint64
+	for _, d := range members {
+		segSize = d.SegmentSize // one family, one segment size
+		prs, err := tx.TablePages(d.ID)
+		if err != nil {
+			return 0, err
+		}
+		for _, pr := range prs {
+			p := byIndex[pr.Index]
+			if p == nil {
+				p = &pages{}
+				byIndex[pr.Index] = p
+			}
+			if d.ReadOnly {
+				p.snaps = append(p.snaps, pr.ID)
+			} else {
+				p.live = append(p.live, pr.ID)
+			}
+		}
+	}
+	var slots uint64
+	for _, p := range byIndex {
+		if len(p.snaps) == 0 {
+			continue
+		}
+		live, err := readPages(tx, p.live, nil)
+		if err != nil {
+			return 0, err
+		}
+		// A page a writable disk holds maps nothing only snapshots hold.
+		snaps, err := readPages(tx, p.snaps, p.live)
+		if err != nil {
+			return 0, err
+		}
+		slots += snapshotOnly(live, snaps)
+	}
+	return slots * segSize, nil
+}
+
+// readPages reads the distinct stored pages pids, but those in skip.
+func readPages(tx *meta.Tx, pids, skip []uint64) ([][]table.Entry, error) {
+	seen := map[uint64]bool{}
+	for _, s := range skip {
+		seen[s] = true
+	}
+	var out [][]table.Entry
+	for _, pid := range pids {
+		if seen[pid] {
+			continue
+		}
+		seen[pid] = true
+		es, err := tx.Page(pid)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, es)
+	}
+	return out, nil
+}
+
+// snapshotOnly counts the distinct slots that the snapshot pages map and
+// the live pages do not, comparing entries at the same index only (the
+// pages all cover the same segments of one family). Entries that hold no
+// location (Zero, Error, Invalid) hold no slot.
+func snapshotOnly(live, snaps [][]table.Entry) uint64 {
+	var n uint64
+	var locs []table.Location // distinct snapshot-only slots at one index
+	for i := range maxLen(snaps) {
+		locs = locs[:0]
+		for _, p := range snaps {
+			if i >= len(p) || !p[i].Mapped() {
+				continue
+			}
+			l := p[i].Loc
+			if mapsAt(live, i, l) || slices.Contains(locs, l) {
+				continue
+			}
+			locs = append(locs, l)
+		}
+		n += uint64(len(locs))
+	}
+	return n
+}
+
+// mapsAt says whether one of pages maps location l at index i.
+func mapsAt(pages [][]table.Entry, i int, l table.Location) bool {
+	for _, p := range pages {
+		if i < len(p) && p[i].Mapped() && p[i].Loc == l {
+			return true
+		}
+	}
+	return false
+}
+
+func maxLen(ps [][]table.Entry) int {
+	n := 0
+	for _, p := range ps {
+		n = max(n, len(p))
+	}
+	return n
+}

@@ -1,0 +1,34 @@
+package controller
+
+import (
+	"testing"
+
+	"segmap/internal/table"
+)
+
+func TestSnapshotOnly(t *testing.T) {
+	at := func(c, s uint32) table.Entry { return table.At(table.Location{Container: c, Slot: s}, false) }
+	z := table.ZeroEntry
+	for _, tc := range []struct {
+		name        string
+		live, snaps [][]table.Entry
+		want        uint64
+	}{
+		{"nothing", nil, nil, 0},
+		{"no snapshot", [][]table.Entry{{at(1, 1), at(1, 2)}}, nil, 0},
+		{"snapshot shares everything", [][]table.Entry{{at(1, 1), at(1, 2)}}, [][]table.Entry{{at(1, 1), at(1, 2)}}, 0},
+		{"one segment rewritten", [][]table.Entry{{at(1, 3), at(1, 2)}}, [][]table.Entry{{at(1, 1), at(1, 2)}}, 1},
+		{"no live disk", nil, [][]table.Entry{{at(1, 1), z, at(2, 1)}}, 2},
+		{"zero entries hold nothing", [][]table.Entry{{z, z}}, [][]table.Entry{{z, z}}, 0},
+		{"live disk zeroed a segment", [][]table.Entry{{z, at(1, 2)}}, [][]table.Entry{{at(1, 1), at(1, 2)}}, 1},
+		{"two snapshots share an old slot", [][]table.Entry{{at(1, 5)}}, [][]table.Entry{{at(1, 1)}, {at(1, 1)}}, 1},
+		{"two snapshots, two old slots", [][]table.Entry{{at(1, 5)}}, [][]table.Entry{{at(1, 1)}, {at(1, 2)}}, 2},
+		{"a clone keeps an old slot", [][]table.Entry{{at(1, 5)}, {at(1, 1)}}, [][]table.Entry{{at(1, 1)}, {at(1, 2)}}, 1},
+		{"same slot at another index is another slot", [][]table.Entry{{at(1, 1), z}}, [][]table.Entry{{z, at(1, 1)}}, 1},
+		{"no-write entries are mapped", [][]table.Entry{{table.At(table.Location{Container: 1, Slot: 1}, true)}}, [][]table.Entry{{at(1, 1)}}, 0},
+	} {
+		if got := snapshotOnly(tc.live, tc.snaps); got != tc.want {
+			t.Errorf("%s: %d slots, want %d", tc.name, got, tc.want)
+		}
+	}
+}
