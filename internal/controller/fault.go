@@ -190,117 +190,183 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		refs = 2
 	}
 	e = effective(e, refs)
-	reply := func(e table.Entry) (protocol.Reply, error) {
-		return protocol.Reply{First: seg, Entries: []table.Entry{e}}, nil
-	}
-
 	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
 	c.plans[plan].Add(1)
-	switch plan {
-	case table.Load:
-		return reply(e)
-
-	case table.Deny:
-		return protocol.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, protocol.ErrIO)
-
-	case table.Allocate:
-		loc, err := c.takeSlot(ctx, d.SegmentSize)
-		if err != nil {
+	r := &faultRun{f: f, d: d, seg: seg, e: e}
+	if plan == table.CopyReverse {
+		if err := c.findSharers(ctx, r, refs); err != nil {
 			return protocol.Reply{}, err
 		}
-		ne := table.At(loc, false)
-		err = c.store.Update(ctx, func(tx *meta.Tx) error {
-			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
-				return err
-			}
-			_, err := meta.AddRefs(tx, loc, 1)
-			return err
-		})
-		c.alloc.release(loc, false) // used, or free and still zero
-		if err != nil {
-			c.unsettled(ctx, seg, d)
-			return protocol.Reply{}, err
-		}
-		// Agents that loaded the Zero entry would keep reading zeros
-		// after the faulting agent's write: move them, before that
-		// write can be acknowledged.
-		if err := c.moveMappers(ctx, d, seg, ne); err != nil {
-			return protocol.Reply{}, err
-		}
-		return reply(ne)
-
-	case table.ClearNoWrite:
-		ne := table.At(e.Loc, false)
-		if err := c.store.Update(ctx, func(tx *meta.Tx) error {
-			return tx.SetEntries(d.ID, seg, []table.Entry{ne})
-		}); err != nil {
-			return protocol.Reply{}, err
-		}
-		// Other agents keep their NoWrite entry: it is only more
-		// restrictive, and their next write faults and gets this one.
-		return reply(ne)
-
-	case table.MoveForward:
-		// Nothing to copy, but the map may move only once the new data
-		// is durable in the new slot: stage the write.
-		loc, err := c.takeSlot(ctx, d.SegmentSize)
-		if err != nil {
-			return protocol.Reply{}, err
-		}
-		c.stage.mu.Lock()
-		c.stage.mu.next++
-		tok := c.stage.mu.next
-		c.stage.mu.writes[tok] = stagedWrite{agent: f.Agent, disk: d.ID, seg: seg, loc: loc, old: e.Loc}
-		c.stage.mu.Unlock()
-		return protocol.Reply{First: seg, Stage: &protocol.Stage{Loc: loc, Token: tok}}, nil
-
-	case table.CopyForward:
-		loc, err := c.takeSlot(ctx, d.SegmentSize)
-		if err != nil {
-			return protocol.Reply{}, err
-		}
-		if err := c.copySlot(ctx, e.Loc, loc, d.SegmentSize); err != nil {
-			c.alloc.release(loc, true) // it may hold part of the copy
-			return protocol.Reply{}, err
-		}
-		ne := table.At(loc, false)
-		fr := c.newFreeing()
-		err = c.store.Update(ctx, func(tx *meta.Tx) error {
-			fr.reset()
-			if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
-				return err
-			}
-			if n, err := meta.AddRefs(tx, e.Loc, -1); err != nil {
-				return err
-			} else if n == 0 {
-				fr.add(e.Loc) // its other sharers went away meanwhile
-			}
-			_, err := meta.AddRefs(tx, loc, 1)
-			return err
-		})
-		fr.finish(ctx, err)
-		c.alloc.release(loc, err != nil) // on failure the copy stays in a free slot
-		if err != nil {
-			c.unsettled(ctx, seg, d)
-			return protocol.Reply{}, err
-		}
-		if err := c.moveMappers(ctx, d, seg, ne); err != nil {
-			return protocol.Reply{}, err
-		}
-		return reply(ne)
-
-	case table.CopyReverse:
-		return c.reverse(ctx, f, d, e, refs)
 	}
-	return protocol.Reply{}, fmt.Errorf("unhandled fault plan: %w", protocol.ErrBadRequest)
+	return c.run(ctx, r, table.Effects(plan, false))
 }
 
-// reverse is the reverse-delta copy-on-write: the other sharers of the
-// slot move to a copy, and the faulting disk keeps the original slot.
-func (c *Controller) reverse(ctx context.Context, f protocol.Fault, d meta.Disk, e table.Entry, refs uint32) (protocol.Reply, error) {
-	seg := f.Segment
-	// Find the other sharers: only disks of the same family share slots,
-	// and always at the same segment index.
+// faultRun is the state of one fault's resolution as run carries out its
+// steps (table.Effects): the operands the steps name.
+type faultRun struct {
+	f   protocol.Fault
+	d   meta.Disk   // the faulting disk
+	seg uint64      // its segment
+	e   table.Entry // its entry: Old is e.Loc
+	// sharers are the other disks of the family that map Old (for a
+	// reverse-delta copy).
+	sharers []meta.Disk
+
+	newLoc   table.Location // New, once reserved
+	reserved bool           // New is reserved and not handed on
+	written  bool           // New may hold data
+	used     bool           // a commit made New used
+}
+
+// target returns the entry t names.
+func (r *faultRun) target(t table.Target) table.Entry {
+	switch t {
+	case table.OldWritable:
+		return table.At(r.e.Loc, false)
+	case table.NewWritable:
+		return table.At(r.newLoc, false)
+	}
+	return r.e
+}
+
+// run carries out steps for the fault r, in their order, and answers it.
+// It adds no step and changes no order: what is durable when, and what
+// agents hear before what, is the pure core's (table.Effects). On a
+// failure it undoes what is in memory only (a reserved slot goes back,
+// dirty if it was written) and, after a failed commit, which may have
+// landed all the same, makes the agents drop the entries it would have
+// replaced (see unsettled).
+func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (protocol.Reply, error) {
+	d, seg := r.d, r.seg
+	defer func() {
+		if r.reserved {
+			c.alloc.release(r.newLoc, r.written && !r.used)
+		}
+	}()
+	for _, st := range steps {
+		switch st.Kind {
+		case table.StepReserve:
+			loc, err := c.takeSlot(ctx, d.SegmentSize)
+			if err != nil {
+				return protocol.Reply{}, err
+			}
+			r.newLoc, r.reserved = loc, true
+
+		case table.StepCopyOld:
+			r.written = true
+			if err := c.copySlot(ctx, r.e.Loc, r.newLoc, d.SegmentSize); err != nil {
+				return protocol.Reply{}, err
+			}
+
+		case table.StepStage:
+			// The slot is the stage's now: its commit, or the
+			// agent's re-attaching, gives it back.
+			c.stage.mu.Lock()
+			c.stage.mu.next++
+			tok := c.stage.mu.next
+			c.stage.mu.writes[tok] = stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e.Loc}
+			c.stage.mu.Unlock()
+			r.reserved = false
+			return protocol.Reply{First: seg, Stage: &protocol.Stage{Loc: r.newLoc, Token: tok}}, nil
+
+		case table.StepCommitSelf:
+			if err := c.commitSelf(ctx, r, st); err != nil {
+				return protocol.Reply{}, err
+			}
+
+		case table.StepCommitSharers:
+			if err := c.commitSharers(ctx, r); err != nil {
+				return protocol.Reply{}, err
+			}
+
+		case table.StepTellSharers:
+			if err := c.tellSharers(ctx, r); err != nil {
+				return protocol.Reply{}, err
+			}
+
+		case table.StepTellMappers:
+			if err := c.moveMappers(ctx, d, seg, r.target(st.Entry)); err != nil {
+				return protocol.Reply{}, err
+			}
+
+		case table.StepAnswer:
+			return protocol.Reply{First: seg, Entries: []table.Entry{r.target(st.Entry)}}, nil
+
+		case table.StepFail:
+			return protocol.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, r.e.State, protocol.ErrIO)
+		}
+	}
+	return protocol.Reply{}, fmt.Errorf("fault steps end without an answer: %w", protocol.ErrBadRequest)
+}
+
+// commitSelf commits the faulting disk's entry and its slot counts (a
+// StepCommitSelf).
+func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step) error {
+	d, seg := r.d, r.seg
+	ne := r.target(st.Entry)
+	fr := c.newFreeing()
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
+		fr.reset()
+		if st.IfShared {
+			// A staged write's move is still wanted only while the
+			// old slot is shared: if it has become the disk's alone
+			// (its sharers moved off by a reverse copy, or
+			// deleted), another agent may already write it in
+			// place, and freeing it here would pull it from under
+			// that agent. The write starts again and finds the
+			// entry writable.
+			es, err := tx.Entries(d.ID, seg, 1)
+			if err != nil {
+				return err
+			}
+			if !es[0].Mapped() || es[0].Loc != r.e.Loc {
+				return protocol.ErrStale
+			}
+			if n, err := shareCount(tx, d.ID, seg, es[0]); err != nil {
+				return err
+			} else if n < 2 {
+				return protocol.ErrStale
+			}
+		}
+		if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
+			return err
+		}
+		if st.OldRefs != 0 {
+			// The old slot is freed if its other sharers went away
+			// meanwhile.
+			if n, err := meta.AddRefs(tx, r.e.Loc, st.OldRefs); err != nil {
+				return err
+			} else if n == 0 {
+				fr.add(r.e.Loc)
+			}
+		}
+		if st.NewRefs != 0 {
+			if _, err := meta.AddRefs(tx, r.newLoc, st.NewRefs); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, protocol.ErrStale) {
+		fr.finish(ctx, nil) // nothing was freed
+		return err
+	}
+	fr.finish(ctx, err)
+	if err != nil {
+		c.unsettled(ctx, seg, d)
+		return err
+	}
+	if st.NewRefs > 0 {
+		r.used = true
+	}
+	return nil
+}
+
+// findSharers finds the other disks that map the faulting disk's slot:
+// only disks of the same family share slots, and always at the same
+// segment index.
+func (c *Controller) findSharers(ctx context.Context, r *faultRun, refs uint32) error {
+	d, seg, e := r.d, r.seg, r.e
 	var sharers []meta.Disk
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
@@ -321,75 +387,66 @@ func (c *Controller) reverse(ctx context.Context, f protocol.Fault, d meta.Disk,
 		}
 		return nil
 	}); err != nil {
-		return protocol.Reply{}, err
+		return err
 	}
 	// refs counts table pages (the faulting disk's own, and the
 	// sharers'), and sharers may share pages among themselves: so at
 	// least refs-1 sharers, and at least one.
 	if len(sharers) == 0 || uint32(len(sharers)) < refs-1 {
-		return protocol.Reply{}, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
+		return fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
 	}
+	r.sharers = sharers
+	return nil
+}
 
-	loc, err := c.takeSlot(ctx, d.SegmentSize)
-	if err != nil {
-		return protocol.Reply{}, err
-	}
-	if err := c.copySlot(ctx, e.Loc, loc, d.SegmentSize); err != nil {
-		c.alloc.release(loc, true)
-		return protocol.Reply{}, err
-	}
-	// The sharers now point at the copy, NoWrite while it is still shared.
-	moved := table.At(loc, len(sharers) > 1)
-	err = c.store.Update(ctx, func(tx *meta.Tx) error {
-		for _, o := range sharers {
-			if err := tx.SetEntries(o.ID, seg, []table.Entry{moved}); err != nil {
+// moved is the entry the sharers of a reverse-delta copy get: the copy,
+// No-write while it is still shared.
+func (r *faultRun) moved() table.Entry { return table.At(r.newLoc, len(r.sharers) > 1) }
+
+// commitSharers moves every sharer to the copy (a StepCommitSharers).
+func (c *Controller) commitSharers(ctx context.Context, r *faultRun) error {
+	moved := r.moved()
+	err := c.store.Update(ctx, func(tx *meta.Tx) error {
+		for _, o := range r.sharers {
+			if err := tx.SetEntries(o.ID, r.seg, []table.Entry{moved}); err != nil {
 				return err
 			}
 		}
-		if err := tx.SetRefs(loc, uint32(len(sharers))); err != nil {
+		if err := tx.SetRefs(r.newLoc, uint32(len(r.sharers))); err != nil {
 			return err
 		}
-		return tx.SetRefs(e.Loc, 1)
+		return tx.SetRefs(r.e.Loc, 1)
 	})
-	c.alloc.release(loc, err != nil) // on failure the copy stays in a free slot
 	if err != nil {
-		c.unsettled(ctx, seg, append(sharers, d)...)
-		return protocol.Reply{}, err
+		c.unsettled(ctx, r.seg, append(r.sharers, r.d)...)
+		return err
 	}
-	// Their agents move, Blocking: reads of the original slot made under
-	// the old entries finish before the faulting disk writes to it. If
-	// one does not confirm, the faulting disk stays NoWrite (its slot now
-	// has one reference, so a later fault would clear it: the agent that
-	// failed must be fenced first; see broadcast). Every sharer's agents
-	// are told all the same, even after one failed: the move is
-	// committed, and an agent never told of a sharer's move would go on
-	// reading the original slot for it after that later fault's writes.
-	errs := make([]error, len(sharers))
+	r.used = true
+	return nil
+}
+
+// tellSharers moves the sharers' agents, Blocking (a StepTellSharers):
+// reads of the original slot made under the old entries finish before the
+// faulting disk writes to it. If one does not confirm, the faulting disk
+// stays No-write (its slot now has one reference, so a later fault would
+// clear it: the agent that failed must be fenced first; see broadcast).
+// Every sharer's agents are told all the same, even after one failed: the
+// move is committed, and an agent never told of a sharer's move would go
+// on reading the original slot for it after that later fault's writes.
+func (c *Controller) tellSharers(ctx context.Context, r *faultRun) error {
+	moved := r.moved()
+	errs := make([]error, len(r.sharers))
 	var wg sync.WaitGroup
-	for i, o := range sharers {
+	for i, o := range r.sharers {
 		wg.Go(func() {
-			cmd := protocol.SetEntry{Disk: protocol.DiskID(o.ID), First: seg, Entries: []table.Entry{moved}, Blocking: true}
+			cmd := protocol.SetEntry{Disk: protocol.DiskID(o.ID), First: r.seg, Entries: []table.Entry{moved}, Blocking: true}
 			if err := c.broadcast(ctx, o.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-				errs[i] = fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, e.Loc, err)
+				errs[i] = fmt.Errorf("reverse-delta: move %q off %v: %w", o.Name, r.e.Loc, err)
 			}
 		})
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return protocol.Reply{}, err
-	}
-	// Only now may the faulting disk write in place.
-	ne := table.At(e.Loc, false)
-	if err := c.store.Update(ctx, func(tx *meta.Tx) error {
-		return tx.SetEntries(d.ID, seg, []table.Entry{ne})
-	}); err != nil {
-		c.unsettled(ctx, seg, d)
-		return protocol.Reply{}, err
-	}
-	if err := c.moveMappers(ctx, d, seg, ne); err != nil {
-		return protocol.Reply{}, err
-	}
-	return protocol.Reply{First: seg, Entries: []table.Entry{ne}}, nil
+	return errors.Join(errs...)
 }
 
 // moveMappers sends a committed entry to every agent mapping d and
@@ -472,57 +529,14 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 	if !ok {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)
 	}
-	ne := table.At(sw.loc, false)
-	fr := c.newFreeing()
-	err := c.store.Update(ctx, func(tx *meta.Tx) error {
-		fr.reset()
-		es, err := tx.Entries(d.ID, sw.seg, 1)
-		if err != nil {
-			return err
-		}
-		// The move is still wanted only while the old slot is shared:
-		// if it has become the disk's alone (its sharers moved off by
-		// a reverse copy, or deleted), another agent may already
-		// write it in place, and freeing it here would pull it from
-		// under that agent. The write starts again and finds the
-		// entry writable.
-		if !es[0].Mapped() || es[0].Loc != sw.old {
-			return protocol.ErrStale
-		}
-		if n, err := shareCount(tx, d.ID, sw.seg, es[0]); err != nil {
-			return err
-		} else if n < 2 {
-			return protocol.ErrStale
-		}
-		if err := tx.SetEntries(d.ID, sw.seg, []table.Entry{ne}); err != nil {
-			return err
-		}
-		// The old slot is freed if its other sharers went away
-		// while the write was staged.
-		if n, err := meta.AddRefs(tx, sw.old, -1); err != nil {
-			return err
-		} else if n == 0 {
-			fr.add(sw.old)
-		}
-		_, err = meta.AddRefs(tx, sw.loc, 1)
-		return err
-	})
-	// On failure the staged slot goes back to the free slots with the
-	// agent's data in it.
-	c.alloc.release(sw.loc, err != nil)
-	if errors.Is(err, protocol.ErrStale) {
-		fr.finish(ctx, nil) // nothing was freed
-		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
-	}
-	fr.finish(ctx, err)
+	// The agent has written the staged slot: on failure it goes back
+	// to the free slots with that data in it.
+	r := &faultRun{f: f, d: d, seg: sw.seg, e: table.At(sw.old, true), newLoc: sw.loc, reserved: true, written: true}
+	rep, err := c.run(ctx, r, table.CommitStaged())
 	if err != nil {
-		c.unsettled(ctx, sw.seg, d)
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
-	if err := c.moveMappers(ctx, d, sw.seg, ne); err != nil {
-		return protocol.Reply{}, err
-	}
-	return protocol.Reply{First: sw.seg, Entries: []table.Entry{ne}}, nil
+	return rep, nil
 }
 
 // MaxDiscard is the most segments one discard fault may cover.

@@ -167,7 +167,11 @@ func TestRegressFailedCommitKeepsReservation(t *testing.T) {
 		}
 	}
 	md := errMode{"ENOSPC always after the fact", syscall.ENOSPC, true, true}
-	p := &errPoint{op: faultinject.OpView, target: "meta", nth: 5}
+	// The sixth store read is the commit fault's first (the disk's
+	// record): the write fault before it reads the disk twice (before
+	// and under its locks), its entry, and the free slots, and the
+	// zeroing of the container once.
+	p := &errPoint{op: faultinject.OpView, target: "meta", nth: 6}
 	res, err := errRun(t, st, op, p, md, faultinject.OpAll, false)
 	if err != nil {
 		t.Fatalf("%s at %v: %v", md.name, p, err)

@@ -33,6 +33,9 @@ import (
 //	decide-all                  every combination of state bits × every op
 //	resolve                     one "entry op [refs=N] [whole] [policy=P]" per input line
 //	resolve-all entries=(...)   every op × refs 0,1,2 × whole × policy
+//	effects                     as resolve, with "[agent-copies]": the plan
+//	                            and the ordered steps that carry it out
+//	commit-staged               the steps of a staged write's commit
 //
 // An entry is written as Entry.String prints it: "c1/s3", "c1/s3+NoWrite",
 // "Zero", "Invalid", "Error", or a location with voiding bits, such as
@@ -41,7 +44,7 @@ func TestScenario(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		var tab *table.Table
 		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
-			if d.Cmd != "new-table" && !strings.HasPrefix(d.Cmd, "decide") && !strings.HasPrefix(d.Cmd, "resolve") && tab == nil {
+			if d.Cmd != "new-table" && !strings.HasPrefix(d.Cmd, "decide") && !strings.HasPrefix(d.Cmd, "resolve") && d.Cmd != "effects" && d.Cmd != "commit-staged" && tab == nil {
 				d.Fatalf(t, "%s before new-table", d.Cmd)
 			}
 			switch d.Cmd {
@@ -156,15 +159,15 @@ func TestScenario(t *testing.T) {
 				}
 				return b.String()
 
-			case "resolve":
+			case "resolve", "effects":
 				var b strings.Builder
 				for _, line := range lines(d.Input) {
 					f := strings.Fields(line)
 					if len(f) < 2 {
-						d.Fatalf(t, "resolve: want \"entry op [refs=N] [whole] [policy=P]\", got %q", line)
+						d.Fatalf(t, "%s: want \"entry op [refs=N] [whole] [policy=P] [agent-copies]\", got %q", d.Cmd, line)
 					}
 					e, op := parseEntry(t, d, f[0]), parseOp(t, d, f[1])
-					refs, whole, p := uint32(1), false, table.Forward
+					refs, whole, p, agentCopies := uint32(1), false, table.Forward, false
 					for _, kv := range f[2:] {
 						k, v, _ := strings.Cut(kv, "=")
 						switch k {
@@ -176,6 +179,8 @@ func TestScenario(t *testing.T) {
 							refs = uint32(n)
 						case "whole":
 							whole = true
+						case "agent-copies":
+							agentCopies = true
 						case "policy":
 							var err error
 							if p, err = table.ParsePolicy(v); err != nil {
@@ -185,7 +190,22 @@ func TestScenario(t *testing.T) {
 							d.Fatalf(t, "resolve: unknown %q", kv)
 						}
 					}
-					fmt.Fprintf(&b, "%s -> %v\n", line, table.Resolve(e, op, refs, whole, p))
+					plan := table.Resolve(e, op, refs, whole, p)
+					if d.Cmd == "resolve" {
+						fmt.Fprintf(&b, "%s -> %v\n", line, plan)
+						continue
+					}
+					fmt.Fprintf(&b, "%s -> %v\n", line, plan)
+					for i, st := range table.Effects(plan, agentCopies) {
+						fmt.Fprintf(&b, "  %d. %v\n", i+1, st)
+					}
+				}
+				return b.String()
+
+			case "commit-staged":
+				var b strings.Builder
+				for i, st := range table.CommitStaged() {
+					fmt.Fprintf(&b, "%d. %v\n", i+1, st)
 				}
 				return b.String()
 

@@ -1,0 +1,213 @@
+package table
+
+import (
+	"fmt"
+	"strings"
+)
+
+// A fault's plan (Resolve) implies effects that a controller must carry
+// out in a fixed order: reserve a slot before copying into it, copy and
+// flush before the map points at the copy, commit before telling agents,
+// tell restrictive changes (Blocking) before the permissive ones that
+// depend on them are committed, answer last. Effects spells that order out
+// as plain data, like etcd raft's Ready: the controller executes the steps
+// and adds nothing to their order, and the scenario tests check it with no
+// store, container, agent or clock.
+//
+// The steps name their operands symbolically: Old is the slot the
+// faulting disk's entry maps, New the slot that StepReserve took, Sharers the
+// other disks of the family that map Old (at the same segment index).
+
+// StepKind is one kind of effect.
+type StepKind uint8
+
+// The steps of Effects.
+const (
+	// StepReserve takes a free, durably zero slot from the allocator: New.
+	StepReserve StepKind = iota + 1
+	// StepCopyOld copies Old into New and flushes New's container: the data
+	// is durable before any map points at it.
+	StepCopyOld
+	// StepStage answers with a stage of New: the agent writes the segment
+	// there (over a copy of Old when Step.From is set), flushes, and
+	// asks for the commit, which runs CommitStaged's steps.
+	StepStage
+	// StepCommitSelf commits the faulting disk's entry (Step.Entry) and the
+	// slot count changes Step.OldRefs and Step.NewRefs; a count that
+	// drops to zero frees its slot.
+	StepCommitSelf
+	// StepCommitSharers commits every sharer's entry to New (No-write if
+	// more than one shares it), New's count to the number of sharers
+	// and Old's to one.
+	StepCommitSharers
+	// StepTellSharers sends each sharer's new entry to the agents that map
+	// it, Blocking, and waits for all: their reads of Old made under the
+	// old entries finish before anyone writes Old in place.
+	StepTellSharers
+	// StepTellMappers sends the faulting disk's new entry to every agent
+	// that maps it (the faulting one too) and waits: none may read the
+	// old location once the faulting agent's write is acknowledged.
+	StepTellMappers
+	// StepAnswer answers the fault with Step.Entry.
+	StepAnswer
+	// StepFail fails the fault: the I/O fails.
+	StepFail
+)
+
+func (k StepKind) String() string {
+	switch k {
+	case StepReserve:
+		return "reserve"
+	case StepCopyOld:
+		return "copy-old"
+	case StepStage:
+		return "stage"
+	case StepCommitSelf:
+		return "commit-self"
+	case StepCommitSharers:
+		return "commit-sharers"
+	case StepTellSharers:
+		return "tell-sharers"
+	case StepTellMappers:
+		return "tell-mappers"
+	case StepAnswer:
+		return "answer"
+	case StepFail:
+		return "fail"
+	}
+	return fmt.Sprintf("StepKind(%d)", uint8(k))
+}
+
+// Target names the entry a step gives the faulting disk.
+type Target uint8
+
+// The targets of a step.
+const (
+	// Unchanged is the entry as the store holds it.
+	Unchanged Target = iota + 1
+	// OldWritable is Old, without No-write.
+	OldWritable
+	// NewWritable is New, without No-write.
+	NewWritable
+)
+
+func (t Target) String() string {
+	switch t {
+	case Unchanged:
+		return "unchanged"
+	case OldWritable:
+		return "old"
+	case NewWritable:
+		return "new"
+	}
+	return fmt.Sprintf("Target(%d)", uint8(t))
+}
+
+// Step is one effect of a fault's resolution.
+type Step struct {
+	Kind StepKind
+	// Entry is the faulting disk's entry that CommitSelf commits and
+	// StepAnswer answers.
+	Entry Target
+	// OldRefs and NewRefs are StepCommitSelf's changes to Old's and New's
+	// counts.
+	OldRefs, NewRefs int
+	// From is set on a StepStage whose slot the agent fills from Old first
+	// (a partial write).
+	From bool
+	// IfShared is set on the StepCommitSelf of a staged write: it commits
+	// only while the disk's entry still maps Old and Old is still
+	// shared; otherwise the stage is stale and the write starts again.
+	IfShared bool
+}
+
+func (s Step) String() string {
+	var b strings.Builder
+	b.WriteString(s.Kind.String())
+	switch s.Kind {
+	case StepCommitSelf:
+		fmt.Fprintf(&b, " entry=%v", s.Entry)
+		if s.OldRefs != 0 {
+			fmt.Fprintf(&b, " old%+d", s.OldRefs)
+		}
+		if s.NewRefs != 0 {
+			fmt.Fprintf(&b, " new%+d", s.NewRefs)
+		}
+		if s.IfShared {
+			b.WriteString(" if-still-shared")
+		}
+	case StepAnswer, StepTellMappers:
+		fmt.Fprintf(&b, " %v", s.Entry)
+	case StepStage:
+		if s.From {
+			b.WriteString(" from=old")
+		}
+	}
+	return b.String()
+}
+
+// Effects returns the steps that carry out plan p. With agentCopies a
+// partial write into a shared slot is staged with a copy made by the
+// agent (which has the containers open) rather than copied by the
+// controller.
+func Effects(p Plan, agentCopies bool) []Step {
+	switch p {
+	case Load:
+		return []Step{{Kind: StepAnswer, Entry: Unchanged}}
+	case Deny:
+		return []Step{{Kind: StepFail}}
+	case Allocate:
+		// Agents that loaded the Zero entry would keep reading zeros
+		// after the faulting agent's write: they are moved before it
+		// is answered.
+		return []Step{
+			{Kind: StepReserve},
+			{Kind: StepCommitSelf, Entry: NewWritable, NewRefs: 1},
+			{Kind: StepTellMappers, Entry: NewWritable},
+			{Kind: StepAnswer, Entry: NewWritable},
+		}
+	case ClearNoWrite:
+		// Other agents keep their No-write entry: it is only more
+		// restrictive, and their next write faults and gets this one.
+		return []Step{
+			{Kind: StepCommitSelf, Entry: OldWritable},
+			{Kind: StepAnswer, Entry: OldWritable},
+		}
+	case MoveForward:
+		return []Step{{Kind: StepReserve}, {Kind: StepStage}}
+	case CopyForward:
+		if agentCopies {
+			return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true}}
+		}
+		return []Step{
+			{Kind: StepReserve},
+			{Kind: StepCopyOld},
+			{Kind: StepCommitSelf, Entry: NewWritable, OldRefs: -1, NewRefs: 1},
+			{Kind: StepTellMappers, Entry: NewWritable},
+			{Kind: StepAnswer, Entry: NewWritable},
+		}
+	case CopyReverse:
+		// Only once every sharer's agents have moved off Old may the
+		// faulting disk write it in place.
+		return []Step{
+			{Kind: StepReserve},
+			{Kind: StepCopyOld},
+			{Kind: StepCommitSharers},
+			{Kind: StepTellSharers},
+			{Kind: StepCommitSelf, Entry: OldWritable},
+			{Kind: StepTellMappers, Entry: OldWritable},
+			{Kind: StepAnswer, Entry: OldWritable},
+		}
+	}
+	return []Step{{Kind: StepFail}}
+}
+
+// CommitStaged returns the steps of the commit of a staged write, once the
+// agent has written and flushed New.
+func CommitStaged() []Step {
+	return []Step{
+		{Kind: StepCommitSelf, Entry: NewWritable, OldRefs: -1, NewRefs: 1, IfShared: true},
+		{Kind: StepTellMappers, Entry: NewWritable},
+		{Kind: StepAnswer, Entry: NewWritable},
+	}
+}
