@@ -81,6 +81,18 @@ func TestEtcd(t *testing.T) {
 		})
 	}
 
+	t.Run("GroupCommit", func(t *testing.T) {
+		metatest.RunGroupCommit(t, func(t *testing.T) meta.Store {
+			s := openEtcd(t, cli, prefix())
+			t.Cleanup(func() {
+				if err := s.Close(); err != nil {
+					t.Errorf("Close: %v", err)
+				}
+			})
+			return s
+		})
+	})
+
 	t.Run("Persistence", func(t *testing.T) {
 		// The store "kept in dir" is the one under a prefix named after
 		// dir: reopening is a new Etcd over the same server and prefix.
