@@ -116,6 +116,8 @@ func TestEtcd(t *testing.T) {
 		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
 	})
 	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
+	t.Run("BatchSplitsWhenTooLarge", func(t *testing.T) { testEtcdBatchSplits(t, cli, prefix()) })
+	t.Run("BatchConflictRunsAgain", func(t *testing.T) { testEtcdBatchConflict(t, cli, prefix()) })
 	testEtcdTooLarge(t, cli, prefix)
 	t.Run("Fence", func(t *testing.T) { testEtcdFence(t, cli, newClient(t, endpoint), prefix()) })
 }
