@@ -158,6 +158,9 @@ type Store interface {
 	// Update runs fn in a read-write transaction and commits it durably if
 	// fn returns nil; otherwise nothing fn did is kept. fn may be called
 	// more than once and must not have effects outside the transaction.
+	// It may run on another caller's goroutine, with Updates that arrived
+	// at the same time (group commit), so it must return rather than call
+	// runtime.Goexit; a panic in it is raised again in its caller.
 	Update(ctx context.Context, fn func(*Tx) error) error
 	// Close releases the store.
 	Close() error
