@@ -25,7 +25,7 @@ type Bolt struct {
 
 func newBolt(db *bolt.DB) *Bolt {
 	b := &Bolt{db: db}
-	b.group.init(boltBackend{db}, boltMaxBatch)
+	b.init(boltBackend{db}, boltMaxBatch)
 	return b
 }
 
@@ -67,7 +67,7 @@ func (b *Bolt) View(ctx context.Context, fn func(*Tx) error) error {
 
 // Update implements Store. It is group committed: see group.go.
 func (b *Bolt) Update(ctx context.Context, fn func(*Tx) error) error {
-	return b.group.update(ctx, fn)
+	return b.update(ctx, fn)
 }
 
 // boltBackend runs a Bolt's batches: each one bbolt write transaction.

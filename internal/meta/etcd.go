@@ -162,7 +162,7 @@ func OpenEtcd(ctx context.Context, cli *clientv3.Client, prefix string, opts ...
 		return nil, errors.New("open metadata in etcd: empty key prefix")
 	}
 	e := &Etcd{cli: cli, prefix: prefix}
-	e.group.init(etcdBackend{e}, etcdMaxBatch)
+	e.init(etcdBackend{e}, etcdMaxBatch)
 	for _, o := range opts {
 		o(e)
 	}
@@ -201,7 +201,7 @@ func (e *Etcd) Update(ctx context.Context, fn func(*Tx) error) error {
 	if err := e.usable(ctx); err != nil {
 		return err
 	}
-	return e.group.update(ctx, fn)
+	return e.update(ctx, fn)
 }
 
 // etcdBackend runs an Etcd's batches: each attempt one transaction (see

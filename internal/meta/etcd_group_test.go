@@ -16,9 +16,9 @@ import (
 // heldBatch runs holder in an Update of s whose commit is held, queues
 // each of fns in an Update of its own behind it, then releases it. hook
 // sees every commit after the held one (its number from 2 and its
-// updates) and makes it; it returns the holder's error and each fn's.
+// updates) and makes it; it returns each fn's error and the holder's.
 func heldBatch(t *testing.T, s *meta.Etcd, holder func(*meta.Tx) error, fns []func(*meta.Tx) error,
-	hook func(n, updates int, commit func() error) error) (error, []error) {
+	hook func(n, updates int, commit func() error) error) ([]error, error) {
 	t.Helper()
 	held, release := make(chan struct{}), make(chan struct{})
 	queued := make(chan int, len(fns))
@@ -55,7 +55,7 @@ func heldBatch(t *testing.T, s *meta.Etcd, holder func(*meta.Tx) error, fns []fu
 	}
 	close(release)
 	wg.Wait()
-	return herr, errs
+	return errs, herr
 }
 
 // A batch whose commit is too large for etcd, though each of its Updates
@@ -77,7 +77,7 @@ func testEtcdBatchSplits(t *testing.T, cli *clientv3.Client, prefix string) {
 	}
 	var sizes []int
 	var errsSeen []error
-	herr, errs := heldBatch(t, s, func(tx *meta.Tx) error { return tx.SetAgents([]string{"holder"}) }, fns,
+	errs, herr := heldBatch(t, s, func(tx *meta.Tx) error { return tx.SetAgents([]string{"holder"}) }, fns,
 		func(_, updates int, commit func() error) error {
 			err := commit()
 			sizes = append(sizes, updates)
@@ -134,7 +134,7 @@ func testEtcdBatchConflict(t *testing.T, cli *clientv3.Client, prefix string) {
 	const n = 3
 	var sizes []int
 	var errsSeen []error
-	herr, errs := heldBatch(t, s, func(tx *meta.Tx) error { return tx.SetAgents([]string{"holder"}) },
+	errs, herr := heldBatch(t, s, func(tx *meta.Tx) error { return tx.SetAgents([]string{"holder"}) },
 		slices.Repeat([]func(*meta.Tx) error{increment}, n),
 		func(k, updates int, commit func() error) error {
 			if k == 2 { // the batch: another store gets in first
@@ -168,4 +168,3 @@ func testEtcdBatchConflict(t *testing.T, cli *clientv3.Client, prefix string) {
 		t.Fatal(err)
 	}
 }
-

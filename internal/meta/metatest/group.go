@@ -100,8 +100,8 @@ func (g *gate) commits() []int {
 
 // batch runs holder in one Update, whose commit the gate holds, then each
 // of fns in an Update of its own, all queued behind it, and releases the
-// gate once every one has queued. It returns holder's error and each fn's.
-func (g *gate) batch(t *testing.T, s meta.Store, holder func(*meta.Tx) error, fns []func(*meta.Tx) error) (error, []error) {
+// gate once every one has queued. It returns each fn's error and holder's.
+func (g *gate) batch(t *testing.T, s meta.Store, holder func(*meta.Tx) error, fns []func(*meta.Tx) error) ([]error, error) {
 	t.Helper()
 	ctx := t.Context()
 	var wg sync.WaitGroup
@@ -119,7 +119,7 @@ func (g *gate) batch(t *testing.T, s meta.Store, holder func(*meta.Tx) error, fn
 	}
 	close(g.release)
 	wg.Wait()
-	return herr, errs
+	return errs, herr
 }
 
 func createDisk(name string) func(*meta.Tx) error {
@@ -190,7 +190,7 @@ func testGroupFewCommits(t *testing.T, s meta.Store) {
 	for i := range 63 {
 		fns = append(fns, createDisk(fmt.Sprintf("d%02d", i)))
 	}
-	herr, errs := g.batch(t, s, createDisk("holder"), fns)
+	errs, herr := g.batch(t, s, createDisk("holder"), fns)
 	if herr != nil {
 		t.Fatalf("holder: %v", herr)
 	}
@@ -260,7 +260,7 @@ func testGroupFailingAlone(t *testing.T, s meta.Store) {
 			return nil
 		})
 	}
-	herr, errs := g.batch(t, s, createDisk("holder"), fns)
+	errs, herr := g.batch(t, s, createDisk("holder"), fns)
 	if herr != nil {
 		t.Fatalf("holder: %v", herr)
 	}
@@ -334,7 +334,7 @@ func testGroupFailedCommit(t *testing.T, s meta.Store) {
 		}
 		return errStop
 	})
-	herr, errs := g.batch(t, s, createDisk("holder"), fns)
+	errs, herr := g.batch(t, s, createDisk("holder"), fns)
 	if herr != nil {
 		t.Fatalf("holder: %v", herr)
 	}
@@ -376,7 +376,7 @@ func testGroupDurableError(t *testing.T, s meta.Store) {
 		fns = append(fns, createDisk(fmt.Sprintf("d%d", i)))
 		want = append(want, fmt.Sprintf("d%d", i))
 	}
-	herr, errs := g.batch(t, s, createDisk("holder"), fns)
+	errs, herr := g.batch(t, s, createDisk("holder"), fns)
 	if herr != nil {
 		t.Fatalf("holder: %v", herr)
 	}
