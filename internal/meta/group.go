@@ -235,6 +235,7 @@ func (g *group) lead(first *call) {
 	g.mu.Lock()
 	k := min(len(g.queue), g.maxBatch-1)
 	batch := append([]*call{first}, g.queue[:k]...)
+	clear(g.queue[:k]) // the backing array outlives them
 	g.queue = g.queue[k:]
 	g.mu.Unlock()
 
@@ -251,6 +252,7 @@ func (g *group) lead(first *call) {
 		var next *call
 		if len(g.queue) > 0 {
 			next = g.queue[0]
+			g.queue[0] = nil
 			g.queue = g.queue[1:]
 			next.lead = true
 		} else {
