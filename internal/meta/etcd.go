@@ -73,7 +73,10 @@ const deletedNS = "\x00deleted/"
 // separately to its compares and to its writes, and by --max-request-bytes
 // (default 1.5 MiB; the client's MaxCallSendMsgSize, default 2 MiB, must
 // be at least as large). A commit over either limit fails with
-// ErrTxnTooLarge and writes nothing.
+// ErrTxnTooLarge and writes nothing. Updates committed together (group
+// commit, see group.go) share one Txn: a batch that exceeds a limit its
+// Updates alone would not runs again as two halves, each its own Txn, so
+// only an Update too large on its own fails with ErrTxnTooLarge.
 //
 // The large records are table pages, 9221 bytes (1 + PageEntries entries
 // of 9 bytes + 4), and reference pages (of slots and of table pages), 4101
