@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,6 +31,7 @@ func RunGroupCommit(t *testing.T, open func(t *testing.T) meta.Store) {
 		{"DurableCommitError", testGroupDurableError},
 		{"CancelWhileQueued", testGroupCancel},
 		{"Panic", testGroupPanic},
+		{"Goexit", testGroupGoexit},
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) { c.fn(t, open(t)) })
@@ -470,5 +473,38 @@ func testGroupPanic(t *testing.T, s meta.Store) {
 	}
 	if got := diskNames(t, s); !slices.Equal(got, []string{"a", "b", "holder"}) {
 		t.Errorf("disks %v; want [a b holder]", got)
+	}
+}
+
+// testGroupGoexit: an fn that ends its goroutine (runtime.Goexit, which
+// the contract forbids) abandons the rest of its batch with an error but
+// leaves the store working. The Updates queue in a known order, so the
+// one that exits leads its batch and runs first in it.
+func testGroupGoexit(t *testing.T, s meta.Store) {
+	g := hold(t, s)
+	ctx := t.Context()
+	var wg sync.WaitGroup
+	var herr, berr error
+	aReturned := false
+	wg.Go(func() { herr = s.Update(ctx, createDisk("holder")) })
+	<-g.held
+	wg.Go(func() {
+		_ = s.Update(ctx, func(*meta.Tx) error { runtime.Goexit(); return nil })
+		aReturned = true
+	})
+	<-g.queued
+	wg.Go(func() { berr = s.Update(ctx, createDisk("b")) })
+	<-g.queued
+	close(g.release)
+	wg.Wait()
+	if herr != nil || aReturned {
+		t.Errorf("holder: %v; the exiting Update returned: %v", herr, aReturned)
+	}
+	if berr == nil || !strings.Contains(berr.Error(), "Goexit") {
+		t.Errorf("the Update batched after the exiting one: %v, want an error naming Goexit", berr)
+	}
+	update(t, s, createDisk("after"))
+	if got := diskNames(t, s); !slices.Equal(got, []string{"after", "holder"}) {
+		t.Errorf("disks %v; want [after holder]", got)
 	}
 }
