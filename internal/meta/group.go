@@ -103,10 +103,6 @@ type GroupCommitter interface {
 	SetQueueHook(h func(queued int))
 }
 
-// errGoexit is the error of the calls of a batch whose leader's goroutine
-// ended inside an fn (runtime.Goexit).
-var errGoexit = errors.New("meta: an Update function called runtime.Goexit; its batch was abandoned")
-
 // batchBackend is what a store gives its group.
 type batchBackend interface {
 	// begin starts the transaction of one attempt of a batch; ctx
@@ -141,9 +137,11 @@ type group struct {
 	hook     atomic.Pointer[CommitHook]
 	queued   atomic.Pointer[func(int)]
 
-	mu    sync.Mutex
-	busy  bool    // a leader is running a batch
-	queue []*call // waiting for the next batch, in arrival order
+	mu struct {
+		sync.Mutex
+		busy  bool    // a leader is running a batch
+		queue []*call // waiting for the next batch, in arrival order
+	}
 }
 
 // init readies g for a store whose backend is be.
@@ -194,13 +192,13 @@ func (g *group) update(ctx context.Context, fn func(*Tx) error) error {
 	}
 	c := &call{ctx: ctx, fn: fn, wake: make(chan struct{}, 1)}
 	g.mu.Lock()
-	if !g.busy {
-		g.busy = true
+	if !g.mu.busy {
+		g.mu.busy = true
 		g.mu.Unlock()
 		g.lead(c)
 	} else {
-		g.queue = append(g.queue, c)
-		n := len(g.queue)
+		g.mu.queue = append(g.mu.queue, c)
+		n := len(g.mu.queue)
 		g.mu.Unlock()
 		if h := g.queued.Load(); h != nil {
 			(*h)(n)
@@ -209,9 +207,9 @@ func (g *group) update(ctx context.Context, fn func(*Tx) error) error {
 		case <-c.wake:
 		case <-ctx.Done():
 			g.mu.Lock()
-			i := slices.Index(g.queue, c)
+			i := slices.Index(g.mu.queue, c)
 			if i >= 0 {
-				g.queue = slices.Delete(g.queue, i, i+1)
+				g.mu.queue = slices.Delete(g.mu.queue, i, i+1)
 			}
 			g.mu.Unlock()
 			if i >= 0 {
@@ -233,10 +231,10 @@ func (g *group) update(ctx context.Context, fn func(*Tx) error) error {
 // hands the lead to the first call still queued, or marks the group idle.
 func (g *group) lead(first *call) {
 	g.mu.Lock()
-	k := min(len(g.queue), g.maxBatch-1)
-	batch := append([]*call{first}, g.queue[:k]...)
-	clear(g.queue[:k]) // the backing array outlives them
-	g.queue = g.queue[k:]
+	k := min(len(g.mu.queue), g.maxBatch-1)
+	batch := append([]*call{first}, g.mu.queue[:k]...)
+	clear(g.mu.queue[:k]) // the backing array outlives them
+	g.mu.queue = g.mu.queue[k:]
 	g.mu.Unlock()
 
 	ended := false
@@ -250,13 +248,13 @@ func (g *group) lead(first *call) {
 		}
 		g.mu.Lock()
 		var next *call
-		if len(g.queue) > 0 {
-			next = g.queue[0]
-			g.queue[0] = nil
-			g.queue = g.queue[1:]
+		if len(g.mu.queue) > 0 {
+			next = g.mu.queue[0]
+			g.mu.queue[0] = nil
+			g.mu.queue = g.mu.queue[1:]
 			next.lead = true
 		} else {
-			g.busy = false
+			g.mu.busy = false
 		}
 		g.mu.Unlock()
 		if next != nil {
@@ -310,12 +308,6 @@ func batchContext(batch []*call) (context.Context, func()) {
 		cancel()
 	}
 }
-
-// Results of an attempt that does not settle its calls.
-var (
-	errRerun = errors.New("rerun the batch") // without a call that failed it
-	errSplit = errors.New("split the batch") // too large for the backend
-)
 
 // execute runs calls (those not done) as one batch, attempt after
 // attempt, until each is done.

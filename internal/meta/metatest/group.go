@@ -38,9 +38,6 @@ func RunGroupCommit(t *testing.T, open func(t *testing.T) meta.Store) {
 	}
 }
 
-// errInjected is the error the commit hook fails a commit with.
-var errInjected = errors.New("metatest: injected commit failure")
-
 // gate is a commit hook that holds the first commit until released,
 // counts commits and the Updates each carries, and can fail one.
 type gate struct {
@@ -48,10 +45,13 @@ type gate struct {
 	release chan struct{}
 	queued  chan int // the queue hook's reports
 
-	mu    sync.Mutex
-	sizes []int // updates carried by each commit, in order
+	mu struct {
+		sync.Mutex
+		sizes []int // updates carried by each commit, in order
+	}
 	// fail, if set, is asked about every commit (1-based): an error
-	// fails it, after committing if durable.
+	// fails it, after committing if durable. Set them before the
+	// Updates start.
 	fail    func(n int) error
 	durable bool
 }
@@ -66,10 +66,10 @@ func hold(t *testing.T, s meta.Store) *gate {
 	g := &gate{held: make(chan struct{}), release: make(chan struct{}), queued: make(chan int, 1024)}
 	gc.SetCommitHook(func(updates int, commit func() error) error {
 		g.mu.Lock()
-		g.sizes = append(g.sizes, updates)
-		n := len(g.sizes)
-		fail, durable := g.fail, g.durable
+		g.mu.sizes = append(g.mu.sizes, updates)
+		n := len(g.mu.sizes)
 		g.mu.Unlock()
+		fail, durable := g.fail, g.durable
 		if n == 1 {
 			close(g.held)
 			<-g.release
@@ -98,7 +98,7 @@ func hold(t *testing.T, s meta.Store) *gate {
 func (g *gate) commits() []int {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return slices.Clone(g.sizes)
+	return slices.Clone(g.mu.sizes)
 }
 
 // batch runs holder in one Update, whose commit the gate holds, then each
