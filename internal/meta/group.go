@@ -22,6 +22,17 @@ import (
 // group commit of databases' write-ahead logs; unlike bbolt's db.Batch it
 // never waits for company.
 //
+// An Update's call goes through these states (the group is busy from a
+// leader's start until it finds the queue empty):
+//
+//	group idle ------------------------------------> leader
+//	group busy --> queued --batch taken by a leader--> in a batch --> done
+//	                 |  \--first in the queue when a batch ends--> leader
+//	                 \--context ends--> done (the context's error)
+//	leader: takes the queue (up to maxBatch-1) as its batch behind its own
+//	call, runs and commits it, hands the lead to the next queued call
+//	(or marks the group idle), and wakes its batch --> done
+//
 // # Each Update keeps its own outcome
 //
 // Each fn runs on a Tx of its own (its own page caches) over an overlay of
