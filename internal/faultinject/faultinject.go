@@ -11,7 +11,8 @@
 // An Injector stands for one process and the storage it writes: every
 // wrapper made from it (Container, VolatileContainer, Store) consults it
 // before each operation. It numbers the persistence steps (each container
-// WriteAt, Punch and Flush, each store Update) 1, 2, 3, ... across all its
+// WriteAt, Punch and Flush, each store commit: one per Update, or one per
+// batch of Updates committed together, see Store) 1, 2, 3, ... across all its
 // wrappers, in the order they happen, so a test can run a scenario once to
 // count them and then crash or fail at each one in turn. Reads (ReadAt,
 // View) are not persistence steps but can be failed too.
@@ -29,7 +30,7 @@
 // CrashAt(k, keep) crashes the injector at persistence step k: that step
 // is performed (keep) or not, and from then on every call of every wrapper
 // fails with ErrCrashed. A Fault with Crash set crashes it at the call the
-// fault selects instead (the Nth Update, say). A VolatileContainer holds the writes and punches
+// fault selects instead (the Nth commit, say). A VolatileContainer holds the writes and punches
 // made since its last successful Flush in an overlay that reads see; a
 // crash discards the overlay (or, with KeepUnsynced, lets a random subset
 // of it reach the underlying container, as a disk's write cache may).
@@ -86,7 +87,10 @@ type Call struct {
 	Op     Op
 	Target string // the wrapper's name
 	Off    int64  // ReadAt, WriteAt, Punch: the range
-	Len    int64
+	// Len is the length of that range; for an Update of a store that
+	// groups commits (see Store), the number of Updates whose writes
+	// the commit carries.
+	Len int64
 	// Step is the persistence step's number (1-based) in its injector,
 	// 0 for reads and views.
 	Step int64
@@ -96,6 +100,9 @@ func (c Call) String() string {
 	s := fmt.Sprintf("%v %s", c.Op, c.Target)
 	if c.Op&(OpRead|OpWrite|OpPunch) != 0 {
 		s += fmt.Sprintf(" [%d,+%d)", c.Off, c.Len)
+	}
+	if c.Op == OpUpdate && c.Len > 1 {
+		s += fmt.Sprintf(" of %d updates", c.Len)
 	}
 	if c.Step != 0 {
 		s += fmt.Sprintf(" (step %d)", c.Step)

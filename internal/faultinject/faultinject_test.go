@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
+	"slices"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -349,3 +352,141 @@ func TestCrashFault(t *testing.T) {
 		}
 	}
 }
+
+// A batch of Updates committed together (meta's group commit) is one
+// persistence step: a crash at it keeps every Update of the batch or
+// none, a fault there fails them all, and an Update whose own fn failed
+// is never in the store. The first Update's fn holds the group busy while
+// the others queue behind it (the store's queue hook says when), so the
+// batch is the same every run: step 1 the first Update, step 2 the eight
+// queued ones.
+func TestStoreBatchIsOneStep(t *testing.T) {
+	const n = 8
+	cases := []struct {
+		name  string
+		set   func(in *faultinject.Injector)
+		kept  bool  // the batch is in the store afterwards
+		err   error // what its callers get
+		crash bool
+	}{
+		{"crash-dropped", func(in *faultinject.Injector) { in.CrashAt(2, false) }, false, faultinject.ErrCrashed, true},
+		{"crash-kept", func(in *faultinject.Injector) { in.CrashAt(2, true) }, true, faultinject.ErrCrashed, true},
+		{"fault", func(in *faultinject.Injector) {
+			in.Inject(faultinject.Fault{Ops: faultinject.OpUpdate, Nth: 2, Err: syscall.EIO})
+		}, false, syscall.EIO, false},
+		{"fault-durable", func(in *faultinject.Injector) {
+			in.Inject(faultinject.Fault{Ops: faultinject.OpUpdate, Nth: 2, Err: syscall.ENOSPC, Durable: true})
+		}, true, syscall.ENOSPC, false},
+		{"none", func(*faultinject.Injector) {}, true, nil, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "meta.db")
+			b, err := meta.OpenBolt(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			in := faultinject.New(1)
+			in.Record(true)
+			st := in.Store("meta", b)
+			queued := make(chan int, n)
+			b.SetQueueHook(func(k int) { queued <- k })
+			tc.set(in)
+
+			ctx := t.Context()
+			held, release := make(chan struct{}), make(chan struct{})
+			var wg sync.WaitGroup
+			var firstErr error
+			wg.Go(func() {
+				firstErr = st.Update(ctx, func(tx *meta.Tx) error {
+					if err := tx.SetAgents([]string{"first"}); err != nil {
+						return err
+					}
+					close(held)
+					<-release
+					return nil
+				})
+			})
+			<-held
+			errs := make([]error, n+1)
+			for i := range n + 1 {
+				wg.Go(func() {
+					errs[i] = st.Update(ctx, func(tx *meta.Tx) error {
+						if _, err := tx.NextSeq(fmt.Sprintf("u%d", i)); err != nil {
+							return err
+						}
+						if i == n {
+							return errOwn // its own failure: never kept
+						}
+						return nil
+					})
+				})
+			}
+			for k := range queued {
+				if k == n+1 {
+					break
+				}
+			}
+			close(release)
+			wg.Wait()
+			if firstErr != nil {
+				t.Fatalf("first update: %v", firstErr)
+			}
+			for i, err := range errs[:n] {
+				if tc.err == nil && err != nil || tc.err != nil && !errors.Is(err, tc.err) {
+					t.Errorf("update %d of the batch: %v, want %v", i, err, tc.err)
+				}
+			}
+			if !errors.Is(errs[n], errOwn) {
+				t.Errorf("the failing update: %v, want its own error", errs[n])
+			}
+			log := in.Log()
+			if len(log) != 2 || log[1].Op != faultinject.OpUpdate || log[1].Step != 2 || log[1].Len != n {
+				t.Errorf("log %v; want two steps, the second an update of %d updates", log, n)
+			}
+			if in.Crashed() != tc.crash {
+				t.Errorf("crashed %v, want %v", in.Crashed(), tc.crash)
+			}
+			if err := st.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// Reopen, as a restart would: the batch is all there or
+			// all gone.
+			b, err = meta.OpenBolt(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			var present []int
+			if err := b.Update(ctx, func(tx *meta.Tx) error {
+				present = present[:0]
+				for i := range n + 1 {
+					v, err := tx.NextSeq(fmt.Sprintf("u%d", i))
+					if err != nil {
+						return err
+					}
+					if v == 2 {
+						present = append(present, i)
+					}
+				}
+				return errOwn // look only
+			}); !errors.Is(err, errOwn) {
+				t.Fatal(err)
+			}
+			want := []int{}
+			if tc.kept {
+				for i := range n {
+					want = append(want, i)
+				}
+			}
+			if !slices.Equal(present, want) {
+				t.Errorf("updates in the reopened store: %v, want %v", present, want)
+			}
+			if got := agents(t, b); len(got) != 1 || got[0] != "first" {
+				t.Errorf("the first update's change: %v", got)
+			}
+		})
+	}
+}
+
+var errOwn = errors.New("the update's own failure")

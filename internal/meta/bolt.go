@@ -14,10 +14,19 @@ import (
 // bucket is the one bbolt bucket that holds every key.
 var bucket = []byte("segmap")
 
-// Bolt is the embedded store: one bbolt file, one writer at a time, every
-// Update one fsync'd bbolt transaction.
+// Bolt is the embedded store: one bbolt file, one writer at a time. Its
+// Updates are group committed (see group.go): the Updates that arrive
+// while a commit is in flight share the next bbolt transaction and its
+// one fsync.
 type Bolt struct {
 	db *bolt.DB
+	group
+}
+
+func newBolt(db *bolt.DB) *Bolt {
+	b := &Bolt{db: db}
+	b.init(boltBackend{db}, boltMaxBatch)
+	return b
 }
 
 // OpenBolt opens (creating if needed) the bbolt store at path. It fails
@@ -37,7 +46,7 @@ func OpenBolt(path string) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("open metadata %s: %w", path, err)
 	}
-	return &Bolt{db: db}, nil
+	return newBolt(db), nil
 }
 
 // Path returns the file the store lives in.
@@ -56,20 +65,42 @@ func (b *Bolt) View(ctx context.Context, fn func(*Tx) error) error {
 	return mapBoltErr(err)
 }
 
-// Update implements Store.
+// Update implements Store. It is group committed: see group.go.
 func (b *Bolt) Update(ctx context.Context, fn func(*Tx) error) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	err := b.db.Update(func(btx *bolt.Tx) error {
-		t := newTx(boltKV{btx.Bucket(bucket)}, true)
-		if err := fn(t); err != nil {
-			return err
-		}
-		return t.flush()
-	})
-	return mapBoltErr(err)
+	return b.update(ctx, fn)
 }
+
+// boltBackend runs a Bolt's batches: each one bbolt write transaction.
+type boltBackend struct{ db *bolt.DB }
+
+func (be boltBackend) begin(context.Context) (batchTx, error) {
+	btx, err := be.db.Begin(true)
+	if err != nil {
+		return nil, mapBoltErr(err)
+	}
+	return boltBatch{btx}, nil
+}
+
+// bbolt transactions are serialised by its writer lock: never stale,
+// never too large.
+func (boltBackend) stale(error) bool                 { return false }
+func (boltBackend) tooLarge(error) bool              { return false }
+func (boltBackend) again(context.Context, int) error { return errors.New("meta: bbolt batch retried") }
+
+type boltBatch struct{ tx *bolt.Tx }
+
+func (b boltBatch) kv() KV { return boltKV{b.tx.Bucket(bucket)} }
+
+// commit commits and fsyncs, or, when nothing was written, ends the
+// transaction without either.
+func (b boltBatch) commit(wrote bool) error {
+	if !wrote {
+		return mapBoltErr(b.tx.Rollback())
+	}
+	return mapBoltErr(b.tx.Commit())
+}
+
+func (b boltBatch) rollback() { _ = b.tx.Rollback() }
 
 // Close implements Store.
 func (b *Bolt) Close() error { return b.db.Close() }

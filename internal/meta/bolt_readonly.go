@@ -43,7 +43,7 @@ func OpenBoltReadOnly(path string) (*Bolt, error) {
 		db.Close()
 		return nil, err
 	}
-	return &Bolt{db: db}, nil
+	return newBolt(db), nil
 }
 
 // maxFileErrors bounds the errors CheckFile returns.

@@ -39,6 +39,18 @@ func TestBolt(t *testing.T) {
 	})
 }
 
+func TestBoltGroupCommit(t *testing.T) {
+	metatest.RunGroupCommit(t, func(t *testing.T) meta.Store {
+		s := openBolt(t, filepath.Join(t.TempDir(), "meta.db"))
+		t.Cleanup(func() {
+			if err := s.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		})
+		return s
+	})
+}
+
 func TestBoltPersistence(t *testing.T) {
 	metatest.RunPersistence(t, func(t *testing.T, dir string) meta.Store {
 		return openBolt(t, filepath.Join(dir, "meta.db"))

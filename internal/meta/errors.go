@@ -69,6 +69,14 @@ var (
 	errStale = errors.New("read set changed")
 	// errRollback ends CheckFile's transaction without committing it.
 	errRollback = errors.New("rollback")
+	// errGoexit is the error of the calls of a batch whose leader's
+	// goroutine ended inside an fn (runtime.Goexit; see group.go).
+	errGoexit = errors.New("meta: an Update function called runtime.Goexit; its batch was abandoned")
+	// errRerun and errSplit end an attempt of a batch that does not
+	// settle its calls: it runs again without a call that failed it,
+	// or as two halves, too large for the backend (see group.go).
+	errRerun = errors.New("rerun the batch")
+	errSplit = errors.New("split the batch")
 )
 
 // RecordError is the error for one record that fails its checksum, does not

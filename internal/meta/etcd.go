@@ -73,7 +73,10 @@ const deletedNS = "\x00deleted/"
 // separately to its compares and to its writes, and by --max-request-bytes
 // (default 1.5 MiB; the client's MaxCallSendMsgSize, default 2 MiB, must
 // be at least as large). A commit over either limit fails with
-// ErrTxnTooLarge and writes nothing.
+// ErrTxnTooLarge and writes nothing. Updates committed together (group
+// commit, see group.go) share one Txn: a batch that exceeds a limit its
+// Updates alone would not runs again as two halves, each its own Txn, so
+// only an Update too large on its own fails with ErrTxnTooLarge.
 //
 // The large records are table pages, 9221 bytes (1 + PageEntries entries
 // of 9 bytes + 4), and reference pages (of slots and of table pages), 4101
@@ -126,6 +129,7 @@ type Etcd struct {
 	prefix string
 	fence  *EtcdFence
 	closed atomic.Bool
+	group
 }
 
 // EtcdFence names the leadership a store's writes depend on.
@@ -161,6 +165,7 @@ func OpenEtcd(ctx context.Context, cli *clientv3.Client, prefix string, opts ...
 		return nil, errors.New("open metadata in etcd: empty key prefix")
 	}
 	e := &Etcd{cli: cli, prefix: prefix}
+	e.init(etcdBackend{e}, etcdMaxBatch)
 	for _, o := range opts {
 		o(e)
 	}
@@ -192,32 +197,48 @@ func (e *Etcd) View(ctx context.Context, fn func(*Tx) error) error {
 	return fn(newTx(e.newKV(ctx, false), false))
 }
 
-// Update implements Store.
+// Update implements Store. It is group committed (see group.go): the
+// Updates that arrive while a commit is in flight run in the next
+// transaction, one after the other, and commit with one Txn.
 func (e *Etcd) Update(ctx context.Context, fn func(*Tx) error) error {
-	for attempt := 1; ; attempt++ {
-		if err := e.usable(ctx); err != nil {
-			return err
-		}
-		kv := e.newKV(ctx, true)
-		t := newTx(kv, true)
-		err := fn(t)
-		if err == nil {
-			err = t.flush()
-		}
-		if err == nil {
-			err = kv.commit()
-		}
-		if !errors.Is(err, errStale) && !errors.Is(err, rpctypes.ErrCompacted) {
-			return err
-		}
-		if attempt == etcdAttempts {
-			return fmt.Errorf("update: %d attempts: %w", attempt, ErrConflict)
-		}
-		if err := pause(ctx, attempt); err != nil {
-			return err
-		}
+	if err := e.usable(ctx); err != nil {
+		return err
 	}
+	return e.update(ctx, fn)
 }
+
+// etcdBackend runs an Etcd's batches: each attempt one transaction (see
+// Transactions above), run again on a new snapshot when it goes stale.
+type etcdBackend struct{ e *Etcd }
+
+func (be etcdBackend) begin(ctx context.Context) (batchTx, error) {
+	if be.e.closed.Load() {
+		return nil, ErrClosed
+	}
+	return etcdBatch{be.e.newKV(ctx, true)}, nil
+}
+
+func (etcdBackend) stale(err error) bool {
+	return err != nil && (errors.Is(err, errStale) || errors.Is(err, rpctypes.ErrCompacted))
+}
+
+func (etcdBackend) again(ctx context.Context, attempt int) error {
+	if attempt >= etcdAttempts {
+		return fmt.Errorf("update: %d attempts: %w", attempt, ErrConflict)
+	}
+	return pause(ctx, attempt)
+}
+
+func (etcdBackend) tooLarge(err error) bool { return errors.Is(err, ErrTxnTooLarge) }
+
+type etcdBatch struct{ k *etcdKV }
+
+func (b etcdBatch) kv() KV { return b.k }
+
+// commit sends the Txn; with nothing written it sends none (see commit).
+func (b etcdBatch) commit(bool) error { return b.k.commit() }
+
+func (etcdBatch) rollback() {}
 
 // collisionBackoff is the schedule of pause: up to 1 ms doubling per
 // attempt to at most 32 ms, all of it random.

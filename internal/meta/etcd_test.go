@@ -81,6 +81,18 @@ func TestEtcd(t *testing.T) {
 		})
 	}
 
+	t.Run("GroupCommit", func(t *testing.T) {
+		metatest.RunGroupCommit(t, func(t *testing.T) meta.Store {
+			s := openEtcd(t, cli, prefix())
+			t.Cleanup(func() {
+				if err := s.Close(); err != nil {
+					t.Errorf("Close: %v", err)
+				}
+			})
+			return s
+		})
+	})
+
 	t.Run("Persistence", func(t *testing.T) {
 		// The store "kept in dir" is the one under a prefix named after
 		// dir: reopening is a new Etcd over the same server and prefix.
@@ -104,6 +116,8 @@ func TestEtcd(t *testing.T) {
 		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
 	})
 	t.Run("ConflictDetected", func(t *testing.T) { testEtcdConflicts(t, cli, prefix) })
+	t.Run("BatchSplitsWhenTooLarge", func(t *testing.T) { testEtcdBatchSplits(t, cli, prefix()) })
+	t.Run("BatchConflictRunsAgain", func(t *testing.T) { testEtcdBatchConflict(t, cli, prefix()) })
 	testEtcdTooLarge(t, cli, prefix)
 	t.Run("Fence", func(t *testing.T) { testEtcdFence(t, cli, newClient(t, endpoint), prefix()) })
 }

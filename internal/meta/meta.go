@@ -5,6 +5,10 @@
 //
 // Every change the controller makes is one transaction (Store.Update), so a
 // crash leaves the store as it was before or after the change, never between.
+// Updates that arrive while a commit is in flight are committed together,
+// in one backend transaction (group commit, see group.go): each still
+// lands whole or not at all, and N concurrent Updates cost one fsync or
+// one etcd Txn rather than N.
 // The records are built on a small ordered key-value interface so that each
 // backend (bbolt for one controller, etcd for several) only has to provide atomic transactions
 // over keys; the record layout, checksums and the page caching live here once.
@@ -154,6 +158,9 @@ type Store interface {
 	// Update runs fn in a read-write transaction and commits it durably if
 	// fn returns nil; otherwise nothing fn did is kept. fn may be called
 	// more than once and must not have effects outside the transaction.
+	// It may run on another caller's goroutine, with Updates that arrived
+	// at the same time (group commit), so it must return rather than call
+	// runtime.Goexit; a panic in it is raised again in its caller.
 	Update(ctx context.Context, fn func(*Tx) error) error
 	// Close releases the store.
 	Close() error

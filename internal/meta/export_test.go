@@ -1,0 +1,13 @@
+package meta
+
+import bolt "go.etcd.io/bbolt"
+
+// BoltTxID returns the id of the last transaction committed to b's file:
+// bbolt counts one per commit.
+func BoltTxID(b *Bolt) int {
+	var id int
+	if err := b.db.View(func(tx *bolt.Tx) error { id = tx.ID(); return nil }); err != nil {
+		panic(err)
+	}
+	return id
+}
