@@ -85,7 +85,7 @@ func TestAgentCopiesPartialWrite(t *testing.T) {
 				t.Errorf("d's segment 0 at %v, the shared slot %v has %d refs; want d moved off it", e, shared, refs(t, c, shared))
 			}
 			if !ctrlCopies {
-				if a, err := allocated(c, entry(t, c, "d", 1).Loc); err != nil {
+				if a, err := slotAllocated(c, entry(t, c, "d", 1).Loc); err != nil {
 					t.Fatal(err)
 				} else if a > seg/2+4096 {
 					t.Errorf("the copy of a half-zero segment allocated %d bytes of its slot", a)
@@ -288,9 +288,9 @@ func TestAgentCopiesConcurrentWrites(t *testing.T) {
 	checkClean(t, c)
 }
 
-// allocated returns how many bytes of slot loc its container file has
+// slotAllocated returns how many bytes of slot loc its container file has
 // allocated on storage (SEEK_DATA and SEEK_HOLE).
-func allocated(c *standalone.Cluster, loc table.Location) (int64, error) {
+func slotAllocated(c *standalone.Cluster, loc table.Location) (int64, error) {
 	f, err := os.Open(filepath.Join(c.Dir, "containers", fmt.Sprintf("c%d", loc.Container)))
 	if err != nil {
 		return 0, err
