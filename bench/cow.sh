@@ -37,7 +37,8 @@
 # shared again) and makes a fresh overlay. Usage: bench/cow.sh [COW_MB] ;
 # env REPS (3), RND_MB (1024), RND_S (10), PAR_MB (128), PAR_QD (1),
 # RESULTS (JSON lines appended), SEGMAP_BIN (a built segmap, else it builds
-# one).
+# one), SEGMAP_UP_FLAGS (more 'segmap up' flags: --controller-copies makes
+# the controller copy shared segments for partial writes, not the agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COW_MB=${1:-${COW_MB:-512}}

@@ -1701,15 +1701,18 @@ type FaultRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Agent string                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
 	// request_id is unique per agent attach; a retry reuses it.
-	RequestId     uint64 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Epoch         uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Disk          uint64 `protobuf:"varint,4,opt,name=disk,proto3" json:"disk,omitempty"`
-	Segment       uint64 `protobuf:"varint,5,opt,name=segment,proto3" json:"segment,omitempty"`
-	Count         uint64 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
-	Op            uint32 `protobuf:"varint,7,opt,name=op,proto3" json:"op,omitempty"`
-	Reason        uint32 `protobuf:"varint,8,opt,name=reason,proto3" json:"reason,omitempty"`
-	Whole         bool   `protobuf:"varint,9,opt,name=whole,proto3" json:"whole,omitempty"`
-	Token         uint64 `protobuf:"varint,10,opt,name=token,proto3" json:"token,omitempty"`
+	RequestId uint64 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Epoch     uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Disk      uint64 `protobuf:"varint,4,opt,name=disk,proto3" json:"disk,omitempty"`
+	Segment   uint64 `protobuf:"varint,5,opt,name=segment,proto3" json:"segment,omitempty"`
+	Count     uint64 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	Op        uint32 `protobuf:"varint,7,opt,name=op,proto3" json:"op,omitempty"`
+	Reason    uint32 `protobuf:"varint,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	Whole     bool   `protobuf:"varint,9,opt,name=whole,proto3" json:"whole,omitempty"`
+	Token     uint64 `protobuf:"varint,10,opt,name=token,proto3" json:"token,omitempty"`
+	// abandon, with op commit, gives back the staged write of token
+	// unmade (the agent could not write it).
+	Abandon       bool `protobuf:"varint,11,opt,name=abandon,proto3" json:"abandon,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1814,13 +1817,24 @@ func (x *FaultRequest) GetToken() uint64 {
 	return 0
 }
 
+func (x *FaultRequest) GetAbandon() bool {
+	if x != nil {
+		return x.Abandon
+	}
+	return false
+}
+
 type FaultReply struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	First         uint64                 `protobuf:"varint,1,opt,name=first,proto3" json:"first,omitempty"`
-	Entries       []*Entry               `protobuf:"bytes,2,rep,name=entries,proto3" json:"entries,omitempty"`
-	Stage         *Entry                 `protobuf:"bytes,3,opt,name=stage,proto3" json:"stage,omitempty"` // set (with stage_token) for a staged write
-	StageToken    uint64                 `protobuf:"varint,4,opt,name=stage_token,json=stageToken,proto3" json:"stage_token,omitempty"`
-	Staged        bool                   `protobuf:"varint,5,opt,name=staged,proto3" json:"staged,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	First      uint64                 `protobuf:"varint,1,opt,name=first,proto3" json:"first,omitempty"`
+	Entries    []*Entry               `protobuf:"bytes,2,rep,name=entries,proto3" json:"entries,omitempty"`
+	Stage      *Entry                 `protobuf:"bytes,3,opt,name=stage,proto3" json:"stage,omitempty"` // set (with stage_token) for a staged write
+	StageToken uint64                 `protobuf:"varint,4,opt,name=stage_token,json=stageToken,proto3" json:"stage_token,omitempty"`
+	Staged     bool                   `protobuf:"varint,5,opt,name=staged,proto3" json:"staged,omitempty"`
+	// stage_from, for a staged partial write, is the slot whose data the
+	// agent copies into the staged one around its write; unset for a
+	// whole-segment write.
+	StageFrom     *Entry `protobuf:"bytes,6,opt,name=stage_from,json=stageFrom,proto3" json:"stage_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1888,6 +1902,13 @@ func (x *FaultReply) GetStaged() bool {
 		return x.Staged
 	}
 	return false
+}
+
+func (x *FaultReply) GetStageFrom() *Entry {
+	if x != nil {
+		return x.StageFrom
+	}
+	return nil
 }
 
 // NotLeader is the detail of the UNAVAILABLE status a standby controller
@@ -2048,7 +2069,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x12ContainersResponse\x128\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x18.segmap.v1.ContainerInfoR\n" +
-	"containers\"\xf1\x01\n" +
+	"containers\"\x8b\x02\n" +
 	"\fFaultRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12\x1d\n" +
 	"\n" +
@@ -2061,7 +2082,8 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x06reason\x18\b \x01(\rR\x06reason\x12\x14\n" +
 	"\x05whole\x18\t \x01(\bR\x05whole\x12\x14\n" +
 	"\x05token\x18\n" +
-	" \x01(\x04R\x05token\"\xaf\x01\n" +
+	" \x01(\x04R\x05token\x12\x18\n" +
+	"\aabandon\x18\v \x01(\bR\aabandon\"\xe0\x01\n" +
 	"\n" +
 	"FaultReply\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\x04R\x05first\x12*\n" +
@@ -2069,7 +2091,9 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x05stage\x18\x03 \x01(\v2\x10.segmap.v1.EntryR\x05stage\x12\x1f\n" +
 	"\vstage_token\x18\x04 \x01(\x04R\n" +
 	"stageToken\x12\x16\n" +
-	"\x06staged\x18\x05 \x01(\bR\x06staged\"C\n" +
+	"\x06staged\x18\x05 \x01(\bR\x06staged\x12/\n" +
+	"\n" +
+	"stage_from\x18\x06 \x01(\v2\x10.segmap.v1.EntryR\tstageFrom\"C\n" +
 	"\tNotLeader\x12\x1e\n" +
 	"\n" +
 	"controller\x18\x01 \x01(\tR\n" +
@@ -2167,23 +2191,24 @@ var file_segmapv1_mapping_proto_depIdxs = []int32{
 	25, // 19: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
 	4,  // 20: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
 	4,  // 21: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
-	5,  // 22: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
-	21, // 23: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
-	22, // 24: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
-	24, // 25: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
-	27, // 26: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
-	1,  // 27: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
-	8,  // 28: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
-	13, // 29: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
-	23, // 30: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
-	26, // 31: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
-	28, // 32: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
-	2,  // 33: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
-	28, // [28:34] is the sub-list for method output_type
-	22, // [22:28] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	4,  // 22: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
+	5,  // 23: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
+	21, // 24: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
+	22, // 25: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
+	24, // 26: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
+	27, // 27: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
+	1,  // 28: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
+	8,  // 29: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
+	13, // 30: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
+	23, // 31: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
+	26, // 32: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
+	28, // 33: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
+	2,  // 34: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
+	29, // [29:35] is the sub-list for method output_type
+	23, // [23:29] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_mapping_proto_init() }

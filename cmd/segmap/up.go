@@ -34,6 +34,7 @@ type upFlags struct {
 	drain                                  time.Duration
 	etcd                                   etcdFlags
 	pprof                                  string
+	controllerCopies                       bool
 }
 
 func newUp() *cobra.Command {
@@ -68,6 +69,7 @@ controller': up serves no remote agents.`,
 	fl.IntVar(&f.poolFiles, "pool-files", 4, "number of container files the pool is split into")
 	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
 	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
+	fl.BoolVar(&f.controllerCopies, "controller-copies", false, "the controller, not the agent, copies a shared segment for a write into part of it (to compare the two; the agent's copy is the default)")
 	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
 	f.etcd.add(cmd)
 	return cmd
@@ -109,6 +111,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		Agents:   []string{f.agent},
 		AutoPool: &standalone.AutoPool{Bytes: pool, Count: f.poolFiles},
 		Logger:   logger,
+
+		ControllerCopies: f.controllerCopies,
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
 	metaDesc := filepath.Join(f.data, "meta.db")

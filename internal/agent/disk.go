@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"segmap/internal/container"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
@@ -375,7 +377,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			return err
 		}
 		if r.Stage != nil {
-			done, err := d.staged(ctx, seg, p, segSize, r.Stage, seq, gen, tab)
+			done, err := d.staged(ctx, seg, off, p, segSize, r.Stage, seq, gen, tab)
 			d.faultIn(seg)
 			if done || err != nil {
 				return err
@@ -393,19 +395,31 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 	}
 }
 
-// staged does a staged whole-segment write: p goes to the staged slot,
-// which is flushed (the data must be durable before the map points at it),
-// then the controller is asked to commit the move. done is false if the
-// commit came too late and the write must start again.
+// staged does a staged write: p goes to the staged slot at off, the rest
+// of the segment (for a partial write) being copied from the stage's From
+// slot, and the slot is flushed (the data must be durable before the map
+// points at it); then the controller is asked to commit the move. done is
+// false if the write must start again: the commit came too late, or the
+// segment changed before the copy could start.
 //
-// The write to the staged slot is I/O in flight like any other: a command
-// (a fence, a re-attach, a Blocking change) waits for it. And it is not
-// made if the disk was fenced or reset since the fault was sent (its table
-// is no longer tab): the controller forgets the stages of an agent that
-// re-attaches, and the slot is free again.
-func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64, st *protocol.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
+// The I/O to the staged slot (and the copy's reads of the old one) is I/O
+// in flight like any other: a command (a fence, a re-attach, a Blocking
+// change) waits for it. And it is not made if the disk was fenced or reset
+// since the fault was sent (its table is no longer tab): the controller
+// forgets the stages of an agent that re-attaches, and the slot is free
+// again. A copy is not made either if a command changed the segment since
+// the fault was sent: the old slot may have been freed (a discard, a
+// delete) or moved to (a reverse copy) without waiting for the copy's
+// reads, which such a command waits for only once they are counted. A
+// stage not made is abandoned, so that the controller frees its slot.
+func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize uint64, st *protocol.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
+	var src *openContainer
+	if err == nil && st.Copies() {
+		src, err = d.a.container(ctx, st.From.Container)
+	}
 	if err != nil {
+		d.abandon(ctx, seg, st)
 		return false, err
 	}
 	d.mu.RLock()
@@ -417,21 +431,41 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 		}
 		return false, nil // start again
 	}
+	if st.Copies() && d.changedLocked(seq, segRange{seg, seg + 1}) {
+		d.mu.RUnlock()
+		d.abandon(ctx, seg, st)
+		return false, nil // start again
+	}
 	ep := d.mu.cur
 	ep.n.Add(1)
 	d.mu.RUnlock()
 	werr := func() error {
 		defer d.end(ep)
-		if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
+		if st.Copies() {
+			if err := copyAround(src.c, oc.c, st, off, p, segSize); err != nil {
+				return fmt.Errorf("staged write of segment %d: %w", seg, err)
+			}
+		} else if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
 			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
 		if err := oc.c.Flush(); err != nil {
+			// The kernel may have dropped other writes' dirty
+			// pages: no later flush of oc can promise anything.
+			oc.failed.Store(true)
 			return fmt.Errorf("flush staged segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
 		return nil
 	}()
 	if werr != nil {
+		d.abandon(ctx, seg, st)
 		return false, werr
+	}
+	if st.Copies() && !d.a.leaseHeld() {
+		// The lease lapsed while the copy read the old slot: the
+		// controller may have stopped waiting for this agent and
+		// freed it. The agent fences itself, and its re-attach
+		// drops the stage.
+		return false, nil
 	}
 	r, err := d.a.controller().Fault(ctx, protocol.Fault{
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: protocol.FaultCommit, Token: st.Token,
@@ -455,6 +489,69 @@ func (d *Disk) staged(ctx context.Context, seg uint64, p []byte, segSize uint64,
 		d.invalidate(seg, keep)
 	}
 	return true, nil
+}
+
+// abandon tells the controller that the staged write st of segment seg
+// will not be made, so that it frees the reserved slot now rather than
+// when the agent re-attaches. A failure is harmless: the slot stays
+// reserved until then.
+func (d *Disk) abandon(ctx context.Context, seg uint64, st *protocol.Stage) {
+	_, _ = d.a.controller().Fault(ctx, protocol.Fault{
+		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: protocol.FaultCommit, Token: st.Token, Abandon: true,
+	})
+}
+
+// copyChunk is the most a staged copy reads and writes at once.
+const copyChunk = 1 << 20
+
+// copyBufs holds copyChunk-byte buffers for staged copies.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyChunk); return &b }}
+
+// zeroBlock is the unit in which a staged copy leaves zeros unwritten.
+const zeroBlock = 4096
+
+// copyAround fills the staged slot st.Loc of dst with the segment in slot
+// st.From of src with p laid over it at off: chunk by chunk, each read
+// from the old slot (unless p covers it), overlaid, and written. Blocks
+// that come out all zeros are not written: the staged slot, free until
+// now, is durably zero, and the container file stays sparse there (a
+// snapshot of a sparse disk does not fill its copies with zeros).
+func copyAround(src, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	from, to := int64(uint64(st.From.Slot)*segSize), int64(uint64(st.Loc.Slot)*segSize)
+	end := off + uint64(len(p))
+	for pos := uint64(0); pos < segSize; {
+		n := min(copyChunk, segSize-pos)
+		b := (*bp)[:n]
+		lo, hi := max(pos, off), min(pos+n, end)
+		if lo > pos || hi < pos+n {
+			if _, err := src.ReadAt(b, from+int64(pos)); err != nil {
+				return fmt.Errorf("copy-on-write read %v: %w: %w", st.From, protocol.ErrIO, err)
+			}
+		}
+		if lo < hi {
+			copy(b[lo-pos:hi-pos], p[lo-off:hi-off])
+		}
+		// Write the runs of blocks that are not all zeros.
+		run := -1 // start of the current run of data blocks in b
+		for i := 0; i <= len(b); i += zeroBlock {
+			if i < len(b) && !bytes.Equal(b[i:min(i+zeroBlock, len(b))], zeros[:min(zeroBlock, len(b)-i)]) {
+				if run < 0 {
+					run = i
+				}
+				continue
+			}
+			if run >= 0 {
+				if _, err := dst.WriteAt(b[run:i], to+int64(pos)+int64(run)); err != nil {
+					return fmt.Errorf("copy-on-write write %v: %w: %w", st.Loc, protocol.ErrIO, err)
+				}
+				run = -1
+			}
+		}
+		pos += n
+	}
+	return nil
 }
 
 // zeros is a buffer of zeros for ioZero writes; never written to.

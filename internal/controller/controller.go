@@ -10,7 +10,8 @@
 //     depend on them are persisted: a snapshot sets NoWrite on every agent
 //     (Blocking) before it commits the sharing; a discard or delete makes
 //     agents drop a slot (Blocking) before the slot is freed.
-//   - Data before the map: a copy-on-write copy is flushed in its
+//   - Data before the map: a copy-on-write copy (made by the controller,
+//     or by the faulting agent in a staged write) is flushed in its
 //     container before the entry that points at it is committed.
 //   - A fault's map change is committed before the fault is answered.
 //   - Free slots are durably zero: a freed slot is punched and flushed,
@@ -81,6 +82,14 @@ type Config struct {
 	// CommandTimeout bounds how long the controller waits for one agent
 	// to answer one command; DefaultCommandTimeout if 0.
 	CommandTimeout time.Duration
+	// ControllerCopies makes the controller copy a shared segment itself
+	// when a partial write moves it forward (read the old slot, write
+	// the new one, flush, commit, then answer). By default the faulting
+	// agent copies: the controller reserves the new slot and answers
+	// with a stage naming the old one, and the agent copies, lays its
+	// write over the copy, flushes and commits, as for a whole-segment
+	// write; the controller's fault path then does no slot I/O.
+	ControllerCopies bool
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -90,6 +99,7 @@ type Controller struct {
 	now        func() time.Time
 	logger     *slog.Logger
 	cmdTimeout time.Duration
+	ctrlCopies bool
 
 	// state is taken shared by every state change and exclusively by
 	// Close: Close waits for the changes under way.
@@ -103,8 +113,8 @@ type Controller struct {
 	alloc allocator
 	conts openContainers
 
-	// stage holds the whole-segment writes handed out and not yet
-	// committed, by token; their slots are reserved in the allocator.
+	// stage holds the staged writes handed out and not yet committed,
+	// by token; their slots are reserved in the allocator.
 	stage struct {
 		mu struct {
 			sync.Mutex
@@ -145,7 +155,7 @@ type agentState struct {
 
 // New returns a controller over cfg.Store.
 func New(cfg Config) *Controller {
-	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout}
+	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout, ctrlCopies: cfg.ControllerCopies}
 	if c.cmdTimeout <= 0 {
 		c.cmdTimeout = DefaultCommandTimeout
 	}

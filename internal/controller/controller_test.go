@@ -34,13 +34,20 @@ const seg = 64 << 10
 // agents. The default pool is two containers of 64 slots of 64 KiB.
 func newCluster(t *testing.T, pool ...standalone.PoolSpec) *standalone.Cluster {
 	t.Helper()
-	if len(pool) == 0 {
-		pool = []standalone.PoolSpec{{SlotSize: seg, Slots: 64, Count: 2}}
+	return newClusterOpts(t, standalone.Options{Pool: pool})
+}
+
+// newClusterOpts is newCluster with more options: agents host-a and
+// host-b, and the default pool, unless opts names others.
+func newClusterOpts(t *testing.T, opts standalone.Options) *standalone.Cluster {
+	t.Helper()
+	if len(opts.Pool) == 0 {
+		opts.Pool = []standalone.PoolSpec{{SlotSize: seg, Slots: 64, Count: 2}}
 	}
-	c, err := standalone.Open(context.Background(), t.TempDir(), standalone.Options{
-		Agents: []string{"host-a", "host-b"},
-		Pool:   pool,
-	})
+	if len(opts.Agents) == 0 {
+		opts.Agents = []string{"host-a", "host-b"}
+	}
+	c, err := standalone.Open(context.Background(), t.TempDir(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,7 +25,9 @@ import (
 // that agent), and a write acknowledged under the new entry would then be
 // invisible to its reads.
 func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
-	end, err := c.begin(ctx, f.Op == protocol.FaultRead)
+	// An abandon only gives a reserved slot back: it changes nothing
+	// persistent either.
+	end, err := c.begin(ctx, f.Op == protocol.FaultRead || f.Op == protocol.FaultCommit && f.Abandon)
 	if err != nil {
 		return protocol.Reply{}, err
 	}
@@ -36,13 +38,18 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 	st := c.agents.byName[f.Agent]
 	mapped := st != nil && st.disks[id]
 	c.agents.Unlock()
+	if f.Op == protocol.FaultCommit && f.Abandon {
+		// The agent gives its staged write back unmade.
+		c.dropStage(f.Token, f.Agent, id, f.Segment)
+		return protocol.Reply{}, nil
+	}
 	if f.Op == protocol.FaultCommit {
 		// A commit that fails before it reaches its stage (a store
 		// read failed, say) ends the stage all the same: the agent
 		// does not ask again, and the slot, reserved in memory only,
 		// would stay out of use until the agent re-attached. It goes
 		// back to the free slots, holding the agent's data.
-		defer c.dropStage(f.Token, f.Agent)
+		defer c.dropStage(f.Token, f.Agent, id, f.Segment)
 	}
 	if st == nil {
 		return protocol.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
@@ -198,7 +205,7 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 			return protocol.Reply{}, err
 		}
 	}
-	return c.run(ctx, r, table.Effects(plan, false))
+	return c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
 }
 
 // faultRun is the state of one fault's resolution as run carries out its
@@ -267,7 +274,11 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			c.stage.mu.writes[tok] = stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e.Loc}
 			c.stage.mu.Unlock()
 			r.reserved = false
-			return protocol.Reply{First: seg, Stage: &protocol.Stage{Loc: r.newLoc, Token: tok}}, nil
+			stage := &protocol.Stage{Loc: r.newLoc, Token: tok}
+			if st.From {
+				stage.From = r.e.Loc // the agent copies the segment from Old
+			}
+			return protocol.Reply{First: seg, Stage: stage}, nil
 
 		case table.StepCommitSelf:
 			if err := c.commitSelf(ctx, r, st); err != nil {
@@ -487,8 +498,9 @@ func (c *Controller) unsettled(ctx context.Context, seg uint64, disks ...meta.Di
 	}
 }
 
-// stagedWrite is a whole-segment write handed to an agent and not yet
-// committed: the agent writes the segment to loc and then commits.
+// stagedWrite is a write handed to an agent and not yet committed: the
+// agent writes the segment to loc (copying the rest of a partial write
+// from old) and then commits.
 type stagedWrite struct {
 	agent string
 	disk  meta.DiskID
@@ -497,22 +509,25 @@ type stagedWrite struct {
 	old   table.Location // the shared slot the disk maps now
 }
 
-// dropStage ends the staged write of token tok if agent owns it: its slot
-// goes back to the free slots, with whatever the agent wrote in it.
-func (c *Controller) dropStage(tok uint64, agent string) {
+// dropStage ends the staged write of token tok if agent owns it, for
+// segment seg of disk: its slot goes back to the free slots, with
+// whatever the agent wrote in it.
+func (c *Controller) dropStage(tok uint64, agent string, disk meta.DiskID, seg uint64) {
 	c.stage.mu.Lock()
 	sw, ok := c.stage.mu.writes[tok]
-	if ok && sw.agent == agent {
+	ok = ok && sw.agent == agent && sw.disk == disk && sw.seg == seg
+	if ok {
 		delete(c.stage.mu.writes, tok)
 	}
 	c.stage.mu.Unlock()
-	if ok && sw.agent == agent {
+	if ok {
 		c.alloc.release(sw.loc, true)
 	}
 }
 
 // commit commits a staged write: the disk's entry moves from the shared
-// slot to the staged one, which the agent has written and flushed. If the
+// slot to the staged one, which the agent has written (and, for a partial
+// write, filled from the shared slot) and flushed. If the
 // entry changed meanwhile (a discard, a delete, another write's
 // copy-on-write), the staged slot is given back and the agent is told to
 // start again. The caller holds the family lock shared and the segment's

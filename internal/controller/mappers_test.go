@@ -8,6 +8,7 @@ import (
 
 	"segmap/internal/controller"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
 
@@ -60,13 +61,17 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 		name     string
 		snapshot bool // snapshot first: the segment is shared
 		whole    bool // a whole-segment write: staged, then committed
+		// ctrlCopies: the controller copies (else a partial write
+		// is staged, the agent copying)
+		ctrlCopies bool
 	}{
-		{"allocate", false, false},
-		{"forward copy", true, false},
-		{"staged move", true, true},
+		{"allocate", false, false, false},
+		{"forward copy", true, false, false},
+		{"forward copy by the controller", true, false, true},
+		{"staged move", true, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newCluster(t)
+			c := newClusterOpts(t, standalone.Options{ControllerCopies: tc.ctrlCopies})
 			d := createDisk(t, c, "d", 4, table.Forward)
 			p := &probe{set: map[uint64]table.Entry{}}
 			if err := c.Ctrl.Attach(ctx, "probe", p, nil); err != nil {
@@ -96,9 +101,9 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 				p.mu.Unlock()
 			}
 			r := fault(protocol.Fault{Op: protocol.FaultWrite, Reason: reason, Whole: tc.whole})
-			if tc.whole {
-				if r.Stage == nil {
-					t.Fatalf("a whole-segment write to a shared segment was not staged: %+v", r)
+			if tc.snapshot && !tc.ctrlCopies {
+				if r.Stage == nil || r.Stage.Copies() == tc.whole {
+					t.Fatalf("a write (whole %v) to a shared segment was not staged, or its copy not asked for: %+v", tc.whole, r)
 				}
 				if e, ok := p.entry(1); ok {
 					t.Fatalf("the probe was sent %v before the staged write was committed", e)

@@ -59,21 +59,45 @@ func (c gatedContainer) ReadAt(p []byte, off int64) (int, error) {
 // other segments of its own disk, nor reads of the segment it copies.
 // With one controller lock for every fault, each of these would wait for
 // the hung copy.
+//
+// The copy is the controller's (Config.ControllerCopies) or the faulting
+// agent's, in a staged write (the default); either way it is gated.
 func TestFaultsRunInParallel(t *testing.T) {
+	for _, ctrlCopies := range []bool{false, true} {
+		t.Run(map[bool]string{false: "agent copies", true: "controller copies"}[ctrlCopies], func(t *testing.T) {
+			testFaultsRunInParallel(t, ctrlCopies)
+		})
+	}
+}
+
+func testFaultsRunInParallel(t *testing.T, ctrlCopies bool) {
 	ctx := context.Background()
 	g := newGate()
-	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
+	gated := func(ct container.Container) container.Container {
+		if ct.SlotSize() == seg {
+			return gatedContainer{ct, g}
+		}
+		return ct
+	}
+	opts := standalone.Options{
 		Agents: []string{"host-a", "host-b"},
 		// Disk a's segments are 64 KiB, disk b's 128 KiB: each has
 		// its own container, and only a's is gated.
-		Pool: []standalone.PoolSpec{{SlotSize: seg, Slots: 64, Count: 1}, {SlotSize: 2 * seg, Slots: 64, Count: 1}},
-		WrapControllerContainer: func(ct container.Container) container.Container {
-			if ct.SlotSize() == seg {
-				return gatedContainer{ct, g}
+		Pool:             []standalone.PoolSpec{{SlotSize: seg, Slots: 64, Count: 1}, {SlotSize: 2 * seg, Slots: 64, Count: 1}},
+		ControllerCopies: ctrlCopies,
+	}
+	if ctrlCopies {
+		opts.WrapControllerContainer = gated
+	} else {
+		// host-a makes the copy; host-b reads the segment being copied.
+		opts.WrapAgentContainer = func(agent string, ct container.Container) container.Container {
+			if agent == "host-a" {
+				return gated(ct)
 			}
 			return ct
-		},
-	})
+		}
+	}
+	c, err := standalone.Open(ctx, t.TempDir(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,6 +39,9 @@ type Config struct {
 	// (tests use it to fail or crash the controller's copies and
 	// punches).
 	WrapContainer func(container.Container) container.Container
+	// ControllerCopies is controller.Config's: the controller, not the
+	// faulting agent, copies a shared segment for a partial write.
+	ControllerCopies bool
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
@@ -55,7 +58,7 @@ func New(cfg Config) *controller.Controller {
 			return wrap(ct), nil
 		}
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -214,7 +215,7 @@ func TestCrashPoints(t *testing.T) {
 		// controller and agents on one machine that loses power (the
 		// short form takes three of those, the long form all).
 		inPlace := crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash}
-		short := map[string]bool{"cow-forward-staged": true, "cow-reverse": true, "trim": true}
+		short := map[string]bool{"cow-forward": true, "cow-forward-staged": true, "cow-reverse": true, "trim": true}
 		for _, c := range append(crashCases(), inPlace) {
 			if c.op.name == "write" {
 				cases = append(cases, crashCase{"agents-" + c.name, c.op, agentsCrash})
@@ -231,6 +232,15 @@ func TestCrashPoints(t *testing.T) {
 				}
 				if res.steps == 0 {
 					t.Fatalf("%s made no persistence step", c.name)
+				}
+				if c.name == "machine-cow-forward" {
+					// The agent copies: its write and flush of the
+					// staged slot, then the commit, each a crash
+					// point (a crash between them loses the write,
+					// never the snapshot).
+					if err := agentCopySteps(res.log); err != nil {
+						t.Fatalf("%s: %v: %v", c.name, err, res.log)
+					}
 				}
 				perOp[c.name] = res.steps
 				points += res.steps
@@ -376,4 +386,34 @@ func randomOp(r *rand.Rand, m fxModel) fxOp {
 		}
 		return opWrite(r.IntN(2), n, off, pattern(r.Uint64(), cnt))
 	}
+}
+
+// agentCopySteps checks that the persistence steps of a partial write into
+// a shared segment, on one machine, are the agent's writes of the staged
+// slot, its flush, and then the metadata commit.
+func agentCopySteps(log []faultinject.Call) error {
+	wrote, flushed, committed := false, false, false
+	for _, c := range log {
+		agent := strings.HasPrefix(c.Target, "agent/")
+		switch {
+		case agent && c.Op == faultinject.OpWrite:
+			if flushed {
+				return fmt.Errorf("an agent write after the flush")
+			}
+			wrote = true
+		case agent && c.Op == faultinject.OpFlush && wrote && !committed:
+			flushed = true
+		case c.Op == faultinject.OpUpdate && c.Target == "meta":
+			if !flushed {
+				return fmt.Errorf("a metadata commit before the agent flushed its copy")
+			}
+			committed = true
+		case strings.HasPrefix(c.Target, "ctrl/") && c.Op&(faultinject.OpWrite|faultinject.OpRead) != 0:
+			return fmt.Errorf("the controller copied (%v)", c)
+		}
+	}
+	if !committed {
+		return fmt.Errorf("no agent write, flush and commit")
+	}
+	return nil
 }

@@ -52,6 +52,10 @@ type Options struct {
 	// controller opens (tests use it to fail or crash the controller's
 	// copies and punches).
 	WrapControllerContainer func(c container.Container) container.Container
+	// ControllerCopies makes the controller copy shared segments for
+	// partial writes itself, instead of the faulting agent (see
+	// controller.Config).
+	ControllerCopies bool
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -137,7 +141,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies})
 	return nil
 }
 

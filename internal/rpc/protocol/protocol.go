@@ -91,6 +91,11 @@ type Fault struct {
 	Whole bool
 	// Token names the staged write a FaultCommit confirms.
 	Token uint64
+	// Abandon, with FaultCommit, gives the staged write of Token back
+	// unmade: the agent could not make it (its copy source or its
+	// staged slot failed, or a command changed the segment before the
+	// copy began). The controller frees the reserved slot.
+	Abandon bool
 }
 
 // Reply answers a fault with the current entries for [First,
@@ -98,11 +103,14 @@ type Fault struct {
 type Reply struct {
 	First   uint64
 	Entries []table.Entry
-	// Stage, instead of entries, answers a write fault that covers a
-	// whole shared segment: the agent writes the segment to the staged
-	// slot, flushes it, and confirms with a FaultCommit; only then does
-	// the controller map the slot. Nothing is copied, and a crash before
-	// the commit leaves the old data in place.
+	// Stage, instead of entries, answers a write fault on a shared
+	// segment that moves it forward: the agent writes the segment to the
+	// staged slot, flushes it, and confirms with a FaultCommit; only
+	// then does the controller map the slot. A crash before the commit
+	// leaves the old data in place. For a write that covers the whole
+	// segment nothing is copied; for a partial one the agent copies the
+	// rest of the segment from Stage.From (a copy-on-write made by the
+	// agent, which has the containers open).
 	Stage *Stage
 }
 
@@ -110,7 +118,14 @@ type Reply struct {
 type Stage struct {
 	Loc   table.Location
 	Token uint64
+	// From, for a partial write, is the slot the segment is copied
+	// from; the zero Location (no container has id 0) for a whole
+	// write.
+	From table.Location
 }
+
+// Copies reports whether the staged write copies the segment from From.
+func (s Stage) Copies() bool { return s.From.Container != 0 }
 
 // Controller is what an agent needs of its controller.
 type Controller interface {

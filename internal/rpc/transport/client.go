@@ -415,7 +415,7 @@ var faultBackoff = backoff.Policy{Initial: 20 * time.Millisecond, Max: time.Seco
 func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	req := &pb.FaultRequest{
 		Agent: f.Agent, RequestId: c.reqID.Add(1), Disk: uint64(f.Disk), Segment: f.Segment,
-		Count: f.Count, Op: uint32(f.Op), Reason: uint32(f.Reason), Whole: f.Whole, Token: f.Token,
+		Count: f.Count, Op: uint32(f.Op), Reason: uint32(f.Reason), Whole: f.Whole, Token: f.Token, Abandon: f.Abandon,
 	}
 	// While the controller is unreachable, or has restarted and not yet
 	// seen this agent re-attach, the I/O waits (up to FaultPatience)
@@ -448,7 +448,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	}
 	out := protocol.Reply{First: r.GetFirst(), Entries: es}
 	if r.GetStaged() {
-		out.Stage = &protocol.Stage{Loc: table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()}, Token: r.GetStageToken()}
+		out.Stage = stageFromPB(r)
 	}
 	return out, nil
 }

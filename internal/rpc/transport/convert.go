@@ -60,6 +60,31 @@ func entriesFromPB(es []*pb.Entry) ([]table.Entry, error) {
 	return out, nil
 }
 
+// stageToPB puts st (nil: none) in the fault reply out.
+func stageToPB(out *pb.FaultReply, st *protocol.Stage) {
+	if st == nil {
+		return
+	}
+	out.Staged = true
+	out.StageToken = st.Token
+	out.Stage = &pb.Entry{Container: st.Loc.Container, Slot: st.Loc.Slot}
+	if st.Copies() {
+		out.StageFrom = &pb.Entry{Container: st.From.Container, Slot: st.From.Slot}
+	}
+}
+
+// stageFromPB returns the stage of the fault reply r, nil if it has none.
+func stageFromPB(r *pb.FaultReply) *protocol.Stage {
+	if !r.GetStaged() {
+		return nil
+	}
+	return &protocol.Stage{
+		Loc:   table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
+		Token: r.GetStageToken(),
+		From:  table.Location{Container: r.GetStageFrom().GetContainer(), Slot: r.GetStageFrom().GetSlot()},
+	}
+}
+
 func diskToPB(d protocol.Disk) *pb.MappedDisk {
 	return &pb.MappedDisk{Id: uint64(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
 }

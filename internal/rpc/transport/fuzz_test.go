@@ -144,6 +144,10 @@ func rpcSeeds() [][]byte {
 	life = call(life, idx("Open"), marshal(&pb.OpenRequest{Agent: "a", Disk: "d"}))
 	life = call(life, idx("Fault"), marshal(&pb.FaultRequest{Agent: "a", RequestId: 7, Epoch: 1, Disk: 1, Segment: 2, Count: 1, Op: uint32(protocol.FaultWrite), Whole: true}))
 	life = call(life, idx("Snapshot"), marshal(&pb.SnapshotRequest{Sources: []string{"d"}, Names: []string{"s"}, Writable: true}))
+	// A partial write after the snapshot stages a copy; its commit is
+	// abandoned.
+	life = call(life, idx("Fault"), marshal(&pb.FaultRequest{Agent: "a", RequestId: 8, Epoch: 1, Disk: 1, Segment: 2, Count: 1, Op: uint32(protocol.FaultWrite)}))
+	life = call(life, idx("Fault"), marshal(&pb.FaultRequest{Agent: "a", RequestId: 9, Epoch: 1, Disk: 1, Segment: 2, Count: 1, Op: uint32(protocol.FaultCommit), Token: 1, Abandon: true}))
 	life = call(life, idx("ResizeDisk"), marshal(&pb.ResizeDiskRequest{Name: "d", Size: 1 << 20, Shrink: true}))
 	life = call(life, idx("DeleteDisk"), marshal(&pb.DeleteDiskRequest{Name: "s"}))
 	life = call(life, idx("DeleteDisk"), marshal(&pb.DeleteDiskRequest{Name: "d"}))

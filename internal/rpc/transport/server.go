@@ -495,16 +495,12 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 
 	rep, err := s.cfg.Ctrl.Fault(ctx, protocol.Fault{
 		Agent: r.GetAgent(), Disk: protocol.DiskID(r.GetDisk()), Segment: r.GetSegment(), Count: r.GetCount(),
-		Op: protocol.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(),
+		Op: protocol.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(), Abandon: r.GetAbandon(),
 	})
 	var out *pb.FaultReply
 	if err == nil {
 		out = &pb.FaultReply{First: rep.First, Entries: entriesToPB(rep.Entries)}
-		if rep.Stage != nil {
-			out.Staged = true
-			out.StageToken = rep.Stage.Token
-			out.Stage = &pb.Entry{Container: rep.Stage.Loc.Container, Slot: rep.Stage.Loc.Slot}
-		}
+		stageToPB(out, rep.Stage)
 	}
 	// Remember answers, not failures to answer: a retry after a timeout
 	// or an outage must be tried again.
