@@ -44,6 +44,7 @@ parts=(
 	"kill-storms|./internal/e2e|^TestKillStorm"
 	"linearizability|./internal/e2e|^TestLinearizable"
 	"model|./internal/standalone|^TestModel$"
+	"model-concurrent|./internal/standalone|^TestModelConcurrent$"
 	"check-damage|./internal/e2e|^TestCheckRandomDamage$"
 )
 nparts=$((${#parts[@]} + 1)) # + fuzzing

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"reflect"
 	"runtime"
 	"sort"
 	"strconv"
@@ -149,6 +148,31 @@ type model struct {
 	seq   int
 	stats map[string]int
 	plans map[table.Plan]uint64
+	// maxDisks bounds this model's disks; prefix starts their names.
+	maxDisks int
+	prefix   string
+	// sh is set when several models run side by side on one cluster
+	// (TestModelConcurrent).
+	sh *sharedRun
+}
+
+// modelOp is one kind of operation of the model, with its weight.
+type modelOp struct {
+	w    int
+	name string
+	fn   func()
+	// global ops (restarts) run alone when models run side by side.
+	global bool
+}
+
+// mix returns the operations of the model and their weights.
+func (m *model) mix() []modelOp {
+	return []modelOp{
+		{30, "write", m.write, false}, {30, "read", m.read, false}, {5, "flush", m.flush, false}, {6, "zero", m.zero, false},
+		{4, "create", m.create, false}, {2, "delete", m.delete, false}, {4, "snapshot", m.snapshot, false}, {2, "group-snapshot", m.groupSnapshot, false},
+		{2, "clone", m.clone, false}, {1, "resize", m.resize, false}, {2, "concurrent", m.concurrent, false},
+		{1, "restart-agent", m.restartAgent, true}, {1, "restart-controller", m.restartController, true}, {2, "read-only-write", m.readOnlyWrite, false},
+	}
 }
 
 func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) int {
@@ -173,7 +197,7 @@ func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) i
 	m := &model{
 		t: t, rng: rand.New(rand.NewPCG(seed, seed^0x5e9a)), ctx: ctx, c: c,
 		disks: map[string]*mdisk{}, open: []map[string]*agent.Disk{{}, {}},
-		stats: map[string]int{}, plans: plans,
+		stats: map[string]int{}, plans: plans, maxDisks: maxDisks,
 	}
 	defer func() { m.c.Close() }()
 	defer func() {
@@ -188,16 +212,7 @@ func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) i
 		}
 	}()
 
-	type op struct {
-		w  int
-		fn func()
-	}
-	mix := []op{
-		{30, m.write}, {30, m.read}, {5, m.flush}, {6, m.zero},
-		{4, m.create}, {2, m.delete}, {4, m.snapshot}, {2, m.groupSnapshot},
-		{2, m.clone}, {1, m.resize}, {2, m.concurrent},
-		{1, m.restartAgent}, {1, m.restartController}, {2, m.readOnlyWrite},
-	}
+	mix := m.mix()
 	sum := 0
 	for _, o := range mix {
 		sum += o.w
@@ -208,7 +223,7 @@ func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) i
 		for _, o := range mix {
 			if r < o.w {
 				if *modelTrace {
-					t.Logf("op %d: %s", m.seq, runtime.FuncForPC(reflect.ValueOf(o.fn).Pointer()).Name())
+					t.Logf("op %d: %s", m.seq, o.name)
 				}
 				o.fn()
 				break
@@ -230,6 +245,11 @@ func runModel(t *testing.T, seed uint64, ops int, plans map[table.Plan]uint64) i
 
 func (m *model) fatalf(format string, args ...any) {
 	m.t.Helper()
+	if m.sh != nil {
+		// Not the test's goroutine: fail, and end this model's.
+		m.t.Errorf("model %s op %d: "+format, append([]any{m.prefix, m.seq}, args...)...)
+		runtime.Goexit()
+	}
 	m.t.Fatalf("op %d: "+format, append([]any{m.seq}, args...)...)
 }
 
@@ -247,10 +267,10 @@ func (m *model) check() {
 		m.fatalf("check: %v", err)
 	}
 	for _, p := range ps {
-		m.t.Errorf("op %d: check: %v", m.seq, p)
+		m.t.Errorf("model %s op %d: check: %v", m.prefix, m.seq, p)
 	}
 	if len(ps) > 0 {
-		m.t.FailNow()
+		m.fatalf("check found %d problems", len(ps))
 	}
 }
 
@@ -410,7 +430,7 @@ func (m *model) newName(prefix string) string {
 }
 
 func (m *model) create() {
-	if len(m.disks) >= maxDisks {
+	if len(m.disks) >= m.maxDisks {
 		m.delete()
 		return
 	}
@@ -427,7 +447,7 @@ func (m *model) create() {
 	if m.rng.IntN(2) == 0 {
 		pol = table.Reverse
 	}
-	name := m.newName("d")
+	name := m.newName(m.prefix + "d")
 	if _, err := m.c.Ctrl.CreateDisk(m.ctx, controller.CreateOptions{Name: name, Size: size, SegmentSize: ss, Policy: pol}); err != nil {
 		m.fatalf("create %s: %v", name, err)
 	}
@@ -460,7 +480,7 @@ func (m *model) delete() {
 
 func (m *model) snapshotOf(srcs []*mdisk, writable bool) {
 	m.t.Helper()
-	if len(m.disks)+len(srcs) > maxDisks {
+	if len(m.disks)+len(srcs) > m.maxDisks {
 		m.delete()
 		return
 	}
@@ -562,7 +582,7 @@ func (m *model) resize() {
 // of its new ones.
 func (m *model) concurrent() {
 	d := m.pick(true)
-	if d == nil || len(m.disks) >= maxDisks {
+	if d == nil || len(m.disks) >= m.maxDisks {
 		return
 	}
 	type piece struct {
@@ -659,6 +679,12 @@ func (m *model) restartAgent() {
 		m.fatalf("restart agent %d: %v", i, err)
 	}
 	m.open[i] = map[string]*agent.Disk{}
+	if m.sh != nil {
+		// Every model's handles on that agent are gone.
+		for _, o := range m.sh.models {
+			o.open[i] = map[string]*agent.Disk{}
+		}
+	}
 	m.stats["restart-agent"]++
 }
 
