@@ -37,6 +37,8 @@ const (
 	// least this many operations, or for linMaxRun.
 	linMinOps = 2000
 	linMaxRun = 40 * time.Second
+	// linTwin is added to a history's index for its twin's.
+	linTwin = 1 << 10
 	// linShort histories in the short form.
 	linShort = 2
 	// linLease is the cluster's --lease (cluster.startController).
@@ -56,7 +58,9 @@ const linPending = math.MaxInt64
 // linearizable registers while agents crash, stall and are cut off: a
 // controller and two agents run as real processes, four NBD connections
 // (two per agent, each through a TCP proxy that can cut it) read and write
-// 4 KiB blocks of one disk, each write a unique value (some FUA, some
+// 4 KiB blocks of one disk (and four more, of their own, those of a twin
+// disk of the other copy-on-write policy, snapshotted at the same time:
+// faults of two families at once), each write a unique value (some FUA, some
 // whole-segment writes covering four registers at once, with flushes in
 // between), while the test kills agents with SIGKILL and restarts them,
 // cuts an agent from the controller past its lease (it must fence itself)
@@ -106,8 +110,14 @@ func TestLinearizable(t *testing.T) {
 		a := agents[i%len(agents)]
 		conns[i] = &linConn{id: i, agent: a, link: newProxy(t, a.nbdAddr)}
 	}
+	// The twin disk of each history has connections of its own.
+	twinConns := make([]*linConn, linConns)
+	for i := range twinConns {
+		a := agents[i%len(agents)]
+		twinConns[i] = &linConn{id: linConns + i, agent: a, link: newProxy(t, a.nbdAddr)}
+	}
 	t.Cleanup(func() {
-		for _, cn := range conns {
+		for _, cn := range append(conns, twinConns...) {
 			cn.close()
 		}
 	})
@@ -124,9 +134,12 @@ func TestLinearizable(t *testing.T) {
 		began := time.Now()
 		h := &linHistory{t: t, c: c, agents: agents, conns: conns, index: i, seed: s,
 			rng: rand.New(rand.NewPCG(s, 7)), disk: fmt.Sprintf("lin%d", i)}
+		h.twin = &linHistory{t: t, c: c, agents: agents, conns: twinConns, index: linTwin + i, seed: s,
+			rng: rand.New(rand.NewPCG(s, 8)), disk: fmt.Sprintf("lin%d-twin", i)}
 		h.run()
 		last = time.Since(began)
 		total.add(&h.n)
+		total.add(&h.twin.n)
 		if t.Failed() {
 			break
 		}
@@ -281,6 +294,11 @@ type linHistory struct {
 	rng    *rand.Rand // the fault schedule's; workers have their own
 	disk   string
 	t0     time.Time
+	// twin is a second disk of the other policy, written at once by
+	// clients of its own through the same agents, under the same faults,
+	// and snapshotted at the same time: faults of two families run in
+	// the controller at once. It is checked as a history of its own.
+	twin *linHistory
 
 	clients atomic.Int64 // porcupine client ids handed out
 	nops    atomic.Int64
@@ -381,13 +399,23 @@ func (h *linHistory) run() {
 	// Both copy-on-write policies, by turns.
 	policy := []string{"forward", "reverse"}[h.index%2]
 	h.c.cli("disk", "create", h.disk, "--size", fmt.Sprintf("%dM", linSegs), "--policy", policy)
+	tw := h.twin
+	if tw != nil {
+		h.c.cli("disk", "create", tw.disk, "--size", fmt.Sprintf("%dM", linSegs), "--policy", []string{"reverse", "forward"}[h.index%2])
+	}
 	h.t0 = time.Now()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	for i, cn := range h.conns {
-		for w := range linWorkers {
-			rng := rand.New(rand.NewPCG(h.seed, uint64(i*linWorkers+w+1)))
-			wg.Go(func() { h.worker(cn, rng, stop) })
+	for _, x := range []*linHistory{h, tw} {
+		if x == nil {
+			continue
+		}
+		x.t0 = h.t0
+		for i, cn := range x.conns {
+			for w := range linWorkers {
+				rng := rand.New(rand.NewPCG(x.seed, uint64(x.index<<8|i*linWorkers+w+1)))
+				wg.Go(func() { x.worker(cn, rng, stop) })
+			}
 		}
 	}
 
@@ -420,17 +448,22 @@ func (h *linHistory) run() {
 	}
 	close(stop)
 	wg.Wait()
-	for _, cn := range h.conns {
-		cn.close()
+	for _, x := range []*linHistory{h, tw} {
+		if x == nil {
+			continue
+		}
+		for _, cn := range x.conns {
+			cn.close()
+		}
+		x.finalReads()
+		x.n.histories = 1
+		x.check()
+		// Clean up, which exercises delete.
+		for _, s := range x.snaps {
+			h.c.cli("disk", "delete", s.name)
+		}
+		h.c.cli("disk", "delete", x.disk)
 	}
-	h.finalReads()
-	h.n.histories = 1
-	h.check()
-	// Clean up, which exercises delete.
-	for _, s := range h.snaps {
-		h.c.cli("disk", "delete", s.name)
-	}
-	h.c.cli("disk", "delete", h.disk)
 }
 
 func (h *linHistory) jitter(lo, hi time.Duration) time.Duration {
@@ -572,8 +605,14 @@ func (h *linHistory) segmentWrite(ctx context.Context, cn *linConn, cl *nbdclien
 	return err
 }
 
-// snapshot takes a snapshot of the disk, recording when its command ran.
+// snapshot takes a snapshot of the disk, recording when its command ran,
+// and one of its twin's at the same time.
 func (h *linHistory) snapshot() {
+	if h.twin != nil {
+		var wg sync.WaitGroup
+		wg.Go(h.twin.snapshot)
+		defer wg.Wait()
+	}
 	h.mu.Lock()
 	name := fmt.Sprintf("%s@s%d", h.disk, h.n.snapshots)
 	h.n.snapshots++ // names stay unique even if one fails
