@@ -27,13 +27,19 @@
 // share slots only at the same index; what changes the family as a whole
 // (a snapshot, a delete, a resize, a discard) takes it exclusively. That
 // is what makes the "only this table references the slot: just clear
-// NoWrite" shortcut safe against a concurrent snapshot. No other lock is
+// NoWrite" shortcut safe against a concurrent snapshot. A read fault takes
+// the family lock shared and the segment's publish lock shared; a fault
+// holds that one exclusively from its first commit until its answer. So a
+// read fault never answers from the middle of a change (an entry committed
+// and not yet sent to every agent, or agents told to stop writing and the
+// change not committed), which its agent would install and write through;
+// yet it does not wait for a copy. No other lock is
 // held across a store commit, a container call or an agent command: the
 // allocator's, the staged writes', the open containers' and the agent
 // registry's are leaves. Each change is still one transaction; concurrent
 // ones share a commit (see meta.Store).
 //
-// Lock order: state (shared), family, segment, then any leaf.
+// Lock order: state (shared), family, segment, publish, then any leaf.
 package controller
 
 import (
@@ -109,6 +115,7 @@ type Controller struct {
 	// fams and segs are the family and segment locks (see lockFamily).
 	fams keyedLocks[meta.DiskID]
 	segs keyedLocks[famSeg]
+	pubs keyedLocks[famSeg] // see lockPublish
 
 	alloc allocator
 	conts openContainers

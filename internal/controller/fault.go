@@ -88,10 +88,22 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		}
 		if f.Op == protocol.FaultRead {
 			// A read resolves to loading the entry (or Deny), which
-			// changes nothing: it takes no lock. A reply computed
-			// before a concurrent change and arriving after it is
-			// dropped by the agent (the change's command came in
-			// between).
+			// changes nothing, and it does not wait for a copy: it
+			// takes the segment's publish lock, not its fault lock.
+			// A reply computed before a change and arriving after
+			// the change's command is dropped by the agent; but one
+			// computed in the middle of a change (committed and not
+			// every agent told; or agents told to stop writing and
+			// nothing committed yet) would be installed and written
+			// through. The family lock (held exclusively across a
+			// snapshot, discard, delete or resize) and the publish
+			// lock (held by a fault from its first commit to its
+			// answer) keep reads out of those windows.
+			defer c.lockFamily(d.Family, false)()
+			if d, err = load(); err != nil {
+				return protocol.Reply{}, err
+			}
+			defer c.lockPublish(d.Family, f.Segment, false)()
 			return c.faultSeg(ctx, f, d)
 		}
 		if d.ReadOnly {
@@ -250,7 +262,15 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			c.alloc.release(r.newLoc, r.written && !r.used)
 		}
 	}()
+	published := false
 	for _, st := range steps {
+		if !published && (st.Kind == table.StepCommitSelf || st.Kind == table.StepCommitSharers) {
+			// From the first commit until the answer, read faults on
+			// the segment wait: they would see an entry that some
+			// agent has not been told of (see Fault).
+			published = true
+			defer c.lockPublish(d.Family, seg, true)()
+		}
 		switch st.Kind {
 		case table.StepReserve:
 			loc, err := c.takeSlot(ctx, d.SegmentSize)

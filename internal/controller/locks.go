@@ -124,3 +124,20 @@ func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func
 		// Deleted and created again meanwhile: another family.
 	}
 }
+
+// lockPublish locks the publish lock of segment index seg of family fam,
+// whose family lock the caller holds shared: exclusively by a fault from
+// just before its first commit until its answer (it holds the segment
+// lock too), shared by a read fault while it reads the entry. A read
+// fault then never sees a change that some agent has not heard of, yet
+// does not wait for a copy.
+func (c *Controller) lockPublish(fam meta.DiskID, seg uint64, exclusive bool) (unlock func()) {
+	k := famSeg{fam, seg}
+	l := c.pubs.get(k)
+	if exclusive {
+		l.Lock()
+		return func() { l.Unlock(); c.pubs.put(k, l) }
+	}
+	l.RLock()
+	return func() { l.RUnlock(); c.pubs.put(k, l) }
+}
