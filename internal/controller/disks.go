@@ -58,12 +58,13 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 		return meta.Disk{}, err
 	}
 	defer end()
+	var d meta.Disk
+again:
 	if o.Preallocate {
 		if err := c.zeroPool(ctx, o.SegmentSize); err != nil {
 			return meta.Disk{}, fmt.Errorf("preallocate %q: %w", o.Name, err)
 		}
 	}
-	var d meta.Disk
 	pre := c.newTaking()
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		pre.reset()
@@ -94,6 +95,12 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 		return nil
 	})
 	pre.finish()
+	if errors.Is(err, errNotZeroed) {
+		// A container's free slots were left dirty after zeroPool (a
+		// fault running meanwhile gave a slot back holding data):
+		// zero them again.
+		goto again
+	}
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}

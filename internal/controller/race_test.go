@@ -430,3 +430,53 @@ func TestResizeRacingResize(t *testing.T) {
 	expect(t, openDisk(t, c, 0, "d"), 0, want)
 	checkClean(t, c)
 }
+
+// TestPreallocateAfterDirtyingRace: a preallocation zeroes the pool's
+// free slots and then takes them in its first transaction; a container
+// left dirty in between (here: an agent re-attaches, and the slot of its
+// dropped staged write goes back holding data) must make it zero again,
+// not fail the creation.
+func TestPreallocateAfterDirtyingRace(t *testing.T) {
+	ctx := context.Background()
+	hook := &viewHook{}
+	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
+		Agents: []string{"host-a"},
+		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
+		OpenStore: func(context.Context) (meta.Store, error) {
+			st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+			hook.Store = st
+			return hook, err
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	d := createDisk(t, c, "d", 2, table.Forward)
+	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"d@1"}}); err != nil {
+		t.Fatal(err)
+	}
+	attachFake(t, c, "x", &fakeAgent{}, "d")
+	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true})
+	if err != nil || r.Stage == nil {
+		t.Fatalf("stage: %+v %v", r, err)
+	}
+	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
+	hook.mu.Lock()
+	hook.beforeUpdate = func() {
+		if err := c.Ctrl.Attach(ctx, "x", &fakeAgent{}, nil); err != nil {
+			t.Error(err)
+		}
+	}
+	hook.mu.Unlock()
+	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "p", Size: 12 * seg, SegmentSize: seg, Preallocate: true}); err != nil {
+		t.Fatalf("create a preallocated disk: %v", err)
+	}
+	expect(t, openDisk(t, c, 0, "p"), 0, make([]byte, 12*seg))
+	checkClean(t, c)
+}
