@@ -262,10 +262,10 @@ func (d *Disk) recordLocked(rg segRange) {
 // install applies the reply to a fault on segment seg if no command
 // changed the segments it covers since seq and no other fault's reply was installed
 // for seg since gen (faultOut), and reports whether it did. The controller
-// answers faults one at a time, but the replies may come back in any
-// order: a read fault answered before a write's copy on write, installed
-// after it, would send reads back to the old slot after the write had
-// been acknowledged.
+// resolves faults in parallel and its replies may come back in any order:
+// a read fault answered before a write's copy on write, installed after
+// it, would send reads back to the old slot after the write had been
+// acknowledged.
 func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
