@@ -67,7 +67,6 @@ again:
 	}
 	pre := c.newTaking()
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
-		pre.reset()
 		cs, err := tx.Containers()
 		if err != nil {
 			return err
@@ -161,7 +160,6 @@ func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64) 
 	for first := from; first < d.Segments(); first += PreallocateChunk {
 		pre := c.newTaking()
 		err := c.store.Update(ctx, func(tx *meta.Tx) error {
-			pre.reset()
 			return c.preallocateTx(tx, d, first, pre)
 		})
 		pre.finish()
@@ -182,15 +180,14 @@ func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64) 
 
 // taking holds the slots that one transaction takes for itself (a
 // preallocation), reserved from the moment its fn picks them until the
-// commit is over; fn may run more than once (reset at its start).
+// commit is over. fn may run more than once: the slots of every run are
+// held until finish.
 type taking struct {
 	c   *Controller
 	all []table.Location
 }
 
 func (c *Controller) newTaking() *taking { return &taking{c: c} }
-
-func (t *taking) reset() {}
 
 // finish gives the reservations back: the slots are used now, or free and
 // still zero.

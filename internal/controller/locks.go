@@ -48,6 +48,17 @@ func (k *keyedLocks[K]) put(key K, l *keyedLock) {
 	}
 }
 
+// lock locks key's lock, exclusively or shared, and returns the unlock.
+func (k *keyedLocks[K]) lock(key K, exclusive bool) (unlock func()) {
+	l := k.get(key)
+	if exclusive {
+		l.Lock()
+		return func() { l.Unlock(); k.put(key, l) }
+	}
+	l.RLock()
+	return func() { l.RUnlock(); k.put(key, l) }
+}
+
 // famSeg names one segment index of one family: the unit of a fault's
 // lock. Disks of a family share slots only at the same segment index (see
 // meta.Disk.Family), so faults on different indexes never touch the same
@@ -62,27 +73,15 @@ type famSeg struct {
 // (snapshots, deletes, resizes, discards, revokes). It returns the
 // unlock.
 func (c *Controller) lockFamily(fam meta.DiskID, exclusive bool) (unlock func()) {
-	l := c.fams.get(fam)
-	if exclusive {
-		l.Lock()
-		return func() { l.Unlock(); c.fams.put(fam, l) }
-	}
-	l.RLock()
-	return func() { l.RUnlock(); c.fams.put(fam, l) }
+	return c.fams.lock(fam, exclusive)
 }
 
 // lockFamilies locks families exclusively, in ascending order so that two
 // group snapshots cannot deadlock.
 func (c *Controller) lockFamilies(fams []meta.DiskID) (unlock func()) {
-	seen := map[meta.DiskID]bool{}
-	var ids []meta.DiskID
-	for _, f := range fams {
-		if !seen[f] {
-			seen[f] = true
-			ids = append(ids, f)
-		}
-	}
+	ids := slices.Clone(fams)
 	slices.Sort(ids)
+	ids = slices.Compact(ids) // sources of one family: one lock
 	unlocks := make([]func(), 0, len(ids))
 	for _, f := range ids {
 		unlocks = append(unlocks, c.lockFamily(f, true))
@@ -97,10 +96,7 @@ func (c *Controller) lockFamilies(fams []meta.DiskID) (unlock func()) {
 // lockSegment locks segment index seg of family fam, whose lock the
 // caller holds shared.
 func (c *Controller) lockSegment(fam meta.DiskID, seg uint64) (unlock func()) {
-	k := famSeg{fam, seg}
-	l := c.segs.get(k)
-	l.Lock()
-	return func() { l.Unlock(); c.segs.put(k, l) }
+	return c.segs.lock(famSeg{fam, seg}, true)
 }
 
 // lockDisk locks the family of disk name exclusively and returns the
@@ -132,12 +128,5 @@ func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func
 // fault then never sees a change that some agent has not heard of, yet
 // does not wait for a copy.
 func (c *Controller) lockPublish(fam meta.DiskID, seg uint64, exclusive bool) (unlock func()) {
-	k := famSeg{fam, seg}
-	l := c.pubs.get(k)
-	if exclusive {
-		l.Lock()
-		return func() { l.Unlock(); c.pubs.put(k, l) }
-	}
-	l.RLock()
-	return func() { l.RUnlock(); c.pubs.put(k, l) }
+	return c.pubs.lock(famSeg{fam, seg}, exclusive)
 }

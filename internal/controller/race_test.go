@@ -230,6 +230,31 @@ type viewHook struct {
 	beforeUpdate func()
 }
 
+// newHookedCluster starts a one-agent cluster whose store is a viewHook,
+// with one container of 16 slots.
+func newHookedCluster(t *testing.T) (*standalone.Cluster, *viewHook) {
+	t.Helper()
+	hook := &viewHook{}
+	c, err := standalone.Open(context.Background(), t.TempDir(), standalone.Options{
+		Agents: []string{"host-a"},
+		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
+		OpenStore: func(context.Context) (meta.Store, error) {
+			st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+			hook.Store = st
+			return hook, err
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	return c, hook
+}
+
 func (v *viewHook) Update(ctx context.Context, fn func(*meta.Tx) error) error {
 	v.mu.Lock()
 	f := v.beforeUpdate
@@ -281,24 +306,7 @@ func TestWriteFaultRacingFamilyChange(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
-			hook := &viewHook{}
-			c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
-				Agents: []string{"host-a"},
-				Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
-				OpenStore: func(context.Context) (meta.Store, error) {
-					st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-					hook.Store = st
-					return hook, err
-				},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := c.Close(); err != nil {
-					t.Errorf("close cluster: %v", err)
-				}
-			})
+			c, hook := newHookedCluster(t)
 			d := createDisk(t, c, "d", 4, table.Forward)
 			slow := newHeldAgent()
 			attachFake(t, c, "slow", slow, "d")
@@ -338,24 +346,7 @@ func TestWriteFaultRacingFamilyChange(t *testing.T) {
 // create a copy of a disk that no longer exists.
 func TestSnapshotRacingDelete(t *testing.T) {
 	ctx := context.Background()
-	hook := &viewHook{}
-	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
-		Agents: []string{"host-a"},
-		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
-		OpenStore: func(context.Context) (meta.Store, error) {
-			st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-			hook.Store = st
-			return hook, err
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("close cluster: %v", err)
-		}
-	})
+	c, hook := newHookedCluster(t)
 	d := createDisk(t, c, "d", 4, table.Forward)
 	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
 	slow := newHeldAgent()
@@ -387,24 +378,7 @@ func TestSnapshotRacingDelete(t *testing.T) {
 // between the two is a grow, not a shrink refused.
 func TestResizeRacingResize(t *testing.T) {
 	ctx := context.Background()
-	hook := &viewHook{}
-	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
-		Agents: []string{"host-a"},
-		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
-		OpenStore: func(context.Context) (meta.Store, error) {
-			st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-			hook.Store = st
-			return hook, err
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("close cluster: %v", err)
-		}
-	})
+	c, hook := newHookedCluster(t)
 	d := createDisk(t, c, "d", 8, table.Forward)
 	h := openDisk(t, c, 0, "d")
 	write(t, h, pattern(8*seg, 1), 0)
@@ -438,24 +412,7 @@ func TestResizeRacingResize(t *testing.T) {
 // not fail the creation.
 func TestPreallocateAfterDirtyingRace(t *testing.T) {
 	ctx := context.Background()
-	hook := &viewHook{}
-	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
-		Agents: []string{"host-a"},
-		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: 16, Count: 1}},
-		OpenStore: func(context.Context) (meta.Store, error) {
-			st, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-			hook.Store = st
-			return hook, err
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("close cluster: %v", err)
-		}
-	})
+	c, hook := newHookedCluster(t)
 	d := createDisk(t, c, "d", 2, table.Forward)
 	write(t, openDisk(t, c, 0, "d"), pattern(seg, 1), 0)
 	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"d@1"}}); err != nil {

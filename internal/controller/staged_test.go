@@ -59,7 +59,7 @@ func TestStagedSlotNotZeroed(t *testing.T) {
 	if err := c.RestartAgent(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	// Any allocation from the container: zeroFreeLocked.
+	// Any allocation from the container: ensureZeroedLocked.
 	write(t, h0, []byte("x"), 2*seg)
 	if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token}); err != nil {
 		t.Fatalf("commit: %v", err)

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
-	"time"
 
 	"segmap/internal/agent"
 	"segmap/internal/container"
@@ -54,38 +53,11 @@ func TestModelConcurrent(t *testing.T) {
 	if ops == 0 {
 		ops = envInt("SEGMAP_MODELCONC_OPS", 120)
 	}
-	var seeds []uint64
-	if *concSeed != 0 {
-		seeds = []uint64{*concSeed}
-	} else {
-		n := *concSeeds
-		if n == 0 {
-			n = envInt("SEGMAP_MODELCONC_SEEDS", 2)
-		}
-		for i := 0; i < n; i++ {
-			seeds = append(seeds, uint64(i)+1)
-		}
-	}
-	var deadline time.Time
-	if soak := soakDuration(t); soak > 0 && *concSeed == 0 {
-		deadline = time.Now().Add(soak)
-	}
-	total := 0
 	plans := map[table.Plan]uint64{}
-	next := uint64(time.Now().UnixNano())
-	for i := 0; i < len(seeds) || time.Now().Before(deadline); i++ {
-		if i >= len(seeds) {
-			seeds = append(seeds, next+uint64(i))
-		}
-		seed := seeds[i]
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			total += runModelConcurrent(t, seed, ops, *concModels, plans)
-		})
-		if t.Failed() {
-			break
-		}
-	}
-	t.Logf("summary: concurrent model %d operations over %d seeds; faults resolved by plan: %v", total, len(seeds), plans)
+	total, nseeds := runSeeds(t, *concSeed, *concSeeds, "SEGMAP_MODELCONC_SEEDS", 2, func(t *testing.T, seed uint64) int {
+		return runModelConcurrent(t, seed, ops, *concModels, plans)
+	})
+	t.Logf("summary: concurrent model %d operations over %d seeds; faults resolved by plan: %v", total, nseeds, plans)
 	// Every way of resolving a fault must have run in a long run, but
 	// ClearNoWrite: it needs a reverse copy among three sharers and then
 	// deletes that leave one, rare with fewer disks per model (TestModel

@@ -51,41 +51,11 @@ func TestModel(t *testing.T) {
 	if ops == 0 {
 		ops = envInt("SEGMAP_MODEL_OPS", 700)
 	}
-	var seeds []uint64
-	if *modelSeed != 0 {
-		seeds = []uint64{*modelSeed}
-	} else {
-		n := *modelSeeds
-		if n == 0 {
-			n = envInt("SEGMAP_MODEL_SEEDS", 3)
-		}
-		for i := 0; i < n; i++ {
-			seeds = append(seeds, uint64(i)+1)
-		}
-	}
-	// Under `make soak` (SEGMAP_SOAK=DURATION) fresh seeds follow until
-	// the duration has passed.
-	var deadline time.Time
-	if soak := soakDuration(t); soak > 0 && *modelSeed == 0 {
-		deadline = time.Now().Add(soak)
-	}
-	total := 0
 	plans := map[table.Plan]uint64{}
-	next := uint64(time.Now().UnixNano())
-	for i := 0; i < len(seeds) || time.Now().Before(deadline); i++ {
-		if i >= len(seeds) {
-			seeds = append(seeds, next+uint64(i))
-		}
-		seed := seeds[i]
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			n := runModel(t, seed, ops, plans)
-			total += n
-		})
-		if t.Failed() {
-			break
-		}
-	}
-	t.Logf("summary: model %d operations over %d seeds; faults resolved by plan: %v", total, len(seeds), plans)
+	total, nseeds := runSeeds(t, *modelSeed, *modelSeeds, "SEGMAP_MODEL_SEEDS", 3, func(t *testing.T, seed uint64) int {
+		return runModel(t, seed, ops, plans)
+	})
+	t.Logf("summary: model %d operations over %d seeds; faults resolved by plan: %v", total, nseeds, plans)
 	// The run must have exercised every way of resolving a fault.
 	if !t.Failed() && total >= 1000 {
 		for p := table.Load; p <= table.CopyReverse; p++ {
@@ -94,6 +64,41 @@ func TestModel(t *testing.T) {
 			}
 		}
 	}
+}
+
+// runSeeds runs run once per seed and returns the operations they ran and
+// the seeds run: seed one alone if it is set, else seeds 1 to n (n from
+// env, or def, when 0). Under `make soak` (SEGMAP_SOAK=DURATION) fresh
+// seeds follow until the duration has passed. It stops at the first
+// failure.
+func runSeeds(t *testing.T, one uint64, n int, env string, def int, run func(t *testing.T, seed uint64) int) (total, nseeds int) {
+	var seeds []uint64
+	if one != 0 {
+		seeds = []uint64{one}
+	} else {
+		if n == 0 {
+			n = envInt(env, def)
+		}
+		for i := 0; i < n; i++ {
+			seeds = append(seeds, uint64(i)+1)
+		}
+	}
+	var deadline time.Time
+	if soak := soakDuration(t); soak > 0 && one == 0 {
+		deadline = time.Now().Add(soak)
+	}
+	next := uint64(time.Now().UnixNano())
+	for i := 0; i < len(seeds) || time.Now().Before(deadline); i++ {
+		if i >= len(seeds) {
+			seeds = append(seeds, next+uint64(i))
+		}
+		seed := seeds[i]
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { total += run(t, seed) })
+		if t.Failed() {
+			break
+		}
+	}
+	return total, len(seeds)
 }
 
 // Geometry of the model: small segments so that disks are small.
