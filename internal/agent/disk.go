@@ -416,7 +416,7 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	var src *openContainer
 	if err == nil && st.Copies() {
-		src, err = d.a.container(ctx, st.From.Container)
+		src, err = d.a.container(ctx, st.From.Loc.Container)
 	}
 	if err != nil {
 		d.abandon(ctx, seg, st)
@@ -519,7 +519,7 @@ const zeroBlock = 4096
 func copyAround(src, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
-	from, to := int64(uint64(st.From.Slot)*segSize), int64(uint64(st.Loc.Slot)*segSize)
+	from, to := int64(uint64(st.From.Loc.Slot)*segSize), int64(uint64(st.Loc.Slot)*segSize)
 	end := off + uint64(len(p))
 	for pos := uint64(0); pos < segSize; {
 		n := min(copyChunk, segSize-pos)

@@ -82,6 +82,18 @@ func Decide(e Entry, op Op) Decision {
 	return Decision{Action: Proceed}
 }
 
+// DecideSpan is Decide for an I/O that touches the sub-blocks b: a write
+// to a writable partial entry whose own slot does not hold all of b
+// faults (Reason is the entry's state, Mapped), since the controller must
+// record that the slot now holds them.
+func DecideSpan(e Entry, op Op, b Bits) Decision {
+	d := Decide(e, op)
+	if d.Action == Proceed && op == Write && !e.Holds(b) {
+		return Decision{Fault, e.State}
+	}
+	return d
+}
+
 // Policy is how a write to a shared segment is resolved.
 type Policy uint8
 
@@ -145,6 +157,17 @@ const (
 	// every other sharer at it, then clear NoWrite on the writing disk
 	// (reverse-delta).
 	CopyReverse
+	// CopySub: sub-segment copy-on-write. Allocate a slot, write into it
+	// only the sub-blocks the write touches (their edges copied from the
+	// old entry), and map the writing disk to a partial entry over the
+	// old one (see Over): nothing else is copied, and the old slots stay
+	// where they are, one reference more each.
+	CopySub
+	// FillIn: the entry is writable but partial and its slot lacks some
+	// sub-blocks the write touches. The agent writes them into the
+	// entry's own slot (edges copied from the layers under it) and the
+	// controller then records that the slot holds them (see Filled).
+	FillIn
 )
 
 func (p Plan) String() string {
@@ -163,21 +186,39 @@ func (p Plan) String() string {
 		return "copy-forward"
 	case CopyReverse:
 		return "copy-reverse"
+	case CopySub:
+		return "copy-sub"
+	case FillIn:
+		return "fill-in"
 	}
 	return fmt.Sprintf("Plan(%d)", uint8(p))
 }
 
+// Span is the part of a segment a write fault covers.
+type Span struct {
+	// Whole reports that the write covers the entire segment, so no copy
+	// of the old data is needed.
+	Whole bool
+	// Blocks are the sub-blocks the write touches.
+	Blocks Bits
+}
+
 // Resolve decides how a controller resolves a map fault for op on a segment
-// whose persistent entry is e. refs is the reference count of e's slot (used
-// only when e is mapped NoWrite), whole reports that the faulting write
-// covers the entire segment, and p is the disk's policy.
+// whose persistent entry is e. refs is the reference count of e's own slot
+// (used only when e is mapped NoWrite), w is the part of the segment a
+// write covers, and p is the disk's policy.
+//
+// A write into a shared segment copies only the sub-blocks it touches
+// (CopySub), unless the disk's policy is reverse-delta and the entry is
+// whole (CopyReverse copies the segment for the other sharers), or the
+// entry already has MaxDepth layers (CopyForward copies it whole).
 //
 // The decision depends on the persistent state only, never on the state the
 // agent reported, so a fault that is retried, or that raced with another
 // agent's fault on the same segment, is resolved against what is true now.
 // A persistent entry is never Invalid, and a mapped slot always has a
 // reference; otherwise the store is corrupt and Resolve answers Deny.
-func Resolve(e Entry, op Op, refs uint32, whole bool, p Policy) Plan {
+func Resolve(e Entry, op Op, refs uint32, w Span, p Policy) Plan {
 	switch {
 	case e.State&(Invalid|Error) != 0:
 		return Deny
@@ -186,17 +227,24 @@ func Resolve(e Entry, op Op, refs uint32, whole bool, p Policy) Plan {
 			return Load
 		}
 		return Allocate
-	case e.State&NoWrite == 0 || op == Read:
+	case op == Read:
+		return Load
+	case e.State&NoWrite == 0:
+		if !w.Whole && !e.Holds(w.Blocks) || w.Whole && e.Partial() {
+			return FillIn
+		}
 		return Load
 	case refs == 0:
 		// A mapped slot nobody counts: the store contradicts itself.
 		return Deny
 	case refs == 1:
 		return ClearNoWrite
-	case whole:
+	case w.Whole:
 		return MoveForward
-	case p == Reverse:
+	case p == Reverse && !e.Partial():
 		return CopyReverse
+	case e.Depth() >= MaxDepth:
+		return CopyForward
 	}
-	return CopyForward
+	return CopySub
 }

@@ -89,6 +89,12 @@ const (
 	OldWritable
 	// NewWritable is New, without No-write.
 	NewWritable
+	// NewOver is New holding the staged sub-blocks over Old's entry, its
+	// layers included (Over), writable.
+	NewOver
+	// OldFilled is Old's entry with its own slot holding the staged
+	// sub-blocks too (Filled), its state as the store holds it.
+	OldFilled
 )
 
 func (t Target) String() string {
@@ -99,6 +105,10 @@ func (t Target) String() string {
 		return "old"
 	case NewWritable:
 		return "new"
+	case NewOver:
+		return "new-over-old"
+	case OldFilled:
+		return "old-filled"
 	}
 	return fmt.Sprintf("Target(%d)", uint8(t))
 }
@@ -110,15 +120,23 @@ type Step struct {
 	// StepAnswer answers.
 	Entry Target
 	// OldRefs and NewRefs are StepCommitSelf's changes to Old's and New's
-	// counts.
+	// counts. Old's change applies to every slot Old's entry names (its
+	// layers too); the count of a layer that the new entry no longer
+	// needs drops as well.
 	OldRefs, NewRefs int
 	// From is set on a StepStage whose slot the agent fills from Old first
 	// (a partial write).
 	From bool
+	// Sparse is set on a StepStage whose slot gets only the sub-blocks the
+	// write touches (their edges from Old); InPlace on one that stages
+	// into Old's own slot rather than New.
+	Sparse, InPlace bool
 	// IfShared is set on the StepCommitSelf of a staged write: it commits
 	// only while the disk's entry still maps Old and Old is still
 	// shared; otherwise the stage is stale and the write starts again.
-	IfShared bool
+	// IfSame is set on the commit of an in-place stage: it commits only
+	// while the disk's entry still maps Old's slot.
+	IfShared, IfSame bool
 }
 
 func (s Step) String() string {
@@ -136,11 +154,20 @@ func (s Step) String() string {
 		if s.IfShared {
 			b.WriteString(" if-still-shared")
 		}
+		if s.IfSame {
+			b.WriteString(" if-still-mapped")
+		}
 	case StepAnswer, StepTellMappers:
 		fmt.Fprintf(&b, " %v", s.Entry)
 	case StepStage:
+		if s.InPlace {
+			b.WriteString(" in-place")
+		}
 		if s.From {
 			b.WriteString(" from=old")
+		}
+		if s.Sparse {
+			b.WriteString(" sparse")
 		}
 	}
 	return b.String()
@@ -175,6 +202,12 @@ func Effects(p Plan, agentCopies bool) []Step {
 		}
 	case MoveForward:
 		return []Step{{Kind: StepReserve}, {Kind: StepStage}}
+	case CopySub:
+		// The agent writes the touched sub-blocks only: whoever
+		// copies, nothing else is copied.
+		return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true, Sparse: true}}
+	case FillIn:
+		return []Step{{Kind: StepStage, InPlace: true, From: true, Sparse: true}}
 	case CopyForward:
 		if agentCopies {
 			return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true}}
@@ -202,9 +235,26 @@ func Effects(p Plan, agentCopies bool) []Step {
 	return []Step{{Kind: StepFail}}
 }
 
-// CommitStaged returns the steps of the commit of a staged write, once the
-// agent has written and flushed New.
-func CommitStaged() []Step {
+// CommitStaged returns the steps of the commit of a staged write made for
+// plan p, once the agent has written and flushed it.
+func CommitStaged(p Plan) []Step {
+	switch p {
+	case CopySub:
+		// Old's slots stay named, under New.
+		return []Step{
+			{Kind: StepCommitSelf, Entry: NewOver, NewRefs: 1, IfShared: true},
+			{Kind: StepTellMappers, Entry: NewOver},
+			{Kind: StepAnswer, Entry: NewOver},
+		}
+	case FillIn:
+		// Other agents read the filled sub-blocks from the layers
+		// under Old until they hear of it.
+		return []Step{
+			{Kind: StepCommitSelf, Entry: OldFilled, IfSame: true},
+			{Kind: StepTellMappers, Entry: OldFilled},
+			{Kind: StepAnswer, Entry: OldFilled},
+		}
+	}
 	return []Step{
 		{Kind: StepCommitSelf, Entry: NewWritable, OldRefs: -1, NewRefs: 1, IfShared: true},
 		{Kind: StepTellMappers, Entry: NewWritable},

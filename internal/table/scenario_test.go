@@ -35,7 +35,14 @@ import (
 //	resolve-all entries=(...)   every op × refs 0,1,2 × whole × policy
 //	effects                     as resolve, with "[agent-copies]": the plan
 //	                            and the ordered steps that carry it out
-//	commit-staged               the steps of a staged write's commit
+//	commit-staged PLAN...       the steps of the commit of a staged
+//	                            write made for each plan
+//	partial                     lines of "over TOP BITS ENTRY", "filled
+//	                            ENTRY BITS", "locate ENTRY", "valid ENTRY":
+//	                            partial entries built, read and checked
+//
+// A partial entry is written top first, each layer with the sub-blocks it
+// holds, the base without: "c1/s9{0-3,8}<c1/s7{9}<c1/s2".
 //
 // An entry is written as Entry.String prints it: "c1/s3", "c1/s3+NoWrite",
 // "Zero", "Invalid", "Error", or a location with voiding bits, such as
@@ -44,7 +51,7 @@ func TestScenario(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		var tab *table.Table
 		datadriven.RunTest(t, path, func(t *testing.T, d *datadriven.TestData) string {
-			if d.Cmd != "new-table" && !strings.HasPrefix(d.Cmd, "decide") && !strings.HasPrefix(d.Cmd, "resolve") && d.Cmd != "effects" && d.Cmd != "commit-staged" && tab == nil {
+			if d.Cmd != "new-table" && !strings.HasPrefix(d.Cmd, "decide") && !strings.HasPrefix(d.Cmd, "resolve") && d.Cmd != "effects" && d.Cmd != "commit-staged" && d.Cmd != "partial" && tab == nil {
 				d.Fatalf(t, "%s before new-table", d.Cmd)
 			}
 			switch d.Cmd {
@@ -168,9 +175,12 @@ func TestScenario(t *testing.T) {
 					}
 					e, op := parseEntry(t, d, f[0]), parseOp(t, d, f[1])
 					refs, whole, p, agentCopies := uint32(1), false, table.Forward, false
+					blocks := table.Range(0, 1)
 					for _, kv := range f[2:] {
 						k, v, _ := strings.Cut(kv, "=")
 						switch k {
+						case "blocks":
+							blocks = parseBits(t, d, v)
 						case "refs":
 							n, err := strconv.ParseUint(v, 10, 32)
 							if err != nil {
@@ -190,7 +200,7 @@ func TestScenario(t *testing.T) {
 							d.Fatalf(t, "resolve: unknown %q", kv)
 						}
 					}
-					plan := table.Resolve(e, op, refs, whole, p)
+					plan := table.Resolve(e, op, refs, table.Span{Whole: whole, Blocks: blocks}, p)
 					if d.Cmd == "resolve" {
 						fmt.Fprintf(&b, "%s -> %v\n", line, plan)
 						continue
@@ -204,8 +214,59 @@ func TestScenario(t *testing.T) {
 
 			case "commit-staged":
 				var b strings.Builder
-				for i, st := range table.CommitStaged() {
-					fmt.Fprintf(&b, "%d. %v\n", i+1, st)
+				for _, name := range strings.Fields(d.Input) {
+					var plan table.Plan
+					for p := table.Load; p <= table.FillIn; p++ {
+						if p.String() == name {
+							plan = p
+						}
+					}
+					if plan == 0 {
+						d.Fatalf(t, "commit-staged: unknown plan %q", name)
+					}
+					fmt.Fprintf(&b, "%v:\n", plan)
+					for i, st := range table.CommitStaged(plan) {
+						fmt.Fprintf(&b, "  %d. %v\n", i+1, st)
+					}
+				}
+				return b.String()
+
+			case "partial":
+				// over TOP BITS ENTRY | filled ENTRY BITS | locate ENTRY | valid ENTRY
+				var b strings.Builder
+				for _, line := range lines(d.Input) {
+					f := strings.Fields(line)
+					switch {
+					case len(f) == 4 && f[0] == "over":
+						var top table.Location
+						if _, err := fmt.Sscanf(f[1], "c%d/s%d", &top.Container, &top.Slot); err != nil {
+							d.Fatalf(t, "over: %v", err)
+						}
+						fmt.Fprintf(&b, "%s -> %v\n", line, table.Over(top, parseBits(t, d, f[2]), parseEntry(t, d, f[3]), table.SubBlocks))
+					case len(f) == 3 && f[0] == "filled":
+						fmt.Fprintf(&b, "%s -> %v\n", line, table.Filled(parseEntry(t, d, f[1]), parseBits(t, d, f[2]), table.SubBlocks))
+					case len(f) == 2 && f[0] == "locate":
+						e := parseEntry(t, d, f[1])
+						fmt.Fprintf(&b, "%s ->", line)
+						_ = e.Runs(0, table.SubBlocks, func(loc table.Location, lo, hi int) error {
+							fmt.Fprintf(&b, " %d-%d:%v", lo, hi-1, loc)
+							return nil
+						})
+						b.WriteString("\n")
+					case len(f) == 2 && f[0] == "valid":
+						e := parseEntry(t, d, f[1])
+						err := error(nil)
+						if e.Part != nil {
+							err = e.Part.Valid(e.Loc, table.SubBlocks)
+						}
+						res := "ok"
+						if err != nil {
+							res = err.Error()
+						}
+						fmt.Fprintf(&b, "%s -> %v\n", line, res)
+					default:
+						d.Fatalf(t, "partial: bad line %q", line)
+					}
 				}
 				return b.String()
 
@@ -216,13 +277,15 @@ func TestScenario(t *testing.T) {
 				}
 				var b strings.Builder
 				fmt.Fprintf(&b, "%-16s %-5s %4s %-5s %-14s %s\n", "entry", "op", "refs", "whole", "forward", "reverse")
+				one := table.Range(0, 1)
 				for _, v := range a.Vals {
 					e := parseEntry(t, d, v)
 					for _, op := range []table.Op{table.Read, table.Write} {
 						for refs := uint32(0); refs <= 2; refs++ {
 							for _, whole := range []bool{false, true} {
 								fmt.Fprintf(&b, "%-16s %-5v %4d %-5v %-14v %v\n", v, op, refs, whole,
-									table.Resolve(e, op, refs, whole, table.Forward), table.Resolve(e, op, refs, whole, table.Reverse))
+									table.Resolve(e, op, refs, table.Span{Whole: whole, Blocks: one}, table.Forward),
+									table.Resolve(e, op, refs, table.Span{Whole: whole, Blocks: one}, table.Reverse))
 							}
 						}
 					}
@@ -358,11 +421,47 @@ func parseEntry(t *testing.T, d *datadriven.TestData, s string) table.Entry {
 	}
 	loc, st, _ := strings.Cut(s, "+")
 	var e table.Entry
-	if _, err := fmt.Sscanf(loc, "c%d/s%d", &e.Loc.Container, &e.Loc.Slot); err != nil {
-		d.Fatalf(t, "entry %q: %v", s, err)
+	layers := strings.Split(loc, "<")
+	parseLayer := func(s string) table.Layer {
+		var l table.Layer
+		at, bits, partial := strings.Cut(s, "{")
+		if _, err := fmt.Sscanf(at, "c%d/s%d", &l.Loc.Container, &l.Loc.Slot); err != nil {
+			d.Fatalf(t, "entry %q: %v", s, err)
+		}
+		l.Bits = table.Full(table.SubBlocks)
+		if partial {
+			l.Bits = parseBits(t, d, strings.TrimSuffix(bits, "}"))
+		}
+		return l
+	}
+	top := parseLayer(layers[0])
+	e.Loc = top.Loc
+	if len(layers) > 1 {
+		e.Part = &table.Partial{Bits: top.Bits}
+		for _, l := range layers[1:] {
+			e.Part.Under = append(e.Part.Under, parseLayer(l))
+		}
 	}
 	if st != "" {
 		e.State = parseState(t, d, st)
 	}
 	return e
+}
+
+// parseBits parses sub-block ranges: "0-3,8".
+func parseBits(t *testing.T, d *datadriven.TestData, s string) table.Bits {
+	var b table.Bits
+	for _, r := range strings.Split(s, ",") {
+		lo, hi, isRange := strings.Cut(r, "-")
+		l, err := strconv.Atoi(lo)
+		h := l
+		if err == nil && isRange {
+			h, err = strconv.Atoi(hi)
+		}
+		if err != nil {
+			d.Fatalf(t, "sub-blocks %q: %v", s, err)
+		}
+		b = b.Or(table.Range(l, h+1))
+	}
+	return b
 }

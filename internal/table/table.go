@@ -31,6 +31,7 @@ package table
 import (
 	"fmt"
 	"strings"
+	"unsafe"
 )
 
 // State is a set of entry state bits.
@@ -81,11 +82,14 @@ type Location struct {
 
 func (l Location) String() string { return fmt.Sprintf("c%d/s%d", l.Container, l.Slot) }
 
-// Entry is one row of a mapping table. It is 12 bytes; the zero Entry maps
-// slot 0 of container 0 writable, so tables are filled explicitly.
+// Entry is one row of a mapping table. The zero Entry maps slot 0 of
+// container 0 writable, so tables are filled explicitly. Part, when set on
+// a mapped entry, makes it partial (see Partial): its slot holds only some
+// sub-blocks and the rest are read from the layers under it.
 type Entry struct {
 	Loc   Location
 	State State
+	Part  *Partial
 }
 
 // Is reports whether every bit of s is set in e.
@@ -102,10 +106,20 @@ func (e Entry) String() string {
 	if e.Voided() {
 		return e.State.String()
 	}
-	if e.State == 0 {
-		return e.Loc.String()
+	s := e.Loc.String()
+	if e.Partial() {
+		s += "{" + e.Part.Bits.String() + "}"
+		for i, l := range e.Part.Under {
+			s += "<" + l.Loc.String()
+			if i < len(e.Part.Under)-1 {
+				s += "{" + l.Bits.String() + "}"
+			}
+		}
 	}
-	return e.Loc.String() + "+" + e.State.String()
+	if e.State == 0 {
+		return s
+	}
+	return s + "+" + e.State.String()
 }
 
 // Constructors for the common entries.
@@ -154,7 +168,8 @@ type Table struct {
 	pageGen []uint32
 }
 
-// normal returns e normalised: a voided entry keeps only its voiding bits.
+// normal returns e normalised: a voided entry keeps only its voiding bits,
+// and no layers.
 func normal(e Entry) Entry {
 	if e.Voided() {
 		return Entry{State: e.State & voiding}
@@ -200,7 +215,7 @@ func (t *Table) Pages() int {
 }
 
 // PageBytes is the memory one allocated page takes.
-const PageBytes = pageSize * 12
+const PageBytes = pageSize * int(unsafe.Sizeof(Entry{}))
 
 // page returns page pi for writing, allocating it if needed, with every
 // whole-table NoWrite applied.

@@ -84,13 +84,13 @@ func TestResolve(t *testing.T) {
 		{nw, Write, 1, false, Forward, ClearNoWrite},
 		{nw, Write, 0, false, Forward, Deny},
 		{nw, Write, 1, false, Reverse, ClearNoWrite},
-		{nw, Write, 2, false, Forward, CopyForward},
+		{nw, Write, 2, false, Forward, CopySub},
 		{nw, Write, 5, false, Reverse, CopyReverse},
 		{nw, Write, 2, true, Forward, MoveForward},
 		{nw, Write, 2, true, Reverse, MoveForward},
 	}
 	for _, tt := range tests {
-		got := Resolve(tt.e, tt.op, tt.refs, tt.whole, tt.p)
+		got := Resolve(tt.e, tt.op, tt.refs, Span{Whole: tt.whole, Blocks: Range(0, 1)}, tt.p)
 		if got != tt.want {
 			t.Errorf("Resolve(%v, %v, refs=%d, whole=%v, %v) = %v, want %v", tt.e, tt.op, tt.refs, tt.whole, tt.p, got, tt.want)
 		}

@@ -89,6 +89,10 @@ type Fault struct {
 	// Whole reports that a write covers its entire segment, so a
 	// copy-on-write need not copy the old data.
 	Whole bool
+	// Off and Len, for Write, are the bytes of the segment the write
+	// covers: the controller maps the sub-blocks they touch
+	// (sub-segment copy-on-write).
+	Off, Len uint64
 	// Token names the staged write a FaultCommit confirms.
 	Token uint64
 	// Abandon, with FaultCommit, gives the staged write of Token back
@@ -118,14 +122,22 @@ type Reply struct {
 type Stage struct {
 	Loc   table.Location
 	Token uint64
-	// From, for a partial write, is the slot the segment is copied
-	// from; the zero Location (no container has id 0) for a whole
+	// From, for a partial write, is the entry the rest of the segment is
+	// read from (a partial one reads each sub-block from the layer that
+	// holds it); the zero Entry (no container has id 0) for a whole
 	// write.
-	From table.Location
+	From table.Entry
+	// Sparse: the agent writes into Loc only the sub-blocks its write
+	// touches, each filled from From where the write does not cover it;
+	// the others are left alone (sub-segment copy-on-write, or the
+	// filling in of a partial entry's own slot, when Loc is From's).
+	// Otherwise it writes the whole segment: From with the write laid
+	// over it.
+	Sparse bool
 }
 
-// Copies reports whether the staged write copies the segment from From.
-func (s Stage) Copies() bool { return s.From.Container != 0 }
+// Copies reports whether the staged write reads from From.
+func (s Stage) Copies() bool { return s.From.Loc.Container != 0 }
 
 // Controller is what an agent needs of its controller.
 type Controller interface {

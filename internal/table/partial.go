@@ -1,0 +1,332 @@
+package table
+
+import (
+	"fmt"
+	"math/bits"
+	"strings"
+)
+
+// Sub-segment copy-on-write.
+//
+// A write of a few KiB into a shared segment need not copy the segment: the
+// writing disk gets a new slot that holds only the sub-blocks written since,
+// and reads the others through to the slot it shared, which stays where it
+// is. Such an entry is partial: its location is the new slot (the top
+// layer), Part.Bits says which sub-blocks the top holds, and Part.Under lists
+// the slots below it, newest first, each with the sub-blocks it holds; the
+// last one (the base) holds every sub-block. A sub-block is read from the
+// first layer that holds it.
+//
+//	entry c1/s9{0-3}<c1/s7{8}<c1/s2
+//	  sub-blocks 0..3  from c1/s9 (written after the last snapshot)
+//	  sub-block  8     from c1/s7 (written between the two snapshots)
+//	  the rest         from c1/s2 (the segment as the first snapshot holds it)
+//
+// Every slot an entry names (top and under) is counted once in its
+// reference count, so a slot under a live disk's entry outlives the
+// snapshot that wrote it. Writes only ever go to the top layer, so a shared
+// lower layer is never written. Part is immutable once built: entries share
+// it by pointer, and a change builds a new one.
+
+// SubBlocks is the most sub-blocks a segment is divided into.
+const SubBlocks = 256
+
+// MinSubBlock is the smallest sub-block: a 64 KiB segment has 16 of them.
+const MinSubBlock = 4096
+
+// MaxDepth is the most layers (top and under) a partial entry has. A
+// copy-on-write that would make a deeper entry copies the segment whole
+// instead (CopyForward), so reads fan out to a bounded number of slots
+// and a table row stays small.
+const MaxDepth = 8
+
+// SubBlockSize returns the size of a sub-block of a segSize-byte segment:
+// segSize/SubBlocks, but at least MinSubBlock.
+func SubBlockSize(segSize uint64) uint64 { return max(MinSubBlock, segSize/SubBlocks) }
+
+// SubBlockCount returns the number of sub-blocks of a segSize-byte segment.
+func SubBlockCount(segSize uint64) int {
+	return int((segSize + SubBlockSize(segSize) - 1) / SubBlockSize(segSize))
+}
+
+// Bits is a set of sub-blocks, bit i for sub-block i.
+type Bits [SubBlocks / 64]uint64
+
+// Range returns the set of sub-blocks [lo, hi).
+func Range(lo, hi int) Bits {
+	var b Bits
+	for i := max(lo, 0); i < min(hi, SubBlocks); i++ {
+		b[i/64] |= 1 << (i % 64)
+	}
+	return b
+}
+
+// SpanOf returns the sub-blocks that bytes [off, off+n) of a segSize-byte
+// segment touch.
+func SpanOf(segSize, off, n uint64) Bits {
+	if n == 0 {
+		return Bits{}
+	}
+	sb := SubBlockSize(segSize)
+	return Range(int(off/sb), int((off+n+sb-1)/sb))
+}
+
+// Full returns the set of sub-blocks [0, n).
+func Full(n int) Bits { return Range(0, n) }
+
+// Test reports whether sub-block i is in b.
+func (b Bits) Test(i int) bool { return uint(i) < SubBlocks && b[i/64]&(1<<(i%64)) != 0 }
+
+// Has reports whether every sub-block of c is in b.
+func (b Bits) Has(c Bits) bool {
+	for i := range b {
+		if c[i]&^b[i] != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Or returns the union of b and c.
+func (b Bits) Or(c Bits) Bits {
+	for i := range b {
+		b[i] |= c[i]
+	}
+	return b
+}
+
+// AndNot returns the sub-blocks of b not in c.
+func (b Bits) AndNot(c Bits) Bits {
+	for i := range b {
+		b[i] &^= c[i]
+	}
+	return b
+}
+
+// Count returns the number of sub-blocks in b.
+func (b Bits) Count() int {
+	n := 0
+	for _, w := range b {
+		n += bits.OnesCount64(w)
+	}
+	return n
+}
+
+// Empty reports whether b has no sub-block.
+func (b Bits) Empty() bool { return b == Bits{} }
+
+// Beyond reports whether b has a sub-block at n or above.
+func (b Bits) Beyond(n int) bool { return !Full(n).Has(b) }
+
+// String returns the sub-blocks as ranges: "0-3,8".
+func (b Bits) String() string {
+	var parts []string
+	for i := 0; i < SubBlocks; {
+		if !b.Test(i) {
+			i++
+			continue
+		}
+		j := i
+		for j+1 < SubBlocks && b.Test(j+1) {
+			j++
+		}
+		if j == i {
+			parts = append(parts, fmt.Sprint(i))
+		} else {
+			parts = append(parts, fmt.Sprintf("%d-%d", i, j))
+		}
+		i = j + 1
+	}
+	return strings.Join(parts, ",")
+}
+
+// Layer is one slot under a partial entry and the sub-blocks it holds.
+type Layer struct {
+	Loc  Location
+	Bits Bits
+}
+
+// Partial is what makes an entry partial: the sub-blocks its own slot holds
+// and the layers under it, newest first. It is immutable.
+type Partial struct {
+	Bits  Bits
+	Under []Layer
+}
+
+// Valid checks a partial entry's shape for a segment of n sub-blocks: the
+// top holds at least one sub-block and not all, each layer holds one that
+// no layer above it does, the base holds all, no slot appears twice, and
+// there are at most MaxDepth layers.
+func (p *Partial) Valid(top Location, n int) error {
+	switch {
+	case len(p.Under) == 0:
+		return fmt.Errorf("partial entry %v has no layer under it", top)
+	case 1+len(p.Under) > MaxDepth:
+		return fmt.Errorf("partial entry %v has %d layers (at most %d)", top, 1+len(p.Under), MaxDepth)
+	case p.Bits.Empty() || p.Bits.Beyond(n) || p.Bits.Has(Full(n)):
+		return fmt.Errorf("partial entry %v: top holds sub-blocks {%v} of %d", top, p.Bits, n)
+	}
+	seen := map[Location]bool{top: true}
+	above := p.Bits
+	for i, l := range p.Under {
+		if seen[l.Loc] {
+			return fmt.Errorf("partial entry %v names %v twice", top, l.Loc)
+		}
+		seen[l.Loc] = true
+		if l.Loc.Container == 0 {
+			return fmt.Errorf("partial entry %v: layer %d has no container", top, i+1)
+		}
+		if l.Bits.Beyond(n) || above.Has(l.Bits) {
+			return fmt.Errorf("partial entry %v: layer %v holds sub-blocks {%v} of %d, none visible", top, l.Loc, l.Bits, n)
+		}
+		above = above.Or(l.Bits)
+	}
+	if last := p.Under[len(p.Under)-1]; last.Bits != Full(n) {
+		return fmt.Errorf("partial entry %v: base %v holds {%v}, not all %d sub-blocks", top, last.Loc, last.Bits, n)
+	}
+	return nil
+}
+
+// Partial reports whether e is a mapped partial entry.
+func (e Entry) Partial() bool { return e.Part != nil && !e.Voided() }
+
+// Depth returns the number of slots a mapped entry reads from: 1 for a
+// whole entry.
+func (e Entry) Depth() int {
+	if !e.Partial() {
+		return 1
+	}
+	return 1 + len(e.Part.Under)
+}
+
+// Locate returns the slot that holds sub-block i of a mapped entry.
+func (e Entry) Locate(i int) Location {
+	if !e.Partial() || e.Part.Bits.Test(i) {
+		return e.Loc
+	}
+	for _, l := range e.Part.Under {
+		if l.Bits.Test(i) {
+			return l.Loc
+		}
+	}
+	return e.Part.Under[len(e.Part.Under)-1].Loc
+}
+
+// Runs calls fn for each run of sub-blocks in [lo, hi) that one slot holds,
+// in order.
+func (e Entry) Runs(lo, hi int, fn func(loc Location, lo, hi int) error) error {
+	if !e.Partial() {
+		return fn(e.Loc, lo, hi)
+	}
+	for i := lo; i < hi; {
+		loc := e.Locate(i)
+		j := i + 1
+		for j < hi && e.Locate(j) == loc {
+			j++
+		}
+		if err := fn(loc, i, j); err != nil {
+			return err
+		}
+		i = j
+	}
+	return nil
+}
+
+// Slots calls fn for every slot a mapped entry names: its own, then the
+// layers under it. A voided entry names none.
+func (e Entry) Slots(fn func(Location)) {
+	if e.Voided() {
+		return
+	}
+	fn(e.Loc)
+	if e.Part != nil {
+		for _, l := range e.Part.Under {
+			fn(l.Loc)
+		}
+	}
+}
+
+// Holds reports whether a mapped entry's own slot holds every sub-block of
+// b: a write of b may go there without a fault.
+func (e Entry) Holds(b Bits) bool { return !e.Partial() || e.Part.Bits.Has(b) }
+
+// Equal reports whether e and f are the same entry, layers included.
+func (e Entry) Equal(f Entry) bool {
+	e, f = normal(e), normal(f)
+	if e.Loc != f.Loc || e.State != f.State || (e.Part == nil) != (f.Part == nil) {
+		return false
+	}
+	if e.Part == nil || e.Part == f.Part {
+		return true
+	}
+	if e.Part.Bits != f.Part.Bits || len(e.Part.Under) != len(f.Part.Under) {
+		return false
+	}
+	for i := range e.Part.Under {
+		if e.Part.Under[i] != f.Part.Under[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Over returns the writable entry of a new slot top holding the
+// sub-blocks b, over the mapped entry e: a copy-on-write of b from e. n is
+// the segment's sub-block count. If b is every sub-block, the entry is
+// whole.
+func Over(top Location, b Bits, e Entry, n int) Entry {
+	if b.Has(Full(n)) {
+		return Entry{Loc: top}
+	}
+	under := make([]Layer, 0, e.Depth())
+	if e.Partial() {
+		under = append(under, Layer{e.Loc, e.Part.Bits})
+		for _, l := range e.Part.Under {
+			under = append(under, Layer{l.Loc, l.Bits})
+		}
+	} else {
+		under = append(under, Layer{e.Loc, Full(n)})
+	}
+	// Drop the layers that b and the layers above them hide, except the
+	// base.
+	above, kept := b, under[:0]
+	for i, l := range under {
+		vis := l.Bits.AndNot(above)
+		if vis.Empty() && i < len(under)-1 {
+			continue
+		}
+		kept = append(kept, l)
+		above = above.Or(l.Bits)
+	}
+	return Entry{Loc: top, Part: &Partial{Bits: b, Under: kept}}
+}
+
+// Filled returns a mapped entry e with its own slot holding b as well. An
+// entry whose own slot comes to hold every sub-block becomes whole, and
+// the layers under it are no longer named.
+func Filled(e Entry, b Bits, n int) Entry {
+	if !e.Partial() {
+		return e
+	}
+	nb := e.Part.Bits.Or(b)
+	if nb.Has(Full(n)) {
+		return Entry{Loc: e.Loc, State: e.State}
+	}
+	under := make([]Layer, 0, len(e.Part.Under))
+	above := nb
+	for i, l := range e.Part.Under {
+		if l.Bits.AndNot(above).Empty() && i < len(e.Part.Under)-1 {
+			continue
+		}
+		under = append(under, l)
+		above = above.Or(l.Bits)
+	}
+	return Entry{Loc: e.Loc, State: e.State, Part: &Partial{Bits: nb, Under: under}}
+}
+
+// Whole returns e with its layers dropped: the entry of its own slot once
+// that slot holds every sub-block.
+func Whole(e Entry) Entry {
+	e.Part = nil
+	return e
+}
