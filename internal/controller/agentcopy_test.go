@@ -110,7 +110,7 @@ func stagedCopy(t *testing.T, c *standalone.Cluster, data []byte) (protocol.Repl
 		t.Fatal(err)
 	}
 	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Reason: table.NoWrite})
-	if err != nil || r.Stage == nil || r.Stage.From != old {
+	if err != nil || r.Stage == nil || r.Stage.From.Loc != old {
 		t.Fatalf("partial write to a shared segment: %+v %v; want a stage copying from %v", r, err, old)
 	}
 	writeSlot(t, c, r.Stage.Loc, data)

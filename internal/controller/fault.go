@@ -209,7 +209,11 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		refs = 2
 	}
 	e = effective(e, refs)
-	plan := table.Resolve(e, table.Op(f.Op), refs, f.Whole, d.Policy)
+	plan := table.Resolve(e, table.Op(f.Op), refs, table.Span{Whole: f.Whole, Blocks: table.SpanOf(d.SegmentSize, f.Off, f.Len)}, d.Policy)
+	if plan == table.CopySub || plan == table.FillIn {
+		// Not carried out yet: agents do not write sub-blocks.
+		plan = table.CopyForward
+	}
 	c.plans[plan].Add(1)
 	r := &faultRun{f: f, d: d, seg: seg, e: e}
 	if plan == table.CopyReverse {
@@ -296,7 +300,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			r.reserved = false
 			stage := &protocol.Stage{Loc: r.newLoc, Token: tok}
 			if st.From {
-				stage.From = r.e.Loc // the agent copies the segment from Old
+				stage.From = r.e // the agent copies the segment from Old
 			}
 			return protocol.Reply{First: seg, Stage: stage}, nil
 
@@ -567,7 +571,7 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 	// The agent has written the staged slot: on failure it goes back
 	// to the free slots with that data in it.
 	r := &faultRun{f: f, d: d, seg: sw.seg, e: table.At(sw.old, true), newLoc: sw.loc, reserved: true, written: true}
-	rep, err := c.run(ctx, r, table.CommitStaged())
+	rep, err := c.run(ctx, r, table.CommitStaged(table.CopyForward))
 	if err != nil {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}

@@ -69,7 +69,7 @@ func stageToPB(out *pb.FaultReply, st *protocol.Stage) {
 	out.StageToken = st.Token
 	out.Stage = &pb.Entry{Container: st.Loc.Container, Slot: st.Loc.Slot}
 	if st.Copies() {
-		out.StageFrom = &pb.Entry{Container: st.From.Container, Slot: st.From.Slot}
+		out.StageFrom = &pb.Entry{Container: st.From.Loc.Container, Slot: st.From.Loc.Slot}
 	}
 }
 
@@ -81,7 +81,7 @@ func stageFromPB(r *pb.FaultReply) *protocol.Stage {
 	return &protocol.Stage{
 		Loc:   table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
 		Token: r.GetStageToken(),
-		From:  table.Location{Container: r.GetStageFrom().GetContainer(), Slot: r.GetStageFrom().GetSlot()},
+		From:  table.Entry{Loc: table.Location{Container: r.GetStageFrom().GetContainer(), Slot: r.GetStageFrom().GetSlot()}},
 	}
 }
 

@@ -37,9 +37,9 @@ func FuzzStageRoundTrip(f *testing.F) {
 	f.Fuzz(func(t *testing.T, staged bool, cont, slot uint32, tok uint64, fromCont, fromSlot uint32) {
 		var st *protocol.Stage
 		if staged {
-			st = &protocol.Stage{Loc: table.Location{Container: cont, Slot: slot}, Token: tok, From: table.Location{Container: fromCont, Slot: fromSlot}}
+			st = &protocol.Stage{Loc: table.Location{Container: cont, Slot: slot}, Token: tok, From: table.Entry{Loc: table.Location{Container: fromCont, Slot: fromSlot}}}
 			if fromCont == 0 {
-				st.From = table.Location{} // no container has id 0: no copy
+				st.From = table.Entry{} // no container has id 0: no copy
 			}
 		}
 		out := &pb.FaultReply{First: 3}
