@@ -58,7 +58,7 @@ type allocator struct {
 		hint map[uint32]uint32 // per container: where to search for a free slot
 		// reserved are the slots taken and not yet committed, and
 		// the slots freed and not yet punched.
-		reserved map[table.Location]bool
+		reserved map[table.Location]int
 		// zero holds, per container, whether its free slots are all
 		// durably zero (see ensureZeroedLocked).
 		zero map[uint32]*zeroState
@@ -74,7 +74,7 @@ type zeroState struct {
 
 func (a *allocator) init() {
 	a.mu.hint = make(map[uint32]uint32)
-	a.mu.reserved = make(map[table.Location]bool)
+	a.mu.reserved = make(map[table.Location]int)
 	a.mu.zero = make(map[uint32]*zeroState)
 }
 
@@ -106,11 +106,13 @@ func (a *allocator) allDirty() {
 	}
 }
 
-// reserve keeps loc from being handed out until release.
+// reserve keeps loc from being handed out until release. Reservations
+// count: a slot that an in-place stage writes and a transaction frees is
+// held until both are over.
 func (a *allocator) reserve(loc table.Location) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.mu.reserved[loc] = true
+	a.mu.reserved[loc]++
 }
 
 // release gives back a reservation. With dirty, loc (free again) may hold
@@ -118,7 +120,9 @@ func (a *allocator) reserve(loc table.Location) {
 func (a *allocator) release(loc table.Location, dirty bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	delete(a.mu.reserved, loc)
+	if a.mu.reserved[loc]--; a.mu.reserved[loc] <= 0 {
+		delete(a.mu.reserved, loc)
+	}
 	if dirty {
 		a.dirtyLocked(loc.Container)
 	}
@@ -169,7 +173,7 @@ func (c *Controller) takeSlot(ctx context.Context, slotSize uint64) (table.Locat
 			}
 			continue
 		}
-		a.mu.reserved[loc] = true
+		a.mu.reserved[loc]++
 		return loc, nil
 	}
 }
@@ -247,7 +251,7 @@ func (c *Controller) findFreeTx(tx *meta.Tx, cs []meta.Container, slotSize uint6
 				break
 			}
 			l := table.Location{Container: id, Slot: slot}
-			if c.alloc.mu.reserved[l] {
+			if c.alloc.mu.reserved[l] > 0 {
 				from = slot + 1
 				continue
 			}

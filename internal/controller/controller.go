@@ -127,6 +127,9 @@ type Controller struct {
 			sync.Mutex
 			writes map[uint64]stagedWrite
 			next   uint64
+			// inPlace holds the segments an agent is filling in
+			// place (stagedWrite.inPlace).
+			inPlace map[segKey]bool
 		}
 	}
 
@@ -144,7 +147,7 @@ type Controller struct {
 	}
 
 	// plans counts the faults resolved, by plan.
-	plans [table.CopyReverse + 1]atomic.Uint64
+	plans [table.FillIn + 1]atomic.Uint64
 
 	// agents is the registry of attached agents and what they map. Its
 	// lock is a leaf.
@@ -175,6 +178,7 @@ func New(cfg Config) *Controller {
 	c.alloc.init()
 	c.conts.mu.m = make(map[uint32]*openContainer)
 	c.stage.mu.writes = make(map[uint64]stagedWrite)
+	c.stage.mu.inPlace = make(map[segKey]bool)
 	c.agents.byName = make(map[string]*agentState)
 	c.hold.mu.ended = closedChan()
 	return c
@@ -197,7 +201,7 @@ func (c *Controller) NewEpoch(ctx context.Context) (uint64, error) {
 // controller started.
 func (c *Controller) FaultCounts() map[table.Plan]uint64 {
 	out := map[table.Plan]uint64{}
-	for p := table.Load; p <= table.CopyReverse; p++ {
+	for p := table.Load; p < table.Plan(len(c.plans)); p++ {
 		if n := c.plans[p].Load(); n > 0 {
 			out[p] = n
 		}
@@ -452,14 +456,18 @@ func (c *Controller) Attach(ctx context.Context, name string, a protocol.Agent, 
 	c.agents.Unlock()
 	// A re-attaching agent lost the staged writes it had not committed.
 	c.stage.mu.Lock()
+	var lost []stagedWrite
 	for tok, sw := range c.stage.mu.writes {
 		if sw.agent == name {
 			delete(c.stage.mu.writes, tok)
-			// It may have written the slot: not zero any more.
-			c.alloc.release(sw.loc, true)
+			lost = append(lost, sw)
 		}
 	}
 	c.stage.mu.Unlock()
+	for _, sw := range lost {
+		// It may have written the slot: not zero any more.
+		c.endStage(ctx, sw)
+	}
 	c.attachedForHold(name)
 	return nil
 }
@@ -828,26 +836,36 @@ func (c *Controller) zeroFree(ctx context.Context, cid uint32, keep []uint32) er
 	return nil
 }
 
-// copySlot copies slot from to slot to and flushes to's container. It
-// holds no lock: the caller owns to (reserved) and holds the segment lock
-// that keeps from in place.
-func (c *Controller) copySlot(ctx context.Context, from, to table.Location, size uint64) error {
-	src, err := c.container(ctx, from.Container)
-	if err != nil {
-		return err
-	}
+// copySlot copies the segment entry from maps (each sub-block from the
+// slot that holds it, for a partial entry) into slot to and flushes to's
+// container. It holds no lock: the caller owns to (reserved) and holds
+// the segment lock that keeps from's slots in place.
+func (c *Controller) copySlot(ctx context.Context, from table.Entry, to table.Location, size uint64) error {
 	dst, err := c.container(ctx, to.Container)
 	if err != nil {
 		return err
 	}
+	sb := table.SubBlockSize(size)
 	buf := make([]byte, min(size, 1<<20))
-	for off := uint64(0); off < size; off += uint64(len(buf)) {
-		if _, err := src.ReadAt(buf, int64(uint64(from.Slot)*size+off)); err != nil {
-			return fmt.Errorf("copy-on-write read %v: %w: %w", from, protocol.ErrIO, err)
+	err = from.Runs(0, table.SubBlockCount(size), func(loc table.Location, lo, hi int) error {
+		src, err := c.container(ctx, loc.Container)
+		if err != nil {
+			return err
 		}
-		if _, err := dst.WriteAt(buf, int64(uint64(to.Slot)*size+off)); err != nil {
-			return fmt.Errorf("copy-on-write write %v: %w: %w", to, protocol.ErrIO, err)
+		for off, end := uint64(lo)*sb, uint64(hi)*sb; off < end; {
+			b := buf[:min(uint64(len(buf)), end-off)]
+			if _, err := src.ReadAt(b, int64(uint64(loc.Slot)*size+off)); err != nil {
+				return fmt.Errorf("copy-on-write read %v: %w: %w", loc, protocol.ErrIO, err)
+			}
+			if _, err := dst.WriteAt(b, int64(uint64(to.Slot)*size+off)); err != nil {
+				return fmt.Errorf("copy-on-write write %v: %w: %w", to, protocol.ErrIO, err)
+			}
+			off += uint64(len(b))
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if err := dst.Flush(); err != nil {
 		return fmt.Errorf("copy-on-write flush %v: %w: %w", to, protocol.ErrIO, err)

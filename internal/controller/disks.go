@@ -229,7 +229,7 @@ func (c *Controller) preallocateTx(tx *meta.Tx, d meta.Disk, first uint64, pre *
 		}
 		// Reserved until the commit is over: an allocation meanwhile
 		// would find it free in the store.
-		a.mu.reserved[loc] = true
+		a.mu.reserved[loc]++
 		pre.all = append(pre.all, loc)
 		es = append(es, table.At(loc, false))
 	}
@@ -574,7 +574,7 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer func() { unlock() }()
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 		return a.DeleteTable(ctx, protocol.DiskID(d.ID))
 	}); err != nil {
@@ -591,7 +591,20 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 		return err
 	})
 	fr.finish(ctx, err)
-	return err
+	if err != nil {
+		return err
+	}
+	unlock()
+	unlock = func() {}
+	// The family's partial entries that named the deleted disk's slots
+	// alone may be made whole now, giving back what it held. The delete
+	// is done whatever comes of that.
+	if n, err := c.compactFamily(ctx, d.Family); err != nil {
+		c.logger.Warn("compact partial entries after a delete", "disk", name, "merged", n, "err", err)
+	} else if n > 0 {
+		c.logger.Debug("partial entries made whole after a delete", "disk", name, "merged", n)
+	}
+	return nil
 }
 
 // resizeFailed tells the agents that map d the size the store
@@ -669,11 +682,7 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 				if err := tx.SetEntries(d.ID, seg, []table.Entry{table.ZeroEntry}); err != nil {
 					return err
 				}
-				n, err := meta.AddRefs(tx, e.Loc, -1)
-				if n == 0 && err == nil {
-					fr.add(e.Loc)
-				}
-				return err
+				return dropRefs(tx, e, fr)
 			}); err != nil {
 				return err
 			}

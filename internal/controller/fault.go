@@ -1,9 +1,11 @@
 package controller
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"segmap/internal/meta"
@@ -40,7 +42,7 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 	c.agents.Unlock()
 	if f.Op == protocol.FaultCommit && f.Abandon {
 		// The agent gives its staged write back unmade.
-		c.dropStage(f.Token, f.Agent, id, f.Segment)
+		c.dropStage(ctx, f.Token, f.Agent, id, f.Segment)
 		return protocol.Reply{}, nil
 	}
 	if f.Op == protocol.FaultCommit {
@@ -49,7 +51,7 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		// does not ask again, and the slot, reserved in memory only,
 		// would stay out of use until the agent re-attached. It goes
 		// back to the free slots, holding the agent's data.
-		defer c.dropStage(f.Token, f.Agent, id, f.Segment)
+		defer c.dropStage(ctx, f.Token, f.Agent, id, f.Segment)
 	}
 	if st == nil {
 		return protocol.Reply{}, fmt.Errorf("fault from %q: %w", f.Agent, ErrUnknownAgent)
@@ -163,9 +165,71 @@ func shareCount(tx *meta.Tx, id meta.DiskID, seg uint64, e table.Entry) (uint32,
 // entries they share; it follows from the sharing.
 func effective(e table.Entry, refs uint32) table.Entry {
 	if e.Mapped() && refs > 1 && !e.Is(table.NoWrite) {
-		return table.At(e.Loc, true)
+		e.State |= table.NoWrite
 	}
 	return e
+}
+
+// sameEntry reports whether a and b are the same mapping, No-write aside:
+// a staged write made against a is still good against b.
+func sameEntry(a, b table.Entry) bool {
+	a.State &^= table.NoWrite
+	b.State &^= table.NoWrite
+	return a.Mapped() && a.Equal(b)
+}
+
+// dropRefs drops one reference from every slot e names, noting in fr each
+// that no one references any more.
+func dropRefs(tx *meta.Tx, e table.Entry, fr *freeing) error {
+	var err error
+	e.Slots(func(loc table.Location) {
+		if err != nil {
+			return
+		}
+		var n uint32
+		if n, err = meta.AddRefs(tx, loc, -1); err == nil && n == 0 {
+			fr.add(loc)
+		}
+	})
+	return err
+}
+
+// moveRefs moves the references of one entry from old to ne: each slot
+// only old names loses one (and is noted in fr if no one references it
+// any more), each slot only ne names gains one.
+func moveRefs(tx *meta.Tx, old, ne table.Entry, fr *freeing) error {
+	delta := map[table.Location]int{}
+	old.Slots(func(l table.Location) { delta[l]-- })
+	ne.Slots(func(l table.Location) { delta[l]++ })
+	for _, l := range sortedLocs(delta) {
+		if delta[l] == 0 {
+			continue
+		}
+		n, err := meta.AddRefs(tx, l, delta[l])
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			fr.add(l)
+		}
+	}
+	return nil
+}
+
+// sortedLocs returns m's keys in order, so that a transaction's writes
+// do not depend on map order.
+func sortedLocs[V any](m map[table.Location]V) []table.Location {
+	out := make([]table.Location, 0, len(m))
+	for l := range m {
+		out = append(out, l)
+	}
+	slices.SortFunc(out, func(a, b table.Location) int {
+		if a.Container != b.Container {
+			return cmp.Compare(a.Container, b.Container)
+		}
+		return cmp.Compare(a.Slot, b.Slot)
+	})
+	return out
 }
 
 // faultSeg resolves a read or write fault on one segment; for a write, the
@@ -209,28 +273,71 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		refs = 2
 	}
 	e = effective(e, refs)
-	plan := table.Resolve(e, table.Op(f.Op), refs, table.Span{Whole: f.Whole, Blocks: table.SpanOf(d.SegmentSize, f.Off, f.Len)}, d.Policy)
-	if plan == table.CopySub || plan == table.FillIn {
-		// Not carried out yet: agents do not write sub-blocks.
+	if f.Op == protocol.FaultWrite && (f.Off > d.SegmentSize || f.Len > d.SegmentSize-f.Off) {
+		return protocol.Reply{}, fmt.Errorf("write fault on bytes [%d,+%d) of a %d-byte segment: %w", f.Off, f.Len, d.SegmentSize, protocol.ErrBadRequest)
+	}
+	n := table.SubBlockCount(d.SegmentSize)
+	w := table.Span{Whole: f.Whole, Blocks: table.SpanOf(d.SegmentSize, f.Off, f.Len)}
+	if w.Whole || f.Len == 0 {
+		// A write that does not say what it covers is taken to
+		// touch every sub-block.
+		w.Blocks = table.Full(n)
+	}
+	plan := table.Resolve(e, table.Op(f.Op), refs, w, d.Policy)
+	if plan == table.CopySub && c.ctrlCopies {
+		// The controller copies whole segments (for comparison).
 		plan = table.CopyForward
 	}
-	c.plans[plan].Add(1)
-	r := &faultRun{f: f, d: d, seg: seg, e: e}
+	r := &faultRun{f: f, d: d, seg: seg, e: e, bits: w.Blocks, n: n}
 	if plan == table.CopyReverse {
-		if err := c.findSharers(ctx, r, refs); err != nil {
+		layered, err := c.findSharers(ctx, r, refs)
+		if err != nil {
 			return protocol.Reply{}, err
 		}
+		if layered {
+			// Some entry reads the slot as a layer under its own:
+			// it cannot be written in place, nor that entry moved
+			// by a reverse copy. Copy forward, sub-blocks only.
+			plan, r.sharers = table.CopySub, nil
+		}
 	}
+	if plan == table.FillIn && !c.claimInPlace(d.ID, seg) {
+		// Another agent is filling this slot in place: two fills
+		// of one sub-block would each lay their edges over the
+		// other's write. This one copies to a slot of its own.
+		plan = table.CopySub
+		if e.Depth() >= table.MaxDepth {
+			plan = table.CopyForward
+		}
+	}
+	r.plan = plan
+	c.plans[plan].Add(1)
 	return c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
+}
+
+// claimInPlace claims the right to stage a fill of segment seg of disk id
+// in place, which one agent at a time has (see stagedWrite.inPlace).
+func (c *Controller) claimInPlace(id meta.DiskID, seg uint64) bool {
+	c.stage.mu.Lock()
+	defer c.stage.mu.Unlock()
+	k := segKey{id, seg}
+	if c.stage.mu.inPlace[k] {
+		return false
+	}
+	c.stage.mu.inPlace[k] = true
+	return true
 }
 
 // faultRun is the state of one fault's resolution as run carries out its
 // steps (table.Effects): the operands the steps name.
 type faultRun struct {
-	f   protocol.Fault
-	d   meta.Disk   // the faulting disk
-	seg uint64      // its segment
-	e   table.Entry // its entry: Old is e.Loc
+	f    protocol.Fault
+	d    meta.Disk   // the faulting disk
+	seg  uint64      // its segment
+	e    table.Entry // its entry: Old is e.Loc, with e's layers
+	plan table.Plan
+	bits table.Bits // the sub-blocks the write touches
+	n    int        // the segment's sub-block count
 	// sharers are the other disks of the family that map Old (for a
 	// reverse-delta copy).
 	sharers []meta.Disk
@@ -245,9 +352,15 @@ type faultRun struct {
 func (r *faultRun) target(t table.Target) table.Entry {
 	switch t {
 	case table.OldWritable:
-		return table.At(r.e.Loc, false)
+		e := r.e
+		e.State &^= table.NoWrite
+		return e
 	case table.NewWritable:
 		return table.At(r.newLoc, false)
+	case table.NewOver:
+		return table.Over(r.newLoc, r.bits, r.e, r.n)
+	case table.OldFilled:
+		return table.Filled(r.e, r.bits, r.n)
 	}
 	return r.e
 }
@@ -285,22 +398,31 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 
 		case table.StepCopyOld:
 			r.written = true
-			if err := c.copySlot(ctx, r.e.Loc, r.newLoc, d.SegmentSize); err != nil {
+			if err := c.copySlot(ctx, r.e, r.newLoc, d.SegmentSize); err != nil {
 				return protocol.Reply{}, err
 			}
 
 		case table.StepStage:
 			// The slot is the stage's now: its commit, or the
 			// agent's re-attaching, gives it back.
+			sw := stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e, plan: r.plan, bits: r.bits}
+			if st.InPlace {
+				// The agent writes Old's own slot: it stays
+				// reserved until the commit, lest it be freed
+				// and handed out while the write is on its way.
+				sw.loc, sw.inPlace = r.e.Loc, true
+				c.alloc.reserve(sw.loc)
+			}
 			c.stage.mu.Lock()
 			c.stage.mu.next++
 			tok := c.stage.mu.next
-			c.stage.mu.writes[tok] = stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e.Loc}
+			c.stage.mu.writes[tok] = sw
 			c.stage.mu.Unlock()
 			r.reserved = false
-			stage := &protocol.Stage{Loc: r.newLoc, Token: tok}
+			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse}
 			if st.From {
-				stage.From = r.e // the agent copies the segment from Old
+				stage.From = r.e // the agent reads the rest from Old
+				stage.From.State &^= table.NoWrite
 			}
 			return protocol.Reply{First: seg, Stage: stage}, nil
 
@@ -342,6 +464,19 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
+		if st.IfSame {
+			// An in-place fill is still good only while the entry
+			// is the one the agent filled against: another fill's
+			// commit or a copy-on-write came first otherwise.
+			es, err := tx.Entries(d.ID, seg, 1)
+			if err != nil {
+				return err
+			}
+			if !sameEntry(es[0], r.e) {
+				return protocol.ErrStale
+			}
+			ne = table.Filled(es[0], r.bits, r.n)
+		}
 		if st.IfShared {
 			// A staged write's move is still wanted only while the
 			// old slot is shared: if it has become the disk's alone
@@ -354,7 +489,7 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 			if err != nil {
 				return err
 			}
-			if !es[0].Mapped() || es[0].Loc != r.e.Loc {
+			if !sameEntry(es[0], r.e) {
 				return protocol.ErrStale
 			}
 			if n, err := shareCount(tx, d.ID, seg, es[0]); err != nil {
@@ -366,21 +501,10 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 		if err := tx.SetEntries(d.ID, seg, []table.Entry{ne}); err != nil {
 			return err
 		}
-		if st.OldRefs != 0 {
-			// The old slot is freed if its other sharers went away
-			// meanwhile.
-			if n, err := meta.AddRefs(tx, r.e.Loc, st.OldRefs); err != nil {
-				return err
-			} else if n == 0 {
-				fr.add(r.e.Loc)
-			}
-		}
-		if st.NewRefs != 0 {
-			if _, err := meta.AddRefs(tx, r.newLoc, st.NewRefs); err != nil {
-				return err
-			}
-		}
-		return nil
+		// Every slot the old entry names and the new one does not
+		// loses its reference (and is freed if its other sharers
+		// went away meanwhile); New gains one.
+		return moveRefs(tx, r.e, ne, fr)
 	})
 	if errors.Is(err, protocol.ErrStale) {
 		fr.finish(ctx, nil) // nothing was freed
@@ -394,13 +518,19 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 	if st.NewRefs > 0 {
 		r.used = true
 	}
+	if st.IfSame {
+		r.e = ne // what the answer and the agents get
+	}
 	return nil
 }
 
 // findSharers finds the other disks that map the faulting disk's slot:
 // only disks of the same family share slots, and always at the same
 // segment index.
-func (c *Controller) findSharers(ctx context.Context, r *faultRun, refs uint32) error {
+//
+// layered reports that some entry names the slot as a layer under its
+// own: then no sharers are returned.
+func (c *Controller) findSharers(ctx context.Context, r *faultRun, refs uint32) (layered bool, err error) {
 	d, seg, e := r.d, r.seg, r.e
 	var sharers []meta.Disk
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
@@ -419,19 +549,27 @@ func (c *Controller) findSharers(ctx context.Context, r *faultRun, refs uint32) 
 			if es[0].Mapped() && es[0].Loc == e.Loc {
 				sharers = append(sharers, o)
 			}
+			es[0].Slots(func(l table.Location) {
+				if l == e.Loc && es[0].Loc != e.Loc {
+					layered = true
+				}
+			})
 		}
 		return nil
 	}); err != nil {
-		return err
+		return false, err
+	}
+	if layered {
+		return true, nil
 	}
 	// refs counts table pages (the faulting disk's own, and the
 	// sharers'), and sharers may share pages among themselves: so at
 	// least refs-1 sharers, and at least one.
 	if len(sharers) == 0 || uint32(len(sharers)) < refs-1 {
-		return fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
+		return false, fmt.Errorf("slot %v has %d references but %d sharers besides %q: %w (run check)", e.Loc, refs, len(sharers), d.Name, meta.ErrCorrupt)
 	}
 	r.sharers = sharers
-	return nil
+	return false, nil
 }
 
 // moved is the entry the sharers of a reverse-delta copy get: the copy,
@@ -529,49 +667,93 @@ type stagedWrite struct {
 	agent string
 	disk  meta.DiskID
 	seg   uint64
-	loc   table.Location // the new slot, reserved (free slots are zero)
-	old   table.Location // the shared slot the disk maps now
+	loc   table.Location // where the agent writes (free slots are zero)
+	old   table.Entry    // the entry the disk maps now
+	plan  table.Plan     // what the commit carries out (table.CommitStaged)
+	bits  table.Bits     // the sub-blocks the write touches
+	// inPlace: loc is old's own slot (a fill-in), not a reserved new
+	// one. One agent at a time fills a segment in place (claimInPlace).
+	inPlace bool
+}
+
+// segKey names a segment of a disk.
+type segKey struct {
+	disk meta.DiskID
+	seg  uint64
+}
+
+// takeStage removes the staged write of token tok if agent owns it, for
+// segment seg of disk.
+func (c *Controller) takeStage(tok uint64, agent string, disk meta.DiskID, seg uint64) (stagedWrite, bool) {
+	c.stage.mu.Lock()
+	defer c.stage.mu.Unlock()
+	sw, ok := c.stage.mu.writes[tok]
+	if !ok || sw.agent != agent || sw.disk != disk || sw.seg != seg {
+		return stagedWrite{}, false
+	}
+	delete(c.stage.mu.writes, tok)
+	return sw, true
+}
+
+// endInPlace ends an in-place stage, once the agent's write is over (it
+// committed, gave the stage back, or re-attached): the segment may be
+// filled in place again, and the slot's reservation goes. If the slot was
+// freed meanwhile (its disk deleted, say) it may hold the agent's write
+// after its punch: its container's free slots are zeroed again before
+// their next allocation.
+func (c *Controller) endInPlace(ctx context.Context, sw stagedWrite) {
+	c.stage.mu.Lock()
+	delete(c.stage.mu.inPlace, segKey{sw.disk, sw.seg})
+	c.stage.mu.Unlock()
+	var refs uint32
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
+		var err error
+		refs, err = tx.Refs(sw.loc)
+		return err
+	})
+	c.alloc.release(sw.loc, err != nil || refs == 0)
 }
 
 // dropStage ends the staged write of token tok if agent owns it, for
 // segment seg of disk: its slot goes back to the free slots, with
 // whatever the agent wrote in it.
-func (c *Controller) dropStage(tok uint64, agent string, disk meta.DiskID, seg uint64) {
-	c.stage.mu.Lock()
-	sw, ok := c.stage.mu.writes[tok]
-	ok = ok && sw.agent == agent && sw.disk == disk && sw.seg == seg
-	if ok {
-		delete(c.stage.mu.writes, tok)
+func (c *Controller) dropStage(ctx context.Context, tok uint64, agent string, disk meta.DiskID, seg uint64) {
+	if sw, ok := c.takeStage(tok, agent, disk, seg); ok {
+		c.endStage(ctx, sw)
 	}
-	c.stage.mu.Unlock()
-	if ok {
-		c.alloc.release(sw.loc, true)
+}
+
+// endStage ends a staged write taken from the stage table and not
+// committed.
+func (c *Controller) endStage(ctx context.Context, sw stagedWrite) {
+	if sw.inPlace {
+		c.endInPlace(ctx, sw)
+		return
 	}
+	c.alloc.release(sw.loc, true)
 }
 
 // commit commits a staged write: the disk's entry moves from the shared
 // slot to the staged one, which the agent has written (and, for a partial
-// write, filled from the shared slot) and flushed. If the
-// entry changed meanwhile (a discard, a delete, another write's
-// copy-on-write), the staged slot is given back and the agent is told to
-// start again. The caller holds the family lock shared and the segment's
-// lock.
+// write, filled from the shared slot) and flushed; or, for a fill in
+// place, records that the entry's slot holds the sub-blocks written. If
+// the entry changed meanwhile (a discard, a delete, another write's
+// copy-on-write or fill), the staged slot is given back and the agent is
+// told to start again. The caller holds the family lock shared and the
+// segment's lock.
 func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
-	c.stage.mu.Lock()
-	sw, ok := c.stage.mu.writes[f.Token]
-	if ok && sw.agent == f.Agent && sw.disk == d.ID && sw.seg == f.Segment {
-		delete(c.stage.mu.writes, f.Token)
-	} else {
-		ok = false
-	}
-	c.stage.mu.Unlock()
+	sw, ok := c.takeStage(f.Token, f.Agent, d.ID, f.Segment)
 	if !ok {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)
 	}
-	// The agent has written the staged slot: on failure it goes back
-	// to the free slots with that data in it.
-	r := &faultRun{f: f, d: d, seg: sw.seg, e: table.At(sw.old, true), newLoc: sw.loc, reserved: true, written: true}
-	rep, err := c.run(ctx, r, table.CommitStaged(table.CopyForward))
+	// The agent has written the staged slot: on failure a new slot goes
+	// back to the free slots with that data in it.
+	r := &faultRun{f: f, d: d, seg: sw.seg, e: sw.old, plan: sw.plan, bits: sw.bits, n: table.SubBlockCount(d.SegmentSize),
+		newLoc: sw.loc, reserved: !sw.inPlace, written: true}
+	if sw.inPlace {
+		defer c.endInPlace(ctx, sw)
+	}
+	rep, err := c.run(ctx, r, table.CommitStaged(sw.plan))
 	if err != nil {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
@@ -613,15 +795,8 @@ func (c *Controller) discard(ctx context.Context, d meta.Disk, first, n uint64) 
 			return err
 		}
 		for _, e := range es {
-			if !e.Mapped() {
-				continue
-			}
-			k, err := meta.AddRefs(tx, e.Loc, -1)
-			if err != nil {
+			if err := dropRefs(tx, e, fr); err != nil {
 				return err
-			}
-			if k == 0 {
-				fr.add(e.Loc)
 			}
 		}
 		return tx.SetEntries(d.ID, first, zeros)

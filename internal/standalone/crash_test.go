@@ -48,6 +48,9 @@ func crashCases() []crashCase {
 		{"clone", opSnapshot([]string{"D"}, []string{"C1"}, true), ctrlCrash},
 		{"cow-forward", opWrite(0, "D", 100, pattern(10, 1000)), ctrlCrash},
 		{"cow-forward-staged", opWrite(0, "D", seg64, pattern(11, seg64)), ctrlCrash},
+		// D's segment 2 is partial (written after D.s): a write to
+		// sub-blocks its own slot lacks fills them in place.
+		{"fill-in", opWrite(0, "D", 2*seg64+20000, pattern(21, 3000)), ctrlCrash},
 		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), ctrlCrash},
 		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), ctrlCrash},
 		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500)), ctrlCrash},
@@ -215,7 +218,7 @@ func TestCrashPoints(t *testing.T) {
 		// controller and agents on one machine that loses power (the
 		// short form takes three of those, the long form all).
 		inPlace := crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash}
-		short := map[string]bool{"cow-forward": true, "cow-forward-staged": true, "cow-reverse": true, "trim": true}
+		short := map[string]bool{"cow-forward": true, "cow-forward-staged": true, "cow-reverse": true, "trim": true, "fill-in": true}
 		for _, c := range append(crashCases(), inPlace) {
 			if c.op.name == "write" {
 				cases = append(cases, crashCase{"agents-" + c.name, c.op, agentsCrash})
