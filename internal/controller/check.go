@@ -136,6 +136,9 @@ func (p Problem) String() string {
 // outside their container and wrong used-slot counts. It changes nothing. A
 // nil result means the store is sound.
 func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return nil, err
+	}
 	if ps := c.checkFile(); len(ps) > 0 {
 		return ps, nil
 	}

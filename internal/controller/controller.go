@@ -96,6 +96,11 @@ type Config struct {
 	// write over the copy, flushes and commits, as for a whole-segment
 	// write; the controller's fault path then does no slot I/O.
 	ControllerCopies bool
+	// SyncMaps commits every map change before the fault that made it
+	// is answered. By default the commits of a disk that one agent
+	// alone maps are kept in memory until the agent flushes it (see
+	// pending.go), as the NBD contract allows.
+	SyncMaps bool
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -106,6 +111,15 @@ type Controller struct {
 	logger     *slog.Logger
 	cmdTimeout time.Duration
 	ctrlCopies bool
+	deferMaps  bool
+
+	// pend holds the map changes kept in memory until a flush.
+	pend struct {
+		mu struct {
+			sync.Mutex
+			fams map[meta.DiskID]*pendingFam
+		}
+	}
 
 	// state is taken shared by every state change and exclusively by
 	// Close: Close waits for the changes under way.
@@ -165,7 +179,7 @@ type agentState struct {
 
 // New returns a controller over cfg.Store.
 func New(cfg Config) *Controller {
-	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout, ctrlCopies: cfg.ControllerCopies}
+	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout, ctrlCopies: cfg.ControllerCopies, deferMaps: !cfg.SyncMaps}
 	if c.cmdTimeout <= 0 {
 		c.cmdTimeout = DefaultCommandTimeout
 	}
@@ -179,6 +193,7 @@ func New(cfg Config) *Controller {
 	c.conts.mu.m = make(map[uint32]*openContainer)
 	c.stage.mu.writes = make(map[uint64]stagedWrite)
 	c.stage.mu.inPlace = make(map[segKey]bool)
+	c.pend.mu.fams = make(map[meta.DiskID]*pendingFam)
 	c.agents.byName = make(map[string]*agentState)
 	c.hold.mu.ended = closedChan()
 	return c
@@ -212,6 +227,11 @@ func (c *Controller) FaultCounts() map[table.Plan]uint64 {
 // Close waits for the state changes under way and closes the containers
 // the controller opened. It does not close the store.
 func (c *Controller) Close() error {
+	// The map changes kept in memory are committed: a controller that
+	// stops in order loses nothing.
+	if err := c.flushAll(context.Background()); err != nil {
+		c.logger.Warn("commit map changes on close", "err", err)
+	}
 	c.closed.Store(true)
 	c.hold.mu.Lock()
 	c.hold.closeOnce()
@@ -500,12 +520,20 @@ func (c *Controller) Open(ctx context.Context, agent, disk string) (protocol.Dis
 		return protocol.Disk{}, wrapNotFound(err)
 	}
 	c.agents.Lock()
-	defer c.agents.Unlock()
 	st := c.agents.byName[agent]
+	c.agents.Unlock()
 	if st == nil {
 		return protocol.Disk{}, fmt.Errorf("open %q by %q: %w", disk, agent, ErrUnknownAgent)
 	}
-	st.disks[d.ID] = true
+	if c.openMapper(st, d) {
+		// The changes another agent's writes made in memory become
+		// durable: this agent's reads must see what a controller
+		// restart would keep. While two agents map the disk, its
+		// changes are committed as they are made.
+		if err := c.flushFamily(ctx, d.Family, false); err != nil {
+			return protocol.Disk{}, fmt.Errorf("open %q by %q: %w", disk, agent, err)
+		}
+	}
 	return toMapping(d), nil
 }
 
@@ -686,6 +714,9 @@ func (c *Controller) NextContainerID(ctx context.Context) (uint32, error) {
 
 // ListContainers returns the container records.
 func (c *Controller) ListContainers(ctx context.Context) ([]meta.Container, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return nil, err
+	}
 	var cs []meta.Container
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error

@@ -152,9 +152,20 @@ func usage(t *testing.T, c *standalone.Cluster, name string) controller.Usage {
 	return u
 }
 
-// entry returns the persistent entry seg of disk name.
+// commitPending makes the map changes the controller keeps in memory
+// durable, as an agent's flush would: the tests read the store.
+func commitPending(t *testing.T, c *standalone.Cluster) {
+	t.Helper()
+	if err := c.Ctrl.CommitPending(context.Background()); err != nil {
+		t.Fatalf("commit pending map changes: %v", err)
+	}
+}
+
+// entry returns the persistent entry seg of disk name (after committing
+// what the controller keeps in memory).
 func entry(t *testing.T, c *standalone.Cluster, name string, seg uint64) table.Entry {
 	t.Helper()
+	commitPending(t, c)
 	var e table.Entry
 	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
@@ -186,6 +197,7 @@ func agentEntry(t *testing.T, c *standalone.Cluster, i int, d *agent.Disk, seg u
 
 func refs(t *testing.T, c *standalone.Cluster, loc table.Location) uint32 {
 	t.Helper()
+	commitPending(t, c)
 	var n uint32
 	err := c.Store.View(context.Background(), func(tx *meta.Tx) error {
 		var err error

@@ -273,6 +273,9 @@ type Usage struct {
 
 // DiskUsage returns how much storage disk name uses.
 func (c *Controller) DiskUsage(ctx context.Context, name string) (Usage, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return Usage{}, err
+	}
 	var u Usage
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)
@@ -370,7 +373,11 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	for i, d := range srcs {
 		fams[i] = d.Family
 	}
-	defer c.lockFamilies(fams)()
+	unlock, err := c.lockFamilies(ctx, fams)
+	defer unlock()
+	if err != nil {
+		return nil, err
+	}
 	// Read again under the locks: a source resized meanwhile must have
 	// every segment of its new size set NoWrite below.
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {

@@ -132,7 +132,14 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		if d, err = load(); err != nil {
 			return protocol.Reply{}, err
 		}
+		if err := c.flushFamily(ctx, d.Family, true); err != nil {
+			return protocol.Reply{}, err
+		}
 		return c.discard(ctx, d, f.Segment, f.Count)
+	case protocol.FaultFlush:
+		// The agent has flushed its containers: the family's map
+		// changes kept in memory become durable together.
+		return protocol.Reply{}, c.flushFamily(ctx, d.Family, false)
 	}
 	return protocol.Reply{}, fmt.Errorf("fault op %d: %w", f.Op, protocol.ErrBadRequest)
 }
@@ -244,11 +251,12 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		if err != nil {
 			return err
 		}
-		e = es[0]
+		e = c.overlay(d.Family, d.ID, seg, es[0])
 		if e.Mapped() {
 			if refs, err = tx.Refs(e.Loc); err != nil {
 				return err
 			}
+			refs = uint32(int(refs) + c.refsDelta(d.Family, seg, e.Loc))
 		}
 		pageShared, err = tx.PageShared(d.ID, seg)
 		return err
@@ -288,7 +296,7 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		// The controller copies whole segments (for comparison).
 		plan = table.CopyForward
 	}
-	r := &faultRun{f: f, d: d, seg: seg, e: e, bits: w.Blocks, n: n}
+	r := &faultRun{f: f, d: d, seg: seg, e: e, bits: w.Blocks, n: n, deferred: f.Op == protocol.FaultWrite && c.mayDefer(d, seg)}
 	if plan == table.CopyReverse {
 		layered, err := c.findSharers(ctx, r, refs)
 		if err != nil {
@@ -341,6 +349,10 @@ type faultRun struct {
 	// sharers are the other disks of the family that map Old (for a
 	// reverse-delta copy).
 	sharers []meta.Disk
+
+	// deferred: the commits are kept in memory (pending.go) and the
+	// answer says so.
+	deferred bool
 
 	newLoc   table.Location // New, once reserved
 	reserved bool           // New is reserved and not handed on
@@ -405,7 +417,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 		case table.StepStage:
 			// The slot is the stage's now: its commit, or the
 			// agent's re-attaching, gives it back.
-			sw := stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e, plan: r.plan, bits: r.bits}
+			sw := stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e, plan: r.plan, bits: r.bits, noFlush: r.deferred}
 			if st.InPlace {
 				// The agent writes Old's own slot: it stays
 				// reserved until the commit, lest it be freed
@@ -419,7 +431,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			c.stage.mu.writes[tok] = sw
 			c.stage.mu.Unlock()
 			r.reserved = false
-			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse}
+			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse, NoFlush: r.deferred}
 			if st.From {
 				stage.From = r.e // the agent reads the rest from Old
 				stage.From.State &^= table.NoWrite
@@ -447,7 +459,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			}
 
 		case table.StepAnswer:
-			return protocol.Reply{First: seg, Entries: []table.Entry{r.target(st.Entry)}}, nil
+			return protocol.Reply{First: seg, Entries: []table.Entry{r.target(st.Entry)}, Deferred: r.deferred && published}, nil
 
 		case table.StepFail:
 			return protocol.Reply{}, fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, r.e.State, protocol.ErrIO)
@@ -459,6 +471,9 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 // commitSelf commits the faulting disk's entry and its slot counts (a
 // StepCommitSelf).
 func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step) error {
+	if r.deferred {
+		return c.deferSelf(ctx, r, st)
+	}
 	d, seg := r.d, r.seg
 	ne := r.target(st.Entry)
 	fr := c.newFreeing()
@@ -520,6 +535,75 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 	}
 	if st.IfSame {
 		r.e = ne // what the answer and the agents get
+	}
+	return nil
+}
+
+// deferSelf is commitSelf for a change kept in memory until the disk is
+// flushed (pending.go): the same checks, against the entry as agents
+// have it; no store commit.
+func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) error {
+	d, seg := r.d, r.seg
+	ne := r.target(st.Entry)
+	var stored, cur table.Entry
+	shared := false
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		es, err := tx.Entries(d.ID, seg, 1)
+		if err != nil {
+			return err
+		}
+		stored = es[0]
+		cur = c.overlay(d.Family, d.ID, seg, stored)
+		if st.IfShared && cur.Mapped() {
+			n, err := tx.Refs(cur.Loc)
+			if err != nil {
+				return err
+			}
+			pageShared, err := tx.PageShared(d.ID, seg)
+			shared = pageShared || int(n)+c.refsDelta(d.Family, seg, cur.Loc) > 1
+			return err
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	switch {
+	case st.IfSame && !sameEntry(cur, r.e):
+		return protocol.ErrStale
+	case st.IfSame:
+		ne = table.Filled(cur, r.bits, r.n)
+	case st.IfShared && (!sameEntry(cur, r.e) || !shared):
+		return protocol.ErrStale
+	}
+	var slot *table.Location
+	if r.reserved {
+		ne.Slots(func(l table.Location) {
+			if l == r.newLoc {
+				slot = &r.newLoc
+			}
+		})
+	}
+	if !c.deferChange(d, seg, stored, ne, slot) {
+		// Another agent maps the disk now: commit, after the staged
+		// data the agent did not flush.
+		r.deferred = false
+		if r.written {
+			ct, err := c.container(ctx, r.newLoc.Container)
+			if err == nil {
+				err = ct.Flush()
+			}
+			if err != nil {
+				return fmt.Errorf("flush %v: %w: %w", r.newLoc, protocol.ErrIO, err)
+			}
+		}
+		return c.commitSelf(ctx, r, st)
+	}
+	if slot != nil {
+		// The change holds the reservation until its commit.
+		r.reserved, r.used = false, true
+	}
+	if st.IfSame {
+		r.e = ne
 	}
 	return nil
 }
@@ -674,6 +758,8 @@ type stagedWrite struct {
 	// inPlace: loc is old's own slot (a fill-in), not a reserved new
 	// one. One agent at a time fills a segment in place (claimInPlace).
 	inPlace bool
+	// noFlush: the agent was told it need not flush loc (Stage.NoFlush).
+	noFlush bool
 }
 
 // segKey names a segment of a disk.
@@ -749,7 +835,19 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 	// The agent has written the staged slot: on failure a new slot goes
 	// back to the free slots with that data in it.
 	r := &faultRun{f: f, d: d, seg: sw.seg, e: sw.old, plan: sw.plan, bits: sw.bits, n: table.SubBlockCount(d.SegmentSize),
-		newLoc: sw.loc, reserved: !sw.inPlace, written: true}
+		newLoc: sw.loc, reserved: !sw.inPlace, written: true, deferred: c.mayDefer(d, sw.seg)}
+	if sw.noFlush && !r.deferred {
+		// A second agent mapped the disk since the stage: the commit
+		// is durable at once, so the staged data must be first.
+		ct, err := c.container(ctx, sw.loc.Container)
+		if err == nil {
+			err = ct.Flush()
+		}
+		if err != nil {
+			c.endStage(ctx, sw)
+			return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: flush %v: %w: %w", d.Name, f.Segment, sw.loc, protocol.ErrIO, err)
+		}
+	}
 	if sw.inPlace {
 		defer c.endInPlace(ctx, sw)
 	}

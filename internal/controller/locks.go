@@ -77,20 +77,25 @@ func (c *Controller) lockFamily(fam meta.DiskID, exclusive bool) (unlock func())
 }
 
 // lockFamilies locks families exclusively, in ascending order so that two
-// group snapshots cannot deadlock.
-func (c *Controller) lockFamilies(fams []meta.DiskID) (unlock func()) {
+// group snapshots cannot deadlock, and commits their map changes kept in
+// memory (the caller acts on the store).
+func (c *Controller) lockFamilies(ctx context.Context, fams []meta.DiskID) (unlock func(), err error) {
 	ids := slices.Clone(fams)
 	slices.Sort(ids)
 	ids = slices.Compact(ids) // sources of one family: one lock
 	unlocks := make([]func(), 0, len(ids))
 	for _, f := range ids {
 		unlocks = append(unlocks, c.lockFamily(f, true))
+		if err = c.flushFamily(ctx, f, true); err != nil {
+			break
+		}
 	}
-	return func() {
+	unlock = func() {
 		for i := len(unlocks) - 1; i >= 0; i-- {
 			unlocks[i]()
 		}
 	}
+	return unlock, err
 }
 
 // lockSegment locks segment index seg of family fam, whose lock the
@@ -111,6 +116,12 @@ func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func
 		unlock := c.lockFamily(d.Family, true)
 		nd, err := c.Disk(ctx, name)
 		if err == nil && nd.ID == d.ID {
+			// A family-wide change reads and writes the store:
+			// the changes kept in memory go there first.
+			if err := c.flushFamily(ctx, d.Family, true); err != nil {
+				unlock()
+				return meta.Disk{}, nil, err
+			}
 			return nd, unlock, nil
 		}
 		unlock()

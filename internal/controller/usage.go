@@ -34,6 +34,9 @@ type ContainerSpace struct {
 // for a figure it cannot give, and one that does not answer must not stall
 // a status.
 func (c *Controller) ContainerSpaces(ctx context.Context) ([]ContainerSpace, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return nil, err
+	}
 	cs, err := c.ListContainers(ctx)
 	if err != nil {
 		return nil, err
@@ -75,6 +78,9 @@ func (c *Controller) ContainerSpaces(ctx context.Context) ([]ContainerSpace, err
 // absent. It reads every table of every family in one read transaction:
 // its cost grows with the mapped entries, as DiskUsage's does.
 func (c *Controller) SnapshotsHold(ctx context.Context) (map[meta.DiskID]uint64, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return nil, err
+	}
 	out := map[meta.DiskID]uint64{}
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		ds, err := tx.Disks()
@@ -102,6 +108,9 @@ func (c *Controller) SnapshotsHold(ctx context.Context) (map[meta.DiskID]uint64,
 // FamilySnapshotsHold returns what SnapshotsHold returns for the family
 // of disk name.
 func (c *Controller) FamilySnapshotsHold(ctx context.Context, name string) (uint64, error) {
+	if err := c.flushAll(ctx); err != nil {
+		return 0, err
+	}
 	var n uint64
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		d, err := tx.Disk(name)

@@ -61,6 +61,10 @@ const (
 	// FaultCommit confirms a staged write (see Reply.Stage): the data is
 	// in the staged slot and flushed; the controller may now map it.
 	FaultCommit FaultOp = 4
+	// FaultFlush makes the disk's map changes that the controller keeps
+	// in memory (Reply.Deferred) durable. The agent sends it when the
+	// disk is flushed, after flushing its containers.
+	FaultFlush FaultOp = 5
 )
 
 func (o FaultOp) String() string {
@@ -69,6 +73,8 @@ func (o FaultOp) String() string {
 		return "discard"
 	case FaultCommit:
 		return "commit"
+	case FaultFlush:
+		return "flush"
 	}
 	return table.Op(o).String()
 }
@@ -116,6 +122,13 @@ type Reply struct {
 	// rest of the segment from Stage.From (a copy-on-write made by the
 	// agent, which has the containers open).
 	Stage *Stage
+	// Deferred: the map change that this reply's entries come from is
+	// in the controller's memory only, until the agent flushes the
+	// disk (FaultFlush). A controller that dies loses it; the agent
+	// that got it then drops its clients' connections as it attaches
+	// to the next, as a crashed server would, since they may have read
+	// data that the disk no longer maps.
+	Deferred bool
 }
 
 // Stage is a slot reserved for a staged write.
@@ -134,6 +147,11 @@ type Stage struct {
 	// Otherwise it writes the whole segment: From with the write laid
 	// over it.
 	Sparse bool
+	// NoFlush: the agent need not flush the staged slot before it asks
+	// for the commit, which the controller keeps in memory (Deferred)
+	// until the agent flushes the disk; that flush flushes the slot's
+	// container first.
+	NoFlush bool
 }
 
 // Copies reports whether the staged write reads from From.
