@@ -231,9 +231,11 @@ type page [PageEntries]table.Entry
 // (container, slot, sub-blocks).
 const partEntryMax = 2 + 1 + bitsMax + (table.MaxDepth-1)*(4+4+bitsMax)
 
-// partEntryMin is the fewest bytes one partial entry takes: its index and
-// layer count, its top's sub-blocks (one word), and one layer.
-const partEntryMin = 2 + 1 + (1 + 8) + (4 + 4 + 1 + 8)
+// partEntryMin is the fewest bytes one partial entry can take: its index
+// and layer count, its top's sub-blocks, and one layer, each set of
+// sub-blocks its word count alone (empty sets do not decode, but a record
+// holding them is malformed, not cut short).
+const partEntryMin = 2 + 1 + 1 + (4 + 4 + 1)
 
 // bitsMax is the most bytes a set of sub-blocks takes: its word count and
 // the words.
