@@ -433,6 +433,7 @@ func decodePartials(r *dec, key []byte, p *page) error {
 	}
 	return nil
 }
+
 // zeroPage is the content of a table page that is not stored.
 var zeroPage = func() *page {
 	p := new(page)
