@@ -355,9 +355,7 @@ func decodePage(key, v []byte) (*page, error) {
 		}
 	}
 	if r.err == nil && r.version == partPageVersion {
-		if err := decodePartials(r, key, p); err != nil {
-			return nil, err
-		}
+		r.partials(p)
 	}
 	if err := r.done(key); err != nil {
 		return nil, err
@@ -389,49 +387,54 @@ func clonePart(p *table.Partial) *table.Partial {
 	return &table.Partial{Bits: p.Bits, Under: slices.Clone(p.Under)}
 }
 
-// partials reads the partial entries of a version 2 page into p.
-func decodePartials(r *dec, key []byte, p *page) error {
-	n := r.u32()
+// partials reads the partial entries of a version 2 page into p. Like
+// every read, it leaves its error in d (its Key filled in by done).
+func (d *dec) partials(p *page) {
+	n := d.u32()
 	switch {
-	case r.err != nil:
-		return nil
+	case d.err != nil:
+		return
 	case n == 0 || n > PageEntries:
-		return corrupt(key, "%d partial entries", n)
-	case len(r.b) < int(n)*partEntryMin:
-		return truncated(key, "%d partial entries in %d bytes", n, len(r.b))
+		d.err = corrupt(nil, "%d partial entries", n)
+		return
+	case len(d.b) < int(n)*partEntryMin:
+		d.err = truncated(nil, "%d partial entries in %d bytes", n, len(d.b))
+		return
 	}
 	last := -1
 	for range n {
-		i, depth := int(r.u16()), int(r.u8())
-		top := r.bits()
-		if r.err != nil {
-			return nil
-		}
+		i, depth := int(d.u16()), int(d.u8())
+		top := d.bits()
 		switch {
+		case d.err != nil:
+			return
 		case i <= last || i >= PageEntries:
-			return corrupt(key, "partial entry %d after entry %d", i, last)
+			d.err = corrupt(nil, "partial entry %d after entry %d", i, last)
+			return
 		case !p[i].Mapped():
-			return corrupt(key, "partial entry %d is %v", i, p[i].State)
+			d.err = corrupt(nil, "partial entry %d is %v", i, p[i].State)
+			return
 		case depth == 0 || 1+depth > table.MaxDepth:
-			return corrupt(key, "partial entry %d has %d layers (2 to %d)", i, 1+depth, table.MaxDepth)
+			d.err = corrupt(nil, "partial entry %d has %d layers (2 to %d)", i, 1+depth, table.MaxDepth)
+			return
 		}
 		part := &table.Partial{Bits: top, Under: make([]table.Layer, depth)}
 		for j := range part.Under {
 			l := &part.Under[j]
-			l.Loc.Container = r.u32()
-			l.Loc.Slot = r.u32()
-			l.Bits = r.bits()
+			l.Loc.Container = d.u32()
+			l.Loc.Slot = d.u32()
+			l.Bits = d.bits()
 		}
-		if r.err != nil {
-			return nil
+		if d.err != nil {
+			return
 		}
 		if why := badPartLayout(part); why != "" {
-			return corrupt(key, "partial entry %d: %s", i, why)
+			d.err = corrupt(nil, "partial entry %d: %s", i, why)
+			return
 		}
 		p[i].Part = part
 		last = i
 	}
-	return nil
 }
 
 // zeroPage is the content of a table page that is not stored.
