@@ -613,6 +613,9 @@ example of each):
                               hold its fields or its checksum
   damaged-file                the bbolt file is damaged below the records (its
                               pages, free list or meta pages)
+  invalid-partial-entry       a partial entry's layers do not fit its segment
+                              size (too deep, a base that does not hold every
+                              sub-block, a slot named twice, ...)
 
 --repair only ever reclaims leaked slots. If anything else is found it
 refuses and changes nothing (the file of --data stays byte for byte as it

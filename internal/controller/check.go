@@ -16,7 +16,8 @@ type ProblemKind uint8
 
 // The kinds of damage.
 const (
-	// Leaked: a slot has a reference count but no entry points at it.
+	// Leaked: a slot has a reference count but no entry names it (as
+	// its own slot or as a layer under a partial entry).
 	// Harmless but wasteful; Repair reclaims it.
 	Leaked ProblemKind = iota + 1
 	// ReferencedFree: entries point at a slot whose count is zero, so it
@@ -59,6 +60,13 @@ const (
 	// file finds. Check looks for it first, on a store that can check
 	// its file (meta.Bolt), and stops there if it finds any.
 	DamagedFile
+	// InvalidPartial: a partial entry (sub-segment copy-on-write) whose
+	// shape does not hold for its disk's segment size
+	// (table.Partial.Valid): too many layers, a top that holds no
+	// sub-block or all of them, a base that does not hold all, a slot
+	// named twice, or a layer that holds no visible sub-block. Reads of
+	// some sub-block would go to the wrong slot.
+	InvalidPartial
 )
 
 func (k ProblemKind) String() string {
@@ -87,6 +95,8 @@ func (k ProblemKind) String() string {
 		return "truncated-record"
 	case DamagedFile:
 		return "damaged-file"
+	case InvalidPartial:
+		return "invalid-partial-entry"
 	}
 	return fmt.Sprintf("ProblemKind(%d)", uint8(k))
 }
@@ -133,8 +143,10 @@ func (p Problem) String() string {
 // every reference count from every table and reports leaked slots,
 // referenced slots counted free, wrong counts (of slots and of table pages),
 // shared slots left writable, leaked or missing table pages, locations
-// outside their container and wrong used-slot counts. It changes nothing. A
-// nil result means the store is sound.
+// outside their container, partial entries of an invalid shape and wrong
+// used-slot counts. Every slot an entry names counts: its own and, for a
+// partial entry, each layer under it (table.Entry.Slots). It changes
+// nothing. A nil result means the store is sound.
 func (c *Controller) Check(ctx context.Context) ([]Problem, error) {
 	if err := c.flushAll(ctx); err != nil {
 		return nil, err
@@ -247,28 +259,41 @@ func checkCounts(tx *meta.Tx) ([]Problem, error) {
 					continue
 				}
 				seg := pr.Index*meta.PageEntries + uint64(i)
-				ct, ok := conts[e.Loc.Container]
-				switch {
-				case !ok:
-					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: "no such container"})
-					continue
-				case uint64(e.Loc.Slot) >= ct.Slots:
-					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("container has %d slots", ct.Slots)})
-					continue
-				case ct.SlotSize != d.SegmentSize:
-					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("slot size %d, segment size %d", ct.SlotSize, d.SegmentSize)})
-				case seg >= d.Segments():
-					out = append(out, Problem{Kind: OutOfRange, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("entry past the disk's %d segments", d.Segments())})
+				if e.Part != nil && first {
+					if err := e.Part.Valid(e.Loc, table.SubBlockCount(d.SegmentSize)); err != nil {
+						out = append(out, Problem{Kind: InvalidPartial, Loc: e.Loc, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("%v (entry %v)", err, e)})
+					}
 				}
-				if !first {
-					continue // a shared page counts once
-				}
-				u := uses[e.Loc]
-				if u == nil {
-					u = &use{disk: d.Name, seg: seg}
-					uses[e.Loc] = u
-				}
-				u.refs++
+				// Every slot the entry names counts: its own and, for a
+				// partial entry, each layer under it.
+				e.Slots(func(l table.Location) {
+					where := ""
+					if l != e.Loc {
+						where = fmt.Sprintf("layer under partial entry %v: ", e.Loc)
+					}
+					ct, ok := conts[l.Container]
+					switch {
+					case !ok:
+						out = append(out, Problem{Kind: OutOfRange, Loc: l, Disk: d.Name, Segment: seg, Detail: where + "no such container"})
+						return
+					case uint64(l.Slot) >= ct.Slots:
+						out = append(out, Problem{Kind: OutOfRange, Loc: l, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("%scontainer has %d slots", where, ct.Slots)})
+						return
+					case ct.SlotSize != d.SegmentSize:
+						out = append(out, Problem{Kind: OutOfRange, Loc: l, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("%sslot size %d, segment size %d", where, ct.SlotSize, d.SegmentSize)})
+					case l == e.Loc && seg >= d.Segments():
+						out = append(out, Problem{Kind: OutOfRange, Loc: l, Disk: d.Name, Segment: seg, Detail: fmt.Sprintf("entry past the disk's %d segments", d.Segments())})
+					}
+					if !first {
+						return // a shared page counts once
+					}
+					u := uses[l]
+					if u == nil {
+						u = &use{disk: d.Name, seg: seg}
+						uses[l] = u
+					}
+					u.refs++
+				})
 			}
 		}
 	}

@@ -204,32 +204,41 @@ func readPages(tx *meta.Tx, pids, skip []uint64) ([][]table.Entry, error) {
 
 // snapshotOnly counts the distinct slots that the snapshot pages map and
 // the live pages do not, comparing entries at the same index only (the
-// pages all cover the same segments of one family). Entries that hold no
-// location (Zero, Error, Invalid) hold no slot.
+// pages all cover the same segments of one family). Every slot an entry
+// names counts (table.Entry.Slots): a partial entry's own and each layer
+// under it, so a slot a live disk reads through to is not the snapshots'
+// alone. Entries that hold no location (Zero, Error, Invalid) hold no
+// slot.
 func snapshotOnly(live, snaps [][]table.Entry) uint64 {
 	var n uint64
 	var locs []table.Location // distinct snapshot-only slots at one index
 	for i := range maxLen(snaps) {
 		locs = locs[:0]
 		for _, p := range snaps {
-			if i >= len(p) || !p[i].Mapped() {
+			if i >= len(p) {
 				continue
 			}
-			l := p[i].Loc
-			if mapsAt(live, i, l) || slices.Contains(locs, l) {
-				continue
-			}
-			locs = append(locs, l)
+			p[i].Slots(func(l table.Location) {
+				if !mapsAt(live, i, l) && !slices.Contains(locs, l) {
+					locs = append(locs, l)
+				}
+			})
 		}
 		n += uint64(len(locs))
 	}
 	return n
 }
 
-// mapsAt says whether one of pages maps location l at index i.
+// mapsAt says whether an entry of one of pages at index i names location
+// l, as its own slot or as a layer.
 func mapsAt(pages [][]table.Entry, i int, l table.Location) bool {
 	for _, p := range pages {
-		if i < len(p) && p[i].Mapped() && p[i].Loc == l {
+		if i >= len(p) {
+			continue
+		}
+		found := false
+		p[i].Slots(func(m table.Location) { found = found || m == l })
+		if found {
 			return true
 		}
 	}

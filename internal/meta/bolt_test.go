@@ -193,8 +193,9 @@ var mutations = []struct {
 	{"TruncateTo3", func(v []byte) []byte { return v[:3] }},
 	{"Empty", func(v []byte) []byte { return v[:0] }},
 	{"ResealedVersion", func(v []byte) []byte {
+		// A version no record has (a page's next one, 2, exists).
 		body := v[:len(v)-4]
-		body[0]++
+		body[0] |= 0x80
 		return seal(body)
 	}},
 	{"ResealedTruncated", func(v []byte) []byte { return seal(v[:len(v)-5]) }},

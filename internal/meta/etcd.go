@@ -82,7 +82,16 @@ const deletedNS = "\x00deleted/"
 // of 9 bytes + 4), and reference pages (of slots and of table pages), 4101
 // bytes (1 + PageSlots counts of 4 bytes + 4); a table directory is 9
 // bytes plus 12 per page it holds (at most 12.3 kB). With its key and
-// framing, a page write costs about 9.3 kB or 4.2 kB of the request.
+// framing, a page write costs about 9.3 kB or 4.2 kB of the request. A
+// table page with partial entries (sub-segment copy-on-write) is 4 bytes
+// more plus at most 323 bytes per partial entry (its index, its sub-blocks
+// and up to MaxDepth-1 layers under it): at most 339,977 bytes for a page
+// whose 1024 entries are all partial with MaxDepth layers at 256
+// sub-blocks, under etcd's default 1.5 MiB. Copying such a shared page
+// counts a reference on each slot of each layer as well: up to 8192
+// slots, whose reference pages are as many as the containers and
+// 1024-slot ranges those slots fall in (a handful for slots allocated
+// together; 8 ops or more against --max-txn-ops when they are spread).
 // Every other record is under 1 kB. A write or delete is one op (and a
 // commit that deletes adds one marker put per distinct first byte of the
 // keys it deletes).
@@ -103,7 +112,8 @@ const deletedNS = "\x00deleted/"
 // unless the limits are raised:
 //
 //	--max-txn-ops       >= pages touched + reference pages + 8
-//	--max-request-bytes >= pages touched * 9.3 kB + reference pages * 4.2 kB
+//	--max-request-bytes >= pages touched * 9.3 kB (up to 340 kB each with
+//	                       partial entries) + reference pages * 4.2 kB
 //
 // etcd recommends requests of at most 10 MiB, since every member logs and
 // applies each one whole.

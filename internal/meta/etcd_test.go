@@ -31,6 +31,14 @@ const (
 const (
 	tablePageBytes = 1 + meta.PageEntries*9 + 4
 	refsPageBytes  = 1 + meta.PageSlots*4 + 4
+	// fullPartialPageBytes is the largest table page: its 1024 entries
+	// each partial with table.MaxDepth layers, each layer's sub-blocks in
+	// 4 words: a count, then per entry its index and depth, and (a word
+	// count and 4 words) for the top and (container, slot, a word count
+	// and 4 words) for each layer under it.
+	fullPartialPageBytes = tablePageBytes + 4 + meta.PageEntries*(2+1+33+(table.MaxDepth-1)*(8+33))
+	// etcdDefaultMaxRequestBytes is etcd's default --max-request-bytes.
+	etcdDefaultMaxRequestBytes = 3 << 19
 )
 
 // dirBytes is the encoded size of a table directory of n pages.
@@ -112,6 +120,7 @@ func TestEtcd(t *testing.T) {
 	})
 
 	t.Run("RecordSizes", func(t *testing.T) { testEtcdRecordSizes(t, cli, prefix()) })
+	t.Run("PartialPageFitsDefaults", func(t *testing.T) { testEtcdPartialPage(t, cli, prefix()) })
 	t.Run("TwoStoresConflict", func(t *testing.T) {
 		testEtcdTwoStores(t, cli, newClient(t, endpoint), prefix())
 	})
@@ -204,6 +213,103 @@ func testEtcdRecordSizes(t *testing.T, cli *clientv3.Client, prefix string) {
 		if got := len(resp.Kvs[0].Value); got != r.size {
 			t.Errorf("record under %q is %d bytes, want %d", r.sub, got, r.size)
 		}
+	}
+}
+
+// testEtcdPartialPage stores the largest table page, one whose every entry
+// is partial with MaxDepth layers, and has a second disk copy it on
+// write: the page and the whole commit of the copy (the page, the
+// reference counts of its 8192 slots, the directory and the page counts)
+// are under etcd's default request limit.
+func testEtcdPartialPage(t *testing.T, cli *clientv3.Client, prefix string) {
+	s := openEtcd(t, cli, prefix)
+	defer s.Close()
+	es := meta.FullPartialPage()
+	var b meta.Disk
+	err := s.Update(t.Context(), func(tx *meta.Tx) error {
+		a, err := tx.CreateDisk(etcdTestDisk("a"))
+		if err != nil {
+			return err
+		}
+		if b, err = tx.CreateDisk(etcdTestDisk("b")); err != nil {
+			return err
+		}
+		if _, err := tx.AddContainer(meta.Container{ID: 1, URI: "c", SlotSize: 1 << 20, Slots: meta.PageEntries * table.MaxDepth}); err != nil {
+			return err
+		}
+		if err := tx.SetEntries(a.ID, 0, es); err != nil {
+			return err
+		}
+		for _, e := range es {
+			var err error
+			e.Slots(func(l table.Location) {
+				if err == nil {
+					err = tx.SetRefs(l, 1)
+				}
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return tx.CopyTable(a.ID, b.ID)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(t.Context(), prefix+"p/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 || len(resp.Kvs[0].Value) != fullPartialPageBytes {
+		t.Fatalf("%d pages stored, want one of %d bytes", len(resp.Kvs), fullPartialPageBytes)
+	}
+	if fullPartialPageBytes > etcdDefaultMaxRequestBytes {
+		t.Errorf("the largest table page, %d bytes, is over etcd's default request limit", fullPartialPageBytes)
+	}
+	// The copy on write of the shared page: every slot gains a reference.
+	if err := s.Update(t.Context(), func(tx *meta.Tx) error { return tx.Unshare(b.ID, 0, 1) }); err != nil {
+		t.Fatal(err)
+	}
+	all, err := cli.Get(t.Context(), prefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var written, ops int
+	for _, kv := range all.Kvs {
+		if kv.ModRevision == all.Header.Revision {
+			written += len(kv.Key) + len(kv.Value)
+			ops++
+		}
+	}
+	t.Logf("copy on write of a page of %d partial entries of depth %d: %d writes, %d bytes", len(es), table.MaxDepth, ops, written)
+	if written > etcdDefaultMaxRequestBytes || ops > 128 {
+		t.Errorf("copy on write of the largest page writes %d records, %d bytes: over etcd's defaults (128, %d)", ops, written, etcdDefaultMaxRequestBytes)
+	}
+	err = s.View(t.Context(), func(tx *meta.Tx) error {
+		for _, e := range es {
+			var err error
+			e.Slots(func(l table.Location) {
+				if n, rerr := tx.Refs(l); err == nil && (rerr != nil || n != 2) {
+					err = fmt.Errorf("slot %v: count %d (%v), want 2", l, n, rerr)
+				}
+			})
+			if err != nil {
+				return err
+			}
+		}
+		got, err := tx.Entries(b.ID, 0, meta.PageEntries)
+		if err != nil {
+			return err
+		}
+		for i := range es {
+			if !got[i].Equal(es[i]) {
+				return fmt.Errorf("entry %d of the copy: %v, want %v", i, got[i], es[i])
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 

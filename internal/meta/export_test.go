@@ -1,6 +1,10 @@
 package meta
 
-import bolt "go.etcd.io/bbolt"
+import (
+	bolt "go.etcd.io/bbolt"
+
+	"segmap/internal/table"
+)
 
 // BoltTxID returns the id of the last transaction committed to b's file:
 // bbolt counts one per commit.
@@ -11,3 +15,7 @@ func BoltTxID(b *Bolt) int {
 	}
 	return id
 }
+
+// FullPartialPage returns the entries of the largest table page: every
+// entry partial with table.MaxDepth layers (see fullPartialPage).
+func FullPartialPage() []table.Entry { return fullPartialPage()[:] }

@@ -122,7 +122,7 @@ func recordKinds() []recordKind {
 				t.Fatalf("decoded an invalid container %+v", c)
 			}
 		}},
-		{"page", [][]byte{encodePage(zeroPage), encodePage(mixed), encodePage(new(page))}, func(t *testing.T, v []byte) {
+		{"page", [][]byte{encodePage(zeroPage), encodePage(mixed), encodePage(new(page)), encodePage(partialPage())}, func(t *testing.T, v []byte) {
 			key := pageKey(1)
 			orig := bytes.Clone(v)
 			p, err := decodePage(key, v)
@@ -131,6 +131,9 @@ func recordKinds() []recordKind {
 				for i, e := range p {
 					if !e.State.Valid() || e.State&table.Invalid != 0 {
 						t.Fatalf("decoded entry %d with state %v", i, e.State)
+					}
+					if e.Part != nil && (!e.Mapped() || badPartLayout(e.Part) != "") {
+						t.Fatalf("decoded entry %d %v with layers it cannot have", i, e)
 					}
 				}
 			}

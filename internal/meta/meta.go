@@ -18,7 +18,7 @@
 //	n/<name>                 -> disk id
 //	d/<disk id>              -> Disk record
 //	t/<disk id>/<dir>        -> table directory: the ids of DirPages table pages
-//	p/<page id>              -> table page: PageEntries entries
+//	p/<page id>              -> table page: PageEntries entries, then its partial entries' layers
 //	q/<page id / PageSlots>  -> reference counts of PageSlots table pages
 //	c/<container id>         -> Container record
 //	r/<container id>/<page>  -> reference counts of PageSlots slots
@@ -41,14 +41,15 @@
 // disk that holds its only reference: the first change to a shared page
 // through a disk (SetEntries, Unshare) first copies it for that disk (copy
 // on write, as dm-thin shares btree nodes), and the copy counts one more
-// reference on every slot it maps.
+// reference on every slot it maps (every layer of a partial entry too).
 //
 // # Invariants (checked by the controller's Check)
 //
 //   - a table page's reference count equals the number of directory slots,
 //     across all disks, that hold its id; a page with none is not stored;
-//   - a slot's reference count equals the number of stored table pages
-//     with an entry that points at it (a page shared by several disks
+//   - a slot's reference count equals the number of entries of stored
+//     table pages that name it, as their own slot or as a layer under a
+//     partial entry (table.Entry.Slots; a page shared by several disks
 //     counts once); a count of zero means free;
 //   - so a slot is shared by several disks exactly when its count is above
 //     one or the page that maps it is shared: writes to it must not land

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"time"
 
 	"segmap/internal/table"
@@ -16,7 +17,8 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 const (
 	diskVersion      = 1
 	containerVersion = 1
-	pageVersion      = 1
+	pageVersion      = 1 // whole entries only
+	partPageVersion  = 2 // version 1's entries, then the partial ones (see encodePage)
 	refsVersion      = 1
 	dirVersion       = 2 // 1 was a table page stored under t/, before pages were shared
 )
@@ -44,15 +46,17 @@ func (e *enc) seal() []byte {
 // dec reads fields from a record whose checksum has been verified. The first
 // error sticks; later reads return zero values.
 type dec struct {
-	b   []byte
-	err *RecordError // its Key is filled in by done
+	b       []byte
+	version uint8        // the record's version
+	err     *RecordError // its Key is filled in by done
 }
 
-// open verifies v's checksum and version and returns a decoder over its body.
+// open verifies v's checksum and version (one of versions) and returns a
+// decoder over its body.
 // A value too short for its checksum, or shorter than the layout its own
 // length fields describe (see layoutSize), is reported as truncated; any
 // other checksum failure as a checksum mismatch.
-func open(key []byte, v []byte, version uint8) *dec {
+func open(key []byte, v []byte, versions ...uint8) *dec {
 	if len(v) < 5 {
 		return &dec{err: truncated(key, "record of %d bytes, too short for a version and a checksum", len(v))}
 	}
@@ -63,10 +67,10 @@ func open(key []byte, v []byte, version uint8) *dec {
 		}
 		return &dec{err: corrupt(key, "checksum mismatch")}
 	}
-	if body[0] != version {
-		return &dec{err: corrupt(key, "record version %d, want %d", body[0], version)}
+	if !slices.Contains(versions, body[0]) {
+		return &dec{err: corrupt(key, "record version %d, want %v", body[0], versions[len(versions)-1])}
 	}
-	return &dec{b: body[1:]}
+	return &dec{b: body[1:], version: body[0]}
 }
 
 // corrupt returns the error for the record under key that does not decode.
@@ -222,21 +226,124 @@ func decodeContainer(key, v []byte) (Container, error) {
 // page is a decoded table page.
 type page [PageEntries]table.Entry
 
+// partEntryMax is the most bytes one partial entry adds to a page: its
+// index and layer count, its top's sub-blocks, and each layer under it
+// (container, slot, sub-blocks).
+const partEntryMax = 2 + 1 + bitsMax + (table.MaxDepth-1)*(4+4+bitsMax)
+
+// partEntryMin is the fewest bytes one partial entry can take: its index
+// and layer count, its top's sub-blocks, and one layer, each set of
+// sub-blocks its word count alone (empty sets do not decode, but a record
+// holding them is malformed, not cut short).
+const partEntryMin = 2 + 1 + 1 + (4 + 4 + 1)
+
+// bitsMax is the most bytes a set of sub-blocks takes: its word count and
+// the words.
+const bitsMax = 1 + len(table.Bits{})*8
+
+// encodePage encodes a table page. A page without a partial entry is a
+// version 1 record: PageEntries entries of entrySize bytes (container,
+// slot, state). A page with some is a version 2 record: the same entries,
+// then the number of partial entries and, for each in index order, its
+// index (u16), the number of layers under it (u8), the sub-blocks its own
+// slot holds, and each layer (container, slot, sub-blocks), newest first.
+// A set of sub-blocks is its number of 64-bit words up to the last that
+// is not zero (u8), then those words. So a page with no partial entry is
+// stored as it always was, and a store written before partial entries
+// existed reads unchanged.
 func encodePage(p *page) []byte {
-	e := &enc{b: make([]byte, 0, 1+PageEntries*entrySize+4)}
-	e.u8(pageVersion)
+	parts := 0
+	for _, x := range p {
+		if x.Partial() {
+			parts++
+		}
+	}
+	version := uint8(pageVersion)
+	size := 1 + PageEntries*entrySize + 4
+	if parts > 0 {
+		version = partPageVersion
+		size += 4 + parts*partEntryMax
+	}
+	e := &enc{b: make([]byte, 0, size)}
+	e.u8(version)
 	for _, x := range p {
 		e.u32(x.Loc.Container)
 		e.u32(x.Loc.Slot)
 		e.u8(uint8(x.State))
 	}
+	if parts == 0 {
+		return e.seal()
+	}
+	e.u32(uint32(parts))
+	for i, x := range p {
+		if !x.Partial() {
+			continue
+		}
+		e.b = binary.LittleEndian.AppendUint16(e.b, uint16(i))
+		e.u8(uint8(len(x.Part.Under)))
+		e.bits(x.Part.Bits)
+		for _, l := range x.Part.Under {
+			e.u32(l.Loc.Container)
+			e.u32(l.Loc.Slot)
+			e.bits(l.Bits)
+		}
+	}
 	return e.seal()
 }
 
+// bits appends a set of sub-blocks: its words up to the last non-zero one,
+// after their count.
+func (e *enc) bits(b table.Bits) {
+	n := len(b)
+	for n > 0 && b[n-1] == 0 {
+		n--
+	}
+	e.u8(uint8(n))
+	for _, w := range b[:n] {
+		e.u64(w)
+	}
+}
+
+// bits reads a set of sub-blocks written by enc.bits; a word count past
+// the set's size, or a last word of zero (not how it is written), is an
+// error.
+func (d *dec) bits() table.Bits {
+	var b table.Bits
+	n := int(d.u8())
+	if d.err == nil && n > len(b) {
+		d.err = corrupt(nil, "set of %d sub-block words, at most %d", n, len(b))
+	}
+	for i := 0; i < n && d.err == nil; i++ {
+		b[i] = d.u64()
+	}
+	if d.err == nil && n > 0 && b[n-1] == 0 {
+		d.err = corrupt(nil, "set of sub-blocks ends in a zero word")
+	}
+	return b
+}
+
+func (d *dec) u16() uint16 {
+	if !d.need(2) {
+		return 0
+	}
+	v := binary.LittleEndian.Uint16(d.b)
+	d.b = d.b[2:]
+	return v
+}
+
+// decodePage decodes a table page of either version. It checks what a
+// partial entry's layout can tell alone (an index in the page, each once
+// and in order, on a mapped entry; 1 to MaxDepth-1 layers, none in
+// container 0; no empty set of sub-blocks); its full shape needs the
+// disk's segment size (table.Partial.Valid), which the controller's check
+// applies.
 func decodePage(key, v []byte) (*page, error) {
-	r := open(key, v, pageVersion)
-	if r.err == nil && len(r.b) != PageEntries*entrySize {
+	r := open(key, v, pageVersion, partPageVersion)
+	if r.err == nil && r.version == pageVersion && len(r.b) != PageEntries*entrySize {
 		return nil, shortIf(len(r.b) < PageEntries*entrySize, key, "table page of %d bytes", len(r.b))
+	}
+	if r.err == nil && r.version == partPageVersion && len(r.b) < PageEntries*entrySize+4 {
+		return nil, truncated(key, "table page of %d bytes", len(r.b))
 	}
 	p := new(page)
 	for i := range p {
@@ -247,10 +354,87 @@ func decodePage(key, v []byte) (*page, error) {
 			return nil, corrupt(key, "entry %d state %v", i, p[i].State)
 		}
 	}
+	if r.err == nil && r.version == partPageVersion {
+		r.partials(p)
+	}
 	if err := r.done(key); err != nil {
 		return nil, err
 	}
 	return p, nil
+}
+
+// badPartLayout says what is wrong with a partial entry as a page record
+// stores it, or returns "": from 1 to MaxDepth-1 layers under the top,
+// none in container 0, and no layer (the top included) holding no
+// sub-block. SetEntries refuses what decodePage would.
+func badPartLayout(p *table.Partial) string {
+	switch {
+	case len(p.Under) == 0 || 1+len(p.Under) > table.MaxDepth:
+		return fmt.Sprintf("%d layers (2 to %d)", 1+len(p.Under), table.MaxDepth)
+	case p.Bits.Empty():
+		return "its own slot holds no sub-block"
+	}
+	for j, l := range p.Under {
+		if l.Loc.Container == 0 || l.Bits.Empty() {
+			return fmt.Sprintf("layer %d is %v holding {%v}", j+1, l.Loc, l.Bits)
+		}
+	}
+	return ""
+}
+
+// clonePart returns a copy of p that shares nothing with it.
+func clonePart(p *table.Partial) *table.Partial {
+	return &table.Partial{Bits: p.Bits, Under: slices.Clone(p.Under)}
+}
+
+// partials reads the partial entries of a version 2 page into p. Like
+// every read, it leaves its error in d (its Key filled in by done).
+func (d *dec) partials(p *page) {
+	n := d.u32()
+	switch {
+	case d.err != nil:
+		return
+	case n == 0 || n > PageEntries:
+		d.err = corrupt(nil, "%d partial entries", n)
+		return
+	case len(d.b) < int(n)*partEntryMin:
+		d.err = truncated(nil, "%d partial entries in %d bytes", n, len(d.b))
+		return
+	}
+	last := -1
+	for range n {
+		i, depth := int(d.u16()), int(d.u8())
+		top := d.bits()
+		switch {
+		case d.err != nil:
+			return
+		case i <= last || i >= PageEntries:
+			d.err = corrupt(nil, "partial entry %d after entry %d", i, last)
+			return
+		case !p[i].Mapped():
+			d.err = corrupt(nil, "partial entry %d is %v", i, p[i].State)
+			return
+		case depth == 0 || 1+depth > table.MaxDepth:
+			d.err = corrupt(nil, "partial entry %d has %d layers (2 to %d)", i, 1+depth, table.MaxDepth)
+			return
+		}
+		part := &table.Partial{Bits: top, Under: make([]table.Layer, depth)}
+		for j := range part.Under {
+			l := &part.Under[j]
+			l.Loc.Container = d.u32()
+			l.Loc.Slot = d.u32()
+			l.Bits = d.bits()
+		}
+		if d.err != nil {
+			return
+		}
+		if why := badPartLayout(part); why != "" {
+			d.err = corrupt(nil, "partial entry %d: %s", i, why)
+			return
+		}
+		p[i].Part = part
+		last = i
+	}
 }
 
 // zeroPage is the content of a table page that is not stored.

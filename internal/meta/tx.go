@@ -500,8 +500,8 @@ func (t *Tx) addPageRefs(pid uint64, delta int) (uint32, error) {
 }
 
 // releasePage drops one reference to table page pid; with none left the
-// page is removed and each slot it maps loses a reference. It returns the
-// slots freed.
+// page is removed and each slot it maps loses a reference (every slot of
+// a partial entry, the layers under it too). It returns the slots freed.
 func (t *Tx) releasePage(pid uint64) ([]table.Location, error) {
 	n, err := t.addPageRefs(pid, -1)
 	if err != nil || n > 0 {
@@ -513,15 +513,15 @@ func (t *Tx) releasePage(pid uint64) ([]table.Location, error) {
 	}
 	var freed []table.Location
 	for _, e := range c.p {
-		if !e.Mapped() {
-			continue
-		}
-		k, err := AddRefs(t, e.Loc, -1)
+		err := eachSlot(e, func(l table.Location) error {
+			k, err := AddRefs(t, l, -1)
+			if err == nil && k == 0 {
+				freed = append(freed, l)
+			}
+			return err
+		})
 		if err != nil {
 			return nil, err
-		}
-		if k == 0 {
-			freed = append(freed, e.Loc)
 		}
 	}
 	c.gone = true
@@ -530,7 +530,7 @@ func (t *Tx) releasePage(pid uint64) ([]table.Location, error) {
 
 // ownPage returns table page pg of disk id for writing: a page of the
 // disk's own. A shared page is copied first (the copy counts a reference
-// on each slot it maps); a page not stored is created when create is set
+// on each slot it maps, layers of partial entries included); a page not stored is created when create is set
 // (and nil is returned when it is not).
 func (t *Tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
 	if !t.writable {
@@ -583,10 +583,12 @@ func (t *Tx) ownPage(id DiskID, pg uint64, create bool) (*cachedPage, error) {
 	}
 	p := *c.p
 	for _, e := range p {
-		if e.Mapped() {
-			if _, err := AddRefs(t, e.Loc, 1); err != nil {
-				return nil, err
-			}
+		err := eachSlot(e, func(l table.Location) error {
+			_, err := AddRefs(t, l, 1)
+			return err
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	nc := &cachedPage{p: &p, dirty: true}
@@ -623,7 +625,10 @@ func (t *Tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 // SetEntries replaces entries [first, first+len(es)) of disk id's
 // table, first unsharing the pages it changes (see Unshare). The
 // caller keeps slot reference counts right for the entries it
-// replaces.
+// replaces (every slot of e.Slots). A partial entry is stored with a
+// copy of its layers; one whose layout a page cannot hold (see
+// badPartLayout) is refused with ErrInvalid. Its full shape
+// (table.Partial.Valid) is the caller's to keep.
 func (t *Tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 	if !t.writable {
 		return ErrReadOnlyTx
@@ -635,6 +640,11 @@ func (t *Tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 		if !e.State.Valid() || e.State&table.Invalid != 0 {
 			return fmt.Errorf("persist entry %v: %w", e, table.ErrBadState)
 		}
+		if e.Partial() {
+			if why := badPartLayout(e.Part); why != "" {
+				return fmt.Errorf("persist entry %v: %s: %w", e, why, ErrInvalid)
+			}
+		}
 	}
 	for len(es) > 0 {
 		i := first % PageEntries
@@ -642,14 +652,22 @@ func (t *Tx) SetEntries(id DiskID, first uint64, es []table.Entry) error {
 		// Zero entries into a page that is not stored change nothing.
 		create := false
 		for _, e := range es[:m] {
-			create = create || e != table.ZeroEntry
+			create = create || table.Entry{Loc: e.Loc, State: e.State} != table.ZeroEntry
 		}
 		c, err := t.ownPage(id, first/PageEntries, create)
 		if err != nil {
 			return err
 		}
 		if c != nil {
-			copy(c.p[i:], es[:m])
+			for j, e := range es[:m] {
+				switch {
+				case e.Partial():
+					e.Part = clonePart(e.Part)
+				case e.Part != nil:
+					e.Part = nil // a voided entry names no layer
+				}
+				c.p[i+uint64(j)] = e
+			}
 			c.dirty = true
 		}
 		es = es[m:]
@@ -671,7 +689,7 @@ func (t *Tx) PageShared(id DiskID, seg uint64) (bool, error) {
 
 // Unshare gives disk id a page of its own for every shared page that
 // holds entries [first, first+n): a copy, which counts one more
-// reference on each slot it maps. Afterwards a slot's count tells
+// reference on each slot it maps (every layer of a partial entry too). Afterwards a slot's count tells
 // whether one of those entries is shared.
 func (t *Tx) Unshare(id DiskID, first, n uint64) error {
 	if !t.writable {
@@ -797,6 +815,18 @@ func (t *Tx) ForEachStoredPage(fn func(pid uint64, refs uint32, stored bool) err
 		}
 	}
 	return nil
+}
+
+// eachSlot calls fn for every slot a mapped entry names (e.Slots), until
+// fn fails.
+func eachSlot(e table.Entry, fn func(table.Location) error) error {
+	var err error
+	e.Slots(func(l table.Location) {
+		if err == nil {
+			err = fn(l)
+		}
+	})
+	return err
 }
 
 // forEachPage calls fn with every stored page of disk id's table, in

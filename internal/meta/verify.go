@@ -32,7 +32,15 @@ func layoutSize(key, v []byte) (n int, ok bool) {
 	case 'n', 's':
 		return 1 + 8 + 4, true
 	case 'p':
-		return 1 + PageEntries*entrySize + 4, true
+		const fixed = 1 + PageEntries*entrySize + 4
+		if len(v) == 0 || v[0] != partPageVersion {
+			return fixed, true
+		}
+		m, ok := u32(1 + PageEntries*entrySize)
+		if !ok || m > PageEntries {
+			return fixed + 4, true
+		}
+		return fixed + 4 + m*partEntryMin, true
 	case 'q', 'r':
 		return 1 + PageSlots*4 + 4, true
 	case 'd':

@@ -65,6 +65,8 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"CopyTable", testCopyTable},
 			{"CopyTableReplacesDestination", testCopyTableReplaces},
 			{"SharedPages", testSharedPages},
+			{"PartialEntries", testPartialEntries},
+			{"PartialRefusesBadLayout", testPartialRefusesBadLayout},
 		}},
 		{"Container", []check{
 			{"AddAssignsIDs", testAddContainer},
@@ -77,6 +79,7 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"AddRefs", testAddRefs},
 			{"FindFree", testFindFree},
 			{"ForEachRef", testForEachRef},
+			{"PartialEntries", testPartialRefs},
 		}},
 		{"Agents", []check{
 			{"Registry", testAgents},
@@ -112,6 +115,7 @@ func RunPersistence(t *testing.T, open func(t *testing.T, dir string) meta.Store
 		fn   func(t *testing.T, r *reopener)
 	}{
 		{"SurvivesReopen", testSurvivesReopen},
+		{"PartialSurvivesReopen", testPartialSurvivesReopen},
 		{"FailedUpdateLeavesNothing", testFailedUpdateAfterReopen},
 		{"Closed", testClosed},
 	}
@@ -208,12 +212,24 @@ func checkEntries(t *testing.T, tx *meta.Tx, id meta.DiskID, first uint64, want 
 		return nil
 	}
 	for i := range want {
-		if got[i] != want[i] {
+		if !sameEntry(got[i], want[i]) {
 			t.Errorf("disk %d entry %d = %v, want %v", id, first+uint64(i), got[i], want[i])
 			return nil
 		}
 	}
 	return nil
+}
+
+// sameEntry reports whether a and b are the same entry as stored: the same
+// location and state bits, and the same layers (compared by value).
+func sameEntry(a, b table.Entry) bool {
+	if (a.Part == nil) != (b.Part == nil) {
+		return false
+	}
+	if a.Part == nil {
+		return a == b
+	}
+	return a.Loc == b.Loc && a.State == b.State && a.Equal(b)
 }
 
 // segEntry is one visit of ForEachMapped.
@@ -301,7 +317,7 @@ func addContainers(tx *meta.Tx, ids ...uint32) error {
 }
 
 // mapEntry sets entry seg of disk id to e, keeping reference counts right:
-// the slot e maps gains a reference, the one the entry mapped loses one.
+// the slots e names gain a reference, those the entry named lose one.
 func mapEntry(tx *meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
 	if err := tx.Unshare(id, seg, 1); err != nil {
 		return err
@@ -310,15 +326,23 @@ func mapEntry(tx *meta.Tx, id meta.DiskID, seg uint64, e table.Entry) error {
 	if err != nil {
 		return err
 	}
-	if old[0].Mapped() {
-		if _, err := meta.AddRefs(tx, old[0].Loc, -1); err != nil {
-			return err
-		}
+	if err := addSlotRefs(tx, old[0], -1); err != nil {
+		return err
 	}
-	if e.Mapped() {
-		if _, err := meta.AddRefs(tx, e.Loc, 1); err != nil {
-			return err
-		}
+	if err := addSlotRefs(tx, e, 1); err != nil {
+		return err
 	}
 	return tx.SetEntries(id, seg, []table.Entry{e})
+}
+
+// addSlotRefs adds delta to the count of every slot e names (its own and,
+// for a partial entry, the layers under it).
+func addSlotRefs(tx *meta.Tx, e table.Entry, delta int) error {
+	var err error
+	e.Slots(func(l table.Location) {
+		if err == nil {
+			_, err = meta.AddRefs(tx, l, delta)
+		}
+	})
+	return err
 }
