@@ -45,7 +45,7 @@ func (r *recContainer) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (r *recContainer) ReadAtNoWait(p []byte, off int64) bool {
-	_, err := r.Container.ReadAt(p, off)
+	_, err := r.ReadAt(p, off)
 	return err == nil
 }
 
