@@ -269,7 +269,8 @@ func (d *Disk) recordLocked(rg segRange) {
 func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) {
+	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) ||
+		d.checkEntries(r.Entries) != nil {
 		return false
 	}
 	sf := d.mu.faults[seg]
@@ -379,6 +380,17 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			f.Off, f.Len = off, uint64(len(p))
 		}
 		r, err := d.fault(ctx, f)
+		if err == nil {
+			err = d.checkEntries(r.Entries)
+			if r.Stage != nil && err == nil {
+				if err = d.checkEntries([]table.Entry{r.Stage.From}); err != nil {
+					d.abandon(ctx, seg, r.Stage)
+				}
+			}
+			if err != nil {
+				err = fmt.Errorf("%v fault on segment %d: reply: %v: %w", fop, seg, err, protocol.ErrIO)
+			}
+		}
 		if err != nil {
 			d.faultIn(seg)
 			return err
@@ -892,8 +904,26 @@ func (d *Disk) setEntry(ctx context.Context, c protocol.SetEntry) error {
 		if c.First > uint64(t.Len()) {
 			return fmt.Errorf("set_entry at %d: %w", c.First, table.ErrRange)
 		}
+		if err := d.checkEntries(c.Entries); err != nil {
+			return fmt.Errorf("set_entry at %d: %w", c.First, err)
+		}
 		return t.SetEntry(int(c.First), c.Entries)
 	})
+}
+
+// checkEntries checks the shape of the partial entries among es for the
+// disk's segments: an entry whose layers do not fit (say, made for another
+// segment size) would read the wrong bytes.
+func (d *Disk) checkEntries(es []table.Entry) error {
+	n := table.SubBlockCount(d.Info().SegmentSize)
+	for _, e := range es {
+		if e.Partial() {
+			if err := e.Part.Valid(e.Loc, n); err != nil {
+				return fmt.Errorf("%w: %w", err, protocol.ErrBadRequest)
+			}
+		}
+	}
+	return nil
 }
 
 func (d *Disk) setEntryState(ctx context.Context, c protocol.SetEntryState) error {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -430,5 +431,56 @@ func TestStagedCopyFromPartial(t *testing.T) {
 	}
 	if got := e.read(6*tSeg, tSeg); !bytes.Equal(got, want) {
 		t.Error("the segment does not read as the copy")
+	}
+}
+
+// TestPartialEntryRefused: a partial entry whose layers do not fit the
+// disk's segments (made for 256 sub-blocks, the disk has 16) is refused:
+// by set_entry with ErrBadRequest, leaving the table as it was; in a
+// fault reply, failing the I/O with ErrIO, a stage from one being
+// abandoned; no slot is read or written for it.
+func TestPartialEntryRefused(t *testing.T) {
+	e := newPartialEnv(t)
+	wrong := table.Over(loc(6), table.Range(0, 4), table.Entry{Loc: loc(2)}, 256)
+	err := e.a.SetEntry(e.ctx, protocol.SetEntry{Disk: tDisk, First: 1, Entries: []table.Entry{wrong}})
+	if !errors.Is(err, protocol.ErrBadRequest) {
+		t.Errorf("set_entry of %v: %v, want ErrBadRequest", wrong, err)
+	}
+	if en := e.entry(1); !en.Equal(table.InvalidEntry) {
+		t.Errorf("entry 1 is %v after a refused set_entry", en)
+	}
+
+	var mu sync.Mutex
+	var got []protocol.Fault
+	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+		mu.Lock()
+		got = append(got, f)
+		mu.Unlock()
+		switch {
+		case f.Op == protocol.FaultRead:
+			return protocol.Reply{First: f.Segment, Entries: []table.Entry{wrong}}, nil
+		case f.Op == protocol.FaultWrite:
+			return protocol.Reply{First: f.Segment, Stage: &protocol.Stage{Loc: loc(12), Token: 4, From: wrong, Sparse: true}}, nil
+		}
+		return protocol.Reply{}, nil // the abandon
+	})
+	p := make([]byte, 100)
+	if err := await(t, async(func() error { return e.d.ReadAt(e.ctx, p, tSeg) }), "read"); !errors.Is(err, protocol.ErrIO) {
+		t.Errorf("read with a reply of %v: %v, want ErrIO", wrong, err)
+	}
+	e.set(2, table.At(loc(2), true))
+	if err := await(t, async(func() error { return e.d.WriteAt(e.ctx, p, 2*tSeg, false) }), "write"); !errors.Is(err, protocol.ErrIO) {
+		t.Errorf("write staged from %v: %v, want ErrIO", wrong, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 3 || got[2].Op != protocol.FaultCommit || !got[2].Abandon || got[2].Token != 4 {
+		t.Errorf("faults %+v: want a read, a write, and the write's stage abandoned", got)
+	}
+	if w := e.rec.written(12); len(w) != 0 {
+		t.Errorf("the refused stage's slot was written: %v", w)
+	}
+	if en := e.entry(1); !en.Equal(table.InvalidEntry) {
+		t.Errorf("entry 1 is %v after a refused reply", en)
 	}
 }
