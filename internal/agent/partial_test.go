@@ -484,3 +484,58 @@ func TestPartialEntryRefused(t *testing.T) {
 		t.Errorf("entry 1 is %v after a refused reply", en)
 	}
 }
+
+// TestSparseStageWholeFrom: copy-sub from a whole shared entry (the first
+// write after a snapshot), for writes aligned to sub-blocks or not, inside
+// one sub-block or across several, up to the segment's end: the new slot
+// gets exactly the touched sub-blocks, the write over the shared slot's
+// bytes, and nothing else.
+func TestSparseStageWholeFrom(t *testing.T) {
+	for i, w := range []struct{ off, n int }{
+		{7*tSub + 50, 100},        // inside one sub-block
+		{2 * tSub, 3 * tSub},      // aligned: no read needed
+		{tSub - 1, 2},             // one byte of each of two
+		{13*tSub + 7, 3*tSub - 7}, // to the end of the segment
+		{0, tSub + 1},             // a whole sub-block and a byte
+	} {
+		t.Run(fmt.Sprintf("%d+%d", w.off, w.n), func(t *testing.T) {
+			e := newPartialEnv(t)
+			from := table.At(loc(3), true)
+			seg := uint64(i % tSegs)
+			e.set(seg, from)
+			span := table.SpanOf(tSeg, uint64(w.off), uint64(w.n))
+			commit := table.Over(loc(12), span, from, 16)
+			stageCtrl(e, protocol.Stage{Loc: loc(12), Token: 1, From: from, Sparse: true}, commit)
+			p := bytesOf(w.n, byte(i+3))
+			e.write(seg*tSeg+uint64(w.off), p)
+
+			lo, hi := w.off/tSub*tSub, min((w.off+w.n+tSub-1)/tSub*tSub, tSeg)
+			written := e.rec.written(12)
+			for _, r := range written {
+				if r[0] < int64(lo) || r[1] > int64(hi) {
+					t.Errorf("wrote [%d, %d) of the new slot, outside the touched [%d, %d)", r[0], r[1], lo, hi)
+				}
+			}
+			if n := func() (n int64) {
+				for _, r := range written {
+					n += r[1] - r[0]
+				}
+				return n
+			}(); n != int64(hi-lo) {
+				t.Errorf("wrote %d bytes of the new slot (%v), want the %d of the touched sub-blocks", n, written, hi-lo)
+			}
+			want := append([]byte(nil), slotData(3)...)
+			copy(want[w.off:], p)
+			slot := e.slot(12, 0, tSeg)
+			if !bytes.Equal(slot[lo:hi], want[lo:hi]) {
+				t.Error("the touched sub-blocks are not the write over the shared slot")
+			}
+			if !bytes.Equal(slot[:lo], make([]byte, lo)) || !bytes.Equal(slot[hi:], make([]byte, tSeg-hi)) {
+				t.Error("untouched sub-blocks of the new slot are not zero")
+			}
+			if got := e.read(seg*tSeg, tSeg); !bytes.Equal(got, want) {
+				t.Error("the segment does not read as the write over the shared slot")
+			}
+		})
+	}
+}
