@@ -665,9 +665,10 @@ var zeros = make([]byte, 1<<20)
 // storageIO does an I/O that e lets through: bytes [off, off+len(p)) of
 // segment seg. A read of a partial entry reads each sub-block from the
 // slot that holds it; a write goes to e's own slot (DecideSpan let it
-// through only if that slot holds every sub-block it touches).
+// through only if that slot holds every sub-block it touches), as does a
+// read of a whole entry.
 func (d *Disk) storageIO(ctx context.Context, kind ioKind, e table.Entry, seg, off uint64, p []byte, segSize uint64) error {
-	if kind == ioRead {
+	if kind == ioRead && e.Partial() {
 		return readRuns(e, off, p, segSize, func(loc table.Location) (container.Container, error) {
 			oc, err := d.a.container(ctx, loc.Container)
 			if err != nil {
@@ -685,6 +686,11 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, e table.Entry, seg, o
 	}
 	base := int64(uint64(loc.Slot)*segSize + off)
 	switch kind {
+	case ioRead:
+		if _, err := oc.c.ReadAt(p, base); err != nil {
+			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, protocol.ErrIO, err)
+		}
+		return nil
 	case ioWrite:
 		_, err = oc.c.WriteAt(p, base)
 	case ioZero:

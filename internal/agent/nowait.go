@@ -66,9 +66,19 @@ func (d *Disk) tryReadSeg(seg, off uint64, p []byte, segSize uint64) bool {
 	ep.n.Add(1)
 	d.mu.RUnlock()
 
+	conts := *d.a.conts.Load()
+	if !e.Partial() {
+		ok := false
+		if oc := conts[e.Loc.Container]; oc != nil {
+			if nw, isNW := oc.c.(container.NoWaitReader); isNW {
+				ok = nw.ReadAtNoWait(p, int64(uint64(e.Loc.Slot)*segSize+off))
+			}
+		}
+		d.end(ep)
+		return ok
+	}
 	// A partial entry reads each run of sub-blocks from the slot that
 	// holds it.
-	conts := *d.a.conts.Load()
 	sb := table.SubBlockSize(segSize)
 	end := off + uint64(len(p))
 	ok := len(p) == 0 || e.Runs(int(off/sb), int((end+sb-1)/sb), func(loc table.Location, lo, hi int) error {
