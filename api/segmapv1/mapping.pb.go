@@ -247,10 +247,16 @@ func (x *Status) GetMessage() string {
 }
 
 type Entry struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Container     uint32                 `protobuf:"varint,1,opt,name=container,proto3" json:"container,omitempty"`
-	Slot          uint32                 `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
-	State         uint32                 `protobuf:"varint,3,opt,name=state,proto3" json:"state,omitempty"` // table.State bits
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Container uint32                 `protobuf:"varint,1,opt,name=container,proto3" json:"container,omitempty"`
+	Slot      uint32                 `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	State     uint32                 `protobuf:"varint,3,opt,name=state,proto3" json:"state,omitempty"` // table.State bits
+	// bits and under make a mapped entry partial (table.Partial): bits are
+	// the sub-blocks its own slot holds (bit i of word i/64 for sub-block
+	// i, at most 4 words), under the slots below it, newest first, the last
+	// holding every sub-block. Both empty for a whole entry.
+	Bits          []uint64 `protobuf:"fixed64,4,rep,packed,name=bits,proto3" json:"bits,omitempty"`
+	Under         []*Layer `protobuf:"bytes,5,rep,name=under,proto3" json:"under,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -306,6 +312,81 @@ func (x *Entry) GetState() uint32 {
 	return 0
 }
 
+func (x *Entry) GetBits() []uint64 {
+	if x != nil {
+		return x.Bits
+	}
+	return nil
+}
+
+func (x *Entry) GetUnder() []*Layer {
+	if x != nil {
+		return x.Under
+	}
+	return nil
+}
+
+// Layer is a slot under a partial entry and the sub-blocks it holds.
+type Layer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     uint32                 `protobuf:"varint,1,opt,name=container,proto3" json:"container,omitempty"`
+	Slot          uint32                 `protobuf:"varint,2,opt,name=slot,proto3" json:"slot,omitempty"`
+	Bits          []uint64               `protobuf:"fixed64,3,rep,packed,name=bits,proto3" json:"bits,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Layer) Reset() {
+	*x = Layer{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Layer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Layer) ProtoMessage() {}
+
+func (x *Layer) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Layer.ProtoReflect.Descriptor instead.
+func (*Layer) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Layer) GetContainer() uint32 {
+	if x != nil {
+		return x.Container
+	}
+	return 0
+}
+
+func (x *Layer) GetSlot() uint32 {
+	if x != nil {
+		return x.Slot
+	}
+	return 0
+}
+
+func (x *Layer) GetBits() []uint64 {
+	if x != nil {
+		return x.Bits
+	}
+	return nil
+}
+
 type AgentMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
@@ -320,7 +401,7 @@ type AgentMessage struct {
 
 func (x *AgentMessage) Reset() {
 	*x = AgentMessage{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	mi := &file_segmapv1_mapping_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +413,7 @@ func (x *AgentMessage) String() string {
 func (*AgentMessage) ProtoMessage() {}
 
 func (x *AgentMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	mi := &file_segmapv1_mapping_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +426,7 @@ func (x *AgentMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentMessage.ProtoReflect.Descriptor instead.
 func (*AgentMessage) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AgentMessage) GetMsg() isAgentMessage_Msg {
@@ -416,7 +497,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[5]
+	mi := &file_segmapv1_mapping_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -428,7 +509,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[5]
+	mi := &file_segmapv1_mapping_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -441,7 +522,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Hello) GetName() string {
@@ -467,7 +548,7 @@ type Renew struct {
 
 func (x *Renew) Reset() {
 	*x = Renew{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[6]
+	mi := &file_segmapv1_mapping_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +560,7 @@ func (x *Renew) String() string {
 func (*Renew) ProtoMessage() {}
 
 func (x *Renew) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[6]
+	mi := &file_segmapv1_mapping_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +573,7 @@ func (x *Renew) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Renew.ProtoReflect.Descriptor instead.
 func (*Renew) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Renew) GetSeq() uint64 {
@@ -518,7 +599,7 @@ type ControllerMessage struct {
 
 func (x *ControllerMessage) Reset() {
 	*x = ControllerMessage{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[7]
+	mi := &file_segmapv1_mapping_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +611,7 @@ func (x *ControllerMessage) String() string {
 func (*ControllerMessage) ProtoMessage() {}
 
 func (x *ControllerMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[7]
+	mi := &file_segmapv1_mapping_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +624,7 @@ func (x *ControllerMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControllerMessage.ProtoReflect.Descriptor instead.
 func (*ControllerMessage) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ControllerMessage) GetEpoch() uint64 {
@@ -618,7 +699,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[8]
+	mi := &file_segmapv1_mapping_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +711,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[8]
+	mi := &file_segmapv1_mapping_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +724,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Welcome) GetLeaseMs() int64 {
@@ -665,7 +746,7 @@ type Lease struct {
 
 func (x *Lease) Reset() {
 	*x = Lease{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[9]
+	mi := &file_segmapv1_mapping_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +758,7 @@ func (x *Lease) String() string {
 func (*Lease) ProtoMessage() {}
 
 func (x *Lease) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[9]
+	mi := &file_segmapv1_mapping_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +771,7 @@ func (x *Lease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Lease.ProtoReflect.Descriptor instead.
 func (*Lease) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Lease) GetSeq() uint64 {
@@ -726,7 +807,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[10]
+	mi := &file_segmapv1_mapping_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -738,7 +819,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[10]
+	mi := &file_segmapv1_mapping_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -751,7 +832,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Command) GetId() uint64 {
@@ -888,7 +969,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[11]
+	mi := &file_segmapv1_mapping_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +981,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[11]
+	mi := &file_segmapv1_mapping_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +994,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CommandResult) GetId() uint64 {
@@ -950,7 +1031,7 @@ type MappedDisk struct {
 
 func (x *MappedDisk) Reset() {
 	*x = MappedDisk{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[12]
+	mi := &file_segmapv1_mapping_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -962,7 +1043,7 @@ func (x *MappedDisk) String() string {
 func (*MappedDisk) ProtoMessage() {}
 
 func (x *MappedDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[12]
+	mi := &file_segmapv1_mapping_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -975,7 +1056,7 @@ func (x *MappedDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MappedDisk.ProtoReflect.Descriptor instead.
 func (*MappedDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MappedDisk) GetId() uint64 {
@@ -1022,7 +1103,7 @@ type NewTable struct {
 
 func (x *NewTable) Reset() {
 	*x = NewTable{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[13]
+	mi := &file_segmapv1_mapping_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1034,7 +1115,7 @@ func (x *NewTable) String() string {
 func (*NewTable) ProtoMessage() {}
 
 func (x *NewTable) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[13]
+	mi := &file_segmapv1_mapping_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1047,7 +1128,7 @@ func (x *NewTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NewTable.ProtoReflect.Descriptor instead.
 func (*NewTable) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *NewTable) GetDisk() *MappedDisk {
@@ -1066,7 +1147,7 @@ type DeleteTable struct {
 
 func (x *DeleteTable) Reset() {
 	*x = DeleteTable{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[14]
+	mi := &file_segmapv1_mapping_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1078,7 +1159,7 @@ func (x *DeleteTable) String() string {
 func (*DeleteTable) ProtoMessage() {}
 
 func (x *DeleteTable) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[14]
+	mi := &file_segmapv1_mapping_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1091,7 +1172,7 @@ func (x *DeleteTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTable.ProtoReflect.Descriptor instead.
 func (*DeleteTable) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteTable) GetDisk() uint64 {
@@ -1112,7 +1193,7 @@ type GetEntry struct {
 
 func (x *GetEntry) Reset() {
 	*x = GetEntry{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[15]
+	mi := &file_segmapv1_mapping_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1124,7 +1205,7 @@ func (x *GetEntry) String() string {
 func (*GetEntry) ProtoMessage() {}
 
 func (x *GetEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[15]
+	mi := &file_segmapv1_mapping_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1137,7 +1218,7 @@ func (x *GetEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntry.ProtoReflect.Descriptor instead.
 func (*GetEntry) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetEntry) GetDisk() uint64 {
@@ -1173,7 +1254,7 @@ type SetEntry struct {
 
 func (x *SetEntry) Reset() {
 	*x = SetEntry{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[16]
+	mi := &file_segmapv1_mapping_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1185,7 +1266,7 @@ func (x *SetEntry) String() string {
 func (*SetEntry) ProtoMessage() {}
 
 func (x *SetEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[16]
+	mi := &file_segmapv1_mapping_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1198,7 +1279,7 @@ func (x *SetEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetEntry.ProtoReflect.Descriptor instead.
 func (*SetEntry) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetEntry) GetDisk() uint64 {
@@ -1243,7 +1324,7 @@ type SetEntryState struct {
 
 func (x *SetEntryState) Reset() {
 	*x = SetEntryState{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[17]
+	mi := &file_segmapv1_mapping_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1336,7 @@ func (x *SetEntryState) String() string {
 func (*SetEntryState) ProtoMessage() {}
 
 func (x *SetEntryState) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[17]
+	mi := &file_segmapv1_mapping_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1349,7 @@ func (x *SetEntryState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetEntryState.ProtoReflect.Descriptor instead.
 func (*SetEntryState) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetEntryState) GetDisk() uint64 {
@@ -1323,7 +1404,7 @@ type Quiesce struct {
 
 func (x *Quiesce) Reset() {
 	*x = Quiesce{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[18]
+	mi := &file_segmapv1_mapping_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1335,7 +1416,7 @@ func (x *Quiesce) String() string {
 func (*Quiesce) ProtoMessage() {}
 
 func (x *Quiesce) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[18]
+	mi := &file_segmapv1_mapping_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1348,7 +1429,7 @@ func (x *Quiesce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
 func (*Quiesce) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Quiesce) GetDisk() uint64 {
@@ -1374,7 +1455,7 @@ type Activate struct {
 
 func (x *Activate) Reset() {
 	*x = Activate{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[19]
+	mi := &file_segmapv1_mapping_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1386,7 +1467,7 @@ func (x *Activate) String() string {
 func (*Activate) ProtoMessage() {}
 
 func (x *Activate) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[19]
+	mi := &file_segmapv1_mapping_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1399,7 +1480,7 @@ func (x *Activate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activate.ProtoReflect.Descriptor instead.
 func (*Activate) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Activate) GetDisk() uint64 {
@@ -1419,7 +1500,7 @@ type OpenRequest struct {
 
 func (x *OpenRequest) Reset() {
 	*x = OpenRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[20]
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +1512,7 @@ func (x *OpenRequest) String() string {
 func (*OpenRequest) ProtoMessage() {}
 
 func (x *OpenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[20]
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +1525,7 @@ func (x *OpenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenRequest.ProtoReflect.Descriptor instead.
 func (*OpenRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *OpenRequest) GetAgent() string {
@@ -1471,7 +1552,7 @@ type CloseDiskRequest struct {
 
 func (x *CloseDiskRequest) Reset() {
 	*x = CloseDiskRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1564,7 @@ func (x *CloseDiskRequest) String() string {
 func (*CloseDiskRequest) ProtoMessage() {}
 
 func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1577,7 @@ func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskRequest.ProtoReflect.Descriptor instead.
 func (*CloseDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CloseDiskRequest) GetAgent() string {
@@ -1521,7 +1602,7 @@ type CloseDiskResponse struct {
 
 func (x *CloseDiskResponse) Reset() {
 	*x = CloseDiskResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1533,7 +1614,7 @@ func (x *CloseDiskResponse) String() string {
 func (*CloseDiskResponse) ProtoMessage() {}
 
 func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1546,7 +1627,7 @@ func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskResponse.ProtoReflect.Descriptor instead.
 func (*CloseDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
 }
 
 type ContainersRequest struct {
@@ -1557,7 +1638,7 @@ type ContainersRequest struct {
 
 func (x *ContainersRequest) Reset() {
 	*x = ContainersRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1569,7 +1650,7 @@ func (x *ContainersRequest) String() string {
 func (*ContainersRequest) ProtoMessage() {}
 
 func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1582,7 +1663,7 @@ func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersRequest.ProtoReflect.Descriptor instead.
 func (*ContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
 }
 
 type ContainerInfo struct {
@@ -1597,7 +1678,7 @@ type ContainerInfo struct {
 
 func (x *ContainerInfo) Reset() {
 	*x = ContainerInfo{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1609,7 +1690,7 @@ func (x *ContainerInfo) String() string {
 func (*ContainerInfo) ProtoMessage() {}
 
 func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1622,7 +1703,7 @@ func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerInfo.ProtoReflect.Descriptor instead.
 func (*ContainerInfo) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ContainerInfo) GetId() uint32 {
@@ -1662,7 +1743,7 @@ type ContainersResponse struct {
 
 func (x *ContainersResponse) Reset() {
 	*x = ContainersResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1674,7 +1755,7 @@ func (x *ContainersResponse) String() string {
 func (*ContainersResponse) ProtoMessage() {}
 
 func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1687,7 +1768,7 @@ func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersResponse.ProtoReflect.Descriptor instead.
 func (*ContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ContainersResponse) GetContainers() []*ContainerInfo {
@@ -1712,14 +1793,18 @@ type FaultRequest struct {
 	Token     uint64 `protobuf:"varint,10,opt,name=token,proto3" json:"token,omitempty"`
 	// abandon, with op commit, gives back the staged write of token
 	// unmade (the agent could not write it).
-	Abandon       bool `protobuf:"varint,11,opt,name=abandon,proto3" json:"abandon,omitempty"`
+	Abandon bool `protobuf:"varint,11,opt,name=abandon,proto3" json:"abandon,omitempty"`
+	// off and len, for a write, are the bytes of the segment it covers
+	// (sub-segment copy-on-write maps the sub-blocks they touch).
+	Off           uint64 `protobuf:"varint,12,opt,name=off,proto3" json:"off,omitempty"`
+	Len           uint64 `protobuf:"varint,13,opt,name=len,proto3" json:"len,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FaultRequest) Reset() {
 	*x = FaultRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1731,7 +1816,7 @@ func (x *FaultRequest) String() string {
 func (*FaultRequest) ProtoMessage() {}
 
 func (x *FaultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1744,7 +1829,7 @@ func (x *FaultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultRequest.ProtoReflect.Descriptor instead.
 func (*FaultRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FaultRequest) GetAgent() string {
@@ -1824,6 +1909,20 @@ func (x *FaultRequest) GetAbandon() bool {
 	return false
 }
 
+func (x *FaultRequest) GetOff() uint64 {
+	if x != nil {
+		return x.Off
+	}
+	return 0
+}
+
+func (x *FaultRequest) GetLen() uint64 {
+	if x != nil {
+		return x.Len
+	}
+	return 0
+}
+
 type FaultReply struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	First      uint64                 `protobuf:"varint,1,opt,name=first,proto3" json:"first,omitempty"`
@@ -1831,17 +1930,20 @@ type FaultReply struct {
 	Stage      *Entry                 `protobuf:"bytes,3,opt,name=stage,proto3" json:"stage,omitempty"` // set (with stage_token) for a staged write
 	StageToken uint64                 `protobuf:"varint,4,opt,name=stage_token,json=stageToken,proto3" json:"stage_token,omitempty"`
 	Staged     bool                   `protobuf:"varint,5,opt,name=staged,proto3" json:"staged,omitempty"`
-	// stage_from, for a staged partial write, is the slot whose data the
-	// agent copies into the staged one around its write; unset for a
-	// whole-segment write.
-	StageFrom     *Entry `protobuf:"bytes,6,opt,name=stage_from,json=stageFrom,proto3" json:"stage_from,omitempty"`
+	// stage_from, for a staged partial write, is the entry whose data the
+	// agent copies into the staged slot around its write (a partial one
+	// read through its layers); unset for a whole-segment write.
+	StageFrom *Entry `protobuf:"bytes,6,opt,name=stage_from,json=stageFrom,proto3" json:"stage_from,omitempty"`
+	// stage_sparse: the agent writes only the sub-blocks its write touches
+	// (each filled from stage_from where the write does not cover it).
+	StageSparse   bool `protobuf:"varint,7,opt,name=stage_sparse,json=stageSparse,proto3" json:"stage_sparse,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FaultReply) Reset() {
 	*x = FaultReply{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1853,7 +1955,7 @@ func (x *FaultReply) String() string {
 func (*FaultReply) ProtoMessage() {}
 
 func (x *FaultReply) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1866,7 +1968,7 @@ func (x *FaultReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultReply.ProtoReflect.Descriptor instead.
 func (*FaultReply) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *FaultReply) GetFirst() uint64 {
@@ -1911,6 +2013,13 @@ func (x *FaultReply) GetStageFrom() *Entry {
 	return nil
 }
 
+func (x *FaultReply) GetStageSparse() bool {
+	if x != nil {
+		return x.StageSparse
+	}
+	return false
+}
+
 // NotLeader is the detail of the UNAVAILABLE status a standby controller
 // answers every call with: the caller should ask the leader instead.
 type NotLeader struct {
@@ -1926,7 +2035,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1938,7 +2047,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1951,7 +2060,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *NotLeader) GetController() string {
@@ -1979,11 +2088,17 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x05disks\x18\x01 \x03(\v2\x15.segmap.v1.MappedDiskR\x05disks\"G\n" +
 	"\x06Status\x12#\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x0f.segmap.v1.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"O\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x8b\x01\n" +
 	"\x05Entry\x12\x1c\n" +
 	"\tcontainer\x18\x01 \x01(\rR\tcontainer\x12\x12\n" +
 	"\x04slot\x18\x02 \x01(\rR\x04slot\x12\x14\n" +
-	"\x05state\x18\x03 \x01(\rR\x05state\"\x9d\x01\n" +
+	"\x05state\x18\x03 \x01(\rR\x05state\x12\x12\n" +
+	"\x04bits\x18\x04 \x03(\x06R\x04bits\x12&\n" +
+	"\x05under\x18\x05 \x03(\v2\x10.segmap.v1.LayerR\x05under\"M\n" +
+	"\x05Layer\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\rR\tcontainer\x12\x12\n" +
+	"\x04slot\x18\x02 \x01(\rR\x04slot\x12\x12\n" +
+	"\x04bits\x18\x03 \x03(\x06R\x04bits\"\x9d\x01\n" +
 	"\fAgentMessage\x12(\n" +
 	"\x05hello\x18\x01 \x01(\v2\x10.segmap.v1.HelloH\x00R\x05hello\x122\n" +
 	"\x06result\x18\x02 \x01(\v2\x18.segmap.v1.CommandResultH\x00R\x06result\x12(\n" +
@@ -2069,7 +2184,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x12ContainersResponse\x128\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x18.segmap.v1.ContainerInfoR\n" +
-	"containers\"\x8b\x02\n" +
+	"containers\"\xaf\x02\n" +
 	"\fFaultRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12\x1d\n" +
 	"\n" +
@@ -2083,7 +2198,9 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x05whole\x18\t \x01(\bR\x05whole\x12\x14\n" +
 	"\x05token\x18\n" +
 	" \x01(\x04R\x05token\x12\x18\n" +
-	"\aabandon\x18\v \x01(\bR\aabandon\"\xe0\x01\n" +
+	"\aabandon\x18\v \x01(\bR\aabandon\x12\x10\n" +
+	"\x03off\x18\f \x01(\x04R\x03off\x12\x10\n" +
+	"\x03len\x18\r \x01(\x04R\x03len\"\x83\x02\n" +
 	"\n" +
 	"FaultReply\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\x04R\x05first\x12*\n" +
@@ -2093,7 +2210,8 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"stageToken\x12\x16\n" +
 	"\x06staged\x18\x05 \x01(\bR\x06staged\x12/\n" +
 	"\n" +
-	"stage_from\x18\x06 \x01(\v2\x10.segmap.v1.EntryR\tstageFrom\"C\n" +
+	"stage_from\x18\x06 \x01(\v2\x10.segmap.v1.EntryR\tstageFrom\x12!\n" +
+	"\fstage_sparse\x18\a \x01(\bR\vstageSparse\"C\n" +
 	"\tNotLeader\x12\x1e\n" +
 	"\n" +
 	"controller\x18\x01 \x01(\tR\n" +
@@ -2135,80 +2253,82 @@ func file_segmapv1_mapping_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_mapping_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_segmapv1_mapping_proto_goTypes = []any{
 	(Code)(0),                  // 0: segmap.v1.Code
 	(*ExportsRequest)(nil),     // 1: segmap.v1.ExportsRequest
 	(*ExportsResponse)(nil),    // 2: segmap.v1.ExportsResponse
 	(*Status)(nil),             // 3: segmap.v1.Status
 	(*Entry)(nil),              // 4: segmap.v1.Entry
-	(*AgentMessage)(nil),       // 5: segmap.v1.AgentMessage
-	(*Hello)(nil),              // 6: segmap.v1.Hello
-	(*Renew)(nil),              // 7: segmap.v1.Renew
-	(*ControllerMessage)(nil),  // 8: segmap.v1.ControllerMessage
-	(*Welcome)(nil),            // 9: segmap.v1.Welcome
-	(*Lease)(nil),              // 10: segmap.v1.Lease
-	(*Command)(nil),            // 11: segmap.v1.Command
-	(*CommandResult)(nil),      // 12: segmap.v1.CommandResult
-	(*MappedDisk)(nil),         // 13: segmap.v1.MappedDisk
-	(*NewTable)(nil),           // 14: segmap.v1.NewTable
-	(*DeleteTable)(nil),        // 15: segmap.v1.DeleteTable
-	(*GetEntry)(nil),           // 16: segmap.v1.GetEntry
-	(*SetEntry)(nil),           // 17: segmap.v1.SetEntry
-	(*SetEntryState)(nil),      // 18: segmap.v1.SetEntryState
-	(*Quiesce)(nil),            // 19: segmap.v1.Quiesce
-	(*Activate)(nil),           // 20: segmap.v1.Activate
-	(*OpenRequest)(nil),        // 21: segmap.v1.OpenRequest
-	(*CloseDiskRequest)(nil),   // 22: segmap.v1.CloseDiskRequest
-	(*CloseDiskResponse)(nil),  // 23: segmap.v1.CloseDiskResponse
-	(*ContainersRequest)(nil),  // 24: segmap.v1.ContainersRequest
-	(*ContainerInfo)(nil),      // 25: segmap.v1.ContainerInfo
-	(*ContainersResponse)(nil), // 26: segmap.v1.ContainersResponse
-	(*FaultRequest)(nil),       // 27: segmap.v1.FaultRequest
-	(*FaultReply)(nil),         // 28: segmap.v1.FaultReply
-	(*NotLeader)(nil),          // 29: segmap.v1.NotLeader
+	(*Layer)(nil),              // 5: segmap.v1.Layer
+	(*AgentMessage)(nil),       // 6: segmap.v1.AgentMessage
+	(*Hello)(nil),              // 7: segmap.v1.Hello
+	(*Renew)(nil),              // 8: segmap.v1.Renew
+	(*ControllerMessage)(nil),  // 9: segmap.v1.ControllerMessage
+	(*Welcome)(nil),            // 10: segmap.v1.Welcome
+	(*Lease)(nil),              // 11: segmap.v1.Lease
+	(*Command)(nil),            // 12: segmap.v1.Command
+	(*CommandResult)(nil),      // 13: segmap.v1.CommandResult
+	(*MappedDisk)(nil),         // 14: segmap.v1.MappedDisk
+	(*NewTable)(nil),           // 15: segmap.v1.NewTable
+	(*DeleteTable)(nil),        // 16: segmap.v1.DeleteTable
+	(*GetEntry)(nil),           // 17: segmap.v1.GetEntry
+	(*SetEntry)(nil),           // 18: segmap.v1.SetEntry
+	(*SetEntryState)(nil),      // 19: segmap.v1.SetEntryState
+	(*Quiesce)(nil),            // 20: segmap.v1.Quiesce
+	(*Activate)(nil),           // 21: segmap.v1.Activate
+	(*OpenRequest)(nil),        // 22: segmap.v1.OpenRequest
+	(*CloseDiskRequest)(nil),   // 23: segmap.v1.CloseDiskRequest
+	(*CloseDiskResponse)(nil),  // 24: segmap.v1.CloseDiskResponse
+	(*ContainersRequest)(nil),  // 25: segmap.v1.ContainersRequest
+	(*ContainerInfo)(nil),      // 26: segmap.v1.ContainerInfo
+	(*ContainersResponse)(nil), // 27: segmap.v1.ContainersResponse
+	(*FaultRequest)(nil),       // 28: segmap.v1.FaultRequest
+	(*FaultReply)(nil),         // 29: segmap.v1.FaultReply
+	(*NotLeader)(nil),          // 30: segmap.v1.NotLeader
 }
 var file_segmapv1_mapping_proto_depIdxs = []int32{
-	13, // 0: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
+	14, // 0: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
 	0,  // 1: segmap.v1.Status.code:type_name -> segmap.v1.Code
-	6,  // 2: segmap.v1.AgentMessage.hello:type_name -> segmap.v1.Hello
-	12, // 3: segmap.v1.AgentMessage.result:type_name -> segmap.v1.CommandResult
-	7,  // 4: segmap.v1.AgentMessage.renew:type_name -> segmap.v1.Renew
-	9,  // 5: segmap.v1.ControllerMessage.welcome:type_name -> segmap.v1.Welcome
-	11, // 6: segmap.v1.ControllerMessage.command:type_name -> segmap.v1.Command
-	10, // 7: segmap.v1.ControllerMessage.lease:type_name -> segmap.v1.Lease
-	14, // 8: segmap.v1.Command.new_table:type_name -> segmap.v1.NewTable
-	15, // 9: segmap.v1.Command.delete_table:type_name -> segmap.v1.DeleteTable
-	16, // 10: segmap.v1.Command.get_entry:type_name -> segmap.v1.GetEntry
-	17, // 11: segmap.v1.Command.set_entry:type_name -> segmap.v1.SetEntry
-	18, // 12: segmap.v1.Command.set_entry_state:type_name -> segmap.v1.SetEntryState
-	19, // 13: segmap.v1.Command.quiesce:type_name -> segmap.v1.Quiesce
-	20, // 14: segmap.v1.Command.activate:type_name -> segmap.v1.Activate
-	3,  // 15: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
-	4,  // 16: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
-	13, // 17: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
-	4,  // 18: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
-	25, // 19: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
-	4,  // 20: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
-	4,  // 21: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
-	4,  // 22: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
-	5,  // 23: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
-	21, // 24: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
-	22, // 25: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
-	24, // 26: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
-	27, // 27: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
-	1,  // 28: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
-	8,  // 29: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
-	13, // 30: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
-	23, // 31: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
-	26, // 32: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
-	28, // 33: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
-	2,  // 34: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
-	29, // [29:35] is the sub-list for method output_type
-	23, // [23:29] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	5,  // 2: segmap.v1.Entry.under:type_name -> segmap.v1.Layer
+	7,  // 3: segmap.v1.AgentMessage.hello:type_name -> segmap.v1.Hello
+	13, // 4: segmap.v1.AgentMessage.result:type_name -> segmap.v1.CommandResult
+	8,  // 5: segmap.v1.AgentMessage.renew:type_name -> segmap.v1.Renew
+	10, // 6: segmap.v1.ControllerMessage.welcome:type_name -> segmap.v1.Welcome
+	12, // 7: segmap.v1.ControllerMessage.command:type_name -> segmap.v1.Command
+	11, // 8: segmap.v1.ControllerMessage.lease:type_name -> segmap.v1.Lease
+	15, // 9: segmap.v1.Command.new_table:type_name -> segmap.v1.NewTable
+	16, // 10: segmap.v1.Command.delete_table:type_name -> segmap.v1.DeleteTable
+	17, // 11: segmap.v1.Command.get_entry:type_name -> segmap.v1.GetEntry
+	18, // 12: segmap.v1.Command.set_entry:type_name -> segmap.v1.SetEntry
+	19, // 13: segmap.v1.Command.set_entry_state:type_name -> segmap.v1.SetEntryState
+	20, // 14: segmap.v1.Command.quiesce:type_name -> segmap.v1.Quiesce
+	21, // 15: segmap.v1.Command.activate:type_name -> segmap.v1.Activate
+	3,  // 16: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
+	4,  // 17: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
+	14, // 18: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
+	4,  // 19: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
+	26, // 20: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
+	4,  // 21: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
+	4,  // 22: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
+	4,  // 23: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
+	6,  // 24: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
+	22, // 25: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
+	23, // 26: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
+	25, // 27: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
+	28, // 28: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
+	1,  // 29: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
+	9,  // 30: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
+	14, // 31: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
+	24, // 32: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
+	27, // 33: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
+	29, // 34: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
+	2,  // 35: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
+	30, // [30:36] is the sub-list for method output_type
+	24, // [24:30] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_mapping_proto_init() }
@@ -2216,17 +2336,17 @@ func file_segmapv1_mapping_proto_init() {
 	if File_segmapv1_mapping_proto != nil {
 		return
 	}
-	file_segmapv1_mapping_proto_msgTypes[4].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[5].OneofWrappers = []any{
 		(*AgentMessage_Hello)(nil),
 		(*AgentMessage_Result)(nil),
 		(*AgentMessage_Renew)(nil),
 	}
-	file_segmapv1_mapping_proto_msgTypes[7].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[8].OneofWrappers = []any{
 		(*ControllerMessage_Welcome)(nil),
 		(*ControllerMessage_Command)(nil),
 		(*ControllerMessage_Lease)(nil),
 	}
-	file_segmapv1_mapping_proto_msgTypes[10].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[11].OneofWrappers = []any{
 		(*Command_NewTable)(nil),
 		(*Command_DeleteTable)(nil),
 		(*Command_GetEntry)(nil),
@@ -2241,7 +2361,7 @@ func file_segmapv1_mapping_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_mapping_proto_rawDesc), len(file_segmapv1_mapping_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -167,10 +167,10 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 	}
 }
 
-// begin looks up segment seg for op. If the I/O may go to storage it is
-// counted in flight in the returned epoch, and the caller must call end(ep)
-// when the container call returns.
-func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
+// begin looks up segment seg for op on the sub-blocks span. If the I/O may
+// go to storage it is counted in flight in the returned epoch, and the
+// caller must call end(ep) when the container call returns.
+func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op, span table.Bits) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
 	if err := d.a.waitLease(ctx); err != nil {
 		return e, dec, nil, 0, err
 	}
@@ -193,7 +193,7 @@ func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op) (e table.Entr
 		return e, dec, nil, 0, fmt.Errorf("segment %d of %d: %w", seg, d.mu.tab.Len(), ErrRange)
 	}
 	e = d.mu.tab.Entry(int(seg))
-	dec = table.Decide(e, op)
+	dec = table.DecideSpan(e, op, span)
 	if dec.Action == table.Proceed {
 		// The epoch cannot be closed while the read lock is held, so
 		// the command that closes it will see this count.
@@ -269,7 +269,8 @@ func (d *Disk) recordLocked(rg segRange) {
 func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) {
+	if d.mu.gone || r.First > uint64(d.mu.tab.Len()) || d.changedLocked(seq, segRange{r.First, r.First + uint64(len(r.Entries))}) ||
+		d.checkEntries(r.Entries) != nil {
 		return false
 	}
 	sf := d.mu.faults[seg]
@@ -291,7 +292,7 @@ func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)) == keep {
+	if d.mu.gone || seg >= uint64(d.mu.tab.Len()) || d.mu.tab.Entry(int(seg)).Equal(keep) {
 		return
 	}
 	_ = d.mu.tab.SetEntry(int(seg), []table.Entry{table.InvalidEntry}) // seg < Len, checked above
@@ -300,12 +301,12 @@ func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 	}
 }
 
-// fault sends a fault for segments [seg, seg+count) and returns the reply.
-func (d *Disk) fault(ctx context.Context, seg, count uint64, op protocol.FaultOp, reason table.State, whole bool) (protocol.Reply, error) {
-	r, err := d.a.controller().Fault(ctx, protocol.Fault{
-		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: count,
-		Op: op, Reason: reason, Whole: whole,
-	})
+// fault sends the fault f (its agent and disk filled in) and returns the
+// reply.
+func (d *Disk) fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+	f.Agent, f.Disk = d.a.name, d.Info().ID
+	op, seg := f.Op, f.Segment
+	r, err := d.a.controller().Fault(ctx, f)
 	if err != nil {
 		return r, fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
 	}
@@ -329,6 +330,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		op = table.Read
 	}
 	whole := kind == ioWrite && off == 0 && uint64(len(p)) == segSize
+	span := table.SpanOf(segSize, off, uint64(len(p)))
 	// faults counts replies that were installed and still did not let
 	// the I/O through; dropped (stale) replies are bounded separately,
 	// since they only mean that commands keep arriving.
@@ -337,13 +339,13 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		if faults == maxRetries || dropped == 16*maxRetries {
 			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
 		}
-		e, dec, ep, seq, err := d.begin(ctx, seg, op)
+		e, dec, ep, seq, err := d.begin(ctx, seg, op, span)
 		if err != nil {
 			return err
 		}
 		switch dec.Action {
 		case table.Proceed:
-			err := d.storageIO(ctx, kind, e.Loc, seg, off, p, segSize)
+			err := d.storageIO(ctx, kind, e, seg, off, p, segSize)
 			d.end(ep)
 			if err == nil && kind == ioRead && !d.a.leaseHeld() {
 				// The lease lapsed while the read was out: what it
@@ -371,7 +373,24 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		tab := d.mu.tab // replaced by a fence or a reset
 		d.mu.RUnlock()
 		gen := d.faultOut(seg)
-		r, err := d.fault(ctx, seg, 1, fop, dec.Reason, whole)
+		f := protocol.Fault{Segment: seg, Count: 1, Op: fop, Reason: dec.Reason, Whole: whole}
+		if fop == protocol.FaultWrite {
+			// The bytes it writes: a partial entry's top may be
+			// given just the sub-blocks they touch.
+			f.Off, f.Len = off, uint64(len(p))
+		}
+		r, err := d.fault(ctx, f)
+		if err == nil {
+			err = d.checkEntries(r.Entries)
+			if r.Stage != nil && err == nil {
+				if err = d.checkEntries([]table.Entry{r.Stage.From}); err != nil {
+					d.abandon(ctx, seg, r.Stage)
+				}
+			}
+			if err != nil {
+				err = fmt.Errorf("%v fault on segment %d: reply: %v: %w", fop, seg, err, protocol.ErrIO)
+			}
+		}
 		if err != nil {
 			d.faultIn(seg)
 			return err
@@ -397,10 +416,12 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 
 // staged does a staged write: p goes to the staged slot at off, the rest
 // of the segment (for a partial write) being copied from the stage's From
-// slot, and the slot is flushed (the data must be durable before the map
-// points at it); then the controller is asked to commit the move. done is
-// false if the write must start again: the commit came too late, or the
-// segment changed before the copy could start.
+// entry (through its layers, if it is partial), or, for a sparse stage,
+// only the sub-blocks p touches (see writeSparse); and the slot is flushed
+// (the data must be durable before the map points at it); then the
+// controller is asked to commit the move. done is false if the write must
+// start again: the commit came too late, or the segment changed before the
+// copy could start.
 //
 // The I/O to the staged slot (and the copy's reads of the old one) is I/O
 // in flight like any other: a command (a fence, a re-attach, a Blocking
@@ -414,9 +435,18 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 // stage not made is abandoned, so that the controller frees its slot.
 func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize uint64, st *protocol.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
-	var src *openContainer
-	if err == nil && st.Copies() {
-		src, err = d.a.container(ctx, st.From.Loc.Container)
+	// srcs holds the containers of the slots From names.
+	srcs := map[uint32]container.Container{}
+	if st.Copies() {
+		st.From.Slots(func(loc table.Location) {
+			if _, ok := srcs[loc.Container]; ok || err != nil {
+				return
+			}
+			var src *openContainer
+			if src, err = d.a.container(ctx, loc.Container); err == nil {
+				srcs[loc.Container] = src.c
+			}
+		})
 	}
 	if err != nil {
 		d.abandon(ctx, seg, st)
@@ -441,8 +471,12 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 	d.mu.RUnlock()
 	werr := func() error {
 		defer d.end(ep)
-		if st.Copies() {
-			if err := copyAround(src.c, oc.c, st, off, p, segSize); err != nil {
+		if st.Sparse {
+			if err := writeSparse(srcs, oc.c, st, off, p, segSize); err != nil {
+				return fmt.Errorf("staged write of segment %d: %w", seg, err)
+			}
+		} else if st.Copies() {
+			if err := copyAround(srcs, oc.c, st, off, p, segSize); err != nil {
 				return fmt.Errorf("staged write of segment %d: %w", seg, err)
 			}
 		} else if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
@@ -510,24 +544,26 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyChunk); return 
 // zeroBlock is the unit in which a staged copy leaves zeros unwritten.
 const zeroBlock = 4096
 
-// copyAround fills the staged slot st.Loc of dst with the segment in slot
-// st.From of src with p laid over it at off: chunk by chunk, each read
-// from the old slot (unless p covers it), overlaid, and written. Blocks
-// that come out all zeros are not written: the staged slot, free until
-// now, is durably zero, and the container file stays sparse there (a
-// snapshot of a sparse disk does not fill its copies with zeros).
-func copyAround(src, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
+// copyAround fills the staged slot st.Loc of dst with the segment st.From
+// maps (src holds the containers of its slots) with p laid over it at off:
+// chunk by chunk, each read from the old slots (unless p covers it; a
+// partial From reads each sub-block from the slot that holds it),
+// overlaid, and written. Blocks that come out all zeros are not written:
+// the staged slot, free until now, is durably zero, and the container file
+// stays sparse there (a snapshot of a sparse disk does not fill its copies
+// with zeros).
+func copyAround(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
-	from, to := int64(uint64(st.From.Loc.Slot)*segSize), int64(uint64(st.Loc.Slot)*segSize)
+	to := int64(uint64(st.Loc.Slot) * segSize)
 	end := off + uint64(len(p))
 	for pos := uint64(0); pos < segSize; {
 		n := min(copyChunk, segSize-pos)
 		b := (*bp)[:n]
 		lo, hi := max(pos, off), min(pos+n, end)
 		if lo > pos || hi < pos+n {
-			if _, err := src.ReadAt(b, from+int64(pos)); err != nil {
-				return fmt.Errorf("copy-on-write read %v: %w: %w", st.From, protocol.ErrIO, err)
+			if err := readFrom(src, st.From, pos, b, segSize); err != nil {
+				return err
 			}
 		}
 		if lo < hi {
@@ -554,10 +590,96 @@ func copyAround(src, dst container.Container, st *protocol.Stage, off uint64, p 
 	return nil
 }
 
+// readFrom reads bytes [off, off+len(b)) of the segment the mapped entry
+// from maps into b, each sub-block from the slot that holds it; src holds
+// the containers of its slots.
+func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, b []byte, segSize uint64) error {
+	return readRuns(from, off, b, segSize, func(loc table.Location) (container.Container, error) {
+		c := src[loc.Container]
+		if c == nil {
+			return nil, fmt.Errorf("copy-on-write read %v: container %d not open: %w", loc, loc.Container, protocol.ErrIO)
+		}
+		return c, nil
+	}, func(loc table.Location, err error) error {
+		return fmt.Errorf("copy-on-write read %v: %w: %w", loc, protocol.ErrIO, err)
+	})
+}
+
+// writeSparse makes a sparse staged write: into the staged slot st.Loc of
+// dst it writes only the sub-blocks p (at off) touches, leaving the others
+// unwritten. A sub-block p covers whole is p's bytes; one it covers in
+// part (at most the first and the last) is read first from the slot of
+// st.From that holds it (which may be st.Loc itself, when a partial
+// entry's own slot is filled in place; with no From, zeros), and p is laid
+// over it.
+func writeSparse(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
+	end := off + uint64(len(p))
+	if end == off {
+		return nil
+	}
+	sb := table.SubBlockSize(segSize)
+	to := uint64(st.Loc.Slot) * segSize
+	write := func(b []byte, at uint64) error {
+		if _, err := dst.WriteAt(b, int64(to+at)); err != nil {
+			return fmt.Errorf("sub-block write %v: %w: %w", st.Loc, protocol.ErrIO, err)
+		}
+		return nil
+	}
+	// edge writes the sub-block at a ([a, b) of the segment), which p
+	// covers only in part.
+	edge := func(a, b uint64) error {
+		buf := make([]byte, b-a)
+		if st.Copies() {
+			if err := readFrom(src, st.From, a, buf, segSize); err != nil {
+				return err
+			}
+		}
+		lo, hi := max(a, off), min(b, end)
+		copy(buf[lo-a:hi-a], p[lo-off:hi-off])
+		return write(buf, a)
+	}
+	first, last := off/sb, (end-1)/sb // the sub-blocks touched
+	mid, midEnd := off, end           // the bytes of the sub-blocks p covers whole
+	if a := first * sb; a < off || (first == last && end < min(a+sb, segSize)) {
+		b := min(a+sb, segSize)
+		if err := edge(a, b); err != nil {
+			return err
+		}
+		mid = b
+	}
+	if a := last * sb; mid < end && end < min(a+sb, segSize) {
+		if err := edge(a, min(a+sb, segSize)); err != nil {
+			return err
+		}
+		midEnd = a
+	}
+	if mid < midEnd {
+		return write(p[mid-off:midEnd-off], mid)
+	}
+	return nil
+}
+
 // zeros is a buffer of zeros for ioZero writes; never written to.
 var zeros = make([]byte, 1<<20)
 
-func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, seg, off uint64, p []byte, segSize uint64) error {
+// storageIO does an I/O that e lets through: bytes [off, off+len(p)) of
+// segment seg. A read of a partial entry reads each sub-block from the
+// slot that holds it; a write goes to e's own slot (DecideSpan let it
+// through only if that slot holds every sub-block it touches), as does a
+// read of a whole entry.
+func (d *Disk) storageIO(ctx context.Context, kind ioKind, e table.Entry, seg, off uint64, p []byte, segSize uint64) error {
+	if kind == ioRead && e.Partial() {
+		return readRuns(e, off, p, segSize, func(loc table.Location) (container.Container, error) {
+			oc, err := d.a.container(ctx, loc.Container)
+			if err != nil {
+				return nil, err
+			}
+			return oc.c, nil
+		}, func(loc table.Location, err error) error {
+			return fmt.Errorf("read segment %d at %v: %w: %w", seg, loc, protocol.ErrIO, err)
+		})
+	}
+	loc := e.Loc
 	oc, err := d.a.container(ctx, loc.Container)
 	if err != nil {
 		return err
@@ -583,6 +705,29 @@ func (d *Disk) storageIO(ctx context.Context, kind ioKind, loc table.Location, s
 	}
 	oc.written.Store(true)
 	return nil
+}
+
+// readRuns reads bytes [off, off+len(p)) of the segment entry e maps into
+// p: from e's slot, or, for a partial entry, each run of sub-blocks from
+// the slot that holds it. open gives the container of a slot; wrap makes
+// the error of a failed read.
+func readRuns(e table.Entry, off uint64, p []byte, segSize uint64, open func(table.Location) (container.Container, error), wrap func(table.Location, error) error) error {
+	end := off + uint64(len(p))
+	if end == off {
+		return nil
+	}
+	sb := table.SubBlockSize(segSize)
+	return e.Runs(int(off/sb), int((end+sb-1)/sb), func(loc table.Location, lo, hi int) error {
+		a, b := max(uint64(lo)*sb, off), min(uint64(hi)*sb, end)
+		c, err := open(loc)
+		if err != nil {
+			return err
+		}
+		if _, err := c.ReadAt(p[a-off:b-off], int64(uint64(loc.Slot)*segSize+a)); err != nil {
+			return wrap(loc, err)
+		}
+		return nil
+	})
 }
 
 // span calls fn for each segment piece of [off, off+n), in order. It checks
@@ -697,7 +842,7 @@ func (d *Disk) discard(ctx context.Context, seg, n uint64) error {
 	if gone {
 		return ErrGone
 	}
-	_, err := d.fault(ctx, seg, n, protocol.FaultDiscard, 0, false)
+	_, err := d.fault(ctx, protocol.Fault{Segment: seg, Count: n, Op: protocol.FaultDiscard})
 	return err
 }
 
@@ -765,8 +910,26 @@ func (d *Disk) setEntry(ctx context.Context, c protocol.SetEntry) error {
 		if c.First > uint64(t.Len()) {
 			return fmt.Errorf("set_entry at %d: %w", c.First, table.ErrRange)
 		}
+		if err := d.checkEntries(c.Entries); err != nil {
+			return fmt.Errorf("set_entry at %d: %w", c.First, err)
+		}
 		return t.SetEntry(int(c.First), c.Entries)
 	})
+}
+
+// checkEntries checks the shape of the partial entries among es for the
+// disk's segments: an entry whose layers do not fit (say, made for another
+// segment size) would read the wrong bytes.
+func (d *Disk) checkEntries(es []table.Entry) error {
+	n := table.SubBlockCount(d.Info().SegmentSize)
+	for _, e := range es {
+		if e.Partial() {
+			if err := e.Part.Valid(e.Loc, n); err != nil {
+				return fmt.Errorf("%w: %w", err, protocol.ErrBadRequest)
+			}
+		}
+	}
+	return nil
 }
 
 func (d *Disk) setEntryState(ctx context.Context, c protocol.SetEntryState) error {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 
 	"segmap/internal/container"
 	"segmap/internal/table"
@@ -36,6 +37,9 @@ func (d *Disk) TryReadAt(ctx context.Context, p []byte, off uint64) (done bool, 
 	return true, nil
 }
 
+// errWouldWait stops tryReadSeg's runs at one that would wait.
+var errWouldWait = errors.New("would wait")
+
 // tryReadSeg is TryReadAt within segment seg: bytes [off, off+len(p)).
 func (d *Disk) tryReadSeg(seg, off uint64, p []byte, segSize uint64) bool {
 	if !d.mu.TryRLock() {
@@ -62,12 +66,30 @@ func (d *Disk) tryReadSeg(seg, off uint64, p []byte, segSize uint64) bool {
 	ep.n.Add(1)
 	d.mu.RUnlock()
 
-	ok := false
-	if oc := (*d.a.conts.Load())[e.Loc.Container]; oc != nil {
-		if nw, isNW := oc.c.(container.NoWaitReader); isNW {
-			ok = nw.ReadAtNoWait(p, int64(uint64(e.Loc.Slot)*segSize+off))
+	conts := *d.a.conts.Load()
+	if !e.Partial() {
+		ok := false
+		if oc := conts[e.Loc.Container]; oc != nil {
+			if nw, isNW := oc.c.(container.NoWaitReader); isNW {
+				ok = nw.ReadAtNoWait(p, int64(uint64(e.Loc.Slot)*segSize+off))
+			}
 		}
+		d.end(ep)
+		return ok
 	}
+	// A partial entry reads each run of sub-blocks from the slot that
+	// holds it.
+	sb := table.SubBlockSize(segSize)
+	end := off + uint64(len(p))
+	ok := len(p) == 0 || e.Runs(int(off/sb), int((end+sb-1)/sb), func(loc table.Location, lo, hi int) error {
+		a, b := max(uint64(lo)*sb, off), min(uint64(hi)*sb, end)
+		if oc := conts[loc.Container]; oc != nil {
+			if nw, isNW := oc.c.(container.NoWaitReader); isNW && nw.ReadAtNoWait(p[a-off:b-off], int64(uint64(loc.Slot)*segSize+a)) {
+				return nil
+			}
+		}
+		return errWouldWait
+	}) == nil
 	d.end(ep)
 	return ok
 }

@@ -416,6 +416,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	req := &pb.FaultRequest{
 		Agent: f.Agent, RequestId: c.reqID.Add(1), Disk: uint64(f.Disk), Segment: f.Segment,
 		Count: f.Count, Op: uint32(f.Op), Reason: uint32(f.Reason), Whole: f.Whole, Token: f.Token, Abandon: f.Abandon,
+		Off: f.Off, Len: f.Len,
 	}
 	// While the controller is unreachable, or has restarted and not yet
 	// seen this agent re-attach, the I/O waits (up to FaultPatience)
@@ -447,8 +448,8 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		return protocol.Reply{}, err
 	}
 	out := protocol.Reply{First: r.GetFirst(), Entries: es}
-	if r.GetStaged() {
-		out.Stage = stageFromPB(r)
+	if out.Stage, err = stageFromPB(r); err != nil {
+		return protocol.Reply{}, err
 	}
 	return out, nil
 }

@@ -42,21 +42,94 @@ import (
 func entriesToPB(es []table.Entry) []*pb.Entry {
 	out := make([]*pb.Entry, len(es))
 	for i, e := range es {
-		out[i] = &pb.Entry{Container: e.Loc.Container, Slot: e.Loc.Slot, State: uint32(e.State)}
+		out[i] = entryToPB(e)
 	}
 	return out
 }
 
-// entriesFromPB converts entries from the wire, refusing undefined states.
+// entryToPB converts e for the wire, with its layers if it is partial.
+func entryToPB(e table.Entry) *pb.Entry {
+	out := &pb.Entry{Container: e.Loc.Container, Slot: e.Loc.Slot, State: uint32(e.State)}
+	if e.Partial() {
+		out.Bits = bitsToPB(e.Part.Bits)
+		out.Under = make([]*pb.Layer, len(e.Part.Under))
+		for i, l := range e.Part.Under {
+			out.Under[i] = &pb.Layer{Container: l.Loc.Container, Slot: l.Loc.Slot, Bits: bitsToPB(l.Bits)}
+		}
+	}
+	return out
+}
+
+// bitsToPB returns b's words up to its last non-zero one.
+func bitsToPB(b table.Bits) []uint64 {
+	n := len(b)
+	for n > 0 && b[n-1] == 0 {
+		n--
+	}
+	return append([]uint64(nil), b[:n]...)
+}
+
+// bitsFromPB undoes bitsToPB, refusing sub-blocks beyond table.SubBlocks.
+func bitsFromPB(ws []uint64) (table.Bits, error) {
+	var b table.Bits
+	if len(ws) > len(b) {
+		return b, fmt.Errorf("%d words of sub-block bits (at most %d): %w", len(ws), len(b), protocol.ErrBadRequest)
+	}
+	copy(b[:], ws)
+	return b, nil
+}
+
+// entriesFromPB converts entries from the wire, refusing undefined states
+// and malformed layers.
 func entriesFromPB(es []*pb.Entry) ([]table.Entry, error) {
 	out := make([]table.Entry, len(es))
 	for i, e := range es {
-		st := table.State(e.GetState())
-		if e.GetState() > 0xff || !st.Valid() {
-			return nil, fmt.Errorf("entry state %d: %w", e.GetState(), protocol.ErrBadRequest)
+		var err error
+		if out[i], err = entryFromPB(e); err != nil {
+			return nil, fmt.Errorf("entry %d: %w", i, err)
 		}
-		out[i] = table.Entry{Loc: table.Location{Container: e.GetContainer(), Slot: e.GetSlot()}, State: st}
 	}
+	return out, nil
+}
+
+// entryFromPB converts an entry from the wire. A partial one must have the
+// shape table.Partial.Valid checks, for the segment of as many sub-blocks
+// as its base holds (the agent does not know the disk here); anything else
+// is protocol.ErrBadRequest.
+func entryFromPB(e *pb.Entry) (table.Entry, error) {
+	st := table.State(e.GetState())
+	if e.GetState() > 0xff || !st.Valid() {
+		return table.Entry{}, fmt.Errorf("entry state %d: %w", e.GetState(), protocol.ErrBadRequest)
+	}
+	out := table.Entry{Loc: table.Location{Container: e.GetContainer(), Slot: e.GetSlot()}, State: st}
+	if len(e.GetBits()) == 0 && len(e.GetUnder()) == 0 {
+		return out, nil
+	}
+	switch {
+	case out.Voided():
+		return table.Entry{}, fmt.Errorf("%v entry with layers: %w", st, protocol.ErrBadRequest)
+	case 1+len(e.GetUnder()) > table.MaxDepth:
+		return table.Entry{}, fmt.Errorf("entry %v with %d layers (at most %d): %w", out.Loc, 1+len(e.GetUnder()), table.MaxDepth, protocol.ErrBadRequest)
+	case len(e.GetUnder()) == 0:
+		return table.Entry{}, fmt.Errorf("partial entry %v with no layer under it: %w", out.Loc, protocol.ErrBadRequest)
+	case out.Loc.Container == 0:
+		return table.Entry{}, fmt.Errorf("partial entry %v has no container: %w", out.Loc, protocol.ErrBadRequest)
+	}
+	p := &table.Partial{Under: make([]table.Layer, len(e.GetUnder()))}
+	var err error
+	if p.Bits, err = bitsFromPB(e.GetBits()); err != nil {
+		return table.Entry{}, fmt.Errorf("entry %v: %w", out.Loc, err)
+	}
+	for i, l := range e.GetUnder() {
+		p.Under[i].Loc = table.Location{Container: l.GetContainer(), Slot: l.GetSlot()}
+		if p.Under[i].Bits, err = bitsFromPB(l.GetBits()); err != nil {
+			return table.Entry{}, fmt.Errorf("entry %v, layer %d: %w", out.Loc, i+1, err)
+		}
+	}
+	if err := p.Valid(out.Loc, p.Under[len(p.Under)-1].Bits.Count()); err != nil {
+		return table.Entry{}, fmt.Errorf("%w: %w", err, protocol.ErrBadRequest)
+	}
+	out.Part = p
 	return out, nil
 }
 
@@ -69,20 +142,31 @@ func stageToPB(out *pb.FaultReply, st *protocol.Stage) {
 	out.StageToken = st.Token
 	out.Stage = &pb.Entry{Container: st.Loc.Container, Slot: st.Loc.Slot}
 	if st.Copies() {
-		out.StageFrom = &pb.Entry{Container: st.From.Loc.Container, Slot: st.From.Loc.Slot}
+		out.StageFrom = entryToPB(st.From)
 	}
+	out.StageSparse = st.Sparse
 }
 
 // stageFromPB returns the stage of the fault reply r, nil if it has none.
-func stageFromPB(r *pb.FaultReply) *protocol.Stage {
+func stageFromPB(r *pb.FaultReply) (*protocol.Stage, error) {
 	if !r.GetStaged() {
-		return nil
+		return nil, nil
 	}
-	return &protocol.Stage{
-		Loc:   table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
-		Token: r.GetStageToken(),
-		From:  table.Entry{Loc: table.Location{Container: r.GetStageFrom().GetContainer(), Slot: r.GetStageFrom().GetSlot()}},
+	st := &protocol.Stage{
+		Loc:    table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
+		Token:  r.GetStageToken(),
+		Sparse: r.GetStageSparse(),
 	}
+	if r.GetStageFrom() != nil {
+		from, err := entryFromPB(r.GetStageFrom())
+		if err != nil {
+			return nil, fmt.Errorf("stage from: %w", err)
+		}
+		if from.Loc.Container != 0 {
+			st.From = from
+		}
+	}
+	return st, nil
 }
 
 func diskToPB(d protocol.Disk) *pb.MappedDisk {
