@@ -1936,7 +1936,14 @@ type FaultReply struct {
 	StageFrom *Entry `protobuf:"bytes,6,opt,name=stage_from,json=stageFrom,proto3" json:"stage_from,omitempty"`
 	// stage_sparse: the agent writes only the sub-blocks its write touches
 	// (each filled from stage_from where the write does not cover it).
-	StageSparse   bool `protobuf:"varint,7,opt,name=stage_sparse,json=stageSparse,proto3" json:"stage_sparse,omitempty"`
+	StageSparse bool `protobuf:"varint,7,opt,name=stage_sparse,json=stageSparse,proto3" json:"stage_sparse,omitempty"`
+	// stage_no_flush: the agent need not flush the staged slot before its
+	// commit, which the controller keeps in memory until the agent's next
+	// flush of the disk.
+	StageNoFlush bool `protobuf:"varint,8,opt,name=stage_no_flush,json=stageNoFlush,proto3" json:"stage_no_flush,omitempty"`
+	// deferred: the map change behind this reply is in the controller's
+	// memory only until the agent flushes the disk (op flush).
+	Deferred      bool `protobuf:"varint,9,opt,name=deferred,proto3" json:"deferred,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2016,6 +2023,20 @@ func (x *FaultReply) GetStageFrom() *Entry {
 func (x *FaultReply) GetStageSparse() bool {
 	if x != nil {
 		return x.StageSparse
+	}
+	return false
+}
+
+func (x *FaultReply) GetStageNoFlush() bool {
+	if x != nil {
+		return x.StageNoFlush
+	}
+	return false
+}
+
+func (x *FaultReply) GetDeferred() bool {
+	if x != nil {
+		return x.Deferred
 	}
 	return false
 }
@@ -2200,7 +2221,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	" \x01(\x04R\x05token\x12\x18\n" +
 	"\aabandon\x18\v \x01(\bR\aabandon\x12\x10\n" +
 	"\x03off\x18\f \x01(\x04R\x03off\x12\x10\n" +
-	"\x03len\x18\r \x01(\x04R\x03len\"\x83\x02\n" +
+	"\x03len\x18\r \x01(\x04R\x03len\"\xc5\x02\n" +
 	"\n" +
 	"FaultReply\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\x04R\x05first\x12*\n" +
@@ -2211,7 +2232,9 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x06staged\x18\x05 \x01(\bR\x06staged\x12/\n" +
 	"\n" +
 	"stage_from\x18\x06 \x01(\v2\x10.segmap.v1.EntryR\tstageFrom\x12!\n" +
-	"\fstage_sparse\x18\a \x01(\bR\vstageSparse\"C\n" +
+	"\fstage_sparse\x18\a \x01(\bR\vstageSparse\x12$\n" +
+	"\x0estage_no_flush\x18\b \x01(\bR\fstageNoFlush\x12\x1a\n" +
+	"\bdeferred\x18\t \x01(\bR\bdeferred\"C\n" +
 	"\tNotLeader\x12\x1e\n" +
 	"\n" +
 	"controller\x18\x01 \x01(\tR\n" +

@@ -185,6 +185,7 @@ func (a *Agent) Attach(ctx context.Context, ctrl protocol.Controller) error {
 	}
 	a.mu.Unlock()
 	for _, d := range disks {
+		d.lostMaps()
 		if err := d.reset(ctx, d.Info()); err != nil {
 			return err
 		}

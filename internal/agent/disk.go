@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"sync"
 	"sync/atomic"
@@ -28,6 +29,15 @@ type Disk struct {
 	// info is what the agent knows of the disk; replaced (under mu) by
 	// reset, read without a lock on the data path.
 	info atomic.Pointer[protocol.Disk]
+
+	// maps counts the map changes the controller answered as kept in
+	// memory (protocol.Reply.Deferred) and those a flush made durable;
+	// lives counts the times the disk lost changes to a controller
+	// that went away with them (see Lives).
+	maps struct {
+		deferred, durable atomic.Uint64
+	}
+	lives atomic.Uint64
 
 	// mu guards the table and the disk's state. The data path takes it
 	// shared, to look an entry up; commands take it exclusively.
@@ -310,7 +320,33 @@ func (d *Disk) fault(ctx context.Context, f protocol.Fault) (protocol.Reply, err
 	if err != nil {
 		return r, fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
 	}
+	d.noteDeferred(r)
 	return r, nil
+}
+
+// noteDeferred counts a reply whose map change the controller keeps in
+// memory until the disk is flushed.
+func (d *Disk) noteDeferred(r protocol.Reply) {
+	if r.Deferred {
+		d.maps.deferred.Add(1)
+	}
+}
+
+// Lives counts the times the disk's map changes kept in memory were lost
+// with their controller (the agent attached to another with some not yet
+// flushed). Its clients may have read what those changes mapped, which
+// the disk no longer holds: a connection opened in an earlier life must
+// end, as if the server had crashed (nbdexport hangs up on it).
+func (d *Disk) Lives() uint64 { return d.lives.Load() }
+
+// lostMaps ends the disk's life if the controller it is leaving kept map
+// changes of it in memory: called as the agent attaches to a controller.
+func (d *Disk) lostMaps() {
+	if g := d.maps.deferred.Load(); g != d.maps.durable.Load() {
+		d.maps.durable.Store(g)
+		d.lives.Add(1)
+		slog.Warn("map changes not yet flushed were lost with the controller: ending the disk's connections", "disk", d.Info().Name)
+	}
 }
 
 // ioKind is what segIO does with a piece of a segment.
@@ -482,6 +518,12 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		} else if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
 			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
+		if st.NoFlush {
+			// The commit is kept in memory until the disk's
+			// next flush, which flushes this container first.
+			oc.written.Store(true)
+			return nil
+		}
 		if err := oc.c.Flush(); err != nil {
 			// The kernel may have dropped other writes' dirty
 			// pages: no later flush of oc can promise anything.
@@ -510,6 +552,7 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 	if err != nil {
 		return false, fmt.Errorf("commit staged segment %d: %w", seg, err)
 	}
+	d.noteDeferred(r)
 	// The write is done and will be acknowledged: if the commit's entry
 	// cannot be installed (a command or another fault's reply came
 	// meanwhile, which may predate the commit), the entry is loaded
@@ -626,8 +669,15 @@ func writeSparse(src map[uint32]container.Container, dst container.Container, st
 		return nil
 	}
 	// edge writes the sub-block at a ([a, b) of the segment), which p
-	// covers only in part.
+	// covers only in part. If the staged slot holds it already (a fill
+	// in place of a sub-block the slot has), only p's bytes are
+	// written: a read-modify-write would lay the bytes read over
+	// another writer's write to the rest of the sub-block.
 	edge := func(a, b uint64) error {
+		if st.Copies() && st.From.Locate(int(a/sb)) == st.Loc {
+			lo, hi := max(a, off), min(b, end)
+			return write(p[lo-off:hi-off], lo)
+		}
 		buf := make([]byte, b-a)
 		if st.Copies() {
 			if err := readFrom(src, st.From, a, buf, segSize); err != nil {
@@ -773,9 +823,26 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) erro
 	return err
 }
 
-// Flush makes every write that completed before it durable.
+// Flush makes every write that completed before it durable: the agent's
+// containers are flushed, then the map changes the controller keeps in
+// memory for the disk are committed (data before the map).
 func (d *Disk) Flush(ctx context.Context) error {
-	return d.a.flushWritten()
+	g := d.maps.deferred.Load()
+	if err := d.a.flushWritten(); err != nil {
+		return err
+	}
+	if g == d.maps.durable.Load() {
+		return nil
+	}
+	if _, err := d.fault(ctx, protocol.Fault{Segment: 0, Count: 1, Op: protocol.FaultFlush}); err != nil {
+		return err
+	}
+	for {
+		cur := d.maps.durable.Load()
+		if cur >= g || d.maps.durable.CompareAndSwap(cur, g) {
+			return nil
+		}
+	}
 }
 
 // WriteZeroes makes [off, off+n) read as zeros. Whole segments go back to

@@ -790,11 +790,22 @@ func TestSnapshotCopyOnWrite(t *testing.T) {
 			for _, d := range []*agent.Disk{o, o1} {
 				expect(t, d, 0, now)
 			}
+			// A partial forward write copies only its sub-blocks: the
+			// origin's partial entry reads the rest from the
+			// snapshot's slot, which both then name.
+			sub := tc.policy == table.Forward && !tc.whole
 			cow := controller.Usage{Allocated: 4 * seg, Exclusive: seg, Shared: 3 * seg}
 			for _, n := range []string{"o", "s"} {
-				if u := usage(t, c, n); u != cow {
-					t.Errorf("usage of %s after copy-on-write: %+v, want %+v", n, u, cow)
+				want := cow
+				if sub && n == "s" {
+					want = controller.Usage{Allocated: 4 * seg, Shared: 4 * seg}
 				}
+				if u := usage(t, c, n); u != want {
+					t.Errorf("usage of %s after copy-on-write: %+v, want %+v", n, u, want)
+				}
+			}
+			if e := entry(t, c, "o", 1); e.Partial() != sub {
+				t.Errorf("origin's segment 1 is %v; partial: %v", e, sub)
 			}
 			if n := used(t, c); n != 5 {
 				t.Errorf("used %d slots after copy-on-write, want 5", n)
@@ -821,8 +832,8 @@ func TestSnapshotCopyOnWrite(t *testing.T) {
 			if r := refs(t, c, eo.Loc); r != 1 {
 				t.Errorf("refs of the origin's slot %v: %d", eo.Loc, r)
 			}
-			if r := refs(t, c, es.Loc); r != 1 {
-				t.Errorf("refs of the snapshot's slot %v: %d", es.Loc, r)
+			if r, want := refs(t, c, es.Loc), map[bool]uint32{false: 1, true: 2}[sub]; r != want {
+				t.Errorf("refs of the snapshot's slot %v: %d, want %d", es.Loc, r, want)
 			}
 			// The agents that read after the write hold what the store holds.
 			for i, d := range []*agent.Disk{o, o1} {
@@ -852,7 +863,7 @@ func TestSnapshotCopyOnWrite(t *testing.T) {
 			// A second write to the same segment copies nothing more.
 			write(t, o, pattern(10, 7), seg+5000)
 			copy(now[seg+5000:], pattern(10, 7))
-			if e := entry(t, c, "o", 1); e != eo {
+			if e := entry(t, c, "o", 1); e.Loc != eo.Loc {
 				t.Errorf("origin's segment 1 moved again: %v, was %v", e, eo)
 			}
 			if n := used(t, c); n != 5 {

@@ -203,7 +203,9 @@ func readPages(tx *meta.Tx, pids, skip []uint64) ([][]table.Entry, error) {
 }
 
 // snapshotOnly counts the distinct slots that the snapshot pages map and
-// the live pages do not, comparing entries at the same index only (the
+// the live pages do not, and the slots above the base of the live partial
+// entries that compaction would give back once no snapshot names their
+// slots, comparing entries at the same index only (the
 // pages all cover the same segments of one family). Every slot an entry
 // names counts (table.Entry.Slots): a partial entry's own and each layer
 // under it, so a slot a live disk reads through to is not the snapshots'
@@ -225,6 +227,25 @@ func snapshotOnly(live, snaps [][]table.Entry) uint64 {
 			})
 		}
 		n += uint64(len(locs))
+		// A live partial entry whose slots no other live entry names
+		// is compacted once the snapshots are gone: it keeps its base
+		// and gives back the slots above it.
+		for j, p := range live {
+			if i >= len(p) || !p[i].Partial() {
+				continue
+			}
+			alone := true
+			p[i].Slots(func(l table.Location) {
+				for k, q := range live {
+					if k != j && i < len(q) {
+						q[i].Slots(func(m table.Location) { alone = alone && m != l })
+					}
+				}
+			})
+			if alone {
+				n += uint64(p[i].Depth() - 1)
+			}
+		}
 	}
 	return n
 }

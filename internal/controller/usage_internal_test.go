@@ -29,10 +29,13 @@ func TestSnapshotOnly(t *testing.T) {
 		{"two snapshots, two old slots", [][]table.Entry{{at(1, 5)}}, [][]table.Entry{{at(1, 1)}, {at(1, 2)}}, 2},
 		{"a clone keeps an old slot", [][]table.Entry{{at(1, 5)}, {at(1, 1)}}, [][]table.Entry{{at(1, 1)}, {at(1, 2)}}, 1},
 		{"same slot at another index is another slot", [][]table.Entry{{at(1, 1), z}}, [][]table.Entry{{z, at(1, 1)}}, 1},
-		{"a live partial entry reads through to the snapshot's slot", [][]table.Entry{{over(5, at(1, 1))}}, [][]table.Entry{{at(1, 1)}}, 0},
+		// Once no snapshot names its slots, a live partial entry is
+		// compacted into its base: the slots above it come back.
+		{"a live partial entry reads through to the snapshot's slot", [][]table.Entry{{over(5, at(1, 1))}}, [][]table.Entry{{at(1, 1)}}, 1},
 		{"a snapshot's partial entry holds its layers", [][]table.Entry{{at(1, 9)}}, [][]table.Entry{{over(6, over(5, at(1, 1)))}}, 3},
-		{"a live partial entry shares the snapshot's base", [][]table.Entry{{over(7, at(1, 1))}}, [][]table.Entry{{over(5, at(1, 1))}}, 1},
-		{"a live entry over a snapshot's partial one", [][]table.Entry{{over(7, over(5, at(1, 1)))}}, [][]table.Entry{{over(5, at(1, 1))}, {at(1, 1)}}, 0},
+		{"a live partial entry shares the snapshot's base", [][]table.Entry{{over(7, at(1, 1))}}, [][]table.Entry{{over(5, at(1, 1))}}, 2},
+		{"a live entry over a snapshot's partial one", [][]table.Entry{{over(7, over(5, at(1, 1)))}}, [][]table.Entry{{over(5, at(1, 1))}, {at(1, 1)}}, 2},
+		{"a clone shares the live partial entry's base", [][]table.Entry{{over(7, at(1, 1))}, {at(1, 1)}}, [][]table.Entry{{at(1, 1)}}, 0},
 		{"two snapshots name one layer", [][]table.Entry{{at(1, 9)}}, [][]table.Entry{{over(5, at(1, 1))}, {over(6, over(5, at(1, 1)))}}, 3},
 		{"no-write entries are mapped", [][]table.Entry{{table.At(table.Location{Container: 1, Slot: 1}, true)}}, [][]table.Entry{{at(1, 1)}}, 0},
 	} {

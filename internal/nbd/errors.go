@@ -5,6 +5,11 @@ import "errors"
 var (
 	// ErrServerClosed is returned by Serve after Shutdown or Close.
 	ErrServerClosed = errors.New("nbd: server closed")
+	// ErrHangUp, wrapped in an Export's error, ends the connection
+	// instead of answering: the client sees the server go away, as if
+	// it had crashed (its unflushed writes may be lost, and it must not
+	// read on over the same connection as if they were not).
+	ErrHangUp = errors.New("nbd: export hung up")
 )
 
 // Reasons a connection ends; logged, never returned to callers.

@@ -20,7 +20,8 @@ import (
 // from many connections; ranges always lie inside [0, Size()) and are never
 // empty. The ctx is cancelled when the server is closed. An error fails
 // that request only: it is answered with Config.Errno(err) and the
-// connection goes on. A panic is recovered and answered with EIO.
+// connection goes on, unless it wraps ErrHangUp, which ends the
+// connection. A panic is recovered and answered with EIO.
 type Export interface {
 	// Size is the export's size in bytes. It is read once per connection.
 	Size() uint64

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -285,9 +286,19 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 	}
 	if err != nil {
 		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
+		if errors.Is(err, ErrHangUp) {
+			c.hangUp(err)
+		}
 		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil
 	}
 	return 0, "", data
+}
+
+// hangUp breaks the connection: no reply written after it reaches the
+// client, and the reader stops.
+func (c *conn) hangUp(err error) {
+	c.log.Warn("nbd: export hung up on the connection", "err", err)
+	_ = c.raw.Close()
 }
 
 // runNoWait tries a checked READ with the export's NoWaitReader; ok is
@@ -311,6 +322,9 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 	}
 	if err != nil {
 		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
+		if errors.Is(err, ErrHangUp) {
+			c.hangUp(err)
+		}
 		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil, true
 	}
 	return 0, "", data, true

@@ -54,7 +54,66 @@ func (b *nbdBackend) Open(ctx context.Context, name string) (nbd.Export, io.Clos
 		return nil, nil, err
 	}
 	// The agent keeps the disk open for every connection that uses it.
-	return d, io.NopCloser(nil), nil
+	return &export{Disk: d, life: d.Lives()}, io.NopCloser(nil), nil
+}
+
+// export is a disk as one connection sees it: once the disk has lost map
+// changes its clients may have read (a new life: agent.Disk.Lives), the
+// connection is hung up on, as a crashed server's would be, and the
+// client reconnects to the disk as it now is.
+type export struct {
+	*agent.Disk
+	life uint64
+}
+
+// lost returns the error that ends a connection of an earlier life.
+func (e *export) lost() error {
+	if e.Disk.Lives() == e.life {
+		return nil
+	}
+	return fmt.Errorf("%w: disk %q lost map changes not yet flushed with its controller", nbd.ErrHangUp, e.Disk.Info().Name)
+}
+
+func (e *export) ReadAt(ctx context.Context, p []byte, off uint64) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.ReadAt(ctx, p, off)
+}
+
+func (e *export) TryReadAt(ctx context.Context, p []byte, off uint64) (bool, error) {
+	if err := e.lost(); err != nil {
+		return true, err
+	}
+	return e.Disk.TryReadAt(ctx, p, off)
+}
+
+func (e *export) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.WriteAt(ctx, p, off, fua)
+}
+
+func (e *export) Flush(ctx context.Context) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.Flush(ctx)
+}
+
+func (e *export) Trim(ctx context.Context, off, n uint64) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.Trim(ctx, off, n)
+}
+
+func (e *export) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.WriteZeroes(ctx, off, n, noHole)
 }
 
 // Errno maps an agent error to the NBD error a host sees.

@@ -447,7 +447,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	if err != nil {
 		return protocol.Reply{}, err
 	}
-	out := protocol.Reply{First: r.GetFirst(), Entries: es}
+	out := protocol.Reply{First: r.GetFirst(), Entries: es, Deferred: r.GetDeferred()}
 	if out.Stage, err = stageFromPB(r); err != nil {
 		return protocol.Reply{}, err
 	}

@@ -145,6 +145,7 @@ func stageToPB(out *pb.FaultReply, st *protocol.Stage) {
 		out.StageFrom = entryToPB(st.From)
 	}
 	out.StageSparse = st.Sparse
+	out.StageNoFlush = st.NoFlush
 }
 
 // stageFromPB returns the stage of the fault reply r, nil if it has none.
@@ -153,9 +154,10 @@ func stageFromPB(r *pb.FaultReply) (*protocol.Stage, error) {
 		return nil, nil
 	}
 	st := &protocol.Stage{
-		Loc:    table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
-		Token:  r.GetStageToken(),
-		Sparse: r.GetStageSparse(),
+		Loc:     table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
+		Token:   r.GetStageToken(),
+		Sparse:  r.GetStageSparse(),
+		NoFlush: r.GetStageNoFlush(),
 	}
 	if r.GetStageFrom() != nil {
 		from, err := entryFromPB(r.GetStageFrom())

@@ -482,7 +482,7 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	if ra == nil || ra.ended() || ra.leaseOver() {
 		return nil, statusErr(fmt.Errorf("fault from %q, which has no live session: %w", r.GetAgent(), protocol.ErrFenced))
 	}
-	if r.GetOp() == 0 || r.GetOp() > uint32(protocol.FaultCommit) || r.GetReason() > 0xff {
+	if r.GetOp() == 0 || r.GetOp() > uint32(protocol.FaultFlush) || r.GetReason() > 0xff {
 		return nil, statusErr(fmt.Errorf("fault op %d reason %d: %w", r.GetOp(), r.GetReason(), protocol.ErrBadRequest))
 	}
 	id := r.GetRequestId()
@@ -500,7 +500,7 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	})
 	var out *pb.FaultReply
 	if err == nil {
-		out = &pb.FaultReply{First: rep.First, Entries: entriesToPB(rep.Entries)}
+		out = &pb.FaultReply{First: rep.First, Entries: entriesToPB(rep.Entries), Deferred: rep.Deferred}
 		stageToPB(out, rep.Stage)
 	}
 	// Remember answers, not failures to answer: a retry after a timeout
