@@ -35,6 +35,7 @@ type upFlags struct {
 	etcd                                   etcdFlags
 	pprof                                  string
 	controllerCopies                       bool
+	syncMaps                               bool
 }
 
 func newUp() *cobra.Command {
@@ -70,6 +71,7 @@ controller': up serves no remote agents.`,
 	fl.StringVar(&f.agent, "agent-name", "local", "name of the embedded agent")
 	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
 	fl.BoolVar(&f.controllerCopies, "controller-copies", false, "the controller, not the agent, copies a shared segment for a write into part of it (to compare the two; the agent's copy is the default)")
+	fl.BoolVar(&f.syncMaps, "sync-maps", false, "commit every map change before answering the write that made it, not at the client's next flush (to compare; see docs/fault-path.md)")
 	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
 	f.etcd.add(cmd)
 	return cmd
@@ -113,6 +115,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		Logger:   logger,
 
 		ControllerCopies: f.controllerCopies,
+		SyncMaps:         f.syncMaps,
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
 	metaDesc := filepath.Join(f.data, "meta.db")

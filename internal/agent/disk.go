@@ -668,43 +668,56 @@ func writeSparse(src map[uint32]container.Container, dst container.Container, st
 		}
 		return nil
 	}
-	// edge writes the sub-block at a ([a, b) of the segment), which p
-	// covers only in part. If the staged slot holds it already (a fill
-	// in place of a sub-block the slot has), only p's bytes are
-	// written: a read-modify-write would lay the bytes read over
-	// another writer's write to the rest of the sub-block.
-	edge := func(a, b uint64) error {
+	// edge returns the bytes to write for the sub-block at a ([a, b) of
+	// the segment), which p covers only in part, and where they go. If
+	// the staged slot holds it already (a fill in place of a sub-block
+	// the slot has), only p's bytes are written: a read-modify-write
+	// would lay the bytes read over another writer's write to the rest
+	// of the sub-block.
+	edge := func(a, b uint64) ([]byte, uint64, error) {
+		lo, hi := max(a, off), min(b, end)
 		if st.Copies() && st.From.Locate(int(a/sb)) == st.Loc {
-			lo, hi := max(a, off), min(b, end)
-			return write(p[lo-off:hi-off], lo)
+			return p[lo-off : hi-off], lo, nil
 		}
 		buf := make([]byte, b-a)
 		if st.Copies() {
 			if err := readFrom(src, st.From, a, buf, segSize); err != nil {
-				return err
+				return nil, 0, err
 			}
 		}
-		lo, hi := max(a, off), min(b, end)
 		copy(buf[lo-a:hi-a], p[lo-off:hi-off])
-		return write(buf, a)
+		return buf, a, nil
 	}
+	// The edges are read before anything is written: a failed read
+	// leaves the staged slot as it was.
+	type piece struct {
+		b  []byte
+		at uint64
+	}
+	var head, tail piece
 	first, last := off/sb, (end-1)/sb // the sub-blocks touched
 	mid, midEnd := off, end           // the bytes of the sub-blocks p covers whole
 	if a := first * sb; a < off || (first == last && end < min(a+sb, segSize)) {
 		b := min(a+sb, segSize)
-		if err := edge(a, b); err != nil {
+		buf, at, err := edge(a, b)
+		if err != nil {
 			return err
 		}
-		mid = b
+		head, mid = piece{buf, at}, b
 	}
 	if a := last * sb; mid < end && end < min(a+sb, segSize) {
-		if err := edge(a, min(a+sb, segSize)); err != nil {
+		buf, at, err := edge(a, min(a+sb, segSize))
+		if err != nil {
 			return err
 		}
-		midEnd = a
+		tail, midEnd = piece{buf, at}, a
 	}
-	if mid < midEnd {
-		return write(p[mid-off:midEnd-off], mid)
+	for _, pc := range []piece{head, {p[min(mid, midEnd)-off : midEnd-off], mid}, tail} {
+		if len(pc.b) > 0 && pc.at < end {
+			if err := write(pc.b, pc.at); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -476,6 +476,7 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 	}
 	d, seg := r.d, r.seg
 	ne := r.target(st.Entry)
+	var refsAfter uint32
 	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
@@ -519,7 +520,17 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 		// Every slot the old entry names and the new one does not
 		// loses its reference (and is freed if its other sharers
 		// went away meanwhile); New gains one.
-		return moveRefs(tx, r.e, ne, fr)
+		if err := moveRefs(tx, r.e, ne, fr); err != nil {
+			return err
+		}
+		if st.IfSame {
+			// A snapshot since the stage shares the slot now: the
+			// agents get it No-write.
+			var err error
+			refsAfter, err = shareCount(tx, d.ID, seg, ne)
+			return err
+		}
+		return nil
 	})
 	if errors.Is(err, protocol.ErrStale) {
 		fr.finish(ctx, nil) // nothing was freed
@@ -534,7 +545,7 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 		r.used = true
 	}
 	if st.IfSame {
-		r.e = ne // what the answer and the agents get
+		r.e = effective(ne, refsAfter) // what the answer and the agents get
 	}
 	return nil
 }
@@ -554,7 +565,7 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 		}
 		stored = es[0]
 		cur = c.overlay(d.Family, d.ID, seg, stored)
-		if st.IfShared && cur.Mapped() {
+		if (st.IfShared || st.IfSame) && cur.Mapped() {
 			n, err := tx.Refs(cur.Loc)
 			if err != nil {
 				return err
@@ -603,7 +614,9 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 		r.reserved, r.used = false, true
 	}
 	if st.IfSame {
-		r.e = ne
+		// A snapshot since the stage (it committed what was kept in
+		// memory) shares the slot now: the agents get it No-write.
+		r.e = effective(ne, map[bool]uint32{false: 1, true: 2}[shared])
 	}
 	return nil
 }

@@ -42,6 +42,9 @@ type Config struct {
 	// ControllerCopies is controller.Config's: the controller, not the
 	// faulting agent, copies a shared segment for a partial write.
 	ControllerCopies bool
+	// SyncMaps is controller.Config's: every map change is committed
+	// before the fault is answered.
+	SyncMaps bool
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
@@ -58,7 +61,7 @@ func New(cfg Config) *controller.Controller {
 			return wrap(ct), nil
 		}
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

@@ -353,8 +353,9 @@ func (h *fx) matches(m fxModel) error {
 }
 
 // outcome checks that the cluster holds before or after, wholly: after if
-// the operation was acknowledged. It returns which. If torn, each segment
-// may come from either, independently ("torn").
+// the operation was acknowledged. It returns which. If torn, each 4 KiB
+// block (the smallest sub-block: table.MinSubBlock) may come from either,
+// independently ("torn").
 // The model returned is what the cluster holds.
 func (h *fx) outcome(before, after fxModel, acked, torn bool) (string, fxModel, error) {
 	errAfter := h.matches(after)
@@ -371,16 +372,18 @@ func (h *fx) outcome(before, after fxModel, acked, torn bool) (string, fxModel, 
 	if torn {
 		m, err := h.tornMatch(before, after)
 		if err != nil {
-			return "", nil, fmt.Errorf("neither before (%v) nor after (%v), nor segments of both: %v", errBefore, errAfter, err)
+			return "", nil, fmt.Errorf("neither before (%v) nor after (%v), nor blocks of both: %v", errBefore, errAfter, err)
 		}
 		return "torn", m, nil
 	}
 	return "", nil, fmt.Errorf("neither before (%v) nor after (%v)", errBefore, errAfter)
 }
 
-// tornMatch checks that every segment of every disk holds its bytes of
-// before or of after (which have the same disks, of the same sizes), and
-// returns the model of what it holds.
+// tornMatch checks that every 4 KiB block of every disk holds its bytes
+// of before or of after (which have the same disks, of the same sizes),
+// and returns the model of what it holds. A write that was not
+// acknowledged may land in part: a segment is written sub-block by
+// sub-block, and each block reads old or new.
 func (h *fx) tornMatch(before, after fxModel) (fxModel, error) {
 	if err := h.catalogue(after); err != nil {
 		return nil, err
@@ -396,10 +399,11 @@ func (h *fx) tornMatch(before, after fxModel) (fxModel, error) {
 		if err := d.ReadAt(h.ctx, got, 0); err != nil {
 			return nil, err
 		}
-		for s := 0; s < len(got); s += seg64 {
-			g := got[s : s+seg64]
-			if !bytes.Equal(g, after[name].data[s:s+seg64]) && !bytes.Equal(g, before[name].data[s:s+seg64]) {
-				return nil, fmt.Errorf("disk %s segment %d holds neither its old nor its new bytes", name, s/seg64)
+		const blk = table.MinSubBlock
+		for s := 0; s < len(got); s += blk {
+			g := got[s : s+blk]
+			if !bytes.Equal(g, after[name].data[s:s+blk]) && !bytes.Equal(g, before[name].data[s:s+blk]) {
+				return nil, fmt.Errorf("disk %s block %d (segment %d) holds neither its old nor its new bytes", name, s/blk, s/seg64)
 			}
 		}
 		m[name] = fxDisk{data: got, readOnly: after[name].readOnly}

@@ -56,6 +56,9 @@ type Options struct {
 	// partial writes itself, instead of the faulting agent (see
 	// controller.Config).
 	ControllerCopies bool
+	// SyncMaps commits every map change before the fault is answered
+	// (controller.Config).
+	SyncMaps bool
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -141,7 +144,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps})
 	return nil
 }
 
