@@ -224,14 +224,21 @@ func (c *Controller) FaultCounts() map[table.Plan]uint64 {
 	return out
 }
 
-// Close waits for the state changes under way and closes the containers
-// the controller opened. It does not close the store.
+// Close commits the map changes kept in memory (a controller that stops
+// in order loses nothing), waits for the state changes under way and
+// closes the containers the controller opened. It does not close the
+// store.
 func (c *Controller) Close() error {
-	// The map changes kept in memory are committed: a controller that
-	// stops in order loses nothing.
 	if err := c.flushAll(context.Background()); err != nil {
 		c.logger.Warn("commit map changes on close", "err", err)
 	}
+	return c.Kill()
+}
+
+// Kill stops the controller as a crash would: the map changes kept in
+// memory are lost. It waits for the state changes under way and closes
+// the containers the controller opened, not the store.
+func (c *Controller) Kill() error {
 	c.closed.Store(true)
 	c.hold.mu.Lock()
 	c.hold.closeOnce()

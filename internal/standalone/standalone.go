@@ -217,12 +217,25 @@ func (c *Cluster) Provision(ctx context.Context, slotSize uint64) error {
 	return nil
 }
 
-// RestartController stops the controller and its store as a crash would
-// (nothing is flushed that was not already committed), opens the store
-// again, starts a new controller, and re-attaches every agent to it; each
-// agent forgets its tables.
+// RestartController stops the controller in order (the map changes it
+// keeps in memory are committed) and its store, opens the store again,
+// starts a new controller, and re-attaches every agent to it; each agent
+// forgets its tables.
 func (c *Cluster) RestartController(ctx context.Context) error {
 	c.Ctrl.Close()
+	return c.restartController(ctx)
+}
+
+// CrashController is RestartController for a controller that dies: the
+// map changes it keeps in memory are lost (the disks they were made for
+// read as before them, and the agents hang up on those disks' NBD
+// connections).
+func (c *Cluster) CrashController(ctx context.Context) error {
+	c.Ctrl.Kill()
+	return c.restartController(ctx)
+}
+
+func (c *Cluster) restartController(ctx context.Context) error {
 	if err := c.Store.Close(); err != nil {
 		return err
 	}
