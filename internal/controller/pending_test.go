@@ -73,7 +73,7 @@ func TestMapChangesDurableAtFlush(t *testing.T) {
 	// Unflushed writes die with their controller.
 	lives := h.Lives()
 	lost := pattern(4096, 3)
-	write(t, h, lost, seg+100)      // an allocation
+	write(t, h, lost, seg+100)             // an allocation
 	write(t, h, pattern(50, 4), 2*4096+30) // a fill of segment 0
 	if err := c.CrashController(ctx); err != nil {
 		t.Fatal(err)
