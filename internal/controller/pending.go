@@ -2,9 +2,11 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
+	"sync"
 
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -44,7 +46,12 @@ import (
 // free in the store, are punched before their next allocation.
 
 // MaxPending bounds the map changes a disk keeps in memory.
-const MaxPending = 4096
+const MaxPending = 1 << 16
+
+// flushChunk is the most changes one transaction of a flush commits (an
+// etcd transaction is bounded in operations and bytes); the chunks of a
+// flush are committed side by side, so that group commit batches them.
+const flushChunk = 256
 
 // pendingSeg is one segment's change kept in memory: old is the entry the
 // store holds, cur the one agents have.
@@ -242,31 +249,44 @@ func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive
 			return fmt.Errorf("flush container %d before committing map changes: %w: %w", id, protocol.ErrIO, err)
 		}
 	}
-	fr := c.newFreeing()
-	err := c.store.Update(ctx, func(tx *meta.Tx) error {
-		fr.reset()
-		for _, ch := range todo {
-			es, err := tx.Entries(ch.k.disk, ch.k.seg, 1)
-			if err != nil {
-				return err
-			}
-			if es[0].Equal(ch.cur) {
-				continue // an earlier, failed commit landed all the same
-			}
-			if !es[0].Equal(ch.old) {
-				return fmt.Errorf("disk %d segment %d holds %v, not %v, under a change kept in memory: %w", ch.k.disk, ch.k.seg, es[0], ch.old, meta.ErrCorrupt)
-			}
-			if err := tx.SetEntries(ch.k.disk, ch.k.seg, []table.Entry{ch.cur}); err != nil {
-				return err
-			}
-			if err := moveRefs(tx, ch.old, ch.cur, fr); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	fr.finish(ctx, err)
-	if err != nil {
+	// Each chunk commits on its own: a crash between two leaves each
+	// segment old or new, and the flush that asked is not answered.
+	var (
+		wg   sync.WaitGroup
+		errs = make([]error, (len(todo)+flushChunk-1)/flushChunk)
+	)
+	for i := range errs {
+		chunk := todo[i*flushChunk : min(len(todo), (i+1)*flushChunk)]
+		wg.Go(func() {
+			fr := c.newFreeing()
+			err := c.store.Update(ctx, func(tx *meta.Tx) error {
+				fr.reset()
+				for _, ch := range chunk {
+					es, err := tx.Entries(ch.k.disk, ch.k.seg, 1)
+					if err != nil {
+						return err
+					}
+					if es[0].Equal(ch.cur) {
+						continue // an earlier, failed commit landed all the same
+					}
+					if !es[0].Equal(ch.old) {
+						return fmt.Errorf("disk %d segment %d holds %v, not %v, under a change kept in memory: %w", ch.k.disk, ch.k.seg, es[0], ch.old, meta.ErrCorrupt)
+					}
+					if err := tx.SetEntries(ch.k.disk, ch.k.seg, []table.Entry{ch.cur}); err != nil {
+						return err
+					}
+					if err := moveRefs(tx, ch.old, ch.cur, fr); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			fr.finish(ctx, err)
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		// Kept: the agents have these entries, and a failed commit
 		// may have landed (the next one sees it).
 		return fmt.Errorf("commit map changes: %w", err)
