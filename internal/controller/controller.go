@@ -495,6 +495,7 @@ func (c *Controller) Attach(ctx context.Context, name string, a protocol.Agent, 
 		// It may have written the slot: not zero any more.
 		c.endStage(ctx, sw)
 	}
+	c.dropPending(ctx, name)
 	c.attachedForHold(name)
 	return nil
 }

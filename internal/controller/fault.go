@@ -594,7 +594,7 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 			}
 		})
 	}
-	if !c.deferChange(d, seg, stored, ne, slot) {
+	if !c.deferChange(r.f.Agent, d, seg, stored, ne, slot) {
 		// Another agent maps the disk now: commit, after the staged
 		// data the agent did not flush.
 		r.deferred = false

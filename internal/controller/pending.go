@@ -57,6 +57,9 @@ const flushChunk = 256
 // store holds, cur the one agents have.
 type pendingSeg struct {
 	old, cur table.Entry
+	// agent is the agent whose write made the change (the one agent
+	// that maps the disk).
+	agent string
 	// slots are the slots the change allocated, reserved until its
 	// commit.
 	slots []table.Location
@@ -136,7 +139,7 @@ func (c *Controller) mayDefer(d meta.Disk, seg uint64) bool {
 // reservation passes to the change). It refuses (false) if another agent
 // has mapped d since mayDefer and the family has no change in memory
 // (see openMapper): the change must be committed now.
-func (c *Controller) deferChange(d meta.Disk, seg uint64, old, ne table.Entry, newSlot *table.Location) bool {
+func (c *Controller) deferChange(agent string, d meta.Disk, seg uint64, old, ne table.Entry, newSlot *table.Location) bool {
 	c.pend.mu.Lock()
 	defer c.pend.mu.Unlock()
 	pf := c.pend.mu.fams[d.Family]
@@ -150,9 +153,9 @@ func (c *Controller) deferChange(d meta.Disk, seg uint64, old, ne table.Entry, n
 	k := segKey{d.ID, seg}
 	ps := pf.segs[k]
 	if ps != nil {
-		ps.cur = ne // old stays what the store holds
+		ps.cur, ps.agent = ne, agent // old stays what the store holds
 	} else {
-		ps = &pendingSeg{old: old, cur: ne}
+		ps = &pendingSeg{old: old, cur: ne, agent: agent}
 		pf.segs[k] = ps
 		pf.count[d.ID]++
 	}
@@ -314,6 +317,65 @@ func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive
 // agents' flushes would (pending.go). Reports of the store (check, space,
 // containers) do it first, so that they count what the agents see.
 func (c *Controller) CommitPending(ctx context.Context) error { return c.flushAll(ctx) }
+
+// dropPending forgets the changes kept in memory that agent's writes made,
+// as the agent attaches again: it restarted (or lost its controller), and
+// the data its unflushed writes put in the changes' slots may be lost
+// with it; its flushes never committed them, and no one else maps those
+// disks. The disks read as the store holds them; the agent is told to
+// drop the entries (Invalid, Blocking) in case it faulted them in again
+// before its attach reached here, and the changes' slots go back to the
+// free slots.
+func (c *Controller) dropPending(ctx context.Context, agent string) {
+	c.pend.mu.Lock()
+	var fams []meta.DiskID
+	for f, pf := range c.pend.mu.fams {
+		for _, ps := range pf.segs {
+			if ps.agent == agent {
+				fams = append(fams, f)
+				break
+			}
+		}
+	}
+	c.pend.mu.Unlock()
+	slices.Sort(fams)
+	for _, f := range fams {
+		unlock := c.lockFamily(f, true)
+		var keys []segKey
+		var slots []table.Location
+		c.pend.mu.Lock()
+		if pf := c.pend.mu.fams[f]; pf != nil {
+			for k, ps := range pf.segs {
+				if ps.agent != agent {
+					continue
+				}
+				keys = append(keys, k)
+				slots = append(slots, ps.slots...)
+				delete(pf.segs, k)
+				if pf.count[k.disk]--; pf.count[k.disk] == 0 {
+					delete(pf.count, k.disk)
+				}
+			}
+			if len(pf.segs) == 0 {
+				delete(c.pend.mu.fams, f)
+			}
+		}
+		c.pend.mu.Unlock()
+		for _, k := range keys {
+			cmd := protocol.SetEntryState{Disk: protocol.DiskID(k.disk), First: k.seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+			if err := c.broadcast(ctx, k.disk, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+				c.logger.Warn("drop entries of lost map changes", "disk", k.disk, "segment", k.seg, "err", err)
+			}
+		}
+		for _, l := range slots {
+			c.alloc.release(l, true)
+		}
+		unlock()
+		if len(keys) > 0 {
+			c.logger.Warn("map changes not yet flushed dropped: their agent attached again", "agent", agent, "changes", len(keys))
+		}
+	}
+}
 
 // flushAll commits every family's changes kept in memory.
 func (c *Controller) flushAll(ctx context.Context) error {

@@ -51,6 +51,11 @@ func crashCases() []crashCase {
 		// D's segment 2 is partial (written after D.s): a write to
 		// sub-blocks its own slot lacks fills them in place.
 		{"fill-in", opWrite(0, "D", 2*seg64+20000, pattern(21, 3000)), ctrlCrash},
+		// The same on D mapped by agent 0 alone: the map changes are
+		// kept in memory until the write's FUA flushes them.
+		{"lone-cow", opWriteLone("D", 100, pattern(22, 1000)), ctrlCrash},
+		{"lone-fill-in", opWriteLone("D", 2*seg64+20000, pattern(23, 3000)), ctrlCrash},
+		{"lone-allocate", opWriteLone("D", 3*seg64+5, pattern(24, 500)), ctrlCrash},
 		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), ctrlCrash},
 		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), ctrlCrash},
 		{"allocate", opWrite(0, "D", 3*seg64+5, pattern(14, 500)), ctrlCrash},

@@ -207,6 +207,30 @@ func opWrite(i int, disk string, off int, p []byte) fxOp {
 	}, torn: true}
 }
 
+// opWriteLone is opWrite (with FUA) by agent 0 on a disk agent 1 has
+// closed: one agent maps it, so the controller keeps the write's map
+// change in memory until the FUA's flush commits it.
+func opWriteLone(disk string, off int, p []byte) fxOp {
+	return fxOp{name: "write", run: func(h *fx, m fxModel) (fxModel, error) {
+		after := m.clone()
+		copy(after[disk].data[off:], p)
+		if d, err := h.c.Agents[1].Open(h.ctx, disk); err == nil {
+			// Once for this Open, once for prepare's.
+			if err := d.Close(h.ctx); err != nil {
+				return m, err
+			}
+			if err := d.Close(h.ctx); err != nil {
+				return m, err
+			}
+		}
+		d, err := h.c.Agents[0].Open(h.ctx, disk)
+		if err != nil {
+			return after, err
+		}
+		return after, d.WriteAt(h.ctx, p, uint64(off), true)
+	}, torn: true}
+}
+
 func opTrim(i int, disk string, off, n int) fxOp {
 	return fxOp{name: "trim", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
