@@ -33,6 +33,7 @@ import (
 // of several controllers sharing the metadata in etcd, of which one leads.
 func newController() *cobra.Command {
 	var addr, data, advertise, name string
+	var deferMaps bool
 	var lease time.Duration
 	tf := &tlsFlags{}
 	ef := &etcdFlags{}
@@ -84,7 +85,7 @@ docs/cluster.md.`,
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
 				l, err := ctlserver.Lead(ctx, ctlserver.LeadConfig{
-					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger},
+					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger, SyncMaps: !deferMaps},
 					Lease:  lease, Version: version, ServerOptions: opts,
 				})
 				if err != nil {
@@ -164,6 +165,7 @@ docs/cluster.md.`,
 	fl.DurationVar(&lease, "lease", transport.DefaultLease, "agents' lease: how long an agent that cannot renew keeps serving before it fences itself")
 	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
 	fl.StringVar(&name, "name", "", "with --etcd: this controller's name in logs and etcd (default: its --advertise address)")
+	fl.BoolVar(&deferMaps, "defer-maps", false, "keep the map changes of a disk one agent maps in memory until the agent flushes it (faster first writes; a controller's death or failover then ends the NBD connections that wrote since their last flush; see docs/fault-path.md)")
 	ef.add(cmd)
 	tf.add(cmd, "controller", false)
 	return cmd
