@@ -111,12 +111,31 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		if d.ReadOnly {
 			return protocol.Reply{}, fmt.Errorf("write to %q: %w", d.Name, protocol.ErrReadOnly)
 		}
-		defer c.lockFamily(d.Family, false)()
-		defer c.lockSegment(d.Family, f.Segment)()
-		if d, err = load(); err != nil {
-			return protocol.Reply{}, err
+		for {
+			rep, busy, err := func() (protocol.Reply, <-chan struct{}, error) {
+				defer c.lockFamily(d.Family, false)()
+				defer c.lockSegment(d.Family, f.Segment)()
+				if d, err = load(); err != nil {
+					return protocol.Reply{}, nil, err
+				}
+				rep, err := c.faultSeg(ctx, f, d)
+				var fb *fillBusy
+				if errors.As(err, &fb) {
+					return rep, fb.done, nil
+				}
+				return rep, nil, err
+			}()
+			if busy == nil {
+				return rep, err
+			}
+			// Another agent fills the segment in place: its commit
+			// needs the segment's lock, so wait without it.
+			select {
+			case <-busy:
+			case <-ctx.Done():
+				return protocol.Reply{}, ctx.Err()
+			}
 		}
-		return c.faultSeg(ctx, f, d)
 	case protocol.FaultCommit:
 		defer c.lockFamily(d.Family, false)()
 		defer c.lockSegment(d.Family, f.Segment)()
@@ -309,13 +328,12 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 			plan, r.sharers = table.CopySub, nil
 		}
 	}
-	if plan == table.FillIn && !c.claimInPlace(d.ID, seg) {
-		// Another agent is filling this slot in place: two fills
-		// of one sub-block would each lay their edges over the
-		// other's write. This one copies to a slot of its own.
-		plan = table.CopySub
-		if e.Depth() >= table.MaxDepth {
-			plan = table.CopyForward
+	if plan == table.FillIn {
+		// One agent at a time fills a segment in place: two fills of
+		// one sub-block would each lay their edges over the other's
+		// write. A second waits for the first's commit.
+		if done := c.claimInPlace(d.ID, seg); done != nil {
+			return protocol.Reply{}, &fillBusy{done}
 		}
 	}
 	r.plan = plan
@@ -324,17 +342,24 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 }
 
 // claimInPlace claims the right to stage a fill of segment seg of disk id
-// in place, which one agent at a time has (see stagedWrite.inPlace).
-func (c *Controller) claimInPlace(id meta.DiskID, seg uint64) bool {
+// in place, which one agent at a time has (see stagedWrite.inPlace). If
+// another has it, it returns a channel closed when that one's stage ends.
+func (c *Controller) claimInPlace(id meta.DiskID, seg uint64) <-chan struct{} {
 	c.stage.mu.Lock()
 	defer c.stage.mu.Unlock()
 	k := segKey{id, seg}
-	if c.stage.mu.inPlace[k] {
-		return false
+	if ch := c.stage.mu.inPlace[k]; ch != nil {
+		return ch
 	}
-	c.stage.mu.inPlace[k] = true
-	return true
+	c.stage.mu.inPlace[k] = make(chan struct{})
+	return nil
 }
+
+// fillBusy is faultSeg's answer when another agent fills the segment in
+// place: the fault is resolved again once done is closed.
+type fillBusy struct{ done <-chan struct{} }
+
+func (*fillBusy) Error() string { return "segment being filled in place" }
 
 // faultRun is the state of one fault's resolution as run carries out its
 // steps (table.Effects): the operands the steps name.
@@ -802,7 +827,11 @@ func (c *Controller) takeStage(tok uint64, agent string, disk meta.DiskID, seg u
 // their next allocation.
 func (c *Controller) endInPlace(ctx context.Context, sw stagedWrite) {
 	c.stage.mu.Lock()
-	delete(c.stage.mu.inPlace, segKey{sw.disk, sw.seg})
+	k := segKey{sw.disk, sw.seg}
+	if ch := c.stage.mu.inPlace[k]; ch != nil {
+		close(ch)
+		delete(c.stage.mu.inPlace, k)
+	}
 	c.stage.mu.Unlock()
 	var refs uint32
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
