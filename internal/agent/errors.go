@@ -19,3 +19,6 @@ var (
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("agent closed")
 )
+
+// errWouldWait stops tryReadSeg's runs at one that would wait.
+var errWouldWait = errors.New("would wait")

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 
 	"segmap/internal/container"
 	"segmap/internal/table"
@@ -36,9 +35,6 @@ func (d *Disk) TryReadAt(ctx context.Context, p []byte, off uint64) (done bool, 
 	}
 	return true, nil
 }
-
-// errWouldWait stops tryReadSeg's runs at one that would wait.
-var errWouldWait = errors.New("would wait")
 
 // tryReadSeg is TryReadAt within segment seg: bytes [off, off+len(p)).
 func (d *Disk) tryReadSeg(seg, off uint64, p []byte, segSize uint64) bool {

@@ -143,7 +143,7 @@ type Controller struct {
 			next   uint64
 			// inPlace holds the segments an agent is filling in
 			// place (stagedWrite.inPlace).
-			inPlace map[segKey]chan struct{}
+			inPlace map[segKey]*fillClaim
 		}
 	}
 
@@ -192,7 +192,7 @@ func New(cfg Config) *Controller {
 	c.alloc.init()
 	c.conts.mu.m = make(map[uint32]*openContainer)
 	c.stage.mu.writes = make(map[uint64]stagedWrite)
-	c.stage.mu.inPlace = make(map[segKey]chan struct{})
+	c.stage.mu.inPlace = make(map[segKey]*fillClaim)
 	c.pend.mu.fams = make(map[meta.DiskID]*pendingFam)
 	c.agents.byName = make(map[string]*agentState)
 	c.hold.mu.ended = closedChan()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -129,11 +130,19 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 				return rep, err
 			}
 			// Another agent fills the segment in place: its commit
-			// needs the segment's lock, so wait without it.
+			// needs the segment's lock, so wait without it; if it
+			// takes too long, take it back.
+			wctx, cancel := context.WithTimeout(ctx, fillBreakAfter)
 			select {
 			case <-busy:
-			case <-ctx.Done():
-				return protocol.Reply{}, ctx.Err()
+			case <-wctx.Done():
+			}
+			cancel()
+			if err := ctx.Err(); err != nil {
+				return protocol.Reply{}, err
+			}
+			if err := c.breakInPlace(ctx, d, f.Segment, busy); err != nil {
+				return protocol.Reply{}, err
 			}
 		}
 	case protocol.FaultCommit:
@@ -348,10 +357,51 @@ func (c *Controller) claimInPlace(id meta.DiskID, seg uint64) <-chan struct{} {
 	c.stage.mu.Lock()
 	defer c.stage.mu.Unlock()
 	k := segKey{id, seg}
-	if ch := c.stage.mu.inPlace[k]; ch != nil {
-		return ch
+	if cl := c.stage.mu.inPlace[k]; cl != nil {
+		return cl.done
 	}
-	c.stage.mu.inPlace[k] = make(chan struct{})
+	c.stage.mu.inPlace[k] = &fillClaim{done: make(chan struct{})}
+	return nil
+}
+
+// fillClaim is an agent's right to fill a segment in place: done is
+// closed when its stage (token tok, once staged) ends.
+type fillClaim struct {
+	done chan struct{}
+	tok  uint64
+}
+
+// fillBreakAfter is how long a fill waits for another's stage before it
+// breaks it: a stage whose answer never reached its agent (its fault
+// timed out) would otherwise hold the segment until the agent attached
+// again.
+const fillBreakAfter = time.Second
+
+// breakInPlace ends the in-place stage that holds segment seg of disk d
+// (if done is still its claim), which its agent is slow to make or never
+// will: the stage is taken back, so its commit fails as stale and its
+// write starts again; the agents that map d are told to drop the entry
+// (Invalid, Blocking), which waits for a write of the stage already on
+// its way and makes the agent abandon one not yet begun.
+func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, done <-chan struct{}) error {
+	k := segKey{d.ID, seg}
+	c.stage.mu.Lock()
+	cl := c.stage.mu.inPlace[k]
+	if cl == nil || cl.done != done || cl.tok == 0 {
+		c.stage.mu.Unlock()
+		return nil // ended, or not staged yet
+	}
+	sw, ok := c.stage.mu.writes[cl.tok]
+	delete(c.stage.mu.writes, cl.tok)
+	c.stage.mu.Unlock()
+	cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		return fmt.Errorf("take back a fill of %q segment %d: %w", d.Name, seg, err)
+	}
+	if ok {
+		c.endInPlace(ctx, sw)
+	}
+	c.logger.Debug("a fill in place was taken back", "disk", d.Name, "segment", seg)
 	return nil
 }
 
@@ -453,7 +503,11 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			c.stage.mu.Lock()
 			c.stage.mu.next++
 			tok := c.stage.mu.next
+			sw.tok = tok
 			c.stage.mu.writes[tok] = sw
+			if cl := c.stage.mu.inPlace[segKey{d.ID, seg}]; sw.inPlace && cl != nil {
+				cl.tok = tok
+			}
 			c.stage.mu.Unlock()
 			r.reserved = false
 			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse, NoFlush: r.deferred}
@@ -796,6 +850,7 @@ type stagedWrite struct {
 	// inPlace: loc is old's own slot (a fill-in), not a reserved new
 	// one. One agent at a time fills a segment in place (claimInPlace).
 	inPlace bool
+	tok     uint64
 	// noFlush: the agent was told it need not flush loc (Stage.NoFlush).
 	noFlush bool
 }
@@ -828,8 +883,8 @@ func (c *Controller) takeStage(tok uint64, agent string, disk meta.DiskID, seg u
 func (c *Controller) endInPlace(ctx context.Context, sw stagedWrite) {
 	c.stage.mu.Lock()
 	k := segKey{sw.disk, sw.seg}
-	if ch := c.stage.mu.inPlace[k]; ch != nil {
-		close(ch)
+	if cl := c.stage.mu.inPlace[k]; cl != nil && cl.tok == sw.tok {
+		close(cl.done)
 		delete(c.stage.mu.inPlace, k)
 	}
 	c.stage.mu.Unlock()

@@ -112,14 +112,6 @@ func (c *Controller) refsDelta(fam meta.DiskID, seg uint64, loc table.Location) 
 	return n
 }
 
-// hasPending reports whether a change is kept in memory for the segment.
-func (c *Controller) hasPending(fam, id meta.DiskID, seg uint64) bool {
-	c.pend.mu.Lock()
-	defer c.pend.mu.Unlock()
-	pf := c.pend.mu.fams[fam]
-	return pf != nil && pf.segs[segKey{id, seg}] != nil
-}
-
 // mayDefer reports whether a staged write's commit on disk d may be kept in
 // memory: the controller defers, one agent maps d, its policy is forward
 // (a reverse copy moves the other sharers, whose entries it reads from

@@ -3,6 +3,7 @@ package table
 import (
 	"fmt"
 	"math/bits"
+	"slices"
 	"strings"
 )
 
@@ -252,22 +253,14 @@ func (e Entry) Holds(b Bits) bool { return !e.Partial() || e.Part.Bits.Has(b) }
 
 // Equal reports whether e and f are the same entry, layers included.
 func (e Entry) Equal(f Entry) bool {
-	e, f = normal(e), normal(f)
-	if e.Loc != f.Loc || e.State != f.State || (e.Part == nil) != (f.Part == nil) {
+	a, b := normal(e), normal(f)
+	if a.Loc != b.Loc || a.State != b.State || (a.Part == nil) != (b.Part == nil) {
 		return false
 	}
-	if e.Part == nil || e.Part == f.Part {
+	if a.Part == nil || a.Part == b.Part {
 		return true
 	}
-	if e.Part.Bits != f.Part.Bits || len(e.Part.Under) != len(f.Part.Under) {
-		return false
-	}
-	for i := range e.Part.Under {
-		if e.Part.Under[i] != f.Part.Under[i] {
-			return false
-		}
-	}
-	return true
+	return a.Part.Bits == b.Part.Bits && slices.Equal(a.Part.Under, b.Part.Under)
 }
 
 // Over returns the writable entry of a new slot top holding the

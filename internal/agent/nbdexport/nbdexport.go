@@ -68,10 +68,10 @@ type export struct {
 
 // lost returns the error that ends a connection of an earlier life.
 func (e *export) lost() error {
-	if e.Disk.Lives() == e.life {
+	if e.Lives() == e.life {
 		return nil
 	}
-	return fmt.Errorf("%w: disk %q lost map changes not yet flushed with its controller", nbd.ErrHangUp, e.Disk.Info().Name)
+	return fmt.Errorf("%w: disk %q lost map changes not yet flushed with its controller", nbd.ErrHangUp, e.Info().Name)
 }
 
 func (e *export) ReadAt(ctx context.Context, p []byte, off uint64) error {
