@@ -108,7 +108,7 @@ func TestCheckPartialEntries(t *testing.T) {
 			return tx.SetEntries(p.a.ID, 0, []table.Entry{e})
 		}, []controller.Problem{{Kind: controller.OutOfRange, Loc: table.Location{Container: 1, Slot: 9999}, Disk: "a", Segment: 0}},
 			[]string{"layer under partial entry c1/s3: container has 64 slots"}},
-		{"base does not hold every sub-block", func(tx *meta.Tx, p *partialStore) error {
+		{"layers do not hold every sub-block", func(tx *meta.Tx, p *partialStore) error {
 			// c1/s3{0} over c1/s1{1}: the layout is a page's, the
 			// shape is not (sub-blocks 2 and up are nowhere).
 			e := table.Entry{Loc: partialSlots[2], Part: &table.Partial{Bits: table.Range(0, 1), Under: []table.Layer{{Loc: base, Bits: table.Range(1, 2)}}}}
@@ -117,7 +117,7 @@ func TestCheckPartialEntries(t *testing.T) {
 			}
 			return tx.SetEntries(p.a.ID, 0, []table.Entry{e})
 		}, []controller.Problem{{Kind: controller.InvalidPartial, Loc: partialSlots[2], Disk: "a", Segment: 0}},
-			[]string{"base c1/s1 holds {1}, not all 256 sub-blocks"}},
+			[]string{"its layers hold {0-1}, not all 256 sub-blocks"}},
 		{"slot named twice", func(tx *meta.Tx, p *partialStore) error {
 			// Segment 2 becomes c1/s5{0} over c1/s6{1} over c1/s6,
 			// with counts that say so.

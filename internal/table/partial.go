@@ -15,8 +15,9 @@ import (
 // is. Such an entry is partial: its location is the new slot (the top
 // layer), Part.Bits says which sub-blocks the top holds, and Part.Under lists
 // the slots below it, newest first, each with the sub-blocks it holds; the
-// last one (the base) holds every sub-block. A sub-block is read from the
-// first layer that holds it.
+// layers hold every sub-block together (the last, the base, holds them all
+// until the layers above come to hide it and it is dropped). A sub-block
+// is read from the first layer that holds it.
 //
 //	entry c1/s9{0-3}<c1/s7{8}<c1/s2
 //	  sub-blocks 0..3  from c1/s9 (written after the last snapshot)
@@ -156,8 +157,8 @@ type Partial struct {
 
 // Valid checks a partial entry's shape for a segment of n sub-blocks: the
 // top holds at least one sub-block and not all, each layer holds one that
-// no layer above it does, the base holds all, no slot appears twice, and
-// there are at most MaxDepth layers.
+// no layer above it does, together they hold every sub-block and none
+// past n, no slot appears twice, and there are at most MaxDepth layers.
 func (p *Partial) Valid(top Location, n int) error {
 	switch {
 	case len(p.Under) == 0:
@@ -182,10 +183,25 @@ func (p *Partial) Valid(top Location, n int) error {
 		}
 		above = above.Or(l.Bits)
 	}
-	if last := p.Under[len(p.Under)-1]; last.Bits != Full(n) {
-		return fmt.Errorf("partial entry %v: base %v holds {%v}, not all %d sub-blocks", top, last.Loc, last.Bits, n)
+	if above != Full(n) {
+		return fmt.Errorf("partial entry %v: its layers hold {%v}, not all %d sub-blocks", top, above, n)
 	}
 	return nil
+}
+
+// Covered returns the number of sub-blocks a partial entry's layers hold
+// together, if they are the first n of a segment (as Valid wants), else
+// -1: the segment size of an entry that comes without its disk (from the
+// wire).
+func (p *Partial) Covered() int {
+	all := p.Bits
+	for _, l := range p.Under {
+		all = all.Or(l.Bits)
+	}
+	if n := all.Count(); all == Full(n) {
+		return n
+	}
+	return -1
 }
 
 // Partial reports whether e is a mapped partial entry.
@@ -280,18 +296,7 @@ func Over(top Location, b Bits, e Entry, n int) Entry {
 	} else {
 		under = append(under, Layer{e.Loc, Full(n)})
 	}
-	// Drop the layers that b and the layers above them hide, except the
-	// base.
-	above, kept := b, under[:0]
-	for i, l := range under {
-		vis := l.Bits.AndNot(above)
-		if vis.Empty() && i < len(under)-1 {
-			continue
-		}
-		kept = append(kept, l)
-		above = above.Or(l.Bits)
-	}
-	return Entry{Loc: top, Part: &Partial{Bits: b, Under: kept}}
+	return Entry{Loc: top, Part: &Partial{Bits: b, Under: visible(b, under)}}
 }
 
 // Filled returns a mapped entry e with its own slot holding b as well. An
@@ -305,16 +310,23 @@ func Filled(e Entry, b Bits, n int) Entry {
 	if nb.Has(Full(n)) {
 		return Entry{Loc: e.Loc, State: e.State}
 	}
-	under := make([]Layer, 0, len(e.Part.Under))
-	above := nb
-	for i, l := range e.Part.Under {
-		if l.Bits.AndNot(above).Empty() && i < len(e.Part.Under)-1 {
+	under := visible(nb, slices.Clone(e.Part.Under))
+	return Entry{Loc: e.Loc, State: e.State, Part: &Partial{Bits: nb, Under: under}}
+}
+
+// visible returns the layers of under (newest first) that hold a
+// sub-block neither top (the sub-blocks above them) nor a newer layer
+// does: the others are hidden, and no longer named. It reuses under.
+func visible(top Bits, under []Layer) []Layer {
+	above, kept := top, under[:0]
+	for _, l := range under {
+		if l.Bits.AndNot(above).Empty() {
 			continue
 		}
-		under = append(under, l)
+		kept = append(kept, l)
 		above = above.Or(l.Bits)
 	}
-	return Entry{Loc: e.Loc, State: e.State, Part: &Partial{Bits: nb, Under: under}}
+	return kept
 }
 
 // Whole returns e with its layers dropped: the entry of its own slot once

@@ -111,7 +111,8 @@ func (e Entry) String() string {
 		s += "{" + e.Part.Bits.String() + "}"
 		for i, l := range e.Part.Under {
 			s += "<" + l.Loc.String()
-			if i < len(e.Part.Under)-1 {
+			// A base that holds every sub-block is written bare.
+			if i < len(e.Part.Under)-1 || l.Bits.Count() != e.Part.Covered() {
 				s += "{" + l.Bits.String() + "}"
 			}
 		}

@@ -94,7 +94,7 @@ func entriesFromPB(es []*pb.Entry) ([]table.Entry, error) {
 
 // entryFromPB converts an entry from the wire. A partial one must have the
 // shape table.Partial.Valid checks, for the segment of as many sub-blocks
-// as its base holds (the agent does not know the disk here); anything else
+// as its layers hold (the agent does not know the disk here); anything else
 // is protocol.ErrBadRequest.
 func entryFromPB(e *pb.Entry) (table.Entry, error) {
 	st := table.State(e.GetState())
@@ -126,7 +126,7 @@ func entryFromPB(e *pb.Entry) (table.Entry, error) {
 			return table.Entry{}, fmt.Errorf("entry %v, layer %d: %w", out.Loc, i+1, err)
 		}
 	}
-	if err := p.Valid(out.Loc, p.Under[len(p.Under)-1].Bits.Count()); err != nil {
+	if err := p.Valid(out.Loc, p.Covered()); err != nil {
 		return table.Entry{}, fmt.Errorf("%w: %w", err, protocol.ErrBadRequest)
 	}
 	out.Part = p
