@@ -320,15 +320,16 @@ var checkDamages = []checkDamage{
 		metaUpdate(t, path, func(tx *meta.Tx) error {
 			es, err := tx.Page(cs.vmPage)
 			for _, e := range es {
-				if !e.Mapped() {
-					continue
-				}
-				n, err := tx.Refs(e.Loc)
-				if err != nil {
-					return err
-				}
-				locs = append(locs, e.Loc)
-				counts = append(counts, n)
+				// Every slot an entry names: a partial one's layers too.
+				e.Slots(func(l table.Location) {
+					n, rerr := tx.Refs(l)
+					if rerr != nil {
+						err = rerr
+						return
+					}
+					locs = append(locs, l)
+					counts = append(counts, n)
+				})
 			}
 			return err
 		})
