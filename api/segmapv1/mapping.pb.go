@@ -1943,7 +1943,11 @@ type FaultReply struct {
 	StageNoFlush bool `protobuf:"varint,8,opt,name=stage_no_flush,json=stageNoFlush,proto3" json:"stage_no_flush,omitempty"`
 	// deferred: the map change behind this reply is in the controller's
 	// memory only until the agent flushes the disk (op flush).
-	Deferred      bool `protobuf:"varint,9,opt,name=deferred,proto3" json:"deferred,omitempty"`
+	Deferred bool `protobuf:"varint,9,opt,name=deferred,proto3" json:"deferred,omitempty"`
+	// stage_fill_rest, with stage_sparse: the agent also copies every
+	// sub-block the staged slot lacks and the write does not touch from
+	// stage_from's layers, so that the slot holds the whole segment.
+	StageFillRest bool `protobuf:"varint,10,opt,name=stage_fill_rest,json=stageFillRest,proto3" json:"stage_fill_rest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2037,6 +2041,13 @@ func (x *FaultReply) GetStageNoFlush() bool {
 func (x *FaultReply) GetDeferred() bool {
 	if x != nil {
 		return x.Deferred
+	}
+	return false
+}
+
+func (x *FaultReply) GetStageFillRest() bool {
+	if x != nil {
+		return x.StageFillRest
 	}
 	return false
 }
@@ -2221,7 +2232,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	" \x01(\x04R\x05token\x12\x18\n" +
 	"\aabandon\x18\v \x01(\bR\aabandon\x12\x10\n" +
 	"\x03off\x18\f \x01(\x04R\x03off\x12\x10\n" +
-	"\x03len\x18\r \x01(\x04R\x03len\"\xc5\x02\n" +
+	"\x03len\x18\r \x01(\x04R\x03len\"\xed\x02\n" +
 	"\n" +
 	"FaultReply\x12\x14\n" +
 	"\x05first\x18\x01 \x01(\x04R\x05first\x12*\n" +
@@ -2234,7 +2245,9 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"stage_from\x18\x06 \x01(\v2\x10.segmap.v1.EntryR\tstageFrom\x12!\n" +
 	"\fstage_sparse\x18\a \x01(\bR\vstageSparse\x12$\n" +
 	"\x0estage_no_flush\x18\b \x01(\bR\fstageNoFlush\x12\x1a\n" +
-	"\bdeferred\x18\t \x01(\bR\bdeferred\"C\n" +
+	"\bdeferred\x18\t \x01(\bR\bdeferred\x12&\n" +
+	"\x0fstage_fill_rest\x18\n" +
+	" \x01(\bR\rstageFillRest\"C\n" +
 	"\tNotLeader\x12\x1e\n" +
 	"\n" +
 	"controller\x18\x01 \x01(\tR\n" +

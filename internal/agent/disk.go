@@ -511,6 +511,11 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 			if err := writeSparse(srcs, oc.c, st, off, p, segSize); err != nil {
 				return fmt.Errorf("staged write of segment %d: %w", seg, err)
 			}
+			if st.FillRest && st.Copies() {
+				if err := fillRest(srcs, oc.c, st, off, uint64(len(p)), segSize); err != nil {
+					return fmt.Errorf("staged write of segment %d: %w", seg, err)
+				}
+			}
 		} else if st.Copies() {
 			if err := copyAround(srcs, oc.c, st, off, p, segSize); err != nil {
 				return fmt.Errorf("staged write of segment %d: %w", seg, err)
@@ -645,6 +650,48 @@ func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, 
 		return c, nil
 	}, func(loc table.Location, err error) error {
 		return fmt.Errorf("copy-on-write read %v: %w: %w", loc, protocol.ErrIO, err)
+	})
+}
+
+// fillRest copies into the staged slot st.Loc of dst every sub-block that
+// st.From's own slot does not hold and bytes [off, off+n) do not touch,
+// each from the layer of st.From that holds it. All-zero 4 KiB blocks
+// are left unwritten (the slot's unwritten parts read as zeros).
+func fillRest(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off, n, segSize uint64) error {
+	sb := table.SubBlockSize(segSize)
+	touched := table.SpanOf(segSize, off, n)
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	to := int64(uint64(st.Loc.Slot) * segSize)
+	return st.From.Runs(0, table.SubBlockCount(segSize), func(loc table.Location, lo, hi int) error {
+		if loc == st.Loc {
+			return nil
+		}
+		for i := lo; i < hi; {
+			if touched.Test(i) {
+				i++
+				continue
+			}
+			j := i + 1
+			for j < hi && !touched.Test(j) && uint64(j-i)*sb < uint64(len(*bp)) {
+				j++
+			}
+			b := (*bp)[:uint64(j-i)*sb]
+			if err := readFrom(src, st.From, uint64(i)*sb, b, segSize); err != nil {
+				return err
+			}
+			for k := 0; k < len(b); k += zeroBlock {
+				blk := b[k:min(k+zeroBlock, len(b))]
+				if bytes.Equal(blk, zeros[:len(blk)]) {
+					continue
+				}
+				if _, err := dst.WriteAt(blk, to+int64(uint64(i)*sb)+int64(k)); err != nil {
+					return fmt.Errorf("fill the rest of %v: %w: %w", st.Loc, protocol.ErrIO, err)
+				}
+			}
+			i = j
+		}
+		return nil
 	})
 }
 

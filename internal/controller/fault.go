@@ -345,6 +345,11 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 			return protocol.Reply{}, &fillBusy{done}
 		}
 	}
+	if plan == table.FillIn {
+		// The agent fills the rest of the segment too (FillRest):
+		// the commit makes the entry whole.
+		r.bits = table.Full(n)
+	}
 	r.plan = plan
 	c.plans[plan].Add(1)
 	return c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
@@ -510,7 +515,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			}
 			c.stage.mu.Unlock()
 			r.reserved = false
-			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse, NoFlush: r.deferred}
+			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse, FillRest: st.FillRest, NoFlush: r.deferred}
 			if st.From {
 				stage.From = r.e // the agent reads the rest from Old
 				stage.From.State &^= table.NoWrite

@@ -67,13 +67,21 @@ func TestPartialCopyOnWrite(t *testing.T) {
 	}
 	expect(t, openDisk(t, c, 1, "s"), 0, old)
 
-	// Another sub-block, through the other agent: filled in place.
+	// Another sub-block, through the other agent: filled in place, and
+	// the rest of the segment with it: the entry is whole, and the slot
+	// it read through to is the snapshot's alone again.
 	w2 := pattern(3*sub, 3)
 	write(t, h1, w2, 4*sub+7) // sub-blocks 4 to 7
 	copy(want[4*sub+7:], w2)
 	e2 := entry(t, c, "d", 0)
-	if !e2.Partial() || e2.Loc != e.Loc || e2.Part.Bits != table.Range(1, 2).Or(table.Range(4, 8)) {
-		t.Fatalf("entry after a fill: %v; want %v holding sub-blocks 1, 4-7", e2, e.Loc)
+	if e2.Partial() || e2.Loc != e.Loc {
+		t.Fatalf("entry after a fill: %v; want %v, whole", e2, e.Loc)
+	}
+	if r := refs(t, c, base); r != 1 {
+		t.Errorf("the shared slot has %d references after the fill, want 1 (the snapshot)", r)
+	}
+	if !bytes.Equal(readSlot(t, c, e.Loc), want[:seg]) {
+		t.Error("the filled slot does not hold the whole segment")
 	}
 	if got := c.Ctrl.FaultCounts()[table.FillIn] - n0[table.FillIn]; got != 1 {
 		t.Errorf("%d fill-in faults, want 1", got)

@@ -165,8 +165,10 @@ const (
 	CopySub
 	// FillIn: the entry is writable but partial and its slot lacks some
 	// sub-blocks the write touches. The agent writes them into the
-	// entry's own slot (edges copied from the layers under it) and the
-	// controller then records that the slot holds them (see Filled).
+	// entry's own slot (edges copied from the layers under it), and
+	// copies in the rest of the segment the slot lacks from the layers;
+	// the controller then records that the slot holds it all: the entry
+	// is whole (see Filled).
 	FillIn
 )
 

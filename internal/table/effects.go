@@ -129,8 +129,10 @@ type Step struct {
 	From bool
 	// Sparse is set on a StepStage whose slot gets only the sub-blocks the
 	// write touches (their edges from Old); InPlace on one that stages
-	// into Old's own slot rather than New.
-	Sparse, InPlace bool
+	// into Old's own slot rather than New; FillRest on one whose slot
+	// also gets, from Old's layers, every sub-block it lacks, so that it
+	// holds the whole segment.
+	Sparse, InPlace, FillRest bool
 	// IfShared is set on the StepCommitSelf of a staged write: it commits
 	// only while the disk's entry still maps Old and Old is still
 	// shared; otherwise the stage is stale and the write starts again.
@@ -168,6 +170,9 @@ func (s Step) String() string {
 		}
 		if s.Sparse {
 			b.WriteString(" sparse")
+		}
+		if s.FillRest {
+			b.WriteString(" fill-rest")
 		}
 	}
 	return b.String()
@@ -207,7 +212,11 @@ func Effects(p Plan, agentCopies bool) []Step {
 		// copies, nothing else is copied.
 		return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true, Sparse: true}}
 	case FillIn:
-		return []Step{{Kind: StepStage, InPlace: true, From: true, Sparse: true}}
+		// The second write into a partial entry's segment fills the
+		// rest of it too: a segment written more than once after a
+		// snapshot is likely to be written again, and each write the
+		// top lacks would fault.
+		return []Step{{Kind: StepStage, InPlace: true, From: true, Sparse: true, FillRest: true}}
 	case CopyForward:
 		if agentCopies {
 			return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true}}

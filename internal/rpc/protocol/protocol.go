@@ -147,6 +147,12 @@ type Stage struct {
 	// Otherwise it writes the whole segment: From with the write laid
 	// over it.
 	Sparse bool
+	// FillRest, with Sparse: the agent also copies into Loc, from the
+	// layers of From, every sub-block that From's own slot (Loc) does
+	// not hold and the write does not touch, so that Loc then holds the
+	// whole segment (all-zero 4 KiB blocks are left unwritten, and the
+	// sub-blocks Loc holds already are not touched).
+	FillRest bool
 	// NoFlush: the agent need not flush the staged slot before it asks
 	// for the commit, which the controller keeps in memory (Deferred)
 	// until the agent flushes the disk; that flush flushes the slot's

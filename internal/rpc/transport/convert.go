@@ -146,6 +146,7 @@ func stageToPB(out *pb.FaultReply, st *protocol.Stage) {
 	}
 	out.StageSparse = st.Sparse
 	out.StageNoFlush = st.NoFlush
+	out.StageFillRest = st.FillRest
 }
 
 // stageFromPB returns the stage of the fault reply r, nil if it has none.
@@ -154,10 +155,11 @@ func stageFromPB(r *pb.FaultReply) (*protocol.Stage, error) {
 		return nil, nil
 	}
 	st := &protocol.Stage{
-		Loc:     table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
-		Token:   r.GetStageToken(),
-		Sparse:  r.GetStageSparse(),
-		NoFlush: r.GetStageNoFlush(),
+		Loc:      table.Location{Container: r.GetStage().GetContainer(), Slot: r.GetStage().GetSlot()},
+		Token:    r.GetStageToken(),
+		Sparse:   r.GetStageSparse(),
+		NoFlush:  r.GetStageNoFlush(),
+		FillRest: r.GetStageFillRest(),
 	}
 	if r.GetStageFrom() != nil {
 		from, err := entryFromPB(r.GetStageFrom())
