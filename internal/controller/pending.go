@@ -94,8 +94,11 @@ func (c *Controller) refsDelta(fam meta.DiskID, seg uint64, loc table.Location) 
 		return 0
 	}
 	n := 0
-	for k, ps := range pf.segs {
-		if k.seg != seg {
+	// The disks with changes are few (a disk, its snapshots and
+	// clones): look each up at this index.
+	for id := range pf.count {
+		ps := pf.segs[segKey{id, seg}]
+		if ps == nil {
 			continue
 		}
 		ps.old.Slots(func(l table.Location) {
