@@ -115,12 +115,26 @@ func (c *Controller) refsDelta(fam meta.DiskID, seg uint64, loc table.Location) 
 	return n
 }
 
+// mapperCount returns how many agents map disk id (mappers without the
+// slice: it runs on every write fault).
+func (c *Controller) mapperCount(id meta.DiskID) int {
+	c.agents.Lock()
+	defer c.agents.Unlock()
+	n := 0
+	for _, st := range c.agents.byName {
+		if st.disks[id] {
+			n++
+		}
+	}
+	return n
+}
+
 // mayDefer reports whether a staged write's commit on disk d may be kept in
 // memory: the controller defers, one agent maps d, its policy is forward
 // (a reverse copy moves the other sharers, whose entries it reads from
 // the store), and the disk has room for one more.
 func (c *Controller) mayDefer(d meta.Disk, seg uint64) bool {
-	if !c.deferMaps || d.Policy != table.Forward || len(c.mappers(d.ID, "")) != 1 {
+	if !c.deferMaps || d.Policy != table.Forward || c.mapperCount(d.ID) != 1 {
 		return false
 	}
 	c.pend.mu.Lock()
@@ -138,7 +152,7 @@ func (c *Controller) deferChange(agent string, d meta.Disk, seg uint64, old, ne 
 	c.pend.mu.Lock()
 	defer c.pend.mu.Unlock()
 	pf := c.pend.mu.fams[d.Family]
-	if pf == nil && len(c.mappers(d.ID, "")) > 1 {
+	if pf == nil && c.mapperCount(d.ID) > 1 {
 		return false
 	}
 	if pf == nil {

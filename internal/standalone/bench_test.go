@@ -40,19 +40,8 @@ func BenchmarkNBD(b *testing.B) {
 	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "bench", Size: benchSize, SegmentSize: benchSeg}); err != nil {
 		b.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno,
-		Logger: slog.New(slog.DiscardHandler)})
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	defer func() {
-		srv.Close()
-		<-served
-	}()
-	cl, err := nbdclient.Dial(ctx, l.Addr().String(), "bench", nbdclient.ClientConfig{})
+	addr := serveNBD(b, c)
+	cl, err := nbdclient.Dial(ctx, addr, "bench", nbdclient.ClientConfig{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -121,4 +110,23 @@ func BenchmarkNBD(b *testing.B) {
 			wg.Wait()
 		})
 	}
+}
+
+// serveNBD serves c's first agent over NBD on loopback (nbdexport, as
+// 'segmap up' does) until the test ends, and returns the address.
+func serveNBD(tb testing.TB, c *standalone.Cluster) string {
+	tb.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno,
+		Logger: slog.New(slog.DiscardHandler)})
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	tb.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+	return l.Addr().String()
 }

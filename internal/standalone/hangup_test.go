@@ -4,12 +4,9 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
-	"net"
 	"testing"
 
-	"segmap/internal/agent/nbdexport"
 	"segmap/internal/controller"
-	"segmap/internal/nbd"
 	"segmap/internal/nbd/nbdclient"
 	"segmap/internal/standalone"
 )
@@ -34,21 +31,10 @@ func TestHangUpOnLostMapChanges(t *testing.T) {
 	if _, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "d", Size: 4 * segSize, SegmentSize: segSize}); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno,
-		Logger: slog.New(slog.DiscardHandler)})
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	defer func() {
-		srv.Close()
-		<-served
-	}()
+	addr := serveNBD(t, c)
 	dial := func() *nbdclient.Client {
 		t.Helper()
-		cl, err := nbdclient.Dial(ctx, l.Addr().String(), "d", nbdclient.ClientConfig{})
+		cl, err := nbdclient.Dial(ctx, addr, "d", nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}
