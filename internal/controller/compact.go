@@ -113,11 +113,11 @@ func (c *Controller) compactSeg(ctx context.Context, id meta.DiskID, seg uint64)
 	var e table.Entry
 	alone := true
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
-		es, err := tx.Entries(d.ID, seg, 1)
+		got, err := tx.Entry(d.ID, seg)
 		if err != nil {
 			return err
 		}
-		e = es[0]
+		e = got
 		if !e.Partial() {
 			alone = false
 			return nil
@@ -156,11 +156,11 @@ func (c *Controller) compactSeg(ctx context.Context, id meta.DiskID, seg uint64)
 	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
-		es, err := tx.Entries(d.ID, seg, 1)
+		got, err := tx.Entry(d.ID, seg)
 		if err != nil {
 			return err
 		}
-		if !es[0].Equal(e) {
+		if !got.Equal(e) {
 			return protocol.ErrStale
 		}
 		if err := tx.SetEntries(d.ID, seg, []table.Entry{whole}); err != nil {

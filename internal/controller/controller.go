@@ -161,7 +161,7 @@ type Controller struct {
 	}
 
 	// plans counts the faults resolved, by plan.
-	plans [table.FillIn + 1]atomic.Uint64
+	plans [table.FillAll + 1]atomic.Uint64
 
 	// agents is the registry of attached agents and what they map. Its
 	// lock is a leaf.

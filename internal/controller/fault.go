@@ -275,11 +275,11 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 	var refs uint32
 	var pageShared bool
 	read := func(tx *meta.Tx) error {
-		es, err := tx.Entries(d.ID, seg, 1)
+		got, err := tx.Entry(d.ID, seg)
 		if err != nil {
 			return err
 		}
-		e = c.overlay(d.Family, d.ID, seg, es[0])
+		e = c.overlay(d.Family, d.ID, seg, got)
 		if e.Mapped() {
 			if refs, err = tx.Refs(e.Loc); err != nil {
 				return err
@@ -289,7 +289,11 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		pageShared, err = tx.PageShared(d.ID, seg)
 		return err
 	}
-	if err := c.store.View(ctx, read); err != nil {
+	if cur, ok := c.pendingEntry(d.Family, d.ID, seg); ok && cur.State&table.NoWrite == 0 {
+		// A change kept in memory is writable and shares neither its
+		// slot nor its page (see deferSelf): no need to read the store.
+		e, refs = cur, 1
+	} else if err := c.store.View(ctx, read); err != nil {
 		return protocol.Reply{}, err
 	}
 	if f.Op == protocol.FaultWrite && pageShared {
@@ -313,7 +317,7 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		return protocol.Reply{}, fmt.Errorf("write fault on bytes [%d,+%d) of a %d-byte segment: %w", f.Off, f.Len, d.SegmentSize, protocol.ErrBadRequest)
 	}
 	n := table.SubBlockCount(d.SegmentSize)
-	w := table.Span{Whole: f.Whole, Blocks: table.SpanOf(d.SegmentSize, f.Off, f.Len)}
+	w := table.Span{Whole: f.Whole, Blocks: table.SpanOf(d.SegmentSize, f.Off, f.Len), Of: n}
 	if w.Whole || f.Len == 0 {
 		// A write that does not say what it covers is taken to
 		// touch every sub-block.
@@ -337,7 +341,7 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 			plan, r.sharers = table.CopySub, nil
 		}
 	}
-	if plan == table.FillIn {
+	if plan == table.FillIn || plan == table.FillAll {
 		// One agent at a time fills a segment in place: two fills of
 		// one sub-block would each lay their edges over the other's
 		// write. A second waits for the first's commit.
@@ -345,7 +349,7 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 			return protocol.Reply{}, &fillBusy{done}
 		}
 	}
-	if plan == table.FillIn {
+	if plan == table.FillAll {
 		// The agent fills the rest of the segment too (FillRest):
 		// the commit makes the entry whole.
 		r.bits = table.Full(n)
@@ -497,7 +501,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 		case table.StepStage:
 			// The slot is the stage's now: its commit, or the
 			// agent's re-attaching, gives it back.
-			sw := stagedWrite{agent: r.f.Agent, disk: d.ID, seg: seg, loc: r.newLoc, old: r.e, plan: r.plan, bits: r.bits, noFlush: r.deferred}
+			sw := stagedWrite{agent: r.f.Agent, disk: d.ID, fam: d.Family, seg: seg, loc: r.newLoc, old: r.e, plan: r.plan, bits: r.bits, noFlush: r.deferred}
 			if st.InPlace {
 				// The agent writes Old's own slot: it stays
 				// reserved until the commit, lest it be freed
@@ -568,14 +572,14 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 			// An in-place fill is still good only while the entry
 			// is the one the agent filled against: another fill's
 			// commit or a copy-on-write came first otherwise.
-			es, err := tx.Entries(d.ID, seg, 1)
+			got, err := tx.Entry(d.ID, seg)
 			if err != nil {
 				return err
 			}
-			if !sameEntry(es[0], r.e) {
+			if !sameEntry(got, r.e) {
 				return protocol.ErrStale
 			}
-			ne = table.Filled(es[0], r.bits, r.n)
+			ne = table.Filled(got, r.bits, r.n)
 		}
 		if st.IfShared {
 			// A staged write's move is still wanted only while the
@@ -585,14 +589,14 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 			// place, and freeing it here would pull it from under
 			// that agent. The write starts again and finds the
 			// entry writable.
-			es, err := tx.Entries(d.ID, seg, 1)
+			got, err := tx.Entry(d.ID, seg)
 			if err != nil {
 				return err
 			}
-			if !sameEntry(es[0], r.e) {
+			if !sameEntry(got, r.e) {
 				return protocol.ErrStale
 			}
-			if n, err := shareCount(tx, d.ID, seg, es[0]); err != nil {
+			if n, err := shareCount(tx, d.ID, seg, got); err != nil {
 				return err
 			} else if n < 2 {
 				return protocol.ErrStale
@@ -640,36 +644,60 @@ func (c *Controller) commitSelf(ctx context.Context, r *faultRun, st table.Step)
 func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) error {
 	d, seg := r.d, r.seg
 	ne := r.target(st.Entry)
-	var stored, cur table.Entry
-	shared := false
-	if err := c.store.View(ctx, func(tx *meta.Tx) error {
-		es, err := tx.Entries(d.ID, seg, 1)
-		if err != nil {
-			return err
-		}
-		stored = es[0]
-		cur = c.overlay(d.Family, d.ID, seg, stored)
-		if (st.IfShared || st.IfSame) && cur.Mapped() {
-			n, err := tx.Refs(cur.Loc)
-			if err != nil {
+	for look := 0; ; look++ {
+		var stored *table.Entry
+		// A change kept in memory for the segment is what agents
+		// have; neither its slot nor its table page is shared then,
+		// since whatever shares them (a snapshot, a clone) takes the
+		// family exclusively, which commits the changes first. So
+		// the store need not be read (the first look only: if the
+		// change was committed or dropped meanwhile, it is read).
+		cur, ok := c.pendingEntry(d.Family, d.ID, seg)
+		shared := false
+		if !ok || look > 0 {
+			if err := c.store.View(ctx, func(tx *meta.Tx) error {
+				got, err := tx.Entry(d.ID, seg)
+				if err != nil {
+					return err
+				}
+				stored = &got
+				cur = c.overlay(d.Family, d.ID, seg, got)
+				if (st.IfShared || st.IfSame) && cur.Mapped() {
+					n, err := tx.Refs(cur.Loc)
+					if err != nil {
+						return err
+					}
+					pageShared, err := tx.PageShared(d.ID, seg)
+					shared = pageShared || int(n)+c.refsDelta(d.Family, seg, cur.Loc) > 1
+					return err
+				}
+				return nil
+			}); err != nil {
 				return err
 			}
-			pageShared, err := tx.PageShared(d.ID, seg)
-			shared = pageShared || int(n)+c.refsDelta(d.Family, seg, cur.Loc) > 1
-			return err
 		}
-		return nil
-	}); err != nil {
+		switch {
+		case st.IfSame && !sameEntry(cur, r.e):
+			return protocol.ErrStale
+		case st.IfSame:
+			ne = table.Filled(cur, r.bits, r.n)
+		case st.IfShared && (!sameEntry(cur, r.e) || !shared):
+			return protocol.ErrStale
+		}
+		gone, err := c.deferSelfChange(ctx, r, st, stored, ne, shared)
+		if gone {
+			continue
+		}
 		return err
 	}
-	switch {
-	case st.IfSame && !sameEntry(cur, r.e):
-		return protocol.ErrStale
-	case st.IfSame:
-		ne = table.Filled(cur, r.bits, r.n)
-	case st.IfShared && (!sameEntry(cur, r.e) || !shared):
-		return protocol.ErrStale
-	}
+}
+
+// deferSelfChange keeps deferSelf's change ne in memory, or commits it if
+// another agent maps the disk now. stored is the entry the store holds, nil
+// if it was not read; then gone reports that the change kept for the
+// segment is gone, and the store must be read.
+func (c *Controller) deferSelfChange(ctx context.Context, r *faultRun, st table.Step, stored *table.Entry, ne table.Entry, shared bool) (gone bool, err error) {
+	d, seg := r.d, r.seg
 	var slot *table.Location
 	if r.reserved {
 		ne.Slots(func(l table.Location) {
@@ -678,7 +706,11 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 			}
 		})
 	}
-	if !c.deferChange(r.f.Agent, d, seg, stored, ne, slot) {
+	kept, gone := c.deferChange(r.f.Agent, d, seg, stored, ne, slot)
+	if gone {
+		return true, nil
+	}
+	if !kept {
 		// Another agent maps the disk now: commit, after the staged
 		// data the agent did not flush.
 		r.deferred = false
@@ -688,10 +720,10 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 				err = ct.Flush()
 			}
 			if err != nil {
-				return fmt.Errorf("flush %v: %w: %w", r.newLoc, protocol.ErrIO, err)
+				return false, fmt.Errorf("flush %v: %w: %w", r.newLoc, protocol.ErrIO, err)
 			}
 		}
-		return c.commitSelf(ctx, r, st)
+		return false, c.commitSelf(ctx, r, st)
 	}
 	if slot != nil {
 		// The change holds the reservation until its commit.
@@ -702,7 +734,7 @@ func (c *Controller) deferSelf(ctx context.Context, r *faultRun, st table.Step) 
 		// memory) shares the slot now: the agents get it No-write.
 		r.e = effective(ne, map[bool]uint32{false: 1, true: 2}[shared])
 	}
-	return nil
+	return false, nil
 }
 
 // findSharers finds the other disks that map the faulting disk's slot:
@@ -723,15 +755,15 @@ func (c *Controller) findSharers(ctx context.Context, r *faultRun, refs uint32) 
 			if o.ID == d.ID || o.Family != d.Family || seg >= o.Segments() {
 				continue
 			}
-			es, err := tx.Entries(o.ID, seg, 1)
+			got, err := tx.Entry(o.ID, seg)
 			if err != nil {
 				return err
 			}
-			if es[0].Mapped() && es[0].Loc == e.Loc {
+			if got.Mapped() && got.Loc == e.Loc {
 				sharers = append(sharers, o)
 			}
-			es[0].Slots(func(l table.Location) {
-				if l == e.Loc && es[0].Loc != e.Loc {
+			got.Slots(func(l table.Location) {
+				if l == e.Loc && got.Loc != e.Loc {
 					layered = true
 				}
 			})
@@ -847,6 +879,7 @@ func (c *Controller) unsettled(ctx context.Context, seg uint64, disks ...meta.Di
 type stagedWrite struct {
 	agent string
 	disk  meta.DiskID
+	fam   meta.DiskID // disk's family
 	seg   uint64
 	loc   table.Location // where the agent writes (free slots are zero)
 	old   table.Entry    // the entry the disk maps now
@@ -893,6 +926,16 @@ func (c *Controller) endInPlace(ctx context.Context, sw stagedWrite) {
 		delete(c.stage.mu.inPlace, k)
 	}
 	c.stage.mu.Unlock()
+	// A commit kept in memory (see pending.go) counts too: the slot of a
+	// copy-on-write not yet durable is the one a fill writes next. Were
+	// it taken for free, its container's free slots would all be zeroed
+	// again before the next allocation. The change is looked at before
+	// the store: one flushed in between is counted twice, one dropped
+	// in between marks the slot dirty itself.
+	if c.refsDelta(sw.fam, sw.seg, sw.loc) > 0 {
+		c.alloc.release(sw.loc, false)
+		return
+	}
 	var refs uint32
 	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		var err error

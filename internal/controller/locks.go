@@ -85,6 +85,9 @@ func (c *Controller) lockFamilies(ctx context.Context, fams []meta.DiskID) (unlo
 	ids = slices.Compact(ids) // sources of one family: one lock
 	unlocks := make([]func(), 0, len(ids))
 	for _, f := range ids {
+		if err = c.preflush(ctx, f); err != nil {
+			break
+		}
 		unlocks = append(unlocks, c.lockFamily(f, true))
 		if err = c.flushFamily(ctx, f, true); err != nil {
 			break
@@ -111,6 +114,9 @@ func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func
 	for {
 		d, err := c.Disk(ctx, name)
 		if err != nil {
+			return meta.Disk{}, nil, err
+		}
+		if err := c.preflush(ctx, d.Family); err != nil {
 			return meta.Disk{}, nil, err
 		}
 		unlock := c.lockFamily(d.Family, true)

@@ -67,24 +67,38 @@ func TestPartialCopyOnWrite(t *testing.T) {
 	}
 	expect(t, openDisk(t, c, 1, "s"), 0, old)
 
-	// Another sub-block, through the other agent: filled in place, and
-	// the rest of the segment with it: the entry is whole, and the slot
-	// it read through to is the snapshot's alone again.
+	// Other sub-blocks, through the other agent: filled in place, and
+	// nothing else copied: the slot holds 5 of the 16 sub-blocks.
 	w2 := pattern(3*sub, 3)
 	write(t, h1, w2, 4*sub+7) // sub-blocks 4 to 7
 	copy(want[4*sub+7:], w2)
+	if e := entry(t, c, "d", 0); !e.Partial() || e.Part.Bits != table.Range(1, 2).Or(table.Range(4, 8)) {
+		t.Fatalf("entry after a fill: %v; want sub-blocks 1 and 4-7 in the top", e)
+	}
+	if got := c.Ctrl.FaultCounts()[table.FillIn] - n0[table.FillIn]; got != 1 {
+		t.Errorf("%d fill-in faults, want 1", got)
+	}
+	for _, h := range []*agent.Disk{h0, h1} {
+		expect(t, h, 0, want)
+	}
+	// Three more make half the segment: the rest is filled too, the
+	// entry is whole, and the slot it read through to is the
+	// snapshot's alone again.
+	w4 := pattern(3*sub, 5)
+	write(t, h0, w4, 8*sub) // sub-blocks 8 to 10
+	copy(want[8*sub:], w4)
 	e2 := entry(t, c, "d", 0)
 	if e2.Partial() || e2.Loc != e.Loc {
-		t.Fatalf("entry after a fill: %v; want %v, whole", e2, e.Loc)
+		t.Fatalf("entry after a fill of half the segment: %v; want %v, whole", e2, e.Loc)
+	}
+	if got := c.Ctrl.FaultCounts()[table.FillAll] - n0[table.FillAll]; got != 1 {
+		t.Errorf("%d fill-all faults, want 1", got)
 	}
 	if r := refs(t, c, base); r != 1 {
 		t.Errorf("the shared slot has %d references after the fill, want 1 (the snapshot)", r)
 	}
 	if !bytes.Equal(readSlot(t, c, e.Loc), want[:seg]) {
 		t.Error("the filled slot does not hold the whole segment")
-	}
-	if got := c.Ctrl.FaultCounts()[table.FillIn] - n0[table.FillIn]; got != 1 {
-		t.Errorf("%d fill-in faults, want 1", got)
 	}
 	// A write the slot already holds goes straight through.
 	w3 := pattern(10, 4)

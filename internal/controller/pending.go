@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -84,6 +85,19 @@ func (c *Controller) overlay(fam, id meta.DiskID, seg uint64, e table.Entry) tab
 	return e
 }
 
+// pendingEntry returns the entry kept in memory for disk id's segment seg
+// of family fam, if there is one.
+func (c *Controller) pendingEntry(fam, id meta.DiskID, seg uint64) (table.Entry, bool) {
+	c.pend.mu.Lock()
+	defer c.pend.mu.Unlock()
+	if pf := c.pend.mu.fams[fam]; pf != nil {
+		if ps := pf.segs[segKey{id, seg}]; ps != nil {
+			return ps.cur, true
+		}
+	}
+	return table.Entry{}, false
+}
+
 // refsDelta returns what the changes kept in memory add to the count of
 // slot loc, which entries at segment index seg of family fam name.
 func (c *Controller) refsDelta(fam meta.DiskID, seg uint64, loc table.Location) int {
@@ -148,30 +162,33 @@ func (c *Controller) mayDefer(d meta.Disk, seg uint64) bool {
 // reservation passes to the change). It refuses (false) if another agent
 // has mapped d since mayDefer and the family has no change in memory
 // (see openMapper): the change must be committed now.
-func (c *Controller) deferChange(agent string, d meta.Disk, seg uint64, old, ne table.Entry, newSlot *table.Location) bool {
+func (c *Controller) deferChange(agent string, d meta.Disk, seg uint64, old *table.Entry, ne table.Entry, newSlot *table.Location) (kept, gone bool) {
 	c.pend.mu.Lock()
 	defer c.pend.mu.Unlock()
 	pf := c.pend.mu.fams[d.Family]
+	k := segKey{d.ID, seg}
+	if old == nil && (pf == nil || pf.segs[k] == nil) {
+		return false, true
+	}
 	if pf == nil && c.mapperCount(d.ID) > 1 {
-		return false
+		return false, false
 	}
 	if pf == nil {
 		pf = &pendingFam{segs: map[segKey]*pendingSeg{}, count: map[meta.DiskID]int{}}
 		c.pend.mu.fams[d.Family] = pf
 	}
-	k := segKey{d.ID, seg}
 	ps := pf.segs[k]
 	if ps != nil {
 		ps.cur, ps.agent = ne, agent // old stays what the store holds
 	} else {
-		ps = &pendingSeg{old: old, cur: ne, agent: agent}
+		ps = &pendingSeg{old: *old, cur: ne, agent: agent}
 		pf.segs[k] = ps
 		pf.count[d.ID]++
 	}
 	if newSlot != nil {
 		ps.slots = append(ps.slots, *newSlot)
 	}
-	return true
+	return true, false
 }
 
 // openMapper records that agent st maps disk d and reports whether the
@@ -197,6 +214,9 @@ func (c *Controller) openMapper(st *agentState, d meta.Disk) (flush bool) {
 // fault would), so that faults on other segments go on meanwhile.
 func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive bool) error {
 	if !exclusive {
+		if err := c.preflush(ctx, fam); err != nil {
+			return err
+		}
 		defer c.lockFamily(fam, false)()
 	}
 	c.pend.mu.Lock()
@@ -247,19 +267,8 @@ func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive
 	for _, ch := range todo {
 		ch.cur.Slots(func(l table.Location) { conts[l.Container] = true })
 	}
-	ids := make([]uint32, 0, len(conts))
-	for id := range conts {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	for _, id := range ids {
-		ct, err := c.container(ctx, id)
-		if err != nil {
-			return err
-		}
-		if err := ct.Flush(); err != nil {
-			return fmt.Errorf("flush container %d before committing map changes: %w: %w", id, protocol.ErrIO, err)
-		}
+	if err := c.flushContainers(ctx, conts); err != nil {
+		return err
 	}
 	// Each chunk commits on its own: a crash between two leaves each
 	// segment old or new, and the flush that asked is not answered.
@@ -274,15 +283,15 @@ func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive
 			err := c.store.Update(ctx, func(tx *meta.Tx) error {
 				fr.reset()
 				for _, ch := range chunk {
-					es, err := tx.Entries(ch.k.disk, ch.k.seg, 1)
+					got, err := tx.Entry(ch.k.disk, ch.k.seg)
 					if err != nil {
 						return err
 					}
-					if es[0].Equal(ch.cur) {
+					if got.Equal(ch.cur) {
 						continue // an earlier, failed commit landed all the same
 					}
-					if !es[0].Equal(ch.old) {
-						return fmt.Errorf("disk %d segment %d holds %v, not %v, under a change kept in memory: %w", ch.k.disk, ch.k.seg, es[0], ch.old, meta.ErrCorrupt)
+					if !got.Equal(ch.old) {
+						return fmt.Errorf("disk %d segment %d holds %v, not %v, under a change kept in memory: %w", ch.k.disk, ch.k.seg, got, ch.old, meta.ErrCorrupt)
 					}
 					if err := tx.SetEntries(ch.k.disk, ch.k.seg, []table.Entry{ch.cur}); err != nil {
 						return err
@@ -320,6 +329,38 @@ func (c *Controller) flushFamily(ctx context.Context, fam meta.DiskID, exclusive
 		}
 	}
 	return nil
+}
+
+// flushContainers flushes containers ids.
+func (c *Controller) flushContainers(ctx context.Context, ids map[uint32]bool) error {
+	for _, id := range slices.Sorted(maps.Keys(ids)) {
+		ct, err := c.container(ctx, id)
+		if err != nil {
+			return err
+		}
+		if err := ct.Flush(); err != nil {
+			return fmt.Errorf("flush container %d before committing map changes: %w: %w", id, protocol.ErrIO, err)
+		}
+	}
+	return nil
+}
+
+// preflush flushes the containers of family fam's changes kept in memory,
+// under no lock, before flushFamily commits them: most of their data is
+// then durable before flushFamily takes the locks that writes to those
+// segments wait for, and its own flush, under the locks, has little left
+// to write. Without it a snapshot under random writes held its writers
+// for the whole of the flush, a second and more.
+func (c *Controller) preflush(ctx context.Context, fam meta.DiskID) error {
+	conts := map[uint32]bool{}
+	c.pend.mu.Lock()
+	if pf := c.pend.mu.fams[fam]; pf != nil {
+		for _, ps := range pf.segs {
+			ps.cur.Slots(func(l table.Location) { conts[l.Container] = true })
+		}
+	}
+	c.pend.mu.Unlock()
+	return c.flushContainers(ctx, conts)
 }
 
 // CommitPending makes every map change kept in memory durable, as the

@@ -127,6 +127,7 @@ func recordKinds() []recordKind {
 			orig := bytes.Clone(v)
 			p, err := decodePage(key, v)
 			checkDecode(t, key, v, orig, err, func() []byte { return encodePage(p) })
+			checkPageEntries(t, key, v, p, err)
 			if err == nil {
 				for i, e := range p {
 					if !e.State.Valid() || e.State&table.Invalid != 0 {

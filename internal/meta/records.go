@@ -363,6 +363,100 @@ func decodePage(key, v []byte) (*page, error) {
 	return p, nil
 }
 
+// decodePageEntry decodes entry i of a table page of either version,
+// without decoding the rest: the fault path reads one entry per fault,
+// and a page of partial entries costs far more to decode whole. It
+// checks the record's checksum and version, entry i as decodePage would,
+// and the partial entries before it only as far as it must to skip them.
+func decodePageEntry(key, v []byte, i int) (table.Entry, error) {
+	r := open(key, v, pageVersion, partPageVersion)
+	if r.err == nil && r.version == pageVersion && len(r.b) != PageEntries*entrySize {
+		return table.Entry{}, shortIf(len(r.b) < PageEntries*entrySize, key, "table page of %d bytes", len(r.b))
+	}
+	if r.err == nil && r.version == partPageVersion && len(r.b) < PageEntries*entrySize+4 {
+		return table.Entry{}, truncated(key, "table page of %d bytes", len(r.b))
+	}
+	if r.err != nil {
+		return table.Entry{}, r.done(key)
+	}
+	body := r.b
+	r.b = body[i*entrySize : (i+1)*entrySize]
+	var e table.Entry
+	e.Loc.Container = r.u32()
+	e.Loc.Slot = r.u32()
+	e.State = table.State(r.u8())
+	if !e.State.Valid() || e.State&table.Invalid != 0 {
+		return table.Entry{}, corrupt(key, "entry %d state %v", i, e.State)
+	}
+	if r.version != partPageVersion {
+		return e, nil
+	}
+	r.b = body[PageEntries*entrySize:]
+	n := r.u32()
+	if n == 0 || n > PageEntries {
+		return table.Entry{}, corrupt(key, "%d partial entries", n)
+	}
+	last := -1
+	for range n {
+		j, depth := int(r.u16()), int(r.u8())
+		switch {
+		case r.err != nil:
+			return table.Entry{}, r.done(key)
+		case j <= last || j >= PageEntries:
+			return table.Entry{}, corrupt(key, "partial entry %d after entry %d", j, last)
+		case depth == 0 || 1+depth > table.MaxDepth:
+			return table.Entry{}, corrupt(key, "partial entry %d has %d layers (2 to %d)", j, 1+depth, table.MaxDepth)
+		case j > i:
+			return e, nil
+		case j < i:
+			// Skip its top's sub-blocks and its layers.
+			r.skipBits()
+			for range depth {
+				r.need(8)
+				if r.err == nil {
+					r.b = r.b[8:]
+				}
+				r.skipBits()
+			}
+			last = j
+			continue
+		}
+		if !e.Mapped() {
+			return table.Entry{}, corrupt(key, "partial entry %d is %v", j, e.State)
+		}
+		part := &table.Partial{Bits: r.bits(), Under: make([]table.Layer, depth)}
+		for k := range part.Under {
+			l := &part.Under[k]
+			l.Loc.Container = r.u32()
+			l.Loc.Slot = r.u32()
+			l.Bits = r.bits()
+		}
+		if r.err != nil {
+			return table.Entry{}, r.done(key)
+		}
+		if why := badPartLayout(part); why != "" {
+			return table.Entry{}, corrupt(key, "partial entry %d: %s", j, why)
+		}
+		e.Part = part
+		return e, nil
+	}
+	if r.err != nil {
+		return table.Entry{}, r.done(key)
+	}
+	return e, nil
+}
+
+// skipBits skips a set of sub-blocks (see bits).
+func (d *dec) skipBits() {
+	n := int(d.u8())
+	if d.err == nil && n > len(table.Bits{}) {
+		d.err = corrupt(nil, "set of %d sub-block words, at most %d", n, len(table.Bits{}))
+	}
+	if d.need(8 * n) {
+		d.b = d.b[8*n:]
+	}
+}
+
 // badPartLayout says what is wrong with a partial entry as a page record
 // stores it, or returns "": from 1 to MaxDepth-1 layers under the top,
 // none in container 0, and no layer (the top included) holding no

@@ -222,6 +222,7 @@ func TestPageRandomDamage(t *testing.T) {
 		}
 		in := binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 		p, err := decodePage(key, in)
+		checkPageEntries(t, key, in, p, err)
 		if err != nil {
 			var re *RecordError
 			if !errors.As(err, &re) || !bytes.Equal(re.Key, key) {
@@ -243,5 +244,45 @@ func TestPageRandomDamage(t *testing.T) {
 	t.Logf("random damage: %d pages decoded, %d refused", decoded, failed)
 	if failed == 0 || decoded == 0 {
 		t.Errorf("%d decoded, %d refused: the damage should do both", decoded, failed)
+	}
+}
+
+// checkPageEntries checks decodePageEntry against decodePage's answer
+// (p, err) for record v: where the page decodes, each entry alone decodes
+// the same; where it does not, an entry alone decodes or fails with a
+// RecordError naming the key, never a panic.
+func checkPageEntries(t *testing.T, key, v []byte, p *page, err error) {
+	t.Helper()
+	for i := 0; i < PageEntries; i += 1 + i%41 {
+		e, eerr := decodePageEntry(key, v, i)
+		if err == nil {
+			if eerr != nil || !e.Equal(p[i]) {
+				t.Fatalf("entry %d alone: %v, %v; in the page: %v", i, e, eerr, p[i])
+			}
+			continue
+		}
+		var re *RecordError
+		if eerr != nil && (!errors.As(eerr, &re) || !bytes.Equal(re.Key, key)) {
+			t.Fatalf("entry %d alone: error %v is not a RecordError naming the key", i, eerr)
+		}
+	}
+}
+
+// TestPageEntry: one entry decoded alone is the entry of the decoded page,
+// for pages of either version.
+func TestPageEntry(t *testing.T) {
+	key := pageKey(5)
+	for _, p := range []*page{zeroPage, new(page), partialPage(), fullPartialPage()} {
+		v := encodePage(p)
+		got, err := decodePage(key, v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range PageEntries {
+			e, err := decodePageEntry(key, v, i)
+			if err != nil || !e.Equal(got[i]) {
+				t.Fatalf("entry %d alone: %v, %v; want %v", i, e, err, got[i])
+			}
+		}
 	}
 }

@@ -622,6 +622,30 @@ func (t *Tx) Entries(id DiskID, first, n uint64) ([]table.Entry, error) {
 	return out, nil
 }
 
+// Entry returns entry seg of disk id's table. Unless the transaction
+// has the page decoded already, it decodes that entry alone.
+func (t *Tx) Entry(id DiskID, seg uint64) (table.Entry, error) {
+	pid, err := t.pageID(id, seg/PageEntries)
+	if err != nil || pid == 0 {
+		return table.ZeroEntry, err
+	}
+	if c, ok := t.pages[pid]; ok {
+		if c.gone {
+			return table.Entry{}, fmt.Errorf("table page %d: released: %w", pid, ErrCorrupt)
+		}
+		return c.p[seg%PageEntries], nil
+	}
+	k := pageKey(pid)
+	v, err := t.kv.Get(k)
+	if err != nil {
+		return table.Entry{}, err
+	}
+	if v == nil {
+		return table.Entry{}, corrupt(k, "table page %d is missing", pid)
+	}
+	return decodePageEntry(k, v, int(seg%PageEntries))
+}
+
 // SetEntries replaces entries [first, first+len(es)) of disk id's
 // table, first unsharing the pages it changes (see Unshare). The
 // caller keeps slot reference counts right for the entries it

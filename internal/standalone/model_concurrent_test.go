@@ -63,7 +63,7 @@ func TestModelConcurrent(t *testing.T) {
 	// deletes that leave one, rare with fewer disks per model (TestModel
 	// covers it).
 	if !t.Failed() && total >= 1000 {
-		for p := table.Load; p <= table.FillIn; p++ {
+		for p := table.Load; p <= table.FillAll; p++ {
 			if p != table.Deny && p != table.ClearNoWrite && plans[p] == 0 {
 				t.Errorf("no fault was resolved by %v in %d operations", p, total)
 			}

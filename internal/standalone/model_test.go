@@ -58,7 +58,7 @@ func TestModel(t *testing.T) {
 	t.Logf("summary: model %d operations over %d seeds; faults resolved by plan: %v", total, nseeds, plans)
 	// The run must have exercised every way of resolving a fault.
 	if !t.Failed() && total >= 1000 {
-		for p := table.Load; p <= table.FillIn; p++ {
+		for p := table.Load; p <= table.FillAll; p++ {
 			if p != table.Deny && plans[p] == 0 {
 				t.Errorf("no fault was resolved by %v in %d operations", p, total)
 			}

@@ -165,11 +165,17 @@ const (
 	CopySub
 	// FillIn: the entry is writable but partial and its slot lacks some
 	// sub-blocks the write touches. The agent writes them into the
-	// entry's own slot (edges copied from the layers under it), and
-	// copies in the rest of the segment the slot lacks from the layers;
-	// the controller then records that the slot holds it all: the entry
-	// is whole (see Filled).
+	// entry's own slot (edges copied from the layers under it); the
+	// controller then records that the slot holds them too (see Filled).
+	// Nothing else is copied: a sub-block the disk never writes is read
+	// from the layer that holds it for as long as the entry lives.
 	FillIn
+	// FillAll: a FillIn after which the entry's slot would hold at least
+	// half of the segment. The agent also copies into the slot, from the
+	// layers under it, every sub-block it still lacks, and the entry
+	// becomes whole: no later write into the segment faults, and what
+	// is copied is never more than what the disk wrote there.
+	FillAll
 )
 
 func (p Plan) String() string {
@@ -192,6 +198,8 @@ func (p Plan) String() string {
 		return "copy-sub"
 	case FillIn:
 		return "fill-in"
+	case FillAll:
+		return "fill-all"
 	}
 	return fmt.Sprintf("Plan(%d)", uint8(p))
 }
@@ -203,6 +211,9 @@ type Span struct {
 	Whole bool
 	// Blocks are the sub-blocks the write touches.
 	Blocks Bits
+	// Of is the number of sub-blocks of the segment (0: not known, and
+	// a fill never fills the rest; see FillAll).
+	Of int
 }
 
 // Resolve decides how a controller resolves a map fault for op on a segment
@@ -232,7 +243,13 @@ func Resolve(e Entry, op Op, refs uint32, w Span, p Policy) Plan {
 	case op == Read:
 		return Load
 	case e.State&NoWrite == 0:
-		if !w.Whole && !e.Holds(w.Blocks) || w.Whole && e.Partial() {
+		if w.Whole && e.Partial() {
+			return FillIn
+		}
+		if !w.Whole && !e.Holds(w.Blocks) {
+			if w.Of > 0 && 2*e.Part.Bits.Or(w.Blocks).Count() >= w.Of {
+				return FillAll
+			}
 			return FillIn
 		}
 		return Load

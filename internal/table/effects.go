@@ -212,10 +212,13 @@ func Effects(p Plan, agentCopies bool) []Step {
 		// copies, nothing else is copied.
 		return []Step{{Kind: StepReserve}, {Kind: StepStage, From: true, Sparse: true}}
 	case FillIn:
-		// The second write into a partial entry's segment fills the
-		// rest of it too: a segment written more than once after a
-		// snapshot is likely to be written again, and each write the
-		// top lacks would fault.
+		// Only the sub-blocks the write touches: copying the rest
+		// would cost space the snapshot already holds.
+		return []Step{{Kind: StepStage, InPlace: true, From: true, Sparse: true}}
+	case FillAll:
+		// The slot holds half the segment at least: copying the rest
+		// (no more than the disk wrote) spares every later write into
+		// the segment a fault.
 		return []Step{{Kind: StepStage, InPlace: true, From: true, Sparse: true, FillRest: true}}
 	case CopyForward:
 		if agentCopies {
@@ -255,7 +258,7 @@ func CommitStaged(p Plan) []Step {
 			{Kind: StepTellMappers, Entry: NewOver},
 			{Kind: StepAnswer, Entry: NewOver},
 		}
-	case FillIn:
+	case FillIn, FillAll:
 		// Other agents read the filled sub-blocks from the layers
 		// under Old until they hear of it.
 		return []Step{

@@ -57,8 +57,14 @@ type Bits [SubBlocks / 64]uint64
 // Range returns the set of sub-blocks [lo, hi).
 func Range(lo, hi int) Bits {
 	var b Bits
-	for i := max(lo, 0); i < min(hi, SubBlocks); i++ {
-		b[i/64] |= 1 << (i % 64)
+	lo, hi = max(lo, 0), min(hi, SubBlocks)
+	for w := range b {
+		// The bits of [lo, hi) in word w, bits [64w, 64w+64).
+		from, to := max(lo-64*w, 0), min(hi-64*w, 64)
+		if from >= to {
+			continue
+		}
+		b[w] = (^uint64(0) >> (64 - (to - from))) << from
 	}
 	return b
 }

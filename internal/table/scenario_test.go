@@ -31,7 +31,7 @@ import (
 //	print
 //	decide [seg=<i> op=<op>]    with no seg: one "entry op" pair per input line
 //	decide-all                  every combination of state bits × every op
-//	resolve                     one "entry op [refs=N] [whole] [policy=P]" per input line
+//	resolve                     one "entry op [refs=N] [whole] [of=N] [policy=P]" per input line
 //	resolve-all entries=(...)   every op × refs 0,1,2 × whole × policy
 //	effects                     as resolve, with "[agent-copies]": the plan
 //	                            and the ordered steps that carry it out
@@ -174,7 +174,7 @@ func TestScenario(t *testing.T) {
 						d.Fatalf(t, "%s: want \"entry op [refs=N] [whole] [policy=P] [agent-copies]\", got %q", d.Cmd, line)
 					}
 					e, op := parseEntry(t, d, f[0]), parseOp(t, d, f[1])
-					refs, whole, p, agentCopies := uint32(1), false, table.Forward, false
+					refs, whole, p, agentCopies, of := uint32(1), false, table.Forward, false, 0
 					blocks := table.Range(0, 1)
 					for _, kv := range f[2:] {
 						k, v, _ := strings.Cut(kv, "=")
@@ -189,6 +189,12 @@ func TestScenario(t *testing.T) {
 							refs = uint32(n)
 						case "whole":
 							whole = true
+						case "of":
+							n, err := strconv.Atoi(v)
+							if err != nil {
+								d.Fatalf(t, "of: %v", err)
+							}
+							of = n
 						case "agent-copies":
 							agentCopies = true
 						case "policy":
@@ -200,7 +206,7 @@ func TestScenario(t *testing.T) {
 							d.Fatalf(t, "resolve: unknown %q", kv)
 						}
 					}
-					plan := table.Resolve(e, op, refs, table.Span{Whole: whole, Blocks: blocks}, p)
+					plan := table.Resolve(e, op, refs, table.Span{Whole: whole, Blocks: blocks, Of: of}, p)
 					if d.Cmd == "resolve" {
 						fmt.Fprintf(&b, "%s -> %v\n", line, plan)
 						continue
@@ -216,7 +222,7 @@ func TestScenario(t *testing.T) {
 				var b strings.Builder
 				for _, name := range strings.Fields(d.Input) {
 					var plan table.Plan
-					for p := table.Load; p <= table.FillIn; p++ {
+					for p := table.Load; p <= table.FillAll; p++ {
 						if p.String() == name {
 							plan = p
 						}
