@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -349,19 +350,37 @@ func (c *Controller) flushContainers(ctx context.Context, ids map[uint32]bool) e
 // under no lock, before flushFamily commits them: most of their data is
 // then durable before flushFamily takes the locks that writes to those
 // segments wait for, and its own flush, under the locks, has little left
-// to write. Without it a snapshot under random writes held its writers
-// for the whole of the flush, a second and more.
+// to write. Writes go on while it flushes, so it flushes again while a
+// flush takes long (up to preflushRounds times): each round has only
+// what the last one's writes left. Without it a snapshot under random
+// writes held its writers for the whole of a flush, a second and more.
 func (c *Controller) preflush(ctx context.Context, fam meta.DiskID) error {
-	conts := map[uint32]bool{}
-	c.pend.mu.Lock()
-	if pf := c.pend.mu.fams[fam]; pf != nil {
-		for _, ps := range pf.segs {
-			ps.cur.Slots(func(l table.Location) { conts[l.Container] = true })
+	for range preflushRounds {
+		conts := map[uint32]bool{}
+		c.pend.mu.Lock()
+		if pf := c.pend.mu.fams[fam]; pf != nil {
+			for _, ps := range pf.segs {
+				ps.cur.Slots(func(l table.Location) { conts[l.Container] = true })
+			}
+		}
+		c.pend.mu.Unlock()
+		start := c.now()
+		if err := c.flushContainers(ctx, conts); err != nil {
+			return err
+		}
+		if c.now().Sub(start) < preflushShort {
+			return nil
 		}
 	}
-	c.pend.mu.Unlock()
-	return c.flushContainers(ctx, conts)
+	return nil
 }
+
+// preflushRounds bounds the flushes of one preflush, and a flush shorter
+// than preflushShort ends it: what is left is for the flush under locks.
+const (
+	preflushRounds = 4
+	preflushShort  = 50 * time.Millisecond
+)
 
 // CommitPending makes every map change kept in memory durable, as the
 // agents' flushes would (pending.go). Reports of the store (check, space,
