@@ -424,13 +424,7 @@ func decodePageEntry(key, v []byte, i int) (table.Entry, error) {
 		if !e.Mapped() {
 			return table.Entry{}, corrupt(key, "partial entry %d is %v", j, e.State)
 		}
-		part := &table.Partial{Bits: r.bits(), Under: make([]table.Layer, depth)}
-		for k := range part.Under {
-			l := &part.Under[k]
-			l.Loc.Container = r.u32()
-			l.Loc.Slot = r.u32()
-			l.Bits = r.bits()
-		}
+		part := r.layers(r.bits(), depth)
 		if r.err != nil {
 			return table.Entry{}, r.done(key)
 		}
@@ -444,6 +438,19 @@ func decodePageEntry(key, v []byte, i int) (table.Entry, error) {
 		return table.Entry{}, r.done(key)
 	}
 	return e, nil
+}
+
+// layers reads the depth layers under a partial entry whose top holds
+// top, and returns the entry's layers (not checked: see badPartLayout).
+func (d *dec) layers(top table.Bits, depth int) *table.Partial {
+	part := &table.Partial{Bits: top, Under: make([]table.Layer, depth)}
+	for j := range part.Under {
+		l := &part.Under[j]
+		l.Loc.Container = d.u32()
+		l.Loc.Slot = d.u32()
+		l.Bits = d.bits()
+	}
+	return part
 }
 
 // skipBits skips a set of sub-blocks (see bits).
@@ -512,13 +519,7 @@ func (d *dec) partials(p *page) {
 			d.err = corrupt(nil, "partial entry %d has %d layers (2 to %d)", i, 1+depth, table.MaxDepth)
 			return
 		}
-		part := &table.Partial{Bits: top, Under: make([]table.Layer, depth)}
-		for j := range part.Under {
-			l := &part.Under[j]
-			l.Loc.Container = d.u32()
-			l.Loc.Slot = d.u32()
-			l.Bits = d.bits()
-		}
+		part := d.layers(top, depth)
 		if d.err != nil {
 			return
 		}
