@@ -51,10 +51,14 @@ func crashCases() []crashCase {
 		// D's segment 2 is partial (written after D.s): a write to
 		// sub-blocks its own slot lacks fills them in place.
 		{"fill-in", opWrite(0, "D", 2*seg64+20000, pattern(21, 3000)), ctrlCrash},
+		// One that makes the slot hold half the segment or more: it
+		// copies in the rest of the segment too (fill-all).
+		{"fill-all", opWrite(0, "D", 2*seg64+20000, pattern(25, 8*4096)), ctrlCrash},
 		// The same on D mapped by agent 0 alone: the map changes are
 		// kept in memory until the write's FUA flushes them.
 		{"lone-cow", opWriteLone("D", 100, pattern(22, 1000)), ctrlCrash},
 		{"lone-fill-in", opWriteLone("D", 2*seg64+20000, pattern(23, 3000)), ctrlCrash},
+		{"lone-fill-all", opWriteLone("D", 2*seg64+20000, pattern(26, 8*4096)), ctrlCrash},
 		{"lone-allocate", opWriteLone("D", 3*seg64+5, pattern(24, 500)), ctrlCrash},
 		{"cow-reverse", opWrite(0, "E", 100, pattern(12, 1000)), ctrlCrash},
 		{"cow-reverse-whole", opWrite(0, "E", seg64, pattern(13, seg64)), ctrlCrash},
@@ -223,7 +227,7 @@ func TestCrashPoints(t *testing.T) {
 		// controller and agents on one machine that loses power (the
 		// short form takes three of those, the long form all).
 		inPlace := crashCase{"write-in-place", opWrite(0, "D", 2*seg64+300, pattern(20, 5000)), ctrlCrash}
-		short := map[string]bool{"cow-forward": true, "cow-forward-staged": true, "cow-reverse": true, "trim": true, "fill-in": true}
+		short := map[string]bool{"cow-forward": true, "cow-forward-staged": true, "cow-reverse": true, "trim": true, "fill-in": true, "fill-all": true}
 		for _, c := range append(crashCases(), inPlace) {
 			if c.op.name == "write" {
 				cases = append(cases, crashCase{"agents-" + c.name, c.op, agentsCrash})
