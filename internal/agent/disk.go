@@ -656,7 +656,9 @@ func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, 
 // fillRest copies into the staged slot st.Loc of dst every sub-block that
 // st.From's own slot does not hold and bytes [off, off+n) do not touch,
 // each from the layer of st.From that holds it. All-zero 4 KiB blocks
-// are left unwritten (the slot's unwritten parts read as zeros).
+// are punched rather than written: the slot stays sparse, and what it
+// holds where it lacks a sub-block is not known to be zero (an in-place
+// stage whose commit failed may have written there).
 func fillRest(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off, n, segSize uint64) error {
 	sb := table.SubBlockSize(segSize)
 	touched := table.SpanOf(segSize, off, n)
@@ -680,12 +682,29 @@ func fillRest(src map[uint32]container.Container, dst container.Container, st *p
 			if err := readFrom(src, st.From, uint64(i)*sb, b, segSize); err != nil {
 				return err
 			}
-			for k := 0; k < len(b); k += zeroBlock {
+			// All-zero blocks are punched, not written: the slot stays
+			// sparse, and a sub-block it lacks may hold what an
+			// in-place stage wrote there before its commit failed.
+			at := to + int64(uint64(i)*sb)
+			zrun := -1 // start of the current run of all-zero blocks
+			for k := 0; k <= len(b); k += zeroBlock {
 				blk := b[k:min(k+zeroBlock, len(b))]
-				if bytes.Equal(blk, zeros[:len(blk)]) {
+				if k < len(b) && bytes.Equal(blk, zeros[:len(blk)]) {
+					if zrun < 0 {
+						zrun = k
+					}
 					continue
 				}
-				if _, err := dst.WriteAt(blk, to+int64(uint64(i)*sb)+int64(k)); err != nil {
+				if zrun >= 0 {
+					if err := dst.Punch(at+int64(zrun), int64(k-zrun)); err != nil {
+						return fmt.Errorf("fill the rest of %v: %w: %w", st.Loc, protocol.ErrIO, err)
+					}
+					zrun = -1
+				}
+				if k == len(b) {
+					break
+				}
+				if _, err := dst.WriteAt(blk, at+int64(k)); err != nil {
 					return fmt.Errorf("fill the rest of %v: %w: %w", st.Loc, protocol.ErrIO, err)
 				}
 			}

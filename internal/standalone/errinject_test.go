@@ -334,31 +334,39 @@ func errSoak(t *testing.T, deadline time.Time, outcomes map[string]int, leaks *i
 		case seed == 0:
 			seed = rand.Uint64()
 		}
-		r := rand.New(rand.NewPCG(seed, 13))
-		h := openFx(t, t.TempDir(), false)
-		m := randomHistory(t, r, h, fxModel{}, seed, "-errinject.seed")
-		st := fxSave(t, h, m)
-		op := randomOp(r, m)
-		cold := r.IntN(2) == 0
-		res, err := errRun(t, st, op, nil, errMode{}, faultinject.OpAll, cold)
-		if err != nil {
-			t.Fatalf("seed %d: %s without a fault: %v (rerun with -errinject.seed %d)", seed, op.name, err, seed)
-		}
-		runs++
-		if len(res.points) == 0 {
-			continue
-		}
-		p := res.points[r.IntN(len(res.points))]
-		md := errModes[r.IntN(len(errModes))]
-		got, err := errRun(t, st, op, &p, md, faultinject.OpAll, cold)
-		runs++
-		if err != nil {
-			t.Fatalf("seed %d: %s: %s at %v: %v (rerun with -errinject.seed %d)", seed, op.name, md.name, p, err, seed)
-		}
-		if got.fired {
+		n, f := errSoakSeed(t, seed, outcomes, leaks)
+		runs += n
+		if f {
 			fired++
 		}
-		*leaks += int64(got.leaked)
-		outcomes[got.outcome]++
 	}
+}
+
+// errSoakSeed runs errSoak's history of one seed: it returns the runs it
+// made and whether the fault fired.
+func errSoakSeed(t *testing.T, seed uint64, outcomes map[string]int, leaks *int64) (runs int64, fired bool) {
+	r := rand.New(rand.NewPCG(seed, 13))
+	h := openFx(t, t.TempDir(), false)
+	m := randomHistory(t, r, h, fxModel{}, seed, "-errinject.seed")
+	st := fxSave(t, h, m)
+	op := randomOp(r, m)
+	cold := r.IntN(2) == 0
+	res, err := errRun(t, st, op, nil, errMode{}, faultinject.OpAll, cold)
+	if err != nil {
+		t.Fatalf("seed %d: %s without a fault: %v (rerun with -errinject.seed %d)", seed, op.name, err, seed)
+	}
+	runs++
+	if len(res.points) == 0 {
+		return runs, false
+	}
+	p := res.points[r.IntN(len(res.points))]
+	md := errModes[r.IntN(len(errModes))]
+	got, err := errRun(t, st, op, &p, md, faultinject.OpAll, cold)
+	runs++
+	if err != nil {
+		t.Fatalf("seed %d: %s: %s at %v: %v (rerun with -errinject.seed %d)", seed, op.name, md.name, p, err, seed)
+	}
+	*leaks += int64(got.leaked)
+	outcomes[got.outcome]++
+	return runs, got.fired
 }

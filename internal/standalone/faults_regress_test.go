@@ -245,3 +245,17 @@ func TestRegressReverseFailedMoveOtherSharers(t *testing.T) {
 		}
 	}
 }
+
+// A fill of the rest of a segment (fill-all) skipped the blocks that read
+// zero in the layers under the entry, trusting the slot to read zero
+// there; but an in-place stage whose commit failed (here: a store read at
+// the start of the commit, after the agent wrote a whole segment into the
+// top) had left its data in the sub-blocks the top lacked, and the filled
+// entry read it. make soak found it; this is its seed.
+func TestRegressFillRestOverFailedStage(t *testing.T) {
+	outcomes := map[string]int{}
+	var leaks int64
+	if _, fired := errSoakSeed(t, 10873163516263344047, outcomes, &leaks); !fired {
+		t.Fatalf("the seed's fault did not fire (outcomes %v): the history no longer reaches the case", outcomes)
+	}
+}
