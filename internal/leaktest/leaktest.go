@@ -129,12 +129,20 @@ func (c config) wait(before map[uint64]bool) []goroutine {
 func (c config) leaked(before map[uint64]bool, all []goroutine) []goroutine {
 	var out []goroutine
 	for i, g := range all {
-		if i == 0 || before[g.id] || !c.matches(g) {
+		if i == 0 || before[g.id] || !c.matches(g) || permanent(g) {
 			continue
 		}
 		out = append(out, g)
 	}
 	return out
+}
+
+// permanent reports whether g is one of the goroutines the standard
+// library starts once and keeps for the life of the process, which no
+// test can stop: os/signal's loop, started by the first signal.Notify
+// (the fuzzing engine's workers call it, so every fuzz run "leaked" it).
+func permanent(g goroutine) bool {
+	return strings.Contains(g.stack, "os/signal.loop(")
 }
 
 func (c config) matches(g goroutine) bool {

@@ -3,9 +3,12 @@ package leaktest
 import (
 	"bytes"
 	"fmt"
+	"os"
+	"os/signal"
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -237,4 +240,22 @@ func TestVerifyMain(t *testing.T) {
 	if code := verifyMain(fakeM{stop: stop, code: 3}, &w); code != 3 || w.Len() != 0 || time.Since(start) > time.Second {
 		t.Errorf("failed tests: exit %d, output %q, after %v; want 3 and nothing, at once", code, w.String(), time.Since(start))
 	}
+}
+
+// os/signal's loop outlives every test once anything calls signal.Notify
+// (the fuzzing engine's workers do): it is never counted as a leak.
+func TestSignalLoopIsNotALeak(t *testing.T) {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGUSR2)
+	signal.Stop(ch)
+	for _, g := range goroutines() {
+		if strings.Contains(g.stack, "os/signal.signal_recv") {
+			// As if it had started after the check began.
+			if left := newConfig(nil).leaked(map[uint64]bool{}, []goroutine{{}, g}); len(left) != 0 {
+				t.Fatalf("counted as leaked: %s", join(left))
+			}
+			return
+		}
+	}
+	t.Fatal("no os/signal loop goroutine after signal.Notify")
 }
