@@ -413,7 +413,7 @@ if dp:
 sb = gobench(os.path.join(rdir, "snapshot.txt"))
 if sb:
     L += ["## 9. Snapshot time in process", "",
-          f"`go test -run XXX -bench Snapshot -benchtime 20x -count {env['knobs']['COUNT']} ./internal/controller`: "
+          f"`go test -run XXX -bench '^BenchmarkSnapshot$' -benchtime 20x -count {env['knobs']['COUNT']} ./internal/controller`: "
           "a disk of N allocated 64 KiB segments (mapped in the store directly), two agents mapping it, 20 snapshots "
           "per run through `Controller.Snapshot` (the No-write broadcast to both agents, one bbolt transaction); "
           "median over the runs of each run's median:", "",

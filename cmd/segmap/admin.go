@@ -249,6 +249,7 @@ func newDisk(g *globals) *cobra.Command {
   HELD-BY-SNAPS  on a writable disk, the slots that only the snapshots of
                  its family (the disk, its snapshots and clones) reference:
                  what deleting every snapshot of the family gives back
+                 (of a slot written in part, the part written)
                  ("-" on a snapshot: what it alone holds is its EXCLUSIVE)
 
 With --json the same figures are snapshots_hold, allocated, exclusive and

@@ -3,7 +3,6 @@ package controller
 import (
 	"context"
 	"errors"
-	"slices"
 
 	"segmap/internal/container"
 	"segmap/internal/meta"
@@ -74,7 +73,8 @@ func (c *Controller) ContainerSpaces(ctx context.Context) ([]ContainerSpace, err
 // SnapshotsHold returns, by family (meta.Disk.Family), the bytes of the
 // slots that only the family's snapshots (its read-only disks) reference
 // and none of its writable disks: what deleting every snapshot of the
-// family would give back. Families whose snapshots hold nothing are
+// family would give back. A slot of a partial entry counts the sub-blocks
+// written there only, as the storage it takes does (see snapshotOnly). Families whose snapshots hold nothing are
 // absent. It reads every table of every family in one read transaction:
 // its cost grows with the mapped entries, as DiskUsage's does.
 func (c *Controller) SnapshotsHold(ctx context.Context) (map[meta.DiskID]uint64, error) {
@@ -162,7 +162,8 @@ func familySnapshotsHold(tx *meta.Tx, members []meta.Disk) (uint64, error) {
 			}
 		}
 	}
-	var slots uint64
+	var blocks uint64
+	n := table.SubBlockCount(segSize)
 	for _, p := range byIndex {
 		if len(p.snaps) == 0 {
 			continue
@@ -176,9 +177,9 @@ func familySnapshotsHold(tx *meta.Tx, members []meta.Disk) (uint64, error) {
 		if err != nil {
 			return 0, err
 		}
-		slots += snapshotOnly(live, snaps)
+		blocks += snapshotOnly(live, snaps, n)
 	}
-	return slots * segSize, nil
+	return blocks * table.SubBlockSize(segSize), nil
 }
 
 // readPages reads the distinct stored pages pids, but those in skip.
@@ -202,31 +203,47 @@ func readPages(tx *meta.Tx, pids, skip []uint64) ([][]table.Entry, error) {
 	return out, nil
 }
 
-// snapshotOnly counts the distinct slots that the snapshot pages map and
-// the live pages do not, and the slots above the base of the live partial
-// entries that compaction would give back once no snapshot names their
-// slots, comparing entries at the same index only (the
-// pages all cover the same segments of one family). Every slot an entry
-// names counts (table.Entry.Slots): a partial entry's own and each layer
-// under it, so a slot a live disk reads through to is not the snapshots'
-// alone. Entries that hold no location (Zero, Error, Invalid) hold no
-// slot.
-func snapshotOnly(live, snaps [][]table.Entry) uint64 {
-	var n uint64
-	var locs []table.Location // distinct snapshot-only slots at one index
+// snapshotOnly counts the sub-blocks held in the distinct slots that the
+// snapshot pages map and the live pages do not, and those held in the
+// slots above the base of the live partial entries that compaction would
+// give back once no snapshot names their slots, comparing entries at the
+// same index only (the pages all cover the same segments of one family);
+// n is the segments' sub-block count. Every slot an entry names counts
+// (table.Entry.Slots): a partial entry's own and each layer under it, so
+// a slot a live disk reads through to is not the snapshots' alone; and it
+// counts for the sub-blocks the entries naming it say it holds (all of a
+// whole entry's), since the slots of partial entries are written only
+// there and take no space elsewhere. Entries that hold no location
+// (Zero, Error, Invalid) hold no slot.
+func snapshotOnly(live, snaps [][]table.Entry, n int) uint64 {
+	var total uint64
+	type held struct {
+		loc    table.Location
+		blocks table.Bits
+	}
+	var hs []held // distinct snapshot-only slots at one index
 	for i := range maxLen(snaps) {
-		locs = locs[:0]
+		hs = hs[:0]
 		for _, p := range snaps {
 			if i >= len(p) {
 				continue
 			}
-			p[i].Slots(func(l table.Location) {
-				if !mapsAt(live, i, l) && !slices.Contains(locs, l) {
-					locs = append(locs, l)
+			slotBlocks(p[i], n, func(l table.Location, b table.Bits) {
+				if mapsAt(live, i, l) {
+					return
 				}
+				for k := range hs {
+					if hs[k].loc == l {
+						hs[k].blocks = hs[k].blocks.Or(b)
+						return
+					}
+				}
+				hs = append(hs, held{l, b})
 			})
 		}
-		n += uint64(len(locs))
+		for _, h := range hs {
+			total += uint64(h.blocks.Count())
+		}
 		// A live partial entry whose slots no other live entry names
 		// is compacted once the snapshots are gone: it keeps its base
 		// and gives back the slots above it.
@@ -243,11 +260,31 @@ func snapshotOnly(live, snaps [][]table.Entry) uint64 {
 				}
 			})
 			if alone {
-				n += uint64(p[i].Depth() - 1)
+				part := p[i].Part
+				total += uint64(part.Bits.Count())
+				for _, l := range part.Under[:len(part.Under)-1] {
+					total += uint64(l.Bits.Count())
+				}
 			}
 		}
 	}
-	return n
+	return total
+}
+
+// slotBlocks calls fn with each slot entry e names and the sub-blocks e
+// says it holds: all n of a whole entry's slot.
+func slotBlocks(e table.Entry, n int, fn func(table.Location, table.Bits)) {
+	if e.Voided() {
+		return
+	}
+	if !e.Partial() {
+		fn(e.Loc, table.Full(n))
+		return
+	}
+	fn(e.Loc, e.Part.Bits)
+	for _, l := range e.Part.Under {
+		fn(l.Loc, l.Bits)
+	}
 }
 
 // mapsAt says whether an entry of one of pages at index i names location
