@@ -76,12 +76,8 @@ type pendingFam struct {
 // overlay returns the entry the disk's segment has, the store's e unless
 // a change is kept in memory for it.
 func (c *Controller) overlay(fam, id meta.DiskID, seg uint64, e table.Entry) table.Entry {
-	c.pend.mu.Lock()
-	defer c.pend.mu.Unlock()
-	if pf := c.pend.mu.fams[fam]; pf != nil {
-		if ps := pf.segs[segKey{id, seg}]; ps != nil {
-			return ps.cur
-		}
+	if cur, ok := c.pendingEntry(fam, id, seg); ok {
+		return cur
 	}
 	return e
 }

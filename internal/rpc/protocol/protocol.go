@@ -150,8 +150,8 @@ type Stage struct {
 	// FillRest, with Sparse: the agent also copies into Loc, from the
 	// layers of From, every sub-block that From's own slot (Loc) does
 	// not hold and the write does not touch, so that Loc then holds the
-	// whole segment (all-zero 4 KiB blocks are left unwritten, and the
-	// sub-blocks Loc holds already are not touched).
+	// whole segment (all-zero 4 KiB blocks are punched, not written,
+	// and the sub-blocks Loc holds already are not touched).
 	FillRest bool
 	// NoFlush: the agent need not flush the staged slot before it asks
 	// for the commit, which the controller keeps in memory (Deferred)
