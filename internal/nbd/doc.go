@@ -13,9 +13,11 @@
 //	              │
 //	              ▼
 //	  ┌────── handshake ───────┐  greeting, then option haggling:
-//	  │  INFO, LIST, STRUCTURED_REPLY, unknown options: answered, stay
+//	  │  INFO, LIST, STRUCTURED_REPLY, LIST_META_CONTEXT,
+//	  │    SET_META_CONTEXT, unknown options: answered, stay
 //	  │  STARTTLS (Config.TLS): ACK, TLS handshake, haggling starts
-//	  │    afresh over TLS, stay
+//	  │    afresh over TLS (structured replies and the selected
+//	  │    metadata context forgotten), stay
 //	  │  GO (known export) / EXPORT_NAME (known export)
 //	  │           ▼
 //	  │     transmission        reader hands requests to workers
@@ -46,12 +48,32 @@
 // certificates, VerifyConnection); this package does not look at
 // identities.
 //
+// # Block status
+//
+// The server offers one metadata context, base:allocation, for every
+// export. NBD_OPT_LIST_META_CONTEXT lists it for the queries
+// "base:allocation" and "base:", and for an empty query list;
+// NBD_OPT_SET_META_CONTEXT selects it (context id 1) for the query
+// "base:allocation", after NBD_OPT_STRUCTURED_REPLY only. Both need a
+// known export name; queries of other namespaces are ignored, malformed
+// data is NBD_REP_ERR_INVALID, and a SET replaces the earlier one even
+// when it fails or selects nothing. NBD_CMD_BLOCK_STATUS is served only if
+// the last SET selected the context for the export then opened (else
+// NBD_EINVAL), with the range checks of a READ. Its one BLOCK_STATUS chunk
+// describes the range from its offset with runs of equal flags merged,
+// never past the request's end, with one descriptor under
+// NBD_CMD_FLAG_REQ_ONE; it may cover less than asked (at most 65536
+// descriptors, and one per 512 bytes asked). The flags come from the
+// Export's ExtentLister; an Export without one is reported as data
+// throughout (flags 0).
+//
 // # Replies
 //
 // Requests are answered with simple replies unless the client negotiated
 // NBD_OPT_STRUCTURED_REPLY; then a READ is answered with one OFFSET_DATA
-// chunk, other successes with a NONE chunk and failures with an ERROR chunk
-// carrying a short message, each flagged DONE. Replies may go out in any
+// chunk, a BLOCK_STATUS with one BLOCK_STATUS chunk, other successes with
+// a NONE chunk and failures with an ERROR chunk carrying a short message,
+// each flagged DONE. Replies may go out in any
 // order. A request that fails (a bad range, a read-only export, an Export
 // error mapped by Config.Errno, a panic in the Export) fails alone; the
 // connection goes on. Only a client that breaks the stream's framing is

@@ -130,11 +130,13 @@ func req(typ nbdwire.Command, flags uint16, off uint64, n uint32) []byte {
 	return requestBytes(typ, flags, uint64(typ)<<32|off, off, n)
 }
 
-// handshakeTo returns client bytes that enter transmission on name.
+// handshakeTo returns client bytes that enter transmission on name; with
+// structured replies, base:allocation is selected too.
 func handshakeTo(name string, structured bool) []byte {
 	b := clientFlags(nbdwire.CFlagFixedNewstyle | nbdwire.CFlagNoZeroes)
 	if structured {
 		b = append(b, opt(nbdwire.OptStructuredReply, nil)...)
+		b = append(b, opt(nbdwire.OptSetMetaContext, metaData(name, nbdwire.MetaBaseAllocation))...)
 	}
 	return append(b, opt(nbdwire.OptGo, infoData(name, nbdwire.InfoBlockSize))...)
 }
@@ -155,6 +157,8 @@ func transmissionSeeds() [][]byte {
 		cat(req(nbdwire.CmdWrite, 0, 0, fuzzExportSize), make([]byte, 100)), // truncated payload
 		cat(req(nbdwire.CmdCache, 0, 0, 512), req(nbdwire.CmdBlockStatus, nbdwire.CmdFlagReqOne, 0, 512), req(99, 0xffff, 1<<63, 7)),
 		cat(req(nbdwire.CmdRead, 0, 0, 512)[:20]),
+		cat(req(nbdwire.CmdBlockStatus, 0, 0, fuzzExportSize), req(nbdwire.CmdBlockStatus, nbdwire.CmdFlagReqOne, 1000, 5000)),
+		cat(req(nbdwire.CmdBlockStatus, 0, 0, 0xffffffff), req(nbdwire.CmdBlockStatus, 0, fuzzExportSize-1, 1), req(nbdwire.CmdBlockStatus, 0, 0, 0)),
 		[]byte("NOTMAGICNOTMAGICNOTMAGICNOTM"),
 		bytes.Repeat(req(nbdwire.CmdRead, 0, 0, 64<<10), 20),
 	}
@@ -174,6 +178,12 @@ func FuzzHandshake(f *testing.F) {
 		cat(fixed, opt(nbdwire.OptGo, infoData("nope")), opt(nbdwire.OptGo, infoData("")), opt(nbdwire.OptGo, infoData("disk")), req(nbdwire.CmdFlush, 0, 0, 0)),
 		cat(fixed, opt(nbdwire.OptStartTLS, nil), opt(nbdwire.OptStructuredReply, nil), opt(nbdwire.OptGo, infoData("ro", nbdwire.InfoExport)), req(nbdwire.CmdRead, 0, 0, 4096)),
 		cat(fixed, opt(nbdwire.OptSetMetaContext, infoData("disk")[:8]), opt(nbdwire.OptExtendedHeaders, nil), opt(0xdead, []byte("x"))),
+		cat(fixed, opt(nbdwire.OptListMetaContext, metaData("disk")), opt(nbdwire.OptListMetaContext, metaData("disk", "base:", "x-a:b")),
+			opt(nbdwire.OptSetMetaContext, metaData("disk", "base:allocation")), opt(nbdwire.OptStructuredReply, nil),
+			opt(nbdwire.OptSetMetaContext, metaData("disk", "base:allocation")), opt(nbdwire.OptGo, infoData("disk")),
+			req(nbdwire.CmdBlockStatus, 0, 0, 4096)),
+		cat(fixed, opt(nbdwire.OptStructuredReply, nil), opt(nbdwire.OptSetMetaContext, metaData("nope", "base:allocation")),
+			opt(nbdwire.OptSetMetaContext, []byte{0, 0, 0, 4, 'd', 'i', 's', 'k', 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1})),
 		cat(fixed, opt(nbdwire.OptInfo, []byte{0, 0, 0, 9, 'd'}), opt(nbdwire.OptGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})),
 		cat(fixed, optHeader(nbdwire.OptInfo, maxOptionData+1), make([]byte, 100)),
 		cat(fixed, optHeader(nbdwire.OptInfo, 0xffffffff)),

@@ -19,6 +19,9 @@ type handshaker struct {
 	tls        bool   // NBD_OPT_STARTTLS succeeded: c.nc is a *tls.Conn
 	structured bool   // NBD_OPT_STRUCTURED_REPLY was acknowledged
 	buf        []byte // option data, reused
+	// meta is what the last NBD_OPT_SET_META_CONTEXT selected, and for
+	// which export: it holds only if that export is the one opened.
+	meta metaRequest
 }
 
 // handshake greets the client and haggles options until the client selects
@@ -139,8 +142,10 @@ func (h *handshaker) option() (*session, error) {
 		return nil, h.reply(opt, nbdwire.RepAck)
 	case nbdwire.OptStartTLS:
 		return nil, h.startTLS(data)
+	case nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext:
+		return nil, h.metaContext(opt, data)
 	default:
-		// EXTENDED_HEADERS, LIST/SET_META_CONTEXT and anything unknown.
+		// EXTENDED_HEADERS and anything unknown.
 		return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")
 	}
 }
@@ -194,6 +199,7 @@ func (h *handshaker) startTLS(data []byte) error {
 	h.w.Reset(tc)
 	h.tls = true
 	h.structured = false
+	h.meta = metaRequest{}
 	cs := tc.ConnectionState()
 	peer := ""
 	if len(cs.PeerCertificates) > 0 {
@@ -201,6 +207,44 @@ func (h *handshaker) startTLS(data []byte) error {
 	}
 	h.c.log.Debug("nbd: TLS on", "version", tls.VersionName(cs.Version), "peer", peer)
 	return nil
+}
+
+// metaContext answers NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT: one NBD_REP_META_CONTEXT for base:allocation
+// if the queries name it, then ACK. SET needs structured replies and
+// replaces what an earlier SET selected, even when it fails (spec); a SET
+// that selects nothing succeeds and leaves BLOCK_STATUS refused. LIST is
+// answered without structured replies too (the spec lets the server
+// choose), with context id 0 as the spec asks.
+func (h *handshaker) metaContext(opt nbdwire.Option, data []byte) error {
+	set := opt == nbdwire.OptSetMetaContext
+	if set {
+		h.meta = metaRequest{}
+		if !h.structured {
+			return h.replyErr(opt, nbdwire.RepErrInvalid, "structured replies were not negotiated")
+		}
+	}
+	r, msg := parseMetaRequest(data, !set)
+	if msg != "" {
+		return h.replyErr(opt, nbdwire.RepErrInvalid, msg)
+	}
+	if r.name == "" {
+		return h.replyErr(opt, nbdwire.RepErrUnknown, "there is no default export")
+	}
+	if _, ok := h.lookup(r.name); !ok {
+		return h.replyErr(opt, nbdwire.RepErrUnknown, "unknown export")
+	}
+	if r.allocation {
+		var id [4]byte
+		if set {
+			be.PutUint32(id[:], allocationID)
+		}
+		_ = h.reply(opt, nbdwire.RepMetaContext, id[:], []byte(nbdwire.MetaBaseAllocation)) // buffered: an error sticks and the ACK reports it
+	}
+	if set {
+		h.meta = r
+	}
+	return h.reply(opt, nbdwire.RepAck)
 }
 
 // exportName answers NBD_OPT_EXPORT_NAME. It cannot return an error to the
@@ -350,6 +394,7 @@ func (h *handshaker) open(name string) (*session, error) {
 			size:       exp.Size(),
 			flags:      transmissionFlags(exp.ReadOnly(), h.structured),
 			structured: h.structured,
+			allocation: h.structured && h.meta.allocation && h.meta.name == name,
 		},
 		name:   name,
 		exp:    exp,

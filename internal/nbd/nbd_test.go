@@ -46,7 +46,9 @@ func checkGoroutines(t testing.TB) {
 type memExport struct {
 	name, desc string
 	ro         bool
-	hook       func(ctx context.Context, op string, off, n uint64) error
+	// noExtents: Open returns it without its ExtentLister.
+	noExtents bool
+	hook      func(ctx context.Context, op string, off, n uint64) error
 	// try, if set, answers TryReadAt; otherwise reads are served inline
 	// unless hook is set (a hook may block).
 	try func(p []byte, off uint64) (bool, error)
@@ -134,6 +136,31 @@ func (m *memExport) WriteZeroes(ctx context.Context, off, n uint64, noHole bool)
 	return nil
 }
 
+// Extents reports each 512-byte block (the last may be shorter) that is
+// all zeroes as a hole, the others as data, one block per call, so that the
+// server has to merge. (A real export must not read data to find holes.)
+func (m *memExport) Extents(ctx context.Context, off, n uint64, fn func(uint64, ExtentFlags) bool) error {
+	if err := m.run(ctx, "extents", off, n); err != nil {
+		return err
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	end := off + n
+	for off < end {
+		blk := off / 512 * 512
+		next := min(blk+512, uint64(len(m.data)))
+		var f ExtentFlags
+		if !slices.ContainsFunc(m.data[blk:next], func(b byte) bool { return b != 0 }) {
+			f = ExtentHole | ExtentZero
+		}
+		if !fn(next-off, f) {
+			return nil
+		}
+		off = next
+	}
+	return nil
+}
+
 func (m *memExport) zero(off, n uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -172,7 +199,11 @@ func (b *memBackend) Open(ctx context.Context, name string) (Export, io.Closer, 
 	for _, e := range b.exports {
 		if e.name == name {
 			b.opens.Add(1)
-			return e, closerFunc(func() error { b.closes.Add(1); return nil }), nil
+			var exp Export = e
+			if e.noExtents {
+				exp = struct{ Export }{e} // hides Extents
+			}
+			return exp, closerFunc(func() error { b.closes.Add(1); return nil }), nil
 		}
 	}
 	return nil, nil, fmt.Errorf("export %q: %w", name, nbdwire.ErrUnknownExport)
@@ -395,6 +426,18 @@ func infoData(name string, reqs ...uint16) []byte {
 	return b
 }
 
+// metaData is the data of LIST_META_CONTEXT and SET_META_CONTEXT.
+func metaData(name string, queries ...string) []byte {
+	b := be.AppendUint32(nil, uint32(len(name)))
+	b = append(b, name...)
+	b = be.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = be.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
 // exportInfo is what NBD_REP_INFO replies said.
 type exportInfo struct {
 	size                 uint64
@@ -484,6 +527,7 @@ type call struct {
 	off    uint64
 	length uint32
 	data   []byte // READ result
+	status []byte // BLOCK_STATUS chunk payload
 	errno  uint32
 	msg    string
 	chunks int
@@ -585,6 +629,12 @@ func (tc *txClient) readLoop() error {
 					cl.data = make([]byte, cl.length)
 				}
 				copy(cl.data[off-cl.off:], p[8:])
+			case nbdwire.ChunkBlockStatus:
+				if cl.typ != nbdwire.CmdBlockStatus || n < 12 || (n-4)%8 != 0 || cl.status != nil {
+					tc.protocolError("bad BLOCK_STATUS chunk of %d bytes for %v", n, cl.typ)
+					return nil
+				}
+				cl.status = p
 			case nbdwire.ChunkError:
 				if n < 6 || int(be.Uint16(p[4:])) != int(n)-6 || be.Uint32(p) == 0 {
 					tc.protocolError("bad ERROR chunk % x", p)
@@ -921,14 +971,11 @@ func TestHandshakeUnsupportedOptions(t *testing.T) {
 	checkGoroutines(t)
 	h := startServer(t, nil, newMem("disk", 4096))
 	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle)
-	meta := infoData("disk")[:8] // name and a query count of 0
 	for _, o := range []struct {
 		opt  nbdwire.Option
 		data []byte
 	}{
 		{nbdwire.OptPeekExport, nil},
-		{nbdwire.OptListMetaContext, meta},
-		{nbdwire.OptSetMetaContext, meta},
 		{nbdwire.OptExtendedHeaders, nil},
 		{0, nil},
 		{12, []byte("whatever data")},

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bytes"
 	"encoding/binary"
 
 	"segmap/internal/nbd/nbdwire"
@@ -29,13 +30,26 @@ const (
 	// maxConnPayload bounds the READ and WRITE payload bytes one
 	// connection holds at once; the request reader waits when it is spent.
 	maxConnPayload = 128 << 20
+
+	// maxExtents bounds the descriptors of one NBD_REPLY_TYPE_BLOCK_STATUS
+	// chunk (the spec asks for at most 2^20); a reply that reaches it
+	// covers less than was asked, which the spec allows.
+	maxExtents = 1 << 16
 )
+
+// allocationID is the id of the base:allocation context in
+// NBD_REP_META_CONTEXT and NBD_REPLY_TYPE_BLOCK_STATUS. It is the only
+// context, and ids are the server's choice.
+const allocationID = 1
 
 // params are what a connection negotiated for the transmission phase.
 type params struct {
 	size       uint64
 	flags      uint16 // transmission flags sent to the client
 	structured bool   // NBD_OPT_STRUCTURED_REPLY was acknowledged
+	// allocation: base:allocation was selected for this export, so
+	// NBD_CMD_BLOCK_STATUS is served.
+	allocation bool
 }
 
 // transmissionFlags returns the transmission flags of an export.
@@ -71,6 +85,8 @@ func allowedFlags(typ nbdwire.Command, p params) uint16 {
 		}
 	case nbdwire.CmdWriteZeroes:
 		f |= nbdwire.CmdFlagNoHole
+	case nbdwire.CmdBlockStatus:
+		f |= nbdwire.CmdFlagReqOne
 	}
 	return f
 }
@@ -110,10 +126,16 @@ func decodeRequest(b *[nbdwire.RequestSize]byte) (h requestHeader, ok bool) {
 //     NBD_ENOSPC for writes, which here keeps meaning that the export ran
 //     out of space;
 //   - a READ longer than the maximum payload is NBD_EOVERFLOW with
-//     structured replies (spec "NBD_CMD_READ") and NBD_EINVAL without.
+//     structured replies (spec "NBD_CMD_READ") and NBD_EINVAL without;
+//   - BLOCK_STATUS without a selected context is NBD_EINVAL (spec
+//     "Metadata querying"), like an unknown command.
 func checkRequest(h requestHeader, p params) (errno uint32, msg string) {
 	switch h.typ {
 	case nbdwire.CmdRead, nbdwire.CmdFlush:
+	case nbdwire.CmdBlockStatus:
+		if !p.allocation {
+			return nbdwire.EINVAL, "no metadata context selected"
+		}
 	case nbdwire.CmdWrite, nbdwire.CmdTrim, nbdwire.CmdWriteZeroes:
 		if p.flags&nbdwire.TFlagReadOnly != 0 {
 			return nbdwire.EPERM, "export is read-only"
@@ -177,4 +199,143 @@ func wantsInfo(reqs []byte, t uint16) bool {
 		}
 	}
 	return false
+}
+
+// metaRequest is the decoded data of NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT.
+type metaRequest struct {
+	name string
+	// allocation: the queries name base:allocation (LIST: also "base:"
+	// or no query at all).
+	allocation bool
+}
+
+// parseMetaRequest decodes the data of LIST_META_CONTEXT (list set) or
+// SET_META_CONTEXT: the export name, then a count of queries, each a
+// length and a string. msg is empty on success and otherwise says why the
+// option is NBD_REP_ERR_INVALID: lengths that do not add up to the option
+// length, a string that is not a protocol string, a query without a
+// namespace. Queries of unknown namespaces, and unknown leaf-names of
+// base:, are ignored as the spec requires; "base:" is a wildcard for LIST
+// and selects nothing for SET. It allocates nothing but the name.
+func parseMetaRequest(data []byte, list bool) (r metaRequest, msg string) {
+	if len(data) < 8 {
+		return r, "option data too short"
+	}
+	n := uint64(be.Uint32(data))
+	if n > uint64(len(data)-8) {
+		return r, "export name longer than the option data"
+	}
+	name := data[4 : 4+n]
+	rest := data[4+n:]
+	count := be.Uint32(rest)
+	rest = rest[4:]
+	if !nbdwire.ValidString(string(name)) {
+		return r, "invalid export name"
+	}
+	r.name = string(name)
+	if count == 0 && list {
+		r.allocation = true
+	}
+	for i := uint32(0); i < count; i++ {
+		if len(rest) < 4 {
+			return metaRequest{}, "fewer queries than counted"
+		}
+		qn := uint64(be.Uint32(rest))
+		if qn > uint64(len(rest)-4) {
+			return metaRequest{}, "query longer than the option data"
+		}
+		q := rest[4 : 4+qn]
+		rest = rest[4+qn:]
+		if !nbdwire.ValidString(string(q)) {
+			return metaRequest{}, "invalid query string"
+		}
+		ns, leaf, ok := bytes.Cut(q, []byte(":"))
+		if !ok || len(ns) == 0 {
+			return metaRequest{}, "query without a namespace"
+		}
+		if string(ns) != "base" {
+			continue
+		}
+		if string(leaf) == "allocation" || (list && len(leaf) == 0) {
+			r.allocation = true
+		}
+	}
+	if len(rest) != 0 {
+		return metaRequest{}, "data after the last query"
+	}
+	return r, ""
+}
+
+// extentList encodes the descriptors of one NBD_REPLY_TYPE_BLOCK_STATUS
+// chunk from the runs an ExtentLister reports. Runs of equal flags are
+// merged; the descriptors cover the request from its offset and never
+// past its end (a run that goes on beyond is cut, which the spec always
+// allows); with REQ_ONE there is exactly one. It stops early when buf is
+// full: the reply then covers less than was asked, which the spec allows
+// as long as one descriptor is sent.
+type extentList struct {
+	buf    []byte // the chunk payload: context id, then descriptors
+	left   uint64 // bytes of the request not described yet
+	reqOne bool
+	// run is the descriptor being merged; runLen 0 means none yet.
+	runLen   uint64
+	runFlags ExtentFlags
+}
+
+// newExtentList starts the payload of a chunk in buf for a request of
+// length n. buf must hold the context id and at least one descriptor.
+func newExtentList(buf []byte, n uint32, reqOne bool) extentList {
+	be.PutUint32(buf, allocationID)
+	return extentList{buf: buf[:4:len(buf)], left: uint64(n), reqOne: reqOne}
+}
+
+// add appends the next run of length bytes; false means that no more runs
+// are wanted.
+func (l *extentList) add(length uint64, flags ExtentFlags) bool {
+	if length == 0 {
+		return l.left > 0
+	}
+	length = min(length, l.left)
+	if l.runLen > 0 && flags != l.runFlags {
+		if l.reqOne || len(l.buf)+16 > cap(l.buf) {
+			// One descriptor only, or room for just this one.
+			l.left = 0
+			return false
+		}
+		l.emit()
+	}
+	l.runLen += length
+	l.runFlags = flags
+	l.left -= length
+	return l.left > 0
+}
+
+// emit appends the run being merged as a descriptor.
+func (l *extentList) emit() {
+	var d [8]byte
+	be.PutUint32(d[0:], uint32(l.runLen)) // at most the request length
+	be.PutUint32(d[4:], uint32(l.runFlags))
+	l.buf = append(l.buf, d[:]...)
+	l.runLen = 0
+}
+
+// payload ends the list and returns the chunk payload. If no run was
+// reported the whole request is described as allocated data (flags 0),
+// the status the spec allows for any block.
+func (l *extentList) payload() []byte {
+	if l.runLen == 0 && len(l.buf) == 4 {
+		l.runLen, l.runFlags = l.left, 0
+	}
+	if l.runLen > 0 {
+		l.emit()
+	}
+	return l.buf
+}
+
+// extentBufSize is the chunk payload size to hold for a BLOCK_STATUS of
+// length n: a descriptor per 512 bytes (the granularity the spec asks
+// servers to prefer) plus the two unaligned ends, within maxExtents.
+func extentBufSize(n uint32) int {
+	return 4 + 8*int(min(uint64(n)/512+2, maxExtents))
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"sync"
 	"time"
 
@@ -59,6 +60,51 @@ type Export interface {
 // server's buffer and is valid only during the call.
 type NoWaitReader interface {
 	TryReadAt(ctx context.Context, p []byte, off uint64) (done bool, err error)
+}
+
+// ExtentLister is an optional interface of an Export: it tells which parts
+// of the export are allocated, for the base:allocation metadata context
+// (NBD_CMD_BLOCK_STATUS), so that a client can skip holes when it copies
+// or maps a disk. An Export without it is reported allocated everywhere
+// (flags 0), which is always correct but makes a copy read every byte.
+//
+// Extents calls fn for consecutive runs of [off, off+length), from off on,
+// each with its nonzero length and its flags, until the range is covered
+// or fn returns false; it should merge runs of equal flags where it can.
+// A run may go on past off+length (the server cuts it), and Extents may
+// stop short (the client asks again for the rest). It must not read the
+// data only to find holes: reporting a run as allocated (flags 0) is
+// always correct. It may be called concurrently with every other method;
+// a write that returned before the call is reflected in it. An error fails
+// the request as for ReadAt.
+type ExtentLister interface {
+	Extents(ctx context.Context, off, length uint64, fn func(length uint64, flags ExtentFlags) bool) error
+}
+
+// ExtentFlags are the status of a run of an export in the base:allocation
+// context; their bits are NBD_STATE_HOLE and NBD_STATE_ZERO.
+type ExtentFlags uint32
+
+const (
+	// ExtentHole: the run is not allocated in the backend storage
+	// (writing to it may fail with ENOSPC).
+	ExtentHole = ExtentFlags(nbdwire.StateHole)
+	// ExtentZero: the run reads as zeroes.
+	ExtentZero = ExtentFlags(nbdwire.StateZero)
+)
+
+func (f ExtentFlags) String() string {
+	switch f {
+	case 0:
+		return "data"
+	case ExtentHole:
+		return "hole"
+	case ExtentZero:
+		return "zero"
+	case ExtentHole | ExtentZero:
+		return "hole|zero"
+	}
+	return "ExtentFlags(" + strconv.FormatUint(uint64(f), 10) + ")"
 }
 
 // ExportInfo describes an export for NBD_OPT_LIST and NBD_OPT_INFO.

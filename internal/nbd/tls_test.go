@@ -80,7 +80,7 @@ func TestTLSRequiredOptions(t *testing.T) {
 	p := newTestPKI(t)
 	h := startServer(t, p.serverTLS(true), newMem("disk", 4096))
 	c := dialFlags(t, h.addr, nbdwire.CFlagFixedNewstyle|nbdwire.CFlagNoZeroes)
-	meta := infoData("disk")[:8]
+	meta := metaData("disk")
 	for _, o := range []struct {
 		opt  nbdwire.Option
 		data []byte
@@ -105,7 +105,9 @@ func TestTLSRequiredOptions(t *testing.T) {
 	if infos := s.expectFinal(nbdwire.OptList, nil, nbdwire.RepAck); len(infos) != 1 {
 		t.Errorf("LIST over TLS: %d exports, want 1", len(infos))
 	}
-	s.expectFinal(nbdwire.OptListMetaContext, meta, nbdwire.RepErrUnsup)
+	if ctxs := s.expectFinal(nbdwire.OptListMetaContext, meta, nbdwire.RepAck); len(ctxs) != 1 {
+		t.Errorf("LIST_META_CONTEXT over TLS: %d contexts, want 1", len(ctxs))
+	}
 	s.expectFinal(nbdwire.OptInfo, infoData("disk"), nbdwire.RepAck)
 	connectOn(t, s, "disk")
 }

@@ -200,6 +200,10 @@ func (c *conn) readRequest(r *request) error {
 	case h.typ == nbdwire.CmdRead && r.errno == 0:
 		c.tx.budget.acquire(n)
 		r.charged = n
+	case h.typ == nbdwire.CmdBlockStatus && r.errno == 0:
+		n = extentBufSize(h.length)
+		c.tx.budget.acquire(n)
+		r.charged = n
 	}
 	return nil
 }
@@ -280,6 +284,8 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 		if err == nil && fua {
 			err = exp.Flush(ctx)
 		}
+	case nbdwire.CmdBlockStatus:
+		data, err = c.blockStatus(r)
 	default:
 		// checkRequest lets no other command through.
 		return nbdwire.EINVAL, "unsupported command", nil
@@ -292,6 +298,21 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil
 	}
 	return 0, "", data
+}
+
+// blockStatus answers a checked BLOCK_STATUS: the payload of its one
+// NBD_REPLY_TYPE_BLOCK_STATUS chunk, for base:allocation, the only
+// context. An Export that is not an ExtentLister is all data.
+func (c *conn) blockStatus(r *request) ([]byte, error) {
+	n := extentBufSize(r.length)
+	r.buf = getBuf(n)
+	l := newExtentList((*r.buf)[:n], r.length, r.flags&nbdwire.CmdFlagReqOne != 0)
+	if el, ok := c.sess.exp.(ExtentLister); ok {
+		if err := el.Extents(c.ctx, r.off, uint64(r.length), l.add); err != nil {
+			return nil, err
+		}
+	}
+	return l.payload(), nil
 }
 
 // hangUp breaks the connection: no reply written after it reaches the
@@ -331,8 +352,9 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 }
 
 // prepareReply encodes the reply to r into r.iov: a simple reply, or one
-// structured chunk with NBD_REPLY_FLAG_DONE (OFFSET_DATA for a READ, NONE
-// for other successes, ERROR with a message for failures).
+// structured chunk with NBD_REPLY_FLAG_DONE (OFFSET_DATA for a READ,
+// BLOCK_STATUS for a BLOCK_STATUS, NONE for other successes, ERROR with a
+// message for failures).
 func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 	h := r.out[:]
 	r.iov[0], r.iov[1] = nil, nil
@@ -353,6 +375,10 @@ func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkOffsetData, r.cookie, uint32(8+len(data)))
 		be.PutUint64(h[nbdwire.ChunkHeaderSize:], r.off)
 		r.iov[0] = h[:nbdwire.ChunkHeaderSize+8]
+		r.iov[1] = data
+	case r.typ == nbdwire.CmdBlockStatus:
+		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkBlockStatus, r.cookie, uint32(len(data)))
+		r.iov[0] = h[:nbdwire.ChunkHeaderSize]
 		r.iov[1] = data
 	default:
 		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkNone, r.cookie, 0)

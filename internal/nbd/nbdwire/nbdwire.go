@@ -58,9 +58,20 @@ const (
 const (
 	ReplyFlagDone uint16 = 1 << 0
 
-	ChunkNone       uint16 = 0
-	ChunkOffsetData uint16 = 1
-	ChunkError      uint16 = 1<<15 + 1
+	ChunkNone        uint16 = 0
+	ChunkOffsetData  uint16 = 1
+	ChunkBlockStatus uint16 = 5
+	ChunkError       uint16 = 1<<15 + 1
+)
+
+// Metadata contexts (spec "Metadata querying"): the one this package's
+// server offers, and the status flags of its extents.
+const (
+	// MetaBaseAllocation is the base:allocation context.
+	MetaBaseAllocation = "base:allocation"
+
+	StateHole uint32 = 1 << 0 // NBD_STATE_HOLE: not allocated
+	StateZero uint32 = 1 << 1 // NBD_STATE_ZERO: reads as zeroes
 )
 
 // Information types of NBD_REP_INFO.
@@ -151,6 +162,8 @@ const (
 	RepAck    RepType = 1
 	RepServer RepType = 2
 	RepInfo   RepType = 3
+	// RepMetaContext is NBD_REP_META_CONTEXT: a context id and name.
+	RepMetaContext RepType = 4
 
 	RepErr         RepType = 1 << 31
 	RepErrUnsup    RepType = RepErr + 1
@@ -161,7 +174,7 @@ const (
 	RepErrTooBig   RepType = RepErr + 9
 )
 
-var repNames = [...]string{RepAck: "ACK", RepServer: "SERVER", RepInfo: "INFO"}
+var repNames = [...]string{RepAck: "ACK", RepServer: "SERVER", RepInfo: "INFO", RepMetaContext: "META_CONTEXT"}
 
 var repErrNames = [...]string{
 	"ERR", "ERR_UNSUP", "ERR_POLICY", "ERR_INVALID", "ERR_PLATFORM",
