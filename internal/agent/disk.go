@@ -408,27 +408,14 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		d.mu.RLock()
 		tab := d.mu.tab // replaced by a fence or a reset
 		d.mu.RUnlock()
-		gen := d.faultOut(seg)
 		f := protocol.Fault{Segment: seg, Count: 1, Op: fop, Reason: dec.Reason, Whole: whole}
 		if fop == protocol.FaultWrite {
 			// The bytes it writes: a partial entry's top may be
 			// given just the sub-blocks they touch.
 			f.Off, f.Len = off, uint64(len(p))
 		}
-		r, err := d.fault(ctx, f)
-		if err == nil {
-			err = d.checkEntries(r.Entries)
-			if r.Stage != nil && err == nil {
-				if err = d.checkEntries([]table.Entry{r.Stage.From}); err != nil {
-					d.abandon(ctx, seg, r.Stage)
-				}
-			}
-			if err != nil {
-				err = fmt.Errorf("%v fault on segment %d: reply: %v: %w", fop, seg, err, protocol.ErrIO)
-			}
-		}
+		r, gen, err := d.sendFault(ctx, f)
 		if err != nil {
-			d.faultIn(seg)
 			return err
 		}
 		if r.Stage != nil {
@@ -448,6 +435,33 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			dropped++
 		}
 	}
+}
+
+// sendFault sends the fault f on one segment, noted out (faultOut) while
+// it is, and checks the entries of the reply. gen is the segment's reply
+// generation when it went out, for install. On success the fault is still
+// noted out: the caller installs the reply (or makes its stage) and then
+// calls faultIn.
+func (d *Disk) sendFault(ctx context.Context, f protocol.Fault) (r protocol.Reply, gen uint64, err error) {
+	seg := f.Segment
+	gen = d.faultOut(seg)
+	r, err = d.fault(ctx, f)
+	if err == nil {
+		err = d.checkEntries(r.Entries)
+		if r.Stage != nil && err == nil {
+			if err = d.checkEntries([]table.Entry{r.Stage.From}); err != nil {
+				d.abandon(ctx, seg, r.Stage)
+			}
+		}
+		if err != nil {
+			err = fmt.Errorf("%v fault on segment %d: reply: %v: %w", f.Op, seg, err, protocol.ErrIO)
+		}
+	}
+	if err != nil {
+		d.faultIn(seg)
+		return r, gen, err
+	}
+	return r, gen, nil
 }
 
 // staged does a staged write: p goes to the staged slot at off, the rest
@@ -876,6 +890,93 @@ func (d *Disk) span(off, n uint64, fn func(seg, segOff, pos, m uint64) error) er
 		pos += m
 	}
 	return nil
+}
+
+// Extents reports the allocation of [off, off+n) from the disk's table,
+// without reading any data: fn gets consecutive runs from off on, their
+// lengths and whether they are zero (their segments are Zero: they read as
+// zeroes and own no storage), until the range is covered or fn returns
+// false. Every other run is data: a mapped segment, a partial one (each of
+// its sub-blocks is stored in some slot), and one in the Error state,
+// whose reads fail. Runs of one kind are merged. An entry the agent has
+// not loaded yet is loaded the way a read loads it, with a read fault.
+func (d *Disk) Extents(ctx context.Context, off, n uint64, fn func(n uint64, zero bool) bool) error {
+	var (
+		runLen  uint64
+		runZero bool
+	)
+	err := d.span(off, n, func(seg, segOff, pos, m uint64) error {
+		zero, err := d.zeroSeg(ctx, seg)
+		if err != nil {
+			return err
+		}
+		if runLen > 0 && zero != runZero {
+			if !fn(runLen, runZero) {
+				runLen = 0
+				return errStopExtents
+			}
+			runLen = 0
+		}
+		runLen += m
+		runZero = zero
+		return nil
+	})
+	if errors.Is(err, errStopExtents) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if runLen > 0 {
+		fn(runLen, runZero)
+	}
+	return nil
+}
+
+// errStopExtents ends the walk of Extents when its caller wants no more.
+var errStopExtents = errors.New("no more extents wanted")
+
+// zeroSeg reports whether segment seg is Zero, as a read would find it: it
+// waits for the lease and for commands as a read does, and loads an entry
+// that is Invalid with a read fault (segIO's), retrying while the replies
+// are stale.
+func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
+	faults, dropped := 0, 0
+	for {
+		if faults == maxRetries || dropped == 16*maxRetries {
+			return false, fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
+		}
+		_, dec, ep, seq, err := d.begin(ctx, seg, table.Read, table.Bits{})
+		if err != nil {
+			return false, err
+		}
+		if ep != nil {
+			d.end(ep) // nothing to read: the entry was all it needed
+		}
+		switch {
+		case dec.Action == table.ReadZeros:
+			return true, nil
+		case dec.Action != table.Fault:
+			return false, nil // data, or Error (whose reads fail)
+		}
+		r, gen, err := d.sendFault(ctx, protocol.Fault{Segment: seg, Count: 1, Op: protocol.FaultRead, Reason: dec.Reason})
+		if err != nil {
+			return false, err
+		}
+		if r.Stage != nil {
+			// A read fault is never answered with a stage.
+			d.abandon(ctx, seg, r.Stage)
+			d.faultIn(seg)
+			return false, fmt.Errorf("read fault on segment %d: answered with a stage: %w", seg, protocol.ErrIO)
+		}
+		installed := d.install(seq, gen, seg, r)
+		d.faultIn(seg)
+		if installed {
+			faults++
+		} else {
+			dropped++
+		}
+	}
 }
 
 // ReadAt reads len(p) bytes at offset off.

@@ -2,7 +2,8 @@
 // nbd.Backend of an agent (every disk its controller lets it serve is an
 // export named after the disk; read-only snapshots are exported read-only)
 // and the Errno that turns the agent's errors into the NBD error values a
-// host sees. Both `segmap agent` and the one-process `segmap up` use it.
+// host sees. Its exports report their allocation (base:allocation) from
+// the agent's table: thin segments are holes. Both `segmap agent` and the one-process `segmap up` use it.
 package nbdexport
 
 import (
@@ -74,6 +75,8 @@ func (e *export) lost() error {
 	return fmt.Errorf("%w: disk %q lost map changes not yet flushed with its controller", nbd.ErrHangUp, e.Info().Name)
 }
 
+var _ nbd.ExtentLister = (*export)(nil)
+
 func (e *export) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if err := e.lost(); err != nil {
 		return err
@@ -114,6 +117,21 @@ func (e *export) WriteZeroes(ctx context.Context, off, n uint64, noHole bool) er
 		return err
 	}
 	return e.Disk.WriteZeroes(ctx, off, n, noHole)
+}
+
+// Extents is the export's nbd.ExtentLister: a Zero segment is a hole that
+// reads as zeroes, every other segment is data (see agent.Disk.Extents).
+func (e *export) Extents(ctx context.Context, off, n uint64, fn func(uint64, nbd.ExtentFlags) bool) error {
+	if err := e.lost(); err != nil {
+		return err
+	}
+	return e.Disk.Extents(ctx, off, n, func(n uint64, zero bool) bool {
+		var f nbd.ExtentFlags
+		if zero {
+			f = nbd.ExtentHole | nbd.ExtentZero
+		}
+		return fn(n, f)
+	})
 }
 
 // Errno maps an agent error to the NBD error a host sees.
