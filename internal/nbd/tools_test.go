@@ -249,3 +249,117 @@ func TestToolFio(t *testing.T) {
 		t.Fatalf("%d opens, %d closes", o, c)
 	}
 }
+
+// mapTestDisk writes a pattern into toolServer's disk: data at
+// [1 MiB, 1 MiB+4 KiB) and [8 MiB, 10 MiB), the rest zero.
+func mapTestDisk(disk *memExport) {
+	copy(disk.data[1<<20:], pattern(4096, 3))
+	copy(disk.data[8<<20:], pattern(2<<20, 4))
+}
+
+func TestToolNbdinfoMap(t *testing.T) {
+	checkGoroutines(t)
+	_, uri, disk := toolServer(t)
+	mapTestDisk(disk)
+	out := mustRunTool(t, "nbdinfo", "--map", "--json", uri+"/disk")
+	var got []struct {
+		Offset uint64 `json:"offset"`
+		Length uint64 `json:"length"`
+		Type   uint32 `json:"type"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	const h = 3
+	want := []struct {
+		off, n uint64
+		typ    uint32
+	}{
+		{0, 1 << 20, h}, {1 << 20, 4096, 0}, {1<<20 + 4096, 7<<20 - 4096, h}, {8 << 20, 2 << 20, 0}, {10 << 20, 54 << 20, h},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("nbdinfo --map: %d extents, want %d:\n%s", len(got), len(want), out)
+	}
+	for i, w := range want {
+		if g := got[i]; g.Offset != w.off || g.Length != w.n || g.Type != w.typ {
+			t.Errorf("extent %d: %+v, want %+v", i, g, w)
+		}
+	}
+	// The contexts the server lists.
+	out = mustRunTool(t, "nbdinfo", "--list", "--content", uri)
+	if !strings.Contains(out, "base:allocation") {
+		t.Errorf("nbdinfo --list does not show base:allocation:\n%s", out)
+	}
+}
+
+func TestToolQemuImgMap(t *testing.T) {
+	checkGoroutines(t)
+	_, uri, disk := toolServer(t)
+	mapTestDisk(disk)
+	out := mustRunTool(t, "qemu-img", "map", "--output=json", "-f", "raw", uri+"/disk")
+	var got []struct {
+		Start  uint64 `json:"start"`
+		Length uint64 `json:"length"`
+		Data   bool   `json:"data"`
+		Zero   bool   `json:"zero"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	want := []struct {
+		start, n   uint64
+		data, zero bool
+	}{
+		{0, 1 << 20, false, true}, {1 << 20, 4096, true, false}, {1<<20 + 4096, 7<<20 - 4096, false, true},
+		{8 << 20, 2 << 20, true, false}, {10 << 20, 54 << 20, false, true},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("qemu-img map: %d extents, want %d:\n%s", len(got), len(want), out)
+	}
+	for i, w := range want {
+		if g := got[i]; g.Start != w.start || g.Length != w.n || g.Data != w.data || g.Zero != w.zero {
+			t.Errorf("extent %d: %+v, want %+v", i, g, w)
+		}
+	}
+}
+
+// TestToolNbdshBlockStatus checks the metadata context and the block status
+// replies through libnbd, REQ_ONE and a range ending mid-extent included.
+func TestToolNbdshBlockStatus(t *testing.T) {
+	checkGoroutines(t)
+	_, uri, disk := toolServer(t)
+	mapTestDisk(disk)
+	script := `
+h.add_meta_context("base:allocation")
+h.connect_uri(URI + "/disk")
+assert h.can_meta_context("base:allocation")
+got = []
+def cb(ctx, off, entries, err):
+    got.append((ctx, off, list(entries)))
+    return 0
+h.block_status(2 << 20, 0, cb)
+assert got == [("base:allocation", 0, [1 << 20, 3, 4096, 0, (1 << 20) - 4096, 3])], got
+got.clear()
+h.block_status(1 << 20, 512, cb, nbd.CMD_FLAG_REQ_ONE)
+assert got == [("base:allocation", 512, [(1 << 20) - 512, 3])], got
+got.clear()
+h.block_status(100, 1 << 20, cb, nbd.CMD_FLAG_REQ_ONE)
+assert got == [("base:allocation", 1 << 20, [100, 0])], got
+h.set_strict_mode(0)
+try:
+    h.block_status(1024, 64 * 1024 * 1024 - 512, cb)
+    raise AssertionError("no error past the end")
+except nbd.Error as e:
+    pass
+h.shutdown()
+h = nbd.NBD()
+h.connect_uri(URI + "/disk")
+assert not h.can_meta_context("base:allocation")
+h.shutdown()
+print("ok")
+`
+	out := mustRunTool(t, "nbdsh", "-c", "URI = '"+uri+"'", "-c", script)
+	if !strings.Contains(out, "ok") {
+		t.Fatalf("nbdsh:\n%s", out)
+	}
+}
