@@ -86,6 +86,7 @@ func TestExtentList(t *testing.T) {
 		{name: "req one one run", length: 4096, reqOne: true, runs: []run{{4096, d}, {4096, h}}, want: []run{{4096, d}}},
 		{name: "flag change", length: 3, bufSize: 4 + 8*3, runs: []run{{1, d}, {1, ExtentHole}, {1, h}},
 			want: []run{{1, d}, {1, ExtentHole}, {1, h}}},
+		{name: "reserved flags dropped", length: 1024, runs: []run{{512, ExtentHole | 4}, {512, ExtentHole}}, want: []run{{1024, ExtentHole}}},
 		{name: "buffer full", length: 8192, bufSize: 4 + 8*2, runs: []run{{512, d}, {512, h}, {512, d}, {512, h}},
 			want: []run{{512, d}, {512, h}}},
 		{name: "max length", length: 0xffffffff, runs: []run{{1 << 40, d}}, want: []run{{0xffffffff, d}}},

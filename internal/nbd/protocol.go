@@ -268,8 +268,8 @@ func parseMetaRequest(data []byte, list bool) (r metaRequest, msg string) {
 }
 
 // extentList encodes the descriptors of one NBD_REPLY_TYPE_BLOCK_STATUS
-// chunk from the runs an ExtentLister reports. Runs of equal flags are
-// merged; the descriptors cover the request from its offset and never
+// chunk from the runs an ExtentLister reports. Flags other than HOLE and
+// ZERO are dropped (reserved); runs of equal flags are merged; the descriptors cover the request from its offset and never
 // past its end (a run that goes on beyond is cut, which the spec always
 // allows); with REQ_ONE there is exactly one. It stops early when buf is
 // full: the reply then covers less than was asked, which the spec allows
@@ -297,6 +297,7 @@ func (l *extentList) add(length uint64, flags ExtentFlags) bool {
 		return l.left > 0
 	}
 	length = min(length, l.left)
+	flags &= ExtentHole | ExtentZero // the other bits are reserved
 	if l.runLen > 0 && flags != l.runFlags {
 		if l.reqOne || len(l.buf)+16 > cap(l.buf) {
 			// One descriptor only, or room for just this one.
