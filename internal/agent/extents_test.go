@@ -31,7 +31,8 @@ func extentsOf(t *testing.T, d *Disk, off, n uint64) []extent {
 
 func TestExtents(t *testing.T) {
 	e := newEnv(t)
-	// Segments 0, 3, 4 and 7 are thin; 5 is in the Error state.
+	// Segments 0, 3, 4 and 7 are thin; 5 is in the Error state; 6 is
+	// partial (layered: its sub-blocks are in three slots).
 	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 		if f.Op == protocol.FaultWrite {
 			return identity(f), nil
@@ -41,6 +42,8 @@ func TestExtents(t *testing.T) {
 			return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.ZeroEntry}}, nil
 		case 5:
 			return protocol.Reply{First: f.Segment, Entries: []table.Entry{table.ErrorEntry}}, nil
+		case 6:
+			return protocol.Reply{First: f.Segment, Entries: []table.Entry{layered(false)}}, nil
 		}
 		return identity(f), nil
 	})
@@ -54,6 +57,9 @@ func TestExtents(t *testing.T) {
 	}
 	if got := e.entry(3); got != table.ZeroEntry {
 		t.Errorf("entry 3 is %v, want Zero", got)
+	}
+	if got := e.entry(6); !got.Partial() {
+		t.Errorf("entry 6 is %v, want partial", got)
 	}
 	for _, tt := range []struct {
 		off, n uint64
