@@ -103,5 +103,6 @@
 // answered NBD_REP_ERR_TOO_BIG, above 1 MiB it ends the connection. Every
 // buffer is sized by a checked length; payload buffers come from pools by
 // power-of-two size class, and one connection holds at most 128 MiB of
-// payload at once.
+// payload at once, the buffers of BLOCK_STATUS replies (at most 512 KiB
+// each) included.
 package nbd
