@@ -64,6 +64,12 @@ type Disk struct {
 		// replies for one segment the one computed first, if it
 		// comes back last, is not installed over the other.
 		faults map[uint64]*segFaults
+		// loads counts the fault replies installed and the entries
+		// invalidated, and loaded holds the segments the last loadLog
+		// of them changed (as cmds does for commands): a reply to a
+		// read fault on a range is not installed over any of them.
+		loads  uint64
+		loaded [loadLog]segRange
 		// wake is closed (and replaced) when an epoch drains or when
 		// quiesced or gone change.
 		wake chan struct{}
@@ -73,6 +79,10 @@ type Disk struct {
 // cmdLog is how many commands a Disk remembers the segments of: a fault
 // reply that was out across more commands than that is dropped.
 const cmdLog = 64
+
+// loadLog is how many installed replies and invalidations a Disk
+// remembers the segments of, for installRange.
+const loadLog = 64
 
 // segRange is the segments [first, end) a command changed.
 type segRange struct{ first, end uint64 }
@@ -293,7 +303,57 @@ func (d *Disk) install(seq, gen, seg uint64, r protocol.Reply) bool {
 		return false
 	}
 	sf.gen++
+	d.loadedLocked(segRange{r.First, r.First + uint64(len(r.Entries))})
 	return true
+}
+
+// loadedLocked counts an installed reply or an invalidation that changed
+// the segments in rg.
+func (d *Disk) loadedLocked(rg segRange) {
+	d.mu.loads++
+	d.mu.loaded[d.mu.loads%loadLog] = rg
+}
+
+// installRange installs the reply r to a read fault on a range of
+// segments, sent when the table's command count was seq and its load
+// count was loads, and reports whether it installed r's first entry. It
+// installs an entry only where the table still holds Invalid, no fault is
+// out and no command, installed reply or invalidation since the fault went
+// out touched the segment: a reply computed before a write's copy on
+// write must not send reads back to the old slot. (install's generations
+// do this for one segment; a range would need one per segment.) What it
+// skips is loaded again by the next I/O, with a fault of its own.
+func (d *Disk) installRange(seq, loads uint64, r protocol.Reply) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	end := r.First + uint64(len(r.Entries))
+	if d.mu.gone || len(r.Entries) == 0 || end > uint64(d.mu.tab.Len()) || end < r.First ||
+		d.mu.loads-loads > loadLog || d.checkEntries(r.Entries) != nil {
+		return false
+	}
+	first := false
+	for i, e := range r.Entries {
+		seg := r.First + uint64(i)
+		rg := segRange{seg, seg + 1}
+		if d.mu.faults[seg] != nil || d.mu.tab.Entry(int(seg)).State&table.Invalid == 0 || d.changedLocked(seq, rg) {
+			continue
+		}
+		touched := false
+		for l := loads + 1; l <= d.mu.loads; l++ {
+			if c := d.mu.loaded[l%loadLog]; c.first < rg.end && rg.first < c.end {
+				touched = true
+				break
+			}
+		}
+		if touched {
+			continue
+		}
+		if d.mu.tab.SetEntry(int(seg), []table.Entry{e}) != nil {
+			return first
+		}
+		first = first || i == 0
+	}
+	return first
 }
 
 // invalidate makes seg's entry Invalid, so that the next I/O loads it
@@ -309,6 +369,7 @@ func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 	if sf := d.mu.faults[seg]; sf != nil {
 		sf.gen++
 	}
+	d.loadedLocked(segRange{seg, seg + 1})
 }
 
 // fault sends the fault f (its agent and disk filled in) and returns the
@@ -933,15 +994,15 @@ func (d *Disk) Extents(ctx context.Context, off, n uint64, fn func(n uint64, zer
 	return nil
 }
 
-// errStopExtents ends the walk of Extents when its caller wants no more.
-var errStopExtents = errors.New("no more extents wanted")
-
 // zeroSeg reports whether segment seg is Zero, as a read would find it: it
 // waits for the lease and for commands as a read does, and loads an entry
 // that is Invalid with a read fault (segIO's), retrying while the replies
-// are stale.
+// are stale. Its first fault asks for the entries of the segments after
+// seg as well (up to protocol.MaxReadRange), so that mapping a thin disk
+// that no one has read costs a fault per table page, not per segment.
 func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
 	faults, dropped := 0, 0
+	ranged := false
 	for {
 		if faults == maxRetries || dropped == 16*maxRetries {
 			return false, fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
@@ -958,6 +1019,18 @@ func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
 			return true, nil
 		case dec.Action != table.Fault:
 			return false, nil // data, or Error (whose reads fail)
+		}
+		if n := min(d.Info().Segments()-seg, protocol.MaxReadRange); !ranged && n > 1 {
+			ranged = true
+			if d.loadRange(ctx, seq, seg, n, dec.Reason) {
+				faults++
+				continue
+			}
+			if err := ctx.Err(); err != nil {
+				return false, err
+			}
+			// Not installed (a change came first) or refused: the
+			// one-segment fault below decides.
 		}
 		r, gen, err := d.sendFault(ctx, protocol.Fault{Segment: seg, Count: 1, Op: protocol.FaultRead, Reason: dec.Reason})
 		if err != nil {
@@ -977,6 +1050,20 @@ func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
 			dropped++
 		}
 	}
+}
+
+// loadRange loads the entries of segments [seg, seg+n) with one read
+// fault, begun when the table's command count was seq, and reports
+// whether it installed seg's (see installRange).
+func (d *Disk) loadRange(ctx context.Context, seq, seg, n uint64, reason table.State) bool {
+	d.mu.RLock()
+	loads := d.mu.loads
+	d.mu.RUnlock()
+	r, err := d.fault(ctx, protocol.Fault{Segment: seg, Count: n, Op: protocol.FaultRead, Reason: reason})
+	if err != nil || r.Stage != nil || r.First != seg {
+		return false
+	}
+	return d.installRange(seq, loads, r)
 }
 
 // ReadAt reads len(p) bytes at offset off.

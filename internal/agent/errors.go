@@ -22,3 +22,6 @@ var (
 
 // errWouldWait stops tryReadSeg's runs at one that would wait.
 var errWouldWait = errors.New("would wait")
+
+// errStopExtents ends the walk of Extents when its caller wants no more.
+var errStopExtents = errors.New("no more extents wanted")

@@ -114,3 +114,94 @@ func TestExtentsFaultError(t *testing.T) {
 		t.Fatalf("err %v, want ErrIO", err)
 	}
 }
+
+// rangeReply answers a read fault on f's whole range: even segments are
+// Zero, odd ones at slot seg.
+func rangeReply(f protocol.Fault) protocol.Reply {
+	r := protocol.Reply{First: f.Segment}
+	for s := f.Segment; s < f.Segment+f.Count; s++ {
+		e := table.ZeroEntry
+		if s%2 == 1 {
+			e = table.At(table.Location{Container: 1, Slot: uint32(s)}, false)
+		}
+		r.Entries = append(r.Entries, e)
+	}
+	return r
+}
+
+func TestExtentsLoadRange(t *testing.T) {
+	e := newEnv(t)
+	var counts []uint64
+	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+		if f.Op == protocol.FaultRead {
+			counts = append(counts, f.Count)
+			return rangeReply(f), nil
+		}
+		return identity(f), nil
+	})
+	got := extentsOf(t, e.d, tSeg, tSeg)
+	if want := []extent{{tSeg, false}}; !slices.Equal(got, want) {
+		t.Fatalf("segment 1: %v, want %v", got, want)
+	}
+	// One fault asked for segment 1 and every one after it.
+	if !slices.Equal(counts, []uint64{tSegs - 1}) {
+		t.Fatalf("read faults of %v segments, want one of %d", counts, tSegs-1)
+	}
+	got = extentsOf(t, e.d, 0, tSegs*tSeg)
+	want := make([]extent, 0, tSegs)
+	for s := range uint64(tSegs) {
+		want = append(want, extent{tSeg, s%2 == 0})
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("whole disk: %v, want %v", got, want)
+	}
+	// Segment 0 faulted on its own range; the rest were loaded.
+	if !slices.Equal(counts, []uint64{tSegs - 1, tSegs}) {
+		t.Fatalf("read faults of %v segments", counts)
+	}
+}
+
+// A reply to a range read fault that comes back after a write's reply was
+// installed for a segment in the range leaves that segment's entry alone:
+// it may have been computed before the write's copy on write.
+func TestLoadRangeKeepsNewerEntries(t *testing.T) {
+	e := newEnv(t)
+	held := make(chan struct{})
+	release := make(chan struct{})
+	newer := table.At(table.Location{Container: 1, Slot: 15}, false)
+	e.fc.setFault(func(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+		switch {
+		case f.Op == protocol.FaultRead && f.Count > 1:
+			r := rangeReply(f) // computed now, answered later
+			close(held)
+			<-release
+			return r, nil
+		case f.Op == protocol.FaultWrite:
+			return protocol.Reply{First: f.Segment, Entries: []table.Entry{newer}}, nil
+		}
+		return rangeReply(f), nil
+	})
+	done := async(func() error {
+		return e.d.Extents(e.ctx, 0, tSegs*tSeg, func(uint64, bool) bool { return true })
+	})
+	<-held
+	// Segment 3's write faults and installs its own entry while the
+	// range's reply, which says slot 3, is still out.
+	if err := e.d.WriteAt(e.ctx, []byte{7}, 3*tSeg, false); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := await(t, done, "Extents"); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.entry(3); got != newer {
+		t.Fatalf("entry 3 is %v after the range reply, want the write's %v", got, newer)
+	}
+	if got := e.entry(5); got != table.At(table.Location{Container: 1, Slot: 5}, false) {
+		t.Fatalf("entry 5 is %v, want the range's", got)
+	}
+	p := make([]byte, 1)
+	if err := e.d.ReadAt(e.ctx, p, 3*tSeg); err != nil || p[0] != 7 {
+		t.Fatalf("read back %v, %v: want 7", p, err)
+	}
+}

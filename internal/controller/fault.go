@@ -86,6 +86,13 @@ func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 	}
 	switch f.Op {
 	case protocol.FaultRead, protocol.FaultWrite:
+		if f.Op == protocol.FaultRead && f.Count > 1 && f.Count <= protocol.MaxReadRange {
+			defer c.lockFamily(d.Family, false)()
+			if d, err = load(); err != nil {
+				return protocol.Reply{}, err
+			}
+			return c.faultRange(ctx, f, d)
+		}
 		if f.Count != 1 {
 			return protocol.Reply{}, fmt.Errorf("%v fault on %d segments: %w", f.Op, f.Count, protocol.ErrBadRequest)
 		}
@@ -357,6 +364,72 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 	r.plan = plan
 	c.plans[plan].Add(1)
 	return c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
+}
+
+// faultRange answers a read fault on segments [f.Segment, +f.Count) with
+// their entries as a read fault on each would (see Fault), in one store
+// transaction. It takes the first segment's publish lock as a read fault
+// does, and the others' only if they are free: the reply ends before the
+// first segment that a fault is changing (or whose entry is Invalid or
+// Error, which a read fault would deny), and the agent asks again for the
+// rest. The caller holds the family lock, shared.
+func (c *Controller) faultRange(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
+	n := f.Count
+	unlocks := make([]func(), 0, n)
+	defer func() {
+		for _, u := range unlocks {
+			u()
+		}
+	}()
+	unlocks = append(unlocks, c.lockPublish(d.Family, f.Segment, false))
+	for i := uint64(1); i < n; i++ {
+		u, ok := c.tryLockPublish(d.Family, f.Segment+i)
+		if !ok {
+			n = i
+			break
+		}
+		unlocks = append(unlocks, u)
+	}
+	out := make([]table.Entry, 0, n)
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
+		es, err := tx.Entries(d.ID, f.Segment, n)
+		if err != nil {
+			return err
+		}
+		var pageShared bool
+		for i, e := range es {
+			seg := f.Segment + uint64(i)
+			if i == 0 || seg%meta.PageEntries == 0 {
+				if pageShared, err = tx.PageShared(d.ID, seg); err != nil {
+					return err
+				}
+			}
+			e = c.overlay(d.Family, d.ID, seg, e)
+			if e.State&(table.Invalid|table.Error) != 0 {
+				if i == 0 {
+					return fmt.Errorf("%q segment %d is %v: %w", d.Name, seg, e.State, protocol.ErrIO)
+				}
+				break
+			}
+			var refs uint32
+			if e.Mapped() {
+				if refs, err = tx.Refs(e.Loc); err != nil {
+					return err
+				}
+				refs = uint32(int(refs) + c.refsDelta(d.Family, seg, e.Loc))
+				if pageShared && refs < 2 {
+					refs = 2
+				}
+			}
+			out = append(out, effective(e, refs))
+		}
+		return nil
+	})
+	if err != nil {
+		return protocol.Reply{}, err
+	}
+	c.plans[table.Load].Add(1)
+	return protocol.Reply{First: f.Segment, Entries: out}, nil
 }
 
 // claimInPlace claims the right to stage a fill of segment seg of disk id

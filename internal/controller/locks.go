@@ -59,6 +59,17 @@ func (k *keyedLocks[K]) lock(key K, exclusive bool) (unlock func()) {
 	return func() { l.RUnlock(); k.put(key, l) }
 }
 
+// tryLock locks key's lock shared if no one holds it exclusively, and
+// reports whether it did.
+func (k *keyedLocks[K]) tryLock(key K) (unlock func(), ok bool) {
+	l := k.get(key)
+	if !l.TryRLock() {
+		k.put(key, l)
+		return nil, false
+	}
+	return func() { l.RUnlock(); k.put(key, l) }, true
+}
+
 // famSeg names one segment index of one family: the unit of a fault's
 // lock. Disks of a family share slots only at the same segment index (see
 // meta.Disk.Family), so faults on different indexes never touch the same
@@ -146,4 +157,10 @@ func (c *Controller) lockDisk(ctx context.Context, name string) (meta.Disk, func
 // does not wait for a copy.
 func (c *Controller) lockPublish(fam meta.DiskID, seg uint64, exclusive bool) (unlock func()) {
 	return c.pubs.lock(famSeg{fam, seg}, exclusive)
+}
+
+// tryLockPublish takes segment seg's publish lock (see lockPublish) shared
+// if no fault holds it, and reports whether it did.
+func (c *Controller) tryLockPublish(fam meta.DiskID, seg uint64) (unlock func(), ok bool) {
+	return c.pubs.tryLock(famSeg{fam, seg})
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,21 +18,22 @@ import (
 	"segmap/internal/standalone"
 )
 
-// The thin disk of the block status tests: 64 GiB of 1 MiB segments,
-// written in three places.
+// The thin disk of the block status tests: 1 TiB of 1 MiB segments
+// (a million of them), written in four places.
 const (
 	thinSeg  = 1 << 20
-	thinSize = 64 << 30
+	thinSize = 1 << 40
 )
 
 // thinWrites are the writes to the thin disk: a 4 KiB piece of segment 1,
-// three whole segments at 10 GiB, and the last byte.
+// three whole segments at 10 GiB, 64 MiB at 512 GiB, and the last byte.
 var thinWrites = []struct {
 	off uint64
 	n   int
 }{
 	{thinSeg + 8192, 4096},
 	{10 << 30, 3 * thinSeg},
+	{512 << 30, 64 << 20},
 	{thinSize - 1, 1},
 }
 
@@ -45,18 +47,20 @@ var thinMap = []struct {
 	{thinSeg, thinSeg, true},
 	{2 * thinSeg, 10<<30 - 2*thinSeg, false},
 	{10 << 30, 3 * thinSeg, true},
-	{10<<30 + 3*thinSeg, thinSize - thinSeg - (10<<30 + 3*thinSeg), false},
+	{10<<30 + 3*thinSeg, 512<<30 - (10<<30 + 3*thinSeg), false},
+	{512 << 30, 64 << 20, true},
+	{512<<30 + 64<<20, thinSize - thinSeg - (512<<30 + 64<<20), false},
 	{thinSize - thinSeg, thinSeg, true},
 }
 
-// thinCluster serves a 64 GiB thin disk "thin" with thinWrites written
+// thinCluster serves a 1 TiB thin disk "thin" with thinWrites written
 // (byte i of a write is i%251+1), and an empty one, "copy", of the same
 // size. It returns the address and the data written.
 func thinCluster(t *testing.T) (addr string, written [][]byte) {
 	t.Helper()
 	ctx := context.Background()
 	c, err := standalone.Open(ctx, t.TempDir(), standalone.Options{
-		Pool:   []standalone.PoolSpec{{SlotSize: thinSeg, Slots: 32, Count: 1}},
+		Pool:   []standalone.PoolSpec{{SlotSize: thinSeg, Slots: 160, Count: 1}},
 		Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
@@ -172,9 +176,9 @@ func TestThinDiskQemuImgMap(t *testing.T) {
 	}
 }
 
-// TestThinDiskNbdcopy copies the 64 GiB thin disk to another thin disk and
+// TestThinDiskNbdcopy copies the 1 TiB thin disk to another thin disk and
 // to a sparse file: block status lets nbdcopy skip the holes, so each copy
-// takes seconds, not the minutes of reading 64 GiB.
+// takes seconds, not the hours of reading 1 TiB.
 func TestThinDiskNbdcopy(t *testing.T) {
 	addr, written := thinCluster(t)
 	ctx := context.Background()
@@ -224,4 +228,28 @@ func TestThinDiskNbdcopy(t *testing.T) {
 			t.Errorf("file copy differs around %d+%d", w.off, w.n)
 		}
 	}
+}
+
+// TestThinDiskQemuImgConvert converts the 1 TiB thin disk to a qcow2
+// image: qemu-img reads block status and writes only the data, so the
+// image holds about what was written, and compares equal to the disk.
+func TestThinDiskQemuImgConvert(t *testing.T) {
+	addr, _ := thinCluster(t)
+	src := "nbd://" + addr + "/thin"
+	dst := filepath.Join(t.TempDir(), "thin.qcow2")
+	start := time.Now()
+	runTool(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, dst)
+	t.Logf("qemu-img convert: %v", time.Since(start))
+	var st syscall.Stat_t
+	if err := syscall.Stat(dst, &st); err != nil {
+		t.Fatal(err)
+	}
+	var data uint64
+	for _, w := range thinWrites {
+		data += uint64(w.n+thinSeg-1) / thinSeg * thinSeg
+	}
+	if used := uint64(st.Blocks) * 512; used > data+16<<20 {
+		t.Errorf("qcow2 image holds %d bytes, want at most the %d written plus 16 MiB of metadata", used, data)
+	}
+	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, dst)
 }

@@ -3,7 +3,8 @@
 // export named after the disk; read-only snapshots are exported read-only)
 // and the Errno that turns the agent's errors into the NBD error values a
 // host sees. Its exports report their allocation (base:allocation) from
-// the agent's table: thin segments are holes. Both `segmap agent` and the one-process `segmap up` use it.
+// the agent's table: thin segments are holes. Both `segmap agent` and the
+// one-process `segmap up` use it.
 package nbdexport
 
 import (

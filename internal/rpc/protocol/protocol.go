@@ -84,7 +84,10 @@ type Fault struct {
 	// Agent is the faulting agent's name.
 	Agent string
 	// Disk and Segment say where; Count is the number of segments from
-	// Segment (1 for Read and Write, any for Discard).
+	// Segment: 1 for Write, any for Discard, and up to MaxReadRange for
+	// Read. A read fault on several segments (an agent mapping a range
+	// for block status, say) may be answered with fewer entries than
+	// Count, but at least the first.
 	Disk    DiskID
 	Segment uint64
 	Count   uint64
@@ -107,6 +110,10 @@ type Fault struct {
 	// copy began). The controller frees the reserved slot.
 	Abandon bool
 }
+
+// MaxReadRange is the most segments one read fault may ask for: one
+// table page's worth, which keeps a reply well under a message's limit.
+const MaxReadRange = 1024
 
 // Reply answers a fault with the current entries for [First,
 // First+len(Entries)), which the agent installs before it retries.
