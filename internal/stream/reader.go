@@ -61,8 +61,8 @@ func NewReader(r io.Reader) (*Reader, error) {
 	switch {
 	case err == nil:
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
-		if n < len(magic) && string(pre[:n]) != magic[:n] {
-			return nil, fmt.Errorf("%w: starts with %q", ErrNotStream, pre[:n])
+		if m := min(n, len(magic)); string(pre[:m]) != magic[:m] {
+			return nil, fmt.Errorf("%w: starts with %q", ErrNotStream, pre[:m])
 		}
 		return nil, fmt.Errorf("%w: the input ends at byte %d, before the header record", ErrTruncated, n)
 	default:
@@ -152,7 +152,7 @@ func (r *Reader) end(body []byte) error {
 	r.advance(len(body))
 	switch _, err := r.r.ReadByte(); {
 	case err == nil:
-		return fmt.Errorf("%w: bytes after the end record, from byte %d", ErrCorrupt, r.pos)
+		return r.errorf(ErrCorrupt, 0, "bytes after the end record")
 	case errors.Is(err, io.EOF):
 		return io.EOF
 	default:
@@ -175,7 +175,7 @@ func (r *Reader) readRecord() (t RecordType, body, payload []byte, sum uint32, e
 		return t, nil, nil, 0, r.errorf(ErrCorrupt, t, "reserved bytes % x are not zero", r.head[1:4])
 	}
 	n := binary.LittleEndian.Uint32(r.head[4:])
-	lo, hi := uint32(0), uint32(0)
+	var lo, hi uint32
 	switch t {
 	case TypeHeader:
 		lo, hi = headerMinBody, headerMaxBody

@@ -270,6 +270,7 @@ func TestReject(t *testing.T) {
 		{"short other bytes", []byte("hello"), ErrNotStream, `starts with "hello"`},
 		{"version", edit(full, put32(8, 2)), ErrVersion, "version 2 at byte 8"},
 		{"cut in preamble", full[:10], ErrTruncated, "ends at byte 10"},
+		{"short, not the magic", edit(full, set(2, 'x'))[:10], ErrNotStream, `starts with "\x89SxGMAP\n"`},
 		{"first record not header", edit(full, set(preambleLen, byte(TypeZero))), ErrCorrupt, "record 0 (zero) at byte 12: body of"},
 		{"header flags", edit(full, put32(hdr, 6)), ErrCorrupt, "record 0 (header) at byte 12: unknown flags 0x6"},
 		{"header zero ID", edit(full, func(b []byte) []byte { clear(b[hdr+4 : hdr+20]); return b }), ErrCorrupt, "all-zero ID"},
@@ -311,7 +312,7 @@ func TestReject(t *testing.T) {
 		{"cut in payload", full[:r3+headLen+100], ErrTruncated, fmt.Sprintf("record 3 (data) at byte %d: the input ends 100 bytes into the 1032-byte body", r3)},
 		{"cut in checksum", full[:r4-2], ErrTruncated, "2 bytes into the 4-byte checksum"},
 		{"cut in end", full[:len(full)-1], ErrTruncated, "record 4 (end)"},
-		{"trailing byte", append(bytes.Clone(full), 0), ErrCorrupt, fmt.Sprintf("bytes after the end record, from byte %d", len(full))},
+		{"trailing byte", append(bytes.Clone(full), 0), ErrCorrupt, fmt.Sprintf("record 5 at byte %d: bytes after the end record", len(full))},
 		{"trailing stream", append(bytes.Clone(full), full...), ErrCorrupt, "bytes after the end record"},
 		{"extra zero record", editSums(full, withRecord(r4, TypeZero, zeroRec(1<<19, 512))), ErrCorrupt, "record 5 (end)"},
 	}
