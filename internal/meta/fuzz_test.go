@@ -100,6 +100,8 @@ func recordKinds() []recordKind {
 			encodeDisk(Disk{ID: math.MaxUint64, Name: strings.Repeat("ü", maxName/2), Size: math.MaxUint64, SegmentSize: 1 << 63,
 				Policy: table.Reverse, Origin: 7, Family: 3, ReadOnly: true, Created: time.Unix(0, math.MinInt64)}),
 			encodeDisk(Disk{ID: 2, Name: "x", SegmentSize: 1, Policy: table.Forward, Created: time.Unix(0, 0)}),
+			encodeDisk(Disk{ID: 3, Name: "vm1@mon", Size: 1 << 26, SegmentSize: 1 << 16, Policy: table.Forward, Family: 1,
+				ReadOnly: true, Created: time.Unix(1700000000, 5), UUID: [16]byte{1, 2, 3, 4, 5, 6, 0x47, 8, 0x89, 10, 11, 12, 13, 14, 15, 16}}),
 		}, func(t *testing.T, v []byte) {
 			key := diskKey(1)
 			orig := bytes.Clone(v)

@@ -59,6 +59,9 @@ package meta
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"math"
 	"time"
@@ -101,6 +104,38 @@ type Disk struct {
 	Family   DiskID
 	ReadOnly bool
 	Created  time.Time
+	// UUID identifies the disk's contents across clusters: random when
+	// the disk is created (a new disk, a snapshot, a clone), carried by
+	// an import onto the snapshot it makes, so that an export stream can
+	// name its source and base (internal/stream). Zero in records stored
+	// before it existed: see Identity.
+	UUID [16]byte
+}
+
+// Identity returns the disk's UUID, or for a disk stored without one a
+// UUID derived from its id and creation time: stable, and unlike any
+// random one but by chance.
+func (d Disk) Identity() [16]byte {
+	if d.UUID != ([16]byte{}) {
+		return d.UUID
+	}
+	var b [16]byte
+	binary.LittleEndian.PutUint64(b[:8], uint64(d.ID))
+	binary.LittleEndian.PutUint64(b[8:], uint64(d.Created.UnixNano()))
+	sum := sha256.Sum256(append([]byte("segmap disk identity\x00"), b[:]...))
+	copy(b[:], sum[:16])
+	b[6] = b[6]&0x0f | 0x80 // version 8 (custom), RFC 9562
+	b[8] = b[8]&0x3f | 0x80
+	return b
+}
+
+// NewUUID returns a random version 4 UUID.
+func NewUUID() [16]byte {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return b
 }
 
 // validate checks the rules every stored disk record keeps.

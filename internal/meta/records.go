@@ -15,7 +15,8 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Record versions. A record starts with its version byte.
 const (
-	diskVersion      = 1
+	diskVersion      = 2 // 1 had no UUID (see Disk.Identity)
+	diskVersionNoID  = 1
 	containerVersion = 1
 	pageVersion      = 1 // whole entries only
 	partPageVersion  = 2 // version 1's entries, then the partial ones (see encodePage)
@@ -149,7 +150,13 @@ func (d *dec) done(key []byte) error {
 
 func encodeDisk(d Disk) []byte {
 	e := &enc{}
-	e.u8(diskVersion)
+	// A disk without a UUID (stored before they existed) keeps version
+	// 1, so that its record re-encodes as it was read.
+	if d.UUID == ([16]byte{}) {
+		e.u8(diskVersionNoID)
+	} else {
+		e.u8(diskVersion)
+	}
 	e.u64(uint64(d.ID))
 	e.str(d.Name)
 	e.u64(d.Size)
@@ -163,11 +170,14 @@ func encodeDisk(d Disk) []byte {
 	}
 	e.u8(flags)
 	e.u64(uint64(d.Created.UnixNano()))
+	if d.UUID != ([16]byte{}) {
+		e.b = append(e.b, d.UUID[:]...)
+	}
 	return e.seal()
 }
 
 func decodeDisk(key, v []byte) (Disk, error) {
-	r := open(key, v, diskVersion)
+	r := open(key, v, diskVersionNoID, diskVersion)
 	var d Disk
 	d.ID = DiskID(r.u64())
 	d.Name = r.str()
@@ -179,10 +189,16 @@ func decodeDisk(key, v []byte) (Disk, error) {
 	flags := r.u8()
 	d.ReadOnly = flags&1 != 0
 	d.Created = time.Unix(0, int64(r.u64())).UTC()
+	if r.version == diskVersion && r.need(len(d.UUID)) {
+		copy(d.UUID[:], r.b)
+		r.b = r.b[len(d.UUID):]
+	}
 	if err := r.done(key); err != nil {
 		return Disk{}, err
 	}
 	switch {
+	case r.version == diskVersion && d.UUID == [16]byte{}:
+		return Disk{}, corrupt(key, "version %d disk with a zero UUID", r.version)
 	case d.ID == 0 || d.Name == "":
 		return Disk{}, corrupt(key, "disk without id or name")
 	case d.SegmentSize == 0 || d.SegmentSize&(d.SegmentSize-1) != 0:

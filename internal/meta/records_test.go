@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 
 	"segmap/internal/table"
 )
@@ -284,5 +285,43 @@ func TestPageEntry(t *testing.T) {
 				t.Fatalf("entry %d alone: %v, %v; want %v", i, e, err, got[i])
 			}
 		}
+	}
+}
+
+// TestDiskIdentity checks that a disk record stored before UUIDs (version
+// 1) still decodes and re-encodes as it was, with an identity derived from
+// its id and creation time, and that a UUID survives a round trip.
+func TestDiskIdentity(t *testing.T) {
+	old := Disk{ID: 7, Name: "vol", Size: 1 << 20, SegmentSize: 1 << 16, Policy: table.Forward, Family: 7,
+		Created: time.Date(2025, 1, 2, 3, 4, 5, 6, time.UTC)}
+	v := encodeDisk(old)
+	if v[0] != diskVersionNoID {
+		t.Fatalf("disk without UUID stored as version %d", v[0])
+	}
+	d, err := decodeDisk(diskKey(7), v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.UUID != ([16]byte{}) || !bytes.Equal(encodeDisk(d), v) {
+		t.Fatalf("version 1 record decoded as %+v", d)
+	}
+	id := d.Identity()
+	if id == ([16]byte{}) || id != old.Identity() {
+		t.Fatalf("identity %x, want a stable non-zero one", id)
+	}
+	other := old
+	other.Created = other.Created.Add(1)
+	if other.Identity() == id {
+		t.Fatal("two disks derived the same identity")
+	}
+	nd := old
+	nd.UUID = NewUUID()
+	v = encodeDisk(nd)
+	if v[0] != diskVersion {
+		t.Fatalf("disk with UUID stored as version %d", v[0])
+	}
+	d, err = decodeDisk(diskKey(7), v)
+	if err != nil || d.UUID != nd.UUID || d.Identity() != nd.UUID {
+		t.Fatalf("decoded %+v, %v; want UUID %x", d, err, nd.UUID)
 	}
 }

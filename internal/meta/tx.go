@@ -282,7 +282,7 @@ func (t *Tx) nextID(name string) (uint64, error) {
 }
 
 // CreateDisk stores a new disk, giving it a fresh id (and making it
-// its own family if d.Family is 0). The name must be free
+// its own family if d.Family is 0) and a random UUID if d has none. The name must be free
 // (ErrExists). Its table is all Zero.
 func (t *Tx) CreateDisk(d Disk) (Disk, error) {
 	if !t.writable {
@@ -301,6 +301,9 @@ func (t *Tx) CreateDisk(d Disk) (Disk, error) {
 		return Disk{}, err
 	}
 	d.ID = DiskID(id)
+	if d.UUID == ([16]byte{}) {
+		d.UUID = NewUUID()
+	}
 	if d.Family == 0 {
 		d.Family = d.ID
 	}
@@ -910,6 +913,23 @@ func (t *Tx) CopyTable(src, dst DiskID) error {
 		dc.dirty = true
 	}
 	return nil
+}
+
+// ReplaceTable makes dst's table a copy of src's, as CopyTable, and
+// returns the slots whose count reached zero when dst's previous table
+// was released (the caller punches them).
+func (t *Tx) ReplaceTable(src, dst DiskID) ([]table.Location, error) {
+	if !t.writable {
+		return nil, ErrReadOnlyTx
+	}
+	if src == dst {
+		return nil, nil
+	}
+	freed, err := t.dropTable(dst)
+	if err != nil {
+		return nil, err
+	}
+	return freed, t.CopyTable(src, dst)
 }
 
 // Containers returns every container, ordered by id.

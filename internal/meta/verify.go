@@ -46,7 +46,11 @@ func layoutSize(key, v []byte) (n int, ok bool) {
 	case 'd':
 		// version, id, name, size, segment size, policy, origin,
 		// family, flags, created, checksum
-		const fixed = 1 + 8 + 4 + 8 + 8 + 1 + 8 + 8 + 1 + 8 + 4
+		// (version 2: then the UUID)
+		fixed := 1 + 8 + 4 + 8 + 8 + 1 + 8 + 8 + 1 + 8 + 4
+		if len(v) > 0 && v[0] == diskVersion {
+			fixed += 16
+		}
 		l, ok := u32(1 + 8)
 		if !ok || l > maxName {
 			return fixed, true
