@@ -41,3 +41,24 @@ var (
 // errNotZeroed is a preallocation that met a container whose free slots
 // are not known to be zero: the caller zeroes them and tries again.
 var errNotZeroed = errors.New("free slots not zeroed")
+
+// Errors of export and import (export.go, import.go).
+var (
+	// ErrNotSnapshot is returned for an export of a writable disk: only
+	// a read-only snapshot's contents stay still while they are read.
+	ErrNotSnapshot = errors.New("not a read-only snapshot")
+	// ErrLineage is returned for an incremental export whose base is
+	// not of the snapshot's lineage (family): they share nothing to
+	// compare.
+	ErrLineage = errors.New("snapshots of different lineages")
+	// ErrWrongBase is returned for an incremental stream whose base is
+	// not the target disk's newest snapshot.
+	ErrWrongBase = errors.New("stream's base is not the target's newest snapshot")
+	// ErrWrittenSince is returned for an incremental stream whose target
+	// has been written since its newest snapshot (import with force to
+	// drop those writes).
+	ErrWrittenSince = errors.New("target written since its newest snapshot")
+)
+
+// errStop ends a walk early (sameTables).
+var errStop = errors.New("stop")

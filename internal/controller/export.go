@@ -1,0 +1,374 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/stream"
+	"segmap/internal/table"
+)
+
+// Export and import of snapshots as streams (docs/stream.md).
+//
+// Export reads a read-only snapshot through its table straight from the
+// containers and writes a stream: every mapped segment for a full
+// stream (Zero segments are holes, not sent), or for an incremental one
+// only the segments whose entries differ from the base's, and of those
+// only the sub-blocks whose slot differs. Two snapshots of one family
+// that name the same slot for a sub-block hold the same bytes there: a
+// slot that a read-only snapshot references is never written in place.
+//
+// The family lock is held shared for the whole export, as a fault holds
+// it, so that no delete, resize or snapshot of the family changes the
+// tables meanwhile (they wait for the export); each segment is read
+// under its segment lock, so that a reverse-delta copy or a compaction,
+// which repoint a snapshot's entry under that lock, is either wholly
+// before or wholly after the read.
+
+// ExportOptions describes an export.
+type ExportOptions struct {
+	// Snapshot is the read-only snapshot to export.
+	Snapshot string
+	// Base, if set, makes the stream incremental: only what changed
+	// from Base, an earlier read-only snapshot of the same lineage.
+	Base string
+	// Start, if set, is called once before the first byte is written
+	// with the number of data bytes the stream will carry (for a
+	// progress report).
+	Start func(dataBytes uint64)
+}
+
+// Export writes a stream of snapshot o.Snapshot to w.
+func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) error {
+	end, err := c.begin(ctx, false)
+	if err != nil {
+		return err
+	}
+	defer end()
+	var src, base meta.Disk
+	load := func() error {
+		return c.store.View(ctx, func(tx *meta.Tx) error {
+			var err error
+			if src, err = tx.Disk(o.Snapshot); err != nil {
+				return fmt.Errorf("export %q: %w", o.Snapshot, wrapNotFound(err))
+			}
+			if !src.ReadOnly {
+				return fmt.Errorf("export %q: %w (take a snapshot and export that)", o.Snapshot, ErrNotSnapshot)
+			}
+			if o.Base == "" {
+				return nil
+			}
+			if base, err = tx.Disk(o.Base); err != nil {
+				return fmt.Errorf("export base %q: %w", o.Base, wrapNotFound(err))
+			}
+			switch {
+			case !base.ReadOnly:
+				return fmt.Errorf("export base %q: %w", o.Base, ErrNotSnapshot)
+			case base.Family != src.Family:
+				return fmt.Errorf("export %q from %q: %w", o.Snapshot, o.Base, ErrLineage)
+			case base.ID == src.ID:
+				return fmt.Errorf("export %q from itself: %w", o.Snapshot, protocol.ErrBadRequest)
+			case base.SegmentSize != src.SegmentSize:
+				return fmt.Errorf("export %q from %q: segment sizes %d and %d: %w", o.Snapshot, o.Base, src.SegmentSize, base.SegmentSize, ErrLineage)
+			}
+			return nil
+		})
+	}
+	if err := load(); err != nil {
+		return err
+	}
+	fam, id := src.Family, src.ID
+	defer c.lockFamily(fam, false)()
+	// Again under the lock: deleted and created again meanwhile, it
+	// may be of another family.
+	if err := load(); err != nil {
+		return err
+	}
+	if src.Family != fam || src.ID != id {
+		return fmt.Errorf("export %q: deleted and created again meanwhile: %w", o.Snapshot, protocol.ErrStale)
+	}
+
+	// The segments to send, and the bytes they will carry at most.
+	var segs []uint64
+	var total uint64
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
+		from := base
+		if o.Base == "" {
+			// Against an empty table: every segment not Zero (an
+			// Error one fails the export rather than read as a hole).
+			from = meta.Disk{SegmentSize: src.SegmentSize}
+		}
+		// Can be replaced by Controller.Diff once it exists.
+		return diffTables(tx, from, src, func(seg uint64, be, se table.Entry) error {
+			if seg >= src.Segments() {
+				return nil // past a shrunk end: dropped by the resize
+			}
+			segs = append(segs, seg)
+			if !se.Voided() {
+				total += segExtent(src, seg)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return err
+	}
+	h := stream.Header{Source: streamSnapshot(src)}
+	if o.Base != "" {
+		b := streamSnapshot(base)
+		h.Base = &b
+	}
+	if o.Start != nil {
+		o.Start(total)
+	}
+	sw, err := stream.NewWriter(w, h)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, src.SegmentSize)
+	for _, seg := range segs {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := c.exportSeg(ctx, sw, src, base, o.Base != "", seg, buf); err != nil {
+			return err
+		}
+	}
+	return sw.Close()
+}
+
+// streamSnapshot returns d's identity as a stream names it.
+func streamSnapshot(d meta.Disk) stream.Snapshot {
+	return stream.Snapshot{Name: d.Name, ID: d.Identity(), Created: d.Created, Size: d.Size, SegmentSize: d.SegmentSize}
+}
+
+// segExtent returns the number of bytes of d that segment seg holds: the
+// segment size, or less for a last segment cut by the disk's size.
+func segExtent(d meta.Disk, seg uint64) uint64 {
+	return min(d.SegmentSize, d.Size-seg*d.SegmentSize)
+}
+
+// exportSeg writes what segment seg of src holds (incr false) or what
+// changed in it since base (incr true), under the segment's lock.
+func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base meta.Disk, incr bool, seg uint64, buf []byte) error {
+	defer c.lockSegment(src.Family, seg)()
+	var se, be table.Entry
+	be = table.ZeroEntry
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		var err error
+		if se, err = tx.Entry(src.ID, seg); err != nil {
+			return err
+		}
+		if incr && seg < base.Segments() {
+			be, err = tx.Entry(base.ID, seg)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	se = c.overlay(src.Family, src.ID, seg, se)
+	if incr {
+		be = c.overlay(base.Family, base.ID, seg, be)
+	}
+	off, n := seg*src.SegmentSize, segExtent(src, seg)
+	if se.State&table.Error != 0 {
+		return fmt.Errorf("export %q: segment %d is in the Error state: %w", src.Name, seg, protocol.ErrIO)
+	}
+	if se.Voided() {
+		if incr && !be.Voided() {
+			return sw.Zero(off, n)
+		}
+		return nil // a hole, in a full stream or in both
+	}
+	size := src.SegmentSize
+	sb := table.SubBlockSize(size)
+	nsb := table.SubBlockCount(size)
+	// The runs of sub-blocks to send: all of them, or those whose slot
+	// differs from the base's.
+	type run struct{ lo, hi int }
+	var runs []run
+	if !incr || be.Voided() {
+		runs = []run{{0, nsb}}
+	} else {
+		for i := 0; i < nsb; {
+			j := i
+			for j < nsb && se.Locate(j) != be.Locate(j) {
+				j++
+			}
+			if j > i {
+				runs = append(runs, run{i, j})
+				i = j
+				continue
+			}
+			i++
+		}
+	}
+	var bbuf []byte
+	if incr && !be.Voided() {
+		bbuf = make([]byte, len(buf))
+	}
+	for _, r := range runs {
+		lo, hi := uint64(r.lo)*sb, min(uint64(r.hi)*sb, n)
+		if lo >= hi {
+			continue
+		}
+		b := buf[lo:hi]
+		if err := c.readEntry(ctx, se, size, lo, b); err != nil {
+			return err
+		}
+		// A sub-block whose bytes are what the target holds already
+		// (the base's, or zeros where the base has a hole or for a
+		// full stream) is not sent: a whole slot written for a
+		// sub-block costs the stream that sub-block.
+		var old []byte
+		if bbuf != nil {
+			old = bbuf[lo:hi]
+			if err := c.readEntry(ctx, be, size, lo, old); err != nil {
+				return err
+			}
+		}
+		same := func(i uint64) bool {
+			p := b[i:min(i+sb, uint64(len(b)))]
+			if old != nil {
+				return bytes.Equal(p, old[i:i+uint64(len(p))])
+			}
+			return allZero(p)
+		}
+		for i := uint64(0); i < uint64(len(b)); {
+			if same(i) {
+				i += sb
+				continue
+			}
+			j := i + sb
+			for j < uint64(len(b)) && j-i < stream.MaxData && !same(j) {
+				j += sb
+			}
+			j = min(j, uint64(len(b)))
+			if err := sw.Data(off+lo+i, b[i:j]); err != nil {
+				return err
+			}
+			i = j
+		}
+	}
+	return nil
+}
+
+// readEntry reads len(b) bytes at offset off of the segment that mapped
+// entry e names, through its layers.
+func (c *Controller) readEntry(ctx context.Context, e table.Entry, size, off uint64, b []byte) error {
+	sb := table.SubBlockSize(size)
+	lo, hi := int(off/sb), int((off+uint64(len(b))+sb-1)/sb)
+	return e.Runs(lo, hi, func(loc table.Location, l, h int) error {
+		ct, err := c.container(ctx, loc.Container)
+		if err != nil {
+			return err
+		}
+		from, to := max(uint64(l)*sb, off), min(uint64(h)*sb, off+uint64(len(b)))
+		if _, err := ct.ReadAt(b[from-off:to-off], int64(uint64(loc.Slot)*size+from)); err != nil {
+			return fmt.Errorf("read %v: %w: %w", loc, protocol.ErrIO, err)
+		}
+		return nil
+	})
+}
+
+// diffTables calls fn, in segment order, for every segment whose entry
+// differs between disks a and b of one family (NoWrite aside), over the
+// larger of their sizes: a segment past a disk's end counts as Zero
+// there. Pages with the same id at an index hold the same entries and
+// are skipped, so its cost grows with the pages that differ. It can be
+// replaced by Controller.Diff.
+func diffTables(tx *meta.Tx, a, b meta.Disk, fn func(seg uint64, ea, eb table.Entry) error) error {
+	pa, err := tx.TablePages(a.ID)
+	if err != nil {
+		return err
+	}
+	pb, err := tx.TablePages(b.ID)
+	if err != nil {
+		return err
+	}
+	ids := map[uint64][2]uint64{}
+	var idx []uint64
+	for k, ps := range [][]meta.PageRef{pa, pb} {
+		for _, p := range ps {
+			v, ok := ids[p.Index]
+			if !ok {
+				idx = append(idx, p.Index)
+			}
+			v[k] = p.ID
+			ids[p.Index] = v
+		}
+	}
+	slices.Sort(idx)
+	entries := func(d meta.Disk, pid, pg uint64) ([]table.Entry, error) {
+		out := make([]table.Entry, meta.PageEntries)
+		for i := range out {
+			out[i] = table.ZeroEntry
+		}
+		if pid == 0 {
+			return out, nil
+		}
+		es, err := tx.Page(pid)
+		if err != nil {
+			return nil, err
+		}
+		// Entries past the disk's end may linger in its last page.
+		for i := range es {
+			if pg*meta.PageEntries+uint64(i) < d.Segments() {
+				out[i] = es[i]
+			}
+		}
+		return out, nil
+	}
+	for _, pg := range idx {
+		v := ids[pg]
+		if v[0] == v[1] {
+			continue
+		}
+		ea, err := entries(a, v[0], pg)
+		if err != nil {
+			return err
+		}
+		eb, err := entries(b, v[1], pg)
+		if err != nil {
+			return err
+		}
+		for i := range ea {
+			if !sameBytes(ea[i], eb[i]) {
+				if err := fn(pg*meta.PageEntries+uint64(i), ea[i], eb[i]); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// sameBytes reports whether two entries read the same bytes: equal but
+// for NoWrite, or both voided the same way.
+func sameBytes(a, b table.Entry) bool {
+	a.State &^= table.NoWrite
+	b.State &^= table.NoWrite
+	if a.Voided() || b.Voided() {
+		return a.State == b.State
+	}
+	return a.Equal(b)
+}
+
+// sameTables reports whether disks a and b of one family read the same
+// entries (NoWrite aside).
+func sameTables(tx *meta.Tx, a, b meta.Disk) (bool, error) {
+	if a.Size != b.Size {
+		return false, nil
+	}
+	err := diffTables(tx, a, b, func(uint64, table.Entry, table.Entry) error { return errStop })
+	if errors.Is(err, errStop) {
+		return false, nil
+	}
+	return err == nil, err
+}
