@@ -38,6 +38,8 @@ const (
 	Admin_Status_FullMethodName         = "/segmap.v1.Admin/Status"
 	Admin_Grant_FullMethodName          = "/segmap.v1.Admin/Grant"
 	Admin_Revoke_FullMethodName         = "/segmap.v1.Admin/Revoke"
+	Admin_Export_FullMethodName         = "/segmap.v1.Admin/Export"
+	Admin_Import_FullMethodName         = "/segmap.v1.Admin/Import"
 )
 
 // AdminClient is the client API for Admin service.
@@ -63,6 +65,15 @@ type AdminClient interface {
 	// it forgets it first).
 	Grant(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
 	Revoke(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
+	// Export streams a read-only snapshot in the export stream format
+	// (docs/stream.md): all of it, or what changed since a base snapshot.
+	// The first chunk says how many data bytes to expect at most.
+	Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error)
+	// Import applies a stream to a disk: a full stream creates it, an
+	// incremental one updates it from its newest snapshot. The first chunk
+	// names the disk; the rest carry the stream. It ends with a snapshot
+	// named like the source, or, refused, changes nothing.
+	Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error)
 }
 
 type adminClient struct {
@@ -193,6 +204,38 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 	return out, nil
 }
 
+func (c *adminClient) Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_Export_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportRequest, ExportChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ExportClient = grpc.ServerStreamingClient[ExportChunk]
+
+func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Import_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ImportChunk, ImportResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ImportClient = grpc.ClientStreamingClient[ImportChunk, ImportResponse]
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -216,6 +259,15 @@ type AdminServer interface {
 	// it forgets it first).
 	Grant(context.Context, *GrantRequest) (*Disk, error)
 	Revoke(context.Context, *GrantRequest) (*Disk, error)
+	// Export streams a read-only snapshot in the export stream format
+	// (docs/stream.md): all of it, or what changed since a base snapshot.
+	// The first chunk says how many data bytes to expect at most.
+	Export(*ExportRequest, grpc.ServerStreamingServer[ExportChunk]) error
+	// Import applies a stream to a disk: a full stream creates it, an
+	// incremental one updates it from its newest snapshot. The first chunk
+	// names the disk; the rest carry the stream. It ends with a snapshot
+	// named like the source, or, refused, changes nothing.
+	Import(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -261,6 +313,12 @@ func (UnimplementedAdminServer) Grant(context.Context, *GrantRequest) (*Disk, er
 }
 func (UnimplementedAdminServer) Revoke(context.Context, *GrantRequest) (*Disk, error) {
 	return nil, status.Error(codes.Unimplemented, "method Revoke not implemented")
+}
+func (UnimplementedAdminServer) Export(*ExportRequest, grpc.ServerStreamingServer[ExportChunk]) error {
+	return status.Error(codes.Unimplemented, "method Export not implemented")
+}
+func (UnimplementedAdminServer) Import(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error {
+	return status.Error(codes.Unimplemented, "method Import not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -499,6 +557,24 @@ func _Admin_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Export_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).Export(m, &grpc.GenericServerStream[ExportRequest, ExportChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ExportServer = grpc.ServerStreamingServer[ExportChunk]
+
+func _Admin_Import_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(AdminServer).Import(&grpc.GenericServerStream[ImportChunk, ImportResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ImportServer = grpc.ClientStreamingServer[ImportChunk, ImportResponse]
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -555,6 +631,17 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_Revoke_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Export",
+			Handler:       _Admin_Export_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Import",
+			Handler:       _Admin_Import_Handler,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "segmapv1/admin.proto",
 }

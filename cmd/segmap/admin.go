@@ -62,7 +62,13 @@ func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
 	// Say soon that no controller is there; while standbys answer (an
 	// election), wait for the leader.
 	conn.GiveUp = 2 * time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), d)
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if g.noDeadline {
+		ctx, cancel = context.WithCancel(context.Background())
+	} else {
+		ctx, cancel = context.WithTimeout(context.Background(), d)
+	}
 	return pb.NewAdminClient(conn), ctx, func() { cancel(); conn.Close() }, nil
 }
 

@@ -56,6 +56,11 @@ type ImportOptions struct {
 	// Force applies an incremental stream to a disk written since its
 	// newest snapshot: those writes are lost.
 	Force bool
+	// Prepare, if set, is called with the stream's header once it has
+	// been read, before anything is changed (the embedded mode creates
+	// containers for a segment size it has none of); an error refuses
+	// the stream.
+	Prepare func(ctx context.Context, h stream.Header) error
 }
 
 // ImportSnapshotName returns the name of the snapshot an import into
@@ -90,6 +95,11 @@ func (c *Controller) Import(ctx context.Context, o ImportOptions, r io.Reader) (
 	}
 	if err := ValidGeometry(src.Size, src.SegmentSize); err != nil {
 		return meta.Disk{}, fmt.Errorf("import into %q: %w", o.Disk, err)
+	}
+	if o.Prepare != nil {
+		if err := o.Prepare(ctx, h); err != nil {
+			return meta.Disk{}, fmt.Errorf("import into %q: %w", o.Disk, err)
+		}
 	}
 	end, err := c.begin(ctx, false)
 	if err != nil {

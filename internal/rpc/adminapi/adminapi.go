@@ -5,9 +5,12 @@
 package adminapi
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/stream"
 	"segmap/internal/table"
 )
 
@@ -64,14 +68,17 @@ func Code(err error) codes.Code {
 		errors.Is(err, table.ErrBadPolicy), errors.Is(err, container.ErrNotContainer),
 		errors.Is(err, container.ErrCorruptHeader), errors.Is(err, container.ErrWrongContainer),
 		errors.Is(err, container.ErrTruncated), errors.Is(err, container.ErrInvalidHeader),
-		errors.Is(err, meta.ErrInvalid):
+		errors.Is(err, meta.ErrInvalid), errors.Is(err, stream.ErrNotStream), errors.Is(err, stream.ErrVersion),
+		errors.Is(err, stream.ErrCorrupt), errors.Is(err, stream.ErrTruncated), errors.Is(err, stream.ErrInvalid),
+		errors.Is(err, controller.ErrLineage):
 		return codes.InvalidArgument
 	case errors.Is(err, protocol.ErrNotFound), errors.Is(err, meta.ErrNotFound):
 		return codes.NotFound
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
 	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
-		errors.Is(err, controller.ErrRepairRefused):
+		errors.Is(err, controller.ErrRepairRefused), errors.Is(err, controller.ErrNotSnapshot),
+		errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince):
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
 		return codes.ResourceExhausted
@@ -138,6 +145,8 @@ func (s *Server) names(ctx context.Context) (map[meta.DiskID]string, []meta.Disk
 	for _, d := range ds {
 		names[d.ID] = d.Name
 	}
+	// An import's hidden disks are not the user's to see.
+	ds = slices.DeleteFunc(ds, func(d meta.Disk) bool { return controller.Hidden(d.Name) })
 	return names, ds, nil
 }
 
@@ -406,4 +415,89 @@ func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusRes
 		out.SnapshotsHoldBytes += n
 	}
 	return out, nil
+}
+
+// exportChunk is the size of the chunks an export is sent in.
+const exportChunk = 1 << 20
+
+// chunkWriter sends what is written to it as ExportChunks; the first
+// carries the total.
+type chunkWriter struct {
+	srv   pb.Admin_ExportServer
+	total uint64
+}
+
+func (w *chunkWriter) Write(p []byte) (int, error) {
+	all := len(p)
+	for len(p) > 0 {
+		n := min(len(p), exportChunk)
+		if err := w.srv.Send(&pb.ExportChunk{Data: p[:n], TotalDataBytes: w.total}); err != nil {
+			return 0, err
+		}
+		w.total = 0
+		p = p[n:]
+	}
+	return all, nil
+}
+
+// Export implements pb.AdminServer.
+func (s *Server) Export(r *pb.ExportRequest, srv pb.Admin_ExportServer) error {
+	cw := &chunkWriter{srv: srv}
+	bw := bufio.NewWriterSize(cw, exportChunk)
+	err := s.cfg.Ctrl.Export(srv.Context(), controller.ExportOptions{
+		Snapshot: r.Snapshot, Base: r.Base,
+		Start: func(n uint64) { cw.total = max(n, 1) },
+	}, bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	return grpcErr(err)
+}
+
+// chunkReader reads the data of ImportChunks.
+type chunkReader struct {
+	srv pb.Admin_ImportServer
+	buf []byte
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		c, err := r.srv.Recv()
+		if err != nil {
+			return 0, err // io.EOF at the client's end
+		}
+		r.buf = c.Data
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+// Import implements pb.AdminServer.
+func (s *Server) Import(srv pb.Admin_ImportServer) error {
+	first, err := srv.Recv()
+	if errors.Is(err, io.EOF) {
+		return status.Error(codes.InvalidArgument, "import: no disk named")
+	}
+	if err != nil {
+		return err
+	}
+	o := controller.ImportOptions{Disk: first.Disk, Force: first.Force}
+	if s.cfg.Provision != nil {
+		o.Prepare = func(ctx context.Context, h stream.Header) error {
+			if h.Base != nil || controller.ValidSegmentSize(h.Source.SegmentSize) != nil {
+				return nil
+			}
+			return s.cfg.Provision(ctx, h.Source.SegmentSize)
+		}
+	}
+	d, err := s.cfg.Ctrl.Import(srv.Context(), o, &chunkReader{srv: srv, buf: first.Data})
+	if err != nil {
+		return grpcErr(err)
+	}
+	names, _, err := s.names(srv.Context())
+	if err != nil {
+		return grpcErr(err)
+	}
+	return srv.SendAndClose(&pb.ImportResponse{Snapshot: disk(d, names)})
 }
