@@ -149,6 +149,15 @@ type Controller struct {
 
 	hold holdState
 
+	// imports holds the hidden disks of the imports under way, which
+	// sweepHidden leaves alone.
+	imports struct {
+		mu struct {
+			sync.Mutex
+			active map[meta.DiskID]bool
+		}
+	}
+
 	// reg caches the store's agent registry. Its lock is held across
 	// the registry's store updates, so that a prune never drops an agent
 	// registered meanwhile.

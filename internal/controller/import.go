@@ -107,10 +107,12 @@ func (c *Controller) Import(ctx context.Context, o ImportOptions, r io.Reader) (
 	}
 	defer end()
 
+	c.sweepHidden(ctx)
 	hidden, base, err := c.importPrepare(ctx, o, h, snapName)
 	if err != nil {
 		return meta.Disk{}, err
 	}
+	defer c.importDone(hidden.ID)
 	snap, err := c.importApply(ctx, o, h, snapName, hidden, base, sr)
 	if err != nil {
 		if derr := c.dropHidden(ctx, hidden.ID); derr != nil {
@@ -150,6 +152,7 @@ func (c *Controller) importPrepare(ctx context.Context, o ImportOptions, h strea
 			if err != nil {
 				return err
 			}
+			c.importing(hidden.ID)
 			return tx.SetGrants(hidden.ID, []string{}, false)
 		})
 		return hidden, base, err
@@ -183,6 +186,7 @@ func (c *Controller) importPrepare(ctx context.Context, o ImportOptions, h strea
 		if err != nil {
 			return err
 		}
+		c.importing(hidden.ID)
 		if err := tx.SetGrants(hidden.ID, []string{}, false); err != nil {
 			return err
 		}
@@ -579,8 +583,65 @@ func (c *Controller) importSwap(ctx context.Context, o ImportOptions, h stream.H
 	return snap, nil
 }
 
+// importing notes that the hidden disk id belongs to an import under
+// way (before its creation commits, so no sweep takes it).
+func (c *Controller) importing(id meta.DiskID) {
+	c.imports.mu.Lock()
+	defer c.imports.mu.Unlock()
+	if c.imports.mu.active == nil {
+		c.imports.mu.active = map[meta.DiskID]bool{}
+	}
+	c.imports.mu.active[id] = true
+}
+
+// importDone notes that the import of hidden disk id is over.
+func (c *Controller) importDone(id meta.DiskID) {
+	c.imports.mu.Lock()
+	defer c.imports.mu.Unlock()
+	delete(c.imports.mu.active, id)
+}
+
+// sweepHidden deletes the hidden disks that no import under way owns:
+// those of an import that a stopped controller left behind. A failure
+// is only logged.
+func (c *Controller) sweepHidden(ctx context.Context) {
+	ds, err := c.Disks(ctx)
+	if err != nil {
+		return
+	}
+	for _, d := range ds {
+		if !Hidden(d.Name) {
+			continue
+		}
+		c.imports.mu.Lock()
+		active := c.imports.mu.active[d.ID]
+		c.imports.mu.Unlock()
+		if active {
+			continue
+		}
+		if err := c.dropHidden(ctx, d.ID); err != nil {
+			c.logger.Warn("delete a hidden disk left by an import", "disk", d.Name, "err", err)
+		} else {
+			c.logger.Info("deleted a hidden disk left by an import", "disk", d.Name)
+		}
+	}
+}
+
 // dropHidden deletes an import's hidden disk, if it still exists.
 func (c *Controller) dropHidden(ctx context.Context, id meta.DiskID) error {
+	var d meta.Disk
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		var err error
+		d, err = tx.DiskByID(id)
+		return err
+	}); errors.Is(err, meta.ErrNotFound) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	// Exclusively: a fault of the family that shares a slot with the
+	// hidden disk (a reverse-delta copy) must not find it half gone.
+	defer c.lockFamily(d.Family, true)()
 	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
