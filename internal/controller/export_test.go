@@ -69,8 +69,8 @@ func TestExportImportRoundTrip(t *testing.T) {
 	if !bytes.Equal(contents(t, dst, "vm1@s0"), contents(t, src, "vm1@s0")) {
 		t.Fatal("vm1@s0 differs after the full import")
 	}
-	if n, max := len(full), 4*seg+8192; n > max {
-		t.Errorf("full stream of %d bytes, want at most %d (holes skipped)", n, max)
+	if n, limit := len(full), 4*seg+8192; n > limit {
+		t.Errorf("full stream of %d bytes, want at most %d (holes skipped)", n, limit)
 	}
 	checkClean(t, dst)
 	if _, err := dst.Ctrl.Import(ctx, controller.ImportOptions{Disk: "vm1"}, bytes.NewReader(full)); !errors.Is(err, controller.ErrExists) {
@@ -106,8 +106,8 @@ func TestExportImportRoundTrip(t *testing.T) {
 		streams = append(streams, s)
 		// Sub-block writes: at most one sub-block more per write
 		// at each end; the trim is one zero record.
-		if max := written + 3*2*4096 + 512; len(s) > max {
-			t.Errorf("stream %s from %s: %d bytes for %d written, want at most %d", name, prev, len(s), written, max)
+		if limit := written + 3*2*4096 + 512; len(s) > limit {
+			t.Errorf("stream %s from %s: %d bytes for %d written, want at most %d", name, prev, len(s), written, limit)
 		}
 		t.Logf("stream %s from %s: %d bytes, %d written", name, prev, len(s), written)
 		if _, err := dst.Ctrl.Import(ctx, controller.ImportOptions{Disk: "vm1"}, bytes.NewReader(s)); err != nil {

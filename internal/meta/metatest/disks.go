@@ -117,11 +117,21 @@ func testLookup(t *testing.T, s meta.Store) {
 			if i > 0 {
 				d.Origin, d.Family = want[0].ID, want[0].ID
 			}
+			if i%2 == 1 {
+				d.UUID = [16]byte{byte(i), 0xee, 15: 1} // kept as given
+			}
 			got, err := tx.CreateDisk(d)
 			if err != nil {
 				return fmt.Errorf("CreateDisk(%s): %w", name, err)
 			}
 			d.ID = got.ID
+			if d.UUID == ([16]byte{}) {
+				// A random one is given.
+				if got.UUID == ([16]byte{}) {
+					t.Errorf("CreateDisk(%s) gave no UUID", name)
+				}
+				d.UUID = got.UUID
+			}
 			if d.Family == 0 {
 				d.Family = d.ID
 			}

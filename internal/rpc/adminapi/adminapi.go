@@ -485,10 +485,12 @@ func (s *Server) Import(srv pb.Admin_ImportServer) error {
 	o := controller.ImportOptions{Disk: first.Disk, Force: first.Force}
 	if s.cfg.Provision != nil {
 		o.Prepare = func(ctx context.Context, h stream.Header) error {
-			if h.Base != nil || controller.ValidSegmentSize(h.Source.SegmentSize) != nil {
-				return nil
+			// An incremental stream's disk has its pool already; a
+			// bad segment size is Import's to refuse.
+			if h.Base == nil && controller.ValidSegmentSize(h.Source.SegmentSize) == nil {
+				return s.cfg.Provision(ctx, h.Source.SegmentSize)
 			}
-			return s.cfg.Provision(ctx, h.Source.SegmentSize)
+			return nil
 		}
 	}
 	d, err := s.cfg.Ctrl.Import(srv.Context(), o, &chunkReader{srv: srv, buf: first.Data})

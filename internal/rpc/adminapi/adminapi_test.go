@@ -12,6 +12,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
+	"segmap/internal/stream"
 )
 
 func TestCode(t *testing.T) {
@@ -36,6 +37,12 @@ func TestCode(t *testing.T) {
 		{wrap(meta.ErrClosed), codes.Unavailable},
 		{wrap(controller.ErrRepairRefused), codes.FailedPrecondition},
 		{wrap(meta.ErrCorrupt), codes.DataLoss},
+		{wrap(stream.ErrCorrupt), codes.InvalidArgument},
+		{wrap(stream.ErrTruncated), codes.InvalidArgument},
+		{wrap(controller.ErrLineage), codes.InvalidArgument},
+		{wrap(controller.ErrWrongBase), codes.FailedPrecondition},
+		{wrap(controller.ErrWrittenSince), codes.FailedPrecondition},
+		{wrap(controller.ErrNotSnapshot), codes.FailedPrecondition},
 		{wrap(&meta.RecordError{Key: []byte("p/1"), Reason: "record of 9 bytes", Truncated: true}), codes.DataLoss},
 		{wrap(context.DeadlineExceeded), codes.DeadlineExceeded},
 		{errors.New("disk on fire"), codes.Internal},
