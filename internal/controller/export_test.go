@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -177,4 +178,57 @@ func TestExportImportRoundTrip(t *testing.T) {
 	if err := src.Ctrl.Export(ctx, controller.ExportOptions{Snapshot: "vm1@s5", Base: "other@a"}, &b); !errors.Is(err, controller.ErrLineage) {
 		t.Errorf("export from another lineage: %v, want ErrLineage", err)
 	}
+}
+
+// TestExportDeleteWaits: a delete of the snapshot under export waits
+// for the export, which reads the snapshot whole rather than slots the
+// delete frees; the stream then imports to the snapshot's bytes.
+func TestExportDeleteWaits(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	createDisk(t, c, "vm1", 16, table.Forward)
+	d := openDisk(t, c, 0, "vm1")
+	for i := range 8 {
+		write(t, d, pattern(seg, byte(i)), uint64(2*i)*seg)
+	}
+	snap(t, c, "vm1", "vm1@a")
+	want := contents(t, c, "vm1@a")
+	// vm1 moves on: the snapshot alone holds the old slots, which its
+	// delete would free.
+	for i := range 8 {
+		write(t, d, pattern(seg, byte(0x40+i)), uint64(2*i)*seg)
+	}
+	pr, pw := io.Pipe()
+	exported := make(chan error, 1)
+	go func() {
+		err := c.Ctrl.Export(ctx, controller.ExportOptions{Snapshot: "vm1@a"}, pw)
+		pw.CloseWithError(err)
+		exported <- err
+	}()
+	// The export has started (its first bytes are here) and blocks on
+	// the pipe: the delete starts now.
+	var b bytes.Buffer
+	if _, err := io.CopyN(&b, pr, 4096); err != nil {
+		t.Fatal(err)
+	}
+	deleted := make(chan error, 1)
+	go func() { deleted <- c.Ctrl.DeleteDisk(ctx, "vm1@a") }()
+	if _, err := io.Copy(&b, pr); err != nil {
+		t.Fatalf("export: %v", err)
+	}
+	if err := <-exported; err != nil {
+		t.Fatalf("export: %v", err)
+	}
+	if err := <-deleted; err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	dst := newCluster(t)
+	if _, err := dst.Ctrl.Import(ctx, controller.ImportOptions{Disk: "copy"}, &b); err != nil {
+		t.Fatalf("import: %v", err)
+	}
+	if !bytes.Equal(contents(t, dst, "copy@a"), want) {
+		t.Fatal("the stream exported while the snapshot was deleted differs from it")
+	}
+	checkClean(t, c)
+	checkClean(t, dst)
 }
