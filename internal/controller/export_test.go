@@ -168,6 +168,21 @@ func TestExportImportRoundTrip(t *testing.T) {
 	}
 	checkClean(t, dst)
 
+	// What the imports made (partial entries over the base's slots)
+	// exports back: in full, and incrementally at about the size the
+	// source's stream had.
+	back := export(t, dst, "vm1@s5", "")
+	if _, err := src.Ctrl.Import(ctx, controller.ImportOptions{Disk: "back"}, bytes.NewReader(back)); err != nil {
+		t.Fatalf("import back: %v", err)
+	}
+	if !bytes.Equal(contents(t, src, "back@s5"), contents(t, src, "vm1@s5")) {
+		t.Fatal("vm1@s5 exported back from the target differs")
+	}
+	if n, m := len(export(t, dst, "vm1@s4", "vm1@s3")), len(streams[3]); n > m+m/10 {
+		t.Errorf("the target's stream vm1@s4 from vm1@s3 is %d bytes, the source's %d", n, m)
+	}
+	checkClean(t, src)
+
 	// Export refuses a writable disk and a base of another lineage.
 	createDisk(t, src, "other", 4, table.Forward)
 	snap(t, src, "other", "other@a")

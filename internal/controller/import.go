@@ -421,11 +421,44 @@ func (c *Controller) importCommit(ctx context.Context, hidden meta.Disk, batch [
 		if err != nil {
 			return err
 		}
-		if _, err := ct.WriteAt(im.buf, int64(uint64(loc.Slot)*size)); err != nil {
-			return fmt.Errorf("import write %v: %w: %w", loc, protocol.ErrIO, err)
+		// Over a mapped entry, the new slot holds only the sub-blocks
+		// the records touch (composed whole above) and the old slots
+		// stay layers under it, as a partial copy-on-write leaves
+		// them: a 4 KiB change costs the target a sub-block, not a
+		// segment. The rest of a slot from takeSlot reads as zero.
+		sb := table.SubBlockSize(size)
+		nsb := table.SubBlockCount(size)
+		bits := table.Full(nsb)
+		if old.Mapped() && old.Depth() < table.MaxDepth {
+			bits = table.Bits{}
+			per := int(sb / stream.Sector)
+			for s, ok := range im.sectors {
+				if ok {
+					bits = bits.Or(table.Range(s/per, s/per+1))
+				}
+			}
+		}
+		for b := 0; b < nsb; {
+			if !bits.Test(b) {
+				b++
+				continue
+			}
+			e := b
+			for e < nsb && bits.Test(e) {
+				e++
+			}
+			lo, hi := uint64(b)*sb, uint64(e)*sb
+			if _, err := ct.WriteAt(im.buf[lo:hi], int64(uint64(loc.Slot)*size+lo)); err != nil {
+				return fmt.Errorf("import write %v: %w: %w", loc, protocol.ErrIO, err)
+			}
+			b = e
 		}
 		flushes[loc.Container] = ct
-		news[i] = table.At(loc, false)
+		if bits.Has(table.Full(nsb)) {
+			news[i] = table.At(loc, false)
+		} else {
+			news[i] = table.Over(loc, bits, old, nsb)
+		}
 	}
 	// The data is durable before the map that points at it.
 	for id, ct := range flushes {
@@ -440,6 +473,10 @@ func (c *Controller) importCommit(ctx context.Context, hidden meta.Disk, batch [
 			cur, err := tx.Entry(hidden.ID, im.seg)
 			if err != nil {
 				return err
+			}
+			if !cur.Equal(olds[i]) {
+				// Not while the segment lock is held: a bug.
+				return fmt.Errorf("import segment %d: entry %v changed to %v under its lock: %w", im.seg, olds[i], cur, protocol.ErrStale)
 			}
 			if err := tx.SetEntries(hidden.ID, im.seg, []table.Entry{news[i]}); err != nil {
 				return err
