@@ -559,6 +559,164 @@ func (x *ResizeDiskRequest) GetShrink() bool {
 	return false
 }
 
+type RollbackDiskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// to is a read-only snapshot of the disk's lineage.
+	To            string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackDiskRequest) Reset() {
+	*x = RollbackDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackDiskRequest) ProtoMessage() {}
+
+func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackDiskRequest.ProtoReflect.Descriptor instead.
+func (*RollbackDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RollbackDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RollbackDiskRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type RenameDiskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	NewName       string                 `protobuf:"bytes,2,opt,name=new_name,json=newName,proto3" json:"new_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenameDiskRequest) Reset() {
+	*x = RenameDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenameDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenameDiskRequest) ProtoMessage() {}
+
+func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenameDiskRequest.ProtoReflect.Descriptor instead.
+func (*RenameDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RenameDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RenameDiskRequest) GetNewName() string {
+	if x != nil {
+		return x.NewName
+	}
+	return ""
+}
+
+type SetDiskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// read_only, if set, makes the disk read-only or writable.
+	ReadOnly      *bool `protobuf:"varint,2,opt,name=read_only,json=readOnly,proto3,oneof" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetDiskRequest) Reset() {
+	*x = SetDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetDiskRequest) ProtoMessage() {}
+
+func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetDiskRequest.ProtoReflect.Descriptor instead.
+func (*SetDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SetDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetDiskRequest) GetReadOnly() bool {
+	if x != nil && x.ReadOnly != nil {
+		return *x.ReadOnly
+	}
+	return false
+}
+
 type DeleteDiskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -568,7 +726,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +738,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +751,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -611,7 +769,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -623,7 +781,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -636,7 +794,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 type SnapshotRequest struct {
@@ -655,7 +813,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -667,7 +825,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -680,7 +838,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -720,7 +878,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +890,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +903,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -772,7 +930,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +942,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +955,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Container) GetId() uint32 {
@@ -850,7 +1008,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +1020,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +1033,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 type ListContainersResponse struct {
@@ -887,7 +1045,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -899,7 +1057,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -912,7 +1070,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -936,7 +1094,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1106,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1119,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -994,7 +1152,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1164,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1177,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1051,7 +1209,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1063,7 +1221,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1076,7 +1234,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Problem) GetKind() string {
@@ -1142,7 +1300,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1154,7 +1312,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1167,7 +1325,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1199,7 +1357,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1211,7 +1369,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1224,7 +1382,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 type Agent struct {
@@ -1237,7 +1395,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1407,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1420,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Agent) GetName() string {
@@ -1303,7 +1461,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1473,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1486,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -1448,7 +1606,18 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x11ResizeDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x16\n" +
-	"\x06shrink\x18\x03 \x01(\bR\x06shrink\"'\n" +
+	"\x06shrink\x18\x03 \x01(\bR\x06shrink\"9\n" +
+	"\x13RollbackDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\"B\n" +
+	"\x11RenameDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bnew_name\x18\x02 \x01(\tR\anewName\"T\n" +
+	"\x0eSetDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\tread_only\x18\x02 \x01(\bH\x00R\breadOnly\x88\x01\x01B\f\n" +
+	"\n" +
+	"_read_only\"'\n" +
 	"\x11DeleteDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
 	"\x12DeleteDiskResponse\"\x8b\x01\n" +
@@ -1517,7 +1686,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\x8f\x06\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xc4\a\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -1526,7 +1695,11 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
 	"ResizeDisk\x12\x1c.segmap.v1.ResizeDiskRequest\x1a\x0f.segmap.v1.Disk\x12I\n" +
 	"\n" +
-	"DeleteDisk\x12\x1c.segmap.v1.DeleteDiskRequest\x1a\x1d.segmap.v1.DeleteDiskResponse\x12C\n" +
+	"DeleteDisk\x12\x1c.segmap.v1.DeleteDiskRequest\x1a\x1d.segmap.v1.DeleteDiskResponse\x12?\n" +
+	"\fRollbackDisk\x12\x1e.segmap.v1.RollbackDiskRequest\x1a\x0f.segmap.v1.Disk\x12;\n" +
+	"\n" +
+	"RenameDisk\x12\x1c.segmap.v1.RenameDiskRequest\x1a\x0f.segmap.v1.Disk\x125\n" +
+	"\aSetDisk\x12\x19.segmap.v1.SetDiskRequest\x1a\x0f.segmap.v1.Disk\x12C\n" +
 	"\bSnapshot\x12\x1a.segmap.v1.SnapshotRequest\x1a\x1b.segmap.v1.SnapshotResponse\x12U\n" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
@@ -1548,7 +1721,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                    // 0: segmap.v1.Policy
 	(*GrantRequest)(nil),           // 1: segmap.v1.GrantRequest
@@ -1558,57 +1731,66 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*ListDisksResponse)(nil),      // 5: segmap.v1.ListDisksResponse
 	(*GetDiskRequest)(nil),         // 6: segmap.v1.GetDiskRequest
 	(*ResizeDiskRequest)(nil),      // 7: segmap.v1.ResizeDiskRequest
-	(*DeleteDiskRequest)(nil),      // 8: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 9: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 10: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 11: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 12: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 13: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 14: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 15: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 16: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 17: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 18: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 19: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 20: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 21: segmap.v1.StatusResponse
+	(*RollbackDiskRequest)(nil),    // 8: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),      // 9: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),         // 10: segmap.v1.SetDiskRequest
+	(*DeleteDiskRequest)(nil),      // 11: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),     // 12: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),        // 13: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),       // 14: segmap.v1.SnapshotResponse
+	(*Container)(nil),              // 15: segmap.v1.Container
+	(*ListContainersRequest)(nil),  // 16: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil), // 17: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),    // 18: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),           // 19: segmap.v1.CheckRequest
+	(*Problem)(nil),                // 20: segmap.v1.Problem
+	(*CheckResponse)(nil),          // 21: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),          // 22: segmap.v1.StatusRequest
+	(*Agent)(nil),                  // 23: segmap.v1.Agent
+	(*StatusResponse)(nil),         // 24: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	0,  // 0: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
 	0,  // 1: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
 	2,  // 2: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	2,  // 3: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	12, // 4: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	17, // 5: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	17, // 6: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	20, // 7: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	12, // 8: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	15, // 4: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	20, // 5: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	20, // 6: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	23, // 7: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	15, // 8: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
 	3,  // 9: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
 	4,  // 10: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
 	6,  // 11: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
 	7,  // 12: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	8,  // 13: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	10, // 14: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	13, // 15: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	15, // 16: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	16, // 17: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	19, // 18: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	1,  // 19: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	1,  // 20: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	2,  // 21: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	5,  // 22: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	2,  // 23: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	2,  // 24: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	9,  // 25: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	11, // 26: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	14, // 27: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	12, // 28: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	18, // 29: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	21, // 30: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	2,  // 31: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	2,  // 32: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	21, // [21:33] is the sub-list for method output_type
-	9,  // [9:21] is the sub-list for method input_type
+	11, // 13: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	8,  // 14: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	9,  // 15: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	10, // 16: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	13, // 17: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	16, // 18: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	18, // 19: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	19, // 20: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	22, // 21: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	1,  // 22: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	1,  // 23: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	2,  // 24: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	5,  // 25: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	2,  // 26: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	2,  // 27: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	12, // 28: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	2,  // 29: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	2,  // 30: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	2,  // 31: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	14, // 32: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	17, // 33: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	15, // 34: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	21, // 35: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	24, // 36: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	2,  // 37: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	2,  // 38: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	24, // [24:39] is the sub-list for method output_type
+	9,  // [9:24] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -1619,14 +1801,15 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
-	file_segmapv1_admin_proto_msgTypes[11].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[9].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[14].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

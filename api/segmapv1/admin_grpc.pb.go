@@ -31,6 +31,9 @@ const (
 	Admin_GetDisk_FullMethodName        = "/segmap.v1.Admin/GetDisk"
 	Admin_ResizeDisk_FullMethodName     = "/segmap.v1.Admin/ResizeDisk"
 	Admin_DeleteDisk_FullMethodName     = "/segmap.v1.Admin/DeleteDisk"
+	Admin_RollbackDisk_FullMethodName   = "/segmap.v1.Admin/RollbackDisk"
+	Admin_RenameDisk_FullMethodName     = "/segmap.v1.Admin/RenameDisk"
+	Admin_SetDisk_FullMethodName        = "/segmap.v1.Admin/SetDisk"
 	Admin_Snapshot_FullMethodName       = "/segmap.v1.Admin/Snapshot"
 	Admin_ListContainers_FullMethodName = "/segmap.v1.Admin/ListContainers"
 	Admin_AddContainer_FullMethodName   = "/segmap.v1.Admin/AddContainer"
@@ -52,6 +55,14 @@ type AdminClient interface {
 	GetDisk(ctx context.Context, in *GetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
 	ResizeDisk(ctx context.Context, in *ResizeDiskRequest, opts ...grpc.CallOption) (*Disk, error)
 	DeleteDisk(ctx context.Context, in *DeleteDiskRequest, opts ...grpc.CallOption) (*DeleteDiskResponse, error)
+	// RollbackDisk makes a disk's contents a snapshot's of its lineage, in
+	// place (same name, same identity; later snapshots stay).
+	RollbackDisk(ctx context.Context, in *RollbackDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// RenameDisk gives a disk a new name; its identity and snapshots stay.
+	RenameDisk(ctx context.Context, in *RenameDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// SetDisk changes a disk's settings: read_only freezes a clone or
+	// promotes a snapshot to writable.
+	SetDisk(ctx context.Context, in *SetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error)
 	ListContainers(ctx context.Context, in *ListContainersRequest, opts ...grpc.CallOption) (*ListContainersResponse, error)
@@ -117,6 +128,36 @@ func (c *adminClient) DeleteDisk(ctx context.Context, in *DeleteDiskRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteDiskResponse)
 	err := c.cc.Invoke(ctx, Admin_DeleteDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RollbackDisk(ctx context.Context, in *RollbackDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_RollbackDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RenameDisk(ctx context.Context, in *RenameDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_RenameDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetDisk(ctx context.Context, in *SetDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_SetDisk_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -205,6 +246,14 @@ type AdminServer interface {
 	GetDisk(context.Context, *GetDiskRequest) (*Disk, error)
 	ResizeDisk(context.Context, *ResizeDiskRequest) (*Disk, error)
 	DeleteDisk(context.Context, *DeleteDiskRequest) (*DeleteDiskResponse, error)
+	// RollbackDisk makes a disk's contents a snapshot's of its lineage, in
+	// place (same name, same identity; later snapshots stay).
+	RollbackDisk(context.Context, *RollbackDiskRequest) (*Disk, error)
+	// RenameDisk gives a disk a new name; its identity and snapshots stay.
+	RenameDisk(context.Context, *RenameDiskRequest) (*Disk, error)
+	// SetDisk changes a disk's settings: read_only freezes a clone or
+	// promotes a snapshot to writable.
+	SetDisk(context.Context, *SetDiskRequest) (*Disk, error)
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	ListContainers(context.Context, *ListContainersRequest) (*ListContainersResponse, error)
@@ -240,6 +289,15 @@ func (UnimplementedAdminServer) ResizeDisk(context.Context, *ResizeDiskRequest) 
 }
 func (UnimplementedAdminServer) DeleteDisk(context.Context, *DeleteDiskRequest) (*DeleteDiskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteDisk not implemented")
+}
+func (UnimplementedAdminServer) RollbackDisk(context.Context, *RollbackDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method RollbackDisk not implemented")
+}
+func (UnimplementedAdminServer) RenameDisk(context.Context, *RenameDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenameDisk not implemented")
+}
+func (UnimplementedAdminServer) SetDisk(context.Context, *SetDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetDisk not implemented")
 }
 func (UnimplementedAdminServer) Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Snapshot not implemented")
@@ -369,6 +427,60 @@ func _Admin_DeleteDisk_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServer).DeleteDisk(ctx, req.(*DeleteDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RollbackDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RollbackDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RollbackDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RollbackDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RollbackDisk(ctx, req.(*RollbackDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RenameDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenameDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RenameDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RenameDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RenameDisk(ctx, req.(*RenameDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetDisk(ctx, req.(*SetDiskRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -525,6 +637,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteDisk",
 			Handler:    _Admin_DeleteDisk_Handler,
+		},
+		{
+			MethodName: "RollbackDisk",
+			Handler:    _Admin_RollbackDisk_Handler,
+		},
+		{
+			MethodName: "RenameDisk",
+			Handler:    _Admin_RenameDisk_Handler,
+		},
+		{
+			MethodName: "SetDisk",
+			Handler:    _Admin_SetDisk_Handler,
 		},
 		{
 			MethodName: "Snapshot",

@@ -376,6 +376,7 @@ shared, in bytes.`,
 		},
 	}
 	disk.AddCommand(create, list, info, resize, del, grant, revoke)
+	disk.AddCommand(lineageCommands(g)...)
 	return disk
 }
 

@@ -34,6 +34,12 @@ var (
 	// ErrUnknownAgent is returned for a request from an agent that has not
 	// attached.
 	ErrUnknownAgent = errors.New("agent not attached")
+	// ErrOtherLineage is returned for a rollback to a disk of another
+	// family: it shares no history with the disk rolled back.
+	ErrOtherLineage = errors.New("not of the disk's lineage")
+	// ErrNotSnapshot is returned for a rollback to a writable disk:
+	// only a read-only snapshot holds still while it is shared.
+	ErrNotSnapshot = errors.New("not a read-only snapshot")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

@@ -31,6 +31,44 @@ func TestCLI(t *testing.T) {
 	}
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 4M")
 
+	// A lineage: snapshot, write, roll back, rename, promote, freeze.
+	u.cli("snapshot", "r", "--name", "r-gold")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "write -P 7 0 1M")
+	if out := u.cli("disk", "rollback", "r", "--to", "r-gold"); !strings.Contains(out, "rolled back disk r to r-gold") {
+		t.Errorf("rollback: %s", out)
+	}
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 4M")
+	u.cli("disk", "rename", "r-gold", "gold")
+	if out := u.cli("disk", "tree", "gold"); !strings.Contains(out, "r  (writable, 4M)\n└── gold  (snapshot, 4M)\n") {
+		t.Errorf("tree:\n%s", out)
+	}
+	var tree []struct {
+		Name     string `json:"name"`
+		Children []struct {
+			Name     string `json:"name"`
+			ReadOnly bool   `json:"read_only"`
+		} `json:"children"`
+	}
+	u.cliJSON(&tree, "disk", "tree", "r")
+	if len(tree) != 1 || tree[0].Name != "r" || len(tree[0].Children) != 1 || tree[0].Children[0].Name != "gold" || !tree[0].Children[0].ReadOnly {
+		t.Errorf("tree --json: %+v", tree)
+	}
+	u.cli("disk", "set", "gold", "--read-only=false")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("gold"), "-c", "write -P 5 0 64K")
+	u.cli("disk", "set", "gold", "--read-only=true")
+	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "nope"); code == 0 || !strings.Contains(errOut, "not found") {
+		t.Errorf("rollback to a missing snapshot: exit %d %q", code, errOut)
+	}
+	u.cli("disk", "create", "other", "--size", "4M", "--segment-size", "64K")
+	u.cli("snapshot", "other", "--name", "other-snap")
+	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "other-snap"); code == 0 || !strings.Contains(errOut, "lineage") {
+		t.Errorf("rollback to another lineage: exit %d %q", code, errOut)
+	}
+	if _, errOut, code := u.cliResult("disk", "set", "gold"); code == 0 || !strings.Contains(errOut, "read-only") {
+		t.Errorf("set without a setting: exit %d %q", code, errOut)
+	}
+	run(t, 30*time.Second, "qemu-io", "-r", "-f", "raw", u.uri("gold"), "-c", "read -P 5 0 64K", "-c", "read -P 9 64K 1M")
+
 	// Add a container: a new file of 1 GiB in 64 KiB slots.
 	path := filepath.Join(t.TempDir(), "extra.ctr")
 	out := u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")

@@ -912,6 +912,20 @@ func (t *Tx) CopyTable(src, dst DiskID) error {
 	return nil
 }
 
+// ReplaceTable makes dst's table a copy of src's, as CopyTable does, and
+// returns the slots whose count reached zero as dst's previous table was
+// released (the caller may punch them).
+func (t *Tx) ReplaceTable(src, dst DiskID) ([]table.Location, error) {
+	if src == dst {
+		return nil, nil
+	}
+	freed, err := t.dropTable(dst)
+	if err != nil {
+		return nil, err
+	}
+	return freed, t.CopyTable(src, dst)
+}
+
 // Containers returns every container, ordered by id.
 func (t *Tx) Containers() ([]Container, error) {
 	var out []Container

@@ -140,6 +140,9 @@ type mdisk struct {
 	segSize  uint64
 	readOnly bool
 	policy   table.Policy
+	// family is the name at creation of the disk it all started from:
+	// a disk may roll back to the read-only disks of its family.
+	family string
 }
 
 type model struct {
@@ -177,6 +180,7 @@ func (m *model) mix() []modelOp {
 		{4, "create", m.create, false}, {2, "delete", m.delete, false}, {4, "snapshot", m.snapshot, false}, {2, "group-snapshot", m.groupSnapshot, false},
 		{2, "clone", m.clone, false}, {1, "resize", m.resize, false}, {2, "concurrent", m.concurrent, false},
 		{1, "restart-agent", m.restartAgent, true}, {1, "restart-controller", m.restartController, true}, {2, "read-only-write", m.readOnlyWrite, false},
+		{2, "rollback", m.rollback, false}, {1, "rename", m.rename, false}, {1, "set-read-only", m.setReadOnly, false},
 	}
 }
 
@@ -459,7 +463,7 @@ func (m *model) create() {
 	if _, err := m.c.Ctrl.CreateDisk(m.ctx, controller.CreateOptions{Name: name, Size: size, SegmentSize: ss, Policy: pol}); err != nil {
 		m.fatalf("create %s: %v", name, err)
 	}
-	m.disks[name] = &mdisk{name: name, data: make([]byte, size), segSize: ss, policy: pol}
+	m.disks[name] = &mdisk{name: name, data: make([]byte, size), segSize: ss, policy: pol, family: name}
 	m.tracef("create %s size %d seg %d %v", name, size, ss, pol)
 	m.stats["create"]++
 }
@@ -513,7 +517,7 @@ func (m *model) snapshotOf(srcs []*mdisk, writable bool) {
 		if out[i].Name != o.Names[i] || out[i].ReadOnly == writable {
 			m.fatalf("snapshot gave %+v", out[i])
 		}
-		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy, clone: writable}
+		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy, clone: writable, family: s.family}
 		if s.clone {
 			m.stats["snapshot-of-clone"]++
 		}
@@ -657,7 +661,7 @@ func (m *model) concurrent() {
 		copy(d.data[pc.off:], pc.p)
 	}
 	// Read the snapshot and decide, piece by piece, old or new.
-	snap := &mdisk{name: name, data: bytes.Clone(old), segSize: d.segSize, readOnly: true, policy: d.policy}
+	snap := &mdisk{name: name, data: bytes.Clone(old), segSize: d.segSize, readOnly: true, policy: d.policy, family: d.family}
 	got := make([]byte, len(old))
 	if err := m.handle(m.rng.IntN(2), snap).ReadAt(m.ctx, got, 0); err != nil {
 		m.fatalf("read snapshot %s: %v", name, err)
@@ -717,6 +721,68 @@ func (m *model) restartController() {
 
 // readOnlyWrite checks that writes to a read-only snapshot are refused and
 // change nothing.
+// rollback rolls a writable disk back to a read-only disk of its family;
+// its open handles read the snapshot's data from then on.
+func (m *model) rollback() {
+	d := m.pick(true)
+	if d == nil {
+		return
+	}
+	var snaps []*mdisk
+	for _, s := range m.sorted() {
+		if s.readOnly && s.family == d.family {
+			snaps = append(snaps, s)
+		}
+	}
+	if len(snaps) == 0 {
+		return
+	}
+	s := snaps[m.rng.IntN(len(snaps))]
+	if _, err := m.c.Ctrl.Rollback(m.ctx, d.name, s.name); err != nil {
+		m.fatalf("rollback %s to %s: %v", d.name, s.name, err)
+	}
+	d.data = bytes.Clone(s.data)
+	m.tracef("rollback %s to %s", d.name, s.name)
+	m.stats["rollback"]++
+}
+
+// rename renames a disk; open handles go on under the new name.
+func (m *model) rename() {
+	d := m.pick(false)
+	if d == nil {
+		return
+	}
+	to := m.newName(m.prefix + "r")
+	if _, err := m.c.Ctrl.RenameDisk(m.ctx, d.name, to); err != nil {
+		m.fatalf("rename %s to %s: %v", d.name, to, err)
+	}
+	m.tracef("rename %s to %s", d.name, to)
+	delete(m.disks, d.name)
+	for i := range m.open {
+		if h := m.open[i][d.name]; h != nil {
+			delete(m.open[i], d.name)
+			m.open[i][to] = h
+		}
+	}
+	d.name = to
+	m.disks[to] = d
+	m.stats["rename"]++
+}
+
+// setReadOnly freezes a writable disk or promotes a read-only one.
+func (m *model) setReadOnly() {
+	d := m.pick(false)
+	if d == nil {
+		return
+	}
+	if _, err := m.c.Ctrl.SetReadOnly(m.ctx, d.name, !d.readOnly); err != nil {
+		m.fatalf("set %s read-only=%v: %v", d.name, !d.readOnly, err)
+	}
+	d.readOnly = !d.readOnly
+	m.tracef("set %s read-only=%v", d.name, d.readOnly)
+	m.stats["set-read-only"]++
+}
+
 func (m *model) readOnlyWrite() {
 	var ro []*mdisk
 	for _, d := range m.sorted() {

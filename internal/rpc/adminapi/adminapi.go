@@ -71,7 +71,8 @@ func Code(err error) codes.Code {
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
 	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
-		errors.Is(err, controller.ErrRepairRefused):
+		errors.Is(err, controller.ErrRepairRefused), errors.Is(err, controller.ErrOtherLineage),
+		errors.Is(err, controller.ErrNotSnapshot):
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
 		return codes.ResourceExhausted
@@ -253,6 +254,36 @@ func (s *Server) GetDisk(ctx context.Context, r *pb.GetDiskRequest) (*pb.Disk, e
 // ResizeDisk implements pb.AdminServer.
 func (s *Server) ResizeDisk(ctx context.Context, r *pb.ResizeDiskRequest) (*pb.Disk, error) {
 	d, err := s.cfg.Ctrl.ResizeDisk(ctx, r.Name, r.Size, r.Shrink)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// RollbackDisk implements pb.AdminServer.
+func (s *Server) RollbackDisk(ctx context.Context, r *pb.RollbackDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.Rollback(ctx, r.Name, r.To)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// RenameDisk implements pb.AdminServer.
+func (s *Server) RenameDisk(ctx context.Context, r *pb.RenameDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.RenameDisk(ctx, r.Name, r.NewName)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// SetDisk implements pb.AdminServer.
+func (s *Server) SetDisk(ctx context.Context, r *pb.SetDiskRequest) (*pb.Disk, error) {
+	if r.ReadOnly == nil {
+		return nil, grpcErr(fmt.Errorf("set %q: nothing to change: %w", r.Name, protocol.ErrBadRequest))
+	}
+	d, err := s.cfg.Ctrl.SetReadOnly(ctx, r.Name, *r.ReadOnly)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
