@@ -292,6 +292,28 @@ func (s *Server) Snapshot(ctx context.Context, r *pb.SnapshotRequest) (*pb.Snaps
 	return out, nil
 }
 
+// DiffDisks implements pb.AdminServer.
+func (s *Server) DiffDisks(ctx context.Context, r *pb.DiffDisksRequest) (*pb.DiffDisksResponse, error) {
+	for _, n := range []string{r.From, r.To} {
+		if err := controller.ValidName(n); err != nil {
+			return nil, grpcErr(fmt.Errorf("diff: %w", err))
+		}
+	}
+	d, err := s.cfg.Ctrl.Diff(ctx, r.From, r.To)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.DiffDisksResponse{
+		Extents:      make([]*pb.Extent, len(d.Extents)),
+		ChangedBytes: d.Bytes(),
+		FromSize:     d.From.Size, ToSize: d.To.Size, SegmentSize: d.From.SegmentSize,
+	}
+	for i, x := range d.Extents {
+		out.Extents[i] = &pb.Extent{Offset: x.Off, Length: x.Len}
+	}
+	return out, nil
+}
+
 func containerMsg(c meta.Container) *pb.Container {
 	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used}
 }
