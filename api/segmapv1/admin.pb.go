@@ -81,8 +81,16 @@ type DiffDisksRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// from and to name the disks compared (the order only names them in
 	// the response: the extents are the same either way).
-	From          string `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	To            string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	From string `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	To   string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// offset and length bound the bytes asked about (length 0: to the
+	// end).
+	Offset uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length uint64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
+	// max_extents bounds the extents of one response (0, or more than the
+	// server's limit of 65536: that limit); next_offset says where to ask
+	// again.
+	MaxExtents    uint32 `protobuf:"varint,5,opt,name=max_extents,json=maxExtents,proto3" json:"max_extents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -129,6 +137,27 @@ func (x *DiffDisksRequest) GetTo() string {
 		return x.To
 	}
 	return ""
+}
+
+func (x *DiffDisksRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetMaxExtents() uint32 {
+	if x != nil {
+		return x.MaxExtents
+	}
+	return 0
 }
 
 // Extent is a byte range of a disk: [offset, offset+length).
@@ -192,11 +221,15 @@ type DiffDisksResponse struct {
 	// at least 4 KiB) different: then only those. Where the sizes differ,
 	// the bytes past the smaller size are changed.
 	Extents []*Extent `protobuf:"bytes,1,rep,name=extents,proto3" json:"extents,omitempty"`
-	// changed_bytes is the sum of the extents' lengths.
-	ChangedBytes  uint64 `protobuf:"varint,2,opt,name=changed_bytes,json=changedBytes,proto3" json:"changed_bytes,omitempty"`
-	FromSize      uint64 `protobuf:"varint,3,opt,name=from_size,json=fromSize,proto3" json:"from_size,omitempty"`
-	ToSize        uint64 `protobuf:"varint,4,opt,name=to_size,json=toSize,proto3" json:"to_size,omitempty"`
-	SegmentSize   uint64 `protobuf:"varint,5,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	// changed_bytes is the sum of this response's extents' lengths.
+	ChangedBytes uint64 `protobuf:"varint,2,opt,name=changed_bytes,json=changedBytes,proto3" json:"changed_bytes,omitempty"`
+	FromSize     uint64 `protobuf:"varint,3,opt,name=from_size,json=fromSize,proto3" json:"from_size,omitempty"`
+	ToSize       uint64 `protobuf:"varint,4,opt,name=to_size,json=toSize,proto3" json:"to_size,omitempty"`
+	SegmentSize  uint64 `protobuf:"varint,5,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	// next_offset, if not 0, is where the extents stopped at max_extents:
+	// asking again with offset next_offset (and the same end) gives the
+	// rest. No extent returned goes on past it.
+	NextOffset    uint64 `protobuf:"varint,6,opt,name=next_offset,json=nextOffset,proto3" json:"next_offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -262,6 +295,13 @@ func (x *DiffDisksResponse) GetToSize() uint64 {
 func (x *DiffDisksResponse) GetSegmentSize() uint64 {
 	if x != nil {
 		return x.SegmentSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetNextOffset() uint64 {
+	if x != nil {
+		return x.NextOffset
 	}
 	return 0
 }
@@ -1601,19 +1641,25 @@ var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"6\n" +
+	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"\x87\x01\n" +
 	"\x10DiffDisksRequest\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\tR\x04from\x12\x0e\n" +
-	"\x02to\x18\x02 \x01(\tR\x02to\"8\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x04 \x01(\x04R\x06length\x12\x1f\n" +
+	"\vmax_extents\x18\x05 \x01(\rR\n" +
+	"maxExtents\"8\n" +
 	"\x06Extent\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x02 \x01(\x04R\x06length\"\xbe\x01\n" +
+	"\x06length\x18\x02 \x01(\x04R\x06length\"\xdf\x01\n" +
 	"\x11DiffDisksResponse\x12+\n" +
 	"\aextents\x18\x01 \x03(\v2\x11.segmap.v1.ExtentR\aextents\x12#\n" +
 	"\rchanged_bytes\x18\x02 \x01(\x04R\fchangedBytes\x12\x1b\n" +
 	"\tfrom_size\x18\x03 \x01(\x04R\bfromSize\x12\x17\n" +
 	"\ato_size\x18\x04 \x01(\x04R\x06toSize\x12!\n" +
-	"\fsegment_size\x18\x05 \x01(\x04R\vsegmentSize\"L\n" +
+	"\fsegment_size\x18\x05 \x01(\x04R\vsegmentSize\x12\x1f\n" +
+	"\vnext_offset\x18\x06 \x01(\x04R\n" +
+	"nextOffset\"L\n" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +

@@ -394,7 +394,7 @@ then the total. With --json, an array: [{"offset":N,"length":N}, ...].`,
 		Args: exactArgs(2, "two disk names, FROM and TO"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				r, err := c.DiffDisks(ctx, &pb.DiffDisksRequest{From: args[0], To: args[1]})
+				r, err := diffAll(ctx, c, &pb.DiffDisksRequest{From: args[0], To: args[1]})
 				if err != nil {
 					return err
 				}
@@ -404,6 +404,31 @@ then the total. With --json, an array: [{"offset":N,"length":N}, ...].`,
 	}
 	disk.AddCommand(create, list, info, resize, del, grant, revoke, diff)
 	return disk
+}
+
+// diffAll asks for a diff page by page (a response holds a bounded
+// number of extents) and returns the pages as one response.
+func diffAll(ctx context.Context, c pb.AdminClient, req *pb.DiffDisksRequest) (*pb.DiffDisksResponse, error) {
+	all := &pb.DiffDisksResponse{}
+	for {
+		r, err := c.DiffDisks(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		all.Extents = append(all.Extents, r.Extents...)
+		all.ChangedBytes += r.ChangedBytes
+		all.FromSize, all.ToSize, all.SegmentSize = r.FromSize, r.ToSize, r.SegmentSize
+		if r.NextOffset == 0 {
+			return all, nil
+		}
+		if r.NextOffset <= req.Offset {
+			return nil, fmt.Errorf("diff: the controller asked to go on from %d, not past %d", r.NextOffset, req.Offset)
+		}
+		if req.Length > 0 {
+			req.Length -= r.NextOffset - req.Offset // the same end
+		}
+		req.Offset = r.NextOffset
+	}
 }
 
 // diffExtent is the JSON form of one extent of disk diff: a stable

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -132,5 +134,43 @@ func TestDiskDiffCommand(t *testing.T) {
 		if _, err := run(tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%v: %v, want an error saying %q", tt.args, err, tt.want)
 		}
+	}
+}
+
+// pagedAdmin answers DiffDisks one extent at a time from extents.
+type pagedAdmin struct {
+	pb.AdminClient
+	extents []*pb.Extent
+	asked   []string
+}
+
+func (p *pagedAdmin) DiffDisks(_ context.Context, r *pb.DiffDisksRequest, _ ...grpc.CallOption) (*pb.DiffDisksResponse, error) {
+	p.asked = append(p.asked, fmt.Sprintf("%d+%d", r.Offset, r.Length))
+	out := &pb.DiffDisksResponse{FromSize: 100, ToSize: 100, SegmentSize: 1}
+	for i, x := range p.extents {
+		if x.Offset >= r.Offset {
+			out.Extents, out.ChangedBytes = []*pb.Extent{x}, x.Length
+			if i+1 < len(p.extents) {
+				out.NextOffset = p.extents[i+1].Offset
+			}
+			break
+		}
+	}
+	return out, nil
+}
+
+// TestDiffAll: the CLI pages through a diff with next_offset, keeping the
+// end it asked for.
+func TestDiffAll(t *testing.T) {
+	p := &pagedAdmin{extents: []*pb.Extent{{Offset: 10, Length: 5}, {Offset: 20, Length: 1}, {Offset: 30, Length: 2}}}
+	r, err := diffAll(context.Background(), p, &pb.DiffDisksRequest{From: "a", To: "b", Offset: 5, Length: 90})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Extents) != 3 || r.ChangedBytes != 8 || r.Extents[2].Offset != 30 {
+		t.Errorf("diffAll = %v", r)
+	}
+	if want := []string{"5+90", "20+75", "30+65"}; !slices.Equal(p.asked, want) {
+		t.Errorf("asked %v, want %v", p.asked, want)
 	}
 }

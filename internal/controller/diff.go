@@ -35,6 +35,17 @@ type Extent struct {
 	Off, Len uint64
 }
 
+// DiffQuery says what part of a diff to find.
+type DiffQuery struct {
+	// Off and Len are the bytes asked about, [Off, Off+Len); Len 0 is
+	// to the end.
+	Off, Len uint64
+	// Max, if not 0, is the most extents to return: then
+	// DiffResult.Next says where to ask again. It bounds the answer
+	// (a message, a reply) and the work done for it.
+	Max int
+}
+
 // DiffResult is what Diff found: the disk records compared (as they were
 // under the lock) and the extents in which they differ, in order, merged
 // (no two touch), each aligned to a sub-block (table.SubBlockSize) or
@@ -42,6 +53,10 @@ type Extent struct {
 type DiffResult struct {
 	From, To meta.Disk
 	Extents  []Extent
+	// Next, if not 0, is where the extents stopped because there were
+	// DiffQuery.Max of them: the start of the next extent. Asking again
+	// from there gives the rest; no extent returned goes on past it.
+	Next uint64
 }
 
 // Bytes returns the total length of the extents.
@@ -64,23 +79,24 @@ func (c *Controller) Diff(ctx context.Context, from, to string) (DiffResult, err
 		}
 		b, err = tx.Disk(to)
 		return a, b, err
-	}, 0, math.MaxUint64)
+	}, DiffQuery{})
 }
 
-// DiffRange is Diff for bytes [off, off+n) of disks named by id: the
-// extents are clipped to that range. It is the query of a client that
-// asks about one range at a time (an NBD block-status request).
-func (c *Controller) DiffRange(ctx context.Context, from, to meta.DiskID, off, n uint64) (DiffResult, error) {
+// DiffRange is Diff for the part q of disks named by id: the extents are
+// clipped to the bytes asked about, and at most q.Max. It is the query
+// of a client that asks about one range at a time (an NBD block-status
+// request) or pages through a large diff.
+func (c *Controller) DiffRange(ctx context.Context, from, to meta.DiskID, q DiffQuery) (DiffResult, error) {
 	return c.diff(ctx, func(tx *meta.Tx) (a, b meta.Disk, err error) {
 		if a, err = tx.DiskByID(from); err != nil {
 			return a, b, err
 		}
 		b, err = tx.DiskByID(to)
 		return a, b, err
-	}, off, n)
+	}, q)
 }
 
-// diff compares the disks that resolve names, over bytes [off, off+n).
+// diff compares the disks that resolve names, for query q.
 //
 // The store alone is not current: some map changes are kept in memory
 // until a flush (pending.go). Committing them first (as lockDisk does for
@@ -94,7 +110,11 @@ func (c *Controller) DiffRange(ctx context.Context, from, to meta.DiskID, off, n
 // committed meanwhile is in the store with the entry read from memory; a
 // change made meanwhile is newer than the diff), as concurrent writes
 // allow of any read.
-func (c *Controller) diff(ctx context.Context, resolve func(*meta.Tx) (a, b meta.Disk, err error), off, n uint64) (DiffResult, error) {
+func (c *Controller) diff(ctx context.Context, resolve func(*meta.Tx) (a, b meta.Disk, err error), q DiffQuery) (DiffResult, error) {
+	n := q.Len
+	if n == 0 {
+		n = math.MaxUint64
+	}
 	end, err := c.begin(ctx, true)
 	if err != nil {
 		return DiffResult{}, err
@@ -124,7 +144,7 @@ func (c *Controller) diff(ctx context.Context, resolve func(*meta.Tx) (a, b meta
 		if b, err = tx.DiskByID(b.ID); err != nil {
 			return err
 		}
-		sp := diffSpec{segSize: a.SegmentSize, sizeA: a.Size, sizeB: b.Size, off: off, end: off + min(n, math.MaxUint64-off)}
+		sp := diffSpec{segSize: a.SegmentSize, sizeA: a.Size, sizeB: b.Size, off: q.Off, end: q.Off + min(n, math.MaxUint64-q.Off), max: q.Max}
 		first, pages := sp.pages()
 		sa := diffSide{over: ovA}
 		if sa.pages, err = tx.TablePageRange(a.ID, first, pages); err != nil {
@@ -135,7 +155,7 @@ func (c *Controller) diff(ctx context.Context, resolve func(*meta.Tx) (a, b meta
 			return err
 		}
 		out = DiffResult{From: a, To: b}
-		out.Extents, err = diffTables(sp, sa, sb, tx.Page)
+		out.Extents, out.Next, err = diffTables(sp, sa, sb, tx.Page)
 		return err
 	})
 	if err != nil {
@@ -178,11 +198,13 @@ func (c *Controller) pendingOf(fam, a, b meta.DiskID) (ea, eb map[uint64]table.E
 }
 
 // diffSpec is what a comparison needs to know of the two disks and the
-// bytes asked about, [off, end).
+// bytes asked about, [off, end), with the most extents to return (0:
+// all).
 type diffSpec struct {
 	segSize      uint64
 	sizeA, sizeB uint64
 	off, end     uint64
+	max          int
 }
 
 // span returns the bytes to compare entry by entry, [lo, common), and the
@@ -218,21 +240,26 @@ type diffSide struct {
 }
 
 // diffTables returns the extents of bytes [sp.off, sp.end) in which
-// tables a and b differ; load returns a stored page's entries. It loads
-// only the pages whose ids differ and those with entries in over.
-func diffTables(sp diffSpec, a, b diffSide, load func(pid uint64) ([]table.Entry, error)) ([]Extent, error) {
+// tables a and b differ, and, if it stopped at sp.max extents, the start
+// of the next one; load returns a stored page's entries. It loads only
+// the pages whose ids differ and those with entries in over, up to where
+// it stops.
+func diffTables(sp diffSpec, a, b diffSide, load func(pid uint64) ([]table.Entry, error)) (_ []Extent, next uint64, _ error) {
 	lo, common, hi := sp.span()
-	var out extents
+	out := extents{max: sp.max}
 	if lo < common {
 		s0, s1 := lo/sp.segSize, (common-1)/sp.segSize+1 // segments [s0, s1)
 		for _, pp := range differingPages(a, b, s0, s1) {
+			if out.full {
+				break
+			}
 			ea, err := loadPage(pp.a, load)
 			if err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			eb, err := loadPage(pp.b, load)
 			if err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			base := pp.index * meta.PageEntries
 			for s := max(s0, base); s < min(s1, base+meta.PageEntries); s++ {
@@ -242,7 +269,7 @@ func diffTables(sp diffSpec, a, b diffSide, load func(pid uint64) ([]table.Entry
 		}
 	}
 	out.add(common, hi-common) // the bytes only one disk has
-	return out, nil
+	return out.x, out.next, nil
 }
 
 // pagePair is one page index of two tables: the ids there (0: not
@@ -342,20 +369,32 @@ func (d diffSide) entry(es []table.Entry, s, base uint64) table.Entry {
 	return es[s-base]
 }
 
-// extents collects extents in ascending order, merging those that touch.
-type extents []Extent
+// extents collects extents in ascending order, merging those that touch,
+// up to max of them (0: no limit).
+type extents struct {
+	x   []Extent
+	max int
+	// full says that an extent past the max was met, at next: it and
+	// those after are left out.
+	full bool
+	next uint64
+}
 
 // add adds bytes [off, off+n), which start at or after the end of the
 // last extent added.
 func (x *extents) add(off, n uint64) {
-	if n == 0 {
+	if n == 0 || x.full {
 		return
 	}
-	if k := len(*x) - 1; k >= 0 && (*x)[k].Off+(*x)[k].Len == off {
-		(*x)[k].Len += n
+	if k := len(x.x) - 1; k >= 0 && x.x[k].Off+x.x[k].Len == off {
+		x.x[k].Len += n
 		return
 	}
-	*x = append(*x, Extent{Off: off, Len: n})
+	if x.max > 0 && len(x.x) == x.max {
+		x.full, x.next = true, off
+		return
+	}
+	x.x = append(x.x, Extent{Off: off, Len: n})
 }
 
 // addBits adds the sub-blocks bits of the segSize-byte segment at byte

@@ -63,7 +63,9 @@ func TestDiffTables(t *testing.T) {
 		a, b         diffSide
 		sizeA, sizeB uint64
 		off, end     uint64
+		max          int
 		want         []Extent
+		next         uint64
 		loads        int
 	}{
 		{name: "shared pages", a: diffSide{pages: refs(1, 2)}, b: diffSide{pages: refs(1, 2)}, want: nil},
@@ -89,6 +91,14 @@ func TestDiffTables(t *testing.T) {
 			off: seg(5) + 100, end: seg(6) + 200, want: []Extent{{seg(5) + 100, ss + 100}}, loads: 2},
 		{name: "a range that misses the change reads no page", a: diffSide{pages: refs(1, 2)}, b: diffSide{pages: refs(1, 5)},
 			off: 0, end: seg(pe), want: nil},
+		{name: "at most one extent", a: diffSide{pages: refs(1, 2)}, b: diffSide{pages: refs(7, 2)}, max: 1,
+			want: []Extent{{seg(3) + 2*sb, 2 * sb}}, next: seg(3) + 9*sb, loads: 2},
+		{name: "at most one extent, merged across pages", a: diffSide{pages: refs(1, 2)}, b: diffSide{pages: refs(6, 5)}, max: 1,
+			want: []Extent{{seg(pe - 1), 2 * ss}}, loads: 4},
+		{name: "at most one extent, the next past a page", a: diffSide{pages: refs(4, 2)}, b: diffSide{pages: refs(1, 5)}, max: 1,
+			want: []Extent{{seg(5), 2 * ss}}, next: seg(pe), loads: 4},
+		{name: "at most one extent, a resize next", a: diffSide{pages: refs(4, 2)}, b: diffSide{pages: refs(1)}, max: 1,
+			sizeA: seg(2 * pe), sizeB: seg(pe), want: []Extent{{seg(5), 2 * ss}}, next: seg(pe), loads: 2},
 		{name: "a range past the end", a: diffSide{pages: refs(1, 2)}, b: diffSide{pages: refs(4, 2)},
 			off: seg(3 * pe), end: all, want: nil},
 	} {
@@ -99,7 +109,7 @@ func TestDiffTables(t *testing.T) {
 			if tt.end == 0 {
 				tt.end = all
 			}
-			sp := diffSpec{segSize: ss, sizeA: tt.sizeA, sizeB: tt.sizeB, off: tt.off, end: tt.end}
+			sp := diffSpec{segSize: ss, sizeA: tt.sizeA, sizeB: tt.sizeB, off: tt.off, end: tt.end, max: tt.max}
 			// The sides as TablePageRange would give them.
 			first, n := sp.pages()
 			clip := func(d diffSide) diffSide {
@@ -107,7 +117,7 @@ func TestDiffTables(t *testing.T) {
 				return d
 			}
 			loads := 0
-			got, err := diffTables(sp, clip(tt.a), clip(tt.b), func(pid uint64) ([]table.Entry, error) {
+			got, next, err := diffTables(sp, clip(tt.a), clip(tt.b), func(pid uint64) ([]table.Entry, error) {
 				loads++
 				es, ok := store[pid]
 				if !ok {
@@ -118,8 +128,8 @@ func TestDiffTables(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(got, tt.want) {
-				t.Errorf("extents %v, want %v", got, tt.want)
+			if !slices.Equal(got, tt.want) || next != tt.next {
+				t.Errorf("extents %v, next %d; want %v, next %d", got, next, tt.want, tt.next)
 			}
 			if loads != tt.loads {
 				t.Errorf("%d pages read, want %d", loads, tt.loads)

@@ -91,12 +91,32 @@ func TestDiff(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := c.Ctrl.DiffRange(ctx, s1.ID, d.ID, 4*seg+100, 6*seg)
+	r, err := c.Ctrl.DiffRange(ctx, s1.ID, d.ID, controller.DiffQuery{Off: 4*seg + 100, Len: 6 * seg})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if w := want[1:4]; !slices.Equal(r.Extents, w) || r.Bytes() != seg+3*sub {
 		t.Errorf("DiffRange(s1, d, [4 segments+100, +6 segments)) = %v (%d bytes), want %v", r.Extents, r.Bytes(), w)
+	}
+
+	// Paged, two extents at a time.
+	var paged []controller.Extent
+	for q := (controller.DiffQuery{Max: 2}); ; {
+		r, err := c.Ctrl.DiffRange(ctx, s1.ID, d.ID, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Extents) > 2 {
+			t.Fatalf("DiffRange(%+v) = %d extents", q, len(r.Extents))
+		}
+		paged = append(paged, r.Extents...)
+		if r.Next == 0 {
+			break
+		}
+		q.Off = r.Next
+	}
+	if !slices.Equal(paged, want) {
+		t.Errorf("DiffRange two at a time: %v, want %v", paged, want)
 	}
 
 	// Grown: the new bytes count as changed.

@@ -2,6 +2,8 @@ package adminapi_test
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -9,8 +11,10 @@ import (
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/controller"
+	"segmap/internal/meta"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/standalone"
+	"segmap/internal/table"
 )
 
 // TestDiffDisks: DiffDisks answers for two disks of one family, and bad
@@ -49,6 +53,34 @@ func TestDiffDisks(t *testing.T) {
 		r.ChangedBytes != 2*seg || r.FromSize != 4*seg || r.ToSize != 6*seg || r.SegmentSize != seg {
 		t.Errorf("DiffDisks(s, d) after a grow = %v", r)
 	}
+	// Paged: the grow and a write, one extent a response.
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
+		d, err := tx.Disk("d")
+		if err != nil {
+			return err
+		}
+		return tx.SetEntries(d.ID, 1, []table.Entry{table.ErrorEntry})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for req := (&pb.DiffDisksRequest{From: "s", To: "d", MaxExtents: 1}); ; {
+		r, err := s.DiffDisks(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, x := range r.Extents {
+			got = append(got, fmt.Sprintf("%d+%d", x.Offset, x.Length))
+		}
+		if r.NextOffset == 0 {
+			break
+		}
+		req.Offset = r.NextOffset
+	}
+	if want := []string{fmt.Sprintf("%d+%d", seg, seg), fmt.Sprintf("%d+%d", 4*seg, 2*seg)}; !slices.Equal(got, want) {
+		t.Errorf("DiffDisks one extent at a time: %v, want %v", got, want)
+	}
+
 	for _, tt := range []struct {
 		from, to string
 		want     codes.Code
