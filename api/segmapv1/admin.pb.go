@@ -77,6 +77,235 @@ func (Policy) EnumDescriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
 }
 
+type DiffDisksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// from and to name the disks compared (the order only names them in
+	// the response: the extents are the same either way).
+	From string `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	To   string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// offset and length bound the bytes asked about (length 0: to the
+	// end).
+	Offset uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length uint64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
+	// max_extents bounds the extents of one response (0, or more than the
+	// server's limit of 65536: that limit); next_offset says where to ask
+	// again.
+	MaxExtents    uint32 `protobuf:"varint,5,opt,name=max_extents,json=maxExtents,proto3" json:"max_extents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiffDisksRequest) Reset() {
+	*x = DiffDisksRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiffDisksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiffDisksRequest) ProtoMessage() {}
+
+func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiffDisksRequest.ProtoReflect.Descriptor instead.
+func (*DiffDisksRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DiffDisksRequest) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *DiffDisksRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *DiffDisksRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetMaxExtents() uint32 {
+	if x != nil {
+		return x.MaxExtents
+	}
+	return 0
+}
+
+// Extent is a byte range of a disk: [offset, offset+length).
+type Extent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        uint64                 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        uint64                 `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Extent) Reset() {
+	*x = Extent{}
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Extent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Extent) ProtoMessage() {}
+
+func (x *Extent) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Extent.ProtoReflect.Descriptor instead.
+func (*Extent) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Extent) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *Extent) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type DiffDisksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// extents are in order and merged (no two touch). A segment whose
+	// entries differ is changed whole, except where a small write into a
+	// shared segment left only some sub-blocks (a 1/256 of the segment,
+	// at least 4 KiB) different: then only those. Where the sizes differ,
+	// the bytes past the smaller size are changed.
+	Extents []*Extent `protobuf:"bytes,1,rep,name=extents,proto3" json:"extents,omitempty"`
+	// changed_bytes is the sum of this response's extents' lengths.
+	ChangedBytes uint64 `protobuf:"varint,2,opt,name=changed_bytes,json=changedBytes,proto3" json:"changed_bytes,omitempty"`
+	FromSize     uint64 `protobuf:"varint,3,opt,name=from_size,json=fromSize,proto3" json:"from_size,omitempty"`
+	ToSize       uint64 `protobuf:"varint,4,opt,name=to_size,json=toSize,proto3" json:"to_size,omitempty"`
+	SegmentSize  uint64 `protobuf:"varint,5,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	// next_offset, if not 0, is where the extents stopped at max_extents:
+	// asking again with offset next_offset (and the same end) gives the
+	// rest. No extent returned goes on past it.
+	NextOffset    uint64 `protobuf:"varint,6,opt,name=next_offset,json=nextOffset,proto3" json:"next_offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiffDisksResponse) Reset() {
+	*x = DiffDisksResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiffDisksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiffDisksResponse) ProtoMessage() {}
+
+func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiffDisksResponse.ProtoReflect.Descriptor instead.
+func (*DiffDisksResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DiffDisksResponse) GetExtents() []*Extent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+func (x *DiffDisksResponse) GetChangedBytes() uint64 {
+	if x != nil {
+		return x.ChangedBytes
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetFromSize() uint64 {
+	if x != nil {
+		return x.FromSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetToSize() uint64 {
+	if x != nil {
+		return x.ToSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetSegmentSize() uint64 {
+	if x != nil {
+		return x.SegmentSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetNextOffset() uint64 {
+	if x != nil {
+		return x.NextOffset
+	}
+	return 0
+}
+
 type GrantRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -89,7 +318,7 @@ type GrantRequest struct {
 
 func (x *GrantRequest) Reset() {
 	*x = GrantRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -101,7 +330,7 @@ func (x *GrantRequest) String() string {
 func (*GrantRequest) ProtoMessage() {}
 
 func (x *GrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -114,7 +343,7 @@ func (x *GrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantRequest.ProtoReflect.Descriptor instead.
 func (*GrantRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GrantRequest) GetName() string {
@@ -168,7 +397,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -180,7 +409,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -193,7 +422,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Disk) GetName() string {
@@ -304,7 +533,7 @@ type CreateDiskRequest struct {
 
 func (x *CreateDiskRequest) Reset() {
 	*x = CreateDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -316,7 +545,7 @@ func (x *CreateDiskRequest) String() string {
 func (*CreateDiskRequest) ProtoMessage() {}
 
 func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -329,7 +558,7 @@ func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDiskRequest.ProtoReflect.Descriptor instead.
 func (*CreateDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateDiskRequest) GetName() string {
@@ -382,7 +611,7 @@ type ListDisksRequest struct {
 
 func (x *ListDisksRequest) Reset() {
 	*x = ListDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -394,7 +623,7 @@ func (x *ListDisksRequest) String() string {
 func (*ListDisksRequest) ProtoMessage() {}
 
 func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -407,7 +636,7 @@ func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksRequest.ProtoReflect.Descriptor instead.
 func (*ListDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 type ListDisksResponse struct {
@@ -419,7 +648,7 @@ type ListDisksResponse struct {
 
 func (x *ListDisksResponse) Reset() {
 	*x = ListDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -431,7 +660,7 @@ func (x *ListDisksResponse) String() string {
 func (*ListDisksResponse) ProtoMessage() {}
 
 func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -444,7 +673,7 @@ func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksResponse.ProtoReflect.Descriptor instead.
 func (*ListDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListDisksResponse) GetDisks() []*Disk {
@@ -463,7 +692,7 @@ type GetDiskRequest struct {
 
 func (x *GetDiskRequest) Reset() {
 	*x = GetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -475,7 +704,7 @@ func (x *GetDiskRequest) String() string {
 func (*GetDiskRequest) ProtoMessage() {}
 
 func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -488,7 +717,7 @@ func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDiskRequest.ProtoReflect.Descriptor instead.
 func (*GetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetDiskRequest) GetName() string {
@@ -510,7 +739,7 @@ type ResizeDiskRequest struct {
 
 func (x *ResizeDiskRequest) Reset() {
 	*x = ResizeDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +751,7 @@ func (x *ResizeDiskRequest) String() string {
 func (*ResizeDiskRequest) ProtoMessage() {}
 
 func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +764,7 @@ func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeDiskRequest.ProtoReflect.Descriptor instead.
 func (*ResizeDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ResizeDiskRequest) GetName() string {
@@ -570,7 +799,7 @@ type RollbackDiskRequest struct {
 
 func (x *RollbackDiskRequest) Reset() {
 	*x = RollbackDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -582,7 +811,7 @@ func (x *RollbackDiskRequest) String() string {
 func (*RollbackDiskRequest) ProtoMessage() {}
 
 func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -595,7 +824,7 @@ func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackDiskRequest.ProtoReflect.Descriptor instead.
 func (*RollbackDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RollbackDiskRequest) GetName() string {
@@ -622,7 +851,7 @@ type RenameDiskRequest struct {
 
 func (x *RenameDiskRequest) Reset() {
 	*x = RenameDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +863,7 @@ func (x *RenameDiskRequest) String() string {
 func (*RenameDiskRequest) ProtoMessage() {}
 
 func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +876,7 @@ func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameDiskRequest.ProtoReflect.Descriptor instead.
 func (*RenameDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RenameDiskRequest) GetName() string {
@@ -675,7 +904,7 @@ type SetDiskRequest struct {
 
 func (x *SetDiskRequest) Reset() {
 	*x = SetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -687,7 +916,7 @@ func (x *SetDiskRequest) String() string {
 func (*SetDiskRequest) ProtoMessage() {}
 
 func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -700,7 +929,7 @@ func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDiskRequest.ProtoReflect.Descriptor instead.
 func (*SetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetDiskRequest) GetName() string {
@@ -726,7 +955,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -738,7 +967,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -751,7 +980,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -769,7 +998,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +1010,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +1023,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 type SnapshotRequest struct {
@@ -813,7 +1042,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +1054,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +1067,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -878,7 +1107,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -890,7 +1119,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -903,7 +1132,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -930,7 +1159,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -942,7 +1171,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -955,7 +1184,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Container) GetId() uint32 {
@@ -1008,7 +1237,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1249,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1262,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 type ListContainersResponse struct {
@@ -1045,7 +1274,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1286,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1299,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1094,7 +1323,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1335,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1348,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1152,7 +1381,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1393,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1406,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1209,7 +1438,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1221,7 +1450,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1234,7 +1463,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Problem) GetKind() string {
@@ -1300,7 +1529,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1312,7 +1541,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1325,7 +1554,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1357,7 +1586,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +1598,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +1611,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 type Agent struct {
@@ -1395,7 +1624,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1636,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1649,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Agent) GetName() string {
@@ -1461,7 +1690,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1473,7 +1702,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1486,7 +1715,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -1570,7 +1799,25 @@ var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"L\n" +
+	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"\x87\x01\n" +
+	"\x10DiffDisksRequest\x12\x12\n" +
+	"\x04from\x18\x01 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x04 \x01(\x04R\x06length\x12\x1f\n" +
+	"\vmax_extents\x18\x05 \x01(\rR\n" +
+	"maxExtents\"8\n" +
+	"\x06Extent\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x04R\x06length\"\xdf\x01\n" +
+	"\x11DiffDisksResponse\x12+\n" +
+	"\aextents\x18\x01 \x03(\v2\x11.segmap.v1.ExtentR\aextents\x12#\n" +
+	"\rchanged_bytes\x18\x02 \x01(\x04R\fchangedBytes\x12\x1b\n" +
+	"\tfrom_size\x18\x03 \x01(\x04R\bfromSize\x12\x17\n" +
+	"\ato_size\x18\x04 \x01(\x04R\x06toSize\x12!\n" +
+	"\fsegment_size\x18\x05 \x01(\x04R\vsegmentSize\x12\x1f\n" +
+	"\vnext_offset\x18\x06 \x01(\x04R\n" +
+	"nextOffset\"L\n" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
@@ -1686,7 +1933,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xc4\a\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\x8c\b\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -1706,7 +1953,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
 	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
-	"\x06Revoke\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.DiskB\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\x06Revoke\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
+	"\tDiffDisks\x12\x1b.segmap.v1.DiffDisksRequest\x1a\x1c.segmap.v1.DiffDisksResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_admin_proto_rawDescOnce sync.Once
@@ -1721,79 +1969,85 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                    // 0: segmap.v1.Policy
-	(*GrantRequest)(nil),           // 1: segmap.v1.GrantRequest
-	(*Disk)(nil),                   // 2: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),      // 3: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),       // 4: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),      // 5: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),         // 6: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),      // 7: segmap.v1.ResizeDiskRequest
-	(*RollbackDiskRequest)(nil),    // 8: segmap.v1.RollbackDiskRequest
-	(*RenameDiskRequest)(nil),      // 9: segmap.v1.RenameDiskRequest
-	(*SetDiskRequest)(nil),         // 10: segmap.v1.SetDiskRequest
-	(*DeleteDiskRequest)(nil),      // 11: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 12: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 13: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 14: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 15: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 16: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 17: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 18: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 19: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 20: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 21: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 22: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 23: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 24: segmap.v1.StatusResponse
+	(*DiffDisksRequest)(nil),       // 1: segmap.v1.DiffDisksRequest
+	(*Extent)(nil),                 // 2: segmap.v1.Extent
+	(*DiffDisksResponse)(nil),      // 3: segmap.v1.DiffDisksResponse
+	(*GrantRequest)(nil),           // 4: segmap.v1.GrantRequest
+	(*Disk)(nil),                   // 5: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),      // 6: segmap.v1.CreateDiskRequest
+	(*ListDisksRequest)(nil),       // 7: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),      // 8: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),         // 9: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),      // 10: segmap.v1.ResizeDiskRequest
+	(*RollbackDiskRequest)(nil),    // 11: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),      // 12: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),         // 13: segmap.v1.SetDiskRequest
+	(*DeleteDiskRequest)(nil),      // 14: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),     // 15: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),        // 16: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),       // 17: segmap.v1.SnapshotResponse
+	(*Container)(nil),              // 18: segmap.v1.Container
+	(*ListContainersRequest)(nil),  // 19: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil), // 20: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),    // 21: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),           // 22: segmap.v1.CheckRequest
+	(*Problem)(nil),                // 23: segmap.v1.Problem
+	(*CheckResponse)(nil),          // 24: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),          // 25: segmap.v1.StatusRequest
+	(*Agent)(nil),                  // 26: segmap.v1.Agent
+	(*StatusResponse)(nil),         // 27: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
-	0,  // 0: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
-	0,  // 1: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
-	2,  // 2: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
-	2,  // 3: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	15, // 4: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	20, // 5: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	20, // 6: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	23, // 7: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	15, // 8: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	3,  // 9: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	4,  // 10: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	6,  // 11: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	7,  // 12: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	11, // 13: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	8,  // 14: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	9,  // 15: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	10, // 16: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	13, // 17: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	16, // 18: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	18, // 19: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	19, // 20: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	22, // 21: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	1,  // 22: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	1,  // 23: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	2,  // 24: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	5,  // 25: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	2,  // 26: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	2,  // 27: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	12, // 28: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	2,  // 29: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	2,  // 30: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	2,  // 31: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	14, // 32: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	17, // 33: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	15, // 34: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	21, // 35: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	24, // 36: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	2,  // 37: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	2,  // 38: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	24, // [24:39] is the sub-list for method output_type
-	9,  // [9:24] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	2,  // 0: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
+	0,  // 1: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
+	0,  // 2: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
+	5,  // 3: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
+	5,  // 4: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
+	18, // 5: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	23, // 6: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	23, // 7: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	26, // 8: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	18, // 9: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	6,  // 10: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	7,  // 11: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	9,  // 12: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	10, // 13: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	14, // 14: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	11, // 15: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	12, // 16: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	13, // 17: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	16, // 18: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	19, // 19: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	21, // 20: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	22, // 21: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	25, // 22: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	4,  // 23: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	4,  // 24: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	1,  // 25: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	5,  // 26: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	8,  // 27: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	5,  // 28: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	5,  // 29: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	15, // 30: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	5,  // 31: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	5,  // 32: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	5,  // 33: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	17, // 34: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	20, // 35: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	18, // 36: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	24, // 37: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	27, // 38: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	5,  // 39: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	5,  // 40: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	3,  // 41: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	26, // [26:42] is the sub-list for method output_type
+	10, // [10:26] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -1801,15 +2055,15 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
-	file_segmapv1_admin_proto_msgTypes[9].OneofWrappers = []any{}
-	file_segmapv1_admin_proto_msgTypes[14].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[12].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -41,6 +41,7 @@ const (
 	Admin_Status_FullMethodName         = "/segmap.v1.Admin/Status"
 	Admin_Grant_FullMethodName          = "/segmap.v1.Admin/Grant"
 	Admin_Revoke_FullMethodName         = "/segmap.v1.Admin/Revoke"
+	Admin_DiffDisks_FullMethodName      = "/segmap.v1.Admin/DiffDisks"
 )
 
 // AdminClient is the client API for Admin service.
@@ -74,6 +75,12 @@ type AdminClient interface {
 	// it forgets it first).
 	Grant(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
 	Revoke(ctx context.Context, in *GrantRequest, opts ...grpc.CallOption) (*Disk, error)
+	// DiffDisks returns the extents in which two disks of one family (a
+	// disk, its snapshots and clones) differ, from their mapping tables
+	// alone: no data is read, and the cost grows with the table pages that
+	// differ, not with the disks. INVALID_ARGUMENT for disks of different
+	// families or segment sizes.
+	DiffDisks(ctx context.Context, in *DiffDisksRequest, opts ...grpc.CallOption) (*DiffDisksResponse, error)
 }
 
 type adminClient struct {
@@ -234,6 +241,16 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 	return out, nil
 }
 
+func (c *adminClient) DiffDisks(ctx context.Context, in *DiffDisksRequest, opts ...grpc.CallOption) (*DiffDisksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DiffDisksResponse)
+	err := c.cc.Invoke(ctx, Admin_DiffDisks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -265,6 +282,12 @@ type AdminServer interface {
 	// it forgets it first).
 	Grant(context.Context, *GrantRequest) (*Disk, error)
 	Revoke(context.Context, *GrantRequest) (*Disk, error)
+	// DiffDisks returns the extents in which two disks of one family (a
+	// disk, its snapshots and clones) differ, from their mapping tables
+	// alone: no data is read, and the cost grows with the table pages that
+	// differ, not with the disks. INVALID_ARGUMENT for disks of different
+	// families or segment sizes.
+	DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -319,6 +342,9 @@ func (UnimplementedAdminServer) Grant(context.Context, *GrantRequest) (*Disk, er
 }
 func (UnimplementedAdminServer) Revoke(context.Context, *GrantRequest) (*Disk, error) {
 	return nil, status.Error(codes.Unimplemented, "method Revoke not implemented")
+}
+func (UnimplementedAdminServer) DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DiffDisks not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -611,6 +637,24 @@ func _Admin_Revoke_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_DiffDisks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DiffDisksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DiffDisks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DiffDisks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DiffDisks(ctx, req.(*DiffDisksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -677,6 +721,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Revoke",
 			Handler:    _Admin_Revoke_Handler,
+		},
+		{
+			MethodName: "DiffDisks",
+			Handler:    _Admin_DiffDisks_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -323,6 +323,43 @@ func (s *Server) Snapshot(ctx context.Context, r *pb.SnapshotRequest) (*pb.Snaps
 	return out, nil
 }
 
+// MaxDiffExtents is the most extents one DiffDisks response holds (about
+// 1 MiB): a client pages through a larger diff with next_offset.
+const MaxDiffExtents = 1 << 16
+
+// DiffDisks implements pb.AdminServer.
+func (s *Server) DiffDisks(ctx context.Context, r *pb.DiffDisksRequest) (*pb.DiffDisksResponse, error) {
+	var ids [2]meta.DiskID
+	for i, n := range []string{r.From, r.To} {
+		if err := controller.ValidName(n); err != nil {
+			return nil, grpcErr(fmt.Errorf("diff: %w", err))
+		}
+		d, err := s.cfg.Ctrl.Disk(ctx, n)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		ids[i] = d.ID // ids are never reused: a disk deleted since is not found
+	}
+	q := controller.DiffQuery{Off: r.Offset, Len: r.Length, Max: MaxDiffExtents}
+	if r.MaxExtents > 0 && r.MaxExtents < MaxDiffExtents {
+		q.Max = int(r.MaxExtents)
+	}
+	d, err := s.cfg.Ctrl.DiffRange(ctx, ids[0], ids[1], q)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.DiffDisksResponse{
+		Extents:      make([]*pb.Extent, len(d.Extents)),
+		ChangedBytes: d.Bytes(),
+		FromSize:     d.From.Size, ToSize: d.To.Size, SegmentSize: d.From.SegmentSize,
+		NextOffset: d.Next,
+	}
+	for i, x := range d.Extents {
+		out.Extents[i] = &pb.Extent{Offset: x.Off, Length: x.Len}
+	}
+	return out, nil
+}
+
 func containerMsg(c meta.Container) *pb.Container {
 	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used}
 }
