@@ -947,8 +947,10 @@ func (x *SetDiskRequest) GetReadOnly() bool {
 }
 
 type DeleteDiskRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// dry_run deletes nothing: the response says what a delete would free.
+	DryRun        bool `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -990,8 +992,18 @@ func (x *DeleteDiskRequest) GetName() string {
 	return ""
 }
 
+func (x *DeleteDiskRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
 type DeleteDiskResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// freed_bytes is the bytes of the slots the delete freed (or, for a dry
+	// run, would free): those only the disk's table referenced.
+	FreedBytes    uint64 `protobuf:"varint,1,opt,name=freed_bytes,json=freedBytes,proto3" json:"freed_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1024,6 +1036,13 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *DeleteDiskResponse) GetFreedBytes() uint64 {
+	if x != nil {
+		return x.FreedBytes
+	}
+	return 0
 }
 
 type SnapshotRequest struct {
@@ -1864,10 +1883,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\tread_only\x18\x02 \x01(\bH\x00R\breadOnly\x88\x01\x01B\f\n" +
 	"\n" +
-	"_read_only\"'\n" +
+	"_read_only\"@\n" +
 	"\x11DeleteDiskRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
-	"\x12DeleteDiskResponse\"\x8b\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"5\n" +
+	"\x12DeleteDiskResponse\x12\x1f\n" +
+	"\vfreed_bytes\x18\x01 \x01(\x04R\n" +
+	"freedBytes\"\x8b\x01\n" +
 	"\x0fSnapshotRequest\x12\x18\n" +
 	"\asources\x18\x01 \x03(\tR\asources\x12\x14\n" +
 	"\x05names\x18\x02 \x03(\tR\x05names\x12\x1a\n" +

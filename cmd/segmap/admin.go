@@ -331,20 +331,34 @@ shared, in bytes.`,
 	resize.Flags().StringVar(&newSize, "size", "", "the new size")
 	resize.Flags().BoolVar(&shrink, "shrink", false, "allow making the disk smaller (data past the new end is lost)")
 
+	var dryRun bool
 	del := &cobra.Command{
-		Use: "delete NAME", Short: "delete a disk; its unshared space returns to the pool", Args: exactArgs(1, "one disk name"),
+		Use: "delete NAME [--dry-run]", Short: "delete a disk; the space only it holds returns to the pool", Args: exactArgs(1, "one disk name"),
+		Long: `delete deletes a disk or a snapshot. The slots only it references return to
+the pool; those it shares with its snapshots or clones stay theirs. It
+costs the table pages only the disk holds, not its data. --dry-run
+deletes nothing and says how much would come back. A delete may then let
+another disk's partly rewritten segments (written in sub-blocks over a
+slot the deleted disk shared) be merged, which gives back a little more.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				if _, err := c.DeleteDisk(ctx, &pb.DeleteDiskRequest{Name: args[0]}); err != nil {
+				r, err := c.DeleteDisk(ctx, &pb.DeleteDiskRequest{Name: args[0], DryRun: dryRun})
+				if err != nil {
 					return err
 				}
-				if !g.json {
-					fmt.Fprintf(cmd.OutOrStdout(), "deleted disk %s\n", args[0])
+				switch {
+				case g.json:
+					return printJSON(cmd.OutOrStdout(), r)
+				case dryRun:
+					fmt.Fprintf(cmd.OutOrStdout(), "deleting disk %s would free %s (%d bytes)\n", args[0], size.Format(r.FreedBytes), r.FreedBytes)
+				default:
+					fmt.Fprintf(cmd.OutOrStdout(), "deleted disk %s, freed %s (%d bytes)\n", args[0], size.Format(r.FreedBytes), r.FreedBytes)
 				}
 				return nil
 			})
 		},
 	}
+	del.Flags().BoolVar(&dryRun, "dry-run", false, "delete nothing; say how many bytes a delete would free")
 	var all bool
 	grant := &cobra.Command{
 		Use: "grant NAME AGENT... | grant NAME --all", Short: "let agents (hosts) map a disk",

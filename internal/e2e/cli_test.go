@@ -64,6 +64,14 @@ func TestCLI(t *testing.T) {
 	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "other-snap"); code == 0 || !strings.Contains(errOut, "lineage") {
 		t.Errorf("rollback to another lineage: exit %d %q", code, errOut)
 	}
+	// What a delete gives back: other's own writes since its snapshot.
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("other"), "-c", "write -P 3 0 1M")
+	if out := u.cli("disk", "delete", "other", "--dry-run"); !strings.Contains(out, "would free 1M (1048576 bytes)") {
+		t.Errorf("delete --dry-run: %s", out)
+	}
+	if out := u.cli("disk", "delete", "other"); !strings.Contains(out, "freed 1M (1048576 bytes)") {
+		t.Errorf("delete: %s", out)
+	}
 	if _, errOut, code := u.cliResult("disk", "set", "gold"); code == 0 || !strings.Contains(errOut, "read-only") {
 		t.Errorf("set without a setting: exit %d %q", code, errOut)
 	}

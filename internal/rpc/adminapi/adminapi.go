@@ -292,7 +292,18 @@ func (s *Server) SetDisk(ctx context.Context, r *pb.SetDiskRequest) (*pb.Disk, e
 
 // DeleteDisk implements pb.AdminServer.
 func (s *Server) DeleteDisk(ctx context.Context, r *pb.DeleteDiskRequest) (*pb.DeleteDiskResponse, error) {
-	return &pb.DeleteDiskResponse{}, grpcErr(s.cfg.Ctrl.DeleteDisk(ctx, r.Name))
+	if r.DryRun {
+		n, err := s.cfg.Ctrl.DeleteFrees(ctx, r.Name)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		return &pb.DeleteDiskResponse{FreedBytes: n}, nil
+	}
+	n, err := s.cfg.Ctrl.DeleteDiskFreed(ctx, r.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return &pb.DeleteDiskResponse{FreedBytes: n}, nil
 }
 
 // Snapshot implements pb.AdminServer. Names left empty are made from the
