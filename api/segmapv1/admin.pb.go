@@ -946,6 +946,112 @@ func (x *SetDiskRequest) GetReadOnly() bool {
 	return false
 }
 
+type FlattenDiskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenDiskRequest) Reset() {
+	*x = FlattenDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenDiskRequest) ProtoMessage() {}
+
+func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenDiskRequest.ProtoReflect.Descriptor instead.
+func (*FlattenDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *FlattenDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// FlattenProgress: segments done of total; the last message has done ==
+// total.
+type FlattenProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Done          uint64                 `protobuf:"varint,1,opt,name=done,proto3" json:"done,omitempty"`
+	Total         uint64                 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
+	SegmentSize   uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenProgress) Reset() {
+	*x = FlattenProgress{}
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenProgress) ProtoMessage() {}
+
+func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenProgress.ProtoReflect.Descriptor instead.
+func (*FlattenProgress) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *FlattenProgress) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *FlattenProgress) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *FlattenProgress) GetSegmentSize() uint64 {
+	if x != nil {
+		return x.SegmentSize
+	}
+	return 0
+}
+
 type DeleteDiskRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -957,7 +1063,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1075,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1088,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -1010,7 +1116,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1022,7 +1128,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1035,7 +1141,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeleteDiskResponse) GetFreedBytes() uint64 {
@@ -1061,7 +1167,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1179,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1192,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -1126,7 +1232,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1138,7 +1244,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1151,7 +1257,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -1178,7 +1284,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1190,7 +1296,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1203,7 +1309,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Container) GetId() uint32 {
@@ -1256,7 +1362,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1268,7 +1374,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1281,7 +1387,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 type ListContainersResponse struct {
@@ -1293,7 +1399,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1411,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1424,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1342,7 +1448,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1354,7 +1460,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1367,7 +1473,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1400,7 +1506,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1412,7 +1518,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1425,7 +1531,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1457,7 +1563,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1575,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1588,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Problem) GetKind() string {
@@ -1548,7 +1654,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1560,7 +1666,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1573,7 +1679,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1605,7 +1711,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1617,7 +1723,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1630,7 +1736,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 type Agent struct {
@@ -1643,7 +1749,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1655,7 +1761,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1668,7 +1774,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Agent) GetName() string {
@@ -1709,7 +1815,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1721,7 +1827,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1734,7 +1840,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -1883,7 +1989,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\tread_only\x18\x02 \x01(\bH\x00R\breadOnly\x88\x01\x01B\f\n" +
 	"\n" +
-	"_read_only\"@\n" +
+	"_read_only\"(\n" +
+	"\x12FlattenDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"^\n" +
+	"\x0fFlattenProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x04R\x05total\x12!\n" +
+	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\"@\n" +
 	"\x11DeleteDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"5\n" +
@@ -1955,7 +2067,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\x8c\b\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xd8\b\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -1968,7 +2080,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\fRollbackDisk\x12\x1e.segmap.v1.RollbackDiskRequest\x1a\x0f.segmap.v1.Disk\x12;\n" +
 	"\n" +
 	"RenameDisk\x12\x1c.segmap.v1.RenameDiskRequest\x1a\x0f.segmap.v1.Disk\x125\n" +
-	"\aSetDisk\x12\x19.segmap.v1.SetDiskRequest\x1a\x0f.segmap.v1.Disk\x12C\n" +
+	"\aSetDisk\x12\x19.segmap.v1.SetDiskRequest\x1a\x0f.segmap.v1.Disk\x12J\n" +
+	"\vFlattenDisk\x12\x1d.segmap.v1.FlattenDiskRequest\x1a\x1a.segmap.v1.FlattenProgress0\x01\x12C\n" +
 	"\bSnapshot\x12\x1a.segmap.v1.SnapshotRequest\x1a\x1b.segmap.v1.SnapshotResponse\x12U\n" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
@@ -1991,7 +2104,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                    // 0: segmap.v1.Policy
 	(*DiffDisksRequest)(nil),       // 1: segmap.v1.DiffDisksRequest
@@ -2007,20 +2120,22 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*RollbackDiskRequest)(nil),    // 11: segmap.v1.RollbackDiskRequest
 	(*RenameDiskRequest)(nil),      // 12: segmap.v1.RenameDiskRequest
 	(*SetDiskRequest)(nil),         // 13: segmap.v1.SetDiskRequest
-	(*DeleteDiskRequest)(nil),      // 14: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 15: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 16: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 17: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 18: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 19: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 20: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 21: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 22: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 23: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 24: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 25: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 26: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 27: segmap.v1.StatusResponse
+	(*FlattenDiskRequest)(nil),     // 14: segmap.v1.FlattenDiskRequest
+	(*FlattenProgress)(nil),        // 15: segmap.v1.FlattenProgress
+	(*DeleteDiskRequest)(nil),      // 16: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),     // 17: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),        // 18: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),       // 19: segmap.v1.SnapshotResponse
+	(*Container)(nil),              // 20: segmap.v1.Container
+	(*ListContainersRequest)(nil),  // 21: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil), // 22: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),    // 23: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),           // 24: segmap.v1.CheckRequest
+	(*Problem)(nil),                // 25: segmap.v1.Problem
+	(*CheckResponse)(nil),          // 26: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),          // 27: segmap.v1.StatusRequest
+	(*Agent)(nil),                  // 28: segmap.v1.Agent
+	(*StatusResponse)(nil),         // 29: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	2,  // 0: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
@@ -2028,45 +2143,47 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	0,  // 2: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
 	5,  // 3: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	5,  // 4: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	18, // 5: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	23, // 6: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	23, // 7: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	26, // 8: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	18, // 9: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	20, // 5: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	25, // 6: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	25, // 7: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	28, // 8: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	20, // 9: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
 	6,  // 10: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
 	7,  // 11: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
 	9,  // 12: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
 	10, // 13: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	14, // 14: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	16, // 14: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
 	11, // 15: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
 	12, // 16: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
 	13, // 17: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	16, // 18: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	19, // 19: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	21, // 20: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	22, // 21: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	25, // 22: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	4,  // 23: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	4,  // 24: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	1,  // 25: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	5,  // 26: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	8,  // 27: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	5,  // 28: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	5,  // 29: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	15, // 30: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	5,  // 31: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	5,  // 32: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	5,  // 33: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	17, // 34: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	20, // 35: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	18, // 36: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	24, // 37: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	27, // 38: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	5,  // 39: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	5,  // 40: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	3,  // 41: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	26, // [26:42] is the sub-list for method output_type
-	10, // [10:26] is the sub-list for method input_type
+	14, // 18: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	18, // 19: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	21, // 20: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	23, // 21: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	24, // 22: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	27, // 23: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	4,  // 24: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	4,  // 25: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	1,  // 26: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	5,  // 27: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	8,  // 28: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	5,  // 29: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	5,  // 30: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	17, // 31: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	5,  // 32: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	5,  // 33: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	5,  // 34: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	15, // 35: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	19, // 36: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	22, // 37: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	20, // 38: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	26, // 39: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	29, // 40: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	5,  // 41: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	5,  // 42: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	3,  // 43: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	27, // [27:44] is the sub-list for method output_type
+	10, // [10:27] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2078,14 +2195,14 @@ func file_segmapv1_admin_proto_init() {
 		return
 	}
 	file_segmapv1_admin_proto_msgTypes[12].OneofWrappers = []any{}
-	file_segmapv1_admin_proto_msgTypes[17].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[19].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

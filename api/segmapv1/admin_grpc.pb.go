@@ -34,6 +34,7 @@ const (
 	Admin_RollbackDisk_FullMethodName   = "/segmap.v1.Admin/RollbackDisk"
 	Admin_RenameDisk_FullMethodName     = "/segmap.v1.Admin/RenameDisk"
 	Admin_SetDisk_FullMethodName        = "/segmap.v1.Admin/SetDisk"
+	Admin_FlattenDisk_FullMethodName    = "/segmap.v1.Admin/FlattenDisk"
 	Admin_Snapshot_FullMethodName       = "/segmap.v1.Admin/Snapshot"
 	Admin_ListContainers_FullMethodName = "/segmap.v1.Admin/ListContainers"
 	Admin_AddContainer_FullMethodName   = "/segmap.v1.Admin/AddContainer"
@@ -64,6 +65,9 @@ type AdminClient interface {
 	// SetDisk changes a disk's settings: read_only freezes a clone or
 	// promotes a snapshot to writable.
 	SetDisk(ctx context.Context, in *SetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// FlattenDisk gives a clone storage of its own (it stops sharing with
+	// its origin) while it stays online, streaming its progress.
+	FlattenDisk(ctx context.Context, in *FlattenDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlattenProgress], error)
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error)
 	ListContainers(ctx context.Context, in *ListContainersRequest, opts ...grpc.CallOption) (*ListContainersResponse, error)
@@ -171,6 +175,25 @@ func (c *adminClient) SetDisk(ctx context.Context, in *SetDiskRequest, opts ...g
 	return out, nil
 }
 
+func (c *adminClient) FlattenDisk(ctx context.Context, in *FlattenDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlattenProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_FlattenDisk_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[FlattenDiskRequest, FlattenProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_FlattenDiskClient = grpc.ServerStreamingClient[FlattenProgress]
+
 func (c *adminClient) Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SnapshotResponse)
@@ -271,6 +294,9 @@ type AdminServer interface {
 	// SetDisk changes a disk's settings: read_only freezes a clone or
 	// promotes a snapshot to writable.
 	SetDisk(context.Context, *SetDiskRequest) (*Disk, error)
+	// FlattenDisk gives a clone storage of its own (it stops sharing with
+	// its origin) while it stays online, streaming its progress.
+	FlattenDisk(*FlattenDiskRequest, grpc.ServerStreamingServer[FlattenProgress]) error
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	ListContainers(context.Context, *ListContainersRequest) (*ListContainersResponse, error)
@@ -321,6 +347,9 @@ func (UnimplementedAdminServer) RenameDisk(context.Context, *RenameDiskRequest) 
 }
 func (UnimplementedAdminServer) SetDisk(context.Context, *SetDiskRequest) (*Disk, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetDisk not implemented")
+}
+func (UnimplementedAdminServer) FlattenDisk(*FlattenDiskRequest, grpc.ServerStreamingServer[FlattenProgress]) error {
+	return status.Error(codes.Unimplemented, "method FlattenDisk not implemented")
 }
 func (UnimplementedAdminServer) Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Snapshot not implemented")
@@ -510,6 +539,17 @@ func _Admin_SetDisk_Handler(srv interface{}, ctx context.Context, dec func(inter
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Admin_FlattenDisk_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(FlattenDiskRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).FlattenDisk(m, &grpc.GenericServerStream[FlattenDiskRequest, FlattenProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_FlattenDiskServer = grpc.ServerStreamingServer[FlattenProgress]
 
 func _Admin_Snapshot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SnapshotRequest)
@@ -727,6 +767,12 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_DiffDisks_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "FlattenDisk",
+			Handler:       _Admin_FlattenDisk_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "segmapv1/admin.proto",
 }

@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -140,7 +143,78 @@ deleted starts a tree of its own. With --json, a list of trees:
 			})
 		},
 	}
-	return []*cobra.Command{rollback, rename, set, tree}
+	var progress, noProgress bool
+	flatten := &cobra.Command{
+		Use:   "flatten NAME [--progress|--no-progress]",
+		Short: "give a clone storage of its own: it stops sharing with its origin (online)",
+		Long: `flatten copies every segment the writable disk NAME shares with the other
+disks of its lineage (its origin snapshot, their clones) to storage of its
+own, one segment at a time, while hosts keep reading and writing it. It
+then no longer depends on its origin: deleting the origin's snapshots
+frees what they hold, and 'disk tree' shows NAME on its own. It takes the
+space of what it copies. Progress goes to standard error on a terminal
+(--progress: always; --no-progress: never). Interrupted, it can be run
+again: it copies what is still shared.`,
+		Args: exactArgs(1, "one disk name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			show := progress || !noProgress && isTerminal(os.Stderr)
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				st, err := c.FlattenDisk(ctx, &pb.FlattenDiskRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				start := time.Now()
+				var last *pb.FlattenProgress
+				for {
+					p, err := st.Recv()
+					if errors.Is(err, io.EOF) {
+						break
+					}
+					if err != nil {
+						if show {
+							fmt.Fprintln(cmd.ErrOrStderr())
+						}
+						return err
+					}
+					last = p
+					if show {
+						fmt.Fprintf(cmd.ErrOrStderr(), "\rflatten %s: %d/%d segments (%.0f%%), %s", args[0], p.Done, p.Total,
+							100*float64(p.Done)/float64(max(p.Total, 1)), eta(start, p.Done, p.Total))
+					}
+				}
+				if show {
+					fmt.Fprintln(cmd.ErrOrStderr())
+				}
+				if last == nil {
+					return fmt.Errorf("flatten %s: the controller sent no progress", args[0])
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), last)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "flattened disk %s (%d segments) in %v\n", args[0], last.Total, time.Since(start).Round(time.Millisecond))
+				return nil
+			})
+		},
+	}
+	flatten.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
+	flatten.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	return []*cobra.Command{rollback, rename, set, tree, flatten}
+}
+
+// isTerminal reports whether f is a terminal (a character device).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// eta says how long the rest of total takes at the rate since start.
+func eta(start time.Time, done, total uint64) string {
+	el := time.Since(start)
+	if done == 0 || el <= 0 {
+		return "ETA -"
+	}
+	rest := time.Duration(float64(el) * float64(total-done) / float64(done))
+	return "ETA " + rest.Round(time.Second).String()
 }
 
 // treeNode is a disk in `disk tree`.

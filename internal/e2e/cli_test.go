@@ -64,6 +64,18 @@ func TestCLI(t *testing.T) {
 	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "other-snap"); code == 0 || !strings.Contains(errOut, "lineage") {
 		t.Errorf("rollback to another lineage: exit %d %q", code, errOut)
 	}
+	// A clone of gold, flattened while online: it stands alone after.
+	u.cli("snapshot", "gold", "--name", "g2", "--writable")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("g2"), "-c", "write -P 4 1M 64K")
+	out, errOut, code := u.cliResult("disk", "flatten", "g2", "--progress")
+	if code != 0 || !strings.Contains(out, "flattened disk g2 (64 segments)") || !strings.Contains(errOut, "flatten g2: 64/64 segments (100%)") {
+		t.Errorf("flatten: exit %d, %q, %q", code, out, errOut)
+	}
+	if out := u.cli("disk", "tree", "g2"); !strings.HasPrefix(out, "g2  (writable, 4M)\n") {
+		t.Errorf("tree of a flattened clone:\n%s", out)
+	}
+	run(t, 30*time.Second, "qemu-io", "-r", "-f", "raw", u.uri("g2"), "-c", "read -P 5 0 64K", "-c", "read -P 4 1M 64K", "-c", "read -P 9 1088K 1M")
+
 	// What a delete gives back: other's own writes since its snapshot.
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("other"), "-c", "write -P 3 0 1M")
 	if out := u.cli("disk", "delete", "other", "--dry-run"); !strings.Contains(out, "would free 1M (1048576 bytes)") {
@@ -79,7 +91,7 @@ func TestCLI(t *testing.T) {
 
 	// Add a container: a new file of 1 GiB in 64 KiB slots.
 	path := filepath.Join(t.TempDir(), "extra.ctr")
-	out := u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")
+	out = u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")
 	if !strings.Contains(out, "16384 slots") {
 		t.Errorf("container add: %s", out)
 	}

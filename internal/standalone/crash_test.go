@@ -76,6 +76,9 @@ func crashCases() []crashCase {
 		{"rename", opRename("D", "D2"), ctrlCrash},
 		{"freeze", opSetReadOnly("F", true), ctrlCrash},
 		{"promote", opSetReadOnly("D.s", false), ctrlCrash},
+		// D shares segments 0 and 1 with D.s, E segments 0-2 with E.s.
+		{"flatten", opFlatten("D"), ctrlCrash},
+		{"flatten-reverse", opFlatten("E"), ctrlCrash},
 	}
 }
 
@@ -381,6 +384,11 @@ func randomOp(r *rand.Rand, m fxModel) fxOp {
 		switch r.IntN(3) {
 		case 0:
 			return opRename(n, fresh("M"))
+		case 1:
+			if w := pick(writable); true {
+				return opFlatten(w)
+			}
+			fallthrough
 		default:
 			return opSetReadOnly(n, !m[n].readOnly)
 		}

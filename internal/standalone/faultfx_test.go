@@ -290,6 +290,28 @@ func opRename(from, to string) fxOp {
 	}}
 }
 
+// opFlatten flattens a writable disk: its data stays. Its data is the same
+// before and after, so settled runs it again (finishing one that stopped
+// half way, as a user would after a crash) and checks that it shares no
+// slot.
+func opFlatten(name string) fxOp {
+	return fxOp{name: "flatten", run: func(h *fx, m fxModel) (fxModel, error) {
+		return m.clone(), h.c.Ctrl.Flatten(h.ctx, name, nil)
+	}, settled: func(h *fx) error {
+		if err := h.c.Ctrl.Flatten(h.ctx, name, nil); err != nil {
+			return fmt.Errorf("flatten %s again: %w", name, err)
+		}
+		u, err := h.c.Ctrl.DiskUsage(h.ctx, name)
+		if err != nil {
+			return err
+		}
+		if u.Shared != 0 {
+			return fmt.Errorf("flattened %s still shares %d bytes", name, u.Shared)
+		}
+		return nil
+	}}
+}
+
 func opSetReadOnly(name string, ro bool) fxOp {
 	return fxOp{name: "set-read-only", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()

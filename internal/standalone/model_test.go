@@ -180,7 +180,8 @@ func (m *model) mix() []modelOp {
 		{4, "create", m.create, false}, {2, "delete", m.delete, false}, {4, "snapshot", m.snapshot, false}, {2, "group-snapshot", m.groupSnapshot, false},
 		{2, "clone", m.clone, false}, {1, "resize", m.resize, false}, {2, "concurrent", m.concurrent, false},
 		{1, "restart-agent", m.restartAgent, true}, {1, "restart-controller", m.restartController, true}, {2, "read-only-write", m.readOnlyWrite, false},
-		{2, "rollback", m.rollback, false}, {1, "rename", m.rename, false}, {1, "set-read-only", m.setReadOnly, false},
+		{2, "rollback", m.rollback, false}, {1, "rename", m.rename, false}, {1, "set-read-only", m.setReadOnly, false}, {1, "flatten", m.flatten, false},
+		{1, "snapshot-delete", m.snapshotDelete, false},
 	}
 }
 
@@ -352,10 +353,13 @@ func (m *model) span(d *mdisk) (off, n uint64) {
 }
 
 func (m *model) write() {
-	d := m.pick(true)
-	if d == nil {
-		return
+	if d := m.pick(true); d != nil {
+		m.writeTo(d)
 	}
+}
+
+// writeTo writes a random span of d through a random agent.
+func (m *model) writeTo(d *mdisk) {
 	i := m.rng.IntN(2)
 	off, n := m.span(d)
 	p := make([]byte, n)
@@ -767,6 +771,55 @@ func (m *model) rename() {
 	d.name = to
 	m.disks[to] = d
 	m.stats["rename"]++
+}
+
+// snapshotDelete snapshots a disk twice, writes to it, deletes the first
+// snapshot and promotes the second to writable, then writes to that: a
+// backup taken and dropped, a restore point put to use. Under the
+// reverse-delta policy the write moves both snapshots onto a slot they
+// share, stored No-write; once one is deleted, the other's first write
+// finds it No-write with one holder (ClearNoWrite).
+func (m *model) snapshotDelete() {
+	d := m.pick(true)
+	if d == nil || len(m.disks)+1 > m.maxDisks {
+		return
+	}
+	t1 := m.newName(d.name + ".t")
+	t2 := t1 + "u"
+	for _, n := range []string{t1, t2} {
+		if _, err := m.c.Ctrl.Snapshot(m.ctx, controller.SnapshotOptions{Sources: []string{d.name}, Names: []string{n}}); err != nil {
+			m.fatalf("snapshot %s: %v", d.name, err)
+		}
+	}
+	m.disks[t2] = &mdisk{name: t2, data: bytes.Clone(d.data), segSize: d.segSize, policy: d.policy, family: d.family}
+	m.writeTo(d)
+	if err := m.c.Ctrl.DeleteDisk(m.ctx, t1); err != nil {
+		m.fatalf("delete %s: %v", t1, err)
+	}
+	if _, err := m.c.Ctrl.SetReadOnly(m.ctx, t2, false); err != nil {
+		m.fatalf("promote %s: %v", t2, err)
+	}
+	m.tracef("snapshot %s as %s and %s, delete %s, promote %s", d.name, t1, t2, t1, t2)
+	m.writeTo(m.disks[t2])
+	m.stats["snapshot-delete"]++
+}
+
+// flatten flattens a writable disk: its data stays, and it shares nothing.
+func (m *model) flatten() {
+	d := m.pick(true)
+	if d == nil {
+		return
+	}
+	if err := m.c.Ctrl.Flatten(m.ctx, d.name, nil); err != nil {
+		m.fatalf("flatten %s: %v", d.name, err)
+	}
+	m.tracef("flatten %s", d.name)
+	if m.sh == nil { // alone on the cluster: no other model writes to it
+		if u, err := m.c.Ctrl.DiskUsage(m.ctx, d.name); err != nil || u.Shared != 0 {
+			m.fatalf("flattened %s: %+v, %v: still shared", d.name, u, err)
+		}
+	}
+	m.stats["flatten"]++
 }
 
 // setReadOnly freezes a writable disk or promotes a read-only one.

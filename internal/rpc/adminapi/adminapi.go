@@ -290,6 +290,30 @@ func (s *Server) SetDisk(ctx context.Context, r *pb.SetDiskRequest) (*pb.Disk, e
 	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
 }
 
+// FlattenDisk implements pb.AdminServer: progress goes out at most every
+// 100 ms, and once at the end.
+func (s *Server) FlattenDisk(r *pb.FlattenDiskRequest, stream pb.Admin_FlattenDiskServer) error {
+	ctx := stream.Context()
+	d, err := s.cfg.Ctrl.Disk(ctx, r.Name)
+	if err != nil {
+		return grpcErr(err)
+	}
+	var (
+		last    time.Time
+		sendErr error
+	)
+	err = s.cfg.Ctrl.Flatten(ctx, r.Name, func(done, total uint64) {
+		if now := time.Now(); sendErr == nil && (done == total || now.Sub(last) >= 100*time.Millisecond) {
+			last = now
+			sendErr = stream.Send(&pb.FlattenProgress{Done: done, Total: total, SegmentSize: d.SegmentSize})
+		}
+	})
+	if err != nil {
+		return grpcErr(err)
+	}
+	return sendErr
+}
+
 // DeleteDisk implements pb.AdminServer.
 func (s *Server) DeleteDisk(ctx context.Context, r *pb.DeleteDiskRequest) (*pb.DeleteDiskResponse, error) {
 	if r.DryRun {
