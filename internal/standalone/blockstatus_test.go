@@ -98,6 +98,12 @@ func thinCluster(t *testing.T) (addr string, written [][]byte) {
 // skips the test, except under CI. Debian's python comes first for nbdsh.
 func runTool(t *testing.T, name string, args ...string) string {
 	t.Helper()
+	return runToolEnv(t, nil, name, args...)
+}
+
+// runToolEnv is runTool with env added to the tool's environment.
+func runToolEnv(t *testing.T, env []string, name string, args ...string) string {
+	t.Helper()
 	path, err := exec.LookPath(name)
 	if err != nil {
 		if os.Getenv("CI") == "" {
@@ -108,7 +114,7 @@ func runTool(t *testing.T, name string, args ...string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path, args...)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH"), "LANG=C")
+	cmd.Env = append(append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH"), "LANG=C"), env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
