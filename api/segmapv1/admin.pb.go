@@ -296,6 +296,235 @@ func (x *ImportResponse) GetSnapshot() *Disk {
 	return nil
 }
 
+type DiffDisksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// from and to name the disks compared (the order only names them in
+	// the response: the extents are the same either way).
+	From string `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	To   string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// offset and length bound the bytes asked about (length 0: to the
+	// end).
+	Offset uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length uint64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
+	// max_extents bounds the extents of one response (0, or more than the
+	// server's limit of 65536: that limit); next_offset says where to ask
+	// again.
+	MaxExtents    uint32 `protobuf:"varint,5,opt,name=max_extents,json=maxExtents,proto3" json:"max_extents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiffDisksRequest) Reset() {
+	*x = DiffDisksRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiffDisksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiffDisksRequest) ProtoMessage() {}
+
+func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiffDisksRequest.ProtoReflect.Descriptor instead.
+func (*DiffDisksRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DiffDisksRequest) GetFrom() string {
+	if x != nil {
+		return x.From
+	}
+	return ""
+}
+
+func (x *DiffDisksRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *DiffDisksRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *DiffDisksRequest) GetMaxExtents() uint32 {
+	if x != nil {
+		return x.MaxExtents
+	}
+	return 0
+}
+
+// Extent is a byte range of a disk: [offset, offset+length).
+type Extent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        uint64                 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        uint64                 `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Extent) Reset() {
+	*x = Extent{}
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Extent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Extent) ProtoMessage() {}
+
+func (x *Extent) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Extent.ProtoReflect.Descriptor instead.
+func (*Extent) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Extent) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *Extent) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type DiffDisksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// extents are in order and merged (no two touch). A segment whose
+	// entries differ is changed whole, except where a small write into a
+	// shared segment left only some sub-blocks (a 1/256 of the segment,
+	// at least 4 KiB) different: then only those. Where the sizes differ,
+	// the bytes past the smaller size are changed.
+	Extents []*Extent `protobuf:"bytes,1,rep,name=extents,proto3" json:"extents,omitempty"`
+	// changed_bytes is the sum of this response's extents' lengths.
+	ChangedBytes uint64 `protobuf:"varint,2,opt,name=changed_bytes,json=changedBytes,proto3" json:"changed_bytes,omitempty"`
+	FromSize     uint64 `protobuf:"varint,3,opt,name=from_size,json=fromSize,proto3" json:"from_size,omitempty"`
+	ToSize       uint64 `protobuf:"varint,4,opt,name=to_size,json=toSize,proto3" json:"to_size,omitempty"`
+	SegmentSize  uint64 `protobuf:"varint,5,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	// next_offset, if not 0, is where the extents stopped at max_extents:
+	// asking again with offset next_offset (and the same end) gives the
+	// rest. No extent returned goes on past it.
+	NextOffset    uint64 `protobuf:"varint,6,opt,name=next_offset,json=nextOffset,proto3" json:"next_offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiffDisksResponse) Reset() {
+	*x = DiffDisksResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiffDisksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiffDisksResponse) ProtoMessage() {}
+
+func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiffDisksResponse.ProtoReflect.Descriptor instead.
+func (*DiffDisksResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *DiffDisksResponse) GetExtents() []*Extent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
+func (x *DiffDisksResponse) GetChangedBytes() uint64 {
+	if x != nil {
+		return x.ChangedBytes
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetFromSize() uint64 {
+	if x != nil {
+		return x.FromSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetToSize() uint64 {
+	if x != nil {
+		return x.ToSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetSegmentSize() uint64 {
+	if x != nil {
+		return x.SegmentSize
+	}
+	return 0
+}
+
+func (x *DiffDisksResponse) GetNextOffset() uint64 {
+	if x != nil {
+		return x.NextOffset
+	}
+	return 0
+}
+
 type GrantRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -308,7 +537,7 @@ type GrantRequest struct {
 
 func (x *GrantRequest) Reset() {
 	*x = GrantRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -320,7 +549,7 @@ func (x *GrantRequest) String() string {
 func (*GrantRequest) ProtoMessage() {}
 
 func (x *GrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -333,7 +562,7 @@ func (x *GrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantRequest.ProtoReflect.Descriptor instead.
 func (*GrantRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GrantRequest) GetName() string {
@@ -387,7 +616,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -399,7 +628,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -412,7 +641,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Disk) GetName() string {
@@ -523,7 +752,7 @@ type CreateDiskRequest struct {
 
 func (x *CreateDiskRequest) Reset() {
 	*x = CreateDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -535,7 +764,7 @@ func (x *CreateDiskRequest) String() string {
 func (*CreateDiskRequest) ProtoMessage() {}
 
 func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -548,7 +777,7 @@ func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDiskRequest.ProtoReflect.Descriptor instead.
 func (*CreateDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateDiskRequest) GetName() string {
@@ -601,7 +830,7 @@ type ListDisksRequest struct {
 
 func (x *ListDisksRequest) Reset() {
 	*x = ListDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -613,7 +842,7 @@ func (x *ListDisksRequest) String() string {
 func (*ListDisksRequest) ProtoMessage() {}
 
 func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -626,7 +855,7 @@ func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksRequest.ProtoReflect.Descriptor instead.
 func (*ListDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type ListDisksResponse struct {
@@ -638,7 +867,7 @@ type ListDisksResponse struct {
 
 func (x *ListDisksResponse) Reset() {
 	*x = ListDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -650,7 +879,7 @@ func (x *ListDisksResponse) String() string {
 func (*ListDisksResponse) ProtoMessage() {}
 
 func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -663,7 +892,7 @@ func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksResponse.ProtoReflect.Descriptor instead.
 func (*ListDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListDisksResponse) GetDisks() []*Disk {
@@ -682,7 +911,7 @@ type GetDiskRequest struct {
 
 func (x *GetDiskRequest) Reset() {
 	*x = GetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +923,7 @@ func (x *GetDiskRequest) String() string {
 func (*GetDiskRequest) ProtoMessage() {}
 
 func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +936,7 @@ func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDiskRequest.ProtoReflect.Descriptor instead.
 func (*GetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetDiskRequest) GetName() string {
@@ -729,7 +958,7 @@ type ResizeDiskRequest struct {
 
 func (x *ResizeDiskRequest) Reset() {
 	*x = ResizeDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +970,7 @@ func (x *ResizeDiskRequest) String() string {
 func (*ResizeDiskRequest) ProtoMessage() {}
 
 func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +983,7 @@ func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeDiskRequest.ProtoReflect.Descriptor instead.
 func (*ResizeDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ResizeDiskRequest) GetName() string {
@@ -778,16 +1007,282 @@ func (x *ResizeDiskRequest) GetShrink() bool {
 	return false
 }
 
-type DeleteDiskRequest struct {
+type RollbackDiskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// to is a read-only snapshot of the disk's lineage.
+	To            string `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RollbackDiskRequest) Reset() {
+	*x = RollbackDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RollbackDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RollbackDiskRequest) ProtoMessage() {}
+
+func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RollbackDiskRequest.ProtoReflect.Descriptor instead.
+func (*RollbackDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *RollbackDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RollbackDiskRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+type RenameDiskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	NewName       string                 `protobuf:"bytes,2,opt,name=new_name,json=newName,proto3" json:"new_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenameDiskRequest) Reset() {
+	*x = RenameDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenameDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenameDiskRequest) ProtoMessage() {}
+
+func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenameDiskRequest.ProtoReflect.Descriptor instead.
+func (*RenameDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RenameDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RenameDiskRequest) GetNewName() string {
+	if x != nil {
+		return x.NewName
+	}
+	return ""
+}
+
+type SetDiskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// read_only, if set, makes the disk read-only or writable.
+	ReadOnly      *bool `protobuf:"varint,2,opt,name=read_only,json=readOnly,proto3,oneof" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetDiskRequest) Reset() {
+	*x = SetDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetDiskRequest) ProtoMessage() {}
+
+func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetDiskRequest.ProtoReflect.Descriptor instead.
+func (*SetDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *SetDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetDiskRequest) GetReadOnly() bool {
+	if x != nil && x.ReadOnly != nil {
+		return *x.ReadOnly
+	}
+	return false
+}
+
+type FlattenDiskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
+func (x *FlattenDiskRequest) Reset() {
+	*x = FlattenDiskRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenDiskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenDiskRequest) ProtoMessage() {}
+
+func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenDiskRequest.ProtoReflect.Descriptor instead.
+func (*FlattenDiskRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *FlattenDiskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// FlattenProgress: segments done of total; the last message has done ==
+// total.
+type FlattenProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Done          uint64                 `protobuf:"varint,1,opt,name=done,proto3" json:"done,omitempty"`
+	Total         uint64                 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
+	SegmentSize   uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenProgress) Reset() {
+	*x = FlattenProgress{}
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenProgress) ProtoMessage() {}
+
+func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenProgress.ProtoReflect.Descriptor instead.
+func (*FlattenProgress) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *FlattenProgress) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *FlattenProgress) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *FlattenProgress) GetSegmentSize() uint64 {
+	if x != nil {
+		return x.SegmentSize
+	}
+	return 0
+}
+
+type DeleteDiskRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// dry_run deletes nothing: the response says what a delete would free.
+	DryRun        bool `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +1294,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +1307,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -822,15 +1317,25 @@ func (x *DeleteDiskRequest) GetName() string {
 	return ""
 }
 
+func (x *DeleteDiskRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
 type DeleteDiskResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// freed_bytes is the bytes of the slots the delete freed (or, for a dry
+	// run, would free): those only the disk's table referenced.
+	FreedBytes    uint64 `protobuf:"varint,1,opt,name=freed_bytes,json=freedBytes,proto3" json:"freed_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -842,7 +1347,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -855,7 +1360,14 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *DeleteDiskResponse) GetFreedBytes() uint64 {
+	if x != nil {
+		return x.FreedBytes
+	}
+	return 0
 }
 
 type SnapshotRequest struct {
@@ -874,7 +1386,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +1398,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +1411,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -939,7 +1451,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -951,7 +1463,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -964,7 +1476,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -991,7 +1503,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1515,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1528,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Container) GetId() uint32 {
@@ -1069,7 +1581,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1081,7 +1593,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1094,7 +1606,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 type ListContainersResponse struct {
@@ -1106,7 +1618,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1118,7 +1630,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1131,7 +1643,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1155,7 +1667,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1167,7 +1679,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1180,7 +1692,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1213,7 +1725,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1737,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1750,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1270,7 +1782,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1282,7 +1794,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1295,7 +1807,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Problem) GetKind() string {
@@ -1361,7 +1873,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1885,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1898,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1418,7 +1930,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1430,7 +1942,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1443,7 +1955,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 type Agent struct {
@@ -1456,7 +1968,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1980,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1993,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Agent) GetName() string {
@@ -1522,7 +2034,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1534,7 +2046,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1547,7 +2059,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -1643,7 +2155,25 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05force\x18\x02 \x01(\bR\x05force\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\fR\x04data\"=\n" +
 	"\x0eImportResponse\x12+\n" +
-	"\bsnapshot\x18\x01 \x01(\v2\x0f.segmap.v1.DiskR\bsnapshot\"L\n" +
+	"\bsnapshot\x18\x01 \x01(\v2\x0f.segmap.v1.DiskR\bsnapshot\"\x87\x01\n" +
+	"\x10DiffDisksRequest\x12\x12\n" +
+	"\x04from\x18\x01 \x01(\tR\x04from\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x04 \x01(\x04R\x06length\x12\x1f\n" +
+	"\vmax_extents\x18\x05 \x01(\rR\n" +
+	"maxExtents\"8\n" +
+	"\x06Extent\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x04R\x06length\"\xdf\x01\n" +
+	"\x11DiffDisksResponse\x12+\n" +
+	"\aextents\x18\x01 \x03(\v2\x11.segmap.v1.ExtentR\aextents\x12#\n" +
+	"\rchanged_bytes\x18\x02 \x01(\x04R\fchangedBytes\x12\x1b\n" +
+	"\tfrom_size\x18\x03 \x01(\x04R\bfromSize\x12\x17\n" +
+	"\ato_size\x18\x04 \x01(\x04R\x06toSize\x12!\n" +
+	"\fsegment_size\x18\x05 \x01(\x04R\vsegmentSize\x12\x1f\n" +
+	"\vnext_offset\x18\x06 \x01(\x04R\n" +
+	"nextOffset\"L\n" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
@@ -1679,10 +2209,30 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x11ResizeDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x16\n" +
-	"\x06shrink\x18\x03 \x01(\bR\x06shrink\"'\n" +
+	"\x06shrink\x18\x03 \x01(\bR\x06shrink\"9\n" +
+	"\x13RollbackDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\"B\n" +
+	"\x11RenameDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
+	"\bnew_name\x18\x02 \x01(\tR\anewName\"T\n" +
+	"\x0eSetDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\tread_only\x18\x02 \x01(\bH\x00R\breadOnly\x88\x01\x01B\f\n" +
+	"\n" +
+	"_read_only\"(\n" +
+	"\x12FlattenDiskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"^\n" +
+	"\x0fFlattenProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x04R\x05total\x12!\n" +
+	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\"@\n" +
 	"\x11DeleteDiskRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
-	"\x12DeleteDiskResponse\"\x8b\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"5\n" +
+	"\x12DeleteDiskResponse\x12\x1f\n" +
+	"\vfreed_bytes\x18\x01 \x01(\x04R\n" +
+	"freedBytes\"\x8b\x01\n" +
 	"\x0fSnapshotRequest\x12\x18\n" +
 	"\asources\x18\x01 \x03(\tR\asources\x12\x14\n" +
 	"\x05names\x18\x02 \x03(\tR\x05names\x12\x1a\n" +
@@ -1748,7 +2298,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\x8c\a\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xd5\t\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -1757,7 +2307,12 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
 	"ResizeDisk\x12\x1c.segmap.v1.ResizeDiskRequest\x1a\x0f.segmap.v1.Disk\x12I\n" +
 	"\n" +
-	"DeleteDisk\x12\x1c.segmap.v1.DeleteDiskRequest\x1a\x1d.segmap.v1.DeleteDiskResponse\x12C\n" +
+	"DeleteDisk\x12\x1c.segmap.v1.DeleteDiskRequest\x1a\x1d.segmap.v1.DeleteDiskResponse\x12?\n" +
+	"\fRollbackDisk\x12\x1e.segmap.v1.RollbackDiskRequest\x1a\x0f.segmap.v1.Disk\x12;\n" +
+	"\n" +
+	"RenameDisk\x12\x1c.segmap.v1.RenameDiskRequest\x1a\x0f.segmap.v1.Disk\x125\n" +
+	"\aSetDisk\x12\x19.segmap.v1.SetDiskRequest\x1a\x0f.segmap.v1.Disk\x12J\n" +
+	"\vFlattenDisk\x12\x1d.segmap.v1.FlattenDiskRequest\x1a\x1a.segmap.v1.FlattenProgress0\x01\x12C\n" +
 	"\bSnapshot\x12\x1a.segmap.v1.SnapshotRequest\x1a\x1b.segmap.v1.SnapshotResponse\x12U\n" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
@@ -1766,7 +2321,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
 	"\x06Revoke\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x12<\n" +
 	"\x06Export\x12\x18.segmap.v1.ExportRequest\x1a\x16.segmap.v1.ExportChunk0\x01\x12=\n" +
-	"\x06Import\x12\x16.segmap.v1.ImportChunk\x1a\x19.segmap.v1.ImportResponse(\x01B\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\x06Import\x12\x16.segmap.v1.ImportChunk\x1a\x19.segmap.v1.ImportResponse(\x01\x12F\n" +
+	"\tDiffDisks\x12\x1b.segmap.v1.DiffDisksRequest\x1a\x1c.segmap.v1.DiffDisksResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_admin_proto_rawDescOnce sync.Once
@@ -1781,79 +2337,98 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                    // 0: segmap.v1.Policy
 	(*ExportRequest)(nil),          // 1: segmap.v1.ExportRequest
 	(*ExportChunk)(nil),            // 2: segmap.v1.ExportChunk
 	(*ImportChunk)(nil),            // 3: segmap.v1.ImportChunk
 	(*ImportResponse)(nil),         // 4: segmap.v1.ImportResponse
-	(*GrantRequest)(nil),           // 5: segmap.v1.GrantRequest
-	(*Disk)(nil),                   // 6: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),      // 7: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),       // 8: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),      // 9: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),         // 10: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),      // 11: segmap.v1.ResizeDiskRequest
-	(*DeleteDiskRequest)(nil),      // 12: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 13: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 14: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 15: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 16: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 17: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 18: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 19: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 20: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 21: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 22: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 23: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 24: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 25: segmap.v1.StatusResponse
+	(*DiffDisksRequest)(nil),       // 5: segmap.v1.DiffDisksRequest
+	(*Extent)(nil),                 // 6: segmap.v1.Extent
+	(*DiffDisksResponse)(nil),      // 7: segmap.v1.DiffDisksResponse
+	(*GrantRequest)(nil),           // 8: segmap.v1.GrantRequest
+	(*Disk)(nil),                   // 9: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),      // 10: segmap.v1.CreateDiskRequest
+	(*ListDisksRequest)(nil),       // 11: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),      // 12: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),         // 13: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),      // 14: segmap.v1.ResizeDiskRequest
+	(*RollbackDiskRequest)(nil),    // 15: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),      // 16: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),         // 17: segmap.v1.SetDiskRequest
+	(*FlattenDiskRequest)(nil),     // 18: segmap.v1.FlattenDiskRequest
+	(*FlattenProgress)(nil),        // 19: segmap.v1.FlattenProgress
+	(*DeleteDiskRequest)(nil),      // 20: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),     // 21: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),        // 22: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),       // 23: segmap.v1.SnapshotResponse
+	(*Container)(nil),              // 24: segmap.v1.Container
+	(*ListContainersRequest)(nil),  // 25: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil), // 26: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),    // 27: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),           // 28: segmap.v1.CheckRequest
+	(*Problem)(nil),                // 29: segmap.v1.Problem
+	(*CheckResponse)(nil),          // 30: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),          // 31: segmap.v1.StatusRequest
+	(*Agent)(nil),                  // 32: segmap.v1.Agent
+	(*StatusResponse)(nil),         // 33: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
-	6,  // 0: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
-	0,  // 1: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
-	0,  // 2: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
-	6,  // 3: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
-	6,  // 4: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	16, // 5: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	21, // 6: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	21, // 7: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	24, // 8: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	16, // 9: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	7,  // 10: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	8,  // 11: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	10, // 12: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	11, // 13: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	12, // 14: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	14, // 15: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	17, // 16: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	19, // 17: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	20, // 18: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	23, // 19: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	5,  // 20: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	5,  // 21: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	1,  // 22: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	3,  // 23: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	6,  // 24: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	9,  // 25: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	6,  // 26: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	6,  // 27: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	13, // 28: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	15, // 29: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	18, // 30: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	16, // 31: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	22, // 32: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	25, // 33: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	6,  // 34: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	6,  // 35: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	2,  // 36: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	4,  // 37: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	24, // [24:38] is the sub-list for method output_type
-	10, // [10:24] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	9,  // 0: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
+	6,  // 1: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
+	0,  // 2: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
+	0,  // 3: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
+	9,  // 4: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
+	9,  // 5: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
+	24, // 6: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	29, // 7: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	29, // 8: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	32, // 9: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	24, // 10: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	10, // 11: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	11, // 12: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	13, // 13: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	14, // 14: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	20, // 15: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	15, // 16: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	16, // 17: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	17, // 18: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	18, // 19: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	22, // 20: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	25, // 21: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	27, // 22: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	28, // 23: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	31, // 24: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	8,  // 25: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	8,  // 26: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	1,  // 27: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	3,  // 28: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	5,  // 29: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	9,  // 30: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	12, // 31: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	9,  // 32: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	9,  // 33: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	21, // 34: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	9,  // 35: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	9,  // 36: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	9,  // 37: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	19, // 38: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	23, // 39: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	26, // 40: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	24, // 41: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	30, // 42: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	33, // 43: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	9,  // 44: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	9,  // 45: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	2,  // 46: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	4,  // 47: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	7,  // 48: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	30, // [30:49] is the sub-list for method output_type
+	11, // [11:30] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -1861,14 +2436,15 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
-	file_segmapv1_admin_proto_msgTypes[15].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[16].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   25,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

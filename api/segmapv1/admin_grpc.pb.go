@@ -31,6 +31,10 @@ const (
 	Admin_GetDisk_FullMethodName        = "/segmap.v1.Admin/GetDisk"
 	Admin_ResizeDisk_FullMethodName     = "/segmap.v1.Admin/ResizeDisk"
 	Admin_DeleteDisk_FullMethodName     = "/segmap.v1.Admin/DeleteDisk"
+	Admin_RollbackDisk_FullMethodName   = "/segmap.v1.Admin/RollbackDisk"
+	Admin_RenameDisk_FullMethodName     = "/segmap.v1.Admin/RenameDisk"
+	Admin_SetDisk_FullMethodName        = "/segmap.v1.Admin/SetDisk"
+	Admin_FlattenDisk_FullMethodName    = "/segmap.v1.Admin/FlattenDisk"
 	Admin_Snapshot_FullMethodName       = "/segmap.v1.Admin/Snapshot"
 	Admin_ListContainers_FullMethodName = "/segmap.v1.Admin/ListContainers"
 	Admin_AddContainer_FullMethodName   = "/segmap.v1.Admin/AddContainer"
@@ -40,6 +44,7 @@ const (
 	Admin_Revoke_FullMethodName         = "/segmap.v1.Admin/Revoke"
 	Admin_Export_FullMethodName         = "/segmap.v1.Admin/Export"
 	Admin_Import_FullMethodName         = "/segmap.v1.Admin/Import"
+	Admin_DiffDisks_FullMethodName      = "/segmap.v1.Admin/DiffDisks"
 )
 
 // AdminClient is the client API for Admin service.
@@ -54,6 +59,17 @@ type AdminClient interface {
 	GetDisk(ctx context.Context, in *GetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
 	ResizeDisk(ctx context.Context, in *ResizeDiskRequest, opts ...grpc.CallOption) (*Disk, error)
 	DeleteDisk(ctx context.Context, in *DeleteDiskRequest, opts ...grpc.CallOption) (*DeleteDiskResponse, error)
+	// RollbackDisk makes a disk's contents a snapshot's of its lineage, in
+	// place (same name, same identity; later snapshots stay).
+	RollbackDisk(ctx context.Context, in *RollbackDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// RenameDisk gives a disk a new name; its identity and snapshots stay.
+	RenameDisk(ctx context.Context, in *RenameDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// SetDisk changes a disk's settings: read_only freezes a clone or
+	// promotes a snapshot to writable.
+	SetDisk(ctx context.Context, in *SetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// FlattenDisk gives a clone storage of its own (it stops sharing with
+	// its origin) while it stays online, streaming its progress.
+	FlattenDisk(ctx context.Context, in *FlattenDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlattenProgress], error)
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error)
 	ListContainers(ctx context.Context, in *ListContainersRequest, opts ...grpc.CallOption) (*ListContainersResponse, error)
@@ -74,6 +90,12 @@ type AdminClient interface {
 	// names the disk; the rest carry the stream. It ends with a snapshot
 	// named like the source, or, refused, changes nothing.
 	Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error)
+	// DiffDisks returns the extents in which two disks of one family (a
+	// disk, its snapshots and clones) differ, from their mapping tables
+	// alone: no data is read, and the cost grows with the table pages that
+	// differ, not with the disks. INVALID_ARGUMENT for disks of different
+	// families or segment sizes.
+	DiffDisks(ctx context.Context, in *DiffDisksRequest, opts ...grpc.CallOption) (*DiffDisksResponse, error)
 }
 
 type adminClient struct {
@@ -133,6 +155,55 @@ func (c *adminClient) DeleteDisk(ctx context.Context, in *DeleteDiskRequest, opt
 	}
 	return out, nil
 }
+
+func (c *adminClient) RollbackDisk(ctx context.Context, in *RollbackDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_RollbackDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RenameDisk(ctx context.Context, in *RenameDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_RenameDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetDisk(ctx context.Context, in *SetDiskRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_SetDisk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) FlattenDisk(ctx context.Context, in *FlattenDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlattenProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_FlattenDisk_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[FlattenDiskRequest, FlattenProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_FlattenDiskClient = grpc.ServerStreamingClient[FlattenProgress]
 
 func (c *adminClient) Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -206,7 +277,7 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 
 func (c *adminClient) Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_Export_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Export_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -225,7 +296,7 @@ type Admin_ExportClient = grpc.ServerStreamingClient[ExportChunk]
 
 func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Import_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_Import_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -235,6 +306,16 @@ func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Admin_ImportClient = grpc.ClientStreamingClient[ImportChunk, ImportResponse]
+
+func (c *adminClient) DiffDisks(ctx context.Context, in *DiffDisksRequest, opts ...grpc.CallOption) (*DiffDisksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DiffDisksResponse)
+	err := c.cc.Invoke(ctx, Admin_DiffDisks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
 
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
@@ -248,6 +329,17 @@ type AdminServer interface {
 	GetDisk(context.Context, *GetDiskRequest) (*Disk, error)
 	ResizeDisk(context.Context, *ResizeDiskRequest) (*Disk, error)
 	DeleteDisk(context.Context, *DeleteDiskRequest) (*DeleteDiskResponse, error)
+	// RollbackDisk makes a disk's contents a snapshot's of its lineage, in
+	// place (same name, same identity; later snapshots stay).
+	RollbackDisk(context.Context, *RollbackDiskRequest) (*Disk, error)
+	// RenameDisk gives a disk a new name; its identity and snapshots stay.
+	RenameDisk(context.Context, *RenameDiskRequest) (*Disk, error)
+	// SetDisk changes a disk's settings: read_only freezes a clone or
+	// promotes a snapshot to writable.
+	SetDisk(context.Context, *SetDiskRequest) (*Disk, error)
+	// FlattenDisk gives a clone storage of its own (it stops sharing with
+	// its origin) while it stays online, streaming its progress.
+	FlattenDisk(*FlattenDiskRequest, grpc.ServerStreamingServer[FlattenProgress]) error
 	// Snapshot copies one disk, or several at one consistent point in time.
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	ListContainers(context.Context, *ListContainersRequest) (*ListContainersResponse, error)
@@ -268,6 +360,12 @@ type AdminServer interface {
 	// names the disk; the rest carry the stream. It ends with a snapshot
 	// named like the source, or, refused, changes nothing.
 	Import(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error
+	// DiffDisks returns the extents in which two disks of one family (a
+	// disk, its snapshots and clones) differ, from their mapping tables
+	// alone: no data is read, and the cost grows with the table pages that
+	// differ, not with the disks. INVALID_ARGUMENT for disks of different
+	// families or segment sizes.
+	DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -292,6 +390,18 @@ func (UnimplementedAdminServer) ResizeDisk(context.Context, *ResizeDiskRequest) 
 }
 func (UnimplementedAdminServer) DeleteDisk(context.Context, *DeleteDiskRequest) (*DeleteDiskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteDisk not implemented")
+}
+func (UnimplementedAdminServer) RollbackDisk(context.Context, *RollbackDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method RollbackDisk not implemented")
+}
+func (UnimplementedAdminServer) RenameDisk(context.Context, *RenameDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenameDisk not implemented")
+}
+func (UnimplementedAdminServer) SetDisk(context.Context, *SetDiskRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetDisk not implemented")
+}
+func (UnimplementedAdminServer) FlattenDisk(*FlattenDiskRequest, grpc.ServerStreamingServer[FlattenProgress]) error {
+	return status.Error(codes.Unimplemented, "method FlattenDisk not implemented")
 }
 func (UnimplementedAdminServer) Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Snapshot not implemented")
@@ -319,6 +429,9 @@ func (UnimplementedAdminServer) Export(*ExportRequest, grpc.ServerStreamingServe
 }
 func (UnimplementedAdminServer) Import(grpc.ClientStreamingServer[ImportChunk, ImportResponse]) error {
 	return status.Error(codes.Unimplemented, "method Import not implemented")
+}
+func (UnimplementedAdminServer) DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DiffDisks not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -430,6 +543,71 @@ func _Admin_DeleteDisk_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Admin_RollbackDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RollbackDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RollbackDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RollbackDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RollbackDisk(ctx, req.(*RollbackDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RenameDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenameDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RenameDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RenameDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RenameDisk(ctx, req.(*RenameDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetDisk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetDiskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetDisk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetDisk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetDisk(ctx, req.(*SetDiskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_FlattenDisk_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(FlattenDiskRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).FlattenDisk(m, &grpc.GenericServerStream[FlattenDiskRequest, FlattenProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_FlattenDiskServer = grpc.ServerStreamingServer[FlattenProgress]
 
 func _Admin_Snapshot_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SnapshotRequest)
@@ -575,6 +753,24 @@ func _Admin_Import_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Admin_ImportServer = grpc.ClientStreamingServer[ImportChunk, ImportResponse]
 
+func _Admin_DiffDisks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DiffDisksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DiffDisks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DiffDisks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DiffDisks(ctx, req.(*DiffDisksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -601,6 +797,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteDisk",
 			Handler:    _Admin_DeleteDisk_Handler,
+		},
+		{
+			MethodName: "RollbackDisk",
+			Handler:    _Admin_RollbackDisk_Handler,
+		},
+		{
+			MethodName: "RenameDisk",
+			Handler:    _Admin_RenameDisk_Handler,
+		},
+		{
+			MethodName: "SetDisk",
+			Handler:    _Admin_SetDisk_Handler,
 		},
 		{
 			MethodName: "Snapshot",
@@ -630,8 +838,17 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Revoke",
 			Handler:    _Admin_Revoke_Handler,
 		},
+		{
+			MethodName: "DiffDisks",
+			Handler:    _Admin_DiffDisks_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "FlattenDisk",
+			Handler:       _Admin_FlattenDisk_Handler,
+			ServerStreams: true,
+		},
 		{
 			StreamName:    "Export",
 			Handler:       _Admin_Export_Handler,

@@ -1019,12 +1019,15 @@ func (x *CommandResult) GetEntries() []*Entry {
 }
 
 type MappedDisk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	Size          uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	SegmentSize   uint64                 `protobuf:"varint,4,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
-	ReadOnly      bool                   `protobuf:"varint,5,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name        string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Size        uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	SegmentSize uint64                 `protobuf:"varint,4,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	ReadOnly    bool                   `protobuf:"varint,5,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	// family is the id of the first disk of the disk's lineage: disks of
+	// one family share slots, and one can be compared with another.
+	Family        uint64 `protobuf:"varint,6,opt,name=family,proto3" json:"family,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1092,6 +1095,13 @@ func (x *MappedDisk) GetReadOnly() bool {
 		return x.ReadOnly
 	}
 	return false
+}
+
+func (x *MappedDisk) GetFamily() uint64 {
+	if x != nil {
+		return x.Family
+	}
+	return 0
 }
 
 type NewTable struct {
@@ -2166,14 +2176,15 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\rCommandResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12)\n" +
 	"\x06status\x18\x02 \x01(\v2\x11.segmap.v1.StatusR\x06status\x12*\n" +
-	"\aentries\x18\x03 \x03(\v2\x10.segmap.v1.EntryR\aentries\"\x84\x01\n" +
+	"\aentries\x18\x03 \x03(\v2\x10.segmap.v1.EntryR\aentries\"\x9c\x01\n" +
 	"\n" +
 	"MappedDisk\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x04R\x04size\x12!\n" +
 	"\fsegment_size\x18\x04 \x01(\x04R\vsegmentSize\x12\x1b\n" +
-	"\tread_only\x18\x05 \x01(\bR\breadOnly\"5\n" +
+	"\tread_only\x18\x05 \x01(\bR\breadOnly\x12\x16\n" +
+	"\x06family\x18\x06 \x01(\x04R\x06family\"5\n" +
 	"\bNewTable\x12)\n" +
 	"\x04disk\x18\x01 \x01(\v2\x15.segmap.v1.MappedDiskR\x04disk\"!\n" +
 	"\vDeleteTable\x12\x12\n" +

@@ -994,31 +994,35 @@ func (d *Disk) Extents(ctx context.Context, off, n uint64, fn func(n uint64, zer
 	return nil
 }
 
-// zeroSeg reports whether segment seg is Zero, as a read would find it: it
-// waits for the lease and for commands as a read does, and loads an entry
-// that is Invalid with a read fault (segIO's), retrying while the replies
-// are stale. Its first fault asks for the entries of the segments after
-// seg as well (up to protocol.MaxReadRange), so that mapping a thin disk
-// that no one has read costs a fault per table page, not per segment.
+// zeroSeg reports whether segment seg is Zero, as a read would find it.
 func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
+	_, dec, err := d.loadEntry(ctx, seg)
+	return dec.Action == table.ReadZeros, err
+}
+
+// loadEntry returns segment seg's entry as a read would find it, and what
+// a read would do with it (never Fault): it waits for the lease and for
+// commands as a read does, and loads an entry that is Invalid with a read
+// fault (segIO's), retrying while the replies are stale. Its first fault
+// asks for the entries of the segments after seg as well (up to
+// protocol.MaxReadRange), so that mapping a thin disk that no one has read
+// costs a fault per table page, not per segment.
+func (d *Disk) loadEntry(ctx context.Context, seg uint64) (table.Entry, table.Decision, error) {
 	faults, dropped := 0, 0
 	ranged := false
 	for {
 		if faults == maxRetries || dropped == 16*maxRetries {
-			return false, fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
+			return table.Entry{}, table.Decision{}, fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
 		}
-		_, dec, ep, seq, err := d.begin(ctx, seg, table.Read, table.Bits{})
+		e, dec, ep, seq, err := d.begin(ctx, seg, table.Read, table.Bits{})
 		if err != nil {
-			return false, err
+			return e, dec, err
 		}
 		if ep != nil {
 			d.end(ep) // nothing to read: the entry was all it needed
 		}
-		switch {
-		case dec.Action == table.ReadZeros:
-			return true, nil
-		case dec.Action != table.Fault:
-			return false, nil // data, or Error (whose reads fail)
+		if dec.Action != table.Fault {
+			return e, dec, nil
 		}
 		if n := min(d.Info().Segments()-seg, protocol.MaxReadRange); !ranged && n > 1 {
 			ranged = true
@@ -1027,20 +1031,20 @@ func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
 				continue
 			}
 			if err := ctx.Err(); err != nil {
-				return false, err
+				return table.Entry{}, table.Decision{}, err
 			}
 			// Not installed (a change came first) or refused: the
 			// one-segment fault below decides.
 		}
 		r, gen, err := d.sendFault(ctx, protocol.Fault{Segment: seg, Count: 1, Op: protocol.FaultRead, Reason: dec.Reason})
 		if err != nil {
-			return false, err
+			return table.Entry{}, table.Decision{}, err
 		}
 		if r.Stage != nil {
 			// A read fault is never answered with a stage.
 			d.abandon(ctx, seg, r.Stage)
 			d.faultIn(seg)
-			return false, fmt.Errorf("read fault on segment %d: answered with a stage: %w", seg, protocol.ErrIO)
+			return table.Entry{}, table.Decision{}, fmt.Errorf("read fault on segment %d: answered with a stage: %w", seg, protocol.ErrIO)
 		}
 		installed := d.install(seq, gen, seg, r)
 		d.faultIn(seg)
@@ -1050,6 +1054,79 @@ func (d *Disk) zeroSeg(ctx context.Context, seg uint64) (bool, error) {
 			dropped++
 		}
 	}
+}
+
+// Changed reports which parts of [off, off+n) of the disk may differ from
+// the disk base, an earlier snapshot of its lineage (or any disk of its
+// family), from the two tables alone: fn gets consecutive runs from off
+// on, their lengths and whether they changed, until the range is covered
+// or fn returns false. A segment whose entries differ changed in the
+// sub-blocks they read from different slots (table.Changed); the bytes
+// past base's end changed. Entries not loaded yet are loaded as a read
+// loads them, on both disks. Base must be open on the same agent.
+func (d *Disk) Changed(ctx context.Context, base *Disk, off, n uint64, fn func(n uint64, changed bool) bool) error {
+	info, binfo := d.Info(), base.Info()
+	if info.Family != binfo.Family || info.SegmentSize != binfo.SegmentSize {
+		return fmt.Errorf("%q and %q are not of one lineage: %w", info.Name, binfo.Name, ErrLineage)
+	}
+	ss := info.SegmentSize
+	sb := table.SubBlockSize(ss)
+	nb := table.SubBlockCount(ss)
+	var (
+		runLen     uint64
+		runChanged bool
+	)
+	add := func(m uint64, changed bool) error {
+		if runLen > 0 && changed != runChanged {
+			if !fn(runLen, runChanged) {
+				runLen = 0
+				return errStopExtents
+			}
+			runLen = 0
+		}
+		runLen += m
+		runChanged = changed
+		return nil
+	}
+	err := d.span(off, n, func(seg, segOff, pos, m uint64) error {
+		bits := table.Full(nb) // a segment base does not have
+		if seg < binfo.Segments() {
+			a, _, err := d.loadEntry(ctx, seg)
+			if err != nil {
+				return err
+			}
+			b, _, err := base.loadEntry(ctx, seg)
+			if err != nil {
+				return err
+			}
+			bits = table.Changed(a, b, nb)
+		}
+		if past := seg*ss+ss > binfo.Size; !past && (bits.Empty() || bits == table.Full(nb)) {
+			return add(m, !bits.Empty()) // the common case: whole segments
+		}
+		// The sub-blocks [segOff, segOff+m) touches, one by one; one
+		// that reaches past base's end changed.
+		for p := segOff; p < segOff+m; {
+			i := int(p / sb)
+			end := min(uint64(i+1)*sb, segOff+m)
+			changed := bits.Test(i) || seg*ss+uint64(i+1)*sb > binfo.Size
+			if err := add(end-p, changed); err != nil {
+				return err
+			}
+			p = end
+		}
+		return nil
+	})
+	if errors.Is(err, errStopExtents) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if runLen > 0 {
+		fn(runLen, runChanged)
+	}
+	return nil
 }
 
 // loadRange loads the entries of segments [seg, seg+n) with one read

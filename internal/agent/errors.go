@@ -25,3 +25,7 @@ var errWouldWait = errors.New("would wait")
 
 // errStopExtents ends the walk of Extents when its caller wants no more.
 var errStopExtents = errors.New("no more extents wanted")
+
+// ErrLineage is returned by Changed for two disks that do not share a
+// lineage (a family): their tables cannot be compared.
+var ErrLineage = errors.New("not of one lineage")

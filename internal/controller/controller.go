@@ -955,7 +955,7 @@ func (c *Controller) punch(ctx context.Context, freed []table.Location) (failed 
 }
 
 func toMapping(d meta.Disk) protocol.Disk {
-	return protocol.Disk{ID: protocol.DiskID(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
+	return protocol.Disk{ID: protocol.DiskID(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly, Family: protocol.DiskID(d.Family)}
 }
 
 func wrapNotFound(err error) error {

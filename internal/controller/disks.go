@@ -568,38 +568,101 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 	})
 }
 
-// DeleteDisk deletes a disk. Agents that map it forget it first (waiting
-// for their I/O to it), then its references are dropped in one transaction;
-// slots no one references any more are freed and punched.
-func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
+// DeleteFrees returns how many bytes of slots deleting disk name would
+// free: those that only its table references. Like the delete, it costs
+// the table pages only the disk holds (a page it shares with a snapshot or
+// clone goes on holding its slots); it reads no data.
+func (c *Controller) DeleteFrees(ctx context.Context, name string) (uint64, error) {
 	end, err := c.begin(ctx, false)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer end()
 	d, unlock, err := c.lockDisk(ctx, name)
 	if err != nil {
-		return err
+		return 0, err
+	}
+	defer unlock()
+	var freed uint64
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
+		pages, err := tx.TablePages(d.ID)
+		if err != nil {
+			return err
+		}
+		// Slot counts count the table pages' entries that name the
+		// slot; a page shared with another disk stays.
+		held := make(map[table.Location]uint32)
+		for _, p := range pages {
+			refs, err := tx.PageRefs(p.ID)
+			if err != nil {
+				return err
+			}
+			if refs > 1 {
+				continue
+			}
+			es, err := tx.Page(p.ID)
+			if err != nil {
+				return err
+			}
+			for _, e := range es {
+				e.Slots(func(l table.Location) { held[l]++ })
+			}
+		}
+		for l, n := range held {
+			refs, err := tx.Refs(l)
+			if err != nil {
+				return err
+			}
+			if refs <= n {
+				freed += d.SegmentSize
+			}
+		}
+		return nil
+	})
+	return freed, err
+}
+
+// DeleteDisk deletes a disk. Agents that map it forget it first (waiting
+// for their I/O to it), then its references are dropped in one transaction;
+// slots no one references any more are freed and punched.
+func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
+	_, err := c.DeleteDiskFreed(ctx, name)
+	return err
+}
+
+// DeleteDiskFreed is DeleteDisk, returning the bytes of the slots it freed
+// (what DeleteFrees said it would).
+func (c *Controller) DeleteDiskFreed(ctx context.Context, name string) (uint64, error) {
+	end, err := c.begin(ctx, false)
+	if err != nil {
+		return 0, err
+	}
+	defer end()
+	d, unlock, err := c.lockDisk(ctx, name)
+	if err != nil {
+		return 0, err
 	}
 	defer func() { unlock() }()
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error {
 		return a.DeleteTable(ctx, protocol.DiskID(d.ID))
 	}); err != nil {
-		return fmt.Errorf("delete %q: %w", name, err)
+		return 0, fmt.Errorf("delete %q: %w", name, err)
 	}
 	c.forget(d.ID)
 	fr := c.newFreeing()
+	var nfreed int
 	err = c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
 		freed, err := tx.DeleteDisk(d.ID)
 		for _, loc := range freed {
 			fr.add(loc)
 		}
+		nfreed = len(freed)
 		return err
 	})
 	fr.finish(ctx, err)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	unlock()
 	unlock = func() {}
@@ -611,7 +674,7 @@ func (c *Controller) DeleteDisk(ctx context.Context, name string) error {
 	} else if n > 0 {
 		c.logger.Debug("partial entries made whole after a delete", "disk", name, "merged", n)
 	}
-	return nil
+	return uint64(nfreed) * d.SegmentSize, nil
 }
 
 // resizeFailed tells the agents that map d the size the store

@@ -34,6 +34,14 @@ var (
 	// ErrUnknownAgent is returned for a request from an agent that has not
 	// attached.
 	ErrUnknownAgent = errors.New("agent not attached")
+	// ErrOtherLineage is returned for a rollback to, or an incremental
+	// export from, a disk of another family: it shares no history with
+	// the other disk, and nothing to compare.
+	ErrOtherLineage = errors.New("not of the disk's lineage")
+	// ErrNotSnapshot is returned for a rollback to, or an export of, a
+	// writable disk: only a read-only snapshot holds still while it is
+	// shared or read.
+	ErrNotSnapshot = errors.New("not a read-only snapshot")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )
@@ -44,13 +52,6 @@ var errNotZeroed = errors.New("free slots not zeroed")
 
 // Errors of export and import (export.go, import.go).
 var (
-	// ErrNotSnapshot is returned for an export of a writable disk: only
-	// a read-only snapshot's contents stay still while they are read.
-	ErrNotSnapshot = errors.New("not a read-only snapshot")
-	// ErrLineage is returned for an incremental export whose base is
-	// not of the snapshot's lineage (family): they share nothing to
-	// compare.
-	ErrLineage = errors.New("snapshots of different lineages")
 	// ErrWrongBase is returned for an incremental stream whose base is
 	// not the target disk's newest snapshot.
 	ErrWrongBase = errors.New("stream's base is not the target's newest snapshot")

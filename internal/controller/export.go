@@ -71,11 +71,11 @@ func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) e
 			case !base.ReadOnly:
 				return fmt.Errorf("export base %q: %w", o.Base, ErrNotSnapshot)
 			case base.Family != src.Family:
-				return fmt.Errorf("export %q from %q: %w", o.Snapshot, o.Base, ErrLineage)
+				return fmt.Errorf("export %q from %q: %w", o.Snapshot, o.Base, ErrOtherLineage)
 			case base.ID == src.ID:
 				return fmt.Errorf("export %q from itself: %w", o.Snapshot, protocol.ErrBadRequest)
 			case base.SegmentSize != src.SegmentSize:
-				return fmt.Errorf("export %q from %q: segment sizes %d and %d: %w", o.Snapshot, o.Base, src.SegmentSize, base.SegmentSize, ErrLineage)
+				return fmt.Errorf("export %q from %q: segment sizes %d and %d: %w", o.Snapshot, o.Base, src.SegmentSize, base.SegmentSize, ErrOtherLineage)
 			}
 			return nil
 		})
@@ -105,7 +105,7 @@ func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) e
 			from = meta.Disk{SegmentSize: src.SegmentSize}
 		}
 		// Can be replaced by Controller.Diff once it exists.
-		return diffTables(tx, from, src, func(seg uint64, be, se table.Entry) error {
+		return forChangedSegments(tx, from, src, func(seg uint64, be, se table.Entry) error {
 			if seg >= src.Segments() {
 				return nil // past a shrunk end: dropped by the resize
 			}
@@ -277,13 +277,13 @@ func (c *Controller) readEntry(ctx context.Context, e table.Entry, size, off uin
 	})
 }
 
-// diffTables calls fn, in segment order, for every segment whose entry
+// forChangedSegments calls fn, in segment order, for every segment whose entry
 // differs between disks a and b of one family (NoWrite aside), over the
 // larger of their sizes: a segment past a disk's end counts as Zero
 // there. Pages with the same id at an index hold the same entries and
 // are skipped, so its cost grows with the pages that differ. It can be
 // replaced by Controller.Diff.
-func diffTables(tx *meta.Tx, a, b meta.Disk, fn func(seg uint64, ea, eb table.Entry) error) error {
+func forChangedSegments(tx *meta.Tx, a, b meta.Disk, fn func(seg uint64, ea, eb table.Entry) error) error {
 	pa, err := tx.TablePages(a.ID)
 	if err != nil {
 		return err
@@ -366,7 +366,7 @@ func sameTables(tx *meta.Tx, a, b meta.Disk) (bool, error) {
 	if a.Size != b.Size {
 		return false, nil
 	}
-	err := diffTables(tx, a, b, func(uint64, table.Entry, table.Entry) error { return errStop })
+	err := forChangedSegments(tx, a, b, func(uint64, table.Entry, table.Entry) error { return errStop })
 	if errors.Is(err, errStop) {
 		return false, nil
 	}

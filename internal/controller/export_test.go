@@ -190,8 +190,8 @@ func TestExportImportRoundTrip(t *testing.T) {
 	if err := src.Ctrl.Export(ctx, controller.ExportOptions{Snapshot: "vm1"}, &b); !errors.Is(err, controller.ErrNotSnapshot) {
 		t.Errorf("export of a writable disk: %v, want ErrNotSnapshot", err)
 	}
-	if err := src.Ctrl.Export(ctx, controller.ExportOptions{Snapshot: "vm1@s5", Base: "other@a"}, &b); !errors.Is(err, controller.ErrLineage) {
-		t.Errorf("export from another lineage: %v, want ErrLineage", err)
+	if err := src.Ctrl.Export(ctx, controller.ExportOptions{Snapshot: "vm1@s5", Base: "other@a"}, &b); !errors.Is(err, controller.ErrOtherLineage) {
+		t.Errorf("export from another lineage: %v, want ErrOtherLineage", err)
 	}
 }
 

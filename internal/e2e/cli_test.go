@@ -31,9 +31,67 @@ func TestCLI(t *testing.T) {
 	}
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 4M")
 
+	// A lineage: snapshot, write, roll back, rename, promote, freeze.
+	u.cli("snapshot", "r", "--name", "r-gold")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "write -P 7 0 1M")
+	if out := u.cli("disk", "rollback", "r", "--to", "r-gold"); !strings.Contains(out, "rolled back disk r to r-gold") {
+		t.Errorf("rollback: %s", out)
+	}
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("r"), "-c", "read -P 9 0 4M")
+	u.cli("disk", "rename", "r-gold", "gold")
+	if out := u.cli("disk", "tree", "gold"); !strings.Contains(out, "r  (writable, 4M)\n└── gold  (snapshot, 4M)\n") {
+		t.Errorf("tree:\n%s", out)
+	}
+	var tree []struct {
+		Name     string `json:"name"`
+		Children []struct {
+			Name     string `json:"name"`
+			ReadOnly bool   `json:"read_only"`
+		} `json:"children"`
+	}
+	u.cliJSON(&tree, "disk", "tree", "r")
+	if len(tree) != 1 || tree[0].Name != "r" || len(tree[0].Children) != 1 || tree[0].Children[0].Name != "gold" || !tree[0].Children[0].ReadOnly {
+		t.Errorf("tree --json: %+v", tree)
+	}
+	u.cli("disk", "set", "gold", "--read-only=false")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("gold"), "-c", "write -P 5 0 64K")
+	u.cli("disk", "set", "gold", "--read-only=true")
+	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "nope"); code == 0 || !strings.Contains(errOut, "not found") {
+		t.Errorf("rollback to a missing snapshot: exit %d %q", code, errOut)
+	}
+	u.cli("disk", "create", "other", "--size", "4M", "--segment-size", "64K")
+	u.cli("snapshot", "other", "--name", "other-snap")
+	if _, errOut, code := u.cliResult("disk", "rollback", "r", "--to", "other-snap"); code == 0 || !strings.Contains(errOut, "lineage") {
+		t.Errorf("rollback to another lineage: exit %d %q", code, errOut)
+	}
+	// A clone of gold, flattened while online: it stands alone after.
+	u.cli("snapshot", "gold", "--name", "g2", "--writable")
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("g2"), "-c", "write -P 4 1M 64K")
+	out, errOut, code := u.cliResult("disk", "flatten", "g2", "--progress")
+	if code != 0 || !strings.Contains(out, "flattened disk g2 (64 segments)") || !strings.Contains(errOut, "flatten g2: 64/64 segments (100%)") {
+		t.Errorf("flatten: exit %d, %q, %q", code, out, errOut)
+	}
+	if out := u.cli("disk", "tree", "g2"); !strings.HasPrefix(out, "g2  (writable, 4M)\n") {
+		t.Errorf("tree of a flattened clone:\n%s", out)
+	}
+	run(t, 30*time.Second, "qemu-io", "-r", "-f", "raw", u.uri("g2"), "-c", "read -P 5 0 64K", "-c", "read -P 4 1M 64K", "-c", "read -P 9 1088K 1M")
+
+	// What a delete gives back: other's own writes since its snapshot.
+	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("other"), "-c", "write -P 3 0 1M")
+	if out := u.cli("disk", "delete", "other", "--dry-run"); !strings.Contains(out, "would free 1M (1048576 bytes)") {
+		t.Errorf("delete --dry-run: %s", out)
+	}
+	if out := u.cli("disk", "delete", "other"); !strings.Contains(out, "freed 1M (1048576 bytes)") {
+		t.Errorf("delete: %s", out)
+	}
+	if _, errOut, code := u.cliResult("disk", "set", "gold"); code == 0 || !strings.Contains(errOut, "read-only") {
+		t.Errorf("set without a setting: exit %d %q", code, errOut)
+	}
+	run(t, 30*time.Second, "qemu-io", "-r", "-f", "raw", u.uri("gold"), "-c", "read -P 5 0 64K", "-c", "read -P 9 64K 1M")
+
 	// Add a container: a new file of 1 GiB in 64 KiB slots.
 	path := filepath.Join(t.TempDir(), "extra.ctr")
-	out := u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")
+	out = u.cli("container", "add", path, "--size", "1G", "--slot-size", "64K")
 	if !strings.Contains(out, "16384 slots") {
 		t.Errorf("container add: %s", out)
 	}

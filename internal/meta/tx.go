@@ -753,19 +753,35 @@ func (t *Tx) ForEachMapped(id DiskID, fn func(seg uint64, e table.Entry) error) 
 
 // TablePages returns the stored pages of disk id's table, in order.
 func (t *Tx) TablePages(id DiskID) ([]PageRef, error) {
+	return t.TablePageRange(id, 0, math.MaxUint64)
+}
+
+// TablePageRange returns the stored pages of disk id's table whose index
+// is in [first, first+n) (clipped to the largest index), in order. It
+// reads only the directories that cover those pages, so a look at a part
+// of a large table costs that part.
+func (t *Tx) TablePageRange(id DiskID, first, n uint64) ([]PageRef, error) {
+	if n == 0 {
+		return nil, nil
+	}
+	last := first + min(n-1, math.MaxUint64-first) // inclusive
 	dns, err := t.dirNumbers(id)
 	if err != nil {
 		return nil, err
 	}
 	var out []PageRef
 	for _, dn := range dns {
+		if dn < first/DirPages || dn > last/DirPages {
+			continue
+		}
 		c, err := t.dir(id, dn)
 		if err != nil {
 			return nil, err
 		}
 		for i, pid := range c.d {
-			if pid != 0 {
-				out = append(out, PageRef{Index: dn*DirPages + uint64(i), ID: pid})
+			pg := dn*DirPages + uint64(i)
+			if pid != 0 && pg >= first && pg <= last {
+				out = append(out, PageRef{Index: pg, ID: pid})
 			}
 		}
 	}
@@ -915,13 +931,10 @@ func (t *Tx) CopyTable(src, dst DiskID) error {
 	return nil
 }
 
-// ReplaceTable makes dst's table a copy of src's, as CopyTable, and
-// returns the slots whose count reached zero when dst's previous table
-// was released (the caller punches them).
+// ReplaceTable makes dst's table a copy of src's, as CopyTable does, and
+// returns the slots whose count reached zero as dst's previous table was
+// released (the caller may punch them).
 func (t *Tx) ReplaceTable(src, dst DiskID) ([]table.Location, error) {
-	if !t.writable {
-		return nil, ErrReadOnlyTx
-	}
 	if src == dst {
 		return nil, nil
 	}

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -20,16 +23,16 @@ func TestParseMetaRequest(t *testing.T) {
 		want      metaRequest
 		wantError bool
 	}{
-		{name: "list all", data: metaData("disk"), list: true, want: metaRequest{"disk", true}},
-		{name: "set none", data: metaData("disk"), want: metaRequest{"disk", false}},
-		{name: "list allocation", data: metaData("disk", "base:allocation"), list: true, want: metaRequest{"disk", true}},
-		{name: "set allocation", data: metaData("disk", "base:allocation"), want: metaRequest{"disk", true}},
-		{name: "list base wildcard", data: metaData("disk", "base:"), list: true, want: metaRequest{"disk", true}},
-		{name: "set base wildcard", data: metaData("disk", "base:"), want: metaRequest{"disk", false}},
-		{name: "unknown namespace", data: metaData("disk", "qemu:dirty-bitmap:a", "x-foo:"), list: true, want: metaRequest{"disk", false}},
-		{name: "unknown base leaf", data: metaData("disk", "base:other"), want: metaRequest{"disk", false}},
-		{name: "mixed", data: metaData("disk", "x-foo:bar", "base:allocation"), want: metaRequest{"disk", true}},
-		{name: "empty name", data: metaData("", "base:allocation"), want: metaRequest{"", true}},
+		{name: "list all", data: metaData("disk"), list: true, want: metaRequest{name: "disk", allocation: true}},
+		{name: "set none", data: metaData("disk"), want: metaRequest{name: "disk", allocation: false}},
+		{name: "list allocation", data: metaData("disk", "base:allocation"), list: true, want: metaRequest{name: "disk", allocation: true}},
+		{name: "set allocation", data: metaData("disk", "base:allocation"), want: metaRequest{name: "disk", allocation: true}},
+		{name: "list base wildcard", data: metaData("disk", "base:"), list: true, want: metaRequest{name: "disk", allocation: true}},
+		{name: "set base wildcard", data: metaData("disk", "base:"), want: metaRequest{name: "disk", allocation: false}},
+		{name: "other namespaces", data: metaData("disk", "qemu:dirty-bitmap:a", "x-foo:"), list: true, want: metaRequest{name: "disk", others: []string{"qemu:dirty-bitmap:a", "x-foo:"}}},
+		{name: "unknown base leaf", data: metaData("disk", "base:other"), want: metaRequest{name: "disk", allocation: false}},
+		{name: "mixed", data: metaData("disk", "x-foo:bar", "base:allocation"), want: metaRequest{name: "disk", allocation: true, others: []string{"x-foo:bar"}}},
+		{name: "empty name", data: metaData("", "base:allocation"), want: metaRequest{allocation: true}},
 		{name: "too short", data: []byte{0, 0, 0, 0, 0, 0, 0}, wantError: true},
 		{name: "name past the end", data: []byte{0, 0, 0, 9, 'd', 'i', 's', 'k', 0, 0, 0, 0}, wantError: true},
 		{name: "huge name length", data: []byte{0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0}, wantError: true},
@@ -49,7 +52,7 @@ func TestParseMetaRequest(t *testing.T) {
 			if (msg != "") != tt.wantError {
 				t.Fatalf("error %q, want error %v", msg, tt.wantError)
 			}
-			if !tt.wantError && got != tt.want {
+			if !tt.wantError && !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("got %+v, want %+v", got, tt.want)
 			}
 		})
@@ -96,7 +99,7 @@ func TestExtentList(t *testing.T) {
 			if size == 0 {
 				size = extentBufSize(tt.length)
 			}
-			l := newExtentList(make([]byte, size), tt.length, tt.reqOne)
+			l := newExtentList(make([]byte, size), allocationID, ExtentHole|ExtentZero, tt.length, tt.reqOne)
 			for _, r := range tt.runs {
 				if !l.add(r.n, r.f) {
 					break
@@ -217,10 +220,110 @@ func (tc *txClient) blockStatus(off uint64, n uint32, flags uint16) []run {
 	tc.t.Helper()
 	cl := tc.do(nbdwire.CmdBlockStatus, flags, off, n, nil)
 	tc.expectErrno(cl, 0)
-	if cl.chunks != 1 || be.Uint32(cl.status) != allocationID {
-		tc.t.Fatalf("block status: %d chunks, payload % x", cl.chunks, cl.status)
+	if cl.chunks != 1 || len(cl.status) != 1 || be.Uint32(cl.status[0]) != allocationID {
+		tc.t.Fatalf("block status: %d chunks, payloads % x", cl.chunks, cl.status)
 	}
-	return decodeDescriptors(cl.status[4:])
+	return decodeDescriptors(cl.status[0][4:])
+}
+
+// ctxBackend is a memBackend with a context of its own, x-test:bits, whose
+// runs are those of the export's bits.
+type ctxBackend struct{ *memBackend }
+
+func (b ctxBackend) MetaContexts(ctx context.Context, export, q string, list bool) ([]string, error) {
+	if q == "x-test:bits" || list && q == "x-test:" {
+		return []string{"x-test:bits"}, nil
+	}
+	if q == "x-test:fail" {
+		return nil, errors.New("no contexts today")
+	}
+	return nil, nil
+}
+
+func (b ctxBackend) Open(ctx context.Context, name string) (Export, io.Closer, error) {
+	exp, c, err := b.memBackend.Open(ctx, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	return bitsExport{exp.(*memExport)}, c, nil
+}
+
+// bitsExport reports x-test:bits: flags 0x80000005 on its first 1000
+// bytes, 0 on the rest.
+type bitsExport struct{ *memExport }
+
+func (e bitsExport) ContextExtents(ctx context.Context, name string, off, n uint64, fn func(uint64, ExtentFlags) bool) error {
+	if name != "x-test:bits" {
+		return fmt.Errorf("context %q", name)
+	}
+	if off < 1000 && !fn(1000-off, 0x80000005) {
+		return nil
+	}
+	fn(e.Size()-max(off, 1000), 0)
+	return nil
+}
+
+// statuses sends BLOCK_STATUS and returns, per chunk, its context id and
+// descriptors.
+func (tc *txClient) statuses(off uint64, n uint32, flags uint16) map[uint32][]run {
+	tc.t.Helper()
+	cl := tc.do(nbdwire.CmdBlockStatus, flags, off, n, nil)
+	tc.expectErrno(cl, 0)
+	out := map[uint32][]run{}
+	for _, p := range cl.status {
+		out[be.Uint32(p)] = decodeDescriptors(p[4:])
+	}
+	if len(out) != cl.chunks {
+		tc.t.Fatalf("%d chunks for %d contexts", cl.chunks, len(out))
+	}
+	return out
+}
+
+func TestOtherContexts(t *testing.T) {
+	checkGoroutines(t)
+	const h = ExtentHole | ExtentZero
+	m := newMem("disk", 4096)
+	copy(m.data[2048:], pattern(1024, 1))
+	hs := startServer(t, func(c *Config) { c.Backend = ctxBackend{c.Backend.(*memBackend)} }, m)
+
+	c := dialFlags(t, hs.addr, nbdwire.CFlagFixedNewstyle)
+	c.expectFinal(nbdwire.OptStructuredReply, nil, nbdwire.RepAck)
+	for _, tt := range []struct {
+		opt  nbdwire.Option
+		data []byte
+		want []string
+		rep  nbdwire.RepType
+	}{
+		{nbdwire.OptListMetaContext, metaData("disk", "x-test:"), []string{"0 x-test:bits"}, nbdwire.RepAck},
+		{nbdwire.OptListMetaContext, metaData("disk", "base:", "x-test:bits"), []string{"0 base:allocation", "0 x-test:bits"}, nbdwire.RepAck},
+		{nbdwire.OptSetMetaContext, metaData("disk", "x-test:bits", "x-test:other", "base:allocation"), []string{"1 base:allocation", "2 x-test:bits"}, nbdwire.RepAck},
+		{nbdwire.OptSetMetaContext, metaData("disk", "x-test:fail"), nil, nbdwire.RepErrInvalid},
+	} {
+		got := metaContexts(t, c.expectFinal(tt.opt, tt.data, tt.rep))
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("%v % x: %v, want %v", tt.opt, tt.data, got, tt.want)
+		}
+	}
+
+	tc := metaConnect(t, hs.addr, "disk", []string{"disk", "base:allocation", "x-test:bits"})
+	want := map[uint32][]run{
+		allocationID:   {{2048, h}, {1024, 0}, {1024, h}},
+		firstContextID: {{1000, 0x80000005}, {3096, 0}},
+	}
+	if got := tc.statuses(0, 4096, 0); !maps.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("two contexts: %v, want %v", got, want)
+	}
+	want = map[uint32][]run{allocationID: {{1048, h}}, firstContextID: {{1100, 0}}}
+	if got := tc.statuses(1000, 1100, nbdwire.CmdFlagReqOne); !maps.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("two contexts, REQ_ONE: %v, want %v", got, want)
+	}
+
+	// The other context alone.
+	to := metaConnect(t, hs.addr, "disk", []string{"disk", "x-test:bits"})
+	want = map[uint32][]run{firstContextID: {{500, 0x80000005}, {100, 0}}}
+	if got := to.statuses(500, 600, 0); !maps.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("one context: %v, want %v", got, want)
+	}
 }
 
 func TestBlockStatus(t *testing.T) {

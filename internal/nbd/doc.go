@@ -50,22 +50,28 @@
 //
 // # Block status
 //
-// The server offers one metadata context, base:allocation, for every
+// The server offers the metadata context base:allocation for every
 // export. NBD_OPT_LIST_META_CONTEXT lists it for the queries
 // "base:allocation" and "base:", and for an empty query list;
 // NBD_OPT_SET_META_CONTEXT selects it (context id 1) for the query
 // "base:allocation", after NBD_OPT_STRUCTURED_REPLY only. Both need a
-// known export name; queries of other namespaces are ignored, malformed
-// data is NBD_REP_ERR_INVALID, and a SET replaces the earlier one even
-// when it fails or selects nothing. NBD_CMD_BLOCK_STATUS is served only if
-// the last SET selected the context for the export then opened (else
-// NBD_EINVAL), with the range checks of a READ. Its one BLOCK_STATUS chunk
-// describes the range from its offset with runs of equal flags merged,
-// never past the request's end, with one descriptor under
-// NBD_CMD_FLAG_REQ_ONE; it may cover less than asked (at most 65536
-// descriptors, and one per 512 bytes asked). The flags come from the
-// Export's ExtentLister; an Export without one is reported as data
-// throughout (flags 0).
+// known export name; malformed data is NBD_REP_ERR_INVALID, and a SET
+// replaces the earlier one even when it fails or selects nothing. Queries
+// of other namespaces (at most 16 an option) go to the Backend if it is a
+// MetaContexter, which names the contexts they select; the contexts a SET
+// selects get ids 2, 3, ... in that order, and the export opened must be
+// a ContextExtenter. Without a MetaContexter, those queries are ignored.
+//
+// NBD_CMD_BLOCK_STATUS is served only if the last SET selected a context
+// for the export then opened (else NBD_EINVAL), with the range checks of
+// a READ. Its reply has one BLOCK_STATUS chunk per selected context,
+// base:allocation first; each describes the range from its offset with
+// runs of equal flags merged, never past the request's end, with one
+// descriptor under NBD_CMD_FLAG_REQ_ONE; it may cover less than asked (at
+// most 65536 descriptors, and one per 512 bytes asked). The flags of
+// base:allocation come from the Export's ExtentLister (an Export without
+// one is reported as data throughout, flags 0), those of other contexts
+// from its ContextExtenter, all 32 bits.
 //
 // # Replies
 //

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"segmap/internal/nbd/nbdwire"
 )
@@ -234,12 +235,34 @@ func (h *handshaker) metaContext(opt nbdwire.Option, data []byte) error {
 	if _, ok := h.lookup(r.name); !ok {
 		return h.replyErr(opt, nbdwire.RepErrUnknown, "unknown export")
 	}
+	var others []string
+	if mc, ok := h.c.srv.backend.(MetaContexter); ok {
+		for _, q := range r.others {
+			names, err := mc.MetaContexts(h.c.ctx, r.name, q, !set)
+			if err != nil {
+				return h.replyErr(opt, nbdwire.RepErrInvalid, nbdwire.ClipMessage(err.Error()))
+			}
+			for _, n := range names {
+				if !slices.Contains(others, n) && nbdwire.ValidString(n) && len(others) < maxContextQueries*64 {
+					others = append(others, n)
+				}
+			}
+		}
+	}
+	r.others = others
 	if r.allocation {
 		var id [4]byte
 		if set {
 			be.PutUint32(id[:], allocationID)
 		}
 		_ = h.reply(opt, nbdwire.RepMetaContext, id[:], []byte(nbdwire.MetaBaseAllocation)) // buffered: an error sticks and the ACK reports it
+	}
+	for i, n := range others {
+		var id [4]byte
+		if set {
+			be.PutUint32(id[:], uint32(firstContextID+i))
+		}
+		_ = h.reply(opt, nbdwire.RepMetaContext, id[:], []byte(n))
 	}
 	if set {
 		h.meta = r
@@ -389,8 +412,17 @@ func (h *handshaker) open(name string) (*session, error) {
 	if closer == nil {
 		closer = nopCloser{}
 	}
+	var contexts []string
+	if h.structured && h.meta.name == name && len(h.meta.others) > 0 {
+		if _, ok := exp.(ContextExtenter); !ok {
+			closer.Close()
+			return nil, fmt.Errorf("open export %q: contexts %q selected, but the export cannot report them", name, h.meta.others)
+		}
+		contexts = h.meta.others
+	}
 	return &session{
 		params: params{
+			contexts:   contexts,
 			size:       exp.Size(),
 			flags:      transmissionFlags(exp.ReadOnly(), h.structured),
 			structured: h.structured,

@@ -526,8 +526,8 @@ type call struct {
 	typ    nbdwire.Command
 	off    uint64
 	length uint32
-	data   []byte // READ result
-	status []byte // BLOCK_STATUS chunk payload
+	data   []byte   // READ result
+	status [][]byte // BLOCK_STATUS chunk payloads, one per context
 	errno  uint32
 	msg    string
 	chunks int
@@ -630,11 +630,11 @@ func (tc *txClient) readLoop() error {
 				}
 				copy(cl.data[off-cl.off:], p[8:])
 			case nbdwire.ChunkBlockStatus:
-				if cl.typ != nbdwire.CmdBlockStatus || n < 12 || (n-4)%8 != 0 || cl.status != nil {
+				if cl.typ != nbdwire.CmdBlockStatus || n < 12 || (n-4)%8 != 0 {
 					tc.protocolError("bad BLOCK_STATUS chunk of %d bytes for %v", n, cl.typ)
 					return nil
 				}
-				cl.status = p
+				cl.status = append(cl.status, p)
 			case nbdwire.ChunkError:
 				if n < 6 || int(be.Uint16(p[4:])) != int(n)-6 || be.Uint32(p) == 0 {
 					tc.protocolError("bad ERROR chunk % x", p)

@@ -42,6 +42,15 @@ const (
 // context, and ids are the server's choice.
 const allocationID = 1
 
+// firstContextID is the id of the first context a MetaContexter names;
+// the others follow in the order SET_META_CONTEXT selected them.
+const firstContextID = 2
+
+// maxContextQueries bounds the queries of other namespaces that one
+// META_CONTEXT option may carry; the rest are ignored, as unknown ones
+// are.
+const maxContextQueries = 16
+
 // params are what a connection negotiated for the transmission phase.
 type params struct {
 	size       uint64
@@ -50,6 +59,9 @@ type params struct {
 	// allocation: base:allocation was selected for this export, so
 	// NBD_CMD_BLOCK_STATUS is served.
 	allocation bool
+	// contexts are the other contexts selected for this export (see
+	// MetaContexter), with ids firstContextID, firstContextID+1, ...
+	contexts []string
 }
 
 // transmissionFlags returns the transmission flags of an export.
@@ -133,7 +145,7 @@ func checkRequest(h requestHeader, p params) (errno uint32, msg string) {
 	switch h.typ {
 	case nbdwire.CmdRead, nbdwire.CmdFlush:
 	case nbdwire.CmdBlockStatus:
-		if !p.allocation {
+		if !p.allocation && len(p.contexts) == 0 {
 			return nbdwire.EINVAL, "no metadata context selected"
 		}
 	case nbdwire.CmdWrite, nbdwire.CmdTrim, nbdwire.CmdWriteZeroes:
@@ -208,6 +220,10 @@ type metaRequest struct {
 	// allocation: the queries name base:allocation (LIST: also "base:"
 	// or no query at all).
 	allocation bool
+	// others are the queries of other namespaces (at most
+	// maxContextQueries), for the Backend's MetaContexter; after a SET,
+	// the contexts they selected.
+	others []string
 }
 
 // parseMetaRequest decodes the data of LIST_META_CONTEXT (list set) or
@@ -255,6 +271,9 @@ func parseMetaRequest(data []byte, list bool) (r metaRequest, msg string) {
 			return metaRequest{}, "query without a namespace"
 		}
 		if string(ns) != "base" {
+			if len(r.others) < maxContextQueries {
+				r.others = append(r.others, string(q))
+			}
 			continue
 		}
 		if string(leaf) == "allocation" || (list && len(leaf) == 0) {
@@ -268,8 +287,9 @@ func parseMetaRequest(data []byte, list bool) (r metaRequest, msg string) {
 }
 
 // extentList encodes the descriptors of one NBD_REPLY_TYPE_BLOCK_STATUS
-// chunk from the runs an ExtentLister reports. Flags other than HOLE and
-// ZERO are dropped (reserved); runs of equal flags are merged; the descriptors cover the request from its offset and never
+// chunk from the runs an ExtentLister or a MetaContexter reports. Flags
+// the context does not define are dropped (reserved); runs of equal flags
+// are merged; the descriptors cover the request from its offset and never
 // past its end (a run that goes on beyond is cut, which the spec always
 // allows); with REQ_ONE there is exactly one. It stops early when buf is
 // full: the reply then covers less than was asked, which the spec allows
@@ -281,13 +301,15 @@ type extentList struct {
 	// run is the descriptor being merged; runLen 0 means none yet.
 	runLen   uint64
 	runFlags ExtentFlags
+	mask     ExtentFlags // the flags the context defines
 }
 
-// newExtentList starts the payload of a chunk in buf for a request of
-// length n. buf must hold the context id and at least one descriptor.
-func newExtentList(buf []byte, n uint32, reqOne bool) extentList {
-	be.PutUint32(buf, allocationID)
-	return extentList{buf: buf[:4:len(buf)], left: uint64(n), reqOne: reqOne}
+// newExtentList starts the payload of a chunk of context id in buf for a
+// request of length n; mask is the flags the context defines. buf must
+// hold the context id and at least one descriptor.
+func newExtentList(buf []byte, id uint32, mask ExtentFlags, n uint32, reqOne bool) extentList {
+	be.PutUint32(buf, id)
+	return extentList{buf: buf[:4:len(buf)], left: uint64(n), reqOne: reqOne, mask: mask}
 }
 
 // add appends the next run of length bytes; false means that no more runs
@@ -297,7 +319,7 @@ func (l *extentList) add(length uint64, flags ExtentFlags) bool {
 		return l.left > 0
 	}
 	length = min(length, l.left)
-	flags &= ExtentHole | ExtentZero // the other bits are reserved
+	flags &= l.mask // the other bits are reserved
 	if l.runLen > 0 && flags != l.runFlags {
 		if l.reqOne || len(l.buf)+16 > cap(l.buf) {
 			// One descriptor only, or room for just this one.

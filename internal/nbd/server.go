@@ -81,8 +81,33 @@ type ExtentLister interface {
 	Extents(ctx context.Context, off, length uint64, fn func(length uint64, flags ExtentFlags) bool) error
 }
 
-// ExtentFlags are the status of a run of an export in the base:allocation
-// context; their bits are NBD_STATE_HOLE and NBD_STATE_ZERO.
+// MetaContexter is an optional interface of a Backend: metadata contexts
+// of namespaces of its own, beside base:allocation (a dirty bitmap, say).
+//
+// MetaContexts answers the query q (a namespace, a colon, and what
+// follows, never of the namespace "base") of NBD_OPT_LIST_META_CONTEXT
+// (list) or NBD_OPT_SET_META_CONTEXT for export: the names of the
+// contexts it names. For SET it returns q itself or nothing; for LIST it
+// may expand a query that names a namespace or a prefix into every
+// context it covers. A query it does not know returns nothing (the spec
+// asks servers to ignore those); an error fails the option.
+//
+// An Export opened after a SET that selected some of its contexts must
+// implement ContextExtenter.
+type MetaContexter interface {
+	MetaContexts(ctx context.Context, export, q string, list bool) ([]string, error)
+}
+
+// ContextExtenter is an optional interface of an Export: the status of its
+// runs in a context a MetaContexter selected, as ExtentLister does for
+// base:allocation. The flags' meaning is the context's; all 32 bits are
+// passed to the client.
+type ContextExtenter interface {
+	ContextExtents(ctx context.Context, name string, off, length uint64, fn func(length uint64, flags ExtentFlags) bool) error
+}
+
+// ExtentFlags are the status of a run of an export in a metadata context.
+// In base:allocation their bits are NBD_STATE_HOLE and NBD_STATE_ZERO.
 type ExtentFlags uint32
 
 const (

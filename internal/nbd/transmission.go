@@ -72,6 +72,10 @@ type request struct {
 	// charged is the budget this request holds.
 	charged int
 
+	// bsFirst is the length of the first chunk's payload of a
+	// BLOCK_STATUS reply (see blockStatus).
+	bsFirst int
+
 	out [nbdwire.ChunkHeaderSize + 6 + nbdwire.MaxErrMsg]byte // reply header
 	iov [2][]byte                                             // the reply: header, payload
 }
@@ -300,19 +304,68 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 	return 0, "", data
 }
 
-// blockStatus answers a checked BLOCK_STATUS: the payload of its one
-// NBD_REPLY_TYPE_BLOCK_STATUS chunk, for base:allocation, the only
-// context. An Export that is not an ExtentLister is all data.
+// blockStatus answers a checked BLOCK_STATUS with one
+// NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected context: base:allocation
+// (an Export that is not an ExtentLister is all data), then the
+// ContextExtenter's, in the order of their ids. It returns the payload of
+// the first chunk followed by every later chunk, header and payload (the
+// last with NBD_REPLY_FLAG_DONE; prepareReply writes the first header),
+// and sets r.bsFirst to the first payload's length.
 func (c *conn) blockStatus(r *request) ([]byte, error) {
-	n := extentBufSize(r.length)
-	r.buf = getBuf(n)
-	l := newExtentList((*r.buf)[:n], r.length, r.flags&nbdwire.CmdFlagReqOne != 0)
-	if el, ok := c.sess.exp.(ExtentLister); ok {
-		if err := el.Extents(c.ctx, r.off, uint64(r.length), l.add); err != nil {
+	one := r.flags&nbdwire.CmdFlagReqOne != 0
+	per := extentBufSize(r.length)
+	k := len(c.sess.contexts)
+	if c.sess.allocation {
+		k++
+	}
+	r.buf = getBuf(k*per + (k-1)*nbdwire.ChunkHeaderSize)
+	buf := (*r.buf)[:0]
+	chunk := func(i int, fill func(l *extentList) error, id uint32, mask ExtentFlags) error {
+		if i > 0 {
+			// The header of this chunk, after the previous payload:
+			// DONE goes on the last, and the length is set below.
+			buf = buf[:len(buf)+nbdwire.ChunkHeaderSize]
+		}
+		start := len(buf)
+		l := newExtentList(buf[start:start+per], id, mask, r.length, one)
+		if err := fill(&l); err != nil {
+			return err
+		}
+		p := l.payload()
+		if i > 0 {
+			var flags uint16
+			if i == k-1 {
+				flags = nbdwire.ReplyFlagDone
+			}
+			nbdwire.PutChunk(buf[start-nbdwire.ChunkHeaderSize:start], flags, nbdwire.ChunkBlockStatus, r.cookie, uint32(len(p)))
+		} else {
+			r.bsFirst = len(p)
+		}
+		buf = buf[:start+len(p)]
+		return nil
+	}
+	i := 0
+	if c.sess.allocation {
+		if err := chunk(i, func(l *extentList) error {
+			if el, ok := c.sess.exp.(ExtentLister); ok {
+				return el.Extents(c.ctx, r.off, uint64(r.length), l.add)
+			}
+			return nil
+		}, allocationID, ExtentHole|ExtentZero); err != nil {
 			return nil, err
 		}
+		i++
 	}
-	return l.payload(), nil
+	for j, name := range c.sess.contexts {
+		ce := c.sess.exp.(ContextExtenter) // checked when the session opened
+		if err := chunk(i, func(l *extentList) error {
+			return ce.ContextExtents(c.ctx, name, r.off, uint64(r.length), l.add)
+		}, uint32(firstContextID+j), ^ExtentFlags(0)); err != nil {
+			return nil, err
+		}
+		i++
+	}
+	return buf, nil
 }
 
 // hangUp breaks the connection: no reply written after it reaches the
@@ -377,7 +430,11 @@ func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 		r.iov[0] = h[:nbdwire.ChunkHeaderSize+8]
 		r.iov[1] = data
 	case r.typ == nbdwire.CmdBlockStatus:
-		nbdwire.PutChunk(h, nbdwire.ReplyFlagDone, nbdwire.ChunkBlockStatus, r.cookie, uint32(len(data)))
+		var flags uint16
+		if r.bsFirst == len(data) {
+			flags = nbdwire.ReplyFlagDone // one context: one chunk
+		}
+		nbdwire.PutChunk(h, flags, nbdwire.ChunkBlockStatus, r.cookie, uint32(r.bsFirst))
 		r.iov[0] = h[:nbdwire.ChunkHeaderSize]
 		r.iov[1] = data
 	default:

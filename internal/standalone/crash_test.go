@@ -69,6 +69,16 @@ func crashCases() []crashCase {
 		{"trim-shared", opTrim(1, "D", 0, seg64), ctrlCrash},
 		{"resize-grow", opResize("F", fxSegs+2), ctrlCrash},
 		{"resize-shrink", opResize("D", 2), ctrlCrash},
+		// D owns segment 2 and shares 0 and 1 with D.s: its own slot
+		// is freed.
+		{"rollback", opRollback("D", "D.s"), ctrlCrash},
+		{"rollback-reverse", opRollback("E", "E.s"), ctrlCrash},
+		{"rename", opRename("D", "D2"), ctrlCrash},
+		{"freeze", opSetReadOnly("F", true), ctrlCrash},
+		{"promote", opSetReadOnly("D.s", false), ctrlCrash},
+		// D shares segments 0 and 1 with D.s, E segments 0-2 with E.s.
+		{"flatten", opFlatten("D"), ctrlCrash},
+		{"flatten-reverse", opFlatten("E"), ctrlCrash},
 	}
 }
 
@@ -356,7 +366,32 @@ func randomOp(r *rand.Rand, m fxModel) fxOp {
 		}
 		return opCreate(fresh("N"), r.IntN(4) == 0)
 	}
-	switch r.IntN(8) {
+	switch r.IntN(10) {
+	case 8:
+		n := pick(writable)
+		var snaps []string
+		for _, s := range names {
+			if m[s].readOnly && m[s].family == m[n].family {
+				snaps = append(snaps, s)
+			}
+		}
+		if len(snaps) > 0 {
+			return opRollback(n, pick(snaps))
+		}
+		return opSnapshot([]string{n}, []string{fresh("S")}, false)
+	case 9:
+		n := pick(names)
+		switch r.IntN(3) {
+		case 0:
+			return opRename(n, fresh("M"))
+		case 1:
+			if w := pick(writable); true {
+				return opFlatten(w)
+			}
+			fallthrough
+		default:
+			return opSetReadOnly(n, !m[n].readOnly)
+		}
 	case 0:
 		if len(names) >= 7 {
 			return opDelete(pick(names))

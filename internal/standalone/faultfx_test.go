@@ -117,6 +117,9 @@ func (h *fx) restartController() error {
 type fxDisk struct {
 	data     []byte
 	readOnly bool
+	// family names the disk it all started from (its name at
+	// creation): disks of one family may roll back to each other.
+	family string
 }
 
 // fxModel is the model of every disk, by name. Operations return new
@@ -126,7 +129,7 @@ type fxModel map[string]fxDisk
 func (m fxModel) clone() fxModel {
 	out := make(fxModel, len(m))
 	for k, d := range m {
-		out[k] = fxDisk{data: slices.Clone(d.data), readOnly: d.readOnly}
+		out[k] = fxDisk{data: slices.Clone(d.data), readOnly: d.readOnly, family: d.family}
 	}
 	return out
 }
@@ -153,7 +156,7 @@ type fxOp struct {
 func opCreate(name string, prealloc bool) fxOp {
 	op := fxOp{name: "create", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
-		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
+		after[name] = fxDisk{data: make([]byte, fxSegs*seg64), family: name}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Preallocate: prealloc})
 		return after, err
 	}}
@@ -177,7 +180,7 @@ func opCreate(name string, prealloc bool) fxOp {
 func opCreateReverse(name string) fxOp {
 	return fxOp{name: "create", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
-		after[name] = fxDisk{data: make([]byte, fxSegs*seg64)}
+		after[name] = fxDisk{data: make([]byte, fxSegs*seg64), family: name}
 		_, err := h.c.Ctrl.CreateDisk(h.ctx, controller.CreateOptions{Name: name, Size: fxSegs * seg64, SegmentSize: seg64, Policy: table.Reverse})
 		return after, err
 	}}
@@ -187,7 +190,7 @@ func opSnapshot(srcs, names []string, writable bool) fxOp {
 	return fxOp{name: "snapshot", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
 		for i, s := range srcs {
-			after[names[i]] = fxDisk{data: slices.Clone(m[s].data), readOnly: !writable}
+			after[names[i]] = fxDisk{data: slices.Clone(m[s].data), readOnly: !writable, family: m[s].family}
 		}
 		_, err := h.c.Ctrl.Snapshot(h.ctx, controller.SnapshotOptions{Sources: srcs, Names: names, Writable: writable})
 		return after, err
@@ -260,6 +263,62 @@ func opResize(name string, segs int) fxOp {
 		d.data = nd
 		after[name] = d
 		_, err := h.c.Ctrl.ResizeDisk(h.ctx, name, uint64(segs*seg64), true)
+		return after, err
+	}}
+}
+
+// opRollback rolls disk back to its snapshot to: it takes to's data and
+// size.
+func opRollback(disk, to string) fxOp {
+	return fxOp{name: "rollback", run: func(h *fx, m fxModel) (fxModel, error) {
+		after := m.clone()
+		d := after[disk]
+		d.data = slices.Clone(m[to].data)
+		after[disk] = d
+		_, err := h.c.Ctrl.Rollback(h.ctx, disk, to)
+		return after, err
+	}}
+}
+
+func opRename(from, to string) fxOp {
+	return fxOp{name: "rename", run: func(h *fx, m fxModel) (fxModel, error) {
+		after := m.clone()
+		after[to] = after[from]
+		delete(after, from)
+		_, err := h.c.Ctrl.RenameDisk(h.ctx, from, to)
+		return after, err
+	}}
+}
+
+// opFlatten flattens a writable disk: its data stays. Its data is the same
+// before and after, so settled runs it again (finishing one that stopped
+// half way, as a user would after a crash) and checks that it shares no
+// slot.
+func opFlatten(name string) fxOp {
+	return fxOp{name: "flatten", run: func(h *fx, m fxModel) (fxModel, error) {
+		return m.clone(), h.c.Ctrl.Flatten(h.ctx, name, nil)
+	}, settled: func(h *fx) error {
+		if err := h.c.Ctrl.Flatten(h.ctx, name, nil); err != nil {
+			return fmt.Errorf("flatten %s again: %w", name, err)
+		}
+		u, err := h.c.Ctrl.DiskUsage(h.ctx, name)
+		if err != nil {
+			return err
+		}
+		if u.Shared != 0 {
+			return fmt.Errorf("flattened %s still shares %d bytes", name, u.Shared)
+		}
+		return nil
+	}}
+}
+
+func opSetReadOnly(name string, ro bool) fxOp {
+	return fxOp{name: "set-read-only", run: func(h *fx, m fxModel) (fxModel, error) {
+		after := m.clone()
+		d := after[name]
+		d.readOnly = ro
+		after[name] = d
+		_, err := h.c.Ctrl.SetReadOnly(h.ctx, name, ro)
 		return after, err
 	}}
 }
@@ -430,7 +489,7 @@ func (h *fx) tornMatch(before, after fxModel) (fxModel, error) {
 				return nil, fmt.Errorf("disk %s block %d (segment %d) holds neither its old nor its new bytes", name, s/blk, s/seg64)
 			}
 		}
-		m[name] = fxDisk{data: got, readOnly: after[name].readOnly}
+		m[name] = fxDisk{data: got, readOnly: after[name].readOnly, family: after[name].family}
 	}
 	return m, nil
 }

@@ -140,6 +140,9 @@ type mdisk struct {
 	segSize  uint64
 	readOnly bool
 	policy   table.Policy
+	// family is the name at creation of the disk it all started from:
+	// a disk may roll back to the read-only disks of its family.
+	family string
 }
 
 type model struct {
@@ -177,6 +180,8 @@ func (m *model) mix() []modelOp {
 		{4, "create", m.create, false}, {2, "delete", m.delete, false}, {4, "snapshot", m.snapshot, false}, {2, "group-snapshot", m.groupSnapshot, false},
 		{2, "clone", m.clone, false}, {1, "resize", m.resize, false}, {2, "concurrent", m.concurrent, false},
 		{1, "restart-agent", m.restartAgent, true}, {1, "restart-controller", m.restartController, true}, {2, "read-only-write", m.readOnlyWrite, false},
+		{2, "rollback", m.rollback, false}, {1, "rename", m.rename, false}, {1, "set-read-only", m.setReadOnly, false}, {1, "flatten", m.flatten, false},
+		{1, "snapshot-delete", m.snapshotDelete, false},
 	}
 }
 
@@ -348,10 +353,13 @@ func (m *model) span(d *mdisk) (off, n uint64) {
 }
 
 func (m *model) write() {
-	d := m.pick(true)
-	if d == nil {
-		return
+	if d := m.pick(true); d != nil {
+		m.writeTo(d)
 	}
+}
+
+// writeTo writes a random span of d through a random agent.
+func (m *model) writeTo(d *mdisk) {
 	i := m.rng.IntN(2)
 	off, n := m.span(d)
 	p := make([]byte, n)
@@ -459,7 +467,7 @@ func (m *model) create() {
 	if _, err := m.c.Ctrl.CreateDisk(m.ctx, controller.CreateOptions{Name: name, Size: size, SegmentSize: ss, Policy: pol}); err != nil {
 		m.fatalf("create %s: %v", name, err)
 	}
-	m.disks[name] = &mdisk{name: name, data: make([]byte, size), segSize: ss, policy: pol}
+	m.disks[name] = &mdisk{name: name, data: make([]byte, size), segSize: ss, policy: pol, family: name}
 	m.tracef("create %s size %d seg %d %v", name, size, ss, pol)
 	m.stats["create"]++
 }
@@ -513,7 +521,7 @@ func (m *model) snapshotOf(srcs []*mdisk, writable bool) {
 		if out[i].Name != o.Names[i] || out[i].ReadOnly == writable {
 			m.fatalf("snapshot gave %+v", out[i])
 		}
-		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy, clone: writable}
+		m.disks[o.Names[i]] = &mdisk{name: o.Names[i], data: bytes.Clone(s.data), segSize: s.segSize, readOnly: !writable, policy: s.policy, clone: writable, family: s.family}
 		if s.clone {
 			m.stats["snapshot-of-clone"]++
 		}
@@ -657,7 +665,7 @@ func (m *model) concurrent() {
 		copy(d.data[pc.off:], pc.p)
 	}
 	// Read the snapshot and decide, piece by piece, old or new.
-	snap := &mdisk{name: name, data: bytes.Clone(old), segSize: d.segSize, readOnly: true, policy: d.policy}
+	snap := &mdisk{name: name, data: bytes.Clone(old), segSize: d.segSize, readOnly: true, policy: d.policy, family: d.family}
 	got := make([]byte, len(old))
 	if err := m.handle(m.rng.IntN(2), snap).ReadAt(m.ctx, got, 0); err != nil {
 		m.fatalf("read snapshot %s: %v", name, err)
@@ -717,6 +725,117 @@ func (m *model) restartController() {
 
 // readOnlyWrite checks that writes to a read-only snapshot are refused and
 // change nothing.
+// rollback rolls a writable disk back to a read-only disk of its family;
+// its open handles read the snapshot's data from then on.
+func (m *model) rollback() {
+	d := m.pick(true)
+	if d == nil {
+		return
+	}
+	var snaps []*mdisk
+	for _, s := range m.sorted() {
+		if s.readOnly && s.family == d.family {
+			snaps = append(snaps, s)
+		}
+	}
+	if len(snaps) == 0 {
+		return
+	}
+	s := snaps[m.rng.IntN(len(snaps))]
+	if _, err := m.c.Ctrl.Rollback(m.ctx, d.name, s.name); err != nil {
+		m.fatalf("rollback %s to %s: %v", d.name, s.name, err)
+	}
+	d.data = bytes.Clone(s.data)
+	m.tracef("rollback %s to %s", d.name, s.name)
+	m.stats["rollback"]++
+}
+
+// rename renames a disk; open handles go on under the new name.
+func (m *model) rename() {
+	d := m.pick(false)
+	if d == nil {
+		return
+	}
+	to := m.newName(m.prefix + "r")
+	if _, err := m.c.Ctrl.RenameDisk(m.ctx, d.name, to); err != nil {
+		m.fatalf("rename %s to %s: %v", d.name, to, err)
+	}
+	m.tracef("rename %s to %s", d.name, to)
+	delete(m.disks, d.name)
+	for i := range m.open {
+		if h := m.open[i][d.name]; h != nil {
+			delete(m.open[i], d.name)
+			m.open[i][to] = h
+		}
+	}
+	d.name = to
+	m.disks[to] = d
+	m.stats["rename"]++
+}
+
+// snapshotDelete snapshots a disk twice, writes to it, deletes the first
+// snapshot and promotes the second to writable, then writes to that: a
+// backup taken and dropped, a restore point put to use. Under the
+// reverse-delta policy the write moves both snapshots onto a slot they
+// share, stored No-write; once one is deleted, the other's first write
+// finds it No-write with one holder (ClearNoWrite).
+func (m *model) snapshotDelete() {
+	d := m.pick(true)
+	if d == nil || len(m.disks)+1 > m.maxDisks {
+		return
+	}
+	t1 := m.newName(d.name + ".t")
+	t2 := t1 + "u"
+	for _, n := range []string{t1, t2} {
+		if _, err := m.c.Ctrl.Snapshot(m.ctx, controller.SnapshotOptions{Sources: []string{d.name}, Names: []string{n}}); err != nil {
+			m.fatalf("snapshot %s: %v", d.name, err)
+		}
+	}
+	m.disks[t2] = &mdisk{name: t2, data: bytes.Clone(d.data), segSize: d.segSize, policy: d.policy, family: d.family}
+	m.writeTo(d)
+	if err := m.c.Ctrl.DeleteDisk(m.ctx, t1); err != nil {
+		m.fatalf("delete %s: %v", t1, err)
+	}
+	if _, err := m.c.Ctrl.SetReadOnly(m.ctx, t2, false); err != nil {
+		m.fatalf("promote %s: %v", t2, err)
+	}
+	m.tracef("snapshot %s as %s and %s, delete %s, promote %s", d.name, t1, t2, t1, t2)
+	m.writeTo(m.disks[t2])
+	m.stats["snapshot-delete"]++
+}
+
+// flatten flattens a writable disk: its data stays, and it shares nothing.
+func (m *model) flatten() {
+	d := m.pick(true)
+	if d == nil {
+		return
+	}
+	if err := m.c.Ctrl.Flatten(m.ctx, d.name, nil); err != nil {
+		m.fatalf("flatten %s: %v", d.name, err)
+	}
+	m.tracef("flatten %s", d.name)
+	if m.sh == nil { // alone on the cluster: no other model writes to it
+		if u, err := m.c.Ctrl.DiskUsage(m.ctx, d.name); err != nil || u.Shared != 0 {
+			m.fatalf("flattened %s: %+v, %v: still shared", d.name, u, err)
+		}
+	}
+	m.stats["flatten"]++
+}
+
+// setReadOnly freezes a writable disk or promotes a read-only one.
+func (m *model) setReadOnly() {
+	d := m.pick(false)
+	if d == nil {
+		return
+	}
+	if _, err := m.c.Ctrl.SetReadOnly(m.ctx, d.name, !d.readOnly); err != nil {
+		m.fatalf("set %s read-only=%v: %v", d.name, !d.readOnly, err)
+	}
+	d.readOnly = !d.readOnly
+	m.tracef("set %s read-only=%v", d.name, d.readOnly)
+	m.stats["set-read-only"]++
+}
+
 func (m *model) readOnlyWrite() {
 	var ro []*mdisk
 	for _, d := range m.sorted() {

@@ -463,6 +463,24 @@ func testSharedPages(t *testing.T, s meta.Store) {
 		if len(pa) != 2 || !slices.Equal(pa, pb) {
 			t.Errorf("TablePages: a %v, b %v; want the same two", pa, pb)
 		}
+		// A range reads the pages it covers, whatever directory
+		// they are in.
+		for _, r := range []struct {
+			first, n uint64
+			want     []meta.PageRef
+		}{
+			{0, 1, pa[:1]},
+			{1, far/meta.PageEntries - 1, nil},
+			{1, far / meta.PageEntries, pa[1:]},
+			{far / meta.PageEntries, math.MaxUint64, pa[1:]},
+			{0, math.MaxUint64, pa},
+			{0, 0, nil},
+		} {
+			got, err := tx.TablePageRange(a.ID, r.first, r.n)
+			if err != nil || !slices.Equal(got, r.want) {
+				t.Errorf("TablePageRange(%d, %d) = %v, %v; want %v", r.first, r.n, got, err, r.want)
+			}
+		}
 		for _, p := range pa {
 			if n, err := tx.PageRefs(p.ID); err != nil || n != 2 {
 				t.Errorf("PageRefs(%d) = %d, %v; want 2", p.ID, n, err)

@@ -70,15 +70,15 @@ func Code(err error) codes.Code {
 		errors.Is(err, container.ErrTruncated), errors.Is(err, container.ErrInvalidHeader),
 		errors.Is(err, meta.ErrInvalid), errors.Is(err, stream.ErrNotStream), errors.Is(err, stream.ErrVersion),
 		errors.Is(err, stream.ErrCorrupt), errors.Is(err, stream.ErrTruncated), errors.Is(err, stream.ErrInvalid),
-		errors.Is(err, controller.ErrLineage):
+		errors.Is(err, controller.ErrOtherLineage):
 		return codes.InvalidArgument
 	case errors.Is(err, protocol.ErrNotFound), errors.Is(err, meta.ErrNotFound):
 		return codes.NotFound
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
 	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
-		errors.Is(err, controller.ErrRepairRefused), errors.Is(err, controller.ErrNotSnapshot),
-		errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince):
+		errors.Is(err, controller.ErrRepairRefused),
+		errors.Is(err, controller.ErrNotSnapshot), errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince):
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
 		return codes.ResourceExhausted
@@ -268,9 +268,74 @@ func (s *Server) ResizeDisk(ctx context.Context, r *pb.ResizeDiskRequest) (*pb.D
 	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
 }
 
+// RollbackDisk implements pb.AdminServer.
+func (s *Server) RollbackDisk(ctx context.Context, r *pb.RollbackDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.Rollback(ctx, r.Name, r.To)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// RenameDisk implements pb.AdminServer.
+func (s *Server) RenameDisk(ctx context.Context, r *pb.RenameDiskRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.RenameDisk(ctx, r.Name, r.NewName)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// SetDisk implements pb.AdminServer.
+func (s *Server) SetDisk(ctx context.Context, r *pb.SetDiskRequest) (*pb.Disk, error) {
+	if r.ReadOnly == nil {
+		return nil, grpcErr(fmt.Errorf("set %q: nothing to change: %w", r.Name, protocol.ErrBadRequest))
+	}
+	d, err := s.cfg.Ctrl.SetReadOnly(ctx, r.Name, *r.ReadOnly)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// FlattenDisk implements pb.AdminServer: progress goes out at most every
+// 100 ms, and once at the end.
+func (s *Server) FlattenDisk(r *pb.FlattenDiskRequest, stream pb.Admin_FlattenDiskServer) error {
+	ctx := stream.Context()
+	d, err := s.cfg.Ctrl.Disk(ctx, r.Name)
+	if err != nil {
+		return grpcErr(err)
+	}
+	var (
+		last    time.Time
+		sendErr error
+	)
+	err = s.cfg.Ctrl.Flatten(ctx, r.Name, func(done, total uint64) {
+		if now := time.Now(); sendErr == nil && (done == total || now.Sub(last) >= 100*time.Millisecond) {
+			last = now
+			sendErr = stream.Send(&pb.FlattenProgress{Done: done, Total: total, SegmentSize: d.SegmentSize})
+		}
+	})
+	if err != nil {
+		return grpcErr(err)
+	}
+	return sendErr
+}
+
 // DeleteDisk implements pb.AdminServer.
 func (s *Server) DeleteDisk(ctx context.Context, r *pb.DeleteDiskRequest) (*pb.DeleteDiskResponse, error) {
-	return &pb.DeleteDiskResponse{}, grpcErr(s.cfg.Ctrl.DeleteDisk(ctx, r.Name))
+	if r.DryRun {
+		n, err := s.cfg.Ctrl.DeleteFrees(ctx, r.Name)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		return &pb.DeleteDiskResponse{FreedBytes: n}, nil
+	}
+	n, err := s.cfg.Ctrl.DeleteDiskFreed(ctx, r.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return &pb.DeleteDiskResponse{FreedBytes: n}, nil
 }
 
 // Snapshot implements pb.AdminServer. Names left empty are made from the
@@ -297,6 +362,43 @@ func (s *Server) Snapshot(ctx context.Context, r *pb.SnapshotRequest) (*pb.Snaps
 	out := &pb.SnapshotResponse{}
 	for _, d := range ds {
 		out.Disks = append(out.Disks, disk(d, all))
+	}
+	return out, nil
+}
+
+// MaxDiffExtents is the most extents one DiffDisks response holds (about
+// 1 MiB): a client pages through a larger diff with next_offset.
+const MaxDiffExtents = 1 << 16
+
+// DiffDisks implements pb.AdminServer.
+func (s *Server) DiffDisks(ctx context.Context, r *pb.DiffDisksRequest) (*pb.DiffDisksResponse, error) {
+	var ids [2]meta.DiskID
+	for i, n := range []string{r.From, r.To} {
+		if err := controller.ValidName(n); err != nil {
+			return nil, grpcErr(fmt.Errorf("diff: %w", err))
+		}
+		d, err := s.cfg.Ctrl.Disk(ctx, n)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		ids[i] = d.ID // ids are never reused: a disk deleted since is not found
+	}
+	q := controller.DiffQuery{Off: r.Offset, Len: r.Length, Max: MaxDiffExtents}
+	if r.MaxExtents > 0 && r.MaxExtents < MaxDiffExtents {
+		q.Max = int(r.MaxExtents)
+	}
+	d, err := s.cfg.Ctrl.DiffRange(ctx, ids[0], ids[1], q)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	out := &pb.DiffDisksResponse{
+		Extents:      make([]*pb.Extent, len(d.Extents)),
+		ChangedBytes: d.Bytes(),
+		FromSize:     d.From.Size, ToSize: d.To.Size, SegmentSize: d.From.SegmentSize,
+		NextOffset: d.Next,
+	}
+	for i, x := range d.Extents {
+		out.Extents[i] = &pb.Extent{Offset: x.Off, Length: x.Len}
 	}
 	return out, nil
 }

@@ -39,7 +39,7 @@ func TestCode(t *testing.T) {
 		{wrap(meta.ErrCorrupt), codes.DataLoss},
 		{wrap(stream.ErrCorrupt), codes.InvalidArgument},
 		{wrap(stream.ErrTruncated), codes.InvalidArgument},
-		{wrap(controller.ErrLineage), codes.InvalidArgument},
+		{wrap(controller.ErrOtherLineage), codes.InvalidArgument},
 		{wrap(controller.ErrWrongBase), codes.FailedPrecondition},
 		{wrap(controller.ErrWrittenSince), codes.FailedPrecondition},
 		{wrap(controller.ErrNotSnapshot), codes.FailedPrecondition},

@@ -36,6 +36,10 @@ type Disk struct {
 	Size        uint64
 	SegmentSize uint64
 	ReadOnly    bool
+	// Family is the id of the first disk of its lineage (see
+	// meta.Disk.Family): disks of one family share slots at the same
+	// segment index, and their entries can be compared.
+	Family DiskID
 }
 
 // Segments returns the number of entries in d's table.

@@ -174,11 +174,11 @@ func stageFromPB(r *pb.FaultReply) (*protocol.Stage, error) {
 }
 
 func diskToPB(d protocol.Disk) *pb.MappedDisk {
-	return &pb.MappedDisk{Id: uint64(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly}
+	return &pb.MappedDisk{Id: uint64(d.ID), Name: d.Name, Size: d.Size, SegmentSize: d.SegmentSize, ReadOnly: d.ReadOnly, Family: uint64(d.Family)}
 }
 
 func diskFromPB(d *pb.MappedDisk) (protocol.Disk, error) {
-	out := protocol.Disk{ID: protocol.DiskID(d.GetId()), Name: d.GetName(), Size: d.GetSize(), SegmentSize: d.GetSegmentSize(), ReadOnly: d.GetReadOnly()}
+	out := protocol.Disk{ID: protocol.DiskID(d.GetId()), Name: d.GetName(), Size: d.GetSize(), SegmentSize: d.GetSegmentSize(), ReadOnly: d.GetReadOnly(), Family: protocol.DiskID(d.GetFamily())}
 	if err := controller.ValidGeometry(out.Size, out.SegmentSize); err != nil {
 		return protocol.Disk{}, fmt.Errorf("disk %q from the wire: %w: %w", out.Name, protocol.ErrBadRequest, err)
 	}
