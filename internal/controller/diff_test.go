@@ -175,68 +175,7 @@ func BenchmarkDiff(b *testing.B) {
 	for _, n := range []uint64{1_000, 1_000_000} {
 		b.Run(fmt.Sprintf("segments=%d", n), func(b *testing.B) {
 			ctx := context.Background()
-			c, err := standalone.Open(ctx, b.TempDir(), standalone.Options{
-				Agents: []string{"host-a"},
-				Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: n + 8, Count: 1}},
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer c.Close()
-			d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "d", Size: n * seg, SegmentSize: seg})
-			if err != nil {
-				b.Fatal(err)
-			}
-			cs, err := c.Ctrl.ListContainers(ctx)
-			if err != nil {
-				b.Fatal(err)
-			}
-			cid := cs[0].ID
-			const chunk = 1 << 16
-			for first := uint64(0); first < n; first += chunk {
-				k := min(chunk, n-first)
-				err := c.Store.Update(ctx, func(tx *meta.Tx) error {
-					es := make([]table.Entry, k)
-					for i := range es {
-						loc := table.Location{Container: cid, Slot: uint32(first) + uint32(i)}
-						es[i] = table.At(loc, false)
-						if err := tx.SetRefs(loc, 1); err != nil {
-							return err
-						}
-					}
-					return tx.SetEntries(d.ID, first, es)
-				})
-				if err != nil {
-					b.Fatal(err)
-				}
-			}
-			if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
-				b.Fatal(err)
-			}
-			// Four segments of the first page move to new slots, as
-			// a copy-on-write would.
-			changed := []uint64{3, 300, 600, 900}
-			if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
-				for i, s := range changed {
-					old, err := tx.Entry(d.ID, s)
-					if err != nil {
-						return err
-					}
-					loc := table.Location{Container: cid, Slot: uint32(n) + uint32(i)}
-					if err := tx.SetEntries(d.ID, s, []table.Entry{table.At(loc, false)}); err != nil {
-						return err
-					}
-					if _, err := meta.AddRefs(tx, old.Loc, -1); err != nil {
-						return err
-					}
-					if err := tx.SetRefs(loc, 1); err != nil {
-						return err
-					}
-				}
-				return nil
-			}); err != nil {
-				b.Fatal(err)
-			}
+			c, changed := lineageFixture(b, n)
 			runtime.GC() // the setup's garbage, not the diff's
 			b.ResetTimer()
 			for b.Loop() {
@@ -244,10 +183,103 @@ func BenchmarkDiff(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if len(r.Extents) != len(changed) {
-					b.Fatalf("%d extents, want %d", len(r.Extents), len(changed))
+				if len(r.Extents) != changed {
+					b.Fatalf("%d extents, want %d", len(r.Extents), changed)
 				}
 			}
 		})
 	}
+}
+
+// BenchmarkRollback rolls disk d back to its snapshot s, over and over:
+// the cost of replacing a table by a snapshot's (shared pages), which must
+// not grow with the disk.
+func BenchmarkRollback(b *testing.B) {
+	for _, n := range []uint64{1_000, 1_000_000} {
+		b.Run(fmt.Sprintf("segments=%d", n), func(b *testing.B) {
+			ctx := context.Background()
+			c, _ := lineageFixture(b, n)
+			runtime.GC()
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := c.Ctrl.Rollback(ctx, "d", "s"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// lineageFixture makes a cluster whose disk d of n 64 KiB segments, every
+// one mapped, has a snapshot s from which four segments of its first table
+// page have moved (as copies-on-write would move them); it returns the
+// cluster and the segments changed. The entries are written to the store
+// directly: writing a million segments through an agent would take the
+// benchmark's time.
+func lineageFixture(b *testing.B, n uint64) (*standalone.Cluster, int) {
+	b.Helper()
+	ctx := context.Background()
+	c, err := standalone.Open(ctx, b.TempDir(), standalone.Options{
+		Agents: []string{"host-a"},
+		Pool:   []standalone.PoolSpec{{SlotSize: seg, Slots: n + 8, Count: 1}},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "d", Size: n * seg, SegmentSize: seg})
+	if err != nil {
+		b.Fatal(err)
+	}
+	cs, err := c.Ctrl.ListContainers(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cid := cs[0].ID
+	const chunk = 1 << 16
+	for first := uint64(0); first < n; first += chunk {
+		k := min(chunk, n-first)
+		err := c.Store.Update(ctx, func(tx *meta.Tx) error {
+			es := make([]table.Entry, k)
+			for i := range es {
+				loc := table.Location{Container: cid, Slot: uint32(first) + uint32(i)}
+				es[i] = table.At(loc, false)
+				if err := tx.SetRefs(loc, 1); err != nil {
+					return err
+				}
+			}
+			return tx.SetEntries(d.ID, first, es)
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	if _, err := c.Ctrl.Snapshot(ctx, controller.SnapshotOptions{Sources: []string{"d"}, Names: []string{"s"}}); err != nil {
+		b.Fatal(err)
+	}
+	// Four segments of the first page move to new slots, as
+	// a copy-on-write would.
+	changed := []uint64{3, 300, 600, 900}
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
+		for i, s := range changed {
+			old, err := tx.Entry(d.ID, s)
+			if err != nil {
+				return err
+			}
+			loc := table.Location{Container: cid, Slot: uint32(n) + uint32(i)}
+			if err := tx.SetEntries(d.ID, s, []table.Entry{table.At(loc, false)}); err != nil {
+				return err
+			}
+			if _, err := meta.AddRefs(tx, old.Loc, -1); err != nil {
+				return err
+			}
+			if err := tx.SetRefs(loc, 1); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		b.Fatal(err)
+	}
+	return c, len(changed)
 }

@@ -32,7 +32,7 @@ func newBolt(db *bolt.DB) *Bolt {
 // OpenBolt opens (creating if needed) the bbolt store at path. It fails
 // rather than waits if another process holds the file.
 func OpenBolt(path string) (*Bolt, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
 	if err != nil {
 		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("open metadata %s: %w", path, ErrLocked)

@@ -932,17 +932,57 @@ func (t *Tx) CopyTable(src, dst DiskID) error {
 }
 
 // ReplaceTable makes dst's table a copy of src's, as CopyTable does, and
-// returns the slots whose count reached zero as dst's previous table was
-// released (the caller may punch them).
+// returns the slots whose count reached zero as dst's previous pages were
+// released (the caller may punch them). A page dst already shares with
+// src stays as it is: the cost grows with the pages that differ, so
+// rolling a disk back to a snapshot it mostly shares is cheap at any size.
 func (t *Tx) ReplaceTable(src, dst DiskID) ([]table.Location, error) {
+	if !t.writable {
+		return nil, ErrReadOnlyTx
+	}
 	if src == dst {
 		return nil, nil
 	}
-	freed, err := t.dropTable(dst)
+	sdns, err := t.dirNumbers(src)
 	if err != nil {
 		return nil, err
 	}
-	return freed, t.CopyTable(src, dst)
+	ddns, err := t.dirNumbers(dst)
+	if err != nil {
+		return nil, err
+	}
+	var freed []table.Location
+	for _, dn := range slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(sdns), ddns...)))) {
+		sc, err := t.dir(src, dn)
+		if err != nil {
+			return nil, err
+		}
+		dc, err := t.dir(dst, dn)
+		if err != nil {
+			return nil, err
+		}
+		for i, pid := range sc.d {
+			old := dc.d[i]
+			if old == pid {
+				continue
+			}
+			if pid != 0 {
+				if _, err := t.addPageRefs(pid, 1); err != nil {
+					return nil, err
+				}
+			}
+			if old != 0 {
+				f, err := t.releasePage(old)
+				if err != nil {
+					return nil, err
+				}
+				freed = append(freed, f...)
+			}
+			dc.d[i] = pid
+			dc.dirty = true
+		}
+	}
+	return freed, nil
 }
 
 // Containers returns every container, ordered by id.
