@@ -83,16 +83,11 @@ func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) e
 	if err := load(); err != nil {
 		return err
 	}
-	fam, id := src.Family, src.ID
-	defer c.lockFamily(fam, false)()
-	// Again under the lock: deleted and created again meanwhile, it
-	// may be of another family.
-	if err := load(); err != nil {
-		return err
-	}
-	if src.Family != fam || src.ID != id {
-		return fmt.Errorf("export %q: deleted and created again meanwhile: %w", o.Snapshot, protocol.ErrStale)
-	}
+	// The family is locked segment by segment (exportSeg), not for the
+	// whole export: snapshots, deletes and resizes of the lineage go on
+	// between segments. A snapshot's table does not change; if it is
+	// deleted meanwhile, the export fails (and its stream, without an end
+	// record, is refused by any import).
 
 	// The segments to send, and the bytes they will carry at most.
 	var segs []uint64
@@ -132,11 +127,15 @@ func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) e
 		return err
 	}
 	buf := make([]byte, src.SegmentSize)
+	var baseBuf []byte
+	if o.Base != "" {
+		baseBuf = make([]byte, src.SegmentSize)
+	}
 	for _, seg := range segs {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := c.exportSeg(ctx, sw, src, base, o.Base != "", seg, buf); err != nil {
+		if err := c.exportSeg(ctx, sw, src, base, o.Base != "", seg, buf, baseBuf); err != nil {
 			return err
 		}
 	}
@@ -155,12 +154,37 @@ func segExtent(d meta.Disk, seg uint64) uint64 {
 }
 
 // exportSeg writes what segment seg of src holds (incr false) or what
-// changed in it since base (incr true), under the segment's lock.
-func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base meta.Disk, incr bool, seg uint64, buf []byte) error {
-	defer c.lockSegment(src.Family, seg)()
+// changed in it since base (incr true). It reads the entries and the data
+// under the family's lock (shared) and the segment's, as a write fault
+// would take them, so that no copy-on-write moves a slot from under the
+// read (a reverse-delta write writes the old slot in place), and writes
+// the stream after letting them go: a slow reader of the stream holds up
+// nothing. A snapshot deleted meanwhile fails the export.
+func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base meta.Disk, incr bool, seg uint64, buf, baseBuf []byte) error {
+	unlockFam := c.lockFamily(src.Family, false)
+	unlockSeg := c.lockSegment(src.Family, seg)
+	unlocked := false
+	unlock := func() {
+		if !unlocked {
+			unlocked = true
+			unlockSeg()
+			unlockFam()
+		}
+	}
+	defer unlock()
 	var se, be table.Entry
 	be = table.ZeroEntry
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		for _, d := range []meta.Disk{src, base} {
+			if d.ID == 0 {
+				continue // no base
+			}
+			if cur, err := tx.DiskByID(d.ID); err != nil {
+				return fmt.Errorf("export %q: %q: %w", src.Name, d.Name, wrapNotFound(err))
+			} else if cur.Size != d.Size {
+				return fmt.Errorf("export %q: %q changed meanwhile: %w", src.Name, d.Name, protocol.ErrStale)
+			}
+		}
 		var err error
 		if se, err = tx.Entry(src.ID, seg); err != nil {
 			return err
@@ -211,17 +235,29 @@ func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base
 	}
 	var bbuf []byte
 	if incr && !be.Voided() {
-		bbuf = make([]byte, len(buf))
+		bbuf = baseBuf
 	}
 	for _, r := range runs {
 		lo, hi := uint64(r.lo)*sb, min(uint64(r.hi)*sb, n)
 		if lo >= hi {
 			continue
 		}
-		b := buf[lo:hi]
-		if err := c.readEntry(ctx, se, size, lo, b); err != nil {
+		if err := c.readEntry(ctx, se, size, lo, buf[lo:hi]); err != nil {
 			return err
 		}
+		if bbuf != nil {
+			if err := c.readEntry(ctx, be, size, lo, bbuf[lo:hi]); err != nil {
+				return err
+			}
+		}
+	}
+	unlock() // what the stream needs is in buf and bbuf
+	for _, r := range runs {
+		lo, hi := uint64(r.lo)*sb, min(uint64(r.hi)*sb, n)
+		if lo >= hi {
+			continue
+		}
+		b := buf[lo:hi]
 		// A sub-block whose bytes are what the target holds already
 		// (the base's, or zeros where the base has a hole or for a
 		// full stream) is not sent: a whole slot written for a
@@ -229,9 +265,6 @@ func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base
 		var old []byte
 		if bbuf != nil {
 			old = bbuf[lo:hi]
-			if err := c.readEntry(ctx, be, size, lo, old); err != nil {
-				return err
-			}
 		}
 		same := func(i uint64) bool {
 			p := b[i:min(i+sb, uint64(len(b)))]
