@@ -126,18 +126,52 @@ func (c *Controller) Export(ctx context.Context, o ExportOptions, w io.Writer) e
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, src.SegmentSize)
-	var baseBuf []byte
-	if o.Base != "" {
-		baseBuf = make([]byte, src.SegmentSize)
+	// Two stages, so that reading the containers and encoding and
+	// sending the stream go on side by side: a reader fills segment
+	// buffers (readSeg), this goroutine writes them out (emit).
+	const inFlight = 3
+	free := make(chan segRead, inFlight)
+	for range inFlight {
+		r := segRead{buf: make([]byte, src.SegmentSize)}
+		if o.Base != "" {
+			r.baseBuf = make([]byte, src.SegmentSize)
+		}
+		free <- r
 	}
-	for _, seg := range segs {
-		if err := ctx.Err(); err != nil {
+	rctx, cancel := context.WithCancel(ctx)
+	read := make(chan segRead, inFlight)
+	go func() {
+		defer close(read)
+		for _, seg := range segs {
+			var r segRead
+			select {
+			case r = <-free:
+			case <-rctx.Done():
+				return
+			}
+			r.err = c.readSeg(rctx, &r, src, base, o.Base != "", seg)
+			read <- r // room: at most inFlight buffers exist
+			if r.err != nil {
+				return
+			}
+		}
+	}()
+	defer func() {
+		cancel()
+		for range read { // the reader ends at its next segment
+		}
+	}()
+	for r := range read {
+		if r.err != nil {
+			return r.err
+		}
+		if err := r.emit(sw); err != nil {
 			return err
 		}
-		if err := c.exportSeg(ctx, sw, src, base, o.Base != "", seg, buf, baseBuf); err != nil {
-			return err
-		}
+		free <- r
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	return sw.Close()
 }
@@ -153,25 +187,35 @@ func segExtent(d meta.Disk, seg uint64) uint64 {
 	return min(d.SegmentSize, d.Size-seg*d.SegmentSize)
 }
 
-// exportSeg writes what segment seg of src holds (incr false) or what
-// changed in it since base (incr true). It reads the entries and the data
+// segRead is one segment read for the stream (readSeg) and what emit
+// writes of it.
+type segRead struct {
+	buf, baseBuf []byte // the segment's bytes, and the base's (incremental)
+	err          error
+
+	off, n uint64 // the segment's bytes in the disk
+	sb     uint64 // its sub-block size
+	zero   bool   // one zero record for the whole segment
+	runs   []subRun
+	// compare: the bytes of runs are compared with baseBuf's (a base
+	// that maps the segment), else with zeros, to skip what the target
+	// holds already.
+	compare bool
+}
+
+// subRun is sub-blocks [lo, hi) of a segment.
+type subRun struct{ lo, hi int }
+
+// readSeg reads what segment seg of src holds (incr false) or what changed
+// in it since base (incr true) into r. It reads the entries and the data
 // under the family's lock (shared) and the segment's, as a write fault
 // would take them, so that no copy-on-write moves a slot from under the
-// read (a reverse-delta write writes the old slot in place), and writes
-// the stream after letting them go: a slow reader of the stream holds up
-// nothing. A snapshot deleted meanwhile fails the export.
-func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base meta.Disk, incr bool, seg uint64, buf, baseBuf []byte) error {
-	unlockFam := c.lockFamily(src.Family, false)
-	unlockSeg := c.lockSegment(src.Family, seg)
-	unlocked := false
-	unlock := func() {
-		if !unlocked {
-			unlocked = true
-			unlockSeg()
-			unlockFam()
-		}
-	}
-	defer unlock()
+// read (a reverse-delta write writes the old slot in place); the stream is
+// written after they are let go (emit), so a slow reader of the stream
+// holds up nothing. A snapshot deleted meanwhile fails the export.
+func (c *Controller) readSeg(ctx context.Context, r *segRead, src, base meta.Disk, incr bool, seg uint64) error {
+	defer c.lockFamily(src.Family, false)()
+	defer c.lockSegment(src.Family, seg)()
 	var se, be table.Entry
 	be = table.ZeroEntry
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
@@ -200,25 +244,23 @@ func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base
 	if incr {
 		be = c.overlay(base.Family, base.ID, seg, be)
 	}
-	off, n := seg*src.SegmentSize, segExtent(src, seg)
+	size := src.SegmentSize
+	r.off, r.n, r.sb = seg*size, segExtent(src, seg), table.SubBlockSize(size)
+	r.zero, r.runs, r.compare = false, r.runs[:0], false
 	if se.State&table.Error != 0 {
 		return fmt.Errorf("export %q: segment %d is in the Error state: %w", src.Name, seg, protocol.ErrIO)
 	}
 	if se.Voided() {
-		if incr && !be.Voided() {
-			return sw.Zero(off, n)
-		}
-		return nil // a hole, in a full stream or in both
+		// A zero record where the base had data; nothing for a hole in
+		// a full stream or in both.
+		r.zero = incr && !be.Voided()
+		return nil
 	}
-	size := src.SegmentSize
-	sb := table.SubBlockSize(size)
 	nsb := table.SubBlockCount(size)
 	// The runs of sub-blocks to send: all of them, or those whose slot
 	// differs from the base's.
-	type run struct{ lo, hi int }
-	var runs []run
 	if !incr || be.Voided() {
-		runs = []run{{0, nsb}}
+		r.runs = append(r.runs, subRun{0, nsb})
 	} else {
 		for i := 0; i < nsb; {
 			j := i
@@ -226,45 +268,50 @@ func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base
 				j++
 			}
 			if j > i {
-				runs = append(runs, run{i, j})
+				r.runs = append(r.runs, subRun{i, j})
 				i = j
 				continue
 			}
 			i++
 		}
 	}
-	var bbuf []byte
-	if incr && !be.Voided() {
-		bbuf = baseBuf
-	}
-	for _, r := range runs {
-		lo, hi := uint64(r.lo)*sb, min(uint64(r.hi)*sb, n)
+	r.compare = incr && !be.Voided()
+	for _, u := range r.runs {
+		lo, hi := uint64(u.lo)*r.sb, min(uint64(u.hi)*r.sb, r.n)
 		if lo >= hi {
 			continue
 		}
-		if err := c.readEntry(ctx, se, size, lo, buf[lo:hi]); err != nil {
+		if err := c.readEntry(ctx, se, size, lo, r.buf[lo:hi]); err != nil {
 			return err
 		}
-		if bbuf != nil {
-			if err := c.readEntry(ctx, be, size, lo, bbuf[lo:hi]); err != nil {
+		if r.compare {
+			if err := c.readEntry(ctx, be, size, lo, r.baseBuf[lo:hi]); err != nil {
 				return err
 			}
 		}
 	}
-	unlock() // what the stream needs is in buf and bbuf
-	for _, r := range runs {
-		lo, hi := uint64(r.lo)*sb, min(uint64(r.hi)*sb, n)
+	return nil
+}
+
+// emit writes the records of a segment readSeg read.
+func (r *segRead) emit(sw *stream.Writer) error {
+	if r.zero {
+		return sw.Zero(r.off, r.n)
+	}
+	sb := r.sb
+	for _, u := range r.runs {
+		lo, hi := uint64(u.lo)*sb, min(uint64(u.hi)*sb, r.n)
 		if lo >= hi {
 			continue
 		}
-		b := buf[lo:hi]
+		b := r.buf[lo:hi]
 		// A sub-block whose bytes are what the target holds already
 		// (the base's, or zeros where the base has a hole or for a
 		// full stream) is not sent: a whole slot written for a
 		// sub-block costs the stream that sub-block.
 		var old []byte
-		if bbuf != nil {
-			old = bbuf[lo:hi]
+		if r.compare {
+			old = r.baseBuf[lo:hi]
 		}
 		same := func(i uint64) bool {
 			p := b[i:min(i+sb, uint64(len(b)))]
@@ -283,7 +330,7 @@ func (c *Controller) exportSeg(ctx context.Context, sw *stream.Writer, src, base
 				j += sb
 			}
 			j = min(j, uint64(len(b)))
-			if err := sw.Data(off+lo+i, b[i:j]); err != nil {
+			if err := sw.Data(r.off+lo+i, b[i:j]); err != nil {
 				return err
 			}
 			i = j
