@@ -107,7 +107,7 @@ func (c *Controller) Import(ctx context.Context, o ImportOptions, r io.Reader) (
 	}
 	defer end()
 
-	c.sweepHidden(ctx)
+	c.SweepImports(ctx)
 	hidden, base, err := c.importPrepare(ctx, o, h, snapName)
 	if err != nil {
 		return meta.Disk{}, err
@@ -638,10 +638,11 @@ func (c *Controller) importDone(id meta.DiskID) {
 	delete(c.imports.mu.active, id)
 }
 
-// sweepHidden deletes the hidden disks that no import under way owns:
-// those of an import that a stopped controller left behind. A failure
-// is only logged.
-func (c *Controller) sweepHidden(ctx context.Context) {
+// SweepImports deletes the hidden disks that no import under way owns:
+// those of an import that a stopped controller left behind, whose target
+// is as it was before the import. A controller calls it as it starts, and
+// each import before its own. A failure is only logged.
+func (c *Controller) SweepImports(ctx context.Context) {
 	ds, err := c.Disks(ctx)
 	if err != nil {
 		return

@@ -116,6 +116,9 @@ func Lead(ctx context.Context, cfg LeadConfig) (*Leader, error) {
 		ctrl.Close()
 		return nil, err
 	}
+	// No import runs yet: the hidden disks of those an earlier
+	// controller left go (no agent maps them).
+	ctrl.SweepImports(ctx)
 	// Agents of an earlier controller may still hold leases: change
 	// nothing until those have run out.
 	if err := ctrl.Hold(cfg.Lease); err != nil {

@@ -38,7 +38,9 @@ func (s crashSide) String() string {
 // crashCases are the operations of TestCrashPoints, each from the state
 // fxSetup makes: D (forward policy) shares segments 0, 1 with D.s and owns
 // segment 2; E (reverse policy) shares segments 0-2 with E.s; F has
-// segment 1 written; every disk has fxSegs segments.
+// segments 0 and 1 written, and snapshots F@a and F@b (segment 0 and a
+// piece of 1 written between them); I is F@a imported, with I@a; every
+// disk has fxSegs segments.
 func crashCases() []crashCase {
 	return []crashCase{
 		{"create", opCreate("N", false), ctrlCrash},
@@ -79,6 +81,8 @@ func crashCases() []crashCase {
 		// D shares segments 0 and 1 with D.s, E segments 0-2 with E.s.
 		{"flatten", opFlatten("D"), ctrlCrash},
 		{"flatten-reverse", opFlatten("E"), ctrlCrash},
+		{"import", opImport("J", "F@b", ""), ctrlCrash},
+		{"import-incremental", opImport("I", "F@b", "F@a"), ctrlCrash},
 	}
 }
 

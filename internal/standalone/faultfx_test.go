@@ -312,6 +312,28 @@ func opFlatten(name string) fxOp {
 	}}
 }
 
+// opImport exports snapshot snap (incrementally from base, if set) and
+// imports the stream into disk: a full stream makes disk and its snapshot,
+// an incremental one brings disk to snap's data and adds the snapshot.
+func opImport(disk, snap, base string) fxOp {
+	return fxOp{name: "import", run: func(h *fx, m fxModel) (fxModel, error) {
+		after := m.clone()
+		d, ok := after[disk]
+		if !ok {
+			d.family = disk
+		}
+		d.data = slices.Clone(m[snap].data)
+		after[disk] = d
+		after[controller.ImportSnapshotName(disk, snap)] = fxDisk{data: slices.Clone(m[snap].data), readOnly: true, family: d.family}
+		var b bytes.Buffer
+		if err := h.c.Ctrl.Export(h.ctx, controller.ExportOptions{Snapshot: snap, Base: base}, &b); err != nil {
+			return m, err
+		}
+		_, err := h.c.Ctrl.Import(h.ctx, controller.ImportOptions{Disk: disk}, &b)
+		return after, err
+	}}
+}
+
 func opSetReadOnly(name string, ro bool) fxOp {
 	return fxOp{name: "set-read-only", run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
@@ -346,6 +368,11 @@ func fxSetup(h *fx) fxModel {
 		opSnapshot([]string{"D"}, []string{"D.s"}, false),
 		opSnapshot([]string{"E"}, []string{"E.s"}, false),
 		opWrite(0, "D", 2*seg64+10, pattern(4, 1000)),
+		// I is F imported at F@a; F moves on to F@b.
+		opSnapshot([]string{"F"}, []string{"F@a"}, false),
+		opImport("I", "F@a", ""),
+		opWrite(0, "F", 0, pattern(5, seg64+300)),
+		opSnapshot([]string{"F"}, []string{"F@b"}, false),
 	}
 	for _, op := range steps {
 		var err error
