@@ -15,13 +15,15 @@ build:
 # test: installs the NBD clients the end-to-end tests drive (if missing),
 # runs 'verify', and runs every test under the race detector: unit tests,
 # the model test (MODEL_SEEDS seeds x MODEL_OPS operations) and the
-# end-to-end tests against a real 'segmap up' process.
+# end-to-end tests against a real 'segmap up' process. GORACE drops the
+# second a race-built process sleeps as it exits (each test binary, each
+# segmap process the end-to-end tests start and stop).
 # The Debian packages (network-bound) and the build of the pinned linter
 # (CPU-bound, minutes on a fresh machine) go side by side.
 test:
 	$(MAKE) --no-print-directory -j2 deps tools
 	$(MAKE) --no-print-directory verify
-	SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
+	GORACE=atexit_sleep_ms=0 SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
 
 # deps: the Debian packages the tests need (qemu-utils, libnbd-bin,
 # python3-libnbd, nbdkit, nbdfuse, fuse3, fio, e2fsprogs), installed when missing.

@@ -27,6 +27,17 @@ import (
 var bin, etcdBin, scratch string
 
 func TestMain(m *testing.M) {
+	// A race-built process sleeps a second as it exits (the race
+	// runtime's atexit_sleep_ms, for other threads to report): a second
+	// for every CLI command and every server stopped, most of what the
+	// end-to-end tests took. Races are still reported, and fail the
+	// process, as they happen.
+	if os.Getenv("GORACE") == "" {
+		if err := os.Setenv("GORACE", "atexit_sleep_ms=0"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
 	dir, err := os.MkdirTemp("", "segmap-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
