@@ -54,8 +54,8 @@ func (g *globals) dial() (pb.AdminClient, context.Context, func(), error) {
 	}
 	// A controller host that is down must not stall the command for
 	// gRPC's default 20 s connect timeout before the next is tried.
-	conn, err := ha.Dial(addrs, grpc.WithTransportCredentials(creds),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: 2 * time.Second}))
+	conn, err := ha.Dial(addrs, append(adminapi.DialOptions(), grpc.WithTransportCredentials(creds),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: 2 * time.Second}))...)
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -24,6 +24,7 @@ import (
 	"segmap/internal/listen"
 	"segmap/internal/meta"
 	"segmap/internal/nbd"
+	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
 	"segmap/internal/tlsconf"
 )
@@ -57,7 +58,7 @@ docs/cluster.md.`,
 			if err != nil {
 				return err
 			}
-			opts := append(transport.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			opts := append(append(transport.ServerOptions(), adminapi.ServerOptions()...), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
 			var cli *clientv3.Client
 			if ef.endpoints != "" {
 				if cmd.Flags().Changed("data") {

@@ -159,7 +159,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		}
 	}()
 
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(adminapi.ServerOptions()...)
 	pb.RegisterAdminServer(gs, ctlserver.NewAdmin(c.Ctrl, nil, adminapi.Config{
 		Provision:  c.Provision,
 		NBDAddress: nbdL.Addr().String(),
