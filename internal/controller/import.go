@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -493,19 +494,18 @@ func (c *Controller) importCommit(ctx context.Context, hidden meta.Disk, batch [
 
 // allZero reports whether b holds only zeros.
 func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroBlock))
+		if !bytes.Equal(b[:n], zeroBlock[:n]) { // the runtime's vector compare
 			return false
 		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
+		b = b[n:]
 	}
 	return true
 }
+
+// zeroBlock is what allZero compares with.
+var zeroBlock [64 << 10]byte
 
 // importSwap makes the applied hidden disk the target, and the snapshot
 // named like the source, in one transaction.
