@@ -154,14 +154,15 @@ func checkNbdinfoMap(t *testing.T, uri string, empty bool) {
 	}
 }
 
-func TestThinDiskNbdinfoMap(t *testing.T) {
-	addr, _ := thinCluster(t)
+// thinNbdinfoMap checks nbdinfo --map of the thin disk, and of "copy"
+// before anything is copied into it.
+func thinNbdinfoMap(t *testing.T, addr string) {
 	checkNbdinfoMap(t, "nbd://"+addr+"/thin", false)
 	checkNbdinfoMap(t, "nbd://"+addr+"/copy", true)
 }
 
-func TestThinDiskQemuImgMap(t *testing.T) {
-	addr, _ := thinCluster(t)
+// thinQemuImgMap checks qemu-img map of the thin disk.
+func thinQemuImgMap(t *testing.T, addr string) {
 	out := runTool(t, "qemu-img", "map", "--output=json", "-f", "raw", "nbd://"+addr+"/thin")
 	var got []struct {
 		Start  uint64 `json:"start"`
@@ -182,11 +183,10 @@ func TestThinDiskQemuImgMap(t *testing.T) {
 	}
 }
 
-// TestThinDiskNbdcopy copies the 1 TiB thin disk to another thin disk and
+// thinNbdcopy copies the 1 TiB thin disk to another thin disk and
 // to a sparse file: block status lets nbdcopy skip the holes, so each copy
 // takes seconds, not the hours of reading 1 TiB.
-func TestThinDiskNbdcopy(t *testing.T) {
-	addr, written := thinCluster(t)
+func thinNbdcopy(t *testing.T, addr string, written [][]byte) {
 	ctx := context.Background()
 	src := "nbd://" + addr + "/thin"
 
@@ -236,13 +236,12 @@ func TestThinDiskNbdcopy(t *testing.T) {
 	}
 }
 
-// TestThinDiskQemuImgConvert converts the 1 TiB thin disk to a qcow2
+// thinQemuImgConvert converts the 1 TiB thin disk to a qcow2
 // image: qemu-img reads block status and writes only the data, so the
 // image holds about what was written, and it compares equal to a sparse
 // copy made by nbdcopy (two local files: the compare seeks over holes
 // instead of reading a terabyte over NBD).
-func TestThinDiskQemuImgConvert(t *testing.T) {
-	addr, _ := thinCluster(t)
+func thinQemuImgConvert(t *testing.T, addr string) {
 	src := "nbd://" + addr + "/thin"
 	dst := filepath.Join(t.TempDir(), "thin.qcow2")
 	start := time.Now()
@@ -262,4 +261,15 @@ func TestThinDiskQemuImgConvert(t *testing.T) {
 	raw := filepath.Join(t.TempDir(), "thin.img")
 	runTool(t, "nbdcopy", src, raw)
 	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, dst)
+}
+
+// TestThinDisk maps, copies and converts the 1 TiB thin disk with real NBD
+// clients, over one cluster: the copies go to disk "copy" and to files,
+// and nothing writes "thin".
+func TestThinDisk(t *testing.T) {
+	addr, written := thinCluster(t)
+	t.Run("nbdinfo-map", func(t *testing.T) { thinNbdinfoMap(t, addr) })
+	t.Run("qemu-img-map", func(t *testing.T) { thinQemuImgMap(t, addr) })
+	t.Run("nbdcopy", func(t *testing.T) { thinNbdcopy(t, addr, written) })
+	t.Run("qemu-img-convert", func(t *testing.T) { thinQemuImgConvert(t, addr) })
 }
