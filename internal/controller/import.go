@@ -130,6 +130,23 @@ func (c *Controller) Import(ctx context.Context, o ImportOptions, r io.Reader) (
 func (c *Controller) importPrepare(ctx context.Context, o ImportOptions, h stream.Header, snapName string) (hidden, base meta.Disk, err error) {
 	src := h.Source
 	name := HiddenPrefix + hex.EncodeToString(func() []byte { u := meta.NewUUID(); return u[:8] }())
+	// The hidden disks this import owns, marked as each is created (a
+	// store may run a transaction more than once). On a failure they are
+	// let go: one that was committed all the same (an error after the
+	// fact) or could not be dropped is swept by the next import or
+	// controller (SweepImports).
+	var marked []meta.DiskID
+	mark := func(id meta.DiskID) {
+		c.importing(id)
+		marked = append(marked, id)
+	}
+	defer func() {
+		if err != nil {
+			for _, id := range marked {
+				c.importDone(id)
+			}
+		}
+	}()
 	if h.Base == nil {
 		err = c.store.Update(ctx, func(tx *meta.Tx) error {
 			cs, err := tx.Containers()
@@ -153,7 +170,7 @@ func (c *Controller) importPrepare(ctx context.Context, o ImportOptions, h strea
 			if err != nil {
 				return err
 			}
-			c.importing(hidden.ID)
+			mark(hidden.ID)
 			return tx.SetGrants(hidden.ID, []string{}, false)
 		})
 		return hidden, base, err
@@ -187,7 +204,7 @@ func (c *Controller) importPrepare(ctx context.Context, o ImportOptions, h strea
 		if err != nil {
 			return err
 		}
-		c.importing(hidden.ID)
+		mark(hidden.ID)
 		if err := tx.SetGrants(hidden.ID, []string{}, false); err != nil {
 			return err
 		}
@@ -683,6 +700,16 @@ func (c *Controller) dropHidden(ctx context.Context, id meta.DiskID) error {
 	fr := c.newFreeing()
 	err := c.store.Update(ctx, func(tx *meta.Tx) error {
 		fr.reset()
+		if cur, err := tx.DiskByID(id); errors.Is(err, meta.ErrNotFound) {
+			return nil
+		} else if err != nil {
+			return err
+		} else if !Hidden(cur.Name) {
+			// The swap that renamed it to the target landed
+			// although its commit reported an error: the
+			// import took effect, and the disk is the target.
+			return nil
+		}
 		freed, err := tx.DeleteDisk(id)
 		if errors.Is(err, meta.ErrNotFound) {
 			return nil
