@@ -60,6 +60,12 @@ var (
 	// this is not the protocol's ErrFenced, which fences an agent or a
 	// command of an older epoch.
 	ErrLeadershipLost = errors.New("leadership lost: write fenced")
+	// ErrUnreachable is returned by Update when the store could not be
+	// reached to commit (etcd's connection broke): the commit may have
+	// landed or not. The caller reads the store again before it acts on
+	// what it meant to commit; a client may retry, as against a
+	// controller that is stepping down.
+	ErrUnreachable = errors.New("store unreachable: commit outcome unknown")
 )
 
 // Errors that never leave the package.

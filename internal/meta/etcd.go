@@ -490,6 +490,8 @@ func (k *etcdKV) commit() error {
 	switch {
 	case err != nil && tooLarge(err):
 		return fmt.Errorf("commit %d writes of %d bytes with %d compares: %w (etcd: %w)", len(ops), size, len(cmps), ErrTxnTooLarge, err)
+	case err != nil && status.Code(err) == codes.Unavailable:
+		return fmt.Errorf("commit %d writes of %d bytes to etcd: %w: %w", len(ops), size, ErrUnreachable, err)
 	case err != nil:
 		return fmt.Errorf("commit %d writes of %d bytes to etcd: %w", len(ops), size, err)
 	case !resp.Succeeded:

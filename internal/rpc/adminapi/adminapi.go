@@ -108,7 +108,8 @@ func Code(err error) codes.Code {
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
 		return codes.ResourceExhausted
-	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
+	case errors.Is(err, controller.ErrClosed), errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost),
+		errors.Is(err, meta.ErrUnreachable):
 		// The controller is stopping or stepping down: ask the next.
 		return codes.Unavailable
 	case errors.Is(err, meta.ErrCorrupt):

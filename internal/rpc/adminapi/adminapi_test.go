@@ -34,6 +34,7 @@ func TestCode(t *testing.T) {
 		{wrap(protocol.ErrNoSpace), codes.ResourceExhausted},
 		{wrap(controller.ErrClosed), codes.Unavailable},
 		{wrap(meta.ErrLeadershipLost), codes.Unavailable},
+		{wrap(meta.ErrUnreachable), codes.Unavailable},
 		{wrap(meta.ErrClosed), codes.Unavailable},
 		{wrap(controller.ErrRepairRefused), codes.FailedPrecondition},
 		{wrap(meta.ErrCorrupt), codes.DataLoss},

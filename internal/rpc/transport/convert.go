@@ -210,8 +210,11 @@ func codeOf(err error) pb.Code {
 	case errors.Is(err, protocol.ErrUnavailable), errors.Is(err, controller.ErrClosed),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		// A controller stepping down: its store is closed or fenced,
-		// nothing was committed, and the next leader will answer.
-		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost):
+		// nothing was committed, and the next leader will answer. Or
+		// its store out of reach mid-commit: the fault told the
+		// agents of the segment to load it again (unsettled), and the
+		// agent's retry reads it as it now is.
+		errors.Is(err, meta.ErrClosed), errors.Is(err, meta.ErrLeadershipLost), errors.Is(err, meta.ErrUnreachable):
 		return pb.Code_CODE_UNAVAILABLE
 	}
 	return pb.Code_CODE_IO

@@ -17,7 +17,7 @@ import (
 // TestCodeOfStepDown: a controller stepping down answers with errors its
 // agents retry (on the next leader), not with I/O errors for their hosts.
 func TestCodeOfStepDown(t *testing.T) {
-	for _, err := range []error{meta.ErrLeadershipLost, meta.ErrClosed, controller.ErrClosed, protocol.ErrUnavailable} {
+	for _, err := range []error{meta.ErrLeadershipLost, meta.ErrUnreachable, meta.ErrClosed, controller.ErrClosed, protocol.ErrUnavailable} {
 		if got := codeOf(fmt.Errorf("fault: %w", err)); got != pb.Code_CODE_UNAVAILABLE {
 			t.Errorf("codeOf(%v) = %v, want CODE_UNAVAILABLE", err, got)
 		}
