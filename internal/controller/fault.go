@@ -1070,6 +1070,13 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 		defer c.endInPlace(ctx, sw)
 	}
 	rep, err := c.run(ctx, r, table.CommitStaged(sw.plan))
+	if errors.Is(err, meta.ErrUnreachable) {
+		// The commit may have landed, and its token is spent: an
+		// agent that retried would find it stale and write again,
+		// after writes that came since. The write fails instead.
+		// (Not wrapped: ErrUnreachable would read as Unavailable.)
+		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %v: %w", d.Name, f.Segment, err, protocol.ErrIO)
+	}
 	if err != nil {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
 	}
