@@ -490,7 +490,7 @@ func (k *etcdKV) commit() error {
 	switch {
 	case err != nil && tooLarge(err):
 		return fmt.Errorf("commit %d writes of %d bytes with %d compares: %w (etcd: %w)", len(ops), size, len(cmps), ErrTxnTooLarge, err)
-	case err != nil && status.Code(err) == codes.Unavailable:
+	case err != nil && unreachable(err):
 		return fmt.Errorf("commit %d writes of %d bytes to etcd: %w: %w", len(ops), size, ErrUnreachable, err)
 	case err != nil:
 		return fmt.Errorf("commit %d writes of %d bytes to etcd: %w", len(ops), size, err)
@@ -555,6 +555,19 @@ func sortedKeys[V any](m map[string]V) []string {
 // size limit, or gRPC's message size limit on either side (which gRPC
 // reports as ResourceExhausted, a code etcd also uses for a full
 // database, so etcd's own errors are told apart first).
+// unreachable reports whether a commit failed for want of etcd rather
+// than on its merits: the connection broke, or etcd timed out or lost its
+// leader. Its outcome is unknown.
+func unreachable(err error) bool {
+	for _, e := range []error{rpctypes.ErrTimeout, rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrTimeoutDueToConnectionLost,
+		rpctypes.ErrLeaderChanged, rpctypes.ErrNoLeader} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return status.Code(err) == codes.Unavailable
+}
+
 func tooLarge(err error) bool {
 	if errors.Is(err, rpctypes.ErrTooManyOps) || errors.Is(err, rpctypes.ErrRequestTooLarge) {
 		return true
