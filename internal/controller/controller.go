@@ -144,6 +144,12 @@ type Controller struct {
 			// inPlace holds the segments an agent is filling in
 			// place (stagedWrite.inPlace).
 			inPlace map[segKey]*fillClaim
+			// done holds the outcomes of the last commitKeep
+			// commits, by token; order is a ring of their tokens,
+			// the nDone'th commit at nDone % commitKeep.
+			done  map[uint64]commitOutcome
+			order []uint64
+			nDone uint64
 		}
 	}
 
@@ -201,6 +207,7 @@ func New(cfg Config) *Controller {
 	c.alloc.init()
 	c.conts.mu.m = make(map[uint32]*openContainer)
 	c.stage.mu.writes = make(map[uint64]stagedWrite)
+	c.stage.mu.done = make(map[uint64]commitOutcome)
 	c.stage.mu.inPlace = make(map[segKey]*fillClaim)
 	c.pend.mu.fams = make(map[meta.DiskID]*pendingFam)
 	c.agents.byName = make(map[string]*agentState)

@@ -1048,8 +1048,41 @@ func (c *Controller) endStage(ctx context.Context, sw stagedWrite) {
 func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
 	sw, ok := c.takeStage(f.Token, f.Agent, d.ID, f.Segment)
 	if !ok {
+		// The agent may be asking again because the answer to its
+		// commit was lost: it gets that answer again. (The first
+		// commit held the segment's lock until it had its outcome.)
+		if o, ok := c.commitDone(f.Token, f.Agent, d.ID, f.Segment); ok {
+			return o.rep, o.err
+		}
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)
 	}
+	rep, err := c.commitStage(ctx, f, d, sw)
+	if err != nil && !isStale(err) {
+		// The commit may have landed (a store commit cut off, or
+		// landed and an agent not told): the token is spent, and an
+		// agent that asked again and heard ErrStale would write again,
+		// after writes that came since. The write fails instead; the
+		// cause is kept in the message only, lest it read as
+		// Unavailable or Fenced, which the agent retries.
+		err = fmt.Errorf("commit of %q segment %d: %v: %w", d.Name, f.Segment, err, protocol.ErrIO)
+	}
+	if isStale(err) {
+		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
+	}
+	c.noteCommit(f.Token, commitOutcome{agent: f.Agent, disk: d.ID, seg: f.Segment, rep: rep, err: err})
+	return rep, err
+}
+
+// isStale reports whether a commit failed for certain before it changed
+// anything: its entry had moved on (ErrStale, from the commit step itself,
+// never wrapped with ErrIO).
+func isStale(err error) bool {
+	return errors.Is(err, protocol.ErrStale) && !errors.Is(err, protocol.ErrIO)
+}
+
+// commitStage carries out commit for the staged write sw, taken from the
+// stage table.
+func (c *Controller) commitStage(ctx context.Context, f protocol.Fault, d meta.Disk, sw stagedWrite) (protocol.Reply, error) {
 	// The agent has written the staged slot: on failure a new slot goes
 	// back to the free slots with that data in it.
 	r := &faultRun{f: f, d: d, seg: sw.seg, e: sw.old, plan: sw.plan, bits: sw.bits, n: table.SubBlockCount(d.SegmentSize),
@@ -1063,24 +1096,57 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 		}
 		if err != nil {
 			c.endStage(ctx, sw)
-			return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: flush %v: %w: %w", d.Name, f.Segment, sw.loc, protocol.ErrIO, err)
+			return protocol.Reply{}, fmt.Errorf("flush %v: %w: %w", sw.loc, protocol.ErrIO, err)
 		}
 	}
 	if sw.inPlace {
 		defer c.endInPlace(ctx, sw)
 	}
-	rep, err := c.run(ctx, r, table.CommitStaged(sw.plan))
-	if errors.Is(err, meta.ErrUnreachable) {
-		// The commit may have landed, and its token is spent: an
-		// agent that retried would find it stale and write again,
-		// after writes that came since. The write fails instead.
-		// (Not wrapped: ErrUnreachable would read as Unavailable.)
-		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %v: %w", d.Name, f.Segment, err, protocol.ErrIO)
+	return c.run(ctx, r, table.CommitStaged(sw.plan))
+}
+
+// commitKeep is how many commit outcomes the controller remembers: far
+// more than the commits that can be under way while an agent retries one.
+const commitKeep = 1 << 14
+
+// commitOutcome is the answer to a commit, kept for the agent that asks
+// again because the answer was lost on the way (a connection cut, a
+// deadline passed while the agent was stopped).
+type commitOutcome struct {
+	agent string
+	disk  meta.DiskID
+	seg   uint64
+	rep   protocol.Reply
+	err   error
+}
+
+// noteCommit remembers the outcome of the commit of token tok, forgetting
+// the oldest beyond commitKeep.
+func (c *Controller) noteCommit(tok uint64, o commitOutcome) {
+	c.stage.mu.Lock()
+	defer c.stage.mu.Unlock()
+	if c.stage.mu.order == nil {
+		c.stage.mu.order = make([]uint64, commitKeep)
 	}
-	if err != nil {
-		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
+	i := c.stage.mu.nDone % commitKeep
+	if c.stage.mu.nDone >= commitKeep {
+		delete(c.stage.mu.done, c.stage.mu.order[i])
 	}
-	return rep, nil
+	c.stage.mu.order[i] = tok
+	c.stage.mu.nDone++
+	c.stage.mu.done[tok] = o
+}
+
+// commitDone returns the remembered outcome of the commit of token tok by
+// agent for segment seg of disk.
+func (c *Controller) commitDone(tok uint64, agent string, disk meta.DiskID, seg uint64) (commitOutcome, bool) {
+	c.stage.mu.Lock()
+	defer c.stage.mu.Unlock()
+	o, ok := c.stage.mu.done[tok]
+	if !ok || o.agent != agent || o.disk != disk || o.seg != seg {
+		return commitOutcome{}, false
+	}
+	return o, true
 }
 
 // MaxDiscard is the most segments one discard fault may cover.

@@ -88,7 +88,8 @@ func (f *fakeAgent) GetEntry(context.Context, protocol.DiskID, uint64, uint64) (
 }
 func (f *fakeAgent) SetEntry(context.Context, protocol.SetEntry) error {
 	if f.failSet {
-		return errors.New("unreachable")
+		// As the transport reports an agent that does not answer.
+		return fmt.Errorf("agent stopped: %w", protocol.ErrUnavailable)
 	}
 	return nil
 }
@@ -145,6 +146,52 @@ func TestCommitAfterReverseIsStale(t *testing.T) {
 		t.Errorf("refs of the old slot: %d, want 1", r)
 	}
 	checkClean(t, c)
+}
+
+// TestCommitAnsweredAgain: an agent that asks again for a commit whose
+// answer it lost (a connection cut, a deadline passed while it was
+// stopped) gets the same answer, not ErrStale: ErrStale would make it
+// write the segment again, over writes that came since the commit.
+func TestCommitAnsweredAgain(t *testing.T) {
+	ctx := context.Background()
+	c, d, _, ra, old := stagedBesideFake(t, table.Forward)
+	f := protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token}
+	r1, err := c.Ctrl.Fault(ctx, f)
+	if err != nil {
+		t.Fatalf("commit: %v", err)
+	}
+	r2, err := c.Ctrl.Fault(ctx, f)
+	if err != nil {
+		t.Fatalf("the same commit asked again: %v, want its answer again", err)
+	}
+	if fmt.Sprint(r1) != fmt.Sprint(r2) {
+		t.Errorf("the commit asked again answered %+v, the first time %+v", r2, r1)
+	}
+	if e := entry(t, c, "d", 0); e.Loc != ra.Stage.Loc {
+		t.Errorf("entry at %v, want the staged slot %v", e, ra.Stage.Loc)
+	}
+	if r := refs(t, c, old); r != 1 {
+		t.Errorf("refs of the old slot, the snapshot's alone: %d, want 1", r)
+	}
+	checkClean(t, c)
+}
+
+// TestCommitUntoldFailsForGood: a commit that landed but could not be
+// told to every agent mapping the disk fails the write with ErrIO; the
+// agent's unanswered peer must not turn it into an error the agent
+// retries (Unavailable, Fenced) and then finds stale, and the commit
+// asked again fails the same way.
+func TestCommitUntoldFailsForGood(t *testing.T) {
+	ctx := context.Background()
+	c, d, fa, ra, _ := stagedBesideFake(t, table.Forward)
+	fa.failSet = true
+	f := protocol.Fault{Agent: "host-a", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: ra.Stage.Token}
+	for try := range 2 {
+		_, err := c.Ctrl.Fault(ctx, f)
+		if !errors.Is(err, protocol.ErrIO) || errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced) || errors.Is(err, protocol.ErrStale) {
+			t.Errorf("commit (try %d) with an agent that does not answer: %v, want ErrIO alone", try, err)
+		}
+	}
 }
 
 // stagedBesideFake sets up disk "d" of the given policy, written at

@@ -423,12 +423,17 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	// rather than fail: a controller failover is a pause, not an error.
 	var r *pb.FaultReply
 	var err error
+	// unsure: a try of a commit went unanswered (the connection broke,
+	// the deadline passed) and may have landed.
+	unsure := false
+	commit := f.Op == protocol.FaultCommit && !f.Abandon
 	b := backoff.New(faultBackoff, nil)
 	for {
 		req.Epoch = c.epoch()
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		r, err = c.c.Fault(cctx, req)
 		cancel()
+		unsure = unsure || commit && err != nil && !answered(err)
 		err = fromStatus(err)
 		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 		if !retry || ctx.Err() != nil {
@@ -439,6 +444,13 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		if errors.Is(b.Wait(ctx), backoff.ErrGaveUp) {
 			break
 		}
+	}
+	if unsure && errors.Is(err, protocol.ErrStale) {
+		// The controller that answers does not know the commit: a
+		// new leader, or one that has forgotten it. The try that went
+		// unanswered may have landed, and writing again would put
+		// the data back over writes that came since.
+		return protocol.Reply{}, fmt.Errorf("commit of segment %d: its outcome is unknown (%v): %w", f.Segment, err, protocol.ErrIO)
 	}
 	if err != nil {
 		return protocol.Reply{}, err

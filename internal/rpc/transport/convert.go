@@ -275,6 +275,14 @@ func statusErr(err error) error {
 	return status.Error(codes.Code(1000+int(codeOf(err))), err.Error())
 }
 
+// answered reports whether err, from a call, is the other side's answer
+// (made by statusErr) rather than a transport's failure, after which the
+// call may or may not have been carried out.
+func answered(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && int(st.Code()) >= 1000
+}
+
 // fromStatus undoes statusErr; transport errors become ErrUnavailable.
 func fromStatus(err error) error {
 	if err == nil {

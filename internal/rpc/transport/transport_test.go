@@ -1503,3 +1503,44 @@ func TestReattachIsRegisteredBeforeWelcome(t *testing.T) {
 		t.Errorf("a read concurrent with b's write returned neither zeros nor b's data")
 	}
 }
+
+// TestCommitOutcomeUnknown: a commit whose try goes unanswered (the
+// connection cut after it was sent) may have landed. If the controller
+// that answers the retry does not know it (a new leader), the client
+// fails it with ErrIO: ErrStale would make the agent write the segment
+// again, over writes that came since. A commit refused with an answer
+// (Fenced) before the stale one changed nothing, and stays stale.
+func TestCommitOutcomeUnknown(t *testing.T) {
+	checkGoroutines(t)
+	ctx := testContext(t, time.Minute)
+	const cut, refused = 1 << 40, 1<<40 + 1
+	var tries sync.Map // token -> *atomic.Int32
+	s := newStack(t, stackOptions{unary: func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		r, ok := req.(*pb.FaultRequest)
+		if !ok || r.GetOp() != uint32(protocol.FaultCommit) || (r.GetToken() != cut && r.GetToken() != refused) {
+			return h(ctx, req)
+		}
+		n, _ := tries.LoadOrStore(r.GetToken(), new(atomic.Int32))
+		switch {
+		case n.(*atomic.Int32).Add(1) > 1:
+			return nil, status.Error(codes.Code(1000+int(pb.Code_CODE_STALE)), "staged write is stale")
+		case r.GetToken() == cut:
+			return nil, status.Error(codes.Unavailable, "connection reset")
+		default:
+			return nil, status.Error(codes.Code(1000+int(pb.Code_CODE_FENCED)), "fenced")
+		}
+	}})
+	a := s.startAgent("a", s.addr)
+	disk := s.createDisk(ctx, "d", 1)
+	a.open(ctx, "d")
+	commit := func(tok uint64) error {
+		_, err := a.client.Fault(ctx, protocol.Fault{Agent: "a", Disk: protocol.DiskID(disk.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: tok})
+		return err
+	}
+	if err := commit(cut); !errors.Is(err, protocol.ErrIO) || errors.Is(err, protocol.ErrStale) {
+		t.Errorf("a commit unanswered, then stale: %v, want ErrIO", err)
+	}
+	if err := commit(refused); !errors.Is(err, protocol.ErrStale) {
+		t.Errorf("a commit refused, then stale: %v, want ErrStale", err)
+	}
+}
