@@ -213,7 +213,13 @@ func newAgent() *cobra.Command {
 			}
 			defer conn.Close()
 			client := transport.NewClient(conn, logger)
-			a := agent.New(agent.Config{Name: name, Controller: client, OpenContainer: container.URIOpener(m)})
+			// Storage nodes serve the agent's containers only under
+			// its lease, so that a write held up in an agent paused
+			// past its lease cannot land after the controller went
+			// on without it.
+			var a *agent.Agent
+			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() })
+			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})

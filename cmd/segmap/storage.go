@@ -121,7 +121,10 @@ func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duratio
 		return fmt.Errorf("NBD listener: %w", err)
 	}
 	defer l.Close()
-	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger}
+	// Agents open their containers with a lease (see
+	// container.LeasedOpener): requests of an agent whose lease ran out
+	// are refused.
+	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger, Leases: true}
 	if m != nil {
 		cfg.TLS = m.Server(tlsconf.RoleAgent, tlsconf.RoleController)
 		cfg.TLSRequired = true

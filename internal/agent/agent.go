@@ -129,13 +129,60 @@ func (a *Agent) Name() string { return a.name }
 // I/O (a margin before the lease runs out); the zero time lifts the limit.
 // A controller client that holds a lease for the agent calls it whenever
 // the lease is granted or renewed.
+//
+// Containers whose storage serves the agent under a lease of its own
+// (container.Leaser) are told to extend it to the same end.
 func (a *Agent) SetLease(until time.Time) {
 	if until.IsZero() {
 		a.leaseUntil.Store(noLease)
 		return
 	}
 	a.leaseUntil.Store(int64(until.Sub(a.base)))
+	for _, oc := range *a.conts.Load() {
+		if l, ok := oc.c.(container.Leaser); ok {
+			l.RenewLease()
+		}
+	}
 }
+
+// LeaseUntil returns when I/O must stop (as SetLease last set it); the
+// zero time if there is no limit. Containers opened with a lease
+// (container.LeasedOpener) are served until then.
+func (a *Agent) LeaseUntil() time.Time {
+	u := a.leaseUntil.Load()
+	if u == noLease {
+		return time.Time{}
+	}
+	return a.base.Add(time.Duration(u))
+}
+
+// waitStorageLease is what an I/O does after its storage refused it for a
+// lapsed lease (container.ErrLeaseOver; nothing was done): it waits for
+// the agent's own lease (the agent fences itself meanwhile if it lapsed)
+// and a moment for the storage's to be renewed, and then the I/O looks at
+// its table again. tries counts the refusals so far: after
+// maxLeaseRefusals the I/O fails.
+func (a *Agent) waitStorageLease(ctx context.Context, tries int, err error) error {
+	if tries >= maxLeaseRefusals {
+		return fmt.Errorf("storage refused %d times for a lapsed lease: %w", tries, err)
+	}
+	if err := a.waitLease(ctx); err != nil {
+		return err
+	}
+	t := time.NewTimer(leasePoll)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// maxLeaseRefusals bounds the refusals of one I/O by its storage for a
+// lapsed lease while the agent's own lease holds (a storage node that
+// cannot be reached to renew it): about two seconds of leasePoll.
+const maxLeaseRefusals = 400
 
 // leaseHeld reports whether the agent's lease (if any) still holds.
 func (a *Agent) leaseHeld() bool {
@@ -391,6 +438,12 @@ func (oc *openContainer) flush() error {
 		return nil
 	}
 	if err := oc.c.Flush(); err != nil {
+		if errors.Is(err, container.ErrLeaseOver) {
+			// Refused, not failed: nothing was lost, and the
+			// next flush must cover the writes again.
+			oc.written.Store(true)
+			return fmt.Errorf("flush container %d: %w", oc.c.ID(), err)
+		}
 		oc.failed.Store(true)
 		return fmt.Errorf("flush container %d: %w: %w", oc.c.ID(), protocol.ErrIO, err)
 	}

@@ -431,7 +431,7 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 	// faults counts replies that were installed and still did not let
 	// the I/O through; dropped (stale) replies are bounded separately,
 	// since they only mean that commands keep arriving.
-	faults, dropped := 0, 0
+	faults, dropped, refused := 0, 0, 0
 	for {
 		if faults == maxRetries || dropped == 16*maxRetries {
 			return fmt.Errorf("segment %d: still faulting after %d faults: %w", seg, faults+dropped, protocol.ErrIO)
@@ -444,6 +444,15 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 		case table.Proceed:
 			err := d.storageIO(ctx, kind, e, seg, off, p, segSize)
 			d.end(ep)
+			if errors.Is(err, container.ErrLeaseOver) {
+				// Refused, so not done: done again under the
+				// entries of a new lease.
+				if err := d.a.waitStorageLease(ctx, refused, err); err != nil {
+					return fmt.Errorf("segment %d: %w: %w", seg, protocol.ErrIO, err)
+				}
+				refused++
+				continue
+			}
 			if err == nil && kind == ioRead && !d.a.leaseHeld() {
 				// The lease lapsed while the read was out: what it
 				// read may be stale. Read again under a new one.
@@ -605,6 +614,9 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 			return nil
 		}
 		if err := oc.c.Flush(); err != nil {
+			if errors.Is(err, container.ErrLeaseOver) {
+				return fmt.Errorf("flush staged segment %d at %v: %w", seg, st.Loc, err)
+			}
 			// The kernel may have dropped other writes' dirty
 			// pages: no later flush of oc can promise anything.
 			oc.failed.Store(true)
@@ -614,6 +626,14 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 	}()
 	if werr != nil {
 		d.abandon(ctx, seg, st)
+		if errors.Is(werr, container.ErrLeaseOver) {
+			// The storage refused the staged slot's writes for a
+			// lapsed lease: start again under a new one.
+			if err := d.a.waitLease(ctx); err != nil {
+				return false, err
+			}
+			return false, nil
+		}
 		return false, werr
 	}
 	if st.Copies() && !d.a.leaseHeld() {
@@ -1172,8 +1192,17 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) erro
 // memory for the disk are committed (data before the map).
 func (d *Disk) Flush(ctx context.Context) error {
 	g := d.maps.deferred.Load()
-	if err := d.a.flushWritten(); err != nil {
-		return err
+	for tries := 0; ; tries++ {
+		err := d.a.flushWritten()
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, container.ErrLeaseOver) {
+			return err
+		}
+		if err := d.a.waitStorageLease(ctx, tries, err); err != nil {
+			return fmt.Errorf("flush %q: %w: %w", d.Info().Name, protocol.ErrIO, err)
+		}
 	}
 	if g == d.maps.durable.Load() {
 		return nil

@@ -107,6 +107,17 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (ok bool)
 }
 
+// Leaser is an optional interface of a Container whose storage serves
+// its holder only under a lease: an NBD container on a segmap storage node,
+// opened with a lease (OpenNBDLeased). Once the lease runs out every
+// request fails with ErrLeaseOver, so that a holder paused past its lease,
+// and fenced meanwhile, cannot land a write late.
+type Leaser interface {
+	// RenewLease asks for the lease to be extended to the holder's
+	// current lease end, in the background: it does not wait.
+	RenewLease()
+}
+
 // Allocator is an optional interface of a Container: how much storage
 // its backing holds, as opposed to how much it could hold (Size). Slots
 // never written and ranges punched since take none where the backing is

@@ -44,4 +44,10 @@ var (
 	// how much storage it holds (Allocator): a block device, whose
 	// blocks belong to whatever provides it.
 	ErrAllocationUnknown = errors.New("allocated storage unknown")
+
+	// ErrLeaseOver means the storage refused a request because the
+	// holder's lease had run out (Leaser): nothing was read or written.
+	// The holder may have been fenced meanwhile; it must get a new lease
+	// and look at its map again before it retries.
+	ErrLeaseOver = errors.New("storage lease over")
 )

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"segmap/internal/nbd/nbdclient"
 )
@@ -36,9 +38,24 @@ type NBD struct {
 	// noZero is set once the export refused WRITE_ZEROES as unsupported,
 	// so that later punches write zeros straight away.
 	noZero atomic.Bool
+
+	// until, on a leased connection, gives the holder's lease end; kick
+	// wakes the renewer, stop (Close) ends it and its renewal under way,
+	// renewer waits for it.
+	until   func() time.Time
+	kick    chan struct{}
+	life    context.Context
+	stop    context.CancelFunc
+	renewer sync.WaitGroup
 }
 
-var _ Container = (*NBD)(nil)
+var (
+	_ Container = (*NBD)(nil)
+	_ Leaser    = (*NBD)(nil)
+)
+
+// leaseTimeout bounds one lease renewal.
+const leaseTimeout = 5 * time.Second
 
 // OpenNBD opens the container on the NBD export at uri
 // (nbd://HOST[:PORT]/EXPORT) and checks that it is a whole, intact
@@ -49,9 +66,28 @@ var _ Container = (*NBD)(nil)
 // is refused (nbdclient.ErrEPERM). ctx bounds connecting and reading the header;
 // it is not kept.
 func OpenNBD(ctx context.Context, uri string, want *Header, cfg nbdclient.ClientConfig) (*NBD, error) {
+	return OpenNBDLeased(ctx, uri, want, cfg, nil)
+}
+
+// OpenNBDLeased is OpenNBD for a holder with a lease, whose end until
+// gives (nil, or a zero end: no lease): where the server offers segmap's
+// lease (a segmap storage node), it serves the container only until that
+// end, which RenewLease extends, and refuses requests afterwards with
+// ErrLeaseOver. Other servers serve it without a lease.
+func OpenNBDLeased(ctx context.Context, uri string, want *Header, cfg nbdclient.ClientConfig, until func() time.Time) (*NBD, error) {
+	if until != nil && until().IsZero() {
+		until = nil
+	}
+	cfg.Lease = until != nil
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open container %s: %w", uri, err)
+	}
+	if cl.Leased() {
+		if err := cl.Lease(ctx, until()); err != nil {
+			cl.Close()
+			return nil, fmt.Errorf("open container %s: lease: %w", uri, err)
+		}
 	}
 	h, err := readNBDHeader(ctx, cl)
 	if err == nil && want != nil && (h.ID != want.ID || h.SlotSize != want.SlotSize) {
@@ -67,7 +103,41 @@ func OpenNBD(ctx context.Context, uri string, want *Header, cfg nbdclient.Client
 		cl.Close()
 		return nil, fmt.Errorf("open container %s: %w", uri, err)
 	}
-	return &NBD{c: cl, uri: uri, h: h}, nil
+	c := &NBD{c: cl, uri: uri, h: h}
+	if cl.Leased() {
+		c.until, c.kick = until, make(chan struct{}, 1)
+		c.life, c.stop = context.WithCancel(context.Background())
+		c.renewer.Go(c.renew)
+	}
+	return c, nil
+}
+
+// RenewLease implements Leaser. Without a lease it does nothing.
+func (c *NBD) RenewLease() {
+	if c.kick == nil {
+		return
+	}
+	select {
+	case c.kick <- struct{}{}:
+	default: // a renewal is due already, and reads the newest end
+	}
+}
+
+// renew extends the lease each time RenewLease asks, until Close. A
+// failed renewal is not retried before the next ask: requests fail with
+// ErrLeaseOver meanwhile, and the holder renews its own lease (and then
+// this one) before it retries them.
+func (c *NBD) renew() {
+	for {
+		select {
+		case <-c.life.Done():
+			return
+		case <-c.kick:
+		}
+		ctx, cancel := context.WithTimeout(c.life, leaseTimeout)
+		_ = c.c.Lease(ctx, c.until())
+		cancel()
+	}
 }
 
 // FormatNBD writes a new header onto the NBD export at uri, as Format does
@@ -222,6 +292,10 @@ func (c *NBD) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return c.errClosed()
 	}
+	if c.stop != nil {
+		c.stop()
+		c.renewer.Wait()
+	}
 	if err := c.c.Close(); err != nil && !errors.Is(err, nbdclient.ErrClientClosed) {
 		return fmt.Errorf("container %s: close: %w", c.uri, err)
 	}
@@ -237,6 +311,9 @@ func (c *NBD) errClosed() error {
 func (c *NBD) ioErr(op string, off, n int64, err error) error {
 	if c.closed.Load() || errors.Is(err, nbdclient.ErrClientClosed) {
 		return c.errClosed()
+	}
+	if c.until != nil && errors.Is(err, nbdclient.ErrEPERM) {
+		return fmt.Errorf("container %s: %s of %d bytes at offset %d: %w: %w", c.uri, op, n, off, ErrLeaseOver, err)
 	}
 	return fmt.Errorf("container %s: %s of %d bytes at offset %d: %w", c.uri, op, n, off, err)
 }

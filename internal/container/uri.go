@@ -44,7 +44,21 @@ func URIOpener(m *tlsconf.Material) func(protocol.Container) (Container, error) 
 	return func(info protocol.Container) (Container, error) { return openURI(info, m) }
 }
 
+// LeasedOpener is URIOpener for a holder with a lease whose end until
+// gives (a zero end: none): nbd:// containers are opened with
+// OpenNBDLeased. An agent opens its containers so: a segmap storage node
+// then refuses its requests once its lease has run out, and a write held
+// up in a paused agent cannot land after the controller went on without
+// it. File containers have no such guard.
+func LeasedOpener(m *tlsconf.Material, until func() time.Time) func(protocol.Container) (Container, error) {
+	return func(info protocol.Container) (Container, error) { return openURILeased(info, m, until) }
+}
+
 func openURI(info protocol.Container, m *tlsconf.Material) (Container, error) {
+	return openURILeased(info, m, nil)
+}
+
+func openURILeased(info protocol.Container, m *tlsconf.Material, until func() time.Time) (Container, error) {
 	var want *Header
 	if info.ID != 0 {
 		want = &Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
@@ -56,7 +70,7 @@ func openURI(info protocol.Container, m *tlsconf.Material) (Container, error) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
 		defer cancel()
-		return OpenNBD(ctx, info.URI, want, cfg)
+		return OpenNBDLeased(ctx, info.URI, want, cfg, until)
 	}
 	path, err := FilePath(info.URI)
 	if err != nil {

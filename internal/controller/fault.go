@@ -919,12 +919,28 @@ func (c *Controller) tellSharers(ctx context.Context, r *faultRun) error {
 // already have been acknowledged. If one fails, so does the fault: the
 // write is not done, and what the others read is what the disk held before
 // it.
+//
+// With more than one agent, a writable entry goes out in two rounds: first
+// NoWrite to all, then writable. Sent writable at once, it would let the
+// first agent to install it write the new location, and acknowledge that,
+// while another agent (slow, or cut off until its lease runs out) still
+// reads the old one.
 func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
-	cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
-	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
-		return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
+	set := func(e table.Entry) error {
+		cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
+		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
+			return fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
+		}
+		return nil
 	}
-	return nil
+	if e.Mapped() && e.State&table.NoWrite == 0 && len(c.mappers(d.ID, "")) > 1 {
+		ro := e
+		ro.State |= table.NoWrite
+		if err := set(ro); err != nil {
+			return err
+		}
+	}
+	return set(e)
 }
 
 // unsettled makes every agent that maps one of disks drop its entry
@@ -1052,6 +1068,7 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 		// commit was lost: it gets that answer again. (The first
 		// commit held the segment's lock until it had its outcome.)
 		if o, ok := c.commitDone(f.Token, f.Agent, d.ID, f.Segment); ok {
+			c.logger.Info("commit asked again; answered as before", "agent", f.Agent, "disk", d.Name, "segment", f.Segment, "err", o.err)
 			return o.rep, o.err
 		}
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, protocol.ErrStale)

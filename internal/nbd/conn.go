@@ -74,6 +74,9 @@ type conn struct {
 	// read together with a deadline change, under mu.
 	stopping atomic.Bool
 
+	// lease is the client's lease, on a leased session.
+	lease lease
+
 	mu struct {
 		sync.Mutex
 		state connState
@@ -92,6 +95,7 @@ type session struct {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{srv: s, raw: nc, nc: nc}
+	c.lease.base = time.Now()
 	c.ctx, c.cancel = context.WithCancel(s.ctx)
 	c.rd = bufio.NewReaderSize(nc, readBufferSize)
 	c.log = s.log.With("remote", remoteAddr(nc))
@@ -225,4 +229,46 @@ func (c *conn) setState(s connState) {
 	c.mu.Lock()
 	c.mu.state = s
 	c.mu.Unlock()
+}
+
+// lease is the lease a client grants on a leased session
+// (nbdwire.OptSegmapLease): requests are served until end. Times are
+// monotonic, in nanoseconds since base.
+type lease struct {
+	base time.Time
+	end  atomic.Int64 // 0: no lease yet
+	mu   struct {
+		sync.Mutex
+		// sent is when the reply to the last CmdSegmapLease was
+		// about to be sent, 0 before the first; ref is the low 32
+		// bits of its cookie.
+		sent int64
+		ref  uint32
+	}
+}
+
+// holds reports whether the lease has not run out.
+func (l *lease) holds() bool {
+	e := l.end.Load()
+	return e > 0 && l.now() < e
+}
+
+func (l *lease) now() int64 { return int64(time.Since(l.base)) + 1 }
+
+// renew handles a CmdSegmapLease of r nanoseconds counted from the reply
+// to the lease command whose cookie ends in ref: if that is the last one
+// answered, the lease runs to r after its reply was sent (the client
+// counted r from when it received that reply, which was later). An older
+// one (a command the client gave up on was answered since) grants
+// nothing. A lease never shrinks. The reply to this command starts the
+// next count.
+func (l *lease) renew(r uint64, ref uint32, cookie uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if r > 0 && l.mu.sent > 0 && ref == l.mu.ref && r < 1<<62 {
+		if end := l.mu.sent + int64(r); end > l.end.Load() {
+			l.end.Store(end)
+		}
+	}
+	l.mu.sent, l.mu.ref = l.now(), uint32(cookie)
 }

@@ -85,6 +85,14 @@
 // connection goes on. Only a client that breaks the stream's framing is
 // disconnected.
 //
+// # Leases
+//
+// With Config.Leases, a client may ask for segmap's lease
+// (nbdwire.OptSegmapLease) and grant it with nbdwire.CmdSegmapLease: the
+// connection's requests are then refused with EPERM unless the lease holds
+// when a worker is about to carry them out (docs/protocol.md, storage
+// leases). Without it, the option is answered NBD_REP_ERR_UNSUP.
+//
 // # Concurrency
 //
 // One goroutine per connection runs the handshake and then reads requests,

@@ -19,6 +19,7 @@ type handshaker struct {
 	noZeroes   bool   // the client set NBD_FLAG_C_NO_ZEROES
 	tls        bool   // NBD_OPT_STARTTLS succeeded: c.nc is a *tls.Conn
 	structured bool   // NBD_OPT_STRUCTURED_REPLY was acknowledged
+	leased     bool   // nbdwire.OptSegmapLease was acknowledged
 	buf        []byte // option data, reused
 	// meta is what the last NBD_OPT_SET_META_CONTEXT selected, and for
 	// which export: it holds only if that export is the one opened.
@@ -145,6 +146,15 @@ func (h *handshaker) option() (*session, error) {
 		return nil, h.startTLS(data)
 	case nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext:
 		return nil, h.metaContext(opt, data)
+	case nbdwire.OptSegmapLease:
+		if !h.c.srv.leases {
+			return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")
+		}
+		if len(data) != 0 {
+			return nil, h.replyErr(opt, nbdwire.RepErrInvalid, "unexpected option data")
+		}
+		h.leased = true
+		return nil, h.reply(opt, nbdwire.RepAck)
 	default:
 		// EXTENDED_HEADERS and anything unknown.
 		return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")
@@ -427,6 +437,7 @@ func (h *handshaker) open(name string) (*session, error) {
 			flags:      transmissionFlags(exp.ReadOnly(), h.structured),
 			structured: h.structured,
 			allocation: h.structured && h.meta.allocation && h.meta.name == name,
+			leased:     h.leased,
 		},
 		name:   name,
 		exp:    exp,

@@ -62,6 +62,9 @@ type params struct {
 	// contexts are the other contexts selected for this export (see
 	// MetaContexter), with ids firstContextID, firstContextID+1, ...
 	contexts []string
+	// leased: nbdwire.OptSegmapLease was acknowledged; requests are
+	// served only while the client's lease holds (see conn.lease).
+	leased bool
 }
 
 // transmissionFlags returns the transmission flags of an export.
@@ -153,6 +156,14 @@ func checkRequest(h requestHeader, p params) (errno uint32, msg string) {
 			return nbdwire.EPERM, "export is read-only"
 		}
 	case nbdwire.CmdDisc:
+		return 0, ""
+	case nbdwire.CmdSegmapLease:
+		switch {
+		case !p.leased:
+			return nbdwire.EINVAL, "unsupported command"
+		case h.flags != 0:
+			return nbdwire.EINVAL, "invalid command flags"
+		}
 		return 0, ""
 	default:
 		return nbdwire.EINVAL, "unsupported command"

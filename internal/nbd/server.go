@@ -180,6 +180,12 @@ type Config struct {
 	// answered an error, ends the connection, as does a client without
 	// fixed newstyle (it cannot ask for TLS). It needs TLS.
 	TLSRequired bool
+	// Leases lets clients ask for segmap's lease (nbdwire.OptSegmapLease):
+	// on such a connection every request is refused with EPERM once the
+	// lease the client grants runs out, so that a client paused past its
+	// lease (and fenced by its controller meanwhile) cannot land a write
+	// late. Off: the option is answered NBD_REP_ERR_UNSUP.
+	Leases bool
 }
 
 // Default values of Config fields.
@@ -199,6 +205,7 @@ type Server struct {
 	handshakeTimeout time.Duration
 	tls              *tls.Config // nil: no STARTTLS
 	tlsRequired      bool
+	leases           bool
 
 	// ctx is the parent of every connection's context; Close cancels it.
 	ctx    context.Context
@@ -234,6 +241,7 @@ func NewServer(cfg Config) *Server {
 		log:              cfg.Logger,
 		handshakeTimeout: cfg.HandshakeTimeout,
 		tlsRequired:      cfg.TLSRequired,
+		leases:           cfg.Leases,
 		closing:          make(chan struct{}),
 	}
 	if cfg.TLS != nil {

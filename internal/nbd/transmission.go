@@ -255,6 +255,10 @@ func (c *conn) release(r *request) {
 	}
 }
 
+// errLeaseOver is the message of a request refused because the client's
+// lease ran out.
+const errLeaseOver = "segmap lease over"
+
 // run calls the export for a checked request. data is the payload of a
 // successful READ. A panic in the export (or in Config.Errno) fails this
 // request with EIO and is logged; the connection goes on.
@@ -266,6 +270,15 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 			errno, msg, data = c.srv.errno(errPanic), "internal server error", nil
 		}
 	}()
+	if c.sess.leased {
+		if r.typ == nbdwire.CmdSegmapLease {
+			c.lease.renew(r.off, r.length, r.cookie)
+			return 0, "", nil
+		}
+		if !c.lease.holds() {
+			return nbdwire.EPERM, errLeaseOver, nil
+		}
+	}
 	exp, ctx := c.sess.exp, c.ctx
 	fua := r.flags&nbdwire.CmdFlagFUA != 0
 	var err error
@@ -386,6 +399,9 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 			errno, msg, data, ok = c.srv.errno(errPanic), "internal server error", nil, true
 		}
 	}()
+	if c.sess.leased && !c.lease.holds() {
+		return nbdwire.EPERM, errLeaseOver, nil, true
+	}
 	r.buf = getBuf(int(r.length))
 	data = (*r.buf)[:r.length]
 	done, err := c.tx.tryRead.TryReadAt(c.ctx, data, r.off)

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -51,7 +52,7 @@ func startNode(t *testing.T, dir, prefix string) *node {
 		t.Fatal(err)
 	}
 	n := &node{dir: dir, prefix: prefix, addr: l.Addr().String(), served: make(chan error, 1)}
-	n.srv = nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: slog.New(slog.DiscardHandler)})
+	n.srv = nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: slog.New(slog.DiscardHandler), Leases: true})
 	go func() { n.served <- n.srv.Serve(l) }()
 	t.Cleanup(func() { n.stop(t) })
 	return n
@@ -525,5 +526,66 @@ func TestSegmapOverStorageNode(t *testing.T) {
 	got := make([]byte, len(p))
 	if err := d.ReadAt(bg, got, 12345); err != nil || !bytes.Equal(got, p) {
 		t.Fatalf("disk after restarts: %v, equal %v", err, bytes.Equal(got, p))
+	}
+}
+
+// TestLeasedContainer: a container opened with a lease on a storage node
+// is served while the holder's lease holds, refuses every request with
+// ErrLeaseOver (writing nothing) once it has run out, and is served again
+// once the holder renews it; one opened without a lease is not limited.
+func TestLeasedContainer(t *testing.T) {
+	dir := t.TempDir()
+	const slot = 1 << 20
+	create(t, dir, "c1", container.HeaderSize+4*slot)
+	n := startNode(t, dir, "node-")
+	c, err := container.FormatNBD(bg, n.uri("c1"), 7, slot, nbdclient.ClientConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+
+	var end atomic.Int64
+	until := func() time.Time { return time.Unix(0, end.Load()) }
+	end.Store(time.Now().Add(300 * time.Millisecond).UnixNano())
+	c, err = container.OpenNBDLeased(bg, n.uri("c1"), &container.Header{ID: 7, SlotSize: slot}, nbdclient.ClientConfig{}, until)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.WriteAt(bytes.Repeat([]byte{1}, 4096), 0); err != nil {
+		t.Fatalf("write under the lease: %v", err)
+	}
+	time.Sleep(time.Until(until()))
+	if _, err := c.WriteAt(bytes.Repeat([]byte{2}, 4096), 0); !errors.Is(err, container.ErrLeaseOver) {
+		t.Fatalf("write after the lease: %v, want ErrLeaseOver", err)
+	}
+	if err := c.Flush(); !errors.Is(err, container.ErrLeaseOver) {
+		t.Fatalf("flush after the lease: %v, want ErrLeaseOver", err)
+	}
+	end.Store(time.Now().Add(time.Minute).UnixNano())
+	c.RenewLease()
+	got := make([]byte, 4096)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := c.ReadAt(got, 0)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, container.ErrLeaseOver) || time.Now().After(deadline) {
+			t.Fatalf("read after renewing: %v", err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !bytes.Equal(got, bytes.Repeat([]byte{1}, 4096)) {
+		t.Fatalf("the refused write landed: got %x...", got[:8])
+	}
+
+	free, err := container.OpenNBD(bg, n.uri("c1"), nil, nbdclient.ClientConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free.Close()
+	if _, err := free.ReadAt(got, 0); err != nil {
+		t.Fatalf("a container opened without a lease: %v", err)
 	}
 }

@@ -146,6 +146,11 @@ type ClientConfig struct {
 	// HandshakeTimeout bounds connecting and the handshake, on top of the
 	// context given to Dial. Default DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// Lease asks the server for segmap's lease (nbdwire.OptSegmapLease):
+	// every request is then refused (ErrEPERM) unless Lease granted time
+	// that has not run out. A server that does not know it serves the
+	// connection without one (Leased reports which).
+	Lease bool
 
 	// Test knobs: do not ask for structured replies; skip NBD_OPT_GO and
 	// use NBD_OPT_EXPORT_NAME.
@@ -219,6 +224,16 @@ type Client struct {
 	maxBlock   uint64 // as advertised
 	maxReq     uint64 // largest READ or WRITE sent, a multiple of minBlock
 	maxZero    uint64 // largest TRIM or WRITE_ZEROES sent, likewise
+	leased     bool   // the server acknowledged nbdwire.OptSegmapLease
+
+	// lease serialises Lease calls; got is when the reply to the last
+	// one arrived (zero before the first, and after one failed), ref the
+	// low 32 bits of its cookie.
+	lease struct {
+		mu  chan struct{}
+		got time.Time
+		ref uint32
+	}
 
 	// wlock is the write lock: a request and its payload are written while
 	// holding it. It is a channel so that waiting for it heeds a context.
@@ -247,6 +262,7 @@ type Client struct {
 
 // clientReq is one request in flight.
 type clientReq struct {
+	cookie uint64
 	typ    nbdwire.Command
 	off    uint64
 	length uint32
@@ -376,6 +392,7 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 		wlock:     make(chan struct{}, 1),
 		dead:      make(chan struct{}),
 	}
+	c.lease.mu = make(chan struct{}, 1)
 	c.mu.pending = make(map[uint64]*clientReq)
 
 	if h.cfg.TLS != nil {
@@ -389,6 +406,11 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 	var err error
 	if fixed && !h.cfg.noStructured {
 		if c.structured, err = h.structuredReply(); err != nil {
+			return nil, err
+		}
+	}
+	if fixed && h.cfg.Lease {
+		if c.leased, err = h.askLease(); err != nil {
 			return nil, err
 		}
 	}
@@ -518,6 +540,25 @@ func (h *clientHandshake) structuredReply() (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptStructuredReply)
+}
+
+// askLease asks for segmap's lease; ok is false if the server refuses it.
+func (h *clientHandshake) askLease() (ok bool, err error) {
+	if err := h.sendOption(nbdwire.OptSegmapLease, nil); err != nil {
+		return false, err
+	}
+	typ, data, err := h.optReply(nbdwire.OptSegmapLease)
+	switch {
+	case err != nil:
+		return false, err
+	case typ == nbdwire.RepAck:
+		return true, nil
+	case typ == nbdwire.RepErrTLSReqd:
+		return false, optError(nbdwire.OptSegmapLease, typ, data)
+	case typ&nbdwire.RepErr != 0:
+		return false, nil
+	}
+	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptSegmapLease)
 }
 
 // goExport selects the export with NBD_OPT_GO. ok is false if the server
@@ -692,6 +733,48 @@ func (c *Client) Flush(ctx context.Context) error {
 		return c.liveErr()
 	}
 	return c.run(ctx, []piece{{typ: nbdwire.CmdFlush}})
+}
+
+// Leased reports whether the server took the lease Config.Lease asked for.
+func (c *Client) Leased() bool { return c.leased }
+
+// Lease lets the server serve this connection's requests until end, as
+// this client's clock sees it, or a little less (never more): the server
+// counts from when it sent the previous Lease's reply, this client from
+// when it received it. The first call only starts the count, and a second
+// round trip grants the time. A lease never shrinks. It fails with
+// ErrNotLeased on a connection without one.
+func (c *Client) Lease(ctx context.Context, end time.Time) error {
+	if !c.leased {
+		return ErrNotLeased
+	}
+	select {
+	case c.lease.mu <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-c.lease.mu }()
+	for {
+		var r uint64
+		if got := c.lease.got; !got.IsZero() {
+			if d := end.Sub(got); d > 0 {
+				r = uint64(d)
+			}
+		}
+		first := c.lease.got.IsZero()
+		c.lease.got = time.Time{} // until this one is answered
+		cl, err := c.send(ctx, piece{typ: nbdwire.CmdSegmapLease, off: r, n: uint64(c.lease.ref)})
+		if err != nil {
+			return err
+		}
+		if err := c.wait(ctx, cl); err != nil {
+			return err
+		}
+		c.lease.got, c.lease.ref = time.Now(), uint32(cl.cookie)
+		if !first {
+			return nil
+		}
+	}
 }
 
 // Trim tells the server that [off, off+n) is no longer needed; its
@@ -990,6 +1073,7 @@ func (c *Client) send(ctx context.Context, p piece) (*clientReq, error) {
 	}
 	c.mu.cookie++
 	cookie := c.mu.cookie
+	cl.cookie = cookie
 	c.mu.pending[cookie] = cl
 	c.mu.Unlock()
 

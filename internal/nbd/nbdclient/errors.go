@@ -50,4 +50,7 @@ var (
 	// ErrTLSRequired means the server wants TLS and ClientConfig.TLS is
 	// not set.
 	ErrTLSRequired = errors.New("nbd: server requires TLS")
+	// ErrNotLeased is returned by Lease on a connection whose server did
+	// not take segmap's lease.
+	ErrNotLeased = errors.New("nbd: connection has no lease")
 )

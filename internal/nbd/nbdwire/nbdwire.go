@@ -132,6 +132,11 @@ const (
 	OptListMetaContext Option = 9
 	OptSetMetaContext  Option = 10
 	OptExtendedHeaders Option = 11
+	// OptSegmapLease is segmap's own option (not in the NBD spec): the
+	// client asks that the server refuse its requests once the lease it
+	// grants with CmdSegmapLease runs out. A server that does not know
+	// it answers NBD_REP_ERR_UNSUP, as for any unknown option.
+	OptSegmapLease Option = 0x53474c45 // "SGLE"
 )
 
 var optionNames = [...]string{
@@ -205,6 +210,17 @@ const (
 	CmdWriteZeroes Command = 6
 	CmdBlockStatus Command = 7
 	CmdResize      Command = 8
+	// CmdSegmapLease is segmap's own command, sent only on a connection
+	// where OptSegmapLease was acknowledged. Its offset carries a lease
+	// length R in nanoseconds, counted from when the client received the
+	// reply to an earlier CmdSegmapLease, whose cookie's low 32 bits the
+	// length field names (R 0: no lease, only a new starting point). If
+	// that was the last CmdSegmapLease the server answered, it lets
+	// requests through until the time it sent that reply plus R, which is
+	// never later than the client's own idea of the lease's end;
+	// otherwise the command only starts a new count. See
+	// docs/protocol.md.
+	CmdSegmapLease Command = 0x5347 // "SG"
 )
 
 var commandNames = [...]string{

@@ -433,7 +433,12 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		r, err = c.c.Fault(cctx, req)
 		cancel()
-		unsure = unsure || commit && err != nil && !answered(err)
+		if commit && err != nil && !answered(err) {
+			if !unsure {
+				c.logger.Warn("commit of a staged write unanswered; asking again", "disk", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
+			}
+			unsure = true
+		}
 		err = fromStatus(err)
 		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 		if !retry || ctx.Err() != nil {
@@ -444,6 +449,9 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		if errors.Is(b.Wait(ctx), backoff.ErrGaveUp) {
 			break
 		}
+	}
+	if unsure {
+		c.logger.Warn("commit of a staged write asked again", "disk", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
 	}
 	if unsure && errors.Is(err, protocol.ErrStale) {
 		// The controller that answers does not know the commit: a
