@@ -44,4 +44,11 @@ var (
 	// how much storage it holds (Allocator): a block device, whose
 	// blocks belong to whatever provides it.
 	ErrAllocationUnknown = errors.New("allocated storage unknown")
+
+	// ErrNotBlank means Format or FormatNBD found something on the
+	// target that formatting would destroy: a file system, a partition
+	// table, a swap area, an LVM or LUKS volume, or a container header
+	// (see Signature). Nothing was written; formatting with force
+	// overwrites it.
+	ErrNotBlank = errors.New("refusing to format over existing data")
 )

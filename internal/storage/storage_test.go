@@ -228,7 +228,7 @@ func TestContainerOverStorage(t *testing.T) {
 	n := startNode(t, dir, "node-")
 	uri := n.uri("c1")
 
-	c, err := container.FormatNBD(bg, uri, 42, slot, nbdclient.ClientConfig{})
+	c, err := container.FormatNBD(bg, uri, 42, slot, false, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,7 +447,7 @@ func TestSegmapOverStorageNode(t *testing.T) {
 	n := startNode(t, sdir, "")
 	for i, name := range []string{"c1", "c2"} {
 		create(t, sdir, name, container.HeaderSize+32*slot)
-		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, nbdclient.ClientConfig{})
+		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, false, nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}
