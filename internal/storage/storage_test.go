@@ -38,11 +38,11 @@ type node struct {
 	served      chan error
 }
 
-// startNode serves dir with export prefix prefix on a loopback port, as
-// `segmap storage` does. stop (also run at cleanup) shuts it down.
-func startNode(t *testing.T, dir, prefix string) *node {
+// startNode serves dir and devices with export prefix prefix on a
+// loopback port, as `segmap storage` does. stop (also run at cleanup) shuts it down.
+func startNode(t *testing.T, dir, prefix string, devices ...storage.Device) *node {
 	t.Helper()
-	backend, err := storage.NewDir(dir, prefix)
+	backend, err := storage.NewDir(dir, prefix, devices...)
 	if err != nil {
 		t.Fatal(err)
 	}
