@@ -1656,11 +1656,16 @@ func (x *ListContainersResponse) GetContainers() []*Container {
 type AddContainerRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// uri is file://PATH or PATH of an existing container, or of a new one
-	// to create when slots is set.
+	// to create when slots is set, or nbd://HOST:PORT/EXPORT.
 	Uri string `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
 	// To create a new container file: its slot size and number of slots.
-	SlotSize      uint64 `protobuf:"varint,2,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
-	Slots         uint64 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
+	// A slot size without slots formats what is at uri instead (a block
+	// device, an existing file, an NBD export): its size gives the slots.
+	SlotSize uint64 `protobuf:"varint,2,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
+	Slots    uint64 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
+	// force formats even a target that holds a file system, a partition
+	// table or a container header, which is refused otherwise.
+	Force         bool `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1714,6 +1719,13 @@ func (x *AddContainerRequest) GetSlots() uint64 {
 		return x.Slots
 	}
 	return 0
+}
+
+func (x *AddContainerRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type CheckRequest struct {
@@ -2253,11 +2265,12 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x16ListContainersResponse\x124\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x14.segmap.v1.ContainerR\n" +
-	"containers\"Z\n" +
+	"containers\"p\n" +
 	"\x13AddContainerRequest\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x1b\n" +
 	"\tslot_size\x18\x02 \x01(\x04R\bslotSize\x12\x14\n" +
-	"\x05slots\x18\x03 \x01(\x04R\x05slots\"&\n" +
+	"\x05slots\x18\x03 \x01(\x04R\x05slots\x12\x14\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\"&\n" +
 	"\fCheckRequest\x12\x16\n" +
 	"\x06repair\x18\x01 \x01(\bR\x06repair\"\xa7\x01\n" +
 	"\aProblem\x12\x12\n" +

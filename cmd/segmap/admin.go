@@ -621,13 +621,26 @@ container or a block device (--json: allocated_bytes absent).`,
 		},
 	}
 	var slotS, sizeS string
-	var format bool
+	var format, force bool
 	add := &cobra.Command{
-		Use:   "add PATH|URI [--size SIZE --slot-size SIZE] | add nbd://HOST:PORT/EXPORT [--format --slot-size SIZE]",
-		Short: "add a storage container (--size: create a new container file first; --format: write a container header onto an NBD export first)",
-		Args:  exactArgs(1, "one path or URI"),
+		Use:   "add PATH|URI [--size SIZE --slot-size SIZE] | add DEVICE|PATH|nbd://HOST:PORT/EXPORT --format [--slot-size SIZE] [--force]",
+		Short: "add a storage container (--size: create a new container file first; --format: write a container header onto a block device, file or NBD export first)",
+		Long: `add registers a container with the controller. With --size, the controller
+creates a new sparse container file at PATH first. With --format, it writes
+a container header onto what is already there: a block device (/dev/sdb,
+/dev/loop0, /dev/disk/by-id/...), an existing file, or an NBD export
+(nbd://HOST:PORT/EXPORT, such as one a 'segmap storage' node serves); the
+target's size gives the slots, (size - 1 MiB header) / slot size. Paths
+are the controller's: it opens them, and so must every agent.
+
+--format refuses a target that already holds a file system (ext2/3/4, XFS,
+btrfs, FAT, NTFS), a partition table (MBR, GPT), a swap area, an LVM or
+LUKS volume, or a segmap container header, and names what it found;
+--force formats over it, destroying it. A block device that is mounted or
+in use by the kernel is refused even with --force.`,
+		Args: exactArgs(1, "one path or URI"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := &pb.AddContainerRequest{Uri: args[0]}
+			req := &pb.AddContainerRequest{Uri: args[0], Force: force}
 			if !strings.Contains(req.Uri, "://") {
 				p, err := filepath.Abs(req.Uri)
 				if err != nil {
@@ -635,9 +648,12 @@ container or a block device (--json: allocated_bytes absent).`,
 				}
 				req.Uri = "file://" + p
 			}
+			if force && !format {
+				return usageError{fmt.Errorf("--force is for --format")}
+			}
 			if format {
-				if !strings.HasPrefix(req.Uri, "nbd://") {
-					return usageError{fmt.Errorf("--format is for nbd:// exports; a file is created with --size")}
+				if sizeS != "" {
+					return usageError{fmt.Errorf("--format takes the size of the device, file or export; --size is for a new file")}
 				}
 				slot, err := parseSize("slot-size", slotS)
 				if err != nil {
@@ -672,7 +688,8 @@ container or a block device (--json: allocated_bytes absent).`,
 		},
 	}
 	add.Flags().StringVar(&sizeS, "size", "", "create a new container file of this size")
-	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the NBD export (its contents are lost)")
+	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the block device, file or NBD export (its contents are lost)")
+	add.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system, partition table or container found there")
 	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
 	ctr.AddCommand(list, add)
 	return ctr

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -21,21 +22,31 @@ import (
 )
 
 // newStorage is `segmap storage`: a storage node serving the files of a
-// directory over NBD, and `segmap storage create` to add one.
+// directory and named block devices over NBD, and `segmap storage create`
+// to add a file.
 func newStorage() *cobra.Command {
 	var dir, addr, prefix string
+	var devs []string
 	var drain time.Duration
 	tf := &tlsFlags{}
 	cmd := &cobra.Command{
-		Use:   "storage --listen ADDR --dir DIR --certs DIR [--cert-name NAME] [--export-prefix P]",
-		Short: "run a storage node: serve every regular file in DIR as an NBD export",
+		Use:   "storage --listen ADDR [--dir DIR] [--device NAME=/dev/X ...] --certs DIR [--cert-name NAME] [--export-prefix P]",
+		Short: "run a storage node: serve every regular file in DIR, and each --device, as an NBD export",
 		Long: `storage serves every regular file in DIR as a read-write NBD export named
-after the file (with --export-prefix in front). An export is the file's raw
-bytes: the node knows nothing of segmap, so a controller formats a container
-on an export over NBD and agents open it as nbd://HOST:PORT/NAME, as they
-would a qemu-nbd or nbdkit export. Files starting with '.', directories and
-symbolic links are not served. Files added while the node runs are served
-at once; 'segmap storage create' makes one.
+after the file, and each block device given with --device NAME=/dev/X
+(repeatable) as the export NAME, its size the device's (with
+--export-prefix in front of every name). An export is the file's or
+device's raw bytes: the node knows nothing of segmap, so a controller
+formats a container on an export over NBD ('segmap container add
+nbd://HOST:PORT/NAME --format', which refuses an export holding a file
+system or a container unless --force) and agents open it as
+nbd://HOST:PORT/NAME, as they would a qemu-nbd or nbdkit export. Files
+starting with '.', directories, symbolic links and device nodes in DIR are
+not served: a block device is served only when named with --device (a
+symbolic link such as /dev/disk/by-id/... is followed there), and its name
+hides a file of the same name. Files added while the node runs are served
+at once; 'segmap storage create' makes one. At least one of --dir and
+--device is needed.
 
 With --certs (a directory made by 'segmap certs init --storage NAME'), the
 node requires TLS: a client must upgrade with NBD_OPT_STARTTLS before any
@@ -45,23 +56,28 @@ Agents and controllers started with --certs reach every nbd:// container
 this way, naming the URI's host, which the node's certificate must carry.
 Plaintext only with an explicit --insecure.
 
-TRIM and WRITE_ZEROES punch holes (fallocate), FLUSH and FUA are fdatasync.
-SIGINT or SIGTERM stop the node cleanly: requests in flight are answered
-first.`,
+TRIM and WRITE_ZEROES punch holes (fallocate; on a block device, a discard
+that reads back as zeros), FLUSH and FUA are fdatasync. SIGINT or SIGTERM
+stop the node cleanly: requests in flight are answered first.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if dir == "" {
-				return usageError{errors.New("--dir is required")}
+			if dir == "" && len(devs) == 0 {
+				return usageError{errors.New("--dir or --device is required")}
+			}
+			devices, err := parseDevices(devs)
+			if err != nil {
+				return err
 			}
 			m, err := tf.identity(tlsconf.RoleStorage, tf.name, true)
 			if err != nil {
 				return err
 			}
-			return runStorage(cmd, dir, addr, prefix, drain, m)
+			return runStorage(cmd, dir, devices, addr, prefix, drain, m)
 		},
 	}
-	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports (required)")
+	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports")
 	fl := cmd.Flags()
+	fl.StringArrayVar(&devs, "device", nil, "serve block device PATH as export NAME (NAME=PATH; repeatable)")
 	fl.StringVar(&addr, "listen", "127.0.0.1:10809", "address to serve NBD on (host:port, unix:PATH or fd:N, an inherited socket)")
 	fl.StringVar(&prefix, "export-prefix", "", "prefix of every export name")
 	fl.DurationVar(&drain, "drain-timeout", 30*time.Second, "how long a stop waits for requests in flight")
@@ -104,11 +120,27 @@ An existing file is never replaced.`,
 	return cmd
 }
 
-// runStorage serves dir; with m, over TLS that clients must start and that
-// admits agents and controllers.
-func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duration, m *tlsconf.Material) error {
+// parseDevices parses the --device flags, NAME=PATH each.
+func parseDevices(flags []string) ([]storage.Device, error) {
+	var out []storage.Device
+	for _, f := range flags {
+		name, path, ok := strings.Cut(f, "=")
+		if !ok || path == "" {
+			return nil, usageError{fmt.Errorf("--device %q: want NAME=PATH, such as disk1=/dev/sdb", f)}
+		}
+		if err := storage.CheckName(name); err != nil {
+			return nil, usageError{fmt.Errorf("--device %q: %w", f, err)}
+		}
+		out = append(out, storage.Device{Name: name, Path: path})
+	}
+	return out, nil
+}
+
+// runStorage serves dir ("" for none) and devices; with m, over TLS that
+// clients must start and that admits agents and controllers.
+func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, prefix string, drain time.Duration, m *tlsconf.Material) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	backend, err := storage.NewDir(dir, prefix)
+	backend, err := storage.NewDir(dir, prefix, devices...)
 	if err != nil {
 		return err
 	}
@@ -134,12 +166,32 @@ func runStorage(cmd *cobra.Command, dir, addr, prefix string, drain time.Duratio
 	go func() { errc <- srv.Serve(l) }()
 
 	exports, _ := backend.List(ctx)
-	if abs, err := filepath.Abs(dir); err == nil {
-		dir = abs
+	sizes := map[string]uint64{}
+	for _, x := range exports {
+		sizes[x.Name] = x.Size
+	}
+	files := len(exports)
+	for _, dv := range backend.Devices() {
+		if _, ok := sizes[prefix+dv.Name]; ok {
+			files--
+		}
 	}
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "segmap %s storage node\n", version)
-	fmt.Fprintf(w, "  dir:  %s (%d exports)\n", dir, len(exports))
+	if dir != "" {
+		if abs, err := filepath.Abs(dir); err == nil {
+			dir = abs
+		}
+		fmt.Fprintf(w, "  dir:  %s (%d exports)\n", dir, files)
+	}
+	for _, dv := range backend.Devices() {
+		sz, ok := sizes[prefix+dv.Name]
+		state := size.Format(sz)
+		if !ok {
+			state = "cannot be opened now"
+		}
+		fmt.Fprintf(w, "  device: %s%s = %s (%s)\n", prefix, dv.Name, dv.Path, state)
+	}
 	if m != nil {
 		fmt.Fprintf(w, "  NBD:  %s, TLS required (certificate %s-%s; clients: agents, controllers)\n", l.Addr(), m.Role(), m.Name())
 	} else {

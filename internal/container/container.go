@@ -44,9 +44,19 @@
 // # Backends
 //
 // File stores a container in a regular file or block device with
-// pread/pwrite and punches holes with fallocate. Memory keeps a sparse
-// container in memory for tests. Package containertest holds the
-// conformance suite that every backend must pass.
+// pread/pwrite and punches holes with fallocate (on a block device, a
+// WRITE_ZEROES or discard that reads back as zero; see File). Memory
+// keeps a sparse container in memory for tests. Package containertest
+// holds the conformance suite that every backend must pass.
+//
+// # Creating and formatting
+//
+// Create makes a new sparse container file. Format (a block device or an
+// existing file) and FormatNBD (an NBD export) write a header onto what is
+// there, sized to it; they refuse with ErrNotBlank a target that holds a
+// file system, a partition table, a swap area, an LVM or LUKS volume or a
+// container header (Signature) unless forced, since formatting would
+// destroy it.
 package container
 
 import (

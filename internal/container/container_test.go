@@ -43,7 +43,7 @@ func TestFormattedFile(t *testing.T) {
 		if err := os.Truncate(path, container.HeaderSize+slots*slotSize+slotSize/2); err != nil {
 			t.Fatal(err)
 		}
-		c, err := container.Format(path, 3, slotSize)
+		c, err := container.Format(path, 3, slotSize, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -346,7 +346,7 @@ func TestFormat(t *testing.T) {
 	if err := os.Truncate(path, container.HeaderSize+5*slotSize+1234); err != nil {
 		t.Fatal(err)
 	}
-	c, err := container.Format(path, 9, slotSize)
+	c, err := container.Format(path, 9, slotSize, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -377,14 +377,14 @@ func TestFormatInvalid(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, slotSize := range []int64{0, 1000, 5000, 8192} { // 8192: no whole slot fits
-		if _, err := container.Format(path, 1, slotSize); !errors.Is(err, container.ErrInvalidHeader) {
+		if _, err := container.Format(path, 1, slotSize, false); !errors.Is(err, container.ErrInvalidHeader) {
 			t.Errorf("Format(slot size %d) = %v; want ErrInvalidHeader", slotSize, err)
 		}
 	}
 	if _, err := container.ReadHeader(path); !errors.Is(err, container.ErrNotContainer) {
 		t.Errorf("failed Format wrote a header: ReadHeader = %v", err)
 	}
-	if _, err := container.Format(filepath.Join(t.TempDir(), "missing"), 1, 4096); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := container.Format(filepath.Join(t.TempDir(), "missing"), 1, 4096, false); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Format(missing) = %v; want fs.ErrNotExist", err)
 	}
 }

@@ -50,4 +50,11 @@ var (
 	// The holder may have been fenced meanwhile; it must get a new lease
 	// and look at its map again before it retries.
 	ErrLeaseOver = errors.New("storage lease over")
+
+	// ErrNotBlank means Format or FormatNBD found something on the
+	// target that formatting would destroy: a file system, a partition
+	// table, a swap area, an LVM or LUKS volume, or a container header
+	// (see Signature). Nothing was written; formatting with force
+	// overwrites it.
+	ErrNotBlank = errors.New("refusing to format over existing data")
 )

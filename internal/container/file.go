@@ -24,20 +24,32 @@ import (
 // calls fail with ErrClosed.
 //
 // Punch uses fallocate(2) with FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE, so
-// a punched slot gives its blocks back to the file system (or is discarded
-// or zeroed by the block device). Where that is not supported, Punch writes
-// zeros instead, which keeps the contract (the range reads as zero) without
-// releasing space.
+// a punched slot gives its blocks back to the file system. On a block
+// device the same call discards the range and guarantees it reads as zero
+// (the kernel issues WRITE_ZEROES with unmap; a loop device punches its
+// backing file); a device that cannot do that is asked for
+// FALLOC_FL_ZERO_RANGE, which the kernel carries out by writing zeros if
+// it must, and, on kernels without fallocate on block devices, the
+// BLKZEROOUT ioctl. BLKDISCARD is never used: a discarded range need not
+// read as zero. Where none of these is supported (or the range is not
+// aligned to the device's logical blocks), Punch writes zeros itself,
+// which keeps the contract (the range reads as zero) without releasing
+// space. The kernel drops the device's page cache over the range in
+// every case, so a read after Punch sees the zeros.
 type File struct {
 	f    *os.File
 	raw  syscall.RawConn // f's descriptor, for fallocate
 	path string
 	h    Header
 
+	// dev is true for a block device.
+	dev bool
+
 	closed atomic.Bool
-	// noPunch is set once fallocate reported that punching is not supported
-	// at all, so later punches go straight to writing zeros.
-	noPunch atomic.Bool
+	// noPunch, noZeroRange and noZeroOut are set once the kernel reported
+	// that punching a hole, zeroing a range with fallocate, or BLKZEROOUT
+	// are not supported at all, so later punches stop asking.
+	noPunch, noZeroRange, noZeroOut atomic.Bool
 	// noNoWait is set once preadv2 refused RWF_NOWAIT (an old kernel, a
 	// file system without it): ReadAtNoWait stops trying.
 	noNoWait atomic.Bool
@@ -139,17 +151,29 @@ func ReadHeader(path string) (Header, error) {
 
 // Format writes a new header onto an existing file or block device, which is
 // how containers on block devices are made. The container gets as many slots
-// of slotSize as fit after the header: (size - HeaderSize) / slotSize.
+// of slotSize as fit after the header: (size - HeaderSize) / slotSize, the
+// size of a device being what seeking to its end gives (its st_size is 0).
 //
-// Format overwrites any header already there, including another
-// container's, and does not clear the data area: slots hold whatever the
-// device held before until they are written or freed with FreeSlot.
-func Format(path string, id uint32, slotSize int64) (*File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+// Format refuses, with ErrNotBlank and nothing written, a target that
+// already holds something it recognises (see Signature): a file system,
+// a partition table, a swap area, an LVM or LUKS volume, or a container
+// header, its own included. With force it overwrites it. A block device
+// is opened exclusively (O_EXCL), so one that is mounted or held by the
+// kernel (device mapper, md, swap) fails with EBUSY even with force.
+//
+// Format does not clear the data area: slots hold whatever the device held
+// before until they are written or freed with FreeSlot (a controller
+// punches every free slot of a container before it hands one out).
+func Format(path string, id uint32, slotSize int64, force bool) (*File, error) {
+	flag := os.O_RDWR
+	if st, err := os.Stat(path); err == nil && st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0 {
+		flag |= os.O_EXCL // a block device: claim it, refuse it if in use
+	}
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
 		return nil, fmt.Errorf("format container: %w", err)
 	}
-	c, err := format(f, path, id, slotSize)
+	c, err := format(f, path, id, slotSize, force)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("format container %s: %w", path, err)
@@ -157,7 +181,7 @@ func Format(path string, id uint32, slotSize int64) (*File, error) {
 	return c, nil
 }
 
-func format(f *os.File, path string, id uint32, slotSize int64) (*File, error) {
+func format(f *os.File, path string, id uint32, slotSize int64, force bool) (*File, error) {
 	size, err := deviceSize(f)
 	if err != nil {
 		return nil, err
@@ -168,6 +192,13 @@ func format(f *os.File, path string, id uint32, slotSize int64) (*File, error) {
 	}
 	if err := h.validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v (device is %d bytes)", ErrInvalidHeader, err, size)
+	}
+	head := make([]byte, min(size, SignatureSpan))
+	if _, err := f.ReadAt(head, 0); err != nil && err != io.EOF {
+		return nil, err
+	}
+	if err := checkBlank(head, force); err != nil {
+		return nil, err
 	}
 	if _, err := f.WriteAt(h.encode(), 0); err != nil {
 		return nil, err
@@ -183,7 +214,12 @@ func newFile(f *os.File, path string, h Header) (*File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &File{f: f, raw: raw, path: path, h: h}, nil
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	dev := st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0
+	return &File{f: f, raw: raw, path: path, h: h, dev: dev}, nil
 }
 
 // readHeader reads and decodes the header at the start of f. A file shorter
@@ -363,20 +399,12 @@ func (c *File) Punch(off, n int64) error {
 	if n == 0 {
 		return nil
 	}
-	if !c.noPunch.Load() {
-		err := c.fallocatePunch(HeaderSize+off, n)
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOSYS):
-			// The file system or device cannot punch at all; stop asking.
-			c.noPunch.Store(true)
-		case errors.Is(err, unix.EINVAL):
-			// Block devices only punch whole logical blocks; an unaligned
-			// range falls back to zeros this once.
-		default:
-			return c.ioErr("punch", off, int(n), err)
-		}
+	err := c.zeroFast(HeaderSize+off, n)
+	if err == nil {
+		return nil
+	}
+	if !unsupported(err) {
+		return c.ioErr("punch", off, int(n), err)
 	}
 	if err := c.writeZeros(HeaderSize+off, n); err != nil {
 		return c.ioErr("punch", off, int(n), err)
@@ -384,15 +412,64 @@ func (c *File) Punch(off, n int64) error {
 	return nil
 }
 
-func (c *File) fallocatePunch(off, n int64) error {
-	var errno error
-	err := c.raw.Control(func(fd uintptr) {
-		errno = unix.Fallocate(int(fd), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+// zeroFast asks the kernel to make [off, off+n) of the underlying file
+// (offsets include the header) read as zero, without our writing the
+// zeros: see File for the ways it tries. An error for which unsupported
+// is true means that none worked and zeros must be written.
+func (c *File) zeroFast(off, n int64) error {
+	try := func(no *atomic.Bool, call func(fd int) error) error {
+		if no.Load() {
+			return unix.EOPNOTSUPP
+		}
+		err := c.control(call)
+		if neverSupported(err) {
+			no.Store(true)
+		}
+		return err
+	}
+	err := try(&c.noPunch, func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 	})
-	if err != nil {
+	if !c.dev || !unsupported(err) {
+		return err
+	}
+	err = try(&c.noZeroRange, func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	})
+	if !unsupported(err) {
+		return err
+	}
+	return try(&c.noZeroOut, func(fd int) error {
+		r := [2]uint64{uint64(off), uint64(n)}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&r)))
+		if errno != 0 {
+			return errno
+		}
+		return nil
+	})
+}
+
+// control runs a system call on the file's descriptor.
+func (c *File) control(call func(fd int) error) error {
+	var errno error
+	if err := c.raw.Control(func(fd uintptr) { errno = call(int(fd)) }); err != nil {
 		return err
 	}
 	return errno
+}
+
+// unsupported reports whether an error of zeroFast means that the kernel
+// cannot zero this range this way (rather than that the I/O failed):
+// EINVAL is a range not aligned to a device's logical blocks, and ENOTTY
+// an ioctl the file does not know.
+func unsupported(err error) bool {
+	return neverSupported(err) || errors.Is(err, unix.EINVAL)
+}
+
+// neverSupported reports whether an error means that this way of zeroing
+// is not supported at all, so there is no point asking again.
+func neverSupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.ENOTTY)
 }
 
 // zeros is the source for writeZeros. It is never written, so sharing it

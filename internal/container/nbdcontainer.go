@@ -143,9 +143,11 @@ func (c *NBD) renew() {
 // FormatNBD writes a new header onto the NBD export at uri, as Format does
 // on a device: the container gets as many slots of slotSize as fit after
 // the header, (export size - HeaderSize) / slotSize. The header is written
-// with FUA, so it is durable when FormatNBD returns. Any header already
-// there is overwritten and the data area is left as it is.
-func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, cfg nbdclient.ClientConfig) (*NBD, error) {
+// with FUA, so it is durable when FormatNBD returns. As Format, it refuses
+// an export that already holds a file system, a partition table or a
+// container header (ErrNotBlank) unless force; the data area is left as
+// it is.
+func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, force bool, cfg nbdclient.ClientConfig) (*NBD, error) {
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("format container %s: %w", uri, err)
@@ -158,7 +160,14 @@ func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, cfg n
 	err = h.validate()
 	if err != nil {
 		err = fmt.Errorf("%w: %v (export is %d bytes)", ErrInvalidHeader, err, cl.Size())
-	} else {
+	}
+	if err == nil {
+		head := make([]byte, min(size, SignatureSpan))
+		if err = cl.ReadAt(ctx, head, 0); err == nil {
+			err = checkBlank(head, force)
+		}
+	}
+	if err == nil {
 		err = cl.WriteAt(ctx, h.encode(), 0, true)
 	}
 	if err != nil {

@@ -75,7 +75,7 @@ func newExport(t *testing.T, dir string, size int64) string {
 
 func formatNBD(t *testing.T, uri string, id uint32, slotSize int64) *container.NBD {
 	t.Helper()
-	c, err := container.FormatNBD(context.Background(), uri, id, slotSize, nbdclient.ClientConfig{})
+	c, err := container.FormatNBD(context.Background(), uri, id, slotSize, false, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +254,7 @@ func TestOpenNBDErrors(t *testing.T) {
 		{size, 2048},
 	} {
 		name := newExport(t, dir, tt.size)
-		if c, err := container.FormatNBD(ctx, prefix+name, 1, tt.slotSize, nbdclient.ClientConfig{}); !errors.Is(err, container.ErrInvalidHeader) {
+		if c, err := container.FormatNBD(ctx, prefix+name, 1, tt.slotSize, false, nbdclient.ClientConfig{}); !errors.Is(err, container.ErrInvalidHeader) {
 			if err == nil {
 				c.Close()
 			}

@@ -113,11 +113,14 @@ func FilePath(uri string) (string, error) {
 func FileURI(path string) string { return "file://" + path }
 
 // CreateURI makes a new container at uri with the given id, as the holder
-// of m (nil: plaintext): a sparse file of slots slots (file:// or a path),
-// or, for nbd://, the header written onto the export, over mutual TLS as
-// URIOpener reaches it (the export's size gives the slots; slots is
-// ignored).
-func CreateURI(ctx context.Context, m *tlsconf.Material, uri string, id uint32, slotSize, slots uint64) error {
+// of m (nil: plaintext). With slots, it creates a sparse file of slots
+// slots (file:// or a path; it must not exist). Without (slots 0), it
+// formats what is there: a header written onto the block device or file
+// at the path, or onto the nbd:// export, over mutual TLS as URIOpener
+// reaches it; the target's size gives the slots. Formatting refuses a
+// target that holds a file system, a partition table or a container
+// header (ErrNotBlank) unless force.
+func CreateURI(ctx context.Context, m *tlsconf.Material, uri string, id uint32, slotSize, slots uint64, force bool) error {
 	if strings.HasPrefix(uri, "nbd://") {
 		cfg, err := nbdClientConfig(uri, m)
 		if err != nil {
@@ -125,7 +128,7 @@ func CreateURI(ctx context.Context, m *tlsconf.Material, uri string, id uint32, 
 		}
 		dctx, cancel := context.WithTimeout(ctx, NBDDialTimeout)
 		defer cancel()
-		c, err := FormatNBD(dctx, uri, id, int64(slotSize), cfg)
+		c, err := FormatNBD(dctx, uri, id, int64(slotSize), force, cfg)
 		if err != nil {
 			return err
 		}
@@ -134,6 +137,13 @@ func CreateURI(ctx context.Context, m *tlsconf.Material, uri string, id uint32, 
 	path, err := FilePath(uri)
 	if err != nil {
 		return err
+	}
+	if slots == 0 {
+		c, err := Format(path, id, int64(slotSize), force)
+		if err != nil {
+			return err
+		}
+		return c.Close()
 	}
 	return CreateFile(path, id, slotSize, slots)
 }

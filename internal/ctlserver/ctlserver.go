@@ -69,12 +69,12 @@ func New(cfg Config) *controller.Controller {
 // URI, as the holder of m (nil: plaintext), with the next container id.
 func NewAdmin(ctrl *controller.Controller, m *tlsconf.Material, cfg adminapi.Config) *adminapi.Server {
 	cfg.Ctrl = ctrl
-	cfg.CreateContainer = func(ctx context.Context, uri string, slotSize, slots uint64) error {
+	cfg.CreateContainer = func(ctx context.Context, uri string, slotSize, slots uint64, force bool) error {
 		id, err := ctrl.NextContainerID(ctx)
 		if err != nil {
 			return err
 		}
-		return container.CreateURI(ctx, m, uri, id, slotSize, slots)
+		return container.CreateURI(ctx, m, uri, id, slotSize, slots, force)
 	}
 	return adminapi.New(cfg)
 }

@@ -9,6 +9,9 @@ var (
 	ErrBadName = errors.New("invalid export file name")
 	// ErrNotRegular means the path is not a regular file.
 	ErrNotRegular = errors.New("not a regular file")
+	// ErrNotBlockDevice means a path given as a device is not a block
+	// device.
+	ErrNotBlockDevice = errors.New("not a block device")
 	// ErrShortRead means a read found the file shorter than it was when
 	// the connection opened it: someone truncated it underneath.
 	ErrShortRead = errors.New("file shrank under the export")

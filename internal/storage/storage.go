@@ -1,8 +1,9 @@
 // Package storage is segmap's storage node: it serves the regular files of
-// one directory as NBD exports, one export per file, named after it. It is
-// a dumb disk server: an export is the file's raw bytes, with no header and
-// no segmap logic, so that a controller can format a container on it over
-// NBD (container.FormatNBD) and agents can open it (container.OpenNBD) from
+// one directory as NBD exports, one export per file, named after it, and
+// block devices named one by one. It is a dumb disk server: an export is
+// the file's or device's raw bytes, with no header and no segmap logic, so
+// that a controller can format a container on it over NBD
+// (container.FormatNBD) and agents can open it (container.OpenNBD) from
 // other machines, exactly as they would a qemu-nbd or nbdkit export.
 //
 // # Exports
@@ -12,18 +13,26 @@
 // while the server runs (Create, or any other way) are served at once.
 // Names starting with a dot are not served (Create makes its files under
 // such a name and links them into place when they are complete), nor are
-// symbolic links, directories and devices. An export name is the
-// configured prefix followed by the file name.
+// symbolic links, directories and device nodes found in the directory: a
+// link or a device node dropped there must not expose a disk by accident.
+// Block devices are served only when named explicitly (Device, 'segmap
+// storage --device NAME=/dev/X'): the export NAME is the device at that
+// path (a symbolic link such as /dev/disk/by-id/... is followed), its size
+// the device's (BLKGETSIZE64), read when a connection opens it. A device's
+// name hides a file of the same name in the directory. An export name is
+// the configured prefix followed by the file or device name.
 //
 // # Requests
 //
 // File is the nbd.Export of one connection: reads and writes are pread and
-// pwrite on the file, FLUSH and FUA are fdatasync, TRIM and WRITE_ZEROES
-// without NO_HOLE punch a hole with fallocate (the file keeps its size),
+// pwrite on the file or device, FLUSH and FUA are fdatasync, TRIM and
+// WRITE_ZEROES without NO_HOLE punch a hole with fallocate (the file keeps
+// its size; a block device discards the range and reads it as zero),
 // WRITE_ZEROES with NO_HOLE zeroes the range in place. Where the file
-// system cannot punch or zero, zeros are written. A file that cannot be
-// opened for writing is served read-only. Every error fails its request
-// only; Errno maps it to the NBD error the client sees.
+// system or device cannot punch or zero, zeros are written. A file or
+// device that cannot be opened for writing is served read-only. Every
+// error fails its request only; Errno maps it to the NBD error the client
+// sees.
 package storage
 
 import (
@@ -36,10 +45,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
 	"unicode/utf8"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -61,43 +72,95 @@ func CheckName(name string) error {
 	return nil
 }
 
-// Dir serves the regular files of a directory as NBD exports. It
-// implements nbd.Backend; its methods may be called concurrently.
+// Dir serves the regular files of a directory, and named block devices,
+// as NBD exports. It implements nbd.Backend; its methods may be called
+// concurrently.
 type Dir struct {
-	path   string
-	prefix string
+	path    string // "" serves no files
+	prefix  string
+	devices []Device // in name order
+}
+
+// Device is a block device served as an export.
+type Device struct {
+	// Name is the export's name, after the prefix: as CheckName allows.
+	Name string
+	// Path is the device node, or a symbolic link to it.
+	Path string
 }
 
 var _ nbd.Backend = (*Dir)(nil)
 
 // NewDir returns a backend for the files in path, whose export names are
-// prefix followed by the file name. path must be a directory.
-func NewDir(path, prefix string) (*Dir, error) {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, fmt.Errorf("storage directory: %w", err)
-	}
-	if !st.IsDir() {
-		return nil, fmt.Errorf("storage directory %s: not a directory", path)
+// prefix followed by the file name, and for devices, named likewise.
+// path must be a directory, or "" to serve the devices only. Every device
+// must be a block device when NewDir is called, and their names distinct.
+func NewDir(path, prefix string, devices ...Device) (*Dir, error) {
+	if path != "" {
+		st, err := os.Stat(path)
+		if err != nil {
+			return nil, fmt.Errorf("storage directory: %w", err)
+		}
+		if !st.IsDir() {
+			return nil, fmt.Errorf("storage directory %s: not a directory", path)
+		}
 	}
 	if !utf8.ValidString(prefix) || strings.ContainsRune(prefix, 0) || len(prefix) > 4096-maxNameLen {
 		return nil, fmt.Errorf("export prefix %q: want a short UTF-8 string without NUL", prefix)
 	}
-	return &Dir{path: path, prefix: prefix}, nil
+	devs := slices.Clone(devices)
+	slices.SortFunc(devs, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })
+	for i, dv := range devs {
+		if err := CheckName(dv.Name); err != nil {
+			return nil, fmt.Errorf("device %s: %w", dv.Path, err)
+		}
+		if i > 0 && devs[i-1].Name == dv.Name {
+			return nil, fmt.Errorf("devices %s and %s: %w: both named %q", devs[i-1].Path, dv.Path, ErrBadName, dv.Name)
+		}
+		st, err := os.Stat(dv.Path)
+		if err != nil {
+			return nil, fmt.Errorf("device %s: %w", dv.Name, err)
+		}
+		if !isBlockDevice(st.Mode()) {
+			return nil, fmt.Errorf("device %s: %s: %w", dv.Name, dv.Path, ErrNotBlockDevice)
+		}
+	}
+	return &Dir{path: path, prefix: prefix, devices: devs}, nil
 }
 
-// Path returns the directory served.
+// Path returns the directory served ("" if none).
 func (d *Dir) Path() string { return d.path }
 
-// List implements nbd.Backend: one export per regular file, in name order.
+// Devices returns the devices served, in name order.
+func (d *Dir) Devices() []Device { return slices.Clone(d.devices) }
+
+// List implements nbd.Backend: one export per device, then one per
+// regular file, each in name order. A device that cannot be opened is
+// left out (it is listed again once it can be).
 func (d *Dir) List(ctx context.Context) ([]nbd.ExportInfo, error) {
+	var out []nbd.ExportInfo
+	for _, dv := range d.devices {
+		x, err := OpenDevice(dv.Path)
+		if err != nil {
+			continue
+		}
+		out = append(out, nbd.ExportInfo{
+			Name:        d.prefix + dv.Name,
+			Description: "segmap storage device " + dv.Path,
+			Size:        x.Size(),
+			ReadOnly:    x.ReadOnly(),
+		})
+		x.Close()
+	}
+	if d.path == "" {
+		return out, nil
+	}
 	ents, err := os.ReadDir(d.path)
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", d.path, err)
 	}
-	var out []nbd.ExportInfo
 	for _, e := range ents {
-		if !e.Type().IsRegular() || CheckName(e.Name()) != nil {
+		if !e.Type().IsRegular() || CheckName(e.Name()) != nil || d.device(e.Name()) != nil {
 			continue
 		}
 		info, err := e.Info()
@@ -115,11 +178,30 @@ func (d *Dir) List(ctx context.Context) ([]nbd.ExportInfo, error) {
 	return out, nil
 }
 
-// Open implements nbd.Backend: it opens the file of export name for one
-// connection; the Closer closes it.
+// device returns the device named name, or nil.
+func (d *Dir) device(name string) *Device {
+	i, ok := slices.BinarySearchFunc(d.devices, name, func(dv Device, n string) int { return strings.Compare(dv.Name, n) })
+	if !ok {
+		return nil
+	}
+	return &d.devices[i]
+}
+
+// Open implements nbd.Backend: it opens the device or file of export name
+// for one connection; the Closer closes it.
 func (d *Dir) Open(ctx context.Context, name string) (nbd.Export, io.Closer, error) {
 	file, ok := strings.CutPrefix(name, d.prefix)
 	if !ok || CheckName(file) != nil {
+		return nil, nil, fmt.Errorf("export %q: %w", name, nbdwire.ErrUnknownExport)
+	}
+	if dv := d.device(file); dv != nil {
+		f, err := OpenDevice(dv.Path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("export %q: %w", name, err)
+		}
+		return f, f, nil
+	}
+	if d.path == "" {
 		return nil, nil, fmt.Errorf("export %q: %w", name, nbdwire.ErrUnknownExport)
 	}
 	f, err := OpenFile(filepath.Join(d.path, file))
@@ -132,8 +214,8 @@ func (d *Dir) Open(ctx context.Context, name string) (nbd.Export, io.Closer, err
 	return f, f, nil
 }
 
-// File is an NBD export over one open regular file. Its methods may be
-// called concurrently.
+// File is an NBD export over one open regular file or block device. Its
+// methods may be called concurrently.
 type File struct {
 	f    *os.File
 	raw  syscall.RawConn
@@ -151,31 +233,79 @@ var _ nbd.Export = (*File)(nil)
 // OpenFile opens the regular file at path for reading and writing, or for
 // reading only if writing is not allowed. A symbolic link is refused.
 func OpenFile(path string) (*File, error) {
+	return openExport(path, unix.O_NOFOLLOW, false)
+}
+
+// OpenDevice opens the block device at path (a symbolic link to one is
+// followed) for reading and writing, or for reading only if writing is
+// not allowed; anything else fails with ErrNotBlockDevice. Its size is
+// the device's, from BLKGETSIZE64.
+func OpenDevice(path string) (*File, error) {
+	return openExport(path, 0, true)
+}
+
+func openExport(path string, flags int, dev bool) (*File, error) {
 	ro := false
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW, 0)
+	f, err := os.OpenFile(path, os.O_RDWR|flags, 0)
 	if errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS) {
 		ro = true
-		f, err = os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+		f, err = os.OpenFile(path, os.O_RDONLY|flags, 0)
+	}
+	what := "file"
+	if dev {
+		what = "device"
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open export file: %w", err)
+		return nil, fmt.Errorf("open export %s: %w", what, err)
 	}
 	st, err := f.Stat()
-	if err == nil && !st.Mode().IsRegular() {
+	switch {
+	case err != nil:
+	case dev && !isBlockDevice(st.Mode()):
+		err = fmt.Errorf("%s: %w", path, ErrNotBlockDevice)
+	case !dev && !st.Mode().IsRegular():
 		err = fmt.Errorf("%s: %w", path, ErrNotRegular)
 	}
 	var raw syscall.RawConn
 	if err == nil {
 		raw, err = f.SyscallConn()
 	}
+	size := uint64(0)
+	if err == nil && dev {
+		size, err = deviceSize(raw)
+	} else if err == nil {
+		size = uint64(st.Size())
+	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("open export file: %w", err)
+		return nil, fmt.Errorf("open export %s: %w", what, err)
 	}
-	return &File{f: f, raw: raw, path: path, size: uint64(st.Size()), ro: ro}, nil
+	return &File{f: f, raw: raw, path: path, size: size, ro: ro}, nil
 }
 
-// Size implements nbd.Export: the file's size when it was opened.
+// isBlockDevice reports whether m is a block device's mode.
+func isBlockDevice(m fs.FileMode) bool {
+	return m&fs.ModeDevice != 0 && m&fs.ModeCharDevice == 0
+}
+
+// deviceSize returns the size of the block device open on raw, which its
+// st_size does not give.
+func deviceSize(raw syscall.RawConn) (uint64, error) {
+	var size uint64
+	var errno syscall.Errno
+	if err := raw.Control(func(fd uintptr) {
+		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size)))
+	}); err != nil {
+		return 0, err
+	}
+	if errno != 0 {
+		return 0, fmt.Errorf("BLKGETSIZE64: %w", errno)
+	}
+	return size, nil
+}
+
+// Size implements nbd.Export: the file's or device's size when it was
+// opened.
 func (x *File) Size() uint64 { return x.size }
 
 // ReadOnly implements nbd.Export.

@@ -39,11 +39,11 @@ type node struct {
 	served      chan error
 }
 
-// startNode serves dir with export prefix prefix on a loopback port, as
-// `segmap storage` does. stop (also run at cleanup) shuts it down.
-func startNode(t *testing.T, dir, prefix string) *node {
+// startNode serves dir and devices with export prefix prefix on a
+// loopback port, as `segmap storage` does. stop (also run at cleanup) shuts it down.
+func startNode(t *testing.T, dir, prefix string, devices ...storage.Device) *node {
 	t.Helper()
-	backend, err := storage.NewDir(dir, prefix)
+	backend, err := storage.NewDir(dir, prefix, devices...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +229,7 @@ func TestContainerOverStorage(t *testing.T) {
 	n := startNode(t, dir, "node-")
 	uri := n.uri("c1")
 
-	c, err := container.FormatNBD(bg, uri, 42, slot, nbdclient.ClientConfig{})
+	c, err := container.FormatNBD(bg, uri, 42, slot, false, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +448,7 @@ func TestSegmapOverStorageNode(t *testing.T) {
 	n := startNode(t, sdir, "")
 	for i, name := range []string{"c1", "c2"} {
 		create(t, sdir, name, container.HeaderSize+32*slot)
-		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, nbdclient.ClientConfig{})
+		c, err := container.FormatNBD(bg, n.uri(name), uint32(i+1), slot, false, nbdclient.ClientConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -538,7 +538,7 @@ func TestLeasedContainer(t *testing.T) {
 	const slot = 1 << 20
 	create(t, dir, "c1", container.HeaderSize+4*slot)
 	n := startNode(t, dir, "node-")
-	c, err := container.FormatNBD(bg, n.uri("c1"), 7, slot, nbdclient.ClientConfig{})
+	c, err := container.FormatNBD(bg, n.uri("c1"), 7, slot, false, nbdclient.ClientConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,8 +34,10 @@ type Config struct {
 	// creates container files for it.
 	Provision func(ctx context.Context, slotSize uint64) error
 	// CreateContainer, if set, creates a new container file at uri with
-	// the given geometry (AddContainer with slots set).
-	CreateContainer func(ctx context.Context, uri string, slotSize, slots uint64) error
+	// the given geometry (AddContainer with slots set), or formats the
+	// block device, file or NBD export there (slots 0), over whatever it
+	// holds only with force.
+	CreateContainer func(ctx context.Context, uri string, slotSize, slots uint64, force bool) error
 	// NBDAddress is where hosts connect, for Status.
 	NBDAddress string
 	// Version is reported by Status.
@@ -103,7 +105,7 @@ func Code(err error) codes.Code {
 	case errors.Is(err, controller.ErrExists), errors.Is(err, meta.ErrExists):
 		return codes.AlreadyExists
 	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
-		errors.Is(err, controller.ErrRepairRefused),
+		errors.Is(err, controller.ErrRepairRefused), errors.Is(err, container.ErrNotBlank),
 		errors.Is(err, controller.ErrNotSnapshot), errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince):
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
@@ -465,11 +467,13 @@ func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*
 		if s.cfg.CreateContainer == nil {
 			return nil, status.Error(codes.FailedPrecondition, "this controller does not create container files; create it where the agents can reach it and add it without --slots")
 		}
-		nbdURI := strings.HasPrefix(r.Uri, "nbd://")
-		if r.SlotSize == 0 || r.Slots == 0 && !nbdURI {
-			return nil, status.Error(codes.InvalidArgument, "add container: a new container file needs both a slot size and a slot count (an NBD export, a slot size)")
+		if r.SlotSize == 0 {
+			return nil, status.Error(codes.InvalidArgument, "add container: a new container file needs both a slot size and a slot count (a block device or NBD export to format, a slot size)")
 		}
-		if err := s.cfg.CreateContainer(ctx, r.Uri, r.SlotSize, r.Slots); err != nil {
+		if r.Slots > 0 && strings.HasPrefix(r.Uri, "nbd://") {
+			return nil, status.Error(codes.InvalidArgument, "add container: an NBD export is formatted, with a slot size only: its size gives the slots")
+		}
+		if err := s.cfg.CreateContainer(ctx, r.Uri, r.SlotSize, r.Slots, r.Force); err != nil {
 			return nil, grpcErr(err)
 		}
 	}
