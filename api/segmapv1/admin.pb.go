@@ -77,6 +77,208 @@ func (Policy) EnumDescriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
 }
 
+type SetDiskErrorRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// offset and length are bytes, multiples of the segment size.
+	Offset        uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        uint64 `protobuf:"varint,3,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetDiskErrorRequest) Reset() {
+	*x = SetDiskErrorRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetDiskErrorRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetDiskErrorRequest) ProtoMessage() {}
+
+func (x *SetDiskErrorRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetDiskErrorRequest.ProtoReflect.Descriptor instead.
+func (*SetDiskErrorRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SetDiskErrorRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetDiskErrorRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *SetDiskErrorRequest) GetLength() uint64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+type ClearDiskErrorsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClearDiskErrorsRequest) Reset() {
+	*x = ClearDiskErrorsRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClearDiskErrorsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClearDiskErrorsRequest) ProtoMessage() {}
+
+func (x *ClearDiskErrorsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClearDiskErrorsRequest.ProtoReflect.Descriptor instead.
+func (*ClearDiskErrorsRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ClearDiskErrorsRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ClearDiskErrorsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ClearedBytes  uint64                 `protobuf:"varint,1,opt,name=cleared_bytes,json=clearedBytes,proto3" json:"cleared_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClearDiskErrorsResponse) Reset() {
+	*x = ClearDiskErrorsResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClearDiskErrorsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClearDiskErrorsResponse) ProtoMessage() {}
+
+func (x *ClearDiskErrorsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClearDiskErrorsResponse.ProtoReflect.Descriptor instead.
+func (*ClearDiskErrorsResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ClearDiskErrorsResponse) GetClearedBytes() uint64 {
+	if x != nil {
+		return x.ClearedBytes
+	}
+	return 0
+}
+
+// DiskErrors lists the failing extents of one disk.
+type DiskErrors struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          string                 `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Extents       []*Extent              `protobuf:"bytes,2,rep,name=extents,proto3" json:"extents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskErrors) Reset() {
+	*x = DiskErrors{}
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskErrors) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskErrors) ProtoMessage() {}
+
+func (x *DiskErrors) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskErrors.ProtoReflect.Descriptor instead.
+func (*DiskErrors) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *DiskErrors) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+func (x *DiskErrors) GetExtents() []*Extent {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
+}
+
 type ExportRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// snapshot is the read-only snapshot to export.
@@ -90,7 +292,7 @@ type ExportRequest struct {
 
 func (x *ExportRequest) Reset() {
 	*x = ExportRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -102,7 +304,7 @@ func (x *ExportRequest) String() string {
 func (*ExportRequest) ProtoMessage() {}
 
 func (x *ExportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -115,7 +317,7 @@ func (x *ExportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportRequest.ProtoReflect.Descriptor instead.
 func (*ExportRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ExportRequest) GetSnapshot() string {
@@ -145,7 +347,7 @@ type ExportChunk struct {
 
 func (x *ExportChunk) Reset() {
 	*x = ExportChunk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -157,7 +359,7 @@ func (x *ExportChunk) String() string {
 func (*ExportChunk) ProtoMessage() {}
 
 func (x *ExportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -170,7 +372,7 @@ func (x *ExportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportChunk.ProtoReflect.Descriptor instead.
 func (*ExportChunk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ExportChunk) GetData() []byte {
@@ -202,7 +404,7 @@ type ImportChunk struct {
 
 func (x *ImportChunk) Reset() {
 	*x = ImportChunk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -214,7 +416,7 @@ func (x *ImportChunk) String() string {
 func (*ImportChunk) ProtoMessage() {}
 
 func (x *ImportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -227,7 +429,7 @@ func (x *ImportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportChunk.ProtoReflect.Descriptor instead.
 func (*ImportChunk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ImportChunk) GetDisk() string {
@@ -261,7 +463,7 @@ type ImportResponse struct {
 
 func (x *ImportResponse) Reset() {
 	*x = ImportResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +475,7 @@ func (x *ImportResponse) String() string {
 func (*ImportResponse) ProtoMessage() {}
 
 func (x *ImportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,7 +488,7 @@ func (x *ImportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportResponse.ProtoReflect.Descriptor instead.
 func (*ImportResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ImportResponse) GetSnapshot() *Disk {
@@ -316,7 +518,7 @@ type DiffDisksRequest struct {
 
 func (x *DiffDisksRequest) Reset() {
 	*x = DiffDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -328,7 +530,7 @@ func (x *DiffDisksRequest) String() string {
 func (*DiffDisksRequest) ProtoMessage() {}
 
 func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -341,7 +543,7 @@ func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiffDisksRequest.ProtoReflect.Descriptor instead.
 func (*DiffDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DiffDisksRequest) GetFrom() string {
@@ -390,7 +592,7 @@ type Extent struct {
 
 func (x *Extent) Reset() {
 	*x = Extent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -402,7 +604,7 @@ func (x *Extent) String() string {
 func (*Extent) ProtoMessage() {}
 
 func (x *Extent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -415,7 +617,7 @@ func (x *Extent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Extent.ProtoReflect.Descriptor instead.
 func (*Extent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Extent) GetOffset() uint64 {
@@ -455,7 +657,7 @@ type DiffDisksResponse struct {
 
 func (x *DiffDisksResponse) Reset() {
 	*x = DiffDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -467,7 +669,7 @@ func (x *DiffDisksResponse) String() string {
 func (*DiffDisksResponse) ProtoMessage() {}
 
 func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -480,7 +682,7 @@ func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiffDisksResponse.ProtoReflect.Descriptor instead.
 func (*DiffDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DiffDisksResponse) GetExtents() []*Extent {
@@ -537,7 +739,7 @@ type GrantRequest struct {
 
 func (x *GrantRequest) Reset() {
 	*x = GrantRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +751,7 @@ func (x *GrantRequest) String() string {
 func (*GrantRequest) ProtoMessage() {}
 
 func (x *GrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +764,7 @@ func (x *GrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantRequest.ProtoReflect.Descriptor instead.
 func (*GrantRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GrantRequest) GetName() string {
@@ -610,13 +812,16 @@ type Disk struct {
 	// every snapshot of the family would give back. Like ZFS's usedsnap,
 	// but for the family: a clone shows the same figure as its origin.
 	SnapshotsHold uint64 `protobuf:"varint,13,opt,name=snapshots_hold,json=snapshotsHold,proto3" json:"snapshots_hold,omitempty"`
+	// error_extents, filled by GetDisk, are the byte ranges whose segments
+	// fail every I/O (Error): set by SetDiskError or a failed container.
+	ErrorExtents  []*Extent `protobuf:"bytes,14,rep,name=error_extents,json=errorExtents,proto3" json:"error_extents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +833,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +846,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Disk) GetName() string {
@@ -735,6 +940,13 @@ func (x *Disk) GetSnapshotsHold() uint64 {
 	return 0
 }
 
+func (x *Disk) GetErrorExtents() []*Extent {
+	if x != nil {
+		return x.ErrorExtents
+	}
+	return nil
+}
+
 type CreateDiskRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -752,7 +964,7 @@ type CreateDiskRequest struct {
 
 func (x *CreateDiskRequest) Reset() {
 	*x = CreateDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +976,7 @@ func (x *CreateDiskRequest) String() string {
 func (*CreateDiskRequest) ProtoMessage() {}
 
 func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +989,7 @@ func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDiskRequest.ProtoReflect.Descriptor instead.
 func (*CreateDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateDiskRequest) GetName() string {
@@ -830,7 +1042,7 @@ type ListDisksRequest struct {
 
 func (x *ListDisksRequest) Reset() {
 	*x = ListDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -842,7 +1054,7 @@ func (x *ListDisksRequest) String() string {
 func (*ListDisksRequest) ProtoMessage() {}
 
 func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -855,7 +1067,7 @@ func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksRequest.ProtoReflect.Descriptor instead.
 func (*ListDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 type ListDisksResponse struct {
@@ -867,7 +1079,7 @@ type ListDisksResponse struct {
 
 func (x *ListDisksResponse) Reset() {
 	*x = ListDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +1091,7 @@ func (x *ListDisksResponse) String() string {
 func (*ListDisksResponse) ProtoMessage() {}
 
 func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +1104,7 @@ func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksResponse.ProtoReflect.Descriptor instead.
 func (*ListDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListDisksResponse) GetDisks() []*Disk {
@@ -911,7 +1123,7 @@ type GetDiskRequest struct {
 
 func (x *GetDiskRequest) Reset() {
 	*x = GetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -923,7 +1135,7 @@ func (x *GetDiskRequest) String() string {
 func (*GetDiskRequest) ProtoMessage() {}
 
 func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -936,7 +1148,7 @@ func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDiskRequest.ProtoReflect.Descriptor instead.
 func (*GetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetDiskRequest) GetName() string {
@@ -958,7 +1170,7 @@ type ResizeDiskRequest struct {
 
 func (x *ResizeDiskRequest) Reset() {
 	*x = ResizeDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -970,7 +1182,7 @@ func (x *ResizeDiskRequest) String() string {
 func (*ResizeDiskRequest) ProtoMessage() {}
 
 func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -983,7 +1195,7 @@ func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeDiskRequest.ProtoReflect.Descriptor instead.
 func (*ResizeDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ResizeDiskRequest) GetName() string {
@@ -1018,7 +1230,7 @@ type RollbackDiskRequest struct {
 
 func (x *RollbackDiskRequest) Reset() {
 	*x = RollbackDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1242,7 @@ func (x *RollbackDiskRequest) String() string {
 func (*RollbackDiskRequest) ProtoMessage() {}
 
 func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1255,7 @@ func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackDiskRequest.ProtoReflect.Descriptor instead.
 func (*RollbackDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RollbackDiskRequest) GetName() string {
@@ -1070,7 +1282,7 @@ type RenameDiskRequest struct {
 
 func (x *RenameDiskRequest) Reset() {
 	*x = RenameDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1082,7 +1294,7 @@ func (x *RenameDiskRequest) String() string {
 func (*RenameDiskRequest) ProtoMessage() {}
 
 func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1095,7 +1307,7 @@ func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameDiskRequest.ProtoReflect.Descriptor instead.
 func (*RenameDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RenameDiskRequest) GetName() string {
@@ -1123,7 +1335,7 @@ type SetDiskRequest struct {
 
 func (x *SetDiskRequest) Reset() {
 	*x = SetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1347,7 @@ func (x *SetDiskRequest) String() string {
 func (*SetDiskRequest) ProtoMessage() {}
 
 func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1360,7 @@ func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDiskRequest.ProtoReflect.Descriptor instead.
 func (*SetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetDiskRequest) GetName() string {
@@ -1174,7 +1386,7 @@ type FlattenDiskRequest struct {
 
 func (x *FlattenDiskRequest) Reset() {
 	*x = FlattenDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1186,7 +1398,7 @@ func (x *FlattenDiskRequest) String() string {
 func (*FlattenDiskRequest) ProtoMessage() {}
 
 func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1199,7 +1411,7 @@ func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenDiskRequest.ProtoReflect.Descriptor instead.
 func (*FlattenDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *FlattenDiskRequest) GetName() string {
@@ -1222,7 +1434,7 @@ type FlattenProgress struct {
 
 func (x *FlattenProgress) Reset() {
 	*x = FlattenProgress{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1234,7 +1446,7 @@ func (x *FlattenProgress) String() string {
 func (*FlattenProgress) ProtoMessage() {}
 
 func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1247,7 +1459,7 @@ func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenProgress.ProtoReflect.Descriptor instead.
 func (*FlattenProgress) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *FlattenProgress) GetDone() uint64 {
@@ -1282,7 +1494,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1506,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,7 +1519,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -1335,7 +1547,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +1559,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +1572,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DeleteDiskResponse) GetFreedBytes() uint64 {
@@ -1386,7 +1598,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1398,7 +1610,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1411,7 +1623,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -1451,7 +1663,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1675,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1688,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -1503,7 +1715,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1515,7 +1727,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1528,7 +1740,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Container) GetId() uint32 {
@@ -1581,7 +1793,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1593,7 +1805,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1606,7 +1818,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 type ListContainersResponse struct {
@@ -1618,7 +1830,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1842,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1855,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1672,7 +1884,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1896,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1909,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1737,7 +1949,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1749,7 +1961,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1762,7 +1974,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1794,7 +2006,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1806,7 +2018,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1819,7 +2031,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Problem) GetKind() string {
@@ -1878,14 +2090,17 @@ type CheckResponse struct {
 	Repaired []*Problem `protobuf:"bytes,2,rep,name=repaired,proto3" json:"repaired,omitempty"`
 	// refused says why repair changed nothing: damage other than leaked
 	// slots. Empty if repair was not asked for or went ahead.
-	Refused       string `protobuf:"bytes,3,opt,name=refused,proto3" json:"refused,omitempty"`
+	Refused string `protobuf:"bytes,3,opt,name=refused,proto3" json:"refused,omitempty"`
+	// disk_errors lists the disks with failing extents (Error segments):
+	// not damage to the metadata, but data that cannot be read.
+	DiskErrors    []*DiskErrors `protobuf:"bytes,4,rep,name=disk_errors,json=diskErrors,proto3" json:"disk_errors,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1897,7 +2112,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1910,7 +2125,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1934,6 +2149,13 @@ func (x *CheckResponse) GetRefused() string {
 	return ""
 }
 
+func (x *CheckResponse) GetDiskErrors() []*DiskErrors {
+	if x != nil {
+		return x.DiskErrors
+	}
+	return nil
+}
+
 type StatusRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// agents asks every attached agent for the status of each disk it maps
@@ -1945,7 +2167,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1957,7 +2179,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1970,7 +2192,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StatusRequest) GetAgents() bool {
@@ -1993,7 +2215,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2005,7 +2227,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2018,7 +2240,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Agent) GetName() string {
@@ -2071,7 +2293,7 @@ type AgentDisk struct {
 
 func (x *AgentDisk) Reset() {
 	*x = AgentDisk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2083,7 +2305,7 @@ func (x *AgentDisk) String() string {
 func (*AgentDisk) ProtoMessage() {}
 
 func (x *AgentDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2096,7 +2318,7 @@ func (x *AgentDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
 func (*AgentDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *AgentDisk) GetId() uint64 {
@@ -2228,7 +2450,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2462,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2475,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2337,7 +2559,19 @@ var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"?\n" +
+	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"Y\n" +
+	"\x13SetDiskErrorRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +
+	"\x06length\x18\x03 \x01(\x04R\x06length\",\n" +
+	"\x16ClearDiskErrorsRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\">\n" +
+	"\x17ClearDiskErrorsResponse\x12#\n" +
+	"\rcleared_bytes\x18\x01 \x01(\x04R\fclearedBytes\"M\n" +
+	"\n" +
+	"DiskErrors\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\tR\x04disk\x12+\n" +
+	"\aextents\x18\x02 \x03(\v2\x11.segmap.v1.ExtentR\aextents\"?\n" +
 	"\rExportRequest\x12\x1a\n" +
 	"\bsnapshot\x18\x01 \x01(\tR\bsnapshot\x12\x12\n" +
 	"\x04base\x18\x02 \x01(\tR\x04base\"K\n" +
@@ -2371,7 +2605,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all\"\x8f\x03\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"\xc7\x03\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
@@ -2387,7 +2621,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06agents\x18\v \x03(\tR\x06agents\x12\x1d\n" +
 	"\n" +
 	"all_agents\x18\f \x01(\bR\tallAgents\x12%\n" +
-	"\x0esnapshots_hold\x18\r \x01(\x04R\rsnapshotsHold\"\xc3\x01\n" +
+	"\x0esnapshots_hold\x18\r \x01(\x04R\rsnapshotsHold\x126\n" +
+	"\rerror_extents\x18\x0e \x03(\v2\x11.segmap.v1.ExtentR\ferrorExtents\"\xc3\x01\n" +
 	"\x11CreateDiskRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +
@@ -2462,11 +2697,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x04disk\x18\x04 \x01(\tR\x04disk\x12\x18\n" +
 	"\asegment\x18\x05 \x01(\x04R\asegment\x12\x16\n" +
 	"\x06detail\x18\x06 \x01(\tR\x06detail\x12\x10\n" +
-	"\x03key\x18\a \x01(\tR\x03key\"\x89\x01\n" +
+	"\x03key\x18\a \x01(\tR\x03key\"\xc1\x01\n" +
 	"\rCheckResponse\x12.\n" +
 	"\bproblems\x18\x01 \x03(\v2\x12.segmap.v1.ProblemR\bproblems\x12.\n" +
 	"\brepaired\x18\x02 \x03(\v2\x12.segmap.v1.ProblemR\brepaired\x12\x18\n" +
-	"\arefused\x18\x03 \x01(\tR\arefused\"'\n" +
+	"\arefused\x18\x03 \x01(\tR\arefused\x126\n" +
+	"\vdisk_errors\x18\x04 \x03(\v2\x15.segmap.v1.DiskErrorsR\n" +
+	"diskErrors\"'\n" +
 	"\rStatusRequest\x12\x16\n" +
 	"\x06agents\x18\x01 \x01(\bR\x06agents\"j\n" +
 	"\x05Agent\x12\x12\n" +
@@ -2513,7 +2750,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xd5\t\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xf0\n" +
+	"\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -2537,7 +2775,9 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Revoke\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x12<\n" +
 	"\x06Export\x12\x18.segmap.v1.ExportRequest\x1a\x16.segmap.v1.ExportChunk0\x01\x12=\n" +
 	"\x06Import\x12\x16.segmap.v1.ImportChunk\x1a\x19.segmap.v1.ImportResponse(\x01\x12F\n" +
-	"\tDiffDisks\x12\x1b.segmap.v1.DiffDisksRequest\x1a\x1c.segmap.v1.DiffDisksResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\tDiffDisks\x12\x1b.segmap.v1.DiffDisksRequest\x1a\x1c.segmap.v1.DiffDisksResponse\x12?\n" +
+	"\fSetDiskError\x12\x1e.segmap.v1.SetDiskErrorRequest\x1a\x0f.segmap.v1.Disk\x12X\n" +
+	"\x0fClearDiskErrors\x12!.segmap.v1.ClearDiskErrorsRequest\x1a\".segmap.v1.ClearDiskErrorsResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_admin_proto_rawDescOnce sync.Once
@@ -2552,100 +2792,111 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_segmapv1_admin_proto_goTypes = []any{
-	(Policy)(0),                    // 0: segmap.v1.Policy
-	(*ExportRequest)(nil),          // 1: segmap.v1.ExportRequest
-	(*ExportChunk)(nil),            // 2: segmap.v1.ExportChunk
-	(*ImportChunk)(nil),            // 3: segmap.v1.ImportChunk
-	(*ImportResponse)(nil),         // 4: segmap.v1.ImportResponse
-	(*DiffDisksRequest)(nil),       // 5: segmap.v1.DiffDisksRequest
-	(*Extent)(nil),                 // 6: segmap.v1.Extent
-	(*DiffDisksResponse)(nil),      // 7: segmap.v1.DiffDisksResponse
-	(*GrantRequest)(nil),           // 8: segmap.v1.GrantRequest
-	(*Disk)(nil),                   // 9: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),      // 10: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),       // 11: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),      // 12: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),         // 13: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),      // 14: segmap.v1.ResizeDiskRequest
-	(*RollbackDiskRequest)(nil),    // 15: segmap.v1.RollbackDiskRequest
-	(*RenameDiskRequest)(nil),      // 16: segmap.v1.RenameDiskRequest
-	(*SetDiskRequest)(nil),         // 17: segmap.v1.SetDiskRequest
-	(*FlattenDiskRequest)(nil),     // 18: segmap.v1.FlattenDiskRequest
-	(*FlattenProgress)(nil),        // 19: segmap.v1.FlattenProgress
-	(*DeleteDiskRequest)(nil),      // 20: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 21: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 22: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 23: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 24: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 25: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 26: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 27: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 28: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 29: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 30: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 31: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 32: segmap.v1.Agent
-	(*AgentDisk)(nil),              // 33: segmap.v1.AgentDisk
-	(*StatusResponse)(nil),         // 34: segmap.v1.StatusResponse
+	(Policy)(0),                     // 0: segmap.v1.Policy
+	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
+	(*ClearDiskErrorsRequest)(nil),  // 2: segmap.v1.ClearDiskErrorsRequest
+	(*ClearDiskErrorsResponse)(nil), // 3: segmap.v1.ClearDiskErrorsResponse
+	(*DiskErrors)(nil),              // 4: segmap.v1.DiskErrors
+	(*ExportRequest)(nil),           // 5: segmap.v1.ExportRequest
+	(*ExportChunk)(nil),             // 6: segmap.v1.ExportChunk
+	(*ImportChunk)(nil),             // 7: segmap.v1.ImportChunk
+	(*ImportResponse)(nil),          // 8: segmap.v1.ImportResponse
+	(*DiffDisksRequest)(nil),        // 9: segmap.v1.DiffDisksRequest
+	(*Extent)(nil),                  // 10: segmap.v1.Extent
+	(*DiffDisksResponse)(nil),       // 11: segmap.v1.DiffDisksResponse
+	(*GrantRequest)(nil),            // 12: segmap.v1.GrantRequest
+	(*Disk)(nil),                    // 13: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),       // 14: segmap.v1.CreateDiskRequest
+	(*ListDisksRequest)(nil),        // 15: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),       // 16: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),          // 17: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),       // 18: segmap.v1.ResizeDiskRequest
+	(*RollbackDiskRequest)(nil),     // 19: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),       // 20: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),          // 21: segmap.v1.SetDiskRequest
+	(*FlattenDiskRequest)(nil),      // 22: segmap.v1.FlattenDiskRequest
+	(*FlattenProgress)(nil),         // 23: segmap.v1.FlattenProgress
+	(*DeleteDiskRequest)(nil),       // 24: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),      // 25: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),         // 26: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),        // 27: segmap.v1.SnapshotResponse
+	(*Container)(nil),               // 28: segmap.v1.Container
+	(*ListContainersRequest)(nil),   // 29: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 30: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 31: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 32: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 33: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 34: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 35: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 36: segmap.v1.Agent
+	(*AgentDisk)(nil),               // 37: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 38: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
-	9,  // 0: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
-	6,  // 1: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
-	0,  // 2: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
-	0,  // 3: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
-	9,  // 4: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
-	9,  // 5: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	24, // 6: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	29, // 7: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	29, // 8: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	33, // 9: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	32, // 10: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	24, // 11: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	10, // 12: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	11, // 13: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	13, // 14: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	14, // 15: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	20, // 16: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	15, // 17: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	16, // 18: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	17, // 19: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	18, // 20: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
-	22, // 21: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	25, // 22: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	27, // 23: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	28, // 24: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	31, // 25: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	8,  // 26: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	8,  // 27: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	1,  // 28: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	3,  // 29: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	5,  // 30: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	9,  // 31: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	12, // 32: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	9,  // 33: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	9,  // 34: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	21, // 35: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	9,  // 36: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	9,  // 37: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	9,  // 38: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	19, // 39: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	23, // 40: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	26, // 41: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	24, // 42: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	30, // 43: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	34, // 44: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	9,  // 45: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	9,  // 46: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	2,  // 47: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	4,  // 48: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	7,  // 49: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	31, // [31:50] is the sub-list for method output_type
-	12, // [12:31] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
+	13, // 1: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
+	10, // 2: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
+	0,  // 3: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
+	10, // 4: segmap.v1.Disk.error_extents:type_name -> segmap.v1.Extent
+	0,  // 5: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
+	13, // 6: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
+	13, // 7: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
+	28, // 8: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	33, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	33, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	4,  // 11: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
+	37, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	36, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	28, // 14: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	14, // 15: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	15, // 16: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	17, // 17: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	18, // 18: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	24, // 19: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	19, // 20: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	20, // 21: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	21, // 22: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	22, // 23: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	26, // 24: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	29, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	31, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	32, // 27: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	35, // 28: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 29: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 30: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 31: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 32: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 33: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 34: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 35: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 36: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 37: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 38: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 39: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 40: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 41: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 42: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 43: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 44: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 45: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	30, // 46: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 47: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	34, // 48: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	38, // 49: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 50: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 51: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 52: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 53: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 54: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 55: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 56: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	36, // [36:57] is the sub-list for method output_type
+	15, // [15:36] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -2653,15 +2904,15 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
-	file_segmapv1_admin_proto_msgTypes[16].OneofWrappers = []any{}
-	file_segmapv1_admin_proto_msgTypes[23].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[20].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[27].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   34,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,25 +26,27 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_CreateDisk_FullMethodName     = "/segmap.v1.Admin/CreateDisk"
-	Admin_ListDisks_FullMethodName      = "/segmap.v1.Admin/ListDisks"
-	Admin_GetDisk_FullMethodName        = "/segmap.v1.Admin/GetDisk"
-	Admin_ResizeDisk_FullMethodName     = "/segmap.v1.Admin/ResizeDisk"
-	Admin_DeleteDisk_FullMethodName     = "/segmap.v1.Admin/DeleteDisk"
-	Admin_RollbackDisk_FullMethodName   = "/segmap.v1.Admin/RollbackDisk"
-	Admin_RenameDisk_FullMethodName     = "/segmap.v1.Admin/RenameDisk"
-	Admin_SetDisk_FullMethodName        = "/segmap.v1.Admin/SetDisk"
-	Admin_FlattenDisk_FullMethodName    = "/segmap.v1.Admin/FlattenDisk"
-	Admin_Snapshot_FullMethodName       = "/segmap.v1.Admin/Snapshot"
-	Admin_ListContainers_FullMethodName = "/segmap.v1.Admin/ListContainers"
-	Admin_AddContainer_FullMethodName   = "/segmap.v1.Admin/AddContainer"
-	Admin_Check_FullMethodName          = "/segmap.v1.Admin/Check"
-	Admin_Status_FullMethodName         = "/segmap.v1.Admin/Status"
-	Admin_Grant_FullMethodName          = "/segmap.v1.Admin/Grant"
-	Admin_Revoke_FullMethodName         = "/segmap.v1.Admin/Revoke"
-	Admin_Export_FullMethodName         = "/segmap.v1.Admin/Export"
-	Admin_Import_FullMethodName         = "/segmap.v1.Admin/Import"
-	Admin_DiffDisks_FullMethodName      = "/segmap.v1.Admin/DiffDisks"
+	Admin_CreateDisk_FullMethodName      = "/segmap.v1.Admin/CreateDisk"
+	Admin_ListDisks_FullMethodName       = "/segmap.v1.Admin/ListDisks"
+	Admin_GetDisk_FullMethodName         = "/segmap.v1.Admin/GetDisk"
+	Admin_ResizeDisk_FullMethodName      = "/segmap.v1.Admin/ResizeDisk"
+	Admin_DeleteDisk_FullMethodName      = "/segmap.v1.Admin/DeleteDisk"
+	Admin_RollbackDisk_FullMethodName    = "/segmap.v1.Admin/RollbackDisk"
+	Admin_RenameDisk_FullMethodName      = "/segmap.v1.Admin/RenameDisk"
+	Admin_SetDisk_FullMethodName         = "/segmap.v1.Admin/SetDisk"
+	Admin_FlattenDisk_FullMethodName     = "/segmap.v1.Admin/FlattenDisk"
+	Admin_Snapshot_FullMethodName        = "/segmap.v1.Admin/Snapshot"
+	Admin_ListContainers_FullMethodName  = "/segmap.v1.Admin/ListContainers"
+	Admin_AddContainer_FullMethodName    = "/segmap.v1.Admin/AddContainer"
+	Admin_Check_FullMethodName           = "/segmap.v1.Admin/Check"
+	Admin_Status_FullMethodName          = "/segmap.v1.Admin/Status"
+	Admin_Grant_FullMethodName           = "/segmap.v1.Admin/Grant"
+	Admin_Revoke_FullMethodName          = "/segmap.v1.Admin/Revoke"
+	Admin_Export_FullMethodName          = "/segmap.v1.Admin/Export"
+	Admin_Import_FullMethodName          = "/segmap.v1.Admin/Import"
+	Admin_DiffDisks_FullMethodName       = "/segmap.v1.Admin/DiffDisks"
+	Admin_SetDiskError_FullMethodName    = "/segmap.v1.Admin/SetDiskError"
+	Admin_ClearDiskErrors_FullMethodName = "/segmap.v1.Admin/ClearDiskErrors"
 )
 
 // AdminClient is the client API for Admin service.
@@ -96,6 +98,13 @@ type AdminClient interface {
 	// differ, not with the disks. INVALID_ARGUMENT for disks of different
 	// families or segment sizes.
 	DiffDisks(ctx context.Context, in *DiffDisksRequest, opts ...grpc.CallOption) (*DiffDisksResponse, error)
+	// SetDiskError makes whole segments of a writable disk fail every read
+	// and write with EIO (as dm-flakey does), persistently, for testing how
+	// hosts take errors. The data there is dropped.
+	SetDiskError(ctx context.Context, in *SetDiskErrorRequest, opts ...grpc.CallOption) (*Disk, error)
+	// ClearDiskErrors makes every failing segment of a disk read as zeros
+	// (the data there is declared lost): the disk is whole again.
+	ClearDiskErrors(ctx context.Context, in *ClearDiskErrorsRequest, opts ...grpc.CallOption) (*ClearDiskErrorsResponse, error)
 }
 
 type adminClient struct {
@@ -317,6 +326,26 @@ func (c *adminClient) DiffDisks(ctx context.Context, in *DiffDisksRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) SetDiskError(ctx context.Context, in *SetDiskErrorRequest, opts ...grpc.CallOption) (*Disk, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Disk)
+	err := c.cc.Invoke(ctx, Admin_SetDiskError_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ClearDiskErrors(ctx context.Context, in *ClearDiskErrorsRequest, opts ...grpc.CallOption) (*ClearDiskErrorsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClearDiskErrorsResponse)
+	err := c.cc.Invoke(ctx, Admin_ClearDiskErrors_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -366,6 +395,13 @@ type AdminServer interface {
 	// differ, not with the disks. INVALID_ARGUMENT for disks of different
 	// families or segment sizes.
 	DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error)
+	// SetDiskError makes whole segments of a writable disk fail every read
+	// and write with EIO (as dm-flakey does), persistently, for testing how
+	// hosts take errors. The data there is dropped.
+	SetDiskError(context.Context, *SetDiskErrorRequest) (*Disk, error)
+	// ClearDiskErrors makes every failing segment of a disk read as zeros
+	// (the data there is declared lost): the disk is whole again.
+	ClearDiskErrors(context.Context, *ClearDiskErrorsRequest) (*ClearDiskErrorsResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -432,6 +468,12 @@ func (UnimplementedAdminServer) Import(grpc.ClientStreamingServer[ImportChunk, I
 }
 func (UnimplementedAdminServer) DiffDisks(context.Context, *DiffDisksRequest) (*DiffDisksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DiffDisks not implemented")
+}
+func (UnimplementedAdminServer) SetDiskError(context.Context, *SetDiskErrorRequest) (*Disk, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetDiskError not implemented")
+}
+func (UnimplementedAdminServer) ClearDiskErrors(context.Context, *ClearDiskErrorsRequest) (*ClearDiskErrorsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ClearDiskErrors not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -771,6 +813,42 @@ func _Admin_DiffDisks_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_SetDiskError_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetDiskErrorRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetDiskError(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetDiskError_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetDiskError(ctx, req.(*SetDiskErrorRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ClearDiskErrors_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClearDiskErrorsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ClearDiskErrors(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ClearDiskErrors_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ClearDiskErrors(ctx, req.(*ClearDiskErrorsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -841,6 +919,14 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DiffDisks",
 			Handler:    _Admin_DiffDisks_Handler,
+		},
+		{
+			MethodName: "SetDiskError",
+			Handler:    _Admin_SetDiskError_Handler,
+		},
+		{
+			MethodName: "ClearDiskErrors",
+			Handler:    _Admin_ClearDiskErrors_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -304,6 +304,9 @@ shared, in bytes.`,
 					fmt.Fprintf(w, "agents:       %s\n", orDash(strings.Join(d.Agents, ", ")))
 				}
 				fmt.Fprintf(w, "created:      %s\n", time.Unix(0, d.CreatedUnixNano).UTC().Format(time.RFC3339))
+				if len(d.ErrorExtents) > 0 {
+					fmt.Fprintf(w, "failing I/O:  %s (Error; see disk clear-errors)\n", extentList(d.ErrorExtents))
+				}
 				return nil
 			})
 		},
@@ -424,6 +427,7 @@ then the total. With --json, an array: [{"offset":N,"length":N}, ...].`,
 	}
 	disk.AddCommand(create, list, info, resize, del, grant, revoke, diff)
 	disk.AddCommand(lineageCommands(g)...)
+	disk.AddCommand(errorCommands(g)...)
 	return disk
 }
 
@@ -868,6 +872,7 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 				return err
 			}
 		}
+		printDiskErrors(w, r.DiskErrors)
 		if len(r.Problems) == 0 {
 			fmt.Fprintln(w, "check: clean")
 		} else {

@@ -1173,6 +1173,12 @@ const MaxDiscard = 1 << 16
 // slots no one else references. The caller holds the family lock
 // exclusively.
 func (c *Controller) discard(ctx context.Context, d meta.Disk, first, n uint64) (protocol.Reply, error) {
+	return c.void(ctx, d, first, n, table.ZeroEntry)
+}
+
+// void is discard with the entries set to to: ZeroEntry (discard) or
+// ErrorEntry (SetError), neither of which holds a slot.
+func (c *Controller) void(ctx context.Context, d meta.Disk, first, n uint64, to table.Entry) (protocol.Reply, error) {
 	if n > MaxDiscard {
 		return protocol.Reply{}, fmt.Errorf("discard of %d segments (at most %d at once): %w", n, MaxDiscard, protocol.ErrBadRequest)
 	}
@@ -1185,7 +1191,7 @@ func (c *Controller) discard(ctx context.Context, d meta.Disk, first, n uint64) 
 	}
 	zeros := make([]table.Entry, n)
 	for i := range zeros {
-		zeros[i] = table.ZeroEntry
+		zeros[i] = to
 	}
 
 	fr := c.newFreeing()

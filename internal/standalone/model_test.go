@@ -181,7 +181,7 @@ func (m *model) mix() []modelOp {
 		{2, "clone", m.clone, false}, {1, "resize", m.resize, false}, {2, "concurrent", m.concurrent, false},
 		{1, "restart-agent", m.restartAgent, true}, {1, "restart-controller", m.restartController, true}, {2, "read-only-write", m.readOnlyWrite, false},
 		{2, "rollback", m.rollback, false}, {1, "rename", m.rename, false}, {1, "set-read-only", m.setReadOnly, false}, {1, "flatten", m.flatten, false},
-		{1, "snapshot-delete", m.snapshotDelete, false},
+		{1, "snapshot-delete", m.snapshotDelete, false}, {1, "set-error", m.setError, false},
 	}
 }
 
@@ -823,6 +823,66 @@ func (m *model) flatten() {
 }
 
 // setReadOnly freezes a writable disk or promotes a read-only one.
+// setError makes whole segments of a writable disk fail I/O, sees reads
+// and writes there fail through both agents (and the rest of the disk
+// still read right), sometimes snapshots it meanwhile (the snapshot fails
+// there too), and clears the errors: the range then reads zeros.
+func (m *model) setError() {
+	d := m.pick(true)
+	if d == nil || uint64(len(d.data)) < d.segSize {
+		return
+	}
+	segs := uint64(len(d.data)) / d.segSize
+	first := m.rng.Uint64N(segs)
+	n := 1 + m.rng.Uint64N(min(3, segs-first))
+	off, length := first*d.segSize, n*d.segSize
+	if _, err := m.c.Ctrl.SetError(m.ctx, d.name, off, length); err != nil {
+		m.fatalf("set error on %s [%d,+%d): %v", d.name, off, length, err)
+	}
+	m.tracef("set error on %s [%d,+%d)", d.name, off, length)
+	p := make([]byte, 512)
+	for i := range 2 {
+		at := off + m.rng.Uint64N(length-uint64(len(p))+1)
+		if err := m.handle(i, d).ReadAt(m.ctx, p, at); !errors.Is(err, protocol.ErrIO) {
+			m.fatalf("agent %d read %s at %d in an Error range: %v, want EIO", i, d.name, at, err)
+		}
+		if err := m.handle(i, d).WriteAt(m.ctx, p, at, false); !errors.Is(err, protocol.ErrIO) {
+			m.fatalf("agent %d write %s at %d in an Error range: %v, want EIO", i, d.name, at, err)
+		}
+	}
+	if off > 0 {
+		m.verify(m.rng.IntN(2), d, 0, off)
+	}
+	ds := []*mdisk{d}
+	if m.rng.IntN(3) == 0 && len(m.disks) < m.maxDisks {
+		// A snapshot now shares the Error entries; clear-errors
+		// clears it too.
+		before := make(map[string]bool, len(m.disks))
+		for name := range m.disks {
+			before[name] = true
+		}
+		m.snapshotOf([]*mdisk{d}, false)
+		for _, s := range m.sorted() {
+			if !before[s.name] {
+				ds = append(ds, s)
+			}
+		}
+	}
+	for _, e := range ds {
+		exts, err := m.c.Ctrl.ErrorExtents(m.ctx, e.name)
+		if err != nil || len(exts) != 1 || exts[0] != (controller.Extent{Off: off, Len: length}) {
+			m.fatalf("error extents of %s: %v %v, want [%d,+%d)", e.name, exts, err, off, length)
+		}
+		cleared, err := m.c.Ctrl.ClearErrors(m.ctx, e.name)
+		if err != nil || cleared != length {
+			m.fatalf("clear errors of %s: %d %v, want %d", e.name, cleared, err, length)
+		}
+		clear(e.data[off : off+length])
+		m.verify(m.rng.IntN(2), e, off, length)
+	}
+	m.stats["set-error"]++
+}
+
 func (m *model) setReadOnly() {
 	d := m.pick(false)
 	if d == nil {

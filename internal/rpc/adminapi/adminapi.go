@@ -285,7 +285,42 @@ func (s *Server) GetDisk(ctx context.Context, r *pb.GetDiskRequest) (*pb.Disk, e
 		return nil, grpcErr(err)
 	}
 	pd, err := s.withUsage(ctx, d, names, map[meta.DiskID]uint64{d.Family: held})
-	return pd, grpcErr(err)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	exts, err := s.cfg.Ctrl.ErrorExtents(ctx, d.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	pd.ErrorExtents = extentsMsg(exts)
+	return pd, nil
+}
+
+// extentsMsg converts extents for the wire.
+func extentsMsg(exts []controller.Extent) []*pb.Extent {
+	out := make([]*pb.Extent, len(exts))
+	for i, x := range exts {
+		out[i] = &pb.Extent{Offset: x.Off, Length: x.Len}
+	}
+	return out
+}
+
+// SetDiskError implements pb.AdminServer.
+func (s *Server) SetDiskError(ctx context.Context, r *pb.SetDiskErrorRequest) (*pb.Disk, error) {
+	d, err := s.cfg.Ctrl.SetError(ctx, r.Name, r.Offset, r.Length)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: d.Name})
+}
+
+// ClearDiskErrors implements pb.AdminServer.
+func (s *Server) ClearDiskErrors(ctx context.Context, r *pb.ClearDiskErrorsRequest) (*pb.ClearDiskErrorsResponse, error) {
+	n, err := s.cfg.Ctrl.ClearErrors(ctx, r.Name)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return &pb.ClearDiskErrorsResponse{ClearedBytes: n}, nil
 }
 
 // ResizeDisk implements pb.AdminServer.
@@ -512,6 +547,22 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 		return nil, grpcErr(err)
 	}
 	out.Problems = Problems(ps)
+	ds, err := s.cfg.Ctrl.Disks(ctx)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	for _, d := range ds {
+		exts, err := s.cfg.Ctrl.ErrorExtents(ctx, d.Name)
+		if errors.Is(err, protocol.ErrNotFound) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		if len(exts) > 0 {
+			out.DiskErrors = append(out.DiskErrors, &pb.DiskErrors{Disk: d.Name, Extents: extentsMsg(exts)})
+		}
+	}
 	return out, nil
 }
 
