@@ -16,6 +16,7 @@ type agentsStatus struct {
 			Segments string `json:"segments"` // protojson writes uint64 as a string
 			Loaded   string `json:"loaded"`
 			Invalid  string `json:"invalid"`
+			Error    string `json:"error"`
 			Mapped   string `json:"mapped"`
 			InFlight string `json:"in_flight"`
 			Quiesced bool   `json:"quiesced"`
@@ -27,7 +28,8 @@ type agentsStatus struct {
 // up' how the disks it maps stand: none before a host connects; while
 // qemu-io holds the disk open after writing half of it, the disk with
 // every written segment loaded and mapped, the rest Invalid, and nothing
-// in flight. Plain 'status' still shows its agent table.
+// in flight; after 'disk set-error' on 1 MiB of it, 16 Error entries in
+// place of mapped ones. Plain 'status' still shows its agent table.
 func TestCLIStatusAgents(t *testing.T) {
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
@@ -68,6 +70,19 @@ func TestCLIStatusAgents(t *testing.T) {
 				t.Logf("status --agents:\n%s", out)
 				if out := u.cli("status"); !strings.Contains(out, "AGENT") || strings.Contains(out, "IN-FLIGHT") {
 					t.Errorf("plain status changed:\n%s", out)
+				}
+				// set-error sends the Error entries to the agent
+				// before it answers.
+				mapped := mustUint(t, d.Mapped)
+				u.cli("disk", "set-error", "s", "--offset", "0", "--length", "1M")
+				var after agentsStatus
+				u.cliJSON(&after, "status", "--agents")
+				if len(after.Agents) != 1 || len(after.Agents[0].MappedDisks) != 1 {
+					t.Fatalf("status --agents after set-error: %+v", after)
+				}
+				e := after.Agents[0].MappedDisks[0]
+				if mustUint(t, e.Error) != 16 || mustUint(t, e.Mapped) != mapped-16 {
+					t.Errorf("status of s after set-error on its first 16 segments (%d mapped before): %+v", mapped, e)
 				}
 				return
 			}
