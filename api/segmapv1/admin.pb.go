@@ -2157,7 +2157,10 @@ func (x *CheckResponse) GetDiskErrors() []*DiskErrors {
 }
 
 type StatusRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// agents asks every attached agent for the status of each disk it maps
+	// (the mapping protocol's get_status), in Agent.mapped_disks.
+	Agents        bool `protobuf:"varint,1,opt,name=agents,proto3" json:"agents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2192,10 +2195,20 @@ func (*StatusRequest) Descriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
+func (x *StatusRequest) GetAgents() bool {
+	if x != nil {
+		return x.Agents
+	}
+	return false
+}
+
 type Agent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Disks         uint32                 `protobuf:"varint,2,opt,name=disks,proto3" json:"disks,omitempty"` // disks it maps
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Disks uint32                 `protobuf:"varint,2,opt,name=disks,proto3" json:"disks,omitempty"` // disks it maps
+	// mapped_disks, asked for with StatusRequest.agents, is what the agent
+	// said of each disk it maps, by disk name.
+	MappedDisks   []*AgentDisk `protobuf:"bytes,3,rep,name=mapped_disks,json=mappedDisks,proto3" json:"mapped_disks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2244,6 +2257,175 @@ func (x *Agent) GetDisks() uint32 {
 	return 0
 }
 
+func (x *Agent) GetMappedDisks() []*AgentDisk {
+	if x != nil {
+		return x.MappedDisks
+	}
+	return nil
+}
+
+// AgentDisk is an agent's get_status answer for one disk it maps: how its
+// volatile table stands and what it has under way, a moment's picture.
+type AgentDisk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name  string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"` // empty for a disk deleted meanwhile
+	// failure, if set, says why there are no figures: the agent did not
+	// answer within the status timeout, or has no table for the disk yet.
+	Failure  string `protobuf:"bytes,3,opt,name=failure,proto3" json:"failure,omitempty"`
+	Segments uint64 `protobuf:"varint,4,opt,name=segments,proto3" json:"segments,omitempty"` // entries in the agent's table
+	Loaded   uint64 `protobuf:"varint,5,opt,name=loaded,proto3" json:"loaded,omitempty"`     // entries not Invalid
+	// Entries by state bit (one may count under two: Invalid|Error), and
+	// those that point at storage.
+	Invalid       uint64 `protobuf:"varint,6,opt,name=invalid,proto3" json:"invalid,omitempty"`
+	Error         uint64 `protobuf:"varint,7,opt,name=error,proto3" json:"error,omitempty"`
+	Zero          uint64 `protobuf:"varint,8,opt,name=zero,proto3" json:"zero,omitempty"`
+	NoWrite       uint64 `protobuf:"varint,9,opt,name=no_write,json=noWrite,proto3" json:"no_write,omitempty"`
+	Mapped        uint64 `protobuf:"varint,10,opt,name=mapped,proto3" json:"mapped,omitempty"`
+	InFlight      uint64 `protobuf:"varint,11,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`            // I/Os at storage
+	FaultsOut     uint64 `protobuf:"varint,12,opt,name=faults_out,json=faultsOut,proto3" json:"faults_out,omitempty"`         // faults not yet answered by the controller
+	Quiesced      bool   `protobuf:"varint,13,opt,name=quiesced,proto3" json:"quiesced,omitempty"`                            // new I/O is held
+	Leased        bool   `protobuf:"varint,14,opt,name=leased,proto3" json:"leased,omitempty"`                                // the agent's I/O is under a lease ...
+	LeaseLeftMs   int64  `protobuf:"varint,15,opt,name=lease_left_ms,json=leaseLeftMs,proto3" json:"lease_left_ms,omitempty"` // ... that holds this much longer
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentDisk) Reset() {
+	*x = AgentDisk{}
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentDisk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentDisk) ProtoMessage() {}
+
+func (x *AgentDisk) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
+func (*AgentDisk) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *AgentDisk) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AgentDisk) GetFailure() string {
+	if x != nil {
+		return x.Failure
+	}
+	return ""
+}
+
+func (x *AgentDisk) GetSegments() uint64 {
+	if x != nil {
+		return x.Segments
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetLoaded() uint64 {
+	if x != nil {
+		return x.Loaded
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetInvalid() uint64 {
+	if x != nil {
+		return x.Invalid
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetError() uint64 {
+	if x != nil {
+		return x.Error
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetZero() uint64 {
+	if x != nil {
+		return x.Zero
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetNoWrite() uint64 {
+	if x != nil {
+		return x.NoWrite
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetMapped() uint64 {
+	if x != nil {
+		return x.Mapped
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetInFlight() uint64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetFaultsOut() uint64 {
+	if x != nil {
+		return x.FaultsOut
+	}
+	return 0
+}
+
+func (x *AgentDisk) GetQuiesced() bool {
+	if x != nil {
+		return x.Quiesced
+	}
+	return false
+}
+
+func (x *AgentDisk) GetLeased() bool {
+	if x != nil {
+		return x.Leased
+	}
+	return false
+}
+
+func (x *AgentDisk) GetLeaseLeftMs() int64 {
+	if x != nil {
+		return x.LeaseLeftMs
+	}
+	return 0
+}
+
 type StatusResponse struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	Agents     []*Agent               `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
@@ -2268,7 +2450,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2280,7 +2462,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2293,7 +2475,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2521,11 +2703,31 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\brepaired\x18\x02 \x03(\v2\x12.segmap.v1.ProblemR\brepaired\x12\x18\n" +
 	"\arefused\x18\x03 \x01(\tR\arefused\x126\n" +
 	"\vdisk_errors\x18\x04 \x03(\v2\x15.segmap.v1.DiskErrorsR\n" +
-	"diskErrors\"\x0f\n" +
-	"\rStatusRequest\"1\n" +
+	"diskErrors\"'\n" +
+	"\rStatusRequest\x12\x16\n" +
+	"\x06agents\x18\x01 \x01(\bR\x06agents\"j\n" +
 	"\x05Agent\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05disks\x18\x02 \x01(\rR\x05disks\"\xa8\x03\n" +
+	"\x05disks\x18\x02 \x01(\rR\x05disks\x127\n" +
+	"\fmapped_disks\x18\x03 \x03(\v2\x14.segmap.v1.AgentDiskR\vmappedDisks\"\x88\x03\n" +
+	"\tAgentDisk\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n" +
+	"\afailure\x18\x03 \x01(\tR\afailure\x12\x1a\n" +
+	"\bsegments\x18\x04 \x01(\x04R\bsegments\x12\x16\n" +
+	"\x06loaded\x18\x05 \x01(\x04R\x06loaded\x12\x18\n" +
+	"\ainvalid\x18\x06 \x01(\x04R\ainvalid\x12\x14\n" +
+	"\x05error\x18\a \x01(\x04R\x05error\x12\x12\n" +
+	"\x04zero\x18\b \x01(\x04R\x04zero\x12\x19\n" +
+	"\bno_write\x18\t \x01(\x04R\anoWrite\x12\x16\n" +
+	"\x06mapped\x18\n" +
+	" \x01(\x04R\x06mapped\x12\x1b\n" +
+	"\tin_flight\x18\v \x01(\x04R\binFlight\x12\x1d\n" +
+	"\n" +
+	"faults_out\x18\f \x01(\x04R\tfaultsOut\x12\x1a\n" +
+	"\bquiesced\x18\r \x01(\bR\bquiesced\x12\x16\n" +
+	"\x06leased\x18\x0e \x01(\bR\x06leased\x12\"\n" +
+	"\rlease_left_ms\x18\x0f \x01(\x03R\vleaseLeftMs\"\xa8\x03\n" +
 	"\x0eStatusResponse\x12(\n" +
 	"\x06agents\x18\x01 \x03(\v2\x10.segmap.v1.AgentR\x06agents\x124\n" +
 	"\n" +
@@ -2590,7 +2792,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                     // 0: segmap.v1.Policy
 	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
@@ -2629,7 +2831,8 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*CheckResponse)(nil),           // 34: segmap.v1.CheckResponse
 	(*StatusRequest)(nil),           // 35: segmap.v1.StatusRequest
 	(*Agent)(nil),                   // 36: segmap.v1.Agent
-	(*StatusResponse)(nil),          // 37: segmap.v1.StatusResponse
+	(*AgentDisk)(nil),               // 37: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 38: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
@@ -2644,55 +2847,56 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	33, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
 	33, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
 	4,  // 11: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	36, // 12: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	28, // 13: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	14, // 14: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	15, // 15: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	17, // 16: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	18, // 17: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	24, // 18: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	19, // 19: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	20, // 20: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	21, // 21: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	22, // 22: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
-	26, // 23: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	29, // 24: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	31, // 25: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	32, // 26: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	35, // 27: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 28: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 29: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 30: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 31: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 32: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 33: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 34: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 35: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 36: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 37: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 38: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 39: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 40: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 41: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 42: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 43: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 44: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	30, // 45: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 46: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	34, // 47: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	37, // 48: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 49: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 50: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 51: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 52: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 53: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 54: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 55: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	35, // [35:56] is the sub-list for method output_type
-	14, // [14:35] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	37, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	36, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	28, // 14: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	14, // 15: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	15, // 16: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	17, // 17: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	18, // 18: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	24, // 19: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	19, // 20: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	20, // 21: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	21, // 22: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	22, // 23: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	26, // 24: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	29, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	31, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	32, // 27: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	35, // 28: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 29: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 30: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 31: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 32: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 33: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 34: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 35: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 36: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 37: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 38: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 39: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 40: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 41: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 42: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 43: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 44: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 45: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	30, // 46: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 47: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	34, // 48: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	38, // 49: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 50: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 51: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 52: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 53: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 54: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 55: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 56: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	36, // [36:57] is the sub-list for method output_type
+	15, // [15:36] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -2708,7 +2912,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   37,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

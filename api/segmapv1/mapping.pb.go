@@ -800,6 +800,7 @@ type Command struct {
 	//	*Command_SetEntryState
 	//	*Command_Quiesce
 	//	*Command_Activate
+	//	*Command_GetStatus
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -912,6 +913,15 @@ func (x *Command) GetActivate() *Activate {
 	return nil
 }
 
+func (x *Command) GetGetStatus() *GetStatus {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_GetStatus); ok {
+			return x.GetStatus
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -944,6 +954,10 @@ type Command_Activate struct {
 	Activate *Activate `protobuf:"bytes,8,opt,name=activate,proto3,oneof"`
 }
 
+type Command_GetStatus struct {
+	GetStatus *GetStatus `protobuf:"bytes,9,opt,name=get_status,json=getStatus,proto3,oneof"`
+}
+
 func (*Command_NewTable) isCommand_Cmd() {}
 
 func (*Command_DeleteTable) isCommand_Cmd() {}
@@ -958,11 +972,14 @@ func (*Command_Quiesce) isCommand_Cmd() {}
 
 func (*Command_Activate) isCommand_Cmd() {}
 
+func (*Command_GetStatus) isCommand_Cmd() {}
+
 type CommandResult struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	Status        *Status                `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
-	Entries       []*Entry               `protobuf:"bytes,3,rep,name=entries,proto3" json:"entries,omitempty"` // for GetEntry
+	Entries       []*Entry               `protobuf:"bytes,3,rep,name=entries,proto3" json:"entries,omitempty"`                         // for GetEntry
+	DiskStatus    *DiskStatus            `protobuf:"bytes,4,opt,name=disk_status,json=diskStatus,proto3" json:"disk_status,omitempty"` // for GetStatus
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1014,6 +1031,13 @@ func (x *CommandResult) GetStatus() *Status {
 func (x *CommandResult) GetEntries() []*Entry {
 	if x != nil {
 		return x.Entries
+	}
+	return nil
+}
+
+func (x *CommandResult) GetDiskStatus() *DiskStatus {
+	if x != nil {
+		return x.DiskStatus
 	}
 	return nil
 }
@@ -1500,6 +1524,193 @@ func (x *Activate) GetDisk() uint64 {
 	return 0
 }
 
+type GetStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          uint64                 `protobuf:"varint,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatus) Reset() {
+	*x = GetStatus{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatus) ProtoMessage() {}
+
+func (x *GetStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatus.ProtoReflect.Descriptor instead.
+func (*GetStatus) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetStatus) GetDisk() uint64 {
+	if x != nil {
+		return x.Disk
+	}
+	return 0
+}
+
+// DiskStatus answers GetStatus: how the agent's table for a disk stands
+// (entries by state bit: one may count under two, Invalid|Error) and what
+// it has under way. A moment's picture, for people and monitoring.
+type DiskStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          uint64                 `protobuf:"varint,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Segments      uint64                 `protobuf:"varint,2,opt,name=segments,proto3" json:"segments,omitempty"`
+	Loaded        uint64                 `protobuf:"varint,3,opt,name=loaded,proto3" json:"loaded,omitempty"` // entries not Invalid
+	Invalid       uint64                 `protobuf:"varint,4,opt,name=invalid,proto3" json:"invalid,omitempty"`
+	Error         uint64                 `protobuf:"varint,5,opt,name=error,proto3" json:"error,omitempty"`
+	Zero          uint64                 `protobuf:"varint,6,opt,name=zero,proto3" json:"zero,omitempty"`
+	NoWrite       uint64                 `protobuf:"varint,7,opt,name=no_write,json=noWrite,proto3" json:"no_write,omitempty"`
+	Mapped        uint64                 `protobuf:"varint,8,opt,name=mapped,proto3" json:"mapped,omitempty"`                                 // entries that point at storage
+	InFlight      uint64                 `protobuf:"varint,9,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`             // I/Os at storage
+	FaultsOut     uint64                 `protobuf:"varint,10,opt,name=faults_out,json=faultsOut,proto3" json:"faults_out,omitempty"`         // faults not yet answered
+	Quiesced      bool                   `protobuf:"varint,11,opt,name=quiesced,proto3" json:"quiesced,omitempty"`                            // new I/O is held
+	Leased        bool                   `protobuf:"varint,12,opt,name=leased,proto3" json:"leased,omitempty"`                                // the agent's I/O is under a lease ...
+	LeaseLeftMs   int64                  `protobuf:"varint,13,opt,name=lease_left_ms,json=leaseLeftMs,proto3" json:"lease_left_ms,omitempty"` // ... that holds this much longer
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskStatus) Reset() {
+	*x = DiskStatus{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskStatus) ProtoMessage() {}
+
+func (x *DiskStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskStatus.ProtoReflect.Descriptor instead.
+func (*DiskStatus) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DiskStatus) GetDisk() uint64 {
+	if x != nil {
+		return x.Disk
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetSegments() uint64 {
+	if x != nil {
+		return x.Segments
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetLoaded() uint64 {
+	if x != nil {
+		return x.Loaded
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetInvalid() uint64 {
+	if x != nil {
+		return x.Invalid
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetError() uint64 {
+	if x != nil {
+		return x.Error
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetZero() uint64 {
+	if x != nil {
+		return x.Zero
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetNoWrite() uint64 {
+	if x != nil {
+		return x.NoWrite
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetMapped() uint64 {
+	if x != nil {
+		return x.Mapped
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetInFlight() uint64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetFaultsOut() uint64 {
+	if x != nil {
+		return x.FaultsOut
+	}
+	return 0
+}
+
+func (x *DiskStatus) GetQuiesced() bool {
+	if x != nil {
+		return x.Quiesced
+	}
+	return false
+}
+
+func (x *DiskStatus) GetLeased() bool {
+	if x != nil {
+		return x.Leased
+	}
+	return false
+}
+
+func (x *DiskStatus) GetLeaseLeftMs() int64 {
+	if x != nil {
+		return x.LeaseLeftMs
+	}
+	return 0
+}
+
 type OpenRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Agent         string                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
@@ -1510,7 +1721,7 @@ type OpenRequest struct {
 
 func (x *OpenRequest) Reset() {
 	*x = OpenRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1522,7 +1733,7 @@ func (x *OpenRequest) String() string {
 func (*OpenRequest) ProtoMessage() {}
 
 func (x *OpenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1535,7 +1746,7 @@ func (x *OpenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenRequest.ProtoReflect.Descriptor instead.
 func (*OpenRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *OpenRequest) GetAgent() string {
@@ -1562,7 +1773,7 @@ type CloseDiskRequest struct {
 
 func (x *CloseDiskRequest) Reset() {
 	*x = CloseDiskRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1574,7 +1785,7 @@ func (x *CloseDiskRequest) String() string {
 func (*CloseDiskRequest) ProtoMessage() {}
 
 func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1587,7 +1798,7 @@ func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskRequest.ProtoReflect.Descriptor instead.
 func (*CloseDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CloseDiskRequest) GetAgent() string {
@@ -1612,7 +1823,7 @@ type CloseDiskResponse struct {
 
 func (x *CloseDiskResponse) Reset() {
 	*x = CloseDiskResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1835,7 @@ func (x *CloseDiskResponse) String() string {
 func (*CloseDiskResponse) ProtoMessage() {}
 
 func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1848,7 @@ func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskResponse.ProtoReflect.Descriptor instead.
 func (*CloseDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
 }
 
 type ContainersRequest struct {
@@ -1648,7 +1859,7 @@ type ContainersRequest struct {
 
 func (x *ContainersRequest) Reset() {
 	*x = ContainersRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1660,7 +1871,7 @@ func (x *ContainersRequest) String() string {
 func (*ContainersRequest) ProtoMessage() {}
 
 func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1673,7 +1884,7 @@ func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersRequest.ProtoReflect.Descriptor instead.
 func (*ContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
 }
 
 type ContainerInfo struct {
@@ -1688,7 +1899,7 @@ type ContainerInfo struct {
 
 func (x *ContainerInfo) Reset() {
 	*x = ContainerInfo{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1700,7 +1911,7 @@ func (x *ContainerInfo) String() string {
 func (*ContainerInfo) ProtoMessage() {}
 
 func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1713,7 +1924,7 @@ func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerInfo.ProtoReflect.Descriptor instead.
 func (*ContainerInfo) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ContainerInfo) GetId() uint32 {
@@ -1753,7 +1964,7 @@ type ContainersResponse struct {
 
 func (x *ContainersResponse) Reset() {
 	*x = ContainersResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1765,7 +1976,7 @@ func (x *ContainersResponse) String() string {
 func (*ContainersResponse) ProtoMessage() {}
 
 func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1778,7 +1989,7 @@ func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersResponse.ProtoReflect.Descriptor instead.
 func (*ContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ContainersResponse) GetContainers() []*ContainerInfo {
@@ -1814,7 +2025,7 @@ type FaultRequest struct {
 
 func (x *FaultRequest) Reset() {
 	*x = FaultRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1826,7 +2037,7 @@ func (x *FaultRequest) String() string {
 func (*FaultRequest) ProtoMessage() {}
 
 func (x *FaultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1839,7 +2050,7 @@ func (x *FaultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultRequest.ProtoReflect.Descriptor instead.
 func (*FaultRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *FaultRequest) GetAgent() string {
@@ -1964,7 +2175,7 @@ type FaultReply struct {
 
 func (x *FaultReply) Reset() {
 	*x = FaultReply{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2187,7 @@ func (x *FaultReply) String() string {
 func (*FaultReply) ProtoMessage() {}
 
 func (x *FaultReply) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2200,7 @@ func (x *FaultReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultReply.ProtoReflect.Descriptor instead.
 func (*FaultReply) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *FaultReply) GetFirst() uint64 {
@@ -2077,7 +2288,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[29]
+	mi := &file_segmapv1_mapping_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2089,7 +2300,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[29]
+	mi := &file_segmapv1_mapping_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2102,7 +2313,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *NotLeader) GetController() string {
@@ -2162,7 +2373,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\blease_ms\x18\x01 \x01(\x03R\aleaseMs\"4\n" +
 	"\x05Lease\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x19\n" +
-	"\blease_ms\x18\x02 \x01(\x03R\aleaseMs\"\xa0\x03\n" +
+	"\blease_ms\x18\x02 \x01(\x03R\aleaseMs\"\xd7\x03\n" +
 	"\aCommand\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x122\n" +
 	"\tnew_table\x18\x02 \x01(\v2\x13.segmap.v1.NewTableH\x00R\bnewTable\x12;\n" +
@@ -2171,12 +2382,16 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\tset_entry\x18\x05 \x01(\v2\x13.segmap.v1.SetEntryH\x00R\bsetEntry\x12B\n" +
 	"\x0fset_entry_state\x18\x06 \x01(\v2\x18.segmap.v1.SetEntryStateH\x00R\rsetEntryState\x12.\n" +
 	"\aquiesce\x18\a \x01(\v2\x12.segmap.v1.QuiesceH\x00R\aquiesce\x121\n" +
-	"\bactivate\x18\b \x01(\v2\x13.segmap.v1.ActivateH\x00R\bactivateB\x05\n" +
-	"\x03cmd\"v\n" +
+	"\bactivate\x18\b \x01(\v2\x13.segmap.v1.ActivateH\x00R\bactivate\x125\n" +
+	"\n" +
+	"get_status\x18\t \x01(\v2\x14.segmap.v1.GetStatusH\x00R\tgetStatusB\x05\n" +
+	"\x03cmd\"\xae\x01\n" +
 	"\rCommandResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12)\n" +
 	"\x06status\x18\x02 \x01(\v2\x11.segmap.v1.StatusR\x06status\x12*\n" +
-	"\aentries\x18\x03 \x03(\v2\x10.segmap.v1.EntryR\aentries\"\x9c\x01\n" +
+	"\aentries\x18\x03 \x03(\v2\x10.segmap.v1.EntryR\aentries\x126\n" +
+	"\vdisk_status\x18\x04 \x01(\v2\x15.segmap.v1.DiskStatusR\n" +
+	"diskStatus\"\x9c\x01\n" +
 	"\n" +
 	"MappedDisk\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
@@ -2210,7 +2425,26 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\n" +
 	"timeout_ms\x18\x02 \x01(\x03R\ttimeoutMs\"\x1e\n" +
 	"\bActivate\x12\x12\n" +
-	"\x04disk\x18\x01 \x01(\x04R\x04disk\"7\n" +
+	"\x04disk\x18\x01 \x01(\x04R\x04disk\"\x1f\n" +
+	"\tGetStatus\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\x04R\x04disk\"\xdf\x02\n" +
+	"\n" +
+	"DiskStatus\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\x04R\x04disk\x12\x1a\n" +
+	"\bsegments\x18\x02 \x01(\x04R\bsegments\x12\x16\n" +
+	"\x06loaded\x18\x03 \x01(\x04R\x06loaded\x12\x18\n" +
+	"\ainvalid\x18\x04 \x01(\x04R\ainvalid\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\x04R\x05error\x12\x12\n" +
+	"\x04zero\x18\x06 \x01(\x04R\x04zero\x12\x19\n" +
+	"\bno_write\x18\a \x01(\x04R\anoWrite\x12\x16\n" +
+	"\x06mapped\x18\b \x01(\x04R\x06mapped\x12\x1b\n" +
+	"\tin_flight\x18\t \x01(\x04R\binFlight\x12\x1d\n" +
+	"\n" +
+	"faults_out\x18\n" +
+	" \x01(\x04R\tfaultsOut\x12\x1a\n" +
+	"\bquiesced\x18\v \x01(\bR\bquiesced\x12\x16\n" +
+	"\x06leased\x18\f \x01(\bR\x06leased\x12\"\n" +
+	"\rlease_left_ms\x18\r \x01(\x03R\vleaseLeftMs\"7\n" +
 	"\vOpenRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12\x12\n" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"<\n" +
@@ -2300,7 +2534,7 @@ func file_segmapv1_mapping_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_mapping_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_segmapv1_mapping_proto_goTypes = []any{
 	(Code)(0),                  // 0: segmap.v1.Code
 	(*ExportsRequest)(nil),     // 1: segmap.v1.ExportsRequest
@@ -2324,15 +2558,17 @@ var file_segmapv1_mapping_proto_goTypes = []any{
 	(*SetEntryState)(nil),      // 19: segmap.v1.SetEntryState
 	(*Quiesce)(nil),            // 20: segmap.v1.Quiesce
 	(*Activate)(nil),           // 21: segmap.v1.Activate
-	(*OpenRequest)(nil),        // 22: segmap.v1.OpenRequest
-	(*CloseDiskRequest)(nil),   // 23: segmap.v1.CloseDiskRequest
-	(*CloseDiskResponse)(nil),  // 24: segmap.v1.CloseDiskResponse
-	(*ContainersRequest)(nil),  // 25: segmap.v1.ContainersRequest
-	(*ContainerInfo)(nil),      // 26: segmap.v1.ContainerInfo
-	(*ContainersResponse)(nil), // 27: segmap.v1.ContainersResponse
-	(*FaultRequest)(nil),       // 28: segmap.v1.FaultRequest
-	(*FaultReply)(nil),         // 29: segmap.v1.FaultReply
-	(*NotLeader)(nil),          // 30: segmap.v1.NotLeader
+	(*GetStatus)(nil),          // 22: segmap.v1.GetStatus
+	(*DiskStatus)(nil),         // 23: segmap.v1.DiskStatus
+	(*OpenRequest)(nil),        // 24: segmap.v1.OpenRequest
+	(*CloseDiskRequest)(nil),   // 25: segmap.v1.CloseDiskRequest
+	(*CloseDiskResponse)(nil),  // 26: segmap.v1.CloseDiskResponse
+	(*ContainersRequest)(nil),  // 27: segmap.v1.ContainersRequest
+	(*ContainerInfo)(nil),      // 28: segmap.v1.ContainerInfo
+	(*ContainersResponse)(nil), // 29: segmap.v1.ContainersResponse
+	(*FaultRequest)(nil),       // 30: segmap.v1.FaultRequest
+	(*FaultReply)(nil),         // 31: segmap.v1.FaultReply
+	(*NotLeader)(nil),          // 32: segmap.v1.NotLeader
 }
 var file_segmapv1_mapping_proto_depIdxs = []int32{
 	14, // 0: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
@@ -2351,31 +2587,33 @@ var file_segmapv1_mapping_proto_depIdxs = []int32{
 	19, // 13: segmap.v1.Command.set_entry_state:type_name -> segmap.v1.SetEntryState
 	20, // 14: segmap.v1.Command.quiesce:type_name -> segmap.v1.Quiesce
 	21, // 15: segmap.v1.Command.activate:type_name -> segmap.v1.Activate
-	3,  // 16: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
-	4,  // 17: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
-	14, // 18: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
-	4,  // 19: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
-	26, // 20: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
-	4,  // 21: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
-	4,  // 22: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
-	4,  // 23: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
-	6,  // 24: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
-	22, // 25: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
-	23, // 26: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
-	25, // 27: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
-	28, // 28: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
-	1,  // 29: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
-	9,  // 30: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
-	14, // 31: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
-	24, // 32: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
-	27, // 33: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
-	29, // 34: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
-	2,  // 35: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
-	30, // [30:36] is the sub-list for method output_type
-	24, // [24:30] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	22, // 16: segmap.v1.Command.get_status:type_name -> segmap.v1.GetStatus
+	3,  // 17: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
+	4,  // 18: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
+	23, // 19: segmap.v1.CommandResult.disk_status:type_name -> segmap.v1.DiskStatus
+	14, // 20: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
+	4,  // 21: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
+	28, // 22: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
+	4,  // 23: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
+	4,  // 24: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
+	4,  // 25: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
+	6,  // 26: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
+	24, // 27: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
+	25, // 28: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
+	27, // 29: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
+	30, // 30: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
+	1,  // 31: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
+	9,  // 32: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
+	14, // 33: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
+	26, // 34: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
+	29, // 35: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
+	31, // 36: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
+	2,  // 37: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
+	32, // [32:38] is the sub-list for method output_type
+	26, // [26:32] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_mapping_proto_init() }
@@ -2401,6 +2639,7 @@ func file_segmapv1_mapping_proto_init() {
 		(*Command_SetEntryState)(nil),
 		(*Command_Quiesce)(nil),
 		(*Command_Activate)(nil),
+		(*Command_GetStatus)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2408,7 +2647,7 @@ func file_segmapv1_mapping_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_mapping_proto_rawDesc), len(file_segmapv1_mapping_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -906,7 +906,8 @@ func plural(n int, what string) string {
 }
 
 func newStatus(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var agents bool
+	status := &cobra.Command{
 		Use: "status", Short: "show agents, containers, used and free space", Args: noArgs,
 		Long: `status shows the agents, the containers and the pool's space:
 
@@ -915,10 +916,25 @@ func newStatus(g *globals) *cobra.Command {
                      allocated blocks, what du counts); nbd:// containers
                      and block devices cannot tell and are not counted
   held by snapshots  the slots only snapshots reference, no writable disk:
-                     what deleting every snapshot gives back`,
+                     what deleting every snapshot gives back
+
+With --agents it asks every attached agent how each disk it maps stands
+(the mapping protocol's get_status) and shows one row per agent and disk:
+
+  SEGMENTS           entries in the agent's table
+  LOADED             entries the agent holds (not Invalid): loaded by faults
+                     or set by the controller; the rest fault on first use
+  INVALID ERROR      entries with that state (Error entries fail their I/O)
+  ZERO NOWRITE
+  MAPPED             entries that point at storage (writable or No-write)
+  IN-FLIGHT          I/Os at storage now
+  FAULTS             faults sent to the controller and not yet answered
+  LEASE              how long the agent's lease still holds
+  STATE              active, quiesced (new I/O held), or why the agent
+                     gave no figures (no answer within 2s, no table yet)`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				r, err := c.Status(ctx, &pb.StatusRequest{})
+				r, err := c.Status(ctx, &pb.StatusRequest{Agents: agents})
 				if err != nil {
 					return err
 				}
@@ -926,6 +942,9 @@ func newStatus(g *globals) *cobra.Command {
 					return printJSON(cmd.OutOrStdout(), r)
 				}
 				w := cmd.OutOrStdout()
+				if agents {
+					return agentTable(w, r.Agents)
+				}
 				fmt.Fprintf(w, "segmap %s, NBD on %s\n", r.Version, orDash(r.NbdAddress))
 				fmt.Fprintf(w, "disks: %d\n", r.Disks)
 				fmt.Fprintf(w, "space: %s used of %s, %s free (%d bytes used)\n", size.Format(r.UsedBytes), size.Format(r.TotalBytes), size.Format(r.FreeBytes), r.UsedBytes)
@@ -952,4 +971,43 @@ func newStatus(g *globals) *cobra.Command {
 			})
 		},
 	}
+	status.Flags().BoolVar(&agents, "agents", false, "show, for every agent, how each disk it maps stands (its table, I/O in flight, faults out, quiesce, lease)")
+	return status
+}
+
+// agentTable prints status --agents: a row per agent and disk it maps,
+// and a row for an agent that maps none.
+func agentTable(w io.Writer, agents []*pb.Agent) error {
+	var rows [][]string
+	for _, a := range agents {
+		if len(a.MappedDisks) == 0 {
+			rows = append(rows, []string{a.Name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "no disks mapped"})
+			continue
+		}
+		for _, d := range a.MappedDisks {
+			name := d.Name
+			if name == "" {
+				name = fmt.Sprintf("#%d", d.Id)
+			}
+			if d.Failure != "" {
+				rows = append(rows, []string{a.Name, name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", d.Failure})
+				continue
+			}
+			state := "active"
+			if d.Quiesced {
+				state = "quiesced"
+			}
+			lease := "none"
+			if d.Leased {
+				lease = "lapsed"
+				if d.LeaseLeftMs > 0 {
+					lease = (time.Duration(d.LeaseLeftMs) * time.Millisecond).Round(100 * time.Millisecond).String()
+				}
+			}
+			rows = append(rows, []string{a.Name, name, fmt.Sprint(d.Segments), fmt.Sprint(d.Loaded),
+				fmt.Sprint(d.Invalid), fmt.Sprint(d.Error), fmt.Sprint(d.Zero), fmt.Sprint(d.NoWrite), fmt.Sprint(d.Mapped),
+				fmt.Sprint(d.InFlight), fmt.Sprint(d.FaultsOut), lease, state})
+		}
+	}
+	return table(w, []string{"AGENT", "DISK", "SEGMENTS", "LOADED", "INVALID", "ERROR", "ZERO", "NOWRITE", "MAPPED", "IN-FLIGHT", "FAULTS", "LEASE", "STATE"}, rows)
 }

@@ -510,6 +510,22 @@ func (a *Agent) GetEntry(ctx context.Context, id protocol.DiskID, first, n uint6
 	return d.getEntry(first, n)
 }
 
+// GetStatus implements protocol.Agent: it counts the disk's table and its
+// I/O under way, holding the table's lock shared (as I/O does) for one
+// look at each allocated page of the table; it waits for no I/O.
+func (a *Agent) GetStatus(ctx context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
+	d, err := a.disk(id)
+	if err != nil {
+		return protocol.DiskStatus{}, err
+	}
+	st := d.status()
+	if u := a.leaseUntil.Load(); u != noLease {
+		st.Leased = true
+		st.LeaseLeft = max(0, time.Duration(u)-time.Since(a.base))
+	}
+	return st, nil
+}
+
 // SetEntry implements protocol.Agent.
 func (a *Agent) SetEntry(ctx context.Context, c protocol.SetEntry) error {
 	d := a.known(c.Disk)

@@ -1319,6 +1319,35 @@ func (d *Disk) getEntry(first, n uint64) ([]table.Entry, error) {
 	return d.mu.tab.GetEntry(int(first), int(n))
 }
 
+// status counts the table by state and the I/O and faults under way.
+func (d *Disk) status() protocol.DiskStatus {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	c := d.mu.tab.Count()
+	st := protocol.DiskStatus{
+		Disk:     d.Info().ID,
+		Segments: uint64(d.mu.tab.Len()),
+		Loaded:   uint64(d.mu.tab.Len() - c.Invalid),
+		Invalid:  uint64(c.Invalid),
+		Error:    uint64(c.Error),
+		Zero:     uint64(c.Zero),
+		NoWrite:  uint64(c.NoWrite),
+		Mapped:   uint64(c.Mapped),
+		Quiesced: d.mu.quiesced,
+	}
+	// An epoch's count is changed without the lock; the sum is a
+	// moment's picture, which is all a status promises.
+	n := d.mu.cur.n.Load()
+	for _, ep := range d.mu.pending {
+		n += ep.n.Load()
+	}
+	st.InFlight = uint64(max(0, n))
+	for _, sf := range d.mu.faults {
+		st.FaultsOut += uint64(max(0, sf.out))
+	}
+	return st
+}
+
 // command applies change to the table as one command and, if blocking,
 // waits until the I/O in flight before it has finished.
 func (d *Disk) command(ctx context.Context, blocking bool, rg segRange, change func(t *table.Table) error) error {

@@ -25,6 +25,9 @@ func (p *probe) Quiesce(context.Context, protocol.DiskID, time.Duration) error {
 	return nil
 }
 func (p *probe) Activate(context.Context, protocol.DiskID) error { return nil }
+func (p *probe) GetStatus(_ context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
+	return protocol.DiskStatus{Disk: id}, nil
+}
 func (p *probe) GetEntry(_ context.Context, _ protocol.DiskID, first, n uint64) ([]table.Entry, error) {
 	return make([]table.Entry, n), nil
 }

@@ -75,6 +75,10 @@ func (h *heldAgent) SetEntry(_ context.Context, c protocol.SetEntry) error {
 }
 func (h *heldAgent) Quiesce(context.Context, protocol.DiskID, time.Duration) error { return nil }
 func (h *heldAgent) Activate(context.Context, protocol.DiskID) error               { return nil }
+func (h *heldAgent) GetStatus(_ context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
+	h.hold("GetStatus", id)
+	return protocol.DiskStatus{Disk: id}, nil
+}
 func (h *heldAgent) GetEntry(_ context.Context, _ protocol.DiskID, _, n uint64) ([]table.Entry, error) {
 	return make([]table.Entry, n), nil
 }

@@ -83,6 +83,9 @@ func (f *fakeAgent) DeleteTable(context.Context, protocol.DiskID) error         
 func (f *fakeAgent) SetEntryState(context.Context, protocol.SetEntryState) error   { return nil }
 func (f *fakeAgent) Quiesce(context.Context, protocol.DiskID, time.Duration) error { return nil }
 func (f *fakeAgent) Activate(context.Context, protocol.DiskID) error               { return nil }
+func (f *fakeAgent) GetStatus(_ context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
+	return protocol.DiskStatus{Disk: id}, nil
+}
 func (f *fakeAgent) GetEntry(context.Context, protocol.DiskID, uint64, uint64) ([]table.Entry, error) {
 	return nil, nil
 }

@@ -384,3 +384,54 @@ func (t *Table) GetStatus(first, n int, s State) ([]bool, error) {
 	}
 	return out, nil
 }
+
+// Counts is the number of entries of a table with each state bit set, and
+// of those that point at storage. An entry may count under several bits
+// (Invalid|Error, NoWrite on a mapped entry).
+type Counts struct {
+	Invalid, Error, Zero, NoWrite int
+	// Mapped counts the entries that point at storage: none of Invalid,
+	// Error or Zero set (NoWrite may be).
+	Mapped int
+}
+
+// add counts entry e n times.
+func (c *Counts) add(e Entry, n int) {
+	if e.State&Invalid != 0 {
+		c.Invalid += n
+	}
+	if e.State&Error != 0 {
+		c.Error += n
+	}
+	if e.State&Zero != 0 {
+		c.Zero += n
+	}
+	if e.State&NoWrite != 0 {
+		c.NoWrite += n
+	}
+	if !e.Voided() {
+		c.Mapped += n
+	}
+}
+
+// Count counts t's entries by state (the get_status of the whole table).
+// It costs one look per entry of the allocated pages only: a page that is
+// not allocated counts as its fill entry times its length.
+func (t *Table) Count() Counts {
+	var c Counts
+	for pi, p := range t.pages {
+		n := min(pageSize, t.n-pi*pageSize)
+		if p == nil {
+			c.add(t.fill, n)
+			continue
+		}
+		stale := t.pageGen[pi] != t.gen
+		for _, e := range p[:n] {
+			if stale && !e.Voided() {
+				e.State |= NoWrite
+			}
+			c.add(e, 1)
+		}
+	}
+	return c
+}

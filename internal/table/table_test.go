@@ -307,3 +307,48 @@ func TestWholeTableNoWrite(t *testing.T) {
 		t.Errorf("entry after clearing NoWrite = %v", got)
 	}
 }
+
+// TestCount checks Count against a count of every entry, over tables with
+// unallocated pages, a short last page and a lazy whole-table NoWrite.
+func TestCount(t *testing.T) {
+	n := 2*pageSize + 100
+	tests := []struct {
+		name  string
+		fill  Entry
+		apply func(tb *Table) error
+		want  Counts
+	}{
+		{"new agent table", InvalidEntry, func(*Table) error { return nil }, Counts{Invalid: n}},
+		{"new disk", ZeroEntry, func(*Table) error { return nil }, Counts{Zero: n}},
+		{"some loaded", InvalidEntry, func(tb *Table) error {
+			return tb.SetEntry(pageSize-1, []Entry{At(loc, false), At(loc, true), ZeroEntry, ErrorEntry})
+		}, Counts{Invalid: n - 4, Mapped: 2, NoWrite: 1, Zero: 1, Error: 1}},
+		{"whole-table NoWrite is lazy", InvalidEntry, func(tb *Table) error {
+			if err := tb.SetEntry(3, []Entry{At(loc, false), At(loc, false)}); err != nil {
+				return err
+			}
+			return tb.SetEntryState(0, n, NoWrite, true)
+		}, Counts{Invalid: n - 2, Mapped: 2, NoWrite: 2}},
+		{"error over invalid", InvalidEntry, func(tb *Table) error {
+			return tb.SetEntryState(2*pageSize, 100, Error, true)
+		}, Counts{Invalid: n, Error: 100}},
+		{"mapped fill", At(loc, false), func(tb *Table) error {
+			return tb.SetEntryState(0, 10, Zero, true)
+		}, Counts{Zero: 10, Mapped: n - 10}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tb := New(n, tt.fill)
+			if err := tt.apply(tb); err != nil {
+				t.Fatal(err)
+			}
+			var each Counts
+			for i := range n {
+				each.add(tb.Entry(i), 1)
+			}
+			if got := tb.Count(); got != tt.want || each != tt.want {
+				t.Errorf("Count() = %+v, entry by entry %+v, want %+v", got, each, tt.want)
+			}
+		})
+	}
+}

@@ -567,7 +567,7 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 }
 
 // Status implements pb.AdminServer.
-func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusResponse, error) {
+func (s *Server) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
 	cs, err := s.cfg.Ctrl.ContainerSpaces(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
@@ -584,6 +584,11 @@ func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusRes
 	for _, a := range s.cfg.Ctrl.Agents() {
 		out.Agents = append(out.Agents, &pb.Agent{Name: a.Name, Disks: uint32(a.Disks)})
 	}
+	if r.GetAgents() {
+		if out.Agents, err = s.agentStatus(ctx, out.Agents); err != nil {
+			return nil, grpcErr(err)
+		}
+	}
 	for _, c := range cs {
 		out.Containers = append(out.Containers, spaceMsg(c))
 		out.TotalBytes += c.Slots * c.SlotSize
@@ -599,6 +604,45 @@ func (s *Server) Status(ctx context.Context, _ *pb.StatusRequest) (*pb.StatusRes
 		out.SnapshotsHoldBytes += n
 	}
 	return out, nil
+}
+
+// agentStatus fills in the mapped disks of agents with what each agent
+// said of them (get_status). An agent that attached meanwhile is added.
+func (s *Server) agentStatus(ctx context.Context, agents []*pb.Agent) ([]*pb.Agent, error) {
+	as, err := s.cfg.Ctrl.AgentStatus(ctx, 0)
+	if err != nil {
+		return nil, err
+	}
+	byName := make(map[string]*pb.Agent, len(agents))
+	for _, a := range agents {
+		byName[a.Name] = a
+	}
+	for _, st := range as {
+		a := byName[st.Name]
+		if a == nil {
+			a = &pb.Agent{Name: st.Name, Disks: uint32(len(st.Disks))}
+			agents = append(agents, a)
+		}
+		for _, d := range st.Disks {
+			a.MappedDisks = append(a.MappedDisks, agentDiskMsg(d))
+		}
+	}
+	slices.SortFunc(agents, func(a, b *pb.Agent) int { return strings.Compare(a.Name, b.Name) })
+	return agents, nil
+}
+
+func agentDiskMsg(d controller.AgentDiskStatus) *pb.AgentDisk {
+	m := &pb.AgentDisk{Id: uint64(d.ID), Name: d.Name}
+	if d.Err != nil {
+		m.Failure = d.Err.Error()
+		return m
+	}
+	st := d.Status
+	m.Segments, m.Loaded = st.Segments, st.Loaded
+	m.Invalid, m.Error, m.Zero, m.NoWrite, m.Mapped = st.Invalid, st.Error, st.Zero, st.NoWrite, st.Mapped
+	m.InFlight, m.FaultsOut, m.Quiesced = st.InFlight, st.FaultsOut, st.Quiesced
+	m.Leased, m.LeaseLeftMs = st.Leased, st.LeaseLeft.Milliseconds()
+	return m
 }
 
 // exportChunk is the size of the chunks an export is sent in.

@@ -11,7 +11,8 @@
 //     stops it (Controller.Fault); the controller answers with replacement
 //     entries, after which the agent retries, or with an error for that I/O;
 //   - command/response, asked by the controller: NewTable, DeleteTable,
-//     GetEntry, SetEntry, SetEntryState, Quiesce and Activate on an agent.
+//     GetEntry, GetStatus, SetEntry, SetEntryState, Quiesce and Activate on
+//     an agent.
 //
 // Set commands may carry Blocking: the agent applies the change at once but
 // answers only after every I/O that passed its table before the command has
@@ -213,6 +214,31 @@ type SetEntryState struct {
 	Blocking bool
 }
 
+// DiskStatus is an agent's answer to get_status for one disk: how its
+// table stands and what it has under way. It is a snapshot, stale as soon
+// as it is taken; it is for people and monitoring, never for decisions.
+type DiskStatus struct {
+	Disk DiskID
+	// Segments is the number of entries in the agent's table; Loaded,
+	// those that are not Invalid (loaded by faults or set by commands).
+	Segments, Loaded uint64
+	// Invalid, Error, Zero and NoWrite count the entries with each state
+	// bit set; an entry may count under two (Invalid|Error). Mapped
+	// counts the entries that point at storage (NoWrite or writable).
+	Invalid, Error, Zero, NoWrite, Mapped uint64
+	// InFlight counts the I/Os let through to storage and not yet
+	// returned; FaultsOut, the faults sent to the controller and not yet
+	// answered.
+	InFlight, FaultsOut uint64
+	// Quiesced: new I/O to the disk is held (by Quiesce, or because the
+	// agent fenced itself and waits to re-attach).
+	Quiesced bool
+	// Leased: the agent does I/O under a lease from its controller, which
+	// holds for LeaseLeft more (0: lapsed). Without a lease LeaseLeft is 0.
+	Leased    bool
+	LeaseLeft time.Duration
+}
+
 // Agent is what a controller needs of a mapping agent.
 type Agent interface {
 	// NewTable makes the agent's table for d all Invalid.
@@ -221,6 +247,9 @@ type Agent interface {
 	DeleteTable(ctx context.Context, id DiskID) error
 	// GetEntry returns entries [first, first+n) of the agent's table.
 	GetEntry(ctx context.Context, id DiskID, first, n uint64) ([]table.Entry, error)
+	// GetStatus returns the status of the agent's table for disk id. It
+	// does not wait for I/O: it only counts.
+	GetStatus(ctx context.Context, id DiskID) (DiskStatus, error)
 	// SetEntry applies a set_entry command.
 	SetEntry(ctx context.Context, c SetEntry) error
 	// SetEntryState applies a set_entry_state command.

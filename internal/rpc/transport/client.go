@@ -291,6 +291,11 @@ func run(ctx context.Context, a protocol.Agent, cmd *pb.Command) *pb.CommandResu
 		err = a.Quiesce(ctx, protocol.DiskID(x.Quiesce.GetDisk()), time.Duration(x.Quiesce.GetTimeoutMs())*time.Millisecond)
 	case *pb.Command_Activate:
 		err = a.Activate(ctx, protocol.DiskID(x.Activate.GetDisk()))
+	case *pb.Command_GetStatus:
+		var st protocol.DiskStatus
+		if st, err = a.GetStatus(ctx, protocol.DiskID(x.GetStatus.GetDisk())); err == nil {
+			r.DiskStatus = diskStatusToPB(st)
+		}
 	default:
 		err = fmt.Errorf("unknown command: %w", protocol.ErrBadRequest)
 	}

@@ -26,7 +26,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -300,4 +302,25 @@ func fromStatus(err error) error {
 		return fmt.Errorf("%s: %w", st.Message(), protocol.ErrUnavailable)
 	}
 	return fmt.Errorf("%s: %w", st.Message(), protocol.ErrIO)
+}
+
+func diskStatusToPB(s protocol.DiskStatus) *pb.DiskStatus {
+	return &pb.DiskStatus{
+		Disk: uint64(s.Disk), Segments: s.Segments, Loaded: s.Loaded,
+		Invalid: s.Invalid, Error: s.Error, Zero: s.Zero, NoWrite: s.NoWrite, Mapped: s.Mapped,
+		InFlight: s.InFlight, FaultsOut: s.FaultsOut, Quiesced: s.Quiesced,
+		Leased: s.Leased, LeaseLeftMs: s.LeaseLeft.Milliseconds(),
+	}
+}
+
+// diskStatusFromPB takes a status as the agent sent it: figures to show,
+// checked for nothing (a negative lease reads as lapsed, a huge one is
+// cut to what a Duration holds).
+func diskStatusFromPB(m *pb.DiskStatus) protocol.DiskStatus {
+	return protocol.DiskStatus{
+		Disk: protocol.DiskID(m.GetDisk()), Segments: m.GetSegments(), Loaded: m.GetLoaded(),
+		Invalid: m.GetInvalid(), Error: m.GetError(), Zero: m.GetZero(), NoWrite: m.GetNoWrite(), Mapped: m.GetMapped(),
+		InFlight: m.GetInFlight(), FaultsOut: m.GetFaultsOut(), Quiesced: m.GetQuiesced(),
+		Leased: m.GetLeased(), LeaseLeft: time.Duration(min(max(0, m.GetLeaseLeftMs()), math.MaxInt64/int64(time.Millisecond))) * time.Millisecond,
+	}
 }

@@ -3,7 +3,9 @@ package transport
 import (
 	"errors"
 	"fmt"
+	"math"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -217,4 +219,27 @@ func FuzzStageRoundTrip(f *testing.F) {
 			t.Fatalf("stage %+v: Copies %v, depth %d", *got, got.Copies(), got.From.Depth())
 		}
 	})
+}
+
+// TestDiskStatusRoundTrip: every field of a DiskStatus survives the wire,
+// and a lease the wire cannot hold in a Duration is cut, not wrapped.
+func TestDiskStatusRoundTrip(t *testing.T) {
+	in := protocol.DiskStatus{Disk: 9, Segments: 100, Loaded: 40, Invalid: 60, Error: 2, Zero: 5, NoWrite: 7, Mapped: 33,
+		InFlight: 3, FaultsOut: 4, Quiesced: true, Leased: true, LeaseLeft: 1500 * time.Millisecond}
+	b, err := proto.Marshal(diskStatusToPB(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m pb.DiskStatus
+	if err := proto.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	if out := diskStatusFromPB(&m); out != in {
+		t.Errorf("round trip: %+v, want %+v", out, in)
+	}
+	for _, ms := range []int64{-5, math.MaxInt64} {
+		if got := diskStatusFromPB(&pb.DiskStatus{Leased: true, LeaseLeftMs: ms}).LeaseLeft; got < 0 {
+			t.Errorf("lease of %d ms read as %v", ms, got)
+		}
+	}
 }

@@ -385,6 +385,20 @@ func (ra *remoteAgent) GetEntry(ctx context.Context, id protocol.DiskID, first, 
 	return entriesFromPB(r.GetEntries())
 }
 
+func (ra *remoteAgent) GetStatus(ctx context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
+	r, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_GetStatus{GetStatus: &pb.GetStatus{Disk: uint64(id)}}})
+	if err != nil {
+		return protocol.DiskStatus{}, err
+	}
+	if r == nil {
+		return protocol.DiskStatus{}, fmt.Errorf("agent %q fenced: %w", ra.name, protocol.ErrFenced)
+	}
+	if r.GetDiskStatus() == nil {
+		return protocol.DiskStatus{}, fmt.Errorf("agent %q answered get_status without a status: %w", ra.name, protocol.ErrBadRequest)
+	}
+	return diskStatusFromPB(r.GetDiskStatus()), nil
+}
+
 func (ra *remoteAgent) SetEntry(ctx context.Context, c protocol.SetEntry) error {
 	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetEntry{SetEntry: &pb.SetEntry{
 		Disk: uint64(c.Disk), First: c.First, Entries: entriesToPB(c.Entries), Blocking: c.Blocking}}})

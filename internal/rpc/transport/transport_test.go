@@ -1085,6 +1085,7 @@ func TestAgentRefusesBadCommands(t *testing.T) {
 		{"new_table without a disk", &pb.Command{Cmd: &pb.Command_NewTable{NewTable: &pb.NewTable{}}}, pb.Code_CODE_BAD_REQUEST},
 		{"no command", &pb.Command{}, pb.Code_CODE_BAD_REQUEST},
 		{"get_entry of a disk the agent does not map", getEntries(99, 0, 1), pb.Code_CODE_NO_TABLE},
+		{"get_status of a disk the agent does not map", &pb.Command{Cmd: &pb.Command_GetStatus{GetStatus: &pb.GetStatus{Disk: 99}}}, pb.Code_CODE_NO_TABLE},
 	} {
 		r := s.do(tc.cmd)
 		if got := r.GetStatus().GetCode(); got != tc.want {
