@@ -655,6 +655,12 @@ func (c *Client) setLimits() error {
 // Export returns the name of the export.
 func (c *Client) Export() string { return c.export }
 
+// Done returns a channel that is closed once the client serves no more
+// requests: the connection broke (requests fail with ErrDisconnected) or
+// Close ended it. A caller that keeps a connection up watches it to
+// reconnect before the next request finds the connection gone.
+func (c *Client) Done() <-chan struct{} { return c.dead }
+
 // Size returns the size of the export in bytes.
 func (c *Client) Size() uint64 { return c.size }
 
