@@ -12,6 +12,7 @@ import (
 
 	"segmap/internal/backoff"
 	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // NBD is a Container stored on an NBD export on another machine (served by
@@ -61,19 +62,24 @@ import (
 //
 // Flushes across a reconnection: the storage acknowledges a write once
 // it is in its write cache, and a storage node that restarts because
-// its machine crashed has lost that cache. The client cannot tell such a
-// restart from a process restart or a network cut, so it assumes the
-// worst: if a write was acknowledged on a connection that then broke
-// before a flush on it covered the write, the next Flush to complete
-// (on the new connection, after a real NBD flush there) fails with an
-// error wrapping ErrWritesLost, once. Replaying the writes instead would
-// need a copy of every unflushed write kept in memory, without bound
-// between a host's flushes; failing the flush is what a disk whose write
-// cache was lost does, and what fsync reports after writeback errors. A
-// host that flushes before it relies on its data (every file system,
-// every database) learns of the possible loss; one that never flushes
-// never asked for durability. A write sent again on the new connection
-// is acknowledged there and covered by the next flush as usual.
+// its machine crashed has lost that cache, while one whose process alone
+// restarted (kill -9, an upgrade) has not: a segmap storage node's write
+// cache is the kernel's page cache. So the container asks each server
+// who holds its write cache (nbdwire.OptSegmapCache; a storage node
+// answers with its machine's boot id). If a write was acknowledged on a
+// connection that then broke before a flush on it covered the write,
+// and the new connection's server does not report the same write cache
+// as the old one (another boot, or a server that does not say: qemu-nbd,
+// nbdkit), the writes may be lost: the next Flush to complete (on the
+// new connection, after a real NBD flush there) fails with an error
+// wrapping ErrWritesLost, once. Replaying the writes instead would need
+// a copy of every unflushed write kept in memory, without bound between
+// a host's flushes; failing the flush is what a disk whose write cache
+// was lost does, and what fsync reports after writeback errors. A host
+// that flushes before it relies on its data (every file system, every
+// database) learns of the possible loss; one that never flushes never
+// asked for durability. A write sent again on the new connection is
+// acknowledged there and covered by the next flush as usual.
 //
 // One case is beyond the client: a write in flight when the connection
 // broke may still be carried out by an old server process that has not
@@ -119,11 +125,14 @@ type NBD struct {
 		// another container now.
 		failed error
 		// acked counts writes acknowledged on cl; flushed the first
-		// of them that a successful flush on cl covered. writesLost
-		// is set when a connection broke with acked > flushed, and
-		// reported by the next successful Flush.
-		acked, flushed uint64
-		writesLost     bool
+		// of them that a successful flush on cl covered. unflushed
+		// is set when cl broke with acked > flushed; writesLost when
+		// the next connection's write cache is not cl's (cacheID,
+		// hasCache), and reported by the next successful Flush.
+		acked, flushed        uint64
+		unflushed, writesLost bool
+		cacheID               [nbdwire.CacheIDSize]byte
+		hasCache              bool
 	}
 }
 
@@ -276,6 +285,7 @@ func OpenNBDLeased(ctx context.Context, uri string, want *Header, cfg nbdclient.
 func OpenNBDWith(ctx context.Context, uri string, want *Header, cfg nbdclient.ClientConfig, opts NBDOptions) (*NBD, error) {
 	opts = opts.withDefaults()
 	cfg.Lease = opts.Lease != nil
+	cfg.CacheID = true
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open container %s: %w", uri, err)
@@ -319,6 +329,7 @@ func attach(ctx context.Context, cl *nbdclient.Client, until func() time.Time) (
 func newNBD(cl *nbdclient.Client, uri string, h Header, cfg nbdclient.ClientConfig, opts NBDOptions) *NBD {
 	c := &NBD{uri: uri, h: h, cfg: cfg, opts: opts, until: opts.Lease, lost: make(chan struct{}, 1)}
 	c.mu.cl, c.mu.gen, c.mu.since = cl, 1, time.Now()
+	c.mu.cacheID, c.mu.hasCache = cl.CacheID()
 	c.life, c.stop = context.WithCancel(context.Background())
 	c.tasks.Go(c.keep)
 	if c.until != nil {
@@ -390,7 +401,7 @@ func (c *NBD) downLocked(gen uint64, cause error) {
 	c.mu.cl = nil
 	c.mu.since, c.mu.up, c.mu.cause = time.Now(), make(chan struct{}), cause
 	if c.mu.acked > c.mu.flushed {
-		c.mu.writesLost = true
+		c.mu.unflushed = true
 	}
 	select {
 	case c.lost <- struct{}{}:
@@ -444,6 +455,11 @@ func (c *NBD) reconnect() (*nbdclient.Client, uint64) {
 		case err == nil && c.life.Err() == nil:
 			c.mu.cl, c.mu.gen, c.mu.since = cl, c.mu.gen+1, time.Now()
 			c.mu.cause, c.mu.acked, c.mu.flushed = nil, 0, 0
+			id, ok := cl.CacheID()
+			if c.mu.unflushed && !(ok && c.mu.hasCache && id == c.mu.cacheID) {
+				c.mu.writesLost = true
+			}
+			c.mu.unflushed, c.mu.cacheID, c.mu.hasCache = false, id, ok
 			gen := c.mu.gen
 			close(c.mu.up)
 			c.mu.Unlock()
@@ -587,11 +603,16 @@ func (c *NBD) do(name string, off, n int64, write bool, op func(*nbdclient.Clien
 func (c *NBD) acked(gen uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if gen == c.mu.gen && c.mu.cl != nil {
+	switch {
+	case gen == c.mu.gen && c.mu.cl != nil:
 		c.mu.acked++
-	} else {
-		// Acknowledged on a connection given up since, whose
-		// flush can no longer cover it.
+	case gen == c.mu.gen:
+		// Acknowledged on the connection just given up: the next
+		// one tells whether it survived.
+		c.mu.unflushed = true
+	default:
+		// Acknowledged on a connection given up before the live
+		// one came: assume the worst.
 		c.mu.writesLost = true
 	}
 }
@@ -604,6 +625,7 @@ func (c *NBD) acked(gen uint64) {
 // container header (ErrNotBlank) unless force; the data area is left as
 // it is. The container reconnects with the default NBDOptions.
 func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, force bool, cfg nbdclient.ClientConfig) (*NBD, error) {
+	cfg.Lease, cfg.CacheID = false, true
 	cl, err := dialNBD(ctx, uri, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("format container %s: %w", uri, err)
@@ -630,7 +652,6 @@ func FormatNBD(ctx context.Context, uri string, id uint32, slotSize int64, force
 		cl.Close()
 		return nil, fmt.Errorf("format container %s: %w", uri, err)
 	}
-	cfg.Lease = false
 	return newNBD(cl, uri, h, cfg, NBDOptions{}.withDefaults()), nil
 }
 

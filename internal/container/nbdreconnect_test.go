@@ -17,6 +17,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/nbd"
 	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
 	"segmap/internal/storage"
 )
 
@@ -25,11 +26,14 @@ import (
 // and connections closed at once, as by a crash of the process) and
 // starts again on the same address.
 type node struct {
-	t      *testing.T
-	dir    string
-	addr   string
-	srv    *nbd.Server
-	served chan error
+	t *testing.T
+	// cacheID is the identity of the write cache served (zero: none);
+	// a test changes it before restart to stand for a reboot.
+	cacheID [nbdwire.CacheIDSize]byte
+	dir     string
+	addr    string
+	srv     *nbd.Server
+	served  chan error
 }
 
 func startNode(t *testing.T) *node {
@@ -49,7 +53,7 @@ func (n *node) serve(l net.Listener) {
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	n.srv = nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: slog.New(slog.DiscardHandler), Leases: true})
+	n.srv = nbd.NewServer(nbd.Config{Backend: backend, Errno: storage.Errno, Logger: slog.New(slog.DiscardHandler), Leases: true, CacheID: n.cacheID})
 	n.served = make(chan error, 1)
 	go func() { n.served <- n.srv.Serve(l) }()
 }
@@ -220,43 +224,71 @@ func TestNBDReconnect(t *testing.T) {
 
 // TestNBDFlushAcrossReconnect: a flush after a reconnection fails with
 // ErrWritesLost, once, if writes acknowledged on the broken connection
-// had not been flushed; it succeeds if they had.
+// had not been flushed and the new connection's server does not report
+// the same write cache (it reports none, or another: a reboot); it
+// succeeds if they had been flushed, or if the write cache is the same
+// (the storage node's process restarted, its machine did not).
 func TestNBDFlushAcrossReconnect(t *testing.T) {
-	n := startNode(t)
-	c, _, _ := openOn(t, n, 22, container.NBDOptions{})
 	p := bytes.Repeat([]byte{7}, 4096)
-	if _, err := c.WriteAt(p, 0); err != nil {
-		t.Fatal(err)
+	// outage writes to c, kills and restarts n (with cache id next),
+	// and returns what the next flush says; flushFirst flushes before
+	// the kill.
+	outage := func(c *container.NBD, n *node, flushFirst bool, next byte) error {
+		t.Helper()
+		if _, err := c.WriteAt(p, 0); err != nil {
+			t.Fatal(err)
+		}
+		if flushFirst {
+			if err := c.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.ReadAt(make([]byte, 10), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		n.kill()
+		n.cacheID[0] = next
+		n.restart()
+		err := c.Flush()
+		if err2 := c.Flush(); err2 != nil {
+			t.Fatalf("the flush after the first one after a reconnection: %v", err2)
+		}
+		// Writes made after the reconnection are flushed as usual.
+		if _, err := c.WriteAt(p, slot); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		return err
 	}
-	n.kill()
-	n.restart()
-	if err := c.Flush(); !errors.Is(err, container.ErrWritesLost) {
-		t.Fatalf("flush spanning a reconnection after an unflushed write: %v, want ErrWritesLost", err)
-	}
-	if err := c.Flush(); err != nil {
-		t.Fatalf("the next flush: %v", err)
-	}
-
-	if _, err := c.WriteAt(p, slot); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.ReadAt(make([]byte, 10), 0); err != nil {
-		t.Fatal(err)
-	}
-	n.kill()
-	n.restart()
-	if err := c.Flush(); err != nil {
-		t.Fatalf("flush spanning a reconnection after flushed writes only: %v", err)
-	}
-	// Writes made after the reconnection are flushed as usual.
-	if _, err := c.WriteAt(p, 2*slot); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Flush(); err != nil {
-		t.Fatal(err)
+	for _, tt := range []struct {
+		name        string
+		before      byte // the cache id's first byte; 0: none
+		after       byte
+		flushFirst  bool
+		wantLostErr bool
+	}{
+		{"no cache id, unflushed", 0, 0, false, true},
+		{"no cache id, flushed", 0, 0, true, false},
+		{"same cache, unflushed", 1, 1, false, false},
+		{"other cache, unflushed", 1, 2, false, true},
+		{"other cache, flushed", 1, 2, true, false},
+		{"cache id gone, unflushed", 1, 0, false, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n := startNode(t)
+			if tt.before != 0 {
+				n.kill()
+				n.cacheID[0] = tt.before
+				n.restart()
+			}
+			c, _, _ := openOn(t, n, 22, container.NBDOptions{})
+			err := outage(c, n, tt.flushFirst, tt.after)
+			if tt.wantLostErr != errors.Is(err, container.ErrWritesLost) || !tt.wantLostErr && err != nil {
+				t.Fatalf("flush spanning the reconnection: %v; want ErrWritesLost %v", err, tt.wantLostErr)
+			}
+		})
 	}
 }
 
