@@ -456,7 +456,8 @@ func (c *NBD) reconnect() (*nbdclient.Client, uint64) {
 			c.mu.cl, c.mu.gen, c.mu.since = cl, c.mu.gen+1, time.Now()
 			c.mu.cause, c.mu.acked, c.mu.flushed = nil, 0, 0
 			id, ok := cl.CacheID()
-			if c.mu.unflushed && !(ok && c.mu.hasCache && id == c.mu.cacheID) {
+			sameCache := ok && c.mu.hasCache && id == c.mu.cacheID
+			if c.mu.unflushed && !sameCache {
 				c.mu.writesLost = true
 			}
 			c.mu.unflushed, c.mu.cacheID, c.mu.hasCache = false, id, ok
