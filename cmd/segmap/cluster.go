@@ -218,7 +218,7 @@ func newAgent() *cobra.Command {
 			// past its lease cannot land after the controller went
 			// on without it.
 			var a *agent.Agent
-			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() })
+			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, logger)
 			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})

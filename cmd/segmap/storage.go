@@ -157,6 +157,14 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	// container.LeasedOpener): requests of an agent whose lease ran out
 	// are refused.
 	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger, Leases: true}
+	// Clients that reconnect after this node restarts learn whether the
+	// writes it answered without a flush survived (a restart of the
+	// process) or may not have (a reboot of the machine).
+	if id, err := storage.CacheID(); err == nil {
+		cfg.CacheID = id
+	} else {
+		logger.Warn("serving without a write cache id: clients will take unflushed writes as lost after a reconnection", "err", err)
+	}
 	if m != nil {
 		cfg.TLS = m.Server(tlsconf.RoleAgent, tlsconf.RoleController)
 		cfg.TLSRequired = true

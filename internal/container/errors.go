@@ -57,4 +57,20 @@ var (
 	// (see Signature). Nothing was written; formatting with force
 	// overwrites it.
 	ErrNotBlank = errors.New("refusing to format over existing data")
+
+	// ErrUnreachable means the storage of an nbd:// container has been
+	// out of reach for longer than the container's failure timeout
+	// (NBDOptions.FailTimeout): the request was given up. A write given
+	// up may or may not have landed, as with any failed write. The
+	// container keeps reconnecting meanwhile; once the storage is back,
+	// requests succeed again.
+	ErrUnreachable = errors.New("container storage unreachable")
+
+	// ErrWritesLost means a Flush cannot vouch for writes the storage
+	// acknowledged on an NBD connection that broke before they were
+	// flushed: the storage may have restarted without them (a crash
+	// of its machine loses its write cache). It is reported by one
+	// Flush, the first to complete after the reconnection; the data of
+	// those writes must be taken as lost.
+	ErrWritesLost = errors.New("acknowledged writes may be lost")
 )

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"segmap/internal/container"
 	"segmap/internal/container/containertest"
@@ -283,8 +284,9 @@ func TestOpenNBDErrors(t *testing.T) {
 	}
 }
 
-// TestNBDConnectionLost: when the storage node goes away, I/O fails with
-// nbdclient.ErrDisconnected (not ErrClosed), and Close still works.
+// TestNBDConnectionLost: when the storage node goes away for good, I/O
+// fails with ErrUnreachable once the failure timeout has passed (not
+// ErrClosed), and Close still works.
 func TestNBDConnectionLost(t *testing.T) {
 	dir := t.TempDir()
 	backend, err := storage.NewDir(dir, "")
@@ -298,11 +300,16 @@ func TestNBDConnectionLost(t *testing.T) {
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
-	name := newExport(t, dir, container.HeaderSize+4*4096)
-	c := formatNBD(t, "nbd://"+l.Addr().String()+"/"+name, 1, 4096)
+	uri := "nbd://" + l.Addr().String() + "/" + newExport(t, dir, container.HeaderSize+4*4096)
+	formatNBD(t, uri, 1, 4096).Close()
+	c, err := container.OpenNBDWith(context.Background(), uri, nil, nbdclient.ClientConfig{},
+		container.NBDOptions{FailTimeout: 100 * time.Millisecond, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
 	srv.Close()
 	<-served
-	if _, err := c.ReadAt(make([]byte, 10), 0); !errors.Is(err, nbdclient.ErrDisconnected) || errors.Is(err, container.ErrClosed) {
+	if _, err := c.ReadAt(make([]byte, 10), 0); !errors.Is(err, container.ErrUnreachable) || errors.Is(err, container.ErrClosed) {
 		t.Fatalf("read after the server went away: %v", err)
 	}
 	if err := c.Close(); err != nil {

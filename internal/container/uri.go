@@ -3,6 +3,7 @@ package container
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/url"
 	"strings"
@@ -25,9 +26,10 @@ const NBDDialTimeout = 30 * time.Second
 
 // OpenURI opens the container info describes by its URI, over plaintext
 // for nbd://. A non-zero info.ID (with info.SlotSize) must match the
-// container's header.
+// container's header. An nbd:// container reconnects by itself (see NBD)
+// and logs its outages to slog.Default().
 func OpenURI(info protocol.Container) (Container, error) {
-	return openURI(info, nil)
+	return openURI(info, nil, NBDOptions{})
 }
 
 // URIOpener returns how a component holding m opens containers: as
@@ -35,13 +37,11 @@ func OpenURI(info protocol.Container) (Container, error) {
 // certificate, and the server must present a storage certificate of the
 // same CA valid for the URI's host (one from 'segmap certs init --storage
 // NAME' is valid for NAME and the --host names, by default localhost and
-// 127.0.0.1). There is no fallback to plaintext. A nil m is plaintext:
-// OpenURI.
-func URIOpener(m *tlsconf.Material) func(protocol.Container) (Container, error) {
-	if m == nil {
-		return OpenURI
-	}
-	return func(info protocol.Container) (Container, error) { return openURI(info, m) }
+// 127.0.0.1). There is no fallback to plaintext. A nil m is plaintext.
+// The outages of nbd:// containers (see NBD) are logged to log (nil:
+// slog.Default()).
+func URIOpener(m *tlsconf.Material, log *slog.Logger) func(protocol.Container) (Container, error) {
+	return func(info protocol.Container) (Container, error) { return openURI(info, m, NBDOptions{Logger: log}) }
 }
 
 // LeasedOpener is URIOpener for a holder with a lease whose end until
@@ -49,16 +49,15 @@ func URIOpener(m *tlsconf.Material) func(protocol.Container) (Container, error) 
 // OpenNBDLeased. An agent opens its containers so: a segmap storage node
 // then refuses its requests once its lease has run out, and a write held
 // up in a paused agent cannot land after the controller went on without
-// it. File containers have no such guard.
-func LeasedOpener(m *tlsconf.Material, until func() time.Time) func(protocol.Container) (Container, error) {
-	return func(info protocol.Container) (Container, error) { return openURILeased(info, m, until) }
+// it. File containers have no such guard. Outages are logged to log, as
+// for URIOpener.
+func LeasedOpener(m *tlsconf.Material, until func() time.Time, log *slog.Logger) func(protocol.Container) (Container, error) {
+	return func(info protocol.Container) (Container, error) {
+		return openURI(info, m, NBDOptions{Lease: until, Logger: log})
+	}
 }
 
-func openURI(info protocol.Container, m *tlsconf.Material) (Container, error) {
-	return openURILeased(info, m, nil)
-}
-
-func openURILeased(info protocol.Container, m *tlsconf.Material, until func() time.Time) (Container, error) {
+func openURI(info protocol.Container, m *tlsconf.Material, opts NBDOptions) (Container, error) {
 	var want *Header
 	if info.ID != 0 {
 		want = &Header{ID: info.ID, SlotSize: int64(info.SlotSize), Slots: int64(info.Slots)}
@@ -70,7 +69,7 @@ func openURILeased(info protocol.Container, m *tlsconf.Material, until func() ti
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
 		defer cancel()
-		return OpenNBDLeased(ctx, info.URI, want, cfg, until)
+		return OpenNBDWith(ctx, info.URI, want, cfg, opts)
 	}
 	path, err := FilePath(info.URI)
 	if err != nil {

@@ -50,7 +50,7 @@ type Config struct {
 // New returns a controller over cfg.Store that opens containers by URI
 // as the holder of cfg.TLS.
 func New(cfg Config) *controller.Controller {
-	open := container.URIOpener(cfg.TLS)
+	open := container.URIOpener(cfg.TLS, cfg.Logger)
 	if wrap := cfg.WrapContainer; wrap != nil {
 		plain := open
 		open = func(info protocol.Container) (container.Container, error) {

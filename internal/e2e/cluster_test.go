@@ -22,6 +22,17 @@ type cluster struct {
 	nbdPorts map[string]*heldport.Port
 	nbdAddrs map[string]string
 	storage  []*up
+	// storageArgs[i] starts storage[i] again, on its held port.
+	storageArgs  [][]string
+	storagePorts []*heldport.Port
+}
+
+// restartStorage kills storage node i (SIGKILL, as a crash would), if it
+// runs, and starts it again on the same address and data directory.
+func (c *cluster) restartStorage(i int) {
+	c.t.Helper()
+	c.storage[i].kill()
+	c.storage[i] = startHeld(c.t, c.storage[i].dir, []*heldport.Port{c.storagePorts[i]}, c.storageArgs[i]...)
 }
 
 // newBareCluster returns a cluster with nothing started: the controller's
@@ -109,8 +120,10 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 		// The container's URI names this address: it stays the
 		// storage node's across restarts.
 		p := heldport.New(t)
-		c.storage = append(c.storage, startHeld(t, dir, []*heldport.Port{p}, "storage", "--listen", fdArg(0), "--dir", dir,
-			"--certs", c.certs, "--cert-name", fmt.Sprintf("s%d", i)))
+		sargs := []string{"storage", "--listen", fdArg(0), "--dir", dir, "--certs", c.certs, "--cert-name", fmt.Sprintf("s%d", i)}
+		c.storage = append(c.storage, startHeld(t, dir, []*heldport.Port{p}, sargs...))
+		c.storageArgs = append(c.storageArgs, sargs)
+		c.storagePorts = append(c.storagePorts, p)
 		c.cli("container", "add", "nbd://"+p.Addr()+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {

@@ -93,6 +93,11 @@
 // when a worker is about to carry them out (docs/protocol.md, storage
 // leases). Without it, the option is answered NBD_REP_ERR_UNSUP.
 //
+// With Config.CacheID, a client may ask who holds the server's write
+// cache (nbdwire.OptSegmapCache), so that after a reconnection it can
+// tell whether writes answered but not flushed on the old connection
+// survived (docs/protocol.md, write cache identity).
+//
 // # Concurrency
 //
 // One goroutine per connection runs the handshake and then reads requests,

@@ -155,6 +155,14 @@ func (h *handshaker) option() (*session, error) {
 		}
 		h.leased = true
 		return nil, h.reply(opt, nbdwire.RepAck)
+	case nbdwire.OptSegmapCache:
+		if h.c.srv.cacheID == ([nbdwire.CacheIDSize]byte{}) {
+			return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")
+		}
+		if len(data) != 0 {
+			return nil, h.replyErr(opt, nbdwire.RepErrInvalid, "unexpected option data")
+		}
+		return nil, h.reply(opt, nbdwire.RepSegmapCache, h.c.srv.cacheID[:])
 	default:
 		// EXTENDED_HEADERS and anything unknown.
 		return nil, h.replyErr(opt, nbdwire.RepErrUnsup, "unsupported option")

@@ -186,6 +186,13 @@ type Config struct {
 	// lease (and fenced by its controller meanwhile) cannot land a write
 	// late. Off: the option is answered NBD_REP_ERR_UNSUP.
 	Leases bool
+	// CacheID, if not zero, is the identity of the write cache behind
+	// the exports, given to clients that ask (nbdwire.OptSegmapCache):
+	// it must change whenever writes answered but not flushed may have
+	// been lost, so that a client that reconnects can tell whether its
+	// unflushed writes survived. Zero: the option is answered
+	// NBD_REP_ERR_UNSUP.
+	CacheID [nbdwire.CacheIDSize]byte
 }
 
 // Default values of Config fields.
@@ -206,6 +213,7 @@ type Server struct {
 	tls              *tls.Config // nil: no STARTTLS
 	tlsRequired      bool
 	leases           bool
+	cacheID          [nbdwire.CacheIDSize]byte
 
 	// ctx is the parent of every connection's context; Close cancels it.
 	ctx    context.Context
@@ -242,6 +250,7 @@ func NewServer(cfg Config) *Server {
 		handshakeTimeout: cfg.HandshakeTimeout,
 		tlsRequired:      cfg.TLSRequired,
 		leases:           cfg.Leases,
+		cacheID:          cfg.CacheID,
 		closing:          make(chan struct{}),
 	}
 	if cfg.TLS != nil {

@@ -151,6 +151,10 @@ type ClientConfig struct {
 	// that has not run out. A server that does not know it serves the
 	// connection without one (Leased reports which).
 	Lease bool
+	// CacheID asks the server who holds its write cache
+	// (nbdwire.OptSegmapCache), which CacheID then reports. A server
+	// that does not know the option is served all the same.
+	CacheID bool
 
 	// Test knobs: do not ask for structured replies; skip NBD_OPT_GO and
 	// use NBD_OPT_EXPORT_NAME.
@@ -225,6 +229,10 @@ type Client struct {
 	maxReq     uint64 // largest READ or WRITE sent, a multiple of minBlock
 	maxZero    uint64 // largest TRIM or WRITE_ZEROES sent, likewise
 	leased     bool   // the server acknowledged nbdwire.OptSegmapLease
+	// cacheID is the server's answer to nbdwire.OptSegmapCache, if
+	// hasCacheID.
+	cacheID    [nbdwire.CacheIDSize]byte
+	hasCacheID bool
 
 	// lease serialises Lease calls; got is when the reply to the last
 	// one arrived (zero before the first, and after one failed), ref the
@@ -414,6 +422,11 @@ func (h *clientHandshake) run(addr, export string) (*Client, error) {
 			return nil, err
 		}
 	}
+	if fixed && h.cfg.CacheID {
+		if c.cacheID, c.hasCacheID, err = h.askCache(); err != nil {
+			return nil, err
+		}
+	}
 	done := false
 	if fixed && !h.cfg.noGo {
 		if done, err = h.goExport(c); err != nil {
@@ -561,6 +574,27 @@ func (h *clientHandshake) askLease() (ok bool, err error) {
 	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptSegmapLease)
 }
 
+// askCache asks who holds the server's write cache; ok is false if the
+// server does not say.
+func (h *clientHandshake) askCache() (id [nbdwire.CacheIDSize]byte, ok bool, err error) {
+	if err := h.sendOption(nbdwire.OptSegmapCache, nil); err != nil {
+		return id, false, err
+	}
+	typ, data, err := h.optReply(nbdwire.OptSegmapCache)
+	switch {
+	case err != nil:
+		return id, false, err
+	case typ == nbdwire.RepSegmapCache && len(data) == nbdwire.CacheIDSize:
+		copy(id[:], data)
+		return id, true, nil
+	case typ == nbdwire.RepErrTLSReqd:
+		return id, false, optError(nbdwire.OptSegmapCache, typ, data)
+	case typ&nbdwire.RepErr != 0:
+		return id, false, nil
+	}
+	return id, false, fmt.Errorf("%w: %v reply of %d bytes to %v", ErrProtocol, typ, len(data), nbdwire.OptSegmapCache)
+}
+
 // goExport selects the export with NBD_OPT_GO. ok is false if the server
 // does not know GO (the caller falls back to EXPORT_NAME).
 func (h *clientHandshake) goExport(c *Client) (ok bool, err error) {
@@ -655,6 +689,12 @@ func (c *Client) setLimits() error {
 // Export returns the name of the export.
 func (c *Client) Export() string { return c.export }
 
+// Done returns a channel that is closed once the client serves no more
+// requests: the connection broke (requests fail with ErrDisconnected) or
+// Close ended it. A caller that keeps a connection up watches it to
+// reconnect before the next request finds the connection gone.
+func (c *Client) Done() <-chan struct{} { return c.dead }
+
 // Size returns the size of the export in bytes.
 func (c *Client) Size() uint64 { return c.size }
 
@@ -734,6 +774,12 @@ func (c *Client) Flush(ctx context.Context) error {
 	}
 	return c.run(ctx, []piece{{typ: nbdwire.CmdFlush}})
 }
+
+// CacheID returns who holds the server's write cache, as the server
+// said when asked (ClientConfig.CacheID): the same id after a reconnection
+// means writes answered but not flushed before it are still there. ok is
+// false if the client did not ask or the server did not say.
+func (c *Client) CacheID() (id [nbdwire.CacheIDSize]byte, ok bool) { return c.cacheID, c.hasCacheID }
 
 // Leased reports whether the server took the lease Config.Lease asked for.
 func (c *Client) Leased() bool { return c.leased }

@@ -137,7 +137,19 @@ const (
 	// grants with CmdSegmapLease runs out. A server that does not know
 	// it answers NBD_REP_ERR_UNSUP, as for any unknown option.
 	OptSegmapLease Option = 0x53474c45 // "SGLE"
+	// OptSegmapCache is segmap's own option (not in the NBD spec): the
+	// client asks who holds the server's write cache, the volatile
+	// storage where writes wait for a flush. The server answers with
+	// one RepSegmapCache reply carrying CacheIDSize bytes that differ
+	// whenever that cache may have been lost since (a storage node
+	// gives its machine's boot id: its write cache is the kernel's page
+	// cache, which outlives the process but not a reboot). A server
+	// that does not know it answers NBD_REP_ERR_UNSUP.
+	OptSegmapCache Option = 0x53474343 // "SGCC"
 )
+
+// CacheIDSize is the length of the data of a RepSegmapCache reply.
+const CacheIDSize = 16
 
 var optionNames = [...]string{
 	OptExportName:      "EXPORT_NAME",
@@ -169,6 +181,9 @@ const (
 	RepInfo   RepType = 3
 	// RepMetaContext is NBD_REP_META_CONTEXT: a context id and name.
 	RepMetaContext RepType = 4
+	// RepSegmapCache answers OptSegmapCache with the identity of the
+	// server's write cache (CacheIDSize bytes).
+	RepSegmapCache RepType = 0x53474343
 
 	RepErr         RepType = 1 << 31
 	RepErrUnsup    RepType = RepErr + 1
