@@ -1078,10 +1078,9 @@ func (c *Controller) commit(ctx context.Context, f protocol.Fault, d meta.Disk) 
 		// The commit may have landed (a store commit cut off, or
 		// landed and an agent not told): the token is spent, and an
 		// agent that asked again and heard ErrStale would write again,
-		// after writes that came since. The write fails instead; the
-		// cause is kept in the message only, lest it read as
-		// Unavailable or Fenced, which the agent retries.
-		err = fmt.Errorf("commit of %q segment %d: %v: %w", d.Name, f.Segment, err, protocol.ErrIO)
+		// after writes that came since. The write fails instead, and
+		// its error must not read as one the agent retries.
+		err = &spentError{msg: fmt.Sprintf("commit of %q segment %d: %v", d.Name, f.Segment, err), causes: keptCauses(err)}
 	}
 	if isStale(err) {
 		return protocol.Reply{}, fmt.Errorf("commit of %q segment %d: %w", d.Name, f.Segment, err)
@@ -1222,4 +1221,52 @@ func (c *Controller) void(ctx context.Context, d meta.Disk, first, n uint64, to 
 	set := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: first, Entries: zeros}
 	_ = c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, set) })
 	return protocol.Reply{First: first, Entries: zeros}, nil
+}
+
+// spentError is the error of a commit that may have landed: ErrIO, and
+// the causes of the failure but those an agent retries on (keptCauses).
+type spentError struct {
+	msg    string
+	causes []error
+}
+
+func (e *spentError) Error() string   { return e.msg + ": " + protocol.ErrIO.Error() }
+func (e *spentError) Unwrap() []error { return append([]error{protocol.ErrIO}, e.causes...) }
+
+// retried are the errors that an agent's fault is sent again on (see
+// transport's codeOf): the failure of a commit that may have landed must
+// not wrap them.
+var retried = []error{
+	protocol.ErrUnavailable, protocol.ErrFenced, protocol.ErrStale, ErrUnknownAgent, ErrClosed,
+	context.Canceled, context.DeadlineExceeded, meta.ErrUnreachable, meta.ErrClosed, meta.ErrLeadershipLost,
+}
+
+// keptCauses returns the errors err wraps at the ends of its chains
+// (those that wrap nothing), but the retried ones: what a spentError may
+// still be matched with (a crash injected in tests, an errno).
+func keptCauses(err error) []error {
+	var out []error
+	var walk func(error)
+	walk = func(e error) {
+		switch u := e.(type) {
+		case interface{ Unwrap() error }:
+			if w := u.Unwrap(); w != nil {
+				walk(w)
+				return
+			}
+		case interface{ Unwrap() []error }:
+			for _, w := range u.Unwrap() {
+				walk(w)
+			}
+			return
+		}
+		for _, r := range retried {
+			if e == r {
+				return
+			}
+		}
+		out = append(out, e)
+	}
+	walk(err)
+	return out
 }

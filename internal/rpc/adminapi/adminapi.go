@@ -547,6 +547,11 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 		return nil, grpcErr(err)
 	}
 	out.Problems = Problems(ps)
+	if len(ps) > 0 {
+		// Damaged records may keep the disks from being read: the
+		// problems say so already.
+		return out, nil
+	}
 	ds, err := s.cfg.Ctrl.Disks(ctx)
 	if err != nil {
 		return nil, grpcErr(err)
