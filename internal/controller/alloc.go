@@ -12,14 +12,15 @@ import (
 
 // pickContainer chooses the container for the next slot of a disk whose
 // segments are slotSize bytes. It spreads allocations round-robin over every
-// container of that slot size with a free slot: turn is a counter the caller
+// online container of that slot size with a free slot (a draining or
+// failed one gets none): turn is a counter the caller
 // advances on each allocation. ok is false when no container qualifies.
 //
 // It is pure: the caller reads the containers and applies the choice.
 func pickContainer(cs []meta.Container, slotSize uint64, turn uint64) (id uint32, ok bool) {
 	var ids []uint32
 	for _, c := range cs {
-		if c.SlotSize == slotSize && c.Used < c.Slots {
+		if c.SlotSize == slotSize && c.Used < c.Slots && c.State == meta.ContainerOnline {
 			ids = append(ids, c.ID)
 		}
 	}
@@ -126,6 +127,19 @@ func (a *allocator) release(loc table.Location, dirty bool) {
 	if dirty {
 		a.dirtyLocked(loc.Container)
 	}
+}
+
+// reservedOn returns how many slots of container cid are reserved.
+func (a *allocator) reservedOn(cid uint32) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for loc := range a.mu.reserved {
+		if loc.Container == cid {
+			n++
+		}
+	}
+	return n
 }
 
 // takeSlot reserves a free slot for a disk with segments of slotSize

@@ -782,6 +782,20 @@ func (o *openContainers) put(id uint32, ct container.Container) {
 	}
 }
 
+// drop closes container id if it is open, and forgets it.
+func (o *openContainers) drop(id uint32) {
+	o.mu.Lock()
+	old := o.mu.m[id]
+	delete(o.mu.m, id)
+	o.mu.Unlock()
+	if old != nil {
+		<-old.ready
+		if old.c != nil {
+			old.c.Close()
+		}
+	}
+}
+
 func (o *openContainers) closeAll() error {
 	o.mu.Lock()
 	all := o.mu.m

@@ -1,0 +1,356 @@
+package controller_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"segmap/internal/agent"
+	"segmap/internal/container"
+	"segmap/internal/controller"
+	"segmap/internal/meta"
+	"segmap/internal/standalone"
+	"segmap/internal/table"
+)
+
+// drainFixture is a family on the default pool (containers 1 and 2, used
+// round robin) whose entries name slots of container 1 in every way one
+// can: whole and exclusive, shared with a snapshot, as the top and as a
+// layer of partial entries. want holds what each disk must read.
+type drainFixture struct {
+	c    *standalone.Cluster
+	h0   *agent.Disk // "d" on host-a
+	h1   *agent.Disk // "d" on host-b
+	want map[string][]byte
+}
+
+const drainSegs = 8
+
+// newDrainFixture builds the fixture; with oneAgent, only host-a maps
+// "d" (so its map changes are kept in memory until a flush), else both.
+// The controller's writes (its copies) are slowed down so that writes
+// of the test's writers meet the drain.
+func newDrainFixture(t *testing.T, opts standalone.Options, oneAgent bool) *drainFixture {
+	t.Helper()
+	opts.WrapControllerContainer = func(ct container.Container) container.Container { return slowWrites{ct} }
+	c := newClusterOpts(t, opts)
+	createDisk(t, c, "d", drainSegs, table.Forward)
+	f := &drainFixture{c: c, h0: openDisk(t, c, 0, "d"), want: map[string][]byte{}}
+	f.h1 = f.h0
+	if !oneAgent {
+		f.h1 = openDisk(t, c, 1, "d")
+	}
+	d := pattern(drainSegs*seg, 1)
+	write(t, f.h0, d, 0)
+	snap(t, c, "d", "s1")
+	f.want["s1"] = bytes.Clone(d)
+	// Partial entries over the snapshot's slots, in segments 1 to 4
+	// (tops and bases on either container), a whole new slot in 5,
+	// and a second snapshot that shares some of them.
+	for s := uint64(1); s <= 4; s++ {
+		p := pattern(300, byte(20+s))
+		write(t, f.h1, p, s*seg+uint64(s)*sub+5)
+		copy(d[s*seg+s*sub+5:], p)
+	}
+	p := pattern(seg, 30)
+	write(t, f.h0, p, 5*seg)
+	copy(d[5*seg:], p)
+	snap(t, c, "d", "s2")
+	f.want["s2"] = bytes.Clone(d)
+	p = pattern(200, 31)
+	write(t, f.h0, p, 2*seg+9*sub) // a second layer over segment 2
+	copy(d[2*seg+9*sub:], p)
+	f.want["d"] = d
+
+	partial, shared := false, false
+	for s := range uint64(drainSegs) {
+		e := entry(t, c, "d", s)
+		if names(e, 1) && e.Partial() {
+			partial = true
+		}
+		if e.Partial() && e.Part.Under[0].Loc.Container == 1 || !e.Partial() && e.Loc.Container == 1 && refs(t, c, e.Loc) > 1 {
+			shared = true
+		}
+	}
+	if !partial || !shared {
+		t.Fatalf("fixture: container 1 holds partial entries: %v, shared slots: %v; want both", partial, shared)
+	}
+	return f
+}
+
+// slowWrites makes every write to a container take a while.
+type slowWrites struct{ container.Container }
+
+func (s slowWrites) WriteAt(p []byte, off int64) (int, error) {
+	time.Sleep(2 * time.Millisecond)
+	return s.Container.WriteAt(p, off)
+}
+
+func names(e table.Entry, id uint32) bool {
+	found := false
+	e.Slots(func(l table.Location) { found = found || l.Container == id })
+	return found
+}
+
+// writer writes small patterns to random places of "d" through h until
+// stop is closed or n writes are done, keeping want (under mu) in step.
+func (f *drainFixture) writer(t *testing.T, h *agent.Disk, seed uint64, n int, stop <-chan struct{}, mu *sync.Mutex, count *atomic.Int64) {
+	r := rand.New(rand.NewPCG(seed, 1))
+	for i := 0; i < n; i++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		// Writers of seed 1 and 2 write disjoint sub-blocks: two
+		// writes to one place at once may land in either order.
+		p := pattern(1+r.IntN(sub), byte(i))
+		blk := r.Uint64N(drainSegs*seg/sub/2)*2 + seed%2
+		off := blk*sub + r.Uint64N(sub-uint64(len(p))+1)
+		if err := h.WriteAt(context.Background(), p, off, false); err != nil {
+			t.Errorf("write during the drain: %v", err)
+			return
+		}
+		mu.Lock()
+		copy(f.want["d"][off:], p)
+		mu.Unlock()
+		count.Add(1)
+	}
+}
+
+// verify checks every disk's contents on both agents, check, and that
+// container 1 holds no slot and no entry names it.
+func (f *drainFixture) verify(t *testing.T) {
+	t.Helper()
+	c := f.c
+	expect(t, f.h0, 0, f.want["d"])
+	expect(t, f.h1, 0, f.want["d"])
+	for _, s := range []string{"s1", "s2"} {
+		expect(t, openDisk(t, c, 1, s), 0, f.want[s])
+	}
+	checkClean(t, c)
+	for _, name := range []string{"d", "s1", "s2"} {
+		for s := range uint64(drainSegs) {
+			if e := entry(t, c, name, s); names(e, 1) {
+				t.Errorf("%s segment %d still names container 1: %v", name, s, e)
+			}
+		}
+	}
+	if ct := containerRec(t, c, 1); ct.Used != 0 || ct.State != meta.ContainerDraining {
+		t.Errorf("container 1 after the drain: %d slots used, %v; want 0, draining", ct.Used, ct.State)
+	}
+}
+
+func containerRec(t *testing.T, c *standalone.Cluster, id uint32) meta.Container {
+	t.Helper()
+	cs, err := c.Ctrl.ListContainers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ct := range cs {
+		if ct.ID == id {
+			return ct
+		}
+	}
+	t.Fatalf("no container %d in %+v", id, cs)
+	return meta.Container{}
+}
+
+// TestDrain drains a container holding exclusive, shared and partial
+// slots while two agents keep writing the disk: every disk and snapshot
+// reads back what it should, check is clean, the container holds nothing
+// and can be removed; before, its removal is refused.
+func TestDrain(t *testing.T) {
+	ctx := context.Background()
+	for _, opts := range []struct {
+		name     string
+		o        standalone.Options
+		oneAgent bool
+	}{
+		{"one agent", standalone.Options{}, true},
+		{"two agents", standalone.Options{}, false},
+		{"sync maps", standalone.Options{SyncMaps: true}, true},
+	} {
+		t.Run(opts.name, func(t *testing.T) {
+			f := newDrainFixture(t, opts.o, opts.oneAgent)
+			c := f.c
+			used := containerRec(t, c, 1).Used
+			err := c.Ctrl.RemoveContainer(ctx, 1)
+			if !errors.Is(err, controller.ErrContainerInUse) || !strings.Contains(err.Error(), "holds") {
+				t.Fatalf("remove of a container in use: %v, want ErrContainerInUse with its count", err)
+			}
+			if st := containerRec(t, c, 1).State; st != meta.ContainerOnline {
+				t.Fatalf("a refused remove left the container %v", st)
+			}
+
+			var (
+				mu      sync.Mutex
+				wg      sync.WaitGroup
+				stop    = make(chan struct{})
+				writes  atomic.Int64
+				writers atomic.Int32
+			)
+			writers.Add(1)
+			wg.Go(func() { defer writers.Add(-1); f.writer(t, f.h0, 1, 2000, stop, &mu, &writes) })
+			if f.h1 != f.h0 {
+				writers.Add(1)
+				wg.Go(func() { defer writers.Add(-1); f.writer(t, f.h1, 2, 2000, stop, &mu, &writes) })
+			}
+			var last, total uint64
+			err = c.Ctrl.Drain(ctx, 1, func(d, n uint64) {
+				last, total = d, n
+				// Between segments: the writers go on (the
+				// drain holds no lock here) for 10 more
+				// writes, so that some meet later segments'
+				// moves whatever the machine's speed.
+				for w0 := writes.Load(); writes.Load() < w0+10 && writers.Load() > 0; {
+					time.Sleep(time.Millisecond)
+				}
+			})
+			close(stop)
+			wg.Wait()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if last != total || last < used {
+				t.Errorf("progress ended at %d of %d; %d slots were used", last, total, used)
+			}
+			f.verify(t)
+			// Nothing lands on a draining container.
+			write(t, f.h1, pattern(seg, 40), 6*seg)
+			copy(f.want["d"][6*seg:], pattern(seg, 40))
+			if e := entry(t, c, "d", 6); names(e, 1) {
+				t.Errorf("a write after the drain mapped %v", e)
+			}
+
+			if err := c.Ctrl.RemoveContainer(ctx, 1); err != nil {
+				t.Fatalf("remove a drained container: %v", err)
+			}
+			cs, err := c.Ctrl.ListContainers(ctx)
+			if err != nil || len(cs) != 1 || cs[0].ID != 2 {
+				t.Fatalf("containers after the remove: %+v, %v", cs, err)
+			}
+			if err := c.Ctrl.RemoveContainer(ctx, 1); !errors.Is(err, meta.ErrNotFound) {
+				t.Errorf("remove again: %v, want not found", err)
+			}
+			expect(t, f.h0, 0, f.want["d"])
+			checkClean(t, c)
+		})
+	}
+}
+
+// TestDrainResumes interrupts a drain half way (its context cancelled),
+// and checks that the container stays draining, gets no new slot, and
+// that a second drain after a controller restart finishes the job with
+// nothing lost.
+func TestDrainResumes(t *testing.T) {
+	for _, crash := range []bool{false, true} {
+		name := map[bool]string{false: "restart", true: "crash"}[crash]
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			f := newDrainFixture(t, standalone.Options{SyncMaps: crash}, false)
+			c := f.c
+			dctx, cancel := context.WithCancel(ctx)
+			var first uint64
+			err := c.Ctrl.Drain(dctx, 1, func(d, n uint64) {
+				if first == 0 {
+					first = d
+				}
+				if d >= 2 {
+					cancel()
+				}
+			})
+			cancel()
+			if !errors.Is(err, context.Canceled) {
+				t.Fatalf("interrupted drain: %v, want context.Canceled", err)
+			}
+			ct := containerRec(t, c, 1)
+			if ct.State != meta.ContainerDraining || ct.Used == 0 {
+				t.Fatalf("container 1 after an interrupted drain: %+v; want draining, with slots left", ct)
+			}
+			// New slots land on container 2 only.
+			write(t, f.h0, pattern(seg, 50), 7*seg)
+			copy(f.want["d"][7*seg:], pattern(seg, 50))
+			if e := entry(t, c, "d", 7); names(e, 1) {
+				t.Errorf("a write to a draining container's pool mapped %v", e)
+			}
+			if crash {
+				err = c.CrashController(ctx)
+			} else {
+				err = c.RestartController(ctx)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st := containerRec(t, c, 1).State; st != meta.ContainerDraining {
+				t.Fatalf("container 1 after a restart: %v, want draining", st)
+			}
+			var (
+				mu     sync.Mutex
+				wg     sync.WaitGroup
+				stop   = make(chan struct{})
+				writes atomic.Int64
+			)
+			wg.Go(func() { f.writer(t, f.h1, 2, 2000, stop, &mu, &writes) })
+			err = c.Ctrl.Drain(ctx, 1, nil)
+			close(stop)
+			wg.Wait()
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.verify(t)
+			if err := c.Ctrl.RemoveContainer(ctx, 1); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestRemoveContainer: a container that never held a slot is removed
+// even online; one that holds slots is refused with their count; a
+// drain of a missing container or of a failed one is refused.
+func TestRemoveContainer(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t)
+	if err := c.AddContainer(ctx, 3, seg, 16); err != nil {
+		t.Fatal(err)
+	}
+	createDisk(t, c, "d", 4, table.Forward)
+	write(t, openDisk(t, c, 0, "d"), pattern(4*seg, 1), 0)
+	commitPending(t, c)
+	for _, id := range []uint32{1, 2, 3} {
+		if containerRec(t, c, id).Used == 0 {
+			continue
+		}
+		err := c.Ctrl.RemoveContainer(ctx, id)
+		if !errors.Is(err, controller.ErrContainerInUse) {
+			t.Errorf("remove container %d in use: %v", id, err)
+		}
+	}
+	if err := c.Ctrl.Drain(ctx, 9, nil); !errors.Is(err, meta.ErrNotFound) {
+		t.Errorf("drain of a missing container: %v", err)
+	}
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
+		_, err := tx.SetContainerState(2, meta.ContainerFailed)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ctrl.Drain(ctx, 2, nil); !errors.Is(err, controller.ErrContainerFailed) {
+		t.Errorf("drain of a failed container: %v", err)
+	}
+	// A container with no slot used goes, online as it is.
+	if err := c.AddContainer(ctx, 4, seg, 16); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Ctrl.RemoveContainer(ctx, 4); err != nil {
+		t.Errorf("remove an empty online container: %v", err)
+	}
+	checkClean(t, c)
+}
