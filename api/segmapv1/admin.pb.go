@@ -1497,8 +1497,12 @@ type Container struct {
 	// header included (a file's allocated blocks, what du counts); absent
 	// where the controller cannot tell (nbd://, a block device).
 	AllocatedBytes *uint64 `protobuf:"varint,6,opt,name=allocated_bytes,json=allocatedBytes,proto3,oneof" json:"allocated_bytes,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// state: "online" (slots are allocated on it), "draining" (none are;
+	// a drain moves its slots away) or "failed". A removed container is
+	// not listed.
+	State         string `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
@@ -1573,6 +1577,208 @@ func (x *Container) GetAllocatedBytes() uint64 {
 	return 0
 }
 
+func (x *Container) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+type DrainContainerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainContainerRequest) Reset() {
+	*x = DrainContainerRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainContainerRequest) ProtoMessage() {}
+
+func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainContainerRequest.ProtoReflect.Descriptor instead.
+func (*DrainContainerRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *DrainContainerRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+// DrainProgress: slots moved of total (which grows if writes in flight
+// when the drain began commit slots on the container later); the last
+// message has done == total.
+type DrainProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Done          uint64                 `protobuf:"varint,1,opt,name=done,proto3" json:"done,omitempty"`
+	Total         uint64                 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
+	SlotSize      uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainProgress) Reset() {
+	*x = DrainProgress{}
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainProgress) ProtoMessage() {}
+
+func (x *DrainProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
+func (*DrainProgress) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DrainProgress) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetSlotSize() uint64 {
+	if x != nil {
+		return x.SlotSize
+	}
+	return 0
+}
+
+type RemoveContainerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveContainerRequest) Reset() {
+	*x = RemoveContainerRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveContainerRequest) ProtoMessage() {}
+
+func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
+func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RemoveContainerRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type RemoveContainerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveContainerResponse) Reset() {
+	*x = RemoveContainerResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveContainerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveContainerResponse) ProtoMessage() {}
+
+func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
+func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RemoveContainerResponse) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
 type ListContainersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1581,7 +1787,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1593,7 +1799,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1606,7 +1812,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 type ListContainersResponse struct {
@@ -1618,7 +1824,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1836,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1849,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1672,7 +1878,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1890,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1903,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1737,7 +1943,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1749,7 +1955,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1762,7 +1968,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -1794,7 +2000,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1806,7 +2012,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1819,7 +2025,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Problem) GetKind() string {
@@ -1885,7 +2091,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1897,7 +2103,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1910,7 +2116,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -1942,7 +2148,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1954,7 +2160,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1967,7 +2173,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 type Agent struct {
@@ -1980,7 +2186,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2198,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2211,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Agent) GetName() string {
@@ -2046,7 +2252,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2058,7 +2264,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2071,7 +2277,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2251,7 +2457,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\bwritable\x18\x03 \x01(\bR\bwritable\x12,\n" +
 	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\"9\n" +
 	"\x10SnapshotResponse\x12%\n" +
-	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xc1\x01\n" +
+	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xd7\x01\n" +
 	"\tContainer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
 	"\x03uri\x18\x02 \x01(\tR\x03uri\x12\x1b\n" +
@@ -2259,8 +2465,19 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05slots\x18\x04 \x01(\x04R\x05slots\x12\x1d\n" +
 	"\n" +
 	"used_slots\x18\x05 \x01(\x04R\tusedSlots\x12,\n" +
-	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01B\x12\n" +
-	"\x10_allocated_bytes\"\x17\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01\x12\x14\n" +
+	"\x05state\x18\a \x01(\tR\x05stateB\x12\n" +
+	"\x10_allocated_bytes\"'\n" +
+	"\x15DrainContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"V\n" +
+	"\rDrainProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x04R\x05total\x12\x1b\n" +
+	"\tslot_size\x18\x03 \x01(\x04R\bslotSize\"(\n" +
+	"\x16RemoveContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\")\n" +
+	"\x17RemoveContainerResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"\x17\n" +
 	"\x15ListContainersRequest\"N\n" +
 	"\x16ListContainersResponse\x124\n" +
 	"\n" +
@@ -2311,7 +2528,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xd5\t\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xff\n" +
+	"\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -2328,7 +2546,9 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\vFlattenDisk\x12\x1d.segmap.v1.FlattenDiskRequest\x1a\x1a.segmap.v1.FlattenProgress0\x01\x12C\n" +
 	"\bSnapshot\x12\x1a.segmap.v1.SnapshotRequest\x1a\x1b.segmap.v1.SnapshotResponse\x12U\n" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
-	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
+	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12N\n" +
+	"\x0eDrainContainer\x12 .segmap.v1.DrainContainerRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12X\n" +
+	"\x0fRemoveContainer\x12!.segmap.v1.RemoveContainerRequest\x1a\".segmap.v1.RemoveContainerResponse\x12:\n" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
 	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
@@ -2350,42 +2570,46 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_segmapv1_admin_proto_goTypes = []any{
-	(Policy)(0),                    // 0: segmap.v1.Policy
-	(*ExportRequest)(nil),          // 1: segmap.v1.ExportRequest
-	(*ExportChunk)(nil),            // 2: segmap.v1.ExportChunk
-	(*ImportChunk)(nil),            // 3: segmap.v1.ImportChunk
-	(*ImportResponse)(nil),         // 4: segmap.v1.ImportResponse
-	(*DiffDisksRequest)(nil),       // 5: segmap.v1.DiffDisksRequest
-	(*Extent)(nil),                 // 6: segmap.v1.Extent
-	(*DiffDisksResponse)(nil),      // 7: segmap.v1.DiffDisksResponse
-	(*GrantRequest)(nil),           // 8: segmap.v1.GrantRequest
-	(*Disk)(nil),                   // 9: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),      // 10: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),       // 11: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),      // 12: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),         // 13: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),      // 14: segmap.v1.ResizeDiskRequest
-	(*RollbackDiskRequest)(nil),    // 15: segmap.v1.RollbackDiskRequest
-	(*RenameDiskRequest)(nil),      // 16: segmap.v1.RenameDiskRequest
-	(*SetDiskRequest)(nil),         // 17: segmap.v1.SetDiskRequest
-	(*FlattenDiskRequest)(nil),     // 18: segmap.v1.FlattenDiskRequest
-	(*FlattenProgress)(nil),        // 19: segmap.v1.FlattenProgress
-	(*DeleteDiskRequest)(nil),      // 20: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),     // 21: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),        // 22: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),       // 23: segmap.v1.SnapshotResponse
-	(*Container)(nil),              // 24: segmap.v1.Container
-	(*ListContainersRequest)(nil),  // 25: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil), // 26: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),    // 27: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),           // 28: segmap.v1.CheckRequest
-	(*Problem)(nil),                // 29: segmap.v1.Problem
-	(*CheckResponse)(nil),          // 30: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),          // 31: segmap.v1.StatusRequest
-	(*Agent)(nil),                  // 32: segmap.v1.Agent
-	(*StatusResponse)(nil),         // 33: segmap.v1.StatusResponse
+	(Policy)(0),                     // 0: segmap.v1.Policy
+	(*ExportRequest)(nil),           // 1: segmap.v1.ExportRequest
+	(*ExportChunk)(nil),             // 2: segmap.v1.ExportChunk
+	(*ImportChunk)(nil),             // 3: segmap.v1.ImportChunk
+	(*ImportResponse)(nil),          // 4: segmap.v1.ImportResponse
+	(*DiffDisksRequest)(nil),        // 5: segmap.v1.DiffDisksRequest
+	(*Extent)(nil),                  // 6: segmap.v1.Extent
+	(*DiffDisksResponse)(nil),       // 7: segmap.v1.DiffDisksResponse
+	(*GrantRequest)(nil),            // 8: segmap.v1.GrantRequest
+	(*Disk)(nil),                    // 9: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),       // 10: segmap.v1.CreateDiskRequest
+	(*ListDisksRequest)(nil),        // 11: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),       // 12: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),          // 13: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),       // 14: segmap.v1.ResizeDiskRequest
+	(*RollbackDiskRequest)(nil),     // 15: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),       // 16: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),          // 17: segmap.v1.SetDiskRequest
+	(*FlattenDiskRequest)(nil),      // 18: segmap.v1.FlattenDiskRequest
+	(*FlattenProgress)(nil),         // 19: segmap.v1.FlattenProgress
+	(*DeleteDiskRequest)(nil),       // 20: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),      // 21: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),         // 22: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),        // 23: segmap.v1.SnapshotResponse
+	(*Container)(nil),               // 24: segmap.v1.Container
+	(*DrainContainerRequest)(nil),   // 25: segmap.v1.DrainContainerRequest
+	(*DrainProgress)(nil),           // 26: segmap.v1.DrainProgress
+	(*RemoveContainerRequest)(nil),  // 27: segmap.v1.RemoveContainerRequest
+	(*RemoveContainerResponse)(nil), // 28: segmap.v1.RemoveContainerResponse
+	(*ListContainersRequest)(nil),   // 29: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 30: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 31: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 32: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 33: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 34: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 35: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 36: segmap.v1.Agent
+	(*StatusResponse)(nil),          // 37: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	9,  // 0: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
@@ -2395,9 +2619,9 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	9,  // 4: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	9,  // 5: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
 	24, // 6: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	29, // 7: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	29, // 8: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	32, // 9: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	33, // 7: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	33, // 8: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	36, // 9: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
 	24, // 10: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
 	10, // 11: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
 	11, // 12: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
@@ -2409,36 +2633,40 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	17, // 18: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
 	18, // 19: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
 	22, // 20: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	25, // 21: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	27, // 22: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	28, // 23: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	31, // 24: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	8,  // 25: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	8,  // 26: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	1,  // 27: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	3,  // 28: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	5,  // 29: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	9,  // 30: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	12, // 31: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	9,  // 32: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	9,  // 33: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	21, // 34: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	9,  // 35: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	9,  // 36: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	9,  // 37: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	19, // 38: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	23, // 39: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	26, // 40: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	24, // 41: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	30, // 42: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	33, // 43: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	9,  // 44: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	9,  // 45: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	2,  // 46: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	4,  // 47: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	7,  // 48: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	30, // [30:49] is the sub-list for method output_type
-	11, // [11:30] is the sub-list for method input_type
+	29, // 21: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	31, // 22: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	25, // 23: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
+	27, // 24: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
+	32, // 25: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	35, // 26: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	8,  // 27: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	8,  // 28: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	1,  // 29: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	3,  // 30: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	5,  // 31: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	9,  // 32: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	12, // 33: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	9,  // 34: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	9,  // 35: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	21, // 36: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	9,  // 37: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	9,  // 38: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	9,  // 39: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	19, // 40: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	23, // 41: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	30, // 42: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	24, // 43: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	26, // 44: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	28, // 45: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	34, // 46: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	37, // 47: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	9,  // 48: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	9,  // 49: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	2,  // 50: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	4,  // 51: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	7,  // 52: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	32, // [32:53] is the sub-list for method output_type
+	11, // [11:32] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -2457,7 +2685,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   33,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
