@@ -98,6 +98,9 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 		}
 		idle = 0
 		for _, w := range work {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			n, err := c.drainSeg(ctx, id, w)
 			if err != nil {
 				return fmt.Errorf("drain container %d: family %d segment %d: %w", id, w.fam, w.seg, err)
@@ -108,6 +111,37 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 				progress(done, total)
 			}
 		}
+	}
+}
+
+// ResumeDrains continues, in the background, the drain of every
+// container left draining with slots in use: a drain that a controller
+// restart or failover interrupted goes on by itself, as if its command
+// had been run again. The controller owns the goroutines: Close and Kill
+// stop them and wait for them. A drain that fails is logged; running
+// 'container drain' again retries it.
+func (c *Controller) ResumeDrains(ctx context.Context) {
+	var ids []uint32
+	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+		cs, err := tx.Containers()
+		for _, ct := range cs {
+			if ct.State == meta.ContainerDraining && ct.Used > 0 {
+				ids = append(ids, ct.ID)
+			}
+		}
+		return err
+	}); err != nil {
+		c.logger.Warn("resume drains: list containers", "err", err)
+		return
+	}
+	for _, id := range ids {
+		c.logger.Info("resuming the drain of a container", "container", id)
+		c.bg.wg.Go(func() {
+			err := c.Drain(c.bg.ctx, id, nil)
+			if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrClosed) {
+				c.logger.Warn("resumed drain failed; run 'segmap container drain' again", "container", id, "err", err)
+			}
+		})
 	}
 }
 

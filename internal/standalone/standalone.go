@@ -146,6 +146,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 	c.Store = st
 	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
+	c.Ctrl.ResumeDrains(ctx) // what a controller that stopped mid-drain left
 	return nil
 }
 
