@@ -63,6 +63,10 @@ type allocator struct {
 		// zero holds, per container, whether its free slots are all
 		// durably zero (see ensureZeroedLocked).
 		zero map[uint32]*zeroState
+		// released holds, per container, a channel closed when one of
+		// its reservations goes (made by those who wait for that:
+		// reservations).
+		released map[uint32]chan struct{}
 	}
 }
 
@@ -77,6 +81,7 @@ func (a *allocator) init() {
 	a.mu.hint = make(map[uint32]uint32)
 	a.mu.reserved = make(map[table.Location]int)
 	a.mu.zero = make(map[uint32]*zeroState)
+	a.mu.released = make(map[uint32]chan struct{})
 }
 
 // zs returns container cid's zero state; a.mu held.
@@ -123,6 +128,10 @@ func (a *allocator) release(loc table.Location, dirty bool) {
 	defer a.mu.Unlock()
 	if a.mu.reserved[loc]--; a.mu.reserved[loc] <= 0 {
 		delete(a.mu.reserved, loc)
+		if ch := a.mu.released[loc.Container]; ch != nil {
+			close(ch)
+			delete(a.mu.released, loc.Container)
+		}
 	}
 	if dirty {
 		a.dirtyLocked(loc.Container)
@@ -131,6 +140,13 @@ func (a *allocator) release(loc table.Location, dirty bool) {
 
 // reservedOn returns how many slots of container cid are reserved.
 func (a *allocator) reservedOn(cid uint32) int {
+	n, _ := a.reservations(cid)
+	return n
+}
+
+// reservations returns how many slots of container cid are reserved,
+// and a channel closed when one of those reservations goes.
+func (a *allocator) reservations(cid uint32) (int, <-chan struct{}) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	n := 0
@@ -139,7 +155,12 @@ func (a *allocator) reservedOn(cid uint32) int {
 			n++
 		}
 	}
-	return n
+	ch := a.mu.released[cid]
+	if ch == nil {
+		ch = make(chan struct{})
+		a.mu.released[cid] = ch
+	}
+	return n, ch
 }
 
 // takeSlot reserves a free slot for a disk with segments of slotSize

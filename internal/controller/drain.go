@@ -59,7 +59,8 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 	c.logger.Info("draining container", "container", id, "used", ct.Used)
 	var done, total uint64
 	total = ct.Used
-	for idle := 0; ; {
+	leak := false // the last scan found used slots that no entry names
+	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -75,28 +76,41 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 		}
 		total = max(total, done+used)
 		if len(work) == 0 {
-			reserved := c.alloc.reservedOn(id)
-			if used == 0 && reserved == 0 {
+			reserved, released := c.alloc.reservations(id)
+			switch {
+			case used == 0 && reserved == 0:
 				if progress != nil {
 					progress(done, done)
 				}
 				c.logger.Info("container drained", "container", id, "moved", done)
 				return nil
+			case reserved == 0 && leak:
+				return fmt.Errorf("drain container %d: %d slots used that no table entry names (run check): %w", id, used, ErrDrainStuck)
+			case reserved == 0:
+				// A write's commit may have landed between the
+				// scan and now (it commits, then gives back its
+				// reservation): scan once more.
+				leak = true
+				continue
 			}
 			// Slots reserved by writes in flight (taken before the
-			// container was marked draining) commit or go back
-			// soon; a used slot that no entry names is a leak.
-			if idle++; idle > drainIdleTries {
-				return fmt.Errorf("drain container %d: %d slots used that no table entry names (run check), %d reserved by writes in flight: %w", id, used, reserved, ErrDrainStuck)
-			}
+			// container was marked draining, or fills in place of
+			// slots moved since) commit or go back soon.
+			leak = false
+			wctx, cancel := context.WithTimeout(ctx, drainReservedWait)
 			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-time.After(drainIdleWait):
+			case <-released:
+				cancel()
+				continue
+			case <-wctx.Done():
+				cancel()
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				return fmt.Errorf("drain container %d: %d slots reserved by writes in flight for %v: %w (run drain again)", id, reserved, drainReservedWait, ErrDrainStuck)
 			}
-			continue
 		}
-		idle = 0
+		leak = false
 		for _, w := range work {
 			if err := ctx.Err(); err != nil {
 				return err
@@ -145,12 +159,10 @@ func (c *Controller) ResumeDrains(ctx context.Context) {
 	}
 }
 
-// How long Drain waits, at most, for slots of the container reserved by
-// writes in flight: drainIdleTries times drainIdleWait.
-const (
-	drainIdleTries = 50
-	drainIdleWait  = 100 * time.Millisecond
-)
+// drainReservedWait is how long Drain waits, at most, for a slot of the
+// container that a write in flight reserved to be committed or given
+// back.
+const drainReservedWait = 30 * time.Second
 
 // drainWork returns the segment indexes, per family, of the entries
 // that name a slot of container id, in order, and the container's used
