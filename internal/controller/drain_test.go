@@ -56,7 +56,7 @@ func newDrainFixture(t *testing.T, opts standalone.Options, oneAgent bool) *drai
 	// and a second snapshot that shares some of them.
 	for s := uint64(1); s <= 4; s++ {
 		p := pattern(300, byte(20+s))
-		write(t, f.h1, p, s*seg+uint64(s)*sub+5)
+		write(t, f.h1, p, s*seg+s*sub+5)
 		copy(d[s*seg+s*sub+5:], p)
 	}
 	p := pattern(seg, 30)
