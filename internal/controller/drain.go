@@ -45,10 +45,20 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 		if ct, err = tx.Container(id); err != nil {
 			return err
 		}
-		switch ct.State {
-		case meta.ContainerFailed:
+		if ct.State == meta.ContainerFailed {
 			return fmt.Errorf("container %d: %w", id, ErrContainerFailed)
-		case meta.ContainerOnline:
+		}
+		cs, err := tx.Containers()
+		if err != nil {
+			return err
+		}
+		// Refused at once, and the container left online, when its
+		// slots cannot fit elsewhere. (Space may still run out on
+		// the way, taken by writes: the drain then stops, draining.)
+		if free := poolFree(cs, ct.SlotSize, id); free < ct.Used {
+			return fmt.Errorf("container %d holds %d slots; the other online containers of its slot size have %d free: %w", id, ct.Used, free, protocol.ErrNoSpace)
+		}
+		if ct.State == meta.ContainerOnline {
 			ct, err = tx.SetContainerState(id, meta.ContainerDraining)
 		}
 		return err
@@ -126,6 +136,18 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 			}
 		}
 	}
+}
+
+// poolFree returns the free slots of the online containers of slotSize
+// but skip.
+func poolFree(cs []meta.Container, slotSize uint64, skip uint32) uint64 {
+	var n uint64
+	for _, c := range cs {
+		if c.ID != skip && c.SlotSize == slotSize && c.State == meta.ContainerOnline {
+			n += c.Free()
+		}
+	}
+	return n
 }
 
 // ResumeDrains continues, in the background, the drain of every

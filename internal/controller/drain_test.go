@@ -16,6 +16,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
 	"segmap/internal/standalone"
 	"segmap/internal/table"
 )
@@ -375,6 +376,38 @@ func TestRemoveContainer(t *testing.T) {
 	}
 	if err := c.Ctrl.Drain(ctx, 2, nil); !errors.Is(err, controller.ErrContainerFailed) {
 		t.Errorf("drain of a failed container: %v", err)
+	}
+	// Container 3's slots do not fit on container 1 alone (2 is
+	// failed): refused, and left online.
+	if err := c.Store.Update(ctx, func(tx *meta.Tx) error {
+		u, err := tx.Container(1)
+		if err != nil {
+			return err
+		}
+		for s := uint32(0); uint64(s) < u.Slots; s++ {
+			if n, err := tx.Refs(table.Location{Container: 1, Slot: s}); err != nil {
+				return err
+			} else if n == 0 {
+				if err := tx.SetRefs(table.Location{Container: 1, Slot: s}, 1); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if containerRec(t, c, 3).Used == 0 {
+		t.Fatal("container 3 holds no slot")
+	}
+	if err := c.Ctrl.Drain(ctx, 3, nil); !errors.Is(err, protocol.ErrNoSpace) || !strings.Contains(err.Error(), "have 0 free") {
+		t.Errorf("drain with no room elsewhere: %v, want ErrNoSpace", err)
+	}
+	if st := containerRec(t, c, 3).State; st != meta.ContainerOnline {
+		t.Errorf("a drain refused for space left the container %v", st)
+	}
+	if _, err := c.Ctrl.Repair(ctx); err != nil {
+		t.Fatal(err)
 	}
 	// A container with no slot used goes, online as it is.
 	if err := c.AddContainer(ctx, 4, seg, 16); err != nil {
