@@ -114,6 +114,11 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		}
 		c.Agents = append(c.Agents, a)
 	}
+	// What a controller that stopped mid-drain left goes on, once the
+	// agents have attached: one not yet attached could still act on
+	// tables from before (a leader's hold covers this; here there is
+	// none).
+	c.Ctrl.ResumeDrains(ctx)
 	return c, nil
 }
 
@@ -146,7 +151,6 @@ func (c *Cluster) startController(ctx context.Context) error {
 	c.Store = st
 	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
-	c.Ctrl.ResumeDrains(ctx) // what a controller that stopped mid-drain left
 	return nil
 }
 
@@ -249,6 +253,7 @@ func (c *Cluster) restartController(ctx context.Context) error {
 			return err
 		}
 	}
+	c.Ctrl.ResumeDrains(ctx) // see Open
 	return nil
 }
 
