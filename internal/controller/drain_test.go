@@ -450,3 +450,57 @@ func TestDrainLeakedSlot(t *testing.T) {
 		t.Errorf("container 1 holds %d slots", ct.Used)
 	}
 }
+
+// TestDrainRacingWrite holds a drain in its copy of a segment (the
+// controller's read of the old slot is gated) and checks, with both
+// agents mapping the disk: reads of the segment go on meanwhile and see
+// its data; a write to it waits (its agent has No-write, and its fault
+// waits for the segment's lock) and lands, once the move is over, in
+// the new slot: nothing is lost.
+func TestDrainRacingWrite(t *testing.T) {
+	ctx := context.Background()
+	g := newGate()
+	c := newClusterOpts(t, standalone.Options{
+		WrapControllerContainer: func(ct container.Container) container.Container { return gatedContainer{ct, g} },
+	})
+	t.Cleanup(g.release) // before the cluster's Close, which waits for the drain
+	createDisk(t, c, "d", 2, table.Forward)
+	h0, h1 := openDisk(t, c, 0, "d"), openDisk(t, c, 1, "d")
+	want := pattern(2*seg, 5)
+	write(t, h0, want, 0)
+	s := uint64(0)
+	if entry(t, c, "d", 0).Loc.Container != 1 {
+		s = 1
+	}
+	if e := entry(t, c, "d", s); e.Loc.Container != 1 {
+		t.Fatalf("no segment on container 1: %v", e)
+	}
+
+	g.arm()
+	drained := make(chan error, 1)
+	go func() { drained <- c.Ctrl.Drain(ctx, 1, nil) }()
+	<-g.entered // copying segment s: the agents have No-write
+	expect(t, h0, s*seg, want[s*seg:(s+1)*seg])
+	p := pattern(3000, 6)
+	wrote := make(chan error, 1)
+	go func() { wrote <- h1.WriteAt(ctx, p, s*seg+100, false) }()
+	select {
+	case err := <-wrote:
+		t.Fatalf("a write to the segment being moved completed during the copy: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	g.release()
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	copy(want[s*seg+100:], p)
+	expect(t, h0, 0, want)
+	expect(t, h1, 0, want)
+	if e := entry(t, c, "d", s); names(e, 1) {
+		t.Errorf("segment %d still on container 1: %v", s, e)
+	}
+	checkClean(t, c)
+}
