@@ -453,10 +453,10 @@ func TestDrainLeakedSlot(t *testing.T) {
 
 // TestDrainRacingWrite holds a drain in its copy of a segment (the
 // controller's read of the old slot is gated) and checks, with both
-// agents mapping the disk: reads of the segment go on meanwhile and see
-// its data; a write to it waits (its agent has No-write, and its fault
-// waits for the segment's lock) and lands, once the move is over, in
-// the new slot: nothing is lost.
+// agents mapping the disk: reads through a loaded entry go on meanwhile
+// and see the data; a read that faults waits (the publish lock) and
+// a write after it too, and it lands, once the move is over, in the new
+// slot: nothing is lost.
 func TestDrainRacingWrite(t *testing.T) {
 	ctx := context.Background()
 	g := newGate()
@@ -465,9 +465,10 @@ func TestDrainRacingWrite(t *testing.T) {
 	})
 	t.Cleanup(g.release) // before the cluster's Close, which waits for the drain
 	createDisk(t, c, "d", 2, table.Forward)
-	h0, h1 := openDisk(t, c, 0, "d"), openDisk(t, c, 1, "d")
+	h0 := openDisk(t, c, 0, "d")
 	want := pattern(2*seg, 5)
 	write(t, h0, want, 0)
+	h1 := openDisk(t, c, 1, "d") // its entries Invalid: its first read faults
 	s := uint64(0)
 	if entry(t, c, "d", 0).Loc.Container != 1 {
 		s = 1
@@ -481,13 +482,26 @@ func TestDrainRacingWrite(t *testing.T) {
 	go func() { drained <- c.Ctrl.Drain(ctx, 1, nil) }()
 	<-g.entered // copying segment s: the agents have No-write
 	expect(t, h0, s*seg, want[s*seg:(s+1)*seg])
+	// host-b has not loaded the entry: its read faults, and must not
+	// be answered with the old entry, writable, from the store (its
+	// write after would land in the old slot, after the copy).
 	p := pattern(3000, 6)
+	got := make([]byte, seg)
 	wrote := make(chan error, 1)
-	go func() { wrote <- h1.WriteAt(ctx, p, s*seg+100, false) }()
+	go func() {
+		if err := h1.ReadAt(ctx, got, s*seg); err != nil {
+			wrote <- err
+			return
+		}
+		wrote <- h1.WriteAt(ctx, p, s*seg+100, false)
+	}()
 	select {
 	case err := <-wrote:
-		t.Fatalf("a write to the segment being moved completed during the copy: %v", err)
+		t.Fatalf("a read fault and a write on the segment being moved completed during the copy: %v", err)
 	case <-time.After(50 * time.Millisecond):
+	}
+	if e := agentEntry(t, c, 1, h1, s); !e.Is(table.Invalid) {
+		t.Errorf("host-b was given %v during the move", e)
 	}
 	g.release()
 	if err := <-drained; err != nil {
@@ -495,6 +509,9 @@ func TestDrainRacingWrite(t *testing.T) {
 	}
 	if err := <-wrote; err != nil {
 		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want[s*seg:(s+1)*seg]) {
+		t.Errorf("host-b's read during the move did not see the segment's data")
 	}
 	copy(want[s*seg+100:], p)
 	expect(t, h0, 0, want)
