@@ -1709,8 +1709,12 @@ type Container struct {
 	// header included (a file's allocated blocks, what du counts); absent
 	// where the controller cannot tell (nbd://, a block device).
 	AllocatedBytes *uint64 `protobuf:"varint,6,opt,name=allocated_bytes,json=allocatedBytes,proto3,oneof" json:"allocated_bytes,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// state: "online" (slots are allocated on it), "draining" (none are;
+	// a drain moves its slots away) or "failed". A removed container is
+	// not listed.
+	State         string `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
@@ -1785,6 +1789,208 @@ func (x *Container) GetAllocatedBytes() uint64 {
 	return 0
 }
 
+func (x *Container) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+type DrainContainerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainContainerRequest) Reset() {
+	*x = DrainContainerRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainContainerRequest) ProtoMessage() {}
+
+func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainContainerRequest.ProtoReflect.Descriptor instead.
+func (*DrainContainerRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *DrainContainerRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+// DrainProgress: slots moved of total (which grows if writes in flight
+// when the drain began commit slots on the container later); the last
+// message has done == total.
+type DrainProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Done          uint64                 `protobuf:"varint,1,opt,name=done,proto3" json:"done,omitempty"`
+	Total         uint64                 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
+	SlotSize      uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainProgress) Reset() {
+	*x = DrainProgress{}
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainProgress) ProtoMessage() {}
+
+func (x *DrainProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
+func (*DrainProgress) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *DrainProgress) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetSlotSize() uint64 {
+	if x != nil {
+		return x.SlotSize
+	}
+	return 0
+}
+
+type RemoveContainerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveContainerRequest) Reset() {
+	*x = RemoveContainerRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveContainerRequest) ProtoMessage() {}
+
+func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
+func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RemoveContainerRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type RemoveContainerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveContainerResponse) Reset() {
+	*x = RemoveContainerResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveContainerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveContainerResponse) ProtoMessage() {}
+
+func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
+func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *RemoveContainerResponse) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
 type ListContainersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1793,7 +1999,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +2011,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +2024,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 type ListContainersResponse struct {
@@ -1830,7 +2036,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +2048,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +2061,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -1884,7 +2090,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1896,7 +2102,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1909,7 +2115,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -1949,7 +2155,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1961,7 +2167,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1974,7 +2180,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -2006,7 +2212,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2018,7 +2224,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2031,7 +2237,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Problem) GetKind() string {
@@ -2100,7 +2306,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2112,7 +2318,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2125,7 +2331,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -2167,7 +2373,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2179,7 +2385,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2192,7 +2398,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *StatusRequest) GetAgents() bool {
@@ -2215,7 +2421,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2227,7 +2433,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2240,7 +2446,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Agent) GetName() string {
@@ -2293,7 +2499,7 @@ type AgentDisk struct {
 
 func (x *AgentDisk) Reset() {
 	*x = AgentDisk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2305,7 +2511,7 @@ func (x *AgentDisk) String() string {
 func (*AgentDisk) ProtoMessage() {}
 
 func (x *AgentDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2318,7 +2524,7 @@ func (x *AgentDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
 func (*AgentDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *AgentDisk) GetId() uint64 {
@@ -2450,7 +2656,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2462,7 +2668,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2475,7 +2681,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2668,7 +2874,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\bwritable\x18\x03 \x01(\bR\bwritable\x12,\n" +
 	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\"9\n" +
 	"\x10SnapshotResponse\x12%\n" +
-	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xc1\x01\n" +
+	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xd7\x01\n" +
 	"\tContainer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
 	"\x03uri\x18\x02 \x01(\tR\x03uri\x12\x1b\n" +
@@ -2676,8 +2882,19 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05slots\x18\x04 \x01(\x04R\x05slots\x12\x1d\n" +
 	"\n" +
 	"used_slots\x18\x05 \x01(\x04R\tusedSlots\x12,\n" +
-	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01B\x12\n" +
-	"\x10_allocated_bytes\"\x17\n" +
+	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01\x12\x14\n" +
+	"\x05state\x18\a \x01(\tR\x05stateB\x12\n" +
+	"\x10_allocated_bytes\"'\n" +
+	"\x15DrainContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"V\n" +
+	"\rDrainProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x04R\x05total\x12\x1b\n" +
+	"\tslot_size\x18\x03 \x01(\x04R\bslotSize\"(\n" +
+	"\x16RemoveContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\")\n" +
+	"\x17RemoveContainerResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"\x17\n" +
 	"\x15ListContainersRequest\"N\n" +
 	"\x16ListContainersResponse\x124\n" +
 	"\n" +
@@ -2750,8 +2967,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xf0\n" +
-	"\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\x9a\f\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -2768,7 +2984,9 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\vFlattenDisk\x12\x1d.segmap.v1.FlattenDiskRequest\x1a\x1a.segmap.v1.FlattenProgress0\x01\x12C\n" +
 	"\bSnapshot\x12\x1a.segmap.v1.SnapshotRequest\x1a\x1b.segmap.v1.SnapshotResponse\x12U\n" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
-	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
+	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12N\n" +
+	"\x0eDrainContainer\x12 .segmap.v1.DrainContainerRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12X\n" +
+	"\x0fRemoveContainer\x12!.segmap.v1.RemoveContainerRequest\x1a\".segmap.v1.RemoveContainerResponse\x12:\n" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
 	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
@@ -2792,7 +3010,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                     // 0: segmap.v1.Policy
 	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
@@ -2823,16 +3041,20 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*SnapshotRequest)(nil),         // 26: segmap.v1.SnapshotRequest
 	(*SnapshotResponse)(nil),        // 27: segmap.v1.SnapshotResponse
 	(*Container)(nil),               // 28: segmap.v1.Container
-	(*ListContainersRequest)(nil),   // 29: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil),  // 30: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),     // 31: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),            // 32: segmap.v1.CheckRequest
-	(*Problem)(nil),                 // 33: segmap.v1.Problem
-	(*CheckResponse)(nil),           // 34: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),           // 35: segmap.v1.StatusRequest
-	(*Agent)(nil),                   // 36: segmap.v1.Agent
-	(*AgentDisk)(nil),               // 37: segmap.v1.AgentDisk
-	(*StatusResponse)(nil),          // 38: segmap.v1.StatusResponse
+	(*DrainContainerRequest)(nil),   // 29: segmap.v1.DrainContainerRequest
+	(*DrainProgress)(nil),           // 30: segmap.v1.DrainProgress
+	(*RemoveContainerRequest)(nil),  // 31: segmap.v1.RemoveContainerRequest
+	(*RemoveContainerResponse)(nil), // 32: segmap.v1.RemoveContainerResponse
+	(*ListContainersRequest)(nil),   // 33: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 34: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 35: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 36: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 37: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 38: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 39: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 40: segmap.v1.Agent
+	(*AgentDisk)(nil),               // 41: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 42: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
@@ -2844,11 +3066,11 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	13, // 6: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	13, // 7: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
 	28, // 8: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	33, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	33, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	37, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	37, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
 	4,  // 11: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	37, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	36, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	41, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	40, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
 	28, // 14: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
 	14, // 15: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
 	15, // 16: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
@@ -2860,40 +3082,44 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	21, // 22: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
 	22, // 23: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
 	26, // 24: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	29, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	31, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	32, // 27: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	35, // 28: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 29: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 30: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 31: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 32: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 33: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 34: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 35: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 36: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 37: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 38: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 39: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 40: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 41: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 42: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 43: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 44: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 45: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	30, // 46: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 47: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	34, // 48: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	38, // 49: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 50: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 51: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 52: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 53: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 54: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 55: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 56: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	36, // [36:57] is the sub-list for method output_type
-	15, // [15:36] is the sub-list for method input_type
+	33, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	35, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	29, // 27: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
+	31, // 28: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
+	36, // 29: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	39, // 30: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 31: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 32: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 33: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 34: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 35: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 36: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 37: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 38: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 39: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 40: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 41: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 42: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 43: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 44: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 45: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 46: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 47: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	34, // 48: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 49: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	30, // 50: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	32, // 51: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	38, // 52: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	42, // 53: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 54: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 55: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 56: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 57: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 58: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 59: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 60: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	38, // [38:61] is the sub-list for method output_type
+	15, // [15:38] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -2912,7 +3138,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -38,6 +38,8 @@ const (
 	Admin_Snapshot_FullMethodName        = "/segmap.v1.Admin/Snapshot"
 	Admin_ListContainers_FullMethodName  = "/segmap.v1.Admin/ListContainers"
 	Admin_AddContainer_FullMethodName    = "/segmap.v1.Admin/AddContainer"
+	Admin_DrainContainer_FullMethodName  = "/segmap.v1.Admin/DrainContainer"
+	Admin_RemoveContainer_FullMethodName = "/segmap.v1.Admin/RemoveContainer"
 	Admin_Check_FullMethodName           = "/segmap.v1.Admin/Check"
 	Admin_Status_FullMethodName          = "/segmap.v1.Admin/Status"
 	Admin_Grant_FullMethodName           = "/segmap.v1.Admin/Grant"
@@ -76,6 +78,14 @@ type AdminClient interface {
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*SnapshotResponse, error)
 	ListContainers(ctx context.Context, in *ListContainersRequest, opts ...grpc.CallOption) (*ListContainersResponse, error)
 	AddContainer(ctx context.Context, in *AddContainerRequest, opts ...grpc.CallOption) (*Container, error)
+	// DrainContainer moves every slot off a container onto the online
+	// containers of its slot size while hosts keep reading and writing,
+	// streaming its progress. The container is marked draining first and
+	// stays so: a drain that stops is continued by running it again.
+	DrainContainer(ctx context.Context, in *DrainContainerRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error)
+	// RemoveContainer removes a container that holds no slot
+	// (FAILED_PRECONDITION, with the count, for one that does).
+	RemoveContainer(ctx context.Context, in *RemoveContainerRequest, opts ...grpc.CallOption) (*RemoveContainerResponse, error)
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
@@ -244,6 +254,35 @@ func (c *adminClient) AddContainer(ctx context.Context, in *AddContainerRequest,
 	return out, nil
 }
 
+func (c *adminClient) DrainContainer(ctx context.Context, in *DrainContainerRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_DrainContainer_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DrainContainerRequest, DrainProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_DrainContainerClient = grpc.ServerStreamingClient[DrainProgress]
+
+func (c *adminClient) RemoveContainer(ctx context.Context, in *RemoveContainerRequest, opts ...grpc.CallOption) (*RemoveContainerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveContainerResponse)
+	err := c.cc.Invoke(ctx, Admin_RemoveContainer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CheckResponse)
@@ -286,7 +325,7 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 
 func (c *adminClient) Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Export_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_Export_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -305,7 +344,7 @@ type Admin_ExportClient = grpc.ServerStreamingClient[ExportChunk]
 
 func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_Import_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[3], Admin_Import_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -373,6 +412,14 @@ type AdminServer interface {
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	ListContainers(context.Context, *ListContainersRequest) (*ListContainersResponse, error)
 	AddContainer(context.Context, *AddContainerRequest) (*Container, error)
+	// DrainContainer moves every slot off a container onto the online
+	// containers of its slot size while hosts keep reading and writing,
+	// streaming its progress. The container is marked draining first and
+	// stays so: a drain that stops is continued by running it again.
+	DrainContainer(*DrainContainerRequest, grpc.ServerStreamingServer[DrainProgress]) error
+	// RemoveContainer removes a container that holds no slot
+	// (FAILED_PRECONDITION, with the count, for one that does).
+	RemoveContainer(context.Context, *RemoveContainerRequest) (*RemoveContainerResponse, error)
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
@@ -447,6 +494,12 @@ func (UnimplementedAdminServer) ListContainers(context.Context, *ListContainersR
 }
 func (UnimplementedAdminServer) AddContainer(context.Context, *AddContainerRequest) (*Container, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddContainer not implemented")
+}
+func (UnimplementedAdminServer) DrainContainer(*DrainContainerRequest, grpc.ServerStreamingServer[DrainProgress]) error {
+	return status.Error(codes.Unimplemented, "method DrainContainer not implemented")
+}
+func (UnimplementedAdminServer) RemoveContainer(context.Context, *RemoveContainerRequest) (*RemoveContainerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveContainer not implemented")
 }
 func (UnimplementedAdminServer) Check(context.Context, *CheckRequest) (*CheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Check not implemented")
@@ -705,6 +758,35 @@ func _Admin_AddContainer_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_DrainContainer_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(DrainContainerRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).DrainContainer(m, &grpc.GenericServerStream[DrainContainerRequest, DrainProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_DrainContainerServer = grpc.ServerStreamingServer[DrainProgress]
+
+func _Admin_RemoveContainer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveContainerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveContainer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveContainer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveContainer(ctx, req.(*RemoveContainerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_Check_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CheckRequest)
 	if err := dec(in); err != nil {
@@ -901,6 +983,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_AddContainer_Handler,
 		},
 		{
+			MethodName: "RemoveContainer",
+			Handler:    _Admin_RemoveContainer_Handler,
+		},
+		{
 			MethodName: "Check",
 			Handler:    _Admin_Check_Handler,
 		},
@@ -933,6 +1019,11 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "FlattenDisk",
 			Handler:       _Admin_FlattenDisk_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "DrainContainer",
+			Handler:       _Admin_DrainContainer_Handler,
 			ServerStreams: true,
 		},
 		{

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -598,14 +599,18 @@ shares every segment with the source until one of them is written.
 }
 
 func newContainer(g *globals) *cobra.Command {
-	ctr := &cobra.Command{Use: "container", Short: "list and add storage containers"}
+	ctr := &cobra.Command{Use: "container", Short: "list, add, drain and remove storage containers"}
 	list := &cobra.Command{
 		Use: "list", Short: "list storage containers and their use", Args: noArgs,
-		Long: `list shows every container: its slots, the slots in use (USED, and
-USED-BYTES: USED x SLOT) and ALLOCATED, what its backing holds on storage,
-header included (a file's allocated blocks, what du counts): less than
-USED-BYTES where slots are sparse. ALLOCATED is "unknown" for an nbd://
-container or a block device (--json: allocated_bytes absent).`,
+		Long: `list shows every container: its state, its slots, the slots in use (USED,
+and USED-BYTES: USED x SLOT) and ALLOCATED, what its backing holds on
+storage, header included (a file's allocated blocks, what du counts): less
+than USED-BYTES where slots are sparse. ALLOCATED is "unknown" for an
+nbd:// container or a block device (--json: allocated_bytes absent).
+
+STATE is online (new slots are allocated on it), draining (none are: a
+drain is moving its slots away, or stopped and can be run again) or
+failed. A removed container is not listed.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.ListContainers(ctx, &pb.ListContainersRequest{})
@@ -617,10 +622,10 @@ container or a block device (--json: allocated_bytes absent).`,
 				}
 				var rows [][]string
 				for _, ct := range r.Containers {
-					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
+					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, ct.State, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
 						fmt.Sprint(ct.UsedSlots), size.Format(ct.Slots * ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct)})
 				}
-				return table(cmd.OutOrStdout(), []string{"ID", "URI", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES", "ALLOCATED"}, rows)
+				return table(cmd.OutOrStdout(), []string{"ID", "URI", "STATE", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES", "ALLOCATED"}, rows)
 			})
 		},
 	}
@@ -695,8 +700,111 @@ in use by the kernel is refused even with --force.`,
 	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the block device, file or NBD export (its contents are lost)")
 	add.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system, partition table or container found there")
 	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
-	ctr.AddCommand(list, add)
+	ctr.AddCommand(list, add, newContainerDrain(g), newContainerRemove(g))
 	return ctr
+}
+
+// containerID parses a container id argument.
+func containerID(arg string) (uint32, error) {
+	id, err := strconv.ParseUint(arg, 10, 32)
+	if err != nil || id == 0 {
+		return 0, usageError{fmt.Errorf("container id %q: want a number from 'segmap container list'", arg)}
+	}
+	return uint32(id), nil
+}
+
+func newContainerDrain(g *globals) *cobra.Command {
+	var progress, noProgress bool
+	cmd := &cobra.Command{
+		Use:   "drain ID [--progress|--no-progress]",
+		Short: "move every slot off a container while hosts keep using its disks",
+		Long: `drain moves every slot of container ID onto the other online containers of
+its slot size, one segment at a time, while hosts keep reading and writing
+the disks that use it: the controller stops writes to the segment (agents
+finish those on their way), copies it, points every disk that maps it
+(snapshots and clones included: a shared slot moves once and stays
+shared) at the copy, and frees the old slot.
+
+The container is marked draining first: from then on no new slot lands on
+it, and it stays draining. An interrupted drain (Ctrl-C, a controller
+restart or failover) is continued by running drain again. Once it ends,
+'container remove ID' removes the container. Progress goes to standard
+error on a terminal (--progress: always; --no-progress: never).`,
+		Args: exactArgs(1, "one container id"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := containerID(args[0])
+			if err != nil {
+				return err
+			}
+			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				st, err := c.DrainContainer(ctx, &pb.DrainContainerRequest{Id: id})
+				if err != nil {
+					return err
+				}
+				start := time.Now()
+				pr := newProgress(cmd.ErrOrStderr(), show)
+				var last *pb.DrainProgress
+				for {
+					p, err := st.Recv()
+					if errors.Is(err, io.EOF) {
+						break
+					}
+					if err != nil {
+						pr.fail()
+						return err
+					}
+					last = p
+					pr.total = p.Total * p.SlotSize
+					pr.add(p.Done*p.SlotSize - pr.n)
+				}
+				if last == nil {
+					pr.fail()
+					return fmt.Errorf("drain container %d: the controller sent no progress", id)
+				}
+				pr.done()
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), last)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "drained container %d: %s moved (%s) in %v\n", id, plural(int(last.Done), "slot"),
+					size.Format(last.Done*last.SlotSize), time.Since(start).Round(time.Millisecond))
+				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
+	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	return cmd
+}
+
+func newContainerRemove(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "remove ID",
+		Short: "remove a container that holds no slot (drain it first)",
+		Long: `remove takes container ID out of the cluster: the controller forgets it
+and no disk uses it any more; its file or device is left as it is. It is
+refused, with the number of slots in use, while the container holds any:
+run 'container drain ID' first. A container that never held a slot can be
+removed at once.`,
+		Args: exactArgs(1, "one container id"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := containerID(args[0])
+			if err != nil {
+				return err
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.RemoveContainer(ctx, &pb.RemoveContainerRequest{Id: id})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "removed container %d\n", id)
+				return nil
+			})
+		},
+	}
 }
 
 func problemRows(ps []*pb.Problem) [][]string {
@@ -964,10 +1072,10 @@ With --agents it asks every attached agent how each disk it maps stands
 				}
 				rows = nil
 				for _, ct := range r.Containers {
-					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct), size.Format(ct.Slots * ct.SlotSize)})
+					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, ct.State, size.Format(ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct), size.Format(ct.Slots * ct.SlotSize)})
 				}
 				fmt.Fprintln(w)
-				return table(w, []string{"CONTAINER", "URI", "SLOT", "USED", "ALLOCATED", "SIZE"}, rows)
+				return table(w, []string{"CONTAINER", "URI", "STATE", "SLOT", "USED", "ALLOCATED", "SIZE"}, rows)
 			})
 		},
 	}

@@ -12,14 +12,15 @@ import (
 
 // pickContainer chooses the container for the next slot of a disk whose
 // segments are slotSize bytes. It spreads allocations round-robin over every
-// container of that slot size with a free slot: turn is a counter the caller
+// online container of that slot size with a free slot (a draining or
+// failed one gets none): turn is a counter the caller
 // advances on each allocation. ok is false when no container qualifies.
 //
 // It is pure: the caller reads the containers and applies the choice.
 func pickContainer(cs []meta.Container, slotSize uint64, turn uint64) (id uint32, ok bool) {
 	var ids []uint32
 	for _, c := range cs {
-		if c.SlotSize == slotSize && c.Used < c.Slots {
+		if c.SlotSize == slotSize && c.Used < c.Slots && c.State == meta.ContainerOnline {
 			ids = append(ids, c.ID)
 		}
 	}
@@ -62,6 +63,10 @@ type allocator struct {
 		// zero holds, per container, whether its free slots are all
 		// durably zero (see ensureZeroedLocked).
 		zero map[uint32]*zeroState
+		// released holds, per container, a channel closed when one of
+		// its reservations goes (made by those who wait for that:
+		// reservations).
+		released map[uint32]chan struct{}
 	}
 }
 
@@ -76,6 +81,7 @@ func (a *allocator) init() {
 	a.mu.hint = make(map[uint32]uint32)
 	a.mu.reserved = make(map[table.Location]int)
 	a.mu.zero = make(map[uint32]*zeroState)
+	a.mu.released = make(map[uint32]chan struct{})
 }
 
 // zs returns container cid's zero state; a.mu held.
@@ -122,10 +128,39 @@ func (a *allocator) release(loc table.Location, dirty bool) {
 	defer a.mu.Unlock()
 	if a.mu.reserved[loc]--; a.mu.reserved[loc] <= 0 {
 		delete(a.mu.reserved, loc)
+		if ch := a.mu.released[loc.Container]; ch != nil {
+			close(ch)
+			delete(a.mu.released, loc.Container)
+		}
 	}
 	if dirty {
 		a.dirtyLocked(loc.Container)
 	}
+}
+
+// reservedOn returns how many slots of container cid are reserved.
+func (a *allocator) reservedOn(cid uint32) int {
+	n, _ := a.reservations(cid)
+	return n
+}
+
+// reservations returns how many slots of container cid are reserved,
+// and a channel closed when one of those reservations goes.
+func (a *allocator) reservations(cid uint32) (int, <-chan struct{}) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for loc := range a.mu.reserved {
+		if loc.Container == cid {
+			n++
+		}
+	}
+	ch := a.mu.released[cid]
+	if ch == nil {
+		ch = make(chan struct{})
+		a.mu.released[cid] = ch
+	}
+	return n, ch
 }
 
 // takeSlot reserves a free slot for a disk with segments of slotSize

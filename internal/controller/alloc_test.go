@@ -65,6 +65,20 @@ func TestPickContainer(t *testing.T) {
 			slotSize: k64,
 		},
 		{
+			name: "draining and failed containers get none",
+			cs: []meta.Container{
+				ct(1, k64, 4, 0), {ID: 2, SlotSize: k64, Slots: 4, State: meta.ContainerDraining},
+				ct(3, k64, 4, 0), {ID: 4, SlotSize: k64, Slots: 4, State: meta.ContainerFailed},
+			},
+			slotSize: k64,
+			want:     []uint32{1, 3, 1, 3},
+		},
+		{
+			name:     "only a draining container",
+			cs:       []meta.Container{{ID: 2, SlotSize: k64, Slots: 4, State: meta.ContainerDraining}},
+			slotSize: k64,
+		},
+		{
 			name:     "no slots at all",
 			cs:       []meta.Container{ct(1, k64, 0, 0)},
 			slotSize: k64,

@@ -155,6 +155,15 @@ type Controller struct {
 
 	hold holdState
 
+	// bg is the work the controller runs in the background (drains
+	// resumed after a start, see ResumeDrains): Kill cancels ctx and
+	// waits for wg.
+	bg struct {
+		ctx    context.Context
+		cancel context.CancelFunc
+		wg     sync.WaitGroup
+	}
+
 	// imports holds the hidden disks of the imports under way, which
 	// sweepHidden leaves alone.
 	imports struct {
@@ -212,6 +221,7 @@ func New(cfg Config) *Controller {
 	c.pend.mu.fams = make(map[meta.DiskID]*pendingFam)
 	c.agents.byName = make(map[string]*agentState)
 	c.hold.mu.ended = closedChan()
+	c.bg.ctx, c.bg.cancel = context.WithCancel(context.Background())
 	return c
 }
 
@@ -256,9 +266,11 @@ func (c *Controller) Close() error {
 // the containers the controller opened, not the store.
 func (c *Controller) Kill() error {
 	c.closed.Store(true)
+	c.bg.cancel()
 	c.hold.mu.Lock()
 	c.hold.closeOnce()
 	c.hold.mu.Unlock()
+	c.bg.wg.Wait()
 	c.state.Lock()
 	defer c.state.Unlock()
 	return c.conts.closeAll()
@@ -773,6 +785,20 @@ func (o *openContainers) put(id uint32, ct container.Container) {
 	old := o.mu.m[id]
 	oc := &openContainer{ready: closedChan(), c: ct}
 	o.mu.m[id] = oc
+	o.mu.Unlock()
+	if old != nil {
+		<-old.ready
+		if old.c != nil {
+			old.c.Close()
+		}
+	}
+}
+
+// drop closes container id if it is open, and forgets it.
+func (o *openContainers) drop(id uint32) {
+	o.mu.Lock()
+	old := o.mu.m[id]
+	delete(o.mu.m, id)
 	o.mu.Unlock()
 	if old != nil {
 		<-old.ready

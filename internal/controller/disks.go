@@ -144,7 +144,7 @@ func (c *Controller) zeroPool(ctx context.Context, slotSize uint64) error {
 	c.alloc.mu.Lock()
 	defer c.alloc.mu.Unlock()
 	for _, ct := range cs {
-		if ct.SlotSize == slotSize {
+		if ct.SlotSize == slotSize && ct.State == meta.ContainerOnline {
 			if err := c.ensureZeroedLocked(ctx, ct.ID); err != nil {
 				return err
 			}

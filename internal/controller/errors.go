@@ -42,6 +42,16 @@ var (
 	// writable disk: only a read-only snapshot holds still while it is
 	// shared or read.
 	ErrNotSnapshot = errors.New("not a read-only snapshot")
+	// ErrContainerFailed is returned for a drain of a failed container:
+	// its slots cannot be read.
+	ErrContainerFailed = errors.New("container failed")
+	// ErrContainerInUse is returned for a remove of a container that
+	// still holds slots: drain it first.
+	ErrContainerInUse = errors.New("container holds slots; drain it first")
+	// ErrDrainStuck is returned by a drain that finds used slots on the
+	// container that no entry names (leaked: check --repair frees them),
+	// or slots reserved by writes in flight that do not end.
+	ErrDrainStuck = errors.New("drain cannot finish")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

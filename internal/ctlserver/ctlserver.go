@@ -125,6 +125,9 @@ func Lead(ctx context.Context, cfg LeadConfig) (*Leader, error) {
 		ctrl.Close()
 		return nil, err
 	}
+	// Drains an earlier controller left under way go on (they wait
+	// for the hold like any change).
+	ctrl.ResumeDrains(ctx)
 	gs := grpc.NewServer(cfg.ServerOptions...)
 	pb.RegisterAdminServer(gs, NewAdmin(ctrl, cfg.TLS, adminapi.Config{Version: cfg.Version}))
 	ms := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: cfg.Lease, Logger: cfg.Logger})

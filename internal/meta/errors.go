@@ -32,6 +32,9 @@ var (
 	// record rules (no name, a segment size that is not a power of two,
 	// an unknown policy, no creation time, ...).
 	ErrInvalid = errors.New("invalid record")
+	// ErrInUse is returned when asked to remove a container that still
+	// holds slots.
+	ErrInUse = errors.New("in use")
 	// ErrLocked is returned when another process holds the store.
 	ErrLocked = errors.New("metadata store locked by another process")
 	// ErrNotStore is returned by OpenBoltReadOnly for a bbolt file that

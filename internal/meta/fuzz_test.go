@@ -115,6 +115,7 @@ func recordKinds() []recordKind {
 			encodeContainer(Container{ID: 1, URI: "file:///var/lib/segmap/c1", SlotSize: 1 << 20, Slots: 1000, Used: 10}),
 			encodeContainer(Container{ID: math.MaxUint32, URI: strings.Repeat("u", maxName), SlotSize: 1 << 63, Slots: math.MaxUint64, Used: math.MaxUint64}),
 			encodeContainer(Container{ID: 2, SlotSize: 1}),
+			encodeContainer(Container{ID: 3, SlotSize: 1 << 16, Slots: 4, Used: 1, State: ContainerDraining}),
 		}, func(t *testing.T, v []byte) {
 			key := containerKey(1)
 			orig := bytes.Clone(v)

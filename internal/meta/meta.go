@@ -165,6 +165,8 @@ func (c Container) validate() error {
 		return fmt.Errorf("container %d: %d of %d slots used: %w", c.ID, c.Used, c.Slots, ErrInvalid)
 	case len(c.URI) > maxName:
 		return fmt.Errorf("container %d: URI of %d bytes: %w", c.ID, len(c.URI), ErrInvalid)
+	case !c.State.Valid():
+		return fmt.Errorf("container %d: state %d: %w", c.ID, c.State, ErrInvalid)
 	}
 	return nil
 }
@@ -181,7 +183,56 @@ type Container struct {
 	// Used is the number of slots whose reference count is not zero. It is
 	// maintained by Tx.SetRefs.
 	Used uint64
+	// State says whether slots may be allocated on the container. Zero
+	// (Online) in records stored before states existed.
+	State ContainerState
 }
+
+// ContainerState is the life state of a container.
+//
+//	        drain             drain ends (no slot used)
+//	Online ───────▶ Draining ─────────────────────────▶ removed (record deleted)
+//	  │  ▲                                                   ▲
+//	  │  └─ (online: later work)                             │ remove, no slot used
+//	  └─────────────── failure detection (later work) ──▶ Failed
+//	Online ─── remove, no slot used ─────────────────────────┘
+//
+// Only an Online container gets new slots. A Draining one keeps serving
+// the slots it holds until the drain has moved them. A removed container
+// has no record at all: nothing (the allocator, check, the agents'
+// container list) has to learn to skip it, its reference records are all
+// absent since it held no slot, and the same container (its id is in its
+// header) may be added again.
+type ContainerState uint8
+
+// Container states.
+const (
+	// ContainerOnline: slots are allocated on it.
+	ContainerOnline ContainerState = iota
+	// ContainerDraining: no slot is allocated on it; a drain is moving
+	// its slots to online containers (segmap container drain), and
+	// resumes when run again.
+	ContainerDraining
+	// ContainerFailed: its storage has failed; no slot is allocated on it.
+	ContainerFailed
+	containerStates // the number of states
+)
+
+// String returns the state's name as the CLI shows it.
+func (s ContainerState) String() string {
+	switch s {
+	case ContainerOnline:
+		return "online"
+	case ContainerDraining:
+		return "draining"
+	case ContainerFailed:
+		return "failed"
+	}
+	return fmt.Sprintf("state(%d)", uint8(s))
+}
+
+// Valid reports whether s is a known state.
+func (s ContainerState) Valid() bool { return s < containerStates }
 
 // Free returns the number of free slots.
 func (c Container) Free() uint64 { return c.Slots - c.Used }

@@ -17,7 +17,8 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 const (
 	diskVersion      = 2 // 1 had no UUID (see Disk.Identity)
 	diskVersionNoID  = 1
-	containerVersion = 1
+	containerVersion = 2 // 1 had no state (every container online)
+	containerV1      = 1
 	pageVersion      = 1 // whole entries only
 	partPageVersion  = 2 // version 1's entries, then the partial ones (see encodePage)
 	refsVersion      = 1
@@ -213,28 +214,44 @@ func decodeDisk(key, v []byte) (Disk, error) {
 
 func encodeContainer(c Container) []byte {
 	e := &enc{}
-	e.u8(containerVersion)
+	// An online container keeps version 1, so that records stored
+	// before states existed re-encode as they were read, and a store
+	// whose containers are all online is still read by older binaries.
+	if c.State == ContainerOnline {
+		e.u8(containerV1)
+	} else {
+		e.u8(containerVersion)
+	}
 	e.u32(c.ID)
 	e.str(c.URI)
 	e.u64(c.SlotSize)
 	e.u64(c.Slots)
 	e.u64(c.Used)
+	if c.State != ContainerOnline {
+		e.u8(uint8(c.State))
+	}
 	return e.seal()
 }
 
 func decodeContainer(key, v []byte) (Container, error) {
-	r := open(key, v, containerVersion)
+	r := open(key, v, containerV1, containerVersion)
 	var c Container
 	c.ID = r.u32()
 	c.URI = r.str()
 	c.SlotSize = r.u64()
 	c.Slots = r.u64()
 	c.Used = r.u64()
+	if r.version == containerVersion {
+		c.State = ContainerState(r.u8())
+	}
 	if err := r.done(key); err != nil {
 		return Container{}, err
 	}
 	if c.ID == 0 || c.Used > c.Slots || c.SlotSize == 0 || c.SlotSize&(c.SlotSize-1) != 0 {
 		return Container{}, corrupt(key, "container %d: slot size %d, %d of %d slots used", c.ID, c.SlotSize, c.Used, c.Slots)
+	}
+	if r.version == containerVersion && (c.State == ContainerOnline || !c.State.Valid()) {
+		return Container{}, corrupt(key, "version %d container %d in state %d", r.version, c.ID, c.State)
 	}
 	return c, nil
 }

@@ -1031,7 +1031,7 @@ func (t *Tx) AddContainer(c Container) (Container, error) {
 	if !t.writable {
 		return Container{}, ErrReadOnlyTx
 	}
-	c.Used = 0
+	c.Used, c.State = 0, ContainerOnline
 	if err := c.validate(); err != nil {
 		return Container{}, err
 	}
@@ -1059,6 +1059,67 @@ func (t *Tx) AddContainer(c Container) (Container, error) {
 		return Container{}, err
 	}
 	return c, t.put(containerKey(c.ID), encodeContainer(c))
+}
+
+// SetContainerState sets container id's state and returns its record.
+func (t *Tx) SetContainerState(id uint32, st ContainerState) (Container, error) {
+	if !t.writable {
+		return Container{}, ErrReadOnlyTx
+	}
+	if !st.Valid() {
+		return Container{}, fmt.Errorf("container %d: state %d: %w", id, st, ErrInvalid)
+	}
+	ct, err := t.Container(id)
+	if err != nil {
+		return Container{}, err
+	}
+	ct.State = st
+	// Written at flush, with the Used counts SetRefs keeps there.
+	if t.conts == nil {
+		t.conts = make(map[uint32]*Container)
+	}
+	t.conts[id] = &ct
+	return ct, nil
+}
+
+// RemoveContainer deletes container id's record. It must hold no slot
+// (Used zero: ErrInUse otherwise); its reference records, all zero, go
+// with it.
+func (t *Tx) RemoveContainer(id uint32) error {
+	if !t.writable {
+		return ErrReadOnlyTx
+	}
+	ct, err := t.Container(id)
+	if err != nil {
+		return err
+	}
+	if ct.Used != 0 {
+		return fmt.Errorf("container %d holds %d slots: %w", id, ct.Used, ErrInUse)
+	}
+	var keys [][]byte
+	if err := t.kv.Scan(refsPrefix(id), func(k, v []byte) error {
+		keys = append(keys, bytes.Clone(k))
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		c, err := t.refsAt(k)
+		if err != nil {
+			return err
+		}
+		if *c.p != (refs{}) {
+			return corrupt(k, "container %d has no slot used, but counts here", id)
+		}
+		c.dirty = true // deleted at flush: all zero
+	}
+	for k, c := range t.refs {
+		if strings.HasPrefix(k, string(refsPrefix(id))) && *c.p != (refs{}) {
+			return fmt.Errorf("container %d: a slot counted in this transaction: %w", id, ErrInUse)
+		}
+	}
+	delete(t.conts, id)
+	return t.kv.Delete(containerKey(id))
 }
 
 func (t *Tx) refPage(cid uint32, pg uint64) (*cachedRefs, error) {

@@ -81,6 +81,9 @@ func crashCases() []crashCase {
 		// D shares segments 0 and 1 with D.s (and 2 under its partial
 		// entry). A flatten copies forward whatever the disk's policy.
 		{"flatten", opFlatten("D"), ctrlCrash},
+		// Container 1 holds slots of every kind: exclusive, shared
+		// with snapshots, tops and layers of partial entries.
+		{"drain", opDrain(1), ctrlCrash},
 		{"import", opImport("J", "F@b", ""), ctrlCrash},
 		{"import-incremental", opImport("I", "F@b", "F@a"), ctrlCrash},
 	}

@@ -312,6 +312,29 @@ func opFlatten(name string) fxOp {
 	}}
 }
 
+// opDrain drains container id: every disk's data stays. Once it has
+// taken effect, a second drain (as after an interrupted one) ends with
+// the container holding no slot, and it can be removed.
+func opDrain(id uint32) fxOp {
+	return fxOp{name: "drain", run: func(h *fx, m fxModel) (fxModel, error) {
+		return m.clone(), h.c.Ctrl.Drain(h.ctx, id, nil)
+	}, settled: func(h *fx) error {
+		if err := h.c.Ctrl.Drain(h.ctx, id, nil); err != nil {
+			return fmt.Errorf("drain container %d again: %w", id, err)
+		}
+		cs, err := h.c.Ctrl.ListContainers(h.ctx)
+		if err != nil {
+			return err
+		}
+		for _, ct := range cs {
+			if ct.ID == id && (ct.Used != 0 || ct.State != meta.ContainerDraining) {
+				return fmt.Errorf("drained container %d: %d slots used, %v", id, ct.Used, ct.State)
+			}
+		}
+		return nil
+	}}
+}
+
 // opImport exports snapshot snap (incrementally from base, if set) and
 // imports the stream into disk: a full stream makes disk and its snapshot,
 // an incremental one brings disk to snap's data and adds the snapshot.
@@ -615,7 +638,8 @@ func soakDuration(t testing.TB) time.Duration {
 // it has zeroed a container's free slots in its life): it preallocates a
 // disk over every free slot, reads it back through agent b (if check),
 // and deletes it again. Without check it only makes the controller zero
-// its free slots, and trust them from then on.
+// its free slots, and trust them from then on. Only online containers
+// count: no slot is allocated on a draining one.
 func (h *fx) freeSlotsZero(check bool) error {
 	cs, err := h.c.Ctrl.ListContainers(h.ctx)
 	if err != nil {
@@ -623,7 +647,7 @@ func (h *fx) freeSlotsZero(check bool) error {
 	}
 	var free uint64
 	for _, ct := range cs {
-		if ct.SlotSize == seg64 {
+		if ct.SlotSize == seg64 && ct.State == meta.ContainerOnline {
 			free += ct.Free()
 		}
 	}

@@ -114,6 +114,11 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		}
 		c.Agents = append(c.Agents, a)
 	}
+	// What a controller that stopped mid-drain left goes on, once the
+	// agents have attached: one not yet attached could still act on
+	// tables from before (a leader's hold covers this; here there is
+	// none).
+	c.Ctrl.ResumeDrains(ctx)
 	return c, nil
 }
 
@@ -248,6 +253,7 @@ func (c *Cluster) restartController(ctx context.Context) error {
 			return err
 		}
 	}
+	c.Ctrl.ResumeDrains(ctx) // see Open
 	return nil
 }
 

@@ -341,3 +341,22 @@ func Whole(e Entry) Entry {
 	e.Part = nil
 	return e
 }
+
+// Relocate returns e with every slot it names (its own and its layers')
+// replaced by to(slot): the same data, held elsewhere, as when a drain
+// moves slots off a container. The layers are copied; e's are not
+// changed. A voided entry is returned as it is.
+func (e Entry) Relocate(to func(Location) Location) Entry {
+	if e.Voided() {
+		return e
+	}
+	e.Loc = to(e.Loc)
+	if e.Part != nil {
+		under := slices.Clone(e.Part.Under)
+		for i := range under {
+			under[i].Loc = to(under[i].Loc)
+		}
+		e.Part = &Partial{Bits: e.Part.Bits, Under: under}
+	}
+	return e
+}

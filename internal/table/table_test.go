@@ -352,3 +352,29 @@ func TestCount(t *testing.T) {
 		})
 	}
 }
+
+// TestRelocate checks that Relocate moves an entry's own slot and its
+// layers, keeps its state and sub-blocks, and leaves the original alone.
+func TestRelocate(t *testing.T) {
+	const n = 16
+	base := At(Location{Container: 1, Slot: 2}, false)
+	mid := Over(Location{Container: 2, Slot: 5}, Range(3, 4), base, n)
+	e := Over(Location{Container: 1, Slot: 7}, Range(0, 1), mid, n)
+	e.State = NoWrite
+	move := func(l Location) Location {
+		if l.Container == 1 {
+			return Location{Container: 3, Slot: l.Slot + 100}
+		}
+		return l
+	}
+	got := e.Relocate(move)
+	if got.String() != "c3/s107{0}<c2/s5{3}<c3/s102+NoWrite" || got.State != NoWrite {
+		t.Errorf("Relocate = %v (%v)", got, got.State)
+	}
+	if e.String() != "c1/s7{0}<c2/s5{3}<c1/s2+NoWrite" {
+		t.Errorf("Relocate changed its input: %v", e)
+	}
+	if z := (Entry{State: Zero}); !z.Relocate(move).Equal(z) {
+		t.Errorf("Relocate of Zero = %v", z.Relocate(move))
+	}
+}

@@ -121,3 +121,63 @@ func testAddContainerSkipsTaken(t *testing.T, s meta.Store) {
 		return nil
 	})
 }
+
+// testContainerStateRemove checks that a container's state is kept with
+// the Used count that SetRefs maintains in the same transaction, and that
+// a container is removed only once it holds no slot.
+func testContainerStateRemove(t *testing.T, s meta.Store) {
+	var c meta.Container
+	update(t, s, func(tx *meta.Tx) error {
+		var err error
+		if c, err = tx.AddContainer(testContainer("a", 2000)); err != nil {
+			return err
+		}
+		if err := tx.SetRefs(loc(c.ID, 1500), 2); err != nil {
+			return err
+		}
+		got, err := tx.SetContainerState(c.ID, meta.ContainerDraining)
+		if err != nil || got.State != meta.ContainerDraining || got.Used != 1 {
+			t.Errorf("SetContainerState = %+v, %v", got, err)
+		}
+		return nil
+	})
+	view(t, s, func(tx *meta.Tx) error {
+		got, err := tx.Container(c.ID)
+		if err != nil || got.State != meta.ContainerDraining || got.Used != 1 {
+			t.Errorf("Container after SetContainerState = %+v, %v", got, err)
+		}
+		return nil
+	})
+	err := s.Update(t.Context(), func(tx *meta.Tx) error { return tx.RemoveContainer(c.ID) })
+	wantErr(t, "RemoveContainer with a slot used", err, meta.ErrInUse)
+	err = s.Update(t.Context(), func(tx *meta.Tx) error {
+		_, err := tx.SetContainerState(c.ID, 99)
+		return err
+	})
+	wantErr(t, "SetContainerState(99)", err, meta.ErrInvalid)
+	update(t, s, func(tx *meta.Tx) error {
+		if err := tx.SetRefs(loc(c.ID, 1500), 0); err != nil {
+			return err
+		}
+		return tx.RemoveContainer(c.ID)
+	})
+	view(t, s, func(tx *meta.Tx) error {
+		_, err := tx.Container(c.ID)
+		wantErr(t, "Container after RemoveContainer", err, meta.ErrNotFound)
+		n, err := tx.Refs(loc(c.ID, 1500))
+		if err != nil || n != 0 {
+			t.Errorf("Refs of a removed container's slot = %d, %v", n, err)
+		}
+		return nil
+	})
+	// The same container may be added again.
+	update(t, s, func(tx *meta.Tx) error {
+		nc := testContainer("a", 2000)
+		nc.ID = c.ID
+		got, err := tx.AddContainer(nc)
+		if err != nil || got.Used != 0 || got.State != meta.ContainerOnline {
+			t.Errorf("AddContainer after remove = %+v, %v", got, err)
+		}
+		return nil
+	})
+}

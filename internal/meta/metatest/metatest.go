@@ -72,6 +72,7 @@ func Run(t *testing.T, open func(t *testing.T) meta.Store) {
 			{"AddAssignsIDs", testAddContainer},
 			{"ExplicitID", testAddContainerExplicit},
 			{"AutoIDSkipsTaken", testAddContainerSkipsTaken},
+			{"StateAndRemove", testContainerStateRemove},
 		}},
 		{"Refs", []check{
 			{"Used", testRefsUsed},

@@ -106,7 +106,8 @@ func Code(err error) codes.Code {
 		return codes.AlreadyExists
 	case errors.Is(err, controller.ErrShrink), errors.Is(err, controller.ErrNoPool), errors.Is(err, protocol.ErrReadOnly),
 		errors.Is(err, controller.ErrRepairRefused), errors.Is(err, container.ErrNotBlank),
-		errors.Is(err, controller.ErrNotSnapshot), errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince):
+		errors.Is(err, controller.ErrNotSnapshot), errors.Is(err, controller.ErrWrongBase), errors.Is(err, controller.ErrWrittenSince),
+		errors.Is(err, controller.ErrContainerInUse), errors.Is(err, controller.ErrContainerFailed), errors.Is(err, controller.ErrDrainStuck):
 		return codes.FailedPrecondition
 	case errors.Is(err, protocol.ErrNoSpace):
 		return codes.ResourceExhausted
@@ -468,7 +469,7 @@ func (s *Server) DiffDisks(ctx context.Context, r *pb.DiffDisksRequest) (*pb.Dif
 }
 
 func containerMsg(c meta.Container) *pb.Container {
-	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used}
+	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used, State: c.State.String()}
 }
 
 // spaceMsg converts a container with what its backing holds.
@@ -491,6 +492,44 @@ func (s *Server) ListContainers(ctx context.Context, _ *pb.ListContainersRequest
 		out.Containers = append(out.Containers, spaceMsg(c))
 	}
 	return out, nil
+}
+
+// DrainContainer implements pb.AdminServer: progress goes out at most
+// every 100 ms, and once at the end.
+func (s *Server) DrainContainer(r *pb.DrainContainerRequest, stream pb.Admin_DrainContainerServer) error {
+	ctx := stream.Context()
+	var slotSize uint64
+	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	if err != nil {
+		return grpcErr(err)
+	}
+	for _, c := range cs {
+		if c.ID == r.Id {
+			slotSize = c.SlotSize
+		}
+	}
+	var (
+		last    time.Time
+		sendErr error
+	)
+	err = s.cfg.Ctrl.Drain(ctx, r.Id, func(done, total uint64) {
+		if now := time.Now(); sendErr == nil && (done == total || now.Sub(last) >= 100*time.Millisecond) {
+			last = now
+			sendErr = stream.Send(&pb.DrainProgress{Done: done, Total: total, SlotSize: slotSize})
+		}
+	})
+	if err != nil {
+		return grpcErr(err)
+	}
+	return sendErr
+}
+
+// RemoveContainer implements pb.AdminServer.
+func (s *Server) RemoveContainer(ctx context.Context, r *pb.RemoveContainerRequest) (*pb.RemoveContainerResponse, error) {
+	if err := s.cfg.Ctrl.RemoveContainer(ctx, r.Id); err != nil {
+		return nil, grpcErr(err)
+	}
+	return &pb.RemoveContainerResponse{Id: r.Id}, nil
 }
 
 // AddContainer implements pb.AdminServer.
