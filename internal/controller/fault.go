@@ -1248,7 +1248,7 @@ func keptCauses(err error) []error {
 	var out []error
 	var walk func(error)
 	walk = func(e error) {
-		switch u := e.(type) {
+		switch u := e.(type) { //nolint:errorlint // walking the chain itself
 		case interface{ Unwrap() error }:
 			if w := u.Unwrap(); w != nil {
 				walk(w)
@@ -1261,7 +1261,7 @@ func keptCauses(err error) []error {
 			return
 		}
 		for _, r := range retried {
-			if e == r {
+			if errors.Is(e, r) {
 				return
 			}
 		}
