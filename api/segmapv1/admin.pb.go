@@ -1947,6 +1947,50 @@ func (x *RemoveContainerRequest) GetId() uint32 {
 	return 0
 }
 
+type OnlineContainerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OnlineContainerRequest) Reset() {
+	*x = OnlineContainerRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OnlineContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OnlineContainerRequest) ProtoMessage() {}
+
+func (x *OnlineContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OnlineContainerRequest.ProtoReflect.Descriptor instead.
+func (*OnlineContainerRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *OnlineContainerRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
 type RemoveContainerResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1956,7 +2000,7 @@ type RemoveContainerResponse struct {
 
 func (x *RemoveContainerResponse) Reset() {
 	*x = RemoveContainerResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1968,7 +2012,7 @@ func (x *RemoveContainerResponse) String() string {
 func (*RemoveContainerResponse) ProtoMessage() {}
 
 func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1981,7 +2025,7 @@ func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RemoveContainerResponse) GetId() uint32 {
@@ -1999,7 +2043,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2011,7 +2055,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2024,7 +2068,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 type ListContainersResponse struct {
@@ -2036,7 +2080,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2048,7 +2092,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2061,7 +2105,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -2090,7 +2134,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2102,7 +2146,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2115,7 +2159,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -2155,7 +2199,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2167,7 +2211,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2180,7 +2224,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -2212,7 +2256,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2268,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2281,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Problem) GetKind() string {
@@ -2306,7 +2350,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2318,7 +2362,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2331,7 +2375,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -2373,7 +2417,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2385,7 +2429,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2398,7 +2442,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StatusRequest) GetAgents() bool {
@@ -2421,7 +2465,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2433,7 +2477,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2446,7 +2490,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Agent) GetName() string {
@@ -2499,7 +2543,7 @@ type AgentDisk struct {
 
 func (x *AgentDisk) Reset() {
 	*x = AgentDisk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2511,7 +2555,7 @@ func (x *AgentDisk) String() string {
 func (*AgentDisk) ProtoMessage() {}
 
 func (x *AgentDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2524,7 +2568,7 @@ func (x *AgentDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
 func (*AgentDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AgentDisk) GetId() uint64 {
@@ -2656,7 +2700,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2668,7 +2712,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2681,7 +2725,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2892,6 +2936,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x05total\x18\x02 \x01(\x04R\x05total\x12\x1b\n" +
 	"\tslot_size\x18\x03 \x01(\x04R\bslotSize\"(\n" +
 	"\x16RemoveContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"(\n" +
+	"\x16OnlineContainerRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\")\n" +
 	"\x17RemoveContainerResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\"\x17\n" +
@@ -2967,7 +3013,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\x9a\f\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xe6\f\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -2986,7 +3032,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x0eListContainers\x12 .segmap.v1.ListContainersRequest\x1a!.segmap.v1.ListContainersResponse\x12D\n" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12N\n" +
 	"\x0eDrainContainer\x12 .segmap.v1.DrainContainerRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12X\n" +
-	"\x0fRemoveContainer\x12!.segmap.v1.RemoveContainerRequest\x1a\".segmap.v1.RemoveContainerResponse\x12:\n" +
+	"\x0fRemoveContainer\x12!.segmap.v1.RemoveContainerRequest\x1a\".segmap.v1.RemoveContainerResponse\x12J\n" +
+	"\x0fOnlineContainer\x12!.segmap.v1.OnlineContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
 	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
@@ -3010,7 +3057,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                     // 0: segmap.v1.Policy
 	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
@@ -3044,17 +3091,18 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*DrainContainerRequest)(nil),   // 29: segmap.v1.DrainContainerRequest
 	(*DrainProgress)(nil),           // 30: segmap.v1.DrainProgress
 	(*RemoveContainerRequest)(nil),  // 31: segmap.v1.RemoveContainerRequest
-	(*RemoveContainerResponse)(nil), // 32: segmap.v1.RemoveContainerResponse
-	(*ListContainersRequest)(nil),   // 33: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil),  // 34: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),     // 35: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),            // 36: segmap.v1.CheckRequest
-	(*Problem)(nil),                 // 37: segmap.v1.Problem
-	(*CheckResponse)(nil),           // 38: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),           // 39: segmap.v1.StatusRequest
-	(*Agent)(nil),                   // 40: segmap.v1.Agent
-	(*AgentDisk)(nil),               // 41: segmap.v1.AgentDisk
-	(*StatusResponse)(nil),          // 42: segmap.v1.StatusResponse
+	(*OnlineContainerRequest)(nil),  // 32: segmap.v1.OnlineContainerRequest
+	(*RemoveContainerResponse)(nil), // 33: segmap.v1.RemoveContainerResponse
+	(*ListContainersRequest)(nil),   // 34: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 35: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 36: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 37: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 38: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 39: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 40: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 41: segmap.v1.Agent
+	(*AgentDisk)(nil),               // 42: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 43: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
@@ -3066,11 +3114,11 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	13, // 6: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	13, // 7: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
 	28, // 8: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	37, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	37, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	38, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	38, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
 	4,  // 11: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	41, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	40, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	42, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	41, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
 	28, // 14: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
 	14, // 15: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
 	15, // 16: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
@@ -3082,44 +3130,46 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	21, // 22: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
 	22, // 23: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
 	26, // 24: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	33, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	35, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	34, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	36, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
 	29, // 27: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
 	31, // 28: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
-	36, // 29: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	39, // 30: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 31: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 32: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 33: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 34: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 35: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 36: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 37: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 38: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 39: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 40: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 41: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 42: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 43: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 44: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 45: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 46: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 47: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	34, // 48: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 49: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	30, // 50: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
-	32, // 51: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
-	38, // 52: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	42, // 53: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 54: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 55: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 56: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 57: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 58: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 59: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 60: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	38, // [38:61] is the sub-list for method output_type
-	15, // [15:38] is the sub-list for method input_type
+	32, // 29: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
+	37, // 30: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	40, // 31: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 32: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 33: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 34: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 35: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 36: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 37: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 38: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 39: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 40: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 41: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 42: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 43: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 44: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 45: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 46: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 47: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 48: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	35, // 49: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 50: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	30, // 51: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	33, // 52: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	28, // 53: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
+	39, // 54: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	43, // 55: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 56: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 57: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 58: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 59: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 60: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 61: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 62: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	39, // [39:63] is the sub-list for method output_type
+	15, // [15:39] is the sub-list for method input_type
 	15, // [15:15] is the sub-list for extension type_name
 	15, // [15:15] is the sub-list for extension extendee
 	0,  // [0:15] is the sub-list for field type_name
@@ -3138,7 +3188,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   42,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -40,6 +40,7 @@ const (
 	Admin_AddContainer_FullMethodName    = "/segmap.v1.Admin/AddContainer"
 	Admin_DrainContainer_FullMethodName  = "/segmap.v1.Admin/DrainContainer"
 	Admin_RemoveContainer_FullMethodName = "/segmap.v1.Admin/RemoveContainer"
+	Admin_OnlineContainer_FullMethodName = "/segmap.v1.Admin/OnlineContainer"
 	Admin_Check_FullMethodName           = "/segmap.v1.Admin/Check"
 	Admin_Status_FullMethodName          = "/segmap.v1.Admin/Status"
 	Admin_Grant_FullMethodName           = "/segmap.v1.Admin/Grant"
@@ -86,6 +87,10 @@ type AdminClient interface {
 	// RemoveContainer removes a container that holds no slot
 	// (FAILED_PRECONDITION, with the count, for one that does).
 	RemoveContainer(ctx context.Context, in *RemoveContainerRequest, opts ...grpc.CallOption) (*RemoveContainerResponse, error)
+	// OnlineContainer brings a failed container back once its storage is:
+	// its header is checked, and the segments on it read and write again,
+	// data intact.
+	OnlineContainer(ctx context.Context, in *OnlineContainerRequest, opts ...grpc.CallOption) (*Container, error)
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
@@ -283,6 +288,16 @@ func (c *adminClient) RemoveContainer(ctx context.Context, in *RemoveContainerRe
 	return out, nil
 }
 
+func (c *adminClient) OnlineContainer(ctx context.Context, in *OnlineContainerRequest, opts ...grpc.CallOption) (*Container, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Container)
+	err := c.cc.Invoke(ctx, Admin_OnlineContainer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CheckResponse)
@@ -420,6 +435,10 @@ type AdminServer interface {
 	// RemoveContainer removes a container that holds no slot
 	// (FAILED_PRECONDITION, with the count, for one that does).
 	RemoveContainer(context.Context, *RemoveContainerRequest) (*RemoveContainerResponse, error)
+	// OnlineContainer brings a failed container back once its storage is:
+	// its header is checked, and the segments on it read and write again,
+	// data intact.
+	OnlineContainer(context.Context, *OnlineContainerRequest) (*Container, error)
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
@@ -500,6 +519,9 @@ func (UnimplementedAdminServer) DrainContainer(*DrainContainerRequest, grpc.Serv
 }
 func (UnimplementedAdminServer) RemoveContainer(context.Context, *RemoveContainerRequest) (*RemoveContainerResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveContainer not implemented")
+}
+func (UnimplementedAdminServer) OnlineContainer(context.Context, *OnlineContainerRequest) (*Container, error) {
+	return nil, status.Error(codes.Unimplemented, "method OnlineContainer not implemented")
 }
 func (UnimplementedAdminServer) Check(context.Context, *CheckRequest) (*CheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Check not implemented")
@@ -787,6 +809,24 @@ func _Admin_RemoveContainer_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_OnlineContainer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(OnlineContainerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).OnlineContainer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_OnlineContainer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).OnlineContainer(ctx, req.(*OnlineContainerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_Check_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CheckRequest)
 	if err := dec(in); err != nil {
@@ -985,6 +1025,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveContainer",
 			Handler:    _Admin_RemoveContainer_Handler,
+		},
+		{
+			MethodName: "OnlineContainer",
+			Handler:    _Admin_OnlineContainer_Handler,
 		},
 		{
 			MethodName: "Check",

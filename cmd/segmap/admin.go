@@ -700,7 +700,7 @@ in use by the kernel is refused even with --force.`,
 	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the block device, file or NBD export (its contents are lost)")
 	add.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system, partition table or container found there")
 	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
-	ctr.AddCommand(list, add, newContainerDrain(g), newContainerRemove(g))
+	ctr.AddCommand(list, add, newContainerDrain(g), newContainerRemove(g), newContainerOnline(g))
 	return ctr
 }
 
@@ -801,6 +801,37 @@ removed at once.`,
 					return printJSON(cmd.OutOrStdout(), r)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "removed container %d\n", id)
+				return nil
+			})
+		},
+	}
+}
+
+func newContainerOnline(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "online ID",
+		Short: "bring a failed container back once its storage is back (data intact)",
+		Long: `online brings container ID back after its storage failed and came back
+(a storage node restarted after the failure timeout, a device
+reconnected): the controller opens it afresh, checks that its header is
+the one registered, marks it online, and the segments on it read and
+write again with the data they held. If the storage is lost for good, run
+'disk clear-errors NAME' on each disk that 'check' lists instead.`,
+		Args: exactArgs(1, "one container id"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := containerID(args[0])
+			if err != nil {
+				return err
+			}
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				r, err := c.OnlineContainer(ctx, &pb.OnlineContainerRequest{Id: id})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(cmd.OutOrStdout(), r)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "container %d is %s\n", r.Id, r.State)
 				return nil
 			})
 		},

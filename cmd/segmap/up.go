@@ -158,6 +158,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 			c.Close()
 		}
 	}()
+	// Storage that fails marks its container failed.
+	defer ctlserver.Watch(c.Ctrl)()
 
 	gs := grpc.NewServer(adminapi.ServerOptions()...)
 	pb.RegisterAdminServer(gs, ctlserver.NewAdmin(c.Ctrl, nil, adminapi.Config{

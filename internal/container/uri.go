@@ -3,7 +3,6 @@ package container
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/url"
 	"strings"
@@ -40,8 +39,11 @@ func OpenURI(info protocol.Container) (Container, error) {
 // 127.0.0.1). There is no fallback to plaintext. A nil m is plaintext.
 // The outages of nbd:// containers (see NBD) are logged to log (nil:
 // slog.Default()).
-func URIOpener(m *tlsconf.Material, log *slog.Logger) func(protocol.Container) (Container, error) {
-	return func(info protocol.Container) (Container, error) { return openURI(info, m, NBDOptions{Logger: log}) }
+//
+// opts configure nbd:// containers (their Lease is ignored).
+func URIOpener(m *tlsconf.Material, opts NBDOptions) func(protocol.Container) (Container, error) {
+	opts.Lease = nil
+	return func(info protocol.Container) (Container, error) { return openURI(info, m, opts) }
 }
 
 // LeasedOpener is URIOpener for a holder with a lease whose end until
@@ -51,10 +53,9 @@ func URIOpener(m *tlsconf.Material, log *slog.Logger) func(protocol.Container) (
 // up in a paused agent cannot land after the controller went on without
 // it. File containers have no such guard. Outages are logged to log, as
 // for URIOpener.
-func LeasedOpener(m *tlsconf.Material, until func() time.Time, log *slog.Logger) func(protocol.Container) (Container, error) {
-	return func(info protocol.Container) (Container, error) {
-		return openURI(info, m, NBDOptions{Lease: until, Logger: log})
-	}
+func LeasedOpener(m *tlsconf.Material, until func() time.Time, opts NBDOptions) func(protocol.Container) (Container, error) {
+	opts.Lease = until
+	return func(info protocol.Container) (Container, error) { return openURI(info, m, opts) }
 }
 
 func openURI(info protocol.Container, m *tlsconf.Material, opts NBDOptions) (Container, error) {

@@ -155,6 +155,9 @@ type Controller struct {
 
 	hold holdState
 
+	// health knows the failed containers (health.go).
+	health health
+
 	// bg is the work the controller runs in the background (drains
 	// resumed after a start, see ResumeDrains): Kill cancels ctx and
 	// waits for wg.
@@ -964,6 +967,11 @@ func (c *Controller) punch(ctx context.Context, freed []table.Location) (failed 
 	failed = map[uint32]bool{}
 	flush := map[uint32]container.Container{}
 	for _, loc := range freed {
+		if c.isFailed(loc.Container) {
+			// Zeroed before its next allocation, once back.
+			failed[loc.Container] = true
+			continue
+		}
 		ct, err := c.container(ctx, loc.Container)
 		if err == nil {
 			err = container.FreeSlot(ct, int64(loc.Slot))

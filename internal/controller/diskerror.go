@@ -47,7 +47,8 @@ func (c *Controller) SetError(ctx context.Context, name string, off, length uint
 	return d, nil
 }
 
-// ClearErrors makes every Error segment of disk name read as zeros: the
+// ClearErrors makes every Error segment of disk name read as zeros (those
+// on a failed container included, which drop their slots there): the
 // data there is declared lost, and the disk is whole again, every byte
 // readable (and writable, unless it is read-only: a snapshot that shared
 // the Error entries is cleared the same way). It returns the bytes
@@ -91,9 +92,10 @@ func (c *Controller) ErrorExtents(ctx context.Context, name string) ([]Extent, e
 	return c.errorExtents(ctx, d)
 }
 
-// errorExtents reads d's Error segments from the store. Changes kept in
-// memory (pending.go) never make or undo an Error entry, so the store is
-// the truth for them.
+// errorExtents reads d's Error segments from the store: Error entries,
+// and entries that read from a failed container (health.go). Changes kept
+// in memory (pending.go) never make or undo an Error entry, nor move an
+// entry onto a failed container, so the store is the truth for them.
 func (c *Controller) errorExtents(ctx context.Context, d meta.Disk) ([]Extent, error) {
 	var out []Extent
 	const chunk = 1 << 16
@@ -108,7 +110,7 @@ func (c *Controller) errorExtents(ctx context.Context, d meta.Disk) ([]Extent, e
 			return nil, fmt.Errorf("error extents of %q: %w", d.Name, err)
 		}
 		for i, e := range es {
-			if e.State&table.Error == 0 {
+			if e.State&table.Error == 0 && !c.onFailed(e) {
 				continue
 			}
 			off := (first + uint64(i)) * d.SegmentSize

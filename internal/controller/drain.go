@@ -156,7 +156,13 @@ func poolFree(cs []meta.Container, slotSize uint64, skip uint32) uint64 {
 // had been run again. The controller owns the goroutines: Close and Kill
 // stop them and wait for them. A drain that fails is logged; running
 // 'container drain' again retries it.
+//
+// It also loads which containers failed (health.go), which faults need
+// from the start.
 func (c *Controller) ResumeDrains(ctx context.Context) {
+	if err := c.loadFailed(ctx); err != nil {
+		c.logger.Warn("load failed containers", "err", err)
+	}
 	var ids []uint32
 	if err := c.store.View(ctx, func(tx *meta.Tx) error {
 		cs, err := tx.Containers()

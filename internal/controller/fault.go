@@ -28,6 +28,15 @@ import (
 // that agent), and a write acknowledged under the new entry would then be
 // invisible to its reads.
 func (c *Controller) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
+	r, err := c.fault(ctx, f)
+	if err == nil {
+		c.maskFailed(&r)
+	}
+	return r, err
+}
+
+// fault is Fault before the entries on failed containers are masked.
+func (c *Controller) fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	// An abandon only gives a reserved slot back: it changes nothing
 	// persistent either.
 	end, err := c.begin(ctx, f.Op == protocol.FaultRead || f.Op == protocol.FaultCommit && f.Abandon)

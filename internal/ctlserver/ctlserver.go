@@ -45,12 +45,17 @@ type Config struct {
 	// SyncMaps is controller.Config's: every map change is committed
 	// before the fault is answered.
 	SyncMaps bool
+	// StorageTimeout is how long the controller's I/O to an nbd://
+	// container waits for its storage node to come back before it
+	// fails, and the container is marked failed (container.NBDOptions'
+	// FailTimeout; its default if 0).
+	StorageTimeout time.Duration
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
 // as the holder of cfg.TLS.
 func New(cfg Config) *controller.Controller {
-	open := container.URIOpener(cfg.TLS, cfg.Logger)
+	open := container.URIOpener(cfg.TLS, container.NBDOptions{Logger: cfg.Logger, FailTimeout: cfg.StorageTimeout})
 	if wrap := cfg.WrapContainer; wrap != nil {
 		plain := open
 		open = func(info protocol.Container) (container.Container, error) {
@@ -103,6 +108,37 @@ type Leader struct {
 	Epoch uint64
 
 	agents *transport.Server
+	// stopWatch stops Watch.
+	stopWatch func()
+}
+
+// ProbeEvery is how often Watch probes the containers.
+const ProbeEvery = time.Second
+
+// Watch runs ctrl.ProbeContainers every ProbeEvery (a round that waits
+// for unreachable storage delays the next) until stop is called, which
+// waits for the round under way. A container whose storage fails is then
+// marked failed.
+func Watch(ctrl *controller.Controller) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(ProbeEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			ctrl.ProbeContainers(ctx)
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
 }
 
 // Lead starts a controller over cfg.Store as the leader: it takes a new
@@ -132,12 +168,14 @@ func Lead(ctx context.Context, cfg LeadConfig) (*Leader, error) {
 	pb.RegisterAdminServer(gs, NewAdmin(ctrl, cfg.TLS, adminapi.Config{Version: cfg.Version}))
 	ms := transport.NewServer(transport.ServerConfig{Ctrl: ctrl, Epoch: epoch, Lease: cfg.Lease, Logger: cfg.Logger})
 	pb.RegisterMappingServer(gs, ms)
-	return &Leader{Ctrl: ctrl, Server: gs, Epoch: epoch, agents: ms}, nil
+	// Storage that fails marks its container failed.
+	return &Leader{Ctrl: ctrl, Server: gs, Epoch: epoch, agents: ms, stopWatch: Watch(ctrl)}, nil
 }
 
 // Close stops serving remote agents and closes the controller (not the
 // store). The caller stops Server first or after, as it needs.
 func (l *Leader) Close() {
+	l.stopWatch()
 	l.agents.Close()
 	l.Ctrl.Close()
 }

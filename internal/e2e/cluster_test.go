@@ -25,6 +25,9 @@ type cluster struct {
 	// storageArgs[i] starts storage[i] again, on its held port.
 	storageArgs  [][]string
 	storagePorts []*heldport.Port
+	// ctlExtra and agentExtra are more flags for the controller and
+	// the agents (newClusterWith).
+	ctlExtra, agentExtra []string
 }
 
 // restartStorage kills storage node i (SIGKILL, as a crash would), if it
@@ -53,7 +56,7 @@ func (c *cluster) tlsArgs() []string {
 
 func (c *cluster) startController() {
 	c.ctl = startHeld(c.t, c.dir, []*heldport.Port{c.ctlPort},
-		append([]string{"controller", "--listen", fdArg(0), "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s"}, c.tlsArgs()...)...)
+		append(append([]string{"controller", "--listen", fdArg(0), "--data", filepath.Join(c.dir, "ctl"), "--lease", "3s"}, c.tlsArgs()...), c.ctlExtra...)...)
 }
 
 // nbdPort returns the NBD port of the named agent, the same for every
@@ -75,6 +78,7 @@ func (c *cluster) startAgent(name string) *up {
 // startAgentVia starts the named agent, reaching the controller at ctl.
 func (c *cluster) startAgentVia(name, ctl string, extra ...string) *up {
 	args := append([]string{"agent", "--controller", ctl, "--name", name, "--nbd-listen", fdArg(0)}, c.tlsArgs()...)
+	args = append(args, c.agentExtra...)
 	a := startHeld(c.t, c.dir, []*heldport.Port{c.nbdPort(name)}, append(args, extra...)...)
 	c.agents[name] = a
 	return a
@@ -100,7 +104,14 @@ func (c *cluster) cli(args ...string) string {
 // 'segmap certs init'), two storage nodes whose exports are its
 // containers, serving NBD over TLS only, and the named agents.
 func newCluster(t *testing.T, agents ...string) *cluster {
+	return newClusterWith(t, nil, nil, agents...)
+}
+
+// newClusterWith is newCluster with more flags for the controller and the
+// agents.
+func newClusterWith(t *testing.T, ctlExtra, agentExtra []string, agents ...string) *cluster {
 	c := newBareCluster(t)
+	c.ctlExtra, c.agentExtra = ctlExtra, agentExtra
 	c.certs = filepath.Join(c.dir, "certs")
 	args := []string{"certs", "init", c.certs, "--storage", "s1,s2"}
 	for _, a := range agents {

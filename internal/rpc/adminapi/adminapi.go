@@ -532,6 +532,15 @@ func (s *Server) RemoveContainer(ctx context.Context, r *pb.RemoveContainerReque
 	return &pb.RemoveContainerResponse{Id: r.Id}, nil
 }
 
+// OnlineContainer implements pb.AdminServer.
+func (s *Server) OnlineContainer(ctx context.Context, r *pb.OnlineContainerRequest) (*pb.Container, error) {
+	c, err := s.cfg.Ctrl.OnlineContainer(ctx, r.Id)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return containerMsg(c), nil
+}
+
 // AddContainer implements pb.AdminServer.
 func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*pb.Container, error) {
 	if r.Uri == "" {
