@@ -72,7 +72,11 @@ func TestClusterStorageRestart(t *testing.T) {
 	if strings.Contains(logs, "unreachable beyond the failure timeout") {
 		t.Errorf("the restart took longer than the failure timeout:\n%s", logs)
 	}
-	if out := c.cli("check"); !strings.Contains(out, "clean") {
+	if out := c.cli("check"); !strings.Contains(out, "clean") || strings.Contains(out, "fails I/O") {
 		t.Errorf("check after the storage restart:\n%s", out)
+	}
+	// Back within the failure timeout: nothing was marked failed.
+	if out := c.cli("container", "list"); strings.Contains(out, "failed") {
+		t.Errorf("a container was marked failed by a restart within the failure timeout:\n%s", out)
 	}
 }
