@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -86,6 +87,15 @@ func (c *cluster) startAgentVia(name, ctl string, extra ...string) *up {
 
 func (c *cluster) uri(agent, disk string) string { return "nbd://" + c.nbdAddrs[agent] + "/" + disk }
 
+// cliJSON runs an admin command with --json and decodes its output into v.
+func (c *cluster) cliJSON(v any, args ...string) {
+	c.t.Helper()
+	out := c.cli(append(args, "--json")...)
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		c.t.Fatalf("segmap %v --json: %v\n%s", args, err, out)
+	}
+}
+
 // cli runs an admin command against the controller.
 func (c *cluster) cli(args ...string) string {
 	c.t.Helper()
@@ -110,10 +120,16 @@ func newCluster(t *testing.T, agents ...string) *cluster {
 // newClusterWith is newCluster with more flags for the controller and the
 // agents.
 func newClusterWith(t *testing.T, ctlExtra, agentExtra []string, agents ...string) *cluster {
+	return newClusterOf(t, 2, ctlExtra, agentExtra, agents...)
+}
+
+// newClusterOf is newClusterWith with stores storage nodes (s1, s2, ...)
+// instead of two; with none, the test adds the containers it wants.
+func newClusterOf(t *testing.T, stores int, ctlExtra, agentExtra []string, agents ...string) *cluster {
 	c := newBareCluster(t)
 	c.ctlExtra, c.agentExtra = ctlExtra, agentExtra
 	c.certs = filepath.Join(c.dir, "certs")
-	args := []string{"certs", "init", c.certs, "--storage", "s1,s2"}
+	args := []string{"certs", "init", c.certs}
 	for _, a := range agents {
 		args = append(args, "--agent", a)
 	}
@@ -121,26 +137,38 @@ func newClusterWith(t *testing.T, ctlExtra, agentExtra []string, agents ...strin
 		t.Fatalf("certs init: %s", errOut)
 	}
 	c.startController()
-	// Two storage nodes, each serving one export, formatted as a
-	// container through NBD by the controller.
-	for i := 1; i <= 2; i++ {
+	// Storage nodes, each serving one export, formatted as a container
+	// through NBD by the controller.
+	for i := 1; i <= stores; i++ {
 		dir := filepath.Join(c.dir, fmt.Sprintf("store%d", i))
 		if _, errOut, code := runBin(t, "storage", "create", "--dir", dir, "s", "--size", "2G"); code != 0 {
 			t.Fatalf("storage create: %s", errOut)
 		}
-		// The container's URI names this address: it stays the
-		// storage node's across restarts.
-		p := heldport.New(t)
-		sargs := []string{"storage", "--listen", fdArg(0), "--dir", dir, "--certs", c.certs, "--cert-name", fmt.Sprintf("s%d", i)}
-		c.storage = append(c.storage, startHeld(t, dir, []*heldport.Port{p}, sargs...))
-		c.storageArgs = append(c.storageArgs, sargs)
-		c.storagePorts = append(c.storagePorts, p)
-		c.cli("container", "add", "nbd://"+p.Addr()+"/s", "--format", "--slot-size", "1M")
+		addr := c.startStorage(fmt.Sprintf("s%d", i), dir, "--dir", dir)
+		c.cli("container", "add", "nbd://"+addr+"/s", "--format", "--slot-size", "1M")
 	}
 	for _, a := range agents {
 		c.startAgent(a)
 	}
 	return c
+}
+
+// startStorage starts a storage node named name (its certificate is
+// issued here) with dir as its working directory and args (--dir,
+// --device) saying what it serves, on a port the test holds, and returns
+// its address: the containers' URIs name it, and it stays the node's
+// across restarts (restartStorage).
+func (c *cluster) startStorage(name, dir string, args ...string) string {
+	c.t.Helper()
+	if _, errOut, code := runBin(c.t, "certs", "issue", c.certs, "--role", "storage", "--name", name); code != 0 {
+		c.t.Fatalf("certs issue storage %s: %s", name, errOut)
+	}
+	p := heldport.New(c.t)
+	sargs := append([]string{"storage", "--listen", fdArg(0), "--certs", c.certs, "--cert-name", name}, args...)
+	c.storage = append(c.storage, startHeld(c.t, dir, []*heldport.Port{p}, sargs...))
+	c.storageArgs = append(c.storageArgs, sargs)
+	c.storagePorts = append(c.storagePorts, p)
+	return p.Addr()
 }
 
 func fioURI(t *testing.T, uri string, args ...string) string {

@@ -372,6 +372,14 @@ func background(t *testing.T, name string, args ...string) func() (string, error
 // backgroundOut is background that also gives the output so far.
 func backgroundOut(t *testing.T, name string, args ...string) (func() (string, error), *syncBuffer) {
 	t.Helper()
+	wait, b, _ := backgroundProc(t, name, args...)
+	return wait, b
+}
+
+// backgroundProc is backgroundOut that also gives the process, for a test
+// that stops it with a signal.
+func backgroundProc(t *testing.T, name string, args ...string) (func() (string, error), *syncBuffer, *os.Process) {
+	t.Helper()
 	cmd := exec.Command(name, args...)
 	cmd.Dir = scratch
 	b := &syncBuffer{}
@@ -381,15 +389,13 @@ func backgroundOut(t *testing.T, name string, args ...string) (func() (string, e
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-		}
-	})
+	// Kill, not cmd.ProcessState, which Wait sets in another goroutine:
+	// killing a process already waited for does nothing.
+	t.Cleanup(func() { cmd.Process.Kill() })
 	return func() (string, error) {
 		err := <-done
 		return b.String(), err
-	}, b
+	}, b, cmd.Process
 }
 
 func sha(t *testing.T, path string) string {
