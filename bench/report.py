@@ -3,7 +3,8 @@
 docs/benchmarks.md and its PNG plots (drawn with gnuplot).
 
 Inputs, in the directory given as the first argument: results.jsonl (the JSON
-lines of nbd.sh, cow.sh, snaploop.sh, stall.sh, snapshot.sh and export.sh),
+lines of nbd.sh, cow.sh, snaploop.sh, stall.sh, snapshot.sh, export.sh and
+drain.sh),
 mem.txt, fault.txt, datapath.txt, snapshot.txt and lineage.txt (go test -bench
 output), env.json (the knobs and commands).
 Usage: bench/report.py RESULTS_DIR DOC_PATH PLOT_DIR
@@ -67,7 +68,7 @@ L += ["", "Knobs of this run (environment variables of `make bench` / `bench/run
       "`REPS=5 RUNTIME=10 SIZES=\"1000 1000000\" make bench`; quick look: "
       "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 SNAPLOOP_S=20 make bench`). Each part alone: "
       "`bench/nbd.sh [SIZE_MB]`, `bench/cow.sh [COW_MB]`, `bench/snaploop.sh`, `bench/stall.sh`, "
-      "`SIZES=... bench/snapshot.sh` (they print JSON lines "
+      "`SIZES=... bench/snapshot.sh`, `bench/export.sh`, `bench/drain.sh` (they print JSON lines "
       "or a table), and the `go test` commands below. The raw results of this run are in `docs/bench-raw/`.", "",
       "Every server is on loopback TCP on the same machine and filesystem; jobs are interleaved "
       "between servers, each repeated `REPS` times; figures are medians. \"Target\" is the goal "
@@ -474,6 +475,49 @@ if lb:
             r = med(b) / med(a)
             L.append(f"| {name.lower()} | {med(a) / 1e6:.3f} | {med(b) / 1e6:.3f} | {r:.2f}× | ≤ 2×: {verdict(r, 2, False)} |")
     L += ["", "Raw output:", "", "```"] + [l.rstrip() for l in open(os.path.join(rdir, "lineage.txt")) if l.startswith("Benchmark")] + ["```", ""]
+
+# --- 12. container drain ------------------------------------------------------------
+dr = [r for r in rows if r.get("bench") == "drain"]
+if dr:
+    def dmed(key):
+        xs = [r[key] for r in dr if r.get(key) is not None]
+        return med(xs) if xs else None
+    mb, qd = dr[0]["mb"], dr[0]["qd"]
+    data = mb * 1.048576  # MB moved
+    ds, cs, ls = dmed("drain_s"), dmed("cp_s"), dmed("drain_loaded_s")
+    ratio = med([r["cp_s"] / r["drain_s"] for r in dr])
+    L += ["## 12. Container drain beside cp", "",
+          f"`bench/drain.sh`: per rep a fresh `segmap up` whose pool is one container file (`--pool-files 1`), and a "
+          f"{mb} MiB disk of 1 MiB segments filled with random data (`nbdcopy` from a raw file): that container "
+          f"holds {mb} slots. A second, empty container file is added on the same filesystem and "
+          "`segmap container drain` of the first is timed, nothing else running. Beside it, "
+          f"`cp --reflink=never` of the {mb} MiB raw file to a new file on the same filesystem followed by "
+          "`sync FILE` (its fsync): a drain flushes each copy and commits the move before it frees the old slot, "
+          "so cp is timed to its data being durable too. Each timed step starts after a `sync`; both sources are "
+          "in the page cache (caches are not dropped). Ratio = cp time / drain time, the median of each rep's "
+          f"ratio ({len(dr)} reps, fresh `segmap up` each):", "",
+          "| case | seconds | MB/s | cp / drain | target | |", "|---|---:|---:|---:|---|---|",
+          f"| segmap container drain ({dmed('slots'):,.0f} slots) | {ds:.2f} | {data / ds:,.0f} | {ratio:.2f} | ≥ 0.5 | "
+          f"{verdict(ratio, 0.5)} |",
+          f"| cp --reflink=never + sync FILE | {cs:.2f} | {data / cs:,.0f} | | | |",
+          f"| segmap container drain under the writer below | {ls:.2f} | {data / ls:,.0f} | | | |", "",
+          "### A writer's latency during a drain", "",
+          "A third container is added and the same disk, now on the second container, gets a writer; after "
+          f"{env['knobs'].get('DRAIN_BEFORE', '?')} s the second container is drained under it, and the writer is "
+          "stopped when the drain ends:", "",
+          "```",
+          f"fio --name=drainlat --ioengine=nbd --uri=URI --rw=randwrite --bs=4k --iodepth={qd} --size={mb}M "
+          "--time_based --write_lat_log=lat --log_unix_epoch=1",
+          "```", "",
+          "Its per-I/O completion latency log is split at the drain's start and end: *before* is from its "
+          "second second (the first is ramp) to the drain's start, *during* is the drain. Medians over the reps "
+          "of each rep's figure:", "",
+          "| writer | before the drain | during the drain | during / before |", "|---|---:|---:|---:|"]
+    pb, pd = dmed("p99_before_us"), dmed("p99_during_us")
+    ib, idu = dmed("iops_before"), dmed("iops_during")
+    L += [f"| p99 completion latency (ms) | {pb / 1e3:,.2f} | {pd / 1e3:,.2f} | {pd / pb:,.1f}× |",
+          f"| writes/s | {ib:,.0f} | {idu:,.0f} | {idu / ib:.2f}× |",
+          f"| longest write (ms) | | {dmed('max_during_us') / 1e3:,.0f} | |", ""]
 
 if T:
     L[targets_at:targets_at] = [

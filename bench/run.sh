@@ -15,6 +15,7 @@
 #   9. go test -bench Snapshot         snapshot time in process, 1K to 1M segments
 #  10. bench/export.sh    segmap export (full, incremental) beside nbdcopy
 #  11. go test -bench 'Diff|Rollback'  diff and rollback time, 1K to 1M segments
+#  12. bench/drain.sh     container drain beside cp, and a writer's p99 during it
 #
 # Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
 # per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
@@ -27,7 +28,8 @@
 # limit, SIZES ("1000 10000 100000 1000000") snapshot.sh's segment counts,
 # SNAPS (20) snapshots per path per size, COUNT (3) runs of each Go
 # benchmark, FAULT_N (2000) and DATAPATH_N (40000) their iterations,
-# EXPORT_MB (1024) export.sh's disk, DOC
+# EXPORT_MB (1024) export.sh's disk, DRAIN_MB (1024) the slots drain.sh's
+# container holds, DRAIN_BEFORE (8) s its writer runs before the drain, DOC
 # (docs/benchmarks.md) where the report goes (plots beside it), NOTE a line
 # printed in bold at the top (say when the machine was shared).
 set -euo pipefail
@@ -41,6 +43,7 @@ export STALL_MB=${STALL_MB:-256} STALL_T=${STALL_T:-60}
 export SIZES=${SIZES:-1000 10000 100000 1000000}
 export SNAPS=${SNAPS:-20}
 export EXPORT_MB=${EXPORT_MB:-1024}
+export DRAIN_MB=${DRAIN_MB:-1024} DRAIN_BEFORE=${DRAIN_BEFORE:-8}
 COUNT=${COUNT:-3}
 FAULT_N=${FAULT_N:-2000}
 DATAPATH_N=${DATAPATH_N:-40000}
@@ -80,32 +83,35 @@ print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": pla
               "SNAPLOOP_MB": "$SNAPLOOP_MB", "SNAPLOOP_S": "$SNAPLOOP_S", "SNAPLOOP_EVERY": "$SNAPLOOP_EVERY",
               "STALL_MB": "$STALL_MB", "STALL_T": "$STALL_T",
               "SIZES": "$SIZES", "SNAPS": "$SNAPS", "COUNT": "$COUNT", "FAULT_N": "$FAULT_N",
-              "DATAPATH_N": "$DATAPATH_N", "EXPORT_MB": "$EXPORT_MB"}}))
+              "DATAPATH_N": "$DATAPATH_N", "EXPORT_MB": "$EXPORT_MB",
+              "DRAIN_MB": "$DRAIN_MB", "DRAIN_BEFORE": "$DRAIN_BEFORE"}}))
 PYEOF
 
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
-step "1/11 fio over NBD (bench/nbd.sh $SIZE_MB)"
+step "1/12 fio over NBD (bench/nbd.sh $SIZE_MB)"
 bench/nbd.sh "$SIZE_MB" >&2
-step "2/11 writes after a snapshot (bench/cow.sh $COW_MB)"
+step "2/12 writes after a snapshot (bench/cow.sh $COW_MB)"
 bench/cow.sh "$COW_MB"
-step "3/11 a snapshot every ${SNAPLOOP_EVERY} s under writes (bench/snaploop.sh)"
+step "3/12 a snapshot every ${SNAPLOOP_EVERY} s under writes (bench/snaploop.sh)"
 bench/snaploop.sh
-step "4/11 first writes beside a stalled container (bench/stall.sh)"
+step "4/12 first writes beside a stalled container (bench/stall.sh)"
 bench/stall.sh
-step "5/11 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
+step "5/12 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
 bench/snapshot.sh
-step "6/11 memory per entry"
+step "6/12 memory per entry"
 go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
-step "7/11 fault round trip"
+step "7/12 fault round trip"
 go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/rpc/transport | tee "$work/fault.txt" >&2
-step "8/11 agent data path"
+step "8/12 agent data path"
 go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
-step "9/11 snapshot in process"
+step "9/12 snapshot in process"
 go test -run XXX -bench '^BenchmarkSnapshot$' -benchtime 20x -count "$COUNT" ./internal/controller | tee "$work/snapshot.txt" >&2
-step "10/11 export and incremental export (bench/export.sh, EXPORT_MB=$EXPORT_MB)"
+step "10/12 export and incremental export (bench/export.sh, EXPORT_MB=$EXPORT_MB)"
 bench/export.sh
-step "11/11 diff and rollback against table size"
+step "11/12 diff and rollback against table size"
 go test -run XXX -bench '^Benchmark(Diff|Rollback)$' -benchtime 200x -count "$COUNT" ./internal/controller | tee "$work/lineage.txt" >&2
+step "12/12 container drain beside cp (bench/drain.sh, DRAIN_MB=$DRAIN_MB)"
+bench/drain.sh
 # The raw results beside the report, for anyone who wants other figures.
 mkdir -p "$(dirname "$DOC")/bench-raw"
 cp "$RESULTS" "$work/env.json" "$work"/*.txt "$(dirname "$DOC")/bench-raw/"
