@@ -101,6 +101,9 @@ type Config struct {
 	// alone maps are kept in memory until the agent flushes it (see
 	// pending.go), as the NBD contract allows.
 	SyncMaps bool
+	// DrainMoves is how many segments a drain moves at once; default
+	// DefaultDrainMoves.
+	DrainMoves int
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -154,6 +157,9 @@ type Controller struct {
 	}
 
 	hold holdState
+
+	// drainMoves is Config.DrainMoves.
+	drainMoves int
 
 	// health knows the failed containers (health.go).
 	health health
@@ -209,6 +215,10 @@ func New(cfg Config) *Controller {
 	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout, ctrlCopies: cfg.ControllerCopies, deferMaps: !cfg.SyncMaps}
 	if c.cmdTimeout <= 0 {
 		c.cmdTimeout = DefaultCommandTimeout
+	}
+	c.drainMoves = cfg.DrainMoves
+	if c.drainMoves <= 0 {
+		c.drainMoves = DefaultDrainMoves
 	}
 	if c.now == nil {
 		c.now = time.Now

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	"segmap/internal/meta"
@@ -121,21 +122,67 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 			}
 		}
 		leak = false
-		for _, w := range work {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			n, err := c.drainSeg(ctx, id, w)
-			if err != nil {
-				return fmt.Errorf("drain container %d: family %d segment %d: %w", id, w.fam, w.seg, err)
-			}
+		if err := c.drainAll(ctx, id, work, func(n uint64) {
 			done += n
 			total = max(total, done)
 			if progress != nil {
 				progress(done, total)
 			}
+		}); err != nil {
+			return err
 		}
 	}
+}
+
+// DefaultDrainMoves is how many segments a drain moves at once by default:
+// each waits for its copy's flush and its commit, which the others
+// overlap.
+const DefaultDrainMoves = 8
+
+// drainAll moves the slots of container id at every index of work,
+// c.drainMoves at a time, calling moved (one call at a time) with the slots
+// each move took off. It stops at the first error.
+func (c *Controller) drainAll(ctx context.Context, id uint32, work []famSeg, moved func(uint64)) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		first error
+		next  int
+		wg    sync.WaitGroup
+	)
+	for range min(c.drainMoves, len(work)) {
+		wg.Go(func() {
+			for {
+				mu.Lock()
+				if first == nil && ctx.Err() != nil {
+					first = ctx.Err()
+				}
+				if first != nil || next == len(work) {
+					mu.Unlock()
+					return
+				}
+				w := work[next]
+				next++
+				mu.Unlock()
+				n, err := c.drainSeg(ctx, id, w)
+				if err == nil {
+					err = ctx.Err()
+				}
+				mu.Lock()
+				if err != nil && first == nil {
+					first = fmt.Errorf("drain container %d: family %d segment %d: %w", id, w.fam, w.seg, err)
+					cancel()
+				}
+				if err == nil {
+					moved(n)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
 }
 
 // poolFree returns the free slots of the online containers of slotSize

@@ -257,7 +257,8 @@ func TestDrainResumes(t *testing.T) {
 		name := map[bool]string{false: "restart", true: "crash"}[crash]
 		t.Run(name, func(t *testing.T) {
 			ctx := context.Background()
-			f := newDrainFixture(t, standalone.Options{SyncMaps: crash}, false)
+			// One move at a time, so that the cancel lands half way.
+			f := newDrainFixture(t, standalone.Options{SyncMaps: crash, DrainMoves: 1}, false)
 			c := f.c
 			dctx, cancel := context.WithCancel(ctx)
 			var first uint64

@@ -45,6 +45,8 @@ type Config struct {
 	// SyncMaps is controller.Config's: every map change is committed
 	// before the fault is answered.
 	SyncMaps bool
+	// DrainMoves is controller.Config's.
+	DrainMoves int
 	// StorageTimeout is how long the controller's I/O to an nbd://
 	// container waits for its storage node to come back before it
 	// fails, and the container is marked failed (container.NBDOptions'
@@ -66,7 +68,7 @@ func New(cfg Config) *controller.Controller {
 			return wrap(ct), nil
 		}
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

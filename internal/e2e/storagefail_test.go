@@ -107,6 +107,22 @@ func TestClusterStorageFails(t *testing.T) {
 		if f, l := pass(); len(f) != len(failed) || l > time.Second {
 			t.Errorf("round %d: a pass once failed: segments %v fail (want %v), longest read %v", round, f, failed, l)
 		}
+		// Writes elsewhere go on (the same bytes: the pattern stays),
+		// and writes to the failing segments fail at once.
+		bad := map[int]bool{}
+		for _, s := range failed {
+			bad[s] = true
+		}
+		for s := range segs {
+			t0 := time.Now()
+			err := cl.WriteAt(ctx, want, uint64(s)<<20+8192, false)
+			if took := time.Since(t0); took > time.Second {
+				t.Errorf("round %d: a write to segment %d took %v", round, s, took)
+			}
+			if bad[s] != errors.Is(err, nbdclient.ErrEIO) || !bad[s] && err != nil {
+				t.Errorf("round %d: write to segment %d (failing: %v): %v", round, s, bad[s], err)
+			}
+		}
 		if out := c.cli("disk", "info", "d"); !strings.Contains(out, "failing I/O:") {
 			t.Errorf("round %d: disk info does not list the failing extents:\n%s", round, out)
 		}

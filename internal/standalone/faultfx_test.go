@@ -66,7 +66,9 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 		Agents:         []string{"a", "b"},
 		Pool:           []standalone.PoolSpec{{SlotSize: seg64, Slots: 40, Count: 2}},
 		CommandTimeout: 2 * time.Second,
-		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
+		// One move at a time: crash points are counted in order.
+		DrainMoves: 1,
+		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		OpenStore: func(ctx context.Context) (meta.Store, error) {
 			b, err := meta.OpenBolt(filepath.Join(dir, "meta.db"))
 			if err != nil {

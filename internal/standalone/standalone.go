@@ -59,6 +59,9 @@ type Options struct {
 	// SyncMaps commits every map change before the fault is answered
 	// (controller.Config).
 	SyncMaps bool
+	// DrainMoves is controller.Config's: how many segments a drain moves
+	// at once.
+	DrainMoves int
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -149,7 +152,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
 	return nil
 }

@@ -429,7 +429,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	var r *pb.FaultReply
 	var err error
 	// unsure: a try of a commit went unanswered (the connection broke,
-	// the deadline passed) and may have landed.
+	// the deadline passed) and may have landed: logged.
 	unsure := false
 	commit := f.Op == protocol.FaultCommit && !f.Abandon
 	b := backoff.New(faultBackoff, nil)
@@ -456,14 +456,10 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		}
 	}
 	if unsure {
+		// A controller that knows the commit answers it as before; a
+		// new leader, or a restarted controller, does not, and calls
+		// it stale: the agent writes again (see docs/protocol.md).
 		c.logger.Warn("commit of a staged write asked again", "disk", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
-	}
-	if unsure && errors.Is(err, protocol.ErrStale) {
-		// The controller that answers does not know the commit: a
-		// new leader, or one that has forgotten it. The try that went
-		// unanswered may have landed, and writing again would put
-		// the data back over writes that came since.
-		return protocol.Reply{}, fmt.Errorf("commit of segment %d: its outcome is unknown (%v): %w", f.Segment, err, protocol.ErrIO)
 	}
 	if err != nil {
 		return protocol.Reply{}, err

@@ -1383,7 +1383,9 @@ func TestFaultRetryAfterDeadline(t *testing.T) {
 	// cancellation).
 	called := make(chan error, 1)
 	go func() {
-		cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		// Long enough to reach the server on a loaded machine (it
+		// waits there, held by the disk creation, until the deadline).
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		_, err := c.Fault(cctx, req)
 		called <- err
@@ -1502,46 +1504,5 @@ func TestReattachIsRegisteredBeforeWelcome(t *testing.T) {
 	}
 	if !bytes.Equal(got, m[:512]) && !bytes.Equal(got, make([]byte, 512)) {
 		t.Errorf("a read concurrent with b's write returned neither zeros nor b's data")
-	}
-}
-
-// TestCommitOutcomeUnknown: a commit whose try goes unanswered (the
-// connection cut after it was sent) may have landed. If the controller
-// that answers the retry does not know it (a new leader), the client
-// fails it with ErrIO: ErrStale would make the agent write the segment
-// again, over writes that came since. A commit refused with an answer
-// (Fenced) before the stale one changed nothing, and stays stale.
-func TestCommitOutcomeUnknown(t *testing.T) {
-	checkGoroutines(t)
-	ctx := testContext(t, time.Minute)
-	const cut, refused = 1 << 40, 1<<40 + 1
-	var tries sync.Map // token -> *atomic.Int32
-	s := newStack(t, stackOptions{unary: func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		r, ok := req.(*pb.FaultRequest)
-		if !ok || r.GetOp() != uint32(protocol.FaultCommit) || (r.GetToken() != cut && r.GetToken() != refused) {
-			return h(ctx, req)
-		}
-		n, _ := tries.LoadOrStore(r.GetToken(), new(atomic.Int32))
-		switch {
-		case n.(*atomic.Int32).Add(1) > 1:
-			return nil, status.Error(codes.Code(1000+int(pb.Code_CODE_STALE)), "staged write is stale")
-		case r.GetToken() == cut:
-			return nil, status.Error(codes.Unavailable, "connection reset")
-		default:
-			return nil, status.Error(codes.Code(1000+int(pb.Code_CODE_FENCED)), "fenced")
-		}
-	}})
-	a := s.startAgent("a", s.addr)
-	disk := s.createDisk(ctx, "d", 1)
-	a.open(ctx, "d")
-	commit := func(tok uint64) error {
-		_, err := a.client.Fault(ctx, protocol.Fault{Agent: "a", Disk: protocol.DiskID(disk.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: tok})
-		return err
-	}
-	if err := commit(cut); !errors.Is(err, protocol.ErrIO) || errors.Is(err, protocol.ErrStale) {
-		t.Errorf("a commit unanswered, then stale: %v, want ErrIO", err)
-	}
-	if err := commit(refused); !errors.Is(err, protocol.ErrStale) {
-		t.Errorf("a commit refused, then stale: %v, want ErrStale", err)
 	}
 }
