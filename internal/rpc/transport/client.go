@@ -30,6 +30,24 @@ type Client struct {
 		sync.Mutex
 		sess *session
 	}
+
+	// cmds is held shared by each command while it runs, and taken by
+	// EndCommands: see there.
+	cmds struct {
+		mu struct{ sync.RWMutex }
+	}
+}
+
+// EndCommands waits for the commands of the ended session that are
+// running, and makes sure no later one of it runs: commands still
+// buffered on its stream (the agent was stopped, say, while they came)
+// are dropped. RunAgent calls it before it fences the agent, so that no
+// command of a dead session lands in the tables the fence makes: a stale
+// entry installed there would send reads to a slot the controller has
+// moved the disk off since.
+func (c *Client) EndCommands() {
+	c.cmds.mu.Lock()
+	defer c.cmds.mu.Unlock()
 }
 
 // session is one Attach stream.
@@ -245,7 +263,15 @@ func (c *Client) receive(s *session, stream pb.Mapping_AttachClient, a protocol.
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				r := run(ctx, a, cmd)
+				var r *pb.CommandResult
+				c.cmds.mu.RLock()
+				select {
+				case <-s.done:
+					r = &pb.CommandResult{Id: cmd.GetId(), Status: &pb.Status{Code: pb.Code_CODE_FENCED, Message: "the session is over"}}
+				default:
+					r = run(ctx, a, cmd)
+				}
+				c.cmds.mu.RUnlock()
 				if err := send(&pb.AgentMessage{Msg: &pb.AgentMessage_Result{Result: r}}); err != nil {
 					s.close()
 				}

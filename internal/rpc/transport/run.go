@@ -42,6 +42,7 @@ func RunAgent(ctx context.Context, a *agent.Agent, c *Client, logger *slog.Logge
 		select {
 		case <-c.Done():
 			logger.Warn("session with the controller ended; fencing")
+			c.EndCommands()
 			fctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			if err := a.Fence(fctx); err != nil {
 				logger.Warn("fence", "err", err)
