@@ -24,9 +24,12 @@ import (
 )
 
 // Kill storms, ztest style (issue 7, item 4). A controller and two agents
-// run as real processes over file containers; a loop kill -9s the
-// controller (TestKillStormController) or the agents, alternating
-// (TestKillStormAgent), every 1-5 s and restarts them, while a driver runs
+// run as real processes over a file container and a storage node's export;
+// a loop kill -9s the controller (TestKillStormController) or the agents,
+// alternating (TestKillStormAgent), every 1-5 s and restarts them, and
+// after every third kill the storage node too (issue 15: a pause, never an
+// error); the controller storm's third kill cuts a drain of the file
+// container, which the restarted controller resumes. Meanwhile a driver runs
 // a seeded random mix of snapshot / clone / delete / resize operations,
 // known-pattern writes (qemu-io + flush) and online checks through the
 // CLI, and fio (nbd engine, crc32c verify with a backlog, verify failures

@@ -191,8 +191,10 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 			}
 		}
 	}
+	var seen string // what recover found
 	if op.recover != nil {
-		if err := op.recover(h, m0); err != nil {
+		var err error
+		if seen, err = op.recover(h, m0); err != nil {
 			return res, fmt.Errorf("after the restart: %w", err)
 		}
 	}
@@ -203,6 +205,10 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	var m fxModel
 	if res.outcome, m, err = h.outcome(m0, after, opErr == nil, op.torn); err != nil {
 		return res, err
+	}
+	if seen != "" {
+		// Recovered to after: the outcome is what the restart left.
+		res.outcome = seen
 	}
 	if res.outcome == "after" && op.settled != nil {
 		if err := op.settled(h); err != nil {

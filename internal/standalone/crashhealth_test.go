@@ -89,28 +89,29 @@ func (h *fx) errorsRead(m fxModel) (int, error) {
 func opFailContainer(id uint32) fxOp {
 	return fxOp{name: "fail-container", run: func(h *fx, m fxModel) (fxModel, error) {
 		return m.clone(), h.c.Ctrl.FailContainer(h.ctx, id, errTestFailure)
-	}, recover: func(h *fx, before fxModel) error {
+	}, recover: func(h *fx, before fxModel) (string, error) {
 		st, err := h.containerState(id)
 		if err != nil {
-			return err
+			return "", err
 		}
-		if st != meta.ContainerFailed && st != meta.ContainerOnline {
-			return fmt.Errorf("container %d is %v, want failed or online", id, st)
+		seen := map[meta.ContainerState]string{meta.ContainerOnline: "before", meta.ContainerFailed: "after"}[st]
+		if seen == "" {
+			return "", fmt.Errorf("container %d is %v, want failed or online", id, st)
 		}
 		if err := h.c.Ctrl.FailContainer(h.ctx, id, errTestFailure); err != nil {
-			return fmt.Errorf("fail container %d again: %w", id, err)
+			return "", fmt.Errorf("fail container %d again: %w", id, err)
 		}
 		n, err := h.errorsRead(before)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if n == 0 {
-			return fmt.Errorf("container %d failed, and no segment is Error", id)
+			return "", fmt.Errorf("container %d failed, and no segment is Error", id)
 		}
 		if _, err := h.c.Ctrl.OnlineContainer(h.ctx, id); err != nil {
-			return fmt.Errorf("online container %d: %w", id, err)
+			return "", fmt.Errorf("online container %d: %w", id, err)
 		}
-		return nil
+		return seen, nil
 	}}
 }
 
@@ -123,31 +124,33 @@ func opOnline(id uint32) fxOp {
 	}, run: func(h *fx, m fxModel) (fxModel, error) {
 		_, err := h.c.Ctrl.OnlineContainer(h.ctx, id)
 		return m.clone(), err
-	}, recover: func(h *fx, before fxModel) error {
+	}, recover: func(h *fx, before fxModel) (string, error) {
 		st, err := h.containerState(id)
 		if err != nil {
-			return err
+			return "", err
 		}
+		seen := "after"
 		switch st {
 		case meta.ContainerOnline:
 		case meta.ContainerFailed:
+			seen = "before"
 			if _, err := h.errorsRead(before); err != nil {
-				return fmt.Errorf("container %d still failed: %w", id, err)
+				return "", fmt.Errorf("container %d still failed: %w", id, err)
 			}
 			if _, err := h.c.Ctrl.OnlineContainer(h.ctx, id); err != nil {
-				return fmt.Errorf("online container %d again: %w", id, err)
+				return "", fmt.Errorf("online container %d again: %w", id, err)
 			}
 		default:
-			return fmt.Errorf("container %d is %v, want failed or online", id, st)
+			return "", fmt.Errorf("container %d is %v, want failed or online", id, st)
 		}
 		segs, err := h.errorSegments(before)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if len(segs) > 0 {
-			return fmt.Errorf("container %d online, and Error segments remain: %v", id, segs)
+			return "", fmt.Errorf("container %d online, and Error segments remain: %v", id, segs)
 		}
-		return nil
+		return seen, nil
 	}}
 }
 
@@ -181,39 +184,49 @@ func opClearErrors(disk string, errSeg uint64, failed uint32) fxOp {
 		}
 		_, err := h.c.Ctrl.ClearErrors(h.ctx, disk)
 		return after, err
-	}, recover: func(h *fx, before fxModel) error {
+	}, recover: func(h *fx, before fxModel) (string, error) {
 		if st, err := h.containerState(failed); err != nil || st != meta.ContainerFailed {
-			return fmt.Errorf("container %d: %v %v, want failed", failed, st, err)
+			return "", fmt.Errorf("container %d: %v %v, want failed", failed, st, err)
 		}
 		if err := h.checkClean(); err != nil {
-			return err
+			return "", err
 		}
 		zero := make([]byte, seg64)
+		var eio, zeros int // Error segments read as EIO and as zeros
 		for s := range uint64(len(before[disk].data) / seg64) {
 			want := before[disk].data[s*seg64 : (s+1)*seg64]
 			for i := range h.c.Agents {
 				got, err := h.readSegment(i, disk, s)
 				switch {
 				case slices.Contains(errs, s) && errors.Is(err, protocol.ErrIO):
+					eio++
 				case slices.Contains(errs, s) && err == nil && bytes.Equal(got, zero):
+					zeros++
 				case slices.Contains(errs, s):
-					return fmt.Errorf("agent %d: Error segment %d of %s reads neither EIO nor zeros (%v)", i, s, disk, err)
+					return "", fmt.Errorf("agent %d: Error segment %d of %s reads neither EIO nor zeros (%v)", i, s, disk, err)
 				case err != nil:
-					return fmt.Errorf("agent %d: segment %d of %s: %w", i, s, disk, err)
+					return "", fmt.Errorf("agent %d: segment %d of %s: %w", i, s, disk, err)
 				case !bytes.Equal(got, want):
-					return fmt.Errorf("agent %d: segment %d of %s changed", i, s, disk)
+					return "", fmt.Errorf("agent %d: segment %d of %s changed", i, s, disk)
 				}
 			}
 		}
+		seen := "torn"
+		switch {
+		case zeros == 0:
+			seen = "before"
+		case eio == 0:
+			seen = "after"
+		}
 		if _, err := h.c.Ctrl.ClearErrors(h.ctx, disk); err != nil {
-			return fmt.Errorf("clear errors of %s again: %w", disk, err)
+			return "", fmt.Errorf("clear errors of %s again: %w", disk, err)
 		}
 		if segs, err := h.errorSegments(fxModel{disk: {}}); err != nil || len(segs) > 0 {
-			return fmt.Errorf("errors cleared, and Error segments remain: %v %v", segs, err)
+			return "", fmt.Errorf("errors cleared, and Error segments remain: %v %v", segs, err)
 		}
 		if _, err := h.c.Ctrl.OnlineContainer(h.ctx, failed); err != nil {
-			return fmt.Errorf("online container %d: %w", failed, err)
+			return "", fmt.Errorf("online container %d: %w", failed, err)
 		}
-		return nil
+		return seen, nil
 	}}
 }

@@ -156,9 +156,10 @@ type fxOp struct {
 	pre func(h *fx) error
 	// recover, if set, runs after the restart, before the state is
 	// checked: it checks what a state the model cannot hold must be
-	// (an Error segment reads EIO or zeros) and retries the operation,
-	// as an operator would, so that the cluster holds the model after.
-	recover func(h *fx, before fxModel) error
+	// (an Error segment reads EIO or zeros), says which it found
+	// ("before", "after" or "torn"), and retries the operation, as an
+	// operator would, so that the cluster holds the model after.
+	recover func(h *fx, before fxModel) (string, error)
 }
 
 func opCreate(name string, prealloc bool) fxOp {
