@@ -19,12 +19,17 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"segmap/internal/heldport"
 )
 
 // Kill storms, ztest style (issue 7, item 4). A controller and two agents
-// run as real processes over file containers; a loop kill -9s the
-// controller (TestKillStormController) or the agents, alternating
-// (TestKillStormAgent), every 1-5 s and restarts them, while a driver runs
+// run as real processes over a file container and a storage node's export;
+// a loop kill -9s the controller (TestKillStormController) or the agents,
+// alternating (TestKillStormAgent), every 1-5 s and restarts them, and
+// after every third kill the storage node too (issue 15: a pause, never an
+// error); the controller storm's third kill cuts a drain of the file
+// container, which the restarted controller resumes. Meanwhile a driver runs
 // a seeded random mix of snapshot / clone / delete / resize operations,
 // known-pattern writes (qemu-io + flush) and online checks through the
 // CLI, and fio (nbd engine, crc32c verify with a backlog, verify failures
@@ -98,6 +103,8 @@ type stormStats struct {
 	resent                              int // applied, but the CLI's resend reported "not found" / "already exists"
 	byKind                              map[string]int
 	kills                               int
+	storageKills                        int // kill -9 and restart of the storage node
+	drains, drainsResumed               int // drains started, and resumed by a restarted controller
 	maxRestart                          time.Duration
 	maxOp                               time.Duration
 	maxOpKind                           string
@@ -114,6 +121,9 @@ func (a *stormStats) add(b stormStats) {
 	a.retries += b.retries
 	a.resent += b.resent
 	a.kills += b.kills
+	a.storageKills += b.storageKills
+	a.drains += b.drains
+	a.drainsResumed += b.drainsResumed
 	a.fioRounds += b.fioRounds
 	a.fioCut += b.fioCut
 	a.fioVerifies += b.fioVerifies
@@ -141,10 +151,10 @@ func (a *stormStats) String() string {
 		kinds = append(kinds, fmt.Sprintf("%s %d", k, n))
 	}
 	sort.Strings(kinds)
-	return fmt.Sprintf("kills survived %d, operations %d (acknowledged %d, applied unacknowledged %d of which reported failed by the CLI's resend %d, retries %d; %s), "+
+	return fmt.Sprintf("kills survived %d (and storage node kills %d), drains %d (resumed after a controller kill %d), operations %d (acknowledged %d, applied unacknowledged %d of which reported failed by the CLI's resend %d, retries %d; %s), "+
 		"pattern writes %d (retried %d), fio rounds %d (cut by a kill %d), fio verifies %d, content checks %d, snapshots hashed %d, online checks %d, "+
 		"longest CLI operation %v (%s), longest fio I/O %v, longest restart %v",
-		a.kills, a.ops, a.acked, a.unackedApplied, a.resent, a.retries, strings.Join(kinds, ", "),
+		a.kills, a.storageKills, a.drains, a.drainsResumed, a.ops, a.acked, a.unackedApplied, a.resent, a.retries, strings.Join(kinds, ", "),
 		a.writes, a.writeRetries, a.fioRounds, a.fioCut, a.fioVerifies, a.contentChecks, a.hashed, a.checks,
 		a.maxOp.Round(time.Millisecond), a.maxOpKind, a.maxIO.Round(time.Millisecond), a.maxRestart.Round(time.Millisecond))
 }
@@ -238,17 +248,161 @@ func (s *storm) failf(format string, args ...any) {
 	s.t.Errorf(format, args...)
 }
 
-// newStormCluster starts a plaintext controller (lease 3s) with two file
-// containers and two agents.
+// newStormCluster starts a plaintext controller (lease 3s) with two
+// containers, a file (container 1) and an export of a storage node
+// (container 2, nbd://), and two agents.
 func newStormCluster(t *testing.T) *cluster {
 	c := newBareCluster(t)
 	c.startController()
-	for i := 1; i <= 2; i++ {
-		c.cli("container", "add", filepath.Join(c.dir, fmt.Sprintf("c%d", i)), "--size", "768M", "--slot-size", "1M")
+	c.cli("container", "add", filepath.Join(c.dir, "c1"), "--size", "768M", "--slot-size", "1M")
+	dir := filepath.Join(c.dir, "store")
+	if _, errOut, code := runBin(t, "storage", "create", "--dir", dir, "s", "--size", "1G"); code != 0 {
+		t.Fatalf("storage create: %s", errOut)
 	}
+	// The container's URI names this address: it stays the storage
+	// node's across its restarts.
+	p := heldport.New(t)
+	sargs := []string{"storage", "--listen", fdArg(0), "--dir", dir, "--insecure"}
+	c.storage = append(c.storage, startHeld(t, dir, []*heldport.Port{p}, sargs...))
+	c.storageArgs = append(c.storageArgs, sargs)
+	c.storagePorts = append(c.storagePorts, p)
+	c.cli("container", "add", "nbd://"+p.Addr()+"/s", "--format", "--slot-size", "1M")
 	c.startAgent("host-a")
 	c.startAgent("host-b")
 	return c
+}
+
+// stormDrained is the container a controller storm drains and removes.
+const stormDrained = 1
+
+// containers returns the containers the controller lists, by id.
+func (s *storm) containers() (map[uint32]string, map[uint32]string, error) {
+	out, errOut, code := s.cli("container", "list", "--json")
+	if code != 0 {
+		return nil, nil, fmt.Errorf("container list: exit %d: %s", code, errOut)
+	}
+	var l containerList
+	if err := json.Unmarshal([]byte(out), &l); err != nil {
+		return nil, nil, fmt.Errorf("container list --json: %v\n%s", err, out)
+	}
+	state, used := map[uint32]string{}, map[uint32]string{}
+	for _, ct := range l.Containers {
+		state[ct.ID], used[ct.ID] = ct.State, ct.UsedSlots
+	}
+	return state, used, nil
+}
+
+// stormStorageGap is how long after a restart the storage node may be
+// killed.
+const stormStorageGap = 2500 * time.Millisecond
+
+// killStorage kill -9s the storage node, keeps it down for up to 1.5 s
+// and starts it again on its address: well within the failure timeout,
+// so hosts see a pause, never an error.
+//
+// Only a connection that was up reconnects and makes its I/O wait: a
+// process that opens the container for the first time while the node is
+// down (a controller or agent just restarted: the controller opens it for
+// its first probe or fault, an agent for its first I/O there) fails at
+// once, and the I/O behind it with EIO. The killer leaves stormStorageGap
+// after every restart before it kills the node, so that the storm tests
+// the reconnection, not that open.
+func (s *storm) killStorage(rng *rand.Rand) {
+	s.c.storage[0].kill()
+	s.scanOutput(s.c.storage[0])
+	time.Sleep(time.Duration(rng.Int64N(int64(1500 * time.Millisecond))))
+	s.c.restartStorage(0)
+	s.mu.Lock()
+	s.st.storageKills++
+	s.mu.Unlock()
+}
+
+// drainKill starts 'container drain' of container stormDrained and kills
+// the controller as soon as it is under way, down for longer than the CLI waits, then
+// restarts it; in the background it waits for the restarted controller
+// to finish the drain by itself (or a later one, if another kill
+// interrupts it again), requires the container to end draining with no
+// slot used, and removes it.
+func (s *storm) drainKill(rng *rand.Rand, wg *sync.WaitGroup) {
+	c := s.c
+	drained := make(chan string, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		out, errOut, code := s.cli("container", "drain", strconv.Itoa(stormDrained), "--no-progress")
+		drained <- fmt.Sprintf("exit %d: %s%s", code, out, errOut)
+	}()
+	s.mu.Lock()
+	s.st.drains++
+	s.mu.Unlock()
+	// Kill once the drain has begun (the container is draining) and
+	// has not ended (it still holds slots).
+	for t0 := time.Now(); time.Since(t0) < 10*time.Second; {
+		state, used, err := s.containers()
+		if err == nil && state[stormDrained] == "draining" {
+			if used[stormDrained] == "0" {
+				s.t.Logf("the drain ended before the kill")
+			}
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.ctlGen.Add(1)
+	c.ctl.kill()
+	s.scanOutput(c.ctl)
+	time.Sleep(2200*time.Millisecond + time.Duration(rng.Int64N(int64(time.Second))))
+	c.startController()
+	restarted := c.ctl
+	s.ctlGen.Add(1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		cliRes := <-drained
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			if s.broken.Load() {
+				return
+			}
+			state, used, err := s.containers()
+			if err == nil && used[stormDrained] == "0" {
+				if state[stormDrained] != "draining" {
+					s.failf("drained container %d is %q, want draining", stormDrained, state[stormDrained])
+					return
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				s.failf("container %d not drained 2m after the controller was killed mid-drain (%v, slots used %q; the drain call: %s)", stormDrained, err, used[stormDrained], cliRes)
+				return
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		resumed := strings.Contains(restarted.out.String(), "resuming the drain")
+		if !resumed && !strings.HasPrefix(cliRes, "exit 0") {
+			s.failf("the drain cut by a controller kill (%s) was not resumed by the restarted controller", strings.TrimSpace(cliRes))
+			return
+		}
+		s.mu.Lock()
+		if resumed {
+			s.st.drainsResumed++
+		}
+		s.mu.Unlock()
+		s.t.Logf("container %d drained; resumed by the restarted controller: %v; the drain call: %s", stormDrained, resumed, strings.TrimSpace(cliRes))
+		for !s.broken.Load() {
+			state, _, err := s.containers()
+			if err == nil && state[stormDrained] == "" {
+				return
+			}
+			if time.Now().After(deadline) {
+				s.failf("container %d not removed: %v", stormDrained, err)
+				return
+			}
+			if _, errOut, code := s.cli("container", "remove", strconv.Itoa(stormDrained)); code != 0 {
+				s.noteErr(errOut)
+				time.Sleep(200 * time.Millisecond)
+			}
+		}
+	}()
 }
 
 // runStorm runs one storm until it has made minOps snapshot / clone /
@@ -335,6 +489,15 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		if s.broken.Load() {
 			break
 		}
+		if kind == killController && i == 2 {
+			// The third kill lands in a drain, once there is data
+			// to move.
+			s.drainKill(rng, &wg)
+			s.mu.Lock()
+			s.st.kills++
+			s.mu.Unlock()
+			continue
+		}
 		var victim *up
 		if kind == killController {
 			victim = c.ctl
@@ -367,6 +530,19 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		s.st.kills++
 		s.st.maxRestart = max(s.st.maxRestart, time.Since(r0))
 		s.mu.Unlock()
+		if i%3 == 1 {
+			// Not while a process just restarted may not have
+			// opened the storage node's container yet: a first
+			// open fails at once when the node is down (see
+			// killStorage).
+			for t1 := time.Now().Add(stormStorageGap); time.Now().Before(t1) && !s.broken.Load(); {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if s.broken.Load() {
+				break
+			}
+			s.killStorage(rng)
+		}
 	}
 	storm := time.Since(t0)
 	halt()
@@ -972,6 +1148,7 @@ func (s *storm) verify(rng *rand.Rand, last [][]int64) {
 		}
 	}
 	s.checkClean("after the storm")
+	s.checkContainers()
 
 	// Everything acknowledged was durable, not only in the controller's
 	// memory.
@@ -985,6 +1162,28 @@ func (s *storm) verify(rng *rand.Rand, last [][]int64) {
 		for _, a := range s.c.agents {
 			s.scanOutput(a)
 		}
+	}
+}
+
+// checkContainers fails the test unless no container failed (the storage
+// node's restarts were pauses, not failures) and, in a controller storm,
+// the drained container is gone.
+func (s *storm) checkContainers() {
+	state, _, err := s.containers()
+	if err != nil {
+		s.t.Errorf("after the storm: %v", err)
+		return
+	}
+	for id, st := range state {
+		if st != "online" && (st != "draining" || id != stormDrained) {
+			s.t.Errorf("after the storm: container %d is %s", id, st)
+		}
+	}
+	if _, ok := state[stormDrained]; ok && s.kind == killController {
+		s.t.Errorf("after the storm: container %d was drained and removed, and is listed (%s)", stormDrained, state[stormDrained])
+	}
+	for _, u := range s.c.storage {
+		s.scanOutput(u)
 	}
 }
 

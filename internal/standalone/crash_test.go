@@ -84,6 +84,12 @@ func crashCases() []crashCase {
 		// Container 1 holds slots of every kind: exclusive, shared
 		// with snapshots, tops and layers of partial entries.
 		{"drain", opDrain(1), ctrlCrash},
+		// Container 1 failed (its segments Error), brought back.
+		{"online", opOnline(1), ctrlCrash},
+		{"fail-container", opFailContainer(1), ctrlCrash},
+		// D with segment 2 set to Error and the segments it has on
+		// the failed container 1: all become Zero.
+		{"clear-errors", opClearErrors("D", 2, 1), ctrlCrash},
 		{"import", opImport("J", "F@b", ""), ctrlCrash},
 		{"import-incremental", opImport("I", "F@b", "F@a"), ctrlCrash},
 	}
@@ -141,6 +147,11 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	if side == agentsCrash {
 		in = h.agent.Load()
 	}
+	if op.pre != nil {
+		if err := op.pre(h); err != nil {
+			return crashResult{}, fmt.Errorf("before the operation: %w", err)
+		}
+	}
 	start := in.Steps()
 	if k > 0 {
 		in.CrashAt(start+k, keep)
@@ -180,6 +191,13 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 			}
 		}
 	}
+	var seen string // what recover found
+	if op.recover != nil {
+		var err error
+		if seen, err = op.recover(h, m0); err != nil {
+			return res, fmt.Errorf("after the restart: %w", err)
+		}
+	}
 	if err := h.checkClean(); err != nil {
 		return res, err
 	}
@@ -187,6 +205,10 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 	var m fxModel
 	if res.outcome, m, err = h.outcome(m0, after, opErr == nil, op.torn); err != nil {
 		return res, err
+	}
+	if seen != "" {
+		// Recovered to after: the outcome is what the restart left.
+		res.outcome = seen
 	}
 	if res.outcome == "after" && op.settled != nil {
 		if err := op.settled(h); err != nil {

@@ -153,6 +153,15 @@ type fxOp struct {
 	// settled, if set, checks what the model does not hold once the
 	// operation has taken effect.
 	settled func(h *fx) error
+	// pre, if set, runs after prepare and before the operation: its
+	// steps are not crash points (a failed container to bring back).
+	pre func(h *fx) error
+	// recover, if set, runs after the restart, before the state is
+	// checked: it checks what a state the model cannot hold must be
+	// (an Error segment reads EIO or zeros), says which it found
+	// ("before", "after" or "torn"), and retries the operation, as an
+	// operator would, so that the cluster holds the model after.
+	recover func(h *fx, before fxModel) (string, error)
 }
 
 func opCreate(name string, prealloc bool) fxOp {
