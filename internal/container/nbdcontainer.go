@@ -287,6 +287,12 @@ func OpenNBDWith(ctx context.Context, uri string, want *Header, cfg nbdclient.Cl
 	cfg.Lease = opts.Lease != nil
 	cfg.CacheID = true
 	cl, err := dialNBD(ctx, uri, cfg)
+	if err != nil && want != nil && !definite(err) {
+		// A registered container whose node is down (restarting, say)
+		// is waited for as a broken connection is: up to the failure
+		// timeout.
+		cl, err = redial(ctx, uri, cfg, opts, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open container %s: %w", uri, err)
 	}
@@ -303,6 +309,34 @@ func OpenNBDWith(ctx context.Context, uri string, want *Header, cfg nbdclient.Cl
 		opts.Lease = nil
 	}
 	return newNBD(cl, uri, h, cfg, opts), nil
+}
+
+// definite reports whether err, from dialing an export, says the export
+// itself is wrong (dialing again will not help), rather than that its
+// node could not be reached.
+func definite(err error) bool {
+	return errors.Is(err, nbdwire.ErrUnknownExport) || errors.Is(err, nbdclient.ErrEPERM) ||
+		errors.Is(err, nbdclient.ErrTLSRequired) || errors.Is(err, nbdclient.ErrProtocol)
+}
+
+// redial dials uri again after first failed, with opts.Reconnect's backoff,
+// until it connects, the failure timeout passes (ErrUnreachable) or ctx
+// ends.
+func redial(ctx context.Context, uri string, cfg nbdclient.ClientConfig, opts NBDOptions, first error) (*nbdclient.Client, error) {
+	opts.Logger.Warn("container storage unreachable at open; retrying", "uri", uri, "err", first)
+	deadline := time.Now().Add(opts.FailTimeout)
+	b := backoff.New(opts.Reconnect, nil)
+	err := first
+	for time.Now().Before(deadline) {
+		if errors.Is(b.Sleep(ctx, b.Next()), context.Canceled) || ctx.Err() != nil {
+			return nil, fmt.Errorf("%v: %w", err, ctx.Err())
+		}
+		var cl *nbdclient.Client
+		if cl, err = dialNBD(ctx, uri, cfg); err == nil || definite(err) {
+			return cl, err
+		}
+	}
+	return nil, fmt.Errorf("%v: %w", err, ErrUnreachable)
 }
 
 // attach readies a new connection for requests: it grants the lease

@@ -432,3 +432,41 @@ func TestNBDCloseWhileDown(t *testing.T) {
 		t.Errorf("status: %v", st.State)
 	}
 }
+
+// TestNBDOpenWhileDown: opening a registered container (its header known)
+// whose node is down waits for the node, up to the failure timeout, as a
+// broken connection does; beyond it, it fails with ErrUnreachable. An
+// unknown container (no header to expect) fails at once.
+func TestNBDOpenWhileDown(t *testing.T) {
+	n := startNode(t)
+	c, _, name := openOn(t, n, 7, container.NBDOptions{})
+	c.Close()
+	want := &container.Header{ID: 7, SlotSize: slot}
+	n.kill()
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		n.restart()
+	}()
+	opts := container.NBDOptions{Reconnect: fastReconnect, FailTimeout: 10 * time.Second, Logger: slog.New(slog.DiscardHandler)}
+	t0 := time.Now()
+	c, err := container.OpenNBDWith(context.Background(), n.uri(name), want, nbdclient.ClientConfig{}, opts)
+	if err != nil {
+		t.Fatalf("open while the node restarts: %v", err)
+	}
+	c.Close()
+	t.Logf("opened %v after the node went down", time.Since(t0).Round(time.Millisecond))
+
+	n.kill()
+	opts.FailTimeout = 300 * time.Millisecond
+	t0 = time.Now()
+	if _, err := container.OpenNBDWith(context.Background(), n.uri(name), want, nbdclient.ClientConfig{}, opts); !errors.Is(err, container.ErrUnreachable) {
+		t.Fatalf("open of a node down beyond the failure timeout: %v, want ErrUnreachable", err)
+	}
+	if took := time.Since(t0); took > 300*time.Millisecond+time.Second {
+		t.Errorf("gave up after %v, failure timeout 300ms", took)
+	}
+	if _, err := container.OpenNBDWith(context.Background(), n.uri(name), nil, nbdclient.ClientConfig{}, opts); err == nil || errors.Is(err, container.ErrUnreachable) {
+		t.Fatalf("open of an unknown container on a node down: %v, want a dial error at once", err)
+	}
+	n.restart()
+}

@@ -68,7 +68,9 @@ func openURI(info protocol.Container, m *tlsconf.Material, opts NBDOptions) (Con
 		if err != nil {
 			return nil, err
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout)
+		// A registered container's node may be down for up to the
+		// failure timeout (OpenNBDWith waits for it).
+		ctx, cancel := context.WithTimeout(context.Background(), NBDDialTimeout+opts.withDefaults().FailTimeout)
 		defer cancel()
 		return OpenNBDWith(ctx, info.URI, want, cfg, opts)
 	}

@@ -292,21 +292,11 @@ func (s *storm) containers() (map[uint32]string, map[uint32]string, error) {
 	return state, used, nil
 }
 
-// stormStorageGap is how long after a restart the storage node may be
-// killed.
-const stormStorageGap = 2500 * time.Millisecond
-
 // killStorage kill -9s the storage node, keeps it down for up to 1.5 s
 // and starts it again on its address: well within the failure timeout,
-// so hosts see a pause, never an error.
-//
-// Only a connection that was up reconnects and makes its I/O wait: a
-// process that opens the container for the first time while the node is
-// down (a controller or agent just restarted: the controller opens it for
-// its first probe or fault, an agent for its first I/O there) fails at
-// once, and the I/O behind it with EIO. The killer leaves stormStorageGap
-// after every restart before it kills the node, so that the storm tests
-// the reconnection, not that open.
+// so hosts see a pause, never an error. It may land right after a
+// controller or agent restart: a process opening the registered container
+// for the first time while the node is down waits for it too.
 func (s *storm) killStorage(rng *rand.Rand) {
 	s.c.storage[0].kill()
 	s.scanOutput(s.c.storage[0])
@@ -531,13 +521,6 @@ func runStorm(t *testing.T, kind stormKind, seed uint64, minOps, minKills int, u
 		s.st.maxRestart = max(s.st.maxRestart, time.Since(r0))
 		s.mu.Unlock()
 		if i%3 == 1 {
-			// Not while a process just restarted may not have
-			// opened the storage node's container yet: a first
-			// open fails at once when the node is down (see
-			// killStorage).
-			for t1 := time.Now().Add(stormStorageGap); time.Now().Before(t1) && !s.broken.Load(); {
-				time.Sleep(50 * time.Millisecond)
-			}
 			if s.broken.Load() {
 				break
 			}
