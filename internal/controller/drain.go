@@ -137,7 +137,7 @@ func (c *Controller) Drain(ctx context.Context, id uint32, progress func(done, t
 // DefaultDrainMoves is how many segments a drain moves at once by default:
 // each waits for its copy's flush and its commit, which the others
 // overlap.
-const DefaultDrainMoves = 8
+const DefaultDrainMoves = 16
 
 // drainAll moves the slots of container id at every index of work,
 // c.drainMoves at a time, calling moved (one call at a time) with the slots
