@@ -94,7 +94,7 @@ func (g *globals) call(fn func(ctx context.Context, c pb.AdminClient) error) err
 	case strings.Contains(msg, "connection refused"):
 		return fmt.Errorf("no segmap controller at %s (start one with 'segmap up', or pass --controller)", g.controller)
 	case g.tls.certs == "" && (strings.Contains(msg, "EOF") || strings.Contains(msg, "handshake") || strings.Contains(msg, "preface")):
-		return fmt.Errorf("%s (the controller at %s may require TLS: pass --certs DIR)", msg, g.controller)
+		return fmt.Errorf("%s (the controller at %s closed the connection: it may have stopped, or it may require TLS: pass --certs DIR)", msg, g.controller)
 	}
 	return errors.New(msg)
 }
