@@ -37,14 +37,23 @@ func (c *Controller) SetError(ctx context.Context, name string, off, length uint
 	case off >= d.Size || length > d.Size-off:
 		return meta.Disk{}, fmt.Errorf("set error on %q at %d+%d: past its end (%d bytes): %w", name, off, length, d.Size, protocol.ErrBadRequest)
 	}
-	for seg, last := off/ss, (off+length)/ss; seg < last; {
+	if err := c.voidRange(ctx, d, off, length, table.ErrorEntry); err != nil {
+		return meta.Disk{}, fmt.Errorf("set error on %q: %w", name, err)
+	}
+	return d, nil
+}
+
+// voidRange sets the entries of d's whole segments in [off, off+length)
+// to to (void), MaxDiscard segments at a time.
+func (c *Controller) voidRange(ctx context.Context, d meta.Disk, off, length uint64, to table.Entry) error {
+	for seg, last := off/d.SegmentSize, (off+length)/d.SegmentSize; seg < last; {
 		n := min(last-seg, MaxDiscard)
-		if _, err := c.void(ctx, d, seg, n, table.ErrorEntry); err != nil {
-			return meta.Disk{}, fmt.Errorf("set error on %q: %w", name, err)
+		if _, err := c.void(ctx, d, seg, n, to); err != nil {
+			return err
 		}
 		seg += n
 	}
-	return d, nil
+	return nil
 }
 
 // ClearErrors makes every Error segment of disk name read as zeros (those
@@ -70,14 +79,10 @@ func (c *Controller) ClearErrors(ctx context.Context, name string) (uint64, erro
 	}
 	var cleared uint64
 	for _, x := range exts {
-		for seg, last := x.Off/d.SegmentSize, (x.Off+x.Len)/d.SegmentSize; seg < last; {
-			n := min(last-seg, MaxDiscard)
-			if _, err := c.void(ctx, d, seg, n, table.ZeroEntry); err != nil {
-				return cleared, fmt.Errorf("clear errors of %q: %w", name, err)
-			}
-			cleared += n * d.SegmentSize
-			seg += n
+		if err := c.voidRange(ctx, d, x.Off, x.Len, table.ZeroEntry); err != nil {
+			return cleared, fmt.Errorf("clear errors of %q: %w", name, err)
 		}
+		cleared += x.Len
 	}
 	return cleared, nil
 }

@@ -538,40 +538,32 @@ func (h *clientHandshake) startTLS(addr string) error {
 // structuredReply asks for structured replies; false if the server does
 // not offer them.
 func (h *clientHandshake) structuredReply() (bool, error) {
-	if err := h.sendOption(nbdwire.OptStructuredReply, nil); err != nil {
-		return false, err
-	}
-	typ, data, err := h.optReply(nbdwire.OptStructuredReply)
-	switch {
-	case err != nil:
-		return false, err
-	case typ == nbdwire.RepAck:
-		return true, nil
-	case typ == nbdwire.RepErrTLSReqd:
-		return false, optError(nbdwire.OptStructuredReply, typ, data)
-	case typ&nbdwire.RepErr != 0:
-		return false, nil
-	}
-	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptStructuredReply)
+	return h.ackOption(nbdwire.OptStructuredReply)
 }
 
 // askLease asks for segmap's lease; ok is false if the server refuses it.
 func (h *clientHandshake) askLease() (ok bool, err error) {
-	if err := h.sendOption(nbdwire.OptSegmapLease, nil); err != nil {
+	return h.ackOption(nbdwire.OptSegmapLease)
+}
+
+// ackOption sends opt without data; ok is true if the server acknowledges
+// it, false if it refuses it (any error reply but TLS required).
+func (h *clientHandshake) ackOption(opt nbdwire.Option) (ok bool, err error) {
+	if err := h.sendOption(opt, nil); err != nil {
 		return false, err
 	}
-	typ, data, err := h.optReply(nbdwire.OptSegmapLease)
+	typ, data, err := h.optReply(opt)
 	switch {
 	case err != nil:
 		return false, err
 	case typ == nbdwire.RepAck:
 		return true, nil
 	case typ == nbdwire.RepErrTLSReqd:
-		return false, optError(nbdwire.OptSegmapLease, typ, data)
+		return false, optError(opt, typ, data)
 	case typ&nbdwire.RepErr != 0:
 		return false, nil
 	}
-	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, nbdwire.OptSegmapLease)
+	return false, fmt.Errorf("%w: %v reply to %v", ErrProtocol, typ, opt)
 }
 
 // askCache asks who holds the server's write cache; ok is false if the
