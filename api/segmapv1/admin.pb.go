@@ -1712,7 +1712,10 @@ type Container struct {
 	// state: "online" (slots are allocated on it), "draining" (none are;
 	// a drain moves its slots away) or "failed". A removed container is
 	// not listed.
-	State         string `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
+	State string `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
+	// A mirrored container's replicas (uri empty) and membership epoch.
+	Replicas      []*ReplicaInfo `protobuf:"bytes,8,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Epoch         uint64         `protobuf:"varint,9,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1796,6 +1799,196 @@ func (x *Container) GetState() string {
 	return ""
 }
 
+func (x *Container) GetReplicas() []*ReplicaInfo {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+func (x *Container) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+// ReplicaInfo is one replica of a mirrored container; state is
+// "healthy", "failed" or "rebuilding".
+type ReplicaInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	State         string                 `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplicaInfo) Reset() {
+	*x = ReplicaInfo{}
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplicaInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplicaInfo) ProtoMessage() {}
+
+func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplicaInfo.ProtoReflect.Descriptor instead.
+func (*ReplicaInfo) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ReplicaInfo) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *ReplicaInfo) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+type ReplaceReplicaRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	OldUri string                 `protobuf:"bytes,2,opt,name=old_uri,json=oldUri,proto3" json:"old_uri,omitempty"`
+	NewUri string                 `protobuf:"bytes,3,opt,name=new_uri,json=newUri,proto3" json:"new_uri,omitempty"`
+	// format writes the container's header onto new_uri first (a new
+	// file of the container's size, a block device, an NBD export).
+	Format        bool `protobuf:"varint,4,opt,name=format,proto3" json:"format,omitempty"`
+	Force         bool `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplaceReplicaRequest) Reset() {
+	*x = ReplaceReplicaRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplaceReplicaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplaceReplicaRequest) ProtoMessage() {}
+
+func (x *ReplaceReplicaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplaceReplicaRequest.ProtoReflect.Descriptor instead.
+func (*ReplaceReplicaRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ReplaceReplicaRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *ReplaceReplicaRequest) GetOldUri() string {
+	if x != nil {
+		return x.OldUri
+	}
+	return ""
+}
+
+func (x *ReplaceReplicaRequest) GetNewUri() string {
+	if x != nil {
+		return x.NewUri
+	}
+	return ""
+}
+
+func (x *ReplaceReplicaRequest) GetFormat() bool {
+	if x != nil {
+		return x.Format
+	}
+	return false
+}
+
+func (x *ReplaceReplicaRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RebuildReplicaRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RebuildReplicaRequest) Reset() {
+	*x = RebuildReplicaRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RebuildReplicaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RebuildReplicaRequest) ProtoMessage() {}
+
+func (x *RebuildReplicaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RebuildReplicaRequest.ProtoReflect.Descriptor instead.
+func (*RebuildReplicaRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RebuildReplicaRequest) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
 type DrainContainerRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1805,7 +1998,7 @@ type DrainContainerRequest struct {
 
 func (x *DrainContainerRequest) Reset() {
 	*x = DrainContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1817,7 +2010,7 @@ func (x *DrainContainerRequest) String() string {
 func (*DrainContainerRequest) ProtoMessage() {}
 
 func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1830,7 +2023,7 @@ func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainContainerRequest.ProtoReflect.Descriptor instead.
 func (*DrainContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DrainContainerRequest) GetId() uint32 {
@@ -1854,7 +2047,7 @@ type DrainProgress struct {
 
 func (x *DrainProgress) Reset() {
 	*x = DrainProgress{}
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1866,7 +2059,7 @@ func (x *DrainProgress) String() string {
 func (*DrainProgress) ProtoMessage() {}
 
 func (x *DrainProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1879,7 +2072,7 @@ func (x *DrainProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
 func (*DrainProgress) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DrainProgress) GetDone() uint64 {
@@ -1912,7 +2105,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2117,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2130,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RemoveContainerRequest) GetId() uint32 {
@@ -1956,7 +2149,7 @@ type OnlineContainerRequest struct {
 
 func (x *OnlineContainerRequest) Reset() {
 	*x = OnlineContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1968,7 +2161,7 @@ func (x *OnlineContainerRequest) String() string {
 func (*OnlineContainerRequest) ProtoMessage() {}
 
 func (x *OnlineContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1981,7 +2174,7 @@ func (x *OnlineContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OnlineContainerRequest.ProtoReflect.Descriptor instead.
 func (*OnlineContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *OnlineContainerRequest) GetId() uint32 {
@@ -2000,7 +2193,7 @@ type RemoveContainerResponse struct {
 
 func (x *RemoveContainerResponse) Reset() {
 	*x = RemoveContainerResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2012,7 +2205,7 @@ func (x *RemoveContainerResponse) String() string {
 func (*RemoveContainerResponse) ProtoMessage() {}
 
 func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2025,7 +2218,7 @@ func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RemoveContainerResponse) GetId() uint32 {
@@ -2043,7 +2236,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2055,7 +2248,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2068,7 +2261,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 type ListContainersResponse struct {
@@ -2080,7 +2273,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2092,7 +2285,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2105,7 +2298,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -2127,14 +2320,18 @@ type AddContainerRequest struct {
 	Slots    uint64 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
 	// force formats even a target that holds a file system, a partition
 	// table or a container header, which is refused otherwise.
-	Force         bool `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
+	Force bool `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`
+	// mirror, instead of uri, makes a mirrored container of two or three
+	// replicas: each is formatted (slot_size; slots for new files) with
+	// the same container id, and the mirror has the fewest slots of them.
+	Mirror        []string `protobuf:"bytes,5,rep,name=mirror,proto3" json:"mirror,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2146,7 +2343,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2159,7 +2356,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -2190,6 +2387,13 @@ func (x *AddContainerRequest) GetForce() bool {
 	return false
 }
 
+func (x *AddContainerRequest) GetMirror() []string {
+	if x != nil {
+		return x.Mirror
+	}
+	return nil
+}
+
 type CheckRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Repair        bool                   `protobuf:"varint,1,opt,name=repair,proto3" json:"repair,omitempty"`
@@ -2199,7 +2403,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2211,7 +2415,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2224,7 +2428,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -2256,7 +2460,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2268,7 +2472,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2281,7 +2485,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Problem) GetKind() string {
@@ -2350,7 +2554,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2566,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2579,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -2417,7 +2621,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2429,7 +2633,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2442,7 +2646,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *StatusRequest) GetAgents() bool {
@@ -2465,7 +2669,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2477,7 +2681,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2490,7 +2694,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Agent) GetName() string {
@@ -2543,7 +2747,7 @@ type AgentDisk struct {
 
 func (x *AgentDisk) Reset() {
 	*x = AgentDisk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2759,7 @@ func (x *AgentDisk) String() string {
 func (*AgentDisk) ProtoMessage() {}
 
 func (x *AgentDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2772,7 @@ func (x *AgentDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
 func (*AgentDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AgentDisk) GetId() uint64 {
@@ -2700,7 +2904,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[42]
+	mi := &file_segmapv1_admin_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2712,7 +2916,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[42]
+	mi := &file_segmapv1_admin_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2725,7 +2929,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{42}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -2918,7 +3122,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\bwritable\x18\x03 \x01(\bR\bwritable\x12,\n" +
 	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\"9\n" +
 	"\x10SnapshotResponse\x12%\n" +
-	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xd7\x01\n" +
+	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xa1\x02\n" +
 	"\tContainer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
 	"\x03uri\x18\x02 \x01(\tR\x03uri\x12\x1b\n" +
@@ -2927,8 +3131,21 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
 	"used_slots\x18\x05 \x01(\x04R\tusedSlots\x12,\n" +
 	"\x0fallocated_bytes\x18\x06 \x01(\x04H\x00R\x0eallocatedBytes\x88\x01\x01\x12\x14\n" +
-	"\x05state\x18\a \x01(\tR\x05stateB\x12\n" +
-	"\x10_allocated_bytes\"'\n" +
+	"\x05state\x18\a \x01(\tR\x05state\x122\n" +
+	"\breplicas\x18\b \x03(\v2\x16.segmap.v1.ReplicaInfoR\breplicas\x12\x14\n" +
+	"\x05epoch\x18\t \x01(\x04R\x05epochB\x12\n" +
+	"\x10_allocated_bytes\"5\n" +
+	"\vReplicaInfo\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\"\x87\x01\n" +
+	"\x15ReplaceReplicaRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\x12\x17\n" +
+	"\aold_uri\x18\x02 \x01(\tR\x06oldUri\x12\x17\n" +
+	"\anew_uri\x18\x03 \x01(\tR\x06newUri\x12\x16\n" +
+	"\x06format\x18\x04 \x01(\bR\x06format\x12\x14\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\"'\n" +
+	"\x15RebuildReplicaRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\"'\n" +
 	"\x15DrainContainerRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\"V\n" +
 	"\rDrainProgress\x12\x12\n" +
@@ -2945,12 +3162,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x16ListContainersResponse\x124\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x14.segmap.v1.ContainerR\n" +
-	"containers\"p\n" +
+	"containers\"\x88\x01\n" +
 	"\x13AddContainerRequest\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x1b\n" +
 	"\tslot_size\x18\x02 \x01(\x04R\bslotSize\x12\x14\n" +
 	"\x05slots\x18\x03 \x01(\x04R\x05slots\x12\x14\n" +
-	"\x05force\x18\x04 \x01(\bR\x05force\"&\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\x12\x16\n" +
+	"\x06mirror\x18\x05 \x03(\tR\x06mirror\"&\n" +
 	"\fCheckRequest\x12\x16\n" +
 	"\x06repair\x18\x01 \x01(\bR\x06repair\"\xa7\x01\n" +
 	"\aProblem\x12\x12\n" +
@@ -3013,7 +3231,7 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\xe6\f\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\x86\x0e\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
 	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
@@ -3033,7 +3251,9 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\fAddContainer\x12\x1e.segmap.v1.AddContainerRequest\x1a\x14.segmap.v1.Container\x12N\n" +
 	"\x0eDrainContainer\x12 .segmap.v1.DrainContainerRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12X\n" +
 	"\x0fRemoveContainer\x12!.segmap.v1.RemoveContainerRequest\x1a\".segmap.v1.RemoveContainerResponse\x12J\n" +
-	"\x0fOnlineContainer\x12!.segmap.v1.OnlineContainerRequest\x1a\x14.segmap.v1.Container\x12:\n" +
+	"\x0fOnlineContainer\x12!.segmap.v1.OnlineContainerRequest\x1a\x14.segmap.v1.Container\x12N\n" +
+	"\x0eReplaceReplica\x12 .segmap.v1.ReplaceReplicaRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12N\n" +
+	"\x0eRebuildReplica\x12 .segmap.v1.RebuildReplicaRequest\x1a\x18.segmap.v1.DrainProgress0\x01\x12:\n" +
 	"\x05Check\x12\x17.segmap.v1.CheckRequest\x1a\x18.segmap.v1.CheckResponse\x12=\n" +
 	"\x06Status\x12\x18.segmap.v1.StatusRequest\x1a\x19.segmap.v1.StatusResponse\x121\n" +
 	"\x05Grant\x12\x17.segmap.v1.GrantRequest\x1a\x0f.segmap.v1.Disk\x122\n" +
@@ -3057,7 +3277,7 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                     // 0: segmap.v1.Policy
 	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
@@ -3088,21 +3308,24 @@ var file_segmapv1_admin_proto_goTypes = []any{
 	(*SnapshotRequest)(nil),         // 26: segmap.v1.SnapshotRequest
 	(*SnapshotResponse)(nil),        // 27: segmap.v1.SnapshotResponse
 	(*Container)(nil),               // 28: segmap.v1.Container
-	(*DrainContainerRequest)(nil),   // 29: segmap.v1.DrainContainerRequest
-	(*DrainProgress)(nil),           // 30: segmap.v1.DrainProgress
-	(*RemoveContainerRequest)(nil),  // 31: segmap.v1.RemoveContainerRequest
-	(*OnlineContainerRequest)(nil),  // 32: segmap.v1.OnlineContainerRequest
-	(*RemoveContainerResponse)(nil), // 33: segmap.v1.RemoveContainerResponse
-	(*ListContainersRequest)(nil),   // 34: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil),  // 35: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),     // 36: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),            // 37: segmap.v1.CheckRequest
-	(*Problem)(nil),                 // 38: segmap.v1.Problem
-	(*CheckResponse)(nil),           // 39: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),           // 40: segmap.v1.StatusRequest
-	(*Agent)(nil),                   // 41: segmap.v1.Agent
-	(*AgentDisk)(nil),               // 42: segmap.v1.AgentDisk
-	(*StatusResponse)(nil),          // 43: segmap.v1.StatusResponse
+	(*ReplicaInfo)(nil),             // 29: segmap.v1.ReplicaInfo
+	(*ReplaceReplicaRequest)(nil),   // 30: segmap.v1.ReplaceReplicaRequest
+	(*RebuildReplicaRequest)(nil),   // 31: segmap.v1.RebuildReplicaRequest
+	(*DrainContainerRequest)(nil),   // 32: segmap.v1.DrainContainerRequest
+	(*DrainProgress)(nil),           // 33: segmap.v1.DrainProgress
+	(*RemoveContainerRequest)(nil),  // 34: segmap.v1.RemoveContainerRequest
+	(*OnlineContainerRequest)(nil),  // 35: segmap.v1.OnlineContainerRequest
+	(*RemoveContainerResponse)(nil), // 36: segmap.v1.RemoveContainerResponse
+	(*ListContainersRequest)(nil),   // 37: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 38: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 39: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 40: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 41: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 42: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 43: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 44: segmap.v1.Agent
+	(*AgentDisk)(nil),               // 45: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 46: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
 	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
@@ -3113,66 +3336,71 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	0,  // 5: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
 	13, // 6: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
 	13, // 7: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	28, // 8: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	38, // 9: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	38, // 10: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	4,  // 11: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	42, // 12: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	41, // 13: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	28, // 14: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	14, // 15: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	15, // 16: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	17, // 17: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	18, // 18: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	24, // 19: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	19, // 20: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	20, // 21: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	21, // 22: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	22, // 23: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
-	26, // 24: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	34, // 25: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	36, // 26: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	29, // 27: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
-	31, // 28: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
-	32, // 29: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
-	37, // 30: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	40, // 31: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 32: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 33: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 34: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 35: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 36: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 37: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 38: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 39: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 40: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 41: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 42: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 43: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 44: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 45: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 46: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 47: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 48: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	35, // 49: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 50: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	30, // 51: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
-	33, // 52: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
-	28, // 53: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
-	39, // 54: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	43, // 55: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 56: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 57: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 58: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 59: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 60: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 61: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 62: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	39, // [39:63] is the sub-list for method output_type
-	15, // [15:39] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	29, // 8: segmap.v1.Container.replicas:type_name -> segmap.v1.ReplicaInfo
+	28, // 9: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	41, // 10: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	41, // 11: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	4,  // 12: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
+	45, // 13: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	44, // 14: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	28, // 15: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	14, // 16: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	15, // 17: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	17, // 18: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	18, // 19: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	24, // 20: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	19, // 21: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	20, // 22: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	21, // 23: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	22, // 24: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	26, // 25: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	37, // 26: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	39, // 27: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	32, // 28: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
+	34, // 29: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
+	35, // 30: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
+	30, // 31: segmap.v1.Admin.ReplaceReplica:input_type -> segmap.v1.ReplaceReplicaRequest
+	31, // 32: segmap.v1.Admin.RebuildReplica:input_type -> segmap.v1.RebuildReplicaRequest
+	40, // 33: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	43, // 34: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 35: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 36: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 37: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 38: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 39: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 40: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 41: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 42: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 43: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 44: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 45: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 46: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 47: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 48: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 49: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 50: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 51: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	38, // 52: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 53: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	33, // 54: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	36, // 55: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	28, // 56: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
+	33, // 57: segmap.v1.Admin.ReplaceReplica:output_type -> segmap.v1.DrainProgress
+	33, // 58: segmap.v1.Admin.RebuildReplica:output_type -> segmap.v1.DrainProgress
+	42, // 59: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	46, // 60: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 61: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 62: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 63: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 64: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 65: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 66: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 67: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	42, // [42:68] is the sub-list for method output_type
+	16, // [16:42] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -3188,7 +3416,7 @@ func file_segmapv1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   43,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

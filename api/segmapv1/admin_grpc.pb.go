@@ -41,6 +41,8 @@ const (
 	Admin_DrainContainer_FullMethodName  = "/segmap.v1.Admin/DrainContainer"
 	Admin_RemoveContainer_FullMethodName = "/segmap.v1.Admin/RemoveContainer"
 	Admin_OnlineContainer_FullMethodName = "/segmap.v1.Admin/OnlineContainer"
+	Admin_ReplaceReplica_FullMethodName  = "/segmap.v1.Admin/ReplaceReplica"
+	Admin_RebuildReplica_FullMethodName  = "/segmap.v1.Admin/RebuildReplica"
 	Admin_Check_FullMethodName           = "/segmap.v1.Admin/Check"
 	Admin_Status_FullMethodName          = "/segmap.v1.Admin/Status"
 	Admin_Grant_FullMethodName           = "/segmap.v1.Admin/Grant"
@@ -91,6 +93,15 @@ type AdminClient interface {
 	// its header is checked, and the segments on it read and write again,
 	// data intact.
 	OnlineContainer(ctx context.Context, in *OnlineContainerRequest, opts ...grpc.CallOption) (*Container, error)
+	// ReplaceReplica replaces a replica of a mirrored container by a new
+	// one and rebuilds it while hosts keep writing, streaming progress
+	// (done and total in segments). A rebuild that stops is continued by
+	// RebuildReplica.
+	ReplaceReplica(ctx context.Context, in *ReplaceReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error)
+	// RebuildReplica rebuilds a mirrored container's failed or rebuilding
+	// replica: every used slot for a new replica, only the slots written
+	// while it was away for one that comes back.
+	RebuildReplica(ctx context.Context, in *RebuildReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error)
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
@@ -298,6 +309,44 @@ func (c *adminClient) OnlineContainer(ctx context.Context, in *OnlineContainerRe
 	return out, nil
 }
 
+func (c *adminClient) ReplaceReplica(ctx context.Context, in *ReplaceReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_ReplaceReplica_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ReplaceReplicaRequest, DrainProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ReplaceReplicaClient = grpc.ServerStreamingClient[DrainProgress]
+
+func (c *adminClient) RebuildReplica(ctx context.Context, in *RebuildReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[3], Admin_RebuildReplica_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[RebuildReplicaRequest, DrainProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_RebuildReplicaClient = grpc.ServerStreamingClient[DrainProgress]
+
 func (c *adminClient) Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CheckResponse)
@@ -340,7 +389,7 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 
 func (c *adminClient) Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_Export_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[4], Admin_Export_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -359,7 +408,7 @@ type Admin_ExportClient = grpc.ServerStreamingClient[ExportChunk]
 
 func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[3], Admin_Import_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[5], Admin_Import_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -439,6 +488,15 @@ type AdminServer interface {
 	// its header is checked, and the segments on it read and write again,
 	// data intact.
 	OnlineContainer(context.Context, *OnlineContainerRequest) (*Container, error)
+	// ReplaceReplica replaces a replica of a mirrored container by a new
+	// one and rebuilds it while hosts keep writing, streaming progress
+	// (done and total in segments). A rebuild that stops is continued by
+	// RebuildReplica.
+	ReplaceReplica(*ReplaceReplicaRequest, grpc.ServerStreamingServer[DrainProgress]) error
+	// RebuildReplica rebuilds a mirrored container's failed or rebuilding
+	// replica: every used slot for a new replica, only the slots written
+	// while it was away for one that comes back.
+	RebuildReplica(*RebuildReplicaRequest, grpc.ServerStreamingServer[DrainProgress]) error
 	// Check verifies the metadata; with repair it reclaims leaked slots.
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
@@ -522,6 +580,12 @@ func (UnimplementedAdminServer) RemoveContainer(context.Context, *RemoveContaine
 }
 func (UnimplementedAdminServer) OnlineContainer(context.Context, *OnlineContainerRequest) (*Container, error) {
 	return nil, status.Error(codes.Unimplemented, "method OnlineContainer not implemented")
+}
+func (UnimplementedAdminServer) ReplaceReplica(*ReplaceReplicaRequest, grpc.ServerStreamingServer[DrainProgress]) error {
+	return status.Error(codes.Unimplemented, "method ReplaceReplica not implemented")
+}
+func (UnimplementedAdminServer) RebuildReplica(*RebuildReplicaRequest, grpc.ServerStreamingServer[DrainProgress]) error {
+	return status.Error(codes.Unimplemented, "method RebuildReplica not implemented")
 }
 func (UnimplementedAdminServer) Check(context.Context, *CheckRequest) (*CheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Check not implemented")
@@ -827,6 +891,28 @@ func _Admin_OnlineContainer_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ReplaceReplica_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ReplaceReplicaRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).ReplaceReplica(m, &grpc.GenericServerStream[ReplaceReplicaRequest, DrainProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ReplaceReplicaServer = grpc.ServerStreamingServer[DrainProgress]
+
+func _Admin_RebuildReplica_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(RebuildReplicaRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).RebuildReplica(m, &grpc.GenericServerStream[RebuildReplicaRequest, DrainProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_RebuildReplicaServer = grpc.ServerStreamingServer[DrainProgress]
+
 func _Admin_Check_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CheckRequest)
 	if err := dec(in); err != nil {
@@ -1068,6 +1154,16 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "DrainContainer",
 			Handler:       _Admin_DrainContainer_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ReplaceReplica",
+			Handler:       _Admin_ReplaceReplica_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "RebuildReplica",
+			Handler:       _Admin_RebuildReplica_Handler,
 			ServerStreams: true,
 		},
 		{

@@ -106,6 +106,213 @@ func (Code) EnumDescriptor() ([]byte, []int) {
 	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{0}
 }
 
+// Replica is one replica of a mirrored container; state is
+// protocol.ReplicaState (0 healthy, 1 failed, 2 rebuilding).
+type Replica struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uri           string                 `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
+	State         uint32                 `protobuf:"varint,2,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Replica) Reset() {
+	*x = Replica{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Replica) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Replica) ProtoMessage() {}
+
+func (x *Replica) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Replica.ProtoReflect.Descriptor instead.
+func (*Replica) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Replica) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *Replica) GetState() uint32 {
+	if x != nil {
+		return x.State
+	}
+	return 0
+}
+
+// Membership is a mirrored container's replicas at an epoch.
+type Membership struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     uint32                 `protobuf:"varint,1,opt,name=container,proto3" json:"container,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Replicas      []*Replica             `protobuf:"bytes,3,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Membership) Reset() {
+	*x = Membership{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Membership) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Membership) ProtoMessage() {}
+
+func (x *Membership) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Membership.ProtoReflect.Descriptor instead.
+func (*Membership) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Membership) GetContainer() uint32 {
+	if x != nil {
+		return x.Container
+	}
+	return 0
+}
+
+func (x *Membership) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *Membership) GetReplicas() []*Replica {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
+type ReplicaReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         string                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	Container     uint32                 `protobuf:"varint,2,opt,name=container,proto3" json:"container,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Failed        int32                  `protobuf:"varint,4,opt,name=failed,proto3" json:"failed,omitempty"` // -1: none, a write intent alone
+	Uri           string                 `protobuf:"bytes,5,opt,name=uri,proto3" json:"uri,omitempty"`
+	Cause         string                 `protobuf:"bytes,6,opt,name=cause,proto3" json:"cause,omitempty"`
+	Slots         []uint32               `protobuf:"varint,7,rep,packed,name=slots,proto3" json:"slots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReplicaReport) Reset() {
+	*x = ReplicaReport{}
+	mi := &file_segmapv1_mapping_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReplicaReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReplicaReport) ProtoMessage() {}
+
+func (x *ReplicaReport) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_mapping_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReplicaReport.ProtoReflect.Descriptor instead.
+func (*ReplicaReport) Descriptor() ([]byte, []int) {
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ReplicaReport) GetAgent() string {
+	if x != nil {
+		return x.Agent
+	}
+	return ""
+}
+
+func (x *ReplicaReport) GetContainer() uint32 {
+	if x != nil {
+		return x.Container
+	}
+	return 0
+}
+
+func (x *ReplicaReport) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *ReplicaReport) GetFailed() int32 {
+	if x != nil {
+		return x.Failed
+	}
+	return 0
+}
+
+func (x *ReplicaReport) GetUri() string {
+	if x != nil {
+		return x.Uri
+	}
+	return ""
+}
+
+func (x *ReplicaReport) GetCause() string {
+	if x != nil {
+		return x.Cause
+	}
+	return ""
+}
+
+func (x *ReplicaReport) GetSlots() []uint32 {
+	if x != nil {
+		return x.Slots
+	}
+	return nil
+}
+
 type ExportsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Agent         string                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
@@ -115,7 +322,7 @@ type ExportsRequest struct {
 
 func (x *ExportsRequest) Reset() {
 	*x = ExportsRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[0]
+	mi := &file_segmapv1_mapping_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -127,7 +334,7 @@ func (x *ExportsRequest) String() string {
 func (*ExportsRequest) ProtoMessage() {}
 
 func (x *ExportsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[0]
+	mi := &file_segmapv1_mapping_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -140,7 +347,7 @@ func (x *ExportsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportsRequest.ProtoReflect.Descriptor instead.
 func (*ExportsRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{0}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ExportsRequest) GetAgent() string {
@@ -159,7 +366,7 @@ type ExportsResponse struct {
 
 func (x *ExportsResponse) Reset() {
 	*x = ExportsResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[1]
+	mi := &file_segmapv1_mapping_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -171,7 +378,7 @@ func (x *ExportsResponse) String() string {
 func (*ExportsResponse) ProtoMessage() {}
 
 func (x *ExportsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[1]
+	mi := &file_segmapv1_mapping_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -184,7 +391,7 @@ func (x *ExportsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportsResponse.ProtoReflect.Descriptor instead.
 func (*ExportsResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{1}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ExportsResponse) GetDisks() []*MappedDisk {
@@ -204,7 +411,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[2]
+	mi := &file_segmapv1_mapping_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -216,7 +423,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[2]
+	mi := &file_segmapv1_mapping_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -229,7 +436,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{2}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Status) GetCode() Code {
@@ -263,7 +470,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[3]
+	mi := &file_segmapv1_mapping_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -275,7 +482,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[3]
+	mi := &file_segmapv1_mapping_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -288,7 +495,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{3}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Entry) GetContainer() uint32 {
@@ -338,7 +545,7 @@ type Layer struct {
 
 func (x *Layer) Reset() {
 	*x = Layer{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	mi := &file_segmapv1_mapping_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -350,7 +557,7 @@ func (x *Layer) String() string {
 func (*Layer) ProtoMessage() {}
 
 func (x *Layer) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[4]
+	mi := &file_segmapv1_mapping_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -363,7 +570,7 @@ func (x *Layer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Layer.ProtoReflect.Descriptor instead.
 func (*Layer) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Layer) GetContainer() uint32 {
@@ -401,7 +608,7 @@ type AgentMessage struct {
 
 func (x *AgentMessage) Reset() {
 	*x = AgentMessage{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[5]
+	mi := &file_segmapv1_mapping_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -413,7 +620,7 @@ func (x *AgentMessage) String() string {
 func (*AgentMessage) ProtoMessage() {}
 
 func (x *AgentMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[5]
+	mi := &file_segmapv1_mapping_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -426,7 +633,7 @@ func (x *AgentMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentMessage.ProtoReflect.Descriptor instead.
 func (*AgentMessage) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AgentMessage) GetMsg() isAgentMessage_Msg {
@@ -497,7 +704,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[6]
+	mi := &file_segmapv1_mapping_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -509,7 +716,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[6]
+	mi := &file_segmapv1_mapping_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -522,7 +729,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Hello) GetName() string {
@@ -548,7 +755,7 @@ type Renew struct {
 
 func (x *Renew) Reset() {
 	*x = Renew{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[7]
+	mi := &file_segmapv1_mapping_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -560,7 +767,7 @@ func (x *Renew) String() string {
 func (*Renew) ProtoMessage() {}
 
 func (x *Renew) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[7]
+	mi := &file_segmapv1_mapping_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -573,7 +780,7 @@ func (x *Renew) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Renew.ProtoReflect.Descriptor instead.
 func (*Renew) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Renew) GetSeq() uint64 {
@@ -599,7 +806,7 @@ type ControllerMessage struct {
 
 func (x *ControllerMessage) Reset() {
 	*x = ControllerMessage{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[8]
+	mi := &file_segmapv1_mapping_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +818,7 @@ func (x *ControllerMessage) String() string {
 func (*ControllerMessage) ProtoMessage() {}
 
 func (x *ControllerMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[8]
+	mi := &file_segmapv1_mapping_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +831,7 @@ func (x *ControllerMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ControllerMessage.ProtoReflect.Descriptor instead.
 func (*ControllerMessage) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ControllerMessage) GetEpoch() uint64 {
@@ -699,7 +906,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[9]
+	mi := &file_segmapv1_mapping_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -711,7 +918,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[9]
+	mi := &file_segmapv1_mapping_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -724,7 +931,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Welcome) GetLeaseMs() int64 {
@@ -746,7 +953,7 @@ type Lease struct {
 
 func (x *Lease) Reset() {
 	*x = Lease{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[10]
+	mi := &file_segmapv1_mapping_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -758,7 +965,7 @@ func (x *Lease) String() string {
 func (*Lease) ProtoMessage() {}
 
 func (x *Lease) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[10]
+	mi := &file_segmapv1_mapping_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -771,7 +978,7 @@ func (x *Lease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Lease.ProtoReflect.Descriptor instead.
 func (*Lease) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Lease) GetSeq() uint64 {
@@ -801,6 +1008,7 @@ type Command struct {
 	//	*Command_Quiesce
 	//	*Command_Activate
 	//	*Command_GetStatus
+	//	*Command_SetMembership
 	Cmd           isCommand_Cmd `protobuf_oneof:"cmd"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -808,7 +1016,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[11]
+	mi := &file_segmapv1_mapping_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -820,7 +1028,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[11]
+	mi := &file_segmapv1_mapping_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -833,7 +1041,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Command) GetId() uint64 {
@@ -922,6 +1130,15 @@ func (x *Command) GetGetStatus() *GetStatus {
 	return nil
 }
 
+func (x *Command) GetSetMembership() *Membership {
+	if x != nil {
+		if x, ok := x.Cmd.(*Command_SetMembership); ok {
+			return x.SetMembership
+		}
+	}
+	return nil
+}
+
 type isCommand_Cmd interface {
 	isCommand_Cmd()
 }
@@ -958,6 +1175,10 @@ type Command_GetStatus struct {
 	GetStatus *GetStatus `protobuf:"bytes,9,opt,name=get_status,json=getStatus,proto3,oneof"`
 }
 
+type Command_SetMembership struct {
+	SetMembership *Membership `protobuf:"bytes,10,opt,name=set_membership,json=setMembership,proto3,oneof"`
+}
+
 func (*Command_NewTable) isCommand_Cmd() {}
 
 func (*Command_DeleteTable) isCommand_Cmd() {}
@@ -974,6 +1195,8 @@ func (*Command_Activate) isCommand_Cmd() {}
 
 func (*Command_GetStatus) isCommand_Cmd() {}
 
+func (*Command_SetMembership) isCommand_Cmd() {}
+
 type CommandResult struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -986,7 +1209,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[12]
+	mi := &file_segmapv1_mapping_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1221,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[12]
+	mi := &file_segmapv1_mapping_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1234,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CommandResult) GetId() uint64 {
@@ -1058,7 +1281,7 @@ type MappedDisk struct {
 
 func (x *MappedDisk) Reset() {
 	*x = MappedDisk{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[13]
+	mi := &file_segmapv1_mapping_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1070,7 +1293,7 @@ func (x *MappedDisk) String() string {
 func (*MappedDisk) ProtoMessage() {}
 
 func (x *MappedDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[13]
+	mi := &file_segmapv1_mapping_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1083,7 +1306,7 @@ func (x *MappedDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MappedDisk.ProtoReflect.Descriptor instead.
 func (*MappedDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *MappedDisk) GetId() uint64 {
@@ -1137,7 +1360,7 @@ type NewTable struct {
 
 func (x *NewTable) Reset() {
 	*x = NewTable{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[14]
+	mi := &file_segmapv1_mapping_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1149,7 +1372,7 @@ func (x *NewTable) String() string {
 func (*NewTable) ProtoMessage() {}
 
 func (x *NewTable) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[14]
+	mi := &file_segmapv1_mapping_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1162,7 +1385,7 @@ func (x *NewTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NewTable.ProtoReflect.Descriptor instead.
 func (*NewTable) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NewTable) GetDisk() *MappedDisk {
@@ -1181,7 +1404,7 @@ type DeleteTable struct {
 
 func (x *DeleteTable) Reset() {
 	*x = DeleteTable{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[15]
+	mi := &file_segmapv1_mapping_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1193,7 +1416,7 @@ func (x *DeleteTable) String() string {
 func (*DeleteTable) ProtoMessage() {}
 
 func (x *DeleteTable) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[15]
+	mi := &file_segmapv1_mapping_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1206,7 +1429,7 @@ func (x *DeleteTable) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteTable.ProtoReflect.Descriptor instead.
 func (*DeleteTable) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DeleteTable) GetDisk() uint64 {
@@ -1227,7 +1450,7 @@ type GetEntry struct {
 
 func (x *GetEntry) Reset() {
 	*x = GetEntry{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[16]
+	mi := &file_segmapv1_mapping_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1462,7 @@ func (x *GetEntry) String() string {
 func (*GetEntry) ProtoMessage() {}
 
 func (x *GetEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[16]
+	mi := &file_segmapv1_mapping_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1475,7 @@ func (x *GetEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntry.ProtoReflect.Descriptor instead.
 func (*GetEntry) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetEntry) GetDisk() uint64 {
@@ -1288,7 +1511,7 @@ type SetEntry struct {
 
 func (x *SetEntry) Reset() {
 	*x = SetEntry{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[17]
+	mi := &file_segmapv1_mapping_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1300,7 +1523,7 @@ func (x *SetEntry) String() string {
 func (*SetEntry) ProtoMessage() {}
 
 func (x *SetEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[17]
+	mi := &file_segmapv1_mapping_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1313,7 +1536,7 @@ func (x *SetEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetEntry.ProtoReflect.Descriptor instead.
 func (*SetEntry) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetEntry) GetDisk() uint64 {
@@ -1358,7 +1581,7 @@ type SetEntryState struct {
 
 func (x *SetEntryState) Reset() {
 	*x = SetEntryState{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[18]
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1593,7 @@ func (x *SetEntryState) String() string {
 func (*SetEntryState) ProtoMessage() {}
 
 func (x *SetEntryState) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[18]
+	mi := &file_segmapv1_mapping_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1606,7 @@ func (x *SetEntryState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetEntryState.ProtoReflect.Descriptor instead.
 func (*SetEntryState) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetEntryState) GetDisk() uint64 {
@@ -1438,7 +1661,7 @@ type Quiesce struct {
 
 func (x *Quiesce) Reset() {
 	*x = Quiesce{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[19]
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +1673,7 @@ func (x *Quiesce) String() string {
 func (*Quiesce) ProtoMessage() {}
 
 func (x *Quiesce) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[19]
+	mi := &file_segmapv1_mapping_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +1686,7 @@ func (x *Quiesce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quiesce.ProtoReflect.Descriptor instead.
 func (*Quiesce) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Quiesce) GetDisk() uint64 {
@@ -1489,7 +1712,7 @@ type Activate struct {
 
 func (x *Activate) Reset() {
 	*x = Activate{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[20]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1501,7 +1724,7 @@ func (x *Activate) String() string {
 func (*Activate) ProtoMessage() {}
 
 func (x *Activate) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[20]
+	mi := &file_segmapv1_mapping_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1514,7 +1737,7 @@ func (x *Activate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Activate.ProtoReflect.Descriptor instead.
 func (*Activate) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Activate) GetDisk() uint64 {
@@ -1533,7 +1756,7 @@ type GetStatus struct {
 
 func (x *GetStatus) Reset() {
 	*x = GetStatus{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1545,7 +1768,7 @@ func (x *GetStatus) String() string {
 func (*GetStatus) ProtoMessage() {}
 
 func (x *GetStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[21]
+	mi := &file_segmapv1_mapping_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1558,7 +1781,7 @@ func (x *GetStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatus.ProtoReflect.Descriptor instead.
 func (*GetStatus) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetStatus) GetDisk() uint64 {
@@ -1592,7 +1815,7 @@ type DiskStatus struct {
 
 func (x *DiskStatus) Reset() {
 	*x = DiskStatus{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1604,7 +1827,7 @@ func (x *DiskStatus) String() string {
 func (*DiskStatus) ProtoMessage() {}
 
 func (x *DiskStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[22]
+	mi := &file_segmapv1_mapping_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1617,7 +1840,7 @@ func (x *DiskStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiskStatus.ProtoReflect.Descriptor instead.
 func (*DiskStatus) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DiskStatus) GetDisk() uint64 {
@@ -1721,7 +1944,7 @@ type OpenRequest struct {
 
 func (x *OpenRequest) Reset() {
 	*x = OpenRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1733,7 +1956,7 @@ func (x *OpenRequest) String() string {
 func (*OpenRequest) ProtoMessage() {}
 
 func (x *OpenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[23]
+	mi := &file_segmapv1_mapping_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1746,7 +1969,7 @@ func (x *OpenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenRequest.ProtoReflect.Descriptor instead.
 func (*OpenRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *OpenRequest) GetAgent() string {
@@ -1773,7 +1996,7 @@ type CloseDiskRequest struct {
 
 func (x *CloseDiskRequest) Reset() {
 	*x = CloseDiskRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1785,7 +2008,7 @@ func (x *CloseDiskRequest) String() string {
 func (*CloseDiskRequest) ProtoMessage() {}
 
 func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[24]
+	mi := &file_segmapv1_mapping_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1798,7 +2021,7 @@ func (x *CloseDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskRequest.ProtoReflect.Descriptor instead.
 func (*CloseDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CloseDiskRequest) GetAgent() string {
@@ -1823,7 +2046,7 @@ type CloseDiskResponse struct {
 
 func (x *CloseDiskResponse) Reset() {
 	*x = CloseDiskResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1835,7 +2058,7 @@ func (x *CloseDiskResponse) String() string {
 func (*CloseDiskResponse) ProtoMessage() {}
 
 func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[25]
+	mi := &file_segmapv1_mapping_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1848,7 +2071,7 @@ func (x *CloseDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseDiskResponse.ProtoReflect.Descriptor instead.
 func (*CloseDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
 }
 
 type ContainersRequest struct {
@@ -1859,7 +2082,7 @@ type ContainersRequest struct {
 
 func (x *ContainersRequest) Reset() {
 	*x = ContainersRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1871,7 +2094,7 @@ func (x *ContainersRequest) String() string {
 func (*ContainersRequest) ProtoMessage() {}
 
 func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[26]
+	mi := &file_segmapv1_mapping_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1884,22 +2107,25 @@ func (x *ContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersRequest.ProtoReflect.Descriptor instead.
 func (*ContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{29}
 }
 
 type ContainerInfo struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Uri           string                 `protobuf:"bytes,2,opt,name=uri,proto3" json:"uri,omitempty"`
-	SlotSize      uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
-	Slots         uint64                 `protobuf:"varint,4,opt,name=slots,proto3" json:"slots,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Uri      string                 `protobuf:"bytes,2,opt,name=uri,proto3" json:"uri,omitempty"`
+	SlotSize uint64                 `protobuf:"varint,3,opt,name=slot_size,json=slotSize,proto3" json:"slot_size,omitempty"`
+	Slots    uint64                 `protobuf:"varint,4,opt,name=slots,proto3" json:"slots,omitempty"`
+	// A mirrored container's membership epoch and replicas (uri empty).
+	Epoch         uint64     `protobuf:"varint,5,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Replicas      []*Replica `protobuf:"bytes,6,rep,name=replicas,proto3" json:"replicas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ContainerInfo) Reset() {
 	*x = ContainerInfo{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2137,7 @@ func (x *ContainerInfo) String() string {
 func (*ContainerInfo) ProtoMessage() {}
 
 func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[27]
+	mi := &file_segmapv1_mapping_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2150,7 @@ func (x *ContainerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerInfo.ProtoReflect.Descriptor instead.
 func (*ContainerInfo) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ContainerInfo) GetId() uint32 {
@@ -1955,6 +2181,20 @@ func (x *ContainerInfo) GetSlots() uint64 {
 	return 0
 }
 
+func (x *ContainerInfo) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *ContainerInfo) GetReplicas() []*Replica {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
 type ContainersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Containers    []*ContainerInfo       `protobuf:"bytes,1,rep,name=containers,proto3" json:"containers,omitempty"`
@@ -1964,7 +2204,7 @@ type ContainersResponse struct {
 
 func (x *ContainersResponse) Reset() {
 	*x = ContainersResponse{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2216,7 @@ func (x *ContainersResponse) String() string {
 func (*ContainersResponse) ProtoMessage() {}
 
 func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[28]
+	mi := &file_segmapv1_mapping_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2229,7 @@ func (x *ContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainersResponse.ProtoReflect.Descriptor instead.
 func (*ContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ContainersResponse) GetContainers() []*ContainerInfo {
@@ -2025,7 +2265,7 @@ type FaultRequest struct {
 
 func (x *FaultRequest) Reset() {
 	*x = FaultRequest{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[29]
+	mi := &file_segmapv1_mapping_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2037,7 +2277,7 @@ func (x *FaultRequest) String() string {
 func (*FaultRequest) ProtoMessage() {}
 
 func (x *FaultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[29]
+	mi := &file_segmapv1_mapping_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2050,7 +2290,7 @@ func (x *FaultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultRequest.ProtoReflect.Descriptor instead.
 func (*FaultRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *FaultRequest) GetAgent() string {
@@ -2175,7 +2415,7 @@ type FaultReply struct {
 
 func (x *FaultReply) Reset() {
 	*x = FaultReply{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[30]
+	mi := &file_segmapv1_mapping_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2427,7 @@ func (x *FaultReply) String() string {
 func (*FaultReply) ProtoMessage() {}
 
 func (x *FaultReply) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[30]
+	mi := &file_segmapv1_mapping_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2440,7 @@ func (x *FaultReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FaultReply.ProtoReflect.Descriptor instead.
 func (*FaultReply) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FaultReply) GetFirst() uint64 {
@@ -2288,7 +2528,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_segmapv1_mapping_proto_msgTypes[31]
+	mi := &file_segmapv1_mapping_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2300,7 +2540,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_mapping_proto_msgTypes[31]
+	mi := &file_segmapv1_mapping_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2313,7 +2553,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_mapping_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *NotLeader) GetController() string {
@@ -2334,7 +2574,23 @@ var File_segmapv1_mapping_proto protoreflect.FileDescriptor
 
 const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\n" +
-	"\x16segmapv1/mapping.proto\x12\tsegmap.v1\"&\n" +
+	"\x16segmapv1/mapping.proto\x12\tsegmap.v1\"1\n" +
+	"\aReplica\x12\x10\n" +
+	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\rR\x05state\"p\n" +
+	"\n" +
+	"Membership\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\rR\tcontainer\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12.\n" +
+	"\breplicas\x18\x03 \x03(\v2\x12.segmap.v1.ReplicaR\breplicas\"\xaf\x01\n" +
+	"\rReplicaReport\x12\x14\n" +
+	"\x05agent\x18\x01 \x01(\tR\x05agent\x12\x1c\n" +
+	"\tcontainer\x18\x02 \x01(\rR\tcontainer\x12\x14\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12\x16\n" +
+	"\x06failed\x18\x04 \x01(\x05R\x06failed\x12\x10\n" +
+	"\x03uri\x18\x05 \x01(\tR\x03uri\x12\x14\n" +
+	"\x05cause\x18\x06 \x01(\tR\x05cause\x12\x14\n" +
+	"\x05slots\x18\a \x03(\rR\x05slots\"&\n" +
 	"\x0eExportsRequest\x12\x14\n" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\">\n" +
 	"\x0fExportsResponse\x12+\n" +
@@ -2373,7 +2629,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\blease_ms\x18\x01 \x01(\x03R\aleaseMs\"4\n" +
 	"\x05Lease\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x19\n" +
-	"\blease_ms\x18\x02 \x01(\x03R\aleaseMs\"\xd7\x03\n" +
+	"\blease_ms\x18\x02 \x01(\x03R\aleaseMs\"\x97\x04\n" +
 	"\aCommand\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x122\n" +
 	"\tnew_table\x18\x02 \x01(\v2\x13.segmap.v1.NewTableH\x00R\bnewTable\x12;\n" +
@@ -2384,7 +2640,9 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\aquiesce\x18\a \x01(\v2\x12.segmap.v1.QuiesceH\x00R\aquiesce\x121\n" +
 	"\bactivate\x18\b \x01(\v2\x13.segmap.v1.ActivateH\x00R\bactivate\x125\n" +
 	"\n" +
-	"get_status\x18\t \x01(\v2\x14.segmap.v1.GetStatusH\x00R\tgetStatusB\x05\n" +
+	"get_status\x18\t \x01(\v2\x14.segmap.v1.GetStatusH\x00R\tgetStatus\x12>\n" +
+	"\x0eset_membership\x18\n" +
+	" \x01(\v2\x15.segmap.v1.MembershipH\x00R\rsetMembershipB\x05\n" +
 	"\x03cmd\"\xae\x01\n" +
 	"\rCommandResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12)\n" +
@@ -2452,12 +2710,14 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\x05agent\x18\x01 \x01(\tR\x05agent\x12\x12\n" +
 	"\x04disk\x18\x02 \x01(\x04R\x04disk\"\x13\n" +
 	"\x11CloseDiskResponse\"\x13\n" +
-	"\x11ContainersRequest\"d\n" +
+	"\x11ContainersRequest\"\xaa\x01\n" +
 	"\rContainerInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x10\n" +
 	"\x03uri\x18\x02 \x01(\tR\x03uri\x12\x1b\n" +
 	"\tslot_size\x18\x03 \x01(\x04R\bslotSize\x12\x14\n" +
-	"\x05slots\x18\x04 \x01(\x04R\x05slots\"N\n" +
+	"\x05slots\x18\x04 \x01(\x04R\x05slots\x12\x14\n" +
+	"\x05epoch\x18\x05 \x01(\x04R\x05epoch\x12.\n" +
+	"\breplicas\x18\x06 \x03(\v2\x12.segmap.v1.ReplicaR\breplicas\"N\n" +
 	"\x12ContainersResponse\x128\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x18.segmap.v1.ContainerInfoR\n" +
@@ -2511,7 +2771,7 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\vCODE_FENCED\x10\b\x12\x18\n" +
 	"\x14CODE_QUIESCE_TIMEOUT\x10\t\x12\x14\n" +
 	"\x10CODE_UNAVAILABLE\x10\n" +
-	"2\x93\x03\n" +
+	"2\xd5\x03\n" +
 	"\aMapping\x12C\n" +
 	"\x06Attach\x12\x17.segmap.v1.AgentMessage\x1a\x1c.segmap.v1.ControllerMessage(\x010\x01\x125\n" +
 	"\x04Open\x12\x16.segmap.v1.OpenRequest\x1a\x15.segmap.v1.MappedDisk\x12F\n" +
@@ -2519,7 +2779,8 @@ const file_segmapv1_mapping_proto_rawDesc = "" +
 	"\n" +
 	"Containers\x12\x1c.segmap.v1.ContainersRequest\x1a\x1d.segmap.v1.ContainersResponse\x127\n" +
 	"\x05Fault\x12\x17.segmap.v1.FaultRequest\x1a\x15.segmap.v1.FaultReply\x12@\n" +
-	"\aExports\x12\x19.segmap.v1.ExportsRequest\x1a\x1a.segmap.v1.ExportsResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\aExports\x12\x19.segmap.v1.ExportsRequest\x1a\x1a.segmap.v1.ExportsResponse\x12@\n" +
+	"\rReportReplica\x12\x18.segmap.v1.ReplicaReport\x1a\x15.segmap.v1.MembershipB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_mapping_proto_rawDescOnce sync.Once
@@ -2534,86 +2795,94 @@ func file_segmapv1_mapping_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_mapping_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_segmapv1_mapping_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_segmapv1_mapping_proto_goTypes = []any{
 	(Code)(0),                  // 0: segmap.v1.Code
-	(*ExportsRequest)(nil),     // 1: segmap.v1.ExportsRequest
-	(*ExportsResponse)(nil),    // 2: segmap.v1.ExportsResponse
-	(*Status)(nil),             // 3: segmap.v1.Status
-	(*Entry)(nil),              // 4: segmap.v1.Entry
-	(*Layer)(nil),              // 5: segmap.v1.Layer
-	(*AgentMessage)(nil),       // 6: segmap.v1.AgentMessage
-	(*Hello)(nil),              // 7: segmap.v1.Hello
-	(*Renew)(nil),              // 8: segmap.v1.Renew
-	(*ControllerMessage)(nil),  // 9: segmap.v1.ControllerMessage
-	(*Welcome)(nil),            // 10: segmap.v1.Welcome
-	(*Lease)(nil),              // 11: segmap.v1.Lease
-	(*Command)(nil),            // 12: segmap.v1.Command
-	(*CommandResult)(nil),      // 13: segmap.v1.CommandResult
-	(*MappedDisk)(nil),         // 14: segmap.v1.MappedDisk
-	(*NewTable)(nil),           // 15: segmap.v1.NewTable
-	(*DeleteTable)(nil),        // 16: segmap.v1.DeleteTable
-	(*GetEntry)(nil),           // 17: segmap.v1.GetEntry
-	(*SetEntry)(nil),           // 18: segmap.v1.SetEntry
-	(*SetEntryState)(nil),      // 19: segmap.v1.SetEntryState
-	(*Quiesce)(nil),            // 20: segmap.v1.Quiesce
-	(*Activate)(nil),           // 21: segmap.v1.Activate
-	(*GetStatus)(nil),          // 22: segmap.v1.GetStatus
-	(*DiskStatus)(nil),         // 23: segmap.v1.DiskStatus
-	(*OpenRequest)(nil),        // 24: segmap.v1.OpenRequest
-	(*CloseDiskRequest)(nil),   // 25: segmap.v1.CloseDiskRequest
-	(*CloseDiskResponse)(nil),  // 26: segmap.v1.CloseDiskResponse
-	(*ContainersRequest)(nil),  // 27: segmap.v1.ContainersRequest
-	(*ContainerInfo)(nil),      // 28: segmap.v1.ContainerInfo
-	(*ContainersResponse)(nil), // 29: segmap.v1.ContainersResponse
-	(*FaultRequest)(nil),       // 30: segmap.v1.FaultRequest
-	(*FaultReply)(nil),         // 31: segmap.v1.FaultReply
-	(*NotLeader)(nil),          // 32: segmap.v1.NotLeader
+	(*Replica)(nil),            // 1: segmap.v1.Replica
+	(*Membership)(nil),         // 2: segmap.v1.Membership
+	(*ReplicaReport)(nil),      // 3: segmap.v1.ReplicaReport
+	(*ExportsRequest)(nil),     // 4: segmap.v1.ExportsRequest
+	(*ExportsResponse)(nil),    // 5: segmap.v1.ExportsResponse
+	(*Status)(nil),             // 6: segmap.v1.Status
+	(*Entry)(nil),              // 7: segmap.v1.Entry
+	(*Layer)(nil),              // 8: segmap.v1.Layer
+	(*AgentMessage)(nil),       // 9: segmap.v1.AgentMessage
+	(*Hello)(nil),              // 10: segmap.v1.Hello
+	(*Renew)(nil),              // 11: segmap.v1.Renew
+	(*ControllerMessage)(nil),  // 12: segmap.v1.ControllerMessage
+	(*Welcome)(nil),            // 13: segmap.v1.Welcome
+	(*Lease)(nil),              // 14: segmap.v1.Lease
+	(*Command)(nil),            // 15: segmap.v1.Command
+	(*CommandResult)(nil),      // 16: segmap.v1.CommandResult
+	(*MappedDisk)(nil),         // 17: segmap.v1.MappedDisk
+	(*NewTable)(nil),           // 18: segmap.v1.NewTable
+	(*DeleteTable)(nil),        // 19: segmap.v1.DeleteTable
+	(*GetEntry)(nil),           // 20: segmap.v1.GetEntry
+	(*SetEntry)(nil),           // 21: segmap.v1.SetEntry
+	(*SetEntryState)(nil),      // 22: segmap.v1.SetEntryState
+	(*Quiesce)(nil),            // 23: segmap.v1.Quiesce
+	(*Activate)(nil),           // 24: segmap.v1.Activate
+	(*GetStatus)(nil),          // 25: segmap.v1.GetStatus
+	(*DiskStatus)(nil),         // 26: segmap.v1.DiskStatus
+	(*OpenRequest)(nil),        // 27: segmap.v1.OpenRequest
+	(*CloseDiskRequest)(nil),   // 28: segmap.v1.CloseDiskRequest
+	(*CloseDiskResponse)(nil),  // 29: segmap.v1.CloseDiskResponse
+	(*ContainersRequest)(nil),  // 30: segmap.v1.ContainersRequest
+	(*ContainerInfo)(nil),      // 31: segmap.v1.ContainerInfo
+	(*ContainersResponse)(nil), // 32: segmap.v1.ContainersResponse
+	(*FaultRequest)(nil),       // 33: segmap.v1.FaultRequest
+	(*FaultReply)(nil),         // 34: segmap.v1.FaultReply
+	(*NotLeader)(nil),          // 35: segmap.v1.NotLeader
 }
 var file_segmapv1_mapping_proto_depIdxs = []int32{
-	14, // 0: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
-	0,  // 1: segmap.v1.Status.code:type_name -> segmap.v1.Code
-	5,  // 2: segmap.v1.Entry.under:type_name -> segmap.v1.Layer
-	7,  // 3: segmap.v1.AgentMessage.hello:type_name -> segmap.v1.Hello
-	13, // 4: segmap.v1.AgentMessage.result:type_name -> segmap.v1.CommandResult
-	8,  // 5: segmap.v1.AgentMessage.renew:type_name -> segmap.v1.Renew
-	10, // 6: segmap.v1.ControllerMessage.welcome:type_name -> segmap.v1.Welcome
-	12, // 7: segmap.v1.ControllerMessage.command:type_name -> segmap.v1.Command
-	11, // 8: segmap.v1.ControllerMessage.lease:type_name -> segmap.v1.Lease
-	15, // 9: segmap.v1.Command.new_table:type_name -> segmap.v1.NewTable
-	16, // 10: segmap.v1.Command.delete_table:type_name -> segmap.v1.DeleteTable
-	17, // 11: segmap.v1.Command.get_entry:type_name -> segmap.v1.GetEntry
-	18, // 12: segmap.v1.Command.set_entry:type_name -> segmap.v1.SetEntry
-	19, // 13: segmap.v1.Command.set_entry_state:type_name -> segmap.v1.SetEntryState
-	20, // 14: segmap.v1.Command.quiesce:type_name -> segmap.v1.Quiesce
-	21, // 15: segmap.v1.Command.activate:type_name -> segmap.v1.Activate
-	22, // 16: segmap.v1.Command.get_status:type_name -> segmap.v1.GetStatus
-	3,  // 17: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
-	4,  // 18: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
-	23, // 19: segmap.v1.CommandResult.disk_status:type_name -> segmap.v1.DiskStatus
-	14, // 20: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
-	4,  // 21: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
-	28, // 22: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
-	4,  // 23: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
-	4,  // 24: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
-	4,  // 25: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
-	6,  // 26: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
-	24, // 27: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
-	25, // 28: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
-	27, // 29: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
-	30, // 30: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
-	1,  // 31: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
-	9,  // 32: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
-	14, // 33: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
-	26, // 34: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
-	29, // 35: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
-	31, // 36: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
-	2,  // 37: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
-	32, // [32:38] is the sub-list for method output_type
-	26, // [26:32] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	1,  // 0: segmap.v1.Membership.replicas:type_name -> segmap.v1.Replica
+	17, // 1: segmap.v1.ExportsResponse.disks:type_name -> segmap.v1.MappedDisk
+	0,  // 2: segmap.v1.Status.code:type_name -> segmap.v1.Code
+	8,  // 3: segmap.v1.Entry.under:type_name -> segmap.v1.Layer
+	10, // 4: segmap.v1.AgentMessage.hello:type_name -> segmap.v1.Hello
+	16, // 5: segmap.v1.AgentMessage.result:type_name -> segmap.v1.CommandResult
+	11, // 6: segmap.v1.AgentMessage.renew:type_name -> segmap.v1.Renew
+	13, // 7: segmap.v1.ControllerMessage.welcome:type_name -> segmap.v1.Welcome
+	15, // 8: segmap.v1.ControllerMessage.command:type_name -> segmap.v1.Command
+	14, // 9: segmap.v1.ControllerMessage.lease:type_name -> segmap.v1.Lease
+	18, // 10: segmap.v1.Command.new_table:type_name -> segmap.v1.NewTable
+	19, // 11: segmap.v1.Command.delete_table:type_name -> segmap.v1.DeleteTable
+	20, // 12: segmap.v1.Command.get_entry:type_name -> segmap.v1.GetEntry
+	21, // 13: segmap.v1.Command.set_entry:type_name -> segmap.v1.SetEntry
+	22, // 14: segmap.v1.Command.set_entry_state:type_name -> segmap.v1.SetEntryState
+	23, // 15: segmap.v1.Command.quiesce:type_name -> segmap.v1.Quiesce
+	24, // 16: segmap.v1.Command.activate:type_name -> segmap.v1.Activate
+	25, // 17: segmap.v1.Command.get_status:type_name -> segmap.v1.GetStatus
+	2,  // 18: segmap.v1.Command.set_membership:type_name -> segmap.v1.Membership
+	6,  // 19: segmap.v1.CommandResult.status:type_name -> segmap.v1.Status
+	7,  // 20: segmap.v1.CommandResult.entries:type_name -> segmap.v1.Entry
+	26, // 21: segmap.v1.CommandResult.disk_status:type_name -> segmap.v1.DiskStatus
+	17, // 22: segmap.v1.NewTable.disk:type_name -> segmap.v1.MappedDisk
+	7,  // 23: segmap.v1.SetEntry.entries:type_name -> segmap.v1.Entry
+	1,  // 24: segmap.v1.ContainerInfo.replicas:type_name -> segmap.v1.Replica
+	31, // 25: segmap.v1.ContainersResponse.containers:type_name -> segmap.v1.ContainerInfo
+	7,  // 26: segmap.v1.FaultReply.entries:type_name -> segmap.v1.Entry
+	7,  // 27: segmap.v1.FaultReply.stage:type_name -> segmap.v1.Entry
+	7,  // 28: segmap.v1.FaultReply.stage_from:type_name -> segmap.v1.Entry
+	9,  // 29: segmap.v1.Mapping.Attach:input_type -> segmap.v1.AgentMessage
+	27, // 30: segmap.v1.Mapping.Open:input_type -> segmap.v1.OpenRequest
+	28, // 31: segmap.v1.Mapping.CloseDisk:input_type -> segmap.v1.CloseDiskRequest
+	30, // 32: segmap.v1.Mapping.Containers:input_type -> segmap.v1.ContainersRequest
+	33, // 33: segmap.v1.Mapping.Fault:input_type -> segmap.v1.FaultRequest
+	4,  // 34: segmap.v1.Mapping.Exports:input_type -> segmap.v1.ExportsRequest
+	3,  // 35: segmap.v1.Mapping.ReportReplica:input_type -> segmap.v1.ReplicaReport
+	12, // 36: segmap.v1.Mapping.Attach:output_type -> segmap.v1.ControllerMessage
+	17, // 37: segmap.v1.Mapping.Open:output_type -> segmap.v1.MappedDisk
+	29, // 38: segmap.v1.Mapping.CloseDisk:output_type -> segmap.v1.CloseDiskResponse
+	32, // 39: segmap.v1.Mapping.Containers:output_type -> segmap.v1.ContainersResponse
+	34, // 40: segmap.v1.Mapping.Fault:output_type -> segmap.v1.FaultReply
+	5,  // 41: segmap.v1.Mapping.Exports:output_type -> segmap.v1.ExportsResponse
+	2,  // 42: segmap.v1.Mapping.ReportReplica:output_type -> segmap.v1.Membership
+	36, // [36:43] is the sub-list for method output_type
+	29, // [29:36] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_mapping_proto_init() }
@@ -2621,17 +2890,17 @@ func file_segmapv1_mapping_proto_init() {
 	if File_segmapv1_mapping_proto != nil {
 		return
 	}
-	file_segmapv1_mapping_proto_msgTypes[5].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[8].OneofWrappers = []any{
 		(*AgentMessage_Hello)(nil),
 		(*AgentMessage_Result)(nil),
 		(*AgentMessage_Renew)(nil),
 	}
-	file_segmapv1_mapping_proto_msgTypes[8].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[11].OneofWrappers = []any{
 		(*ControllerMessage_Welcome)(nil),
 		(*ControllerMessage_Command)(nil),
 		(*ControllerMessage_Lease)(nil),
 	}
-	file_segmapv1_mapping_proto_msgTypes[11].OneofWrappers = []any{
+	file_segmapv1_mapping_proto_msgTypes[14].OneofWrappers = []any{
 		(*Command_NewTable)(nil),
 		(*Command_DeleteTable)(nil),
 		(*Command_GetEntry)(nil),
@@ -2640,6 +2909,7 @@ func file_segmapv1_mapping_proto_init() {
 		(*Command_Quiesce)(nil),
 		(*Command_Activate)(nil),
 		(*Command_GetStatus)(nil),
+		(*Command_SetMembership)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2647,7 +2917,7 @@ func file_segmapv1_mapping_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_mapping_proto_rawDesc), len(file_segmapv1_mapping_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   32,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,12 +30,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Mapping_Attach_FullMethodName     = "/segmap.v1.Mapping/Attach"
-	Mapping_Open_FullMethodName       = "/segmap.v1.Mapping/Open"
-	Mapping_CloseDisk_FullMethodName  = "/segmap.v1.Mapping/CloseDisk"
-	Mapping_Containers_FullMethodName = "/segmap.v1.Mapping/Containers"
-	Mapping_Fault_FullMethodName      = "/segmap.v1.Mapping/Fault"
-	Mapping_Exports_FullMethodName    = "/segmap.v1.Mapping/Exports"
+	Mapping_Attach_FullMethodName        = "/segmap.v1.Mapping/Attach"
+	Mapping_Open_FullMethodName          = "/segmap.v1.Mapping/Open"
+	Mapping_CloseDisk_FullMethodName     = "/segmap.v1.Mapping/CloseDisk"
+	Mapping_Containers_FullMethodName    = "/segmap.v1.Mapping/Containers"
+	Mapping_Fault_FullMethodName         = "/segmap.v1.Mapping/Fault"
+	Mapping_Exports_FullMethodName       = "/segmap.v1.Mapping/Exports"
+	Mapping_ReportReplica_FullMethodName = "/segmap.v1.Mapping/ReportReplica"
 )
 
 // MappingClient is the client API for Mapping service.
@@ -49,6 +50,10 @@ type MappingClient interface {
 	Fault(ctx context.Context, in *FaultRequest, opts ...grpc.CallOption) (*FaultReply, error)
 	// Exports lists the disks the agent may serve (its NBD export list).
 	Exports(ctx context.Context, in *ExportsRequest, opts ...grpc.CallOption) (*ExportsResponse, error)
+	// ReportReplica reports a replica of a mirrored container that failed
+	// an I/O, or slots about to be written while a replica is failed (a
+	// write intent); it answers with the membership once recorded.
+	ReportReplica(ctx context.Context, in *ReplicaReport, opts ...grpc.CallOption) (*Membership, error)
 }
 
 type mappingClient struct {
@@ -122,6 +127,16 @@ func (c *mappingClient) Exports(ctx context.Context, in *ExportsRequest, opts ..
 	return out, nil
 }
 
+func (c *mappingClient) ReportReplica(ctx context.Context, in *ReplicaReport, opts ...grpc.CallOption) (*Membership, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Membership)
+	err := c.cc.Invoke(ctx, Mapping_ReportReplica_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MappingServer is the server API for Mapping service.
 // All implementations must embed UnimplementedMappingServer
 // for forward compatibility.
@@ -133,6 +148,10 @@ type MappingServer interface {
 	Fault(context.Context, *FaultRequest) (*FaultReply, error)
 	// Exports lists the disks the agent may serve (its NBD export list).
 	Exports(context.Context, *ExportsRequest) (*ExportsResponse, error)
+	// ReportReplica reports a replica of a mirrored container that failed
+	// an I/O, or slots about to be written while a replica is failed (a
+	// write intent); it answers with the membership once recorded.
+	ReportReplica(context.Context, *ReplicaReport) (*Membership, error)
 	mustEmbedUnimplementedMappingServer()
 }
 
@@ -160,6 +179,9 @@ func (UnimplementedMappingServer) Fault(context.Context, *FaultRequest) (*FaultR
 }
 func (UnimplementedMappingServer) Exports(context.Context, *ExportsRequest) (*ExportsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Exports not implemented")
+}
+func (UnimplementedMappingServer) ReportReplica(context.Context, *ReplicaReport) (*Membership, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportReplica not implemented")
 }
 func (UnimplementedMappingServer) mustEmbedUnimplementedMappingServer() {}
 func (UnimplementedMappingServer) testEmbeddedByValue()                 {}
@@ -279,6 +301,24 @@ func _Mapping_Exports_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Mapping_ReportReplica_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReplicaReport)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MappingServer).ReportReplica(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Mapping_ReportReplica_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MappingServer).ReportReplica(ctx, req.(*ReplicaReport))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Mapping_ServiceDesc is the grpc.ServiceDesc for Mapping service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -305,6 +345,10 @@ var Mapping_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Exports",
 			Handler:    _Mapping_Exports_Handler,
+		},
+		{
+			MethodName: "ReportReplica",
+			Handler:    _Mapping_ReportReplica_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -610,7 +610,8 @@ nbd:// container or a block device (--json: allocated_bytes absent).
 
 STATE is online (new slots are allocated on it), draining (none are: a
 drain is moving its slots away, or stopped and can be run again) or
-failed. A removed container is not listed.`,
+failed. A removed container is not listed. A mirrored container is listed
+with its replicas under it, each healthy, failed or rebuilding.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				r, err := c.ListContainers(ctx, &pb.ListContainersRequest{})
@@ -622,8 +623,15 @@ failed. A removed container is not listed.`,
 				}
 				var rows [][]string
 				for _, ct := range r.Containers {
-					rows = append(rows, []string{fmt.Sprint(ct.Id), ct.Uri, ct.State, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
+					uri := ct.Uri
+					if len(ct.Replicas) > 0 {
+						uri = fmt.Sprintf("mirror of %d (epoch %d)", len(ct.Replicas), ct.Epoch)
+					}
+					rows = append(rows, []string{fmt.Sprint(ct.Id), uri, ct.State, size.Format(ct.SlotSize), fmt.Sprint(ct.Slots),
 						fmt.Sprint(ct.UsedSlots), size.Format(ct.Slots * ct.SlotSize), size.Format(ct.UsedSlots * ct.SlotSize), allocatedCell(ct)})
+					for _, rp := range ct.Replicas {
+						rows = append(rows, []string{"", "  " + rp.Uri, rp.State, "", "", "", "", "", ""})
+					}
 				}
 				return table(cmd.OutOrStdout(), []string{"ID", "URI", "STATE", "SLOT", "SLOTS", "USED", "SIZE", "USED-BYTES", "ALLOCATED"}, rows)
 			})
@@ -631,8 +639,9 @@ failed. A removed container is not listed.`,
 	}
 	var slotS, sizeS string
 	var format, force bool
+	var mirror []string
 	add := &cobra.Command{
-		Use:   "add PATH|URI [--size SIZE --slot-size SIZE] | add DEVICE|PATH|nbd://HOST:PORT/EXPORT --format [--slot-size SIZE] [--force]",
+		Use:   "add PATH|URI [--size SIZE --slot-size SIZE] | add DEVICE|PATH|nbd://HOST:PORT/EXPORT --format [--slot-size SIZE] [--force] | add --mirror URI1,URI2[,URI3] [--format|--size SIZE] [--slot-size SIZE]",
 		Short: "add a storage container (--size: create a new container file first; --format: write a container header onto a block device, file or NBD export first)",
 		Long: `add registers a container with the controller. With --size, the controller
 creates a new sparse container file at PATH first. With --format, it writes
@@ -646,16 +655,46 @@ are the controller's: it opens them, and so must every agent.
 btrfs, FAT, NTFS), a partition table (MBR, GPT), a swap area, an LVM or
 LUKS volume, or a segmap container header, and names what it found;
 --force formats over it, destroying it. A block device that is mounted or
-in use by the kernel is refused even with --force.`,
-		Args: exactArgs(1, "one path or URI"),
+in use by the kernel is refused even with --force.
+
+--mirror makes one container out of two or three replicas, each an nbd://
+export on its own storage node (or a file or device): every write goes to
+all of them, reads to one, and the mirror goes on when one fails. With
+--format (or --size, for new files) each replica is formatted with the
+same container id; without, they must have been formatted together.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(mirror) > 0 {
+				return exactArgs(0, "no path: --mirror names the replicas")(cmd, args)
+			}
+			return exactArgs(1, "one path or URI")(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := &pb.AddContainerRequest{Uri: args[0], Force: force}
-			if !strings.Contains(req.Uri, "://") {
-				p, err := filepath.Abs(req.Uri)
+			req := &pb.AddContainerRequest{Force: force}
+			if len(args) > 0 {
+				req.Uri = args[0]
+			}
+			absURI := func(u string) (string, error) {
+				if strings.Contains(u, "://") {
+					return u, nil
+				}
+				p, err := filepath.Abs(u)
+				if err != nil {
+					return "", err
+				}
+				return "file://" + p, nil
+			}
+			for _, u := range mirror {
+				a, err := absURI(u)
 				if err != nil {
 					return err
 				}
-				req.Uri = "file://" + p
+				req.Mirror = append(req.Mirror, a)
+			}
+			if req.Uri != "" {
+				var err error
+				if req.Uri, err = absURI(req.Uri); err != nil {
+					return err
+				}
 			}
 			if force && !format {
 				return usageError{fmt.Errorf("--force is for --format")}
@@ -691,6 +730,10 @@ in use by the kernel is refused even with --force.`,
 				if g.json {
 					return printJSON(cmd.OutOrStdout(), ct)
 				}
+				if len(ct.Replicas) > 0 {
+					fmt.Fprintf(cmd.OutOrStdout(), "added mirrored container %d: %d replicas, %d slots of %s\n", ct.Id, len(ct.Replicas), ct.Slots, size.Format(ct.SlotSize))
+					return nil
+				}
 				fmt.Fprintf(cmd.OutOrStdout(), "added container %d: %s, %d slots of %s\n", ct.Id, ct.Uri, ct.Slots, size.Format(ct.SlotSize))
 				return nil
 			})
@@ -700,7 +743,8 @@ in use by the kernel is refused even with --force.`,
 	add.Flags().BoolVar(&format, "format", false, "write a new container header onto the block device, file or NBD export (its contents are lost)")
 	add.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system, partition table or container found there")
 	add.Flags().StringVar(&slotS, "slot-size", "1M", "slot size of a new container (the segment size of the disks it serves)")
-	ctr.AddCommand(list, add, newContainerDrain(g), newContainerRemove(g), newContainerOnline(g))
+	add.Flags().StringSliceVar(&mirror, "mirror", nil, "make a mirrored container of these two or three replicas (comma-separated URIs or paths)")
+	ctr.AddCommand(list, add, newContainerDrain(g), newContainerRemove(g), newContainerOnline(g), newReplaceReplica(g), newRebuildReplica(g))
 	return ctr
 }
 
@@ -769,6 +813,118 @@ error on a terminal (--progress: always; --no-progress: never).`,
 				fmt.Fprintf(cmd.OutOrStdout(), "drained container %d: %s moved (%s) in %v\n", id, plural(int(last.Done), "slot"),
 					size.Format(last.Done*last.SlotSize), time.Since(start).Round(time.Millisecond))
 				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
+	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	return cmd
+}
+
+// rebuildProgress shows a rebuild's progress stream and its end.
+func rebuildProgress(cmd *cobra.Command, g *globals, id uint32, show bool, st interface {
+	Recv() (*pb.DrainProgress, error)
+}) error {
+	start := time.Now()
+	pr := newProgress(cmd.ErrOrStderr(), show)
+	var last *pb.DrainProgress
+	for {
+		p, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			pr.fail()
+			return err
+		}
+		last = p
+		pr.total = p.Total
+		pr.add(p.Done - pr.n)
+	}
+	pr.done()
+	if last == nil {
+		last = &pb.DrainProgress{}
+	}
+	if g.json {
+		return printJSON(cmd.OutOrStdout(), last)
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "rebuilt the replica of container %d: %s copied in %v\n", id, plural(int(last.Done), "segment"), time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+func newReplaceReplica(g *globals) *cobra.Command {
+	var oldURI, newURI string
+	var format, force, progress, noProgress bool
+	cmd := &cobra.Command{
+		Use:   "replace-replica ID --old URI --new URI [--format [--force]]",
+		Short: "replace a replica of a mirrored container and rebuild it while hosts keep writing",
+		Long: `replace-replica puts the container at --new in place of the replica at --old
+of mirrored container ID (healthy, failed or rebuilding) and rebuilds it:
+every holder writes it from then on, every used slot is copied onto it
+from a healthy replica (each segment's writers paused for its copy), and
+it is marked healthy. With --format, --new is formatted first with the
+container's id and slot size (a new file is created at its size).
+Progress goes to standard error on a terminal. An interrupted rebuild
+(Ctrl-C, a controller restart) goes on by itself, or with 'container
+rebuild ID'.`,
+		Args: exactArgs(1, "one container id"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := containerID(args[0])
+			if err != nil {
+				return err
+			}
+			if oldURI == "" || newURI == "" {
+				return usageError{fmt.Errorf("--old and --new are both needed")}
+			}
+			if !strings.Contains(newURI, "://") {
+				p, err := filepath.Abs(newURI)
+				if err != nil {
+					return err
+				}
+				newURI = "file://" + p
+			}
+			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				st, err := c.ReplaceReplica(ctx, &pb.ReplaceReplicaRequest{Id: id, OldUri: oldURI, NewUri: newURI, Format: format, Force: force})
+				if err != nil {
+					return err
+				}
+				return rebuildProgress(cmd, g, id, show, st)
+			})
+		},
+	}
+	cmd.Flags().StringVar(&oldURI, "old", "", "the replica to replace, as 'container list' shows it")
+	cmd.Flags().StringVar(&newURI, "new", "", "the new replica: an nbd:// export, a device or a path")
+	cmd.Flags().BoolVar(&format, "format", false, "format the new replica first")
+	cmd.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system or container found there")
+	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
+	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	return cmd
+}
+
+func newRebuildReplica(g *globals) *cobra.Command {
+	var progress, noProgress bool
+	cmd := &cobra.Command{
+		Use:   "rebuild ID",
+		Short: "rebuild a mirrored container's failed or rebuilding replica",
+		Long: `rebuild brings back the failed replica of mirrored container ID, or continues
+a rebuild that stopped: a replica that was away copies only the slots
+written meanwhile (recorded before each was written), a new one every
+used slot. The controller starts it by itself once a failed replica has
+answered for a few seconds; this runs it at once.`,
+		Args: exactArgs(1, "one container id"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := containerID(args[0])
+			if err != nil {
+				return err
+			}
+			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
+			return g.call(func(ctx context.Context, c pb.AdminClient) error {
+				st, err := c.RebuildReplica(ctx, &pb.RebuildReplicaRequest{Id: id})
+				if err != nil {
+					return err
+				}
+				return rebuildProgress(cmd, g, id, show, st)
 			})
 		},
 	}

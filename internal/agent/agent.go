@@ -60,8 +60,13 @@ type Config struct {
 	// Controller is the controller to attach to.
 	Controller protocol.Controller
 	// OpenContainer opens a storage container. The agent closes what it
-	// opened on Close.
+	// opened on Close. A mirrored container's replicas are each opened
+	// with it (URI set to the replica's), under a container.Mirror.
 	OpenContainer func(protocol.Container) (container.Container, error)
+	// ReplicaTimeout is how long a replica of a mirrored container may
+	// take to answer an I/O before the agent reports it failed; default
+	// container.DefaultReplicaTimeout.
+	ReplicaTimeout time.Duration
 }
 
 // Agent is a mapping agent. It implements protocol.Agent for its
@@ -87,6 +92,12 @@ type Agent struct {
 	// path looks containers up without a lock.
 	conts   atomic.Pointer[map[uint32]*openContainer]
 	contsMu sync.Mutex
+	// members holds the newest membership of each mirrored container
+	// the controller sent (contsMu): one that arrives while the
+	// container is being opened is applied once it is.
+	members map[uint32]protocol.Membership
+
+	replicaTimeout time.Duration
 
 	// leaseUntil is when I/O must stop, in monotonic time since base;
 	// noLease if the controller grants no lease.
@@ -114,7 +125,7 @@ type openContainer struct {
 
 // New returns an agent; Attach connects it to its controller.
 func New(cfg Config) *Agent {
-	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now()}
+	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now(), replicaTimeout: cfg.ReplicaTimeout, members: map[uint32]protocol.Membership{}}
 	a.leaseUntil.Store(noLease)
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[protocol.DiskID]*Disk)
@@ -395,7 +406,7 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		if info.ID != id {
 			continue
 		}
-		c, err := a.openC(info)
+		c, err := a.openContainer(info)
 		if err != nil {
 			return nil, fmt.Errorf("open container %d (%s): %w: %w", id, info.URI, protocol.ErrIO, err)
 		}
@@ -409,6 +420,69 @@ func (a *Agent) container(ctx context.Context, id uint32) (*openContainer, error
 		return oc, nil
 	}
 	return nil, fmt.Errorf("container %d: unknown to the controller: %w", id, protocol.ErrIO)
+}
+
+// openContainer opens the container info describes: a mirrored one as a
+// container.Mirror over its replicas, following the newest membership
+// the controller sent; contsMu held.
+func (a *Agent) openContainer(info protocol.Container) (container.Container, error) {
+	if !info.Mirrored() {
+		return a.openC(info)
+	}
+	if m, ok := a.members[info.ID]; ok && m.Epoch > info.Epoch {
+		info.Epoch, info.Replicas = m.Epoch, m.Replicas
+	}
+	open := func(uri string) (container.Container, error) {
+		return a.openC(protocol.Container{ID: info.ID, URI: uri, SlotSize: info.SlotSize, Slots: info.Slots})
+	}
+	return container.OpenMirror(info, open, agentReporter{a: a, id: info.ID}, a.replicaTimeout)
+}
+
+// SetMembership implements protocol.Agent: the mirror of the container,
+// if open, follows m from now on; if not, it will when opened.
+func (a *Agent) SetMembership(ctx context.Context, m protocol.Membership) error {
+	a.contsMu.Lock()
+	defer a.contsMu.Unlock()
+	if old, ok := a.members[m.Container]; ok && old.Epoch >= m.Epoch {
+		return nil
+	}
+	a.members[m.Container] = m
+	oc := (*a.conts.Load())[m.Container]
+	if oc == nil {
+		return nil
+	}
+	mc, ok := oc.c.(*container.Mirror)
+	if !ok {
+		return fmt.Errorf("container %d is not mirrored here: %w", m.Container, protocol.ErrBadRequest)
+	}
+	if err := mc.SetMembership(m); err != nil {
+		return fmt.Errorf("container %d: %w: %w", m.Container, protocol.ErrIO, err)
+	}
+	return nil
+}
+
+// agentReporter reports an agent's replica failures and write intents to
+// its controller.
+type agentReporter struct {
+	a  *Agent
+	id uint32
+}
+
+// reportPatience bounds a report: the controller may wait for a cut-off
+// agent's lease before it answers.
+const reportPatience = 2 * time.Minute
+
+func (r agentReporter) ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), reportPatience)
+	defer cancel()
+	return r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: i, URI: uri, Cause: cause.Error(), Slots: slots})
+}
+
+func (r agentReporter) Intent(epoch uint64, slots []uint32) error {
+	ctx, cancel := context.WithTimeout(context.Background(), reportPatience)
+	defer cancel()
+	_, err := r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: -1, Slots: slots})
+	return err
 }
 
 // flushWritten flushes every container written since its last flush.

@@ -717,3 +717,7 @@ func TestDeleteTable(t *testing.T) {
 		gone(t, e)
 	})
 }
+
+func (c *fakeCtrl) ReportReplica(ctx context.Context, r protocol.ReplicaReport) (protocol.Membership, error) {
+	return protocol.Membership{}, protocol.ErrBadRequest
+}

@@ -818,3 +818,7 @@ func parseEntry(t *testing.T, d *datadriven.TestData, s string) table.Entry {
 	}
 	return e
 }
+
+func (c *scriptCtrl) ReportReplica(ctx context.Context, r protocol.ReplicaReport) (protocol.Membership, error) {
+	return protocol.Membership{}, protocol.ErrBadRequest
+}

@@ -70,3 +70,5 @@ func TestAgentStatus(t *testing.T) {
 		t.Errorf("silent agent's disks %+v, want d with ErrUnavailable", s)
 	}
 }
+
+func (x *silentAgent) SetMembership(ctx context.Context, m protocol.Membership) error { return nil }

@@ -144,6 +144,19 @@ func (a *allocator) reservedOn(cid uint32) int {
 	return n
 }
 
+// reservedSlots returns the slots of container cid that are reserved.
+func (a *allocator) reservedSlots(cid uint32) []uint32 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []uint32
+	for loc := range a.mu.reserved {
+		if loc.Container == cid {
+			out = append(out, loc.Slot)
+		}
+	}
+	return out
+}
+
 // reservations returns how many slots of container cid are reserved,
 // and a channel closed when one of those reservations goes.
 func (a *allocator) reservations(cid uint32) (int, <-chan struct{}) {

@@ -102,8 +102,12 @@ type Config struct {
 	// pending.go), as the NBD contract allows.
 	SyncMaps bool
 	// DrainMoves is how many segments a drain moves at once; default
-	// DefaultDrainMoves.
+	// DefaultDrainMoves. A rebuild copies as many at once.
 	DrainMoves int
+	// ReplicaTimeout is how long a replica of a mirrored container may
+	// take to answer the controller's I/O before it is failed; default
+	// container.DefaultReplicaTimeout.
+	ReplicaTimeout time.Duration
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -160,6 +164,9 @@ type Controller struct {
 
 	// drainMoves is Config.DrainMoves.
 	drainMoves int
+	// replicaTimeout is Config.ReplicaTimeout.
+	replicaTimeout time.Duration
+	mirrors        mirrors
 
 	// health knows the failed containers (health.go).
 	health health
@@ -217,6 +224,7 @@ func New(cfg Config) *Controller {
 		c.cmdTimeout = DefaultCommandTimeout
 	}
 	c.drainMoves = cfg.DrainMoves
+	c.replicaTimeout = cfg.ReplicaTimeout
 	if c.drainMoves <= 0 {
 		c.drainMoves = DefaultDrainMoves
 	}
@@ -606,7 +614,7 @@ func (c *Controller) Containers(ctx context.Context) ([]protocol.Container, erro
 	})
 	out := make([]protocol.Container, len(cs))
 	for i, ct := range cs {
-		out[i] = protocol.Container{ID: ct.ID, URI: ct.URI, SlotSize: ct.SlotSize, Slots: ct.Slots}
+		out[i] = protoContainer(ct)
 	}
 	return out, err
 }
@@ -878,6 +886,13 @@ func (c *Controller) openContainer(ctx context.Context, id uint32) (container.Co
 		return err
 	}); err != nil {
 		return nil, err
+	}
+	if rec.Mirrored() {
+		ct, err := c.openMirror(rec)
+		if err != nil {
+			return nil, fmt.Errorf("open mirrored container %d: %w: %w", id, protocol.ErrIO, err)
+		}
+		return ct, nil
 	}
 	ct, err := c.openC(protocol.Container{ID: rec.ID, URI: rec.URI, SlotSize: rec.SlotSize, Slots: rec.Slots})
 	if err != nil {

@@ -223,6 +223,7 @@ func (c *Controller) ResumeDrains(ctx context.Context) {
 		c.logger.Warn("resume drains: list containers", "err", err)
 		return
 	}
+	c.ResumeRebuilds(ctx)
 	for _, id := range ids {
 		c.logger.Info("resuming the drain of a container", "container", id)
 		c.bg.wg.Go(func() {

@@ -52,6 +52,13 @@ var (
 	// container that no entry names (leaked: check --repair frees them),
 	// or slots reserved by writes in flight that do not end.
 	ErrDrainStuck = errors.New("drain cannot finish")
+	// ErrRebuilding is returned for a rebuild of a mirrored container
+	// that another rebuild runs on, and by a rebuild whose replica
+	// changed (failed, replaced) under it.
+	ErrRebuilding = errors.New("replica rebuilding")
+	// ErrNothingToRebuild is returned for a rebuild of a mirrored
+	// container whose replicas are all healthy.
+	ErrNothingToRebuild = errors.New("no replica to rebuild")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("controller closed")
 )

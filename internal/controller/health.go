@@ -115,6 +115,7 @@ func (c *Controller) ProbeContainers(ctx context.Context) {
 		return
 	}
 	var wg sync.WaitGroup
+	wg.Go(func() { c.probeReplicas(ctx, cs) })
 	for _, ct := range cs {
 		if ct.State != meta.ContainerOnline && ct.State != meta.ContainerDraining {
 			continue

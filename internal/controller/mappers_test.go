@@ -126,3 +126,5 @@ func TestFaultMovesFaultingAgent(t *testing.T) {
 		})
 	}
 }
+
+func (p *probe) SetMembership(ctx context.Context, m protocol.Membership) error { return nil }

@@ -441,3 +441,7 @@ func TestPreallocateAfterDirtyingRace(t *testing.T) {
 	expect(t, openDisk(t, c, 0, "p"), 0, make([]byte, 12*seg))
 	checkClean(t, c)
 }
+
+func (f *fakeAgent) SetMembership(ctx context.Context, m protocol.Membership) error { return nil }
+
+func (h *heldAgent) SetMembership(ctx context.Context, m protocol.Membership) error { return nil }

@@ -83,6 +83,9 @@ func NewAdmin(ctrl *controller.Controller, m *tlsconf.Material, cfg adminapi.Con
 		}
 		return container.CreateURI(ctx, m, uri, id, slotSize, slots, force)
 	}
+	cfg.CreateReplica = func(ctx context.Context, uri string, id uint32, slotSize, slots uint64, force bool) error {
+		return container.CreateURI(ctx, m, uri, id, slotSize, slots, force)
+	}
 	return adminapi.New(cfg)
 }
 

@@ -167,6 +167,15 @@ func (c Container) validate() error {
 		return fmt.Errorf("container %d: URI of %d bytes: %w", c.ID, len(c.URI), ErrInvalid)
 	case !c.State.Valid():
 		return fmt.Errorf("container %d: state %d: %w", c.ID, c.State, ErrInvalid)
+	case len(c.Replicas) == 1 || len(c.Replicas) > MaxReplicas:
+		return fmt.Errorf("container %d: %d replicas (2 to %d): %w", c.ID, len(c.Replicas), MaxReplicas, ErrInvalid)
+	case len(c.Replicas) > 0 && c.URI != "":
+		return fmt.Errorf("container %d: mirrored, with a URI: %w", c.ID, ErrInvalid)
+	}
+	for i, r := range c.Replicas {
+		if r.URI == "" || len(r.URI) > maxName || !r.State.Valid() {
+			return fmt.Errorf("container %d: replica %d (%q, state %d): %w", c.ID, i, r.URI, r.State, ErrInvalid)
+		}
 	}
 	return nil
 }
@@ -186,6 +195,71 @@ type Container struct {
 	// State says whether slots may be allocated on the container. Zero
 	// (Online) in records stored before states existed.
 	State ContainerState
+	// Replicas, for a mirrored container (URI empty), are its replicas;
+	// Epoch grows with every change of their states or URIs.
+	Epoch    uint64
+	Replicas []Replica
+	// Cursor, while a replica is rebuilding, is where the rebuild
+	// stands: every segment index of family CursorFam below CursorSeg,
+	// and of every lower family, has been copied.
+	CursorFam DiskID
+	CursorSeg uint64
+}
+
+// MaxReplicas is the most replicas a mirrored container has.
+const MaxReplicas = 3
+
+// Replica is one replica of a mirrored container.
+type Replica struct {
+	URI   string
+	State ReplicaState
+	// Full: the replica holds nothing it can keep (it is new, or was
+	// away without a record of what it missed) and is rebuilt by copying
+	// every used slot; otherwise only the slots recorded while it was
+	// failed (Tx.Intents).
+	Full bool
+}
+
+// ReplicaState is the state of a replica; the values are
+// protocol.ReplicaState's.
+type ReplicaState uint8
+
+// Replica states.
+const (
+	ReplicaHealthy ReplicaState = iota
+	ReplicaFailed
+	ReplicaRebuilding
+	replicaStates
+)
+
+// String returns the state's name as the CLI shows it.
+func (s ReplicaState) String() string {
+	switch s {
+	case ReplicaHealthy:
+		return "healthy"
+	case ReplicaFailed:
+		return "failed"
+	case ReplicaRebuilding:
+		return "rebuilding"
+	}
+	return fmt.Sprintf("replica-state(%d)", uint8(s))
+}
+
+// Valid reports whether s is a known state.
+func (s ReplicaState) Valid() bool { return s < replicaStates }
+
+// Mirrored reports whether c is a mirrored container.
+func (c Container) Mirrored() bool { return len(c.Replicas) > 0 }
+
+// Healthy returns the number of c's healthy replicas.
+func (c Container) Healthy() int {
+	n := 0
+	for _, r := range c.Replicas {
+		if r.State == ReplicaHealthy {
+			n++
+		}
+	}
+	return n
 }
 
 // ContainerState is the life state of a container.

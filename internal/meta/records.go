@@ -19,6 +19,8 @@ const (
 	diskVersionNoID  = 1
 	containerVersion = 2 // 1 had no state (every container online)
 	containerV1      = 1
+	containerMirror  = 3 // version 2's fields, then the replicas
+	intentVersion    = 1
 	pageVersion      = 1 // whole entries only
 	partPageVersion  = 2 // version 1's entries, then the partial ones (see encodePage)
 	refsVersion      = 1
@@ -217,9 +219,12 @@ func encodeContainer(c Container) []byte {
 	// An online container keeps version 1, so that records stored
 	// before states existed re-encode as they were read, and a store
 	// whose containers are all online is still read by older binaries.
-	if c.State == ContainerOnline {
+	switch {
+	case c.Mirrored():
+		e.u8(containerMirror)
+	case c.State == ContainerOnline:
 		e.u8(containerV1)
-	} else {
+	default:
 		e.u8(containerVersion)
 	}
 	e.u32(c.ID)
@@ -227,28 +232,64 @@ func encodeContainer(c Container) []byte {
 	e.u64(c.SlotSize)
 	e.u64(c.Slots)
 	e.u64(c.Used)
-	if c.State != ContainerOnline {
+	if c.State != ContainerOnline || c.Mirrored() {
 		e.u8(uint8(c.State))
+	}
+	if c.Mirrored() {
+		e.u64(c.Epoch)
+		e.u8(uint8(len(c.Replicas)))
+		for _, r := range c.Replicas {
+			e.str(r.URI)
+			e.u8(uint8(r.State))
+			full := uint8(0)
+			if r.Full {
+				full = 1
+			}
+			e.u8(full)
+		}
+		e.u64(uint64(c.CursorFam))
+		e.u64(c.CursorSeg)
 	}
 	return e.seal()
 }
 
 func decodeContainer(key, v []byte) (Container, error) {
-	r := open(key, v, containerV1, containerVersion)
+	r := open(key, v, containerV1, containerVersion, containerMirror)
 	var c Container
 	c.ID = r.u32()
 	c.URI = r.str()
 	c.SlotSize = r.u64()
 	c.Slots = r.u64()
 	c.Used = r.u64()
-	if r.version == containerVersion {
+	if r.version >= containerVersion {
 		c.State = ContainerState(r.u8())
+	}
+	if r.version == containerMirror {
+		c.Epoch = r.u64()
+		n := int(r.u8())
+		if n < 2 || n > MaxReplicas {
+			return Container{}, corrupt(key, "mirrored container with %d replicas", n)
+		}
+		for range n {
+			rp := Replica{URI: r.str(), State: ReplicaState(r.u8())}
+			full := r.u8()
+			rp.Full = full == 1
+			if !rp.State.Valid() || full > 1 {
+				return Container{}, corrupt(key, "replica state %d, full %d", rp.State, full)
+			}
+			c.Replicas = append(c.Replicas, rp)
+		}
+		c.CursorFam = DiskID(r.u64())
+		c.CursorSeg = r.u64()
 	}
 	if err := r.done(key); err != nil {
 		return Container{}, err
 	}
 	if c.ID == 0 || c.Used > c.Slots || c.SlotSize == 0 || c.SlotSize&(c.SlotSize-1) != 0 {
 		return Container{}, corrupt(key, "container %d: slot size %d, %d of %d slots used", c.ID, c.SlotSize, c.Used, c.Slots)
+	}
+	if r.version == containerMirror && (!c.State.Valid() || c.URI != "") {
+		return Container{}, corrupt(key, "mirrored container %d in state %d with URI %q", c.ID, c.State, c.URI)
 	}
 	if r.version == containerVersion && (c.State == ContainerOnline || !c.State.Valid()) {
 		return Container{}, corrupt(key, "version %d container %d in state %d", r.version, c.ID, c.State)
@@ -726,6 +767,12 @@ func refsPrefix(cid uint32) []byte {
 
 func refsKey(cid uint32, pg uint64) []byte {
 	return binary.BigEndian.AppendUint64(refsPrefix(cid), pg)
+}
+
+func intentPrefix(cid uint32) []byte { return binary.BigEndian.AppendUint32([]byte("w/"), cid) }
+
+func intentKey(cid, slot uint32) []byte {
+	return binary.BigEndian.AppendUint32(intentPrefix(cid), slot)
 }
 
 func seqKey(name string) []byte { return append([]byte("s/"), name...) }

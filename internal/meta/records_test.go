@@ -6,6 +6,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"math/rand/v2"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -337,7 +338,7 @@ func TestContainerState(t *testing.T) {
 		t.Fatalf("online container stored as version %d", v[0])
 	}
 	c, err := decodeContainer(containerKey(3), v)
-	if err != nil || c != old || !bytes.Equal(encodeContainer(c), v) {
+	if err != nil || !reflect.DeepEqual(c, old) || !bytes.Equal(encodeContainer(c), v) {
 		t.Fatalf("version 1 record decoded as %+v, %v", c, err)
 	}
 	for _, st := range []ContainerState{ContainerDraining, ContainerFailed} {
@@ -348,7 +349,7 @@ func TestContainerState(t *testing.T) {
 			t.Fatalf("%v container stored as version %d", st, v[0])
 		}
 		c, err := decodeContainer(containerKey(3), v)
-		if err != nil || c != nc {
+		if err != nil || !reflect.DeepEqual(c, nc) {
 			t.Fatalf("%v: decoded %+v, %v", st, c, err)
 		}
 	}
@@ -367,5 +368,32 @@ func TestContainerState(t *testing.T) {
 	}
 	if got := ContainerDraining.String(); got != "draining" {
 		t.Errorf("String() = %q", got)
+	}
+}
+
+// TestMirroredContainerRecord checks that a mirrored container's
+// replicas, epoch and rebuild cursor survive a round trip, and that a
+// record with a bad replica count or state is corrupt.
+func TestMirroredContainerRecord(t *testing.T) {
+	c := Container{ID: 4, SlotSize: 1 << 20, Slots: 64, Used: 3, Epoch: 7, CursorFam: 2, CursorSeg: 9,
+		Replicas: []Replica{{URI: "nbd://a/x", State: ReplicaHealthy}, {URI: "nbd://b/x", State: ReplicaRebuilding, Full: true}}}
+	v := encodeContainer(c)
+	if v[0] != containerMirror {
+		t.Fatalf("mirrored container stored as version %d", v[0])
+	}
+	got, err := decodeContainer(containerKey(4), v)
+	if err != nil || !reflect.DeepEqual(got, c) {
+		t.Fatalf("decoded %+v, %v; want %+v", got, err, c)
+	}
+	for _, bad := range []Container{
+		{ID: 4, SlotSize: 1 << 20, Slots: 64, Replicas: []Replica{{URI: "a"}}},
+		{ID: 4, SlotSize: 1 << 20, Slots: 64, Replicas: []Replica{{URI: "a"}, {URI: "b", State: replicaStates}}},
+	} {
+		if _, err := decodeContainer(containerKey(4), encodeContainer(bad)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%+v decoded: %v", bad, err)
+		}
+		if err := bad.validate(); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%+v valid: %v", bad, err)
+		}
 	}
 }

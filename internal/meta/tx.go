@@ -2,6 +2,7 @@ package meta
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -1082,6 +1083,67 @@ func (t *Tx) SetContainerState(id uint32, st ContainerState) (Container, error) 
 	return ct, nil
 }
 
+// PutContainer stores container c's record as given, but for its Used
+// count, which only SetRefs changes.
+func (t *Tx) PutContainer(c Container) error {
+	if !t.writable {
+		return ErrReadOnlyTx
+	}
+	old, err := t.Container(c.ID)
+	if err != nil {
+		return err
+	}
+	c.Used = old.Used
+	if err := c.validate(); err != nil {
+		return err
+	}
+	if t.conts == nil {
+		t.conts = make(map[uint32]*Container)
+	}
+	t.conts[c.ID] = &c
+	return nil
+}
+
+// AddIntents records that slots of mirrored container cid were written,
+// or are about to be, while a replica may miss them (a write-intent
+// record: the replica catches up by copying those slots).
+func (t *Tx) AddIntents(cid uint32, slots []uint32) error {
+	for _, s := range slots {
+		if err := t.put(intentKey(cid, s), encodeU64(1)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Intents returns the slots of container cid recorded by AddIntents, in
+// order.
+func (t *Tx) Intents(cid uint32) ([]uint32, error) {
+	var out []uint32
+	err := t.kv.Scan(intentPrefix(cid), func(k, _ []byte) error {
+		if len(k) != 10 {
+			return corrupt(k, "not a write intent")
+		}
+		out = append(out, binary.BigEndian.Uint32(k[6:]))
+		return nil
+	})
+	return out, err
+}
+
+// ClearIntents deletes the slots of container cid recorded by AddIntents.
+func (t *Tx) ClearIntents(cid uint32) error {
+	slots, err := t.Intents(cid)
+	if err != nil {
+		return err
+	}
+	for _, s := range slots {
+		if err := t.del(intentKey(cid, s)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // RemoveContainer deletes container id's record. It must hold no slot
 // (Used zero: ErrInUse otherwise); its reference records, all zero, go
 // with it.
@@ -1117,6 +1179,9 @@ func (t *Tx) RemoveContainer(id uint32) error {
 		if strings.HasPrefix(k, string(refsPrefix(id))) && *c.p != (refs{}) {
 			return fmt.Errorf("container %d: a slot counted in this transaction: %w", id, ErrInUse)
 		}
+	}
+	if err := t.ClearIntents(id); err != nil {
+		return err
 	}
 	delete(t.conts, id)
 	return t.kv.Delete(containerKey(id))

@@ -99,7 +99,7 @@ func shortIf(short bool, key []byte, format string, args ...any) *RecordError {
 
 // KeyName returns a readable form of a record key: "d/3" for the record of
 // disk 3, "t/3/0" for its first table directory, "p/17" for table page 17,
-// "q/0", "c/1", "r/1/0", "g/3", "n/NAME", "s/NAME", "a/". A key of no known
+// "q/0", "c/1", "r/1/0", "w/1/5", "g/3", "n/NAME", "s/NAME", "a/". A key of no known
 // shape is quoted.
 func KeyName(k []byte) string {
 	be := binary.BigEndian
@@ -112,6 +112,8 @@ func KeyName(k []byte) string {
 		return fmt.Sprintf("c/%d", be.Uint32(k[2:]))
 	case len(k) == 15 && k[0] == 'r' && k[1] == '/' && k[6] == '/':
 		return fmt.Sprintf("r/%d/%d", be.Uint32(k[2:]), be.Uint64(k[7:]))
+	case len(k) == 10 && k[0] == 'w' && k[1] == '/':
+		return fmt.Sprintf("w/%d/%d", be.Uint32(k[2:]), be.Uint32(k[6:]))
 	case len(k) > 2 && (k[0] == 'n' || k[0] == 's') && k[1] == '/' && printable(k[2:]):
 		return string(k)
 	case string(k) == "a/":
@@ -261,6 +263,12 @@ func (t *Tx) verifyRecord(k, v []byte, names map[string]DiskID, disks map[DiskID
 			return bad("slot reference counts")
 		}
 		return t.cacheRefs(k, v)
+	case 'w':
+		if len(k) != 10 {
+			return bad("a write intent")
+		}
+		_, err := decodeU64(k, v)
+		return err
 	case 'g':
 		if len(k) != 10 {
 			return bad("a grant list")

@@ -2,7 +2,7 @@ package metatest
 
 import (
 	"fmt"
-	"slices"
+	"reflect"
 	"testing"
 
 	"segmap/internal/meta"
@@ -20,7 +20,7 @@ func testAddContainer(t *testing.T, s meta.Store) {
 				return fmt.Errorf("AddContainer(%s): %w", uri, err)
 			}
 			c.ID, c.Used = got.ID, 0
-			if got != c {
+			if !reflect.DeepEqual(got, c) {
 				t.Errorf("AddContainer returned %+v, want %+v", got, c)
 			}
 			cs = append(cs, got)
@@ -38,7 +38,7 @@ func testAddContainer(t *testing.T, s meta.Store) {
 			if err != nil {
 				return fmt.Errorf("Container(%d): %w", want.ID, err)
 			}
-			if got != want {
+			if !reflect.DeepEqual(got, want) {
 				t.Errorf("Container(%d) = %+v, want %+v", want.ID, got, want)
 			}
 		}
@@ -46,7 +46,7 @@ func testAddContainer(t *testing.T, s meta.Store) {
 		if err != nil {
 			return err
 		}
-		if !slices.Equal(got, cs) {
+		if !reflect.DeepEqual(got, cs) {
 			t.Errorf("Containers() = %+v, want %+v", got, cs)
 		}
 		return nil

@@ -1,6 +1,7 @@
 package metatest
 
 import (
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -137,7 +138,7 @@ func testSurvivesReopen(t *testing.T, r *reopener) {
 			if err != nil {
 				return err
 			}
-			if want := (meta.Container{ID: c.ID, URI: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, Used: 3}); got != want {
+			if want := (meta.Container{ID: c.ID, URI: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, Used: 3}); !reflect.DeepEqual(got, want) {
 				t.Errorf("after reopen: Container = %+v, want %+v", got, want)
 			}
 			rs, err := refsOf(tx, c.ID)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -38,6 +39,9 @@ type Config struct {
 	// block device, file or NBD export there (slots 0), over whatever it
 	// holds only with force.
 	CreateContainer func(ctx context.Context, uri string, slotSize, slots uint64, force bool) error
+	// CreateReplica makes a replica of a mirrored container, as
+	// CreateContainer does, with the given container id.
+	CreateReplica func(ctx context.Context, uri string, id uint32, slotSize, slots uint64, force bool) error
 	// NBDAddress is where hosts connect, for Status.
 	NBDAddress string
 	// Version is reported by Status.
@@ -469,7 +473,14 @@ func (s *Server) DiffDisks(ctx context.Context, r *pb.DiffDisksRequest) (*pb.Dif
 }
 
 func containerMsg(c meta.Container) *pb.Container {
-	return &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used, State: c.State.String()}
+	out := &pb.Container{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, UsedSlots: c.Used, State: c.State.String()}
+	if c.Mirrored() {
+		out.Epoch = c.Epoch
+		for _, r := range c.Replicas {
+			out.Replicas = append(out.Replicas, &pb.ReplicaInfo{Uri: r.URI, State: r.State.String()})
+		}
+	}
+	return out
 }
 
 // spaceMsg converts a container with what its backing holds.
@@ -543,6 +554,9 @@ func (s *Server) OnlineContainer(ctx context.Context, r *pb.OnlineContainerReque
 
 // AddContainer implements pb.AdminServer.
 func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*pb.Container, error) {
+	if len(r.Mirror) > 0 {
+		return s.addMirror(ctx, r)
+	}
 	if r.Uri == "" {
 		return nil, status.Error(codes.InvalidArgument, "add container: no path or URI")
 	}
@@ -565,6 +579,113 @@ func (s *Server) AddContainer(ctx context.Context, r *pb.AddContainerRequest) (*
 		return nil, grpcErr(err)
 	}
 	return containerMsg(c), nil
+}
+
+// addMirror adds a mirrored container, formatting its replicas first
+// when asked (a slot size).
+func (s *Server) addMirror(ctx context.Context, r *pb.AddContainerRequest) (*pb.Container, error) {
+	if r.Uri != "" {
+		return nil, status.Error(codes.InvalidArgument, "add container: a URI and mirror replicas; give one or the other")
+	}
+	if len(r.Mirror) < 2 || len(r.Mirror) > meta.MaxReplicas {
+		return nil, status.Errorf(codes.InvalidArgument, "add container: a mirror of %d replicas (2 to %d)", len(r.Mirror), meta.MaxReplicas)
+	}
+	if r.SlotSize > 0 {
+		if s.cfg.CreateReplica == nil {
+			return nil, status.Error(codes.FailedPrecondition, "this controller does not format replicas; format them alike where the agents can reach them and add them without a slot size")
+		}
+		id, err := s.cfg.Ctrl.NextContainerID(ctx)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
+		for _, uri := range r.Mirror {
+			slots := r.Slots
+			if strings.HasPrefix(uri, "nbd://") {
+				slots = 0
+			}
+			if err := s.cfg.CreateReplica(ctx, uri, id, r.SlotSize, slots, r.Force); err != nil {
+				return nil, grpcErr(fmt.Errorf("replica %s: %w", uri, err))
+			}
+		}
+	}
+	c, err := s.cfg.Ctrl.AddMirror(ctx, r.Mirror)
+	if err != nil {
+		return nil, grpcErr(err)
+	}
+	return containerMsg(c), nil
+}
+
+// ReplaceReplica implements pb.AdminServer: progress goes out at most
+// every 100 ms, and once at the end.
+func (s *Server) ReplaceReplica(r *pb.ReplaceReplicaRequest, stream pb.Admin_ReplaceReplicaServer) error {
+	ctx := stream.Context()
+	if r.OldUri == "" || r.NewUri == "" {
+		return status.Error(codes.InvalidArgument, "replace replica: the old and the new replica's URI are needed")
+	}
+	if r.Format {
+		if s.cfg.CreateReplica == nil {
+			return status.Error(codes.FailedPrecondition, "this controller does not format replicas")
+		}
+		ct, err := s.container(ctx, r.Id)
+		if err != nil {
+			return grpcErr(err)
+		}
+		slots := ct.Slots
+		if strings.HasPrefix(r.NewUri, "nbd://") {
+			slots = 0
+		} else if path, err := container.FilePath(r.NewUri); err == nil {
+			if _, err := os.Stat(path); err == nil {
+				slots = 0 // there: a device or file to format
+			}
+		}
+		if err := s.cfg.CreateReplica(ctx, r.NewUri, ct.ID, ct.SlotSize, slots, r.Force); err != nil {
+			return grpcErr(fmt.Errorf("replica %s: %w", r.NewUri, err))
+		}
+	}
+	send := progressSender(stream.Send)
+	if err := s.cfg.Ctrl.ReplaceReplica(ctx, r.Id, r.OldUri, r.NewUri, send.progress); err != nil {
+		return grpcErr(err)
+	}
+	return send.err
+}
+
+// RebuildReplica implements pb.AdminServer.
+func (s *Server) RebuildReplica(r *pb.RebuildReplicaRequest, stream pb.Admin_RebuildReplicaServer) error {
+	send := progressSender(stream.Send)
+	if err := s.cfg.Ctrl.RebuildReplica(stream.Context(), r.Id, send.progress); err != nil {
+		return grpcErr(err)
+	}
+	return send.err
+}
+
+// container returns container id's record.
+func (s *Server) container(ctx context.Context, id uint32) (meta.Container, error) {
+	cs, err := s.cfg.Ctrl.ListContainers(ctx)
+	if err != nil {
+		return meta.Container{}, err
+	}
+	for _, c := range cs {
+		if c.ID == id {
+			return c, nil
+		}
+	}
+	return meta.Container{}, fmt.Errorf("container %d: %w", id, protocol.ErrNotFound)
+}
+
+// sender streams progress at most every 100 ms, and at the end.
+type sender struct {
+	send func(*pb.DrainProgress) error
+	last time.Time
+	err  error
+}
+
+func progressSender(send func(*pb.DrainProgress) error) *sender { return &sender{send: send} }
+
+func (s *sender) progress(done, total uint64) {
+	if now := time.Now(); s.err == nil && (done == total || now.Sub(s.last) >= 100*time.Millisecond) {
+		s.last = now
+		s.err = s.send(&pb.DrainProgress{Done: done, Total: total})
+	}
 }
 
 // Problems converts problems found by Check to their messages.

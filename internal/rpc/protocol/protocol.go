@@ -22,6 +22,7 @@ package protocol
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"segmap/internal/table"
@@ -52,6 +53,91 @@ type Container struct {
 	URI      string
 	SlotSize uint64
 	Slots    uint64
+	// Epoch and Replicas, for a mirrored container, are its replicas as
+	// of its membership epoch; URI is then empty. A plain container has
+	// none.
+	Epoch    uint64
+	Replicas []Replica
+}
+
+// Mirrored reports whether c is a mirrored container.
+func (c Container) Mirrored() bool { return len(c.Replicas) > 0 }
+
+// Membership returns c's membership.
+func (c Container) Membership() Membership {
+	return Membership{Container: c.ID, Epoch: c.Epoch, Replicas: c.Replicas}
+}
+
+// ReplicaState is the state of one replica of a mirrored container.
+type ReplicaState uint8
+
+// The replica states.
+const (
+	// ReplicaHealthy: in sync; written and read.
+	ReplicaHealthy ReplicaState = iota
+	// ReplicaFailed: out of the mirror; neither written nor read. The
+	// slots written meanwhile are recorded (ReplicaReport.Slots) so that
+	// it can catch up when it is back.
+	ReplicaFailed
+	// ReplicaRebuilding: being copied onto; written, not read.
+	ReplicaRebuilding
+)
+
+// String returns the state's name as the CLI shows it.
+func (s ReplicaState) String() string {
+	switch s {
+	case ReplicaHealthy:
+		return "healthy"
+	case ReplicaFailed:
+		return "failed"
+	case ReplicaRebuilding:
+		return "rebuilding"
+	}
+	return fmt.Sprintf("replica-state(%d)", uint8(s))
+}
+
+// Replica is one replica of a mirrored container.
+type Replica struct {
+	URI   string
+	State ReplicaState
+}
+
+// Membership is a mirrored container's replicas at an epoch. The epoch
+// grows with every change; a holder ignores a membership older than the
+// one it has.
+type Membership struct {
+	Container uint32
+	Epoch     uint64
+	Replicas  []Replica
+}
+
+// Degraded reports whether some replica is failed: writes then miss it
+// and must be recorded first (ReplicaReport.Slots).
+func (m Membership) Degraded() bool {
+	for _, r := range m.Replicas {
+		if r.State == ReplicaFailed {
+			return true
+		}
+	}
+	return false
+}
+
+// ReplicaReport is what a holder of a mirrored container reports: that
+// replica Failed failed an I/O (Failed -1: none), and which slots it
+// wrote, or is about to write, that a replica may miss. The controller
+// answers once the failure and the slots are recorded durably and every
+// agent has been told the new membership.
+type ReplicaReport struct {
+	Agent     string
+	Container uint32
+	Epoch     uint64
+	Failed    int
+	// URI is the failed replica's, as the holder had it: a report about
+	// a replica since replaced at the same index is not taken as one
+	// about the new replica.
+	URI   string
+	Cause string
+	Slots []uint32
 }
 
 // FaultOp is the operation that faulted.
@@ -192,6 +278,9 @@ type Controller interface {
 	Exports(ctx context.Context, agent string) ([]Disk, error)
 	// Fault resolves a map fault.
 	Fault(ctx context.Context, f Fault) (Reply, error)
+	// ReportReplica reports a replica failure or a write intent on a
+	// mirrored container, and returns its membership once recorded.
+	ReportReplica(ctx context.Context, r ReplicaReport) (Membership, error)
 }
 
 // SetEntry is the set_entry command: replace entries [First,
@@ -260,4 +349,9 @@ type Agent interface {
 	Quiesce(ctx context.Context, id DiskID, timeout time.Duration) error
 	// Activate releases the I/O queued by Quiesce.
 	Activate(ctx context.Context, id DiskID) error
+	// SetMembership gives the agent a mirrored container's replicas. It
+	// answers once I/O follows them: a failed replica is no longer
+	// written, a rebuilding one is written by every I/O that starts
+	// after the answer.
+	SetMembership(ctx context.Context, m Membership) error
 }

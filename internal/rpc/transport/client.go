@@ -317,6 +317,11 @@ func run(ctx context.Context, a protocol.Agent, cmd *pb.Command) *pb.CommandResu
 		err = a.Quiesce(ctx, protocol.DiskID(x.Quiesce.GetDisk()), time.Duration(x.Quiesce.GetTimeoutMs())*time.Millisecond)
 	case *pb.Command_Activate:
 		err = a.Activate(ctx, protocol.DiskID(x.Activate.GetDisk()))
+	case *pb.Command_SetMembership:
+		var m protocol.Membership
+		if m, err = membershipFromPB(x.SetMembership); err == nil {
+			err = a.SetMembership(ctx, m)
+		}
 	case *pb.Command_GetStatus:
 		var st protocol.DiskStatus
 		if st, err = a.GetStatus(ctx, protocol.DiskID(x.GetStatus.GetDisk())); err == nil {
@@ -410,9 +415,33 @@ func (c *Client) Containers(ctx context.Context) ([]protocol.Container, error) {
 	}
 	out := make([]protocol.Container, len(r.GetContainers()))
 	for i, ct := range r.GetContainers() {
-		out[i] = protocol.Container{ID: ct.GetId(), URI: ct.GetUri(), SlotSize: ct.GetSlotSize(), Slots: ct.GetSlots()}
+		if out[i], err = containerFromPB(ct); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
+}
+
+// ReportReplica implements protocol.Controller. Like a fault, it waits
+// for an unreachable or restarted controller (up to FaultPatience): the
+// I/O that hit the failure is held meanwhile. A report sent twice is
+// harmless: it records the same slots and finds the replica failed.
+func (c *Client) ReportReplica(ctx context.Context, rr protocol.ReplicaReport) (protocol.Membership, error) {
+	req := &pb.ReplicaReport{Agent: rr.Agent, Container: rr.Container, Epoch: rr.Epoch, Failed: int32(rr.Failed), Uri: rr.URI, Cause: rr.Cause, Slots: rr.Slots}
+	b := backoff.New(faultBackoff, nil)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, FaultPatience)
+		r, err := c.c.ReportReplica(cctx, req)
+		cancel()
+		if err == nil {
+			return membershipFromPB(r)
+		}
+		err = fromStatus(err)
+		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
+		if !retry || ctx.Err() != nil || errors.Is(b.Wait(ctx), backoff.ErrGaveUp) {
+			return protocol.Membership{}, err
+		}
+	}
 }
 
 // Exports implements protocol.Controller.

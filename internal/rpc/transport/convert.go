@@ -324,3 +324,63 @@ func diskStatusFromPB(m *pb.DiskStatus) protocol.DiskStatus {
 		Leased: m.GetLeased(), LeaseLeft: time.Duration(min(max(0, m.GetLeaseLeftMs()), math.MaxInt64/int64(time.Millisecond))) * time.Millisecond,
 	}
 }
+
+// membershipToPB converts a mirrored container's membership.
+func membershipToPB(m protocol.Membership) *pb.Membership {
+	out := &pb.Membership{Container: m.Container, Epoch: m.Epoch}
+	for _, r := range m.Replicas {
+		out.Replicas = append(out.Replicas, &pb.Replica{Uri: r.URI, State: uint32(r.State)})
+	}
+	return out
+}
+
+// replicasFromPB converts and checks the replicas of a mirrored container.
+func replicasFromPB(rs []*pb.Replica) ([]protocol.Replica, error) {
+	if len(rs) == 0 {
+		return nil, nil
+	}
+	if len(rs) < 2 || len(rs) > maxReplicas {
+		return nil, fmt.Errorf("mirrored container with %d replicas: %w", len(rs), protocol.ErrBadRequest)
+	}
+	out := make([]protocol.Replica, len(rs))
+	for i, r := range rs {
+		if r.GetUri() == "" || r.GetState() > uint32(protocol.ReplicaRebuilding) {
+			return nil, fmt.Errorf("replica %d: uri %q, state %d: %w", i, r.GetUri(), r.GetState(), protocol.ErrBadRequest)
+		}
+		out[i] = protocol.Replica{URI: r.GetUri(), State: protocol.ReplicaState(r.GetState())}
+	}
+	return out, nil
+}
+
+// maxReplicas is meta.MaxReplicas.
+const maxReplicas = 3
+
+// membershipFromPB converts and checks a membership.
+func membershipFromPB(m *pb.Membership) (protocol.Membership, error) {
+	rs, err := replicasFromPB(m.GetReplicas())
+	if err != nil {
+		return protocol.Membership{}, err
+	}
+	if len(rs) == 0 {
+		return protocol.Membership{}, fmt.Errorf("membership of container %d without replicas: %w", m.GetContainer(), protocol.ErrBadRequest)
+	}
+	return protocol.Membership{Container: m.GetContainer(), Epoch: m.GetEpoch(), Replicas: rs}, nil
+}
+
+// containerToPB converts a container's description.
+func containerToPB(c protocol.Container) *pb.ContainerInfo {
+	out := &pb.ContainerInfo{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots, Epoch: c.Epoch}
+	for _, r := range c.Replicas {
+		out.Replicas = append(out.Replicas, &pb.Replica{Uri: r.URI, State: uint32(r.State)})
+	}
+	return out
+}
+
+// containerFromPB converts and checks a container's description.
+func containerFromPB(c *pb.ContainerInfo) (protocol.Container, error) {
+	rs, err := replicasFromPB(c.GetReplicas())
+	if err != nil {
+		return protocol.Container{}, fmt.Errorf("container %d: %w", c.GetId(), err)
+	}
+	return protocol.Container{ID: c.GetId(), URI: c.GetUri(), SlotSize: c.GetSlotSize(), Slots: c.GetSlots(), Epoch: c.GetEpoch(), Replicas: rs}, nil
+}

@@ -427,6 +427,11 @@ func (ra *remoteAgent) Activate(ctx context.Context, id protocol.DiskID) error {
 	return err
 }
 
+func (ra *remoteAgent) SetMembership(ctx context.Context, m protocol.Membership) error {
+	_, err := ra.command(ctx, &pb.Command{Cmd: &pb.Command_SetMembership{SetMembership: membershipToPB(m)}})
+	return err
+}
+
 var _ protocol.Agent = (*remoteAgent)(nil)
 
 // --- unary calls ------------------------------------------------------------
@@ -459,9 +464,32 @@ func (s *Server) Containers(ctx context.Context, _ *pb.ContainersRequest) (*pb.C
 	}
 	out := &pb.ContainersResponse{}
 	for _, c := range cs {
-		out.Containers = append(out.Containers, &pb.ContainerInfo{Id: c.ID, Uri: c.URI, SlotSize: c.SlotSize, Slots: c.Slots})
+		out.Containers = append(out.Containers, containerToPB(c))
 	}
 	return out, nil
+}
+
+// ReportReplica implements pb.MappingServer, for agents with a live
+// session.
+func (s *Server) ReportReplica(ctx context.Context, r *pb.ReplicaReport) (*pb.Membership, error) {
+	if err := checkAgent(ctx, r.GetAgent()); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	ra := s.agents[r.GetAgent()]
+	s.mu.Unlock()
+	if ra == nil || ra.ended() || ra.leaseOver() {
+		return nil, statusErr(fmt.Errorf("replica report from %q, which has no live session: %w", r.GetAgent(), protocol.ErrFenced))
+	}
+	if r.GetFailed() < -1 || r.GetFailed() >= maxReplicas || len(r.GetSlots()) > protocol.MaxReadRange {
+		return nil, statusErr(fmt.Errorf("replica report: replica %d, %d slots: %w", r.GetFailed(), len(r.GetSlots()), protocol.ErrBadRequest))
+	}
+	m, err := s.cfg.Ctrl.ReportReplica(ctx, protocol.ReplicaReport{Agent: r.GetAgent(), Container: r.GetContainer(), Epoch: r.GetEpoch(),
+		Failed: int(r.GetFailed()), URI: r.GetUri(), Cause: r.GetCause(), Slots: r.GetSlots()})
+	if err != nil {
+		return nil, statusErr(err)
+	}
+	return membershipToPB(m), nil
 }
 
 // Exports implements pb.MappingServer.

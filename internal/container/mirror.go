@@ -1,0 +1,471 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"segmap/internal/rpc/protocol"
+)
+
+// Mirror is a container made of two or three replicas, each a container
+// with the same id and slot size (an nbd:// export on its own storage
+// node, a file or a device). Tables name the mirror's id; the replicas
+// are below the Container interface, so copy-on-write, staged writes,
+// snapshots, drain and check see one container.
+//
+// Its membership (protocol.Membership) comes from the controller and
+// says which replicas are healthy (written and read), rebuilding
+// (written, not read) or failed (neither). Writes, punches and flushes go
+// to every healthy and rebuilding replica in parallel and are answered
+// when all of them have answered; reads go to one healthy replica, in
+// turn. A replica that fails an I/O, or does not answer it within the
+// mirror's timeout, is reported (MirrorReporter.ReplicaFailed) with the
+// slots of the I/O, and the I/O is answered only once the controller has
+// recorded the failure and told every holder: from then on no holder
+// writes it. The I/O then succeeds if a healthy replica did it (a read
+// is tried on the next healthy replica); if none is left, it fails.
+//
+// While a replica is failed, the first write or punch of each slot is
+// recorded with the controller before it is issued (MirrorReporter.
+// Intent): the replica, once back, catches up by copying those slots
+// only.
+type Mirror struct {
+	id       uint32
+	slotSize int64
+	slots    int64
+	open     func(uri string) (Container, error)
+	rep      MirrorReporter
+	timeout  time.Duration
+
+	// view is what I/O follows, replaced whole on every change.
+	view atomic.Pointer[mirrorView]
+	next atomic.Uint64 // spreads reads over the healthy replicas
+
+	mu struct {
+		sync.Mutex
+		// noted holds the slots recorded as written while degraded.
+		noted map[int64]bool
+	}
+}
+
+// MirrorReporter is how a Mirror tells its controller what its replicas
+// do.
+type MirrorReporter interface {
+	// ReplicaFailed reports that replica i (at uri) of membership epoch
+	// failed an I/O of slots, because of cause. It returns once the
+	// controller has recorded the failure durably and told every
+	// holder, with the membership that follows.
+	ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error)
+	// Intent records durably that slots are about to be written while
+	// a replica of membership epoch is failed.
+	Intent(epoch uint64, slots []uint32) error
+}
+
+// DefaultReplicaTimeout is how long a replica may take to answer an I/O
+// before the mirror gives up on it and reports it failed. It stays well
+// under an agent's lease (transport.DefaultLease), so that a host's I/O
+// never waits as long as a fence.
+const DefaultReplicaTimeout = 2 * time.Second
+
+// mirrorView is a mirror's replicas at one membership epoch.
+type mirrorView struct {
+	mem     protocol.Membership
+	members []Container // by replica index; nil unless healthy or rebuilding
+	healthy []int       // the healthy replicas' indexes
+	write   []int       // the healthy and rebuilding replicas' indexes
+	closed  bool
+}
+
+var (
+	_ Container = (*Mirror)(nil)
+	_ Leaser    = (*Mirror)(nil)
+	_ Allocator = (*Mirror)(nil)
+)
+
+// OpenMirror opens the mirrored container info describes: each healthy
+// or rebuilding replica with open (by URI; failed ones are not opened),
+// side by side. I/O failures are reported to rep; a replica I/O that
+// takes longer than timeout (0: DefaultReplicaTimeout) is failed.
+func OpenMirror(info protocol.Container, open func(uri string) (Container, error), rep MirrorReporter, timeout time.Duration) (*Mirror, error) {
+	if !info.Mirrored() {
+		return nil, fmt.Errorf("container %d: not mirrored", info.ID)
+	}
+	if timeout <= 0 {
+		timeout = DefaultReplicaTimeout
+	}
+	m := &Mirror{id: info.ID, slotSize: int64(info.SlotSize), slots: int64(info.Slots), open: open, rep: rep, timeout: timeout}
+	m.view.Store(&mirrorView{mem: protocol.Membership{Container: info.ID}, members: make([]Container, len(info.Replicas))})
+	if err := m.SetMembership(info.Membership()); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// SetMembership makes the mirror follow mem, unless it already follows a
+// newer one. Replicas that become healthy or rebuilding are opened;
+// failed ones are closed (I/O on them in flight fails). I/O that starts
+// after it returns writes every healthy and rebuilding replica of mem.
+func (m *Mirror) SetMembership(mem protocol.Membership) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	old := m.view.Load()
+	if old.closed {
+		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
+	}
+	if mem.Epoch < old.mem.Epoch || (mem.Epoch == old.mem.Epoch && old.mem.Replicas != nil) {
+		return nil
+	}
+	if mem.Container != m.id || len(mem.Replicas) == 0 {
+		return fmt.Errorf("container %d: membership of container %d with %d replicas", m.id, mem.Container, len(mem.Replicas))
+	}
+	v := &mirrorView{mem: mem, members: make([]Container, len(mem.Replicas))}
+	var closing []Container
+	for i, r := range mem.Replicas {
+		var was Container
+		if i < len(old.members) && old.mem.Replicas != nil && old.mem.Replicas[i].URI == r.URI {
+			was = old.members[i]
+		} else if i < len(old.members) && old.members[i] != nil {
+			closing = append(closing, old.members[i])
+		}
+		if r.State == protocol.ReplicaFailed {
+			if was != nil {
+				closing = append(closing, was)
+			}
+			continue
+		}
+		if was == nil {
+			c, err := m.openReplica(r.URI)
+			if err != nil {
+				for _, c := range v.members {
+					if c != nil && !slices.Contains(old.members, c) {
+						c.Close()
+					}
+				}
+				return fmt.Errorf("container %d: replica %d (%s): %w", m.id, i, r.URI, err)
+			}
+			was = c
+		}
+		v.members[i] = was
+		v.write = append(v.write, i)
+		if r.State == protocol.ReplicaHealthy {
+			v.healthy = append(v.healthy, i)
+		}
+	}
+	for i := len(mem.Replicas); i < len(old.members); i++ {
+		if old.members[i] != nil {
+			closing = append(closing, old.members[i])
+		}
+	}
+	if !mem.Degraded() {
+		m.mu.noted = nil
+	}
+	m.view.Store(v)
+	for _, c := range closing {
+		c.Close()
+	}
+	return nil
+}
+
+// openReplica opens a replica and checks its geometry.
+func (m *Mirror) openReplica(uri string) (Container, error) {
+	c, err := m.open(uri)
+	if err != nil {
+		return nil, err
+	}
+	if c.ID() != m.id || c.SlotSize() != m.slotSize || c.Slots() < m.slots {
+		c.Close()
+		return nil, fmt.Errorf("%w: replica has id %d, slot size %d and %d slots; the mirror has id %d, slot size %d and %d slots",
+			ErrWrongContainer, c.ID(), c.SlotSize(), c.Slots(), m.id, m.slotSize, m.slots)
+	}
+	return c, nil
+}
+
+// Membership returns the membership the mirror follows.
+func (m *Mirror) Membership() protocol.Membership { return m.view.Load().mem }
+
+// Replica returns replica i's container while it is healthy or
+// rebuilding (nil otherwise), for rebuild and scrub: I/O on it is not
+// mirrored.
+func (m *Mirror) Replica(i int) Container {
+	v := m.view.Load()
+	if i < 0 || i >= len(v.members) {
+		return nil
+	}
+	return v.members[i]
+}
+
+// ID implements Container.
+func (m *Mirror) ID() uint32 { return m.id }
+
+// SlotSize implements Container.
+func (m *Mirror) SlotSize() int64 { return m.slotSize }
+
+// Slots implements Container.
+func (m *Mirror) Slots() int64 { return m.slots }
+
+// Size implements Container.
+func (m *Mirror) Size() int64 { return m.slots * m.slotSize }
+
+// ReadAt implements Container: from one healthy replica, and from the
+// next if it fails.
+func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
+	if err := checkRange(m.id, "read", off, int64(len(p)), m.Size()); err != nil {
+		return 0, err
+	}
+	for {
+		v := m.view.Load()
+		if v.closed {
+			return 0, fmt.Errorf("container %d: %w", m.id, ErrClosed)
+		}
+		if len(v.healthy) == 0 {
+			return 0, fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
+		}
+		i := v.healthy[m.next.Add(1)%uint64(len(v.healthy))]
+		err := m.runOne(v, i, func(c Container) error { _, err := c.ReadAt(p, off); return err })
+		if err == nil {
+			return len(p), nil
+		}
+		if !replicaFault(err) {
+			return 0, err
+		}
+		if err := m.fail(v, i, off, int64(len(p)), err); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// WriteAt implements Container: to every healthy and rebuilding replica.
+func (m *Mirror) WriteAt(p []byte, off int64) (int, error) {
+	if err := checkRange(m.id, "write", off, int64(len(p)), m.Size()); err != nil {
+		return 0, err
+	}
+	err := m.update(off, int64(len(p)), func(c Container) error { _, err := c.WriteAt(p, off); return err })
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Punch implements Container: on every healthy and rebuilding replica.
+func (m *Mirror) Punch(off, n int64) error {
+	if err := checkRange(m.id, "punch", off, n, m.Size()); err != nil {
+		return err
+	}
+	return m.update(off, n, func(c Container) error { return c.Punch(off, n) })
+}
+
+// Flush implements Container: on every healthy and rebuilding replica.
+func (m *Mirror) Flush() error {
+	return m.update(0, 0, func(c Container) error { return c.Flush() })
+}
+
+// update runs op, a write, punch or flush of [off, off+n), on every
+// healthy and rebuilding replica, and reports those that fail.
+func (m *Mirror) update(off, n int64, op func(Container) error) error {
+	v := m.view.Load()
+	if v.closed {
+		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
+	}
+	if n > 0 && v.mem.Degraded() {
+		if err := m.intend(v, off, n); err != nil {
+			return err
+		}
+	}
+	if len(v.healthy) == 0 {
+		return fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
+	}
+	errs := m.runAll(v, op)
+	var (
+		ok    bool
+		first error
+	)
+	for k, i := range v.write {
+		err := errs[k]
+		switch {
+		case err == nil:
+			ok = ok || v.mem.Replicas[i].State == protocol.ReplicaHealthy
+			continue
+		case !replicaFault(err):
+			return err
+		}
+		if first == nil {
+			first = err
+		}
+		if ferr := m.fail(v, i, off, n, err); ferr != nil {
+			return ferr
+		}
+	}
+	if !ok {
+		return fmt.Errorf("container %d: every healthy replica failed: %w", m.id, first)
+	}
+	return nil
+}
+
+// replicaFault reports whether err, from a replica, means the replica
+// failed, rather than the request being refused as a whole: a lease
+// that ran out refuses it on every replica alike, and the holder does it
+// again once renewed.
+func replicaFault(err error) bool {
+	return !errors.Is(err, ErrLeaseOver) && !errors.Is(err, ErrOutOfRange)
+}
+
+// fail reports that replica i of v failed an I/O of [off, off+n) and
+// follows the membership the controller answers with.
+func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
+	if m.view.Load().closed {
+		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
+	}
+	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, v.mem.Replicas[i].URI, m.slotsOf(off, n), cause)
+	if err != nil {
+		return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, i, cause, err)
+	}
+	if err := m.SetMembership(mem); err != nil {
+		return err
+	}
+	if nv := m.view.Load(); nv.mem.Epoch == v.mem.Epoch {
+		// The controller kept the replica: the failure was its
+		// closing, not its storage.
+		return fmt.Errorf("container %d: replica %d: %w", m.id, i, cause)
+	}
+	return nil
+}
+
+// slotsOf returns the slots [off, off+n) touches.
+func (m *Mirror) slotsOf(off, n int64) []uint32 {
+	if n <= 0 {
+		return nil
+	}
+	var out []uint32
+	for s := off / m.slotSize; s <= (off+n-1)/m.slotSize; s++ {
+		out = append(out, uint32(s))
+	}
+	return out
+}
+
+// intend records the slots of [off, off+n) that were not yet recorded
+// while the mirror is degraded.
+func (m *Mirror) intend(v *mirrorView, off, n int64) error {
+	var need []uint32
+	m.mu.Lock()
+	for _, s := range m.slotsOf(off, n) {
+		if !m.mu.noted[int64(s)] {
+			need = append(need, s)
+		}
+	}
+	m.mu.Unlock()
+	if len(need) == 0 {
+		return nil
+	}
+	if err := m.rep.Intent(v.mem.Epoch, need); err != nil {
+		return fmt.Errorf("container %d: record the slots written while degraded: %w", m.id, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.view.Load().mem.Degraded() {
+		if m.mu.noted == nil {
+			m.mu.noted = make(map[int64]bool)
+		}
+		for _, s := range need {
+			m.mu.noted[int64(s)] = true
+		}
+	}
+	return nil
+}
+
+// runOne runs op on replica i, failing it with a timeout error if it
+// takes longer than the mirror's timeout.
+func (m *Mirror) runOne(v *mirrorView, i int, op func(Container) error) error {
+	return m.run(v.members, []int{i}, op)[0]
+}
+
+// runAll runs op on every replica of v.write side by side.
+func (m *Mirror) runAll(v *mirrorView, op func(Container) error) []error {
+	return m.run(v.members, v.write, op)
+}
+
+// run runs op on members[i] for every i of idx side by side and returns
+// their errors in that order. A replica that has not answered within the
+// timeout is closed, which ends its I/O with an error; run returns only
+// once every op has returned, so the caller's buffer is never used
+// after.
+func (m *Mirror) run(members []Container, idx []int, op func(Container) error) []error {
+	errs := make([]error, len(idx))
+	done := make([]atomic.Bool, len(idx))
+	var fired atomic.Bool
+	t := time.AfterFunc(m.timeout, func() {
+		fired.Store(true)
+		for k, i := range idx {
+			if !done[k].Load() {
+				members[i].Close()
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	for k := 1; k < len(idx); k++ {
+		wg.Go(func() {
+			errs[k] = op(members[idx[k]])
+			done[k].Store(true)
+		})
+	}
+	errs[0] = op(members[idx[0]])
+	done[0].Store(true)
+	wg.Wait()
+	if !t.Stop() || fired.Load() {
+		for k := range idx {
+			if errs[k] != nil && errors.Is(errs[k], ErrClosed) {
+				errs[k] = fmt.Errorf("no answer within %v: %w", m.timeout, ErrUnreachable)
+			}
+		}
+	}
+	return errs
+}
+
+// RenewLease implements Leaser for the replicas that have a lease.
+func (m *Mirror) RenewLease() {
+	for _, c := range m.view.Load().members {
+		if l, ok := c.(Leaser); ok {
+			l.RenewLease()
+		}
+	}
+}
+
+// Allocated implements Allocator: a healthy replica's allocation, times
+// the replicas (every healthy one holds the same slots).
+func (m *Mirror) Allocated() (int64, error) {
+	v := m.view.Load()
+	if v.closed {
+		return 0, fmt.Errorf("container %d: %w", m.id, ErrClosed)
+	}
+	for _, i := range v.healthy {
+		if a, ok := v.members[i].(Allocator); ok {
+			n, err := a.Allocated()
+			if err == nil {
+				return n * int64(len(v.mem.Replicas)), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("container %d: %w", m.id, ErrAllocationUnknown)
+}
+
+// Close implements Container: it closes every open replica.
+func (m *Mirror) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v := m.view.Load()
+	if v.closed {
+		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
+	}
+	m.view.Store(&mirrorView{mem: v.mem, members: make([]Container, len(v.members)), closed: true})
+	var errs []error
+	for _, c := range v.members {
+		if c != nil {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
+}

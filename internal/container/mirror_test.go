@@ -1,0 +1,264 @@
+package container_test
+
+import (
+	"bytes"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"segmap/internal/container"
+	"segmap/internal/container/containertest"
+	"segmap/internal/rpc/protocol"
+)
+
+// flaky is a replica whose I/O fails, or hangs until it is closed, on
+// demand.
+type flaky struct {
+	*container.Memory
+	fail   atomic.Bool
+	hang   atomic.Bool
+	closed chan struct{}
+	once   sync.Once
+}
+
+var errBroken = errors.New("replica broken")
+
+func newFlaky(id uint32, slotSize, slots int64) *flaky {
+	return &flaky{Memory: container.NewMemory(id, slotSize, slots), closed: make(chan struct{})}
+}
+
+func (f *flaky) check() error {
+	if f.hang.Load() {
+		<-f.closed
+		return container.ErrClosed
+	}
+	if f.fail.Load() {
+		return errBroken
+	}
+	return nil
+}
+
+func (f *flaky) ReadAt(p []byte, off int64) (int, error) {
+	if err := f.check(); err != nil {
+		return 0, err
+	}
+	return f.Memory.ReadAt(p, off)
+}
+
+func (f *flaky) WriteAt(p []byte, off int64) (int, error) {
+	if err := f.check(); err != nil {
+		return 0, err
+	}
+	return f.Memory.WriteAt(p, off)
+}
+
+func (f *flaky) Flush() error {
+	if err := f.check(); err != nil {
+		return err
+	}
+	return f.Memory.Flush()
+}
+
+// Close leaves the data readable by the test.
+func (f *flaky) Close() error {
+	f.once.Do(func() { close(f.closed) })
+	return nil
+}
+
+// reporter plays the controller for a mirror: it fails a replica unless
+// it is the last healthy one, and records intents.
+type reporter struct {
+	mu      sync.Mutex
+	mem     protocol.Membership
+	intents []uint32
+	reports int
+}
+
+func (r *reporter) ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.reports++
+	r.intents = append(r.intents, slots...)
+	healthy := 0
+	for _, x := range r.mem.Replicas {
+		if x.State == protocol.ReplicaHealthy {
+			healthy++
+		}
+	}
+	if r.mem.Replicas[i].State == protocol.ReplicaFailed || (healthy == 1 && r.mem.Replicas[i].State == protocol.ReplicaHealthy) {
+		return r.membership(), nil
+	}
+	r.mem.Replicas = slices.Clone(r.mem.Replicas)
+	r.mem.Replicas[i].State = protocol.ReplicaFailed
+	r.mem.Epoch++
+	return r.membership(), nil
+}
+
+func (r *reporter) Intent(epoch uint64, slots []uint32) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.intents = append(r.intents, slots...)
+	return nil
+}
+
+func (r *reporter) membership() protocol.Membership {
+	m := r.mem
+	m.Replicas = slices.Clone(m.Replicas)
+	return m
+}
+
+const (
+	mirrorSlot  = 64 << 10
+	mirrorSlots = 16
+)
+
+// newMirror returns a mirror of n flaky replicas, all healthy.
+func newMirror(t *testing.T, n int, timeout time.Duration) (*container.Mirror, []*flaky, *reporter) {
+	t.Helper()
+	reps := make([]*flaky, n)
+	info := protocol.Container{ID: 7, SlotSize: mirrorSlot, Slots: mirrorSlots, Epoch: 1}
+	byURI := map[string]*flaky{}
+	for i := range reps {
+		reps[i] = newFlaky(7, mirrorSlot, mirrorSlots)
+		uri := string(rune('a' + i))
+		byURI[uri] = reps[i]
+		info.Replicas = append(info.Replicas, protocol.Replica{URI: uri})
+	}
+	rep := &reporter{mem: info.Membership()}
+	m, err := container.OpenMirror(info, func(uri string) (container.Container, error) { return byURI[uri], nil }, rep, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m, reps, rep
+}
+
+func TestMirrorConformance(t *testing.T) {
+	containertest.Run(t, func(t *testing.T, slotSize, slots int64) container.Container {
+		const id = 3
+		info := protocol.Container{ID: id, SlotSize: uint64(slotSize), Slots: uint64(slots), Epoch: 1,
+			Replicas: []protocol.Replica{{URI: "a"}, {URI: "b"}}}
+		m, err := container.OpenMirror(info, func(string) (container.Container, error) {
+			return container.NewMemory(id, slotSize, slots), nil
+		}, &reporter{mem: info.Membership()}, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	})
+}
+
+func TestMirrorWritesEveryReplica(t *testing.T) {
+	m, reps, _ := newMirror(t, 3, time.Second)
+	data := bytes.Repeat([]byte{0xa5}, 8192)
+	if _, err := m.WriteAt(data, mirrorSlot+100); err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range reps {
+		got := make([]byte, len(data))
+		r.Memory.ReadAt(got, mirrorSlot+100)
+		if !bytes.Equal(got, data) {
+			t.Fatalf("replica %d misses the write", i)
+		}
+	}
+	// Reads are spread: a read fails over from a broken replica.
+	got := make([]byte, len(data))
+	for range 6 {
+		if _, err := m.ReadAt(got, mirrorSlot+100); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read: %v", err)
+		}
+	}
+}
+
+func TestMirrorFailsReplica(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, time.Second)
+	reps[1].fail.Store(true)
+	data := bytes.Repeat([]byte{1}, 4096)
+	if _, err := m.WriteAt(data, 3*mirrorSlot); err != nil {
+		t.Fatalf("write with one replica broken: %v", err)
+	}
+	mem := m.Membership()
+	if mem.Epoch != 2 || mem.Replicas[1].State != protocol.ReplicaFailed {
+		t.Fatalf("membership after the failure: %+v", mem)
+	}
+	if !slices.Equal(rep.intents, []uint32{3}) {
+		t.Fatalf("slots recorded with the failure: %v, want [3]", rep.intents)
+	}
+	// Degraded: a write's slot is recorded once, before it is issued.
+	reps[1].fail.Store(false)
+	for range 2 {
+		if _, err := m.WriteAt(data, 5*mirrorSlot+mirrorSlot-10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !slices.Equal(rep.intents, []uint32{3, 5, 6}) {
+		t.Fatalf("slots recorded: %v, want [3 5 6]", rep.intents)
+	}
+	got := make([]byte, 4096)
+	reps[1].Memory.ReadAt(got, 5*mirrorSlot)
+	if !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("a failed replica was written")
+	}
+	for range 4 {
+		if _, err := m.ReadAt(got, 3*mirrorSlot); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read from the healthy replica: %v", err)
+		}
+	}
+	// The last healthy replica failing fails the I/O.
+	reps[0].fail.Store(true)
+	if _, err := m.WriteAt(data, 0); err == nil {
+		t.Fatal("a write succeeded with no replica left")
+	}
+	if _, err := m.ReadAt(got, 0); err == nil {
+		t.Fatal("a read succeeded with no replica left")
+	}
+}
+
+func TestMirrorTimesOutHungReplica(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, 100*time.Millisecond)
+	reps[0].hang.Store(true)
+	start := time.Now()
+	if _, err := m.WriteAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("write took %v with a hung replica", el)
+	}
+	if m.Membership().Replicas[0].State != protocol.ReplicaFailed || rep.reports == 0 {
+		t.Fatalf("hung replica not failed: %+v", m.Membership())
+	}
+}
+
+func TestMirrorRebuildingIsWrittenNotRead(t *testing.T) {
+	m, reps, _ := newMirror(t, 2, time.Second)
+	mem := m.Membership()
+	mem.Epoch++
+	mem.Replicas[1].State = protocol.ReplicaRebuilding
+	if err := m.SetMembership(mem); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{9}, 512)
+	if _, err := m.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 512)
+	reps[1].Memory.ReadAt(got, 0)
+	if !bytes.Equal(got, data) {
+		t.Fatal("rebuilding replica not written")
+	}
+	reps[1].fail.Store(true) // a read of it would fail
+	for range 4 {
+		if _, err := m.ReadAt(got, 0); err != nil {
+			t.Fatalf("read went to the rebuilding replica: %v", err)
+		}
+	}
+	// An older membership is ignored.
+	old := mem
+	old.Epoch--
+	if err := m.SetMembership(old); err != nil || m.Membership().Epoch != mem.Epoch {
+		t.Fatalf("older membership applied: %v", err)
+	}
+}
