@@ -49,6 +49,9 @@ type Mirror struct {
 		sync.Mutex
 		// noted holds the slots recorded as written while degraded.
 		noted map[int64]bool
+		// dead holds the replicas closed because they did not answer
+		// in time: opened again if the controller keeps them.
+		dead map[Container]bool
 	}
 }
 
@@ -137,6 +140,10 @@ func (m *Mirror) SetMembership(mem protocol.Membership) error {
 				closing = append(closing, was)
 			}
 			continue
+		}
+		if was != nil && m.mu.dead[was] {
+			delete(m.mu.dead, was)
+			was = nil
 		}
 		if was == nil {
 			c, err := m.openReplica(r.URI)
@@ -328,8 +335,9 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 		return err
 	}
 	if nv := m.view.Load(); nv.mem.Epoch == v.mem.Epoch {
-		// The controller kept the replica: the failure was its
-		// closing, not its storage.
+		// The controller kept the replica (the last healthy one:
+		// the container fails instead). Once back, it must be open.
+		m.revive(i)
 		return fmt.Errorf("container %d: replica %d: %w", m.id, i, cause)
 	}
 	return nil
@@ -401,7 +409,7 @@ func (m *Mirror) run(members []Container, idx []int, op func(Container) error) [
 		fired.Store(true)
 		for k, i := range idx {
 			if !done[k].Load() {
-				members[i].Close()
+				m.kill(members[i])
 			}
 		}
 	})
@@ -423,6 +431,57 @@ func (m *Mirror) run(members []Container, idx []int, op func(Container) error) [
 		}
 	}
 	return errs
+}
+
+// kill closes replica container c, which did not answer in time, so that
+// the I/O on it ends, and notes it dead.
+func (m *Mirror) kill(c Container) {
+	m.mu.Lock()
+	if m.mu.dead == nil {
+		m.mu.dead = make(map[Container]bool)
+	}
+	m.mu.dead[c] = true
+	m.mu.Unlock()
+	c.Close()
+}
+
+// revive opens replica i again, in the background, if the container
+// the view has for it is dead (closed for not answering in time) and the
+// controller kept it: otherwise every later I/O on it would fail.
+func (m *Mirror) revive(i int) {
+	v := m.view.Load()
+	if i >= len(v.members) || v.members[i] == nil {
+		return
+	}
+	dead := v.members[i]
+	uri := v.mem.Replicas[i].URI
+	m.mu.Lock()
+	if !m.mu.dead[dead] {
+		m.mu.Unlock()
+		return
+	}
+	delete(m.mu.dead, dead) // one reopen at a time
+	m.mu.Unlock()
+	go func() {
+		c, err := m.openReplica(uri)
+		if err != nil {
+			m.mu.Lock()
+			m.mu.dead[dead] = true // tried again at the next failure
+			m.mu.Unlock()
+			return
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		v := m.view.Load()
+		if v.closed || i >= len(v.members) || v.members[i] != dead {
+			c.Close()
+			return
+		}
+		nv := *v
+		nv.members = slices.Clone(v.members)
+		nv.members[i] = c
+		m.view.Store(&nv)
+	}()
 }
 
 // RenewLease implements Leaser for the replicas that have a lease.

@@ -262,3 +262,30 @@ func TestMirrorRebuildingIsWrittenNotRead(t *testing.T) {
 		t.Fatalf("older membership applied: %v", err)
 	}
 }
+
+// TestMirrorRevivesKeptReplica checks that a replica closed for not
+// answering in time, which the controller keeps (the last healthy one),
+// is opened again: once its storage answers, I/O works again.
+func TestMirrorRevivesKeptReplica(t *testing.T) {
+	m, reps, _ := newMirror(t, 2, 100*time.Millisecond)
+	reps[1].fail.Store(true)
+	if _, err := m.WriteAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	reps[0].hang.Store(true)
+	if _, err := m.WriteAt(make([]byte, 512), 0); err == nil {
+		t.Fatal("a write succeeded with its last replica hung")
+	}
+	reps[0].hang.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := m.WriteAt(make([]byte, 512), 0)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the kept replica was not opened again: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -773,9 +773,8 @@ func (c *Controller) zeroMissed(ctx context.Context, m *container.Mirror, id uin
 		return fmt.Errorf("replica %s is no longer rebuilding: %w", rp.URI, ErrRebuilding)
 	}
 	c.alloc.mu.Lock()
-	defer c.alloc.mu.Unlock()
 	var free []uint32
-	if err := c.store.View(ctx, func(tx *meta.Tx) error {
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
 		for _, s := range intents {
 			n, err := tx.Refs(table.Location{Container: id, Slot: s})
 			if err != nil {
@@ -786,18 +785,32 @@ func (c *Controller) zeroMissed(ctx context.Context, m *container.Mirror, id uin
 			}
 		}
 		return nil
-	}); err != nil {
+	})
+	var (
+		bad   int64 = -1
+		cause error
+	)
+	for _, s := range free {
+		if err != nil {
+			break
+		}
+		if perr := dst.Punch(int64(s)*m.SlotSize(), m.SlotSize()); perr != nil {
+			bad, cause = int64(s), perr
+			break
+		}
+	}
+	if err == nil && bad < 0 && len(free) > 0 {
+		if ferr := dst.Flush(); ferr != nil {
+			bad, cause = 0, ferr
+		}
+	}
+	// Reported without the allocator's lock.
+	c.alloc.mu.Unlock()
+	if err != nil {
 		return err
 	}
-	for _, s := range free {
-		if err := dst.Punch(int64(s)*m.SlotSize(), m.SlotSize()); err != nil {
-			return c.replicaBroke(m, ri, rp.URI, int64(s)*m.SlotSize(), m.SlotSize(), err)
-		}
-	}
-	if len(free) > 0 {
-		if err := dst.Flush(); err != nil {
-			return c.replicaBroke(m, ri, rp.URI, 0, m.SlotSize(), err)
-		}
+	if bad >= 0 {
+		return c.replicaBroke(m, ri, rp.URI, bad*m.SlotSize(), m.SlotSize(), cause)
 	}
 	return nil
 }
