@@ -35,7 +35,7 @@ import (
 func newController() *cobra.Command {
 	var addr, data, advertise, name string
 	var deferMaps bool
-	var lease, storageTimeout time.Duration
+	var lease, storageTimeout, replicaTimeout time.Duration
 	tf := &tlsFlags{}
 	ef := &etcdFlags{}
 	cmd := &cobra.Command{
@@ -86,7 +86,7 @@ docs/cluster.md.`,
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
 				l, err := ctlserver.Lead(ctx, ctlserver.LeadConfig{
-					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger, SyncMaps: !deferMaps, StorageTimeout: storageTimeout},
+					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger, SyncMaps: !deferMaps, StorageTimeout: storageTimeout, ReplicaTimeout: replicaTimeout},
 					Lease:  lease, Version: version, ServerOptions: opts,
 				})
 				if err != nil {
@@ -167,6 +167,7 @@ docs/cluster.md.`,
 	fl.StringVar(&advertise, "advertise", "", "with --etcd: the address agents and the CLI reach this controller at (default: the --listen address)")
 	fl.StringVar(&name, "name", "", "with --etcd: this controller's name in logs and etcd (default: its --advertise address)")
 	fl.DurationVar(&storageTimeout, "storage-timeout", container.DefaultFailTimeout, "how long I/O to an nbd:// container waits for its storage node to come back; beyond it the container is marked failed and its segments fail I/O (Error) until 'container online'")
+	fl.DurationVar(&replicaTimeout, "replica-timeout", container.DefaultReplicaTimeout, "how long a replica of a mirrored container may take to answer the controller's I/O before it is marked failed (keep it under the lease)")
 	fl.BoolVar(&deferMaps, "defer-maps", false, "keep the map changes of a disk one agent maps in memory until the agent flushes it (faster first writes; a controller's death or failover then ends the NBD connections that wrote since their last flush; see docs/fault-path.md)")
 	ef.add(cmd)
 	tf.add(cmd, "controller", false)
@@ -176,7 +177,7 @@ docs/cluster.md.`,
 // newAgent is `segmap agent`: a mapping agent serving NBD to hosts.
 func newAgent() *cobra.Command {
 	var ctrlAddr, name, nbdListen string
-	var storageTimeout time.Duration
+	var storageTimeout, replicaTimeout time.Duration
 	var nbdTLS bool
 	tf := &tlsFlags{serverName: "controller"}
 	cmd := &cobra.Command{
@@ -221,7 +222,7 @@ func newAgent() *cobra.Command {
 			// on without it.
 			var a *agent.Agent
 			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, container.NBDOptions{Logger: logger, FailTimeout: storageTimeout})
-			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open})
+			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open, ReplicaTimeout: replicaTimeout})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})
@@ -273,6 +274,7 @@ func newAgent() *cobra.Command {
 	cmd.Flags().StringVar(&name, "name", "", "this agent's (host's) name")
 	cmd.Flags().StringVar(&nbdListen, "nbd-listen", "127.0.0.1:10809", "address hosts connect to over NBD (host:port, unix:PATH or fd:N, an inherited socket)")
 	cmd.Flags().DurationVar(&storageTimeout, "storage-timeout", container.DefaultFailTimeout, "how long I/O to an nbd:// container waits for its storage node to come back before it fails with EIO")
+	cmd.Flags().DurationVar(&replicaTimeout, "replica-timeout", container.DefaultReplicaTimeout, "how long a replica of a mirrored container may take to answer an I/O before the agent reports it failed and goes on with the others (keep it under the lease)")
 	cmd.Flags().BoolVar(&nbdTLS, "nbd-tls", false, "require TLS (NBD STARTTLS) from hosts, with a certificate of the cluster CA")
 	tf.add(cmd, "", false)
 	cmd.Flags().StringVar(&tf.serverName, "controller-name", "controller", "the controller's certificate name")

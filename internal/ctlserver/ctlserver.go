@@ -52,6 +52,8 @@ type Config struct {
 	// fails, and the container is marked failed (container.NBDOptions'
 	// FailTimeout; its default if 0).
 	StorageTimeout time.Duration
+	// ReplicaTimeout is controller.Config.ReplicaTimeout.
+	ReplicaTimeout time.Duration
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
@@ -68,7 +70,7 @@ func New(cfg Config) *controller.Controller {
 			return wrap(ct), nil
 		}
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer
