@@ -261,6 +261,35 @@ func (a *Agent) Attach(ctx context.Context, ctrl protocol.Controller) error {
 			return err
 		}
 	}
+	// Likewise a mirror's membership committed and never sent (a
+	// replica made rebuilding by a controller that died before telling
+	// anyone): the agent must write that replica before it does I/O.
+	return a.refreshMirrors(ctx, ctrl)
+}
+
+// refreshMirrors gives the mirrors the agent has open the membership
+// the controller has now, if newer.
+func (a *Agent) refreshMirrors(ctx context.Context, ctrl protocol.Controller) error {
+	mirrored := false
+	for _, oc := range *a.conts.Load() {
+		if _, ok := oc.c.(*container.Mirror); ok {
+			mirrored = true
+		}
+	}
+	if !mirrored {
+		return nil
+	}
+	cs, err := ctrl.Containers(ctx)
+	if err != nil {
+		return err
+	}
+	for _, info := range cs {
+		if info.Mirrored() {
+			if err := a.SetMembership(ctx, info.Membership()); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 

@@ -63,6 +63,10 @@ var (
 	ErrClosed = errors.New("controller closed")
 )
 
+// errUntold wraps setReplica's error when a membership change was made
+// but some agent did not take it.
+var errUntold = errors.New("membership changed, but not every agent took it")
+
 // errNotZeroed is a preallocation that met a container whose free slots
 // are not known to be zero: the caller zeroes them and tries again.
 var errNotZeroed = errors.New("free slots not zeroed")

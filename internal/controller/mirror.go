@@ -211,7 +211,7 @@ func (c *Controller) ReportReplica(ctx context.Context, r protocol.ReplicaReport
 	}
 	if changed {
 		c.logger.Error("replica failed: the mirror goes on without it", "container", rec.ID, "replica", r.Failed, "uri", r.URI, "agent", r.Agent, "epoch", rec.Epoch, "cause", r.Cause)
-		c.tellMembership(ctx, rec)
+		_ = c.tellMembership(ctx, rec) // logged; harmless (see tellMembership)
 	}
 	if last {
 		c.mirrors.change.mu.Unlock()
@@ -225,15 +225,17 @@ func (c *Controller) ReportReplica(ctx context.Context, r protocol.ReplicaReport
 }
 
 // tellMembership gives rec's membership to the controller's own mirror
-// and to every attached agent, side by side, and waits for all. An agent
-// that fails the command is logged: it goes on writing every replica it
-// knew, which loses nothing (a failed replica's writes fail and are
-// reported; a rebuilding one it does not know of is caught up by the
-// rebuild's copy of each slot).
-func (c *Controller) tellMembership(ctx context.Context, rec meta.Container) {
+// and to every attached agent, side by side, and waits for all (an agent
+// cut off is waited for until its lease has run out; it asks again when
+// it re-attaches). An agent that fails the command goes on with the
+// replicas it knew: harmless when a replica failed (its writes to it
+// fail and are reported), but a replica added as rebuilding would miss
+// that agent's writes, so the error is returned and a rebuild stops.
+func (c *Controller) tellMembership(ctx context.Context, rec meta.Container) error {
 	mem := membership(rec)
 	if m := c.openedMirror(rec.ID); m != nil {
 		if err := m.SetMembership(mem); err != nil {
+			// Opened afresh, from the store, when next needed.
 			c.logger.Warn("controller's mirror: set membership", "container", rec.ID, "err", err)
 			c.conts.drop(rec.ID)
 		}
@@ -247,14 +249,17 @@ func (c *Controller) tellMembership(ctx context.Context, rec meta.Container) {
 	}
 	c.agents.Unlock()
 	var wg sync.WaitGroup
-	for _, st := range all {
+	errs := make([]error, len(all))
+	for i, st := range all {
 		wg.Go(func() {
 			if err := st.a.SetMembership(ctx, mem); err != nil {
 				c.logger.Warn("agent failed to take a mirror's membership", "agent", st.name, "container", rec.ID, "epoch", rec.Epoch, "err", err)
+				errs[i] = fmt.Errorf("agent %q: %w", st.name, err)
 			}
 		})
 	}
 	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // openedMirror returns the controller's mirror of container id if it is
@@ -296,9 +301,12 @@ func (c *Controller) setReplica(ctx context.Context, id uint32, fn func(rec *met
 	if err != nil {
 		return rec, wrapNotFound(err)
 	}
-	c.tellMembership(ctx, rec)
+	if err := c.tellMembership(ctx, rec); err != nil {
+		return rec, fmt.Errorf("%w: %w", errUntold, err)
+	}
 	return rec, nil
 }
+
 
 // ReplaceReplica replaces the replica of mirrored container id at oldURI
 // by the container at newURI (formatted with the container's id and slot
@@ -332,11 +340,29 @@ func (c *Controller) ReplaceReplica(ctx context.Context, id uint32, oldURI, newU
 		rec.CursorFam, rec.CursorSeg = 0, 0
 		return nil
 	})
+	if errors.Is(err, errUntold) {
+		c.unrebuild(ctx, id, newURI, err)
+	}
 	if err != nil {
 		return fmt.Errorf("replace replica of container %d: %w", id, err)
 	}
 	c.logger.Info("replica replaced; rebuilding", "container", id, "old", oldURI, "new", newURI)
 	return c.rebuild(ctx, id, progress)
+}
+
+// unrebuild marks container id's rebuilding replica at uri failed again,
+// after some agent did not take it as rebuilding (and would not write
+// it).
+func (c *Controller) unrebuild(ctx context.Context, id uint32, uri string, cause error) {
+	_, err := c.setReplica(ctx, id, func(rec *meta.Container) error {
+		i := slices.IndexFunc(rec.Replicas, func(r meta.Replica) bool { return r.URI == uri && r.State == meta.ReplicaRebuilding })
+		if i < 0 {
+			return nil
+		}
+		rec.Replicas[i].State = meta.ReplicaFailed
+		return nil
+	})
+	c.logger.Warn("a rebuilding replica failed again: an agent could not write it", "container", id, "replica", uri, "cause", cause, "err", err)
 }
 
 // checkReplica opens the container at uri and checks it can be a replica
@@ -374,6 +400,7 @@ func (c *Controller) RebuildReplica(ctx context.Context, id uint32, progress fun
 		return err
 	}
 	defer end()
+	var uri string
 	_, err = c.setReplica(ctx, id, func(rec *meta.Container) error {
 		i := slices.IndexFunc(rec.Replicas, func(r meta.Replica) bool { return r.State != meta.ReplicaHealthy })
 		if i < 0 {
@@ -383,8 +410,12 @@ func (c *Controller) RebuildReplica(ctx context.Context, id uint32, progress fun
 			rec.Replicas[i].State = meta.ReplicaRebuilding
 			rec.CursorFam, rec.CursorSeg = 0, 0
 		}
+		uri = rec.Replicas[i].URI
 		return nil
 	})
+	if errors.Is(err, errUntold) {
+		c.unrebuild(ctx, id, uri, err)
+	}
 	if err != nil {
 		return fmt.Errorf("rebuild replica of container %d: %w", id, err)
 	}
@@ -517,6 +548,12 @@ func (c *Controller) rebuildOnce(ctx context.Context, id uint32, progress func(d
 		r.CursorFam, r.CursorSeg = 0, 0
 		return nil
 	})
+	if errors.Is(err, errUntold) {
+		// An agent that missed it still writes the replica (as
+		// rebuilding), and reads the others: nothing is lost.
+		c.logger.Warn("replica healthy, not every agent told", "container", id, "err", err)
+		err = nil
+	}
 	if err != nil {
 		return err
 	}
