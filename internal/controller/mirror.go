@@ -709,10 +709,13 @@ func (c *Controller) holdSegOnce(ctx context.Context, id uint32, w famSeg, only 
 	// The entries go back whether fn did its work or not: they are
 	// unchanged in the store.
 	for _, de := range ents {
+		// No-write follows from the slot's count and from the
+		// sharing of the table page that holds the entry (a snapshot
+		// shares the page, not the count).
 		var refs uint32
 		if err := c.store.View(ctx, func(tx *meta.Tx) error {
 			var err error
-			refs, err = tx.Refs(de.e.Loc)
+			refs, err = shareCount(tx, de.d.ID, w.seg, de.e)
 			return err
 		}); err != nil {
 			errs = append(errs, err)
