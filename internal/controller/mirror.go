@@ -47,6 +47,12 @@ type mirrors struct {
 		back map[replicaKey]int
 		// rebuilding holds the containers a rebuild runs on.
 		rebuilding map[uint32]bool
+		// caughtUp holds, per container, the replicas rebuilt while
+		// its write-intent record stayed (another replica still
+		// away): a scrub does not take them as the source of a slot
+		// of the record. Forgotten when the record is cleared, and at
+		// a restart.
+		caughtUp map[uint32]map[string]bool
 	}
 }
 
@@ -523,7 +529,21 @@ func (c *Controller) rebuildOnce(ctx context.Context, id uint32, progress func(d
 	if !membership(rec).Degraded() {
 		if err := c.store.Update(ctx, func(tx *meta.Tx) error { return tx.ClearIntents(id) }); err != nil {
 			c.logger.Warn("clear write intents", "container", id, "err", err)
+		} else {
+			c.mirrors.mu.Lock()
+			delete(c.mirrors.mu.caughtUp, id)
+			c.mirrors.mu.Unlock()
 		}
+	} else {
+		c.mirrors.mu.Lock()
+		if c.mirrors.mu.caughtUp == nil {
+			c.mirrors.mu.caughtUp = make(map[uint32]map[string]bool)
+		}
+		if c.mirrors.mu.caughtUp[id] == nil {
+			c.mirrors.mu.caughtUp[id] = make(map[string]bool)
+		}
+		c.mirrors.mu.caughtUp[id][rp.URI] = true
+		c.mirrors.mu.Unlock()
 	}
 	if progress != nil {
 		progress(total, total)
