@@ -2395,8 +2395,13 @@ func (x *AddContainerRequest) GetMirror() []string {
 }
 
 type CheckRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Repair        bool                   `protobuf:"varint,1,opt,name=repair,proto3" json:"repair,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Repair bool                   `protobuf:"varint,1,opt,name=repair,proto3" json:"repair,omitempty"`
+	// scrub also compares the replicas of every mirrored container, slot
+	// by slot (used slots alike, free slots zero); with repair it
+	// rewrites mismatched replicas and punches free slots that are not
+	// zero (only when the metadata is sound).
+	Scrub         bool `protobuf:"varint,2,opt,name=scrub,proto3" json:"scrub,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2438,10 +2443,18 @@ func (x *CheckRequest) GetRepair() bool {
 	return false
 }
 
+func (x *CheckRequest) GetScrub() bool {
+	if x != nil {
+		return x.Scrub
+	}
+	return false
+}
+
 // Problem is one kind of damage check found (kind: leaked-slot,
 // referenced-free-slot, wrong-reference-count, shared-slot-writable,
 // location-out-of-range, wrong-used-count, wrong-page-reference-count,
-// leaked-table-page, missing-table-page, corrupt-record, truncated-record).
+// leaked-table-page, missing-table-page, corrupt-record, truncated-record;
+// from scrub: replica-mismatch, free-slot-not-zero).
 type Problem struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Kind  string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
@@ -2547,9 +2560,18 @@ type CheckResponse struct {
 	Refused string `protobuf:"bytes,3,opt,name=refused,proto3" json:"refused,omitempty"`
 	// disk_errors lists the disks with failing extents (Error segments):
 	// not damage to the metadata, but data that cannot be read.
-	DiskErrors    []*DiskErrors `protobuf:"bytes,4,rep,name=disk_errors,json=diskErrors,proto3" json:"disk_errors,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DiskErrors []*DiskErrors `protobuf:"bytes,4,rep,name=disk_errors,json=diskErrors,proto3" json:"disk_errors,omitempty"`
+	// scrub_problems lists the mismatches scrub found and left
+	// (replica-mismatch, free-slot-not-zero); scrub_repaired those it
+	// repaired.
+	ScrubProblems []*Problem `protobuf:"bytes,5,rep,name=scrub_problems,json=scrubProblems,proto3" json:"scrub_problems,omitempty"`
+	ScrubRepaired []*Problem `protobuf:"bytes,6,rep,name=scrub_repaired,json=scrubRepaired,proto3" json:"scrub_repaired,omitempty"`
+	// scrubbed_slots slots were compared on scrubbed_containers mirrored
+	// containers.
+	ScrubbedSlots      uint64 `protobuf:"varint,7,opt,name=scrubbed_slots,json=scrubbedSlots,proto3" json:"scrubbed_slots,omitempty"`
+	ScrubbedContainers uint32 `protobuf:"varint,8,opt,name=scrubbed_containers,json=scrubbedContainers,proto3" json:"scrubbed_containers,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *CheckResponse) Reset() {
@@ -2608,6 +2630,34 @@ func (x *CheckResponse) GetDiskErrors() []*DiskErrors {
 		return x.DiskErrors
 	}
 	return nil
+}
+
+func (x *CheckResponse) GetScrubProblems() []*Problem {
+	if x != nil {
+		return x.ScrubProblems
+	}
+	return nil
+}
+
+func (x *CheckResponse) GetScrubRepaired() []*Problem {
+	if x != nil {
+		return x.ScrubRepaired
+	}
+	return nil
+}
+
+func (x *CheckResponse) GetScrubbedSlots() uint64 {
+	if x != nil {
+		return x.ScrubbedSlots
+	}
+	return 0
+}
+
+func (x *CheckResponse) GetScrubbedContainers() uint32 {
+	if x != nil {
+		return x.ScrubbedContainers
+	}
+	return 0
 }
 
 type StatusRequest struct {
@@ -3168,9 +3218,10 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\tslot_size\x18\x02 \x01(\x04R\bslotSize\x12\x14\n" +
 	"\x05slots\x18\x03 \x01(\x04R\x05slots\x12\x14\n" +
 	"\x05force\x18\x04 \x01(\bR\x05force\x12\x16\n" +
-	"\x06mirror\x18\x05 \x03(\tR\x06mirror\"&\n" +
+	"\x06mirror\x18\x05 \x03(\tR\x06mirror\"<\n" +
 	"\fCheckRequest\x12\x16\n" +
-	"\x06repair\x18\x01 \x01(\bR\x06repair\"\xa7\x01\n" +
+	"\x06repair\x18\x01 \x01(\bR\x06repair\x12\x14\n" +
+	"\x05scrub\x18\x02 \x01(\bR\x05scrub\"\xa7\x01\n" +
 	"\aProblem\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x1c\n" +
 	"\tcontainer\x18\x02 \x01(\rR\tcontainer\x12\x12\n" +
@@ -3178,13 +3229,17 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x04disk\x18\x04 \x01(\tR\x04disk\x12\x18\n" +
 	"\asegment\x18\x05 \x01(\x04R\asegment\x12\x16\n" +
 	"\x06detail\x18\x06 \x01(\tR\x06detail\x12\x10\n" +
-	"\x03key\x18\a \x01(\tR\x03key\"\xc1\x01\n" +
+	"\x03key\x18\a \x01(\tR\x03key\"\x8f\x03\n" +
 	"\rCheckResponse\x12.\n" +
 	"\bproblems\x18\x01 \x03(\v2\x12.segmap.v1.ProblemR\bproblems\x12.\n" +
 	"\brepaired\x18\x02 \x03(\v2\x12.segmap.v1.ProblemR\brepaired\x12\x18\n" +
 	"\arefused\x18\x03 \x01(\tR\arefused\x126\n" +
 	"\vdisk_errors\x18\x04 \x03(\v2\x15.segmap.v1.DiskErrorsR\n" +
-	"diskErrors\"'\n" +
+	"diskErrors\x129\n" +
+	"\x0escrub_problems\x18\x05 \x03(\v2\x12.segmap.v1.ProblemR\rscrubProblems\x129\n" +
+	"\x0escrub_repaired\x18\x06 \x03(\v2\x12.segmap.v1.ProblemR\rscrubRepaired\x12%\n" +
+	"\x0escrubbed_slots\x18\a \x01(\x04R\rscrubbedSlots\x12/\n" +
+	"\x13scrubbed_containers\x18\b \x01(\rR\x12scrubbedContainers\"'\n" +
 	"\rStatusRequest\x12\x16\n" +
 	"\x06agents\x18\x01 \x01(\bR\x06agents\"j\n" +
 	"\x05Agent\x12\x12\n" +
@@ -3341,66 +3396,68 @@ var file_segmapv1_admin_proto_depIdxs = []int32{
 	41, // 10: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
 	41, // 11: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
 	4,  // 12: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	45, // 13: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	44, // 14: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	28, // 15: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	14, // 16: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	15, // 17: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	17, // 18: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	18, // 19: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	24, // 20: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	19, // 21: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	20, // 22: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	21, // 23: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	22, // 24: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
-	26, // 25: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	37, // 26: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	39, // 27: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	32, // 28: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
-	34, // 29: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
-	35, // 30: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
-	30, // 31: segmap.v1.Admin.ReplaceReplica:input_type -> segmap.v1.ReplaceReplicaRequest
-	31, // 32: segmap.v1.Admin.RebuildReplica:input_type -> segmap.v1.RebuildReplicaRequest
-	40, // 33: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	43, // 34: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 35: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 36: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 37: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 38: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 39: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 40: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 41: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 42: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 43: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 44: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 45: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 46: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 47: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 48: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 49: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 50: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 51: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	38, // 52: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 53: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	33, // 54: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
-	36, // 55: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
-	28, // 56: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
-	33, // 57: segmap.v1.Admin.ReplaceReplica:output_type -> segmap.v1.DrainProgress
-	33, // 58: segmap.v1.Admin.RebuildReplica:output_type -> segmap.v1.DrainProgress
-	42, // 59: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	46, // 60: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 61: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 62: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 63: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 64: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 65: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 66: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 67: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	42, // [42:68] is the sub-list for method output_type
-	16, // [16:42] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	41, // 13: segmap.v1.CheckResponse.scrub_problems:type_name -> segmap.v1.Problem
+	41, // 14: segmap.v1.CheckResponse.scrub_repaired:type_name -> segmap.v1.Problem
+	45, // 15: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	44, // 16: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	28, // 17: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	14, // 18: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	15, // 19: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	17, // 20: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	18, // 21: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	24, // 22: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	19, // 23: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	20, // 24: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	21, // 25: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	22, // 26: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	26, // 27: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	37, // 28: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	39, // 29: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	32, // 30: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
+	34, // 31: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
+	35, // 32: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
+	30, // 33: segmap.v1.Admin.ReplaceReplica:input_type -> segmap.v1.ReplaceReplicaRequest
+	31, // 34: segmap.v1.Admin.RebuildReplica:input_type -> segmap.v1.RebuildReplicaRequest
+	40, // 35: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	43, // 36: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	12, // 37: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	12, // 38: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	5,  // 39: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	7,  // 40: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	9,  // 41: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	1,  // 42: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	2,  // 43: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	13, // 44: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	16, // 45: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	13, // 46: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	13, // 47: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	25, // 48: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	13, // 49: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	13, // 50: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	13, // 51: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	23, // 52: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	27, // 53: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	38, // 54: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	28, // 55: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	33, // 56: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	36, // 57: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	28, // 58: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
+	33, // 59: segmap.v1.Admin.ReplaceReplica:output_type -> segmap.v1.DrainProgress
+	33, // 60: segmap.v1.Admin.RebuildReplica:output_type -> segmap.v1.DrainProgress
+	42, // 61: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	46, // 62: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	13, // 63: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	13, // 64: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	6,  // 65: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	8,  // 66: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	11, // 67: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	13, // 68: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	3,  // 69: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	44, // [44:70] is the sub-list for method output_type
+	18, // [18:44] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }

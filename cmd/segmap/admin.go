@@ -1069,21 +1069,45 @@ refuses and changes nothing (the file of --data stays byte for byte as it
 was): every other kind needs a person to decide, and with it present a slot
 that looks leaked may not be.
 
-Exit status: 0 clean (after --repair: clean once the leaks are reclaimed),
-3 damage found, 4 --repair refused (damage other than leaked slots, nothing
-changed), 1 the check could not run (store missing or in use, controller
-unreachable), 2 usage.`
+--scrub also compares the replicas of every mirrored container (not
+failed, with two healthy replicas or more), once the metadata is found
+sound: every used slot is read on each healthy replica, with the hosts'
+writes to it paused meanwhile, and must read the same; every free slot
+must read zero. It reads every slot of those containers, so it takes as
+long as reading them. It adds two kinds:
+
+  replica-mismatch            the healthy replicas of a used slot differ; the
+                              row names the disk and segment that map it, and
+                              the detail the replicas and the first byte
+  free-slot-not-zero          a free slot does not read zero on a replica
+
+With --repair, the replicas that differ are rewritten from a source
+replica: with three, the two that agree; else, for a slot written while a
+replica was away, one that has not caught up since; else the first
+healthy replica (the detail then says "source chosen by order": nothing
+tells which one holds the last write). Free slots that do not read zero
+are punched. A summary line follows: "scrub: N slots compared on M
+mirrored containers, K mismatches".
+
+Exit status: 0 clean (after --repair: clean once the leaks are reclaimed
+and the replicas rewritten), 3 damage or a scrub mismatch found, 4
+--repair refused (damage other than leaked slots, nothing changed), 1 the
+check could not run (store missing or in use, controller unreachable), 2
+usage.`
 
 func newCheck(g *globals) *cobra.Command {
-	var repair bool
+	var repair, scrub bool
 	var data string
 	ef := &etcdFlags{}
 	cmd := &cobra.Command{
-		Use:   "check [--repair] [--data DIR | --etcd URLS]",
+		Use:   "check [--repair] [--scrub] [--data DIR | --etcd URLS]",
 		Short: "verify the metadata: records, reference counts, sharing, locations (--repair reclaims leaked slots only)",
 		Long:  checkLong,
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if scrub && (data != "" || ef.endpoints != "") {
+				return usageError{fmt.Errorf("--scrub reads the containers: run it through the leading controller, without --data or --etcd")}
+			}
 			if data != "" {
 				if ef.endpoints != "" {
 					return usageError{fmt.Errorf("--data and --etcd: the metadata is in one or the other")}
@@ -1092,7 +1116,7 @@ func newCheck(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return printCheck(cmd.OutOrStdout(), g.json, r)
+				return printCheck(cmd.OutOrStdout(), g.json, r, false)
 			}
 			if ef.endpoints != "" {
 				if repair {
@@ -1102,18 +1126,19 @@ func newCheck(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return printCheck(cmd.OutOrStdout(), g.json, r)
+				return printCheck(cmd.OutOrStdout(), g.json, r, false)
 			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				r, err := c.Check(ctx, &pb.CheckRequest{Repair: repair})
+				r, err := c.Check(ctx, &pb.CheckRequest{Repair: repair, Scrub: scrub})
 				if err != nil {
 					return err
 				}
-				return printCheck(cmd.OutOrStdout(), g.json, r)
+				return printCheck(cmd.OutOrStdout(), g.json, r, scrub)
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (refused, changing nothing, if there is any other damage)")
+	cmd.Flags().BoolVar(&repair, "repair", false, "reclaim leaked slots (refused, changing nothing, if there is any other damage); with --scrub, also rewrite mismatched replicas")
+	cmd.Flags().BoolVar(&scrub, "scrub", false, "also compare the replicas of every mirrored container, slot by slot (reads every slot of them)")
 	cmd.Flags().StringVar(&data, "data", "", "check the bbolt store in DIR/meta.db of a stopped controller or 'segmap up'")
 	ef.add(cmd)
 	return cmd
@@ -1154,8 +1179,9 @@ func checkResponse(r *offlinecheck.Result, err error) (*pb.CheckResponse, error)
 	return &pb.CheckResponse{Problems: adminapi.Problems(r.Problems), Repaired: adminapi.Problems(r.Repaired), Refused: r.Refused}, nil
 }
 
-// printCheck prints r and returns check's exit status as an error.
-func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
+// printCheck prints r (with the scrub's results if scrub was asked for)
+// and returns check's exit status as an error.
+func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse, scrub bool) error {
 	if asJSON {
 		if err := printJSON(w, r); err != nil {
 			return err
@@ -1182,6 +1208,11 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 				}
 			}
 		}
+		if scrub {
+			if err := printScrub(w, r); err != nil {
+				return err
+			}
+		}
 	}
 	if r.Refused != "" {
 		return codeError{exitRefused, fmt.Errorf("check --repair: %s", r.Refused)}
@@ -1189,7 +1220,48 @@ func printCheck(w io.Writer, asJSON bool, r *pb.CheckResponse) error {
 	if len(r.Problems) > 0 {
 		return codeError{exitDamage, fmt.Errorf("check found %s", plural(len(r.Problems), "problem"))}
 	}
+	if len(r.ScrubProblems) > 0 {
+		return codeError{exitDamage, fmt.Errorf("check --scrub found %s", mismatches(len(r.ScrubProblems)))}
+	}
 	return nil
+}
+
+// printScrub prints what check --scrub found and repaired, and its
+// summary line.
+func printScrub(w io.Writer, r *pb.CheckResponse) error {
+	if len(r.Problems) > 0 {
+		fmt.Fprintln(w, "scrub: not run: the metadata has problems (a repair of replicas would trust its counts)")
+		return nil
+	}
+	cols := []string{"KIND", "WHERE", "DISK", "SEGMENT", "DETAIL"}
+	if len(r.ScrubRepaired) > 0 {
+		fmt.Fprintf(w, "scrub: repaired %s:\n", mismatches(len(r.ScrubRepaired)))
+		if err := table(w, cols, problemRows(r.ScrubRepaired)); err != nil {
+			return err
+		}
+	}
+	if len(r.ScrubProblems) > 0 {
+		fmt.Fprintf(w, "scrub: %s:\n", mismatches(len(r.ScrubProblems)))
+		if err := table(w, cols, problemRows(r.ScrubProblems)); err != nil {
+			return err
+		}
+	}
+	line := fmt.Sprintf("scrub: %s compared on %s, %s",
+		plural(int(r.ScrubbedSlots), "slot"), plural(int(r.ScrubbedContainers), "mirrored container"),
+		mismatches(len(r.ScrubProblems)+len(r.ScrubRepaired)))
+	if len(r.ScrubRepaired) > 0 {
+		line += fmt.Sprintf(", %d repaired", len(r.ScrubRepaired))
+	}
+	fmt.Fprintln(w, line)
+	return nil
+}
+
+// mismatches returns "1 mismatch", "2 mismatches".
+func mismatches(n int) string {
+	if n == 1 {
+		return "1 mismatch"
+	}
+	return fmt.Sprintf("%d mismatches", n)
 }
 
 // plural returns "1 problem", "2 problems".

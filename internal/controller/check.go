@@ -67,6 +67,14 @@ const (
 	// named twice, or a layer that holds no visible sub-block. Reads of
 	// some sub-block would go to the wrong slot.
 	InvalidPartial
+	// ReplicaMismatch: the replicas of a mirrored container hold
+	// different bytes in a used slot (Scrub). Reads of it depend on
+	// the replica they go to.
+	ReplicaMismatch
+	// FreeNotZero: a free slot of a mirrored container does not read
+	// zero on some healthy replica (Scrub). Free slots are kept zero, so
+	// that a slot handed out reads as zeros.
+	FreeNotZero
 )
 
 func (k ProblemKind) String() string {
@@ -97,6 +105,10 @@ func (k ProblemKind) String() string {
 		return "damaged-file"
 	case InvalidPartial:
 		return "invalid-partial-entry"
+	case ReplicaMismatch:
+		return "replica-mismatch"
+	case FreeNotZero:
+		return "free-slot-not-zero"
 	}
 	return fmt.Sprintf("ProblemKind(%d)", uint8(k))
 }

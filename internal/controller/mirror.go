@@ -47,6 +47,12 @@ type mirrors struct {
 		back map[replicaKey]int
 		// rebuilding holds the containers a rebuild runs on.
 		rebuilding map[uint32]bool
+		// caughtUp holds, per container, the replicas rebuilt while
+		// its write-intent record stayed (another replica still
+		// away): a scrub does not take them as the source of a slot
+		// of the record. Forgotten when the record is cleared, and at
+		// a restart.
+		caughtUp map[uint32]map[string]bool
 	}
 }
 
@@ -560,7 +566,21 @@ func (c *Controller) rebuildOnce(ctx context.Context, id uint32, progress func(d
 	if !membership(rec).Degraded() {
 		if err := c.store.Update(ctx, func(tx *meta.Tx) error { return tx.ClearIntents(id) }); err != nil {
 			c.logger.Warn("clear write intents", "container", id, "err", err)
+		} else {
+			c.mirrors.mu.Lock()
+			delete(c.mirrors.mu.caughtUp, id)
+			c.mirrors.mu.Unlock()
 		}
+	} else {
+		c.mirrors.mu.Lock()
+		if c.mirrors.mu.caughtUp == nil {
+			c.mirrors.mu.caughtUp = make(map[uint32]map[string]bool)
+		}
+		if c.mirrors.mu.caughtUp[id] == nil {
+			c.mirrors.mu.caughtUp[id] = make(map[string]bool)
+		}
+		c.mirrors.mu.caughtUp[id][rp.URI] = true
+		c.mirrors.mu.Unlock()
 	}
 	if progress != nil {
 		progress(total, total)
@@ -648,8 +668,29 @@ func (c *Controller) rebuildAll(ctx context.Context, m *container.Mirror, id uin
 // segment index w.seg of family w.fam names, under the locks of a write
 // fault, with the agents that map them kept from writing them meanwhile.
 func (c *Controller) rebuildSeg(ctx context.Context, m *container.Mirror, id uint32, ri int, uri string, w famSeg, only map[uint32]bool, bytes *atomic.Uint64) error {
+	return c.holdSeg(ctx, id, w, only, func(_ []drainEntry, slots []uint32, size uint64) error {
+		for _, s := range slots {
+			if err := c.copyReplica(m, ri, uri, int64(s)*int64(size), int64(size)); err != nil {
+				return err
+			}
+			bytes.Add(size)
+		}
+		return nil
+	})
+}
+
+// holdSeg runs fn on the slots of container id (those in only, if not
+// nil) that segment index w.seg of family w.fam names, with no write on
+// its way to them and none starting until fn returns: under the locks of
+// a write fault (family shared, segment, publish), with every agent that
+// maps an entry naming them told No-write (Blocking), and the entries
+// given back to the agents after. Since disks share slots only within a
+// family and at one index, ents holds every entry that names the slots.
+// Map changes kept in memory at the index are committed first. fn is not
+// called if no entry names a slot.
+func (c *Controller) holdSeg(ctx context.Context, id uint32, w famSeg, only map[uint32]bool, fn func(ents []drainEntry, slots []uint32, size uint64) error) error {
 	for try := 0; ; try++ {
-		flush, err := c.rebuildSegOnce(ctx, m, id, ri, uri, w, only, bytes)
+		flush, err := c.holdSegOnce(ctx, id, w, only, fn)
 		if !flush || err != nil {
 			return err
 		}
@@ -662,7 +703,9 @@ func (c *Controller) rebuildSeg(ctx context.Context, m *container.Mirror, id uin
 	}
 }
 
-func (c *Controller) rebuildSegOnce(ctx context.Context, m *container.Mirror, id uint32, ri int, uri string, w famSeg, only map[uint32]bool, bytes *atomic.Uint64) (flush bool, err error) {
+// holdSegOnce is one try of holdSeg; it reports flush, doing nothing,
+// if the family keeps map changes in memory at the index.
+func (c *Controller) holdSegOnce(ctx context.Context, id uint32, w famSeg, only map[uint32]bool, fn func(ents []drainEntry, slots []uint32, size uint64) error) (flush bool, err error) {
 	defer c.lockFamily(w.fam, false)()
 	defer c.lockSegment(w.fam, w.seg)()
 	var (
@@ -713,21 +756,23 @@ func (c *Controller) rebuildSegOnce(ctx context.Context, m *container.Mirror, id
 	for _, de := range ents {
 		cmd := protocol.SetEntryState{Disk: protocol.DiskID(de.d.ID), First: w.seg, Count: 1, State: table.NoWrite, On: true, Blocking: true}
 		if err := c.broadcast(ctx, de.d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+			// Some agent may still write: fn does not run. The
+			// others have only an extra No-write, which a fault
+			// clears without a copy.
 			return false, fmt.Errorf("stop writes to %q: %w", de.d.Name, err)
 		}
 	}
-	for _, s := range slices.Sorted(mapsKeys(slots)) {
-		if err := c.copyReplica(m, ri, uri, int64(s)*int64(size), int64(size)); err != nil {
-			return false, err
-		}
-		bytes.Add(size)
-	}
-	var errs []error
+	errs := []error{fn(ents, slices.Sorted(mapsKeys(slots)), size)}
+	// The entries go back whether fn did its work or not: they are
+	// unchanged in the store.
 	for _, de := range ents {
+		// No-write follows from the slot's count and from the
+		// sharing of the table page that holds the entry (a snapshot
+		// shares the page, not the count).
 		var refs uint32
 		if err := c.store.View(ctx, func(tx *meta.Tx) error {
 			var err error
-			refs, err = tx.Refs(de.e.Loc)
+			refs, err = shareCount(tx, de.d.ID, w.seg, de.e)
 			return err
 		}); err != nil {
 			errs = append(errs, err)

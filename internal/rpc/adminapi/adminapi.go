@@ -699,6 +699,8 @@ func Problems(ps []controller.Problem) []*pb.Problem {
 
 // Check implements pb.AdminServer. A repair refused (damage other than
 // leaked slots) is not an error: the response says why, with the problems.
+// With scrub, the replicas of the mirrored containers are compared (and
+// repaired, with repair) once the metadata is found sound.
 func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckResponse, error) {
 	out := &pb.CheckResponse{}
 	if r.Repair {
@@ -718,8 +720,20 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 	out.Problems = Problems(ps)
 	if len(ps) > 0 {
 		// Damaged records may keep the disks from being read: the
-		// problems say so already.
+		// problems say so already. Nor is a scrub run: it reads the
+		// slots the counts say are used or free, and a repair would
+		// punch a slot counted free while in use.
 		return out, nil
+	}
+	if r.Scrub {
+		res, err := s.cfg.Ctrl.Scrub(ctx, r.Repair, nil)
+		out.ScrubProblems = Problems(res.Problems)
+		out.ScrubRepaired = Problems(res.Repaired)
+		out.ScrubbedSlots = res.Slots
+		out.ScrubbedContainers = uint32(res.Containers)
+		if err != nil {
+			return nil, grpcErr(err)
+		}
 	}
 	ds, err := s.cfg.Ctrl.Disks(ctx)
 	if err != nil {
