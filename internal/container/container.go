@@ -117,6 +117,17 @@ type NoWaitReader interface {
 	ReadAtNoWait(p []byte, off int64) (ok bool)
 }
 
+// Aborter is an optional interface of a Container whose I/O waits on a
+// remote storage node: a holder that gave up on the node (it stopped
+// answering) releases the container without waiting for answers that may
+// never come, as Close would.
+type Aborter interface {
+	// Abort releases the container as Close does, except that the I/O in
+	// flight fails with ErrClosed at once; whether the storage carried
+	// out the writes among it is unknown. It returns what Close would.
+	Abort() error
+}
+
 // Leaser is an optional interface of a Container whose storage serves
 // its holder only under a lease: an NBD container on a segmap storage node,
 // opened with a lease (OpenNBDLeased). Once the lease runs out every

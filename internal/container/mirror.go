@@ -87,6 +87,7 @@ var (
 	_ Container = (*Mirror)(nil)
 	_ Leaser    = (*Mirror)(nil)
 	_ Allocator = (*Mirror)(nil)
+	_ Aborter   = (*NBD)(nil)
 )
 
 // OpenMirror opens the mirrored container info describes: each healthy
@@ -173,9 +174,21 @@ func (m *Mirror) SetMembership(mem protocol.Membership) error {
 	}
 	m.view.Store(v)
 	for _, c := range closing {
-		c.Close()
+		abort(c)
 	}
 	return nil
+}
+
+// abort releases replica c, which the mirror gave up on, failing its I/O
+// in flight at once where it can: a replica whose node stopped answering
+// would keep a Close waiting for answers, and the mirror's I/O, which
+// waits for every replica's, with it.
+func abort(c Container) {
+	if a, ok := c.(Aborter); ok {
+		_ = a.Abort() // the replica is given up: its errors are the I/O's
+		return
+	}
+	c.Close()
 }
 
 // openReplica opens a replica and checks its geometry.
@@ -398,9 +411,9 @@ func (m *Mirror) runAll(v *mirrorView, op func(Container) error) []error {
 
 // run runs op on members[i] for every i of idx side by side and returns
 // their errors in that order. A replica that has not answered within the
-// timeout is closed, which ends its I/O with an error; run returns only
-// once every op has returned, so the caller's buffer is never used
-// after.
+// timeout is aborted, which ends its I/O with an error at once; run
+// returns only once every op has returned, so the caller's buffer is
+// never used after.
 func (m *Mirror) run(members []Container, idx []int, op func(Container) error) []error {
 	errs := make([]error, len(idx))
 	done := make([]atomic.Bool, len(idx))
@@ -442,7 +455,7 @@ func (m *Mirror) kill(c Container) {
 	}
 	m.mu.dead[c] = true
 	m.mu.Unlock()
-	c.Close()
+	abort(c)
 }
 
 // revive opens replica i again, in the background, if the container

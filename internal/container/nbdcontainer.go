@@ -850,11 +850,26 @@ func (c *NBD) Punch(off, n int64) error {
 // Close implements Container: it stops reconnecting, fails the requests
 // waiting for a connection with ErrClosed and ends the NBD session once
 // the requests in flight are answered. It does not flush.
-func (c *NBD) Close() error {
+func (c *NBD) Close() error { return c.close(false) }
+
+// Abort implements Aborter: it is Close, but the requests in flight fail
+// with ErrClosed at once instead of waiting for the storage node's
+// answers.
+func (c *NBD) Abort() error { return c.close(true) }
+
+func (c *NBD) close(abort bool) error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return c.errClosed()
 	}
 	c.stop()
+	if abort {
+		c.mu.Lock()
+		cl := c.mu.cl
+		c.mu.Unlock()
+		if cl != nil {
+			_ = cl.Abort() // what the close below does then finds it ended
+		}
+	}
 	c.tasks.Wait()
 	c.mu.Lock()
 	cl := c.mu.cl

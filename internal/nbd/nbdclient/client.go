@@ -8,6 +8,7 @@
 //	Dial ──handshake──► open ──Close──► closing ──► closed
 //	                     │                 ▲ in-flight requests answered,
 //	                     │                 │ or closeTimeout passes
+//	                     ├──────Abort──────┴─────────────────────► closed
 //	                     └─ connection lost / protocol error ─► broken
 //
 // In open, requests are sent by the caller's goroutine under the write lock
@@ -1422,6 +1423,28 @@ func (cl *clientReq) result() error {
 	}
 	if cl.typ == nbdwire.CmdRead && cl.covered != uint64(cl.length) {
 		return fmt.Errorf("%w: read of %d bytes at offset %d answered with %d", ErrProtocol, cl.length, cl.off, cl.covered)
+	}
+	return nil
+}
+
+// Abort ends the session at once: the connection is closed and every
+// request in flight, and every later one, fails with ErrClientClosed,
+// without waiting for the server's answers (whatever it does with the
+// requests it already received is unknown). It is for a caller that gave
+// up on the server: Close would wait up to closeTimeout for a server that
+// stopped answering. It may be called during a Close, which then ends at
+// once too. It returns nil, or ErrClientClosed if the session was already
+// ended.
+func (c *Client) Abort() error {
+	c.mu.Lock()
+	already := c.mu.err != nil
+	c.mu.closing = true
+	c.setErrLocked(ErrClientClosed)
+	c.mu.Unlock()
+	c.nc.Close()
+	<-c.readerDone
+	if already {
+		return ErrClientClosed
 	}
 	return nil
 }
