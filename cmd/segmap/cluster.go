@@ -222,7 +222,8 @@ func newAgent() *cobra.Command {
 			// on without it.
 			var a *agent.Agent
 			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, container.NBDOptions{Logger: logger, FailTimeout: storageTimeout})
-			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open, ReplicaTimeout: replicaTimeout})
+			openReplica := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, container.NBDOptions{Logger: logger, FailTimeout: container.ReplicaFailTimeout(replicaTimeout)})
+			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open, OpenReplica: openReplica, ReplicaTimeout: replicaTimeout})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})

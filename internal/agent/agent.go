@@ -63,6 +63,10 @@ type Config struct {
 	// opened on Close. A mirrored container's replicas are each opened
 	// with it (URI set to the replica's), under a container.Mirror.
 	OpenContainer func(protocol.Container) (container.Container, error)
+	// OpenReplica opens a replica of a mirrored container (URI set to
+	// the replica's); OpenContainer if nil. A holder gives replicas a
+	// short failure timeout (container.ReplicaFailTimeout).
+	OpenReplica func(protocol.Container) (container.Container, error)
 	// ReplicaTimeout is how long a replica of a mirrored container may
 	// take to answer an I/O before the agent reports it failed; default
 	// container.DefaultReplicaTimeout.
@@ -98,6 +102,7 @@ type Agent struct {
 	members map[uint32]protocol.Membership
 
 	replicaTimeout time.Duration
+	openR          func(protocol.Container) (container.Container, error)
 
 	// leaseUntil is when I/O must stop, in monotonic time since base;
 	// noLease if the controller grants no lease.
@@ -125,7 +130,10 @@ type openContainer struct {
 
 // New returns an agent; Attach connects it to its controller.
 func New(cfg Config) *Agent {
-	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now(), replicaTimeout: cfg.ReplicaTimeout, members: map[uint32]protocol.Membership{}}
+	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now(), replicaTimeout: cfg.ReplicaTimeout, openR: cfg.OpenReplica, members: map[uint32]protocol.Membership{}}
+	if a.openR == nil {
+		a.openR = a.openC
+	}
 	a.leaseUntil.Store(noLease)
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[protocol.DiskID]*Disk)
@@ -462,7 +470,7 @@ func (a *Agent) openContainer(info protocol.Container) (container.Container, err
 		info.Epoch, info.Replicas = m.Epoch, m.Replicas
 	}
 	open := func(uri string) (container.Container, error) {
-		return a.openC(protocol.Container{ID: info.ID, URI: uri, SlotSize: info.SlotSize, Slots: info.Slots})
+		return a.openR(protocol.Container{ID: info.ID, URI: uri, SlotSize: info.SlotSize, Slots: info.Slots})
 	}
 	return container.OpenMirror(info, open, agentReporter{a: a, id: info.ID}, a.replicaTimeout)
 }

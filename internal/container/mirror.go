@@ -74,6 +74,19 @@ type MirrorReporter interface {
 // never waits as long as a fence.
 const DefaultReplicaTimeout = 2 * time.Second
 
+// ReplicaFailTimeout is the failure timeout (NBDOptions.FailTimeout) a
+// holder gives the nbd:// replicas of its mirrors, for a replica timeout
+// of timeout (0: DefaultReplicaTimeout): a quarter of it, at least
+// 100 ms. A replica whose connection breaks (its node killed, its
+// machine gone) then fails that soon rather than at the replica timeout,
+// and the mirror goes on with the others; it catches up once back.
+func ReplicaFailTimeout(timeout time.Duration) time.Duration {
+	if timeout <= 0 {
+		timeout = DefaultReplicaTimeout
+	}
+	return max(timeout/4, 100*time.Millisecond)
+}
+
 // mirrorView is a mirror's replicas at one membership epoch.
 type mirrorView struct {
 	mem     protocol.Membership

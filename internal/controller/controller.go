@@ -104,6 +104,10 @@ type Config struct {
 	// DrainMoves is how many segments a drain moves at once; default
 	// DefaultDrainMoves. A rebuild copies as many at once.
 	DrainMoves int
+	// OpenReplica opens a replica of a mirrored container (URI set to
+	// the replica's); OpenContainer if nil. A holder gives replicas a
+	// short failure timeout (container.ReplicaFailTimeout).
+	OpenReplica func(protocol.Container) (container.Container, error)
 	// ReplicaTimeout is how long a replica of a mirrored container may
 	// take to answer the controller's I/O before it is failed; default
 	// container.DefaultReplicaTimeout.
@@ -164,6 +168,8 @@ type Controller struct {
 
 	// drainMoves is Config.DrainMoves.
 	drainMoves int
+	// openR is Config.OpenReplica.
+	openR func(protocol.Container) (container.Container, error)
 	// replicaTimeout is Config.ReplicaTimeout.
 	replicaTimeout time.Duration
 	mirrors        mirrors
@@ -225,6 +231,10 @@ func New(cfg Config) *Controller {
 	}
 	c.drainMoves = cfg.DrainMoves
 	c.replicaTimeout = cfg.ReplicaTimeout
+	c.openR = cfg.OpenReplica
+	if c.openR == nil {
+		c.openR = c.openC
+	}
 	if c.drainMoves <= 0 {
 		c.drainMoves = DefaultDrainMoves
 	}

@@ -44,7 +44,9 @@ type mirrors struct {
 		sync.Mutex
 		// back counts, per failed replica, the probes in a row that
 		// found it answering.
-		back map[replicaKey]int
+		back map[replicaKey]*backCount
+		// round numbers the rounds of probes.
+		round uint64
 		// rebuilding holds the containers a rebuild runs on.
 		rebuilding map[uint32]bool
 		// caughtUp holds, per container, the replicas rebuilt while
@@ -54,6 +56,15 @@ type mirrors struct {
 		// a restart.
 		caughtUp map[uint32]map[string]bool
 	}
+}
+
+// backCount is how long a failed replica has answered: n probes in a
+// row, each begun after the one before had answered (probes left
+// hanging while a node was stopped all answer at once when it resumes,
+// and count once); the last answered during round after.
+type backCount struct {
+	n     int
+	after uint64
 }
 
 // replicaKey names a replica of a mirrored container.
@@ -137,7 +148,7 @@ func (c *Controller) AddMirror(ctx context.Context, uris []string) (meta.Contain
 func (c *Controller) openMirror(rec meta.Container) (container.Container, error) {
 	info := protoContainer(rec)
 	open := func(uri string) (container.Container, error) {
-		return c.openC(protocol.Container{ID: rec.ID, URI: uri, SlotSize: rec.SlotSize, Slots: rec.Slots})
+		return c.openR(protocol.Container{ID: rec.ID, URI: uri, SlotSize: rec.SlotSize, Slots: rec.Slots})
 	}
 	return container.OpenMirror(info, open, ctlReporter{c: c, id: rec.ID}, c.replicaTimeout)
 }
@@ -169,8 +180,12 @@ func (c *Controller) ReportReplica(ctx context.Context, r protocol.ReplicaReport
 		return protocol.Membership{}, err
 	}
 	defer end()
-	c.mirrors.change.mu.Lock()
-	defer c.mirrors.change.mu.Unlock()
+	// Without the membership lock: the store's transactions order the
+	// changes, the epochs order the tellings (holders keep the newest),
+	// and reports from every holder at once share commits.
+	if rec, ok := c.reportKnown(ctx, r); ok {
+		return membership(rec), nil
+	}
 	var (
 		rec           meta.Container
 		changed, last bool
@@ -220,14 +235,49 @@ func (c *Controller) ReportReplica(ctx context.Context, r protocol.ReplicaReport
 		_ = c.tellMembership(ctx, rec) // logged; harmless (see tellMembership)
 	}
 	if last {
-		c.mirrors.change.mu.Unlock()
-		err := c.FailContainer(ctx, rec.ID, fmt.Errorf("its last healthy replica %s failed: %s", r.URI, r.Cause))
-		c.mirrors.change.mu.Lock()
-		if err != nil {
+		if err := c.FailContainer(ctx, rec.ID, fmt.Errorf("its last healthy replica %s failed: %s", r.URI, r.Cause)); err != nil {
 			return protocol.Membership{}, err
 		}
 	}
 	return membership(rec), nil
+}
+
+// reportKnown returns the container's record, and ok, if report r tells
+// nothing the store does not hold already: its slots are recorded, and
+// its replica (if any) is failed or replaced. Most reports are so when a
+// replica dies under load: every I/O in flight on it reports.
+func (c *Controller) reportKnown(ctx context.Context, r protocol.ReplicaReport) (meta.Container, bool) {
+	var (
+		rec   meta.Container
+		known bool
+	)
+	err := c.store.View(ctx, func(tx *meta.Tx) error {
+		var err error
+		if rec, err = tx.Container(r.Container); err != nil || !rec.Mirrored() {
+			return err
+		}
+		if r.Failed >= 0 {
+			if r.Failed >= len(rec.Replicas) {
+				return nil
+			}
+			rp := rec.Replicas[r.Failed]
+			if rp.URI == r.URI && rp.State != meta.ReplicaFailed {
+				return nil
+			}
+		}
+		for _, s := range r.Slots {
+			if uint64(s) >= rec.Slots {
+				return nil
+			}
+			ok, err := tx.HasIntent(rec.ID, s)
+			if err != nil || !ok {
+				return err
+			}
+		}
+		known = true
+		return nil
+	})
+	return rec, err == nil && known
 }
 
 // tellMembership gives rec's membership to the controller's own mirror
@@ -312,7 +362,6 @@ func (c *Controller) setReplica(ctx context.Context, id uint32, fn func(rec *met
 	}
 	return rec, nil
 }
-
 
 // ReplaceReplica replaces the replica of mirrored container id at oldURI
 // by the container at newURI (formatted with the container's id and slot
@@ -935,18 +984,31 @@ func (c *Controller) probeReplicas(ctx context.Context, cs []meta.Container) {
 				continue
 			}
 			k := replicaKey{ct.ID, r.URI}
+			c.mirrors.mu.Lock()
+			c.mirrors.mu.round++
+			began := c.mirrors.mu.round
+			c.mirrors.mu.Unlock()
 			wg.Go(func() {
 				up := c.probeReplica(ct, r.URI) == nil
 				c.mirrors.mu.Lock()
 				if c.mirrors.mu.back == nil {
-					c.mirrors.mu.back = make(map[replicaKey]int)
+					c.mirrors.mu.back = make(map[replicaKey]*backCount)
+				}
+				b := c.mirrors.mu.back[k]
+				switch {
+				case !up:
+					delete(c.mirrors.mu.back, k)
+					b = nil
+				case b == nil:
+					b = &backCount{n: 1, after: c.mirrors.mu.round}
+					c.mirrors.mu.back[k] = b
+				case began > b.after:
+					b.n++
+					b.after = c.mirrors.mu.round
 				}
 				n := 0
-				if up {
-					c.mirrors.mu.back[k]++
-					n = c.mirrors.mu.back[k]
-				} else {
-					delete(c.mirrors.mu.back, k)
+				if b != nil {
+					n = b.n
 				}
 				busy := c.mirrors.mu.rebuilding[ct.ID]
 				if n >= backProbes && !busy {

@@ -60,17 +60,20 @@ type Config struct {
 // as the holder of cfg.TLS.
 func New(cfg Config) *controller.Controller {
 	open := container.URIOpener(cfg.TLS, container.NBDOptions{Logger: cfg.Logger, FailTimeout: cfg.StorageTimeout})
+	openReplica := container.URIOpener(cfg.TLS, container.NBDOptions{Logger: cfg.Logger, FailTimeout: container.ReplicaFailTimeout(cfg.ReplicaTimeout)})
 	if wrap := cfg.WrapContainer; wrap != nil {
-		plain := open
-		open = func(info protocol.Container) (container.Container, error) {
-			ct, err := plain(info)
-			if err != nil {
-				return nil, err
+		wrapped := func(plain func(protocol.Container) (container.Container, error)) func(protocol.Container) (container.Container, error) {
+			return func(info protocol.Container) (container.Container, error) {
+				ct, err := plain(info)
+				if err != nil {
+					return nil, err
+				}
+				return wrap(ct), nil
 			}
-			return wrap(ct), nil
 		}
+		open, openReplica = wrapped(open), wrapped(openReplica)
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

@@ -1116,6 +1116,13 @@ func (t *Tx) AddIntents(cid uint32, slots []uint32) error {
 	return nil
 }
 
+// HasIntent reports whether slot of container cid is recorded by
+// AddIntents.
+func (t *Tx) HasIntent(cid, slot uint32) (bool, error) {
+	v, err := t.kv.Get(intentKey(cid, slot))
+	return v != nil, err
+}
+
 // Intents returns the slots of container cid recorded by AddIntents, in
 // order.
 func (t *Tx) Intents(cid uint32) ([]uint32, error) {
