@@ -74,12 +74,13 @@ type replicaKey struct {
 }
 
 // backProbes is how many probes in a row a failed replica must answer
-// before it catches up. Probes run every second (ProbeContainers), so
-// this is longer than an agent's lease: a write an agent queued to the
+// before it catches up. Probes run every second (ProbeContainers; a
+// round held up by a hung probe is followed by one at once), so this is
+// at least 6 s, longer than an agent's lease: a write an agent queued to the
 // replica before it failed, on a connection since closed, can no longer
 // land (the storage node refuses it once the lease that carried it is
 // over) when the catch-up copies its slot.
-const backProbes = 6
+const backProbes = 8
 
 // protoContainer is what an agent needs to open container ct.
 func protoContainer(ct meta.Container) protocol.Container {
