@@ -261,7 +261,23 @@ func (a *Agent) Attach(ctx context.Context, ctrl protocol.Controller) error {
 			return err
 		}
 	}
-	return nil
+	return a.recordReplicaFailures()
+}
+
+// recordReplicaFailures reports again, to the controller just attached
+// to, the replica failures of open mirrors that the last one was not
+// told of (it died first): until then every holder reads that replica
+// as healthy, though it may miss a write.
+func (a *Agent) recordReplicaFailures() error {
+	var errs []error
+	for id, oc := range *a.conts.Load() {
+		if m, ok := oc.c.(*container.Mirror); ok {
+			if err := m.RecordFailures(); err != nil {
+				errs = append(errs, fmt.Errorf("container %d: %w", id, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // refresh asks ctrl for disk d as it is now and, if its size or mode

@@ -29,6 +29,13 @@ import (
 // writes it. The I/O then succeeds if a healthy replica did it (a read
 // is tried on the next healthy replica); if none is left, it fails.
 //
+// A failure the controller could not be told of (it was down, or
+// restarting) is not forgotten: the replica may now miss a write the
+// others hold, while every holder still reads it as healthy. It is
+// reported again before any later I/O of the mirror goes on (and by
+// RecordFailures, which an agent calls once it has attached to a new
+// controller); until it has been recorded, that I/O fails.
+//
 // While a replica is failed, the first write or punch of each slot is
 // recorded with the controller before it is issued (MirrorReporter.
 // Intent): the replica, once back, catches up by copying those slots
@@ -45,11 +52,27 @@ type Mirror struct {
 	view atomic.Pointer[mirrorView]
 	next atomic.Uint64 // spreads reads over the healthy replicas
 
+	// unrecorded is set while mu.unrecorded is not empty.
+	unrecorded atomic.Bool
+
 	mu struct {
 		sync.Mutex
 		// noted holds the slots recorded as written while degraded.
 		noted map[int64]bool
+		// unrecorded holds, by replica index, the failures whose
+		// report did not reach the controller.
+		unrecorded map[int]*unrecordedFailure
 	}
+}
+
+// unrecordedFailure is a replica failure to report again: the slots of
+// the I/Os the replica failed meanwhile.
+type unrecordedFailure struct {
+	epoch uint64
+	uri   string
+	slots []uint32
+	cause error
+	gen   int // grows with every failure added
 }
 
 // MirrorReporter is how a Mirror tells its controller what its replicas
@@ -217,6 +240,9 @@ func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 	if err := checkRange(m.id, "read", off, int64(len(p)), m.Size()); err != nil {
 		return 0, err
 	}
+	if err := m.recordFailuresFirst(); err != nil {
+		return 0, err
+	}
 	for {
 		v := m.view.Load()
 		if v.closed {
@@ -267,6 +293,9 @@ func (m *Mirror) Flush() error {
 // update runs op, a write, punch or flush of [off, off+n), on every
 // healthy and rebuilding replica, and reports those that fail.
 func (m *Mirror) update(off, n int64, op func(Container) error) error {
+	if err := m.recordFailuresFirst(); err != nil {
+		return err
+	}
 	v := m.view.Load()
 	if v.closed {
 		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
@@ -320,8 +349,10 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 	if m.view.Load().closed {
 		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
 	}
-	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, v.mem.Replicas[i].URI, m.slotsOf(off, n), cause)
+	uri, slots := v.mem.Replicas[i].URI, m.slotsOf(off, n)
+	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, uri, slots, cause)
 	if err != nil {
+		m.keepUnrecorded(v.mem.Epoch, i, uri, slots, cause)
 		return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, i, cause, err)
 	}
 	if err := m.SetMembership(mem); err != nil {
@@ -331,6 +362,76 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 		// The controller kept the replica: the failure was its
 		// closing, not its storage.
 		return fmt.Errorf("container %d: replica %d: %w", m.id, i, cause)
+	}
+	return nil
+}
+
+// keepUnrecorded keeps the failure of replica i (at uri) in I/O of slots,
+// which the controller could not be told of, to report again.
+func (m *Mirror) keepUnrecorded(epoch uint64, i int, uri string, slots []uint32, cause error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.mu.unrecorded == nil {
+		m.mu.unrecorded = make(map[int]*unrecordedFailure)
+	}
+	u := m.mu.unrecorded[i]
+	if u == nil || u.uri != uri {
+		u = &unrecordedFailure{uri: uri}
+		m.mu.unrecorded[i] = u
+	}
+	u.epoch = max(u.epoch, epoch)
+	for _, s := range slots {
+		if !slices.Contains(u.slots, s) {
+			u.slots = append(u.slots, s)
+		}
+	}
+	u.cause = cause
+	u.gen++
+	m.unrecorded.Store(true)
+}
+
+// recordFailuresFirst reports the failures not yet recorded, if any,
+// before an I/O goes on.
+func (m *Mirror) recordFailuresFirst() error {
+	if !m.unrecorded.Load() {
+		return nil
+	}
+	return m.RecordFailures()
+}
+
+// RecordFailures reports again to the controller every replica failure
+// whose report did not reach it, and follows the membership it answers
+// with. Until it succeeds, every I/O of the mirror first tries it and
+// fails if it fails: a replica that failed a write may miss it, and must
+// be recorded failed before anyone reads it, or writes as if the
+// replicas were alike.
+func (m *Mirror) RecordFailures() error {
+	m.mu.Lock()
+	type pending struct {
+		i   int
+		u   unrecordedFailure
+		gen int
+	}
+	var todo []pending
+	for i, u := range m.mu.unrecorded {
+		todo = append(todo, pending{i: i, u: *u, gen: u.gen})
+	}
+	m.mu.Unlock()
+	for _, p := range todo {
+		mem, err := m.rep.ReplicaFailed(p.u.epoch, p.i, p.u.uri, slices.Clone(p.u.slots), p.u.cause)
+		if err != nil {
+			return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, p.i, p.u.cause, err)
+		}
+		if err := m.SetMembership(mem); err != nil {
+			return err
+		}
+		m.mu.Lock()
+		// A failure added meanwhile stays, to be reported too.
+		if u := m.mu.unrecorded[p.i]; u != nil && u.gen == p.gen {
+			delete(m.mu.unrecorded, p.i)
+		}
+		m.unrecorded.Store(len(m.mu.unrecorded) > 0)
+		m.mu.Unlock()
 	}
 	return nil
 }

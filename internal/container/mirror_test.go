@@ -71,13 +71,21 @@ func (f *flaky) Close() error {
 // reporter plays the controller for a mirror: it fails a replica unless
 // it is the last healthy one, and records intents.
 type reporter struct {
+	// down makes every report fail, as with a controller that is
+	// restarting.
+	down    atomic.Bool
 	mu      sync.Mutex
 	mem     protocol.Membership
 	intents []uint32
 	reports int
 }
 
+var errDown = errors.New("controller down")
+
 func (r *reporter) ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error) {
+	if r.down.Load() {
+		return protocol.Membership{}, errDown
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.reports++
@@ -214,6 +222,46 @@ func TestMirrorFailsReplica(t *testing.T) {
 	}
 	if _, err := m.ReadAt(got, 0); err == nil {
 		t.Fatal("a read succeeded with no replica left")
+	}
+}
+
+// A replica failure the controller could not record is reported again
+// before any later I/O: a write that failed on one replica landed on
+// the other, and no read may see the replicas differ meanwhile.
+func TestMirrorRecordsFailureAgain(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, time.Second)
+	rep.down.Store(true)
+	reps[1].fail.Store(true)
+	data := bytes.Repeat([]byte{7}, 4096)
+	if _, err := m.WriteAt(data, 2*mirrorSlot); !errors.Is(err, errDown) {
+		t.Fatalf("write with a failure not recorded: %v, want the report's error", err)
+	}
+	if m.Membership().Replicas[1].State != protocol.ReplicaHealthy {
+		t.Fatalf("membership changed with no controller: %+v", m.Membership())
+	}
+	// The storage comes back, the controller does not yet: replica 1
+	// misses the write, and is read by no one.
+	reps[1].fail.Store(false)
+	got := make([]byte, len(data))
+	for range 4 {
+		if _, err := m.ReadAt(got, 2*mirrorSlot); !errors.Is(err, errDown) {
+			t.Fatalf("read with a failure not recorded: %v", err)
+		}
+	}
+	rep.down.Store(false)
+	for range 4 {
+		if _, err := m.ReadAt(got, 2*mirrorSlot); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read once the controller is back: %v (data equal %v)", err, bytes.Equal(got, data))
+		}
+	}
+	if mem := m.Membership(); mem.Replicas[1].State != protocol.ReplicaFailed {
+		t.Fatalf("replica not failed once reported again: %+v", mem)
+	}
+	if !slices.Contains(rep.intents, 2) {
+		t.Fatalf("slots recorded: %v, want slot 2", rep.intents)
+	}
+	if err := m.RecordFailures(); err != nil || rep.reports != 1 {
+		t.Fatalf("record failures again: %v, %d reports, want 1", err, rep.reports)
 	}
 }
 
