@@ -21,13 +21,21 @@ import (
 // says which replicas are healthy (written and read), rebuilding
 // (written, not read) or failed (neither). Writes, punches and flushes go
 // to every healthy and rebuilding replica in parallel and are answered
-// when all of them have answered; reads go to one healthy replica, in
-// turn. A replica that fails an I/O, or does not answer it within the
+// when all of them have answered; reads go to the first healthy replica
+// (by index), every holder's alike. A replica that fails an I/O, or does not answer it within the
 // mirror's timeout, is reported (MirrorReporter.ReplicaFailed) with the
 // slots of the I/O, and the I/O is answered only once the controller has
 // recorded the failure and told every holder: from then on no holder
 // writes it. The I/O then succeeds if a healthy replica did it (a read
 // is tried on the next healthy replica); if none is left, it fails.
+//
+// Reads are not spread over the replicas because the replicas may hold
+// different bytes where writes raced: two writes of one block, from two
+// holders or one, in flight at once, may reach one replica in one order
+// and another in the other, and each replica keeps the last it got. Either
+// is a right result for the block, but only one may be read: a block
+// read from one replica and then from the other would go back in time.
+// The rebuild copies from the same replica (it reads through a Mirror).
 //
 // A failure the controller could not be told of (it was down, or
 // restarting) is not forgotten: the replica may now miss a write the
@@ -50,7 +58,6 @@ type Mirror struct {
 
 	// view is what I/O follows, replaced whole on every change.
 	view atomic.Pointer[mirrorView]
-	next atomic.Uint64 // spreads reads over the healthy replicas
 
 	// unrecorded is set while mu.unrecorded is not empty.
 	unrecorded atomic.Bool
@@ -234,8 +241,8 @@ func (m *Mirror) Slots() int64 { return m.slots }
 // Size implements Container.
 func (m *Mirror) Size() int64 { return m.slots * m.slotSize }
 
-// ReadAt implements Container: from one healthy replica, and from the
-// next if it fails.
+// ReadAt implements Container: from the first healthy replica, and from
+// the next if it fails.
 func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 	if err := checkRange(m.id, "read", off, int64(len(p)), m.Size()); err != nil {
 		return 0, err
@@ -251,7 +258,7 @@ func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 		if len(v.healthy) == 0 {
 			return 0, fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
 		}
-		i := v.healthy[m.next.Add(1)%uint64(len(v.healthy))]
+		i := v.healthy[0]
 		err := m.runOne(v, i, func(c Container) error { _, err := c.ReadAt(p, off); return err })
 		if err == nil {
 			return len(p), nil

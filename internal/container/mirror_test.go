@@ -172,7 +172,6 @@ func TestMirrorWritesEveryReplica(t *testing.T) {
 			t.Fatalf("replica %d misses the write", i)
 		}
 	}
-	// Reads are spread: a read fails over from a broken replica.
 	got := make([]byte, len(data))
 	for range 6 {
 		if _, err := m.ReadAt(got, mirrorSlot+100); err != nil || !bytes.Equal(got, data) {
@@ -222,6 +221,31 @@ func TestMirrorFailsReplica(t *testing.T) {
 	}
 	if _, err := m.ReadAt(got, 0); err == nil {
 		t.Fatal("a read succeeded with no replica left")
+	}
+}
+
+// Two writes of one block in flight at once may reach the replicas in
+// different orders, leaving them different there: every read must still
+// read the block from one replica, not from one and then the other.
+func TestMirrorReadsOneReplica(t *testing.T) {
+	m, reps, _ := newMirror(t, 3, time.Second)
+	for i, r := range reps {
+		if _, err := r.Memory.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 4096)
+	for range 6 {
+		if _, err := m.ReadAt(got, 0); err != nil || got[0] != 1 {
+			t.Fatalf("read: %v, bytes of replica %d, want replica 0's", err, got[0]-1)
+		}
+	}
+	// Once it fails, the next one is read, and only it.
+	reps[0].fail.Store(true)
+	for range 6 {
+		if _, err := m.ReadAt(got, 0); err != nil || got[0] != 2 {
+			t.Fatalf("read with replica 0 failed: %v, bytes of replica %d, want replica 1's", err, got[0]-1)
+		}
 	}
 }
 
