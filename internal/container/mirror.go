@@ -44,6 +44,11 @@ import (
 // RecordFailures, which an agent calls once it has attached to a new
 // controller); until it has been recorded, that I/O fails.
 //
+// A replica that fails may have lost what it had not flushed (its node
+// lost power), so its failure is reported with every slot written since
+// the last flush all replicas answered, besides those of the failed I/O:
+// its catch-up copies them all.
+//
 // While a replica is failed, the first write or punch of each slot is
 // recorded with the controller before it is issued (MirrorReporter.
 // Intent): the replica, once back, catches up by copying those slots
@@ -69,7 +74,17 @@ type Mirror struct {
 		// unrecorded holds, by replica index, the failures whose
 		// report did not reach the controller.
 		unrecorded map[int]*unrecordedFailure
+		// unflushed holds the slots written or punched since the
+		// last flush that every replica answered.
+		unflushed map[int64]unflushedSlot
+		seq       uint64
 	}
+}
+
+// unflushedSlot is the writes of a slot that no flush covers yet.
+type unflushedSlot struct {
+	inFlight int    // writes begun and not answered
+	seq      uint64 // the number of the last one answered
 }
 
 // unrecordedFailure is a replica failure to report again: the slots of
@@ -294,7 +309,64 @@ func (m *Mirror) Punch(off, n int64) error {
 
 // Flush implements Container: on every healthy and rebuilding replica.
 func (m *Mirror) Flush() error {
-	return m.update(0, 0, func(c Container) error { return c.Flush() })
+	m.mu.Lock()
+	seq := m.mu.seq
+	m.mu.Unlock()
+	if err := m.update(0, 0, func(c Container) error { return c.Flush() }); err != nil {
+		return err
+	}
+	// Every replica written holds the writes answered before the flush
+	// began: those of failed ones were reported with their failure.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for s, u := range m.mu.unflushed {
+		if u.inFlight == 0 && u.seq <= seq {
+			delete(m.mu.unflushed, s)
+		}
+	}
+	return nil
+}
+
+// writing notes that slots [off, off+n) are being written, and returns
+// the func that notes the write answered.
+func (m *Mirror) writing(off, n int64) func() {
+	slots := m.slotsOf(off, n)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.mu.unflushed == nil {
+		m.mu.unflushed = make(map[int64]unflushedSlot)
+	}
+	for _, s := range slots {
+		u := m.mu.unflushed[int64(s)]
+		u.inFlight++
+		m.mu.unflushed[int64(s)] = u
+	}
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.mu.seq++
+		for _, s := range slots {
+			u := m.mu.unflushed[int64(s)]
+			u.inFlight--
+			u.seq = m.mu.seq
+			m.mu.unflushed[int64(s)] = u
+		}
+	}
+}
+
+// failedSlots returns the slots a replica that failed an I/O of [off,
+// off+n) may miss: those of the I/O and every one not flushed since.
+func (m *Mirror) failedSlots(off, n int64) []uint32 {
+	slots := m.slotsOf(off, n)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for s := range m.mu.unflushed {
+		if !slices.Contains(slots, uint32(s)) {
+			slots = append(slots, uint32(s))
+		}
+	}
+	slices.Sort(slots)
+	return slots
 }
 
 // update runs op, a write, punch or flush of [off, off+n), on every
@@ -314,6 +386,9 @@ func (m *Mirror) update(off, n int64, op func(Container) error) error {
 	}
 	if len(v.healthy) == 0 {
 		return fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
+	}
+	if n > 0 {
+		defer m.writing(off, n)()
 	}
 	errs := m.runAll(v, op)
 	var (
@@ -356,7 +431,7 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 	if m.view.Load().closed {
 		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
 	}
-	uri, slots := v.mem.Replicas[i].URI, m.slotsOf(off, n)
+	uri, slots := v.mem.Replicas[i].URI, m.failedSlots(off, n)
 	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, uri, slots, cause)
 	if err != nil {
 		m.keepUnrecorded(v.mem.Epoch, i, uri, slots, cause)

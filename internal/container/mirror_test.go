@@ -289,6 +289,33 @@ func TestMirrorRecordsFailureAgain(t *testing.T) {
 	}
 }
 
+// A replica that fails may have lost the writes it had not flushed: its
+// failure is reported with their slots too, so that its catch-up copies
+// them, but not with those flushed since.
+func TestMirrorReportsUnflushedSlots(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, time.Second)
+	data := bytes.Repeat([]byte{3}, 4096)
+	if _, err := m.WriteAt(data, 1*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.WriteAt(data, 4*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Punch(9*mirrorSlot, mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	reps[1].fail.Store(true)
+	if _, err := m.WriteAt(data, 6*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.intents, []uint32{4, 6, 9}) {
+		t.Fatalf("slots reported with the failure: %v, want [4 6 9]", rep.intents)
+	}
+}
+
 func TestMirrorTimesOutHungReplica(t *testing.T) {
 	m, reps, rep := newMirror(t, 2, 100*time.Millisecond)
 	reps[0].hang.Store(true)
