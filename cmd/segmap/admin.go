@@ -1083,9 +1083,9 @@ long as reading them. It adds two kinds:
 
 With --repair, the replicas that differ are rewritten from a source
 replica: with three, the two that agree; else, for a slot written while a
-replica was away, one that has not caught up since; else the first
-healthy replica (the detail then says "source chosen by order": nothing
-tells which one holds the last write). Free slots that do not read zero
+replica was away, one that has not caught up since; else the replica
+hosts read the slot from, so that what they have read stays (the detail
+then says so: nothing tells which one holds the last write). Free slots that do not read zero
 are punched. A summary line follows: "scrub: N slots compared on M
 mirrored containers, K mismatches".
 

@@ -269,9 +269,14 @@ func (a *Agent) Attach(ctx context.Context, ctrl protocol.Controller) error {
 			return err
 		}
 	}
-	// Likewise a mirror's membership committed and never sent (a
-	// replica made rebuilding by a controller that died before telling
-	// anyone): the agent must write that replica before it does I/O.
+	// Replica failures the last controller was not told of are
+	// recorded first. Then a mirror's membership committed and never
+	// sent (a replica made rebuilding by a controller that died before
+	// telling anyone) is learned: the agent must write that replica
+	// before it does I/O.
+	if err := a.recordReplicaFailures(); err != nil {
+		return err
+	}
 	return a.refreshMirrors(ctx, ctrl)
 }
 
@@ -299,6 +304,22 @@ func (a *Agent) refreshMirrors(ctx context.Context, ctrl protocol.Controller) er
 		}
 	}
 	return nil
+}
+
+// recordReplicaFailures reports again, to the controller just attached
+// to, the replica failures of open mirrors that the last one was not
+// told of (it died first): until then every holder reads that replica
+// as healthy, though it may miss a write.
+func (a *Agent) recordReplicaFailures() error {
+	var errs []error
+	for id, oc := range *a.conts.Load() {
+		if m, ok := oc.c.(*container.Mirror); ok {
+			if err := m.RecordFailures(); err != nil {
+				errs = append(errs, fmt.Errorf("container %d: %w", id, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // refresh asks ctrl for disk d as it is now and, if its size or mode

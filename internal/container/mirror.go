@@ -21,13 +21,36 @@ import (
 // says which replicas are healthy (written and read), rebuilding
 // (written, not read) or failed (neither). Writes, punches and flushes go
 // to every healthy and rebuilding replica in parallel and are answered
-// when all of them have answered; reads go to one healthy replica, in
-// turn. A replica that fails an I/O, or does not answer it within the
+// when all of them have answered; reads of slot s go to healthy replica
+// s mod the number of healthy ones, every holder's alike, which spreads
+// reads over the replicas and keeps every read of a slot on one (two
+// overlapping writes in flight at once may reach the replicas in either
+// order; a block read from one replica never goes back in time). A replica that fails an I/O, or does not answer it within the
 // mirror's timeout, is reported (MirrorReporter.ReplicaFailed) with the
 // slots of the I/O, and the I/O is answered only once the controller has
 // recorded the failure and told every holder: from then on no holder
 // writes it. The I/O then succeeds if a healthy replica did it (a read
 // is tried on the next healthy replica); if none is left, it fails.
+//
+// Reads are not spread over the replicas because the replicas may hold
+// different bytes where writes raced: two writes of one block, from two
+// holders or one, in flight at once, may reach one replica in one order
+// and another in the other, and each replica keeps the last it got. Either
+// is a right result for the block, but only one may be read: a block
+// read from one replica and then from the other would go back in time.
+// The rebuild copies from the same replica (it reads through a Mirror).
+//
+// A failure the controller could not be told of (it was down, or
+// restarting) is not forgotten: the replica may now miss a write the
+// others hold, while every holder still reads it as healthy. It is
+// reported again before any later I/O of the mirror goes on (and by
+// RecordFailures, which an agent calls once it has attached to a new
+// controller); until it has been recorded, that I/O fails.
+//
+// A replica that fails may have lost what it had not flushed (its node
+// lost power), so its failure is reported with every slot written since
+// the last flush all replicas answered, besides those of the failed I/O:
+// its catch-up copies them all.
 //
 // While a replica is failed, the first write or punch of each slot is
 // recorded with the controller before it is issued (MirrorReporter.
@@ -43,7 +66,9 @@ type Mirror struct {
 
 	// view is what I/O follows, replaced whole on every change.
 	view atomic.Pointer[mirrorView]
-	next atomic.Uint64 // spreads reads over the healthy replicas
+
+	// unrecorded is set while mu.unrecorded is not empty.
+	unrecorded atomic.Bool
 
 	mu struct {
 		sync.Mutex
@@ -52,7 +77,30 @@ type Mirror struct {
 		// dead holds the replicas closed because they did not answer
 		// in time: opened again if the controller keeps them.
 		dead map[Container]bool
+		// unrecorded holds, by replica index, the failures whose
+		// report did not reach the controller.
+		unrecorded map[int]*unrecordedFailure
+		// unflushed holds the slots written or punched since the
+		// last flush that every replica answered.
+		unflushed map[int64]unflushedSlot
+		seq       uint64
 	}
+}
+
+// unflushedSlot is the writes of a slot that no flush covers yet.
+type unflushedSlot struct {
+	inFlight int    // writes begun and not answered
+	seq      uint64 // the number of the last one answered
+}
+
+// unrecordedFailure is a replica failure to report again: the slots of
+// the I/Os the replica failed meanwhile.
+type unrecordedFailure struct {
+	epoch uint64
+	uri   string
+	slots []uint32
+	cause error
+	gen   int // grows with every failure added
 }
 
 // MirrorReporter is how a Mirror tells its controller what its replicas
@@ -244,10 +292,13 @@ func (m *Mirror) Slots() int64 { return m.slots }
 // Size implements Container.
 func (m *Mirror) Size() int64 { return m.slots * m.slotSize }
 
-// ReadAt implements Container: from one healthy replica, and from the
-// next if it fails.
+// ReadAt implements Container: from the slot's healthy replica (see
+// Mirror), and from the next if it fails.
 func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 	if err := checkRange(m.id, "read", off, int64(len(p)), m.Size()); err != nil {
+		return 0, err
+	}
+	if err := m.recordFailuresFirst(); err != nil {
 		return 0, err
 	}
 	for {
@@ -258,7 +309,7 @@ func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 		if len(v.healthy) == 0 {
 			return 0, fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
 		}
-		i := v.healthy[m.next.Add(1)%uint64(len(v.healthy))]
+		i := v.healthy[uint64(off/m.slotSize)%uint64(len(v.healthy))]
 		err := m.runOne(v, i, func(c Container) error { _, err := c.ReadAt(p, off); return err })
 		if err == nil {
 			return len(p), nil
@@ -294,12 +345,72 @@ func (m *Mirror) Punch(off, n int64) error {
 
 // Flush implements Container: on every healthy and rebuilding replica.
 func (m *Mirror) Flush() error {
-	return m.update(0, 0, func(c Container) error { return c.Flush() })
+	m.mu.Lock()
+	seq := m.mu.seq
+	m.mu.Unlock()
+	if err := m.update(0, 0, func(c Container) error { return c.Flush() }); err != nil {
+		return err
+	}
+	// Every replica written holds the writes answered before the flush
+	// began: those of failed ones were reported with their failure.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for s, u := range m.mu.unflushed {
+		if u.inFlight == 0 && u.seq <= seq {
+			delete(m.mu.unflushed, s)
+		}
+	}
+	return nil
+}
+
+// writing notes that slots [off, off+n) are being written, and returns
+// the func that notes the write answered.
+func (m *Mirror) writing(off, n int64) func() {
+	slots := m.slotsOf(off, n)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.mu.unflushed == nil {
+		m.mu.unflushed = make(map[int64]unflushedSlot)
+	}
+	for _, s := range slots {
+		u := m.mu.unflushed[int64(s)]
+		u.inFlight++
+		m.mu.unflushed[int64(s)] = u
+	}
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.mu.seq++
+		for _, s := range slots {
+			u := m.mu.unflushed[int64(s)]
+			u.inFlight--
+			u.seq = m.mu.seq
+			m.mu.unflushed[int64(s)] = u
+		}
+	}
+}
+
+// failedSlots returns the slots a replica that failed an I/O of [off,
+// off+n) may miss: those of the I/O and every one not flushed since.
+func (m *Mirror) failedSlots(off, n int64) []uint32 {
+	slots := m.slotsOf(off, n)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for s := range m.mu.unflushed {
+		if !slices.Contains(slots, uint32(s)) {
+			slots = append(slots, uint32(s))
+		}
+	}
+	slices.Sort(slots)
+	return slots
 }
 
 // update runs op, a write, punch or flush of [off, off+n), on every
 // healthy and rebuilding replica, and reports those that fail.
 func (m *Mirror) update(off, n int64, op func(Container) error) error {
+	if err := m.recordFailuresFirst(); err != nil {
+		return err
+	}
 	v := m.view.Load()
 	if v.closed {
 		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
@@ -311,6 +422,9 @@ func (m *Mirror) update(off, n int64, op func(Container) error) error {
 	}
 	if len(v.healthy) == 0 {
 		return fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
+	}
+	if n > 0 {
+		defer m.writing(off, n)()
 	}
 	errs := m.runAll(v, op)
 	var (
@@ -353,8 +467,10 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 	if m.view.Load().closed {
 		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
 	}
-	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, v.mem.Replicas[i].URI, m.slotsOf(off, n), cause)
+	uri, slots := v.mem.Replicas[i].URI, m.failedSlots(off, n)
+	mem, err := m.rep.ReplicaFailed(v.mem.Epoch, i, uri, slots, cause)
 	if err != nil {
+		m.keepUnrecorded(v.mem.Epoch, i, uri, slots, cause)
 		return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, i, cause, err)
 	}
 	if err := m.SetMembership(mem); err != nil {
@@ -365,6 +481,76 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 		// the container fails instead). Once back, it must be open.
 		m.revive(i)
 		return fmt.Errorf("container %d: replica %d: %w", m.id, i, cause)
+	}
+	return nil
+}
+
+// keepUnrecorded keeps the failure of replica i (at uri) in I/O of slots,
+// which the controller could not be told of, to report again.
+func (m *Mirror) keepUnrecorded(epoch uint64, i int, uri string, slots []uint32, cause error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.mu.unrecorded == nil {
+		m.mu.unrecorded = make(map[int]*unrecordedFailure)
+	}
+	u := m.mu.unrecorded[i]
+	if u == nil || u.uri != uri {
+		u = &unrecordedFailure{uri: uri}
+		m.mu.unrecorded[i] = u
+	}
+	u.epoch = max(u.epoch, epoch)
+	for _, s := range slots {
+		if !slices.Contains(u.slots, s) {
+			u.slots = append(u.slots, s)
+		}
+	}
+	u.cause = cause
+	u.gen++
+	m.unrecorded.Store(true)
+}
+
+// recordFailuresFirst reports the failures not yet recorded, if any,
+// before an I/O goes on.
+func (m *Mirror) recordFailuresFirst() error {
+	if !m.unrecorded.Load() {
+		return nil
+	}
+	return m.RecordFailures()
+}
+
+// RecordFailures reports again to the controller every replica failure
+// whose report did not reach it, and follows the membership it answers
+// with. Until it succeeds, every I/O of the mirror first tries it and
+// fails if it fails: a replica that failed a write may miss it, and must
+// be recorded failed before anyone reads it, or writes as if the
+// replicas were alike.
+func (m *Mirror) RecordFailures() error {
+	m.mu.Lock()
+	type pending struct {
+		i   int
+		u   unrecordedFailure
+		gen int
+	}
+	var todo []pending
+	for i, u := range m.mu.unrecorded {
+		todo = append(todo, pending{i: i, u: *u, gen: u.gen})
+	}
+	m.mu.Unlock()
+	for _, p := range todo {
+		mem, err := m.rep.ReplicaFailed(p.u.epoch, p.i, p.u.uri, slices.Clone(p.u.slots), p.u.cause)
+		if err != nil {
+			return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, p.i, p.u.cause, err)
+		}
+		if err := m.SetMembership(mem); err != nil {
+			return err
+		}
+		m.mu.Lock()
+		// A failure added meanwhile stays, to be reported too.
+		if u := m.mu.unrecorded[p.i]; u != nil && u.gen == p.gen {
+			delete(m.mu.unrecorded, p.i)
+		}
+		m.unrecorded.Store(len(m.mu.unrecorded) > 0)
+		m.mu.Unlock()
 	}
 	return nil
 }

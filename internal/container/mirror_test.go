@@ -71,13 +71,21 @@ func (f *flaky) Close() error {
 // reporter plays the controller for a mirror: it fails a replica unless
 // it is the last healthy one, and records intents.
 type reporter struct {
+	// down makes every report fail, as with a controller that is
+	// restarting.
+	down    atomic.Bool
 	mu      sync.Mutex
 	mem     protocol.Membership
 	intents []uint32
 	reports int
 }
 
+var errDown = errors.New("controller down")
+
 func (r *reporter) ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error) {
+	if r.down.Load() {
+		return protocol.Membership{}, errDown
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.reports++
@@ -164,7 +172,6 @@ func TestMirrorWritesEveryReplica(t *testing.T) {
 			t.Fatalf("replica %d misses the write", i)
 		}
 	}
-	// Reads are spread: a read fails over from a broken replica.
 	got := make([]byte, len(data))
 	for range 6 {
 		if _, err := m.ReadAt(got, mirrorSlot+100); err != nil || !bytes.Equal(got, data) {
@@ -214,6 +221,110 @@ func TestMirrorFailsReplica(t *testing.T) {
 	}
 	if _, err := m.ReadAt(got, 0); err == nil {
 		t.Fatal("a read succeeded with no replica left")
+	}
+}
+
+// Two writes of one block in flight at once may reach the replicas in
+// different orders, leaving them different there: every read must still
+// read the block from one replica, not from one and then the other.
+func TestMirrorReadsOneReplicaPerSlot(t *testing.T) {
+	m, reps, _ := newMirror(t, 3, time.Second)
+	for i, r := range reps {
+		if _, err := r.Memory.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 4096)
+	for range 6 {
+		if _, err := m.ReadAt(got, 0); err != nil || got[0] != 1 {
+			t.Fatalf("read: %v, bytes of replica %d, want replica 0's", err, got[0]-1)
+		}
+	}
+	// Once it fails, the next one is read, and only it.
+	reps[0].fail.Store(true)
+	for range 6 {
+		if _, err := m.ReadAt(got, 0); err != nil || got[0] != 2 {
+			t.Fatalf("read with replica 0 failed: %v, bytes of replica %d, want replica 1's", err, got[0]-1)
+		}
+	}
+	// Reads are spread by slot: slot 1 is read from the second healthy
+	// replica, always.
+	for i, r := range reps {
+		if _, err := r.Memory.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), mirrorSlot); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 6 {
+		if _, err := m.ReadAt(got, mirrorSlot); err != nil || got[0] != 3 {
+			t.Fatalf("read of slot 1: %v, bytes of replica %d, want replica 2's", err, got[0]-1)
+		}
+	}
+}
+
+// A replica failure the controller could not record is reported again
+// before any later I/O: a write that failed on one replica landed on
+// the other, and no read may see the replicas differ meanwhile.
+func TestMirrorRecordsFailureAgain(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, time.Second)
+	rep.down.Store(true)
+	reps[1].fail.Store(true)
+	data := bytes.Repeat([]byte{7}, 4096)
+	if _, err := m.WriteAt(data, 2*mirrorSlot); !errors.Is(err, errDown) {
+		t.Fatalf("write with a failure not recorded: %v, want the report's error", err)
+	}
+	if m.Membership().Replicas[1].State != protocol.ReplicaHealthy {
+		t.Fatalf("membership changed with no controller: %+v", m.Membership())
+	}
+	// The storage comes back, the controller does not yet: replica 1
+	// misses the write, and is read by no one.
+	reps[1].fail.Store(false)
+	got := make([]byte, len(data))
+	for range 4 {
+		if _, err := m.ReadAt(got, 2*mirrorSlot); !errors.Is(err, errDown) {
+			t.Fatalf("read with a failure not recorded: %v", err)
+		}
+	}
+	rep.down.Store(false)
+	for range 4 {
+		if _, err := m.ReadAt(got, 2*mirrorSlot); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read once the controller is back: %v (data equal %v)", err, bytes.Equal(got, data))
+		}
+	}
+	if mem := m.Membership(); mem.Replicas[1].State != protocol.ReplicaFailed {
+		t.Fatalf("replica not failed once reported again: %+v", mem)
+	}
+	if !slices.Contains(rep.intents, 2) {
+		t.Fatalf("slots recorded: %v, want slot 2", rep.intents)
+	}
+	if err := m.RecordFailures(); err != nil || rep.reports != 1 {
+		t.Fatalf("record failures again: %v, %d reports, want 1", err, rep.reports)
+	}
+}
+
+// A replica that fails may have lost the writes it had not flushed: its
+// failure is reported with their slots too, so that its catch-up copies
+// them, but not with those flushed since.
+func TestMirrorReportsUnflushedSlots(t *testing.T) {
+	m, reps, rep := newMirror(t, 2, time.Second)
+	data := bytes.Repeat([]byte{3}, 4096)
+	if _, err := m.WriteAt(data, 1*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.WriteAt(data, 4*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Punch(9*mirrorSlot, mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	reps[1].fail.Store(true)
+	if _, err := m.WriteAt(data, 6*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.intents, []uint32{4, 6, 9}) {
+		t.Fatalf("slots reported with the failure: %v, want [4 6 9]", rep.intents)
 	}
 }
 

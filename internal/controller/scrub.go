@@ -336,7 +336,7 @@ func (s *scrubber) usedSlot(m *container.Mirror, cid uint32, sl uint32, written 
 			}
 		})
 	}
-	src, why := s.c.scrubSource(cid, v, written)
+	src, why := s.c.scrubSource(cid, sl, v, written)
 	var targets []int // positions in v that differ from src
 	for a := range v.idx {
 		if !v.eq[src][a] {
@@ -370,7 +370,7 @@ func (s *scrubber) usedSlot(m *container.Mirror, cid uint32, sl uint32, written 
 
 // scrubSource chooses the replica (a position in v) a mismatched slot of
 // container cid is rewritten from, and says why.
-func (c *Controller) scrubSource(cid uint32, v slotView, written bool) (int, string) {
+func (c *Controller) scrubSource(cid, sl uint32, v slotView, written bool) (int, string) {
 	n := len(v.idx)
 	if n >= 3 {
 		for a := range n {
@@ -402,7 +402,9 @@ func (c *Controller) scrubSource(cid uint32, v slotView, written bool) (int, str
 			return src, fmt.Sprintf("the slot was written while a replica was away, and %s caught up since", strings.Join(sus, ", "))
 		}
 	}
-	return 0, "source chosen by order: the first healthy replica; nothing tells which one holds the last write"
+	// Hosts read the slot from this one (container.Mirror): what they
+	// have seen stays.
+	return int(sl) % n, "source chosen as the replica hosts read the slot from; nothing tells which one holds the last write"
 }
 
 // copyFromReplica rewrites slot sl of the replicas at positions targets

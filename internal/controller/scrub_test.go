@@ -115,7 +115,9 @@ func TestScrub(t *testing.T) {
 	if n := refs(t, c, table.Location{Container: id, Slot: free}); n != 0 {
 		t.Fatalf("slot %d has %d references; want a free one", free, n)
 	}
-	scribble(t, paths[1], used.Slot, 100)
+	// Hosts read slot s from replica s mod 2: the other one rots.
+	read, rot := paths[used.Slot%2], paths[1-used.Slot%2]
+	scribble(t, rot, used.Slot, 100)
 	scribble(t, paths[0], free, 0)
 
 	res := scrub(false)
@@ -124,7 +126,7 @@ func TestScrub(t *testing.T) {
 	}
 	p := res.Problems[0]
 	if p.Kind != controller.ReplicaMismatch || p.Loc != used || p.Disk != "d" || p.Segment != 1 ||
-		!strings.Contains(p.Detail, "first at byte 100") || !strings.Contains(p.Detail, "disks d, s") || !strings.Contains(p.Detail, "by order") {
+		!strings.Contains(p.Detail, "first at byte 100") || !strings.Contains(p.Detail, "disks d, s") || !strings.Contains(p.Detail, "hosts read the slot from") {
 		t.Errorf("used slot: %v", p)
 	}
 	p = res.Problems[1]
@@ -135,7 +137,7 @@ func TestScrub(t *testing.T) {
 
 	res = scrub(true)
 	if len(res.Problems) != 0 || len(res.Repaired) != 2 ||
-		res.Repaired[0].Kind != controller.ReplicaMismatch || !strings.Contains(res.Repaired[0].Detail, "rewritten from "+container.FileURI(paths[0])) ||
+		res.Repaired[0].Kind != controller.ReplicaMismatch || !strings.Contains(res.Repaired[0].Detail, "rewritten from "+container.FileURI(read)) ||
 		res.Repaired[1].Kind != controller.FreeNotZero || !strings.Contains(res.Repaired[1].Detail, "punched") {
 		t.Fatalf("scrub --repair: %+v", res)
 	}

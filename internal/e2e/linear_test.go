@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -96,31 +97,7 @@ func TestLinearizable(t *testing.T) {
 	}
 	start := time.Now()
 	c := newCluster(t)
-	var agents []*linAgent
-	for _, name := range []string{"host-a", "host-b"} {
-		if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", name); code != 0 {
-			t.Fatalf("certs issue %s: %s", name, errOut)
-		}
-		a := &linAgent{c: c, name: name, nbdAddr: c.nbdPort(name).Addr(), ctl: newProxy(t, c.ctlAddr)}
-		a.start()
-		agents = append(agents, a)
-	}
-	conns := make([]*linConn, linConns)
-	for i := range conns {
-		a := agents[i%len(agents)]
-		conns[i] = &linConn{id: i, agent: a, link: newProxy(t, a.nbdAddr)}
-	}
-	// The twin disk of each history has connections of its own.
-	twinConns := make([]*linConn, linConns)
-	for i := range twinConns {
-		a := agents[i%len(agents)]
-		twinConns[i] = &linConn{id: linConns + i, agent: a, link: newProxy(t, a.nbdAddr)}
-	}
-	t.Cleanup(func() {
-		for _, cn := range append(conns, twinConns...) {
-			cn.close()
-		}
-	})
+	agents, conns, twinConns := linStart(t, c)
 
 	var total linCounts
 	var last time.Duration // how long the last history took
@@ -153,6 +130,84 @@ func TestLinearizable(t *testing.T) {
 		total.histories, total.reads+total.writes, total.reads, total.torn, total.writes, total.fua, total.segWrites, total.pending, total.flushes,
 		total.restarts, total.partitions, total.fences, total.blips, total.pauses, total.cuts, total.severed, total.snapshots, total.snapReads,
 		total.maxWait.Round(time.Millisecond), total.illegal, time.Since(start).Round(time.Second))
+}
+
+// linStart starts agents host-a and host-b on c, each reaching the
+// controller through a proxy, and returns them with the connections of a
+// history and of its twin (half through each agent, each through a
+// proxy), closed when the test ends.
+func linStart(t *testing.T, c *cluster) (agents []*linAgent, conns, twinConns []*linConn) {
+	for _, name := range []string{"host-a", "host-b"} {
+		if _, errOut, code := runBin(t, "certs", "issue", c.certs, "--role", "agent", "--name", name); code != 0 {
+			t.Fatalf("certs issue %s: %s", name, errOut)
+		}
+		a := &linAgent{c: c, name: name, nbdAddr: c.nbdPort(name).Addr(), ctl: newProxy(t, c.ctlAddr)}
+		a.start()
+		agents = append(agents, a)
+	}
+	conns = make([]*linConn, linConns)
+	for i := range conns {
+		a := agents[i%len(agents)]
+		conns[i] = &linConn{id: i, agent: a, link: newProxy(t, a.nbdAddr)}
+	}
+	// The twin disk of each history has connections of its own.
+	twinConns = make([]*linConn, linConns)
+	for i := range twinConns {
+		a := agents[i%len(agents)]
+		twinConns[i] = &linConn{id: linConns + i, agent: a, link: newProxy(t, a.nbdAddr)}
+	}
+	t.Cleanup(func() {
+		for _, cn := range append(conns, twinConns...) {
+			cn.close()
+		}
+	})
+	return agents, conns, twinConns
+}
+
+// TestLinearizableMirror is one history of TestLinearizable (with no
+// twin) on a disk whose only container is a mirror of two replicas, each
+// the export of its own storage node, and whose faults are the second
+// storage node killed with SIGKILL mid-history (the agents' writes to it
+// fail or time out, they report it, the controller marks it failed and
+// the mirror goes on with the other replica), then started again (the
+// controller finds it back and catches it up while the clients write).
+// The history, whose final reads go to either replica, must be
+// linearizable, both replicas healthy at the end, and the store clean.
+func TestLinearizableMirror(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("SEGMAP_LINEAR_SEED"); s != "" {
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("SEGMAP_LINEAR_SEED=%q: %v", s, err)
+		}
+		seed = n
+	}
+	start := time.Now()
+	// The nodes' outages are given up on soon, as in
+	// TestClusterStorageFails.
+	timeout := []string{"--storage-timeout", "3s"}
+	c := newClusterOf(t, 0, timeout, timeout)
+	var uris []string
+	for i := 1; i <= 2; i++ {
+		dir := filepath.Join(c.dir, fmt.Sprintf("store%d", i))
+		if _, errOut, code := runBin(t, "storage", "create", "--dir", dir, "s", "--size", "256M"); code != 0 {
+			t.Fatalf("storage create: %s", errOut)
+		}
+		uris = append(uris, "nbd://"+c.startStorage(fmt.Sprintf("s%d", i), dir, "--dir", dir)+"/s")
+	}
+	c.cli("container", "add", "--mirror", strings.Join(uris, ","), "--format", "--slot-size", "1M")
+	agents, conns, _ := linStart(t, c)
+	h := &linHistory{t: t, c: c, agents: agents, conns: conns, seed: seed,
+		rng: rand.New(rand.NewPCG(seed, 7)), disk: "lin-mirror", faults: []string{"kill-replica", "restart-replica"}}
+	h.run()
+	if st := linReplicas(c); !slices.Equal(st, []string{"healthy", "healthy"}) {
+		t.Errorf("replicas at the end: %v, want both healthy", st)
+	}
+	if out := c.cli("check"); !strings.Contains(out, "clean") {
+		t.Errorf("check:\n%s", out)
+	}
+	t.Logf("summary: operations %d (reads %d of which torn %d, writes %d, pending %d; flushes %d), replica kills %d, longest operation %v, not linearizable %d, in %v",
+		h.n.reads+h.n.writes, h.n.reads, h.n.torn, h.n.writes, h.n.pending, h.n.flushes, h.n.replicaKills, h.n.maxWait.Round(time.Millisecond), h.n.illegal, time.Since(start).Round(time.Second))
 }
 
 // linAgent is one agent process, reaching the controller through a proxy
@@ -258,6 +313,7 @@ type linCounts struct {
 	histories, reads, writes, fua, pending, flushes         int
 	restarts, partitions, cuts, severed, snapshots, illegal int
 	snapReads, segWrites, fences, blips, pauses, torn       int
+	replicaKills                                            int
 	maxWait                                                 time.Duration
 }
 
@@ -280,6 +336,7 @@ func (n *linCounts) add(o *linCounts) {
 	n.blips += o.blips
 	n.pauses += o.pauses
 	n.torn += o.torn
+	n.replicaKills += o.replicaKills
 	n.maxWait = max(n.maxWait, o.maxWait)
 }
 
@@ -299,6 +356,9 @@ type linHistory struct {
 	// and snapshotted at the same time: faults of two families run in
 	// the controller at once. It is checked as a history of its own.
 	twin *linHistory
+	// faults, if set, are the faults of the history, in this order;
+	// otherwise one of each kind and a few more, shuffled.
+	faults []string
 
 	clients atomic.Int64 // porcupine client ids handed out
 	nops    atomic.Int64
@@ -426,6 +486,9 @@ func (h *linHistory) run() {
 		kinds = append(kinds, kinds[h.rng.IntN(len(kinds))])
 	}
 	h.rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
+	if h.faults != nil {
+		kinds = h.faults
+	}
 	for _, k := range kinds {
 		time.Sleep(h.jitter(300*time.Millisecond, 1200*time.Millisecond))
 		switch k {
@@ -441,6 +504,10 @@ func (h *linHistory) run() {
 			h.pause()
 		case "cut":
 			h.cut()
+		case "kill-replica":
+			h.killReplica()
+		case "restart-replica":
+			h.restartReplica()
 		}
 	}
 	for h.nops.Load() < linMinOps && time.Since(h.t0) < linMaxRun && !t.Failed() {
@@ -640,6 +707,65 @@ func (h *linHistory) kill() {
 	a.start()
 	h.event("%s restarted", a.name)
 	h.n.restarts++
+}
+
+// killReplica kills the last storage node with SIGKILL, and waits until
+// the replica it serves is failed: the holders' writes to it fail or
+// time out, and they report it.
+func (h *linHistory) killReplica() {
+	n := len(h.c.storage) - 1
+	h.event("kill -9 storage node %d", n+1)
+	h.c.storage[n].kill()
+	h.n.replicaKills++
+	h.awaitReplica(n, "failed")
+}
+
+// restartReplica starts the last storage node again, and waits until the
+// replica it serves has caught up and is healthy: the controller's
+// probes find it back and copy onto it the slots written meanwhile,
+// while the clients go on.
+func (h *linHistory) restartReplica() {
+	n := len(h.c.storage) - 1
+	h.c.restartStorage(n)
+	h.event("storage node %d restarted", n+1)
+	h.awaitReplica(n, "healthy")
+}
+
+// awaitReplica waits until replica i of the (one, mirrored) container is
+// in state, for 40 s at most.
+func (h *linHistory) awaitReplica(i int, state string) {
+	deadline := time.Now().Add(40 * time.Second)
+	for {
+		st := linReplicas(h.c)
+		if len(st) > i && st[i] == state {
+			h.event("replica %d %s", i+1, state)
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Errorf("history %d (seed %d): replica %d not %s after 40 s: replicas %v", h.index, h.seed, i+1, state, st)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// linReplicas returns the states of the replicas of c's first container.
+func linReplicas(c *cluster) []string {
+	var r struct {
+		Containers []struct {
+			Replicas []struct {
+				State string `json:"state"`
+			} `json:"replicas"`
+		} `json:"containers"`
+	}
+	c.cliJSON(&r, "container", "list")
+	var out []string
+	if len(r.Containers) > 0 {
+		for _, rp := range r.Containers[0].Replicas {
+			out = append(out, rp.State)
+		}
+	}
+	return out
 }
 
 // partition cuts an agent from the controller until its lease has lapsed

@@ -95,6 +95,9 @@ func crashCases() []crashCase {
 	}
 }
 
+// The cases of mirrored containers, from fxSetupMirror's state, are
+// mirrorCases (crashmirror_test.go).
+
 // crashResult is what one run of crashRun saw.
 type crashResult struct {
 	steps   int64  // the controller's persistence steps during the operation
@@ -260,7 +263,9 @@ func TestCrashPoints(t *testing.T) {
 	if *crashSeed == 0 {
 		h := openFx(t, t.TempDir(), true)
 		st := fxSave(t, h, fxSetup(h))
-		cases := crashCases()
+		hm := openFx(t, t.TempDir(), true)
+		stMirror := fxSave(t, hm, fxSetupMirror(hm))
+		cases := append(crashCases(), mirrorCases()...)
 		// The agents' side: the writes (a trim writes nothing on an
 		// agent), and one in place; and the writes and trims with
 		// controller and agents on one machine that loses power (the
@@ -277,6 +282,10 @@ func TestCrashPoints(t *testing.T) {
 		}
 		for _, c := range cases {
 			t.Run(c.name, func(t *testing.T) {
+				st := st
+				if c.op.mirror {
+					st = stMirror
+				}
 				res, err := crashRun(t, st, c.op, 0, false, 1, c.side)
 				if err != nil {
 					t.Fatalf("%s without a crash: %v", c.name, err)

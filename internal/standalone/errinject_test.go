@@ -85,6 +85,9 @@ func errCases() []errCase {
 	// The operations on a failed container leave segments Error, which
 	// the model check here takes for lost data; their crash points check
 	// them with what they leave (crashhealth_test.go).
+	// The cases of mirrored containers (mirrorCases) are not run here
+	// either: they start from fxSetupMirror's state, and a failed I/O
+	// on a replica is what they already inject (crashmirror_test.go).
 	health := map[string]bool{"online": true, "fail-container": true, "clear-errors": true}
 	var out []errCase
 	for _, c := range append(crashCases(), more...) {

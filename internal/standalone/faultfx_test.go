@@ -77,14 +77,14 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 			return h.ctrl.Load().Store("meta", b), nil
 		},
 		WrapControllerContainer: func(ct container.Container) container.Container {
-			name := fmt.Sprintf("ctrl/c%d", ct.ID())
+			name := "ctrl/" + fxContainerName(ct)
 			if h.volatile {
 				return h.ctrl.Load().VolatileContainer(name, ct)
 			}
 			return h.ctrl.Load().Container(name, ct)
 		},
 		WrapAgentContainer: func(agent string, ct container.Container) container.Container {
-			name := fmt.Sprintf("agent/%s/c%d", agent, ct.ID())
+			name := fmt.Sprintf("agent/%s/%s", agent, fxContainerName(ct))
 			in := h.agent.Load()
 			if h.oneMachine.Load() {
 				in = h.ctrl.Load()
@@ -100,6 +100,17 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 	}
 	h.c = c
 	return h
+}
+
+// fxContainerName names container ct for the injectors: c<id>, and for
+// a replica of a mirrored container (a file not named c<id>) c<id>/ and
+// its file's name, so that a fault can pick one replica.
+func fxContainerName(ct container.Container) string {
+	name := fmt.Sprintf("c%d", ct.ID())
+	if f, ok := ct.(*container.File); ok && filepath.Base(f.Path()) != name {
+		name += "/" + filepath.Base(f.Path())
+	}
+	return name
 }
 
 func (h *fx) close() {
@@ -162,6 +173,9 @@ type fxOp struct {
 	// ("before", "after" or "torn"), and retries the operation, as an
 	// operator would, so that the cluster holds the model after.
 	recover func(h *fx, before fxModel) (string, error)
+	// mirror: the operation runs from fxSetupMirror's state, which
+	// adds mirrored container 3 and disk M on it, not fxSetup's.
+	mirror bool
 }
 
 func opCreate(name string, prealloc bool) fxOp {
