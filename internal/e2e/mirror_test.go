@@ -164,11 +164,11 @@ func TestClusterMirror(t *testing.T) {
 	// on it.
 	c.cli("disk", "create", "d", "--size", "96M", "--segment-size", "1M")
 
-	// Three regions of 32 MiB: A written through host-a and B through
+	// Three regions of 16 MiB: A written through host-a and B through
 	// host-b across the kill of node 2; C through host-a across the
 	// replacement of its replica. fio is rate-bound so that it is surely
 	// writing when the nodes are killed and the replica replaced.
-	const region = 32 << 20
+	const region = 16 << 20
 	job := func(name string, off int64, seed int) []string {
 		return []string{"--name=" + name, "--rw=randwrite", "--bs=16k", "--iodepth=8",
 			fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--size=%d", region), "--rate=2m",
