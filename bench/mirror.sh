@@ -23,7 +23,12 @@
 # fault in any measured job). Then, interleaved (the mirror first on odd
 # reps, the single container first on even ones), every job of 'jobs'
 # below on each disk, RUNTIME seconds each after a second of ramp, over
-# the agent's NBD export. Then:
+# the agent's NBD export, each after a 'sync' (the storage nodes write
+# through the page cache: the writeback of a fill or of the job before
+# would land on the next job). Each job's line has the CPU time 'segmap
+# up' and the disk's storage nodes used per I/O (cpu_us_per_io): on a
+# machine whose CPUs fio, the agent and every node share, a mirrored
+# write costs two nodes' work. Then:
 #
 #   rebuild   'container replace-replica --old A --new D1 --format' (every
 #             used slot, MIRROR_MB, copied from B onto D1), timed, nothing
@@ -65,6 +70,20 @@ jobs=(
 )
 
 now_ms() { date +%s%3N; }
+
+# cpu_ticks PID...: the CPU time (user + system, in clock ticks) the
+# processes PID... have used so far.
+cpu_ticks() {
+  local p f t=0
+  for p in "$@"; do
+    # Fields 14 and 15 of /proc/PID/stat: 11 and 12 after the command in
+    # parentheses.
+    read -r -a f <<<"$(sed 's/^.*) //' "/proc/$p/stat")"
+    t=$((t + f[11] + f[12]))
+  done
+  echo "$t"
+}
+tick=$(getconf CLK_TCK)
 export_size=$((MIRROR_MB + 1))M
 
 # fill DISK: one sequential pass of 1 MiB writes over DISK.
@@ -85,7 +104,7 @@ for rep in $(seq "$REPS"); do
   start_storage "$d/b" b "$export_size"
   bpid=$stpid uB=nbd://127.0.0.1:$stp/b
   start_storage "$d/c" c "$export_size"
-  uC=nbd://127.0.0.1:$stp/c
+  cpid=$stpid uC=nbd://127.0.0.1:$stp/c
   start_storage "$d/d" d1 "$export_size"
   "$work/segmap" storage create --dir "$d/d" d2 --size "$export_size" >/dev/null
   uD1=nbd://127.0.0.1:$stp/d1 uD2=nbd://127.0.0.1:$stp/d2
@@ -112,19 +131,29 @@ for c in json.load(sys.stdin)["containers"]:
     for disk in "${order[@]}"; do
       kind=single
       [ "$disk" = m ] && kind=mirror
+      # The writeback of what the fills and the jobs before wrote would
+      # slow down whichever job comes next: none is pending at the start.
+      sync
+      # The CPU the agent and the storage nodes of the disk spend.
+      servers=("$segpid" "$cpid")
+      [ "$kind" = single ] || servers=("$segpid" "$apid" "$bpid")
+      u0=$(cpu_ticks "${servers[@]}")
       # shellcheck disable=SC2086 # args are fio's flags
       fio --name="$name" --ioengine=nbd --uri="nbd://127.0.0.1:$sp/$disk" $args --size="${MIRROR_MB}M" \
         --time_based --runtime="$RUNTIME" --ramp_time=1 --randseed="$rep" --output-format=json >"$d/out.json"
-      $PY - "$kind" "$name" "$rep" "$d/out.json" >>"$RESULTS" <<'PYEOF'
+      u1=$(cpu_ticks "${servers[@]}")
+      $PY - "$kind" "$name" "$rep" "$d/out.json" "$(((u1 - u0) * 1000000 / tick))" >>"$RESULTS" <<'PYEOF'
 import json, sys
-kind, name, rep, path = sys.argv[1:5]
+kind, name, rep, path, cpu_us = sys.argv[1:6]
 text = open(path).read()
 j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 op = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 pct = op["clat_ns"].get("percentile", {})
 print(json.dumps({"bench": "mirror", "kind": kind, "job": name, "rep": int(rep), "iops": op["iops"],
                   "mbps": op["bw_bytes"] / 1e6, "lat_us": op["clat_ns"]["mean"] / 1e3,
-                  "p50_us": pct.get("50.000000", 0) / 1e3, "p99_us": pct.get("99.000000", 0) / 1e3}))
+                  "p50_us": pct.get("50.000000", 0) / 1e3, "p99_us": pct.get("99.000000", 0) / 1e3,
+                  # Ramp included in the CPU, not in the I/Os: an overestimate alike on both sides.
+                  "cpu_us_per_io": int(cpu_us) / max(1, op["total_ios"])}))
 PYEOF
     done
   done
@@ -141,9 +170,10 @@ PYEOF
   nbdcopy "$uC" "$uD2"
   c1=$(now_ms)
   echo "{\"bench\": \"mirror-rebuild\", \"rep\": $rep, \"mb\": $MIRROR_MB, \"segments\": $segs," \
-    "\"rebuild_s\": $(((t1 - t0)))e-3, \"copy_mb\": $((MIRROR_MB + 1)), \"nbdcopy_s\": $((c1 - c0))e-3}" >>"$RESULTS"
+    "\"rebuild_s\": $((t1 - t0))e-3, \"copy_mb\": $((MIRROR_MB + 1)), \"nbdcopy_s\": $((c1 - c0))e-3}" >>"$RESULTS"
 
   # A replica killed under a writer.
+  sync
   fio --name=failover --ioengine=nbd --uri="nbd://127.0.0.1:$sp/m" --rw=randwrite --bs=4k --iodepth=1 \
     --size="${MIRROR_MB}M" --time_based --runtime=3600 --randseed="$rep" \
     --write_lat_log="$d/lat" --log_unix_epoch=1 --per_job_logs=0 \
