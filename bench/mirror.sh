@@ -149,8 +149,11 @@ text = open(path).read()
 j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 op = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 pct = op["clat_ns"].get("percentile", {})
+# lat_us and p50_us are fio's completion latency (clat: from the
+# request's submission to its reply); tlat_us adds the submission (lat).
 print(json.dumps({"bench": "mirror", "kind": kind, "job": name, "rep": int(rep), "iops": op["iops"],
                   "mbps": op["bw_bytes"] / 1e6, "lat_us": op["clat_ns"]["mean"] / 1e3,
+                  "tlat_us": op["lat_ns"]["mean"] / 1e3,
                   "p50_us": pct.get("50.000000", 0) / 1e3, "p99_us": pct.get("99.000000", 0) / 1e3,
                   # Ramp included in the CPU, not in the I/Os: an overestimate alike on both sides.
                   "cpu_us_per_io": int(cpu_us) / max(1, op["total_ios"])}))

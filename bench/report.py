@@ -533,8 +533,8 @@ if mi:
         """The median over the reps of each rep's mirror / single."""
         xs = []
         for rep in mreps:
-            a = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "mirror"]
-            b = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "single"]
+            a = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "mirror" and key in r]
+            b = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "single" and key in r]
             if a and b and b[0]:
                 xs.append(a[0] / b[0])
         return med(xs) if xs else None
@@ -572,13 +572,18 @@ if mi:
                      f"{verdict(r, 1.4, higher_is_better=False)} |" + mcpu(job))
             a, b, r = mval("mirror", job, "p50_us"), mval("single", job, "p50_us"), mratio(job, "p50_us")
             L.append(f"| {job}, median latency | | {b:,.0f} µs | {a:,.0f} µs | {r:.2f} | | | | |")
+            if mval("mirror", job, "tlat_us") is not None:
+                a, b, r = mval("mirror", job, "tlat_us"), mval("single", job, "tlat_us"), mratio(job, "tlat_us")
+                L.append(f"| {job}, mean latency with submission | | {b:,.0f} µs | {a:,.0f} µs | {r:.2f} | | | | |")
             continue
         key, unit = ("mbps", "MB/s") if "1m" in job else ("iops", "IOPS")
         a, b, r = mval("mirror", job, key), mval("single", job, key), mratio(job, key)
         t = mtargets.get(job)
         L.append(f"| {job} | {args} | {b:,.0f} {unit} | {a:,.0f} {unit} | {r:.2f} | "
                  + (f"≥ {t} | {verdict(r, t)} |" if t else "| |") + mcpu(job))
-    L += ["", "CPU µs per I/O: the CPU time (user + system) `segmap up` and the disk's storage nodes used during "
+    L += ["", "Latency is fio's completion latency (clat, from a request's submission to its reply) unless "
+          "it says *with submission* (fio's lat: clat plus the submission).", "",
+          "CPU µs per I/O: the CPU time (user + system) `segmap up` and the disk's storage nodes used during "
           "the job, ramp included, over the I/Os fio counted (after its ramp): both sides are overestimated "
           "alike. fio's own CPU is not counted.", ""]
     rb = [r for r in rows if r.get("bench") == "mirror-rebuild"]
