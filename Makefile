@@ -96,12 +96,14 @@ model:
 # the agent data path (go test -bench), export beside nbdcopy
 # (bench/export.sh), diff and rollback time against table size (go test
 # -bench), a container drain beside cp and a writer's p99 during it
-# (bench/drain.sh). Environment knobs: REPS=3, RUNTIME=8
+# (bench/drain.sh), a mirrored disk beside a single-container one, its
+# rebuild and failover (bench/mirror.sh). Environment knobs: REPS=3, RUNTIME=8
 # (s per fio job), SIZE_MB=1024, COW_MB=512, RND_MB=1024, RND_S=10,
 # PAR_MB=128, PAR_QD=1, SNAPLOOP_MB=2048, SNAPLOOP_S=120, SNAPLOOP_EVERY=5,
 # STALL_MB=256, STALL_T=60, SIZES="1000 10000 100000 1000000" (allocated
 # segments), SNAPS=20, COUNT=3, FAULT_N=2000, DATAPATH_N=40000,
-# EXPORT_MB=1024, DRAIN_MB=1024, DRAIN_BEFORE=8, DOC=docs/benchmarks.md,
+# EXPORT_MB=1024, DRAIN_MB=1024, DRAIN_BEFORE=8, MIRROR_MB=1024,
+# FAIL_BEFORE=3, FAIL_AFTER=8, DOC=docs/benchmarks.md,
 # NOTE="...". Quick look: REPS=1 RUNTIME=2
 # SIZES="1000 10000" COUNT=1 SNAPLOOP_S=20 make bench.
 bench:

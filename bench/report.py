@@ -3,8 +3,8 @@
 docs/benchmarks.md and its PNG plots (drawn with gnuplot).
 
 Inputs, in the directory given as the first argument: results.jsonl (the JSON
-lines of nbd.sh, cow.sh, snaploop.sh, stall.sh, snapshot.sh, export.sh and
-drain.sh),
+lines of nbd.sh, cow.sh, snaploop.sh, stall.sh, snapshot.sh, export.sh,
+drain.sh and mirror.sh),
 mem.txt, fault.txt, datapath.txt, snapshot.txt and lineage.txt (go test -bench
 output), env.json (the knobs and commands).
 Usage: bench/report.py RESULTS_DIR DOC_PATH PLOT_DIR
@@ -68,7 +68,7 @@ L += ["", "Knobs of this run (environment variables of `make bench` / `bench/run
       "`REPS=5 RUNTIME=10 SIZES=\"1000 1000000\" make bench`; quick look: "
       "`REPS=1 RUNTIME=2 SIZES=\"1000 10000\" COUNT=1 SNAPLOOP_S=20 make bench`). Each part alone: "
       "`bench/nbd.sh [SIZE_MB]`, `bench/cow.sh [COW_MB]`, `bench/snaploop.sh`, `bench/stall.sh`, "
-      "`SIZES=... bench/snapshot.sh`, `bench/export.sh`, `bench/drain.sh` (they print JSON lines "
+      "`SIZES=... bench/snapshot.sh`, `bench/export.sh`, `bench/drain.sh`, `bench/mirror.sh` (they print JSON lines "
       "or a table), and the `go test` commands below. The raw results of this run are in `docs/bench-raw/`.", "",
       "Every server is on loopback TCP on the same machine and filesystem; jobs are interleaved "
       "between servers, each repeated `REPS` times; figures are medians. \"Target\" is the goal "
@@ -518,6 +518,108 @@ if dr:
     L += [f"| p99 completion latency (ms) | {pb / 1e3:,.2f} | {pd / 1e3:,.2f} | {pd / pb:,.1f}× |",
           f"| writes/s | {ib:,.0f} | {idu:,.0f} | {idu / ib:.2f}× |",
           f"| longest write (ms) | | {dmed('max_during_us') / 1e3:,.0f} | |", ""]
+
+# --- 13. mirrored containers ------------------------------------------------------
+mi = [r for r in rows if r.get("bench") == "mirror"]
+if mi:
+    mjobs = list(dict.fromkeys(r["job"] for r in mi))
+    mreps = sorted({r["rep"] for r in mi})
+
+    def mval(kind, job, key):
+        xs = [r[key] for r in mi if r["kind"] == kind and r["job"] == job and key in r]
+        return med(xs) if xs else None
+
+    def mratio(job, key):
+        """The median over the reps of each rep's mirror / single."""
+        xs = []
+        for rep in mreps:
+            a = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "mirror" and key in r]
+            b = [r[key] for r in mi if r["rep"] == rep and r["job"] == job and r["kind"] == "single" and key in r]
+            if a and b and b[0]:
+                xs.append(a[0] / b[0])
+        return med(xs) if xs else None
+
+    mmb = env["knobs"].get("MIRROR_MB", "?")
+    L += ["## 13. Mirrored containers", "",
+          f"`bench/mirror.sh`: per rep a fresh `segmap up` and four `segmap storage` nodes on loopback, each export "
+          f"a sparse file of {mmb} MiB + 1 MiB. Disk *m* ({mmb} MiB, 256 KiB segments) is on a mirrored container "
+          "of two replicas (`container add --mirror nbd://A,nbd://B --format --slot-size 256K`), disk *s* on a "
+          "single container on a third node (`container add nbd://C --format --slot-size 256K`); both are written "
+          "whole first (reads read data, writes overwrite: no write faults), and both are served by the same "
+          "agent. Each job runs on one disk then the other (the mirror first on odd reps), "
+          f"`--size={mmb}M --time_based --runtime={env['knobs']['RUNTIME']} --ramp_time=1`. Ratio = mirror / "
+          f"single, the median of each rep's ratio ({len(mreps)} reps); figures are medians. Every process "
+          "(fio, the agent, each storage node) shares the same CPUs: a mirrored write costs the machine two "
+          "storage nodes' work and two NBD requests from the agent, which separate machines would not share.", "",
+          "| job | ARGS | single | mirror | mirror / single | target | | CPU µs per I/O, single | mirror |",
+          "|---|---|---:|---:|---:|---|---|---:|---:|"]
+    margs = {"randwrite-4k-qd32": "--rw=randwrite --bs=4k --iodepth=32",
+             "randwrite-4k-qd1": "--rw=randwrite --bs=4k --iodepth=1",
+             "write-1m-seq": "--rw=write --bs=1M --iodepth=8",
+             "randread-4k-qd32": "--rw=randread --bs=4k --iodepth=32",
+             "read-1m-seq": "--rw=read --bs=1M --iodepth=8"}
+    mtargets = {"randwrite-4k-qd32": 0.7, "write-1m-seq": 0.7, "randread-4k-qd32": 1.0, "read-1m-seq": 1.0}
+    def mcpu(job):
+        """CPU columns: segmap up and the disk's storage nodes, per I/O."""
+        a, b = mval("mirror", job, "cpu_us_per_io"), mval("single", job, "cpu_us_per_io")
+        return f" {b:,.0f} | {a:,.0f} |" if a is not None and b is not None else " | |"
+
+    for job in mjobs:
+        args = f"`{margs[job]}`" if job in margs else ""
+        if job == "randwrite-4k-qd1":
+            a, b, r = mval("mirror", job, "lat_us"), mval("single", job, "lat_us"), mratio(job, "lat_us")
+            L.append(f"| {job}, mean latency | {args} | {b:,.0f} µs | {a:,.0f} µs | {r:.2f} | ≤ 1.4 | "
+                     f"{verdict(r, 1.4, higher_is_better=False)} |" + mcpu(job))
+            a, b, r = mval("mirror", job, "p50_us"), mval("single", job, "p50_us"), mratio(job, "p50_us")
+            L.append(f"| {job}, median latency | | {b:,.0f} µs | {a:,.0f} µs | {r:.2f} | | | | |")
+            if mval("mirror", job, "tlat_us") is not None:
+                a, b, r = mval("mirror", job, "tlat_us"), mval("single", job, "tlat_us"), mratio(job, "tlat_us")
+                L.append(f"| {job}, mean latency with submission | | {b:,.0f} µs | {a:,.0f} µs | {r:.2f} | | | | |")
+            continue
+        key, unit = ("mbps", "MB/s") if "1m" in job else ("iops", "IOPS")
+        a, b, r = mval("mirror", job, key), mval("single", job, key), mratio(job, key)
+        t = mtargets.get(job)
+        L.append(f"| {job} | {args} | {b:,.0f} {unit} | {a:,.0f} {unit} | {r:.2f} | "
+                 + (f"≥ {t} | {verdict(r, t)} |" if t else "| |") + mcpu(job))
+    L += ["", "Latency is fio's completion latency (clat, from a request's submission to its reply) unless "
+          "it says *with submission* (fio's lat: clat plus the submission).", "",
+          "CPU µs per I/O: the CPU time (user + system) `segmap up` and the disk's storage nodes used during "
+          "the job, ramp included, over the I/Os fio counted (after its ramp): both sides are overestimated "
+          "alike. fio's own CPU is not counted.", ""]
+    rb = [r for r in rows if r.get("bench") == "mirror-rebuild"]
+    if rb:
+        rmb = rb[0]["mb"]
+        rs, ns = med([r["rebuild_s"] for r in rb]), med([r["nbdcopy_s"] for r in rb])
+        rr = med([(r["mb"] / r["rebuild_s"]) / (r["copy_mb"] / r["nbdcopy_s"]) for r in rb])
+        L += ["### Rebuild", "",
+              f"After the jobs, `segmap container replace-replica ID --old nbd://A --new nbd://D1 --format` copies "
+              f"every used slot ({med([r['segments'] for r in rb]):,.0f} segments, {rmb} MiB) from B onto a fresh "
+              f"export on a fourth node, nothing else running; beside it, `nbdcopy nbd://C nbd://D2` copies C's "
+              f"whole export ({rb[0]['copy_mb']} MiB) between two storage nodes. Each starts after a `sync`. "
+              "Ratio = rebuild MB/s / nbdcopy MB/s, the median of each rep's ratio:", "",
+              "| case | seconds | MB/s | rebuild / nbdcopy | target | |", "|---|---:|---:|---:|---|---|",
+              f"| segmap container replace-replica | {rs:.2f} | {rmb * 1.048576 / rs:,.0f} | {rr:.2f} | ≥ 0.5 | "
+              f"{verdict(rr, 0.5)} |",
+              f"| nbdcopy between two storage nodes | {ns:.2f} | {rb[0]['copy_mb'] * 1.048576 / ns:,.0f} | | | |", ""]
+    fo = [r for r in rows if r.get("bench") == "mirror-failover"]
+    if fo:
+        L += ["### A replica killed under a writer", "",
+              f"Then a writer (`--rw=randwrite --bs=4k --iodepth=1`, a per-I/O latency log) runs on disk *m* for "
+              f"{env['knobs'].get('FAIL_BEFORE', '?')} s and node B, a healthy replica, is killed (SIGKILL); the "
+              f"writer goes on {env['knobs'].get('FAIL_AFTER', '?')} s more. The longest write after the kill is "
+              "the pause: the replica's I/O timeout (2 s), then the controller recording the failure and telling "
+              "the agent. *After* is from 1 s past that write to the end, on the one replica left. "
+              f"Medians over {len(fo)} reps (replica states at the end: "
+              f"{', '.join(sorted({r['replicas'] for r in fo}))}):", "",
+              "After the kill the mirror is degraded: the first write into each slot waits until the controller "
+              "has recorded the slot durably (the write-intent record a catch-up copies from), so the writer is "
+              "slower until the slots it writes are recorded.", "",
+              "| | before the kill | after the pause |", "|---|---:|---:|",
+              f"| writes/s | {med([r['wps_before'] for r in fo]):,.0f} | "
+              f"{med([r['wps_after'] for r in fo if r['wps_after']]):,.0f} |",
+              f"| mean write latency (µs) | {med([r['mean_before_us'] for r in fo]):,.0f} | "
+              f"{med([r['mean_after_us'] for r in fo if r['mean_after_us']]):,.0f} |",
+              f"| longest write (the pause, ms) | | {med([r['max_us'] for r in fo]) / 1e3:,.0f} |", ""]
 
 if T:
     L[targets_at:targets_at] = [

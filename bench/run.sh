@@ -16,6 +16,8 @@
 #  10. bench/export.sh    segmap export (full, incremental) beside nbdcopy
 #  11. go test -bench 'Diff|Rollback'  diff and rollback time, 1K to 1M segments
 #  12. bench/drain.sh     container drain beside cp, and a writer's p99 during it
+#  13. bench/mirror.sh    a mirrored disk beside a single-container one: fio,
+#                         replace-replica beside nbdcopy, a replica killed
 #
 # Knobs (environment): REPS (3) repetitions of every fio job, RUNTIME (8) s
 # per nbd.sh job, SIZE_MB (1024) nbd.sh's disks, COW_MB (512) cow.sh's
@@ -29,7 +31,9 @@
 # SNAPS (20) snapshots per path per size, COUNT (3) runs of each Go
 # benchmark, FAULT_N (2000) and DATAPATH_N (40000) their iterations,
 # EXPORT_MB (1024) export.sh's disk, DRAIN_MB (1024) the slots drain.sh's
-# container holds, DRAIN_BEFORE (8) s its writer runs before the drain, DOC
+# container holds, DRAIN_BEFORE (8) s its writer runs before the drain,
+# MIRROR_MB (1024) mirror.sh's disks, FAIL_BEFORE (3) and FAIL_AFTER (8) s
+# its writer runs before and after a replica is killed, DOC
 # (docs/benchmarks.md) where the report goes (plots beside it), NOTE a line
 # printed in bold at the top (say when the machine was shared).
 set -euo pipefail
@@ -44,6 +48,7 @@ export SIZES=${SIZES:-1000 10000 100000 1000000}
 export SNAPS=${SNAPS:-20}
 export EXPORT_MB=${EXPORT_MB:-1024}
 export DRAIN_MB=${DRAIN_MB:-1024} DRAIN_BEFORE=${DRAIN_BEFORE:-8}
+export MIRROR_MB=${MIRROR_MB:-1024} FAIL_BEFORE=${FAIL_BEFORE:-3} FAIL_AFTER=${FAIL_AFTER:-8}
 COUNT=${COUNT:-3}
 FAULT_N=${FAULT_N:-2000}
 DATAPATH_N=${DATAPATH_N:-40000}
@@ -84,34 +89,37 @@ print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "kernel": pla
               "STALL_MB": "$STALL_MB", "STALL_T": "$STALL_T",
               "SIZES": "$SIZES", "SNAPS": "$SNAPS", "COUNT": "$COUNT", "FAULT_N": "$FAULT_N",
               "DATAPATH_N": "$DATAPATH_N", "EXPORT_MB": "$EXPORT_MB",
-              "DRAIN_MB": "$DRAIN_MB", "DRAIN_BEFORE": "$DRAIN_BEFORE"}}))
+              "DRAIN_MB": "$DRAIN_MB", "DRAIN_BEFORE": "$DRAIN_BEFORE",
+              "MIRROR_MB": "$MIRROR_MB", "FAIL_BEFORE": "$FAIL_BEFORE", "FAIL_AFTER": "$FAIL_AFTER"}}))
 PYEOF
 
 step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
-step "1/12 fio over NBD (bench/nbd.sh $SIZE_MB)"
+step "1/13 fio over NBD (bench/nbd.sh $SIZE_MB)"
 bench/nbd.sh "$SIZE_MB" >&2
-step "2/12 writes after a snapshot (bench/cow.sh $COW_MB)"
+step "2/13 writes after a snapshot (bench/cow.sh $COW_MB)"
 bench/cow.sh "$COW_MB"
-step "3/12 a snapshot every ${SNAPLOOP_EVERY} s under writes (bench/snaploop.sh)"
+step "3/13 a snapshot every ${SNAPLOOP_EVERY} s under writes (bench/snaploop.sh)"
 bench/snaploop.sh
-step "4/12 first writes beside a stalled container (bench/stall.sh)"
+step "4/13 first writes beside a stalled container (bench/stall.sh)"
 bench/stall.sh
-step "5/12 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
+step "5/13 snapshot time and writer pause (bench/snapshot.sh, SIZES=$SIZES)"
 bench/snapshot.sh
-step "6/12 memory per entry"
+step "6/13 memory per entry"
 go test -run XXX -bench MemoryPerEntry -benchtime 1x -count "$COUNT" ./internal/table ./internal/agent | tee "$work/mem.txt" >&2
-step "7/12 fault round trip"
+step "7/13 fault round trip"
 go test -run XXX -bench FaultRoundTrip -benchtime "${FAULT_N}x" -count "$COUNT" ./internal/rpc/transport | tee "$work/fault.txt" >&2
-step "8/12 agent data path"
+step "8/13 agent data path"
 go test -run XXX -bench DataPath -benchtime "${DATAPATH_N}x" -count "$COUNT" ./internal/agent | tee "$work/datapath.txt" >&2
-step "9/12 snapshot in process"
+step "9/13 snapshot in process"
 go test -run XXX -bench '^BenchmarkSnapshot$' -benchtime 20x -count "$COUNT" ./internal/controller | tee "$work/snapshot.txt" >&2
-step "10/12 export and incremental export (bench/export.sh, EXPORT_MB=$EXPORT_MB)"
+step "10/13 export and incremental export (bench/export.sh, EXPORT_MB=$EXPORT_MB)"
 bench/export.sh
-step "11/12 diff and rollback against table size"
+step "11/13 diff and rollback against table size"
 go test -run XXX -bench '^Benchmark(Diff|Rollback)$' -benchtime 200x -count "$COUNT" ./internal/controller | tee "$work/lineage.txt" >&2
-step "12/12 container drain beside cp (bench/drain.sh, DRAIN_MB=$DRAIN_MB)"
+step "12/13 container drain beside cp (bench/drain.sh, DRAIN_MB=$DRAIN_MB)"
 bench/drain.sh
+step "13/13 mirrored containers (bench/mirror.sh, MIRROR_MB=$MIRROR_MB)"
+bench/mirror.sh
 # The raw results beside the report, for anyone who wants other figures.
 mkdir -p "$(dirname "$DOC")/bench-raw"
 cp "$RESULTS" "$work/env.json" "$work"/*.txt "$(dirname "$DOC")/bench-raw/"
