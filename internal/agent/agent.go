@@ -530,17 +530,32 @@ type agentReporter struct {
 // agent's lease before it answers.
 const reportPatience = 2 * time.Minute
 
+// ReplicaFailed reports the failure with its slots, at most
+// protocol.MaxReadRange a message: the slots beyond go first, as
+// intents.
 func (r agentReporter) ReplicaFailed(epoch uint64, i int, uri string, slots []uint32, cause error) (protocol.Membership, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), reportPatience)
 	defer cancel()
+	for len(slots) > protocol.MaxReadRange {
+		if _, err := r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: -1, Slots: slots[:protocol.MaxReadRange]}); err != nil {
+			return protocol.Membership{}, err
+		}
+		slots = slots[protocol.MaxReadRange:]
+	}
 	return r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: i, URI: uri, Cause: cause.Error(), Slots: slots})
 }
 
 func (r agentReporter) Intent(epoch uint64, slots []uint32) error {
 	ctx, cancel := context.WithTimeout(context.Background(), reportPatience)
 	defer cancel()
-	_, err := r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: -1, Slots: slots})
-	return err
+	for len(slots) > 0 {
+		n := min(len(slots), protocol.MaxReadRange)
+		if _, err := r.a.controller().ReportReplica(ctx, protocol.ReplicaReport{Agent: r.a.name, Container: r.id, Epoch: epoch, Failed: -1, Slots: slots[:n]}); err != nil {
+			return err
+		}
+		slots = slots[n:]
+	}
+	return nil
 }
 
 // flushWritten flushes every container written since its last flush.

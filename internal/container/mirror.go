@@ -176,20 +176,44 @@ func OpenMirror(info protocol.Container, open func(uri string) (Container, error
 // failed ones are closed (I/O on them in flight fails). I/O that starts
 // after it returns writes every healthy and rebuilding replica of mem.
 func (m *Mirror) SetMembership(mem protocol.Membership) error {
+	unflushed, err := m.setMembership(mem)
+	if err != nil || len(unflushed) == 0 {
+		return err
+	}
+	// A replica failed that this holder wrote since its last flush:
+	// those writes may be lost with its machine's write cache (a crash,
+	// a reboot), so its catch-up must copy those slots too. Recorded
+	// before the answer, and so before the I/O that met the failure is.
+	for len(unflushed) > 0 {
+		n := min(len(unflushed), protocol.MaxReadRange)
+		if err := m.rep.Intent(mem.Epoch, unflushed[:n]); err != nil {
+			return fmt.Errorf("container %d: record the slots not flushed on a failed replica: %w", m.id, err)
+		}
+		unflushed = unflushed[n:]
+	}
+	return nil
+}
+
+// setMembership is SetMembership but for the recording, whose slots it
+// returns: the holder's unflushed slots if a replica failed.
+func (m *Mirror) setMembership(mem protocol.Membership) (unflushed []uint32, err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	old := m.view.Load()
 	if old.closed {
-		return fmt.Errorf("container %d: %w", m.id, ErrClosed)
+		return nil, fmt.Errorf("container %d: %w", m.id, ErrClosed)
 	}
 	if mem.Epoch < old.mem.Epoch || (mem.Epoch == old.mem.Epoch && old.mem.Replicas != nil) {
-		return nil
+		return nil, nil
 	}
 	if mem.Container != m.id || len(mem.Replicas) == 0 {
-		return fmt.Errorf("container %d: membership of container %d with %d replicas", m.id, mem.Container, len(mem.Replicas))
+		return nil, fmt.Errorf("container %d: membership of container %d with %d replicas", m.id, mem.Container, len(mem.Replicas))
 	}
 	v := &mirrorView{mem: mem, members: make([]Container, len(mem.Replicas))}
-	var closing []Container
+	var (
+		closing     []Container
+		newlyFailed bool
+	)
 	for i, r := range mem.Replicas {
 		var was Container
 		if i < len(old.members) && old.mem.Replicas != nil && old.mem.Replicas[i].URI == r.URI {
@@ -200,6 +224,9 @@ func (m *Mirror) SetMembership(mem protocol.Membership) error {
 		if r.State == protocol.ReplicaFailed {
 			if was != nil {
 				closing = append(closing, was)
+			}
+			if i < len(old.mem.Replicas) && old.mem.Replicas[i].State != protocol.ReplicaFailed {
+				newlyFailed = true
 			}
 			continue
 		}
@@ -215,7 +242,7 @@ func (m *Mirror) SetMembership(mem protocol.Membership) error {
 						c.Close()
 					}
 				}
-				return fmt.Errorf("container %d: replica %d (%s): %w", m.id, i, r.URI, err)
+				return nil, fmt.Errorf("container %d: replica %d (%s): %w", m.id, i, r.URI, err)
 			}
 			was = c
 		}
@@ -237,7 +264,13 @@ func (m *Mirror) SetMembership(mem protocol.Membership) error {
 	for _, c := range closing {
 		abort(c)
 	}
-	return nil
+	if newlyFailed {
+		for s := range m.mu.unflushed {
+			unflushed = append(unflushed, uint32(s))
+		}
+		slices.Sort(unflushed)
+	}
+	return unflushed, nil
 }
 
 // abort releases replica c, which the mirror gave up on, failing its I/O
@@ -473,7 +506,7 @@ func (m *Mirror) fail(v *mirrorView, i int, off, n int64, cause error) error {
 		m.keepUnrecorded(v.mem.Epoch, i, uri, slots, cause)
 		return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, i, cause, err)
 	}
-	if err := m.SetMembership(mem); err != nil {
+	if _, err := m.setMembership(mem); err != nil { // its slots were reported
 		return err
 	}
 	if nv := m.view.Load(); nv.mem.Epoch == v.mem.Epoch {
@@ -541,7 +574,7 @@ func (m *Mirror) RecordFailures() error {
 		if err != nil {
 			return fmt.Errorf("container %d: replica %d failed (%w) and the failure could not be recorded: %w", m.id, p.i, p.u.cause, err)
 		}
-		if err := m.SetMembership(mem); err != nil {
+		if _, err := m.setMembership(mem); err != nil { // its slots were reported
 			return err
 		}
 		m.mu.Lock()

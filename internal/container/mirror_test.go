@@ -400,3 +400,30 @@ func TestMirrorRevivesKeptReplica(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestMirrorRecordsUnflushedOnToldFailure checks that a holder told of
+// a replica's failure by the controller (it met none itself) records
+// the slots it wrote since its last flush: the failed replica's machine
+// may lose them with its write cache.
+func TestMirrorRecordsUnflushedOnToldFailure(t *testing.T) {
+	m, _, rep := newMirror(t, 2, time.Second)
+	if _, err := m.WriteAt(make([]byte, 512), 3*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.WriteAt(make([]byte, 512), 5*mirrorSlot); err != nil {
+		t.Fatal(err)
+	}
+	mem := m.Membership()
+	mem.Epoch++
+	mem.Replicas = slices.Clone(mem.Replicas)
+	mem.Replicas[1].State = protocol.ReplicaFailed
+	if err := m.SetMembership(mem); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.intents, []uint32{5}) {
+		t.Fatalf("slots recorded when told of the failure: %v, want [5] (3 was flushed)", rep.intents)
+	}
+}
