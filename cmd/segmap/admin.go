@@ -838,8 +838,9 @@ func rebuildProgress(cmd *cobra.Command, g *globals, id uint32, show bool, st in
 			return err
 		}
 		last = p
-		pr.total = p.Total
-		pr.add(p.Done - pr.n)
+		// Segments of one slot each, shown in bytes.
+		pr.total = p.Total * max(p.SlotSize, 1)
+		pr.add(p.Done*max(p.SlotSize, 1) - pr.n)
 	}
 	pr.done()
 	if last == nil {

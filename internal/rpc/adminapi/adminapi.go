@@ -642,7 +642,11 @@ func (s *Server) ReplaceReplica(r *pb.ReplaceReplicaRequest, stream pb.Admin_Rep
 			return grpcErr(fmt.Errorf("replica %s: %w", r.NewUri, err))
 		}
 	}
-	send := progressSender(stream.Send)
+	var slotSize uint64
+	if ct, err := s.container(ctx, r.Id); err == nil {
+		slotSize = ct.SlotSize
+	}
+	send := progressSender(stream.Send, slotSize)
 	if err := s.cfg.Ctrl.ReplaceReplica(ctx, r.Id, r.OldUri, r.NewUri, send.progress); err != nil {
 		return grpcErr(err)
 	}
@@ -651,7 +655,11 @@ func (s *Server) ReplaceReplica(r *pb.ReplaceReplicaRequest, stream pb.Admin_Rep
 
 // RebuildReplica implements pb.AdminServer.
 func (s *Server) RebuildReplica(r *pb.RebuildReplicaRequest, stream pb.Admin_RebuildReplicaServer) error {
-	send := progressSender(stream.Send)
+	var slotSize uint64
+	if ct, err := s.container(stream.Context(), r.Id); err == nil {
+		slotSize = ct.SlotSize
+	}
+	send := progressSender(stream.Send, slotSize)
 	if err := s.cfg.Ctrl.RebuildReplica(stream.Context(), r.Id, send.progress); err != nil {
 		return grpcErr(err)
 	}
@@ -674,17 +682,20 @@ func (s *Server) container(ctx context.Context, id uint32) (meta.Container, erro
 
 // sender streams progress at most every 100 ms, and at the end.
 type sender struct {
-	send func(*pb.DrainProgress) error
-	last time.Time
-	err  error
+	send     func(*pb.DrainProgress) error
+	slotSize uint64
+	last     time.Time
+	err      error
 }
 
-func progressSender(send func(*pb.DrainProgress) error) *sender { return &sender{send: send} }
+func progressSender(send func(*pb.DrainProgress) error, slotSize uint64) *sender {
+	return &sender{send: send, slotSize: slotSize}
+}
 
 func (s *sender) progress(done, total uint64) {
 	if now := time.Now(); s.err == nil && (done == total || now.Sub(s.last) >= 100*time.Millisecond) {
 		s.last = now
-		s.err = s.send(&pb.DrainProgress{Done: done, Total: total})
+		s.err = s.send(&pb.DrainProgress{Done: done, Total: total, SlotSize: s.slotSize})
 	}
 }
 
