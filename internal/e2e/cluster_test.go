@@ -192,7 +192,7 @@ func TestClusterTwoAgents(t *testing.T) {
 
 	job := func(uri string, offset string) func() (string, error) {
 		return background(t, "fio", "--ioengine=nbd", "--uri="+uri, "--name=w", "--rw=randwrite", "--bs=4k",
-			"--iodepth=16", "--offset="+offset, "--size=64M", "--verify=crc32c", "--randseed=7")
+			"--iodepth=16", "--offset="+offset, "--size=32M", "--verify=crc32c", "--randseed=7")
 	}
 	waits := []func() (string, error){
 		job(c.uri("host-a", "shared"), "0"),
@@ -219,7 +219,7 @@ func TestClusterTwoAgents(t *testing.T) {
 		}
 	}
 	// The disk verifies through the other agent too.
-	fioURI(t, c.uri("host-b", "shared"), "--name=v", "--rw=randwrite", "--bs=4k", "--offset=0", "--size=64M",
+	fioURI(t, c.uri("host-b", "shared"), "--name=v", "--rw=randwrite", "--bs=4k", "--offset=0", "--size=32M",
 		"--verify=crc32c", "--randseed=7", "--verify_only=1")
 	if out := c.cli("check"); !strings.Contains(out, "clean") {
 		t.Errorf("check:\n%s", out)
