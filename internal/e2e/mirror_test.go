@@ -162,7 +162,7 @@ func TestClusterMirror(t *testing.T) {
 	}
 	// The mirror is the only container: every segment of the disk is
 	// on it.
-	c.cli("disk", "create", "d", "--size", "96M", "--segment-size", "1M")
+	c.cli("disk", "create", "d", "--size", "48M", "--segment-size", "1M")
 
 	// Three regions of 16 MiB: A written through host-a and B through
 	// host-b across the kill of node 2; C through host-a across the
@@ -171,7 +171,7 @@ func TestClusterMirror(t *testing.T) {
 	const region = 16 << 20
 	job := func(name string, off int64, seed int) []string {
 		return []string{"--name=" + name, "--rw=randwrite", "--bs=16k", "--iodepth=8",
-			fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--size=%d", region), "--rate=2m",
+			fmt.Sprintf("--offset=%d", off), fmt.Sprintf("--size=%d", region), "--rate=3m",
 			"--verify=crc32c", "--verify_backlog=64", fmt.Sprintf("--randseed=%d", seed)}
 	}
 	verifyJob := func(name string, off int64, seed int) []string {
@@ -266,9 +266,9 @@ func TestClusterMirrorCatchUp(t *testing.T) {
 	requireTools(t, "qemu-io")
 	c, uris, files := newMirrorCluster(t, 2, "host-a")
 	c.cli("container", "add", "--mirror", uris[0]+","+uris[1], "--format", "--slot-size", "1M")
-	c.cli("disk", "create", "d", "--size", "256M", "--segment-size", "1M")
+	c.cli("disk", "create", "d", "--size", "96M", "--segment-size", "1M")
 	uri := c.uri("host-a", "d")
-	run(t, 2*time.Minute, "qemu-io", "-f", "raw", uri, "-c", "write -P 0x11 0 128M", "-c", "flush")
+	run(t, 2*time.Minute, "qemu-io", "-f", "raw", uri, "-c", "write -P 0x11 0 64M", "-c", "flush")
 	_, used := c.replicaStates(1)
 
 	addr, export, err := nbdclient.ParseURI(uri)
@@ -283,9 +283,9 @@ func TestClusterMirrorCatchUp(t *testing.T) {
 	defer cl.Close()
 
 	// The outage: node 2 stopped for 4 s, during which 64 KiB writes
-	// go round [64M, 68M): four slots, at most 16 MiB written.
+	// go round [32M, 36M): four slots, at most 16 MiB written.
 	const (
-		base    = 64 << 20
+		base    = 32 << 20
 		area    = 4 << 20
 		chunk   = 64 << 10
 		outage  = 4 * time.Second
@@ -347,7 +347,7 @@ func TestClusterMirrorCatchUp(t *testing.T) {
 	if st, _ := c.replicaStates(1); st[uris[0]] != "healthy" || st[uris[1]] != "healthy" {
 		t.Errorf("replicas after the catch-up: %v; want both healthy", st)
 	}
-	run(t, time.Minute, "qemu-io", "-f", "raw", uri, "-c", "read -P 0x11 0 64M", "-c", "read -P 0x22 64M 4M", "-c", "read -P 0x11 68M 60M")
+	run(t, time.Minute, "qemu-io", "-f", "raw", uri, "-c", "read -P 0x11 0 32M", "-c", "read -P 0x22 32M 4M", "-c", "read -P 0x11 36M 28M")
 
 	// The replicas' data, past their 1 MiB headers, slot by slot.
 	if diff := compareReplicas(t, files[0], files[1], 1<<20); len(diff) > 0 {
