@@ -255,6 +255,10 @@ func crashRun(t *testing.T, st fxState, op fxOp, k int64, keep bool, seed uint64
 // operations after random histories, on a random side, until the duration
 // has passed; a failure prints its seed, and -crash.seed N reruns it.
 func TestCrashPoints(t *testing.T) {
+	// Side by side with the other long sweep of this package: each
+	// works in directories of its own, and both leave a core idle
+	// much of the time (fsyncs, restarts).
+	t.Parallel()
 	soak := soakDuration(t)
 	deadline := time.Now().Add(soak)
 	perOp := map[string]int64{}

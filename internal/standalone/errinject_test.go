@@ -281,6 +281,10 @@ func errRun(t *testing.T, st fxState, op fxOp, p *errPoint, md errMode, ops faul
 // mode, and then random histories get random faults until the duration
 // has passed (-errinject.seed N reruns one).
 func TestErrorInjection(t *testing.T) {
+	// Side by side with the other long sweep of this package: each
+	// works in directories of its own, and both leave a core idle
+	// much of the time (fsyncs, restarts).
+	t.Parallel()
 	soak := soakDuration(t)
 	var points, injected, runs, restarts, leaks int64
 	outcomes := map[string]int{}
