@@ -647,14 +647,6 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: protocol.FaultCommit, Token: st.Token,
 	})
 	if errors.Is(err, protocol.ErrStale) {
-		if d.inPlaceDropped(seg, st, tab) {
-			// What the stage wrote over sub-blocks the slot held
-			// was read by others at once, and may have been
-			// overwritten since: done again, it would land a second
-			// time, after those writes. The write fails instead,
-			// as one that may or may not have taken effect.
-			return false, fmt.Errorf("staged write of segment %d in place: its stage was dropped when the agent re-attached: %w", seg, protocol.ErrIO)
-		}
 		return false, nil
 	}
 	if err != nil {
@@ -674,20 +666,6 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		d.invalidate(seg, keep)
 	}
 	return true, nil
-}
-
-// inPlaceDropped reports whether stage st of segment seg, answered stale,
-// was a fill in place (into the slot the entry of tab, the table of its
-// fault, already named) whose stage the controller dropped because the
-// agent re-attached since (the disk has another table). Such a stage
-// wrote sub-blocks other agents read before its commit; one into a new
-// slot wrote nothing anyone reads, and is safely done again.
-func (d *Disk) inPlaceDropped(seg uint64, st *protocol.Stage, tab *table.Table) bool {
-	d.mu.RLock()
-	reset := d.mu.tab != tab
-	d.mu.RUnlock()
-	// The old table is no longer changed once the disk has another.
-	return reset && int(seg) < tab.Len() && tab.Entry(int(seg)).Loc == st.Loc
 }
 
 // abandon tells the controller that the staged write st of segment seg
