@@ -788,19 +788,9 @@ error on a terminal (--progress: always; --no-progress: never).`,
 				}
 				start := time.Now()
 				pr := newProgress(cmd.ErrOrStderr(), show)
-				var last *pb.DrainProgress
-				for {
-					p, err := st.Recv()
-					if errors.Is(err, io.EOF) {
-						break
-					}
-					if err != nil {
-						pr.fail()
-						return err
-					}
-					last = p
-					pr.total = p.Total * p.SlotSize
-					pr.add(p.Done*p.SlotSize - pr.n)
+				last, err := followMoves(pr, st)
+				if err != nil {
+					return err
 				}
 				if last == nil {
 					pr.fail()
@@ -821,26 +811,37 @@ error on a terminal (--progress: always; --no-progress: never).`,
 	return cmd
 }
 
+// followMoves shows on pr, in bytes, a stream of segment moves of one
+// slot each (a drain's, a rebuild's) until it ends, and returns its last
+// message (nil if none came). A failed stream fails pr.
+func followMoves(pr *progress, st interface {
+	Recv() (*pb.DrainProgress, error)
+}) (*pb.DrainProgress, error) {
+	var last *pb.DrainProgress
+	for {
+		p, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return last, nil
+		}
+		if err != nil {
+			pr.fail()
+			return nil, err
+		}
+		last = p
+		pr.total = p.Total * max(p.SlotSize, 1)
+		pr.add(p.Done*max(p.SlotSize, 1) - pr.n)
+	}
+}
+
 // rebuildProgress shows a rebuild's progress stream and its end.
 func rebuildProgress(cmd *cobra.Command, g *globals, id uint32, show bool, st interface {
 	Recv() (*pb.DrainProgress, error)
 }) error {
 	start := time.Now()
 	pr := newProgress(cmd.ErrOrStderr(), show)
-	var last *pb.DrainProgress
-	for {
-		p, err := st.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			pr.fail()
-			return err
-		}
-		last = p
-		// Segments of one slot each, shown in bytes.
-		pr.total = p.Total * max(p.SlotSize, 1)
-		pr.add(p.Done*max(p.SlotSize, 1) - pr.n)
+	last, err := followMoves(pr, st)
+	if err != nil {
+		return err
 	}
 	pr.done()
 	if last == nil {

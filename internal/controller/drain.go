@@ -143,6 +143,26 @@ const DefaultDrainMoves = 16
 // c.drainMoves at a time, calling moved (one call at a time) with the slots
 // each move took off. It stops at the first error.
 func (c *Controller) drainAll(ctx context.Context, id uint32, work []famSeg, moved func(uint64)) error {
+	n := make([]uint64, len(work))
+	return c.eachMove(ctx, len(work), func(ctx context.Context, k int) error {
+		var err error
+		n[k], err = c.drainSeg(ctx, id, work[k])
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err != nil {
+			return fmt.Errorf("drain container %d: family %d segment %d: %w", id, work[k].fam, work[k].seg, err)
+		}
+		return nil
+	}, func(k int) { moved(n[k]) })
+}
+
+// eachMove runs do(ctx, k) for every k in [0, count), c.drainMoves at a
+// time (a drain's or a rebuild's segment moves: each waits for its
+// copy's flush and its commit, which the others overlap), calling done(k)
+// after each that succeeded, one call at a time. It stops at the first
+// error, cancelling the moves under way, and returns it.
+func (c *Controller) eachMove(ctx context.Context, count int, do func(ctx context.Context, k int) error, done func(k int)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
@@ -151,31 +171,28 @@ func (c *Controller) drainAll(ctx context.Context, id uint32, work []famSeg, mov
 		next  int
 		wg    sync.WaitGroup
 	)
-	for range min(c.drainMoves, len(work)) {
+	for range min(c.drainMoves, count) {
 		wg.Go(func() {
 			for {
 				mu.Lock()
 				if first == nil && ctx.Err() != nil {
 					first = ctx.Err()
 				}
-				if first != nil || next == len(work) {
+				if first != nil || next == count {
 					mu.Unlock()
 					return
 				}
-				w := work[next]
+				k := next
 				next++
 				mu.Unlock()
-				n, err := c.drainSeg(ctx, id, w)
-				if err == nil {
-					err = ctx.Err()
-				}
+				err := do(ctx, k)
 				mu.Lock()
 				if err != nil && first == nil {
-					first = fmt.Errorf("drain container %d: family %d segment %d: %w", id, w.fam, w.seg, err)
+					first = err
 					cancel()
 				}
 				if err == nil {
-					moved(n)
+					done(k)
 				}
 				mu.Unlock()
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -665,53 +666,24 @@ func (c *Controller) saveCursor(ctx context.Context, id uint32, uri string, w fa
 // replica ri, calling copied (one at a time) after each index. The
 // cursor is saved for an index only once every one before it is done.
 func (c *Controller) rebuildAll(ctx context.Context, m *container.Mirror, id uint32, ri int, uri string, work []famSeg, only map[uint32]bool, bytes *atomic.Uint64, copied func(famSeg)) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		mu    sync.Mutex
-		first error
-		next  int
-		wg    sync.WaitGroup
-		fin   = make([]bool, len(work))
-		low   int // every index before low is done
-	)
-	for range min(c.drainMoves, len(work)) {
-		wg.Go(func() {
-			for {
-				mu.Lock()
-				if first == nil && ctx.Err() != nil {
-					first = ctx.Err()
-				}
-				if first != nil || next == len(work) {
-					mu.Unlock()
-					return
-				}
-				k := next
-				next++
-				mu.Unlock()
-				err := c.rebuildSeg(ctx, m, id, ri, uri, work[k], only, bytes)
-				mu.Lock()
-				if err != nil && first == nil {
-					first = fmt.Errorf("family %d segment %d: %w", work[k].fam, work[k].seg, err)
-					cancel()
-				}
-				if err == nil {
-					fin[k] = true
-					for low < len(fin) && fin[low] {
-						low++
-					}
-					if low < len(work) {
-						copied(work[low])
-					} else {
-						copied(famSeg{fam: work[len(work)-1].fam, seg: work[len(work)-1].seg + 1})
-					}
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
-	return first
+	fin := make([]bool, len(work))
+	low := 0 // every index before low is done
+	return c.eachMove(ctx, len(work), func(ctx context.Context, k int) error {
+		if err := c.rebuildSeg(ctx, m, id, ri, uri, work[k], only, bytes); err != nil {
+			return fmt.Errorf("family %d segment %d: %w", work[k].fam, work[k].seg, err)
+		}
+		return nil
+	}, func(k int) {
+		fin[k] = true
+		for low < len(fin) && fin[low] {
+			low++
+		}
+		if low < len(work) {
+			copied(work[low])
+		} else {
+			copied(famSeg{fam: work[len(work)-1].fam, seg: work[len(work)-1].seg + 1})
+		}
+	})
 }
 
 // rebuildSeg copies onto replica ri the slots of container id that
@@ -812,7 +784,7 @@ func (c *Controller) holdSegOnce(ctx context.Context, id uint32, w famSeg, only 
 			return false, fmt.Errorf("stop writes to %q: %w", de.d.Name, err)
 		}
 	}
-	errs := []error{fn(ents, slices.Sorted(mapsKeys(slots)), size)}
+	errs := []error{fn(ents, slices.Sorted(maps.Keys(slots)), size)}
 	// The entries go back whether fn did its work or not: they are
 	// unchanged in the store.
 	for _, de := range ents {
@@ -834,17 +806,6 @@ func (c *Controller) holdSegOnce(ctx context.Context, id uint32, w famSeg, only 
 		}
 	}
 	return false, errors.Join(errs...)
-}
-
-// mapsKeys returns the keys of m.
-func mapsKeys(m map[uint32]bool) func(func(uint32) bool) {
-	return func(yield func(uint32) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // copyReplica copies [off, off+n) of mirror m from a healthy replica onto
