@@ -61,16 +61,16 @@ os.execvp(sys.argv[3], sys.argv[3:])
 }
 
 # start_segmap DATA POOL_SIZE: start 'segmap up' on sockets it inherits;
-# sets sp (NBD port), ap (admin port), segpid and SEG (the CLI, with its
+# sets sp (NBD port), ap (admin port), hp (HTTP port: metrics on), segpid and SEG (the CLI, with its
 # --controller) and waits for "ready". SEGMAP_UP_FLAGS (words) are added to
 # its flags: e.g. --controller-copies, to measure the controller copying
 # shared segments instead of the agent.
 start_segmap() {
   # shellcheck disable=SC2086 # SEGMAP_UP_FLAGS is split into flags
-  held 2 "$1.ports" "$work/segmap" up --data "$1" --nbd-listen fd:3 --admin-listen fd:4 \
+  held 3 "$1.ports" "$work/segmap" up --data "$1" --nbd-listen fd:3 --admin-listen fd:4 --http-listen fd:5 \
     --pool-size "$2" --pool-files 4 ${SEGMAP_UP_FLAGS:-} >"$1.log" 2>&1
   segpid=$held_pid
-  read -r sp ap <"$1.ports"
+  read -r sp ap hp <"$1.ports"
   for _ in $(seq 200); do grep -q '^ready' "$1.log" 2>/dev/null && break; sleep 0.1; done
   grep -q '^ready' "$1.log" || { echo "bench: segmap up did not start:" >&2; cat "$1.log" >&2; return 1; }
   SEG=("$work/segmap" --controller 127.0.0.1:$ap)

@@ -38,7 +38,7 @@ port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); prin
 
 # segmap
 sp=$(port); ap=$(port)
-"$work/segmap" up --data "$work/segmap-data" --nbd-listen 127.0.0.1:$sp --admin-listen 127.0.0.1:$ap --pool-size $((SIZE_MB * 2))M --pool-files 2 >"$work/up.log" 2>&1 &
+"$work/segmap" up --data "$work/segmap-data" --nbd-listen 127.0.0.1:$sp --admin-listen 127.0.0.1:$ap --http-listen 127.0.0.1:0 --pool-size $((SIZE_MB * 2))M --pool-files 2 >"$work/up.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q '^ready' "$work/up.log" && break; sleep 0.1; done
 "$work/segmap" --controller 127.0.0.1:$ap disk create bench --size ${SIZE_MB}M >/dev/null

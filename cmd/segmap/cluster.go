@@ -38,6 +38,7 @@ func newController() *cobra.Command {
 	var lease, storageTimeout, replicaTimeout time.Duration
 	tf := &tlsFlags{}
 	ef := &etcdFlags{}
+	hf := &httpFlags{}
 	cmd := &cobra.Command{
 		Use:   "controller --listen ADDR (--data DIR | --etcd URLS)",
 		Short: "run a controller: metadata (bbolt in DIR, or etcd), the admin API and the agents' mapping protocol on ADDR",
@@ -59,6 +60,11 @@ docs/cluster.md.`,
 				return err
 			}
 			opts := append(append(transport.ServerOptions(), adminapi.ServerOptions()...), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			hs, err := newHTTP(hf, m, logger)
+			if err != nil {
+				return err
+			}
+			defer hs.Close()
 			var cli *clientv3.Client
 			if ef.endpoints != "" {
 				if cmd.Flags().Changed("data") {
@@ -98,6 +104,10 @@ docs/cluster.md.`,
 
 			say("segmap %s controller", version)
 			say("  admin API on %s (and the mapping protocol for agents)", l.Addr())
+			if u := hs.URL(); u != "" {
+				say("  http: metrics on %s (at /metrics)", u)
+			}
+			hs.Serve()
 			if cli != nil {
 				if advertise == "" {
 					advertise = l.Addr().String()
@@ -171,6 +181,7 @@ docs/cluster.md.`,
 	fl.BoolVar(&deferMaps, "defer-maps", false, "keep the map changes of a disk one agent maps in memory until the agent flushes it (faster first writes; a controller's death or failover then ends the NBD connections that wrote since their last flush; see docs/fault-path.md)")
 	ef.add(cmd)
 	tf.add(cmd, "controller", false)
+	hf.add(cmd, "", "Prometheus metrics at /metrics")
 	return cmd
 }
 
@@ -180,6 +191,7 @@ func newAgent() *cobra.Command {
 	var storageTimeout, replicaTimeout time.Duration
 	var nbdTLS bool
 	tf := &tlsFlags{serverName: "controller"}
+	hf := &httpFlags{}
 	cmd := &cobra.Command{
 		Use:   "agent --controller ADDR --name HOST --nbd-listen ADDR",
 		Short: "run a mapping agent: serves the controller's disks over NBD, doing the I/O straight to the containers",
@@ -199,6 +211,11 @@ func newAgent() *cobra.Command {
 			if nbdTLS && m == nil {
 				return usageError{fmt.Errorf("--nbd-tls needs --certs")}
 			}
+			hs, err := newHTTP(hf, m, logger)
+			if err != nil {
+				return err
+			}
+			defer hs.Close()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			l, err := listen.Listen(nbdListen)
@@ -251,6 +268,10 @@ func newAgent() *cobra.Command {
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "segmap %s agent %q, controller %s\n", version, name, ctrlAddr)
 			fmt.Fprintf(w, "  NBD on %s\n", l.Addr())
+			if u := hs.URL(); u != "" {
+				fmt.Fprintf(w, "  http: metrics on %s (at /metrics)\n", u)
+			}
+			hs.Serve()
 			fmt.Fprintln(w, "ready")
 			select {
 			case <-ctx.Done():
@@ -278,6 +299,7 @@ func newAgent() *cobra.Command {
 	cmd.Flags().DurationVar(&replicaTimeout, "replica-timeout", container.DefaultReplicaTimeout, "how long a replica of a mirrored container may take to answer an I/O before the agent reports it failed and goes on with the others (keep it under the lease)")
 	cmd.Flags().BoolVar(&nbdTLS, "nbd-tls", false, "require TLS (NBD STARTTLS) from hosts, with a certificate of the cluster CA")
 	tf.add(cmd, "", false)
+	hf.add(cmd, "", "Prometheus metrics at /metrics")
 	cmd.Flags().StringVar(&tf.serverName, "controller-name", "controller", "the controller's certificate name")
 	return cmd
 }

@@ -29,6 +29,7 @@ func newStorage() *cobra.Command {
 	var devs []string
 	var drain time.Duration
 	tf := &tlsFlags{}
+	hf := &httpFlags{}
 	cmd := &cobra.Command{
 		Use:   "storage --listen ADDR [--dir DIR] [--device NAME=/dev/X ...] --certs DIR [--cert-name NAME] [--export-prefix P]",
 		Short: "run a storage node: serve every regular file in DIR, and each --device, as an NBD export",
@@ -72,7 +73,7 @@ stop the node cleanly: requests in flight are answered first.`,
 			if err != nil {
 				return err
 			}
-			return runStorage(cmd, dir, devices, addr, prefix, drain, m)
+			return runStorage(cmd, dir, devices, addr, prefix, drain, m, hf)
 		},
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports")
@@ -82,6 +83,7 @@ stop the node cleanly: requests in flight are answered first.`,
 	fl.StringVar(&prefix, "export-prefix", "", "prefix of every export name")
 	fl.DurationVar(&drain, "drain-timeout", 30*time.Second, "how long a stop waits for requests in flight")
 	tf.add(cmd, tlsconf.RoleStorage, false)
+	hf.add(cmd, "", "Prometheus metrics at /metrics")
 
 	var sz string
 	create := &cobra.Command{
@@ -138,7 +140,7 @@ func parseDevices(flags []string) ([]storage.Device, error) {
 
 // runStorage serves dir ("" for none) and devices; with m, over TLS that
 // clients must start and that admits agents and controllers.
-func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, prefix string, drain time.Duration, m *tlsconf.Material) error {
+func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, prefix string, drain time.Duration, m *tlsconf.Material, hf *httpFlags) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	backend, err := storage.NewDir(dir, prefix, devices...)
 	if err != nil {
@@ -153,6 +155,11 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 		return fmt.Errorf("NBD listener: %w", err)
 	}
 	defer l.Close()
+	hs, err := newHTTP(hf, m, logger)
+	if err != nil {
+		return err
+	}
+	defer hs.Close()
 	// Agents open their containers with a lease (see
 	// container.LeasedOpener): requests of an agent whose lease ran out
 	// are refused.
@@ -205,6 +212,10 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	} else {
 		fmt.Fprintf(w, "  NBD:  %s, plaintext   try: nbdinfo --list nbd://%s\n", l.Addr(), l.Addr())
 	}
+	if u := hs.URL(); u != "" {
+		fmt.Fprintf(w, "  http: metrics on %s (at /metrics)\n", u)
+	}
+	hs.Serve()
 	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
 
 	var serveErr error

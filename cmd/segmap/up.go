@@ -34,6 +34,7 @@ type upFlags struct {
 	drain                                  time.Duration
 	etcd                                   etcdFlags
 	pprof                                  string
+	http                                   httpFlags
 	controllerCopies                       bool
 	syncMaps                               bool
 }
@@ -73,6 +74,7 @@ controller': up serves no remote agents.`,
 	fl.BoolVar(&f.controllerCopies, "controller-copies", false, "the controller, not the agent, copies a shared segment for a write into part of it (to compare the two; the agent's copy is the default)")
 	fl.BoolVar(&f.syncMaps, "sync-maps", false, "commit every map change before answering the write that made it, not at the client's next flush (to compare; see docs/fault-path.md)")
 	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
+	f.http.add(cmd, "127.0.0.1:10812", "the dashboard at / and Prometheus metrics at /metrics")
 	f.etcd.add(cmd)
 	return cmd
 }
@@ -100,6 +102,11 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		return fmt.Errorf("admin listener: %w", err)
 	}
 	defer adminL.Close()
+	hs, err := newHTTP(&f.http, nil, logger)
+	if err != nil {
+		return err
+	}
+	defer hs.Close()
 	if f.pprof != "" {
 		stopPprof, err := servePprof(f.pprof, logger)
 		if err != nil {
@@ -172,6 +179,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()
 	go func() { errc <- ns.Serve(nbdL) }()
+	hs.Serve()
 
 	cs, _ := c.Ctrl.ListContainers(ctx)
 	var total uint64
@@ -182,6 +190,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	fmt.Fprintf(w, "  data:       %s (metadata %s, %d containers, %s)\n", c.Dir, metaDesc, len(cs), size.Format(total))
 	fmt.Fprintf(w, "  controller: admin API on %s   try: segmap disk create vm1 --size 10G\n", adminL.Addr())
 	fmt.Fprintf(w, "  agent:      %q, NBD on %s   try: nbdinfo --list nbd://%s\n", f.agent, nbdL.Addr(), nbdL.Addr())
+	if u := hs.URL(); u != "" {
+		fmt.Fprintf(w, "  http:       dashboard and metrics on %s\n", u)
+	}
 	fmt.Fprintf(w, "ready; stop with Ctrl-C\n")
 
 	var serveErr error

@@ -526,7 +526,7 @@ func TestUpEtcd(t *testing.T) {
 	etcdArgs := []string{"--etcd", url, "--etcd-prefix", "/up-test/", "--etcd-cacert", filepath.Join(certs, "ca.crt"),
 		"--etcd-cert", filepath.Join(certs, "controller-controller.crt"), "--etcd-key", filepath.Join(certs, "controller-controller.key")}
 	// Without a client certificate etcd refuses the controller.
-	if out, errOut, code := runBin(t, "up", "--data", filepath.Join(dir, "x"), "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+	if out, errOut, code := runBin(t, "up", "--data", filepath.Join(dir, "x"), "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "",
 		"--etcd", url, "--etcd-cacert", filepath.Join(certs, "ca.crt"), "--etcd-ttl", "1s"); code == 0 {
 		t.Errorf("up without an etcd client certificate ran:\n%s%s", out, errOut)
 	}

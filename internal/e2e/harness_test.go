@@ -91,6 +91,9 @@ type up struct {
 	dir   string
 	admin string // admin API address
 	nbd   string // NBD address
+	// http is the base URL of the HTTP listener (metrics, dashboard),
+	// when the server has one.
+	http string
 	// clients is an etcd member's client URL.
 	clients string
 	cmd     *exec.Cmd
@@ -121,7 +124,7 @@ func (s *syncBuffer) String() string {
 // kernel, and waits until it is ready. It is stopped when the test ends.
 func startUp(t *testing.T, dir string, extra ...string) *up {
 	t.Helper()
-	return start(t, dir, append([]string{"up", "--data", dir, "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--pool-size", "16G"}, extra...)...)
+	return start(t, dir, append([]string{"up", "--data", dir, "--nbd-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--pool-size", "16G"}, extra...)...)
 }
 
 // start runs a segmap server command (up, controller, agent) and waits
@@ -184,6 +187,9 @@ func startCmd(t *testing.T, cmd *exec.Cmd, dir string, ports []*heldport.Port) *
 			}
 			if f, ok := field(line, "NBD on "); ok {
 				u.nbd = f
+			}
+			if f, ok := field(line, "metrics on "); ok {
+				u.http = f
 			}
 			if f, ok := field(line, "clients on "); ok {
 				u.clients = f

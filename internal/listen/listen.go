@@ -61,3 +61,17 @@ func inherited(addr, s string) (net.Listener, error) {
 	}
 	return l, nil
 }
+
+// Local reports whether a listener's address can be reached only from
+// this machine: a Unix socket, or TCP on a loopback address (127.0.0.0/8,
+// ::1). A wildcard address (0.0.0.0, ::) is not local: it takes
+// connections from every network the machine is on.
+func Local(a net.Addr) bool {
+	switch a := a.(type) {
+	case *net.UnixAddr:
+		return true
+	case *net.TCPAddr:
+		return a.IP.IsLoopback()
+	}
+	return false
+}

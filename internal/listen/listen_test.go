@@ -127,3 +127,36 @@ func TestInherited(t *testing.T) {
 		t.Fatalf("the port was free after the child exited")
 	}
 }
+
+func TestLocal(t *testing.T) {
+	for _, tc := range []struct {
+		addr string
+		want bool
+	}{
+		{"127.0.0.1:0", true},
+		{"127.3.4.5:0", true},
+		{"[::1]:0", true},
+		{"0.0.0.0:0", false},
+		{"[::]:0", false},
+	} {
+		l, err := Listen(tc.addr)
+		if err != nil {
+			if strings.Contains(tc.addr, "::") {
+				continue // no IPv6 on this machine
+			}
+			t.Fatal(err)
+		}
+		if got := Local(l.Addr()); got != tc.want {
+			t.Errorf("Local(%s) = %v, want %v", l.Addr(), got, tc.want)
+		}
+		l.Close()
+	}
+	l, err := Listen("unix:" + filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if !Local(l.Addr()) {
+		t.Errorf("Local(%s) = false for a Unix socket", l.Addr())
+	}
+}
