@@ -176,6 +176,16 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}))
 	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
 
+	role := "embedded"
+	if lost != nil {
+		role = "leader" // up serves only once it leads
+	}
+	stopDash, err := mountDashboard(hs, adminL.Addr(), dashboardAdminCreds(), func() string { return role }, logger)
+	if err != nil {
+		return err
+	}
+	defer stopDash()
+
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()
 	go func() { errc <- ns.Serve(nbdL) }()
