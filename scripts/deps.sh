@@ -3,8 +3,9 @@
 # the NBD clients the end-to-end tests drive (libnbd tools and the Python
 # binding, qemu-io/qemu-img/qemu-nbd, fio with its nbd engine, nbdkit,
 # nbdfuse + FUSE) and the tools to put a filesystem on a disk (e2fsprogs,
-# losetup) and protoc (protobuf-compiler, for 'make proto' and the check in
-# 'make verify' that api/ is current). With the argument 'bench', also what
+# losetup), protoc (protobuf-compiler, for 'make proto' and the check in
+# 'make verify' that api/ is current) and Chromium (the dashboard's browser
+# test drives it headless). With the argument 'bench', also what
 # 'make bench' needs on top (gnuplot-nox, for the plots); with 'proto', only
 # protoc. Exits non-zero if anything is still missing afterwards.
 set -euo pipefail
@@ -15,7 +16,7 @@ need=(
   "nbdinfo libnbd-bin" "nbdcopy libnbd-bin" "/usr/bin/nbdsh python3-libnbd"
   "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
   "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "losetup mount"
-  "protoc protobuf-compiler"
+  "protoc protobuf-compiler" "chromium chromium"
 )
 case "${1:-}" in
 bench) need+=("gnuplot gnuplot-nox") ;;

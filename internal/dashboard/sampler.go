@@ -15,10 +15,10 @@ import (
 // its labels; a name not registered reads as zero, so that the graphs
 // are flat, not broken, on a server that lacks it.
 const (
-	metricRequests = "segmap_agent_requests_total"            // {disk, op}
-	metricBytes    = "segmap_agent_request_bytes_total"       // {disk, op}
-	metricDuration = "segmap_agent_request_duration_seconds"  // histogram {disk, op}
-	metricFaults   = "segmap_controller_faults_total"         // {plan}
+	metricRequests = "segmap_agent_requests_total"           // {disk, op}
+	metricBytes    = "segmap_agent_request_bytes_total"      // {disk, op}
+	metricDuration = "segmap_agent_request_duration_seconds" // histogram {disk, op}
+	metricFaults   = "segmap_controller_faults_total"        // {plan}
 )
 
 // dataOps are the op label values that count as I/O for the graphs:
@@ -135,10 +135,10 @@ type sampler struct {
 	log *slog.Logger
 	mu  struct {
 		sync.Mutex
-		ring  []Sample // len up to cap; next is where the next goes
-		next  int
-		prev  totals
-		prevT time.Time
+		ring   []Sample // len up to cap; next is where the next goes
+		next   int
+		prev   totals
+		prevT  time.Time
 		warned bool // a Gather error is logged once
 	}
 }
