@@ -25,6 +25,9 @@ func dashboardAdminCreds() credentials.TransportCredentials { return insecure.Ne
 // registry for its graphs. role says what the controller is. The
 // returned function stops it.
 func mountDashboard(hs *httpServer, admin net.Addr, creds credentials.TransportCredentials, role func() string, log *slog.Logger) (func(), error) {
+	if hs.URL() == "" {
+		return func() {}, nil // no listener: nobody to serve it to
+	}
 	conn, err := grpc.NewClient(selfTarget(admin), grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, fmt.Errorf("dashboard: admin client: %w", err)
