@@ -165,7 +165,7 @@ type Operation struct {
 	// id numbers the operations from 1 in the order they started (afresh
 	// when a controller starts).
 	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	// kind: "create" (a preallocation), "drain", "replace-replica",
+	// kind: "preallocate" (a disk created preallocated), "drain", "replace-replica",
 	// "rebuild", "flatten", "export", "import" or "scrub".
 	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	// target is what it works on, for a person: "container 3", "disk vm1",

@@ -26,7 +26,7 @@ import (
 
 // Kinds of long operations.
 const (
-	OpCreate         = "create" // a disk created preallocated
+	OpPreallocate    = "preallocate" // a disk created preallocated
 	OpDrain          = "drain"
 	OpReplaceReplica = "replace-replica"
 	OpRebuild        = "rebuild"

@@ -20,13 +20,14 @@
 //	unit             what done and total count: "bytes", "segments", "slots"
 //	done, total      units done so far, and in all (total 0: not known)
 //	percent          done of total, 0 to 100 (null while total is not known)
-//	rate             units a second over the last few seconds (0 until known)
+//	rate             units a second over the last 5 seconds (0 in the first half second)
 //	eta_seconds      seconds left at that rate (null while not known)
 //	elapsed_seconds  since the Reporter was made
 //	final            true on the last event, which Finish writes
 //	error            on a final event of a failed operation only: why
 //
-// done never goes down from one event to the next.
+// done never goes down from one event to the next, and the final event of
+// an operation that succeeded has done == total.
 package progress
 
 import (
@@ -100,6 +101,11 @@ const (
 // change of pace.
 const rateWindow = 5 * time.Second
 
+// minRateSpan is how long the samples must span before there is a rate:
+// the first step of an operation, over a few milliseconds, says little
+// about the rest.
+const minRateSpan = 500 * time.Millisecond
+
 // Config configures a Reporter.
 type Config struct {
 	W      io.Writer
@@ -143,6 +149,9 @@ func New(cfg Config) *Reporter {
 	return &Reporter{cfg: cfg, start: now, samples: []sample{{at: now}}}
 }
 
+// Mode returns how r shows progress.
+func (r *Reporter) Mode() Mode { return r.cfg.Mode }
+
 // Done returns the count so far.
 func (r *Reporter) Done() uint64 { return r.done }
 
@@ -180,12 +189,18 @@ func (r *Reporter) Update(done, total uint64) {
 	r.write(now, false, nil)
 }
 
-// Finish writes the last line: the final count (and its newline, on a
-// bar), or with err, where it stopped and why (on a bar, err is left to
-// the caller to print). Later calls do nothing.
+// Finish writes the last line: the final count, which becomes the total
+// too (and its newline, on a bar), or with err, where it stopped and why
+// (on a bar, err is left to the caller to print). Later calls do nothing.
 func (r *Reporter) Finish(err error) {
 	if r.finished {
 		return
+	}
+	if err == nil {
+		// Done is what it took: an estimate of the total (an
+		// export's, which counts data without the stream's headers)
+		// gives way to it.
+		r.total = r.done
 	}
 	now := r.cfg.Now()
 	r.sample(now)
@@ -212,11 +227,12 @@ func (r *Reporter) sample(now time.Time) {
 }
 
 // Rate returns the units a second over the last few seconds (0 until
-// time has passed).
+// minRateSpan has passed).
 func (r *Reporter) Rate() float64 {
 	first, last := r.samples[0], r.samples[len(r.samples)-1]
-	dt := last.at.Sub(first.at).Seconds()
-	if dt <= 0 || last.done < first.done {
+	span := last.at.Sub(first.at)
+	dt := span.Seconds()
+	if span < minRateSpan || last.done < first.done {
 		return 0
 	}
 	return float64(last.done-first.done) / dt

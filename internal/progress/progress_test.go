@@ -66,6 +66,12 @@ func TestRateAndETA(t *testing.T) {
 	if r.Rate() != 0 {
 		t.Fatalf("rate before any time passed: %v", r.Rate())
 	}
+	c.advance(minRateSpan / 2)
+	r.Add(0)
+	if r.Rate() != 0 {
+		t.Fatalf("rate over %v: %v, want none yet", minRateSpan/2, r.Rate())
+	}
+	r = New(Config{Now: c.now}) // afresh, for round numbers below
 	if _, ok := r.ETA(); ok {
 		t.Fatal("ETA known before any progress")
 	}

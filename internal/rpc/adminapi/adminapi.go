@@ -255,7 +255,7 @@ func (s *Server) createDisk(ctx context.Context, r *pb.CreateDiskRequest, progre
 	}
 	var op *controller.Op
 	if o.Preallocate {
-		op = s.cfg.Ctrl.StartOperation(controller.OpCreate, "disk "+o.Name, controller.UnitSegments)
+		op = s.cfg.Ctrl.StartOperation(controller.OpPreallocate, "disk "+o.Name, controller.UnitSegments)
 		o.Progress = func(done, total uint64) {
 			op.Progress(done, total)
 			if progress != nil {
