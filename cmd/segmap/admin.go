@@ -1180,8 +1180,9 @@ func scrubWithProgress(ctx context.Context, c pb.AdminClient, req *pb.CheckReque
 	r, err := c.Check(ctx, req)
 	stop()
 	<-watched
-	if err == nil && pr.Total() > 0 {
-		pr.Update(pr.Total(), pr.Total()) // it ended: all of it is done
+	if err == nil {
+		// The scrub's last count, which a poll may have missed.
+		updateFromOperation(ctx, c, pr, controller.OpScrub, after)
 	}
 	pr.Finish(err)
 	return r, err

@@ -112,15 +112,22 @@ func watchOperation(ctx context.Context, c pb.AdminClient, pr *progress.Reporter
 			return
 		case <-t.C:
 		}
-		r, err := c.ListOperations(ctx, &pb.ListOperationsRequest{})
-		if err != nil {
-			continue // an older controller, or it is busy: no progress
-		}
-		for i := len(r.Operations) - 1; i >= 0; i-- {
-			if o := r.Operations[i]; o.Id > after && o.Kind == kind {
-				pr.Update(o.Done, o.Total)
-				break
-			}
+		updateFromOperation(ctx, c, pr, kind, after)
+	}
+}
+
+// updateFromOperation updates pr from the newest operation of kind with
+// an id above after, if the controller lists one (an older controller,
+// or one busy, does not: then nothing changes).
+func updateFromOperation(ctx context.Context, c pb.AdminClient, pr *progress.Reporter, kind string, after uint64) {
+	r, err := c.ListOperations(ctx, &pb.ListOperationsRequest{})
+	if err != nil {
+		return
+	}
+	for i := len(r.Operations) - 1; i >= 0; i-- {
+		if o := r.Operations[i]; o.Id > after && o.Kind == kind {
+			pr.Update(o.Done, o.Total)
+			return
 		}
 	}
 }
