@@ -62,6 +62,10 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	}
 	defer end()
 	var d meta.Disk
+	if o.Preallocate && o.Progress != nil {
+		// Zeroing the pool's free slots may take a while first.
+		o.Progress(0, (o.Size+o.SegmentSize-1)/o.SegmentSize)
+	}
 again:
 	if o.Preallocate {
 		if err := c.zeroPool(ctx, o.SegmentSize); err != nil {

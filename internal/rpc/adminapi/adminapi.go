@@ -229,7 +229,7 @@ func (s *Server) CreateDiskProgress(r *pb.CreateDiskRequest, stream pb.Admin_Cre
 	}
 	var segs uint64
 	if r.Preallocate && d.SegmentSize > 0 {
-		segs = d.Size / d.SegmentSize
+		segs = (d.Size + d.SegmentSize - 1) / d.SegmentSize
 	}
 	return stream.Send(&pb.CreateProgress{Done: segs, Total: segs, SegmentSize: d.SegmentSize, Disk: d})
 }
