@@ -77,6 +77,218 @@ func (Policy) EnumDescriptor() ([]byte, []int) {
 	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
 }
 
+type ListOperationsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOperationsRequest) Reset() {
+	*x = ListOperationsRequest{}
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOperationsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOperationsRequest) ProtoMessage() {}
+
+func (x *ListOperationsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOperationsRequest.ProtoReflect.Descriptor instead.
+func (*ListOperationsRequest) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+type ListOperationsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// operations, in the order they started: the running ones and the
+	// last 16 finished.
+	Operations    []*Operation `protobuf:"bytes,1,rep,name=operations,proto3" json:"operations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOperationsResponse) Reset() {
+	*x = ListOperationsResponse{}
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOperationsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOperationsResponse) ProtoMessage() {}
+
+func (x *ListOperationsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOperationsResponse.ProtoReflect.Descriptor instead.
+func (*ListOperationsResponse) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ListOperationsResponse) GetOperations() []*Operation {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+// Operation is one long operation of the controller.
+type Operation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id numbers the operations from 1 in the order they started (afresh
+	// when a controller starts).
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// kind: "preallocate" (a disk created preallocated), "drain", "replace-replica",
+	// "rebuild", "flatten", "export", "import" or "scrub".
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// target is what it works on, for a person: "container 3", "disk vm1",
+	// "vm1@mon", "mirrored containers".
+	Target string `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	// done of total, in unit; total 0 while it is not known.
+	Done  uint64 `protobuf:"varint,4,opt,name=done,proto3" json:"done,omitempty"`
+	Total uint64 `protobuf:"varint,5,opt,name=total,proto3" json:"total,omitempty"`
+	// unit: "bytes", "segments" or "slots".
+	Unit string `protobuf:"bytes,6,opt,name=unit,proto3" json:"unit,omitempty"`
+	// started_unix and finished_unix are seconds since 1970 (UTC);
+	// finished_unix is 0 while it runs.
+	StartedUnix  int64 `protobuf:"varint,7,opt,name=started_unix,json=startedUnix,proto3" json:"started_unix,omitempty"`
+	FinishedUnix int64 `protobuf:"varint,8,opt,name=finished_unix,json=finishedUnix,proto3" json:"finished_unix,omitempty"`
+	// state: "running", "done" or "failed".
+	State string `protobuf:"bytes,9,opt,name=state,proto3" json:"state,omitempty"`
+	// error says why a failed operation failed ("canceled": its client
+	// went away or was interrupted).
+	Error         string `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Operation) Reset() {
+	*x = Operation{}
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Operation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Operation) ProtoMessage() {}
+
+func (x *Operation) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Operation.ProtoReflect.Descriptor instead.
+func (*Operation) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Operation) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Operation) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Operation) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Operation) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *Operation) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *Operation) GetUnit() string {
+	if x != nil {
+		return x.Unit
+	}
+	return ""
+}
+
+func (x *Operation) GetStartedUnix() int64 {
+	if x != nil {
+		return x.StartedUnix
+	}
+	return 0
+}
+
+func (x *Operation) GetFinishedUnix() int64 {
+	if x != nil {
+		return x.FinishedUnix
+	}
+	return 0
+}
+
+func (x *Operation) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Operation) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 type SetDiskErrorRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -89,7 +301,7 @@ type SetDiskErrorRequest struct {
 
 func (x *SetDiskErrorRequest) Reset() {
 	*x = SetDiskErrorRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -101,7 +313,7 @@ func (x *SetDiskErrorRequest) String() string {
 func (*SetDiskErrorRequest) ProtoMessage() {}
 
 func (x *SetDiskErrorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[0]
+	mi := &file_segmapv1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -114,7 +326,7 @@ func (x *SetDiskErrorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDiskErrorRequest.ProtoReflect.Descriptor instead.
 func (*SetDiskErrorRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{0}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SetDiskErrorRequest) GetName() string {
@@ -147,7 +359,7 @@ type ClearDiskErrorsRequest struct {
 
 func (x *ClearDiskErrorsRequest) Reset() {
 	*x = ClearDiskErrorsRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -159,7 +371,7 @@ func (x *ClearDiskErrorsRequest) String() string {
 func (*ClearDiskErrorsRequest) ProtoMessage() {}
 
 func (x *ClearDiskErrorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[1]
+	mi := &file_segmapv1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -172,7 +384,7 @@ func (x *ClearDiskErrorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClearDiskErrorsRequest.ProtoReflect.Descriptor instead.
 func (*ClearDiskErrorsRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{1}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ClearDiskErrorsRequest) GetName() string {
@@ -191,7 +403,7 @@ type ClearDiskErrorsResponse struct {
 
 func (x *ClearDiskErrorsResponse) Reset() {
 	*x = ClearDiskErrorsResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -203,7 +415,7 @@ func (x *ClearDiskErrorsResponse) String() string {
 func (*ClearDiskErrorsResponse) ProtoMessage() {}
 
 func (x *ClearDiskErrorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[2]
+	mi := &file_segmapv1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -216,7 +428,7 @@ func (x *ClearDiskErrorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClearDiskErrorsResponse.ProtoReflect.Descriptor instead.
 func (*ClearDiskErrorsResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{2}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ClearDiskErrorsResponse) GetClearedBytes() uint64 {
@@ -237,7 +449,7 @@ type DiskErrors struct {
 
 func (x *DiskErrors) Reset() {
 	*x = DiskErrors{}
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -249,7 +461,7 @@ func (x *DiskErrors) String() string {
 func (*DiskErrors) ProtoMessage() {}
 
 func (x *DiskErrors) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[3]
+	mi := &file_segmapv1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -262,7 +474,7 @@ func (x *DiskErrors) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiskErrors.ProtoReflect.Descriptor instead.
 func (*DiskErrors) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{3}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DiskErrors) GetDisk() string {
@@ -292,7 +504,7 @@ type ExportRequest struct {
 
 func (x *ExportRequest) Reset() {
 	*x = ExportRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -304,7 +516,7 @@ func (x *ExportRequest) String() string {
 func (*ExportRequest) ProtoMessage() {}
 
 func (x *ExportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[4]
+	mi := &file_segmapv1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -317,7 +529,7 @@ func (x *ExportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportRequest.ProtoReflect.Descriptor instead.
 func (*ExportRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{4}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ExportRequest) GetSnapshot() string {
@@ -347,7 +559,7 @@ type ExportChunk struct {
 
 func (x *ExportChunk) Reset() {
 	*x = ExportChunk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -359,7 +571,7 @@ func (x *ExportChunk) String() string {
 func (*ExportChunk) ProtoMessage() {}
 
 func (x *ExportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[5]
+	mi := &file_segmapv1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -372,7 +584,7 @@ func (x *ExportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportChunk.ProtoReflect.Descriptor instead.
 func (*ExportChunk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{5}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ExportChunk) GetData() []byte {
@@ -397,14 +609,17 @@ type ImportChunk struct {
 	Disk  string `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
 	Force bool   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
 	// data is the next bytes of the stream.
-	Data          []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	Data []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	// total_bytes, in the first chunk only, is the length of the stream
+	// when the client knows it (a file), for progress; 0: not known.
+	TotalBytes    uint64 `protobuf:"varint,4,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ImportChunk) Reset() {
 	*x = ImportChunk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -416,7 +631,7 @@ func (x *ImportChunk) String() string {
 func (*ImportChunk) ProtoMessage() {}
 
 func (x *ImportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[6]
+	mi := &file_segmapv1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -429,7 +644,7 @@ func (x *ImportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportChunk.ProtoReflect.Descriptor instead.
 func (*ImportChunk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{6}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ImportChunk) GetDisk() string {
@@ -453,6 +668,13 @@ func (x *ImportChunk) GetData() []byte {
 	return nil
 }
 
+func (x *ImportChunk) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
 type ImportResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// snapshot is the snapshot the import made.
@@ -463,7 +685,7 @@ type ImportResponse struct {
 
 func (x *ImportResponse) Reset() {
 	*x = ImportResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -475,7 +697,7 @@ func (x *ImportResponse) String() string {
 func (*ImportResponse) ProtoMessage() {}
 
 func (x *ImportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[7]
+	mi := &file_segmapv1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -488,7 +710,7 @@ func (x *ImportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportResponse.ProtoReflect.Descriptor instead.
 func (*ImportResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{7}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ImportResponse) GetSnapshot() *Disk {
@@ -518,7 +740,7 @@ type DiffDisksRequest struct {
 
 func (x *DiffDisksRequest) Reset() {
 	*x = DiffDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +752,7 @@ func (x *DiffDisksRequest) String() string {
 func (*DiffDisksRequest) ProtoMessage() {}
 
 func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[8]
+	mi := &file_segmapv1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +765,7 @@ func (x *DiffDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiffDisksRequest.ProtoReflect.Descriptor instead.
 func (*DiffDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{8}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DiffDisksRequest) GetFrom() string {
@@ -592,7 +814,7 @@ type Extent struct {
 
 func (x *Extent) Reset() {
 	*x = Extent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +826,7 @@ func (x *Extent) String() string {
 func (*Extent) ProtoMessage() {}
 
 func (x *Extent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[9]
+	mi := &file_segmapv1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +839,7 @@ func (x *Extent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Extent.ProtoReflect.Descriptor instead.
 func (*Extent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{9}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Extent) GetOffset() uint64 {
@@ -657,7 +879,7 @@ type DiffDisksResponse struct {
 
 func (x *DiffDisksResponse) Reset() {
 	*x = DiffDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -669,7 +891,7 @@ func (x *DiffDisksResponse) String() string {
 func (*DiffDisksResponse) ProtoMessage() {}
 
 func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[10]
+	mi := &file_segmapv1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -682,7 +904,7 @@ func (x *DiffDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiffDisksResponse.ProtoReflect.Descriptor instead.
 func (*DiffDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{10}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DiffDisksResponse) GetExtents() []*Extent {
@@ -739,7 +961,7 @@ type GrantRequest struct {
 
 func (x *GrantRequest) Reset() {
 	*x = GrantRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +973,7 @@ func (x *GrantRequest) String() string {
 func (*GrantRequest) ProtoMessage() {}
 
 func (x *GrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[11]
+	mi := &file_segmapv1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +986,7 @@ func (x *GrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantRequest.ProtoReflect.Descriptor instead.
 func (*GrantRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{11}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GrantRequest) GetName() string {
@@ -821,7 +1043,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +1055,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[12]
+	mi := &file_segmapv1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +1068,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{12}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Disk) GetName() string {
@@ -964,7 +1186,7 @@ type CreateDiskRequest struct {
 
 func (x *CreateDiskRequest) Reset() {
 	*x = CreateDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1198,7 @@ func (x *CreateDiskRequest) String() string {
 func (*CreateDiskRequest) ProtoMessage() {}
 
 func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[13]
+	mi := &file_segmapv1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1211,7 @@ func (x *CreateDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateDiskRequest.ProtoReflect.Descriptor instead.
 func (*CreateDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{13}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CreateDiskRequest) GetName() string {
@@ -1034,6 +1256,76 @@ func (x *CreateDiskRequest) GetPreallocate() bool {
 	return false
 }
 
+// CreateProgress: segments preallocated of total; the last message has
+// the disk created.
+type CreateProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Done          uint64                 `protobuf:"varint,1,opt,name=done,proto3" json:"done,omitempty"`
+	Total         uint64                 `protobuf:"varint,2,opt,name=total,proto3" json:"total,omitempty"`
+	SegmentSize   uint64                 `protobuf:"varint,3,opt,name=segment_size,json=segmentSize,proto3" json:"segment_size,omitempty"`
+	Disk          *Disk                  `protobuf:"bytes,4,opt,name=disk,proto3" json:"disk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateProgress) Reset() {
+	*x = CreateProgress{}
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateProgress) ProtoMessage() {}
+
+func (x *CreateProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateProgress.ProtoReflect.Descriptor instead.
+func (*CreateProgress) Descriptor() ([]byte, []int) {
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *CreateProgress) GetDone() uint64 {
+	if x != nil {
+		return x.Done
+	}
+	return 0
+}
+
+func (x *CreateProgress) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *CreateProgress) GetSegmentSize() uint64 {
+	if x != nil {
+		return x.SegmentSize
+	}
+	return 0
+}
+
+func (x *CreateProgress) GetDisk() *Disk {
+	if x != nil {
+		return x.Disk
+	}
+	return nil
+}
+
 type ListDisksRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1042,7 +1334,7 @@ type ListDisksRequest struct {
 
 func (x *ListDisksRequest) Reset() {
 	*x = ListDisksRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1346,7 @@ func (x *ListDisksRequest) String() string {
 func (*ListDisksRequest) ProtoMessage() {}
 
 func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[14]
+	mi := &file_segmapv1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1359,7 @@ func (x *ListDisksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksRequest.ProtoReflect.Descriptor instead.
 func (*ListDisksRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{14}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 type ListDisksResponse struct {
@@ -1079,7 +1371,7 @@ type ListDisksResponse struct {
 
 func (x *ListDisksResponse) Reset() {
 	*x = ListDisksResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1091,7 +1383,7 @@ func (x *ListDisksResponse) String() string {
 func (*ListDisksResponse) ProtoMessage() {}
 
 func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[15]
+	mi := &file_segmapv1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1104,7 +1396,7 @@ func (x *ListDisksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDisksResponse.ProtoReflect.Descriptor instead.
 func (*ListDisksResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{15}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListDisksResponse) GetDisks() []*Disk {
@@ -1123,7 +1415,7 @@ type GetDiskRequest struct {
 
 func (x *GetDiskRequest) Reset() {
 	*x = GetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1427,7 @@ func (x *GetDiskRequest) String() string {
 func (*GetDiskRequest) ProtoMessage() {}
 
 func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[16]
+	mi := &file_segmapv1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1440,7 @@ func (x *GetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDiskRequest.ProtoReflect.Descriptor instead.
 func (*GetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{16}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetDiskRequest) GetName() string {
@@ -1170,7 +1462,7 @@ type ResizeDiskRequest struct {
 
 func (x *ResizeDiskRequest) Reset() {
 	*x = ResizeDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1182,7 +1474,7 @@ func (x *ResizeDiskRequest) String() string {
 func (*ResizeDiskRequest) ProtoMessage() {}
 
 func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[17]
+	mi := &file_segmapv1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1195,7 +1487,7 @@ func (x *ResizeDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeDiskRequest.ProtoReflect.Descriptor instead.
 func (*ResizeDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{17}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ResizeDiskRequest) GetName() string {
@@ -1230,7 +1522,7 @@ type RollbackDiskRequest struct {
 
 func (x *RollbackDiskRequest) Reset() {
 	*x = RollbackDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +1534,7 @@ func (x *RollbackDiskRequest) String() string {
 func (*RollbackDiskRequest) ProtoMessage() {}
 
 func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[18]
+	mi := &file_segmapv1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +1547,7 @@ func (x *RollbackDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackDiskRequest.ProtoReflect.Descriptor instead.
 func (*RollbackDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{18}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RollbackDiskRequest) GetName() string {
@@ -1282,7 +1574,7 @@ type RenameDiskRequest struct {
 
 func (x *RenameDiskRequest) Reset() {
 	*x = RenameDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1586,7 @@ func (x *RenameDiskRequest) String() string {
 func (*RenameDiskRequest) ProtoMessage() {}
 
 func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[19]
+	mi := &file_segmapv1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,7 +1599,7 @@ func (x *RenameDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameDiskRequest.ProtoReflect.Descriptor instead.
 func (*RenameDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{19}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RenameDiskRequest) GetName() string {
@@ -1335,7 +1627,7 @@ type SetDiskRequest struct {
 
 func (x *SetDiskRequest) Reset() {
 	*x = SetDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +1639,7 @@ func (x *SetDiskRequest) String() string {
 func (*SetDiskRequest) ProtoMessage() {}
 
 func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[20]
+	mi := &file_segmapv1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +1652,7 @@ func (x *SetDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDiskRequest.ProtoReflect.Descriptor instead.
 func (*SetDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{20}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetDiskRequest) GetName() string {
@@ -1386,7 +1678,7 @@ type FlattenDiskRequest struct {
 
 func (x *FlattenDiskRequest) Reset() {
 	*x = FlattenDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1398,7 +1690,7 @@ func (x *FlattenDiskRequest) String() string {
 func (*FlattenDiskRequest) ProtoMessage() {}
 
 func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[21]
+	mi := &file_segmapv1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1411,7 +1703,7 @@ func (x *FlattenDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenDiskRequest.ProtoReflect.Descriptor instead.
 func (*FlattenDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{21}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FlattenDiskRequest) GetName() string {
@@ -1434,7 +1726,7 @@ type FlattenProgress struct {
 
 func (x *FlattenProgress) Reset() {
 	*x = FlattenProgress{}
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1446,7 +1738,7 @@ func (x *FlattenProgress) String() string {
 func (*FlattenProgress) ProtoMessage() {}
 
 func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[22]
+	mi := &file_segmapv1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1459,7 +1751,7 @@ func (x *FlattenProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenProgress.ProtoReflect.Descriptor instead.
 func (*FlattenProgress) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{22}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FlattenProgress) GetDone() uint64 {
@@ -1494,7 +1786,7 @@ type DeleteDiskRequest struct {
 
 func (x *DeleteDiskRequest) Reset() {
 	*x = DeleteDiskRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1506,7 +1798,7 @@ func (x *DeleteDiskRequest) String() string {
 func (*DeleteDiskRequest) ProtoMessage() {}
 
 func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[23]
+	mi := &file_segmapv1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1519,7 +1811,7 @@ func (x *DeleteDiskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDiskRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{23}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *DeleteDiskRequest) GetName() string {
@@ -1547,7 +1839,7 @@ type DeleteDiskResponse struct {
 
 func (x *DeleteDiskResponse) Reset() {
 	*x = DeleteDiskResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1559,7 +1851,7 @@ func (x *DeleteDiskResponse) String() string {
 func (*DeleteDiskResponse) ProtoMessage() {}
 
 func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[24]
+	mi := &file_segmapv1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1572,7 +1864,7 @@ func (x *DeleteDiskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDiskResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDiskResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{24}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeleteDiskResponse) GetFreedBytes() uint64 {
@@ -1598,7 +1890,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1610,7 +1902,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[25]
+	mi := &file_segmapv1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1623,7 +1915,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{25}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SnapshotRequest) GetSources() []string {
@@ -1663,7 +1955,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1675,7 +1967,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[26]
+	mi := &file_segmapv1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1688,7 +1980,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{26}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SnapshotResponse) GetDisks() []*Disk {
@@ -1722,7 +2014,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1734,7 +2026,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[27]
+	mi := &file_segmapv1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1747,7 +2039,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{27}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Container) GetId() uint32 {
@@ -1825,7 +2117,7 @@ type ReplicaInfo struct {
 
 func (x *ReplicaInfo) Reset() {
 	*x = ReplicaInfo{}
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1837,7 +2129,7 @@ func (x *ReplicaInfo) String() string {
 func (*ReplicaInfo) ProtoMessage() {}
 
 func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[28]
+	mi := &file_segmapv1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1850,7 +2142,7 @@ func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaInfo.ProtoReflect.Descriptor instead.
 func (*ReplicaInfo) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{28}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ReplicaInfo) GetUri() string {
@@ -1882,7 +2174,7 @@ type ReplaceReplicaRequest struct {
 
 func (x *ReplaceReplicaRequest) Reset() {
 	*x = ReplaceReplicaRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1894,7 +2186,7 @@ func (x *ReplaceReplicaRequest) String() string {
 func (*ReplaceReplicaRequest) ProtoMessage() {}
 
 func (x *ReplaceReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[29]
+	mi := &file_segmapv1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1907,7 +2199,7 @@ func (x *ReplaceReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplaceReplicaRequest.ProtoReflect.Descriptor instead.
 func (*ReplaceReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{29}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ReplaceReplicaRequest) GetId() uint32 {
@@ -1954,7 +2246,7 @@ type RebuildReplicaRequest struct {
 
 func (x *RebuildReplicaRequest) Reset() {
 	*x = RebuildReplicaRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1966,7 +2258,7 @@ func (x *RebuildReplicaRequest) String() string {
 func (*RebuildReplicaRequest) ProtoMessage() {}
 
 func (x *RebuildReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[30]
+	mi := &file_segmapv1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1979,7 +2271,7 @@ func (x *RebuildReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebuildReplicaRequest.ProtoReflect.Descriptor instead.
 func (*RebuildReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{30}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RebuildReplicaRequest) GetId() uint32 {
@@ -1998,7 +2290,7 @@ type DrainContainerRequest struct {
 
 func (x *DrainContainerRequest) Reset() {
 	*x = DrainContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2010,7 +2302,7 @@ func (x *DrainContainerRequest) String() string {
 func (*DrainContainerRequest) ProtoMessage() {}
 
 func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[31]
+	mi := &file_segmapv1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2023,7 +2315,7 @@ func (x *DrainContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainContainerRequest.ProtoReflect.Descriptor instead.
 func (*DrainContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{31}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DrainContainerRequest) GetId() uint32 {
@@ -2047,7 +2339,7 @@ type DrainProgress struct {
 
 func (x *DrainProgress) Reset() {
 	*x = DrainProgress{}
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2059,7 +2351,7 @@ func (x *DrainProgress) String() string {
 func (*DrainProgress) ProtoMessage() {}
 
 func (x *DrainProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[32]
+	mi := &file_segmapv1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2072,7 +2364,7 @@ func (x *DrainProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
 func (*DrainProgress) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{32}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DrainProgress) GetDone() uint64 {
@@ -2105,7 +2397,7 @@ type RemoveContainerRequest struct {
 
 func (x *RemoveContainerRequest) Reset() {
 	*x = RemoveContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2409,7 @@ func (x *RemoveContainerRequest) String() string {
 func (*RemoveContainerRequest) ProtoMessage() {}
 
 func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[33]
+	mi := &file_segmapv1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2422,7 @@ func (x *RemoveContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{33}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RemoveContainerRequest) GetId() uint32 {
@@ -2149,7 +2441,7 @@ type OnlineContainerRequest struct {
 
 func (x *OnlineContainerRequest) Reset() {
 	*x = OnlineContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2161,7 +2453,7 @@ func (x *OnlineContainerRequest) String() string {
 func (*OnlineContainerRequest) ProtoMessage() {}
 
 func (x *OnlineContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[34]
+	mi := &file_segmapv1_admin_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2174,7 +2466,7 @@ func (x *OnlineContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OnlineContainerRequest.ProtoReflect.Descriptor instead.
 func (*OnlineContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{34}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *OnlineContainerRequest) GetId() uint32 {
@@ -2193,7 +2485,7 @@ type RemoveContainerResponse struct {
 
 func (x *RemoveContainerResponse) Reset() {
 	*x = RemoveContainerResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2205,7 +2497,7 @@ func (x *RemoveContainerResponse) String() string {
 func (*RemoveContainerResponse) ProtoMessage() {}
 
 func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[35]
+	mi := &file_segmapv1_admin_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2218,7 +2510,7 @@ func (x *RemoveContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveContainerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveContainerResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{35}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RemoveContainerResponse) GetId() uint32 {
@@ -2236,7 +2528,7 @@ type ListContainersRequest struct {
 
 func (x *ListContainersRequest) Reset() {
 	*x = ListContainersRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2540,7 @@ func (x *ListContainersRequest) String() string {
 func (*ListContainersRequest) ProtoMessage() {}
 
 func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[36]
+	mi := &file_segmapv1_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +2553,7 @@ func (x *ListContainersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersRequest.ProtoReflect.Descriptor instead.
 func (*ListContainersRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{36}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
 }
 
 type ListContainersResponse struct {
@@ -2273,7 +2565,7 @@ type ListContainersResponse struct {
 
 func (x *ListContainersResponse) Reset() {
 	*x = ListContainersResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2285,7 +2577,7 @@ func (x *ListContainersResponse) String() string {
 func (*ListContainersResponse) ProtoMessage() {}
 
 func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[37]
+	mi := &file_segmapv1_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2298,7 +2590,7 @@ func (x *ListContainersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListContainersResponse.ProtoReflect.Descriptor instead.
 func (*ListContainersResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{37}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListContainersResponse) GetContainers() []*Container {
@@ -2331,7 +2623,7 @@ type AddContainerRequest struct {
 
 func (x *AddContainerRequest) Reset() {
 	*x = AddContainerRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2343,7 +2635,7 @@ func (x *AddContainerRequest) String() string {
 func (*AddContainerRequest) ProtoMessage() {}
 
 func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[38]
+	mi := &file_segmapv1_admin_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2356,7 +2648,7 @@ func (x *AddContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddContainerRequest.ProtoReflect.Descriptor instead.
 func (*AddContainerRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{38}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AddContainerRequest) GetUri() string {
@@ -2408,7 +2700,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +2712,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[39]
+	mi := &file_segmapv1_admin_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +2725,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{39}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CheckRequest) GetRepair() bool {
@@ -2473,7 +2765,7 @@ type Problem struct {
 
 func (x *Problem) Reset() {
 	*x = Problem{}
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2485,7 +2777,7 @@ func (x *Problem) String() string {
 func (*Problem) ProtoMessage() {}
 
 func (x *Problem) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[40]
+	mi := &file_segmapv1_admin_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2498,7 +2790,7 @@ func (x *Problem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Problem.ProtoReflect.Descriptor instead.
 func (*Problem) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{40}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Problem) GetKind() string {
@@ -2576,7 +2868,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2588,7 +2880,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[41]
+	mi := &file_segmapv1_admin_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2601,7 +2893,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{41}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *CheckResponse) GetProblems() []*Problem {
@@ -2671,7 +2963,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_segmapv1_admin_proto_msgTypes[42]
+	mi := &file_segmapv1_admin_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2683,7 +2975,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[42]
+	mi := &file_segmapv1_admin_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2696,7 +2988,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{42}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *StatusRequest) GetAgents() bool {
@@ -2719,7 +3011,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_segmapv1_admin_proto_msgTypes[43]
+	mi := &file_segmapv1_admin_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2731,7 +3023,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[43]
+	mi := &file_segmapv1_admin_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2744,7 +3036,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{43}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Agent) GetName() string {
@@ -2797,7 +3089,7 @@ type AgentDisk struct {
 
 func (x *AgentDisk) Reset() {
 	*x = AgentDisk{}
-	mi := &file_segmapv1_admin_proto_msgTypes[44]
+	mi := &file_segmapv1_admin_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2809,7 +3101,7 @@ func (x *AgentDisk) String() string {
 func (*AgentDisk) ProtoMessage() {}
 
 func (x *AgentDisk) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[44]
+	mi := &file_segmapv1_admin_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2822,7 +3114,7 @@ func (x *AgentDisk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentDisk.ProtoReflect.Descriptor instead.
 func (*AgentDisk) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{44}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *AgentDisk) GetId() uint64 {
@@ -2954,7 +3246,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_segmapv1_admin_proto_msgTypes[45]
+	mi := &file_segmapv1_admin_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2966,7 +3258,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_segmapv1_admin_proto_msgTypes[45]
+	mi := &file_segmapv1_admin_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2979,7 +3271,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_segmapv1_admin_proto_rawDescGZIP(), []int{45}
+	return file_segmapv1_admin_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *StatusResponse) GetAgents() []*Agent {
@@ -3063,7 +3355,24 @@ var File_segmapv1_admin_proto protoreflect.FileDescriptor
 
 const file_segmapv1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"Y\n" +
+	"\x14segmapv1/admin.proto\x12\tsegmap.v1\"\x17\n" +
+	"\x15ListOperationsRequest\"N\n" +
+	"\x16ListOperationsResponse\x124\n" +
+	"\n" +
+	"operations\x18\x01 \x03(\v2\x14.segmap.v1.OperationR\n" +
+	"operations\"\xf9\x01\n" +
+	"\tOperation\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x12\n" +
+	"\x04done\x18\x04 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x05 \x01(\x04R\x05total\x12\x12\n" +
+	"\x04unit\x18\x06 \x01(\tR\x04unit\x12!\n" +
+	"\fstarted_unix\x18\a \x01(\x03R\vstartedUnix\x12#\n" +
+	"\rfinished_unix\x18\b \x01(\x03R\ffinishedUnix\x12\x14\n" +
+	"\x05state\x18\t \x01(\tR\x05state\x12\x14\n" +
+	"\x05error\x18\n" +
+	" \x01(\tR\x05error\"Y\n" +
 	"\x13SetDiskErrorRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +
@@ -3081,11 +3390,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x04base\x18\x02 \x01(\tR\x04base\"K\n" +
 	"\vExportChunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12(\n" +
-	"\x10total_data_bytes\x18\x02 \x01(\x04R\x0etotalDataBytes\"K\n" +
+	"\x10total_data_bytes\x18\x02 \x01(\x04R\x0etotalDataBytes\"l\n" +
 	"\vImportChunk\x12\x12\n" +
 	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data\"=\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\x12\x1f\n" +
+	"\vtotal_bytes\x18\x04 \x01(\x04R\n" +
+	"totalBytes\"=\n" +
 	"\x0eImportResponse\x12+\n" +
 	"\bsnapshot\x18\x01 \x01(\v2\x0f.segmap.v1.DiskR\bsnapshot\"\x87\x01\n" +
 	"\x10DiffDisksRequest\x12\x12\n" +
@@ -3133,7 +3444,12 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\x12)\n" +
 	"\x06policy\x18\x04 \x01(\x0e2\x11.segmap.v1.PolicyR\x06policy\x12\x16\n" +
 	"\x06agents\x18\x05 \x03(\tR\x06agents\x12 \n" +
-	"\vpreallocate\x18\x06 \x01(\bR\vpreallocate\"\x12\n" +
+	"\vpreallocate\x18\x06 \x01(\bR\vpreallocate\"\x82\x01\n" +
+	"\x0eCreateProgress\x12\x12\n" +
+	"\x04done\x18\x01 \x01(\x04R\x04done\x12\x14\n" +
+	"\x05total\x18\x02 \x01(\x04R\x05total\x12!\n" +
+	"\fsegment_size\x18\x03 \x01(\x04R\vsegmentSize\x12#\n" +
+	"\x04disk\x18\x04 \x01(\v2\x0f.segmap.v1.DiskR\x04disk\"\x12\n" +
 	"\x10ListDisksRequest\":\n" +
 	"\x11ListDisksResponse\x12%\n" +
 	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"$\n" +
@@ -3286,10 +3602,11 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Policy\x12\x16\n" +
 	"\x12POLICY_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0ePOLICY_FORWARD\x10\x01\x12\x12\n" +
-	"\x0ePOLICY_REVERSE\x10\x022\x86\x0e\n" +
+	"\x0ePOLICY_REVERSE\x10\x022\xae\x0f\n" +
 	"\x05Admin\x12;\n" +
 	"\n" +
-	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12F\n" +
+	"CreateDisk\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x0f.segmap.v1.Disk\x12O\n" +
+	"\x12CreateDiskProgress\x12\x1c.segmap.v1.CreateDiskRequest\x1a\x19.segmap.v1.CreateProgress0\x01\x12F\n" +
 	"\tListDisks\x12\x1b.segmap.v1.ListDisksRequest\x1a\x1c.segmap.v1.ListDisksResponse\x125\n" +
 	"\aGetDisk\x12\x19.segmap.v1.GetDiskRequest\x1a\x0f.segmap.v1.Disk\x12;\n" +
 	"\n" +
@@ -3317,7 +3634,8 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\x06Import\x12\x16.segmap.v1.ImportChunk\x1a\x19.segmap.v1.ImportResponse(\x01\x12F\n" +
 	"\tDiffDisks\x12\x1b.segmap.v1.DiffDisksRequest\x1a\x1c.segmap.v1.DiffDisksResponse\x12?\n" +
 	"\fSetDiskError\x12\x1e.segmap.v1.SetDiskErrorRequest\x1a\x0f.segmap.v1.Disk\x12X\n" +
-	"\x0fClearDiskErrors\x12!.segmap.v1.ClearDiskErrorsRequest\x1a\".segmap.v1.ClearDiskErrorsResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
+	"\x0fClearDiskErrors\x12!.segmap.v1.ClearDiskErrorsRequest\x1a\".segmap.v1.ClearDiskErrorsResponse\x12U\n" +
+	"\x0eListOperations\x12 .segmap.v1.ListOperationsRequest\x1a!.segmap.v1.ListOperationsResponseB\x15Z\x13segmap/api/segmapv1b\x06proto3"
 
 var (
 	file_segmapv1_admin_proto_rawDescOnce sync.Once
@@ -3332,132 +3650,142 @@ func file_segmapv1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_segmapv1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_segmapv1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_segmapv1_admin_proto_goTypes = []any{
 	(Policy)(0),                     // 0: segmap.v1.Policy
-	(*SetDiskErrorRequest)(nil),     // 1: segmap.v1.SetDiskErrorRequest
-	(*ClearDiskErrorsRequest)(nil),  // 2: segmap.v1.ClearDiskErrorsRequest
-	(*ClearDiskErrorsResponse)(nil), // 3: segmap.v1.ClearDiskErrorsResponse
-	(*DiskErrors)(nil),              // 4: segmap.v1.DiskErrors
-	(*ExportRequest)(nil),           // 5: segmap.v1.ExportRequest
-	(*ExportChunk)(nil),             // 6: segmap.v1.ExportChunk
-	(*ImportChunk)(nil),             // 7: segmap.v1.ImportChunk
-	(*ImportResponse)(nil),          // 8: segmap.v1.ImportResponse
-	(*DiffDisksRequest)(nil),        // 9: segmap.v1.DiffDisksRequest
-	(*Extent)(nil),                  // 10: segmap.v1.Extent
-	(*DiffDisksResponse)(nil),       // 11: segmap.v1.DiffDisksResponse
-	(*GrantRequest)(nil),            // 12: segmap.v1.GrantRequest
-	(*Disk)(nil),                    // 13: segmap.v1.Disk
-	(*CreateDiskRequest)(nil),       // 14: segmap.v1.CreateDiskRequest
-	(*ListDisksRequest)(nil),        // 15: segmap.v1.ListDisksRequest
-	(*ListDisksResponse)(nil),       // 16: segmap.v1.ListDisksResponse
-	(*GetDiskRequest)(nil),          // 17: segmap.v1.GetDiskRequest
-	(*ResizeDiskRequest)(nil),       // 18: segmap.v1.ResizeDiskRequest
-	(*RollbackDiskRequest)(nil),     // 19: segmap.v1.RollbackDiskRequest
-	(*RenameDiskRequest)(nil),       // 20: segmap.v1.RenameDiskRequest
-	(*SetDiskRequest)(nil),          // 21: segmap.v1.SetDiskRequest
-	(*FlattenDiskRequest)(nil),      // 22: segmap.v1.FlattenDiskRequest
-	(*FlattenProgress)(nil),         // 23: segmap.v1.FlattenProgress
-	(*DeleteDiskRequest)(nil),       // 24: segmap.v1.DeleteDiskRequest
-	(*DeleteDiskResponse)(nil),      // 25: segmap.v1.DeleteDiskResponse
-	(*SnapshotRequest)(nil),         // 26: segmap.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),        // 27: segmap.v1.SnapshotResponse
-	(*Container)(nil),               // 28: segmap.v1.Container
-	(*ReplicaInfo)(nil),             // 29: segmap.v1.ReplicaInfo
-	(*ReplaceReplicaRequest)(nil),   // 30: segmap.v1.ReplaceReplicaRequest
-	(*RebuildReplicaRequest)(nil),   // 31: segmap.v1.RebuildReplicaRequest
-	(*DrainContainerRequest)(nil),   // 32: segmap.v1.DrainContainerRequest
-	(*DrainProgress)(nil),           // 33: segmap.v1.DrainProgress
-	(*RemoveContainerRequest)(nil),  // 34: segmap.v1.RemoveContainerRequest
-	(*OnlineContainerRequest)(nil),  // 35: segmap.v1.OnlineContainerRequest
-	(*RemoveContainerResponse)(nil), // 36: segmap.v1.RemoveContainerResponse
-	(*ListContainersRequest)(nil),   // 37: segmap.v1.ListContainersRequest
-	(*ListContainersResponse)(nil),  // 38: segmap.v1.ListContainersResponse
-	(*AddContainerRequest)(nil),     // 39: segmap.v1.AddContainerRequest
-	(*CheckRequest)(nil),            // 40: segmap.v1.CheckRequest
-	(*Problem)(nil),                 // 41: segmap.v1.Problem
-	(*CheckResponse)(nil),           // 42: segmap.v1.CheckResponse
-	(*StatusRequest)(nil),           // 43: segmap.v1.StatusRequest
-	(*Agent)(nil),                   // 44: segmap.v1.Agent
-	(*AgentDisk)(nil),               // 45: segmap.v1.AgentDisk
-	(*StatusResponse)(nil),          // 46: segmap.v1.StatusResponse
+	(*ListOperationsRequest)(nil),   // 1: segmap.v1.ListOperationsRequest
+	(*ListOperationsResponse)(nil),  // 2: segmap.v1.ListOperationsResponse
+	(*Operation)(nil),               // 3: segmap.v1.Operation
+	(*SetDiskErrorRequest)(nil),     // 4: segmap.v1.SetDiskErrorRequest
+	(*ClearDiskErrorsRequest)(nil),  // 5: segmap.v1.ClearDiskErrorsRequest
+	(*ClearDiskErrorsResponse)(nil), // 6: segmap.v1.ClearDiskErrorsResponse
+	(*DiskErrors)(nil),              // 7: segmap.v1.DiskErrors
+	(*ExportRequest)(nil),           // 8: segmap.v1.ExportRequest
+	(*ExportChunk)(nil),             // 9: segmap.v1.ExportChunk
+	(*ImportChunk)(nil),             // 10: segmap.v1.ImportChunk
+	(*ImportResponse)(nil),          // 11: segmap.v1.ImportResponse
+	(*DiffDisksRequest)(nil),        // 12: segmap.v1.DiffDisksRequest
+	(*Extent)(nil),                  // 13: segmap.v1.Extent
+	(*DiffDisksResponse)(nil),       // 14: segmap.v1.DiffDisksResponse
+	(*GrantRequest)(nil),            // 15: segmap.v1.GrantRequest
+	(*Disk)(nil),                    // 16: segmap.v1.Disk
+	(*CreateDiskRequest)(nil),       // 17: segmap.v1.CreateDiskRequest
+	(*CreateProgress)(nil),          // 18: segmap.v1.CreateProgress
+	(*ListDisksRequest)(nil),        // 19: segmap.v1.ListDisksRequest
+	(*ListDisksResponse)(nil),       // 20: segmap.v1.ListDisksResponse
+	(*GetDiskRequest)(nil),          // 21: segmap.v1.GetDiskRequest
+	(*ResizeDiskRequest)(nil),       // 22: segmap.v1.ResizeDiskRequest
+	(*RollbackDiskRequest)(nil),     // 23: segmap.v1.RollbackDiskRequest
+	(*RenameDiskRequest)(nil),       // 24: segmap.v1.RenameDiskRequest
+	(*SetDiskRequest)(nil),          // 25: segmap.v1.SetDiskRequest
+	(*FlattenDiskRequest)(nil),      // 26: segmap.v1.FlattenDiskRequest
+	(*FlattenProgress)(nil),         // 27: segmap.v1.FlattenProgress
+	(*DeleteDiskRequest)(nil),       // 28: segmap.v1.DeleteDiskRequest
+	(*DeleteDiskResponse)(nil),      // 29: segmap.v1.DeleteDiskResponse
+	(*SnapshotRequest)(nil),         // 30: segmap.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),        // 31: segmap.v1.SnapshotResponse
+	(*Container)(nil),               // 32: segmap.v1.Container
+	(*ReplicaInfo)(nil),             // 33: segmap.v1.ReplicaInfo
+	(*ReplaceReplicaRequest)(nil),   // 34: segmap.v1.ReplaceReplicaRequest
+	(*RebuildReplicaRequest)(nil),   // 35: segmap.v1.RebuildReplicaRequest
+	(*DrainContainerRequest)(nil),   // 36: segmap.v1.DrainContainerRequest
+	(*DrainProgress)(nil),           // 37: segmap.v1.DrainProgress
+	(*RemoveContainerRequest)(nil),  // 38: segmap.v1.RemoveContainerRequest
+	(*OnlineContainerRequest)(nil),  // 39: segmap.v1.OnlineContainerRequest
+	(*RemoveContainerResponse)(nil), // 40: segmap.v1.RemoveContainerResponse
+	(*ListContainersRequest)(nil),   // 41: segmap.v1.ListContainersRequest
+	(*ListContainersResponse)(nil),  // 42: segmap.v1.ListContainersResponse
+	(*AddContainerRequest)(nil),     // 43: segmap.v1.AddContainerRequest
+	(*CheckRequest)(nil),            // 44: segmap.v1.CheckRequest
+	(*Problem)(nil),                 // 45: segmap.v1.Problem
+	(*CheckResponse)(nil),           // 46: segmap.v1.CheckResponse
+	(*StatusRequest)(nil),           // 47: segmap.v1.StatusRequest
+	(*Agent)(nil),                   // 48: segmap.v1.Agent
+	(*AgentDisk)(nil),               // 49: segmap.v1.AgentDisk
+	(*StatusResponse)(nil),          // 50: segmap.v1.StatusResponse
 }
 var file_segmapv1_admin_proto_depIdxs = []int32{
-	10, // 0: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
-	13, // 1: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
-	10, // 2: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
-	0,  // 3: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
-	10, // 4: segmap.v1.Disk.error_extents:type_name -> segmap.v1.Extent
-	0,  // 5: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
-	13, // 6: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
-	13, // 7: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
-	29, // 8: segmap.v1.Container.replicas:type_name -> segmap.v1.ReplicaInfo
-	28, // 9: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
-	41, // 10: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
-	41, // 11: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
-	4,  // 12: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
-	41, // 13: segmap.v1.CheckResponse.scrub_problems:type_name -> segmap.v1.Problem
-	41, // 14: segmap.v1.CheckResponse.scrub_repaired:type_name -> segmap.v1.Problem
-	45, // 15: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
-	44, // 16: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
-	28, // 17: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
-	14, // 18: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
-	15, // 19: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
-	17, // 20: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
-	18, // 21: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
-	24, // 22: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
-	19, // 23: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
-	20, // 24: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
-	21, // 25: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
-	22, // 26: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
-	26, // 27: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
-	37, // 28: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
-	39, // 29: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
-	32, // 30: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
-	34, // 31: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
-	35, // 32: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
-	30, // 33: segmap.v1.Admin.ReplaceReplica:input_type -> segmap.v1.ReplaceReplicaRequest
-	31, // 34: segmap.v1.Admin.RebuildReplica:input_type -> segmap.v1.RebuildReplicaRequest
-	40, // 35: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
-	43, // 36: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
-	12, // 37: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
-	12, // 38: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
-	5,  // 39: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
-	7,  // 40: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
-	9,  // 41: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
-	1,  // 42: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
-	2,  // 43: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
-	13, // 44: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
-	16, // 45: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
-	13, // 46: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
-	13, // 47: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
-	25, // 48: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
-	13, // 49: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
-	13, // 50: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
-	13, // 51: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
-	23, // 52: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
-	27, // 53: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
-	38, // 54: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
-	28, // 55: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
-	33, // 56: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
-	36, // 57: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
-	28, // 58: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
-	33, // 59: segmap.v1.Admin.ReplaceReplica:output_type -> segmap.v1.DrainProgress
-	33, // 60: segmap.v1.Admin.RebuildReplica:output_type -> segmap.v1.DrainProgress
-	42, // 61: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
-	46, // 62: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
-	13, // 63: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
-	13, // 64: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
-	6,  // 65: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
-	8,  // 66: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
-	11, // 67: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
-	13, // 68: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
-	3,  // 69: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
-	44, // [44:70] is the sub-list for method output_type
-	18, // [18:44] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	3,  // 0: segmap.v1.ListOperationsResponse.operations:type_name -> segmap.v1.Operation
+	13, // 1: segmap.v1.DiskErrors.extents:type_name -> segmap.v1.Extent
+	16, // 2: segmap.v1.ImportResponse.snapshot:type_name -> segmap.v1.Disk
+	13, // 3: segmap.v1.DiffDisksResponse.extents:type_name -> segmap.v1.Extent
+	0,  // 4: segmap.v1.Disk.policy:type_name -> segmap.v1.Policy
+	13, // 5: segmap.v1.Disk.error_extents:type_name -> segmap.v1.Extent
+	0,  // 6: segmap.v1.CreateDiskRequest.policy:type_name -> segmap.v1.Policy
+	16, // 7: segmap.v1.CreateProgress.disk:type_name -> segmap.v1.Disk
+	16, // 8: segmap.v1.ListDisksResponse.disks:type_name -> segmap.v1.Disk
+	16, // 9: segmap.v1.SnapshotResponse.disks:type_name -> segmap.v1.Disk
+	33, // 10: segmap.v1.Container.replicas:type_name -> segmap.v1.ReplicaInfo
+	32, // 11: segmap.v1.ListContainersResponse.containers:type_name -> segmap.v1.Container
+	45, // 12: segmap.v1.CheckResponse.problems:type_name -> segmap.v1.Problem
+	45, // 13: segmap.v1.CheckResponse.repaired:type_name -> segmap.v1.Problem
+	7,  // 14: segmap.v1.CheckResponse.disk_errors:type_name -> segmap.v1.DiskErrors
+	45, // 15: segmap.v1.CheckResponse.scrub_problems:type_name -> segmap.v1.Problem
+	45, // 16: segmap.v1.CheckResponse.scrub_repaired:type_name -> segmap.v1.Problem
+	49, // 17: segmap.v1.Agent.mapped_disks:type_name -> segmap.v1.AgentDisk
+	48, // 18: segmap.v1.StatusResponse.agents:type_name -> segmap.v1.Agent
+	32, // 19: segmap.v1.StatusResponse.containers:type_name -> segmap.v1.Container
+	17, // 20: segmap.v1.Admin.CreateDisk:input_type -> segmap.v1.CreateDiskRequest
+	17, // 21: segmap.v1.Admin.CreateDiskProgress:input_type -> segmap.v1.CreateDiskRequest
+	19, // 22: segmap.v1.Admin.ListDisks:input_type -> segmap.v1.ListDisksRequest
+	21, // 23: segmap.v1.Admin.GetDisk:input_type -> segmap.v1.GetDiskRequest
+	22, // 24: segmap.v1.Admin.ResizeDisk:input_type -> segmap.v1.ResizeDiskRequest
+	28, // 25: segmap.v1.Admin.DeleteDisk:input_type -> segmap.v1.DeleteDiskRequest
+	23, // 26: segmap.v1.Admin.RollbackDisk:input_type -> segmap.v1.RollbackDiskRequest
+	24, // 27: segmap.v1.Admin.RenameDisk:input_type -> segmap.v1.RenameDiskRequest
+	25, // 28: segmap.v1.Admin.SetDisk:input_type -> segmap.v1.SetDiskRequest
+	26, // 29: segmap.v1.Admin.FlattenDisk:input_type -> segmap.v1.FlattenDiskRequest
+	30, // 30: segmap.v1.Admin.Snapshot:input_type -> segmap.v1.SnapshotRequest
+	41, // 31: segmap.v1.Admin.ListContainers:input_type -> segmap.v1.ListContainersRequest
+	43, // 32: segmap.v1.Admin.AddContainer:input_type -> segmap.v1.AddContainerRequest
+	36, // 33: segmap.v1.Admin.DrainContainer:input_type -> segmap.v1.DrainContainerRequest
+	38, // 34: segmap.v1.Admin.RemoveContainer:input_type -> segmap.v1.RemoveContainerRequest
+	39, // 35: segmap.v1.Admin.OnlineContainer:input_type -> segmap.v1.OnlineContainerRequest
+	34, // 36: segmap.v1.Admin.ReplaceReplica:input_type -> segmap.v1.ReplaceReplicaRequest
+	35, // 37: segmap.v1.Admin.RebuildReplica:input_type -> segmap.v1.RebuildReplicaRequest
+	44, // 38: segmap.v1.Admin.Check:input_type -> segmap.v1.CheckRequest
+	47, // 39: segmap.v1.Admin.Status:input_type -> segmap.v1.StatusRequest
+	15, // 40: segmap.v1.Admin.Grant:input_type -> segmap.v1.GrantRequest
+	15, // 41: segmap.v1.Admin.Revoke:input_type -> segmap.v1.GrantRequest
+	8,  // 42: segmap.v1.Admin.Export:input_type -> segmap.v1.ExportRequest
+	10, // 43: segmap.v1.Admin.Import:input_type -> segmap.v1.ImportChunk
+	12, // 44: segmap.v1.Admin.DiffDisks:input_type -> segmap.v1.DiffDisksRequest
+	4,  // 45: segmap.v1.Admin.SetDiskError:input_type -> segmap.v1.SetDiskErrorRequest
+	5,  // 46: segmap.v1.Admin.ClearDiskErrors:input_type -> segmap.v1.ClearDiskErrorsRequest
+	1,  // 47: segmap.v1.Admin.ListOperations:input_type -> segmap.v1.ListOperationsRequest
+	16, // 48: segmap.v1.Admin.CreateDisk:output_type -> segmap.v1.Disk
+	18, // 49: segmap.v1.Admin.CreateDiskProgress:output_type -> segmap.v1.CreateProgress
+	20, // 50: segmap.v1.Admin.ListDisks:output_type -> segmap.v1.ListDisksResponse
+	16, // 51: segmap.v1.Admin.GetDisk:output_type -> segmap.v1.Disk
+	16, // 52: segmap.v1.Admin.ResizeDisk:output_type -> segmap.v1.Disk
+	29, // 53: segmap.v1.Admin.DeleteDisk:output_type -> segmap.v1.DeleteDiskResponse
+	16, // 54: segmap.v1.Admin.RollbackDisk:output_type -> segmap.v1.Disk
+	16, // 55: segmap.v1.Admin.RenameDisk:output_type -> segmap.v1.Disk
+	16, // 56: segmap.v1.Admin.SetDisk:output_type -> segmap.v1.Disk
+	27, // 57: segmap.v1.Admin.FlattenDisk:output_type -> segmap.v1.FlattenProgress
+	31, // 58: segmap.v1.Admin.Snapshot:output_type -> segmap.v1.SnapshotResponse
+	42, // 59: segmap.v1.Admin.ListContainers:output_type -> segmap.v1.ListContainersResponse
+	32, // 60: segmap.v1.Admin.AddContainer:output_type -> segmap.v1.Container
+	37, // 61: segmap.v1.Admin.DrainContainer:output_type -> segmap.v1.DrainProgress
+	40, // 62: segmap.v1.Admin.RemoveContainer:output_type -> segmap.v1.RemoveContainerResponse
+	32, // 63: segmap.v1.Admin.OnlineContainer:output_type -> segmap.v1.Container
+	37, // 64: segmap.v1.Admin.ReplaceReplica:output_type -> segmap.v1.DrainProgress
+	37, // 65: segmap.v1.Admin.RebuildReplica:output_type -> segmap.v1.DrainProgress
+	46, // 66: segmap.v1.Admin.Check:output_type -> segmap.v1.CheckResponse
+	50, // 67: segmap.v1.Admin.Status:output_type -> segmap.v1.StatusResponse
+	16, // 68: segmap.v1.Admin.Grant:output_type -> segmap.v1.Disk
+	16, // 69: segmap.v1.Admin.Revoke:output_type -> segmap.v1.Disk
+	9,  // 70: segmap.v1.Admin.Export:output_type -> segmap.v1.ExportChunk
+	11, // 71: segmap.v1.Admin.Import:output_type -> segmap.v1.ImportResponse
+	14, // 72: segmap.v1.Admin.DiffDisks:output_type -> segmap.v1.DiffDisksResponse
+	16, // 73: segmap.v1.Admin.SetDiskError:output_type -> segmap.v1.Disk
+	6,  // 74: segmap.v1.Admin.ClearDiskErrors:output_type -> segmap.v1.ClearDiskErrorsResponse
+	2,  // 75: segmap.v1.Admin.ListOperations:output_type -> segmap.v1.ListOperationsResponse
+	48, // [48:76] is the sub-list for method output_type
+	20, // [20:48] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_segmapv1_admin_proto_init() }
@@ -3465,15 +3793,15 @@ func file_segmapv1_admin_proto_init() {
 	if File_segmapv1_admin_proto != nil {
 		return
 	}
-	file_segmapv1_admin_proto_msgTypes[20].OneofWrappers = []any{}
-	file_segmapv1_admin_proto_msgTypes[27].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[24].OneofWrappers = []any{}
+	file_segmapv1_admin_proto_msgTypes[31].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_segmapv1_admin_proto_rawDesc), len(file_segmapv1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

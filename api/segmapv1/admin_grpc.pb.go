@@ -26,32 +26,34 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_CreateDisk_FullMethodName      = "/segmap.v1.Admin/CreateDisk"
-	Admin_ListDisks_FullMethodName       = "/segmap.v1.Admin/ListDisks"
-	Admin_GetDisk_FullMethodName         = "/segmap.v1.Admin/GetDisk"
-	Admin_ResizeDisk_FullMethodName      = "/segmap.v1.Admin/ResizeDisk"
-	Admin_DeleteDisk_FullMethodName      = "/segmap.v1.Admin/DeleteDisk"
-	Admin_RollbackDisk_FullMethodName    = "/segmap.v1.Admin/RollbackDisk"
-	Admin_RenameDisk_FullMethodName      = "/segmap.v1.Admin/RenameDisk"
-	Admin_SetDisk_FullMethodName         = "/segmap.v1.Admin/SetDisk"
-	Admin_FlattenDisk_FullMethodName     = "/segmap.v1.Admin/FlattenDisk"
-	Admin_Snapshot_FullMethodName        = "/segmap.v1.Admin/Snapshot"
-	Admin_ListContainers_FullMethodName  = "/segmap.v1.Admin/ListContainers"
-	Admin_AddContainer_FullMethodName    = "/segmap.v1.Admin/AddContainer"
-	Admin_DrainContainer_FullMethodName  = "/segmap.v1.Admin/DrainContainer"
-	Admin_RemoveContainer_FullMethodName = "/segmap.v1.Admin/RemoveContainer"
-	Admin_OnlineContainer_FullMethodName = "/segmap.v1.Admin/OnlineContainer"
-	Admin_ReplaceReplica_FullMethodName  = "/segmap.v1.Admin/ReplaceReplica"
-	Admin_RebuildReplica_FullMethodName  = "/segmap.v1.Admin/RebuildReplica"
-	Admin_Check_FullMethodName           = "/segmap.v1.Admin/Check"
-	Admin_Status_FullMethodName          = "/segmap.v1.Admin/Status"
-	Admin_Grant_FullMethodName           = "/segmap.v1.Admin/Grant"
-	Admin_Revoke_FullMethodName          = "/segmap.v1.Admin/Revoke"
-	Admin_Export_FullMethodName          = "/segmap.v1.Admin/Export"
-	Admin_Import_FullMethodName          = "/segmap.v1.Admin/Import"
-	Admin_DiffDisks_FullMethodName       = "/segmap.v1.Admin/DiffDisks"
-	Admin_SetDiskError_FullMethodName    = "/segmap.v1.Admin/SetDiskError"
-	Admin_ClearDiskErrors_FullMethodName = "/segmap.v1.Admin/ClearDiskErrors"
+	Admin_CreateDisk_FullMethodName         = "/segmap.v1.Admin/CreateDisk"
+	Admin_CreateDiskProgress_FullMethodName = "/segmap.v1.Admin/CreateDiskProgress"
+	Admin_ListDisks_FullMethodName          = "/segmap.v1.Admin/ListDisks"
+	Admin_GetDisk_FullMethodName            = "/segmap.v1.Admin/GetDisk"
+	Admin_ResizeDisk_FullMethodName         = "/segmap.v1.Admin/ResizeDisk"
+	Admin_DeleteDisk_FullMethodName         = "/segmap.v1.Admin/DeleteDisk"
+	Admin_RollbackDisk_FullMethodName       = "/segmap.v1.Admin/RollbackDisk"
+	Admin_RenameDisk_FullMethodName         = "/segmap.v1.Admin/RenameDisk"
+	Admin_SetDisk_FullMethodName            = "/segmap.v1.Admin/SetDisk"
+	Admin_FlattenDisk_FullMethodName        = "/segmap.v1.Admin/FlattenDisk"
+	Admin_Snapshot_FullMethodName           = "/segmap.v1.Admin/Snapshot"
+	Admin_ListContainers_FullMethodName     = "/segmap.v1.Admin/ListContainers"
+	Admin_AddContainer_FullMethodName       = "/segmap.v1.Admin/AddContainer"
+	Admin_DrainContainer_FullMethodName     = "/segmap.v1.Admin/DrainContainer"
+	Admin_RemoveContainer_FullMethodName    = "/segmap.v1.Admin/RemoveContainer"
+	Admin_OnlineContainer_FullMethodName    = "/segmap.v1.Admin/OnlineContainer"
+	Admin_ReplaceReplica_FullMethodName     = "/segmap.v1.Admin/ReplaceReplica"
+	Admin_RebuildReplica_FullMethodName     = "/segmap.v1.Admin/RebuildReplica"
+	Admin_Check_FullMethodName              = "/segmap.v1.Admin/Check"
+	Admin_Status_FullMethodName             = "/segmap.v1.Admin/Status"
+	Admin_Grant_FullMethodName              = "/segmap.v1.Admin/Grant"
+	Admin_Revoke_FullMethodName             = "/segmap.v1.Admin/Revoke"
+	Admin_Export_FullMethodName             = "/segmap.v1.Admin/Export"
+	Admin_Import_FullMethodName             = "/segmap.v1.Admin/Import"
+	Admin_DiffDisks_FullMethodName          = "/segmap.v1.Admin/DiffDisks"
+	Admin_SetDiskError_FullMethodName       = "/segmap.v1.Admin/SetDiskError"
+	Admin_ClearDiskErrors_FullMethodName    = "/segmap.v1.Admin/ClearDiskErrors"
+	Admin_ListOperations_FullMethodName     = "/segmap.v1.Admin/ListOperations"
 )
 
 // AdminClient is the client API for Admin service.
@@ -61,6 +63,11 @@ type AdminClient interface {
 	// CreateDisk creates a thin disk: every segment reads as zeros and
 	// nothing is allocated until written.
 	CreateDisk(ctx context.Context, in *CreateDiskRequest, opts ...grpc.CallOption) (*Disk, error)
+	// CreateDiskProgress is CreateDisk streaming its progress: for a
+	// preallocated disk, the segments mapped of its total after each
+	// transaction of the preallocation (a thin disk: none); the last
+	// message carries the disk.
+	CreateDiskProgress(ctx context.Context, in *CreateDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateProgress], error)
 	ListDisks(ctx context.Context, in *ListDisksRequest, opts ...grpc.CallOption) (*ListDisksResponse, error)
 	// GetDisk returns a disk with its space usage.
 	GetDisk(ctx context.Context, in *GetDiskRequest, opts ...grpc.CallOption) (*Disk, error)
@@ -131,6 +138,11 @@ type AdminClient interface {
 	// ClearDiskErrors makes every failing segment of a disk read as zeros
 	// (the data there is declared lost): the disk is whole again.
 	ClearDiskErrors(ctx context.Context, in *ClearDiskErrorsRequest, opts ...grpc.CallOption) (*ClearDiskErrorsResponse, error)
+	// ListOperations returns the long operations the controller runs now
+	// (drains, rebuilds, flattens, exports, imports, scrubs,
+	// preallocations), whoever started them, and the last few that ended.
+	// The leader answers: a controller keeps them in memory only.
+	ListOperations(ctx context.Context, in *ListOperationsRequest, opts ...grpc.CallOption) (*ListOperationsResponse, error)
 }
 
 type adminClient struct {
@@ -150,6 +162,25 @@ func (c *adminClient) CreateDisk(ctx context.Context, in *CreateDiskRequest, opt
 	}
 	return out, nil
 }
+
+func (c *adminClient) CreateDiskProgress(ctx context.Context, in *CreateDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[CreateProgress], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_CreateDiskProgress_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[CreateDiskRequest, CreateProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_CreateDiskProgressClient = grpc.ServerStreamingClient[CreateProgress]
 
 func (c *adminClient) ListDisks(ctx context.Context, in *ListDisksRequest, opts ...grpc.CallOption) (*ListDisksResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -223,7 +254,7 @@ func (c *adminClient) SetDisk(ctx context.Context, in *SetDiskRequest, opts ...g
 
 func (c *adminClient) FlattenDisk(ctx context.Context, in *FlattenDiskRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FlattenProgress], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_FlattenDisk_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_FlattenDisk_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -272,7 +303,7 @@ func (c *adminClient) AddContainer(ctx context.Context, in *AddContainerRequest,
 
 func (c *adminClient) DrainContainer(ctx context.Context, in *DrainContainerRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_DrainContainer_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_DrainContainer_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -311,7 +342,7 @@ func (c *adminClient) OnlineContainer(ctx context.Context, in *OnlineContainerRe
 
 func (c *adminClient) ReplaceReplica(ctx context.Context, in *ReplaceReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[2], Admin_ReplaceReplica_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[3], Admin_ReplaceReplica_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -330,7 +361,7 @@ type Admin_ReplaceReplicaClient = grpc.ServerStreamingClient[DrainProgress]
 
 func (c *adminClient) RebuildReplica(ctx context.Context, in *RebuildReplicaRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DrainProgress], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[3], Admin_RebuildReplica_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[4], Admin_RebuildReplica_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -389,7 +420,7 @@ func (c *adminClient) Revoke(ctx context.Context, in *GrantRequest, opts ...grpc
 
 func (c *adminClient) Export(ctx context.Context, in *ExportRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportChunk], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[4], Admin_Export_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[5], Admin_Export_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -408,7 +439,7 @@ type Admin_ExportClient = grpc.ServerStreamingClient[ExportChunk]
 
 func (c *adminClient) Import(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImportChunk, ImportResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[5], Admin_Import_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[6], Admin_Import_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -449,6 +480,16 @@ func (c *adminClient) ClearDiskErrors(ctx context.Context, in *ClearDiskErrorsRe
 	return out, nil
 }
 
+func (c *adminClient) ListOperations(ctx context.Context, in *ListOperationsRequest, opts ...grpc.CallOption) (*ListOperationsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListOperationsResponse)
+	err := c.cc.Invoke(ctx, Admin_ListOperations_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -456,6 +497,11 @@ type AdminServer interface {
 	// CreateDisk creates a thin disk: every segment reads as zeros and
 	// nothing is allocated until written.
 	CreateDisk(context.Context, *CreateDiskRequest) (*Disk, error)
+	// CreateDiskProgress is CreateDisk streaming its progress: for a
+	// preallocated disk, the segments mapped of its total after each
+	// transaction of the preallocation (a thin disk: none); the last
+	// message carries the disk.
+	CreateDiskProgress(*CreateDiskRequest, grpc.ServerStreamingServer[CreateProgress]) error
 	ListDisks(context.Context, *ListDisksRequest) (*ListDisksResponse, error)
 	// GetDisk returns a disk with its space usage.
 	GetDisk(context.Context, *GetDiskRequest) (*Disk, error)
@@ -526,6 +572,11 @@ type AdminServer interface {
 	// ClearDiskErrors makes every failing segment of a disk read as zeros
 	// (the data there is declared lost): the disk is whole again.
 	ClearDiskErrors(context.Context, *ClearDiskErrorsRequest) (*ClearDiskErrorsResponse, error)
+	// ListOperations returns the long operations the controller runs now
+	// (drains, rebuilds, flattens, exports, imports, scrubs,
+	// preallocations), whoever started them, and the last few that ended.
+	// The leader answers: a controller keeps them in memory only.
+	ListOperations(context.Context, *ListOperationsRequest) (*ListOperationsResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -538,6 +589,9 @@ type UnimplementedAdminServer struct{}
 
 func (UnimplementedAdminServer) CreateDisk(context.Context, *CreateDiskRequest) (*Disk, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateDisk not implemented")
+}
+func (UnimplementedAdminServer) CreateDiskProgress(*CreateDiskRequest, grpc.ServerStreamingServer[CreateProgress]) error {
+	return status.Error(codes.Unimplemented, "method CreateDiskProgress not implemented")
 }
 func (UnimplementedAdminServer) ListDisks(context.Context, *ListDisksRequest) (*ListDisksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListDisks not implemented")
@@ -614,6 +668,9 @@ func (UnimplementedAdminServer) SetDiskError(context.Context, *SetDiskErrorReque
 func (UnimplementedAdminServer) ClearDiskErrors(context.Context, *ClearDiskErrorsRequest) (*ClearDiskErrorsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ClearDiskErrors not implemented")
 }
+func (UnimplementedAdminServer) ListOperations(context.Context, *ListOperationsRequest) (*ListOperationsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListOperations not implemented")
+}
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
 
@@ -652,6 +709,17 @@ func _Admin_CreateDisk_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Admin_CreateDiskProgress_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(CreateDiskRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).CreateDiskProgress(m, &grpc.GenericServerStream[CreateDiskRequest, CreateProgress]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_CreateDiskProgressServer = grpc.ServerStreamingServer[CreateProgress]
 
 func _Admin_ListDisks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListDisksRequest)
@@ -1057,6 +1125,24 @@ func _Admin_ClearDiskErrors_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ListOperations_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListOperationsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListOperations(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListOperations_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListOperations(ctx, req.(*ListOperationsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1144,8 +1230,17 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "ClearDiskErrors",
 			Handler:    _Admin_ClearDiskErrors_Handler,
 		},
+		{
+			MethodName: "ListOperations",
+			Handler:    _Admin_ListOperations_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "CreateDiskProgress",
+			Handler:       _Admin_CreateDiskProgress_Handler,
+			ServerStreams: true,
+		},
 		{
 			StreamName:    "FlattenDisk",
 			Handler:       _Admin_FlattenDisk_Handler,

@@ -23,6 +23,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/ha"
 	"segmap/internal/offlinecheck"
+	"segmap/internal/progress"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/size"
 	"segmap/internal/tlsconf"
@@ -205,10 +206,17 @@ func newDisk(g *globals) *cobra.Command {
 	var sizeS, segS, policy string
 	var agents []string
 	var prealloc bool
+	var createPF progressFlags
 	create := &cobra.Command{
-		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse] [--preallocate]",
+		Use:   "create NAME --size SIZE [--segment-size SIZE] [--policy forward|reverse] [--preallocate [--progress|--no-progress]]",
 		Short: "create a thin disk (instant at any size; nothing is allocated until written)",
-		Args:  exactArgs(1, "one disk name"),
+		Long: `create creates a disk. It is thin: instant at any size, every segment
+reads as zeros and a slot is allocated on its first write. With
+--preallocate every segment gets a zeroed slot now (a thick disk: no
+write to it ever waits for an allocation), which takes a while for a
+large disk; its progress is shown in segments.
+` + progressHelp,
+		Args: exactArgs(1, "one disk name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if sizeS == "" {
 				return usageError{fmt.Errorf("--size is required (e.g. --size 10G)")}
@@ -227,8 +235,23 @@ func newDisk(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			req := &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol, Agents: agents, Preallocate: prealloc}
+			var pr *progress.Reporter
+			if prealloc {
+				if pr, err = createPF.reporter(cmd, g, controller.OpPreallocate, "disk "+args[0], progress.Segments); err != nil {
+					return err
+				}
+				// A preallocation takes as long as its slots take.
+				g.noDeadline = true
+			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				d, err := c.CreateDisk(ctx, &pb.CreateDiskRequest{Name: args[0], Size: n, SegmentSize: seg, Policy: pol, Agents: agents, Preallocate: prealloc})
+				var d *pb.Disk
+				var err error
+				if prealloc {
+					d, err = createWithProgress(ctx, c, req, pr)
+				} else {
+					d, err = c.CreateDisk(ctx, req)
+				}
 				if err != nil {
 					return err
 				}
@@ -245,6 +268,7 @@ func newDisk(g *globals) *cobra.Command {
 	create.Flags().StringVar(&policy, "policy", "forward", "copy-on-write policy for shared segments: forward or reverse")
 	create.Flags().StringSliceVar(&agents, "agent", nil, "agents (hosts) allowed to map the disk; repeat or comma-separate (default: any agent)")
 	create.Flags().BoolVar(&prealloc, "preallocate", false, "allocate a zeroed slot for every segment now (a thick disk: no write faults to allocate)")
+	createPF.add(create)
 
 	list := &cobra.Command{
 		Use: "list", Short: "list disks with their space usage", Args: noArgs,
@@ -430,6 +454,30 @@ then the total. With --json, an array: [{"offset":N,"length":N}, ...].`,
 	disk.AddCommand(lineageCommands(g)...)
 	disk.AddCommand(errorCommands(g)...)
 	return disk
+}
+
+// createWithProgress creates a disk through CreateDiskProgress, showing
+// its preallocation on pr, and returns the disk.
+func createWithProgress(ctx context.Context, c pb.AdminClient, req *pb.CreateDiskRequest, pr *progress.Reporter) (*pb.Disk, error) {
+	st, err := c.CreateDiskProgress(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		p, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			err = fmt.Errorf("create disk %s: the controller sent no disk", req.Name)
+		}
+		if err != nil {
+			pr.Finish(err)
+			return nil, err
+		}
+		pr.Update(p.Done, p.Total)
+		if p.Disk != nil {
+			pr.Finish(nil)
+			return p.Disk, nil
+		}
+	}
 }
 
 // diffAll asks for a diff page by page (a response holds a bounded
@@ -758,7 +806,7 @@ func containerID(arg string) (uint32, error) {
 }
 
 func newContainerDrain(g *globals) *cobra.Command {
-	var progress, noProgress bool
+	var pf progressFlags
 	cmd := &cobra.Command{
 		Use:   "drain ID [--progress|--no-progress]",
 		Short: "move every slot off a container while hosts keep using its disks",
@@ -772,31 +820,31 @@ shared) at the copy, and frees the old slot.
 The container is marked draining first: from then on no new slot lands on
 it, and it stays draining. An interrupted drain (Ctrl-C, a controller
 restart or failover) is continued by running drain again. Once it ends,
-'container remove ID' removes the container. Progress goes to standard
-error on a terminal (--progress: always; --no-progress: never).`,
+'container remove ID' removes the container.
+` + progressHelp,
 		Args: exactArgs(1, "one container id"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := containerID(args[0])
 			if err != nil {
 				return err
 			}
-			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
+			pr, err := pf.reporter(cmd, g, controller.OpDrain, fmt.Sprintf("container %d", id), progress.Slots)
+			if err != nil {
+				return err
+			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				st, err := c.DrainContainer(ctx, &pb.DrainContainerRequest{Id: id})
 				if err != nil {
 					return err
 				}
 				start := time.Now()
-				pr := newProgress(cmd.ErrOrStderr(), show)
 				last, err := followMoves(pr, st)
 				if err != nil {
 					return err
 				}
 				if last == nil {
-					pr.fail()
 					return fmt.Errorf("drain container %d: the controller sent no progress", id)
 				}
-				pr.done()
 				if g.json {
 					return printJSON(cmd.OutOrStdout(), last)
 				}
@@ -806,57 +854,14 @@ error on a terminal (--progress: always; --no-progress: never).`,
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
-	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	pf.add(cmd)
 	return cmd
-}
-
-// followMoves shows on pr, in bytes, a stream of segment moves of one
-// slot each (a drain's, a rebuild's) until it ends, and returns its last
-// message (nil if none came). A failed stream fails pr.
-func followMoves(pr *progress, st interface {
-	Recv() (*pb.DrainProgress, error)
-}) (*pb.DrainProgress, error) {
-	var last *pb.DrainProgress
-	for {
-		p, err := st.Recv()
-		if errors.Is(err, io.EOF) {
-			return last, nil
-		}
-		if err != nil {
-			pr.fail()
-			return nil, err
-		}
-		last = p
-		pr.total = p.Total * max(p.SlotSize, 1)
-		pr.add(p.Done*max(p.SlotSize, 1) - pr.n)
-	}
-}
-
-// rebuildProgress shows a rebuild's progress stream and its end.
-func rebuildProgress(cmd *cobra.Command, g *globals, id uint32, show bool, st interface {
-	Recv() (*pb.DrainProgress, error)
-}) error {
-	start := time.Now()
-	pr := newProgress(cmd.ErrOrStderr(), show)
-	last, err := followMoves(pr, st)
-	if err != nil {
-		return err
-	}
-	pr.done()
-	if last == nil {
-		last = &pb.DrainProgress{}
-	}
-	if g.json {
-		return printJSON(cmd.OutOrStdout(), last)
-	}
-	fmt.Fprintf(cmd.OutOrStdout(), "rebuilt the replica of container %d: %s copied in %v\n", id, plural(int(last.Done), "segment"), time.Since(start).Round(time.Millisecond))
-	return nil
 }
 
 func newReplaceReplica(g *globals) *cobra.Command {
 	var oldURI, newURI string
-	var format, force, progress, noProgress bool
+	var format, force bool
+	var pf progressFlags
 	cmd := &cobra.Command{
 		Use:   "replace-replica ID --old URI --new URI [--format [--force]]",
 		Short: "replace a replica of a mirrored container and rebuild it while hosts keep writing",
@@ -866,9 +871,9 @@ every holder writes it from then on, every used slot is copied onto it
 from a healthy replica (each segment's writers paused for its copy), and
 it is marked healthy. With --format, --new is formatted first with the
 container's id and slot size (a new file is created at its size).
-Progress goes to standard error on a terminal. An interrupted rebuild
-(Ctrl-C, a controller restart) goes on by itself, or with 'container
-rebuild ID'.`,
+An interrupted rebuild (Ctrl-C, a controller restart) goes on by itself,
+or with 'container rebuild ID'.
+` + progressHelp,
 		Args: exactArgs(1, "one container id"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := containerID(args[0])
@@ -885,13 +890,12 @@ rebuild ID'.`,
 				}
 				newURI = "file://" + p
 			}
-			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				st, err := c.ReplaceReplica(ctx, &pb.ReplaceReplicaRequest{Id: id, OldUri: oldURI, NewUri: newURI, Format: format, Force: force})
 				if err != nil {
 					return err
 				}
-				return rebuildProgress(cmd, g, id, show, st)
+				return rebuildProgress(cmd, g, controller.OpReplaceReplica, id, &pf, st)
 			})
 		},
 	}
@@ -899,13 +903,12 @@ rebuild ID'.`,
 	cmd.Flags().StringVar(&newURI, "new", "", "the new replica: an nbd:// export, a device or a path")
 	cmd.Flags().BoolVar(&format, "format", false, "format the new replica first")
 	cmd.Flags().BoolVar(&force, "force", false, "with --format: format even over a file system or container found there")
-	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
-	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	pf.add(cmd)
 	return cmd
 }
 
 func newRebuildReplica(g *globals) *cobra.Command {
-	var progress, noProgress bool
+	var pf progressFlags
 	cmd := &cobra.Command{
 		Use:   "rebuild ID",
 		Short: "rebuild a mirrored container's failed or rebuilding replica",
@@ -913,25 +916,24 @@ func newRebuildReplica(g *globals) *cobra.Command {
 a rebuild that stopped: a replica that was away copies only the slots
 written meanwhile (recorded before each was written), a new one every
 used slot. The controller starts it by itself once a failed replica has
-answered for a few seconds; this runs it at once.`,
+answered for a few seconds; this runs it at once.
+` + progressHelp,
 		Args: exactArgs(1, "one container id"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := containerID(args[0])
 			if err != nil {
 				return err
 			}
-			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				st, err := c.RebuildReplica(ctx, &pb.RebuildReplicaRequest{Id: id})
 				if err != nil {
 					return err
 				}
-				return rebuildProgress(cmd, g, id, show, st)
+				return rebuildProgress(cmd, g, controller.OpRebuild, id, &pf, st)
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
-	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	pf.add(cmd)
 	return cmd
 }
 
@@ -1089,7 +1091,10 @@ replica was away, one that has not caught up since; else the replica
 hosts read the slot from, so that what they have read stays (the detail
 then says so: nothing tells which one holds the last write). Free slots that do not read zero
 are punched. A summary line follows: "scrub: N slots compared on M
-mirrored containers, K mismatches".
+mirrored containers, K mismatches". While it runs, its progress (slots
+compared) goes to standard error: a bar on a terminal, nothing on a pipe,
+JSON events with --json; --progress and --no-progress as for every long
+operation (docs/progress.md).
 
 Exit status: 0 clean (after --repair: clean once the leaks are reclaimed
 and the replicas rewritten), 3 damage or a scrub mismatch found, 4
@@ -1099,6 +1104,7 @@ usage.`
 
 func newCheck(g *globals) *cobra.Command {
 	var repair, scrub bool
+	var pf progressFlags
 	var data string
 	ef := &etcdFlags{}
 	cmd := &cobra.Command{
@@ -1130,8 +1136,18 @@ func newCheck(g *globals) *cobra.Command {
 				}
 				return printCheck(cmd.OutOrStdout(), g.json, r, false)
 			}
+			pr, err := pf.reporter(cmd, g, controller.OpScrub, "mirrored containers", progress.Slots)
+			if err != nil {
+				return err
+			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				r, err := c.Check(ctx, &pb.CheckRequest{Repair: repair, Scrub: scrub})
+				req := &pb.CheckRequest{Repair: repair, Scrub: scrub}
+				var r *pb.CheckResponse
+				if scrub {
+					r, err = scrubWithProgress(ctx, c, req, pr)
+				} else {
+					r, err = c.Check(ctx, req)
+				}
 				if err != nil {
 					return err
 				}
@@ -1143,7 +1159,33 @@ func newCheck(g *globals) *cobra.Command {
 	cmd.Flags().BoolVar(&scrub, "scrub", false, "also compare the replicas of every mirrored container, slot by slot (reads every slot of them)")
 	cmd.Flags().StringVar(&data, "data", "", "check the bbolt store in DIR/meta.db of a stopped controller or 'segmap up'")
 	ef.add(cmd)
+	pf.add(cmd)
 	return cmd
+}
+
+// scrubWithProgress runs a check with a scrub, showing the scrub's
+// progress on pr: Check is one call, so the progress is the scrub's
+// operation, polled from ListOperations meanwhile.
+func scrubWithProgress(ctx context.Context, c pb.AdminClient, req *pb.CheckRequest, pr *progress.Reporter) (*pb.CheckResponse, error) {
+	if pr.Mode() == progress.Off {
+		return c.Check(ctx, req)
+	}
+	after := lastOperationID(ctx, c)
+	wctx, stop := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		watchOperation(wctx, c, pr, controller.OpScrub, after)
+	}()
+	r, err := c.Check(ctx, req)
+	stop()
+	<-watched
+	if err == nil {
+		// The scrub's last count, which a poll may have missed.
+		updateFromOperation(ctx, c, pr, controller.OpScrub, after)
+	}
+	pr.Finish(err)
+	return r, err
 }
 
 // checkData is 'segmap check --data DIR [--repair]'.

@@ -6,13 +6,12 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	pb "segmap/api/segmapv1"
-	"segmap/internal/size"
+	"segmap/internal/controller"
+	"segmap/internal/progress"
 )
 
 // exportChunk is how much of a stream one ImportChunk carries.
@@ -20,7 +19,7 @@ const exportChunk = 1 << 20
 
 func newExport(g *globals) *cobra.Command {
 	var from, out string
-	var progress, noProgress bool
+	var pf progressFlags
 	cmd := &cobra.Command{
 		Use:   "export SNAP [--from BASE] [-o FILE] [--progress|--no-progress]",
 		Short: "write a snapshot as a stream (all of it, or what changed since BASE)",
@@ -32,12 +31,17 @@ same disk. 'segmap import' applies it on another cluster:
   segmap export vm1@mon | ssh host segmap import vm1
   segmap export vm1@tue --from vm1@mon | ssh host segmap import vm1
 
-A progress line (bytes, rate, ETA) goes to standard error when it is a
-terminal, or with --progress. --timeout does not bound an export.`,
+--timeout does not bound an export.
+` + progressHelp,
 		Args: exactArgs(1, "the snapshot to export"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if progress && noProgress {
-				return usageError{errors.New("export: --progress and --no-progress both given")}
+			target := args[0]
+			if from != "" {
+				target += " from " + from
+			}
+			p, err := pf.reporter(cmd, g, controller.OpExport, target, progress.Bytes)
+			if err != nil {
+				return err
 			}
 			w := cmd.OutOrStdout()
 			if out != "" {
@@ -50,32 +54,31 @@ terminal, or with --progress. --timeout does not bound an export.`,
 			} else if isTerminal(w) {
 				return usageError{errors.New("export: standard output is a terminal; redirect it, pipe it or pass -o FILE")}
 			}
-			show := progress || (!noProgress && isTerminal(cmd.ErrOrStderr()))
 			g.noDeadline = true
-			err := g.call(func(ctx context.Context, c pb.AdminClient) error {
+			err = g.call(func(ctx context.Context, c pb.AdminClient) error {
 				st, err := c.Export(ctx, &pb.ExportRequest{Snapshot: args[0], Base: from})
 				if err != nil {
 					return err
 				}
-				p := newProgress(cmd.ErrOrStderr(), show)
 				for {
 					ch, err := st.Recv()
 					if errors.Is(err, io.EOF) {
-						p.done()
+						p.Finish(nil)
 						return nil
 					}
 					if err != nil {
-						p.fail()
+						p.Finish(err)
 						return err
 					}
 					if ch.TotalDataBytes != 0 {
-						p.total = ch.TotalDataBytes
+						p.SetTotal(ch.TotalDataBytes)
 					}
 					if _, err := w.Write(ch.Data); err != nil {
-						p.fail()
-						return fmt.Errorf("export: write: %w", err)
+						err = fmt.Errorf("export: write: %w", err)
+						p.Finish(err)
+						return err
 					}
-					p.add(uint64(len(ch.Data)))
+					p.Add(uint64(len(ch.Data)))
 				}
 			})
 			if err == nil && out != "" {
@@ -89,15 +92,15 @@ terminal, or with --progress. --timeout does not bound an export.`,
 	}
 	cmd.Flags().StringVar(&from, "from", "", "write only what changed since this earlier snapshot")
 	cmd.Flags().StringVarP(&out, "output", "o", "", "write to FILE instead of standard output")
-	cmd.Flags().BoolVar(&progress, "progress", false, "show progress on standard error even when it is not a terminal")
-	cmd.Flags().BoolVar(&noProgress, "no-progress", false, "never show progress")
+	pf.add(cmd)
 	return cmd
 }
 
 func newImport(g *globals) *cobra.Command {
 	var force bool
+	var pf progressFlags
 	cmd := &cobra.Command{
-		Use:   "import [FILE] DISK [--force]",
+		Use:   "import [FILE] DISK [--force] [--progress|--no-progress]",
 		Short: "apply a stream written by 'segmap export' to a disk",
 		Long: `import reads a stream from FILE, or standard input, and applies it:
 
@@ -109,7 +112,10 @@ func newImport(g *globals) *cobra.Command {
 Either way it ends with a read-only snapshot named like the source
 (vm1@mon imported into vm2 gives vm2@mon). A truncated, corrupted or
 mismatched stream is refused and DISK is left as it was.
---timeout does not bound an import.`,
+--timeout does not bound an import. The progress counts the stream's
+bytes, of its length when it is a file (FILE, or standard input
+redirected from one).
+` + progressHelp,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) < 1 || len(args) > 2 {
 				return usageError{errors.New("import wants [FILE] DISK")}
@@ -127,36 +133,16 @@ mismatched stream is refused and DISK is left as it was.
 				in = f
 			}
 			disk := args[len(args)-1]
+			p, err := pf.reporter(cmd, g, controller.OpImport, "disk "+disk, progress.Bytes)
+			if err != nil {
+				return err
+			}
+			total := streamLength(in)
+			p.SetTotal(total)
 			g.noDeadline = true
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
-				st, err := c.Import(ctx)
-				if err != nil {
-					return err
-				}
-				if err := st.Send(&pb.ImportChunk{Disk: disk, Force: force}); err != nil && !errors.Is(err, io.EOF) {
-					return err
-				}
-				buf := make([]byte, exportChunk)
-				for {
-					n, rerr := io.ReadFull(in, buf)
-					if n > 0 {
-						if err := st.Send(&pb.ImportChunk{Data: buf[:n]}); err != nil {
-							// io.EOF: the server has answered (a
-							// refusal); CloseAndRecv says what.
-							if errors.Is(err, io.EOF) {
-								break
-							}
-							return err
-						}
-					}
-					if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
-						break
-					}
-					if rerr != nil {
-						return fmt.Errorf("import: read: %w", rerr)
-					}
-				}
-				r, err := st.CloseAndRecv()
+				r, err := importStream(ctx, c, in, &pb.ImportChunk{Disk: disk, Force: force, TotalBytes: total}, p)
+				p.Finish(err)
 				if err != nil {
 					return err
 				}
@@ -169,78 +155,58 @@ mismatched stream is refused and DISK is left as it was.
 		},
 	}
 	cmd.Flags().BoolVar(&force, "force", false, "apply an incremental stream even if DISK was written since its newest snapshot (those writes are lost)")
+	pf.add(cmd)
 	return cmd
 }
 
-// isTerminal reports whether w is a terminal: a file that answers the
-// terminal ioctl (a character device such as /dev/null is not one).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
+// streamLength returns the bytes left in r if it is a regular file (0:
+// not known).
+func streamLength(r io.Reader) uint64 {
+	f, ok := r.(*os.File)
 	if !ok {
-		return false
+		return 0
 	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
-
-// progress prints a line of bytes, rate and ETA, at most a few times a
-// second, redrawn in place.
-type progress struct {
-	w     io.Writer
-	on    bool
-	total uint64 // data bytes expected, 0 if unknown
-	n     uint64
-	start time.Time
-	last  time.Time
-}
-
-func newProgress(w io.Writer, on bool) *progress {
-	now := time.Now()
-	return &progress{w: w, on: on, start: now, last: now}
-}
-
-func (p *progress) add(n uint64) {
-	p.n += n
-	if now := time.Now(); p.on && now.Sub(p.last) >= 200*time.Millisecond {
-		p.last = now
-		p.print(false)
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return 0
 	}
+	off, err := f.Seek(0, io.SeekCurrent)
+	if err != nil || off > fi.Size() {
+		return 0
+	}
+	return uint64(fi.Size() - off)
 }
 
-func (p *progress) print(final bool) {
-	el := time.Since(p.start).Seconds()
-	rate := 0.0
-	if el > 0 {
-		rate = float64(p.n) / el
+// importStream sends the stream in to Import after first (the disk and
+// its options), counting the bytes sent on p, and returns the answer.
+func importStream(ctx context.Context, c pb.AdminClient, in io.Reader, first *pb.ImportChunk, p *progress.Reporter) (*pb.ImportResponse, error) {
+	st, err := c.Import(ctx)
+	if err != nil {
+		return nil, err
 	}
-	line := fmt.Sprintf("%s  %s/s", size.Format(p.n), size.Format(uint64(rate)))
-	if p.total > 0 && !final {
-		pct := min(100, 100*float64(p.n)/float64(p.total))
-		eta := "?"
-		if rate > 0 && p.total > p.n {
-			eta = time.Duration(float64(p.total-p.n) / rate * float64(time.Second)).Round(time.Second).String()
-		} else if p.total <= p.n {
-			eta = "0s"
+	if err := st.Send(first); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	buf := make([]byte, exportChunk)
+	for {
+		n, rerr := io.ReadFull(in, buf)
+		if n > 0 {
+			if err := st.Send(&pb.ImportChunk{Data: buf[:n]}); err != nil {
+				// io.EOF: the server has answered (a
+				// refusal); CloseAndRecv says what.
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				return nil, err
+			}
+			p.Add(uint64(n))
 		}
-		line += fmt.Sprintf("  %3.0f%% of %s  ETA %s", pct, size.Format(p.total), eta)
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			break
+		}
+		if rerr != nil {
+			return nil, fmt.Errorf("import: read: %w", rerr)
+		}
 	}
-	if final {
-		line += fmt.Sprintf("  in %s", time.Since(p.start).Round(100*time.Millisecond))
-	}
-	fmt.Fprintf(p.w, "\r\x1b[K%s", line)
-	if final {
-		fmt.Fprintln(p.w)
-	}
-}
-
-func (p *progress) done() {
-	if p.on {
-		p.print(true)
-	}
-}
-
-func (p *progress) fail() {
-	if p.on {
-		fmt.Fprintln(p.w)
-	}
+	return st.CloseAndRecv()
 }

@@ -14,6 +14,8 @@ import (
 	"github.com/spf13/cobra"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/controller"
+	"segmap/internal/progress"
 	"segmap/internal/size"
 )
 
@@ -142,7 +144,7 @@ deleted starts a tree of its own. With --json, a list of trees:
 			})
 		},
 	}
-	var progress, noProgress bool
+	var pf progressFlags
 	flatten := &cobra.Command{
 		Use:   "flatten NAME [--progress|--no-progress]",
 		Short: "give a clone storage of its own: it stops sharing with its origin (online)",
@@ -151,12 +153,15 @@ disks of its lineage (its origin snapshot, their clones) to storage of its
 own, one segment at a time, while hosts keep reading and writing it. It
 then no longer depends on its origin: deleting the origin's snapshots
 frees what they hold, and 'disk tree' shows NAME on its own. It takes the
-space of what it copies. Progress goes to standard error on a terminal
-(--progress: always; --no-progress: never). Interrupted, it can be run
-again: it copies what is still shared.`,
+space of what it copies. Interrupted, it can be run again: it copies what
+is still shared.
+` + progressHelp,
 		Args: exactArgs(1, "one disk name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			show := progress || !noProgress && isTerminal(cmd.ErrOrStderr())
+			pr, err := pf.reporter(cmd, g, controller.OpFlatten, "disk "+args[0], progress.Segments)
+			if err != nil {
+				return err
+			}
 			return g.call(func(ctx context.Context, c pb.AdminClient) error {
 				st, err := c.FlattenDisk(ctx, &pb.FlattenDiskRequest{Name: args[0]})
 				if err != nil {
@@ -170,20 +175,13 @@ again: it copies what is still shared.`,
 						break
 					}
 					if err != nil {
-						if show {
-							fmt.Fprintln(cmd.ErrOrStderr())
-						}
+						pr.Finish(err)
 						return err
 					}
 					last = p
-					if show {
-						fmt.Fprintf(cmd.ErrOrStderr(), "\rflatten %s: %d/%d segments (%.0f%%), %s", args[0], p.Done, p.Total,
-							100*float64(p.Done)/float64(max(p.Total, 1)), eta(start, p.Done, p.Total))
-					}
+					pr.Update(p.Done, p.Total)
 				}
-				if show {
-					fmt.Fprintln(cmd.ErrOrStderr())
-				}
+				pr.Finish(nil)
 				if last == nil {
 					return fmt.Errorf("flatten %s: the controller sent no progress", args[0])
 				}
@@ -195,19 +193,8 @@ again: it copies what is still shared.`,
 			})
 		},
 	}
-	flatten.Flags().BoolVar(&progress, "progress", false, "show progress even when standard error is not a terminal")
-	flatten.Flags().BoolVar(&noProgress, "no-progress", false, "show no progress")
+	pf.add(flatten)
 	return []*cobra.Command{rollback, rename, set, tree, flatten}
-}
-
-// eta says how long the rest of total takes at the rate since start.
-func eta(start time.Time, done, total uint64) string {
-	el := time.Since(start)
-	if done == 0 || el <= 0 {
-		return "ETA -"
-	}
-	rest := time.Duration(float64(el) * float64(total-done) / float64(done))
-	return "ETA " + rest.Round(time.Second).String()
 }
 
 // treeNode is a disk in `disk tree`.

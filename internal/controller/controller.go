@@ -177,6 +177,9 @@ type Controller struct {
 	// health knows the failed containers (health.go).
 	health health
 
+	// ops is the registry of long operations (operations.go).
+	ops operations
+
 	// bg is the work the controller runs in the background (drains
 	// resumed after a start, see ResumeDrains): Kill cancels ctx and
 	// waits for wg.

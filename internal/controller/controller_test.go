@@ -1343,9 +1343,14 @@ func TestPreallocate(t *testing.T) {
 	if err := c.Ctrl.DeleteDisk(ctx, "old"); err != nil {
 		t.Fatal(err)
 	}
-	d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "p", Size: 30 * seg, SegmentSize: seg, Preallocate: true})
+	var calls [][2]uint64
+	d, err := c.Ctrl.CreateDisk(ctx, controller.CreateOptions{Name: "p", Size: 30 * seg, SegmentSize: seg, Preallocate: true,
+		Progress: func(done, total uint64) { calls = append(calls, [2]uint64{done, total}) }})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want := [][2]uint64{{0, 30}, {30, 30}}; !slices.Equal(calls, want) {
+		t.Errorf("progress of a preallocation in one transaction: %v, want %v", calls, want)
 	}
 	if u := usage(t, c, "p"); u.Allocated != 30*seg {
 		t.Errorf("preallocated disk: allocated %d, want %d", u.Allocated, 30*seg)
@@ -1370,4 +1375,21 @@ func TestPreallocate(t *testing.T) {
 	}
 	checkClean(t, c)
 	_ = d
+}
+
+// TestPreallocateProgress: a preallocation of several transactions
+// reports the segments mapped after each, up to the disk's.
+func TestPreallocateProgress(t *testing.T) {
+	const segs = controller.PreallocateChunk*2 + 100
+	c := newCluster(t, standalone.PoolSpec{SlotSize: controller.MinSegmentSize, Slots: segs, Count: 1})
+	var calls [][2]uint64
+	_, err := c.Ctrl.CreateDisk(context.Background(), controller.CreateOptions{Name: "p", Size: segs * controller.MinSegmentSize, SegmentSize: controller.MinSegmentSize, Preallocate: true,
+		Progress: func(done, total uint64) { calls = append(calls, [2]uint64{done, total}) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [][2]uint64{{0, segs}, {controller.PreallocateChunk, segs}, {2 * controller.PreallocateChunk, segs}, {segs, segs}}
+	if !slices.Equal(calls, want) {
+		t.Errorf("progress %v, want %v", calls, want)
+	}
 }

@@ -26,6 +26,9 @@ type CreateOptions struct {
 	// Preallocate allocates a (zeroed) slot for every segment at once, so
 	// that no write to the disk ever faults to allocate.
 	Preallocate bool
+	// Progress, if set, is told how many segments of a preallocation
+	// are mapped of how many, after each transaction.
+	Progress func(done, total uint64)
 }
 
 // CreateDisk creates a disk whose every segment is Zero: nothing is
@@ -59,6 +62,10 @@ func (c *Controller) CreateDisk(ctx context.Context, o CreateOptions) (meta.Disk
 	}
 	defer end()
 	var d meta.Disk
+	if o.Preallocate && o.Progress != nil {
+		// Zeroing the pool's free slots may take a while first.
+		o.Progress(0, (o.Size+o.SegmentSize-1)/o.SegmentSize)
+	}
 again:
 	if o.Preallocate {
 		if err := c.zeroPool(ctx, o.SegmentSize); err != nil {
@@ -103,10 +110,19 @@ again:
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}
-	if err != nil || !o.Preallocate || d.Segments() <= PreallocateChunk {
+	if err != nil || !o.Preallocate {
 		return d, err
 	}
-	if err := c.preallocate(ctx, d, PreallocateChunk); err != nil {
+	progress := func(done uint64) {
+		if o.Progress != nil {
+			o.Progress(min(done, d.Segments()), d.Segments())
+		}
+	}
+	progress(PreallocateChunk)
+	if d.Segments() <= PreallocateChunk {
+		return d, nil
+	}
+	if err := c.preallocate(ctx, d, PreallocateChunk, progress); err != nil {
 		fr := c.newFreeing()
 		derr := c.store.Update(ctx, func(tx *meta.Tx) error {
 			fr.reset()
@@ -156,7 +172,7 @@ func (c *Controller) zeroPool(ctx context.Context, slotSize uint64) error {
 // preallocate maps segments from `from` on of the new disk d to free
 // slots, in transactions of PreallocateChunk segments. The pool must have
 // been zeroed (zeroPool).
-func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64) error {
+func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64, progress func(done uint64)) error {
 	for first := from; first < d.Segments(); first += PreallocateChunk {
 		pre := c.newTaking()
 		err := c.store.Update(ctx, func(tx *meta.Tx) error {
@@ -174,6 +190,7 @@ func (c *Controller) preallocate(ctx context.Context, d meta.Disk, from uint64) 
 		if err != nil {
 			return err
 		}
+		progress(first + PreallocateChunk)
 	}
 	return nil
 }

@@ -244,7 +244,9 @@ func (c *Controller) ResumeDrains(ctx context.Context) {
 	for _, id := range ids {
 		c.logger.Info("resuming the drain of a container", "container", id)
 		c.bg.wg.Go(func() {
-			err := c.Drain(c.bg.ctx, id, nil)
+			op := c.StartOperation(OpDrain, fmt.Sprintf("container %d", id), UnitSlots)
+			err := c.Drain(c.bg.ctx, id, op.Progress)
+			op.Finish(err)
 			if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrClosed) {
 				c.logger.Warn("resumed drain failed; run 'segmap container drain' again", "container", id, "err", err)
 			}

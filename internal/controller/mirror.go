@@ -982,7 +982,10 @@ func (c *Controller) probeReplicas(ctx context.Context, cs []meta.Container) {
 				}
 				c.logger.Info("a failed replica answers again: catching up", "container", ct.ID, "replica", r.URI)
 				c.bg.wg.Go(func() {
-					if err := c.RebuildReplica(c.bg.ctx, ct.ID, nil); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrClosed) {
+					op := c.StartOperation(OpRebuild, fmt.Sprintf("container %d", ct.ID), UnitSlots)
+					err := c.RebuildReplica(c.bg.ctx, ct.ID, op.Progress)
+					op.Finish(err)
+					if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrClosed) {
 						c.logger.Warn("catch-up of a replica failed; it is tried again", "container", ct.ID, "replica", r.URI, "err", err)
 					}
 				})
@@ -1018,7 +1021,9 @@ func (c *Controller) ResumeRebuilds(ctx context.Context) {
 		}
 		c.logger.Info("resuming the rebuild of a replica", "container", ct.ID)
 		c.bg.wg.Go(func() {
-			err := c.RebuildReplica(c.bg.ctx, ct.ID, nil)
+			op := c.StartOperation(OpRebuild, fmt.Sprintf("container %d", ct.ID), UnitSlots)
+			err := c.RebuildReplica(c.bg.ctx, ct.ID, op.Progress)
+			op.Finish(err)
 			if err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrClosed) {
 				c.logger.Warn("resumed rebuild failed; run 'segmap container rebuild' again", "container", ct.ID, "err", err)
 			}

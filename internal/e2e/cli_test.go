@@ -68,7 +68,7 @@ func TestCLI(t *testing.T) {
 	u.cli("snapshot", "gold", "--name", "g2", "--writable")
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("g2"), "-c", "write -P 4 1M 64K")
 	out, errOut, code := u.cliResult("disk", "flatten", "g2", "--progress")
-	if code != 0 || !strings.Contains(out, "flattened disk g2 (64 segments)") || !strings.Contains(errOut, "flatten g2: 64/64 segments (100%)") {
+	if code != 0 || !strings.Contains(out, "flattened disk g2 (64 segments)") || !strings.Contains(errOut, "flatten disk g2 [########################] 100%  64/64 segments") {
 		t.Errorf("flatten: exit %d, %q, %q", code, out, errOut)
 	}
 	if out := u.cli("disk", "tree", "g2"); !strings.HasPrefix(out, "g2  (writable, 4M)\n") {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -346,6 +347,24 @@ func TestClusterMirrorCatchUp(t *testing.T) {
 	}
 	if st, _ := c.replicaStates(1); st[uris[0]] != "healthy" || st[uris[1]] != "healthy" {
 		t.Errorf("replicas after the catch-up: %v; want both healthy", st)
+	}
+	// The catch-up, which no client started, is listed among the
+	// controller's operations, done (once it has returned, just after
+	// its log line).
+	var ops struct {
+		Operations []operationInfo `json:"operations"`
+	}
+	listed := func() bool {
+		c.cliJSON(&ops, "operations")
+		return slices.ContainsFunc(ops.Operations, func(o operationInfo) bool {
+			return o.Kind == "rebuild" && o.Target == "container 1" && o.State == "done" && o.Unit == "slots" && o.Done == o.Total && o.Done != "0"
+		})
+	}
+	for deadline := time.Now().Add(10 * time.Second); !listed() && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !listed() {
+		t.Errorf("operations after the catch-up: %+v; want a rebuild of container 1, done", ops.Operations)
 	}
 	run(t, time.Minute, "qemu-io", "-f", "raw", uri, "-c", "read -P 0x11 0 32M", "-c", "read -P 0x22 32M 4M", "-c", "read -P 0x11 36M 28M")
 

@@ -49,6 +49,13 @@ func TestCheckScrub(t *testing.T) {
 	if out, code := check(); code != 0 || !strings.Contains(out, "scrub: 256 slots compared on 1 mirrored container, 0 mismatches") {
 		t.Fatalf("check --scrub of a sound mirror: exit %d\n%s", code, out)
 	}
+	// With --json, its progress: events polled from the scrub's
+	// operation, the last with every slot of the container.
+	if _, errOut, code := u.cliResult("check", "--scrub", "--json"); code != 0 {
+		t.Fatalf("check --scrub --json: exit %d\n%s", code, errOut)
+	} else if last := checkEvents(t, errOut, "scrub", "slots"); *last.Total < 256 {
+		t.Errorf("scrub progress ended at %d of %d slots, want the container's (256 used)", *last.Done, *last.Total)
+	}
 
 	// Slot 0 is used (the disk's 64 segments fill slots 0 to 63).
 	f, err := os.OpenFile(r1, os.O_WRONLY, 0)

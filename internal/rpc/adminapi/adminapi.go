@@ -5,6 +5,7 @@
 package adminapi
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -204,6 +205,38 @@ func (s *Server) withUsage(ctx context.Context, d meta.Disk, names map[meta.Disk
 
 // CreateDisk implements pb.AdminServer.
 func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.Disk, error) {
+	return s.createDisk(ctx, r, nil)
+}
+
+// CreateDiskProgress implements pb.AdminServer: progress goes out at
+// most every 100 ms, and the disk at the end.
+func (s *Server) CreateDiskProgress(r *pb.CreateDiskRequest, stream pb.Admin_CreateDiskProgressServer) error {
+	var (
+		last    time.Time
+		sendErr error
+	)
+	d, err := s.createDisk(stream.Context(), r, func(done, total uint64) {
+		if now := time.Now(); sendErr == nil && done < total && now.Sub(last) >= 100*time.Millisecond {
+			last = now
+			sendErr = stream.Send(&pb.CreateProgress{Done: done, Total: total, SegmentSize: r.SegmentSize})
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if sendErr != nil {
+		return sendErr
+	}
+	var segs uint64
+	if r.Preallocate && d.SegmentSize > 0 {
+		segs = (d.Size + d.SegmentSize - 1) / d.SegmentSize
+	}
+	return stream.Send(&pb.CreateProgress{Done: segs, Total: segs, SegmentSize: d.SegmentSize, Disk: d})
+}
+
+// createDisk creates a disk; a preallocation is registered as an
+// operation and its progress also goes to progress, if set.
+func (s *Server) createDisk(ctx context.Context, r *pb.CreateDiskRequest, progress func(done, total uint64)) (*pb.Disk, error) {
 	pol, err := toPolicy(r.Policy)
 	if err != nil {
 		return nil, grpcErr(err)
@@ -220,7 +253,18 @@ func (s *Server) CreateDisk(ctx context.Context, r *pb.CreateDiskRequest) (*pb.D
 			return nil, grpcErr(fmt.Errorf("provision containers for %d-byte segments: %w", o.SegmentSize, err))
 		}
 	}
+	var op *controller.Op
+	if o.Preallocate {
+		op = s.cfg.Ctrl.StartOperation(controller.OpPreallocate, "disk "+o.Name, controller.UnitSegments)
+		o.Progress = func(done, total uint64) {
+			op.Progress(done, total)
+			if progress != nil {
+				progress(done, total)
+			}
+		}
+	}
 	d, err := s.cfg.Ctrl.CreateDisk(ctx, o)
+	op.Finish(err)
 	if err != nil {
 		return nil, grpcErr(err)
 	}
@@ -379,12 +423,15 @@ func (s *Server) FlattenDisk(r *pb.FlattenDiskRequest, stream pb.Admin_FlattenDi
 		last    time.Time
 		sendErr error
 	)
+	op := s.cfg.Ctrl.StartOperation(controller.OpFlatten, "disk "+r.Name, controller.UnitSegments)
 	err = s.cfg.Ctrl.Flatten(ctx, r.Name, func(done, total uint64) {
+		op.Progress(done, total)
 		if now := time.Now(); sendErr == nil && (done == total || now.Sub(last) >= 100*time.Millisecond) {
 			last = now
 			sendErr = stream.Send(&pb.FlattenProgress{Done: done, Total: total, SegmentSize: d.SegmentSize})
 		}
 	})
+	op.Finish(cmp.Or(err, sendErr))
 	if err != nil {
 		return grpcErr(err)
 	}
@@ -523,12 +570,15 @@ func (s *Server) DrainContainer(r *pb.DrainContainerRequest, stream pb.Admin_Dra
 		last    time.Time
 		sendErr error
 	)
+	op := s.cfg.Ctrl.StartOperation(controller.OpDrain, fmt.Sprintf("container %d", r.Id), controller.UnitSlots)
 	err = s.cfg.Ctrl.Drain(ctx, r.Id, func(done, total uint64) {
+		op.Progress(done, total)
 		if now := time.Now(); sendErr == nil && (done == total || now.Sub(last) >= 100*time.Millisecond) {
 			last = now
 			sendErr = stream.Send(&pb.DrainProgress{Done: done, Total: total, SlotSize: slotSize})
 		}
 	})
+	op.Finish(cmp.Or(err, sendErr))
 	if err != nil {
 		return grpcErr(err)
 	}
@@ -647,7 +697,10 @@ func (s *Server) ReplaceReplica(r *pb.ReplaceReplicaRequest, stream pb.Admin_Rep
 		slotSize = ct.SlotSize
 	}
 	send := progressSender(stream.Send, slotSize)
-	if err := s.cfg.Ctrl.ReplaceReplica(ctx, r.Id, r.OldUri, r.NewUri, send.progress); err != nil {
+	send.op = s.cfg.Ctrl.StartOperation(controller.OpReplaceReplica, fmt.Sprintf("container %d", r.Id), controller.UnitSlots)
+	err := s.cfg.Ctrl.ReplaceReplica(ctx, r.Id, r.OldUri, r.NewUri, send.progress)
+	send.op.Finish(cmp.Or(err, send.err))
+	if err != nil {
 		return grpcErr(err)
 	}
 	return send.err
@@ -660,7 +713,10 @@ func (s *Server) RebuildReplica(r *pb.RebuildReplicaRequest, stream pb.Admin_Reb
 		slotSize = ct.SlotSize
 	}
 	send := progressSender(stream.Send, slotSize)
-	if err := s.cfg.Ctrl.RebuildReplica(stream.Context(), r.Id, send.progress); err != nil {
+	send.op = s.cfg.Ctrl.StartOperation(controller.OpRebuild, fmt.Sprintf("container %d", r.Id), controller.UnitSlots)
+	err := s.cfg.Ctrl.RebuildReplica(stream.Context(), r.Id, send.progress)
+	send.op.Finish(cmp.Or(err, send.err))
+	if err != nil {
 		return grpcErr(err)
 	}
 	return send.err
@@ -680,9 +736,11 @@ func (s *Server) container(ctx context.Context, id uint32) (meta.Container, erro
 	return meta.Container{}, fmt.Errorf("container %d: %w", id, protocol.ErrNotFound)
 }
 
-// sender streams progress at most every 100 ms, and at the end.
+// sender streams progress at most every 100 ms, and at the end, and
+// feeds op with every count.
 type sender struct {
 	send     func(*pb.DrainProgress) error
+	op       *controller.Op
 	slotSize uint64
 	last     time.Time
 	err      error
@@ -693,6 +751,7 @@ func progressSender(send func(*pb.DrainProgress) error, slotSize uint64) *sender
 }
 
 func (s *sender) progress(done, total uint64) {
+	s.op.Progress(done, total)
 	if now := time.Now(); s.err == nil && (done == total || now.Sub(s.last) >= 100*time.Millisecond) {
 		s.last = now
 		s.err = s.send(&pb.DrainProgress{Done: done, Total: total, SlotSize: s.slotSize})
@@ -737,7 +796,9 @@ func (s *Server) Check(ctx context.Context, r *pb.CheckRequest) (*pb.CheckRespon
 		return out, nil
 	}
 	if r.Scrub {
-		res, err := s.cfg.Ctrl.Scrub(ctx, r.Repair, nil)
+		op := s.cfg.Ctrl.StartOperation(controller.OpScrub, "mirrored containers", controller.UnitSlots)
+		res, err := s.cfg.Ctrl.Scrub(ctx, r.Repair, op.Progress)
+		op.Finish(err)
 		out.ScrubProblems = Problems(res.Problems)
 		out.ScrubRepaired = Problems(res.Repaired)
 		out.ScrubbedSlots = res.Slots
@@ -851,6 +912,7 @@ const exportChunk = 1 << 20
 // carries the total.
 type chunkWriter struct {
 	srv   pb.Admin_ExportServer
+	op    *controller.Op
 	total uint64
 }
 
@@ -861,6 +923,7 @@ func (w *chunkWriter) Write(p []byte) (int, error) {
 		if err := w.srv.Send(&pb.ExportChunk{Data: p[:n], TotalDataBytes: w.total}); err != nil {
 			return 0, err
 		}
+		w.op.Add(uint64(n))
 		w.total = 0
 		p = p[n:]
 	}
@@ -871,17 +934,26 @@ func (w *chunkWriter) Write(p []byte) (int, error) {
 func (s *Server) Export(r *pb.ExportRequest, srv pb.Admin_ExportServer) error {
 	// The stream's own buffer batches small records; a large one goes
 	// straight to a chunk, with no copy of its own here.
-	cw := &chunkWriter{srv: srv}
+	target := r.Snapshot
+	if r.Base != "" {
+		target += " from " + r.Base
+	}
+	cw := &chunkWriter{srv: srv, op: s.cfg.Ctrl.StartOperation(controller.OpExport, target, controller.UnitBytes)}
 	err := s.cfg.Ctrl.Export(srv.Context(), controller.ExportOptions{
 		Snapshot: r.Snapshot, Base: r.Base,
-		Start: func(n uint64) { cw.total = max(n, 1) },
+		Start: func(n uint64) {
+			cw.total = max(n, 1)
+			cw.op.SetTotal(n)
+		},
 	}, cw)
+	cw.op.Finish(err)
 	return grpcErr(err)
 }
 
 // chunkReader reads the data of ImportChunks.
 type chunkReader struct {
 	srv pb.Admin_ImportServer
+	op  *controller.Op
 	buf []byte
 }
 
@@ -892,6 +964,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			return 0, err // io.EOF at the client's end
 		}
 		r.buf = c.Data
+		r.op.Add(uint64(len(c.Data)))
 	}
 	n := copy(p, r.buf)
 	r.buf = r.buf[n:]
@@ -918,7 +991,10 @@ func (s *Server) Import(srv pb.Admin_ImportServer) error {
 			return nil
 		}
 	}
-	d, err := s.cfg.Ctrl.Import(srv.Context(), o, &chunkReader{srv: srv, buf: first.Data})
+	op := s.cfg.Ctrl.StartOperation(controller.OpImport, "disk "+first.Disk, controller.UnitBytes)
+	op.Progress(uint64(len(first.Data)), first.TotalBytes)
+	d, err := s.cfg.Ctrl.Import(srv.Context(), o, &chunkReader{srv: srv, op: op, buf: first.Data})
+	op.Finish(err)
 	if err != nil {
 		return grpcErr(err)
 	}
@@ -927,4 +1003,20 @@ func (s *Server) Import(srv pb.Admin_ImportServer) error {
 		return grpcErr(err)
 	}
 	return srv.SendAndClose(&pb.ImportResponse{Snapshot: disk(d, names)})
+}
+
+// ListOperations implements pb.AdminServer.
+func (s *Server) ListOperations(context.Context, *pb.ListOperationsRequest) (*pb.ListOperationsResponse, error) {
+	out := &pb.ListOperationsResponse{}
+	for _, o := range s.cfg.Ctrl.Operations() {
+		m := &pb.Operation{
+			Id: o.ID, Kind: o.Kind, Target: o.Target, Done: o.Done, Total: o.Total, Unit: o.Unit,
+			StartedUnix: o.Started.Unix(), State: o.State.String(), Error: o.Err,
+		}
+		if !o.Finished.IsZero() {
+			m.FinishedUnix = o.Finished.Unix()
+		}
+		out.Operations = append(out.Operations, m)
+	}
+	return out, nil
 }
