@@ -32,6 +32,25 @@ type state struct {
 	Pools      []pool         `json:"pools"`
 	Containers []containerRow `json:"containers"`
 	Agents     []agentRow     `json:"agents"`
+	// Operations are the controller's long operations (drains,
+	// rebuilds, flattens, exports, ...): those running and the last
+	// ones finished.
+	Operations []operationRow `json:"operations"`
+}
+
+// operationRow is a long operation and how far it got.
+type operationRow struct {
+	ID       uint64 `json:"id"`
+	Kind     string `json:"kind"`
+	Target   string `json:"target"`
+	Done     uint64 `json:"done"`
+	Total    uint64 `json:"total"` // 0: not known yet
+	Unit     string `json:"unit"`
+	DoneText string `json:"done_text"`
+	State    string `json:"state"`
+	Error    string `json:"error,omitempty"`
+	Started  int64  `json:"started_unix"`
+	Finished int64  `json:"finished_unix"`
 }
 
 type space struct {
@@ -102,7 +121,47 @@ func (d *Dashboard) apiState(w http.ResponseWriter, r *http.Request) {
 		d.fail(w, "list disks", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, buildState(d.cfg.Role(), st, ld.Disks))
+	ops, err := d.cfg.Admin.ListOperations(ctx, &pb.ListOperationsRequest{})
+	if err != nil {
+		d.fail(w, "list operations", err)
+		return
+	}
+	s := buildState(d.cfg.Role(), st, ld.Disks)
+	s.Operations = operationRows(ops.Operations)
+	writeJSON(w, http.StatusOK, s)
+}
+
+// operationRows lists the running operations first, then the finished
+// ones, the latest first.
+func operationRows(ops []*pb.Operation) []operationRow {
+	rows := make([]operationRow, 0, len(ops))
+	for _, o := range ops {
+		r := operationRow{ID: o.Id, Kind: o.Kind, Target: o.Target, Done: o.Done, Total: o.Total, Unit: o.Unit,
+			State: o.State, Error: o.Error, Started: o.StartedUnix, Finished: o.FinishedUnix}
+		r.DoneText = fmt.Sprintf("%d", o.Done)
+		if o.Total > 0 {
+			r.DoneText += fmt.Sprintf(" / %d", o.Total)
+		}
+		if o.Unit == "bytes" {
+			r.DoneText = size.Format(o.Done)
+			if o.Total > 0 {
+				r.DoneText += " / " + size.Format(o.Total)
+			}
+		} else {
+			r.DoneText += " " + o.Unit
+		}
+		rows = append(rows, r)
+	}
+	slices.SortStableFunc(rows, func(a, b operationRow) int {
+		if ar, br := a.State == "running", b.State == "running"; ar != br {
+			if ar {
+				return -1
+			}
+			return 1
+		}
+		return cmpU64(b.ID, a.ID)
+	})
+	return rows
 }
 
 // buildState arranges the admin API's answers for the page.

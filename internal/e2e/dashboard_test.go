@@ -43,6 +43,8 @@ func TestDashboard(t *testing.T) {
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("vm1-clone"), "-c", "write -P 3 16M 4M")
 	u.cli("disk", "create", "db", "--size", "1G", "--segment-size", "4M")
 	run(t, 30*time.Second, "qemu-io", "-f", "raw", u.uri("db"), "-c", "write -P 4 0 12M")
+	// A long operation, done: the page lists it.
+	u.cli("export", "vm1@gold", "-o", filepath.Join(t.TempDir(), "gold.smx"))
 
 	ctx := newBrowser(t)
 	tctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -121,6 +123,14 @@ func TestDashboard(t *testing.T) {
 	}
 	if counts.Pools != 2 || counts.Containers < 2 || counts.Agents < 1 {
 		t.Errorf("pools %d (want 2: 1M and 4M slots), containers %d, agent rows %d", counts.Pools, counts.Containers, counts.Agents)
+	}
+	ops, err := chromedp.Run(tctx, chromedp.Evaluate[[]string](`Array.from(document.querySelectorAll("#operations tbody tr")).map((tr) =>
+		tr.dataset.state + " " + Array.from(tr.cells).map((td) => td.textContent).join("|"))`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ops) != 1 || !strings.HasPrefix(ops[0], "done ") || !strings.Contains(ops[0], "|export|") || !strings.Contains(ops[0], "vm1@gold") {
+		t.Errorf("operations on the page: %q; want the export of vm1@gold, done", ops)
 	}
 
 	graphsMove(t, tctx, u)

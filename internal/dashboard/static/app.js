@@ -131,6 +131,16 @@ function renderState(s) {
       el("td", { class: "num", text: String(m.in_flight) }))));
   }
   $("agents").tBodies[0].replaceChildren(...rows);
+
+  const ops = s.operations || [];
+  $("operations").tBodies[0].replaceChildren(...ops.map((o) => el("tr", { "data-operation": String(o.id), "data-state": o.state },
+    el("td", { text: String(o.id) }),
+    el("td", { text: o.kind }),
+    el("td", { text: o.target }),
+    el("td", {}, o.total > 0 ? bar(o.done, o.total) : el("span", { class: "muted", text: "-" })),
+    el("td", { class: "num", text: o.done_text }),
+    el("td", { class: "state-" + o.state, text: o.state + (o.error ? ": " + o.error : "") }))));
+  $("no-operations").hidden = ops.length > 0;
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
