@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -51,7 +50,18 @@ leader dies or loses etcd, a standby takes over after --etcd-ttl. See
 docs/cluster.md.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			logger := newLogger(os.Stderr)
+			// Bind first: a busy port is an error now, not later; and
+			// one the network reaches is refused in plaintext unless
+			// asked for.
+			l, err := listen.Listen(addr)
+			if err != nil {
+				return fmt.Errorf("listen: %w", err)
+			}
+			defer l.Close()
+			if err := refuseExposed("admin API", "--listen", addr, l.Addr(), tf.certs != "", tf.insecure, "--insecure"); err != nil {
+				return err
+			}
 			// The controller's certificate serves the admin API and the
 			// agents, and reaches storage nodes to open and format nbd://
 			// containers.
@@ -60,6 +70,7 @@ docs/cluster.md.`,
 				return err
 			}
 			opts := append(append(transport.ServerOptions(), adminapi.ServerOptions()...), grpc.Creds(serverCreds(m, tlsconf.RoleController, tlsconf.RoleAgent, tlsconf.RoleAdmin)))
+			hf.insecure = hf.insecure || tf.insecure
 			hs, err := newHTTP(hf, m, logger)
 			if err != nil {
 				return err
@@ -77,11 +88,6 @@ docs/cluster.md.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			l, err := listen.Listen(addr)
-			if err != nil {
-				return fmt.Errorf("listen: %w", err)
-			}
-			defer l.Close()
 			w := cmd.OutOrStdout()
 			var outMu sync.Mutex
 			say := func(format string, args ...any) {
@@ -200,7 +206,18 @@ func newAgent() *cobra.Command {
 			if name == "" {
 				return usageError{fmt.Errorf("--name is required (the host's name, unique among agents)")}
 			}
-			logger := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("agent", name)
+			logger := newLogger(os.Stderr).With("agent", name)
+			// Bind first: a busy port is an error now, not later. Hosts
+			// reach it in plaintext unless --nbd-tls: off loopback,
+			// only if asked for.
+			l, err := listen.Listen(nbdListen)
+			if err != nil {
+				return fmt.Errorf("NBD listener: %w", err)
+			}
+			defer l.Close()
+			if !nbdTLS && !tf.insecure && !listen.Local(l.Addr()) {
+				return exposedError("NBD", "--nbd-listen", nbdListen, l.Addr(), "give --certs DIR --nbd-tls (hosts then present a certificate of the cluster CA)", "--insecure")
+			}
 			// The agent's certificate reaches the controller and the
 			// storage nodes of nbd:// containers.
 			m, err := tf.identity(tlsconf.RoleAgent, name, true)
@@ -211,6 +228,7 @@ func newAgent() *cobra.Command {
 			if nbdTLS && m == nil {
 				return usageError{fmt.Errorf("--nbd-tls needs --certs")}
 			}
+			hf.insecure = hf.insecure || tf.insecure
 			hs, err := newHTTP(hf, m, logger)
 			if err != nil {
 				return err
@@ -218,11 +236,6 @@ func newAgent() *cobra.Command {
 			defer hs.Close()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			l, err := listen.Listen(nbdListen)
-			if err != nil {
-				return fmt.Errorf("NBD listener: %w", err)
-			}
-			defer l.Close()
 			addrs, err := ha.ParseAddrs(ctrlAddr)
 			if err != nil {
 				return usageError{fmt.Errorf("--controller: %w", err)}

@@ -68,7 +68,7 @@ func newHTTP(f *httpFlags, m *tlsconf.Material, log *slog.Logger) (*httpServer, 
 	if err != nil {
 		return nil, fmt.Errorf("HTTP listener: %w", err)
 	}
-	if err := refuseExposed("HTTP", "--http-listen", f.listen, l.Addr(), m != nil, f.insecure, "--http-insecure"); err != nil {
+	if err := refuseExposed("HTTP", "--http-listen", f.listen, l.Addr(), m != nil, f.insecure, "--http-insecure (or --insecure)"); err != nil {
 		l.Close()
 		return nil, err
 	}
@@ -90,9 +90,15 @@ func refuseExposed(what, flag, given string, a net.Addr, secure, insecure bool, 
 	if secure || insecure || listen.Local(a) {
 		return nil
 	}
+	return exposedError(what, flag, given, a, "give --certs DIR (see 'segmap certs init')", insecureFlag)
+}
+
+// exposedError is the error refusing such a listener; fix says how to
+// give it TLS.
+func exposedError(what, flag, given string, a net.Addr, fix, insecureFlag string) error {
 	return usageError{fmt.Errorf("%s listener %s %s (%s) is reachable from the network, without TLS or authentication: "+
-		"give --certs DIR (see 'segmap certs init'), listen on a loopback address, or pass %s to serve it in plaintext anyway",
-		what, flag, given, a, insecureFlag)}
+		"%s, listen on a loopback address, or pass %s to serve it in plaintext anyway",
+		what, flag, given, a, fix, insecureFlag)}
 }
 
 // Handle mounts h at pattern (net/http.ServeMux patterns).

@@ -87,6 +87,8 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON instead of tables")
 	root.PersistentFlags().StringVar(&g.timeout, "timeout", "60s", "how long an admin command may take")
 	g.tls.add(root, "", true)
+	logs.add(root)
+	root.PersistentPreRunE = func(*cobra.Command, []string) error { return logs.check() }
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
 	})

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -69,11 +68,7 @@ stop the node cleanly: requests in flight are answered first.`,
 			if err != nil {
 				return err
 			}
-			m, err := tf.identity(tlsconf.RoleStorage, tf.name, true)
-			if err != nil {
-				return err
-			}
-			return runStorage(cmd, dir, devices, addr, prefix, drain, m, hf)
+			return runStorage(cmd, dir, devices, addr, prefix, drain, tf, hf)
 		},
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "directory whose files are the exports")
@@ -138,10 +133,24 @@ func parseDevices(flags []string) ([]storage.Device, error) {
 	return out, nil
 }
 
-// runStorage serves dir ("" for none) and devices; with m, over TLS that
-// clients must start and that admits agents and controllers.
-func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, prefix string, drain time.Duration, m *tlsconf.Material, hf *httpFlags) error {
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+// runStorage serves dir ("" for none) and devices; with --certs, over TLS
+// that clients must start and that admits agents and controllers.
+func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, prefix string, drain time.Duration, tf *tlsFlags, hf *httpFlags) error {
+	logger := newLogger(os.Stderr)
+	// Bind first: a busy port is an error now, not later; and one the
+	// network reaches is refused in plaintext unless asked for.
+	l, err := listen.Listen(addr)
+	if err != nil {
+		return fmt.Errorf("NBD listener: %w", err)
+	}
+	defer l.Close()
+	if err := refuseExposed("NBD", "--listen", addr, l.Addr(), tf.certs != "", tf.insecure, "--insecure"); err != nil {
+		return err
+	}
+	m, err := tf.identity(tlsconf.RoleStorage, tf.name, true)
+	if err != nil {
+		return err
+	}
 	backend, err := storage.NewDir(dir, prefix, devices...)
 	if err != nil {
 		return err
@@ -149,12 +158,7 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	// Bind first: a busy port is an error now, not later.
-	l, err := listen.Listen(addr)
-	if err != nil {
-		return fmt.Errorf("NBD listener: %w", err)
-	}
-	defer l.Close()
+	hf.insecure = hf.insecure || tf.insecure
 	hs, err := newHTTP(hf, m, logger)
 	if err != nil {
 		return err

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -48,7 +49,7 @@ func (f *tlsFlags) material(role, name string) (*tlsconf.Material, error) {
 func (f *tlsFlags) identity(role, name string, required bool) (*tlsconf.Material, error) {
 	if f.certs == "" {
 		if required && !f.insecure {
-			return nil, usageError{fmt.Errorf("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
+			return nil, usageError{errors.New("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
 		}
 		return nil, nil
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -13,6 +12,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/agent/nbdexport"
@@ -25,6 +26,7 @@ import (
 	"segmap/internal/rpc/transport"
 	"segmap/internal/size"
 	"segmap/internal/standalone"
+	"segmap/internal/tlsconf"
 )
 
 type upFlags struct {
@@ -35,6 +37,7 @@ type upFlags struct {
 	etcd                                   etcdFlags
 	pprof                                  string
 	http                                   httpFlags
+	tls                                    tlsFlags
 	controllerCopies                       bool
 	syncMaps                               bool
 }
@@ -59,7 +62,18 @@ With --etcd the metadata is kept in etcd instead of DATA/meta.db (the
 container files stay in DATA): up campaigns for the leadership of
 --etcd-prefix, waits until it leads, and stops (fencing its agent first)
 if it loses it. Do not share a prefix between 'segmap up' and 'segmap
-controller': up serves no remote agents.`,
+controller': up serves no remote agents.
+
+Every listener is on loopback by default. With --certs DIR (made by
+'segmap certs init DIR') up serves mutual TLS on all of them with the
+certificate controller-NAME (--cert-name, default controller): the admin
+API takes the admin certificate (the CLI with --certs DIR) or a
+controller's, NBD requires STARTTLS and a client certificate of the
+cluster CA, the HTTP listener serves HTTPS to admin or controller
+certificates. Without --certs, a listener on an address other machines
+reach (0.0.0.0, a LAN address) is refused unless --insecure: it would
+hand out every disk, and the power to delete them, to the network. The
+pprof listener has no TLS: off loopback it needs --insecure always.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runUp(cmd, f) },
 	}
@@ -73,8 +87,12 @@ controller': up serves no remote agents.`,
 	fl.DurationVar(&f.drain, "drain-timeout", 30*time.Second, "how long a stop waits for I/O in flight")
 	fl.BoolVar(&f.controllerCopies, "controller-copies", false, "the controller, not the agent, copies a shared segment for a write into part of it (to compare the two; the agent's copy is the default)")
 	fl.BoolVar(&f.syncMaps, "sync-maps", false, "commit every map change before answering the write that made it, not at the client's next flush (to compare; see docs/fault-path.md)")
-	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; keep it on loopback)")
+	fl.StringVar(&f.pprof, "pprof", "", "serve net/http/pprof on this address (profiling; off loopback only with --insecure)")
 	f.http.add(cmd, "127.0.0.1:10812", "the dashboard at / and Prometheus metrics at /metrics")
+	f.tls.add(cmd, tlsconf.RoleController, false)
+	fl.Lookup("certs").Usage = "serve every listener with mutual TLS, with the certificates of this directory made by 'segmap certs init' (ca.crt, controller-NAME.crt/.key)"
+	fl.Lookup("cert-name").Usage = "name of up's certificate in --certs (controller-NAME.crt)"
+	fl.Lookup("insecure").Usage = "serve plaintext, without TLS or authentication, even on an address other machines reach (only on a trusted network)"
 	f.etcd.add(cmd)
 	return cmd
 }
@@ -87,7 +105,12 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	if f.poolFiles < 1 || f.poolFiles > 1024 {
 		return usageError{fmt.Errorf("--pool-files %d: want 1 to 1024", f.poolFiles)}
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	logger := newLogger(os.Stderr)
+	// up's identity serves every listener; nil: plaintext.
+	m, err := f.tls.identity(tlsconf.RoleController, f.tls.name, false)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -97,18 +120,29 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		return fmt.Errorf("NBD listener: %w", err)
 	}
 	defer nbdL.Close()
+	if err := refuseExposed("NBD", "--nbd-listen", f.nbdListen, nbdL.Addr(), m != nil, f.tls.insecure, "--insecure"); err != nil {
+		return err
+	}
 	adminL, err := listen.Listen(f.adminListen)
 	if err != nil {
 		return fmt.Errorf("admin listener: %w", err)
 	}
 	defer adminL.Close()
-	hs, err := newHTTP(&f.http, nil, logger)
+	if err := refuseExposed("admin API", "--admin-listen", f.adminListen, adminL.Addr(), m != nil, f.tls.insecure, "--insecure"); err != nil {
+		return err
+	}
+	// The credentials up's own admin API takes from a client in this
+	// process (the dashboard).
+	adminCreds := upAdminCreds(m)
+	_ = adminCreds
+	f.http.insecure = f.http.insecure || f.tls.insecure
+	hs, err := newHTTP(&f.http, m, logger)
 	if err != nil {
 		return err
 	}
 	defer hs.Close()
 	if f.pprof != "" {
-		stopPprof, err := servePprof(f.pprof, logger)
+		stopPprof, err := servePprof(f.pprof, f.tls.insecure, logger)
 		if err != nil {
 			return err
 		}
@@ -168,13 +202,21 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	// Storage that fails marks its container failed.
 	defer ctlserver.Watch(c.Ctrl)()
 
-	gs := grpc.NewServer(adminapi.ServerOptions()...)
+	// The admin API can delete every disk: with TLS, only the admin's
+	// certificate (the CLI) and a controller's may call it.
+	gs := grpc.NewServer(append(adminapi.ServerOptions(), grpc.Creds(serverCreds(m, tlsconf.RoleAdmin, tlsconf.RoleController)))...)
 	pb.RegisterAdminServer(gs, ctlserver.NewAdmin(c.Ctrl, nil, adminapi.Config{
 		Provision:  c.Provision,
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
 	}))
-	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
+	ncfg := nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger}
+	if m != nil {
+		// Hosts must upgrade with STARTTLS and present a certificate
+		// of the cluster CA, as with 'segmap agent --nbd-tls'.
+		ncfg.TLS, ncfg.TLSRequired = m.Server(), true
+	}
+	ns := nbd.NewServer(ncfg)
 
 	role := "embedded"
 	if lost != nil {
@@ -198,8 +240,13 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	}
 	fmt.Fprintf(w, "segmap %s up\n", version)
 	fmt.Fprintf(w, "  data:       %s (metadata %s, %d containers, %s)\n", c.Dir, metaDesc, len(cs), size.Format(total))
-	fmt.Fprintf(w, "  controller: admin API on %s   try: segmap disk create vm1 --size 10G\n", adminL.Addr())
-	fmt.Fprintf(w, "  agent:      %q, NBD on %s   try: nbdinfo --list nbd://%s\n", f.agent, nbdL.Addr(), nbdL.Addr())
+	if m != nil {
+		fmt.Fprintf(w, "  controller: admin API on %s (TLS: certificate %s-%s; clients: admin, controllers)   try: segmap --certs %s disk create vm1 --size 10G\n", adminL.Addr(), m.Role(), m.Name(), f.tls.certs)
+		fmt.Fprintf(w, "  agent:      %q, NBD on %s (STARTTLS required, with a certificate of the cluster CA)\n", f.agent, nbdL.Addr())
+	} else {
+		fmt.Fprintf(w, "  controller: admin API on %s   try: segmap disk create vm1 --size 10G\n", adminL.Addr())
+		fmt.Fprintf(w, "  agent:      %q, NBD on %s   try: nbdinfo --list nbd://%s\n", f.agent, nbdL.Addr(), nbdL.Addr())
+	}
 	if u := hs.URL(); u != "" {
 		fmt.Fprintf(w, "  http:       dashboard and metrics on %s\n", u)
 	}
@@ -233,4 +280,14 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		return serveErr
 	}
 	return nil
+}
+
+// upAdminCreds returns the credentials a client inside 'segmap up' (the
+// dashboard) dials up's admin API with: its own certificate, a
+// controller's, which the admin API takes; plaintext without --certs.
+func upAdminCreds(m *tlsconf.Material) credentials.TransportCredentials {
+	if m == nil {
+		return insecure.NewCredentials()
+	}
+	return credentials.NewTLS(m.Client(m.Name(), tlsconf.RoleController))
 }
