@@ -65,7 +65,7 @@ docs/cluster.md.`,
 			// The controller's certificate serves the admin API and the
 			// agents, and reaches storage nodes to open and format nbd://
 			// containers.
-			m, err := tf.identity(tlsconf.RoleController, tf.name, true)
+			m, err := tf.identity(tlsconf.RoleController, tf.name, false)
 			if err != nil {
 				return err
 			}
@@ -76,6 +76,9 @@ docs/cluster.md.`,
 				return err
 			}
 			defer hs.Close()
+			if err := tf.require(); err != nil {
+				return err
+			}
 			var cli *clientv3.Client
 			if ef.endpoints != "" {
 				if cmd.Flags().Changed("data") {
@@ -220,7 +223,7 @@ func newAgent() *cobra.Command {
 			}
 			// The agent's certificate reaches the controller and the
 			// storage nodes of nbd:// containers.
-			m, err := tf.identity(tlsconf.RoleAgent, name, true)
+			m, err := tf.identity(tlsconf.RoleAgent, name, false)
 			if err != nil {
 				return err
 			}
@@ -234,6 +237,9 @@ func newAgent() *cobra.Command {
 				return err
 			}
 			defer hs.Close()
+			if err := tf.require(); err != nil {
+				return err
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			addrs, err := ha.ParseAddrs(ctrlAddr)

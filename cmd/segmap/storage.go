@@ -147,8 +147,17 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	if err := refuseExposed("NBD", "--listen", addr, l.Addr(), tf.certs != "", tf.insecure, "--insecure"); err != nil {
 		return err
 	}
-	m, err := tf.identity(tlsconf.RoleStorage, tf.name, true)
+	m, err := tf.identity(tlsconf.RoleStorage, tf.name, false)
 	if err != nil {
+		return err
+	}
+	hf.insecure = hf.insecure || tf.insecure
+	hs, err := newHTTP(hf, m, logger)
+	if err != nil {
+		return err
+	}
+	defer hs.Close()
+	if err := tf.require(); err != nil {
 		return err
 	}
 	backend, err := storage.NewDir(dir, prefix, devices...)
@@ -157,13 +166,6 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-
-	hf.insecure = hf.insecure || tf.insecure
-	hs, err := newHTTP(hf, m, logger)
-	if err != nil {
-		return err
-	}
-	defer hs.Close()
 	// Agents open their containers with a lease (see
 	// container.LeasedOpener): requests of an agent whose lease ran out
 	// are refused.

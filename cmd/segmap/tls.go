@@ -48,12 +48,21 @@ func (f *tlsFlags) material(role, name string) (*tlsconf.Material, error) {
 // neither flag.
 func (f *tlsFlags) identity(role, name string, required bool) (*tlsconf.Material, error) {
 	if f.certs == "" {
-		if required && !f.insecure {
-			return nil, usageError{errors.New("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
+		if required {
+			return nil, f.require()
 		}
 		return nil, nil
 	}
 	return f.material(role, name)
+}
+
+// require refuses plaintext unless --insecure says so: the servers that
+// talk to the rest of a cluster run with --certs or --insecure.
+func (f *tlsFlags) require() error {
+	if f.certs == "" && !f.insecure {
+		return usageError{errors.New("TLS: pass --certs DIR (see 'segmap certs init'), or --insecure for plaintext")}
+	}
+	return nil
 }
 
 // serverCreds returns the gRPC credentials of a server holding m (nil:

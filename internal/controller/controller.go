@@ -721,7 +721,7 @@ func (c *Controller) broadcast(ctx context.Context, id meta.DiskID, skip string,
 	run := func(i int) {
 		st := ms[i]
 		if err := cmd(ctx, st.a); err != nil {
-			c.logger.Warn("agent failed a command", "agent", st.name, "disk", id, "err", err)
+			c.logger.Warn("agent failed a command", "agent", st.name, "disk_id", id, "err", err)
 			errs[i] = fmt.Errorf("agent %q: %w", st.name, err)
 		}
 	}

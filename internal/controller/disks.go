@@ -110,8 +110,12 @@ again:
 	if errors.Is(err, meta.ErrExists) {
 		err = fmt.Errorf("%q: %w", o.Name, ErrExists)
 	}
-	if err != nil || !o.Preallocate {
+	if err != nil {
 		return d, err
+	}
+	if !o.Preallocate {
+		c.logCreated(d, false)
+		return d, nil
 	}
 	progress := func(done uint64) {
 		if o.Progress != nil {
@@ -120,6 +124,7 @@ again:
 	}
 	progress(PreallocateChunk)
 	if d.Segments() <= PreallocateChunk {
+		c.logCreated(d, true)
 		return d, nil
 	}
 	if err := c.preallocate(ctx, d, PreallocateChunk, progress); err != nil {
@@ -138,7 +143,13 @@ again:
 		}
 		return meta.Disk{}, fmt.Errorf("preallocate %q: %w", d.Name, err)
 	}
+	c.logCreated(d, true)
 	return d, nil
+}
+
+// logCreated tells the operator a disk was created.
+func (c *Controller) logCreated(d meta.Disk, preallocated bool) {
+	c.logger.Info("disk created", "disk", d.Name, "size", d.Size, "segment_size", d.SegmentSize, "preallocated", preallocated)
 }
 
 // PreallocateChunk is how many segments one transaction of a
@@ -495,6 +506,9 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 	if err != nil {
 		return nil, err
 	}
+	for i, nd := range out {
+		c.logger.Info("snapshot created", "disk", nd.Name, "source", srcs[i].Name, "writable", o.Writable, "group", len(out) > 1)
+	}
 	// 4. Activate: deferred above.
 	return out, nil
 }
@@ -683,6 +697,7 @@ func (c *Controller) DeleteDiskFreed(ctx context.Context, name string) (uint64, 
 	}
 	unlock()
 	unlock = func() {}
+	c.logger.Info("disk deleted", "disk", name, "freed", uint64(nfreed)*d.SegmentSize)
 	// The family's partial entries that named the deleted disk's slots
 	// alone may be made whole now, giving back what it held. The delete
 	// is done whatever comes of that.
@@ -786,5 +801,6 @@ func (c *Controller) ResizeDisk(ctx context.Context, name string, size uint64, s
 			return meta.Disk{}, fmt.Errorf("grow %q: committed, but %w", name, err)
 		}
 	}
+	c.logger.Info("disk resized", "disk", name, "from", d.Size, "size", size)
 	return nd, nil
 }

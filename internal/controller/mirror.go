@@ -557,7 +557,7 @@ func (c *Controller) rebuildOnce(ctx context.Context, id uint32, progress func(d
 		return w.fam < rec.CursorFam || (w.fam == rec.CursorFam && w.seg < rec.CursorSeg)
 	})
 	total := uint64(len(work))
-	c.logger.Info("rebuilding a replica", "container", id, "replica", rp.URI, "full", rp.Full, "segments", total, "recorded slots", len(intents))
+	c.logger.Info("rebuilding a replica", "container", id, "replica", rp.URI, "full", rp.Full, "segments", total, "recorded_slots", len(intents))
 	var (
 		done   uint64
 		copied atomic.Uint64 // bytes
@@ -636,7 +636,7 @@ func (c *Controller) rebuildOnce(ctx context.Context, id uint32, progress func(d
 	if progress != nil {
 		progress(total, total)
 	}
-	c.logger.Info("replica rebuilt: healthy", "container", id, "replica", rp.URI, "full", rp.Full, "segments", done, "bytes copied", copied.Load())
+	c.logger.Info("replica rebuilt: healthy", "container", id, "replica", rp.URI, "full", rp.Full, "segments", done, "bytes_copied", copied.Load())
 	return nil
 }
 
