@@ -255,7 +255,7 @@ func TestClusterMirror(t *testing.T) {
 }
 
 // rebuiltLine matches the controller's log line of a finished catch-up.
-var rebuiltLine = regexp.MustCompile(`msg="replica rebuilt: healthy".* full=false .*"bytes copied"=(\d+)`)
+var rebuiltLine = regexp.MustCompile(`msg="replica rebuilt: healthy".* full=false .*bytes_copied=(\d+)`)
 
 // TestClusterMirrorCatchUp: storage node 2 of a two-replica mirror is
 // stopped (SIGSTOP) while a host writes a few slots; its replica is
