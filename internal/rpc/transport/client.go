@@ -495,7 +495,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		cancel()
 		if commit && err != nil && !answered(err) {
 			if !unsure {
-				c.logger.Warn("commit of a staged write unanswered; asking again", "disk", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
+				c.logger.Warn("commit of a staged write unanswered; asking again", "disk_id", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
 			}
 			unsure = true
 		}
@@ -514,7 +514,7 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		// A controller that knows the commit answers it as before; a
 		// new leader, or a restarted controller, does not, and calls
 		// it stale: the agent writes again (see docs/protocol.md).
-		c.logger.Warn("commit of a staged write asked again", "disk", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
+		c.logger.Warn("commit of a staged write asked again", "disk_id", f.Disk, "segment", f.Segment, "token", f.Token, "err", err)
 	}
 	if err != nil {
 		return protocol.Reply{}, err
