@@ -8,17 +8,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/dashboard"
 )
-
-// dashboardAdminCreds are the credentials the dashboard dials its own
-// server's admin listener with. The listener of 'segmap up' serves
-// plaintext today; when 'up --certs' gives it TLS, this becomes the
-// admin client identity from those certificates.
-func dashboardAdminCreds() credentials.TransportCredentials { return insecure.NewCredentials() }
 
 // mountDashboard mounts the dashboard at / on hs, talking to the admin API
 // listening at admin (the server's own) with creds, and reading hs's

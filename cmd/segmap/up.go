@@ -131,10 +131,6 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	if err := refuseExposed("admin API", "--admin-listen", f.adminListen, adminL.Addr(), m != nil, f.tls.insecure, "--insecure"); err != nil {
 		return err
 	}
-	// The credentials up's own admin API takes from a client in this
-	// process (the dashboard).
-	adminCreds := upAdminCreds(m)
-	_ = adminCreds
 	f.http.insecure = f.http.insecure || f.tls.insecure
 	hs, err := newHTTP(&f.http, m, logger)
 	if err != nil {
@@ -222,7 +218,7 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	if lost != nil {
 		role = "leader" // up serves only once it leads
 	}
-	stopDash, err := mountDashboard(hs, adminL.Addr(), dashboardAdminCreds(), func() string { return role }, logger)
+	stopDash, err := mountDashboard(hs, adminL.Addr(), upAdminCreds(m), func() string { return role }, logger)
 	if err != nil {
 		return err
 	}
