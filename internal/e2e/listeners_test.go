@@ -194,12 +194,12 @@ func TestUpCerts(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool.AppendCertsFromPEM(ca)
-	get := func(cfg *tls.Config) (*http.Response, error) {
+	get := func(cfg *tls.Config, path string) (*http.Response, error) {
 		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
 		defer c.CloseIdleConnections()
-		return c.Get("https://" + httpAddr + "/metrics")
+		return c.Get("https://" + httpAddr + path)
 	}
-	if resp, err := get(&tls.Config{RootCAs: pool}); err == nil {
+	if resp, err := get(&tls.Config{RootCAs: pool}, "/metrics"); err == nil {
 		resp.Body.Close()
 		t.Errorf("GET /metrics without a client certificate: %s, want refused", resp.Status)
 	}
@@ -207,14 +207,22 @@ func TestUpCerts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := get(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}})
-	if err != nil {
-		t.Fatalf("GET /metrics with the admin certificate: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "go_goroutines") {
-		t.Errorf("GET /metrics with the admin certificate: %s\n%.300s", resp.Status, body)
+	admCfg := &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}}
+	for path, want := range map[string]string{
+		"/metrics": "go_goroutines",
+		// The dashboard reads up's admin API over TLS, with up's
+		// own certificate.
+		"/api/state": `"d"`,
+	} {
+		resp, err := get(admCfg, path)
+		if err != nil {
+			t.Fatalf("GET %s with the admin certificate: %v", path, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), want) {
+			t.Errorf("GET %s with the admin certificate: %s, want %s in\n%.500s", path, resp.Status, want, body)
+		}
 	}
 }
 
