@@ -406,7 +406,7 @@ func (d *Disk) lostMaps() {
 	if g := d.maps.deferred.Load(); g != d.maps.durable.Load() {
 		d.maps.durable.Store(g)
 		d.lives.Add(1)
-		slog.Warn("map changes not yet flushed were lost with the controller: ending the disk's connections", "disk", d.Info().Name)
+		slog.Warn("map changes not yet flushed were lost with the controller: ending the disk's connections", "agent", d.a.name, "disk", d.Info().Name)
 	}
 }
 
