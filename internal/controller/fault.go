@@ -470,10 +470,15 @@ const fillBreakAfter = time.Second
 
 // breakInPlace ends the in-place stage that holds segment seg of disk d
 // (if done is still its claim), which its agent is slow to make or never
-// will: the stage is taken back, so its commit fails as stale and its
-// write starts again; the agents that map d are told to drop the entry
-// (Invalid, Blocking), which waits for a write of the stage already on
-// its way and makes the agent abandon one not yet begun.
+// will: the stage is taken back, and its commit, if it ever comes, fails
+// with ErrIO; the agents that map d are told to drop the entry (Invalid,
+// Blocking), which waits for a write of the stage already on its way and
+// makes the agent abandon one not yet begun. Not ErrStale, which makes
+// the agent write again: the stage wrote the entry's own slot, others
+// read what it wrote over sub-blocks the slot holds, and the write this
+// break lets through may overwrite it; written again, it would land a
+// second time, after that write. The write fails as one that may or may
+// not have taken effect.
 func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, done <-chan struct{}) error {
 	k := segKey{d.ID, seg}
 	c.stage.mu.Lock()
@@ -490,6 +495,8 @@ func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, 
 		return fmt.Errorf("take back a fill of %q segment %d: %w", d.Name, seg, err)
 	}
 	if ok {
+		c.noteCommit(sw.tok, commitOutcome{agent: sw.agent, disk: sw.disk, seg: sw.seg,
+			err: &spentError{msg: fmt.Sprintf("commit of %q segment %d: its fill in place was taken back", d.Name, seg)}})
 		c.endInPlace(ctx, sw)
 	}
 	c.logger.Debug("a fill in place was taken back", "disk", d.Name, "segment", seg)
@@ -1232,8 +1239,9 @@ func (c *Controller) void(ctx context.Context, d meta.Disk, first, n uint64, to 
 	return protocol.Reply{First: first, Entries: zeros}, nil
 }
 
-// spentError is the error of a commit that may have landed: ErrIO, and
-// the causes of the failure but those an agent retries on (keptCauses).
+// spentError is the error of a commit that may have landed, or of a
+// fill in place taken back (breakInPlace): ErrIO, and the causes of the
+// failure but those an agent retries on (keptCauses).
 type spentError struct {
 	msg    string
 	causes []error
