@@ -565,6 +565,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 		}
 	}()
 	published := false
+	hidden := false // the mappers dropped the entry (StepHideMappers)
 	for _, st := range steps {
 		if !published && (st.Kind == table.StepCommitSelf || st.Kind == table.StepCommitSharers) {
 			// From the first commit until the answer, read faults on
@@ -630,8 +631,14 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 				return protocol.Reply{}, err
 			}
 
+		case table.StepHideMappers:
+			var err error
+			if hidden, err = c.hideMappers(ctx, d, seg); err != nil {
+				return protocol.Reply{}, err
+			}
+
 		case table.StepTellMappers:
-			if err := c.moveMappers(ctx, d, seg, r.target(st.Entry)); err != nil {
+			if err := c.moveMappers(ctx, d, seg, r.target(st.Entry), hidden); err != nil {
 				return protocol.Reply{}, err
 			}
 
@@ -940,8 +947,9 @@ func (c *Controller) tellSharers(ctx context.Context, r *faultRun) error {
 // NoWrite to all, then writable. Sent writable at once, it would let the
 // first agent to install it write the new location, and acknowledge that,
 // while another agent (slow, or cut off until its lease runs out) still
-// reads the old one.
-func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
+// reads the old one. Not if the agents dropped the entry already (hidden,
+// by hideMappers): none reads the old one any more.
+func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry, hidden bool) error {
 	set := func(e table.Entry) error {
 		cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
 		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
@@ -949,7 +957,7 @@ func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e
 		}
 		return nil
 	}
-	if e.Mapped() && e.State&table.NoWrite == 0 && len(c.mappers(d.ID, "")) > 1 {
+	if !hidden && e.Mapped() && e.State&table.NoWrite == 0 && len(c.mappers(d.ID, "")) > 1 {
 		ro := e
 		ro.State |= table.NoWrite
 		if err := set(ro); err != nil {
@@ -957,6 +965,27 @@ func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e
 		}
 	}
 	return set(e)
+}
+
+// hideMappers makes every agent mapping d drop its entry for segment seg
+// (Invalid, Blocking) and waits for them, if more than one maps d (a
+// StepHideMappers, before the commit of a staged write is told): the
+// written data shows through the new entry, and an agent told it first
+// would read the write while another (slow, or cut off until its lease
+// runs out) still read what the segment held before; the write would
+// be seen, then unseen. Once hidden, reads fault and wait for the answer
+// (the segment's publish lock). A lone agent is the faulting one: what
+// it reads before and after hearing of the entry is in that order.
+// hidden reports whether the agents were told.
+func (c *Controller) hideMappers(ctx context.Context, d meta.Disk, seg uint64) (hidden bool, err error) {
+	if len(c.mappers(d.ID, "")) < 2 {
+		return false, nil
+	}
+	cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		return false, fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
+	}
+	return true, nil
 }
 
 // unsettled makes every agent that maps one of disks drop its entry
