@@ -548,7 +548,8 @@ func (d *Disk) sendFault(ctx context.Context, f protocol.Fault) (r protocol.Repl
 // change) waits for it. And it is not made if the disk was fenced or reset
 // since the fault was sent (its table is no longer tab): the controller
 // forgets the stages of an agent that re-attaches, and the slot is free
-// again. A copy is not made either if a command changed the segment since
+// again (but for a fill in place, which it keeps for its commit, and
+// which is abandoned then). A copy is not made either if a command changed the segment since
 // the fault was sent: the old slot may have been freed (a discard, a
 // delete) or moved to (a reverse copy) without waiting for the copy's
 // reads, which such a command waits for only once they are counted. A
@@ -578,6 +579,13 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		d.mu.RUnlock()
 		if gone {
 			return false, ErrGone
+		}
+		if inPlace(st) {
+			// The controller keeps a fill in place across a
+			// re-attach, for its commit: it is given back now,
+			// lest it hold the segment until another write
+			// takes it back.
+			d.abandon(ctx, seg, st)
 		}
 		return false, nil // start again
 	}
@@ -636,11 +644,17 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		}
 		return false, werr
 	}
-	if st.Copies() && !d.a.leaseHeld() {
+	if st.Copies() && !inPlace(st) && !d.a.leaseHeld() {
 		// The lease lapsed while the copy read the old slot: the
 		// controller may have stopped waiting for this agent and
 		// freed it. The agent fences itself, and its re-attach
-		// drops the stage.
+		// drops the stage. Not so a fill in place: the slots it
+		// read from are its entry's layers, kept while the entry
+		// is the same, which its commit checks; and what it wrote
+		// over sub-blocks the slot holds was read by others at
+		// once: written again, it would land after what they wrote
+		// since. It commits, after the re-attach if need be (the
+		// controller keeps the stage).
 		return false, nil
 	}
 	r, err := d.a.controller().Fault(ctx, protocol.Fault{
@@ -666,6 +680,12 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		d.invalidate(seg, keep)
 	}
 	return true, nil
+}
+
+// inPlace reports whether stage st is a fill in place: its slot is the
+// one its From entry (the entry the fault was resolved against) names.
+func inPlace(st *protocol.Stage) bool {
+	return st.Copies() && st.From.Loc == st.Loc
 }
 
 // abandon tells the controller that the staged write st of segment seg

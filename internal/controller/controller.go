@@ -543,11 +543,19 @@ func (c *Controller) Attach(ctx context.Context, name string, a protocol.Agent, 
 	c.agents.Lock()
 	c.agents.byName[name] = st
 	c.agents.Unlock()
-	// A re-attaching agent lost the staged writes it had not committed.
+	// A re-attaching agent lost the staged writes it had not committed,
+	// but for its fills in place of disks it still has open (an agent
+	// cut off and back, not a new process): such a fill wrote the
+	// entry's own slot, and what it wrote over sub-blocks the slot holds
+	// was read by others at once. Its commit, sent again after the
+	// re-attach, must land rather than come back stale: the agent would
+	// write again, over what others wrote since. A fill its agent does
+	// not commit is given back (abandoned) or taken back by the next
+	// write to the segment (breakInPlace).
 	c.stage.mu.Lock()
 	var lost []stagedWrite
 	for tok, sw := range c.stage.mu.writes {
-		if sw.agent == name {
+		if sw.agent == name && (!sw.inPlace || !st.disks[sw.disk]) {
 			delete(c.stage.mu.writes, tok)
 			lost = append(lost, sw)
 		}

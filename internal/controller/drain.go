@@ -510,7 +510,7 @@ func (c *Controller) drainSegOnce(ctx context.Context, id uint32, w famSeg) (mov
 	// slots are punched and freed: no agent reads them any more.
 	var errs []error
 	for _, de := range ents {
-		if err := c.moveMappers(ctx, de.d, w.seg, effective(de.ne, tops[de.d.ID])); err != nil {
+		if err := c.moveMappers(ctx, de.d, w.seg, effective(de.ne, tops[de.d.ID]), false); err != nil {
 			errs = append(errs, err)
 			c.unsettled(ctx, w.seg, de.d)
 		}

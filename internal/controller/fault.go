@@ -470,10 +470,15 @@ const fillBreakAfter = time.Second
 
 // breakInPlace ends the in-place stage that holds segment seg of disk d
 // (if done is still its claim), which its agent is slow to make or never
-// will: the stage is taken back, so its commit fails as stale and its
-// write starts again; the agents that map d are told to drop the entry
-// (Invalid, Blocking), which waits for a write of the stage already on
-// its way and makes the agent abandon one not yet begun.
+// will: the stage is taken back, and its commit, if it ever comes, fails
+// with ErrIO; the agents that map d are told to drop the entry (Invalid,
+// Blocking), which waits for a write of the stage already on its way and
+// makes the agent abandon one not yet begun. Not ErrStale, which makes
+// the agent write again: the stage wrote the entry's own slot, others
+// read what it wrote over sub-blocks the slot holds, and the write this
+// break lets through may overwrite it; written again, it would land a
+// second time, after that write. The write fails as one that may or may
+// not have taken effect.
 func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, done <-chan struct{}) error {
 	k := segKey{d.ID, seg}
 	c.stage.mu.Lock()
@@ -490,6 +495,8 @@ func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, 
 		return fmt.Errorf("take back a fill of %q segment %d: %w", d.Name, seg, err)
 	}
 	if ok {
+		c.noteCommit(sw.tok, commitOutcome{agent: sw.agent, disk: sw.disk, seg: sw.seg,
+			err: &spentError{msg: fmt.Sprintf("commit of %q segment %d: its fill in place was taken back", d.Name, seg)}})
 		c.endInPlace(ctx, sw)
 	}
 	c.logger.Debug("a fill in place was taken back", "disk", d.Name, "segment", seg)
@@ -558,6 +565,7 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 		}
 	}()
 	published := false
+	hidden := false // the mappers dropped the entry (StepHideMappers)
 	for _, st := range steps {
 		if !published && (st.Kind == table.StepCommitSelf || st.Kind == table.StepCommitSharers) {
 			// From the first commit until the answer, read faults on
@@ -623,8 +631,14 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 				return protocol.Reply{}, err
 			}
 
+		case table.StepHideMappers:
+			var err error
+			if hidden, err = c.hideMappers(ctx, d, seg); err != nil {
+				return protocol.Reply{}, err
+			}
+
 		case table.StepTellMappers:
-			if err := c.moveMappers(ctx, d, seg, r.target(st.Entry)); err != nil {
+			if err := c.moveMappers(ctx, d, seg, r.target(st.Entry), hidden); err != nil {
 				return protocol.Reply{}, err
 			}
 
@@ -933,8 +947,9 @@ func (c *Controller) tellSharers(ctx context.Context, r *faultRun) error {
 // NoWrite to all, then writable. Sent writable at once, it would let the
 // first agent to install it write the new location, and acknowledge that,
 // while another agent (slow, or cut off until its lease runs out) still
-// reads the old one.
-func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry) error {
+// reads the old one. Not if the agents dropped the entry already (hidden,
+// by hideMappers): none reads the old one any more.
+func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e table.Entry, hidden bool) error {
 	set := func(e table.Entry) error {
 		cmd := protocol.SetEntry{Disk: protocol.DiskID(d.ID), First: seg, Entries: []table.Entry{e}}
 		if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntry(ctx, cmd) }); err != nil {
@@ -942,7 +957,7 @@ func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e
 		}
 		return nil
 	}
-	if e.Mapped() && e.State&table.NoWrite == 0 && len(c.mappers(d.ID, "")) > 1 {
+	if !hidden && e.Mapped() && e.State&table.NoWrite == 0 && len(c.mappers(d.ID, "")) > 1 {
 		ro := e
 		ro.State |= table.NoWrite
 		if err := set(ro); err != nil {
@@ -950,6 +965,27 @@ func (c *Controller) moveMappers(ctx context.Context, d meta.Disk, seg uint64, e
 		}
 	}
 	return set(e)
+}
+
+// hideMappers makes every agent mapping d drop its entry for segment seg
+// (Invalid, Blocking) and waits for them, if more than one maps d (a
+// StepHideMappers, before the commit of a staged write is told): the
+// written data shows through the new entry, and an agent told it first
+// would read the write while another (slow, or cut off until its lease
+// runs out) still read what the segment held before; the write would
+// be seen, then unseen. Once hidden, reads fault and wait for the answer
+// (the segment's publish lock). A lone agent is the faulting one: what
+// it reads before and after hearing of the entry is in that order.
+// hidden reports whether the agents were told.
+func (c *Controller) hideMappers(ctx context.Context, d meta.Disk, seg uint64) (hidden bool, err error) {
+	if len(c.mappers(d.ID, "")) < 2 {
+		return false, nil
+	}
+	cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
+	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		return false, fmt.Errorf("%q segment %d: %w: %w", d.Name, seg, protocol.ErrIO, err)
+	}
+	return true, nil
 }
 
 // unsettled makes every agent that maps one of disks drop its entry
@@ -1232,8 +1268,9 @@ func (c *Controller) void(ctx context.Context, d meta.Disk, first, n uint64, to 
 	return protocol.Reply{First: first, Entries: zeros}, nil
 }
 
-// spentError is the error of a commit that may have landed: ErrIO, and
-// the causes of the failure but those an agent retries on (keptCauses).
+// spentError is the error of a commit that may have landed, or of a
+// fill in place taken back (breakInPlace): ErrIO, and the causes of the
+// failure but those an agent retries on (keptCauses).
 type spentError struct {
 	msg    string
 	causes []error

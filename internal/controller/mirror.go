@@ -800,7 +800,7 @@ func (c *Controller) holdSegOnce(ctx context.Context, id uint32, w famSeg, only 
 			errs = append(errs, err)
 			continue
 		}
-		if err := c.moveMappers(ctx, de.d, w.seg, effective(de.e, refs)); err != nil {
+		if err := c.moveMappers(ctx, de.d, w.seg, effective(de.e, refs), false); err != nil {
 			errs = append(errs, err)
 			c.unsettled(ctx, w.seg, de.d)
 		}

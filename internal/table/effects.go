@@ -44,6 +44,15 @@ const (
 	// it, Blocking, and waits for all: their reads of Old made under the
 	// old entries finish before anyone writes Old in place.
 	StepTellSharers
+	// StepHideMappers makes every agent that maps the faulting disk (the
+	// faulting one too) drop its entry, Blocking, and waits for all (an
+	// agent that does not answer, until its lease has run out), when
+	// more than one maps it: the commit of a staged write, whose data
+	// shows through the new entry at once. Were some agent told the
+	// new entry while another, slow or cut off, still read the old, a
+	// read through the first would see the write and a later one
+	// through the second would not.
+	StepHideMappers
 	// StepTellMappers sends the faulting disk's new entry to every agent
 	// that maps it (the faulting one too) and waits: none may read the
 	// old location once the faulting agent's write is acknowledged.
@@ -68,6 +77,8 @@ func (k StepKind) String() string {
 		return "commit-sharers"
 	case StepTellSharers:
 		return "tell-sharers"
+	case StepHideMappers:
+		return "hide-mappers"
 	case StepTellMappers:
 		return "tell-mappers"
 	case StepAnswer:
@@ -248,13 +259,16 @@ func Effects(p Plan, agentCopies bool) []Step {
 }
 
 // CommitStaged returns the steps of the commit of a staged write made for
-// plan p, once the agent has written and flushed it.
+// plan p, once the agent has written and flushed it. The written data
+// shows through the new entry at once: every agent drops the old entry
+// (StepHideMappers) before any hears of the new one.
 func CommitStaged(p Plan) []Step {
 	switch p {
 	case CopySub:
 		// Old's slots stay named, under New.
 		return []Step{
 			{Kind: StepCommitSelf, Entry: NewOver, NewRefs: 1, IfShared: true},
+			{Kind: StepHideMappers},
 			{Kind: StepTellMappers, Entry: NewOver},
 			{Kind: StepAnswer, Entry: NewOver},
 		}
@@ -263,12 +277,14 @@ func CommitStaged(p Plan) []Step {
 		// under Old until they hear of it.
 		return []Step{
 			{Kind: StepCommitSelf, Entry: OldFilled, IfSame: true},
+			{Kind: StepHideMappers},
 			{Kind: StepTellMappers, Entry: OldFilled},
 			{Kind: StepAnswer, Entry: OldFilled},
 		}
 	}
 	return []Step{
 		{Kind: StepCommitSelf, Entry: NewWritable, OldRefs: -1, NewRefs: 1, IfShared: true},
+		{Kind: StepHideMappers},
 		{Kind: StepTellMappers, Entry: NewWritable},
 		{Kind: StepAnswer, Entry: NewWritable},
 	}

@@ -1,0 +1,106 @@
+package controller_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"segmap/internal/meta"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/standalone"
+	"segmap/internal/table"
+)
+
+// fillInPlace sets up disk "d" whose segment 0 is partial (a small write
+// after a snapshot), mapped by host-a and by a fake agent host-x, which
+// then stages a whole-segment write of segment 0: a fill in place (its
+// stage is the entry's own slot). It returns host-x's commit.
+func fillInPlace(t *testing.T) (c *standalone.Cluster, d meta.Disk, commit protocol.Fault) {
+	t.Helper()
+	ctx := context.Background()
+	c = newCluster(t)
+	d = createDisk(t, c, "d", 2, table.Forward)
+	h0 := openDisk(t, c, 0, "d")
+	write(t, h0, pattern(seg, 1), 0)
+	snap(t, c, "d", "s")
+	write(t, h0, pattern(100, 2), sub+50)
+	e := entry(t, c, "d", 0)
+	if !e.Partial() {
+		t.Fatalf("entry after a small write into a shared segment: %v, want partial", e)
+	}
+	if err := c.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Open(ctx, "host-x", "d"); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true})
+	if err != nil || r.Stage == nil || r.Stage.Loc != e.Loc {
+		t.Fatalf("whole-segment write of a partial segment: %+v %v; want a stage in place at %v", r, err, e.Loc)
+	}
+	// host-x writes the slot in place: at once, host-a reads what it
+	// wrote over the sub-blocks the slot holds.
+	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
+	return c, d, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}
+}
+
+// TestFillInPlaceKeptAcrossReattach: an agent cut from the controller
+// after it wrote a fill in place re-attaches (with the disk still open)
+// and sends its commit again: the commit lands. Answered stale, the agent
+// would write the segment again, over what host-a wrote meanwhile to the
+// sub-blocks it had read from the fill (TestLinearizable saw a write land
+// twice so). A new process under the agent's name (no disk open) has
+// lost the stage: its slot goes back, and the old token is stale.
+func TestFillInPlaceKeptAcrossReattach(t *testing.T) {
+	ctx := context.Background()
+	c, d, commit := fillInPlace(t)
+	if err := c.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, []protocol.DiskID{protocol.DiskID(d.ID)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Ctrl.Fault(ctx, commit); err != nil {
+		t.Fatalf("commit of a fill in place after the agent re-attached: %v, want it to land", err)
+	}
+	if e := entry(t, c, "d", 0); e.Partial() {
+		t.Errorf("entry after the fill's commit: %v, want whole", e)
+	}
+	checkClean(t, c)
+
+	c2, _, commit2 := fillInPlace(t)
+	if err := c2.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Ctrl.Open(ctx, "host-x", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Ctrl.Fault(ctx, commit2); !errors.Is(err, protocol.ErrStale) {
+		t.Errorf("commit of an agent's fill in place after a new process took its name: %v, want ErrStale", err)
+	}
+	if e := entry(t, c2, "d", 0); !e.Partial() {
+		t.Errorf("entry after a dropped fill: %v, want partial still", e)
+	}
+	// The segment is not held by the dropped fill: another write to
+	// it is not kept waiting.
+	h1 := openDisk(t, c2, 1, "d")
+	write(t, h1, pattern(sub, 3), 8*sub)
+	checkClean(t, c2)
+}
+
+// TestFillInPlaceTakenBackFails: a fill in place whose agent is slow to
+// commit is taken back by another agent's write to the segment; the
+// commit that comes at last fails with ErrIO, not ErrStale: the agent
+// would write the segment again, over the write the break let through,
+// which may have overwritten what the fill wrote in place and others
+// read.
+func TestFillInPlaceTakenBackFails(t *testing.T) {
+	ctx := context.Background()
+	c, _, commit := fillInPlace(t)
+	h1 := openDisk(t, c, 1, "d")
+	write(t, h1, pattern(sub, 3), 8*sub) // waits for the fill, then breaks it
+	for try := range 2 {
+		_, err := c.Ctrl.Fault(ctx, commit)
+		if !errors.Is(err, protocol.ErrIO) || errors.Is(err, protocol.ErrStale) {
+			t.Errorf("commit (try %d) of a fill in place taken back: %v, want ErrIO, not ErrStale", try, err)
+		}
+	}
+	checkClean(t, c)
+}
