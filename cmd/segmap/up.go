@@ -20,6 +20,7 @@ import (
 	"segmap/internal/ha"
 	"segmap/internal/listen"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/nbd"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
@@ -123,6 +124,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 
 		ControllerCopies: f.controllerCopies,
 		SyncMaps:         f.syncMaps,
+
+		ControllerMetrics: metrics.NewController(hs.Registry, nil),
+		AgentMetrics:      metrics.NewAgent(hs.Registry),
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
 	metaDesc := filepath.Join(f.data, "meta.db")
@@ -174,7 +178,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
 	}))
-	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger})
+	opts.ControllerMetrics.Leader(true, lost != nil)
+	ns := nbd.NewServer(nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger, Metrics: opts.AgentMetrics.NBD})
 
 	errc := make(chan error, 2)
 	go func() { errc <- gs.Serve(adminL) }()
