@@ -237,6 +237,7 @@ func New(cfg Config) *Controller {
 	c.drainMoves = cfg.DrainMoves
 	c.met = cfg.Metrics
 	c.met.SetState(c.metricsState)
+	c.countCommits()
 	c.replicaTimeout = cfg.ReplicaTimeout
 	c.openR = cfg.OpenReplica
 	if c.openR == nil {

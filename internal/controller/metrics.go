@@ -45,3 +45,31 @@ func (c *Controller) metricsState(ctx context.Context) (metrics.State, error) {
 	c.agents.Unlock()
 	return st, nil
 }
+
+// countCommits makes the store's commits counted in c.met, if it groups
+// commits (meta.GroupCommitter: the bbolt and etcd stores do). Only a
+// controller with metrics sets the hook: tests inject errors through it.
+func (c *Controller) countCommits() {
+	gc, ok := c.store.(meta.GroupCommitter)
+	if c.met == nil || !ok {
+		return
+	}
+	kind := "other"
+	switch c.store.(type) {
+	case *meta.Bolt:
+		kind = "bolt"
+	case *meta.Etcd:
+		kind = "etcd"
+	}
+	gc.SetCommitHook(func(updates int, commit func() error) error {
+		if updates == 0 {
+			return commit()
+		}
+		t0 := c.now()
+		err := commit()
+		if err == nil {
+			c.met.Commit(kind, updates, c.now().Sub(t0))
+		}
+		return err
+	})
+}

@@ -20,6 +20,7 @@ type Controller struct {
 	snapDur     *prometheus.HistogramVec
 	quiesce     prometheus.Histogram
 	commits     *prometheus.CounterVec
+	updates     *prometheus.CounterVec
 	commitDur   *prometheus.HistogramVec
 	leader      prometheus.Gauge
 	elections   prometheus.Counter
@@ -88,11 +89,15 @@ func NewController(reg prometheus.Registerer, state StateFunc) *Controller {
 		}),
 		commits: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Subsystem: sub, Name: "commits_total",
-			Help: "Metadata store transactions committed, by store (bolt, etcd).",
+			Help: "Metadata store commits that succeeded, by store (bolt, etcd); one commit carries a batch of updates (group commit).",
+		}, []string{"store"}),
+		updates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: sub, Name: "committed_updates_total",
+			Help: "Metadata store updates (transactions) the successful commits carried, by store.",
 		}, []string{"store"}),
 		commitDur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Subsystem: sub, Name: "commit_duration_seconds",
-			Help:    "Time a metadata store update took to commit durably, queueing for a group commit included, by store.",
+			Help:    "Time a metadata store commit took to be durable (bbolt's fsync, etcd's Txn), by store.",
 			Buckets: durationBuckets,
 		}, []string{"store"}),
 		leader: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -117,7 +122,7 @@ func NewController(reg prometheus.Registerer, state StateFunc) *Controller {
 	if state != nil {
 		m.SetState(state)
 	}
-	reg.MustRegister(m.faults, m.faultDur, m.snaps, m.snapDur, m.quiesce, m.commits, m.commitDur,
+	reg.MustRegister(m.faults, m.faultDur, m.snaps, m.snapDur, m.quiesce, m.commits, m.updates, m.commitDur,
 		m.leader, m.elections, (*stateCollector)(m))
 	return m
 }
@@ -158,13 +163,14 @@ func (m *Controller) Quiesced(dur time.Duration) {
 	}
 }
 
-// Commit counts a store update that committed in dur. store is "bolt" or
-// "etcd".
-func (m *Controller) Commit(store string, dur time.Duration) {
+// Commit counts a store commit of n updates that took dur. store is
+// "bolt" or "etcd".
+func (m *Controller) Commit(store string, n int, dur time.Duration) {
 	if m == nil {
 		return
 	}
 	m.commits.WithLabelValues(store).Inc()
+	m.updates.WithLabelValues(store).Add(float64(n))
 	m.commitDur.WithLabelValues(store).Observe(dur.Seconds())
 }
 

@@ -1,6 +1,6 @@
 // Package metrics defines segmap's Prometheus metrics: every family's name,
 // help text and labels live here, so that the exposed names are in one
-// place and docs/metrics.md can be generated from them (All, List).
+// place and docs/metrics.md can be generated from them (Markdown).
 //
 // Names follow Prometheus conventions: the segmap_ prefix, then the
 // component (agent, controller, storage), base units (_seconds, _bytes)
@@ -31,12 +31,3 @@ var durationBuckets = prometheus.ExponentialBucketsRange(10e-6, 10, 16)
 // slowBuckets are the buckets of slower operations (snapshots, the
 // quiesce pause): 1 ms to 100 s.
 var slowBuckets = prometheus.ExponentialBucketsRange(1e-3, 100, 11)
-
-// All registers every metric family of every component with reg: what
-// docs/metrics.md lists. Servers register only their own (NewAgent,
-// NewController, NewStorage).
-func All(reg prometheus.Registerer) {
-	NewAgent(reg)
-	NewController(reg, nil)
-	NewStorage(reg)
-}
