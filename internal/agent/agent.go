@@ -139,6 +139,7 @@ func New(cfg Config) *Agent {
 		a.openR = a.openC
 	}
 	a.leaseUntil.Store(noLease)
+	a.met.SetLease(a.leaseHeld)
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[protocol.DiskID]*Disk)
 	a.conts.Store(&map[uint32]*openContainer{})

@@ -3,6 +3,7 @@ package metrics
 import (
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +19,7 @@ type Agent struct {
 	faultDur *prometheus.HistogramVec
 	held     *prometheus.GaugeVec
 	heldSec  *prometheus.CounterVec
+	lease    atomic.Pointer[func() bool]
 
 	mu struct {
 		sync.Mutex
@@ -73,8 +75,25 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		}, []string{"disk", "reason"}),
 	}
 	m.mu.disks = make(map[string]*AgentDisk)
-	reg.MustRegister(m.faults, m.faultDur, m.held, m.heldSec)
+	leaseHeld := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: "agent", Name: "lease_held",
+		Help: "1 while the agent's lease from its controller holds (or its controller grants none), 0 once it lapsed: the agent is fenced and holds its I/O until it attaches again.",
+	}, func() float64 {
+		if f := m.lease.Load(); f != nil && !(*f)() {
+			return 0
+		}
+		return 1
+	})
+	reg.MustRegister(m.faults, m.faultDur, m.held, m.heldSec, leaseHeld)
 	return m
+}
+
+// SetLease sets the function that tells whether the agent's lease holds,
+// read at each scrape.
+func (m *Agent) SetLease(held func() bool) {
+	if m != nil {
+		m.lease.Store(&held)
+	}
 }
 
 // Disk returns the metrics of the disk name, resolved once; nil if m is
