@@ -420,7 +420,9 @@ func (c *Controller) snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 					c.logger.Warn("activate after snapshot", "agent", x.st.name, "err", err)
 				}
 			}
-			c.met.Quiesced(c.now().Sub(t0))
+			if len(quiesced) > 0 {
+				c.met.Quiesced(c.now().Sub(t0))
+			}
 		}()
 		for _, d := range srcs {
 			for _, st := range c.mappers(d.ID, "") {

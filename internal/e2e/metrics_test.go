@@ -218,6 +218,28 @@ func TestMetricsUnderFio(t *testing.T) {
 		if n := snap.value("segmap_controller_disks", "kind=snapshot"); n != 1 {
 			t.Errorf("snapshot disks: %v, want 1", n)
 		}
+		// A group snapshot quiesces the disks an agent maps: its pause
+		// is measured. fio keeps m mapped meanwhile.
+		u.cli("disk", "create", "m2", "--size", "16M")
+		w := background(t, "fio", "--ioengine=nbd", "--uri="+u.uri("m"), "--name=w", "--rw=randwrite", "--bs=4k",
+			"--iodepth=4", "--size=16M", "--time_based", "--runtime=3")
+		for i := 0; scrapeMetrics(t, plain, u.http).value("segmap_agent_connections", "disk=m") < 1; i++ {
+			if i == 100 {
+				t.Fatal("fio did not connect")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		u.cli("snapshot", "--group", "m", "m2", "--name", "g")
+		if out, err := w(); err != nil {
+			t.Fatalf("fio: %v\n%s", err, out)
+		}
+		group := scrapeMetrics(t, plain, u.http)
+		if n := group.value("segmap_controller_snapshots_total", "kind=group"); n != 1 {
+			t.Errorf("group snapshots: %v, want 1", n)
+		}
+		if n := group.value("segmap_controller_snapshot_quiesce_seconds"); n != 1 {
+			t.Errorf("quiesce pauses: %v, want 1", n)
+		}
 	})
 
 	t.Run("storage", func(t *testing.T) {
