@@ -95,6 +95,13 @@ PYEOF
 done
 [ -z "$RESULTS" ] || cat "$results" >>"$RESULTS"
 
+# segmap ran with its metrics on: scrape them once, as Prometheus would,
+# and say what they counted.
+murl=$(sed -n 's/.*metrics on \([^ ]*\).*/\1/p' "$work/up.log" | head -1)
+if [ -n "$murl" ] && curl -sf "${murl%/}/metrics" >"$work/metrics.txt"; then
+  awk '/^segmap_agent_requests_total/ {n += $2} END {printf "metrics: segmap counted %d NBD requests (%s)\n", n, "'"${murl%/}/metrics"'"}' "$work/metrics.txt" >&2
+fi
+
 $PY - "$results" "$REPS" "$RUNTIME" "$SIZE_MB" "$OUT" <<'PYEOF'
 import json, statistics, sys, platform, subprocess, datetime
 path, reps, runtime, size, out = sys.argv[1:6]

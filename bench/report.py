@@ -6,7 +6,9 @@ Inputs, in the directory given as the first argument: results.jsonl (the JSON
 lines of nbd.sh, cow.sh, snaploop.sh, stall.sh, snapshot.sh, export.sh,
 drain.sh and mirror.sh),
 mem.txt, fault.txt, datapath.txt, snapshot.txt and lineage.txt (go test -bench
-output), env.json (the knobs and commands).
+output), env.json (the knobs and commands); and, when there was a previous run,
+prev-results.jsonl and prev-env.json (its results.jsonl and env.json, which
+the fio table shows beside this run's).
 Usage: bench/report.py RESULTS_DIR DOC_PATH PLOT_DIR
 """
 import datetime, json, os, re, statistics, subprocess, sys
@@ -100,10 +102,40 @@ if nbd:
     for j in env["nbd_jobs"]:
         name, args = j.split(None, 1)
         L.append(f"| {name} | `{' '.join(args.split())}` |")
+    # The previous run's figures, as docs/bench-raw/ held them when this
+    # run started (bench/run.sh saves them as prev-*): its ratios go beside
+    # this run's, so that a change (metrics on the hot path, say) shows.
+    prev_env = {}
+    prev = []
+    if os.path.exists(os.path.join(rdir, "prev-results.jsonl")):
+        prev = [r for r in (json.loads(l) for l in open(os.path.join(rdir, "prev-results.jsonl")) if l.strip())
+                if r.get("bench") == "nbd"]
+    if os.path.exists(os.path.join(rdir, "prev-env.json")):
+        prev_env = json.load(open(os.path.join(rdir, "prev-env.json")))
+
+    def pm(server, job, key):
+        xs = [r[key] for r in prev if r["server"] == server and r["job"] == job]
+        return med(xs) if xs else None
+
+    def pratio(job, key):
+        a, b = pm("segmap", job, key), pm("qemu-nbd", job, key)
+        return a / b if a is not None and b else None
+
+    fmt = lambda x: "" if x is None else f"{x:.2f}"
     L += ["", "4x16: fio `numjobs=4`, each job its own NBD connection, depth 16 each (64 in flight).",
-          "Ratios are segmap / qemu-nbd (throughput: above 1.0 is faster; latency: below 1.0 is faster).", "",
-          "| job | segmap | qemu-nbd | nbdkit | segmap / qemu-nbd | target | | segmap lat (µs) | qemu-nbd lat (µs) | lat ratio | target | |",
-          "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|"]
+          "Ratios are segmap / qemu-nbd (throughput: above 1.0 is faster; latency: below 1.0 is faster). "
+          "`segmap up` runs with its HTTP listener on (`--http-listen`): every Prometheus metric is registered "
+          "and every request counted (docs/metrics.md), as in production."]
+    if prev:
+        pk = prev_env.get("knobs", {})
+        L += [f"\"Last run\": the same ratio in the previous `make bench` (segmap at `{prev_env.get('commit', '?')}`, "
+              f"{prev_env.get('date', '?')} UTC, REPS={pk.get('REPS', '?')}, RUNTIME={pk.get('RUNTIME', '?')}, "
+              f"SIZE_MB={pk.get('SIZE_MB', '?')}), read from `docs/bench-raw/` as this run found it; on a shared "
+              "machine, differences of 10-20 % between runs are noise."]
+    else:
+        L += ["\"Last run\": no previous results in `docs/bench-raw/`."]
+    L += ["", "| job | segmap | qemu-nbd | nbdkit | segmap / qemu-nbd | last run | target | | segmap lat (µs) | qemu-nbd lat (µs) | lat ratio | last run | target | |",
+          "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|"]
     plot = []
     for job in jobs:
         key, unit = ("mbps", "MB/s") if "1m" in job else ("iops", "IOPS")
@@ -116,8 +148,8 @@ if nbd:
         lt, lv = "", ""
         if "qd1" in job:
             lt, lv = "≤ 1.1", verdict(lr, 1.1, higher_is_better=False)
-        L.append(f"| {job} | {s:,.0f} {unit} | {q:,.0f} {unit} | {k:,.0f} {unit} | {ratio:.2f} | {t} | {v} | "
-                 f"{ls:.1f} | {lq:.1f} | {lr:.2f} | {lt} | {lv} |")
+        L.append(f"| {job} | {s:,.0f} {unit} | {q:,.0f} {unit} | {k:,.0f} {unit} | {ratio:.2f} | {fmt(pratio(job, key))} | {t} | {v} | "
+                 f"{ls:.1f} | {lq:.1f} | {lr:.2f} | {fmt(pratio(job, 'lat_us'))} | {lt} | {lv} |")
         plot.append((job, ratio, k / q))
     L += ["", "Latency is fio's mean completion latency (clat).", "", "![fio over NBD](bench-nbd.png)", ""]
     with open(os.path.join(rdir, "nbd.dat"), "w") as f:

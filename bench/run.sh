@@ -120,7 +120,11 @@ step "12/13 container drain beside cp (bench/drain.sh, DRAIN_MB=$DRAIN_MB)"
 bench/drain.sh
 step "13/13 mirrored containers (bench/mirror.sh, MIRROR_MB=$MIRROR_MB)"
 bench/mirror.sh
-# The raw results beside the report, for anyone who wants other figures.
-mkdir -p "$(dirname "$DOC")/bench-raw"
+# The raw results beside the report, for anyone who wants other figures;
+# the previous run's go beside this run's in the report (prev-*).
+raw="$(dirname "$DOC")/bench-raw"
+[ ! -f "$raw/results.jsonl" ] || cp "$raw/results.jsonl" "$work/prev-results.jsonl"
+[ ! -f "$raw/env.json" ] || cp "$raw/env.json" "$work/prev-env.json"
+mkdir -p "$raw"
 cp "$RESULTS" "$work/env.json" "$work"/*.txt "$(dirname "$DOC")/bench-raw/"
 $PY bench/report.py "$work" "$DOC" "$(dirname "$DOC")"

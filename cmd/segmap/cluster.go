@@ -22,6 +22,7 @@ import (
 	"segmap/internal/ha"
 	"segmap/internal/listen"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/nbd"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
@@ -98,10 +99,11 @@ docs/cluster.md.`,
 				defer outMu.Unlock()
 				fmt.Fprintf(w, format+"\n", args...)
 			}
+			cm := metrics.NewController(hs.Registry, nil)
 			// lead starts the controller over st: what a leader serves.
 			lead := func(ctx context.Context, st meta.Store, what string) (*grpc.Server, func(), error) {
 				l, err := ctlserver.Lead(ctx, ctlserver.LeadConfig{
-					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger, SyncMaps: !deferMaps, StorageTimeout: storageTimeout, ReplicaTimeout: replicaTimeout},
+					Config: ctlserver.Config{Store: st, TLS: m, Logger: logger, SyncMaps: !deferMaps, StorageTimeout: storageTimeout, ReplicaTimeout: replicaTimeout, Metrics: cm},
 					Lease:  lease, Version: version, ServerOptions: opts,
 				})
 				if err != nil {
@@ -134,6 +136,7 @@ docs/cluster.md.`,
 						if err != nil {
 							return nil, nil, err
 						}
+						cm.Leader(true, true)
 						// ha.Run calls this once the term's store is
 						// closed and gs has stopped: the leader has
 						// stopped acting now. The time is taken before
@@ -142,6 +145,7 @@ docs/cluster.md.`,
 						// cut off, never answers).
 						return gs, func() {
 							say("standby: stepped down (%s)", time.Now().UTC().Format(time.RFC3339Nano))
+							cm.Leader(false, false)
 							stop()
 						}, nil
 					},
@@ -162,6 +166,7 @@ docs/cluster.md.`,
 			if err != nil {
 				return err
 			}
+			cm.Leader(true, false)
 			errc := make(chan error, 1)
 			go func() { errc <- gs.Serve(l) }()
 			say("  data:     %s", data)
@@ -259,7 +264,8 @@ func newAgent() *cobra.Command {
 			var a *agent.Agent
 			open := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, container.NBDOptions{Logger: logger, FailTimeout: storageTimeout})
 			openReplica := container.LeasedOpener(m, func() time.Time { return a.LeaseUntil() }, container.NBDOptions{Logger: logger, FailTimeout: container.ReplicaFailTimeout(replicaTimeout)})
-			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open, OpenReplica: openReplica, ReplicaTimeout: replicaTimeout})
+			am := metrics.NewAgent(hs.Registry)
+			a = agent.New(agent.Config{Name: name, Controller: client, OpenContainer: open, OpenReplica: openReplica, ReplicaTimeout: replicaTimeout, Metrics: am})
 			runCtx, cancelRun := context.WithCancel(ctx)
 			ran := make(chan struct{})
 			first := make(chan struct{})
@@ -275,7 +281,7 @@ func newAgent() *cobra.Command {
 			case <-ctx.Done():
 			}
 
-			ncfg := nbd.Config{Backend: nbdexport.Backend(client, a), Errno: nbdexport.Errno, Logger: logger}
+			ncfg := nbd.Config{Backend: nbdexport.Backend(client, a), Errno: nbdexport.Errno, Logger: logger, Metrics: am.NBD}
 			if nbdTLS {
 				// Hosts must upgrade with STARTTLS and present a
 				// certificate of the cluster CA.

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"segmap/internal/listen"
+	"segmap/internal/metrics"
 	"segmap/internal/nbd"
 	"segmap/internal/size"
 	"segmap/internal/storage"
@@ -169,7 +170,7 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	// Agents open their containers with a lease (see
 	// container.LeasedOpener): requests of an agent whose lease ran out
 	// are refused.
-	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger, Leases: true}
+	cfg := nbd.Config{Backend: backend, Errno: storage.Errno, Logger: logger, Leases: true, Metrics: metrics.NewStorage(hs.Registry)}
 	// Clients that reconnect after this node restarts learn whether the
 	// writes it answered without a flush survived (a restart of the
 	// process) or may not have (a reboot of the machine).

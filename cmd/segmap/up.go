@@ -21,6 +21,7 @@ import (
 	"segmap/internal/ha"
 	"segmap/internal/listen"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/nbd"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/transport"
@@ -153,6 +154,9 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 
 		ControllerCopies: f.controllerCopies,
 		SyncMaps:         f.syncMaps,
+
+		ControllerMetrics: metrics.NewController(hs.Registry, nil),
+		AgentMetrics:      metrics.NewAgent(hs.Registry),
 	}
 	var lost <-chan struct{} // closed if the etcd leadership is lost
 	metaDesc := filepath.Join(f.data, "meta.db")
@@ -206,7 +210,8 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 		NBDAddress: nbdL.Addr().String(),
 		Version:    version,
 	}))
-	ncfg := nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger}
+	opts.ControllerMetrics.Leader(true, lost != nil)
+	ncfg := nbd.Config{Backend: nbdexport.Backend(c.Ctrl, c.Agents[0]), Errno: nbdexport.Errno, Logger: logger, Metrics: opts.AgentMetrics.NBD}
 	if m != nil {
 		// Hosts must upgrade with STARTTLS and present a certificate
 		// of the cluster CA, as with 'segmap agent --nbd-tls'.

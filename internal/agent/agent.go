@@ -49,6 +49,7 @@ import (
 
 	"segmap/internal/backoff"
 	"segmap/internal/container"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
@@ -71,6 +72,8 @@ type Config struct {
 	// take to answer an I/O before the agent reports it failed; default
 	// container.DefaultReplicaTimeout.
 	ReplicaTimeout time.Duration
+	// Metrics, if set, counts each disk's faults and held I/O.
+	Metrics *metrics.Agent
 }
 
 // Agent is a mapping agent. It implements protocol.Agent for its
@@ -103,6 +106,7 @@ type Agent struct {
 
 	replicaTimeout time.Duration
 	openR          func(protocol.Container) (container.Container, error)
+	met            *metrics.Agent // nil: none
 
 	// leaseUntil is when I/O must stop, in monotonic time since base;
 	// noLease if the controller grants no lease.
@@ -130,11 +134,12 @@ type openContainer struct {
 
 // New returns an agent; Attach connects it to its controller.
 func New(cfg Config) *Agent {
-	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now(), replicaTimeout: cfg.ReplicaTimeout, openR: cfg.OpenReplica, members: map[uint32]protocol.Membership{}}
+	a := &Agent{name: cfg.Name, openC: cfg.OpenContainer, base: time.Now(), replicaTimeout: cfg.ReplicaTimeout, openR: cfg.OpenReplica, met: cfg.Metrics, members: map[uint32]protocol.Membership{}}
 	if a.openR == nil {
 		a.openR = a.openC
 	}
 	a.leaseUntil.Store(noLease)
+	a.met.SetLease(a.leaseHeld)
 	a.mu.ctrl = cfg.Controller
 	a.mu.disks = make(map[protocol.DiskID]*Disk)
 	a.conts.Store(&map[uint32]*openContainer{})

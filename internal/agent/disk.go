@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"segmap/internal/container"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
@@ -38,6 +39,9 @@ type Disk struct {
 		deferred, durable atomic.Uint64
 	}
 	lives atomic.Uint64
+
+	// met are the disk's metrics (nil: none).
+	met *metrics.AgentDisk
 
 	// mu guards the table and the disk's state. The data path takes it
 	// shared, to look an entry up; commands take it exclusively.
@@ -107,7 +111,7 @@ type epoch struct {
 }
 
 func newDisk(a *Agent, info protocol.Disk) *Disk {
-	d := &Disk{a: a}
+	d := &Disk{a: a, met: a.met.Disk(info.Name)}
 	d.info.Store(&info)
 	d.mu.tab = table.New(int(info.Segments()), table.InvalidEntry)
 	d.mu.cur = &epoch{}
@@ -191,10 +195,21 @@ func (d *Disk) waitDrained(ctx context.Context, g uint64) error {
 // go to storage it is counted in flight in the returned epoch, and the
 // caller must call end(ep) when the container call returns.
 func (d *Disk) begin(ctx context.Context, seg uint64, op table.Op, span table.Bits) (e table.Entry, dec table.Decision, ep *epoch, seq uint64, err error) {
-	if err := d.a.waitLease(ctx); err != nil {
-		return e, dec, nil, 0, err
+	if !d.a.leaseHeld() {
+		t0 := time.Now()
+		d.met.Held(metrics.HoldLease, 1, 0)
+		err := d.a.waitLease(ctx)
+		d.met.Held(metrics.HoldLease, -1, time.Since(t0))
+		if err != nil {
+			return e, dec, nil, 0, err
+		}
 	}
 	d.mu.RLock()
+	if d.mu.quiesced && !d.mu.gone {
+		t0 := time.Now()
+		d.met.Held(metrics.HoldQuiesced, 1, 0)
+		defer func() { d.met.Held(metrics.HoldQuiesced, -1, time.Since(t0)) }()
+	}
 	for d.mu.quiesced && !d.mu.gone {
 		wake := d.mu.wake
 		d.mu.RUnlock()
@@ -377,7 +392,9 @@ func (d *Disk) invalidate(seg uint64, keep table.Entry) {
 func (d *Disk) fault(ctx context.Context, f protocol.Fault) (protocol.Reply, error) {
 	f.Agent, f.Disk = d.a.name, d.Info().ID
 	op, seg := f.Op, f.Segment
+	t0 := time.Now()
 	r, err := d.a.controller().Fault(ctx, f)
+	d.met.Fault(time.Since(t0))
 	if err != nil {
 		return r, fmt.Errorf("%v fault on segment %d: %w", op, seg, err)
 	}
@@ -447,7 +464,11 @@ func (d *Disk) segIO(ctx context.Context, kind ioKind, seg, off uint64, p []byte
 			if errors.Is(err, container.ErrLeaseOver) {
 				// Refused, so not done: done again under the
 				// entries of a new lease.
-				if err := d.a.waitStorageLease(ctx, refused, err); err != nil {
+				t0 := time.Now()
+				d.met.Held(metrics.HoldStorageLease, 1, 0)
+				err := d.a.waitStorageLease(ctx, refused, err)
+				d.met.Held(metrics.HoldStorageLease, -1, time.Since(t0))
+				if err != nil {
 					return fmt.Errorf("segment %d: %w: %w", seg, protocol.ErrIO, err)
 				}
 				refused++
@@ -657,9 +678,11 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		// controller keeps the stage).
 		return false, nil
 	}
+	t0 := time.Now()
 	r, err := d.a.controller().Fault(ctx, protocol.Fault{
 		Agent: d.a.name, Disk: d.Info().ID, Segment: seg, Count: 1, Op: protocol.FaultCommit, Token: st.Token,
 	})
+	d.met.Fault(time.Since(t0))
 	if errors.Is(err, protocol.ErrStale) {
 		return false, nil
 	}

@@ -56,6 +56,7 @@ import (
 
 	"segmap/internal/container"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
@@ -112,6 +113,9 @@ type Config struct {
 	// take to answer the controller's I/O before it is failed; default
 	// container.DefaultReplicaTimeout.
 	ReplicaTimeout time.Duration
+	// Metrics, if set, counts faults and snapshots, and reads the
+	// controller's state at each scrape (see metrics.StateFunc).
+	Metrics *metrics.Controller
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -123,6 +127,7 @@ type Controller struct {
 	cmdTimeout time.Duration
 	ctrlCopies bool
 	deferMaps  bool
+	met        *metrics.Controller // nil: none
 
 	// pend holds the map changes kept in memory until a flush.
 	pend struct {
@@ -233,6 +238,9 @@ func New(cfg Config) *Controller {
 		c.cmdTimeout = DefaultCommandTimeout
 	}
 	c.drainMoves = cfg.DrainMoves
+	c.met = cfg.Metrics
+	c.met.SetState(c.metricsState)
+	c.countCommits()
 	c.replicaTimeout = cfg.ReplicaTimeout
 	c.openR = cfg.OpenReplica
 	if c.openR == nil {

@@ -351,6 +351,16 @@ type SnapshotOptions struct {
 //     pages (no entry is written: No-write follows from the sharing);
 //  4. activate.
 func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
+	t0 := c.now()
+	out, err := c.snapshot(ctx, o)
+	if err == nil {
+		c.met.Snapshot(len(o.Sources), c.now().Sub(t0))
+	}
+	return out, err
+}
+
+// snapshot is Snapshot, uncounted.
+func (c *Controller) snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Disk, error) {
 	if len(o.Sources) == 0 || len(o.Sources) != len(o.Names) {
 		return nil, fmt.Errorf("snapshot: %d sources, %d names: %w", len(o.Sources), len(o.Names), protocol.ErrBadRequest)
 	}
@@ -431,11 +441,15 @@ func (c *Controller) Snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			id meta.DiskID
 		}
 		var quiesced []q
+		t0 := c.now()
 		defer func() {
 			for _, x := range quiesced {
 				if err := x.st.a.Activate(ctx, protocol.DiskID(x.id)); err != nil {
 					c.logger.Warn("activate after snapshot", "agent", x.st.name, "err", err)
 				}
+			}
+			if len(quiesced) > 0 {
+				c.met.Quiesced(c.now().Sub(t0))
 			}
 		}()
 		for _, d := range srcs {

@@ -167,6 +167,8 @@ func (c *Controller) fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 		if d, err = load(); err != nil {
 			return protocol.Reply{}, err
 		}
+		t0 := c.now()
+		defer func() { c.met.Fault("commit", c.now().Sub(t0)) }()
 		return c.commit(ctx, f, d)
 	case protocol.FaultDiscard:
 		if d.ReadOnly {
@@ -372,7 +374,10 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 	}
 	r.plan = plan
 	c.plans[plan].Add(1)
-	return c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
+	t0 := c.now()
+	rep, err := c.run(ctx, r, table.Effects(plan, !c.ctrlCopies))
+	c.met.Fault(plan.String(), c.now().Sub(t0))
+	return rep, err
 }
 
 // faultRange answers a read fault on segments [f.Segment, +f.Count) with
@@ -383,6 +388,8 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 // Error, which a read fault would deny), and the agent asks again for the
 // rest. The caller holds the family lock, shared.
 func (c *Controller) faultRange(ctx context.Context, f protocol.Fault, d meta.Disk) (protocol.Reply, error) {
+	t0 := c.now()
+	defer func() { c.met.Fault(table.Load.String(), c.now().Sub(t0)) }()
 	n := f.Count
 	unlocks := make([]func(), 0, n)
 	defer func() {

@@ -17,6 +17,7 @@ import (
 	"segmap/internal/container"
 	"segmap/internal/controller"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/adminapi"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/rpc/transport"
@@ -54,6 +55,8 @@ type Config struct {
 	StorageTimeout time.Duration
 	// ReplicaTimeout is controller.Config.ReplicaTimeout.
 	ReplicaTimeout time.Duration
+	// Metrics is controller.Config.Metrics.
+	Metrics *metrics.Controller
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
@@ -73,7 +76,7 @@ func New(cfg Config) *controller.Controller {
 		}
 		open, openReplica = wrapped(open), wrapped(openReplica)
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout, Metrics: cfg.Metrics})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

@@ -68,6 +68,10 @@ type conn struct {
 
 	tx transmission
 
+	// met is told of the connection's requests (Config.Metrics), once it
+	// has entered transmission; nil: no metrics.
+	met ExportMetrics
+
 	// stopping is set by Server.Shutdown: the connection reads nothing
 	// more, answers what it had already received with ESHUTDOWN, and
 	// closes once the requests in flight are answered. It is set, and
@@ -126,6 +130,11 @@ func (c *conn) serve() {
 	c.log.Debug("nbd: transmission", "export", sess.name, "size", sess.size,
 		"flags", sess.flags, "structured", sess.structured)
 	c.enterTransmission()
+	if c.srv.metrics != nil {
+		c.met = c.srv.metrics.Export(sess.name)
+		c.met.Connected(1)
+		defer c.met.Connected(-1)
+	}
 	err = c.transmit()
 	c.nc.Close()
 	if cerr := sess.closer.Close(); cerr != nil {

@@ -193,6 +193,9 @@ type Config struct {
 	// unflushed writes survived. Zero: the option is answered
 	// NBD_REP_ERR_UNSUP.
 	CacheID [nbdwire.CacheIDSize]byte
+	// Metrics, if set, is told of every connection and request (see
+	// Metrics).
+	Metrics Metrics
 }
 
 // Default values of Config fields.
@@ -214,6 +217,7 @@ type Server struct {
 	tlsRequired      bool
 	leases           bool
 	cacheID          [nbdwire.CacheIDSize]byte
+	metrics          Metrics // nil: none
 
 	// ctx is the parent of every connection's context; Close cancels it.
 	ctx    context.Context
@@ -251,6 +255,7 @@ func NewServer(cfg Config) *Server {
 		tlsRequired:      cfg.TLSRequired,
 		leases:           cfg.Leases,
 		cacheID:          cfg.CacheID,
+		metrics:          cfg.Metrics,
 		closing:          make(chan struct{}),
 	}
 	if cfg.TLS != nil {

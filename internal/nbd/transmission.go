@@ -7,6 +7,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"time"
 
 	"segmap/internal/nbd/nbdwire"
 )
@@ -71,6 +72,11 @@ type request struct {
 	buf   *[]byte // payload buffer from the pool, READ and WRITE
 	// charged is the budget this request holds.
 	charged int
+
+	// start is when the request arrived and status the error it was
+	// answered, for Config.Metrics (start is set only with them).
+	start  time.Time
+	status uint32
 
 	// bsFirst is the length of the first chunk's payload of a
 	// BLOCK_STATUS reply (see blockStatus).
@@ -177,6 +183,9 @@ func (c *conn) readRequest(r *request) error {
 		return fmt.Errorf("%w: request magic %#x", errProtocol, be.Uint32(r.raw[:]))
 	}
 	r.requestHeader = h
+	if c.met != nil {
+		r.start = time.Now()
+	}
 	r.errno, r.msg = checkRequest(h, c.sess.params)
 	if r.errno == 0 && c.stopping.Load() {
 		// Received, but after Shutdown began (spec "Terminating the
@@ -427,6 +436,7 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 func (c *conn) prepareReply(r *request, errno uint32, msg string, data []byte) {
 	h := r.out[:]
 	r.iov[0], r.iov[1] = nil, nil
+	r.status = errno
 	switch {
 	case !c.sess.structured:
 		nbdwire.PutSimpleReply(h, errno, r.cookie)
@@ -488,6 +498,9 @@ func (c *conn) writeQueuedLocked() {
 		var err error
 		if !failed {
 			err = c.writeReplies(batch)
+		}
+		if c.met != nil {
+			c.observe(batch, time.Now())
 		}
 		for i, r := range batch {
 			c.release(r)

@@ -24,6 +24,7 @@ import (
 	"segmap/internal/controller"
 	"segmap/internal/ctlserver"
 	"segmap/internal/meta"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/protocol"
 )
 
@@ -62,6 +63,11 @@ type Options struct {
 	// DrainMoves is controller.Config's: how many segments a drain moves
 	// at once.
 	DrainMoves int
+	// ControllerMetrics and AgentMetrics, if set, are the controller's
+	// and the agents' metrics (controller.Config.Metrics,
+	// agent.Config.Metrics); every agent counts into AgentMetrics.
+	ControllerMetrics *metrics.Controller
+	AgentMetrics      *metrics.Agent
 }
 
 // PoolSpec is a group of containers with one slot size.
@@ -110,7 +116,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	for _, name := range opts.Agents {
-		a := agent.New(agent.Config{Name: name, Controller: c.Ctrl, OpenContainer: c.agentOpener(name)})
+		a := agent.New(agent.Config{Name: name, Controller: c.Ctrl, OpenContainer: c.agentOpener(name), Metrics: opts.AgentMetrics})
 		if err := a.Attach(ctx, c.Ctrl); err != nil {
 			c.Close()
 			return nil, err
@@ -152,7 +158,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves, Metrics: c.opts.ControllerMetrics})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
 	return nil
 }
@@ -265,7 +271,7 @@ func (c *Cluster) restartController(ctx context.Context) error {
 func (c *Cluster) RestartAgent(ctx context.Context, i int) error {
 	old := c.Agents[i]
 	old.Close()
-	a := agent.New(agent.Config{Name: old.Name(), Controller: c.Ctrl, OpenContainer: c.agentOpener(old.Name())})
+	a := agent.New(agent.Config{Name: old.Name(), Controller: c.Ctrl, OpenContainer: c.agentOpener(old.Name()), Metrics: c.opts.AgentMetrics})
 	if err := a.Attach(ctx, c.Ctrl); err != nil {
 		return err
 	}
