@@ -113,6 +113,19 @@ func TestDocCurrent(t *testing.T) {
 	if !bytes.Equal(got, b.Bytes()) {
 		t.Errorf("docs/metrics.md is stale: run go run ./scripts/metricsdoc > docs/metrics.md")
 	}
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, ok, err := ReplaceReadme(readme)
+	switch {
+	case err != nil:
+		t.Fatal(err)
+	case !ok:
+		t.Errorf("README.md has no metric table between %q and %q", ReadmeBegin, ReadmeEnd)
+	case !bytes.Equal(want, readme):
+		t.Errorf("README.md's metric table is stale: run go run ./scripts/metricsdoc -readme README.md")
+	}
 }
 
 // TestStateGauges checks the controller's scrape-time gauges, and that a
