@@ -105,6 +105,14 @@ type Config struct {
 	// DrainMoves is how many segments a drain moves at once; default
 	// DefaultDrainMoves. A rebuild copies as many at once.
 	DrainMoves int
+	// PreflushRounds is how many times the flush of a family's map
+	// changes kept in memory may flush their containers before it takes
+	// the family's locks, flushing again while a flush is slow
+	// (preflush); default DefaultPreflushRounds. The crash-point tests
+	// set 1: how many rounds are made depends on how long fsync takes,
+	// and they count an operation's persistence steps once, then crash
+	// each.
+	PreflushRounds int
 	// OpenReplica opens a replica of a mirrored container (URI set to
 	// the replica's); OpenContainer if nil. A holder gives replicas a
 	// short failure timeout (container.ReplicaFailTimeout).
@@ -173,6 +181,8 @@ type Controller struct {
 
 	// drainMoves is Config.DrainMoves.
 	drainMoves int
+	// preflushRounds is Config.PreflushRounds.
+	preflushRounds int
 	// openR is Config.OpenReplica.
 	openR func(protocol.Container) (container.Container, error)
 	// replicaTimeout is Config.ReplicaTimeout.
@@ -248,6 +258,10 @@ func New(cfg Config) *Controller {
 	}
 	if c.drainMoves <= 0 {
 		c.drainMoves = DefaultDrainMoves
+	}
+	c.preflushRounds = cfg.PreflushRounds
+	if c.preflushRounds <= 0 {
+		c.preflushRounds = DefaultPreflushRounds
 	}
 	if c.now == nil {
 		c.now = time.Now

@@ -347,11 +347,11 @@ func (c *Controller) flushContainers(ctx context.Context, ids map[uint32]bool) e
 // then durable before flushFamily takes the locks that writes to those
 // segments wait for, and its own flush, under the locks, has little left
 // to write. Writes go on while it flushes, so it flushes again while a
-// flush takes long (up to preflushRounds times): each round has only
-// what the last one's writes left. Without it a snapshot under random
+// flush takes long (up to Config.PreflushRounds times): each round has
+// only what the last one's writes left. Without it a snapshot under random
 // writes held its writers for the whole of a flush, a second and more.
 func (c *Controller) preflush(ctx context.Context, fam meta.DiskID) error {
-	for range preflushRounds {
+	for range c.preflushRounds {
 		conts := map[uint32]bool{}
 		c.pend.mu.Lock()
 		if pf := c.pend.mu.fams[fam]; pf != nil {
@@ -371,11 +371,12 @@ func (c *Controller) preflush(ctx context.Context, fam meta.DiskID) error {
 	return nil
 }
 
-// preflushRounds bounds the flushes of one preflush, and a flush shorter
-// than preflushShort ends it: what is left is for the flush under locks.
+// DefaultPreflushRounds bounds the flushes of one preflush by default
+// (Config.PreflushRounds), and a flush shorter than preflushShort ends
+// it: what is left is for the flush under locks.
 const (
-	preflushRounds = 4
-	preflushShort  = 50 * time.Millisecond
+	DefaultPreflushRounds = 4
+	preflushShort         = 50 * time.Millisecond
 )
 
 // CommitPending makes every map change kept in memory durable, as the

@@ -48,6 +48,8 @@ type Config struct {
 	SyncMaps bool
 	// DrainMoves is controller.Config's.
 	DrainMoves int
+	// PreflushRounds is controller.Config's.
+	PreflushRounds int
 	// StorageTimeout is how long the controller's I/O to an nbd://
 	// container waits for its storage node to come back before it
 	// fails, and the container is marked failed (container.NBDOptions'
@@ -76,7 +78,7 @@ func New(cfg Config) *controller.Controller {
 		}
 		open, openReplica = wrapped(open), wrapped(openReplica)
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, ReplicaTimeout: cfg.ReplicaTimeout, Metrics: cfg.Metrics})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, PreflushRounds: cfg.PreflushRounds, ReplicaTimeout: cfg.ReplicaTimeout, Metrics: cfg.Metrics})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -332,6 +333,46 @@ func TestCrashPoints(t *testing.T) {
 		points += p
 	}
 	t.Logf("summary: crash points %d (per operation %v), crash runs %d, restarts %d, outcomes %v", points, perOp, runs, restarts, outcomes)
+}
+
+// TestCrashPointsSlowFlush: the persistence steps of an operation that
+// flushes map changes kept in memory (lone-fill-in: D mapped by one
+// agent, a write with FUA) are the same whether the controller's flushes
+// are quick or slow. TestCrashPoints counts an operation's steps once and
+// then crashes each: a count that depends on fsync's speed made a crash
+// run on a loaded CI machine miss its step (the count saw the preflush
+// flush again, after a slow fsync; the crash run did not).
+func TestCrashPointsSlowFlush(t *testing.T) {
+	h := openFx(t, t.TempDir(), true)
+	st := fxSave(t, h, fxSetup(h))
+	op := opWriteLone("D", 2*seg64+20000, pattern(23, 3000))
+	var logs [2][]string
+	for i, slow := range []bool{false, true} {
+		st.restore(t)
+		h := openFx(t, st.dir, true)
+		if err := h.prepare(st.m); err != nil {
+			h.close()
+			t.Fatalf("prepare: %v", err)
+		}
+		in := h.ctrl.Load()
+		start := in.Steps()
+		in.Record(true)
+		h.slowFlush.Store(slow)
+		_, err := op.run(h, st.m)
+		h.slowFlush.Store(false)
+		for _, c := range in.Log() {
+			if c.Step > start {
+				logs[i] = append(logs[i], fmt.Sprintf("%v %s", c.Op, c.Target))
+			}
+		}
+		h.close()
+		if err != nil {
+			t.Fatalf("write (slow flushes %v): %v", slow, err)
+		}
+	}
+	if len(logs[0]) == 0 || !slices.Equal(logs[0], logs[1]) {
+		t.Errorf("persistence steps of a lone fill-in:\nquick flushes %v\nslow flushes  %v\nwant the same", logs[0], logs[1])
+	}
 }
 
 // crashSoak runs random histories, each ended by an operation crashed at

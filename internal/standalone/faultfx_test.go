@@ -56,6 +56,28 @@ type fx struct {
 	// the controller's injector: controller and agents are one process
 	// on one machine (segmap up), and crash together.
 	oneMachine atomic.Bool
+	// slowFlush makes every flush of the controller's containers take
+	// slowFlushTime more, as fsync does on a loaded machine.
+	slowFlush atomic.Bool
+}
+
+// slowFlushTime is how much longer a flush takes under fx.slowFlush:
+// longer than the controller's preflushShort (50 ms), past which its
+// preflush would flush again.
+const slowFlushTime = 100 * time.Millisecond
+
+// slowFlusher is a container whose flushes take slowFlushTime more while
+// *slow is set.
+type slowFlusher struct {
+	container.Container
+	slow *atomic.Bool
+}
+
+func (c slowFlusher) Flush() error {
+	if c.slow.Load() {
+		time.Sleep(slowFlushTime)
+	}
+	return c.Container.Flush()
 }
 
 // openFx opens a cluster over dir (created if empty) with agents a and b.
@@ -70,7 +92,14 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 		CommandTimeout: 2 * time.Second,
 		// One move at a time: crash points are counted in order.
 		DrainMoves: 1,
-		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+		// One flush of a family's containers before its locks are
+		// taken, however long it takes: a slow fsync (a loaded CI
+		// machine) made another round, two more crash points in a
+		// counting run than in the crash runs after it. A further
+		// round's points are those of the first (its containers
+		// flushed again, before any commit).
+		PreflushRounds: 1,
+		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
 		OpenStore: func(ctx context.Context) (meta.Store, error) {
 			b, err := meta.OpenBolt(filepath.Join(dir, "meta.db"))
 			if err != nil {
@@ -80,6 +109,7 @@ func openFx(t testing.TB, dir string, volatile bool) *fx {
 		},
 		WrapControllerContainer: func(ct container.Container) container.Container {
 			name := "ctrl/" + fxContainerName(ct)
+			ct = slowFlusher{Container: ct, slow: &h.slowFlush}
 			if h.volatile {
 				return h.ctrl.Load().VolatileContainer(name, ct)
 			}

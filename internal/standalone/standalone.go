@@ -63,6 +63,10 @@ type Options struct {
 	// DrainMoves is controller.Config's: how many segments a drain moves
 	// at once.
 	DrainMoves int
+	// PreflushRounds is controller.Config's: how many times a flush of
+	// map changes kept in memory may flush their containers before it
+	// takes its locks, while a flush is slow.
+	PreflushRounds int
 	// ControllerMetrics and AgentMetrics, if set, are the controller's
 	// and the agents' metrics (controller.Config.Metrics,
 	// agent.Config.Metrics); every agent counts into AgentMetrics.
@@ -158,7 +162,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves, Metrics: c.opts.ControllerMetrics})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves, PreflushRounds: c.opts.PreflushRounds, Metrics: c.opts.ControllerMetrics})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
 	return nil
 }
