@@ -27,6 +27,7 @@ import (
 // refused and changes nothing. It writes the screenshot the README shows
 // to docs/dashboard.png.
 func TestDashboard(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "chromium", "qemu-io")
 	u := startUp(t, t.TempDir())
 	if u.http == "" {

@@ -28,6 +28,7 @@ func mustUint(t *testing.T, s string) uint64 {
 // TestListAndThin: nbdinfo lists every disk with its size; a 1 TiB disk is
 // created at once and allocates nothing.
 func TestListAndThin(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "nbdinfo")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "small", "--size", "100M")
@@ -190,6 +191,7 @@ func fio(t *testing.T, u *up, disk string, args ...string) string {
 // TestFioVerify: random 4 KiB writes at queue depth 32 from 2 jobs (two
 // connections) with crc32c verification, then a verify-only pass.
 func TestFioVerify(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "fio")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "fio", "--size", "256M")
@@ -436,6 +438,7 @@ func TestTrimAndDeleteReturnSpace(t *testing.T) {
 // TestBadInput: each bad input gets a clear error and the server keeps
 // serving.
 func TestBadInput(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "nbdinfo", "qemu-io", "/usr/bin/python3")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "good", "--size", "16M")

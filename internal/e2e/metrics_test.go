@@ -166,6 +166,7 @@ var fioJob = []string{"--name=m", "--rw=randrw", "--bs=4k", "--iodepth=8", "--si
 // faults in the agent and the controller, and client_golang's linter
 // finds no problem in any exposed family.
 func TestMetricsUnderFio(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "fio")
 	plain := &http.Client{Timeout: 10 * time.Second}
 

@@ -75,6 +75,7 @@ func checkEvents(t *testing.T, stderr, op, unit string) progressEvent {
 // it runs and done, with every byte counted, afterwards; on a pipe
 // without --json nothing is written, and --progress forces the bar.
 func TestProgress(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	dir := t.TempDir()
