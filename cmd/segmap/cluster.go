@@ -55,14 +55,11 @@ docs/cluster.md.`,
 			// Bind first: a busy port is an error now, not later; and
 			// one the network reaches is refused in plaintext unless
 			// asked for.
-			l, err := listen.Listen(addr)
+			l, err := listenChecked("admin API", "--listen", addr, tf.certs != "", tf.insecure, "--insecure")
 			if err != nil {
-				return fmt.Errorf("listen: %w", err)
-			}
-			defer l.Close()
-			if err := refuseExposed("admin API", "--listen", addr, l.Addr(), tf.certs != "", tf.insecure, "--insecure"); err != nil {
 				return err
 			}
+			defer l.Close()
 			// The controller's certificate serves the admin API and the
 			// agents, and reaches storage nodes to open and format nbd://
 			// containers.

@@ -64,12 +64,8 @@ func newHTTP(f *httpFlags, m *tlsconf.Material, log *slog.Logger) (*httpServer, 
 	if f.listen == "" {
 		return s, nil
 	}
-	l, err := listen.Listen(f.listen)
+	l, err := listenChecked("HTTP", "--http-listen", f.listen, m != nil, f.insecure, "--http-insecure (or --insecure)")
 	if err != nil {
-		return nil, fmt.Errorf("HTTP listener: %w", err)
-	}
-	if err := refuseExposed("HTTP", "--http-listen", f.listen, l.Addr(), m != nil, f.insecure, "--http-insecure (or --insecure)"); err != nil {
-		l.Close()
 		return nil, err
 	}
 	if m != nil {
@@ -80,6 +76,20 @@ func newHTTP(f *httpFlags, m *tlsconf.Material, log *slog.Logger) (*httpServer, 
 	}
 	s.l = l
 	return s, nil
+}
+
+// listenChecked binds the listener given as flag (a busy port is an
+// error now, not later) and refuses it, closed, if refuseExposed does.
+func listenChecked(what, flag, given string, secure, insecure bool, insecureFlag string) (net.Listener, error) {
+	l, err := listen.Listen(given)
+	if err != nil {
+		return nil, fmt.Errorf("%s listener: %w", what, err)
+	}
+	if err := refuseExposed(what, flag, given, l.Addr(), secure, insecure, insecureFlag); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
 }
 
 // refuseExposed refuses a listener (given on the command line with flag,

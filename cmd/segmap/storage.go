@@ -13,7 +13,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"segmap/internal/listen"
 	"segmap/internal/metrics"
 	"segmap/internal/nbd"
 	"segmap/internal/size"
@@ -140,14 +139,11 @@ func runStorage(cmd *cobra.Command, dir string, devices []storage.Device, addr, 
 	logger := newLogger(os.Stderr)
 	// Bind first: a busy port is an error now, not later; and one the
 	// network reaches is refused in plaintext unless asked for.
-	l, err := listen.Listen(addr)
+	l, err := listenChecked("NBD", "--listen", addr, tf.certs != "", tf.insecure, "--insecure")
 	if err != nil {
-		return fmt.Errorf("NBD listener: %w", err)
-	}
-	defer l.Close()
-	if err := refuseExposed("NBD", "--listen", addr, l.Addr(), tf.certs != "", tf.insecure, "--insecure"); err != nil {
 		return err
 	}
+	defer l.Close()
 	m, err := tf.identity(tlsconf.RoleStorage, tf.name, false)
 	if err != nil {
 		return err

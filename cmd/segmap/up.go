@@ -19,7 +19,6 @@ import (
 	"segmap/internal/agent/nbdexport"
 	"segmap/internal/ctlserver"
 	"segmap/internal/ha"
-	"segmap/internal/listen"
 	"segmap/internal/meta"
 	"segmap/internal/metrics"
 	"segmap/internal/nbd"
@@ -116,22 +115,16 @@ func runUp(cmd *cobra.Command, f *upFlags) error {
 	defer stop()
 
 	// Bind first: a busy port is an error now, not later.
-	nbdL, err := listen.Listen(f.nbdListen)
+	nbdL, err := listenChecked("NBD", "--nbd-listen", f.nbdListen, m != nil, f.tls.insecure, "--insecure")
 	if err != nil {
-		return fmt.Errorf("NBD listener: %w", err)
+		return err
 	}
 	defer nbdL.Close()
-	if err := refuseExposed("NBD", "--nbd-listen", f.nbdListen, nbdL.Addr(), m != nil, f.tls.insecure, "--insecure"); err != nil {
-		return err
-	}
-	adminL, err := listen.Listen(f.adminListen)
+	adminL, err := listenChecked("admin API", "--admin-listen", f.adminListen, m != nil, f.tls.insecure, "--insecure")
 	if err != nil {
-		return fmt.Errorf("admin listener: %w", err)
+		return err
 	}
 	defer adminL.Close()
-	if err := refuseExposed("admin API", "--admin-listen", f.adminListen, adminL.Addr(), m != nil, f.tls.insecure, "--insecure"); err != nil {
-		return err
-	}
 	f.http.insecure = f.http.insecure || f.tls.insecure
 	hs, err := newHTTP(&f.http, m, logger)
 	if err != nil {

@@ -83,23 +83,8 @@ func opOf(typ nbdwire.Command) (op Op, ok bool) {
 // ErrnoName returns the name of an NBD error value ("EIO"), "other" for
 // one the spec does not define: a bounded set, fit for a metric label.
 func ErrnoName(errno uint32) string {
-	switch errno {
-	case nbdwire.EPERM:
-		return "EPERM"
-	case nbdwire.EIO:
-		return "EIO"
-	case nbdwire.ENOMEM:
-		return "ENOMEM"
-	case nbdwire.EINVAL:
-		return "EINVAL"
-	case nbdwire.ENOSPC:
-		return "ENOSPC"
-	case nbdwire.EOVERFLOW:
-		return "EOVERFLOW"
-	case nbdwire.ENOTSUP:
-		return "ENOTSUP"
-	case nbdwire.ESHUTDOWN:
-		return "ESHUTDOWN"
+	if name, ok := nbdwire.ErrnoName(errno); ok {
+		return name
 	}
 	return "other"
 }

@@ -77,23 +77,8 @@ func errnoSentinel(errno uint32) error {
 }
 
 func errnoName(errno uint32) string {
-	switch errno {
-	case nbdwire.EPERM:
-		return "EPERM"
-	case nbdwire.EIO:
-		return "EIO"
-	case nbdwire.ENOMEM:
-		return "ENOMEM"
-	case nbdwire.EINVAL:
-		return "EINVAL"
-	case nbdwire.ENOSPC:
-		return "ENOSPC"
-	case nbdwire.EOVERFLOW:
-		return "EOVERFLOW"
-	case nbdwire.ENOTSUP:
-		return "ENOTSUP"
-	case nbdwire.ESHUTDOWN:
-		return "ESHUTDOWN"
+	if name, ok := nbdwire.ErrnoName(errno); ok {
+		return name
 	}
 	return strconv.FormatUint(uint64(errno), 10)
 }

@@ -34,3 +34,27 @@ const (
 	// ESHUTDOWN: the server is being shut down.
 	ESHUTDOWN uint32 = 108
 )
+
+// ErrnoName returns the name of an error value the spec defines ("EIO")
+// and true, or "" and false for any other value.
+func ErrnoName(errno uint32) (string, bool) {
+	switch errno {
+	case EPERM:
+		return "EPERM", true
+	case EIO:
+		return "EIO", true
+	case ENOMEM:
+		return "ENOMEM", true
+	case EINVAL:
+		return "EINVAL", true
+	case ENOSPC:
+		return "ENOSPC", true
+	case EOVERFLOW:
+		return "EOVERFLOW", true
+	case ENOTSUP:
+		return "ENOTSUP", true
+	case ESHUTDOWN:
+		return "ESHUTDOWN", true
+	}
+	return "", false
+}
