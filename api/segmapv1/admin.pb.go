@@ -954,7 +954,10 @@ type GrantRequest struct {
 	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	Agents []string               `protobuf:"bytes,2,rep,name=agents,proto3" json:"agents,omitempty"`
 	// all (Grant only) lets every agent map the disk.
-	All           bool `protobuf:"varint,3,opt,name=all,proto3" json:"all,omitempty"`
+	All bool `protobuf:"varint,3,opt,name=all,proto3" json:"all,omitempty"`
+	// only (Grant only): exactly agents may map the disk from now on, none
+	// if agents is empty; an agent left out that maps it forgets it first.
+	Only          bool `protobuf:"varint,4,opt,name=only,proto3" json:"only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1006,6 +1009,13 @@ func (x *GrantRequest) GetAgents() []string {
 func (x *GrantRequest) GetAll() bool {
 	if x != nil {
 		return x.All
+	}
+	return false
+}
+
+func (x *GrantRequest) GetOnly() bool {
+	if x != nil {
+		return x.Only
 	}
 	return false
 }
@@ -3416,11 +3426,12 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\ato_size\x18\x04 \x01(\x04R\x06toSize\x12!\n" +
 	"\fsegment_size\x18\x05 \x01(\x04R\vsegmentSize\x12\x1f\n" +
 	"\vnext_offset\x18\x06 \x01(\x04R\n" +
-	"nextOffset\"L\n" +
+	"nextOffset\"`\n" +
 	"\fGrantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06agents\x18\x02 \x03(\tR\x06agents\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all\"\xc7\x03\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\x12\x12\n" +
+	"\x04only\x18\x04 \x01(\bR\x04only\"\xc7\x03\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12!\n" +

@@ -573,6 +573,28 @@ func (c *Controller) Grant(ctx context.Context, name string, agents []string, al
 // it first (waiting for its I/O), and cannot map it again. Revoking from a
 // disk any agent may map leaves it to every agent attached now but those.
 func (c *Controller) Revoke(ctx context.Context, name string, agents []string) error {
+	return c.regrant(ctx, name, func(gs []string, all bool) []string {
+		if all {
+			gs = nil
+			for _, a := range c.Agents() {
+				gs = append(gs, a.Name)
+			}
+		}
+		return slices.DeleteFunc(gs, func(a string) bool { return slices.Contains(agents, a) })
+	})
+}
+
+// GrantOnly lets exactly agents map disk name (none if agents is empty),
+// replacing every earlier grant: an agent that maps it and is not among
+// agents forgets it first, as at Revoke. The CSI driver keeps a volume
+// to the node it is published to this way.
+func (c *Controller) GrantOnly(ctx context.Context, name string, agents []string) error {
+	return c.regrant(ctx, name, func([]string, bool) []string { return agents })
+}
+
+// regrant sets disk name's grants to what next makes of the current ones,
+// after every agent that maps the disk and is left out has forgotten it.
+func (c *Controller) regrant(ctx context.Context, name string, next func(gs []string, all bool) []string) error {
 	end, err := c.begin(ctx, false)
 	if err != nil {
 		return err
@@ -583,8 +605,13 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 		return err
 	}
 	defer unlock()
+	gs, all, err := c.grants(ctx, d.ID)
+	if err != nil {
+		return err
+	}
+	keep := next(slices.Clone(gs), all)
 	for _, st := range c.mappers(d.ID, "") {
-		if !slices.Contains(agents, st.name) {
+		if slices.Contains(keep, st.name) {
 			continue
 		}
 		if err := st.a.DeleteTable(ctx, protocol.DiskID(d.ID)); err != nil {
@@ -599,18 +626,21 @@ func (c *Controller) Revoke(ctx context.Context, name string, agents []string) e
 		if err != nil {
 			return err
 		}
-		if all {
-			gs = nil
-			for _, a := range c.Agents() {
-				gs = append(gs, a.Name)
-			}
+		keep := next(gs, all)
+		if keep == nil {
+			keep = []string{}
 		}
-		gs = slices.DeleteFunc(gs, func(a string) bool { return slices.Contains(agents, a) })
-		if gs == nil {
-			gs = []string{}
-		}
-		return tx.SetGrants(d.ID, gs, false)
+		return tx.SetGrants(d.ID, keep, false)
 	})
+}
+
+// grants reads disk id's grants.
+func (c *Controller) grants(ctx context.Context, id meta.DiskID) (agents []string, all bool, err error) {
+	err = c.store.View(ctx, func(tx *meta.Tx) error {
+		agents, all, err = tx.Grants(id)
+		return err
+	})
+	return agents, all, err
 }
 
 // DeleteFrees returns how many bytes of slots deleting disk name would

@@ -275,10 +275,18 @@ func (s *Server) createDisk(ctx context.Context, r *pb.CreateDiskRequest, progre
 
 // Grant implements pb.AdminServer.
 func (s *Server) Grant(ctx context.Context, r *pb.GrantRequest) (*pb.Disk, error) {
-	if !r.All && len(r.Agents) == 0 {
+	var err error
+	switch {
+	case r.Only && r.All:
+		return nil, status.Error(codes.InvalidArgument, "grant: only and all together")
+	case r.Only:
+		err = s.cfg.Ctrl.GrantOnly(ctx, r.Name, r.Agents)
+	case !r.All && len(r.Agents) == 0:
 		return nil, status.Error(codes.InvalidArgument, "grant: name the agents, or all")
+	default:
+		err = s.cfg.Ctrl.Grant(ctx, r.Name, r.Agents, r.All)
 	}
-	if err := s.cfg.Ctrl.Grant(ctx, r.Name, r.Agents, r.All); err != nil {
+	if err != nil {
 		return nil, grpcErr(err)
 	}
 	return s.GetDisk(ctx, &pb.GetDiskRequest{Name: r.Name})
