@@ -340,6 +340,11 @@ func (s *nodeServer) mountStaging(ctx context.Context, dev string, st *volumeSta
 		return status.Errorf(codes.Internal, "%s: %v", op, err)
 	}
 	args := []string{"-t", st.FsType}
+	if st.FsType == "xfs" {
+		// A clone carries its source's filesystem UUID, which XFS
+		// refuses to mount twice on one host.
+		flags = append(slices.Clone(flags), "nouuid")
+	}
 	if len(flags) > 0 {
 		args = append(args, "-o", strings.Join(flags, ","))
 	}

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"slices"
@@ -8,10 +10,17 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
+	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	"github.com/onsi/ginkgo/v2"
 	"github.com/onsi/ginkgo/v2/types"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 )
 
 // csiDriver is a 'segmap csi --mode all' over a 'segmap up', with its
@@ -145,5 +154,419 @@ func TestCSISanity(t *testing.T) {
 	ds := d.up.cli("disk", "list")
 	if strings.Contains(ds, "csi-") {
 		t.Errorf("csi-sanity cleans up after itself, but disks are left:\n%s", ds)
+	}
+}
+
+// csiClient is what kubelet and the sidecars hold: the driver's gRPC
+// services over its socket.
+type csiClient struct {
+	t *testing.T
+	d *csiDriver
+	csi.ControllerClient
+	csi.NodeClient
+	csi.GroupControllerClient
+}
+
+func (d *csiDriver) client(t *testing.T) *csiClient {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &csiClient{t: t, d: d, ControllerClient: csi.NewControllerClient(conn), NodeClient: csi.NewNodeClient(conn), GroupControllerClient: csi.NewGroupControllerClient(conn)}
+}
+
+func mountCap(fs string) *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fs}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+// csiCtx bounds one call.
+func csiCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// mount publishes volume id on node "local" as kubelet would: controller
+// publish, stage at STAGING/id, publish at PODS/id/mount; it returns the
+// target path.
+func (c *csiClient) mount(id string, vc *csi.VolumeCapability) string {
+	c.t.Helper()
+	ctx := csiCtx(c.t)
+	pub, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: id, NodeId: "local", VolumeCapability: vc})
+	if err != nil {
+		c.t.Fatalf("controller publish %s: %v", id, err)
+	}
+	staging := filepath.Join(c.d.root, "staging", id)
+	if _, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc, PublishContext: pub.GetPublishContext()}); err != nil {
+		c.t.Fatalf("stage %s: %v", id, err)
+	}
+	target := filepath.Join(c.d.root, "pods", id, "mount")
+	if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc, PublishContext: pub.GetPublishContext()}); err != nil {
+		c.t.Fatalf("publish %s: %v", id, err)
+	}
+	return target
+}
+
+// unmount undoes mount.
+func (c *csiClient) unmount(id string) {
+	c.t.Helper()
+	ctx := csiCtx(c.t)
+	if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: filepath.Join(c.d.root, "pods", id, "mount")}); err != nil {
+		c.t.Fatalf("unpublish %s: %v", id, err)
+	}
+	if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(c.d.root, "staging", id)}); err != nil {
+		c.t.Fatalf("unstage %s: %v", id, err)
+	}
+	if _, err := c.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: id, NodeId: "local"}); err != nil {
+		c.t.Fatalf("controller unpublish %s: %v", id, err)
+	}
+}
+
+func (c *csiClient) create(name string, bytes int64, src *csi.VolumeContentSource) string {
+	c.t.Helper()
+	v, err := c.CreateVolume(csiCtx(c.t), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: bytes},
+		VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4")}, VolumeContentSource: src})
+	if err != nil {
+		c.t.Fatalf("create volume %s: %v", name, err)
+	}
+	return v.GetVolume().GetVolumeId()
+}
+
+// writeSynced writes a file and syncs it and its filesystem, as an
+// application that wants it durable would.
+func writeSynced(t *testing.T, path string, data []byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func fsBytes(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
+}
+
+// TestCSILifecycle drives the driver as kubelet and the sidecars would:
+// two volumes staged and published as ext4, files written, a group
+// snapshot of both, a volume created from a member and published, the
+// files found in it; a volume grown online, with its filesystem; and
+// nothing left mounted, attached or running once all is unpublished.
+func TestCSILifecycle(t *testing.T) {
+	t.Parallel()
+	d := startCSI(t)
+	c := d.client(t)
+	ctx := csiCtx(t)
+	a := c.create("pvc-a", 64<<20, nil)
+	b := c.create("pvc-b", 64<<20, nil)
+	ta, tb := c.mount(a, mountCap("ext4")), c.mount(b, mountCap("ext4"))
+	dataA := bytes.Repeat([]byte("segmap volume a "), 1<<16) // 1 MiB
+	dataB := bytes.Repeat([]byte("segmap volume b "), 1<<15)
+	writeSynced(t, filepath.Join(ta, "a.bin"), dataA)
+	writeSynced(t, filepath.Join(tb, "b.bin"), dataB)
+
+	g, err := c.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: []string{a, b}})
+	if err != nil {
+		t.Fatalf("group snapshot: %v", err)
+	}
+	gs := g.GetGroupSnapshot()
+	if len(gs.GetSnapshots()) != 2 || !gs.GetReadyToUse() {
+		t.Fatalf("group snapshot: %v", gs)
+	}
+	// Written after the snapshot: must not be in it.
+	writeSynced(t, filepath.Join(ta, "later.bin"), []byte("after the snapshot"))
+	again, err := c.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: gs.GetGroupSnapshotId()})
+	if err != nil || len(again.GetGroupSnapshot().GetSnapshots()) != 2 {
+		t.Fatalf("get group snapshot: %v %v", again, err)
+	}
+	snapOf := map[string]string{}
+	for _, s := range gs.GetSnapshots() {
+		if s.GetGroupSnapshotId() != gs.GetGroupSnapshotId() {
+			t.Errorf("member %s names group %q, want %q", s.GetSnapshotId(), s.GetGroupSnapshotId(), gs.GetGroupSnapshotId())
+		}
+		snapOf[s.GetSourceVolumeId()] = s.GetSnapshotId()
+	}
+	for vol, want := range map[string][]byte{a: dataA, b: dataB} {
+		r := c.create("restore-"+vol, 64<<20, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapOf[vol]}}})
+		tr := c.mount(r, mountCap("ext4"))
+		name := "a.bin"
+		if vol == b {
+			name = "b.bin"
+		}
+		got, err := os.ReadFile(filepath.Join(tr, name))
+		if err != nil || !bytes.Equal(got, want) {
+			t.Errorf("restored %s from %s: %s has %d bytes (err %v), want the %d written", r, snapOf[vol], name, len(got), err, len(want))
+		}
+		if _, err := os.Stat(filepath.Join(tr, "later.bin")); err == nil {
+			t.Errorf("restored %s holds a file written after the snapshot", r)
+		}
+		c.unmount(r)
+		if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: r}); err != nil {
+			t.Errorf("delete %s: %v", r, err)
+		}
+	}
+
+	// Grow a online: the controller grows the disk, the node the device
+	// and the filesystem, while it stays mounted and written.
+	before := fsBytes(t, ta)
+	ex, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: a, CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20}})
+	if err != nil || ex.GetCapacityBytes() != 256<<20 || !ex.GetNodeExpansionRequired() {
+		t.Fatalf("controller expand: %v %v", ex, err)
+	}
+	nx, err := c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: a, VolumePath: ta, CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20}})
+	if err != nil || nx.GetCapacityBytes() != 256<<20 {
+		t.Fatalf("node expand: %v %v", nx, err)
+	}
+	after := fsBytes(t, ta)
+	if after < 3*before {
+		t.Errorf("filesystem of %s: %d bytes before, %d after growing 64 MiB to 256 MiB", a, before, after)
+	}
+	big := bytes.Repeat([]byte{0xa5}, 100<<20) // more than the first size
+	writeSynced(t, filepath.Join(ta, "big.bin"), big)
+	st, err := c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: a, VolumePath: ta})
+	if err != nil || len(st.GetUsage()) == 0 || st.GetUsage()[0].GetTotal() != after || st.GetUsage()[0].GetUsed() < 100<<20 {
+		t.Errorf("volume stats of %s: %v %v (want total %d, used over 100 MiB)", a, st, err, after)
+	}
+
+	c.unmount(a)
+	c.unmount(b)
+	if _, err := c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: gs.GetGroupSnapshotId()}); err != nil {
+		t.Errorf("delete group snapshot: %v", err)
+	}
+	for _, v := range []string{a, b} {
+		if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Errorf("delete %s: %v", v, err)
+		}
+	}
+	if ds := d.up.cli("disk", "list"); strings.Contains(ds, "csi-") {
+		t.Errorf("disks left:\n%s", ds)
+	}
+	checkNothingStaged(t, d.dir)
+}
+
+// TestCSIBadRequests: requests the spec calls bad get its error codes,
+// and leave nothing behind: no disk, no state, no mount.
+func TestCSIBadRequests(t *testing.T) {
+	t.Parallel()
+	d := startCSI(t)
+	c := d.client(t)
+	ctx := csiCtx(t)
+	caps := []*csi.VolumeCapability{mountCap("ext4")}
+	disks := func() string { return d.up.cli("disk", "list") }
+	before := disks()
+	vol := c.create("pvc-ok", 64<<20, nil)
+	snap, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-ok", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := c.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "group-ok", SourceVolumeIds: []string{vol}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	made := disks()
+	outside := filepath.Join(d.dir, "elsewhere")
+	if err := os.MkdirAll(outside, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(d.root, "link")
+	if err := os.Symlink(outside, link); err != nil {
+		t.Fatal(err)
+	}
+	fromSnap := func(id string) *csi.VolumeContentSource {
+		return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}}
+	}
+	stage := func(id, path string) error {
+		_, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: path, VolumeCapability: mountCap("ext4")})
+		return err
+	}
+	for _, tt := range []struct {
+		name string
+		call func() error
+		want codes.Code
+	}{
+		{"create: no name", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{VolumeCapabilities: caps})
+			return err
+		}, codes.InvalidArgument},
+		{"create: no capabilities", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x"})
+			return err
+		}, codes.InvalidArgument},
+		{"create: multi-node writer", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: []*csi.VolumeCapability{{
+				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER}}}})
+			return err
+		}, codes.InvalidArgument},
+		{"create: unknown filesystem", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: []*csi.VolumeCapability{mountCap("zfs")}})
+			return err
+		}, codes.InvalidArgument},
+		{"create: limit below required", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}})
+			return err
+		}, codes.InvalidArgument},
+		{"create: a limit no size meets", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{LimitBytes: 100}})
+			return err
+		}, codes.OutOfRange},
+		{"create: more than a disk can hold", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 62}})
+			return err
+		}, codes.OutOfRange},
+		{"create: clone smaller than its snapshot", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{LimitBytes: 32 << 20},
+				VolumeContentSource: fromSnap(snap.GetSnapshot().GetSnapshotId())})
+			return err
+		}, codes.OutOfRange},
+		{"create: preallocated beyond the pool", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 30},
+				Parameters: map[string]string{"preallocate": "true"}})
+			return err
+		}, codes.ResourceExhausted},
+		{"create: unknown parameter", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, Parameters: map[string]string{"replicas": "3"}})
+			return err
+		}, codes.InvalidArgument},
+		{"create: bad segment size", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, Parameters: map[string]string{"segmentSize": "3Mi"}})
+			return err
+		}, codes.InvalidArgument},
+		{"create: from a snapshot that is not there", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, VolumeContentSource: fromSnap("csi-snap-none")})
+			return err
+		}, codes.NotFound},
+		{"create: from a volume given as a snapshot", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-x", VolumeCapabilities: caps, VolumeContentSource: fromSnap(vol)})
+			return err
+		}, codes.NotFound},
+		{"create: the same name, another size", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-ok", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: 128 << 20}})
+			return err
+		}, codes.AlreadyExists},
+		{"create: the same name, from a snapshot", func() error {
+			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-ok", VolumeCapabilities: caps, VolumeContentSource: fromSnap(snap.GetSnapshot().GetSnapshotId())})
+			return err
+		}, codes.AlreadyExists},
+		{"snapshot: the same name, another source", func() error {
+			other := c.create("pvc-other", 64<<20, nil)
+			defer c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: other})
+			_, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-ok", SourceVolumeId: other})
+			return err
+		}, codes.AlreadyExists},
+		{"snapshot: of no volume", func() error {
+			_, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-x", SourceVolumeId: "csi-vol-none"})
+			return err
+		}, codes.NotFound},
+		{"snapshot: delete one member of a group", func() error {
+			_, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: g.GetGroupSnapshot().GetSnapshots()[0].GetSnapshotId()})
+			return err
+		}, codes.FailedPrecondition},
+		{"group: the same name, other volumes", func() error {
+			_, err := c.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "group-ok", SourceVolumeIds: []string{vol, "csi-vol-none"}})
+			return err
+		}, codes.AlreadyExists},
+		{"group: of a volume that is not there", func() error {
+			_, err := c.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "group-x", SourceVolumeIds: []string{vol, "csi-vol-none"}})
+			return err
+		}, codes.NotFound},
+		{"publish: to no such node", func() error {
+			_, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: vol, NodeId: "nowhere", VolumeCapability: caps[0]})
+			return err
+		}, codes.NotFound},
+		{"publish: no such volume", func() error {
+			_, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: "csi-vol-none", NodeId: "local", VolumeCapability: caps[0]})
+			return err
+		}, codes.NotFound},
+		{"expand: no such volume", func() error {
+			_, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: "csi-vol-none", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
+			return err
+		}, codes.NotFound},
+		{"stage: no volume id", func() error { return stage("", filepath.Join(d.root, "s")) }, codes.InvalidArgument},
+		{"stage: no staging path", func() error { return stage(vol, "") }, codes.InvalidArgument},
+		{"stage: a relative path", func() error { return stage(vol, "staging/x") }, codes.InvalidArgument},
+		{"stage: a path outside the root", func() error { return stage(vol, outside) }, codes.InvalidArgument},
+		{"stage: a path climbing out of the root", func() error { return stage(vol, d.root+"/../elsewhere/x") }, codes.InvalidArgument},
+		{"stage: a path leaving the root by a link", func() error { return stage(vol, filepath.Join(link, "x")) }, codes.InvalidArgument},
+		{"stage: a volume id no disk could have", func() error { return stage("../../etc", filepath.Join(d.root, "s")) }, codes.NotFound},
+		{"stage: a volume the agent does not serve", func() error { return stage("csi-vol-none", filepath.Join(d.root, "s")) }, codes.NotFound},
+		{"publish: not staged", func() error {
+			_, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: filepath.Join(d.root, "s"),
+				TargetPath: filepath.Join(d.root, "t"), VolumeCapability: caps[0]})
+			return err
+		}, codes.FailedPrecondition},
+		{"publish: a target outside the root", func() error {
+			_, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: filepath.Join(d.root, "s"),
+				TargetPath: outside, VolumeCapability: caps[0]})
+			return err
+		}, codes.InvalidArgument},
+		{"stats: a volume not there", func() error {
+			_, err := c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: filepath.Join(d.root, "t")})
+			return err
+		}, codes.NotFound},
+		{"expand on the node: not staged", func() error {
+			_, err := c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: filepath.Join(d.root, "t")})
+			return err
+		}, codes.NotFound},
+	} {
+		err := tt.call()
+		if got := status.Code(err); got != tt.want {
+			t.Errorf("%s: code %v, want %v (%v)", tt.name, got, tt.want, err)
+		} else {
+			t.Logf("%s: %v", tt.name, err)
+		}
+	}
+	if got := disks(); got != made {
+		t.Errorf("the bad requests changed the disks: before\n%s\nafter\n%s", made, got)
+	}
+	if es, _ := os.ReadDir(d.stateDir); len(es) != 0 {
+		t.Errorf("the bad requests left node state: %v", es)
+	}
+	// A published volume cannot be deleted.
+	target := c.mount(vol, caps[0])
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("delete a published volume: %v, want FailedPrecondition", err)
+	}
+	if _, err := os.Stat(target); err != nil {
+		t.Errorf("target after the refused delete: %v", err)
+	}
+	c.unmount(vol)
+	if _, err := c.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshot().GetGroupSnapshotId()}); err != nil {
+		t.Error(err)
+	}
+	for _, del := range []func() error{
+		func() error {
+			_, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()})
+			return err
+		},
+		func() error { _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol}); return err },
+	} {
+		if err := del(); err != nil {
+			t.Error(err)
+		}
+	}
+	if got := disks(); got != before {
+		t.Errorf("disks after deleting everything:\n%s\nwant\n%s", got, before)
 	}
 }
