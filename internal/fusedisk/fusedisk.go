@@ -123,9 +123,10 @@ func Mount(ctx context.Context, cfg Config) (*Disk, error) {
 			MaxReadAhead:  1 << 20,
 			MaxBackground: 64,
 			DisableXAttrs: true,
-			// Root mounts with mount(2), without fusermount3; a
-			// non-root caller falls back to fusermount3.
-			DirectMount: true,
+			// Root mounts and unmounts with mount(2) and umount(2),
+			// so that Unmount reports the kernel's error (EBUSY);
+			// others go through fusermount3.
+			DirectMountStrict: os.Geteuid() == 0,
 		},
 		EntryTimeout:    &entry,
 		AttrTimeout:     &zero,
