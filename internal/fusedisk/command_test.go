@@ -2,6 +2,8 @@ package fusedisk
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"segmap/internal/tlsconf"
 )
 
 // The segmap binary, built once for the tests that run 'segmap fusedisk'
@@ -63,11 +67,11 @@ type fusediskProc struct {
 // startFusedisk runs 'segmap fusedisk' on the export and waits for its
 // ready line. When the test ends it is killed if still running and its
 // mount removed.
-func startFusedisk(t *testing.T, addr, export, dir string) *fusediskProc {
+func startFusedisk(t *testing.T, addr, export, dir string, extra ...string) *fusediskProc {
 	t.Helper()
 	// GORACE: a race-built process sleeps a second as it exits, unless
 	// told not to (races still fail it).
-	cmd := exec.Command(buildSegmap(t), "fusedisk", "--nbd", addr, "--export", export, "--dir", dir)
+	cmd := exec.Command(buildSegmap(t), append([]string{"fusedisk", "--nbd", addr, "--export", export, "--dir", dir}, extra...)...)
 	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -248,5 +252,38 @@ func TestFusediskCommand(t *testing.T) {
 	run(t, "umount", dir)
 	if err := p.wait(); err != nil {
 		t.Fatalf("segmap fusedisk after umount: %v, want exit 0", err)
+	}
+}
+
+// TestFusediskCommandTLS: with --certs, 'segmap fusedisk' talks to an NBD
+// server that requires TLS, presenting an agent certificate.
+func TestFusediskCommandTLS(t *testing.T) {
+	requireTools(t, "go", "umount")
+	certs := t.TempDir()
+	if err := tlsconf.Init(certs, tlsconf.InitOptions{Agents: []string{"server", "node1"}}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := tlsconf.DirFiles(certs, tlsconf.RoleAgent, "server").Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := newMem("vol", mib)
+	if err := mem.WriteAt(context.Background(), []byte("over TLS"), 4096, false); err != nil {
+		t.Fatal(err)
+	}
+	addr := startServerTLS(t, m.Server(), mem)
+	dir := t.TempDir()
+	p := startFusedisk(t, addr, "vol", dir, "--certs", certs, "--cert-name", "node1")
+	file := filepath.Join(dir, FileName)
+	if want := fmt.Sprintf("fusedisk: ready %s %d", file, mib); p.ready != want {
+		t.Fatalf("ready line %q, want %q", p.ready, want)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil || !bytes.Equal(b[4096:4104], []byte("over TLS")) {
+		t.Fatalf("read over TLS: %v", err)
+	}
+	p.signal(syscall.SIGINT)
+	if err := p.wait(); err != nil {
+		t.Fatalf("segmap fusedisk after SIGINT: %v, want exit 0", err)
 	}
 }

@@ -3,6 +3,7 @@ package fusedisk
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -173,11 +174,17 @@ func (b *memBackend) Open(ctx context.Context, name string) (nbd.Export, io.Clos
 // returns its address.
 func startServer(t *testing.T, exports ...*memExport) string {
 	t.Helper()
+	return startServerTLS(t, nil, exports...)
+}
+
+// startServerTLS is startServer requiring TLS, if cfg is not nil.
+func startServerTLS(t *testing.T, cfg *tls.Config, exports ...*memExport) string {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := nbd.NewServer(nbd.Config{Backend: &memBackend{exports: exports}, Logger: testLogger(t)})
+	srv := nbd.NewServer(nbd.Config{Backend: &memBackend{exports: exports}, Logger: testLogger(t), TLS: cfg, TLSRequired: cfg != nil})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	t.Cleanup(func() {
