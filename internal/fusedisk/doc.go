@@ -42,6 +42,11 @@
 //     connection; after Config.RetryFor (30 s by default) without a
 //     connection it fails with EIO. A request that gets no answer within
 //     Config.RequestTimeout fails with EIO. Nothing hangs forever.
+//   - A retried write writes the same bytes again: harmless. But writes
+//     answered and not yet flushed live in the server's write cache; if
+//     the new connection reaches another cache (the server says which
+//     with segmap's OptSegmapCache), they may be gone, and the next
+//     fsync fails with EIO (once) instead of claiming them durable.
 //
 // Only the user who mounted it (root, for a loop device) can use the
 // file: the mount has no allow_other.

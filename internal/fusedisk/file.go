@@ -111,6 +111,7 @@ func (f *file) Write(ctx context.Context, _ fs.FileHandle, data []byte, off int6
 	if err != nil {
 		return 0, f.d.errno("write", off, len(p), err)
 	}
+	f.d.wrote()
 	return uint32(len(p)), 0
 }
 
@@ -130,10 +131,7 @@ func (f *file) flush(ctx context.Context) syscall.Errno {
 	if _, ro := f.state(); ro {
 		return 0
 	}
-	err := f.d.do(ctx, func(ctx context.Context, c *nbdclient.Client) error {
-		return c.Flush(ctx)
-	})
-	if err != nil {
+	if err := f.d.flush(ctx); err != nil {
 		return f.d.errno("flush", 0, 0, err)
 	}
 	return 0

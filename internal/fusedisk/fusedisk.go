@@ -17,6 +17,7 @@ import (
 
 	"segmap/internal/backoff"
 	"segmap/internal/nbd/nbdclient"
+	"segmap/internal/nbd/nbdwire"
 )
 
 // FileName is the name of the one file in the mount.
@@ -73,6 +74,19 @@ type Disk struct {
 		// dialing, if not nil, is closed when the dial under way ends.
 		dialing chan struct{}
 		closed  bool
+
+		// Whether writes answered but not flushed may have been lost
+		// with a connection: writes counts the writes answered,
+		// flushed how many of them a flush covered; cache is the
+		// identity of the server's write cache, if it tells it
+		// (nbdwire.OptSegmapCache). A new connection to a different
+		// cache while some writes are not flushed sets lost, and the
+		// next flush fails with EIO, so that the file system above
+		// learns that what it wrote may be gone.
+		writes, flushed uint64
+		cache           [nbdwire.CacheIDSize]byte
+		hasCache        bool
+		lost            bool
 	}
 }
 
@@ -96,7 +110,7 @@ func Mount(ctx context.Context, cfg Config) (*Disk, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := nbdclient.Dial(ctx, cfg.Addr, cfg.Export, nbdclient.ClientConfig{TLS: cfg.TLS})
+	c, err := nbdclient.Dial(ctx, cfg.Addr, cfg.Export, clientConfig(cfg))
 	if err != nil {
 		return nil, fmt.Errorf("dial %s export %q: %w", cfg.Addr, cfg.Export, err)
 	}
@@ -108,6 +122,7 @@ func Mount(ctx context.Context, cfg Config) (*Disk, error) {
 	}
 	d.done, d.stop = context.WithCancel(context.Background())
 	d.mu.c, d.mu.size, d.mu.readOnly = c, c.Size(), c.ReadOnly()
+	d.mu.cache, d.mu.hasCache = c.CacheID()
 	d.file = &file{d: d, mtime: time.Now()}
 
 	zero := time.Duration(0)
@@ -209,6 +224,7 @@ func (d *Disk) Resize(ctx context.Context) (uint64, error) {
 	}
 	old, was := d.mu.c, d.mu.size
 	d.mu.c, d.mu.size = c, c.Size()
+	d.switchedLocked(c)
 	d.mu.Unlock()
 	if old != nil {
 		// Writes answered on the old connection are made durable
@@ -241,13 +257,67 @@ func (d *Disk) Resize(ctx context.Context) (uint64, error) {
 	return size, nil
 }
 
+func clientConfig(cfg Config) nbdclient.ClientConfig {
+	return nbdclient.ClientConfig{TLS: cfg.TLS, CacheID: true}
+}
+
+// switchedLocked notes that c is the new connection: if it writes to
+// another cache than the one before and some writes were not flushed,
+// they may be lost.
+func (d *Disk) switchedLocked(c *nbdclient.Client) {
+	id, ok := c.CacheID()
+	if ok && d.mu.hasCache && id != d.mu.cache && d.mu.writes > d.mu.flushed {
+		d.mu.lost = true
+		d.log.Error("fusedisk: the server's write cache changed: writes not yet flushed may be lost; the next flush fails", "unflushed", d.mu.writes-d.mu.flushed)
+	}
+	d.mu.cache, d.mu.hasCache = id, ok
+}
+
+// wrote counts an answered write.
+func (d *Disk) wrote() {
+	d.mu.Lock()
+	d.mu.writes++
+	d.mu.Unlock()
+}
+
+// flush makes the writes answered so far durable, or fails with
+// ErrUnflushedLost (once) if some may have been lost with a connection.
+func (d *Disk) flush(ctx context.Context) error {
+	d.mu.Lock()
+	writes := d.mu.writes
+	if d.mu.lost {
+		d.mu.lost = false
+		d.mu.flushed = writes
+		d.mu.Unlock()
+		return ErrUnflushedLost
+	}
+	d.mu.Unlock()
+	err := d.do(ctx, func(ctx context.Context, c *nbdclient.Client) error {
+		return c.Flush(ctx)
+	})
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.mu.lost {
+		// A reconnection during the flush: the flush may have gone
+		// to the new cache only.
+		d.mu.lost = false
+		d.mu.flushed = max(d.mu.flushed, writes)
+		return ErrUnflushedLost
+	}
+	d.mu.flushed = max(d.mu.flushed, writes)
+	return nil
+}
+
 // dial connects to the export anew.
 func (d *Disk) dial(ctx context.Context) (*nbdclient.Client, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(d.done, cancel)
 	defer stop()
-	c, err := nbdclient.Dial(ctx, d.cfg.Addr, d.cfg.Export, nbdclient.ClientConfig{TLS: d.cfg.TLS})
+	c, err := nbdclient.Dial(ctx, d.cfg.Addr, d.cfg.Export, clientConfig(d.cfg))
 	if err != nil {
 		if d.done.Err() != nil {
 			return nil, ErrClosed
@@ -299,6 +369,7 @@ func (d *Disk) client(ctx context.Context) (*nbdclient.Client, error) {
 			continue
 		}
 		d.mu.c = c
+		d.switchedLocked(c)
 		d.mu.Unlock()
 		d.log.Info("fusedisk: reconnected")
 		return c, nil

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"segmap/internal/leaktest"
+	"segmap/internal/nbd"
 )
 
 func TestMain(m *testing.M) { leaktest.VerifyTestMain(m) }
@@ -307,6 +308,62 @@ func TestReconnect(t *testing.T) {
 	}
 	if _, err := d.Resize(context.Background()); err == nil {
 		t.Error("Resize with the server gone succeeded")
+	}
+}
+
+// TestReconnectLostCache: a connection replaced by one to a server with
+// another write cache (it restarted, losing what it had not flushed)
+// fails the next fsync, once, if writes were not flushed; a restart of
+// a server that keeps its cache does not.
+func TestReconnectLostCache(t *testing.T) {
+	requireTools(t)
+	mem := newMem("vol", 1*mib)
+	withCache := func(b byte) func(*nbd.Config) {
+		return func(c *nbd.Config) { c.CacheID[0] = b }
+	}
+	a := startServerWith(t, withCache(1), mem)
+	a2 := startServerWith(t, withCache(1), mem) // same cache
+	b := startServerWith(t, withCache(2), mem)  // another cache
+	r := startRelay(t, a)
+	d := mountDisk(t, Config{Addr: r.addr(), Export: "vol"})
+	f, err := os.OpenFile(d.Path(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	write := func(s string) {
+		t.Helper()
+		if _, err := f.WriteAt([]byte(s), 0); err != nil {
+			t.Fatalf("write %s: %v", s, err)
+		}
+	}
+
+	write("one")
+	r.switchTo(a2)
+	r.cut()
+	write("two") // on a new connection to the same cache
+	if err := f.Sync(); err != nil {
+		t.Errorf("fsync after a reconnection to the same cache: %v", err)
+	}
+
+	write("three")
+	r.switchTo(b)
+	r.cut()
+	if err := f.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Errorf("fsync after a reconnection to another cache with unflushed writes: %v, want EIO", err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Errorf("second fsync: %v", err)
+	}
+
+	// Nothing unflushed: a new cache is no loss.
+	r.switchTo(a)
+	r.cut()
+	if _, err := f.ReadAt(make([]byte, 3), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Errorf("fsync after a reconnection with everything flushed: %v", err)
 	}
 }
 

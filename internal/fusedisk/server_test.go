@@ -174,17 +174,28 @@ func (b *memBackend) Open(ctx context.Context, name string) (nbd.Export, io.Clos
 // returns its address.
 func startServer(t *testing.T, exports ...*memExport) string {
 	t.Helper()
-	return startServerTLS(t, nil, exports...)
+	return startServerWith(t, nil, exports...)
 }
 
-// startServerTLS is startServer requiring TLS, if cfg is not nil.
+// startServerTLS is startServer requiring TLS.
 func startServerTLS(t *testing.T, cfg *tls.Config, exports ...*memExport) string {
+	t.Helper()
+	return startServerWith(t, func(c *nbd.Config) { c.TLS, c.TLSRequired = cfg, true }, exports...)
+}
+
+// startServerWith is startServer with edit, if set, changing the
+// server's config first.
+func startServerWith(t *testing.T, edit func(*nbd.Config), exports ...*memExport) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := nbd.NewServer(nbd.Config{Backend: &memBackend{exports: exports}, Logger: testLogger(t), TLS: cfg, TLSRequired: cfg != nil})
+	cfg := nbd.Config{Backend: &memBackend{exports: exports}, Logger: testLogger(t)}
+	if edit != nil {
+		edit(&cfg)
+	}
+	srv := nbd.NewServer(cfg)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	t.Cleanup(func() {
@@ -213,13 +224,13 @@ func (w tWriter) Write(p []byte) (int, error) {
 // relay forwards TCP connections to a backend and can cut them all, as a
 // restarted agent would.
 type relay struct {
-	l       net.Listener
-	backend string
-	wg      sync.WaitGroup
+	l  net.Listener
+	wg sync.WaitGroup
 
 	mu struct {
 		sync.Mutex
-		conns map[net.Conn]struct{}
+		backend string
+		conns   map[net.Conn]struct{}
 	}
 }
 
@@ -229,8 +240,8 @@ func startRelay(t *testing.T, backend string) *relay {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &relay{l: l, backend: backend}
-	r.mu.conns = map[net.Conn]struct{}{}
+	r := &relay{l: l}
+	r.mu.backend, r.mu.conns = backend, map[net.Conn]struct{}{}
 	r.wg.Add(1)
 	go r.accept()
 	t.Cleanup(r.close)
@@ -246,7 +257,10 @@ func (r *relay) accept() {
 		if err != nil {
 			return
 		}
-		b, err := net.Dial("tcp", r.backend)
+		r.mu.Lock()
+		backend := r.mu.backend
+		r.mu.Unlock()
+		b, err := net.Dial("tcp", backend)
 		if err != nil {
 			c.Close()
 			continue
@@ -269,6 +283,13 @@ func (r *relay) pipe(dst, src net.Conn) {
 	delete(r.mu.conns, dst)
 	delete(r.mu.conns, src)
 	r.mu.Unlock()
+}
+
+// switchTo sends the connections made from now on to backend.
+func (r *relay) switchTo(backend string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.mu.backend = backend
 }
 
 // cut closes every connection relayed so far.
