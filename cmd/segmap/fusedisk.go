@@ -63,6 +63,11 @@ presents the certificate --cert-role/--cert-name from that directory.`,
 
 func runFusedisk(cmd *cobra.Command, cfg fusedisk.Config) error {
 	log := cfg.Logger
+	// The CSI node plugin starts this process detached and may restart
+	// while it runs, closing the pipes it read the ready line and the
+	// logs from: a log line must then fail (EPIPE), not kill the
+	// process (Go's default for fds 1 and 2) and the disk with it.
+	signal.Ignore(syscall.SIGPIPE)
 	// Signals are caught before the mount, so that one sent as soon as
 	// the ready line is out is not lost.
 	sigs := make(chan os.Signal, 4)

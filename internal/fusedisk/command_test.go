@@ -287,3 +287,81 @@ func TestFusediskCommandTLS(t *testing.T) {
 		t.Fatalf("segmap fusedisk after SIGINT: %v, want exit 0", err)
 	}
 }
+
+// TestFusediskCommandOutlivesItsReader: the CSI node plugin reads the
+// ready line and the logs through pipes and may restart; with the pipes
+// closed, 'segmap fusedisk' goes on serving (a log line it cannot write
+// does not kill it) and still exits 0 on SIGTERM.
+func TestFusediskCommandOutlivesItsReader(t *testing.T) {
+	requireTools(t, "go")
+	mem := newMem("vol", mib)
+	addr := startServer(t, mem)
+	dir := t.TempDir()
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(buildSegmap(t), "fusedisk", "--nbd", addr, "--export", "vol", "--dir", dir)
+	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0")
+	cmd.Stdout, cmd.Stderr = outW, errW
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	outW.Close()
+	errW.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		select {
+		case <-exited:
+		default:
+			cmd.Process.Kill()
+			<-exited
+		}
+		if mounted(t, dir) {
+			t.Errorf("%s still mounted", dir)
+			exec.Command("umount", "-l", dir).Run()
+		}
+	})
+	line, err := bufio.NewReader(outR).ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "fusedisk: ready ") {
+		t.Fatalf("ready line %q, %v", line, err)
+	}
+	// The reader goes away.
+	outR.Close()
+	errR.Close()
+
+	// SIGHUP logs a line: into a closed pipe.
+	mem.grow(2 * mib)
+	cmd.Process.Signal(syscall.SIGHUP)
+	file := filepath.Join(dir, FileName)
+	grown := false
+	for range 200 {
+		if fi, err := os.Stat(file); err == nil && fi.Size() == 2*mib {
+			grown = true
+			break
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	if !grown {
+		t.Fatal("the file did not grow after SIGHUP")
+	}
+	if _, err := os.ReadFile(file); err != nil {
+		t.Fatalf("read after the reader went away: %v", err)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		exited <- err
+		if err != nil {
+			t.Fatalf("segmap fusedisk after SIGTERM: %v, want exit 0", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("segmap fusedisk did not exit within 30s of SIGTERM")
+	}
+}
