@@ -26,7 +26,7 @@ test:
 	GORACE=atexit_sleep_ms=0 SEGMAP_MODEL_OPS=$(MODEL_OPS) SEGMAP_MODEL_SEEDS=$(MODEL_SEEDS) $(GO) test -race -count=1 -timeout 20m ./...
 
 # deps: the Debian packages the tests need (qemu-utils, libnbd-bin,
-# python3-libnbd, nbdkit, nbdfuse, fuse3, fio, e2fsprogs), installed when missing.
+# python3-libnbd, nbdkit, nbdfuse, fuse3, fio, e2fsprogs, xfsprogs), installed when missing.
 deps:
 	./scripts/deps.sh
 

@@ -2,12 +2,12 @@
 # Installs what segmap's tests need on a Debian machine, when it is missing:
 # the NBD clients the end-to-end tests drive (libnbd tools and the Python
 # binding, qemu-io/qemu-img/qemu-nbd, fio with its nbd engine, nbdkit,
-# nbdfuse + FUSE) and the tools to put a filesystem on a disk (e2fsprogs,
-# losetup), protoc (protobuf-compiler, for 'make proto' and the check in
-# 'make verify' that api/ is current) and Chromium (the dashboard's browser
-# test drives it headless). With the argument 'bench', also what
-# 'make bench' needs on top (gnuplot-nox, for the plots); with 'proto', only
-# protoc. Exits non-zero if anything is still missing afterwards.
+# nbdfuse + FUSE) and the tools to put a filesystem on a disk and grow it
+# (e2fsprogs, xfsprogs, losetup, blockdev), protoc (protobuf-compiler, for
+# 'make proto' and the check in 'make verify' that api/ is current) and
+# Chromium (the dashboard's browser test drives it headless). With the
+# argument 'bench', also what 'make bench' needs on top (gnuplot-nox, for
+# the plots); with 'proto', only protoc. Exits non-zero if anything is still missing afterwards.
 set -euo pipefail
 
 # tool -> Debian package
@@ -15,7 +15,8 @@ need=(
   "qemu-io qemu-utils" "qemu-img qemu-utils" "qemu-nbd qemu-utils"
   "nbdinfo libnbd-bin" "nbdcopy libnbd-bin" "/usr/bin/nbdsh python3-libnbd"
   "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
-  "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "losetup mount"
+  "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "resize2fs e2fsprogs"
+  "mkfs.xfs xfsprogs" "xfs_growfs xfsprogs" "losetup mount" "blockdev util-linux"
   "protoc protobuf-compiler" "chromium chromium"
 )
 case "${1:-}" in

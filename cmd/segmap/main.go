@@ -92,7 +92,7 @@ func newRoot() *cobra.Command {
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
 	})
-	root.AddCommand(newUp(), newController(), newAgent(), newDisk(g), newSnapshot(g), newContainer(g), newCheck(g), newStatus(g), newExport(g), newImport(g), newOperations(g), newCerts(), newStorage(), newCSI(g),
+	root.AddCommand(newUp(), newController(), newAgent(), newDisk(g), newSnapshot(g), newContainer(g), newCheck(g), newStatus(g), newExport(g), newImport(g), newOperations(g), newCerts(), newStorage(), newCSI(g), newFusedisk(),
 		&cobra.Command{
 			Use:   "version",
 			Short: "print the version",
