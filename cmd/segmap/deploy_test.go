@@ -372,8 +372,9 @@ func TestDeployManifests(t *testing.T) {
 }
 
 // TestDeployCommands: every container of the segmap image runs a real
-// segmap command, with flags that command has (values of the right type)
-// and the positional arguments it accepts, as newRoot() parses them.
+// segmap command, with flags that command has (values of the right type,
+// the required ones given) and the positional arguments it accepts, as
+// newRoot() parses them.
 func TestDeployCommands(t *testing.T) {
 	docs, _, _ := loadDeploy(t)
 	n := 0
@@ -403,6 +404,12 @@ func TestDeployCommands(t *testing.T) {
 				t.Fatalf("%s: %s: %v", c.where(), cmd.CommandPath(), err)
 			}
 			if err := cmd.ValidateArgs(cmd.Flags().Args()); err != nil {
+				t.Errorf("%s: %s: %v", c.where(), cmd.CommandPath(), err)
+			}
+			if err := cmd.ValidateRequiredFlags(); err != nil {
+				t.Errorf("%s: %s: %v", c.where(), cmd.CommandPath(), err)
+			}
+			if err := cmd.ValidateFlagGroups(); err != nil {
 				t.Errorf("%s: %s: %v", c.where(), cmd.CommandPath(), err)
 			}
 		})
