@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 
+	pb "segmap/api/segmapv1"
 	"segmap/internal/csi"
 	"segmap/internal/listen"
 )
@@ -53,12 +54,18 @@ over it), puts a filesystem on it and mounts it. See docs/kubernetes.md.`,
 				return usageError{errors.New("--node-id: the node plugin needs the name of this host's segmap agent")}
 			}
 			logger := newLogger(os.Stderr)
-			g.noDeadline = true
-			admin, _, done, err := g.dial()
-			if err != nil {
-				return err
+			// The node plugin never calls the admin API, so a host
+			// needs no admin certificate.
+			var admin pb.AdminClient
+			if m != csi.ModeNode {
+				g.noDeadline = true
+				var done func()
+				admin, _, done, err = g.dial()
+				if err != nil {
+					return err
+				}
+				defer done()
 			}
-			defer done()
 			exe, err := os.Executable()
 			if err != nil {
 				return err

@@ -266,16 +266,8 @@ func (a *FuseLoop) Detach(ctx context.Context, dir string) error {
 			return fmt.Errorf("losetup --detach %s: %w: %s", st.Loop, err, strings.TrimSpace(string(out)))
 		}
 	}
-	if _, ok, err := mountedAt(fuseDir(dir)); err != nil {
+	if err := unmountFuse(fuseDir(dir)); err != nil {
 		return err
-	} else if ok {
-		if err := unix.Unmount(fuseDir(dir), 0); err != nil {
-			// A loop device lets go of its file a moment after the
-			// detach; a dead fusedisk leaves a mount no one answers.
-			if err := unix.Unmount(fuseDir(dir), unix.MNT_DETACH); err != nil {
-				return fmt.Errorf("unmount %s: %w", fuseDir(dir), err)
-			}
-		}
 	}
 	if st != nil && st.Pid > 0 {
 		// fusedisk exits once its mount is gone.
@@ -292,6 +284,30 @@ func (a *FuseLoop) Detach(ctx context.Context, dir string) error {
 		a.logger().Info("volume detached", "device", st.Loop, "dir", dir)
 	}
 	return os.RemoveAll(filepath.Join(dir, "attach.json"))
+}
+
+// unmountFuse unmounts fusedisk's mount at p, which makes fusedisk exit.
+// A loop device lets go of the file a moment after its detach, so a busy
+// mount is tried again for a while; a mount still busy after that, or
+// one whose fusedisk has died, is detached lazily.
+func unmountFuse(p string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, ok, err := mountedAt(p); err != nil || !ok {
+			return err
+		}
+		err := unix.Unmount(p, 0)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			if err := unix.Unmount(p, unix.MNT_DETACH); err != nil {
+				return fmt.Errorf("unmount %s: %w", p, err)
+			}
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // String names the attacher in logs.

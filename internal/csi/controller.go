@@ -36,8 +36,9 @@ const (
 )
 
 // volumeSize is the size to give a volume asked for with r, at least
-// least bytes (a clone's source): InvalidArgument for a range that
-// contradicts itself, OutOfRange for one segmap cannot meet.
+// least bytes (a clone's source, whose size a clone asked for with no
+// size gets): InvalidArgument for a range that contradicts itself,
+// OutOfRange for one segmap cannot meet.
 func volumeSize(r *csi.CapacityRange, least uint64) (uint64, error) {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
 	if req < 0 || lim < 0 {
@@ -47,7 +48,7 @@ func volumeSize(r *csi.CapacityRange, least uint64) (uint64, error) {
 		return 0, status.Errorf(codes.InvalidArgument, "capacity range: limit %d below required %d", lim, req)
 	}
 	want := uint64(req)
-	if want == 0 {
+	if want == 0 && least == 0 {
 		want = defaultVolumeSize
 		if lim > 0 && uint64(lim) < want {
 			want = uint64(lim)

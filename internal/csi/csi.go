@@ -93,7 +93,8 @@ func ParseMode(s string) (Mode, error) {
 
 // Config configures a Driver.
 type Config struct {
-	// Admin is the segmap controller's admin API.
+	// Admin is the segmap controller's admin API (not needed by the
+	// node service alone).
 	Admin pb.AdminClient
 	// Mode says which services to serve.
 	Mode Mode
@@ -116,8 +117,8 @@ type Driver struct {
 
 // New checks cfg and makes a driver.
 func New(cfg Config) (*Driver, error) {
-	if cfg.Admin == nil {
-		return nil, fmt.Errorf("csi: no admin client: %w", ErrConfig)
+	if cfg.Admin == nil && cfg.Mode != ModeNode {
+		return nil, fmt.Errorf("csi: the controller service needs an admin client: %w", ErrConfig)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -548,12 +548,22 @@ func (s *nodeServer) NodeGetVolumeStats(ctx context.Context, r *csi.NodeGetVolum
 
 func (s *nodeServer) NodeGetVolumeHealth(ctx context.Context, r *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
 	const op = "volume health"
+	// The paths are optional here: without one, the volume need only be
+	// staged on this node.
 	p := r.GetVolumePublishPath()
 	if p == "" {
 		p = r.GetStagingTargetPath()
 	}
-	if _, err := s.stagedAt(op, r.GetVolumeId(), p); err != nil {
+	if p != "" {
+		if _, err := s.stagedAt(op, r.GetVolumeId(), p); err != nil {
+			return nil, err
+		}
+	} else if err := checkVolumeID(op, r.GetVolumeId()); err != nil {
 		return nil, err
+	} else if st, err := s.readState(r.GetVolumeId()); err != nil {
+		return nil, err
+	} else if st == nil {
+		return nil, status.Errorf(codes.NotFound, "%s: volume %s is not staged on this node", op, r.GetVolumeId())
 	}
 	h := &csi.VolumeHealth{VolumeId: r.GetVolumeId()}
 	if _, ok, err := s.cfg.Attacher.Device(s.volDir(r.GetVolumeId())); err != nil || !ok {
