@@ -144,24 +144,28 @@ func (a *FuseLoop) Attach(ctx context.Context, export, dir string) (string, erro
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reaps it whenever it ends
 	if err := waitReady(ctx, logPath, exited); err != nil {
-		cmd.Process.Kill()
-		unix.Unmount(fuseDir(dir), unix.MNT_DETACH)
-		return "", err
+		// Not ready in time: it may have mounted, or be about to.
+		kerr := cmd.Process.Kill()
+		if errors.Is(kerr, os.ErrProcessDone) {
+			kerr = nil
+		}
+		werr := <-exited // reaped
+		a.logger().Debug("fusedisk stopped before it was ready", "export", export, "err", werr)
+		return "", errors.Join(err, kerr, unmountFuse(fuseDir(dir)))
 	}
+	// From here on, a failure takes back all that was made.
+	fail := func(err error) (string, error) { return "", errors.Join(err, a.Detach(ctx, dir)) }
 	st := &attachState{Export: export, Pid: cmd.Process.Pid}
 	if err := writeAttach(dir, st); err != nil {
-		a.Detach(ctx, dir)
-		return "", err
+		return fail(err)
 	}
 	out, err := exec.CommandContext(ctx, "losetup", "--find", "--show", fuseFile(dir)).CombinedOutput()
 	if err != nil {
-		a.Detach(ctx, dir)
-		return "", fmt.Errorf("losetup %s: %w: %s", fuseFile(dir), err, strings.TrimSpace(string(out)))
+		return fail(fmt.Errorf("losetup %s: %w: %s", fuseFile(dir), err, strings.TrimSpace(string(out))))
 	}
 	st.Loop = strings.TrimSpace(string(out))
 	if err := writeAttach(dir, st); err != nil {
-		a.Detach(ctx, dir)
-		return "", err
+		return fail(err)
 	}
 	a.logger().Info("volume attached", "export", export, "device", st.Loop, "fusedisk_pid", st.Pid)
 	return st.Loop, nil
@@ -274,7 +278,9 @@ func (a *FuseLoop) Detach(ctx context.Context, dir string) error {
 		deadline := time.Now().Add(10 * time.Second)
 		for alive(st.Pid, dir) {
 			if time.Now().After(deadline) {
-				unix.Kill(st.Pid, unix.SIGKILL)
+				if err := unix.Kill(st.Pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+					return fmt.Errorf("fusedisk (pid %d) does not end: %w", st.Pid, err)
+				}
 				break
 			}
 			time.Sleep(10 * time.Millisecond)

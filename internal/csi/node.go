@@ -68,7 +68,9 @@ type nodeServer struct {
 }
 
 type volumeLock struct {
-	sync.Mutex
+	mu struct{ sync.Mutex }
+	// users counts the calls holding or waiting for it, under
+	// nodeServer.mu.
 	users int
 }
 
@@ -102,9 +104,9 @@ func (s *nodeServer) lock(id string) func() {
 	}
 	l.users++
 	s.mu.Unlock()
-	l.Lock()
+	l.mu.Lock()
 	return func() {
-		l.Unlock()
+		l.mu.Unlock()
 		s.mu.Lock()
 		if l.users--; l.users == 0 {
 			delete(s.mu.locks, id)
@@ -460,7 +462,9 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 	}
 	st.Targets = append(st.Targets, target)
 	if err := s.writeState(id, st); err != nil {
-		unmountAll(ctx, target)
+		if uerr := unmountAll(ctx, target); uerr != nil {
+			return nil, status.Errorf(codes.Internal, "%v; and %s stays mounted: %v", err, target, uerr)
+		}
 		return nil, err
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -539,7 +543,7 @@ func (s *nodeServer) NodeGetVolumeStats(ctx context.Context, r *csi.NodeGetVolum
 	if err := unix.Statfs(p, &fsst); err != nil {
 		return nil, status.Errorf(codes.NotFound, "%s: %s: %v", op, p, err)
 	}
-	bs := int64(fsst.Bsize)
+	bs := fsst.Bsize
 	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
 		{Unit: csi.VolumeUsage_BYTES, Total: int64(fsst.Blocks) * bs, Available: int64(fsst.Bavail) * bs, Used: int64(fsst.Blocks-fsst.Bfree) * bs},
 		{Unit: csi.VolumeUsage_INODES, Total: int64(fsst.Files), Available: int64(fsst.Ffree), Used: int64(fsst.Files - fsst.Ffree)},
@@ -652,8 +656,7 @@ func bindMount(src, target string, ro bool) error {
 	}
 	if ro {
 		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-			unix.Unmount(target, 0)
-			return fmt.Errorf("make %s read-only: %w", target, err)
+			return errors.Join(fmt.Errorf("make %s read-only: %w", target, err), unix.Unmount(target, 0))
 		}
 	}
 	return nil

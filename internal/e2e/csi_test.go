@@ -136,6 +136,7 @@ var allowedSanitySkips = []string{
 // against 'segmap csi --mode all' over a real 'segmap up', staging and
 // mounting for real (fusedisk + loop + mkfs.ext4 + mount).
 func TestCSISanity(t *testing.T) {
+	t.Parallel()
 	d := startCSI(t)
 	cfg := sanity.NewTestConfig()
 	cfg.Address = "unix://" + d.sock
