@@ -16,7 +16,7 @@ need=(
   "nbdinfo libnbd-bin" "nbdcopy libnbd-bin" "/usr/bin/nbdsh python3-libnbd"
   "nbdkit nbdkit" "nbdfuse nbdfuse" "fusermount3 fuse3" "fio fio"
   "mkfs.ext4 e2fsprogs" "e2fsck e2fsprogs" "resize2fs e2fsprogs"
-  "mkfs.xfs xfsprogs" "xfs_growfs xfsprogs" "losetup mount" "blockdev util-linux"
+  "mkfs.xfs xfsprogs" "xfs_growfs xfsprogs" "losetup mount" "blockdev util-linux" "blkid util-linux"
   "protoc protobuf-compiler" "chromium chromium"
 )
 case "${1:-}" in

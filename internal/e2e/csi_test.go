@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,7 +41,7 @@ type csiDriver struct {
 // over a file under dir, no mount under dir, no fusedisk process.
 func startCSI(t *testing.T) *csiDriver {
 	t.Helper()
-	requireTools(t, "losetup", "mkfs.ext4", "blkid", "mount", "resize2fs", "fusermount3")
+	requireTools(t, "losetup", "mkfs.ext4", "mkfs.xfs", "xfs_growfs", "blkid", "mount", "resize2fs", "fusermount3")
 	dir := t.TempDir()
 	d := &csiDriver{dir: dir, root: filepath.Join(dir, "kubelet"), stateDir: filepath.Join(dir, "state"), sock: filepath.Join(dir, "csi.sock")}
 	if err := os.MkdirAll(d.root, 0o750); err != nil {
@@ -76,7 +78,7 @@ func checkNothingStaged(t *testing.T, dir string) {
 	for _, p := range procs {
 		b, _ := os.ReadFile(p)
 		if args := strings.Split(string(b), "\x00"); len(args) > 2 && args[1] == "fusedisk" && strings.Contains(string(b), dir) {
-			left = append(left, "process "+strings.Join(args, " "))
+			left = append(left, "process "+strings.Split(p, "/")[2]+" "+strings.Join(args, " "))
 		}
 	}
 	if len(left) == 0 {
@@ -87,17 +89,19 @@ func checkNothingStaged(t *testing.T, dir string) {
 	sort.Sort(sort.Reverse(sort.StringSlice(left)))
 	for _, l := range left {
 		if p, ok := strings.CutPrefix(l, "mount "); ok {
-			runErr(10e9, "umount", "-l", p)
+			runErr(10*time.Second, "umount", "-l", p)
 		}
 	}
 	for _, l := range left {
 		if f := strings.Fields(l); f[0] == "loop" {
-			runErr(10e9, "losetup", "-d", "/dev/"+f[2])
+			runErr(10*time.Second, "losetup", "-d", "/dev/"+f[2])
 		}
 	}
 	for _, l := range left {
-		if args, ok := strings.CutPrefix(l, "process "); ok {
-			runErr(10e9, "pkill", "-KILL", "-f", "-x", args)
+		if f := strings.Fields(l); f[0] == "process" {
+			if pid, err := strconv.Atoi(f[1]); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
 		}
 	}
 }
