@@ -34,6 +34,7 @@ type csiDriver struct {
 	root     string
 	stateDir string
 	sock     string
+	args     []string
 }
 
 // startCSI starts segmap up and the CSI driver against it, and checks,
@@ -48,12 +49,26 @@ func startCSI(t *testing.T) *csiDriver {
 		t.Fatal(err)
 	}
 	d.up = startUp(t, filepath.Join(dir, "data"))
-	d.proc = start(t, dir, "csi", "--controller", d.up.admin, "--endpoint", "unix://"+d.sock, "--mode", "all",
-		"--node-id", "local", "--nbd", d.up.nbd, "--state-dir", d.stateDir, "--kubelet-dir", d.root, "--log-level", "debug")
+	d.args = []string{"csi", "--controller", d.up.admin, "--endpoint", "unix://" + d.sock, "--mode", "all",
+		"--node-id", "local", "--nbd", d.up.nbd, "--state-dir", d.stateDir, "--kubelet-dir", d.root, "--log-level", "debug"}
+	d.proc = start(t, dir, d.args...)
 	// Runs first, while the servers still run: a test that failed half
 	// way must not leave mounts and devices to the next.
 	t.Cleanup(func() { checkNothingStaged(t, dir) })
 	return d
+}
+
+// stopCSI stops the driver's process with SIGTERM, as a rolling update
+// of the node plugin's DaemonSet would; startAgain starts it again on
+// the same socket, state directory and kubelet directory.
+func (d *csiDriver) stopCSI(t *testing.T) {
+	t.Helper()
+	d.proc.stop()
+}
+
+func (d *csiDriver) startAgain(t *testing.T) {
+	t.Helper()
+	d.proc = start(t, d.dir, d.args...)
 }
 
 // checkNothingStaged fails t if anything the node plugin makes is still
@@ -584,4 +599,178 @@ func TestCSIBadRequests(t *testing.T) {
 	if got := disks(); got != before {
 		t.Errorf("disks after deleting everything:\n%s\nwant\n%s", got, before)
 	}
+}
+
+func blockCap() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+// createBlock is create for a raw block volume.
+func (c *csiClient) createBlock(name string, bytes int64, src *csi.VolumeContentSource) string {
+	c.t.Helper()
+	v, err := c.CreateVolume(csiCtx(c.t), &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: bytes},
+		VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: src})
+	if err != nil {
+		c.t.Fatalf("create block volume %s: %v", name, err)
+	}
+	return v.GetVolume().GetVolumeId()
+}
+
+// ddWrite writes data at off to the block device dev (a published
+// target) with O_DIRECT and an fsync, as a database on a raw volume
+// would: the bytes go through the device, not into a page cache.
+func ddWrite(t *testing.T, dev string, off int64, data []byte) {
+	t.Helper()
+	src := filepath.Join(t.TempDir(), "in")
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, time.Minute, "dd", "if="+src, "of="+dev, "bs=4096", "seek="+strconv.FormatInt(off/4096, 10),
+		"oflag=direct", "conv=notrunc,fsync", "status=none")
+}
+
+// ddRead reads n bytes at off from dev with O_DIRECT.
+func ddRead(t *testing.T, dev string, off int64, n int) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "out")
+	run(t, time.Minute, "dd", "if="+dev, "of="+out, "bs=4096", "skip="+strconv.FormatInt(off/4096, 10),
+		"count="+strconv.Itoa(n/4096), "iflag=direct", "status=none")
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestCSIRestart: the node plugin is stopped (SIGTERM, as a rolling
+// update of its DaemonSet does) and started again while a filesystem
+// volume and a block volume are staged and published. The disks stay
+// served (fusedisk runs in its own session), I/O through the mounts works
+// while the plugin is down and after, and once it is back the plugin
+// finds what it staged: stats, a repeated publish, and unpublish and
+// unstage that leave nothing behind.
+func TestCSIRestart(t *testing.T) {
+	t.Parallel()
+	requireTools(t, "dd")
+	d := startCSI(t)
+	c := d.client(t)
+	fsVol := c.create("pvc-restart-fs", 64<<20, nil)
+	blkVol := c.createBlock("pvc-restart-blk", 64<<20, nil)
+	tf := c.mount(fsVol, mountCap("ext4"))
+	tb := c.mount(blkVol, blockCap())
+
+	one := bytes.Repeat([]byte("before the restart "), 1<<12)
+	blk := func(s string) []byte { return bytes.Repeat([]byte(s), 64<<10/len(s)+1)[:64<<10] }
+	writeSynced(t, filepath.Join(tf, "one"), one)
+	ddWrite(t, tb, 0, blk("block one "))
+
+	d.stopCSI(t)
+	// While the plugin is down: the disks are still served.
+	two := bytes.Repeat([]byte("while it was down "), 1<<12)
+	writeSynced(t, filepath.Join(tf, "two"), two)
+	ddWrite(t, tb, 1<<20, blk("block two "))
+	if got := ddRead(t, tb, 0, 64<<10); !bytes.Equal(got, blk("block one ")) {
+		t.Errorf("block volume, plugin down: read back %d bytes that differ from those written", len(got))
+	}
+
+	d.startAgain(t)
+	c = d.client(t) // kubelet dials the new socket
+	ctx := csiCtx(t)
+	three := bytes.Repeat([]byte("after the restart "), 1<<12)
+	writeSynced(t, filepath.Join(tf, "three"), three)
+	ddWrite(t, tb, 2<<20, blk("block three "))
+	for name, want := range map[string][]byte{"one": one, "two": two, "three": three} {
+		if got, err := os.ReadFile(filepath.Join(tf, name)); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("filesystem volume after the restart: %s: %d bytes, %v; want the %d written", name, len(got), err, len(want))
+		}
+	}
+	for off, want := range map[int64][]byte{0: blk("block one "), 1 << 20: blk("block two "), 2 << 20: blk("block three ")} {
+		if got := ddRead(t, tb, off, 64<<10); !bytes.Equal(got, want) {
+			t.Errorf("block volume after the restart: %d bytes at %d differ from those written", len(got), off)
+		}
+	}
+	// The restarted plugin knows both volumes.
+	for id, p := range map[string]string{fsVol: tf, blkVol: tb} {
+		if _, err := c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: p}); err != nil {
+			t.Errorf("stats of %s after the restart: %v", id, err)
+		}
+		h, err := c.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, VolumePublishPath: p})
+		if err != nil || len(h.GetVolumeHealth().GetHealthStatuses()) != 0 {
+			t.Errorf("health of %s after the restart: %v, %v; want no complaint", id, h, err)
+		}
+	}
+	// kubelet repeats a publish it is not sure of: nothing new is mounted.
+	if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: fsVol, StagingTargetPath: filepath.Join(d.root, "staging", fsVol),
+		TargetPath: tf, VolumeCapability: mountCap("ext4")}); err != nil {
+		t.Errorf("repeated publish after the restart: %v", err)
+	}
+	c.unmount(fsVol)
+	c.unmount(blkVol)
+	checkNothingStaged(t, d.dir)
+	if es, _ := os.ReadDir(d.stateDir); len(es) != 0 {
+		t.Errorf("node state left after unstaging: %v", es)
+	}
+	for _, v := range []string{fsVol, blkVol} {
+		if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Errorf("delete %s: %v", v, err)
+		}
+	}
+}
+
+// TestCSIBlock: a raw block volume staged and published to a file,
+// written and read through the device, snapshotted; a volume created
+// from the snapshot and one cloned from the volume hold its bytes.
+func TestCSIBlock(t *testing.T) {
+	t.Parallel()
+	requireTools(t, "dd")
+	d := startCSI(t)
+	c := d.client(t)
+	ctx := csiCtx(t)
+	vol := c.createBlock("pvc-block", 64<<20, nil)
+	tb := c.mount(vol, blockCap())
+	if fi, err := os.Stat(tb); err != nil || fi.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("published block volume %s: %v, %v; want a block device", tb, fi, err)
+	}
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i*7 + i>>12)
+	}
+	const at = 5 << 20
+	ddWrite(t, tb, at, data)
+	if got := ddRead(t, tb, at, len(data)); !bytes.Equal(got, data) {
+		t.Fatalf("block volume: read back %d bytes that differ from the %d written", len(got), len(data))
+	}
+	snap, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-block", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Written after the snapshot: in the volume and its clone, not in
+	// the snapshot's copy.
+	later := bytes.Repeat([]byte{0x5a}, 4096)
+	ddWrite(t, tb, at, later)
+	fromSnap := c.createBlock("pvc-block-restore", 0, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshot().GetSnapshotId()}}})
+	clone := c.createBlock("pvc-block-clone", 0, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+		Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}})
+	c.unmount(vol)
+	want := map[string][]byte{fromSnap: data, clone: append(slices.Clone(later), data[len(later):]...)}
+	for id, w := range want {
+		p := c.mount(id, blockCap())
+		if got := ddRead(t, p, at, len(w)); !bytes.Equal(got, w) {
+			t.Errorf("volume %s: %d bytes at %d differ from those expected", id, len(got), at)
+		}
+		c.unmount(id)
+	}
+	for _, v := range []string{fromSnap, clone, vol} {
+		if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Errorf("delete %s: %v", v, err)
+		}
+	}
+	if _, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()}); err != nil {
+		t.Errorf("delete snapshot: %v", err)
+	}
+	checkNothingStaged(t, d.dir)
 }
