@@ -1,6 +1,8 @@
 package csi
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -135,6 +137,46 @@ func TestUnescapeMount(t *testing.T) {
 	for in, want := range map[string]string{`/a\040b`: "/a b", `/plain`: "/plain", `/t\011x\134`: "/t\tx\\", `/bad\09`: `/bad\09`} {
 		if got := unescapeMount(in); got != want {
 			t.Errorf("unescapeMount(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestUnderRoot: a staging or target path is refused when it, or the
+// deepest part of it that exists, leads out of the root by a link; a
+// link as the path itself, dangling or not, would be followed by mkdir,
+// open and mount.
+func TestUnderRoot(t *testing.T) {
+	dir := t.TempDir()
+	root, outside := filepath.Join(dir, "root"), filepath.Join(dir, "outside")
+	for _, p := range []string{filepath.Join(root, "pods"), outside} {
+		if err := os.MkdirAll(p, 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for link, to := range map[string]string{
+		"pods/up":       outside,
+		"pods/dangling": filepath.Join(outside, "not-yet"),
+		"pods/inside":   filepath.Join(root, "pods"),
+	} {
+		if err := os.Symlink(to, filepath.Join(root, link)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := &nodeServer{cfg: NodeConfig{Root: root}}
+	for _, tt := range []struct {
+		path string
+		code codes.Code
+	}{
+		{filepath.Join(root, "pods/v/mount"), codes.OK},
+		{filepath.Join(root, "pods/up/x"), codes.InvalidArgument},
+		{filepath.Join(root, "pods/up"), codes.InvalidArgument},
+		{filepath.Join(root, "pods/dangling"), codes.InvalidArgument},
+		{filepath.Join(root, "pods/inside"), codes.InvalidArgument},
+		{filepath.Join(root, "../outside/x"), codes.InvalidArgument},
+		{"pods/v", codes.InvalidArgument},
+	} {
+		if _, err := s.underRoot("publish", "target path", tt.path); status.Code(err) != tt.code {
+			t.Errorf("underRoot(%s): %v, want %v", tt.path, err, tt.code)
 		}
 	}
 }

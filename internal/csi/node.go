@@ -188,6 +188,11 @@ func (s *nodeServer) underRoot(op, what, p string) (string, error) {
 	if !inside(c) {
 		return "", status.Errorf(codes.InvalidArgument, "%s: %s %q is outside %s, the only place this driver stages and publishes volumes", op, what, p, s.cfg.Root)
 	}
+	// The path itself must be no link: mkdir, open and mount follow
+	// one, even one that leads nowhere yet.
+	if fi, err := os.Lstat(c); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+		return "", status.Errorf(codes.InvalidArgument, "%s: %s %q is a symbolic link", op, what, p)
+	}
 	// The deepest existing ancestor, with its links resolved, must be
 	// inside too (the root itself may be a link).
 	root, err := filepath.EvalSymlinks(s.cfg.Root)
