@@ -1894,8 +1894,11 @@ type SnapshotRequest struct {
 	Writable bool `protobuf:"varint,3,opt,name=writable,proto3" json:"writable,omitempty"`
 	// quiesce_timeout_ms bounds the wait for in-flight I/O (0: 30 s).
 	QuiesceTimeoutMs uint32 `protobuf:"varint,4,opt,name=quiesce_timeout_ms,json=quiesceTimeoutMs,proto3" json:"quiesce_timeout_ms,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// closed: no agent may map the copies until granted (by default they
+	// may be mapped by the agents that may map their sources).
+	Closed        bool `protobuf:"varint,5,opt,name=closed,proto3" json:"closed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotRequest) Reset() {
@@ -1954,6 +1957,13 @@ func (x *SnapshotRequest) GetQuiesceTimeoutMs() uint32 {
 		return x.QuiesceTimeoutMs
 	}
 	return 0
+}
+
+func (x *SnapshotRequest) GetClosed() bool {
+	if x != nil {
+		return x.Closed
+	}
+	return false
 }
 
 type SnapshotResponse struct {
@@ -3492,12 +3502,13 @@ const file_segmapv1_admin_proto_rawDesc = "" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"5\n" +
 	"\x12DeleteDiskResponse\x12\x1f\n" +
 	"\vfreed_bytes\x18\x01 \x01(\x04R\n" +
-	"freedBytes\"\x8b\x01\n" +
+	"freedBytes\"\xa3\x01\n" +
 	"\x0fSnapshotRequest\x12\x18\n" +
 	"\asources\x18\x01 \x03(\tR\asources\x12\x14\n" +
 	"\x05names\x18\x02 \x03(\tR\x05names\x12\x1a\n" +
 	"\bwritable\x18\x03 \x01(\bR\bwritable\x12,\n" +
-	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\"9\n" +
+	"\x12quiesce_timeout_ms\x18\x04 \x01(\rR\x10quiesceTimeoutMs\x12\x16\n" +
+	"\x06closed\x18\x05 \x01(\bR\x06closed\"9\n" +
 	"\x10SnapshotResponse\x12%\n" +
 	"\x05disks\x18\x01 \x03(\v2\x0f.segmap.v1.DiskR\x05disks\"\xa1\x02\n" +
 	"\tContainer\x12\x0e\n" +

@@ -338,6 +338,10 @@ type SnapshotOptions struct {
 	// QuiesceTimeout bounds how long a group snapshot waits for an agent
 	// to drain its I/O; 0 means 30 seconds.
 	QuiesceTimeout time.Duration
+	// Closed makes copies no agent may map until granted, in the same
+	// transaction that makes them: the CSI driver's clones are born
+	// closed, so a crash cannot leave one open to its source's nodes.
+	Closed bool
 }
 
 // Snapshot copies the tables of the source disks, at one point in time
@@ -506,6 +510,9 @@ func (c *Controller) snapshot(ctx context.Context, o SnapshotOptions) ([]meta.Di
 			gs, all, err := tx.Grants(src.ID)
 			if err != nil {
 				return err
+			}
+			if o.Closed {
+				gs, all = []string{}, false
 			}
 			if err := tx.SetGrants(nd.ID, gs, all); err != nil {
 				return err

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"testing"
 
+	"segmap/internal/controller"
 	"segmap/internal/table"
 )
 
@@ -55,5 +56,34 @@ func TestGrantOnly(t *testing.T) {
 	}
 	if err := c.Ctrl.GrantOnly(ctx, "nope", nil); err == nil {
 		t.Errorf("GrantOnly of no disk: no error")
+	}
+}
+
+// TestSnapshotClosed: a copy made Closed may be mapped by no agent, in
+// the same step that makes it, where a plain copy inherits its source's
+// grants.
+func TestSnapshotClosed(t *testing.T) {
+	c := newCluster(t)
+	ctx := context.Background()
+	createDisk(t, c, "v", 4, table.Forward)
+	if err := c.Ctrl.GrantOnly(ctx, "v", []string{"host-a"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range []controller.SnapshotOptions{
+		{Sources: []string{"v"}, Names: []string{"open"}, Writable: true},
+		{Sources: []string{"v"}, Names: []string{"closed"}, Writable: true, Closed: true},
+	} {
+		if _, err := c.Ctrl.Snapshot(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if gs, all, err := c.Ctrl.Grants(ctx, "open"); err != nil || all || !slices.Equal(gs, []string{"host-a"}) {
+		t.Errorf("a plain clone's grants: %v all=%t %v, want its source's (host-a)", gs, all, err)
+	}
+	if gs, all, err := c.Ctrl.Grants(ctx, "closed"); err != nil || all || len(gs) != 0 {
+		t.Errorf("a closed clone's grants: %v all=%t %v, want no agent", gs, all, err)
+	}
+	if _, err := c.Agents[0].Open(ctx, "closed"); err == nil {
+		t.Errorf("host-a opened a closed clone")
 	}
 }

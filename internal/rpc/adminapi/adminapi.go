@@ -473,7 +473,7 @@ func (s *Server) Snapshot(ctx context.Context, r *pb.SnapshotRequest) (*pb.Snaps
 		}
 	}
 	ds, err := s.cfg.Ctrl.Snapshot(ctx, controller.SnapshotOptions{
-		Sources: r.Sources, Names: names, Writable: r.Writable,
+		Sources: r.Sources, Names: names, Writable: r.Writable, Closed: r.Closed,
 		QuiesceTimeout: time.Duration(r.QuiesceTimeoutMs) * time.Millisecond,
 	})
 	if err != nil {
