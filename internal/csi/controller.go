@@ -191,7 +191,7 @@ func (s *controllerServer) CreateVolume(ctx context.Context, r *csi.CreateVolume
 		return nil, err
 	}
 	if d, err := s.admin().GetDisk(ctx, &pb.GetDiskRequest{Name: name}); err == nil {
-		return s.existingVolume(ctx, r, d, src, ps)
+		return s.existingVolume(ctx, r, d, src, sz, ps)
 	} else if status.Code(err) != codes.NotFound {
 		return nil, fromAdmin(err, "create volume %q", r.GetName())
 	}
@@ -204,7 +204,7 @@ func (s *controllerServer) CreateVolume(ctx context.Context, r *csi.CreateVolume
 	if status.Code(err) == codes.AlreadyExists {
 		// A concurrent call with the same name made it: answer as a retry.
 		if d, gerr := s.admin().GetDisk(ctx, &pb.GetDiskRequest{Name: name}); gerr == nil {
-			return s.existingVolume(ctx, r, d, src, ps)
+			return s.existingVolume(ctx, r, d, src, sz, ps)
 		}
 	}
 	if err != nil {
@@ -258,30 +258,49 @@ func (s *controllerServer) clone(ctx context.Context, src *pb.Disk, name string,
 	if ps.segmentSize != 0 && ps.segmentSize != src.GetSegmentSize() {
 		return nil, status.Errorf(codes.InvalidArgument, "segmentSize %d: a clone keeps its source's segment size, %d", ps.segmentSize, src.GetSegmentSize())
 	}
-	if _, err := s.admin().Snapshot(ctx, &pb.SnapshotRequest{Sources: []string{src.GetName()}, Names: []string{name}, Writable: true}); err != nil {
-		return nil, err
-	}
-	d, err := s.admin().Grant(ctx, &pb.GrantRequest{Name: name, Only: true})
+	// Born closed: a clone inherits its source's grants otherwise, and a
+	// crash before they were taken back would leave it open to the
+	// source's nodes, and undeletable as "published" there.
+	ds, err := s.admin().Snapshot(ctx, &pb.SnapshotRequest{Sources: []string{src.GetName()}, Names: []string{name}, Writable: true, Closed: true})
 	if err != nil {
 		return nil, err
 	}
+	if len(ds.GetDisks()) != 1 {
+		return nil, status.Errorf(codes.Internal, "clone %s: the controller made %d disks", name, len(ds.GetDisks()))
+	}
+	return s.finishVolume(ctx, ds.GetDisks()[0], sz)
+}
+
+// finishVolume grows a new volume d to sz and closes it to every agent
+// if it is open to all: the steps after the disk is made, which a
+// retried CreateVolume redoes when the first call stopped before them.
+func (s *controllerServer) finishVolume(ctx context.Context, d *pb.Disk, sz uint64) (*pb.Disk, error) {
+	var err error
 	if sz > d.GetSize() {
-		return s.admin().ResizeDisk(ctx, &pb.ResizeDiskRequest{Name: name, Size: sz})
+		if d, err = s.admin().ResizeDisk(ctx, &pb.ResizeDiskRequest{Name: d.GetName(), Size: sz}); err != nil {
+			return nil, err
+		}
+	}
+	if d.GetAllAgents() {
+		return s.admin().Grant(ctx, &pb.GrantRequest{Name: d.GetName(), Only: true})
 	}
 	return d, nil
 }
 
 // existingVolume answers a CreateVolume whose disk exists: the same
 // volume if it was made with what r asks, AlreadyExists if not.
-func (s *controllerServer) existingVolume(ctx context.Context, r *csi.CreateVolumeRequest, d, src *pb.Disk, ps volumeParams) (*csi.CreateVolumeResponse, error) {
+func (s *controllerServer) existingVolume(ctx context.Context, r *csi.CreateVolumeRequest, d, src *pb.Disk, sz uint64, ps volumeParams) (*csi.CreateVolumeResponse, error) {
 	differs := func(what string) (*csi.CreateVolumeResponse, error) {
 		return nil, status.Errorf(codes.AlreadyExists, "create volume %q: disk %s exists with another %s", r.GetName(), d.GetName(), what)
 	}
 	req, lim := r.GetCapacityRange().GetRequiredBytes(), r.GetCapacityRange().GetLimitBytes()
+	// A clone whose first CreateVolume stopped before growing it is
+	// still its source's size: finishVolume grows it below.
+	unfinishedClone := src != nil && d.GetOrigin() == src.GetName() && d.GetSize() == src.GetSize() && d.GetSize() < sz
 	switch {
 	case d.GetReadOnly():
 		return differs("kind (it is a snapshot)")
-	case d.GetSize() < uint64(req) || lim > 0 && d.GetSize() > uint64(lim):
+	case !unfinishedClone && d.GetSize() < uint64(req) || lim > 0 && d.GetSize() > uint64(lim):
 		return differs(fmt.Sprintf("size (%d bytes)", d.GetSize()))
 	case src == nil && d.GetOrigin() != "" || src != nil && d.GetOrigin() != src.GetName():
 		return differs(fmt.Sprintf("origin (%q)", d.GetOrigin()))
@@ -290,12 +309,10 @@ func (s *controllerServer) existingVolume(ctx context.Context, r *csi.CreateVolu
 	case ps.policy == pb.Policy_POLICY_REVERSE && d.GetPolicy() != pb.Policy_POLICY_REVERSE:
 		return differs("policy")
 	}
-	if d.GetAllAgents() {
-		// The first call made the disk and stopped before closing it.
-		var err error
-		if d, err = s.admin().Grant(ctx, &pb.GrantRequest{Name: d.GetName(), Only: true}); err != nil {
-			return nil, fromAdmin(err, "create volume %q", r.GetName())
-		}
+	// The first call may have stopped before growing or closing it.
+	d, err := s.finishVolume(ctx, d, sz)
+	if err != nil {
+		return nil, fromAdmin(err, "create volume %q", r.GetName())
 	}
 	return &csi.CreateVolumeResponse{Volume: volume(d, r.GetVolumeContentSource())}, nil
 }

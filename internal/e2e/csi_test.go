@@ -755,8 +755,34 @@ func TestCSIBlock(t *testing.T) {
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshot().GetSnapshotId()}}})
 	clone := c.createBlock("pvc-block-clone", 0, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 		Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}})
+	// A CreateVolume of a bigger clone that stopped after making the
+	// clone, before growing it and closing it to other agents: its retry
+	// finishes it.
+	d.up.cli("snapshot", vol, "--name", "csi-vol-pvc-block-retried", "--writable")
+	d.up.cli("disk", "revoke", "csi-vol-pvc-block-retried", "local") // as the driver makes it: closed
+	for range 2 {
+		v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-block-retried", CapacityRange: &csi.CapacityRange{RequiredBytes: 128 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{blockCap()}, VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+				Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}}})
+		if err != nil || v.GetVolume().GetVolumeId() != "csi-vol-pvc-block-retried" || v.GetVolume().GetCapacityBytes() != 128<<20 {
+			t.Fatalf("retried clone: %v, %v; want csi-vol-pvc-block-retried of 128 MiB", v, err)
+		}
+	}
+	retried := "csi-vol-pvc-block-retried"
+	// A clone of a published volume is not open to the volume's node.
+	for _, id := range []string{clone, retried} {
+		var shown struct {
+			AllAgents bool     `json:"all_agents"`
+			Agents    []string `json:"agents"`
+		}
+		d.up.cliJSON(&shown, "disk", "info", id)
+		if shown.AllAgents || len(shown.Agents) > 0 {
+			t.Errorf("clone %s: agents %v (all %t) may map it; want none until it is published", id, shown.Agents, shown.AllAgents)
+		}
+	}
 	c.unmount(vol)
-	want := map[string][]byte{fromSnap: data, clone: append(slices.Clone(later), data[len(later):]...)}
+	clonedBytes := append(slices.Clone(later), data[len(later):]...)
+	want := map[string][]byte{fromSnap: data, clone: clonedBytes, retried: clonedBytes}
 	for id, w := range want {
 		p := c.mount(id, blockCap())
 		if got := ddRead(t, p, at, len(w)); !bytes.Equal(got, w) {
@@ -764,7 +790,7 @@ func TestCSIBlock(t *testing.T) {
 		}
 		c.unmount(id)
 	}
-	for _, v := range []string{fromSnap, clone, vol} {
+	for _, v := range []string{fromSnap, clone, retried, vol} {
 		if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
 			t.Errorf("delete %s: %v", v, err)
 		}
