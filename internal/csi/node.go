@@ -127,6 +127,9 @@ type volumeState struct {
 	// Single: the volume was staged SINGLE_NODE_SINGLE_WRITER, so one
 	// target at most.
 	Single bool `json:"single,omitempty"`
+	// ReadOnlyLoops are, for a block volume, the read-only loop devices
+	// over its device that read-only targets are bound to, by target.
+	ReadOnlyLoops map[string]string `json:"read_only_loops,omitempty"`
 }
 
 func (s *nodeServer) volDir(id string) string { return filepath.Join(s.cfg.StateDir, id) }
@@ -445,6 +448,16 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 			return nil, status.Errorf(codes.FailedPrecondition, "%s %s: its block device is gone (unstage and stage it again): %v", op, id, err)
 		}
 		src = dev
+		if ro {
+			// A read-only bind mount of a device node still lets
+			// writes through to the device: the target gets a
+			// device that refuses them.
+			roDev, err := s.readOnlyLoop(ctx, id, st, target, dev)
+			if err != nil {
+				return nil, err
+			}
+			src = roDev
+		}
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
 			return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
 		}
@@ -463,7 +476,7 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 		}
 	}
 	if err := bindMount(src, target, ro); err != nil {
-		return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
+		return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, errors.Join(err, s.dropReadOnlyLoop(ctx, id, st, target)))
 	}
 	st.Targets = append(st.Targets, target)
 	if err := s.writeState(id, st); err != nil {
@@ -503,7 +516,59 @@ func (s *nodeServer) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpubli
 			return nil, err
 		}
 	}
+	if st != nil {
+		if err := s.dropReadOnlyLoop(ctx, id, st, target); err != nil {
+			return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
+		}
+	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// readOnlyLoop makes a read-only loop device over dev for target, and
+// keeps it in the volume's state, which it writes.
+func (s *nodeServer) readOnlyLoop(ctx context.Context, id string, st *volumeState, target, dev string) (string, error) {
+	if ro := st.ReadOnlyLoops[target]; ro != "" && backing(ro) == dev {
+		return ro, nil // a publish that failed after making it
+	}
+	out, err := exec.CommandContext(ctx, "losetup", "--find", "--show", "--read-only", dev).CombinedOutput()
+	if err != nil {
+		return "", status.Errorf(codes.Internal, "publish volume %s read-only: losetup %s: %v: %s", id, dev, err, strings.TrimSpace(string(out)))
+	}
+	ro := strings.TrimSpace(string(out))
+	if st.ReadOnlyLoops == nil {
+		st.ReadOnlyLoops = map[string]string{}
+	}
+	st.ReadOnlyLoops[target] = ro
+	if err := s.writeState(id, st); err != nil {
+		return "", errors.Join(err, detachLoop(ctx, ro, dev))
+	}
+	return ro, nil
+}
+
+// dropReadOnlyLoop takes away target's read-only loop device, if it has
+// one, and writes the volume's state.
+func (s *nodeServer) dropReadOnlyLoop(ctx context.Context, id string, st *volumeState, target string) error {
+	ro, ok := st.ReadOnlyLoops[target]
+	if !ok {
+		return nil
+	}
+	dev, _, _ := s.cfg.Attacher.Device(s.volDir(id))
+	if err := detachLoop(ctx, ro, dev); err != nil {
+		return err
+	}
+	delete(st.ReadOnlyLoops, target)
+	return s.writeState(id, st)
+}
+
+// detachLoop detaches loop device ro if it still reads dev.
+func detachLoop(ctx context.Context, ro, dev string) error {
+	if dev == "" || backing(ro) != dev {
+		return nil // gone already, or reused for something else
+	}
+	if out, err := exec.CommandContext(ctx, "losetup", "--detach", ro).CombinedOutput(); err != nil {
+		return fmt.Errorf("losetup --detach %s: %w: %s", ro, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 // published finds the staged volume id at path p (a target or its
@@ -598,6 +663,11 @@ func (s *nodeServer) NodeExpandVolume(ctx context.Context, r *csi.NodeExpandVolu
 	n, err := s.cfg.Attacher.Grow(ctx, s.volDir(id), want)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
+	}
+	for _, ro := range st.ReadOnlyLoops {
+		if out, err := exec.CommandContext(ctx, "losetup", "--set-capacity", ro).CombinedOutput(); err != nil {
+			return nil, status.Errorf(codes.Internal, "%s %s: losetup --set-capacity %s: %v: %s", op, id, ro, err, strings.TrimSpace(string(out)))
+		}
 	}
 	if !st.Block {
 		dev, _, err := s.cfg.Attacher.Device(s.volDir(id))

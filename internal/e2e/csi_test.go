@@ -788,6 +788,30 @@ func TestCSIBlock(t *testing.T) {
 		if got := ddRead(t, p, at, len(w)); !bytes.Equal(got, w) {
 			t.Errorf("volume %s: %d bytes at %d differ from those expected", id, len(got), at)
 		}
+		// Published read-only too, as to a pod with readOnly: true:
+		// it reads, and refuses writes.
+		ro := p + "-ro"
+		if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(d.root, "staging", id),
+			TargetPath: ro, VolumeCapability: blockCap(), Readonly: true}); err != nil {
+			t.Fatalf("publish %s read-only: %v", id, err)
+		}
+		if got := ddRead(t, ro, at, len(w)); !bytes.Equal(got, w) {
+			t.Errorf("volume %s published read-only: %d bytes at %d differ from those expected", id, len(got), at)
+		}
+		if f, err := os.OpenFile(ro, os.O_WRONLY, 0); err == nil {
+			_, werr := f.WriteAt(make([]byte, 4096), at)
+			serr := f.Sync()
+			f.Close()
+			if werr == nil && serr == nil {
+				t.Errorf("volume %s published read-only: a write through %s succeeded", id, ro)
+			}
+		}
+		if got := ddRead(t, p, at, len(w)); !bytes.Equal(got, w) {
+			t.Errorf("volume %s: changed through its read-only target", id)
+		}
+		if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: ro}); err != nil {
+			t.Errorf("unpublish %s: %v", id, err)
+		}
 		c.unmount(id)
 	}
 	for _, v := range []string{fromSnap, clone, retried, vol} {
