@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -95,6 +96,18 @@ func backing(dev string) string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// loopsOver lists the loop devices that read file.
+func loopsOver(file string) []string {
+	ps, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, p := range ps {
+		if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == file {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(p))))
+		}
+	}
+	return out
 }
 
 func (a *FuseLoop) Device(dir string) (string, bool, error) {
@@ -265,9 +278,19 @@ func (a *FuseLoop) Detach(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	if st != nil && st.Loop != "" && backing(st.Loop) == fuseFile(dir) {
-		if out, err := exec.CommandContext(ctx, "losetup", "--detach", st.Loop).CombinedOutput(); err != nil {
-			return fmt.Errorf("losetup --detach %s: %w: %s", st.Loop, err, strings.TrimSpace(string(out)))
+	// Every loop device over the file goes, not only the one recorded:
+	// an Attach that stopped between losetup and writing attach.json
+	// made one that is not, and it would hold the FUSE mount (and so
+	// fusedisk) forever. Loop devices over those go first.
+	loops := loopsOver(fuseFile(dir))
+	if st != nil && st.Loop != "" && !slices.Contains(loops, st.Loop) && backing(st.Loop) == fuseFile(dir) {
+		loops = append(loops, st.Loop)
+	}
+	for _, l := range loops {
+		for _, over := range append(loopsOver(l), l) {
+			if out, err := exec.CommandContext(ctx, "losetup", "--detach", over).CombinedOutput(); err != nil {
+				return fmt.Errorf("losetup --detach %s: %w: %s", over, err, strings.TrimSpace(string(out)))
+			}
 		}
 	}
 	if err := unmountFuse(fuseDir(dir)); err != nil {
