@@ -1,10 +1,13 @@
 package csi
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -178,5 +181,80 @@ func TestUnderRoot(t *testing.T) {
 		if _, err := s.underRoot("publish", "target path", tt.path); status.Code(err) != tt.code {
 			t.Errorf("underRoot(%s): %v, want %v", tt.path, err, tt.code)
 		}
+	}
+}
+
+// blockingAttacher is an Attacher whose Detach waits for release, and
+// that counts its Grow calls.
+type blockingAttacher struct {
+	release chan struct{}
+	grows   atomic.Int32
+}
+
+func (a *blockingAttacher) Attach(context.Context, string, string) (string, error) {
+	return "/dev/null", nil
+}
+func (a *blockingAttacher) Device(string) (string, bool, error) { return "/dev/null", true, nil }
+func (a *blockingAttacher) Grow(context.Context, string, uint64) (uint64, error) {
+	a.grows.Add(1)
+	return 1 << 20, nil
+}
+func (a *blockingAttacher) Detach(context.Context, string) error { <-a.release; return nil }
+
+// TestNodeExpandWaitsForUnstage: a NodeExpandVolume that arrives while
+// the volume is being unstaged reads the volume's state after the
+// unstage, and finds it gone, instead of growing a detached device.
+func TestNodeExpandWaitsForUnstage(t *testing.T) {
+	dir := t.TempDir()
+	a := &blockingAttacher{release: make(chan struct{})}
+	s, err := newNodeServer(Config{NodeID: "n", Node: NodeConfig{StateDir: filepath.Join(dir, "state"), Root: filepath.Join(dir, "root"), Attacher: a}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const id = "csi-vol-x"
+	staging := filepath.Join(s.cfg.Root, "staging", id)
+	if err := os.MkdirAll(s.volDir(id), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.writeState(id, &volumeState{Export: id, Staging: staging, Block: true}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	unstaged := make(chan error, 1)
+	go func() {
+		_, err := s.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		unstaged <- err
+	}()
+	expanded := make(chan error, 1)
+	waitUsers := func(n int) {
+		for range 5000 {
+			s.mu.Lock()
+			u := 0
+			if l := s.mu.locks[id]; l != nil {
+				u = l.users
+			}
+			s.mu.Unlock()
+			if u == n {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatalf("the volume's lock never had %d users", n)
+	}
+	waitUsers(1) // the unstage holds it
+	go func() {
+		_, err := s.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: staging})
+		expanded <- err
+	}()
+	waitUsers(2) // the expand waits for it
+	close(a.release)
+	if err := <-unstaged; err != nil {
+		t.Fatalf("unstage: %v", err)
+	}
+	if err := <-expanded; status.Code(err) != codes.NotFound {
+		t.Errorf("expand during an unstage: %v, want NotFound", err)
+	}
+	if n := a.grows.Load(); n != 0 {
+		t.Errorf("Grow called %d times on an unstaged volume", n)
 	}
 }

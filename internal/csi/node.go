@@ -653,12 +653,17 @@ func (s *nodeServer) NodeGetVolumeHealth(ctx context.Context, r *csi.NodeGetVolu
 func (s *nodeServer) NodeExpandVolume(ctx context.Context, r *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
 	const op = "expand volume"
 	id := r.GetVolumeId()
+	if err := checkVolumeID(op, id); err != nil {
+		return nil, err
+	}
+	// The state is read under the lock: an unstage or publish running
+	// now changes it.
+	unlock := s.lock(id)
+	defer unlock()
 	st, err := s.stagedAt(op, id, r.GetVolumePath())
 	if err != nil {
 		return nil, err
 	}
-	unlock := s.lock(id)
-	defer unlock()
 	want := uint64(max(r.GetCapacityRange().GetRequiredBytes(), 0))
 	n, err := s.cfg.Attacher.Grow(ctx, s.volDir(id), want)
 	if err != nil {
