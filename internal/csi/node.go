@@ -427,10 +427,19 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 	if st.Block != (vc.GetBlock() != nil) {
 		return nil, status.Errorf(codes.InvalidArgument, "%s %s: staged with block access %t, published with %t", op, id, st.Block, vc.GetBlock() != nil)
 	}
+	ro := r.GetReadonly() || vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
+		vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
 	if _, ok, err := mountedAt(target); err != nil {
 		return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
 	} else if ok && slices.Contains(st.Targets, target) {
-		return &csi.NodePublishVolumeResponse{}, nil // done before
+		// Done before; with the same read-only flag, or the spec's
+		// AlreadyExists.
+		if was, err := mountedReadOnly(target); err != nil {
+			return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, err)
+		} else if was != ro {
+			return nil, status.Errorf(codes.AlreadyExists, "%s %s: already published at %s with read-only %t", op, id, target, was)
+		}
+		return &csi.NodePublishVolumeResponse{}, nil
 	} else if ok {
 		return nil, status.Errorf(codes.FailedPrecondition, "%s %s: something else is mounted at %s", op, id, target)
 	}
@@ -439,8 +448,6 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 			return nil, status.Errorf(codes.FailedPrecondition, "%s %s: single-writer volume already published at %s", op, id, strings.Join(other, ", "))
 		}
 	}
-	ro := r.GetReadonly() || vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
-		vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
 	var src string
 	if st.Block {
 		dev, ok, err := s.cfg.Attacher.Device(s.volDir(id))
@@ -777,6 +784,27 @@ func mountedAt(p string) (src string, ok bool, err error) {
 		src, ok = unescapeMount(f[i+2]), true
 	}
 	return src, ok, nil
+}
+
+// mountedReadOnly says whether the mount on top at p is read-only.
+func mountedReadOnly(p string) (bool, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	p = filepath.Clean(p)
+	ro, found := false, false
+	for line := range strings.SplitSeq(string(b), "\n") {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS ...: the last line
+		// for p is the mount on top.
+		if f := strings.Fields(line); len(f) > 5 && unescapeMount(f[4]) == p {
+			ro, found = slices.Contains(strings.Split(f[5], ","), "ro"), true
+		}
+	}
+	if !found {
+		return false, fmt.Errorf("nothing mounted at %s", p)
+	}
+	return ro, nil
 }
 
 // unescapeMount undoes mountinfo's octal escapes (\040 for a space).

@@ -807,6 +807,17 @@ func TestCSIBlock(t *testing.T) {
 		if got := ddRead(t, ro, at, len(w)); !bytes.Equal(got, w) {
 			t.Errorf("volume %s published read-only: %d bytes at %d differ from those expected", id, len(got), at)
 		}
+		// Again: the same is done already; writable is incompatible.
+		for _, again := range []struct {
+			ro   bool
+			want codes.Code
+		}{{true, codes.OK}, {false, codes.AlreadyExists}} {
+			_, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: filepath.Join(d.root, "staging", id),
+				TargetPath: ro, VolumeCapability: blockCap(), Readonly: again.ro})
+			if status.Code(err) != again.want {
+				t.Errorf("publish %s again at %s, read-only %t: %v, want %v", id, ro, again.ro, err, again.want)
+			}
+		}
 		if f, err := os.OpenFile(ro, os.O_WRONLY, 0); err == nil {
 			_, werr := f.WriteAt(make([]byte, 4096), at)
 			serr := f.Sync()
