@@ -380,6 +380,11 @@ func (s *nodeServer) NodeUnstageVolume(ctx context.Context, r *csi.NodeUnstageVo
 	if err != nil {
 		return nil, err
 	}
+	if st != nil && st.Staging != staging {
+		// Unmounting the path named would take away whatever is
+		// there (another volume's staging mount), and leave ours.
+		return nil, status.Errorf(codes.InvalidArgument, "%s %s: staged at %s, not %s", op, id, st.Staging, staging)
+	}
 	if st != nil && len(st.Targets) > 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "%s %s: still published at %s", op, id, strings.Join(st.Targets, ", "))
 	}

@@ -710,6 +710,15 @@ func TestCSIRestart(t *testing.T) {
 	// A loop device over a volume's FUSE file that the plugin made but
 	// had not recorded when it stopped: unstaging takes it away too.
 	stray := strings.TrimSpace(run(t, time.Minute, "losetup", "--find", "--show", filepath.Join(d.stateDir, blkVol, "fuse", "disk")))
+	// An unstage naming another volume's staging path leaves both as
+	// they are.
+	if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: blkVol, TargetPath: tb}); err != nil {
+		t.Fatalf("unpublish %s: %v", blkVol, err)
+	}
+	if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: blkVol, StagingTargetPath: filepath.Join(d.root, "staging", fsVol)}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("unstage %s at %s's staging path: %v, want InvalidArgument", blkVol, fsVol, err)
+	}
+	writeSynced(t, filepath.Join(tf, "four"), three)
 	c.unmount(fsVol)
 	c.unmount(blkVol)
 	// checkNothingStaged cannot see it if its FUSE mount was detached
