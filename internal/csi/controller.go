@@ -645,11 +645,13 @@ func (s *controllerServer) ControllerExpandVolume(ctx context.Context, r *csi.Co
 	if err != nil {
 		return nil, err
 	}
-	sz, err := volumeSize(r.GetCapacityRange(), 0)
-	if err != nil {
-		return nil, err
-	}
-	if sz > d.GetSize() {
+	if uint64(max(r.GetCapacityRange().GetRequiredBytes(), 0)) > d.GetSize() {
+		// Only a size asked for above the current one grows the disk:
+		// no size, or a smaller one, leaves it as it is.
+		sz, err := volumeSize(r.GetCapacityRange(), d.GetSize())
+		if err != nil {
+			return nil, err
+		}
 		if d, err = s.admin().ResizeDisk(ctx, &pb.ResizeDiskRequest{Name: d.GetName(), Size: sz}); err != nil {
 			return nil, fromAdmin(err, "%s %q", op, r.GetVolumeId())
 		}

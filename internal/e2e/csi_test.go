@@ -529,6 +529,10 @@ func TestCSIBadRequests(t *testing.T) {
 			_, err := c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: "csi-vol-none", NodeId: "local", VolumeCapability: caps[0]})
 			return err
 		}, codes.NotFound},
+		{"expand: a limit below its size (no shrinking)", func() error {
+			_, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20, LimitBytes: 32 << 20}})
+			return err
+		}, codes.OutOfRange},
 		{"expand: no such volume", func() error {
 			_, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: "csi-vol-none", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}})
 			return err
@@ -569,6 +573,13 @@ func TestCSIBadRequests(t *testing.T) {
 	}
 	if got := disks(); got != made {
 		t.Errorf("the bad requests changed the disks: before\n%s\nafter\n%s", made, got)
+	}
+	// An expand to no size, or to less, leaves the volume as it is.
+	for _, req := range []int64{0, 1 << 20} {
+		ex, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: vol, CapacityRange: &csi.CapacityRange{RequiredBytes: req}})
+		if err != nil || ex.GetCapacityBytes() != 64<<20 {
+			t.Errorf("expand %s to %d bytes: %v %v, want it left at 64 MiB", vol, req, ex, err)
+		}
 	}
 	if es, _ := os.ReadDir(d.stateDir); len(es) != 0 {
 		t.Errorf("the bad requests left node state: %v", es)
