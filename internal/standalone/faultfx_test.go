@@ -59,6 +59,18 @@ type fx struct {
 	// slowFlush makes every flush of the controller's containers take
 	// slowFlushTime more, as fsync does on a loaded machine.
 	slowFlush atomic.Bool
+	// buf is what prepare and contents read disks into, reused: a fresh
+	// buffer for every disk read costs the race detector its shadow
+	// pages anew each time.
+	buf []byte
+}
+
+// readBuf returns h.buf, grown to n bytes if need be.
+func (h *fx) readBuf(n int) []byte {
+	if cap(h.buf) < n {
+		h.buf = make([]byte, n)
+	}
+	return h.buf[:n]
 }
 
 // slowFlushTime is how much longer a flush takes under fx.slowFlush:
@@ -482,7 +494,7 @@ func (h *fx) prepare(m fxModel) error {
 			if err != nil {
 				return fmt.Errorf("agent %s: open %s: %w", a.Name(), name, err)
 			}
-			if err := d.ReadAt(h.ctx, make([]byte, len(m[name].data)), 0); err != nil {
+			if err := d.ReadAt(h.ctx, h.readBuf(len(m[name].data)), 0); err != nil {
 				return fmt.Errorf("agent %s: read %s: %w", a.Name(), name, err)
 			}
 		}
@@ -521,7 +533,7 @@ func (h *fx) contents(m fxModel, i int) error {
 		if err != nil {
 			return fmt.Errorf("agent %s: open %s: %w", a.Name(), name, err)
 		}
-		got := make([]byte, len(m[name].data))
+		got := h.readBuf(len(m[name].data))
 		if err := d.ReadAt(h.ctx, got, 0); err != nil {
 			return fmt.Errorf("agent %s: read %s: %w", a.Name(), name, err)
 		}
