@@ -191,6 +191,7 @@ func fioURI(t *testing.T, uri string, args ...string) string {
 // seconds after the second snapshot (26 s in all on a loaded 2-core
 // machine: the fills run at about 80 writes a second).
 func TestClusterTwoAgents(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "fio", "nbdcopy")
 	c := newCluster(t, "host-a", "host-b")
 	c.cli("disk", "create", "shared", "--size", "64M")
