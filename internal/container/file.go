@@ -222,16 +222,21 @@ func newFile(f *os.File, path string, h Header) (*File, error) {
 	return &File{f: f, raw: raw, path: path, h: h, dev: dev}, nil
 }
 
-// readHeader reads and decodes the header at the start of f. A file shorter
-// than HeaderSize is decoded from what is there, so that a short foreign file
-// is reported as ErrNotContainer rather than ErrTruncated.
+// readHeader reads and decodes the header at the start of f: its first
+// headerLen bytes, the only ones that hold anything, and f's size. A file
+// shorter than HeaderSize is decoded from what is there, so that a short
+// foreign file is reported as ErrNotContainer rather than ErrTruncated.
 func readHeader(f *os.File) (Header, error) {
-	b := make([]byte, HeaderSize)
-	n, err := f.ReadAt(b, 0)
-	if err != nil && err != io.EOF {
+	size, err := deviceSize(f)
+	if err != nil {
 		return Header{}, err
 	}
-	return decodeHeader(b[:n])
+	b := make([]byte, min(size, headerLen))
+	n, rerr := f.ReadAt(b, 0)
+	if rerr != nil && !errors.Is(rerr, io.EOF) {
+		return Header{}, rerr
+	}
+	return decodeHeaderOf(b[:n], size)
 }
 
 // checkSize fails with ErrTruncated if f is too short to hold h's data area.

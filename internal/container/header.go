@@ -104,11 +104,19 @@ func (h Header) encode() []byte {
 //
 // The returned errors are not wrapped with a path; callers add it.
 func decodeHeader(b []byte) (Header, error) {
+	return decodeHeaderOf(b, int64(len(b)))
+}
+
+// decodeHeaderOf is decodeHeader for b, the first bytes of a file or
+// device of size bytes: only the first headerLen bytes hold anything, so
+// a reader need not read the whole HeaderSize (a mebibyte) to open a
+// container.
+func decodeHeaderOf(b []byte, size int64) (Header, error) {
 	if len(b) < len(magic) || [8]byte(b[:len(magic)]) != magic {
 		return Header{}, ErrNotContainer
 	}
-	if len(b) < HeaderSize {
-		return Header{}, fmt.Errorf("%w: header is %d bytes, want %d", ErrTruncated, len(b), HeaderSize)
+	if size < HeaderSize || len(b) < headerLen {
+		return Header{}, fmt.Errorf("%w: header is %d bytes, want %d", ErrTruncated, min(size, HeaderSize), HeaderSize)
 	}
 	if got, want := crc32.Checksum(b[:offCRC], castagnoli), binary.LittleEndian.Uint32(b[offCRC:]); got != want {
 		return Header{}, fmt.Errorf("%w: checksum %#08x, header says %#08x", ErrCorruptHeader, got, want)

@@ -20,6 +20,7 @@ import (
 // bytes were damaged reported with its key (exit 3), and --repair refused
 // (exit 4).
 func TestCheckData(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	dir := filepath.Join(t.TempDir(), "data")
 	u := startUp(t, dir)

@@ -583,6 +583,7 @@ func (p jsonProblem) where() string {
 // leaked-slot store (a second check is clean, exit 0) and refuses on every
 // other store (exit 4), leaving the file byte for byte as it was.
 func TestCheckStores(t *testing.T) {
+	t.Parallel()
 	var checks, refusals, repairs int
 	for _, d := range checkDamages {
 		t.Run(d.name, func(t *testing.T) {
@@ -702,6 +703,7 @@ func TestCheckStoresOnline(t *testing.T) {
 // list, a branch or leaf of the records, a record value, nothing), check
 // reports damage (exit 3), never panics, and the store stays as it was.
 func TestCheckDamagedPages(t *testing.T) {
+	t.Parallel()
 	src := filepath.Join(checkStoresDir, "leaked-slot", "meta.db")
 	orig, err := os.ReadFile(src)
 	if err != nil {

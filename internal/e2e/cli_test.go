@@ -11,6 +11,7 @@ import (
 // TestCLI covers the admin commands the other tests do not: resize,
 // container add (creating a file), check --repair, and --json output.
 func TestCLI(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "r", "--size", "8M", "--segment-size", "64K")

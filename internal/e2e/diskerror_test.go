@@ -11,6 +11,7 @@ import (
 // `check` name it; `disk clear-errors` makes it read zeros and be
 // writable again.
 func TestDiskSetError(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "d", "--size", "8M", "--segment-size", "1M")

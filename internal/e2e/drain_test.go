@@ -24,6 +24,7 @@ type containerList struct {
 // reads back what it should, check is clean, container 1 is draining
 // and empty, and 'container remove 1' removes it.
 func TestContainerDrain(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir(), "--pool-files", "1")
 	u.cli("disk", "create", "d", "--size", "16M") // 1 MiB segments, on container 1

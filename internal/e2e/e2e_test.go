@@ -82,6 +82,7 @@ func TestListAndThin(t *testing.T) {
 // boundaries, a snapshot, an overwrite; the disk has the new bytes and the
 // snapshot the old ones.
 func TestQemuIOSnapshot(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	for _, pol := range []string{"forward", "reverse"} {
@@ -140,6 +141,7 @@ func TestQemuIOSnapshot(t *testing.T) {
 // TestNbdcopyRestart: 256 MiB of random data copied in and out
 // byte-identical, and still identical after a restart.
 func TestNbdcopyRestart(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "nbdcopy")
 	dir := t.TempDir()
 	data := filepath.Join(t.TempDir(), "in")
@@ -405,6 +407,7 @@ func TestGroupSnapshotLockstep(t *testing.T) {
 // TestTrimAndDeleteReturnSpace: trimming a whole disk returns its space,
 // and so does deleting a disk.
 func TestTrimAndDeleteReturnSpace(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "fio", "qemu-io")
 	u := startUp(t, t.TempDir())
 	u.cli("disk", "create", "t1", "--size", "64M")

@@ -19,6 +19,7 @@ import (
 // truncated or applied to the wrong base is refused and leaves the
 // target as it was, with check clean.
 func TestExportImport(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io", "nbdcopy")
 	src := startUp(t, t.TempDir())
 	dst := startUp(t, t.TempDir())

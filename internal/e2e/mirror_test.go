@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -18,6 +19,8 @@ import (
 
 	"segmap/internal/nbd/nbdclient"
 	"segmap/internal/rpc/transport"
+
+	"golang.org/x/sys/unix"
 )
 
 // mirrorList is the JSON of 'segmap container list' with the replicas of
@@ -378,7 +381,10 @@ func TestClusterMirrorCatchUp(t *testing.T) {
 }
 
 // compareReplicas compares two replicas' files past their 1 MiB headers
-// in slots of slot bytes, and returns the slots that differ.
+// in slots of slot bytes, and returns the slots that differ. It reads
+// only the slots where either file holds data (SEEK_DATA): past them both
+// are holes, which read as zeros in both. The files are 2 GiB, mostly
+// holes: reading them whole took 22 s under the race detector.
 func compareReplicas(t *testing.T, a, b string, slot int) []int {
 	t.Helper()
 	fa, err := os.Open(a)
@@ -391,10 +397,41 @@ func compareReplicas(t *testing.T, a, b string, slot int) []int {
 		t.Fatal(err)
 	}
 	defer fb.Close()
+	// nextData is the offset of the first data at or after off in f, or
+	// -1 if there is none.
+	nextData := func(f *os.File, off int64) int64 {
+		d, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return -1
+		}
+		if err != nil {
+			t.Fatalf("seek data in %s at %d: %v", f.Name(), off, err)
+		}
+		return d
+	}
+	const header = 1 << 20
+	sa, sb := fileSize(t, fa), fileSize(t, fb)
 	ba, bb := make([]byte, slot), make([]byte, slot)
 	var diff []int
 	for s := 0; ; s++ {
-		off := int64(1<<20) + int64(s)*int64(slot)
+		off := int64(header) + int64(s)*int64(slot)
+		// Skip to the slot of the first data of either file.
+		next := nextData(fa, off)
+		if db := nextData(fb, off); next < 0 || db >= 0 && db < next {
+			next = db
+		}
+		if next < 0 || next >= min(sa, sb) {
+			// Holes to the end of the shorter file: equal so far, and
+			// files of different sizes differ at its end.
+			if sa != sb {
+				diff = append(diff, int((min(sa, sb)-header)/int64(slot)))
+			}
+			return diff
+		}
+		if next >= off+int64(slot) {
+			s = int((next - header) / int64(slot))
+			off = int64(header) + int64(s)*int64(slot)
+		}
 		na, erra := fa.ReadAt(ba, off)
 		nb, errb := fb.ReadAt(bb, off)
 		if na != nb || !bytes.Equal(ba[:na], bb[:nb]) {
@@ -407,4 +444,13 @@ func compareReplicas(t *testing.T, a, b string, slot int) []int {
 			t.Fatalf("read replicas at %d: %v, %v", off, erra, errb)
 		}
 	}
+}
+
+func fileSize(t *testing.T, f *os.File) int64 {
+	t.Helper()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size()
 }

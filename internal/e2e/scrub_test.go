@@ -16,6 +16,7 @@ import (
 // scribbled on below the mirror, repaired by --scrub --repair, and clean
 // again, with the host's data intact.
 func TestCheckScrub(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	var cs struct {

@@ -86,6 +86,7 @@ func TestClusterSecurity(t *testing.T) {
 // TestClusterNBDTLS: an agent started with --nbd-tls serves hosts only over
 // TLS with a certificate of the cluster CA.
 func TestClusterNBDTLS(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "nbdinfo")
 	c := newCluster(t, "host-a")
 	c.cli("disk", "create", "sec", "--size", "16M")

@@ -31,6 +31,7 @@ type spaceDisk struct {
 // storage (checked against stat of each file) and what the snapshots
 // hold, and deleting the snapshot gives that space back.
 func TestCLISpace(t *testing.T) {
+	t.Parallel()
 	requireTools(t, "qemu-io")
 	u := startUp(t, t.TempDir())
 	const seg = 64 << 10

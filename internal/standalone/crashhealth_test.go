@@ -179,8 +179,9 @@ func opClearErrors(disk string, errSeg uint64, failed uint32) fxOp {
 		return nil
 	}, run: func(h *fx, m fxModel) (fxModel, error) {
 		after := m.clone()
+		data := after.own(disk)
 		for _, s := range errs {
-			clear(after[disk].data[s*seg64 : (s+1)*seg64])
+			clear(data[s*seg64 : (s+1)*seg64])
 		}
 		_, err := h.c.Ctrl.ClearErrors(h.ctx, disk)
 		return after, err
