@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -259,8 +260,9 @@ func (p *prober) verify(t *testing.T) {
 	}
 }
 
-// waitProgress waits until p has completed a write after since.
-func (p *prober) waitProgress(t *testing.T, since time.Time, within time.Duration) {
+// waitProgress waits until p has completed a write after since; if none
+// does within the bound, it calls stalled (to gather evidence) and fails.
+func (p *prober) waitProgress(t *testing.T, since time.Time, within time.Duration, stalled func()) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for time.Now().Before(deadline) {
@@ -277,7 +279,25 @@ func (p *prober) waitProgress(t *testing.T, since time.Time, within time.Duratio
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	stalled()
 	t.Fatalf("%s: no write completed within %v", p.name, within)
+}
+
+// dumpStacks has every controller and agent still running print its
+// goroutines (SIGQUIT) into its output, which the harness shows when the
+// test fails: a write that hangs shows where it waits.
+func (c *haCluster) dumpStacks() {
+	var ps []*up
+	ps = append(ps, c.ctls...)
+	for _, a := range c.agents {
+		ps = append(ps, a)
+	}
+	for _, u := range ps {
+		if u.cmd.ProcessState == nil && !u.killed() {
+			u.cmd.Process.Signal(syscall.SIGQUIT)
+		}
+	}
+	time.Sleep(2 * time.Second) // for the dumps to reach the output
 }
 
 // pattern writes a disk's first 4 MiB with byte b through qemu-io.
@@ -345,7 +365,7 @@ func TestHAFailover(t *testing.T) {
 	pauses := func(phase string, from time.Time) {
 		t.Helper()
 		for _, p := range probes {
-			p.waitProgress(t, time.Now(), 30*time.Second)
+			p.waitProgress(t, time.Now(), 30*time.Second, c.dumpStacks)
 		}
 		to := time.Now()
 		for _, p := range probes {
