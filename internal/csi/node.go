@@ -432,6 +432,9 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 	if st.Block != (vc.GetBlock() != nil) {
 		return nil, status.Errorf(codes.InvalidArgument, "%s %s: staged with block access %t, published with %t", op, id, st.Block, vc.GetBlock() != nil)
 	}
+	if fs := vc.GetMount().GetFsType(); !st.Block && fs != "" && fs != st.FsType {
+		return nil, status.Errorf(codes.InvalidArgument, "%s %s: staged with a %s filesystem, published asking for %s", op, id, st.FsType, fs)
+	}
 	ro := r.GetReadonly() || vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY ||
 		vc.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY
 	if _, ok, err := mountedAt(target); err != nil {
@@ -492,10 +495,14 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 	}
 	st.Targets = append(st.Targets, target)
 	if err := s.writeState(id, st); err != nil {
+		// Take it all back: the mount, and a read-only loop device
+		// made for it (its state was written before; the write may
+		// fail again, and then a retry finds and reuses the device).
+		st.Targets = st.Targets[:len(st.Targets)-1]
 		if uerr := unmountAll(ctx, target); uerr != nil {
 			return nil, status.Errorf(codes.Internal, "%v; and %s stays mounted: %v", err, target, uerr)
 		}
-		return nil, err
+		return nil, status.Errorf(codes.Internal, "%s %s: %v", op, id, errors.Join(err, s.dropReadOnlyLoop(ctx, id, st, target)))
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
 }

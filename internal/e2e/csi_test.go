@@ -588,6 +588,10 @@ func TestCSIBadRequests(t *testing.T) {
 	}
 	// A published volume cannot be deleted.
 	target := c.mount(vol, caps[0])
+	if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: filepath.Join(d.root, "staging", vol),
+		TargetPath: filepath.Join(d.root, "pods", "other", "mount"), VolumeCapability: mountCap("xfs")}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("publish an ext4 volume asking for xfs: %v, want InvalidArgument", err)
+	}
 	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol}); status.Code(err) != codes.FailedPrecondition {
 		t.Errorf("delete a published volume: %v, want FailedPrecondition", err)
 	}
