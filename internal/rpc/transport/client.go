@@ -469,6 +469,9 @@ const FaultPatience = 60 * time.Second
 // FaultPatience.
 var faultBackoff = backoff.Policy{Initial: 20 * time.Millisecond, Max: time.Second, Limit: FaultPatience}
 
+// faultWarnAfter is how long a fault is refused before the agent says so.
+const faultWarnAfter = 5 * time.Second
+
 // Fault implements protocol.Controller. A fault whose answer is lost is sent
 // again with the same request id, so the controller answers it from
 // memory instead of applying it twice.
@@ -488,6 +491,9 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 	unsure := false
 	commit := f.Op == protocol.FaultCommit && !f.Abandon
 	b := backoff.New(faultBackoff, nil)
+	// A fault still refused after faultWarnAfter is logged once, with the
+	// controller's reason: a long pause must say what it waits for.
+	warned, start := false, time.Now()
 	for {
 		req.Epoch = c.epoch()
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -503,6 +509,11 @@ func (c *Client) Fault(ctx context.Context, f protocol.Fault) (protocol.Reply, e
 		retry := errors.Is(err, protocol.ErrUnavailable) || errors.Is(err, protocol.ErrFenced)
 		if !retry || ctx.Err() != nil {
 			break
+		}
+		if !warned && time.Since(start) > faultWarnAfter {
+			warned = true
+			c.logger.Warn("fault refused by the controller; still asking", "disk_id", f.Disk, "segment", f.Segment,
+				"op", f.Op, "for", time.Since(start).Round(time.Millisecond), "err", err)
 		}
 		// If ctx ends meanwhile, the next try fails at once with its
 		// error, which is the one returned.
