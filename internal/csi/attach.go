@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -337,9 +336,4 @@ func unmountFuse(p string) error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-// String names the attacher in logs.
-func (a *FuseLoop) String() string {
-	return "fuse+loop via " + a.NBD + " (" + strconv.Quote(a.Exe) + ")"
 }

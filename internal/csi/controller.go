@@ -383,11 +383,9 @@ func (s *controllerServer) ControllerPublishVolume(ctx context.Context, r *csi.C
 		return nil, status.Errorf(codes.InvalidArgument, "%s: no volume id", op)
 	case r.GetNodeId() == "":
 		return nil, status.Errorf(codes.InvalidArgument, "%s: no node id", op)
-	case r.GetVolumeCapability() == nil:
-		return nil, status.Errorf(codes.InvalidArgument, "%s: no volume capability", op)
 	}
-	if why := checkCaps([]*csi.VolumeCapability{r.GetVolumeCapability()}); why != "" {
-		return nil, status.Errorf(codes.InvalidArgument, "%s %q: %s", op, r.GetVolumeId(), why)
+	if err := checkCap(op, r.GetVolumeId(), r.GetVolumeCapability()); err != nil {
+		return nil, err
 	}
 	d, err := s.volumeDisk(ctx, op, r.GetVolumeId())
 	if err != nil {

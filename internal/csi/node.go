@@ -177,6 +177,18 @@ func checkVolumeID(op, id string) error {
 	return nil
 }
 
+// checkCap refuses a missing capability, or one the driver cannot give,
+// with InvalidArgument.
+func checkCap(op, id string, vc *csi.VolumeCapability) error {
+	if vc == nil {
+		return status.Errorf(codes.InvalidArgument, "%s %s: no volume capability", op, id)
+	}
+	if why := checkCaps([]*csi.VolumeCapability{vc}); why != "" {
+		return status.Errorf(codes.InvalidArgument, "%s %s: %s", op, id, why)
+	}
+	return nil
+}
+
 // underRoot refuses a path that is not absolute or not below the root,
 // also through symbolic links in the part of it that exists.
 func (s *nodeServer) underRoot(op, what, p string) (string, error) {
@@ -244,11 +256,8 @@ func (s *nodeServer) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolume
 		return nil, err
 	}
 	vc := r.GetVolumeCapability()
-	if vc == nil {
-		return nil, status.Errorf(codes.InvalidArgument, "%s %s: no volume capability", op, id)
-	}
-	if why := checkCaps([]*csi.VolumeCapability{vc}); why != "" {
-		return nil, status.Errorf(codes.InvalidArgument, "%s %s: %s", op, id, why)
+	if err := checkCap(op, id, vc); err != nil {
+		return nil, err
 	}
 	unlock := s.lock(id)
 	defer unlock()
@@ -414,11 +423,8 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, r *csi.NodePublishVo
 		return nil, err
 	}
 	vc := r.GetVolumeCapability()
-	if vc == nil {
-		return nil, status.Errorf(codes.InvalidArgument, "%s %s: no volume capability", op, id)
-	}
-	if why := checkCaps([]*csi.VolumeCapability{vc}); why != "" {
-		return nil, status.Errorf(codes.InvalidArgument, "%s %s: %s", op, id, why)
+	if err := checkCap(op, id, vc); err != nil {
+		return nil, err
 	}
 	unlock := s.lock(id)
 	defer unlock()
