@@ -21,24 +21,31 @@ import (
 // says which replicas are healthy (written and read), rebuilding
 // (written, not read) or failed (neither). Writes, punches and flushes go
 // to every healthy and rebuilding replica in parallel and are answered
-// when all of them have answered; reads of slot s go to healthy replica
-// s mod the number of healthy ones, every holder's alike, which spreads
-// reads over the replicas and keeps every read of a slot on one (two
-// overlapping writes in flight at once may reach the replicas in either
-// order; a block read from one replica never goes back in time). A replica that fails an I/O, or does not answer it within the
-// mirror's timeout, is reported (MirrorReporter.ReplicaFailed) with the
-// slots of the I/O, and the I/O is answered only once the controller has
-// recorded the failure and told every holder: from then on no holder
-// writes it. The I/O then succeeds if a healthy replica did it (a read
-// is tried on the next healthy replica); if none is left, it fails.
+// when all of them have answered; reads go to the first healthy replica
+// (by index), every holder's alike. A replica that fails an I/O, or does
+// not answer it within the mirror's timeout, is reported
+// (MirrorReporter.ReplicaFailed) with the slots of the I/O, and the I/O
+// is answered only once the controller has recorded the failure and told
+// every holder: from then on no holder writes it. The I/O then succeeds
+// if a healthy replica did it (a read is tried on the next healthy
+// replica); if none is left, it fails.
 //
 // Reads are not spread over the replicas because the replicas may hold
-// different bytes where writes raced: two writes of one block, from two
-// holders or one, in flight at once, may reach one replica in one order
-// and another in the other, and each replica keeps the last it got. Either
+// different bytes where writes raced: two writes of one block in flight
+// at once, from two holders, may reach one replica in one order and
+// another in the other, and each replica keeps the last it got. Either
 // is a right result for the block, but only one may be read: a block
-// read from one replica and then from the other would go back in time.
-// The rebuild copies from the same replica (it reads through a Mirror).
+// read from one replica and then from another would go back in time. So
+// every read of every holder goes to one replica, which stays the one
+// read while it is healthy: a replica failing or coming back after it
+// does not move the reads. The rebuild copies from it too (it reads
+// through a Mirror), so a rebuilt replica agrees with what was read.
+// One holder never lets its own writes race: a write or punch waits
+// for the holder's writes and punches in flight that overlap it
+// (order), so they reach every replica in the same order. What remains
+// is two holders writing one block at the same moment and the replica
+// read then failing before the block is written again: the next one
+// may hold the other write, and a read may see it once.
 //
 // A failure the controller could not be told of (it was down, or
 // restarting) is not forgotten: the replica may now miss a write the
@@ -80,11 +87,21 @@ type Mirror struct {
 		// unrecorded holds, by replica index, the failures whose
 		// report did not reach the controller.
 		unrecorded map[int]*unrecordedFailure
+		// inFlight holds the writes and punches on their way to the
+		// replicas (see order).
+		inFlight map[*span]struct{}
 		// unflushed holds the slots written or punched since the
 		// last flush that every replica answered.
 		unflushed map[int64]unflushedSlot
 		seq       uint64
 	}
+}
+
+// span is a write or punch of bytes [off, end) of a mirror on its way
+// to the replicas; done is closed when it has been answered.
+type span struct {
+	off, end int64
+	done     chan struct{}
 }
 
 // unflushedSlot is the writes of a slot that no flush covers yet.
@@ -325,7 +342,7 @@ func (m *Mirror) Slots() int64 { return m.slots }
 // Size implements Container.
 func (m *Mirror) Size() int64 { return m.slots * m.slotSize }
 
-// ReadAt implements Container: from the slot's healthy replica (see
+// ReadAt implements Container: from the first healthy replica (see
 // Mirror), and from the next if it fails.
 func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 	if err := checkRange(m.id, "read", off, int64(len(p)), m.Size()); err != nil {
@@ -342,7 +359,7 @@ func (m *Mirror) ReadAt(p []byte, off int64) (int, error) {
 		if len(v.healthy) == 0 {
 			return 0, fmt.Errorf("container %d: no healthy replica: %w", m.id, ErrUnreachable)
 		}
-		i := v.healthy[uint64(off/m.slotSize)%uint64(len(v.healthy))]
+		i := v.healthy[0]
 		err := m.runOne(v, i, func(c Container) error { _, err := c.ReadAt(p, off); return err })
 		if err == nil {
 			return len(p), nil
@@ -423,6 +440,42 @@ func (m *Mirror) writing(off, n int64) func() {
 	}
 }
 
+// order waits until no write or punch of this holder that overlaps
+// [off, off+n) is on its way to the replicas, and returns the func that
+// ends this one's turn (once every replica has answered it, and any
+// failure is recorded). Two overlapping writes of one holder in flight at
+// once could reach the replicas in different orders and leave them
+// different; after each other, every replica holds the second. Writes
+// that do not overlap go side by side.
+func (m *Mirror) order(off, n int64) func() {
+	s := &span{off: off, end: off + n, done: make(chan struct{})}
+	for {
+		var wait chan struct{}
+		m.mu.Lock()
+		for o := range m.mu.inFlight {
+			if o.off < s.end && s.off < o.end {
+				wait = o.done
+				break
+			}
+		}
+		if wait == nil {
+			if m.mu.inFlight == nil {
+				m.mu.inFlight = make(map[*span]struct{})
+			}
+			m.mu.inFlight[s] = struct{}{}
+			m.mu.Unlock()
+			return func() {
+				m.mu.Lock()
+				delete(m.mu.inFlight, s)
+				m.mu.Unlock()
+				close(s.done)
+			}
+		}
+		m.mu.Unlock()
+		<-wait
+	}
+}
+
 // failedSlots returns the slots a replica that failed an I/O of [off,
 // off+n) may miss: those of the I/O and every one not flushed since.
 func (m *Mirror) failedSlots(off, n int64) []uint32 {
@@ -441,6 +494,11 @@ func (m *Mirror) failedSlots(off, n int64) []uint32 {
 // update runs op, a write, punch or flush of [off, off+n), on every
 // healthy and rebuilding replica, and reports those that fail.
 func (m *Mirror) update(off, n int64, op func(Container) error) error {
+	if n > 0 {
+		// First: the view taken below is then the one the writes
+		// before it left.
+		defer m.order(off, n)()
+	}
 	if err := m.recordFailuresFirst(); err != nil {
 		return err
 	}

@@ -247,16 +247,93 @@ func TestMirrorReadsOneReplicaPerSlot(t *testing.T) {
 			t.Fatalf("read with replica 0 failed: %v, bytes of replica %d, want replica 1's", err, got[0]-1)
 		}
 	}
-	// Reads are spread by slot: slot 1 is read from the second healthy
-	// replica, always.
+	// Every slot is read from the first healthy replica: slot 1 too.
 	for i, r := range reps {
 		if _, err := r.Memory.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), mirrorSlot); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for range 6 {
-		if _, err := m.ReadAt(got, mirrorSlot); err != nil || got[0] != 3 {
-			t.Fatalf("read of slot 1: %v, bytes of replica %d, want replica 2's", err, got[0]-1)
+		if _, err := m.ReadAt(got, mirrorSlot); err != nil || got[0] != 2 {
+			t.Fatalf("read of slot 1: %v, bytes of replica %d, want replica 1's", err, got[0]-1)
+		}
+	}
+}
+
+// gated is a replica whose writes of a marked buffer (first byte 0xee)
+// wait until release is closed; it counts the writes begun.
+type gated struct {
+	*container.Memory
+	release chan struct{}
+	begun   atomic.Int32
+}
+
+func (g *gated) WriteAt(p []byte, off int64) (int, error) {
+	g.begun.Add(1)
+	if len(p) > 0 && p[0] == 0xee {
+		<-g.release
+	}
+	return g.Memory.WriteAt(p, off)
+}
+
+// One holder's overlapping writes reach the replicas one after the
+// other: the second is not sent to any replica before every replica has
+// answered the first, so that both hold the second at the end, whatever
+// order the replicas would have taken them in. A write that overlaps
+// neither goes on meanwhile.
+func TestMirrorOrdersOverlappingWrites(t *testing.T) {
+	slow := &gated{Memory: container.NewMemory(7, mirrorSlot, mirrorSlots), release: make(chan struct{})}
+	fast := container.NewMemory(7, mirrorSlot, mirrorSlots)
+	info := protocol.Container{ID: 7, SlotSize: mirrorSlot, Slots: mirrorSlots, Epoch: 1,
+		Replicas: []protocol.Replica{{URI: "a"}, {URI: "b"}}}
+	byURI := map[string]container.Container{"a": fast, "b": slow}
+	m, err := container.OpenMirror(info, func(uri string) (container.Container, error) { return byURI[uri], nil }, &reporter{mem: info.Membership()}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+
+	first := bytes.Repeat([]byte{0xee}, 8192)
+	second := bytes.Repeat([]byte{0x22}, 4096)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := m.WriteAt(first, 0); err != nil {
+			t.Errorf("first write: %v", err)
+		}
+	})
+	// The first write is held by the slow replica.
+	for slow.begun.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	// A write elsewhere is not held up.
+	if _, err := m.WriteAt(second, 16384); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := m.WriteAt(second, 4096) // overlaps the first
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("an overlapping write was answered while the first was in flight: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if n := slow.begun.Load(); n != 2 {
+		t.Fatalf("the slow replica was sent %d writes while the first was held, want 2 (the first and the one elsewhere)", n)
+	}
+	close(slow.release)
+	wg.Wait()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	for name, r := range map[string]container.Container{"fast": fast, "slow": slow.Memory} {
+		got := make([]byte, 4096)
+		if _, err := r.ReadAt(got, 4096); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, second) {
+			t.Errorf("replica %s holds %#x at 4096, want the second write's %#x", name, got[0], second[0])
 		}
 	}
 }

@@ -402,9 +402,9 @@ func (c *Controller) scrubSource(cid, sl uint32, v slotView, written bool) (int,
 			return src, fmt.Sprintf("the slot was written while a replica was away, and %s caught up since", strings.Join(sus, ", "))
 		}
 	}
-	// Hosts read the slot from this one (container.Mirror): what they
-	// have seen stays.
-	return int(sl) % n, "source chosen as the replica hosts read the slot from; nothing tells which one holds the last write"
+	// Hosts read from the first healthy replica (container.Mirror):
+	// what they have seen stays.
+	return 0, "source chosen as the replica hosts read the slot from; nothing tells which one holds the last write"
 }
 
 // copyFromReplica rewrites slot sl of the replicas at positions targets
