@@ -1235,17 +1235,11 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) erro
 // memory for the disk are committed (data before the map).
 func (d *Disk) Flush(ctx context.Context) error {
 	g := d.maps.deferred.Load()
-	for tries := 0; ; tries++ {
-		err := d.a.flushWritten()
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, container.ErrLeaseOver) {
-			return err
-		}
-		if err := d.a.waitStorageLease(ctx, tries, err); err != nil {
+	if err := d.flushContainers(ctx); err != nil {
+		if errors.Is(err, container.ErrLeaseOver) {
 			return fmt.Errorf("flush %q: %w: %w", d.Info().Name, protocol.ErrIO, err)
 		}
+		return err
 	}
 	if g == d.maps.durable.Load() {
 		return nil
@@ -1414,7 +1408,25 @@ func (d *Disk) command(ctx context.Context, blocking bool, rg segRange, change f
 	}
 	// The writes made under the old entries are durable too: a snapshot
 	// taken after this never loses them to a power failure.
-	return d.a.flushWritten()
+	return d.flushContainers(ctx)
+}
+
+// flushContainers flushes every container the agent wrote since its last
+// flush. A storage node that refuses the flush for a lapsed lease (the
+// agent just re-attached, and the renewal is still on its way to the
+// node) is asked again once the lease is renewed, as an I/O is
+// (waitStorageLease): a command answered with that refusal would make
+// the controller wait out the agent's lease and fence it, for nothing.
+func (d *Disk) flushContainers(ctx context.Context) error {
+	for tries := 0; ; tries++ {
+		err := d.a.flushWritten()
+		if err == nil || !errors.Is(err, container.ErrLeaseOver) {
+			return err
+		}
+		if werr := d.a.waitStorageLease(ctx, tries, err); werr != nil {
+			return werr
+		}
+	}
 }
 
 func (d *Disk) setEntry(ctx context.Context, c protocol.SetEntry) error {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"segmap/internal/container"
+	"segmap/internal/rpc/protocol"
+	"segmap/internal/table"
 )
 
 // heldReads is a container whose reads can be held after they read: while
@@ -114,5 +116,48 @@ func TestReadOutlivingLease(t *testing.T) {
 	}
 	if !bytes.Equal(got, cur) {
 		t.Errorf("read %x..., read before the lease lapsed; want %x..., read again after", got[:8], cur[:8])
+	}
+}
+
+// refusedFlushes is a container whose next refuse flushes are refused
+// for a lapsed storage lease, as a storage node refuses an agent whose
+// renewal has not reached it yet.
+type refusedFlushes struct {
+	container.Container
+	refuse  atomic.Int32
+	flushes atomic.Int32
+}
+
+func (r *refusedFlushes) Flush() error {
+	r.flushes.Add(1)
+	if r.refuse.Add(-1) >= 0 {
+		return container.ErrLeaseOver
+	}
+	return r.Container.Flush()
+}
+
+// TestBlockingCommandRidesOutStorageLease: a Blocking command flushes
+// what was written under the old entries; a storage node that refuses
+// that flush for a lapsed lease (the renewal still on its way) is asked
+// again, and the command succeeds. Answered with the refusal, the
+// controller took the agent for one that does not answer and waited its
+// lease out (TestKillStormController saw it, and fio got EIO).
+func TestBlockingCommandRidesOutStorageLease(t *testing.T) {
+	var rc *refusedFlushes
+	e := newEnvOver(t, func(mem *container.Memory) (container.Container, func()) {
+		rc = &refusedFlushes{Container: mem}
+		return rc, func() {}
+	})
+	e.mapAll()
+	if err := e.d.WriteAt(e.ctx, bytesOf(4096, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	rc.refuse.Store(3)
+	cmd := protocol.SetEntryState{Disk: tDisk, First: 0, Count: 1, State: table.NoWrite, On: true, Blocking: true}
+	if err := e.a.SetEntryState(e.ctx, cmd); err != nil {
+		t.Fatalf("blocking command with the storage refusing 3 flushes for its lease: %v", err)
+	}
+	if n := rc.flushes.Load(); n != 4 {
+		t.Errorf("%d flushes, want 4 (3 refused, then one done)", n)
 	}
 }
