@@ -124,6 +124,10 @@ type Config struct {
 	// Metrics, if set, counts faults and snapshots, and reads the
 	// controller's state at each scrape (see metrics.StateFunc).
 	Metrics *metrics.Controller
+	// FillBreakAfter is how long a fill in place may stay staged before
+	// the next write to its segment takes it back; default
+	// DefaultFillBreakAfter.
+	FillBreakAfter time.Duration
 }
 
 // Controller is the controller. Its methods are safe for concurrent use.
@@ -133,6 +137,7 @@ type Controller struct {
 	now        func() time.Time
 	logger     *slog.Logger
 	cmdTimeout time.Duration
+	fillBreak  time.Duration
 	ctrlCopies bool
 	deferMaps  bool
 	met        *metrics.Controller // nil: none
@@ -244,6 +249,10 @@ type agentState struct {
 // New returns a controller over cfg.Store.
 func New(cfg Config) *Controller {
 	c := &Controller{store: cfg.Store, openC: cfg.OpenContainer, now: cfg.Now, logger: cfg.Logger, cmdTimeout: cfg.CommandTimeout, ctrlCopies: cfg.ControllerCopies, deferMaps: !cfg.SyncMaps}
+	c.fillBreak = cfg.FillBreakAfter
+	if c.fillBreak <= 0 {
+		c.fillBreak = DefaultFillBreakAfter
+	}
 	if c.cmdTimeout <= 0 {
 		c.cmdTimeout = DefaultCommandTimeout
 	}

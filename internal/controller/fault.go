@@ -129,7 +129,7 @@ func (c *Controller) fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 			return protocol.Reply{}, fmt.Errorf("write to %q: %w", d.Name, protocol.ErrReadOnly)
 		}
 		for {
-			rep, busy, err := func() (protocol.Reply, <-chan struct{}, error) {
+			rep, busy, err := func() (protocol.Reply, *fillBusy, error) {
 				defer c.lockFamily(d.Family, false)()
 				defer c.lockSegment(d.Family, f.Segment)()
 				if d, err = load(); err != nil {
@@ -138,26 +138,30 @@ func (c *Controller) fault(ctx context.Context, f protocol.Fault) (protocol.Repl
 				rep, err := c.faultSeg(ctx, f, d)
 				var fb *fillBusy
 				if errors.As(err, &fb) {
-					return rep, fb.done, nil
+					return rep, fb, nil
 				}
 				return rep, nil, err
 			}()
 			if busy == nil {
 				return rep, err
 			}
-			// Another agent fills the segment in place: its commit
+			// Another write fills the segment in place: its commit
 			// needs the segment's lock, so wait without it; if it
-			// takes too long, take it back.
-			wctx, cancel := context.WithTimeout(ctx, fillBreakAfter)
+			// has been staged for too long, take it back.
+			left := min(max(c.fillBreak-c.now().Sub(busy.since), fillBreakPoll), fillBreakLook)
+			wctx, cancel := context.WithTimeout(ctx, left)
 			select {
-			case <-busy:
+			case <-busy.done:
 			case <-wctx.Done():
 			}
 			cancel()
 			if err := ctx.Err(); err != nil {
 				return protocol.Reply{}, err
 			}
-			if err := c.breakInPlace(ctx, d, f.Segment, busy); err != nil {
+			if c.now().Sub(busy.since) < c.fillBreak {
+				continue // ended, or not yet due: resolve again
+			}
+			if err := c.breakInPlace(ctx, d, f.Segment, busy.done); err != nil {
 				return protocol.Reply{}, err
 			}
 		}
@@ -363,8 +367,14 @@ func (c *Controller) faultSeg(ctx context.Context, f protocol.Fault, d meta.Disk
 		// One agent at a time fills a segment in place: two fills of
 		// one sub-block would each lay their edges over the other's
 		// write. A second waits for the first's commit.
-		if done := c.claimInPlace(d.ID, seg); done != nil {
-			return protocol.Reply{}, &fillBusy{done}
+		cl, again := c.claimInPlace(d.ID, seg, f)
+		if again != nil {
+			// The fault was sent again, its answer lost: the
+			// same stage, which its agent may have begun.
+			return *again, nil
+		}
+		if cl != nil {
+			return protocol.Reply{}, &fillBusy{done: cl.done, since: cl.since}
 		}
 	}
 	if plan == table.FillAll {
@@ -449,31 +459,56 @@ func (c *Controller) faultRange(ctx context.Context, f protocol.Fault, d meta.Di
 }
 
 // claimInPlace claims the right to stage a fill of segment seg of disk id
-// in place, which one agent at a time has (see stagedWrite.inPlace). If
-// another has it, it returns a channel closed when that one's stage ends.
-func (c *Controller) claimInPlace(id meta.DiskID, seg uint64) <-chan struct{} {
+// in place, which one write at a time has (see stagedWrite.inPlace), for
+// fault f. If another write has it, it returns that one's claim; if that
+// one is f itself, sent again by its agent (same ID) after its answer was
+// lost, it returns that answer to give again.
+func (c *Controller) claimInPlace(id meta.DiskID, seg uint64, f protocol.Fault) (busy *fillClaim, again *protocol.Reply) {
 	c.stage.mu.Lock()
 	defer c.stage.mu.Unlock()
 	k := segKey{id, seg}
 	if cl := c.stage.mu.inPlace[k]; cl != nil {
-		return cl.done
+		if _, staged := c.stage.mu.writes[cl.tok]; staged && f.ID != 0 && cl.agent == f.Agent && cl.id == f.ID {
+			rep := cl.rep
+			return nil, &rep
+		}
+		return cl, nil
 	}
-	c.stage.mu.inPlace[k] = &fillClaim{done: make(chan struct{})}
-	return nil
+	c.stage.mu.inPlace[k] = &fillClaim{done: make(chan struct{}), since: c.now(), agent: f.Agent, id: f.ID}
+	return nil, nil
 }
 
-// fillClaim is an agent's right to fill a segment in place: done is
-// closed when its stage (token tok, once staged) ends.
+// fillClaim is a write's right to fill a segment in place: done is
+// closed when its stage (token tok, once staged) ends. since is when it
+// was claimed; agent and id name the fault that claimed it, and rep is
+// the answer that fault got.
 type fillClaim struct {
-	done chan struct{}
-	tok  uint64
+	done  chan struct{}
+	tok   uint64
+	since time.Time
+	agent string
+	id    uint64
+	rep   protocol.Reply
 }
 
-// fillBreakAfter is how long a fill waits for another's stage before it
-// breaks it: a stage whose answer never reached its agent (its fault
-// timed out) would otherwise hold the segment until the agent attached
-// again.
-const fillBreakAfter = time.Second
+// DefaultFillBreakAfter is how long a fill in place may stay staged
+// before the next write to its segment takes it back (breakInPlace), by
+// default. A fill whose answer never reached its agent (the agent gave
+// the write up, its client gone) would otherwise hold the segment until
+// the agent attached again. One whose agent is slow is waited for that
+// long: a storage node restarting, a controller failing over, take a few
+// seconds, and the fill's write must not fail for them. A fault sent
+// again after its answer was lost gets its stage again at once
+// (claimInPlace).
+const DefaultFillBreakAfter = 10 * time.Second
+
+// fillBreakPoll and fillBreakLook are the least and the most a write
+// waits for a fill in place before it looks again (the fill may have
+// been staged meanwhile for the very fault it waits in, sent again).
+const (
+	fillBreakPoll = 100 * time.Millisecond
+	fillBreakLook = time.Second
+)
 
 // breakInPlace ends the in-place stage that holds segment seg of disk d
 // (if done is still its claim), which its agent is slow to make or never
@@ -510,9 +545,13 @@ func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, 
 	return nil
 }
 
-// fillBusy is faultSeg's answer when another agent fills the segment in
-// place: the fault is resolved again once done is closed.
-type fillBusy struct{ done <-chan struct{} }
+// fillBusy is faultSeg's answer when another write fills the segment in
+// place (claimed at since): the fault is resolved again once done is
+// closed, or the fill taken back once it is due.
+type fillBusy struct {
+	done  <-chan struct{}
+	since time.Time
+}
 
 func (*fillBusy) Error() string { return "segment being filled in place" }
 
@@ -611,17 +650,18 @@ func (c *Controller) run(ctx context.Context, r *faultRun, steps []table.Step) (
 			tok := c.stage.mu.next
 			sw.tok = tok
 			c.stage.mu.writes[tok] = sw
-			if cl := c.stage.mu.inPlace[segKey{d.ID, seg}]; sw.inPlace && cl != nil {
-				cl.tok = tok
-			}
-			c.stage.mu.Unlock()
-			r.reserved = false
 			stage := &protocol.Stage{Loc: sw.loc, Token: tok, Sparse: st.Sparse, FillRest: st.FillRest, NoFlush: r.deferred}
 			if st.From {
 				stage.From = r.e // the agent reads the rest from Old
 				stage.From.State &^= table.NoWrite
 			}
-			return protocol.Reply{First: seg, Stage: stage}, nil
+			rep := protocol.Reply{First: seg, Stage: stage}
+			if cl := c.stage.mu.inPlace[segKey{d.ID, seg}]; sw.inPlace && cl != nil {
+				cl.tok, cl.rep = tok, rep
+			}
+			c.stage.mu.Unlock()
+			r.reserved = false
+			return rep, nil
 
 		case table.StepCommitSelf:
 			if err := c.commitSelf(ctx, r, st); err != nil {

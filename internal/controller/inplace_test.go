@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"segmap/internal/meta"
 	"segmap/internal/rpc/protocol"
@@ -15,10 +16,22 @@ import (
 // after a snapshot), mapped by host-a and by a fake agent host-x, which
 // then stages a whole-segment write of segment 0: a fill in place (its
 // stage is the entry's own slot). It returns host-x's commit.
-func fillInPlace(t *testing.T) (c *standalone.Cluster, d meta.Disk, commit protocol.Fault) {
+func fillInPlace(t *testing.T, breakAfter time.Duration) (c *standalone.Cluster, d meta.Disk, commit protocol.Fault) {
+	t.Helper()
+	c, d, r := stageFillInPlace(t, breakAfter, 0)
+	// host-x writes the slot in place: at once, host-a reads what it
+	// wrote over the sub-blocks the slot holds.
+	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
+	return c, d, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}
+}
+
+// stageFillInPlace is fillInPlace up to the stage: host-x's write fault
+// (with id, if not 0) and its answer, the slot not written yet. A fill
+// that stays staged breakAfter is taken back by the next write.
+func stageFillInPlace(t *testing.T, breakAfter time.Duration, id uint64) (c *standalone.Cluster, d meta.Disk, r protocol.Reply) {
 	t.Helper()
 	ctx := context.Background()
-	c = newCluster(t)
+	c = newClusterOpts(t, standalone.Options{FillBreakAfter: breakAfter})
 	d = createDisk(t, c, "d", 2, table.Forward)
 	h0 := openDisk(t, c, 0, "d")
 	write(t, h0, pattern(seg, 1), 0)
@@ -34,14 +47,11 @@ func fillInPlace(t *testing.T) (c *standalone.Cluster, d meta.Disk, commit proto
 	if _, err := c.Ctrl.Open(ctx, "host-x", "d"); err != nil {
 		t.Fatal(err)
 	}
-	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true})
+	r, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true, ID: id})
 	if err != nil || r.Stage == nil || r.Stage.Loc != e.Loc {
 		t.Fatalf("whole-segment write of a partial segment: %+v %v; want a stage in place at %v", r, err, e.Loc)
 	}
-	// host-x writes the slot in place: at once, host-a reads what it
-	// wrote over the sub-blocks the slot holds.
-	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
-	return c, d, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}
+	return c, d, r
 }
 
 // TestFillInPlaceKeptAcrossReattach: an agent cut from the controller
@@ -53,7 +63,7 @@ func fillInPlace(t *testing.T) (c *standalone.Cluster, d meta.Disk, commit proto
 // lost the stage: its slot goes back, and the old token is stale.
 func TestFillInPlaceKeptAcrossReattach(t *testing.T) {
 	ctx := context.Background()
-	c, d, commit := fillInPlace(t)
+	c, d, commit := fillInPlace(t, 0)
 	if err := c.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, []protocol.DiskID{protocol.DiskID(d.ID)}); err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +75,7 @@ func TestFillInPlaceKeptAcrossReattach(t *testing.T) {
 	}
 	checkClean(t, c)
 
-	c2, _, commit2 := fillInPlace(t)
+	c2, _, commit2 := fillInPlace(t, 0)
 	if err := c2.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +103,7 @@ func TestFillInPlaceKeptAcrossReattach(t *testing.T) {
 // read.
 func TestFillInPlaceTakenBackFails(t *testing.T) {
 	ctx := context.Background()
-	c, _, commit := fillInPlace(t)
+	c, _, commit := fillInPlace(t, 300*time.Millisecond)
 	h1 := openDisk(t, c, 1, "d")
 	write(t, h1, pattern(sub, 3), 8*sub) // waits for the fill, then breaks it
 	for try := range 2 {
@@ -103,4 +113,61 @@ func TestFillInPlaceTakenBackFails(t *testing.T) {
 		}
 	}
 	checkClean(t, c)
+}
+
+// TestFillInPlaceWaitedFor: a fill in place whose agent is slow to
+// commit (its storage node restarting, its controller failing over) is
+// waited for by another write to the segment, longer than a second, and
+// its commit lands: the pause is not turned into an error. Before, the
+// next write took a fill back after one second, and the kill storm saw
+// fio's write fail with EIO after a storage node's 1.5 s restart.
+func TestFillInPlaceWaitedFor(t *testing.T) {
+	ctx := context.Background()
+	c, _, commit := fillInPlace(t, time.Minute)
+	h1 := openDisk(t, c, 1, "d")
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		write(t, h1, pattern(sub, 3), 8*sub)
+	}()
+	select {
+	case <-wrote:
+		t.Fatal("a write went through a segment being filled in place")
+	case <-time.After(1500 * time.Millisecond):
+	}
+	if _, err := c.Ctrl.Fault(ctx, commit); err != nil {
+		t.Fatalf("commit of a fill in place waited for: %v, want it to land", err)
+	}
+	<-wrote
+	checkClean(t, c)
+}
+
+// TestFillInPlaceAnsweredAgain: a write fault sent again with its id
+// (its answer lost, the agent re-attached) gets its fill in place again,
+// the same stage, at once; another fault of the same agent (another
+// write) waits for it as any write does.
+func TestFillInPlaceAnsweredAgain(t *testing.T) {
+	ctx := context.Background()
+	c, d, r := stageFillInPlace(t, time.Minute, 42)
+	again, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true, ID: 42})
+	if err != nil || again.Stage == nil || *again.Stage != *r.Stage {
+		t.Fatalf("the fault sent again: %+v %v; want its stage again, %+v", again, err, r.Stage)
+	}
+	other := make(chan error, 1)
+	go func() {
+		_, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true, ID: 43})
+		other <- err
+	}()
+	select {
+	case err := <-other:
+		t.Fatalf("another write fault of the agent was answered while the fill is staged: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
+	if _, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}); err != nil {
+		t.Fatalf("commit of the stage answered twice: %v", err)
+	}
+	if err := <-other; err != nil {
+		t.Fatalf("the other write after the commit: %v", err)
+	}
 }

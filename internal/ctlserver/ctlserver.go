@@ -59,6 +59,8 @@ type Config struct {
 	ReplicaTimeout time.Duration
 	// Metrics is controller.Config.Metrics.
 	Metrics *metrics.Controller
+	// FillBreakAfter is controller.Config.FillBreakAfter.
+	FillBreakAfter time.Duration
 }
 
 // New returns a controller over cfg.Store that opens containers by URI
@@ -78,7 +80,7 @@ func New(cfg Config) *controller.Controller {
 		}
 		open, openReplica = wrapped(open), wrapped(openReplica)
 	}
-	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, PreflushRounds: cfg.PreflushRounds, ReplicaTimeout: cfg.ReplicaTimeout, Metrics: cfg.Metrics})
+	return controller.New(controller.Config{Store: cfg.Store, OpenContainer: open, OpenReplica: openReplica, Logger: cfg.Logger, CommandTimeout: cfg.CommandTimeout, ControllerCopies: cfg.ControllerCopies, SyncMaps: cfg.SyncMaps, DrainMoves: cfg.DrainMoves, PreflushRounds: cfg.PreflushRounds, ReplicaTimeout: cfg.ReplicaTimeout, Metrics: cfg.Metrics, FillBreakAfter: cfg.FillBreakAfter})
 }
 
 // NewAdmin returns the admin API of ctrl. cfg.Ctrl and cfg.CreateContainer

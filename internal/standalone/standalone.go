@@ -67,6 +67,10 @@ type Options struct {
 	// map changes kept in memory may flush their containers before it
 	// takes its locks, while a flush is slow.
 	PreflushRounds int
+	// FillBreakAfter is controller.Config's: how long a fill in place
+	// may stay staged before the next write to its segment takes it
+	// back.
+	FillBreakAfter time.Duration
 	// ControllerMetrics and AgentMetrics, if set, are the controller's
 	// and the agents' metrics (controller.Config.Metrics,
 	// agent.Config.Metrics); every agent counts into AgentMetrics.
@@ -162,7 +166,7 @@ func (c *Cluster) startController(ctx context.Context) error {
 		return err
 	}
 	c.Store = st
-	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves, PreflushRounds: c.opts.PreflushRounds, Metrics: c.opts.ControllerMetrics})
+	c.Ctrl = ctlserver.New(ctlserver.Config{Store: st, Logger: c.opts.Logger, CommandTimeout: c.opts.CommandTimeout, WrapContainer: c.opts.WrapControllerContainer, ControllerCopies: c.opts.ControllerCopies, SyncMaps: c.opts.SyncMaps, DrainMoves: c.opts.DrainMoves, PreflushRounds: c.opts.PreflushRounds, Metrics: c.opts.ControllerMetrics, FillBreakAfter: c.opts.FillBreakAfter})
 	c.Ctrl.SweepImports(ctx) // what a controller that stopped mid-import left
 	return nil
 }

@@ -200,6 +200,11 @@ type Fault struct {
 	// staged slot failed, or a command changed the segment before the
 	// copy began). The controller frees the reserved slot.
 	Abandon bool
+	// ID, if not 0, names this fault among its agent's: a fault sent
+	// again (its answer lost with a connection) carries the same ID,
+	// and a fill in place staged for it is handed out again rather
+	// than left waiting to be taken back.
+	ID uint64
 }
 
 // MaxReadRange is the most segments one read fault may ask for: one

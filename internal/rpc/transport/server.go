@@ -538,7 +538,7 @@ func (s *Server) Fault(ctx context.Context, r *pb.FaultRequest) (*pb.FaultReply,
 	rep, err := s.cfg.Ctrl.Fault(ctx, protocol.Fault{
 		Agent: r.GetAgent(), Disk: protocol.DiskID(r.GetDisk()), Segment: r.GetSegment(), Count: r.GetCount(),
 		Op: protocol.FaultOp(r.GetOp()), Reason: table.State(r.GetReason()), Whole: r.GetWhole(), Token: r.GetToken(), Abandon: r.GetAbandon(),
-		Off: r.GetOff(), Len: r.GetLen(),
+		Off: r.GetOff(), Len: r.GetLen(), ID: id,
 	})
 	var out *pb.FaultReply
 	if err == nil {
