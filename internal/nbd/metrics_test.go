@@ -3,6 +3,7 @@ package nbd
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -115,5 +116,51 @@ func TestOpNames(t *testing.T) {
 	}
 	if ErrnoName(nbdwire.ENOSPC) != "ENOSPC" || ErrnoName(12345) != "other" {
 		t.Errorf("ErrnoName: %s %s", ErrnoName(nbdwire.ENOSPC), ErrnoName(12345))
+	}
+}
+
+// TestFailedRequestWarned: a request the export fails (EIO) is logged at
+// Warn with its cause, at most once a second, the next warning counting
+// those left out; a request refused for the client's mistake (EINVAL)
+// only at Debug.
+func TestFailedRequestWarned(t *testing.T) {
+	checkGoroutines(t)
+	m := newMem("d", 1<<20)
+	m.hook = func(ctx context.Context, op string, off, n uint64) error {
+		if op == "trim" {
+			return errors.New("the disk under the export is gone")
+		}
+		return nil
+	}
+	h := startServer(t, nil, m)
+	tc := connect(t, h.addr, "d", true)
+	// The pace is set by hand around the requests, so that the test
+	// does not hang on how fast they go.
+	pace := func(since time.Duration) {
+		h.srv.failed.mu.Lock()
+		h.srv.failed.mu.last = time.Now().Add(-since)
+		h.srv.failed.mu.Unlock()
+	}
+	tc.expectErrno(tc.do(nbdwire.CmdTrim, 0, 0, 4096, nil), nbdwire.EIO)
+	pace(-time.Hour) // the last warning as good as now, whatever comes
+	for range 4 {
+		tc.expectErrno(tc.do(nbdwire.CmdTrim, 0, 0, 4096, nil), nbdwire.EIO)
+	}
+	tc.expectErrno(tc.do(nbdwire.CmdRead, 0, 1<<20, 4096, nil), nbdwire.EINVAL) // past the end
+	pace(failedEvery)
+	tc.expectErrno(tc.do(nbdwire.CmdTrim, 0, 0, 4096, nil), nbdwire.EIO)
+	tc.close()
+	var warns []string
+	for _, l := range strings.Split(h.logs.String(), "\n") {
+		if strings.Contains(l, "level=WARN") && strings.Contains(l, "request failed") {
+			warns = append(warns, l)
+		}
+	}
+	if len(warns) != 2 || !strings.Contains(warns[0], "the disk under the export is gone") ||
+		!strings.Contains(warns[0], "more_since_last=0") || !strings.Contains(warns[1], "more_since_last=4") {
+		t.Errorf("warnings of failed requests:\n%s\nwant two: the first, then one counting the 4 left out", strings.Join(warns, "\n"))
+	}
+	if strings.Count(h.logs.String(), "level=WARN") != len(warns) {
+		t.Errorf("the EINVAL request was warned of:\n%s", h.logs.String())
 	}
 }

@@ -235,6 +235,41 @@ type Server struct {
 		// drained is closed when conns becomes empty after closed is set.
 		drained chan struct{}
 	}
+
+	// failed paces the warnings of requests failed with EIO.
+	failed struct {
+		mu struct {
+			sync.Mutex
+			last    time.Time // the last one logged
+			skipped int       // left out since
+		}
+	}
+}
+
+// failedEvery is how often at most the server warns of a request failed
+// with EIO; those in between are counted in the next warning.
+const failedEvery = time.Second
+
+// logFailed logs that request r failed with err, answered with errno: at
+// Warn, paced by failedEvery, when the failure is the server's (EIO: the
+// host sees an I/O error and its operator needs the cause), else at Debug
+// (a request the client got wrong, or the export refused by design).
+func (s *Server) logFailed(log *slog.Logger, r *request, errno uint32, err error) {
+	if errno != nbdwire.EIO {
+		log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "errno", errno, "err", err)
+		return
+	}
+	now := time.Now()
+	s.failed.mu.Lock()
+	if !s.failed.mu.last.IsZero() && now.Sub(s.failed.mu.last) < failedEvery {
+		s.failed.mu.skipped++
+		s.failed.mu.Unlock()
+		return
+	}
+	skipped := s.failed.mu.skipped
+	s.failed.mu.last, s.failed.mu.skipped = now, 0
+	s.failed.mu.Unlock()
+	log.Warn("nbd: request failed with EIO", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err, "more_since_last", skipped)
 }
 
 // NewServer returns a server for cfg. It panics if cfg.Backend is nil, and

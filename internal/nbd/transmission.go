@@ -317,11 +317,12 @@ func (c *conn) run(r *request) (errno uint32, msg string, data []byte) {
 		return nbdwire.EINVAL, "unsupported command", nil
 	}
 	if err != nil {
-		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
 		if errors.Is(err, ErrHangUp) {
 			c.hangUp(err)
 		}
-		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil
+		errno := c.srv.errno(err)
+		c.srv.logFailed(c.log, r, errno, err)
+		return errno, nbdwire.ClipMessage(err.Error()), nil
 	}
 	return 0, "", data
 }
@@ -420,11 +421,12 @@ func (c *conn) runNoWait(r *request) (errno uint32, msg string, data []byte, ok 
 		return 0, "", nil, false
 	}
 	if err != nil {
-		c.log.Debug("nbd: request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
 		if errors.Is(err, ErrHangUp) {
 			c.hangUp(err)
 		}
-		return c.srv.errno(err), nbdwire.ClipMessage(err.Error()), nil, true
+		errno := c.srv.errno(err)
+		c.srv.logFailed(c.log, r, errno, err)
+		return errno, nbdwire.ClipMessage(err.Error()), nil, true
 	}
 	return 0, "", data, true
 }
