@@ -578,15 +578,15 @@ func (d *Disk) sendFault(ctx context.Context, f protocol.Fault) (r protocol.Repl
 func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize uint64, st *protocol.Stage, seq, gen uint64, tab *table.Table) (done bool, err error) {
 	oc, err := d.a.container(ctx, st.Loc.Container)
 	// srcs holds the containers of the slots From names.
-	srcs := map[uint32]container.Container{}
+	srcs := &cowSource{conts: map[uint32]container.Container{}}
 	if st.Copies() {
 		st.From.Slots(func(loc table.Location) {
-			if _, ok := srcs[loc.Container]; ok || err != nil {
+			if _, ok := srcs.conts[loc.Container]; ok || err != nil {
 				return
 			}
 			var src *openContainer
 			if src, err = d.a.container(ctx, loc.Container); err == nil {
-				srcs[loc.Container] = src.c
+				srcs.conts[loc.Container] = src.c
 			}
 		})
 	}
@@ -636,6 +636,7 @@ func (d *Disk) staged(ctx context.Context, seg, off uint64, p []byte, segSize ui
 		} else if _, err := oc.c.WriteAt(p, int64(uint64(st.Loc.Slot)*segSize)); err != nil {
 			return fmt.Errorf("staged write of segment %d at %v: %w: %w", seg, st.Loc, protocol.ErrIO, err)
 		}
+		d.met.CopiedOnWrite(srcs.read)
 		if st.NoFlush {
 			// The commit is kept in memory until the disk's
 			// next flush, which flushes this container first.
@@ -738,7 +739,7 @@ const zeroBlock = 4096
 // the staged slot, free until now, is durably zero, and the container file
 // stays sparse there (a snapshot of a sparse disk does not fill its copies
 // with zeros).
-func copyAround(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
+func copyAround(src *cowSource, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
 	to := int64(uint64(st.Loc.Slot) * segSize)
@@ -748,7 +749,7 @@ func copyAround(src map[uint32]container.Container, dst container.Container, st 
 		b := (*bp)[:n]
 		lo, hi := max(pos, off), min(pos+n, end)
 		if lo > pos || hi < pos+n {
-			if err := readFrom(src, st.From, pos, b, segSize); err != nil {
+			if err := src.readFrom(st.From, pos, b, segSize); err != nil {
 				return err
 			}
 		}
@@ -779,9 +780,9 @@ func copyAround(src map[uint32]container.Container, dst container.Container, st 
 // readFrom reads bytes [off, off+len(b)) of the segment the mapped entry
 // from maps into b, each sub-block from the slot that holds it; src holds
 // the containers of its slots.
-func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, b []byte, segSize uint64) error {
-	return readRuns(from, off, b, segSize, func(loc table.Location) (container.Container, error) {
-		c := src[loc.Container]
+func (src *cowSource) readFrom(from table.Entry, off uint64, b []byte, segSize uint64) error {
+	err := readRuns(from, off, b, segSize, func(loc table.Location) (container.Container, error) {
+		c := src.conts[loc.Container]
 		if c == nil {
 			return nil, fmt.Errorf("copy-on-write read %v: container %d not open: %w", loc, loc.Container, protocol.ErrIO)
 		}
@@ -789,6 +790,17 @@ func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, 
 	}, func(loc table.Location, err error) error {
 		return fmt.Errorf("copy-on-write read %v: %w: %w", loc, protocol.ErrIO, err)
 	})
+	if err == nil {
+		src.read += int64(len(b))
+	}
+	return err
+}
+
+// cowSource is what a staged write copies from: the containers of the
+// slots its stage's From names, and the bytes read from them so far.
+type cowSource struct {
+	conts map[uint32]container.Container
+	read  int64
 }
 
 // fillRest copies into the staged slot st.Loc of dst every sub-block that
@@ -797,7 +809,7 @@ func readFrom(src map[uint32]container.Container, from table.Entry, off uint64, 
 // are punched rather than written: the slot stays sparse, and what it
 // holds where it lacks a sub-block is not known to be zero (an in-place
 // stage whose commit failed may have written there).
-func fillRest(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off, n, segSize uint64) error {
+func fillRest(src *cowSource, dst container.Container, st *protocol.Stage, off, n, segSize uint64) error {
 	sb := table.SubBlockSize(segSize)
 	touched := table.SpanOf(segSize, off, n)
 	bp := copyBufs.Get().(*[]byte)
@@ -817,7 +829,7 @@ func fillRest(src map[uint32]container.Container, dst container.Container, st *p
 				j++
 			}
 			b := (*bp)[:uint64(j-i)*sb]
-			if err := readFrom(src, st.From, uint64(i)*sb, b, segSize); err != nil {
+			if err := src.readFrom(st.From, uint64(i)*sb, b, segSize); err != nil {
 				return err
 			}
 			// All-zero blocks are punched, not written: the slot stays
@@ -859,7 +871,7 @@ func fillRest(src map[uint32]container.Container, dst container.Container, st *p
 // st.From that holds it (which may be st.Loc itself, when a partial
 // entry's own slot is filled in place; with no From, zeros), and p is laid
 // over it.
-func writeSparse(src map[uint32]container.Container, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
+func writeSparse(src *cowSource, dst container.Container, st *protocol.Stage, off uint64, p []byte, segSize uint64) error {
 	end := off + uint64(len(p))
 	if end == off {
 		return nil
@@ -885,7 +897,7 @@ func writeSparse(src map[uint32]container.Container, dst container.Container, st
 		}
 		buf := make([]byte, b-a)
 		if st.Copies() {
-			if err := readFrom(src, st.From, a, buf, segSize); err != nil {
+			if err := src.readFrom(st.From, a, buf, segSize); err != nil {
 				return nil, 0, err
 			}
 		}

@@ -10,7 +10,10 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"segmap/internal/container"
+	"segmap/internal/metrics"
 	"segmap/internal/rpc/protocol"
 	"segmap/internal/table"
 )
@@ -315,7 +318,13 @@ func TestSparseStage(t *testing.T) {
 	faults := stageCtrl(e, protocol.Stage{Loc: loc(12), Token: 5, From: from, Sparse: true}, commit)
 	old := e.segmentOf(from)
 	p := bytesOf(n, 42)
+	reg := prometheus.NewRegistry()
+	e.d.met = metrics.NewAgent(reg).Disk("d")
 	e.write(4*tSeg+off, p)
+	// Only the edges of the first and last sub-blocks are read.
+	if got := sample(t, reg, "segmap_agent_cow_bytes_total", map[string]string{"disk": "d"}); got != 2*tSub {
+		t.Errorf("copy-on-write bytes: %v, want the two edge sub-blocks, %d", got, 2*tSub)
+	}
 
 	if w := e.rec.written(12); len(w) == 0 || w[0][0] != 5*tSub || w[len(w)-1][1] != 9*tSub {
 		t.Errorf("writes to the new slot %v, want [%d, %d) only", w, 5*tSub, 9*tSub)
@@ -417,7 +426,14 @@ func TestStagedCopyFromPartial(t *testing.T) {
 	want := e.segmentOf(from)
 	p := bytesOf(n, 5)
 	copy(want[off:], p)
+	reg := prometheus.NewRegistry()
+	e.d.met = metrics.NewAgent(reg).Disk("d")
 	e.write(6*tSeg+off, p)
+	// The write covers part of the segment's one copy chunk: the whole
+	// segment is read from the old layers.
+	if got := sample(t, reg, "segmap_agent_cow_bytes_total", map[string]string{"disk": "d"}); got != tSeg {
+		t.Errorf("copy-on-write bytes: %v, want the segment's %d", got, tSeg)
+	}
 
 	if got := e.slot(13, 0, tSeg); !bytes.Equal(got, want) {
 		for i := range 16 {

@@ -19,6 +19,7 @@ type Agent struct {
 	faultDur *prometheus.HistogramVec
 	held     *prometheus.GaugeVec
 	heldSec  *prometheus.CounterVec
+	cowBytes *prometheus.CounterVec
 	lease    atomic.Pointer[func() bool]
 
 	mu struct {
@@ -73,6 +74,10 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Namespace: namespace, Subsystem: "agent", Name: "io_held_seconds_total",
 			Help: "Time I/O spent held, summed over the I/O held, by disk and reason.",
 		}, []string{"disk", "reason"}),
+		cowBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "agent", Name: "cow_bytes_total",
+			Help: "Bytes the agent read from shared segments to copy them into new slots for writes (copy-on-write), by disk: the cost of the first writes after a snapshot.",
+		}, []string{"disk"}),
 	}
 	m.mu.disks = make(map[string]*AgentDisk)
 	leaseHeld := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -84,7 +89,7 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		}
 		return 1
 	})
-	reg.MustRegister(m.faults, m.faultDur, m.held, m.heldSec, leaseHeld)
+	reg.MustRegister(m.faults, m.faultDur, m.held, m.heldSec, m.cowBytes, leaseHeld)
 	return m
 }
 
@@ -109,6 +114,7 @@ func (m *Agent) Disk(name string) *AgentDisk {
 		d = &AgentDisk{
 			faults:   m.faults.WithLabelValues(name),
 			faultDur: m.faultDur.WithLabelValues(name),
+			cowBytes: m.cowBytes.WithLabelValues(name),
 		}
 		for h := range numHolds {
 			d.held[h] = m.held.WithLabelValues(name, h.String())
@@ -125,6 +131,15 @@ type AgentDisk struct {
 	faultDur prometheus.Observer
 	held     [numHolds]prometheus.Gauge
 	heldSec  [numHolds]prometheus.Counter
+	cowBytes prometheus.Counter
+}
+
+// CopiedOnWrite counts n bytes copied by a write's copy-on-write.
+func (d *AgentDisk) CopiedOnWrite(n int64) {
+	if d == nil || n <= 0 {
+		return
+	}
+	d.cowBytes.Add(float64(n))
 }
 
 // Fault counts a map fault answered (or failed) after d.
