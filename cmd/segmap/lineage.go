@@ -8,13 +8,13 @@ import (
 	"io"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	pb "segmap/api/segmapv1"
 	"segmap/internal/controller"
+	"segmap/internal/disktree"
 	"segmap/internal/progress"
 	"segmap/internal/size"
 )
@@ -132,9 +132,6 @@ deleted starts a tree of its own. With --json, a list of trees:
 				if g.json {
 					enc := json.NewEncoder(cmd.OutOrStdout())
 					enc.SetIndent("", "  ")
-					if roots == nil {
-						roots = []*treeNode{}
-					}
 					return enc.Encode(roots)
 				}
 				for _, n := range roots {
@@ -206,36 +203,19 @@ type treeNode struct {
 	Children []*treeNode `json:"children"`
 }
 
-// lineage arranges disks into trees by origin: roots are the disks with no
-// origin or one that no longer exists; siblings are in order of creation.
+// lineage arranges disks into trees by origin (disktree.Build).
 func lineage(disks []*pb.Disk) []*treeNode {
-	nodes := make(map[string]*treeNode, len(disks))
-	for _, d := range disks {
-		nodes[d.Name] = &treeNode{Name: d.Name, ReadOnly: d.ReadOnly, Size: d.Size, Created: d.CreatedUnixNano, Children: []*treeNode{}}
+	return treeNodes(disktree.Build(disks))
+}
+
+// treeNodes returns the `disk tree` nodes of trees ns.
+func treeNodes(ns []*disktree.Node) []*treeNode {
+	out := make([]*treeNode, 0, len(ns))
+	for _, n := range ns {
+		d := n.Disk
+		out = append(out, &treeNode{Name: d.Name, ReadOnly: d.ReadOnly, Size: d.Size, Created: d.CreatedUnixNano, Children: treeNodes(n.Children)})
 	}
-	var roots []*treeNode
-	for _, d := range disks {
-		n := nodes[d.Name]
-		if p := nodes[d.Origin]; p != nil && d.Origin != d.Name {
-			p.Children = append(p.Children, n)
-		} else {
-			roots = append(roots, n)
-		}
-	}
-	byAge := func(a, b *treeNode) int {
-		if a.Created != b.Created {
-			if a.Created < b.Created {
-				return -1
-			}
-			return 1
-		}
-		return strings.Compare(a.Name, b.Name)
-	}
-	for _, n := range nodes {
-		slices.SortFunc(n.Children, byAge)
-	}
-	slices.SortFunc(roots, byAge)
-	return roots
+	return out
 }
 
 // rootOf returns the root of the tree that holds name, or nil.

@@ -1,11 +1,10 @@
 package dashboard
 
 import (
-	"slices"
-	"strings"
 	"time"
 
 	pb "segmap/api/segmapv1"
+	"segmap/internal/disktree"
 	"segmap/internal/size"
 )
 
@@ -31,21 +30,24 @@ type diskNode struct {
 	Agents        []string    `json:"agents"`
 	AllAgents     bool        `json:"all_agents"`
 	Children      []*diskNode `json:"children"`
-	created       int64
 }
 
 // diskTree arranges disks into trees by origin, as 'segmap disk tree'
-// does: roots are the disks with no origin or one that no longer exists;
-// a snapshot sits under the disk it was taken from, a clone under the
-// snapshot it was made from; siblings are in order of creation.
+// does (disktree.Build), with each disk's space usage.
 func diskTree(disks []*pb.Disk) []*diskNode {
-	nodes := make(map[string]*diskNode, len(disks))
-	for _, d := range disks {
+	return diskNodes(disktree.Build(disks))
+}
+
+// diskNodes returns the page's nodes of trees ns.
+func diskNodes(ns []*disktree.Node) []*diskNode {
+	out := make([]*diskNode, 0, len(ns))
+	for _, n := range ns {
+		d := n.Disk
 		agents := d.Agents
 		if agents == nil {
 			agents = []string{}
 		}
-		nodes[d.Name] = &diskNode{
+		out = append(out, &diskNode{
 			Name: d.Name, ReadOnly: d.ReadOnly, Origin: d.Origin,
 			Size: d.Size, SizeText: size.Format(d.Size), SegmentSize: d.SegmentSize,
 			Allocated: d.Allocated, AllocatedText: size.Format(d.Allocated),
@@ -54,50 +56,8 @@ func diskTree(disks []*pb.Disk) []*diskNode {
 			SnapsHold: d.SnapshotsHold, SnapsHoldText: size.Format(d.SnapshotsHold),
 			Created: time.Unix(0, d.CreatedUnixNano).UTC().Format(time.RFC3339),
 			Agents:  agents, AllAgents: d.AllAgents,
-			Children: []*diskNode{}, created: d.CreatedUnixNano,
-		}
+			Children: diskNodes(n.Children),
+		})
 	}
-	origin := make(map[string]string, len(disks))
-	for _, d := range disks {
-		origin[d.Name] = d.Origin
-	}
-	roots := []*diskNode{}
-	for _, d := range disks {
-		n := nodes[d.Name]
-		if p := nodes[d.Origin]; p != nil && !inCycle(origin, d.Name) {
-			p.Children = append(p.Children, n)
-		} else {
-			roots = append(roots, n)
-		}
-	}
-	byAge := func(a, b *diskNode) int {
-		if a.created != b.created {
-			if a.created < b.created {
-				return -1
-			}
-			return 1
-		}
-		return strings.Compare(a.Name, b.Name)
-	}
-	for _, n := range nodes {
-		slices.SortFunc(n.Children, byAge)
-	}
-	slices.SortFunc(roots, byAge)
-	return roots
-}
-
-// inCycle reports whether following origins from name comes back to it:
-// metadata that says so must not hang the page (or the JSON encoder).
-func inCycle(origin map[string]string, name string) bool {
-	seen := map[string]bool{}
-	for n := origin[name]; n != ""; n = origin[n] {
-		if n == name {
-			return true
-		}
-		if seen[n] {
-			return false // a cycle further up, not through name
-		}
-		seen[n] = true
-	}
-	return false
+	return out
 }
