@@ -154,9 +154,6 @@ func (c *Client) Attach(ctx context.Context, name string, a protocol.Agent, open
 
 	// The stream outlives this call (it is the session), but until the
 	// controller has welcomed us, ctx bounds it.
-	// The lease runs from before anything was sent: never later than the
-	// controller's idea of it.
-	sent := time.Now()
 	sctx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
 	stream, err := c.c.Attach(sctx)
@@ -168,6 +165,12 @@ func (c *Client) Attach(ctx context.Context, name string, a protocol.Agent, open
 	for _, id := range open {
 		hello.OpenDisks = append(hello.OpenDisks, uint64(id))
 	}
+	// The lease runs from before the Hello was sent (the controller's
+	// runs from when it got it): never later than the controller's idea
+	// of it. Not from before the stream was opened, which waits for the
+	// connection: after an outage longer than a lease, the lease would
+	// have run out by the Welcome, and the agent fenced itself at once.
+	sent := time.Now()
 	if err := stream.Send(&pb.AgentMessage{Msg: &pb.AgentMessage_Hello{Hello: hello}}); err != nil {
 		cancel()
 		return fromStatus(err)
@@ -188,8 +191,6 @@ func (c *Client) Attach(ctx context.Context, name string, a protocol.Agent, open
 	}
 	s := &session{epoch: first.GetEpoch(), lease: time.Duration(w.GetLeaseMs()) * time.Millisecond,
 		cancel: cancel, done: make(chan struct{}), sent: map[uint64]time.Time{}}
-	// The lease runs from before the Hello was sent: never later than
-	// the controller's idea of it.
 	s.leaseEnd = sent.Add(s.lease)
 	if h, ok := a.(leaseHolder); ok {
 		s.holder = h

@@ -1506,3 +1506,30 @@ func TestReattachIsRegisteredBeforeWelcome(t *testing.T) {
 		t.Errorf("a read concurrent with b's write returned neither zeros nor b's data")
 	}
 }
+
+// TestAttachLeaseFromHello: an agent whose controller is down longer than
+// a lease waits in its attach for the controller to come back; the lease
+// of that attach runs from its Hello, not from when the attach began
+// waiting. Counted from then, it had run out before the Welcome came: the
+// agent fenced itself at once and attached a second time (the kill storm
+// saw every controller restart cost each agent that extra round).
+func TestAttachLeaseFromHello(t *testing.T) {
+	checkGoroutines(t)
+	// A long lease, so that a loaded machine's late renewal cannot end
+	// the session watched below; the fence this test is about comes at
+	// the Welcome.
+	const lease = 3 * time.Second
+	s := newStack(t, stackOptions{lease: lease})
+	a := s.startAgent("a", s.addr)
+	s.stopController()
+	time.Sleep(lease + 500*time.Millisecond) // the agent fences, and its attach waits
+	s.startController()
+	s.serve()
+	if !a.waitAttaches(2, 10*time.Second) {
+		t.Fatal("the agent did not attach again")
+	}
+	time.Sleep(time.Second)
+	if n := a.attaches.Load(); n != 2 {
+		t.Errorf("%d attaches, want 2: the attach after the outage was fenced at once", n)
+	}
+}
