@@ -16,7 +16,7 @@ import (
 // does.
 type silentAgent struct{ fakeAgent }
 
-func (silentAgent) GetStatus(ctx context.Context, _ protocol.DiskID) (protocol.DiskStatus, error) {
+func (*silentAgent) GetStatus(ctx context.Context, _ protocol.DiskID) (protocol.DiskStatus, error) {
 	<-ctx.Done()
 	return protocol.DiskStatus{}, ctx.Err()
 }

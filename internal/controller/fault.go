@@ -469,6 +469,10 @@ func (c *Controller) claimInPlace(id meta.DiskID, seg uint64, f protocol.Fault) 
 	k := segKey{id, seg}
 	if cl := c.stage.mu.inPlace[k]; cl != nil {
 		if _, staged := c.stage.mu.writes[cl.tok]; staged && f.ID != 0 && cl.agent == f.Agent && cl.id == f.ID {
+			// Its agent is alive and has the stage now: the
+			// time it has before the fill is taken back starts
+			// again.
+			cl.since = c.now()
 			rep := cl.rep
 			return nil, &rep
 		}
@@ -532,15 +536,25 @@ func (c *Controller) breakInPlace(ctx context.Context, d meta.Disk, seg uint64, 
 	sw, ok := c.stage.mu.writes[cl.tok]
 	delete(c.stage.mu.writes, cl.tok)
 	c.stage.mu.Unlock()
+	if !ok {
+		// Its commit has it: it ends the claim (endInPlace) either way.
+		return nil
+	}
+	// A commit that comes while the agents are told fails with IO, not
+	// STALE (which makes the agent write again).
+	c.noteCommit(sw.tok, commitOutcome{agent: sw.agent, disk: sw.disk, seg: sw.seg,
+		err: &spentError{msg: fmt.Sprintf("commit of %q segment %d: its fill in place was taken back", d.Name, seg)}})
 	cmd := protocol.SetEntryState{Disk: protocol.DiskID(d.ID), First: seg, Count: 1, State: table.Invalid, On: true, Blocking: true}
 	if err := c.broadcast(ctx, d.ID, "", func(ctx context.Context, a protocol.Agent) error { return a.SetEntryState(ctx, cmd) }); err != nil {
+		// Not taken back: the stage stands, for its commit or the
+		// next try. Left out of the stage table, its claim would hold
+		// the segment for good.
+		c.stage.mu.Lock()
+		c.stage.mu.writes[sw.tok] = sw
+		c.stage.mu.Unlock()
 		return fmt.Errorf("take back a fill of %q segment %d: %w", d.Name, seg, err)
 	}
-	if ok {
-		c.noteCommit(sw.tok, commitOutcome{agent: sw.agent, disk: sw.disk, seg: sw.seg,
-			err: &spentError{msg: fmt.Sprintf("commit of %q segment %d: its fill in place was taken back", d.Name, seg)}})
-		c.endInPlace(ctx, sw)
-	}
+	c.endInPlace(ctx, sw)
 	c.logger.Debug("a fill in place was taken back", "disk", d.Name, "segment", seg)
 	return nil
 }

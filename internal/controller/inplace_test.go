@@ -18,17 +18,17 @@ import (
 // stage is the entry's own slot). It returns host-x's commit.
 func fillInPlace(t *testing.T, breakAfter time.Duration) (c *standalone.Cluster, d meta.Disk, commit protocol.Fault) {
 	t.Helper()
-	c, d, r := stageFillInPlace(t, breakAfter, 0)
+	c, d, r := stageFillInPlace(t, breakAfter, 0, &fakeAgent{})
 	// host-x writes the slot in place: at once, host-a reads what it
 	// wrote over the sub-blocks the slot holds.
 	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
 	return c, d, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}
 }
 
-// stageFillInPlace is fillInPlace up to the stage: host-x's write fault
-// (with id, if not 0) and its answer, the slot not written yet. A fill
-// that stays staged breakAfter is taken back by the next write.
-func stageFillInPlace(t *testing.T, breakAfter time.Duration, id uint64) (c *standalone.Cluster, d meta.Disk, r protocol.Reply) {
+// stageFillInPlace is fillInPlace up to the stage: host-x's (fa's) write
+// fault (with id, if not 0) and its answer, the slot not written yet. A
+// fill that stays staged breakAfter is taken back by the next write.
+func stageFillInPlace(t *testing.T, breakAfter time.Duration, id uint64, fa *fakeAgent) (c *standalone.Cluster, d meta.Disk, r protocol.Reply) {
 	t.Helper()
 	ctx := context.Background()
 	c = newClusterOpts(t, standalone.Options{FillBreakAfter: breakAfter})
@@ -41,7 +41,7 @@ func stageFillInPlace(t *testing.T, breakAfter time.Duration, id uint64) (c *sta
 	if !e.Partial() {
 		t.Fatalf("entry after a small write into a shared segment: %v, want partial", e)
 	}
-	if err := c.Ctrl.Attach(ctx, "host-x", &fakeAgent{}, nil); err != nil {
+	if err := c.Ctrl.Attach(ctx, "host-x", fa, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Ctrl.Open(ctx, "host-x", "d"); err != nil {
@@ -148,7 +148,7 @@ func TestFillInPlaceWaitedFor(t *testing.T) {
 // write) waits for it as any write does.
 func TestFillInPlaceAnsweredAgain(t *testing.T) {
 	ctx := context.Background()
-	c, d, r := stageFillInPlace(t, time.Minute, 42)
+	c, d, r := stageFillInPlace(t, time.Minute, 42, &fakeAgent{})
 	again, err := c.Ctrl.Fault(ctx, protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultWrite, Whole: true, ID: 42})
 	if err != nil || again.Stage == nil || *again.Stage != *r.Stage {
 		t.Fatalf("the fault sent again: %+v %v; want its stage again, %+v", again, err, r.Stage)
@@ -170,4 +170,38 @@ func TestFillInPlaceAnsweredAgain(t *testing.T) {
 	if err := <-other; err != nil {
 		t.Fatalf("the other write after the commit: %v", err)
 	}
+}
+
+// TestFillInPlaceTakeBackRetried: a take-back whose command to the agents
+// fails (an agent does not answer) leaves the fill staged, and the next
+// try takes it back for good: the segment is written, and the fill's
+// commit fails with IO. Before, the failed try dropped the stage and left
+// its claim, and every later write to the segment waited for good.
+func TestFillInPlaceTakeBackRetried(t *testing.T) {
+	ctx := context.Background()
+	fa := &fakeAgent{}
+	c, d, r := stageFillInPlace(t, 200*time.Millisecond, 0, fa)
+	writeSlot(t, c, r.Stage.Loc, pattern(seg, 9))
+	fa.failStates.Store(1)
+	h1 := openDisk(t, c, 1, "d")
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var err error
+	for try := 0; try < 3; try++ {
+		if err = h1.WriteAt(wctx, pattern(sub, 3), 8*sub, false); err == nil {
+			break
+		}
+		t.Logf("write %d: %v", try, err)
+	}
+	if err != nil {
+		t.Fatalf("write to a segment whose fill's first take-back failed: %v", err)
+	}
+	if fa.failStates.Load() >= 0 {
+		t.Fatal("the take-back's command was not failed once: the test did not test it")
+	}
+	commit := protocol.Fault{Agent: "host-x", Disk: protocol.DiskID(d.ID), Segment: 0, Count: 1, Op: protocol.FaultCommit, Token: r.Stage.Token}
+	if _, err := c.Ctrl.Fault(ctx, commit); !errors.Is(err, protocol.ErrIO) || errors.Is(err, protocol.ErrStale) {
+		t.Errorf("commit of the fill taken back: %v, want ErrIO, not ErrStale", err)
+	}
+	checkClean(t, c)
 }

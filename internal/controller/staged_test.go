@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -76,11 +77,19 @@ func TestStagedSlotNotZeroed(t *testing.T) {
 // SetEntry when told to.
 type fakeAgent struct {
 	failSet bool
+	// failStates is how many SetEntryState commands fail next, as an
+	// agent's that does not answer.
+	failStates atomic.Int32
 }
 
-func (f *fakeAgent) NewTable(context.Context, protocol.Disk) error                 { return nil }
-func (f *fakeAgent) DeleteTable(context.Context, protocol.DiskID) error            { return nil }
-func (f *fakeAgent) SetEntryState(context.Context, protocol.SetEntryState) error   { return nil }
+func (f *fakeAgent) NewTable(context.Context, protocol.Disk) error      { return nil }
+func (f *fakeAgent) DeleteTable(context.Context, protocol.DiskID) error { return nil }
+func (f *fakeAgent) SetEntryState(context.Context, protocol.SetEntryState) error {
+	if f.failStates.Add(-1) >= 0 {
+		return fmt.Errorf("agent stopped: %w", protocol.ErrUnavailable)
+	}
+	return nil
+}
 func (f *fakeAgent) Quiesce(context.Context, protocol.DiskID, time.Duration) error { return nil }
 func (f *fakeAgent) Activate(context.Context, protocol.DiskID) error               { return nil }
 func (f *fakeAgent) GetStatus(_ context.Context, id protocol.DiskID) (protocol.DiskStatus, error) {
