@@ -293,7 +293,7 @@ func (c *haCluster) dumpStacks() {
 		ps = append(ps, a)
 	}
 	for _, u := range ps {
-		if u.cmd.ProcessState == nil && !u.killed() {
+		if !u.hasExited() && !u.killed() {
 			u.cmd.Process.Signal(syscall.SIGQUIT)
 		}
 	}

@@ -99,8 +99,21 @@ type up struct {
 	cmd     *exec.Cmd
 	out     *syncBuffer
 	done    chan error
+	// exited is closed once the process has been waited for: read it,
+	// not cmd.ProcessState, which Wait sets in another goroutine.
+	exited chan struct{}
 
 	wasKilled bool
+}
+
+// hasExited reports whether the process has exited (and been waited for).
+func (u *up) hasExited() bool {
+	select {
+	case <-u.exited:
+		return true
+	default:
+		return false
+	}
 }
 
 type syncBuffer struct {
@@ -170,7 +183,7 @@ func startCmd(t *testing.T, cmd *exec.Cmd, dir string, ports []*heldport.Port) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &up{t: t, dir: dir, cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1)}
+	u := &up{t: t, dir: dir, cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1), exited: make(chan struct{})}
 	cmd.Stderr = u.out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -200,6 +213,7 @@ func startCmd(t *testing.T, cmd *exec.Cmd, dir string, ports []*heldport.Port) *
 			}
 		}
 		err := cmd.Wait()
+		close(u.exited)
 		for _, p := range ports {
 			p.Refuse()
 		}
@@ -226,7 +240,7 @@ func startCmd(t *testing.T, cmd *exec.Cmd, dir string, ports []*heldport.Port) *
 // kill stops the process with SIGKILL, as a crash would.
 func (u *up) kill() {
 	u.t.Helper()
-	if u.cmd.ProcessState != nil || u.killed() {
+	if u.hasExited() || u.killed() {
 		return
 	}
 	u.cmd.Process.Kill()
@@ -253,7 +267,7 @@ func field(line, prefix string) (string, bool) {
 func (u *up) stop() {
 	t := u.t
 	t.Helper()
-	if u.cmd.ProcessState != nil || u.killed() {
+	if u.hasExited() || u.killed() {
 		return
 	}
 	u.cmd.Process.Signal(syscall.SIGTERM)
