@@ -1248,9 +1248,6 @@ func (d *Disk) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) erro
 func (d *Disk) Flush(ctx context.Context) error {
 	g := d.maps.deferred.Load()
 	if err := d.flushContainers(ctx); err != nil {
-		if errors.Is(err, container.ErrLeaseOver) {
-			return fmt.Errorf("flush %q: %w: %w", d.Info().Name, protocol.ErrIO, err)
-		}
 		return err
 	}
 	if g == d.maps.durable.Load() {
@@ -1436,7 +1433,7 @@ func (d *Disk) flushContainers(ctx context.Context) error {
 			return err
 		}
 		if werr := d.a.waitStorageLease(ctx, tries, err); werr != nil {
-			return werr
+			return fmt.Errorf("flush %q: %w: %w", d.Info().Name, protocol.ErrIO, werr)
 		}
 	}
 }

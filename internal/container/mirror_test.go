@@ -227,7 +227,7 @@ func TestMirrorFailsReplica(t *testing.T) {
 // Two writes of one block in flight at once may reach the replicas in
 // different orders, leaving them different there: every read must still
 // read the block from one replica, not from one and then the other.
-func TestMirrorReadsOneReplicaPerSlot(t *testing.T) {
+func TestMirrorReadsFirstHealthyReplica(t *testing.T) {
 	m, reps, _ := newMirror(t, 3, time.Second)
 	for i, r := range reps {
 		if _, err := r.Memory.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, 4096), 0); err != nil {

@@ -336,7 +336,7 @@ func (s *scrubber) usedSlot(m *container.Mirror, cid uint32, sl uint32, written 
 			}
 		})
 	}
-	src, why := s.c.scrubSource(cid, sl, v, written)
+	src, why := s.c.scrubSource(cid, v, written)
 	var targets []int // positions in v that differ from src
 	for a := range v.idx {
 		if !v.eq[src][a] {
@@ -370,7 +370,7 @@ func (s *scrubber) usedSlot(m *container.Mirror, cid uint32, sl uint32, written 
 
 // scrubSource chooses the replica (a position in v) a mismatched slot of
 // container cid is rewritten from, and says why.
-func (c *Controller) scrubSource(cid, sl uint32, v slotView, written bool) (int, string) {
+func (c *Controller) scrubSource(cid uint32, v slotView, written bool) (int, string) {
 	n := len(v.idx)
 	if n >= 3 {
 		for a := range n {

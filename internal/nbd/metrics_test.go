@@ -56,16 +56,7 @@ func (m *recMetrics) snapshot() (conns int, reqs []recReq) {
 // was answered and the time it took; the lease command is not counted.
 func TestMetricsHook(t *testing.T) {
 	checkGoroutines(t)
-	m := newMem("d", 1<<20)
-	m.hook = func(ctx context.Context, op string, off, n uint64) error {
-		if op == "trim" {
-			return errors.New("trim refused")
-		}
-		if op == "write" {
-			time.Sleep(2 * time.Millisecond)
-		}
-		return nil
-	}
+	m := trimFails("d", "trim refused", 2*time.Millisecond)
 	rec := &recMetrics{}
 	h := startServer(t, func(c *Config) { c.Metrics = rec }, m)
 	tc := connect(t, h.addr, "d", true)
@@ -119,19 +110,29 @@ func TestOpNames(t *testing.T) {
 	}
 }
 
+// trimFails is a 1 MiB export whose trims fail with msg and whose writes
+// take write each.
+func trimFails(name, msg string, write time.Duration) *memExport {
+	m := newMem(name, 1<<20)
+	m.hook = func(ctx context.Context, op string, off, n uint64) error {
+		switch op {
+		case "trim":
+			return errors.New(msg)
+		case "write":
+			time.Sleep(write)
+		}
+		return nil
+	}
+	return m
+}
+
 // TestFailedRequestWarned: a request the export fails (EIO) is logged at
 // Warn with its cause, at most once a second, the next warning counting
 // those left out; a request refused for the client's mistake (EINVAL)
 // only at Debug.
 func TestFailedRequestWarned(t *testing.T) {
 	checkGoroutines(t)
-	m := newMem("d", 1<<20)
-	m.hook = func(ctx context.Context, op string, off, n uint64) error {
-		if op == "trim" {
-			return errors.New("the disk under the export is gone")
-		}
-		return nil
-	}
+	m := trimFails("d", "the disk under the export is gone", 0)
 	h := startServer(t, nil, m)
 	tc := connect(t, h.addr, "d", true)
 	// The pace is set by hand around the requests, so that the test
